@@ -1,0 +1,153 @@
+//! The library's error type. Every variant names what failed (tenant, object,
+//! key reference, file) and maps to a stable machine-readable kind used as
+//! `error_kind` in events, reports and drill outcomes.
+
+use std::path::PathBuf;
+
+use crate::keys::KeyError;
+use crate::tenant::InvalidTenantId;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    InvalidTenant(#[from] InvalidTenantId),
+
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    #[error("configuration {}: {message}", path.display())]
+    Config { path: PathBuf, message: String },
+
+    #[error("{0}")]
+    Policy(String),
+
+    #[error(transparent)]
+    Key(#[from] KeyError),
+
+    /// An object failed authentication or parsing: tampered, truncated or corrupt.
+    #[error("corrupt object {object}: {reason}")]
+    Corrupt { object: String, reason: String },
+
+    /// An object sealed for another tenant or epoch (moved or copied across prefixes).
+    #[error("foreign object {object}: {reason}")]
+    Foreign { object: String, reason: String },
+
+    /// An object that must exist (pack, index entry, envelope, snapshot) is missing.
+    #[error("missing object {object}: {reason}")]
+    Missing { object: String, reason: String },
+
+    /// The store shows an older state than custos last saw: replayed descriptor,
+    /// resurrected snapshot, rolled-back index.
+    #[error("rollback detected on {object}: {reason}")]
+    Rollback { object: String, reason: String },
+
+    #[error("object store {operation} {path}: {source}")]
+    Store {
+        operation: &'static str,
+        path: String,
+        #[source]
+        source: object_store::Error,
+    },
+
+    #[error("object store {url}: {message}")]
+    StoreConfig { url: String, message: String },
+
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("source {source_name}: {message}")]
+    Source { source_name: String, message: String },
+
+    #[error("tenant {tenant} {message}")]
+    TenantState { tenant: String, state: String, message: String },
+
+    #[error("tenant {tenant} is not initialised (run `custos tenant init {tenant}` or a backup first)")]
+    TenantNotFound { tenant: String },
+
+    #[error("{what} not found")]
+    NotFound { what: String },
+
+    #[error("tenant {tenant} is busy: lease held by {holder} until {expires}")]
+    LeaseContended { tenant: String, holder: String, expires: String },
+
+    #[error("object store {url} does not honour conditional writes: {message}")]
+    ConditionalWritesUnsupported { url: String, message: String },
+
+    #[error("no space left on {}: {message}", path.display())]
+    InsufficientSpace { path: PathBuf, message: String },
+
+    #[error("{what} was cancelled")]
+    Cancelled { what: String },
+
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Stable machine-readable kind (`error_kind` in logs and JSON reports).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidTenant(_) => "invalid_tenant_id",
+            Error::InvalidArgument(_) => "invalid_argument",
+            Error::Config { .. } => "invalid_config",
+            Error::Policy(_) => "invalid_policy",
+            Error::Key(k) => k.kind(),
+            Error::Corrupt { .. } => "corrupt_object",
+            Error::Foreign { .. } => "foreign_object",
+            Error::Missing { .. } => "missing_object",
+            Error::Rollback { .. } => "rollback_detected",
+            Error::Store { source, .. } => match source {
+                object_store::Error::NotFound { .. } => "missing_object",
+                _ => "store_error",
+            },
+            Error::StoreConfig { .. } => "invalid_store",
+            Error::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::StorageFull => "insufficient_space",
+                _ => "io_error",
+            },
+            Error::Source { .. } => "source_error",
+            Error::TenantState { .. } => "tenant_unavailable",
+            Error::TenantNotFound { .. } => "tenant_not_found",
+            Error::NotFound { .. } => "not_found",
+            Error::LeaseContended { .. } => "lease_contended",
+            Error::ConditionalWritesUnsupported { .. } => "conditional_writes_unsupported",
+            Error::InsufficientSpace { .. } => "insufficient_space",
+            Error::Cancelled { .. } => "cancelled",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+
+    pub fn store(operation: &'static str, path: impl ToString, source: object_store::Error) -> Self {
+        Error::Store { operation, path: path.to_string(), source }
+    }
+
+    pub fn corrupt(object: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Corrupt { object: object.into(), reason: reason.into() }
+    }
+
+    pub fn missing(object: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Missing { object: object.into(), reason: reason.into() }
+    }
+
+    /// True for failures worth retrying with backoff (network, throttling, 5xx).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Key(k) => k.is_transient(),
+            Error::Store { source, .. } => matches!(
+                source,
+                object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
+            ),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! HKDF derivations (being written)

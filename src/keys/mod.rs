@@ -1,0 +1,489 @@
+//! The key hierarchy: customer-managed keys (CMKs) in a key provider wrap the
+//! tenant data keys (TDKs), from which every working key is derived.
+//!
+//! ```text
+//! CMK (KeyProvider: local key file / AWS KMS; never leaves it)
+//!  └─ wraps ─ TDK, one per key epoch             (envelope: tenants/<t>/keys/<epoch>)
+//!              └─ HKDF ─ chunk-id key, chunker seed, per-object seal keys  (derive.rs)
+//! ```
+//!
+//! Providers sit behind [`KeyProvider`], whose semantics follow AWS KMS (key
+//! states, backing-key versions, on-demand rotation, scheduled deletion), so
+//! the local provider cannot promise anything the KMS one could not keep.
+
+pub mod aws_kms;
+pub mod derive;
+pub mod local;
+pub mod secret;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub use secret::{DataKey, KEY_LEN, SecretKey};
+
+use crate::tenant::TenantId;
+
+/// Which provider a [`KeyRef`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProviderKind {
+    Local,
+    AwsKms,
+}
+
+impl ProviderKind {
+    pub fn scheme(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "local",
+            ProviderKind::AwsKms => "aws-kms",
+        }
+    }
+}
+
+/// A reference to a customer-managed key: `local:<name>` or
+/// `aws-kms:<key-id | alias/name | arn:aws:kms:…>`. Never the key itself.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct KeyRef {
+    kind: ProviderKind,
+    id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid key reference {input:?}: {reason}")]
+pub struct InvalidKeyRef {
+    pub input: String,
+    pub reason: String,
+}
+
+impl KeyRef {
+    pub fn parse(input: &str) -> Result<Self, InvalidKeyRef> {
+        let fail = |reason: &str| {
+            Err(InvalidKeyRef {
+                input: input.chars().take(200).collect(),
+                reason: reason.to_owned(),
+            })
+        };
+        let Some((scheme, id)) = input.split_once(':') else {
+            return fail("expected <provider>:<key>, e.g. \"local:acme\" or \"aws-kms:alias/custos-acme\"");
+        };
+        match scheme {
+            "local" => {
+                if !local::valid_key_name(id) {
+                    return fail("a local key name is [a-z0-9][a-z0-9._-]{0,127}");
+                }
+                Ok(KeyRef { kind: ProviderKind::Local, id: id.to_owned() })
+            }
+            "aws-kms" => {
+                if let Err(reason) = aws_kms::validate_key_id(id) {
+                    return fail(&reason);
+                }
+                Ok(KeyRef { kind: ProviderKind::AwsKms, id: id.to_owned() })
+            }
+            other => fail(&format!(
+                "unknown key provider {other:?} (known: \"local\", \"aws-kms\")"
+            )),
+        }
+    }
+
+    pub fn local(name: &str) -> Result<Self, InvalidKeyRef> {
+        Self::parse(&format!("local:{name}"))
+    }
+
+    pub fn kind(&self) -> ProviderKind {
+        self.kind
+    }
+
+    /// The provider-specific part: local key name, or KMS key id / alias / ARN.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl fmt::Display for KeyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind.scheme(), self.id)
+    }
+}
+
+impl fmt::Debug for KeyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyRef({self})")
+    }
+}
+
+impl std::str::FromStr for KeyRef {
+    type Err = InvalidKeyRef;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        KeyRef::parse(s)
+    }
+}
+
+impl Serialize for KeyRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        KeyRef::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a wrapped key is for; part of every wrap's encryption context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyPurpose {
+    /// A tenant data key of one epoch.
+    TenantDataKey,
+}
+
+impl KeyPurpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyPurpose::TenantDataKey => "tenant-data-key",
+        }
+    }
+}
+
+/// The encryption context bound to a wrap (AWS KMS EncryptionContext, local AAD).
+/// A wrapped key only unwraps with the same context, so it cannot be replayed
+/// for another tenant, purpose or epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrapContext {
+    pub tenant: TenantId,
+    pub purpose: KeyPurpose,
+    pub epoch: u32,
+}
+
+impl WrapContext {
+    pub fn tdk(tenant: &TenantId, epoch: u32) -> Self {
+        WrapContext { tenant: tenant.clone(), purpose: KeyPurpose::TenantDataKey, epoch }
+    }
+
+    /// The context as string pairs, sorted by key: `custos:tenant`, `custos:purpose`, `custos:epoch`.
+    pub fn pairs(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("custos:epoch".to_owned(), self.epoch.to_string()),
+            ("custos:purpose".to_owned(), self.purpose.as_str().to_owned()),
+            ("custos:tenant".to_owned(), self.tenant.to_string()),
+        ])
+    }
+
+    /// Canonical byte encoding used as AAD by the local provider (see docs/FORMAT.md):
+    /// for each pair in key order, u32 BE length ‖ key ‖ u32 BE length ‖ value.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96);
+        for (k, v) in self.pairs() {
+            out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            out.extend_from_slice(v.as_bytes());
+        }
+        out
+    }
+}
+
+/// A data key wrapped (encrypted) under a CMK. Safe to store anywhere.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrappedKey {
+    /// The key that wrapped it, resolved by the provider: `local:<name>`, or the key ARN.
+    pub key_id: String,
+    /// The backing-key version used, where the provider exposes it (local: "3").
+    /// AWS KMS embeds it in the ciphertext and does not expose it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_version: Option<String>,
+    /// Provider ciphertext, base64 in JSON.
+    #[serde(with = "crate::util::base64_bytes")]
+    pub ciphertext: Vec<u8>,
+}
+
+impl fmt::Debug for WrappedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WrappedKey")
+            .field("key_id", &self.key_id)
+            .field("key_version", &self.key_version)
+            .field("ciphertext_len", &self.ciphertext.len())
+            .finish()
+    }
+}
+
+/// Lifecycle state of a CMK, as AWS KMS models it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum KeyState {
+    Enabled,
+    Disabled,
+    /// Deletion scheduled; the key refuses all use and is destroyed at `deletion_date`.
+    PendingDeletion { deletion_date: Option<DateTime<Utc>> },
+    /// Imported key material is absent (never imported, or deleted): unusable.
+    PendingImport,
+    /// Key material destroyed. Nothing it wrapped can ever be unwrapped again.
+    Destroyed { destroyed_at: Option<DateTime<Utc>> },
+    /// Any other provider state (e.g. AWS `Unavailable`, `Creating`).
+    Other { name: String },
+}
+
+impl KeyState {
+    pub fn is_usable(&self) -> bool {
+        matches!(self, KeyState::Enabled)
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            KeyState::Enabled => "enabled".into(),
+            KeyState::Disabled => "disabled".into(),
+            KeyState::PendingDeletion { .. } => "pending_deletion".into(),
+            KeyState::PendingImport => "pending_import".into(),
+            KeyState::Destroyed { .. } => "destroyed".into(),
+            KeyState::Other { name } => name.clone(),
+        }
+    }
+}
+
+/// Where a key's material came from. Imported (external) material can be
+/// deleted at once; KMS-generated material only by scheduled deletion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyOrigin {
+    /// Generated by the provider (AWS_KMS, or the local provider).
+    Provider,
+    /// Imported by the customer (AWS `EXTERNAL`).
+    External,
+    Other,
+}
+
+/// What a provider knows about a CMK.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyInfo {
+    pub reference: KeyRef,
+    /// Resolved identifier: `local:<name>` or the key ARN.
+    pub key_id: String,
+    #[serde(flatten)]
+    pub state: KeyState,
+    pub origin: KeyOrigin,
+    /// Current backing-key version, where the provider exposes it.
+    pub current_version: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
+    /// When the backing key last changed (rotation), where known.
+    pub rotated_at: Option<DateTime<Utc>>,
+}
+
+/// How a key was destroyed, for the deletion certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DestroyAction {
+    /// Local key material overwritten and removed; irreversible at once.
+    MaterialDestroyed,
+    /// AWS `DeleteImportedKeyMaterial`: irreversible at once.
+    ImportedMaterialDeleted,
+    /// AWS `DisableKey` + `ScheduleKeyDeletion`: irreversible at `effective_at`.
+    DeletionScheduled,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Destruction {
+    pub action: DestroyAction,
+    pub state_after: KeyState,
+    /// When the destruction can no longer be undone.
+    pub effective_at: DateTime<Utc>,
+}
+
+/// Errors of key providers. Each names the key by reference, never by value.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("key {key} not found{}", detail(.message))]
+    NotFound { key: String, message: String },
+    #[error("key {key} is disabled")]
+    Disabled { key: String },
+    #[error("key {key} is pending deletion{}", .deletion_date.map(|d| format!(" (deleted on {d})")).unwrap_or_default())]
+    PendingDeletion { key: String, deletion_date: Option<DateTime<Utc>> },
+    #[error("key {key} has no key material (pending import)")]
+    PendingImport { key: String },
+    #[error("key {key} was destroyed{}", .destroyed_at.map(|d| format!(" on {d}")).unwrap_or_default())]
+    Destroyed { key: String, destroyed_at: Option<DateTime<Utc>> },
+    #[error("access to key {key} denied: {message}")]
+    AccessDenied { key: String, message: String },
+    #[error("key provider throttled requests for {key} and retries ran out: {message}")]
+    Throttled { key: String, message: String },
+    #[error("key provider {endpoint} unreachable: {message}")]
+    Unreachable { endpoint: String, message: String },
+    #[error(
+        "key {key} refused the wrapped key: tampered ciphertext, wrong key or wrong encryption context{}",
+        detail(.message)
+    )]
+    InvalidCiphertext { key: String, message: String },
+    #[error(transparent)]
+    InvalidReference(#[from] InvalidKeyRef),
+    #[error("{provider} key provider does not support {operation}")]
+    Unsupported { provider: &'static str, operation: &'static str },
+    #[error("{provider} key provider is not configured: {message}")]
+    NotConfigured { provider: &'static str, message: String },
+    #[error("key file {path}: {message}")]
+    LocalFile { path: std::path::PathBuf, message: String },
+    #[error("{provider} key provider error on {key}: {message}")]
+    Backend { provider: &'static str, key: String, message: String },
+}
+
+fn detail(message: &str) -> String {
+    if message.is_empty() { String::new() } else { format!(": {message}") }
+}
+
+impl KeyError {
+    /// Machine-readable kind, used as `error_kind` in events and reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            KeyError::NotFound { .. }
+            | KeyError::Disabled { .. }
+            | KeyError::PendingDeletion { .. }
+            | KeyError::PendingImport { .. }
+            | KeyError::Destroyed { .. }
+            | KeyError::AccessDenied { .. } => "key_unavailable",
+            KeyError::InvalidCiphertext { .. } => "key_unwrap_failed",
+            KeyError::Throttled { .. } => "kms_throttled",
+            KeyError::Unreachable { .. } => "kms_unreachable",
+            KeyError::InvalidReference(_) => "invalid_key_reference",
+            KeyError::Unsupported { .. } | KeyError::NotConfigured { .. } => "key_provider_unsupported",
+            KeyError::LocalFile { .. } | KeyError::Backend { .. } => "key_provider_error",
+        }
+    }
+
+    /// True when retrying the same call later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, KeyError::Throttled { .. } | KeyError::Unreachable { .. })
+    }
+}
+
+/// A source of customer-managed keys. Implemented by the local provider and
+/// by AWS KMS; both pass the same conformance suite (tests/key_providers.rs).
+///
+/// The provider never hands out CMK material. Data keys cross the boundary
+/// only as [`DataKey`] (zeroizing) or wrapped.
+#[async_trait]
+pub trait KeyProvider: Send + Sync + fmt::Debug {
+    fn kind(&self) -> ProviderKind;
+
+    /// State, origin and version of a key (AWS `DescribeKey`).
+    async fn describe(&self, key: &KeyRef) -> Result<KeyInfo, KeyError>;
+
+    /// Creates the key if the provider manages key creation (local provider).
+    /// AWS KMS keys are the customer's to create: `Unsupported`.
+    async fn create_key(&self, key: &KeyRef) -> Result<KeyInfo, KeyError>;
+
+    /// A fresh random data key, returned both in the clear and wrapped
+    /// (AWS `GenerateDataKey`).
+    async fn generate_data_key(
+        &self,
+        key: &KeyRef,
+        ctx: &WrapContext,
+    ) -> Result<(DataKey, WrappedKey), KeyError>;
+
+    /// Wraps an existing data key (AWS `Encrypt`).
+    async fn wrap(&self, key: &KeyRef, data_key: &DataKey, ctx: &WrapContext) -> Result<WrappedKey, KeyError>;
+
+    /// Unwraps a data key (AWS `Decrypt` with `KeyId` pinned to `key`).
+    async fn unwrap(&self, key: &KeyRef, wrapped: &WrappedKey, ctx: &WrapContext) -> Result<DataKey, KeyError>;
+
+    /// Re-wraps under `to` (the current backing key of `to`), without the data key
+    /// leaving the provider where it can (AWS `ReEncrypt` with `SourceKeyId`).
+    async fn rewrap(
+        &self,
+        from: &KeyRef,
+        wrapped: &WrappedKey,
+        ctx: &WrapContext,
+        to: &KeyRef,
+    ) -> Result<WrappedKey, KeyError>;
+
+    /// New backing-key material for new wraps; old material stays usable for
+    /// unwrapping (AWS `RotateKeyOnDemand`, local: a new key version).
+    async fn rotate(&self, key: &KeyRef) -> Result<KeyInfo, KeyError>;
+
+    /// Refuses all further use until re-enabled (AWS `DisableKey`).
+    async fn disable(&self, key: &KeyRef) -> Result<KeyInfo, KeyError>;
+
+    /// Undoes `disable` (AWS `EnableKey`).
+    async fn enable(&self, key: &KeyRef) -> Result<KeyInfo, KeyError>;
+
+    /// Ends the key for good: local material is destroyed at once; AWS imported
+    /// material is deleted at once, else the key is disabled and scheduled for
+    /// deletion after `pending_window_days` (7–30).
+    async fn destroy(&self, key: &KeyRef, pending_window_days: u32) -> Result<Destruction, KeyError>;
+}
+
+/// The configured providers, chosen by the scheme of a [`KeyRef`].
+#[derive(Debug, Clone, Default)]
+pub struct KeyProviders {
+    pub local: Option<Arc<dyn KeyProvider>>,
+    pub aws_kms: Option<Arc<dyn KeyProvider>>,
+}
+
+impl KeyProviders {
+    pub fn for_key(&self, key: &KeyRef) -> Result<&Arc<dyn KeyProvider>, KeyError> {
+        let slot = match key.kind() {
+            ProviderKind::Local => &self.local,
+            ProviderKind::AwsKms => &self.aws_kms,
+        };
+        slot.as_ref().ok_or(KeyError::NotConfigured {
+            provider: key.kind().scheme(),
+            message: format!("no {} provider is configured for key {key}", key.kind().scheme()),
+        })
+    }
+
+    /// Re-wraps `wrapped` from `from` to `to`; across providers this unwraps in
+    /// memory and wraps again, within one provider it uses the provider's re-wrap.
+    pub async fn rewrap(
+        &self,
+        from: &KeyRef,
+        wrapped: &WrappedKey,
+        ctx: &WrapContext,
+        to: &KeyRef,
+    ) -> Result<WrappedKey, KeyError> {
+        if from.kind() == to.kind() {
+            return self.for_key(from)?.rewrap(from, wrapped, ctx, to).await;
+        }
+        let data_key = self.for_key(from)?.unwrap(from, wrapped, ctx).await?;
+        self.for_key(to)?.wrap(to, &data_key, ctx).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_key_refs() {
+        let k = KeyRef::parse("local:acme").unwrap();
+        assert_eq!(k.kind(), ProviderKind::Local);
+        assert_eq!(k.to_string(), "local:acme");
+        let k = KeyRef::parse("aws-kms:alias/custos-acme").unwrap();
+        assert_eq!(k.kind(), ProviderKind::AwsKms);
+        assert_eq!(k.id(), "alias/custos-acme");
+    }
+
+    #[test]
+    fn refuses_unknown_or_malformed_refs() {
+        for bad in ["acme", "vault:acme", "local:", "local:../x", "local:Acme", "aws-kms:"] {
+            assert!(KeyRef::parse(bad).is_err(), "{bad}");
+        }
+        let err = KeyRef::parse("vault:acme").unwrap_err();
+        assert!(err.to_string().contains("unknown key provider"), "{err}");
+    }
+
+    #[test]
+    fn context_is_canonical_and_sorted() {
+        let t = TenantId::new("acme").unwrap();
+        let ctx = WrapContext::tdk(&t, 3);
+        let keys: Vec<_> = ctx.pairs().into_keys().collect();
+        assert_eq!(keys, ["custos:epoch", "custos:purpose", "custos:tenant"]);
+        let bytes = ctx.canonical_bytes();
+        assert_eq!(&bytes[..4], &12u32.to_be_bytes());
+        assert_eq!(&bytes[4..16], b"custos:epoch");
+        assert_ne!(bytes, WrapContext::tdk(&t, 4).canonical_bytes());
+    }
+}
