@@ -12,11 +12,16 @@ pub fn validate_key_id(id: &str) -> Result<(), String> {
     if let Some(alias) = id.strip_prefix("alias/") {
         let ok = !alias.is_empty()
             && !alias.starts_with("aws/")
-            && alias.chars().all(|c| c.is_ascii_alphanumeric() || "/_-".contains(c));
+            && alias
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/_-".contains(c));
         return if ok {
             Ok(())
         } else {
-            Err("an alias is alias/<name> with letters, digits, '/', '_' or '-' (not alias/aws/…)".into())
+            Err(
+                "an alias is alias/<name> with letters, digits, '/', '_' or '-' (not alias/aws/…)"
+                    .into(),
+            )
         };
     }
     if id.starts_with("arn:") {
@@ -24,9 +29,16 @@ pub fn validate_key_id(id: &str) -> Result<(), String> {
         let ok = parts.len() == 6
             && parts[2] == "kms"
             && (parts[5].starts_with("key/") || parts[5].starts_with("alias/"));
-        return if ok { Ok(()) } else { Err("expected arn:<partition>:kms:<region>:<account>:key/<id> or …:alias/<name>".into()) };
+        return if ok {
+            Ok(())
+        } else {
+            Err("expected arn:<partition>:kms:<region>:<account>:key/<id> or …:alias/<name>".into())
+        };
     }
-    if id.chars().all(|c| c.is_ascii_hexdigit() || c == '-' || c == 'm' || c == 'r' || c == 'k') {
+    if id
+        .chars()
+        .all(|c| c.is_ascii_hexdigit() || c == '-' || c == 'm' || c == 'r' || c == 'k')
+    {
         return Ok(());
     }
     Err("expected a key id (UUID), alias/<name> or an arn:aws:kms:… ARN".into())
