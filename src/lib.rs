@@ -19,6 +19,7 @@ pub mod error;
 pub mod format;
 pub mod jobs;
 pub mod keys;
+pub mod pipeline;
 pub mod repo;
 pub mod report;
 pub mod source;
@@ -28,3 +29,5 @@ pub mod util;
 
 pub use error::{Error, Result};
 pub use tenant::TenantId;
+pub mod context;
+pub mod state;

@@ -2,8 +2,16 @@
 //!
 //! - [`seal`]: the sealing primitive every encrypted object uses;
 //! - [`pack`]: packs of encrypted blobs with their directory;
+//! - [`index`]: index files mapping blobs to pack locations;
+//! - [`snapshot`], [`tree`]: snapshot manifests and their entries;
+//! - [`descriptor`], [`envelope`]: the clear tenant descriptor and wrapped data keys;
 //! - [`ids`]: blob, pack, index and snapshot ids.
 
+pub mod descriptor;
+pub mod envelope;
 pub mod ids;
+pub mod index;
 pub mod pack;
 pub mod seal;
+pub mod snapshot;
+pub mod tree;

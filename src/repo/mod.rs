@@ -1,1 +1,714 @@
-//! (being written)
+//! One tenant's repository, opened for a job: its descriptor (lifecycle fence,
+//! CMK, epochs), its data keys (unwrapped on demand, dropped with the repo),
+//! its index and its snapshots.
+
+pub mod index;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::Utc;
+use futures::StreamExt;
+use object_store::{PutMode, UpdateVersion};
+use tokio::sync::Mutex;
+
+pub use index::{Index, Location};
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::format::descriptor::{Descriptor, EpochState, Lifecycle};
+use crate::format::envelope::Envelope;
+use crate::format::ids::{IndexId, SnapshotId};
+use crate::format::index::IndexFile;
+use crate::format::seal::Header;
+use crate::format::snapshot::Snapshot;
+use crate::keys::derive::EpochKeys;
+use crate::keys::{KeyError, KeyRef, WrapContext};
+use crate::store::layout::Dir;
+use crate::store::{ObjectName, TenantStore};
+use crate::tenant::TenantId;
+
+/// Parallel reads when loading many small objects (index files, snapshots).
+const LOAD_CONCURRENCY: usize = 8;
+
+/// A problem found in the repository, for `check` and listings that go on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Fault {
+    pub object: String,
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl Fault {
+    pub fn from_error(object: impl Into<String>, e: &Error) -> Self {
+        Fault {
+            object: object.into(),
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
+}
+
+pub struct Repo {
+    ctx: Context,
+    store: TenantStore,
+    descriptor: Descriptor,
+    descriptor_version: UpdateVersion,
+    keys: Mutex<BTreeMap<u32, Arc<EpochKeys>>>,
+}
+
+impl std::fmt::Debug for Repo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repo")
+            .field("tenant", &self.descriptor.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Repo {
+    /// Opens an initialised tenant. `policy_key` is the key the operator's policy
+    /// names: the descriptor must use it (or be moving to or from it), so a store
+    /// attacker cannot swap in a key of their own.
+    pub async fn open(
+        ctx: &Context,
+        tenant: &TenantId,
+        policy_key: Option<&KeyRef>,
+    ) -> Result<Repo> {
+        let store = TenantStore::new(ctx.store.clone(), tenant);
+        let Some((bytes, meta)) = store.get_if_exists(&ObjectName::Descriptor).await? else {
+            let mem = ctx.state.tenant_memory(tenant)?;
+            if mem.descriptor_generation > 0 {
+                return Err(Error::missing(
+                    store.display(&ObjectName::Descriptor),
+                    format!(
+                        "the tenant descriptor is gone (generation {} was seen before)",
+                        mem.descriptor_generation
+                    ),
+                ));
+            }
+            return Err(Error::TenantNotFound {
+                tenant: tenant.to_string(),
+            });
+        };
+        let descriptor = Descriptor::parse(&bytes)
+            .map_err(|e| Error::corrupt(store.display(&ObjectName::Descriptor), e))?;
+        if &descriptor.tenant != tenant {
+            return Err(Error::Foreign {
+                object: store.display(&ObjectName::Descriptor),
+                reason: format!("descriptor is for tenant {}", descriptor.tenant),
+            });
+        }
+        let repo = Repo {
+            ctx: ctx.clone(),
+            store,
+            descriptor,
+            descriptor_version: UpdateVersion {
+                e_tag: meta.e_tag,
+                version: meta.version,
+            },
+            keys: Mutex::new(BTreeMap::new()),
+        };
+        repo.check_generation()?;
+        if let Some(k) = policy_key {
+            repo.check_policy_key(k)?;
+        }
+        Ok(repo)
+    }
+
+    fn check_generation(&self) -> Result<()> {
+        let seen = self
+            .ctx
+            .state
+            .tenant_memory(self.tenant())?
+            .descriptor_generation;
+        let now = self.descriptor.generation;
+        if now < seen {
+            return Err(Error::Rollback {
+                object: self.store.display(&ObjectName::Descriptor),
+                reason: format!(
+                    "descriptor generation {now} is older than generation {seen} seen before (replayed)"
+                ),
+            });
+        }
+        if now > seen {
+            self.ctx
+                .state
+                .update_tenant_memory(self.tenant(), |m| m.descriptor_generation = now)?;
+        }
+        Ok(())
+    }
+
+    fn check_policy_key(&self, policy_key: &KeyRef) -> Result<()> {
+        let d = &self.descriptor;
+        let known = &d.key == policy_key
+            || d.pending_key.as_ref() == Some(policy_key)
+            || d.previous_keys.contains(policy_key);
+        if known {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "tenant {} is under key {}, but its policy names {policy_key}; \
+                 move it with `custos rotate {} --replace-cmk {policy_key}`",
+                d.tenant, d.key, d.tenant
+            )))
+        }
+    }
+
+    /// Initialises a tenant: its CMK (created if the local provider manages it),
+    /// the data key of epoch 1, the descriptor. Idempotent; resumes an
+    /// interrupted init; never writes over existing tenant data.
+    pub async fn init(
+        ctx: &Context,
+        tenant: &TenantId,
+        key: &KeyRef,
+        allow_reuse: bool,
+    ) -> Result<(Repo, bool)> {
+        match Repo::open(ctx, tenant, None).await {
+            Ok(repo) => {
+                if repo.descriptor.state == Lifecycle::Active {
+                    repo.check_policy_key(key)?;
+                    return Ok((repo, false));
+                }
+                if !allow_reuse {
+                    return Err(repo.lifecycle_error("cannot be initialised again"));
+                }
+                return Repo::reinit(ctx, repo, key).await.map(|r| (r, true));
+            }
+            Err(Error::TenantNotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let store = TenantStore::new(ctx.store.clone(), tenant);
+        let leftovers: Vec<_> = store
+            .list_all()
+            .await?
+            .into_iter()
+            .filter(|l| l.name != Some(ObjectName::Envelope(1)))
+            .collect();
+        if let Some(first) = leftovers.first() {
+            return Err(Error::InvalidArgument(format!(
+                "tenant {tenant} has no descriptor but its prefix holds {} object(s) (e.g. tenants/{tenant}/{}): \
+                 refusing to initialise over existing data",
+                leftovers.len(),
+                first.path
+            )));
+        }
+        let provider = ctx.keys.for_key(key)?;
+        let info = match provider.create_key(key).await {
+            Ok(info) => info,
+            Err(KeyError::Unsupported { .. }) => provider.describe(key).await?,
+            Err(e) => return Err(e.into()),
+        };
+        if !info.state.is_usable() {
+            return Err(Error::Key(KeyError::Backend {
+                provider: key.kind().scheme(),
+                key: key.to_string(),
+                message: format!("the key is {}, not enabled", info.state.name()),
+            }));
+        }
+        let now = Utc::now();
+        let descriptor = Descriptor::new(tenant.clone(), key.clone(), now);
+        Repo::create_epoch_envelope(ctx, &store, key, 1).await?;
+        let body = Bytes::from(descriptor.to_json());
+        let r = store
+            .put_conditional(&ObjectName::Descriptor, body, PutMode::Create)
+            .await
+            .map_err(|e| conditional_error(&store, &ObjectName::Descriptor, e))?;
+        ctx.state
+            .update_tenant_memory(tenant, |m| m.descriptor_generation = descriptor.generation)?;
+        let repo = Repo {
+            ctx: ctx.clone(),
+            store,
+            descriptor,
+            descriptor_version: UpdateVersion {
+                e_tag: r.e_tag,
+                version: r.version,
+            },
+            keys: Mutex::new(BTreeMap::new()),
+        };
+        Ok((repo, true))
+    }
+
+    /// A shredded tenant id, reused on request: a new lineage whose epochs
+    /// continue after the old ones, so no old envelope name is ever reused.
+    async fn reinit(ctx: &Context, mut old: Repo, key: &KeyRef) -> Result<Repo> {
+        if old.descriptor.state != Lifecycle::Shredded {
+            return Err(
+                old.lifecycle_error("is being shredded; finish the shred before reusing the id")
+            );
+        }
+        let epoch = old
+            .descriptor
+            .epochs
+            .iter()
+            .map(|e| e.epoch)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let provider = ctx.keys.for_key(key)?;
+        if let Err(e) = provider.create_key(key).await
+            && !matches!(e, KeyError::Unsupported { .. })
+        {
+            return Err(e.into());
+        }
+        Repo::create_epoch_envelope(ctx, &old.store, key, epoch).await?;
+        let now = Utc::now();
+        old.update_descriptor(|d| {
+            let generation = d.generation;
+            *d = Descriptor::new(d.tenant.clone(), key.clone(), now);
+            d.generation = generation;
+            d.current_epoch = epoch;
+            d.epochs[0].epoch = epoch;
+        })
+        .await?;
+        Ok(old)
+    }
+
+    /// Generates the data key of `epoch` and stores its envelope (create-only;
+    /// an envelope left by an interrupted run is reused if it unwraps).
+    pub async fn create_epoch_envelope(
+        ctx: &Context,
+        store: &TenantStore,
+        key: &KeyRef,
+        epoch: u32,
+    ) -> Result<()> {
+        let tenant = store.tenant();
+        let name = ObjectName::Envelope(epoch);
+        if let Some((bytes, _)) = store.get_if_exists(&name).await? {
+            let env =
+                Envelope::parse(&bytes).map_err(|e| Error::corrupt(store.display(&name), e))?;
+            let ctx_w = WrapContext::tdk(tenant, epoch);
+            if &env.key == key
+                && ctx
+                    .keys
+                    .for_key(key)?
+                    .unwrap(key, &env.wrapped, &ctx_w)
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
+            }
+            return Err(Error::InvalidArgument(format!(
+                "{} already exists and does not unwrap under {key}: refusing to replace a data key",
+                store.display(&name)
+            )));
+        }
+        let (data_key, wrapped) = ctx
+            .keys
+            .for_key(key)?
+            .generate_data_key(key, &WrapContext::tdk(tenant, epoch))
+            .await?;
+        let env = Envelope::new(tenant, epoch, key.clone(), wrapped, data_key.fingerprint());
+        store
+            .put_conditional(&name, Bytes::from(env.to_json()), PutMode::Create)
+            .await
+            .map_err(|e| conditional_error(store, &name, e))?;
+        Ok(())
+    }
+
+    pub fn tenant(&self) -> &TenantId {
+        &self.descriptor.tenant
+    }
+
+    pub fn descriptor(&self) -> &Descriptor {
+        &self.descriptor
+    }
+
+    pub fn store(&self) -> &TenantStore {
+        &self.store
+    }
+
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    fn lifecycle_error(&self, what: &str) -> Error {
+        let d = &self.descriptor;
+        let since = d
+            .shredding
+            .as_ref()
+            .map(|s| {
+                s.finished_at
+                    .unwrap_or(s.started_at)
+                    .format("%Y-%m-%d %H:%M:%SZ")
+                    .to_string()
+            })
+            .unwrap_or_else(|| d.updated_at.format("%Y-%m-%d %H:%M:%SZ").to_string());
+        let state = match d.state {
+            Lifecycle::Shredded => format!("shredded on {since}"),
+            Lifecycle::Shredding => format!("being shredded since {since}"),
+            Lifecycle::Active => "active".into(),
+        };
+        Error::TenantState {
+            tenant: d.tenant.to_string(),
+            state: d.state.as_str().into(),
+            message: format!("{state}: {what}"),
+        }
+    }
+
+    /// The lifecycle fence: fails unless the tenant is active.
+    pub fn require_active(&self, action: &str) -> Result<()> {
+        if self.descriptor.state == Lifecycle::Active {
+            Ok(())
+        } else {
+            Err(self.lifecycle_error(&format!("{action} refused")))
+        }
+    }
+
+    /// Applies `f` to the descriptor and writes it back conditionally (the
+    /// version read must still be current), bumping its generation.
+    pub async fn update_descriptor(&mut self, f: impl FnOnce(&mut Descriptor)) -> Result<()> {
+        let mut d = self.descriptor.clone();
+        f(&mut d);
+        d.generation = self.descriptor.generation + 1;
+        d.updated_at = Utc::now();
+        let r = self
+            .store
+            .put_conditional(
+                &ObjectName::Descriptor,
+                Bytes::from(d.to_json()),
+                PutMode::Update(self.descriptor_version.clone()),
+            )
+            .await
+            .map_err(|e| conditional_error(&self.store, &ObjectName::Descriptor, e))?;
+        self.ctx
+            .state
+            .update_tenant_memory(self.tenant(), |m| m.descriptor_generation = d.generation)?;
+        self.descriptor = d;
+        self.descriptor_version = UpdateVersion {
+            e_tag: r.e_tag,
+            version: r.version,
+        };
+        Ok(())
+    }
+
+    pub async fn load_envelope(&self, epoch: u32) -> Result<Envelope> {
+        let name = ObjectName::Envelope(epoch);
+        let bytes = self.store.get(&name).await?;
+        let env =
+            Envelope::parse(&bytes).map_err(|e| Error::corrupt(self.store.display(&name), e))?;
+        if &env.tenant != self.tenant() || env.epoch != epoch {
+            return Err(Error::Foreign {
+                object: self.store.display(&name),
+                reason: format!("envelope is for tenant {} epoch {}", env.tenant, env.epoch),
+            });
+        }
+        Ok(env)
+    }
+
+    /// The keys of `epoch`, unwrapping its envelope on first use.
+    pub async fn epoch_keys(&self, epoch: u32) -> Result<Arc<EpochKeys>> {
+        let mut cache = self.keys.lock().await;
+        if let Some(k) = cache.get(&epoch) {
+            return Ok(k.clone());
+        }
+        let name = ObjectName::Envelope(epoch);
+        match self.descriptor.epoch(epoch) {
+            None => {
+                return Err(Error::corrupt(
+                    self.store.display(&name),
+                    format!("epoch {epoch} is not an epoch of tenant {}", self.tenant()),
+                ));
+            }
+            Some(rec) if rec.state == EpochState::Shredded => {
+                return Err(Error::TenantState {
+                    tenant: self.tenant().to_string(),
+                    state: "epoch_shredded".into(),
+                    message: format!("epoch {epoch} was shredded; its data cannot be read"),
+                });
+            }
+            Some(_) => {}
+        }
+        let env = self.load_envelope(epoch).await?;
+        let d = &self.descriptor;
+        if env.key != d.key
+            && Some(&env.key) != d.pending_key.as_ref()
+            && !d.previous_keys.contains(&env.key)
+        {
+            return Err(Error::corrupt(
+                self.store.display(&name),
+                format!(
+                    "wrapped under {}, which is not a key of this tenant",
+                    env.key
+                ),
+            ));
+        }
+        let data_key = self
+            .ctx
+            .keys
+            .for_key(&env.key)?
+            .unwrap(&env.key, &env.wrapped, &env.context())
+            .await?;
+        if data_key.fingerprint() != env.fingerprint {
+            return Err(Error::corrupt(
+                self.store.display(&name),
+                "unwrapped key does not match the envelope's fingerprint",
+            ));
+        }
+        let keys = Arc::new(EpochKeys::new(self.tenant().clone(), epoch, data_key));
+        cache.insert(epoch, keys.clone());
+        Ok(keys)
+    }
+
+    pub async fn current_keys(&self) -> Result<Arc<EpochKeys>> {
+        self.epoch_keys(self.descriptor.current_epoch).await
+    }
+
+    /// Reads and opens one sealed object, choosing the key by the epoch its header states.
+    async fn open_sealed<T>(
+        &self,
+        name: &ObjectName,
+        open: impl FnOnce(&EpochKeys, &[u8]) -> std::result::Result<T, crate::format::seal::SealError>,
+    ) -> Result<(u32, T)> {
+        let bytes = self.store.get(name).await?;
+        let epoch = Header::peek_epoch(&bytes).map_err(|e| e.at(self.store.display(name)))?;
+        if self.descriptor.epoch(epoch).is_none() {
+            return Err(Error::corrupt(
+                self.store.display(name),
+                format!("sealed under unknown epoch {epoch}"),
+            ));
+        }
+        let keys = self.epoch_keys(epoch).await?;
+        let value = open(&keys, &bytes).map_err(|e| e.at(self.store.display(name)))?;
+        Ok((epoch, value))
+    }
+
+    /// Loads every index file. Unreadable files are returned as faults (check
+    /// reports them; other jobs refuse to go on with an incomplete index).
+    pub async fn load_index(&self) -> Result<(Index, Vec<Fault>)> {
+        let listed = self.store.list(Dir::Index).await?;
+        let removed = self.ctx.state.tenant_memory(self.tenant())?.removed_indexes;
+        let mut faults = Vec::new();
+        let mut ids = Vec::new();
+        for l in listed {
+            match l.name {
+                Some(ObjectName::Index(id)) if removed.contains(&id) => faults.push(Fault {
+                    object: self.store.display(&ObjectName::Index(id)),
+                    kind: "rollback_detected",
+                    message: "index file was replaced by prune before and has reappeared (index rolled back)".into(),
+                }),
+                Some(ObjectName::Index(id)) => ids.push(id),
+                _ => faults.push(unknown_object(&self.store, &l.path)),
+            }
+        }
+        let loaded: Vec<(IndexId, Result<(u32, IndexFile)>)> = futures::stream::iter(ids)
+            .map(|id| async move {
+                let r = self
+                    .open_sealed(&ObjectName::Index(id), |k, b| IndexFile::open(k, &id, b))
+                    .await;
+                (id, r)
+            })
+            .buffer_unordered(LOAD_CONCURRENCY)
+            .collect()
+            .await;
+        let mut index = Index::default();
+        let mut loaded = loaded;
+        loaded.sort_by_key(|(id, _)| *id);
+        for (id, r) in loaded {
+            match r {
+                Ok((epoch, file)) => index.add_file(id, epoch, &file),
+                Err(e) if is_object_fault(&e) => faults.push(Fault::from_error(
+                    self.store.display(&ObjectName::Index(id)),
+                    &e,
+                )),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((index, faults))
+    }
+
+    /// Loads the index and fails on the first fault.
+    pub async fn load_index_strict(&self) -> Result<Index> {
+        let (index, faults) = self.load_index().await?;
+        first_fault(faults)?;
+        Ok(index)
+    }
+
+    pub async fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
+        let name = ObjectName::Snapshot(*id);
+        if self
+            .ctx
+            .state
+            .tenant_memory(self.tenant())?
+            .forgotten_snapshots
+            .contains(id)
+        {
+            return Err(Error::Rollback {
+                object: self.store.display(&name),
+                reason: "this snapshot was forgotten and has reappeared (replayed)".into(),
+            });
+        }
+        Ok(self
+            .open_sealed(&name, |k, b| Snapshot::open(k, id, b))
+            .await?
+            .1)
+    }
+
+    /// Every snapshot, oldest first, with faults for those that cannot be read.
+    pub async fn list_snapshots(&self) -> Result<(Vec<Snapshot>, Vec<Fault>)> {
+        let listed = self.store.list(Dir::Snapshots).await?;
+        let mut faults = Vec::new();
+        let mut ids = Vec::new();
+        for l in listed {
+            match l.name {
+                Some(ObjectName::Snapshot(id)) => ids.push(id),
+                _ => faults.push(unknown_object(&self.store, &l.path)),
+            }
+        }
+        let results: Vec<(SnapshotId, Result<Snapshot>)> = futures::stream::iter(ids)
+            .map(|id| async move { (id, self.load_snapshot(&id).await) })
+            .buffer_unordered(LOAD_CONCURRENCY)
+            .collect()
+            .await;
+        let mut snaps = Vec::new();
+        for (id, r) in results {
+            match r {
+                Ok(s) => snaps.push(s),
+                Err(e) if is_object_fault(&e) => faults.push(Fault::from_error(
+                    self.store.display(&ObjectName::Snapshot(id)),
+                    &e,
+                )),
+                Err(e) => return Err(e),
+            }
+        }
+        snaps.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
+        Ok((snaps, faults))
+    }
+
+    /// Resolves `latest`, a full id or a unique prefix of at least 4 hex digits.
+    pub async fn find_snapshot(&self, spec: &str) -> Result<Snapshot> {
+        if spec != "latest" {
+            if let Some(id) = SnapshotId::from_hex(spec) {
+                return self.load_snapshot(&id).await;
+            }
+            if spec.len() < 4
+                || !spec
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "snapshot {spec:?}: expected \"latest\", a snapshot id or a prefix of at least 4 lowercase hex digits"
+                )));
+            }
+            let matches: Vec<SnapshotId> = self
+                .store
+                .list(Dir::Snapshots)
+                .await?
+                .into_iter()
+                .filter_map(|l| match l.name {
+                    Some(ObjectName::Snapshot(id)) if id.to_hex().starts_with(spec) => Some(id),
+                    _ => None,
+                })
+                .collect();
+            return match matches.as_slice() {
+                [id] => self.load_snapshot(id).await,
+                [] => Err(Error::NotFound {
+                    what: format!("snapshot {spec} of tenant {}", self.tenant()),
+                }),
+                _ => Err(Error::InvalidArgument(format!(
+                    "snapshot prefix {spec} is ambiguous ({} matches)",
+                    matches.len()
+                ))),
+            };
+        }
+        let (snaps, faults) = self.list_snapshots().await?;
+        if let Some(s) = snaps.into_iter().last() {
+            return Ok(s);
+        }
+        first_fault(faults)?;
+        Err(Error::NotFound {
+            what: format!("a snapshot of tenant {}", self.tenant()),
+        })
+    }
+
+    /// Lists every object of the tenant (shred scope, check).
+    pub async fn list_objects(&self) -> Result<Vec<crate::store::tenant::Listed>> {
+        self.store.list_all().await
+    }
+
+    pub async fn list_packs(&self) -> Result<BTreeMap<crate::format::ids::PackId, u64>> {
+        let mut out = BTreeMap::new();
+        for l in self.store.list(Dir::Packs).await? {
+            if let Some(ObjectName::Pack(id)) = l.name {
+                out.insert(id, l.meta.size);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops every unwrapped data key now (they are also dropped with the repo).
+    pub async fn forget_keys(&self) {
+        self.keys.lock().await.clear();
+    }
+}
+
+/// Errors that describe a bad object (reported as a fault), as opposed to a
+/// failure of the job itself (store down, key unavailable).
+pub fn is_object_fault(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Corrupt { .. }
+            | Error::Foreign { .. }
+            | Error::Missing { .. }
+            | Error::Rollback { .. }
+    )
+}
+
+fn first_fault(faults: Vec<Fault>) -> Result<()> {
+    match faults.into_iter().next() {
+        None => Ok(()),
+        Some(f) => Err(match f.kind {
+            "foreign_object" => Error::Foreign {
+                object: f.object,
+                reason: f.message,
+            },
+            "rollback_detected" => Error::Rollback {
+                object: f.object,
+                reason: f.message,
+            },
+            "missing_object" => Error::Missing {
+                object: f.object,
+                reason: f.message,
+            },
+            _ => Error::Corrupt {
+                object: f.object,
+                reason: f.message,
+            },
+        }),
+    }
+}
+
+fn unknown_object(store: &TenantStore, path: &object_store::path::Path) -> Fault {
+    Fault {
+        object: format!("tenants/{}/{}", store.tenant(), path),
+        kind: "unknown_object",
+        message: "not an object custos writes (left alone by prune)".into(),
+    }
+}
+
+fn conditional_error(store: &TenantStore, name: &ObjectName, e: object_store::Error) -> Error {
+    match e {
+        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+            Error::LeaseContended {
+                tenant: store.tenant().to_string(),
+                holder: format!(
+                    "another writer changed {} concurrently",
+                    store.display(name)
+                ),
+                expires: "n/a".into(),
+            }
+        }
+        object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. } => {
+            Error::ConditionalWritesUnsupported {
+                url: store.display(name),
+                message: e.to_string(),
+            }
+        }
+        e => Error::store("put", store.display(name), e),
+    }
+}
+
+/// Turns the first fault into an error (jobs that cannot go on past one).
+pub fn fault_error(faults: Vec<Fault>) -> Result<()> {
+    first_fault(faults)
+}

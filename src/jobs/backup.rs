@@ -1,0 +1,475 @@
+//! `custos backup`: walks the tenant's sources, chunks, deduplicates,
+//! compresses, encrypts and uploads, then writes the index and, last, the
+//! snapshot — so a snapshot exists only once everything it names is stored.
+//!
+//! One reader thread walks and chunks in tree order and computes blob ids;
+//! new blobs go to the packer's worker threads (compression and sealing in
+//! parallel) and on to concurrent uploads. Unchanged files (same size, mtime,
+//! ctime and inode as in the parent snapshot) are not read again.
+
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use chrono::Utc;
+use tokio::runtime::Handle;
+
+use super::Progress;
+use crate::error::{Error, Result};
+use crate::format::ids::{BlobId, SnapshotId};
+use crate::format::pack::BlobKind;
+use crate::format::snapshot::{SNAPSHOT_FORMAT, Snapshot, SourceRecord, Summary};
+use crate::format::tree::{Entry, EntryKind, cmp_paths};
+use crate::keys::derive::EpochKeys;
+use crate::pipeline::chunker::{ChunkError, Chunker, DATA_CHUNKS};
+use crate::pipeline::packer::{Packer, PackerConfig, Work};
+use crate::pipeline::tree::{TreeReader, TreeWriter};
+use crate::repo::Repo;
+use crate::source::Source;
+use crate::source::command::RunningCommand;
+use crate::source::walk::{Found, Walker, excludes, nanos, source_root_exists};
+use crate::store::ObjectName;
+use crate::store::lease::LeaseGuard;
+
+pub struct BackupOptions {
+    pub sources: Vec<Source>,
+    pub packer: PackerConfig,
+    /// Unreadable files are skipped and counted instead of failing the backup.
+    pub allow_unreadable: bool,
+    pub tags: Vec<String>,
+    /// Read every file even if the parent snapshot says it is unchanged.
+    pub force_read: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackupReport {
+    pub snapshot: SnapshotId,
+    pub epoch: u32,
+    pub parent: Option<SnapshotId>,
+    pub summary: Summary,
+    /// Paths skipped or changed during the backup, with why (capped).
+    pub warnings: Vec<String>,
+}
+
+const MAX_WARNINGS: usize = 100;
+
+pub async fn run(
+    repo: &Repo,
+    lease: &LeaseGuard,
+    opts: BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
+    let started = Instant::now();
+    repo.require_active("backup")?;
+    if opts.sources.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "tenant {} has no sources to back up",
+            repo.tenant()
+        )));
+    }
+    let mut sources = opts.sources.clone();
+    sources.sort_by(|a, b| cmp_paths(a.name().as_bytes(), b.name().as_bytes()));
+    for pair in sources.windows(2) {
+        if pair[0].name() == pair[1].name() {
+            return Err(Error::InvalidArgument(format!(
+                "two sources are named {:?}",
+                pair[0].name()
+            )));
+        }
+    }
+    // Check every source before storing anything.
+    for s in &sources {
+        if let Source::Path { path, exclude, .. } = s {
+            source_root_exists(path).map_err(|m| Error::Source {
+                source_name: s.name().into(),
+                message: m,
+            })?;
+            excludes(exclude).map_err(|m| Error::Source {
+                source_name: s.name().into(),
+                message: m,
+            })?;
+        }
+    }
+    let keys = repo.current_keys().await?;
+    let epoch = keys.epoch();
+    let index = repo.load_index_strict().await?;
+    let (snapshots, _) = repo.list_snapshots().await?;
+    let parent = snapshots.iter().rev().find(|s| s.epoch == epoch).cloned();
+    let packer = Packer::start(
+        keys.clone(),
+        repo.store().clone(),
+        index.blob_ids_of_epoch(epoch),
+        opts.packer,
+        &Handle::current(),
+    );
+
+    // The reader runs on this thread, taken out of the async scheduler; it
+    // reaches the store (parent tree) through the runtime handle.
+    let walked = tokio::task::block_in_place(|| {
+        let mut reader = Reader {
+            keys: &keys,
+            packer: &packer,
+            chunker: Chunker::new(DATA_CHUNKS, keys.chunker_seed()),
+            buf: Vec::new(),
+            tree: TreeWriter::new(&keys),
+            parent: parent
+                .as_ref()
+                .filter(|_| !opts.force_read)
+                .map(|p| ParentCursor {
+                    reader: TreeReader::new(
+                        repo,
+                        &index,
+                        &p.tree,
+                        format!("tree of snapshot {}", p.id),
+                    ),
+                    current: None,
+                    done: false,
+                }),
+            summary: Summary::default(),
+            warnings: Vec::new(),
+            allow_unreadable: opts.allow_unreadable,
+            progress,
+            rt: Handle::current(),
+        };
+        for s in &sources {
+            reader.source(s)?;
+        }
+        let (tree, _) = reader.tree.finish(&keys, &packer)?;
+        Ok::<_, Error>((tree, reader.summary, reader.warnings))
+    });
+    let (tree, mut summary, warnings) = match walked {
+        Ok(v) => v,
+        Err(e) => {
+            // Let queued uploads stop; their packs stay unreferenced until prune.
+            drop(packer);
+            return Err(e);
+        }
+    };
+    let stored = packer.finish().await?;
+    summary.blobs_new = stored.blobs;
+    summary.packs_new = stored.packs;
+    summary.bytes_stored = stored.bytes_stored;
+
+    if !stored.index.is_empty() {
+        let (index_id, bytes) = stored.index.seal(&keys);
+        summary.bytes_stored += bytes.len() as u64;
+        repo.store()
+            .put(&ObjectName::Index(index_id), Bytes::from(bytes))
+            .await?;
+    }
+    let snapshot = Snapshot {
+        format: SNAPSHOT_FORMAT,
+        id: SnapshotId::random(),
+        tenant: repo.tenant().clone(),
+        epoch,
+        time: Utc::now(),
+        hostname: crate::store::lease::hostname(),
+        parent: parent.as_ref().map(|p| p.id),
+        tags: opts.tags.clone(),
+        sources: sources
+            .iter()
+            .map(|s| SourceRecord {
+                name: s.name().into(),
+                kind: s.kind().into(),
+                origin: s.origin(),
+            })
+            .collect(),
+        tree,
+        summary: Summary {
+            duration_ms: started.elapsed().as_millis() as u64,
+            ..summary
+        },
+        chunker: DATA_CHUNKS,
+        custos_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let sealed = snapshot.seal(&keys);
+    lease.ensure_held()?;
+    repo.store()
+        .put(&ObjectName::Snapshot(snapshot.id), Bytes::from(sealed))
+        .await?;
+    Ok(BackupReport {
+        snapshot: snapshot.id,
+        epoch,
+        parent: snapshot.parent,
+        summary: snapshot.summary,
+        warnings,
+    })
+}
+
+struct ParentCursor<'a> {
+    reader: TreeReader<'a>,
+    current: Option<Entry>,
+    done: bool,
+}
+
+struct Reader<'a> {
+    keys: &'a Arc<EpochKeys>,
+    packer: &'a Packer,
+    chunker: Chunker,
+    buf: Vec<u8>,
+    tree: TreeWriter,
+    parent: Option<ParentCursor<'a>>,
+    summary: Summary,
+    warnings: Vec<String>,
+    allow_unreadable: bool,
+    progress: &'a dyn Progress,
+    rt: Handle,
+}
+
+impl Reader<'_> {
+    fn warn(&mut self, msg: String) {
+        tracing::warn!(message = %msg);
+        if self.warnings.len() < MAX_WARNINGS {
+            self.warnings.push(msg);
+        }
+    }
+
+    fn source(&mut self, s: &Source) -> Result<()> {
+        match s {
+            Source::Path {
+                name,
+                path,
+                exclude,
+                one_file_system,
+            } => {
+                let ex = excludes(exclude).map_err(|m| Error::Source {
+                    source_name: name.clone(),
+                    message: m,
+                })?;
+                let walker = Walker {
+                    excludes: &ex,
+                    one_file_system: *one_file_system,
+                };
+                walker.walk(name, path, &mut |rel, found| self.found(name, rel, found))
+            }
+            Source::Command {
+                name,
+                argv,
+                timeout,
+            } => self.command(name, argv, *timeout),
+        }
+    }
+
+    fn found(&mut self, source: &str, rel: &[u8], found: Found<'_>) -> Result<()> {
+        let shown = || String::from_utf8_lossy(rel).into_owned();
+        match found {
+            Found::Dir { meta } => {
+                self.summary.dirs += 1;
+                self.push(entry(rel, EntryKind::Dir, meta))
+            }
+            Found::Symlink { target, meta } => {
+                self.summary.symlinks += 1;
+                let mut e = entry(rel, EntryKind::Symlink, meta);
+                e.target = Some(target);
+                self.push(e)
+            }
+            Found::File { path, meta } => {
+                let mut e = entry(rel, EntryKind::File, meta);
+                if let Some(blobs) = self.unchanged_in_parent(&e) {
+                    e.blobs = blobs;
+                } else {
+                    match std::fs::File::open(path) {
+                        Ok(f) => {
+                            let (blobs, size) = match self.read_content(f) {
+                                Ok(v) => v,
+                                Err(ReadFailure::Io(error)) => {
+                                    return self.unreadable(source, rel, error);
+                                }
+                                Err(ReadFailure::Job(e)) => return Err(e),
+                            };
+                            if let Ok(after) = std::fs::symlink_metadata(path)
+                                && (after.len() != size
+                                    || after.mtime() != meta.mtime()
+                                    || after.mtime_nsec() != meta.mtime_nsec())
+                            {
+                                self.warn(format!(
+                                    "{}: changed while being read; stored as read",
+                                    shown()
+                                ));
+                            }
+                            e.size = size;
+                            e.blobs = blobs;
+                            self.summary.files_read += 1;
+                        }
+                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                            self.warn(format!(
+                                "{}: vanished before it could be read; skipped",
+                                shown()
+                            ));
+                            return Ok(());
+                        }
+                        Err(error) => return self.unreadable(source, rel, error),
+                    }
+                }
+                self.summary.files += 1;
+                self.summary.bytes_in += e.size;
+                self.progress.file_done(e.size);
+                self.push(e)
+            }
+            Found::Special { what } => {
+                self.summary.skipped_special += 1;
+                tracing::debug!(path = %shown(), what, "special file skipped");
+                Ok(())
+            }
+            Found::Vanished => {
+                self.warn(format!("{}: vanished during the backup; skipped", shown()));
+                Ok(())
+            }
+            Found::Unreadable { error } => self.unreadable(source, rel, error),
+        }
+    }
+
+    fn unreadable(&mut self, source: &str, rel: &[u8], error: std::io::Error) -> Result<()> {
+        let shown = String::from_utf8_lossy(rel).into_owned();
+        if self.allow_unreadable {
+            self.summary.unreadable += 1;
+            self.warn(format!("{shown}: unreadable ({error}); skipped"));
+            Ok(())
+        } else {
+            Err(Error::Source {
+                source_name: source.into(),
+                message: format!(
+                    "{shown}: cannot read: {error} (set backup.allow_unreadable = true to skip such files)"
+                ),
+            })
+        }
+    }
+
+    fn push(&mut self, e: Entry) -> Result<()> {
+        self.tree.push(&e, self.keys, self.packer)
+    }
+
+    /// Blobs of the parent's entry for this path, if the file is unchanged and
+    /// every blob is still stored.
+    fn unchanged_in_parent(&mut self, e: &Entry) -> Option<Vec<BlobId>> {
+        let cursor = self.parent.as_mut()?;
+        loop {
+            if cursor.current.is_none() && !cursor.done {
+                match self.rt.block_on(cursor.reader.next_entry()) {
+                    Ok(Some(p)) => cursor.current = Some(p),
+                    Ok(None) => cursor.done = true,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "parent tree unreadable; reading every file");
+                        cursor.done = true;
+                    }
+                }
+            }
+            let p = cursor.current.as_ref()?;
+            match cmp_paths(&p.path, &e.path) {
+                std::cmp::Ordering::Less => cursor.current = None,
+                std::cmp::Ordering::Greater => return None,
+                std::cmp::Ordering::Equal => {
+                    let p = cursor.current.take()?;
+                    let same = p.kind == EntryKind::File
+                        && p.size == e.size
+                        && p.mtime_ns == e.mtime_ns
+                        && p.ctime_ns == e.ctime_ns
+                        && p.inode == e.inode;
+                    return (same && p.blobs.iter().all(|b| self.packer.is_known(b)))
+                        .then_some(p.blobs);
+                }
+            }
+        }
+    }
+
+    fn read_content(
+        &mut self,
+        reader: impl Read,
+    ) -> std::result::Result<(Vec<BlobId>, u64), ReadFailure> {
+        let mut blobs = Vec::new();
+        let keys = self.keys;
+        let packer = self.packer;
+        let summary = &mut self.summary;
+        let progress = self.progress;
+        let size = self
+            .chunker
+            .chunk_reader(reader, &mut self.buf, |chunk| {
+                let id = BlobId(keys.blob_id(chunk));
+                if packer.claim(&id) {
+                    summary.bytes_new += chunk.len() as u64;
+                    packer.add(Work::Raw {
+                        id,
+                        kind: BlobKind::Data,
+                        data: chunk.to_vec(),
+                    })?;
+                }
+                progress.bytes_read(chunk.len() as u64);
+                blobs.push(id);
+                Ok::<_, Error>(())
+            })
+            .map_err(|e| match e {
+                ChunkError::Read(io) => ReadFailure::Io(io),
+                ChunkError::Emit(job) => ReadFailure::Job(job),
+            })?;
+        Ok((blobs, size))
+    }
+
+    fn command(
+        &mut self,
+        name: &str,
+        argv: &[String],
+        timeout: Option<std::time::Duration>,
+    ) -> Result<()> {
+        let fail = |message: String| Error::Source {
+            source_name: name.into(),
+            message,
+        };
+        let mut cmd = RunningCommand::spawn(argv, timeout).map_err(fail)?;
+        let (blobs, size) = match self.read_content(cmd.stdout()) {
+            Ok(v) => v,
+            Err(ReadFailure::Io(e)) => {
+                return Err(fail(format!(
+                    "reading the output of `{}`: {e}",
+                    argv.join(" ")
+                )));
+            }
+            Err(ReadFailure::Job(e)) => return Err(e),
+        };
+        cmd.finish().map_err(fail)?;
+        let now = Utc::now();
+        let e = Entry {
+            path: name.as_bytes().to_vec(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            mtime_ns: now.timestamp_nanos_opt().unwrap_or(0),
+            uid: 0,
+            gid: 0,
+            size,
+            blobs,
+            target: None,
+            inode: 0,
+            ctime_ns: 0,
+        };
+        self.summary.files += 1;
+        self.summary.files_read += 1;
+        self.summary.bytes_in += size;
+        self.push(e)
+    }
+}
+
+enum ReadFailure {
+    Io(std::io::Error),
+    Job(Error),
+}
+
+fn entry(rel: &[u8], kind: EntryKind, meta: &std::fs::Metadata) -> Entry {
+    Entry {
+        path: rel.to_vec(),
+        kind,
+        mode: meta.mode() & 0o7777,
+        mtime_ns: nanos(meta.mtime(), meta.mtime_nsec()),
+        uid: meta.uid(),
+        gid: meta.gid(),
+        size: if kind == EntryKind::File {
+            meta.len()
+        } else {
+            0
+        },
+        blobs: Vec::new(),
+        target: None,
+        inode: meta.ino(),
+        ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
+    }
+}

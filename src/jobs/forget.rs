@@ -1,0 +1,278 @@
+//! `custos forget`: applies a retention policy and removes the snapshots it
+//! does not keep. Data goes only with `prune` (or `--prune`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Datelike, Timelike, Utc};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::format::ids::SnapshotId;
+use crate::format::snapshot::Snapshot;
+use crate::repo::Repo;
+use crate::store::ObjectName;
+use crate::store::lease::LeaseGuard;
+
+/// Retention rules, as restic and borg have them. A snapshot is kept if any rule keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Retention {
+    pub keep_last: u32,
+    pub keep_hourly: u32,
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+    pub keep_monthly: u32,
+    pub keep_yearly: u32,
+    /// Keep everything taken within this long before now. Measured from the
+    /// clock, not from the newest snapshot, so snapshots forged with future
+    /// times cannot push real ones out.
+    pub keep_within: Option<std::time::Duration>,
+}
+
+impl Retention {
+    pub fn keeps_nothing(&self) -> bool {
+        self.keep_last == 0
+            && self.keep_hourly == 0
+            && self.keep_daily == 0
+            && self.keep_weekly == 0
+            && self.keep_monthly == 0
+            && self.keep_yearly == 0
+            && self.keep_within.is_none()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision {
+    pub snapshot: SnapshotId,
+    pub time: DateTime<Utc>,
+    pub keep: bool,
+    /// Rules that keep it ("last", "daily", …).
+    pub reasons: Vec<&'static str>,
+}
+
+/// Decides which snapshots to keep, newest first.
+pub fn apply(rules: &Retention, snapshots: &[Snapshot], now: DateTime<Utc>) -> Vec<Decision> {
+    let mut sorted: Vec<&Snapshot> = snapshots.iter().collect();
+    sorted.sort_by(|a, b| b.time.cmp(&a.time).then(b.id.cmp(&a.id)));
+    let mut reasons: BTreeMap<SnapshotId, Vec<&'static str>> = BTreeMap::new();
+    for s in sorted.iter().take(rules.keep_last as usize) {
+        reasons.entry(s.id).or_default().push("last");
+    }
+    type Bucket = fn(&DateTime<Utc>) -> (i32, u32, u32, u32);
+    let buckets: [(&'static str, u32, Bucket); 5] = [
+        ("hourly", rules.keep_hourly, |t| {
+            (t.year(), t.ordinal(), t.hour(), 0)
+        }),
+        ("daily", rules.keep_daily, |t| (t.year(), t.ordinal(), 0, 0)),
+        ("weekly", rules.keep_weekly, |t| {
+            let w = t.iso_week();
+            (w.year(), w.week(), 0, 0)
+        }),
+        ("monthly", rules.keep_monthly, |t| {
+            (t.year(), t.month(), 0, 0)
+        }),
+        ("yearly", rules.keep_yearly, |t| (t.year(), 0, 0, 0)),
+    ];
+    for (name, count, bucket) in buckets {
+        let mut seen = BTreeSet::new();
+        for s in &sorted {
+            if seen.len() >= count as usize {
+                break;
+            }
+            if seen.insert(bucket(&s.time)) {
+                reasons.entry(s.id).or_default().push(name);
+            }
+        }
+    }
+    if let Some(within) = rules.keep_within {
+        let since = now - chrono::Duration::from_std(within).unwrap_or(chrono::Duration::MAX);
+        for s in sorted.iter().filter(|s| s.time >= since) {
+            reasons.entry(s.id).or_default().push("within");
+        }
+    }
+    sorted
+        .iter()
+        .map(|s| {
+            let r = reasons.remove(&s.id).unwrap_or_default();
+            Decision {
+                snapshot: s.id,
+                time: s.time,
+                keep: !r.is_empty(),
+                reasons: r,
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ForgetReport {
+    pub decisions: Vec<Decision>,
+    pub kept: usize,
+    pub removed: usize,
+    pub dry_run: bool,
+}
+
+pub async fn run(
+    repo: &Repo,
+    lease: &LeaseGuard,
+    rules: &Retention,
+    dry_run: bool,
+) -> Result<ForgetReport> {
+    if rules.keeps_nothing() {
+        return Err(Error::InvalidArgument(
+            "the retention rules keep nothing; give at least one --keep-* rule (or set [retention] in the policy)".into(),
+        ));
+    }
+    let (snapshots, _faults) = repo.list_snapshots().await?;
+    let decisions = apply(rules, &snapshots, Utc::now());
+    let remove: Vec<SnapshotId> = decisions
+        .iter()
+        .filter(|d| !d.keep)
+        .map(|d| d.snapshot)
+        .collect();
+    let kept = decisions.len() - remove.len();
+    if !dry_run && !remove.is_empty() {
+        lease.ensure_held()?;
+        // Record first, then delete: a snapshot that comes back later is a replay,
+        // and one left by an interrupted run is finished by the next run.
+        repo.context()
+            .state
+            .update_tenant_memory(repo.tenant(), |m| {
+                m.forgotten_snapshots.extend(remove.iter().copied())
+            })?;
+        for id in &remove {
+            repo.store().delete(&ObjectName::Snapshot(*id)).await?;
+        }
+    }
+    if !dry_run {
+        finish_interrupted(repo).await?;
+    }
+    Ok(ForgetReport {
+        removed: remove.len(),
+        kept,
+        decisions,
+        dry_run,
+    })
+}
+
+/// Deletes snapshots recorded as forgotten that are still in the store
+/// (an interrupted forget). Returns how many.
+pub async fn finish_interrupted(repo: &Repo) -> Result<usize> {
+    let forgotten = repo
+        .context()
+        .state
+        .tenant_memory(repo.tenant())?
+        .forgotten_snapshots;
+    let mut n = 0;
+    for l in repo
+        .store()
+        .list(crate::store::layout::Dir::Snapshots)
+        .await?
+    {
+        if let Some(ObjectName::Snapshot(id)) = l.name
+            && forgotten.contains(&id)
+        {
+            repo.store().delete(&ObjectName::Snapshot(id)).await?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::snapshot::{ChunkerParams, SNAPSHOT_FORMAT, Summary};
+
+    fn snap(t: &str) -> Snapshot {
+        Snapshot {
+            format: SNAPSHOT_FORMAT,
+            id: SnapshotId::random(),
+            tenant: crate::TenantId::new("a").unwrap(),
+            epoch: 1,
+            time: t.parse().unwrap(),
+            hostname: "h".into(),
+            parent: None,
+            tags: vec![],
+            sources: vec![],
+            tree: vec![],
+            summary: Summary::default(),
+            chunker: ChunkerParams {
+                min: 1,
+                avg: 2,
+                max: 3,
+            },
+            custos_version: "t".into(),
+        }
+    }
+
+    #[test]
+    fn daily_and_last_rules() {
+        let snaps = vec![
+            snap("2026-11-20T01:00:00Z"),
+            snap("2026-11-20T13:00:00Z"),
+            snap("2026-11-21T02:00:00Z"),
+            snap("2026-11-22T02:00:00Z"),
+            snap("2026-11-22T03:00:00Z"),
+        ];
+        let rules = Retention {
+            keep_last: 1,
+            keep_daily: 2,
+            ..Default::default()
+        };
+        let d = apply(&rules, &snaps, "2026-11-23T00:00:00Z".parse().unwrap());
+        let kept: Vec<_> = d
+            .iter()
+            .filter(|d| d.keep)
+            .map(|d| d.time.to_rfc3339())
+            .collect();
+        assert_eq!(
+            kept,
+            ["2026-11-22T03:00:00+00:00", "2026-11-21T02:00:00+00:00"]
+        );
+        assert_eq!(d[0].reasons, ["last", "daily"]);
+    }
+
+    #[test]
+    fn within_is_measured_from_now_not_from_forged_future_snapshots() {
+        let mut snaps = vec![snap("2026-11-22T00:00:00Z")];
+        snaps.push(snap("2030-01-01T00:00:00Z")); // forged far in the future
+        let rules = Retention {
+            keep_within: Some(std::time::Duration::from_secs(3 * 86400)),
+            ..Default::default()
+        };
+        let d = apply(&rules, &snaps, "2026-11-23T00:00:00Z".parse().unwrap());
+        assert!(d.iter().all(|d| d.keep), "{d:?}");
+    }
+
+    #[test]
+    fn weekly_monthly_yearly() {
+        let snaps: Vec<Snapshot> = (0..400)
+            .map(|i| {
+                let t = DateTime::parse_from_rfc3339("2025-01-01T00:00:00Z")
+                    .unwrap()
+                    .with_timezone(&Utc)
+                    + chrono::Duration::days(i);
+                snap(&t.to_rfc3339())
+            })
+            .collect();
+        let rules = Retention {
+            keep_weekly: 4,
+            keep_monthly: 3,
+            keep_yearly: 2,
+            ..Default::default()
+        };
+        let d = apply(&rules, &snaps, Utc::now());
+        assert_eq!(
+            d.iter().filter(|d| d.reasons.contains(&"weekly")).count(),
+            4
+        );
+        assert_eq!(
+            d.iter().filter(|d| d.reasons.contains(&"monthly")).count(),
+            3
+        );
+        assert_eq!(
+            d.iter().filter(|d| d.reasons.contains(&"yearly")).count(),
+            2
+        );
+    }
+}

@@ -1,0 +1,256 @@
+//! `custos prune`: removes data no snapshot needs. Unused packs are deleted;
+//! packs mostly unused are repacked (their live blobs copied, still sealed
+//! per epoch, into new packs). Safe to kill at any point:
+//!
+//! 1. new packs are uploaded (unreferenced until step 2);
+//! 2. one consolidated index per epoch is written, covering every live blob;
+//! 3. the old index files are deleted (recorded first, so one that comes back
+//!    later is recognised as a rollback);
+//! 4. unused and repacked packs are deleted.
+//!
+//! A run killed before 2 leaves unreferenced packs, after 2 duplicate index
+//! entries, after 3 unreferenced packs: `check` passes in every case and the
+//! next prune finishes the work.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::runtime::Handle;
+
+use crate::error::{Error, Result};
+use crate::format::ids::{BlobId, IdSet, PackId};
+use crate::format::index::IndexFile;
+use crate::format::snapshot::Snapshot;
+use crate::format::tree::EntryKind;
+use crate::pipeline::blobs::read_frame;
+use crate::pipeline::packer::{Packer, PackerConfig, Work};
+use crate::pipeline::tree::TreeReader;
+use crate::repo::{Index, Repo};
+use crate::store::ObjectName;
+use crate::store::lease::LeaseGuard;
+
+/// Packs with less than this fraction of live bytes are repacked.
+const REPACK_BELOW: f64 = 0.5;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PruneReport {
+    pub snapshots: usize,
+    pub blobs_used: usize,
+    pub packs_total: usize,
+    pub packs_deleted: usize,
+    pub packs_repacked: usize,
+    pub packs_unreferenced_deleted: usize,
+    pub bytes_freed: u64,
+    pub bytes_written: u64,
+    pub index_files_replaced: usize,
+    pub dry_run: bool,
+}
+
+/// Every blob the given snapshots need: tree blobs and file content.
+pub async fn used_blobs(
+    repo: &Repo,
+    index: &Index,
+    snapshots: &[Snapshot],
+) -> Result<IdSet<BlobId>> {
+    let mut used = IdSet::default();
+    for s in snapshots {
+        used.extend(s.tree.iter().copied());
+        let mut tree = TreeReader::new(repo, index, &s.tree, format!("tree of snapshot {}", s.id));
+        while let Some(e) = tree.next_entry().await? {
+            if e.kind == EntryKind::File {
+                used.extend(e.blobs);
+            }
+        }
+    }
+    Ok(used)
+}
+
+pub async fn run(
+    repo: &Repo,
+    lease: &LeaseGuard,
+    packer_cfg: PackerConfig,
+    dry_run: bool,
+) -> Result<PruneReport> {
+    let (index, index_faults) = repo.load_index().await?;
+    if let Some(f) = index_faults.iter().find(|f| f.kind != "unknown_object") {
+        return Err(Error::InvalidArgument(format!(
+            "refusing to prune with an unreadable index ({}: {}); run `custos check` first",
+            f.object, f.message
+        )));
+    }
+    let (snapshots, snap_faults) = repo.list_snapshots().await?;
+    if let Some(f) = snap_faults
+        .iter()
+        .find(|f| f.kind != "unknown_object" && f.kind != "rollback_detected")
+    {
+        // An unreadable snapshot may still need data: deleting it could lose that data.
+        return Err(Error::InvalidArgument(format!(
+            "refusing to prune while a snapshot is unreadable ({}: {}); run `custos check`",
+            f.object, f.message
+        )));
+    }
+    let used = used_blobs(repo, &index, &snapshots).await?;
+    let stored = repo.list_packs().await?;
+
+    // Live and dead bytes per indexed pack.
+    let mut live: BTreeMap<PackId, (u64, u64, u32)> = BTreeMap::new(); // (live, dead, epoch)
+    for (id, loc) in index.blobs() {
+        let (pack, epoch) = index.pack(loc);
+        let slot = live.entry(pack).or_insert((0, 0, epoch));
+        if used.contains(id) {
+            slot.0 += loc.sealed_len as u64;
+        } else {
+            slot.1 += loc.sealed_len as u64;
+        }
+    }
+    let mut report = PruneReport {
+        snapshots: snapshots.len(),
+        blobs_used: used.len(),
+        packs_total: stored.len(),
+        dry_run,
+        ..Default::default()
+    };
+    let mut delete: Vec<PackId> = Vec::new();
+    let mut repack: Vec<PackId> = Vec::new();
+    for (pack, &(l, d, _)) in &live {
+        if !stored.contains_key(pack) {
+            continue; // indexed but missing: check reports it; nothing to free
+        }
+        if l == 0 {
+            delete.push(*pack);
+        } else if d > 0 && (l as f64) < REPACK_BELOW * (l + d) as f64 {
+            repack.push(*pack);
+        }
+    }
+    let unreferenced: Vec<PackId> = stored
+        .keys()
+        .filter(|p| !live.contains_key(p))
+        .copied()
+        .collect();
+    report.packs_deleted = delete.len();
+    report.packs_repacked = repack.len();
+    report.packs_unreferenced_deleted = unreferenced.len();
+    report.bytes_freed = delete
+        .iter()
+        .chain(&repack)
+        .chain(&unreferenced)
+        .map(|p| stored[p])
+        .sum();
+    let index_changes =
+        !delete.is_empty() || !repack.is_empty() || index.files.len() > epochs_in(&index).len();
+    if dry_run || (!index_changes && unreferenced.is_empty()) {
+        return Ok(report);
+    }
+    lease.ensure_held()?;
+
+    // 1. Repack live blobs of sparse packs, per epoch.
+    let mut new_index = Index::default();
+    let repack_set: IdSet<PackId> = repack.iter().copied().collect();
+    let drop_set: IdSet<PackId> = delete.iter().chain(&repack).copied().collect();
+    let mut by_epoch: BTreeMap<u32, Vec<BlobId>> = BTreeMap::new();
+    for (id, loc) in index.blobs() {
+        let (pack, epoch) = index.pack(loc);
+        if repack_set.contains(&pack) && used.contains(id) {
+            by_epoch.entry(epoch).or_default().push(*id);
+        }
+    }
+    for (epoch, blobs) in by_epoch {
+        let keys = repo.epoch_keys(epoch).await?;
+        let packer = Packer::start(
+            keys,
+            repo.store().clone(),
+            IdSet::default(),
+            packer_cfg,
+            &Handle::current(),
+        );
+        let packer = Arc::new(packer);
+        for id in blobs {
+            let (frame, loc) = read_frame(repo, &index, &id).await?;
+            let p = packer.clone();
+            tokio::task::spawn_blocking(move || {
+                p.add(Work::Frame {
+                    id,
+                    kind: loc.kind,
+                    raw_len: loc.raw_len,
+                    frame,
+                })
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        }
+        let packer =
+            Arc::try_unwrap(packer).map_err(|_| Error::Internal("packer still shared".into()))?;
+        let out = packer.finish().await?;
+        report.bytes_written += out.bytes_stored;
+        for (pack, entries) in &out.index.packs {
+            new_index.add_pack(*pack, epoch, entries);
+        }
+    }
+
+    // 2. Consolidated index: every live blob of kept packs, plus the repacked ones.
+    for (pack, entries) in index.entries_by_pack() {
+        if drop_set.contains(&pack) {
+            continue;
+        }
+        let epoch = index.pack_epoch(&pack).expect("indexed pack has an epoch");
+        let live_entries: Vec<_> = entries
+            .into_iter()
+            .filter(|e| used.contains(&e.id))
+            .collect();
+        if !live_entries.is_empty() {
+            new_index.add_pack(pack, epoch, &live_entries);
+        }
+    }
+    let mut written = Vec::new();
+    for epoch in epochs_in(&new_index) {
+        let keys = repo.epoch_keys(epoch).await?;
+        let mut file = IndexFile::default();
+        for (pack, entries) in new_index.entries_by_pack() {
+            if new_index.pack_epoch(&pack) == Some(epoch) {
+                file.packs.push((pack, entries));
+            }
+        }
+        file.packs.sort_by_key(|(p, _)| *p);
+        let (id, bytes) = file.seal(&keys);
+        report.bytes_written += bytes.len() as u64;
+        lease.ensure_held()?;
+        repo.store()
+            .put(&ObjectName::Index(id), Bytes::from(bytes))
+            .await?;
+        written.push(id);
+    }
+
+    // 3. Old index files go (recorded first, for rollback detection).
+    let old: Vec<_> = index
+        .files
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !written.contains(id))
+        .collect();
+    repo.context()
+        .state
+        .update_tenant_memory(repo.tenant(), |m| {
+            m.removed_indexes.extend(old.iter().copied())
+        })?;
+    for id in &old {
+        lease.ensure_held()?;
+        repo.store().delete(&ObjectName::Index(*id)).await?;
+    }
+    report.index_files_replaced = old.len();
+
+    // 4. Packs nothing references any more.
+    for pack in delete.iter().chain(&repack).chain(&unreferenced) {
+        lease.ensure_held()?;
+        repo.store().delete(&ObjectName::Pack(*pack)).await?;
+    }
+    Ok(report)
+}
+
+fn epochs_in(index: &Index) -> Vec<u32> {
+    let mut e: Vec<u32> = index.packs().map(|(_, e)| e).collect();
+    e.sort_unstable();
+    e.dedup();
+    e
+}

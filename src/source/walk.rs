@@ -1,0 +1,215 @@
+//! Walks a directory tree in tree order (depth first, children sorted by name
+//! bytes), the order snapshot trees are stored in, so a backup can merge the
+//! walk with its parent snapshot's tree without holding either in memory.
+
+use std::ffi::OsStr;
+use std::fs::{self, Metadata};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+
+/// What the walker found at one path.
+pub enum Found<'a> {
+    Dir {
+        meta: &'a Metadata,
+    },
+    File {
+        path: &'a Path,
+        meta: &'a Metadata,
+    },
+    Symlink {
+        target: Vec<u8>,
+        meta: &'a Metadata,
+    },
+    /// A fifo, socket or device: not backed up, counted.
+    Special {
+        what: &'static str,
+    },
+    /// Could not be listed or examined.
+    Unreadable {
+        error: io::Error,
+    },
+    /// Disappeared between listing and examining.
+    Vanished,
+}
+
+/// Builds the exclude matcher. Patterns match the path relative to the source
+/// root ("cache/**", "*.tmp" at any depth); a matching directory is skipped whole.
+pub fn excludes(patterns: &[String]) -> Result<GlobSet, String> {
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        b.add(Glob::new(p).map_err(|e| format!("exclude pattern {p:?}: {e}"))?);
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
+pub struct Walker<'a> {
+    pub excludes: &'a GlobSet,
+    pub one_file_system: bool,
+}
+
+impl Walker<'_> {
+    /// Walks `root`, calling `visit(snapshot_path, found)` for the root (named
+    /// `name`) and everything below it, parents before children.
+    pub fn walk<E>(
+        &self,
+        name: &str,
+        root: &Path,
+        visit: &mut impl FnMut(&[u8], Found<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let meta = match fs::symlink_metadata(root) {
+            Ok(m) => m,
+            Err(error) => return visit(name.as_bytes(), Found::Unreadable { error }),
+        };
+        let dev = meta.dev();
+        let mut rel = name.as_bytes().to_vec();
+        self.visit_path(root, &mut rel, name.len() + 1, meta, dev, visit)
+    }
+
+    fn visit_path<E>(
+        &self,
+        path: &Path,
+        rel: &mut Vec<u8>,
+        root_len: usize,
+        meta: Metadata,
+        dev: u64,
+        visit: &mut impl FnMut(&[u8], Found<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let ft = meta.file_type();
+        if ft.is_file() {
+            return visit(rel, Found::File { path, meta: &meta });
+        }
+        if ft.is_symlink() {
+            return match fs::read_link(path) {
+                Ok(t) => visit(
+                    rel,
+                    Found::Symlink {
+                        target: t.as_os_str().as_bytes().to_vec(),
+                        meta: &meta,
+                    },
+                ),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => visit(rel, Found::Vanished),
+                Err(error) => visit(rel, Found::Unreadable { error }),
+            };
+        }
+        if !ft.is_dir() {
+            let what = if ft.is_fifo() {
+                "fifo"
+            } else if ft.is_socket() {
+                "socket"
+            } else if ft.is_block_device() {
+                "block device"
+            } else {
+                "character device"
+            };
+            return visit(rel, Found::Special { what });
+        }
+        let names = match list_dir(path) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return visit(rel, Found::Vanished),
+            Err(error) => return visit(rel, Found::Unreadable { error }),
+        };
+        visit(rel, Found::Dir { meta: &meta })?;
+        for child in names {
+            let len = rel.len();
+            rel.push(b'/');
+            rel.extend_from_slice(child.as_bytes());
+            let child_path = path.join(&child);
+            let within = OsStr::from_bytes(&rel[root_len.min(rel.len())..]);
+            if !self.excludes.is_match(Path::new(within)) {
+                match fs::symlink_metadata(&child_path) {
+                    Ok(m) if self.one_file_system && m.is_dir() && m.dev() != dev => {}
+                    Ok(m) => self.visit_path(&child_path, rel, root_len, m, dev, visit)?,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => visit(rel, Found::Vanished)?,
+                    Err(error) => visit(rel, Found::Unreadable { error })?,
+                }
+            }
+            rel.truncate(len);
+        }
+        Ok(())
+    }
+}
+
+fn list_dir(path: &Path) -> io::Result<Vec<std::ffi::OsString>> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(path)? {
+        names.push(entry?.file_name());
+    }
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    Ok(names)
+}
+
+/// Nanoseconds since the epoch of a metadata time pair.
+pub fn nanos(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
+pub fn source_root_exists(path: &PathBuf) -> Result<(), String> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(format!("{} is not a directory", path.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(format!("{} does not exist", path.display()))
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::tree::cmp_paths;
+
+    #[test]
+    fn walk_order_is_tree_order_and_excludes_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        for p in [
+            "a/b/c.txt",
+            "a-c/x",
+            "a.d",
+            "ab",
+            "cache/big",
+            "keep.tmp",
+            "sub/cache/kept",
+        ] {
+            let full = r.join(p);
+            fs::create_dir_all(full.parent().unwrap()).unwrap();
+            fs::write(full, "x").unwrap();
+        }
+        std::os::unix::fs::symlink("a.d", r.join("link")).unwrap();
+        let ex = excludes(&["*.tmp".into(), "cache/**".into(), "cache".into()]).unwrap();
+        let w = Walker {
+            excludes: &ex,
+            one_file_system: false,
+        };
+        let mut seen: Vec<Vec<u8>> = Vec::new();
+        w.walk::<()>("src", r, &mut |p, _| {
+            seen.push(p.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        let mut sorted = seen.clone();
+        sorted.sort_by(|a, b| cmp_paths(a, b));
+        assert_eq!(seen, sorted, "walk order is tree order");
+        let names: Vec<String> = seen
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect();
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.ends_with(".tmp") || n == "src/cache" || n.starts_with("src/cache/")),
+            "{names:?}"
+        );
+        assert!(
+            names.contains(&"src/sub/cache/kept".to_owned()),
+            "{names:?}"
+        );
+        assert!(names.contains(&"src/link".to_owned()));
+        assert_eq!(names[0], "src");
+    }
+}

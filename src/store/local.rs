@@ -1,0 +1,216 @@
+//! The local-directory store: `object_store`'s `LocalFileSystem` (with fsync,
+//! so a snapshot is never durable before the packs it names), plus the one
+//! thing it lacks: conditional updates (`PutMode::Update`), which leases need.
+//! Updates and creates are serialised with an exclusive `flock` on the store's
+//! root directory, so several processes on one machine can share the store.
+
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
+    Result,
+};
+
+#[derive(Debug)]
+pub struct LocalStore {
+    inner: LocalFileSystem,
+    root: PathBuf,
+}
+
+impl LocalStore {
+    /// Opens (creating if needed, mode 0700) a store rooted at `root`.
+    pub fn new(root: &FsPath) -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)?;
+        let inner = LocalFileSystem::new_with_prefix(root)
+            .map_err(std::io::Error::other)?
+            .with_fsync(true);
+        Ok(LocalStore {
+            inner,
+            root: root.to_owned(),
+        })
+    }
+
+    pub fn root(&self) -> &FsPath {
+        &self.root
+    }
+
+    /// Runs `f` while holding the store's exclusive lock.
+    async fn locked<T>(&self, f: impl AsyncFnOnce() -> Result<T>) -> Result<T> {
+        let root = self.root.clone();
+        let guard = tokio::task::spawn_blocking(move || -> std::io::Result<File> {
+            let dir = File::open(&root)?;
+            dir.lock()?;
+            Ok(dir)
+        })
+        .await
+        .map_err(|e| object_store::Error::JoinError { source: e })?
+        .map_err(|e| object_store::Error::Generic {
+            store: "LocalStore",
+            source: Box::new(e),
+        })?;
+        let out = f().await;
+        drop(guard); // closing the descriptor releases the flock
+        out
+    }
+}
+
+impl std::fmt::Display for LocalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LocalStore({})", self.root.display())
+    }
+}
+
+#[async_trait]
+impl ObjectStore for LocalStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<PutResult> {
+        match &opts.mode {
+            PutMode::Overwrite => self.inner.put_opts(location, payload, opts).await,
+            PutMode::Create => {
+                self.locked(async || self.inner.put_opts(location, payload, opts).await)
+                    .await
+            }
+            PutMode::Update(expected) => {
+                let expected = expected.clone();
+                self.locked(async || {
+                    let current = match self.inner.head(location).await {
+                        Ok(meta) => meta.e_tag,
+                        Err(object_store::Error::NotFound { .. }) => None,
+                        Err(e) => return Err(e),
+                    };
+                    if current.is_none() || current != expected.e_tag {
+                        return Err(object_store::Error::Precondition {
+                            path: location.to_string(),
+                            source: format!(
+                                "expected e-tag {:?}, found {current:?}",
+                                expected.e_tag
+                            )
+                            .into(),
+                        });
+                    }
+                    let opts = PutOptions {
+                        mode: PutMode::Overwrite,
+                        ..opts
+                    };
+                    self.inner.put_opts(location, payload, opts).await
+                })
+                .await
+            }
+        }
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.inner.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, Result<Path>>,
+    ) -> BoxStream<'static, Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.inner.list_with_offset(prefix, offset)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+
+    async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
+        self.inner.rename_opts(from, to, options).await
+    }
+}
+
+/// Opens a local store as a shared store.
+pub fn open(root: &FsPath) -> crate::Result<Arc<dyn ObjectStore>> {
+    let store = LocalStore::new(root).map_err(|e| crate::Error::StoreConfig {
+        url: format!("file://{}", root.display()),
+        message: format!("cannot open the store directory: {e}"),
+    })?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::UpdateVersion;
+
+    #[tokio::test]
+    async fn conditional_create_and_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::new(dir.path()).unwrap();
+        let p = Path::from("locks/lease");
+        let create = || PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let first = s.put_opts(&p, "a".into(), create()).await.unwrap();
+        assert!(matches!(
+            s.put_opts(&p, "b".into(), create()).await,
+            Err(object_store::Error::AlreadyExists { .. })
+        ));
+        let update = |tag: Option<String>| PutOptions {
+            mode: PutMode::Update(UpdateVersion {
+                e_tag: tag,
+                version: None,
+            }),
+            ..Default::default()
+        };
+        let second = s
+            .put_opts(&p, "c".into(), update(first.e_tag.clone()))
+            .await
+            .unwrap();
+        // The stale version loses.
+        assert!(matches!(
+            s.put_opts(&p, "d".into(), update(first.e_tag)).await,
+            Err(object_store::Error::Precondition { .. })
+        ));
+        s.put_opts(&p, "e".into(), update(second.e_tag))
+            .await
+            .unwrap();
+        assert_eq!(s.get(&p).await.unwrap().bytes().await.unwrap(), "e");
+    }
+}

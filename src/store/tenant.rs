@@ -1,0 +1,262 @@
+//! The tenant-scoped view of a store: the only way jobs reach tenant data.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{
+    ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, PutResult,
+};
+
+use super::SharedStore;
+use super::layout::{Dir, ObjectName};
+use crate::error::{Error, Result};
+use crate::tenant::TenantId;
+
+/// Attempts for an operation that fails transiently (network, 5xx, throttling)
+/// after the backend's own retries; then the job fails cleanly.
+const ATTEMPTS: u32 = 4;
+
+#[derive(Clone)]
+pub struct TenantStore {
+    scoped: PrefixStore<SharedStore>,
+    tenant: TenantId,
+    prefix: String,
+}
+
+/// One listed object: its typed name when custos recognises it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub name: Option<ObjectName>,
+    /// Path relative to the tenant prefix.
+    pub path: Path,
+    pub meta: ObjectMeta,
+}
+
+impl std::fmt::Debug for TenantStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TenantStore({})", self.prefix)
+    }
+}
+
+impl TenantStore {
+    pub fn new(root: SharedStore, tenant: &TenantId) -> Self {
+        let prefix = format!("tenants/{tenant}");
+        TenantStore {
+            scoped: PrefixStore::new(root, prefix.as_str()),
+            tenant: tenant.clone(),
+            prefix,
+        }
+    }
+
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+
+    /// Full store path of an object, for messages and reports.
+    pub fn display(&self, name: &ObjectName) -> String {
+        format!("{}/{}", self.prefix, name)
+    }
+
+    fn path_display(&self, rel: &Path) -> String {
+        format!("{}/{}", self.prefix, rel)
+    }
+
+    pub async fn get(&self, name: &ObjectName) -> Result<Bytes> {
+        self.get_if_exists(name)
+            .await?
+            .map(|(b, _)| b)
+            .ok_or_else(|| Error::missing(self.display(name), "not found in the store"))
+    }
+
+    pub async fn get_if_exists(&self, name: &ObjectName) -> Result<Option<(Bytes, ObjectMeta)>> {
+        let path = name.relative();
+        let result = retry(|| async {
+            let r = self.scoped.get(&path).await?;
+            let meta = r.meta.clone();
+            Ok((r.bytes().await?, meta))
+        })
+        .await;
+        match result {
+            Ok(v) => Ok(Some(v)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::store("get", self.display(name), e)),
+        }
+    }
+
+    pub async fn get_range(&self, name: &ObjectName, range: Range<u64>) -> Result<Bytes> {
+        let path = name.relative();
+        retry(|| self.scoped.get_range(&path, range.clone()))
+            .await
+            .map_err(|e| self.map_read_error("get", name, e))
+    }
+
+    pub async fn get_ranges(&self, name: &ObjectName, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        let path = name.relative();
+        retry(|| self.scoped.get_ranges(&path, ranges))
+            .await
+            .map_err(|e| self.map_read_error("get", name, e))
+    }
+
+    fn map_read_error(&self, op: &'static str, name: &ObjectName, e: object_store::Error) -> Error {
+        match e {
+            object_store::Error::NotFound { .. } => {
+                Error::missing(self.display(name), "not found in the store")
+            }
+            e => Error::store(op, self.display(name), e),
+        }
+    }
+
+    pub async fn head(&self, name: &ObjectName) -> Result<Option<ObjectMeta>> {
+        let path = name.relative();
+        match retry(|| self.scoped.head(&path)).await {
+            Ok(m) => Ok(Some(m)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::store("head", self.display(name), e)),
+        }
+    }
+
+    /// Writes an object, replacing any previous one. Only for objects with
+    /// unique random names (packs, index, snapshots) or idempotent content.
+    pub async fn put(&self, name: &ObjectName, bytes: Bytes) -> Result<PutResult> {
+        let path = name.relative();
+        retry(|| {
+            self.scoped
+                .put(&path, PutPayload::from_bytes(bytes.clone()))
+        })
+        .await
+        .map_err(|e| Error::store("put", self.display(name), e))
+    }
+
+    /// A conditional write. Returns the backend error unchanged so callers can
+    /// tell `AlreadyExists` / `Precondition` apart. Not retried: a retried
+    /// conditional write could report a conflict with itself.
+    pub async fn put_conditional(
+        &self,
+        name: &ObjectName,
+        bytes: Bytes,
+        mode: PutMode,
+    ) -> std::result::Result<PutResult, object_store::Error> {
+        self.scoped
+            .put_opts(
+                &name.relative(),
+                PutPayload::from_bytes(bytes),
+                PutOptions {
+                    mode,
+                    ..Default::default()
+                },
+            )
+            .await
+    }
+
+    /// Deletes an object; deleting what is already gone succeeds.
+    pub async fn delete(&self, name: &ObjectName) -> Result<()> {
+        self.delete_path(&name.relative()).await
+    }
+
+    /// Deletes by relative path (prune removes leftovers it cannot name).
+    pub async fn delete_path(&self, rel: &Path) -> Result<()> {
+        match retry(|| self.scoped.delete(rel)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::store("delete", self.path_display(rel), e)),
+        }
+    }
+
+    pub async fn list(&self, dir: Dir) -> Result<Vec<Listed>> {
+        self.list_prefix(Some(&Path::from(dir.name()))).await
+    }
+
+    /// Every object under the tenant prefix.
+    pub async fn list_all(&self) -> Result<Vec<Listed>> {
+        self.list_prefix(None).await
+    }
+
+    async fn list_prefix(&self, prefix: Option<&Path>) -> Result<Vec<Listed>> {
+        let metas: Vec<ObjectMeta> = retry(|| self.scoped.list(prefix).try_collect())
+            .await
+            .map_err(|e| {
+                Error::store(
+                    "list",
+                    format!(
+                        "{}/{}",
+                        self.prefix,
+                        prefix.map(|p| p.as_ref()).unwrap_or("")
+                    ),
+                    e,
+                )
+            })?;
+        let mut out: Vec<Listed> = metas
+            .into_iter()
+            .map(|meta| Listed {
+                name: ObjectName::parse(&meta.location),
+                path: meta.location.clone(),
+                meta,
+            })
+            .collect();
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+}
+
+/// Retries an operation while it fails with a transient error (the backend's
+/// `Generic` class: network, 5xx, throttling), with exponential backoff.
+async fn retry<T, F, Fut>(mut op: F) -> std::result::Result<T, object_store::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<T, object_store::Error>>,
+{
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1.. {
+        match op().await {
+            Err(e) if attempt < ATTEMPTS && is_transient(&e) => {
+                tracing::debug!(error = %e, attempt, "transient store error; retrying");
+                let jitter =
+                    Duration::from_millis(rand::random_range(0..=delay.as_millis() as u64 / 2));
+                tokio::time::sleep(delay + jitter).await;
+                delay *= 3;
+            }
+            other => return other,
+        }
+    }
+    unreachable!("the loop returns on the last attempt")
+}
+
+pub fn is_transient(e: &object_store::Error) -> bool {
+    matches!(
+        e,
+        object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory;
+
+    #[tokio::test]
+    async fn tenants_cannot_see_each_other() {
+        let root = memory();
+        let a = TenantStore::new(root.clone(), &TenantId::new("a").unwrap());
+        let b = TenantStore::new(root.clone(), &TenantId::new("b").unwrap());
+        a.put(&ObjectName::Descriptor, Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert!(
+            b.get_if_exists(&ObjectName::Descriptor)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(a.list_all().await.unwrap().len(), 1);
+        assert!(b.list_all().await.unwrap().is_empty());
+        let err = b.get(&ObjectName::Descriptor).await.unwrap_err();
+        assert_eq!(err.kind(), "missing_object");
+        assert!(err.to_string().contains("tenants/b/tenant.json"), "{err}");
+        // "a" is not a prefix of "ab": listing is by path segment.
+        let ab = TenantStore::new(root, &TenantId::new("ab").unwrap());
+        assert!(ab.list_all().await.unwrap().is_empty());
+    }
+}
