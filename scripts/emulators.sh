@@ -161,7 +161,7 @@ launch() {
         # TMPDIR keeps it from thinking it runs in its own container and wiping /tmp/localstack.
         env GATEWAY_LISTEN="127.0.0.1:$port" LOCALSTACK_HOST="127.0.0.1:$port" GATEWAY_SERVER=hypercorn \
             SERVICES=s3,kms EAGER_SERVICE_LOADING=1 DNS_ADDRESS=0 SKIP_SSL_CERT_DOWNLOAD=1 \
-            SKIP_INFRA_DOWNLOADS=1 DISABLE_EVENTS=1 \
+            DISABLE_EVENTS=1 \
             FILESYSTEM_ROOT="$EMU_DIR/ls-fs" TMPDIR="$EMU_DIR/ls-fs/tmp" \
             AWS_EC2_METADATA_DISABLED=true \
             setsid nohup "$LS_VENV/bin/python" -m localstack.runtime.main \
@@ -328,6 +328,9 @@ cmd_start() {
         if [[ $want == auto || $want == "$kind" ]]; then
             healthy "$kind" || die "$kind runs (pid $(running_pid "$kind")) but is not healthy; run '$0 stop' and start again"
             log "$kind already running on $(endpoint_of "$kind")"
+            if [[ $kind == moto && $want == auto ]]; then
+                log "note: moto ignores KMS key states; for LocalStack run '$0 stop' then '$0 start'"
+            fi
         else
             stop_kind "$kind"
             kind=""

@@ -159,6 +159,21 @@ fn states_enforced(f: &dyn Fixture, case: &str) -> bool {
     }
 }
 
+/// An unwrap under the wrong key must be refused as an invalid ciphertext
+/// (AWS and LocalStack: `IncorrectKeyException`). moto answers a KeyId mismatch
+/// with `AccessDeniedException` instead; that is accepted there, and noted.
+#[track_caller]
+fn assert_wrong_key(f: &dyn Fixture, e: &KeyError) {
+    if f.name() == "moto" && matches!(e, KeyError::AccessDenied { .. }) {
+        eprintln!(
+            "NOTE [moto]: KeyId mismatch answered with AccessDeniedException (AWS: IncorrectKeyException)"
+        );
+        return;
+    }
+    assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+    assert_eq!(e.kind(), "key_unwrap_failed");
+}
+
 fn assert_no_key_bytes(err: &KeyError, key: &SecretKey) {
     let hex = hex::encode(key.expose());
     for shown in [err.to_string(), format!("{err:?}")] {
@@ -270,8 +285,7 @@ mod suite {
             "unwrap under another key",
             p.unwrap(&b, &wrapped, &c).await,
         );
-        assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
-        assert_eq!(e.kind(), "key_unwrap_failed");
+        assert_wrong_key(f, &e);
     }
 
     pub async fn tampered_ciphertext_fails(f: &dyn Fixture) {
@@ -344,7 +358,7 @@ mod suite {
             "unwrap of the rewrapped envelope under the old key",
             p.unwrap(&a, &wb, &c).await,
         );
-        assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+        assert_wrong_key(f, &e);
         // Rewrap within one key (after rotation: onto the current backing key).
         p.rotate(&a).await.unwrap();
         let wa2 = p.rewrap(&a, &wa, &c, &a).await.expect("rewrap a -> a");
