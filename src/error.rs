@@ -62,19 +62,32 @@ pub enum Error {
     },
 
     #[error("source {source_name}: {message}")]
-    Source { source_name: String, message: String },
+    Source {
+        source_name: String,
+        message: String,
+    },
 
     #[error("tenant {tenant} {message}")]
-    TenantState { tenant: String, state: String, message: String },
+    TenantState {
+        tenant: String,
+        state: String,
+        message: String,
+    },
 
-    #[error("tenant {tenant} is not initialised (run `custos tenant init {tenant}` or a backup first)")]
+    #[error(
+        "tenant {tenant} is not initialised (run `custos tenant init {tenant}` or a backup first)"
+    )]
     TenantNotFound { tenant: String },
 
     #[error("{what} not found")]
     NotFound { what: String },
 
     #[error("tenant {tenant} is busy: lease held by {holder} until {expires}")]
-    LeaseContended { tenant: String, holder: String, expires: String },
+    LeaseContended {
+        tenant: String,
+        holder: String,
+        expires: String,
+    },
 
     #[error("object store {url} does not honour conditional writes: {message}")]
     ConditionalWritesUnsupported { url: String, message: String },
@@ -124,19 +137,36 @@ impl Error {
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
-    pub fn store(operation: &'static str, path: impl ToString, source: object_store::Error) -> Self {
-        Error::Store { operation, path: path.to_string(), source }
+    pub fn store(
+        operation: &'static str,
+        path: impl ToString,
+        source: object_store::Error,
+    ) -> Self {
+        Error::Store {
+            operation,
+            path: path.to_string(),
+            source,
+        }
     }
 
     pub fn corrupt(object: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Corrupt { object: object.into(), reason: reason.into() }
+        Error::Corrupt {
+            object: object.into(),
+            reason: reason.into(),
+        }
     }
 
     pub fn missing(object: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Missing { object: object.into(), reason: reason.into() }
+        Error::Missing {
+            object: object.into(),
+            reason: reason.into(),
+        }
     }
 
     /// True for failures worth retrying with backoff (network, throttling, 5xx).

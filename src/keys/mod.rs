@@ -69,20 +69,28 @@ impl KeyRef {
             })
         };
         let Some((scheme, id)) = input.split_once(':') else {
-            return fail("expected <provider>:<key>, e.g. \"local:acme\" or \"aws-kms:alias/custos-acme\"");
+            return fail(
+                "expected <provider>:<key>, e.g. \"local:acme\" or \"aws-kms:alias/custos-acme\"",
+            );
         };
         match scheme {
             "local" => {
                 if !local::valid_key_name(id) {
                     return fail("a local key name is [a-z0-9][a-z0-9._-]{0,127}");
                 }
-                Ok(KeyRef { kind: ProviderKind::Local, id: id.to_owned() })
+                Ok(KeyRef {
+                    kind: ProviderKind::Local,
+                    id: id.to_owned(),
+                })
             }
             "aws-kms" => {
                 if let Err(reason) = aws_kms::validate_key_id(id) {
                     return fail(&reason);
                 }
-                Ok(KeyRef { kind: ProviderKind::AwsKms, id: id.to_owned() })
+                Ok(KeyRef {
+                    kind: ProviderKind::AwsKms,
+                    id: id.to_owned(),
+                })
             }
             other => fail(&format!(
                 "unknown key provider {other:?} (known: \"local\", \"aws-kms\")"
@@ -164,14 +172,21 @@ pub struct WrapContext {
 
 impl WrapContext {
     pub fn tdk(tenant: &TenantId, epoch: u32) -> Self {
-        WrapContext { tenant: tenant.clone(), purpose: KeyPurpose::TenantDataKey, epoch }
+        WrapContext {
+            tenant: tenant.clone(),
+            purpose: KeyPurpose::TenantDataKey,
+            epoch,
+        }
     }
 
     /// The context as string pairs, sorted by key: `custos:tenant`, `custos:purpose`, `custos:epoch`.
     pub fn pairs(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
             ("custos:epoch".to_owned(), self.epoch.to_string()),
-            ("custos:purpose".to_owned(), self.purpose.as_str().to_owned()),
+            (
+                "custos:purpose".to_owned(),
+                self.purpose.as_str().to_owned(),
+            ),
             ("custos:tenant".to_owned(), self.tenant.to_string()),
         ])
     }
@@ -221,13 +236,19 @@ pub enum KeyState {
     Enabled,
     Disabled,
     /// Deletion scheduled; the key refuses all use and is destroyed at `deletion_date`.
-    PendingDeletion { deletion_date: Option<DateTime<Utc>> },
+    PendingDeletion {
+        deletion_date: Option<DateTime<Utc>>,
+    },
     /// Imported key material is absent (never imported, or deleted): unusable.
     PendingImport,
     /// Key material destroyed. Nothing it wrapped can ever be unwrapped again.
-    Destroyed { destroyed_at: Option<DateTime<Utc>> },
+    Destroyed {
+        destroyed_at: Option<DateTime<Utc>>,
+    },
     /// Any other provider state (e.g. AWS `Unavailable`, `Creating`).
-    Other { name: String },
+    Other {
+        name: String,
+    },
 }
 
 impl KeyState {
@@ -303,11 +324,17 @@ pub enum KeyError {
     #[error("key {key} is disabled")]
     Disabled { key: String },
     #[error("key {key} is pending deletion{}", .deletion_date.map(|d| format!(" (deleted on {d})")).unwrap_or_default())]
-    PendingDeletion { key: String, deletion_date: Option<DateTime<Utc>> },
+    PendingDeletion {
+        key: String,
+        deletion_date: Option<DateTime<Utc>>,
+    },
     #[error("key {key} has no key material (pending import)")]
     PendingImport { key: String },
     #[error("key {key} was destroyed{}", .destroyed_at.map(|d| format!(" on {d}")).unwrap_or_default())]
-    Destroyed { key: String, destroyed_at: Option<DateTime<Utc>> },
+    Destroyed {
+        key: String,
+        destroyed_at: Option<DateTime<Utc>>,
+    },
     #[error("access to key {key} denied: {message}")]
     AccessDenied { key: String, message: String },
     #[error("key provider throttled requests for {key} and retries ran out: {message}")]
@@ -322,17 +349,34 @@ pub enum KeyError {
     #[error(transparent)]
     InvalidReference(#[from] InvalidKeyRef),
     #[error("{provider} key provider does not support {operation}")]
-    Unsupported { provider: &'static str, operation: &'static str },
+    Unsupported {
+        provider: &'static str,
+        operation: &'static str,
+    },
     #[error("{provider} key provider is not configured: {message}")]
-    NotConfigured { provider: &'static str, message: String },
+    NotConfigured {
+        provider: &'static str,
+        message: String,
+    },
     #[error("key file {path}: {message}")]
-    LocalFile { path: std::path::PathBuf, message: String },
+    LocalFile {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("{provider} key provider error on {key}: {message}")]
-    Backend { provider: &'static str, key: String, message: String },
+    Backend {
+        provider: &'static str,
+        key: String,
+        message: String,
+    },
 }
 
 fn detail(message: &str) -> String {
-    if message.is_empty() { String::new() } else { format!(": {message}") }
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    }
 }
 
 impl KeyError {
@@ -349,14 +393,19 @@ impl KeyError {
             KeyError::Throttled { .. } => "kms_throttled",
             KeyError::Unreachable { .. } => "kms_unreachable",
             KeyError::InvalidReference(_) => "invalid_key_reference",
-            KeyError::Unsupported { .. } | KeyError::NotConfigured { .. } => "key_provider_unsupported",
+            KeyError::Unsupported { .. } | KeyError::NotConfigured { .. } => {
+                "key_provider_unsupported"
+            }
             KeyError::LocalFile { .. } | KeyError::Backend { .. } => "key_provider_error",
         }
     }
 
     /// True when retrying the same call later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, KeyError::Throttled { .. } | KeyError::Unreachable { .. })
+        matches!(
+            self,
+            KeyError::Throttled { .. } | KeyError::Unreachable { .. }
+        )
     }
 }
 
@@ -385,10 +434,20 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
     ) -> Result<(DataKey, WrappedKey), KeyError>;
 
     /// Wraps an existing data key (AWS `Encrypt`).
-    async fn wrap(&self, key: &KeyRef, data_key: &DataKey, ctx: &WrapContext) -> Result<WrappedKey, KeyError>;
+    async fn wrap(
+        &self,
+        key: &KeyRef,
+        data_key: &DataKey,
+        ctx: &WrapContext,
+    ) -> Result<WrappedKey, KeyError>;
 
     /// Unwraps a data key (AWS `Decrypt` with `KeyId` pinned to `key`).
-    async fn unwrap(&self, key: &KeyRef, wrapped: &WrappedKey, ctx: &WrapContext) -> Result<DataKey, KeyError>;
+    async fn unwrap(
+        &self,
+        key: &KeyRef,
+        wrapped: &WrappedKey,
+        ctx: &WrapContext,
+    ) -> Result<DataKey, KeyError>;
 
     /// Re-wraps under `to` (the current backing key of `to`), without the data key
     /// leaving the provider where it can (AWS `ReEncrypt` with `SourceKeyId`).
@@ -413,7 +472,11 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
     /// Ends the key for good: local material is destroyed at once; AWS imported
     /// material is deleted at once, else the key is disabled and scheduled for
     /// deletion after `pending_window_days` (7–30).
-    async fn destroy(&self, key: &KeyRef, pending_window_days: u32) -> Result<Destruction, KeyError>;
+    async fn destroy(
+        &self,
+        key: &KeyRef,
+        pending_window_days: u32,
+    ) -> Result<Destruction, KeyError>;
 }
 
 /// The configured providers, chosen by the scheme of a [`KeyRef`].
@@ -431,7 +494,10 @@ impl KeyProviders {
         };
         slot.as_ref().ok_or(KeyError::NotConfigured {
             provider: key.kind().scheme(),
-            message: format!("no {} provider is configured for key {key}", key.kind().scheme()),
+            message: format!(
+                "no {} provider is configured for key {key}",
+                key.kind().scheme()
+            ),
         })
     }
 
@@ -468,7 +534,14 @@ mod tests {
 
     #[test]
     fn refuses_unknown_or_malformed_refs() {
-        for bad in ["acme", "vault:acme", "local:", "local:../x", "local:Acme", "aws-kms:"] {
+        for bad in [
+            "acme",
+            "vault:acme",
+            "local:",
+            "local:../x",
+            "local:Acme",
+            "aws-kms:",
+        ] {
             assert!(KeyRef::parse(bad).is_err(), "{bad}");
         }
         let err = KeyRef::parse("vault:acme").unwrap_err();
