@@ -1,6 +1,7 @@
 //! The key-provider conformance suite: one set of checks (`suite::*`), run
 //! against every [`KeyProvider`] through a [`Fixture`] that makes fresh keys.
 //!
+//! - The local provider, in a temporary directory: always runs.
 //! - AWS KMS on an emulator (LocalStack or moto) or on real AWS: runs when
 //!   `CUSTOS_TEST_EMULATORS=1` (and then must pass: an unreachable endpoint is a
 //!   failure); otherwise each test prints a `skipped:` line and returns. The
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use custos::TenantId;
 use custos::keys::aws_kms::{AwsKmsProvider, AwsKmsSettings};
+use custos::keys::local::LocalKeyProvider;
 use custos::keys::{
     DestroyAction, KeyError, KeyOrigin, KeyProvider, KeyPurpose, KeyRef, KeyState, SecretKey,
     WrapContext,
@@ -39,6 +41,8 @@ trait Fixture: Send + Sync {
     async fn fresh_imported_key(&self) -> Option<KeyRef>;
     /// False where the backend ignores key states (moto): key-state cases are skipped.
     fn enforces_states(&self) -> bool;
+    /// Removes what the test made, where that matters (real KMS keys cost money).
+    async fn cleanup(&self) {}
 }
 
 const SKIP_EMULATORS: &str = "skipped: set CUSTOS_TEST_EMULATORS=1 (scripts/emulators.sh start)";
@@ -73,6 +77,8 @@ fn aws_settings() -> AwsKmsSettings {
 struct AwsFixture {
     provider: AwsKmsProvider,
     emulator: String,
+    /// Keys this fixture created, scheduled for deletion by `cleanup`.
+    created: std::sync::Mutex<Vec<KeyRef>>,
 }
 
 impl AwsFixture {
@@ -85,7 +91,16 @@ impl AwsFixture {
             .await
             .expect("AWS KMS provider from the test environment");
         let emulator = env("CUSTOS_EMULATOR").unwrap_or_else(|| "aws".into());
-        Some(AwsFixture { provider, emulator })
+        Some(AwsFixture {
+            provider,
+            emulator,
+            created: Default::default(),
+        })
+    }
+
+    fn track(&self, key: &KeyRef) -> KeyRef {
+        self.created.lock().unwrap().push(key.clone());
+        key.clone()
     }
 }
 
@@ -98,7 +113,8 @@ impl Fixture for AwsFixture {
         &self.provider
     }
     async fn fresh_key(&self) -> KeyRef {
-        self.provider
+        let key = self
+            .provider
             .create_test_key(None)
             .await
             .unwrap_or_else(|e| {
@@ -106,23 +122,74 @@ impl Fixture for AwsFixture {
                     "CUSTOS_TEST_EMULATORS=1 but creating a KMS key at {} failed: {e}",
                     self.provider.endpoint()
                 )
-            })
+            });
+        self.track(&key)
     }
     async fn fresh_imported_key(&self) -> Option<KeyRef> {
-        Some(
-            self.provider
-                .create_imported_key(None)
-                .await
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "creating a KMS key with imported material at {} failed: {e}",
-                        self.provider.endpoint()
-                    )
-                }),
-        )
+        let key = self
+            .provider
+            .create_imported_key(None)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "creating a KMS key with imported material at {} failed: {e}",
+                    self.provider.endpoint()
+                )
+            });
+        Some(self.track(&key))
     }
     fn enforces_states(&self) -> bool {
         self.emulator != "moto"
+    }
+    /// Real KMS keys cost money: destroy (7-day window) what the test made.
+    async fn cleanup(&self) {
+        let keys = std::mem::take(&mut *self.created.lock().unwrap());
+        for key in keys {
+            if let Err(e) = self.provider.destroy(&key, 7).await {
+                eprintln!("[{}] cleanup of {key}: {e}", self.name());
+            }
+        }
+    }
+}
+
+struct LocalFixture {
+    provider: LocalKeyProvider,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalFixture {
+    fn new() -> Option<Self> {
+        let dir = tempfile::tempdir().expect("temporary key directory");
+        let provider = LocalKeyProvider::new(dir.path().join("keys")).expect("local key provider");
+        Some(LocalFixture {
+            provider,
+            _dir: dir,
+        })
+    }
+}
+
+#[async_trait]
+impl Fixture for LocalFixture {
+    fn name(&self) -> &str {
+        "local"
+    }
+    fn provider(&self) -> &dyn KeyProvider {
+        &self.provider
+    }
+    async fn fresh_key(&self) -> KeyRef {
+        let name = format!("k-{}", hex::encode(custos::util::random_bytes::<6>()));
+        let key = KeyRef::local(&name).unwrap();
+        self.provider
+            .create_key(&key)
+            .await
+            .expect("create local key");
+        key
+    }
+    async fn fresh_imported_key(&self) -> Option<KeyRef> {
+        None
+    }
+    fn enforces_states(&self) -> bool {
+        true
     }
 }
 
@@ -575,62 +642,99 @@ macro_rules! conformance {
             #[tokio::test]
             async fn round_trip() {
                 if let Some(f) = $fixture {
-                    suite::round_trip(&f).await
+                    suite::round_trip(&f).await;
+                    f.cleanup().await;
                 }
             }
             #[tokio::test]
             async fn wrong_context_fails() {
                 if let Some(f) = $fixture {
-                    suite::wrong_context_fails(&f).await
+                    suite::wrong_context_fails(&f).await;
+                    f.cleanup().await;
                 }
             }
             #[tokio::test]
             async fn unwrap_is_pinned_to_the_key() {
                 if let Some(f) = $fixture {
-                    suite::unwrap_is_pinned_to_the_key(&f).await
+                    suite::unwrap_is_pinned_to_the_key(&f).await;
+                    f.cleanup().await;
                 }
             }
             #[tokio::test]
             async fn tampered_ciphertext_fails() {
                 if let Some(f) = $fixture {
-                    suite::tampered_ciphertext_fails(&f).await
+                    suite::tampered_ciphertext_fails(&f).await;
+                    f.cleanup().await;
                 }
             }
             #[tokio::test]
             async fn rotation_keeps_old_wraps() {
                 if let Some(f) = $fixture {
-                    suite::rotation_keeps_old_wraps(&f).await
+                    suite::rotation_keeps_old_wraps(&f).await;
+                    f.cleanup().await;
                 }
             }
             #[tokio::test]
             async fn rewrap_moves_to_another_key() {
                 if let Some(f) = $fixture {
-                    suite::rewrap_moves_to_another_key(&f).await
+                    suite::rewrap_moves_to_another_key(&f).await;
+                    f.cleanup().await;
                 }
             }
             #[tokio::test]
             async fn disabled_key_refuses_and_enable_restores() {
                 if let Some(f) = $fixture {
-                    suite::disabled_key_refuses_and_enable_restores(&f).await
+                    suite::disabled_key_refuses_and_enable_restores(&f).await;
+                    f.cleanup().await;
                 }
             }
             #[tokio::test]
             async fn destroyed_key_refuses() {
                 if let Some(f) = $fixture {
-                    suite::destroyed_key_refuses(&f).await
+                    suite::destroyed_key_refuses(&f).await;
+                    f.cleanup().await;
                 }
             }
             #[tokio::test]
             async fn imported_material_destroy_is_immediate() {
                 if let Some(f) = $fixture {
-                    suite::imported_material_destroy_is_immediate(&f).await
+                    suite::imported_material_destroy_is_immediate(&f).await;
+                    f.cleanup().await;
                 }
             }
         }
     };
 }
 
+conformance!(local, LocalFixture::new());
 conformance!(aws_kms, AwsFixture::new().await);
+
+mod local_specific {
+    use super::*;
+
+    #[tokio::test]
+    async fn error_kinds() {
+        let f = LocalFixture::new().unwrap();
+        let missing = KeyRef::local("no-such-key").unwrap();
+        suite::error_kinds(&f, &missing).await;
+    }
+
+    /// An envelope of another provider is refused, not misread.
+    #[tokio::test]
+    async fn foreign_envelope_is_refused() {
+        let f = LocalFixture::new().unwrap();
+        let key = f.fresh_key().await;
+        let c = ctx("acme", 1);
+        let (_, mut wrapped) = f.provider.generate_data_key(&key, &c).await.unwrap();
+        wrapped.key_id = "arn:aws:kms:us-east-1:000000000000:key/1234".into();
+        let e = expect_err(
+            &f,
+            "unwrap of a foreign envelope",
+            f.provider.unwrap(&key, &wrapped, &c).await,
+        );
+        assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+    }
+}
 
 // ---------------------------------------------------------------------------
 // AWS KMS specifics on the emulator
@@ -690,6 +794,7 @@ mod aws_kms_specific {
         let mut pairs = c.pairs();
         pairs.remove("custos:purpose");
         assert!(decrypt(pairs).await.is_err(), "a missing purpose must fail");
+        f.cleanup().await;
     }
 
     #[tokio::test]
@@ -709,12 +814,12 @@ mod aws_kms_specific {
         }
         // Nothing changed: still enabled.
         assert_eq!(p.describe(&key).await.unwrap().state, KeyState::Enabled);
-        if !states_enforced(&f, "destroy with a 30-day window is scheduled 30 days out") {
-            return;
+        if states_enforced(&f, "destroy with a 30-day window is scheduled 30 days out") {
+            let d = p.destroy(&key, 30).await.unwrap();
+            let days = (d.effective_at - chrono::Utc::now()).num_hours() as f64 / 24.0;
+            assert!((29.9..=30.1).contains(&days), "{d:?}");
         }
-        let d = p.destroy(&key, 30).await.unwrap();
-        let days = (d.effective_at - chrono::Utc::now()).num_hours() as f64 / 24.0;
-        assert!((29.9..=30.1).contains(&days), "{d:?}");
+        f.cleanup().await;
     }
 
     #[tokio::test]
@@ -726,7 +831,7 @@ mod aws_kms_specific {
             "alias/custos-test-{}",
             hex::encode(custos::util::random_bytes::<6>())
         );
-        let key = f.provider.create_test_key(Some(&alias)).await.unwrap();
+        let key = f.track(&f.provider.create_test_key(Some(&alias)).await.unwrap());
         let by_alias = KeyRef::parse(&format!("aws-kms:{alias}")).unwrap();
         let info = f.provider.describe(&by_alias).await.unwrap();
         assert_eq!(info.key_id, key.id());
@@ -743,6 +848,7 @@ mod aws_kms_specific {
             f.provider.unwrap(&by_alias, &wrapped, &c).await.unwrap(),
             dk
         );
+        f.cleanup().await;
     }
 
     /// The script's aliases exist (scripts/emulators.sh start creates them).
@@ -812,6 +918,7 @@ mod aws_kms_specific {
                 }
             }
         }
+        f.cleanup().await;
     }
 }
 
