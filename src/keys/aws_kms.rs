@@ -45,7 +45,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_sdk_kms::Client;
 use aws_sdk_kms::config::http::HttpResponse;
 use aws_sdk_kms::config::{Credentials, Region};
-use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::{Blob, DateTime as AwsDateTime};
 use aws_sdk_kms::types::{
     AlgorithmSpec, DataKeySpec, ExpirationModelType, KeyMetadata, KeyState as AwsKeyState,
@@ -463,7 +463,7 @@ impl AwsKmsProvider {
         let unreachable = |what: &str| {
             Failure::Permanent(KeyError::Unreachable {
                 endpoint: self.endpoint.clone(),
-                message: format!("{op} {what}: {}", DisplayErrorContext(err)),
+                message: format!("{op} {what}: {}", chain(err)),
             })
         };
         match err {
@@ -472,25 +472,16 @@ impl AwsKmsProvider {
                 return if d.is_timeout() {
                     unreachable("timed out")
                 } else if d.is_io() {
-                    Failure::Connect(format!(
-                        "{op} could not connect: {}",
-                        DisplayErrorContext(err)
-                    ))
+                    Failure::Connect(format!("{op} could not connect: {}", chain(err)))
                 } else if d.is_user() {
-                    Failure::Permanent(not_configured(format!(
-                        "{op}: {}",
-                        DisplayErrorContext(err)
-                    )))
+                    Failure::Permanent(not_configured(format!("{op}: {}", chain(err))))
                 } else {
                     unreachable("failed")
                 };
             }
             // Before anything was sent: no credentials, bad endpoint, invalid input.
             SdkError::ConstructionFailure(_) => {
-                return Failure::Permanent(not_configured(format!(
-                    "{op}: {}",
-                    DisplayErrorContext(err)
-                )));
+                return Failure::Permanent(not_configured(format!("{op}: {}", chain(err))));
             }
             _ => {}
         }
@@ -498,7 +489,7 @@ impl AwsKmsProvider {
         let code = err.code().unwrap_or("");
         let message = match (code, err.message()) {
             ("", Some(m)) => format!("{op}: HTTP {status}: {m}"),
-            ("", None) => format!("{op}: HTTP {status}: {}", DisplayErrorContext(err)),
+            ("", None) => format!("{op}: HTTP {status}: {}", chain(err)),
             (c, Some(m)) => format!("{op}: {c}: {m}"),
             (c, None) => format!("{op}: {c}"),
         };
@@ -656,6 +647,21 @@ fn backoff(attempt: u32) -> Duration {
     let r = u64::from_le_bytes(crate::util::random_bytes::<8>());
     let ms = cap.as_millis() as u64;
     Duration::from_millis((r % (ms + 1)).max(10))
+}
+
+/// An error and its sources, `a: b: c`, without repeats (the SDK's own
+/// `DisplayErrorContext` appends a `Debug` dump, too noisy for an event).
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let shown = e.to_string();
+        if !shown.is_empty() && parts.last().is_none_or(|last| !last.contains(&shown)) {
+            parts.push(shown);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
 }
 
 fn label(id: &str) -> String {
