@@ -848,6 +848,25 @@ mod aws_kms_specific {
             f.provider.unwrap(&by_alias, &wrapped, &c).await.unwrap(),
             dk
         );
+        // Key-management calls take no alias in KMS: the provider resolves it.
+        let rotated = f.provider.rotate(&by_alias).await.expect("rotate by alias");
+        assert_eq!(rotated.key_id, key.id());
+        let disabled = f
+            .provider
+            .disable(&by_alias)
+            .await
+            .expect("disable by alias");
+        let enabled = f.provider.enable(&by_alias).await.expect("enable by alias");
+        if f.enforces_states() {
+            assert_eq!(disabled.state, KeyState::Disabled);
+            assert_eq!(enabled.state, KeyState::Enabled);
+        }
+        let d = f
+            .provider
+            .destroy(&by_alias, 7)
+            .await
+            .expect("destroy by alias");
+        assert_eq!(d.action, DestroyAction::DeletionScheduled);
         f.cleanup().await;
     }
 

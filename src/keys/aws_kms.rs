@@ -400,6 +400,15 @@ impl AwsKmsProvider {
             .ok_or_else(|| self.backend(key.id(), "DescribeKey returned no key metadata".into()))
     }
 
+    /// The key id for the key-management calls (rotate, disable, enable,
+    /// destroy). Those take no alias, cannot be used across accounts anyway,
+    /// and moto accepts only the bare id for some of them (DisableKey with an
+    /// ARN fails there with a 500); so the reference is resolved by
+    /// `DescribeKey` to the bare key id first.
+    async fn lifecycle_id(&self, key: &KeyRef) -> Result<String, KeyError> {
+        Ok(self.describe_meta(key).await?.key_id().to_owned())
+    }
+
     /// Runs one KMS operation under the retry policy of this module (see the
     /// module docs) and maps its errors to [`KeyError`]. `keys` are the provider
     /// key ids involved, first the one errors are reported against.
@@ -813,24 +822,27 @@ impl KeyProvider for AwsKmsProvider {
     }
 
     async fn rotate(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
+        let id = self.lifecycle_id(key).await?;
         self.call("RotateKeyOnDemand", &[key.id()], || {
-            self.client.rotate_key_on_demand().key_id(key.id()).send()
+            self.client.rotate_key_on_demand().key_id(&id).send()
         })
         .await?;
         self.describe(key).await
     }
 
     async fn disable(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
+        let id = self.lifecycle_id(key).await?;
         self.call("DisableKey", &[key.id()], || {
-            self.client.disable_key().key_id(key.id()).send()
+            self.client.disable_key().key_id(&id).send()
         })
         .await?;
         self.describe(key).await
     }
 
     async fn enable(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
+        let id = self.lifecycle_id(key).await?;
         self.call("EnableKey", &[key.id()], || {
-            self.client.enable_key().key_id(key.id()).send()
+            self.client.enable_key().key_id(&id).send()
         })
         .await?;
         self.describe(key).await
@@ -849,7 +861,8 @@ impl KeyProvider for AwsKmsProvider {
     ) -> Result<Destruction, KeyError> {
         let meta = self.describe_meta(key).await?;
         let info = self.info(key, &meta);
-        let id = info.key_id.as_str();
+        // See `lifecycle_id`: the bare key id, resolved once, for every call below.
+        let id = meta.key_id();
         match (&info.state, info.origin) {
             (KeyState::PendingDeletion { deletion_date }, _) => {
                 return Ok(Destruction {
@@ -875,13 +888,13 @@ impl KeyProvider for AwsKmsProvider {
             });
         }
         if info.state != KeyState::Disabled {
-            self.call("DisableKey", &[id], || {
+            self.call("DisableKey", &[key.id()], || {
                 self.client.disable_key().key_id(id).send()
             })
             .await?;
         }
         if info.origin == KeyOrigin::External {
-            self.call("DeleteImportedKeyMaterial", &[id], || {
+            self.call("DeleteImportedKeyMaterial", &[key.id()], || {
                 self.client.delete_imported_key_material().key_id(id).send()
             })
             .await?;
@@ -894,7 +907,7 @@ impl KeyProvider for AwsKmsProvider {
         }
         let window = pending_window_days as i32;
         let out = self
-            .call("ScheduleKeyDeletion", &[id], || {
+            .call("ScheduleKeyDeletion", &[key.id()], || {
                 self.client
                     .schedule_key_deletion()
                     .key_id(id)
