@@ -1,0 +1,1370 @@
+//! The key-provider conformance suite: one set of checks (`suite::*`), run
+//! against every [`KeyProvider`] through a [`Fixture`] that makes fresh keys.
+//!
+//! - The local provider, in a temporary directory: always runs.
+//! - AWS KMS on an emulator (LocalStack or moto) or on real AWS: runs when
+//!   `CUSTOS_TEST_EMULATORS=1` (and then must pass: an unreachable endpoint is a
+//!   failure); otherwise each test prints a `skipped:` line and returns. The
+//!   endpoint, region and credentials come from the usual AWS variables, as
+//!   printed by `scripts/emulators.sh start`, and are passed to the provider
+//!   explicitly. `CUSTOS_EMULATOR=moto` marks an emulator that ignores key
+//!   states: the key-state cases then print `SKIPPED (moto does not enforce KMS
+//!   key states): <case>` and assert nothing.
+//! - AWS KMS error mapping and retries against a scripted fake KMS on
+//!   127.0.0.1 (`mock` module): always run, no emulator needed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use custos::TenantId;
+use custos::keys::aws_kms::{AwsKmsProvider, AwsKmsSettings};
+use custos::keys::local::LocalKeyProvider;
+use custos::keys::{
+    DestroyAction, KeyError, KeyOrigin, KeyProvider, KeyPurpose, KeyRef, KeyState, SecretKey,
+    WrapContext,
+};
+
+// ---------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------
+
+/// A provider under test plus a way to make fresh keys in it.
+#[async_trait]
+trait Fixture: Send + Sync {
+    fn name(&self) -> &str;
+    fn provider(&self) -> &dyn KeyProvider;
+    /// A new, enabled key that no other test uses.
+    async fn fresh_key(&self) -> KeyRef;
+    /// A new key whose material can be deleted at once (AWS: imported material);
+    /// `None` where the provider has no such keys.
+    async fn fresh_imported_key(&self) -> Option<KeyRef>;
+    /// False where the backend ignores key states (moto): key-state cases are skipped.
+    fn enforces_states(&self) -> bool;
+    /// Removes what the test made, where that matters (real KMS keys cost money).
+    async fn cleanup(&self) {}
+}
+
+const SKIP_EMULATORS: &str = "skipped: set CUSTOS_TEST_EMULATORS=1 (scripts/emulators.sh start)";
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn emulators_enabled() -> bool {
+    env("CUSTOS_TEST_EMULATORS").as_deref() == Some("1")
+}
+
+/// Settings for the KMS the environment names (`scripts/emulators.sh env`),
+/// with the emulator defaults for anything unset. Passed explicitly, so the
+/// test process never needs to change its environment.
+fn aws_settings() -> AwsKmsSettings {
+    AwsKmsSettings {
+        region: Some(
+            env("AWS_REGION")
+                .or_else(|| env("AWS_DEFAULT_REGION"))
+                .unwrap_or_else(|| "us-east-1".into()),
+        ),
+        endpoint_url: env("AWS_ENDPOINT_URL_KMS")
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .or_else(|| Some("http://127.0.0.1:4566".into())),
+        access_key_id: Some(env("AWS_ACCESS_KEY_ID").unwrap_or_else(|| "test".into())),
+        secret_access_key: Some(env("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|| "test".into())),
+        profile: None,
+    }
+}
+
+struct AwsFixture {
+    provider: AwsKmsProvider,
+    emulator: String,
+    /// Keys this fixture created, scheduled for deletion by `cleanup`.
+    created: std::sync::Mutex<Vec<KeyRef>>,
+}
+
+impl AwsFixture {
+    async fn new() -> Option<Self> {
+        if !emulators_enabled() {
+            eprintln!("{SKIP_EMULATORS}");
+            return None;
+        }
+        let provider = AwsKmsProvider::new(&aws_settings())
+            .await
+            .expect("AWS KMS provider from the test environment");
+        let emulator = env("CUSTOS_EMULATOR").unwrap_or_else(|| "aws".into());
+        Some(AwsFixture {
+            provider,
+            emulator,
+            created: Default::default(),
+        })
+    }
+
+    fn track(&self, key: &KeyRef) -> KeyRef {
+        self.created.lock().unwrap().push(key.clone());
+        key.clone()
+    }
+}
+
+#[async_trait]
+impl Fixture for AwsFixture {
+    fn name(&self) -> &str {
+        &self.emulator
+    }
+    fn provider(&self) -> &dyn KeyProvider {
+        &self.provider
+    }
+    async fn fresh_key(&self) -> KeyRef {
+        let key = self
+            .provider
+            .create_test_key(None)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "CUSTOS_TEST_EMULATORS=1 but creating a KMS key at {} failed: {e}",
+                    self.provider.endpoint()
+                )
+            });
+        self.track(&key)
+    }
+    async fn fresh_imported_key(&self) -> Option<KeyRef> {
+        let key = self
+            .provider
+            .create_imported_key(None)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "creating a KMS key with imported material at {} failed: {e}",
+                    self.provider.endpoint()
+                )
+            });
+        Some(self.track(&key))
+    }
+    fn enforces_states(&self) -> bool {
+        self.emulator != "moto"
+    }
+    /// Real KMS keys cost money: destroy (7-day window) what the test made.
+    async fn cleanup(&self) {
+        let keys = std::mem::take(&mut *self.created.lock().unwrap());
+        for key in keys {
+            if let Err(e) = self.provider.destroy(&key, 7).await {
+                eprintln!("[{}] cleanup of {key}: {e}", self.name());
+            }
+        }
+    }
+}
+
+struct LocalFixture {
+    provider: LocalKeyProvider,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalFixture {
+    fn new() -> Option<Self> {
+        let dir = tempfile::tempdir().expect("temporary key directory");
+        let provider = LocalKeyProvider::new(dir.path().join("keys")).expect("local key provider");
+        Some(LocalFixture {
+            provider,
+            _dir: dir,
+        })
+    }
+}
+
+#[async_trait]
+impl Fixture for LocalFixture {
+    fn name(&self) -> &str {
+        "local"
+    }
+    fn provider(&self) -> &dyn KeyProvider {
+        &self.provider
+    }
+    async fn fresh_key(&self) -> KeyRef {
+        let name = format!("k-{}", hex::encode(custos::util::random_bytes::<6>()));
+        let key = KeyRef::local(&name).unwrap();
+        self.provider
+            .create_key(&key)
+            .await
+            .expect("create local key");
+        key
+    }
+    async fn fresh_imported_key(&self) -> Option<KeyRef> {
+        None
+    }
+    fn enforces_states(&self) -> bool {
+        true
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The suite
+// ---------------------------------------------------------------------------
+
+fn ctx(tenant: &str, epoch: u32) -> WrapContext {
+    WrapContext::tdk(&TenantId::new(tenant).unwrap(), epoch)
+}
+
+/// The error of `r`, logged with its kind (the log shows each backend's codes).
+#[track_caller]
+fn expect_err<T: std::fmt::Debug>(f: &dyn Fixture, case: &str, r: Result<T, KeyError>) -> KeyError {
+    match r {
+        Ok(v) => panic!("[{}] {case}: expected an error, got {v:?}", f.name()),
+        Err(e) => {
+            eprintln!("[{}] {case}: {e} (kind {})", f.name(), e.kind());
+            e
+        }
+    }
+}
+
+/// Prints the skip line and returns false when `f` does not enforce key states.
+fn states_enforced(f: &dyn Fixture, case: &str) -> bool {
+    if f.enforces_states() {
+        true
+    } else {
+        eprintln!(
+            "SKIPPED ({} does not enforce KMS key states): {case}",
+            f.name()
+        );
+        false
+    }
+}
+
+/// An unwrap under the wrong key must be refused as an invalid ciphertext
+/// (AWS and LocalStack: `IncorrectKeyException`). moto answers a KeyId mismatch
+/// with `AccessDeniedException` instead; that is accepted there, and noted.
+#[track_caller]
+fn assert_wrong_key(f: &dyn Fixture, e: &KeyError) {
+    if f.name() == "moto" && matches!(e, KeyError::AccessDenied { .. }) {
+        eprintln!(
+            "NOTE [moto]: KeyId mismatch answered with AccessDeniedException (AWS: IncorrectKeyException)"
+        );
+        return;
+    }
+    assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+    assert_eq!(e.kind(), "key_unwrap_failed");
+}
+
+fn assert_no_key_bytes(err: &KeyError, key: &SecretKey) {
+    let hex = hex::encode(key.expose());
+    for shown in [err.to_string(), format!("{err:?}")] {
+        assert!(!shown.contains(&hex), "error shows key bytes: {shown}");
+    }
+}
+
+mod suite {
+    use super::*;
+
+    pub async fn round_trip(f: &dyn Fixture) {
+        let p = f.provider();
+        let key = f.fresh_key().await;
+        let c = ctx("acme", 1);
+
+        let (dk, wrapped) = p
+            .generate_data_key(&key, &c)
+            .await
+            .expect("generate_data_key");
+        assert!(!wrapped.key_id.is_empty());
+        assert!(
+            !wrapped.ciphertext.windows(32).any(|w| w == dk.expose()),
+            "key in the clear in the envelope"
+        );
+        let back = p
+            .unwrap(&key, &wrapped, &c)
+            .await
+            .expect("unwrap of generate_data_key");
+        assert_eq!(back, dk);
+
+        let own = SecretKey::generate();
+        let wrapped2 = p.wrap(&key, &own, &c).await.expect("wrap");
+        assert_eq!(
+            p.unwrap(&key, &wrapped2, &c).await.expect("unwrap of wrap"),
+            own
+        );
+        assert_ne!(wrapped.ciphertext, wrapped2.ciphertext);
+
+        // The same key wrapped twice gives different envelopes, both valid.
+        let wrapped3 = p.wrap(&key, &own, &c).await.expect("wrap again");
+        assert_ne!(wrapped2.ciphertext, wrapped3.ciphertext);
+        assert_eq!(p.unwrap(&key, &wrapped3, &c).await.unwrap(), own);
+
+        let info = p.describe(&key).await.expect("describe");
+        assert_eq!(info.state, KeyState::Enabled);
+        assert_eq!(
+            info.key_id, wrapped.key_id,
+            "envelope names the resolved key id"
+        );
+        eprintln!(
+            "[{}] wrapped key sizes: generate_data_key {} bytes, wrap {} bytes; key_id {}",
+            f.name(),
+            wrapped.ciphertext.len(),
+            wrapped2.ciphertext.len(),
+            wrapped.key_id
+        );
+    }
+
+    pub async fn wrong_context_fails(f: &dyn Fixture) {
+        let p = f.provider();
+        let key = f.fresh_key().await;
+        let c = ctx("acme", 7);
+        let (dk, wrapped) = p.generate_data_key(&key, &c).await.unwrap();
+
+        let other_tenant = ctx("globex", 7);
+        let e = expect_err(
+            f,
+            "unwrap with another tenant",
+            p.unwrap(&key, &wrapped, &other_tenant).await,
+        );
+        assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+        assert_eq!(e.kind(), "key_unwrap_failed");
+        assert_no_key_bytes(&e, &dk);
+
+        let other_epoch = ctx("acme", 8);
+        let e = expect_err(
+            f,
+            "unwrap with another epoch",
+            p.unwrap(&key, &wrapped, &other_epoch).await,
+        );
+        assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+
+        // KeyPurpose has one variant today; every other purpose must be refused
+        // once there is one. The purpose is part of the bound context:
+        assert_eq!(c.purpose, KeyPurpose::TenantDataKey);
+        assert!(c.pairs().contains_key("custos:purpose"));
+
+        // Rewrap checks the source context too.
+        let to = f.fresh_key().await;
+        let e = expect_err(
+            f,
+            "rewrap with another tenant",
+            p.rewrap(&key, &wrapped, &other_tenant, &to).await,
+        );
+        assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+
+        // The right context still works.
+        assert_eq!(p.unwrap(&key, &wrapped, &c).await.unwrap(), dk);
+    }
+
+    pub async fn unwrap_is_pinned_to_the_key(f: &dyn Fixture) {
+        let p = f.provider();
+        let a = f.fresh_key().await;
+        let b = f.fresh_key().await;
+        let c = ctx("acme", 1);
+        let (_, wrapped) = p.generate_data_key(&a, &c).await.unwrap();
+        let e = expect_err(
+            f,
+            "unwrap under another key",
+            p.unwrap(&b, &wrapped, &c).await,
+        );
+        assert_wrong_key(f, &e);
+    }
+
+    pub async fn tampered_ciphertext_fails(f: &dyn Fixture) {
+        let p = f.provider();
+        let key = f.fresh_key().await;
+        let c = ctx("acme", 1);
+        let (_, mut wrapped) = p.generate_data_key(&key, &c).await.unwrap();
+        let last = wrapped.ciphertext.len() - 1;
+        wrapped.ciphertext[last] ^= 0x01;
+        let e = expect_err(
+            f,
+            "unwrap of a tampered envelope",
+            p.unwrap(&key, &wrapped, &c).await,
+        );
+        assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+    }
+
+    pub async fn rotation_keeps_old_wraps(f: &dyn Fixture) {
+        let p = f.provider();
+        let key = f.fresh_key().await;
+        let c = ctx("acme", 3);
+        let (dk1, w1) = p.generate_data_key(&key, &c).await.unwrap();
+        let before = p.describe(&key).await.unwrap();
+
+        let after = p.rotate(&key).await.expect("rotate");
+        assert_eq!(after.state, KeyState::Enabled);
+        assert_eq!(after.key_id, before.key_id);
+        eprintln!(
+            "[{}] rotation: version {:?} -> {:?}",
+            f.name(),
+            before.current_version,
+            after.current_version
+        );
+        if let (Some(old), Some(new)) = (&before.current_version, &after.current_version) {
+            assert_ne!(old, new, "rotation must change the backing key version");
+        }
+
+        assert_eq!(
+            p.unwrap(&key, &w1, &c)
+                .await
+                .expect("old wrap after rotation"),
+            dk1
+        );
+        let (dk2, w2) = p
+            .generate_data_key(&key, &c)
+            .await
+            .expect("new wrap after rotation");
+        assert_eq!(p.unwrap(&key, &w2, &c).await.unwrap(), dk2);
+        // A second rotation: everything still readable.
+        p.rotate(&key).await.expect("rotate again");
+        assert_eq!(p.unwrap(&key, &w1, &c).await.unwrap(), dk1);
+        assert_eq!(p.unwrap(&key, &w2, &c).await.unwrap(), dk2);
+    }
+
+    pub async fn rewrap_moves_to_another_key(f: &dyn Fixture) {
+        let p = f.provider();
+        let a = f.fresh_key().await;
+        let b = f.fresh_key().await;
+        let c = ctx("acme", 2);
+        let (dk, wa) = p.generate_data_key(&a, &c).await.unwrap();
+        let wb = p.rewrap(&a, &wa, &c, &b).await.expect("rewrap a -> b");
+        assert_eq!(
+            wb.key_id,
+            p.describe(&b).await.unwrap().key_id,
+            "rewrapped envelope names the new key"
+        );
+        assert_eq!(p.unwrap(&b, &wb, &c).await.expect("unwrap under b"), dk);
+        let e = expect_err(
+            f,
+            "unwrap of the rewrapped envelope under the old key",
+            p.unwrap(&a, &wb, &c).await,
+        );
+        assert_wrong_key(f, &e);
+        // Rewrap within one key (after rotation: onto the current backing key).
+        p.rotate(&a).await.unwrap();
+        let wa2 = p.rewrap(&a, &wa, &c, &a).await.expect("rewrap a -> a");
+        assert_eq!(p.unwrap(&a, &wa2, &c).await.unwrap(), dk);
+    }
+
+    pub async fn disabled_key_refuses_and_enable_restores(f: &dyn Fixture) {
+        if !states_enforced(f, "disabled key refuses unwrap, enable restores") {
+            return;
+        }
+        let p = f.provider();
+        let key = f.fresh_key().await;
+        let c = ctx("acme", 1);
+        let (dk, wrapped) = p.generate_data_key(&key, &c).await.unwrap();
+
+        let info = p.disable(&key).await.expect("disable");
+        assert_eq!(info.state, KeyState::Disabled);
+        assert!(!info.state.is_usable());
+        let e = expect_err(
+            f,
+            "unwrap with a disabled key",
+            p.unwrap(&key, &wrapped, &c).await,
+        );
+        assert!(matches!(e, KeyError::Disabled { .. }), "{e:?}");
+        assert_eq!(e.kind(), "key_unavailable");
+        assert!(!e.is_transient());
+        let e = expect_err(
+            f,
+            "generate_data_key with a disabled key",
+            p.generate_data_key(&key, &c).await,
+        );
+        assert!(matches!(e, KeyError::Disabled { .. }), "{e:?}");
+        let e = expect_err(f, "wrap with a disabled key", p.wrap(&key, &dk, &c).await);
+        assert!(matches!(e, KeyError::Disabled { .. }), "{e:?}");
+
+        let info = p.enable(&key).await.expect("enable");
+        assert_eq!(info.state, KeyState::Enabled);
+        assert_eq!(
+            p.unwrap(&key, &wrapped, &c)
+                .await
+                .expect("unwrap after enable"),
+            dk
+        );
+    }
+
+    pub async fn destroyed_key_refuses(f: &dyn Fixture) {
+        if !states_enforced(f, "destroyed key refuses unwrap") {
+            return;
+        }
+        let p = f.provider();
+        let key = f.fresh_key().await;
+        let c = ctx("acme", 1);
+        let (_, wrapped) = p.generate_data_key(&key, &c).await.unwrap();
+        let started = chrono::Utc::now();
+
+        let d = p.destroy(&key, 7).await.expect("destroy");
+        eprintln!("[{}] destroy: {d:?}", f.name());
+        assert!(!d.state_after.is_usable());
+        match d.action {
+            DestroyAction::DeletionScheduled => {
+                assert!(
+                    matches!(d.state_after, KeyState::PendingDeletion { .. }),
+                    "{d:?}"
+                );
+                let days = (d.effective_at - started).num_hours() as f64 / 24.0;
+                assert!(
+                    (6.9..=7.1).contains(&days),
+                    "deletion in {days} days, expected 7: {d:?}"
+                );
+            }
+            DestroyAction::MaterialDestroyed | DestroyAction::ImportedMaterialDeleted => {
+                assert!(d.effective_at <= chrono::Utc::now());
+            }
+        }
+        let info = p.describe(&key).await.expect("describe after destroy");
+        assert!(!info.state.is_usable(), "{info:?}");
+
+        let e = expect_err(
+            f,
+            "unwrap with a destroyed key",
+            p.unwrap(&key, &wrapped, &c).await,
+        );
+        assert!(
+            matches!(
+                e,
+                KeyError::PendingDeletion { .. } | KeyError::Destroyed { .. }
+            ),
+            "expected PendingDeletion or Destroyed, got {e:?}"
+        );
+        assert_eq!(e.kind(), "key_unavailable");
+        let e = expect_err(
+            f,
+            "generate_data_key with a destroyed key",
+            p.generate_data_key(&key, &c).await,
+        );
+        assert_eq!(e.kind(), "key_unavailable");
+
+        // Idempotent: the second call reports the first destruction.
+        let again = p.destroy(&key, 30).await.expect("destroy again");
+        assert_eq!(again.action, d.action);
+        assert_eq!(
+            again.effective_at, d.effective_at,
+            "second destroy must report the existing schedule"
+        );
+    }
+
+    pub async fn imported_material_destroy_is_immediate(f: &dyn Fixture) {
+        if !states_enforced(
+            f,
+            "destroy of imported key material is immediate (PendingImport)",
+        ) {
+            return;
+        }
+        let p = f.provider();
+        let Some(key) = f.fresh_imported_key().await else {
+            eprintln!(
+                "[{}] not applicable: no imported key material in this provider",
+                f.name()
+            );
+            return;
+        };
+        let info = p.describe(&key).await.unwrap();
+        assert_eq!(info.origin, KeyOrigin::External);
+        assert_eq!(info.state, KeyState::Enabled);
+        let c = ctx("acme", 1);
+        let (dk, wrapped) = p
+            .generate_data_key(&key, &c)
+            .await
+            .expect("generate_data_key with imported key");
+        assert_eq!(p.unwrap(&key, &wrapped, &c).await.unwrap(), dk);
+
+        let before = chrono::Utc::now();
+        let d = p.destroy(&key, 7).await.expect("destroy imported key");
+        eprintln!("[{}] destroy imported: {d:?}", f.name());
+        assert_eq!(d.action, DestroyAction::ImportedMaterialDeleted);
+        assert_eq!(d.state_after, KeyState::PendingImport);
+        assert!(d.effective_at >= before && d.effective_at <= chrono::Utc::now());
+
+        let t = Instant::now();
+        let e = expect_err(
+            f,
+            "unwrap after imported material deletion",
+            p.unwrap(&key, &wrapped, &c).await,
+        );
+        assert!(matches!(e, KeyError::PendingImport { .. }), "{e:?}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert_eq!(
+            p.describe(&key).await.unwrap().state,
+            KeyState::PendingImport
+        );
+        // Enabling cannot bring it back. AWS refuses EnableKey on a key pending
+        // import; LocalStack accepts it and reports Enabled, but the material is
+        // gone all the same (Decrypt then fails with an internal error).
+        match p.enable(&key).await {
+            Err(e) => {
+                eprintln!(
+                    "[{}] enable after imported material deletion: {e} (kind {})",
+                    f.name(),
+                    e.kind()
+                );
+                assert_eq!(e.kind(), "key_unavailable");
+            }
+            Ok(info) => {
+                eprintln!(
+                    "NOTE [{}]: EnableKey accepted on a key whose material was deleted (state now {}); AWS refuses it",
+                    f.name(),
+                    info.state.name()
+                );
+                assert_ne!(
+                    f.name(),
+                    "aws",
+                    "real AWS KMS must refuse EnableKey without key material"
+                );
+                let e = expect_err(
+                    f,
+                    "unwrap after enable without material",
+                    p.unwrap(&key, &wrapped, &c).await,
+                );
+                assert!(!matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+            }
+        }
+
+        let again = p.destroy(&key, 7).await.expect("destroy again");
+        assert_eq!(again.action, DestroyAction::ImportedMaterialDeleted);
+    }
+
+    pub async fn error_kinds(f: &dyn Fixture, missing: &KeyRef) {
+        let p = f.provider();
+        let c = ctx("acme", 1);
+        let e = expect_err(f, "describe of a missing key", p.describe(missing).await);
+        assert!(matches!(e, KeyError::NotFound { .. }), "{e:?}");
+        assert_eq!(e.kind(), "key_unavailable");
+        let e = expect_err(
+            f,
+            "generate_data_key with a missing key",
+            p.generate_data_key(missing, &c).await,
+        );
+        assert!(matches!(e, KeyError::NotFound { .. }), "{e:?}");
+        assert!(!e.is_transient());
+        // Errors name the key by reference.
+        assert!(e.to_string().contains(missing.id()), "{e}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Instantiation per backend
+// ---------------------------------------------------------------------------
+
+macro_rules! conformance {
+    ($backend:ident, $fixture:expr) => {
+        mod $backend {
+            use super::*;
+
+            #[tokio::test]
+            async fn round_trip() {
+                if let Some(f) = $fixture {
+                    suite::round_trip(&f).await;
+                    f.cleanup().await;
+                }
+            }
+            #[tokio::test]
+            async fn wrong_context_fails() {
+                if let Some(f) = $fixture {
+                    suite::wrong_context_fails(&f).await;
+                    f.cleanup().await;
+                }
+            }
+            #[tokio::test]
+            async fn unwrap_is_pinned_to_the_key() {
+                if let Some(f) = $fixture {
+                    suite::unwrap_is_pinned_to_the_key(&f).await;
+                    f.cleanup().await;
+                }
+            }
+            #[tokio::test]
+            async fn tampered_ciphertext_fails() {
+                if let Some(f) = $fixture {
+                    suite::tampered_ciphertext_fails(&f).await;
+                    f.cleanup().await;
+                }
+            }
+            #[tokio::test]
+            async fn rotation_keeps_old_wraps() {
+                if let Some(f) = $fixture {
+                    suite::rotation_keeps_old_wraps(&f).await;
+                    f.cleanup().await;
+                }
+            }
+            #[tokio::test]
+            async fn rewrap_moves_to_another_key() {
+                if let Some(f) = $fixture {
+                    suite::rewrap_moves_to_another_key(&f).await;
+                    f.cleanup().await;
+                }
+            }
+            #[tokio::test]
+            async fn disabled_key_refuses_and_enable_restores() {
+                if let Some(f) = $fixture {
+                    suite::disabled_key_refuses_and_enable_restores(&f).await;
+                    f.cleanup().await;
+                }
+            }
+            #[tokio::test]
+            async fn destroyed_key_refuses() {
+                if let Some(f) = $fixture {
+                    suite::destroyed_key_refuses(&f).await;
+                    f.cleanup().await;
+                }
+            }
+            #[tokio::test]
+            async fn imported_material_destroy_is_immediate() {
+                if let Some(f) = $fixture {
+                    suite::imported_material_destroy_is_immediate(&f).await;
+                    f.cleanup().await;
+                }
+            }
+        }
+    };
+}
+
+conformance!(local, LocalFixture::new());
+conformance!(aws_kms, AwsFixture::new().await);
+
+mod local_specific {
+    use super::*;
+
+    #[tokio::test]
+    async fn error_kinds() {
+        let f = LocalFixture::new().unwrap();
+        let missing = KeyRef::local("no-such-key").unwrap();
+        suite::error_kinds(&f, &missing).await;
+    }
+
+    /// An envelope of another provider is refused, not misread.
+    #[tokio::test]
+    async fn foreign_envelope_is_refused() {
+        let f = LocalFixture::new().unwrap();
+        let key = f.fresh_key().await;
+        let c = ctx("acme", 1);
+        let (_, mut wrapped) = f.provider.generate_data_key(&key, &c).await.unwrap();
+        wrapped.key_id = "arn:aws:kms:us-east-1:000000000000:key/1234".into();
+        let e = expect_err(
+            &f,
+            "unwrap of a foreign envelope",
+            f.provider.unwrap(&key, &wrapped, &c).await,
+        );
+        assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// AWS KMS specifics on the emulator
+// ---------------------------------------------------------------------------
+
+mod aws_kms_specific {
+    use super::*;
+    use aws_sdk_kms::primitives::Blob;
+
+    #[tokio::test]
+    async fn error_kinds() {
+        let Some(f) = AwsFixture::new().await else {
+            return;
+        };
+        let missing = KeyRef::parse("aws-kms:00000000-0000-4000-8000-00000000dead").unwrap();
+        suite::error_kinds(&f, &missing).await;
+        let missing_alias = KeyRef::parse("aws-kms:alias/custos-no-such-alias").unwrap();
+        suite::error_kinds(&f, &missing_alias).await;
+        let e = expect_err(&f, "create_key", f.provider.create_key(&missing).await);
+        assert!(matches!(e, KeyError::Unsupported { .. }), "{e:?}");
+    }
+
+    /// The KMS EncryptionContext is exactly `WrapContext::pairs()`: decrypting
+    /// with those pairs straight through the SDK works, and changing any one
+    /// pair (including the purpose, which the suite cannot vary) fails.
+    #[tokio::test]
+    async fn encryption_context_is_the_wrap_context() {
+        let Some(f) = AwsFixture::new().await else {
+            return;
+        };
+        let key = f.fresh_key().await;
+        let c = ctx("acme", 5);
+        let (dk, wrapped) = f.provider.generate_data_key(&key, &c).await.unwrap();
+        let client = f.provider.client();
+        let decrypt = |pairs: std::collections::BTreeMap<String, String>| {
+            client
+                .decrypt()
+                .key_id(key.id())
+                .ciphertext_blob(Blob::new(wrapped.ciphertext.clone()))
+                .set_encryption_context(Some(pairs.into_iter().collect()))
+                .send()
+        };
+        let out = decrypt(c.pairs())
+            .await
+            .expect("decrypt with exactly ctx.pairs()");
+        assert_eq!(out.plaintext().unwrap().as_ref(), dk.expose());
+        for field in ["custos:tenant", "custos:purpose", "custos:epoch"] {
+            let mut pairs = c.pairs();
+            pairs.insert(field.into(), "other".into());
+            let err = decrypt(pairs).await.expect_err(field);
+            let code = aws_sdk_kms::error::ProvideErrorMetadata::code(&err)
+                .unwrap_or("?")
+                .to_owned();
+            eprintln!("[{}] decrypt with another {field}: {code}", f.name());
+            assert_eq!(code, "InvalidCiphertextException", "{field}");
+        }
+        let mut pairs = c.pairs();
+        pairs.remove("custos:purpose");
+        assert!(decrypt(pairs).await.is_err(), "a missing purpose must fail");
+        f.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn destroy_validates_the_pending_window() {
+        let Some(f) = AwsFixture::new().await else {
+            return;
+        };
+        let p = &f.provider;
+        let key = f.fresh_key().await;
+        for bad in [0, 6, 31] {
+            let e = expect_err(
+                &f,
+                &format!("destroy with a {bad}-day window"),
+                p.destroy(&key, bad).await,
+            );
+            assert!(matches!(e, KeyError::Unsupported { .. }), "{e:?}");
+        }
+        // Nothing changed: still enabled.
+        assert_eq!(p.describe(&key).await.unwrap().state, KeyState::Enabled);
+        if states_enforced(&f, "destroy with a 30-day window is scheduled 30 days out") {
+            let d = p.destroy(&key, 30).await.unwrap();
+            let days = (d.effective_at - chrono::Utc::now()).num_hours() as f64 / 24.0;
+            assert!((29.9..=30.1).contains(&days), "{d:?}");
+        }
+        f.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn aliases_resolve_to_the_key_arn() {
+        let Some(f) = AwsFixture::new().await else {
+            return;
+        };
+        let alias = format!(
+            "alias/custos-test-{}",
+            hex::encode(custos::util::random_bytes::<6>())
+        );
+        let key = f.track(&f.provider.create_test_key(Some(&alias)).await.unwrap());
+        let by_alias = KeyRef::parse(&format!("aws-kms:{alias}")).unwrap();
+        let info = f.provider.describe(&by_alias).await.unwrap();
+        assert_eq!(info.key_id, key.id());
+        assert_eq!(info.reference, by_alias);
+        let c = ctx("acme", 1);
+        let (dk, wrapped) = f.provider.generate_data_key(&by_alias, &c).await.unwrap();
+        assert_eq!(
+            wrapped.key_id,
+            key.id(),
+            "envelope names the ARN, not the alias"
+        );
+        assert_eq!(f.provider.unwrap(&key, &wrapped, &c).await.unwrap(), dk);
+        assert_eq!(
+            f.provider.unwrap(&by_alias, &wrapped, &c).await.unwrap(),
+            dk
+        );
+        // Key-management calls take no alias in KMS: the provider resolves it.
+        let rotated = f.provider.rotate(&by_alias).await.expect("rotate by alias");
+        assert_eq!(rotated.key_id, key.id());
+        let disabled = f
+            .provider
+            .disable(&by_alias)
+            .await
+            .expect("disable by alias");
+        let enabled = f.provider.enable(&by_alias).await.expect("enable by alias");
+        if f.enforces_states() {
+            assert_eq!(disabled.state, KeyState::Disabled);
+            assert_eq!(enabled.state, KeyState::Enabled);
+        }
+        let d = f
+            .provider
+            .destroy(&by_alias, 7)
+            .await
+            .expect("destroy by alias");
+        assert_eq!(d.action, DestroyAction::DeletionScheduled);
+        f.cleanup().await;
+    }
+
+    /// The script's aliases exist (scripts/emulators.sh start creates them).
+    #[tokio::test]
+    async fn script_aliases_exist() {
+        let Some(f) = AwsFixture::new().await else {
+            return;
+        };
+        if f.emulator == "aws" {
+            eprintln!("not applicable on real AWS");
+            return;
+        }
+        for alias in ["alias/custos-test-a", "alias/custos-test-b"] {
+            let key = KeyRef::parse(&format!("aws-kms:{alias}")).unwrap();
+            let info = f
+                .provider
+                .describe(&key)
+                .await
+                .unwrap_or_else(|e| panic!("{alias}: {e}"));
+            assert_eq!(info.state, KeyState::Enabled, "{alias}");
+        }
+    }
+
+    /// What the emulator does with credentials it cannot know. Real AWS refuses
+    /// them (AccessDenied; the mapping is tested against the fake KMS below);
+    /// LocalStack and moto check no signatures, so this only records the fact.
+    #[tokio::test]
+    async fn wrong_credentials() {
+        let Some(f) = AwsFixture::new().await else {
+            return;
+        };
+        let key = f.fresh_key().await;
+        let settings = AwsKmsSettings {
+            access_key_id: Some("AKIAIOSFODNN7EXAMPLE".into()),
+            secret_access_key: Some("not-the-secret".into()),
+            ..aws_settings()
+        };
+        let bad = AwsKmsProvider::new(&settings).await.unwrap();
+        let settings = AwsKmsSettings {
+            secret_access_key: Some("not-the-secret".into()),
+            ..aws_settings()
+        };
+        let bad_secret = AwsKmsProvider::new(&settings).await.unwrap();
+        for (what, p) in [
+            ("unknown access key", &bad),
+            ("right key id, wrong secret", &bad_secret),
+        ] {
+            let r = p.describe(&key).await;
+            match (&r, f.emulator.as_str()) {
+                (Err(e), _) => {
+                    eprintln!(
+                        "[{}] wrong credentials ({what}): {e} (kind {})",
+                        f.name(),
+                        e.kind()
+                    );
+                    if f.emulator == "aws" {
+                        assert!(matches!(e, KeyError::AccessDenied { .. }), "{e:?}");
+                    } else {
+                        assert_eq!(e.kind(), "key_unavailable", "{e:?}");
+                    }
+                }
+                (Ok(info), "aws") => panic!("real AWS accepted wrong credentials: {info:?}"),
+                (Ok(_), emulator) => {
+                    eprintln!(
+                        "[{emulator}] wrong credentials ({what}): accepted (the emulator checks no signatures)"
+                    )
+                }
+            }
+        }
+        f.cleanup().await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// AWS KMS error mapping and retries against a scripted fake KMS (no emulator)
+// ---------------------------------------------------------------------------
+
+mod mock {
+    use super::*;
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    type Responder = dyn Fn(&str, usize) -> (u16, String) + Send + Sync;
+
+    /// An HTTP/1.1 server on 127.0.0.1 that answers KMS JSON requests from a
+    /// script: `respond(target, n)` gets the operation (`Decrypt`, …) and how
+    /// many requests came before, and returns (status, JSON body).
+    struct FakeKms {
+        addr: SocketAddr,
+        hits: Arc<Mutex<Vec<String>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for FakeKms {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl FakeKms {
+        async fn start(
+            respond: impl Fn(&str, usize) -> (u16, String) + Send + Sync + 'static,
+        ) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let hits = Arc::new(Mutex::new(Vec::new()));
+            let respond: Arc<Responder> = Arc::new(respond);
+            let task = {
+                let hits = hits.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let Ok((mut sock, _)) = listener.accept().await else {
+                            return;
+                        };
+                        let hits = hits.clone();
+                        let respond = respond.clone();
+                        tokio::spawn(async move {
+                            let Some(target) = read_request(&mut sock).await else {
+                                return;
+                            };
+                            let n = {
+                                let mut h = hits.lock().unwrap();
+                                h.push(target.clone());
+                                h.len() - 1
+                            };
+                            let (status, body) = respond(&target, n);
+                            let head = format!(
+                                "HTTP/1.1 {status} X\r\ncontent-type: application/x-amz-json-1.1\r\n\
+                                 content-length: {}\r\nconnection: close\r\n\r\n",
+                                body.len()
+                            );
+                            let _ = sock.write_all(head.as_bytes()).await;
+                            let _ = sock.write_all(body.as_bytes()).await;
+                            let _ = sock.shutdown().await;
+                        });
+                    }
+                })
+            };
+            FakeKms { addr, hits, task }
+        }
+
+        async fn provider(&self) -> AwsKmsProvider {
+            AwsKmsProvider::new(&AwsKmsSettings {
+                region: Some("us-east-1".into()),
+                endpoint_url: Some(format!("http://{}", self.addr)),
+                access_key_id: Some("test".into()),
+                secret_access_key: Some("test".into()),
+                profile: None,
+            })
+            .await
+            .unwrap()
+        }
+
+        fn hits(&self) -> Vec<String> {
+            self.hits.lock().unwrap().clone()
+        }
+    }
+
+    /// Reads one request; returns the operation named by `X-Amz-Target`.
+    async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<String> {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let header_end = loop {
+            let n = sock.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..header_end]).to_ascii_lowercase();
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                l.strip_prefix(name)
+                    .map(|v| v.trim_start_matches(':').trim().to_owned())
+            })
+        };
+        let len: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while buf.len() < header_end + len {
+            let n = sock.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let target = header("x-amz-target").unwrap_or_default();
+        // Header values were lower-cased above; give the operation its usual spelling back.
+        let op = target.rsplit('.').next().unwrap_or("").to_owned();
+        Some(
+            match op.as_str() {
+                "decrypt" => "Decrypt",
+                "describekey" => "DescribeKey",
+                "generatedatakey" => "GenerateDataKey",
+                "encrypt" => "Encrypt",
+                _ => "Other",
+            }
+            .to_owned(),
+        )
+    }
+
+    fn error(code: &str, message: &str) -> String {
+        format!(r#"{{"__type":"{code}","message":"{message}"}}"#)
+    }
+
+    fn metadata(state: &str, extra: &str) -> String {
+        format!(
+            r#"{{"KeyMetadata":{{"KeyId":"1234abcd-12ab-34cd-56ef-1234567890ab","Arn":"arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab","KeyState":"{state}","Enabled":false,"Origin":"EXTERNAL","CreationDate":1700000000{extra}}}}}"#
+        )
+    }
+
+    fn key() -> KeyRef {
+        KeyRef::parse("aws-kms:1234abcd-12ab-34cd-56ef-1234567890ab").unwrap()
+    }
+
+    fn wrapped() -> custos::keys::WrappedKey {
+        custos::keys::WrappedKey {
+            key_id: key().id().into(),
+            key_version: None,
+            ciphertext: vec![7; 116],
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_credentials_read_as_access_denied_and_are_not_retried() {
+        for code in [
+            "UnrecognizedClientException",
+            "InvalidSignatureException",
+            "AccessDeniedException",
+            "ExpiredTokenException",
+        ] {
+            let fake = FakeKms::start(move |_, _| {
+                (
+                    400,
+                    error(
+                        code,
+                        "The security token included in the request is invalid.",
+                    ),
+                )
+            })
+            .await;
+            let e = fake
+                .provider()
+                .await
+                .unwrap(&key(), &wrapped(), &ctx("acme", 1))
+                .await
+                .unwrap_err();
+            eprintln!("fake {code}: {e}");
+            assert!(matches!(e, KeyError::AccessDenied { .. }), "{code}: {e:?}");
+            assert_eq!(e.kind(), "key_unavailable");
+            assert!(e.to_string().contains(code), "{e}");
+            assert_eq!(fake.hits().len(), 1, "{code} must not be retried");
+        }
+    }
+
+    type Check = fn(&KeyError) -> bool;
+
+    #[tokio::test]
+    async fn permanent_errors_map_and_are_not_retried() {
+        let cases: [(&str, u16, Check); 5] = [
+            ("InvalidCiphertextException", 400, |e| {
+                matches!(e, KeyError::InvalidCiphertext { .. })
+            }),
+            ("IncorrectKeyException", 400, |e| {
+                matches!(e, KeyError::InvalidCiphertext { .. })
+            }),
+            ("DisabledException", 400, |e| {
+                matches!(e, KeyError::Disabled { .. })
+            }),
+            ("NotFoundException", 400, |e| {
+                matches!(e, KeyError::NotFound { .. })
+            }),
+            ("UnsupportedOperationException", 501, |e| {
+                matches!(e, KeyError::Backend { .. })
+            }),
+        ];
+        for (code, status, check) in cases {
+            let fake = FakeKms::start(move |_, _| (status, error(code, "no"))).await;
+            let e = fake
+                .provider()
+                .await
+                .unwrap(&key(), &wrapped(), &ctx("acme", 1))
+                .await
+                .unwrap_err();
+            eprintln!("fake {code}: {e} (kind {})", e.kind());
+            assert!(check(&e), "{code}: {e:?}");
+            assert!(!e.is_transient());
+            assert_eq!(fake.hits().len(), 1, "{code} must not be retried");
+        }
+    }
+
+    #[tokio::test]
+    async fn throttling_is_retried_with_backoff_then_reported() {
+        let fake =
+            FakeKms::start(|_, _| (400, error("ThrottlingException", "Rate exceeded"))).await;
+        let t = Instant::now();
+        let e = fake
+            .provider()
+            .await
+            .unwrap(&key(), &wrapped(), &ctx("acme", 1))
+            .await
+            .unwrap_err();
+        let took = t.elapsed();
+        eprintln!("fake throttling: {e} after {took:?}");
+        assert!(matches!(e, KeyError::Throttled { .. }), "{e:?}");
+        assert_eq!(e.kind(), "kms_throttled");
+        assert!(e.is_transient());
+        assert_eq!(fake.hits().len(), 5);
+        assert!(took < Duration::from_secs(11), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_retried_and_recover() {
+        let ok = r#"{"KeyId":"arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab","Plaintext":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="}"#;
+        let fake = FakeKms::start(move |_, n| match n {
+            0 => (500, error("KMSInternalException", "oops")),
+            1 => (503, String::new()),
+            2 => (400, error("LimitExceededException", "slow down")),
+            _ => (200, ok.to_owned()),
+        })
+        .await;
+        let dk = fake
+            .provider()
+            .await
+            .unwrap(&key(), &wrapped(), &ctx("acme", 1))
+            .await
+            .expect("recovers");
+        assert_eq!(dk.expose(), &std::array::from_fn::<u8, 32, _>(|i| i as u8));
+        assert_eq!(fake.hits().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_short_plaintext_is_refused() {
+        let fake =
+            FakeKms::start(|_, _| (200, r#"{"KeyId":"k","Plaintext":"AAECAw=="}"#.to_owned()))
+                .await;
+        let e = fake
+            .provider()
+            .await
+            .unwrap(&key(), &wrapped(), &ctx("acme", 1))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("4-byte plaintext"), "{e}");
+        assert!(!e.to_string().contains("AAECAw"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn invalid_state_is_explained_by_describing_the_key() {
+        let fake = FakeKms::start(|op, _| match op {
+            "DescribeKey" => (200, metadata("PendingImport", "")),
+            _ => (
+                400,
+                error("KMSInvalidStateException", "key is pending import"),
+            ),
+        })
+        .await;
+        let e = fake
+            .provider()
+            .await
+            .unwrap(&key(), &wrapped(), &ctx("acme", 1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, KeyError::PendingImport { .. }), "{e:?}");
+        assert_eq!(fake.hits(), ["Decrypt", "DescribeKey"]);
+
+        let fake = FakeKms::start(|op, _| match op {
+            "DescribeKey" => (
+                200,
+                metadata("PendingDeletion", r#","DeletionDate":1800000000"#),
+            ),
+            _ => (
+                400,
+                error("KMSInvalidStateException", "key is pending deletion"),
+            ),
+        })
+        .await;
+        let e = fake
+            .provider()
+            .await
+            .unwrap(&key(), &wrapped(), &ctx("acme", 1))
+            .await
+            .unwrap_err();
+        match e {
+            KeyError::PendingDeletion {
+                deletion_date: Some(d),
+                ..
+            } => assert_eq!(d.timestamp(), 1_800_000_000),
+            other => panic!("{other:?}"),
+        }
+
+        // Describe fails too: the message decides.
+        let fake = FakeKms::start(|op, _| match op {
+            "DescribeKey" => (400, error("AccessDeniedException", "no describe")),
+            _ => (
+                400,
+                error("KMSInvalidStateException", "arn:… is pending deletion."),
+            ),
+        })
+        .await;
+        let e = fake
+            .provider()
+            .await
+            .unwrap(&key(), &wrapped(), &ctx("acme", 1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KeyError::PendingDeletion {
+                    deletion_date: None,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn describe_maps_states_and_origin() {
+        let fake = FakeKms::start(|_, _| (200, metadata("PendingImport", ""))).await;
+        let info = fake.provider().await.describe(&key()).await.unwrap();
+        assert_eq!(info.state, KeyState::PendingImport);
+        assert_eq!(info.origin, KeyOrigin::External);
+        assert_eq!(
+            info.key_id,
+            "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+        );
+        assert_eq!(info.created_at.unwrap().timestamp(), 1_700_000_000);
+        let fake = FakeKms::start(|_, _| (200, metadata("Unavailable", ""))).await;
+        let info = fake.provider().await.describe(&key()).await.unwrap();
+        assert_eq!(
+            info.state,
+            KeyState::Other {
+                name: "Unavailable".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_endpoint_fails_fast() {
+        let p = AwsKmsProvider::new(&AwsKmsSettings {
+            region: Some("us-east-1".into()),
+            endpoint_url: Some("http://127.0.0.1:9".into()),
+            access_key_id: Some("test".into()),
+            secret_access_key: Some("test".into()),
+            profile: None,
+        })
+        .await
+        .unwrap();
+        let t = Instant::now();
+        let e = p
+            .unwrap(&key(), &wrapped(), &ctx("acme", 1))
+            .await
+            .unwrap_err();
+        let took = t.elapsed();
+        eprintln!("unreachable: {e} (kind {}) after {took:?}", e.kind());
+        match &e {
+            KeyError::Unreachable { endpoint, .. } => assert_eq!(endpoint, "http://127.0.0.1:9"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(e.kind(), "kms_unreachable");
+        assert!(e.is_transient());
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn missing_region_is_a_configuration_error() {
+        // Only meaningful when the environment supplies no region either, and
+        // only safe when the SDK may not ask instance metadata (169.254.169.254)
+        // for one: that address is never to be contacted from here.
+        if env("AWS_REGION").is_some()
+            || env("AWS_DEFAULT_REGION").is_some()
+            || env("AWS_PROFILE").is_some()
+        {
+            eprintln!("not applicable: the environment names a region or profile");
+            return;
+        }
+        if env("AWS_EC2_METADATA_DISABLED").as_deref() != Some("true") {
+            eprintln!(
+                "not applicable: needs AWS_EC2_METADATA_DISABLED=true (else the SDK asks instance metadata)"
+            );
+            return;
+        }
+        let e = AwsKmsProvider::new(&AwsKmsSettings {
+            endpoint_url: Some("http://127.0.0.1:9".into()),
+            access_key_id: Some("test".into()),
+            secret_access_key: Some("test".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(e, KeyError::NotConfigured { .. }), "{e:?}");
+        assert!(e.to_string().contains("region"), "{e}");
+    }
+}
