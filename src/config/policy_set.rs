@@ -1,0 +1,466 @@
+//! Loading the policies directory: every `*.toml` but `defaults.toml` is one
+//! tenant (sorted by file name), merged over `defaults.toml` when present.
+//!
+//! Problems are collected across all files before anything is refused, so an
+//! operator sees every mistake at once (`custos policy validate`), and a
+//! daemon reloading on SIGHUP can refuse a bad set whole and keep the old one.
+//! Files whose names start with '.' (editor lock and swap files) and
+//! subdirectories are ignored.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use toml::Spanned;
+use toml::de::DeTable;
+
+use super::diag::{PolicyError, PolicyErrors, SourceText};
+use super::paths::base_dir_of;
+use super::policy::{Built, Mode, Policy, build};
+use super::walk::{Diags, Table};
+use crate::keys::KeyRef;
+use crate::tenant::TenantId;
+
+/// The file in a policies directory whose values every tenant inherits.
+pub const DEFAULTS_FILE: &str = "defaults.toml";
+
+/// Every tenant's policy, as loaded from one directory.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicySet {
+    pub dir: PathBuf,
+    pub policies: BTreeMap<TenantId, Policy>,
+    /// Every file read (defaults.toml included), with its content hash.
+    pub files: Vec<PolicyFile>,
+    /// Problems that do not invalidate the set (a source directory missing, no schedule).
+    pub warnings: Vec<PolicyError>,
+}
+
+/// A file a [`PolicySet`] was read from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyFile {
+    pub path: PathBuf,
+    /// BLAKE3 of the file's bytes, hex.
+    pub blake3: String,
+    /// The tenant the file defines; `None` for defaults.toml.
+    pub tenant: Option<TenantId>,
+}
+
+/// How a reloaded set differs from the running one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PolicyChanges {
+    pub added: Vec<TenantId>,
+    pub removed: Vec<TenantId>,
+    pub changed: Vec<TenantId>,
+}
+
+impl PolicyChanges {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+impl PolicySet {
+    pub fn get(&self, tenant: &TenantId) -> Option<&Policy> {
+        self.policies.get(tenant)
+    }
+
+    pub fn tenants(&self) -> impl Iterator<Item = &TenantId> {
+        self.policies.keys()
+    }
+
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// True when the same files with the same contents were read: a reload can stop here.
+    pub fn same_files(&self, other: &PolicySet) -> bool {
+        self.files == other.files
+    }
+
+    /// Tenants added, removed, or whose effective policy changed (through their
+    /// own file or defaults.toml), from `old` to `self`.
+    pub fn changes_from(&self, old: &PolicySet) -> PolicyChanges {
+        let mut changes = PolicyChanges::default();
+        for (tenant, policy) in &self.policies {
+            match old.policies.get(tenant) {
+                None => changes.added.push(tenant.clone()),
+                Some(before) if before != policy => changes.changed.push(tenant.clone()),
+                Some(_) => {}
+            }
+        }
+        changes.removed = old
+            .policies
+            .keys()
+            .filter(|t| !self.policies.contains_key(*t))
+            .cloned()
+            .collect();
+        changes
+    }
+}
+
+/// Loads and validates every policy in `dir`. Any error anywhere refuses the
+/// whole set, with every error listed.
+pub fn load_policies(dir: &Path) -> Result<PolicySet, PolicyErrors> {
+    let outcome = load(dir, None);
+    if !outcome.errors.is_empty() {
+        return Err(PolicyErrors::new(outcome.errors));
+    }
+    Ok(PolicySet {
+        dir: dir.to_path_buf(),
+        policies: outcome
+            .built
+            .into_iter()
+            .map(|b| (b.policy.tenant.clone(), b.policy))
+            .collect(),
+        files: outcome.files,
+        warnings: sorted(outcome.warnings),
+    })
+}
+
+/// Loads one tenant's policy file (a name in `dir`, or a path) over `dir`'s
+/// defaults.toml. Checks across tenants (duplicate ids, shared keys) are
+/// [`load_policies`]'s.
+pub fn load_policy_file(dir: &Path, file: &Path) -> Result<Policy, PolicyErrors> {
+    let path = dir.join(file);
+    if path.file_name().is_some_and(|n| n == DEFAULTS_FILE) {
+        return Err(PolicyErrors::new(vec![PolicyError::file(
+            path,
+            "defaults.toml holds the defaults of every tenant; it is not a tenant policy",
+        )]));
+    }
+    let mut outcome = load(dir, Some(&path));
+    match (outcome.errors.is_empty(), outcome.built.pop()) {
+        (true, Some(built)) => Ok(built.policy),
+        _ => Err(PolicyErrors::new(outcome.errors)),
+    }
+}
+
+/// What `custos policy validate [DIR]` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct ValidationReport {
+    pub dir: PathBuf,
+    /// Tenants whose policy is valid on its own.
+    pub tenants: Vec<TenantSummary>,
+    pub errors: Vec<PolicyError>,
+    pub warnings: Vec<PolicyError>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantSummary {
+    pub tenant: TenantId,
+    pub file: PathBuf,
+    pub key: KeyRef,
+    pub sources: Vec<String>,
+    pub backup_schedule: Option<String>,
+}
+
+impl ValidationReport {
+    /// True when there is no error (warnings allowed): the exit status of `policy validate`.
+    pub fn is_ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+impl fmt::Display for ValidationReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for t in &self.tenants {
+            let schedule = t.backup_schedule.as_deref().unwrap_or("on demand");
+            writeln!(
+                f,
+                "ok       {} ({}): key {}, sources {}, backup {}",
+                t.tenant,
+                t.file.display(),
+                t.key,
+                t.sources.join(", "),
+                schedule
+            )?;
+        }
+        for w in &self.warnings {
+            writeln!(f, "warning  {w}")?;
+        }
+        for e in &self.errors {
+            writeln!(f, "error    {e}")?;
+        }
+        let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+        write!(
+            f,
+            "{}: {} valid, {}, {}",
+            self.dir.display(),
+            plural(self.tenants.len(), "tenant"),
+            plural(self.errors.len(), "error"),
+            plural(self.warnings.len(), "warning")
+        )
+    }
+}
+
+/// Validates every policy in `dir`, listing the valid tenants and every error.
+pub fn validate_dir(dir: &Path) -> ValidationReport {
+    let outcome = load(dir, None);
+    let tenants = outcome
+        .built
+        .iter()
+        .map(|b| TenantSummary {
+            tenant: b.policy.tenant.clone(),
+            file: b.policy.file.clone(),
+            key: b.policy.key.clone(),
+            sources: b
+                .policy
+                .sources
+                .iter()
+                .map(|s| s.name().to_owned())
+                .collect(),
+            backup_schedule: b.policy.backup.schedule.as_ref().map(|s| s.to_string()),
+        })
+        .collect();
+    ValidationReport {
+        dir: dir.to_path_buf(),
+        tenants,
+        errors: PolicyErrors::new(outcome.errors).into_errors(),
+        warnings: sorted(outcome.warnings),
+    }
+}
+
+fn sorted(mut v: Vec<PolicyError>) -> Vec<PolicyError> {
+    v.sort();
+    v.dedup();
+    v
+}
+
+struct Outcome {
+    /// Policies that are valid on their own (cross-file conflicts are in `errors`).
+    built: Vec<Built>,
+    files: Vec<PolicyFile>,
+    errors: Vec<PolicyError>,
+    warnings: Vec<PolicyError>,
+}
+
+/// The directory's tenant files (sorted) and its defaults.toml, if any.
+fn scan(dir: &Path) -> Result<(Vec<PathBuf>, Option<PathBuf>), PolicyError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| PolicyError::file(dir, format!("cannot read the policies directory: {e}")))?;
+    let mut tenants = Vec::new();
+    let mut defaults = None;
+    for entry in entries {
+        let entry = entry.map_err(|e| {
+            PolicyError::file(dir, format!("cannot list the policies directory: {e}"))
+        })?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            return Err(PolicyError::file(
+                dir.join(&name),
+                "file name is not valid UTF-8",
+            ));
+        };
+        if name.starts_with('.') || !name.ends_with(".toml") {
+            continue;
+        }
+        let path = dir.join(name);
+        // Follows symlinks: a linked policy file counts, a directory named x.toml does not.
+        if !path.is_file() {
+            continue;
+        }
+        if name == DEFAULTS_FILE {
+            defaults = Some(path);
+        } else {
+            tenants.push(path);
+        }
+    }
+    tenants.sort();
+    Ok((tenants, defaults))
+}
+
+/// Reads, parses and builds. `only`: a single tenant file instead of the whole directory.
+fn load(dir: &Path, only: Option<&Path>) -> Outcome {
+    let mut out = Outcome {
+        built: Vec::new(),
+        files: Vec::new(),
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let (tenant_paths, defaults_path) = match only {
+        Some(file) => {
+            let defaults = dir.join(DEFAULTS_FILE);
+            (
+                vec![file.to_path_buf()],
+                defaults.is_file().then_some(defaults),
+            )
+        }
+        None => match scan(dir) {
+            Ok(found) => found,
+            Err(e) => {
+                out.errors.push(e);
+                return out;
+            }
+        },
+    };
+
+    // Read every file first (defaults.toml, when present, is number 0); parse
+    // after, since the parsed trees borrow the texts.
+    let mut texts = Vec::new();
+    let mut defaults_broken = false;
+    if let Some(path) = &defaults_path {
+        match SourceText::read(path) {
+            Ok(s) => texts.push(s),
+            Err(e) => {
+                defaults_broken = true;
+                out.errors.push(e);
+            }
+        }
+    }
+    let first_tenant = texts.len();
+    for path in &tenant_paths {
+        match SourceText::read(path) {
+            Ok(s) => texts.push(s),
+            Err(e) => out.errors.push(e),
+        }
+    }
+    let bases: Vec<PathBuf> = texts.iter().map(|s| base_dir_of(&s.path)).collect();
+
+    let mut parsed: Vec<Option<Spanned<DeTable<'_>>>> = Vec::with_capacity(texts.len());
+    for source in &texts {
+        let (doc, syntax) = DeTable::parse_recoverable(&source.text);
+        if syntax.is_empty() {
+            parsed.push(Some(doc));
+        } else {
+            for e in &syntax {
+                out.errors
+                    .push(source.error_at(e.span().map(|s| s.start), e.message().to_owned()));
+            }
+            parsed.push(None);
+        }
+    }
+
+    let mut d = Diags::new(&texts);
+    let defaults = match first_tenant {
+        1 => match &parsed[0] {
+            Some(doc) => Some((0, doc.get_ref())),
+            None => {
+                defaults_broken = true;
+                None
+            }
+        },
+        _ => None,
+    };
+    if let Some(layer) = defaults {
+        build(&mut d, &Table::root(vec![layer]), Mode::Defaults, &bases);
+    }
+    // With a broken defaults.toml no tenant can be built faithfully: its errors stand alone.
+    if !defaults_broken {
+        for (i, doc) in parsed.iter().enumerate().skip(first_tenant) {
+            let Some(doc) = doc else { continue };
+            let mut layers = vec![(i, doc.get_ref())];
+            layers.extend(defaults);
+            let stem = texts[i].path.file_stem().and_then(|s| s.to_str());
+            if let Some(built) = build(
+                &mut d,
+                &Table::root(layers),
+                Mode::Tenant { file_stem: stem },
+                &bases,
+            ) {
+                out.built.push(built);
+            }
+        }
+    }
+
+    if only.is_none() {
+        duplicate_tenants(&mut d, &parsed, first_tenant);
+        shared_keys(&mut d, &mut out.built);
+    }
+    out.errors.extend(d.errors);
+    out.warnings.extend(d.warnings);
+    let tenants_by_file: HashMap<&Path, &TenantId> = out
+        .built
+        .iter()
+        .map(|b| (b.policy.file.as_path(), &b.policy.tenant))
+        .collect();
+    out.files = texts
+        .iter()
+        .map(|s| PolicyFile {
+            path: s.path.clone(),
+            blake3: blake3::hash(s.text.as_bytes()).to_hex().to_string(),
+            tenant: tenants_by_file.get(s.path.as_path()).map(|t| (*t).clone()),
+        })
+        .collect();
+    out
+}
+
+/// Two files naming the same tenant. Checked on the raw `tenant` values, so it
+/// is reported even when one of the files also fails otherwise (a copied file
+/// not yet renamed); the file named after the tenant is taken as its owner.
+fn duplicate_tenants(
+    d: &mut Diags<'_>,
+    parsed: &[Option<Spanned<DeTable<'_>>>],
+    first_tenant: usize,
+) {
+    let mut claims: BTreeMap<String, Vec<(usize, usize)>> = BTreeMap::new();
+    for (i, doc) in parsed.iter().enumerate().skip(first_tenant) {
+        let Some(doc) = doc else { continue };
+        let Some(item) = Table::root(vec![(i, doc.get_ref())]).get_top("tenant") else {
+            continue;
+        };
+        if let toml::de::DeValue::String(s) = item.value
+            && TenantId::new(s).is_ok()
+        {
+            claims
+                .entry(s.to_string())
+                .or_default()
+                .push((i, item.start));
+        }
+    }
+    for (tenant, files) in claims.into_iter().filter(|(_, f)| f.len() > 1) {
+        let stem_of = |i: usize| {
+            d.files[i]
+                .path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .map(str::to_owned)
+        };
+        let owner = files
+            .iter()
+            .position(|&(i, _)| stem_of(i).as_deref() == Some(tenant.as_str()))
+            .unwrap_or(0);
+        let owner_file = d.files[files[owner].0].path.display().to_string();
+        for (n, &(file, offset)) in files.iter().enumerate() {
+            if n != owner {
+                d.error(
+                    file,
+                    Some(offset),
+                    format!("tenant: {tenant:?} is already defined in {owner_file}"),
+                );
+            }
+        }
+    }
+}
+
+/// One key per tenant: a CMK shared by two tenants would make shredding one
+/// destroy the other's backups. The later file (by name) is refused.
+fn shared_keys(d: &mut Diags<'_>, built: &mut Vec<Built>) {
+    let mut by_key: HashMap<String, usize> = HashMap::new();
+    let mut refused = vec![false; built.len()];
+    for (i, b) in built.iter().enumerate() {
+        let key = b.policy.key.to_string();
+        if let Some(&first) = by_key.get(&key) {
+            let other = &built[first].policy;
+            d.error(
+                b.key_at.0,
+                Some(b.key_at.1),
+                format!(
+                    "key: {key} is also the key of tenant {} ({}); every tenant needs its own key, or shredding one \
+                     tenant would destroy the other's backups",
+                    other.tenant,
+                    other.file.display()
+                ),
+            );
+            refused[i] = true;
+        } else {
+            by_key.insert(key, i);
+        }
+    }
+    let mut refused = refused.into_iter();
+    built.retain(|_| !refused.next().unwrap_or(false));
+}
