@@ -52,11 +52,89 @@ impl Context {
             store_url,
             keys: KeyProviders {
                 local: Some(std::sync::Arc::new(local)),
-                aws_kms: None,
+                ..Default::default()
             },
             state: StateDir::open(root.join("state"))?,
             holder: crate::store::lease::holder_id(),
             lease_ttl: Duration::from_secs(120),
         })
+    }
+}
+
+impl Context {
+    /// Builds the context a configuration describes: its store (local
+    /// directory or S3), the local key provider, and AWS KMS when a region is
+    /// configured (in custos.toml `[aws]` or the standard AWS environment).
+    pub async fn from_config(cfg: &crate::config::Config) -> crate::Result<Context> {
+        let store = open_store(cfg)?;
+        let local = crate::keys::local::LocalKeyProvider::new(&cfg.local_keys_dir)?;
+        let mut keys = KeyProviders {
+            local: Some(std::sync::Arc::new(local)),
+            ..Default::default()
+        };
+        let aws = aws_kms_settings(cfg);
+        let env_region = ["AWS_REGION", "AWS_DEFAULT_REGION"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
+        if aws.region.is_some() || env_region {
+            match crate::keys::aws_kms::AwsKmsProvider::new(&aws).await {
+                Ok(p) => keys.aws_kms = Some(std::sync::Arc::new(p)),
+                Err(e) => keys.aws_kms_unavailable = Some(e.to_string()),
+            }
+        } else {
+            // Without a region the SDK would probe the EC2 metadata service; custos
+            // never does that implicitly.
+            keys.aws_kms_unavailable = Some(
+                "AWS KMS needs a region: set [aws] region in custos.toml or AWS_REGION".into(),
+            );
+        }
+        Ok(Context {
+            store,
+            store_url: cfg.store.url(),
+            keys,
+            state: StateDir::open(&cfg.state_dir)?,
+            holder: crate::store::lease::holder_id(),
+            lease_ttl: cfg.daemon.lease_ttl,
+        })
+    }
+}
+
+/// Opens the configured object store.
+pub fn open_store(cfg: &crate::config::Config) -> crate::Result<SharedStore> {
+    use crate::config::StoreLocation;
+    match &cfg.store {
+        StoreLocation::Local(path) => crate::store::local::open(path),
+        StoreLocation::Memory => Ok(crate::store::memory()),
+        StoreLocation::S3 { bucket, prefix } => {
+            let aws = &cfg.aws;
+            crate::store::s3::open(
+                bucket,
+                prefix,
+                &crate::store::s3::S3Options {
+                    region: aws.region.clone(),
+                    endpoint_url: aws.s3_endpoint().map(str::to_owned),
+                    allow_http: aws.allow_http.then_some(true),
+                    access_key_id: aws.access_key_id.clone(),
+                    secret_access_key: aws
+                        .secret_access_key
+                        .as_ref()
+                        .map(|s| s.expose().to_owned()),
+                },
+            )
+        }
+    }
+}
+
+fn aws_kms_settings(cfg: &crate::config::Config) -> crate::keys::aws_kms::AwsKmsSettings {
+    let aws = &cfg.aws;
+    crate::keys::aws_kms::AwsKmsSettings {
+        region: aws.region.clone(),
+        endpoint_url: aws.kms_endpoint().map(str::to_owned),
+        access_key_id: aws.access_key_id.clone(),
+        secret_access_key: aws
+            .secret_access_key
+            .as_ref()
+            .map(|s| s.expose().to_owned()),
+        profile: aws.profile.clone(),
     }
 }

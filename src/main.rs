@@ -1,3 +1,3 @@
-fn main() {
-    println!("custos (being written)");
+fn main() -> std::process::ExitCode {
+    custos::cli::main()
 }

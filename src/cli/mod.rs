@@ -1,1 +1,88 @@
-//! (being written)
+//! The `custos` command line: one module per command. Library errors are
+//! typed; here they get their context and become exit codes:
+//! 0 success, 1 failure (job failed, faults found), 2 invalid usage.
+
+mod backup;
+mod check;
+mod forget;
+mod output;
+mod policy;
+mod restore;
+mod setup;
+mod snapshots;
+mod tenant;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::report::logging::{self, LogTarget};
+
+#[derive(Parser)]
+#[command(
+    name = "custos",
+    version,
+    about = "Per-tenant encrypted backups under customer-managed keys, with restore drills and verifiable crypto-shredding",
+    long_about = None
+)]
+pub struct Cli {
+    /// Configuration file (default: $CUSTOS_CONFIG, else ./custos.toml, else built-in defaults).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Initialise, list and inspect tenants.
+    #[command(subcommand)]
+    Tenant(tenant::TenantCommand),
+    /// Back up a tenant's sources, as its policy defines them.
+    Backup(backup::Args),
+    /// List a tenant's snapshots.
+    Snapshots(snapshots::Args),
+    /// Restore a snapshot into a directory.
+    Restore(restore::Args),
+    /// Verify a tenant's repository (structure; with --read-data, every blob).
+    Check(check::Args),
+    /// Remove snapshots by retention rules (the policy's by default).
+    Forget(forget::ForgetArgs),
+    /// Remove data no snapshot needs.
+    Prune(forget::PruneArgs),
+    /// Tenant policy files.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+}
+
+/// Entry point of the `custos` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(LogTarget::Stderr);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> ExitCode {
+    let config = cli.config.as_deref();
+    match cli.command {
+        Command::Tenant(cmd) => tenant::run(config, cmd).await,
+        Command::Backup(args) => backup::run(config, args).await,
+        Command::Snapshots(args) => snapshots::run(config, args).await,
+        Command::Restore(args) => restore::run(config, args).await,
+        Command::Check(args) => check::run(config, args).await,
+        Command::Forget(args) => forget::run_forget(config, args).await,
+        Command::Prune(args) => forget::run_prune(config, args).await,
+        Command::Policy(cmd) => policy::run(config, cmd).await,
+    }
+}

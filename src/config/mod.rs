@@ -24,7 +24,7 @@ mod walk;
 pub use diag::{PolicyError, PolicyErrors};
 pub use policy::{
     BackupPolicy, CheckPolicy, DeletionPolicy, DeletionState, DrillMode, DrillPick, DrillPolicy,
-    ExcludeSet, Policy, RetentionPolicy, RotationPolicy, SourceSpec, VerifyCommand,
+    PathGlobs, Policy, RetentionPolicy, RotationPolicy, SourceSpec, VerifyCommand,
 };
 pub use policy_set::{
     PolicyChanges, PolicyFile, PolicySet, TenantSummary, ValidationReport, load_policies,

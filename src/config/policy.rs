@@ -65,7 +65,7 @@ pub enum SourceSpec {
         name: String,
         /// Absolute. It need not exist when the policy is loaded (it may be mounted later).
         path: PathBuf,
-        /// Globs relative to `path`, see [`ExcludeSet`].
+        /// Globs relative to `path`, see [`PathGlobs`].
         exclude: Vec<String>,
         /// Do not descend into other file systems (mount points).
         one_file_system: bool,
@@ -101,7 +101,8 @@ impl SourceSpec {
     }
 }
 
-/// Compiled `exclude` globs of a path source.
+/// Compiled path globs: the `exclude` patterns of a path source, and the
+/// `--include` patterns of a restore.
 ///
 /// Patterns match the path of an entry relative to the source root, with '/'
 /// separators: `*` and `?` stay within one component and `**` crosses any
@@ -109,24 +110,24 @@ impl SourceSpec {
 /// at any depth (`*.tmp`), one with '/' matches from the root (`cache/**`), and
 /// a leading '/' only anchors (`/build`).
 #[derive(Debug, Clone)]
-pub struct ExcludeSet {
+pub struct PathGlobs {
     set: GlobSet,
 }
 
-impl ExcludeSet {
-    pub fn new(patterns: &[String]) -> Result<ExcludeSet, String> {
+impl PathGlobs {
+    pub fn new(patterns: &[String]) -> Result<PathGlobs, String> {
         let mut builder = GlobSetBuilder::new();
         for p in patterns {
             builder.add(compile_exclude(p)?);
         }
         builder
             .build()
-            .map(|set| ExcludeSet { set })
+            .map(|set| PathGlobs { set })
             .map_err(|e| e.to_string())
     }
 
-    /// True when `relative` (a path relative to the source root) is excluded.
-    pub fn is_excluded(&self, relative: &Path) -> bool {
+    /// True when `relative` (relative to the source root, or a snapshot path) matches.
+    pub fn is_match(&self, relative: &Path) -> bool {
         self.set.is_match(relative)
     }
 }
@@ -1384,7 +1385,7 @@ mod tests {
 
     #[test]
     fn excludes_match_like_gitignore() {
-        let set = ExcludeSet::new(&args(&["*.tmp", "cache/**", "/build", "logs/"])).unwrap();
+        let set = PathGlobs::new(&args(&["*.tmp", "cache/**", "/build", "logs/"])).unwrap();
         for yes in [
             "a.tmp",
             "deep/er/b.tmp",
@@ -1393,17 +1394,17 @@ mod tests {
             "build",
             "logs",
         ] {
-            assert!(set.is_excluded(Path::new(yes)), "{yes}");
+            assert!(set.is_match(Path::new(yes)), "{yes}");
         }
         for no in ["a.tmpx", "src/cache/x", "src/build", "cache", "tmp"] {
-            assert!(!set.is_excluded(Path::new(no)), "{no}");
+            assert!(!set.is_match(Path::new(no)), "{no}");
         }
-        let err = ExcludeSet::new(&args(&["a[b"])).unwrap_err();
+        let err = PathGlobs::new(&args(&["a[b"])).unwrap_err();
         assert!(
             err.starts_with("invalid glob \"a[b\": unclosed character class"),
             "{err}"
         );
-        assert!(ExcludeSet::new(&args(&[""])).is_err());
+        assert!(PathGlobs::new(&args(&[""])).is_err());
     }
 
     #[test]

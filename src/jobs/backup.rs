@@ -17,6 +17,7 @@ use chrono::Utc;
 use tokio::runtime::Handle;
 
 use super::Progress;
+use crate::config::PathGlobs;
 use crate::error::{Error, Result};
 use crate::format::ids::{BlobId, SnapshotId};
 use crate::format::pack::BlobKind;
@@ -27,9 +28,9 @@ use crate::pipeline::chunker::{ChunkError, Chunker, DATA_CHUNKS};
 use crate::pipeline::packer::{Packer, PackerConfig, Work};
 use crate::pipeline::tree::{TreeReader, TreeWriter};
 use crate::repo::Repo;
-use crate::source::Source;
 use crate::source::command::RunningCommand;
-use crate::source::walk::{Found, Walker, excludes, nanos, source_root_exists};
+use crate::source::walk::{Found, Walker, nanos, source_root_exists};
+use crate::source::{Source, origin};
 use crate::store::ObjectName;
 use crate::store::lease::LeaseGuard;
 
@@ -86,7 +87,7 @@ pub async fn run(
                 source_name: s.name().into(),
                 message: m,
             })?;
-            excludes(exclude).map_err(|m| Error::Source {
+            PathGlobs::new(exclude).map_err(|m| Error::Source {
                 source_name: s.name().into(),
                 message: m,
             })?;
@@ -173,7 +174,7 @@ pub async fn run(
             .map(|s| SourceRecord {
                 name: s.name().into(),
                 kind: s.kind().into(),
-                origin: s.origin(),
+                origin: origin(s),
             })
             .collect(),
         tree,
@@ -234,7 +235,7 @@ impl Reader<'_> {
                 exclude,
                 one_file_system,
             } => {
-                let ex = excludes(exclude).map_err(|m| Error::Source {
+                let ex = PathGlobs::new(exclude).map_err(|m| Error::Source {
                     source_name: name.clone(),
                     message: m,
                 })?;
@@ -249,6 +250,10 @@ impl Reader<'_> {
                 argv,
                 timeout,
             } => self.command(name, argv, *timeout),
+            Source::ObjectStore { name, url } => Err(Error::Source {
+                source_name: name.clone(),
+                message: format!("object-store sources ({url}) are not supported by this build"),
+            }),
         }
     }
 
@@ -471,5 +476,16 @@ fn entry(rel: &[u8], kind: EntryKind, meta: &std::fs::Metadata) -> Entry {
         target: None,
         inode: meta.ino(),
         ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
+    }
+}
+
+impl crate::report::JobOutput for BackupReport {
+    fn metrics(&self) -> crate::report::JobMetrics {
+        crate::report::JobMetrics {
+            bytes_in: Some(self.summary.bytes_in),
+            bytes_stored: Some(self.summary.bytes_stored),
+            files: Some(self.summary.files),
+            snapshot: Some(self.snapshot.to_hex()),
+        }
     }
 }

@@ -271,3 +271,12 @@ async fn read_pack(
     .map_err(|e| Error::Internal(format!("check worker panicked: {e}")))?;
     Ok((size, faults))
 }
+
+impl crate::report::JobOutput for CheckReport {
+    fn metrics(&self) -> crate::report::JobMetrics {
+        crate::report::JobMetrics {
+            bytes_in: Some(self.bytes_read),
+            ..Default::default()
+        }
+    }
+}

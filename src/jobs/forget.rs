@@ -13,32 +13,10 @@ use crate::repo::Repo;
 use crate::store::ObjectName;
 use crate::store::lease::LeaseGuard;
 
-/// Retention rules, as restic and borg have them. A snapshot is kept if any rule keeps it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Retention {
-    pub keep_last: u32,
-    pub keep_hourly: u32,
-    pub keep_daily: u32,
-    pub keep_weekly: u32,
-    pub keep_monthly: u32,
-    pub keep_yearly: u32,
-    /// Keep everything taken within this long before now. Measured from the
-    /// clock, not from the newest snapshot, so snapshots forged with future
-    /// times cannot push real ones out.
-    pub keep_within: Option<std::time::Duration>,
-}
-
-impl Retention {
-    pub fn keeps_nothing(&self) -> bool {
-        self.keep_last == 0
-            && self.keep_hourly == 0
-            && self.keep_daily == 0
-            && self.keep_weekly == 0
-            && self.keep_monthly == 0
-            && self.keep_yearly == 0
-            && self.keep_within.is_none()
-    }
-}
+/// The retention rules: a snapshot is kept if any rule keeps it. `keep_within`
+/// is measured from the clock, not from the newest snapshot, so snapshots
+/// forged with future times cannot push real ones out.
+pub use crate::config::RetentionPolicy as Retention;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Decision {
@@ -217,7 +195,7 @@ mod tests {
         let rules = Retention {
             keep_last: 1,
             keep_daily: 2,
-            ..Default::default()
+            ..Retention::empty()
         };
         let d = apply(&rules, &snaps, "2026-11-23T00:00:00Z".parse().unwrap());
         let kept: Vec<_> = d
@@ -238,7 +216,7 @@ mod tests {
         snaps.push(snap("2030-01-01T00:00:00Z")); // forged far in the future
         let rules = Retention {
             keep_within: Some(std::time::Duration::from_secs(3 * 86400)),
-            ..Default::default()
+            ..Retention::empty()
         };
         let d = apply(&rules, &snaps, "2026-11-23T00:00:00Z".parse().unwrap());
         assert!(d.iter().all(|d| d.keep), "{d:?}");
@@ -259,7 +237,7 @@ mod tests {
             keep_weekly: 4,
             keep_monthly: 3,
             keep_yearly: 2,
-            ..Default::default()
+            ..Retention::empty()
         };
         let d = apply(&rules, &snaps, Utc::now());
         assert_eq!(
@@ -276,3 +254,5 @@ mod tests {
         );
     }
 }
+
+impl crate::report::JobOutput for ForgetReport {}

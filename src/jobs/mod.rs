@@ -6,6 +6,7 @@ pub mod check;
 pub mod forget;
 pub mod prune;
 pub mod restore;
+pub mod runner;
 
 /// Progress callbacks (the CLI draws bars from them on a terminal).
 pub trait Progress: Send + Sync {

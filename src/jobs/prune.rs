@@ -254,3 +254,12 @@ fn epochs_in(index: &Index) -> Vec<u32> {
     e.dedup();
     e
 }
+
+impl crate::report::JobOutput for PruneReport {
+    fn metrics(&self) -> crate::report::JobMetrics {
+        crate::report::JobMetrics {
+            bytes_stored: Some(self.bytes_written),
+            ..Default::default()
+        }
+    }
+}

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
-use globset::GlobSet;
 
 use super::Progress;
+use crate::config::PathGlobs;
 use crate::error::{Error, Result};
 use crate::format::ids::{BlobId, IdMap, PackId, SnapshotId};
 use crate::format::pack::{PackEntry, open_blob};
@@ -64,7 +64,8 @@ pub async fn run(
 ) -> Result<RestoreReport> {
     let started = Instant::now();
     repo.require_active("restore")?;
-    let include = crate::source::walk::excludes(&opts.include).map_err(Error::InvalidArgument)?;
+    let include = PathGlobs::new(&opts.include)
+        .map_err(|e| Error::InvalidArgument(format!("--include: {e}")))?;
     prepare_target(&opts.target, opts.overwrite)?;
     let keys = repo.epoch_keys(snapshot.epoch).await?;
     let index = repo.load_index_strict().await?;
@@ -170,7 +171,7 @@ struct Restorer<'a> {
     index: &'a Index,
     keys: Arc<EpochKeys>,
     target: PathBuf,
-    include: GlobSet,
+    include: PathGlobs,
     filter: bool,
     overwrite: bool,
     /// Directory entries above the current entry, with whether each was created.
@@ -546,4 +547,15 @@ fn coalesce(blobs: &[PlannedBlob]) -> Vec<std::ops::Range<u64>> {
         }
     }
     ranges
+}
+
+impl crate::report::JobOutput for RestoreReport {
+    fn metrics(&self) -> crate::report::JobMetrics {
+        crate::report::JobMetrics {
+            bytes_in: Some(self.bytes),
+            files: Some(self.files),
+            snapshot: self.snapshot.map(|s| s.to_hex()),
+            ..Default::default()
+        }
+    }
 }

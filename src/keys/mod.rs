@@ -484,6 +484,8 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
 pub struct KeyProviders {
     pub local: Option<Arc<dyn KeyProvider>>,
     pub aws_kms: Option<Arc<dyn KeyProvider>>,
+    /// Why there is no AWS KMS provider, told to whoever asks for one.
+    pub aws_kms_unavailable: Option<String>,
 }
 
 impl KeyProviders {

@@ -1,1 +1,173 @@
-//! (being written)
+//! Reporting: structured log events with stable names and fields (the table in
+//! the README), and one JSON report per job run in the state directory.
+
+pub mod logging;
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::state::StateDir;
+use crate::tenant::TenantId;
+
+/// The jobs custos runs, as named in events, reports and metrics.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Init,
+    Backup,
+    Restore,
+    Check,
+    Forget,
+    Prune,
+    Drill,
+    Rotate,
+    Shred,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Init => "init",
+            JobKind::Backup => "backup",
+            JobKind::Restore => "restore",
+            JobKind::Check => "check",
+            JobKind::Forget => "forget",
+            JobKind::Prune => "prune",
+            JobKind::Drill => "drill",
+            JobKind::Rotate => "rotate",
+            JobKind::Shred => "shred",
+        }
+    }
+}
+
+impl std::fmt::Display for JobKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The headline numbers of a job, lifted into `job.finished` events.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JobMetrics {
+    pub bytes_in: Option<u64>,
+    pub bytes_stored: Option<u64>,
+    pub files: Option<u64>,
+    pub snapshot: Option<String>,
+}
+
+/// A job's result type: serialisable, with its headline numbers.
+pub trait JobOutput: Serialize {
+    fn metrics(&self) -> JobMetrics {
+        JobMetrics::default()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Success,
+    Failure,
+}
+
+/// The JSON report of one job run (`<state>/reports/<tenant>/<time>-<job>.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct JobReport {
+    pub tenant: TenantId,
+    pub job: JobKind,
+    pub outcome: Outcome,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub duration_ms: u64,
+    #[serde(flatten)]
+    pub metrics: JobMetrics,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The job's own result document.
+    pub result: serde_json::Value,
+}
+
+pub fn job_started(tenant: &TenantId, job: JobKind) {
+    tracing::info!(event = "job.started", tenant = %tenant, job = %job, "{job} of {tenant} started");
+}
+
+pub fn job_finished(r: &JobReport) {
+    let m = &r.metrics;
+    match r.outcome {
+        Outcome::Success => tracing::info!(
+            event = "job.finished",
+            tenant = %r.tenant,
+            job = %r.job,
+            outcome = "success",
+            duration_ms = r.duration_ms,
+            bytes_in = m.bytes_in,
+            bytes_stored = m.bytes_stored,
+            files = m.files,
+            snapshot = m.snapshot.as_deref(),
+            "{} of {} succeeded in {} ms", r.job, r.tenant, r.duration_ms
+        ),
+        Outcome::Failure => tracing::error!(
+            event = "job.finished",
+            tenant = %r.tenant,
+            job = %r.job,
+            outcome = "failure",
+            duration_ms = r.duration_ms,
+            error_kind = r.error_kind,
+            error = r.error.as_deref(),
+            "{} of {} failed: {}", r.job, r.tenant, r.error.as_deref().unwrap_or("")
+        ),
+    }
+}
+
+impl StateDir {
+    /// Writes a job report; returns its path.
+    pub fn write_report(&self, r: &JobReport) -> Result<PathBuf> {
+        let dir = self.reports_dir(&r.tenant);
+        let name = format!(
+            "{}-{}.json",
+            r.started_at.format("%Y%m%dT%H%M%S%.3fZ"),
+            r.job
+        );
+        let path = dir.join(name);
+        let json = serde_json::to_vec_pretty(r).expect("reports serialise");
+        crate::util::write_file_atomic(&path, &json, 0o600).map_err(|e| Error::io(&path, e))?;
+        Ok(path)
+    }
+
+    /// Reports of a tenant, newest first, optionally only of one job kind.
+    pub fn read_reports(
+        &self,
+        tenant: &TenantId,
+        job: Option<JobKind>,
+    ) -> Result<Vec<serde_json::Value>> {
+        let dir = self.reports_dir(tenant);
+        let mut names: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(&dir, e)),
+        };
+        names.retain(|p| {
+            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            n.ends_with(".json") && job.is_none_or(|j| n.ends_with(&format!("-{j}.json")))
+        });
+        names.sort();
+        names.reverse();
+        let mut out = Vec::new();
+        for p in names {
+            let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+            match serde_json::from_slice(&bytes) {
+                Ok(v) => out.push(v),
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "unreadable job report skipped")
+                }
+            }
+        }
+        Ok(out)
+    }
+}

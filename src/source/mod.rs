@@ -5,44 +5,14 @@
 pub mod command;
 pub mod walk;
 
-use std::path::PathBuf;
-use std::time::Duration;
+/// A source, as a tenant policy defines it.
+pub use crate::config::SourceSpec as Source;
 
-/// A source, resolved from a tenant policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
-    Path {
-        name: String,
-        path: PathBuf,
-        exclude: Vec<String>,
-        one_file_system: bool,
-    },
-    Command {
-        name: String,
-        argv: Vec<String>,
-        timeout: Option<Duration>,
-    },
-}
-
-impl Source {
-    pub fn name(&self) -> &str {
-        match self {
-            Source::Path { name, .. } | Source::Command { name, .. } => name,
-        }
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Source::Path { .. } => "path",
-            Source::Command { .. } => "command",
-        }
-    }
-
-    /// Where it comes from, for reports.
-    pub fn origin(&self) -> String {
-        match self {
-            Source::Path { path, .. } => path.display().to_string(),
-            Source::Command { argv, .. } => argv.join(" "),
-        }
+/// Where a source comes from (a directory, an argv, a URL), for reports.
+pub fn origin(source: &Source) -> String {
+    match source {
+        Source::Path { path, .. } => path.display().to_string(),
+        Source::Command { argv, .. } => argv.join(" "),
+        Source::ObjectStore { url, .. } => url.clone(),
     }
 }

@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use crate::config::PathGlobs;
 
 /// What the walker found at one path.
 pub enum Found<'a> {
@@ -36,18 +36,10 @@ pub enum Found<'a> {
     Vanished,
 }
 
-/// Builds the exclude matcher. Patterns match the path relative to the source
-/// root ("cache/**", "*.tmp" at any depth); a matching directory is skipped whole.
-pub fn excludes(patterns: &[String]) -> Result<GlobSet, String> {
-    let mut b = GlobSetBuilder::new();
-    for p in patterns {
-        b.add(Glob::new(p).map_err(|e| format!("exclude pattern {p:?}: {e}"))?);
-    }
-    b.build().map_err(|e| e.to_string())
-}
-
+/// Walks one source. Excludes match the path relative to the source root
+/// (see [`PathGlobs`]); an excluded directory is skipped whole.
 pub struct Walker<'a> {
-    pub excludes: &'a GlobSet,
+    pub excludes: &'a PathGlobs,
     pub one_file_system: bool,
 }
 
@@ -181,7 +173,7 @@ mod tests {
             fs::write(full, "x").unwrap();
         }
         std::os::unix::fs::symlink("a.d", r.join("link")).unwrap();
-        let ex = excludes(&["*.tmp".into(), "cache/**".into(), "cache".into()]).unwrap();
+        let ex = PathGlobs::new(&["*.tmp".into(), "/cache".into()]).unwrap();
         let w = Walker {
             excludes: &ex,
             one_file_system: false,

@@ -1,0 +1,215 @@
+//! `custos forget <TENANT>` (retention) and `custos prune <TENANT>` (data).
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args as ClapArgs;
+use futures::FutureExt;
+use serde::Serialize;
+
+use super::output::{finish, human_bytes};
+use super::setup::{policy, setup, tenant_id};
+use crate::error::{Error, Result};
+use crate::jobs::forget::{self, ForgetReport, Retention};
+use crate::jobs::prune::{self, PruneReport};
+use crate::jobs::runner::{JobSpec, run_job};
+use crate::pipeline::packer::PackerConfig;
+use crate::report::{JobKind, JobOutput};
+
+#[derive(ClapArgs)]
+pub struct ForgetArgs {
+    pub tenant: String,
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Keep every snapshot taken within this long before now (e.g. 30d).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub keep_within: Option<Duration>,
+    /// Prune afterwards: remove data no remaining snapshot needs.
+    #[arg(long)]
+    pub prune: bool,
+    /// Show what would be removed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(ClapArgs)]
+pub struct PruneArgs {
+    pub tenant: String,
+    /// Show what would be removed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    crate::config::units::parse_duration(s)
+}
+
+#[derive(Serialize)]
+struct ForgetPrune {
+    forget: ForgetReport,
+    prune: Option<PruneReport>,
+}
+
+impl JobOutput for ForgetPrune {}
+
+impl ForgetArgs {
+    /// Flags, if any were given; else None (use the policy).
+    fn rules(&self) -> Option<Retention> {
+        let flags = [
+            self.keep_last,
+            self.keep_hourly,
+            self.keep_daily,
+            self.keep_weekly,
+            self.keep_monthly,
+            self.keep_yearly,
+        ];
+        if flags.iter().all(Option::is_none) && self.keep_within.is_none() {
+            return None;
+        }
+        Some(Retention {
+            keep_last: self.keep_last.unwrap_or(0),
+            keep_hourly: self.keep_hourly.unwrap_or(0),
+            keep_daily: self.keep_daily.unwrap_or(0),
+            keep_weekly: self.keep_weekly.unwrap_or(0),
+            keep_monthly: self.keep_monthly.unwrap_or(0),
+            keep_yearly: self.keep_yearly.unwrap_or(0),
+            keep_within: self.keep_within,
+            ..Retention::empty()
+        })
+    }
+}
+
+pub async fn run_forget(config: Option<&Path>, args: ForgetArgs) -> ExitCode {
+    let json = args.json;
+    finish(json, forget(config, args).await, |r| {
+        for d in &r.forget.decisions {
+            let what = if d.keep {
+                format!("keep   ({})", d.reasons.join(", "))
+            } else {
+                "remove".to_owned()
+            };
+            println!(
+                "{} {}  {}",
+                d.snapshot.short(),
+                d.time.format("%Y-%m-%d %H:%M:%S"),
+                what
+            );
+        }
+        let verb = if r.forget.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
+        println!("{} kept, {} {verb}", r.forget.kept, r.forget.removed);
+        if let Some(p) = &r.prune {
+            print_prune(p);
+        }
+    })
+}
+
+async fn forget(config: Option<&Path>, args: ForgetArgs) -> Result<ForgetPrune> {
+    let s = setup(config).await?;
+    let tenant = tenant_id(&args.tenant)?;
+    let policy = policy(&s.config, &tenant)?;
+    let rules = match (args.rules(), &policy) {
+        (Some(r), _) => r,
+        (None, Some(p)) => p.retention.clone(),
+        (None, None) => {
+            return Err(Error::InvalidArgument(format!(
+                "tenant {tenant} has no policy: give the retention rules as --keep-* flags"
+            )));
+        }
+    };
+    let do_prune = args.prune;
+    let dry_run = args.dry_run;
+    let packer = packer_config(policy.as_ref());
+    let spec = JobSpec {
+        tenant: &tenant,
+        job: JobKind::Forget,
+        policy_key: policy.as_ref().map(|p| &p.key),
+        init_with: None,
+    };
+    let rules_ref = &rules;
+    run_job(&s.ctx, spec, |repo, lease, _| {
+        async move {
+            let forget = forget::run(repo, lease, rules_ref, dry_run).await?;
+            let prune = if do_prune {
+                Some(prune::run(repo, lease, packer, dry_run).await?)
+            } else {
+                None
+            };
+            Ok(ForgetPrune { forget, prune })
+        }
+        .boxed()
+    })
+    .await
+    .result
+}
+
+pub async fn run_prune(config: Option<&Path>, args: PruneArgs) -> ExitCode {
+    let json = args.json;
+    let result = async {
+        let s = setup(config).await?;
+        let tenant = tenant_id(&args.tenant)?;
+        let policy = policy(&s.config, &tenant)?;
+        let packer = packer_config(policy.as_ref());
+        let spec = JobSpec {
+            tenant: &tenant,
+            job: JobKind::Prune,
+            policy_key: policy.as_ref().map(|p| &p.key),
+            init_with: None,
+        };
+        let dry_run = args.dry_run;
+        run_job(&s.ctx, spec, |repo, lease, _| {
+            prune::run(repo, lease, packer, dry_run).boxed()
+        })
+        .await
+        .result
+    }
+    .await;
+    finish(json, result, print_prune)
+}
+
+fn packer_config(policy: Option<&crate::config::Policy>) -> PackerConfig {
+    match policy {
+        Some(p) => PackerConfig {
+            pack_size: p.backup.pack_size as usize,
+            compression_level: p.backup.compression_level,
+            ..PackerConfig::default()
+        },
+        None => PackerConfig::default(),
+    }
+}
+
+fn print_prune(p: &PruneReport) {
+    let verb = if p.dry_run { "would delete" } else { "deleted" };
+    println!(
+        "prune: {} snapshots need {} blobs; of {} packs {verb} {} unused, {} unreferenced, repacked {}; {} freed, {} written",
+        p.snapshots,
+        p.blobs_used,
+        p.packs_total,
+        p.packs_deleted,
+        p.packs_unreferenced_deleted,
+        p.packs_repacked,
+        human_bytes(p.bytes_freed),
+        human_bytes(p.bytes_written)
+    );
+}

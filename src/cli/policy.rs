@@ -1,0 +1,42 @@
+//! `custos policy validate [DIR]`: reports every error with file and line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use super::output::print_json;
+use crate::config::{Config, validate_dir};
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Validate every policy in DIR (default: the configured policies directory).
+    Validate {
+        dir: Option<PathBuf>,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(config: Option<&Path>, cmd: PolicyCommand) -> ExitCode {
+    let PolicyCommand::Validate { dir, json } = cmd;
+    let dir = match dir {
+        Some(d) => d,
+        None => match Config::discover(config) {
+            Ok(c) => c.policies_dir,
+            Err(e) => return super::output::fail(json, &e.into()),
+        },
+    };
+    let report = validate_dir(&dir);
+    if json {
+        print_json(&serde_json::json!({ "ok": report.is_ok(), "result": &report }));
+    } else {
+        println!("{report}");
+    }
+    if report.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

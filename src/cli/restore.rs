@@ -1,0 +1,79 @@
+//! `custos restore <TENANT> <SNAPSHOT|latest> --target DIR`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Args as ClapArgs;
+use futures::FutureExt;
+
+use super::output::{TerminalProgress, finish, human_bytes};
+use super::setup::{policy, setup, tenant_id};
+use crate::error::Result;
+use crate::jobs::restore::{self, RestoreOptions, RestoreReport};
+use crate::jobs::runner::{JobSpec, run_job};
+use crate::report::JobKind;
+
+#[derive(ClapArgs)]
+pub struct Args {
+    pub tenant: String,
+    /// A snapshot id (or unique prefix of at least 4 hex digits), or `latest`.
+    pub snapshot: String,
+    /// Directory to restore into (created if missing; must be empty unless --overwrite).
+    #[arg(long, value_name = "DIR")]
+    pub target: PathBuf,
+    /// Restore only paths matching this glob (repeatable); a matching directory brings its subtree.
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Replace existing files in the target.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(config: Option<&Path>, args: Args) -> ExitCode {
+    let json = args.json;
+    let target = args.target.clone();
+    finish(json, restore(config, args).await, |r| {
+        println!(
+            "restored snapshot {} into {}: {} files, {} dirs, {} symlinks, {} ({:.1}s); every blob verified",
+            r.snapshot.map(|s| s.short()).unwrap_or_default(),
+            target.display(),
+            r.files,
+            r.dirs,
+            r.symlinks,
+            human_bytes(r.bytes),
+            r.duration_ms as f64 / 1000.0
+        );
+    })
+}
+
+async fn restore(config: Option<&Path>, args: Args) -> Result<RestoreReport> {
+    let s = setup(config).await?;
+    let tenant = tenant_id(&args.tenant)?;
+    let policy = policy(&s.config, &tenant)?;
+    let opts = RestoreOptions {
+        target: args.target,
+        include: args.include,
+        overwrite: args.overwrite,
+    };
+    let progress = TerminalProgress::new(args.json, "restoring");
+    let spec = JobSpec {
+        tenant: &tenant,
+        job: JobKind::Restore,
+        policy_key: policy.as_ref().map(|p| &p.key),
+        init_with: None,
+    };
+    let (opts_ref, progress_ref, wanted) = (&opts, &progress, args.snapshot.as_str());
+    let run = run_job(&s.ctx, spec, |repo, _lease, _| {
+        async move {
+            let snapshot = repo.find_snapshot(wanted).await?;
+            restore::run(repo, &snapshot, opts_ref, progress_ref).await
+        }
+        .boxed()
+    })
+    .await;
+    progress.done();
+    run.result
+}

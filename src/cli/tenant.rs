@@ -1,0 +1,273 @@
+//! `custos tenant init|list|show`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use serde::Serialize;
+
+use super::output::{finish, human_bytes};
+use super::setup::{policy, setup, tenant_id};
+use crate::error::{Error, Result};
+use crate::format::descriptor::Descriptor;
+use crate::keys::{KeyInfo, KeyRef};
+use crate::repo::Repo;
+use crate::store::{ObjectName, TenantStore};
+use crate::tenant::TenantId;
+
+#[derive(Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant's descriptor and first data key (done implicitly by its first backup).
+    Init {
+        tenant: String,
+        /// The CMK (default: the policy's key, else local:<tenant>).
+        #[arg(long, value_name = "KEY-REF")]
+        key: Option<String>,
+        /// Reuse the id of a shredded tenant (a new lineage; the old data stays unreadable).
+        #[arg(long)]
+        allow_reuse: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tenants: those in the store and those with a policy.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a tenant's state, keys, epochs and snapshots.
+    Show {
+        tenant: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(config: Option<&Path>, cmd: TenantCommand) -> ExitCode {
+    match cmd {
+        TenantCommand::Init {
+            tenant,
+            key,
+            allow_reuse,
+            json,
+        } => finish(
+            json,
+            init(config, &tenant, key.as_deref(), allow_reuse).await,
+            |r: &InitResult| {
+                if r.created {
+                    println!(
+                        "tenant {} initialised under key {} (epoch {})",
+                        r.tenant, r.key, r.epoch
+                    );
+                } else {
+                    println!(
+                        "tenant {} already initialised under key {} (epoch {})",
+                        r.tenant, r.key, r.epoch
+                    );
+                }
+            },
+        ),
+        TenantCommand::List { json } => {
+            finish(json, list(config).await, |rows: &Vec<TenantRow>| {
+                println!("{:<24} {:<10} {:<8} {}", "TENANT", "STATE", "POLICY", "KEY");
+                for r in rows {
+                    println!(
+                        "{:<24} {:<10} {:<8} {}",
+                        r.tenant,
+                        r.state.as_deref().unwrap_or("-"),
+                        if r.policy { "yes" } else { "no" },
+                        r.key.as_deref().unwrap_or("-")
+                    );
+                }
+            })
+        }
+        TenantCommand::Show { tenant, json } => {
+            finish(json, show(config, &tenant).await, print_show)
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct InitResult {
+    tenant: TenantId,
+    key: KeyRef,
+    epoch: u32,
+    created: bool,
+}
+
+async fn init(
+    config: Option<&Path>,
+    tenant: &str,
+    key: Option<&str>,
+    allow_reuse: bool,
+) -> Result<InitResult> {
+    let s = setup(config).await?;
+    let tenant = tenant_id(tenant)?;
+    let policy = policy(&s.config, &tenant)?;
+    let key = match (key, &policy) {
+        (Some(k), _) => KeyRef::parse(k).map_err(|e| Error::InvalidArgument(e.to_string()))?,
+        (None, Some(p)) => p.key.clone(),
+        (None, None) => {
+            KeyRef::local(tenant.as_str()).map_err(|e| Error::InvalidArgument(e.to_string()))?
+        }
+    };
+    let (repo, created) = Repo::init(&s.ctx, &tenant, &key, allow_reuse).await?;
+    if created {
+        tracing::info!(event = "tenant.initialised", tenant = %tenant, key = %key, "tenant initialised");
+    }
+    let d = repo.descriptor();
+    Ok(InitResult {
+        tenant,
+        key: d.key.clone(),
+        epoch: d.current_epoch,
+        created,
+    })
+}
+
+#[derive(Serialize)]
+struct TenantRow {
+    tenant: String,
+    state: Option<String>,
+    key: Option<String>,
+    policy: bool,
+}
+
+async fn list(config: Option<&Path>) -> Result<Vec<TenantRow>> {
+    let s = setup(config).await?;
+    let mut rows: BTreeMap<String, TenantRow> = BTreeMap::new();
+    let listing = s
+        .ctx
+        .store
+        .list_with_delimiter(Some(&object_store::path::Path::from("tenants")))
+        .await
+        .map_err(|e| Error::store("list", "tenants/", e))?;
+    for p in listing.common_prefixes {
+        let Some(name) = p.filename() else { continue };
+        let Ok(t) = TenantId::new(name) else { continue };
+        let store = TenantStore::new(s.ctx.store.clone(), &t);
+        let d = match store.get_if_exists(&ObjectName::Descriptor).await? {
+            Some((b, _)) => Descriptor::parse(&b).ok(),
+            None => None,
+        };
+        rows.insert(
+            t.to_string(),
+            TenantRow {
+                tenant: t.to_string(),
+                state: Some(
+                    d.as_ref()
+                        .map(|d| d.state.as_str().to_owned())
+                        .unwrap_or_else(|| "no descriptor".into()),
+                ),
+                key: d.map(|d| d.key.to_string()),
+                policy: false,
+            },
+        );
+    }
+    if let Ok(set) = crate::config::load_policies(&s.config.policies_dir) {
+        for t in set.policies.keys() {
+            rows.entry(t.to_string())
+                .or_insert_with(|| TenantRow {
+                    tenant: t.to_string(),
+                    state: None,
+                    key: None,
+                    policy: true,
+                })
+                .policy = true;
+        }
+    }
+    Ok(rows.into_values().collect())
+}
+
+#[derive(Serialize)]
+struct ShowResult {
+    descriptor: Descriptor,
+    key: Option<KeyInfo>,
+    key_error: Option<String>,
+    snapshots: usize,
+    latest_snapshot: Option<serde_json::Value>,
+    stored_bytes: u64,
+    objects: usize,
+    policy: Option<crate::config::Policy>,
+}
+
+async fn show(config: Option<&Path>, tenant: &str) -> Result<ShowResult> {
+    let s = setup(config).await?;
+    let tenant = tenant_id(tenant)?;
+    let policy = policy(&s.config, &tenant)?;
+    let repo = Repo::open(&s.ctx, &tenant, policy.as_ref().map(|p| &p.key)).await?;
+    let d = repo.descriptor().clone();
+    let (key, key_error) = match s.ctx.keys.for_key(&d.key) {
+        Ok(p) => match p.describe(&d.key).await {
+            Ok(i) => (Some(i), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let objects = repo.list_objects().await?;
+    let (snaps, _) = match repo.list_snapshots().await {
+        Ok(v) => v,
+        Err(_) => (Vec::new(), Vec::new()),
+    };
+    Ok(ShowResult {
+        stored_bytes: objects.iter().map(|o| o.meta.size).sum(),
+        objects: objects.len(),
+        snapshots: snaps.len(),
+        latest_snapshot: snaps.last().map(|s| {
+            serde_json::json!({ "id": s.id, "time": s.time, "files": s.summary.files, "bytes_in": s.summary.bytes_in })
+        }),
+        descriptor: d,
+        key,
+        key_error,
+        policy,
+    })
+}
+
+fn print_show(r: &ShowResult) {
+    let d = &r.descriptor;
+    println!(
+        "tenant   {} ({}, descriptor generation {})",
+        d.tenant,
+        d.state.as_str(),
+        d.generation
+    );
+    println!("created  {}", d.created_at.format("%Y-%m-%d %H:%M:%S UTC"));
+    match (&r.key, &r.key_error) {
+        (Some(k), _) => println!(
+            "key      {} ({}, version {}, key id {})",
+            d.key,
+            k.state.name(),
+            k.current_version.as_deref().unwrap_or("n/a"),
+            k.key_id
+        ),
+        (None, Some(e)) => println!("key      {} (unavailable: {e})", d.key),
+        _ => println!("key      {}", d.key),
+    }
+    let now = chrono::Utc::now();
+    for e in &d.epochs {
+        let age = (now - e.created_at).num_days();
+        let current = if e.epoch == d.current_epoch {
+            ", current"
+        } else {
+            ""
+        };
+        println!(
+            "epoch    {} ({:?}{current}, created {}, {age} days old)",
+            e.epoch,
+            e.state,
+            e.created_at.format("%Y-%m-%d")
+        );
+    }
+    println!(
+        "data     {} objects, {}; {} snapshots",
+        r.objects,
+        human_bytes(r.stored_bytes),
+        r.snapshots
+    );
+    if let Some(l) = &r.latest_snapshot {
+        println!("latest   {}", l);
+    }
+    match &r.policy {
+        Some(p) => println!("policy   {}", p.file.display()),
+        None => println!("policy   none"),
+    }
+}
