@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs every test of custos: starts the S3 + KMS emulators (LocalStack, else
+# moto) on loopback, then the whole cargo test suite with the emulator tests
+# switched on (they fail, never skip, when CUSTOS_TEST_EMULATORS=1).
+# This is the README's test command and exactly what CI (.ci/run) runs.
+#
+# To test against a real MinIO + LocalStack/AWS instead, export the AWS_* and
+# CUSTOS_TEST_* variables yourself and set CUSTOS_EXTERNAL_EMULATORS=1.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+mkdir -p .emu
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need sqlite3; then
+    echo "test.sh: installing sqlite3 (the drill example tenant backs up a SQLite database)" >&2
+    if need apt-get; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sqlite3) >&2
+    fi
+    need sqlite3 || { echo "test.sh: sqlite3 is required" >&2; exit 1; }
+fi
+
+started_here=0
+if [[ ${CUSTOS_EXTERNAL_EMULATORS:-0} != 1 ]]; then
+    # Install and start the emulators while cargo builds the tests.
+    scripts/emulators.sh start > .emu/env.sh 2> .emu/start.log &
+    emu_pid=$!
+    started_here=1
+    trap 'scripts/emulators.sh stop >/dev/null 2>&1 || true' EXIT
+fi
+
+cargo test --locked --no-run
+
+if [[ $started_here == 1 ]]; then
+    if ! wait "$emu_pid"; then
+        cat .emu/start.log >&2
+        echo "test.sh: the S3 + KMS emulators did not start; emulator tests cannot run" >&2
+        exit 1
+    fi
+    cat .emu/start.log >&2
+    # shellcheck disable=SC1091
+    source .emu/env.sh
+fi
+export CUSTOS_TEST_EMULATORS=1 AWS_EC2_METADATA_DISABLED=true
+
+cargo test --locked "$@"
