@@ -58,6 +58,10 @@ pub struct JobMetrics {
     pub bytes_stored: Option<u64>,
     pub files: Option<u64>,
     pub snapshot: Option<String>,
+    /// Job-specific gauges, exported as `custos_<job>_<name>` (e.g. a drill's
+    /// `restore_seconds` and `rto_seconds`).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub gauges: std::collections::BTreeMap<String, f64>,
 }
 
 /// A job's result type: serialisable, with its headline numbers.
