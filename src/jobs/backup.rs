@@ -486,6 +486,7 @@ impl crate::report::JobOutput for BackupReport {
             bytes_stored: Some(self.summary.bytes_stored),
             files: Some(self.summary.files),
             snapshot: Some(self.snapshot.to_hex()),
+            ..Default::default()
         }
     }
 }
