@@ -76,7 +76,15 @@ pub struct PackWriter {
 
 impl PackWriter {
     pub fn new(keys: &EpochKeys, capacity: usize) -> Self {
-        let sealer = Sealer::new(keys, ObjectKind::Pack);
+        Self::with_sealer(Sealer::new(keys, ObjectKind::Pack), capacity)
+    }
+
+    /// A pack with a given id (test vectors; an id must never repeat under one key).
+    pub fn with_id(keys: &EpochKeys, id: PackId, capacity: usize) -> Self {
+        Self::with_sealer(Sealer::with_id(keys, ObjectKind::Pack, id.0), capacity)
+    }
+
+    fn with_sealer(sealer: Sealer, capacity: usize) -> Self {
         let mut buf = Vec::with_capacity(capacity);
         buf.extend_from_slice(sealer.header_bytes());
         PackWriter {
