@@ -23,7 +23,7 @@ use super::Progress;
 use crate::config::PathGlobs;
 use crate::error::{Error, Result};
 use crate::format::ids::{BlobId, IdMap, PackId, SnapshotId};
-use crate::format::pack::{PackEntry, open_blob};
+use crate::format::pack::{PackEntry, TRAILER_LEN, directory_range, open_blob, open_directory};
 use crate::format::seal::{HEADER_LEN, ObjectKind, Opener};
 use crate::format::snapshot::Snapshot;
 use crate::format::tree::{Entry, EntryKind};
@@ -69,6 +69,7 @@ pub async fn run(
     prepare_target(&opts.target, opts.overwrite)?;
     let keys = repo.epoch_keys(snapshot.epoch).await?;
     let index = repo.load_index_strict().await?;
+    let pack_sizes = repo.list_packs().await?;
     let mut tree = TreeReader::new(
         repo,
         &index,
@@ -78,6 +79,7 @@ pub async fn run(
     let mut r = Restorer {
         repo,
         index: &index,
+        pack_sizes,
         keys: keys.clone(),
         target: opts.target.clone(),
         include,
@@ -169,6 +171,8 @@ impl Batch {
 struct Restorer<'a> {
     repo: &'a Repo,
     index: &'a Index,
+    /// Size of every pack in the store, listed once.
+    pack_sizes: BTreeMap<PackId, u64>,
     keys: Arc<EpochKeys>,
     target: PathBuf,
     include: PathGlobs,
@@ -436,15 +440,25 @@ impl Restorer<'_> {
     ) -> impl Future<Output = Result<u64>> + use<> {
         let store = self.repo.store().clone();
         let keys = self.keys.clone();
+        let size = self.pack_sizes.get(&pack).copied();
         blobs.sort_by_key(|b| b.loc.offset);
-        let ranges = coalesce(&blobs);
+        let mut ranges = coalesce(&blobs);
         async move {
             let name = ObjectName::Pack(pack);
             let object = store.display(&name);
+            let size = size.ok_or_else(|| Error::missing(&object, "pack is not in the store"))?;
+            // The blobs, and the trailer: the directory is authenticated too, so a
+            // truncated, extended or rearranged pack is caught, not only a bad blob.
+            ranges.push(size.saturating_sub(TRAILER_LEN as u64)..size);
             let parts = store.get_ranges(&name, &ranges).await?;
+            let trailer = parts.last().expect("trailer range").clone();
+            let (n, dir_range) = directory_range(size, &trailer).map_err(|e| e.at(&object))?;
+            let dir = store.get_range(&name, dir_range).await?;
             tokio::task::spawn_blocking(move || -> Result<u64> {
                 let opener = Opener::new(&keys, ObjectKind::Pack, Some(&pack.0), &parts[0])
                     .map_err(|e| e.at(&object))?;
+                let directory =
+                    open_directory(&opener, n, &dir, size).map_err(|e| e.at(&object))?;
                 let mut written = 0u64;
                 for b in &blobs {
                     let (start, end) = (
@@ -471,6 +485,15 @@ impl Restorer<'_> {
                         sealed_len: b.loc.sealed_len,
                         raw_len: b.loc.raw_len,
                     };
+                    if directory.get(b.loc.segment as usize) != Some(&entry) {
+                        return Err(Error::corrupt(
+                            &object,
+                            format!(
+                                "the index entry of blob {} disagrees with the pack directory",
+                                b.id.short()
+                            ),
+                        ));
+                    }
                     let plain =
                         open_blob(&opener, &keys, &entry, sealed).map_err(|e| e.at(&object))?;
                     if plain.iter().all(|&x| x == 0) {
