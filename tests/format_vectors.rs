@@ -83,7 +83,7 @@ fn deterministic() -> Value {
     let hello = b"hello, custos\n".to_vec();
     let aaaa = vec![b'a'; 4096];
     let tree = tree_lines();
-    let mut frames = vec![
+    let mut frames = [
         [vec![0u8], hello.clone()].concat(),
         [vec![1u8], hex::decode(ZSTD_FRAME_HEX).unwrap()].concat(),
         [vec![0u8], tree.clone()].concat(),

@@ -442,21 +442,36 @@ impl Restorer<'_> {
         let keys = self.keys.clone();
         let size = self.pack_sizes.get(&pack).copied();
         blobs.sort_by_key(|b| b.loc.offset);
-        let mut ranges = coalesce(&blobs);
         async move {
             let name = ObjectName::Pack(pack);
             let object = store.display(&name);
             let size = size.ok_or_else(|| Error::missing(&object, "pack is not in the store"))?;
-            // The blobs, and the trailer: the directory is authenticated too, so a
-            // truncated, extended or rearranged pack is caught, not only a bad blob.
-            ranges.push(size.saturating_sub(TRAILER_LEN as u64)..size);
-            let parts = store.get_ranges(&name, &ranges).await?;
-            let trailer = parts.last().expect("trailer range").clone();
-            let (n, dir_range) = directory_range(size, &trailer).map_err(|e| e.at(&object))?;
-            let dir = store.get_range(&name, dir_range).await?;
+            // Header and trailer first: whose pack it is, and where its directory
+            // lies. The directory is authenticated too, so a truncated, extended or
+            // rearranged pack is caught, not only a bad blob.
+            let ends = [
+                0..HEADER_LEN as u64,
+                size.saturating_sub(TRAILER_LEN as u64)..size,
+            ];
+            let head = store.get_ranges(&name, &ends).await?;
+            let opener = Opener::new(&keys, ObjectKind::Pack, Some(&pack.0), &head[0])
+                .map_err(|e| e.at(&object))?;
+            let (n, dir_range) = directory_range(size, &head[1]).map_err(|e| e.at(&object))?;
+            let mut ranges = coalesce(&blobs);
+            if let Some(r) = ranges.iter().find(|r| r.end > dir_range.start) {
+                return Err(Error::corrupt(
+                    &object,
+                    format!(
+                        "the index places a blob at {}..{}, past the pack's blobs (truncated or replaced pack)",
+                        r.start, r.end
+                    ),
+                ));
+            }
+            ranges.push(dir_range);
+            let mut parts = store.get_ranges(&name, &ranges).await?;
+            let dir = parts.pop().expect("directory range");
+            ranges.pop();
             tokio::task::spawn_blocking(move || -> Result<u64> {
-                let opener = Opener::new(&keys, ObjectKind::Pack, Some(&pack.0), &parts[0])
-                    .map_err(|e| e.at(&object))?;
                 let directory =
                     open_directory(&opener, n, &dir, size).map_err(|e| e.at(&object))?;
                 let mut written = 0u64;
@@ -553,20 +568,20 @@ struct PlannedBlob {
     targets: Vec<(usize, u64)>,
 }
 
-/// Byte ranges to fetch from a pack: the header, then the blobs (sorted by
-/// offset) merged where they are close, up to a bounded range size.
+/// Byte ranges to fetch from a pack: the blobs (sorted by offset), merged
+/// where they are close, up to a bounded range size.
 fn coalesce(blobs: &[PlannedBlob]) -> Vec<std::ops::Range<u64>> {
-    let mut ranges: Vec<std::ops::Range<u64>> = vec![0..HEADER_LEN as u64];
+    let mut ranges: Vec<std::ops::Range<u64>> = Vec::with_capacity(blobs.len() + 1);
     for b in blobs {
         let (start, end) = (
             b.loc.offset as u64,
             b.loc.offset as u64 + b.loc.sealed_len as u64,
         );
-        let last = ranges.last_mut().expect("non-empty");
-        if start <= last.end + COALESCE_GAP && end - last.start <= MAX_RANGE {
-            last.end = last.end.max(end);
-        } else {
-            ranges.push(start..end);
+        match ranges.last_mut() {
+            Some(last) if start <= last.end + COALESCE_GAP && end - last.start <= MAX_RANGE => {
+                last.end = last.end.max(end)
+            }
+            _ => ranges.push(start..end),
         }
     }
     ranges
