@@ -14,4 +14,6 @@
 //! [`evidence`] of its audit record (line, inclusion proof, signed
 //! checkpoint), which an auditor checks offline the same way.
 
+pub mod checkpoint;
 pub mod merkle;
+pub mod note;
