@@ -15,5 +15,7 @@
 //! checkpoint), which an auditor checks offline the same way.
 
 pub mod checkpoint;
+pub mod key;
 pub mod merkle;
 pub mod note;
+pub mod record;
