@@ -15,7 +15,9 @@
 //! checkpoint), which an auditor checks offline the same way.
 
 pub mod checkpoint;
+pub mod evidence;
 pub mod key;
+pub mod log;
 pub mod merkle;
 pub mod note;
 pub mod record;
