@@ -44,20 +44,41 @@ where
     let result = run_inner(ctx, &spec, f).await;
     let finished_at = Utc::now();
     let (outcome, error_kind, error, metrics, value) = match &result {
-        Ok(v) => (
-            Outcome::Success,
-            None,
-            None,
-            v.metrics(),
-            serde_json::to_value(v).unwrap_or_default(),
-        ),
-        Err(e) => (
-            Outcome::Failure,
-            Some(e.kind()),
-            Some(e.to_string()),
-            Default::default(),
-            serde_json::Value::Null,
-        ),
+        Ok(v) => match v.failure() {
+            None => (
+                Outcome::Success,
+                None,
+                None,
+                v.metrics(),
+                serde_json::to_value(v).unwrap_or_default(),
+            ),
+            Some((kind, message)) => (
+                Outcome::Failure,
+                Some(kind),
+                Some(message),
+                v.metrics(),
+                serde_json::to_value(v).unwrap_or_default(),
+            ),
+        },
+        Err(e) => match T::from_error(spec.tenant, e) {
+            None => (
+                Outcome::Failure,
+                Some(e.kind()),
+                Some(e.to_string()),
+                Default::default(),
+                serde_json::Value::Null,
+            ),
+            Some(v) => {
+                let (kind, message) = v.failure().unwrap_or((e.kind(), e.to_string()));
+                (
+                    Outcome::Failure,
+                    Some(kind),
+                    Some(message),
+                    v.metrics(),
+                    serde_json::to_value(&v).unwrap_or_default(),
+                )
+            }
+        },
     };
     let report = JobReport {
         tenant: spec.tenant.clone(),
