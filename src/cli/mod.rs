@@ -4,6 +4,7 @@
 
 mod backup;
 mod check;
+mod drill;
 mod forget;
 mod output;
 mod policy;
@@ -54,6 +55,8 @@ pub enum Command {
     /// Tenant policy files.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Run a restore drill (`drill <TENANT>`), or list past ones (`drill history <TENANT>`).
+    Drill(drill::Args),
 }
 
 /// Entry point of the `custos` binary.
@@ -84,5 +87,6 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Forget(args) => forget::run_forget(config, args).await,
         Command::Prune(args) => forget::run_prune(config, args).await,
         Command::Policy(cmd) => policy::run(config, cmd).await,
+        Command::Drill(args) => drill::run(config, args).await,
     }
 }
