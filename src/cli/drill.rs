@@ -267,11 +267,8 @@ fn print_human(r: &DrillReport) {
             human_bytes(r.bytes),
             seconds(t)
         );
-        if let Some(e) = r.estimated_full_restore_seconds {
-            println!(
-                "  a full restore would take about {} at this rate",
-                seconds(e)
-            );
+        if r.sample.is_some() {
+            println!("  (a sample: the RTO was checked against the sample's restore time)");
         }
     }
     if let Some(v) = r.verify_seconds {
@@ -294,7 +291,15 @@ fn print_human(r: &DrillReport) {
         println!(
             "  verify command {status} ({how}, {}): {}",
             seconds(v.duration_seconds),
-            v.argv.join(" ")
+            v.argv
+                .iter()
+                .map(|a| if a.contains(char::is_whitespace) || a.is_empty() {
+                    format!("{a:?}")
+                } else {
+                    a.clone()
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         let out = v.stdout_tail.trim();
         if !out.is_empty() {

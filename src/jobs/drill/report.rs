@@ -175,10 +175,6 @@ pub struct DrillReport {
     /// Absent without an RTO or when the restore did not finish.
     #[serde(default)]
     pub rto_met: Option<bool>,
-    /// Sampled drills: the restore time scaled to the whole snapshot by bytes,
-    /// for information (the RTO is checked against the measured time).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub estimated_full_restore_seconds: Option<f64>,
     /// Time spent re-reading and hashing the restored files.
     #[serde(default)]
     pub verify_seconds: Option<f64>,
@@ -229,7 +225,6 @@ impl DrillReport {
             restore_seconds: None,
             rto_seconds: opts.rto.map(|d| d.as_secs_f64()),
             rto_met: None,
-            estimated_full_restore_seconds: None,
             verify_seconds: None,
             verify_command: None,
             scratch: None,
@@ -267,7 +262,6 @@ impl DrillReport {
             restore_seconds: None,
             rto_seconds: None,
             rto_met: None,
-            estimated_full_restore_seconds: None,
             verify_seconds: None,
             verify_command: None,
             scratch: None,
@@ -301,12 +295,6 @@ impl DrillReport {
         self.symlinks = r.symlinks;
         self.restore_seconds = Some(restore_seconds);
         self.rto_met = rto.map(|rto| restore_seconds <= rto.as_secs_f64());
-        if let (Some(sample), Some(total)) = (&self.sample, self.snapshot_bytes)
-            && sample.bytes > 0
-        {
-            self.estimated_full_restore_seconds =
-                Some(restore_seconds * total as f64 / sample.bytes as f64);
-        }
     }
 
     pub(super) fn passed(&mut self) {
