@@ -304,13 +304,17 @@ impl Drill<'_> {
                         f.object, f.kind
                     ));
                 }
-                let since = Utc::now()
-                    - chrono::Duration::from_std(*within).unwrap_or(chrono::Duration::MAX);
+                // A window longer than the calendar reaches means "any snapshot".
+                let since = chrono::Duration::from_std(*within)
+                    .ok()
+                    .and_then(|w| Utc::now().checked_sub_signed(w))
+                    .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
                 let newest = snaps.last().map(|s| s.time);
                 let mut candidates: Vec<Snapshot> =
                     snaps.into_iter().filter(|s| s.time >= since).collect();
                 if candidates.is_empty() {
-                    if snaps_empty_with_faults(newest.is_none(), &faults) {
+                    // With no readable snapshot at all, an unreadable one is the real story.
+                    if newest.is_none() {
                         crate::repo::fault_error(faults)?;
                     }
                     return Err(Failure::new(
@@ -393,9 +397,4 @@ impl Drill<'_> {
         self.report.emit();
         self.report
     }
-}
-
-/// With no readable snapshot at all, an unreadable one is the real story.
-fn snaps_empty_with_faults(no_snapshots: bool, faults: &[crate::repo::Fault]) -> bool {
-    no_snapshots && !faults.is_empty()
 }

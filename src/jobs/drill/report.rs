@@ -423,3 +423,80 @@ impl JobOutput for DrillReport {
         Some(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::KeyError;
+
+    #[test]
+    fn errors_map_to_reasons() {
+        let cases: Vec<(Error, DrillReason)> = vec![
+            (
+                Error::corrupt("pack", "bad tag"),
+                DrillReason::CorruptObject,
+            ),
+            (
+                Error::Foreign {
+                    object: "pack".into(),
+                    reason: "other tenant".into(),
+                },
+                DrillReason::CorruptObject,
+            ),
+            (
+                Error::Rollback {
+                    object: "index".into(),
+                    reason: "replayed".into(),
+                },
+                DrillReason::CorruptObject,
+            ),
+            (Error::missing("pack", "gone"), DrillReason::MissingObject),
+            (
+                Error::Key(KeyError::Disabled { key: "k".into() }),
+                DrillReason::KeyUnavailable,
+            ),
+            (
+                Error::Key(KeyError::Unreachable {
+                    endpoint: "kms".into(),
+                    message: "timeout".into(),
+                }),
+                DrillReason::KeyUnavailable,
+            ),
+            (
+                Error::TenantState {
+                    tenant: "acme".into(),
+                    state: "epoch_shredded".into(),
+                    message: "shredded".into(),
+                },
+                DrillReason::KeyUnavailable,
+            ),
+            (
+                Error::NotFound {
+                    what: "snapshot".into(),
+                },
+                DrillReason::NoSnapshot,
+            ),
+            (
+                Error::TenantNotFound {
+                    tenant: "acme".into(),
+                },
+                DrillReason::NoSnapshot,
+            ),
+            (
+                Error::io("/scratch", std::io::ErrorKind::StorageFull.into()),
+                DrillReason::InsufficientSpace,
+            ),
+            (
+                Error::LeaseContended {
+                    tenant: "acme".into(),
+                    holder: "h".into(),
+                    expires: "t".into(),
+                },
+                DrillReason::Error,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(DrillReason::of_error(&e), want, "{e}");
+        }
+    }
+}
