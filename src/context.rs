@@ -17,6 +17,10 @@ pub struct Context {
     /// Lease holder name of this process.
     pub holder: String,
     pub lease_ttl: Duration,
+    /// The tamper-evident audit log every job writes to.
+    pub audit: Option<crate::audit::AuditLog>,
+    /// Who acts, as recorded in the audit log (`cli:<user>@<host>`, `daemon:<host>`).
+    pub actor: String,
 }
 
 impl std::fmt::Debug for Context {
@@ -48,6 +52,11 @@ impl Context {
     ) -> crate::Result<Context> {
         let local = crate::keys::local::LocalKeyProvider::new(root.join("keys"))?;
         Ok(Context {
+            audit: Some(crate::audit::AuditLog::open(
+                &root.join("state/audit"),
+                crate::audit::AuditKey::load_or_create(&root.join("state/audit.key"))?,
+                Some(store.clone()),
+            )?),
             store,
             store_url,
             keys: KeyProviders {
@@ -57,6 +66,7 @@ impl Context {
             state: StateDir::open(root.join("state"))?,
             holder: crate::store::lease::holder_id(),
             lease_ttl: Duration::from_secs(120),
+            actor: default_actor("cli"),
         })
     }
 }
@@ -88,13 +98,19 @@ impl Context {
                 "AWS KMS needs a region: set [aws] region in custos.toml or AWS_REGION".into(),
             );
         }
+        let state = StateDir::open(&cfg.state_dir)?;
         Ok(Context {
+            audit: Some(crate::audit::AuditLog::from_config(
+                cfg,
+                Some(store.clone()),
+            )?),
             store,
             store_url: cfg.store.url(),
             keys,
-            state: StateDir::open(&cfg.state_dir)?,
+            state,
             holder: crate::store::lease::holder_id(),
             lease_ttl: cfg.daemon.lease_ttl,
+            actor: default_actor("cli"),
         })
     }
 }
@@ -136,5 +152,37 @@ fn aws_kms_settings(cfg: &crate::config::Config) -> crate::keys::aws_kms::AwsKms
             .as_ref()
             .map(|s| s.expose().to_owned()),
         profile: aws.profile.clone(),
+    }
+}
+
+/// `<role>:<user>@<host>`: who acts, for the audit log.
+pub fn default_actor(role: &str) -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata("/proc/self")
+                .map(|m| format!("uid{}", m.uid()))
+                .unwrap_or_else(|_| "unknown".into())
+        });
+    format!("{role}:{user}@{}", crate::store::lease::hostname())
+}
+
+impl Context {
+    /// Appends an audit record. Without an audit log (never in production
+    /// setups) it records nothing.
+    pub async fn record(
+        &self,
+        event: &str,
+        tenant: Option<&crate::tenant::TenantId>,
+        details: serde_json::Value,
+    ) -> crate::Result<Option<crate::audit::Receipt>> {
+        match &self.audit {
+            Some(log) => log
+                .append(event, tenant, &self.actor, details)
+                .await
+                .map(Some),
+            None => Ok(None),
+        }
     }
 }

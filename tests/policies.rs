@@ -74,7 +74,7 @@ fn shipped_policies_validate() {
     let dir = manifest_dir().join("policies");
     let set = load_policies(&dir).unwrap_or_else(|e| panic!("shipped policies are invalid:\n{e}"));
     let tenants: Vec<&str> = set.tenants().map(|t| t.as_str()).collect();
-    assert_eq!(tenants, ["example"]);
+    assert_eq!(tenants, ["example", "sqlite-demo"]);
     assert!(set.warnings.is_empty(), "{:?}", set.warnings);
 
     let p = &set.policies.values().next().unwrap();
@@ -140,7 +140,7 @@ fn shipped_policies_validate() {
     let text = report.to_string();
     assert!(text.starts_with("ok       example ("), "{text}");
     assert!(
-        text.ends_with("1 tenant valid, 0 errors, 0 warnings"),
+        text.ends_with("2 tenants valid, 0 errors, 0 warnings"),
         "{text}"
     );
 
@@ -150,7 +150,10 @@ fn shipped_policies_validate() {
         .iter()
         .map(|f| f.path.file_name().unwrap().to_str().unwrap())
         .collect();
-    assert_eq!(hashed, ["defaults.toml", "example.toml"]);
+    assert_eq!(
+        hashed,
+        ["defaults.toml", "example.toml", "sqlite-demo.toml"]
+    );
     assert!(set.files.iter().all(|f| f.blake3.len() == 64));
 }
 

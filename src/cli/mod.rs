@@ -2,8 +2,10 @@
 //! typed; here they get their context and become exit codes:
 //! 0 success, 1 failure (job failed, faults found), 2 invalid usage.
 
+mod audit;
 mod backup;
 mod check;
+mod drill;
 mod forget;
 mod output;
 mod policy;
@@ -54,6 +56,11 @@ pub enum Command {
     /// Tenant policy files.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Run a restore drill (`drill <TENANT>`), or list past ones (`drill history <TENANT>`).
+    Drill(drill::Args),
+    /// The tamper-evident audit log: verify it, show it, print its public key.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// Entry point of the `custos` binary.
@@ -84,5 +91,25 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Forget(args) => forget::run_forget(config, args).await,
         Command::Prune(args) => forget::run_prune(config, args).await,
         Command::Policy(cmd) => policy::run(config, cmd).await,
+        Command::Drill(args) => drill::run(config, args).await,
+        Command::Audit(cmd) => run_audit(config, cmd).await,
+    }
+}
+
+async fn run_audit(config: Option<&std::path::Path>, cmd: audit::AuditCommand) -> ExitCode {
+    let cfg = match crate::config::Config::discover(config) {
+        Ok(c) => c,
+        Err(e) => return output::fail(false, &e.into()),
+    };
+    let store = match crate::context::open_store(&cfg) {
+        Ok(s) => s,
+        Err(e) => return output::fail(false, &e),
+    };
+    match audit::run(cmd, &cfg, store).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -319,6 +319,11 @@ pub struct DrillPolicy {
     #[serde(with = "serde_opt_duration")]
     pub rto: Option<Duration>,
     pub verify_command: Option<VerifyCommand>,
+    /// When set, the verify command must also print exactly this on stdout
+    /// (both trimmed of surrounding whitespace): `sqlite3 … "PRAGMA
+    /// integrity_check"` exits 0 even on a corrupt database and only its
+    /// output ("ok") tells. None: the exit status alone decides.
+    pub verify_expect_stdout: Option<String>,
     /// Default 10m.
     #[serde(with = "serde_duration")]
     pub verify_timeout: Duration,
@@ -327,7 +332,13 @@ pub struct DrillPolicy {
     pub sample_files: u32,
     /// Where drills restore to; none: a temporary directory.
     pub scratch: Option<PathBuf>,
+    /// Free space that must remain on the scratch file system after the
+    /// restore (default 64 MiB); a drill that would eat into it is refused.
+    pub scratch_reserve: u64,
 }
+
+/// Default `drill.scratch_reserve`.
+pub const DEFAULT_SCRATCH_RESERVE: u64 = 64 << 20;
 
 impl Default for DrillPolicy {
     fn default() -> Self {
@@ -337,10 +348,12 @@ impl Default for DrillPolicy {
             within: 30 * DAY,
             rto: None,
             verify_command: None,
+            verify_expect_stdout: None,
             verify_timeout: Duration::from_secs(600),
             mode: DrillMode::Full,
             sample_files: 100,
             scratch: None,
+            scratch_reserve: DEFAULT_SCRATCH_RESERVE,
         }
     }
 }
@@ -381,6 +394,23 @@ impl VerifyCommand {
             argv: argv.to_vec(),
             parts,
         })
+    }
+
+    /// The files named by `{file:NAME}` placeholders, relative to the restore
+    /// directory (a sampled drill always restores them).
+    pub fn files(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .parts
+            .iter()
+            .flatten()
+            .filter_map(|p| match p {
+                Part::File(name) => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
     }
 
     /// The argv as written, placeholders unexpanded.
@@ -589,10 +619,12 @@ const DRILL_KEYS: &[&str] = &[
     "within",
     "rto",
     "verify_command",
+    "verify_expect_stdout",
     "verify_timeout",
     "mode",
     "sample_files",
     "scratch",
+    "scratch_reserve",
 ];
 const ROTATION_KEYS: &[&str] = &["cmk_every", "epoch_every", "schedule"];
 const DELETION_KEYS: &[&str] = &[
@@ -1181,6 +1213,20 @@ fn parse_drill(
             },
         }
     }
+    if let Some(item) = t.get("verify_expect_stdout")
+        && let Some(text) = d.str(&item)
+    {
+        if text.contains('\0') {
+            d.err(&item, "cannot contain a NUL byte");
+        } else if p.verify_command.is_none() && t.get("verify_command").is_none() {
+            d.err(
+                &item,
+                "needs a verify_command whose output it judges (e.g. [\"sqlite3\", \"{file:app.db}\", \"PRAGMA integrity_check\"])",
+            );
+        } else {
+            p.verify_expect_stdout = Some(text.to_owned());
+        }
+    }
     if let Some(v) = opt(d, t, "verify_timeout", |d, i| d.positive_duration(i)) {
         p.verify_timeout = v;
     }
@@ -1216,6 +1262,9 @@ fn parse_drill(
             Ok(()) => p.scratch = Some(resolve(&bases[item.file], &text)),
             Err(e) => d.err(&item, e),
         }
+    }
+    if let Some(v) = opt(d, t, "scratch_reserve", |d, i| d.size(i)) {
+        p.scratch_reserve = v;
     }
     p
 }

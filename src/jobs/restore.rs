@@ -8,7 +8,7 @@
 //! Never writes outside the target: stored paths are validated, and existing
 //! symlinks in the way are refused rather than followed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
@@ -56,6 +56,9 @@ const PACKS_IN_FLIGHT: usize = 4;
 const COALESCE_GAP: u64 = 256 << 10;
 const MAX_RANGE: u64 = 16 << 20;
 
+/// Snapshot paths of the files a restore is limited to (a drill's sample).
+pub type FileSet = HashSet<Vec<u8>>;
+
 pub async fn run(
     repo: &Repo,
     snapshot: &Snapshot,
@@ -64,26 +67,45 @@ pub async fn run(
 ) -> Result<RestoreReport> {
     let started = Instant::now();
     repo.require_active("restore")?;
+    let index = repo.load_index_strict().await?;
+    run_with(repo, &index, snapshot, opts, None, progress, started).await
+}
+
+/// [`run`] with the index already loaded (a drill reuses it to verify the
+/// result), optionally restoring only the files in `only`: on top of
+/// `include`, a file is then restored only if its path is in the set,
+/// directories only where a selected file needs them, and no symlinks.
+/// `started` is when the caller's clock began (the report's duration).
+pub async fn run_with(
+    repo: &Repo,
+    index: &Index,
+    snapshot: &Snapshot,
+    opts: &RestoreOptions,
+    only: Option<&FileSet>,
+    progress: &dyn Progress,
+    started: Instant,
+) -> Result<RestoreReport> {
+    repo.require_active("restore")?;
     let include = PathGlobs::new(&opts.include)
         .map_err(|e| Error::InvalidArgument(format!("--include: {e}")))?;
     prepare_target(&opts.target, opts.overwrite)?;
     let keys = repo.epoch_keys(snapshot.epoch).await?;
-    let index = repo.load_index_strict().await?;
     let pack_sizes = repo.list_packs().await?;
     let mut tree = TreeReader::new(
         repo,
-        &index,
+        index,
         &snapshot.tree,
         format!("tree of snapshot {}", snapshot.id),
     );
     let mut r = Restorer {
         repo,
-        index: &index,
+        index,
         pack_sizes,
         keys: keys.clone(),
         target: opts.target.clone(),
         include,
         filter: !opts.include.is_empty(),
+        only,
         overwrite: opts.overwrite,
         ancestors: Vec::new(),
         dirs: Vec::new(),
@@ -177,6 +199,7 @@ struct Restorer<'a> {
     target: PathBuf,
     include: PathGlobs,
     filter: bool,
+    only: Option<&'a FileSet>,
     overwrite: bool,
     /// Directory entries above the current entry, with whether each was created.
     ancestors: Vec<(Entry, bool)>,
@@ -214,12 +237,15 @@ impl Restorer<'_> {
                 e.display_path()
             )));
         }
-        let selected = !self.filter
+        let selected = (!self.filter
             || self.include.is_match(Path::new(OsStr::from_bytes(&e.path)))
             || self
                 .ancestors
                 .iter()
-                .any(|(a, _)| self.include.is_match(Path::new(OsStr::from_bytes(&a.path))));
+                .any(|(a, _)| self.include.is_match(Path::new(OsStr::from_bytes(&a.path)))))
+            && self
+                .only
+                .is_none_or(|set| e.kind == EntryKind::File && set.contains(&e.path));
         if selected {
             self.create_ancestors()?;
         }

@@ -44,20 +44,41 @@ where
     let result = run_inner(ctx, &spec, f).await;
     let finished_at = Utc::now();
     let (outcome, error_kind, error, metrics, value) = match &result {
-        Ok(v) => (
-            Outcome::Success,
-            None,
-            None,
-            v.metrics(),
-            serde_json::to_value(v).unwrap_or_default(),
-        ),
-        Err(e) => (
-            Outcome::Failure,
-            Some(e.kind()),
-            Some(e.to_string()),
-            Default::default(),
-            serde_json::Value::Null,
-        ),
+        Ok(v) => match v.failure() {
+            None => (
+                Outcome::Success,
+                None,
+                None,
+                v.metrics(),
+                serde_json::to_value(v).unwrap_or_default(),
+            ),
+            Some((kind, message)) => (
+                Outcome::Failure,
+                Some(kind),
+                Some(message),
+                v.metrics(),
+                serde_json::to_value(v).unwrap_or_default(),
+            ),
+        },
+        Err(e) => match T::from_error(spec.tenant, e) {
+            None => (
+                Outcome::Failure,
+                Some(e.kind()),
+                Some(e.to_string()),
+                Default::default(),
+                serde_json::Value::Null,
+            ),
+            Some(v) => {
+                let (kind, message) = v.failure().unwrap_or((e.kind(), e.to_string()));
+                (
+                    Outcome::Failure,
+                    Some(kind),
+                    Some(message),
+                    v.metrics(),
+                    serde_json::to_value(&v).unwrap_or_default(),
+                )
+            }
+        },
     };
     let report = JobReport {
         tenant: spec.tenant.clone(),
@@ -75,7 +96,63 @@ where
     if let Err(e) = ctx.state.write_report(&report) {
         tracing::error!(error = %e, "could not write the job report");
     }
+    let mut result = result;
+    if let Err(e) = ctx
+        .record(
+            &audit_event(spec.job, Phase::End),
+            Some(spec.tenant),
+            audit_details(&report),
+        )
+        .await
+    {
+        tracing::error!(event = "audit.failed", tenant = %spec.tenant, job = %spec.job, error = %e, "could not record the job in the audit log");
+        // A destructive action that cannot be recorded is reported as a failure,
+        // so that someone looks; the action itself is already done.
+        if destructive(spec.job) && result.is_ok() {
+            result = Err(Error::Internal(format!(
+                "{} finished but could not be recorded in the audit log: {e}",
+                spec.job
+            )));
+        }
+    }
     JobRun { report, result }
+}
+
+/// Jobs that destroy data or keys: recorded before (`<job>.begin`) and after
+/// (`<job>.end`); if the first record cannot be written, the job does not run.
+fn destructive(job: JobKind) -> bool {
+    matches!(
+        job,
+        JobKind::Forget | JobKind::Prune | JobKind::Rotate | JobKind::Shred
+    )
+}
+
+enum Phase {
+    Begin,
+    End,
+}
+
+fn audit_event(job: JobKind, phase: Phase) -> String {
+    match (destructive(job), phase) {
+        (true, Phase::Begin) => format!("{job}.begin"),
+        (true, Phase::End) => format!("{job}.end"),
+        (false, _) => job.as_str().to_owned(),
+    }
+}
+
+/// What the audit log keeps of a job: its outcome and headline numbers (the
+/// full result stays in the job report). Never key material.
+fn audit_details(r: &JobReport) -> serde_json::Value {
+    serde_json::json!({
+        "outcome": r.outcome,
+        "error_kind": r.error_kind,
+        "error": r.error,
+        "duration_ms": r.duration_ms,
+        "snapshot": r.metrics.snapshot,
+        "files": r.metrics.files,
+        "bytes_in": r.metrics.bytes_in,
+        "bytes_stored": r.metrics.bytes_stored,
+    })
 }
 
 async fn run_inner<'a, T, F>(ctx: &Context, spec: &JobSpec<'_>, f: F) -> Result<T>
@@ -94,6 +171,29 @@ where
     };
     let lease =
         LeaseGuard::acquire(repo.store(), &ctx.holder, spec.job.as_str(), ctx.lease_ttl).await?;
+    if let Some(previous) = lease.took_over_from() {
+        let details = serde_json::json!({ "previous_holder": previous.holder, "previous_job": previous.job, "expired_at": previous.expires_at });
+        if let Err(e) = ctx
+            .record("lease.takeover", Some(spec.tenant), details)
+            .await
+        {
+            tracing::error!(event = "audit.failed", error = %e, "could not record a lease takeover");
+        }
+    }
+    if destructive(spec.job) {
+        let details = serde_json::json!({ "holder": ctx.holder, "store": ctx.store_url });
+        if let Err(e) = ctx
+            .record(
+                &audit_event(spec.job, Phase::Begin),
+                Some(spec.tenant),
+                details,
+            )
+            .await
+        {
+            lease.release().await;
+            return Err(e);
+        }
+    }
     let result = f(&repo, &lease, std::marker::PhantomData).await;
     lease.release().await;
     repo.forget_keys().await;

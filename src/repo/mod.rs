@@ -216,6 +216,12 @@ impl Repo {
             .map_err(|e| conditional_error(&store, &ObjectName::Descriptor, e))?;
         ctx.state
             .update_tenant_memory(tenant, |m| m.descriptor_generation = descriptor.generation)?;
+        ctx.record(
+            "tenant.init",
+            Some(tenant),
+            serde_json::json!({ "key": key, "key_id": info.key_id, "epoch": 1, "reuse": false }),
+        )
+        .await?;
         let repo = Repo {
             ctx: ctx.clone(),
             store,
@@ -260,6 +266,12 @@ impl Repo {
             d.current_epoch = epoch;
             d.epochs[0].epoch = epoch;
         })
+        .await?;
+        ctx.record(
+            "tenant.init",
+            Some(old.tenant()),
+            serde_json::json!({ "key": key, "epoch": epoch, "reuse": true }),
+        )
         .await?;
         Ok(old)
     }

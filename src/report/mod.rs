@@ -69,6 +69,26 @@ pub trait JobOutput: Serialize {
     fn metrics(&self) -> JobMetrics {
         JobMetrics::default()
     }
+
+    /// A job that ran to completion but whose result is a failure (a drill
+    /// that did not pass) returns its reason kind and message: the runner then
+    /// records the run as failed while keeping the result and its metrics.
+    fn failure(&self) -> Option<(&'static str, String)> {
+        None
+    }
+
+    /// A job whose every outcome is a report (a drill: "a drill that cannot
+    /// verify is a failed drill") turns an error that stopped the run before
+    /// or outside the job itself (tenant not initialised, lease held, store
+    /// down) into its failed result, so the job report, history and metrics
+    /// still carry it. Called by the runner once per such run; the run's
+    /// `result` stays the error.
+    fn from_error(_tenant: &TenantId, _error: &Error) -> Option<Self>
+    where
+        Self: Sized,
+    {
+        None
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -122,6 +142,9 @@ pub fn job_finished(r: &JobReport) {
             job = %r.job,
             outcome = "failure",
             duration_ms = r.duration_ms,
+            bytes_in = m.bytes_in,
+            files = m.files,
+            snapshot = m.snapshot.as_deref(),
             error_kind = r.error_kind,
             error = r.error.as_deref(),
             "{} of {} failed: {}", r.job, r.tenant, r.error.as_deref().unwrap_or("")

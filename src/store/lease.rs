@@ -31,6 +31,8 @@ pub struct LeaseRecord {
 pub struct LeaseGuard {
     inner: Arc<Inner>,
     keepalive: tokio::task::JoinHandle<()>,
+    /// The expired lease this one replaced, if any.
+    took_over_from: Option<LeaseRecord>,
 }
 
 struct Inner {
@@ -92,7 +94,7 @@ impl LeaseGuard {
                 .put_conditional(&name, body.clone(), PutMode::Create)
                 .await
             {
-                Ok(r) => return Ok(Self::start(store, ttl, record, version(&r))),
+                Ok(r) => return Ok(Self::start(store, ttl, record, version(&r), None)),
                 Err(object_store::Error::AlreadyExists { .. }) => {}
                 Err(e) => return Err(Self::conditional_error(store, e)),
             }
@@ -127,7 +129,13 @@ impl LeaseGuard {
                         previous_expiry = current.as_ref().map(|c| c.expires_at.to_rfc3339()).unwrap_or_default(),
                         "took over an expired lease"
                     );
-                    return Ok(Self::start(store, ttl, record, version(&r)));
+                    return Ok(Self::start(
+                        store,
+                        ttl,
+                        record,
+                        version(&r),
+                        current.clone(),
+                    ));
                 }
                 // Another process took it first, or it was released: try again.
                 Err(object_store::Error::Precondition { .. })
@@ -158,6 +166,7 @@ impl LeaseGuard {
         ttl: Duration,
         record: LeaseRecord,
         v: UpdateVersion,
+        took_over_from: Option<LeaseRecord>,
     ) -> LeaseGuard {
         let inner = Arc::new(Inner {
             store: store.clone(),
@@ -177,7 +186,16 @@ impl LeaseGuard {
                 }
             }
         });
-        LeaseGuard { inner, keepalive }
+        LeaseGuard {
+            inner,
+            keepalive,
+            took_over_from,
+        }
+    }
+
+    /// The expired lease this acquisition replaced (a crashed holder), if any.
+    pub fn took_over_from(&self) -> Option<&LeaseRecord> {
+        self.took_over_from.as_ref()
     }
 
     /// Fails if the lease could not be renewed (taken over, store unreachable
