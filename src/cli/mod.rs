@@ -8,6 +8,7 @@ mod forget;
 mod output;
 mod policy;
 mod restore;
+mod rotate;
 mod setup;
 mod snapshots;
 mod tenant;
@@ -54,6 +55,8 @@ pub enum Command {
     /// Tenant policy files.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Rotate a tenant's keys: the CMK (--cmk), a new CMK (--replace-cmk), or a new data-key epoch (--new-epoch).
+    Rotate(rotate::Args),
 }
 
 /// Entry point of the `custos` binary.
@@ -84,5 +87,6 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Forget(args) => forget::run_forget(config, args).await,
         Command::Prune(args) => forget::run_prune(config, args).await,
         Command::Policy(cmd) => policy::run(config, cmd).await,
+        Command::Rotate(args) => rotate::run(config, args).await,
     }
 }

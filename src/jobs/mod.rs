@@ -6,6 +6,7 @@ pub mod check;
 pub mod forget;
 pub mod prune;
 pub mod restore;
+pub mod rotate;
 pub mod runner;
 
 /// Progress callbacks (the CLI draws bars from them on a terminal).
