@@ -11,6 +11,7 @@ mod restore;
 mod rotate;
 mod setup;
 mod snapshots;
+mod store;
 mod tenant;
 
 use std::path::PathBuf;
@@ -57,6 +58,9 @@ pub enum Command {
     Policy(policy::PolicyCommand),
     /// Rotate a tenant's keys: the CMK (--cmk), a new CMK (--replace-cmk), or a new data-key epoch (--new-epoch).
     Rotate(rotate::Args),
+    /// The object store: probe its conditional writes.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 /// Entry point of the `custos` binary.
@@ -88,5 +92,6 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Prune(args) => forget::run_prune(config, args).await,
         Command::Policy(cmd) => policy::run(config, cmd).await,
         Command::Rotate(args) => rotate::run(config, args).await,
+        Command::Store(cmd) => store::run(config, cmd).await,
     }
 }

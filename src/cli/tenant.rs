@@ -188,6 +188,11 @@ struct ShowResult {
     stored_bytes: u64,
     objects: usize,
     policy: Option<crate::config::Policy>,
+    /// Keys, epochs, ages and when each rotation is next due (the policy's
+    /// `[rotation]`, else the defaults).
+    rotation: crate::jobs::rotate::RotationStatus,
+    /// Whether the store honours conditional writes (cached probe).
+    store_probe: Option<crate::store::probe::ProbeRecord>,
 }
 
 async fn show(config: Option<&Path>, tenant: &str) -> Result<ShowResult> {
@@ -208,7 +213,24 @@ async fn show(config: Option<&Path>, tenant: &str) -> Result<ShowResult> {
         Ok(v) => v,
         Err(_) => (Vec::new(), Vec::new()),
     };
+    let rotation = crate::jobs::rotate::rotation_status(
+        &d,
+        &policy
+            .as_ref()
+            .map(|p| p.rotation.clone())
+            .unwrap_or_default(),
+        chrono::Utc::now(),
+    );
+    let store_probe = match crate::store::probe::probe_cached(&s.ctx, false).await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not probe the store");
+            None
+        }
+    };
     Ok(ShowResult {
+        rotation,
+        store_probe,
         stored_bytes: objects.iter().map(|o| o.meta.size).sum(),
         objects: objects.len(),
         snapshots: snaps.len(),
@@ -242,20 +264,52 @@ fn print_show(r: &ShowResult) {
         (None, Some(e)) => println!("key      {} (unavailable: {e})", d.key),
         _ => println!("key      {}", d.key),
     }
-    let now = chrono::Utc::now();
-    for e in &d.epochs {
-        let age = (now - e.created_at).num_days();
-        let current = if e.epoch == d.current_epoch {
-            ", current"
-        } else {
-            ""
+    let rs = &r.rotation;
+    for k in rs.keys.iter().skip(1) {
+        println!("key      {} ({})", k.key, k.role);
+    }
+    let due =
+        |next: Option<chrono::DateTime<chrono::Utc>>, due: bool, every: &Option<String>| match (
+            next, every,
+        ) {
+            (Some(_), Some(e)) if due => format!("every {e}, due now"),
+            (Some(t), Some(e)) => format!("every {e}, next due {}", t.format("%Y-%m-%d")),
+            _ => "not scheduled".to_owned(),
         };
+    println!(
+        "cmk      since {} ({} days); rotation {}",
+        rs.cmk_since.format("%Y-%m-%d"),
+        rs.cmk_age_days,
+        due(rs.cmk_next_due, rs.cmk_due, &rs.cmk_every)
+    );
+    if let Some(p) = &rs.move_pending {
         println!(
-            "epoch    {} ({:?}{current}, created {}, {age} days old)",
+            "moving   to {p} (interrupted; finish with `custos rotate {} --replace-cmk {p}`)",
+            d.tenant
+        );
+    }
+    for e in &rs.epochs {
+        let current = if e.current { ", current" } else { "" };
+        println!(
+            "epoch    {} ({:?}{current}, created {}, {} days old)",
             e.epoch,
             e.state,
-            e.created_at.format("%Y-%m-%d")
+            e.created_at.format("%Y-%m-%d"),
+            e.age_days
         );
+    }
+    println!(
+        "epochs   new epoch {}",
+        due(rs.epoch_next_due, rs.epoch_due, &rs.epoch_every)
+    );
+    match &r.store_probe {
+        Some(p) if p.supported() => println!("store    {} (conditional writes: ok)", p.url),
+        Some(p) => println!(
+            "store    {} (conditional writes NOT honoured: {}; jobs refuse to run)",
+            p.url,
+            p.result.detail.as_deref().unwrap_or("")
+        ),
+        None => println!("store    (probe failed)"),
     }
     println!(
         "data     {} objects, {}; {} snapshots",

@@ -180,6 +180,8 @@ impl Repo {
         key: &KeyRef,
         allow_reuse: bool,
     ) -> Result<(Repo, bool)> {
+        // The descriptor is created and updated conditionally.
+        crate::store::probe::require_conditional_writes(ctx).await?;
         match Repo::open(ctx, tenant, None).await {
             Ok(repo) => {
                 if repo.descriptor.state == Lifecycle::Active {
