@@ -6,6 +6,7 @@ pub mod check;
 pub mod forget;
 pub mod prune;
 pub mod restore;
+pub mod restore_to_store;
 pub mod rotate;
 pub mod runner;
 
