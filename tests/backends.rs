@@ -153,6 +153,49 @@ async fn s3_kms_backend() -> Option<Backend> {
     })
 }
 
+/// s3s-fs (a signature-checking S3, the MinIO stand-in) with local keys:
+/// runs when `CUSTOS_TEST_S3S_FS_ENDPOINT` is set (e.g. http://127.0.0.1:8014),
+/// with `CUSTOS_TEST_S3S_FS_ACCESS_KEY` / `_SECRET_KEY` (default AK / SK) and
+/// an existing bucket `CUSTOS_TEST_S3S_FS_BUCKET` (default custos-test).
+fn s3s_fs_backend(secret_override: Option<&str>) -> Option<Backend> {
+    let Some(endpoint) = env("CUSTOS_TEST_S3S_FS_ENDPOINT") else {
+        eprintln!("skipped: set CUSTOS_TEST_S3S_FS_ENDPOINT to run against s3s-fs");
+        return None;
+    };
+    let bucket = env("CUSTOS_TEST_S3S_FS_BUCKET").unwrap_or_else(|| "custos-test".into());
+    let prefix = format!(
+        "backends/{}",
+        hex::encode(custos::util::random_bytes::<6>())
+    );
+    let store = custos::store::s3::open(
+        &bucket,
+        &prefix,
+        &custos::store::s3::S3Options {
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(endpoint),
+            allow_http: Some(true),
+            access_key_id: Some(
+                env("CUSTOS_TEST_S3S_FS_ACCESS_KEY").unwrap_or_else(|| "AK".into()),
+            ),
+            secret_access_key: Some(
+                secret_override
+                    .map(str::to_owned)
+                    .or_else(|| env("CUSTOS_TEST_S3S_FS_SECRET_KEY"))
+                    .unwrap_or_else(|| "SK".into()),
+            ),
+        },
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = Context::with_store(store, format!("s3://{bucket}/{prefix}"), tmp.path()).unwrap();
+    Some(Backend {
+        name: "s3s-fs",
+        ctx,
+        keys: KeyMaker::Local,
+        _tmp: tmp,
+    })
+}
+
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
@@ -598,4 +641,28 @@ async fn s3_kms_backend_rotation_cost() {
         return;
     };
     rotation_cost(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3s_fs_backend_flow() {
+    let Some(b) = s3s_fs_backend(None) else {
+        return;
+    };
+    let key = b.fresh_key("flow").await;
+    flow(&b.ctx, &key).await;
+    rotation_flow(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3s_fs_wrong_credentials_are_a_clear_error() {
+    let Some(b) = s3s_fs_backend(Some("not-the-secret")) else {
+        return;
+    };
+    let key = b.fresh_key("creds").await;
+    let err = Repo::init(&b.ctx, &TenantId::new("acme").unwrap(), &key, false)
+        .await
+        .unwrap_err();
+    eprintln!("{err}");
+    assert_eq!(err.kind(), "invalid_store", "{err}");
+    assert!(err.to_string().contains("Signature"), "{err}");
 }

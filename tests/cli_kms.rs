@@ -373,16 +373,24 @@ async fn s3_and_kms_through_the_cli() {
     let s = tokio::task::spawn_blocking(move || {
         let (ok, v) = s.json(&["check", "acme", "--read-data"]);
         assert!(ok, "{v}");
-        for snap in ["latest"] {
-            let target = s.dir.path().join("r3");
-            let (ok, v) = s.json(&[
-                "restore",
-                "acme",
-                snap,
-                "--target",
-                target.to_str().unwrap(),
-            ]);
+        // Every snapshot restores, byte-identical.
+        let (ok, v) = s.json(&["snapshots", "acme"]);
+        assert!(ok, "{v}");
+        let ids: Vec<String> = v["result"]["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids.len(), 2);
+        for id in ids {
+            let target = s.dir.path().join(format!("r3-{id}"));
+            let (ok, v) = s.json(&["restore", "acme", &id, "--target", target.to_str().unwrap()]);
             assert!(ok, "{v}");
+            assert!(
+                std::fs::read(target.join("data/sub/random.bin")).unwrap()
+                    == std::fs::read(s.data.join("sub/random.bin")).unwrap()
+            );
         }
         let (ok, v) = s.json(&["forget", "acme", "--keep-last", "1", "--prune"]);
         assert!(ok, "{v}");

@@ -132,7 +132,7 @@ async fn a_store_ignoring_conditional_writes_is_refused() {
         |_repo, _lease, _| async { Ok(custos::jobs::check::CheckReport::default()) }.boxed(),
     )
     .await;
-    let err = run.result.err().expect("refused");
+    let err = run.result.expect_err("refused");
     assert_eq!(err.kind(), "conditional_writes_unsupported");
     assert_eq!(
         run.report.error_kind,
