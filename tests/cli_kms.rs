@@ -103,7 +103,8 @@ path = "{}"
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("RUST_LOG", "warn")
+            .env("CUSTOS_LOG", "info")
+            .env("CUSTOS_LOG_FORMAT", "json")
             .output()
             .unwrap();
         eprintln!(
@@ -463,4 +464,78 @@ async fn list(store: &custos::store::SharedStore) -> Vec<String> {
         .await;
     v.sort();
     v
+}
+
+#[test]
+fn local_rotation_probe_show_and_restore_to_a_prefix_through_the_cli() {
+    let root = tempfile::tempdir().unwrap();
+    let store = root.path().join("store");
+    let s = Setup::new(
+        &store.display().to_string(),
+        "http://127.0.0.1:9",
+        "local:acme",
+    );
+    let (ok, v) = s.json(&["backup", "acme"]);
+    assert!(ok, "{v}");
+    let out = s.custos(&["rotate", "acme", "--cmk", "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["result"]["key_version_before"], "1");
+    assert_eq!(v["result"]["key_version_after"], "2");
+    assert!(v["result"]["bytes_written"].as_u64().unwrap() > 0);
+    // One `key.rotated` event, with the fields the README documents.
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let rotated: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "key.rotated")
+        .collect();
+    assert_eq!(rotated.len(), 1, "{events:?}");
+    let f = &rotated[0];
+    assert_eq!(f["tenant"], "acme");
+    assert_eq!(f["key"], "local:acme");
+    assert_eq!(f["old_version"], "1");
+    assert_eq!(f["new_version"], "2");
+    assert_eq!(f["envelopes_rewrapped"], 1);
+    assert!(f["duration_ms"].is_u64());
+    // job.finished for job rotate.
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "job.finished" && e["job"] == "rotate")
+    );
+
+    // Human output of show and probe.
+    let out = s.custos(&["tenant", "show", "acme"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("new epoch every 30d, next due"), "{text}");
+    assert!(text.contains("conditional writes: ok"), "{text}");
+    let out = s.custos(&["store", "probe"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(cached)"));
+
+    // Restore to a file:// prefix.
+    let prefix = root.path().join("objects");
+    std::fs::create_dir_all(&prefix).unwrap();
+    let url = format!("file://{}/", prefix.display());
+    let (ok, v) = s.json(&["restore", "acme", "latest", "--target-url", &url]);
+    assert!(ok, "{v}");
+    assert_eq!(v["result"]["files"], 2);
+    assert!(
+        std::fs::read(prefix.join("data/sub/random.bin")).unwrap()
+            == std::fs::read(s.data.join("sub/random.bin")).unwrap()
+    );
+    let (ok, v) = s.json(&["restore", "acme", "latest", "--target-url", &url]);
+    assert!(
+        !ok && v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not empty")
+    );
+    // Neither or both of --target / --target-url is a usage error.
+    let out = s.custos(&["restore", "acme", "latest"]);
+    assert_eq!(out.status.code(), Some(2));
 }
