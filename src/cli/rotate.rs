@@ -76,13 +76,27 @@ fn print(r: &RotateReport) {
         ),
     }
     for e in &r.envelopes {
-        println!(
-            "  epoch {}: {verb} {} -> {} ({})",
-            e.epoch,
-            e.key_before,
-            e.key_after,
-            human_bytes(e.bytes_written)
-        );
+        if r.action == "new_epoch" {
+            println!(
+                "  epoch {}: data key created under {} ({})",
+                e.epoch,
+                e.key_after,
+                human_bytes(e.bytes_written)
+            );
+        } else if r.dry_run {
+            println!(
+                "  epoch {}: {verb} {} -> {}",
+                e.epoch, e.key_before, e.key_after
+            );
+        } else {
+            println!(
+                "  epoch {}: {verb} {} -> {} ({})",
+                e.epoch,
+                e.key_before,
+                e.key_after,
+                human_bytes(e.bytes_written)
+            );
+        }
     }
     if !r.dry_run {
         println!(

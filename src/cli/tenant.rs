@@ -188,6 +188,8 @@ struct ShowResult {
     stored_bytes: u64,
     objects: usize,
     policy: Option<crate::config::Policy>,
+    /// Why jobs refuse the tenant's policy (its key is not the tenant's key).
+    policy_key_error: Option<String>,
     /// Keys, epochs, ages and when each rotation is next due (the policy's
     /// `[rotation]`, else the defaults).
     rotation: crate::jobs::rotate::RotationStatus,
@@ -199,7 +201,12 @@ async fn show(config: Option<&Path>, tenant: &str) -> Result<ShowResult> {
     let s = setup(config).await?;
     let tenant = tenant_id(tenant)?;
     let policy = policy(&s.config, &tenant)?;
-    let repo = Repo::open(&s.ctx, &tenant, policy.as_ref().map(|p| &p.key)).await?;
+    // Shown even when the policy's key does not match (that is worth showing).
+    let repo = Repo::open(&s.ctx, &tenant, None).await?;
+    let policy_key_error = policy
+        .as_ref()
+        .and_then(|p| repo.check_policy_key(&p.key).err())
+        .map(|e| e.to_string());
     let d = repo.descriptor().clone();
     let (key, key_error) = match s.ctx.keys.for_key(&d.key) {
         Ok(p) => match p.describe(&d.key).await {
@@ -226,6 +233,7 @@ async fn show(config: Option<&Path>, tenant: &str) -> Result<ShowResult> {
         }
     };
     Ok(ShowResult {
+        policy_key_error,
         rotation,
         store_probe,
         stored_bytes: objects.iter().map(|o| o.meta.size).sum(),
@@ -320,5 +328,8 @@ fn print_show(r: &ShowResult) {
     match &r.policy {
         Some(p) => println!("policy   {}", p.file.display()),
         None => println!("policy   none"),
+    }
+    if let Some(e) = &r.policy_key_error {
+        println!("warning  {e}");
     }
 }

@@ -147,7 +147,7 @@ impl Repo {
     /// protects new data, and accepting any key listed in `previous_keys` (which
     /// the store holds) would let whoever can write the descriptor substitute a
     /// key of their own and list the operator's key as "previous".
-    fn check_policy_key(&self, policy_key: &KeyRef) -> Result<()> {
+    pub fn check_policy_key(&self, policy_key: &KeyRef) -> Result<()> {
         let d = &self.descriptor;
         if &d.key == policy_key || d.pending_key.as_ref() == Some(policy_key) {
             return Ok(());
