@@ -128,6 +128,7 @@ pub fn s3_options(cfg: &crate::config::Config) -> crate::store::s3::S3Options {
             .secret_access_key
             .as_ref()
             .map(|s| s.expose().to_owned()),
+        session_token: aws.session_token.as_ref().map(|s| s.expose().to_owned()),
     }
 }
 

@@ -133,6 +133,7 @@ async fn s3_kms_backend() -> Option<Backend> {
             allow_http: Some(true),
             access_key_id: kms_settings.access_key_id.clone(),
             secret_access_key: kms_settings.secret_access_key.clone(),
+            session_token: None,
         },
     )
     .unwrap();
@@ -183,6 +184,7 @@ fn s3s_fs_backend(secret_override: Option<&str>) -> Option<Backend> {
                     .or_else(|| env("CUSTOS_TEST_S3S_FS_SECRET_KEY"))
                     .unwrap_or_else(|| "SK".into()),
             ),
+            session_token: None,
         },
     )
     .unwrap();

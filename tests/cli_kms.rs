@@ -417,6 +417,7 @@ async fn s3_and_kms_through_the_cli() {
             allow_http: Some(true),
             access_key_id: Some("test".into()),
             secret_access_key: Some("test".into()),
+            session_token: None,
         },
     )
     .unwrap();

@@ -227,6 +227,7 @@ async fn s3_prefix_backup_and_restore() {
         allow_http: Some(true),
         access_key_id: Some(env("AWS_ACCESS_KEY_ID").unwrap_or_else(|| "test".into())),
         secret_access_key: Some(env("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|| "test".into())),
+        session_token: None,
     };
     let run = hex::encode(custos::util::random_bytes::<6>());
     let bucket = env("CUSTOS_TEST_S3_BUCKET").unwrap_or_else(|| "custos-test".into());
