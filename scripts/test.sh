@@ -28,6 +28,13 @@ if [[ ${CUSTOS_EXTERNAL_EMULATORS:-0} != 1 ]]; then
     trap 'scripts/emulators.sh stop >/dev/null 2>&1 || true' EXIT
 fi
 
+# A Python with the format's primitives, for the independent-implementation test.
+if [[ ! -x .emu/pyfmt/bin/python ]] || ! .emu/pyfmt/bin/python -c 'import cryptography, blake3, zstandard' 2>/dev/null; then
+    python3 -m venv .emu/pyfmt
+    .emu/pyfmt/bin/pip install -q 'cryptography>=42' 'blake3>=0.4' 'zstandard>=0.22' >&2
+fi
+export CUSTOS_TEST_PYTHON=$PWD/.emu/pyfmt/bin/python
+
 cargo test --locked --no-run
 
 if [[ $started_here == 1 ]]; then

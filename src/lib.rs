@@ -11,8 +11,10 @@
 //! - [`source`]: what a backup reads: directory trees, command output;
 //! - [`repo`]: one tenant's repository: its descriptor, keys, index and snapshots;
 //! - [`jobs`]: one module per job (backup, restore, check, forget, prune, …);
+//! - [`audit`]: the tamper-evident audit log: hash-chained records, signed Merkle checkpoints;
 //! - [`cli`]: the `custos` command line.
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod error;

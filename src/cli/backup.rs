@@ -67,6 +67,8 @@ async fn backup(config: Option<&Path>, args: Args) -> Result<BackupReport> {
     let s = setup(config).await?;
     let tenant = tenant_id(&args.tenant)?;
     let policy = require_policy(&s.config, &tenant)?;
+    // Before the tenant is initialised: a bad source must leave nothing behind.
+    backup::checked_sources(&policy.sources)?;
     let progress = TerminalProgress::new(args.json, "backing up");
     let opts = BackupOptions {
         sources: policy.sources.clone(),

@@ -76,7 +76,15 @@ pub struct PackWriter {
 
 impl PackWriter {
     pub fn new(keys: &EpochKeys, capacity: usize) -> Self {
-        let sealer = Sealer::new(keys, ObjectKind::Pack);
+        Self::with_sealer(Sealer::new(keys, ObjectKind::Pack), capacity)
+    }
+
+    /// A pack with a given id (test vectors; an id must never repeat under one key).
+    pub fn with_id(keys: &EpochKeys, id: PackId, capacity: usize) -> Self {
+        Self::with_sealer(Sealer::with_id(keys, ObjectKind::Pack, id.0), capacity)
+    }
+
+    fn with_sealer(sealer: Sealer, capacity: usize) -> Self {
         let mut buf = Vec::with_capacity(capacity);
         buf.extend_from_slice(sealer.header_bytes());
         PackWriter {
@@ -207,25 +215,6 @@ pub fn decode_directory(
     Ok(entries)
 }
 
-/// Reads the trailer: (blob count, sealed directory length).
-pub fn decode_trailer(pack: &[u8]) -> Result<(u32, u32), SealError> {
-    if pack.len() < HEADER_LEN + TAG_LEN + 4 + TRAILER_LEN {
-        return Err(SealError::Truncated(format!(
-            "{} bytes is too short for a pack",
-            pack.len()
-        )));
-    }
-    let t = &pack[pack.len() - TRAILER_LEN..];
-    let n = u32::from_be_bytes(t[..4].try_into().expect("4"));
-    let dir_len = u32::from_be_bytes(t[4..].try_into().expect("4"));
-    if dir_len as usize + TRAILER_LEN + HEADER_LEN > pack.len() {
-        return Err(SealError::Truncated(
-            "directory length exceeds the pack".into(),
-        ));
-    }
-    Ok((n, dir_len))
-}
-
 /// Opens a whole pack held in memory: verifies the header, the directory and
 /// returns the entries. Blobs are then opened with [`open_blob`].
 pub fn open_pack(
@@ -234,19 +223,57 @@ pub fn open_pack(
     pack: &[u8],
 ) -> Result<(Opener, Vec<PackEntry>), SealError> {
     let opener = Opener::new(keys, ObjectKind::Pack, Some(&id.0), pack)?;
-    let (n, dir_len) = decode_trailer(pack)?;
-    let dir_start = pack.len() - TRAILER_LEN - dir_len as usize;
-    let mut dir = pack[dir_start..pack.len() - TRAILER_LEN].to_vec();
+    let trailer = &pack[pack.len().saturating_sub(TRAILER_LEN)..];
+    let (n, dir) = directory_range(pack.len() as u64, trailer)?;
+    let entries = open_directory(
+        &opener,
+        n,
+        &pack[dir.start as usize..dir.end as usize],
+        pack.len() as u64,
+    )?;
+    Ok((opener, entries))
+}
+
+/// From a pack's length and its last 8 bytes: the blob count and where the
+/// sealed directory lies.
+pub fn directory_range(
+    pack_len: u64,
+    trailer: &[u8],
+) -> Result<(u32, std::ops::Range<u64>), SealError> {
+    if pack_len < (HEADER_LEN + TAG_LEN + 4 + TRAILER_LEN) as u64 || trailer.len() != TRAILER_LEN {
+        return Err(SealError::Truncated(format!(
+            "{pack_len} bytes is too short for a pack"
+        )));
+    }
+    let n = u32::from_be_bytes(trailer[..4].try_into().expect("4"));
+    let dir_len = u32::from_be_bytes(trailer[4..].try_into().expect("4")) as u64;
+    if dir_len + (TRAILER_LEN + HEADER_LEN) as u64 > pack_len {
+        return Err(SealError::Truncated(
+            "directory length exceeds the pack".into(),
+        ));
+    }
+    let end = pack_len - TRAILER_LEN as u64;
+    Ok((n, end - dir_len..end))
+}
+
+/// Authenticates and parses a pack's sealed directory (segment `n`, last),
+/// checking it accounts for exactly `pack_len` bytes.
+pub fn open_directory(
+    opener: &Opener,
+    n: u32,
+    sealed_dir: &[u8],
+    pack_len: u64,
+) -> Result<Vec<PackEntry>, SealError> {
+    let mut dir = sealed_dir.to_vec();
     opener.open_segment(n as u64, true, &mut dir)?;
-    let entries = decode_directory(&dir, pack.len() as u64, dir_len)?;
+    let entries = decode_directory(&dir, pack_len, sealed_dir.len() as u32)?;
     if entries.len() != n as usize {
         return Err(SealError::Malformed(
             "pack trailer and directory disagree on the blob count".into(),
         ));
     }
-    Ok((opener, entries))
+    Ok(entries)
 }
-
 /// Decrypts one blob (`sealed` = its bytes at the entry's offset) and returns
 /// its plaintext, verifying length and, when `keys` is given, its keyed id.
 pub fn open_blob(

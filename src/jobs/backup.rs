@@ -70,17 +70,8 @@ pub async fn run(
             repo.tenant()
         )));
     }
-    let mut sources = opts.sources.clone();
-    sources.sort_by(|a, b| cmp_paths(a.name().as_bytes(), b.name().as_bytes()));
-    for pair in sources.windows(2) {
-        if pair[0].name() == pair[1].name() {
-            return Err(Error::InvalidArgument(format!(
-                "two sources are named {:?}",
-                pair[0].name()
-            )));
-        }
-    }
-    // Check every source before storing anything.
+    let sources = checked_sources(&opts.sources)?;
+    // Open object-store sources before storing anything (a bad URL fails here).
     let mut object_stores = std::collections::HashMap::new();
     for s in &sources {
         if let Source::ObjectStore { name, url } = s {
@@ -92,16 +83,6 @@ pub async fn run(
                     }
                 })?;
             object_stores.insert(name.clone(), store);
-        }
-        if let Source::Path { path, exclude, .. } = s {
-            source_root_exists(path).map_err(|m| Error::Source {
-                source_name: s.name().into(),
-                message: m,
-            })?;
-            PathGlobs::new(exclude).map_err(|m| Error::Source {
-                source_name: s.name().into(),
-                message: m,
-            })?;
         }
     }
     let keys = repo.current_keys().await?;
@@ -572,4 +553,34 @@ impl crate::report::JobOutput for BackupReport {
             ..Default::default()
         }
     }
+}
+
+/// Checks the sources before anything is stored (callers run it before the
+/// tenant is initialised, too): unique names, existing directories, valid
+/// excludes. Returns them in tree order.
+pub fn checked_sources(sources: &[Source]) -> Result<Vec<Source>> {
+    if sources.is_empty() {
+        return Err(Error::InvalidArgument("no sources to back up".into()));
+    }
+    let mut sorted = sources.to_vec();
+    sorted.sort_by(|a, b| cmp_paths(a.name().as_bytes(), b.name().as_bytes()));
+    for pair in sorted.windows(2) {
+        if pair[0].name() == pair[1].name() {
+            return Err(Error::InvalidArgument(format!(
+                "two sources are named {:?}",
+                pair[0].name()
+            )));
+        }
+    }
+    for s in &sorted {
+        let fail = |message: String| Error::Source {
+            source_name: s.name().into(),
+            message,
+        };
+        if let Source::Path { path, exclude, .. } = s {
+            source_root_exists(path).map_err(fail)?;
+            PathGlobs::new(exclude).map_err(fail)?;
+        }
+    }
+    Ok(sorted)
 }

@@ -23,7 +23,7 @@ use super::Progress;
 use crate::config::PathGlobs;
 use crate::error::{Error, Result};
 use crate::format::ids::{BlobId, IdMap, PackId, SnapshotId};
-use crate::format::pack::{PackEntry, open_blob};
+use crate::format::pack::{PackEntry, TRAILER_LEN, directory_range, open_blob, open_directory};
 use crate::format::seal::{HEADER_LEN, ObjectKind, Opener};
 use crate::format::snapshot::Snapshot;
 use crate::format::tree::{Entry, EntryKind};
@@ -69,6 +69,7 @@ pub async fn run(
     prepare_target(&opts.target, opts.overwrite)?;
     let keys = repo.epoch_keys(snapshot.epoch).await?;
     let index = repo.load_index_strict().await?;
+    let pack_sizes = repo.list_packs().await?;
     let mut tree = TreeReader::new(
         repo,
         &index,
@@ -78,6 +79,7 @@ pub async fn run(
     let mut r = Restorer {
         repo,
         index: &index,
+        pack_sizes,
         keys: keys.clone(),
         target: opts.target.clone(),
         include,
@@ -169,6 +171,8 @@ impl Batch {
 struct Restorer<'a> {
     repo: &'a Repo,
     index: &'a Index,
+    /// Size of every pack in the store, listed once.
+    pack_sizes: BTreeMap<PackId, u64>,
     keys: Arc<EpochKeys>,
     target: PathBuf,
     include: PathGlobs,
@@ -436,15 +440,40 @@ impl Restorer<'_> {
     ) -> impl Future<Output = Result<u64>> + use<> {
         let store = self.repo.store().clone();
         let keys = self.keys.clone();
+        let size = self.pack_sizes.get(&pack).copied();
         blobs.sort_by_key(|b| b.loc.offset);
-        let ranges = coalesce(&blobs);
         async move {
             let name = ObjectName::Pack(pack);
             let object = store.display(&name);
-            let parts = store.get_ranges(&name, &ranges).await?;
+            let size = size.ok_or_else(|| Error::missing(&object, "pack is not in the store"))?;
+            // Header and trailer first: whose pack it is, and where its directory
+            // lies. The directory is authenticated too, so a truncated, extended or
+            // rearranged pack is caught, not only a bad blob.
+            let ends = [
+                0..HEADER_LEN as u64,
+                size.saturating_sub(TRAILER_LEN as u64)..size,
+            ];
+            let head = store.get_ranges(&name, &ends).await?;
+            let opener = Opener::new(&keys, ObjectKind::Pack, Some(&pack.0), &head[0])
+                .map_err(|e| e.at(&object))?;
+            let (n, dir_range) = directory_range(size, &head[1]).map_err(|e| e.at(&object))?;
+            let mut ranges = coalesce(&blobs);
+            if let Some(r) = ranges.iter().find(|r| r.end > dir_range.start) {
+                return Err(Error::corrupt(
+                    &object,
+                    format!(
+                        "the index places a blob at {}..{}, past the pack's blobs (truncated or replaced pack)",
+                        r.start, r.end
+                    ),
+                ));
+            }
+            ranges.push(dir_range);
+            let mut parts = store.get_ranges(&name, &ranges).await?;
+            let dir = parts.pop().expect("directory range");
+            ranges.pop();
             tokio::task::spawn_blocking(move || -> Result<u64> {
-                let opener = Opener::new(&keys, ObjectKind::Pack, Some(&pack.0), &parts[0])
-                    .map_err(|e| e.at(&object))?;
+                let directory =
+                    open_directory(&opener, n, &dir, size).map_err(|e| e.at(&object))?;
                 let mut written = 0u64;
                 for b in &blobs {
                     let (start, end) = (
@@ -471,6 +500,15 @@ impl Restorer<'_> {
                         sealed_len: b.loc.sealed_len,
                         raw_len: b.loc.raw_len,
                     };
+                    if directory.get(b.loc.segment as usize) != Some(&entry) {
+                        return Err(Error::corrupt(
+                            &object,
+                            format!(
+                                "the index entry of blob {} disagrees with the pack directory",
+                                b.id.short()
+                            ),
+                        ));
+                    }
                     let plain =
                         open_blob(&opener, &keys, &entry, sealed).map_err(|e| e.at(&object))?;
                     if plain.iter().all(|&x| x == 0) {
@@ -530,21 +568,20 @@ struct PlannedBlob {
     targets: Vec<(usize, u64)>,
 }
 
-/// Byte ranges to fetch from a pack: the header, then the blobs (sorted by
-/// offset) merged where they are close, up to a bounded range size.
+/// Byte ranges to fetch from a pack: the blobs (sorted by offset), merged
+/// where they are close, up to a bounded range size.
 fn coalesce(blobs: &[PlannedBlob]) -> Vec<std::ops::Range<u64>> {
-    #[allow(clippy::single_range_in_vec_init)] // one range: the pack header
-    let mut ranges: Vec<std::ops::Range<u64>> = vec![0..HEADER_LEN as u64];
+    let mut ranges: Vec<std::ops::Range<u64>> = Vec::with_capacity(blobs.len() + 1);
     for b in blobs {
         let (start, end) = (
             b.loc.offset as u64,
             b.loc.offset as u64 + b.loc.sealed_len as u64,
         );
-        let last = ranges.last_mut().expect("non-empty");
-        if start <= last.end + COALESCE_GAP && end - last.start <= MAX_RANGE {
-            last.end = last.end.max(end);
-        } else {
-            ranges.push(start..end);
+        match ranges.last_mut() {
+            Some(last) if start <= last.end + COALESCE_GAP && end - last.start <= MAX_RANGE => {
+                last.end = last.end.max(end)
+            }
+            _ => ranges.push(start..end),
         }
     }
     ranges

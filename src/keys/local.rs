@@ -271,17 +271,35 @@ fn aad(name: &str, version: u32, ctx: &WrapContext) -> Vec<u8> {
 }
 
 fn seal(name: &str, version: &KeyVersion, data_key: &DataKey, ctx: &WrapContext) -> Vec<u8> {
-    let nonce: [u8; 12] = random_bytes();
+    wrap_with_nonce(
+        name,
+        version.version,
+        &version.material,
+        data_key,
+        ctx,
+        random_bytes(),
+    )
+}
+
+/// The local wrap, given its nonce (docs/FORMAT.md; public for the test vectors).
+pub fn wrap_with_nonce(
+    name: &str,
+    version: u32,
+    material: &[u8],
+    data_key: &DataKey,
+    ctx: &WrapContext,
+    nonce: [u8; 12],
+) -> Vec<u8> {
     let mut buf = Zeroizing::new(data_key.expose().to_vec());
-    let tag = cipher_for(name, &version.material)
+    let tag = cipher_for(name, material)
         .encrypt_inout_detached(
             &nonce.into(),
-            &aad(name, version.version, ctx),
+            &aad(name, version, ctx),
             buf.as_mut_slice().into(),
         )
         .expect("a 32-byte message is within AES-GCM limits");
     let mut out = Vec::with_capacity(WRAPPED_LEN);
-    out.extend_from_slice(&version.version.to_be_bytes());
+    out.extend_from_slice(&version.to_be_bytes());
     out.extend_from_slice(&nonce);
     out.extend_from_slice(&buf);
     out.extend_from_slice(&tag);

@@ -494,15 +494,17 @@ impl KeyProviders {
             ProviderKind::Local => &self.local,
             ProviderKind::AwsKms => &self.aws_kms,
         };
-        slot.as_ref().ok_or(KeyError::NotConfigured {
+        slot.as_ref().ok_or_else(|| KeyError::NotConfigured {
             provider: key.kind().scheme(),
-            message: format!(
-                "no {} provider is configured for key {key}",
-                key.kind().scheme()
-            ),
+            message: match (key.kind(), &self.aws_kms_unavailable) {
+                (ProviderKind::AwsKms, Some(why)) => format!("key {key}: {why}"),
+                _ => format!(
+                    "no {} provider is configured for key {key}",
+                    key.kind().scheme()
+                ),
+            },
         })
     }
-
     /// Re-wraps `wrapped` from `from` to `to`; across providers this unwraps in
     /// memory and wraps again, within one provider it uses the provider's re-wrap.
     pub async fn rewrap(

@@ -71,7 +71,8 @@ impl TreeWriter {
 pub struct TreeReader<'a> {
     repo: &'a Repo,
     index: &'a Index,
-    blobs: std::vec::IntoIter<BlobId>,
+    blobs: Vec<BlobId>,
+    next_blob: usize,
     buf: Vec<u8>,
     pos: usize,
     what: String,
@@ -82,7 +83,8 @@ impl<'a> TreeReader<'a> {
         TreeReader {
             repo,
             index,
-            blobs: Vec::from(tree).into_iter(),
+            blobs: tree.to_vec(),
+            next_blob: 0,
             buf: Vec::new(),
             pos: 0,
             what,
@@ -99,7 +101,7 @@ impl<'a> TreeReader<'a> {
                 })?;
                 return Ok(Some(entry));
             }
-            let Some(id) = self.blobs.next() else {
+            let Some(&id) = self.blobs.get(self.next_blob) else {
                 if self.pos < self.buf.len() {
                     return Err(Error::corrupt(
                         self.what.clone(),
@@ -108,6 +110,7 @@ impl<'a> TreeReader<'a> {
                 }
                 return Ok(None);
             };
+            self.next_blob += 1;
             let blob = read_blob(self.repo, self.index, &id).await?;
             self.buf.drain(..self.pos);
             self.pos = 0;

@@ -629,12 +629,16 @@ impl Repo {
                 ))),
             };
         }
+        // "latest" must not quietly fall back to an older snapshot when a newer
+        // one may be unreadable: any unreadable snapshot fails it.
         let (snaps, faults) = self.list_snapshots().await?;
-        if let Some(s) = snaps.into_iter().last() {
-            return Ok(s);
-        }
-        first_fault(faults)?;
-        Err(Error::NotFound {
+        first_fault(
+            faults
+                .into_iter()
+                .filter(|f| f.kind != "unknown_object")
+                .collect(),
+        )?;
+        snaps.into_iter().last().ok_or_else(|| Error::NotFound {
             what: format!("a snapshot of tenant {}", self.tenant()),
         })
     }

@@ -88,14 +88,34 @@ impl TenantStore {
     }
 
     pub async fn get_range(&self, name: &ObjectName, range: Range<u64>) -> Result<Bytes> {
-        let path = name.relative();
-        retry(|| self.scoped.get_range(&path, range.clone()))
-            .await
-            .map_err(|e| self.map_read_error("get", name, e))
+        let mut parts = self.get_ranges(name, std::slice::from_ref(&range)).await?;
+        Ok(parts.pop().expect("one range, one part"))
     }
 
+    /// Reads byte ranges. A range past the end of the object means the object is
+    /// shorter than its index or directory says: that is reported as a corrupt
+    /// object (truncated or replaced), not retried as a transient failure.
     pub async fn get_ranges(&self, name: &ObjectName, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
         let path = name.relative();
+        match self.scoped.get_ranges(&path, ranges).await {
+            Ok(parts) => return Ok(parts),
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(Error::missing(self.display(name), "not found in the store"));
+            }
+            Err(_) => {}
+        }
+        let wanted = ranges.iter().map(|r| r.end).max().unwrap_or(0);
+        if let Some(meta) = self.head(name).await?
+            && meta.size < wanted
+        {
+            return Err(Error::corrupt(
+                self.display(name),
+                format!(
+                    "object is {} bytes, shorter than the {wanted} expected (truncated or replaced)",
+                    meta.size
+                ),
+            ));
+        }
         retry(|| self.scoped.get_ranges(&path, ranges))
             .await
             .map_err(|e| self.map_read_error("get", name, e))
@@ -109,7 +129,6 @@ impl TenantStore {
             e => Error::store(op, self.display(name), e),
         }
     }
-
     pub async fn head(&self, name: &ObjectName) -> Result<Option<ObjectMeta>> {
         let path = name.relative();
         match retry(|| self.scoped.head(&path)).await {

@@ -1,0 +1,312 @@
+//! `custos audit …`: verify the audit log, show its records, print the public key.
+//!
+//! - `custos audit verify [--from-store] [--public-key FILE] [--json]` checks
+//!   chain, tree and signatures and exits 1 on any fault;
+//! - `custos audit show [--tenant T] [--since 24h|RFC3339] [--json]` lists
+//!   records (`--json` prints the stored lines unchanged);
+//! - `custos audit public-key` prints the verifier key
+//!   (`<name>+<key id>+<base64 key>`), creating the audit key on first use.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+
+use crate::audit::log::{LOG_FILE, LineReader};
+use crate::audit::{AuditKey, AuditRecord, VerifierKey, VerifyReport, audit_dir, verify};
+use crate::config::Config;
+use crate::store::SharedStore;
+use crate::tenant::TenantId;
+
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum AuditCommand {
+    /// Verify the audit log's hash chain, Merkle tree and checkpoint signatures.
+    Verify {
+        /// Verify the copy replicated to the store instead of the local log.
+        #[arg(long)]
+        from_store: bool,
+        /// Verifier key file (`custos audit public-key` output); default: this installation's key.
+        #[arg(long, value_name = "FILE")]
+        public_key: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show audit records.
+    Show {
+        /// Only records of this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only records at or after this time: RFC 3339, or a duration ago such as 24h.
+        #[arg(long)]
+        since: Option<String>,
+        /// Print the stored JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the audit verifier key (created on first use).
+    PublicKey,
+}
+
+pub async fn run(cmd: AuditCommand, cfg: &Config, store: SharedStore) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AuditCommand::Verify {
+            from_store,
+            public_key,
+            json,
+        } => verify_cmd(cfg, store, from_store, public_key.as_deref(), json).await,
+        AuditCommand::Show {
+            tenant,
+            since,
+            json,
+        } => {
+            let tenant = tenant.map(|t| TenantId::new(&t)).transpose()?;
+            let since = since.map(|s| parse_since(&s, Utc::now())).transpose()?;
+            let dir = audit_dir(&cfg.state_dir);
+            tokio::task::spawn_blocking(move || show(&dir, tenant.as_ref(), since, json)).await??;
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::PublicKey => {
+            let path = cfg.audit.key_file.clone();
+            let key =
+                tokio::task::spawn_blocking(move || AuditKey::load_or_create(&path)).await??;
+            println!("{}", key.public_key_text());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `--since`: an RFC 3339 time, or a duration (`24h`, `7d`, `90min`) before `now`.
+pub fn parse_since(s: &str, now: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let d = humantime::parse_duration(s).map_err(|_| {
+        anyhow::anyhow!("--since {s:?}: expected an RFC 3339 time or a duration such as 24h")
+    })?;
+    let d = chrono::Duration::from_std(d).context("--since: duration too long")?;
+    now.checked_sub_signed(d)
+        .context("--since: duration too long")
+}
+
+async fn verify_cmd(
+    cfg: &Config,
+    store: SharedStore,
+    from_store: bool,
+    public_key: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let dir = audit_dir(&cfg.state_dir);
+    let source = if from_store {
+        "store audit/".to_owned()
+    } else {
+        dir.display().to_string()
+    };
+    let verifier = match public_key {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the verifier key {}", path.display()))?;
+            VerifierKey::parse(&text).with_context(|| format!("{}", path.display()))?
+        }
+        None => match AuditKey::load(&cfg.audit.key_file) {
+            Ok(key) => key.verifier().clone(),
+            Err(crate::Error::NotFound { .. }) if !from_store && !dir.join(LOG_FILE).exists() => {
+                // A fresh installation: nothing has been logged nor signed yet.
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"source": source, "ok": true, "records": 0, "faults": []})
+                    );
+                } else {
+                    println!("audit log {source}: empty (no audit key created yet)");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context("cannot load this installation's audit key; pass --public-key FILE"));
+            }
+        },
+    };
+    let report = if from_store {
+        verify::verify_store(&store, &verifier).await?
+    } else {
+        let v = verifier.clone();
+        tokio::task::spawn_blocking(move || verify::verify_dir(&dir, &v)).await??
+    };
+    if json {
+        let mut value = serde_json::to_value(&report)?;
+        value["source"] = source.into();
+        value["ok"] = report.ok().into();
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        print!("{}", human_report(&source, &report));
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Faults printed in the human report before the rest are counted.
+const MAX_PRINTED_FAULTS: usize = 50;
+
+pub fn human_report(source: &str, report: &VerifyReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "audit log:   {source}");
+    let _ = writeln!(out, "verifier:    {}", report.verifier);
+    let _ = writeln!(
+        out,
+        "records:     {}   checkpoints checked: {}   latest signed size: {}",
+        report.records,
+        report.checkpoints_checked,
+        report
+            .latest_checkpoint
+            .map_or_else(|| "none".to_owned(), |s| s.to_string())
+    );
+    if report.ok() {
+        let _ = writeln!(out, "OK: chain, tree and signatures verify");
+        return out;
+    }
+    for f in report.faults.iter().take(MAX_PRINTED_FAULTS) {
+        let what = match (f.seq, f.checkpoint) {
+            (Some(s), _) => format!("record {s}"),
+            (None, Some(c)) => format!("checkpoint {c}"),
+            (None, None) => "log".to_owned(),
+        };
+        let kind = serde_json::to_value(f.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let _ = writeln!(out, "FAULT {what} [{kind}]: {}", f.message);
+    }
+    if report.faults.len() > MAX_PRINTED_FAULTS {
+        let _ = writeln!(
+            out,
+            "… and {} more faults (use --json for all)",
+            report.faults.len() - MAX_PRINTED_FAULTS
+        );
+    }
+    let _ = writeln!(out, "FAILED: {} fault(s)", report.faults.len());
+    out
+}
+
+fn show(
+    dir: &Path,
+    tenant: Option<&TenantId>,
+    since: Option<DateTime<Utc>>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let path = dir.join(LOG_FILE);
+    let len = match std::fs::metadata(&path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("no audit records yet ({} does not exist)", path.display());
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| path.display().to_string()),
+    };
+    let mut reader = LineReader::open(&path, 0, len).with_context(|| path.display().to_string())?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if !json {
+        writeln!(
+            out,
+            "{:>6}  {:<27}  {:<18}  {:<16}  {:<16}  DETAILS",
+            "SEQ", "TIME", "EVENT", "TENANT", "ACTOR"
+        )?;
+    }
+    let mut line = Vec::new();
+    let mut number = 0u64;
+    while let Some(terminated) = reader
+        .next_line(&mut line)
+        .with_context(|| path.display().to_string())?
+    {
+        number += 1;
+        if !terminated {
+            break; // an append in progress
+        }
+        let rec = match AuditRecord::from_line(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("line {number}: {e} (run `custos audit verify`)");
+                continue;
+            }
+        };
+        if tenant.is_some_and(|t| rec.tenant.as_ref() != Some(t))
+            || since.is_some_and(|s| rec.time < s)
+        {
+            continue;
+        }
+        if json {
+            out.write_all(&line)?;
+            out.write_all(b"\n")?;
+        } else {
+            writeln!(
+                out,
+                "{:>6}  {:<27}  {:<18}  {:<16}  {:<16}  {}",
+                rec.seq,
+                rec.time
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                rec.event,
+                rec.tenant.as_ref().map_or("-", |t| t.as_str()),
+                rec.actor,
+                rec.details
+            )?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_times_and_durations() {
+        let now = DateTime::parse_from_rfc3339("2025-06-01T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            parse_since("24h", now).unwrap(),
+            DateTime::parse_from_rfc3339("2025-05-31T12:00:00Z").unwrap()
+        );
+        assert_eq!(
+            parse_since("2025-01-01T00:00:00+01:00", now).unwrap(),
+            DateTime::parse_from_rfc3339("2024-12-31T23:00:00Z").unwrap()
+        );
+        assert!(parse_since("yesterday", now).is_err());
+    }
+
+    #[test]
+    fn parses_as_a_subcommand() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            cmd: AuditCommand,
+        }
+        let c =
+            Cli::try_parse_from(["x", "verify", "--from-store", "--public-key", "k.pub"]).unwrap();
+        assert_eq!(
+            c.cmd,
+            AuditCommand::Verify {
+                from_store: true,
+                public_key: Some(PathBuf::from("k.pub")),
+                json: false
+            }
+        );
+        let c = Cli::try_parse_from(["x", "show", "--tenant", "acme", "--since", "24h", "--json"])
+            .unwrap();
+        assert!(matches!(c.cmd, AuditCommand::Show { json: true, .. }));
+        assert_eq!(
+            Cli::try_parse_from(["x", "public-key"]).unwrap().cmd,
+            AuditCommand::PublicKey
+        );
+    }
+}

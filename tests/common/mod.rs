@@ -1,0 +1,220 @@
+//! Helpers shared by the integration tests: test trees, tree comparison,
+//! contexts and the CI gating of tests that need extra tools.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+/// True when the run must not skip anything (scripts/test.sh and CI set it).
+pub fn strict() -> bool {
+    std::env::var("CUSTOS_TEST_EMULATORS").is_ok_and(|v| v == "1")
+}
+
+/// Skips (locally) or fails (CI) when a test's prerequisite is missing.
+pub fn require(available: bool, what: &str) -> bool {
+    if available {
+        return true;
+    }
+    if strict() {
+        panic!("{what} is required when CUSTOS_TEST_EMULATORS=1 (scripts/test.sh sets it up)");
+    }
+    eprintln!("skipped: {what} is not available (scripts/test.sh sets it up)");
+    false
+}
+
+/// A small mixed tree: text, random binary over several chunks, many small
+/// files, a symlink, an empty file, an empty directory, a non-UTF-8 name,
+/// unusual modes.
+pub fn make_tree(root: &Path, small_files: usize) {
+    fs::create_dir_all(root.join("dir/sub")).unwrap();
+    fs::create_dir_all(root.join("empty")).unwrap();
+    fs::write(root.join("hello.txt"), "hello world\n".repeat(1000)).unwrap();
+    fs::write(root.join("zero"), b"").unwrap();
+    let mut rnd = vec![0u8; 3 << 20];
+    custos::util::fill_random(&mut rnd);
+    fs::write(root.join("dir/random.bin"), &rnd).unwrap();
+    for i in 0..small_files {
+        fs::write(root.join(format!("dir/sub/small-{i}")), format!("file {i}")).unwrap();
+    }
+    std::os::unix::fs::symlink("hello.txt", root.join("link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", root.join("dangling")).unwrap();
+    fs::write(root.join(OsStr::from_bytes(b"name-\xff\xfe")), b"non-utf8").unwrap();
+    fs::set_permissions(root.join("hello.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(root.join("dir/sub"), fs::Permissions::from_mode(0o750)).unwrap();
+}
+
+/// Asserts two trees are identical: types, contents, modes, mtimes (ns), link targets.
+pub fn assert_same(a: &Path, b: &Path) {
+    let ma = fs::symlink_metadata(a).unwrap_or_else(|e| panic!("{}: {e}", a.display()));
+    let mb = fs::symlink_metadata(b).unwrap_or_else(|e| panic!("{}: {e}", b.display()));
+    assert_eq!(ma.file_type(), mb.file_type(), "{}", a.display());
+    if ma.file_type().is_symlink() {
+        assert_eq!(
+            fs::read_link(a).unwrap(),
+            fs::read_link(b).unwrap(),
+            "{}",
+            a.display()
+        );
+        return;
+    }
+    assert_eq!(
+        ma.mode() & 0o7777,
+        mb.mode() & 0o7777,
+        "mode of {}",
+        a.display()
+    );
+    assert_eq!(
+        (ma.mtime(), ma.mtime_nsec()),
+        (mb.mtime(), mb.mtime_nsec()),
+        "mtime of {}",
+        a.display()
+    );
+    if ma.is_file() {
+        assert_eq!(ma.len(), mb.len(), "size of {}", a.display());
+        assert!(
+            fs::read(a).unwrap() == fs::read(b).unwrap(),
+            "content of {}",
+            a.display()
+        );
+    }
+    if ma.is_dir() {
+        let names = |p: &Path| {
+            let mut n: Vec<_> = fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            n.sort();
+            n
+        };
+        let (na, nb) = (names(a), names(b));
+        assert_eq!(na, nb, "entries of {}", a.display());
+        for n in na {
+            assert_same(&a.join(&n), &b.join(&n));
+        }
+    }
+}
+
+/// A custos installation in a temp dir, driven through the real binary:
+/// `custos.toml`, a local store, local keys, state and a policies directory.
+pub struct Cli {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+    }
+}
+
+impl Cli {
+    pub fn new() -> Cli {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::create_dir_all(d.join("policies")).unwrap();
+        fs::write(
+            d.join("custos.toml"),
+            format!(
+                "store = \"file://{0}/store\"\nstate_dir = \"{0}/state\"\npolicies_dir = \"{0}/policies\"\n[local_keys]\ndir = \"{0}/keys\"\n",
+                d.display()
+            ),
+        )
+        .unwrap();
+        Cli { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn store(&self) -> std::path::PathBuf {
+        self.path().join("store")
+    }
+
+    /// Writes `policies/<tenant>.toml` backing up `source` (a directory).
+    pub fn policy(&self, tenant: &str, source: &Path) {
+        fs::write(
+            self.path().join(format!("policies/{tenant}.toml")),
+            format!(
+                "tenant = \"{tenant}\"\nkey = \"local:{tenant}\"\n[[sources]]\ntype = \"path\"\npath = \"{}\"\nname = \"data\"\n[retention]\nkeep_last = 2\n",
+                source.display()
+            ),
+        )
+        .unwrap();
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_custos"))
+            .arg("--config")
+            .arg(self.path().join("custos.toml"))
+            .args(args)
+            .env("CUSTOS_LOG", "warn")
+            .env("CUSTOS_LOG_FORMAT", "text")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .expect("run custos");
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs and asserts success.
+    pub fn ok(&self, args: &[&str]) -> Run {
+        let r = self.run(args);
+        assert_eq!(
+            r.code, 0,
+            "custos {args:?} failed:\n{}\n{}",
+            r.stdout, r.stderr
+        );
+        r
+    }
+
+    /// Every object of a tenant (relative path → bytes), leases excluded.
+    pub fn objects(&self, tenant: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+        let root = self.store().join("tenants").join(tenant);
+        let mut out = std::collections::BTreeMap::new();
+        let mut stack = vec![root.clone()];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = fs::read_dir(&d) else { continue };
+            for e in rd {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let rel = p
+                        .strip_prefix(&root)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned();
+                    if !rel.starts_with("locks/") && !rel.contains("/.") {
+                        out.insert(rel, fs::read(&p).unwrap());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Store paths of a tenant's objects under `dir` ("packs", "index", "snapshots", "keys").
+    pub fn object_paths(&self, tenant: &str, dir: &str) -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = self
+            .objects(tenant)
+            .into_keys()
+            .filter(|k| k.starts_with(&format!("{dir}/")))
+            .map(|k| self.store().join("tenants").join(tenant).join(k))
+            .collect();
+        v.sort();
+        v
+    }
+}
