@@ -436,6 +436,41 @@ async fn flow(ctx: &Context, key: &KeyRef) {
         "{:?}",
         report.faults
     );
+
+    // Tamper with the wrapped data key: the provider refuses it, nothing decrypts.
+    let env_path = object_store::path::Path::from(format!("tenants/{tenant}/keys/1"));
+    let raw = ctx
+        .store
+        .get(&env_path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let mut env: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    let ct = env["wrapped"]["ciphertext"].as_str().unwrap().to_owned();
+    use base64::Engine;
+    let mut bytes = base64::engine::general_purpose::STANDARD
+        .decode(&ct)
+        .unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    env["wrapped"]["ciphertext"] = base64::engine::general_purpose::STANDARD
+        .encode(&bytes)
+        .into();
+    ctx.store
+        .put(&env_path, serde_json::to_vec(&env).unwrap().into())
+        .await
+        .unwrap();
+    let fresh = Repo::open(ctx, &tenant, None).await.unwrap();
+    let err = fresh.epoch_keys(1).await.unwrap_err();
+    eprintln!("tampered envelope: {err}");
+    assert!(
+        matches!(err.kind(), "key_unwrap_failed" | "key_unavailable"),
+        "{}: {err}",
+        err.kind()
+    );
+    assert!(!err.is_transient());
     lease.release().await;
 }
 
