@@ -19,8 +19,8 @@ use custos::TenantId;
 use custos::context::Context;
 use custos::jobs::rotate::{RotateAction, RotateOptions, RotateReport};
 use custos::jobs::{self, NoProgress};
-use custos::keys::KeyRef;
 use custos::keys::aws_kms::{AwsKmsProvider, AwsKmsSettings};
+use custos::keys::{KeyProvider, KeyRef};
 use custos::pipeline::packer::PackerConfig;
 use custos::repo::Repo;
 use custos::source::Source;
@@ -702,4 +702,50 @@ async fn s3s_fs_wrong_credentials_are_a_clear_error() {
     eprintln!("{err}");
     assert_eq!(err.kind(), "invalid_store", "{err}");
     assert!(err.to_string().contains("Signature"), "{err}");
+}
+
+/// The old key is not deleted while another tenant uses it, even under
+/// another name (alias vs ARN): keys are compared by resolved key id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_kms_backend_shared_key_is_not_deleted() {
+    let Some(b) = s3_kms_backend().await else {
+        return;
+    };
+    let KeyMaker::Kms(kms) = &b.keys else {
+        unreachable!()
+    };
+    let alias = format!(
+        "alias/custos-shared-{}",
+        hex::encode(custos::util::random_bytes::<4>())
+    );
+    let arn = kms.create_test_key(Some(&alias)).await.unwrap();
+    let by_alias = KeyRef::parse(&format!("aws-kms:{alias}")).unwrap();
+    assert_ne!(arn, by_alias);
+    let (a, other) = (tenant("share-a"), tenant("share-b"));
+    Repo::init(&b.ctx, &a, &by_alias, false).await.unwrap();
+    Repo::init(&b.ctx, &other, &arn, false).await.unwrap();
+    let new_key = b.fresh_key("share-new").await;
+    let repo = Repo::open(&b.ctx, &a, None).await.unwrap();
+    let l = lease(&b.ctx, &repo, "rotate").await;
+    let err = jobs::rotate::run(
+        &repo,
+        &l,
+        &RotateOptions {
+            action: RotateAction::ReplaceCmk {
+                new_key,
+                schedule_old_key_deletion: Some(7),
+            },
+            dry_run: false,
+        },
+    )
+    .await
+    .unwrap_err();
+    l.release().await;
+    assert!(
+        err.to_string()
+            .contains(&format!("tenant {other} still uses it (as {arn})")),
+        "{err}"
+    );
+    let info = kms.describe(&arn).await.unwrap();
+    assert!(info.state.is_usable(), "the shared key was left alone");
 }

@@ -660,9 +660,13 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Before destroying a CMK: no other tenant in this store may still use it.
+    /// Before destroying a CMK: no other tenant in this store may still use it,
+    /// whether it names the key the same way or by another alias or ARN (keys
+    /// are compared by the provider's resolved key id). A tenant whose key
+    /// cannot be described blocks the deletion: better kept than destroyed in use.
     async fn ensure_unused_elsewhere(&self, key: &KeyRef) -> Result<()> {
         let store = &self.ctx().store;
+        let resolved = self.describe(key).await?.key_id;
         let listing = store
             .list_with_delimiter(Some(&object_store::path::Path::from("tenants")))
             .await
@@ -676,14 +680,38 @@ impl Run<'_> {
                 continue;
             }
             let ts = TenantStore::new(store.clone(), &t);
-            if let Some((b, _)) = ts.get_if_exists(&ObjectName::Descriptor).await?
-                && let Ok(other) = Descriptor::parse(&b)
-                && other.state != Lifecycle::Shredded
-                && (&other.key == key || other.pending_key.as_ref() == Some(key))
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "refusing to schedule the deletion of {key}: tenant {t} still uses it"
-                )));
+            let Some((b, _)) = ts.get_if_exists(&ObjectName::Descriptor).await? else {
+                continue;
+            };
+            let Ok(other) = Descriptor::parse(&b) else {
+                continue;
+            };
+            if other.state == Lifecycle::Shredded {
+                continue;
+            }
+            let in_use = |why: String| {
+                Err(Error::InvalidArgument(format!(
+                    "refusing to schedule the deletion of {key}: tenant {t} {why}"
+                )))
+            };
+            for k in std::iter::once(&other.key).chain(other.pending_key.as_ref()) {
+                if k == key {
+                    return in_use("still uses it".into());
+                }
+                if k.kind() != key.kind() {
+                    continue;
+                }
+                match self.describe(k).await {
+                    Ok(info) if info.key_id == resolved => {
+                        return in_use(format!("still uses it (as {k})"));
+                    }
+                    Ok(_) | Err(Error::Key(KeyError::NotFound { .. })) => {}
+                    Err(e) => {
+                        return in_use(format!(
+                            "uses {k}, which could not be compared with it: {e}"
+                        ));
+                    }
+                }
             }
         }
         Ok(())
