@@ -20,11 +20,22 @@ use rand::{Rng, RngExt, SeedableRng};
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: bench_dataset generate SIZE SEED DIR | mutate PERCENT SEED DIR";
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["generate", size, seed, dir] => {
-            generate(parse_size(size).expect(usage), seed.parse().expect(usage), Path::new(dir))
-        }
-        ["mutate", pct, seed, dir] => mutate(pct.parse().expect(usage), seed.parse().expect(usage), Path::new(dir)),
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["generate", size, seed, dir] => generate(
+            parse_size(size).expect(usage),
+            seed.parse().expect(usage),
+            Path::new(dir),
+        ),
+        ["mutate", pct, seed, dir] => mutate(
+            pct.parse().expect(usage),
+            seed.parse().expect(usage),
+            Path::new(dir),
+        ),
         _ => {
             eprintln!("{usage}");
             std::process::exit(2);
@@ -43,8 +54,9 @@ fn parse_size(s: &str) -> Option<u64> {
 }
 
 const WORDS: &[&str] = &[
-    "request", "user", "order", "payment", "session", "cache", "timeout", "retry", "shard", "tenant", "invoice",
-    "login", "upload", "download", "token", "queue", "worker", "backup", "restore", "metrics",
+    "request", "user", "order", "payment", "session", "cache", "timeout", "retry", "shard",
+    "tenant", "invoice", "login", "upload", "download", "token", "queue", "worker", "backup",
+    "restore", "metrics",
 ];
 const LEVELS: &[&str] = &["INFO", "INFO", "INFO", "DEBUG", "WARN", "ERROR"];
 
@@ -86,10 +98,17 @@ fn json_line(rng: &mut StdRng, out: &mut impl Write) -> std::io::Result<()> {
 }
 
 fn write_text(path: &Path, size: u64, rng: &mut StdRng, json: bool) -> std::io::Result<()> {
-    let mut w = CountingWriter { inner: BufWriter::with_capacity(1 << 20, fs::File::create(path)?), n: 0 };
+    let mut w = CountingWriter {
+        inner: BufWriter::with_capacity(1 << 20, fs::File::create(path)?),
+        n: 0,
+    };
     let mut t = rng.random_range(0..1_000_000_000u64);
     while w.n < size {
-        if json { json_line(rng, &mut w)? } else { log_line(rng, &mut w, &mut t)? }
+        if json {
+            json_line(rng, &mut w)?
+        } else {
+            log_line(rng, &mut w, &mut t)?
+        }
     }
     w.inner.flush()
 }
@@ -131,18 +150,34 @@ fn generate(size: u64, seed: u64, dir: &Path) {
     let mut written = 0u64;
     let mut i = 0;
     while written < text {
-        let n = rng.random_range(1 << 20..20 << 20).min(text - written).max(1);
+        let n = rng
+            .random_range(1 << 20..20 << 20)
+            .min(text - written)
+            .max(1);
         let json = i % 3 == 2;
         let d = dir.join("logs").join(format!("{:02}", i % 8));
         fs::create_dir_all(&d).unwrap();
-        write_text(&d.join(format!("{}-{i:04}.{}", if json { "events" } else { "app" }, if json { "jsonl" } else { "log" })), n, &mut rng, json).unwrap();
+        write_text(
+            &d.join(format!(
+                "{}-{i:04}.{}",
+                if json { "events" } else { "app" },
+                if json { "jsonl" } else { "log" }
+            )),
+            n,
+            &mut rng,
+            json,
+        )
+        .unwrap();
         written += n;
         i += 1;
     }
     written = 0;
     i = 0;
     while written < binary {
-        let n = rng.random_range(1 << 20..50 << 20).min(binary - written).max(1);
+        let n = rng
+            .random_range(1 << 20..50 << 20)
+            .min(binary - written)
+            .max(1);
         let d = dir.join("media");
         fs::create_dir_all(&d).unwrap();
         write_random(&d.join(format!("blob-{i:04}.bin")), n, &mut rng).unwrap();
@@ -152,11 +187,25 @@ fn generate(size: u64, seed: u64, dir: &Path) {
     written = 0;
     i = 0;
     while written < small {
-        let n = rng.random_range(1 << 10..64 << 10).min(small - written).max(1);
-        let d = dir.join("src").join(format!("m{:02}", i % 40)).join(format!("p{:02}", (i / 40) % 25));
+        let n = rng
+            .random_range(1 << 10..64 << 10)
+            .min(small - written)
+            .max(1);
+        let d = dir
+            .join("src")
+            .join(format!("m{:02}", i % 40))
+            .join(format!("p{:02}", (i / 40) % 25));
         fs::create_dir_all(&d).unwrap();
-        let p = d.join(format!("f{i:05}.{}", if i % 4 == 0 { "bin" } else { "txt" }));
-        if i % 4 == 0 { write_random(&p, n, &mut rng) } else { write_text(&p, n, &mut rng, i % 2 == 0) }.unwrap();
+        let p = d.join(format!(
+            "f{i:05}.{}",
+            if i % 4 == 0 { "bin" } else { "txt" }
+        ));
+        if i % 4 == 0 {
+            write_random(&p, n, &mut rng)
+        } else {
+            write_text(&p, n, &mut rng, i % 2 == 0)
+        }
+        .unwrap();
         written += n;
         i += 1;
     }
@@ -169,7 +218,11 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     while let Some(d) = stack.pop() {
         for e in fs::read_dir(&d).unwrap() {
             let p = e.unwrap().path();
-            if p.is_dir() { stack.push(p) } else { out.push(p) }
+            if p.is_dir() {
+                stack.push(p)
+            } else {
+                out.push(p)
+            }
         }
     }
     out.sort();
@@ -181,7 +234,15 @@ fn mutate(percent: f64, seed: u64, dir: &Path) {
     let all = files(dir);
     let count = ((all.len() as f64 * percent / 100.0).ceil() as usize).max(1);
     let mut changed = 0;
-    for p in all.iter().filter(|_| rng.random_bool(percent / 100.0)).take(count) {
+    // Exactly `count` files, chosen by seed.
+    let mut chosen: Vec<&PathBuf> = Vec::with_capacity(count);
+    let mut pool: Vec<&PathBuf> = all.iter().collect();
+    while chosen.len() < count && !pool.is_empty() {
+        let i = rng.random_range(0..pool.len());
+        chosen.push(pool.swap_remove(i));
+    }
+    chosen.sort();
+    for p in chosen {
         let len = fs::metadata(p).unwrap().len();
         match rng.random_range(0..3) {
             0 => {
@@ -198,19 +259,35 @@ fn mutate(percent: f64, seed: u64, dir: &Path) {
                 let mut buf = vec![0u8; 64 << 10];
                 rng.fill_bytes(&mut buf);
                 let at = rng.random_range(0..len - buf.len() as u64);
-                fs::OpenOptions::new().write(true).open(p).unwrap().write_all_at(&buf, at).unwrap();
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .unwrap()
+                    .write_all_at(&buf, at)
+                    .unwrap();
             }
             _ => {
                 // Rewrite small files whole; large ones get a new header.
-                if len <= 64 << 10 { write_random(p, len, &mut rng).unwrap() } else {
+                if len <= 64 << 10 {
+                    write_random(p, len, &mut rng).unwrap()
+                } else {
                     use std::os::unix::fs::FileExt;
                     let mut buf = vec![0u8; 4096];
                     rng.fill_bytes(&mut buf);
-                    fs::OpenOptions::new().write(true).open(p).unwrap().write_all_at(&buf, 0).unwrap();
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .open(p)
+                        .unwrap()
+                        .write_all_at(&buf, 0)
+                        .unwrap();
                 }
             }
         }
         changed += 1;
     }
-    println!("mutated {changed} of {} files in {}", all.len(), dir.display());
+    println!(
+        "mutated {changed} of {} files in {}",
+        all.len(),
+        dir.display()
+    );
 }
