@@ -92,6 +92,14 @@ impl Schedule {
         self.inner.after(&after).next()
     }
 
+    /// The last time at or before `at` at which the schedule fires, if any: the
+    /// slot a daemon catching up after downtime runs (once, not once per missed slot).
+    pub fn last_at_or_before(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        // Schedules fire on whole seconds; `prev_from` looks strictly before its argument.
+        let ceiling = at + chrono::Duration::seconds(1);
+        self.inner.after(&ceiling).next_back().filter(|t| *t <= at)
+    }
+
     /// Every time strictly after `after` at which the schedule fires, in order.
     pub fn upcoming_after(&self, after: DateTime<Utc>) -> impl Iterator<Item = DateTime<Utc>> + '_ {
         self.inner.after(&after)
@@ -357,6 +365,27 @@ mod tests {
                 .unwrap_err()
                 .contains("longer than")
         );
+    }
+
+    #[test]
+    fn last_at_or_before_includes_the_instant() {
+        let s = Schedule::parse("0 2 * * *").unwrap();
+        assert_eq!(
+            s.last_at_or_before(at(2026, 3, 5, 2, 0)),
+            Some(at(2026, 3, 5, 2, 0))
+        );
+        assert_eq!(
+            s.last_at_or_before(at(2026, 3, 5, 1, 59)),
+            Some(at(2026, 3, 4, 2, 0))
+        );
+        let every_2s = Schedule::parse("*/2 * * * * *").unwrap();
+        let t = at(2026, 3, 5, 2, 0) + chrono::Duration::milliseconds(3_500);
+        assert_eq!(
+            every_2s.last_at_or_before(t),
+            Some(at(2026, 3, 5, 2, 0) + chrono::Duration::seconds(2))
+        );
+        let future_only = Schedule::parse("0 0 0 1 1 * 2030").unwrap();
+        assert_eq!(future_only.last_at_or_before(at(2026, 1, 1, 0, 0)), None);
     }
 
     #[test]
