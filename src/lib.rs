@@ -11,6 +11,7 @@
 //! - [`source`]: what a backup reads: directory trees, command output;
 //! - [`repo`]: one tenant's repository: its descriptor, keys, index and snapshots;
 //! - [`jobs`]: one module per job (backup, restore, check, forget, prune, …);
+//! - [`daemon`]: `custos daemon`: scheduled jobs per tenant, under systemd;
 //! - [`cli`]: the `custos` command line.
 
 pub mod cli;
@@ -30,4 +31,5 @@ pub mod util;
 pub use error::{Error, Result};
 pub use tenant::TenantId;
 pub mod context;
+pub mod daemon;
 pub mod state;

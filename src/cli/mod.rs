@@ -4,6 +4,7 @@
 
 mod backup;
 mod check;
+mod daemon;
 mod forget;
 mod output;
 mod policy;
@@ -54,6 +55,8 @@ pub enum Command {
     /// Tenant policy files.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Run every tenant's jobs on their schedules (under systemd); --once: what is due now.
+    Daemon(daemon::Args),
 }
 
 /// Entry point of the `custos` binary.
@@ -84,5 +87,6 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Forget(args) => forget::run_forget(config, args).await,
         Command::Prune(args) => forget::run_prune(config, args).await,
         Command::Policy(cmd) => policy::run(config, cmd).await,
+        Command::Daemon(args) => daemon::run(config, args).await,
     }
 }
