@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::store::probe::probe_conditional_writes;
+use crate::store::probe::{ConditionalWrites, probe_conditional_writes};
 
 pub use scheduler::{RunRecord, Summary};
 
@@ -50,6 +50,36 @@ pub struct Options {
 /// wants keep-alives more often.
 const TICK: Duration = Duration::from_secs(5);
 
+/// Shared mode needs a store whose conditional writes work (leases, slot
+/// marks); `--single-node` accepts one that fails the probe, with a warning.
+fn store_mode(probe: &ConditionalWrites, single_node: bool, url: &str) -> Result<&'static str> {
+    if probe.supported() {
+        return Ok("shared");
+    }
+    let detail = probe
+        .detail
+        .as_deref()
+        .unwrap_or("the conditional-write probe failed");
+    if single_node {
+        tracing::warn!(
+            event = "daemon.single_node",
+            store = %url,
+            detail,
+            "the store fails the conditional-write probe; running with --single-node: \
+             leases cannot keep a second daemon on this store from running the same tenant's jobs"
+        );
+        return Ok("single_node");
+    }
+    Err(Error::ConditionalWritesUnsupported {
+        url: url.to_owned(),
+        message: format!(
+            "{detail}. Leases would not keep two daemons from running one tenant's jobs at once; \
+             use a store that honours conditional writes, or run exactly one daemon on this \
+             store with --single-node"
+        ),
+    })
+}
+
 /// Runs the daemon until SIGTERM/SIGINT (or, with `--once`, until what was
 /// due has run). Fails before starting anything when the store, the state
 /// directory, the policies directory or the metrics address is unusable.
@@ -62,31 +92,7 @@ pub async fn run(config: Config, opts: Options) -> Result<Summary> {
     let state = state::DaemonState::open(&config.state_dir)?;
 
     let probe = probe_conditional_writes(&ctx.store).await;
-    let mode = if probe.supported() {
-        "shared"
-    } else if opts.single_node {
-        tracing::warn!(
-            event = "daemon.single_node",
-            store = %ctx.store_url,
-            detail = probe.detail.as_deref().unwrap_or(""),
-            "the store fails the conditional-write probe; running with --single-node: \
-             leases cannot keep a second daemon on this store from running the same tenant's jobs"
-        );
-        "single_node"
-    } else {
-        return Err(Error::ConditionalWritesUnsupported {
-            url: ctx.store_url.clone(),
-            message: format!(
-                "{}. Leases would not keep two daemons from running one tenant's jobs at once; \
-                 use a store that honours conditional writes, or run exactly one daemon on this \
-                 store with --single-node",
-                probe
-                    .detail
-                    .as_deref()
-                    .unwrap_or("the conditional-write probe failed")
-            ),
-        });
-    };
+    let mode = store_mode(&probe, opts.single_node, &ctx.store_url)?;
 
     let loaded = policies::load(&config.policies_dir, &policies::Policies::new());
     if loaded.refused_whole {
@@ -162,4 +168,32 @@ pub async fn run(config: Config, opts: Options) -> Result<Summary> {
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_failing_the_probe_needs_single_node() {
+        let ok = ConditionalWrites {
+            create_exclusive: true,
+            update_checked: true,
+            detail: None,
+        };
+        assert_eq!(store_mode(&ok, false, "s3://b").unwrap(), "shared");
+        let garage = ConditionalWrites {
+            create_exclusive: false,
+            update_checked: false,
+            detail: Some(
+                "a second create-if-absent of the same object succeeded (If-None-Match ignored)"
+                    .into(),
+            ),
+        };
+        let err = store_mode(&garage, false, "s3://b").unwrap_err();
+        assert_eq!(err.kind(), "conditional_writes_unsupported");
+        assert!(err.to_string().contains("If-None-Match ignored"), "{err}");
+        assert!(err.to_string().contains("--single-node"), "{err}");
+        assert_eq!(store_mode(&garage, true, "s3://b").unwrap(), "single_node");
+    }
 }

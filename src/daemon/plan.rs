@@ -200,6 +200,16 @@ mod tests {
                 catch_up: true
             }
         );
+        // Mid-second, just before the next firing: still the latest past one.
+        let every_2s = When::Cron(Schedule::parse("*/2 * * * * *").unwrap());
+        let now = t(10, 0, 49) + chrono::Duration::milliseconds(800);
+        assert_eq!(
+            next_slot(&every_2s, None, now).unwrap(),
+            Next {
+                slot: t(10, 0, 48),
+                catch_up: true
+            }
+        );
         // A schedule whose first slot is still ahead waits for it.
         let later = When::Cron(Schedule::parse("0 0 0 1 1 * 2030").unwrap());
         let n = next_slot(&later, None, t(10, 0, 0)).unwrap();

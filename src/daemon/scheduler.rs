@@ -155,6 +155,9 @@ pub struct Scheduler {
     timers: BinaryHeap<Reverse<Timer>>,
     ready: BTreeSet<Ready>,
     running: HashMap<TenantId, Running>,
+    /// Tenants whose lease was busy: none of their jobs starts before this
+    /// time (they would find the same lease busy).
+    backoff: HashMap<TenantId, DateTime<Utc>>,
     tasks: JoinSet<TaskOutput>,
     task_keys: HashMap<tokio::task::Id, (Key, DateTime<Utc>)>,
     state: DaemonState,
@@ -197,6 +200,7 @@ impl Scheduler {
             timers: BinaryHeap::new(),
             ready: BTreeSet::new(),
             running: HashMap::new(),
+            backoff: HashMap::new(),
             tasks: JoinSet::new(),
             task_keys: HashMap::new(),
             state,
@@ -214,6 +218,7 @@ impl Scheduler {
             stopping: false,
             started: Instant::now(),
         };
+        let now = Self::now();
         for (tenant, policy) in &policies {
             if let Some(rec) = s.state.data.tenants.get(tenant)
                 && let Some(keys) = &rec.keys
@@ -225,7 +230,7 @@ impl Scheduler {
                     if let Some(rec) = s.state.job(tenant, job) {
                         s.metrics.restore(tenant, job, rec);
                     }
-                    s.add_entry(tenant.clone(), job, when, Plan::Normal);
+                    s.add_entry(tenant.clone(), job, when, Plan::Normal, now);
                 }
             }
         }
@@ -259,8 +264,14 @@ impl Scheduler {
         self.next_gen
     }
 
-    fn add_entry(&mut self, tenant: TenantId, job: ScheduledJob, when: When, mode: Plan) {
-        let now = Self::now();
+    fn add_entry(
+        &mut self,
+        tenant: TenantId,
+        job: ScheduledJob,
+        when: When,
+        mode: Plan,
+        now: DateTime<Utc>,
+    ) {
         let last = self.state.job(&tenant, job).and_then(|r| r.last_slot);
         let next = match mode {
             Plan::Normal => plan::next_slot(&when, last, now),
@@ -277,7 +288,7 @@ impl Scheduler {
                 first_contended: None,
             },
         );
-        self.plan(&key, next);
+        self.plan(&key, next, now);
     }
 
     fn remove_entry(&mut self, key: &Key) {
@@ -287,9 +298,10 @@ impl Scheduler {
 
     /// Sets the entry's next slot and its start (slot + jitter; now + jitter
     /// for a catch-up). `--once` starts due slots at once and plans nothing later.
-    fn plan(&mut self, key: &Key, next: Option<Next>) {
+    /// `now` is shared by the jobs of a tenant planned together, so those
+    /// due at once keep their priority order.
+    fn plan(&mut self, key: &Key, next: Option<Next>, now: DateTime<Utc>) {
         let generation = self.bump();
-        let now = Self::now();
         let jitter_max = self.config.daemon.jitter;
         let once = self.once;
         let seed = self.seed;
@@ -339,6 +351,7 @@ impl Scheduler {
         };
         entry.generation = generation;
         let at = Self::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+        self.backoff.insert(key.0.clone(), at);
         self.timers.push(Reverse(Timer {
             at,
             generation,
@@ -396,6 +409,8 @@ impl Scheduler {
         if self.running.len() >= max || self.ready.is_empty() {
             return false;
         }
+        let now = Self::now();
+        self.backoff.retain(|_, until| *until > now);
         let mut chosen = Vec::new();
         let mut tenants = HashSet::new();
         let mut stale = Vec::new();
@@ -408,7 +423,10 @@ impl Scheduler {
                 stale.push(r.clone());
                 continue;
             }
-            if self.running.contains_key(&r.tenant) || !tenants.insert(r.tenant.clone()) {
+            if self.running.contains_key(&r.tenant)
+                || self.backoff.contains_key(&r.tenant)
+                || !tenants.insert(r.tenant.clone())
+            {
                 continue;
             }
             chosen.push(r.clone());
@@ -529,8 +547,9 @@ impl Scheduler {
             entry.pending = None;
             return;
         }
-        let next = plan::next_slot(&entry.when, Some(slot), Self::now());
-        self.plan(key, next);
+        let now = Self::now();
+        let next = plan::next_slot(&entry.when, Some(slot), now);
+        self.plan(key, next, now);
     }
 
     fn completed(&mut self, res: Result<(tokio::task::Id, TaskOutput), JoinError>) {
@@ -735,6 +754,7 @@ impl Scheduler {
             }
             self.metrics.remove_tenant(tenant);
         }
+        let now = Self::now();
         for tenant in added.iter().chain(&changed) {
             let policy = loaded.policies[tenant].clone();
             for job in ScheduledJob::ALL {
@@ -744,10 +764,12 @@ impl Scheduler {
                 match (old, new) {
                     (None, None) => {}
                     (Some(_), None) => self.remove_entry(&key),
-                    (None, Some(when)) => self.add_entry(tenant.clone(), job, when, Plan::Normal),
+                    (None, Some(when)) => {
+                        self.add_entry(tenant.clone(), job, when, Plan::Normal, now)
+                    }
                     (Some(old), Some(when)) if old == when => {}
                     (Some(_), Some(when)) => {
-                        self.add_entry(tenant.clone(), job, when, Plan::Changed)
+                        self.add_entry(tenant.clone(), job, when, Plan::Changed, now)
                     }
                 }
             }

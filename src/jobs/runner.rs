@@ -133,6 +133,8 @@ where
     };
     let repo = match open_repo(ctx, &spec).await {
         Ok(r) => r,
+        // Another process initialised the tenant at the same moment.
+        Err(e @ Error::LeaseContended { .. }) => return Gated::Contended(e),
         Err(e) => return failed(e),
     };
     let lease = match LeaseGuard::acquire(
