@@ -171,6 +171,7 @@ pub struct Scheduler {
     last_flush: Instant,
     stopping: bool,
     started: Instant,
+    runs_total: u64,
 }
 
 /// Longest wait between two retries of a busy lease.
@@ -217,6 +218,7 @@ impl Scheduler {
             last_flush: Instant::now(),
             stopping: false,
             started: Instant::now(),
+            runs_total: 0,
         };
         let now = Self::now();
         for (tenant, policy) in &policies {
@@ -522,7 +524,7 @@ impl Scheduler {
         rec.last_started = Some(now);
         rec.last_finished = Some(now);
         rec.last_outcome = Some(RunOutcome::Unsupported);
-        self.summary.runs.push(RunRecord {
+        self.record(RunRecord {
             tenant: tenant.clone(),
             job: *job,
             slot,
@@ -584,7 +586,7 @@ impl Scheduler {
                 rec.last_slot = Some(slot);
                 rec.last_outcome = Some(RunOutcome::Failure);
                 rec.last_finished = Some(now);
-                self.summary.runs.push(RunRecord {
+                self.record(RunRecord {
                     tenant: tenant.clone(),
                     job,
                     slot,
@@ -624,7 +626,7 @@ impl Scheduler {
                     self.state.set_keys(tenant, k);
                 }
                 self.metrics.report(*job, &report);
-                self.summary.runs.push(record_of(*job, slot, &report));
+                self.record(record_of(*job, slot, &report));
                 self.after_run(&key, slot, generation);
             }
             Launched::Declined { reason, mark } => {
@@ -647,7 +649,7 @@ impl Scheduler {
                     rec.last_success = rec.last_success.max(Some(t));
                 }
                 self.metrics.done_elsewhere(tenant, *job, success_at);
-                self.summary.runs.push(RunRecord {
+                self.record(RunRecord {
                     tenant: tenant.clone(),
                     job: *job,
                     slot,
@@ -685,6 +687,11 @@ impl Scheduler {
         let base =
             Duration::from_secs(1 << entry.contended.min(6).saturating_sub(1)).min(MAX_RETRY);
         let delay = base + base.mul_f64(rand::random_range(0.0..0.5));
+        if self.stopping && !self.once {
+            // Shutting down: the slot runs after the next start.
+            entry.pending = None;
+            return;
+        }
         let give_up = self.stopping || (self.once && first.elapsed() >= once_limit);
         tracing::info!(
             event = "lease.contended",
@@ -702,7 +709,7 @@ impl Scheduler {
             let now = Self::now();
             self.metrics
                 .outcome(tenant, *job, RunOutcome::Contended, now);
-            self.summary.runs.push(RunRecord {
+            self.record(RunRecord {
                 tenant: tenant.clone(),
                 job: *job,
                 slot,
@@ -854,6 +861,15 @@ impl Scheduler {
         self.last_flush = Instant::now();
     }
 
+    /// Counts a run; `--once` keeps it for its report (a long-running
+    /// daemon keeps only the count: its runs are in the job reports).
+    fn record(&mut self, run: RunRecord) {
+        self.runs_total += 1;
+        if self.once {
+            self.summary.runs.push(run);
+        }
+    }
+
     fn idle(&self) -> bool {
         self.tasks.is_empty()
             && self.ready.is_empty()
@@ -972,7 +988,7 @@ impl Scheduler {
             r.abort.abort();
             self.metrics
                 .outcome(tenant, r.job, RunOutcome::Abandoned, Self::now());
-            self.summary.runs.push(RunRecord {
+            self.record(RunRecord {
                 tenant: tenant.clone(),
                 job: r.job,
                 slot: r.slot,
@@ -991,7 +1007,7 @@ impl Scheduler {
         self.flush();
         tracing::info!(
             event = "daemon.stopped",
-            runs = self.summary.runs.len(),
+            runs = self.runs_total,
             abandoned = self.summary.abandoned,
             uptime_s = self.started.elapsed().as_secs(),
             "daemon stopped"
