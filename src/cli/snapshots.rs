@@ -32,8 +32,8 @@ pub async fn run(config: Option<&Path>, args: Args) -> ExitCode {
     let faulty = matches!(&result, Ok(l) if !l.faults.is_empty());
     let code = finish(args.json, result, |l| {
         println!(
-            "{:<10} {:<20} {:>5} {:>9} {:>10}  {}",
-            "ID", "TIME (UTC)", "EPOCH", "FILES", "SIZE", "HOST"
+            "{:<10} {:<20} {:>5} {:>9} {:>10}  HOST",
+            "ID", "TIME (UTC)", "EPOCH", "FILES", "SIZE"
         );
         for s in &l.snapshots {
             println!(

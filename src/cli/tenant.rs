@@ -69,7 +69,7 @@ pub async fn run(config: Option<&Path>, cmd: TenantCommand) -> ExitCode {
         ),
         TenantCommand::List { json } => {
             finish(json, list(config).await, |rows: &Vec<TenantRow>| {
-                println!("{:<24} {:<10} {:<8} {}", "TENANT", "STATE", "POLICY", "KEY");
+                println!("{:<24} {:<10} {:<8} KEY", "TENANT", "STATE", "POLICY");
                 for r in rows {
                     println!(
                         "{:<24} {:<10} {:<8} {}",
@@ -204,10 +204,7 @@ async fn show(config: Option<&Path>, tenant: &str) -> Result<ShowResult> {
         Err(e) => (None, Some(e.to_string())),
     };
     let objects = repo.list_objects().await?;
-    let (snaps, _) = match repo.list_snapshots().await {
-        Ok(v) => v,
-        Err(_) => (Vec::new(), Vec::new()),
-    };
+    let (snaps, _) = repo.list_snapshots().await.unwrap_or_default();
     Ok(ShowResult {
         stored_bytes: objects.iter().map(|o| o.meta.size).sum(),
         objects: objects.len(),

@@ -165,7 +165,7 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
             .iter()
             .filter(|(p, _)| match read_data {
                 ReadData::Subset { n, of } => {
-                    (u32::from_be_bytes(p.0[..4].try_into().expect("4")) as u64 * of as u64 >> 32)
+                    ((u32::from_be_bytes(p.0[..4].try_into().expect("4")) as u64 * of as u64) >> 32)
                         as u32
                         == n - 1
                 }

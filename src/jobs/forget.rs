@@ -156,6 +156,8 @@ pub async fn finish_interrupted(repo: &Repo) -> Result<usize> {
     Ok(n)
 }
 
+impl crate::report::JobOutput for ForgetReport {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,5 +256,3 @@ mod tests {
         );
     }
 }
-
-impl crate::report::JobOutput for ForgetReport {}

@@ -533,7 +533,8 @@ struct PlannedBlob {
 /// Byte ranges to fetch from a pack: the header, then the blobs (sorted by
 /// offset) merged where they are close, up to a bounded range size.
 fn coalesce(blobs: &[PlannedBlob]) -> Vec<std::ops::Range<u64>> {
-    let mut ranges: Vec<std::ops::Range<u64>> = vec![0..HEADER_LEN as u64];
+    let mut ranges: Vec<std::ops::Range<u64>> = Vec::with_capacity(blobs.len() + 1);
+    ranges.push(0..HEADER_LEN as u64);
     for b in blobs {
         let (start, end) = (
             b.loc.offset as u64,

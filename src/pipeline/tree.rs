@@ -82,7 +82,7 @@ impl<'a> TreeReader<'a> {
         TreeReader {
             repo,
             index,
-            blobs: tree.to_vec().into_iter(),
+            blobs: Vec::from(tree).into_iter(),
             buf: Vec::new(),
             pos: 0,
             what,
