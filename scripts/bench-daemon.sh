@@ -3,7 +3,7 @@
 #
 #   1. start-up: policies loaded and every job planned (daemon.started load_ms,
 #      and the wall time from exec to that event);
-#   2. idle: CPU time and memory over 30 s while no job is due (schedules whose
+#   2. idle: CPU time and memory over 60 s while no job is due (schedules whose
 #      first slot is years away);
 #   3. jitter: every tenant due at once (a first start: jobs that never ran are
 #      due), spread by daemon.jitter; the job.started times, per 10 s and per
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 N=${1:-1000}
 JITTER=${2:-60}
-IDLE_SECONDS=${IDLE_SECONDS:-30}
+IDLE_SECONDS=${IDLE_SECONDS:-60}
 BIN=${CUSTOS_BIN:-target/release/custos}
 [[ -x $BIN ]] || cargo build --release
 mkdir -p bench-data
@@ -27,7 +27,7 @@ echo "bench-daemon: $N tenants, jitter ${JITTER}s, work dir $WORK" >&2
 # One policies directory per phase: sources and keys come from defaults.toml.
 mkdir -p "$WORK/src"
 echo "a small file" > "$WORK/src/file.txt"
-make_policies() { # dir backup-schedule
+make_policies() { # dir backup-schedule [extra defaults.toml lines]
     mkdir -p "$1"
     cat > "$1/defaults.toml" <<EOF
 key = "local:{tenant}"
@@ -37,6 +37,7 @@ path = "$WORK/src"
 name = "data"
 [backup]
 schedule = "$2"
+${3:-}
 EOF
     for i in $(seq -w 1 "$N"); do
         printf 'tenant = "t%s"\n' "$i" > "$1/t$i.toml"
@@ -65,7 +66,8 @@ wait_event() { # log event
 }
 
 # Phase 1 and 2: load and idle (first slots in 2099: nothing due).
-make_policies "$WORK/idle-policies" "0 0 2 * * * 2099"
+make_policies "$WORK/idle-policies" "0 0 2 * * * 2099" \
+    $'[retention]\nschedule = "0 30 3 * * * 2099"\n[check]\nschedule = "0 0 4 * * * 2099"' 
 make_config "$WORK/idle.toml" "$WORK/idle-policies" "$WORK/idle-state" 300 2
 t0=$(date +%s.%N)
 CUSTOS_LOG_FORMAT=json "$BIN" --config "$WORK/idle.toml" daemon 2> "$WORK/idle.log" &

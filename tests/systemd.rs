@@ -139,7 +139,10 @@ fn the_service_is_hardened() {
     let text = String::from_utf8_lossy(&out.stdout);
     let score: f64 = text
         .lines()
-        .find_map(|l| l.split("Overall exposure level for custos.service: ").nth(1))
+        .find_map(|l| {
+            l.split("Overall exposure level for custos.service: ")
+                .nth(1)
+        })
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no exposure score in:\n{text}"));

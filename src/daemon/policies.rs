@@ -188,7 +188,7 @@ mod tests {
         let a = TenantId::new("a").unwrap();
         let b = TenantId::new("b").unwrap();
         assert!(Arc::ptr_eq(&second.policies[&a], &first.policies[&a]));
-        assert_eq!(second.kept, [a.clone()]);
+        assert_eq!(second.kept, std::slice::from_ref(&a));
         assert_eq!(
             second.policies[&b]
                 .backup

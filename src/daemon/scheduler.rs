@@ -1048,16 +1048,16 @@ fn summarize(r: &JobReport) -> String {
     if let Some(f) = m.files {
         parts.push(format!("{f} files"));
     }
-    if let Some(b) = m.bytes_in {
+    if let Some(b) = m.bytes_in.filter(|b| *b > 0) {
         parts.push(format!("{} in", crate::util::human_bytes(b)));
     }
-    if let Some(b) = m.bytes_stored {
+    if let Some(b) = m.bytes_stored.filter(|b| *b > 0) {
         parts.push(format!("{} stored", crate::util::human_bytes(b)));
     }
-    if let Some(rd) = r.result.get("scheduled").and_then(|s| s.get("read_data")) {
-        if let (Some(n), Some(of)) = (rd.get("n"), rd.get("of")) {
-            parts.push(format!("read-data slice {n}/{of}"));
-        }
+    if let Some(rd) = r.result.get("scheduled").and_then(|s| s.get("read_data"))
+        && let (Some(n), Some(of)) = (rd.get("n"), rd.get("of"))
+    {
+        parts.push(format!("read-data slice {n}/{of}"));
     }
     for (k, v) in &m.gauges {
         parts.push(format!("{k} {v}"));

@@ -98,6 +98,8 @@ pub enum Gate<P> {
 }
 
 /// How a gated job run ended.
+// Returned once per job run and matched at once: not worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Gated<T> {
     /// The job ran (successfully or not) and was reported like any job.
     Ran(JobRun<T>),
