@@ -736,3 +736,84 @@ fn a_second_daemon_on_one_state_directory_is_refused() {
     first.signal("INT");
     assert!(first.wait_exit(Duration::from_secs(20)).success());
 }
+
+#[test]
+fn sigterm_abandons_a_stuck_job_safely_and_its_slot_runs_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let policies = root.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    // A backup whose source (a command) takes far longer than the shutdown timeout.
+    std::fs::write(
+        policies.join("slow.toml"),
+        "tenant = \"slow\"\nkey = \"local:slow\"\n\n[[sources]]\ntype = \"command\"\nname = \"dump\"\n\
+         command = [\"sh\", \"-c\", \"sleep 30; echo late\"]\n\n[backup]\nschedule = \"0 2 * * *\"\n",
+    )
+    .unwrap();
+    let keys = root.join("keys");
+    let s = site(root, "d", "store", &keys, &policies, "");
+    let config = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace("shutdown_timeout = \"60s\"", "shutdown_timeout = \"1s\"");
+    std::fs::write(&s.config, config).unwrap();
+
+    let mut d = Daemon::spawn("stuck", &s.config, &[], &[]);
+    d.wait_for(0, Duration::from_secs(60), |e| {
+        e["event"] == "job.started" && e["tenant"] == "slow"
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped_at = Utc::now();
+    d.signal("TERM");
+    let status = d.wait_exit(Duration::from_secs(15));
+    let exited_at = Utc::now();
+    assert!(status.success(), "{status:?}");
+    assert!(exited_at - stopped_at < chrono::Duration::seconds(8));
+    let abandoned = d.events("job.abandoned");
+    assert_eq!(abandoned.len(), 1, "{abandoned:?}");
+    assert_eq!(abandoned[0]["tenant"], "slow");
+    assert_eq!(abandoned[0]["job"], "backup");
+    assert_eq!(d.events("daemon.stopped")[0]["abandoned"], 1);
+
+    // The abandoned job's lease is left to expire, lease_ttl (10 s) after the
+    // daemon's exit at the latest.
+    let lease: Value = serde_json::from_slice(
+        &std::fs::read(s.root.join("store/tenants/slow/locks/lease")).unwrap(),
+    )
+    .unwrap();
+    let expires = time(&lease["expires_at"]);
+    assert!(
+        expires > stopped_at - chrono::Duration::seconds(1)
+            && expires <= exited_at + chrono::Duration::seconds(10),
+        "{lease}"
+    );
+    // Its slot was not recorded: the next start runs it again (here with a
+    // quick source), once the lease has expired.
+    let wait = (expires - Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(1);
+    std::thread::sleep(wait);
+    let src = source(root, "slow");
+    policy(
+        &policies,
+        "slow",
+        &src,
+        "[backup]\nschedule = \"0 2 * * *\"\n",
+    );
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&s.config)
+        .args(["daemon", "--once"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("slow    backup  success"), "{text}");
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        logs.contains("lease.takeover") || !logs.contains("lease.contended"),
+        "{logs}"
+    );
+    check_all(&s.config, &["slow"]);
+}

@@ -982,7 +982,7 @@ impl Scheduler {
                 running_ms = r.since.elapsed().as_millis() as u64,
                 lease_ttl_s = lease_ttl,
                 "{} of {tenant} abandoned at the shutdown timeout: nothing it wrote is referenced yet; \
-                 its lease expires within {lease_ttl}s and its slot runs again at the next start",
+                 its lease expires at most {lease_ttl}s after the daemon exits and its slot runs again at the next start",
                 r.job
             );
             r.abort.abort();
