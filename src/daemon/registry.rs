@@ -435,8 +435,10 @@ pub struct ScheduledRotation {
 
 impl JobOutput for ScheduledRotation {
     fn metrics(&self) -> JobMetrics {
-        let mut m = JobMetrics::default();
-        m.bytes_stored = Some(self.rotations.iter().map(|r| r.bytes_written).sum());
+        let mut m = JobMetrics {
+            bytes_stored: Some(self.rotations.iter().map(|r| r.bytes_written).sum()),
+            ..Default::default()
+        };
         m.gauges
             .insert("rotations".into(), self.rotations.len() as f64);
         m
