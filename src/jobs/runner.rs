@@ -159,7 +159,7 @@ async fn run_inner<'a, T, F>(ctx: &Context, spec: &JobSpec<'_>, f: F) -> Result<
 where
     F: for<'r> FnOnce(&'r Repo, &'r LeaseGuard, Borrows<'r, 'a>) -> BoxFuture<'r, Result<T>>,
 {
-    let repo = match Repo::open(ctx, spec.tenant, spec.policy_key).await {
+    let mut repo = match Repo::open(ctx, spec.tenant, spec.policy_key).await {
         Ok(r) => r,
         Err(Error::TenantNotFound { .. }) if spec.init_with.is_some() => {
             let key = spec.init_with.expect("checked");
@@ -171,6 +171,11 @@ where
     };
     let lease =
         LeaseGuard::acquire(repo.store(), &ctx.holder, spec.job.as_str(), ctx.lease_ttl).await?;
+    // The lifecycle fence (shredding) is checked on the descriptor the lease protects.
+    if let Err(e) = repo.reload().await {
+        lease.release().await;
+        return Err(e);
+    }
     if let Some(previous) = lease.took_over_from() {
         let details = serde_json::json!({ "previous_holder": previous.holder, "previous_job": previous.job, "expired_at": previous.expires_at });
         if let Err(e) = ctx

@@ -285,6 +285,18 @@ impl Repo {
         epoch: u32,
     ) -> Result<()> {
         let tenant = store.tenant();
+        // The shred fence: no new data key for a tenant being shredded, whatever
+        // the caller's copy of the descriptor says.
+        if let Some((bytes, _)) = store.get_if_exists(&ObjectName::Descriptor).await?
+            && let Ok(d) = Descriptor::parse(&bytes)
+            && d.state == Lifecycle::Shredding
+        {
+            return Err(Error::TenantState {
+                tenant: tenant.to_string(),
+                state: d.state.as_str().into(),
+                message: "is being shredded: new data keys refused".into(),
+            });
+        }
         let name = ObjectName::Envelope(epoch);
         if let Some((bytes, _)) = store.get_if_exists(&name).await? {
             let env =
@@ -315,6 +327,20 @@ impl Repo {
             .put_conditional(&name, Bytes::from(env.to_json()), PutMode::Create)
             .await
             .map_err(|e| conditional_error(store, &name, e))?;
+        Ok(())
+    }
+
+    /// Re-reads the descriptor from the store. Jobs call it (through the
+    /// runner) right after taking the tenant lease, so the lifecycle fence is
+    /// checked on the state the lease protects, not on what was read before.
+    pub async fn reload(&mut self) -> Result<()> {
+        let tenant = self.descriptor.tenant.clone();
+        let fresh = Repo::open(&self.ctx, &tenant, None).await?;
+        if fresh.descriptor != self.descriptor {
+            self.keys.lock().await.clear();
+        }
+        self.descriptor = fresh.descriptor;
+        self.descriptor_version = fresh.descriptor_version;
         Ok(())
     }
 
@@ -369,9 +395,26 @@ impl Repo {
 
     /// Applies `f` to the descriptor and writes it back conditionally (the
     /// version read must still be current), bumping its generation.
+    ///
+    /// A backstop of the shred fence: once a tenant is shredding, no update may
+    /// make it active again, and while it is not active none may add an epoch
+    /// (a data key) or a CMK; only the reuse of a shredded id (`reinit`, which
+    /// starts a new lineage) turns a shredded tenant active.
     pub async fn update_descriptor(&mut self, f: impl FnOnce(&mut Descriptor)) -> Result<()> {
         let mut d = self.descriptor.clone();
         f(&mut d);
+        let old = &self.descriptor;
+        if old.state == Lifecycle::Shredding && d.state == Lifecycle::Active {
+            return Err(self.lifecycle_error("a shred in progress cannot be undone"));
+        }
+        if old.state != Lifecycle::Active
+            && d.state != Lifecycle::Active
+            && (d.epochs.len() > old.epochs.len()
+                || d.key != old.key
+                || (d.pending_key.is_some() && d.pending_key != old.pending_key))
+        {
+            return Err(self.lifecycle_error("new data keys or CMKs refused"));
+        }
         d.generation = self.descriptor.generation + 1;
         d.updated_at = Utc::now();
         let r = self
