@@ -8,6 +8,7 @@ pub mod forget;
 pub mod prune;
 pub mod restore;
 pub mod runner;
+pub mod shred;
 
 /// Progress callbacks (the CLI draws bars from them on a terminal).
 pub trait Progress: Send + Sync {
