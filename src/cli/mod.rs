@@ -4,6 +4,7 @@
 
 mod audit;
 mod backup;
+mod certificate;
 mod check;
 mod drill;
 mod forget;
@@ -11,6 +12,7 @@ mod output;
 mod policy;
 mod restore;
 mod setup;
+mod shred;
 mod snapshots;
 mod tenant;
 
@@ -61,6 +63,11 @@ pub enum Command {
     /// The tamper-evident audit log: verify it, show it, print its public key.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Crypto-shred a tenant (or one key epoch) and issue a signed deletion certificate.
+    Shred(shred::Args),
+    /// Deletion certificates: verify one (offline, or --online), or get a stored one.
+    #[command(subcommand)]
+    Certificate(certificate::CertificateCommand),
 }
 
 /// Entry point of the `custos` binary.
@@ -93,6 +100,8 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Policy(cmd) => policy::run(config, cmd).await,
         Command::Drill(args) => drill::run(config, args).await,
         Command::Audit(cmd) => run_audit(config, cmd).await,
+        Command::Shred(args) => shred::run(config, args).await,
+        Command::Certificate(cmd) => certificate::run(config, cmd).await,
     }
 }
 
