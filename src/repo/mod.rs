@@ -393,6 +393,13 @@ impl Repo {
         }
     }
 
+    /// The shred fence for reads: no data key of a tenant that is being (or
+    /// was) shredded is unwrapped, and none of its objects is opened, so every
+    /// reader (restore, drill, snapshots, check) names the shred.
+    fn require_readable(&self) -> Result<()> {
+        self.require_active("reading its data")
+    }
+
     /// Applies `f` to the descriptor and writes it back conditionally (the
     /// version read must still be current), bumping its generation.
     ///
@@ -453,6 +460,7 @@ impl Repo {
 
     /// The keys of `epoch`, unwrapping its envelope on first use.
     pub async fn epoch_keys(&self, epoch: u32) -> Result<Arc<EpochKeys>> {
+        self.require_readable()?;
         let mut cache = self.keys.lock().await;
         if let Some(k) = cache.get(&epoch) {
             return Ok(k.clone());
@@ -515,6 +523,7 @@ impl Repo {
         name: &ObjectName,
         open: impl FnOnce(&EpochKeys, &[u8]) -> std::result::Result<T, crate::format::seal::SealError>,
     ) -> Result<(u32, T)> {
+        self.require_readable()?;
         let bytes = self.store.get(name).await?;
         let epoch = Header::peek_epoch(&bytes).map_err(|e| e.at(self.store.display(name)))?;
         if self.descriptor.epoch(epoch).is_none() {
@@ -531,6 +540,7 @@ impl Repo {
     /// Loads every index file. Unreadable files are returned as faults (check
     /// reports them; other jobs refuse to go on with an incomplete index).
     pub async fn load_index(&self) -> Result<(Index, Vec<Fault>)> {
+        self.require_readable()?;
         let listed = self.store.list(Dir::Index).await?;
         let removed = self.ctx.state.tenant_memory(self.tenant())?.removed_indexes;
         let mut faults = Vec::new();
@@ -580,6 +590,7 @@ impl Repo {
     }
 
     pub async fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
+        self.require_readable()?;
         let name = ObjectName::Snapshot(*id);
         if self
             .ctx
@@ -601,6 +612,7 @@ impl Repo {
 
     /// Every snapshot, oldest first, with faults for those that cannot be read.
     pub async fn list_snapshots(&self) -> Result<(Vec<Snapshot>, Vec<Fault>)> {
+        self.require_readable()?;
         let listed = self.store.list(Dir::Snapshots).await?;
         let mut faults = Vec::new();
         let mut ids = Vec::new();
@@ -632,6 +644,7 @@ impl Repo {
 
     /// Resolves `latest`, a full id or a unique prefix of at least 4 hex digits.
     pub async fn find_snapshot(&self, spec: &str) -> Result<Snapshot> {
+        self.require_readable()?;
         if spec != "latest" {
             if let Some(id) = SnapshotId::from_hex(spec) {
                 return self.load_snapshot(&id).await;

@@ -415,13 +415,11 @@ pub fn verify(bytes: &[u8], trusted_key_text: &str) -> Result<Verified, Certific
             sig.algorithm
         )));
     }
-    let signer = VerifierKey::parse(&sig.signer).map_err(|_| CertificateError::WrongSigner {
-        found: sig.signer.chars().take(120).collect(),
-        expected: trusted.to_string(),
-    })?;
-    if signer != trusted {
+    // The signer is compared as text in its canonical rendering (a key id in
+    // upper-case hex would parse to the same key, but is not the same bytes).
+    if sig.signer != trusted.to_string() {
         return Err(CertificateError::WrongSigner {
-            found: signer.to_string(),
+            found: sig.signer.chars().take(120).collect(),
             expected: trusted.to_string(),
         });
     }
