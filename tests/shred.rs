@@ -766,6 +766,22 @@ fn encodings(secret: &[u8]) -> Vec<(String, Vec<u8>)> {
     ]
 }
 
+/// Where any encoding of any secret occurs in the files.
+fn scan(files: &[PathBuf], secrets: &[(String, Vec<u8>)]) -> Vec<String> {
+    let mut found = Vec::new();
+    for f in files {
+        let bytes = fs::read(f).unwrap();
+        for (what, secret) in secrets {
+            for (enc, needle) in encodings(secret) {
+                if bytes.windows(needle.len()).any(|w| w == needle.as_slice()) {
+                    found.push(format!("{what} ({enc}) in {}", f.display()));
+                }
+            }
+        }
+    }
+    found
+}
+
 fn all_files(root: &Path, out: &mut Vec<PathBuf>) {
     for e in fs::read_dir(root).unwrap() {
         let e = e.unwrap();
@@ -840,6 +856,14 @@ async fn a_tenants_life_leaves_no_key_bytes_anywhere() {
         }
     }
     assert_eq!(secrets.len(), 3);
+    // The search works: before the shred, the key file holds the CMK (base64).
+    let control = scan(&[cli.path().join("keys/acme.key")], &secrets);
+    assert!(
+        control
+            .iter()
+            .any(|f| f.starts_with("CMK version 1 (base64)")),
+        "{control:?}"
+    );
 
     let r = run(&["shred", "acme", "--confirm", "acme", "--json"]);
     assert_eq!(r.json()["result"]["guarantee"], "keys_destroyed");
@@ -854,19 +878,8 @@ async fn a_tenants_life_leaves_no_key_bytes_anywhere() {
     let mut files = Vec::new();
     all_files(cli.path(), &mut files);
     assert!(files.len() > 20, "{files:?}");
-    let mut found = Vec::new();
-    let mut scanned = 0u64;
-    for f in &files {
-        let bytes = fs::read(f).unwrap();
-        scanned += bytes.len() as u64;
-        for (what, secret) in &secrets {
-            for (enc, needle) in encodings(secret) {
-                if bytes.windows(needle.len()).any(|w| w == needle.as_slice()) {
-                    found.push(format!("{what} ({enc}) in {}", f.display()));
-                }
-            }
-        }
-    }
+    let found = scan(&files, &secrets);
+    let scanned: u64 = files.iter().map(|f| fs::metadata(f).unwrap().len()).sum();
     assert!(
         found.is_empty(),
         "key bytes found after the shred: {found:#?}"
@@ -1062,4 +1075,130 @@ async fn objects_the_store_refuses_to_delete_are_retained_ciphertext() {
     let reports = ctx.state.read_reports(&tenant, None).unwrap();
     assert_eq!(reports[0]["job"], "shred");
     assert_eq!(reports[0]["result"]["certificate_id"], c.id.as_str());
+}
+
+/// What the daemon does with an offboarding tenant: under legal hold the
+/// decision is `LegalHold` and a shred request from the policy is refused
+/// anyway; once the hold is lifted it is due and runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_path_honours_a_legal_hold() {
+    let cli = installation(&["acme"]);
+    ok(&cli, &["backup", "acme"]);
+    let policy_file = cli.path().join("policies/acme.toml");
+    let mut text = fs::read_to_string(&policy_file).unwrap();
+    text.push_str(
+        "[deletion]\nstate = \"offboarding\"\nrequested_at = \"2020-01-01T00:00:00Z\"\ngrace = \"30d\"\nlegal_hold = true\nkms_pending_window_days = 7\n",
+    );
+    fs::write(&policy_file, &text).unwrap();
+    let cfg = custos::config::Config::discover(Some(&cli.path().join("custos.toml"))).unwrap();
+    let load =
+        || custos::config::load_policy_file(&cfg.policies_dir, Path::new("acme.toml")).unwrap();
+    let mut ctx = context(&cli).await;
+    ctx.actor = "daemon:test".into();
+    let tenant = TenantId::new("acme").unwrap();
+    let policy = load();
+    let repo = Repo::open(&ctx, &tenant, None).await.unwrap();
+    let decision = shred::daemon_decision(
+        &tenant,
+        &policy.deletion,
+        Some(repo.descriptor()),
+        Utc::now(),
+    );
+    assert_eq!(decision, shred::ShredDecision::LegalHold);
+    assert!(!decision.should_run());
+    drop(repo);
+    // Even if asked, the job refuses.
+    let req = ShredRequest::from_policy(&policy, &ctx.actor);
+    assert!(req.legal_hold);
+    let run = shred::run_job(&ctx, &tenant, Some(&policy.key), &req).await;
+    assert_eq!(run.result.unwrap_err().kind(), "legal_hold");
+    assert_eq!(descriptor(&cli, "acme")["state"], "active");
+
+    // Hold lifted: due, and the daemon's request shreds the tenant.
+    fs::write(
+        &policy_file,
+        text.replace("legal_hold = true", "legal_hold = false"),
+    )
+    .unwrap();
+    let policy = load();
+    let repo = Repo::open(&ctx, &tenant, None).await.unwrap();
+    let decision = shred::daemon_decision(
+        &tenant,
+        &policy.deletion,
+        Some(repo.descriptor()),
+        Utc::now(),
+    );
+    assert_eq!(decision, shred::ShredDecision::Due);
+    drop(repo);
+    let req = ShredRequest::from_policy(&policy, &ctx.actor);
+    let report = shred::run_job(&ctx, &tenant, Some(&policy.key), &req)
+        .await
+        .result
+        .unwrap();
+    let key_text = ctx.audit.as_ref().unwrap().key().public_key_text();
+    let c = certificate::verify(&report.certificate_bytes, &key_text)
+        .unwrap()
+        .certificate;
+    assert_eq!(c.actor, "daemon:test");
+    assert_eq!(c.requested_at.to_rfc3339(), "2020-01-01T00:00:00+00:00");
+    assert!(c.reason.contains("offboarding requested"), "{}", c.reason);
+    let repo = Repo::open(&ctx, &tenant, None).await.unwrap();
+    assert!(matches!(
+        shred::due(&policy.deletion, Some(repo.descriptor()), Utc::now()),
+        shred::ShredDecision::Shredded { .. }
+    ));
+}
+
+/// docs/shredding.md is enough to check a certificate without custos:
+/// scripts/verify-certificate.py (Python, `cryptography` only) accepts a
+/// certificate and rejects an edited one.
+#[test]
+fn an_independent_verifier_accepts_the_certificate() {
+    let Some(py) = std::env::var_os("CUSTOS_TEST_PYTHON")
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+    else {
+        common::require(false, "CUSTOS_TEST_PYTHON (a python with cryptography)");
+        return;
+    };
+    let cli = installation(&["acme"]);
+    ok(&cli, &["backup", "acme"]);
+    public_key(&cli);
+    let out = cli.path().join("cert.json");
+    ok(
+        &cli,
+        &[
+            "shred",
+            "acme",
+            "--confirm",
+            "acme",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/verify-certificate.py");
+    let check = |file: &Path| {
+        Command::new(&py)
+            .arg(&script)
+            .arg(file)
+            .arg(cli.path().join("audit.pub"))
+            .output()
+            .unwrap()
+    };
+    let r = check(&out);
+    assert!(
+        r.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(String::from_utf8_lossy(&r.stdout).starts_with("valid: tenant acme"));
+    let mut bad = fs::read(&out).unwrap();
+    let i = bad.len() / 2;
+    bad[i] ^= 0x01;
+    let bad_file = cli.path().join("bad.json");
+    fs::write(&bad_file, bad).unwrap();
+    let r = check(&bad_file);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("INVALID"));
 }
