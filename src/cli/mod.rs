@@ -11,9 +11,11 @@ mod forget;
 mod output;
 mod policy;
 mod restore;
+mod rotate;
 mod setup;
 mod shred;
 mod snapshots;
+mod store;
 mod tenant;
 
 use std::path::PathBuf;
@@ -63,6 +65,11 @@ pub enum Command {
     /// The tamper-evident audit log: verify it, show it, print its public key.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Rotate a tenant's keys: the CMK (--cmk), a new CMK (--replace-cmk), or a new data-key epoch (--new-epoch).
+    Rotate(rotate::Args),
+    /// The object store: probe its conditional writes.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
     /// Crypto-shred a tenant (or one key epoch) and issue a signed deletion certificate.
     Shred(shred::Args),
     /// Deletion certificates: verify one (offline, or --online), or get a stored one.
@@ -100,6 +107,8 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Policy(cmd) => policy::run(config, cmd).await,
         Command::Drill(args) => drill::run(config, args).await,
         Command::Audit(cmd) => run_audit(config, cmd).await,
+        Command::Rotate(args) => rotate::run(config, args).await,
+        Command::Store(cmd) => store::run(config, cmd).await,
         Command::Shred(args) => shred::run(config, args).await,
         Command::Certificate(cmd) => certificate::run(config, cmd).await,
     }

@@ -160,6 +160,13 @@ impl Cli {
             .env("CUSTOS_LOG", "warn")
             .env("CUSTOS_LOG_FORMAT", "text")
             .env("AWS_EC2_METADATA_DISABLED", "true")
+            // Under scripts/test.sh the emulators' AWS_* variables are exported;
+            // these CLI cases describe a machine without any AWS configuration.
+            .env_remove("AWS_REGION")
+            .env_remove("AWS_DEFAULT_REGION")
+            .env_remove("AWS_ENDPOINT_URL")
+            .env_remove("AWS_ENDPOINT_URL_KMS")
+            .env_remove("AWS_ENDPOINT_URL_S3")
             .output()
             .expect("run custos");
         Run {
