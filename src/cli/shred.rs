@@ -185,6 +185,12 @@ fn print(r: &ShredReport) {
         "  objects: {} deleted, {} retained (ciphertext under destroyed keys)",
         r.objects_deleted, r.objects_retained
     );
+    if let Some(to) = &r.rewrapped_to {
+        println!(
+            "  the tenant's key is now {to}: set key = \"{to}\" in the policy of {}",
+            r.tenant
+        );
+    }
     println!("  certificate stored at {}", r.certificate_path);
     println!();
     print!("{}", String::from_utf8_lossy(&r.certificate_bytes));

@@ -136,6 +136,9 @@ pub struct ShredReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub irreversible_at: Option<DateTime<Utc>>,
     pub keys: Vec<KeyDestruction>,
+    /// Epoch shred with a re-wrap: the tenant's key now (update its policy to it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rewrapped_to: Option<KeyRef>,
     pub objects_deleted: u64,
     pub objects_retained: u64,
     /// The certificate document (parsed; verify the stored bytes, see `bytes`).
@@ -166,6 +169,7 @@ impl ShredReport {
             guarantee: c.guarantee.kind,
             irreversible_at: c.guarantee.irreversible_at,
             keys: c.keys.clone(),
+            rewrapped_to: c.rewrap.as_ref().map(|r| r.to.clone()),
             objects_deleted: c.deletion.objects_deleted,
             objects_retained: c.deletion.retained.len() as u64,
             certificate: serde_json::from_slice(&bytes).unwrap_or_default(),
@@ -224,6 +228,13 @@ pub async fn run_job(
     policy_key: Option<&KeyRef>,
     req: &ShredRequest,
 ) -> JobRun<ShredReport> {
+    // An epoch shred with a re-wrap moves the tenant to its new key before it
+    // is certified; until it is, the policy still names the old key (as
+    // after `rotate --replace-cmk`), which must not stop a re-run finishing it.
+    let policy_key = match policy_key {
+        Some(k) if rewrap_in_progress_from(ctx, tenant, k).await => None,
+        other => other,
+    };
     let spec = JobSpec {
         tenant,
         job: JobKind::Shred,
@@ -231,6 +242,18 @@ pub async fn run_job(
         init_with: None,
     };
     runner::run_job(ctx, spec, |repo, lease, _| run(repo, lease, req).boxed()).await
+}
+
+/// Whether an unfinished epoch shred re-wrapped the tenant from `old` to its current key.
+async fn rewrap_in_progress_from(ctx: &Context, tenant: &TenantId, old: &KeyRef) -> bool {
+    let Ok(repo) = Repo::open(ctx, tenant, None).await else {
+        return false;
+    };
+    let d = repo.descriptor();
+    d.previous_keys.contains(old)
+        && d.epoch_shred
+            .as_ref()
+            .is_some_and(|e| e.rewrap_to.as_ref() == Some(&d.key))
 }
 
 /// Where a certificate is stored: outside every tenant prefix, so it outlives the tenant.
@@ -421,7 +444,23 @@ pub fn tenant_keys(d: &Descriptor) -> Vec<(KeyRef, KeyRole)> {
 
 /// Refuses to destroy a key that another tenant in the store uses (its
 /// current or pending CMK): destroying it would erase that tenant's backups.
+/// Keys are compared as written and, as rotation does before deleting an old
+/// key, by the id their provider resolves them to (an alias and an ARN can
+/// name the same KMS key).
 async fn check_not_shared(ctx: &Context, tenant: &TenantId, keys: &[KeyRef]) -> Result<()> {
+    async fn resolve(ctx: &Context, k: &KeyRef) -> Option<String> {
+        ctx.keys
+            .for_key(k)
+            .ok()?
+            .describe(k)
+            .await
+            .ok()
+            .map(|i| i.key_id)
+    }
+    let mut ours = Vec::new();
+    for k in keys {
+        ours.push((k, resolve(ctx, k).await));
+    }
     let listing = ctx
         .store
         .list_with_delimiter(Some(&StorePath::from("tenants")))
@@ -445,11 +484,23 @@ async fn check_not_shared(ctx: &Context, tenant: &TenantId, keys: &[KeyRef]) -> 
         if d.state == crate::format::descriptor::Lifecycle::Shredded {
             continue;
         }
-        for k in keys {
-            if &d.key == k || d.pending_key.as_ref() == Some(k) {
-                return Err(Error::InvalidArgument(format!(
-                    "key {k} is also a key of tenant {other}: refusing to destroy it (every tenant needs its own key)"
-                )));
+        for theirs in std::iter::once(&d.key).chain(d.pending_key.as_ref()) {
+            let needs_resolving = ours
+                .iter()
+                .any(|(k, r)| k.kind() == theirs.kind() && r.is_some());
+            let their_id = match needs_resolving {
+                true => resolve(ctx, theirs).await,
+                false => None,
+            };
+            for (k, resolved) in &ours {
+                let same = *k == theirs
+                    || (k.kind() == theirs.kind() && resolved.is_some() && their_id == *resolved);
+                if same {
+                    return Err(Error::InvalidArgument(format!(
+                        "key {k} is also a key of tenant {other} (as {theirs}): refusing to destroy it \
+                         (every tenant needs its own key)"
+                    )));
+                }
             }
         }
     }

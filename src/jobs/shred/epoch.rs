@@ -474,29 +474,62 @@ async fn delete(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
     .await
 }
 
-/// Moves every remaining epoch's envelope to `to` (re-reading each after).
+/// The epochs whose envelopes must move: every envelope in the store of an
+/// epoch that is not shredded (one left by an interrupted `rotate --new-epoch`
+/// included, as rotation counts them) and every live epoch of the descriptor.
+async fn remaining_envelopes(repo: &Repo, shredded: u32) -> Result<Vec<u32>> {
+    let d = repo.descriptor();
+    let mut epochs: Vec<u32> = repo
+        .store()
+        .list(Dir::Keys)
+        .await?
+        .into_iter()
+        .filter_map(|l| match l.name {
+            Some(ObjectName::Envelope(n)) => Some(n),
+            _ => None,
+        })
+        .filter(|n| d.epoch(*n).is_none_or(|e| e.state != EpochState::Shredded))
+        .collect();
+    epochs.extend(d.live_epochs().map(|e| e.epoch));
+    epochs.retain(|e| *e != shredded);
+    epochs.sort_unstable();
+    epochs.dedup();
+    Ok(epochs)
+}
+
+/// Moves every remaining envelope to `to`, as `rotate --replace-cmk` does:
+/// the descriptor names `to` as `pending_key` before the first envelope moves,
+/// so at every point each envelope is under a key the descriptor names, both
+/// alive; each moved envelope is unwrapped and checked against its fingerprint
+/// before it replaces the old one (a conditional write).
 async fn move_envelopes(repo: &mut Repo, journal: &Journal, epoch: u32, to: &KeyRef) -> Result<()> {
     let ctx = repo.context().clone();
     let from = repo.descriptor().key.clone();
-    let live: Vec<u32> = repo
-        .descriptor()
-        .epochs
-        .iter()
-        .filter(|e| e.epoch != epoch && e.state != EpochState::Shredded)
-        .map(|e| e.epoch)
-        .collect();
+    let epochs = remaining_envelopes(repo, epoch).await?;
     journal
-        .begin("rewrap", json!({ "from": from, "to": to, "epochs": live }))
+        .begin(
+            "rewrap",
+            json!({ "from": from, "to": to, "epochs": epochs }),
+        )
         .await?;
     let provider = ctx.keys.for_key(to)?;
     match provider.create_key(to).await {
         Ok(_) | Err(KeyError::Unsupported { .. }) => {}
         Err(e) => return Err(e.into()),
     }
-    for (i, e) in live.iter().enumerate() {
-        if i == 1 {
-            journal.crash("rewrap-partial");
-        }
+    if repo.descriptor().pending_key.as_ref() != Some(to) {
+        let pending = to.clone();
+        repo.update_descriptor(|d| d.pending_key = Some(pending))
+            .await?;
+    }
+    for (i, e) in epochs.iter().enumerate() {
+        let name = ObjectName::Envelope(*e);
+        let Some((_, meta)) = repo.store().get_if_exists(&name).await? else {
+            return Err(Error::missing(
+                repo.store().display(&name),
+                "a live epoch has no envelope",
+            ));
+        };
         let env = repo.load_envelope(*e).await?;
         if &env.key == to {
             continue; // moved by an interrupted run
@@ -512,21 +545,33 @@ async fn move_envelopes(repo: &mut Repo, journal: &Journal, epoch: u32, to: &Key
             ..env.clone()
         };
         check_unwraps(repo, &moved).await?;
+        let version = object_store::UpdateVersion {
+            e_tag: meta.e_tag,
+            version: meta.version,
+        };
         repo.store()
-            .put(
-                &ObjectName::Envelope(*e),
+            .put_conditional(
+                &name,
                 bytes::Bytes::from(moved.to_json()),
+                object_store::PutMode::Update(version),
             )
-            .await?;
+            .await
+            .map_err(|e| Error::store("put", repo.store().display(&name), e))?;
+        if i == 0 {
+            journal.crash("rewrap-partial");
+        }
     }
     journal
-        .end("rewrap", json!({ "from": from, "to": to, "epochs": live }))
+        .end(
+            "rewrap",
+            json!({ "from": from, "to": to, "epochs": epochs }),
+        )
         .await?;
     journal.crash("rewrap");
     let record = RewrapRecord {
         from: from.clone(),
         to: to.clone(),
-        epochs: live,
+        epochs,
         finished_at: Utc::now(),
     };
     repo.update_descriptor(|d| {
@@ -536,6 +581,7 @@ async fn move_envelopes(repo: &mut Repo, journal: &Journal, epoch: u32, to: &Key
                 d.previous_keys.push(old);
             }
         }
+        d.pending_key = None;
         if let Some(p) = SLOT.state_mut(d).and_then(|s| s.progress.as_mut()) {
             p.rewrap = Some(record);
             p.step = ShredStep::Rewrapped;
@@ -566,12 +612,13 @@ async fn check_unwraps(repo: &Repo, env: &Envelope) -> Result<()> {
 async fn keys(repo: &mut Repo, journal: &Journal, to: &KeyRef) -> Result<()> {
     let ctx = repo.context().clone();
     let d = repo.descriptor().clone();
-    for e in d.live_epochs() {
-        let env = repo.load_envelope(e.epoch).await?;
+    let shredded = d.epoch_shred.as_ref().map(|e| e.epoch).unwrap_or(0);
+    for e in remaining_envelopes(repo, shredded).await? {
+        let env = repo.load_envelope(e).await?;
         if &env.key != to {
             return Err(Error::InvalidArgument(format!(
-                "the envelope of epoch {} is under {}, not {to}: refusing to destroy keys it needs",
-                e.epoch, env.key
+                "the envelope of epoch {e} is under {}, not {to}: refusing to destroy keys it needs",
+                env.key
             )));
         }
     }
