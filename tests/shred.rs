@@ -20,7 +20,6 @@ use chrono::Utc;
 use common::Cli;
 use custos::TenantId;
 use custos::context::Context;
-use custos::format::descriptor::{EpochRecord, EpochState};
 use custos::jobs::shred::{self, ShredRequest, ShredTarget, certificate};
 use custos::jobs::{self, NoProgress};
 use custos::keys::KeyRef;
@@ -125,38 +124,19 @@ async fn context(cli: &Cli) -> Context {
     Context::from_config(&cfg).await.unwrap()
 }
 
-/// Rolls the tenant to a new key epoch through the library (what `rotate`
-/// does; the shred tests need several epochs).
-async fn roll_epoch(cli: &Cli, tenant: &str) -> u32 {
-    let ctx = context(cli).await;
-    let t = TenantId::new(tenant).unwrap();
-    let mut repo = Repo::open(&ctx, &t, None).await.unwrap();
-    let next = repo.descriptor().current_epoch + 1;
-    let key = repo.descriptor().key.clone();
-    Repo::create_epoch_envelope(&ctx, repo.store(), &key, next)
-        .await
-        .unwrap();
-    let now = Utc::now();
-    repo.update_descriptor(|d| {
-        for e in &mut d.epochs {
-            if e.state == EpochState::Active {
-                e.state = EpochState::Retired;
-                e.retired_at = Some(now);
-            }
-        }
-        d.epochs.push(EpochRecord {
-            epoch: next,
-            created_at: now,
-            state: EpochState::Active,
-            retired_at: None,
-            shredded_at: None,
-            certificate_id: None,
-        });
-        d.current_epoch = next;
-    })
-    .await
-    .unwrap();
-    next
+/// Rolls the tenant to a new key epoch (`custos rotate --new-epoch`); returns it.
+fn roll_epoch(cli: &Cli, tenant: &str) -> u64 {
+    ok(cli, &["rotate", tenant, "--new-epoch"]);
+    descriptor(cli, tenant)["current_epoch"].as_u64().unwrap()
+}
+
+/// Points the tenant's policy at `key` (after a re-wrap moved the tenant).
+fn set_policy_key(cli: &Cli, tenant: &str, key: &str) {
+    let path = cli.path().join(format!("policies/{tenant}.toml"));
+    let text = fs::read_to_string(&path).unwrap();
+    let old = format!("key = \"local:{tenant}\"");
+    assert!(text.contains(&old));
+    fs::write(&path, text.replace(&old, &format!("key = \"{key}\""))).unwrap();
 }
 
 fn verify_file(cli: &Cli, file: &Path) -> common::Run {
@@ -308,6 +288,8 @@ fn shred_a_tenant_then_everything_is_refused() {
             target.to_str().unwrap(),
         ],
         vec!["drill", "acme"],
+        vec!["rotate", "acme", "--new-epoch"],
+        vec!["rotate", "acme", "--cmk"],
     ] {
         let r = run_env(&cli, &args, &[]);
         assert_eq!(r.code, 1, "{args:?}: {}", r.stdout);
@@ -493,7 +475,7 @@ async fn epoch_shred_with_and_without_rewrap() {
     let cli = installation(&["acme"]);
     let key_pub = public_key(&cli);
     ok(&cli, &["backup", "acme"]);
-    assert_eq!(roll_epoch(&cli, "acme").await, 2);
+    assert_eq!(roll_epoch(&cli, "acme"), 2);
     fs::write(cli.path().join("src/acme/new.txt"), "epoch 2\n").unwrap();
     ok(&cli, &["backup", "acme"]);
     let snaps = ok(&cli, &["snapshots", "acme", "--json"]).json()["result"]["snapshots"].clone();
@@ -593,7 +575,7 @@ async fn epoch_shred_with_and_without_rewrap() {
     assert_eq!(again.json()["result"]["already_done"], true);
 
     // Epoch 2 with a re-wrap: epoch 3 moves to local:acme-2, local:acme is destroyed.
-    assert_eq!(roll_epoch(&cli, "acme").await, 3);
+    assert_eq!(roll_epoch(&cli, "acme"), 3);
     fs::write(cli.path().join("src/acme/new.txt"), "epoch 3\n").unwrap();
     ok(&cli, &["backup", "acme"]);
     ok(&cli, &["forget", "acme", "--keep-last", "1"]);
@@ -647,7 +629,12 @@ async fn epoch_shred_with_and_without_rewrap() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), "key_unavailable", "{err}");
-    // The remaining epoch is intact under the new key (the policy still names the old one).
+    // The policy still names the old key: jobs say to update it.
+    let r = run_env(&cli, &["backup", "acme"], &[]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("key = \"local:acme-2\""), "{}", r.stderr);
+    set_policy_key(&cli, "acme", "local:acme-2");
+    // The remaining epoch is intact under the new key.
     ok(&cli, &["check", "acme"]);
     ok(&cli, &["backup", "acme"]);
     let target = cli.path().join("restored3");
@@ -675,9 +662,9 @@ async fn an_epoch_shred_killed_at_any_step_completes_on_rerun() {
     let key_pub = public_key(&cli);
     for t in &names {
         ok(&cli, &["backup", t]);
-        roll_epoch(&cli, t).await;
+        roll_epoch(&cli, t);
         ok(&cli, &["backup", t]);
-        roll_epoch(&cli, t).await;
+        roll_epoch(&cli, t);
         ok(&cli, &["backup", t]);
         ok(&cli, &["forget", t, "--keep-last", "1"]);
     }
@@ -731,6 +718,7 @@ async fn an_epoch_shred_killed_at_any_step_completes_on_rerun() {
         let d = descriptor(&cli, t);
         assert_eq!(d["key"], format!("local:{t}-2"), "{point}");
         assert!(d.get("epoch_shred").is_none(), "{point}");
+        set_policy_key(&cli, t, &format!("local:{t}-2"));
         assert!(
             !cli.path().join(format!("keys/{t}.key")).exists(),
             "{point}"
@@ -819,8 +807,9 @@ async fn a_tenants_life_leaves_no_key_bytes_anywhere() {
     fs::write(cli.path().join("src/acme/more.txt"), "more\n").unwrap();
     run(&["backup", "acme"]);
     run(&["drill", "acme", "--json"]);
-    // No `custos rotate` on main yet: a new epoch through the library.
-    roll_epoch(&cli, "acme").await;
+    // Rotation: new CMK material (a second key version), then a new epoch.
+    run(&["rotate", "acme", "--cmk"]);
+    run(&["rotate", "acme", "--new-epoch"]);
     run(&["backup", "acme"]);
     run(&["drill", "acme", "--json"]);
     run(&["check", "acme", "--read-data"]);
@@ -855,7 +844,7 @@ async fn a_tenants_life_leaves_no_key_bytes_anywhere() {
             secrets.push((format!("data key of epoch {e}"), dk.expose().to_vec()));
         }
     }
-    assert_eq!(secrets.len(), 3);
+    assert_eq!(secrets.len(), 4, "two CMK versions, two data keys");
     // The search works: before the shred, the key file holds the CMK (base64).
     let control = scan(&[cli.path().join("keys/acme.key")], &secrets);
     assert!(
@@ -885,8 +874,9 @@ async fn a_tenants_life_leaves_no_key_bytes_anywhere() {
         "key bytes found after the shred: {found:#?}"
     );
     eprintln!(
-        "searched {} files ({scanned} bytes) for 3 secrets in 7 encodings: none found",
-        files.len()
+        "searched {} files ({scanned} bytes) for {} secrets in 7 encodings: none found",
+        files.len(),
+        secrets.len()
     );
 }
 

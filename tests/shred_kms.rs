@@ -17,13 +17,10 @@ use std::process::Command;
 
 use chrono::Utc;
 use common::Cli;
-use custos::TenantId;
-use custos::format::descriptor::{EpochRecord, EpochState};
 use custos::format::envelope::Envelope;
 use custos::jobs::shred::certificate;
 use custos::keys::aws_kms::{AwsKmsProvider, AwsKmsSettings};
 use custos::keys::{KeyError, KeyProvider, KeyRef, KeyState};
-use custos::repo::Repo;
 use serde_json::Value;
 
 fn env(name: &str) -> Option<String> {
@@ -273,36 +270,6 @@ async fn shredding_under_kms_makes_the_envelopes_undecryptable() {
     }
 }
 
-/// Rolls a new epoch through the library (no `custos rotate` on main yet).
-async fn roll_epoch(cli: &Cli, tenant: &str) {
-    let cfg = custos::config::Config::discover(Some(&cli.path().join("custos.toml"))).unwrap();
-    let ctx = custos::context::Context::from_config(&cfg).await.unwrap();
-    let t = TenantId::new(tenant).unwrap();
-    let mut repo = Repo::open(&ctx, &t, None).await.unwrap();
-    let next = repo.descriptor().current_epoch + 1;
-    let key = repo.descriptor().key.clone();
-    Repo::create_epoch_envelope(&ctx, repo.store(), &key, next)
-        .await
-        .unwrap();
-    let now = Utc::now();
-    repo.update_descriptor(|d| {
-        for e in &mut d.epochs {
-            e.state = EpochState::Retired;
-        }
-        d.epochs.push(EpochRecord {
-            epoch: next,
-            created_at: now,
-            state: EpochState::Active,
-            retired_at: None,
-            shredded_at: None,
-            certificate_id: None,
-        });
-        d.current_epoch = next;
-    })
-    .await
-    .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_epoch_shred_rewraps_to_a_customer_key_and_destroys_the_old_one() {
     let Some(kms) = kms().await else { return };
@@ -311,7 +278,7 @@ async fn an_epoch_shred_rewraps_to_a_customer_key_and_destroys_the_old_one() {
     let new = kms.create_test_key(None).await.unwrap();
     policy(&cli, "kms-epoch", &old);
     ok(&cli, &["backup", "kms-epoch"]);
-    roll_epoch(&cli, "kms-epoch").await;
+    ok(&cli, &["rotate", "kms-epoch", "--new-epoch"]);
     ok(&cli, &["backup", "kms-epoch"]);
     ok(&cli, &["forget", "kms-epoch", "--keep-last", "1"]);
     let key_pub = ok(&cli, &["audit", "public-key"]).stdout.trim().to_owned();
@@ -367,6 +334,14 @@ async fn an_epoch_shred_rewraps_to_a_customer_key_and_destroys_the_old_one() {
     kms.unwrap(&moved.key, &moved.wrapped, &moved.context())
         .await
         .unwrap();
+    // The policy still names the old key: point it at the new one.
+    let policy_file = cli.path().join("policies/kms-epoch.toml");
+    let text = fs::read_to_string(&policy_file).unwrap();
+    fs::write(
+        &policy_file,
+        text.replace(&old.to_string(), &new.to_string()),
+    )
+    .unwrap();
     let target = cli.path().join("restored");
     ok(
         &cli,
