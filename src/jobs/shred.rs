@@ -23,9 +23,9 @@
 //! envelope, index files and packs and, with a re-wrap, moves the other
 //! epochs to a fresh key and destroys the old ones (see `epoch.rs`).
 //!
-//! For the daemon: [`due`] / [`daemon_decision`] say whether the deletion
-//! policy makes a shred due; [`ShredRequest::from_policy`] and [`run_job`]
-//! run it.
+//! For the daemon: [`due`] / [`daemon_decision`] / [`decide`] say whether the
+//! deletion policy makes a shred due; [`ShredRequest::from_policy`] and
+//! [`run_job`] run it.
 
 pub mod certificate;
 mod decision;
@@ -42,7 +42,7 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::Serialize;
 
 pub use certificate::{Certificate, CertificateError, GuaranteeKind, Verified};
-pub use decision::{ShredDecision, daemon_decision, due};
+pub use decision::{ShredDecision, daemon_decision, decide, due};
 
 use crate::audit::Receipt;
 use crate::context::Context;

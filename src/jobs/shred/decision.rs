@@ -1,7 +1,8 @@
-//! When the deletion policy makes a shred due: the daemon asks
-//! [`daemon_decision`] for every tenant on each tick and runs
-//! [`super::run_job`] when the answer is [`ShredDecision::Due`] or
-//! [`ShredDecision::Resume`].
+//! When the deletion policy makes a shred due: the daemon asks [`decide`]
+//! (or [`daemon_decision`], with a descriptor it already has) for every
+//! tenant on each tick and runs [`super::run_job`] with
+//! [`super::ShredRequest::from_policy`] when the answer
+//! [`ShredDecision::should_run`]: [`ShredDecision::Due`] or [`ShredDecision::Resume`].
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -116,6 +117,26 @@ pub fn daemon_decision(
         ShredDecision::NotOffboarding | ShredDecision::Shredded { .. } => {}
     }
     decision
+}
+
+/// [`daemon_decision`] for a tenant's policy, reading the tenant's descriptor
+/// from the store first (a tenant not initialised yet has none).
+pub async fn decide(
+    ctx: &crate::context::Context,
+    policy: &crate::config::Policy,
+    now: DateTime<Utc>,
+) -> crate::Result<ShredDecision> {
+    let descriptor = match crate::repo::Repo::open(ctx, &policy.tenant, None).await {
+        Ok(repo) => Some(repo.descriptor().clone()),
+        Err(crate::Error::TenantNotFound { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    Ok(daemon_decision(
+        &policy.tenant,
+        &policy.deletion,
+        descriptor.as_ref(),
+        now,
+    ))
 }
 
 #[cfg(test)]
