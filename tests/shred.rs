@@ -1111,15 +1111,8 @@ async fn the_daemon_path_honours_a_legal_hold() {
     )
     .unwrap();
     let policy = load();
-    let repo = Repo::open(&ctx, &tenant, None).await.unwrap();
-    let decision = shred::daemon_decision(
-        &tenant,
-        &policy.deletion,
-        Some(repo.descriptor()),
-        Utc::now(),
-    );
+    let decision = shred::decide(&ctx, &policy, Utc::now()).await.unwrap();
     assert_eq!(decision, shred::ShredDecision::Due);
-    drop(repo);
     let req = ShredRequest::from_policy(&policy, &ctx.actor);
     let report = shred::run_job(&ctx, &tenant, Some(&policy.key), &req)
         .await
