@@ -12,6 +12,7 @@
 //! - [`repo`]: one tenant's repository: its descriptor, keys, index and snapshots;
 //! - [`jobs`]: one module per job (backup, restore, check, forget, prune, …);
 //! - [`audit`]: the tamper-evident audit log: hash-chained records, signed Merkle checkpoints;
+//! - [`daemon`]: `custos daemon`: scheduled jobs per tenant, under systemd;
 //! - [`cli`]: the `custos` command line.
 
 pub mod audit;
@@ -32,4 +33,5 @@ pub mod util;
 pub use error::{Error, Result};
 pub use tenant::TenantId;
 pub mod context;
+pub mod daemon;
 pub mod state;
