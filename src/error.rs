@@ -98,6 +98,15 @@ pub enum Error {
     #[error("{what} was cancelled")]
     Cancelled { what: String },
 
+    /// A shred refused because the tenant is under legal hold.
+    #[error("tenant {tenant} is under legal hold: shredding refused ({message})")]
+    LegalHold { tenant: String, message: String },
+
+    /// A shred's verification found data that can still be decrypted: no
+    /// certificate is issued; a re-run verifies again.
+    #[error("shred of tenant {tenant} failed verification: {message}")]
+    ShredVerification { tenant: String, message: String },
+
     #[error("{0}")]
     Internal(String),
 }
@@ -132,6 +141,8 @@ impl Error {
             Error::ConditionalWritesUnsupported { .. } => "conditional_writes_unsupported",
             Error::InsufficientSpace { .. } => "insufficient_space",
             Error::Cancelled { .. } => "cancelled",
+            Error::LegalHold { .. } => "legal_hold",
+            Error::ShredVerification { .. } => "shred_verification_failed",
             Error::Internal(_) => "internal",
         }
     }

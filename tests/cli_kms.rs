@@ -473,7 +473,12 @@ async fn list(store: &custos::store::SharedStore) -> Vec<String> {
     let mut v: Vec<String> = store
         .list(None)
         .map(|m| m.unwrap().location.to_string())
-        .filter(|p| futures::future::ready(!p.ends_with("locks/lease") && !p.starts_with("probe/")))
+        // A failed job is still recorded in the audit log (and its store replica).
+        .filter(|p| {
+            futures::future::ready(
+                !p.ends_with("locks/lease") && !p.starts_with("probe/") && !p.starts_with("audit/"),
+            )
+        })
         .collect()
         .await;
     v.sort();

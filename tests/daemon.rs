@@ -818,3 +818,104 @@ fn sigterm_abandons_a_stuck_job_safely_and_its_slot_runs_again() {
     );
     check_all(&s.config, &["slow"]);
 }
+
+/// An offboarded tenant under the daemon: while a legal hold is set the shred
+/// is skipped (and `shred.refused` logged) every time it is asked for; once
+/// the hold is lifted the daemon shreds the tenant and a certificate lands in
+/// the store; after that the shred is skipped as done.
+#[test]
+fn the_daemon_shreds_an_offboarded_tenant_once_its_hold_is_lifted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let policies = root.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let src = source(root, "gone");
+    let sections = |hold: bool| {
+        format!(
+            "[deletion]\nstate = \"offboarding\"\n\
+             requested_at = \"2020-01-01T00:00:00Z\"\ngrace = \"1d\"\nlegal_hold = {hold}\n"
+        )
+    };
+    policy(
+        &policies,
+        "gone",
+        &src,
+        "[backup]\nschedule = \"0 2 * * *\"\n",
+    );
+    let keys = root.join("keys");
+    let s = site(root, "d", "store", &keys, &policies, "");
+    let once = || {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&s.config)
+            .args(["daemon", "--once", "--json"])
+            .env("CUSTOS_LOG_FORMAT", "json")
+            .output()
+            .unwrap();
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{e}: {}", String::from_utf8_lossy(&out.stderr));
+        });
+        (
+            out.status.code(),
+            doc,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let outcome = |doc: &Value, job: &str| {
+        doc["result"]["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["tenant"] == "gone" && r["job"] == job)
+            .map(|r| {
+                (
+                    r["outcome"].as_str().unwrap().to_owned(),
+                    r["detail"].to_string(),
+                )
+            })
+    };
+    let certificates = || -> Vec<PathBuf> {
+        match std::fs::read_dir(s.root.join("store/certificates/gone")) {
+            Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    };
+
+    // Active: backed up. Offboarding: no more backups, and the shred waits
+    // on the hold.
+    let (_, doc, _) = once();
+    assert_eq!(
+        outcome(&doc, "backup").map(|o| o.0).as_deref(),
+        Some("success"),
+        "{doc}"
+    );
+    policy(&policies, "gone", &src, &sections(true));
+    let (code, doc, logs) = once();
+    assert_eq!(code, Some(0), "{doc}\n{logs}");
+    assert_eq!(outcome(&doc, "backup"), None, "{doc}");
+    let (shred, detail) = outcome(&doc, "shred").expect("the shred was asked for");
+    assert_eq!(shred, "skipped", "{detail}");
+    assert!(detail.contains("LegalHold"), "{detail}");
+    assert!(logs.contains("\"event\":\"shred.refused\""), "{logs}");
+    assert!(certificates().is_empty());
+
+    policy(&policies, "gone", &src, &sections(false));
+    let (code, doc, logs) = once();
+    assert_eq!(code, Some(0), "{doc}\n{logs}");
+    assert_eq!(
+        outcome(&doc, "shred").map(|o| o.0).as_deref(),
+        Some("success"),
+        "{doc}\n{logs}"
+    );
+    assert_eq!(certificates().len(), 1, "{:?}", certificates());
+    let descriptor: Value = serde_json::from_slice(
+        &std::fs::read(s.root.join("store/tenants/gone/tenant.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(descriptor["state"], "shredded");
+    // Done: the slot is recorded; nothing runs again, no second certificate.
+    let (code, doc, _) = once();
+    assert_eq!(code, Some(0), "{doc}");
+    assert_eq!(outcome(&doc, "shred"), None, "{doc}");
+    assert_eq!(certificates().len(), 1);
+}

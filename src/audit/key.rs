@@ -232,6 +232,16 @@ impl AuditKey {
         &self.source
     }
 
+    /// Signs a message that is not a checkpoint (a deletion certificate's
+    /// body) with Ed25519. Callers prefix the message with a domain label of
+    /// their own (`custos-deletion-certificate/1` and a newline), so such a
+    /// signature can never pass for a checkpoint's: a checkpoint note's text
+    /// starts with this key's origin line, `custos/audit/…`.
+    pub fn sign_message(&self, message: &[u8]) -> [u8; 64] {
+        use ed25519_dalek::Signer;
+        self.signing.sign(message).to_bytes()
+    }
+
     /// Signs a checkpoint of this key's log.
     pub fn sign_checkpoint(
         &self,

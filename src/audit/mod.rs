@@ -39,6 +39,20 @@ pub mod event {
     pub const ROTATE_END: &str = "rotate.end";
     pub const SHRED_BEGIN: &str = "shred.begin";
     pub const SHRED_END: &str = "shred.end";
+    /// Steps of a shred, each recorded before and after: `shred.<step>.begin`
+    /// and `shred.<step>.end` with step one of fence, scope, keys, delete,
+    /// rewrap, verify, certificate (see docs/shredding.md).
+    pub const SHRED_STEPS: &[&str] = &[
+        "fence",
+        "scope",
+        "keys",
+        "delete",
+        "rewrap",
+        "verify",
+        "certificate",
+    ];
+    /// The daemon declined a due shred (legal hold).
+    pub const SHRED_REFUSED: &str = "shred.refused";
     pub const POLICY_CHANGE: &str = "policy.change";
     pub const LEASE_TAKEOVER: &str = "lease.takeover";
 }
@@ -72,8 +86,15 @@ mod tests {
             SHRED_END,
             POLICY_CHANGE,
             LEASE_TAKEOVER,
+            SHRED_REFUSED,
         ] {
             assert!(super::record::valid_event(e), "{e}");
+        }
+        for step in SHRED_STEPS {
+            for phase in ["begin", "end"] {
+                let e = format!("shred.{step}.{phase}");
+                assert!(super::record::valid_event(&e), "{e}");
+            }
         }
     }
 }

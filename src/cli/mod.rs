@@ -4,6 +4,7 @@
 
 mod audit;
 mod backup;
+mod certificate;
 mod check;
 mod daemon;
 mod drill;
@@ -13,6 +14,7 @@ mod policy;
 mod restore;
 mod rotate;
 mod setup;
+mod shred;
 mod snapshots;
 mod store;
 mod tenant;
@@ -71,6 +73,11 @@ pub enum Command {
     Store(store::StoreCommand),
     /// Run every tenant's jobs on their schedules (under systemd); --once: what is due now.
     Daemon(daemon::Args),
+    /// Crypto-shred a tenant (or one key epoch) and issue a signed deletion certificate.
+    Shred(shred::Args),
+    /// Deletion certificates: verify one (offline, or --online), or get a stored one.
+    #[command(subcommand)]
+    Certificate(certificate::CertificateCommand),
 }
 
 /// Entry point of the `custos` binary.
@@ -112,6 +119,8 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Rotate(args) => rotate::run(config, args).await,
         Command::Store(cmd) => store::run(config, cmd).await,
         Command::Daemon(args) => daemon::run(config, args).await,
+        Command::Shred(args) => shred::run(config, args).await,
+        Command::Certificate(cmd) => certificate::run(config, cmd).await,
     }
 }
 

@@ -22,8 +22,14 @@ use crate::tenant::TenantId;
 pub enum When {
     /// A cron schedule from the policy.
     Cron(Schedule),
-    /// Once, at this time (a tenant's shred date: offboarding request + grace).
-    At(DateTime<Utc>),
+    /// From `start` on, every `every`: a tenant's shred is asked for at its due
+    /// date (offboarding request + grace) and again each period until it is
+    /// done, so a legal hold is re-checked (and its refusal logged), a failed
+    /// or interrupted shred is retried, and lifting a hold takes effect.
+    Every {
+        start: DateTime<Utc>,
+        every: Duration,
+    },
 }
 
 impl When {
@@ -31,7 +37,16 @@ impl When {
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
             When::Cron(s) => s.next_after(t),
-            When::At(at) => (*at > t).then_some(*at),
+            When::Every { start, every } => {
+                if t < *start {
+                    return Some(*start);
+                }
+                let step = chrono::Duration::from_std(*every)
+                    .ok()
+                    .filter(|d| *d > chrono::Duration::zero())?;
+                let n = (t - *start).num_milliseconds() / step.num_milliseconds() + 1;
+                Some(*start + step * n as i32)
+            }
         }
     }
 
@@ -39,7 +54,16 @@ impl When {
     pub fn last_at_or_before(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
             When::Cron(s) => s.last_at_or_before(t),
-            When::At(at) => (*at <= t).then_some(*at),
+            When::Every { start, every } => {
+                if t < *start {
+                    return None;
+                }
+                let step = chrono::Duration::from_std(*every)
+                    .ok()
+                    .filter(|d| *d > chrono::Duration::zero())?;
+                let n = (t - *start).num_milliseconds() / step.num_milliseconds();
+                Some(*start + step * n as i32)
+            }
         }
     }
 
@@ -54,7 +78,14 @@ impl std::fmt::Display for When {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             When::Cron(s) => write!(f, "cron \"{s}\""),
-            When::At(t) => write!(f, "once at {}", t.to_rfc3339()),
+            When::Every { start, every } => {
+                write!(
+                    f,
+                    "every {} from {}",
+                    humantime::format_duration(*every),
+                    start.to_rfc3339()
+                )
+            }
         }
     }
 }
@@ -270,11 +301,23 @@ mod tests {
     }
 
     #[test]
-    fn one_shot_times() {
-        let at = When::At(t(12, 0, 0));
+    fn repeating_from_a_start() {
+        let at = When::Every {
+            start: t(12, 0, 0),
+            every: Duration::from_secs(3600),
+        };
         assert_eq!(next_slot(&at, None, t(10, 0, 0)).unwrap().slot, t(12, 0, 0));
-        assert!(next_slot(&at, None, t(13, 0, 0)).unwrap().catch_up);
-        assert_eq!(next_slot(&at, Some(t(12, 0, 0)), t(13, 0, 0)), None);
+        let late = next_slot(&at, None, t(13, 30, 0)).unwrap();
+        assert!(late.catch_up);
+        assert_eq!(late.slot, t(13, 0, 0));
+        assert_eq!(
+            next_slot(&at, Some(t(13, 0, 0)), t(13, 30, 0))
+                .unwrap()
+                .slot,
+            t(14, 0, 0)
+        );
+        assert_eq!(at.last_at_or_before(t(11, 59, 59)), None);
+        assert_eq!(at.last_at_or_before(t(12, 0, 0)), Some(t(12, 0, 0)));
     }
 
     #[test]

@@ -93,7 +93,18 @@ impl ScheduledJob {
             ScheduledJob::Check => cron(&policy.check.schedule),
             ScheduledJob::Drill => cron(&policy.drill.schedule),
             ScheduledJob::Rotate => cron(&policy.rotation.schedule),
-            ScheduledJob::Shred => policy.deletion.shred_due_at().map(When::At),
+            // Asked for at the due date and hourly after it, legal hold or
+            // not: the launcher decides (and logs a refusal) under the lease.
+            ScheduledJob::Shred => match (&policy.deletion.state, policy.deletion.requested_at) {
+                (DeletionState::Offboarding, Some(requested)) => {
+                    let grace = chrono::Duration::from_std(policy.deletion.grace).ok()?;
+                    Some(When::Every {
+                        start: requested + grace,
+                        every: SHRED_RETRY,
+                    })
+                }
+                _ => None,
+            },
         }
     }
 }
@@ -115,8 +126,7 @@ pub fn launcher(job: ScheduledJob) -> Option<Launcher> {
         ScheduledJob::Check => Some(launch_check),
         ScheduledJob::Drill => Some(launch_drill),
         ScheduledJob::Rotate => Some(launch_rotate),
-        // SLOT(shred): `Some(launch_shred)`, crypto-shredding the offboarded tenant.
-        ScheduledJob::Shred => None,
+        ScheduledJob::Shred => Some(launch_shred),
     }
 }
 
@@ -163,10 +173,15 @@ pub enum Launched {
     },
     /// The tenant's lease is busy (another daemon, or a CLI command): retry later.
     Contended(Error),
-    /// The store says this slot already ran (another daemon sharing the store).
+    /// Not run, and not a failure: the store says this slot already ran
+    /// (another daemon sharing the store), or a shred is not to run (legal
+    /// hold, not yet due, already done).
     Declined {
         reason: String,
         mark: Option<SlotMark>,
+        /// Leave the slot unrecorded, so the next start, `--once` or reload
+        /// asks again at once (a shred waiting on a legal hold or its grace).
+        ask_again: bool,
     },
 }
 
@@ -326,6 +341,7 @@ impl Request {
             Gated::Declined(reason) => Launched::Declined {
                 reason,
                 mark: seen.declined_by,
+                ask_again: false,
             },
         }
     }
@@ -466,6 +482,40 @@ fn launch_rotate(req: Request) -> BoxFuture<'static, Launched> {
     .boxed()
 }
 
+/// How often an offboarded tenant's shred is asked for again until it is done.
+const SHRED_RETRY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Shreds an offboarded tenant whose grace period is over. The decision
+/// (due, resume, legal hold, not yet, done) is read first; only a shred that
+/// should run takes the lease and produces a job report. A legal hold is
+/// logged (`shred.refused`) each time the daemon asks.
+fn launch_shred(req: Request) -> BoxFuture<'static, Launched> {
+    async move {
+        match crate::jobs::shred::decide(&req.ctx, &req.policy, Utc::now()).await {
+            Ok(d) if !d.should_run() => {
+                return Launched::Declined {
+                    reason: format!("shred not run: {d:?}"),
+                    mark: None,
+                    ask_again: !matches!(d, crate::jobs::shred::ShredDecision::Shredded { .. }),
+                };
+            }
+            // Run it (or fail it, reported like any job) under the lease.
+            _ => {}
+        }
+        let shred = crate::jobs::shred::ShredRequest::from_policy(&req.policy, &req.ctx.actor);
+        req.run(false, move |repo, lease, _| {
+            async move {
+                Ok(Body::new(
+                    crate::jobs::shred::run(repo, lease, &shred).await?,
+                ))
+            }
+            .boxed()
+        })
+        .await
+    }
+    .boxed()
+}
+
 /// A scheduled check that finds faults is a failed job (the CLI exits 1):
 /// the error names the first fault and counts the rest.
 fn faults_are_failures(report: &CheckReport) -> Result<()> {
@@ -493,16 +543,10 @@ mod tests {
         for job in ScheduledJob::ALL {
             assert_eq!(job.as_str(), job.kind().as_str());
         }
-        // This build runs these; the others wait for their modules.
-        let runnable: Vec<_> = ScheduledJob::ALL
-            .into_iter()
-            .filter(|j| launcher(*j).is_some())
-            .collect();
-        assert!(runnable.starts_with(&[
-            ScheduledJob::Backup,
-            ScheduledJob::Forget,
-            ScheduledJob::Check
-        ]));
+        // Every scheduled kind has a launcher in this build.
+        for job in ScheduledJob::ALL {
+            assert!(launcher(job).is_some(), "{job} has no launcher");
+        }
         let err = faults_are_failures(&CheckReport {
             faults: vec![
                 crate::repo::Fault {

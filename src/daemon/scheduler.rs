@@ -457,11 +457,10 @@ impl Scheduler {
         // A run that waited past later slots (a busy lease, a full job limit)
         // runs once, for the latest of them.
         let slot = match &entry.when {
-            When::Cron(_) => entry
+            When::Cron(_) | When::Every { .. } => entry
                 .when
                 .last_at_or_before(now)
                 .map_or(pending.slot, |latest| latest.max(pending.slot)),
-            When::At(_) => pending.slot,
         };
         entry.pending = Some(Pending { slot });
         let generation = entry.generation;
@@ -629,7 +628,11 @@ impl Scheduler {
                 self.record(record_of(*job, slot, &report));
                 self.after_run(&key, slot, generation);
             }
-            Launched::Declined { reason, mark } => {
+            Launched::Declined {
+                reason,
+                mark,
+                ask_again,
+            } => {
                 tracing::info!(
                     event = "job.skipped",
                     tenant = %tenant,
@@ -644,7 +647,9 @@ impl Scheduler {
                     .filter(|m| m.outcome == super::slots::MarkOutcome::Success)
                     .map(|m| m.finished_at);
                 let rec = self.state.job_mut(tenant, *job);
-                rec.last_slot = Some(done);
+                if !ask_again {
+                    rec.last_slot = Some(done);
+                }
                 if let Some(t) = success_at {
                     rec.last_success = rec.last_success.max(Some(t));
                 }

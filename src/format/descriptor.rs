@@ -7,6 +7,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::format::shred::ShredProgress;
 use crate::keys::KeyRef;
 use crate::tenant::TenantId;
 
@@ -52,6 +53,9 @@ pub struct EpochRecord {
     pub retired_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shredded_at: Option<DateTime<Utc>>,
+    /// The deletion certificate of the epoch's shred.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +82,9 @@ pub struct Descriptor {
     pub epochs: Vec<EpochRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shredding: Option<ShredState>,
+    /// An epoch shred in progress (`custos shred --epoch`); cleared when certified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_shred: Option<EpochShredState>,
 }
 
 /// Lifecycle details once shredding has begun.
@@ -91,6 +98,20 @@ pub struct ShredState {
     pub requested_by: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_id: Option<String>,
+    /// Step records of the shred, so that a re-run resumes (see `format::shred`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ShredProgress>,
+}
+
+/// An epoch shred in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpochShredState {
+    pub epoch: u32,
+    /// The fresh key the remaining epochs move to (`--rewrap`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrap_to: Option<KeyRef>,
+    pub shred: ShredState,
 }
 
 impl Descriptor {
@@ -113,8 +134,10 @@ impl Descriptor {
                 state: EpochState::Active,
                 retired_at: None,
                 shredded_at: None,
+                certificate_id: None,
             }],
             shredding: None,
+            epoch_shred: None,
         }
     }
 

@@ -5,7 +5,8 @@
 //! - [`index`]: index files mapping blobs to pack locations;
 //! - [`snapshot`], [`tree`]: snapshot manifests and their entries;
 //! - [`descriptor`], [`envelope`]: the clear tenant descriptor and wrapped data keys;
-//! - [`ids`]: blob, pack, index and snapshot ids.
+//! - [`ids`]: blob, pack, index and snapshot ids;
+//! - [`shred`]: a shred's step records, kept in the descriptor.
 
 pub mod descriptor;
 pub mod envelope;
@@ -13,5 +14,6 @@ pub mod ids;
 pub mod index;
 pub mod pack;
 pub mod seal;
+pub mod shred;
 pub mod snapshot;
 pub mod tree;

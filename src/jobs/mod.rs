@@ -10,6 +10,7 @@ pub mod restore;
 pub mod restore_to_store;
 pub mod rotate;
 pub mod runner;
+pub mod shred;
 
 /// Progress callbacks (the CLI draws bars from them on a terminal).
 pub trait Progress: Send + Sync {

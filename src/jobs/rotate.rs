@@ -757,6 +757,7 @@ impl Run<'_> {
                 state: EpochState::Active,
                 retired_at: None,
                 shredded_at: None,
+                certificate_id: None,
             });
             d.current_epoch = next;
         })

@@ -51,8 +51,8 @@ async fn run_inner<'a, T, F>(ctx: &Context, spec: &JobSpec<'_>, f: F) -> Result<
 where
     F: for<'r> FnOnce(&'r Repo, &'r LeaseGuard, Borrows<'r, 'a>) -> BoxFuture<'r, Result<T>>,
 {
-    let repo = open_repo(ctx, spec).await?;
-    let lease = acquire(ctx, spec, &repo).await?;
+    let mut repo = open_repo(ctx, spec).await?;
+    let lease = acquire(ctx, spec, &mut repo).await?;
     let result = match begin(ctx, spec).await {
         Ok(()) => f(&repo, &lease, std::marker::PhantomData).await,
         Err(e) => Err(e),
@@ -106,13 +106,13 @@ where
         report::job_started(spec.tenant, spec.job);
         Gated::Ran(finish(ctx, &spec, started_at, clock, Err(e)).await)
     };
-    let repo = match open_repo(ctx, &spec).await {
+    let mut repo = match open_repo(ctx, &spec).await {
         Ok(r) => r,
         // Another process initialised the tenant at the same moment.
         Err(e @ Error::LeaseContended { .. }) => return Gated::Contended(e),
         Err(e) => return failed(e).await,
     };
-    let lease = match acquire(ctx, &spec, &repo).await {
+    let lease = match acquire(ctx, &spec, &mut repo).await {
         Ok(l) => l,
         Err(e @ Error::LeaseContended { .. }) => {
             repo.forget_keys().await;
@@ -163,10 +163,16 @@ async fn open_repo(ctx: &Context, spec: &JobSpec<'_>) -> Result<Repo> {
     }
 }
 
-/// Takes the tenant lease, recording a takeover of a crashed holder's lease.
-async fn acquire(ctx: &Context, spec: &JobSpec<'_>, repo: &Repo) -> Result<LeaseGuard> {
+/// Takes the tenant lease, recording a takeover of a crashed holder's lease,
+/// and re-reads the descriptor: the lifecycle fence (shredding) is checked on
+/// the state the lease protects, not on what was read before it was taken.
+async fn acquire(ctx: &Context, spec: &JobSpec<'_>, repo: &mut Repo) -> Result<LeaseGuard> {
     let lease =
         LeaseGuard::acquire(repo.store(), &ctx.holder, spec.job.as_str(), ctx.lease_ttl).await?;
+    if let Err(e) = repo.reload().await {
+        lease.release().await;
+        return Err(e);
+    }
     if let Some(previous) = lease.took_over_from() {
         let details = serde_json::json!({
             "previous_holder": previous.holder,

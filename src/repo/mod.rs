@@ -303,6 +303,18 @@ impl Repo {
         epoch: u32,
     ) -> Result<()> {
         let tenant = store.tenant();
+        // The shred fence: no new data key for a tenant being shredded, whatever
+        // the caller's copy of the descriptor says.
+        if let Some((bytes, _)) = store.get_if_exists(&ObjectName::Descriptor).await?
+            && let Ok(d) = Descriptor::parse(&bytes)
+            && d.state == Lifecycle::Shredding
+        {
+            return Err(Error::TenantState {
+                tenant: tenant.to_string(),
+                state: d.state.as_str().into(),
+                message: "is being shredded: new data keys refused".into(),
+            });
+        }
         let name = ObjectName::Envelope(epoch);
         if let Some((bytes, _)) = store.get_if_exists(&name).await? {
             let env =
@@ -333,6 +345,20 @@ impl Repo {
             .put_conditional(&name, Bytes::from(env.to_json()), PutMode::Create)
             .await
             .map_err(|e| conditional_error(store, &name, e))?;
+        Ok(())
+    }
+
+    /// Re-reads the descriptor from the store. Jobs call it (through the
+    /// runner) right after taking the tenant lease, so the lifecycle fence is
+    /// checked on the state the lease protects, not on what was read before.
+    pub async fn reload(&mut self) -> Result<()> {
+        let tenant = self.descriptor.tenant.clone();
+        let fresh = Repo::open(&self.ctx, &tenant, None).await?;
+        if fresh.descriptor != self.descriptor {
+            self.keys.lock().await.clear();
+        }
+        self.descriptor = fresh.descriptor;
+        self.descriptor_version = fresh.descriptor_version;
         Ok(())
     }
 
@@ -385,11 +411,35 @@ impl Repo {
         }
     }
 
+    /// The shred fence for reads: no data key of a tenant that is being (or
+    /// was) shredded is unwrapped, and none of its objects is opened, so every
+    /// reader (restore, drill, snapshots, check) names the shred.
+    fn require_readable(&self) -> Result<()> {
+        self.require_active("reading its data")
+    }
+
     /// Applies `f` to the descriptor and writes it back conditionally (the
     /// version read must still be current), bumping its generation.
+    ///
+    /// A backstop of the shred fence: once a tenant is shredding, no update may
+    /// make it active again, and while it is not active none may add an epoch
+    /// (a data key) or a CMK; only the reuse of a shredded id (`reinit`, which
+    /// starts a new lineage) turns a shredded tenant active.
     pub async fn update_descriptor(&mut self, f: impl FnOnce(&mut Descriptor)) -> Result<()> {
         let mut d = self.descriptor.clone();
         f(&mut d);
+        let old = &self.descriptor;
+        if old.state == Lifecycle::Shredding && d.state == Lifecycle::Active {
+            return Err(self.lifecycle_error("a shred in progress cannot be undone"));
+        }
+        if old.state != Lifecycle::Active
+            && d.state != Lifecycle::Active
+            && (d.epochs.len() > old.epochs.len()
+                || d.key != old.key
+                || (d.pending_key.is_some() && d.pending_key != old.pending_key))
+        {
+            return Err(self.lifecycle_error("new data keys or CMKs refused"));
+        }
         d.generation = self.descriptor.generation + 1;
         d.updated_at = Utc::now();
         let r = self
@@ -428,6 +478,7 @@ impl Repo {
 
     /// The keys of `epoch`, unwrapping its envelope on first use.
     pub async fn epoch_keys(&self, epoch: u32) -> Result<Arc<EpochKeys>> {
+        self.require_readable()?;
         let mut cache = self.keys.lock().await;
         if let Some(k) = cache.get(&epoch) {
             return Ok(k.clone());
@@ -490,6 +541,7 @@ impl Repo {
         name: &ObjectName,
         open: impl FnOnce(&EpochKeys, &[u8]) -> std::result::Result<T, crate::format::seal::SealError>,
     ) -> Result<(u32, T)> {
+        self.require_readable()?;
         let bytes = self.store.get(name).await?;
         let epoch = Header::peek_epoch(&bytes).map_err(|e| e.at(self.store.display(name)))?;
         if self.descriptor.epoch(epoch).is_none() {
@@ -506,6 +558,7 @@ impl Repo {
     /// Loads every index file. Unreadable files are returned as faults (check
     /// reports them; other jobs refuse to go on with an incomplete index).
     pub async fn load_index(&self) -> Result<(Index, Vec<Fault>)> {
+        self.require_readable()?;
         let listed = self.store.list(Dir::Index).await?;
         let removed = self.ctx.state.tenant_memory(self.tenant())?.removed_indexes;
         let mut faults = Vec::new();
@@ -555,6 +608,7 @@ impl Repo {
     }
 
     pub async fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
+        self.require_readable()?;
         let name = ObjectName::Snapshot(*id);
         if self
             .ctx
@@ -576,6 +630,7 @@ impl Repo {
 
     /// Every snapshot, oldest first, with faults for those that cannot be read.
     pub async fn list_snapshots(&self) -> Result<(Vec<Snapshot>, Vec<Fault>)> {
+        self.require_readable()?;
         let listed = self.store.list(Dir::Snapshots).await?;
         let mut faults = Vec::new();
         let mut ids = Vec::new();
@@ -607,6 +662,7 @@ impl Repo {
 
     /// Resolves `latest`, a full id or a unique prefix of at least 4 hex digits.
     pub async fn find_snapshot(&self, spec: &str) -> Result<Snapshot> {
+        self.require_readable()?;
         if spec != "latest" {
             if let Some(id) = SnapshotId::from_hex(spec) {
                 return self.load_snapshot(&id).await;

@@ -1,0 +1,396 @@
+//! `custos certificate verify <FILE> [--public-key FILE] [--online]` checks a
+//! deletion certificate: offline with nothing but the audit public key
+//! (signature, canonical form, inclusion proof, checkpoint signature); with
+//! `--online` also the keys' states in their provider now and what is left in
+//! the store. `custos certificate get <TENANT> [ID]` prints a stored
+//! certificate byte for byte (without ID: lists the tenant's certificates).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use serde::Serialize;
+
+use super::output::{fail, print_json};
+use super::setup::{setup, tenant_id};
+use crate::audit::AuditKey;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::jobs::shred::certificate::{self, Subject, Verified};
+use crate::jobs::shred::{self, GuaranteeKind};
+use crate::keys::{KeyError, KeyState};
+use crate::store::{ObjectName, TenantStore};
+
+#[derive(Subcommand)]
+pub enum CertificateCommand {
+    /// Verify a deletion certificate (exit 0 valid, 1 invalid).
+    Verify {
+        /// The certificate file.
+        file: PathBuf,
+        /// The audit verifier key (`custos audit public-key` output); default: this installation's.
+        #[arg(long, value_name = "FILE")]
+        public_key: Option<PathBuf>,
+        /// Also check the keys' state in their provider and the tenant's prefix in the store now.
+        #[arg(long)]
+        online: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a stored certificate exactly (without ID: list the tenant's certificate ids).
+    Get {
+        tenant: String,
+        id: Option<String>,
+        /// Write it to FILE instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Serialize)]
+struct VerifyOutput {
+    valid: bool,
+    error: Option<String>,
+    certificate_id: Option<String>,
+    tenant: Option<String>,
+    epoch: Option<u32>,
+    guarantee: Option<GuaranteeKind>,
+    irreversible_at: Option<chrono::DateTime<chrono::Utc>>,
+    audit_seq: Option<u64>,
+    checkpoint_size: Option<u64>,
+    trusted_key: Option<String>,
+    online: Option<Online>,
+}
+
+#[derive(Serialize)]
+struct Online {
+    ok: bool,
+    keys: Vec<OnlineKey>,
+    /// Objects found where the shred left only the descriptor (and retained objects).
+    remaining: Vec<String>,
+    problems: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct OnlineKey {
+    key: String,
+    state: Option<KeyState>,
+    error: Option<String>,
+    ok: bool,
+}
+
+pub async fn run(config: Option<&Path>, cmd: CertificateCommand) -> ExitCode {
+    match cmd {
+        CertificateCommand::Verify {
+            file,
+            public_key,
+            online,
+            json,
+        } => verify_cmd(config, &file, public_key.as_deref(), online, json).await,
+        CertificateCommand::Get { tenant, id, out } => match get(config, &tenant, id, out).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(false, &e),
+        },
+    }
+}
+
+async fn get(
+    config: Option<&Path>,
+    tenant: &str,
+    id: Option<String>,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    let cfg = Config::discover(config)?;
+    let store = crate::context::open_store(&cfg)?;
+    let tenant = tenant_id(tenant)?;
+    let Some(id) = id else {
+        for id in shred::list_certificates(&store, &tenant).await? {
+            println!("{id}");
+        }
+        return Ok(());
+    };
+    let bytes = shred::load_certificate(&store, &tenant, &id)
+        .await?
+        .ok_or_else(|| Error::NotFound {
+            what: format!("certificate {id} of tenant {tenant}"),
+        })?;
+    match out {
+        Some(path) => {
+            crate::util::write_file_atomic(&path, &bytes, 0o644).map_err(|e| Error::io(&path, e))
+        }
+        None => {
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(&bytes)
+                .map_err(|e| Error::io("stdout", e))
+        }
+    }
+}
+
+fn trusted_key(config: Option<&Path>, public_key: Option<&Path>) -> Result<(String, &'static str)> {
+    match public_key {
+        Some(p) => Ok((
+            std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
+            "the given key file",
+        )),
+        None => {
+            let cfg = Config::discover(config)?;
+            let key = AuditKey::load(&cfg.audit.key_file)?;
+            Ok((
+                key.public_key_text(),
+                "this installation's audit key (pass --public-key to check against a key obtained independently)",
+            ))
+        }
+    }
+}
+
+async fn verify_cmd(
+    config: Option<&Path>,
+    file: &Path,
+    public_key: Option<&Path>,
+    online: bool,
+    json: bool,
+) -> ExitCode {
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) => return fail(json, &Error::io(file, e)),
+    };
+    let (key_text, key_source) = match trusted_key(config, public_key) {
+        Ok(k) => k,
+        Err(e) => return fail(json, &e),
+    };
+    let mut out = VerifyOutput {
+        valid: false,
+        error: None,
+        certificate_id: None,
+        tenant: None,
+        epoch: None,
+        guarantee: None,
+        irreversible_at: None,
+        audit_seq: None,
+        checkpoint_size: None,
+        trusted_key: Some(key_text.trim().to_owned()),
+        online: None,
+    };
+    let verified = match certificate::verify(&bytes, &key_text) {
+        Ok(v) => v,
+        Err(e) => {
+            out.error = Some(e.to_string());
+            if json {
+                print_json(&out);
+            } else {
+                println!("certificate {}: INVALID: {e}", file.display());
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let c = &verified.certificate;
+    out.valid = true;
+    out.certificate_id = Some(c.id.clone());
+    out.tenant = Some(c.tenant.to_string());
+    out.epoch = c.epoch;
+    out.guarantee = Some(c.guarantee.kind);
+    out.irreversible_at = c.guarantee.irreversible_at;
+    out.audit_seq = Some(verified.record.seq);
+    out.checkpoint_size = Some(verified.checkpoint_size);
+    if online {
+        match check_online(config, &verified).await {
+            Ok(o) => out.online = Some(o),
+            Err(e) => return fail(json, &e),
+        }
+    }
+    let ok = out.online.as_ref().is_none_or(|o| o.ok);
+    if json {
+        print_json(&out);
+    } else {
+        print_human(&verified, key_source, &out);
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn print_human(v: &Verified, key_source: &str, out: &VerifyOutput) {
+    let c = &v.certificate;
+    let what = match (c.subject, c.epoch) {
+        (Subject::Epoch, Some(e)) => format!("epoch {e} of tenant {}", c.tenant),
+        _ => format!("tenant {}", c.tenant),
+    };
+    println!("certificate {}: valid", c.id);
+    println!("  subject        {what}, {}", c.method);
+    println!(
+        "  requested      {} by {} ({})",
+        c.requested_at.to_rfc3339(),
+        c.requested_by,
+        c.reason
+    );
+    println!(
+        "  executed       {} by {}",
+        c.executed_at.to_rfc3339(),
+        c.actor
+    );
+    println!("  signature      Ed25519, verified with {key_source}");
+    println!(
+        "  audit record   #{} {} (in the signed checkpoint of {} records)",
+        v.record.seq, v.record.event, v.checkpoint_size
+    );
+    println!(
+        "  guarantee      {:?}: {}",
+        c.guarantee.kind, c.guarantee.statement
+    );
+    if let Some(t) = c.guarantee.irreversible_at {
+        println!("  irreversible   from {}", t.to_rfc3339());
+    }
+    if let Some(p) = &c.guarantee.pending {
+        println!("  pending        {p}");
+    }
+    for k in &c.keys {
+        println!(
+            "  key            {} ({:?}): {:?}{}",
+            k.reference,
+            k.role,
+            k.outcome,
+            k.state_after
+                .as_ref()
+                .map(|s| format!(", {}", s.name()))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "  scope          {} objects, {} bytes, root {}",
+        c.scope.objects, c.scope.bytes, c.scope.merkle_root
+    );
+    println!(
+        "  deletion       {} deleted, {} retained",
+        c.deletion.objects_deleted,
+        c.deletion.retained.len()
+    );
+    for r in &c.deletion.retained {
+        println!(
+            "  retained       {} ({} bytes{})",
+            r.object,
+            r.size,
+            r.retain_until
+                .map(|t| format!(", until {}", t.to_rfc3339()))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "  verification   passed: {} envelope(s) refused to unwrap",
+        c.verification
+            .envelopes
+            .iter()
+            .filter(|e| e.outcome == "refused")
+            .count()
+    );
+    if let Some(o) = &out.online {
+        println!("online: {}", if o.ok { "ok" } else { "PROBLEMS" });
+        for k in &o.keys {
+            let state = match (&k.state, &k.error) {
+                (Some(s), _) => s.name(),
+                (None, Some(e)) => e.clone(),
+                _ => "?".into(),
+            };
+            println!(
+                "  key            {}: {state}{}",
+                k.key,
+                if k.ok { "" } else { " (NOT destroyed)" }
+            );
+        }
+        println!(
+            "  store          {} object(s) left beyond the descriptor and retained ciphertext",
+            o.remaining.len()
+        );
+        for p in &o.problems {
+            println!("  problem        {p}");
+        }
+    }
+}
+
+/// Re-reads the keys' state from their providers and lists what the store
+/// still holds of the shredded subject.
+async fn check_online(config: Option<&Path>, v: &Verified) -> Result<Online> {
+    let s = setup(config).await?;
+    let c = &v.certificate;
+    let mut problems = Vec::new();
+    let mut keys = Vec::new();
+    for k in &c.keys {
+        let r = match s.ctx.keys.for_key(&k.reference) {
+            Ok(p) => p.describe(&k.reference).await,
+            Err(e) => Err(e),
+        };
+        let (state, error, ok) = match r {
+            Ok(info) => {
+                let ok = matches!(
+                    info.state,
+                    KeyState::PendingDeletion { .. }
+                        | KeyState::PendingImport
+                        | KeyState::Destroyed { .. }
+                );
+                (Some(info.state), None, ok)
+            }
+            Err(e @ KeyError::NotFound { .. }) => (None, Some(e.to_string()), true),
+            Err(e) => (None, Some(e.to_string()), false),
+        };
+        if !ok {
+            problems.push(format!("key {} is not destroyed", k.reference));
+        }
+        keys.push(OnlineKey {
+            key: k.reference.to_string(),
+            state,
+            error,
+            ok,
+        });
+    }
+    let store = TenantStore::new(s.ctx.store.clone(), &c.tenant);
+    let retained: Vec<&str> = c
+        .deletion
+        .retained
+        .iter()
+        .map(|r| r.object.as_str())
+        .collect();
+    let mut remaining = Vec::new();
+    match (c.subject, c.epoch) {
+        (Subject::Epoch, Some(e)) => {
+            if store.head(&ObjectName::Envelope(e)).await?.is_some() {
+                let path = store.display(&ObjectName::Envelope(e));
+                if !retained.contains(&path.as_str()) {
+                    problems.push(format!("{path} is in the store again"));
+                    remaining.push(path);
+                }
+            }
+        }
+        _ => {
+            // A reused tenant id (tenant init --allow-reuse) is a new lineage
+            // whose data is not the shredded tenant's.
+            let reused = match store.get_if_exists(&ObjectName::Descriptor).await? {
+                Some((b, _)) => crate::format::descriptor::Descriptor::parse(&b).is_ok_and(|d| {
+                    d.state == crate::format::descriptor::Lifecycle::Active
+                        && d.created_at >= c.executed_at
+                }),
+                None => false,
+            };
+            for l in store.list_all().await?.into_iter().filter(|_| !reused) {
+                let path = format!("tenants/{}/{}", c.tenant, l.path);
+                if shred::scope::in_tenant_scope(&l) && !retained.contains(&path.as_str()) {
+                    remaining.push(path);
+                }
+            }
+            if !remaining.is_empty() {
+                problems.push(format!(
+                    "{} object(s) under tenants/{}/ that are neither the descriptor nor retained ciphertext",
+                    remaining.len(),
+                    c.tenant
+                ));
+            }
+        }
+    }
+    let ok = problems.is_empty();
+    Ok(Online {
+        ok,
+        keys,
+        remaining,
+        problems,
+    })
+}

@@ -1,0 +1,807 @@
+//! `shred`: verifiable crypto-shredding of a tenant, or of one key epoch, with
+//! a signed deletion certificate (docs/shredding.md).
+//!
+//! A tenant shred runs these steps, each recorded in the audit log before
+//! (`shred.<step>.begin`) and after (`shred.<step>.end`), each idempotent, each
+//! storing its outcome in the descriptor before the next begins, so a re-run
+//! after a crash at any point resumes where the last one stopped:
+//!
+//! 1. **fence**: the descriptor becomes `shredding`: no backup, restore, drill
+//!    or new data key can start any more (checked under the tenant lease);
+//! 2. **scope**: every object is listed; count, bytes and a Merkle root over
+//!    (name, size, ETag) go to the audit log; the envelopes are captured;
+//! 3. **keys**: every key that ever wrapped the tenant's data keys is destroyed
+//!    (current, pending and previous CMKs: see [`tenant_keys`]);
+//! 4. **delete**: envelopes, snapshots, index files and packs are deleted;
+//!    what the store refuses to delete is listed as retained ciphertext;
+//! 5. **verify**: unwrapping every captured envelope must now fail, the key
+//!    states must show destruction, a sampled pack must be undecryptable;
+//! 6. **certificate**: signed with the audit key, anchored in the audit log,
+//!    stored under `certificates/<tenant>/<id>.json`; the tenant is `shredded`.
+//!
+//! An epoch shred ([`ShredTarget::Epoch`]) deletes one retired epoch's
+//! envelope, index files and packs and, with a re-wrap, moves the other
+//! epochs to a fresh key and destroys the old ones (see `epoch.rs`).
+//!
+//! For the daemon: [`due`] / [`daemon_decision`] / [`decide`] say whether the
+//! deletion policy makes a shred due; [`ShredRequest::from_policy`] and
+//! [`run_job`] run it.
+
+pub mod certificate;
+mod decision;
+mod epoch;
+pub mod hook;
+pub mod scope;
+mod tenant;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::FutureExt;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::Serialize;
+
+pub use certificate::{Certificate, CertificateError, GuaranteeKind, Verified};
+pub use decision::{ShredDecision, daemon_decision, decide, due};
+
+use crate::audit::Receipt;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::format::descriptor::{Descriptor, ShredState};
+use crate::format::envelope::Envelope;
+use crate::format::shred::{
+    DestroyOutcome, KeyDestruction, KeyRole, KeyStateCheck, RetainedObject, ShredProgress,
+    ShredStep, UnwrapCheck,
+};
+use crate::jobs::runner::{self, JobRun, JobSpec};
+use crate::keys::{KeyError, KeyRef, KeyState};
+use crate::repo::Repo;
+use crate::report::{JobKind, JobMetrics, JobOutput};
+use crate::store::lease::LeaseGuard;
+use crate::store::tenant::Listed;
+use crate::store::{ObjectName, SharedStore, TenantStore};
+use crate::tenant::TenantId;
+
+/// What to shred.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShredTarget {
+    /// The whole tenant.
+    Tenant,
+    /// One retired epoch, optionally moving the other epochs to a fresh key.
+    Epoch { epoch: u32, rewrap: Option<Rewrap> },
+}
+
+/// Where an epoch shred moves the remaining epochs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rewrap {
+    /// A fresh local key `<tenant>-<n>` (local provider only).
+    FreshLocalKey,
+    /// A key the customer created (AWS KMS: custos cannot create one).
+    To(KeyRef),
+}
+
+/// A shred request, from the CLI or the daemon.
+#[derive(Debug, Clone)]
+pub struct ShredRequest {
+    pub target: ShredTarget,
+    pub reason: String,
+    pub requested_by: String,
+    /// When the erasure was requested (policy `deletion.requested_at`); now if unset.
+    pub requested_at: Option<DateTime<Utc>>,
+    /// AWS KMS ScheduleKeyDeletion waiting period, 7..=30 days.
+    pub pending_window_days: u32,
+    /// The policy's legal hold: a shred under hold is refused.
+    pub legal_hold: bool,
+}
+
+impl ShredRequest {
+    /// The request the daemon makes for an offboarding tenant whose grace
+    /// period is over (see [`due`]).
+    pub fn from_policy(policy: &crate::config::Policy, actor: &str) -> Self {
+        let d = &policy.deletion;
+        ShredRequest {
+            target: ShredTarget::Tenant,
+            reason: match d.requested_at {
+                Some(at) => format!(
+                    "offboarding requested {} (policy {}), grace {} over",
+                    at.to_rfc3339(),
+                    policy.file.display(),
+                    crate::config::units::format_duration(d.grace)
+                ),
+                None => format!("offboarding (policy {})", policy.file.display()),
+            },
+            requested_by: actor.to_owned(),
+            requested_at: d.requested_at,
+            pending_window_days: d.kms_pending_window_days,
+            legal_hold: d.legal_hold,
+        }
+    }
+}
+
+/// The result of a shred run: the certificate and its headline facts.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShredReport {
+    pub tenant: TenantId,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u32>,
+    pub certificate_id: String,
+    /// Store path of the certificate, `certificates/<tenant>/<id>.json`.
+    pub certificate_path: String,
+    /// The shred had finished before this run: its certificate is returned.
+    pub already_done: bool,
+    /// The step an interrupted shred had reached when this run resumed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed_after: Option<ShredStep>,
+    pub guarantee: GuaranteeKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub irreversible_at: Option<DateTime<Utc>>,
+    pub keys: Vec<KeyDestruction>,
+    /// Epoch shred with a re-wrap: the tenant's key now (update its policy to it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rewrapped_to: Option<KeyRef>,
+    pub objects_deleted: u64,
+    pub objects_retained: u64,
+    /// The certificate document (parsed; verify the stored bytes, see `bytes`).
+    pub certificate: serde_json::Value,
+    /// The certificate file's exact bytes (what `certificate verify` checks).
+    #[serde(skip)]
+    pub certificate_bytes: Vec<u8>,
+}
+
+impl ShredReport {
+    fn new(
+        tenant: &TenantId,
+        id: &str,
+        bytes: Vec<u8>,
+        already_done: bool,
+        resumed_after: Option<ShredStep>,
+    ) -> Result<Self> {
+        let doc = certificate::parse_unverified(&bytes)
+            .map_err(|e| Error::corrupt(certificate_path(tenant, id).to_string(), e.to_string()))?;
+        let c = &doc.certificate;
+        Ok(ShredReport {
+            tenant: tenant.clone(),
+            epoch: c.epoch,
+            certificate_id: id.to_owned(),
+            certificate_path: certificate_path(tenant, id).to_string(),
+            already_done,
+            resumed_after,
+            guarantee: c.guarantee.kind,
+            irreversible_at: c.guarantee.irreversible_at,
+            keys: c.keys.clone(),
+            rewrapped_to: c.rewrap.as_ref().map(|r| r.to.clone()),
+            objects_deleted: c.deletion.objects_deleted,
+            objects_retained: c.deletion.retained.len() as u64,
+            certificate: serde_json::from_slice(&bytes).unwrap_or_default(),
+            certificate_bytes: bytes,
+        })
+    }
+}
+
+impl JobOutput for ShredReport {
+    fn metrics(&self) -> JobMetrics {
+        let mut m = JobMetrics::default();
+        m.gauges
+            .insert("objects_deleted".into(), self.objects_deleted as f64);
+        m.gauges
+            .insert("objects_retained".into(), self.objects_retained as f64);
+        m.gauges.insert(
+            "keys_destroyed".into(),
+            self.keys
+                .iter()
+                .filter(|k| k.outcome == DestroyOutcome::Destroyed)
+                .count() as f64,
+        );
+        m
+    }
+}
+
+/// Runs a shred inside an already held tenant lease (the runner's job body).
+pub async fn run(repo: &Repo, lease: &LeaseGuard, req: &ShredRequest) -> Result<ShredReport> {
+    let ctx = repo.context();
+    if req.legal_hold {
+        return Err(Error::LegalHold {
+            tenant: repo.tenant().to_string(),
+            message: "lift deletion.legal_hold in the tenant's policy first".into(),
+        });
+    }
+    if ctx.audit.is_none() {
+        return Err(Error::InvalidArgument(
+            "shredding needs the audit log: it anchors and signs the deletion certificate".into(),
+        ));
+    }
+    // Our own copy of the repository, read under the lease, that we may update.
+    let mut repo = Repo::open(ctx, repo.tenant(), None).await?;
+    match &req.target {
+        ShredTarget::Tenant => tenant::run(&mut repo, lease, req).await,
+        ShredTarget::Epoch { epoch, rewrap } => {
+            epoch::run(&mut repo, lease, req, *epoch, rewrap.as_ref()).await
+        }
+    }
+}
+
+/// Runs a shred as a job (lease, `shred.begin`/`shred.end` audit records,
+/// events, job report): what the CLI and the daemon call.
+pub async fn run_job(
+    ctx: &Context,
+    tenant: &TenantId,
+    policy_key: Option<&KeyRef>,
+    req: &ShredRequest,
+) -> JobRun<ShredReport> {
+    // An epoch shred with a re-wrap moves the tenant to its new key before it
+    // is certified; until it is, the policy still names the old key (as
+    // after `rotate --replace-cmk`), which must not stop a re-run finishing it.
+    let policy_key = match policy_key {
+        Some(k) if rewrap_in_progress_from(ctx, tenant, k).await => None,
+        other => other,
+    };
+    let spec = JobSpec {
+        tenant,
+        job: JobKind::Shred,
+        policy_key,
+        init_with: None,
+    };
+    runner::run_job(ctx, spec, |repo, lease, _| run(repo, lease, req).boxed()).await
+}
+
+/// Whether an unfinished epoch shred re-wrapped the tenant from `old` to its current key.
+async fn rewrap_in_progress_from(ctx: &Context, tenant: &TenantId, old: &KeyRef) -> bool {
+    let Ok(repo) = Repo::open(ctx, tenant, None).await else {
+        return false;
+    };
+    let d = repo.descriptor();
+    d.previous_keys.contains(old)
+        && d.epoch_shred
+            .as_ref()
+            .is_some_and(|e| e.rewrap_to.as_ref() == Some(&d.key))
+}
+
+/// Where a certificate is stored: outside every tenant prefix, so it outlives the tenant.
+pub fn certificate_path(tenant: &TenantId, id: &str) -> StorePath {
+    StorePath::from(format!("certificates/{tenant}/{id}.json"))
+}
+
+/// The stored bytes of a certificate, if it exists.
+pub async fn load_certificate(
+    store: &SharedStore,
+    tenant: &TenantId,
+    id: &str,
+) -> Result<Option<Vec<u8>>> {
+    let path = certificate_path(tenant, id);
+    match store.get(&path).await {
+        Ok(r) => Ok(Some(
+            r.bytes()
+                .await
+                .map_err(|e| Error::store("get", &path, e))?
+                .to_vec(),
+        )),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(Error::store("get", &path, e)),
+    }
+}
+
+/// Ids of a tenant's certificates in the store, oldest first.
+pub async fn list_certificates(store: &SharedStore, tenant: &TenantId) -> Result<Vec<String>> {
+    use futures::TryStreamExt;
+    let prefix = StorePath::from(format!("certificates/{tenant}"));
+    let metas: Vec<object_store::ObjectMeta> = store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|e| Error::store("list", &prefix, e))?;
+    let mut ids: Vec<String> = metas
+        .iter()
+        .filter_map(|m| {
+            m.location
+                .filename()?
+                .strip_suffix(".json")
+                .map(str::to_owned)
+        })
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// A new certificate id: issue time and 64 random bits, `20260101T120000Z-1a2b3c4d5e6f7a8b`.
+fn new_certificate_id(now: DateTime<Utc>) -> String {
+    format!(
+        "{}-{}",
+        now.format("%Y%m%dT%H%M%SZ"),
+        hex::encode(crate::util::random_bytes::<8>())
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Shared by the tenant and epoch shreds.
+
+/// Where a shred's state lives in the descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Tenant,
+    Epoch,
+}
+
+impl Slot {
+    fn hook_scope(self) -> &'static str {
+        match self {
+            Slot::Tenant => "shred",
+            Slot::Epoch => "shred-epoch",
+        }
+    }
+
+    fn state(self, d: &Descriptor) -> Option<&ShredState> {
+        match self {
+            Slot::Tenant => d.shredding.as_ref(),
+            Slot::Epoch => d.epoch_shred.as_ref().map(|e| &e.shred),
+        }
+    }
+
+    fn state_mut(self, d: &mut Descriptor) -> Option<&mut ShredState> {
+        match self {
+            Slot::Tenant => d.shredding.as_mut(),
+            Slot::Epoch => d.epoch_shred.as_mut().map(|e| &mut e.shred),
+        }
+    }
+
+    fn progress(self, d: &Descriptor) -> Result<&ShredProgress> {
+        self.state(d)
+            .and_then(|s| s.progress.as_ref())
+            .ok_or_else(|| Error::Internal("shred progress missing from the descriptor".into()))
+    }
+}
+
+/// Applies `f` to the shred's progress in the descriptor (conditional write).
+async fn save(repo: &mut Repo, slot: Slot, f: impl FnOnce(&mut ShredProgress)) -> Result<()> {
+    slot.progress(repo.descriptor())?;
+    repo.update_descriptor(|d| {
+        if let Some(p) = slot.state_mut(d).and_then(|s| s.progress.as_mut()) {
+            f(p);
+        }
+    })
+    .await
+}
+
+/// Audit records of one shred's steps, and its crash points.
+struct Journal {
+    ctx: Context,
+    tenant: TenantId,
+    epoch: Option<u32>,
+    certificate_id: String,
+    slot: Slot,
+}
+
+impl Journal {
+    fn new(repo: &Repo, slot: Slot, epoch: Option<u32>) -> Result<Self> {
+        let id = slot
+            .state(repo.descriptor())
+            .and_then(|s| s.certificate_id.clone())
+            .ok_or_else(|| Error::Internal("shred without a certificate id".into()))?;
+        Ok(Journal {
+            ctx: repo.context().clone(),
+            tenant: repo.tenant().clone(),
+            epoch,
+            certificate_id: id,
+            slot,
+        })
+    }
+
+    async fn record(&self, step: &str, phase: &str, details: serde_json::Value) -> Result<Receipt> {
+        let mut details = details;
+        if let serde_json::Value::Object(m) = &mut details {
+            m.insert("certificate_id".into(), self.certificate_id.clone().into());
+            if let Some(e) = self.epoch {
+                m.insert("epoch".into(), e.into());
+            }
+        }
+        self.ctx
+            .record(
+                &format!("shred.{step}.{phase}"),
+                Some(&self.tenant),
+                details,
+            )
+            .await?
+            .ok_or_else(|| Error::Internal("no audit log".into()))
+    }
+
+    async fn begin(&self, step: &str, details: serde_json::Value) -> Result<Receipt> {
+        tracing::info!(event = "shred.step", tenant = %self.tenant, epoch = self.epoch, step, phase = "begin", "shred of {}: {step}", self.tenant);
+        self.record(step, "begin", details).await
+    }
+
+    async fn end(&self, step: &str, details: serde_json::Value) -> Result<Receipt> {
+        let r = self.record(step, "end", details).await?;
+        tracing::info!(event = "shred.step", tenant = %self.tenant, epoch = self.epoch, step, phase = "end", audit_seq = r.seq, "shred of {}: {step} done", self.tenant);
+        Ok(r)
+    }
+
+    fn crash(&self, point: &str) {
+        hook::crash_point(self.slot.hook_scope(), point);
+    }
+}
+
+/// The tenant's own keys, which a tenant shred destroys: the current CMK, the
+/// CMK a rotation is moving to, and every CMK that wrapped envelopes before.
+///
+/// Previous keys are destroyed too because their envelopes may survive:
+/// re-wrapping replaces the envelope object, but a versioned bucket, a store
+/// backup or a replica keeps the older version, wrapped under the old key, and
+/// that copy unwraps to the same data key for as long as the old key lives.
+/// Keys are never taken from the envelopes themselves: an envelope planted in
+/// the store could name anyone's key. Policy validation refuses two tenants
+/// sharing a key, and [`check_not_shared`] checks the store once more.
+pub fn tenant_keys(d: &Descriptor) -> Vec<(KeyRef, KeyRole)> {
+    let mut out: Vec<(KeyRef, KeyRole)> = vec![(d.key.clone(), KeyRole::Current)];
+    if let Some(p) = &d.pending_key {
+        out.push((p.clone(), KeyRole::Pending));
+    }
+    for k in d.previous_keys.iter().rev() {
+        out.push((k.clone(), KeyRole::Previous));
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|(k, _)| seen.insert(k.clone()));
+    out
+}
+
+/// Refuses to destroy a key that another tenant in the store uses (its
+/// current or pending CMK): destroying it would erase that tenant's backups.
+/// Keys are compared as written and, as rotation does before deleting an old
+/// key, by the id their provider resolves them to (an alias and an ARN can
+/// name the same KMS key).
+async fn check_not_shared(ctx: &Context, tenant: &TenantId, keys: &[KeyRef]) -> Result<()> {
+    async fn resolve(ctx: &Context, k: &KeyRef) -> Option<String> {
+        ctx.keys
+            .for_key(k)
+            .ok()?
+            .describe(k)
+            .await
+            .ok()
+            .map(|i| i.key_id)
+    }
+    let mut ours = Vec::new();
+    for k in keys {
+        ours.push((k, resolve(ctx, k).await));
+    }
+    let listing = ctx
+        .store
+        .list_with_delimiter(Some(&StorePath::from("tenants")))
+        .await
+        .map_err(|e| Error::store("list", "tenants/", e))?;
+    for p in listing.common_prefixes {
+        let Some(name) = p.filename() else { continue };
+        let Ok(other) = TenantId::new(name) else {
+            continue;
+        };
+        if &other == tenant {
+            continue;
+        }
+        let store = TenantStore::new(ctx.store.clone(), &other);
+        let Some((bytes, _)) = store.get_if_exists(&ObjectName::Descriptor).await? else {
+            continue;
+        };
+        let Ok(d) = Descriptor::parse(&bytes) else {
+            continue;
+        };
+        if d.state == crate::format::descriptor::Lifecycle::Shredded {
+            continue;
+        }
+        for theirs in std::iter::once(&d.key).chain(d.pending_key.as_ref()) {
+            let needs_resolving = ours
+                .iter()
+                .any(|(k, r)| k.kind() == theirs.kind() && r.is_some());
+            let their_id = match needs_resolving {
+                true => resolve(ctx, theirs).await,
+                false => None,
+            };
+            for (k, resolved) in &ours {
+                let same = *k == theirs
+                    || (k.kind() == theirs.kind() && resolved.is_some() && their_id == *resolved);
+                if same {
+                    return Err(Error::InvalidArgument(format!(
+                        "key {k} is also a key of tenant {other} (as {theirs}): refusing to destroy it \
+                         (every tenant needs its own key)"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Destroys each key; a key the provider does not know is recorded as not found.
+async fn destroy_keys(
+    ctx: &Context,
+    keys: &[(KeyRef, KeyRole)],
+    window_days: u32,
+) -> Result<Vec<KeyDestruction>> {
+    let mut out = Vec::new();
+    for (key, role) in keys {
+        let provider = ctx.keys.for_key(key)?;
+        let multi_region = key.id().contains("mrk-").then(|| {
+            "multi-Region key: its replicas in other Regions are separate keys and must be deleted there too".to_owned()
+        });
+        let d = match provider.destroy(key, window_days).await {
+            Ok(d) => KeyDestruction {
+                reference: key.clone(),
+                provider: key.kind().scheme().into(),
+                role: *role,
+                outcome: DestroyOutcome::Destroyed,
+                action: Some(d.action),
+                state_after: Some(d.state_after),
+                irreversible_at: Some(d.effective_at),
+                note: multi_region,
+            },
+            Err(KeyError::NotFound { .. }) => KeyDestruction {
+                reference: key.clone(),
+                provider: key.kind().scheme().into(),
+                role: *role,
+                outcome: DestroyOutcome::NotFound,
+                action: None,
+                state_after: None,
+                irreversible_at: None,
+                note: Some(
+                    "the provider does not know this key: deleted before (after its waiting period), or not reachable with this configuration"
+                        .into(),
+                ),
+            },
+            Err(e) => return Err(e.into()),
+        };
+        tracing::info!(
+            event = "shred.key_destroyed",
+            key = %key,
+            role = ?role,
+            outcome = ?d.outcome,
+            action = ?d.action,
+            irreversible_at = d.irreversible_at.map(|t| t.to_rfc3339()),
+            "key {key} destroyed"
+        );
+        out.push(d);
+    }
+    Ok(out)
+}
+
+/// Whether a key state shows the key can never be used again without its
+/// owner undoing a scheduled deletion (which the certificate states).
+fn state_shows_destruction(state: &KeyState) -> bool {
+    matches!(
+        state,
+        KeyState::PendingDeletion { .. } | KeyState::PendingImport | KeyState::Destroyed { .. }
+    )
+}
+
+/// DescribeKey of each destroyed key, after the fact.
+async fn key_state_checks(ctx: &Context, keys: &[KeyDestruction]) -> (Vec<KeyStateCheck>, bool) {
+    let mut out = Vec::new();
+    let mut ok = true;
+    for k in keys {
+        let r = match ctx.keys.for_key(&k.reference) {
+            Ok(p) => p.describe(&k.reference).await,
+            Err(e) => Err(e),
+        };
+        out.push(match r {
+            Ok(info) => {
+                ok &= state_shows_destruction(&info.state);
+                KeyStateCheck {
+                    reference: k.reference.clone(),
+                    state: Some(info.state),
+                    error: None,
+                }
+            }
+            Err(e) => {
+                ok &=
+                    matches!(e, KeyError::NotFound { .. }) && k.outcome == DestroyOutcome::NotFound;
+                KeyStateCheck {
+                    reference: k.reference.clone(),
+                    state: None,
+                    error: Some(e.to_string()),
+                }
+            }
+        });
+    }
+    (out, ok)
+}
+
+/// Tries to unwrap each captured envelope: every attempt must be refused.
+/// A data key that does unwrap is dropped (zeroized) at once.
+async fn unwrap_checks(ctx: &Context, envelopes: &[Envelope]) -> Result<(Vec<UnwrapCheck>, bool)> {
+    let mut out = Vec::new();
+    let mut ok = true;
+    for env in envelopes {
+        let provider = ctx.keys.for_key(&env.key)?;
+        match provider
+            .unwrap(&env.key, &env.wrapped, &env.context())
+            .await
+        {
+            Ok(data_key) => {
+                drop(data_key);
+                ok = false;
+                out.push(UnwrapCheck {
+                    epoch: env.epoch,
+                    key: env.key.clone(),
+                    outcome: "unwrapped".into(),
+                    error_kind: None,
+                    error: None,
+                });
+            }
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) => out.push(UnwrapCheck {
+                epoch: env.epoch,
+                key: env.key.clone(),
+                outcome: "refused".into(),
+                error_kind: Some(e.kind().into()),
+                error: Some(e.to_string()),
+            }),
+        }
+    }
+    Ok((out, ok))
+}
+
+/// Deletes objects in the order envelopes, snapshots, index files, packs,
+/// others; returns those the store refused to delete. `partial` is the crash
+/// point reached halfway.
+async fn delete_objects(
+    store: &TenantStore,
+    mut objects: Vec<Listed>,
+    journal: &Journal,
+    partial: &str,
+) -> Result<Vec<RetainedObject>> {
+    fn rank(name: &Option<ObjectName>) -> u8 {
+        match name {
+            Some(ObjectName::Envelope(_)) => 0,
+            Some(ObjectName::Snapshot(_)) => 1,
+            Some(ObjectName::Index(_)) => 2,
+            Some(ObjectName::Pack(_)) => 3,
+            _ => 4,
+        }
+    }
+    objects.sort_by(|a, b| rank(&a.name).cmp(&rank(&b.name)).then(a.path.cmp(&b.path)));
+    let half = objects.len() / 2;
+    let mut retained = Vec::new();
+    for (i, o) in objects.iter().enumerate() {
+        if i == half && half > 0 {
+            journal.crash(partial);
+        }
+        match store.delete_path(&o.path).await {
+            Ok(()) => {}
+            Err(e) => match refusal(&e) {
+                Some(reason) => retained.push(RetainedObject {
+                    object: format!("tenants/{}/{}", store.tenant(), o.path),
+                    size: o.meta.size,
+                    retain_until: None,
+                    reason,
+                }),
+                None => return Err(e),
+            },
+        }
+    }
+    Ok(retained)
+}
+
+/// The store refused the delete for good (Object Lock, permissions), as
+/// opposed to failing transiently (which fails the step, for a re-run).
+fn refusal(e: &Error) -> Option<String> {
+    match e {
+        Error::Store { source, .. } => match source {
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
+            | object_store::Error::NotSupported { .. }
+            | object_store::Error::NotImplemented { .. } => Some(format!(
+                "the store refused the delete (Object Lock retention or permissions): {source}"
+            )),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// What the store may keep beyond its listing.
+fn store_note(url: &str) -> Option<String> {
+    url.starts_with("s3://").then(|| {
+        "S3: in a versioned bucket a delete only adds a delete marker, and earlier versions \
+         (under Object Lock, until their retain-until date) remain; they are ciphertext under \
+         the destroyed keys and are not listed here (the store API used does not list versions)"
+            .to_owned()
+    })
+}
+
+/// Stores the certificate (create-only) or adopts one a previous run stored.
+/// Returns the file's bytes.
+async fn store_certificate(
+    ctx: &Context,
+    tenant: &TenantId,
+    id: &str,
+    build: impl AsyncFnOnce() -> Result<Vec<u8>>,
+    journal: &Journal,
+) -> Result<Vec<u8>> {
+    let audit = ctx.audit.as_ref().expect("checked at the start");
+    let own_key = audit.key().public_key_text();
+    let adopt = |bytes: Vec<u8>| -> Result<Vec<u8>> {
+        certificate::verify(&bytes, &own_key).map_err(|e| {
+            Error::corrupt(
+                certificate_path(tenant, id).to_string(),
+                format!("a certificate with this shred's id is stored but does not verify: {e}"),
+            )
+        })?;
+        Ok(bytes)
+    };
+    if let Some(bytes) = load_certificate(&ctx.store, tenant, id).await? {
+        return adopt(bytes);
+    }
+    let bytes = build().await?;
+    journal.crash("certificate-signed");
+    let path = certificate_path(tenant, id);
+    let put = ctx
+        .store
+        .put_opts(
+            &path,
+            PutPayload::from_bytes(Bytes::from(bytes.clone())),
+            PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            },
+        )
+        .await;
+    match put {
+        Ok(_) => Ok(bytes),
+        Err(object_store::Error::AlreadyExists { .. }) => {
+            let stored = load_certificate(&ctx.store, tenant, id)
+                .await?
+                .ok_or_else(|| Error::missing(path.to_string(), "vanished after a conflict"))?;
+            adopt(stored)
+        }
+        Err(e) => Err(Error::store("put", &path, e)),
+    }
+}
+
+/// Anchors a body in the audit log (`shred.certificate.begin` with its digest),
+/// adds the inclusion evidence and signs it.
+async fn anchor_and_sign(
+    ctx: &Context,
+    journal: &Journal,
+    mut body: Certificate,
+) -> Result<Vec<u8>> {
+    let audit = ctx.audit.as_ref().expect("checked at the start");
+    body.audit = None;
+    let digest = certificate::body_digest(&body);
+    let receipt = journal
+        .begin(
+            "certificate",
+            serde_json::json!({
+                "certificate_sha256": digest,
+                "path": certificate_path(&body.tenant, &body.id).to_string(),
+                "guarantee": body.guarantee.kind,
+                "irreversible_at": body.guarantee.irreversible_at,
+                "scope_root": body.scope.merkle_root,
+                "keys": body.keys.iter().map(|k| k.reference.to_string()).collect::<Vec<_>>(),
+            }),
+        )
+        .await?;
+    let evidence = audit.evidence(receipt.seq)?;
+    body.audit = Some(certificate::AuditAnchor {
+        event: certificate::ANCHOR_EVENT.into(),
+        seq: receipt.seq,
+        leaf_hash: hex::encode(receipt.leaf_hash),
+        body_sha256: digest,
+        evidence,
+    });
+    Ok(certificate::sign(&body, audit.key()))
+}
+
+/// The latest instant after which no destruction can be undone.
+fn irreversible_at(keys: &[KeyDestruction]) -> Option<DateTime<Utc>> {
+    keys.iter().filter_map(|k| k.irreversible_at).max()
+}
+
+/// What is pending while a scheduled key deletion can still be cancelled.
+fn pending_note(keys: &[KeyDestruction]) -> Option<String> {
+    let scheduled: Vec<&KeyDestruction> = keys
+        .iter()
+        .filter(|k| k.action == Some(crate::keys::DestroyAction::DeletionScheduled))
+        .collect();
+    let last = scheduled.iter().filter_map(|k| k.irreversible_at).max()?;
+    Some(format!(
+        "{} key(s) are disabled and pending deletion until {}: until then the key's owner could cancel the deletion \
+         (CancelKeyDeletion); after that date the erasure is irreversible",
+        scheduled.len(),
+        last.to_rfc3339()
+    ))
+}

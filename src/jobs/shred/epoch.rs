@@ -1,0 +1,891 @@
+//! Shredding one key epoch of an active tenant.
+//!
+//! Only a retired epoch none of whose snapshots remains can be shredded (the
+//! current one cannot: roll a new epoch first). Its envelope, index files and
+//! packs are deleted (what the store refuses is listed as retained). That
+//! alone makes the epoch unreadable through this store, but the tenant's CMK
+//! stays alive for the other epochs, so a copy of the envelope kept
+//! elsewhere (an earlier object version, a store backup) would still unwrap:
+//! the certificate then gives the weaker guarantee `envelope_deleted`.
+//!
+//! With a re-wrap, the other epochs' envelopes first move to a fresh key (a
+//! new local key `<tenant>-<n>`, or with AWS KMS a key the customer created,
+//! `--rewrap-to`), and then every key that ever wrapped this tenant's
+//! envelopes is destroyed: no stale copy of the shredded epoch's envelope can
+//! be unwrapped again, and the certificate gives `keys_destroyed`.
+//!
+//! Steps (each recorded before and after, resumable): fence (the shred
+//! begins, the target key is fixed), scope, delete, [rewrap, keys], verify,
+//! certificate.
+
+use chrono::Utc;
+use futures::StreamExt;
+use serde_json::json;
+
+use super::certificate::{
+    self, Certificate, Guarantee, GuaranteeKind, ScopeSummary, StoreInfo, Subject,
+};
+use super::scope::{self, ScopeObject};
+use super::{
+    Journal, Rewrap, ShredReport, ShredRequest, Slot, check_not_shared, delete_objects,
+    destroy_keys, key_state_checks, new_certificate_id, pending_note, save, store_certificate,
+    store_note, unwrap_checks,
+};
+use crate::error::{Error, Result};
+use crate::format::descriptor::{EpochShredState, EpochState, Lifecycle, ShredState};
+use crate::format::envelope::Envelope;
+use crate::format::seal::{HEADER_LEN, Header};
+use crate::format::shred::{
+    DeletionRecord, KeyRole, PackCheck, RetainedObject, RewrapRecord, SamplePack, ScopeRecord,
+    ShredProgress, ShredStep, VerificationRecord,
+};
+use crate::keys::{KeyError, KeyRef, ProviderKind};
+use crate::repo::Repo;
+use crate::store::layout::Dir;
+use crate::store::lease::LeaseGuard;
+use crate::store::tenant::Listed;
+use crate::store::{ObjectName, TenantStore};
+
+const SLOT: Slot = Slot::Epoch;
+const HEADER_READS: usize = 8;
+
+pub(super) async fn run(
+    repo: &mut Repo,
+    lease: &LeaseGuard,
+    req: &ShredRequest,
+    epoch: u32,
+    rewrap: Option<&Rewrap>,
+) -> Result<ShredReport> {
+    repo.require_active("epoch shred")?;
+    let tenant = repo.tenant().clone();
+    let d = repo.descriptor();
+    let Some(rec) = d.epoch(epoch) else {
+        return Err(Error::NotFound {
+            what: format!("epoch {epoch} of tenant {tenant}"),
+        });
+    };
+    let resumed_after = match &d.epoch_shred {
+        Some(es) if es.epoch != epoch => {
+            return Err(Error::InvalidArgument(format!(
+                "a shred of epoch {} of tenant {tenant} is in progress: finish it first \
+                 (custos shred {tenant} --epoch {} --confirm {tenant})",
+                es.epoch, es.epoch
+            )));
+        }
+        Some(es) => {
+            if es.rewrap_to.is_some() != rewrap.is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "the interrupted shred of epoch {epoch} was started {} a re-wrap; re-run it the same way",
+                    if es.rewrap_to.is_some() {
+                        "with"
+                    } else {
+                        "without"
+                    }
+                )));
+            }
+            let step = es.shred.progress.as_ref().map(|p| p.step);
+            tracing::info!(event = "shred.resumed", tenant = %tenant, epoch, after_step = step.map(|s| s.as_str()), "resuming an interrupted epoch shred");
+            step
+        }
+        None if rec.state == EpochState::Shredded => {
+            return already_shredded(repo, epoch).await;
+        }
+        None => {
+            let target = preflight(repo, epoch, rewrap).await?;
+            start(repo, req, epoch, target).await?;
+            None
+        }
+    };
+    let journal = Journal::new(repo, SLOT, Some(epoch))?;
+    if SLOT.progress(repo.descriptor())?.scope.is_none() {
+        scope(repo, &journal, epoch).await?;
+    }
+    if SLOT.progress(repo.descriptor())?.deletion.is_none() {
+        lease.ensure_held()?;
+        delete(repo, &journal, epoch).await?;
+    }
+    let rewrap_to = repo
+        .descriptor()
+        .epoch_shred
+        .as_ref()
+        .and_then(|e| e.rewrap_to.clone());
+    if let Some(to) = &rewrap_to {
+        if SLOT.progress(repo.descriptor())?.rewrap.is_none() {
+            lease.ensure_held()?;
+            move_envelopes(repo, &journal, epoch, to).await?;
+        }
+        if SLOT.progress(repo.descriptor())?.keys.is_none() {
+            lease.ensure_held()?;
+            keys(repo, &journal, to).await?;
+        }
+    }
+    if SLOT.progress(repo.descriptor())?.verification.is_none() {
+        verify(repo, &journal, epoch).await?;
+    }
+    lease.ensure_held()?;
+    certify(repo, &journal, epoch, resumed_after).await
+}
+
+async fn already_shredded(repo: &Repo, epoch: u32) -> Result<ShredReport> {
+    let tenant = repo.tenant();
+    let rec = repo.descriptor().epoch(epoch).expect("checked");
+    let Some(id) = &rec.certificate_id else {
+        return Err(Error::TenantState {
+            tenant: tenant.to_string(),
+            state: "epoch_shredded".into(),
+            message: format!("epoch {epoch} is already shredded (no certificate recorded for it)"),
+        });
+    };
+    let bytes = super::load_certificate(&repo.context().store, tenant, id)
+        .await?
+        .ok_or_else(|| {
+            Error::missing(
+                super::certificate_path(tenant, id).to_string(),
+                "the epoch is shredded but its certificate is not in the store",
+            )
+        })?;
+    ShredReport::new(tenant, id, bytes, true, None)
+}
+
+/// The checks before an epoch shred begins; returns the re-wrap target.
+async fn preflight(repo: &Repo, epoch: u32, rewrap: Option<&Rewrap>) -> Result<Option<KeyRef>> {
+    let d = repo.descriptor();
+    let tenant = repo.tenant();
+    if epoch == d.current_epoch {
+        return Err(Error::InvalidArgument(format!(
+            "epoch {epoch} is the current epoch of tenant {tenant}: it cannot be shredded. \
+             Roll a new epoch first (key rotation), then shred epoch {epoch} once none of its snapshots is kept"
+        )));
+    }
+    let needing: Vec<String> = objects_with_epoch(
+        repo.store(),
+        repo.store().list(Dir::Snapshots).await?,
+        epoch,
+        true,
+    )
+    .await
+    .into_iter()
+    .map(|l| match l.name {
+        Some(ObjectName::Snapshot(id)) => id.short(),
+        _ => l.path.to_string(),
+    })
+    .collect();
+    if !needing.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "epoch {epoch} of tenant {tenant} is still needed by {} snapshot(s): {}. \
+             Forget them first (custos forget {tenant} …, then custos prune {tenant})",
+            needing.len(),
+            needing.join(", ")
+        )));
+    }
+    let Some(rewrap) = rewrap else {
+        return Ok(None);
+    };
+    if let Some(p) = &d.pending_key {
+        return Err(Error::InvalidArgument(format!(
+            "a CMK replacement (to {p}) is in progress: finish it before a re-wrapping epoch shred"
+        )));
+    }
+    let ctx = repo.context();
+    let used = |k: &KeyRef| &d.key == k || d.previous_keys.contains(k);
+    let to = match rewrap {
+        Rewrap::FreshLocalKey => {
+            if d.key.kind() != ProviderKind::Local {
+                return Err(Error::InvalidArgument(format!(
+                    "tenant {tenant} is under {}: custos cannot create a key there (the customer owns it); \
+                     give --rewrap-to <KEY-REF>, a new key created for this tenant",
+                    d.key
+                )));
+            }
+            let provider = ctx.keys.for_key(&d.key)?;
+            let mut n = 2u32;
+            loop {
+                let k = KeyRef::local(&format!("{tenant}-{n}"))
+                    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                if !used(&k) {
+                    match provider.describe(&k).await {
+                        Err(KeyError::NotFound { .. }) => break k,
+                        Ok(_) | Err(KeyError::Destroyed { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                n += 1;
+            }
+        }
+        Rewrap::To(k) => {
+            if used(k) {
+                return Err(Error::InvalidArgument(format!(
+                    "{k} already wrapped this tenant's data keys (it would be destroyed): \
+                     re-wrap to a key that never did"
+                )));
+            }
+            let info = ctx.keys.for_key(k)?.describe(k).await?;
+            if !info.state.is_usable() {
+                return Err(Error::InvalidArgument(format!(
+                    "{k} is {}, not enabled: it cannot take the re-wrapped envelopes",
+                    info.state.name()
+                )));
+            }
+            check_not_shared(ctx, tenant, std::slice::from_ref(k)).await?;
+            k.clone()
+        }
+    };
+    Ok(Some(to))
+}
+
+/// Sealed objects (of `listed`) whose clear header names `epoch`. With
+/// `unreadable_too`, also those whose header cannot be read (a caller that
+/// must be conservative: they might be of that epoch).
+async fn objects_with_epoch(
+    store: &TenantStore,
+    listed: Vec<Listed>,
+    epoch: u32,
+    unreadable_too: bool,
+) -> Vec<Listed> {
+    let tagged: Vec<(Listed, Option<u32>)> = futures::stream::iter(listed)
+        .map(|l| async move {
+            let e = match &l.name {
+                Some(name) => store
+                    .get_range(name, 0..HEADER_LEN as u64)
+                    .await
+                    .ok()
+                    .and_then(|b| Header::peek_epoch(&b).ok()),
+                None => None,
+            };
+            (l, e)
+        })
+        .buffer_unordered(HEADER_READS)
+        .collect()
+        .await;
+    let mut out: Vec<Listed> = tagged
+        .into_iter()
+        .filter(|(_, e)| *e == Some(epoch) || (unreadable_too && e.is_none()))
+        .map(|(l, _)| l)
+        .collect();
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+/// The epoch's objects: its envelope, and index files and packs sealed under it.
+async fn epoch_objects(repo: &Repo, epoch: u32) -> Result<Vec<Listed>> {
+    let listed = repo.list_objects().await?;
+    let mut out: Vec<Listed> = listed
+        .iter()
+        .filter(|l| l.name == Some(ObjectName::Envelope(epoch)))
+        .cloned()
+        .collect();
+    let sealed: Vec<Listed> = listed
+        .into_iter()
+        .filter(|l| {
+            matches!(
+                l.name,
+                Some(ObjectName::Index(_)) | Some(ObjectName::Pack(_))
+            )
+        })
+        .collect();
+    out.extend(objects_with_epoch(repo.store(), sealed, epoch, false).await);
+    Ok(out)
+}
+
+/// Step 1: record the request and the re-wrap target in the descriptor.
+async fn start(
+    repo: &mut Repo,
+    req: &ShredRequest,
+    epoch: u32,
+    rewrap_to: Option<KeyRef>,
+) -> Result<()> {
+    let ctx = repo.context().clone();
+    let now = Utc::now();
+    let id = new_certificate_id(now);
+    ctx.record(
+        "shred.fence.begin",
+        Some(repo.tenant()),
+        json!({
+            "certificate_id": id,
+            "epoch": epoch,
+            "reason": req.reason,
+            "requested_by": req.requested_by,
+            "rewrap_to": rewrap_to,
+            "key": repo.descriptor().key,
+        }),
+    )
+    .await?;
+    let state = EpochShredState {
+        epoch,
+        rewrap_to,
+        shred: ShredState {
+            started_at: now,
+            finished_at: None,
+            reason: req.reason.clone(),
+            requested_by: req.requested_by.clone(),
+            certificate_id: Some(id),
+            progress: Some(ShredProgress {
+                step: ShredStep::Fenced,
+                requested_at: req.requested_at.unwrap_or(now),
+                actor: ctx.actor.clone(),
+                pending_window_days: req.pending_window_days,
+                scope: None,
+                keys: None,
+                executed_at: None,
+                deletion: None,
+                rewrap: None,
+                verification: None,
+            }),
+        },
+    };
+    repo.update_descriptor(|d| d.epoch_shred = Some(state))
+        .await?;
+    let journal = Journal::new(repo, SLOT, Some(epoch))?;
+    journal.crash("fence");
+    journal
+        .end(
+            "fence",
+            json!({ "generation": repo.descriptor().generation }),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn scope(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
+    journal.begin("scope", json!({})).await?;
+    let tenant = repo.tenant().clone();
+    let listed = epoch_objects(repo, epoch).await?;
+    let objects: Vec<ScopeObject> = listed
+        .iter()
+        .map(|l| ScopeObject::from_listed(&tenant, l))
+        .collect();
+    let own: Vec<KeyRef> = super::tenant_keys(repo.descriptor())
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let mut captured = Vec::new();
+    let mut foreign = Vec::new();
+    let mut envelopes = Vec::new();
+    if listed
+        .iter()
+        .any(|l| l.name == Some(ObjectName::Envelope(epoch)))
+    {
+        envelopes.push(epoch);
+        match repo.load_envelope(epoch).await {
+            Ok(env) if own.contains(&env.key) => captured.push(env),
+            Ok(env) => foreign.push(format!(
+                "tenants/{tenant}/keys/{epoch}: wrapped under {}, not a key of this tenant",
+                env.key
+            )),
+            Err(e) => foreign.push(format!("tenants/{tenant}/keys/{epoch}: unreadable ({e})")),
+        }
+    }
+    let sample_pack = listed.iter().find_map(|l| match &l.name {
+        Some(name @ ObjectName::Pack(_)) => Some(SamplePack {
+            object: repo.store().display(name),
+            epoch,
+        }),
+        _ => None,
+    });
+    let root = hex::encode(scope::merkle_root(&objects));
+    let bytes: u64 = objects.iter().map(|o| o.size).sum();
+    let receipt = journal
+        .end(
+            "scope",
+            json!({
+                "objects": objects.len(),
+                "bytes": bytes,
+                "merkle_root": root,
+                "leaf_encoding": scope::LEAF_ENCODING,
+                "envelopes": envelopes,
+            }),
+        )
+        .await?;
+    journal.crash("scope");
+    let record = ScopeRecord {
+        listed_at: Utc::now(),
+        objects: objects.len() as u64,
+        bytes,
+        merkle_root: root,
+        leaf_encoding: scope::LEAF_ENCODING.into(),
+        envelopes,
+        audit_seq: Some(receipt.seq),
+        sample_pack,
+        captured,
+        foreign_envelopes: foreign,
+    };
+    save(repo, SLOT, |p| {
+        p.scope = Some(record);
+        p.step = ShredStep::Scoped;
+    })
+    .await
+}
+
+async fn delete(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
+    let scope = SLOT
+        .progress(repo.descriptor())?
+        .scope
+        .clone()
+        .expect("scoped before");
+    let listed = epoch_objects(repo, epoch).await?;
+    journal
+        .begin("delete", json!({ "objects": listed.len() }))
+        .await?;
+    let store = repo.store().clone();
+    let mut retained = delete_objects(&store, listed, journal, "delete-partial").await?;
+    for l in epoch_objects(repo, epoch).await? {
+        let path = format!("tenants/{}/{}", repo.tenant(), l.path);
+        if !retained.iter().any(|r| r.object == path) {
+            retained.push(RetainedObject {
+                object: path,
+                size: l.meta.size,
+                retain_until: None,
+                reason: "still listed after the store accepted its deletion".into(),
+            });
+        }
+    }
+    let retained_bytes: u64 = retained.iter().map(|r| r.size).sum();
+    let now = Utc::now();
+    let record = DeletionRecord {
+        finished_at: now,
+        objects_deleted: scope.objects.saturating_sub(retained.len() as u64),
+        bytes_deleted: scope.bytes.saturating_sub(retained_bytes),
+        retained,
+        note: store_note(&repo.context().store_url),
+    };
+    journal
+        .end(
+            "delete",
+            json!({
+                "objects_deleted": record.objects_deleted,
+                "bytes_deleted": record.bytes_deleted,
+                "retained": record.retained.iter().take(100).map(|r| &r.object).collect::<Vec<_>>(),
+                "retained_count": record.retained.len(),
+            }),
+        )
+        .await?;
+    journal.crash("delete");
+    repo.update_descriptor(|d| {
+        if let Some(e) = d.epochs.iter_mut().find(|e| e.epoch == epoch) {
+            e.state = EpochState::Shredded;
+            e.shredded_at.get_or_insert(now);
+        }
+        if let Some(p) = SLOT.state_mut(d).and_then(|s| s.progress.as_mut()) {
+            p.deletion = Some(record);
+            p.step = ShredStep::Deleted;
+            p.executed_at.get_or_insert(now);
+        }
+    })
+    .await
+}
+
+/// The epochs whose envelopes must move: every envelope in the store of an
+/// epoch that is not shredded (one left by an interrupted `rotate --new-epoch`
+/// included, as rotation counts them) and every live epoch of the descriptor.
+async fn remaining_envelopes(repo: &Repo, shredded: u32) -> Result<Vec<u32>> {
+    let d = repo.descriptor();
+    let mut epochs: Vec<u32> = repo
+        .store()
+        .list(Dir::Keys)
+        .await?
+        .into_iter()
+        .filter_map(|l| match l.name {
+            Some(ObjectName::Envelope(n)) => Some(n),
+            _ => None,
+        })
+        .filter(|n| d.epoch(*n).is_none_or(|e| e.state != EpochState::Shredded))
+        .collect();
+    epochs.extend(d.live_epochs().map(|e| e.epoch));
+    epochs.retain(|e| *e != shredded);
+    epochs.sort_unstable();
+    epochs.dedup();
+    Ok(epochs)
+}
+
+/// Moves every remaining envelope to `to`, as `rotate --replace-cmk` does:
+/// the descriptor names `to` as `pending_key` before the first envelope moves,
+/// so at every point each envelope is under a key the descriptor names, both
+/// alive; each moved envelope is unwrapped and checked against its fingerprint
+/// before it replaces the old one (a conditional write).
+async fn move_envelopes(repo: &mut Repo, journal: &Journal, epoch: u32, to: &KeyRef) -> Result<()> {
+    let ctx = repo.context().clone();
+    let from = repo.descriptor().key.clone();
+    let epochs = remaining_envelopes(repo, epoch).await?;
+    journal
+        .begin(
+            "rewrap",
+            json!({ "from": from, "to": to, "epochs": epochs }),
+        )
+        .await?;
+    let provider = ctx.keys.for_key(to)?;
+    match provider.create_key(to).await {
+        Ok(_) | Err(KeyError::Unsupported { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    if repo.descriptor().pending_key.as_ref() != Some(to) {
+        let pending = to.clone();
+        repo.update_descriptor(|d| d.pending_key = Some(pending))
+            .await?;
+    }
+    for (i, e) in epochs.iter().enumerate() {
+        let name = ObjectName::Envelope(*e);
+        let Some((_, meta)) = repo.store().get_if_exists(&name).await? else {
+            return Err(Error::missing(
+                repo.store().display(&name),
+                "a live epoch has no envelope",
+            ));
+        };
+        let env = repo.load_envelope(*e).await?;
+        if &env.key == to {
+            continue; // moved by an interrupted run
+        }
+        let wrapped = ctx
+            .keys
+            .rewrap(&env.key, &env.wrapped, &env.context(), to)
+            .await?;
+        let moved = Envelope {
+            key: to.clone(),
+            wrapped,
+            rewrapped_at: Some(Utc::now()),
+            ..env.clone()
+        };
+        check_unwraps(repo, &moved).await?;
+        let version = object_store::UpdateVersion {
+            e_tag: meta.e_tag,
+            version: meta.version,
+        };
+        repo.store()
+            .put_conditional(
+                &name,
+                bytes::Bytes::from(moved.to_json()),
+                object_store::PutMode::Update(version),
+            )
+            .await
+            .map_err(|e| Error::store("put", repo.store().display(&name), e))?;
+        if i == 0 {
+            journal.crash("rewrap-partial");
+        }
+    }
+    journal
+        .end(
+            "rewrap",
+            json!({ "from": from, "to": to, "epochs": epochs }),
+        )
+        .await?;
+    journal.crash("rewrap");
+    let record = RewrapRecord {
+        from: from.clone(),
+        to: to.clone(),
+        epochs,
+        finished_at: Utc::now(),
+    };
+    repo.update_descriptor(|d| {
+        if d.key != *to {
+            let old = std::mem::replace(&mut d.key, to.clone());
+            if !d.previous_keys.contains(&old) {
+                d.previous_keys.push(old);
+            }
+        }
+        d.pending_key = None;
+        if let Some(p) = SLOT.state_mut(d).and_then(|s| s.progress.as_mut()) {
+            p.rewrap = Some(record);
+            p.step = ShredStep::Rewrapped;
+        }
+    })
+    .await
+}
+
+/// A re-wrapped envelope must unwrap to the data key it held before.
+async fn check_unwraps(repo: &Repo, env: &Envelope) -> Result<()> {
+    let key = repo
+        .context()
+        .keys
+        .for_key(&env.key)?
+        .unwrap(&env.key, &env.wrapped, &env.context())
+        .await?;
+    if key.fingerprint() != env.fingerprint {
+        return Err(Error::corrupt(
+            repo.store().display(&ObjectName::Envelope(env.epoch)),
+            "the re-wrapped envelope unwraps to another key",
+        ));
+    }
+    Ok(())
+}
+
+/// Destroys every key but `to` that ever wrapped this tenant's envelopes,
+/// once every live envelope is confirmed under `to`.
+async fn keys(repo: &mut Repo, journal: &Journal, to: &KeyRef) -> Result<()> {
+    let ctx = repo.context().clone();
+    let d = repo.descriptor().clone();
+    let shredded = d.epoch_shred.as_ref().map(|e| e.epoch).unwrap_or(0);
+    for e in remaining_envelopes(repo, shredded).await? {
+        let env = repo.load_envelope(e).await?;
+        if &env.key != to {
+            return Err(Error::InvalidArgument(format!(
+                "the envelope of epoch {e} is under {}, not {to}: refusing to destroy keys it needs",
+                env.key
+            )));
+        }
+    }
+    let from = SLOT.progress(&d)?.rewrap.as_ref().map(|r| r.from.clone());
+    let keys: Vec<(KeyRef, KeyRole)> = super::tenant_keys(&d)
+        .into_iter()
+        .filter(|(k, _)| k != to)
+        .map(|(k, _)| {
+            let role = if Some(&k) == from.as_ref() {
+                KeyRole::Current
+            } else {
+                KeyRole::Previous
+            };
+            (k, role)
+        })
+        .collect();
+    let refs: Vec<KeyRef> = keys.iter().map(|(k, _)| k.clone()).collect();
+    check_not_shared(&ctx, repo.tenant(), &refs).await?;
+    let window = SLOT.progress(&d)?.pending_window_days;
+    journal
+        .begin(
+            "keys",
+            json!({
+                "keys": keys.iter().map(|(k, r)| json!({"key": k, "role": r})).collect::<Vec<_>>(),
+                "pending_window_days": window,
+            }),
+        )
+        .await?;
+    let destroyed = destroy_keys(&ctx, &keys, window).await?;
+    journal.end("keys", json!({ "keys": destroyed })).await?;
+    journal.crash("keys");
+    let now = Utc::now();
+    save(repo, SLOT, |p| {
+        p.keys = Some(destroyed);
+        p.executed_at = Some(now);
+        p.step = ShredStep::KeysDestroyed;
+    })
+    .await
+}
+
+async fn verify(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
+    let ctx = repo.context().clone();
+    let progress = SLOT.progress(repo.descriptor())?.clone();
+    let scope = progress.scope.clone().expect("scoped before");
+    let rewrapped = progress.rewrap.is_some();
+    journal
+        .begin(
+            "verify",
+            json!({ "envelopes": scope.captured.len(), "rewrapped": rewrapped }),
+        )
+        .await?;
+    let envelope_present = repo
+        .store()
+        .head(&ObjectName::Envelope(epoch))
+        .await?
+        .is_some();
+    let (envelopes, key_states, mut passed) = if rewrapped {
+        let (envelopes, refused) = unwrap_checks(&ctx, &scope.captured).await?;
+        let keys = progress.keys.clone().unwrap_or_default();
+        let (states, states_ok) = key_state_checks(&ctx, &keys).await;
+        // The remaining epochs must still unwrap under the new key.
+        for e in repo.descriptor().live_epochs() {
+            let env = repo.load_envelope(e.epoch).await?;
+            check_unwraps(repo, &env).await?;
+        }
+        (envelopes, states, refused && states_ok)
+    } else {
+        // The key lives on for the other epochs: no unwrap is attempted (it
+        // would succeed, by design); the guarantee is the envelope's deletion.
+        let key = repo.descriptor().key.clone();
+        let state = match ctx.keys.for_key(&key) {
+            Ok(p) => p.describe(&key).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let check = crate::format::shred::KeyStateCheck {
+            reference: key,
+            state: state.as_ref().ok().map(|i| i.state.clone()),
+            error: state.err(),
+        };
+        (Vec::new(), vec![check], !envelope_present)
+    };
+    let pack_sample = scope.sample_pack.as_ref().map(|s| PackCheck {
+        object: s.object.clone(),
+        epoch: s.epoch,
+        present: false,
+        outcome: String::new(),
+    });
+    let pack_sample = match pack_sample {
+        None => None,
+        Some(mut p) => {
+            let rel = p
+                .object
+                .strip_prefix(&format!("tenants/{}/", repo.tenant()))
+                .unwrap_or(&p.object)
+                .to_owned();
+            p.present = match ObjectName::parse(&object_store::path::Path::from(rel)) {
+                Some(name) => repo.store().head(&name).await?.is_some(),
+                None => false,
+            };
+            p.outcome = match (p.present, rewrapped) {
+                (false, _) => "deleted".into(),
+                (true, true) if envelopes.iter().all(|c| c.outcome == "refused") => {
+                    "undecryptable".into()
+                }
+                (true, true) => "decryptable".into(),
+                (true, false) => "envelope_deleted".into(),
+            };
+            Some(p)
+        }
+    };
+    passed &= pack_sample
+        .as_ref()
+        .is_none_or(|p| p.outcome != "decryptable");
+    let remaining = epoch_objects(repo, epoch).await?.len() as u64;
+    let record = VerificationRecord {
+        verified_at: Utc::now(),
+        passed,
+        envelopes,
+        pack_sample,
+        key_states,
+        remaining_objects: remaining,
+        envelope_absent: (!rewrapped).then_some(!envelope_present),
+    };
+    journal
+        .end("verify", serde_json::to_value(&record).unwrap_or_default())
+        .await?;
+    if !passed {
+        let mut message = super::tenant::verification_failure(&record);
+        if !rewrapped && envelope_present {
+            message = format!(
+                "the envelope of epoch {epoch} could not be deleted (the store retains it) and its key lives on: \
+                 shred it with --rewrap, which destroys the key; {message}"
+            );
+        }
+        return Err(Error::ShredVerification {
+            tenant: repo.tenant().to_string(),
+            message,
+        });
+    }
+    journal.crash("verify");
+    save(repo, SLOT, |p| {
+        p.verification = Some(record);
+        p.step = ShredStep::Verified;
+    })
+    .await
+}
+
+async fn certify(
+    repo: &mut Repo,
+    journal: &Journal,
+    epoch: u32,
+    resumed_after: Option<ShredStep>,
+) -> Result<ShredReport> {
+    let ctx = repo.context().clone();
+    let tenant = repo.tenant().clone();
+    let id = journal.certificate_id.clone();
+    let body = body(repo, epoch)?;
+    let bytes = store_certificate(
+        &ctx,
+        &tenant,
+        &id,
+        async || super::anchor_and_sign(&ctx, journal, body).await,
+        journal,
+    )
+    .await?;
+    journal.crash("certificate");
+    journal
+        .end(
+            "certificate",
+            json!({
+                "path": super::certificate_path(&tenant, &id).to_string(),
+                "file_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+            }),
+        )
+        .await?;
+    let finished = id.clone();
+    repo.update_descriptor(|d| {
+        d.epoch_shred = None;
+        if let Some(e) = d.epochs.iter_mut().find(|e| e.epoch == epoch) {
+            e.certificate_id = Some(finished);
+        }
+    })
+    .await?;
+    debug_assert_eq!(repo.descriptor().state, Lifecycle::Active);
+    tracing::info!(event = "shred.certified", tenant = %tenant, epoch, certificate_id = %id, "epoch shredded; certificate stored");
+    ShredReport::new(&tenant, &id, bytes, false, resumed_after)
+}
+
+fn body(repo: &Repo, epoch: u32) -> Result<Certificate> {
+    let d = repo.descriptor();
+    let es = d.epoch_shred.as_ref().expect("epoch shred");
+    let state = &es.shred;
+    let p = SLOT.progress(d)?;
+    let scope = p.scope.clone().expect("scoped");
+    let keys = p.keys.clone().unwrap_or_default();
+    let rewrap = p.rewrap.clone();
+    let wrapping_key = scope
+        .captured
+        .first()
+        .map(|e| e.key.clone())
+        .unwrap_or_else(|| d.key.clone());
+    let mut providers: Vec<&str> = keys.iter().map(|k| k.provider.as_str()).collect();
+    providers.push(wrapping_key.kind().scheme());
+    let guarantee = match &rewrap {
+        Some(r) => Guarantee {
+            kind: GuaranteeKind::KeysDestroyed,
+            statement: format!(
+                "The data key of epoch {epoch} of tenant {} was wrapped only by keys that are now destroyed \
+                 (the remaining epochs {:?} were first re-wrapped under {}): no copy of its envelope, \
+                 wherever it survives, can be unwrapped, so the epoch's ciphertext, retained objects \
+                 included, is unrecoverable.",
+                d.tenant, r.epochs, r.to
+            ),
+            irreversible_at: super::irreversible_at(&keys),
+            pending: pending_note(&keys),
+        },
+        None => Guarantee {
+            kind: GuaranteeKind::EnvelopeDeleted,
+            statement: format!(
+                "The envelope of epoch {epoch} of tenant {} (its wrapped data key) was deleted from the \
+                 store and the epoch is marked shredded. The key {wrapping_key}, which wrapped it, still \
+                 protects the other epochs: a copy of the envelope kept elsewhere (an earlier object \
+                 version, a backup of the store) would still unwrap while that key exists.",
+                d.tenant
+            ),
+            irreversible_at: None,
+            pending: Some(format!(
+                "the erasure becomes independent of stale envelope copies once {wrapping_key} is destroyed: \
+                 replace the tenant's CMK and destroy the old one (or shred the next epoch with --rewrap)"
+            )),
+        },
+    };
+    Ok(Certificate {
+        format: certificate::CERTIFICATE_FORMAT.into(),
+        id: state.certificate_id.clone().expect("id"),
+        subject: Subject::Epoch,
+        tenant: d.tenant.clone(),
+        epoch: Some(epoch),
+        reason: state.reason.clone(),
+        requested_by: state.requested_by.clone(),
+        actor: p.actor.clone(),
+        requested_at: p.requested_at,
+        started_at: state.started_at,
+        executed_at: p.executed_at.unwrap_or(state.started_at),
+        issued_at: Utc::now(),
+        method: "cryptographic erase".into(),
+        guarantee,
+        algorithms: certificate::Algorithms::new(&providers),
+        keys,
+        scope: ScopeSummary {
+            listed_at: scope.listed_at,
+            objects: scope.objects,
+            bytes: scope.bytes,
+            merkle_root: scope.merkle_root,
+            leaf_encoding: scope.leaf_encoding,
+            envelopes: scope.envelopes,
+            audit_seq: scope.audit_seq,
+            foreign_envelopes: scope.foreign_envelopes,
+        },
+        deletion: p.deletion.clone().expect("deleted"),
+        rewrap,
+        verification: p.verification.clone().expect("verified"),
+        store: StoreInfo {
+            url: repo.context().store_url.clone(),
+            note: store_note(&repo.context().store_url),
+        },
+        custos_version: env!("CARGO_PKG_VERSION").into(),
+        audit: None,
+    })
+}

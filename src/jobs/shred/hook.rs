@@ -1,0 +1,47 @@
+//! **Test hook**: crash injection. With `CUSTOS_CRASH_AT=shred:<point>` (a
+//! tenant shred) or `CUSTOS_CRASH_AT=shred-epoch:<point>` (an epoch shred),
+//! the process aborts (`std::process::abort`: no destructors, no lease
+//! release, no audit `.end` record) when the shred reaches that point, as if
+//! it had been killed there. The tests use it to show that a re-run finishes
+//! the shred and yields one valid certificate. It has no other use; an unset
+//! or unknown value does nothing.
+
+/// The points, in the order a tenant shred reaches them. Each sits after a
+/// step's work and before the descriptor records it, the worst place to die.
+pub const TENANT_POINTS: &[&str] = &[
+    "fence",
+    "scope",
+    "keys",
+    "delete-partial",
+    "delete",
+    "verify",
+    "certificate-signed",
+    "certificate",
+];
+
+/// The points of an epoch shred (`rewrap*` only with `--rewrap`).
+pub const EPOCH_POINTS: &[&str] = &[
+    "fence",
+    "scope",
+    "delete-partial",
+    "delete",
+    "rewrap-partial",
+    "rewrap",
+    "keys",
+    "verify",
+    "certificate-signed",
+    "certificate",
+];
+
+pub const ENV: &str = "CUSTOS_CRASH_AT";
+
+/// Aborts the process if `CUSTOS_CRASH_AT` names `<scope>:<point>`.
+pub(crate) fn crash_point(scope: &str, point: &str) {
+    let Ok(wanted) = std::env::var(ENV) else {
+        return;
+    };
+    if wanted.split_once(':') == Some((scope, point)) {
+        eprintln!("{ENV}={wanted}: aborting here (test hook)");
+        std::process::abort();
+    }
+}

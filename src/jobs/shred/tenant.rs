@@ -1,0 +1,544 @@
+//! The steps of a tenant shred (see the parent module for the list).
+
+use chrono::Utc;
+use serde_json::json;
+
+use super::certificate::{
+    self, Certificate, Guarantee, GuaranteeKind, ScopeSummary, StoreInfo, Subject,
+};
+use super::scope::{self, ScopeObject};
+use super::{
+    Journal, ShredReport, ShredRequest, Slot, check_not_shared, delete_objects, destroy_keys,
+    key_state_checks, new_certificate_id, pending_note, save, store_certificate, store_note,
+    tenant_keys, unwrap_checks,
+};
+use crate::error::{Error, Result};
+use crate::format::descriptor::{EpochState, Lifecycle, ShredState};
+use crate::format::seal::{HEADER_LEN, Header};
+use crate::format::shred::{
+    DeletionRecord, PackCheck, SamplePack, ScopeRecord, ShredProgress, ShredStep,
+    VerificationRecord,
+};
+use crate::repo::Repo;
+use crate::store::ObjectName;
+use crate::store::lease::LeaseGuard;
+
+const SLOT: Slot = Slot::Tenant;
+
+pub(super) async fn run(
+    repo: &mut Repo,
+    lease: &LeaseGuard,
+    req: &ShredRequest,
+) -> Result<ShredReport> {
+    let resumed_after = match repo.descriptor().state {
+        Lifecycle::Shredded => return already_shredded(repo).await,
+        Lifecycle::Shredding => {
+            let step = SLOT.progress(repo.descriptor()).map(|p| p.step).ok();
+            if step.is_none() {
+                // Fenced by something that kept no step records: start them now.
+                let now = Utc::now();
+                repo.update_descriptor(|d| {
+                    if let Some(s) = d.shredding.as_mut() {
+                        s.certificate_id
+                            .get_or_insert_with(|| new_certificate_id(now));
+                        s.progress = Some(new_progress(req, now));
+                    }
+                })
+                .await?;
+            }
+            tracing::info!(event = "shred.resumed", tenant = %repo.tenant(), after_step = step.map(|s| s.as_str()), "resuming an interrupted shred");
+            step
+        }
+        Lifecycle::Active => {
+            fence(repo, req).await?;
+            None
+        }
+    };
+    let journal = Journal::new(repo, SLOT, None)?;
+    let progress = SLOT.progress(repo.descriptor())?.clone();
+    if progress.scope.is_none() {
+        scope(repo, &journal).await?;
+    }
+    if SLOT.progress(repo.descriptor())?.keys.is_none() {
+        lease.ensure_held()?;
+        keys(repo, &journal).await?;
+    }
+    if SLOT.progress(repo.descriptor())?.deletion.is_none() {
+        lease.ensure_held()?;
+        delete(repo, &journal).await?;
+    }
+    if SLOT.progress(repo.descriptor())?.verification.is_none() {
+        verify(repo, &journal).await?;
+    }
+    lease.ensure_held()?;
+    certify(repo, &journal, resumed_after).await
+}
+
+fn new_progress(req: &ShredRequest, now: chrono::DateTime<Utc>) -> ShredProgress {
+    ShredProgress {
+        step: ShredStep::Fenced,
+        requested_at: req.requested_at.unwrap_or(now),
+        actor: String::new(),
+        pending_window_days: req.pending_window_days,
+        scope: None,
+        keys: None,
+        executed_at: None,
+        deletion: None,
+        rewrap: None,
+        verification: None,
+    }
+}
+
+async fn already_shredded(repo: &Repo) -> Result<ShredReport> {
+    let tenant = repo.tenant();
+    let id = repo
+        .descriptor()
+        .shredding
+        .as_ref()
+        .and_then(|s| s.certificate_id.clone())
+        .ok_or_else(|| Error::TenantState {
+            tenant: tenant.to_string(),
+            state: "shredded".into(),
+            message: "is shredded but its descriptor names no certificate".into(),
+        })?;
+    let bytes = super::load_certificate(&repo.context().store, tenant, &id)
+        .await?
+        .ok_or_else(|| {
+            Error::missing(
+                super::certificate_path(tenant, &id).to_string(),
+                "the tenant is shredded but its certificate is not in the store",
+            )
+        })?;
+    ShredReport::new(tenant, &id, bytes, true, None)
+}
+
+/// Step 1: the descriptor becomes `shredding`.
+async fn fence(repo: &mut Repo, req: &ShredRequest) -> Result<()> {
+    let ctx = repo.context().clone();
+    let now = Utc::now();
+    let id = new_certificate_id(now);
+    let mut progress = new_progress(req, now);
+    progress.actor = ctx.actor.clone();
+    let details = json!({
+        "certificate_id": id,
+        "reason": req.reason,
+        "requested_by": req.requested_by,
+        "requested_at": progress.requested_at,
+        "key": repo.descriptor().key,
+        "epochs": repo.descriptor().epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(),
+    });
+    ctx.record("shred.fence.begin", Some(repo.tenant()), details)
+        .await?;
+    let state = ShredState {
+        started_at: now,
+        finished_at: None,
+        reason: req.reason.clone(),
+        requested_by: req.requested_by.clone(),
+        certificate_id: Some(id.clone()),
+        progress: Some(progress),
+    };
+    repo.update_descriptor(|d| {
+        d.state = Lifecycle::Shredding;
+        d.epoch_shred = None;
+        d.shredding = Some(state);
+    })
+    .await?;
+    tracing::info!(event = "shred.fenced", tenant = %repo.tenant(), certificate_id = %id, "tenant fenced: no backup, restore or new data key from now on");
+    let journal = Journal::new(repo, SLOT, None)?;
+    journal.crash("fence");
+    journal
+        .end(
+            "fence",
+            json!({ "state": "shredding", "generation": repo.descriptor().generation }),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Step 2: list and capture everything, record count, bytes and root.
+async fn scope(repo: &mut Repo, journal: &Journal) -> Result<()> {
+    journal.begin("scope", json!({})).await?;
+    let tenant = repo.tenant().clone();
+    let listed: Vec<_> = repo
+        .list_objects()
+        .await?
+        .into_iter()
+        .filter(scope::in_tenant_scope)
+        .collect();
+    let objects: Vec<ScopeObject> = listed
+        .iter()
+        .map(|l| ScopeObject::from_listed(&tenant, l))
+        .collect();
+    let own_keys: Vec<_> = tenant_keys(repo.descriptor())
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let mut captured = Vec::new();
+    let mut foreign = Vec::new();
+    let mut epochs = Vec::new();
+    let mut sample_pack = None;
+    for l in &listed {
+        match &l.name {
+            Some(ObjectName::Envelope(e)) => {
+                epochs.push(*e);
+                match repo.load_envelope(*e).await {
+                    Ok(env) if own_keys.contains(&env.key) => captured.push(env),
+                    Ok(env) => foreign.push(format!(
+                        "tenants/{tenant}/keys/{e}: wrapped under {}, not a key of this tenant (not destroyed)",
+                        env.key
+                    )),
+                    Err(err) => foreign.push(format!("tenants/{tenant}/keys/{e}: unreadable ({err})")),
+                }
+            }
+            Some(ObjectName::Pack(id)) if sample_pack.is_none() => {
+                let name = ObjectName::Pack(*id);
+                if let Ok(head) = repo.store().get_range(&name, 0..HEADER_LEN as u64).await
+                    && let Ok(epoch) = Header::peek_epoch(&head)
+                {
+                    sample_pack = Some(SamplePack {
+                        object: repo.store().display(&name),
+                        epoch,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    let root = hex::encode(scope::merkle_root(&objects));
+    let bytes: u64 = objects.iter().map(|o| o.size).sum();
+    let receipt = journal
+        .end(
+            "scope",
+            json!({
+                "objects": objects.len(),
+                "bytes": bytes,
+                "merkle_root": root,
+                "leaf_encoding": scope::LEAF_ENCODING,
+                "envelopes": epochs,
+                "foreign_envelopes": foreign.len(),
+            }),
+        )
+        .await?;
+    journal.crash("scope");
+    let record = ScopeRecord {
+        listed_at: Utc::now(),
+        objects: objects.len() as u64,
+        bytes,
+        merkle_root: root,
+        leaf_encoding: scope::LEAF_ENCODING.into(),
+        envelopes: epochs,
+        audit_seq: Some(receipt.seq),
+        sample_pack,
+        captured,
+        foreign_envelopes: foreign,
+    };
+    save(repo, SLOT, |p| {
+        p.scope = Some(record);
+        p.step = ShredStep::Scoped;
+    })
+    .await
+}
+
+/// Step 3: destroy every key of the tenant.
+async fn keys(repo: &mut Repo, journal: &Journal) -> Result<()> {
+    let ctx = repo.context().clone();
+    let keys = tenant_keys(repo.descriptor());
+    let refs: Vec<_> = keys.iter().map(|(k, _)| k.clone()).collect();
+    check_not_shared(&ctx, repo.tenant(), &refs).await?;
+    let window = SLOT.progress(repo.descriptor())?.pending_window_days;
+    journal
+        .begin(
+            "keys",
+            json!({
+                "keys": keys.iter().map(|(k, r)| json!({"key": k, "role": r})).collect::<Vec<_>>(),
+                "pending_window_days": window,
+            }),
+        )
+        .await?;
+    let destroyed = destroy_keys(&ctx, &keys, window).await?;
+    journal.end("keys", json!({ "keys": destroyed })).await?;
+    journal.crash("keys");
+    let now = Utc::now();
+    repo.update_descriptor(|d| {
+        for e in &mut d.epochs {
+            if e.state != EpochState::Shredded {
+                e.state = EpochState::Shredded;
+                e.shredded_at = Some(now);
+            }
+        }
+        if let Some(p) = d.shredding.as_mut().and_then(|s| s.progress.as_mut()) {
+            p.keys = Some(destroyed);
+            p.executed_at = Some(now);
+            p.step = ShredStep::KeysDestroyed;
+        }
+    })
+    .await
+}
+
+/// Step 4: delete everything under the prefix but the descriptor.
+async fn delete(repo: &mut Repo, journal: &Journal) -> Result<()> {
+    let scope = SLOT
+        .progress(repo.descriptor())?
+        .scope
+        .clone()
+        .expect("scoped before");
+    let listed: Vec<_> = repo
+        .list_objects()
+        .await?
+        .into_iter()
+        .filter(scope::in_tenant_scope)
+        .collect();
+    journal
+        .begin("delete", json!({ "objects": listed.len() }))
+        .await?;
+    let store = repo.store().clone();
+    let mut retained = delete_objects(&store, listed, journal, "delete-partial").await?;
+    // Whatever is still listed was not deleted, whatever the store answered.
+    for l in repo.list_objects().await? {
+        let path = format!("tenants/{}/{}", repo.tenant(), l.path);
+        if scope::in_tenant_scope(&l) && !retained.iter().any(|r| r.object == path) {
+            retained.push(crate::format::shred::RetainedObject {
+                object: path,
+                size: l.meta.size,
+                retain_until: None,
+                reason: "still listed after the store accepted its deletion".into(),
+            });
+        }
+    }
+    let retained_bytes: u64 = retained.iter().map(|r| r.size).sum();
+    let record = DeletionRecord {
+        finished_at: Utc::now(),
+        objects_deleted: scope.objects.saturating_sub(retained.len() as u64),
+        bytes_deleted: scope.bytes.saturating_sub(retained_bytes),
+        retained,
+        note: store_note(&repo.context().store_url),
+    };
+    journal
+        .end(
+            "delete",
+            json!({
+                "objects_deleted": record.objects_deleted,
+                "bytes_deleted": record.bytes_deleted,
+                "retained": record.retained.iter().take(100).map(|r| &r.object).collect::<Vec<_>>(),
+                "retained_count": record.retained.len(),
+            }),
+        )
+        .await?;
+    journal.crash("delete");
+    save(repo, SLOT, |p| {
+        p.deletion = Some(record);
+        p.step = ShredStep::Deleted;
+    })
+    .await
+}
+
+/// Step 5: nothing may unwrap any more; the keys must show destruction.
+async fn verify(repo: &mut Repo, journal: &Journal) -> Result<()> {
+    let ctx = repo.context().clone();
+    let progress = SLOT.progress(repo.descriptor())?.clone();
+    let scope = progress.scope.clone().expect("scoped before");
+    let keys = progress.keys.clone().expect("keys destroyed before");
+    journal
+        .begin("verify", json!({ "envelopes": scope.captured.len() }))
+        .await?;
+    let (envelopes, unwraps_refused) = unwrap_checks(&ctx, &scope.captured).await?;
+    let (key_states, states_ok) = key_state_checks(&ctx, &keys).await;
+    let pack_sample = match &scope.sample_pack {
+        None => None,
+        Some(s) => {
+            let present = match crate::store::ObjectName::parse(&object_store::path::Path::from(
+                s.object
+                    .strip_prefix(&format!("tenants/{}/", repo.tenant()))
+                    .unwrap_or(&s.object),
+            )) {
+                Some(name) => repo.store().head(&name).await?.is_some(),
+                None => false,
+            };
+            let refused = envelopes
+                .iter()
+                .any(|c| c.epoch == s.epoch && c.outcome == "refused");
+            Some(PackCheck {
+                object: s.object.clone(),
+                epoch: s.epoch,
+                present,
+                outcome: match (present, refused) {
+                    (_, false) => "decryptable".into(),
+                    (true, true) => "undecryptable".into(),
+                    (false, true) => "deleted".into(),
+                },
+            })
+        }
+    };
+    let pack_ok = pack_sample
+        .as_ref()
+        .is_none_or(|p| p.outcome != "decryptable");
+    let remaining = repo
+        .list_objects()
+        .await?
+        .iter()
+        .filter(|l| scope::in_tenant_scope(l))
+        .count() as u64;
+    let passed = unwraps_refused && states_ok && pack_ok;
+    let record = VerificationRecord {
+        verified_at: Utc::now(),
+        passed,
+        envelopes,
+        pack_sample,
+        key_states,
+        remaining_objects: remaining,
+        envelope_absent: None,
+    };
+    journal
+        .end("verify", serde_json::to_value(&record).unwrap_or_default())
+        .await?;
+    if !passed {
+        return Err(Error::ShredVerification {
+            tenant: repo.tenant().to_string(),
+            message: verification_failure(&record),
+        });
+    }
+    journal.crash("verify");
+    save(repo, SLOT, |p| {
+        p.verification = Some(record);
+        p.step = ShredStep::Verified;
+    })
+    .await
+}
+
+pub(super) fn verification_failure(r: &VerificationRecord) -> String {
+    let mut why = Vec::new();
+    for c in r.envelopes.iter().filter(|c| c.outcome != "refused") {
+        why.push(format!(
+            "the data key of epoch {} still unwraps under {}",
+            c.epoch, c.key
+        ));
+    }
+    for k in &r.key_states {
+        match (&k.state, &k.error) {
+            (Some(s), _) if !super::state_shows_destruction(s) => {
+                why.push(format!("key {} is {}", k.reference, s.name()))
+            }
+            (None, Some(e)) => why.push(format!("key {}: {e}", k.reference)),
+            _ => {}
+        }
+    }
+    if let Some(p) = &r.pack_sample
+        && p.outcome == "decryptable"
+    {
+        why.push(format!("pack {} is still decryptable", p.object));
+    }
+    if r.envelope_absent == Some(false) {
+        why.push("the epoch's envelope is still in the store".into());
+    }
+    if why.is_empty() {
+        why.push("see the shred.verify.end audit record".into());
+    }
+    format!(
+        "{} (no certificate issued; a re-run verifies again)",
+        why.join("; ")
+    )
+}
+
+/// Step 6: build, anchor, sign and store the certificate; the tenant is shredded.
+async fn certify(
+    repo: &mut Repo,
+    journal: &Journal,
+    resumed_after: Option<ShredStep>,
+) -> Result<ShredReport> {
+    let ctx = repo.context().clone();
+    let tenant = repo.tenant().clone();
+    let id = journal.certificate_id.clone();
+    let body = body(repo)?;
+    let bytes = store_certificate(
+        &ctx,
+        &tenant,
+        &id,
+        async || super::anchor_and_sign(&ctx, journal, body).await,
+        journal,
+    )
+    .await?;
+    journal.crash("certificate");
+    journal
+        .end(
+            "certificate",
+            json!({
+                "path": super::certificate_path(&tenant, &id).to_string(),
+                "file_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+            }),
+        )
+        .await?;
+    let now = Utc::now();
+    repo.update_descriptor(|d| {
+        d.state = Lifecycle::Shredded;
+        if let Some(s) = d.shredding.as_mut() {
+            s.finished_at = Some(now);
+            if let Some(p) = s.progress.as_mut() {
+                p.step = ShredStep::Certified;
+                // The wrapped copies were kept for verification only.
+                if let Some(scope) = p.scope.as_mut() {
+                    scope.captured.clear();
+                }
+            }
+        }
+    })
+    .await?;
+    tracing::info!(event = "shred.certified", tenant = %tenant, certificate_id = %id, "tenant shredded; certificate stored");
+    ShredReport::new(&tenant, &id, bytes, false, resumed_after)
+}
+
+/// The certificate body, from the descriptor's records alone.
+fn body(repo: &Repo) -> Result<Certificate> {
+    let d = repo.descriptor();
+    let state = d.shredding.as_ref().expect("shredding");
+    let p = SLOT.progress(d)?;
+    let scope = p.scope.clone().expect("scoped");
+    let keys = p.keys.clone().expect("keys destroyed");
+    let providers: Vec<&str> = keys.iter().map(|k| k.provider.as_str()).collect();
+    Ok(Certificate {
+        format: certificate::CERTIFICATE_FORMAT.into(),
+        id: state.certificate_id.clone().expect("id"),
+        subject: Subject::Tenant,
+        tenant: d.tenant.clone(),
+        epoch: None,
+        reason: state.reason.clone(),
+        requested_by: state.requested_by.clone(),
+        actor: p.actor.clone(),
+        requested_at: p.requested_at,
+        started_at: state.started_at,
+        executed_at: p.executed_at.unwrap_or(state.started_at),
+        issued_at: Utc::now(),
+        method: "cryptographic erase".into(),
+        guarantee: Guarantee {
+            kind: GuaranteeKind::KeysDestroyed,
+            statement: format!(
+                "Every key that wrapped the data keys of tenant {} (current, pending and previous CMKs) \
+                 was destroyed; its data keys cannot be unwrapped, so all of its ciphertext, retained \
+                 objects and any other copies included, is unrecoverable.",
+                d.tenant
+            ),
+            irreversible_at: super::irreversible_at(&keys),
+            pending: pending_note(&keys),
+        },
+        algorithms: certificate::Algorithms::new(&providers),
+        keys,
+        scope: ScopeSummary {
+            listed_at: scope.listed_at,
+            objects: scope.objects,
+            bytes: scope.bytes,
+            merkle_root: scope.merkle_root,
+            leaf_encoding: scope.leaf_encoding,
+            envelopes: scope.envelopes,
+            audit_seq: scope.audit_seq,
+            foreign_envelopes: scope.foreign_envelopes,
+        },
+        deletion: p.deletion.clone().expect("deleted"),
+        rewrap: None,
+        verification: p.verification.clone().expect("verified"),
+        store: StoreInfo {
+            url: repo.context().store_url.clone(),
+            note: store_note(&repo.context().store_url),
+        },
+        custos_version: env!("CARGO_PKG_VERSION").into(),
+        audit: None,
+    })
+}
