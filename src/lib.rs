@@ -32,4 +32,6 @@ pub mod util;
 pub use error::{Error, Result};
 pub use tenant::TenantId;
 pub mod context;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod state;
