@@ -538,16 +538,18 @@ impl Repo {
 
     pub async fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
         let name = ObjectName::Snapshot(*id);
-        if self
-            .ctx
-            .state
-            .tenant_memory(self.tenant())?
-            .forgotten_snapshots
-            .contains(id)
-        {
+        let memory = self.ctx.state.tenant_memory(self.tenant())?;
+        if memory.forgotten_snapshots.contains(id) {
             return Err(Error::Rollback {
                 object: self.store.display(&name),
                 reason: "this snapshot was forgotten and has reappeared (replayed)".into(),
+            });
+        }
+        if memory.forgetting_snapshots.contains(id) {
+            return Err(Error::NotFound {
+                what: format!(
+                    "snapshot {id} (it is being forgotten: an interrupted forget, which the next forget or prune finishes)"
+                ),
             });
         }
         Ok(self
@@ -559,10 +561,17 @@ impl Repo {
     /// Every snapshot, oldest first, with faults for those that cannot be read.
     pub async fn list_snapshots(&self) -> Result<(Vec<Snapshot>, Vec<Fault>)> {
         let listed = self.store.list(Dir::Snapshots).await?;
+        let forgetting = self
+            .ctx
+            .state
+            .tenant_memory(self.tenant())?
+            .forgetting_snapshots;
         let mut faults = Vec::new();
         let mut ids = Vec::new();
         for l in listed {
             match l.name {
+                // Left by an interrupted forget: no longer a snapshot of the tenant.
+                Some(ObjectName::Snapshot(id)) if forgetting.contains(&id) => {}
                 Some(ObjectName::Snapshot(id)) => ids.push(id),
                 _ => faults.push(unknown_object(&self.store, &l.path)),
             }
