@@ -115,8 +115,13 @@ impl Context {
     }
 }
 
-/// Opens the configured object store.
+/// Opens the configured object store (wrapped in the fault injector when
+/// `CUSTOS_FAULTS` is set: manual fault testing, see `store::faults`).
 pub fn open_store(cfg: &crate::config::Config) -> crate::Result<SharedStore> {
+    crate::store::faults::from_env(open_configured_store(cfg)?)
+}
+
+fn open_configured_store(cfg: &crate::config::Config) -> crate::Result<SharedStore> {
     use crate::config::StoreLocation;
     match &cfg.store {
         StoreLocation::Local(path) => crate::store::local::open(path),

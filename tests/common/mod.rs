@@ -153,6 +153,11 @@ impl Cli {
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
+        self.run_env(args, &[])
+    }
+
+    /// Runs with extra environment variables (e.g. `CUSTOS_FAULTS`).
+    pub fn run_env(&self, args: &[&str], envs: &[(&str, &str)]) -> Run {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_custos"))
             .arg("--config")
             .arg(self.path().join("custos.toml"))
@@ -160,6 +165,7 @@ impl Cli {
             .env("CUSTOS_LOG", "warn")
             .env("CUSTOS_LOG_FORMAT", "text")
             .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(envs.iter().copied())
             .output()
             .expect("run custos");
         Run {
