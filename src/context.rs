@@ -98,6 +98,10 @@ impl Context {
                 "AWS KMS needs a region: set [aws] region in custos.toml or AWS_REGION".into(),
             );
         }
+        crate::keys::faults::from_env(&mut keys).map_err(|message| crate::Error::Config {
+            path: "CUSTOS_KEY_FAULTS".into(),
+            message,
+        })?;
         let state = StateDir::open(&cfg.state_dir)?;
         Ok(Context {
             audit: Some(crate::audit::AuditLog::from_config(

@@ -462,6 +462,38 @@ impl Repo {
         Ok(keys)
     }
 
+    /// Asks the key provider whether the CMK wrapping the current epoch is
+    /// still usable. The data key is unwrapped once, at the start of a job;
+    /// a backup calls this again before committing its snapshot, so a key
+    /// disabled (or scheduled for deletion) during the backup stops it from
+    /// committing: revoking the key takes effect for every backup still
+    /// running, not only for the next one.
+    pub async fn confirm_key_usable(&self) -> Result<()> {
+        let env = self.load_envelope(self.descriptor.current_epoch).await?;
+        let key = env.key;
+        let info = self.ctx.keys.for_key(&key)?.describe(&key).await?;
+        let name = key.to_string();
+        let refused = match info.state {
+            crate::keys::KeyState::Enabled => return Ok(()),
+            crate::keys::KeyState::Disabled => KeyError::Disabled { key: name },
+            crate::keys::KeyState::PendingDeletion { deletion_date } => KeyError::PendingDeletion {
+                key: name,
+                deletion_date,
+            },
+            crate::keys::KeyState::PendingImport => KeyError::PendingImport { key: name },
+            crate::keys::KeyState::Destroyed { destroyed_at } => KeyError::Destroyed {
+                key: name,
+                destroyed_at,
+            },
+            crate::keys::KeyState::Other { name: state } => KeyError::Backend {
+                provider: key.kind().scheme(),
+                key: name,
+                message: format!("the key is {state}, not enabled"),
+            },
+        };
+        Err(refused.into())
+    }
+
     pub async fn current_keys(&self) -> Result<Arc<EpochKeys>> {
         self.epoch_keys(self.descriptor.current_epoch).await
     }
