@@ -21,6 +21,9 @@ pub struct Context {
     pub audit: Option<crate::audit::AuditLog>,
     /// Who acts, as recorded in the audit log (`cli:<user>@<host>`, `daemon:<host>`).
     pub actor: String,
+    /// S3 settings (`[aws]` / environment) for stores other than the main one:
+    /// object-store sources and `restore --target-url`.
+    pub s3: crate::store::s3::S3Options,
 }
 
 impl std::fmt::Debug for Context {
@@ -67,6 +70,7 @@ impl Context {
             holder: crate::store::lease::holder_id(),
             lease_ttl: Duration::from_secs(120),
             actor: default_actor("cli"),
+            s3: Default::default(),
         })
     }
 }
@@ -115,6 +119,7 @@ impl Context {
             holder: crate::store::lease::holder_id(),
             lease_ttl: cfg.daemon.lease_ttl,
             actor: default_actor("cli"),
+            s3: s3_options(cfg),
         })
     }
 }
@@ -131,22 +136,24 @@ fn open_configured_store(cfg: &crate::config::Config) -> crate::Result<SharedSto
         StoreLocation::Local(path) => crate::store::local::open(path),
         StoreLocation::Memory => Ok(crate::store::memory()),
         StoreLocation::S3 { bucket, prefix } => {
-            let aws = &cfg.aws;
-            crate::store::s3::open(
-                bucket,
-                prefix,
-                &crate::store::s3::S3Options {
-                    region: aws.region.clone(),
-                    endpoint_url: aws.s3_endpoint().map(str::to_owned),
-                    allow_http: aws.allow_http.then_some(true),
-                    access_key_id: aws.access_key_id.clone(),
-                    secret_access_key: aws
-                        .secret_access_key
-                        .as_ref()
-                        .map(|s| s.expose().to_owned()),
-                },
-            )
+            crate::store::s3::open(bucket, prefix, &s3_options(cfg))
         }
+    }
+}
+
+/// S3 connection settings from `[aws]` (the environment fills in the rest).
+pub fn s3_options(cfg: &crate::config::Config) -> crate::store::s3::S3Options {
+    let aws = &cfg.aws;
+    crate::store::s3::S3Options {
+        region: aws.region.clone(),
+        endpoint_url: aws.s3_endpoint().map(str::to_owned),
+        allow_http: aws.allow_http.then_some(true),
+        access_key_id: aws.access_key_id.clone(),
+        secret_access_key: aws
+            .secret_access_key
+            .as_ref()
+            .map(|s| s.expose().to_owned()),
+        session_token: aws.session_token.as_ref().map(|s| s.expose().to_owned()),
     }
 }
 

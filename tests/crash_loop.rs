@@ -97,6 +97,8 @@ struct Campaign {
     rng: Rng,
     seed: u64,
     local: bool,
+    /// Extra environment for every run (the AWS_* variables for S3).
+    envs: Vec<(String, String)>,
     /// Figures for the report line.
     kills: usize,
     finished_before_kill: usize,
@@ -133,6 +135,7 @@ impl Campaign {
             rng: Rng(seed),
             seed,
             local,
+            envs: if local { Vec::new() } else { common::aws_env() },
             kills: 0,
             finished_before_kill: 0,
             jobs: 0,
@@ -196,7 +199,12 @@ impl Campaign {
     fn settled(&mut self, args: &[&str]) -> Run {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let r = self.cli.run(args);
+            let envs: Vec<(&str, &str)> = self
+                .envs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let r = self.cli.run_env(args, &envs);
             self.jobs += 1;
             if r.code != 0 && r.stderr.contains("is busy") && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(300));
@@ -274,7 +282,7 @@ impl Campaign {
             check.stdout,
             check.stderr
         );
-        let audit = self.cli.run(&["audit", "verify"]);
+        let audit = self.settled(&["audit", "verify"]);
         assert_eq!(
             audit.code,
             0,

@@ -218,14 +218,12 @@ fn aws_kms_unreachable() {
         ),
     )
     .unwrap();
-    let r = cli.run_env(
-        &["backup", "acme", "--json"],
-        &[
-            ("AWS_ENDPOINT_URL_KMS", "http://127.0.0.1:9"),
-            ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
-            ("AWS_MAX_ATTEMPTS", "2"),
-        ],
-    );
+    let mut envs = common::aws_env();
+    envs.retain(|(k, _)| !k.starts_with("AWS_ENDPOINT_URL"));
+    envs.push(("AWS_ENDPOINT_URL_KMS".into(), "http://127.0.0.1:9".into()));
+    envs.push(("AWS_MAX_ATTEMPTS".into(), "2".into()));
+    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let r = cli.run_env(&["backup", "acme", "--json"], &envs);
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
     let e = r.json()["error"].clone();
     assert_eq!(e["kind"], "kms_unreachable", "{e}");
@@ -272,12 +270,15 @@ fn aws_kms_key_disabled() {
         ),
     )
     .unwrap();
-    cli.ok(&["backup", "acme"]);
+    let envs = common::aws_env();
+    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let r = cli.run_env(&["backup", "acme"], &envs);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     rt.block_on(client.disable_key().key_id(&key_id).send())
         .unwrap();
     fs::write(data.join("more"), "more").unwrap();
     let before = objects(&cli);
-    let r = cli.run(&["backup", "acme", "--json"]);
+    let r = cli.run_env(&["backup", "acme", "--json"], &envs);
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
     let e = r.json()["error"].clone();
     assert_eq!(e["kind"], "key_unavailable", "{e}");

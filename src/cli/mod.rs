@@ -10,8 +10,10 @@ mod forget;
 mod output;
 mod policy;
 mod restore;
+mod rotate;
 mod setup;
 mod snapshots;
+mod store;
 mod tenant;
 
 use std::path::PathBuf;
@@ -61,6 +63,11 @@ pub enum Command {
     /// The tamper-evident audit log: verify it, show it, print its public key.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Rotate a tenant's keys: the CMK (--cmk), a new CMK (--replace-cmk), or a new data-key epoch (--new-epoch).
+    Rotate(rotate::Args),
+    /// The object store: probe its conditional writes.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 /// Entry point of the `custos` binary.
@@ -93,6 +100,8 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Policy(cmd) => policy::run(config, cmd).await,
         Command::Drill(args) => drill::run(config, args).await,
         Command::Audit(cmd) => run_audit(config, cmd).await,
+        Command::Rotate(args) => rotate::run(config, args).await,
+        Command::Store(cmd) => store::run(config, cmd).await,
     }
 }
 

@@ -1,4 +1,4 @@
-//! `custos restore <TENANT> <SNAPSHOT|latest> --target DIR`.
+//! `custos restore <TENANT> <SNAPSHOT|latest> --target DIR | --target-url URL`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,13 +14,20 @@ use crate::jobs::runner::{JobSpec, run_job};
 use crate::report::JobKind;
 
 #[derive(ClapArgs)]
+#[command(group(
+    clap::ArgGroup::new("to").required(true).args(["target", "target_url"])
+))]
 pub struct Args {
     pub tenant: String,
     /// A snapshot id (or unique prefix of at least 4 hex digits), or `latest`.
     pub snapshot: String,
     /// Directory to restore into (created if missing; must be empty unless --overwrite).
     #[arg(long, value_name = "DIR")]
-    pub target: PathBuf,
+    pub target: Option<PathBuf>,
+    /// Restore into objects under an object-store prefix instead
+    /// (s3://bucket/prefix/ or file:///dir/; must be empty unless --overwrite).
+    #[arg(long, value_name = "URL")]
+    pub target_url: Option<String>,
     /// Restore only paths matching this glob (repeatable); a matching directory brings its subtree.
     #[arg(long, value_name = "GLOB")]
     pub include: Vec<String>,
@@ -34,7 +41,25 @@ pub struct Args {
 
 pub async fn run(config: Option<&Path>, args: Args) -> ExitCode {
     let json = args.json;
-    let target = args.target.clone();
+    if let Some(url) = args.target_url.clone() {
+        return finish(json, restore_to_store(config, args, url).await, |r| {
+            println!(
+                "restored snapshot {} into {}: {} files ({} in parts), {} ({:.1}s); every blob verified{}",
+                r.snapshot.map(|s| s.short()).unwrap_or_default(),
+                r.target_url,
+                r.files,
+                r.multipart_uploads,
+                human_bytes(r.bytes),
+                r.duration_ms as f64 / 1000.0,
+                if r.skipped_symlinks > 0 {
+                    format!("; {} symlinks skipped", r.skipped_symlinks)
+                } else {
+                    String::new()
+                }
+            );
+        });
+    }
+    let target = args.target.clone().unwrap_or_default();
     finish(json, restore(config, args).await, |r| {
         println!(
             "restored snapshot {} into {}: {} files, {} dirs, {} symlinks, {} ({:.1}s); every blob verified",
@@ -54,7 +79,7 @@ async fn restore(config: Option<&Path>, args: Args) -> Result<RestoreReport> {
     let tenant = tenant_id(&args.tenant)?;
     let policy = policy(&s.config, &tenant)?;
     let opts = RestoreOptions {
-        target: args.target,
+        target: args.target.unwrap_or_default(),
         include: args.include,
         overwrite: args.overwrite,
     };
@@ -70,6 +95,42 @@ async fn restore(config: Option<&Path>, args: Args) -> Result<RestoreReport> {
         async move {
             let snapshot = repo.find_snapshot(wanted).await?;
             restore::run(repo, &snapshot, opts_ref, progress_ref).await
+        }
+        .boxed()
+    })
+    .await;
+    progress.done();
+    run.result
+}
+
+async fn restore_to_store(
+    config: Option<&Path>,
+    args: Args,
+    url: String,
+) -> Result<crate::jobs::restore_to_store::RestoreToStoreReport> {
+    use crate::jobs::restore_to_store::{self as rts, RestoreToStoreOptions};
+    let s = setup(config).await?;
+    let tenant = tenant_id(&args.tenant)?;
+    let policy = policy(&s.config, &tenant)?;
+    let target = crate::source::object_store::open_url(&url, &s.ctx.s3)?;
+    let opts = RestoreToStoreOptions {
+        target,
+        target_url: url,
+        include: args.include,
+        overwrite: args.overwrite,
+    };
+    let progress = TerminalProgress::new(args.json, "restoring");
+    let spec = JobSpec {
+        tenant: &tenant,
+        job: JobKind::Restore,
+        policy_key: policy.as_ref().map(|p| &p.key),
+        init_with: None,
+    };
+    let (opts_ref, progress_ref, wanted) = (&opts, &progress, args.snapshot.as_str());
+    let run = run_job(&s.ctx, spec, |repo, _lease, _| {
+        async move {
+            let snapshot = repo.find_snapshot(wanted).await?;
+            rts::run(repo, &snapshot, opts_ref, progress_ref).await
         }
         .boxed()
     })

@@ -188,13 +188,25 @@ struct ShowResult {
     stored_bytes: u64,
     objects: usize,
     policy: Option<crate::config::Policy>,
+    /// Why jobs refuse the tenant's policy (its key is not the tenant's key).
+    policy_key_error: Option<String>,
+    /// Keys, epochs, ages and when each rotation is next due (the policy's
+    /// `[rotation]`, else the defaults).
+    rotation: crate::jobs::rotate::RotationStatus,
+    /// Whether the store honours conditional writes (cached probe).
+    store_probe: Option<crate::store::probe::ProbeRecord>,
 }
 
 async fn show(config: Option<&Path>, tenant: &str) -> Result<ShowResult> {
     let s = setup(config).await?;
     let tenant = tenant_id(tenant)?;
     let policy = policy(&s.config, &tenant)?;
-    let repo = Repo::open(&s.ctx, &tenant, policy.as_ref().map(|p| &p.key)).await?;
+    // Shown even when the policy's key does not match (that is worth showing).
+    let repo = Repo::open(&s.ctx, &tenant, None).await?;
+    let policy_key_error = policy
+        .as_ref()
+        .and_then(|p| repo.check_policy_key(&p.key).err())
+        .map(|e| e.to_string());
     let d = repo.descriptor().clone();
     let (key, key_error) = match s.ctx.keys.for_key(&d.key) {
         Ok(p) => match p.describe(&d.key).await {
@@ -205,7 +217,25 @@ async fn show(config: Option<&Path>, tenant: &str) -> Result<ShowResult> {
     };
     let objects = repo.list_objects().await?;
     let (snaps, _) = repo.list_snapshots().await.unwrap_or_default();
+    let rotation = crate::jobs::rotate::rotation_status(
+        &d,
+        &policy
+            .as_ref()
+            .map(|p| p.rotation.clone())
+            .unwrap_or_default(),
+        chrono::Utc::now(),
+    );
+    let store_probe = match crate::store::probe::probe_cached(&s.ctx, false).await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not probe the store");
+            None
+        }
+    };
     Ok(ShowResult {
+        policy_key_error,
+        rotation,
+        store_probe,
         stored_bytes: objects.iter().map(|o| o.meta.size).sum(),
         objects: objects.len(),
         snapshots: snaps.len(),
@@ -239,20 +269,52 @@ fn print_show(r: &ShowResult) {
         (None, Some(e)) => println!("key      {} (unavailable: {e})", d.key),
         _ => println!("key      {}", d.key),
     }
-    let now = chrono::Utc::now();
-    for e in &d.epochs {
-        let age = (now - e.created_at).num_days();
-        let current = if e.epoch == d.current_epoch {
-            ", current"
-        } else {
-            ""
+    let rs = &r.rotation;
+    for k in rs.keys.iter().skip(1) {
+        println!("key      {} ({})", k.key, k.role);
+    }
+    let due =
+        |next: Option<chrono::DateTime<chrono::Utc>>, due: bool, every: &Option<String>| match (
+            next, every,
+        ) {
+            (Some(_), Some(e)) if due => format!("every {e}, due now"),
+            (Some(t), Some(e)) => format!("every {e}, next due {}", t.format("%Y-%m-%d")),
+            _ => "not scheduled".to_owned(),
         };
+    println!(
+        "cmk      since {} ({} days); rotation {}",
+        rs.cmk_since.format("%Y-%m-%d"),
+        rs.cmk_age_days,
+        due(rs.cmk_next_due, rs.cmk_due, &rs.cmk_every)
+    );
+    if let Some(p) = &rs.move_pending {
         println!(
-            "epoch    {} ({:?}{current}, created {}, {age} days old)",
+            "moving   to {p} (interrupted; finish with `custos rotate {} --replace-cmk {p}`)",
+            d.tenant
+        );
+    }
+    for e in &rs.epochs {
+        let current = if e.current { ", current" } else { "" };
+        println!(
+            "epoch    {} ({:?}{current}, created {}, {} days old)",
             e.epoch,
             e.state,
-            e.created_at.format("%Y-%m-%d")
+            e.created_at.format("%Y-%m-%d"),
+            e.age_days
         );
+    }
+    println!(
+        "epochs   new epoch {}",
+        due(rs.epoch_next_due, rs.epoch_due, &rs.epoch_every)
+    );
+    match &r.store_probe {
+        Some(p) if p.supported() => println!("store    {} (conditional writes: ok)", p.url),
+        Some(p) => println!(
+            "store    {} (conditional writes NOT honoured: {}; jobs refuse to run)",
+            p.url,
+            p.result.detail.as_deref().unwrap_or("")
+        ),
+        None => println!("store    (probe failed)"),
     }
     println!(
         "data     {} objects, {}; {} snapshots",
@@ -266,5 +328,8 @@ fn print_show(r: &ShowResult) {
     match &r.policy {
         Some(p) => println!("policy   {}", p.file.display()),
         None => println!("policy   none"),
+    }
+    if let Some(e) = &r.policy_key_error {
+        println!("warning  {e}");
     }
 }

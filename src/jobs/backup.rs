@@ -71,6 +71,20 @@ pub async fn run(
         )));
     }
     let sources = checked_sources(&opts.sources)?;
+    // Open object-store sources before storing anything (a bad URL fails here).
+    let mut object_stores = std::collections::HashMap::new();
+    for s in &sources {
+        if let Source::ObjectStore { name, url } = s {
+            let store =
+                crate::source::object_store::open_url(url, &repo.context().s3).map_err(|e| {
+                    Error::Source {
+                        source_name: name.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
+            object_stores.insert(name.clone(), store);
+        }
+    }
     let keys = repo.current_keys().await?;
     let epoch = keys.epoch();
     let index = repo.load_index_strict().await?;
@@ -111,6 +125,7 @@ pub async fn run(
             allow_unreadable: opts.allow_unreadable,
             progress,
             rt: Handle::current(),
+            object_stores: &object_stores,
         };
         for s in &sources {
             reader.source(s)?;
@@ -199,6 +214,7 @@ struct Reader<'a> {
     allow_unreadable: bool,
     progress: &'a dyn Progress,
     rt: Handle,
+    object_stores: &'a std::collections::HashMap<String, crate::store::SharedStore>,
 }
 
 impl Reader<'_> {
@@ -232,10 +248,7 @@ impl Reader<'_> {
                 argv,
                 timeout,
             } => self.command(name, argv, *timeout),
-            Source::ObjectStore { name, url } => Err(Error::Source {
-                source_name: name.clone(),
-                message: format!("object-store sources ({url}) are not supported by this build"),
-            }),
+            Source::ObjectStore { name, url } => self.object_store(name, url),
         }
     }
 
@@ -391,6 +404,79 @@ impl Reader<'_> {
                 ChunkError::Emit(job) => ReadFailure::Job(job),
             })?;
         Ok((blobs, size))
+    }
+
+    /// An object-store prefix, as a tree: objects listed in tree order, each
+    /// streamed from its GET into the chunker unless unchanged since the parent.
+    fn object_store(&mut self, name: &str, url: &str) -> Result<()> {
+        use crate::source::object_store::{Item, StreamReader, file_entry, list_tree};
+        let store =
+            self.object_stores.get(name).cloned().ok_or_else(|| {
+                Error::Internal(format!("object-store source {name} was not opened"))
+            })?;
+        let (items, warnings) = self.rt.block_on(list_tree(&store, name))?;
+        for w in warnings {
+            self.warn(format!("{name} ({url}): {w}"));
+        }
+        for item in items {
+            match item {
+                Item::Dir { entry } => {
+                    self.summary.dirs += 1;
+                    self.push(entry)?;
+                }
+                Item::Object { path, meta } => {
+                    let mut e = file_entry(path, &meta);
+                    if let Some(blobs) = self.unchanged_in_parent(&e) {
+                        e.blobs = blobs;
+                    } else {
+                        let (reader, got) =
+                            match StreamReader::open(&self.rt, &store, &meta.location) {
+                                Ok(v) => v,
+                                Err(object_store::Error::NotFound { .. }) => {
+                                    self.warn(format!(
+                                        "{}: vanished before it could be read; skipped",
+                                        e.display_path()
+                                    ));
+                                    continue;
+                                }
+                                Err(err) => {
+                                    return Err(Error::Source {
+                                        source_name: name.into(),
+                                        message: format!("reading {}: {err}", meta.location),
+                                    });
+                                }
+                            };
+                        // Record what was actually read (it may have changed since the listing).
+                        e = file_entry(e.path, &got);
+                        let (blobs, size) = match self.read_content(reader) {
+                            Ok(v) => v,
+                            Err(ReadFailure::Io(err)) => {
+                                return Err(Error::Source {
+                                    source_name: name.into(),
+                                    message: format!("reading {}: {err}", meta.location),
+                                });
+                            }
+                            Err(ReadFailure::Job(err)) => return Err(err),
+                        };
+                        if size != got.size {
+                            self.warn(format!(
+                                "{}: {size} bytes read, {} announced; stored as read",
+                                e.display_path(),
+                                got.size
+                            ));
+                        }
+                        e.size = size;
+                        e.blobs = blobs;
+                        self.summary.files_read += 1;
+                    }
+                    self.summary.files += 1;
+                    self.summary.bytes_in += e.size;
+                    self.progress.file_done(e.size);
+                    self.push(e)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn command(

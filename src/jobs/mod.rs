@@ -7,6 +7,8 @@ pub mod drill;
 pub mod forget;
 pub mod prune;
 pub mod restore;
+pub mod restore_to_store;
+pub mod rotate;
 pub mod runner;
 
 /// Progress callbacks (the CLI draws bars from them on a terminal).

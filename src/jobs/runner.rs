@@ -159,6 +159,8 @@ async fn run_inner<'a, T, F>(ctx: &Context, spec: &JobSpec<'_>, f: F) -> Result<
 where
     F: for<'r> FnOnce(&'r Repo, &'r LeaseGuard, Borrows<'r, 'a>) -> BoxFuture<'r, Result<T>>,
 {
+    // Leases need conditional writes: refuse a store that ignores them.
+    crate::store::probe::require_conditional_writes(ctx).await?;
     let repo = match Repo::open(ctx, spec.tenant, spec.policy_key).await {
         Ok(r) => r,
         Err(Error::TenantNotFound { .. }) if spec.init_with.is_some() => {

@@ -139,20 +139,36 @@ impl Repo {
         Ok(())
     }
 
-    fn check_policy_key(&self, policy_key: &KeyRef) -> Result<()> {
+    /// The policy must name the tenant's key, or, while a `rotate --replace-cmk`
+    /// is moving the tenant, the key it moves to (the operator may update the
+    /// policy before or after running the move).
+    ///
+    /// A policy naming a *previous* key is refused: the policy pins the key that
+    /// protects new data, and accepting any key listed in `previous_keys` (which
+    /// the store holds) would let whoever can write the descriptor substitute a
+    /// key of their own and list the operator's key as "previous".
+    pub fn check_policy_key(&self, policy_key: &KeyRef) -> Result<()> {
         let d = &self.descriptor;
-        let known = &d.key == policy_key
-            || d.pending_key.as_ref() == Some(policy_key)
-            || d.previous_keys.contains(policy_key);
-        if known {
-            Ok(())
-        } else {
-            Err(Error::InvalidArgument(format!(
-                "tenant {} is under key {}, but its policy names {policy_key}; \
-                 move it with `custos rotate {} --replace-cmk {policy_key}`",
-                d.tenant, d.key, d.tenant
-            )))
+        if &d.key == policy_key || d.pending_key.as_ref() == Some(policy_key) {
+            return Ok(());
         }
+        let tenant = &d.tenant;
+        if d.previous_keys.contains(policy_key) {
+            let when = d
+                .cmk_rotated_at
+                .map(|t| format!(" on {}", t.format("%Y-%m-%d %H:%M UTC")))
+                .unwrap_or_default();
+            return Err(Error::Policy(format!(
+                "tenant {tenant} was moved from key {policy_key} to {}{when} (custos rotate --replace-cmk), \
+                 but its policy still names the old key: set `key = \"{}\"` in the policy of {tenant}",
+                d.key, d.key
+            )));
+        }
+        Err(Error::Policy(format!(
+            "tenant {tenant} is under key {}, but its policy names {policy_key}; \
+             to move the tenant to {policy_key}, run `custos rotate {tenant} --replace-cmk {policy_key}`",
+            d.key
+        )))
     }
 
     /// Initialises a tenant: its CMK (created if the local provider manages it),
@@ -164,6 +180,8 @@ impl Repo {
         key: &KeyRef,
         allow_reuse: bool,
     ) -> Result<(Repo, bool)> {
+        // The descriptor is created and updated conditionally.
+        crate::store::probe::require_conditional_writes(ctx).await?;
         match Repo::open(ctx, tenant, None).await {
             Ok(repo) => {
                 if repo.descriptor.state == Lifecycle::Active {

@@ -1,14 +1,31 @@
 //! Probes whether a store honours conditional writes. Some S3 clones (garage)
 //! accept `If-None-Match: *` and silently overwrite; leases on such a store
-//! would let two daemons run one tenant's jobs at once.
+//! would let two daemons run one tenant's jobs at once, and descriptor updates
+//! could silently lose one another.
+//!
+//! Everything that relies on conditional writes (every job that takes a lease,
+//! tenant initialisation, descriptor updates) calls
+//! [`require_conditional_writes`] first and refuses to run on a store that
+//! failed the probe. The result is cached per store URL in the state directory
+//! (`<state>/probes/<hash>.json`) and re-probed after [`PROBE_MAX_AGE`], so
+//! not every CLI call pays the probe's four requests.
 
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+use serde::{Deserialize, Serialize};
 
 use super::SharedStore;
+use crate::context::Context;
+use crate::error::{Error, Result};
+
+/// How long a cached probe result is trusted.
+pub const PROBE_MAX_AGE: Duration = Duration::from_secs(86_400);
 
 /// What the probe found.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConditionalWrites {
     /// A second `PutMode::Create` on the same name failed with `AlreadyExists`.
     pub create_exclusive: bool,
@@ -16,6 +33,10 @@ pub struct ConditionalWrites {
     pub update_checked: bool,
     /// What went wrong, when something did.
     pub detail: Option<String>,
+    /// The store answered every request, so the finding is about the store,
+    /// not about the network (only conclusive results are cached).
+    #[serde(default)]
+    pub conclusive: bool,
 }
 
 impl ConditionalWrites {
@@ -44,6 +65,14 @@ async fn run(store: &SharedStore, path: &Path) -> ConditionalWrites {
         create_exclusive: false,
         update_checked: false,
         detail: None,
+        conclusive: false,
+    };
+    // A store that says it cannot do conditional writes has answered.
+    let refuses = |e: &object_store::Error| {
+        matches!(
+            e,
+            object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }
+        )
     };
     let first = match store
         .put_opts(path, PutPayload::from_static(b"1"), opts(PutMode::Create))
@@ -51,6 +80,7 @@ async fn run(store: &SharedStore, path: &Path) -> ConditionalWrites {
     {
         Ok(r) => r,
         Err(e) => {
+            out.conclusive = refuses(&e);
             out.detail = Some(format!("conditional create failed: {e}"));
             return out;
         }
@@ -61,6 +91,7 @@ async fn run(store: &SharedStore, path: &Path) -> ConditionalWrites {
     {
         Err(object_store::Error::AlreadyExists { .. }) => out.create_exclusive = true,
         Ok(_) => {
+            out.conclusive = true;
             out.detail = Some(
                 "a second create-if-absent of the same object succeeded (If-None-Match ignored)"
                     .into(),
@@ -88,11 +119,13 @@ async fn run(store: &SharedStore, path: &Path) -> ConditionalWrites {
     {
         Ok(r) => r,
         Err(e) => {
+            out.conclusive = refuses(&e);
             out.detail = Some(format!("conditional update failed: {e}"));
             return out;
         }
     };
     if second.e_tag == first.e_tag && second.version == first.version {
+        out.conclusive = true;
         out.detail = Some("an update did not change the object's e-tag or version".into());
         return out;
     }
@@ -104,13 +137,108 @@ async fn run(store: &SharedStore, path: &Path) -> ConditionalWrites {
         )
         .await
     {
-        Err(object_store::Error::Precondition { .. }) => out.update_checked = true,
+        Err(object_store::Error::Precondition { .. }) => {
+            out.update_checked = true;
+            out.conclusive = true;
+        }
         Ok(_) => {
+            out.conclusive = true;
             out.detail = Some("an update with a stale e-tag succeeded (If-Match ignored)".into())
         }
-        Err(e) => out.detail = Some(format!("stale conditional update failed unexpectedly: {e}")),
+        Err(e) => {
+            out.conclusive = refuses(&e);
+            out.detail = Some(format!("stale conditional update failed unexpectedly: {e}"))
+        }
     }
     out
+}
+
+/// A probe result as cached in the state directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeRecord {
+    /// The store as configured (`file:///…`, `s3://bucket/prefix`).
+    pub url: String,
+    pub probed_at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub result: ConditionalWrites,
+    /// True when read from the cache rather than probed now.
+    #[serde(skip_deserializing)]
+    pub cached: bool,
+}
+
+impl ProbeRecord {
+    pub fn supported(&self) -> bool {
+        self.result.supported()
+    }
+}
+
+fn cache_path(ctx: &Context) -> std::path::PathBuf {
+    let hash = blake3::hash(ctx.store_url.as_bytes());
+    ctx.state
+        .root()
+        .join("probes")
+        .join(format!("{}.json", &hash.to_hex()[..32]))
+}
+
+/// The store's probe result: from the cache when it is younger than
+/// [`PROBE_MAX_AGE`] (and `refresh` is false), else probed now and cached if
+/// conclusive.
+pub async fn probe_cached(ctx: &Context, refresh: bool) -> Result<ProbeRecord> {
+    let path = cache_path(ctx);
+    let now = Utc::now();
+    if !refresh
+        && let Ok(bytes) = std::fs::read(&path)
+        && let Ok(mut rec) = serde_json::from_slice::<ProbeRecord>(&bytes)
+        && rec.url == ctx.store_url
+        && rec.probed_at <= now
+        && (now - rec.probed_at).to_std().unwrap_or(Duration::MAX) < PROBE_MAX_AGE
+    {
+        rec.cached = true;
+        return Ok(rec);
+    }
+    let result = probe_conditional_writes(&ctx.store).await;
+    let rec = ProbeRecord {
+        url: ctx.store_url.clone(),
+        probed_at: now,
+        result,
+        cached: false,
+    };
+    if rec.result.conclusive {
+        tracing::info!(
+            event = "store.probed",
+            store = %rec.url,
+            conditional_writes = rec.supported(),
+            detail = rec.result.detail.as_deref(),
+            "probed the store's conditional writes"
+        );
+        let dir = path.parent().expect("in probes/");
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let json = serde_json::to_vec_pretty(&rec).expect("serialises");
+        crate::util::write_file_atomic(&path, &json, 0o600).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(rec)
+}
+
+/// Fails unless the store honours conditional writes (see the module doc).
+pub async fn require_conditional_writes(ctx: &Context) -> Result<()> {
+    let rec = probe_cached(ctx, false).await?;
+    if rec.supported() {
+        return Ok(());
+    }
+    let detail = rec.result.detail.clone().unwrap_or_default();
+    if !rec.result.conclusive {
+        return Err(Error::StoreConfig {
+            url: rec.url,
+            message: format!("could not probe the store's conditional writes: {detail}"),
+        });
+    }
+    Err(Error::ConditionalWritesUnsupported {
+        url: rec.url,
+        message: format!(
+            "{detail}; leases and descriptor updates would not be safe, so custos refuses to write \
+             to this store (see `custos store probe`)"
+        ),
+    })
 }
 
 #[cfg(test)]

@@ -19,6 +19,8 @@ pub struct S3Options {
     pub allow_http: Option<bool>,
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
+    /// With temporary credentials (STS): the session token.
+    pub session_token: Option<String>,
 }
 
 /// Opens `s3://bucket/prefix`. Requests are path-style (virtual-hosted names
@@ -36,6 +38,9 @@ pub fn open(bucket: &str, prefix: &str, opts: &S3Options) -> Result<Arc<dyn Obje
     }
     if let (Some(k), Some(s)) = (&opts.access_key_id, &opts.secret_access_key) {
         b = b.with_access_key_id(k).with_secret_access_key(s);
+        if let Some(t) = &opts.session_token {
+            b = b.with_token(t);
+        }
     }
     let allow_http = opts.allow_http.unwrap_or_else(|| {
         std::env::var("AWS_ALLOW_HTTP")

@@ -1,0 +1,283 @@
+#!/usr/bin/env bash
+# Benchmarks custos against restic and borg (and rustic when installed) on the
+# same deterministic dataset, in the same run, alternating tools, several rounds.
+# Writes BENCHMARKS.md (medians and custos/peer ratios) and keeps raw numbers in
+# $BENCH_DIR/results.tsv.
+#
+#   scripts/bench.sh [SIZE] [ROUNDS] [SEED]        defaults: 1G 3 42
+#
+# Environment:
+#   BENCH_DIR       work directory (default ./bench-data; needs ~4 × SIZE free)
+#   BENCH_TOOLS     tools to run (default: custos restic borg, plus rustic if found)
+#   BENCH_BACKEND   local (default) or s3: custos and restic against the S3
+#                   emulator started by scripts/emulators.sh (borg has no S3)
+#   BENCH_OUT       the report to write (default BENCHMARKS.md; "-" for none)
+#
+# Phases, each timed with /usr/bin/time (wall, user, sys, peak RSS):
+#   first       first backup of the dataset into an empty repository
+#   incremental backup after a seeded mutation of about 5% of the files
+#   unchanged   backup with nothing changed
+#   restore     full restore of the latest snapshot into an empty directory
+#   check       verification reading all data (custos check --read-data,
+#               restic check --read-data, borg check --verify-data)
+# and the repository size after the three backups. `tar | zstd -3 -T2` of the
+# dataset is timed once per round as the floor a compressing backup can approach.
+# Peers install with: apt-get install restic borgbackup   (rustic: cargo install rustic-rs)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+SIZE=${1:-1G}
+ROUNDS=${2:-3}
+SEED=${3:-42}
+B=$(realpath -m "${BENCH_DIR:-bench-data}")
+BACKEND=${BENCH_BACKEND:-local}
+OUT=${BENCH_OUT:-BENCHMARKS.md}
+
+log() { printf 'bench: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[[ -x /usr/bin/time ]] || die "/usr/bin/time is needed (apt-get install time)"
+command -v zstd >/dev/null || die "zstd is needed (apt-get install zstd)"
+
+if [[ -n ${BENCH_TOOLS:-} ]]; then
+    read -r -a TOOLS <<<"$BENCH_TOOLS"
+else
+    TOOLS=(custos)
+    command -v restic >/dev/null && TOOLS+=(restic) || log "restic not installed: skipped"
+    if [[ $BACKEND == local ]]; then
+        command -v borg >/dev/null && TOOLS+=(borg) || log "borg not installed: skipped"
+    fi
+    command -v rustic >/dev/null && TOOLS+=(rustic)
+fi
+
+log "building custos (release)"
+cargo build --release --locked --bin custos --example bench_dataset >&2
+CUSTOS=$ROOT/target/release/custos
+GEN=$ROOT/target/release/examples/bench_dataset
+
+mkdir -p "$B"
+PRISTINE=$B/pristine-$SIZE-$SEED
+if [[ ! -f $PRISTINE/.complete ]]; then
+    log "generating the $SIZE dataset (seed $SEED)"
+    rm -rf "$PRISTINE"
+    "$GEN" generate "$SIZE" "$SEED" "$PRISTINE" >&2
+    # Fixed mtimes: every round and every tool sees identical metadata.
+    find "$PRISTINE" -exec touch -h -d '2026-01-01 00:00:00' {} +
+    touch "$PRISTINE/.complete"
+fi
+DATA=$B/data            # the path every tool backs up (incremental runs need a stable path)
+RESTORE=$B/restore
+RESULTS=$B/results.tsv
+printf 'round\ttool\tphase\twall_s\tuser_s\tsys_s\tmaxrss_kib\n' >"$RESULTS"
+SIZES=$B/sizes.tsv
+printf 'round\ttool\trepo_bytes\n' >"$SIZES"
+
+if [[ $BACKEND == s3 ]]; then
+    [[ -n ${AWS_ENDPOINT_URL:-} ]] || eval "$(scripts/emulators.sh start)"
+    : "${AWS_ENDPOINT_URL:?}" "${AWS_ACCESS_KEY_ID:?}" "${AWS_SECRET_ACCESS_KEY:?}"
+    export AWS_ALLOW_HTTP=true AWS_EC2_METADATA_DISABLED=true
+fi
+mkbucket() {
+    curl -sf --aws-sigv4 "aws:amz:${AWS_REGION:-us-east-1}:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" \
+        -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -X PUT "$AWS_ENDPOINT_URL/$1" >/dev/null || true
+}
+
+# measure ROUND TOOL PHASE CMD...: runs CMD under /usr/bin/time, appends a result row.
+measure() {
+    local round=$1 tool=$2 phase=$3
+    shift 3
+    sync
+    if ! /usr/bin/time -f '%e %U %S %M' -o "$B/time.out" "$@" >"$B/cmd.out" 2>"$B/cmd.err"; then
+        cat "$B/cmd.out" "$B/cmd.err" >&2
+        die "$tool $phase failed (round $round)"
+    fi
+    local wall user sys rss
+    read -r wall user sys rss <"$B/time.out"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$tool" "$phase" "$wall" "$user" "$sys" "$rss" >>"$RESULTS"
+    log "round $round $tool $phase: ${wall}s wall, ${user}s user, ${sys}s sys, $((rss / 1024)) MiB peak"
+}
+
+# --- one tool, one round --------------------------------------------------------
+
+custos_setup() {
+    local c=$B/custos
+    rm -rf "$c" && mkdir -p "$c/policies"
+    local store="file://$c/store"
+    if [[ $BACKEND == s3 ]]; then
+        mkbucket bench-custos
+        store="s3://bench-custos/run-$RANDOM$RANDOM"
+    fi
+    cat >"$c/custos.toml" <<EOF
+store = "$store"
+state_dir = "$c/state"
+policies_dir = "$c/policies"
+[local_keys]
+dir = "$c/keys"
+EOF
+    cat >"$c/policies/bench.toml" <<EOF
+tenant = "bench"
+key = "local:bench"
+[[sources]]
+type = "path"
+path = "$DATA"
+name = "data"
+[retention]
+keep_last = 10
+EOF
+    export CUSTOS_LOG=warn
+}
+custos_init() { "$CUSTOS" --config "$B/custos/custos.toml" tenant init bench; }
+custos_backup() { "$CUSTOS" --config "$B/custos/custos.toml" backup bench; }
+custos_restore() { "$CUSTOS" --config "$B/custos/custos.toml" restore bench latest --target "$RESTORE"; }
+custos_check() { "$CUSTOS" --config "$B/custos/custos.toml" check bench --read-data; }
+custos_size() {
+    if [[ $BACKEND == s3 ]]; then echo 0; else du -sb "$B/custos/store" | cut -f1; fi
+}
+
+restic_setup() {
+    export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR=$B/restic-cache
+    rm -rf "$B/restic" "$RESTIC_CACHE_DIR"
+    if [[ $BACKEND == s3 ]]; then
+        mkbucket bench-restic
+        export RESTIC_REPOSITORY="s3:$AWS_ENDPOINT_URL/bench-restic/run-$RANDOM$RANDOM"
+    else
+        export RESTIC_REPOSITORY=$B/restic
+    fi
+}
+restic_init() { restic init; }
+restic_backup() { restic backup --quiet "$DATA"; }
+restic_restore() { restic restore latest --target "$RESTORE"; }
+restic_check() { restic check --read-data; }
+restic_size() { if [[ $BACKEND == s3 ]]; then echo 0; else du -sb "$B/restic" | cut -f1; fi; }
+
+rustic_setup() {
+    export RUSTIC_PASSWORD=bench RUSTIC_REPOSITORY=$B/rustic RUSTIC_CACHE_DIR=$B/rustic-cache
+    rm -rf "$B/rustic" "$RUSTIC_CACHE_DIR"
+}
+rustic_init() { rustic init; }
+rustic_backup() { rustic backup "$DATA"; }
+rustic_restore() { rustic restore latest "$RESTORE"; }
+rustic_check() { rustic check --read-data; }
+rustic_size() { du -sb "$B/rustic" | cut -f1; }
+
+BORG_N=0
+borg_setup() {
+    export BORG_REPO=$B/borg BORG_PASSPHRASE=bench BORG_BASE_DIR=$B/borg-base
+    export BORG_RELOCATED_REPO_ACCESS_IS_OK=yes BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
+    rm -rf "$BORG_REPO" "$BORG_BASE_DIR"
+    BORG_N=0
+}
+borg_init() { borg init --encryption repokey-blake2; }
+# zstd level 3, like custos and restic; borg's default is lz4.
+borg_backup() { BORG_N=$((BORG_N + 1)); borg create --compression zstd,3 "::a$BORG_N" "$DATA"; }
+borg_restore() { (cd "$RESTORE" && borg extract "::a$BORG_N"); }
+borg_check() { borg check --verify-data; }
+borg_size() { du -sb "$B/borg" | cut -f1; }
+
+run_tool() {
+    local round=$1 tool=$2
+    rm -rf "$DATA" "$RESTORE"
+    cp -a "$PRISTINE" "$DATA"
+    rm -f "$DATA/.complete"
+    "${tool}_setup"
+    "${tool}_init" >/dev/null 2>&1 || die "$tool init failed"
+    measure "$round" "$tool" first "${tool}_backup"
+    "$GEN" mutate 5 "$SEED" "$DATA" >&2
+    measure "$round" "$tool" incremental "${tool}_backup"
+    measure "$round" "$tool" unchanged "${tool}_backup"
+    mkdir -p "$RESTORE"
+    measure "$round" "$tool" restore "${tool}_restore"
+    # The restore must be complete and identical (not timed).
+    local restored
+    restored=$(find "$RESTORE" -type d -name data -path "*$(basename "$DATA")" | head -1)
+    [[ $tool == custos ]] && restored=$RESTORE/data
+    diff -r --no-dereference "$DATA" "$restored" >/dev/null || die "$tool restored something different (round $round)"
+    measure "$round" "$tool" check "${tool}_check"
+    printf '%s\t%s\t%s\n' "$round" "$tool" "$("${tool}_size")" >>"$SIZES"
+    rm -rf "$RESTORE"
+}
+
+tar_floor() {
+    measure "$1" "tar|zstd" first bash -c "tar -C '$PRISTINE' -cf - . | zstd -3 -T2 -q -c > /dev/null"
+}
+
+for ((round = 1; round <= ROUNDS; round++)); do
+    # Alternate the order so no tool always runs on a warmer (or hotter) machine.
+    n=${#TOOLS[@]}
+    for ((k = 0; k < n; k++)); do
+        run_tool "$round" "${TOOLS[(k + round - 1) % n]}"
+    done
+    tar_floor "$round"
+done
+rm -rf "$DATA"
+
+[[ $OUT == - ]] && exit 0
+python3 - "$RESULTS" "$SIZES" "$OUT" "$SIZE" "$ROUNDS" "$SEED" "$BACKEND" <<'PY'
+import csv, statistics, subprocess, sys, platform, datetime
+results, sizes, out, size, rounds, seed, backend = sys.argv[1:]
+rows = list(csv.DictReader(open(results), delimiter="\t"))
+sz = list(csv.DictReader(open(sizes), delimiter="\t"))
+tools = []
+for r in rows:
+    if r["tool"] not in tools:
+        tools.append(r["tool"])
+phases = ["first", "incremental", "unchanged", "restore", "check"]
+def med(tool, phase, field):
+    v = [float(r[field]) for r in rows if r["tool"] == tool and r["phase"] == phase]
+    return statistics.median(v) if v else None
+def medsize(tool):
+    v = [int(r["repo_bytes"]) for r in sz if r["tool"] == tool]
+    return statistics.median(v) if v else None
+cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+mem = subprocess.run(["sh", "-c", "free -g | awk '/Mem:/{print $2}'"], capture_output=True, text=True).stdout.strip()
+versions = {}
+for t, cmd in [("restic", "restic version"), ("borg", "borg --version"), ("rustic", "rustic --version"), ("zstd", "zstd --version")]:
+    try:
+        versions[t] = subprocess.run(cmd.split(), capture_output=True, text=True).stdout.strip().splitlines()[0]
+    except Exception:
+        pass
+L = []
+L.append("# Benchmarks\n")
+L.append(f"Measured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC by `scripts/bench.sh {size} {rounds} {seed}` "
+         f"(backend: {backend}). Medians of {rounds} rounds; tools alternate order each round.\n")
+L.append(f"Machine: {platform.machine()}, {cpu}, {mem} GiB RAM, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; "
+         + ", ".join(f"{k}: {v}" for k, v in versions.items()) + ".\n")
+L.append("Dataset: 40% compressible logs/JSON, 40% incompressible binaries, 20% small files (1–64 KiB); "
+         "the incremental run follows a seeded mutation of about 5% of the files. "
+         "Settings: custos defaults (zstd 3); restic defaults (repository v2, compression auto); borg `--compression zstd,3`, `repokey-blake2`.\n")
+L.append("## Wall time (seconds) and peak memory\n")
+L.append("| phase | " + " | ".join(tools) + " |")
+L.append("|---|" + "---|" * len(tools))
+for p in phases + ["rss"]:
+    cells = []
+    for t in tools:
+        if p == "rss":
+            v = max((med(t, ph, "maxrss_kib") or 0) for ph in phases) / 1024
+            cells.append(f"{v:.0f} MiB" if v else "")
+        else:
+            v = med(t, p, "wall_s")
+            cells.append(f"{v:.2f}" if v is not None else "")
+    L.append(f"| {'peak RSS (any phase)' if p == 'rss' else p} | " + " | ".join(cells) + " |")
+cells = []
+for t in tools:
+    s = medsize(t)
+    cells.append(f"{s / 2**20:.0f} MiB" if s else "")
+L.append("| repository size | " + " | ".join(cells) + " |")
+L.append("")
+peers = [t for t in tools if t not in ("custos", "tar|zstd")]
+if "custos" in tools and peers:
+    L.append("## custos / peer ratios (below 1: custos is faster or smaller)\n")
+    L.append("| phase | " + " | ".join(peers) + " |")
+    L.append("|---|" + "---|" * len(peers))
+    for p in phases:
+        c = med("custos", p, "wall_s")
+        L.append(f"| {p} | " + " | ".join(f"{c / med(t, p, 'wall_s'):.2f}" if c and med(t, p, 'wall_s') else "" for t in peers) + " |")
+    c = medsize("custos")
+    L.append("| repository size | " + " | ".join(f"{c / medsize(t):.3f}" if c and medsize(t) else "" for t in peers) + " |")
+    L.append("")
+    w, u, s = (med("custos", "first", f) for f in ("wall_s", "user_s", "sys_s"))
+    L.append(f"custos first backup CPU use: (user + sys) / wall = ({u:.2f} + {s:.2f}) / {w:.2f} = {(u + s) / w:.2f}.\n")
+L.append("Raw rows: `results.tsv` and `sizes.tsv` in the bench directory.\n")
+open(out, "w").write("\n".join(L))
+print(f"wrote {out}")
+PY

@@ -1,0 +1,751 @@
+//! The whole flow on every backend, in the style of object_store's
+//! `integration.rs`: one test body per flow, parametrised by backend.
+//!
+//! - `local_*`: the local store with the local key provider. Always runs.
+//! - `s3_kms_*`: S3 with AWS KMS on the emulators (LocalStack or moto, from
+//!   `scripts/emulators.sh start`). Runs when `CUSTOS_TEST_EMULATORS=1` and
+//!   must then pass; otherwise prints `skipped:` and returns. Each run creates
+//!   its own KMS keys and writes under a unique prefix of the test bucket.
+//!
+//! Every request goes to 127.0.0.1: endpoints default to the emulator's, and
+//! credentials are static (never the EC2 metadata service).
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use custos::TenantId;
+use custos::context::Context;
+use custos::jobs::rotate::{RotateAction, RotateOptions, RotateReport};
+use custos::jobs::{self, NoProgress};
+use custos::keys::aws_kms::{AwsKmsProvider, AwsKmsSettings};
+use custos::keys::{KeyProvider, KeyRef};
+use custos::pipeline::packer::PackerConfig;
+use custos::repo::Repo;
+use custos::source::Source;
+use custos::store::ObjectName;
+use custos::store::lease::LeaseGuard;
+use object_store::ObjectStoreExt;
+
+// ---------------------------------------------------------------------------
+// Backends
+// ---------------------------------------------------------------------------
+
+struct Backend {
+    name: &'static str,
+    ctx: Context,
+    /// Makes a fresh CMK usable by `ctx`.
+    keys: KeyMaker,
+    _tmp: tempfile::TempDir,
+}
+
+enum KeyMaker {
+    Local,
+    Kms(Arc<AwsKmsProvider>),
+}
+
+impl Backend {
+    async fn fresh_key(&self, hint: &str) -> KeyRef {
+        match &self.keys {
+            KeyMaker::Local => KeyRef::local(&format!(
+                "{hint}-{}",
+                hex::encode(custos::util::random_bytes::<4>())
+            ))
+            .unwrap(),
+            KeyMaker::Kms(kms) => kms.create_test_key(None).await.unwrap_or_else(|e| {
+                panic!(
+                    "CUSTOS_TEST_EMULATORS=1 but creating a KMS key at {} failed: {e}",
+                    kms.endpoint()
+                )
+            }),
+        }
+    }
+
+    /// Creates the key in the provider where custos manages key creation (local).
+    async fn ensure_created(&self, key: &KeyRef) {
+        if let KeyMaker::Local = self.keys {
+            self.ctx
+                .keys
+                .for_key(key)
+                .unwrap()
+                .create_key(key)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn emulators_enabled() -> bool {
+    env("CUSTOS_TEST_EMULATORS").as_deref() == Some("1")
+}
+
+pub fn aws_settings() -> AwsKmsSettings {
+    AwsKmsSettings {
+        region: Some(
+            env("AWS_REGION")
+                .or_else(|| env("AWS_DEFAULT_REGION"))
+                .unwrap_or_else(|| "us-east-1".into()),
+        ),
+        endpoint_url: env("AWS_ENDPOINT_URL_KMS")
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .or_else(|| Some("http://127.0.0.1:4566".into())),
+        access_key_id: Some(env("AWS_ACCESS_KEY_ID").unwrap_or_else(|| "test".into())),
+        secret_access_key: Some(env("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|| "test".into())),
+        profile: None,
+    }
+}
+
+fn local_backend() -> Backend {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = Context::embedded(tmp.path()).unwrap();
+    Backend {
+        name: "local",
+        ctx,
+        keys: KeyMaker::Local,
+        _tmp: tmp,
+    }
+}
+
+async fn s3_kms_backend() -> Option<Backend> {
+    if !emulators_enabled() {
+        eprintln!("skipped: set CUSTOS_TEST_EMULATORS=1 (scripts/emulators.sh start)");
+        return None;
+    }
+    let kms_settings = aws_settings();
+    let bucket = env("CUSTOS_TEST_S3_BUCKET").unwrap_or_else(|| "custos-test".into());
+    let prefix = format!(
+        "backends/{}",
+        hex::encode(custos::util::random_bytes::<6>())
+    );
+    let store = custos::store::s3::open(
+        &bucket,
+        &prefix,
+        &custos::store::s3::S3Options {
+            region: kms_settings.region.clone(),
+            endpoint_url: env("AWS_ENDPOINT_URL_S3")
+                .or_else(|| env("AWS_ENDPOINT_URL"))
+                .or_else(|| Some("http://127.0.0.1:4566".into())),
+            allow_http: Some(true),
+            access_key_id: kms_settings.access_key_id.clone(),
+            secret_access_key: kms_settings.secret_access_key.clone(),
+            session_token: None,
+        },
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ctx =
+        Context::with_store(store, format!("s3://{bucket}/{prefix}"), tmp.path()).unwrap();
+    let kms = Arc::new(
+        AwsKmsProvider::new(&kms_settings)
+            .await
+            .expect("AWS KMS provider from the test environment"),
+    );
+    ctx.keys.aws_kms = Some(kms.clone());
+    Some(Backend {
+        name: "s3+kms",
+        ctx,
+        keys: KeyMaker::Kms(kms),
+        _tmp: tmp,
+    })
+}
+
+/// s3s-fs (a signature-checking S3, the MinIO stand-in) with local keys:
+/// runs when `CUSTOS_TEST_S3S_FS_ENDPOINT` is set (e.g. http://127.0.0.1:8014),
+/// with `CUSTOS_TEST_S3S_FS_ACCESS_KEY` / `_SECRET_KEY` (default AK / SK) and
+/// an existing bucket `CUSTOS_TEST_S3S_FS_BUCKET` (default custos-test).
+fn s3s_fs_backend(secret_override: Option<&str>) -> Option<Backend> {
+    let Some(endpoint) = env("CUSTOS_TEST_S3S_FS_ENDPOINT") else {
+        eprintln!("skipped: set CUSTOS_TEST_S3S_FS_ENDPOINT to run against s3s-fs");
+        return None;
+    };
+    let bucket = env("CUSTOS_TEST_S3S_FS_BUCKET").unwrap_or_else(|| "custos-test".into());
+    let prefix = format!(
+        "backends/{}",
+        hex::encode(custos::util::random_bytes::<6>())
+    );
+    let store = custos::store::s3::open(
+        &bucket,
+        &prefix,
+        &custos::store::s3::S3Options {
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(endpoint),
+            allow_http: Some(true),
+            access_key_id: Some(
+                env("CUSTOS_TEST_S3S_FS_ACCESS_KEY").unwrap_or_else(|| "AK".into()),
+            ),
+            secret_access_key: Some(
+                secret_override
+                    .map(str::to_owned)
+                    .or_else(|| env("CUSTOS_TEST_S3S_FS_SECRET_KEY"))
+                    .unwrap_or_else(|| "SK".into()),
+            ),
+            session_token: None,
+        },
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = Context::with_store(store, format!("s3://{bucket}/{prefix}"), tmp.path()).unwrap();
+    Some(Backend {
+        name: "s3s-fs",
+        ctx,
+        keys: KeyMaker::Local,
+        _tmp: tmp,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+fn make_tree(root: &Path, random_bytes: usize) {
+    fs::create_dir_all(root.join("dir/sub")).unwrap();
+    fs::write(root.join("hello.txt"), "hello world\n".repeat(1000)).unwrap();
+    fs::write(root.join("zero"), b"").unwrap();
+    let mut rnd = vec![0u8; random_bytes];
+    custos::util::fill_random(&mut rnd);
+    fs::write(root.join("dir/random.bin"), &rnd).unwrap();
+    for i in 0..40 {
+        fs::write(root.join(format!("dir/sub/small-{i}")), format!("file {i}")).unwrap();
+    }
+    std::os::unix::fs::symlink("hello.txt", root.join("link")).unwrap();
+}
+
+fn assert_same(a: &Path, b: &Path) {
+    let ma = fs::symlink_metadata(a).unwrap();
+    let mb = fs::symlink_metadata(b).unwrap();
+    assert_eq!(ma.file_type(), mb.file_type(), "{}", a.display());
+    if ma.is_file() {
+        assert!(
+            fs::read(a).unwrap() == fs::read(b).unwrap(),
+            "content of {}",
+            a.display()
+        );
+        assert_eq!(ma.mode() & 0o7777, mb.mode() & 0o7777);
+        assert_eq!(ma.mtime(), mb.mtime());
+    } else if ma.file_type().is_symlink() {
+        assert_eq!(fs::read_link(a).unwrap(), fs::read_link(b).unwrap());
+    } else {
+        let names = |p: &Path| {
+            let mut v: Vec<_> = fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        let (na, nb) = (names(a), names(b));
+        assert_eq!(na, nb, "{}", a.display());
+        for n in na {
+            assert_same(&a.join(&n), &b.join(&n));
+        }
+    }
+}
+
+fn path_source(name: &str, path: &Path) -> Source {
+    Source::Path {
+        name: name.into(),
+        path: path.to_owned(),
+        exclude: vec![],
+        one_file_system: false,
+    }
+}
+
+async fn backup(repo: &Repo, lease: &LeaseGuard, data: &Path) -> jobs::backup::BackupReport {
+    jobs::backup::run(
+        repo,
+        lease,
+        jobs::backup::BackupOptions {
+            sources: vec![path_source("data", data)],
+            packer: PackerConfig::default(),
+            allow_unreadable: false,
+            tags: vec![],
+            force_read: false,
+        },
+        &NoProgress,
+    )
+    .await
+    .unwrap()
+}
+
+async fn lease(ctx: &Context, repo: &Repo, job: &str) -> LeaseGuard {
+    LeaseGuard::acquire(repo.store(), &ctx.holder, job, ctx.lease_ttl)
+        .await
+        .unwrap()
+}
+
+/// Restores every snapshot of the tenant into a fresh directory and compares
+/// it with `expected` (the data each snapshot was taken of).
+async fn restore_all(ctx: &Context, tenant: &TenantId, expected: &Path, scratch: &Path) -> usize {
+    let repo = Repo::open(ctx, tenant, None).await.unwrap();
+    let (snaps, faults) = repo.list_snapshots().await.unwrap();
+    assert!(faults.is_empty(), "{faults:?}");
+    for s in &snaps {
+        let target = scratch.join(format!(
+            "restore-{}-{}",
+            s.id.short(),
+            hex::encode(custos::util::random_bytes::<4>())
+        ));
+        jobs::restore::run(
+            &repo,
+            s,
+            &jobs::restore::RestoreOptions {
+                target: target.clone(),
+                include: vec![],
+                overwrite: false,
+            },
+            &NoProgress,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("restore of snapshot {} failed: {e}", s.id));
+        assert_same(expected, &target.join("data"));
+    }
+    snaps.len()
+}
+
+async fn rotate(ctx: &Context, tenant: &TenantId, action: RotateAction) -> RotateReport {
+    let repo = Repo::open(ctx, tenant, None).await.unwrap();
+    let lease = lease(ctx, &repo, "rotate").await;
+    let r = jobs::rotate::run(
+        &repo,
+        &lease,
+        &RotateOptions {
+            action,
+            dry_run: false,
+        },
+    )
+    .await
+    .unwrap();
+    lease.release().await;
+    r
+}
+
+fn tenant(hint: &str) -> TenantId {
+    TenantId::new(&format!(
+        "{hint}-{}",
+        hex::encode(custos::util::random_bytes::<3>())
+    ))
+    .unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// Flows
+// ---------------------------------------------------------------------------
+
+/// Backup, byte-identical restore, incremental backup, check --read-data,
+/// forget + prune, and a flipped byte in a pack found by check --read-data.
+async fn flow(ctx: &Context, key: &KeyRef) {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    make_tree(&data, 3 << 20);
+    let tenant = tenant("flow");
+    let (repo, created) = Repo::init(ctx, &tenant, key, false).await.unwrap();
+    assert!(created);
+    let lease = lease(ctx, &repo, "backup").await;
+
+    let first = backup(&repo, &lease, &data).await;
+    assert_eq!(first.summary.files, 43);
+    assert!(first.summary.bytes_stored > 3 << 20);
+    fs::write(data.join("dir/new.txt"), "added later").unwrap();
+    let second = backup(&repo, &lease, &data).await;
+    assert_eq!(second.parent, Some(first.snapshot));
+    assert_eq!(second.summary.files_read, 1, "only the new file is read");
+
+    let snap = repo.find_snapshot("latest").await.unwrap();
+    let target = scratch.path().join("restore");
+    let r = jobs::restore::run(
+        &repo,
+        &snap,
+        &jobs::restore::RestoreOptions {
+            target: target.clone(),
+            include: vec![],
+            overwrite: false,
+        },
+        &NoProgress,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.files, 44);
+    assert_same(&data, &target.join("data"));
+
+    let report = jobs::check::run(&repo, jobs::check::ReadData::All)
+        .await
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.faults);
+
+    // Forget the first snapshot, prune, check again.
+    let rules = jobs::forget::Retention {
+        keep_last: 1,
+        keep_hourly: 0,
+        keep_daily: 0,
+        keep_weekly: 0,
+        keep_monthly: 0,
+        keep_yearly: 0,
+        keep_within: None,
+        schedule: None,
+        prune: true,
+    };
+    let f = jobs::forget::run(&repo, &lease, &rules, false)
+        .await
+        .unwrap();
+    assert_eq!((f.kept, f.removed), (1, 1));
+    jobs::prune::run(&repo, &lease, PackerConfig::default(), false)
+        .await
+        .unwrap();
+    let (snaps, _) = repo.list_snapshots().await.unwrap();
+    assert_eq!(
+        snaps.iter().map(|s| s.id).collect::<Vec<_>>(),
+        vec![second.snapshot]
+    );
+    let report = jobs::check::run(&repo, jobs::check::ReadData::All)
+        .await
+        .unwrap();
+    assert!(report.ok(), "after prune: {:?}", report.faults);
+
+    // Tamper: flip one byte in the middle of the largest pack.
+    let packs = repo.list_packs().await.unwrap();
+    let (&pack, &size) = packs.iter().max_by_key(|(_, s)| **s).unwrap();
+    let path = object_store::path::Path::from(format!(
+        "tenants/{tenant}/{}",
+        ObjectName::Pack(pack).relative()
+    ));
+    let mut bytes = ctx
+        .store
+        .get(&path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    bytes[(size / 2) as usize] ^= 0x01;
+    ctx.store.put(&path, bytes.into()).await.unwrap();
+    let report = jobs::check::run(&repo, jobs::check::ReadData::All)
+        .await
+        .unwrap();
+    assert!(!report.ok(), "a flipped byte must be found");
+    assert!(
+        report
+            .faults
+            .iter()
+            .any(|f| f.object.contains(&pack.to_hex())),
+        "{:?}",
+        report.faults
+    );
+
+    // Tamper with the wrapped data key: the provider refuses it, nothing decrypts.
+    let env_path = object_store::path::Path::from(format!("tenants/{tenant}/keys/1"));
+    let raw = ctx
+        .store
+        .get(&env_path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let mut env: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    let ct = env["wrapped"]["ciphertext"].as_str().unwrap().to_owned();
+    use base64::Engine;
+    let mut bytes = base64::engine::general_purpose::STANDARD
+        .decode(&ct)
+        .unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    env["wrapped"]["ciphertext"] = base64::engine::general_purpose::STANDARD
+        .encode(&bytes)
+        .into();
+    ctx.store
+        .put(&env_path, serde_json::to_vec(&env).unwrap().into())
+        .await
+        .unwrap();
+    let fresh = Repo::open(ctx, &tenant, None).await.unwrap();
+    let err = fresh.epoch_keys(1).await.unwrap_err();
+    eprintln!("tampered envelope: {err}");
+    assert!(
+        matches!(err.kind(), "key_unwrap_failed" | "key_unavailable"),
+        "{}: {err}",
+        err.kind()
+    );
+    assert!(!err.is_transient());
+    lease.release().await;
+}
+
+/// --cmk, --new-epoch and --replace-cmk; every snapshot restores after each,
+/// and after the old key is disabled.
+async fn rotation_flow(b: &Backend) {
+    let ctx = &b.ctx;
+    let key = b.fresh_key("rot").await;
+    let new_key = b.fresh_key("rot-new").await;
+    b.ensure_created(&new_key).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    make_tree(&data, 1 << 20);
+    let tenant = tenant("rot");
+    let (repo, _) = Repo::init(ctx, &tenant, &key, false).await.unwrap();
+    let l = lease(ctx, &repo, "backup").await;
+    backup(&repo, &l, &data).await;
+    l.release().await;
+    drop(repo);
+
+    let r = rotate(ctx, &tenant, RotateAction::Cmk).await;
+    eprintln!(
+        "[{}] --cmk: {} envelope(s), {} bytes, versions {:?} -> {:?}, {} ms",
+        b.name,
+        r.envelopes_rewrapped,
+        r.bytes_written,
+        r.key_version_before,
+        r.key_version_after,
+        r.duration_ms
+    );
+    assert_eq!((r.envelopes_rewrapped, r.envelopes_verified), (1, 1));
+    assert_eq!(restore_all(ctx, &tenant, &data, scratch.path()).await, 1);
+
+    let r = rotate(ctx, &tenant, RotateAction::NewEpoch).await;
+    assert_eq!((r.epoch_before, r.epoch_after), (1, 2));
+    let repo = Repo::open(ctx, &tenant, None).await.unwrap();
+    let l = lease(ctx, &repo, "backup").await;
+    let second = backup(&repo, &l, &data).await;
+    assert_eq!(second.epoch, 2);
+    assert!(
+        second.summary.files_read > 0,
+        "dedup starts afresh in a new epoch"
+    );
+    l.release().await;
+    drop(repo);
+
+    let r = rotate(
+        ctx,
+        &tenant,
+        RotateAction::ReplaceCmk {
+            new_key: new_key.clone(),
+            schedule_old_key_deletion: None,
+        },
+    )
+    .await;
+    eprintln!(
+        "[{}] --replace-cmk: {} envelope(s), {} bytes, {} ms",
+        b.name, r.envelopes_rewrapped, r.bytes_written, r.duration_ms
+    );
+    assert_eq!((r.envelopes_rewrapped, r.envelopes_verified), (2, 2));
+    let repo = Repo::open(ctx, &tenant, Some(&new_key)).await.unwrap();
+    let d = repo.descriptor();
+    assert_eq!(d.key, new_key);
+    assert_eq!(d.previous_keys, vec![key.clone()]);
+    assert!(d.pending_key.is_none());
+    // A policy still naming the old key is refused with a message that says what to do.
+    let err = Repo::open(ctx, &tenant, Some(&key)).await.unwrap_err();
+    assert!(
+        err.to_string().contains("was moved from key")
+            && err.to_string().contains(&new_key.to_string()),
+        "{err}"
+    );
+    // Idempotent: a re-run finds nothing to move.
+    let again = rotate(
+        ctx,
+        &tenant,
+        RotateAction::ReplaceCmk {
+            new_key: new_key.clone(),
+            schedule_old_key_deletion: None,
+        },
+    )
+    .await;
+    assert_eq!((again.envelopes_rewrapped, again.bytes_written), (0, 0));
+
+    // Nothing depends on the old key any more.
+    ctx.keys.for_key(&key).unwrap().disable(&key).await.unwrap();
+    assert_eq!(restore_all(ctx, &tenant, &data, scratch.path()).await, 2);
+    let repo = Repo::open(ctx, &tenant, None).await.unwrap();
+    let report = jobs::check::run(&repo, jobs::check::ReadData::All)
+        .await
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.faults);
+}
+
+/// Rotation writes envelopes and the descriptor only: the same bytes for
+/// twice the data, and no pack, index or snapshot changes.
+async fn rotation_cost(b: &Backend) {
+    let ctx = &b.ctx;
+    let mut written = Vec::new();
+    for (factor, mib) in [(1, 4usize), (2, 8)] {
+        let key = b.fresh_key("cost").await;
+        let scratch = tempfile::tempdir().unwrap();
+        let data = scratch.path().join("data");
+        make_tree(&data, mib << 20);
+        let tenant = tenant("cost");
+        let (repo, _) = Repo::init(ctx, &tenant, &key, false).await.unwrap();
+        let l = lease(ctx, &repo, "backup").await;
+        let rep = backup(&repo, &l, &data).await;
+        l.release().await;
+        let before: Vec<_> = repo
+            .list_objects()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|o| {
+                !matches!(
+                    o.name,
+                    Some(ObjectName::Envelope(_) | ObjectName::Descriptor)
+                )
+            })
+            .map(|o| (o.path, o.meta.size, o.meta.e_tag))
+            .collect();
+        drop(repo);
+        let r = rotate(ctx, &tenant, RotateAction::Cmk).await;
+        let repo = Repo::open(ctx, &tenant, None).await.unwrap();
+        let after: Vec<_> = repo
+            .list_objects()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|o| {
+                !matches!(
+                    o.name,
+                    Some(ObjectName::Envelope(_) | ObjectName::Descriptor)
+                )
+            })
+            .map(|o| (o.path, o.meta.size, o.meta.e_tag))
+            .collect();
+        assert_eq!(
+            before, after,
+            "rotation must not touch packs, index or snapshots"
+        );
+        eprintln!(
+            "[{}] {factor}x data ({} stored): --cmk wrote {} bytes in {} objects, {} ms",
+            b.name, rep.summary.bytes_stored, r.bytes_written, r.objects_written, r.duration_ms
+        );
+        written.push((rep.summary.bytes_stored, r.bytes_written, r.objects_written));
+    }
+    let ((d1, w1, o1), (d2, w2, o2)) = (written[0], written[1]);
+    assert!(
+        d2 > d1 * 3 / 2,
+        "the second tenant holds about twice the data"
+    );
+    assert_eq!(o1, o2, "same number of objects written");
+    // Timestamps in the JSON vary by a few digits; nothing else may differ.
+    assert!(
+        w1.abs_diff(w2) <= 16 && w1 < 8192,
+        "rotation bytes: {w1} for 1x, {w2} for 2x"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_backend_flow() {
+    let b = local_backend();
+    let key = b.fresh_key("flow").await;
+    flow(&b.ctx, &key).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_backend_rotation() {
+    let b = local_backend();
+    rotation_flow(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_backend_rotation_cost() {
+    let b = local_backend();
+    rotation_cost(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_kms_backend_flow() {
+    let Some(b) = s3_kms_backend().await else {
+        return;
+    };
+    let key = b.fresh_key("flow").await;
+    flow(&b.ctx, &key).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_kms_backend_rotation() {
+    let Some(b) = s3_kms_backend().await else {
+        return;
+    };
+    rotation_flow(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_kms_backend_rotation_cost() {
+    let Some(b) = s3_kms_backend().await else {
+        return;
+    };
+    rotation_cost(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3s_fs_backend_flow() {
+    let Some(b) = s3s_fs_backend(None) else {
+        return;
+    };
+    let key = b.fresh_key("flow").await;
+    flow(&b.ctx, &key).await;
+    rotation_flow(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3s_fs_wrong_credentials_are_a_clear_error() {
+    let Some(b) = s3s_fs_backend(Some("not-the-secret")) else {
+        return;
+    };
+    let key = b.fresh_key("creds").await;
+    let err = Repo::init(&b.ctx, &TenantId::new("acme").unwrap(), &key, false)
+        .await
+        .unwrap_err();
+    eprintln!("{err}");
+    assert_eq!(err.kind(), "invalid_store", "{err}");
+    assert!(err.to_string().contains("Signature"), "{err}");
+}
+
+/// The old key is not deleted while another tenant uses it, even under
+/// another name (alias vs ARN): keys are compared by resolved key id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_kms_backend_shared_key_is_not_deleted() {
+    let Some(b) = s3_kms_backend().await else {
+        return;
+    };
+    let KeyMaker::Kms(kms) = &b.keys else {
+        unreachable!()
+    };
+    let alias = format!(
+        "alias/custos-shared-{}",
+        hex::encode(custos::util::random_bytes::<4>())
+    );
+    let arn = kms.create_test_key(Some(&alias)).await.unwrap();
+    let by_alias = KeyRef::parse(&format!("aws-kms:{alias}")).unwrap();
+    assert_ne!(arn, by_alias);
+    let (a, other) = (tenant("share-a"), tenant("share-b"));
+    Repo::init(&b.ctx, &a, &by_alias, false).await.unwrap();
+    Repo::init(&b.ctx, &other, &arn, false).await.unwrap();
+    let new_key = b.fresh_key("share-new").await;
+    let repo = Repo::open(&b.ctx, &a, None).await.unwrap();
+    let l = lease(&b.ctx, &repo, "rotate").await;
+    let err = jobs::rotate::run(
+        &repo,
+        &l,
+        &RotateOptions {
+            action: RotateAction::ReplaceCmk {
+                new_key,
+                schedule_old_key_deletion: Some(7),
+            },
+            dry_run: false,
+        },
+    )
+    .await
+    .unwrap_err();
+    l.release().await;
+    assert!(
+        err.to_string()
+            .contains(&format!("tenant {other} still uses it (as {arn})")),
+        "{err}"
+    );
+    let info = kms.describe(&arn).await.unwrap();
+    assert!(info.state.is_usable(), "the shared key was left alone");
+}
