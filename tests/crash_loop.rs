@@ -14,10 +14,12 @@
 //! failure>`. `CUSTOS_CRASH_LOOPS` sets the kills per job (default 10);
 //! `scripts/crash-loop.sh` runs a large count.
 //!
-//! Jobs covered: backup, forget, prune. Hook for rotate and shred (being
-//! written on their own branches): add a [`Job`] variant whose `prepare`
-//! sets up work for it and whose `args` run it; the checks after the kill
-//! are the same for every job.
+//! Jobs covered: backup, forget, prune, rotate (a new data-key epoch and a
+//! CMK rotation with re-wrap of every envelope, alternately). Hook for shred
+//! (on its own branch): add a [`Job`] variant whose `prepare` sets up work
+//! for it and whose `args` run it; the checks after the kill are the same
+//! for every job (a shredded tenant's checks will differ: check must then
+//! report the tenant as shredded, and a re-run of shred must finish it).
 
 mod common;
 
@@ -78,6 +80,10 @@ enum Job {
     Backup,
     Forget,
     Prune,
+    /// `rotate --new-epoch`.
+    NewEpoch,
+    /// `rotate --cmk`: a new key version, then every envelope re-wrapped.
+    RotateCmk,
 }
 
 impl Job {
@@ -86,6 +92,8 @@ impl Job {
             Job::Backup => vec!["backup", "acme"],
             Job::Forget => vec!["forget", "acme", "--keep-last", "2"],
             Job::Prune => vec!["prune", "acme"],
+            Job::NewEpoch => vec!["rotate", "acme", "--new-epoch"],
+            Job::RotateCmk => vec!["rotate", "acme", "--cmk"],
         }
     }
 }
@@ -259,6 +267,10 @@ impl Campaign {
     fn prepare(&mut self, job: Job) {
         match job {
             Job::Backup => self.mutate(),
+            Job::NewEpoch | Job::RotateCmk => {
+                self.mutate();
+                self.ok(&["backup", "acme"]);
+            }
             Job::Forget | Job::Prune => {
                 self.mutate();
                 self.ok(&["backup", "acme"]);
@@ -376,7 +388,13 @@ fn run_all(store: Option<String>, name: &str) {
     let seed = seed();
     eprintln!("crash loop on {name}: seed {seed}");
     let mut c = Campaign::new(seed, store);
-    for job in [Job::Backup, Job::Forget, Job::Prune] {
+    for job in [
+        Job::Backup,
+        Job::Forget,
+        Job::Prune,
+        Job::NewEpoch,
+        Job::RotateCmk,
+    ] {
         c.campaign(job);
     }
     c.report(name);
