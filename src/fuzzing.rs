@@ -22,9 +22,12 @@ use crate::keys::SecretKey;
 use crate::keys::derive::EpochKeys;
 use crate::tenant::TenantId;
 
+/// A fuzz entry point: arbitrary bytes in, no panic out.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name its `fuzz/fuzz_targets/<name>.rs` and its
 /// corpus directory `fuzz/corpus/<name>/` carry.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("pack", pack),
     ("index", index),
     ("snapshot", snapshot),

@@ -554,7 +554,10 @@ mod tests {
         let s = FaultyStore::new(s.inner.clone(), always(|c| c.short_read = 1.0));
         let got = s.get(&p).await.unwrap().bytes().await.unwrap();
         assert!(got.len() < 1000);
-        let parts = s.get_ranges(&p, &[0..100]).await.unwrap();
+        let parts = s
+            .get_ranges(&p, std::slice::from_ref(&(0..100)))
+            .await
+            .unwrap();
         assert!(parts[0].len() < 100);
         assert_eq!(s.stats().short_reads.load(Ordering::Relaxed), 2);
         let s = FaultyStore::new(s.inner.clone(), always(|c| c.multipart = 1.0));
