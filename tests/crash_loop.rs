@@ -375,7 +375,6 @@ fn staging_files(root: &Path) -> Vec<String> {
             } else if let Some(name) = p.file_name().and_then(|n| n.to_str())
                 && let Some((_, n)) = name.rsplit_once('#')
                 && n.bytes().all(|b| b.is_ascii_digit())
-                && !p.to_string_lossy().contains("/locks/")
             {
                 out.push(p.display().to_string());
             }

@@ -732,23 +732,30 @@ pub fn is_object_fault(e: &Error) -> bool {
 fn first_fault(faults: Vec<Fault>) -> Result<()> {
     match faults.into_iter().next() {
         None => Ok(()),
-        Some(f) => Err(match f.kind {
-            "foreign_object" => Error::Foreign {
-                object: f.object,
-                reason: f.message,
-            },
-            "rollback_detected" => Error::Rollback {
-                object: f.object,
-                reason: f.message,
-            },
-            "missing_object" => Error::Missing {
-                object: f.object,
-                reason: f.message,
-            },
-            _ => Error::Corrupt {
-                object: f.object,
-                reason: f.message,
-            },
+        Some(mut f) => Err({
+            // A fault made from an error already says "<kind> <object>: ";
+            // the error rebuilt from it says so again otherwise.
+            if let Some((_, reason)) = f.message.split_once(&format!("{}: ", f.object)) {
+                f.message = reason.to_owned();
+            }
+            match f.kind {
+                "foreign_object" => Error::Foreign {
+                    object: f.object,
+                    reason: f.message,
+                },
+                "rollback_detected" => Error::Rollback {
+                    object: f.object,
+                    reason: f.message,
+                },
+                "missing_object" => Error::Missing {
+                    object: f.object,
+                    reason: f.message,
+                },
+                _ => Error::Corrupt {
+                    object: f.object,
+                    reason: f.message,
+                },
+            }
         }),
     }
 }

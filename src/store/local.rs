@@ -165,17 +165,17 @@ impl ObjectStore for LocalStore {
 }
 
 /// Removes the staging files (`<name>#<digits>`, object_store's half-written
-/// uploads, which listings skip) under a tenant's `packs/`, `index/` and
-/// `snapshots/`: what a process killed mid-upload leaves. Only for a caller
-/// holding the tenant lease (prune): no other process then writes there.
+/// uploads, which listings skip) under a tenant's prefix: what a process
+/// killed mid-upload leaves. Only for a caller holding the tenant lease
+/// (prune): no other process then writes the tenant's packs, index files or
+/// snapshots; the descriptor, envelopes and lease are written with
+/// conditional puts, which hold the store's lock, and so does this sweep.
 /// Returns how many were removed.
 pub fn sweep_staging(root: &FsPath, tenant: &crate::TenantId) -> std::io::Result<usize> {
+    let guard = File::open(root)?;
+    guard.lock()?;
     let mut removed = 0;
-    let tenant_dir = root.join("tenants").join(tenant.as_str());
-    let mut stack: Vec<PathBuf> = ["packs", "index", "snapshots"]
-        .iter()
-        .map(|d| tenant_dir.join(d))
-        .collect();
+    let mut stack = vec![root.join("tenants").join(tenant.as_str())];
     while let Some(dir) = stack.pop() {
         let entries = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
@@ -196,6 +196,7 @@ pub fn sweep_staging(root: &FsPath, tenant: &crate::TenantId) -> std::io::Result
             }
         }
     }
+    drop(guard);
     Ok(removed)
 }
 
@@ -267,24 +268,27 @@ mod sweep_tests {
     fn only_staging_files_of_the_tenant_data_go() {
         let dir = tempfile::tempdir().unwrap();
         let t = dir.path().join("tenants/acme");
-        for p in ["packs/ab", "index", "snapshots", "locks"] {
+        for p in ["packs/ab", "index", "snapshots", "locks", "keys"] {
             std::fs::create_dir_all(t.join(p)).unwrap();
         }
         for f in [
             "packs/ab/abcd#1",
             "index/ef#12",
             "snapshots/01#3",
+            "tenant.json#1",
+            "keys/2#1",
+            "locks/lease#1",
             "packs/ab/abcd",
             "index/x#y",
-            "locks/lease#1",
+            "tenant.json",
         ] {
             std::fs::write(t.join(f), b"x").unwrap();
         }
         let acme = crate::TenantId::new("acme").unwrap();
-        assert_eq!(sweep_staging(dir.path(), &acme).unwrap(), 3);
+        assert_eq!(sweep_staging(dir.path(), &acme).unwrap(), 6);
         assert!(t.join("packs/ab/abcd").exists());
         assert!(t.join("index/x#y").exists());
-        assert!(t.join("locks/lease#1").exists(), "leases are not swept");
+        assert!(t.join("tenant.json").exists());
         let other = crate::TenantId::new("nobody").unwrap();
         assert_eq!(sweep_staging(dir.path(), &other).unwrap(), 0);
     }
