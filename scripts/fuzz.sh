@@ -4,11 +4,14 @@
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]   default 60 s per target, every target
 #   scripts/fuzz.sh --minimise              shrink fuzz/corpus/<target>/ in place
+#   FUZZ_JOBS=2 scripts/fuzz.sh 600         two targets at a time (both at nice 19)
+#   FUZZ_BIN=DIR scripts/fuzz.sh ...        run prebuilt target binaries from DIR
 #
 # cargo-fuzz needs nightly flags; on the stable toolchain RUSTC_BOOTSTRAP=1
-# unlocks them (cargo install cargo-fuzz first). Targets are built without a
-# sanitizer (-s none: custos is safe Rust, and this runs several times faster)
-# and with debug assertions (overflow checks on).
+# unlocks them (cargo install cargo-fuzz --locked first). Targets are built
+# once, without a sanitizer (-s none: custos is safe Rust, and this runs
+# several times faster) and with debug assertions (overflow checks on), then
+# run directly (`cargo fuzz run` would rebuild before every target).
 #
 # New inputs found go to fuzz/target/corpus/<target>/ (not committed); a crash
 # is saved in fuzz/artifacts/<target>/ and ends the run with a non-zero exit:
@@ -21,33 +24,55 @@ export RUSTC_BOOTSTRAP=1
 command -v cargo-fuzz >/dev/null || { echo "fuzz.sh: cargo install cargo-fuzz --locked" >&2; exit 2; }
 
 all=$(sed -n 's/^name = "\([a-z_]*\)"$/\1/p' Cargo.toml | grep -v '^custos-fuzz$')
-if [[ ${1:-} == --minimise ]]; then
+bin=${FUZZ_BIN:-}
+if [[ -z $bin ]]; then
     nice -n 19 cargo fuzz build -s none --fuzz-dir . >&2
+    bin=target/$(rustc -vV | sed -n 's/^host: //p')/release
+fi
+if [[ ${1:-} == --minimise ]]; then
     for t in $all; do
         mkdir -p target/cmin/$t
-        nice -n 19 cargo fuzz cmin -s none --fuzz-dir . "$t" corpus/$t >&2
+        nice -n 19 "$bin/$t" -merge=1 target/cmin/$t corpus/$t target/corpus/$t >/dev/null 2>&1 || true
+        rm -rf corpus/$t && mv target/cmin/$t corpus/$t
+        echo "$t: $(ls corpus/$t | wc -l) inputs" >&2
     done
     exit 0
 fi
 seconds=${1:-60}
 shift || true
 targets=${*:-$all}
-nice -n 19 cargo fuzz build -s none --fuzz-dir . >&2
-status=0
-for t in $targets; do
+
+one() {
+    local t=$1
     mkdir -p target/corpus/$t artifacts/$t
-    log=target/fuzz-$t.log
+    local log=target/fuzz-$t.log result
     # Work corpus first (new finds land there), seeds from the committed corpus.
-    if nice -n 19 cargo fuzz run -s none --fuzz-dir . "$t" target/corpus/$t corpus/$t -- \
-        -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=1048576 \
+    if nice -n 19 "$bin/$t" target/corpus/$t corpus/$t \
+        -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=1048576 -timeout=10 \
         -artifact_prefix=artifacts/$t/ -print_final_stats=1 > "$log" 2>&1; then
         result=ok
     else
-        result="CRASH (see $log, fuzz/artifacts/$t/)"
-        status=1
+        result="CRASH (see fuzz/$log, fuzz/artifacts/$t/)"
     fi
+    local execs
     execs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' || true)
-    [[ -n $execs ]] || execs=$(grep -oE '^#[0-9]+' "$log" | tail -1 | tr -d '#')
     echo "$(date -u +%FT%TZ) $t ${seconds}s ${execs:-?} executions $result"
+    [[ $result == ok ]]
+}
+
+status=0
+jobs=${FUZZ_JOBS:-1}
+running=0
+for t in $targets; do
+    one "$t" &
+    running=$((running + 1))
+    if (( running >= jobs )); then
+        wait -n || status=1
+        running=$((running - 1))
+    fi
+done
+while (( running > 0 )); do
+    wait -n || status=1
+    running=$((running - 1))
 done
 exit $status
