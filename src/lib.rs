@@ -12,6 +12,7 @@
 //! - [`repo`]: one tenant's repository: its descriptor, keys, index and snapshots;
 //! - [`jobs`]: one module per job (backup, restore, check, forget, prune, …);
 //! - [`audit`]: the tamper-evident audit log: hash-chained records, signed Merkle checkpoints;
+//! - [`daemon`]: `custos daemon`: scheduled jobs per tenant, under systemd;
 //! - [`cli`]: the `custos` command line.
 
 pub mod audit;
@@ -34,4 +35,5 @@ pub use tenant::TenantId;
 pub mod context;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod daemon;
 pub mod state;

@@ -5,6 +5,7 @@
 mod audit;
 mod backup;
 mod check;
+mod daemon;
 mod drill;
 mod forget;
 mod output;
@@ -68,12 +69,20 @@ pub enum Command {
     /// The object store: probe its conditional writes.
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// Run every tenant's jobs on their schedules (under systemd); --once: what is due now.
+    Daemon(daemon::Args),
 }
 
 /// Entry point of the `custos` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(LogTarget::Stderr);
+    // The long-running daemon logs to stdout (journald, log shippers); every
+    // other command keeps stdout for its result and logs to stderr.
+    let target = match &cli.command {
+        Command::Daemon(args) if !args.once => LogTarget::Stdout,
+        _ => LogTarget::Stderr,
+    };
+    logging::init(target);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -102,6 +111,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Audit(cmd) => run_audit(config, cmd).await,
         Command::Rotate(args) => rotate::run(config, args).await,
         Command::Store(cmd) => store::run(config, cmd).await,
+        Command::Daemon(args) => daemon::run(config, args).await,
     }
 }
 

@@ -23,7 +23,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Longest expression we accept; real ones are a few dozen characters.
@@ -90,6 +90,17 @@ impl Schedule {
     /// The first time strictly after `after` at which the schedule fires, if any.
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.inner.after(&after).next()
+    }
+
+    /// The last time at or before `at` at which the schedule fires, if any: the
+    /// slot a daemon catching up after downtime runs (once, not once per missed slot).
+    pub fn last_at_or_before(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        // Schedules fire on whole seconds, and the `cron` crate looks strictly
+        // before a whole-second instant (but treats fractions of a second
+        // differently): ask for the last firing before the next whole second.
+        let whole = at.with_nanosecond(0).unwrap_or(at);
+        let ceiling = whole + chrono::Duration::seconds(1);
+        self.inner.after(&ceiling).next_back().filter(|t| *t <= at)
     }
 
     /// Every time strictly after `after` at which the schedule fires, in order.
@@ -357,6 +368,30 @@ mod tests {
                 .unwrap_err()
                 .contains("longer than")
         );
+    }
+
+    #[test]
+    fn last_at_or_before_includes_the_instant() {
+        let s = Schedule::parse("0 2 * * *").unwrap();
+        assert_eq!(
+            s.last_at_or_before(at(2026, 3, 5, 2, 0)),
+            Some(at(2026, 3, 5, 2, 0))
+        );
+        assert_eq!(
+            s.last_at_or_before(at(2026, 3, 5, 1, 59)),
+            Some(at(2026, 3, 4, 2, 0))
+        );
+        let every_2s = Schedule::parse("*/2 * * * * *").unwrap();
+        let t = at(2026, 3, 5, 2, 0) + chrono::Duration::milliseconds(3_500);
+        assert_eq!(
+            every_2s.last_at_or_before(t),
+            Some(at(2026, 3, 5, 2, 0) + chrono::Duration::seconds(2))
+        );
+        // A firing less than a second after the instant is not "at or before" it.
+        let t = at(2026, 3, 5, 2, 0) + chrono::Duration::milliseconds(1_500);
+        assert_eq!(every_2s.last_at_or_before(t), Some(at(2026, 3, 5, 2, 0)));
+        let future_only = Schedule::parse("0 0 0 1 1 * 2030").unwrap();
+        assert_eq!(future_only.last_at_or_before(at(2026, 1, 1, 0, 0)), None);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Runs one job for one tenant the same way for the CLI and the daemon: open
 //! (or initialise) the repository, take the tenant lease, run, release, and
-//! report: `job.started` / `job.finished` events and a JSON job report.
+//! report: `job.started` / `job.finished` events, a JSON job report, and the
+//! audit log (`<job>` records; `<job>.begin` / `<job>.end` around jobs that
+//! destroy data or keys).
 
 use std::time::Instant;
 
@@ -42,7 +44,171 @@ where
     let clock = Instant::now();
     report::job_started(spec.tenant, spec.job);
     let result = run_inner(ctx, &spec, f).await;
+    finish(ctx, &spec, started_at, clock, result).await
+}
+
+async fn run_inner<'a, T, F>(ctx: &Context, spec: &JobSpec<'_>, f: F) -> Result<T>
+where
+    F: for<'r> FnOnce(&'r Repo, &'r LeaseGuard, Borrows<'r, 'a>) -> BoxFuture<'r, Result<T>>,
+{
+    let repo = open_repo(ctx, spec).await?;
+    let lease = acquire(ctx, spec, &repo).await?;
+    let result = match begin(ctx, spec).await {
+        Ok(()) => f(&repo, &lease, std::marker::PhantomData).await,
+        Err(e) => Err(e),
+    };
+    lease.release().await;
+    repo.forget_keys().await;
+    result
+}
+
+/// What a gate (see [`run_job_gated`]) decided, under the tenant's lease.
+pub enum Gate<P> {
+    /// Run the job, handing it `P`.
+    Run(P),
+    /// Do not run it, for this reason (e.g. another daemon already ran this slot).
+    Decline(String),
+}
+
+/// How a gated job run ended.
+// Returned once per job run and matched at once: not worth a box.
+#[allow(clippy::large_enum_variant)]
+pub enum Gated<T> {
+    /// The job ran (successfully or not) and was reported like any job.
+    Ran(JobRun<T>),
+    /// The tenant's lease is held by someone else: nothing ran, nothing was
+    /// reported (the caller retries later).
+    Contended(Error),
+    /// The gate declined: nothing ran, nothing was reported.
+    Declined(String),
+}
+
+/// [`run_job`] for the scheduler: the repository is opened and the lease
+/// taken first; then `gate` decides, under the lease, whether the job runs at
+/// all (so "has this slot already run?" cannot race with another daemon).
+/// Only a job that passes the gate emits `job.started`; a busy lease or a
+/// declining gate leave no report. Failures to open the repository, and of
+/// the gate itself, are reported as failed jobs.
+pub async fn run_job_gated<'a, T, P, G, F>(
+    ctx: &Context,
+    spec: JobSpec<'_>,
+    gate: G,
+    f: F,
+) -> Gated<T>
+where
+    T: JobOutput,
+    G: for<'r> FnOnce(&'r Repo, Borrows<'r, 'a>) -> BoxFuture<'r, Result<Gate<P>>>,
+    F: for<'r> FnOnce(&'r Repo, &'r LeaseGuard, P, Borrows<'r, 'a>) -> BoxFuture<'r, Result<T>>,
+{
+    let started_at = Utc::now();
+    let clock = Instant::now();
+    let failed = async |e: Error| {
+        report::job_started(spec.tenant, spec.job);
+        Gated::Ran(finish(ctx, &spec, started_at, clock, Err(e)).await)
+    };
+    let repo = match open_repo(ctx, &spec).await {
+        Ok(r) => r,
+        // Another process initialised the tenant at the same moment.
+        Err(e @ Error::LeaseContended { .. }) => return Gated::Contended(e),
+        Err(e) => return failed(e).await,
+    };
+    let lease = match acquire(ctx, &spec, &repo).await {
+        Ok(l) => l,
+        Err(e @ Error::LeaseContended { .. }) => {
+            repo.forget_keys().await;
+            return Gated::Contended(e);
+        }
+        Err(e) => {
+            repo.forget_keys().await;
+            return failed(e).await;
+        }
+    };
+    let input = match gate(&repo, std::marker::PhantomData).await {
+        Ok(Gate::Run(p)) => p,
+        Ok(Gate::Decline(why)) => {
+            lease.release().await;
+            repo.forget_keys().await;
+            return Gated::Declined(why);
+        }
+        Err(e) => {
+            lease.release().await;
+            repo.forget_keys().await;
+            return failed(e).await;
+        }
+    };
+    report::job_started(spec.tenant, spec.job);
+    let result = match begin(ctx, &spec).await {
+        Ok(()) => f(&repo, &lease, input, std::marker::PhantomData).await,
+        Err(e) => Err(e),
+    };
+    lease.release().await;
+    repo.forget_keys().await;
+    Gated::Ran(finish(ctx, &spec, started_at, clock, result).await)
+}
+
+/// Opens the tenant's repository, initialising it when the spec says so.
+/// Refuses a store that ignores conditional writes first: leases and
+/// descriptor updates depend on them.
+async fn open_repo(ctx: &Context, spec: &JobSpec<'_>) -> Result<Repo> {
+    crate::store::probe::require_conditional_writes(ctx).await?;
+    match Repo::open(ctx, spec.tenant, spec.policy_key).await {
+        Ok(r) => Ok(r),
+        Err(Error::TenantNotFound { .. }) if spec.init_with.is_some() => {
+            let key = spec.init_with.expect("checked");
+            let (repo, _) = Repo::init(ctx, spec.tenant, key, false).await?;
+            tracing::info!(event = "tenant.initialised", tenant = %spec.tenant, key = %key, "tenant initialised");
+            Ok(repo)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes the tenant lease, recording a takeover of a crashed holder's lease.
+async fn acquire(ctx: &Context, spec: &JobSpec<'_>, repo: &Repo) -> Result<LeaseGuard> {
+    let lease =
+        LeaseGuard::acquire(repo.store(), &ctx.holder, spec.job.as_str(), ctx.lease_ttl).await?;
+    if let Some(previous) = lease.took_over_from() {
+        let details = serde_json::json!({
+            "previous_holder": previous.holder,
+            "previous_job": previous.job,
+            "expired_at": previous.expires_at,
+        });
+        if let Err(e) = ctx
+            .record("lease.takeover", Some(spec.tenant), details)
+            .await
+        {
+            tracing::error!(event = "audit.failed", error = %e, "could not record a lease takeover");
+        }
+    }
+    Ok(lease)
+}
+
+/// The `<job>.begin` record of a destructive job; if it cannot be written, the
+/// job does not run.
+async fn begin(ctx: &Context, spec: &JobSpec<'_>) -> Result<()> {
+    if destructive(spec.job) {
+        let details = serde_json::json!({ "holder": ctx.holder, "store": ctx.store_url });
+        ctx.record(
+            &audit_event(spec.job, Phase::Begin),
+            Some(spec.tenant),
+            details,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Builds, logs (`job.finished`), writes and audits the report of a job run.
+async fn finish<T: JobOutput>(
+    ctx: &Context,
+    spec: &JobSpec<'_>,
+    started_at: chrono::DateTime<Utc>,
+    clock: Instant,
+    result: Result<T>,
+) -> JobRun<T> {
     let finished_at = Utc::now();
+    // A job may finish "successfully" with a failed outcome (a drill that ran
+    // and failed): its report keeps the details either way.
     let (outcome, error_kind, error, metrics, value) = match &result {
         Ok(v) => match v.failure() {
             None => (
@@ -153,51 +319,4 @@ fn audit_details(r: &JobReport) -> serde_json::Value {
         "bytes_in": r.metrics.bytes_in,
         "bytes_stored": r.metrics.bytes_stored,
     })
-}
-
-async fn run_inner<'a, T, F>(ctx: &Context, spec: &JobSpec<'_>, f: F) -> Result<T>
-where
-    F: for<'r> FnOnce(&'r Repo, &'r LeaseGuard, Borrows<'r, 'a>) -> BoxFuture<'r, Result<T>>,
-{
-    // Leases need conditional writes: refuse a store that ignores them.
-    crate::store::probe::require_conditional_writes(ctx).await?;
-    let repo = match Repo::open(ctx, spec.tenant, spec.policy_key).await {
-        Ok(r) => r,
-        Err(Error::TenantNotFound { .. }) if spec.init_with.is_some() => {
-            let key = spec.init_with.expect("checked");
-            let (repo, _) = Repo::init(ctx, spec.tenant, key, false).await?;
-            tracing::info!(event = "tenant.initialised", tenant = %spec.tenant, key = %key, "tenant initialised");
-            repo
-        }
-        Err(e) => return Err(e),
-    };
-    let lease =
-        LeaseGuard::acquire(repo.store(), &ctx.holder, spec.job.as_str(), ctx.lease_ttl).await?;
-    if let Some(previous) = lease.took_over_from() {
-        let details = serde_json::json!({ "previous_holder": previous.holder, "previous_job": previous.job, "expired_at": previous.expires_at });
-        if let Err(e) = ctx
-            .record("lease.takeover", Some(spec.tenant), details)
-            .await
-        {
-            tracing::error!(event = "audit.failed", error = %e, "could not record a lease takeover");
-        }
-    }
-    if destructive(spec.job) {
-        let details = serde_json::json!({ "holder": ctx.holder, "store": ctx.store_url });
-        if let Err(e) = ctx
-            .record(
-                &audit_event(spec.job, Phase::Begin),
-                Some(spec.tenant),
-                details,
-            )
-            .await
-        {
-            lease.release().await;
-            return Err(e);
-        }
-    }
-    let result = f(&repo, &lease, std::marker::PhantomData).await;
-    lease.release().await;
-    repo.forget_keys().await;
-    result
 }

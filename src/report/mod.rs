@@ -43,6 +43,24 @@ impl JobKind {
             JobKind::Shred => "shred",
         }
     }
+
+    /// Every job kind, in declaration order.
+    pub const ALL: [JobKind; 9] = [
+        JobKind::Init,
+        JobKind::Backup,
+        JobKind::Restore,
+        JobKind::Check,
+        JobKind::Forget,
+        JobKind::Prune,
+        JobKind::Drill,
+        JobKind::Rotate,
+        JobKind::Shred,
+    ];
+
+    /// The kind named `name` (as [`JobKind::as_str`] writes it).
+    pub fn parse(name: &str) -> Option<JobKind> {
+        JobKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
 }
 
 impl std::fmt::Display for JobKind {

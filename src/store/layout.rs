@@ -7,6 +7,7 @@
 //! tenants/<tenant>/index/<index id>     index files
 //! tenants/<tenant>/snapshots/<id>       snapshot manifests
 //! tenants/<tenant>/locks/lease          the tenant lease
+//! tenants/<tenant>/locks/schedule-<job> the last scheduled slot of a job that ran
 //! ```
 
 use std::fmt;
@@ -23,6 +24,9 @@ pub enum ObjectName {
     Index(IndexId),
     Snapshot(SnapshotId),
     Lease,
+    /// The daemon's record of the last scheduled slot of a job that ran, so
+    /// several daemons sharing the store run each slot once.
+    Schedule(crate::report::JobKind),
 }
 
 /// The directories of a tenant prefix, for listing.
@@ -60,6 +64,7 @@ impl ObjectName {
             ObjectName::Index(id) => Path::from(format!("index/{id}")),
             ObjectName::Snapshot(id) => Path::from(format!("snapshots/{id}")),
             ObjectName::Lease => Path::from("locks/lease"),
+            ObjectName::Schedule(job) => Path::from(format!("locks/schedule-{job}")),
         }
     }
 
@@ -80,6 +85,10 @@ impl ObjectName {
             ["index", id] => IndexId::from_hex(id).map(ObjectName::Index),
             ["snapshots", id] => SnapshotId::from_hex(id).map(ObjectName::Snapshot),
             ["locks", "lease"] => Some(ObjectName::Lease),
+            ["locks", name] => name
+                .strip_prefix("schedule-")
+                .and_then(crate::report::JobKind::parse)
+                .map(ObjectName::Schedule),
             _ => None,
         }
     }
@@ -104,6 +113,7 @@ mod tests {
             ObjectName::Index(IndexId::random()),
             ObjectName::Snapshot(SnapshotId::random()),
             ObjectName::Lease,
+            ObjectName::Schedule(crate::report::JobKind::Check),
         ] {
             assert_eq!(ObjectName::parse(&name.relative()), Some(name));
         }

@@ -1,0 +1,120 @@
+//! Slot marks: `tenants/<t>/locks/schedule-<job>`, the last scheduled slot of
+//! a job that ran, written by whichever daemon ran it.
+//!
+//! Several daemons sharing a store all plan every slot. The tenant lease makes
+//! sure only one runs a tenant's job at a time; the mark makes sure a slot
+//! runs once: the daemon holding the lease reads the mark first and declines
+//! a slot that is already recorded, and records its slot (with the outcome)
+//! before it lets the lease go. Both happen under the lease, so no second
+//! daemon can slip in between. A failed run counts as the slot's run: the
+//! next slot tries again, and the failure is reported (event, report, metric).
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::plan::Subset;
+use crate::error::Result;
+use crate::report::JobKind;
+use crate::store::{ObjectName, TenantStore};
+
+/// How the recorded run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MarkOutcome {
+    Success,
+    Failure,
+}
+
+/// The content of a slot mark.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlotMark {
+    pub job: JobKind,
+    /// The schedule slot the run belonged to.
+    pub slot: DateTime<Utc>,
+    /// Lease holder (host:pid:random) of the daemon that ran it.
+    pub holder: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub outcome: MarkOutcome,
+    /// For `check`: the `--read-data` slice it read, so the next check (by
+    /// any daemon) reads the next one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_data: Option<Subset>,
+}
+
+impl SlotMark {
+    /// True when this mark covers `slot` (it is that slot or a later one).
+    pub fn covers(&self, slot: DateTime<Utc>) -> bool {
+        self.slot >= slot
+    }
+}
+
+/// Reads a job's mark. An unreadable mark (not JSON, another version) is
+/// treated as absent, with a warning: it can only cause a slot to run again,
+/// never to be skipped.
+pub async fn read(store: &TenantStore, job: JobKind) -> Result<Option<SlotMark>> {
+    let name = ObjectName::Schedule(job);
+    let Some((bytes, _)) = store.get_if_exists(&name).await? else {
+        return Ok(None);
+    };
+    match serde_json::from_slice::<SlotMark>(&bytes) {
+        Ok(m) if m.job == job => Ok(Some(m)),
+        Ok(_) | Err(_) => {
+            tracing::warn!(
+                event = "schedule.mark_unreadable",
+                tenant = %store.tenant(),
+                job = %job,
+                object = %store.display(&name),
+                "unreadable slot mark ignored"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Writes a job's mark. Callers hold the tenant lease.
+pub async fn write(store: &TenantStore, mark: &SlotMark) -> Result<()> {
+    let body = serde_json::to_vec_pretty(mark).expect("marks serialise");
+    store
+        .put(&ObjectName::Schedule(mark.job), Bytes::from(body))
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TenantId;
+
+    #[tokio::test]
+    async fn marks_round_trip_and_garbage_reads_as_absent() {
+        let store = TenantStore::new(crate::store::memory(), &TenantId::new("acme").unwrap());
+        assert_eq!(read(&store, JobKind::Check).await.unwrap(), None);
+        let now = Utc::now();
+        let mark = SlotMark {
+            job: JobKind::Check,
+            slot: now,
+            holder: "h".into(),
+            started_at: now,
+            finished_at: now,
+            outcome: MarkOutcome::Success,
+            read_data: Some(Subset { n: 2, of: 10 }),
+        };
+        write(&store, &mark).await.unwrap();
+        assert_eq!(
+            read(&store, JobKind::Check).await.unwrap(),
+            Some(mark.clone())
+        );
+        assert!(mark.covers(now) && !mark.covers(now + chrono::Duration::seconds(1)));
+        assert_eq!(read(&store, JobKind::Backup).await.unwrap(), None);
+        store
+            .put(
+                &ObjectName::Schedule(JobKind::Backup),
+                Bytes::from_static(b"{"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(read(&store, JobKind::Backup).await.unwrap(), None);
+    }
+}
