@@ -7,6 +7,7 @@
 #
 #   eval "$(scripts/emulators.sh start)"
 #   scripts/load-test.sh [TENANTS] [CONCURRENCY]      default 200 tenants, 8 jobs at once
+#   CUSTOS_BIN=target/debug/custos scripts/load-test.sh   skip the release build
 #
 # Traffic goes only to the emulator on 127.0.0.1. Needs `custos daemon`
 # (branch daemon); until it is on main this script says so and stops.
@@ -17,8 +18,12 @@ concurrency=${2:-8}
 : "${AWS_ENDPOINT_URL:?start the emulators first: eval \"\$(scripts/emulators.sh start)\"}"
 bucket=${CUSTOS_TEST_S3_BUCKET:-custos-test}
 
-cargo build --release --bin custos >&2
-bin=target/release/custos
+# CUSTOS_BIN: a custos binary to use (default: a release build made now).
+bin=${CUSTOS_BIN:-}
+if [[ -z $bin ]]; then
+    cargo build --release --bin custos >&2
+    bin=target/release/custos
+fi
 if ! "$bin" daemon --help >/dev/null 2>&1; then
     echo "load-test.sh: this custos has no daemon command yet (branch daemon); nothing measured" >&2
     exit 2
@@ -68,6 +73,8 @@ daemon_status=$?
 set -e
 end=$(date +%s.%N)
 rss=$(grep -E 'Maximum resident set size' "$work/daemon.err" | grep -oE '[0-9]+$')
+head -n1 "$work/daemon.log" >&2
+grep -vE ' success ' "$work/daemon.log" | sed -n '2,20p' >&2 || true
 
 ok=0 lost=0
 for i in $(seq -w 1 "$tenants"); do
