@@ -102,6 +102,10 @@ impl Context {
                 "AWS KMS needs a region: set [aws] region in custos.toml or AWS_REGION".into(),
             );
         }
+        crate::keys::faults::from_env(&mut keys).map_err(|message| crate::Error::Config {
+            path: "CUSTOS_KEY_FAULTS".into(),
+            message,
+        })?;
         let state = StateDir::open(&cfg.state_dir)?;
         Ok(Context {
             audit: Some(crate::audit::AuditLog::from_config(
@@ -120,8 +124,13 @@ impl Context {
     }
 }
 
-/// Opens the configured object store.
+/// Opens the configured object store (wrapped in the fault injector when
+/// `CUSTOS_FAULTS` is set: manual fault testing, see `store::faults`).
 pub fn open_store(cfg: &crate::config::Config) -> crate::Result<SharedStore> {
+    crate::store::faults::from_env(open_configured_store(cfg)?)
+}
+
+fn open_configured_store(cfg: &crate::config::Config) -> crate::Result<SharedStore> {
     use crate::config::StoreLocation;
     match &cfg.store {
         StoreLocation::Local(path) => crate::store::local::open(path),

@@ -34,6 +34,15 @@ pub struct TenantMemory {
     pub forgotten_snapshots: BTreeSet<SnapshotId>,
     /// Index files prune replaced; one reappearing is a rollback.
     pub removed_indexes: BTreeSet<IndexId>,
+    /// Snapshots a forget decided to remove and is deleting. Recorded before the
+    /// deletes and moved to `forgotten_snapshots` once they are done, so that
+    /// one still present after a crash is a removal to finish, not a replay:
+    /// it is never listed or restored, and the next forget or prune deletes it.
+    pub forgetting_snapshots: BTreeSet<SnapshotId>,
+    /// Index files a prune has replaced and is deleting (the same two phases):
+    /// one still present after a crash is loaded as usual (the consolidated
+    /// index already covers it) and deleted by the next prune.
+    pub removing_indexes: BTreeSet<IndexId>,
 }
 
 impl StateDir {

@@ -1,6 +1,7 @@
 //! Someone with write access to the store tampers with it. Every case is
-//! detected by `check --read-data` and by `restore`, with a non-zero exit and
-//! an error naming the object; detection changes nothing in the store.
+//! detected by `check --read-data`, by `restore` and by `drill`, with a
+//! non-zero exit and an error naming the object; detection changes nothing
+//! in the store.
 
 mod common;
 
@@ -88,10 +89,36 @@ fn assert_detected(cli: &Cli, tenant: &str, object: &str, kind: &str) {
         "stderr names the object: {}",
         restore.stderr
     );
+    assert_drill_fails(cli, tenant, object, kind);
     assert_eq!(
         before,
         cli.objects(tenant),
         "detection must not change the store"
+    );
+}
+
+/// `custos drill` fails with `kind`, naming `object`.
+fn assert_drill_fails(cli: &Cli, tenant: &str, object: &str, kind: &str) {
+    let drill = cli.run(&["drill", tenant, "--json"]);
+    assert_eq!(
+        drill.code, 1,
+        "drill should fail:\n{}\n{}",
+        drill.stdout, drill.stderr
+    );
+    // A drill reports its own coarse reason (`corrupt_object` covers foreign
+    // and replayed objects too) and the exact error kind behind it.
+    let report = drill.json();
+    assert_eq!(
+        report["result"]["error_kind"], kind,
+        "drill error kind: {report}"
+    );
+    assert_eq!(report["result"]["outcome"], "failed");
+    assert!(
+        report["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(object),
+        "drill error does not name {object}: {report}"
     );
 }
 
@@ -264,11 +291,18 @@ fn flipped_byte_in_an_envelope() {
             "/nonexistent-custos-target",
             "--json",
         ],
+        vec!["drill", "acme", "--json"],
     ] {
         let r = cli.run(&args);
         assert_eq!(r.code, 1, "{args:?}: {}", r.stderr);
-        let e = r.json()["error"].clone();
-        assert_eq!(e["kind"], "key_unwrap_failed", "{e}");
+        let j = r.json();
+        let e = j["error"].clone();
+        let kind = if args[0] == "drill" {
+            j["result"]["error_kind"].clone()
+        } else {
+            e["kind"].clone()
+        };
+        assert_eq!(kind, "key_unwrap_failed", "{j}");
         assert!(e["message"].as_str().unwrap().contains("local:acme"), "{e}");
     }
     assert_eq!(before, cli.objects("acme"));
@@ -350,4 +384,62 @@ fn newest_index_deleted() {
         "{}",
         restore.stdout
     );
+    let drill = cli.run(&["drill", "acme", "--json"]);
+    assert_eq!(drill.code, 1, "{}", drill.stdout);
+    assert_eq!(drill.json()["result"]["error_kind"], "missing_object");
+}
+
+#[test]
+fn old_tenant_descriptor_replayed() {
+    let (cli, _) = setup("acme");
+    let path = cli.store().join("tenants/acme/tenant.json");
+    let old = fs::read(&path).unwrap();
+    // A legitimate change bumps the descriptor's generation (as rotation and
+    // shredding do); custos remembers the highest generation it has seen.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let ctx = custos::context::Context::embedded(cli.path()).unwrap();
+        let mut repo =
+            custos::repo::Repo::open(&ctx, &custos::TenantId::new("acme").unwrap(), None)
+                .await
+                .unwrap();
+        let generation = repo.descriptor().generation;
+        repo.update_descriptor(|_| {}).await.unwrap();
+        assert_eq!(repo.descriptor().generation, generation + 1);
+    });
+    cli.ok(&["check", "acme"]);
+    // The attacker puts the old descriptor back.
+    fs::write(&path, &old).unwrap();
+    let before = cli.objects("acme");
+    let target = cli.path().join("r");
+    for args in [
+        vec!["check", "acme", "--read-data", "--json"],
+        vec![
+            "restore",
+            "acme",
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+            "--json",
+        ],
+        vec!["drill", "acme", "--json"],
+        vec!["backup", "acme", "--json"],
+    ] {
+        let r = cli.run(&args);
+        assert_eq!(r.code, 1, "{args:?}: {}\n{}", r.stdout, r.stderr);
+        let j = r.json();
+        let e = j["error"].clone();
+        let kind = if args[0] == "drill" {
+            j["result"]["error_kind"].clone()
+        } else {
+            e["kind"].clone()
+        };
+        assert_eq!(kind, "rollback_detected", "{args:?}: {j}");
+        let msg = e["message"].as_str().unwrap();
+        assert!(
+            msg.contains("tenants/acme/tenant.json") && msg.contains("replayed"),
+            "{args:?}: {e}"
+        );
+    }
+    assert!(!target.exists(), "nothing restored");
+    assert_eq!(before, cli.objects("acme"), "detection changes nothing");
 }

@@ -329,6 +329,7 @@ fn history(config: Option<&Path>, args: HistoryArgs) -> ExitCode {
     let json = args.json;
     let result = (|| -> Result<Vec<serde_json::Value>> {
         let config = Config::discover(config)?;
+        super::setup::print_warnings(&config);
         let tenant = tenant_id(&args.tenant)?;
         let state = StateDir::open(&config.state_dir)?;
         let mut reports = state.read_reports(&tenant, Some(JobKind::Drill))?;

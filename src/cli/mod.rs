@@ -129,6 +129,7 @@ async fn run_audit(config: Option<&std::path::Path>, cmd: audit::AuditCommand) -
         Ok(c) => c,
         Err(e) => return output::fail(false, &e.into()),
     };
+    setup::print_warnings(&cfg);
     let store = match crate::context::open_store(&cfg) {
         Ok(s) => s,
         Err(e) => return output::fail(false, &e),

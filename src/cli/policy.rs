@@ -24,7 +24,10 @@ pub async fn run(config: Option<&Path>, cmd: PolicyCommand) -> ExitCode {
     let dir = match dir {
         Some(d) => d,
         None => match Config::discover(config) {
-            Ok(c) => c.policies_dir,
+            Ok(c) => {
+                super::setup::print_warnings(&c);
+                c.policies_dir
+            }
             Err(e) => return super::output::fail(json, &e.into()),
         },
     };

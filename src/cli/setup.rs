@@ -15,11 +15,17 @@ pub struct Setup {
 
 pub async fn setup(config: Option<&Path>) -> Result<Setup> {
     let config = Config::discover(config)?;
+    print_warnings(&config);
+    let ctx = Context::from_config(&config).await?;
+    Ok(Setup { config, ctx })
+}
+
+/// Warns about the configuration (loose permissions on custos.toml): every
+/// command that reads it calls this, so the warning is never missed.
+pub fn print_warnings(config: &Config) {
     for w in &config.warnings {
         tracing::warn!(event = "config.warning", "{w}");
     }
-    let ctx = Context::from_config(&config).await?;
-    Ok(Setup { config, ctx })
 }
 
 pub fn tenant_id(arg: &str) -> Result<TenantId> {

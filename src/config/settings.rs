@@ -687,7 +687,9 @@ fn parse_daemon(d: &mut Diags<'_>, t: &Table<'_>) -> DaemonSettings {
     bounded(
         d,
         "lease_ttl",
-        Duration::from_secs(10),
+        // As low as 1s so crash tests (tests/crash_loop.rs) need not wait long for a
+        // killed holder's lease to run out; production setups keep minutes.
+        Duration::from_secs(1),
         Duration::from_secs(3_600),
         &mut s.lease_ttl,
     );
@@ -954,7 +956,7 @@ metrics_listen = "127.0.0.1:9464"
     #[test]
     fn reports_every_error_with_its_line() {
         let errs = errors_of(
-            "store = \"file://rel\"\nbogus = 1\n[daemon]\nlease_ttl = \"1s\"\njitter = \"soon\"\nmetrics_listen = \"localhost:9464\"\nmax_concurrent_jobs = 0\nthreads = 3\n[aws]\nendpoint_url = \"http://127.0.0.1:4566\"\n",
+            "store = \"file://rel\"\nbogus = 1\n[daemon]\nlease_ttl = \"500ms\"\njitter = \"soon\"\nmetrics_listen = \"localhost:9464\"\nmax_concurrent_jobs = 0\nthreads = 3\n[aws]\nendpoint_url = \"http://127.0.0.1:4566\"\n",
         );
         assert_eq!(errs.len(), 8, "{errs:#?}");
         assert!(
@@ -966,7 +968,7 @@ metrics_listen = "127.0.0.1:9464"
             errs[1],
             "2:1: bogus: unknown key (expected one of: store, state_dir, policies_dir, local_keys, aws, daemon, audit)"
         );
-        assert_eq!(errs[2], "4:13: daemon.lease_ttl: must be from 10s to 1h");
+        assert_eq!(errs[2], "4:13: daemon.lease_ttl: must be from 1s to 1h");
         assert!(
             errs[3].starts_with("5:10: daemon.jitter: invalid duration \"soon\""),
             "{}",

@@ -179,6 +179,10 @@ pub async fn run(
         custos_version: env!("CARGO_PKG_VERSION").into(),
     };
     let sealed = snapshot.seal(&keys);
+    // The CMK may have been disabled since the data key was unwrapped: commit
+    // only under a key that is still usable (the uploaded packs stay
+    // unreferenced until prune).
+    repo.confirm_key_usable().await?;
     lease.ensure_held()?;
     repo.store()
         .put(&ObjectName::Snapshot(snapshot.id), Bytes::from(sealed))

@@ -110,12 +110,13 @@ pub async fn run(
     let kept = decisions.len() - remove.len();
     if !dry_run && !remove.is_empty() {
         lease.ensure_held()?;
-        // Record first, then delete: a snapshot that comes back later is a replay,
-        // and one left by an interrupted run is finished by the next run.
+        // Two phases: recorded as being forgotten, deleted, then recorded as
+        // forgotten. One left by an interrupted run is excluded and finished by
+        // the next run; one that comes back after the second phase is a replay.
         repo.context()
             .state
             .update_tenant_memory(repo.tenant(), |m| {
-                m.forgotten_snapshots.extend(remove.iter().copied())
+                m.forgetting_snapshots.extend(remove.iter().copied())
             })?;
         for id in &remove {
             repo.store().delete(&ObjectName::Snapshot(*id)).await?;
@@ -132,14 +133,12 @@ pub async fn run(
     })
 }
 
-/// Deletes snapshots recorded as forgotten that are still in the store
-/// (an interrupted forget). Returns how many.
+/// Deletes snapshots recorded as forgotten (or being forgotten) that are
+/// still in the store (an interrupted forget), then records every snapshot
+/// being forgotten as forgotten. Returns how many were deleted. Callers hold
+/// the tenant lease (forget, prune).
 pub async fn finish_interrupted(repo: &Repo) -> Result<usize> {
-    let forgotten = repo
-        .context()
-        .state
-        .tenant_memory(repo.tenant())?
-        .forgotten_snapshots;
+    let memory = repo.context().state.tenant_memory(repo.tenant())?;
     let mut n = 0;
     for l in repo
         .store()
@@ -147,11 +146,20 @@ pub async fn finish_interrupted(repo: &Repo) -> Result<usize> {
         .await?
     {
         if let Some(ObjectName::Snapshot(id)) = l.name
-            && forgotten.contains(&id)
+            && (memory.forgotten_snapshots.contains(&id)
+                || memory.forgetting_snapshots.contains(&id))
         {
             repo.store().delete(&ObjectName::Snapshot(id)).await?;
             n += 1;
         }
+    }
+    if !memory.forgetting_snapshots.is_empty() {
+        repo.context()
+            .state
+            .update_tenant_memory(repo.tenant(), |m| {
+                let done = std::mem::take(&mut m.forgetting_snapshots);
+                m.forgotten_snapshots.extend(done);
+            })?;
     }
     Ok(n)
 }

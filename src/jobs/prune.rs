@@ -45,6 +45,8 @@ pub struct PruneReport {
     pub bytes_freed: u64,
     pub bytes_written: u64,
     pub index_files_replaced: usize,
+    /// Half-written objects of killed runs removed (local store only).
+    pub staging_files_removed: usize,
     pub dry_run: bool,
 }
 
@@ -73,7 +75,18 @@ pub async fn run(
     packer_cfg: PackerConfig,
     dry_run: bool,
 ) -> Result<PruneReport> {
+    if !dry_run {
+        lease.ensure_held()?;
+        // What killed runs left that no listing shows or that a lease guards.
+        crate::jobs::forget::finish_interrupted(repo).await?;
+    }
+    let staging_files_removed = if dry_run {
+        0
+    } else {
+        sweep_local_staging(repo)?
+    };
     let (index, index_faults) = repo.load_index().await?;
+    finish_index_removal(repo, &index)?;
     if let Some(f) = index_faults.iter().find(|f| f.kind != "unknown_object") {
         return Err(Error::InvalidArgument(format!(
             "refusing to prune with an unreadable index ({}: {}); run `custos check` first",
@@ -106,6 +119,7 @@ pub async fn run(
         }
     }
     let mut report = PruneReport {
+        staging_files_removed,
         snapshots: snapshots.len(),
         blobs_used: used.len(),
         packs_total: stored.len(),
@@ -229,15 +243,24 @@ pub async fn run(
         .map(|(id, _)| *id)
         .filter(|id| !written.contains(id))
         .collect();
+    // Two phases, so a crash in between is not mistaken for a rollback: an
+    // index still present while "removing" is loaded as usual and deleted by
+    // the next prune; one that reappears once "removed" is a rollback.
     repo.context()
         .state
         .update_tenant_memory(repo.tenant(), |m| {
-            m.removed_indexes.extend(old.iter().copied())
+            m.removing_indexes.extend(old.iter().copied())
         })?;
     for id in &old {
         lease.ensure_held()?;
         repo.store().delete(&ObjectName::Index(*id)).await?;
     }
+    repo.context()
+        .state
+        .update_tenant_memory(repo.tenant(), |m| {
+            let done = std::mem::take(&mut m.removing_indexes);
+            m.removed_indexes.extend(done);
+        })?;
     report.index_files_replaced = old.len();
 
     // 4. Packs nothing references any more.
@@ -246,6 +269,31 @@ pub async fn run(
         repo.store().delete(&ObjectName::Pack(*pack)).await?;
     }
     Ok(report)
+}
+
+/// On the local store, a run killed mid-upload leaves its object's staging
+/// file (`<name>#<n>`), which listings do not show; prune holds the tenant
+/// lease, so no other writer of this tenant's data can be mid-upload.
+fn sweep_local_staging(repo: &Repo) -> Result<usize> {
+    let Some(root) = repo.context().store_url.strip_prefix("file://") else {
+        return Ok(0);
+    };
+    let root = std::path::Path::new(root);
+    crate::store::local::sweep_staging(root, repo.tenant()).map_err(|e| Error::io(root, e))
+}
+
+/// Index files an interrupted prune was removing and that are all gone now
+/// are recorded as removed (a later reappearance is then a rollback).
+fn finish_index_removal(repo: &Repo, index: &Index) -> Result<()> {
+    let state = &repo.context().state;
+    let removing = state.tenant_memory(repo.tenant())?.removing_indexes;
+    if !removing.is_empty() && !index.files.iter().any(|(id, _)| removing.contains(id)) {
+        state.update_tenant_memory(repo.tenant(), |m| {
+            let done = std::mem::take(&mut m.removing_indexes);
+            m.removed_indexes.extend(done);
+        })?;
+    }
+    Ok(())
 }
 
 fn epochs_in(index: &Index) -> Vec<u32> {

@@ -13,6 +13,7 @@
 
 pub mod aws_kms;
 pub mod derive;
+pub mod faults;
 pub mod local;
 pub mod secret;
 

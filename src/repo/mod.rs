@@ -531,6 +531,38 @@ impl Repo {
         Ok(keys)
     }
 
+    /// Asks the key provider whether the CMK wrapping the current epoch is
+    /// still usable. The data key is unwrapped once, at the start of a job;
+    /// a backup calls this again before committing its snapshot, so a key
+    /// disabled (or scheduled for deletion) during the backup stops it from
+    /// committing: revoking the key takes effect for every backup still
+    /// running, not only for the next one.
+    pub async fn confirm_key_usable(&self) -> Result<()> {
+        let env = self.load_envelope(self.descriptor.current_epoch).await?;
+        let key = env.key;
+        let info = self.ctx.keys.for_key(&key)?.describe(&key).await?;
+        let name = key.to_string();
+        let refused = match info.state {
+            crate::keys::KeyState::Enabled => return Ok(()),
+            crate::keys::KeyState::Disabled => KeyError::Disabled { key: name },
+            crate::keys::KeyState::PendingDeletion { deletion_date } => KeyError::PendingDeletion {
+                key: name,
+                deletion_date,
+            },
+            crate::keys::KeyState::PendingImport => KeyError::PendingImport { key: name },
+            crate::keys::KeyState::Destroyed { destroyed_at } => KeyError::Destroyed {
+                key: name,
+                destroyed_at,
+            },
+            crate::keys::KeyState::Other { name: state } => KeyError::Backend {
+                provider: key.kind().scheme(),
+                key: name,
+                message: format!("the key is {state}, not enabled"),
+            },
+        };
+        Err(refused.into())
+    }
+
     pub async fn current_keys(&self) -> Result<Arc<EpochKeys>> {
         self.epoch_keys(self.descriptor.current_epoch).await
     }
@@ -610,16 +642,18 @@ impl Repo {
     pub async fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
         self.require_readable()?;
         let name = ObjectName::Snapshot(*id);
-        if self
-            .ctx
-            .state
-            .tenant_memory(self.tenant())?
-            .forgotten_snapshots
-            .contains(id)
-        {
+        let memory = self.ctx.state.tenant_memory(self.tenant())?;
+        if memory.forgotten_snapshots.contains(id) {
             return Err(Error::Rollback {
                 object: self.store.display(&name),
                 reason: "this snapshot was forgotten and has reappeared (replayed)".into(),
+            });
+        }
+        if memory.forgetting_snapshots.contains(id) {
+            return Err(Error::NotFound {
+                what: format!(
+                    "snapshot {id} (it is being forgotten: an interrupted forget, which the next forget or prune finishes)"
+                ),
             });
         }
         Ok(self
@@ -632,10 +666,17 @@ impl Repo {
     pub async fn list_snapshots(&self) -> Result<(Vec<Snapshot>, Vec<Fault>)> {
         self.require_readable()?;
         let listed = self.store.list(Dir::Snapshots).await?;
+        let forgetting = self
+            .ctx
+            .state
+            .tenant_memory(self.tenant())?
+            .forgetting_snapshots;
         let mut faults = Vec::new();
         let mut ids = Vec::new();
         for l in listed {
             match l.name {
+                // Left by an interrupted forget: no longer a snapshot of the tenant.
+                Some(ObjectName::Snapshot(id)) if forgetting.contains(&id) => {}
                 Some(ObjectName::Snapshot(id)) => ids.push(id),
                 _ => faults.push(unknown_object(&self.store, &l.path)),
             }
@@ -747,23 +788,30 @@ pub fn is_object_fault(e: &Error) -> bool {
 fn first_fault(faults: Vec<Fault>) -> Result<()> {
     match faults.into_iter().next() {
         None => Ok(()),
-        Some(f) => Err(match f.kind {
-            "foreign_object" => Error::Foreign {
-                object: f.object,
-                reason: f.message,
-            },
-            "rollback_detected" => Error::Rollback {
-                object: f.object,
-                reason: f.message,
-            },
-            "missing_object" => Error::Missing {
-                object: f.object,
-                reason: f.message,
-            },
-            _ => Error::Corrupt {
-                object: f.object,
-                reason: f.message,
-            },
+        Some(mut f) => Err({
+            // A fault made from an error already says "<kind> <object>: ";
+            // the error rebuilt from it says so again otherwise.
+            if let Some((_, reason)) = f.message.split_once(&format!("{}: ", f.object)) {
+                f.message = reason.to_owned();
+            }
+            match f.kind {
+                "foreign_object" => Error::Foreign {
+                    object: f.object,
+                    reason: f.message,
+                },
+                "rollback_detected" => Error::Rollback {
+                    object: f.object,
+                    reason: f.message,
+                },
+                "missing_object" => Error::Missing {
+                    object: f.object,
+                    reason: f.message,
+                },
+                _ => Error::Corrupt {
+                    object: f.object,
+                    reason: f.message,
+                },
+            }
         }),
     }
 }

@@ -96,6 +96,13 @@ impl LeaseGuard {
             {
                 Ok(r) => return Ok(Self::start(store, ttl, record, version(&r), None)),
                 Err(object_store::Error::AlreadyExists { .. }) => {}
+                // A transient failure: the lease may or may not have been written.
+                // Look (below): if it is ours, it is taken over as our own.
+                Err(e) if super::tenant::is_transient(&e) => {
+                    tracing::debug!(error = %e, "transient error taking the lease; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 + rand::random_range(0..200)))
+                        .await;
+                }
                 Err(e) => return Err(Self::conditional_error(store, e)),
             }
             // Someone holds it, or held it and died: look.
@@ -140,6 +147,11 @@ impl LeaseGuard {
                 // Another process took it first, or it was released: try again.
                 Err(object_store::Error::Precondition { .. })
                 | Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) if super::tenant::is_transient(&e) => {
+                    tokio::time::sleep(Duration::from_millis(100 + rand::random_range(0..200)))
+                        .await;
+                    continue;
+                }
                 Err(e) => return Err(Self::conditional_error(store, e)),
             }
         }
@@ -215,7 +227,8 @@ impl LeaseGuard {
         self.inner.state.lock().await.0.clone()
     }
 
-    /// Releases the lease if it is still ours.
+    /// Releases the lease if it is still ours. Transient store errors are
+    /// retried: a lease left behind blocks the tenant until it expires.
     pub async fn release(self) {
         self.keepalive.abort();
         let state = self.inner.state.lock().await;
@@ -227,31 +240,101 @@ impl LeaseGuard {
         let mut expired = state.0.clone();
         expired.expires_at = Utc::now() - chrono::Duration::seconds(1);
         let body = Bytes::from(serde_json::to_vec(&expired).expect("serialises"));
-        if self
-            .inner
-            .store
-            .put_conditional(&ObjectName::Lease, body, PutMode::Update(state.1.clone()))
-            .await
-            .is_ok()
-        {
-            let _ = self.inner.store.delete(&ObjectName::Lease).await;
+        let name = ObjectName::Lease;
+        let mut released = false;
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=RENEW_ATTEMPTS {
+            match self
+                .inner
+                .store
+                .put_conditional(&name, body.clone(), PutMode::Update(state.1.clone()))
+                .await
+            {
+                Ok(_) => {
+                    released = true;
+                    break;
+                }
+                // An earlier attempt may have landed with its response lost.
+                Err(object_store::Error::Precondition { .. }) if attempt > 1 => {
+                    released = matches!(
+                        self.inner.store.get_if_exists(&name).await,
+                        Ok(Some((bytes, _)))
+                            if serde_json::from_slice::<LeaseRecord>(&bytes).ok().as_ref() == Some(&expired)
+                    );
+                    break;
+                }
+                Err(e) if attempt < RENEW_ATTEMPTS && super::tenant::is_transient(&e) => {
+                    tokio::time::sleep(delay).await;
+                    delay *= 3;
+                }
+                Err(e) => {
+                    tracing::warn!(event = "lease.release_failed", tenant = %self.inner.store.tenant(), error = %e, "could not release the lease; it expires on its own");
+                    break;
+                }
+            }
+        }
+        if released {
+            // Expired already: if this delete fails, the next job takes it over.
+            let _ = self.inner.store.delete(&name).await;
         }
     }
 }
 
+/// Renewal (and release) attempts before giving up. Renewals run every third
+/// of the TTL, so a few quick retries fit well inside it.
+const RENEW_ATTEMPTS: u32 = 4;
+
 impl Inner {
+    /// Renews the lease. Transient store errors are retried; a renewal whose
+    /// response was lost but which was written shows up as a changed version
+    /// holding our own record, and is adopted rather than taken for a takeover.
     async fn renew(&self) -> Result<()> {
         let mut state = self.state.lock().await;
         let mut record = state.0.clone();
         record.expires_at = Utc::now() + chrono_ttl(self.ttl);
         let body = Bytes::from(serde_json::to_vec(&record).expect("serialises"));
-        let r = self
-            .store
-            .put_conditional(&ObjectName::Lease, body, PutMode::Update(state.1.clone()))
-            .await
-            .map_err(|e| Error::store("renew lease", self.store.display(&ObjectName::Lease), e))?;
-        *state = (record, version(&r));
-        Ok(())
+        let name = ObjectName::Lease;
+        let fail = |e| Error::store("renew lease", self.store.display(&name), e);
+        let mut uncertain = false;
+        let mut delay = (self.ttl / 30).max(Duration::from_millis(20));
+        for attempt in 1..=RENEW_ATTEMPTS {
+            match self
+                .store
+                .put_conditional(&name, body.clone(), PutMode::Update(state.1.clone()))
+                .await
+            {
+                Ok(r) => {
+                    *state = (record, version(&r));
+                    return Ok(());
+                }
+                Err(object_store::Error::Precondition { .. }) if uncertain => {
+                    // Did our earlier attempt land? Then the lease holds our record.
+                    if let Some((bytes, meta)) = self.store.get_if_exists(&name).await?
+                        && serde_json::from_slice::<LeaseRecord>(&bytes).ok().as_ref()
+                            == Some(&record)
+                    {
+                        let v = UpdateVersion {
+                            e_tag: meta.e_tag,
+                            version: meta.version,
+                        };
+                        *state = (record, v);
+                        return Ok(());
+                    }
+                    return Err(fail(object_store::Error::Precondition {
+                        path: name.to_string(),
+                        source: "the lease was taken over".into(),
+                    }));
+                }
+                Err(e) if attempt < RENEW_ATTEMPTS && super::tenant::is_transient(&e) => {
+                    tracing::debug!(error = %e, attempt, "transient error renewing the lease; retrying");
+                    uncertain = true;
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => return Err(fail(e)),
+            }
+        }
+        unreachable!("the last attempt returns")
     }
 }
 

@@ -164,6 +164,51 @@ impl ObjectStore for LocalStore {
     }
 }
 
+/// Removes the staging files (`<name>#<digits>`, object_store's half-written
+/// uploads, which listings skip) under a tenant's prefix: what a process
+/// killed mid-upload leaves. Only for a caller holding the tenant lease
+/// (prune): no other process then writes the tenant's packs, index files or
+/// snapshots; the descriptor, envelopes and lease are written with
+/// conditional puts, which hold the store's lock, and so does this sweep.
+/// Returns how many were removed.
+pub fn sweep_staging(root: &FsPath, tenant: &crate::TenantId) -> std::io::Result<usize> {
+    let guard = File::open(root)?;
+    guard.lock()?;
+    let mut removed = 0;
+    let mut stack = vec![root.join("tenants").join(tenant.as_str())];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() && is_staging_name(&entry.file_name()) {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    drop(guard);
+    Ok(removed)
+}
+
+/// `<name>#<digits>`, the names `LocalFileSystem` stages uploads under.
+fn is_staging_name(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .and_then(|n| n.rsplit_once('#'))
+        .is_some_and(|(base, n)| {
+            !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+        })
+}
+
 /// Opens a local store as a shared store.
 pub fn open(root: &FsPath) -> crate::Result<Arc<dyn ObjectStore>> {
     let store = LocalStore::new(root).map_err(|e| crate::Error::StoreConfig {
@@ -212,5 +257,39 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(s.get(&p).await.unwrap().bytes().await.unwrap(), "e");
+    }
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use super::*;
+
+    #[test]
+    fn only_staging_files_of_the_tenant_data_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("tenants/acme");
+        for p in ["packs/ab", "index", "snapshots", "locks", "keys"] {
+            std::fs::create_dir_all(t.join(p)).unwrap();
+        }
+        for f in [
+            "packs/ab/abcd#1",
+            "index/ef#12",
+            "snapshots/01#3",
+            "tenant.json#1",
+            "keys/2#1",
+            "locks/lease#1",
+            "packs/ab/abcd",
+            "index/x#y",
+            "tenant.json",
+        ] {
+            std::fs::write(t.join(f), b"x").unwrap();
+        }
+        let acme = crate::TenantId::new("acme").unwrap();
+        assert_eq!(sweep_staging(dir.path(), &acme).unwrap(), 6);
+        assert!(t.join("packs/ab/abcd").exists());
+        assert!(t.join("index/x#y").exists());
+        assert!(t.join("tenant.json").exists());
+        let other = crate::TenantId::new("nobody").unwrap();
+        assert_eq!(sweep_staging(dir.path(), &other).unwrap(), 0);
     }
 }

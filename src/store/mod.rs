@@ -27,3 +27,4 @@ pub type SharedStore = Arc<dyn ObjectStore>;
 pub fn memory() -> SharedStore {
     Arc::new(object_store::memory::InMemory::new())
 }
+pub mod faults;

@@ -172,6 +172,9 @@ impl ProbeRecord {
     }
 }
 
+/// Probes before an inconclusive result is reported (transient errors).
+const PROBE_ATTEMPTS: u32 = 4;
+
 fn cache_path(ctx: &Context) -> std::path::PathBuf {
     let hash = blake3::hash(ctx.store_url.as_bytes());
     ctx.state
@@ -196,7 +199,22 @@ pub async fn probe_cached(ctx: &Context, refresh: bool) -> Result<ProbeRecord> {
         rec.cached = true;
         return Ok(rec);
     }
-    let result = probe_conditional_writes(&ctx.store).await;
+    // An inconclusive probe (a transient store error on the way) is retried:
+    // one 5xx must not make a job fail as if the store were misconfigured.
+    let mut result = probe_conditional_writes(&ctx.store).await;
+    let mut delay = Duration::from_millis(200);
+    for _ in 1..PROBE_ATTEMPTS {
+        if result.conclusive {
+            break;
+        }
+        tracing::debug!(
+            detail = result.detail.as_deref(),
+            "inconclusive store probe; retrying"
+        );
+        tokio::time::sleep(delay).await;
+        delay *= 3;
+        result = probe_conditional_writes(&ctx.store).await;
+    }
     let rec = ProbeRecord {
         url: ctx.store_url.clone(),
         probed_at: now,

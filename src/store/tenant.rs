@@ -77,7 +77,13 @@ impl TenantStore {
         let result = retry(|| async {
             let r = self.scoped.get(&path).await?;
             let meta = r.meta.clone();
-            Ok((r.bytes().await?, meta))
+            let bytes = r.bytes().await?;
+            // A body cut short without an error (a proxy, a buggy server) is
+            // a failed read to retry, not a truncated object.
+            if bytes.len() as u64 != meta.size {
+                return Err(short_read(&path, meta.size, bytes.len()));
+            }
+            Ok((bytes, meta))
         })
         .await;
         match result {
@@ -97,7 +103,16 @@ impl TenantStore {
     /// object (truncated or replaced), not retried as a transient failure.
     pub async fn get_ranges(&self, name: &ObjectName, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
         let path = name.relative();
-        match self.scoped.get_ranges(&path, ranges).await {
+        let read = || async {
+            let parts = self.scoped.get_ranges(&path, ranges).await?;
+            for (part, r) in parts.iter().zip(ranges) {
+                if part.len() as u64 != r.end - r.start {
+                    return Err(short_read(&path, r.end - r.start, part.len()));
+                }
+            }
+            Ok(parts)
+        };
+        match read().await {
             Ok(parts) => return Ok(parts),
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(Error::missing(self.display(name), "not found in the store"));
@@ -116,7 +131,7 @@ impl TenantStore {
                 ),
             ));
         }
-        retry(|| self.scoped.get_ranges(&path, ranges))
+        retry(read)
             .await
             .map_err(|e| self.map_read_error("get", name, e))
     }
@@ -241,6 +256,14 @@ where
         }
     }
     unreachable!("the loop returns on the last attempt")
+}
+
+/// A read that returned fewer bytes than asked for: transient (retried).
+fn short_read(path: &Path, wanted: u64, got: usize) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "custos",
+        source: format!("short read of {path}: {got} of {wanted} bytes").into(),
+    }
 }
 
 pub fn is_transient(e: &object_store::Error) -> bool {

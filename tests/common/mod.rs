@@ -97,6 +97,14 @@ pub fn assert_same(a: &Path, b: &Path) {
     }
 }
 
+/// The AWS_* variables of the test environment (the emulators'), for runs
+/// that need them back (see [`Cli::run_env`]).
+pub fn aws_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("AWS_"))
+        .collect()
+}
+
 /// A custos installation in a temp dir, driven through the real binary:
 /// `custos.toml`, a local store, local keys, state and a policies directory.
 pub struct Cli {
@@ -153,6 +161,11 @@ impl Cli {
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
+        self.run_env(args, &[])
+    }
+
+    /// Runs with extra environment variables (e.g. `CUSTOS_FAULTS`).
+    pub fn run_env(&self, args: &[&str], envs: &[(&str, &str)]) -> Run {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_custos"))
             .arg("--config")
             .arg(self.path().join("custos.toml"))
@@ -161,12 +174,14 @@ impl Cli {
             .env("CUSTOS_LOG_FORMAT", "text")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             // Under scripts/test.sh the emulators' AWS_* variables are exported;
-            // these CLI cases describe a machine without any AWS configuration.
+            // these CLI cases describe a machine without any AWS configuration
+            // (tests that need AWS pass it back with `run_env` and `aws_env`).
             .env_remove("AWS_REGION")
             .env_remove("AWS_DEFAULT_REGION")
             .env_remove("AWS_ENDPOINT_URL")
             .env_remove("AWS_ENDPOINT_URL_KMS")
             .env_remove("AWS_ENDPOINT_URL_S3")
+            .envs(envs.iter().copied())
             .output()
             .expect("run custos");
         Run {
