@@ -172,3 +172,73 @@ fn write_seed_corpus() {
         &with_mode(2, pk.as_bytes()),
     );
 }
+
+/// A brief fuzzing run on stable, in every `cargo test`: each target gets
+/// seeded mutations (bit flips, byte overwrites with boundary values,
+/// truncations, duplicated and deleted ranges) of every corpus file. The
+/// long runs are libFuzzer's (`scripts/fuzz.sh`); this keeps CI exercising
+/// each parser beyond the fixed corpus. `CUSTOS_FUZZ_MUTATIONS` (per file,
+/// default 2000) and `CUSTOS_FUZZ_SEED` reproduce a run.
+#[test]
+fn each_target_survives_seeded_mutations_of_its_corpus() {
+    let per_file: usize = std::env::var("CUSTOS_FUZZ_MUTATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let seed: u64 = std::env::var("CUSTOS_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5eed);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let mut rng = seed | 1;
+    let mut next = move || {
+        // xorshift64*: deterministic, no dependency.
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let mut runs = 0usize;
+    for (name, f) in custos::fuzzing::TARGETS {
+        let mut files: Vec<_> = std::fs::read_dir(root.join(name))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for p in files {
+            let original = std::fs::read(&p).unwrap();
+            for i in 0..per_file {
+                let mut data = original.clone();
+                for _ in 0..1 + next() % 4 {
+                    let len = data.len().max(1);
+                    let at = (next() as usize) % len;
+                    match next() % 6 {
+                        0 if !data.is_empty() => data[at] ^= 1 << (next() % 8),
+                        1 if !data.is_empty() => {
+                            data[at] = [0, 0xff, 0x7f, 0x80, b'"', b'{'][(next() % 6) as usize]
+                        }
+                        2 => data.truncate(at),
+                        3 if !data.is_empty() => {
+                            let end = (at + 1 + (next() as usize) % 64).min(data.len());
+                            let chunk = data[at..end].to_vec();
+                            data.splice(at..at, chunk);
+                        }
+                        4 if !data.is_empty() => {
+                            let end = (at + 1 + (next() as usize) % 64).min(data.len());
+                            data.drain(at..end);
+                        }
+                        _ => data.insert(at.min(data.len()), (next() & 0xff) as u8),
+                    }
+                }
+                let r = std::panic::catch_unwind(|| f(&data));
+                assert!(
+                    r.is_ok(),
+                    "{name}: mutation {i} of {} panics its parser (CUSTOS_FUZZ_SEED={seed}); input: {data:?}",
+                    p.display()
+                );
+                runs += 1;
+            }
+        }
+    }
+    eprintln!("{runs} mutated inputs, seed {seed}");
+}
