@@ -277,6 +277,34 @@ if "custos" in tools and peers:
     L.append("")
     w, u, s = (med("custos", "first", f) for f in ("wall_s", "user_s", "sys_s"))
     L.append(f"custos first backup CPU use: (user + sys) / wall = ({u:.2f} + {s:.2f}) / {w:.2f} = {(u + s) / w:.2f}.\n")
+    # The targets of the performance issue, each with its measured value.
+    def ratio(phase, peer):
+        c, p = med("custos", phase, "wall_s"), med(peer, phase, "wall_s")
+        return c / p if c and p else None
+    def row(what, target, value, ok, fmt="{:.2f}"):
+        shown = fmt.format(value) if value is not None else "not measured"
+        verdict = "—" if value is None else ("met" if ok(value) else "**missed**")
+        L.append(f"| {what} | {target} | {shown} | {verdict} |")
+    L.append("## Targets\n")
+    L.append("| what | target | measured | |")
+    L.append("|---|---|---|---|")
+    for peer in ("restic", "borg"):
+        if peer in tools:
+            row(f"first backup / {peer}", "≤ 0.5", ratio("first", peer), lambda v: v <= 0.5)
+    if "tar|zstd" in tools:
+        row("first backup / `tar | zstd -3 -T2`", "≤ 1.5", ratio("first", "tar|zstd"), lambda v: v <= 1.5)
+    if "restic" in tools:
+        row("backup after 5% change / restic", "≤ 0.7", ratio("incremental", "restic"), lambda v: v <= 0.7)
+        row("backup with nothing changed / restic", "≤ 0.7", ratio("unchanged", "restic"), lambda v: v <= 0.7)
+        row("full restore / restic", "≤ 0.5", ratio("restore", "restic"), lambda v: v <= 0.5)
+        row("check --read-data / restic", "≤ 0.7", ratio("check", "restic"), lambda v: v <= 0.7)
+        c, r = medsize("custos"), medsize("restic")
+        row("repository size / restic", "≤ 1.02", c / r if c and r else None, lambda v: v <= 1.02, "{:.3f}")
+    for phase in ("first", "restore"):
+        v = med("custos", phase, "maxrss_kib")
+        row(f"peak RSS, {phase}", "≤ 150 MiB", v / 1024 if v else None, lambda v: v <= 150, "{:.0f} MiB")
+    row("CPU (user + sys) / wall, first backup", "≥ 1.6", (u + s) / w if w else None, lambda v: v >= 1.6)
+    L.append("")
 L.append("Raw rows: `results.tsv` and `sizes.tsv` in the bench directory.\n")
 open(out, "w").write("\n".join(L))
 print(f"wrote {out}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Large crash-loop campaign: kills backup, forget and prune with SIGKILL at
+# Large crash-loop campaign: kills backup, forget, prune, rotate and shred with SIGKILL at
 # seeded random points, COUNT times each, and checks every invariant after
 # every kill (tests/crash_loop.rs). Runs on the local store, and on S3 when
 # the emulator environment is set (eval "$(scripts/emulators.sh start)").

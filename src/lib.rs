@@ -33,7 +33,7 @@ pub mod util;
 pub use error::{Error, Result};
 pub use tenant::TenantId;
 pub mod context;
+pub mod daemon;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod daemon;
 pub mod state;

@@ -15,11 +15,11 @@
 //! `scripts/crash-loop.sh` runs a large count.
 //!
 //! Jobs covered: backup, forget, prune, rotate (a new data-key epoch and a
-//! CMK rotation with re-wrap of every envelope, alternately). Hook for shred
-//! (on its own branch): add a [`Job`] variant whose `prepare` sets up work
-//! for it and whose `args` run it; the checks after the kill are the same
-//! for every job (a shredded tenant's checks will differ: check must then
-//! report the tenant as shredded, and a re-run of shred must finish it).
+//! CMK rotation with re-wrap of every envelope, alternately), and shred: each
+//! shred round offboards a fresh tenant; after the kill a re-run finishes the
+//! shred with exactly one certificate that verifies (online: keys destroyed,
+//! nothing left in the tenant's prefix), the tenant refuses a restore, and
+//! the other tenant's data still checks and restores.
 
 mod common;
 
@@ -84,17 +84,22 @@ enum Job {
     NewEpoch,
     /// `rotate --cmk`: a new key version, then every envelope re-wrapped.
     RotateCmk,
+    /// `shred <tenant> --confirm <tenant>` of a fresh tenant each round.
+    Shred,
 }
 
 impl Job {
-    fn args(self) -> Vec<&'static str> {
-        match self {
+    /// The command line; `shred_tenant` is the tenant a shred round targets.
+    fn args(self, shred_tenant: &str) -> Vec<String> {
+        let v: Vec<&str> = match self {
             Job::Backup => vec!["backup", "acme"],
             Job::Forget => vec!["forget", "acme", "--keep-last", "2"],
             Job::Prune => vec!["prune", "acme"],
             Job::NewEpoch => vec!["rotate", "acme", "--new-epoch"],
             Job::RotateCmk => vec!["rotate", "acme", "--cmk"],
-        }
+            Job::Shred => vec!["shred", shred_tenant, "--confirm", shred_tenant],
+        };
+        v.into_iter().map(str::to_owned).collect()
     }
 }
 
@@ -111,6 +116,9 @@ struct Campaign {
     kills: usize,
     finished_before_kill: usize,
     jobs: usize,
+    /// The tenant the current shred round offboards (a fresh one each round).
+    shred_tenant: String,
+    shred_rounds: usize,
 }
 
 impl Campaign {
@@ -147,6 +155,8 @@ impl Campaign {
             kills: 0,
             finished_before_kill: 0,
             jobs: 0,
+            shred_tenant: String::new(),
+            shred_rounds: 0,
         };
         for _ in 0..3 {
             c.mutate();
@@ -259,8 +269,18 @@ impl Campaign {
     fn timed(&mut self, job: Job) -> Duration {
         self.prepare(job);
         let t = Instant::now();
-        self.ok(&job.args());
+        self.ok_job(job);
         t.elapsed()
+    }
+
+    fn job_args(&self, job: Job) -> Vec<String> {
+        job.args(&self.shred_tenant)
+    }
+
+    fn ok_job(&mut self, job: Job) -> Run {
+        let args = self.job_args(job);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.ok(&args)
     }
 
     /// Gives the job something to do.
@@ -280,11 +300,86 @@ impl Campaign {
                     self.ok(&["forget", "acme", "--keep-last", "1"]);
                 }
             }
+            Job::Shred => {
+                // A fresh tenant with a few snapshots and two epochs.
+                self.shred_rounds += 1;
+                let t = format!("gone{}", self.shred_rounds);
+                let d = self.cli.path().join(&t);
+                fs::create_dir_all(&d).unwrap();
+                for i in 0..3 {
+                    let len = (256 << 10) + self.rng.below(1 << 20) as usize;
+                    let body = self.rng.bytes(len);
+                    fs::write(d.join(format!("f{i}")), body).unwrap();
+                }
+                fs::write(
+                    self.cli.path().join(format!("policies/{t}.toml")),
+                    format!(
+                        "tenant = \"{t}\"\nkey = \"local:{t}\"\n[[sources]]\ntype = \"path\"\npath = \"{}\"\nname = \"data\"\n",
+                        d.display()
+                    ),
+                )
+                .unwrap();
+                self.ok(&["backup", &t]);
+                self.ok(&["rotate", &t, "--new-epoch"]);
+                self.ok(&["backup", &t]);
+                self.shred_tenant = t;
+            }
         }
+    }
+
+    /// The invariants after a shred was killed: the re-run finishes it, with
+    /// one certificate that verifies online, and the other tenant is intact.
+    fn verify_shred(&mut self, what: &str) {
+        let t = self.shred_tenant.clone();
+        let audit = self.settled(&["audit", "verify"]);
+        assert_eq!(
+            audit.code,
+            0,
+            "{}:\n{}",
+            self.context(&format!("audit verify after {what}")),
+            audit.stderr
+        );
+        self.ok_job(Job::Shred);
+        let ids = self.ok(&["certificate", "get", &t]);
+        let ids: Vec<&str> = ids.stdout.split_whitespace().collect();
+        assert_eq!(
+            ids.len(),
+            1,
+            "{}: {ids:?}",
+            self.context(&format!("certificates of {t} after {what}"))
+        );
+        let file = self.cli.path().join(format!("{t}.certificate.json"));
+        self.ok(&[
+            "certificate",
+            "get",
+            &t,
+            ids[0],
+            "--out",
+            file.to_str().unwrap(),
+        ]);
+        self.ok(&["certificate", "verify", file.to_str().unwrap(), "--online"]);
+        let target = self.cli.path().join("restored-gone");
+        let r = self.settled(&[
+            "restore",
+            &t,
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+        ]);
+        assert_ne!(
+            r.code,
+            0,
+            "{}",
+            self.context(&format!("restore of shredded {t} after {what}"))
+        );
+        self.ok(&["check", "acme", "--read-data"]);
     }
 
     /// The invariants after a kill (or a run that finished first).
     fn verify(&mut self, job: Job, what: &str) {
+        if job == Job::Shred {
+            return self.verify_shred(what);
+        }
         let check = self.settled(&["check", "acme", "--read-data", "--json"]);
         assert_eq!(
             check.code,
@@ -304,7 +399,7 @@ impl Campaign {
             audit.stderr
         );
         // The next run of the same job succeeds.
-        self.ok(&job.args());
+        self.ok_job(job);
         // Prune removes what the killed run left behind.
         self.ok(&["prune", "acme"]);
         let check = self.ok(&["check", "acme", "--read-data", "--json"]);
@@ -343,7 +438,9 @@ impl Campaign {
         for i in 0..loops() {
             self.prepare(job);
             let delay = Duration::from_millis(self.rng.below(span));
-            let killed = self.run_and_kill(&job.args(), delay);
+            let args = self.job_args(job);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let killed = self.run_and_kill(&args, delay);
             let what = format!(
                 "{job:?} #{i} {} at {} ms",
                 if killed { "killed" } else { "finished" },
@@ -355,8 +452,8 @@ impl Campaign {
 
     fn report(&self, store: &str) {
         eprintln!(
-            "crash loop on {store}: seed {}, {} kills, {} runs finished before their kill point, {} custos runs, faults found: 0",
-            self.seed, self.kills, self.finished_before_kill, self.jobs
+            "crash loop on {store}: seed {}, {} kills, {} runs finished before their kill point, {} custos runs, {} tenants shredded, faults found: 0",
+            self.seed, self.kills, self.finished_before_kill, self.jobs, self.shred_rounds
         );
     }
 }
@@ -393,6 +490,7 @@ fn run_all(store: Option<String>, name: &str) {
         Job::Prune,
         Job::NewEpoch,
         Job::RotateCmk,
+        Job::Shred,
     ] {
         c.campaign(job);
     }

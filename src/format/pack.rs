@@ -301,11 +301,9 @@ pub fn encode_frame(plain: &[u8], level: i32, out: &mut Vec<u8>) -> Encoding {
     out.reserve(plain.len() + 1 + TAG_LEN);
     out.push(Encoding::Zstd as u8);
     let limit = plain.len() - plain.len() / 32;
-    if looks_compressible(plain)
-        && let Ok(mut c) = zstd::bulk::Compressor::new(level)
-    {
+    if looks_compressible(plain) {
         out.resize(1 + limit, 0);
-        if let Ok(n) = c.compress_to_buffer(plain, &mut out[1..])
+        if let Ok(n) = with_compressor(level, |c| c.compress_to_buffer(plain, &mut out[1..]))
             && n < limit
         {
             out.truncate(1 + n);
@@ -328,10 +326,37 @@ fn looks_compressible(plain: &[u8]) -> bool {
     }
     let mid = plain.len() / 2;
     let sample = &plain[mid - SAMPLE / 2..mid + SAMPLE / 2];
-    match zstd::bulk::compress(sample, 1) {
-        Ok(c) => c.len() < SAMPLE - SAMPLE / 16,
-        Err(_) => true,
+    let mut out = [0u8; SAMPLE];
+    match with_compressor(1, |c| c.compress_to_buffer(sample, &mut out[..])) {
+        Ok(n) => n < SAMPLE - SAMPLE / 16,
+        // Did not fit in SAMPLE bytes: incompressible.
+        Err(_) => false,
     }
+}
+
+/// Runs `f` with this thread's zstd compressor for `level`. A context is
+/// reused across blobs: creating one per blob cost more than compressing a
+/// small file.
+fn with_compressor<T>(
+    level: i32,
+    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    use std::cell::RefCell;
+    thread_local! {
+        static COMPRESSORS: RefCell<Vec<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { RefCell::new(Vec::new()) };
+    }
+    COMPRESSORS.with(|cell| {
+        let mut all = cell.borrow_mut();
+        let i = match all.iter().position(|(l, _)| *l == level) {
+            Some(i) => i,
+            None => {
+                all.push((level, zstd::bulk::Compressor::new(level)?));
+                all.len() - 1
+            }
+        };
+        f(&mut all[i].1)
+    })
 }
 
 /// Decodes a frame back to the raw chunk of `raw_len` bytes.

@@ -6,10 +6,15 @@
 //! ```text
 //! caller ──(bounded)──▶ worker × N: zstd + AES-GCM into its own pack ──(bounded)──▶ uploader (K puts in flight)
 //! ```
+//!
+//! Pack buffers are the big allocations (one per open, queued or uploading
+//! pack), so they are counted: a worker opens a pack only under a permit of
+//! the pack budget, released when the pack's upload ends. At most N + K
+//! packs exist at once, however slow the store.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -83,6 +88,38 @@ pub struct Packer {
 struct Shared {
     failed: AtomicBool,
     error: Mutex<Option<Error>>,
+    budget: PackBudget,
+}
+
+/// Counts pack buffers alive (open, queued or uploading) against a limit.
+struct PackBudget {
+    used: Mutex<usize>,
+    freed: Condvar,
+    limit: usize,
+}
+
+/// One pack buffer's place in the budget; dropping it frees the place.
+struct Permit(Arc<Shared>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let b = &self.0.budget;
+        *b.used.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        b.freed.notify_one();
+    }
+}
+
+impl Shared {
+    /// Blocks until a pack buffer may be allocated.
+    fn permit(self: &Arc<Self>) -> Permit {
+        let b = &self.budget;
+        let mut used = b.used.lock().unwrap_or_else(|p| p.into_inner());
+        while *used >= b.limit {
+            used = b.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += 1;
+        Permit(self.clone())
+    }
 }
 
 impl Shared {
@@ -109,14 +146,19 @@ impl Packer {
         cfg: PackerConfig,
         rt: &Handle,
     ) -> Self {
+        let workers_n = cfg.workers.max(1);
         let shared = Arc::new(Shared {
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
+            budget: PackBudget {
+                used: Mutex::new(0),
+                freed: Condvar::new(),
+                limit: workers_n + cfg.upload_concurrency.max(1),
+            },
         });
-        let workers_n = cfg.workers.max(1);
         let (work_tx, work_rx) = sync_channel::<Work>(workers_n * 2);
         let work_rx = Arc::new(Mutex::new(work_rx));
-        let (pack_tx, pack_rx) = tokio::sync::mpsc::channel::<FinishedPack>(1);
+        let (pack_tx, pack_rx) = tokio::sync::mpsc::channel::<(FinishedPack, Permit)>(1);
         let workers = (0..workers_n)
             .map(|i| {
                 let keys = keys.clone();
@@ -207,11 +249,11 @@ impl Drop for Packer {
 fn worker(
     keys: Arc<EpochKeys>,
     rx: Arc<Mutex<Receiver<Work>>>,
-    tx: tokio::sync::mpsc::Sender<FinishedPack>,
+    tx: tokio::sync::mpsc::Sender<(FinishedPack, Permit)>,
     cfg: PackerConfig,
     shared: Arc<Shared>,
 ) {
-    let mut pack: Option<PackWriter> = None;
+    let mut pack: Option<(PackWriter, Permit)> = None;
     let mut frame = Vec::new();
     loop {
         let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
@@ -219,7 +261,10 @@ fn worker(
         if shared.failed.load(Ordering::SeqCst) {
             continue; // drain, so the producer never blocks on a dead pipeline
         }
-        let w = pack.get_or_insert_with(|| PackWriter::new(&keys, cfg.pack_size + (1 << 20)));
+        let (w, _) = pack.get_or_insert_with(|| {
+            let permit = shared.permit();
+            (PackWriter::new(&keys, cfg.pack_size + (1 << 20)), permit)
+        });
         match work {
             Work::Raw { id, kind, data } => {
                 encode_frame(&data, cfg.compression_level, &mut frame);
@@ -235,34 +280,35 @@ fn worker(
             }
         }
         if w.len() >= cfg.pack_size {
-            let done = pack.take().expect("pack is open").finish();
-            if tx.blocking_send(done).is_err() {
+            let (w, permit) = pack.take().expect("pack is open");
+            if tx.blocking_send((w.finish(), permit)).is_err() {
                 return;
             }
         }
     }
-    if let Some(w) = pack.take().filter(|w| !w.is_empty())
+    if let Some((w, permit)) = pack.take().filter(|(w, _)| !w.is_empty())
         && !shared.failed.load(Ordering::SeqCst)
     {
-        let _ = tx.blocking_send(w.finish());
+        let _ = tx.blocking_send((w.finish(), permit));
     }
 }
 
 async fn uploader(
     store: TenantStore,
-    mut rx: tokio::sync::mpsc::Receiver<FinishedPack>,
+    mut rx: tokio::sync::mpsc::Receiver<(FinishedPack, Permit)>,
     concurrency: usize,
     shared: Arc<Shared>,
 ) -> PackerOutput {
     let mut out = PackerOutput::default();
     let mut in_flight = FuturesUnordered::new();
-    let upload = |pack: FinishedPack| {
+    let upload = |(pack, permit): (FinishedPack, Permit)| {
         let store = store.clone();
         async move {
             let size = pack.bytes.len() as u64;
             let r = store
                 .put(&ObjectName::Pack(pack.id), Bytes::from(pack.bytes))
                 .await;
+            drop(permit);
             (pack.id, pack.entries, pack.raw_bytes, size, r)
         }
     };
