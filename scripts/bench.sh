@@ -306,6 +306,14 @@ if "custos" in tools and peers:
     row("CPU (user + sys) / wall, first backup", "≥ 1.6", (u + s) / w if w else None, lambda v: v >= 1.6)
     L.append("")
 L.append("Raw rows: `results.tsv` and `sizes.tsv` in the bench directory.\n")
+# Notes and other runs written below the marker survive a regeneration.
+MARK = "<!-- kept by scripts/bench.sh: notes and other runs below -->"
+try:
+    old = open(out).read()
+    if MARK in old:
+        L.append(MARK + old.split(MARK, 1)[1].rstrip("\n") + "\n")
+except FileNotFoundError:
+    pass
 open(out, "w").write("\n".join(L))
 print(f"wrote {out}")
 PY
