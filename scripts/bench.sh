@@ -67,6 +67,7 @@ if [[ ! -f $PRISTINE/.complete ]]; then
 fi
 DATA=$B/data            # the path every tool backs up (incremental runs need a stable path)
 RESTORE=$B/restore
+export B DATA RESTORE CUSTOS BACKEND
 RESULTS=$B/results.tsv
 printf 'round\ttool\tphase\twall_s\tuser_s\tsys_s\tmaxrss_kib\n' >"$RESULTS"
 SIZES=$B/sizes.tsv
@@ -83,10 +84,15 @@ mkbucket() {
 }
 
 # measure ROUND TOOL PHASE CMD...: runs CMD under /usr/bin/time, appends a result row.
+# CMD may be one of the shell functions below: it runs in a child bash that
+# gets every function (the variables they read are exported).
 measure() {
     local round=$1 tool=$2 phase=$3
     shift 3
     sync
+    if declare -F "$1" >/dev/null; then
+        set -- bash -c "$(declare -f); $*"
+    fi
     if ! /usr/bin/time -f '%e %U %S %M' -o "$B/time.out" "$@" >"$B/cmd.out" 2>"$B/cmd.err"; then
         cat "$B/cmd.out" "$B/cmd.err" >&2
         die "$tool $phase failed (round $round)"
@@ -160,16 +166,15 @@ rustic_restore() { rustic restore latest "$RESTORE"; }
 rustic_check() { rustic check --read-data; }
 rustic_size() { du -sb "$B/rustic" | cut -f1; }
 
-BORG_N=0
 borg_setup() {
     export BORG_REPO=$B/borg BORG_PASSPHRASE=bench BORG_BASE_DIR=$B/borg-base
     export BORG_RELOCATED_REPO_ACCESS_IS_OK=yes BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
     rm -rf "$BORG_REPO" "$BORG_BASE_DIR"
-    BORG_N=0
 }
 borg_init() { borg init --encryption repokey-blake2; }
-# zstd level 3, like custos and restic; borg's default is lz4.
-borg_backup() { BORG_N=$((BORG_N + 1)); borg create --compression zstd,3 "::a$BORG_N" "$DATA"; }
+# zstd level 3, like custos and restic; borg's default is lz4. BORG_N (the
+# archive number) is counted up by run_tool before each backup.
+borg_backup() { borg create --compression zstd,3 "::a$BORG_N" "$DATA"; }
 borg_restore() { (cd "$RESTORE" && borg extract "::a$BORG_N"); }
 borg_check() { borg check --verify-data; }
 borg_size() { du -sb "$B/borg" | cut -f1; }
@@ -181,9 +186,12 @@ run_tool() {
     rm -f "$DATA/.complete"
     "${tool}_setup"
     "${tool}_init" >/dev/null 2>&1 || die "$tool init failed"
+    export BORG_N=1
     measure "$round" "$tool" first "${tool}_backup"
     "$GEN" mutate 5 "$SEED" "$DATA" >&2
+    BORG_N=2
     measure "$round" "$tool" incremental "${tool}_backup"
+    BORG_N=3
     measure "$round" "$tool" unchanged "${tool}_backup"
     mkdir -p "$RESTORE"
     measure "$round" "$tool" restore "${tool}_restore"
@@ -246,7 +254,8 @@ L.append("Dataset: 40% compressible logs/JSON, 40% incompressible binaries, 20% 
          "the incremental run follows a seeded mutation of about 5% of the files. "
          "Settings: custos defaults (zstd 3); restic defaults (repository v2, compression auto); borg `--compression zstd,3`, `repokey-blake2`.\n")
 L.append("## Wall time (seconds) and peak memory\n")
-L.append("| phase | " + " | ".join(tools) + " |")
+esc = lambda t: t.replace("|", "\\|")  # a pipe inside a table cell
+L.append("| phase | " + " | ".join(esc(t) for t in tools) + " |")
 L.append("|---|" + "---|" * len(tools))
 for p in phases + ["rss"]:
     cells = []
@@ -292,7 +301,7 @@ if "custos" in tools and peers:
         if peer in tools:
             row(f"first backup / {peer}", "≤ 0.5", ratio("first", peer), lambda v: v <= 0.5)
     if "tar|zstd" in tools:
-        row("first backup / `tar | zstd -3 -T2`", "≤ 1.5", ratio("first", "tar|zstd"), lambda v: v <= 1.5)
+        row("first backup / `tar \\| zstd -3 -T2`", "≤ 1.5", ratio("first", "tar|zstd"), lambda v: v <= 1.5)
     if "restic" in tools:
         row("backup after 5% change / restic", "≤ 0.7", ratio("incremental", "restic"), lambda v: v <= 0.7)
         row("backup with nothing changed / restic", "≤ 0.7", ratio("unchanged", "restic"), lambda v: v <= 0.7)

@@ -284,7 +284,7 @@ pub fn open_blob(
 ) -> Result<Vec<u8>, SealError> {
     let mut buf = sealed.to_vec();
     opener.open_segment(entry.segment as u64, false, &mut buf)?;
-    let plain = decode_frame(&buf, entry.raw_len)?;
+    let plain = decode_frame_owned(buf, entry.raw_len)?;
     if keys.blob_id(&plain) != entry.id.0 {
         return Err(SealError::Malformed(format!(
             "blob {} does not hash to its id",
@@ -334,6 +334,26 @@ fn looks_compressible(plain: &[u8]) -> bool {
     }
 }
 
+/// Runs `f` with this thread's zstd decompressor (a context per blob cost
+/// more than decompressing a small file).
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    use std::cell::RefCell;
+    thread_local! {
+        static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { RefCell::new(None) };
+    }
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let d = match &mut *slot {
+            Some(d) => d,
+            None => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        f(d)
+    })
+}
+
 /// Runs `f` with this thread's zstd compressor for `level`. A context is
 /// reused across blobs: creating one per blob cost more than compressing a
 /// small file.
@@ -361,12 +381,21 @@ fn with_compressor<T>(
 
 /// Decodes a frame back to the raw chunk of `raw_len` bytes.
 pub fn decode_frame(frame: &[u8], raw_len: u32) -> Result<Vec<u8>, SealError> {
-    let (&enc, payload) = frame
-        .split_first()
-        .ok_or_else(|| SealError::Malformed("empty blob frame".into()))?;
+    decode_frame_owned(frame.to_vec(), raw_len)
+}
+
+/// [`decode_frame`] on a frame the caller no longer needs: a raw frame's
+/// buffer becomes the plaintext without another allocation.
+pub fn decode_frame_owned(mut frame: Vec<u8>, raw_len: u32) -> Result<Vec<u8>, SealError> {
+    let Some(&enc) = frame.first() else {
+        return Err(SealError::Malformed("empty blob frame".into()));
+    };
     let plain = match enc {
-        0 => payload.to_vec(),
-        1 => zstd::bulk::decompress(payload, raw_len as usize)
+        0 => {
+            frame.remove(0);
+            frame
+        }
+        1 => with_decompressor(|d| d.decompress(&frame[1..], raw_len as usize))
             .map_err(|e| SealError::Malformed(format!("zstd: {e}")))?,
         other => {
             return Err(SealError::Malformed(format!(
