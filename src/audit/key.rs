@@ -242,6 +242,11 @@ impl AuditKey {
         self.signing.sign(message).to_bytes()
     }
 
+    /// Signs `text` (ending in a newline) as a signed note under this key's name.
+    pub(crate) fn sign_note(&self, text: &str) -> Result<String, super::note::NoteError> {
+        super::note::sign(text, self.name(), &self.signing)
+    }
+
     /// Signs a checkpoint of this key's log.
     pub fn sign_checkpoint(
         &self,

@@ -63,6 +63,8 @@ pub const SEGMENT_RECORDS: u64 = 1000;
 pub const LOG_FILE: &str = "log.jsonl";
 pub const CHECKPOINT_DIR: &str = "checkpoints";
 const TAIL_FILE: &str = "tail.json";
+/// The signed intent of the append in progress (see `verify::pending_text`).
+pub const PENDING_FILE: &str = "pending";
 const REPLICATED_FILE: &str = "replicated.json";
 const LOCK_FILE: &str = "lock";
 const TAIL_FORMAT: &str = "custos-audit-tail/1";
@@ -784,6 +786,15 @@ impl Inner {
         let rec = AuditRecord::new(tail.size, event, tenant, actor, details, tail.prev_hex());
         let line = rec.to_line();
         let path = self.log_path();
+        // Signed intent first: a crash after the record but before its
+        // checkpoint is then provably custos' own interrupted append.
+        let intent = super::verify::pending_text(tail.size + 1, &record::leaf_hash(&line));
+        let note = self
+            .key
+            .sign_note(&intent)
+            .map_err(|e| Error::Internal(format!("signing an audit append intent: {e}")))?;
+        let pending = self.dir.join(PENDING_FILE);
+        write_file_atomic(&pending, note.as_bytes(), 0o644).map_err(|e| Error::io(&pending, e))?;
         let mut bytes = line.clone();
         bytes.push(b'\n');
         let mut f = OpenOptions::new()
@@ -802,6 +813,8 @@ impl Inner {
         tail.push(&line);
         self.write_checkpoint(&tail)?;
         self.write_tail(&tail)?;
+        // A stale intent (its size now signed) is ignored by verify.
+        let _ = fs::remove_file(&pending);
         let receipt = Receipt {
             seq: rec.seq,
             leaf_hash: record::leaf_hash(&line),
@@ -1055,6 +1068,46 @@ mod tests {
         drop(f);
         let err = log.append("d", None, "t", json!({})).await.unwrap_err();
         assert!(err.to_string().contains("did not write"), "{err}");
+    }
+
+    /// A crash between a record and its checkpoint: with custos' signed
+    /// intent the unsigned record is reported as an interrupted append (not
+    /// a fault); the same record with no intent, or an intent signed by
+    /// another key, is "appended without signature".
+    #[tokio::test]
+    async fn an_append_interrupted_before_its_checkpoint_is_told_apart_from_a_forged_one() {
+        use crate::audit::verify::{pending_text, verify_dir};
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), key(), None).unwrap();
+        log.append("a", None, "t", json!({})).await.unwrap();
+        log.append("b", None, "t", json!({})).await.unwrap();
+        assert!(!dir.path().join(PENDING_FILE).exists(), "removed once done");
+        // Undo the checkpoint of record 1, as a crash before it would.
+        fs::remove_file(dir.path().join(CHECKPOINT_DIR).join("2")).unwrap();
+        let lines = log.read_lines(2).unwrap();
+        let leaf = record::leaf_hash(&lines[1]);
+        let verifier = key().verifier().clone();
+        let report = verify_dir(dir.path(), &verifier).unwrap();
+        assert!(!report.ok(), "no intent: a forged append");
+        for (signer, ok) in [(AuditKey::from_seed(&[4; 32]), false), (key(), true)] {
+            let note = signer.sign_note(&pending_text(2, &leaf)).unwrap();
+            fs::write(dir.path().join(PENDING_FILE), note).unwrap();
+            let report = verify_dir(dir.path(), &verifier).unwrap();
+            assert_eq!(report.ok(), ok, "{report:?}");
+            assert_eq!(report.interrupted_append, ok.then_some(1));
+        }
+        // An intent for another record does not cover this one.
+        let note = key().sign_note(&pending_text(2, &[0; 32])).unwrap();
+        fs::write(dir.path().join(PENDING_FILE), note).unwrap();
+        assert!(!verify_dir(dir.path(), &verifier).unwrap().ok());
+        // The next append completes record 1 and clears the intent.
+        log.append("c", None, "t", json!({})).await.unwrap();
+        let report = verify_dir(dir.path(), &verifier).unwrap();
+        assert!(
+            report.ok() && report.interrupted_append.is_none(),
+            "{report:?}"
+        );
+        assert!(!dir.path().join(PENDING_FILE).exists());
     }
 
     #[tokio::test]

@@ -25,7 +25,9 @@ use object_store::path::Path as StorePath;
 use serde::Serialize;
 
 use super::checkpoint::{CheckpointError, SignedCheckpoint};
-use super::log::{CHECKPOINT_DIR, LOG_FILE, LineReader, LogLock, list_checkpoint_sizes};
+use super::log::{
+    CHECKPOINT_DIR, LOG_FILE, LineReader, LogLock, PENDING_FILE, list_checkpoint_sizes,
+};
 use super::merkle::{self, Frontier, Hash};
 use super::note::{NoteError, VerifierKey};
 use super::record::{self, AuditRecord, GENESIS_PREV};
@@ -89,6 +91,11 @@ pub struct VerifyReport {
     /// The verifier key used.
     pub verifier: String,
     pub faults: Vec<AuditFault>,
+    /// The last record, unsigned, was written by custos (its signed intent
+    /// is in `pending`) and a crash came before its checkpoint: not a fault;
+    /// the next custos command that opens the log signs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interrupted_append: Option<u64>,
 }
 
 impl VerifyReport {
@@ -132,6 +139,9 @@ pub struct LogVerifier {
     since_good: Vec<Option<u64>>,
     first_mismatch: bool,
     later_mismatches: Vec<u64>,
+    /// A verified intent to append: (tree size after it, leaf hash).
+    pending: Option<(u64, Hash)>,
+    last_leaf: Option<Hash>,
 }
 
 impl LogVerifier {
@@ -151,6 +161,8 @@ impl LogVerifier {
             since_good: Vec::new(),
             first_mismatch: true,
             later_mismatches: Vec::new(),
+            pending: None,
+            last_leaf: None,
         };
         v.check_checkpoints(checkpoints);
         if v.signed.get(&0).is_some_and(|r| *r != merkle::empty_root()) {
@@ -294,7 +306,9 @@ impl LogVerifier {
     /// Checks the next line (without its newline).
     pub fn push(&mut self, line: &[u8]) {
         let position = self.frontier.size();
-        self.frontier.push(record::leaf_hash(line));
+        let leaf = record::leaf_hash(line);
+        self.frontier.push(leaf);
+        self.last_leaf = Some(leaf);
         let line_hash = record::line_hash(line);
         let parsed = AuditRecord::from_line(line);
         let seq = parsed.as_ref().ok().map(|r| r.seq);
@@ -487,7 +501,15 @@ impl LogVerifier {
         }
         let latest = self.signed.range(..=n).next_back().map(|(&s, _)| s);
         let covered = latest.unwrap_or(0);
-        if n > covered {
+        let mut interrupted_append = None;
+        if n == covered + 1
+            && self.faults.is_empty()
+            && self
+                .pending
+                .is_some_and(|(size, leaf)| size == n && self.last_leaf == Some(leaf))
+        {
+            interrupted_append = Some(covered);
+        } else if n > covered {
             let message = if n - covered == 1 {
                 format!(
                     "record {covered} comes after the last signed checkpoint ({covered}): appended without signature"
@@ -506,6 +528,7 @@ impl LogVerifier {
             latest_checkpoint: self.signed.keys().next_back().copied(),
             verifier: self.verifier.to_string(),
             faults: self.faults,
+            interrupted_append,
         }
     }
 }
@@ -554,6 +577,10 @@ pub fn verify_dir(dir: &Path, verifier: &VerifierKey) -> Result<VerifyReport> {
         });
     }
     let mut v = LogVerifier::new(checkpoints, verifier);
+    v.pending = match std::fs::read(dir.join(PENDING_FILE)) {
+        Ok(text) => parse_pending(&text, verifier),
+        Err(_) => None,
+    };
     if len > 0 {
         let mut reader =
             LineReader::open(&log_path, 0, len).map_err(|e| Error::io(&log_path, e))?;
@@ -660,4 +687,37 @@ pub async fn verify_store(store: &SharedStore, verifier: &VerifierKey) -> Result
         }
     }
     Ok(v.finish())
+}
+
+/// The signed intent custos writes (to `pending`) before it appends a
+/// record: `custos audit append`, the tree size after the append, and the
+/// record's leaf hash, signed with the audit key. It tells a crash between a
+/// record and its checkpoint apart from a record appended by someone without
+/// the key.
+pub(crate) fn pending_text(size: u64, leaf: &Hash) -> String {
+    use base64::Engine;
+    format!(
+        "{PENDING_ORIGIN}\n{size}\n{}\n",
+        base64::engine::general_purpose::STANDARD.encode(leaf)
+    )
+}
+
+const PENDING_ORIGIN: &str = "custos audit append";
+
+/// A pending intent that verifies with `verifier`: (size, leaf hash).
+pub(crate) fn parse_pending(text: &[u8], verifier: &VerifierKey) -> Option<(u64, Hash)> {
+    use base64::Engine;
+    let note = super::note::SignedNote::parse(text).ok()?;
+    note.verify(verifier).ok()?;
+    let mut lines = note.text().lines();
+    if lines.next()? != PENDING_ORIGIN {
+        return None;
+    }
+    let size = lines.next()?.parse().ok()?;
+    let leaf = base64::engine::general_purpose::STANDARD
+        .decode(lines.next()?)
+        .ok()?
+        .try_into()
+        .ok()?;
+    lines.next().is_none().then_some((size, leaf))
 }

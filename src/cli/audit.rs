@@ -167,6 +167,12 @@ pub fn human_report(source: &str, report: &VerifyReport) -> String {
             .latest_checkpoint
             .map_or_else(|| "none".to_owned(), |s| s.to_string())
     );
+    if let Some(seq) = report.interrupted_append {
+        let _ = writeln!(
+            out,
+            "note:        record {seq} is custos' own append, interrupted before its checkpoint (signed intent in `pending`); the next custos command signs it"
+        );
+    }
     if report.ok() {
         let _ = writeln!(out, "OK: chain, tree and signatures verify");
         return out;
