@@ -138,20 +138,26 @@ impl LocalKeyProvider {
         Ok(key.id())
     }
 
+    /// The tombstone of a destroyed (or being destroyed) key.
+    fn tombstone(&self, name: &str) -> Option<Tombstone> {
+        let t = fs::read(self.tombstone_path(name)).ok()?;
+        serde_json::from_slice::<Tombstone>(&t).ok()
+    }
+
     fn read(&self, key: &KeyRef) -> Result<KeyFile, KeyError> {
         let name = Self::name_of(key)?;
         let path = self.key_path(name);
+        // A tombstone wins over a key file still there: a destruction in
+        // progress (or interrupted) never makes the key usable again.
+        if let Some(t) = self.tombstone(name) {
+            return Err(KeyError::Destroyed {
+                key: key.to_string(),
+                destroyed_at: Some(t.destroyed_at),
+            });
+        }
         let bytes = match fs::read(&path) {
             Ok(b) => Zeroizing::new(b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if let Ok(t) = fs::read(self.tombstone_path(name))
-                    && let Ok(t) = serde_json::from_slice::<Tombstone>(&t)
-                {
-                    return Err(KeyError::Destroyed {
-                        key: key.to_string(),
-                        destroyed_at: Some(t.destroyed_at),
-                    });
-                }
                 return Err(KeyError::NotFound {
                     key: key.to_string(),
                     message: format!("no key file {}", path.display()),
@@ -478,10 +484,13 @@ impl KeyProvider for LocalKeyProvider {
         self.modify(key, |file| file.state = FileState::Enabled)
     }
 
-    /// Overwrites the key file with zeros, fsyncs, unlinks it and fsyncs the
-    /// directory; then writes a tombstone. Immediate and irreversible (the
-    /// window applies to AWS KMS only). On copy-on-write or wear-levelled media
-    /// old blocks may survive physically: use a KMS or HSM where that matters.
+    /// Writes a tombstone, then overwrites the key file with zeros, fsyncs,
+    /// unlinks it and fsyncs the directory. Immediate and irreversible (the
+    /// window applies to AWS KMS only). Resumable: the tombstone comes first,
+    /// so a crash at any point leaves a key that reads as destroyed (never as
+    /// missing, never usable), and a re-run finishes the overwrite and unlink.
+    /// On copy-on-write or wear-levelled media old blocks may survive
+    /// physically: use a KMS or HSM where that matters.
     async fn destroy(
         &self,
         key: &KeyRef,
@@ -489,52 +498,52 @@ impl KeyProvider for LocalKeyProvider {
     ) -> Result<Destruction, KeyError> {
         let name = Self::name_of(key)?.to_owned();
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let file = match self.read(key) {
-            Ok(f) => f,
-            Err(KeyError::Destroyed { destroyed_at, .. }) => {
-                return Ok(Destruction {
-                    action: DestroyAction::MaterialDestroyed,
-                    state_after: KeyState::Destroyed { destroyed_at },
-                    effective_at: destroyed_at.unwrap_or_else(Utc::now),
-                });
-            }
-            Err(e) => return Err(e),
-        };
         let path = self.key_path(&name);
         let io = |e: std::io::Error| KeyError::LocalFile {
             path: path.clone(),
             message: e.to_string(),
         };
-        let len = fs::metadata(&path).map_err(io)?.len() as usize;
-        {
-            let mut f = fs::OpenOptions::new().write(true).open(&path).map_err(io)?;
-            f.write_all(&vec![0u8; len])
-                .and_then(|_| f.sync_all())
+        let destroyed_at = match self.tombstone(&name) {
+            Some(t) => t.destroyed_at,
+            None => {
+                let file = self.read(key)?;
+                let now = Utc::now();
+                let tomb = Tombstone {
+                    format: "custos-local-key-tombstone/1".into(),
+                    name: name.clone(),
+                    destroyed_at: now,
+                    versions: file.versions.len() as u32,
+                };
+                write_file_atomic(
+                    &self.tombstone_path(&name),
+                    &serde_json::to_vec_pretty(&tomb).expect("serialises"),
+                    0o600,
+                )
                 .map_err(io)?;
-        }
-        let now = Utc::now();
-        let tomb = Tombstone {
-            format: "custos-local-key-tombstone/1".into(),
-            name: name.clone(),
-            destroyed_at: now,
-            versions: file.versions.len() as u32,
+                now
+            }
         };
-        // The tombstone first: a crash after it leaves a key that reads as destroyed
-        // (its zeroed file no longer parses), never one that reads as missing.
-        write_file_atomic(
-            &self.tombstone_path(&name),
-            &serde_json::to_vec_pretty(&tomb).expect("serialises"),
-            0o600,
-        )
-        .map_err(io)?;
-        fs::remove_file(&path).map_err(io)?;
-        sync_dir(&self.dir).map_err(io)?;
+        // Whatever is left of the key file (all of it, or a partly zeroed
+        // one after a crash): overwritten, then unlinked.
+        match fs::metadata(&path) {
+            Ok(m) => {
+                let mut f = fs::OpenOptions::new().write(true).open(&path).map_err(io)?;
+                f.write_all(&vec![0u8; m.len() as usize])
+                    .and_then(|_| f.sync_all())
+                    .map_err(io)?;
+                drop(f);
+                fs::remove_file(&path).map_err(io)?;
+                sync_dir(&self.dir).map_err(io)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
         Ok(Destruction {
             action: DestroyAction::MaterialDestroyed,
             state_after: KeyState::Destroyed {
-                destroyed_at: Some(now),
+                destroyed_at: Some(destroyed_at),
             },
-            effective_at: now,
+            effective_at: destroyed_at,
         })
     }
 }
@@ -604,6 +613,23 @@ mod tests {
         ));
         // Re-running destroy is idempotent.
         p.destroy(&k, 7).await.unwrap();
+        // Interrupted after the tombstone, with the key file intact or
+        // partly zeroed: destroyed already for every reader, and a re-run
+        // removes the file.
+        for leftover in [None, Some(vec![0u8; 40])] {
+            let j = KeyRef::local("jolly").unwrap();
+            p.create_key(&j).await.unwrap();
+            let key_file = dir.path().join("jolly.key");
+            let material = fs::read(&key_file).unwrap();
+            fs::remove_file(dir.path().join("jolly.destroyed")).ok();
+            p.destroy(&j, 7).await.unwrap();
+            fs::write(&key_file, leftover.as_deref().unwrap_or(&material)).unwrap();
+            fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).unwrap();
+            assert!(matches!(p.read(&j), Err(KeyError::Destroyed { .. })));
+            p.destroy(&j, 7).await.unwrap();
+            assert!(!key_file.exists());
+            fs::remove_file(dir.path().join("jolly.destroyed")).unwrap();
+        }
         // And the name cannot silently come back.
         assert!(matches!(
             p.create_key(&k).await,
