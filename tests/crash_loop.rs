@@ -511,6 +511,12 @@ fn crash_loop_s3() {
         return;
     }
     let bucket = std::env::var("CUSTOS_TEST_S3_BUCKET").unwrap_or_else(|_| "custos-test".into());
-    let prefix = format!("crash-{:016x}", seed());
+    // Unique per run: a rerun with the same seed must not meet the tenants
+    // (and local keys) of an earlier, interrupted run in the same bucket.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let prefix = format!("crash-{:016x}-{nanos:x}", seed());
     run_all(Some(format!("s3://{bucket}/{prefix}")), "S3");
 }

@@ -182,27 +182,39 @@ impl Repo {
     ) -> Result<(Repo, bool)> {
         // The descriptor is created and updated conditionally.
         crate::store::probe::require_conditional_writes(ctx).await?;
-        match Repo::open(ctx, tenant, None).await {
-            Ok(repo) => {
-                if repo.descriptor.state == Lifecycle::Active {
-                    repo.check_policy_key(key)?;
-                    return Ok((repo, false));
-                }
-                if !allow_reuse {
-                    return Err(repo.lifecycle_error("cannot be initialised again"));
-                }
-                return Repo::reinit(ctx, repo, key).await.map(|r| (r, true));
-            }
-            Err(Error::TenantNotFound { .. }) => {}
-            Err(e) => return Err(e),
-        }
         let store = TenantStore::new(ctx.store.clone(), tenant);
-        let leftovers: Vec<_> = store
-            .list_all()
-            .await?
-            .into_iter()
-            .filter(|l| l.name != Some(ObjectName::Envelope(1)))
-            .collect();
+        let mut leftovers = Vec::new();
+        // Twice at most: a descriptor that appears between the first look and
+        // the listing is another process's init (two daemons racing for the
+        // first backup); it is opened, not refused as foreign data.
+        for _ in 0..2 {
+            match Repo::open(ctx, tenant, None).await {
+                Ok(repo) => {
+                    if repo.descriptor.state == Lifecycle::Active {
+                        repo.check_policy_key(key)?;
+                        return Ok((repo, false));
+                    }
+                    if !allow_reuse {
+                        return Err(repo.lifecycle_error("cannot be initialised again"));
+                    }
+                    return Repo::reinit(ctx, repo, key).await.map(|r| (r, true));
+                }
+                Err(Error::TenantNotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            leftovers = store
+                .list_all()
+                .await?
+                .into_iter()
+                .filter(|l| l.name != Some(ObjectName::Envelope(1)))
+                .collect();
+            if !leftovers
+                .iter()
+                .any(|l| l.name == Some(ObjectName::Descriptor))
+            {
+                break;
+            }
+        }
         if let Some(first) = leftovers.first() {
             return Err(Error::InvalidArgument(format!(
                 "tenant {tenant} has no descriptor but its prefix holds {} object(s) (e.g. tenants/{tenant}/{}): \
