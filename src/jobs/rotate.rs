@@ -37,7 +37,6 @@ use crate::format::descriptor::{Descriptor, EpochRecord, EpochState, Lifecycle};
 use crate::format::envelope::Envelope;
 use crate::keys::{DataKey, Destruction, KeyError, KeyInfo, KeyRef, WrapContext};
 use crate::repo::Repo;
-use crate::store::layout::Dir;
 use crate::store::lease::LeaseGuard;
 use crate::store::{ObjectName, TenantStore};
 
@@ -406,17 +405,7 @@ impl Run<'_> {
     /// every live epoch of the descriptor, which must have one.
     async fn envelope_epochs(&self) -> Result<Vec<u32>> {
         let d = self.repo.descriptor();
-        let mut epochs: Vec<u32> = self
-            .store()
-            .list(Dir::Keys)
-            .await?
-            .into_iter()
-            .filter_map(|l| match l.name {
-                Some(ObjectName::Envelope(n)) => Some(n),
-                _ => None,
-            })
-            .filter(|n| d.epoch(*n).is_none_or(|e| e.state != EpochState::Shredded))
-            .collect();
+        let mut epochs = self.repo.unshredded_envelope_epochs().await?;
         for e in d.live_epochs() {
             if !epochs.contains(&e.epoch) {
                 return Err(Error::missing(

@@ -703,13 +703,37 @@ fn store_note(url: &str) -> Option<String> {
     })
 }
 
+/// The `certificate` step of every shred: signs `body` (anchored in the
+/// audit log), stores it create-only (or adopts the one a previous run
+/// stored) and journals the step's end. Returns the file's bytes.
+async fn issue_certificate(
+    ctx: &Context,
+    tenant: &TenantId,
+    journal: &Journal,
+    body: Certificate,
+) -> Result<Vec<u8>> {
+    let id = journal.certificate_id.as_str();
+    let bytes = store_certificate(ctx, tenant, id, body, journal).await?;
+    journal.crash("certificate");
+    journal
+        .end(
+            "certificate",
+            serde_json::json!({
+                "path": certificate_path(tenant, id).to_string(),
+                "file_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+            }),
+        )
+        .await?;
+    Ok(bytes)
+}
+
 /// Stores the certificate (create-only) or adopts one a previous run stored.
 /// Returns the file's bytes.
 async fn store_certificate(
     ctx: &Context,
     tenant: &TenantId,
     id: &str,
-    build: impl AsyncFnOnce() -> Result<Vec<u8>>,
+    body: Certificate,
     journal: &Journal,
 ) -> Result<Vec<u8>> {
     let audit = ctx.audit.as_ref().expect("checked at the start");
@@ -726,7 +750,7 @@ async fn store_certificate(
     if let Some(bytes) = load_certificate(&ctx.store, tenant, id).await? {
         return adopt(bytes);
     }
-    let bytes = build().await?;
+    let bytes = anchor_and_sign(ctx, journal, body).await?;
     journal.crash("certificate-signed");
     let path = certificate_path(tenant, id);
     let put = ctx

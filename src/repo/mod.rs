@@ -675,6 +675,24 @@ impl Repo {
     }
 
     /// Every snapshot, oldest first, with faults for those that cannot be read.
+    /// Epochs of the envelopes in the store (`keys/<n>`) that are not
+    /// shredded, one left by an interrupted `rotate --new-epoch` included:
+    /// what a rotation or an epoch shred must keep re-wrapped.
+    pub async fn unshredded_envelope_epochs(&self) -> Result<Vec<u32>> {
+        let d = &self.descriptor;
+        Ok(self
+            .store
+            .list(Dir::Keys)
+            .await?
+            .into_iter()
+            .filter_map(|l| match l.name {
+                Some(ObjectName::Envelope(n)) => Some(n),
+                _ => None,
+            })
+            .filter(|n| d.epoch(*n).is_none_or(|e| e.state != EpochState::Shredded))
+            .collect())
+    }
+
     pub async fn list_snapshots(&self) -> Result<(Vec<Snapshot>, Vec<Fault>)> {
         self.require_readable()?;
         let listed = self.store.list(Dir::Snapshots).await?;

@@ -28,7 +28,7 @@ use super::certificate::{
 use super::scope::{self, ScopeObject};
 use super::{
     Journal, Rewrap, ShredReport, ShredRequest, Slot, check_not_shared, delete_objects,
-    destroy_keys, key_state_checks, new_certificate_id, pending_note, save, store_certificate,
+    destroy_keys, issue_certificate, key_state_checks, new_certificate_id, pending_note, save,
     store_note, unwrap_checks,
 };
 use crate::error::{Error, Result};
@@ -478,19 +478,8 @@ async fn delete(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
 /// epoch that is not shredded (one left by an interrupted `rotate --new-epoch`
 /// included, as rotation counts them) and every live epoch of the descriptor.
 async fn remaining_envelopes(repo: &Repo, shredded: u32) -> Result<Vec<u32>> {
-    let d = repo.descriptor();
-    let mut epochs: Vec<u32> = repo
-        .store()
-        .list(Dir::Keys)
-        .await?
-        .into_iter()
-        .filter_map(|l| match l.name {
-            Some(ObjectName::Envelope(n)) => Some(n),
-            _ => None,
-        })
-        .filter(|n| d.epoch(*n).is_none_or(|e| e.state != EpochState::Shredded))
-        .collect();
-    epochs.extend(d.live_epochs().map(|e| e.epoch));
+    let mut epochs = repo.unshredded_envelope_epochs().await?;
+    epochs.extend(repo.descriptor().live_epochs().map(|e| e.epoch));
     epochs.retain(|e| *e != shredded);
     epochs.sort_unstable();
     epochs.dedup();
@@ -776,24 +765,7 @@ async fn certify(
     let tenant = repo.tenant().clone();
     let id = journal.certificate_id.clone();
     let body = body(repo, epoch)?;
-    let bytes = store_certificate(
-        &ctx,
-        &tenant,
-        &id,
-        async || super::anchor_and_sign(&ctx, journal, body).await,
-        journal,
-    )
-    .await?;
-    journal.crash("certificate");
-    journal
-        .end(
-            "certificate",
-            json!({
-                "path": super::certificate_path(&tenant, &id).to_string(),
-                "file_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
-            }),
-        )
-        .await?;
+    let bytes = issue_certificate(&ctx, &tenant, journal, body).await?;
     let finished = id.clone();
     repo.update_descriptor(|d| {
         d.epoch_shred = None;

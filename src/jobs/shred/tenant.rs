@@ -9,7 +9,7 @@ use super::certificate::{
 use super::scope::{self, ScopeObject};
 use super::{
     Journal, ShredReport, ShredRequest, Slot, check_not_shared, delete_objects, destroy_keys,
-    key_state_checks, new_certificate_id, pending_note, save, store_certificate, store_note,
+    issue_certificate, key_state_checks, new_certificate_id, pending_note, save, store_note,
     tenant_keys, unwrap_checks,
 };
 use crate::error::{Error, Result};
@@ -449,24 +449,7 @@ async fn certify(
     let tenant = repo.tenant().clone();
     let id = journal.certificate_id.clone();
     let body = body(repo)?;
-    let bytes = store_certificate(
-        &ctx,
-        &tenant,
-        &id,
-        async || super::anchor_and_sign(&ctx, journal, body).await,
-        journal,
-    )
-    .await?;
-    journal.crash("certificate");
-    journal
-        .end(
-            "certificate",
-            json!({
-                "path": super::certificate_path(&tenant, &id).to_string(),
-                "file_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
-            }),
-        )
-        .await?;
+    let bytes = issue_certificate(&ctx, &tenant, journal, body).await?;
     let now = Utc::now();
     repo.update_descriptor(|d| {
         d.state = Lifecycle::Shredded;
