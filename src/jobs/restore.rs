@@ -28,6 +28,7 @@ use crate::format::seal::{HEADER_LEN, ObjectKind, Opener};
 use crate::format::snapshot::Snapshot;
 use crate::format::tree::{Entry, EntryKind};
 use crate::keys::derive::EpochKeys;
+use crate::pipeline::blobs::get_pack_ranges;
 use crate::pipeline::tree::TreeReader;
 use crate::repo::{Index, Location, Repo};
 use crate::store::ObjectName;
@@ -479,7 +480,7 @@ impl Restorer<'_> {
                 0..HEADER_LEN as u64,
                 size.saturating_sub(TRAILER_LEN as u64)..size,
             ];
-            let head = store.get_ranges(&name, &ends).await?;
+            let head = get_pack_ranges(&store, &keys, pack, &ends).await?;
             let opener = Opener::new(&keys, ObjectKind::Pack, Some(&pack.0), &head[0])
                 .map_err(|e| e.at(&object))?;
             let (n, dir_range) = directory_range(size, &head[1]).map_err(|e| e.at(&object))?;
@@ -494,7 +495,7 @@ impl Restorer<'_> {
                 ));
             }
             ranges.push(dir_range);
-            let mut parts = store.get_ranges(&name, &ranges).await?;
+            let mut parts = get_pack_ranges(&store, &keys, pack, &ranges).await?;
             let dir = parts.pop().expect("directory range");
             ranges.pop();
             tokio::task::spawn_blocking(move || -> Result<u64> {

@@ -2,12 +2,41 @@
 //! fetch the pack header and the blob in one ranged request, check the key
 //! commitment, decrypt, decompress, and verify the blob hashes to its id.
 
+use std::ops::Range;
+
+use bytes::Bytes;
+
 use crate::error::{Error, Result};
-use crate::format::ids::BlobId;
+use crate::format::ids::{BlobId, PackId};
 use crate::format::pack::{PackEntry, open_blob};
 use crate::format::seal::{HEADER_LEN, ObjectKind, Opener};
+use crate::keys::derive::EpochKeys;
 use crate::repo::{Index, Location, Repo};
-use crate::store::ObjectName;
+use crate::store::{ObjectName, TenantStore};
+
+/// Reads byte ranges of a pack. A pack shorter than its index says may be
+/// another tenant's pack moved here, or one renamed: its header then tells
+/// why, and that is the error reported rather than "truncated".
+pub async fn get_pack_ranges(
+    store: &TenantStore,
+    keys: &EpochKeys,
+    pack: PackId,
+    ranges: &[Range<u64>],
+) -> Result<Vec<Bytes>> {
+    let name = ObjectName::Pack(pack);
+    match store.get_ranges(&name, ranges).await {
+        Err(short @ Error::Corrupt { .. }) => {
+            let Ok(header) = store.get_range(&name, 0..HEADER_LEN as u64).await else {
+                return Err(short);
+            };
+            match Opener::new(keys, ObjectKind::Pack, Some(&pack.0), &header) {
+                Err(e) => Err(e.at(store.display(&name))),
+                Ok(_) => Err(short),
+            }
+        }
+        other => other,
+    }
+}
 
 /// Reads one blob's plaintext.
 pub async fn read_blob(repo: &Repo, index: &Index, id: &BlobId) -> Result<Vec<u8>> {
@@ -45,8 +74,8 @@ async fn fetch(
     let object = repo.store().display(&name);
     let start = loc.offset as u64;
     let ranges = [0..HEADER_LEN as u64, start..start + loc.sealed_len as u64];
-    let parts = repo.store().get_ranges(&name, &ranges).await?;
     let keys = repo.epoch_keys(epoch).await?;
+    let parts = get_pack_ranges(repo.store(), &keys, pack, &ranges).await?;
     let (header, sealed) = (parts[0].clone(), parts[1].clone());
     if sealed.len() != loc.sealed_len as usize {
         return Err(Error::corrupt(
