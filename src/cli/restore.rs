@@ -5,13 +5,17 @@ use std::process::ExitCode;
 
 use clap::Args as ClapArgs;
 use futures::FutureExt;
+use futures::future::BoxFuture;
 
 use super::output::{TerminalProgress, finish, human_bytes};
-use super::setup::{policy, setup, tenant_id};
+use super::setup::{Setup, policy, setup, tenant_id};
 use crate::error::Result;
+use crate::format::snapshot::Snapshot;
 use crate::jobs::restore::{self, RestoreOptions, RestoreReport};
+use crate::jobs::restore_to_store::{self, RestoreToStoreOptions, RestoreToStoreReport};
 use crate::jobs::runner::{JobSpec, run_job};
-use crate::report::JobKind;
+use crate::repo::Repo;
+use crate::report::{JobKind, JobOutput};
 
 #[derive(ClapArgs)]
 #[command(group(
@@ -76,49 +80,44 @@ pub async fn run(config: Option<&Path>, args: Args) -> ExitCode {
 
 async fn restore(config: Option<&Path>, args: Args) -> Result<RestoreReport> {
     let s = setup(config).await?;
-    let tenant = tenant_id(&args.tenant)?;
-    let policy = policy(&s.config, &tenant)?;
     let opts = RestoreOptions {
-        target: args.target.unwrap_or_default(),
-        include: args.include,
+        target: args.target.clone().unwrap_or_default(),
+        include: args.include.clone(),
         overwrite: args.overwrite,
     };
-    let progress = TerminalProgress::new(args.json, "restoring");
-    let spec = JobSpec {
-        tenant: &tenant,
-        job: JobKind::Restore,
-        policy_key: policy.as_ref().map(|p| &p.key),
-        init_with: None,
-    };
-    let (opts_ref, progress_ref, wanted) = (&opts, &progress, args.snapshot.as_str());
-    let run = run_job(&s.ctx, spec, |repo, _lease, _| {
-        async move {
-            let snapshot = repo.find_snapshot(wanted).await?;
-            restore::run(repo, &snapshot, opts_ref, progress_ref).await
-        }
-        .boxed()
+    run_restore(&s, &args, move |repo, snapshot, progress| {
+        async move { restore::run(repo, &snapshot, &opts, progress).await }.boxed()
     })
-    .await;
-    progress.done();
-    run.result
+    .await
 }
 
 async fn restore_to_store(
     config: Option<&Path>,
     args: Args,
     url: String,
-) -> Result<crate::jobs::restore_to_store::RestoreToStoreReport> {
-    use crate::jobs::restore_to_store::{self as rts, RestoreToStoreOptions};
+) -> Result<RestoreToStoreReport> {
     let s = setup(config).await?;
-    let tenant = tenant_id(&args.tenant)?;
-    let policy = policy(&s.config, &tenant)?;
-    let target = crate::source::object_store::open_url(&url, &s.ctx.s3)?;
     let opts = RestoreToStoreOptions {
-        target,
+        target: crate::source::object_store::open_url(&url, &s.ctx.s3)?,
         target_url: url,
-        include: args.include,
+        include: args.include.clone(),
         overwrite: args.overwrite,
     };
+    run_restore(&s, &args, move |repo, snapshot, progress| {
+        async move { restore_to_store::run(repo, &snapshot, &opts, progress).await }.boxed()
+    })
+    .await
+}
+
+/// Runs a restore job of the snapshot the arguments name, with progress on
+/// the terminal; `write` restores it to its destination.
+async fn run_restore<T, W>(s: &Setup, args: &Args, write: W) -> Result<T>
+where
+    T: JobOutput,
+    W: for<'r> FnOnce(&'r Repo, Snapshot, &'r TerminalProgress) -> BoxFuture<'r, Result<T>> + Send,
+{
+    let tenant = tenant_id(&args.tenant)?;
+    let policy = policy(&s.config, &tenant)?;
     let progress = TerminalProgress::new(args.json, "restoring");
     let spec = JobSpec {
         tenant: &tenant,
@@ -126,11 +125,11 @@ async fn restore_to_store(
         policy_key: policy.as_ref().map(|p| &p.key),
         init_with: None,
     };
-    let (opts_ref, progress_ref, wanted) = (&opts, &progress, args.snapshot.as_str());
+    let (progress_ref, wanted) = (&progress, args.snapshot.as_str());
     let run = run_job(&s.ctx, spec, |repo, _lease, _| {
         async move {
             let snapshot = repo.find_snapshot(wanted).await?;
-            rts::run(repo, &snapshot, opts_ref, progress_ref).await
+            write(repo, snapshot, progress_ref).await
         }
         .boxed()
     })
