@@ -50,8 +50,8 @@ use crate::error::{Error, Result};
 use crate::format::descriptor::{Descriptor, ShredState};
 use crate::format::envelope::Envelope;
 use crate::format::shred::{
-    DestroyOutcome, KeyDestruction, KeyRole, KeyStateCheck, RetainedObject, ShredProgress,
-    ShredStep, UnwrapCheck,
+    DeletionRecord, DestroyOutcome, KeyDestruction, KeyRole, KeyStateCheck, RetainedObject,
+    ScopeRecord, ShredProgress, ShredStep, UnwrapCheck,
 };
 use crate::jobs::runner::{self, JobRun, JobSpec};
 use crate::keys::{KeyError, KeyRef, KeyState};
@@ -674,6 +674,54 @@ async fn delete_objects(
         }
     }
     Ok(retained)
+}
+
+/// The `delete` step of every shred: deletes what `in_scope` lists, then
+/// lists again, since whatever is still listed was not deleted, whatever the
+/// store answered. Journals the step; returns the record for the descriptor.
+async fn delete_in_scope(
+    repo: &Repo,
+    journal: &Journal,
+    scope: &ScopeRecord,
+    in_scope: impl for<'r> Fn(&'r Repo) -> futures::future::BoxFuture<'r, Result<Vec<Listed>>>,
+) -> Result<DeletionRecord> {
+    let listed = in_scope(repo).await?;
+    journal
+        .begin("delete", serde_json::json!({ "objects": listed.len() }))
+        .await?;
+    let mut retained = delete_objects(repo.store(), listed, journal, "delete-partial").await?;
+    for l in in_scope(repo).await? {
+        let path = format!("tenants/{}/{}", repo.tenant(), l.path);
+        if !retained.iter().any(|r| r.object == path) {
+            retained.push(RetainedObject {
+                object: path,
+                size: l.meta.size,
+                retain_until: None,
+                reason: "still listed after the store accepted its deletion".into(),
+            });
+        }
+    }
+    let retained_bytes: u64 = retained.iter().map(|r| r.size).sum();
+    let record = DeletionRecord {
+        finished_at: Utc::now(),
+        objects_deleted: scope.objects.saturating_sub(retained.len() as u64),
+        bytes_deleted: scope.bytes.saturating_sub(retained_bytes),
+        retained,
+        note: store_note(&repo.context().store_url),
+    };
+    journal
+        .end(
+            "delete",
+            serde_json::json!({
+                "objects_deleted": record.objects_deleted,
+                "bytes_deleted": record.bytes_deleted,
+                "retained": record.retained.iter().take(100).map(|r| &r.object).collect::<Vec<_>>(),
+                "retained_count": record.retained.len(),
+            }),
+        )
+        .await?;
+    journal.crash("delete");
+    Ok(record)
 }
 
 /// The store refused the delete for good (Object Lock, permissions), as

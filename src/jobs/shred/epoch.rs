@@ -19,7 +19,7 @@
 //! certificate.
 
 use chrono::Utc;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::json;
 
 use super::certificate::{
@@ -27,7 +27,7 @@ use super::certificate::{
 };
 use super::scope::{self, ScopeObject};
 use super::{
-    Journal, Rewrap, ShredReport, ShredRequest, Slot, check_not_shared, delete_objects,
+    Journal, Rewrap, ShredReport, ShredRequest, Slot, check_not_shared, delete_in_scope,
     destroy_keys, issue_certificate, key_state_checks, new_certificate_id, pending_note, save,
     store_note, unwrap_checks,
 };
@@ -36,8 +36,8 @@ use crate::format::descriptor::{EpochShredState, EpochState, Lifecycle, ShredSta
 use crate::format::envelope::Envelope;
 use crate::format::seal::{HEADER_LEN, Header};
 use crate::format::shred::{
-    DeletionRecord, KeyRole, PackCheck, RetainedObject, RewrapRecord, SamplePack, ScopeRecord,
-    ShredProgress, ShredStep, VerificationRecord,
+    KeyRole, PackCheck, RewrapRecord, SamplePack, ScopeRecord, ShredProgress, ShredStep,
+    VerificationRecord,
 };
 use crate::keys::{KeyError, KeyRef, ProviderKind};
 use crate::repo::Repo;
@@ -422,44 +422,11 @@ async fn delete(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
         .scope
         .clone()
         .expect("scoped before");
-    let listed = epoch_objects(repo, epoch).await?;
-    journal
-        .begin("delete", json!({ "objects": listed.len() }))
-        .await?;
-    let store = repo.store().clone();
-    let mut retained = delete_objects(&store, listed, journal, "delete-partial").await?;
-    for l in epoch_objects(repo, epoch).await? {
-        let path = format!("tenants/{}/{}", repo.tenant(), l.path);
-        if !retained.iter().any(|r| r.object == path) {
-            retained.push(RetainedObject {
-                object: path,
-                size: l.meta.size,
-                retain_until: None,
-                reason: "still listed after the store accepted its deletion".into(),
-            });
-        }
-    }
-    let retained_bytes: u64 = retained.iter().map(|r| r.size).sum();
-    let now = Utc::now();
-    let record = DeletionRecord {
-        finished_at: now,
-        objects_deleted: scope.objects.saturating_sub(retained.len() as u64),
-        bytes_deleted: scope.bytes.saturating_sub(retained_bytes),
-        retained,
-        note: store_note(&repo.context().store_url),
-    };
-    journal
-        .end(
-            "delete",
-            json!({
-                "objects_deleted": record.objects_deleted,
-                "bytes_deleted": record.bytes_deleted,
-                "retained": record.retained.iter().take(100).map(|r| &r.object).collect::<Vec<_>>(),
-                "retained_count": record.retained.len(),
-            }),
-        )
-        .await?;
-    journal.crash("delete");
+    let record = delete_in_scope(repo, journal, &scope, |repo| {
+        epoch_objects(repo, epoch).boxed()
+    })
+    .await?;
+    let now = record.finished_at;
     repo.update_descriptor(|d| {
         if let Some(e) = d.epochs.iter_mut().find(|e| e.epoch == epoch) {
             e.state = EpochState::Shredded;

@@ -1,6 +1,7 @@
 //! The steps of a tenant shred (see the parent module for the list).
 
 use chrono::Utc;
+use futures::FutureExt;
 use serde_json::json;
 
 use super::certificate::{
@@ -8,7 +9,7 @@ use super::certificate::{
 };
 use super::scope::{self, ScopeObject};
 use super::{
-    Journal, ShredReport, ShredRequest, Slot, check_not_shared, delete_objects, destroy_keys,
+    Journal, ShredReport, ShredRequest, Slot, check_not_shared, delete_in_scope, destroy_keys,
     issue_certificate, key_state_checks, new_certificate_id, pending_note, save, store_note,
     tenant_keys, unwrap_checks,
 };
@@ -16,8 +17,7 @@ use crate::error::{Error, Result};
 use crate::format::descriptor::{EpochState, Lifecycle, ShredState};
 use crate::format::seal::{HEADER_LEN, Header};
 use crate::format::shred::{
-    DeletionRecord, PackCheck, SamplePack, ScopeRecord, ShredProgress, ShredStep,
-    VerificationRecord,
+    PackCheck, SamplePack, ScopeRecord, ShredProgress, ShredStep, VerificationRecord,
 };
 use crate::repo::Repo;
 use crate::store::ObjectName;
@@ -282,49 +282,18 @@ async fn delete(repo: &mut Repo, journal: &Journal) -> Result<()> {
         .scope
         .clone()
         .expect("scoped before");
-    let listed: Vec<_> = repo
-        .list_objects()
-        .await?
-        .into_iter()
-        .filter(scope::in_tenant_scope)
-        .collect();
-    journal
-        .begin("delete", json!({ "objects": listed.len() }))
-        .await?;
-    let store = repo.store().clone();
-    let mut retained = delete_objects(&store, listed, journal, "delete-partial").await?;
-    // Whatever is still listed was not deleted, whatever the store answered.
-    for l in repo.list_objects().await? {
-        let path = format!("tenants/{}/{}", repo.tenant(), l.path);
-        if scope::in_tenant_scope(&l) && !retained.iter().any(|r| r.object == path) {
-            retained.push(crate::format::shred::RetainedObject {
-                object: path,
-                size: l.meta.size,
-                retain_until: None,
-                reason: "still listed after the store accepted its deletion".into(),
-            });
+    let record = delete_in_scope(repo, journal, &scope, |repo| {
+        async {
+            Ok(repo
+                .list_objects()
+                .await?
+                .into_iter()
+                .filter(scope::in_tenant_scope)
+                .collect())
         }
-    }
-    let retained_bytes: u64 = retained.iter().map(|r| r.size).sum();
-    let record = DeletionRecord {
-        finished_at: Utc::now(),
-        objects_deleted: scope.objects.saturating_sub(retained.len() as u64),
-        bytes_deleted: scope.bytes.saturating_sub(retained_bytes),
-        retained,
-        note: store_note(&repo.context().store_url),
-    };
-    journal
-        .end(
-            "delete",
-            json!({
-                "objects_deleted": record.objects_deleted,
-                "bytes_deleted": record.bytes_deleted,
-                "retained": record.retained.iter().take(100).map(|r| &r.object).collect::<Vec<_>>(),
-                "retained_count": record.retained.len(),
-            }),
-        )
-        .await?;
-    journal.crash("delete");
+        .boxed()
+    })
+    .await?;
     save(repo, SLOT, |p| {
         p.deletion = Some(record);
         p.step = ShredStep::Deleted;
