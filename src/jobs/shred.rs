@@ -508,6 +508,47 @@ async fn check_not_shared(ctx: &Context, tenant: &TenantId, keys: &[KeyRef]) -> 
 }
 
 /// Destroys each key; a key the provider does not know is recorded as not found.
+/// The `keys` step of every shred: refuses keys another tenant uses, then
+/// destroys `keys` with the slot's pending window, journalled.
+async fn destroy_keys_step(
+    repo: &Repo,
+    journal: &Journal,
+    slot: Slot,
+    keys: &[(KeyRef, KeyRole)],
+) -> Result<Vec<KeyDestruction>> {
+    let ctx = repo.context();
+    let refs: Vec<KeyRef> = keys.iter().map(|(k, _)| k.clone()).collect();
+    check_not_shared(ctx, repo.tenant(), &refs).await?;
+    let window = slot.progress(repo.descriptor())?.pending_window_days;
+    journal
+        .begin(
+            "keys",
+            serde_json::json!({
+                "keys": keys.iter().map(|(k, r)| serde_json::json!({"key": k, "role": r})).collect::<Vec<_>>(),
+                "pending_window_days": window,
+            }),
+        )
+        .await?;
+    let destroyed = destroy_keys(ctx, keys, window).await?;
+    journal
+        .end("keys", serde_json::json!({ "keys": destroyed }))
+        .await?;
+    journal.crash("keys");
+    Ok(destroyed)
+}
+
+/// Whether the sampled pack (`tenants/<tenant>/packs/...` as the scope
+/// recorded it) is still in the store.
+async fn sample_pack_present(repo: &Repo, object: &str) -> Result<bool> {
+    let relative = object
+        .strip_prefix(&format!("tenants/{}/", repo.tenant()))
+        .unwrap_or(object);
+    match ObjectName::parse(&StorePath::from(relative)) {
+        Some(name) => Ok(repo.store().head(&name).await?.is_some()),
+        None => Ok(false),
+    }
+}
+
 async fn destroy_keys(
     ctx: &Context,
     keys: &[(KeyRef, KeyRole)],

@@ -28,8 +28,8 @@ use super::certificate::{
 use super::scope::{self, ScopeObject};
 use super::{
     Journal, Rewrap, ShredReport, ShredRequest, Slot, check_not_shared, delete_in_scope,
-    destroy_keys, issue_certificate, key_state_checks, new_certificate_id, pending_note, save,
-    store_note, unwrap_checks,
+    destroy_keys_step, issue_certificate, key_state_checks, new_certificate_id, pending_note,
+    sample_pack_present, save, store_note, unwrap_checks,
 };
 use crate::error::{Error, Result};
 use crate::format::descriptor::{EpochShredState, EpochState, Lifecycle, ShredState};
@@ -566,7 +566,6 @@ async fn check_unwraps(repo: &Repo, env: &Envelope) -> Result<()> {
 /// Destroys every key but `to` that ever wrapped this tenant's envelopes,
 /// once every live envelope is confirmed under `to`.
 async fn keys(repo: &mut Repo, journal: &Journal, to: &KeyRef) -> Result<()> {
-    let ctx = repo.context().clone();
     let d = repo.descriptor().clone();
     let shredded = d.epoch_shred.as_ref().map(|e| e.epoch).unwrap_or(0);
     for e in remaining_envelopes(repo, shredded).await? {
@@ -591,21 +590,7 @@ async fn keys(repo: &mut Repo, journal: &Journal, to: &KeyRef) -> Result<()> {
             (k, role)
         })
         .collect();
-    let refs: Vec<KeyRef> = keys.iter().map(|(k, _)| k.clone()).collect();
-    check_not_shared(&ctx, repo.tenant(), &refs).await?;
-    let window = SLOT.progress(&d)?.pending_window_days;
-    journal
-        .begin(
-            "keys",
-            json!({
-                "keys": keys.iter().map(|(k, r)| json!({"key": k, "role": r})).collect::<Vec<_>>(),
-                "pending_window_days": window,
-            }),
-        )
-        .await?;
-    let destroyed = destroy_keys(&ctx, &keys, window).await?;
-    journal.end("keys", json!({ "keys": destroyed })).await?;
-    journal.crash("keys");
+    let destroyed = destroy_keys_step(repo, journal, SLOT, &keys).await?;
     let now = Utc::now();
     save(repo, SLOT, |p| {
         p.keys = Some(destroyed);
@@ -665,15 +650,7 @@ async fn verify(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
     let pack_sample = match pack_sample {
         None => None,
         Some(mut p) => {
-            let rel = p
-                .object
-                .strip_prefix(&format!("tenants/{}/", repo.tenant()))
-                .unwrap_or(&p.object)
-                .to_owned();
-            p.present = match ObjectName::parse(&object_store::path::Path::from(rel)) {
-                Some(name) => repo.store().head(&name).await?.is_some(),
-                None => false,
-            };
+            p.present = sample_pack_present(repo, &p.object).await?;
             p.outcome = match (p.present, rewrapped) {
                 (false, _) => "deleted".into(),
                 (true, true) if envelopes.iter().all(|c| c.outcome == "refused") => {

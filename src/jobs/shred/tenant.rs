@@ -9,9 +9,9 @@ use super::certificate::{
 };
 use super::scope::{self, ScopeObject};
 use super::{
-    Journal, ShredReport, ShredRequest, Slot, check_not_shared, delete_in_scope, destroy_keys,
-    issue_certificate, key_state_checks, new_certificate_id, pending_note, save, store_note,
-    tenant_keys, unwrap_checks,
+    Journal, ShredReport, ShredRequest, Slot, delete_in_scope, destroy_keys_step,
+    issue_certificate, key_state_checks, new_certificate_id, pending_note, sample_pack_present,
+    save, store_note, tenant_keys, unwrap_checks,
 };
 use crate::error::{Error, Result};
 use crate::format::descriptor::{EpochState, Lifecycle, ShredState};
@@ -241,23 +241,8 @@ async fn scope(repo: &mut Repo, journal: &Journal) -> Result<()> {
 
 /// Step 3: destroy every key of the tenant.
 async fn keys(repo: &mut Repo, journal: &Journal) -> Result<()> {
-    let ctx = repo.context().clone();
     let keys = tenant_keys(repo.descriptor());
-    let refs: Vec<_> = keys.iter().map(|(k, _)| k.clone()).collect();
-    check_not_shared(&ctx, repo.tenant(), &refs).await?;
-    let window = SLOT.progress(repo.descriptor())?.pending_window_days;
-    journal
-        .begin(
-            "keys",
-            json!({
-                "keys": keys.iter().map(|(k, r)| json!({"key": k, "role": r})).collect::<Vec<_>>(),
-                "pending_window_days": window,
-            }),
-        )
-        .await?;
-    let destroyed = destroy_keys(&ctx, &keys, window).await?;
-    journal.end("keys", json!({ "keys": destroyed })).await?;
-    journal.crash("keys");
+    let destroyed = destroy_keys_step(repo, journal, SLOT, &keys).await?;
     let now = Utc::now();
     repo.update_descriptor(|d| {
         for e in &mut d.epochs {
@@ -315,14 +300,7 @@ async fn verify(repo: &mut Repo, journal: &Journal) -> Result<()> {
     let pack_sample = match &scope.sample_pack {
         None => None,
         Some(s) => {
-            let present = match crate::store::ObjectName::parse(&object_store::path::Path::from(
-                s.object
-                    .strip_prefix(&format!("tenants/{}/", repo.tenant()))
-                    .unwrap_or(&s.object),
-            )) {
-                Some(name) => repo.store().head(&name).await?.is_some(),
-                None => false,
-            };
+            let present = sample_pack_present(repo, &s.object).await?;
             let refused = envelopes
                 .iter()
                 .any(|c| c.epoch == s.epoch && c.outcome == "refused");
