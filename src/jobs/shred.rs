@@ -41,7 +41,7 @@ use object_store::path::Path as StorePath;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::Serialize;
 
-pub use certificate::{Certificate, CertificateError, GuaranteeKind, Verified};
+pub use certificate::{Certificate, CertificateError, GuaranteeKind, StoreInfo, Verified};
 pub use decision::{ShredDecision, daemon_decision, decide, due};
 
 use crate::audit::Receipt;
@@ -779,6 +779,14 @@ fn refusal(e: &Error) -> Option<String> {
             _ => None,
         },
         _ => None,
+    }
+}
+
+/// The store as a certificate names it.
+fn store_info(url: &str) -> StoreInfo {
+    StoreInfo {
+        url: url.to_owned(),
+        note: store_note(url),
     }
 }
 

@@ -52,7 +52,9 @@ use sha2::{Digest, Sha256};
 use crate::audit::note::VerifierKey;
 use crate::audit::record::{AuditRecord, leaf_hash};
 use crate::audit::{AuditKey, InclusionEvidence};
-use crate::format::shred::{DeletionRecord, KeyDestruction, RewrapRecord, VerificationRecord};
+use crate::format::shred::{
+    DeletionRecord, KeyDestruction, RewrapRecord, ScopeRecord, VerificationRecord,
+};
 use crate::tenant::TenantId;
 
 pub const CERTIFICATE_FORMAT: &str = "custos-deletion-certificate/1";
@@ -146,6 +148,23 @@ pub struct ScopeSummary {
     pub audit_seq: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub foreign_envelopes: Vec<String>,
+}
+
+impl From<ScopeRecord> for ScopeSummary {
+    /// What of the recorded scope a certificate states: not the captured
+    /// wrapped keys or the sample pack, which only the verification used.
+    fn from(scope: ScopeRecord) -> Self {
+        Self {
+            listed_at: scope.listed_at,
+            objects: scope.objects,
+            bytes: scope.bytes,
+            merkle_root: scope.merkle_root,
+            leaf_encoding: scope.leaf_encoding,
+            envelopes: scope.envelopes,
+            audit_seq: scope.audit_seq,
+            foreign_envelopes: scope.foreign_envelopes,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,14 +4,12 @@ use chrono::Utc;
 use futures::FutureExt;
 use serde_json::json;
 
-use super::certificate::{
-    self, Certificate, Guarantee, GuaranteeKind, ScopeSummary, StoreInfo, Subject,
-};
+use super::certificate::{self, Certificate, Guarantee, GuaranteeKind, Subject};
 use super::scope::{self, ScopeObject};
 use super::{
     Journal, ShredReport, ShredRequest, Slot, delete_in_scope, destroy_keys_step,
     issue_certificate, key_state_checks, new_certificate_id, pending_note, sample_pack_present,
-    save, store_note, tenant_keys, unwrap_checks,
+    save, store_info, tenant_keys, unwrap_checks,
 };
 use crate::error::{Error, Result};
 use crate::format::descriptor::{EpochState, Lifecycle, ShredState};
@@ -451,23 +449,11 @@ fn body(repo: &Repo) -> Result<Certificate> {
         },
         algorithms: certificate::Algorithms::new(&providers),
         keys,
-        scope: ScopeSummary {
-            listed_at: scope.listed_at,
-            objects: scope.objects,
-            bytes: scope.bytes,
-            merkle_root: scope.merkle_root,
-            leaf_encoding: scope.leaf_encoding,
-            envelopes: scope.envelopes,
-            audit_seq: scope.audit_seq,
-            foreign_envelopes: scope.foreign_envelopes,
-        },
+        scope: scope.into(),
         deletion: p.deletion.clone().expect("deleted"),
         rewrap: None,
         verification: p.verification.clone().expect("verified"),
-        store: StoreInfo {
-            url: repo.context().store_url.clone(),
-            note: store_note(&repo.context().store_url),
-        },
+        store: store_info(&repo.context().store_url),
         custos_version: env!("CARGO_PKG_VERSION").into(),
         audit: None,
     })
