@@ -10,6 +10,8 @@
 //! Every request goes to 127.0.0.1: endpoints default to the emulator's, and
 //! credentials are static (never the EC2 metadata service).
 
+mod common;
+
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -23,7 +25,6 @@ use custos::keys::aws_kms::{AwsKmsProvider, AwsKmsSettings};
 use custos::keys::{KeyProvider, KeyRef};
 use custos::pipeline::packer::PackerConfig;
 use custos::repo::Repo;
-use custos::source::Source;
 use custos::store::ObjectName;
 use custos::store::lease::LeaseGuard;
 use object_store::ObjectStoreExt;
@@ -246,30 +247,10 @@ fn assert_same(a: &Path, b: &Path) {
     }
 }
 
-fn path_source(name: &str, path: &Path) -> Source {
-    Source::Path {
-        name: name.into(),
-        path: path.to_owned(),
-        exclude: vec![],
-        one_file_system: false,
-    }
-}
-
 async fn backup(repo: &Repo, lease: &LeaseGuard, data: &Path) -> jobs::backup::BackupReport {
-    jobs::backup::run(
-        repo,
-        lease,
-        jobs::backup::BackupOptions {
-            sources: vec![path_source("data", data)],
-            packer: PackerConfig::default(),
-            allow_unreadable: false,
-            tags: vec![],
-            force_read: false,
-        },
-        &NoProgress,
-    )
-    .await
-    .unwrap()
+    jobs::backup::run(repo, lease, common::backup_options(data), &NoProgress)
+        .await
+        .unwrap()
 }
 
 async fn lease(ctx: &Context, repo: &Repo, job: &str) -> LeaseGuard {

@@ -4,6 +4,8 @@
 //! report agree. Library tests use the embedded setup; CLI tests run the
 //! `custos` binary on a temporary custos.toml and policies directory.
 
+mod common;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -18,11 +20,8 @@ use custos::jobs::drill::{
 use custos::jobs::runner::{JobSpec, run_job};
 use custos::jobs::{self, NoProgress};
 use custos::keys::KeyRef;
-use custos::pipeline::packer::PackerConfig;
 use custos::repo::Repo;
 use custos::report::{JobKind, Outcome};
-use custos::source::Source;
-use custos::store::lease::LeaseGuard;
 use futures::FutureExt;
 use serde_json::Value;
 
@@ -65,29 +64,7 @@ async fn lib_with_backup() -> Lib {
     let tenant = TenantId::new("acme").unwrap();
     let key = KeyRef::local("acme").unwrap();
     let (repo, _) = Repo::init(&ctx, &tenant, &key, false).await.unwrap();
-    let lease = LeaseGuard::acquire(repo.store(), &ctx.holder, "backup", ctx.lease_ttl)
-        .await
-        .unwrap();
-    jobs::backup::run(
-        &repo,
-        &lease,
-        jobs::backup::BackupOptions {
-            sources: vec![Source::Path {
-                name: "data".into(),
-                path: root.join("data"),
-                exclude: vec![],
-                one_file_system: false,
-            }],
-            packer: PackerConfig::default(),
-            allow_unreadable: false,
-            tags: vec![],
-            force_read: false,
-        },
-        &NoProgress,
-    )
-    .await
-    .unwrap();
-    lease.release().await;
+    common::backup_dir(&ctx, &repo, &root.join("data")).await;
     Lib {
         _tmp: tmp,
         root,

@@ -8,12 +8,8 @@ use std::process::Command;
 
 use custos::TenantId;
 use custos::context::Context;
-use custos::jobs::{self, NoProgress};
 use custos::keys::KeyRef;
-use custos::pipeline::packer::PackerConfig;
 use custos::repo::Repo;
-use custos::source::Source;
-use custos::store::lease::LeaseGuard;
 
 fn python() -> Option<PathBuf> {
     let p = PathBuf::from(std::env::var_os("CUSTOS_TEST_PYTHON")?);
@@ -42,25 +38,7 @@ async fn the_spec_alone_restores_a_backup() {
     let (repo, _) = Repo::init(&ctx, &tenant, &KeyRef::local("spec").unwrap(), false)
         .await
         .unwrap();
-    let lease = LeaseGuard::acquire(repo.store(), &ctx.holder, "backup", ctx.lease_ttl)
-        .await
-        .unwrap();
-    let opts = jobs::backup::BackupOptions {
-        sources: vec![Source::Path {
-            name: "data".into(),
-            path: data.clone(),
-            exclude: vec![],
-            one_file_system: false,
-        }],
-        packer: PackerConfig::default(),
-        allow_unreadable: false,
-        tags: vec![],
-        force_read: false,
-    };
-    jobs::backup::run(&repo, &lease, opts, &NoProgress)
-        .await
-        .unwrap();
-    lease.release().await;
+    common::backup_dir(&ctx, &repo, &data).await;
 
     let target = tmp.path().join("restored");
     let out = Command::new(&py)

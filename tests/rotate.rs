@@ -4,6 +4,8 @@
 //! deletion is guarded. Local store and local key provider (the S3 + KMS
 //! variants of the main flows are in tests/backends.rs).
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -16,9 +18,7 @@ use custos::keys::{
     DataKey, Destruction, KeyError, KeyInfo, KeyProvider, KeyRef, ProviderKind, WrapContext,
     WrappedKey,
 };
-use custos::pipeline::packer::PackerConfig;
 use custos::repo::Repo;
-use custos::source::Source;
 use custos::store::lease::LeaseGuard;
 
 /// Delegates to a real provider, but fails `rewrap` once `budget` calls were made:
@@ -155,29 +155,7 @@ async fn setup() -> Setup {
                 .unwrap();
         }
         let repo = Repo::open(&ctx, &tenant, None).await.unwrap();
-        let lease = LeaseGuard::acquire(repo.store(), &ctx.holder, "backup", ctx.lease_ttl)
-            .await
-            .unwrap();
-        jobs::backup::run(
-            &repo,
-            &lease,
-            jobs::backup::BackupOptions {
-                sources: vec![Source::Path {
-                    name: "data".into(),
-                    path: data.clone(),
-                    exclude: vec![],
-                    one_file_system: false,
-                }],
-                packer: PackerConfig::default(),
-                allow_unreadable: false,
-                tags: vec![],
-                force_read: false,
-            },
-            &NoProgress,
-        )
-        .await
-        .unwrap();
-        lease.release().await;
+        common::backup_dir(&ctx, &repo, &data).await;
     }
     Setup {
         ctx,

@@ -7,9 +7,7 @@ use custos::TenantId;
 use custos::context::Context;
 use custos::jobs::{self, NoProgress};
 use custos::keys::KeyRef;
-use custos::pipeline::packer::PackerConfig;
 use custos::repo::Repo;
-use custos::source::Source;
 use custos::store::lease::LeaseGuard;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,18 +23,7 @@ async fn backup_restore_incremental_check() {
     let lease = LeaseGuard::acquire(repo.store(), &ctx.holder, "backup", ctx.lease_ttl)
         .await
         .unwrap();
-    let opts = || jobs::backup::BackupOptions {
-        sources: vec![Source::Path {
-            name: "data".into(),
-            path: data.clone(),
-            exclude: vec![],
-            one_file_system: false,
-        }],
-        packer: PackerConfig::default(),
-        allow_unreadable: false,
-        tags: vec![],
-        force_read: false,
-    };
+    let opts = || common::backup_options(&data);
     let t0 = std::time::Instant::now();
     let first = jobs::backup::run(&repo, &lease, opts(), &NoProgress)
         .await
@@ -111,18 +98,7 @@ async fn large_file_round_trip() {
     let lease = LeaseGuard::acquire(repo.store(), &ctx.holder, "backup", ctx.lease_ttl)
         .await
         .unwrap();
-    let opts = || jobs::backup::BackupOptions {
-        sources: vec![Source::Path {
-            name: "data".into(),
-            path: data.clone(),
-            exclude: vec![],
-            one_file_system: false,
-        }],
-        packer: PackerConfig::default(),
-        allow_unreadable: false,
-        tags: vec![],
-        force_read: false,
-    };
+    let opts = || common::backup_options(&data);
     let first = jobs::backup::run(&repo, &lease, opts(), &NoProgress)
         .await
         .unwrap();

@@ -21,12 +21,8 @@ use common::Cli;
 use custos::TenantId;
 use custos::context::Context;
 use custos::jobs::shred::{self, ShredRequest, ShredTarget, certificate};
-use custos::jobs::{self, NoProgress};
 use custos::keys::KeyRef;
-use custos::pipeline::packer::PackerConfig;
 use custos::repo::Repo;
-use custos::source::Source;
-use custos::store::lease::LeaseGuard;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use object_store::path::Path as StorePath;
@@ -995,29 +991,7 @@ async fn objects_the_store_refuses_to_delete_are_retained_ciphertext() {
     let tenant = TenantId::new("acme").unwrap();
     let key = KeyRef::local("acme").unwrap();
     let (repo, _) = Repo::init(&ctx, &tenant, &key, false).await.unwrap();
-    let lease = LeaseGuard::acquire(repo.store(), &ctx.holder, "backup", ctx.lease_ttl)
-        .await
-        .unwrap();
-    jobs::backup::run(
-        &repo,
-        &lease,
-        jobs::backup::BackupOptions {
-            sources: vec![Source::Path {
-                name: "data".into(),
-                path: root.join("data"),
-                exclude: vec![],
-                one_file_system: false,
-            }],
-            packer: PackerConfig::default(),
-            allow_unreadable: false,
-            tags: vec![],
-            force_read: false,
-        },
-        &NoProgress,
-    )
-    .await
-    .unwrap();
-    lease.release().await;
+    common::backup_dir(&ctx, &repo, &root.join("data")).await;
     drop(repo);
     let packs = fs::read_dir(root.join("store/tenants/acme/packs"))
         .unwrap()

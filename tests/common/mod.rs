@@ -240,3 +240,45 @@ impl Cli {
         v
     }
 }
+
+/// Options for a backup of one directory, as source `data`, with defaults otherwise.
+pub fn backup_options(path: &Path) -> custos::jobs::backup::BackupOptions {
+    custos::jobs::backup::BackupOptions {
+        sources: vec![custos::source::Source::Path {
+            name: "data".into(),
+            path: path.to_owned(),
+            exclude: vec![],
+            one_file_system: false,
+        }],
+        packer: custos::pipeline::packer::PackerConfig::default(),
+        allow_unreadable: false,
+        tags: vec![],
+        force_read: false,
+    }
+}
+
+/// One backup of `path` through the library, under a lease of its own.
+pub async fn backup_dir(
+    ctx: &custos::context::Context,
+    repo: &custos::repo::Repo,
+    path: &Path,
+) -> custos::jobs::backup::BackupReport {
+    let lease = custos::store::lease::LeaseGuard::acquire(
+        repo.store(),
+        &ctx.holder,
+        "backup",
+        ctx.lease_ttl,
+    )
+    .await
+    .unwrap();
+    let report = custos::jobs::backup::run(
+        repo,
+        &lease,
+        backup_options(path),
+        &custos::jobs::NoProgress,
+    )
+    .await
+    .unwrap();
+    lease.release().await;
+    report
+}
