@@ -227,19 +227,24 @@ impl FaultyStore {
         self.cfg.applies(op, path)
     }
 
-    /// Draws latency and a fault for one operation on `path`.
-    async fn plan(&self, op: Op, path: &Path) -> Plan {
+    /// Draws latency and a fault for one operation on `path`. Half of the
+    /// latency is spent here, on the way to the store; the other half is
+    /// returned, to be spent after the operation, on the way back: a caller
+    /// that gives up then has had its write done all the same.
+    async fn plan(&self, op: Op, path: &Path) -> (Plan, Duration) {
         if !self.applies(op, path) {
-            return Plan::Pass;
+            return (Plan::Pass, Duration::ZERO);
         }
+        let mut response = Duration::ZERO;
         if self.cfg.latency > 0.0 && self.uniform() < self.cfg.latency {
             self.stats.delays.fetch_add(1, Ordering::Relaxed);
             let d = self.cfg.latency_max.mul_f64(self.uniform());
-            tokio::time::sleep(d).await;
+            response = d / 2;
+            tokio::time::sleep(d - response).await;
         }
         let x = self.uniform();
         let (e, t, s) = (self.cfg.error, self.cfg.timeout, self.cfg.short_read);
-        if x < e {
+        let plan = if x < e {
             if op == Op::Put && self.uniform() < 0.5 {
                 Plan::FailAfter
             } else {
@@ -251,7 +256,8 @@ impl FaultyStore {
             Plan::ShortRead
         } else {
             Plan::Pass
-        }
+        };
+        (plan, response)
     }
 
     fn error(&self, what: &str, op: Op, path: &Path) -> object_store::Error {
@@ -271,7 +277,8 @@ impl FaultyStore {
 
     /// Applies a plan that is not a short read to an operation.
     async fn guard<R>(&self, op: Op, path: &Path, f: impl Future<Output = Result<R>>) -> Result<R> {
-        match self.plan(op, path).await {
+        let (plan, response) = self.plan(op, path).await;
+        match plan {
             Plan::Fail => Err(self.error("request failed", op, path)),
             Plan::Timeout => Err(self.timeout(op, path).await),
             Plan::FailAfter => {
@@ -281,7 +288,11 @@ impl FaultyStore {
                     Err(e) => Err(e),
                 }
             }
-            Plan::Pass | Plan::ShortRead => f.await,
+            Plan::Pass | Plan::ShortRead => {
+                let r = f.await;
+                tokio::time::sleep(response).await;
+                r
+            }
         }
     }
 }
@@ -340,7 +351,9 @@ impl ObjectStore for FaultyStore {
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
         let op = if options.head { Op::Head } else { Op::Get };
-        match self.plan(op, location).await {
+        let (plan, response) = self.plan(op, location).await;
+        tokio::time::sleep(response).await;
+        match plan {
             Plan::Fail | Plan::FailAfter => Err(self.error("request failed", op, location)),
             Plan::Timeout => Err(self.timeout(op, location).await),
             Plan::Pass => self.inner.get_opts(location, options).await,
@@ -372,7 +385,8 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
-        let plan = self.plan(Op::Get, location).await;
+        let (plan, response) = self.plan(Op::Get, location).await;
+        tokio::time::sleep(response).await;
         match plan {
             Plan::Fail | Plan::FailAfter => Err(self.error("request failed", Op::Get, location)),
             Plan::Timeout => Err(self.timeout(Op::Get, location).await),

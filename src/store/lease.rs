@@ -23,7 +23,24 @@ pub struct LeaseRecord {
     pub job: String,
     pub acquired_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// Set by a holder releasing the lease, just before it deletes it. Until
+    /// `expires_at` (a short grace) others wait for the delete rather than
+    /// take the record over: a takeover in between would be deleted with it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
 }
+
+impl LeaseRecord {
+    /// Whether `other` is this same lease (one holder's one acquisition),
+    /// whatever its expiry.
+    fn same_lease(&self, other: &LeaseRecord) -> bool {
+        (&self.holder, &self.job, self.acquired_at) == (&other.holder, &other.job, other.acquired_at)
+    }
+}
+
+/// How long a released lease is left for its holder to delete before others
+/// may take it over (the delete failed, or the holder died in between).
+const RELEASE_GRACE: Duration = Duration::from_secs(5);
 
 /// A held lease. Renewed in the background every third of its TTL; if a
 /// renewal finds the lease taken, [`LeaseGuard::ensure_held`] fails from then on,
@@ -31,6 +48,8 @@ pub struct LeaseRecord {
 pub struct LeaseGuard {
     inner: Arc<Inner>,
     keepalive: tokio::task::JoinHandle<()>,
+    /// Tells the keepalive task to stop once any renewal in flight is done.
+    stop: Arc<tokio::sync::Notify>,
     /// The expired lease this one replaced, if any.
     took_over_from: Option<LeaseRecord>,
 }
@@ -81,13 +100,16 @@ impl LeaseGuard {
         ttl: Duration,
     ) -> Result<LeaseGuard> {
         let name = ObjectName::Lease;
-        for _ in 0..5 {
+        let mut attempts = 0;
+        while attempts < 5 {
+            attempts += 1;
             let now = Utc::now();
             let record = LeaseRecord {
                 holder: holder.to_owned(),
                 job: job.to_owned(),
                 acquired_at: now,
                 expires_at: now + chrono_ttl(ttl),
+                released: false,
             };
             let body = Bytes::from(serde_json::to_vec(&record).expect("lease serialises"));
             match store
@@ -111,6 +133,17 @@ impl LeaseGuard {
             };
             let current: Option<LeaseRecord> = serde_json::from_slice(&bytes).ok();
             if let Some(cur) = &current
+                && cur.released
+                && cur.expires_at > now
+                && cur.expires_at <= now + chrono_ttl(RELEASE_GRACE)
+            {
+                // Its holder is deleting it: wait for that (not an attempt;
+                // bounded by the grace), then create.
+                attempts -= 1;
+                tokio::time::sleep(Duration::from_millis(50 + rand::random_range(0..100))).await;
+                continue;
+            }
+            if let Some(cur) = &current
                 && cur.expires_at > now
                 && cur.holder != holder
             {
@@ -129,6 +162,11 @@ impl LeaseGuard {
                 .await
             {
                 Ok(r) => {
+                    // A released lease whose delete never came is no crash.
+                    if current.as_ref().is_some_and(|c| c.released) {
+                        tracing::debug!(tenant = %store.tenant(), "took over a released lease its holder did not delete");
+                        return Ok(Self::start(store, ttl, record, version(&r), None));
+                    }
                     tracing::warn!(
                         event = "lease.takeover",
                         tenant = %store.tenant(),
@@ -136,13 +174,7 @@ impl LeaseGuard {
                         previous_expiry = current.as_ref().map(|c| c.expires_at.to_rfc3339()).unwrap_or_default(),
                         "took over an expired lease"
                     );
-                    return Ok(Self::start(
-                        store,
-                        ttl,
-                        record,
-                        version(&r),
-                        current.clone(),
-                    ));
+                    return Ok(Self::start(store, ttl, record, version(&r), current));
                 }
                 // Another process took it first, or it was released: try again.
                 Err(object_store::Error::Precondition { .. })
@@ -187,9 +219,16 @@ impl LeaseGuard {
             lost: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&inner);
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopped = stop.clone();
         let keepalive = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(ttl / 3).await;
+                // A renewal is never cut short: cancelled mid-request, its
+                // write could still land after the release read the version.
+                tokio::select! {
+                    _ = tokio::time::sleep(ttl / 3) => {}
+                    _ = stopped.notified() => return,
+                }
                 let Some(inner) = weak.upgrade() else { return };
                 if let Err(e) = inner.renew().await {
                     tracing::error!(event = "lease.lost", tenant = %inner.store.tenant(), error = %e, "lease renewal failed");
@@ -201,6 +240,7 @@ impl LeaseGuard {
         LeaseGuard {
             inner,
             keepalive,
+            stop,
             took_over_from,
         }
     }
@@ -227,21 +267,24 @@ impl LeaseGuard {
         self.inner.state.lock().await.0.clone()
     }
 
-    /// Releases the lease if it is still ours. Transient store errors are
-    /// retried: a lease left behind blocks the tenant until it expires.
-    pub async fn release(self) {
-        self.keepalive.abort();
-        let state = self.inner.state.lock().await;
+    /// Releases the lease if it is still ours: waits for a renewal in
+    /// flight, marks the lease released (a conditional update of our own
+    /// version), then deletes it. Transient store errors are retried: a lease
+    /// left behind blocks the tenant until it expires.
+    pub async fn release(mut self) {
+        self.stop.notify_one();
+        let _ = (&mut self.keepalive).await;
+        let mut state = self.inner.state.lock().await;
         if self.inner.lost.load(Ordering::SeqCst) {
             return;
         }
-        // Only delete our own version: a conditional update to an expired
-        // record first, so a takeover in between is not deleted by mistake.
-        let mut expired = state.0.clone();
-        expired.expires_at = Utc::now() - chrono::Duration::seconds(1);
-        let body = Bytes::from(serde_json::to_vec(&expired).expect("serialises"));
+        let mut released = state.0.clone();
+        released.released = true;
+        released.expires_at = Utc::now() + chrono_ttl(RELEASE_GRACE.min(self.inner.ttl));
+        let body = Bytes::from(serde_json::to_vec(&released).expect("serialises"));
         let name = ObjectName::Lease;
-        let mut released = false;
+        let tenant = self.inner.store.tenant().to_string();
+        let mut done = false;
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=RENEW_ATTEMPTS {
             match self
@@ -251,16 +294,33 @@ impl LeaseGuard {
                 .await
             {
                 Ok(_) => {
-                    released = true;
+                    done = true;
                     break;
                 }
-                // An earlier attempt may have landed with its response lost.
-                Err(object_store::Error::Precondition { .. }) if attempt > 1 => {
-                    released = matches!(
-                        self.inner.store.get_if_exists(&name).await,
-                        Ok(Some((bytes, _)))
-                            if serde_json::from_slice::<LeaseRecord>(&bytes).ok().as_ref() == Some(&expired)
-                    );
+                // The version moved: an earlier attempt of ours landed with its
+                // response lost, or the lease is no longer ours. Look.
+                Err(object_store::Error::Precondition { .. }) => {
+                    match self.inner.store.get_if_exists(&name).await {
+                        Ok(Some((bytes, meta))) => {
+                            match serde_json::from_slice::<LeaseRecord>(&bytes) {
+                                Ok(cur) if cur == released => done = true,
+                                // Still ours under a version we did not see:
+                                // release that one.
+                                Ok(cur) if cur.same_lease(&released) && !cur.released => {
+                                    state.1 = UpdateVersion {
+                                        e_tag: meta.e_tag,
+                                        version: meta.version,
+                                    };
+                                    continue;
+                                }
+                                _ => tracing::info!(event = "lease.released_elsewhere", tenant = %tenant, "the lease was no longer ours to release"),
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(event = "lease.release_failed", tenant = %tenant, error = %e, "could not release the lease; it expires on its own");
+                        }
+                    }
                     break;
                 }
                 Err(e) if attempt < RENEW_ATTEMPTS && super::tenant::is_transient(&e) => {
@@ -268,13 +328,14 @@ impl LeaseGuard {
                     delay *= 3;
                 }
                 Err(e) => {
-                    tracing::warn!(event = "lease.release_failed", tenant = %self.inner.store.tenant(), error = %e, "could not release the lease; it expires on its own");
+                    tracing::warn!(event = "lease.release_failed", tenant = %tenant, error = %e, "could not release the lease; it expires on its own");
                     break;
                 }
             }
         }
-        if released {
-            // Expired already: if this delete fails, the next job takes it over.
+        if done {
+            // Marked released: if this delete fails, the next job takes the
+            // record over once its grace has passed.
             let _ = self.inner.store.delete(&name).await;
         }
     }
@@ -380,6 +441,69 @@ mod tests {
             .unwrap();
         assert_eq!(c.record().await.holder, "c");
         c.ensure_held().unwrap();
+    }
+
+    /// A store whose lease writes answer late (half the latency after the
+    /// write), so a release often meets a renewal in flight: the release must
+    /// wait for it rather than cut it short and then conflict with its write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_release_during_a_renewal_still_releases() {
+        use crate::store::faults::{FaultConfig, FaultyStore, Op};
+        let slow = FaultyStore::new(
+            crate::store::memory(),
+            FaultConfig {
+                latency: 1.0,
+                latency_max: Duration::from_millis(120),
+                ops: vec![Op::Put],
+                paths: Some("locks/lease".into()),
+                ..Default::default()
+            },
+        );
+        let s = TenantStore::new(Arc::new(slow), &TenantId::new("acme").unwrap());
+        let ttl = Duration::from_millis(150); // a renewal every 50 ms
+        for round in 0..12u64 {
+            let a = LeaseGuard::acquire(&s, "a", "backup", ttl).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(60 + 7 * round)).await;
+            a.release().await;
+            assert!(
+                s.get_if_exists(&ObjectName::Lease).await.unwrap().is_none(),
+                "round {round}: the lease was left behind"
+            );
+            // Another holder gets it at once, without waiting for an expiry.
+            let b = LeaseGuard::acquire(&s, "b", "prune", Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert!(b.took_over_from().is_none(), "round {round}");
+            b.release().await;
+        }
+    }
+
+    /// Between marking the lease released and deleting it, another holder
+    /// waits rather than takes the record over (the delete would remove its
+    /// lease); if the delete never comes, the record is taken after the grace.
+    #[tokio::test]
+    async fn a_released_lease_is_waited_for_then_taken_without_a_crash_report() {
+        let s = tstore();
+        let a = LeaseGuard::acquire(&s, "a", "backup", Duration::from_millis(600))
+            .await
+            .unwrap();
+        let mut record = a.record().await;
+        std::mem::forget(a);
+        record.released = true;
+        record.expires_at = Utc::now() + chrono::Duration::milliseconds(300);
+        s.put(
+            &ObjectName::Lease,
+            Bytes::from(serde_json::to_vec(&record).unwrap()),
+        )
+        .await
+        .unwrap();
+        let started = std::time::Instant::now();
+        let b = LeaseGuard::acquire(&s, "b", "prune", Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        assert!(b.took_over_from().is_none(), "a release is not a crash");
+        assert_eq!(b.record().await.holder, "b");
     }
 
     #[tokio::test]
