@@ -181,11 +181,12 @@ impl Campaign {
             )
             .unwrap();
         }
-        let files: Vec<_> = fs::read_dir(&self.data)
+        let mut files: Vec<_> = fs::read_dir(&self.data)
             .unwrap()
             .map(|e| e.unwrap().path())
             .filter(|p| p.is_file())
             .collect();
+        files.sort(); // directory order is not reproducible; the seed must be
         if files.len() > 4 {
             let victim = &files[self.rng.below(files.len() as u64) as usize];
             fs::remove_file(victim).unwrap();

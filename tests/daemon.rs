@@ -503,8 +503,15 @@ fn daemon_runs_jobs_on_time_reloads_and_stops_cleanly() {
             .any(|n| n.starts_with("READY=1\n")),
         "{notes:?}"
     );
+    // STOPPING=1 comes last, but for watchdog pings while jobs finish.
+    let stopping = notes
+        .iter()
+        .rposition(|n| n.starts_with("STOPPING=1\n"))
+        .expect("STOPPING=1");
     assert!(
-        notes.last().unwrap().starts_with("STOPPING=1\n"),
+        notes[stopping + 1..]
+            .iter()
+            .all(|n| n.starts_with("WATCHDOG=1")),
         "{notes:?}"
     );
 
@@ -916,6 +923,9 @@ fn the_daemon_shreds_an_offboarded_tenant_once_its_hold_is_lifted() {
     // Done: the slot is recorded; nothing runs again, no second certificate.
     let (code, doc, _) = once();
     assert_eq!(code, Some(0), "{doc}");
-    assert_eq!(outcome(&doc, "shred"), None, "{doc}");
+    // (A new hourly slot, if the hour turned meanwhile, is declined as
+    // already shredded.)
+    let again = outcome(&doc, "shred").map(|o| o.0);
+    assert!(matches!(again.as_deref(), None | Some("skipped")), "{doc}");
     assert_eq!(certificates().len(), 1);
 }

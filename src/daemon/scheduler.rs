@@ -874,8 +874,11 @@ impl Scheduler {
         if self.state.is_dirty() && (self.last_flush.elapsed() >= FLUSH_EVERY || self.stopping) {
             self.flush();
         }
-        let status = self.status_line();
-        self.notifier.status(&status);
+        // While stopping, the status stays "stopping: waiting for N job(s)".
+        if !self.stopping {
+            let status = self.status_line();
+            self.notifier.status(&status);
+        }
     }
 
     fn flush(&mut self) {

@@ -34,7 +34,8 @@ impl LeaseRecord {
     /// Whether `other` is this same lease (one holder's one acquisition),
     /// whatever its expiry.
     fn same_lease(&self, other: &LeaseRecord) -> bool {
-        (&self.holder, &self.job, self.acquired_at) == (&other.holder, &other.job, other.acquired_at)
+        (&self.holder, &self.job, self.acquired_at)
+            == (&other.holder, &other.job, other.acquired_at)
     }
 }
 
@@ -313,7 +314,9 @@ impl LeaseGuard {
                                     };
                                     continue;
                                 }
-                                _ => tracing::info!(event = "lease.released_elsewhere", tenant = %tenant, "the lease was no longer ours to release"),
+                                _ => {
+                                    tracing::info!(event = "lease.released_elsewhere", tenant = %tenant, "the lease was no longer ours to release")
+                                }
                             }
                         }
                         Ok(None) => {}
