@@ -491,6 +491,8 @@ mod tests {
             .await
             .unwrap();
         let mut record = a.record().await;
+        // a dies without releasing, just after marking the lease released.
+        a.keepalive.abort();
         std::mem::forget(a);
         record.released = true;
         record.expires_at = Utc::now() + chrono::Duration::milliseconds(300);
