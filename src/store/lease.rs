@@ -1,7 +1,8 @@
 //! Tenant leases: at most one job per tenant at a time, across processes and
 //! machines sharing a store. A lease is `tenants/<t>/locks/lease`, created with
 //! a conditional put, renewed with a conditional update while the job runs,
-//! and taken over only once expired (a crashed holder's lease runs out).
+//! and taken over only once released (marked so by its holder, left in place)
+//! or expired (a crashed holder's lease runs out). Every write is conditional.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,9 +24,10 @@ pub struct LeaseRecord {
     pub job: String,
     pub acquired_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
-    /// Set by a holder releasing the lease, just before it deletes it. Until
-    /// `expires_at` (a short grace) others wait for the delete rather than
-    /// take the record over: a takeover in between would be deleted with it.
+    /// Set by the holder when its job ends. The record is left in place, not
+    /// deleted: the next holder takes it over with a conditional update, so
+    /// no step of a lease's life is unconditional (object stores offer no
+    /// conditional delete, and a delete could remove a newer holder's lease).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub released: bool,
 }
@@ -38,10 +40,6 @@ impl LeaseRecord {
             == (&other.holder, &other.job, other.acquired_at)
     }
 }
-
-/// How long a released lease is left for its holder to delete before others
-/// may take it over (the delete failed, or the holder died in between).
-const RELEASE_GRACE: Duration = Duration::from_secs(5);
 
 /// A held lease. Renewed in the background every third of its TTL; if a
 /// renewal finds the lease taken, [`LeaseGuard::ensure_held`] fails from then on,
@@ -101,9 +99,7 @@ impl LeaseGuard {
         ttl: Duration,
     ) -> Result<LeaseGuard> {
         let name = ObjectName::Lease;
-        let mut attempts = 0;
-        while attempts < 5 {
-            attempts += 1;
+        for _ in 0..5 {
             let now = Utc::now();
             let record = LeaseRecord {
                 holder: holder.to_owned(),
@@ -133,18 +129,9 @@ impl LeaseGuard {
                 continue;
             };
             let current: Option<LeaseRecord> = serde_json::from_slice(&bytes).ok();
+            let released = current.as_ref().is_some_and(|c| c.released);
             if let Some(cur) = &current
-                && cur.released
-                && cur.expires_at > now
-                && cur.expires_at <= now + chrono_ttl(RELEASE_GRACE)
-            {
-                // Its holder is deleting it: wait for that (not an attempt;
-                // bounded by the grace), then create.
-                attempts -= 1;
-                tokio::time::sleep(Duration::from_millis(50 + rand::random_range(0..100))).await;
-                continue;
-            }
-            if let Some(cur) = &current
+                && !released
                 && cur.expires_at > now
                 && cur.holder != holder
             {
@@ -163,9 +150,7 @@ impl LeaseGuard {
                 .await
             {
                 Ok(r) => {
-                    // A released lease whose delete never came is no crash.
-                    if current.as_ref().is_some_and(|c| c.released) {
-                        tracing::debug!(tenant = %store.tenant(), "took over a released lease its holder did not delete");
+                    if released {
                         return Ok(Self::start(store, ttl, record, version(&r), None));
                     }
                     tracing::warn!(
@@ -268,24 +253,33 @@ impl LeaseGuard {
         self.inner.state.lock().await.0.clone()
     }
 
-    /// Releases the lease if it is still ours: waits for a renewal in
-    /// flight, marks the lease released (a conditional update of our own
-    /// version), then deletes it. Transient store errors are retried: a lease
-    /// left behind blocks the tenant until it expires.
+    /// Releases the lease if it is still ours: lets a renewal in flight
+    /// finish (for up to a TTL), then marks the lease released with a
+    /// conditional update of our own version. Transient store errors are
+    /// retried: a lease left held blocks the tenant until it expires.
     pub async fn release(mut self) {
         self.stop.notify_one();
-        let _ = (&mut self.keepalive).await;
+        if tokio::time::timeout(self.inner.ttl, &mut self.keepalive)
+            .await
+            .is_err()
+        {
+            // A renewal stuck in retries: cut it short. Should its write still
+            // land, the conflict below finds our own lease and retries.
+            self.keepalive.abort();
+        }
         let mut state = self.inner.state.lock().await;
         if self.inner.lost.load(Ordering::SeqCst) {
             return;
         }
         let mut released = state.0.clone();
         released.released = true;
-        released.expires_at = Utc::now() + chrono_ttl(RELEASE_GRACE.min(self.inner.ttl));
+        released.expires_at = Utc::now();
         let body = Bytes::from(serde_json::to_vec(&released).expect("serialises"));
         let name = ObjectName::Lease;
         let tenant = self.inner.store.tenant().to_string();
-        let mut done = false;
+        let give_up = |e: &dyn std::fmt::Display| {
+            tracing::warn!(event = "lease.release_failed", tenant = %tenant, error = %e, "could not release the lease; it expires on its own");
+        };
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=RENEW_ATTEMPTS {
             match self
@@ -294,17 +288,15 @@ impl LeaseGuard {
                 .put_conditional(&name, body.clone(), PutMode::Update(state.1.clone()))
                 .await
             {
-                Ok(_) => {
-                    done = true;
-                    break;
-                }
+                Ok(_) => return,
                 // The version moved: an earlier attempt of ours landed with its
-                // response lost, or the lease is no longer ours. Look.
+                // response lost, a renewal landed late, or the lease is no
+                // longer ours. Look.
                 Err(object_store::Error::Precondition { .. }) => {
                     match self.inner.store.get_if_exists(&name).await {
                         Ok(Some((bytes, meta))) => {
                             match serde_json::from_slice::<LeaseRecord>(&bytes) {
-                                Ok(cur) if cur == released => done = true,
+                                Ok(cur) if cur == released => return,
                                 // Still ours under a version we did not see:
                                 // release that one.
                                 Ok(cur) if cur.same_lease(&released) && !cur.released => {
@@ -315,32 +307,23 @@ impl LeaseGuard {
                                     continue;
                                 }
                                 _ => {
-                                    tracing::info!(event = "lease.released_elsewhere", tenant = %tenant, "the lease was no longer ours to release")
+                                    tracing::info!(event = "lease.released_elsewhere", tenant = %tenant, "the lease was no longer ours to release");
+                                    return;
                                 }
                             }
                         }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::warn!(event = "lease.release_failed", tenant = %tenant, error = %e, "could not release the lease; it expires on its own");
-                        }
+                        Ok(None) => return,
+                        Err(e) => return give_up(&e),
                     }
-                    break;
                 }
                 Err(e) if attempt < RENEW_ATTEMPTS && super::tenant::is_transient(&e) => {
                     tokio::time::sleep(delay).await;
                     delay *= 3;
                 }
-                Err(e) => {
-                    tracing::warn!(event = "lease.release_failed", tenant = %tenant, error = %e, "could not release the lease; it expires on its own");
-                    break;
-                }
+                Err(e) => return give_up(&e),
             }
         }
-        if done {
-            // Marked released: if this delete fails, the next job takes the
-            // record over once its grace has passed.
-            let _ = self.inner.store.delete(&name).await;
-        }
+        give_up(&"the lease kept changing under us");
     }
 }
 
@@ -469,8 +452,10 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(60 + 7 * round)).await;
             a.release().await;
             assert!(
-                s.get_if_exists(&ObjectName::Lease).await.unwrap().is_none(),
-                "round {round}: the lease was left behind"
+                stored(&s)
+                    .await
+                    .is_some_and(|r| r.released && r.holder == "a"),
+                "round {round}: the lease was not released"
             );
             // Another holder gets it at once, without waiting for an expiry.
             let b = LeaseGuard::acquire(&s, "b", "prune", Duration::from_secs(60))
@@ -481,34 +466,66 @@ mod tests {
         }
     }
 
-    /// Between marking the lease released and deleting it, another holder
-    /// waits rather than takes the record over (the delete would remove its
-    /// lease); if the delete never comes, the record is taken after the grace.
-    #[tokio::test]
-    async fn a_released_lease_is_waited_for_then_taken_without_a_crash_report() {
-        let s = tstore();
-        let a = LeaseGuard::acquire(&s, "a", "backup", Duration::from_millis(600))
-            .await
-            .unwrap();
-        let mut record = a.record().await;
-        // a dies without releasing, just after marking the lease released.
-        a.keepalive.abort();
-        std::mem::forget(a);
-        record.released = true;
-        record.expires_at = Utc::now() + chrono::Duration::milliseconds(300);
+    async fn stored(s: &TenantStore) -> Option<LeaseRecord> {
+        let (bytes, _) = s.get_if_exists(&ObjectName::Lease).await.unwrap()?;
+        Some(serde_json::from_slice(&bytes).unwrap())
+    }
+
+    async fn put_record(s: &TenantStore, r: &LeaseRecord) {
         s.put(
             &ObjectName::Lease,
-            Bytes::from(serde_json::to_vec(&record).unwrap()),
+            Bytes::from(serde_json::to_vec(r).unwrap()),
         )
         .await
         .unwrap();
-        let started = std::time::Instant::now();
+    }
+
+    /// A released lease is free at once, whatever its expiry, and taking it
+    /// is no crash of its holder.
+    #[tokio::test]
+    async fn a_released_lease_is_taken_at_once_without_a_crash_report() {
+        let s = tstore();
+        let a = LeaseGuard::acquire(&s, "a", "backup", Duration::from_secs(60))
+            .await
+            .unwrap();
+        a.release().await;
         let b = LeaseGuard::acquire(&s, "b", "prune", Duration::from_secs(60))
             .await
             .unwrap();
-        assert!(started.elapsed() >= Duration::from_millis(250));
         assert!(b.took_over_from().is_none(), "a release is not a crash");
-        assert_eq!(b.record().await.holder, "b");
+        assert_eq!(stored(&s).await.unwrap().holder, "b");
+        assert!(!stored(&s).await.unwrap().released);
+        b.ensure_held().unwrap();
+    }
+
+    /// Our own lease under a version we did not see (a renewal's write that
+    /// landed after we stopped looking) is still released.
+    #[tokio::test]
+    async fn release_adopts_a_version_of_its_own_lease_it_did_not_see() {
+        let s = tstore();
+        let a = LeaseGuard::acquire(&s, "a", "backup", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let mut renewed = a.record().await;
+        renewed.expires_at += chrono::Duration::seconds(20);
+        put_record(&s, &renewed).await; // a new version, behind a's back
+        a.release().await;
+        let r = stored(&s).await.unwrap();
+        assert!(r.released && r.holder == "a", "{r:?}");
+    }
+
+    /// A lease taken over behind our back is left to its new holder.
+    #[tokio::test]
+    async fn release_leaves_another_holders_lease_alone() {
+        let s = tstore();
+        let a = LeaseGuard::acquire(&s, "a", "backup", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let mut other = a.record().await;
+        other.holder = "b".into();
+        put_record(&s, &other).await;
+        a.release().await;
+        assert_eq!(stored(&s).await.unwrap(), other);
     }
 
     #[tokio::test]
