@@ -253,6 +253,22 @@ async fn backup(repo: &Repo, lease: &LeaseGuard, data: &Path) -> jobs::backup::B
         .unwrap()
 }
 
+/// The tenant's packs, index files and snapshots: path, size and e-tag.
+async fn sealed_data(repo: &Repo) -> Vec<(object_store::path::Path, u64, Option<String>)> {
+    repo.list_objects()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|o| {
+            matches!(
+                o.name,
+                Some(ObjectName::Pack(_) | ObjectName::Index(_) | ObjectName::Snapshot(_))
+            )
+        })
+        .map(|o| (o.path, o.meta.size, o.meta.e_tag))
+        .collect()
+}
+
 async fn lease(ctx: &Context, repo: &Repo, job: &str) -> LeaseGuard {
     LeaseGuard::acquire(repo.store(), &ctx.holder, job, ctx.lease_ttl)
         .await
@@ -561,35 +577,11 @@ async fn rotation_cost(b: &Backend) {
         let l = lease(ctx, &repo, "backup").await;
         let rep = backup(&repo, &l, &data).await;
         l.release().await;
-        let before: Vec<_> = repo
-            .list_objects()
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|o| {
-                !matches!(
-                    o.name,
-                    Some(ObjectName::Envelope(_) | ObjectName::Descriptor)
-                )
-            })
-            .map(|o| (o.path, o.meta.size, o.meta.e_tag))
-            .collect();
+        let before = sealed_data(&repo).await;
         drop(repo);
         let r = rotate(ctx, &tenant, RotateAction::Cmk).await;
         let repo = Repo::open(ctx, &tenant, None).await.unwrap();
-        let after: Vec<_> = repo
-            .list_objects()
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|o| {
-                !matches!(
-                    o.name,
-                    Some(ObjectName::Envelope(_) | ObjectName::Descriptor)
-                )
-            })
-            .map(|o| (o.path, o.meta.size, o.meta.e_tag))
-            .collect();
+        let after = sealed_data(&repo).await;
         assert_eq!(
             before, after,
             "rotation must not touch packs, index or snapshots"

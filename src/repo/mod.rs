@@ -206,7 +206,8 @@ impl Repo {
                 .list_all()
                 .await?
                 .into_iter()
-                .filter(|l| l.name != Some(ObjectName::Envelope(1)))
+                // A released lease record is operational, not data.
+                .filter(|l| !matches!(l.name, Some(ObjectName::Envelope(1) | ObjectName::Lease)))
                 .collect();
             if !leftovers
                 .iter()
