@@ -788,7 +788,8 @@ impl Inner {
         let path = self.log_path();
         // Signed intent first: a crash after the record but before its
         // checkpoint is then provably custos' own interrupted append.
-        let intent = super::verify::pending_text(tail.size + 1, &record::leaf_hash(&line));
+        let leaf_hash = record::leaf_hash(&line);
+        let intent = super::verify::pending_text(tail.size + 1, &leaf_hash);
         let note = self
             .key
             .sign_note(&intent)
@@ -817,7 +818,7 @@ impl Inner {
         let _ = fs::remove_file(&pending);
         let receipt = Receipt {
             seq: rec.seq,
-            leaf_hash: record::leaf_hash(&line),
+            leaf_hash,
             tree_size: tail.size,
         };
         Ok((receipt, tail))

@@ -675,7 +675,6 @@ impl Repo {
             .1)
     }
 
-    /// Every snapshot, oldest first, with faults for those that cannot be read.
     /// Epochs of the envelopes in the store (`keys/<n>`) that are not
     /// shredded, one left by an interrupted `rotate --new-epoch` included:
     /// what a rotation or an epoch shred must keep re-wrapped.
@@ -694,6 +693,7 @@ impl Repo {
             .collect())
     }
 
+    /// Every snapshot, oldest first, with faults for those that cannot be read.
     pub async fn list_snapshots(&self) -> Result<(Vec<Snapshot>, Vec<Fault>)> {
         self.require_readable()?;
         let listed = self.store.list(Dir::Snapshots).await?;

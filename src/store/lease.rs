@@ -405,9 +405,7 @@ mod tests {
     #[tokio::test]
     async fn one_holder_at_a_time_and_expiry_allows_takeover() {
         let s = tstore();
-        let a = LeaseGuard::acquire(&s, "a", "backup", Duration::from_secs(60))
-            .await
-            .unwrap();
+        let a = take(&s, "a").await;
         let err = LeaseGuard::acquire(&s, "b", "prune", Duration::from_secs(60))
             .await
             .err()
@@ -466,6 +464,13 @@ mod tests {
         }
     }
 
+    /// `holder`'s lease with a TTL longer than any test.
+    async fn take(s: &TenantStore, holder: &str) -> LeaseGuard {
+        LeaseGuard::acquire(s, holder, "backup", Duration::from_secs(60))
+            .await
+            .unwrap()
+    }
+
     async fn stored(s: &TenantStore) -> Option<LeaseRecord> {
         let (bytes, _) = s.get_if_exists(&ObjectName::Lease).await.unwrap()?;
         Some(serde_json::from_slice(&bytes).unwrap())
@@ -485,13 +490,9 @@ mod tests {
     #[tokio::test]
     async fn a_released_lease_is_taken_at_once_without_a_crash_report() {
         let s = tstore();
-        let a = LeaseGuard::acquire(&s, "a", "backup", Duration::from_secs(60))
-            .await
-            .unwrap();
+        let a = take(&s, "a").await;
         a.release().await;
-        let b = LeaseGuard::acquire(&s, "b", "prune", Duration::from_secs(60))
-            .await
-            .unwrap();
+        let b = take(&s, "b").await;
         assert!(b.took_over_from().is_none(), "a release is not a crash");
         assert_eq!(stored(&s).await.unwrap().holder, "b");
         assert!(!stored(&s).await.unwrap().released);
@@ -503,9 +504,7 @@ mod tests {
     #[tokio::test]
     async fn release_adopts_a_version_of_its_own_lease_it_did_not_see() {
         let s = tstore();
-        let a = LeaseGuard::acquire(&s, "a", "backup", Duration::from_secs(60))
-            .await
-            .unwrap();
+        let a = take(&s, "a").await;
         let mut renewed = a.record().await;
         renewed.expires_at += chrono::Duration::seconds(20);
         put_record(&s, &renewed).await; // a new version, behind a's back
@@ -518,9 +517,7 @@ mod tests {
     #[tokio::test]
     async fn release_leaves_another_holders_lease_alone() {
         let s = tstore();
-        let a = LeaseGuard::acquire(&s, "a", "backup", Duration::from_secs(60))
-            .await
-            .unwrap();
+        let a = take(&s, "a").await;
         let mut other = a.record().await;
         other.holder = "b".into();
         put_record(&s, &other).await;
