@@ -24,6 +24,9 @@ pub struct Context {
     /// S3 settings (`[aws]` / environment) for stores other than the main one:
     /// object-store sources and `restore --target-url`.
     pub s3: crate::store::s3::S3Options,
+    /// The tenant policies directory, read by the key-ownership checks (which
+    /// key each tenant's policy names); `None` outside a configuration.
+    pub policies_dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Context {
@@ -71,6 +74,7 @@ impl Context {
             lease_ttl: Duration::from_secs(120),
             actor: default_actor("cli"),
             s3: Default::default(),
+            policies_dir: None,
         })
     }
 }
@@ -120,6 +124,7 @@ impl Context {
             lease_ttl: cfg.daemon.lease_ttl,
             actor: default_actor("cli"),
             s3: s3_options(cfg),
+            policies_dir: Some(cfg.policies_dir.clone()),
         })
     }
 }

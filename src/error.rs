@@ -107,6 +107,25 @@ pub enum Error {
     #[error("shred of tenant {tenant} failed verification: {message}")]
     ShredVerification { tenant: String, message: String },
 
+    /// A key another tenant uses (store, key registry or policies say so):
+    /// binding it to a second tenant, or destroying it, is refused.
+    #[error("key {key} is in use by tenant {other}: {message}")]
+    KeyInUse {
+        key: String,
+        other: String,
+        message: String,
+    },
+
+    /// Nothing authenticated proves that the key is the tenant's (no key
+    /// claim or envelope unwraps under it, the key registry does not know
+    /// it): custos does not destroy it.
+    #[error("key {key} is not proven to be a key of tenant {tenant}: {message}")]
+    KeyOwnershipUnproven {
+        key: String,
+        tenant: String,
+        message: String,
+    },
+
     #[error("{0}")]
     Internal(String),
 }
@@ -143,6 +162,8 @@ impl Error {
             Error::Cancelled { .. } => "cancelled",
             Error::LegalHold { .. } => "legal_hold",
             Error::ShredVerification { .. } => "shred_verification_failed",
+            Error::KeyInUse { .. } => "key_in_use",
+            Error::KeyOwnershipUnproven { .. } => "key_ownership_unproven",
             Error::Internal(_) => "internal",
         }
     }

@@ -6,16 +6,19 @@
 //! ```text
 //! <state_dir>/tenants/<tenant>.json     TenantMemory
 //! <state_dir>/reports/<tenant>/…        one JSON report per job run
+//! <state_dir>/keys.json                 KeyRegistry: which tenant each key was bound to
 //! ```
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::format::ids::{IndexId, SnapshotId};
+use crate::keys::KeyRef;
 use crate::tenant::TenantId;
 use crate::util::write_file_atomic;
 
@@ -97,5 +100,230 @@ impl StateDir {
 
     pub fn reports_dir(&self, tenant: &TenantId) -> PathBuf {
         self.root.join("reports").join(tenant.as_str())
+    }
+
+    fn key_registry_path(&self) -> PathBuf {
+        self.root.join("keys.json")
+    }
+
+    /// Which tenant each key was bound to by this installation. Empty when
+    /// nothing was bound yet; an unreadable file is an error (the registry is
+    /// evidence a shred relies on: never silently ignored).
+    pub fn key_registry(&self) -> Result<KeyRegistry> {
+        let path = self.key_registry_path();
+        match std::fs::read(&path) {
+            Ok(b) => {
+                let r: KeyRegistry = serde_json::from_slice(&b).map_err(|e| Error::Config {
+                    path: path.clone(),
+                    message: format!("unreadable key registry: {e}"),
+                })?;
+                if r.format != KEY_REGISTRY_FORMAT {
+                    return Err(Error::Config {
+                        path,
+                        message: format!("unsupported key registry format {:?}", r.format),
+                    });
+                }
+                Ok(r)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(KeyRegistry::default()),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+
+    /// Records that `binding.key` serves `binding.tenant`. Refuses, returning
+    /// the conflicting entry, when the key (as written or by its resolved id)
+    /// is bound to another tenant and not destroyed: one key, one tenant.
+    /// Binding a key to the tenant it is bound to already is a no-op (its
+    /// resolved id is filled in if it was missing).
+    pub fn bind_key(
+        &self,
+        binding: KeyBinding,
+    ) -> Result<std::result::Result<(), Box<KeyBinding>>> {
+        self.update_key_registry(|r| {
+            if let Some(other) = r
+                .bindings_of(&binding.key, binding.key_id.as_deref())
+                .find(|b| b.tenant != binding.tenant && b.destroyed_at.is_none())
+            {
+                return Err(Box::new(other.clone()));
+            }
+            match r
+                .keys
+                .iter_mut()
+                .find(|b| b.key == binding.key && b.tenant == binding.tenant)
+            {
+                Some(b) => {
+                    if b.key_id.is_none() {
+                        b.key_id = binding.key_id.clone();
+                    }
+                }
+                None => r.keys.push(binding),
+            }
+            Ok(())
+        })
+    }
+
+    /// Marks the bindings of `key` to `tenant` destroyed (the key no longer
+    /// serves anyone; the entry stays as evidence of whose it was).
+    pub fn mark_key_destroyed(
+        &self,
+        key: &KeyRef,
+        tenant: &TenantId,
+        at: DateTime<Utc>,
+    ) -> Result<()> {
+        self.update_key_registry(|r| {
+            for b in r
+                .keys
+                .iter_mut()
+                .filter(|b| &b.key == key && &b.tenant == tenant)
+            {
+                b.destroyed_at.get_or_insert(at);
+            }
+        })
+    }
+
+    /// Read-modify-write of the registry under an exclusive lock on
+    /// `keys.lock`: the daemon and CLI commands of other tenants update it at
+    /// the same time, and a lost update would lose a binding.
+    fn update_key_registry<T>(&self, f: impl FnOnce(&mut KeyRegistry) -> T) -> Result<T> {
+        let lock_path = self.root.join("keys.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        lock.lock().map_err(|e| Error::io(&lock_path, e))?;
+        let mut registry = self.key_registry()?;
+        registry.format = KEY_REGISTRY_FORMAT.into();
+        let out = f(&mut registry);
+        let path = self.key_registry_path();
+        let json = serde_json::to_vec_pretty(&registry).expect("serialises");
+        write_file_atomic(&path, &json, 0o600).map_err(|e| Error::io(&path, e))?;
+        // Dropping the file releases the lock.
+        drop(lock);
+        Ok(out)
+    }
+}
+
+pub const KEY_REGISTRY_FORMAT: &str = "custos-key-registry/1";
+
+/// `<state_dir>/keys.json`: every key this installation bound to a tenant
+/// (`tenant init`, a first backup, `rotate --replace-cmk`, an epoch shred's
+/// re-wrap). The store cannot write it, so it is evidence of ownership that
+/// a store attacker cannot forge, and it outlives the key (a shred resumed
+/// after its keys were destroyed still knows whose they were).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRegistry {
+    pub format: String,
+    pub keys: Vec<KeyBinding>,
+}
+
+/// One key bound to one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyBinding {
+    pub key: KeyRef,
+    /// The key as its provider resolved it (`local:<name>`, the key ARN), so
+    /// an alias and an ARN of one KMS key are known to be the same key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    pub tenant: TenantId,
+    pub bound_at: DateTime<Utc>,
+    /// What bound it: `tenant-init`, `tenant-reinit`, `replace-cmk`,
+    /// `epoch-shred-rewrap`, `proven-by-envelope`.
+    pub why: String,
+    /// Set when a shred or rotation destroyed the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroyed_at: Option<DateTime<Utc>>,
+}
+
+impl KeyBinding {
+    /// Whether this entry is about `key`, named as written or by its resolved id.
+    pub fn names(&self, key: &KeyRef, resolved: Option<&str>) -> bool {
+        &self.key == key
+            || resolved.is_some_and(|r| {
+                self.key_id.as_deref() == Some(r) || self.key.to_string() == r || self.key.id() == r
+            })
+    }
+}
+
+impl KeyRegistry {
+    /// Every entry about `key` (as written, or by its resolved id).
+    pub fn bindings_of<'a>(
+        &'a self,
+        key: &'a KeyRef,
+        resolved: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a KeyBinding> + 'a {
+        self.keys.iter().filter(move |b| b.names(key, resolved))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(key: &str, key_id: Option<&str>, tenant: &str) -> KeyBinding {
+        KeyBinding {
+            key: KeyRef::parse(key).unwrap(),
+            key_id: key_id.map(str::to_owned),
+            tenant: TenantId::new(tenant).unwrap(),
+            bound_at: Utc::now(),
+            why: "tenant-init".into(),
+            destroyed_at: None,
+        }
+    }
+
+    #[test]
+    fn one_key_one_tenant_in_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        assert!(state.key_registry().unwrap().keys.is_empty());
+        state
+            .bind_key(binding("local:alpha", Some("local:alpha"), "alpha"))
+            .unwrap()
+            .unwrap();
+        // Idempotent for the same tenant.
+        state
+            .bind_key(binding("local:alpha", None, "alpha"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(state.key_registry().unwrap().keys.len(), 1);
+        // Another tenant: refused, naming the holder.
+        let conflict = state
+            .bind_key(binding("local:alpha", None, "beta"))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(conflict.tenant.as_str(), "alpha");
+        // The same KMS key by another name (alias vs ARN): refused by resolved id.
+        let arn = "arn:aws:kms:eu-central-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+        state
+            .bind_key(binding(&format!("aws-kms:{arn}"), Some(arn), "alpha"))
+            .unwrap()
+            .unwrap();
+        let conflict = state
+            .bind_key(binding("aws-kms:alias/beta", Some(arn), "beta"))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(conflict.tenant.as_str(), "alpha");
+        // Once destroyed, the entry stays (evidence of whose it was) but binds no more.
+        let k = KeyRef::local("alpha").unwrap();
+        let t = TenantId::new("alpha").unwrap();
+        state.mark_key_destroyed(&k, &t, Utc::now()).unwrap();
+        let r = state.key_registry().unwrap();
+        let b = r.bindings_of(&k, None).next().unwrap();
+        assert!(b.destroyed_at.is_some());
+        state
+            .bind_key(binding("local:alpha", None, "beta"))
+            .unwrap()
+            .unwrap();
+        // An unreadable registry is an error, not an empty one.
+        fs_write(&dir.path().join("keys.json"), b"{junk");
+        assert_eq!(state.key_registry().unwrap_err().kind(), "invalid_config");
+    }
+
+    fn fs_write(p: &Path, b: &[u8]) {
+        std::fs::write(p, b).unwrap();
     }
 }

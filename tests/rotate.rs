@@ -228,15 +228,22 @@ async fn replace_cmk_interrupted_then_finished() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("finish it first"), "{err}");
-    // The daemon's `due` names the move to finish.
+    // The daemon's `due` names the move to finish (and only to finish: it
+    // never starts a move to a key the store names).
     let due = jobs::rotate::due(
         repo.descriptor(),
         &custos::config::RotationPolicy::default(),
         chrono::Utc::now(),
     );
-    assert_eq!(due, vec![action.clone()]);
+    let finish = RotateAction::FinishReplace {
+        new_key: new_key.clone(),
+    };
+    assert_eq!(due, vec![finish.clone()]);
 
-    let r = rotate(&s.ctx, &s.tenant, action, false).await.unwrap();
+    // The move was bound before it began: the new key's claim proves it.
+    let claim = custos::store::ObjectName::KeyClaim(custos::format::claim::claim_id(&new_key));
+    assert!(repo.store().head(&claim).await.unwrap().is_some());
+    let r = rotate(&s.ctx, &s.tenant, finish, false).await.unwrap();
     assert!(r.resumed);
     assert_eq!(r.envelopes_rewrapped, 2, "only the two left are moved");
     assert_eq!(r.envelopes_verified, 3);
@@ -389,9 +396,21 @@ async fn dry_run_writes_nothing_and_bad_new_keys_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_key_deletion_only_when_no_other_tenant_uses_it() {
     let s = setup().await;
-    // Another tenant shares the CMK: its deletion must be refused.
+    // One key, one tenant: a second tenant cannot even be initialised under it.
     let other = TenantId::new("globex").unwrap();
-    Repo::init(&s.ctx, &other, &s.key, false).await.unwrap();
+    let err = Repo::init(&s.ctx, &other, &s.key, false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "key_in_use", "{err}");
+    // Another tenant's descriptor names the CMK (shared before that was
+    // enforced, or edited): its deletion must be refused.
+    let other_key = KeyRef::local("globex").unwrap();
+    Repo::init(&s.ctx, &other, &other_key, false).await.unwrap();
+    let globex = s.tmp.path().join("custos/store/tenants/globex/tenant.json");
+    let original = std::fs::read(&globex).unwrap();
+    let mut d: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    d["previous_keys"] = serde_json::json!([s.key.to_string()]);
+    std::fs::write(&globex, serde_json::to_vec(&d).unwrap()).unwrap();
     let new_key = KeyRef::local("acme-2").unwrap();
     let provider = s.ctx.keys.for_key(&new_key).unwrap().clone();
     provider.create_key(&new_key).await.unwrap();
@@ -402,8 +421,9 @@ async fn old_key_deletion_only_when_no_other_tenant_uses_it() {
     let err = rotate(&s.ctx, &s.tenant, action.clone(), false)
         .await
         .unwrap_err();
+    assert_eq!(err.kind(), "key_in_use", "{err}");
     assert!(
-        err.to_string().contains("tenant globex still uses it"),
+        err.to_string().contains("tenant globex: its descriptor"),
         "{err}"
     );
     // The move itself was done and verified; only the deletion was refused.
@@ -411,20 +431,8 @@ async fn old_key_deletion_only_when_no_other_tenant_uses_it() {
     assert_eq!(repo.descriptor().key, new_key);
     assert!(provider.describe(&s.key).await.unwrap().state.is_usable());
 
-    // Once the other tenant moved away too, the re-run deletes the old key.
-    let other_key = KeyRef::local("globex-2").unwrap();
-    provider.create_key(&other_key).await.unwrap();
-    rotate(
-        &s.ctx,
-        &other,
-        RotateAction::ReplaceCmk {
-            new_key: other_key,
-            schedule_old_key_deletion: None,
-        },
-        false,
-    )
-    .await
-    .unwrap();
+    // Once the other tenant no longer names it, the re-run deletes the old key.
+    std::fs::write(&globex, &original).unwrap();
     let r = rotate(&s.ctx, &s.tenant, action, false).await.unwrap();
     let d = r.old_key_deletion.expect("deletion done");
     assert!(!d.state_after.is_usable());

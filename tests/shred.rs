@@ -1006,6 +1006,7 @@ async fn objects_the_store_refuses_to_delete_are_retained_ciphertext() {
         requested_at: None,
         pending_window_days: 7,
         legal_hold: false,
+        skip_unproven: Vec::new(),
     };
     let run = shred::run_job(&ctx, &tenant, Some(&key), &req).await;
     let report = run.result.unwrap();

@@ -67,6 +67,9 @@ async fn backup(config: Option<&Path>, args: Args) -> Result<BackupReport> {
     let s = setup(config).await?;
     let tenant = tenant_id(&args.tenant)?;
     let policy = require_policy(&s.config, &tenant)?;
+    // This command reads only its tenant's policy file; another file naming
+    // the same key is refused as `policy validate` (and the daemon) would.
+    crate::repo::ownership::check_policies(&s.config.policies_dir, &tenant, &policy.key)?;
     // Before the tenant is initialised: a bad source must leave nothing behind.
     backup::checked_sources(&policy.sources)?;
     let progress = TerminalProgress::new(args.json, "backing up");

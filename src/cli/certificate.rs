@@ -316,6 +316,11 @@ async fn check_online(config: Option<&Path>, v: &Verified) -> Result<Online> {
     let mut problems = Vec::new();
     let mut keys = Vec::new();
     for k in &c.keys {
+        // A key the certificate says was left untouched (ownership unproven)
+        // is not claimed destroyed: its state now says nothing about the claim.
+        if k.outcome == crate::format::shred::DestroyOutcome::NotDestroyed {
+            continue;
+        }
         let r = match s.ctx.keys.for_key(&k.reference) {
             Ok(p) => p.describe(&k.reference).await,
             Err(e) => Err(e),

@@ -40,6 +40,12 @@ pub struct Args {
     /// With --epoch: re-wrap to this key (required under AWS KMS: custos cannot create one).
     #[arg(long, value_name = "KEY-REF", requires = "epoch")]
     pub rewrap_to: Option<String>,
+    /// Leave KEY-REF untouched if nothing proves it the tenant's (no key claim
+    /// or envelope of the tenant unwraps under it, the key registry has no
+    /// entry), instead of refusing the shred. Repeatable. The certificate says
+    /// the key was not destroyed.
+    #[arg(long = "skip-unproven-key", value_name = "KEY-REF")]
+    pub skip_unproven_key: Vec<String>,
     /// AWS KMS ScheduleKeyDeletion waiting period in days, 7 to 30
     /// (default: the policy's deletion.kms_pending_window_days, else 30).
     #[arg(long, value_name = "DAYS")]
@@ -135,6 +141,11 @@ async fn shred_cmd(config: Option<&Path>, args: Args) -> Result<ShredReport> {
             .pending_window_days
             .unwrap_or(deletion.kms_pending_window_days),
         legal_hold: false,
+        skip_unproven: args
+            .skip_unproven_key
+            .iter()
+            .map(|k| KeyRef::parse(k).map_err(|e| Error::InvalidArgument(e.to_string())))
+            .collect::<Result<_>>()?,
     };
     let run = shred::run_job(&s.ctx, &tenant, policy.as_ref().map(|p| &p.key), &req).await;
     run.result
@@ -161,11 +172,20 @@ fn print(r: &ShredReport) {
             shred::GuaranteeKind::EnvelopeDeleted => {
                 "envelope deleted: the key that wrapped it lives on (see the certificate's pending note)"
             }
+            shred::GuaranteeKind::KeysPartlyDestroyed => {
+                "keys partly destroyed: keys whose ownership was not proven were left untouched (see the pending note)"
+            }
         }
     );
     for k in &r.keys {
         let how = match (k.outcome, k.action) {
             (DestroyOutcome::NotFound, _) => "not found (already gone)".to_owned(),
+            (DestroyOutcome::AlreadyDestroyed, _) => {
+                "already destroyed before this shred (ownership unproven: not touched)".to_owned()
+            }
+            (DestroyOutcome::NotDestroyed, _) => {
+                "NOT destroyed: ownership unproven, left untouched (--skip-unproven-key)".to_owned()
+            }
             (_, Some(a)) => serde_json::to_value(a)
                 .ok()
                 .and_then(|v| v.as_str().map(|s| s.replace('_', " ")))

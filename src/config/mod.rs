@@ -27,8 +27,8 @@ pub use policy::{
     PathGlobs, Policy, RetentionPolicy, RotationPolicy, SourceSpec, VerifyCommand,
 };
 pub use policy_set::{
-    PolicyChanges, PolicyFile, PolicySet, TenantSummary, ValidationReport, load_policies,
-    load_policy_file, validate_dir,
+    DeclaredKey, PolicyChanges, PolicyFile, PolicySet, TenantSummary, ValidationReport,
+    declared_keys, load_policies, load_policy_file, validate_dir,
 };
 pub use schedule::Schedule;
 pub use settings::{

@@ -140,6 +140,83 @@ pub fn load_policy_file(dir: &Path, file: &Path) -> Result<Policy, PolicyErrors>
     }
 }
 
+/// The key one policy file names, read leniently: only `tenant` and `key`
+/// (falling back to defaults.toml's `key`, with `{tenant}` substituted), so a
+/// file that fails validation for any other reason still says which key its
+/// tenant uses. What the key-ownership checks read (`repo::ownership`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredKey {
+    pub file: PathBuf,
+    /// The file's `tenant`, else its file name without `.toml`.
+    pub tenant: TenantId,
+    pub key: KeyRef,
+}
+
+/// Every tenant file's key in `dir` ([`DeclaredKey`]), and the files whose
+/// tenant or key could not be read at all (with why). A missing directory
+/// declares nothing.
+pub fn declared_keys(dir: &Path) -> (Vec<DeclaredKey>, Vec<(PathBuf, String)>) {
+    let mut keys = Vec::new();
+    let mut unreadable = Vec::new();
+    let (tenant_paths, defaults_path) = match scan(dir) {
+        Ok(found) => found,
+        Err(_) if !dir.exists() => return (keys, unreadable),
+        Err(e) => {
+            unreadable.push((dir.to_path_buf(), e.to_string()));
+            return (keys, unreadable);
+        }
+    };
+    let read = |path: &Path| -> Result<toml::Table, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        text.parse::<toml::Table>().map_err(|e| e.to_string())
+    };
+    let default_key = defaults_path
+        .as_deref()
+        .and_then(|p| read(p).ok())
+        .and_then(|t| t.get("key").and_then(|v| v.as_str()).map(str::to_owned));
+    for path in tenant_paths {
+        let table = match read(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                unreadable.push((path, e));
+                continue;
+            }
+        };
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("")
+            .to_owned();
+        let raw_tenant = table
+            .get("tenant")
+            .and_then(|v| v.as_str())
+            .unwrap_or(&stem)
+            .to_owned();
+        let Ok(tenant) = TenantId::new(&raw_tenant) else {
+            unreadable.push((
+                path,
+                format!("tenant {raw_tenant:?} is not a valid tenant id"),
+            ));
+            continue;
+        };
+        let raw_key = table
+            .get("key")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+            .or_else(|| default_key.clone());
+        match raw_key.map(|k| KeyRef::parse(&k.replace("{tenant}", tenant.as_str()))) {
+            Some(Ok(key)) => keys.push(DeclaredKey {
+                file: path,
+                tenant,
+                key,
+            }),
+            Some(Err(e)) => unreadable.push((path, e.to_string())),
+            None => unreadable.push((path, "names no key".into())),
+        }
+    }
+    (keys, unreadable)
+}
+
 /// What `custos policy validate [DIR]` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct ValidationReport {

@@ -42,6 +42,14 @@ impl Envelope {
         if e.format != ENVELOPE_FORMAT {
             return Err(format!("unsupported envelope format {:?}", e.format));
         }
+        // The purpose is part of the wrap context: an envelope claiming
+        // another purpose (a key claim's token copied here) is not a data key.
+        if e.purpose != KeyPurpose::TenantDataKey {
+            return Err(format!(
+                "an envelope holds a tenant data key, not a {:?}",
+                e.purpose.as_str()
+            ));
+        }
         Ok(e)
     }
 

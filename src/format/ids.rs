@@ -77,6 +77,11 @@ id_type!(
     /// Random id of a snapshot.
     SnapshotId
 );
+id_type!(
+    /// Name of a key claim: SHA-256 of the key reference it claims
+    /// (`crate::format::claim::claim_id`), so one key has one claim per tenant.
+    ClaimId
+);
 
 /// Ids are uniformly random (or keyed-hash outputs), so their first 8 bytes
 /// are already a good hash: no need to run SipHash over 32 bytes per lookup.

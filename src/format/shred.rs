@@ -60,6 +60,11 @@ pub struct ShredProgress {
     pub actor: String,
     /// AWS KMS ScheduleKeyDeletion window chosen when the shred began.
     pub pending_window_days: u32,
+    /// Keys the operator asked to leave untouched if their ownership cannot
+    /// be proven (`--skip-unproven-key`); a resumed run honours them too.
+    /// Only ever spares a key, never destroys one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skip_unproven: Vec<KeyRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<ScopeRecord>,
     /// Set once every key to destroy was destroyed.
@@ -131,6 +136,14 @@ pub enum DestroyOutcome {
     /// The provider does not know the key (deleted after its waiting period,
     /// or not reachable under this configuration): nothing left to destroy here.
     NotFound,
+    /// The provider showed the key destroyed (or pending deletion or import)
+    /// before this shred acted, and nothing proved it the tenant's: custos
+    /// did not touch it. `state_after` is the state it found.
+    AlreadyDestroyed,
+    /// Not destroyed: nothing proved the key the tenant's, and the operator
+    /// asked to leave it untouched (`--skip-unproven-key`). The certificate's
+    /// guarantee says so.
+    NotDestroyed,
 }
 
 /// One key destroyed by a shred.

@@ -35,8 +35,10 @@ use crate::config::RotationPolicy;
 use crate::error::{Error, Result};
 use crate::format::descriptor::{Descriptor, EpochRecord, EpochState, Lifecycle};
 use crate::format::envelope::Envelope;
+use crate::format::shred::KeyRole;
 use crate::keys::{DataKey, Destruction, KeyError, KeyInfo, KeyRef, WrapContext};
 use crate::repo::Repo;
+use crate::repo::ownership::{self, Depth, Verdict};
 use crate::store::lease::LeaseGuard;
 use crate::store::{ObjectName, TenantStore};
 
@@ -55,13 +57,18 @@ pub enum RotateAction {
     },
     /// A new data key (epoch) for new data; dedup starts afresh in it.
     NewEpoch,
+    /// Finishes an interrupted `ReplaceCmk` to `new_key` and nothing more
+    /// (what the daemon runs for a descriptor's `pending_key`). The pending key
+    /// comes from the store, so it is followed only while it is proven the
+    /// tenant's (its key claim); this never starts a move.
+    FinishReplace { new_key: KeyRef },
 }
 
 impl RotateAction {
     pub fn as_str(&self) -> &'static str {
         match self {
             RotateAction::Cmk => "cmk",
-            RotateAction::ReplaceCmk { .. } => "replace_cmk",
+            RotateAction::ReplaceCmk { .. } | RotateAction::FinishReplace { .. } => "replace_cmk",
             RotateAction::NewEpoch => "new_epoch",
         }
     }
@@ -249,10 +256,7 @@ pub fn due(d: &Descriptor, policy: &RotationPolicy, now: DateTime<Utc>) -> Vec<R
         return Vec::new();
     }
     if let Some(p) = &d.pending_key {
-        return vec![RotateAction::ReplaceCmk {
-            new_key: p.clone(),
-            schedule_old_key_deletion: None,
-        }];
+        return vec![RotateAction::FinishReplace { new_key: p.clone() }];
     }
     let s = rotation_status(d, policy, now);
     let mut out = Vec::new();
@@ -305,7 +309,15 @@ pub async fn run(repo: &Repo, lease: &LeaseGuard, opts: &RotateOptions) -> Resul
     let started = Instant::now();
     repo.require_active("rotation")?;
     // A fresh handle of our own: updating the descriptor needs `&mut Repo`.
-    let fresh = Repo::open(repo.context(), repo.tenant(), None).await?;
+    let mut fresh = Repo::open(repo.context(), repo.tenant(), None).await?;
+    if !opts.dry_run {
+        settle_pending_key(&mut fresh, lease).await?;
+        // A tenant made before key claims existed gets its current key's
+        // claim while its envelopes prove it, so the key stays provable (and
+        // destroyable by a shred) after a replacement moves them away.
+        let key = fresh.descriptor().key.clone();
+        ownership::ensure_claimed(fresh.context(), fresh.store(), &key).await?;
+    }
     let d = fresh.descriptor().clone();
     let mut report = RotateReport {
         tenant: d.tenant.to_string(),
@@ -332,7 +344,10 @@ pub async fn run(repo: &Repo, lease: &LeaseGuard, opts: &RotateOptions) -> Resul
         dry_run: opts.dry_run,
     };
     if let Some(p) = &d.pending_key {
-        let same = matches!(&opts.action, RotateAction::ReplaceCmk { new_key, .. } if new_key == p);
+        let same = matches!(
+            &opts.action,
+            RotateAction::ReplaceCmk { new_key, .. } | RotateAction::FinishReplace { new_key } if new_key == p
+        );
         if !same {
             return Err(Error::InvalidArgument(format!(
                 "tenant {} is moving from key {} to {p} (an interrupted `rotate --replace-cmk`): \
@@ -351,6 +366,12 @@ pub async fn run(repo: &Repo, lease: &LeaseGuard, opts: &RotateOptions) -> Resul
                 .await?
         }
         RotateAction::NewEpoch => r.new_epoch(lease).await?,
+        // Nothing pending any more (finished, or dropped as unproven): nothing to do.
+        RotateAction::FinishReplace { new_key } => {
+            if d.pending_key.as_ref() == Some(new_key) {
+                r.replace(lease, new_key, None).await?
+            }
+        }
     }
     if !opts.dry_run {
         r.verify_all().await?;
@@ -575,6 +596,19 @@ impl Run<'_> {
         };
         self.report.key_before = old.clone().unwrap_or_else(|| d.key.clone());
         self.probe_new_key(new_key).await?;
+        if &d.key != new_key && d.pending_key.as_ref() != Some(new_key) {
+            // A new key for this tenant: refused if any other tenant uses it
+            // (every other tenant's objects are tried under it), then claimed
+            // before the descriptor names it, so a pending key is always
+            // provable and one without a claim is a store writer's.
+            let (ctx, store) = (self.ctx().clone(), self.store().clone());
+            if self.dry_run {
+                ownership::check_bindable(&ctx, store.tenant(), new_key, Depth::Authenticated)
+                    .await?;
+            } else {
+                ownership::bind(&ctx, &store, new_key, "replace-cmk", Depth::Authenticated).await?;
+            }
+        }
         if d.pending_key.as_ref() == Some(new_key) {
             self.report.resumed = true;
         } else if &d.key != new_key && !self.dry_run {
@@ -611,17 +645,36 @@ impl Run<'_> {
         if let (Some(days), Some(old)) = (schedule_old_key_deletion, old) {
             // Only once every envelope verifiably unwraps under the new key.
             self.verify_all().await?;
-            self.ensure_unused_elsewhere(&old).await?;
-            let provider = self.ctx().keys.for_key(&old)?;
-            let destruction = provider.destroy(&old, days).await?;
-            tracing::warn!(
-                event = "key.deletion_scheduled",
-                tenant = %self.repo.tenant(),
-                key = %old,
-                effective_at = %destruction.effective_at,
-                "old key of {} scheduled for deletion", self.repo.tenant()
-            );
-            self.report.old_key_deletion = Some(destruction);
+            // The old key comes from the descriptor (on a re-run, its last
+            // previous key): destroyed only when proven this tenant's and
+            // used by no other tenant known anywhere.
+            let (ctx, store) = (self.ctx().clone(), self.store().clone());
+            let verdicts = ownership::decide_destroy(
+                &ctx,
+                &store,
+                &[(old.clone(), KeyRole::Previous)],
+                &[],
+                "rotate",
+            )
+            .await?;
+            match verdicts.first().map(|v| &v.verdict) {
+                Some(Verdict::Destroy { .. }) => {
+                    let provider = ctx.keys.for_key(&old)?;
+                    let destruction = provider.destroy(&old, days).await?;
+                    ownership::record_destroyed(&ctx, store.tenant(), std::slice::from_ref(&old))?;
+                    tracing::warn!(
+                        event = "key.deletion_scheduled",
+                        tenant = %self.repo.tenant(),
+                        key = %old,
+                        effective_at = %destruction.effective_at,
+                        "old key of {} scheduled for deletion", self.repo.tenant()
+                    );
+                    self.report.old_key_deletion = Some(destruction);
+                }
+                _ => {
+                    tracing::info!(event = "key.already_destroyed", tenant = %self.repo.tenant(), key = %old, "old key {old} is already destroyed or unknown to its provider");
+                }
+            }
         }
         Ok(())
     }
@@ -645,63 +698,6 @@ impl Run<'_> {
                 key: new_key.to_string(),
                 message: "a test wrap did not unwrap to the same key".into(),
             }));
-        }
-        Ok(())
-    }
-
-    /// Before destroying a CMK: no other tenant in this store may still use it,
-    /// whether it names the key the same way or by another alias or ARN (keys
-    /// are compared by the provider's resolved key id). A tenant whose key
-    /// cannot be described blocks the deletion: better kept than destroyed in use.
-    async fn ensure_unused_elsewhere(&self, key: &KeyRef) -> Result<()> {
-        let store = &self.ctx().store;
-        let resolved = self.describe(key).await?.key_id;
-        let listing = store
-            .list_with_delimiter(Some(&object_store::path::Path::from("tenants")))
-            .await
-            .map_err(|e| Error::store("list", "tenants/", e))?;
-        for p in listing.common_prefixes {
-            let Some(name) = p.filename() else { continue };
-            let Ok(t) = crate::TenantId::new(name) else {
-                continue;
-            };
-            if &t == self.repo.tenant() {
-                continue;
-            }
-            let ts = TenantStore::new(store.clone(), &t);
-            let Some((b, _)) = ts.get_if_exists(&ObjectName::Descriptor).await? else {
-                continue;
-            };
-            let Ok(other) = Descriptor::parse(&b) else {
-                continue;
-            };
-            if other.state == Lifecycle::Shredded {
-                continue;
-            }
-            let in_use = |why: String| {
-                Err(Error::InvalidArgument(format!(
-                    "refusing to schedule the deletion of {key}: tenant {t} {why}"
-                )))
-            };
-            for k in std::iter::once(&other.key).chain(other.pending_key.as_ref()) {
-                if k == key {
-                    return in_use("still uses it".into());
-                }
-                if k.kind() != key.kind() {
-                    continue;
-                }
-                match self.describe(k).await {
-                    Ok(info) if info.key_id == resolved => {
-                        return in_use(format!("still uses it (as {k})"));
-                    }
-                    Ok(_) | Err(Error::Key(KeyError::NotFound { .. })) => {}
-                    Err(e) => {
-                        return in_use(format!(
-                            "uses {k}, which could not be compared with it: {e}"
-                        ));
-                    }
-                }
-            }
         }
         Ok(())
     }
@@ -776,6 +772,47 @@ impl Run<'_> {
     }
 }
 
+/// A `pending_key` nothing proves the tenant's (no key claim, no registry
+/// entry, no envelope unwrapping under it) is a store writer's, or left by a
+/// custos that predates key claims before it moved anything: no envelope is
+/// wrapped under it, so dropping it loses nothing, and following it would
+/// move the tenant's data keys under someone else's key. A pending key that
+/// cannot be tried (unusable) is refused: it cannot be told apart.
+async fn settle_pending_key(repo: &mut Repo, lease: &LeaseGuard) -> Result<()> {
+    let Some(pending) = repo.descriptor().pending_key.clone() else {
+        return Ok(());
+    };
+    let ctx = repo.context().clone();
+    match ownership::prove(&ctx, repo.store(), &pending, None).await? {
+        Ok(_) => Ok(()),
+        Err(unproven) if unproven.tried_all => {
+            lease.ensure_held()?;
+            tracing::warn!(event = "key.pending_dropped", tenant = %repo.tenant(), key = %pending, "pending key {pending} dropped: {unproven}");
+            ctx.record(
+                "rotate.pending-key-dropped",
+                Some(repo.tenant()),
+                serde_json::json!({ "key": pending, "why": unproven.why }),
+            )
+            .await?;
+            repo.update_descriptor(|d| {
+                if d.pending_key.as_ref() == Some(&pending) {
+                    d.pending_key = None;
+                }
+            })
+            .await
+        }
+        Err(unproven) => Err(Error::KeyOwnershipUnproven {
+            key: pending.to_string(),
+            tenant: repo.tenant().to_string(),
+            message: format!(
+                "the descriptor says a move to it is in progress (pending_key), but {unproven}: custos \
+                 cannot tell whether any envelope is wrapped under it, and will not follow a key the \
+                 store alone names. Make the key usable so its claim can be checked"
+            ),
+        }),
+    }
+}
+
 fn unusable(key: &KeyRef, info: &KeyInfo) -> Error {
     match &info.state {
         crate::keys::KeyState::Disabled => Error::Key(KeyError::Disabled {
@@ -836,9 +873,8 @@ mod tests {
         d.pending_key = Some(KeyRef::local("acme-2").unwrap());
         assert_eq!(
             due(&d, &policy, now),
-            vec![RotateAction::ReplaceCmk {
+            vec![RotateAction::FinishReplace {
                 new_key: KeyRef::local("acme-2").unwrap(),
-                schedule_old_key_deletion: None
             }]
         );
         // Not active: nothing is due.

@@ -151,6 +151,11 @@ where
 /// descriptor updates depend on them.
 async fn open_repo(ctx: &Context, spec: &JobSpec<'_>) -> Result<Repo> {
     crate::store::probe::require_conditional_writes(ctx).await?;
+    // One key, one tenant, for every job whose policy names a key: the
+    // registry of this host is cheap to read (a first init checks the store too).
+    if let Some(key) = spec.policy_key {
+        crate::repo::ownership::check_registry(ctx, spec.tenant, key)?;
+    }
     match Repo::open(ctx, spec.tenant, spec.policy_key).await {
         Ok(r) => Ok(r),
         Err(Error::TenantNotFound { .. }) if spec.init_with.is_some() => {

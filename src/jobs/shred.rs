@@ -56,6 +56,7 @@ use crate::format::shred::{
 use crate::jobs::runner::{self, JobRun, JobSpec};
 use crate::keys::{KeyError, KeyRef, KeyState};
 use crate::repo::Repo;
+use crate::repo::ownership::{self, KeyVerdict, Verdict};
 use crate::report::{JobKind, JobMetrics, JobOutput};
 use crate::store::lease::LeaseGuard;
 use crate::store::tenant::Listed;
@@ -92,6 +93,11 @@ pub struct ShredRequest {
     pub pending_window_days: u32,
     /// The policy's legal hold: a shred under hold is refused.
     pub legal_hold: bool,
+    /// Keys (of those the descriptor names as the tenant's) to leave
+    /// untouched when their ownership cannot be proven, instead of refusing
+    /// the shred (`--skip-unproven-key`). The certificate says they were not
+    /// destroyed. A key that is proven the tenant's is destroyed regardless.
+    pub skip_unproven: Vec<KeyRef>,
 }
 
 impl ShredRequest {
@@ -114,6 +120,7 @@ impl ShredRequest {
             requested_at: d.requested_at,
             pending_window_days: d.kms_pending_window_days,
             legal_hold: d.legal_hold,
+            skip_unproven: Vec::new(),
         }
     }
 }
@@ -212,12 +219,43 @@ pub async fn run(repo: &Repo, lease: &LeaseGuard, req: &ShredRequest) -> Result<
     }
     // Our own copy of the repository, read under the lease, that we may update.
     let mut repo = Repo::open(ctx, repo.tenant(), None).await?;
+    let named = tenant_keys(repo.descriptor());
+    if let Some(k) = req
+        .skip_unproven
+        .iter()
+        .find(|k| !named.iter().any(|(n, _)| n == *k))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "--skip-unproven-key {k}: not a key tenant {} names (its keys: {})",
+            repo.tenant(),
+            named
+                .iter()
+                .map(|(k, _)| k.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     match &req.target {
         ShredTarget::Tenant => tenant::run(&mut repo, lease, req).await,
         ShredTarget::Epoch { epoch, rewrap } => {
             epoch::run(&mut repo, lease, req, *epoch, rewrap.as_ref()).await
         }
     }
+}
+
+/// The skip list of a shred: the request's, and what a run interrupted
+/// earlier recorded (the operator's word stands for the re-run).
+fn skip_list(req: &ShredRequest, recorded: Option<&ShredProgress>) -> Vec<KeyRef> {
+    let mut out = req.skip_unproven.clone();
+    for k in recorded
+        .map(|p| p.skip_unproven.as_slice())
+        .unwrap_or_default()
+    {
+        if !out.contains(k) {
+            out.push(k.clone());
+        }
+    }
+    out
 }
 
 /// Runs a shred as a job (lease, `shred.begin`/`shred.end` audit records,
@@ -419,16 +457,19 @@ impl Journal {
     }
 }
 
-/// The tenant's own keys, which a tenant shred destroys: the current CMK, the
-/// CMK a rotation is moving to, and every CMK that wrapped envelopes before.
+/// The keys the descriptor names as the tenant's: the current CMK, the CMK a
+/// rotation is moving to, and every CMK that wrapped envelopes before. A
+/// tenant shred destroys each of them that is proven the tenant's.
 ///
 /// Previous keys are destroyed too because their envelopes may survive:
 /// re-wrapping replaces the envelope object, but a versioned bucket, a store
 /// backup or a replica keeps the older version, wrapped under the old key, and
 /// that copy unwraps to the same data key for as long as the old key lives.
 /// Keys are never taken from the envelopes themselves: an envelope planted in
-/// the store could name anyone's key. Policy validation refuses two tenants
-/// sharing a key, and [`check_not_shared`] checks the store once more.
+/// the store could name anyone's key. Nor is this list trusted: the
+/// descriptor is unauthenticated, so [`ownership::decide_destroy`] proves each
+/// key the tenant's (a key claim or envelope unwraps under it, or the key
+/// registry says so) and checks that no other tenant uses it.
 pub fn tenant_keys(d: &Descriptor) -> Vec<(KeyRef, KeyRole)> {
     let mut out: Vec<(KeyRef, KeyRole)> = vec![(d.key.clone(), KeyRole::Current)];
     if let Some(p) = &d.pending_key {
@@ -442,74 +483,9 @@ pub fn tenant_keys(d: &Descriptor) -> Vec<(KeyRef, KeyRole)> {
     out
 }
 
-/// Refuses to destroy a key that another tenant in the store uses (its
-/// current or pending CMK): destroying it would erase that tenant's backups.
-/// Keys are compared as written and, as rotation does before deleting an old
-/// key, by the id their provider resolves them to (an alias and an ARN can
-/// name the same KMS key).
-async fn check_not_shared(ctx: &Context, tenant: &TenantId, keys: &[KeyRef]) -> Result<()> {
-    async fn resolve(ctx: &Context, k: &KeyRef) -> Option<String> {
-        ctx.keys
-            .for_key(k)
-            .ok()?
-            .describe(k)
-            .await
-            .ok()
-            .map(|i| i.key_id)
-    }
-    let mut ours = Vec::new();
-    for k in keys {
-        ours.push((k, resolve(ctx, k).await));
-    }
-    let listing = ctx
-        .store
-        .list_with_delimiter(Some(&StorePath::from("tenants")))
-        .await
-        .map_err(|e| Error::store("list", "tenants/", e))?;
-    for p in listing.common_prefixes {
-        let Some(name) = p.filename() else { continue };
-        let Ok(other) = TenantId::new(name) else {
-            continue;
-        };
-        if &other == tenant {
-            continue;
-        }
-        let store = TenantStore::new(ctx.store.clone(), &other);
-        let Some((bytes, _)) = store.get_if_exists(&ObjectName::Descriptor).await? else {
-            continue;
-        };
-        let Ok(d) = Descriptor::parse(&bytes) else {
-            continue;
-        };
-        if d.state == crate::format::descriptor::Lifecycle::Shredded {
-            continue;
-        }
-        for theirs in std::iter::once(&d.key).chain(d.pending_key.as_ref()) {
-            let needs_resolving = ours
-                .iter()
-                .any(|(k, r)| k.kind() == theirs.kind() && r.is_some());
-            let their_id = match needs_resolving {
-                true => resolve(ctx, theirs).await,
-                false => None,
-            };
-            for (k, resolved) in &ours {
-                let same = *k == theirs
-                    || (k.kind() == theirs.kind() && resolved.is_some() && their_id == *resolved);
-                if same {
-                    return Err(Error::InvalidArgument(format!(
-                        "key {k} is also a key of tenant {other} (as {theirs}): refusing to destroy it \
-                         (every tenant needs its own key)"
-                    )));
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Destroys each key; a key the provider does not know is recorded as not found.
-/// The `keys` step of every shred: refuses keys another tenant uses, then
-/// destroys `keys` with the slot's pending window, journalled.
+/// The `keys` step of every shred: decides again which of `keys` may be
+/// destroyed (the descriptor may have changed since the shred began; a
+/// refusal changes nothing), then destroys those, journalled.
 async fn destroy_keys_step(
     repo: &Repo,
     journal: &Journal,
@@ -517,24 +493,46 @@ async fn destroy_keys_step(
     keys: &[(KeyRef, KeyRole)],
 ) -> Result<Vec<KeyDestruction>> {
     let ctx = repo.context();
-    let refs: Vec<KeyRef> = keys.iter().map(|(k, _)| k.clone()).collect();
-    check_not_shared(ctx, repo.tenant(), &refs).await?;
-    let window = slot.progress(repo.descriptor())?.pending_window_days;
+    let progress = slot.progress(repo.descriptor())?;
+    let (window, skip) = (progress.pending_window_days, progress.skip_unproven.clone());
+    let verdicts = ownership::decide_destroy(ctx, repo.store(), keys, &skip, "shred").await?;
     journal
         .begin(
             "keys",
             serde_json::json!({
-                "keys": keys.iter().map(|(k, r)| serde_json::json!({"key": k, "role": r})).collect::<Vec<_>>(),
+                "keys": verdicts.iter().map(|v| serde_json::json!({
+                    "key": v.key,
+                    "role": v.role,
+                    "decision": verdict_details(&v.verdict),
+                })).collect::<Vec<_>>(),
                 "pending_window_days": window,
             }),
         )
         .await?;
-    let destroyed = destroy_keys(ctx, keys, window).await?;
+    let destroyed = destroy_keys(ctx, repo.tenant(), &verdicts, window).await?;
     journal
         .end("keys", serde_json::json!({ "keys": destroyed }))
         .await?;
     journal.crash("keys");
     Ok(destroyed)
+}
+
+/// A verdict as the audit log records it: what will be done, and why.
+fn verdict_details(v: &Verdict) -> serde_json::Value {
+    match v {
+        Verdict::Destroy { proof } => {
+            serde_json::json!({ "action": "destroy", "proof": proof.to_string() })
+        }
+        Verdict::AlreadyGone { state } => serde_json::json!({
+            "action": "none",
+            "why": "already destroyed or unknown to its provider; ownership not proven",
+            "state": state.as_ref().map(|s| s.name()),
+        }),
+        Verdict::Skip => serde_json::json!({
+            "action": "none",
+            "why": "ownership not proven; left untouched (--skip-unproven-key)",
+        }),
+    }
 }
 
 /// Whether the sampled pack (`tenants/<tenant>/packs/...` as the scope
@@ -549,43 +547,81 @@ async fn sample_pack_present(repo: &Repo, object: &str) -> Result<bool> {
     }
 }
 
+/// Carries out the verdicts: destroys each key proven the tenant's (a key
+/// the provider does not know is recorded as not found), and records the
+/// others as they are, untouched. The registry marks destroyed keys.
 async fn destroy_keys(
     ctx: &Context,
-    keys: &[(KeyRef, KeyRole)],
+    tenant: &TenantId,
+    verdicts: &[KeyVerdict],
     window_days: u32,
 ) -> Result<Vec<KeyDestruction>> {
     let mut out = Vec::new();
-    for (key, role) in keys {
-        let provider = ctx.keys.for_key(key)?;
-        let multi_region = key.id().contains("mrk-").then(|| {
-            "multi-Region key: its replicas in other Regions are separate keys and must be deleted there too".to_owned()
-        });
-        let d = match provider.destroy(key, window_days).await {
-            Ok(d) => KeyDestruction {
-                reference: key.clone(),
-                provider: key.kind().scheme().into(),
-                role: *role,
-                outcome: DestroyOutcome::Destroyed,
-                action: Some(d.action),
-                state_after: Some(d.state_after),
-                irreversible_at: Some(d.effective_at),
-                note: multi_region,
-            },
-            Err(KeyError::NotFound { .. }) => KeyDestruction {
-                reference: key.clone(),
-                provider: key.kind().scheme().into(),
-                role: *role,
-                outcome: DestroyOutcome::NotFound,
-                action: None,
-                state_after: None,
-                irreversible_at: None,
-                note: Some(
-                    "the provider does not know this key: deleted before (after its waiting period), or not reachable with this configuration"
-                        .into(),
-                ),
-            },
-            Err(e) => return Err(e.into()),
+    for v in verdicts {
+        let (key, role) = (&v.key, v.role);
+        let record = |outcome, note: Option<String>| KeyDestruction {
+            reference: key.clone(),
+            provider: key.kind().scheme().into(),
+            role,
+            outcome,
+            action: None,
+            state_after: None,
+            irreversible_at: None,
+            note,
         };
+        let not_found_note = "the provider does not know this key: deleted before (after its waiting period), or not reachable with this configuration";
+        let d = match &v.verdict {
+            Verdict::Skip => {
+                let d = record(
+                    DestroyOutcome::NotDestroyed,
+                    Some(
+                        "not destroyed: nothing proved this key the tenant's (no key claim or envelope of the tenant \
+                         unwraps under it, and the key registry has no entry), so it may be another tenant's; \
+                         left untouched on the operator's request (--skip-unproven-key). Copies of envelopes once \
+                         wrapped under it can be unwrapped while it lives"
+                            .to_owned(),
+                    ),
+                );
+                tracing::warn!(event = "shred.key_skipped", key = %key, role = ?role, "key {key} left untouched: ownership unproven");
+                out.push(d);
+                continue;
+            }
+            Verdict::AlreadyGone { state: None } => {
+                record(DestroyOutcome::NotFound, Some(not_found_note.into()))
+            }
+            Verdict::AlreadyGone { state: Some(state) } => KeyDestruction {
+                state_after: Some(state.clone()),
+                ..record(
+                    DestroyOutcome::AlreadyDestroyed,
+                    Some(format!(
+                        "the provider showed the key {} before this shred acted; its ownership was not proven, so custos did not touch it",
+                        state.name()
+                    )),
+                )
+            },
+            Verdict::Destroy { .. } => {
+                let provider = ctx.keys.for_key(key)?;
+                let multi_region = key.id().contains("mrk-").then(|| {
+                    "multi-Region key: its replicas in other Regions are separate keys and must be deleted there too".to_owned()
+                });
+                match provider.destroy(key, window_days).await {
+                    Ok(d) => KeyDestruction {
+                        outcome: DestroyOutcome::Destroyed,
+                        action: Some(d.action),
+                        state_after: Some(d.state_after),
+                        irreversible_at: Some(d.effective_at),
+                        ..record(DestroyOutcome::Destroyed, multi_region)
+                    },
+                    Err(KeyError::NotFound { .. }) => {
+                        record(DestroyOutcome::NotFound, Some(not_found_note.into()))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        if matches!(v.verdict, Verdict::Destroy { .. }) {
+            ownership::record_destroyed(ctx, tenant, std::slice::from_ref(key))?;
+        }
         tracing::info!(
             event = "shred.key_destroyed",
             key = %key,
@@ -593,7 +629,7 @@ async fn destroy_keys(
             outcome = ?d.outcome,
             action = ?d.action,
             irreversible_at = d.irreversible_at.map(|t| t.to_rfc3339()),
-            "key {key} destroyed"
+            "key {key}: {:?}", d.outcome
         );
         out.push(d);
     }
@@ -613,7 +649,11 @@ fn state_shows_destruction(state: &KeyState) -> bool {
 async fn key_state_checks(ctx: &Context, keys: &[KeyDestruction]) -> (Vec<KeyStateCheck>, bool) {
     let mut out = Vec::new();
     let mut ok = true;
-    for k in keys {
+    // A key left untouched is not claimed destroyed: nothing to check.
+    for k in keys
+        .iter()
+        .filter(|k| k.outcome != DestroyOutcome::NotDestroyed)
+    {
         let r = match ctx.keys.for_key(&k.reference) {
             Ok(p) => p.describe(&k.reference).await,
             Err(e) => Err(e),
@@ -905,6 +945,29 @@ async fn anchor_and_sign(
         evidence,
     });
     Ok(certificate::sign(&body, audit.key()))
+}
+
+/// The keys a shred left untouched (ownership unproven), for the guarantee.
+fn not_destroyed(keys: &[KeyDestruction]) -> Option<String> {
+    let spared: Vec<String> = keys
+        .iter()
+        .filter(|k| k.outcome == DestroyOutcome::NotDestroyed)
+        .map(|k| k.reference.to_string())
+        .collect();
+    (!spared.is_empty()).then(|| spared.join(", "))
+}
+
+/// `guarantee.pending` of a certificate with keys left untouched.
+fn spared_note(keys: &[KeyDestruction], spared: &str) -> String {
+    let mut note = format!(
+        "not destroyed, ownership unproven: {spared}. Once it is established that they were this tenant's \
+         keys alone, destroy them with their provider; until then the erasure does not cover copies of \
+         envelopes wrapped under them"
+    );
+    if let Some(p) = pending_note(keys) {
+        note = format!("{note}. {p}");
+    }
+    note
 }
 
 /// The latest instant after which no destruction can be undone.

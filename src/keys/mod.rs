@@ -151,12 +151,17 @@ impl<'de> Deserialize<'de> for KeyRef {
 pub enum KeyPurpose {
     /// A tenant data key of one epoch.
     TenantDataKey,
+    /// The random token of a key claim (`tenants/<t>/keys/claims/<id>`): proof
+    /// that whoever wrote it held the key and bound it to the tenant. Never a
+    /// data key; its own purpose keeps the two from ever being swapped.
+    KeyClaim,
 }
 
 impl KeyPurpose {
     pub fn as_str(self) -> &'static str {
         match self {
             KeyPurpose::TenantDataKey => "tenant-data-key",
+            KeyPurpose::KeyClaim => "key-claim",
         }
     }
 }
@@ -177,6 +182,15 @@ impl WrapContext {
             tenant: tenant.clone(),
             purpose: KeyPurpose::TenantDataKey,
             epoch,
+        }
+    }
+
+    /// The context of a key claim: `{tenant, key-claim, 0}` (docs/FORMAT.md §3a).
+    pub fn claim(tenant: &TenantId) -> Self {
+        WrapContext {
+            tenant: tenant.clone(),
+            purpose: KeyPurpose::KeyClaim,
+            epoch: 0,
         }
     }
 
@@ -563,5 +577,12 @@ mod tests {
         assert_eq!(&bytes[..4], &12u32.to_be_bytes());
         assert_eq!(&bytes[4..16], b"custos:epoch");
         assert_ne!(bytes, WrapContext::tdk(&t, 4).canonical_bytes());
+        // A claim's context differs from every data key's, epoch 0 included.
+        let claim = WrapContext::claim(&t);
+        assert_eq!(claim.pairs()["custos:purpose"], "key-claim");
+        assert_ne!(
+            claim.canonical_bytes(),
+            WrapContext::tdk(&t, 0).canonical_bytes()
+        );
     }
 }

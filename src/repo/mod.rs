@@ -3,6 +3,7 @@
 //! its index and its snapshots.
 
 pub mod index;
+pub mod ownership;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -192,6 +193,10 @@ impl Repo {
                 Ok(repo) => {
                     if repo.descriptor.state == Lifecycle::Active {
                         repo.check_policy_key(key)?;
+                        // A tenant made before key claims existed gets its
+                        // claim now, proven by its envelope (and a key another
+                        // tenant's binding holds is refused here).
+                        ownership::ensure_claimed(ctx, &repo.store, &repo.descriptor.key).await?;
                         return Ok((repo, false));
                     }
                     if !allow_reuse {
@@ -206,8 +211,14 @@ impl Repo {
                 .list_all()
                 .await?
                 .into_iter()
-                // A released lease record is operational, not data.
-                .filter(|l| !matches!(l.name, Some(ObjectName::Envelope(1) | ObjectName::Lease)))
+                // A released lease record is operational, not data; the first
+                // envelope and the key claim are an interrupted init's own.
+                .filter(|l| {
+                    !matches!(
+                        l.name,
+                        Some(ObjectName::Envelope(1) | ObjectName::Lease | ObjectName::KeyClaim(_))
+                    )
+                })
                 .collect();
             if !leftovers
                 .iter()
@@ -224,6 +235,8 @@ impl Repo {
                 first.path
             )));
         }
+        // One key, one tenant: refused before anything is created.
+        ownership::check_bindable(ctx, tenant, key, ownership::Depth::Named).await?;
         let provider = ctx.keys.for_key(key)?;
         let info = match provider.create_key(key).await {
             Ok(info) => info,
@@ -240,6 +253,8 @@ impl Repo {
         let now = Utc::now();
         let descriptor = Descriptor::new(tenant.clone(), key.clone(), now);
         Repo::create_epoch_envelope(ctx, &store, key, 1).await?;
+        // Before the descriptor: a tenant never exists without its claim.
+        ownership::record_binding(ctx, &store, key, "tenant-init").await?;
         let body = Bytes::from(descriptor.to_json());
         let r = store
             .put_conditional(&ObjectName::Descriptor, body, PutMode::Create)
@@ -282,6 +297,10 @@ impl Repo {
             .max()
             .unwrap_or(0)
             + 1;
+        // `--allow-reuse` is no way around one key, one tenant: the key is
+        // checked like a first init's, and must not be the old lineage's.
+        ownership::check_reuse(ctx, &old.store, &old.descriptor, key, epoch).await?;
+        ownership::check_bindable(ctx, old.tenant(), key, ownership::Depth::Named).await?;
         let provider = ctx.keys.for_key(key)?;
         if let Err(e) = provider.create_key(key).await
             && !matches!(e, KeyError::Unsupported { .. })
@@ -289,6 +308,7 @@ impl Repo {
             return Err(e.into());
         }
         Repo::create_epoch_envelope(ctx, &old.store, key, epoch).await?;
+        ownership::record_binding(ctx, &old.store, key, "tenant-reinit").await?;
         let now = Utc::now();
         old.update_descriptor(|d| {
             let generation = d.generation;

@@ -3,6 +3,7 @@
 //! ```text
 //! tenants/<tenant>/tenant.json          descriptor
 //! tenants/<tenant>/keys/<epoch>         key envelopes
+//! tenants/<tenant>/keys/claims/<id>     key claims (proof a key was bound to the tenant)
 //! tenants/<tenant>/packs/<xx>/<pack id> packs (xx = first two hex digits)
 //! tenants/<tenant>/index/<index id>     index files
 //! tenants/<tenant>/snapshots/<id>       snapshot manifests
@@ -14,12 +15,14 @@ use std::fmt;
 
 use object_store::path::Path;
 
-use crate::format::ids::{IndexId, PackId, SnapshotId};
+use crate::format::ids::{ClaimId, IndexId, PackId, SnapshotId};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ObjectName {
     Descriptor,
     Envelope(u32),
+    /// A key claim, named by [`crate::format::claim::claim_id`] of its key.
+    KeyClaim(ClaimId),
     Pack(PackId),
     Index(IndexId),
     Snapshot(SnapshotId),
@@ -57,6 +60,7 @@ impl ObjectName {
         match self {
             ObjectName::Descriptor => Path::from("tenant.json"),
             ObjectName::Envelope(e) => Path::from(format!("keys/{e}")),
+            ObjectName::KeyClaim(id) => Path::from(format!("keys/claims/{id}")),
             ObjectName::Pack(id) => {
                 let hex = id.to_hex();
                 Path::from(format!("packs/{}/{hex}", &hex[..2]))
@@ -79,6 +83,7 @@ impl ObjectName {
                 let n: u32 = e.parse().ok()?;
                 (n.to_string() == *e).then_some(ObjectName::Envelope(n))
             }
+            ["keys", "claims", id] => ClaimId::from_hex(id).map(ObjectName::KeyClaim),
             ["packs", xx, id] => PackId::from_hex(id)
                 .filter(|p| p.to_hex()[..2] == **xx)
                 .map(ObjectName::Pack),
@@ -109,6 +114,7 @@ mod tests {
         for name in [
             ObjectName::Descriptor,
             ObjectName::Envelope(3),
+            ObjectName::KeyClaim(ClaimId::random()),
             ObjectName::Pack(PackId::random()),
             ObjectName::Index(IndexId::random()),
             ObjectName::Snapshot(SnapshotId::random()),
@@ -118,6 +124,7 @@ mod tests {
             assert_eq!(ObjectName::parse(&name.relative()), Some(name));
         }
         assert_eq!(ObjectName::parse(&Path::from("keys/03")), None);
+        assert_eq!(ObjectName::parse(&Path::from("keys/claims/zz")), None);
         assert_eq!(ObjectName::parse(&Path::from("packs/00/zz")), None);
         let p = PackId::random();
         assert_eq!(

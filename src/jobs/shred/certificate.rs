@@ -82,6 +82,11 @@ pub enum GuaranteeKind {
     /// store, but the key that wrapped it lives on for the other epochs, so a
     /// copy of the envelope kept elsewhere could still be unwrapped.
     EnvelopeDeleted,
+    /// Some keys named as the tenant's were not destroyed because nothing
+    /// proved they were its (`keys[].outcome = not_destroyed`): a copy of an
+    /// envelope once wrapped under one of them could still be unwrapped while
+    /// it lives. `guarantee.pending` names them.
+    KeysPartlyDestroyed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

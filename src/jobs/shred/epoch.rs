@@ -25,9 +25,9 @@ use serde_json::json;
 use super::certificate::{self, Certificate, Guarantee, GuaranteeKind, Subject};
 use super::scope::{self, ScopeObject};
 use super::{
-    Journal, Rewrap, ShredReport, ShredRequest, Slot, check_not_shared, delete_in_scope,
-    destroy_keys_step, issue_certificate, key_state_checks, new_certificate_id, pending_note,
-    sample_pack_present, save, store_info, unwrap_checks,
+    Journal, Rewrap, ShredReport, ShredRequest, Slot, delete_in_scope, destroy_keys_step,
+    issue_certificate, key_state_checks, new_certificate_id, pending_note, sample_pack_present,
+    save, store_info, unwrap_checks,
 };
 use crate::error::{Error, Result};
 use crate::format::descriptor::{EpochShredState, EpochState, Lifecycle, ShredState};
@@ -39,6 +39,7 @@ use crate::format::shred::{
 };
 use crate::keys::{KeyError, KeyRef, ProviderKind};
 use crate::repo::Repo;
+use crate::repo::ownership::{self, Depth};
 use crate::store::layout::Dir;
 use crate::store::lease::LeaseGuard;
 use crate::store::tenant::Listed;
@@ -81,8 +82,16 @@ pub(super) async fn run(
                     }
                 )));
             }
+            if let (Some(stored), Some(asked)) = (&es.rewrap_to, rewrap) {
+                check_resumed_target(&tenant, stored, asked)?;
+            }
             let step = es.shred.progress.as_ref().map(|p| p.step);
             tracing::info!(event = "shred.resumed", tenant = %tenant, epoch, after_step = step.map(|s| s.as_str()), "resuming an interrupted epoch shred");
+            let recorded = SLOT.progress(repo.descriptor())?.skip_unproven.clone();
+            let skip = super::skip_list(req, SLOT.progress(repo.descriptor()).ok());
+            if skip != recorded {
+                save(repo, SLOT, |p| p.skip_unproven = skip).await?;
+            }
             step
         }
         None if rec.state == EpochState::Shredded => {
@@ -90,6 +99,19 @@ pub(super) async fn run(
         }
         None => {
             let target = preflight(repo, epoch, rewrap).await?;
+            if target.is_some() {
+                // The keys a re-wrap ends are decided before anything starts,
+                // so a refusal leaves the tenant as it was.
+                let keys = super::tenant_keys(repo.descriptor());
+                ownership::decide_destroy(
+                    repo.context(),
+                    repo.store(),
+                    &keys,
+                    &req.skip_unproven,
+                    "shred",
+                )
+                .await?;
+            }
             start(repo, req, epoch, target).await?;
             None
         }
@@ -143,6 +165,33 @@ async fn already_shredded(repo: &Repo, epoch: u32) -> Result<ShredReport> {
             )
         })?;
     ShredReport::new(tenant, id, bytes, true, None)
+}
+
+/// The re-wrap target an interrupted shred recorded comes from the store,
+/// which anyone who can write it can edit: it is used only as the operator
+/// asks again. `--rewrap-to K` must name it; `--rewrap` only accepts one of
+/// the fresh local keys custos makes (`local:<tenant>-<n>`). Either way it is
+/// bound to the tenant (and refused if another uses it) before anything moves.
+fn check_resumed_target(tenant: &crate::TenantId, stored: &KeyRef, asked: &Rewrap) -> Result<()> {
+    let fresh_local = || {
+        stored.kind() == ProviderKind::Local
+            && stored
+                .id()
+                .strip_prefix(&format!("{tenant}-"))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    match asked {
+        Rewrap::To(k) if k != stored => Err(Error::InvalidArgument(format!(
+            "the interrupted shred of tenant {tenant} re-wraps to {stored}, not {k}: re-run it with --rewrap-to {stored} \
+             (the target is checked again: it must be a key no other tenant uses)"
+        ))),
+        Rewrap::FreshLocalKey if !fresh_local() => Err(Error::InvalidArgument(format!(
+            "the interrupted shred of tenant {tenant} records the re-wrap target {stored}, which is not a fresh key \
+             custos makes for --rewrap (local:{tenant}-<n>): refusing to move the tenant's data keys to it; \
+             if you chose it, re-run with --rewrap-to {stored}"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The checks before an epoch shred begins; returns the re-wrap target.
@@ -202,8 +251,17 @@ async fn preflight(repo: &Repo, epoch: u32, rewrap: Option<&Rewrap>) -> Result<O
                     .map_err(|e| Error::InvalidArgument(e.to_string()))?;
                 if !used(&k) {
                     match provider.describe(&k).await {
-                        Err(KeyError::NotFound { .. }) => break k,
-                        Ok(_) | Err(KeyError::Destroyed { .. }) => {}
+                        // A name no descriptor, registry entry or policy names either.
+                        Err(KeyError::NotFound { .. })
+                            if ownership::users(ctx, tenant, &k, Depth::Named)
+                                .await?
+                                .is_empty() =>
+                        {
+                            break k;
+                        }
+                        Err(KeyError::NotFound { .. })
+                        | Ok(_)
+                        | Err(KeyError::Destroyed { .. }) => {}
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -224,7 +282,7 @@ async fn preflight(repo: &Repo, epoch: u32, rewrap: Option<&Rewrap>) -> Result<O
                     info.state.name()
                 )));
             }
-            check_not_shared(ctx, tenant, std::slice::from_ref(k)).await?;
+            ownership::check_bindable(ctx, tenant, k, Depth::Authenticated).await?;
             k.clone()
         }
     };
@@ -322,6 +380,7 @@ async fn start(
                 requested_at: req.requested_at.unwrap_or(now),
                 actor: ctx.actor.clone(),
                 pending_window_days: req.pending_window_days,
+                skip_unproven: req.skip_unproven.clone(),
                 scope: None,
                 keys: None,
                 executed_at: None,
@@ -471,6 +530,25 @@ async fn move_envelopes(repo: &mut Repo, journal: &Journal, epoch: u32, to: &Key
         Ok(_) | Err(KeyError::Unsupported { .. }) => {}
         Err(e) => return Err(e.into()),
     }
+    // The target becomes the tenant's key: proven already (a run interrupted
+    // after binding it), or bound now, refused if another tenant uses it.
+    if ownership::prove(&ctx, repo.store(), to, None)
+        .await?
+        .is_err()
+    {
+        ownership::bind(
+            &ctx,
+            repo.store(),
+            to,
+            "epoch-shred-rewrap",
+            Depth::Authenticated,
+        )
+        .await?;
+    }
+    // The key moved away from is destroyed after the move, when no envelope
+    // proves it the tenant's any more: a tenant made before key claims
+    // existed gets its claim now, while its envelopes still prove it.
+    ownership::ensure_claimed(&ctx, repo.store(), &from).await?;
     if repo.descriptor().pending_key.as_ref() != Some(to) {
         let pending = to.clone();
         repo.update_descriptor(|d| d.pending_key = Some(pending))
@@ -737,6 +815,22 @@ fn body(repo: &Repo, epoch: u32) -> Result<Certificate> {
     let mut providers: Vec<&str> = keys.iter().map(|k| k.provider.as_str()).collect();
     providers.push(wrapping_key.kind().scheme());
     let guarantee = match &rewrap {
+        Some(r) if super::not_destroyed(&keys).is_some() => {
+            let spared = super::not_destroyed(&keys).unwrap_or_default();
+            Guarantee {
+                kind: GuaranteeKind::KeysPartlyDestroyed,
+                statement: format!(
+                    "The remaining epochs {:?} of tenant {} were re-wrapped under {} and the keys listed as \
+                     destroyed were destroyed. Not destroyed: {spared}, which the tenant's descriptor names but \
+                     nothing proved to be its own key; a copy of the envelope of epoch {epoch} once wrapped \
+                     under it (an earlier object version, a backup of the store) could still be unwrapped \
+                     while it lives.",
+                    r.epochs, d.tenant, r.to
+                ),
+                irreversible_at: super::irreversible_at(&keys),
+                pending: Some(super::spared_note(&keys, &spared)),
+            }
+        }
         Some(r) => Guarantee {
             kind: GuaranteeKind::KeysDestroyed,
             statement: format!(

@@ -18,6 +18,7 @@ use crate::format::shred::{
     PackCheck, SamplePack, ScopeRecord, ShredProgress, ShredStep, VerificationRecord,
 };
 use crate::repo::Repo;
+use crate::repo::ownership;
 use crate::store::ObjectName;
 use crate::store::lease::LeaseGuard;
 
@@ -45,9 +46,26 @@ pub(super) async fn run(
                 .await?;
             }
             tracing::info!(event = "shred.resumed", tenant = %repo.tenant(), after_step = step.map(|s| s.as_str()), "resuming an interrupted shred");
+            let recorded = SLOT.progress(repo.descriptor())?.skip_unproven.clone();
+            let skip = super::skip_list(req, SLOT.progress(repo.descriptor()).ok());
+            if skip != recorded {
+                save(repo, SLOT, |p| p.skip_unproven = skip).await?;
+            }
             step
         }
         Lifecycle::Active => {
+            // Which keys may be destroyed is decided before the fence, so a
+            // refusal (a key not proven the tenant's, or in use by another
+            // tenant) leaves the tenant as it was. The keys step decides again.
+            let keys = tenant_keys(repo.descriptor());
+            ownership::decide_destroy(
+                repo.context(),
+                repo.store(),
+                &keys,
+                &req.skip_unproven,
+                "shred",
+            )
+            .await?;
             fence(repo, req).await?;
             None
         }
@@ -78,6 +96,7 @@ fn new_progress(req: &ShredRequest, now: chrono::DateTime<Utc>) -> ShredProgress
         requested_at: req.requested_at.unwrap_or(now),
         actor: String::new(),
         pending_window_days: req.pending_window_days,
+        skip_unproven: req.skip_unproven.clone(),
         scope: None,
         keys: None,
         executed_at: None,
@@ -436,16 +455,30 @@ fn body(repo: &Repo) -> Result<Certificate> {
         executed_at: p.executed_at.unwrap_or(state.started_at),
         issued_at: Utc::now(),
         method: "cryptographic erase".into(),
-        guarantee: Guarantee {
-            kind: GuaranteeKind::KeysDestroyed,
-            statement: format!(
-                "Every key that wrapped the data keys of tenant {} (current, pending and previous CMKs) \
-                 was destroyed; its data keys cannot be unwrapped, so all of its ciphertext, retained \
-                 objects and any other copies included, is unrecoverable.",
-                d.tenant
-            ),
-            irreversible_at: super::irreversible_at(&keys),
-            pending: pending_note(&keys),
+        guarantee: match super::not_destroyed(&keys) {
+            None => Guarantee {
+                kind: GuaranteeKind::KeysDestroyed,
+                statement: format!(
+                    "Every key that wrapped the data keys of tenant {} (current, pending and previous CMKs) \
+                     was destroyed; its data keys cannot be unwrapped, so all of its ciphertext, retained \
+                     objects and any other copies included, is unrecoverable.",
+                    d.tenant
+                ),
+                irreversible_at: super::irreversible_at(&keys),
+                pending: pending_note(&keys),
+            },
+            Some(spared) => Guarantee {
+                kind: GuaranteeKind::KeysPartlyDestroyed,
+                statement: format!(
+                    "The keys of tenant {} listed as destroyed were destroyed, and the envelopes in scope no \
+                     longer unwrap (see verification). Not destroyed: {spared}, which the tenant's descriptor \
+                     names but nothing proved to be its own key; any copy of an envelope once wrapped under \
+                     it (an earlier object version, a backup of the store) can still be unwrapped while it lives.",
+                    d.tenant
+                ),
+                irreversible_at: super::irreversible_at(&keys),
+                pending: Some(super::spared_note(&keys, &spared)),
+            },
         },
         algorithms: certificate::Algorithms::new(&providers),
         keys,
