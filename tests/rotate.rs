@@ -398,9 +398,7 @@ async fn old_key_deletion_only_when_no_other_tenant_uses_it() {
     let s = setup().await;
     // One key, one tenant: a second tenant cannot even be initialised under it.
     let other = TenantId::new("globex").unwrap();
-    let err = Repo::init(&s.ctx, &other, &s.key, false)
-        .await
-        .unwrap_err();
+    let err = Repo::init(&s.ctx, &other, &s.key, false).await.unwrap_err();
     assert_eq!(err.kind(), "key_in_use", "{err}");
     // Another tenant's descriptor names the CMK (shared before that was
     // enforced, or edited): its deletion must be refused.

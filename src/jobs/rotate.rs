@@ -595,19 +595,19 @@ impl Run<'_> {
             Some(d.key.clone())
         };
         self.report.key_before = old.clone().unwrap_or_else(|| d.key.clone());
+        // A new key for this tenant: refused if any other tenant uses it
+        // (every other tenant's objects are tried under it) before custos
+        // uses it at all, then claimed before the descriptor names it, so a
+        // pending key is always provable and one without a claim is a store
+        // writer's.
+        let fresh_binding = &d.key != new_key && d.pending_key.as_ref() != Some(new_key);
+        let (ctx, store) = (self.ctx().clone(), self.store().clone());
+        if fresh_binding {
+            ownership::check_bindable(&ctx, store.tenant(), new_key, Depth::Authenticated).await?;
+        }
         self.probe_new_key(new_key).await?;
-        if &d.key != new_key && d.pending_key.as_ref() != Some(new_key) {
-            // A new key for this tenant: refused if any other tenant uses it
-            // (every other tenant's objects are tried under it), then claimed
-            // before the descriptor names it, so a pending key is always
-            // provable and one without a claim is a store writer's.
-            let (ctx, store) = (self.ctx().clone(), self.store().clone());
-            if self.dry_run {
-                ownership::check_bindable(&ctx, store.tenant(), new_key, Depth::Authenticated)
-                    .await?;
-            } else {
-                ownership::bind(&ctx, &store, new_key, "replace-cmk", Depth::Authenticated).await?;
-            }
+        if fresh_binding && !self.dry_run {
+            ownership::record_binding(&ctx, &store, new_key, "replace-cmk").await?;
         }
         if d.pending_key.as_ref() == Some(new_key) {
             self.report.resumed = true;
