@@ -677,8 +677,11 @@ async fn s3s_fs_wrong_credentials_are_a_clear_error() {
     assert!(err.to_string().contains("Signature"), "{err}");
 }
 
-/// The old key is not deleted while another tenant uses it, even under
-/// another name (alias vs ARN): keys are compared by resolved key id.
+/// One key, one tenant, even under another name (alias vs ARN: keys are
+/// compared by resolved key id): a second tenant cannot be initialised under
+/// the ARN of a key the first uses by alias; and the old key is not deleted
+/// while another tenant's descriptor names it (as a store shared before this
+/// was enforced, or edited, would), under another name too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_kms_backend_shared_key_is_not_deleted() {
     let Some(b) = s3_kms_backend().await else {
@@ -696,7 +699,29 @@ async fn s3_kms_backend_shared_key_is_not_deleted() {
     assert_ne!(arn, by_alias);
     let (a, other) = (tenant("share-a"), tenant("share-b"));
     Repo::init(&b.ctx, &a, &by_alias, false).await.unwrap();
-    Repo::init(&b.ctx, &other, &arn, false).await.unwrap();
+    let err = Repo::init(&b.ctx, &other, &arn, false).await.unwrap_err();
+    assert_eq!(err.kind(), "key_in_use", "{err}");
+    assert!(err.to_string().contains(&format!("tenant {a}")), "{err}");
+    // The other tenant under a key of its own, whose descriptor also names
+    // the shared key by its ARN.
+    let own = b.fresh_key("share-own").await;
+    Repo::init(&b.ctx, &other, &own, false).await.unwrap();
+    let store = custos::store::TenantStore::new(b.ctx.store.clone(), &other);
+    let (bytes, _) = store
+        .get_if_exists(&custos::store::ObjectName::Descriptor)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut d = custos::format::descriptor::Descriptor::parse(&bytes).unwrap();
+    d.previous_keys.push(arn.clone());
+    d.generation += 1;
+    store
+        .put(
+            &custos::store::ObjectName::Descriptor,
+            bytes::Bytes::from(d.to_json()),
+        )
+        .await
+        .unwrap();
     let new_key = b.fresh_key("share-new").await;
     let repo = Repo::open(&b.ctx, &a, None).await.unwrap();
     let l = lease(&b.ctx, &repo, "rotate").await;
@@ -714,9 +739,11 @@ async fn s3_kms_backend_shared_key_is_not_deleted() {
     .await
     .unwrap_err();
     l.release().await;
+    assert_eq!(err.kind(), "key_in_use", "{err}");
     assert!(
-        err.to_string()
-            .contains(&format!("tenant {other} still uses it (as {arn})")),
+        err.to_string().contains(&format!(
+            "tenant {other}: its descriptor (active) names {arn}"
+        )),
         "{err}"
     );
     let info = kms.describe(&arn).await.unwrap();

@@ -623,6 +623,33 @@ fn rotation_never_moves_a_tenant_to_another_tenants_key() {
             assert_eq!(env["key"], "local:alpha", "{}", p.display());
         }
     }
+    // A descriptor whose current key is beta's: no rotation acts on it
+    // (without a policy to compare with, the key's own proof decides).
+    let policy = cli.path().join("policies/alpha.toml");
+    let policy_text = fs::read(&policy).unwrap();
+    fs::remove_file(&policy).unwrap();
+    let before = descriptor(&cli, "alpha");
+    tamper(&cli, "alpha", |d| {
+        d["key"] = "local:beta".into();
+        d["previous_keys"] = serde_json::json!(["local:alpha"]);
+    });
+    for action in ["--cmk", "--new-epoch"] {
+        let message = refused(&cli, &["rotate", "alpha", action], "key_ownership_unproven");
+        assert!(message.contains("local:beta"), "{message}");
+    }
+    for e in fs::read_dir(cli.store().join("tenants/alpha/keys")).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            let env: Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+            assert_eq!(env["key"], "local:alpha", "{}", p.display());
+        }
+    }
+    tamper(&cli, "alpha", |d| {
+        d["key"] = before["key"].clone();
+        d["previous_keys"] = before["previous_keys"].clone();
+    });
+    fs::write(&policy, &policy_text).unwrap();
+
     // Scheduling the deletion of the old key, which a re-run takes from the
     // descriptor's last previous key: with beta's key appended there, refused.
     replace_key(&cli, "alpha", "alpha-2");

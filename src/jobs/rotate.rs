@@ -114,7 +114,9 @@ pub struct RotateReport {
     pub envelopes_rewrapped: usize,
     /// Envelopes read back and unwrapped after the rotation (all of them).
     pub envelopes_verified: usize,
-    /// Every byte the rotation wrote to the store: envelopes and descriptor.
+    /// Every byte the rotation wrote to the store: envelopes, descriptor and
+    /// key claims (a new key's, or a claim recorded for a tenant made before
+    /// claims existed).
     pub bytes_written: u64,
     pub objects_written: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -310,13 +312,31 @@ pub async fn run(repo: &Repo, lease: &LeaseGuard, opts: &RotateOptions) -> Resul
     repo.require_active("rotation")?;
     // A fresh handle of our own: updating the descriptor needs `&mut Repo`.
     let mut fresh = Repo::open(repo.context(), repo.tenant(), None).await?;
+    let mut claim_bytes = 0;
     if !opts.dry_run {
         settle_pending_key(&mut fresh, lease).await?;
+    }
+    // Every rotation acts on the descriptor's current key (new material,
+    // re-wraps under it, a new data key under it): the descriptor alone, which
+    // a store writer can edit, must not choose it.
+    let key = fresh.descriptor().key.clone();
+    if let Err(unproven) = ownership::prove(fresh.context(), fresh.store(), &key, None).await? {
+        return Err(Error::KeyOwnershipUnproven {
+            key: key.to_string(),
+            tenant: fresh.tenant().to_string(),
+            message: format!(
+                "the descriptor names it as the tenant's current key, but {unproven}: custos does not \
+                 rotate, re-wrap or make data keys under a key it cannot prove the tenant's"
+            ),
+        });
+    }
+    if !opts.dry_run {
         // A tenant made before key claims existed gets its current key's
         // claim while its envelopes prove it, so the key stays provable (and
         // destroyable by a shred) after a replacement moves them away.
-        let key = fresh.descriptor().key.clone();
-        ownership::ensure_claimed(fresh.context(), fresh.store(), &key).await?;
+        claim_bytes = ownership::ensure_claimed(fresh.context(), fresh.store(), &key)
+            .await?
+            .1;
     }
     let d = fresh.descriptor().clone();
     let mut report = RotateReport {
@@ -333,8 +353,8 @@ pub async fn run(repo: &Repo, lease: &LeaseGuard, opts: &RotateOptions) -> Resul
         envelopes: Vec::new(),
         envelopes_rewrapped: 0,
         envelopes_verified: 0,
-        bytes_written: 0,
-        objects_written: 0,
+        bytes_written: claim_bytes,
+        objects_written: u64::from(claim_bytes > 0),
         old_key_deletion: None,
         duration_ms: 0,
     };
@@ -607,7 +627,9 @@ impl Run<'_> {
         }
         self.probe_new_key(new_key).await?;
         if fresh_binding && !self.dry_run {
-            ownership::record_binding(&ctx, &store, new_key, "replace-cmk").await?;
+            let written = ownership::record_binding(&ctx, &store, new_key, "replace-cmk").await?;
+            self.report.bytes_written += written;
+            self.report.objects_written += u64::from(written > 0);
         }
         if d.pending_key.as_ref() == Some(new_key) {
             self.report.resumed = true;

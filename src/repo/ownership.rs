@@ -343,7 +343,10 @@ pub async fn prove(
             why: b.why.clone(),
         }));
     }
-    let objects = key_objects(store).await?;
+    let mut objects = key_objects(store).await?;
+    // The claim named after this key first: one unwrap proves it (a KMS call each).
+    let own = store.display(&ObjectName::KeyClaim(claim_id(key)));
+    objects.sort_by_key(|o| o.object != own);
     Ok(Err(match first_under(ctx, key, &objects).await? {
         Ok(Some(i)) => {
             let object = objects[i].object.clone();
@@ -682,28 +685,31 @@ pub async fn check_bindable(
 
 /// Binds `key` to the tenant of `store`: refuses it when another tenant
 /// uses it, then writes the tenant's key claim and the registry entry. The
-/// key must exist and be usable (the claim is wrapped under it).
+/// key must exist and be usable (the claim is wrapped under it). Returns the
+/// bytes written to the store (0 when the claim was there).
 pub async fn bind(
     ctx: &Context,
     store: &TenantStore,
     key: &KeyRef,
     why: &str,
     depth: Depth,
-) -> Result<()> {
+) -> Result<u64> {
     check_bindable(ctx, store.tenant(), key, depth).await?;
     record_binding(ctx, store, key, why).await
 }
 
 /// Writes the claim and the registry entry of a binding already checked (or
-/// proven: a key whose envelope of this tenant unwraps under it).
+/// proven: a key whose envelope of this tenant unwraps under it). Returns the
+/// bytes written to the store.
 pub async fn record_binding(
     ctx: &Context,
     store: &TenantStore,
     key: &KeyRef,
     why: &str,
-) -> Result<()> {
-    write_claim(ctx, store, key, why).await?;
-    register(ctx, store.tenant(), key, why).await
+) -> Result<u64> {
+    let written = write_claim(ctx, store, key, why).await?;
+    register(ctx, store.tenant(), key, why).await?;
+    Ok(written)
 }
 
 /// Adds `key` to the registry for `tenant`; a conflicting entry is refused.
@@ -740,20 +746,20 @@ async fn register(ctx: &Context, tenant: &TenantId, key: &KeyRef, why: &str) -> 
 
 /// Writes the tenant's claim on `key` (`keys/claims/<claim id>`), unless a
 /// valid one is there. A claim that does not unwrap (junk a store writer
-/// left at the name) is replaced.
+/// left at the name) is replaced. Returns the bytes written (0: none).
 pub async fn write_claim(
     ctx: &Context,
     store: &TenantStore,
     key: &KeyRef,
     why: &str,
-) -> Result<()> {
+) -> Result<u64> {
     let tenant = store.tenant();
     let name = ObjectName::KeyClaim(claim_id(key));
     let existing = store.get_if_exists(&name).await?;
     if let Some((bytes, _)) = &existing
         && claim_unwraps(ctx, tenant, key, bytes).await?
     {
-        return Ok(());
+        return Ok(0);
     }
     let (token, wrapped) = ctx
         .keys
@@ -773,12 +779,12 @@ pub async fn write_claim(
         .put_conditional(&name, Bytes::from(claim.to_json()), mode)
         .await
     {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(claim.to_json().len() as u64),
         // Another process wrote the claim meanwhile: it must be a valid one.
         Err(
             object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
         ) => match store.get_if_exists(&name).await? {
-            Some((bytes, _)) if claim_unwraps(ctx, tenant, key, &bytes).await? => Ok(()),
+            Some((bytes, _)) if claim_unwraps(ctx, tenant, key, &bytes).await? => Ok(0),
             _ => Err(Error::LeaseContended {
                 tenant: tenant.to_string(),
                 holder: format!(
@@ -818,8 +824,12 @@ async fn claim_unwraps(
 /// tenant's by one of its envelopes (or the registry) but has no claim yet,
 /// writes the claim and the registry entry, so the key stays provable after
 /// its envelopes move away. Does nothing for an unproven key. Returns
-/// whether the key is proven.
-pub async fn ensure_claimed(ctx: &Context, store: &TenantStore, key: &KeyRef) -> Result<bool> {
+/// whether the key is proven, and the bytes written to the store.
+pub async fn ensure_claimed(
+    ctx: &Context,
+    store: &TenantStore,
+    key: &KeyRef,
+) -> Result<(bool, u64)> {
     let resolved = resolve(ctx, key).await.ok().flatten();
     match prove(ctx, store, key, resolved.as_deref()).await? {
         Ok(Proof::Claim { .. }) => {
@@ -832,13 +842,20 @@ pub async fn ensure_claimed(ctx: &Context, store: &TenantStore, key: &KeyRef) ->
             {
                 register(ctx, store.tenant(), key, "proven-by-claim").await?;
             }
-            Ok(true)
+            Ok((true, 0))
         }
-        Ok(_) => {
-            record_binding(ctx, store, key, "proven-by-envelope").await?;
-            Ok(true)
-        }
-        Err(_) => Ok(false),
+        Ok(Proof::Envelope { .. }) => Ok((
+            true,
+            record_binding(ctx, store, key, "proven-by-envelope").await?,
+        )),
+        // The registry proves it; a claim is written when the key can wrap
+        // one (a disabled key cannot, and needs none to stay proven here).
+        Ok(Proof::Registry { why, .. }) => match write_claim(ctx, store, key, &why).await {
+            Ok(written) => Ok((true, written)),
+            Err(Error::Key(e)) if !e.is_transient() => Ok((true, 0)),
+            Err(e) => Err(e),
+        },
+        Err(_) => Ok((false, 0)),
     }
 }
 
@@ -1244,6 +1261,150 @@ mod tests {
         );
         assert!(check_policies(&policies, &t("zeta"), &k("beta")).is_err());
         assert!(check_policies(&policies, &t("beta"), &k("beta")).is_ok());
+    }
+
+    /// An AWS KMS stand-in that resolves an alias and an ARN to one key id,
+    /// and unwraps nothing.
+    #[derive(Debug)]
+    struct FakeKms;
+
+    const ARN: &str =
+        "arn:aws:kms:eu-central-1:111122223333:key/0b6f2c1e-1111-2222-3333-444455556666";
+
+    #[async_trait::async_trait]
+    impl crate::keys::KeyProvider for FakeKms {
+        fn kind(&self) -> ProviderKind {
+            ProviderKind::AwsKms
+        }
+        async fn describe(
+            &self,
+            key: &KeyRef,
+        ) -> std::result::Result<crate::keys::KeyInfo, KeyError> {
+            match key.id() {
+                "alias/beta" | ARN => Ok(crate::keys::KeyInfo {
+                    reference: key.clone(),
+                    key_id: ARN.into(),
+                    state: KeyState::Enabled,
+                    origin: crate::keys::KeyOrigin::Provider,
+                    current_version: None,
+                    created_at: None,
+                    rotated_at: None,
+                }),
+                _ => Err(KeyError::NotFound {
+                    key: key.to_string(),
+                    message: String::new(),
+                }),
+            }
+        }
+        async fn create_key(
+            &self,
+            _: &KeyRef,
+        ) -> std::result::Result<crate::keys::KeyInfo, KeyError> {
+            Err(unsupported())
+        }
+        async fn generate_data_key(
+            &self,
+            _: &KeyRef,
+            _: &WrapContext,
+        ) -> std::result::Result<(crate::keys::DataKey, WrappedKey), KeyError> {
+            Err(unsupported())
+        }
+        async fn wrap(
+            &self,
+            _: &KeyRef,
+            _: &crate::keys::DataKey,
+            _: &WrapContext,
+        ) -> std::result::Result<WrappedKey, KeyError> {
+            Err(unsupported())
+        }
+        async fn unwrap(
+            &self,
+            key: &KeyRef,
+            _: &WrappedKey,
+            _: &WrapContext,
+        ) -> std::result::Result<crate::keys::DataKey, KeyError> {
+            Err(KeyError::InvalidCiphertext {
+                key: key.to_string(),
+                message: String::new(),
+            })
+        }
+        async fn rewrap(
+            &self,
+            _: &KeyRef,
+            _: &WrappedKey,
+            _: &WrapContext,
+            _: &KeyRef,
+        ) -> std::result::Result<WrappedKey, KeyError> {
+            Err(unsupported())
+        }
+        async fn rotate(&self, _: &KeyRef) -> std::result::Result<crate::keys::KeyInfo, KeyError> {
+            Err(unsupported())
+        }
+        async fn disable(&self, _: &KeyRef) -> std::result::Result<crate::keys::KeyInfo, KeyError> {
+            Err(unsupported())
+        }
+        async fn enable(&self, _: &KeyRef) -> std::result::Result<crate::keys::KeyInfo, KeyError> {
+            Err(unsupported())
+        }
+        async fn destroy(
+            &self,
+            _: &KeyRef,
+            _: u32,
+        ) -> std::result::Result<crate::keys::Destruction, KeyError> {
+            Err(unsupported())
+        }
+    }
+
+    fn unsupported() -> KeyError {
+        KeyError::Unsupported {
+            provider: "aws-kms",
+            operation: "this test",
+        }
+    }
+
+    #[tokio::test]
+    async fn one_kms_key_by_alias_and_by_arn_is_one_key() {
+        let (_dir, mut ctx) = ctx().await;
+        ctx.keys.aws_kms = Some(std::sync::Arc::new(FakeKms));
+        let alias = KeyRef::parse("aws-kms:alias/beta").unwrap();
+        let arn = KeyRef::parse(&format!("aws-kms:{ARN}")).unwrap();
+        let beta = TenantStore::new(ctx.store.clone(), &t("beta"));
+        let d = Descriptor::new(t("beta"), alias.clone(), Utc::now());
+        beta.put(&ObjectName::Descriptor, Bytes::from(d.to_json()))
+            .await
+            .unwrap();
+        // Beta's descriptor names the alias; the ARN is the same key.
+        let err = check_bindable(&ctx, &t("zeta"), &arn, Depth::Named)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), "key_in_use");
+        assert!(err.to_string().contains("aws-kms:alias/beta"), "{err}");
+        // Another alias that the provider does not know is another key.
+        let other = KeyRef::parse("aws-kms:alias/zeta").unwrap();
+        check_bindable(&ctx, &t("zeta"), &other, Depth::Named)
+            .await
+            .unwrap();
+        // The registry compares by resolved id too: beta's descriptor gone,
+        // its binding (made under the ARN) still refuses the alias.
+        beta.delete(&ObjectName::Descriptor).await.unwrap();
+        check_bindable(&ctx, &t("zeta"), &alias, Depth::Named)
+            .await
+            .unwrap();
+        ctx.state
+            .bind_key(KeyBinding {
+                key: arn.clone(),
+                key_id: Some(ARN.into()),
+                tenant: t("beta"),
+                bound_at: Utc::now(),
+                why: "tenant-init".into(),
+                destroyed_at: None,
+            })
+            .unwrap()
+            .unwrap();
+        let err = check_bindable(&ctx, &t("zeta"), &alias, Depth::Named)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("key registry"), "{err}");
     }
 
     #[tokio::test]
