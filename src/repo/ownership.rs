@@ -1182,6 +1182,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn junk_at_a_claims_name_is_no_proof_and_is_replaced() {
+        let (_dir, ctx) = ctx().await;
+        let alpha = tenant_with(&ctx, "alpha", "alpha").await;
+        let name = ObjectName::KeyClaim(claim_id(&k("alpha")));
+        alpha
+            .put(&name, Bytes::from_static(b"{\"wrapped\": 1}"))
+            .await
+            .unwrap();
+        // Still proven, by the envelope; the junk is overwritten by a valid claim.
+        let p = prove(&ctx, &alpha, &k("alpha"), None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(p, Proof::Envelope { .. }), "{p}");
+        assert!(
+            write_claim(&ctx, &alpha, &k("alpha"), "test")
+                .await
+                .unwrap()
+                > 0
+        );
+        assert_eq!(
+            write_claim(&ctx, &alpha, &k("alpha"), "test")
+                .await
+                .unwrap(),
+            0
+        );
+        alpha.delete(&ObjectName::Envelope(1)).await.unwrap();
+        let p = prove(&ctx, &alpha, &k("alpha"), None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(p, Proof::Claim { .. }), "{p}");
+    }
+
+    #[tokio::test]
     async fn a_survey_finds_use_however_the_descriptor_is_hidden() {
         let (_dir, ctx) = ctx().await;
         let _alpha = tenant_with(&ctx, "alpha", "alpha").await;
