@@ -107,6 +107,11 @@ pub enum Error {
     #[error("shred of tenant {tenant} failed verification: {message}")]
     ShredVerification { tenant: String, message: String },
 
+    /// A key, state or configuration path that another local user could
+    /// change (ssh's StrictModes); the message names it and the fix.
+    #[error("{message}")]
+    InsecurePermissions { path: PathBuf, message: String },
+
     #[error("{0}")]
     Internal(String),
 }
@@ -143,6 +148,7 @@ impl Error {
             Error::Cancelled { .. } => "cancelled",
             Error::LegalHold { .. } => "legal_hold",
             Error::ShredVerification { .. } => "shred_verification_failed",
+            Error::InsecurePermissions { .. } => "insecure_permissions",
             Error::Internal(_) => "internal",
         }
     }

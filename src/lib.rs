@@ -24,6 +24,7 @@ pub mod jobs;
 pub mod keys;
 pub mod pipeline;
 pub mod repo;
+pub mod secure_fs;
 pub mod report;
 pub mod source;
 pub mod store;
