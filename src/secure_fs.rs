@@ -172,7 +172,10 @@ fn insecure(path: &Path, message: String) -> CheckError {
 /// Creates `dir` and any missing parent with mode 0700 (parents that exist
 /// are left alone; [`check_dir`] judges them).
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// How [`write_secret`] puts the new file in place.

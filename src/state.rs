@@ -150,7 +150,10 @@ mod tests {
             chmod(&dir, mode);
             let err = StateDir::open(&root).unwrap_err();
             assert_eq!(err.kind(), "insecure_permissions", "{err}");
-            assert!(err.to_string().contains(&dir.display().to_string()), "{err}");
+            assert!(
+                err.to_string().contains(&dir.display().to_string()),
+                "{err}"
+            );
             chmod(&dir, 0o700);
         }
         // Another module's subdirectory counts too.

@@ -215,14 +215,18 @@ fn loose_permissions_are_warned_about_or_refused() {
         let r = cli.run(&args);
         assert_eq!(r.code, 1, "{args:?}: {}\n{}", r.stdout, r.stderr);
         assert!(
-            r.stderr
-                .contains(&format!("chmod go-w {}", cfg.display())),
+            r.stderr.contains(&format!("chmod go-w {}", cfg.display())),
             "{args:?}: {}",
             r.stderr
         );
     }
     let r = cli.run(&["backup", "acme", "--json"]);
-    assert_eq!(r.json()["error"]["kind"], "insecure_permissions", "{}", r.stdout);
+    assert_eq!(
+        r.json()["error"]["kind"],
+        "insecure_permissions",
+        "{}",
+        r.stdout
+    );
     assert!(cli.objects("acme").is_empty());
     fs::set_permissions(&cfg, fs::Permissions::from_mode(0o600)).unwrap();
     let r = cli.run_env(&["backup", "acme"], &[("CUSTOS_LOG", "warn")]);
@@ -248,13 +252,22 @@ fn refused(cli: &Cli, args: &[&str], path: &Path, fix: &str) {
     let before = cli.objects("acme");
     let r = cli.run(args);
     assert_eq!(r.code, 1, "{args:?}: {}\n{}", r.stdout, r.stderr);
-    assert!(r.stderr.contains(&path.display().to_string()), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&path.display().to_string()),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains(fix), "{}", r.stderr);
     if args[0] != "audit" {
         let mut args = args.to_vec();
         args.push("--json");
         let r = cli.run(&args);
-        assert_eq!(r.json()["error"]["kind"], "insecure_permissions", "{args:?}: {}", r.stdout);
+        assert_eq!(
+            r.json()["error"]["kind"],
+            "insecure_permissions",
+            "{args:?}: {}",
+            r.stdout
+        );
     }
     assert_eq!(cli.objects("acme"), before, "{args:?} changed the store");
 }
@@ -272,7 +285,10 @@ fn a_key_directory_others_can_write_is_refused() {
     cli.policy("acme", &data);
     cli.ok(&["backup", "acme"]);
     let keys = cli.path().join("keys");
-    assert_eq!(fs::metadata(&keys).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        fs::metadata(&keys).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
     let fix = format!("chmod 700 {}", keys.display());
     for mode in [0o777, 0o770, 0o703, 0o1777] {
         chmod(&keys, mode);
@@ -294,12 +310,17 @@ fn a_key_directory_others_can_write_is_refused() {
     std::os::unix::fs::symlink(above.join("keys"), &keys).unwrap();
     cli.ok(&["check", "acme"]);
     chmod(&above, 0o777);
-    refused(&cli, &["check", "acme"], &above, &format!("chmod go-w {}", above.display()));
+    refused(
+        &cli,
+        &["check", "acme"],
+        &above,
+        &format!("chmod go-w {}", above.display()),
+    );
     // Sticky, like /tmp: others cannot move our entries: accepted.
     chmod(&above, 0o1777);
     cli.ok(&["check", "acme"]);
     chmod(&above, 0o755);
-    if unsafe_euid() == 0 {
+    if euid() == 0 {
         std::os::unix::fs::chown(above.join("keys"), Some(65534), None).unwrap();
         refused(&cli, &["check", "acme"], &keys, "owned by uid 65534");
         std::os::unix::fs::chown(above.join("keys"), Some(0), None).unwrap();
@@ -307,8 +328,9 @@ fn a_key_directory_others_can_write_is_refused() {
     cli.ok(&["check", "acme"]);
 }
 
-fn unsafe_euid() -> u32 {
-    custos::secure_fs::euid()
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// The state directory is the trust anchor against replays: a loose one (or
@@ -322,18 +344,33 @@ fn a_state_directory_others_can_write_is_refused() {
     cli.ok(&["backup", "acme"]);
     let state = cli.path().join("state");
     chmod(&state, 0o777);
-    refused(&cli, &["backup", "acme"], &state, &format!("chmod 700 {}", state.display()));
+    refused(
+        &cli,
+        &["backup", "acme"],
+        &state,
+        &format!("chmod 700 {}", state.display()),
+    );
     refused(&cli, &["audit", "verify"], &state, "chmod");
     chmod(&state, 0o700);
     let tenants = state.join("tenants");
     chmod(&tenants, 0o770);
-    refused(&cli, &["check", "acme"], &tenants, &format!("chmod 700 {}", tenants.display()));
+    refused(
+        &cli,
+        &["check", "acme"],
+        &tenants,
+        &format!("chmod 700 {}", tenants.display()),
+    );
     chmod(&tenants, 0o700);
     let memory = tenants.join("acme.json");
     cli.ok(&["backup", "acme"]);
     assert!(memory.exists());
     chmod(&memory, 0o622);
-    refused(&cli, &["check", "acme"], &memory, &format!("chmod go-w {}", memory.display()));
+    refused(
+        &cli,
+        &["check", "acme"],
+        &memory,
+        &format!("chmod go-w {}", memory.display()),
+    );
     chmod(&memory, 0o600);
     cli.ok(&["check", "acme"]);
 }
@@ -409,7 +446,14 @@ fn certificate_file(cli: &Cli, tenant: &str) -> std::path::PathBuf {
     let ids: Vec<&str> = ids.stdout.split_whitespace().collect();
     assert_eq!(ids.len(), 1, "{ids:?}");
     let file = cli.path().join(format!("{tenant}.certificate.json"));
-    cli.ok(&["certificate", "get", tenant, ids[0], "--out", file.to_str().unwrap()]);
+    cli.ok(&[
+        "certificate",
+        "get",
+        tenant,
+        ids[0],
+        "--out",
+        file.to_str().unwrap(),
+    ]);
     file
 }
 
@@ -447,7 +491,11 @@ fn a_rotation_killed_before_its_rename_leaves_no_key_material_after_a_shred() {
     // fsync), then once before the rename: that one leaves the temporary
     // file, with every version, the new third one included.
     for point in ["installed", "written"] {
-        let r = settled(&cli, &["rotate", "alpha", "--cmk"], &format!("local-key:{point}"));
+        let r = settled(
+            &cli,
+            &["rotate", "alpha", "--cmk"],
+            &format!("local-key:{point}"),
+        );
         assert!(r.stderr.contains("aborting here"), "{point}: {}", r.stderr);
     }
     let left = temp_files(&keys, "alpha");
@@ -456,7 +504,10 @@ fn a_rotation_killed_before_its_rename_leaves_no_key_material_after_a_shred() {
     let leftover = fs::read(keys.join(&left[0])).unwrap();
     let all = materials(&leftover);
     assert_eq!(all.len(), 3);
-    assert_eq!(materials(&fs::read(keys.join("alpha.key")).unwrap()).len(), 2);
+    assert_eq!(
+        materials(&fs::read(keys.join("alpha.key")).unwrap()).len(),
+        2
+    );
 
     let r = settled(&cli, &["shred", "alpha", "--confirm", "alpha"], "");
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -479,7 +530,11 @@ fn a_rotation_killed_before_its_rename_leaves_no_key_material_after_a_shred() {
     chmod(&planted, 0o600);
     let r = cli.run(&["certificate", "verify", cert.to_str().unwrap(), "--online"]);
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
-    assert!(r.stdout.contains(&planted.display().to_string()), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(&planted.display().to_string()),
+        "{}",
+        r.stdout
+    );
     assert!(r.stdout.contains("key material"), "{}", r.stdout);
     assert!(!planted.exists());
     // So is what is left of a key file beside its tombstone.

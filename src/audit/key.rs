@@ -278,7 +278,11 @@ fn sweep_leftovers(path: &Path) {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
         return;
     };
-    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
@@ -290,9 +294,9 @@ fn sweep_leftovers(path: &Path) {
             continue;
         };
         let is_leftover = prefixes.iter().any(|p| {
-            file_name.strip_prefix(p.as_str()).is_some_and(|r| {
-                r.len() == 12 && r.bytes().all(|b| b.is_ascii_hexdigit())
-            })
+            file_name
+                .strip_prefix(p.as_str())
+                .is_some_and(|r| r.len() == 12 && r.bytes().all(|b| b.is_ascii_hexdigit()))
         });
         if !is_leftover {
             continue;
@@ -473,6 +477,9 @@ mod tests {
         fs::set_permissions(&state, fs::Permissions::from_mode(0o770)).unwrap();
         let err = AuditKey::load_or_create_with(&path, None).unwrap_err();
         assert_eq!(err.kind(), "insecure_permissions", "{err}");
-        assert!(!path.exists(), "no key is created in a directory others can write");
+        assert!(
+            !path.exists(),
+            "no key is created in a directory others can write"
+        );
     }
 }

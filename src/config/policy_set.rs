@@ -279,13 +279,14 @@ fn scan(dir: &Path) -> Result<(Vec<PathBuf>, Option<PathBuf>), PolicyError> {
 fn check_error(path: &Path, cannot: &str, e: secure_fs::CheckError) -> PolicyError {
     match e {
         secure_fs::CheckError::Insecure(i) => PolicyError::file(i.path, i.message),
-        secure_fs::CheckError::Io(p, e) if p == path || p == std::path::absolute(path).unwrap_or_default() => {
+        secure_fs::CheckError::Io(p, e)
+            if p == path || p == std::path::absolute(path).unwrap_or_default() =>
+        {
             PolicyError::file(path, format!("{cannot}: {e}"))
         }
-        secure_fs::CheckError::Io(p, e) => PolicyError::file(
-            path,
-            format!("cannot examine {}: {e}", p.display()),
-        ),
+        secure_fs::CheckError::Io(p, e) => {
+            PolicyError::file(path, format!("cannot examine {}: {e}", p.display()))
+        }
     }
 }
 
@@ -300,7 +301,8 @@ fn load(dir: &Path, only: Option<&Path>) -> Outcome {
     // A policy names the sources to read and the key to use: whoever could
     // change one could make custos back up (or shred) the wrong thing.
     if let Err(e) = secure_fs::check_dir(dir, "policies directory", secure_fs::Kind::Dir) {
-        out.errors.push(check_error(dir, "cannot read the policies directory", e));
+        out.errors
+            .push(check_error(dir, "cannot read the policies directory", e));
         return out;
     }
     let (tenant_paths, defaults_path) = match only {
@@ -325,7 +327,8 @@ fn load(dir: &Path, only: Option<&Path>) -> Outcome {
     let mut texts = Vec::new();
     let mut defaults_broken = false;
     let read = |path: &Path| {
-        secure_fs::check_file(path, "policy file").map_err(|e| check_error(path, "cannot read", e))?;
+        secure_fs::check_file(path, "policy file")
+            .map_err(|e| check_error(path, "cannot read", e))?;
         SourceText::read(path)
     };
     if let Some(path) = &defaults_path {

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 
 use super::{
-    DataKey, Destruction, KeyError, KeyInfo, KeyProvider, KeyRef, Leftover, ProviderKind, WrapContext,
-    WrappedKey,
+    DataKey, Destruction, KeyError, KeyInfo, KeyProvider, KeyRef, Leftover, ProviderKind,
+    WrapContext, WrappedKey,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq)]

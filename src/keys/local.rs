@@ -177,14 +177,39 @@ impl LocalKeyProvider {
             dir,
             swept: Vec::new(),
         };
-        let lock = DirLock::try_acquire(&provider.dir, LOCK_FILE).map_err(|e| {
-            KeyError::LocalFile {
-                path: provider.dir.join(LOCK_FILE),
-                message: e.to_string(),
+        let lock = match DirLock::try_acquire(&provider.dir, LOCK_FILE) {
+            Ok(lock) => Some(lock),
+            // A key directory this process may only read (a read-only mount):
+            // it can use the keys, and could remove nothing anyway.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EROFS | libc::EACCES | libc::EPERM)
+                ) =>
+            {
+                tracing::debug!(
+                    event = "keys.sweep_skipped",
+                    dir = %provider.dir.display(),
+                    error = %e,
+                    "the key directory is not writable here; no sweep"
+                );
+                None
             }
-        })?;
+            Err(e) => {
+                return Err(KeyError::LocalFile {
+                    path: provider.dir.join(LOCK_FILE),
+                    message: e.to_string(),
+                });
+            }
+        };
         match lock {
-            Some(_lock) => match provider.sweep(None) {
+            None => {}
+            Some(None) => tracing::debug!(
+                event = "keys.sweep_skipped",
+                dir = %provider.dir.display(),
+                "another process is writing a key; its leftovers are swept by the next open or destroy"
+            ),
+            Some(Some(_lock)) => match provider.sweep(None) {
                 Ok(swept) => provider.swept = swept,
                 // The files stay private (0600 in a checked directory); destroy
                 // and `certificate verify --online` still find them.
@@ -195,11 +220,6 @@ impl LocalKeyProvider {
                     "could not remove leftovers of interrupted key writes"
                 ),
             },
-            None => tracing::debug!(
-                event = "keys.sweep_skipped",
-                dir = %provider.dir.display(),
-                "another process is writing a key; its leftovers are swept by the next open or destroy"
-            ),
         }
         Ok(provider)
     }
@@ -360,8 +380,8 @@ impl LocalKeyProvider {
         file.take(MAX_KEY_FILE)
             .read_to_end(&mut bytes)
             .map_err(|e| refused(e.to_string()))?;
-        let file: KeyFile =
-            serde_json::from_slice(&bytes).map_err(|e| refused(format!("not a custos key file: {e}")))?;
+        let file: KeyFile = serde_json::from_slice(&bytes)
+            .map_err(|e| refused(format!("not a custos key file: {e}")))?;
         if file.format != KEY_FILE_FORMAT || file.name != name {
             return Err(refused(format!(
                 "key file is for {:?} in format {:?}",
@@ -846,7 +866,10 @@ mod tests {
     fn temporary_file_names_parse_to_their_key() {
         assert_eq!(temp_owner(".alpha.key.tmp-0123456789ab"), Some("alpha"));
         assert_eq!(temp_owner(".alpha.new-0123456789ab"), Some("alpha"));
-        assert_eq!(temp_owner(".alpha.destroyed.tmp-0123456789ab"), Some("alpha"));
+        assert_eq!(
+            temp_owner(".alpha.destroyed.tmp-0123456789ab"),
+            Some("alpha")
+        );
         assert_eq!(temp_owner(".my-key.key.tmp-0123456789ab"), Some("my-key"));
         assert_eq!(temp_owner(".a.new.key.tmp-0123456789ab"), Some("a.new"));
         for not in [
@@ -898,7 +921,10 @@ mod tests {
 
         let p = LocalKeyProvider::new(&dir).unwrap();
         assert!(!leftover.exists() && !second.exists());
-        assert!(zeroed(&witness), "the leftover was overwritten before its unlink");
+        assert!(
+            zeroed(&witness),
+            "the leftover was overwritten before its unlink"
+        );
         assert_eq!(fs::read(dir.join("alpha.key")).unwrap(), live);
         p.describe(&alpha).await.unwrap();
         let found = p.leftover_material(&alpha).await.unwrap();
@@ -950,7 +976,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("keys");
         let p = LocalKeyProvider::new(&dir).unwrap();
-        let (alpha, beta) = (KeyRef::local("alpha").unwrap(), KeyRef::local("beta").unwrap());
+        let (alpha, beta) = (
+            KeyRef::local("alpha").unwrap(),
+            KeyRef::local("beta").unwrap(),
+        );
         p.create_key(&alpha).await.unwrap();
         p.create_key(&beta).await.unwrap();
         let (_, wrapped) = p.generate_data_key(&alpha, &ctx("alpha", 1)).await.unwrap();
@@ -988,7 +1017,9 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("keys");
         let k = KeyRef::local("alpha").unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         rt.block_on(LocalKeyProvider::new(&dir).unwrap().create_key(&k))
             .unwrap();
         // Separate providers stand for separate processes: only the
@@ -997,7 +1028,9 @@ mod tests {
             for _ in 0..4 {
                 s.spawn(|| {
                     let p = LocalKeyProvider::new(&dir).unwrap();
-                    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
                     for _ in 0..5 {
                         rt.block_on(p.rotate(&k)).unwrap();
                     }
@@ -1020,12 +1053,18 @@ mod tests {
         let err = LocalKeyProvider::new(&dir).unwrap_err();
         assert_eq!(err.kind(), "insecure_permissions");
         let msg = err.to_string();
-        assert!(msg.contains(&format!("chmod 700 {}", dir.display())), "{msg}");
+        assert!(
+            msg.contains(&format!("chmod 700 {}", dir.display())),
+            "{msg}"
+        );
         // Parents it creates are private too.
         let deep = t.path().join("a/b/keys");
         LocalKeyProvider::new(&deep).unwrap();
         for d in [t.path().join("a"), t.path().join("a/b"), deep] {
-            assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+            assert_eq!(
+                fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+                0o700
+            );
         }
     }
 
