@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Large crash-loop campaign: kills backup, forget, prune, rotate and shred with SIGKILL at
-# seeded random points, COUNT times each, and checks every invariant after
-# every kill (tests/crash_loop.rs). Runs on the local store, and on S3 when
+# seeded random points, COUNT times each, and `rotate --cmk` of a fresh tenant
+# (local key) at each named point of the key file write and COUNT random
+# points, each followed by a shred that must leave no key material; checks
+# every invariant after every kill (tests/crash_loop.rs). Runs on the local store, and on S3 when
 # the emulator environment is set (eval "$(scripts/emulators.sh start)").
 #
 #   scripts/crash-loop.sh [COUNT] [SEED]     default COUNT 200, SEED random

@@ -126,6 +126,11 @@ pub enum Error {
         message: String,
     },
 
+    /// A key, state or configuration path that another local user could
+    /// change (ssh's StrictModes); the message names it and the fix.
+    #[error("{message}")]
+    InsecurePermissions { path: PathBuf, message: String },
+
     #[error("{0}")]
     Internal(String),
 }
@@ -164,6 +169,8 @@ impl Error {
             Error::ShredVerification { .. } => "shred_verification_failed",
             Error::KeyInUse { .. } => "key_in_use",
             Error::KeyOwnershipUnproven { .. } => "key_ownership_unproven",
+
+            Error::InsecurePermissions { .. } => "insecure_permissions",
             Error::Internal(_) => "internal",
         }
     }

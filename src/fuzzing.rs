@@ -194,16 +194,24 @@ fn scratch() -> &'static PathBuf {
             std::env::temp_dir()
         };
         let dir = base.join(format!("custos-fuzz-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("policies")).expect("scratch dir");
+        // Private, whatever the umask: the loaders refuse what others can write.
+        crate::secure_fs::create_private_dir(&dir.join("policies")).expect("scratch dir");
         dir
     })
+}
+
+/// Writes a scratch file only its owner can write (the loaders refuse others).
+fn write_private(file: &std::path::Path, data: &[u8]) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(file, data).is_ok()
+        && std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).is_ok()
 }
 
 /// A tenant policy file (TOML text) over no defaults.
 pub fn policy(data: &[u8]) {
     let dir = scratch().join("policies");
     let file = dir.join("fuzz.toml");
-    if std::fs::write(&file, data).is_ok() {
+    if write_private(&file, data) {
         let _ = crate::config::load_policy_file(&dir, std::path::Path::new("fuzz.toml"));
     }
 }
@@ -211,7 +219,7 @@ pub fn policy(data: &[u8]) {
 /// `custos.toml`.
 pub fn config(data: &[u8]) {
     let file = scratch().join("custos.toml");
-    if std::fs::write(&file, data).is_ok() {
+    if write_private(&file, data) {
         let _ = crate::config::Config::load(&file);
     }
 }

@@ -25,6 +25,7 @@ pub mod keys;
 pub mod pipeline;
 pub mod repo;
 pub mod report;
+pub mod secure_fs;
 pub mod source;
 pub mod store;
 pub mod tenant;

@@ -20,6 +20,13 @@
 //! shred with exactly one certificate that verifies (online: keys destroyed,
 //! nothing left in the tenant's prefix), the tenant refuses a restore, and
 //! the other tenant's data still checks and restores.
+//!
+//! And `rotate --cmk` of a fresh tenant on the local key provider, killed at
+//! each named point of the key file write (`CUSTOS_CRASH_AT=local-key:…`)
+//! and at seeded random points, then shredded: after the shred no file of
+//! the tenant's key but its tombstone is left in the key directory (no
+//! temporary file with key material, no key file) and its certificate
+//! verifies online.
 
 mod common;
 
@@ -86,6 +93,9 @@ enum Job {
     RotateCmk,
     /// `shred <tenant> --confirm <tenant>` of a fresh tenant each round.
     Shred,
+    /// `rotate <tenant> --cmk` of a fresh tenant each round (local key),
+    /// killed, then the tenant shredded.
+    RotateThenShred,
 }
 
 impl Job {
@@ -98,6 +108,7 @@ impl Job {
             Job::NewEpoch => vec!["rotate", "acme", "--new-epoch"],
             Job::RotateCmk => vec!["rotate", "acme", "--cmk"],
             Job::Shred => vec!["shred", shred_tenant, "--confirm", shred_tenant],
+            Job::RotateThenShred => vec!["rotate", shred_tenant, "--cmk"],
         };
         v.into_iter().map(str::to_owned).collect()
     }
@@ -119,6 +130,12 @@ struct Campaign {
     /// The tenant the current shred round offboards (a fresh one each round).
     shred_tenant: String,
     shred_rounds: usize,
+    /// Rounds of `rotate --cmk` killed then shredded, and those killed at a
+    /// named crash point.
+    rotate_shred_rounds: usize,
+    named_point_kills: usize,
+    /// Kills of `rotate --cmk` after which a temporary key file was found.
+    kills_leaving_key_material: usize,
 }
 
 impl Campaign {
@@ -157,6 +174,9 @@ impl Campaign {
             jobs: 0,
             shred_tenant: String::new(),
             shred_rounds: 0,
+            rotate_shred_rounds: 0,
+            named_point_kills: 0,
+            kills_leaving_key_material: 0,
         };
         for _ in 0..3 {
             c.mutate();
@@ -301,10 +321,15 @@ impl Campaign {
                     self.ok(&["forget", "acme", "--keep-last", "1"]);
                 }
             }
-            Job::Shred => {
+            Job::Shred | Job::RotateThenShred => {
                 // A fresh tenant with a few snapshots and two epochs.
-                self.shred_rounds += 1;
-                let t = format!("gone{}", self.shred_rounds);
+                let t = if job == Job::Shred {
+                    self.shred_rounds += 1;
+                    format!("gone{}", self.shred_rounds)
+                } else {
+                    self.rotate_shred_rounds += 1;
+                    format!("rot{}", self.rotate_shred_rounds)
+                };
                 let d = self.cli.path().join(&t);
                 fs::create_dir_all(&d).unwrap();
                 for i in 0..3 {
@@ -376,10 +401,75 @@ impl Campaign {
         self.ok(&["check", "acme", "--read-data"]);
     }
 
+    /// The invariants after a `rotate --cmk` was killed and before and after
+    /// the shred that follows: the tenant still checks (every envelope
+    /// unwraps under some version of its key), the shred succeeds, and then
+    /// nothing of its key is left in the key directory but the tombstone,
+    /// and its certificate verifies online (which looks for leftovers).
+    fn verify_rotate_then_shred(&mut self, what: &str) {
+        let t = self.shred_tenant.clone();
+        let keys = self.cli.path().join("keys");
+        // Before any custos command (each start sweeps): did the kill leave
+        // a temporary file of the key?
+        let leftover = fs::read_dir(&keys).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&format!(".{t}."))
+        });
+        if leftover {
+            self.kills_leaving_key_material += 1;
+        }
+        let audit = self.settled(&["audit", "verify"]);
+        assert_eq!(
+            audit.code,
+            0,
+            "{}:\n{}",
+            self.context(&format!("audit verify after {what}")),
+            audit.stderr
+        );
+        self.ok(&["check", &t, "--read-data"]);
+        self.ok(&["shred", &t, "--confirm", &t]);
+        let mut left: Vec<String> = fs::read_dir(&keys)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(&format!("{t}.")) || n.starts_with(&format!(".{t}.")))
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [format!("{t}.destroyed")],
+            "{}",
+            self.context(&format!("files of local:{t} after {what} and a shred"))
+        );
+        let ids = self.ok(&["certificate", "get", &t]);
+        let ids: Vec<&str> = ids.stdout.split_whitespace().collect();
+        assert_eq!(
+            ids.len(),
+            1,
+            "{}: {ids:?}",
+            self.context(&format!("certificates of {t}"))
+        );
+        let file = self.cli.path().join(format!("{t}.certificate.json"));
+        self.ok(&[
+            "certificate",
+            "get",
+            &t,
+            ids[0],
+            "--out",
+            file.to_str().unwrap(),
+        ]);
+        self.ok(&["certificate", "verify", file.to_str().unwrap(), "--online"]);
+        self.ok(&["check", "acme", "--read-data"]);
+    }
+
     /// The invariants after a kill (or a run that finished first).
     fn verify(&mut self, job: Job, what: &str) {
         if job == Job::Shred {
             return self.verify_shred(what);
+        }
+        if job == Job::RotateThenShred {
+            return self.verify_rotate_then_shred(what);
         }
         let check = self.settled(&["check", "acme", "--read-data", "--json"]);
         assert_eq!(
@@ -433,7 +523,33 @@ impl Campaign {
     }
 
     fn campaign(&mut self, job: Job) {
+        if job == Job::RotateThenShred {
+            // Each named point of the key file write, once.
+            for point in custos::jobs::shred::hook::LOCAL_KEY_POINTS {
+                self.prepare(job);
+                let args = self.job_args(job);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let mut envs = self.envs.clone();
+                envs.push(("CUSTOS_CRASH_AT".into(), format!("local-key:{point}")));
+                let envs: Vec<(&str, &str)> =
+                    envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let r = self.cli.run_env(&args, &envs);
+                self.jobs += 1;
+                assert!(
+                    r.stderr.contains("aborting here"),
+                    "{}: {}",
+                    self.context(&format!("rotate --cmk did not reach local-key:{point}")),
+                    r.stderr
+                );
+                self.kills += 1;
+                self.named_point_kills += 1;
+                self.verify(job, &format!("{job:?} killed at local-key:{point}"));
+            }
+        }
         let typical = self.timed(job);
+        if job == Job::RotateThenShred {
+            self.verify(job, "an uninterrupted rotate --cmk");
+        }
         // Kill points from process start to a little past a typical run.
         let span = (typical.as_millis() as u64 * 6 / 5).max(50);
         for i in 0..loops() {
@@ -453,8 +569,15 @@ impl Campaign {
 
     fn report(&self, store: &str) {
         eprintln!(
-            "crash loop on {store}: seed {}, {} kills, {} runs finished before their kill point, {} custos runs, {} tenants shredded, faults found: 0",
-            self.seed, self.kills, self.finished_before_kill, self.jobs, self.shred_rounds
+            "crash loop on {store}: seed {}, {} kills ({} at named points), {} runs finished before their kill point, {} custos runs, {} tenants shredded, {} rotate --cmk rounds then shredded ({} kills left a temporary key file), faults found: 0",
+            self.seed,
+            self.kills,
+            self.named_point_kills,
+            self.finished_before_kill,
+            self.jobs,
+            self.shred_rounds,
+            self.rotate_shred_rounds,
+            self.kills_leaving_key_material
         );
     }
 }
@@ -492,6 +615,7 @@ fn run_all(store: Option<String>, name: &str) {
         Job::NewEpoch,
         Job::RotateCmk,
         Job::Shred,
+        Job::RotateThenShred,
     ] {
         c.campaign(job);
     }

@@ -5,8 +5,10 @@
 //! envelope through the library), and greps for each raw, in hex (both
 //! cases) and in base64 (standard and URL-safe, with and without padding).
 //!
-//! Also: a loose `custos.toml` is warned about on every command (and key
-//! files must be 0600, or the local provider refuses them).
+//! Also: permissions like ssh's StrictModes (a `custos.toml`, key, state or
+//! policies directory or file that another local user could write is
+//! refused; key files must be 0600), and no key material left behind by an
+//! interrupted key write once the key is shredded.
 
 mod common;
 
@@ -208,23 +210,27 @@ fn loose_permissions_are_warned_about_or_refused() {
     cli.policy("acme", &data);
     let cfg = cli.path().join("custos.toml");
     fs::set_permissions(&cfg, fs::Permissions::from_mode(0o666)).unwrap();
-    // The warning is printed by every command, at the default log level.
+    // Refused by every command, naming the file and the fix; nothing stored.
     for args in [vec!["backup", "acme"], vec!["audit", "verify"]] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_custos"))
-            .arg("--config")
-            .arg(&cfg)
-            .args(&args)
-            .env_remove("CUSTOS_LOG")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let r = cli.run(&args);
+        assert_eq!(r.code, 1, "{args:?}: {}\n{}", r.stdout, r.stderr);
         assert!(
-            stderr.contains("writable by group or others"),
-            "{args:?}: {stderr}"
+            r.stderr.contains(&format!("chmod go-w {}", cfg.display())),
+            "{args:?}: {}",
+            r.stderr
         );
     }
+    let r = cli.run(&["backup", "acme", "--json"]);
+    assert_eq!(
+        r.json()["error"]["kind"],
+        "insecure_permissions",
+        "{}",
+        r.stdout
+    );
+    assert!(cli.objects("acme").is_empty());
     fs::set_permissions(&cfg, fs::Permissions::from_mode(0o600)).unwrap();
     let r = cli.run_env(&["backup", "acme"], &[("CUSTOS_LOG", "warn")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!r.stderr.contains("writable by group"), "{}", r.stderr);
     // A key file readable by others is refused, naming the file.
     let key = cli.path().join("keys/acme.key");
@@ -234,4 +240,374 @@ fn loose_permissions_are_warned_about_or_refused() {
     let e = r.json()["error"].clone();
     assert!(e["message"].as_str().unwrap().contains("acme.key"), "{e}");
     assert_eq!(e["kind"], "key_provider_error", "{e}");
+}
+
+fn chmod(p: &Path, mode: u32) {
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Runs `args`, expects a refusal naming `path` and `fix` (and, with
+/// `--json`, the kind `insecure_permissions`), and that the store did not change.
+fn refused(cli: &Cli, args: &[&str], path: &Path, fix: &str) {
+    let before = cli.objects("acme");
+    let r = cli.run(args);
+    assert_eq!(r.code, 1, "{args:?}: {}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains(&path.display().to_string()),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains(fix), "{}", r.stderr);
+    if args[0] != "audit" {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let r = cli.run(&args);
+        assert_eq!(
+            r.json()["error"]["kind"],
+            "insecure_permissions",
+            "{args:?}: {}",
+            r.stdout
+        );
+    }
+    assert_eq!(cli.objects("acme"), before, "{args:?} changed the store");
+}
+
+/// Issue 12, item 7: a key directory of mode 0777 was used without a word,
+/// so any local user could plant `keys/beta.destroyed` (and make beta's data
+/// unreadable) or replace a key. Like ssh's StrictModes, the key directory
+/// and every directory above it must be owned by root or the user running
+/// custos and not writable by group or others.
+#[test]
+fn a_key_directory_others_can_write_is_refused() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    common::make_tree(&data, 2);
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    let keys = cli.path().join("keys");
+    assert_eq!(
+        fs::metadata(&keys).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let fix = format!("chmod 700 {}", keys.display());
+    for mode in [0o777, 0o770, 0o703, 0o1777] {
+        chmod(&keys, mode);
+        refused(&cli, &["backup", "acme"], &keys, &fix);
+        refused(&cli, &["snapshots", "acme"], &keys, &fix);
+    }
+    // The attack itself: a planted tombstone in a loose directory is never read.
+    fs::write(keys.join("acme.destroyed"), b"{}").unwrap();
+    refused(&cli, &["check", "acme"], &keys, &fix);
+    fs::remove_file(keys.join("acme.destroyed")).unwrap();
+    chmod(&keys, 0o700);
+    cli.ok(&["check", "acme"]);
+
+    // What an attacker tries next: a loose directory above (not sticky), a
+    // key directory that is a symlink into a loose one, another owner.
+    let above = cli.path().join("above");
+    fs::create_dir(&above).unwrap();
+    fs::rename(&keys, above.join("keys")).unwrap();
+    std::os::unix::fs::symlink(above.join("keys"), &keys).unwrap();
+    cli.ok(&["check", "acme"]);
+    chmod(&above, 0o777);
+    refused(
+        &cli,
+        &["check", "acme"],
+        &above,
+        &format!("chmod go-w {}", above.display()),
+    );
+    // Sticky, like /tmp: others cannot move our entries: accepted.
+    chmod(&above, 0o1777);
+    cli.ok(&["check", "acme"]);
+    chmod(&above, 0o755);
+    if euid() == 0 {
+        std::os::unix::fs::chown(above.join("keys"), Some(65534), None).unwrap();
+        refused(&cli, &["check", "acme"], &keys, "owned by uid 65534");
+        std::os::unix::fs::chown(above.join("keys"), Some(0), None).unwrap();
+    }
+    cli.ok(&["check", "acme"]);
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The state directory is the trust anchor against replays: a loose one (or
+/// a loose subdirectory or tenant file in it) is refused.
+#[test]
+fn a_state_directory_others_can_write_is_refused() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    common::make_tree(&data, 2);
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    let state = cli.path().join("state");
+    chmod(&state, 0o777);
+    refused(
+        &cli,
+        &["backup", "acme"],
+        &state,
+        &format!("chmod 700 {}", state.display()),
+    );
+    refused(&cli, &["audit", "verify"], &state, "chmod");
+    chmod(&state, 0o700);
+    let tenants = state.join("tenants");
+    chmod(&tenants, 0o770);
+    refused(
+        &cli,
+        &["check", "acme"],
+        &tenants,
+        &format!("chmod 700 {}", tenants.display()),
+    );
+    chmod(&tenants, 0o700);
+    let memory = tenants.join("acme.json");
+    cli.ok(&["backup", "acme"]);
+    assert!(memory.exists());
+    chmod(&memory, 0o622);
+    refused(
+        &cli,
+        &["check", "acme"],
+        &memory,
+        &format!("chmod go-w {}", memory.display()),
+    );
+    chmod(&memory, 0o600);
+    cli.ok(&["check", "acme"]);
+}
+
+/// A policy says what to back up and which key to use: a group-writable
+/// policy file (or defaults.toml, or policies directory) is refused.
+#[test]
+fn a_group_writable_policy_is_refused() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    common::make_tree(&data, 2);
+    cli.policy("acme", &data);
+    let policies = cli.path().join("policies");
+    let file = policies.join("acme.toml");
+    let defaults = policies.join("defaults.toml");
+    fs::write(&defaults, "[retention]\nkeep_last = 3\n").unwrap();
+    cli.ok(&["policy", "validate"]);
+    for (path, mode) in [(&file, 0o664), (&defaults, 0o666), (&policies, 0o777)] {
+        chmod(path, mode);
+        let r = cli.run(&["policy", "validate"]);
+        assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+        let fix = format!("chmod go-w {}", path.display());
+        assert!(r.stdout.contains(&fix), "{}", r.stdout);
+        let r = cli.run(&["backup", "acme", "--json"]);
+        assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+        let e = r.json()["error"].clone();
+        assert_eq!(e["kind"], "invalid_policy", "{e}");
+        assert!(e["message"].as_str().unwrap().contains(&fix), "{e}");
+        assert!(cli.objects("acme").is_empty());
+        chmod(path, if path.is_dir() { 0o755 } else { 0o644 });
+    }
+    // Readable by all is fine (a fresh checkout with umask 022).
+    cli.ok(&["policy", "validate"]);
+    cli.ok(&["backup", "acme"]);
+}
+
+/// Files of the key directory that belong to key `name` (its key file,
+/// tombstone and temporary files).
+fn key_files(keys: &Path, name: &str) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(keys)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(&format!("{name}.")) || n.starts_with(&format!(".{name}.")))
+        .collect();
+    v.sort();
+    v
+}
+
+fn temp_files(keys: &Path, name: &str) -> Vec<String> {
+    key_files(keys, name)
+        .into_iter()
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+/// Runs `args` with `CUSTOS_CRASH_AT=crash_at` (empty: none), retrying
+/// while a killed run's lease is still live.
+fn settled(cli: &Cli, args: &[&str], crash_at: &str) -> common::Run {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let r = cli.run_env(args, &[("CUSTOS_CRASH_AT", crash_at)]);
+        if r.code != 0 && r.stderr.contains("is busy") && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            continue;
+        }
+        return r;
+    }
+}
+
+/// The single certificate of `tenant`, written to a file.
+fn certificate_file(cli: &Cli, tenant: &str) -> std::path::PathBuf {
+    let ids = cli.ok(&["certificate", "get", tenant]);
+    let ids: Vec<&str> = ids.stdout.split_whitespace().collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let file = cli.path().join(format!("{tenant}.certificate.json"));
+    cli.ok(&[
+        "certificate",
+        "get",
+        tenant,
+        ids[0],
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    file
+}
+
+/// Every version's material of a key file's JSON, base64 as stored.
+fn materials(key_file_json: &[u8]) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(key_file_json).unwrap();
+    v["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["material"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Issue 12, item 2: `rotate --cmk` killed between writing the new key file
+/// and renaming it into place left `keys/.alpha.key.tmp-*` holding every key
+/// version; neither a later rotation nor `shred alpha` removed it, and
+/// `certificate verify --online` passed. Now the rotation really is killed
+/// there (crash hook), the shred leaves no file of the key but its
+/// tombstone, the certificate verifies online, and a copy planted after the
+/// shred makes `--online` fail, naming it.
+#[test]
+fn a_rotation_killed_before_its_rename_leaves_no_key_material_after_a_shred() {
+    let cli = Cli::new();
+    // A killed run's lease must run out before the next job (the minimum TTL).
+    let cfg = cli.path().join("custos.toml");
+    let text = fs::read_to_string(&cfg).unwrap();
+    fs::write(&cfg, format!("{text}[daemon]\nlease_ttl = \"1s\"\n")).unwrap();
+    let data = cli.path().join("data");
+    common::make_tree(&data, 2);
+    cli.policy("alpha", &data);
+    cli.ok(&["backup", "alpha"]);
+    let keys = cli.path().join("keys");
+    // Killed once its new key file is in place (before the directory
+    // fsync), then once before the rename: that one leaves the temporary
+    // file, with every version, the new third one included.
+    for point in ["installed", "written"] {
+        let r = settled(
+            &cli,
+            &["rotate", "alpha", "--cmk"],
+            &format!("local-key:{point}"),
+        );
+        assert!(r.stderr.contains("aborting here"), "{point}: {}", r.stderr);
+    }
+    let left = temp_files(&keys, "alpha");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].starts_with(".alpha.key.tmp-"), "{left:?}");
+    let leftover = fs::read(keys.join(&left[0])).unwrap();
+    let all = materials(&leftover);
+    assert_eq!(all.len(), 3);
+    assert_eq!(
+        materials(&fs::read(keys.join("alpha.key")).unwrap()).len(),
+        2
+    );
+
+    let r = settled(&cli, &["shred", "alpha", "--confirm", "alpha"], "");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(key_files(&keys, "alpha"), ["alpha.destroyed"]);
+    for f in fs::read_dir(&keys).unwrap() {
+        let bytes = fs::read(f.unwrap().path()).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            all.iter().all(|m| !text.contains(m.as_str())),
+            "key material in the key directory after the shred"
+        );
+    }
+    let cert = certificate_file(&cli, "alpha");
+    cli.ok(&["certificate", "verify", cert.to_str().unwrap(), "--online"]);
+
+    // Planted after the shred (as a copy from before it would be): found,
+    // reported, and removed by that run.
+    let planted = keys.join(".alpha.key.tmp-0123456789ab");
+    fs::write(&planted, &leftover).unwrap();
+    chmod(&planted, 0o600);
+    let r = cli.run(&["certificate", "verify", cert.to_str().unwrap(), "--online"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains(&planted.display().to_string()),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("key material"), "{}", r.stdout);
+    assert!(!planted.exists());
+    // So is what is left of a key file beside its tombstone.
+    fs::write(keys.join("alpha.key"), &leftover).unwrap();
+    chmod(&keys.join("alpha.key"), 0o600);
+    let r = cli.run(&["certificate", "verify", cert.to_str().unwrap(), "--online"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("alpha.key"), "{}", r.stdout);
+    cli.ok(&["certificate", "verify", cert.to_str().unwrap(), "--online"]);
+    assert_eq!(key_files(&keys, "alpha"), ["alpha.destroyed"]);
+}
+
+/// The same leftover as a killed rotation leaves (a copy of the key file
+/// under its temporary name): the next command sweeps it, overwriting it
+/// before the unlink (a hard link outside the directory shows the bytes are
+/// gone), without touching the live key; one left after that start goes
+/// with the shred. On the old code the leftover survived everything.
+#[test]
+fn leftover_key_material_is_swept_at_start_and_by_a_shred() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    common::make_tree(&data, 2);
+    cli.policy("alpha", &data);
+    cli.policy("beta", &data);
+    cli.ok(&["backup", "alpha"]);
+    cli.ok(&["backup", "beta"]);
+    cli.ok(&["rotate", "alpha", "--cmk"]);
+    let keys = cli.path().join("keys");
+    let plant = |tag: &str| {
+        let p = keys.join(format!(".alpha.key.tmp-{tag}"));
+        fs::copy(keys.join("alpha.key"), &p).unwrap();
+        chmod(&p, 0o600);
+        let witness = cli.path().join(format!("witness-{tag}"));
+        fs::hard_link(&p, &witness).unwrap();
+        (p, witness)
+    };
+    let zeroed = |p: &Path| fs::read(p).unwrap().iter().all(|&b| b == 0);
+
+    let (p, witness) = plant("0123456789ab");
+    cli.ok(&["backup", "alpha"]);
+    assert!(!p.exists());
+    assert!(zeroed(&witness), "overwritten before the unlink");
+    cli.ok(&["check", "alpha", "--read-data"]);
+    // A second name of the live key file (a creation killed between its
+    // link and its unlink) is unlinked, never overwritten.
+    let second = keys.join(".alpha.new-00000000000a");
+    fs::hard_link(keys.join("alpha.key"), &second).unwrap();
+    cli.ok(&["snapshots", "alpha"]);
+    assert!(!second.exists());
+    cli.ok(&["check", "alpha", "--read-data"]);
+
+    // A writer of another process holds the key directory's lock (here: the
+    // test): its temporary file is in use, so the shred's start must leave
+    // it; the destruction waits for the lock, then sweeps it.
+    let (p, witness) = plant("00000000000b");
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(keys.join(".custos-keys.lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    std::thread::scope(|s| {
+        let shred = s.spawn(|| cli.run(&["shred", "alpha", "--confirm", "alpha"]));
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        assert!(p.exists() && !zeroed(&witness), "swept under a live writer");
+        lock.unlock().unwrap();
+        let r = shred.join().unwrap();
+        assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    });
+    assert!(!p.exists() && zeroed(&witness));
+    assert_eq!(key_files(&keys, "alpha"), ["alpha.destroyed"]);
+    // Beta's key is untouched.
+    cli.ok(&["check", "beta", "--read-data"]);
 }

@@ -16,9 +16,8 @@
 //! on drop) and `Debug` prints only the name and key ID.
 
 use std::fmt;
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
@@ -28,7 +27,8 @@ use zeroize::Zeroizing;
 use super::checkpoint::{Checkpoint, CheckpointError, SignedCheckpoint};
 use super::note::VerifierKey;
 use crate::error::{Error, Result};
-use crate::util::{random_bytes, sync_dir};
+use crate::secure_fs;
+use crate::util::random_bytes;
 
 /// The systemd credential name custos reads the audit key from.
 pub const CREDENTIAL_NAME: &str = "custos-audit-key";
@@ -133,6 +133,8 @@ impl AuditKey {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(path, e)),
         };
+        // Whoever could replace it (or its directory) could sign checkpoints.
+        secure_fs::check_file(path, "audit key file")?;
         let mode = fs::metadata(path)
             .map_err(|e| Error::io(path, e))?
             .permissions()
@@ -147,6 +149,7 @@ impl AuditKey {
             });
         }
         let seed = seed_from(&bytes, path)?;
+        sweep_leftovers(path);
         Ok(Some(Self::with_source(
             SigningKey::from_bytes(&seed),
             KeySource::File(path.to_owned()),
@@ -154,40 +157,39 @@ impl AuditKey {
     }
 
     /// Writes a new seed to `path` without ever replacing an existing file:
-    /// a temporary file (0600, fsynced) is hard-linked to `path`, which fails
-    /// if another process created the key first; then the winner is read.
+    /// a temporary file (0600, `O_EXCL`, fsynced) is hard-linked to `path`,
+    /// which fails if another process created the key first; then the winner
+    /// is read.
     fn create(path: &Path) -> Result<Self> {
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::io(dir, e))?;
+        secure_fs::create_private_dir(dir).map_err(|e| Error::io(dir, e))?;
+        secure_fs::check_dir(dir, "audit key directory", secure_fs::Kind::Dir)?;
+        let file_name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| Error::Config {
+                path: path.to_owned(),
+                message: "the audit key file needs a UTF-8 file name".into(),
+            })?;
         let seed = Zeroizing::new(random_bytes::<32>());
-        let tmp = dir.join(format!(
-            ".audit-key.tmp-{}",
-            hex::encode(random_bytes::<6>())
-        ));
-        let written = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(seed.as_ref())?;
-            f.sync_all()?;
-            match fs::hard_link(&tmp, path) {
-                Ok(()) => Ok(true),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-                Err(e) => Err(e),
-            }
-        })();
-        let _ = fs::remove_file(&tmp);
-        let created = written.map_err(|e| Error::io(path, e))?;
-        sync_dir(dir).map_err(|e| Error::io(dir, e))?;
+        let tmp = format!(".{file_name}.tmp-{}", hex::encode(random_bytes::<6>()));
+        let created = match secure_fs::write_secret(
+            dir,
+            file_name,
+            &tmp,
+            seed.as_ref(),
+            secure_fs::Install::CreateNew,
+            &|_| {},
+        ) {
+            Ok(created) => created,
+            // A concurrent loader found the key in place and swept this
+            // temporary file (see `sweep_leftovers`): the key exists.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.exists() => false,
+            Err(e) => return Err(Error::io(path, e)),
+        };
         let key = Self::read_file(path)?.ok_or_else(|| {
             Error::Internal(format!(
                 "audit key {} vanished after creation",
@@ -262,6 +264,56 @@ impl AuditKey {
             self.name(),
             &self.signing,
         )
+    }
+}
+
+/// Removes temporary files of interrupted creations of the key at `path`
+/// (`.<name>.tmp-…`, and `.audit-key.tmp-…` of earlier versions): each holds
+/// a seed, either one that never became the key or a second link to the key.
+/// Called once the key file exists, when no creation can succeed any more: a
+/// creator still running fails to link (the key exists) or finds its
+/// temporary file gone, and reads the key in place either way. A second link
+/// to the key is unlinked, never overwritten.
+fn sweep_leftovers(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let keep = secure_fs::inode_of(path);
+    let prefixes = [format!(".{name}.tmp-"), ".audit-key.tmp-".to_owned()];
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else {
+            continue;
+        };
+        let is_leftover = prefixes.iter().any(|p| {
+            file_name
+                .strip_prefix(p.as_str())
+                .is_some_and(|r| r.len() == 12 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+        });
+        if !is_leftover {
+            continue;
+        }
+        match secure_fs::destroy_file(&entry.path(), keep) {
+            Ok(()) => tracing::warn!(
+                event = "audit.key_leftover_removed",
+                path = %entry.path().display(),
+                "removed a leftover of an interrupted audit key creation"
+            ),
+            Err(e) => tracing::warn!(
+                event = "audit.key_leftover_failed",
+                path = %entry.path().display(),
+                error = %e,
+                "could not remove a leftover of an interrupted audit key creation"
+            ),
+        }
     }
 }
 
@@ -375,5 +427,59 @@ mod tests {
                 .collect()
         });
         assert!(keys.windows(2).all(|w| w[0] == w[1]), "{keys:?}");
+    }
+
+    #[test]
+    fn leftovers_of_an_interrupted_creation_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let path = state.join("audit.key");
+        let a = AuditKey::load_or_create_with(&path, None).unwrap();
+        // Killed before the link: a seed that never became the key (a hard
+        // link outside shows it is overwritten). Killed between link and
+        // unlink: a second name of the key, which must stay intact.
+        let unused = state.join(".audit.key.tmp-0123456789ab");
+        fs::write(&unused, [7u8; 32]).unwrap();
+        let witness = dir.path().join("witness");
+        fs::hard_link(&unused, &witness).unwrap();
+        let legacy = state.join(".audit-key.tmp-00000000000a");
+        fs::hard_link(&path, &legacy).unwrap();
+        let other = state.join(".audit.key.tmp-short");
+        fs::write(&other, b"not ours").unwrap();
+        let b = AuditKey::load_with(&path, None).unwrap();
+        assert_eq!(a.public_key_text(), b.public_key_text());
+        assert!(!unused.exists() && !legacy.exists());
+        assert_eq!(fs::read(&witness).unwrap(), vec![0u8; 32]);
+        assert!(other.exists(), "only names of the exact pattern are swept");
+        assert_eq!(
+            AuditKey::load_with(&path, None).unwrap().public_key_text(),
+            a.public_key_text()
+        );
+    }
+
+    #[test]
+    fn refuses_a_key_directory_others_can_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let path = state.join("audit.key");
+        AuditKey::load_or_create_with(&path, None).unwrap();
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
+        for r in [
+            AuditKey::load_with(&path, None),
+            AuditKey::load_or_create_with(&path, None),
+        ] {
+            let err = r.unwrap_err();
+            assert_eq!(err.kind(), "insecure_permissions", "{err}");
+            assert!(err.to_string().contains("chmod go-w"), "{err}");
+        }
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
+        fs::remove_file(&path).unwrap();
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o770)).unwrap();
+        let err = AuditKey::load_or_create_with(&path, None).unwrap_err();
+        assert_eq!(err.kind(), "insecure_permissions", "{err}");
+        assert!(
+            !path.exists(),
+            "no key is created in a directory others can write"
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! `custos certificate verify <FILE> [--public-key FILE] [--online]` checks a
 //! deletion certificate: offline with nothing but the audit public key
 //! (signature, canonical form, inclusion proof, checkpoint signature); with
-//! `--online` also the keys' states in their provider now and what is left in
+//! `--online` also the keys' states in their provider now, any of their key
+//! material left on this host (temporary files of interrupted writes) and what is left in
 //! the store. `custos certificate get <TENANT> [ID]` prints a stored
 //! certificate byte for byte (without ID: lists the tenant's certificates).
 
@@ -18,7 +19,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::jobs::shred::certificate::{self, Subject, Verified};
 use crate::jobs::shred::{self, GuaranteeKind};
-use crate::keys::{KeyError, KeyState};
+use crate::keys::{KeyError, KeyState, Leftover};
 use crate::store::{ObjectName, TenantStore};
 
 #[derive(Subcommand)]
@@ -75,6 +76,11 @@ struct OnlineKey {
     key: String,
     state: Option<KeyState>,
     error: Option<String>,
+    /// Material of the key found on this host (temporary files of
+    /// interrupted writes, a key file beside its tombstone): a problem even
+    /// if this run's sweep removed it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    leftover_material: Vec<Leftover>,
     ok: bool,
 }
 
@@ -292,11 +298,14 @@ fn print_human(v: &Verified, key_source: &str, out: &VerifyOutput) {
                 (None, Some(e)) => e.clone(),
                 _ => "?".into(),
             };
-            println!(
-                "  key            {}: {state}{}",
-                k.key,
-                if k.ok { "" } else { " (NOT destroyed)" }
-            );
+            let verdict = if k.ok {
+                ""
+            } else if k.leftover_material.is_empty() {
+                " (NOT destroyed)"
+            } else {
+                " (key material left on this host)"
+            };
+            println!("  key            {}: {state}{verdict}", k.key);
         }
         println!(
             "  store          {} object(s) left beyond the descriptor and retained ciphertext",
@@ -321,11 +330,11 @@ async fn check_online(config: Option<&Path>, v: &Verified) -> Result<Online> {
         if k.outcome == crate::format::shred::DestroyOutcome::NotDestroyed {
             continue;
         }
-        let r = match s.ctx.keys.for_key(&k.reference) {
-            Ok(p) => p.describe(&k.reference).await,
-            Err(e) => Err(e),
+        let (r, provider) = match s.ctx.keys.for_key(&k.reference) {
+            Ok(p) => (p.describe(&k.reference).await, Some(p)),
+            Err(e) => (Err(e), None),
         };
-        let (state, error, ok) = match r {
+        let (state, error, mut ok) = match r {
             Ok(info) => {
                 let ok = matches!(
                     info.state,
@@ -341,10 +350,35 @@ async fn check_online(config: Option<&Path>, v: &Verified) -> Result<Online> {
         if !ok {
             problems.push(format!("key {} is not destroyed", k.reference));
         }
+        let leftover_material = match provider {
+            Some(p) => p.leftover_material(&k.reference).await?,
+            None => Vec::new(),
+        };
+        if !leftover_material.is_empty() {
+            ok = false;
+            problems.push(format!(
+                "key material of {} was on this host after its destruction: {}",
+                k.reference,
+                leftover_material
+                    .iter()
+                    .map(|l| format!(
+                        "{}{}",
+                        l.path.display(),
+                        if l.removed {
+                            " (removed by this run)"
+                        } else {
+                            ""
+                        }
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         keys.push(OnlineKey {
             key: k.reference.to_string(),
             state,
             error,
+            leftover_material,
             ok,
         });
     }

@@ -20,6 +20,7 @@ use super::paths::base_dir_of;
 use super::policy::{Built, Mode, Policy, build};
 use super::walk::{Diags, Table};
 use crate::keys::KeyRef;
+use crate::secure_fs;
 use crate::tenant::TenantId;
 
 /// The file in a policies directory whose values every tenant inherits.
@@ -351,6 +352,21 @@ fn scan(dir: &Path) -> Result<(Vec<PathBuf>, Option<PathBuf>), PolicyError> {
     Ok((tenants, defaults))
 }
 
+/// A refused or unreadable policies path, as a file-level policy error.
+fn check_error(path: &Path, cannot: &str, e: secure_fs::CheckError) -> PolicyError {
+    match e {
+        secure_fs::CheckError::Insecure(i) => PolicyError::file(i.path, i.message),
+        secure_fs::CheckError::Io(p, e)
+            if p == path || p == std::path::absolute(path).unwrap_or_default() =>
+        {
+            PolicyError::file(path, format!("{cannot}: {e}"))
+        }
+        secure_fs::CheckError::Io(p, e) => {
+            PolicyError::file(path, format!("cannot examine {}: {e}", p.display()))
+        }
+    }
+}
+
 /// Reads, parses and builds. `only`: a single tenant file instead of the whole directory.
 fn load(dir: &Path, only: Option<&Path>) -> Outcome {
     let mut out = Outcome {
@@ -359,6 +375,13 @@ fn load(dir: &Path, only: Option<&Path>) -> Outcome {
         errors: Vec::new(),
         warnings: Vec::new(),
     };
+    // A policy names the sources to read and the key to use: whoever could
+    // change one could make custos back up (or shred) the wrong thing.
+    if let Err(e) = secure_fs::check_dir(dir, "policies directory", secure_fs::Kind::Dir) {
+        out.errors
+            .push(check_error(dir, "cannot read the policies directory", e));
+        return out;
+    }
     let (tenant_paths, defaults_path) = match only {
         Some(file) => {
             let defaults = dir.join(DEFAULTS_FILE);
@@ -380,8 +403,13 @@ fn load(dir: &Path, only: Option<&Path>) -> Outcome {
     // after, since the parsed trees borrow the texts.
     let mut texts = Vec::new();
     let mut defaults_broken = false;
+    let read = |path: &Path| {
+        secure_fs::check_file(path, "policy file")
+            .map_err(|e| check_error(path, "cannot read", e))?;
+        SourceText::read(path)
+    };
     if let Some(path) = &defaults_path {
-        match SourceText::read(path) {
+        match read(path) {
             Ok(s) => texts.push(s),
             Err(e) => {
                 defaults_broken = true;
@@ -391,7 +419,7 @@ fn load(dir: &Path, only: Option<&Path>) -> Outcome {
     }
     let first_tenant = texts.len();
     for path in &tenant_paths {
-        match SourceText::read(path) {
+        match read(path) {
             Ok(s) => texts.push(s),
             Err(e) => out.errors.push(e),
         }

@@ -323,6 +323,10 @@ pub enum ConfigError {
     },
     #[error("cannot determine the current directory: {0}")]
     CurrentDir(#[source] std::io::Error),
+    /// The file (or a directory above it) could be changed by another local
+    /// user: refused, as ssh's StrictModes refuses (`insecure_permissions`).
+    #[error("{message}")]
+    Insecure { path: PathBuf, message: String },
 }
 
 fn render(errors: &[PolicyError]) -> String {
@@ -340,15 +344,19 @@ impl ConfigError {
             ConfigError::Read { path, message } => vec![PolicyError::file(path, message)],
             ConfigError::Invalid { errors, .. } => errors.clone(),
             ConfigError::CurrentDir(e) => vec![PolicyError::file(".", e.to_string())],
+            ConfigError::Insecure { path, message } => vec![PolicyError::file(path, message)],
         }
     }
 }
 
 impl From<ConfigError> for crate::Error {
     fn from(e: ConfigError) -> Self {
+        if let ConfigError::Insecure { path, message } = e {
+            return crate::Error::InsecurePermissions { path, message };
+        }
         let path = match &e {
             ConfigError::Read { path, .. } | ConfigError::Invalid { path, .. } => path.clone(),
-            ConfigError::CurrentDir(_) => PathBuf::from("."),
+            ConfigError::CurrentDir(_) | ConfigError::Insecure { .. } => PathBuf::from("."),
         };
         let message = match &e {
             ConfigError::Read { message, .. } => message.clone(),
@@ -459,6 +467,18 @@ impl Config {
         let source = SourceText::read(&path).map_err(|e| ConfigError::Read {
             path: path.clone(),
             message: e.message.clone(),
+        })?;
+        // It says where the keys, state and store are: whoever can edit it
+        // can redirect them.
+        crate::secure_fs::check_file(&path, "configuration file").map_err(|e| match e {
+            crate::secure_fs::CheckError::Insecure(i) => ConfigError::Insecure {
+                path: i.path,
+                message: i.message,
+            },
+            crate::secure_fs::CheckError::Io(p, e) => ConfigError::Read {
+                path: p,
+                message: format!("cannot read: {e}"),
+            },
         })?;
         let mut config = Config::parse(source)?;
         config.warnings = permission_warnings(
@@ -707,7 +727,8 @@ fn parse_daemon(d: &mut Diags<'_>, t: &Table<'_>) -> DaemonSettings {
     s
 }
 
-/// Warnings for a configuration file others can change, or read when it holds secrets.
+/// Warnings for a configuration file others can read while it holds secrets
+/// (one others can write is refused: see [`Config::load`]).
 fn permission_warnings(path: &Path, holds_secret: bool) -> Vec<ConfigWarning> {
     use std::os::unix::fs::PermissionsExt;
     let Ok(meta) = std::fs::metadata(path) else {
@@ -715,14 +736,6 @@ fn permission_warnings(path: &Path, holds_secret: bool) -> Vec<ConfigWarning> {
     };
     let mode = meta.permissions().mode() & 0o777;
     let mut out = Vec::new();
-    if mode & 0o022 != 0 {
-        out.push(ConfigWarning {
-            file: path.to_path_buf(),
-            message: format!(
-                "is writable by group or others (mode {mode:04o}): whoever can edit it can redirect backups and keys; run chmod go-w"
-            ),
-        });
-    }
     if holds_secret && mode & 0o044 != 0 {
         out.push(ConfigWarning {
             file: path.to_path_buf(),
@@ -1042,7 +1055,7 @@ metrics_listen = "127.0.0.1:9464"
     }
 
     #[test]
-    fn warns_about_loose_permissions_and_never_prints_secrets() {
+    fn refuses_writable_and_warns_about_readable_files_never_printing_secrets() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(
             dir.path(),
@@ -1058,14 +1071,7 @@ metrics_listen = "127.0.0.1:9464"
                 "holds AWS credentials and is readable by group or others (mode 0644)"
             )
         );
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
         let c = Config::load(&p).unwrap();
-        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
-        assert!(
-            c.warnings[0]
-                .message
-                .starts_with("is writable by group or others (mode 0666)")
-        );
         assert_eq!(
             c.aws.secret_access_key.as_ref().unwrap().expose(),
             "hunter2hunter2"
@@ -1077,8 +1083,27 @@ metrics_listen = "127.0.0.1:9464"
         let q = write(dir.path(), "plain.toml", "store = \"/srv\"\n");
         std::fs::set_permissions(&q, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(Config::load(&q).unwrap().warnings.is_empty());
-        std::fs::set_permissions(&q, std::fs::Permissions::from_mode(0o646)).unwrap();
-        assert_eq!(Config::load(&q).unwrap().warnings.len(), 1);
+        // One others can write is refused, secrets or not, naming the fix.
+        for (file, mode) in [(&q, 0o646), (&q, 0o664), (&p, 0o666)] {
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = Config::load(file).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("chmod go-w {}", file.display())),
+                "{text}"
+            );
+            assert!(!text.contains("hunter2"), "{text}");
+            assert_eq!(crate::Error::from(err).kind(), "insecure_permissions");
+        }
+        // So is one in a directory others can write.
+        std::fs::set_permissions(&q, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Config::load(&q).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("chmod go-w {}", dir.path().display())),
+            "{err}"
+        );
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 
 use super::{
-    DataKey, Destruction, KeyError, KeyInfo, KeyProvider, KeyRef, ProviderKind, WrapContext,
-    WrappedKey,
+    DataKey, Destruction, KeyError, KeyInfo, KeyProvider, KeyRef, Leftover, ProviderKind,
+    WrapContext, WrappedKey,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -171,6 +171,11 @@ impl KeyProvider for FaultyKeyProvider {
     ) -> Result<Destruction, KeyError> {
         self.fault(key)?;
         self.inner.destroy(key, pending_window_days).await
+    }
+
+    async fn leftover_material(&self, key: &KeyRef) -> Result<Vec<Leftover>, KeyError> {
+        self.fault(key)?;
+        self.inner.leftover_material(key).await
     }
 }
 

@@ -12,10 +12,10 @@
 //! AAD = "custos/v1/local-wrap" ‖ 0 ‖ name ‖ 0 ‖ version u32 BE ‖ canonical context.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::time::Duration;
 
 use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, KeyInit};
@@ -26,13 +26,26 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::{
     DataKey, DestroyAction, Destruction, KeyError, KeyInfo, KeyOrigin, KeyProvider, KeyRef,
-    KeyState, ProviderKind, SecretKey, WrapContext, WrappedKey,
+    KeyState, Leftover, ProviderKind, SecretKey, WrapContext, WrappedKey,
 };
+use crate::secure_fs::{self, CheckError, DirLock, Install};
 use crate::util::{base64_bytes, random_bytes, sync_dir, write_file_atomic};
 
 const KEY_FILE_FORMAT: &str = "custos-local-key/1";
 const WRAP_LABEL: &[u8] = b"custos/v1/local-wrap";
 const WRAPPED_LEN: usize = 4 + 12 + 32 + 16;
+/// Every write of the key directory (create, rotate, enable, disable,
+/// destroy, sweep) holds an exclusive `flock` on this file, across processes.
+const LOCK_FILE: &str = ".custos-keys.lock";
+/// Writers hold the lock for milliseconds; past this a holder is stuck.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+/// A key file is a few hundred bytes per version; refuse to read a huge one.
+const MAX_KEY_FILE: u64 = 1 << 20;
+/// Temporary files of a key `<name>`: `.<name><suffix>-<12 hex digits>`.
+/// `.key.tmp`: a key file being written (this version and earlier ones);
+/// `.new`: a key file being created (earlier versions); `.destroyed.tmp`: a
+/// tombstone being written (no material, swept all the same).
+const TEMP_SUFFIXES: [&str; 3] = [".key.tmp", ".destroyed.tmp", ".new"];
 
 /// Local key names: `[a-z0-9][a-z0-9._-]{0,127}`, safe as a file name.
 pub fn valid_key_name(name: &str) -> bool {
@@ -42,6 +55,24 @@ pub fn valid_key_name(name: &str) -> bool {
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
         && b.iter()
             .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(&c))
+}
+
+/// The key a temporary file of the key directory belongs to, if `file_name`
+/// is one. The suffixes are fixed strings none of which ends another, so a
+/// name parses one way only (`.a.new.key.tmp-…` is key `a.new`'s).
+fn temp_owner(file_name: &str) -> Option<&str> {
+    let (stem, random) = file_name.strip_prefix('.')?.rsplit_once('-')?;
+    if random.len() != 12 || !random.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    TEMP_SUFFIXES
+        .iter()
+        .find_map(|s| stem.strip_suffix(s))
+        .filter(|n| valid_key_name(n))
+}
+
+fn temp_name(name: &str) -> String {
+    format!(".{name}.key.tmp-{}", hex::encode(random_bytes::<6>()))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -91,29 +122,106 @@ struct Tombstone {
 
 /// The local provider. Reads its key file for every operation, so no CMK
 /// material stays in memory between calls.
+///
+/// **Leftovers of interrupted writes.** A key file is written to a
+/// temporary file (`.<name>.key.tmp-…`, 0600, `O_EXCL`) that is renamed over
+/// the key file; a crash in between leaves the temporary file, holding every
+/// version of the key. Such files are swept (overwritten, then unlinked)
+/// when the provider opens and by `destroy`, so a shredded key leaves no
+/// material behind. Why sweeping cannot hurt a writer: every writer, in any
+/// process, holds the directory's `flock` ([`LOCK_FILE`]) from before it
+/// creates its temporary file until after the rename, and the kernel drops
+/// the lock of a process that dies. So whoever holds the lock sees only
+/// temporary files whose writer is dead. A dead writer's file was never
+/// renamed into place, and nothing depends on it: a rotation wraps envelopes
+/// under a new version only after its key file rename has landed (and been
+/// fsynced). A temporary file that is a second link to the live key file
+/// (a creation killed between its link and its unlink) is only unlinked,
+/// never overwritten. The open-time sweep only tries the lock and skips when
+/// a writer holds it (that writer's own temporary file is in use); `destroy`
+/// waits for the lock, so a shred always sweeps.
 #[derive(Debug)]
 pub struct LocalKeyProvider {
     dir: PathBuf,
-    // Serialises read-modify-write of key files within this process.
-    write_lock: Mutex<()>,
+    /// What the open-time sweep removed (key name, path): reported by
+    /// `leftover_material`, so a verification still sees what was there.
+    swept: Vec<(String, PathBuf)>,
+}
+
+fn check_error(e: CheckError) -> KeyError {
+    match e {
+        CheckError::Insecure(i) => KeyError::InsecurePermissions {
+            path: i.path,
+            message: i.message,
+        },
+        CheckError::Io(path, e) => KeyError::LocalFile {
+            path,
+            message: e.to_string(),
+        },
+    }
 }
 
 impl LocalKeyProvider {
-    /// Opens (and creates, mode 0700) the key directory.
+    /// Opens (and creates, mode 0700) the key directory, refuses it if
+    /// another local user could write it or a directory above it (see
+    /// `secure_fs`), and sweeps leftovers of interrupted writes.
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self, KeyError> {
         let dir = dir.into();
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| KeyError::LocalFile {
-                path: dir.clone(),
-                message: format!("cannot create key directory: {e}"),
-            })?;
-        Ok(LocalKeyProvider {
+        secure_fs::create_private_dir(&dir).map_err(|e| KeyError::LocalFile {
+            path: dir.clone(),
+            message: format!("cannot create key directory: {e}"),
+        })?;
+        secure_fs::check_dir(&dir, "key directory", secure_fs::Kind::PrivateDir)
+            .map_err(check_error)?;
+        let mut provider = LocalKeyProvider {
             dir,
-            write_lock: Mutex::new(()),
-        })
+            swept: Vec::new(),
+        };
+        let lock = match DirLock::try_acquire(&provider.dir, LOCK_FILE) {
+            Ok(lock) => Some(lock),
+            // A key directory this process may only read (a read-only mount):
+            // it can use the keys, and could remove nothing anyway.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EROFS | libc::EACCES | libc::EPERM)
+                ) =>
+            {
+                tracing::debug!(
+                    event = "keys.sweep_skipped",
+                    dir = %provider.dir.display(),
+                    error = %e,
+                    "the key directory is not writable here; no sweep"
+                );
+                None
+            }
+            Err(e) => {
+                return Err(KeyError::LocalFile {
+                    path: provider.dir.join(LOCK_FILE),
+                    message: e.to_string(),
+                });
+            }
+        };
+        match lock {
+            None => {}
+            Some(None) => tracing::debug!(
+                event = "keys.sweep_skipped",
+                dir = %provider.dir.display(),
+                "another process is writing a key; its leftovers are swept by the next open or destroy"
+            ),
+            Some(Some(_lock)) => match provider.sweep(None) {
+                Ok(swept) => provider.swept = swept,
+                // The files stay private (0600 in a checked directory); destroy
+                // and `certificate verify --online` still find them.
+                Err(e) => tracing::warn!(
+                    event = "keys.sweep_failed",
+                    dir = %provider.dir.display(),
+                    error = %e,
+                    "could not remove leftovers of interrupted key writes"
+                ),
+            },
+        }
+        Ok(provider)
     }
 
     pub fn dir(&self) -> &Path {
@@ -138,10 +246,79 @@ impl LocalKeyProvider {
         Ok(key.id())
     }
 
+    fn lock(&self) -> Result<DirLock, KeyError> {
+        DirLock::acquire(&self.dir, LOCK_FILE, LOCK_WAIT).map_err(|e| KeyError::LocalFile {
+            path: self.dir.join(LOCK_FILE),
+            message: e.to_string(),
+        })
+    }
+
     /// The tombstone of a destroyed (or being destroyed) key.
     fn tombstone(&self, name: &str) -> Option<Tombstone> {
         let t = fs::read(self.tombstone_path(name)).ok()?;
         serde_json::from_slice::<Tombstone>(&t).ok()
+    }
+
+    /// Files that hold or may hold material of key `only` (of any key when
+    /// `None`) without being a live key file: temporary files, and the key
+    /// file of a key that has a tombstone. As (key name, path).
+    fn leftovers(&self, only: Option<&str>) -> Result<Vec<(String, PathBuf)>, KeyError> {
+        let io = |e: std::io::Error| KeyError::LocalFile {
+            path: self.dir.clone(),
+            message: format!("cannot list the key directory: {e}"),
+        };
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let file_name = entry.file_name();
+            let Some(file_name) = file_name.to_str() else {
+                continue;
+            };
+            let owner = match temp_owner(file_name) {
+                Some(n) => Some(n),
+                None => file_name
+                    .strip_suffix(".key")
+                    .filter(|n| valid_key_name(n) && self.tombstone(n).is_some()),
+            };
+            if let Some(n) = owner
+                && only.is_none_or(|o| o == n)
+            {
+                out.push((n.to_owned(), entry.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes [`leftovers`](Self::leftovers) as destruction does. The
+    /// caller holds the directory lock, so no writer is alive (see the type's
+    /// documentation).
+    fn sweep(&self, only: Option<&str>) -> Result<Vec<(String, PathBuf)>, KeyError> {
+        let found = self.leftovers(only)?;
+        for (name, path) in &found {
+            // A second link to the live key file is unlinked, not overwritten.
+            let keep = match self.tombstone(name) {
+                Some(_) => None,
+                None => secure_fs::inode_of(&self.key_path(name)),
+            };
+            secure_fs::destroy_file(path, keep).map_err(|e| KeyError::LocalFile {
+                path: path.clone(),
+                message: format!("cannot remove leftover key material: {e}"),
+            })?;
+            tracing::warn!(
+                event = "keys.leftover_removed",
+                key = %format!("local:{name}"),
+                path = %path.display(),
+                "removed leftover key material of an interrupted write or destruction"
+            );
+        }
+        if !found.is_empty() {
+            sync_dir(&self.dir).map_err(|e| KeyError::LocalFile {
+                path: self.dir.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        Ok(found)
     }
 
     fn read(&self, key: &KeyRef) -> Result<KeyFile, KeyError> {
@@ -155,61 +332,86 @@ impl LocalKeyProvider {
                 destroyed_at: Some(t.destroyed_at),
             });
         }
-        let bytes = match fs::read(&path) {
-            Ok(b) => Zeroizing::new(b),
+        let refused = |message: String| KeyError::LocalFile {
+            path: path.clone(),
+            message,
+        };
+        // One open, no symlink followed; mode, owner and bytes all come from
+        // that one file (no window for a swap between a check and the read).
+        let opened = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(&path);
+        let file = match opened {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(KeyError::NotFound {
                     key: key.to_string(),
                     message: format!("no key file {}", path.display()),
                 });
             }
-            Err(e) => {
-                return Err(KeyError::LocalFile {
-                    path,
-                    message: e.to_string(),
-                });
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(refused(
+                    "is a symlink; a key file must be a regular file".into(),
+                ));
             }
+            Err(e) => return Err(refused(e.to_string())),
         };
-        let mode = fs::metadata(&path)
-            .map(|m| m.permissions().mode())
-            .unwrap_or(0);
-        if mode & 0o077 != 0 {
-            return Err(KeyError::LocalFile {
-                path,
-                message: format!(
-                    "permissions {:04o} are too open; key files must be 0600 (chmod 600)",
-                    mode & 0o7777
-                ),
-            });
+        let meta = file.metadata().map_err(|e| refused(e.to_string()))?;
+        if !meta.is_file() || meta.len() > MAX_KEY_FILE {
+            return Err(refused("not a custos key file".into()));
         }
-        let file: KeyFile = serde_json::from_slice(&bytes).map_err(|e| KeyError::LocalFile {
-            path: path.clone(),
-            message: format!("not a custos key file: {e}"),
-        })?;
+        let mode = meta.mode();
+        if mode & 0o077 != 0 {
+            return Err(refused(format!(
+                "permissions {:04o} are too open; key files must be 0600 (chmod 600)",
+                mode & 0o7777
+            )));
+        }
+        let me = secure_fs::euid();
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(refused(format!(
+                "owned by uid {}, neither root nor uid {me} that runs custos; run chown {me} {}",
+                meta.uid(),
+                path.display()
+            )));
+        }
+        let mut bytes = Zeroizing::new(Vec::with_capacity(meta.len() as usize));
+        file.take(MAX_KEY_FILE)
+            .read_to_end(&mut bytes)
+            .map_err(|e| refused(e.to_string()))?;
+        let file: KeyFile = serde_json::from_slice(&bytes)
+            .map_err(|e| refused(format!("not a custos key file: {e}")))?;
         if file.format != KEY_FILE_FORMAT || file.name != name {
-            return Err(KeyError::LocalFile {
-                path,
-                message: format!(
-                    "key file is for {:?} in format {:?}",
-                    file.name, file.format
-                ),
-            });
+            return Err(refused(format!(
+                "key file is for {:?} in format {:?}",
+                file.name, file.format
+            )));
         }
         if file.versions.iter().any(|v| v.material.len() != 32)
             || file.version(file.current_version).is_none()
         {
-            return Err(KeyError::LocalFile {
-                path,
-                message: "key file has malformed key material".into(),
-            });
+            return Err(refused("key file has malformed key material".into()));
         }
         Ok(file)
     }
 
-    fn write(&self, file: &KeyFile) -> Result<(), KeyError> {
+    /// Writes a key file in place (or, `Install::CreateNew`, only where none
+    /// exists). Callers hold the directory lock. Crash points for the tests:
+    /// `CUSTOS_CRASH_AT=local-key:written` (temporary file durable, not yet
+    /// in place) and `local-key:installed` (renamed, directory not fsynced).
+    fn write(&self, file: &KeyFile, install: Install) -> Result<bool, KeyError> {
         let path = self.key_path(&file.name);
         let json = Zeroizing::new(serde_json::to_vec_pretty(file).expect("key file serialises"));
-        write_file_atomic(&path, &json, 0o600).map_err(|e| KeyError::LocalFile {
+        secure_fs::write_secret(
+            &self.dir,
+            &format!("{}.key", file.name),
+            &temp_name(&file.name),
+            &json,
+            install,
+            &|point| crate::jobs::shred::hook::crash_point("local-key", point),
+        )
+        .map_err(|e| KeyError::LocalFile {
             path,
             message: e.to_string(),
         })
@@ -240,12 +442,15 @@ impl LocalKeyProvider {
         }
     }
 
+    /// Read-modify-write under the directory lock, so two processes changing
+    /// one key cannot lose each other's update (a lost key version would
+    /// leave the envelopes wrapped under it unreadable).
     fn modify(&self, key: &KeyRef, f: impl FnOnce(&mut KeyFile)) -> Result<KeyInfo, KeyError> {
-        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = self.lock()?;
         let mut file = self.read(key)?;
         f(&mut file);
         file.updated_at = Utc::now();
-        self.write(&file)?;
+        self.write(&file, Install::Replace)?;
         Ok(self.info(key, &file))
     }
 }
@@ -336,7 +541,7 @@ impl KeyProvider for LocalKeyProvider {
 
     async fn create_key(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
         let name = Self::name_of(key)?;
-        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = self.lock()?;
         match self.read(key) {
             Ok(file) => return Ok(self.info(key, &file)),
             Err(KeyError::NotFound { .. }) => {}
@@ -356,35 +561,13 @@ impl KeyProvider for LocalKeyProvider {
                 material: SecretKey::generate().expose().to_vec(),
             }],
         };
-        // create_new: two processes creating the same key must not overwrite each other.
-        let path = self.key_path(name);
-        let json = Zeroizing::new(serde_json::to_vec_pretty(&file).expect("key file serialises"));
-        let tmp = self
-            .dir
-            .join(format!(".{name}.new-{}", hex::encode(random_bytes::<6>())));
-        let io = |e: std::io::Error| KeyError::LocalFile {
-            path: path.clone(),
-            message: e.to_string(),
-        };
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        f.write_all(&json).and_then(|_| f.sync_all()).map_err(io)?;
-        let linked = fs::hard_link(&tmp, &path);
-        let _ = fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => {
-                sync_dir(&self.dir).map_err(io)?;
-                Ok(self.info(key, &file))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let existing = self.read(key)?;
-                Ok(self.info(key, &existing))
-            }
-            Err(e) => Err(io(e)),
+        // CreateNew (a hard link): even a writer that does not take the lock
+        // (an older custos) cannot have its key overwritten by this one.
+        if self.write(&file, Install::CreateNew)? {
+            Ok(self.info(key, &file))
+        } else {
+            let existing = self.read(key)?;
+            Ok(self.info(key, &existing))
         }
     }
 
@@ -485,10 +668,12 @@ impl KeyProvider for LocalKeyProvider {
     }
 
     /// Writes a tombstone, then overwrites the key file with zeros, fsyncs,
-    /// unlinks it and fsyncs the directory. Immediate and irreversible (the
-    /// window applies to AWS KMS only). Resumable: the tombstone comes first,
-    /// so a crash at any point leaves a key that reads as destroyed (never as
-    /// missing, never usable), and a re-run finishes the overwrite and unlink.
+    /// unlinks it, sweeps the key's leftover temporary files the same way
+    /// and fsyncs the directory; then confirms that no file of the key is
+    /// left. Immediate and irreversible (the window applies to AWS KMS only).
+    /// Resumable: the tombstone comes first, so a crash at any point leaves a
+    /// key that reads as destroyed (never as missing, never usable), and a
+    /// re-run (or the next open's sweep) finishes the overwrite and unlink.
     /// On copy-on-write or wear-levelled media old blocks may survive
     /// physically: use a KMS or HSM where that matters.
     async fn destroy(
@@ -497,7 +682,9 @@ impl KeyProvider for LocalKeyProvider {
         _pending_window_days: u32,
     ) -> Result<Destruction, KeyError> {
         let name = Self::name_of(key)?.to_owned();
-        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Waits for any writer of the directory: after this no temporary
+        // file of the key can be in use, and none can appear.
+        let _lock = self.lock()?;
         let path = self.key_path(&name);
         let io = |e: std::io::Error| KeyError::LocalFile {
             path: path.clone(),
@@ -506,7 +693,17 @@ impl KeyProvider for LocalKeyProvider {
         let destroyed_at = match self.tombstone(&name) {
             Some(t) => t.destroyed_at,
             None => {
-                let file = self.read(key)?;
+                let file = match self.read(key) {
+                    Ok(file) => file,
+                    Err(e @ KeyError::NotFound { .. }) => {
+                        // Never created, or created by a run killed before its
+                        // key file landed: that run's temporary file still
+                        // holds material.
+                        self.sweep(Some(&name))?;
+                        return Err(e);
+                    }
+                    Err(e) => return Err(e),
+                };
                 let now = Utc::now();
                 let tomb = Tombstone {
                     format: "custos-local-key-tombstone/1".into(),
@@ -525,18 +722,21 @@ impl KeyProvider for LocalKeyProvider {
         };
         // Whatever is left of the key file (all of it, or a partly zeroed
         // one after a crash): overwritten, then unlinked.
-        match fs::metadata(&path) {
-            Ok(m) => {
-                let mut f = fs::OpenOptions::new().write(true).open(&path).map_err(io)?;
-                f.write_all(&vec![0u8; m.len() as usize])
-                    .and_then(|_| f.sync_all())
-                    .map_err(io)?;
-                drop(f);
-                fs::remove_file(&path).map_err(io)?;
-                sync_dir(&self.dir).map_err(io)?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
+        secure_fs::destroy_file(&path, None).map_err(io)?;
+        self.sweep(Some(&name))?;
+        sync_dir(&self.dir).map_err(io)?;
+        let left = self.leftovers(Some(&name))?;
+        if !left.is_empty() || fs::symlink_metadata(&path).is_ok() {
+            return Err(KeyError::LocalFile {
+                path,
+                message: format!(
+                    "key material is still on disk after its destruction: {}",
+                    left.iter()
+                        .map(|(_, p)| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
         }
         Ok(Destruction {
             action: DestroyAction::MaterialDestroyed,
@@ -546,12 +746,37 @@ impl KeyProvider for LocalKeyProvider {
             effective_at: destroyed_at,
         })
     }
+
+    /// Leftover temporary files of the key, and its key file if the key has
+    /// a tombstone; with those the open-time sweep removed.
+    async fn leftover_material(&self, key: &KeyRef) -> Result<Vec<Leftover>, KeyError> {
+        let name = Self::name_of(key)?;
+        let mut out: Vec<Leftover> = self
+            .swept
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, path)| Leftover {
+                path: path.clone(),
+                removed: true,
+            })
+            .collect();
+        out.extend(
+            self.leftovers(Some(name))?
+                .into_iter()
+                .map(|(_, path)| Leftover {
+                    path,
+                    removed: false,
+                }),
+        );
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tenant::TenantId;
+    use std::os::unix::fs::PermissionsExt;
 
     fn ctx(t: &str, epoch: u32) -> WrapContext {
         WrapContext::tdk(&TenantId::new(t).unwrap(), epoch)
@@ -635,5 +860,232 @@ mod tests {
             p.create_key(&k).await,
             Err(KeyError::Destroyed { .. })
         ));
+    }
+
+    #[test]
+    fn temporary_file_names_parse_to_their_key() {
+        assert_eq!(temp_owner(".alpha.key.tmp-0123456789ab"), Some("alpha"));
+        assert_eq!(temp_owner(".alpha.new-0123456789ab"), Some("alpha"));
+        assert_eq!(
+            temp_owner(".alpha.destroyed.tmp-0123456789ab"),
+            Some("alpha")
+        );
+        assert_eq!(temp_owner(".my-key.key.tmp-0123456789ab"), Some("my-key"));
+        assert_eq!(temp_owner(".a.new.key.tmp-0123456789ab"), Some("a.new"));
+        for not in [
+            "alpha.key",
+            "alpha.destroyed",
+            ".custos-keys.lock",
+            ".alpha.key.tmp-0123",
+            ".alpha.key.tmp-0123456789xz",
+            ".Alpha.key.tmp-0123456789ab",
+            ".alpha.other-0123456789ab",
+            "..key.tmp-0123456789ab",
+        ] {
+            assert_eq!(temp_owner(not), None, "{not}");
+        }
+        let made = temp_name("alpha");
+        assert_eq!(temp_owner(&made), Some("alpha"), "{made}");
+    }
+
+    /// A copy of `name`'s key file under a temporary name, as a write killed
+    /// before its rename leaves it; a hard link outside the directory shows
+    /// what becomes of its bytes.
+    fn plant_leftover(dir: &Path, outside: &Path, name: &str, tag: &str) -> (PathBuf, PathBuf) {
+        let leftover = dir.join(format!(".{name}.key.tmp-{tag}"));
+        fs::copy(dir.join(format!("{name}.key")), &leftover).unwrap();
+        fs::set_permissions(&leftover, fs::Permissions::from_mode(0o600)).unwrap();
+        let witness = outside.join(format!("witness-{name}-{tag}"));
+        fs::hard_link(&leftover, &witness).unwrap();
+        (leftover, witness)
+    }
+
+    fn zeroed(p: &Path) -> bool {
+        let b = fs::read(p).unwrap();
+        !b.is_empty() && b.iter().all(|&x| x == 0)
+    }
+
+    #[tokio::test]
+    async fn opening_sweeps_leftovers_of_interrupted_writes() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("keys");
+        let p = LocalKeyProvider::new(&dir).unwrap();
+        let alpha = KeyRef::local("alpha").unwrap();
+        p.create_key(&alpha).await.unwrap();
+        let (leftover, witness) = plant_leftover(&dir, t.path(), "alpha", "0123456789ab");
+        // A creation killed between its link and its unlink: a second name of
+        // the live key file, which must survive the sweep.
+        let second = dir.join(".alpha.new-00000000000a");
+        fs::hard_link(dir.join("alpha.key"), &second).unwrap();
+        let live = fs::read(dir.join("alpha.key")).unwrap();
+
+        let p = LocalKeyProvider::new(&dir).unwrap();
+        assert!(!leftover.exists() && !second.exists());
+        assert!(
+            zeroed(&witness),
+            "the leftover was overwritten before its unlink"
+        );
+        assert_eq!(fs::read(dir.join("alpha.key")).unwrap(), live);
+        p.describe(&alpha).await.unwrap();
+        let found = p.leftover_material(&alpha).await.unwrap();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found.iter().all(|l| l.removed), "{found:?}");
+        assert!(
+            LocalKeyProvider::new(&dir)
+                .unwrap()
+                .leftover_material(&alpha)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_writer_holding_the_lock_keeps_its_temporary_file() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("keys");
+        let p = LocalKeyProvider::new(&dir).unwrap();
+        let alpha = KeyRef::local("alpha").unwrap();
+        p.create_key(&alpha).await.unwrap();
+        let (leftover, witness) = plant_leftover(&dir, t.path(), "alpha", "0123456789ab");
+        // A live writer (another process: flock conflicts across open files).
+        let writer = DirLock::try_acquire(&dir, LOCK_FILE).unwrap().unwrap();
+        let p = LocalKeyProvider::new(&dir).unwrap();
+        assert!(leftover.exists() && !zeroed(&witness));
+        let found = p.leftover_material(&alpha).await.unwrap();
+        assert_eq!(
+            found,
+            vec![Leftover {
+                path: leftover.clone(),
+                removed: false
+            }]
+        );
+        // Destroy waits for the writer, then sweeps.
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(writer);
+        });
+        p.destroy(&alpha, 7).await.unwrap();
+        release.join().unwrap();
+        assert!(!leftover.exists() && zeroed(&witness));
+        assert!(p.leftover_material(&alpha).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn destroy_sweeps_the_keys_leftovers_and_no_other_keys() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("keys");
+        let p = LocalKeyProvider::new(&dir).unwrap();
+        let (alpha, beta) = (
+            KeyRef::local("alpha").unwrap(),
+            KeyRef::local("beta").unwrap(),
+        );
+        p.create_key(&alpha).await.unwrap();
+        p.create_key(&beta).await.unwrap();
+        let (_, wrapped) = p.generate_data_key(&alpha, &ctx("alpha", 1)).await.unwrap();
+        // Left after this provider opened (so only destroy can sweep them).
+        let (a_left, a_witness) = plant_leftover(&dir, t.path(), "alpha", "0123456789ab");
+        let (b_left, b_witness) = plant_leftover(&dir, t.path(), "beta", "0123456789ab");
+        p.destroy(&alpha, 7).await.unwrap();
+        assert!(!a_left.exists() && zeroed(&a_witness));
+        assert!(b_left.exists() && !zeroed(&b_witness));
+        assert!(matches!(
+            p.unwrap(&alpha, &wrapped, &ctx("alpha", 1)).await,
+            Err(KeyError::Destroyed { .. })
+        ));
+        // A key whose file never landed: its leftover goes, and it is not found.
+        let gamma = KeyRef::local("gamma").unwrap();
+        let g_left = dir.join(".gamma.key.tmp-0123456789ab");
+        fs::copy(dir.join("beta.key"), &g_left).unwrap();
+        assert!(matches!(
+            p.destroy(&gamma, 7).await,
+            Err(KeyError::NotFound { .. })
+        ));
+        assert!(!g_left.exists());
+        // A key file left beside a tombstone is a leftover too.
+        fs::copy(dir.join("beta.key"), dir.join("alpha.key")).unwrap();
+        let found = p.leftover_material(&alpha).await.unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].path, dir.join("alpha.key"));
+        LocalKeyProvider::new(&dir).unwrap();
+        assert!(!dir.join("alpha.key").exists());
+        assert!(dir.join("beta.key").exists());
+    }
+
+    #[test]
+    fn concurrent_writers_lose_no_key_version() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("keys");
+        let k = KeyRef::local("alpha").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(LocalKeyProvider::new(&dir).unwrap().create_key(&k))
+            .unwrap();
+        // Separate providers stand for separate processes: only the
+        // directory's flock orders their read-modify-writes.
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    let p = LocalKeyProvider::new(&dir).unwrap();
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
+                    for _ in 0..5 {
+                        rt.block_on(p.rotate(&k)).unwrap();
+                    }
+                });
+            }
+        });
+        let p = LocalKeyProvider::new(&dir).unwrap();
+        let file = p.read(&k).unwrap();
+        assert_eq!(file.versions.len(), 21);
+        assert_eq!(file.current_version, 21);
+        assert!(rt.block_on(p.leftover_material(&k)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_loose_key_directory_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("keys");
+        LocalKeyProvider::new(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = LocalKeyProvider::new(&dir).unwrap_err();
+        assert_eq!(err.kind(), "insecure_permissions");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("chmod 700 {}", dir.display())),
+            "{msg}"
+        );
+        // Parents it creates are private too.
+        let deep = t.path().join("a/b/keys");
+        LocalKeyProvider::new(&deep).unwrap();
+        for d in [t.path().join("a"), t.path().join("a/b"), deep] {
+            assert_eq!(
+                fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+                0o700
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_symlinked_or_foreign_key_file_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("keys");
+        let p = LocalKeyProvider::new(&dir).unwrap();
+        let k = KeyRef::local("alpha").unwrap();
+        p.create_key(&k).await.unwrap();
+        fs::rename(dir.join("alpha.key"), t.path().join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(t.path().join("elsewhere"), dir.join("alpha.key")).unwrap();
+        let err = p.describe(&k).await.unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+        fs::remove_file(dir.join("alpha.key")).unwrap();
+        fs::rename(t.path().join("elsewhere"), dir.join("alpha.key")).unwrap();
+        p.describe(&k).await.unwrap();
+        if secure_fs::euid() == 0 {
+            std::os::unix::fs::chown(dir.join("alpha.key"), Some(65534), None).unwrap();
+            let err = p.describe(&k).await.unwrap_err();
+            assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+        }
     }
 }

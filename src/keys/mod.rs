@@ -378,6 +378,13 @@ pub enum KeyError {
         path: std::path::PathBuf,
         message: String,
     },
+    /// The key directory (or a directory above it) could be changed by
+    /// another local user (see `secure_fs`).
+    #[error("{message}")]
+    InsecurePermissions {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("{provider} key provider error on {key}: {message}")]
     Backend {
         provider: &'static str,
@@ -412,6 +419,7 @@ impl KeyError {
                 "key_provider_unsupported"
             }
             KeyError::LocalFile { .. } | KeyError::Backend { .. } => "key_provider_error",
+            KeyError::InsecurePermissions { .. } => "insecure_permissions",
         }
     }
 
@@ -492,6 +500,26 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
         key: &KeyRef,
         pending_window_days: u32,
     ) -> Result<Destruction, KeyError>;
+
+    /// Files on this host that hold, or may hold, material of `key` outside
+    /// its live key: temporary files of interrupted writes and, for a
+    /// destroyed key, whatever is left of its key file. Includes those this
+    /// process found and removed when it opened the provider, so that a
+    /// verification run after the removal still reports them. Providers whose
+    /// material never leaves the KMS have none (the default).
+    async fn leftover_material(&self, _key: &KeyRef) -> Result<Vec<Leftover>, KeyError> {
+        Ok(Vec::new())
+    }
+}
+
+/// Key material found on this host where none should be (see
+/// [`KeyProvider::leftover_material`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Leftover {
+    pub path: std::path::PathBuf,
+    /// True: this process removed it when it opened the provider (it was
+    /// there until then). False: it is still there.
+    pub removed: bool,
 }
 
 /// The configured providers, chosen by the scheme of a [`KeyRef`].

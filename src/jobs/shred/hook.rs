@@ -3,8 +3,10 @@
 //! the process aborts (`std::process::abort`: no destructors, no lease
 //! release, no audit `.end` record) when the shred reaches that point, as if
 //! it had been killed there. The tests use it to show that a re-run finishes
-//! the shred and yields one valid certificate. It has no other use; an unset
-//! or unknown value does nothing.
+//! the shred and yields one valid certificate. `CUSTOS_CRASH_AT=local-key:<point>`
+//! does the same inside any write of a local key file (creation, `rotate
+//! --cmk`): the tests show that no key material survives the next shred. It
+//! has no other use; an unset or unknown value does nothing.
 
 /// The points, in the order a tenant shred reaches them. Each sits after a
 /// step's work and before the descriptor records it, the worst place to die.
@@ -32,6 +34,11 @@ pub const EPOCH_POINTS: &[&str] = &[
     "certificate-signed",
     "certificate",
 ];
+
+/// The points of a local key file write ([`crate::keys::local`]): the
+/// temporary file is durable but not in place; it is in place, the directory
+/// not yet fsynced.
+pub const LOCAL_KEY_POINTS: &[&str] = &["written", "installed"];
 
 pub const ENV: &str = "CUSTOS_CRASH_AT";
 
