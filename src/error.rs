@@ -107,6 +107,22 @@ pub enum Error {
     #[error("shred of tenant {tenant} failed verification: {message}")]
     ShredVerification { tenant: String, message: String },
 
+    /// An audit record could not be written. For a `.begin` record the
+    /// action was not taken; for an `.end` record it was, unrecorded.
+    #[error("audit log unavailable: could not record {event}: {reason}")]
+    AuditUnavailable { event: String, reason: String },
+
+    /// `audit verify` found faults (the report lists them).
+    #[error("audit log {source_name} failed verification: {message}")]
+    AuditVerification {
+        source_name: String,
+        message: String,
+    },
+
+    /// A deletion certificate that does not verify.
+    #[error("certificate {file} is invalid: {message}")]
+    CertificateInvalid { file: String, message: String },
+
     #[error("{0}")]
     Internal(String),
 }
@@ -143,6 +159,9 @@ impl Error {
             Error::Cancelled { .. } => "cancelled",
             Error::LegalHold { .. } => "legal_hold",
             Error::ShredVerification { .. } => "shred_verification_failed",
+            Error::AuditUnavailable { .. } => "audit_unavailable",
+            Error::AuditVerification { .. } => "audit_verification_failed",
+            Error::CertificateInvalid { .. } => "certificate_invalid",
             Error::Internal(_) => "internal",
         }
     }

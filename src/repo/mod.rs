@@ -224,6 +224,13 @@ impl Repo {
                 first.path
             )));
         }
+        // Recorded before any key is created: no record, no init.
+        ctx.record(
+            "tenant.init.begin",
+            Some(tenant),
+            serde_json::json!({ "key": key, "epoch": 1, "reuse": false }),
+        )
+        .await?;
         let provider = ctx.keys.for_key(key)?;
         let info = match provider.create_key(key).await {
             Ok(info) => info,
@@ -282,6 +289,12 @@ impl Repo {
             .max()
             .unwrap_or(0)
             + 1;
+        ctx.record(
+            "tenant.init.begin",
+            Some(old.tenant()),
+            serde_json::json!({ "key": key, "epoch": epoch, "reuse": true }),
+        )
+        .await?;
         let provider = ctx.keys.for_key(key)?;
         if let Err(e) = provider.create_key(key).await
             && !matches!(e, KeyError::Unsupported { .. })
