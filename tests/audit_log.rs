@@ -994,7 +994,9 @@ async fn a_job_whose_end_cannot_be_recorded_says_what_it_did() {
         .boxed()
     })
     .await;
-    let err = run.result.err().expect("the missing end is an error");
+    let Err(err) = run.result else {
+        panic!("the missing end is an error")
+    };
     assert_eq!(err.kind(), "audit_unavailable");
     let message = err.to_string();
     let snapshot = run.report.metrics.snapshot.clone().expect("the backup ran");
@@ -1224,9 +1226,14 @@ fn a_witness_catches_what_every_copy_lost() {
     }
     cli.ok(&["audit", "verify"]);
     cli.ok(&["audit", "verify", "--from-store"]);
-    let r = cli.run(&["audit", "verify", "--witness", w, "--json"]);
-    assert_eq!(r.code, 1, "{}", r.stdout);
-    assert!(has_cut(&r, "local log"), "{}", r.stdout);
+    for args in [
+        vec!["audit", "verify", "--witness", w, "--json"],
+        vec!["audit", "verify", "--from-store", "--witness", w, "--json"],
+    ] {
+        let r = cli.run(&args);
+        assert_eq!(r.code, 1, "{args:?}: {}", r.stdout);
+        assert!(has_cut(&r, "local log"), "{args:?}: {}", r.stdout);
+    }
     // A witness that is not this log's checkpoint is a fault, not knowledge.
     let forged = cli.path().join("forged");
     fs::write(

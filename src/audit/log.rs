@@ -31,7 +31,10 @@
 //! checkpoint is missing (completed: it is the next record of the chain).
 //! Anything else that does not match the cache (a shorter log, unknown or
 //! unchained lines) is refused with a pointer to `custos audit verify`:
-//! custos does not sign what it cannot account for.
+//! custos does not sign what it cannot account for. Nor does it continue a
+//! log shorter than the store copy it made (`replicated.json`), and the
+//! replication never shrinks or rewrites the store copy: after a cut of the
+//! local log, the store copy keeps the evidence (see `verify`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};

@@ -1020,7 +1020,7 @@ pub async fn store_extent(store: &SharedStore, verifier: &VerifierKey) -> Result
         .into_iter()
         .filter_map(|p| Some((p.filename()?.parse::<u64>().ok()?, p)))
         .collect();
-    sized.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    sized.sort_unstable_by_key(|(size, _)| std::cmp::Reverse(*size));
     let mut signed = None;
     for (size, path) in sized.into_iter().take(MAX_EXTENT_TRIES) {
         if let Some(text) = get(path).await?
@@ -1229,7 +1229,8 @@ pub async fn verify_local_copy(
 /// `custos audit verify --from-store`: verifies the store copy in full and
 /// holds it to the local state's replication marker (and compares it with
 /// the local log and witnesses, which it may lag); then holds the local log
-/// (`dir`, when there is one) to what the store copy signed.
+/// (`dir`, when there is one) to what the store copy signed, its state and
+/// the witnesses.
 pub async fn verify_store_copy(
     store: &SharedStore,
     dir: &Path,
@@ -1242,7 +1243,8 @@ pub async fn verify_store_copy(
     let before = tokio::task::spawn_blocking(move || local_extent(&d, &v))
         .await
         .map_err(|e| Error::Internal(format!("audit verification task failed: {e}")))??;
-    let (mut knowledge, witness_faults) = witness_knowledge(witnesses, verifier, false);
+    let (witnessed, witness_faults) = witness_knowledge(witnesses, verifier, false);
+    let mut knowledge = witnessed.clone();
     if let Some((ext, remembered)) = before {
         knowledge.extend(remembered_knowledge(remembered, false));
         if let Some((size, root)) = ext.signed {
@@ -1263,6 +1265,12 @@ pub async fn verify_store_copy(
     match after {
         Ok(Some((ext, remembered))) => {
             let mut k = remembered_knowledge(remembered, true);
+            // Witnesses were taken from the local log: it must hold them.
+            k.extend(
+                witnessed
+                    .into_iter()
+                    .map(|w| Knowledge { binding: true, ..w }),
+            );
             if let Some(size) = report.latest_checkpoint {
                 k.push(Knowledge {
                     source: format!("the store copy's latest signed checkpoint ({size})"),

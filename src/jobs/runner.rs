@@ -304,6 +304,8 @@ async fn finish<T: JobOutput>(
     // begin could not be recorded did not run: there is no end to record.
     let begin_seq = match began {
         Began::Unrecorded => None,
+        // Failed on the audit log before its beginning (a tenant init's record).
+        Began::No if matches!(result, Err(Error::AuditUnavailable { .. })) => None,
         Began::No => Some(None),
         Began::Recorded(seq) => Some(seq),
     };
