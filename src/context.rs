@@ -58,10 +58,11 @@ impl Context {
     ) -> crate::Result<Context> {
         let local = crate::keys::local::LocalKeyProvider::new(root.join("keys"))?;
         Ok(Context {
-            audit: Some(crate::audit::AuditLog::open(
+            audit: Some(crate::audit::AuditLog::open_with(
                 &root.join("state/audit"),
                 crate::audit::AuditKey::load_or_create(&root.join("state/audit.key"))?,
                 Some(store.clone()),
+                store_url.strip_prefix("file://").map(std::path::Path::new),
             )?),
             store,
             store_url,
@@ -112,10 +113,18 @@ impl Context {
         })?;
         let state = StateDir::open(&cfg.state_dir)?;
         Ok(Context {
-            audit: Some(crate::audit::AuditLog::from_config(
-                cfg,
-                Some(store.clone()),
-            )?),
+            audit: Some(
+                crate::audit::AuditLog::from_config(cfg, Some(store.clone())).map_err(
+                    |e| match e {
+                        // A configuration problem keeps its kind and its fix.
+                        e @ crate::Error::Config { .. } => e,
+                        e => crate::Error::AuditUnavailable {
+                            event: "anything (the audit log does not open)".into(),
+                            reason: e.to_string(),
+                        },
+                    },
+                )?,
+            ),
             store,
             store_url: cfg.store.url(),
             keys,
@@ -191,7 +200,10 @@ pub fn default_actor(role: &str) -> String {
 
 impl Context {
     /// Appends an audit record. Without an audit log (never in production
-    /// setups) it records nothing.
+    /// setups) it records nothing. A record that cannot be written is
+    /// `audit_unavailable`, whatever the cause (full disk, I/O error, a log
+    /// that no longer matches its checkpoints), so callers fail closed on
+    /// one kind.
     pub async fn record(
         &self,
         event: &str,
@@ -202,7 +214,15 @@ impl Context {
             Some(log) => log
                 .append(event, tenant, &self.actor, details)
                 .await
-                .map(Some),
+                .map(Some)
+                .map_err(|e| match e {
+                    // A malformed event name is the caller's bug, not the log's.
+                    e @ crate::Error::InvalidArgument(_) => e,
+                    e => crate::Error::AuditUnavailable {
+                        event: event.to_owned(),
+                        reason: e.to_string(),
+                    },
+                }),
             None => Ok(None),
         }
     }

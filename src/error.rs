@@ -131,6 +131,22 @@ pub enum Error {
     #[error("{message}")]
     InsecurePermissions { path: PathBuf, message: String },
 
+    /// An audit record could not be written. For a `.begin` record the
+    /// action was not taken; for an `.end` record it was, unrecorded.
+    #[error("audit log unavailable: could not record {event}: {reason}")]
+    AuditUnavailable { event: String, reason: String },
+
+    /// `audit verify` found faults (the report lists them).
+    #[error("audit log {source_name} failed verification: {message}")]
+    AuditVerification {
+        source_name: String,
+        message: String,
+    },
+
+    /// A deletion certificate that does not verify.
+    #[error("certificate {file} is invalid: {message}")]
+    CertificateInvalid { file: String, message: String },
+
     #[error("{0}")]
     Internal(String),
 }
@@ -171,6 +187,10 @@ impl Error {
             Error::KeyOwnershipUnproven { .. } => "key_ownership_unproven",
 
             Error::InsecurePermissions { .. } => "insecure_permissions",
+
+            Error::AuditUnavailable { .. } => "audit_unavailable",
+            Error::AuditVerification { .. } => "audit_verification_failed",
+            Error::CertificateInvalid { .. } => "certificate_invalid",
             Error::Internal(_) => "internal",
         }
     }

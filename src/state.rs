@@ -345,11 +345,7 @@ mod tests {
     fn fs_write(p: &Path, b: &[u8]) {
         std::fs::write(p, b).unwrap();
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
     use std::os::unix::fs::PermissionsExt;
 
     fn chmod(p: &Path, mode: u32) {

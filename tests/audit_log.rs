@@ -735,3 +735,610 @@ async fn details_and_store_paths_are_what_the_docs_say() {
     assert_eq!(it.next(), Some("1"));
     assert_eq!(StorePath::from("audit/log").as_ref(), "audit/log");
 }
+
+// ---------------------------------------------------------------------------
+// Through the binary: fail closed on audit, cuts of either copy, `--json`
+// envelopes, replication leftovers.
+
+mod common;
+use common::{Cli, Run};
+
+/// An installation with tenant `acme` backed up once.
+fn backed_up() -> Cli {
+    let cli = Cli::new();
+    let src = cli.path().join("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("hello.txt"), "hello\n".repeat(100)).unwrap();
+    fs::write(src.join("sub/data"), b"tenant data").unwrap();
+    cli.policy("acme", &src);
+    cli.ok(&["backup", "acme"]);
+    cli
+}
+
+fn state_audit(cli: &Cli) -> PathBuf {
+    cli.path().join("state/audit")
+}
+
+fn events(cli: &Cli) -> Vec<serde_json::Value> {
+    lines(&state_audit(cli))
+        .iter()
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect()
+}
+
+fn snapshot_count(cli: &Cli) -> usize {
+    cli.object_paths("acme", "snapshots").len()
+}
+
+/// The `--json` error of a failed command: (kind, message).
+fn json_error(r: &Run) -> (String, String) {
+    let doc = r.json();
+    assert_eq!(doc["ok"], false, "{doc}");
+    (
+        doc["error"]["kind"].as_str().unwrap_or_default().to_owned(),
+        doc["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+/// Asserts that `args` (with `--json`) was refused for want of an audit
+/// record, naming `cause`, and returns the message.
+fn refused_for_audit(r: &Run, cause: &str) -> String {
+    assert_ne!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let (kind, message) = json_error(r);
+    assert_eq!(kind, "audit_unavailable", "{message}");
+    assert!(message.contains(cause), "{message}");
+    message
+}
+
+/// Restore, backup, listing and tenant init with an audit log that cannot
+/// be appended to: each refused with `audit_unavailable`, nothing done.
+fn assert_nothing_runs(cli: &Cli, run: impl Fn(&[&str]) -> Run, cause: &str) {
+    let before = snapshot_count(cli);
+    let r = run(&["backup", "acme", "--json"]);
+    let message = refused_for_audit(&r, cause);
+    assert!(message.contains("backup.begin"), "{message}");
+    assert!(message.contains("did not start"), "{message}");
+    assert_eq!(snapshot_count(cli), before, "no snapshot was written");
+
+    let target = cli.path().join("restored");
+    let r = run(&[
+        "restore",
+        "acme",
+        "latest",
+        "--target",
+        target.to_str().unwrap(),
+        "--json",
+    ]);
+    refused_for_audit(&r, cause);
+    let restored = fs::read_dir(&target).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(restored, 0, "no file was restored");
+
+    refused_for_audit(&run(&["snapshots", "acme", "--json"]), cause);
+    refused_for_audit(&run(&["check", "acme", "--json"]), cause);
+
+    let r = run(&["tenant", "init", "beta", "--json"]);
+    refused_for_audit(&r, cause);
+    assert!(
+        !cli.path().join("keys/beta.key").exists() && !cli.store().join("tenants/beta").exists(),
+        "no key and no tenant were created"
+    );
+}
+
+/// Runs custos with the state directory on a full file system: a private
+/// tmpfs (in a user and mount namespace, so neither root nor a mount left
+/// behind is needed) holding a copy of the state, its free space filled.
+/// `None` where namespaces are not available.
+fn run_with_full_state(cli: &Cli, args: &[&str]) -> Option<Run> {
+    let probe = std::process::Command::new("unshare")
+        .args(["-rm", "true"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        return None;
+    }
+    let copy = tempfile::tempdir().unwrap();
+    let script = r#"set -e
+umask 077
+state="$1"; copy="$2"; shift 2
+cp -a "$state/." "$copy/"
+mount -t tmpfs -o size=4m,mode=0700 custos-full "$state"
+cp -a "$copy/." "$state/"
+dd if=/dev/zero of="$state/filler" bs=64k 2>/dev/null || true
+exec "$@""#;
+    let out = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c", script, "sh"])
+        .arg(cli.path().join("state"))
+        .arg(copy.path())
+        .arg(env!("CARGO_BIN_EXE_custos"))
+        .arg("--config")
+        .arg(cli.path().join("custos.toml"))
+        .args(args)
+        .env("CUSTOS_LOG", "warn")
+        .env("CUSTOS_LOG_FORMAT", "text")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .output()
+        .expect("run unshare");
+    Some(Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// Issue 12, item 6: with the state directory full, `backup` and `restore`
+/// exited 0 and recorded nothing. Now nothing runs without its record.
+#[test]
+fn a_full_state_directory_stops_every_job() {
+    let cli = backed_up();
+    if run_with_full_state(&cli, &["audit", "verify"]).is_none() {
+        eprintln!("skipped: user and mount namespaces (unshare -rm) are not available");
+        return;
+    }
+    let message = refused_for_audit(
+        &run_with_full_state(&cli, &["backup", "acme", "--json"]).unwrap(),
+        "No space left on device",
+    );
+    assert!(
+        message.contains("audit/pending"),
+        "names the file: {message}"
+    );
+    assert_nothing_runs(
+        &cli,
+        |args| run_with_full_state(&cli, args).unwrap(),
+        "No space left on device",
+    );
+    // With room again, the same installation works and its log verifies.
+    cli.ok(&["backup", "acme"]);
+    cli.ok(&["audit", "verify"]);
+}
+
+/// The same with an append that fails everywhere, root or not, namespaces
+/// or not: the intent file cannot be replaced (a directory is in its way).
+#[test]
+fn an_audit_log_that_cannot_be_appended_to_stops_every_job() {
+    let cli = backed_up();
+    let records = events(&cli).len();
+    let blocker = state_audit(&cli).join("pending");
+    fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+    assert_nothing_runs(&cli, |args| cli.run(args), "pending");
+    assert_eq!(events(&cli).len(), records, "no record was written");
+    fs::remove_dir_all(&blocker).unwrap();
+    cli.ok(&["backup", "acme"]);
+    cli.ok(&["audit", "verify"]);
+}
+
+/// Every job and every read of tenant data is recorded before it starts and
+/// after it ends; the end names its beginning.
+#[test]
+fn every_access_is_recorded_before_and_after() {
+    let cli = backed_up();
+    let target = cli.path().join("restored");
+    cli.ok(&["snapshots", "acme"]);
+    cli.ok(&["check", "acme"]);
+    cli.ok(&[
+        "restore",
+        "acme",
+        "latest",
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    cli.ok(&["tenant", "show", "acme"]);
+    let log = events(&cli);
+    let names: Vec<&str> = log.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "tenant.init.begin",
+            "tenant.init",
+            "backup.begin",
+            "backup.end",
+            "snapshots.begin",
+            "snapshots.end",
+            "check.begin",
+            "check.end",
+            "restore.begin",
+            "restore.end",
+            "tenant.show.begin",
+            "tenant.show.end",
+        ]
+    );
+    for (i, e) in log.iter().enumerate() {
+        let name = e["event"].as_str().unwrap();
+        assert_eq!(e["tenant"], "acme");
+        if name.ends_with(".end") {
+            assert_eq!(e["details"]["begin_seq"], (i - 1) as u64, "{e}");
+            assert_eq!(e["details"]["outcome"], "success", "{e}");
+        }
+    }
+    cli.ok(&["audit", "verify"]);
+}
+
+/// A job that ran but whose end record cannot be written is an error that
+/// says the job's effect is in place (its snapshot exists).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_end_cannot_be_recorded_says_what_it_did() {
+    use custos::jobs::runner::{JobSpec, run_job};
+    use futures::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = custos::context::Context::embedded(dir.path()).unwrap();
+    let src = dir.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"data").unwrap();
+    let acme = TenantId::new("acme").unwrap();
+    let key = custos::keys::KeyRef::local("acme").unwrap();
+    let pending = dir.path().join("state/audit/pending");
+    let spec = JobSpec {
+        tenant: &acme,
+        job: custos::report::JobKind::Backup,
+        policy_key: None,
+        init_with: Some(&key),
+    };
+    let run = run_job(&ctx, spec, |repo, lease, _| {
+        let (src, pending) = (src.clone(), pending.clone());
+        async move {
+            let report = custos::jobs::backup::run(
+                repo,
+                lease,
+                common::backup_options(&src),
+                &custos::jobs::NoProgress,
+            )
+            .await;
+            // The audit log breaks while the job runs.
+            fs::create_dir_all(pending.join("in-the-way")).unwrap();
+            report
+        }
+        .boxed()
+    })
+    .await;
+    let Err(err) = run.result else {
+        panic!("the missing end is an error")
+    };
+    assert_eq!(err.kind(), "audit_unavailable");
+    let message = err.to_string();
+    let snapshot = run.report.metrics.snapshot.clone().expect("the backup ran");
+    assert!(message.contains("backup.end"), "{message}");
+    assert!(message.contains("effect is in place"), "{message}");
+    assert!(message.contains(&snapshot), "{message}");
+    assert_eq!(run.report.error_kind, Some("audit_unavailable"));
+    let snapshots = dir.path().join("store/tenants/acme/snapshots");
+    assert_eq!(fs::read_dir(snapshots).unwrap().count(), 1);
+}
+
+fn remove_last_records(cli: &Cli, n: usize) {
+    let audit = state_audit(cli);
+    let mut l = lines(&audit);
+    let size = l.len();
+    l.truncate(size - n);
+    write_lines(&audit, &l);
+    for s in size - n + 1..=size {
+        fs::remove_file(audit.join(format!("checkpoints/{s}"))).unwrap();
+    }
+}
+
+fn faults_of(r: &Run) -> Vec<serde_json::Value> {
+    r.json()["result"]["faults"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn has_cut(r: &Run, copy: &str) -> bool {
+    faults_of(r).iter().any(|f| {
+        f["kind"] == "cut"
+            && f["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(&format!("the {copy} was cut")))
+    })
+}
+
+/// Issue 12, item 5: the last records removed from the local log with their
+/// checkpoints passed `audit verify`. The state's last append, the
+/// replication marker and the store copy each still know them.
+#[test]
+fn a_local_log_cut_with_its_checkpoints_is_caught() {
+    let cli = backed_up();
+    cli.ok(&["check", "acme"]);
+    remove_last_records(&cli, 2);
+    let r = cli.run(&["audit", "verify", "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    let (kind, message) = json_error(&r);
+    assert_eq!(kind, "audit_verification_failed");
+    assert!(message.contains("the local log was cut"), "{message}");
+    assert!(has_cut(&r, "local log"), "{}", r.stdout);
+    let checks = r.json()["result"]["cross_checks"].clone();
+    for source in ["tail.json", "replicated.json", "store copy"] {
+        assert!(
+            checks
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["outcome"] == "cut"
+                    && c["copy"] == "local log"
+                    && c["against"].as_str().unwrap().contains(source)),
+            "{source}: {checks:#}"
+        );
+    }
+    let human = cli.run(&["audit", "verify"]);
+    assert_eq!(human.code, 1);
+    assert!(human.stdout.contains("FAULT"), "{}", human.stdout);
+    assert!(
+        human.stdout.contains("records 4..5 were removed"),
+        "{}",
+        human.stdout
+    );
+
+    // custos does not carry on from a log shorter than it remembers: no
+    // job runs, and the error says why.
+    let r = cli.run(&["backup", "acme", "--json"]);
+    refused_for_audit(&r, "records were removed");
+
+    // An intruder who knows about the state files removes them too: the
+    // store copy still holds the records and their signed checkpoints.
+    fs::remove_file(state_audit(&cli).join("tail.json")).unwrap();
+    fs::remove_file(state_audit(&cli).join("replicated.json")).unwrap();
+    let r = cli.run(&["audit", "verify", "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(has_cut(&r, "local log"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("the store copy's latest signed checkpoint (6)"),
+        "{}",
+        r.stdout
+    );
+    // Without the store copy (and no witness) nothing is left that knows:
+    // the limit docs/AUDIT.md states.
+    let r = cli.run(&["audit", "verify", "--offline", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert_eq!(
+        r.json()["result"]["cross_checks"][0]["outcome"],
+        "unavailable"
+    );
+
+    // Now custos cannot tell locally and appends again, but it never writes
+    // over the store copy, which keeps the removed records: the two copies
+    // now diverge, and verification says so.
+    let segment = cli.store().join("audit/log/00000000000000000000.jsonl");
+    let kept = fs::read(&segment).unwrap();
+    cli.run(&["backup", "acme"]);
+    assert_eq!(
+        fs::read(&segment).unwrap(),
+        kept,
+        "the store copy is intact"
+    );
+    for args in [
+        vec!["audit", "verify", "--json"],
+        vec!["audit", "verify", "--from-store", "--json"],
+    ] {
+        let r = cli.run(&args);
+        assert_eq!(r.code, 1, "{args:?}: {}", r.stdout);
+        assert!(
+            faults_of(&r)
+                .iter()
+                .any(|f| f["kind"] == "diverged" || f["kind"] == "cut"),
+            "{args:?}: {}",
+            r.stdout
+        );
+    }
+}
+
+/// Issue 12, item 5: the last record and its checkpoint removed from the
+/// store copy passed `audit verify --from-store`. The replication marker
+/// says how far the store copy reached.
+#[test]
+fn a_store_copy_cut_with_its_checkpoint_is_caught() {
+    let cli = backed_up();
+    let seg = cli.store().join("audit/log/00000000000000000000.jsonl");
+    let text = fs::read(&seg).unwrap();
+    let mut l: Vec<&[u8]> = text
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    let size = l.len();
+    l.pop();
+    fs::write(&seg, [l.join(&b'\n'), b"\n".to_vec()].concat()).unwrap();
+    fs::remove_file(cli.store().join(format!("audit/checkpoints/{size:020}"))).unwrap();
+
+    for args in [
+        vec!["audit", "verify", "--from-store", "--json"],
+        vec!["audit", "verify", "--json"],
+    ] {
+        let r = cli.run(&args);
+        assert_eq!(r.code, 1, "{args:?}: {}", r.stdout);
+        assert!(has_cut(&r, "store copy"), "{args:?}: {}", r.stdout);
+        assert!(!has_cut(&r, "local log"), "{args:?}: {}", r.stdout);
+        let (kind, _) = json_error(&r);
+        assert_eq!(kind, "audit_verification_failed");
+    }
+}
+
+/// A store copy that lags (replication failed for a while) is not a cut;
+/// the next append catches it up.
+#[test]
+fn a_lagging_store_copy_is_not_a_cut() {
+    let cli = backed_up();
+    // The state of a replication that failed after the next job's records:
+    // the store copy and its marker as they were before it.
+    let audit = cli.store().join("audit");
+    let marker = state_audit(&cli).join("replicated.json");
+    let aside = cli.path().join("aside");
+    copy_dir(&audit, &aside.join("audit"));
+    let old_marker = fs::read(&marker).unwrap();
+    cli.ok(&["check", "acme"]);
+    fs::remove_dir_all(&audit).unwrap();
+    copy_dir(&aside.join("audit"), &audit);
+    fs::write(&marker, old_marker).unwrap();
+
+    let r = cli.run(&["audit", "verify", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    let checks = r.json()["result"]["cross_checks"].clone();
+    assert!(
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["copy"] == "store copy" && c["outcome"] == "behind"),
+        "{checks:#}"
+    );
+    cli.ok(&["audit", "verify", "--from-store"]);
+    cli.ok(&["check", "acme"]);
+    let r = cli.ok(&["audit", "verify", "--from-store", "--json"]);
+    assert_eq!(r.json()["result"]["records"], 8);
+    cli.ok(&["audit", "verify"]);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Both copies and the state cut together leave nothing inside this
+/// installation that knows; a checkpoint kept elsewhere (a witness) does.
+#[test]
+fn a_witness_catches_what_every_copy_lost() {
+    let cli = backed_up();
+    cli.ok(&["check", "acme"]);
+    let witness = cli.path().join("witness.checkpoint");
+    fs::write(&witness, cli.ok(&["audit", "checkpoint"]).stdout).unwrap();
+    let w = witness.to_str().unwrap();
+    cli.ok(&["audit", "verify", "--witness", w]);
+
+    // The intruder cuts everything: local log, state, store copy.
+    let size = events(&cli).len();
+    remove_last_records(&cli, 2);
+    for f in ["tail.json", "replicated.json"] {
+        fs::remove_file(state_audit(&cli).join(f)).unwrap();
+    }
+    let seg = cli.store().join("audit/log/00000000000000000000.jsonl");
+    fs::copy(state_audit(&cli).join("log.jsonl"), &seg).unwrap();
+    for s in size - 1..=size {
+        fs::remove_file(cli.store().join(format!("audit/checkpoints/{s:020}"))).unwrap();
+    }
+    cli.ok(&["audit", "verify"]);
+    cli.ok(&["audit", "verify", "--from-store"]);
+    for args in [
+        vec!["audit", "verify", "--witness", w, "--json"],
+        vec!["audit", "verify", "--from-store", "--witness", w, "--json"],
+    ] {
+        let r = cli.run(&args);
+        assert_eq!(r.code, 1, "{args:?}: {}", r.stdout);
+        assert!(has_cut(&r, "local log"), "{args:?}: {}", r.stdout);
+    }
+    // A witness that is not this log's checkpoint is a fault, not knowledge.
+    let forged = cli.path().join("forged");
+    fs::write(
+        &forged,
+        fs::read_to_string(&witness).unwrap().replace('\n', "\n\n"),
+    )
+    .unwrap();
+    let r = cli.run(&[
+        "audit",
+        "verify",
+        "--witness",
+        forged.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+}
+
+/// `audit verify --json` and `certificate verify --json` use the one
+/// envelope: `{"ok": true, "result"}` / `{"ok": false, "error": {kind, message}}`.
+#[test]
+fn verify_commands_print_the_json_envelope() {
+    let cli = backed_up();
+    let r = cli.ok(&["audit", "verify", "--json"]);
+    let doc = r.json();
+    assert_eq!(doc["ok"], true, "{doc}");
+    assert_eq!(doc["result"]["records"], 4);
+    assert_eq!(doc["result"]["faults"], json!([]));
+    assert!(doc.get("error").is_none());
+    // An error before any report: the envelope without a result.
+    let r = cli.run(&["audit", "verify", "--public-key", "/nonexistent", "--json"]);
+    assert_eq!(r.code, 1);
+    let (kind, _) = json_error(&r);
+    assert_eq!(kind, "io_error");
+    assert!(r.json().get("result").is_none());
+
+    // Certificates: valid, then edited.
+    let out = cli.path().join("cert.json");
+    cli.ok(&[
+        "shred",
+        "acme",
+        "--confirm",
+        "acme",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let r = cli.ok(&["certificate", "verify", out.to_str().unwrap(), "--json"]);
+    let doc = r.json();
+    assert_eq!(doc["ok"], true, "{doc}");
+    assert_eq!(doc["result"]["valid"], true);
+    assert_eq!(doc["result"]["tenant"], "acme");
+    let text = fs::read_to_string(&out).unwrap();
+    let bad = cli.path().join("bad.json");
+    fs::write(&bad, text.replacen("acme", "acmf", 1)).unwrap();
+    let r = cli.run(&["certificate", "verify", bad.to_str().unwrap(), "--json"]);
+    assert_eq!(r.code, 1);
+    let (kind, message) = json_error(&r);
+    assert_eq!(kind, "certificate_invalid");
+    assert!(message.contains("bad.json"), "{message}");
+    assert_eq!(r.json()["result"]["valid"], false);
+    // Valid, but the shred no longer holds online: data is back in the prefix.
+    let planted = cli.store().join("tenants/acme/packs/00");
+    fs::create_dir_all(&planted).unwrap();
+    fs::write(planted.join("planted"), b"x").unwrap();
+    let r = cli.run(&[
+        "certificate",
+        "verify",
+        out.to_str().unwrap(),
+        "--online",
+        "--json",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    let (kind, message) = json_error(&r);
+    assert_eq!(kind, "shred_verification_failed");
+    assert!(message.contains("tenants/acme/"), "{message}");
+    assert_eq!(r.json()["result"]["valid"], true);
+    assert_eq!(r.json()["result"]["online"]["ok"], false);
+}
+
+/// Issue 12, item 11: a replication killed mid-upload to a local store left
+/// `audit/log/…jsonl#1` (and `audit/checkpoints/…#1`) for good. The next
+/// replication removes them.
+#[test]
+fn a_killed_replication_leaves_nothing_behind() {
+    let cli = backed_up();
+    let size = events(&cli).len();
+    // What a kill in the middle of the next upload leaves: the segment and
+    // the next checkpoint, staged and never renamed.
+    let seg = cli.store().join("audit/log/00000000000000000000.jsonl#1");
+    let cp = cli
+        .store()
+        .join(format!("audit/checkpoints/{:020}#1", size + 1));
+    fs::write(&seg, b"{\"seq\":0,\"ti").unwrap();
+    fs::write(&cp, b"custos/audit/").unwrap();
+    cli.ok(&["check", "acme"]);
+    assert!(!seg.exists(), "segment staging file left");
+    assert!(!cp.exists(), "checkpoint staging file left");
+    let mut left = Vec::new();
+    for d in ["audit/log", "audit/checkpoints"] {
+        for e in fs::read_dir(cli.store().join(d)).unwrap() {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            if name.contains('#') {
+                left.push(name);
+            }
+        }
+    }
+    assert!(left.is_empty(), "{left:?}");
+    cli.ok(&["audit", "verify", "--from-store"]);
+}

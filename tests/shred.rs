@@ -233,8 +233,12 @@ fn shred_a_tenant_then_everything_is_refused() {
     );
     assert_eq!(online.code, 0, "{}{}", online.stdout, online.stderr);
     let o = online.json();
-    assert_eq!(o["online"]["ok"], true, "{o}");
-    assert_eq!(o["online"]["keys"][0]["state"]["state"], "destroyed");
+    assert_eq!(o["ok"], true, "{o}");
+    assert_eq!(o["result"]["online"]["ok"], true, "{o}");
+    assert_eq!(
+        o["result"]["online"]["keys"][0]["state"]["state"],
+        "destroyed"
+    );
 
     // Each step recorded before and after, in order, in a log that verifies.
     let log = fs::read_to_string(cli.path().join("state/audit/log.jsonl")).unwrap();

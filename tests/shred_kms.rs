@@ -251,8 +251,9 @@ async fn shredding_under_kms_makes_the_envelopes_undecryptable() {
             ],
         );
         let o = r.json();
-        assert_eq!(o["valid"], true);
-        assert_eq!(o["online"]["ok"], true, "{o}");
+        assert_eq!(o["ok"], true, "{o}");
+        assert_eq!(o["result"]["valid"], true);
+        assert_eq!(o["result"]["online"]["ok"], true, "{o}");
     }
     // Any edited byte makes verification fail.
     assert_every_byte_matters(&cert, &key_pub);

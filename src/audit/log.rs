@@ -31,7 +31,10 @@
 //! checkpoint is missing (completed: it is the next record of the chain).
 //! Anything else that does not match the cache (a shorter log, unknown or
 //! unchained lines) is refused with a pointer to `custos audit verify`:
-//! custos does not sign what it cannot account for.
+//! custos does not sign what it cannot account for. Nor does it continue a
+//! log shorter than the store copy it made (`replicated.json`), and the
+//! replication never shrinks or rewrites the store copy: after a cut of the
+//! local log, the store copy keeps the evidence (see `verify`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -62,10 +65,10 @@ pub const SEGMENT_RECORDS: u64 = 1000;
 
 pub const LOG_FILE: &str = "log.jsonl";
 pub const CHECKPOINT_DIR: &str = "checkpoints";
-const TAIL_FILE: &str = "tail.json";
+pub(crate) const TAIL_FILE: &str = "tail.json";
 /// The signed intent of the append in progress (see `verify::pending_text`).
 pub const PENDING_FILE: &str = "pending";
-const REPLICATED_FILE: &str = "replicated.json";
+pub(crate) const REPLICATED_FILE: &str = "replicated.json";
 const LOCK_FILE: &str = "lock";
 const TAIL_FORMAT: &str = "custos-audit-tail/1";
 /// How long one store request of the replication may take.
@@ -114,6 +117,9 @@ struct Inner {
     dir: PathBuf,
     key: AuditKey,
     replica: Option<SharedStore>,
+    /// The replica's root directory when it is a local store: where an
+    /// upload killed half-way leaves a `<name>#<n>` staging file.
+    local_root: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -289,6 +295,17 @@ impl AuditLog {
     /// the latest checkpoint is signed by `key`, so a log is never continued
     /// under another key.
     pub fn open(dir: &Path, key: AuditKey, replica: Option<SharedStore>) -> Result<Self> {
+        Self::open_with(dir, key, replica, None)
+    }
+
+    /// [`AuditLog::open`], naming the replica's root directory when it is a
+    /// local store, so that replication removes what killed uploads left.
+    pub fn open_with(
+        dir: &Path,
+        key: AuditKey,
+        replica: Option<SharedStore>,
+        local_store_root: Option<&Path>,
+    ) -> Result<Self> {
         for d in [dir.to_owned(), dir.join(CHECKPOINT_DIR)] {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -301,6 +318,7 @@ impl AuditLog {
                 dir: dir.to_owned(),
                 key,
                 replica,
+                local_root: local_store_root.map(Path::to_owned),
             }),
         };
         let _lock = LogLock::exclusive(dir)?;
@@ -327,7 +345,11 @@ impl AuditLog {
     /// `[audit] key_file` (or the systemd credential; created on first use).
     pub fn from_config(cfg: &crate::config::Config, replica: Option<SharedStore>) -> Result<Self> {
         let key = AuditKey::load_or_create(&cfg.audit.key_file)?;
-        Self::open(&audit_dir(&cfg.state_dir), key, replica)
+        let local_root = match &cfg.store {
+            crate::config::StoreLocation::Local(root) => Some(root.as_path()),
+            _ => None,
+        };
+        Self::open_with(&audit_dir(&cfg.state_dir), key, replica, local_root)
     }
 
     pub fn dir(&self) -> &Path {
@@ -591,8 +613,25 @@ impl Inner {
         self.load_tail()
     }
 
-    /// The tail, reconciled with `log.jsonl`. Callers hold the exclusive lock.
+    /// The tail, reconciled with `log.jsonl` and held to the replication
+    /// marker: custos never continues a log shorter than the store copy it
+    /// made (that would sign a second history). Callers hold the exclusive lock.
     fn load_tail(&self) -> Result<Tail> {
+        let tail = self.reconcile_tail()?;
+        let replicated = self.read_replicated().records;
+        if replicated > tail.size {
+            return Err(corrupt(
+                &self.log_path(),
+                format!(
+                    "log.jsonl holds {} records but {replicated} were copied to the store ({REPLICATED_FILE}): records were removed; run `custos audit verify`",
+                    tail.size
+                ),
+            ));
+        }
+        Ok(tail)
+    }
+
+    fn reconcile_tail(&self) -> Result<Tail> {
         let len = self.log_len()?;
         let Some(tail) = self.read_tail_file() else {
             return self.rebuild_tail(len);
@@ -872,36 +911,59 @@ impl Inner {
     }
 
     /// Uploads a plan (segments before checkpoints) and records the new marker.
+    ///
+    /// The store copy only ever grows, so that it keeps the evidence when
+    /// the local log is cut (or restored from an older copy): nothing is
+    /// uploaded while the store holds a checkpoint beyond the local log; a
+    /// segment replaces only a prefix of itself; a checkpoint is uploaded
+    /// only where there is none or the same one (checkpoints are
+    /// deterministic). One HEAD and one GET of the last segment per append.
     async fn execute(self: &Arc<Self>, plan: Plan) -> Result<()> {
         let store = self.replica.clone().expect("only planned with a replica");
+        if let Some(root) = self.local_root.clone() {
+            let paths: Vec<StorePath> = plan.uploads.iter().map(|(p, _)| p.clone()).collect();
+            // Best effort: a leftover costs disk space, not correctness.
+            if let Err(e) = blocking(move || sweep_staging(&root, &paths)).await {
+                tracing::warn!(event = "audit.staging_sweep_failed", error = %e, "could not remove staging files of an interrupted audit replication");
+            }
+        }
+        let beyond = store_checkpoint_path(plan.size + 1);
+        match timed("head", &beyond, store.head(&beyond)).await {
+            Ok(_) => {
+                return Err(corrupt(
+                    &self.log_path(),
+                    format!(
+                        "the store copy holds {beyond} but the local log has {} records: the local log was cut or replaced; the store copy is not written over (run `custos audit verify`)",
+                        plan.size
+                    ),
+                ));
+            }
+            Err(Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => {}
+            Err(e) => return Err(e),
+        }
         let (segments, checkpoints): (Vec<_>, Vec<_>) = plan
             .uploads
             .into_iter()
             .partition(|(p, _)| p.as_ref().starts_with("audit/log/"));
-        for batch in [segments, checkpoints] {
-            futures::stream::iter(batch)
-                .map(|(path, bytes)| {
-                    let store = store.clone();
-                    async move {
-                        let put = store.put(&path, PutPayload::from_bytes(bytes));
-                        match tokio::time::timeout(STORE_TIMEOUT, put).await {
-                            Ok(Ok(_)) => Ok(()),
-                            Ok(Err(e)) => Err(Error::store("put", &path, e)),
-                            Err(_) => Err(Error::store(
-                                "put",
-                                &path,
-                                object_store::Error::Generic {
-                                    store: "audit replica",
-                                    source: "timed out".into(),
-                                },
-                            )),
-                        }
-                    }
-                })
-                .buffer_unordered(8)
-                .try_collect::<()>()
-                .await?;
-        }
+        futures::stream::iter(segments)
+            .map(|(path, bytes)| {
+                let store = store.clone();
+                async move { put_segment(&store, &path, bytes).await }
+            })
+            .buffer_unordered(8)
+            .try_collect::<()>()
+            .await?;
+        futures::stream::iter(checkpoints)
+            .map(|(path, bytes)| {
+                let store = store.clone();
+                async move { put_checkpoint(&store, &path, bytes).await }
+            })
+            .buffer_unordered(8)
+            .try_collect::<()>()
+            .await?;
         let inner = self.clone();
         let size = plan.size;
         blocking(move || {
@@ -935,6 +997,157 @@ impl Inner {
         }
         Ok(out)
     }
+}
+
+/// What this installation remembers of its log, apart from the log itself:
+/// the size and root of its last completed append (`tail.json`) and how
+/// many records the store copy is known to hold (`replicated.json`).
+/// `audit verify` holds the log to them: a log shorter than either was cut.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Remembered {
+    pub tail: Option<(u64, Hash)>,
+    pub replicated: Option<u64>,
+}
+
+/// Reads [`Remembered`] from an audit directory (missing or unreadable files
+/// are `None`: both are caches that an auditor's copy may lack).
+pub fn read_remembered(dir: &Path) -> Remembered {
+    let tail = fs::read(dir.join(TAIL_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<TailFile>(&b).ok())
+        .and_then(Tail::from_file)
+        .map(|t| (t.size, t.frontier.root()));
+    let replicated = fs::read(dir.join(REPLICATED_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Replicated>(&b).ok())
+        .map(|r| r.records);
+    Remembered { tail, replicated }
+}
+
+/// One store request of the replication, bounded by [`STORE_TIMEOUT`].
+async fn timed<T>(
+    operation: &'static str,
+    path: &StorePath,
+    request: impl std::future::Future<Output = object_store::Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(STORE_TIMEOUT, request).await {
+        Ok(r) => r.map_err(|e| Error::store(operation, path, e)),
+        Err(_) => Err(Error::store(
+            operation,
+            path,
+            object_store::Error::Generic {
+                store: "audit replica",
+                source: "timed out".into(),
+            },
+        )),
+    }
+}
+
+/// Uploads a segment over a prefix of itself (or where there is none): a
+/// store segment that holds other or more records is evidence, kept.
+async fn put_segment(store: &SharedStore, path: &StorePath, bytes: Bytes) -> Result<()> {
+    let there = timed("get", path, async { store.get(path).await?.bytes().await }).await;
+    match there {
+        Ok(there) if !bytes.starts_with(&there) => {
+            return Err(Error::corrupt(
+                path.to_string(),
+                "the store copy holds records the local log does not: the local log was cut or replaced; the store copy is not written over (run `custos audit verify`)",
+            ));
+        }
+        Ok(there) if there == bytes => return Ok(()),
+        Ok(_) => {}
+        Err(Error::Store {
+            source: object_store::Error::NotFound { .. },
+            ..
+        }) => {}
+        Err(e) => return Err(e),
+    }
+    let put = store.put(path, PutPayload::from_bytes(bytes));
+    timed("put", path, put).await.map(|_| ())
+}
+
+/// Uploads a checkpoint where the store has none; one already there must be
+/// the same bytes (a replication killed before its marker was written).
+async fn put_checkpoint(store: &SharedStore, path: &StorePath, bytes: Bytes) -> Result<()> {
+    let opts = object_store::PutOptions {
+        mode: object_store::PutMode::Create,
+        ..Default::default()
+    };
+    let put = store.put_opts(path, PutPayload::from_bytes(bytes.clone()), opts);
+    match timed("put", path, put).await {
+        Ok(_) => Ok(()),
+        Err(Error::Store {
+            source: object_store::Error::AlreadyExists { .. },
+            ..
+        }) => {
+            let there = timed("get", path, async { store.get(path).await?.bytes().await }).await?;
+            if there == bytes {
+                Ok(())
+            } else {
+                Err(Error::corrupt(
+                    path.to_string(),
+                    "the store copy holds another checkpoint of this size: the local log and the store copy diverged; the store copy is not written over (run `custos audit verify`)",
+                ))
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the staging files (`<name>#<digits>`) that a killed upload to a
+/// local store leaves beside an audit object, which listings do not show
+/// and nothing else removes: every one in `audit/log/` (a few segments), and
+/// those of the checkpoints about to be uploaded (the upload a kill cut
+/// short is always planned again, as its marker was not written). The
+/// caller holds the log's exclusive lock, so no upload of ours is running.
+fn sweep_staging(root: &Path, uploads: &[StorePath]) -> Result<()> {
+    let remove = |path: &Path| match fs::remove_file(path) {
+        Ok(()) => {
+            tracing::info!(event = "audit.staging_removed", path = %path.display(), "removed a staging file left by an interrupted audit replication");
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(path, e)),
+    };
+    let segments = root.join("audit").join("log");
+    match fs::read_dir(&segments) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::io(&segments, e))?;
+                if is_staging_name(&entry.file_name()) {
+                    remove(&entry.path())?;
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(&segments, e)),
+    }
+    for path in uploads
+        .iter()
+        .filter(|p| !p.as_ref().starts_with("audit/log/"))
+    {
+        // object_store numbers staging files from 1 and takes the next free one.
+        for n in 1..=MAX_STAGING_PROBES {
+            let staged = root.join(format!("{}#{n}", path.as_ref()));
+            if !remove(&staged)? {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Consecutive staging numbers probed per checkpoint (a kill leaves one;
+/// each further kill of the same upload the next number).
+const MAX_STAGING_PROBES: u32 = 64;
+
+/// `<name>#<digits>`: how `object_store`'s local store names staged uploads.
+fn is_staging_name(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .and_then(|n| n.rsplit_once('#'))
+        .is_some_and(|(base, n)| {
+            !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+        })
 }
 
 /// Replaces `path` atomically (temporary file + rename) without fsync: for
@@ -1152,6 +1365,137 @@ mod tests {
         fs::write(&path, [lines[0].clone(), b"\n".to_vec()].concat()).unwrap();
         let err = log.append("c", None, "t", json!({})).await.unwrap_err();
         assert!(err.to_string().contains("removed or truncated"), "{err}");
+    }
+
+    /// A log shorter than the store copy it made is not continued (that
+    /// would sign a second history over the first).
+    #[tokio::test]
+    async fn a_log_shorter_than_its_replica_is_not_continued() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(object_store::memory::InMemory::new());
+        let log = AuditLog::open(dir.path(), key(), Some(store)).unwrap();
+        for e in ["a", "b", "c"] {
+            log.append(e, None, "t", json!({})).await.unwrap();
+        }
+        let lines = log.read_lines(3).unwrap();
+        fs::write(log.log_path(), [lines[0].clone(), b"\n".to_vec()].concat()).unwrap();
+        for s in [2, 3] {
+            fs::remove_file(dir.path().join(format!("checkpoints/{s}"))).unwrap();
+        }
+        fs::remove_file(dir.path().join(TAIL_FILE)).unwrap();
+        let err = AuditLog::open(dir.path(), key(), None).unwrap_err();
+        assert!(
+            err.to_string().contains("were copied to the store"),
+            "{err}"
+        );
+    }
+
+    /// The replica only grows: a segment holding other records, a different
+    /// checkpoint of the same size, or a checkpoint beyond the local log are
+    /// kept, and the replication fails saying so.
+    #[tokio::test]
+    async fn replication_never_writes_over_a_longer_or_other_store_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: SharedStore = Arc::new(object_store::memory::InMemory::new());
+        let log = AuditLog::open(dir.path(), key(), Some(store.clone())).unwrap();
+        for e in ["a", "b"] {
+            log.append(e, None, "t", json!({})).await.unwrap();
+        }
+        let get = async |p: &StorePath| store.get(p).await.unwrap().bytes().await.unwrap();
+        let segment = store_segment_path(0);
+
+        // The store is ahead (checkpoint 4 exists): nothing is uploaded.
+        let other = AuditKey::from_seed(&[9; 32])
+            .sign_checkpoint(4, [1; 32])
+            .unwrap();
+        store
+            .put(
+                &store_checkpoint_path(4),
+                other.text().as_bytes().to_vec().into(),
+            )
+            .await
+            .unwrap();
+        let before = get(&segment).await;
+        log.append("c", None, "t", json!({})).await.unwrap();
+        assert_eq!(get(&segment).await, before);
+        let err = log.replicate().await.unwrap_err();
+        assert!(err.to_string().contains("not written over"), "{err}");
+        store.delete(&store_checkpoint_path(4)).await.unwrap();
+
+        // A segment with records the local log lacks is kept.
+        let longer = [before.to_vec(), b"{\"seq\":9}\n".to_vec()].concat();
+        store.put(&segment, longer.clone().into()).await.unwrap();
+        assert!(log.replicate().await.is_err());
+        assert_eq!(get(&segment).await, longer);
+        store.put(&segment, before.clone().into()).await.unwrap();
+
+        // Another checkpoint of a size to upload is kept.
+        let forged = AuditKey::from_seed(&[9; 32])
+            .sign_checkpoint(3, [1; 32])
+            .unwrap();
+        store
+            .put(
+                &store_checkpoint_path(3),
+                forged.text().as_bytes().to_vec().into(),
+            )
+            .await
+            .unwrap();
+        let err = log.replicate().await.unwrap_err();
+        assert!(err.to_string().contains("diverged"), "{err}");
+        assert_eq!(
+            get(&store_checkpoint_path(3)).await,
+            forged.text().as_bytes()
+        );
+
+        // With the store copy a prefix of the log again, it catches up.
+        store.delete(&store_checkpoint_path(3)).await.unwrap();
+        log.replicate().await.unwrap();
+        let report = crate::audit::verify_store(&store, key().verifier())
+            .await
+            .unwrap();
+        assert!(report.ok() && report.records == 3, "{report:#?}");
+    }
+
+    #[test]
+    fn staging_files_are_swept_and_nothing_else() {
+        let root = tempfile::tempdir().unwrap();
+        let log_dir = root.path().join("audit/log");
+        let cp_dir = root.path().join("audit/checkpoints");
+        fs::create_dir_all(&log_dir).unwrap();
+        fs::create_dir_all(&cp_dir).unwrap();
+        let seg = "00000000000000000000.jsonl";
+        let cp = "00000000000000000007";
+        for f in [
+            format!("audit/log/{seg}"),
+            format!("audit/log/{seg}#1"),
+            format!("audit/log/{seg}#2"),
+            format!("audit/log/{seg}#x"),
+            format!("audit/checkpoints/{cp}#1"),
+            format!("audit/checkpoints/{cp}#2"),
+            "audit/checkpoints/00000000000000000003#1".to_owned(),
+        ] {
+            fs::write(root.path().join(f), b"x").unwrap();
+        }
+        sweep_staging(
+            root.path(),
+            &[StorePath::from(format!("audit/checkpoints/{cp}"))],
+        )
+        .unwrap();
+        let mut left: Vec<String> = [&log_dir, &cp_dir]
+            .iter()
+            .flat_map(|d| fs::read_dir(d).unwrap())
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                seg.to_owned(),
+                format!("{seg}#x"), // not a staging name
+                // Not being uploaded: a kill leaves only what the next plan uploads again.
+                "00000000000000000003#1".to_owned(),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -1,8 +1,8 @@
 //! The tamper-evident audit log.
 //!
 //! Every action that touches tenant data or keys (tenant init, backup,
-//! restore, drill, check, forget/prune, rotation, shred, policy change, lease
-//! takeover) is appended as a JSON-lines record that holds the hash of the
+//! restore, drill, check, forget/prune, rotation, shred, snapshot listings,
+//! policy change, lease takeover) is appended as a JSON-lines record that holds the hash of the
 //! record before it ([`record`]). The records are also the leaves of an
 //! RFC 6962 Merkle tree ([`merkle`]) whose checkpoints (tree size + root) custos
 //! signs with its Ed25519 audit key ([`key`]) as C2SP signed notes
@@ -23,20 +23,23 @@ pub mod note;
 pub mod record;
 pub mod verify;
 
-/// Event names for the actions the log records. Destructive actions are
-/// two-phase: a `.begin` record before, an `.end` record (with the outcome)
-/// after, so a crash in between is visible in the log.
+/// Event names for the actions the log records. Every action that touches
+/// tenant data or keys is recorded before it starts (`.begin`: if that
+/// record cannot be written the action does not run) and after it ends
+/// (`.end`, with the outcome), so a crash in between is visible in the log.
 pub mod event {
+    /// Jobs, each recorded as `<job>.begin` and `<job>.end` (the `.end`
+    /// carries `begin_seq`, the sequence number of its `.begin`).
+    pub const JOBS: &[&str] = &[
+        "backup", "restore", "check", "drill", "forget", "prune", "rotate", "shred",
+    ];
+    /// Reads of tenant data outside jobs (`custos snapshots`, `custos tenant
+    /// show`), recorded as `<access>.begin` and `<access>.end` too.
+    pub const ACCESSES: &[&str] = &["snapshots", "tenant.show"];
+    /// Before a tenant's keys are created.
+    pub const TENANT_INIT_BEGIN: &str = "tenant.init.begin";
+    /// A tenant initialised (its key, data key and descriptor exist).
     pub const TENANT_INIT: &str = "tenant.init";
-    pub const BACKUP: &str = "backup";
-    pub const RESTORE: &str = "restore";
-    pub const DRILL: &str = "drill";
-    pub const CHECK: &str = "check";
-    pub const FORGET: &str = "forget";
-    pub const PRUNE_BEGIN: &str = "prune.begin";
-    pub const PRUNE_END: &str = "prune.end";
-    pub const ROTATE_BEGIN: &str = "rotate.begin";
-    pub const ROTATE_END: &str = "rotate.end";
     pub const SHRED_BEGIN: &str = "shred.begin";
     pub const SHRED_END: &str = "shred.end";
     /// Steps of a shred, each recorded before and after: `shred.<step>.begin`
@@ -63,7 +66,10 @@ pub use key::AuditKey;
 pub use log::{AuditLog, Receipt, audit_dir};
 pub use note::VerifierKey;
 pub use record::AuditRecord;
-pub use verify::{AuditFault, FaultKind, VerifyReport, verify_dir, verify_log, verify_store};
+pub use verify::{
+    AuditFault, CrossCheck, CrossOutcome, FaultKind, Knowledge, VerifyReport, Witness, verify_dir,
+    verify_local_copy, verify_log, verify_store, verify_store_copy,
+};
 
 #[cfg(test)]
 mod tests {
@@ -72,16 +78,8 @@ mod tests {
     #[test]
     fn event_names_are_valid() {
         for e in [
+            TENANT_INIT_BEGIN,
             TENANT_INIT,
-            BACKUP,
-            RESTORE,
-            DRILL,
-            CHECK,
-            FORGET,
-            PRUNE_BEGIN,
-            PRUNE_END,
-            ROTATE_BEGIN,
-            ROTATE_END,
             SHRED_BEGIN,
             SHRED_END,
             POLICY_CHANGE,
@@ -90,10 +88,26 @@ mod tests {
         ] {
             assert!(super::record::valid_event(e), "{e}");
         }
+        for name in JOBS.iter().chain(ACCESSES) {
+            for phase in ["begin", "end"] {
+                let e = format!("{name}.{phase}");
+                assert!(super::record::valid_event(&e), "{e}");
+            }
+        }
         for step in SHRED_STEPS {
             for phase in ["begin", "end"] {
                 let e = format!("shred.{step}.{phase}");
                 assert!(super::record::valid_event(&e), "{e}");
+            }
+        }
+    }
+
+    /// Every job kind is recorded under its name.
+    #[test]
+    fn every_job_kind_is_listed() {
+        for job in crate::report::JobKind::ALL {
+            if job != crate::report::JobKind::Init {
+                assert!(JOBS.contains(&job.as_str()), "{job}");
             }
         }
     }

@@ -1,7 +1,11 @@
 //! `custos audit …`: verify the audit log, show its records, print the public key.
 //!
-//! - `custos audit verify [--from-store] [--public-key FILE] [--json]` checks
-//!   chain, tree and signatures and exits 1 on any fault;
+//! - `custos audit verify [--from-store] [--offline] [--witness FILE]…
+//!   [--public-key FILE] [--json]` checks chain, tree and signatures, holds
+//!   each copy to what the other copy, the state and witnesses know of the
+//!   log (a cut is named), and exits 1 on any fault;
+//! - `custos audit checkpoint` prints the latest signed checkpoint, for an
+//!   operator to keep where custos cannot write (a witness);
 //! - `custos audit show [--tenant T] [--since 24h|RFC3339] [--json]` lists
 //!   records (`--json` prints the stored lines unchanged);
 //! - `custos audit public-key` prints the verifier key
@@ -13,8 +17,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 
+use futures::StreamExt;
+
+use super::output;
 use crate::audit::log::{LOG_FILE, LineReader};
-use crate::audit::{AuditKey, AuditRecord, VerifierKey, VerifyReport, audit_dir, verify};
+use crate::audit::{AuditKey, AuditRecord, VerifierKey, VerifyReport, Witness, audit_dir, verify};
 use crate::config::Config;
 use crate::store::SharedStore;
 use crate::tenant::TenantId;
@@ -29,10 +36,18 @@ pub enum AuditCommand {
         /// Verifier key file (`custos audit public-key` output); default: this installation's key.
         #[arg(long, value_name = "FILE")]
         public_key: Option<PathBuf>,
+        /// Do not read the store copy to cross-check the local log (the report says so).
+        #[arg(long, conflicts_with = "from_store")]
+        offline: bool,
+        /// A checkpoint kept elsewhere (`custos audit checkpoint` output): the log must still hold it.
+        #[arg(long, value_name = "FILE")]
+        witness: Vec<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// Print the latest signed checkpoint, to keep where custos cannot write it.
+    Checkpoint,
     /// Show audit records.
     Show {
         /// Only records of this tenant.
@@ -54,8 +69,26 @@ pub async fn run(cmd: AuditCommand, cfg: &Config, store: SharedStore) -> anyhow:
         AuditCommand::Verify {
             from_store,
             public_key,
+            offline,
+            witness,
             json,
-        } => verify_cmd(cfg, store, from_store, public_key.as_deref(), json).await,
+        } => {
+            let opts = VerifyOptions {
+                from_store,
+                offline,
+                public_key,
+                witnesses: witness,
+            };
+            Ok(verify_cmd(cfg, store, &opts, json).await)
+        }
+        AuditCommand::Checkpoint => {
+            let dir = audit_dir(&cfg.state_dir);
+            let key_file = cfg.audit.key_file.clone();
+            let text =
+                tokio::task::spawn_blocking(move || latest_checkpoint(&dir, &key_file)).await??;
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
         AuditCommand::Show {
             tenant,
             since,
@@ -90,64 +123,147 @@ pub fn parse_since(s: &str, now: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>>
         .context("--since: duration too long")
 }
 
+struct VerifyOptions {
+    from_store: bool,
+    offline: bool,
+    public_key: Option<PathBuf>,
+    witnesses: Vec<PathBuf>,
+}
+
+/// `audit verify`: exit 0 when the log verifies, 1 on a fault or an error.
+/// `--json` prints the one envelope: `{"ok": true, "result": report}`, or
+/// `{"ok": false, "error": {kind, message}}` with `result` when a report
+/// was made (a failed verification).
 async fn verify_cmd(
     cfg: &Config,
     store: SharedStore,
-    from_store: bool,
-    public_key: Option<&Path>,
+    opts: &VerifyOptions,
     json: bool,
-) -> anyhow::Result<ExitCode> {
+) -> ExitCode {
     let dir = audit_dir(&cfg.state_dir);
-    let source = if from_store {
+    let source = if opts.from_store {
         "store audit/".to_owned()
     } else {
         dir.display().to_string()
     };
-    let verifier = match public_key {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the verifier key {}", path.display()))?;
-            VerifierKey::parse(&text).with_context(|| format!("{}", path.display()))?
+    let report = match verify_report(cfg, store, opts, &dir).await {
+        Ok(r) => r,
+        Err(e) => return output::fail(json, &e),
+    };
+    let Some(report) = report else {
+        if json {
+            output::print_json(&serde_json::json!({
+                "ok": true,
+                "result": {"source": source, "records": 0, "faults": [], "cross_checks": []},
+            }));
+        } else {
+            println!("audit log {source}: empty (no audit key created yet)");
         }
-        None => match AuditKey::load(&cfg.audit.key_file) {
-            Ok(key) => key.verifier().clone(),
-            Err(crate::Error::NotFound { .. }) if !from_store && !dir.join(LOG_FILE).exists() => {
-                // A fresh installation: nothing has been logged nor signed yet.
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"source": source, "ok": true, "records": 0, "faults": []})
-                    );
-                } else {
-                    println!("audit log {source}: empty (no audit key created yet)");
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e)
-                    .context("cannot load this installation's audit key; pass --public-key FILE"));
-            }
-        },
+        return ExitCode::SUCCESS;
     };
-    let report = if from_store {
-        verify::verify_store(&store, &verifier).await?
-    } else {
-        let v = verifier.clone();
-        tokio::task::spawn_blocking(move || verify::verify_dir(&dir, &v)).await??
-    };
+    let failure = (!report.ok()).then(|| crate::Error::AuditVerification {
+        source_name: source.clone(),
+        message: report.summary(),
+    });
     if json {
-        let mut value = serde_json::to_value(&report)?;
-        value["source"] = source.into();
-        value["ok"] = report.ok().into();
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        let mut result = serde_json::to_value(&report).unwrap_or_default();
+        result["source"] = source.clone().into();
+        let doc = match &failure {
+            None => serde_json::json!({ "ok": true, "result": result }),
+            Some(e) => serde_json::json!({
+                "ok": false,
+                "error": { "kind": e.kind(), "message": e.to_string() },
+                "result": result,
+            }),
+        };
+        output::print_json(&doc);
     } else {
         print!("{}", human_report(&source, &report));
     }
-    Ok(if report.ok() {
-        ExitCode::SUCCESS
+    match failure {
+        None => ExitCode::SUCCESS,
+        Some(_) => ExitCode::from(1),
+    }
+}
+
+/// The verification report; `None` for a fresh installation (no audit key,
+/// no log, and nothing in the store that says there was one).
+async fn verify_report(
+    cfg: &Config,
+    store: SharedStore,
+    opts: &VerifyOptions,
+    dir: &Path,
+) -> crate::Result<Option<VerifyReport>> {
+    let verifier = match &opts.public_key {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
+            VerifierKey::parse(&text).map_err(|e| {
+                crate::Error::InvalidArgument(format!("verifier key {}: {e}", path.display()))
+            })?
+        }
+        None => match AuditKey::load(&cfg.audit.key_file) {
+            Ok(key) => key.verifier().clone(),
+            Err(crate::Error::NotFound { .. })
+                if !opts.from_store && !dir.join(LOG_FILE).exists() =>
+            {
+                // Nothing logged nor signed here yet, unless the store copy
+                // says otherwise: then the log and its key were removed.
+                if !opts.offline {
+                    let listed = store
+                        .list(Some(&object_store::path::Path::from("audit/checkpoints")))
+                        .next()
+                        .await
+                        .transpose()
+                        .map_err(|e| crate::Error::store("list", "audit/checkpoints", e))?;
+                    if let Some(found) = listed {
+                        return Err(crate::Error::AuditVerification {
+                            source_name: dir.display().to_string(),
+                            message: format!(
+                                "there is no local log nor audit key, but the store copy holds one ({}): the local log was removed; verify the store copy with `custos audit verify --from-store --public-key FILE` and a verifier key kept elsewhere",
+                                found.location
+                            ),
+                        });
+                    }
+                }
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(crate::Error::Config {
+                    path: cfg.audit.key_file.clone(),
+                    message: format!(
+                        "cannot load this installation's audit key ({e}); pass --public-key FILE"
+                    ),
+                });
+            }
+        },
+    };
+    let mut witnesses = Vec::new();
+    for path in &opts.witnesses {
+        let text = std::fs::read(path).map_err(|e| crate::Error::io(path, e))?;
+        witnesses.push(Witness {
+            label: path.display().to_string(),
+            text,
+        });
+    }
+    let report = if opts.from_store {
+        verify::verify_store_copy(&store, dir, &verifier, &witnesses).await?
     } else {
-        ExitCode::from(1)
-    })
+        let replica = (!opts.offline).then_some(&store);
+        verify::verify_local_copy(dir, &verifier, replica, &witnesses).await?
+    };
+    Ok(Some(report))
+}
+
+/// The latest signed checkpoint of the installation's log, checked against
+/// its key.
+fn latest_checkpoint(dir: &Path, key_file: &Path) -> anyhow::Result<String> {
+    let key = AuditKey::load(key_file)
+        .with_context(|| format!("loading the audit key {}", key_file.display()))?;
+    let log = crate::audit::AuditLog::open(dir, key, None)?;
+    match log.latest_checkpoint()? {
+        Some(cp) => Ok(cp.text().to_owned()),
+        None => anyhow::bail!("the audit log is empty: there is no checkpoint to keep yet"),
+    }
 }
 
 /// Faults printed in the human report before the rest are counted.
@@ -173,8 +289,18 @@ pub fn human_report(source: &str, report: &VerifyReport) -> String {
             "note:        record {seq} is custos' own append, interrupted before its checkpoint (signed intent in `pending`); the next custos command signs it"
         );
     }
+    for c in &report.cross_checks {
+        let outcome = serde_json::to_value(c.outcome)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let _ = writeln!(out, "cross-check: [{outcome}] {}", c.message);
+    }
     if report.ok() {
-        let _ = writeln!(out, "OK: chain, tree and signatures verify");
+        let _ = writeln!(
+            out,
+            "OK: chain, tree and signatures verify, and no copy was cut"
+        );
         return out;
     }
     for f in report.faults.iter().take(MAX_PRINTED_FAULTS) {
@@ -304,8 +430,21 @@ mod tests {
             AuditCommand::Verify {
                 from_store: true,
                 public_key: Some(PathBuf::from("k.pub")),
+                offline: false,
+                witness: vec![],
                 json: false
             }
+        );
+        let c = Cli::try_parse_from(["x", "verify", "--witness", "a", "--witness", "b"]).unwrap();
+        assert!(
+            matches!(&c.cmd, AuditCommand::Verify { witness, .. } if witness.len() == 2),
+            "{:?}",
+            c.cmd
+        );
+        assert!(Cli::try_parse_from(["x", "verify", "--from-store", "--offline"]).is_err());
+        assert_eq!(
+            Cli::try_parse_from(["x", "checkpoint"]).unwrap().cmd,
+            AuditCommand::Checkpoint
         );
         let c = Cli::try_parse_from(["x", "show", "--tenant", "acme", "--since", "24h", "--json"])
             .unwrap();

@@ -47,10 +47,10 @@ pub enum CertificateCommand {
     },
 }
 
+/// `--json`'s `result`: what the verification established.
 #[derive(Serialize)]
 struct VerifyOutput {
     valid: bool,
-    error: Option<String>,
     certificate_id: Option<String>,
     tenant: Option<String>,
     epoch: Option<u32>,
@@ -166,7 +166,6 @@ async fn verify_cmd(
     };
     let mut out = VerifyOutput {
         valid: false,
-        error: None,
         certificate_id: None,
         tenant: None,
         epoch: None,
@@ -180,9 +179,12 @@ async fn verify_cmd(
     let verified = match certificate::verify(&bytes, &key_text) {
         Ok(v) => v,
         Err(e) => {
-            out.error = Some(e.to_string());
             if json {
-                print_json(&out);
+                let error = Error::CertificateInvalid {
+                    file: file.display().to_string(),
+                    message: e.to_string(),
+                };
+                print_envelope(&out, Some(&error));
             } else {
                 println!("certificate {}: INVALID: {e}", file.display());
             }
@@ -204,17 +206,39 @@ async fn verify_cmd(
             Err(e) => return fail(json, &e),
         }
     }
-    let ok = out.online.as_ref().is_none_or(|o| o.ok);
+    // A valid certificate whose shred no longer holds (a key usable again,
+    // data back in the store) fails verification as a shred that failed it.
+    let failure = out
+        .online
+        .as_ref()
+        .filter(|o| !o.ok)
+        .map(|o| Error::ShredVerification {
+            tenant: c.tenant.to_string(),
+            message: format!("checked online now: {}", o.problems.join("; ")),
+        });
     if json {
-        print_json(&out);
+        print_envelope(&out, failure.as_ref());
     } else {
         print_human(&verified, key_source, &out);
     }
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    match failure {
+        None => ExitCode::SUCCESS,
+        Some(_) => ExitCode::FAILURE,
     }
+}
+
+/// The `--json` envelope: `{"ok": true, "result": …}`, or `{"ok": false,
+/// "error": {"kind", "message"}, "result": …}` when verification failed.
+fn print_envelope(out: &VerifyOutput, error: Option<&Error>) {
+    let doc = match error {
+        None => serde_json::json!({ "ok": true, "result": out }),
+        Some(e) => serde_json::json!({
+            "ok": false,
+            "error": { "kind": e.kind(), "message": e.to_string() },
+            "result": out,
+        }),
+    };
+    print_json(&doc);
 }
 
 fn print_human(v: &Verified, key_source: &str, out: &VerifyOutput) {

@@ -59,7 +59,9 @@ async fn list(config: Option<&Path>, args: &Args) -> Result<Listing> {
     let tenant = tenant_id(&args.tenant)?;
     let policy = policy(&s.config, &tenant)?;
     let repo = Repo::open(&s.ctx, &tenant, policy.as_ref().map(|p| &p.key)).await?;
-    let (snapshots, faults) = repo.list_snapshots().await?;
+    let (snapshots, faults) =
+        crate::jobs::runner::record_access(&s.ctx, &tenant, "snapshots", repo.list_snapshots())
+            .await?;
     Ok(Listing {
         tenant: tenant.to_string(),
         snapshots,

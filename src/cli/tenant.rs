@@ -216,7 +216,19 @@ async fn show(config: Option<&Path>, tenant: &str) -> Result<ShowResult> {
         Err(e) => (None, Some(e.to_string())),
     };
     let objects = repo.list_objects().await?;
-    let (snaps, _) = repo.list_snapshots().await.unwrap_or_default();
+    // Listing snapshots decrypts them: an access the audit log records first.
+    let (snaps, _) = match crate::jobs::runner::record_access(
+        &s.ctx,
+        &tenant,
+        "tenant.show",
+        repo.list_snapshots(),
+    )
+    .await
+    {
+        Ok(listing) => listing,
+        Err(e @ Error::AuditUnavailable { .. }) => return Err(e),
+        Err(_) => Default::default(),
+    };
     let rotation = crate::jobs::rotate::rotation_status(
         &d,
         &policy

@@ -1,8 +1,8 @@
 //! Runs one job for one tenant the same way for the CLI and the daemon: open
 //! (or initialise) the repository, take the tenant lease, run, release, and
 //! report: `job.started` / `job.finished` events, a JSON job report, and the
-//! audit log (`<job>` records; `<job>.begin` / `<job>.end` around jobs that
-//! destroy data or keys).
+//! audit log: `<job>.begin` before the job touches tenant data or keys (no
+//! record, no job: `audit_unavailable`) and `<job>.end` with its outcome.
 
 use std::time::Instant;
 
@@ -43,23 +43,32 @@ where
     let started_at = Utc::now();
     let clock = Instant::now();
     report::job_started(spec.tenant, spec.job);
-    let result = run_inner(ctx, &spec, f).await;
-    finish(ctx, &spec, started_at, clock, result).await
+    let (began, result) = run_inner(ctx, &spec, f).await;
+    finish(ctx, &spec, began, started_at, clock, result).await
 }
 
-async fn run_inner<'a, T, F>(ctx: &Context, spec: &JobSpec<'_>, f: F) -> Result<T>
+async fn run_inner<'a, T, F>(ctx: &Context, spec: &JobSpec<'_>, f: F) -> (Began, Result<T>)
 where
     F: for<'r> FnOnce(&'r Repo, &'r LeaseGuard, Borrows<'r, 'a>) -> BoxFuture<'r, Result<T>>,
 {
-    let mut repo = open_repo(ctx, spec).await?;
-    let lease = acquire(ctx, spec, &mut repo).await?;
-    let result = match begin(ctx, spec).await {
-        Ok(()) => f(&repo, &lease, std::marker::PhantomData).await,
-        Err(e) => Err(e),
+    let mut repo = match open_repo(ctx, spec).await {
+        Ok(r) => r,
+        Err(e) => return (Began::No, Err(e)),
+    };
+    let lease = match acquire(ctx, spec, &mut repo).await {
+        Ok(l) => l,
+        Err(e) => return (Began::No, Err(e)),
+    };
+    let (began, result) = match begin(ctx, spec).await {
+        Ok(seq) => (
+            Began::Recorded(seq),
+            f(&repo, &lease, std::marker::PhantomData).await,
+        ),
+        Err(e) => (Began::Unrecorded, Err(e)),
     };
     lease.release().await;
     repo.forget_keys().await;
-    result
+    (began, result)
 }
 
 /// What a gate (see [`run_job_gated`]) decided, under the tenant's lease.
@@ -104,7 +113,7 @@ where
     let clock = Instant::now();
     let failed = async |e: Error| {
         report::job_started(spec.tenant, spec.job);
-        Gated::Ran(finish(ctx, &spec, started_at, clock, Err(e)).await)
+        Gated::Ran(finish(ctx, &spec, Began::No, started_at, clock, Err(e)).await)
     };
     let mut repo = match open_repo(ctx, &spec).await {
         Ok(r) => r,
@@ -137,13 +146,16 @@ where
         }
     };
     report::job_started(spec.tenant, spec.job);
-    let result = match begin(ctx, &spec).await {
-        Ok(()) => f(&repo, &lease, input, std::marker::PhantomData).await,
-        Err(e) => Err(e),
+    let (began, result) = match begin(ctx, &spec).await {
+        Ok(seq) => (
+            Began::Recorded(seq),
+            f(&repo, &lease, input, std::marker::PhantomData).await,
+        ),
+        Err(e) => (Began::Unrecorded, Err(e)),
     };
     lease.release().await;
     repo.forget_keys().await;
-    Gated::Ran(finish(ctx, &spec, started_at, clock, result).await)
+    Gated::Ran(finish(ctx, &spec, began, started_at, clock, result).await)
 }
 
 /// Opens the tenant's repository, initialising it when the spec says so.
@@ -194,25 +206,47 @@ async fn acquire(ctx: &Context, spec: &JobSpec<'_>, repo: &mut Repo) -> Result<L
     Ok(lease)
 }
 
-/// The `<job>.begin` record of a destructive job; if it cannot be written, the
-/// job does not run.
-async fn begin(ctx: &Context, spec: &JobSpec<'_>) -> Result<()> {
-    if destructive(spec.job) {
-        let details = serde_json::json!({ "holder": ctx.holder, "store": ctx.store_url });
-        ctx.record(
+/// How far a job got with its `<job>.begin` record.
+#[derive(Debug, Clone, Copy)]
+enum Began {
+    /// It failed before its beginning (repository, lease): it touched nothing.
+    No,
+    /// Recorded, as this audit record (`None`: a context without audit log).
+    Recorded(Option<u64>),
+    /// The record could not be written, so the job did not run.
+    Unrecorded,
+}
+
+/// The `<job>.begin` record, written before the job reads or writes any
+/// tenant data or key: a job whose access cannot be recorded does not run.
+/// Returns the record's sequence number.
+async fn begin(ctx: &Context, spec: &JobSpec<'_>) -> Result<Option<u64>> {
+    let details = serde_json::json!({ "holder": ctx.holder, "store": ctx.store_url });
+    match ctx
+        .record(
             &audit_event(spec.job, Phase::Begin),
             Some(spec.tenant),
             details,
         )
-        .await?;
+        .await
+    {
+        Ok(receipt) => Ok(receipt.map(|r| r.seq)),
+        Err(Error::AuditUnavailable { event, reason }) => Err(Error::AuditUnavailable {
+            event,
+            reason: format!(
+                "{reason}; the {} of tenant {} did not start: no tenant data or key was touched",
+                spec.job, spec.tenant
+            ),
+        }),
+        Err(e) => Err(e),
     }
-    Ok(())
 }
 
 /// Builds, logs (`job.finished`), writes and audits the report of a job run.
 async fn finish<T: JobOutput>(
     ctx: &Context,
     spec: &JobSpec<'_>,
+    began: Began,
     started_at: chrono::DateTime<Utc>,
     clock: Instant,
     result: Result<T>,
@@ -257,7 +291,7 @@ async fn finish<T: JobOutput>(
             }
         },
     };
-    let report = JobReport {
+    let mut report = JobReport {
         tenant: spec.tenant.clone(),
         job: spec.job,
         outcome,
@@ -269,39 +303,131 @@ async fn finish<T: JobOutput>(
         error,
         result: value,
     };
+    let mut result = result;
+    // The end record comes before the report is logged and written, so that
+    // a job whose end cannot be recorded is reported as such. A job whose
+    // begin could not be recorded did not run: there is no end to record.
+    let begin_seq = match began {
+        Began::Unrecorded => None,
+        // Failed on the audit log before its beginning (a tenant init's record).
+        Began::No if matches!(result, Err(Error::AuditUnavailable { .. })) => None,
+        Began::No => Some(None),
+        Began::Recorded(seq) => Some(seq),
+    };
+    if let Some(begin_seq) = begin_seq {
+        let mut details = audit_details(&report);
+        details["begin_seq"] = begin_seq.into();
+        let recorded = ctx
+            .record(
+                &audit_event(spec.job, Phase::End),
+                Some(spec.tenant),
+                details,
+            )
+            .await;
+        if let Err(e) = recorded {
+            tracing::error!(event = "audit.failed", tenant = %spec.tenant, job = %spec.job, error = %e, "could not record the end of the job in the audit log");
+            // A job that ran is not undone, but it does not pass as a clean
+            // success either: its effect is there and the log lacks its end.
+            if result.is_ok() {
+                let e = end_unrecorded(spec, &report, begin_seq, e);
+                report.outcome = Outcome::Failure;
+                report.error_kind = Some(e.kind());
+                report.error = Some(e.to_string());
+                result = Err(e);
+            }
+        }
+    }
     report::job_finished(&report);
     if let Err(e) = ctx.state.write_report(&report) {
         tracing::error!(error = %e, "could not write the job report");
     }
-    let mut result = result;
-    if let Err(e) = ctx
-        .record(
-            &audit_event(spec.job, Phase::End),
-            Some(spec.tenant),
-            audit_details(&report),
-        )
-        .await
-    {
-        tracing::error!(event = "audit.failed", tenant = %spec.tenant, job = %spec.job, error = %e, "could not record the job in the audit log");
-        // A destructive action that cannot be recorded is reported as a failure,
-        // so that someone looks; the action itself is already done.
-        if destructive(spec.job) && result.is_ok() {
-            result = Err(Error::Internal(format!(
-                "{} finished but could not be recorded in the audit log: {e}",
-                spec.job
-            )));
-        }
-    }
     JobRun { report, result }
 }
 
-/// Jobs that destroy data or keys: recorded before (`<job>.begin`) and after
-/// (`<job>.end`); if the first record cannot be written, the job does not run.
-fn destructive(job: JobKind) -> bool {
-    matches!(
-        job,
-        JobKind::Forget | JobKind::Prune | JobKind::Rotate | JobKind::Shred
-    )
+/// Records an access to a tenant's data or keys made outside [`run_job`]
+/// (`snapshots`, `tenant show`): `<action>.begin` before `access` runs (it
+/// does not run without it), `<action>.end` with its outcome after.
+pub async fn record_access<T>(
+    ctx: &Context,
+    tenant: &TenantId,
+    action: &str,
+    access: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let details = serde_json::json!({ "holder": ctx.holder, "store": ctx.store_url });
+    let begin_seq = match ctx
+        .record(&format!("{action}.begin"), Some(tenant), details)
+        .await
+    {
+        Ok(receipt) => receipt.map(|r| r.seq),
+        Err(Error::AuditUnavailable { event, reason }) => {
+            return Err(Error::AuditUnavailable {
+                event,
+                reason: format!("{reason}; nothing of tenant {tenant} was read"),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let result = access.await;
+    let details = serde_json::json!({
+        "outcome": if result.is_ok() { Outcome::Success } else { Outcome::Failure },
+        "error_kind": result.as_ref().err().map(Error::kind),
+        "begin_seq": begin_seq,
+    });
+    match ctx
+        .record(&format!("{action}.end"), Some(tenant), details)
+        .await
+    {
+        Ok(_) => result,
+        Err(e) => {
+            tracing::error!(event = "audit.failed", tenant = %tenant, action, error = %e, "could not record the end of an access in the audit log");
+            match (result, e) {
+                (Ok(_), Error::AuditUnavailable { event, reason }) => {
+                    Err(Error::AuditUnavailable {
+                        event,
+                        reason: format!(
+                            "{reason}; the data of tenant {tenant} was read, but the end of the access is not in the audit log"
+                        ),
+                    })
+                }
+                (Ok(_), e) => Err(e),
+                (Err(e), _) => Err(e),
+            }
+        }
+    }
+}
+
+/// The error of a job that ran but whose `.end` record could not be written:
+/// it says what the job did, so nobody runs it again believing it failed.
+fn end_unrecorded(
+    spec: &JobSpec<'_>,
+    report: &JobReport,
+    begin_seq: Option<u64>,
+    e: Error,
+) -> Error {
+    let (event, reason) = match e {
+        Error::AuditUnavailable { event, reason } => (event, reason),
+        e => (audit_event(spec.job, Phase::End), e.to_string()),
+    };
+    let snapshot = report
+        .metrics
+        .snapshot
+        .as_ref()
+        .map(|s| format!(", snapshot {s}"))
+        .unwrap_or_default();
+    let begin = begin_seq
+        .map(|s| format!(" (its begin is audit record {s})"))
+        .unwrap_or_default();
+    let outcome = match report.outcome {
+        Outcome::Success => "succeeded",
+        Outcome::Failure => "failed",
+    };
+    Error::AuditUnavailable {
+        event,
+        reason: format!(
+            "{reason}; the {} of tenant {} ran ({outcome}{snapshot}) and its effect is in place, but its end is not in the audit log{begin}",
+            spec.job, spec.tenant,
+        ),
+    }
 }
 
 enum Phase {
@@ -309,11 +435,11 @@ enum Phase {
     End,
 }
 
+/// `<job>.begin` and `<job>.end` for every job.
 fn audit_event(job: JobKind, phase: Phase) -> String {
-    match (destructive(job), phase) {
-        (true, Phase::Begin) => format!("{job}.begin"),
-        (true, Phase::End) => format!("{job}.end"),
-        (false, _) => job.as_str().to_owned(),
+    match phase {
+        Phase::Begin => format!("{job}.begin"),
+        Phase::End => format!("{job}.end"),
     }
 }
 

@@ -237,6 +237,13 @@ impl Repo {
         }
         // One key, one tenant: refused before anything is created.
         ownership::check_bindable(ctx, tenant, key, ownership::Depth::Named).await?;
+        // Recorded before any key is created: no record, no init.
+        ctx.record(
+            "tenant.init.begin",
+            Some(tenant),
+            serde_json::json!({ "key": key, "epoch": 1, "reuse": false }),
+        )
+        .await?;
         let provider = ctx.keys.for_key(key)?;
         let info = match provider.create_key(key).await {
             Ok(info) => info,
@@ -301,6 +308,12 @@ impl Repo {
         // checked like a first init's, and must not be the old lineage's.
         ownership::check_reuse(ctx, &old.store, &old.descriptor, key, epoch).await?;
         ownership::check_bindable(ctx, old.tenant(), key, ownership::Depth::Named).await?;
+        ctx.record(
+            "tenant.init.begin",
+            Some(old.tenant()),
+            serde_json::json!({ "key": key, "epoch": epoch, "reuse": true }),
+        )
+        .await?;
         let provider = ctx.keys.for_key(key)?;
         if let Err(e) = provider.create_key(key).await
             && !matches!(e, KeyError::Unsupported { .. })
