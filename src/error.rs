@@ -107,6 +107,12 @@ pub enum Error {
     #[error("shred of tenant {tenant} failed verification: {message}")]
     ShredVerification { tenant: String, message: String },
 
+    /// A restore refused to write through a symlink (or a swapped entry) in
+    /// its target, or to a target that is a symlink: nothing is written
+    /// outside the target.
+    #[error("restore target {}: {reason}", path.display())]
+    UnsafeTarget { path: PathBuf, reason: String },
+
     #[error("{0}")]
     Internal(String),
 }
@@ -143,6 +149,7 @@ impl Error {
             Error::Cancelled { .. } => "cancelled",
             Error::LegalHold { .. } => "legal_hold",
             Error::ShredVerification { .. } => "shred_verification_failed",
+            Error::UnsafeTarget { .. } => "unsafe_target",
             Error::Internal(_) => "internal",
         }
     }
