@@ -66,10 +66,14 @@ impl Target {
         if !overwrite {
             let mut entries =
                 rustix::fs::Dir::read_from(&fd).map_err(|e| Error::io(&path, e.into()))?;
-            let non_empty = entries.any(|d| match d {
-                Ok(d) => !matches!(d.file_name().to_bytes(), b"." | b".."),
-                Err(_) => true,
-            });
+            let mut non_empty = false;
+            for d in entries.by_ref() {
+                let d = d.map_err(|e| Error::io(&path, e.into()))?;
+                if !matches!(d.file_name().to_bytes(), b"." | b"..") {
+                    non_empty = true;
+                    break;
+                }
+            }
             if non_empty {
                 return Err(Error::InvalidArgument(format!(
                     "restore target {} is not empty (use --overwrite to restore over existing files)",
@@ -434,6 +438,27 @@ mod tests {
                 .file_type()
                 .is_symlink()
         );
+    }
+
+    #[test]
+    fn rename_without_noreplace_still_refuses_an_existing_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = root(tmp.path());
+        fs::write(tmp.path().join("from"), "new").unwrap();
+        fs::write(tmp.path().join("there"), "old").unwrap();
+        assert_eq!(
+            rename_if_absent(dir.as_fd(), b"from", b"there"),
+            Err(Errno::EXIST)
+        );
+        symlink("/nonexistent", tmp.path().join("dangling")).unwrap();
+        assert_eq!(
+            rename_if_absent(dir.as_fd(), b"from", b"dangling"),
+            Err(Errno::EXIST),
+            "a dangling symlink is an existing name"
+        );
+        rename_if_absent(dir.as_fd(), b"from", b"free").unwrap();
+        assert_eq!(fs::read_to_string(tmp.path().join("free")).unwrap(), "new");
+        assert_eq!(fs::read_to_string(tmp.path().join("there")).unwrap(), "old");
     }
 
     #[test]
