@@ -263,6 +263,19 @@ impl Restorer<'_> {
         }
     }
 
+    /// A directory this restore created could not be found again at its path:
+    /// someone replaced (ELOOP, ENOTDIR), moved or removed (ENOENT) it meanwhile.
+    fn moved(&self, rel: &[u8], err: std::io::Error) -> Error {
+        match err.raw_os_error() {
+            Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV) => self.unsafe_target(
+                rel,
+                "is no longer a directory (a symlink or file was put in its place)",
+            ),
+            Some(libc::ENOENT) => self.unsafe_target(rel, "was moved or removed while restoring"),
+            _ => self.io(rel, err),
+        }
+    }
+
     fn place_error(&self, rel: &[u8], err: PlaceError) -> Error {
         match err {
             PlaceError::Exists => Error::InvalidArgument(format!(
@@ -625,20 +638,20 @@ impl Restorer<'_> {
         let from_dir: Arc<OwnedFd> = match from_parent {
             None => self.root.clone(),
             Some(p) if Some(p) == parent(&e.path) => link.dir.clone(),
-            Some(p) => Arc::new(beneath::open_dir_beneath(self.root.as_fd(), p).map_err(
-                |err| match err.raw_os_error() {
-                    Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV) => self.unsafe_target(
-                        p,
-                        "is no longer a directory (a symlink or file was put in its place)",
-                    ),
-                    _ => self.io(p, err),
-                },
-            )?),
+            Some(p) => Arc::new(
+                beneath::open_dir_beneath(self.root.as_fd(), p)
+                    .map_err(|err| self.moved(p, err))?,
+            ),
         };
         let tmp = self
             .temp
             .link(from_dir.as_fd(), file_name(&link.to.path), &link.dir)
-            .map_err(|err| self.io(&e.path, err))?;
+            .map_err(|err| match err.raw_os_error() {
+                Some(libc::ENOENT) => {
+                    self.unsafe_target(&link.to.path, "was moved or removed while restoring")
+                }
+                _ => self.io(&e.path, err),
+            })?;
         let st = rustix::fs::statat(tmp.dir(), tmp.name(), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|err| self.io(&e.path, err))?;
         if (st.st_dev as u64, st.st_ino as u64) != (link.to.dev, link.to.ino) {
@@ -757,16 +770,8 @@ impl Restorer<'_> {
     fn finish_dirs(&mut self) -> Result<()> {
         let dirs = std::mem::take(&mut self.dirs);
         for d in dirs.iter().rev() {
-            let fd =
-                beneath::open_dir_beneath(self.root.as_fd(), &d.path).map_err(|err| {
-                    match err.raw_os_error() {
-                        Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV) => self.unsafe_target(
-                            &d.path,
-                            "is no longer a directory (a symlink or file was put in its place)",
-                        ),
-                        _ => self.io(&d.path, err),
-                    }
-                })?;
+            let fd = beneath::open_dir_beneath(self.root.as_fd(), &d.path)
+                .map_err(|err| self.moved(&d.path, err))?;
             let st = rustix::fs::fstat(&fd).map_err(|err| self.io(&d.path, err))?;
             if (st.st_dev as u64, st.st_ino as u64) != (d.dev, d.ino) {
                 // Never give the stored owner and mode to a directory someone else put there.
