@@ -6,7 +6,8 @@
 //! - `--target link` and `--target link/` are refused alike; symlinks already
 //!   inside the target are never followed;
 //! - as root, owners of files, directories and symlinks and the
-//!   setuid/setgid/sticky bits come back;
+//!   setuid/setgid/sticky bits come back; without CAP_CHOWN, no set-id bit
+//!   is given to a file whose owner could not be restored;
 //! - hard links come back as hard links, also under `--include`;
 //! - a restore that fails midway leaves no `.custos-*.tmp` behind.
 
@@ -394,6 +395,58 @@ fn root_restores_keep_owners_and_setuid_setgid_sticky_bits() {
         checked += 1;
     }
     assert_eq!(checked, entries.len() + 1);
+}
+
+/// As root without CAP_CHOWN (or on an NFS export that squashes root), owners
+/// cannot be set: the restore warns once, goes on, and does not put
+/// setuid/setgid bits on files it could not give their owner.
+#[test]
+fn root_without_chown_restores_without_owners_or_set_id_bits() {
+    if !is_root() || !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("skipped: needs root and setpriv (util-linux)");
+        return;
+    }
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    fs::create_dir_all(data.join("shared")).unwrap();
+    fs::write(data.join("tool"), "#!/bin/sh\n").unwrap();
+    std::os::unix::fs::lchown(data.join("tool"), Some(4242), Some(4343)).unwrap();
+    fs::set_permissions(data.join("tool"), fs::Permissions::from_mode(0o6755)).unwrap();
+    fs::write(data.join("plain"), "x").unwrap();
+    fs::set_permissions(data.join("plain"), fs::Permissions::from_mode(0o640)).unwrap();
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    let target = cli.path().join("r");
+    let out = std::process::Command::new("/usr/bin/setpriv")
+        .args(["--bounding-set", "-chown", "--"])
+        .arg(env!("CARGO_BIN_EXE_custos"))
+        .arg("--config")
+        .arg(cli.path().join("custos.toml"))
+        .args(["restore", "acme", "latest", "--target"])
+        .arg(&target)
+        .env("CUSTOS_LOG", "warn")
+        .env("CUSTOS_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.matches("restore.owners_not_restored").count(),
+        1,
+        "warned once: {stderr}"
+    );
+    let tool = fs::metadata(target.join("data/tool")).unwrap();
+    assert_eq!(
+        tool.mode() & 0o7777,
+        0o755,
+        "no set-id bits without the owner"
+    );
+    assert_eq!((tool.uid(), tool.gid()), (0, 0));
+    assert_eq!(
+        fs::metadata(target.join("data/plain")).unwrap().mode() & 0o7777,
+        0o640
+    );
+    assert_eq!(fs::read(target.join("data/tool")).unwrap(), b"#!/bin/sh\n");
 }
 
 /// Issue 12, item 4: hard links came back as separate copies. They are

@@ -125,6 +125,7 @@ pub async fn run_with(
         only,
         overwrite: opts.overwrite,
         chown: rustix::process::geteuid().is_root(),
+        owners_refused: false,
         temp: TempNames::new(),
         ancestors: Vec::new(),
         dirs: Vec::new(),
@@ -217,6 +218,9 @@ struct Restorer<'a> {
     overwrite: bool,
     /// Restore owners (root only; cleared after the first refusal, see [`Restorer::owner_refused`]).
     chown: bool,
+    /// A root restore whose owners were refused: set-id bits are then not
+    /// restored on files either (they would apply to the wrong owner).
+    owners_refused: bool,
     temp: TempNames,
     /// Directory entries above the current entry, each with its handle once created.
     ancestors: Vec<Ancestor>,
@@ -462,9 +466,10 @@ impl Restorer<'_> {
             event = "restore.owners_not_restored",
             path = %self.shown(rel).display(),
             error = %std::io::Error::from(err),
-            "cannot set owners in the target; restoring the rest without them"
+            "cannot set owners in the target; restoring the rest without them (and without setuid/setgid bits on files)"
         );
         self.chown = false;
+        self.owners_refused = true;
     }
 
     fn make_symlink(&mut self, dir: &Arc<OwnedFd>, e: &Entry) -> Result<()> {
@@ -616,7 +621,11 @@ impl Restorer<'_> {
                 e.uid,
                 e.gid,
             )?;
-            rustix::fs::fchmod(&*f.file, Mode::from_raw_mode(e.mode & 0o7777))
+            let mode = match self.owners_refused {
+                true => e.mode & 0o1777,
+                false => e.mode & 0o7777,
+            };
+            rustix::fs::fchmod(&*f.file, Mode::from_raw_mode(mode))
                 .map_err(|err| Error::io(&f.shown, err.into()))?;
             rustix::fs::futimens(&*f.file, &timestamps(e.mtime_ns))
                 .map_err(|err| Error::io(&f.shown, err.into()))?;
