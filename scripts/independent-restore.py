@@ -166,6 +166,7 @@ def main(store, keys_dir, tenant_name, wanted, target):
     lines = b"".join(blob(b) for b in snap["tree"]).split(b"\n")
     assert lines[-1] == b""
     dirs = []
+    links = {}  # §9: hard-link group (the `hardlink` path) -> first name restored
     for line in lines[:-1]:
         e = json.loads(line)
         path = e["path"].encode() if "path" in e else base64.b64decode(e["path_b64"])
@@ -181,6 +182,12 @@ def main(store, keys_dir, tenant_name, wanted, target):
             os.symlink(link, dest)
             os.utime(dest, ns=(mtime, mtime), follow_symlinks=False)
         else:
+            group = e["hardlink"].encode() if "hardlink" in e else None
+            if "hardlink_b64" in e:
+                group = base64.b64decode(e["hardlink_b64"])
+            if group is not None and group in links:
+                os.link(links[group], dest)  # content, mode and mtime are the first name's
+                continue
             with open(dest, "wb") as f:
                 total = 0
                 for b in e.get("blobs", []):
@@ -191,6 +198,8 @@ def main(store, keys_dir, tenant_name, wanted, target):
                 raise Fail("size mismatch for %r" % path)
             os.chmod(dest, e["mode"])
             os.utime(dest, ns=(mtime, mtime))
+            if group is not None:
+                links[group] = dest
     for dest, mode, mtime in reversed(dirs):
         os.chmod(dest, mode)
         os.utime(dest, ns=(mtime, mtime))

@@ -146,6 +146,11 @@ pub enum Error {
     /// A deletion certificate that does not verify.
     #[error("certificate {file} is invalid: {message}")]
     CertificateInvalid { file: String, message: String },
+    /// A restore refused to write through a symlink (or a swapped entry) in
+    /// its target, or to a target that is a symlink: nothing is written
+    /// outside the target.
+    #[error("restore target {}: {reason}", path.display())]
+    UnsafeTarget { path: PathBuf, reason: String },
 
     #[error("{0}")]
     Internal(String),
@@ -191,6 +196,7 @@ impl Error {
             Error::AuditUnavailable { .. } => "audit_unavailable",
             Error::AuditVerification { .. } => "audit_verification_failed",
             Error::CertificateInvalid { .. } => "certificate_invalid",
+            Error::UnsafeTarget { .. } => "unsafe_target",
             Error::Internal(_) => "internal",
         }
     }

@@ -51,6 +51,7 @@ fn tree_lines() -> Vec<u8> {
             BlobId(keys().blob_id(&[b'a'; 4096])),
         ],
         target: None,
+        hardlink: None,
         inode: 0,
         ctime_ns: 0,
     };

@@ -31,6 +31,9 @@ async fn the_spec_alone_restores_a_backup() {
     let mut big = vec![0u8; 5 << 20];
     custos::util::fill_random(&mut big[..2 << 20]);
     std::fs::write(data.join("dir/big-half-zero.bin"), &big).unwrap();
+    // Hard links (FORMAT.md §9), one of them across directories.
+    std::fs::hard_link(data.join("hello.txt"), data.join("dir/hello-link")).unwrap();
+    std::fs::hard_link(data.join("hello.txt"), data.join("hello-again")).unwrap();
 
     let root = tmp.path().join("custos");
     let ctx = Context::embedded(&root).unwrap();
@@ -59,4 +62,8 @@ async fn the_spec_alone_restores_a_backup() {
         String::from_utf8_lossy(&out.stderr)
     );
     common::assert_same(&data, &target.join("data"));
+    let ino =
+        |p: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(target.join(p)).unwrap());
+    assert_eq!(ino("data/hello.txt"), ino("data/dir/hello-link"));
+    assert_eq!(ino("data/hello.txt"), ino("data/hello-again"));
 }

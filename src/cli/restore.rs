@@ -66,10 +66,15 @@ pub async fn run(config: Option<&Path>, args: Args) -> ExitCode {
     let target = args.target.clone().unwrap_or_default();
     finish(json, restore(config, args).await, |r| {
         println!(
-            "restored snapshot {} into {}: {} files, {} dirs, {} symlinks, {} ({:.1}s); every blob verified",
+            "restored snapshot {} into {}: {} files{}, {} dirs, {} symlinks, {} ({:.1}s); every blob verified",
             r.snapshot.map(|s| s.short()).unwrap_or_default(),
             target.display(),
             r.files,
+            if r.hardlinks > 0 {
+                format!(" ({} of them hard links)", r.hardlinks)
+            } else {
+                String::new()
+            },
             r.dirs,
             r.symlinks,
             human_bytes(r.bytes),

@@ -38,6 +38,11 @@ pub struct Entry {
     pub blobs: Vec<BlobId>,
     /// Symlinks: the link target, as stored.
     pub target: Option<Vec<u8>>,
+    /// Files that had several names (st_nlink > 1) at backup: the path of the
+    /// first name of the same inode in tree order (the entry's own path for
+    /// that first one). Entries with the same value are one hard-link group;
+    /// each still carries the full content, so any one of them restores alone.
+    pub hardlink: Option<Vec<u8>>,
     /// Change detection against the parent snapshot (not restored).
     pub inode: u64,
     pub ctime_ns: i64,
@@ -68,6 +73,10 @@ struct EntryJson {
     target: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     target_b64: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hardlink: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hardlink_b64: Option<String>,
     #[serde(default)]
     inode: u64,
     #[serde(default)]
@@ -108,6 +117,10 @@ impl Entry {
             Some(t) => split_bytes(t),
             None => (None, None),
         };
+        let (hardlink, hardlink_b64) = match &self.hardlink {
+            Some(t) => split_bytes(t),
+            None => (None, None),
+        };
         let json = EntryJson {
             path,
             path_b64,
@@ -120,6 +133,8 @@ impl Entry {
             blobs: self.blobs.clone(),
             target,
             target_b64,
+            hardlink,
+            hardlink_b64,
             inode: self.inode,
             ctime_ns: self.ctime_ns,
         };
@@ -132,6 +147,17 @@ impl Entry {
         let path = join_bytes(j.path, j.path_b64, "path")?.ok_or("entry without a path")?;
         validate_path(&path)?;
         let target = join_bytes(j.target, j.target_b64, "target")?;
+        let hardlink = join_bytes(j.hardlink, j.hardlink_b64, "hardlink")?;
+        if let Some(first) = &hardlink {
+            if j.kind != EntryKind::File {
+                return Err("hardlink on a non-file".into());
+            }
+            validate_path(first)?;
+            // The first name comes first: a reader links later names to it.
+            if cmp_paths(first, &path) == Ordering::Greater {
+                return Err("hardlink names a path after the entry's own".into());
+            }
+        }
         match j.kind {
             EntryKind::Symlink if target.is_none() => return Err("symlink without a target".into()),
             EntryKind::File | EntryKind::Dir if target.is_some() => {
@@ -152,6 +178,7 @@ impl Entry {
             size: j.size,
             blobs: j.blobs,
             target,
+            hardlink,
             inode: j.inode,
             ctime_ns: j.ctime_ns,
         })
@@ -208,6 +235,7 @@ mod tests {
             size: 3,
             blobs: vec![BlobId([1; 32])],
             target: None,
+            hardlink: None,
             inode: 42,
             ctime_ns: 5,
         }
@@ -229,6 +257,49 @@ mod tests {
         link.to_json_line(&mut line);
         assert!(String::from_utf8_lossy(&line).contains("target_b64"));
         assert_eq!(Entry::from_json_line(&line).unwrap(), link);
+    }
+
+    #[test]
+    fn hardlinks_round_trip_and_bad_ones_are_refused() {
+        for (path, first) in [
+            (&b"d/b"[..], &b"d/a"[..]),
+            (b"d/b", b"d/b"),
+            (b"z/\xff", b"a/\xfe"),
+        ] {
+            let mut e = file(path);
+            e.hardlink = Some(first.to_vec());
+            let mut line = Vec::new();
+            e.to_json_line(&mut line);
+            assert_eq!(Entry::from_json_line(&line).unwrap(), e);
+        }
+        let line = |json: &str| Entry::from_json_line(json.as_bytes());
+        let ok = r#"{"path":"d/b","type":"file","mode":420,"mtime_ns":1,"hardlink":"d/a"}"#;
+        assert_eq!(line(ok).unwrap().hardlink.as_deref(), Some(&b"d/a"[..]));
+        for (bad, why) in [
+            (
+                r#"{"path":"d","type":"dir","mode":493,"mtime_ns":1,"hardlink":"c"}"#,
+                "on a non-file",
+            ),
+            (
+                r#"{"path":"d/a","type":"file","mode":420,"mtime_ns":1,"hardlink":"d/b"}"#,
+                "after the entry's own",
+            ),
+            (
+                r#"{"path":"d/b","type":"file","mode":420,"mtime_ns":1,"hardlink":"../etc/passwd"}"#,
+                "not a normal relative path",
+            ),
+            (
+                r#"{"path":"d/b","type":"file","mode":420,"mtime_ns":1,"hardlink":"/etc/passwd"}"#,
+                "not a normal relative path",
+            ),
+            (
+                r#"{"path":"d/b","type":"file","mode":420,"mtime_ns":1,"hardlink":"d/a","hardlink_b64":"ZC9h"}"#,
+                "both hardlink and hardlink_b64",
+            ),
+        ] {
+            let err = line(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 
     #[test]

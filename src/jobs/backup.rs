@@ -29,7 +29,7 @@ use crate::pipeline::packer::{Packer, PackerConfig, Work};
 use crate::pipeline::tree::{TreeReader, TreeWriter};
 use crate::repo::Repo;
 use crate::source::command::RunningCommand;
-use crate::source::walk::{Found, Walker, nanos, source_root_exists};
+use crate::source::walk::{Found, HardLinks, Walker, nanos, source_root_exists};
 use crate::source::{Source, origin};
 use crate::store::ObjectName;
 use crate::store::lease::LeaseGuard;
@@ -241,7 +241,11 @@ impl Reader<'_> {
                     excludes: &ex,
                     one_file_system: *one_file_system,
                 };
-                walker.walk(name, path, &mut |rel, found| self.found(name, rel, found))
+                // Hard links are matched within one source (one walk).
+                let mut links = HardLinks::new();
+                walker.walk(name, path, &mut |rel, found| {
+                    self.found(name, rel, found, &mut links)
+                })
             }
             Source::Command {
                 name,
@@ -252,7 +256,13 @@ impl Reader<'_> {
         }
     }
 
-    fn found(&mut self, source: &str, rel: &[u8], found: Found<'_>) -> Result<()> {
+    fn found(
+        &mut self,
+        source: &str,
+        rel: &[u8],
+        found: Found<'_>,
+        links: &mut HardLinks<(u64, Vec<BlobId>)>,
+    ) -> Result<()> {
         let shown = || String::from_utf8_lossy(rel).into_owned();
         match found {
             Found::Dir { meta } => {
@@ -267,6 +277,17 @@ impl Reader<'_> {
             }
             Found::File { path, meta } => {
                 let mut e = entry(rel, EntryKind::File, meta);
+                if let Some((first, (size, blobs))) = links.earlier(meta) {
+                    // Another name of an inode already stored: the same content
+                    // (not read twice), linked to that first name on restore.
+                    e.size = size;
+                    e.blobs = blobs;
+                    e.hardlink = Some(first);
+                    self.summary.files += 1;
+                    self.summary.bytes_in += e.size;
+                    self.progress.file_done(e.size);
+                    return self.push(e);
+                }
                 if let Some(blobs) = self.unchanged_in_parent(&e) {
                     e.blobs = blobs;
                 } else {
@@ -302,6 +323,10 @@ impl Reader<'_> {
                         }
                         Err(error) => return self.unreadable(source, rel, error),
                     }
+                }
+                if meta.nlink() > 1 {
+                    e.hardlink = Some(rel.to_vec());
+                    links.record(meta, rel, (e.size, e.blobs.clone()));
                 }
                 self.summary.files += 1;
                 self.summary.bytes_in += e.size;
@@ -512,6 +537,7 @@ impl Reader<'_> {
             size,
             blobs,
             target: None,
+            hardlink: None,
             inode: 0,
             ctime_ns: 0,
         };
@@ -542,6 +568,7 @@ fn entry(rel: &[u8], kind: EntryKind, meta: &std::fs::Metadata) -> Entry {
         },
         blobs: Vec::new(),
         target: None,
+        hardlink: None,
         inode: meta.ino(),
         ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
     }

@@ -4,21 +4,33 @@
 //! packs are read concurrently (coalesced ranges), each blob is decrypted,
 //! decompressed and checked against its keyed id, then written at its offsets
 //! into temporary files. A file is renamed into place only once every one of
-//! its blobs was verified and written; modes and mtimes are set last.
-//! Never writes outside the target: stored paths are validated, and existing
-//! symlinks in the way are refused rather than followed.
+//! its blobs was verified and written; owners, modes and mtimes are set
+//! first (owner before mode: a chown clears setuid/setgid bits).
+//!
+//! Never writes outside the target: the target is opened once and every
+//! entry is created, linked, renamed and changed relative to a handle of its
+//! directory, opened without following symlinks (see [`beneath`]), so a
+//! directory swapped for a symlink while the restore runs cannot redirect a
+//! write. Temporary entries are removed when a restore fails or is cancelled.
+//! Hard links recorded in the tree are restored as hard links.
 
-use std::collections::{BTreeMap, HashSet};
+mod beneath;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
+use rustix::fs::{AtFlags, Gid, Mode, Timespec, Timestamps, Uid};
+use rustix::io::Errno;
 
+use self::beneath::{PlaceError, Target, TempEntry, TempNames, file_name, parent, shown};
 use super::Progress;
 use crate::config::PathGlobs;
 use crate::error::{Error, Result};
@@ -43,9 +55,12 @@ pub struct RestoreOptions {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RestoreReport {
     pub snapshot: Option<SnapshotId>,
+    /// Files restored, hard links among them.
     pub files: u64,
     pub dirs: u64,
     pub symlinks: u64,
+    /// Files restored as a hard link to another restored name of the same inode.
+    pub hardlinks: u64,
     pub bytes: u64,
     pub duration_ms: u64,
 }
@@ -89,7 +104,7 @@ pub async fn run_with(
     repo.require_active("restore")?;
     let include = PathGlobs::new(&opts.include)
         .map_err(|e| Error::InvalidArgument(format!("--include: {e}")))?;
-    prepare_target(&opts.target, opts.overwrite)?;
+    let target = Target::open(&opts.target, opts.overwrite)?;
     let keys = repo.epoch_keys(snapshot.epoch).await?;
     let pack_sizes = repo.list_packs().await?;
     let mut tree = TreeReader::new(
@@ -103,13 +118,18 @@ pub async fn run_with(
         index,
         pack_sizes,
         keys: keys.clone(),
-        target: opts.target.clone(),
+        root: target.fd,
+        target: target.path,
         include,
         filter: !opts.include.is_empty(),
         only,
         overwrite: opts.overwrite,
+        chown: rustix::process::geteuid().is_root(),
+        owners_refused: false,
+        temp: TempNames::new(),
         ancestors: Vec::new(),
         dirs: Vec::new(),
+        links: HashMap::new(),
         batch: Batch::default(),
         report: RestoreReport {
             snapshot: Some(snapshot.id),
@@ -117,78 +137,69 @@ pub async fn run_with(
         },
         progress,
     };
-    let result = async {
-        while let Some(e) = tree.next_entry().await? {
-            r.entry(e).await?;
-        }
-        r.flush().await?;
-        r.finish_dirs()
+    // On failure the batch's temporary files are removed as it is dropped.
+    while let Some(e) = tree.next_entry().await? {
+        r.entry(e).await?;
     }
-    .await;
-    if result.is_err() {
-        r.batch.discard();
-    }
-    result?;
+    r.flush().await?;
+    r.finish_dirs()?;
     r.report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(r.report)
 }
 
-/// The target must not be a symlink, and must be empty unless overwriting.
-fn prepare_target(target: &Path, overwrite: bool) -> Result<()> {
-    match fs::symlink_metadata(target) {
-        Ok(m) if m.file_type().is_symlink() => {
-            let to = fs::read_link(target)
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
-            Err(Error::InvalidArgument(format!(
-                "restore target {} is a symlink (to {to}); give the real directory instead",
-                target.display()
-            )))
-        }
-        Ok(m) if !m.is_dir() => Err(Error::InvalidArgument(format!(
-            "restore target {} is not a directory",
-            target.display()
-        ))),
-        Ok(_) => {
-            let non_empty = fs::read_dir(target)
-                .map_err(|e| Error::io(target, e))?
-                .next()
-                .is_some();
-            if non_empty && !overwrite {
-                return Err(Error::InvalidArgument(format!(
-                    "restore target {} is not empty (use --overwrite to restore over existing files)",
-                    target.display()
-                )));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::create_dir_all(target).map_err(|e| Error::io(target, e))
-        }
-        Err(e) => Err(Error::io(target, e)),
-    }
+/// A file of the batch: its content goes into `file`, under a temporary name
+/// until it is complete.
+struct PendingFile {
+    temp: TempEntry,
+    file: Arc<File>,
+    /// The final path, for messages.
+    shown: PathBuf,
+    entry: Entry,
 }
 
-struct PendingFile {
-    final_path: PathBuf,
-    temp_path: PathBuf,
-    file: Arc<File>,
+/// A later name of a hard-link group whose first restored name is in this
+/// batch or an earlier one: linked once that name is in place.
+struct PendingLink {
+    dir: Arc<OwnedFd>,
     entry: Entry,
+    to: LinkSource,
 }
 
 #[derive(Default)]
 struct Batch {
     files: Vec<PendingFile>,
+    links: Vec<PendingLink>,
     bytes: u64,
 }
 
-impl Batch {
-    fn discard(&mut self) {
-        for f in self.files.drain(..) {
-            let _ = fs::remove_file(&f.temp_path);
-        }
-        self.bytes = 0;
-    }
+/// The first name restored of a hard-link group, and its inode, so a later
+/// name is linked to exactly that file.
+#[derive(Clone)]
+struct LinkSource {
+    path: Vec<u8>,
+    dev: u64,
+    ino: u64,
+    size: u64,
+    /// The blob list of the first name: every name of a group has the same.
+    blobs: Arc<[BlobId]>,
+}
+
+/// A directory entry above the current entry, and its handle once created.
+struct Ancestor {
+    entry: Entry,
+    dir: Option<Arc<OwnedFd>>,
+}
+
+/// A created directory, finished (owner, mode, mtime) once its content is in place.
+struct DirToFinish {
+    path: Vec<u8>,
+    /// Its inode: what is found at `path` when finishing must be this directory.
+    dev: u64,
+    ino: u64,
+    mode: u32,
+    mtime_ns: i64,
+    uid: u32,
+    gid: u32,
 }
 
 struct Restorer<'a> {
@@ -197,23 +208,45 @@ struct Restorer<'a> {
     /// Size of every pack in the store, listed once.
     pack_sizes: BTreeMap<PackId, u64>,
     keys: Arc<EpochKeys>,
+    /// The target directory, opened once: everything is created beneath it.
+    root: Arc<OwnedFd>,
+    /// The target's path, for messages only.
     target: PathBuf,
     include: PathGlobs,
     filter: bool,
     only: Option<&'a FileSet>,
     overwrite: bool,
-    /// Directory entries above the current entry, with whether each was created.
-    ancestors: Vec<(Entry, bool)>,
-    /// Directories created, for modes and mtimes once their content is in place.
-    dirs: Vec<(PathBuf, u32, i64)>,
+    /// Restore owners (root only; cleared after the first refusal, see [`Restorer::owner_refused`]).
+    chown: bool,
+    /// A root restore whose owners were refused: set-id bits are then not
+    /// restored on files either (they would apply to the wrong owner).
+    owners_refused: bool,
+    temp: TempNames,
+    /// Directory entries above the current entry, each with its handle once created.
+    ancestors: Vec<Ancestor>,
+    /// Directories created, for owners, modes and mtimes once their content is in place.
+    dirs: Vec<DirToFinish>,
+    /// Hard-link groups (the `hardlink` value) → the name restored first.
+    links: HashMap<Vec<u8>, LinkSource>,
     batch: Batch,
     report: RestoreReport,
     progress: &'a dyn Progress,
 }
 
+fn timestamps(mtime_ns: i64) -> Timestamps {
+    let t = Timespec {
+        tv_sec: mtime_ns.div_euclid(1_000_000_000),
+        tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
 impl Restorer<'_> {
-    fn dest(&self, e: &Entry) -> PathBuf {
-        self.target.join(OsStr::from_bytes(&e.path))
+    fn shown(&self, rel: &[u8]) -> PathBuf {
+        shown(&self.target, rel)
     }
 
     fn corrupt(&self, why: String) -> Error {
@@ -223,16 +256,55 @@ impl Restorer<'_> {
         )
     }
 
+    fn io(&self, rel: &[u8], err: impl Into<std::io::Error>) -> Error {
+        Error::io(self.shown(rel), err.into())
+    }
+
+    fn unsafe_target(&self, rel: &[u8], reason: &str) -> Error {
+        Error::UnsafeTarget {
+            path: self.shown(rel),
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// A directory this restore created could not be found again at its path:
+    /// someone replaced (ELOOP, ENOTDIR), moved or removed (ENOENT) it meanwhile.
+    fn moved(&self, rel: &[u8], err: std::io::Error) -> Error {
+        match err.raw_os_error() {
+            Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV) => self.unsafe_target(
+                rel,
+                "is no longer a directory (a symlink or file was put in its place)",
+            ),
+            Some(libc::ENOENT) => self.unsafe_target(rel, "was moved or removed while restoring"),
+            _ => self.io(rel, err),
+        }
+    }
+
+    fn place_error(&self, rel: &[u8], err: PlaceError) -> Error {
+        match err {
+            PlaceError::Exists => Error::InvalidArgument(format!(
+                "{} exists (use --overwrite)",
+                self.shown(rel).display()
+            )),
+            PlaceError::IsDir => Error::InvalidArgument(format!(
+                "{} exists and is a directory",
+                self.shown(rel).display()
+            )),
+            PlaceError::Io(e) => self.io(rel, e),
+        }
+    }
+
     async fn entry(&mut self, e: Entry) -> Result<()> {
-        // Keep only the ancestors of this entry; its parent must be a directory.
-        while let Some((top, _)) = self.ancestors.last() {
-            if e.path.starts_with(&top.path) && e.path.get(top.path.len()) == Some(&b'/') {
+        // Keep only the ancestors of this entry; its parent must be the last.
+        while let Some(top) = self.ancestors.last() {
+            if e.path.starts_with(&top.entry.path)
+                && e.path.get(top.entry.path.len()) == Some(&b'/')
+            {
                 break;
             }
             self.ancestors.pop();
         }
-        let has_parent = e.path.contains(&b'/');
-        if has_parent && self.ancestors.is_empty() {
+        if parent(&e.path) != self.ancestors.last().map(|a| &a.entry.path[..]) {
             return Err(self.corrupt(format!(
                 "{} has no parent directory entry",
                 e.display_path()
@@ -240,148 +312,256 @@ impl Restorer<'_> {
         }
         let selected = (!self.filter
             || self.include.is_match(Path::new(OsStr::from_bytes(&e.path)))
-            || self
-                .ancestors
-                .iter()
-                .any(|(a, _)| self.include.is_match(Path::new(OsStr::from_bytes(&a.path)))))
+            || self.ancestors.iter().any(|a| {
+                self.include
+                    .is_match(Path::new(OsStr::from_bytes(&a.entry.path)))
+            }))
             && self
                 .only
                 .is_none_or(|set| e.kind == EntryKind::File && set.contains(&e.path));
-        if selected {
-            self.create_ancestors()?;
+        if !selected {
+            if e.kind == EntryKind::Dir {
+                self.ancestors.push(Ancestor {
+                    entry: e,
+                    dir: None,
+                });
+            }
+            return Ok(());
         }
+        self.create_ancestors()?;
+        let dir = self.parent_dir();
         match e.kind {
             EntryKind::Dir => {
-                let created = if selected { self.make_dir(&e)? } else { false };
-                self.ancestors.push((e, created));
+                let fd = self.make_dir(&dir, &e)?;
+                self.ancestors.push(Ancestor {
+                    entry: e,
+                    dir: Some(fd),
+                });
             }
-            EntryKind::Symlink if selected => self.make_symlink(&e)?,
-            EntryKind::File if selected => self.add_file(e).await?,
-            _ => {}
+            EntryKind::Symlink => self.make_symlink(&dir, &e)?,
+            EntryKind::File => self.add_file(dir, e).await?,
         }
         Ok(())
     }
 
+    /// The handle of the current entry's parent (the target at the top).
+    /// Called after [`Restorer::create_ancestors`], so every ancestor has one.
+    fn parent_dir(&self) -> Arc<OwnedFd> {
+        self.ancestors
+            .last()
+            .and_then(|a| a.dir.clone())
+            .unwrap_or_else(|| self.root.clone())
+    }
+
+    /// Creates the directories above a selected entry that were not selected themselves.
     fn create_ancestors(&mut self) -> Result<()> {
         for i in 0..self.ancestors.len() {
-            if !self.ancestors[i].1 {
-                let e = self.ancestors[i].0.clone();
-                self.make_dir(&e)?;
-                self.ancestors[i].1 = true;
+            if self.ancestors[i].dir.is_none() {
+                let parent = match i {
+                    0 => self.root.clone(),
+                    _ => self.ancestors[i - 1]
+                        .dir
+                        .clone()
+                        .ok_or_else(|| Error::Internal("restore: ancestor not created".into()))?,
+                };
+                let e = self.ancestors[i].entry.clone();
+                let fd = self.make_dir(&parent, &e)?;
+                self.ancestors[i].dir = Some(fd);
             }
         }
         Ok(())
     }
 
-    fn make_dir(&mut self, e: &Entry) -> Result<bool> {
-        let path = self.dest(e);
-        match fs::symlink_metadata(&path) {
-            Ok(m) if m.is_dir() && !m.file_type().is_symlink() => {}
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(Error::InvalidArgument(format!(
-                    "{} exists as a symlink; refusing to restore through it",
-                    path.display()
-                )));
-            }
-            Ok(_) if self.overwrite => {
-                fs::remove_file(&path).map_err(|err| Error::io(&path, err))?;
-                fs::create_dir(&path).map_err(|err| Error::io(&path, err))?;
-            }
-            Ok(_) => {
-                return Err(Error::InvalidArgument(format!(
-                    "{} exists and is not a directory",
-                    path.display()
-                )));
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                fs::create_dir(&path).map_err(|err| Error::io(&path, err))?;
-            }
-            Err(err) => return Err(Error::io(&path, err)),
-        }
-        // Owner-writable until the end, whatever the stored mode, so content can go in.
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o700))
-            .map_err(|err| Error::io(&path, err))?;
-        self.dirs.push((path, e.mode, e.mtime_ns));
+    /// Creates (or, restoring over existing files, opens) the directory of
+    /// `e` in `parent` and returns its handle. A symlink in its place is
+    /// refused, never followed, whether it was there before or appears
+    /// while the restore runs.
+    fn make_dir(&mut self, parent: &OwnedFd, e: &Entry) -> Result<Arc<OwnedFd>> {
+        let name = file_name(&e.path);
+        let dir = parent.as_fd();
+        let fd = match rustix::fs::mkdirat(dir, name, Mode::RWXU) {
+            Ok(()) | Err(Errno::EXIST) => match beneath::open_dir(dir, name) {
+                Ok(fd) => fd,
+                Err(err) if matches!(err.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                    self.replace_with_dir(dir, e)?
+                }
+                Err(err) => return Err(self.io(&e.path, err)),
+            },
+            Err(err) => return Err(self.io(&e.path, err)),
+        };
+        // Owner-writable until the end, whatever the stored mode, so content
+        // can go in (and no one else can meanwhile).
+        rustix::fs::fchmod(&fd, Mode::RWXU).map_err(|err| self.io(&e.path, err))?;
+        let st = rustix::fs::fstat(&fd).map_err(|err| self.io(&e.path, err))?;
+        self.dirs.push(DirToFinish {
+            path: e.path.clone(),
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            mode: e.mode,
+            mtime_ns: e.mtime_ns,
+            uid: e.uid,
+            gid: e.gid,
+        });
         self.report.dirs += 1;
-        Ok(true)
+        Ok(Arc::new(fd))
     }
 
-    fn make_symlink(&mut self, e: &Entry) -> Result<()> {
-        let path = self.dest(e);
+    /// Something other than a directory is where the directory of `e` goes.
+    fn replace_with_dir(&self, dir: std::os::fd::BorrowedFd<'_>, e: &Entry) -> Result<OwnedFd> {
+        let name = file_name(&e.path);
+        let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|err| self.io(&e.path, err))?;
+        let kind = rustix::fs::FileType::from_raw_mode(st.st_mode);
+        if kind == rustix::fs::FileType::Symlink {
+            return Err(self.unsafe_target(
+                &e.path,
+                "exists as a symlink; refusing to restore through it",
+            ));
+        }
+        if kind == rustix::fs::FileType::Directory {
+            // It was a symlink or a file a moment ago: someone is changing the target.
+            return Err(self.unsafe_target(&e.path, "changed while being restored"));
+        }
+        if !self.overwrite {
+            return Err(Error::InvalidArgument(format!(
+                "{} exists and is not a directory",
+                self.shown(&e.path).display()
+            )));
+        }
+        rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(|err| self.io(&e.path, err))?;
+        rustix::fs::mkdirat(dir, name, Mode::RWXU).map_err(|err| self.io(&e.path, err))?;
+        beneath::open_dir(dir, name).map_err(|err| match err.raw_os_error() {
+            Some(libc::ELOOP | libc::ENOTDIR) => {
+                self.unsafe_target(&e.path, "changed while being restored")
+            }
+            _ => self.io(&e.path, err),
+        })
+    }
+
+    /// Sets an owner as root. A refusal (no CAP_CHOWN, an NFS export that
+    /// squashes root, an id not mapped in this user namespace) is warned about
+    /// once and owners are not restored from then on; other errors fail.
+    fn owner(
+        &mut self,
+        rel: &[u8],
+        set: impl FnOnce(Option<Uid>, Option<Gid>) -> rustix::io::Result<()>,
+        uid: u32,
+        gid: u32,
+    ) -> Result<()> {
+        if !self.chown {
+            return Ok(());
+        }
+        match set(Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))) {
+            Ok(()) => Ok(()),
+            Err(err @ (Errno::PERM | Errno::INVAL)) => {
+                self.owner_refused(rel, err);
+                Ok(())
+            }
+            Err(err) => Err(self.io(rel, err)),
+        }
+    }
+
+    fn owner_refused(&mut self, rel: &[u8], err: Errno) {
+        tracing::warn!(
+            event = "restore.owners_not_restored",
+            path = %self.shown(rel).display(),
+            error = %std::io::Error::from(err),
+            "cannot set owners in the target; restoring the rest without them (and without setuid/setgid bits on files)"
+        );
+        self.chown = false;
+        self.owners_refused = true;
+    }
+
+    fn make_symlink(&mut self, dir: &Arc<OwnedFd>, e: &Entry) -> Result<()> {
         let target = e
             .target
             .as_ref()
             .ok_or_else(|| self.corrupt(format!("symlink {} has no target", e.display_path())))?;
-        let tmp = temp_name(&path);
-        std::os::unix::fs::symlink(OsStr::from_bytes(target), &tmp)
-            .map_err(|err| Error::io(&tmp, err))?;
-        self.replace(&tmp, &path)?;
-        let t = filetime::FileTime::from_unix_time(
-            e.mtime_ns.div_euclid(1_000_000_000),
-            e.mtime_ns.rem_euclid(1_000_000_000) as u32,
-        );
-        let _ = filetime::set_symlink_file_times(&path, t, t);
+        let tmp = self
+            .temp
+            .symlink(dir, target)
+            .map_err(|err| self.io(&e.path, err))?;
+        // On the temporary name, never following it: the link's own owner and times.
+        self.owner(
+            &e.path,
+            |u, g| rustix::fs::chownat(tmp.dir(), tmp.name(), u, g, AtFlags::SYMLINK_NOFOLLOW),
+            e.uid,
+            e.gid,
+        )?;
+        rustix::fs::utimensat(
+            tmp.dir(),
+            tmp.name(),
+            &timestamps(e.mtime_ns),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|err| self.io(&e.path, err))?;
+        tmp.place(file_name(&e.path), self.overwrite)
+            .map_err(|err| self.place_error(&e.path, err))?;
         self.report.symlinks += 1;
         Ok(())
     }
 
-    /// Renames `tmp` over `dest`, refusing to replace a directory or (without
-    /// --overwrite) anything at all.
-    fn replace(&self, tmp: &Path, dest: &Path) -> Result<()> {
-        match fs::symlink_metadata(dest) {
-            Ok(m) if m.is_dir() => {
-                let _ = fs::remove_file(tmp);
-                return Err(Error::InvalidArgument(format!(
-                    "{} exists and is a directory",
-                    dest.display()
+    async fn add_file(&mut self, dir: Arc<OwnedFd>, e: Entry) -> Result<()> {
+        if let Some(group) = &e.hardlink
+            && let Some(to) = self.links.get(group)
+        {
+            if to.size != e.size || to.blobs[..] != e.blobs[..] {
+                return Err(self.corrupt(format!(
+                    "{} is a hard link of {} but their contents differ",
+                    e.display_path(),
+                    String::from_utf8_lossy(&to.path)
                 )));
             }
-            Ok(_) if !self.overwrite => {
-                let _ = fs::remove_file(tmp);
-                return Err(Error::InvalidArgument(format!(
-                    "{} exists (use --overwrite)",
-                    dest.display()
-                )));
+            let to = to.clone();
+            self.batch.links.push(PendingLink { dir, entry: e, to });
+        } else {
+            let (temp, file) = self.temp.file(&dir).map_err(|err| self.io(&e.path, err))?;
+            // Sized up front: zero runs are then simply not written (sparse files stay sparse).
+            file.set_len(e.size).map_err(|err| self.io(&e.path, err))?;
+            if let Some(group) = &e.hardlink {
+                // The first name of its group restored: later names link to this inode.
+                let st = rustix::fs::fstat(&file).map_err(|err| self.io(&e.path, err))?;
+                self.links.insert(
+                    group.clone(),
+                    LinkSource {
+                        path: e.path.clone(),
+                        dev: st.st_dev as u64,
+                        ino: st.st_ino as u64,
+                        size: e.size,
+                        blobs: e.blobs.clone().into(),
+                    },
+                );
             }
-            _ => {}
+            self.batch.bytes += e.size;
+            self.batch.files.push(PendingFile {
+                temp,
+                file: Arc::new(file),
+                shown: self.shown(&e.path),
+                entry: e,
+            });
         }
-        fs::rename(tmp, dest).map_err(|err| {
-            let _ = fs::remove_file(tmp);
-            Error::io(dest, err)
-        })
-    }
-
-    async fn add_file(&mut self, e: Entry) -> Result<()> {
-        let final_path = self.dest(&e);
-        let temp_path = temp_name(&final_path);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc_o_nofollow())
-            .mode(0o600)
-            .open(&temp_path)
-            .map_err(|err| Error::io(&temp_path, err))?;
-        // Sized up front: zero runs are then simply not written (sparse files stay sparse).
-        file.set_len(e.size)
-            .map_err(|err| Error::io(&temp_path, err))?;
-        self.batch.bytes += e.size;
-        self.batch.files.push(PendingFile {
-            final_path,
-            temp_path,
-            file: Arc::new(file),
-            entry: e,
-        });
-        if self.batch.bytes >= BATCH_BYTES || self.batch.files.len() >= BATCH_FILES {
+        if self.batch.bytes >= BATCH_BYTES
+            || self.batch.files.len() + self.batch.links.len() >= BATCH_FILES
+        {
             self.flush().await?;
         }
         Ok(())
     }
 
-    /// Fetches, verifies and writes every blob of the batch, then puts its files in place.
+    /// Fetches, verifies and writes every blob of the batch, then puts its
+    /// files in place, then its hard links.
     async fn flush(&mut self) -> Result<()> {
-        if self.batch.files.is_empty() {
-            return Ok(());
+        if !self.batch.files.is_empty() {
+            self.write_files().await?;
         }
+        for link in std::mem::take(&mut self.batch.links) {
+            self.make_link(link)?;
+        }
+        self.batch.bytes = 0;
+        Ok(())
+    }
+
+    async fn write_files(&mut self) -> Result<()> {
         // Plan: for each pack, the blobs needed and where each goes.
         let mut plan: BTreeMap<u32, IdMap<BlobId, PlannedBlob>> = BTreeMap::new();
         for (fi, f) in self.batch.files.iter().enumerate() {
@@ -417,7 +597,7 @@ impl Restorer<'_> {
             self.batch
                 .files
                 .iter()
-                .map(|f| (f.file.clone(), f.final_path.clone()))
+                .map(|f| (f.file.clone(), f.shown.clone()))
                 .collect(),
         );
         let jobs = plan.into_values().map(|blobs| {
@@ -431,30 +611,68 @@ impl Restorer<'_> {
             self.progress.bytes_read(written);
         }
         drop(stream);
+        // Files not yet in place when this fails are removed as they drop.
         for f in std::mem::take(&mut self.batch.files) {
             let e = &f.entry;
-            let apply = || -> std::io::Result<()> {
-                f.file
-                    .set_permissions(fs::Permissions::from_mode(e.mode & 0o7777))?;
-                let t = filetime::FileTime::from_unix_time(
-                    e.mtime_ns.div_euclid(1_000_000_000),
-                    e.mtime_ns.rem_euclid(1_000_000_000) as u32,
-                );
-                filetime::set_file_handle_times(&f.file, Some(t), Some(t))?;
-                Ok(())
+            // Owner first: a chown clears the setuid and setgid bits.
+            self.owner(
+                &e.path,
+                |u, g| rustix::fs::fchown(&*f.file, u, g),
+                e.uid,
+                e.gid,
+            )?;
+            let mode = match self.owners_refused {
+                true => e.mode & 0o1777,
+                false => e.mode & 0o7777,
             };
-            if let Err(err) = apply() {
-                let _ = fs::remove_file(&f.temp_path);
-                return Err(Error::io(&f.final_path, err));
-            }
-            if is_root() {
-                let _ = std::os::unix::fs::lchown(&f.temp_path, Some(e.uid), Some(e.gid));
-            }
-            self.replace(&f.temp_path, &f.final_path)?;
+            rustix::fs::fchmod(&*f.file, Mode::from_raw_mode(mode))
+                .map_err(|err| Error::io(&f.shown, err.into()))?;
+            rustix::fs::futimens(&*f.file, &timestamps(e.mtime_ns))
+                .map_err(|err| Error::io(&f.shown, err.into()))?;
+            f.temp
+                .place(file_name(&e.path), self.overwrite)
+                .map_err(|err| self.place_error(&e.path, err))?;
             self.report.files += 1;
             self.report.bytes += e.size;
         }
-        self.batch.bytes = 0;
+        Ok(())
+    }
+
+    /// Links a later name of a hard-link group to the name restored first,
+    /// looked up again beneath the target; the link must reach that very
+    /// inode (not whatever was put at its name meanwhile).
+    fn make_link(&mut self, link: PendingLink) -> Result<()> {
+        let e = &link.entry;
+        let from_parent = parent(&link.to.path);
+        let from_dir: Arc<OwnedFd> = match from_parent {
+            None => self.root.clone(),
+            Some(p) if Some(p) == parent(&e.path) => link.dir.clone(),
+            Some(p) => Arc::new(
+                beneath::open_dir_beneath(self.root.as_fd(), p)
+                    .map_err(|err| self.moved(p, err))?,
+            ),
+        };
+        let tmp = self
+            .temp
+            .link(from_dir.as_fd(), file_name(&link.to.path), &link.dir)
+            .map_err(|err| match err.raw_os_error() {
+                Some(libc::ENOENT) => {
+                    self.unsafe_target(&link.to.path, "was moved or removed while restoring")
+                }
+                _ => self.io(&e.path, err),
+            })?;
+        let st = rustix::fs::statat(tmp.dir(), tmp.name(), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|err| self.io(&e.path, err))?;
+        if (st.st_dev as u64, st.st_ino as u64) != (link.to.dev, link.to.ino) {
+            return Err(self.unsafe_target(
+                &link.to.path,
+                "was replaced while restoring; not linking to it",
+            ));
+        }
+        tmp.place(file_name(&e.path), self.overwrite)
+            .map_err(|err| self.place_error(&e.path, err))?;
+        self.report.files += 1;
+        self.report.hardlinks += 1;
         Ok(())
     }
 
@@ -555,37 +773,27 @@ impl Restorer<'_> {
         }
     }
 
+    /// Sets owners, modes and mtimes of the directories created, deepest
+    /// first (a directory's own changes come after its content's). Each is
+    /// looked up again beneath the target, never through a symlink.
     fn finish_dirs(&mut self) -> Result<()> {
-        for (path, mode, mtime_ns) in self.dirs.iter().rev() {
-            fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777))
-                .map_err(|e| Error::io(path, e))?;
-            let t = filetime::FileTime::from_unix_time(
-                mtime_ns.div_euclid(1_000_000_000),
-                mtime_ns.rem_euclid(1_000_000_000) as u32,
-            );
-            filetime::set_file_times(path, t, t).map_err(|e| Error::io(path, e))?;
+        let dirs = std::mem::take(&mut self.dirs);
+        for d in dirs.iter().rev() {
+            let fd = beneath::open_dir_beneath(self.root.as_fd(), &d.path)
+                .map_err(|err| self.moved(&d.path, err))?;
+            let st = rustix::fs::fstat(&fd).map_err(|err| self.io(&d.path, err))?;
+            if (st.st_dev as u64, st.st_ino as u64) != (d.dev, d.ino) {
+                // Never give the stored owner and mode to a directory someone else put there.
+                return Err(self.unsafe_target(&d.path, "was replaced while restoring"));
+            }
+            self.owner(&d.path, |u, g| rustix::fs::fchown(&fd, u, g), d.uid, d.gid)?;
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(d.mode & 0o7777))
+                .map_err(|err| self.io(&d.path, err))?;
+            rustix::fs::futimens(&fd, &timestamps(d.mtime_ns))
+                .map_err(|err| self.io(&d.path, err))?;
         }
         Ok(())
     }
-}
-
-fn temp_name(path: &Path) -> PathBuf {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    dir.join(format!(
-        ".custos-{}.tmp",
-        hex::encode(crate::util::random_bytes::<6>())
-    ))
-}
-
-fn libc_o_nofollow() -> i32 {
-    // O_NOFOLLOW on Linux (all architectures custos builds for).
-    0o400000
-}
-
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false)
 }
 
 /// One blob a batch needs, and where it goes: (file in the batch, offset).

@@ -139,6 +139,7 @@ pub fn tree_from_listing(name: &str, metas: Vec<ObjectMeta>) -> (Vec<Item>, Vec<
             size: 0,
             blobs: Vec::new(),
             target: None,
+            hardlink: None,
             inode: 0,
             ctime_ns: 0,
         },
@@ -206,6 +207,7 @@ pub fn file_entry(path: Vec<u8>, meta: &ObjectMeta) -> Entry {
         size: meta.size,
         blobs: Vec::new(),
         target: None,
+        hardlink: None,
         inode: etag_fingerprint(meta),
         ctime_ns: 0,
     }

@@ -2,6 +2,7 @@
 //! bytes), the order snapshot trees are stored in, so a backup can merge the
 //! walk with its parent snapshot's tree without holding either in memory.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{self, Metadata};
 use std::io;
@@ -125,6 +126,69 @@ impl Walker<'_> {
     }
 }
 
+/// The hard links met in one walk: for every inode with more than one name
+/// (st_nlink > 1), the first name recorded for it and what the caller stored
+/// with it (a backup: the content it read). Walks visit paths in tree order,
+/// so the first name recorded is the first in tree order. An inode is
+/// forgotten once all its names were seen, so memory holds only groups still
+/// open (names outside the source or excluded keep theirs to the walk's end).
+pub struct HardLinks<T> {
+    groups: HashMap<(u64, u64), Group<T>>,
+}
+
+struct Group<T> {
+    first: Vec<u8>,
+    value: T,
+    /// Names of the inode not seen yet.
+    unseen: u64,
+}
+
+impl<T: Clone> HardLinks<T> {
+    pub fn new() -> Self {
+        HardLinks {
+            groups: HashMap::new(),
+        }
+    }
+
+    /// For a file whose inode was recorded under an earlier name: that first
+    /// name and its value. `None` for a file with one link, or the first of
+    /// its names met (record it with [`HardLinks::record`]).
+    pub fn earlier(&mut self, meta: &Metadata) -> Option<(Vec<u8>, T)> {
+        if meta.nlink() < 2 {
+            return None;
+        }
+        let key = (meta.dev(), meta.ino());
+        let group = self.groups.get_mut(&key)?;
+        group.unseen = group.unseen.saturating_sub(1);
+        if group.unseen == 0 {
+            let g = self.groups.remove(&key)?;
+            return Some((g.first, g.value));
+        }
+        Some((group.first.clone(), group.value.clone()))
+    }
+
+    /// Records `path` as the first name of its inode (no-op for one link).
+    pub fn record(&mut self, meta: &Metadata, path: &[u8], value: T) {
+        if meta.nlink() < 2 {
+            return;
+        }
+        self.groups.insert(
+            (meta.dev(), meta.ino()),
+            Group {
+                first: path.to_vec(),
+                value,
+                unseen: meta.nlink() - 1,
+            },
+        );
+    }
+}
+
+impl<T: Clone> Default for HardLinks<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 fn list_dir(path: &Path) -> io::Result<Vec<std::ffi::OsString>> {
     let mut names = Vec::new();
     for entry in fs::read_dir(path)? {
@@ -154,6 +218,49 @@ pub fn source_root_exists(path: &PathBuf) -> Result<(), String> {
 mod tests {
     use super::*;
     use crate::format::tree::cmp_paths;
+
+    #[test]
+    fn hard_links_name_their_first_path_and_groups_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        fs::create_dir_all(r.join("a")).unwrap();
+        fs::write(r.join("a/one"), "x").unwrap();
+        fs::hard_link(r.join("a/one"), r.join("b")).unwrap();
+        fs::hard_link(r.join("a/one"), r.join("c")).unwrap();
+        fs::write(r.join("single"), "y").unwrap();
+        let w = Walker {
+            excludes: &PathGlobs::new(&[]).unwrap(),
+            one_file_system: false,
+        };
+        let mut links = HardLinks::<u32>::new();
+        let mut seen: Vec<(String, Option<(String, u32)>)> = Vec::new();
+        w.walk::<()>("s", r, &mut |p, found| {
+            if let Found::File { meta, .. } = found {
+                let earlier = links.earlier(meta);
+                if earlier.is_none() {
+                    links.record(meta, p, seen.len() as u32);
+                }
+                let name = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                seen.push((name(p), earlier.map(|(f, v)| (name(&f), v))));
+            }
+            Ok(())
+        })
+        .unwrap();
+        let first = Some(("s/a/one".to_owned(), 0));
+        assert_eq!(
+            seen,
+            vec![
+                ("s/a/one".to_owned(), None),
+                ("s/b".to_owned(), first.clone()),
+                ("s/c".to_owned(), first),
+                ("s/single".to_owned(), None),
+            ]
+        );
+        assert!(
+            links.groups.is_empty(),
+            "a group is forgotten once complete"
+        );
+    }
 
     #[test]
     fn walk_order_is_tree_order_and_excludes_apply() {
