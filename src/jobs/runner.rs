@@ -407,7 +407,7 @@ mod tests {
         assert!(
             message.contains("backup of acme panicked")
                 && message.contains("a bug in custos")
-                && message.contains("DateTime - TimeDelta overflowed"),
+                && message.contains("`DateTime - TimeDelta` overflowed"),
             "{message}"
         );
         assert_eq!(run.report.outcome, Outcome::Failure);
