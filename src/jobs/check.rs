@@ -129,8 +129,9 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
         let mut tree = TreeReader::new(repo, &index, &s.tree, what.clone());
         let mut missing = 0usize;
         let mut example = None;
-        // Indexed, but in a pack the store does not have (deleted, lost): the
-        // snapshot cannot be restored whole, so it is named, not only the pack.
+        // Indexed, but in a pack the store does not have (deleted, lost) or
+        // has cut short: the snapshot cannot be restored whole, so it is
+        // named, not only the pack.
         let mut lost = 0usize;
         let mut lost_example = None;
         loop {
@@ -142,7 +143,7 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
                                 missing += 1;
                                 example.get_or_insert_with(|| e.display_path());
                             }
-                            Some(loc) if !packs.contains_key(&index.pack(loc).0) => {
+                            Some(loc) if !index.is_stored_at(loc, &packs) => {
                                 lost += 1;
                                 lost_example.get_or_insert_with(|| e.display_path());
                             }
@@ -164,8 +165,8 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
                 object: what.clone(),
                 kind: "missing_object",
                 message: format!(
-                    "{lost} blob(s) are in packs missing from the store, e.g. in {} (data lost; \
-                     the next backup stores again what the sources still hold)",
+                    "{lost} blob(s) are in packs missing from the store or cut short, e.g. in {} \
+                     (data lost; the next backup stores again what the sources still hold)",
                     lost_example.unwrap_or_default()
                 ),
             });

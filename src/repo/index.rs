@@ -39,7 +39,7 @@ pub struct Index {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct LostBlobs {
     /// Indexed blobs of the epoch whose pack is not in the store (or is
-    /// shorter than the blob's end).
+    /// shorter than the blobs indexed in it need).
     pub blobs: usize,
     /// Those packs, in id order.
     pub packs: Vec<PackId>,
@@ -113,6 +113,16 @@ impl Index {
             }
         }
         moved
+    }
+
+    /// True when the pack of `loc` is listed in `stored` (pack → size) and
+    /// long enough for every blob the index places in it.
+    pub fn is_stored_at(
+        &self,
+        loc: &Location,
+        stored: &std::collections::BTreeMap<PackId, u64>,
+    ) -> bool {
+        self.is_stored(loc.pack, stored)
     }
 
     /// True when the pack in `slot` is listed in `stored` (pack → size) and
