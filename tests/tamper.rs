@@ -126,6 +126,12 @@ fn assert_check_failed(cli: &Cli, tenant: &str, check: &Run) {
     assert_eq!(stored["outcome"], "failure", "{stored}");
     assert_eq!(stored["error_kind"], faults[0]["kind"], "{stored}");
     assert_eq!(stored["result"]["faults"], doc["result"]["faults"]);
+    // `job.finished` is logged from the same report, as a failure.
+    assert!(
+        check.stderr.contains(&format!("check of {tenant} failed")),
+        "{}",
+        check.stderr
+    );
 }
 
 /// `custos drill` fails with `kind`, naming `object`.
