@@ -132,7 +132,11 @@ def main(store, keys_dir, tenant_name, wanted, target):
     snap = snaps[-1] if wanted == "latest" else next(s for s in snaps if s["id"].startswith(wanted))
     epoch = snap["epoch"]
 
-    # §7: the index.
+    # §7: the index. A blob listed more than once is read from a listing
+    # whose pack exists.
+    def pack_exists(pack):
+        return os.path.exists(os.path.join(t.root, "packs", pack[:2], pack))
+
     index = {}
     for name in os.listdir(os.path.join(t.root, "index")):
         _, plain = t.open_stream(t.read("index", name), b"I", bytes.fromhex(name))
@@ -144,7 +148,9 @@ def main(store, keys_dir, tenant_name, wanted, target):
             for _ in range(n):
                 blob = plain[pos : pos + 32].hex()
                 seg, off, sealed, raw = struct.unpack(">IIII", plain[pos + 33 : pos + 49])
-                index.setdefault(blob, (pack, seg, off, sealed, raw))
+                have = index.get(blob)
+                if have is None or (not pack_exists(have[0]) and pack_exists(pack)):
+                    index[blob] = (pack, seg, off, sealed, raw)
                 pos += 49
 
     chunk_key = t.chunk_id_key(epoch)

@@ -171,6 +171,7 @@ impl Error {
             Error::Rollback { .. } => "rollback_detected",
             Error::Store { source, .. } => match source {
                 object_store::Error::NotFound { .. } => "missing_object",
+                e if crate::store::local::is_out_of_space(e) => "insufficient_space",
                 _ => "store_error",
             },
             Error::StoreConfig { .. } => "invalid_store",
@@ -238,10 +239,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Key(k) => k.is_transient(),
-            Error::Store { source, .. } => matches!(
-                source,
-                object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
-            ),
+            Error::Store { source, .. } => crate::store::tenant::is_transient(source),
             _ => false,
         }
     }

@@ -207,12 +207,42 @@ fn write_private(file: &std::path::Path, data: &[u8]) -> bool {
         && std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).is_ok()
 }
 
-/// A tenant policy file (TOML text) over no defaults.
+/// A tenant policy file (TOML text) over no defaults; a policy that
+/// validates is then put through the time arithmetic of the jobs and the
+/// daemon ([`policy_times`]): validation must refuse whatever would make them
+/// panic (a `keep_within` of 300000 years once passed validation and panicked
+/// `forget`).
 pub fn policy(data: &[u8]) {
     let dir = scratch().join("policies");
     let file = dir.join("fuzz.toml");
-    if write_private(&file, data) {
-        let _ = crate::config::load_policy_file(&dir, std::path::Path::new("fuzz.toml"));
+    if write_private(&file, data)
+        && let Ok(p) = crate::config::load_policy_file(&dir, std::path::Path::new("fuzz.toml"))
+    {
+        policy_times(&p, chrono::Utc::now(), &[]);
+    }
+}
+
+/// Everything custos computes from a policy's durations and dates: which
+/// snapshots retention keeps, the drill's random window, the rotation due
+/// dates, the shred date, and the next slot of each scheduled job.
+pub fn policy_times(
+    p: &crate::config::Policy,
+    now: chrono::DateTime<chrono::Utc>,
+    snapshots: &[crate::format::snapshot::Snapshot],
+) {
+    use crate::daemon::registry::ScheduledJob;
+    let _ = crate::jobs::forget::apply(&p.retention, snapshots, now);
+    let _ = p.deletion.shred_due_at();
+    let _ = crate::jobs::drill::DrillOptions::from_policy(&p.drill);
+    let d = crate::format::descriptor::Descriptor::new(p.tenant.clone(), p.key.clone(), now);
+    let _ = crate::jobs::rotate::rotation_status(&d, &p.rotation, now);
+    let _ = crate::jobs::rotate::due(&d, &p.rotation, now);
+    for job in ScheduledJob::ALL {
+        if let Some(when) = job.when(p) {
+            let _ = crate::daemon::plan::next_slot(&when, None, now);
+            let _ = when.next_after(now);
+            let _ = when.period_after(now);
+        }
     }
 }
 

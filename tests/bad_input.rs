@@ -445,3 +445,301 @@ fn restore_onto_a_full_disk() {
     }
     assert_eq!(before, cli.objects("acme"), "store unchanged");
 }
+
+/// A policy for `acme` backing up `data`, with `extra` TOML appended.
+fn policy_with(cli: &Cli, data: &Path, extra: &str) {
+    fs::write(
+        cli.path().join("policies/acme.toml"),
+        format!(
+            "tenant = \"acme\"\nkey = \"local:acme\"\n[[sources]]\ntype = \"path\"\npath = \"{}\"\nname = \"data\"\n{extra}",
+            data.display()
+        ),
+    )
+    .unwrap();
+}
+
+/// Issue 12, case 9: `keep_within = "300000years"` passed validation, then
+/// `forget` panicked (`DateTime - TimeDelta overflowed`, exit 101) holding
+/// the tenant's lease, so the next backup failed with `lease_contended`.
+/// Now validation refuses it, naming the field, and nothing is held.
+#[test]
+fn keep_within_of_300000_years_is_refused_by_validate_and_forget() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    common::make_tree(&data, 3);
+    policy_with(&cli, &data, "[retention]\nkeep_last = 2\n");
+    cli.ok(&["backup", "acme"]);
+    let before = cli.objects("acme");
+
+    policy_with(
+        &cli,
+        &data,
+        "[retention]\nkeep_last = 2\nkeep_within = \"300000years\"\n",
+    );
+    let v = cli.run(&["policy", "validate"]);
+    assert_eq!(v.code, 1, "{}\n{}", v.stdout, v.stderr);
+    let shown = format!("{}{}", v.stdout, v.stderr);
+    assert!(
+        shown.contains("acme.toml:9:15: retention.keep_within: invalid duration \"300000years\": longer than 1000 years"),
+        "{shown}"
+    );
+    for args in [
+        &["forget", "acme", "--json"][..],
+        &["forget", "acme", "--prune", "--json"][..],
+    ] {
+        let f = cli.run(args);
+        assert_eq!(f.code, 1, "{args:?}: {}\n{}", f.stdout, f.stderr);
+        let e = f.json()["error"].clone();
+        assert_eq!(e["kind"], "invalid_policy", "{e}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("retention.keep_within"),
+            "{e}"
+        );
+    }
+    assert_eq!(before, cli.objects("acme"), "nothing changed");
+
+    // No lease was left behind: with the policy fixed, every job runs.
+    policy_with(&cli, &data, "[retention]\nkeep_last = 2\n");
+    cli.ok(&["backup", "acme"]);
+    cli.ok(&["forget", "acme", "--prune"]);
+    cli.ok(&["check", "acme"]);
+}
+
+/// The same class everywhere a duration is taken: every duration of a
+/// policy, of custos.toml and of the command line is range-checked (at most
+/// 1000 years) with an error naming it, and nothing runs.
+#[test]
+fn every_duration_out_of_range_is_refused_with_its_name() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    common::make_tree(&data, 3);
+    for (extra, field) in [
+        (
+            "[retention]\nkeep_within = \"300000years\"\n",
+            "retention.keep_within",
+        ),
+        ("[drill]\nwithin = \"1001years\"\n", "drill.within"),
+        ("[drill]\nrto = \"300000years\"\n", "drill.rto"),
+        (
+            "[drill]\nverify_timeout = \"99999999999999d\"\n",
+            "drill.verify_timeout",
+        ),
+        (
+            "[rotation]\ncmk_every = \"300000years\"\n",
+            "rotation.cmk_every",
+        ),
+        (
+            "[rotation]\nepoch_every = \"18446744073709551615s\"\n",
+            "rotation.epoch_every",
+        ),
+        ("[deletion]\ngrace = \"300000years\"\n", "deletion.grace"),
+        (
+            "[[sources]]\ntype = \"command\"\nname = \"dump\"\ncommand = [\"true\"]\ntimeout = \"300000years\"\n",
+            "sources[1].timeout",
+        ),
+    ] {
+        policy_with(&cli, &data, extra);
+        let v = cli.run(&["policy", "validate"]);
+        assert_eq!(v.code, 1, "{field}: {}\n{}", v.stdout, v.stderr);
+        let shown = format!("{}{}", v.stdout, v.stderr);
+        assert!(
+            shown.contains(&format!("{field}: invalid duration")),
+            "{field}: {shown}"
+        );
+        let b = cli.run(&["backup", "acme", "--json"]);
+        assert_eq!(b.code, 1, "{field}: {}\n{}", b.stdout, b.stderr);
+        assert_eq!(b.json()["error"]["kind"], "invalid_policy", "{field}");
+        assert!(!cli.store().join("tenants/acme").exists(), "{field}");
+    }
+
+    // custos.toml.
+    policy_with(&cli, &data, "");
+    let config = cli.path().join("custos.toml");
+    let good = fs::read_to_string(&config).unwrap();
+    fs::write(
+        &config,
+        format!("{good}[daemon]\nshutdown_timeout = \"300000years\"\n"),
+    )
+    .unwrap();
+    let r = cli.run(&["backup", "acme", "--json"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let e = r.json()["error"].clone();
+    assert_eq!(e["kind"], "invalid_config", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("daemon.shutdown_timeout"),
+        "{e}"
+    );
+    fs::write(&config, good).unwrap();
+
+    // Command-line flags: usage errors (exit 2) naming the flag, or a
+    // refusal naming it; never a panic (exit 101).
+    cli.ok(&["backup", "acme"]);
+    for (args, code, name) in [
+        (
+            &["forget", "acme", "--keep-within", "300000years"][..],
+            2,
+            "--keep-within",
+        ),
+        (
+            &[
+                "drill",
+                "acme",
+                "--snapshot",
+                "random",
+                "--within",
+                "300000years",
+            ][..],
+            2,
+            "--within",
+        ),
+        (
+            &["audit", "show", "--since", "300000years"][..],
+            1,
+            "--since",
+        ),
+    ] {
+        let r = cli.run(args);
+        assert_eq!(r.code, code, "{args:?}: {}\n{}", r.stdout, r.stderr);
+        assert!(
+            r.stderr.contains(name) && r.stderr.contains("longer than 1000 years"),
+            "{args:?}: {}",
+            r.stderr
+        );
+    }
+}
+
+/// Makes every directory under `root` immutable (`chattr +i`: even root
+/// cannot create or remove entries, EPERM) until dropped.
+struct Immutable(Vec<PathBuf>);
+
+impl Immutable {
+    fn new(root: &Path) -> Option<Immutable> {
+        let mut dirs = vec![root.to_owned()];
+        let mut i = 0;
+        while i < dirs.len() {
+            for e in fs::read_dir(&dirs[i]).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    dirs.push(p);
+                }
+            }
+            i += 1;
+        }
+        let guard = Immutable(Vec::new());
+        let mut guard = guard;
+        for d in dirs {
+            let ok = Command::new("chattr")
+                .arg("+i")
+                .arg(&d)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                eprintln!("skipped: chattr +i {} is not supported here", d.display());
+                return None;
+            }
+            guard.0.push(d);
+        }
+        Some(guard)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = Command::new("chattr").arg("-i").arg(d).status();
+        }
+    }
+}
+
+/// The store refuses writes for `why`; every job that must write says so
+/// (`want_kind`, the OS reason in the message), never "lease held by another
+/// process", and the store is unchanged.
+fn assert_store_error(cli: &Cli, want_kind: &str, os_reason: &str) {
+    for args in [
+        &["backup", "acme", "--json"][..],
+        &["forget", "acme", "--keep-last", "1", "--json"][..],
+        &["rotate", "acme", "--new-epoch", "--json"][..],
+    ] {
+        let r = cli.run(args);
+        assert_eq!(r.code, 1, "{args:?}: {}\n{}", r.stdout, r.stderr);
+        let e = r.json()["error"].clone();
+        assert_eq!(e["kind"], want_kind, "{args:?}: {e}");
+        let message = e["message"].as_str().unwrap();
+        assert!(message.contains(os_reason), "{args:?}: {e}");
+        assert!(!message.contains("lease held"), "{args:?}: {e}");
+    }
+}
+
+/// Issue 12, case 11: a read-only store was reported as `lease_contended:
+/// lease held by another process … until unknown`: the local store's EROFS
+/// was retried as a transient error until the lease gave up.
+#[test]
+fn a_read_only_store_is_a_store_error_naming_erofs() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    common::make_tree(&data, 3);
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    let store = cli.store();
+    let Some(_bind) = Mount::new(&["--bind", store.to_str().unwrap()], &store) else {
+        return;
+    };
+    let Some(_ro) = Mount::new(&["-o", "remount,bind,ro"], &store) else {
+        return;
+    };
+    let before = cli.objects("acme");
+    assert_store_error(&cli, "store_error", "Read-only file system (os error 30)");
+    // Without the cached conditional-write probe, the probe says the same
+    // (it was `invalid_store` / `conditional_writes_unsupported` before).
+    fs::remove_dir_all(cli.path().join("state/probes")).unwrap();
+    assert_store_error(&cli, "store_error", "Read-only file system (os error 30)");
+    assert_eq!(before, cli.objects("acme"));
+}
+
+/// The next thing to try: a store whose directories are immutable (EPERM,
+/// even for root) and one on a full file system (ENOSPC).
+#[test]
+fn an_immutable_or_full_store_says_so() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    common::make_tree(&data, 3);
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    if let Some(_frozen) = Immutable::new(&cli.store()) {
+        assert_store_error(&cli, "store_error", "Operation not permitted (os error 1)");
+    }
+    cli.ok(&["backup", "acme"]);
+    cli.ok(&["check", "acme", "--read-data"]);
+
+    // A store on a file system too small for the data.
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    fs::create_dir_all(&data).unwrap();
+    let mut b = vec![0u8; 3 << 20];
+    custos::util::fill_random(&mut b);
+    fs::write(data.join("random.bin"), b).unwrap();
+    cli.policy("acme", &data);
+    let store = cli.store();
+    fs::create_dir_all(&store).unwrap();
+    let Some(_mount) = Mount::new(&["-t", "tmpfs", "-o", "size=1m", "tmpfs"], &store) else {
+        return;
+    };
+    let r = cli.run(&["backup", "acme", "--json"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let e = r.json()["error"].clone();
+    assert_eq!(e["kind"], "insufficient_space", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("No space left on device (os error 28)"),
+        "{e}"
+    );
+    assert!(cli.object_paths("acme", "snapshots").is_empty());
+}

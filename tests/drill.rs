@@ -835,3 +835,79 @@ fn policy_keys_for_drills() {
         "{e}"
     );
 }
+
+/// Issue 12, case 11: the drill of a busy or shredded tenant failed with the
+/// untyped reason `error`. The reason is now the kind of what stopped it:
+/// `tenant_unavailable` for a shredded tenant; for a tenant whose lease a
+/// backup holds, `lease_contended` (or a pass, where drills read beside
+/// writers), never `error`.
+#[test]
+fn cli_busy_or_shredded_tenant_has_a_typed_reason() {
+    // A second source, a command that waits for a gate file once it has
+    // started: the backup holds the tenant's lease as long as the test wants.
+    let cli = Cli::new(HEALTHY);
+    let gate = cli.path().join("gate");
+    let started = cli.path().join("started");
+    fs::write(
+        cli.path().join("policies/acme.toml"),
+        format!(
+            "{}\n[[sources]]\ntype = \"command\"\nname = \"slow\"\ncommand = [\"sh\", \"-c\", \"touch {}; while [ ! -e {} ]; do sleep 0.05; done; echo done\"]\n",
+            fs::read_to_string(cli.path().join("policies/acme.toml")).unwrap(),
+            started.display(),
+            gate.display()
+        ),
+    )
+    .unwrap();
+    fs::write(&gate, b"").unwrap();
+    cli.backup("acme");
+    fs::remove_file(&gate).unwrap();
+    fs::remove_file(&started).unwrap();
+    /// Opens the gate when dropped, so a failing test leaves no backup waiting.
+    struct Busy(std::process::Child, PathBuf);
+    impl Drop for Busy {
+        fn drop(&mut self) {
+            let _ = fs::write(&self.1, b"");
+            let _ = self.0.wait();
+        }
+    }
+    let mut busy = Busy(
+        Command::new(env!("CARGO_BIN_EXE_custos"))
+            .args(["backup", "acme"])
+            .current_dir(cli.path())
+            .env_remove("CUSTOS_CONFIG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+        gate.clone(),
+    );
+    let waited = Instant::now();
+    while !started.exists() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "the backup never reached its command source"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, r) = cli.drill(&["acme"]);
+    fs::write(&gate, b"").unwrap();
+    assert!(busy.0.wait().unwrap().success(), "the backup finished");
+    if code == 1 {
+        assert_eq!(r["reason"], "lease_contended", "{r}");
+        assert_eq!(r["error_kind"], "lease_contended", "{r}");
+        assert!(
+            r["message"].as_str().unwrap().contains("backup"),
+            "names the holder's job: {r}"
+        );
+    } else {
+        assert_eq!(r["outcome"], "passed", "{r}");
+    }
+
+    let shred = cli.run(&["shred", "acme", "--confirm", "acme"]);
+    assert_eq!(shred.code, 0, "{}\n{}", shred.stdout, shred.stderr);
+    let (code, r) = cli.drill(&["acme"]);
+    assert_eq!(code, 1);
+    assert_eq!(r["reason"], "tenant_unavailable", "{r}");
+    assert_eq!(r["error_kind"], "tenant_unavailable", "{r}");
+    assert!(r["message"].as_str().unwrap().contains("shredded"), "{r}");
+}

@@ -51,6 +51,7 @@ fn assert_detected(cli: &Cli, tenant: &str, object: &str, kind: &str) {
         "check should fail:\n{}\n{}",
         check.stdout, check.stderr
     );
+    assert_check_failed(cli, tenant, &check);
     let faults = check.json()["result"]["faults"].clone();
     let named: Vec<&serde_json::Value> = faults
         .as_array()
@@ -94,6 +95,42 @@ fn assert_detected(cli: &Cli, tenant: &str, object: &str, kind: &str) {
         before,
         cli.objects(tenant),
         "detection must not change the store"
+    );
+}
+
+/// A `check --json` that found faults says so: `"ok": false`, an error of
+/// the first fault's kind beside the full report, and a job report (and
+/// `job.finished`) with `outcome: failure` (issue 12, case 11: it printed
+/// `"ok": true` and logged `outcome=success` while exiting 1).
+fn assert_check_failed(cli: &Cli, tenant: &str, check: &Run) {
+    let doc = check.json();
+    assert_eq!(doc["ok"], false, "{doc}");
+    let faults = doc["result"]["faults"].as_array().unwrap();
+    assert!(!faults.is_empty(), "{doc}");
+    assert_eq!(doc["error"]["kind"], faults[0]["kind"], "{doc}");
+    let message = doc["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("check found {} fault(s)", faults.len()))
+            && message.contains(faults[0]["object"].as_str().unwrap()),
+        "{doc}"
+    );
+    let reports = cli.path().join("state/reports").join(tenant);
+    let mut checks: Vec<_> = fs::read_dir(&reports)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with("-check.json"))
+        .collect();
+    checks.sort();
+    let stored: serde_json::Value =
+        serde_json::from_slice(&fs::read(checks.last().unwrap()).unwrap()).unwrap();
+    assert_eq!(stored["outcome"], "failure", "{stored}");
+    assert_eq!(stored["error_kind"], faults[0]["kind"], "{stored}");
+    assert_eq!(stored["result"]["faults"], doc["result"]["faults"]);
+    // `job.finished` is logged from the same report, as a failure.
+    assert!(
+        check.stderr.contains(&format!("check of {tenant} failed")),
+        "{}",
+        check.stderr
     );
 }
 
@@ -462,4 +499,169 @@ fn old_tenant_descriptor_replayed() {
     }
     assert!(!target.exists(), "nothing restored");
     assert_eq!(before, cli.objects("acme"), "detection changes nothing");
+}
+
+/// One snapshot of a small tree; returns the snapshot id.
+fn one_snapshot(cli: &Cli, data: &Path) -> String {
+    common::make_tree(data, 20);
+    cli.policy("acme", data);
+    let b = cli.run(&["backup", "acme", "--json"]);
+    assert_eq!(b.code, 0, "{}\n{}", b.stdout, b.stderr);
+    b.json()["result"]["snapshot"].as_str().unwrap().to_owned()
+}
+
+fn restore_into(cli: &Cli, snapshot: &str, name: &str) -> Run {
+    let target = cli.path().join(name);
+    cli.run(&[
+        "restore",
+        "acme",
+        snapshot,
+        "--target",
+        target.to_str().unwrap(),
+        "--json",
+    ])
+}
+
+/// Issue 12, case 10: with one pack deleted from the store, `backup
+/// --force-read` exited 0 and its new snapshot failed to restore with
+/// `missing_object`: the backup deduplicated against the index, which still
+/// named the lost pack. Now the backup lists the packs first and stores
+/// again what is gone. Without `--force-read`, unchanged files whose blobs
+/// were lost are read again. Whichever pack is lost (file data or the tree),
+/// `check` reports it first, and the next backup heals every snapshot whose
+/// data the sources still hold.
+#[test]
+fn a_lost_pack_is_stored_again_by_the_next_backup() {
+    type Pick = fn(Vec<PathBuf>) -> PathBuf;
+    // A truncated pack has lost its directory: all of it is as good as gone.
+    for (pick, which, truncate, force_read) in [
+        (biggest as Pick, "biggest", false, true),
+        (biggest as Pick, "biggest", false, false),
+        (smallest as Pick, "smallest", false, true),
+        (smallest as Pick, "smallest", false, false),
+        (biggest as Pick, "biggest", true, false),
+    ] {
+        let case = format!("{which} pack lost (truncated: {truncate}), force_read {force_read}");
+        let cli = Cli::new();
+        let data = cli.path().join("data");
+        let first = one_snapshot(&cli, &data);
+        let lost = pick(cli.object_paths("acme", "packs"));
+        let lost_name = object_name(&lost);
+        let (kind, leftover) = if truncate {
+            let f = fs::OpenOptions::new().write(true).open(&lost).unwrap();
+            f.set_len(f.metadata().unwrap().len() / 2).unwrap();
+            ("corrupt_object", 1)
+        } else {
+            fs::remove_file(&lost).unwrap();
+            ("missing_object", 0)
+        };
+
+        // check reports the loss, naming the pack.
+        let check = cli.run(&["check", "acme", "--json"]);
+        assert_eq!(check.code, 1, "{case}: {}", check.stdout);
+        assert_check_failed(&cli, "acme", &check);
+        let faults = check.json()["result"]["faults"].to_string();
+        assert!(
+            faults.contains(&lost_name) && faults.contains(kind),
+            "{case}: {faults}"
+        );
+
+        let mut args = vec!["backup", "acme", "--json"];
+        if force_read {
+            args.push("--force-read");
+        }
+        let b = cli.run(&args);
+        assert_eq!(b.code, 0, "{case}: {}\n{}", b.stdout, b.stderr);
+        let report = b.json()["result"].clone();
+        assert!(
+            report["warnings"].to_string().contains(&lost_name),
+            "{case}: the backup names the lost pack: {report}"
+        );
+        assert!(
+            report["summary"]["blobs_new"].as_u64().unwrap() > 0,
+            "{case}: {report}"
+        );
+
+        // The new snapshot restores byte-exact, and so does the first one:
+        // every blob it lost was stored again from the unchanged source.
+        let r = restore_into(&cli, "latest", "r-latest");
+        assert_eq!(r.code, 0, "{case}: {}\n{}", r.stdout, r.stderr);
+        common::assert_same(&data, &cli.path().join("r-latest/data"));
+        let r = restore_into(&cli, &first, "r-first");
+        assert_eq!(r.code, 0, "{case}: {}\n{}", r.stdout, r.stderr);
+        common::assert_same(&data, &cli.path().join("r-first/data"));
+        let drill = cli.run(&["drill", "acme", "--json"]);
+        assert_eq!(drill.code, 0, "{case}: {}", drill.stdout);
+
+        // Nothing left to report, and prune is not confused by the index
+        // entries that still name the lost pack. (A truncated pack is still
+        // listed: no longer indexed, it is unreferenced, and prune removes it.)
+        let check = cli.run(&["check", "acme", "--read-data", "--json"]);
+        assert_eq!(
+            check.json()["result"]["unreferenced_packs"],
+            leftover,
+            "{case}: {}",
+            check.stdout
+        );
+        if !truncate {
+            assert_eq!(check.code, 0, "{case}: {}", check.stdout);
+        }
+        cli.ok(&["prune", "acme"]);
+        let check = cli.ok(&["check", "acme", "--read-data", "--json"]);
+        assert_eq!(check.json()["result"]["faults"], serde_json::json!([]));
+        assert_eq!(check.json()["result"]["unreferenced_packs"], 0);
+        // The next backup has nothing to store again.
+        let b = cli.ok(&["backup", "acme", "--json"]);
+        assert!(
+            b.json()["result"]["warnings"]
+                .as_array()
+                .unwrap()
+                .is_empty(),
+            "{case}: {}",
+            b.stdout
+        );
+    }
+}
+
+/// The next thing an attacker (or a disk) does: data lost together with
+/// its source. The new snapshot is whole; `check` keeps naming the lost pack
+/// and every snapshot that needs it, `restore` of such a snapshot fails with
+/// `missing_object`, and once those snapshots are forgotten, prune drops the
+/// index entries of the lost pack and `check` passes.
+#[test]
+fn data_lost_with_its_source_stays_reported_until_forgotten() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    let first = one_snapshot(&cli, &data);
+    // The biggest pack holds (some of) random.bin, the only large file.
+    let lost = biggest(cli.object_paths("acme", "packs"));
+    let lost_name = object_name(&lost);
+    fs::remove_file(&lost).unwrap();
+    fs::remove_file(data.join("dir/random.bin")).unwrap();
+
+    cli.ok(&["backup", "acme"]);
+    let r = restore_into(&cli, "latest", "r-latest");
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    common::assert_same(&data, &cli.path().join("r-latest/data"));
+
+    let check = cli.run(&["check", "acme", "--json"]);
+    assert_eq!(check.code, 1, "{}", check.stdout);
+    assert_check_failed(&cli, "acme", &check);
+    let faults = check.json()["result"]["faults"].clone();
+    let names = |f: &serde_json::Value, what: &str| {
+        f["kind"] == "missing_object" && f["object"].as_str().unwrap().contains(what)
+    };
+    let faults = faults.as_array().unwrap();
+    assert!(faults.iter().any(|f| names(f, &lost_name)), "{faults:?}");
+    assert!(faults.iter().any(|f| names(f, &first)), "{faults:?}");
+    let r = restore_into(&cli, &first, "r-first");
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert_eq!(r.json()["error"]["kind"], "missing_object");
+
+    cli.ok(&["forget", "acme", "--keep-last", "1", "--prune"]);
+    // No fault: no index entry names the lost pack any more (check reports
+    // every indexed blob whose pack is missing).
+    let check = cli.ok(&["check", "acme", "--read-data", "--json"]);
+    assert_eq!(check.json()["result"]["faults"], serde_json::json!([]));
+    assert_eq!(check.json()["result"]["snapshots"], 1);
 }

@@ -115,8 +115,9 @@ pub fn parse_since(s: &str, now: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>>
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
-    let d = humantime::parse_duration(s).map_err(|_| {
-        anyhow::anyhow!("--since {s:?}: expected an RFC 3339 time or a duration such as 24h")
+    // The shared parser caps durations (1000 years), like every duration custos takes.
+    let d = crate::config::units::parse_duration(s).map_err(|e| {
+        anyhow::anyhow!("--since {s:?}: expected an RFC 3339 time or a duration such as 24h ({e})")
     })?;
     let d = chrono::Duration::from_std(d).context("--since: duration too long")?;
     now.checked_sub_signed(d)

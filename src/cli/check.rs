@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args as ClapArgs;
 use futures::FutureExt;
 
-use super::output::{finish, human_bytes};
+use super::output::{finish, human_bytes, print_json};
 use super::setup::{policy, setup, tenant_id};
 use crate::error::{Error, Result};
 use crate::jobs::check::{self, CheckReport, ReadData};
@@ -30,28 +30,46 @@ pub struct Args {
 pub async fn run(config: Option<&Path>, args: Args) -> ExitCode {
     let json = args.json;
     let result = check(config, args).await;
-    let faulty = matches!(&result, Ok(r) if !r.ok());
-    let code = finish(json, result, |r| {
-        for f in &r.faults {
-            println!("fault: {} ({}): {}", f.object, f.kind, f.message);
+    // Faults found: the check ran, but failed. The JSON document says so
+    // ("ok": false) and keeps the full report beside the error, as a failed
+    // drill does.
+    if let Ok(report) = &result
+        && let Some((kind, message)) = report.failure_summary()
+    {
+        if json {
+            print_json(&serde_json::json!({
+                "ok": false,
+                "result": report,
+                "error": { "kind": kind, "message": message },
+            }));
+        } else {
+            print_human(report);
+            eprintln!("error: {message}");
         }
-        println!(
-            "{} snapshots, {} index files, {} packs, {} blobs; {} packs read ({}); {} unreferenced packs; {}",
-            r.snapshots,
-            r.index_files,
-            r.packs,
-            r.blobs,
-            r.packs_read,
-            human_bytes(r.bytes_read),
-            r.unreferenced_packs,
-            if r.ok() {
-                "no faults".to_owned()
-            } else {
-                format!("{} FAULT(S)", r.faults.len())
-            }
-        );
-    });
-    if faulty { ExitCode::FAILURE } else { code }
+        return ExitCode::FAILURE;
+    }
+    finish(json, result, print_human)
+}
+
+fn print_human(r: &CheckReport) {
+    for f in &r.faults {
+        println!("fault: {} ({}): {}", f.object, f.kind, f.message);
+    }
+    println!(
+        "{} snapshots, {} index files, {} packs, {} blobs; {} packs read ({}); {} unreferenced packs; {}",
+        r.snapshots,
+        r.index_files,
+        r.packs,
+        r.blobs,
+        r.packs_read,
+        human_bytes(r.bytes_read),
+        r.unreferenced_packs,
+        if r.ok() {
+            "no faults".to_owned()
+        } else {
+            format!("{} FAULT(S)", r.faults.len())
+        }
+    );
 }
 
 fn parse_subset(s: &str) -> Result<ReadData> {

@@ -200,7 +200,10 @@ async fn drill_command(config: Option<&Path>, args: RunArgs) -> ExitCode {
         if !json {
             eprintln!(
                 "error: drill failed ({}): {}",
-                report.reason.map(|r| r.as_str()).unwrap_or("error"),
+                report
+                    .reason
+                    .unwrap_or(crate::jobs::drill::DrillReason::Internal)
+                    .as_str(),
                 report.message.as_deref().unwrap_or("")
             );
         }
@@ -214,6 +217,15 @@ fn seconds(s: f64) -> String {
     } else {
         format!("{s:.1}s")
     }
+}
+
+/// A number of seconds from a report as a duration ("15m"). Reports are read
+/// back from the state directory, so a negative, huge or NaN value is shown
+/// as it is rather than panicking `Duration::from_secs_f64`.
+fn seconds_text(s: f64) -> String {
+    std::time::Duration::try_from_secs_f64(s)
+        .map(format_duration)
+        .unwrap_or_else(|_| format!("{s}s"))
 }
 
 fn print_human(r: &DrillReport) {
@@ -254,7 +266,7 @@ fn print_human(r: &DrillReport) {
         let rto = match (r.rto_seconds, r.rto_met) {
             (Some(rto), Some(met)) => format!(
                 "; RTO {} {}",
-                format_duration(std::time::Duration::from_secs_f64(rto)),
+                seconds_text(rto),
                 if met { "met" } else { "EXCEEDED" }
             ),
             _ => "; no RTO set".into(),
@@ -404,7 +416,7 @@ fn history_line(job: &serde_json::Value) -> String {
         .unwrap_or_else(|| "-".into());
     let rto = d["rto_seconds"]
         .as_f64()
-        .map(|s| format_duration(std::time::Duration::from_secs_f64(s)))
+        .map(seconds_text)
         .unwrap_or_else(|| "-".into());
     let verify = match &d["verify_command"] {
         serde_json::Value::Null => "-".to_owned(),

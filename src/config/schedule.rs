@@ -99,7 +99,7 @@ impl Schedule {
         // before a whole-second instant (but treats fractions of a second
         // differently): ask for the last firing before the next whole second.
         let whole = at.with_nanosecond(0).unwrap_or(at);
-        let ceiling = whole + chrono::Duration::seconds(1);
+        let ceiling = whole.checked_add_signed(chrono::Duration::seconds(1))?;
         self.inner.after(&ceiling).next_back().filter(|t| *t <= at)
     }
 

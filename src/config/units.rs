@@ -10,6 +10,14 @@ use std::time::Duration;
 /// Longest duration or size text we try to parse; anything longer is hostile or a mistake.
 const MAX_TEXT: usize = 64;
 
+/// The longest duration custos accepts anywhere (policies, custos.toml, CLI
+/// flags): 1000 years of 365.25 days, as humantime counts a year. Longer than
+/// any retention, grace period or schedule anyone means, and short enough that
+/// a date plus or minus it stays inside chrono's range (years ±262,143) for
+/// every date custos handles (RFC 3339 years 0000 to 9999), so no time
+/// arithmetic on a validated duration can overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(1_000 * 36_525 * 864);
+
 /// Parses a human duration: `"90d"`, `"15m"`, `"1h 30m"`, `"2weeks"`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
@@ -24,9 +32,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "invalid duration: longer than {MAX_TEXT} characters"
         ));
     }
-    humantime::parse_duration(trimmed).map_err(|e| {
+    let d = humantime::parse_duration(trimmed).map_err(|e| {
         format!("invalid duration {trimmed:?}: {e} (e.g. \"15m\", \"1h 30m\", \"90d\")")
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "invalid duration {trimmed:?}: longer than 1000 years ({}), the longest custos accepts",
+            format_duration(MAX_DURATION)
+        ));
+    }
+    Ok(d)
 }
 
 /// Formats a duration in the largest exact units: 90 days → "90d", 5400 s → "1h 30m".
@@ -183,6 +198,24 @@ mod tests {
             "{err}"
         );
         assert!(parse_duration("-5m").is_err());
+        // Past the cap, and past what humantime itself can hold.
+        for long in [
+            "300000years",
+            "1001years",
+            "365251d",
+            "18446744073709551615s",
+            "99999999999999999999s",
+        ] {
+            let err = parse_duration(long).unwrap_err();
+            assert!(err.starts_with("invalid duration"), "{long}: {err}");
+        }
+        assert!(
+            parse_duration("300000years")
+                .unwrap_err()
+                .contains("longer than 1000 years (365250d)")
+        );
+        assert_eq!(parse_duration("1000years").unwrap(), MAX_DURATION);
+        assert_eq!(parse_duration("365250d").unwrap(), MAX_DURATION);
         assert!(
             parse_duration(&"1d ".repeat(100))
                 .unwrap_err()

@@ -92,7 +92,7 @@ pub async fn run(config: Config, opts: Options) -> Result<Summary> {
     ctx.actor = crate::context::default_actor("daemon");
     let state = state::DaemonState::open(&config.state_dir)?;
 
-    let probe = probe_conditional_writes(&ctx.store).await;
+    let probe = probe_conditional_writes(&ctx.store).await?;
     let mode = store_mode(&probe, opts.single_node, &ctx.store_url)?;
 
     let loaded = policies::load(&config.policies_dir, &policies::Policies::new());

@@ -41,11 +41,12 @@ impl When {
                 if t < *start {
                     return Some(*start);
                 }
+                // At least a millisecond: the arithmetic below divides by it.
                 let step = chrono::Duration::from_std(*every)
                     .ok()
-                    .filter(|d| *d > chrono::Duration::zero())?;
+                    .filter(|d| d.num_milliseconds() > 0)?;
                 let n = (t - *start).num_milliseconds() / step.num_milliseconds() + 1;
-                Some(*start + step * n as i32)
+                step_from(*start, step, n)
             }
         }
     }
@@ -58,11 +59,12 @@ impl When {
                 if t < *start {
                     return None;
                 }
+                // At least a millisecond: the arithmetic below divides by it.
                 let step = chrono::Duration::from_std(*every)
                     .ok()
-                    .filter(|d| *d > chrono::Duration::zero())?;
+                    .filter(|d| d.num_milliseconds() > 0)?;
                 let n = (t - *start).num_milliseconds() / step.num_milliseconds();
-                Some(*start + step * n as i32)
+                step_from(*start, step, n)
             }
         }
     }
@@ -72,6 +74,13 @@ impl When {
         let next = self.next_after(slot)?;
         (next - slot).to_std().ok()
     }
+}
+
+/// `start + n × step`, or None past the last time chrono can hold (checked:
+/// `n` can exceed an i32 and the product a `TimeDelta`).
+fn step_from(start: DateTime<Utc>, step: chrono::Duration, n: i64) -> Option<DateTime<Utc>> {
+    let ms = step.num_milliseconds().checked_mul(n)?;
+    start.checked_add_signed(chrono::Duration::try_milliseconds(ms)?)
 }
 
 impl std::fmt::Display for When {

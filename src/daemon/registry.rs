@@ -99,7 +99,8 @@ impl ScheduledJob {
                 (DeletionState::Offboarding, Some(requested)) => {
                     let grace = chrono::Duration::from_std(policy.deletion.grace).ok()?;
                     Some(When::Every {
-                        start: requested + grace,
+                        // Past the end of time: never due (checked, never a panic).
+                        start: requested.checked_add_signed(grace)?,
                         every: SHRED_RETRY,
                     })
                 }

@@ -335,7 +335,12 @@ impl Scheduler {
         let period = entry.when.period_after(next.slot);
         let jitter = plan::jitter(seed, &key.0, next.slot, jitter_max, period);
         let base = if next.catch_up { now } else { next.slot };
-        let at = base + chrono::Duration::from_std(jitter).unwrap_or_default();
+        // Checked: a slot near the end of chrono's range (a far-future shred
+        // date) must not panic the scheduler; the jitter is dropped there.
+        let at = chrono::Duration::from_std(jitter)
+            .ok()
+            .and_then(|j| base.checked_add_signed(j))
+            .unwrap_or(base);
         entry.pending = Some(Pending { slot: next.slot });
         self.timers.push(Reverse(Timer {
             at,

@@ -24,6 +24,21 @@ const DIR_ENTRY_LEN: usize = 32 + 1 + 4 + 4 + 4;
 /// Packs stay below 4 GiB so offsets fit u32; the writer closes far earlier.
 pub const MAX_PACK_LEN: u64 = u32::MAX as u64;
 
+/// The shortest a pack can be that holds a blob ending at `blob_end` and at
+/// least `blobs` blobs (one more than the highest segment number known): the
+/// sealed directory of `blobs` entries and the trailer follow the last blob.
+/// A listed pack shorter than this for what the index says is in it has lost
+/// its end (and with it the directory every reader authenticates).
+pub fn min_pack_len(blob_end: u64, blobs: u64) -> u64 {
+    // directory plaintext = n (u32) ‖ n entries; sealed, it gains a tag.
+    let directory = (DIR_ENTRY_LEN as u64)
+        .saturating_mul(blobs)
+        .saturating_add((4 + TAG_LEN) as u64);
+    blob_end
+        .saturating_add(directory)
+        .saturating_add(TRAILER_LEN as u64)
+}
+
 /// What a blob holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -474,6 +489,23 @@ mod tests {
             open_blob(&opener, &k, &entries[0], second),
             Err(SealError::AuthFailed { segment: 0 })
         ));
+    }
+
+    #[test]
+    fn min_pack_len_is_the_length_of_a_whole_pack() {
+        let k = keys();
+        for n in [1usize, 2, 7] {
+            let blobs: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8; 100 * (i + 1)]).collect();
+            let p = build(&k, &blobs);
+            let last = p.entries.last().unwrap();
+            let end = u64::from(last.offset) + u64::from(last.sealed_len);
+            assert_eq!(min_pack_len(end, n as u64), p.bytes.len() as u64, "{n}");
+            // Knowing only an earlier blob gives a lower bound.
+            let first = &p.entries[0];
+            let first_end = u64::from(first.offset) + u64::from(first.sealed_len);
+            assert!(min_pack_len(first_end, 1) <= p.bytes.len() as u64);
+        }
+        assert_eq!(min_pack_len(u64::MAX, u64::MAX), u64::MAX);
     }
 
     #[test]

@@ -90,10 +90,36 @@ pub async fn run(
     let index = repo.load_index_strict().await?;
     let (snapshots, _) = repo.list_snapshots().await?;
     let parent = snapshots.iter().rev().find(|s| s.epoch == epoch).cloned();
+    // Deduplicate only against packs the store still has (one listing): a
+    // blob whose pack was deleted or lost is treated as new and stored again
+    // (unchanged files whose blobs are gone are read again), so the snapshot
+    // never names data that is not there.
+    let stored_packs = repo.list_packs().await?;
+    let (known, lost) = index.stored_blobs_of_epoch(epoch, &stored_packs);
+    let mut warnings = Vec::new();
+    if lost.blobs > 0 {
+        let first = repo.store().display(&ObjectName::Pack(lost.packs[0]));
+        let msg = format!(
+            "{} indexed blob(s) live in {} pack(s) missing from the store (e.g. {first}): \
+             stored again from the sources where they still are; older snapshots that need \
+             the rest stay damaged (see `custos check`)",
+            lost.blobs,
+            lost.packs.len()
+        );
+        tracing::warn!(
+            event = "backup.lost_packs",
+            tenant = %repo.tenant(),
+            blobs = lost.blobs,
+            packs = lost.packs.len(),
+            example = %first,
+            "{msg}"
+        );
+        warnings.push(msg);
+    }
     let packer = Packer::start(
         keys.clone(),
         repo.store().clone(),
-        index.blob_ids_of_epoch(epoch),
+        known,
         opts.packer,
         &Handle::current(),
     );
@@ -121,7 +147,7 @@ pub async fn run(
                     done: false,
                 }),
             summary: Summary::default(),
-            warnings: Vec::new(),
+            warnings,
             allow_unreadable: opts.allow_unreadable,
             progress,
             rt: Handle::current(),

@@ -62,7 +62,13 @@ pub fn apply(rules: &Retention, snapshots: &[Snapshot], now: DateTime<Utc>) -> V
         }
     }
     if let Some(within) = rules.keep_within {
-        let since = now - chrono::Duration::from_std(within).unwrap_or(chrono::Duration::MAX);
+        // Checked: a window reaching before the earliest time chrono can hold
+        // keeps every snapshot rather than overflowing (validation caps
+        // durations, but the planner must not panic whatever it is given).
+        let since = chrono::Duration::from_std(within)
+            .ok()
+            .and_then(|w| now.checked_sub_signed(w))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
         for s in sorted.iter().filter(|s| s.time >= since) {
             reasons.entry(s.id).or_default().push("within");
         }
@@ -172,12 +178,16 @@ mod tests {
     use crate::format::snapshot::{ChunkerParams, SNAPSHOT_FORMAT, Summary};
 
     fn snap(t: &str) -> Snapshot {
+        snap_at(t.parse().unwrap())
+    }
+
+    fn snap_at(time: DateTime<Utc>) -> Snapshot {
         Snapshot {
             format: SNAPSHOT_FORMAT,
             id: SnapshotId::random(),
             tenant: crate::TenantId::new("a").unwrap(),
             epoch: 1,
-            time: t.parse().unwrap(),
+            time,
             hostname: "h".into(),
             parent: None,
             tags: vec![],
@@ -262,5 +272,135 @@ mod tests {
             d.iter().filter(|d| d.reasons.contains(&"yearly")).count(),
             2
         );
+    }
+
+    #[test]
+    fn keep_within_beyond_the_start_of_time_keeps_everything() {
+        let snaps = vec![
+            snap_at(DateTime::<Utc>::MIN_UTC),
+            snap("2026-11-22T00:00:00Z"),
+            snap_at(DateTime::<Utc>::MAX_UTC),
+        ];
+        // 300000 years: from_std succeeds, the subtraction would overflow.
+        let rules = Retention {
+            keep_within: Some(std::time::Duration::from_secs(300_000 * 31_557_600)),
+            ..Retention::empty()
+        };
+        let d = apply(&rules, &snaps, "2026-11-23T00:00:00Z".parse().unwrap());
+        assert!(d.iter().all(|d| d.keep && d.reasons == ["within"]), "{d:?}");
+        // And past what a TimeDelta holds at all.
+        let rules = Retention {
+            keep_within: Some(std::time::Duration::MAX),
+            ..Retention::empty()
+        };
+        assert!(apply(&rules, &snaps, Utc::now()).iter().all(|d| d.keep));
+    }
+
+    mod extreme {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::config::units::{MAX_DURATION, parse_duration};
+
+        /// Duration text as an operator (or an attacker) might write it: one
+        /// to three parts, numbers from small to far past u64, every unit
+        /// humantime knows.
+        fn duration_text() -> impl Strategy<Value = String> {
+            let unit = prop::sample::select(vec![
+                "ns", "us", "ms", "s", "sec", "m", "min", "h", "hr", "d", "days", "w", "weeks",
+                "M", "months", "y", "years",
+            ]);
+            let number = prop_oneof![
+                (0u64..2_000).prop_map(|n| n.to_string()),
+                any::<u64>().prop_map(|n| n.to_string()),
+                "[1-9][0-9]{15,30}",
+            ];
+            prop::collection::vec((number, unit), 1..4).prop_map(|parts| {
+                parts
+                    .iter()
+                    .map(|(n, u)| format!("{n}{u}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+        }
+
+        /// Any instant chrono can hold (snapshot times come from the store).
+        fn instant() -> impl Strategy<Value = DateTime<Utc>> {
+            let (min, max) = (
+                DateTime::<Utc>::MIN_UTC.timestamp(),
+                DateTime::<Utc>::MAX_UTC.timestamp(),
+            );
+            prop_oneof![
+                Just(DateTime::<Utc>::MIN_UTC),
+                Just(DateTime::<Utc>::MAX_UTC),
+                (min..=max).prop_map(|s| DateTime::from_timestamp(s, 0).unwrap()),
+            ]
+        }
+
+        /// What the clock may say: years 1970 to 9999.
+        fn clock() -> impl Strategy<Value = DateTime<Utc>> {
+            (0i64..253_402_300_799).prop_map(|s| DateTime::from_timestamp(s, 0).unwrap())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Validation caps every duration, a policy that validates goes
+            /// through every time computation of the jobs and the daemon
+            /// without a panic, and the planner survives any duration at all.
+            #[test]
+            fn extreme_durations_never_panic(
+                text in duration_text(),
+                raw_secs in any::<u64>(),
+                raw_nanos in 0u32..1_000_000_000,
+                year in 0u32..=9999,
+                now in clock(),
+                times in prop::collection::vec(instant(), 0..6),
+            ) {
+                let parsed = parse_duration(&text);
+                if let Ok(d) = parsed {
+                    prop_assert!(d <= MAX_DURATION, "{text} parsed as {d:?}");
+                }
+                let snaps: Vec<Snapshot> = times.iter().map(|t| snap_at(*t)).collect();
+
+                let dir = tempfile::tempdir().unwrap();
+                let policy = format!(
+                    "tenant = \"acme\"\nkey = \"local:acme\"\n\
+                     [[sources]]\ntype = \"path\"\npath = \"/srv/acme\"\n\
+                     [retention]\nkeep_within = \"{text}\"\n\
+                     [drill]\npick = \"random\"\nwithin = \"{text}\"\nrto = \"{text}\"\n\
+                     verify_timeout = \"{text}\"\n\
+                     [rotation]\ncmk_every = \"{text}\"\nepoch_every = \"{text}\"\n\
+                     [deletion]\nstate = \"offboarding\"\n\
+                     requested_at = \"{year:04}-01-01T00:00:00Z\"\ngrace = \"{text}\"\n"
+                );
+                std::fs::write(dir.path().join("acme.toml"), policy).unwrap();
+                let loaded = crate::config::load_policy_file(
+                    dir.path(),
+                    std::path::Path::new("acme.toml"),
+                );
+                match (&parsed, loaded) {
+                    (Ok(_), Ok(p)) => crate::fuzzing::policy_times(&p, now, &snaps),
+                    (Ok(_), Err(_)) => {} // zero or below a minimum: refused, fine
+                    (Err(_), Ok(p)) => prop_assert!(false, "{text} refused alone but accepted in {p:?}"),
+                    (Err(_), Err(e)) => {
+                        let shown = e.to_string();
+                        prop_assert!(shown.contains("retention.keep_within"), "{shown}");
+                    }
+                }
+
+                // The planner alone, with any duration whatever.
+                let rules = Retention {
+                    keep_within: Some(std::time::Duration::new(raw_secs, raw_nanos)),
+                    ..Retention::empty()
+                };
+                let decisions = apply(&rules, &snaps, now);
+                prop_assert_eq!(decisions.len(), snaps.len());
+                // Keep-within never forgets a snapshot at or after `now`.
+                for d in &decisions {
+                    prop_assert!(d.keep || d.time < now);
+                }
+            }
+        }
     }
 }

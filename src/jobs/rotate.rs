@@ -186,8 +186,11 @@ pub struct RotationStatus {
     pub epochs: Vec<EpochStatus>,
 }
 
-fn plus(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    t + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+/// `t + d`, or None when that is past the last time chrono can hold: never
+/// due. Checked because `t` comes from the descriptor in the store, which
+/// whoever can write the store may set to any date.
+fn plus(t: DateTime<Utc>, d: Duration) -> Option<DateTime<Utc>> {
+    t.checked_add_signed(chrono::Duration::from_std(d).ok()?)
 }
 
 /// Ages and due dates of a tenant's CMK and current epoch under `policy`.
@@ -214,10 +217,10 @@ pub fn rotation_status(
         });
     }
     let cmk_since = d.cmk_rotated_at.unwrap_or(d.created_at);
-    let cmk_next_due = policy.cmk_every.map(|e| plus(cmk_since, e));
+    let cmk_next_due = policy.cmk_every.and_then(|e| plus(cmk_since, e));
     let current = d.epoch(d.current_epoch);
     let epoch_since = current.map(|e| e.created_at).unwrap_or(d.created_at);
-    let epoch_next_due = policy.epoch_every.map(|e| plus(epoch_since, e));
+    let epoch_next_due = policy.epoch_every.and_then(|e| plus(epoch_since, e));
     let active = d.state == Lifecycle::Active;
     RotationStatus {
         keys,

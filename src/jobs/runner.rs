@@ -7,6 +7,7 @@
 use std::time::Instant;
 
 use chrono::Utc;
+use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use crate::context::Context;
@@ -62,13 +63,36 @@ where
     let (began, result) = match begin(ctx, spec).await {
         Ok(seq) => (
             Began::Recorded(seq),
-            f(&repo, &lease, std::marker::PhantomData).await,
+            caught(spec, f(&repo, &lease, std::marker::PhantomData)).await,
         ),
         Err(e) => (Began::Unrecorded, Err(e)),
     };
     lease.release().await;
     repo.forget_keys().await;
     (began, result)
+}
+
+/// Runs a future that holds the tenant's lease, turning a panic into an
+/// `internal` error: the caller then releases the lease and reports the run
+/// as failed, instead of unwinding past the release and leaving the tenant
+/// locked until the lease expires (and the daemon logging `job.panicked`).
+/// Unwind safety: after a panic only the lease and the key cache are touched
+/// (released and cleared), never state the panicking code was changing.
+async fn caught<T>(spec: &JobSpec<'_>, job: impl Future<Output = Result<T>>) -> Result<T> {
+    match std::panic::AssertUnwindSafe(job).catch_unwind().await {
+        Ok(result) => result,
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".to_owned());
+            Err(Error::Internal(format!(
+                "{} of {} panicked (a bug in custos; please report it): {what}; the tenant's lease was released",
+                spec.job, spec.tenant
+            )))
+        }
+    }
 }
 
 /// What a gate (see [`run_job_gated`]) decided, under the tenant's lease.
@@ -132,7 +156,7 @@ where
             return failed(e).await;
         }
     };
-    let input = match gate(&repo, std::marker::PhantomData).await {
+    let input = match caught(&spec, gate(&repo, std::marker::PhantomData)).await {
         Ok(Gate::Run(p)) => p,
         Ok(Gate::Decline(why)) => {
             lease.release().await;
@@ -149,7 +173,7 @@ where
     let (began, result) = match begin(ctx, &spec).await {
         Ok(seq) => (
             Began::Recorded(seq),
-            f(&repo, &lease, input, std::marker::PhantomData).await,
+            caught(&spec, f(&repo, &lease, input, std::marker::PhantomData)).await,
         ),
         Err(e) => (Began::Unrecorded, Err(e)),
     };
@@ -456,4 +480,122 @@ fn audit_details(r: &JobReport) -> serde_json::Value {
         "bytes_in": r.metrics.bytes_in,
         "bytes_stored": r.metrics.bytes_stored,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::report::Outcome;
+
+    /// A job of its own output type, so the tests need no real job.
+    #[derive(serde::Serialize)]
+    struct Nothing;
+    impl JobOutput for Nothing {}
+
+    fn setup() -> (tempfile::TempDir, Context, TenantId, KeyRef) {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Context::embedded(dir.path()).unwrap();
+        let tenant = TenantId::new("acme").unwrap();
+        let key = KeyRef::parse("local:acme").unwrap();
+        (dir, ctx, tenant, key)
+    }
+
+    /// The lease is free: another holder takes it at once.
+    async fn assert_lease_free(ctx: &Context, tenant: &TenantId) {
+        let store = crate::store::TenantStore::new(ctx.store.clone(), tenant);
+        let other = LeaseGuard::acquire(&store, "someone-else", "backup", Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("the lease should be free after the panic: {e}"));
+        other.release().await;
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_releases_the_lease_and_fails_as_internal() {
+        let (_dir, ctx, tenant, key) = setup();
+        let spec = JobSpec {
+            tenant: &tenant,
+            job: JobKind::Backup,
+            policy_key: Some(&key),
+            init_with: Some(&key),
+        };
+        let run = run_job(&ctx, spec, |_, lease, _| {
+            async move {
+                // The job really held the lease when it panicked.
+                lease.ensure_held()?;
+                // The panic of issue 12: date arithmetic that overflows.
+                let start = std::hint::black_box(chrono::DateTime::<Utc>::MIN_UTC);
+                let _ = start - chrono::Duration::days(1);
+                Ok(Nothing)
+            }
+            .boxed()
+        })
+        .await;
+        let err = run.result.err().expect("a panic is an error");
+        assert_eq!(err.kind(), "internal");
+        let message = err.to_string();
+        assert!(
+            message.contains("backup of acme panicked")
+                && message.contains("a bug in custos")
+                && message.contains("`DateTime - TimeDelta` overflowed"),
+            "{message}"
+        );
+        assert_eq!(run.report.outcome, Outcome::Failure);
+        assert_eq!(run.report.error_kind, Some("internal"));
+        assert_lease_free(&ctx, &tenant).await;
+
+        // And the next job of the tenant runs.
+        let spec = JobSpec {
+            tenant: &tenant,
+            job: JobKind::Backup,
+            policy_key: Some(&key),
+            init_with: None,
+        };
+        let run = run_job(&ctx, spec, |_, _, _| async { Ok(Nothing) }.boxed()).await;
+        assert!(run.result.is_ok());
+        assert_eq!(run.report.outcome, Outcome::Success);
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_gate_or_a_gated_job_releases_the_lease() {
+        let (_dir, ctx, tenant, key) = setup();
+        Repo::init(&ctx, &tenant, &key, false).await.unwrap();
+        let spec = || JobSpec {
+            tenant: &tenant,
+            job: JobKind::Forget,
+            policy_key: Some(&key),
+            init_with: None,
+        };
+        let gated = run_job_gated(
+            &ctx,
+            spec(),
+            |_, _| async { panic!("gate bug") }.boxed(),
+            |_, _, (), _| async { Ok(Nothing) }.boxed(),
+        )
+        .await;
+        let Gated::Ran(run) = gated else {
+            panic!("a panicking gate is reported as a failed run")
+        };
+        let err = run.result.err().expect("a panic is an error");
+        assert_eq!(err.kind(), "internal");
+        assert!(err.to_string().contains("gate bug"), "{err}");
+        assert_lease_free(&ctx, &tenant).await;
+
+        let gated: Gated<Nothing> = run_job_gated(
+            &ctx,
+            spec(),
+            |_, _| async { Ok(Gate::Run(())) }.boxed(),
+            |_, _, (), _| async { panic!("{}", String::from("job bug")) }.boxed(),
+        )
+        .await;
+        let Gated::Ran(run) = gated else {
+            panic!("the job ran")
+        };
+        let err = run.result.err().expect("a panic is an error");
+        assert_eq!(err.kind(), "internal");
+        assert!(err.to_string().contains("job bug"), "{err}");
+        assert_eq!(run.report.outcome, Outcome::Failure);
+        assert_lease_free(&ctx, &tenant).await;
+    }
 }

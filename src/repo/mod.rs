@@ -675,6 +675,12 @@ impl Repo {
                 Err(e) => return Err(e),
             }
         }
+        // Blobs indexed in two packs (stored again after their pack was lost):
+        // read them from the pack that exists. One listing, and only then.
+        if index.has_alternatives() {
+            let stored = self.list_packs().await?;
+            index.prefer_stored(&stored);
+        }
         Ok((index, faults))
     }
 

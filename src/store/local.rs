@@ -209,6 +209,47 @@ fn is_staging_name(name: &std::ffi::OsStr) -> bool {
         })
 }
 
+/// The operating-system error behind a store failure that retrying cannot
+/// fix: a read-only file system (EROFS), no space or quota left (ENOSPC,
+/// EDQUOT), no permission (EACCES, EPERM, an immutable file) or a file too
+/// large (EFBIG). `LocalFileSystem` reports every I/O failure as
+/// `Generic`, the class custos retries as transient (network, 5xx); without
+/// this a read-only store was retried until the lease gave up and reported
+/// "lease held by another process".
+pub fn permanent_os_error(e: &object_store::Error) -> Option<&std::io::Error> {
+    use std::io::ErrorKind;
+    let object_store::Error::Generic { source, .. } = e else {
+        return None;
+    };
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+    while let Some(err) = next {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                ErrorKind::ReadOnlyFilesystem
+                    | ErrorKind::StorageFull
+                    | ErrorKind::QuotaExceeded
+                    | ErrorKind::PermissionDenied
+                    | ErrorKind::FileTooLarge
+            )
+        {
+            return Some(io);
+        }
+        next = err.source();
+    }
+    None
+}
+
+/// True when the store failed because it is out of space (ENOSPC, EDQUOT).
+pub fn is_out_of_space(e: &object_store::Error) -> bool {
+    permanent_os_error(e).is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        )
+    })
+}
+
 /// Opens a local store as a shared store.
 pub fn open(root: &FsPath) -> crate::Result<Arc<dyn ObjectStore>> {
     let store = LocalStore::new(root).map_err(|e| crate::Error::StoreConfig {
@@ -291,5 +332,50 @@ mod sweep_tests {
         assert!(t.join("tenant.json").exists());
         let other = crate::TenantId::new("nobody").unwrap();
         assert_eq!(sweep_staging(dir.path(), &other).unwrap(), 0);
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    fn local_error(kind: std::io::ErrorKind) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(std::io::Error::from(kind)),
+        }
+    }
+
+    #[test]
+    fn permanent_os_errors_are_not_retried() {
+        use std::io::ErrorKind;
+        for kind in [
+            ErrorKind::ReadOnlyFilesystem,
+            ErrorKind::StorageFull,
+            ErrorKind::QuotaExceeded,
+            ErrorKind::PermissionDenied,
+            ErrorKind::FileTooLarge,
+        ] {
+            let e = local_error(kind);
+            assert!(permanent_os_error(&e).is_some(), "{kind:?}");
+            assert!(!crate::store::tenant::is_transient(&e), "{kind:?}");
+            let err = crate::Error::store("put", "tenants/acme/locks/lease", e);
+            assert!(!err.is_transient());
+            let want = if matches!(kind, ErrorKind::StorageFull | ErrorKind::QuotaExceeded) {
+                "insufficient_space"
+            } else {
+                "store_error"
+            };
+            assert_eq!(err.kind(), want, "{kind:?}");
+        }
+        for kind in [
+            ErrorKind::ConnectionReset,
+            ErrorKind::TimedOut,
+            ErrorKind::Other,
+        ] {
+            let e = local_error(kind);
+            assert!(permanent_os_error(&e).is_none(), "{kind:?}");
+            assert!(crate::store::tenant::is_transient(&e), "{kind:?}");
+        }
     }
 }

@@ -45,18 +45,25 @@ impl ConditionalWrites {
     }
 }
 
-/// Writes and removes two small objects under `probe/` (outside tenant prefixes).
-pub async fn probe_conditional_writes(store: &SharedStore) -> ConditionalWrites {
+/// Writes and removes two small objects under `probe/` (outside tenant
+/// prefixes). Fails (`store_error`, or `insufficient_space`) when the store
+/// cannot be written at all (a read-only file system, no space, no
+/// permission): that says nothing about conditional writes, and retrying
+/// does not help.
+pub async fn probe_conditional_writes(store: &SharedStore) -> Result<ConditionalWrites> {
     let path = Path::from(format!(
         "probe/conditional-{}",
         hex::encode(crate::util::random_bytes::<8>())
     ));
     let result = run(store, &path).await;
     let _ = store.delete(&path).await;
-    result
+    result.map_err(|e| Error::store("probe", &path, e))
 }
 
-async fn run(store: &SharedStore, path: &Path) -> ConditionalWrites {
+async fn run(
+    store: &SharedStore,
+    path: &Path,
+) -> std::result::Result<ConditionalWrites, object_store::Error> {
     let opts = |mode| PutOptions {
         mode,
         ..Default::default()
@@ -67,6 +74,9 @@ async fn run(store: &SharedStore, path: &Path) -> ConditionalWrites {
         detail: None,
         conclusive: false,
     };
+    // A store that cannot be written at all (read-only, full, no permission)
+    // fails the probe as a store error, not as a finding about conditional writes.
+    let unwritable = |e: &object_store::Error| super::local::permanent_os_error(e).is_some();
     // A store that says it cannot do conditional writes has answered.
     let refuses = |e: &object_store::Error| {
         matches!(
@@ -79,10 +89,11 @@ async fn run(store: &SharedStore, path: &Path) -> ConditionalWrites {
         .await
     {
         Ok(r) => r,
+        Err(e) if unwritable(&e) => return Err(e),
         Err(e) => {
             out.conclusive = refuses(&e);
             out.detail = Some(format!("conditional create failed: {e}"));
-            return out;
+            return Ok(out);
         }
     };
     match store
@@ -96,13 +107,14 @@ async fn run(store: &SharedStore, path: &Path) -> ConditionalWrites {
                 "a second create-if-absent of the same object succeeded (If-None-Match ignored)"
                     .into(),
             );
-            return out;
+            return Ok(out);
         }
+        Err(e) if unwritable(&e) => return Err(e),
         Err(e) => {
             out.detail = Some(format!(
                 "second conditional create failed unexpectedly: {e}"
             ));
-            return out;
+            return Ok(out);
         }
     }
     let current = UpdateVersion {
@@ -118,16 +130,17 @@ async fn run(store: &SharedStore, path: &Path) -> ConditionalWrites {
         .await
     {
         Ok(r) => r,
+        Err(e) if unwritable(&e) => return Err(e),
         Err(e) => {
             out.conclusive = refuses(&e);
             out.detail = Some(format!("conditional update failed: {e}"));
-            return out;
+            return Ok(out);
         }
     };
     if second.e_tag == first.e_tag && second.version == first.version {
         out.conclusive = true;
         out.detail = Some("an update did not change the object's e-tag or version".into());
-        return out;
+        return Ok(out);
     }
     match store
         .put_opts(
@@ -145,12 +158,13 @@ async fn run(store: &SharedStore, path: &Path) -> ConditionalWrites {
             out.conclusive = true;
             out.detail = Some("an update with a stale e-tag succeeded (If-Match ignored)".into())
         }
+        Err(e) if unwritable(&e) => return Err(e),
         Err(e) => {
             out.conclusive = refuses(&e);
             out.detail = Some(format!("stale conditional update failed unexpectedly: {e}"))
         }
     }
-    out
+    Ok(out)
 }
 
 /// A probe result as cached in the state directory.
@@ -201,7 +215,7 @@ pub async fn probe_cached(ctx: &Context, refresh: bool) -> Result<ProbeRecord> {
     }
     // An inconclusive probe (a transient store error on the way) is retried:
     // one 5xx must not make a job fail as if the store were misconfigured.
-    let mut result = probe_conditional_writes(&ctx.store).await;
+    let mut result = probe_conditional_writes(&ctx.store).await?;
     let mut delay = Duration::from_millis(200);
     for _ in 1..PROBE_ATTEMPTS {
         if result.conclusive {
@@ -213,7 +227,7 @@ pub async fn probe_cached(ctx: &Context, refresh: bool) -> Result<ProbeRecord> {
         );
         tokio::time::sleep(delay).await;
         delay *= 3;
-        result = probe_conditional_writes(&ctx.store).await;
+        result = probe_conditional_writes(&ctx.store).await?;
     }
     let rec = ProbeRecord {
         url: ctx.store_url.clone(),
@@ -268,11 +282,12 @@ mod tests {
         assert!(
             probe_conditional_writes(&super::super::memory())
                 .await
+                .unwrap()
                 .supported()
         );
         let dir = tempfile::tempdir().unwrap();
         let local = super::super::local::open(dir.path()).unwrap();
-        let r = probe_conditional_writes(&local).await;
+        let r = probe_conditional_writes(&local).await.unwrap();
         assert!(r.supported(), "{r:?}");
     }
 }

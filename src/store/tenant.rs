@@ -270,7 +270,7 @@ pub fn is_transient(e: &object_store::Error) -> bool {
     matches!(
         e,
         object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
-    )
+    ) && super::local::permanent_os_error(e).is_none()
 }
 
 #[cfg(test)]

@@ -49,9 +49,31 @@ pub enum DrillReason {
     NoSnapshot,
     /// The scratch file system cannot hold the restore plus its reserve.
     InsufficientSpace,
-    /// Anything else that stopped the drill (store unreachable, lease held,
-    /// local I/O error, tenant shredded…); `error_kind` says which.
-    Error,
+    /// Another job holds the tenant's lease (`lease_contended`).
+    LeaseContended,
+    /// The tenant is shredded, being shredded or otherwise fenced
+    /// (`tenant_unavailable`, `legal_hold`, `shred_verification_failed`).
+    TenantUnavailable,
+    /// The store could not be reached or written (`store_error`,
+    /// `invalid_store`, `conditional_writes_unsupported`).
+    StoreError,
+    /// A local file could not be read or written: scratch space, state
+    /// directory (`io_error`, `source_error`).
+    IoError,
+    /// The policy, custos.toml or an argument is invalid (`invalid_policy`,
+    /// `invalid_config`, `invalid_argument`, `invalid_tenant_id`).
+    InvalidInput,
+    /// A key, state or configuration path another local user could change
+    /// (`insecure_permissions`): custos refuses to use it.
+    InsecurePermissions,
+    /// The audit log could not record the drill, or does not verify
+    /// (`audit_unavailable`, `audit_verification_failed`): no unrecorded
+    /// access to tenant data.
+    AuditUnavailable,
+    /// The drill was cancelled (daemon shutdown).
+    Cancelled,
+    /// A bug in custos stopped the drill (a panic, an internal error).
+    Internal,
 }
 
 impl DrillReason {
@@ -64,26 +86,62 @@ impl DrillReason {
             DrillReason::RtoExceeded => "rto_exceeded",
             DrillReason::NoSnapshot => "no_snapshot",
             DrillReason::InsufficientSpace => "insufficient_space",
-            DrillReason::Error => "error",
+            DrillReason::LeaseContended => "lease_contended",
+            DrillReason::TenantUnavailable => "tenant_unavailable",
+            DrillReason::StoreError => "store_error",
+            DrillReason::IoError => "io_error",
+            DrillReason::InvalidInput => "invalid_input",
+            DrillReason::InsecurePermissions => "insecure_permissions",
+            DrillReason::AuditUnavailable => "audit_unavailable",
+            DrillReason::Cancelled => "cancelled",
+            DrillReason::Internal => "internal",
         }
     }
 
-    /// The reason for a crate error (by its [`Error::kind`]).
+    /// The reason for a crate error. Matched on every variant, without a
+    /// catch-all, so a new kind of error must be given a reason here rather
+    /// than fall into an untyped one.
     pub fn of_error(e: &Error) -> DrillReason {
-        if let Error::TenantState { state, .. } = e
-            && state == "epoch_shredded"
-        {
-            return DrillReason::KeyUnavailable;
-        }
-        if matches!(e, Error::Key(_)) {
-            return DrillReason::KeyUnavailable;
-        }
-        match e.kind() {
-            "corrupt_object" | "foreign_object" | "rollback_detected" => DrillReason::CorruptObject,
-            "missing_object" => DrillReason::MissingObject,
-            "not_found" | "tenant_not_found" => DrillReason::NoSnapshot,
-            "insufficient_space" => DrillReason::InsufficientSpace,
-            _ => DrillReason::Error,
+        match e {
+            Error::Key(_) | Error::KeyOwnershipUnproven { .. } => DrillReason::KeyUnavailable,
+            Error::TenantState { state, .. } if state == "epoch_shredded" => {
+                DrillReason::KeyUnavailable
+            }
+            Error::Corrupt { .. } | Error::Foreign { .. } | Error::Rollback { .. } => {
+                DrillReason::CorruptObject
+            }
+            Error::Missing { .. } => DrillReason::MissingObject,
+            Error::NotFound { .. } | Error::TenantNotFound { .. } => DrillReason::NoSnapshot,
+            Error::InsufficientSpace { .. } => DrillReason::InsufficientSpace,
+            // Store and I/O errors carry their own finer kinds: an object that
+            // is not there, a full disk.
+            Error::Store { .. } | Error::Io { .. } | Error::Source { .. } => match e.kind() {
+                "missing_object" => DrillReason::MissingObject,
+                "insufficient_space" => DrillReason::InsufficientSpace,
+                _ if matches!(e, Error::Store { .. }) => DrillReason::StoreError,
+                _ => DrillReason::IoError,
+            },
+            Error::StoreConfig { .. } | Error::ConditionalWritesUnsupported { .. } => {
+                DrillReason::StoreError
+            }
+            Error::LeaseContended { .. } => DrillReason::LeaseContended,
+            Error::TenantState { .. }
+            | Error::LegalHold { .. }
+            | Error::ShredVerification { .. } => DrillReason::TenantUnavailable,
+            Error::InvalidTenant(_)
+            | Error::KeyInUse { .. }
+            | Error::CertificateInvalid { .. }
+            | Error::InvalidArgument(_)
+            | Error::Config { .. }
+            | Error::Policy(_) => DrillReason::InvalidInput,
+            Error::InsecurePermissions { .. } => DrillReason::InsecurePermissions,
+            Error::AuditUnavailable { .. } | Error::AuditVerification { .. } => {
+                DrillReason::AuditUnavailable
+            }
+            // The scratch directory was tampered with while the drill restored.
+            Error::UnsafeTarget { .. } => DrillReason::IoError,
+            Error::Cancelled { .. } => DrillReason::Cancelled,
+            Error::Internal(_) => DrillReason::Internal,
         }
     }
 }
@@ -369,7 +427,7 @@ impl DrillReport {
                 bytes = self.bytes,
                 "drill of {} failed ({}): {}",
                 self.tenant,
-                reason.unwrap_or("error"),
+                reason.unwrap_or(DrillReason::Internal.as_str()),
                 self.message.as_deref().unwrap_or("")
             ),
         }
@@ -408,7 +466,8 @@ impl JobOutput for DrillReport {
         match self.outcome {
             DrillOutcome::Passed => None,
             DrillOutcome::Failed => {
-                let reason = self.reason.unwrap_or(DrillReason::Error);
+                // Every failed report is given a reason; none would be a bug.
+                let reason = self.reason.unwrap_or(DrillReason::Internal);
                 Some((reason.as_str(), self.message.clone().unwrap_or_default()))
             }
         }
@@ -492,11 +551,118 @@ mod tests {
                     holder: "h".into(),
                     expires: "t".into(),
                 },
-                DrillReason::Error,
+                DrillReason::LeaseContended,
+            ),
+            (
+                Error::TenantState {
+                    tenant: "acme".into(),
+                    state: "shredded".into(),
+                    message: "shredded on 2026-11-01".into(),
+                },
+                DrillReason::TenantUnavailable,
+            ),
+            (
+                Error::LegalHold {
+                    tenant: "acme".into(),
+                    message: "hold".into(),
+                },
+                DrillReason::TenantUnavailable,
+            ),
+            (
+                Error::store(
+                    "get",
+                    "tenants/acme/packs/ab",
+                    object_store::Error::Generic {
+                        store: "S3",
+                        source: "connection reset".into(),
+                    },
+                ),
+                DrillReason::StoreError,
+            ),
+            (
+                Error::store(
+                    "get",
+                    "tenants/acme/packs/ab",
+                    object_store::Error::NotFound {
+                        path: "tenants/acme/packs/ab".into(),
+                        source: "gone".into(),
+                    },
+                ),
+                DrillReason::MissingObject,
+            ),
+            (
+                Error::store(
+                    "put",
+                    "tenants/acme/locks/lease",
+                    object_store::Error::Generic {
+                        store: "LocalFileSystem",
+                        source: Box::new(std::io::Error::from(std::io::ErrorKind::StorageFull)),
+                    },
+                ),
+                DrillReason::InsufficientSpace,
+            ),
+            (
+                Error::StoreConfig {
+                    url: "s3://b".into(),
+                    message: "m".into(),
+                },
+                DrillReason::StoreError,
+            ),
+            (
+                Error::ConditionalWritesUnsupported {
+                    url: "s3://b".into(),
+                    message: "m".into(),
+                },
+                DrillReason::StoreError,
+            ),
+            (
+                Error::io("/scratch/x", std::io::ErrorKind::PermissionDenied.into()),
+                DrillReason::IoError,
+            ),
+            (Error::Policy("bad".into()), DrillReason::InvalidInput),
+            (
+                Error::InvalidArgument("bad".into()),
+                DrillReason::InvalidInput,
+            ),
+            (
+                Error::Cancelled {
+                    what: "drill".into(),
+                },
+                DrillReason::Cancelled,
+            ),
+            (
+                Error::Internal("drill of acme panicked".into()),
+                DrillReason::Internal,
             ),
         ];
         for (e, want) in cases {
-            assert_eq!(DrillReason::of_error(&e), want, "{e}");
+            let reason = DrillReason::of_error(&e);
+            assert_eq!(reason, want, "{e}");
+            // Stable names: serde and as_str agree, and none is the untyped "error".
+            assert_eq!(
+                serde_json::to_value(reason).unwrap(),
+                serde_json::json!(reason.as_str())
+            );
+            assert_ne!(reason.as_str(), "error");
         }
+    }
+
+    #[test]
+    fn a_drill_stopped_by_a_busy_or_shredded_tenant_has_a_typed_reason() {
+        let tenant = TenantId::new("acme").unwrap();
+        let busy = Error::LeaseContended {
+            tenant: "acme".into(),
+            holder: "vm:1:ab (backup)".into(),
+            expires: "2026-12-01T00:00:00Z".into(),
+        };
+        let r = DrillReport::stopped_by(&tenant, &busy);
+        assert_eq!(r.reason, Some(DrillReason::LeaseContended));
+        assert_eq!(r.error_kind.as_deref(), Some("lease_contended"));
+        let (kind, _) = r.failure().unwrap();
+        assert_eq!(kind, "lease_contended");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["reason"], "lease_contended");
+        let back: DrillReport = serde_json::from_value(json).unwrap();
+        assert_eq!(back.reason, Some(DrillReason::LeaseContended));
     }
 }
