@@ -10,7 +10,7 @@
 //! ```
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -111,7 +111,12 @@ impl StateDir {
     /// evidence a shred relies on: never silently ignored).
     pub fn key_registry(&self) -> Result<KeyRegistry> {
         let path = self.key_registry_path();
-        match std::fs::read(&path) {
+        let read = open_private(&path, std::fs::OpenOptions::new().read(true)).and_then(|f| {
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut &f, &mut b).map_err(|e| Error::io(&path, e))?;
+            Ok(b)
+        });
+        match read {
             Ok(b) => {
                 let r: KeyRegistry = serde_json::from_slice(&b).map_err(|e| Error::Config {
                     path: path.clone(),
@@ -125,8 +130,10 @@ impl StateDir {
                 }
                 Ok(r)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(KeyRegistry::default()),
-            Err(e) => Err(Error::io(path, e)),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(KeyRegistry::default())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -186,13 +193,14 @@ impl StateDir {
     /// the same time, and a lost update would lose a binding.
     fn update_key_registry<T>(&self, f: impl FnOnce(&mut KeyRegistry) -> T) -> Result<T> {
         let lock_path = self.root.join("keys.lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|e| Error::io(&lock_path, e))?;
+        let lock = open_private(
+            &lock_path,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600),
+        )?;
         lock.lock().map_err(|e| Error::io(&lock_path, e))?;
         let mut registry = self.key_registry()?;
         registry.format = KEY_REGISTRY_FORMAT.into();
@@ -204,6 +212,50 @@ impl StateDir {
         drop(lock);
         Ok(out)
     }
+}
+
+/// Opens a file that key decisions rest on (the key registry, its lock) as
+/// ssh's StrictModes would: never through a symbolic link, and only a
+/// regular file owned by this user (or root) that neither group nor others
+/// can write. Whoever can edit the registry can make any key provably a
+/// tenant's (and a shred destroy it), so a loose one is refused, with the fix.
+fn open_private(path: &Path, opts: &mut std::fs::OpenOptions) -> Result<std::fs::File> {
+    let refuse = |message: String| Error::Config {
+        path: path.to_owned(),
+        message,
+    };
+    let file = opts
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => refuse(
+                "is a symbolic link: the key registry and its lock must be regular files in the state \
+                 directory (remove the link; custos recreates the lock)"
+                    .into(),
+            ),
+            _ => Error::io(path, e),
+        })?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if !meta.file_type().is_file() {
+        return Err(refuse("is not a regular file".into()));
+    }
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(refuse(format!(
+            "is owned by uid {}, not by the user running custos (uid {euid}) or root: chown {euid} {}",
+            meta.uid(),
+            path.display()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refuse(format!(
+            "permissions {:04o} let other users write it: chmod 600 {}",
+            meta.mode() & 0o7777,
+            path.display()
+        )));
+    }
+    Ok(file)
 }
 
 pub const KEY_REGISTRY_FORMAT: &str = "custos-key-registry/1";
