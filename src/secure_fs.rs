@@ -169,6 +169,62 @@ fn insecure(path: &Path, message: String) -> CheckError {
     })
 }
 
+/// Opens a file key decisions rest on (the key registry, its lock) as
+/// StrictModes would judge it, on the open descriptor: never through a
+/// symbolic link, only a regular file owned by this user (or root) that
+/// neither group nor others can write. Whoever can edit the key registry can
+/// make any key provably a tenant's (and a shred destroy it). The directory
+/// holding it is checked by [`check_dir`] when the state directory is opened.
+pub fn open_trusted(
+    path: &Path,
+    what: &str,
+    opts: &mut fs::OpenOptions,
+) -> Result<fs::File, CheckError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = path.display();
+    let file = opts
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => insecure(
+                path,
+                format!(
+                    "{what} {shown} is a symbolic link: it must be a regular file; remove the link"
+                ),
+            ),
+            _ => CheckError::Io(path.to_owned(), e),
+        })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| CheckError::Io(path.to_owned(), e))?;
+    let me = euid();
+    if !meta.file_type().is_file() {
+        return Err(insecure(
+            path,
+            format!("{what} {shown} is not a regular file"),
+        ));
+    }
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(insecure(
+            path,
+            format!(
+                "{what} {shown} is owned by uid {}, neither root nor uid {me} that runs custos: its owner could change it; run chown {me} {shown}",
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(insecure(
+            path,
+            format!(
+                "{what} {shown} is writable by group or others (mode {:04o}): any local user could change it; run chmod 600 {shown}",
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(file)
+}
+
 /// Creates `dir` and any missing parent with mode 0700 (parents that exist
 /// are left alone; [`check_dir`] judges them).
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {

@@ -130,7 +130,18 @@ impl StateDir {
     /// evidence a shred relies on: never silently ignored).
     pub fn key_registry(&self) -> Result<KeyRegistry> {
         let path = self.key_registry_path();
-        match std::fs::read(&path) {
+        let read = secure_fs::open_trusted(
+            &path,
+            "key registry",
+            std::fs::OpenOptions::new().read(true),
+        )
+        .map_err(Error::from)
+        .and_then(|f| {
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut &f, &mut b).map_err(|e| Error::io(&path, e))?;
+            Ok(b)
+        });
+        match read {
             Ok(b) => {
                 let r: KeyRegistry = serde_json::from_slice(&b).map_err(|e| Error::Config {
                     path: path.clone(),
@@ -144,8 +155,10 @@ impl StateDir {
                 }
                 Ok(r)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(KeyRegistry::default()),
-            Err(e) => Err(Error::io(path, e)),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(KeyRegistry::default())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -205,13 +218,15 @@ impl StateDir {
     /// the same time, and a lost update would lose a binding.
     fn update_key_registry<T>(&self, f: impl FnOnce(&mut KeyRegistry) -> T) -> Result<T> {
         let lock_path = self.root.join("keys.lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|e| Error::io(&lock_path, e))?;
+        let lock = secure_fs::open_trusted(
+            &lock_path,
+            "key registry lock",
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600),
+        )?;
         lock.lock().map_err(|e| Error::io(&lock_path, e))?;
         let mut registry = self.key_registry()?;
         registry.format = KEY_REGISTRY_FORMAT.into();

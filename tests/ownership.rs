@@ -769,3 +769,276 @@ fn tenants_without_claims_get_them_from_their_envelopes() {
     assert_eq!(cert["guarantee"]["kind"], "keys_destroyed");
     assert_eq!(key_outcome(&cert, "local:alpha"), "destroyed");
 }
+
+// ---------------------------------------------------------------------------
+// A second look, as an attacker would (review of the ownership change)
+
+/// Removes every object of `tenant` but its descriptor, as a store writer
+/// may (deleting is denial of service, not a key decision).
+fn delete_objects(cli: &Cli, tenant: &str) {
+    for (rel, _) in cli.objects(tenant) {
+        if rel != "tenant.json" {
+            fs::remove_file(cli.store().join("tenants").join(tenant).join(rel)).unwrap();
+        }
+    }
+}
+
+/// A store writer drops a key from the descriptor: a previous key after a
+/// replacement, or (no policy pins it) the current key, replaced by a name
+/// nothing knows. The shred still ends the dropped key, found by the key
+/// registry of this host or, on a host without it, by the tenant's claim:
+/// otherwise it would outlive a certificate saying every key was destroyed
+/// and unwrap any old copy of the tenant's envelopes.
+#[test]
+fn a_shred_ends_keys_the_descriptor_no_longer_names() {
+    for (variant, forget_registry) in [
+        ("previous", false),
+        ("previous", true),
+        ("current", false),
+        ("current", true),
+        ("epoch", false),
+    ] {
+        let cli = installation(&["alpha", "beta"]);
+        match variant {
+            "current" => {
+                fs::remove_file(cli.path().join("policies/alpha.toml")).unwrap();
+                tamper(&cli, "alpha", |d| d["key"] = "local:ghost".into());
+            }
+            _ => {
+                replace_key(&cli, "alpha", "alpha-2");
+                tamper(&cli, "alpha", |d| {
+                    d["previous_keys"] = serde_json::json!([])
+                });
+            }
+        }
+        if forget_registry {
+            fs::remove_file(cli.path().join("state/keys.json")).unwrap();
+        }
+        if variant == "epoch" {
+            ok(&cli, &["rotate", "alpha", "--new-epoch"]);
+            ok(&cli, &["backup", "alpha"]);
+            ok(&cli, &["forget", "alpha", "--keep-last", "1", "--prune"]);
+            ok(
+                &cli,
+                &[
+                    "shred",
+                    "alpha",
+                    "--confirm",
+                    "alpha",
+                    "--epoch",
+                    "1",
+                    "--rewrap",
+                ],
+            );
+        } else {
+            ok(&cli, &["shred", "alpha", "--confirm", "alpha"]);
+        }
+        let cert = verified_certificate(&cli, "alpha");
+        assert_eq!(cert["guarantee"]["kind"], "keys_destroyed", "{variant}");
+        assert_eq!(
+            key_outcome(&cert, "local:alpha"),
+            "destroyed",
+            "{variant}: {}",
+            cert["keys"]
+        );
+        assert!(!key_file(&cli, "alpha").exists(), "{variant}");
+        if variant == "current" {
+            assert_eq!(key_outcome(&cert, "local:ghost"), "not_found");
+        } else {
+            assert_eq!(key_outcome(&cert, "local:alpha-2"), "destroyed");
+        }
+        beta_restores(&cli);
+    }
+}
+
+/// A store writer fences alpha with the records of a shred that never ran
+/// (copied from gamma's finished one: scope, keys, deletion, verification),
+/// so that a re-run skips every step. custos must not sign: alpha's key is
+/// alive and its data in the store. Nor once the writer also deletes alpha's
+/// objects and drops the scope's audit reference: alpha's key, which the
+/// registry binds to it, is not among the keys the records say were ended.
+#[test]
+fn a_shred_never_certifies_records_the_store_made_up() {
+    let cli = installation(&["alpha", "beta", "gamma"]);
+    ok(&cli, &["shred", "gamma", "--confirm", "gamma"]);
+    let gamma = descriptor(&cli, "gamma");
+    let forge = |cli: &Cli, edit: &dyn Fn(&mut Value)| {
+        tamper(cli, "alpha", |d| {
+            let mut s = gamma["shredding"].clone();
+            s["finished_at"] = Value::Null;
+            s["certificate_id"] = "20260101T000000Z-00000000000000aa".into();
+            s["progress"]["step"] = "verified".into();
+            edit(&mut s);
+            d["state"] = "shredding".into();
+            d["shredding"] = s;
+        });
+    };
+    forge(&cli, &|_| {});
+    let message = refused(
+        &cli,
+        &["shred", "alpha", "--confirm", "alpha"],
+        "shred_verification_failed",
+    );
+    assert!(
+        message.contains("local:alpha") && message.contains("audit record"),
+        "{message}"
+    );
+    assert!(key_file(&cli, "alpha").exists());
+    assert!(!cli.store().join("certificates/alpha").exists());
+
+    // The writer deletes alpha's objects itself and hides the scope's record.
+    delete_objects(&cli, "alpha");
+    forge(&cli, &|s| {
+        s["progress"]["scope"]
+            .as_object_mut()
+            .unwrap()
+            .remove("audit_seq");
+    });
+    let message = refused(
+        &cli,
+        &["shred", "alpha", "--confirm", "alpha"],
+        "shred_verification_failed",
+    );
+    assert!(message.contains("key local:alpha"), "{message}");
+    assert!(key_file(&cli, "alpha").exists());
+    assert!(!cli.store().join("certificates/alpha").exists());
+    // Records listing alpha's key as destroyed while it lives: refused too.
+    forge(&cli, &|s| {
+        let mut k = s["progress"]["keys"][0].clone();
+        k["reference"] = "local:alpha".into();
+        s["progress"]["keys"] = serde_json::json!([k]);
+    });
+    let message = refused(
+        &cli,
+        &["shred", "alpha", "--confirm", "alpha"],
+        "shred_verification_failed",
+    );
+    assert!(
+        message.contains("local:alpha is listed as destroyed"),
+        "{message}"
+    );
+    assert!(key_file(&cli, "alpha").exists());
+    beta_restores(&cli);
+}
+
+/// Binding a key tries every other tenant's objects under it, not only
+/// what their descriptors name: a store writer can make beta's descriptor
+/// name another key, and a host whose registry and policies do not know
+/// beta (another host sharing the store, a lost state directory) would
+/// otherwise give beta's key to zeta, whose data beta's key holder could
+/// then decrypt. By `tenant init` and by a first backup.
+#[test]
+fn a_key_is_bound_only_when_no_tenants_objects_unwrap_under_it() {
+    let cli = installation(&["alpha", "beta"]);
+    tamper(&cli, "beta", |d| d["key"] = "local:other".into());
+    fs::remove_file(cli.path().join("state/keys.json")).unwrap();
+    let beta_policy = cli.path().join("policies/beta.toml");
+    fs::remove_file(&beta_policy).unwrap();
+    let message = refused(
+        &cli,
+        &["tenant", "init", "zeta", "--key", "local:beta"],
+        "key_in_use",
+    );
+    assert!(message.contains("tenants/beta/keys/"), "{message}");
+    assert!(!cli.store().join("tenants/zeta").exists());
+    let src = source(&cli, "gamma");
+    make_data(&src, "gamma");
+    fs::write(
+        cli.path().join("policies/gamma.toml"),
+        format!(
+            "tenant = \"gamma\"\nkey = \"local:beta\"\n[[sources]]\ntype = \"path\"\npath = \"{}\"\nname = \"data\"\n",
+            src.display()
+        ),
+    )
+    .unwrap();
+    let message = refused(&cli, &["backup", "gamma"], "key_in_use");
+    assert!(message.contains("tenants/beta/keys/"), "{message}");
+    assert!(!cli.store().join("tenants/gamma").exists());
+    tamper(&cli, "beta", |d| d["key"] = "local:beta".into());
+    fs::remove_file(cli.path().join("policies/gamma.toml")).unwrap();
+    cli.policy("beta", &source(&cli, "beta"));
+    beta_restores(&cli);
+}
+
+/// The key registry is evidence a shred destroys keys on: a registry (or its
+/// lock) that another local user could write or redirect is refused, as
+/// ssh's StrictModes refuses loose files, with the fix in the message.
+#[test]
+fn the_key_registry_is_refused_when_others_could_write_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let cli = installation(&["alpha"]);
+    let registry = cli.path().join("state/keys.json");
+    let lock = cli.path().join("state/keys.lock");
+    fs::set_permissions(&registry, fs::Permissions::from_mode(0o666)).unwrap();
+    let message = refused(&cli, &["tenant", "init", "alpha"], "insecure_permissions");
+    assert!(
+        message.contains("keys.json") && message.contains("chmod 600"),
+        "{message}"
+    );
+    refused(
+        &cli,
+        &["shred", "alpha", "--confirm", "alpha"],
+        "insecure_permissions",
+    );
+    assert!(key_file(&cli, "alpha").exists());
+    fs::set_permissions(&registry, fs::Permissions::from_mode(0o600)).unwrap();
+
+    // Symbolic links are not followed: not for the registry, not for the lock
+    // (which is created: a link would make custos create its target).
+    let elsewhere = cli.path().join("elsewhere.json");
+    fs::rename(&registry, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &registry).unwrap();
+    let message = refused(&cli, &["tenant", "init", "alpha"], "insecure_permissions");
+    assert!(message.contains("symbolic link"), "{message}");
+    fs::remove_file(&registry).unwrap();
+    fs::rename(&elsewhere, &registry).unwrap();
+    let target = cli.path().join("lock-target");
+    fs::remove_file(&lock).unwrap();
+    std::os::unix::fs::symlink(&target, &lock).unwrap();
+    let message = refused(
+        &cli,
+        &["tenant", "init", "zeta", "--key", "local:zeta"],
+        "insecure_permissions",
+    );
+    assert!(message.contains("keys.lock"), "{message}");
+    assert!(!target.exists());
+    fs::remove_file(&lock).unwrap();
+    ok(&cli, &["tenant", "init", "alpha"]);
+}
+
+/// An operator's mistake: a configuration whose `[local_keys] dir` is not
+/// the directory the keys were made in. Every key then reads as unknown to
+/// its provider, which a shred took as "already gone": it exited 0 with a
+/// `keys_destroyed` certificate while the keys lived on elsewhere. A local
+/// key custos destroyed leaves a tombstone; one this host bound and never
+/// destroyed is not gone, it is not here: refused before anything changes.
+#[test]
+fn a_shred_does_not_take_a_missing_local_key_for_a_destroyed_one() {
+    let cli = installation(&["alpha"]);
+    let toml = cli.path().join("custos.toml");
+    let good = fs::read_to_string(&toml).unwrap();
+    let keys_dir = cli.path().join("keys");
+    let wrong = good.replace(
+        &format!("dir = \"{}\"", keys_dir.display()),
+        &format!("dir = \"{}-elsewhere\"", keys_dir.display()),
+    );
+    assert_ne!(good, wrong);
+    fs::write(&toml, &wrong).unwrap();
+    let message = refused(
+        &cli,
+        &["shred", "alpha", "--confirm", "alpha"],
+        "key_unavailable",
+    );
+    assert!(
+        message.contains("local:alpha") && message.contains("[local_keys] dir"),
+        "{message}"
+    );
+    assert_eq!(descriptor(&cli, "alpha")["state"], "active");
+    assert!(!cli.store().join("certificates/alpha").exists());
+    // With the right directory, the same shred goes through.
+    fs::write(&toml, &good).unwrap();
+    ok(&cli, &["shred", "alpha", "--confirm", "alpha"]);
+    let cert = verified_certificate(&cli, "alpha");
+    assert_eq!(key_outcome(&cert, "local:alpha"), "destroyed");
+    assert!(!key_file(&cli, "alpha").exists());
+}

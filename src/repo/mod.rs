@@ -235,8 +235,13 @@ impl Repo {
                 first.path
             )));
         }
-        // One key, one tenant: refused before anything is created.
-        ownership::check_bindable(ctx, tenant, key, ownership::Depth::Named).await?;
+        // One key, one tenant: refused before anything is created. Every
+        // other tenant's objects are tried under the key (once per tenant's
+        // life): a store writer can make a descriptor name another key, and
+        // a host whose registry and policies do not know that tenant would
+        // otherwise bind its key to a second tenant, whose data the first
+        // tenant's key holder could then decrypt.
+        ownership::check_bindable(ctx, tenant, key, ownership::Depth::Authenticated).await?;
         // Recorded before any key is created: no record, no init.
         ctx.record(
             "tenant.init.begin",
@@ -307,7 +312,7 @@ impl Repo {
         // `--allow-reuse` is no way around one key, one tenant: the key is
         // checked like a first init's, and must not be the old lineage's.
         ownership::check_reuse(ctx, &old.store, &old.descriptor, key, epoch).await?;
-        ownership::check_bindable(ctx, old.tenant(), key, ownership::Depth::Named).await?;
+        ownership::check_bindable(ctx, old.tenant(), key, ownership::Depth::Authenticated).await?;
         ctx.record(
             "tenant.init.begin",
             Some(old.tenant()),

@@ -82,12 +82,14 @@ impl fmt::Display for Proof {
 pub enum Depth {
     /// What the store, the registry and the policies name; objects are tried
     /// under the key only for tenants whose descriptor is unreadable, missing
-    /// or not active. For frequent bindings (a tenant's first backup): one
-    /// read per tenant.
+    /// or not active. A descriptor edited to name another key hides its
+    /// tenant: only for a key name nothing uses yet (a fresh re-wrap key that
+    /// its provider does not know, so nothing can be wrapped under it).
     Named,
     /// Also every other tenant's envelopes and claims, tried under the key:
-    /// use that no edit of a descriptor can hide. Before destroying a key,
-    /// and for the rare operator-driven bindings (CMK replacement, re-wrap).
+    /// use that no edit of a descriptor can hide. For every binding of an
+    /// existing key (init, a first backup, CMK replacement, re-wrap) and
+    /// before destroying a key.
     Authenticated,
 }
 
@@ -185,18 +187,25 @@ struct KeyObject {
     fingerprint: Option<String>,
     context: WrapContext,
     is_claim: bool,
+    /// The key the object says it is wrapped under: unauthenticated, a
+    /// candidate only until the object unwraps under it.
+    named: Option<KeyRef>,
 }
 
-/// The wrapped key and fingerprint of an envelope or claim, read leniently:
-/// an object that does not parse cannot unwrap anyway.
-fn wrapped_of(bytes: &[u8]) -> Option<(WrappedKey, Option<String>)> {
+/// The wrapped key, fingerprint and named key of an envelope or claim, read
+/// leniently: an object that does not parse cannot unwrap anyway.
+fn wrapped_of(bytes: &[u8]) -> Option<(WrappedKey, Option<String>, Option<KeyRef>)> {
     let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
     let wrapped: WrappedKey = serde_json::from_value(v.get("wrapped")?.clone()).ok()?;
     let fingerprint = v
         .get("fingerprint")
         .and_then(|f| f.as_str())
         .map(str::to_owned);
-    Some((wrapped, fingerprint))
+    let named = v
+        .get("key")
+        .and_then(|k| k.as_str())
+        .and_then(|k| KeyRef::parse(k).ok());
+    Some((wrapped, fingerprint, named))
 }
 
 /// Every envelope and claim under `tenants/<t>/keys/`, claims first (the
@@ -214,13 +223,14 @@ async fn key_objects(store: &TenantStore) -> Result<Vec<KeyObject>> {
         let Some((bytes, _)) = store.get_if_exists(&name).await? else {
             continue;
         };
-        if let Some((wrapped, fingerprint)) = wrapped_of(&bytes) {
+        if let Some((wrapped, fingerprint, named)) = wrapped_of(&bytes) {
             out.push(KeyObject {
                 object: store.display(&name),
                 wrapped,
                 fingerprint,
                 context,
                 is_claim,
+                named,
             });
         }
     }
@@ -372,6 +382,72 @@ pub async fn prove(
             ),
         },
     }))
+}
+
+/// Every key the tenant is known to own: `named` (the keys its descriptor
+/// names, with their roles), then each key the key registry of this host
+/// binds to the tenant and that is not destroyed, then each key one of the
+/// tenant's claims or envelopes names and unwraps under (with the tenant's
+/// context: only a holder of the key could have made it, and it holds the
+/// tenant's data key or binding). The added keys come as previous keys.
+///
+/// What a shred destroys starts here, not at the descriptor alone: the
+/// descriptor is unauthenticated, and a store writer who drops a key from it
+/// (a previous CMK, or the current one when no policy pins it) would
+/// otherwise leave that key alive, able to unwrap every old copy of the
+/// tenant's envelopes, under a certificate saying all its keys were
+/// destroyed. Each key still goes through [`decide_destroy`].
+pub async fn known_keys(
+    ctx: &Context,
+    store: &TenantStore,
+    named: Vec<(KeyRef, KeyRole)>,
+) -> Result<Vec<(KeyRef, KeyRole)>> {
+    let tenant = store.tenant();
+    let mut out = named;
+    let mut ids = Ids::default();
+    let registry = ctx.state.key_registry()?;
+    for b in registry
+        .keys
+        .iter()
+        .filter(|b| &b.tenant == tenant && b.destroyed_at.is_none())
+    {
+        if !listed(ctx, &mut ids, &out, &b.key).await {
+            out.push((b.key.clone(), KeyRole::Previous));
+        }
+    }
+    for o in key_objects(store).await? {
+        let Some(key) = &o.named else { continue };
+        if listed(ctx, &mut ids, &out, key).await {
+            continue;
+        }
+        if let Tried::Unwraps =
+            try_unwrap(ctx, key, &o.wrapped, &o.context, o.fingerprint.as_deref()).await?
+        {
+            out.push((key.clone(), KeyRole::Previous));
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `key` is in `keys`, as written or (KMS) by resolved id.
+async fn listed(ctx: &Context, ids: &mut Ids, keys: &[(KeyRef, KeyRole)], key: &KeyRef) -> bool {
+    if keys.iter().any(|(k, _)| k == key) {
+        return true;
+    }
+    if key.kind() == ProviderKind::Local {
+        return false;
+    }
+    let resolved = ids.get(ctx, key).await.ok().flatten();
+    for (k, _) in keys {
+        if ids
+            .same(ctx, key, resolved.as_deref(), k)
+            .await
+            .unwrap_or(false)
+        {
+            return true;
+        }
+    }
+    false
 }
 
 // ---------------------------------------------------------------------------
@@ -1044,7 +1120,34 @@ async fn decide_one(
     };
     let (state, resolved) = match described {
         Ok(info) => (Some(info.state), Some(info.key_id)),
-        Err(KeyError::NotFound { .. }) => return Ok(Verdict::AlreadyGone { state: None }),
+        Err(KeyError::NotFound { message, .. }) => {
+            // A local key custos destroyed reads as destroyed (its tombstone
+            // stays), never as missing. One this host bound to the tenant and
+            // never destroyed, that the provider does not find, is elsewhere
+            // (the configuration names another key directory) or was removed
+            // outside custos: "gone" would be a guess, and the certificate
+            // would call it destroyed while it may live on.
+            if key.kind() == ProviderKind::Local
+                && let Some(b) = ctx
+                    .state
+                    .key_registry()?
+                    .bindings_of(key, None)
+                    .find(|b| &b.tenant == tenant && b.destroyed_at.is_none())
+            {
+                return Err(Error::Key(KeyError::NotFound {
+                    key: key.to_string(),
+                    message: format!(
+                        "{message}; yet the key registry of this host bound it to tenant {tenant} ({}, {}) and \
+                         custos never destroyed it (a destroyed local key leaves its tombstone): check that \
+                         [local_keys] dir is the directory the key was made in. Refusing to record it as gone: \
+                         the certificate would say it was destroyed",
+                        b.why,
+                        b.bound_at.format("%Y-%m-%d %H:%M:%S UTC")
+                    ),
+                }));
+            }
+            return Ok(Verdict::AlreadyGone { state: None });
+        }
         Err(e) if e.is_transient() => return Err(e.into()),
         // State unknown (not configured, access denied): proof decides.
         Err(_) => (None, resolve(ctx, key).await.ok().flatten()),

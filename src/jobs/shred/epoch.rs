@@ -102,7 +102,7 @@ pub(super) async fn run(
             if target.is_some() {
                 // The keys a re-wrap ends are decided before anything starts,
                 // so a refusal leaves the tenant as it was.
-                let keys = super::tenant_keys(repo.descriptor());
+                let keys = super::all_tenant_keys(repo).await?;
                 ownership::decide_destroy(
                     repo.context(),
                     repo.store(),
@@ -164,6 +164,25 @@ async fn already_shredded(repo: &Repo, epoch: u32) -> Result<ShredReport> {
                 "the epoch is shredded but its certificate is not in the store",
             )
         })?;
+    // As for a tenant: reported only if it is this epoch's certificate and
+    // what it states still holds (its keys destroyed, the envelope gone).
+    let path = super::certificate_path(tenant, id).to_string();
+    let doc =
+        certificate::parse_unverified(&bytes).map_err(|e| Error::corrupt(&path, e.to_string()))?;
+    super::check_identity(&doc.certificate, tenant, id, Some(epoch))
+        .map_err(|why| Error::corrupt(&path, why))?;
+    let c = &doc.certificate;
+    let problems = super::what_holds_now(repo, c, c.rewrap.is_some(), false, None).await?;
+    if !problems.is_empty() {
+        return Err(Error::ShredVerification {
+            tenant: tenant.to_string(),
+            message: format!(
+                "its descriptor says epoch {epoch} is shredded (certificate {id}), but {}: it is not shredded \
+                 as that certificate states (the descriptor is not authenticated)",
+                problems.join("; ")
+            ),
+        });
+    }
     ShredReport::new(tenant, id, bytes, true, None)
 }
 
@@ -411,7 +430,8 @@ async fn scope(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
         .iter()
         .map(|l| ScopeObject::from_listed(&tenant, l))
         .collect();
-    let own: Vec<KeyRef> = super::tenant_keys(repo.descriptor())
+    let own: Vec<KeyRef> = super::all_tenant_keys(repo)
+        .await?
         .into_iter()
         .map(|(k, _)| k)
         .collect();
@@ -654,7 +674,8 @@ async fn keys(repo: &mut Repo, journal: &Journal, to: &KeyRef) -> Result<()> {
         }
     }
     let from = SLOT.progress(&d)?.rewrap.as_ref().map(|r| r.from.clone());
-    let keys: Vec<(KeyRef, KeyRole)> = super::tenant_keys(&d)
+    let keys: Vec<(KeyRef, KeyRole)> = super::all_tenant_keys(repo)
+        .await?
         .into_iter()
         .filter(|(k, _)| k != to)
         .map(|(k, _)| {
@@ -785,6 +806,8 @@ async fn certify(
     let tenant = repo.tenant().clone();
     let id = journal.certificate_id.clone();
     let body = body(repo, epoch)?;
+    let to = body.rewrap.as_ref().map(|r| r.to.clone());
+    super::confirm_before_signing(repo, &body, to.is_some(), to.as_ref()).await?;
     let bytes = issue_certificate(&ctx, &tenant, journal, body).await?;
     let finished = id.clone();
     repo.update_descriptor(|d| {

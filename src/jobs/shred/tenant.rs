@@ -9,7 +9,7 @@ use super::scope::{self, ScopeObject};
 use super::{
     Journal, ShredReport, ShredRequest, Slot, delete_in_scope, destroy_keys_step,
     issue_certificate, key_state_checks, new_certificate_id, pending_note, sample_pack_present,
-    save, store_info, tenant_keys, unwrap_checks,
+    save, store_info, unwrap_checks,
 };
 use crate::error::{Error, Result};
 use crate::format::descriptor::{EpochState, Lifecycle, ShredState};
@@ -57,7 +57,7 @@ pub(super) async fn run(
             // Which keys may be destroyed is decided before the fence, so a
             // refusal (a key not proven the tenant's, or in use by another
             // tenant) leaves the tenant as it was. The keys step decides again.
-            let keys = tenant_keys(repo.descriptor());
+            let keys = super::all_tenant_keys(repo).await?;
             ownership::decide_destroy(
                 repo.context(),
                 repo.store(),
@@ -126,6 +126,29 @@ async fn already_shredded(repo: &Repo) -> Result<ShredReport> {
                 "the tenant is shredded but its certificate is not in the store",
             )
         })?;
+    // The descriptor (store-writable) says "shredded" and names the
+    // certificate: it is reported as this tenant's only if it is this
+    // tenant's, and what it states still holds (its keys are destroyed, no
+    // key the tenant is known to own is missing from it, the prefix is empty
+    // but for retained ciphertext). Else a store writer could pass off
+    // another tenant's (or an earlier lineage's) certificate as proof that
+    // a live tenant was shredded.
+    let path = super::certificate_path(tenant, &id).to_string();
+    let doc =
+        certificate::parse_unverified(&bytes).map_err(|e| Error::corrupt(&path, e.to_string()))?;
+    super::check_identity(&doc.certificate, tenant, &id, None)
+        .map_err(|why| Error::corrupt(&path, why))?;
+    let problems = super::what_holds_now(repo, &doc.certificate, true, true, None).await?;
+    if !problems.is_empty() {
+        return Err(Error::ShredVerification {
+            tenant: tenant.to_string(),
+            message: format!(
+                "its descriptor says it is shredded (certificate {id}), but {}: it is not shredded as that \
+                 certificate states (the descriptor is not authenticated)",
+                problems.join("; ")
+            ),
+        });
+    }
     ShredReport::new(tenant, &id, bytes, true, None)
 }
 
@@ -186,7 +209,8 @@ async fn scope(repo: &mut Repo, journal: &Journal) -> Result<()> {
         .iter()
         .map(|l| ScopeObject::from_listed(&tenant, l))
         .collect();
-    let own_keys: Vec<_> = tenant_keys(repo.descriptor())
+    let own_keys: Vec<_> = super::all_tenant_keys(repo)
+        .await?
         .into_iter()
         .map(|(k, _)| k)
         .collect();
@@ -258,7 +282,7 @@ async fn scope(repo: &mut Repo, journal: &Journal) -> Result<()> {
 
 /// Step 3: destroy every key of the tenant.
 async fn keys(repo: &mut Repo, journal: &Journal) -> Result<()> {
-    let keys = tenant_keys(repo.descriptor());
+    let keys = super::all_tenant_keys(repo).await?;
     let destroyed = destroy_keys_step(repo, journal, SLOT, &keys).await?;
     let now = Utc::now();
     repo.update_descriptor(|d| {
@@ -413,6 +437,7 @@ async fn certify(
     let tenant = repo.tenant().clone();
     let id = journal.certificate_id.clone();
     let body = body(repo)?;
+    super::confirm_before_signing(repo, &body, true, None).await?;
     let bytes = issue_certificate(&ctx, &tenant, journal, body).await?;
     let now = Utc::now();
     repo.update_descriptor(|d| {
