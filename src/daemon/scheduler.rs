@@ -1,6 +1,7 @@
 //! The scheduler loop: plans every job of every tenant, starts each when its
-//! slot (plus jitter) comes, at most one per tenant and `max_concurrent_jobs`
-//! in all, and reacts to job completions and signals.
+//! slot (plus jitter) comes, at most one writer per tenant (readers, check
+//! and drill, run beside it) and `max_concurrent_jobs` in all, and reacts to
+//! job completions and signals.
 //!
 //! One task owns all scheduling state, so there are no locks: jobs run in
 //! their own tasks (a [`JoinSet`]) and come back to the loop when they end.
@@ -131,6 +132,9 @@ struct Ready {
 
 struct Running {
     job: ScheduledJob,
+    /// The ready time it started for: jobs of one tenant due together run
+    /// one after the other, in priority order.
+    at: DateTime<Utc>,
     slot: DateTime<Utc>,
     generation: u64,
     since: Instant,
@@ -154,9 +158,9 @@ pub struct Scheduler {
     entries: HashMap<Key, Entry>,
     timers: BinaryHeap<Reverse<Timer>>,
     ready: BTreeSet<Ready>,
-    running: HashMap<TenantId, Running>,
-    /// Tenants whose lease was busy: none of their jobs starts before this
-    /// time (they would find the same lease busy).
+    running: HashMap<Key, Running>,
+    /// Tenants whose lease was busy: none of their writers starts before
+    /// this time (they would find the same lease busy).
     backoff: HashMap<TenantId, DateTime<Utc>>,
     tasks: JoinSet<TaskOutput>,
     task_keys: HashMap<tokio::task::Id, (Key, DateTime<Utc>)>,
@@ -397,7 +401,8 @@ impl Scheduler {
         None
     }
 
-    /// Starts ready jobs while there is room: one per tenant, `max_concurrent_jobs` in all.
+    /// Starts ready jobs while there is room: one writer per tenant (readers
+    /// beside it), `max_concurrent_jobs` in all.
     fn dispatch(&mut self) {
         // A job decided without running (an unsupported kind) frees its
         // tenant at once: go round again while that happens.
@@ -405,7 +410,7 @@ impl Scheduler {
         self.metrics.set_running(self.running.len());
     }
 
-    /// One pass over the ready set; true if a tenant was freed within it.
+    /// One pass over the ready set; true if a started job ended within it.
     fn dispatch_pass(&mut self) -> bool {
         let max = self.config.daemon.max_concurrent_jobs.max(1);
         if self.running.len() >= max || self.ready.is_empty() {
@@ -414,7 +419,21 @@ impl Scheduler {
         let now = Self::now();
         self.backoff.retain(|_, until| *until > now);
         let mut chosen = Vec::new();
-        let mut tenants = HashSet::new();
+        // Tenants with a writer running or chosen: writers exclude writers.
+        let mut writing: HashSet<TenantId> = self
+            .running
+            .iter()
+            .filter(|(_, r)| !r.job.is_reader())
+            .map(|((t, _), _)| t.clone())
+            .collect();
+        // (tenant, ready time) of jobs chosen in this pass or running: the
+        // next job of that tenant due at the same time waits for it (a first
+        // start backs up before it checks).
+        let mut together: HashSet<(TenantId, DateTime<Utc>)> = self
+            .running
+            .iter()
+            .map(|((t, _), r)| (t.clone(), r.at))
+            .collect();
         let mut stale = Vec::new();
         for r in &self.ready {
             if self.running.len() + chosen.len() >= max {
@@ -425,12 +444,20 @@ impl Scheduler {
                 stale.push(r.clone());
                 continue;
             }
-            if self.running.contains_key(&r.tenant)
-                || self.backoff.contains_key(&r.tenant)
-                || !tenants.insert(r.tenant.clone())
+            if self.running.contains_key(&key) || together.contains(&(r.tenant.clone(), r.at)) {
+                continue;
+            }
+            // A writer blocked by another writer (here or, by its busy lease,
+            // elsewhere) does not hold up the readers due with it.
+            if !r.job.is_reader()
+                && (writing.contains(&r.tenant) || self.backoff.contains_key(&r.tenant))
             {
                 continue;
             }
+            if !r.job.is_reader() {
+                writing.insert(r.tenant.clone());
+            }
+            together.insert((r.tenant.clone(), r.at));
             chosen.push(r.clone());
         }
         for r in stale {
@@ -439,14 +466,14 @@ impl Scheduler {
         let mut freed = false;
         for r in chosen {
             self.ready.remove(&r);
-            let tenant = r.tenant.clone();
-            self.start((r.tenant, r.job));
-            freed |= !self.running.contains_key(&tenant);
+            let key = (r.tenant, r.job);
+            self.start(key.clone(), r.at);
+            freed |= !self.running.contains_key(&key);
         }
         freed
     }
 
-    fn start(&mut self, key: Key) {
+    fn start(&mut self, key: Key, at: DateTime<Utc>) {
         let now = Self::now();
         let Some(entry) = self.entries.get_mut(&key) else {
             return;
@@ -484,9 +511,10 @@ impl Scheduler {
         self.task_keys.insert(abort.id(), (key.clone(), slot));
         self.metrics.set_next(&key.0, key.1, None);
         self.running.insert(
-            key.0,
+            key.clone(),
             Running {
                 job: key.1,
+                at,
                 slot,
                 generation,
                 since: Instant::now(),
@@ -557,7 +585,7 @@ impl Scheduler {
         match res {
             Ok((id, (tenant, job, slot, generation, launched))) => {
                 self.task_keys.remove(&id);
-                self.running.remove(&tenant);
+                self.running.remove(&(tenant.clone(), job));
                 self.finish((tenant, job), slot, generation, launched);
             }
             Err(e) => {
@@ -566,7 +594,7 @@ impl Scheduler {
                 };
                 let generation = self
                     .running
-                    .remove(&tenant)
+                    .remove(&(tenant.clone(), job))
                     .map(|r| r.generation)
                     .unwrap_or(0);
                 if e.is_cancelled() {
@@ -836,7 +864,7 @@ impl Scheduler {
         let mut running: Vec<String> = self
             .running
             .iter()
-            .map(|(t, r)| format!("{t}/{} ({}s)", r.job, r.since.elapsed().as_secs()))
+            .map(|((t, _), r)| format!("{t}/{} ({}s)", r.job, r.since.elapsed().as_secs()))
             .collect();
         running.sort();
         let shown = running.len().min(5);
@@ -999,7 +1027,8 @@ impl Scheduler {
             }
         }
         let lease_ttl = self.config.daemon.lease_ttl.as_secs();
-        let abandoned: Vec<(TenantId, Running)> = self.running.drain().collect();
+        let abandoned: Vec<(TenantId, Running)> =
+            self.running.drain().map(|((t, _), r)| (t, r)).collect();
         for (tenant, r) in &abandoned {
             tracing::warn!(
                 event = "job.abandoned",
