@@ -132,9 +132,6 @@ struct Ready {
 
 struct Running {
     job: ScheduledJob,
-    /// The ready time it started for: jobs of one tenant due together run
-    /// one after the other, in priority order.
-    at: DateTime<Utc>,
     slot: DateTime<Utc>,
     generation: u64,
     since: Instant,
@@ -426,14 +423,8 @@ impl Scheduler {
             .filter(|(_, r)| !r.job.is_reader())
             .map(|((t, _), _)| t.clone())
             .collect();
-        // (tenant, ready time) of jobs chosen in this pass or running: the
-        // next job of that tenant due at the same time waits for it (a first
-        // start backs up before it checks).
-        let mut together: HashSet<(TenantId, DateTime<Utc>)> = self
-            .running
-            .iter()
-            .map(|((t, _), r)| (t.clone(), r.at))
-            .collect();
+        // Tenants with a writer running, or ready ahead of the job looked at.
+        let mut writer_ahead = writing.clone();
         let mut stale = Vec::new();
         for r in &self.ready {
             if self.running.len() + chosen.len() >= max {
@@ -444,20 +435,25 @@ impl Scheduler {
                 stale.push(r.clone());
                 continue;
             }
-            if self.running.contains_key(&key) || together.contains(&(r.tenant.clone(), r.at)) {
+            if self.running.contains_key(&key) {
                 continue;
             }
-            // A writer blocked by another writer (here or, by its busy lease,
-            // elsewhere) does not hold up the readers due with it.
-            if !r.job.is_reader()
-                && (writing.contains(&r.tenant) || self.backoff.contains_key(&r.tenant))
-            {
-                continue;
-            }
-            if !r.job.is_reader() {
+            if r.job.is_reader() {
+                // A tenant never backed up (as far as this daemon knows)
+                // backs up before it is checked or drilled: a first start
+                // would otherwise check a tenant that does not exist yet.
+                if writer_ahead.contains(&r.tenant) && !self.backed_up(&r.tenant) {
+                    continue;
+                }
+            } else {
+                writer_ahead.insert(r.tenant.clone());
+                // A writer waits for the tenant's other writer (here, or
+                // elsewhere: a busy lease); readers never hold it up.
+                if writing.contains(&r.tenant) || self.backoff.contains_key(&r.tenant) {
+                    continue;
+                }
                 writing.insert(r.tenant.clone());
             }
-            together.insert((r.tenant.clone(), r.at));
             chosen.push(r.clone());
         }
         for r in stale {
@@ -467,13 +463,20 @@ impl Scheduler {
         for r in chosen {
             self.ready.remove(&r);
             let key = (r.tenant, r.job);
-            self.start(key.clone(), r.at);
+            self.start(key.clone());
             freed |= !self.running.contains_key(&key);
         }
         freed
     }
 
-    fn start(&mut self, key: Key, at: DateTime<Utc>) {
+    /// Whether a backup of `tenant` has succeeded (by this daemon's state).
+    fn backed_up(&self, tenant: &TenantId) -> bool {
+        self.state
+            .job(tenant, ScheduledJob::Backup)
+            .is_some_and(|r| r.last_success.is_some())
+    }
+
+    fn start(&mut self, key: Key) {
         let now = Self::now();
         let Some(entry) = self.entries.get_mut(&key) else {
             return;
@@ -514,7 +517,6 @@ impl Scheduler {
             key.clone(),
             Running {
                 job: key.1,
-                at,
                 slot,
                 generation,
                 since: Instant::now(),

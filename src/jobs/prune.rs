@@ -94,7 +94,7 @@ pub async fn run(
     let staging_files_removed = if dry_run {
         0
     } else {
-        sweep_local_staging(repo)?
+        sweep_local_staging(repo).await?
     };
     let (index, index_faults) = repo.load_index().await?;
     finish_index_removal(repo, &index)?;
@@ -320,12 +320,20 @@ async fn drop_index_plans(repo: &Repo) -> Result<()> {
 /// On the local store, a run killed mid-upload leaves its object's staging
 /// file (`<name>#<n>`), which listings do not show; prune holds the tenant
 /// lease, so no other writer of this tenant's data can be mid-upload.
-fn sweep_local_staging(repo: &Repo) -> Result<usize> {
+/// The sweep waits for the store's lock: on a blocking thread, so that the
+/// tasks of this process that hold it (a reader renewing its record beside
+/// this prune) keep running meanwhile.
+async fn sweep_local_staging(repo: &Repo) -> Result<usize> {
     let Some(root) = repo.context().store_url.strip_prefix("file://") else {
         return Ok(0);
     };
-    let root = std::path::Path::new(root);
-    crate::store::local::sweep_staging(root, repo.tenant()).map_err(|e| Error::io(root, e))
+    let root = std::path::PathBuf::from(root);
+    let tenant = repo.tenant().clone();
+    tokio::task::spawn_blocking(move || {
+        crate::store::local::sweep_staging(&root, &tenant).map_err(|e| Error::io(&root, e))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("staging sweep: {e}")))?
 }
 
 /// Index files an interrupted prune was removing and that are all gone now

@@ -128,7 +128,8 @@ where
 {
     crate::store::probe::require_conditional_writes(ctx).await?;
     let mut repo = Repo::open_for(ctx, tenant, policy_key, PolicyUse::ReadsOnly).await?;
-    let reader = ReaderGuard::register(repo.store(), &ctx.holder, what, ctx.lease_ttl).await?;
+    let ttl = crate::store::readers::ttl(ctx.lease_ttl);
+    let reader = ReaderGuard::register(repo.store(), &ctx.holder, what, ttl).await?;
     let prepared = async {
         repo.reload().await?;
         repo.hide_pending_deletions().await
@@ -255,8 +256,13 @@ async fn acquire(ctx: &Context, spec: &JobSpec<'_>, repo: &mut Repo) -> Result<L
             LeaseGuard::acquire(repo.store(), &ctx.holder, spec.job.as_str(), ctx.lease_ttl).await?
         }
         JobAccess::Reader => LeaseGuard::shared(
-            ReaderGuard::register(repo.store(), &ctx.holder, spec.job.as_str(), ctx.lease_ttl)
-                .await?,
+            ReaderGuard::register(
+                repo.store(),
+                &ctx.holder,
+                spec.job.as_str(),
+                crate::store::readers::ttl(ctx.lease_ttl),
+            )
+            .await?,
         ),
     };
     let prepared = async {

@@ -142,6 +142,15 @@ struct Inner {
 
 const ATTEMPTS: u32 = 4;
 
+/// The TTL of reader records: the lease TTL, but at least a minute. A reader
+/// whose renewal comes late must fail (`reader_lost`), so a short TTL on a
+/// loaded host would fail readers for nothing; a long one costs only a
+/// deleter's wait for a reader that died on another host (this host's dead
+/// readers are recognised at once), and that wait is bounded by `reader_wait`.
+pub fn ttl(lease_ttl: Duration) -> Duration {
+    lease_ttl.max(Duration::from_secs(60))
+}
+
 fn chrono_ttl(ttl: Duration) -> chrono::Duration {
     chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
 }
