@@ -182,7 +182,9 @@ fn reader_loop(
         match run(&["restore", "acme", "latest", "--target", t]) {
             (Some(0), _, _) => stats.restores += 1,
             (_, Some(k), _) if k == "reader_lost" => stats.lost += 1,
-            (code, _, doc) => panic!("{context}: a restore beside the job failed ({code:?}): {doc}"),
+            (code, _, doc) => {
+                panic!("{context}: a restore beside the job failed ({code:?}): {doc}")
+            }
         }
         let _ = fs::remove_dir_all(&target);
         match run(&["check", "acme", "--read-data"]) {
@@ -194,10 +196,18 @@ fn reader_loop(
         }
         if let Some(gone) = shredding {
             let target = scratch.join(format!("reader-{i}-{gone}"));
-            match run(&["restore", gone, "latest", "--target", target.to_str().unwrap()]) {
+            match run(&[
+                "restore",
+                gone,
+                "latest",
+                "--target",
+                target.to_str().unwrap(),
+            ]) {
                 (Some(0), _, _) => stats.restores += 1,
                 (Some(1), Some(k), _)
-                    if k == "tenant_unavailable" || k == "key_unavailable" || k == "reader_lost" =>
+                    if k == "tenant_unavailable"
+                        || k == "key_unavailable"
+                        || k == "reader_lost" =>
                 {
                     stats.cut_off += 1
                 }
@@ -337,7 +347,14 @@ impl Campaign {
         let stop = AtomicBool::new(false);
         let (killed, stats) = std::thread::scope(|scope| {
             let reader = scope.spawn(|| {
-                reader_loop(&config, &envs, &scratch, shredding.as_deref(), &stop, &context)
+                reader_loop(
+                    &config,
+                    &envs,
+                    &scratch,
+                    shredding.as_deref(),
+                    &stop,
+                    &context,
+                )
             });
             let killed = self.kill_after(args, delay);
             stop.store(true, Ordering::SeqCst);

@@ -685,7 +685,11 @@ fn two_daemons_share_a_store(store: &str, label: &str) {
         // `finished_at` after it is released, so a lease handed straight
         // from one daemon to the other shows as a few milliseconds of
         // overlap; two holders at once would overlap by a whole job.
-        let mut sorted: Vec<Value> = list.iter().filter(|r| r["job"] != "check").cloned().collect();
+        let mut sorted: Vec<Value> = list
+            .iter()
+            .filter(|r| r["job"] != "check")
+            .cloned()
+            .collect();
         sorted.sort_by_key(|r| time(&r["started_at"]));
         for pair in sorted.windows(2) {
             let (a, b) = (&pair[0], &pair[1]);
@@ -955,7 +959,12 @@ fn a_scheduled_drill_runs_while_the_tenants_long_backup_runs() {
     let s = site(root, "d", "store", &keys, &policies, "");
     // A first backup by the daemon (`--once`), so the tenant has a snapshot
     // to drill and the daemon's state knows it was backed up.
-    policy(&policies, "long", &src, "[backup]\nschedule = \"0 2 * * *\"\n");
+    policy(
+        &policies,
+        "long",
+        &src,
+        "[backup]\nschedule = \"0 2 * * *\"\n",
+    );
     let out = Command::new(BIN)
         .arg("--config")
         .arg(&s.config)

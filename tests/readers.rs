@@ -261,8 +261,15 @@ fn readers_beside_writers(site: &Site) {
     assert_eq!(drill["outcome"], "passed", "{drill}");
     let check = site.json(&["check", "alpha", "--read-data"]);
     assert_eq!(check["faults"], serde_json::json!([]), "{check}");
-    assert!(check["packs_read"].as_u64().unwrap() > before as u64, "{check}");
-    assert_eq!(snapshot_ids(site), first, "the running backup committed nothing yet");
+    assert!(
+        check["packs_read"].as_u64().unwrap() > before as u64,
+        "{check}"
+    );
+    assert_eq!(
+        snapshot_ids(site),
+        first,
+        "the running backup committed nothing yet"
+    );
     assert!(
         backup.try_wait().unwrap().is_none(),
         "the backup is still running when the readers are done"
@@ -280,7 +287,14 @@ fn readers_beside_writers(site: &Site) {
     // it reads until it is done).
     let t2 = root.join("restore-during-prune");
     let restore = site.spawn(
-        &["restore", "alpha", &s1, "--target", t2.to_str().unwrap(), "--json"],
+        &[
+            "restore",
+            "alpha",
+            &s1,
+            "--target",
+            t2.to_str().unwrap(),
+            "--json",
+        ],
         &[("CUSTOS_FAULTS", SLOW_PACK_READS)],
     );
     let mut restore = restore;
@@ -292,7 +306,8 @@ fn readers_beside_writers(site: &Site) {
     let prune = &pruned["prune"];
     assert!(prune["deferred"].is_null(), "{pruned}");
     assert!(
-        prune["packs_deleted"].as_u64().unwrap() + prune["packs_unreferenced_deleted"].as_u64().unwrap()
+        prune["packs_deleted"].as_u64().unwrap()
+            + prune["packs_unreferenced_deleted"].as_u64().unwrap()
             >= 6,
         "snapshot 1's packs are gone: {pruned}"
     );
@@ -302,7 +317,13 @@ fn readers_beside_writers(site: &Site) {
     assert_eq!(check["unreferenced_packs"], 0, "{check}");
     assert_eq!(readers(site), 0);
     assert_eq!(snapshot_ids(site).len(), 1);
-    let err = site.run(&["restore", "alpha", &s1, "--target", root.join("gone").to_str().unwrap()]);
+    let err = site.run(&[
+        "restore",
+        "alpha",
+        &s1,
+        "--target",
+        root.join("gone").to_str().unwrap(),
+    ]);
     assert_eq!(err.code, 1, "snapshot 1 is forgotten");
 }
 
@@ -352,7 +373,10 @@ fn readers_beside_a_long_backup_and_a_prune_beside_a_restore_s3_and_kms() {
     let site = Site {
         cli,
         key: key.to_string(),
-        envs: vec![("AWS_ACCESS_KEY_ID".into(), "test".into()), ("AWS_SECRET_ACCESS_KEY".into(), "test".into())],
+        envs: vec![
+            ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+        ],
     };
     readers_beside_writers(&site);
 }
@@ -408,7 +432,12 @@ fn plant_lease(site: &Site, holder: &str, process: Option<Value>, expires_in: ch
     fs::write(lease_file(site), serde_json::to_vec(&lease).unwrap()).unwrap();
 }
 
-fn plant_reader(site: &Site, holder: &str, process: Option<Value>, expires_in: chrono::Duration) -> PathBuf {
+fn plant_reader(
+    site: &Site,
+    holder: &str,
+    process: Option<Value>,
+    expires_in: chrono::Duration,
+) -> PathBuf {
     let now = chrono::Utc::now();
     let mut rec = serde_json::json!({
         "holder": holder,
@@ -470,7 +499,13 @@ fn nothing_waits_for_a_killed_backup() {
         fs::read(lease_file(&site))
             .ok()
             .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .is_some_and(|l| l["released"].is_null() && l["holder"].as_str().unwrap_or("").contains(&format!(":{pid}:")))
+            .is_some_and(|l| {
+                l["released"].is_null()
+                    && l["holder"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains(&format!(":{pid}:"))
+            })
     });
     backup.kill().unwrap(); // SIGKILL
     backup.wait().unwrap();
@@ -479,9 +514,18 @@ fn nothing_waits_for_a_killed_backup() {
     let check = site.json(&["check", "alpha", "--read-data"]);
     assert_eq!(check["faults"], serde_json::json!([]), "{check}");
     let target = root.join("restored");
-    site.ok(&["restore", "alpha", "latest", "--target", target.to_str().unwrap()]);
+    site.ok(&[
+        "restore",
+        "alpha",
+        "latest",
+        "--target",
+        target.to_str().unwrap(),
+    ]);
     common::assert_same(&data, &target.join("data"));
-    let r = site.run_with(&["backup", "alpha"], &[("CUSTOS_LOG", "warn"), ("CUSTOS_LOG_FORMAT", "json")]);
+    let r = site.run_with(
+        &["backup", "alpha"],
+        &[("CUSTOS_LOG", "warn"), ("CUSTOS_LOG_FORMAT", "json")],
+    );
     assert_eq!(r.code, 0, "a new backup at once:\n{}", r.stderr);
     let takeover = r
         .stderr
@@ -494,8 +538,20 @@ fn nothing_waits_for_a_killed_backup() {
     let audited = audit_events(&site, "lease.takeover");
     assert_eq!(audited.len(), 1, "{audited:?}");
     let details = &audited[0]["details"];
-    assert!(details["previous_holder"].as_str().unwrap().contains(&format!(":{pid}:")), "{details}");
-    assert!(details["reason"].as_str().unwrap().contains("no longer exists"), "{details}");
+    assert!(
+        details["previous_holder"]
+            .as_str()
+            .unwrap()
+            .contains(&format!(":{pid}:")),
+        "{details}"
+    );
+    assert!(
+        details["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no longer exists"),
+        "{details}"
+    );
 }
 
 /// A lease whose pid now belongs to another process (same pid, another start
@@ -513,22 +569,41 @@ fn a_reused_pid_is_not_mistaken_for_the_holder_and_a_live_holder_keeps_its_lease
     let pid = sleeper.id();
 
     // The live holder keeps its lease: writers wait, readers do not.
-    plant_lease(&site, &format!("host:{pid}:live"), Some(identity(pid, start)), chrono::Duration::hours(1));
+    plant_lease(
+        &site,
+        &format!("host:{pid}:live"),
+        Some(identity(pid, start)),
+        chrono::Duration::hours(1),
+    );
     let r = site.run(&["backup", "alpha", "--json"]);
     assert_eq!(r.code, 1);
     assert_eq!(r.json()["error"]["kind"], "lease_contended", "{}", r.stdout);
     let check = site.json(&["check", "alpha"]);
     assert_eq!(check["faults"], serde_json::json!([]));
     let target = root.join("r1");
-    site.ok(&["restore", "alpha", "latest", "--target", target.to_str().unwrap()]);
+    site.ok(&[
+        "restore",
+        "alpha",
+        "latest",
+        "--target",
+        target.to_str().unwrap(),
+    ]);
     common::assert_same(&data, &target.join("data"));
 
     // The same pid with another start time: the holder is gone, its pid reused.
-    plant_lease(&site, &format!("host:{pid}:old"), Some(identity(pid, start + 1)), chrono::Duration::hours(1));
+    plant_lease(
+        &site,
+        &format!("host:{pid}:old"),
+        Some(identity(pid, start + 1)),
+        chrono::Duration::hours(1),
+    );
     site.ok(&["backup", "alpha"]);
     let audited = audit_events(&site, "lease.takeover");
     assert!(
-        audited.iter().any(|a| a["details"]["reason"].as_str().unwrap_or("").contains("now belongs to another process")),
+        audited.iter().any(|a| a["details"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("now belongs to another process")),
         "{audited:?}"
     );
     sleeper.kill().unwrap();
@@ -556,16 +631,35 @@ fn unlock_removes_stale_and_dead_records_and_with_force_live_ones() {
 
     // A dead holder's lease, an expired reader, an unreadable reader, a
     // dead reader, and a live reader (this host) are planted.
-    plant_lease(&site, "host:1:dead", Some(identity(dead_pid(), 1)), chrono::Duration::hours(1));
+    plant_lease(
+        &site,
+        "host:1:dead",
+        Some(identity(dead_pid(), 1)),
+        chrono::Duration::hours(1),
+    );
     let expired = plant_reader(&site, "elsewhere:7:aa", None, chrono::Duration::seconds(-5));
-    let dead = plant_reader(&site, "host:2:bb", Some(identity(dead_pid(), 1)), chrono::Duration::hours(1));
-    let live = plant_reader(&site, &format!("host:{live_pid}:cc"), Some(identity(live_pid, start)), chrono::Duration::hours(1));
+    let dead = plant_reader(
+        &site,
+        "host:2:bb",
+        Some(identity(dead_pid(), 1)),
+        chrono::Duration::hours(1),
+    );
+    let live = plant_reader(
+        &site,
+        &format!("host:{live_pid}:cc"),
+        Some(identity(live_pid, start)),
+        chrono::Duration::hours(1),
+    );
     let dir = site.cli.store().join("tenants/alpha/locks/readers");
     let garbage = dir.join(hex::encode(custos::util::random_bytes::<16>()));
     fs::write(&garbage, b"not a record").unwrap();
 
     let r = site.ok(&["unlock", "alpha"]);
-    assert!(r.stdout.contains("--force"), "says how to remove the rest:\n{}", r.stdout);
+    assert!(
+        r.stdout.contains("--force"),
+        "says how to remove the rest:\n{}",
+        r.stdout
+    );
     let u = site.json(&["unlock", "alpha"]);
     // (The second run finds only what the first kept.)
     assert_eq!(u["locks"].as_array().unwrap().len(), 2, "{u}");
@@ -573,10 +667,16 @@ fn unlock_removes_stale_and_dead_records_and_with_force_live_ones() {
     assert!(live.exists(), "a live reader is kept");
     let lease: Value = serde_json::from_slice(&fs::read(lease_file(&site)).unwrap()).unwrap();
     assert_eq!(lease["released"], true, "{lease}");
-    assert_eq!(lease["holder"], "host:1:dead", "marked released, not deleted: {lease}");
+    assert_eq!(
+        lease["holder"], "host:1:dead",
+        "marked released, not deleted: {lease}"
+    );
     let removals = audit_events(&site, "unlock");
     assert_eq!(removals.len(), 4, "{removals:?}");
-    let states: Vec<&str> = removals.iter().map(|a| a["details"]["state"].as_str().unwrap()).collect();
+    let states: Vec<&str> = removals
+        .iter()
+        .map(|a| a["details"]["state"].as_str().unwrap())
+        .collect();
     for s in ["dead", "expired", "unreadable"] {
         assert!(states.contains(&s), "{states:?}");
     }
@@ -584,12 +684,20 @@ fn unlock_removes_stale_and_dead_records_and_with_force_live_ones() {
     // A live lease of another host is kept too, until --force.
     plant_lease(&site, "other-host:9:dd", None, chrono::Duration::hours(1));
     let u = site.json(&["unlock", "alpha"]);
-    let kept: Vec<&Value> = u["locks"].as_array().unwrap().iter().filter(|l| l["action"] == "kept").collect();
+    let kept: Vec<&Value> = u["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["action"] == "kept")
+        .collect();
     assert_eq!(kept.len(), 2, "{u}");
     let r = site.ok(&["unlock", "alpha", "--force"]);
     assert!(
-        r.stdout.contains("--force: removing the live lease of other-host:9:dd (backup)")
-            && r.stdout.contains(&format!("--force: removing the live reader of host:{live_pid}:cc (restore)")),
+        r.stdout
+            .contains("--force: removing the live lease of other-host:9:dd (backup)")
+            && r.stdout.contains(&format!(
+                "--force: removing the live reader of host:{live_pid}:cc (restore)"
+            )),
         "{}",
         r.stdout
     );
@@ -631,7 +739,13 @@ fn policy_drift_does_not_block_a_restore() {
     // The policy still names local:alpha.
     let target = root.join("restored");
     let r = site.run_with(
-        &["restore", "alpha", "latest", "--target", target.to_str().unwrap()],
+        &[
+            "restore",
+            "alpha",
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+        ],
         &[("CUSTOS_LOG", "warn")],
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -644,7 +758,10 @@ fn policy_drift_does_not_block_a_restore() {
     site.ok(&["drill", "alpha"]);
     site.ok(&["check", "alpha", "--read-data"]);
     site.ok(&["snapshots", "alpha"]);
-    for args in [&["backup", "alpha"][..], &["rotate", "alpha", "--new-epoch"][..]] {
+    for args in [
+        &["backup", "alpha"][..],
+        &["rotate", "alpha", "--new-epoch"][..],
+    ] {
         let mut a = args.to_vec();
         a.push("--json");
         let r = site.run(&a);
@@ -684,7 +801,14 @@ fn a_tenant_shred_cuts_a_restore_off_cleanly() {
     site.ok(&["backup", "alpha"]);
     let target = root.join("restored");
     let mut restore = site.spawn(
-        &["restore", "alpha", "latest", "--target", target.to_str().unwrap(), "--json"],
+        &[
+            "restore",
+            "alpha",
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+            "--json",
+        ],
         &[("CUSTOS_FAULTS", SLOW_PACK_READS)],
     );
     wait_until("the restore registers", &mut restore, || readers(&site) > 0);
@@ -703,7 +827,9 @@ fn a_tenant_shred_cuts_a_restore_off_cleanly() {
         // No partial file in place: whatever the cut-off restore left is a
         // whole copy of a source file, under its own name.
         for f in files_under(&target) {
-            let rel = f.strip_prefix(target.join("data")).unwrap_or_else(|_| panic!("{}", f.display()));
+            let rel = f
+                .strip_prefix(target.join("data"))
+                .unwrap_or_else(|_| panic!("{}", f.display()));
             let src = data.join(rel);
             assert!(
                 src.is_file() && fs::read(&src).unwrap() == fs::read(&f).unwrap(),
@@ -712,6 +838,18 @@ fn a_tenant_shred_cuts_a_restore_off_cleanly() {
             );
         }
     }
-    let r = site.run(&["restore", "alpha", "latest", "--target", root.join("after").to_str().unwrap(), "--json"]);
-    assert_eq!(r.json()["error"]["kind"], "tenant_unavailable", "{}", r.stdout);
+    let r = site.run(&[
+        "restore",
+        "alpha",
+        "latest",
+        "--target",
+        root.join("after").to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(
+        r.json()["error"]["kind"],
+        "tenant_unavailable",
+        "{}",
+        r.stdout
+    );
 }

@@ -75,7 +75,7 @@ pub struct LeaseGuard {
 }
 
 enum Access {
-    Exclusive(Exclusive),
+    Exclusive(Box<Exclusive>),
     Shared(ReaderGuard),
 }
 
@@ -121,7 +121,7 @@ impl LeaseGuard {
         Exclusive::acquire(store, holder, holder::current().cloned(), job, ttl)
             .await
             .map(|e| LeaseGuard {
-                access: Access::Exclusive(e),
+                access: Access::Exclusive(Box::new(e)),
             })
     }
 
