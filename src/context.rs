@@ -17,6 +17,10 @@ pub struct Context {
     /// Lease holder name of this process.
     pub holder: String,
     pub lease_ttl: Duration,
+    /// How long a deleter (prune, forget, epoch shred) waits for readers that
+    /// started before its deletion plan; then it defers (prune, forget) or
+    /// fails retryably (epoch shred).
+    pub reader_wait: Duration,
     /// The tamper-evident audit log every job writes to.
     pub audit: Option<crate::audit::AuditLog>,
     /// Who acts, as recorded in the audit log (`cli:<user>@<host>`, `daemon:<host>`).
@@ -73,6 +77,7 @@ impl Context {
             state: StateDir::open(root.join("state"))?,
             holder: crate::store::lease::holder_id(),
             lease_ttl: Duration::from_secs(120),
+            reader_wait: Duration::from_secs(300),
             actor: default_actor("cli"),
             s3: Default::default(),
             policies_dir: None,
@@ -131,6 +136,7 @@ impl Context {
             state,
             holder: crate::store::lease::holder_id(),
             lease_ttl: cfg.daemon.lease_ttl,
+            reader_wait: cfg.daemon.reader_wait,
             actor: default_actor("cli"),
             s3: s3_options(cfg),
             policies_dir: Some(cfg.policies_dir.clone()),

@@ -89,6 +89,25 @@ pub enum Error {
         expires: String,
     },
 
+    /// A reader's record lapsed (expired without renewal, or removed): a
+    /// deleter may have removed what it read, so its result is not trusted.
+    /// Retryable.
+    #[error(
+        "tenant {tenant}: this reader's record lapsed ({reason}); a concurrent prune may have removed data it was reading, so its result is not used: run it again"
+    )]
+    ReaderLost { tenant: String, reason: String },
+
+    /// A deletion (an epoch shred) that must not run under live readers, and
+    /// they were still reading after the configured wait. Retryable.
+    #[error(
+        "tenant {tenant}: {readers} still reading after {waited}; nothing was deleted, run it again later (or `custos unlock {tenant}` if they are gone)"
+    )]
+    ReadersActive {
+        tenant: String,
+        readers: String,
+        waited: String,
+    },
+
     #[error("object store {url} does not honour conditional writes: {message}")]
     ConditionalWritesUnsupported { url: String, message: String },
 
@@ -184,6 +203,8 @@ impl Error {
             Error::TenantNotFound { .. } => "tenant_not_found",
             Error::NotFound { .. } => "not_found",
             Error::LeaseContended { .. } => "lease_contended",
+            Error::ReaderLost { .. } => "reader_lost",
+            Error::ReadersActive { .. } => "readers_active",
             Error::ConditionalWritesUnsupported { .. } => "conditional_writes_unsupported",
             Error::InsufficientSpace { .. } => "insufficient_space",
             Error::Cancelled { .. } => "cancelled",
@@ -239,6 +260,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Key(k) => k.is_transient(),
+            Error::ReaderLost { .. } | Error::ReadersActive { .. } => true,
             Error::Store { source, .. } => crate::store::tenant::is_transient(source),
             _ => false,
         }

@@ -8,7 +8,13 @@
 //! - the next run of the same job succeeds (once the killed run's lease
 //!   has run out: the test config sets `lease_ttl = "1s"`);
 //! - `prune` removes what the killed run left behind: no unreferenced pack,
-//!   and on the local store no half-written staging file.
+//!   and on the local store no half-written staging file;
+//! - a reader that restores `acme`'s latest snapshot and checks it
+//!   (`--read-data`) over and over *while* each killed job runs never fails
+//!   (readers run beside writers and deleters; `reader_lost`, the documented
+//!   retryable kind, is counted and allowed), and in shred rounds a restore of
+//!   the tenant being shredded either succeeds or fails with
+//!   `tenant_unavailable` / `key_unavailable`, nothing else.
 //!
 //! Seeded, so a failure reproduces: `CUSTOS_CRASH_SEED=<seed printed on
 //! failure>`. `CUSTOS_CRASH_LOOPS` sets the kills per job (default 10);
@@ -31,8 +37,9 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Cli, Run};
@@ -136,6 +143,99 @@ struct Campaign {
     named_point_kills: usize,
     /// Kills of `rotate --cmk` after which a temporary key file was found.
     kills_leaving_key_material: usize,
+    readers: ReaderStats,
+}
+
+/// What the reader beside the killed jobs did.
+#[derive(Debug, Default)]
+struct ReaderStats {
+    restores: usize,
+    checks: usize,
+    /// Restores of a tenant being shredded, cut off cleanly.
+    cut_off: usize,
+    /// `reader_lost` (retryable): allowed, counted.
+    lost: usize,
+}
+
+/// Restores and checks `acme` until `stop`, and restores `shredding` (a tenant
+/// being shredded) when given; panics on the first failure that is not
+/// allowed. Runs beside a job that is about to be killed.
+fn reader_loop(
+    config: &Path,
+    envs: &[(String, String)],
+    scratch: &Path,
+    shredding: Option<&str>,
+    stop: &AtomicBool,
+    context: &str,
+) -> ReaderStats {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_custos"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .arg("--json")
+            .env("CUSTOS_LOG", "error")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("run custos");
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{context}: reader custos {args:?} printed no JSON ({e}, exit {:?}):\n{}\n{}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        let kind = doc["error"]["kind"].as_str().map(str::to_owned);
+        (out.status.code(), kind, doc)
+    };
+    let mut stats = ReaderStats::default();
+    let mut i = 0;
+    while !stop.load(Ordering::SeqCst) {
+        i += 1;
+        let target = scratch.join(format!("reader-{i}"));
+        let t = target.to_str().unwrap();
+        match run(&["restore", "acme", "latest", "--target", t]) {
+            (Some(0), _, _) => stats.restores += 1,
+            (_, Some(k), _) if k == "reader_lost" => stats.lost += 1,
+            (code, _, doc) => {
+                panic!("{context}: a restore beside the job failed ({code:?}): {doc}")
+            }
+        }
+        let _ = fs::remove_dir_all(&target);
+        match run(&["check", "acme", "--read-data"]) {
+            (Some(0), _, doc) if doc["result"]["faults"] == serde_json::json!([]) => {
+                stats.checks += 1
+            }
+            (_, Some(k), _) if k == "reader_lost" => stats.lost += 1,
+            (code, _, doc) => panic!("{context}: a check beside the job failed ({code:?}): {doc}"),
+        }
+        if let Some(gone) = shredding {
+            let target = scratch.join(format!("reader-{i}-{gone}"));
+            match run(&[
+                "restore",
+                gone,
+                "latest",
+                "--target",
+                target.to_str().unwrap(),
+            ]) {
+                (Some(0), _, _) => stats.restores += 1,
+                (Some(1), Some(k), _)
+                    if k == "tenant_unavailable"
+                        || k == "key_unavailable"
+                        || k == "reader_lost" =>
+                {
+                    stats.cut_off += 1
+                }
+                (code, _, doc) => panic!(
+                    "{context}: a restore of {gone} beside its shred failed otherwise ({code:?}): {doc}"
+                ),
+            }
+            let _ = fs::remove_dir_all(&target);
+        }
+    }
+    stats
 }
 
 impl Campaign {
@@ -177,6 +277,7 @@ impl Campaign {
             rotate_shred_rounds: 0,
             named_point_kills: 0,
             kills_leaving_key_material: 0,
+            readers: ReaderStats::default(),
         };
         for _ in 0..3 {
             c.mutate();
@@ -253,9 +354,41 @@ impl Campaign {
         }
     }
 
-    /// Starts `args`, kills it with SIGKILL after `delay` if still running.
+    /// Starts `args`, kills it with SIGKILL after `delay` if still running,
+    /// with a reader restoring and checking beside it the whole time.
     /// Returns true if it was killed.
-    fn run_and_kill(&mut self, args: &[&str], delay: Duration) -> bool {
+    fn run_and_kill(&mut self, args: &[&str], delay: Duration, job: Job) -> bool {
+        let config: PathBuf = self.cli.path().join("custos.toml");
+        let scratch = self.cli.path().join("reader-scratch");
+        fs::create_dir_all(&scratch).unwrap();
+        let envs = self.envs.clone();
+        let shredding = (job == Job::Shred).then(|| self.shred_tenant.clone());
+        let context = self.context(&format!("{job:?} with a reader beside it"));
+        let stop = AtomicBool::new(false);
+        let (killed, stats) = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                reader_loop(
+                    &config,
+                    &envs,
+                    &scratch,
+                    shredding.as_deref(),
+                    &stop,
+                    &context,
+                )
+            });
+            let killed = self.kill_after(args, delay);
+            stop.store(true, Ordering::SeqCst);
+            (killed, reader.join())
+        });
+        let stats = stats.unwrap_or_else(|e| std::panic::resume_unwind(e));
+        self.readers.restores += stats.restores;
+        self.readers.checks += stats.checks;
+        self.readers.cut_off += stats.cut_off;
+        self.readers.lost += stats.lost;
+        killed
+    }
+
+    fn kill_after(&mut self, args: &[&str], delay: Duration) -> bool {
         let mut child = Command::new(env!("CARGO_BIN_EXE_custos"))
             .arg("--config")
             .arg(self.cli.path().join("custos.toml"))
@@ -557,7 +690,7 @@ impl Campaign {
             let delay = Duration::from_millis(self.rng.below(span));
             let args = self.job_args(job);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let killed = self.run_and_kill(&args, delay);
+            let killed = self.run_and_kill(&args, delay, job);
             let what = format!(
                 "{job:?} #{i} {} at {} ms",
                 if killed { "killed" } else { "finished" },
@@ -568,8 +701,10 @@ impl Campaign {
     }
 
     fn report(&self, store: &str) {
+        let r = &self.readers;
         eprintln!(
-            "crash loop on {store}: seed {}, {} kills ({} at named points), {} runs finished before their kill point, {} custos runs, {} tenants shredded, {} rotate --cmk rounds then shredded ({} kills left a temporary key file), faults found: 0",
+            "crash loop on {store}: seed {}, {} kills ({} at named points), {} runs finished before their kill point, {} custos runs, {} tenants shredded, {} rotate --cmk rounds then shredded ({} kills left a temporary key file); \
+             beside the killed jobs: {} restores, {} checks --read-data, {} restores cut off by a shred, {} reader_lost; faults found: 0",
             self.seed,
             self.kills,
             self.named_point_kills,
@@ -577,7 +712,11 @@ impl Campaign {
             self.jobs,
             self.shred_rounds,
             self.rotate_shred_rounds,
-            self.kills_leaving_key_material
+            self.kills_leaving_key_material,
+            r.restores,
+            r.checks,
+            r.cut_off,
+            r.lost
         );
     }
 }

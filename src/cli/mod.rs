@@ -18,6 +18,7 @@ mod shred;
 mod snapshots;
 mod store;
 mod tenant;
+mod unlock;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,6 +79,8 @@ pub enum Command {
     /// Deletion certificates: verify one (offline, or --online), or get a stored one.
     #[command(subcommand)]
     Certificate(certificate::CertificateCommand),
+    /// Remove a tenant's stale lease and reader records (dead or expired holders; --force: all).
+    Unlock(unlock::Args),
 }
 
 /// Entry point of the `custos` binary.
@@ -121,6 +124,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Daemon(args) => daemon::run(config, args).await,
         Command::Shred(args) => shred::run(config, args).await,
         Command::Certificate(cmd) => certificate::run(config, cmd).await,
+        Command::Unlock(args) => unlock::run(config, args).await,
     }
 }
 

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Args as ClapArgs;
+use futures::FutureExt;
 use serde::Serialize;
 
 use super::output::{finish, human_bytes};
@@ -58,10 +59,15 @@ async fn list(config: Option<&Path>, args: &Args) -> Result<Listing> {
     let s = setup(config).await?;
     let tenant = tenant_id(&args.tenant)?;
     let policy = policy(&s.config, &tenant)?;
-    let repo = Repo::open(&s.ctx, &tenant, policy.as_ref().map(|p| &p.key)).await?;
-    let (snapshots, faults) =
-        crate::jobs::runner::record_access(&s.ctx, &tenant, "snapshots", repo.list_snapshots())
-            .await?;
+    // A reader: registered before it lists, so no forget deletes under it.
+    let (snapshots, faults) = crate::jobs::runner::with_reader(
+        &s.ctx,
+        &tenant,
+        policy.as_ref().map(|p| &p.key),
+        "snapshots",
+        |repo: &Repo| repo.list_snapshots().boxed(),
+    )
+    .await?;
     Ok(Listing {
         tenant: tenant.to_string(),
         snapshots,

@@ -265,6 +265,10 @@ pub struct DaemonSettings {
     /// Lifetime of a tenant lease before it must be renewed (default 2m).
     #[serde(with = "serde_duration")]
     pub lease_ttl: Duration,
+    /// How long a deleter waits for readers that started before it (default
+    /// 5m); then prune and forget defer their deletions to their next run.
+    #[serde(with = "serde_duration")]
+    pub reader_wait: Duration,
     /// Address of the Prometheus endpoint; none when absent.
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -276,6 +280,7 @@ impl Default for DaemonSettings {
             jitter: Duration::from_secs(5 * 60),
             shutdown_timeout: Duration::from_secs(5 * 60),
             lease_ttl: Duration::from_secs(2 * 60),
+            reader_wait: Duration::from_secs(5 * 60),
             metrics_listen: None,
         }
     }
@@ -407,6 +412,7 @@ const DAEMON_KEYS: &[&str] = &[
     "jitter",
     "shutdown_timeout",
     "lease_ttl",
+    "reader_wait",
     "metrics_listen",
 ];
 
@@ -713,6 +719,7 @@ fn parse_daemon(d: &mut Diags<'_>, t: &Table<'_>) -> DaemonSettings {
         Duration::from_secs(3_600),
         &mut s.lease_ttl,
     );
+    bounded(d, "reader_wait", Duration::ZERO, DAY, &mut s.reader_wait);
     if let Some(item) = t.get("metrics_listen")
         && let Some(text) = d.str(&item)
     {

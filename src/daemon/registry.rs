@@ -2,10 +2,12 @@
 //! how each runs.
 //!
 //! Every scheduled run goes through [`Request::run`]: the job runner opens the
-//! tenant and takes its lease, the slot mark (see [`super::slots`]) decides
-//! under the lease whether this slot still needs to run, the job runs and
-//! reports like any other (`job.started` / `job.finished`, a JSON report), and
-//! the slot is recorded in the store before the lease goes.
+//! tenant and takes its lease (writers) or registers a reader record
+//! (readers), the slot mark (see [`super::slots`]) decides whether this slot
+//! still needs to run (under the lease, or by a reader's conditional claim),
+//! the job runs and reports like any other (`job.started` / `job.finished`,
+//! a JSON report), and the slot is recorded in the store before the lease
+//! or the reader record goes.
 //!
 //! Adding a job kind takes a few lines: a variant of [`ScheduledJob`] (its
 //! position is its priority when several jobs of a tenant are due together),
@@ -32,7 +34,7 @@ use crate::jobs::backup::{self, BackupOptions};
 use crate::jobs::check::{self, CheckReport};
 use crate::jobs::forget::{self, ForgetReport};
 use crate::jobs::prune::{self, PruneReport};
-use crate::jobs::runner::{Gate, Gated, JobSpec, run_job_gated};
+use crate::jobs::runner::{Gate, Gated, JobAccess, JobSpec, run_job_gated};
 use crate::pipeline::packer::PackerConfig;
 use crate::repo::Repo;
 use crate::report::{JobKind, JobMetrics, JobOutput, JobReport};
@@ -77,6 +79,12 @@ impl ScheduledJob {
 
     pub fn as_str(self) -> &'static str {
         self.kind().as_str()
+    }
+
+    /// Readers (check, drill) take no lease and run beside a writer of
+    /// their tenant; writers exclude each other.
+    pub fn is_reader(self) -> bool {
+        JobAccess::of(self.kind()) == JobAccess::Reader
     }
 
     /// When the policy wants this job, if at all. An offboarding tenant gets
@@ -252,6 +260,8 @@ impl Request {
         let kind = self.job.kind();
         let slot = self.slot;
         let holder = self.ctx.holder.clone();
+        // Readers hold no lease: they claim their slot with a conditional write.
+        let reader = JobAccess::of(kind) == JobAccess::Reader;
         let seen = Arc::new(Mutex::new(Seen::default()));
         let spec = JobSpec {
             tenant: &self.policy.tenant,
@@ -260,6 +270,7 @@ impl Request {
             init_with: init.then_some(&self.policy.key),
         };
         let seen_gate = seen.clone();
+        let claim_holder = holder.clone();
         let gated = run_job_gated(
             &self.ctx,
             spec,
@@ -267,7 +278,7 @@ impl Request {
                 async move {
                     seen_gate.lock().expect("not poisoned").keys =
                         Some(KeyInfo::of(repo.descriptor()));
-                    let previous = slots::read(repo.store(), kind).await?;
+                    let (previous, version) = slots::read_versioned(repo.store(), kind).await?;
                     if let Some(mark) = previous.as_ref().filter(|m| m.covers(slot)) {
                         let reason = format!(
                             "slot {} already ran: {} by {} (finished {})",
@@ -275,6 +286,7 @@ impl Request {
                             match mark.outcome {
                                 MarkOutcome::Success => "succeeded",
                                 MarkOutcome::Failure => "failed",
+                                MarkOutcome::Running => "claimed",
                             },
                             mark.holder,
                             mark.finished_at.to_rfc3339()
@@ -282,11 +294,34 @@ impl Request {
                         seen_gate.lock().expect("not poisoned").declined_by = Some(mark.clone());
                         return Ok(Gate::Decline(reason));
                     }
-                    Ok(Gate::Run(previous))
+                    let claimed = if reader {
+                        let now = Utc::now();
+                        let claim = SlotMark {
+                            job: kind,
+                            slot,
+                            holder: claim_holder,
+                            started_at: now,
+                            finished_at: now,
+                            outcome: MarkOutcome::Running,
+                            read_data: previous.as_ref().and_then(|m| m.read_data),
+                        };
+                        match slots::write_conditional(repo.store(), &claim, version).await? {
+                            Some(v) => Some(v),
+                            None => {
+                                return Ok(Gate::Decline(format!(
+                                    "slot {} was claimed by another daemon",
+                                    slot.to_rfc3339()
+                                )));
+                            }
+                        }
+                    } else {
+                        None
+                    };
+                    Ok(Gate::Run((previous, claimed)))
                 }
                 .boxed()
             },
-            move |repo, lease, previous, _| {
+            move |repo, lease, (previous, claimed), _| {
                 async move {
                     let started_at = Utc::now();
                     let previous_read = previous.as_ref().and_then(|m| m.read_data);
@@ -298,26 +333,38 @@ impl Request {
                         // A slice that failed is read again by the next check.
                         Err(_) => (MarkOutcome::Failure, previous_read),
                     };
-                    // Never record a slot under a lease that is no longer ours.
-                    if lease.ensure_held().is_ok() {
-                        let mark = SlotMark {
-                            job: kind,
-                            slot,
-                            holder: holder.clone(),
-                            started_at,
-                            finished_at: Utc::now(),
-                            outcome,
-                            read_data,
-                        };
-                        if let Err(e) = slots::write(repo.store(), &mark).await {
-                            tracing::warn!(
-                                event = "schedule.mark_failed",
-                                tenant = %repo.tenant(),
-                                job = %kind,
-                                error = %e,
-                                "could not record the slot in the store; another daemon may run it again"
-                            );
+                    let mark = SlotMark {
+                        job: kind,
+                        slot,
+                        holder: holder.clone(),
+                        started_at,
+                        finished_at: Utc::now(),
+                        outcome,
+                        read_data,
+                    };
+                    let written = match claimed {
+                        // A reader replaces its own claim, if it is still there.
+                        Some(v) => slots::write_conditional(repo.store(), &mark, Some(v))
+                            .await
+                            .and_then(|w| {
+                                w.map(|_| ()).ok_or_else(|| {
+                                    Error::Internal("the slot's claim was replaced".into())
+                                })
+                            }),
+                        // Never record a slot under a lease that is no longer ours.
+                        None if lease.ensure_held().is_ok() => {
+                            slots::write(repo.store(), &mark).await
                         }
+                        None => Ok(()),
+                    };
+                    if let Err(e) = written {
+                        tracing::warn!(
+                            event = "schedule.mark_failed",
+                            tenant = %repo.tenant(),
+                            job = %kind,
+                            error = %e,
+                            "could not record the slot in the store; another daemon may run it again"
+                        );
                     }
                     result.map(|b| Scheduled {
                         output: b.output,

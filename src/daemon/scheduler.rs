@@ -1,6 +1,7 @@
 //! The scheduler loop: plans every job of every tenant, starts each when its
-//! slot (plus jitter) comes, at most one per tenant and `max_concurrent_jobs`
-//! in all, and reacts to job completions and signals.
+//! slot (plus jitter) comes, at most one writer per tenant (readers, check
+//! and drill, run beside it) and `max_concurrent_jobs` in all, and reacts to
+//! job completions and signals.
 //!
 //! One task owns all scheduling state, so there are no locks: jobs run in
 //! their own tasks (a [`JoinSet`]) and come back to the loop when they end.
@@ -154,9 +155,9 @@ pub struct Scheduler {
     entries: HashMap<Key, Entry>,
     timers: BinaryHeap<Reverse<Timer>>,
     ready: BTreeSet<Ready>,
-    running: HashMap<TenantId, Running>,
-    /// Tenants whose lease was busy: none of their jobs starts before this
-    /// time (they would find the same lease busy).
+    running: HashMap<Key, Running>,
+    /// Tenants whose lease was busy: none of their writers starts before
+    /// this time (they would find the same lease busy).
     backoff: HashMap<TenantId, DateTime<Utc>>,
     tasks: JoinSet<TaskOutput>,
     task_keys: HashMap<tokio::task::Id, (Key, DateTime<Utc>)>,
@@ -402,7 +403,8 @@ impl Scheduler {
         None
     }
 
-    /// Starts ready jobs while there is room: one per tenant, `max_concurrent_jobs` in all.
+    /// Starts ready jobs while there is room: one writer per tenant (readers
+    /// beside it), `max_concurrent_jobs` in all.
     fn dispatch(&mut self) {
         // A job decided without running (an unsupported kind) frees its
         // tenant at once: go round again while that happens.
@@ -410,7 +412,7 @@ impl Scheduler {
         self.metrics.set_running(self.running.len());
     }
 
-    /// One pass over the ready set; true if a tenant was freed within it.
+    /// One pass over the ready set; true if a started job ended within it.
     fn dispatch_pass(&mut self) -> bool {
         let max = self.config.daemon.max_concurrent_jobs.max(1);
         if self.running.len() >= max || self.ready.is_empty() {
@@ -419,7 +421,15 @@ impl Scheduler {
         let now = Self::now();
         self.backoff.retain(|_, until| *until > now);
         let mut chosen = Vec::new();
-        let mut tenants = HashSet::new();
+        // Tenants with a writer running or chosen: writers exclude writers.
+        let mut writing: HashSet<TenantId> = self
+            .running
+            .iter()
+            .filter(|(_, r)| !r.job.is_reader())
+            .map(|((t, _), _)| t.clone())
+            .collect();
+        // Tenants with a writer running, or ready ahead of the job looked at.
+        let mut writer_ahead = writing.clone();
         let mut stale = Vec::new();
         for r in &self.ready {
             if self.running.len() + chosen.len() >= max {
@@ -430,11 +440,24 @@ impl Scheduler {
                 stale.push(r.clone());
                 continue;
             }
-            if self.running.contains_key(&r.tenant)
-                || self.backoff.contains_key(&r.tenant)
-                || !tenants.insert(r.tenant.clone())
-            {
+            if self.running.contains_key(&key) {
                 continue;
+            }
+            if r.job.is_reader() {
+                // A tenant never backed up (as far as this daemon knows)
+                // backs up before it is checked or drilled: a first start
+                // would otherwise check a tenant that does not exist yet.
+                if writer_ahead.contains(&r.tenant) && !self.backed_up(&r.tenant) {
+                    continue;
+                }
+            } else {
+                writer_ahead.insert(r.tenant.clone());
+                // A writer waits for the tenant's other writer (here, or
+                // elsewhere: a busy lease); readers never hold it up.
+                if writing.contains(&r.tenant) || self.backoff.contains_key(&r.tenant) {
+                    continue;
+                }
+                writing.insert(r.tenant.clone());
             }
             chosen.push(r.clone());
         }
@@ -444,11 +467,18 @@ impl Scheduler {
         let mut freed = false;
         for r in chosen {
             self.ready.remove(&r);
-            let tenant = r.tenant.clone();
-            self.start((r.tenant, r.job));
-            freed |= !self.running.contains_key(&tenant);
+            let key = (r.tenant, r.job);
+            self.start(key.clone());
+            freed |= !self.running.contains_key(&key);
         }
         freed
+    }
+
+    /// Whether a backup of `tenant` has succeeded (by this daemon's state).
+    fn backed_up(&self, tenant: &TenantId) -> bool {
+        self.state
+            .job(tenant, ScheduledJob::Backup)
+            .is_some_and(|r| r.last_success.is_some())
     }
 
     fn start(&mut self, key: Key) {
@@ -489,7 +519,7 @@ impl Scheduler {
         self.task_keys.insert(abort.id(), (key.clone(), slot));
         self.metrics.set_next(&key.0, key.1, None);
         self.running.insert(
-            key.0,
+            key.clone(),
             Running {
                 job: key.1,
                 slot,
@@ -562,7 +592,7 @@ impl Scheduler {
         match res {
             Ok((id, (tenant, job, slot, generation, launched))) => {
                 self.task_keys.remove(&id);
-                self.running.remove(&tenant);
+                self.running.remove(&(tenant.clone(), job));
                 self.finish((tenant, job), slot, generation, launched);
             }
             Err(e) => {
@@ -571,7 +601,7 @@ impl Scheduler {
                 };
                 let generation = self
                     .running
-                    .remove(&tenant)
+                    .remove(&(tenant.clone(), job))
                     .map(|r| r.generation)
                     .unwrap_or(0);
                 if e.is_cancelled() {
@@ -841,7 +871,7 @@ impl Scheduler {
         let mut running: Vec<String> = self
             .running
             .iter()
-            .map(|(t, r)| format!("{t}/{} ({}s)", r.job, r.since.elapsed().as_secs()))
+            .map(|((t, _), r)| format!("{t}/{} ({}s)", r.job, r.since.elapsed().as_secs()))
             .collect();
         running.sort();
         let shown = running.len().min(5);
@@ -1004,7 +1034,8 @@ impl Scheduler {
             }
         }
         let lease_ttl = self.config.daemon.lease_ttl.as_secs();
-        let abandoned: Vec<(TenantId, Running)> = self.running.drain().collect();
+        let abandoned: Vec<(TenantId, Running)> =
+            self.running.drain().map(|((t, _), r)| (t, r)).collect();
         for (tenant, r) in &abandoned {
             tracing::warn!(
                 event = "job.abandoned",

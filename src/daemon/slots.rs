@@ -8,9 +8,17 @@
 //! before it lets the lease go. Both happen under the lease, so no second
 //! daemon can slip in between. A failed run counts as the slot's run: the
 //! next slot tries again, and the failure is reported (event, report, metric).
+//!
+//! Readers (check, drill) take no lease, so they claim their slot instead:
+//! a mark with outcome `running`, written with a conditional put (created,
+//! or updated from the version read), before the job runs; the final mark
+//! replaces the claim, again conditionally. Of two daemons, one claim wins;
+//! the other declines the slot. A reader killed mid-run leaves its claim: the
+//! slot counts as run (not as a success), and the next slot runs.
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use object_store::{PutMode, UpdateVersion};
 use serde::{Deserialize, Serialize};
 
 use super::plan::Subset;
@@ -24,6 +32,8 @@ use crate::store::{ObjectName, TenantStore};
 pub enum MarkOutcome {
     Success,
     Failure,
+    /// A reader's claim, replaced by its outcome when it ends.
+    Running,
 }
 
 /// The content of a slot mark.
@@ -73,6 +83,63 @@ pub async fn read(store: &TenantStore, job: JobKind) -> Result<Option<SlotMark>>
     }
 }
 
+/// Reads a job's mark and the version of the object (for a conditional
+/// claim); an unreadable mark reads as absent, with its version.
+pub async fn read_versioned(
+    store: &TenantStore,
+    job: JobKind,
+) -> Result<(Option<SlotMark>, Option<UpdateVersion>)> {
+    let name = ObjectName::Schedule(job);
+    let Some((bytes, meta)) = store.get_if_exists(&name).await? else {
+        return Ok((None, None));
+    };
+    let version = UpdateVersion {
+        e_tag: meta.e_tag,
+        version: meta.version,
+    };
+    let mark = serde_json::from_slice::<SlotMark>(&bytes)
+        .ok()
+        .filter(|m| m.job == job);
+    if mark.is_none() {
+        tracing::warn!(
+            event = "schedule.mark_unreadable",
+            tenant = %store.tenant(),
+            job = %job,
+            object = %store.display(&name),
+            "unreadable slot mark ignored"
+        );
+    }
+    Ok((mark, Some(version)))
+}
+
+/// Writes a job's mark only if the object is still as read (`seen`: the
+/// version read, `None`: there was none). Returns the new version, or `None`
+/// if another daemon wrote it first.
+pub async fn write_conditional(
+    store: &TenantStore,
+    mark: &SlotMark,
+    seen: Option<UpdateVersion>,
+) -> Result<Option<UpdateVersion>> {
+    let name = ObjectName::Schedule(mark.job);
+    let body = Bytes::from(serde_json::to_vec_pretty(mark).expect("marks serialise"));
+    let mode = match seen {
+        Some(v) => PutMode::Update(v),
+        None => PutMode::Create,
+    };
+    match store.put_conditional(&name, body, mode).await {
+        Ok(r) => Ok(Some(UpdateVersion {
+            e_tag: r.e_tag,
+            version: r.version,
+        })),
+        Err(
+            object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. }
+            | object_store::Error::NotFound { .. },
+        ) => Ok(None),
+        Err(e) => Err(crate::error::Error::store("put", store.display(&name), e)),
+    }
+}
+
 /// Writes a job's mark. Callers hold the tenant lease.
 pub async fn write(store: &TenantStore, mark: &SlotMark) -> Result<()> {
     let body = serde_json::to_vec_pretty(mark).expect("marks serialise");
@@ -116,5 +183,46 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(read(&store, JobKind::Backup).await.unwrap(), None);
+    }
+
+    /// Two daemons claiming one reader slot: one wins, the other declines.
+    #[tokio::test]
+    async fn a_reader_slot_is_claimed_once() {
+        let store = TenantStore::new(crate::store::memory(), &TenantId::new("acme").unwrap());
+        let now = Utc::now();
+        let claim = |holder: &str| SlotMark {
+            job: JobKind::Drill,
+            slot: now,
+            holder: holder.into(),
+            started_at: now,
+            finished_at: now,
+            outcome: MarkOutcome::Running,
+            read_data: None,
+        };
+        let (none, v0) = read_versioned(&store, JobKind::Drill).await.unwrap();
+        assert!(none.is_none() && v0.is_none());
+        let a = write_conditional(&store, &claim("a"), None).await.unwrap();
+        assert!(a.is_some());
+        assert!(
+            write_conditional(&store, &claim("b"), None)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let (mark, v1) = read_versioned(&store, JobKind::Drill).await.unwrap();
+        assert_eq!(mark.unwrap().holder, "a");
+        // a records its outcome over its claim; a stale version loses.
+        let done = SlotMark {
+            outcome: MarkOutcome::Success,
+            ..claim("a")
+        };
+        assert!(write_conditional(&store, &done, a).await.unwrap().is_some());
+        assert!(
+            write_conditional(&store, &claim("b"), v1)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(read(&store, JobKind::Drill).await.unwrap(), Some(done));
     }
 }

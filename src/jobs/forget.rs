@@ -9,8 +9,10 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::format::ids::SnapshotId;
 use crate::format::snapshot::Snapshot;
+use crate::jobs::deletion::{self, Deferred};
 use crate::repo::Repo;
 use crate::store::ObjectName;
+use crate::store::deletions::DeletionPlan;
 use crate::store::lease::LeaseGuard;
 
 /// The retention rules: a snapshot is kept if any rule keeps it. `keep_within`
@@ -92,6 +94,11 @@ pub struct ForgetReport {
     pub decisions: Vec<Decision>,
     pub kept: usize,
     pub removed: usize,
+    /// Readers still reading at the end of the wait: the snapshots are
+    /// forgotten (hidden from every listing) but their manifests stay until
+    /// the next forget or prune.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<Deferred>,
     pub dry_run: bool,
 }
 
@@ -114,6 +121,7 @@ pub async fn run(
         .map(|d| d.snapshot)
         .collect();
     let kept = decisions.len() - remove.len();
+    let mut deferred = None;
     if !dry_run && !remove.is_empty() {
         lease.ensure_held()?;
         // Two phases: recorded as being forgotten, deleted, then recorded as
@@ -124,28 +132,49 @@ pub async fn run(
             .update_tenant_memory(repo.tenant(), |m| {
                 m.forgetting_snapshots.extend(remove.iter().copied())
             })?;
-        for id in &remove {
-            repo.store().delete(&ObjectName::Snapshot(*id)).await?;
-        }
+        deferred = delete_snapshots(repo, lease, &remove).await?;
     }
-    if !dry_run {
-        finish_interrupted(repo).await?;
+    if !dry_run && deferred.is_none() {
+        finish_interrupted(repo, lease).await?;
     }
     Ok(ForgetReport {
         removed: remove.len(),
         kept,
         decisions,
+        deferred,
         dry_run,
     })
 }
 
+/// Deletes snapshot manifests once no reader that may read them is left
+/// (see `jobs::deletion`); returns the deferral if readers still read.
+async fn delete_snapshots(
+    repo: &Repo,
+    lease: &LeaseGuard,
+    ids: &[SnapshotId],
+) -> Result<Option<Deferred>> {
+    let mut plan = DeletionPlan::new(&repo.context().holder, "forget");
+    plan.snapshots = ids.to_vec();
+    let announced = deletion::announce(repo, lease, plan).await?;
+    if let Some(d) = announced.deferred() {
+        return Ok(Some(d));
+    }
+    for id in ids {
+        lease.ensure_held()?;
+        repo.store().delete(&ObjectName::Snapshot(*id)).await?;
+    }
+    deletion::finish(repo, announced).await?;
+    Ok(None)
+}
+
 /// Deletes snapshots recorded as forgotten (or being forgotten) that are
-/// still in the store (an interrupted forget), then records every snapshot
-/// being forgotten as forgotten. Returns how many were deleted. Callers hold
-/// the tenant lease (forget, prune).
-pub async fn finish_interrupted(repo: &Repo) -> Result<usize> {
+/// still in the store (an interrupted or deferred forget), then records every
+/// snapshot being forgotten as forgotten. Returns how many were deleted
+/// (none if readers are still reading: the next run tries again). Callers
+/// hold the tenant lease (forget, prune).
+pub async fn finish_interrupted(repo: &Repo, lease: &LeaseGuard) -> Result<usize> {
     let memory = repo.context().state.tenant_memory(repo.tenant())?;
-    let mut n = 0;
+    let mut left = Vec::new();
     for l in repo
         .store()
         .list(crate::store::layout::Dir::Snapshots)
@@ -155,9 +184,11 @@ pub async fn finish_interrupted(repo: &Repo) -> Result<usize> {
             && (memory.forgotten_snapshots.contains(&id)
                 || memory.forgetting_snapshots.contains(&id))
         {
-            repo.store().delete(&ObjectName::Snapshot(id)).await?;
-            n += 1;
+            left.push(id);
         }
+    }
+    if !left.is_empty() && delete_snapshots(repo, lease, &left).await?.is_some() {
+        return Ok(0);
     }
     if !memory.forgetting_snapshots.is_empty() {
         repo.context()
@@ -167,7 +198,7 @@ pub async fn finish_interrupted(repo: &Repo) -> Result<usize> {
                 m.forgotten_snapshots.extend(done);
             })?;
     }
-    Ok(n)
+    Ok(left.len())
 }
 
 impl crate::report::JobOutput for ForgetReport {}

@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod check;
+pub mod deletion;
 pub mod drill;
 pub mod forget;
 pub mod prune;

@@ -4,13 +4,17 @@
 //!
 //! 1. new packs are uploaded (unreferenced until step 2);
 //! 2. one consolidated index per epoch is written, covering every live blob;
-//! 3. the old index files are deleted (recorded first, so one that comes back
+//! 3. what goes is announced in a deletion plan, and readers that started
+//!    before it are waited for (`jobs::deletion`; still reading after
+//!    `reader_wait`: the run defers, deleting nothing, and says so);
+//! 4. the old index files are deleted (recorded first, so one that comes back
 //!    later is recognised as a rollback);
-//! 4. unused and repacked packs are deleted.
+//! 5. unused and repacked packs are deleted.
 //!
 //! A run killed before 2 leaves unreferenced packs, after 2 duplicate index
-//! entries, after 3 unreferenced packs: `check` passes in every case and the
-//! next prune finishes the work.
+//! entries, after 4 unreferenced packs: `check` passes in every case and the
+//! next prune finishes the work. Plans of earlier prunes are dropped first:
+//! this run decides afresh what is unused.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,11 +28,13 @@ use crate::format::ids::{BlobId, IdSet, PackId};
 use crate::format::index::IndexFile;
 use crate::format::snapshot::Snapshot;
 use crate::format::tree::EntryKind;
+use crate::jobs::deletion::{self, Deferred};
 use crate::pipeline::blobs::read_frame;
 use crate::pipeline::packer::{Packer, PackerConfig, Work};
 use crate::pipeline::tree::TreeReader;
 use crate::repo::{Index, Repo};
 use crate::store::ObjectName;
+use crate::store::deletions::{self as plans, DeletionPlan};
 use crate::store::lease::LeaseGuard;
 
 /// Packs with less than this fraction of live bytes are repacked.
@@ -47,6 +53,10 @@ pub struct PruneReport {
     pub index_files_replaced: usize,
     /// Half-written objects of killed runs removed (local store only).
     pub staging_files_removed: usize,
+    /// Readers still reading at the end of the wait: nothing was deleted
+    /// (the deletion counts are 0), the next prune finishes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<Deferred>,
     pub dry_run: bool,
 }
 
@@ -78,12 +88,13 @@ pub async fn run(
     if !dry_run {
         lease.ensure_held()?;
         // What killed runs left that no listing shows or that a lease guards.
-        crate::jobs::forget::finish_interrupted(repo).await?;
+        crate::jobs::forget::finish_interrupted(repo, lease).await?;
+        drop_index_plans(repo).await?;
     }
     let staging_files_removed = if dry_run {
         0
     } else {
-        sweep_local_staging(repo)?
+        sweep_local_staging(repo).await?
     };
     let (index, index_faults) = repo.load_index().await?;
     finish_index_removal(repo, &index)?;
@@ -236,13 +247,32 @@ pub async fn run(
         written.push(id);
     }
 
-    // 3. Old index files go (recorded first, for rollback detection).
     let old: Vec<_> = index
         .files
         .iter()
         .map(|(id, _)| *id)
         .filter(|id| !written.contains(id))
         .collect();
+
+    // 3. Announce, and wait for readers that started before the new index.
+    let mut plan = DeletionPlan::new(&repo.context().holder, "prune");
+    plan.index = old.clone();
+    plan.packs = delete
+        .iter()
+        .chain(&repack)
+        .chain(&unreferenced)
+        .copied()
+        .collect();
+    let announced = deletion::announce(repo, lease, plan).await?;
+    if let Some(deferred) = announced.deferred() {
+        report.packs_deleted = 0;
+        report.packs_unreferenced_deleted = 0;
+        report.bytes_freed = 0;
+        report.deferred = Some(deferred);
+        return Ok(report);
+    }
+
+    // 4. Old index files go (recorded first, for rollback detection).
     // Two phases, so a crash in between is not mistaken for a rollback: an
     // index still present while "removing" is loaded as usual and deleted by
     // the next prune; one that reappears once "removed" is a rollback.
@@ -263,23 +293,47 @@ pub async fn run(
         })?;
     report.index_files_replaced = old.len();
 
-    // 4. Packs nothing references any more.
+    // 5. Packs nothing references any more.
     for pack in delete.iter().chain(&repack).chain(&unreferenced) {
         lease.ensure_held()?;
         repo.store().delete(&ObjectName::Pack(*pack)).await?;
     }
+    deletion::finish(repo, announced).await?;
     Ok(report)
+}
+
+/// Drops the deletion plans of earlier prunes (deferred or killed): this run
+/// recomputes what is unused from the whole repository, and a plan left in
+/// place could hide a pack its new index names. Readers then see those
+/// objects again: all that remain are consistent (a prune deletes index
+/// files before packs, so no index file left names a deleted pack). Plans of
+/// forgets and epoch shreds are kept: they hide snapshots and epochs.
+async fn drop_index_plans(repo: &Repo) -> Result<()> {
+    for (id, plan) in plans::list(repo.store()).await? {
+        if plan.job == "prune" && plan.snapshots.is_empty() {
+            plans::remove(repo.store(), &id).await?;
+        }
+    }
+    Ok(())
 }
 
 /// On the local store, a run killed mid-upload leaves its object's staging
 /// file (`<name>#<n>`), which listings do not show; prune holds the tenant
 /// lease, so no other writer of this tenant's data can be mid-upload.
-fn sweep_local_staging(repo: &Repo) -> Result<usize> {
+/// The sweep waits for the store's lock: on a blocking thread, so that the
+/// tasks of this process that hold it (a reader renewing its record beside
+/// this prune) keep running meanwhile.
+async fn sweep_local_staging(repo: &Repo) -> Result<usize> {
     let Some(root) = repo.context().store_url.strip_prefix("file://") else {
         return Ok(0);
     };
-    let root = std::path::Path::new(root);
-    crate::store::local::sweep_staging(root, repo.tenant()).map_err(|e| Error::io(root, e))
+    let root = std::path::PathBuf::from(root);
+    let tenant = repo.tenant().clone();
+    tokio::task::spawn_blocking(move || {
+        crate::store::local::sweep_staging(&root, &tenant).map_err(|e| Error::io(&root, e))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("staging sweep: {e}")))?
 }
 
 /// Index files an interrupted prune was removing and that are all gone now

@@ -1,5 +1,6 @@
 //! Runs one job for one tenant the same way for the CLI and the daemon: open
-//! (or initialise) the repository, take the tenant lease, run, release, and
+//! (or initialise) the repository, take the tenant lease (writers) or
+//! register a reader record (readers, see [`JobAccess`]), run, release, and
 //! report: `job.started` / `job.finished` events, a JSON job report, and the
 //! audit log: `<job>.begin` before the job touches tenant data or keys (no
 //! record, no job: `audit_unavailable`) and `<job>.end` with its outcome.
@@ -13,10 +14,59 @@ use futures::future::BoxFuture;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::keys::KeyRef;
-use crate::repo::Repo;
+use crate::repo::{PolicyUse, Repo};
 use crate::report::{self, JobKind, JobOutput, JobReport, Outcome};
 use crate::store::lease::LeaseGuard;
+use crate::store::readers::ReaderGuard;
 use crate::tenant::TenantId;
+
+/// How a job holds its tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobAccess {
+    /// Reads only (restore, drill, check): registers a reader record, takes
+    /// no lease, never waits for a writer and is never waited for by one,
+    /// except by a deleter (which leaves what it may still read in place).
+    Reader,
+    /// Changes the repository (backup, rotate, forget, prune, shred): takes
+    /// the tenant's exclusive lease; writers exclude each other.
+    Writer,
+}
+
+impl JobAccess {
+    pub fn of(job: JobKind) -> JobAccess {
+        match job {
+            JobKind::Restore | JobKind::Check | JobKind::Drill => JobAccess::Reader,
+            JobKind::Init
+            | JobKind::Backup
+            | JobKind::Forget
+            | JobKind::Prune
+            | JobKind::Rotate
+            | JobKind::Shred => JobAccess::Writer,
+        }
+    }
+}
+
+/// What the job does with the tenant's key: readers and shred tolerate a
+/// policy that still names the key the tenant moved away from; every job that
+/// may protect something new under the key does not.
+fn policy_use(job: JobKind) -> PolicyUse {
+    match job {
+        JobKind::Restore | JobKind::Check | JobKind::Drill | JobKind::Shred => PolicyUse::ReadsOnly,
+        JobKind::Init | JobKind::Backup | JobKind::Forget | JobKind::Prune | JobKind::Rotate => {
+            PolicyUse::Writes
+        }
+    }
+}
+
+/// Jobs whose view leaves out what pending deletions name: readers (they
+/// must never read what a deleter may remove under them) and backup (it
+/// must never deduplicate against it). Deleters see everything.
+fn hides_pending_deletions(job: JobKind) -> bool {
+    matches!(
+        job,
+        JobKind::Restore | JobKind::Check | JobKind::Drill | JobKind::Backup
+    )
+}
 
 pub struct JobSpec<'a> {
     pub tenant: &'a TenantId,
@@ -67,6 +117,7 @@ where
         ),
         Err(e) => (Began::Unrecorded, Err(e)),
     };
+    let result = settle_reader(spec, &repo, &lease, result).await;
     lease.release().await;
     repo.forget_keys().await;
     (began, result)
@@ -93,6 +144,38 @@ async fn caught<T>(spec: &JobSpec<'_>, job: impl Future<Output = Result<T>>) -> 
             )))
         }
     }
+}
+
+/// Runs `f` as a reader outside the job machinery (no job report):
+/// registers a reader record named `what`, reads between the `<what>.begin`
+/// and `<what>.end` audit records ([`record_access`]), removes the record.
+/// For `custos snapshots`.
+pub async fn with_reader<T, F>(
+    ctx: &Context,
+    tenant: &TenantId,
+    policy_key: Option<&KeyRef>,
+    what: &str,
+    f: F,
+) -> Result<T>
+where
+    F: for<'r> FnOnce(&'r Repo) -> BoxFuture<'r, Result<T>>,
+{
+    crate::store::probe::require_conditional_writes(ctx).await?;
+    let mut repo = Repo::open_for(ctx, tenant, policy_key, PolicyUse::ReadsOnly).await?;
+    let ttl = crate::store::readers::ttl(ctx.lease_ttl);
+    let reader = ReaderGuard::register(repo.store(), &ctx.holder, what, ttl).await?;
+    let prepared = async {
+        repo.reload().await?;
+        repo.hide_pending_deletions().await
+    };
+    let result = match prepared.await {
+        Ok(()) => record_access(ctx, tenant, what, f(&repo)).await,
+        Err(e) => Err(e),
+    };
+    let result = result.and_then(|v| reader.check().map(|()| v));
+    reader.release().await;
+    repo.forget_keys().await;
+    result
 }
 
 /// What a gate (see [`run_job_gated`]) decided, under the tenant's lease.
@@ -177,6 +260,7 @@ where
         ),
         Err(e) => (Began::Unrecorded, Err(e)),
     };
+    let result = settle_reader(&spec, &repo, &lease, result).await;
     lease.release().await;
     repo.forget_keys().await;
     Gated::Ran(finish(ctx, &spec, began, started_at, clock, result).await)
@@ -192,7 +276,7 @@ async fn open_repo(ctx: &Context, spec: &JobSpec<'_>) -> Result<Repo> {
     if let Some(key) = spec.policy_key {
         crate::repo::ownership::check_registry(ctx, spec.tenant, key)?;
     }
-    match Repo::open(ctx, spec.tenant, spec.policy_key).await {
+    match Repo::open_for(ctx, spec.tenant, spec.policy_key, policy_use(spec.job)).await {
         Ok(r) => Ok(r),
         Err(Error::TenantNotFound { .. }) if spec.init_with.is_some() => {
             let key = spec.init_with.expect("checked");
@@ -204,21 +288,43 @@ async fn open_repo(ctx: &Context, spec: &JobSpec<'_>) -> Result<Repo> {
     }
 }
 
-/// Takes the tenant lease, recording a takeover of a crashed holder's lease,
-/// and re-reads the descriptor: the lifecycle fence (shredding) is checked on
-/// the state the lease protects, not on what was read before it was taken.
+/// Takes the tenant lease (writers) or registers a reader record (readers),
+/// recording a takeover of a dead or expired holder's lease, and re-reads the
+/// descriptor: the lifecycle fence (shredding) is checked on the state the
+/// lease protects, and a reader reads nothing before its record exists.
 async fn acquire(ctx: &Context, spec: &JobSpec<'_>, repo: &mut Repo) -> Result<LeaseGuard> {
-    let lease =
-        LeaseGuard::acquire(repo.store(), &ctx.holder, spec.job.as_str(), ctx.lease_ttl).await?;
-    if let Err(e) = repo.reload().await {
-        lease.release().await;
+    let guard = match JobAccess::of(spec.job) {
+        JobAccess::Writer => {
+            LeaseGuard::acquire(repo.store(), &ctx.holder, spec.job.as_str(), ctx.lease_ttl).await?
+        }
+        JobAccess::Reader => LeaseGuard::shared(
+            ReaderGuard::register(
+                repo.store(),
+                &ctx.holder,
+                spec.job.as_str(),
+                crate::store::readers::ttl(ctx.lease_ttl),
+            )
+            .await?,
+        ),
+    };
+    let prepared = async {
+        repo.reload().await?;
+        if hides_pending_deletions(spec.job) {
+            repo.hide_pending_deletions().await?;
+        }
+        Ok::<_, Error>(())
+    };
+    if let Err(e) = prepared.await {
+        guard.release().await;
         return Err(e);
     }
-    if let Some(previous) = lease.took_over_from() {
+    if let Some(previous) = guard.took_over_from() {
         let details = serde_json::json!({
+            "lock": "lease",
             "previous_holder": previous.holder,
             "previous_job": previous.job,
             "expired_at": previous.expires_at,
+            "reason": guard.takeover_reason(),
         });
         if let Err(e) = ctx
             .record("lease.takeover", Some(spec.tenant), details)
@@ -227,7 +333,34 @@ async fn acquire(ctx: &Context, spec: &JobSpec<'_>, repo: &mut Repo) -> Result<L
             tracing::error!(event = "audit.failed", error = %e, "could not record a lease takeover");
         }
     }
-    Ok(lease)
+    Ok(guard)
+}
+
+/// The end of a reader's run. A tenant shred is the one writer that may cut
+/// readers off: whatever broke then (a key destroyed, objects gone), the
+/// reader fails naming the shred (`tenant_unavailable`). A reader whose record
+/// lapsed (see [`ReaderGuard::check`]) fails with `reader_lost`: a deleter may
+/// have ignored it, so what it found cannot be trusted, except a restore that
+/// completed (every blob it wrote was authenticated and hashed to its id).
+async fn settle_reader<T>(
+    spec: &JobSpec<'_>,
+    repo: &Repo,
+    guard: &LeaseGuard,
+    result: Result<T>,
+) -> Result<T> {
+    let Some(reader) = guard.reader() else {
+        return result;
+    };
+    if result.is_err()
+        && let Ok(now) = Repo::open(repo.context(), repo.tenant(), None).await
+        && let Err(fenced) = now.require_active("reading its data")
+    {
+        return Err(fenced);
+    }
+    match reader.check() {
+        Err(lost) if result.is_err() || spec.job != JobKind::Restore => Err(lost),
+        _ => result,
+    }
 }
 
 /// How far a job got with its `<job>.begin` record.

@@ -26,6 +26,7 @@ use crate::format::seal::Header;
 use crate::format::snapshot::Snapshot;
 use crate::keys::derive::EpochKeys;
 use crate::keys::{KeyError, KeyRef, WrapContext};
+use crate::store::deletions::Hidden;
 use crate::store::layout::Dir;
 use crate::store::{ObjectName, TenantStore};
 use crate::tenant::TenantId;
@@ -57,6 +58,26 @@ pub struct Repo {
     descriptor: Descriptor,
     descriptor_version: UpdateVersion,
     keys: Mutex<BTreeMap<u32, Arc<EpochKeys>>>,
+    /// What pending deletions hide from this job's view (readers and backup:
+    /// see [`Repo::hide_pending_deletions`]); `None` sees everything.
+    hidden: Option<Arc<Hidden>>,
+    /// A descriptor read after this one, for an epoch or a key that a writer
+    /// running beside this reader added meanwhile (a new epoch, a CMK move).
+    newer: std::sync::Mutex<Option<Arc<Descriptor>>>,
+}
+
+/// What a job does with the tenant's key, for the policy check of
+/// [`Repo::open_for`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyUse {
+    /// The job may encrypt new data or wrap new data keys (backup, rotate,
+    /// and the writers kept strict: forget, prune): the policy must name the
+    /// tenant's key.
+    Writes,
+    /// The job only reads, or destroys (restore, drill, check, snapshots,
+    /// shred): a policy that still names a key the tenant moved away from is
+    /// a warning (`policy.stale_key`), not a refusal.
+    ReadsOnly,
 }
 
 impl std::fmt::Debug for Repo {
@@ -75,6 +96,16 @@ impl Repo {
         ctx: &Context,
         tenant: &TenantId,
         policy_key: Option<&KeyRef>,
+    ) -> Result<Repo> {
+        Repo::open_for(ctx, tenant, policy_key, PolicyUse::Writes).await
+    }
+
+    /// [`Repo::open`] for a job that uses the key as `usage` says.
+    pub async fn open_for(
+        ctx: &Context,
+        tenant: &TenantId,
+        policy_key: Option<&KeyRef>,
+        usage: PolicyUse,
     ) -> Result<Repo> {
         let store = TenantStore::new(ctx.store.clone(), tenant);
         let Some((bytes, meta)) = store.get_if_exists(&ObjectName::Descriptor).await? else {
@@ -109,10 +140,15 @@ impl Repo {
                 version: meta.version,
             },
             keys: Mutex::new(BTreeMap::new()),
+            hidden: None,
+            newer: std::sync::Mutex::new(None),
         };
         repo.check_generation()?;
         if let Some(k) = policy_key {
-            repo.check_policy_key(k)?;
+            match usage {
+                PolicyUse::Writes => repo.check_policy_key(k)?,
+                PolicyUse::ReadsOnly => repo.check_policy_key_for_reading(k)?,
+            }
         }
         Ok(repo)
     }
@@ -172,6 +208,31 @@ impl Repo {
         )))
     }
 
+    /// [`Repo::check_policy_key`] for a job that neither encrypts new data
+    /// nor wraps new keys: a policy naming a key the tenant moved away from
+    /// (configuration drift after `rotate --replace-cmk`) lets it run, with
+    /// a `policy.stale_key` warning that says what to change. A key that was
+    /// never the tenant's is still refused. This keeps the reasoning above:
+    /// nothing new is ever protected by a key the store chose, since every
+    /// job that would protect something new uses [`PolicyUse::Writes`].
+    pub fn check_policy_key_for_reading(&self, policy_key: &KeyRef) -> Result<()> {
+        match self.check_policy_key(policy_key) {
+            Err(e) if self.descriptor.previous_keys.contains(policy_key) => {
+                let d = &self.descriptor;
+                tracing::warn!(
+                    event = "policy.stale_key",
+                    tenant = %d.tenant,
+                    policy_key = %policy_key,
+                    key = %d.key,
+                    "{e}; reading and shredding go on, backups and rotations are refused until the policy names {}",
+                    d.key
+                );
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
     /// Initialises a tenant: its CMK (created if the local provider manages it),
     /// the data key of epoch 1, the descriptor. Idempotent; resumes an
     /// interrupted init; never writes over existing tenant data.
@@ -211,12 +272,17 @@ impl Repo {
                 .list_all()
                 .await?
                 .into_iter()
-                // A released lease record is operational, not data; the first
+                // Lease and reader records are operational, not data; the first
                 // envelope and the key claim are an interrupted init's own.
                 .filter(|l| {
                     !matches!(
                         l.name,
-                        Some(ObjectName::Envelope(1) | ObjectName::Lease | ObjectName::KeyClaim(_))
+                        Some(
+                            ObjectName::Envelope(1)
+                                | ObjectName::Lease
+                                | ObjectName::Reader(_)
+                                | ObjectName::KeyClaim(_)
+                        )
                     )
                 })
                 .collect();
@@ -289,6 +355,8 @@ impl Repo {
                 version: r.version,
             },
             keys: Mutex::new(BTreeMap::new()),
+            hidden: None,
+            newer: std::sync::Mutex::new(None),
         };
         Ok((repo, true))
     }
@@ -429,6 +497,94 @@ impl Repo {
         &self.ctx
     }
 
+    /// Leaves what pending deletions name out of this job's view: index
+    /// files, packs, snapshots and envelopes a deleter has planned to delete
+    /// (`locks/deletions/`). Readers call it right after registering (the
+    /// runner does), so they never read what a deleter may delete under them;
+    /// backup calls it so that it never deduplicates against such data.
+    /// Deleters themselves never do: they decide from the whole repository,
+    /// never from a plan (which the store could forge).
+    pub async fn hide_pending_deletions(&mut self) -> Result<()> {
+        let hidden = Hidden::load(&self.store).await?;
+        if hidden.plans > 0 {
+            tracing::debug!(tenant = %self.tenant(), plans = hidden.plans, "pending deletions hidden from this job");
+        }
+        self.hidden = Some(Arc::new(hidden));
+        Ok(())
+    }
+
+    /// What this job's view hides (nothing unless [`Repo::hide_pending_deletions`] ran).
+    pub fn hidden(&self) -> Option<&Hidden> {
+        self.hidden.as_deref()
+    }
+
+    fn is_hidden(&self, name: &ObjectName) -> bool {
+        let Some(h) = &self.hidden else { return false };
+        match name {
+            ObjectName::Index(id) => h.index.contains(id),
+            ObjectName::Pack(id) => h.packs.contains(id),
+            ObjectName::Snapshot(id) => h.snapshots.contains(id),
+            ObjectName::Envelope(e) => h.envelopes.contains(e),
+            _ => false,
+        }
+    }
+
+    /// The epochs whose keys a reader may need: live ones, less any whose
+    /// envelope a pending epoch shred hides.
+    pub fn live_epochs(&self) -> Vec<u32> {
+        self.descriptor
+            .live_epochs()
+            .map(|e| e.epoch)
+            .filter(|e| !self.is_hidden(&ObjectName::Envelope(*e)))
+            .collect()
+    }
+
+    /// Whether `epoch` is an epoch of the tenant, by this job's descriptor or,
+    /// failing that, by the descriptor now in the store (a backup beside this
+    /// reader may have started a new epoch since it opened the tenant).
+    pub async fn knows_epoch(&self, epoch: u32) -> Result<bool> {
+        Ok(self.epoch_record(epoch).await?.is_some())
+    }
+
+    async fn epoch_record(
+        &self,
+        epoch: u32,
+    ) -> Result<Option<crate::format::descriptor::EpochRecord>> {
+        if let Some(r) = self.descriptor.epoch(epoch) {
+            return Ok(Some(r.clone()));
+        }
+        Ok(self
+            .newer_descriptor(|d| d.epoch(epoch).is_some())
+            .await?
+            .and_then(|d| d.epoch(epoch).cloned()))
+    }
+
+    /// A descriptor at least as new as this job's, read again from the store
+    /// if the one kept so far does not satisfy `wanted`. Same tenant, never
+    /// an older generation (that would be a rollback; it is ignored here and
+    /// reported by the next job that opens the tenant).
+    async fn newer_descriptor(
+        &self,
+        wanted: impl Fn(&Descriptor) -> bool,
+    ) -> Result<Option<Arc<Descriptor>>> {
+        let kept = self.newer.lock().expect("not poisoned").clone();
+        if let Some(d) = kept.filter(|d| wanted(d)) {
+            return Ok(Some(d));
+        }
+        let Some((bytes, _)) = self.store.get_if_exists(&ObjectName::Descriptor).await? else {
+            return Ok(None);
+        };
+        let Ok(d) = Descriptor::parse(&bytes) else {
+            return Ok(None);
+        };
+        if d.tenant != self.descriptor.tenant || d.generation < self.descriptor.generation {
+            return Ok(None);
+        }
+        let d = Arc::new(d);
+        *self.newer.lock().expect("not poisoned") = Some(d.clone());
+        Ok(wanted(&d).then_some(d))
+    }
+
     fn lifecycle_error(&self, what: &str) -> Error {
         let d = &self.descriptor;
         let since = d
@@ -535,7 +691,7 @@ impl Repo {
             return Ok(k.clone());
         }
         let name = ObjectName::Envelope(epoch);
-        match self.descriptor.epoch(epoch) {
+        match self.epoch_record(epoch).await? {
             None => {
                 return Err(Error::corrupt(
                     self.store.display(&name),
@@ -552,10 +708,14 @@ impl Repo {
             Some(_) => {}
         }
         let env = self.load_envelope(epoch).await?;
-        let d = &self.descriptor;
-        if env.key != d.key
-            && Some(&env.key) != d.pending_key.as_ref()
-            && !d.previous_keys.contains(&env.key)
+        let of_tenant = |d: &Descriptor| {
+            env.key == d.key
+                || Some(&env.key) == d.pending_key.as_ref()
+                || d.previous_keys.contains(&env.key)
+        };
+        // A CMK move beside this reader re-wraps envelopes under a key this
+        // job's descriptor does not know yet: the store's newer one may.
+        if !of_tenant(&self.descriptor) && self.newer_descriptor(|d| of_tenant(d)).await?.is_none()
         {
             return Err(Error::corrupt(
                 self.store.display(&name),
@@ -627,7 +787,7 @@ impl Repo {
         self.require_readable()?;
         let bytes = self.store.get(name).await?;
         let epoch = Header::peek_epoch(&bytes).map_err(|e| e.at(self.store.display(name)))?;
-        if self.descriptor.epoch(epoch).is_none() {
+        if !self.knows_epoch(epoch).await? {
             return Err(Error::corrupt(
                 self.store.display(name),
                 format!("sealed under unknown epoch {epoch}"),
@@ -648,6 +808,8 @@ impl Repo {
         let mut ids = Vec::new();
         for l in listed {
             match l.name {
+                // Planned for deletion: superseded by an index written before the plan.
+                Some(name @ ObjectName::Index(_)) if self.is_hidden(&name) => {}
                 Some(ObjectName::Index(id)) if removed.contains(&id) => faults.push(Fault {
                     object: self.store.display(&ObjectName::Index(id)),
                     kind: "rollback_detected",
@@ -706,10 +868,10 @@ impl Repo {
                 reason: "this snapshot was forgotten and has reappeared (replayed)".into(),
             });
         }
-        if memory.forgetting_snapshots.contains(id) {
+        if memory.forgetting_snapshots.contains(id) || self.is_hidden(&name) {
             return Err(Error::NotFound {
                 what: format!(
-                    "snapshot {id} (it is being forgotten: an interrupted forget, which the next forget or prune finishes)"
+                    "snapshot {id} (it is being forgotten: an interrupted or deferred forget, which the next forget or prune finishes)"
                 ),
             });
         }
@@ -750,8 +912,10 @@ impl Repo {
         let mut ids = Vec::new();
         for l in listed {
             match l.name {
-                // Left by an interrupted forget: no longer a snapshot of the tenant.
-                Some(ObjectName::Snapshot(id)) if forgetting.contains(&id) => {}
+                // Left by an interrupted forget, or planned for deletion by
+                // one: no longer a snapshot of the tenant.
+                Some(ObjectName::Snapshot(id))
+                    if forgetting.contains(&id) || self.is_hidden(&ObjectName::Snapshot(id)) => {}
                 Some(ObjectName::Snapshot(id)) => ids.push(id),
                 _ => faults.push(unknown_object(&self.store, &l.path)),
             }
@@ -798,7 +962,12 @@ impl Repo {
                 .await?
                 .into_iter()
                 .filter_map(|l| match l.name {
-                    Some(ObjectName::Snapshot(id)) if id.to_hex().starts_with(spec) => Some(id),
+                    Some(ObjectName::Snapshot(id))
+                        if id.to_hex().starts_with(spec)
+                            && !self.is_hidden(&ObjectName::Snapshot(id)) =>
+                    {
+                        Some(id)
+                    }
                     _ => None,
                 })
                 .collect();
@@ -835,7 +1004,9 @@ impl Repo {
     pub async fn list_packs(&self) -> Result<BTreeMap<crate::format::ids::PackId, u64>> {
         let mut out = BTreeMap::new();
         for l in self.store.list(Dir::Packs).await? {
-            if let Some(ObjectName::Pack(id)) = l.name {
+            if let Some(ObjectName::Pack(id)) = l.name
+                && !self.is_hidden(&ObjectName::Pack(id))
+            {
                 out.insert(id, l.meta.size);
             }
         }

@@ -7,7 +7,9 @@
 //! tenants/<tenant>/packs/<xx>/<pack id> packs (xx = first two hex digits)
 //! tenants/<tenant>/index/<index id>     index files
 //! tenants/<tenant>/snapshots/<id>       snapshot manifests
-//! tenants/<tenant>/locks/lease          the tenant lease
+//! tenants/<tenant>/locks/lease          the tenant lease (writers)
+//! tenants/<tenant>/locks/readers/<id>   one running reader each (restore, check, drill…)
+//! tenants/<tenant>/locks/deletions/<id> what a deleter is about to delete (readers hide it)
 //! tenants/<tenant>/locks/schedule-<job> the last scheduled slot of a job that ran
 //! ```
 
@@ -27,6 +29,10 @@ pub enum ObjectName {
     Index(IndexId),
     Snapshot(SnapshotId),
     Lease,
+    /// A running reader's record (`locks/readers/<32 hex digits>`).
+    Reader(String),
+    /// A deletion plan (`locks/deletions/<32 hex digits>`).
+    Deletion(String),
     /// The daemon's record of the last scheduled slot of a job that ran, so
     /// several daemons sharing the store run each slot once.
     Schedule(crate::report::JobKind),
@@ -40,6 +46,8 @@ pub enum Dir {
     Index,
     Snapshots,
     Locks,
+    Readers,
+    Deletions,
 }
 
 impl Dir {
@@ -50,6 +58,8 @@ impl Dir {
             Dir::Index => "index",
             Dir::Snapshots => "snapshots",
             Dir::Locks => "locks",
+            Dir::Readers => "locks/readers",
+            Dir::Deletions => "locks/deletions",
         }
     }
 }
@@ -68,6 +78,8 @@ impl ObjectName {
             ObjectName::Index(id) => Path::from(format!("index/{id}")),
             ObjectName::Snapshot(id) => Path::from(format!("snapshots/{id}")),
             ObjectName::Lease => Path::from("locks/lease"),
+            ObjectName::Reader(id) => Path::from(format!("locks/readers/{id}")),
+            ObjectName::Deletion(id) => Path::from(format!("locks/deletions/{id}")),
             ObjectName::Schedule(job) => Path::from(format!("locks/schedule-{job}")),
         }
     }
@@ -90,6 +102,12 @@ impl ObjectName {
             ["index", id] => IndexId::from_hex(id).map(ObjectName::Index),
             ["snapshots", id] => SnapshotId::from_hex(id).map(ObjectName::Snapshot),
             ["locks", "lease"] => Some(ObjectName::Lease),
+            ["locks", "readers", id] if is_lock_id(id) => {
+                Some(ObjectName::Reader((*id).to_owned()))
+            }
+            ["locks", "deletions", id] if is_lock_id(id) => {
+                Some(ObjectName::Deletion((*id).to_owned()))
+            }
             ["locks", name] => name
                 .strip_prefix("schedule-")
                 .and_then(crate::report::JobKind::parse)
@@ -97,6 +115,16 @@ impl ObjectName {
             _ => None,
         }
     }
+}
+
+/// A new random id for a reader record or a deletion plan.
+pub fn new_lock_id() -> String {
+    hex::encode(crate::util::random_bytes::<16>())
+}
+
+/// 32 lowercase hex digits, as [`new_lock_id`] makes them.
+pub fn is_lock_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 impl fmt::Display for ObjectName {
@@ -119,12 +147,19 @@ mod tests {
             ObjectName::Index(IndexId::random()),
             ObjectName::Snapshot(SnapshotId::random()),
             ObjectName::Lease,
+            ObjectName::Reader(new_lock_id()),
+            ObjectName::Deletion(new_lock_id()),
             ObjectName::Schedule(crate::report::JobKind::Check),
         ] {
             assert_eq!(ObjectName::parse(&name.relative()), Some(name));
         }
         assert_eq!(ObjectName::parse(&Path::from("keys/03")), None);
         assert_eq!(ObjectName::parse(&Path::from("keys/claims/zz")), None);
+        assert_eq!(ObjectName::parse(&Path::from("locks/readers/x")), None);
+        assert_eq!(
+            ObjectName::parse(&Path::from(format!("locks/deletions/{}", "A".repeat(32)))),
+            None
+        );
         assert_eq!(ObjectName::parse(&Path::from("packs/00/zz")), None);
         let p = PackId::random();
         assert_eq!(

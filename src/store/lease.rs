@@ -1,8 +1,14 @@
-//! Tenant leases: at most one job per tenant at a time, across processes and
-//! machines sharing a store. A lease is `tenants/<t>/locks/lease`, created with
-//! a conditional put, renewed with a conditional update while the job runs,
-//! and taken over only once released (marked so by its holder, left in place)
-//! or expired (a crashed holder's lease runs out). Every write is conditional.
+//! Tenant leases: at most one writer (backup, rotate, forget, prune, shred)
+//! per tenant at a time, across processes and machines sharing a store. A
+//! lease is `tenants/<t>/locks/lease`, created with a conditional put, renewed
+//! with a conditional update while the job runs, and taken over only once
+//! released (marked so by its holder, left in place), expired (a crashed
+//! holder's lease runs out), or held by a provably dead process of this host
+//! ([`super::holder`]: taken over at once). Every write is conditional.
+//!
+//! Readers (restore, check, drill) take no lease: they register a reader
+//! record ([`super::readers`]) and get a shared [`LeaseGuard`] that cannot
+//! commit anything.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,9 +20,13 @@ use object_store::{PutMode, PutResult, UpdateVersion};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use super::holder::{self, Liveness, ProcessIdentity};
 use super::layout::ObjectName;
+use super::readers::ReaderGuard;
 use super::tenant::TenantStore;
 use crate::error::{Error, Result};
+
+pub use super::holder::{holder_id, hostname};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRecord {
@@ -30,6 +40,13 @@ pub struct LeaseRecord {
     /// conditional delete, and a delete could remove a newer holder's lease).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub released: bool,
+    /// The holder's process, so that its death on this host can be proved
+    /// (absent in records of earlier versions: those expire by TTL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessIdentity>,
+    /// When the holder last wrote the record (by its clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_at: Option<DateTime<Utc>>,
 }
 
 impl LeaseRecord {
@@ -39,18 +56,39 @@ impl LeaseRecord {
         (&self.holder, &self.job, self.acquired_at)
             == (&other.holder, &other.job, other.acquired_at)
     }
+
+    /// Whether the holder is provably dead (see [`holder::judge`]).
+    pub fn liveness(&self) -> Liveness {
+        holder::judge(
+            self.process.as_ref(),
+            Some(self.renewed_at.unwrap_or(self.acquired_at)),
+        )
+    }
+}
+
+/// What a job holds on its tenant: the exclusive lease (writers), or a
+/// shared reader record (readers). Writers call [`LeaseGuard::ensure_held`]
+/// before every commit or deletion; it fails for a shared guard, so a job
+/// that writes can never run on a reader's guard.
+pub struct LeaseGuard {
+    access: Access,
+}
+
+enum Access {
+    Exclusive(Box<Exclusive>),
+    Shared(ReaderGuard),
 }
 
 /// A held lease. Renewed in the background every third of its TTL; if a
 /// renewal finds the lease taken, [`LeaseGuard::ensure_held`] fails from then on,
 /// so the job stops before it commits anything.
-pub struct LeaseGuard {
+struct Exclusive {
     inner: Arc<Inner>,
     keepalive: tokio::task::JoinHandle<()>,
     /// Tells the keepalive task to stop once any renewal in flight is done.
     stop: Arc<tokio::sync::Notify>,
-    /// The expired lease this one replaced, if any.
-    took_over_from: Option<LeaseRecord>,
+    /// The lease this one replaced (expired, or held by a dead process), and why.
+    took_over_from: Option<(LeaseRecord, String)>,
 }
 
 struct Inner {
@@ -58,24 +96,6 @@ struct Inner {
     ttl: Duration,
     state: Mutex<(LeaseRecord, UpdateVersion)>,
     lost: AtomicBool,
-}
-
-/// A process-unique holder name: host, pid and a random suffix.
-pub fn holder_id() -> String {
-    let host = hostname();
-    format!(
-        "{host}:{}:{}",
-        std::process::id(),
-        hex::encode(crate::util::random_bytes::<4>())
-    )
-}
-
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".into())
 }
 
 fn version(r: &PutResult) -> UpdateVersion {
@@ -98,6 +118,88 @@ impl LeaseGuard {
         job: &str,
         ttl: Duration,
     ) -> Result<LeaseGuard> {
+        Exclusive::acquire(store, holder, holder::current().cloned(), job, ttl)
+            .await
+            .map(|e| LeaseGuard {
+                access: Access::Exclusive(Box::new(e)),
+            })
+    }
+
+    /// A reader's guard: no lease, the reader record `reader` instead.
+    pub fn shared(reader: ReaderGuard) -> LeaseGuard {
+        LeaseGuard {
+            access: Access::Shared(reader),
+        }
+    }
+
+    /// True for a writer's lease, false for a reader's record.
+    pub fn is_exclusive(&self) -> bool {
+        matches!(self.access, Access::Exclusive(_))
+    }
+
+    /// The reader record behind a shared guard.
+    pub fn reader(&self) -> Option<&ReaderGuard> {
+        match &self.access {
+            Access::Shared(r) => Some(r),
+            Access::Exclusive(_) => None,
+        }
+    }
+
+    /// The lease this acquisition replaced (a crashed holder's), if any.
+    pub fn took_over_from(&self) -> Option<&LeaseRecord> {
+        match &self.access {
+            Access::Exclusive(e) => e.took_over_from.as_ref().map(|(r, _)| r),
+            Access::Shared(_) => None,
+        }
+    }
+
+    /// Why the replaced lease was free: expired, or the dead holder's evidence.
+    pub fn takeover_reason(&self) -> Option<&str> {
+        match &self.access {
+            Access::Exclusive(e) => e.took_over_from.as_ref().map(|(_, why)| why.as_str()),
+            Access::Shared(_) => None,
+        }
+    }
+
+    /// Fails if the lease could not be renewed (taken over, store unreachable
+    /// past the TTL). Jobs call this before committing a snapshot or deleting.
+    /// A reader's guard always fails: readers never commit.
+    pub fn ensure_held(&self) -> Result<()> {
+        match &self.access {
+            Access::Exclusive(e) => e.ensure_held(),
+            Access::Shared(r) => Err(Error::Internal(format!(
+                "a {} job of tenant {} holds a reader record, not the tenant lease: it cannot change the repository",
+                r.job(),
+                r.tenant()
+            ))),
+        }
+    }
+
+    /// The lease record as last written (writers).
+    pub async fn record(&self) -> Option<LeaseRecord> {
+        match &self.access {
+            Access::Exclusive(e) => Some(e.inner.state.lock().await.0.clone()),
+            Access::Shared(_) => None,
+        }
+    }
+
+    /// Releases the lease, or removes the reader record.
+    pub async fn release(self) {
+        match self.access {
+            Access::Exclusive(e) => e.release().await,
+            Access::Shared(r) => r.release().await,
+        }
+    }
+}
+
+impl Exclusive {
+    async fn acquire(
+        store: &TenantStore,
+        holder: &str,
+        process: Option<ProcessIdentity>,
+        job: &str,
+        ttl: Duration,
+    ) -> Result<Exclusive> {
         let name = ObjectName::Lease;
         for _ in 0..5 {
             let now = Utc::now();
@@ -107,6 +209,8 @@ impl LeaseGuard {
                 acquired_at: now,
                 expires_at: now + chrono_ttl(ttl),
                 released: false,
+                process: process.clone(),
+                renewed_at: Some(now),
             };
             let body = Bytes::from(serde_json::to_vec(&record).expect("lease serialises"));
             match store
@@ -130,16 +234,26 @@ impl LeaseGuard {
             };
             let current: Option<LeaseRecord> = serde_json::from_slice(&bytes).ok();
             let released = current.as_ref().is_some_and(|c| c.released);
+            let mut why = match &current {
+                Some(c) => format!("expired at {}", c.expires_at.to_rfc3339()),
+                None => "unreadable lease record".to_owned(),
+            };
             if let Some(cur) = &current
                 && !released
                 && cur.expires_at > now
                 && cur.holder != holder
             {
-                return Err(Error::LeaseContended {
-                    tenant: store.tenant().to_string(),
-                    holder: format!("{} ({})", cur.holder, cur.job),
-                    expires: cur.expires_at.to_rfc3339(),
-                });
+                // Live by its TTL: free at once only if its process is provably gone.
+                match cur.liveness() {
+                    Liveness::Dead(evidence) => why = format!("dead holder: {evidence}"),
+                    Liveness::Alive | Liveness::Unknown => {
+                        return Err(Error::LeaseContended {
+                            tenant: store.tenant().to_string(),
+                            holder: format!("{} ({})", cur.holder, cur.job),
+                            expires: cur.expires_at.to_rfc3339(),
+                        });
+                    }
+                }
             }
             let seen = UpdateVersion {
                 e_tag: meta.e_tag,
@@ -156,11 +270,14 @@ impl LeaseGuard {
                     tracing::warn!(
                         event = "lease.takeover",
                         tenant = %store.tenant(),
+                        lock = "lease",
                         previous_holder = current.as_ref().map(|c| c.holder.as_str()).unwrap_or("unreadable lease"),
                         previous_expiry = current.as_ref().map(|c| c.expires_at.to_rfc3339()).unwrap_or_default(),
-                        "took over an expired lease"
+                        reason = %why,
+                        "took over the lease ({why})"
                     );
-                    return Ok(Self::start(store, ttl, record, version(&r), current));
+                    let previous = current.map(|c| (c, why));
+                    return Ok(Self::start(store, ttl, record, version(&r), previous));
                 }
                 // Another process took it first, or it was released: try again.
                 Err(object_store::Error::Precondition { .. })
@@ -196,8 +313,8 @@ impl LeaseGuard {
         ttl: Duration,
         record: LeaseRecord,
         v: UpdateVersion,
-        took_over_from: Option<LeaseRecord>,
-    ) -> LeaseGuard {
+        took_over_from: Option<(LeaseRecord, String)>,
+    ) -> Exclusive {
         let inner = Arc::new(Inner {
             store: store.clone(),
             ttl,
@@ -223,7 +340,7 @@ impl LeaseGuard {
                 }
             }
         });
-        LeaseGuard {
+        Exclusive {
             inner,
             keepalive,
             stop,
@@ -231,14 +348,7 @@ impl LeaseGuard {
         }
     }
 
-    /// The expired lease this acquisition replaced (a crashed holder), if any.
-    pub fn took_over_from(&self) -> Option<&LeaseRecord> {
-        self.took_over_from.as_ref()
-    }
-
-    /// Fails if the lease could not be renewed (taken over, store unreachable
-    /// past the TTL). Jobs call this before committing a snapshot or deleting.
-    pub fn ensure_held(&self) -> Result<()> {
+    fn ensure_held(&self) -> Result<()> {
         if self.inner.lost.load(Ordering::SeqCst) {
             return Err(Error::LeaseContended {
                 tenant: self.inner.store.tenant().to_string(),
@@ -249,15 +359,11 @@ impl LeaseGuard {
         Ok(())
     }
 
-    pub async fn record(&self) -> LeaseRecord {
-        self.inner.state.lock().await.0.clone()
-    }
-
     /// Releases the lease if it is still ours: lets a renewal in flight
     /// finish (for up to a TTL), then marks the lease released with a
     /// conditional update of our own version. Transient store errors are
     /// retried: a lease left held blocks the tenant until it expires.
-    pub async fn release(mut self) {
+    async fn release(mut self) {
         self.stop.notify_one();
         if tokio::time::timeout(self.inner.ttl, &mut self.keepalive)
             .await
@@ -327,6 +433,66 @@ impl LeaseGuard {
     }
 }
 
+/// What `custos unlock` found in the lease object.
+#[derive(Debug, Clone)]
+pub struct StoredLease {
+    /// `None`: the object does not parse as a lease record.
+    pub record: Option<LeaseRecord>,
+    pub version: UpdateVersion,
+}
+
+/// Reads the tenant's lease object, if there is one.
+pub async fn read(store: &TenantStore) -> Result<Option<StoredLease>> {
+    Ok(store
+        .get_if_exists(&ObjectName::Lease)
+        .await?
+        .map(|(bytes, meta)| StoredLease {
+            record: serde_json::from_slice(&bytes).ok(),
+            version: UpdateVersion {
+                e_tag: meta.e_tag,
+                version: meta.version,
+            },
+        }))
+}
+
+/// Marks the lease seen as `seen` released, with a conditional update of
+/// that version: a lease renewed or taken over since is left alone (false).
+/// Never a delete, so no newer holder's lease can be removed.
+pub async fn mark_released(store: &TenantStore, seen: &StoredLease, by: &str) -> Result<bool> {
+    let now = Utc::now();
+    let record = match &seen.record {
+        Some(r) => LeaseRecord {
+            released: true,
+            expires_at: now,
+            ..r.clone()
+        },
+        None => LeaseRecord {
+            holder: by.to_owned(),
+            job: "unlock".into(),
+            acquired_at: now,
+            expires_at: now,
+            released: true,
+            process: None,
+            renewed_at: Some(now),
+        },
+    };
+    let body = Bytes::from(serde_json::to_vec(&record).expect("lease serialises"));
+    match store
+        .put_conditional(
+            &ObjectName::Lease,
+            body,
+            PutMode::Update(seen.version.clone()),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. }) => {
+            Ok(false)
+        }
+        Err(e) => Err(Exclusive::conditional_error(store, e)),
+    }
+}
+
 /// Renewal (and release) attempts before giving up. Renewals run every third
 /// of the TTL, so a few quick retries fit well inside it.
 const RENEW_ATTEMPTS: u32 = 4;
@@ -338,7 +504,9 @@ impl Inner {
     async fn renew(&self) -> Result<()> {
         let mut state = self.state.lock().await;
         let mut record = state.0.clone();
-        record.expires_at = Utc::now() + chrono_ttl(self.ttl);
+        let now = Utc::now();
+        record.expires_at = now + chrono_ttl(self.ttl);
+        record.renewed_at = Some(now);
         let body = Bytes::from(serde_json::to_vec(&record).expect("serialises"));
         let name = ObjectName::Lease;
         let fail = |e| Error::store("renew lease", self.store.display(&name), e);
@@ -385,7 +553,7 @@ impl Inner {
     }
 }
 
-impl Drop for LeaseGuard {
+impl Drop for Exclusive {
     fn drop(&mut self) {
         // Not released explicitly (panic, cancellation): stop renewing and let
         // the lease expire, rather than block in drop.
@@ -417,13 +585,13 @@ mod tests {
             .await
             .unwrap();
         // b "crashes": no renewal, the lease runs out, c takes over.
-        b.keepalive.abort();
-        std::mem::forget(b);
+        crash(b);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let c = LeaseGuard::acquire(&s, "c", "backup", Duration::from_secs(60))
             .await
             .unwrap();
-        assert_eq!(c.record().await.holder, "c");
+        assert_eq!(c.record().await.unwrap().holder, "c");
+        assert!(c.takeover_reason().unwrap().starts_with("expired at"));
         c.ensure_held().unwrap();
     }
 
@@ -461,6 +629,17 @@ mod tests {
                 .unwrap();
             assert!(b.took_over_from().is_none(), "round {round}");
             b.release().await;
+        }
+    }
+
+    /// A holder that dies without releasing: its keepalive stops, its record stays.
+    fn crash(g: LeaseGuard) {
+        match g.access {
+            Access::Exclusive(e) => {
+                e.keepalive.abort();
+                std::mem::forget(e);
+            }
+            Access::Shared(_) => unreachable!("a lease"),
         }
     }
 
@@ -505,7 +684,7 @@ mod tests {
     async fn release_adopts_a_version_of_its_own_lease_it_did_not_see() {
         let s = tstore();
         let a = take(&s, "a").await;
-        let mut renewed = a.record().await;
+        let mut renewed = a.record().await.unwrap();
         renewed.expires_at += chrono::Duration::seconds(20);
         put_record(&s, &renewed).await; // a new version, behind a's back
         a.release().await;
@@ -518,7 +697,7 @@ mod tests {
     async fn release_leaves_another_holders_lease_alone() {
         let s = tstore();
         let a = take(&s, "a").await;
-        let mut other = a.record().await;
+        let mut other = a.record().await.unwrap();
         other.holder = "b".into();
         put_record(&s, &other).await;
         a.release().await;
@@ -537,5 +716,127 @@ mod tests {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert_eq!(a.ensure_held().unwrap_err().kind(), "lease_contended");
+    }
+
+    /// A lease of a process `sleep` of this host, as it would write it.
+    fn lease_of(pid: u32, start_time: u64) -> LeaseRecord {
+        let now = Utc::now();
+        LeaseRecord {
+            holder: format!("{}:{pid}:0000", hostname()),
+            job: "backup".into(),
+            acquired_at: now,
+            expires_at: now + chrono::Duration::hours(1),
+            released: false,
+            process: Some(ProcessIdentity {
+                pid,
+                start_time,
+                ..holder::current().unwrap().clone()
+            }),
+            renewed_at: Some(now),
+        }
+    }
+
+    /// Nothing waits for a dead process of this host: a lease whose pid is
+    /// gone, or now belongs to another process (another start time), is taken
+    /// over at once, an hour before it expires; a live holder's is not, nor
+    /// is a record without a process identity (an older version's).
+    #[tokio::test]
+    async fn a_dead_holders_lease_is_taken_over_at_once_a_live_ones_is_not() {
+        let s = tstore();
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let holder::ProcState::Running { start_time } = holder::probe(pid) else {
+            panic!("sleep runs")
+        };
+        // Live holder: contended.
+        put_record(&s, &lease_of(pid, start_time)).await;
+        let err = LeaseGuard::acquire(&s, "b", "check", Duration::from_secs(60))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), "lease_contended");
+        // The same pid under another start time: a reused pid, the holder is gone.
+        put_record(&s, &lease_of(pid, start_time + 7)).await;
+        let b = take(&s, "b").await;
+        assert!(
+            b.takeover_reason()
+                .unwrap()
+                .contains("now belongs to another process"),
+            "{:?}",
+            b.takeover_reason()
+        );
+        assert_eq!(
+            b.took_over_from().unwrap().process.as_ref().unwrap().pid,
+            pid
+        );
+        b.release().await;
+        // The process exits: its lease is free at once.
+        put_record(&s, &lease_of(pid, start_time)).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let c = take(&s, "c").await;
+        assert!(
+            c.takeover_reason().unwrap().contains("no longer exists"),
+            "{:?}",
+            c.takeover_reason()
+        );
+        c.release().await;
+        // An old-format record (no process identity) waits for its TTL.
+        let mut old = lease_of(pid, start_time);
+        old.process = None;
+        put_record(&s, &old).await;
+        let err = LeaseGuard::acquire(&s, "d", "check", Duration::from_secs(60))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), "lease_contended");
+    }
+
+    /// `custos unlock` marks the lease released only if it is still the
+    /// version it saw: a renewal in between keeps the lease.
+    #[tokio::test]
+    async fn mark_released_is_conditional_on_the_version_seen() {
+        let s = tstore();
+        let a = take(&s, "a").await;
+        let seen = read(&s).await.unwrap().unwrap();
+        // a renews (a new version of its record) before the unlock writes.
+        let mut renewed = a.record().await.unwrap();
+        renewed.expires_at += chrono::Duration::seconds(20);
+        put_record(&s, &renewed).await;
+        assert!(!mark_released(&s, &seen, "unlock").await.unwrap());
+        assert_eq!(stored(&s).await.unwrap(), renewed, "left alone");
+        let seen = read(&s).await.unwrap().unwrap();
+        assert!(mark_released(&s, &seen, "unlock").await.unwrap());
+        let r = stored(&s).await.unwrap();
+        assert!(r.released && r.holder == "a", "{r:?}");
+        // A new holder gets the lease at once, without a crash report.
+        let b = take(&s, "b").await;
+        assert!(b.took_over_from().is_none(), "a released lease is free");
+        // An unreadable lease object is replaced by a released record.
+        s.put(&ObjectName::Lease, Bytes::from_static(b"garbage"))
+            .await
+            .unwrap();
+        let seen = read(&s).await.unwrap().unwrap();
+        assert!(seen.record.is_none());
+        assert!(mark_released(&s, &seen, "unlock").await.unwrap());
+        assert!(stored(&s).await.unwrap().released);
+        crash(a);
+    }
+
+    /// A reader's guard can never commit.
+    #[tokio::test]
+    async fn a_shared_guard_cannot_commit() {
+        let s = tstore();
+        let r = ReaderGuard::register(&s, "r", "restore", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let g = LeaseGuard::shared(r);
+        assert!(!g.is_exclusive());
+        assert_eq!(g.ensure_held().unwrap_err().kind(), "internal");
+        assert!(g.reader().unwrap().check().is_ok());
+        g.release().await;
     }
 }

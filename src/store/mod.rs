@@ -6,10 +6,13 @@
 //! (an `object_store::prefix::PrefixStore`) whose names are typed, so no code
 //! path can name another tenant's objects.
 
+pub mod deletions;
+pub mod holder;
 pub mod layout;
 pub mod lease;
 pub mod local;
 pub mod probe;
+pub mod readers;
 pub mod s3;
 pub mod tenant;
 

@@ -49,7 +49,8 @@ pub enum DrillReason {
     NoSnapshot,
     /// The scratch file system cannot hold the restore plus its reserve.
     InsufficientSpace,
-    /// Another job holds the tenant's lease (`lease_contended`).
+    /// Another job holds the tenant's lease (`lease_contended`), or the
+    /// drill's reader record lapsed (`reader_lost`): retry.
     LeaseContended,
     /// The tenant is shredded, being shredded or otherwise fenced
     /// (`tenant_unavailable`, `legal_hold`, `shred_verification_failed`).
@@ -124,7 +125,10 @@ impl DrillReason {
             Error::StoreConfig { .. } | Error::ConditionalWritesUnsupported { .. } => {
                 DrillReason::StoreError
             }
-            Error::LeaseContended { .. } => DrillReason::LeaseContended,
+            // Retryable: another job's lock, or this drill's reader record lapsed.
+            Error::LeaseContended { .. }
+            | Error::ReaderLost { .. }
+            | Error::ReadersActive { .. } => DrillReason::LeaseContended,
             Error::TenantState { .. }
             | Error::LegalHold { .. }
             | Error::ShredVerification { .. } => DrillReason::TenantUnavailable,

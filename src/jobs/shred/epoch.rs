@@ -122,7 +122,9 @@ pub(super) async fn run(
     }
     if SLOT.progress(repo.descriptor())?.deletion.is_none() {
         lease.ensure_held()?;
+        let announced = announce_deletion(repo, lease, epoch).await?;
         delete(repo, &journal, epoch).await?;
+        crate::jobs::deletion::finish(repo, announced).await?;
     }
     let rewrap_to = repo
         .descriptor()
@@ -360,6 +362,36 @@ async fn epoch_objects(repo: &Repo, epoch: u32) -> Result<Vec<Listed>> {
         .collect();
     out.extend(objects_with_epoch(repo.store(), sealed, epoch, false).await);
     Ok(out)
+}
+
+/// Before the epoch's objects go: publishes them in a deletion plan (readers
+/// that start from now on leave them out) and waits for the readers that
+/// started before. Still reading after `reader_wait`: fails `readers_active`
+/// (retryable; the shred resumes here), nothing deleted.
+async fn announce_deletion(
+    repo: &Repo,
+    lease: &LeaseGuard,
+    epoch: u32,
+) -> Result<crate::jobs::deletion::Announced> {
+    let mut plan = crate::store::deletions::DeletionPlan::new(&repo.context().holder, "shred");
+    for l in epoch_objects(repo, epoch).await? {
+        match l.name {
+            Some(ObjectName::Envelope(e)) => plan.envelopes.push(e),
+            Some(ObjectName::Index(id)) => plan.index.push(id),
+            Some(ObjectName::Pack(id)) => plan.packs.push(id),
+            _ => {}
+        }
+    }
+    let announced = crate::jobs::deletion::announce(repo, lease, plan).await?;
+    if let crate::jobs::deletion::Readers::Busy { readers, waited } = &announced.readers {
+        return Err(Error::ReadersActive {
+            tenant: repo.tenant().to_string(),
+            readers: readers.join(", "),
+            waited: humantime::format_duration(std::time::Duration::from_secs(waited.as_secs()))
+                .to_string(),
+        });
+    }
+    Ok(announced)
 }
 
 /// Step 1: record the request and the re-wrap target in the descriptor.

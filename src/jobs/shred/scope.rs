@@ -59,12 +59,13 @@ impl ScopeObject {
 }
 
 /// Objects a tenant shred covers: all under the tenant prefix but the
-/// descriptor (kept: it carries the fence and outlives the shred) and the
-/// lease (bookkeeping of the running job).
+/// descriptor (kept: it carries the fence and outlives the shred), the
+/// lease (bookkeeping of the running job) and reader records (bookkeeping
+/// of readers, which may register beside the shred and then find it).
 pub fn in_tenant_scope(l: &Listed) -> bool {
     !matches!(
         l.name,
-        Some(ObjectName::Descriptor) | Some(ObjectName::Lease)
+        Some(ObjectName::Descriptor) | Some(ObjectName::Lease) | Some(ObjectName::Reader(_))
     )
 }
 
