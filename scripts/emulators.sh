@@ -17,9 +17,20 @@
 # Settings (environment):
 #   CUSTOS_EMULATOR      localstack | moto | auto (default: auto = LocalStack, else moto)
 #   CUSTOS_EMU_DIR       state directory (default: <repo>/.emu)
-#   CUSTOS_LS_PORT       LocalStack port (default 4566)
-#   CUSTOS_MOTO_PORT     moto port (default 5000)
+#   CUSTOS_LS_PORT       LocalStack port (default: a free loopback port)
+#   CUSTOS_MOTO_PORT     moto port (default: a free loopback port)
 #   CUSTOS_EMU_TIMEOUT   seconds to wait for readiness (default 120)
+#
+# Ports: unless CUSTOS_LS_PORT / CUSTOS_MOTO_PORT name one (then that port is
+# used, and a port already taken is an error), `start` asks the kernel for a
+# free port on 127.0.0.1, so a run never depends on what else listens on the
+# machine (another checkout's LocalStack on 4566, a moto on 5000). LocalStack
+# also gets a free range for its external-service ports
+# (EXTERNAL_SERVICE_PORTS_START/END, 4510-4560 by default). Should another
+# process take the port between the choice and the emulator's bind, the
+# emulator is stopped and started again on another port. The port in use is
+# recorded in CUSTOS_EMU_DIR (<kind>.port), where `stop`, `status` and `env`
+# find it; the `export` lines carry it in AWS_ENDPOINT_URL.
 #
 # Logs go to stderr; only the export lines go to stdout.
 
@@ -27,8 +38,13 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 EMU_DIR=${CUSTOS_EMU_DIR:-$ROOT/.emu}
-LS_PORT=${CUSTOS_LS_PORT:-4566}
-MOTO_PORT=${CUSTOS_MOTO_PORT:-5000}
+# Ports the caller asked for (empty: pick free ones at start).
+LS_PORT_WANTED=${CUSTOS_LS_PORT:-}
+MOTO_PORT_WANTED=${CUSTOS_MOTO_PORT:-}
+# LocalStack's external-service port range: this many ports after the gateway's.
+LS_EXT_PORTS=10
+# Starts tried when the chosen port is taken before the emulator binds it.
+START_ATTEMPTS=4
 TIMEOUT=${CUSTOS_EMU_TIMEOUT:-120}
 REGION=us-east-1
 ACCESS_KEY="test"
@@ -53,7 +69,27 @@ now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 pid_file() { printf '%s/%s.pid\n' "$EMU_DIR" "$1"; }
-port_of() { if [[ $1 == localstack ]]; then echo "$LS_PORT"; else echo "$MOTO_PORT"; fi; }
+port_file() { printf '%s/%s.port\n' "$EMU_DIR" "$1"; }
+wanted_port() { if [[ $1 == localstack ]]; then echo "$LS_PORT_WANTED"; else echo "$MOTO_PORT_WANTED"; fi; }
+default_port() { if [[ $1 == localstack ]]; then echo 4566; else echo 5000; fi; }
+env_port_name() { if [[ $1 == localstack ]]; then echo CUSTOS_LS_PORT; else echo CUSTOS_MOTO_PORT; fi; }
+
+# The port emulator KIND listens on: the one recorded when it was started; for
+# an emulator started before ports were recorded, the one asked for, else the
+# old fixed default.
+port_of() {
+    local kind=$1 f p
+    f=$(port_file "$kind")
+    if [[ -f $f ]]; then
+        p=$(<"$f")
+        if [[ $p =~ ^[0-9]+$ ]]; then
+            echo "$p"
+            return 0
+        fi
+    fi
+    p=$(wanted_port "$kind")
+    echo "${p:-$(default_port "$kind")}"
+}
 endpoint_of() { printf 'http://127.0.0.1:%s\n' "$(port_of "$1")"; }
 
 # --- python -------------------------------------------------------------------
@@ -147,19 +183,154 @@ port_busy() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
+# A python for the small helpers below (the system's, else a venv's).
+helper_python() {
+    local p
+    for p in python3 "$LS_VENV/bin/python" "$MOTO_VENV/bin/python"; do
+        if command -v "$p" >/dev/null 2>&1; then
+            echo "$p"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# free_ports N: prints P such that 127.0.0.1:P .. P+N-1 are all free now. P is
+# what the kernel hands out for a bind to port 0; the others are checked by
+# binding them (all held at once, then released).
+free_ports() {
+    local n=$1 py
+    py=$(helper_python) || { log "no python3 to pick a free port with"; return 1; }
+    "$py" - "$n" <<'PY'
+import socket
+import sys
+
+n = int(sys.argv[1])
+for _ in range(50):
+    held = []
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        held.append(s)
+        s.bind(("127.0.0.1", 0))
+        base = s.getsockname()[1]
+        if base + n - 1 > 65535:
+            continue
+        for p in range(base + 1, base + n):
+            t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(t)
+            t.bind(("127.0.0.1", p))
+        print(base)
+        sys.exit(0)
+    except OSError:
+        continue
+    finally:
+        for s in held:
+            s.close()
+sys.exit("no free block of %d ports on 127.0.0.1" % n)
+PY
+}
+
+# port_owner PGID PORT: who listens on PORT (any local address): `ours` (a
+# process of process group PGID, the emulator this script started with
+# setsid), `other`, or `none`.
+port_owner() {
+    local py
+    py=$(helper_python) || { echo unknown; return 0; }
+    "$py" - "$1" "$2" <<'PY'
+import os
+import sys
+
+pgid, port = int(sys.argv[1]), int(sys.argv[2])
+inodes = set()
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    try:
+        rows = open(table).read().splitlines()[1:]
+    except OSError:
+        continue
+    for row in rows:
+        f = row.split()
+        if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+            inodes.add(f[9])
+if not inodes:
+    print("none")
+    sys.exit(0)
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        stat = open("/proc/%s/stat" % pid).read()
+        if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
+            continue
+        for fd in os.listdir("/proc/%s/fd" % pid):
+            try:
+                link = os.readlink("/proc/%s/fd/%s" % (pid, fd))
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                print("ours")
+                sys.exit(0)
+    except (OSError, ValueError, IndexError):
+        continue
+print("other")
+PY
+}
+
+# launch KIND: starts KIND on the port asked for, else on a free one, and
+# waits until it is healthy. Returns 0 when ready, 1 on failure.
 launch() {
-    local kind=$1 port pid
-    port=$(port_of "$kind")
-    if port_busy "$port"; then
-        die "port $port on 127.0.0.1 is already in use by a process this script did not start; stop it or set CUSTOS_$([[ $kind == localstack ]] && echo LS || echo MOTO)_PORT"
+    local kind=$1 wanted attempt rc
+    wanted=$(wanted_port "$kind")
+    for ((attempt = 1; attempt <= START_ATTEMPTS; attempt++)); do
+        rc=0
+        launch_once "$kind" "$wanted" || rc=$?
+        case $rc in
+            0) return 0 ;;
+            2)
+                # Lost the race for a port we picked: pick another.
+                [[ -z $wanted ]] || return 1
+                log "retrying $kind on another port (attempt $((attempt + 1)) of $START_ATTEMPTS)"
+                ;;
+            *) return 1 ;;
+        esac
+    done
+    log "$kind: no free port could be kept after $START_ATTEMPTS attempts"
+    return 1
+}
+
+# launch_once KIND WANTED: one start. Returns 0 when ready, 2 when the port
+# was taken by another process before the emulator bound it, 1 otherwise.
+launch_once() {
+    local kind=$1 wanted=$2 port pid ext_start="" ext_end="" base owner
+    if [[ -n $wanted ]]; then
+        [[ $wanted =~ ^[0-9]+$ ]] && ((wanted > 0 && wanted < 65536)) \
+            || die "$(env_port_name "$kind") must be a port number, not '$wanted'"
+        port=$wanted
+        if port_busy "$port"; then
+            die "port $port on 127.0.0.1 is already in use by a process this script did not start; stop it, or unset $(env_port_name "$kind") to use a free port"
+        fi
+        if [[ $kind == localstack ]]; then
+            base=$(free_ports "$LS_EXT_PORTS") || return 1
+            ext_start=$base
+            ext_end=$((base + LS_EXT_PORTS - 1))
+        fi
+    elif [[ $kind == localstack ]]; then
+        # The gateway, then its external-service range, in one free block.
+        base=$(free_ports $((LS_EXT_PORTS + 1))) || return 1
+        port=$base
+        ext_start=$((base + 1))
+        ext_end=$((base + LS_EXT_PORTS))
+    else
+        port=$(free_ports 1) || return 1
     fi
     mkdir -p "$EMU_DIR"
     : >"$LOG_FILE"
+    echo "$port" >"$(port_file "$kind")"
     if [[ $kind == localstack ]]; then
         mkdir -p "$EMU_DIR/ls-fs/tmp"
         # GATEWAY_SERVER=hypercorn binds only 127.0.0.1 (the default binds 0.0.0.0);
         # TMPDIR keeps it from thinking it runs in its own container and wiping /tmp/localstack.
+        # DNS_ADDRESS=0 starts no DNS server (port 53); EXTERNAL_SERVICE_PORTS_* move the
+        # range LocalStack hands to external services off its shared default 4510-4560.
         env GATEWAY_LISTEN="127.0.0.1:$port" LOCALSTACK_HOST="127.0.0.1:$port" GATEWAY_SERVER=hypercorn \
+            EXTERNAL_SERVICE_PORTS_START="$ext_start" EXTERNAL_SERVICE_PORTS_END="$ext_end" \
             SERVICES=s3,kms EAGER_SERVICE_LOADING=1 DNS_ADDRESS=0 SKIP_SSL_CERT_DOWNLOAD=1 \
             DISABLE_EVENTS=1 \
             FILESYSTEM_ROOT="$EMU_DIR/ls-fs" TMPDIR="$EMU_DIR/ls-fs/tmp" \
@@ -167,25 +338,41 @@ launch() {
             setsid nohup "$LS_VENV/bin/python" -m localstack.runtime.main \
             >"$LOG_FILE" 2>&1 </dev/null &
         pid=$!
+        log "starting localstack on 127.0.0.1:$port (external-service ports $ext_start-$ext_end)"
     else
         env AWS_EC2_METADATA_DISABLED=true \
             setsid nohup "$MOTO_VENV/bin/moto_server" -H 127.0.0.1 -p "$port" \
             >"$LOG_FILE" 2>&1 </dev/null &
         pid=$!
+        log "starting moto on 127.0.0.1:$port"
     fi
     echo "$pid" >"$(pid_file "$kind")"
     local t0 deadline
     t0=$(now)
     deadline=$((SECONDS + TIMEOUT))
     while ((SECONDS < deadline)); do
-        if healthy "$kind"; then
+        # Someone else's listener on our port: we lost the race for it (and a
+        # health check would be answered by that process, not ours).
+        owner=$(port_owner "$pid" "$port") || owner=unknown
+        if [[ $owner == other ]]; then
+            log "port $port was taken by another process before $kind could bind it"
+            stop_kind "$kind"
+            rm -f "$(port_file "$kind")"
+            return 2
+        fi
+        if [[ $owner != none ]] && healthy "$kind"; then
             log "$kind ready on $(endpoint_of "$kind") (pid $pid) after $(elapsed "$t0") s"
             return 0
         fi
         if ! kill -0 "$pid" 2>/dev/null; then
+            if grep -Eqi 'address already in use|errno 98' "$LOG_FILE"; then
+                log "$kind could not bind port $port (already in use)"
+                rm -f "$(pid_file "$kind")" "$(port_file "$kind")"
+                return 2
+            fi
             log "$kind exited during startup; last lines of ${LOG_FILE#"$ROOT"/}:"
             tail -n 30 "$LOG_FILE" >&2
-            rm -f "$(pid_file "$kind")"
+            rm -f "$(pid_file "$kind")" "$(port_file "$kind")"
             return 1
         fi
         sleep 0.5
@@ -193,12 +380,13 @@ launch() {
     log "$kind not ready after ${TIMEOUT} s; last lines of ${LOG_FILE#"$ROOT"/}:"
     tail -n 30 "$LOG_FILE" >&2
     stop_kind "$kind"
+    rm -f "$(port_file "$kind")"
     return 1
 }
 
 stop_kind() {
     local kind=$1 pid i
-    pid=$(running_pid "$kind") || { rm -f "$(pid_file "$kind")"; return 0; }
+    pid=$(running_pid "$kind") || { rm -f "$(pid_file "$kind")" "$(port_file "$kind")"; return 0; }
     log "stopping $kind (pid $pid)"
     # The emulator leads its own session (setsid), so signal its process group.
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
@@ -210,7 +398,7 @@ stop_kind() {
         log "$kind did not stop within 10 s; sending SIGKILL"
         kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
     fi
-    rm -f "$(pid_file "$kind")"
+    rm -f "$(pid_file "$kind")" "$(port_file "$kind")"
 }
 
 # --- resources ------------------------------------------------------------------
@@ -328,6 +516,9 @@ cmd_start() {
         if [[ $want == auto || $want == "$kind" ]]; then
             healthy "$kind" || die "$kind runs (pid $(running_pid "$kind")) but is not healthy; run '$0 stop' and start again"
             log "$kind already running on $(endpoint_of "$kind")"
+            if [[ -n $(wanted_port "$kind") && $(wanted_port "$kind") != $(port_of "$kind") ]]; then
+                log "note: it runs on port $(port_of "$kind"), not $(env_port_name "$kind")=$(wanted_port "$kind"); run '$0 stop' then '$0 start' to move it"
+            fi
             if [[ $kind == moto && $want == auto ]]; then
                 log "note: moto ignores KMS key states; for LocalStack run '$0 stop' then '$0 start'"
             fi

@@ -11,8 +11,10 @@ Needs: cryptography (AES-GCM, HKDF), blake3, zstandard.
 """
 
 import base64
+import datetime
 import json
 import os
+import re
 import struct
 import sys
 
@@ -119,6 +121,23 @@ def zstd_decompress(data):
     return zstandard.ZstdDecompressor().decompressobj().decompress(data)
 
 
+def instant(text):  # §8: `time` ordered as an instant (RFC 3339, up to nanoseconds)
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)", text)
+    if m is None:
+        raise Fail("bad time %r" % text)
+    whole = datetime.datetime.fromisoformat(m[1] + ("+00:00" if m[3] == "Z" else m[3]))
+    seconds = (whole - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)) // datetime.timedelta(seconds=1)
+    return seconds * 10**9 + int((m[2] or "").ljust(9, "0"))
+
+
+def text_or_b64(e, name):  # §9: `name` or `name_b64`; null counts as absent
+    if e.get(name) is not None:
+        return e[name].encode()
+    if e.get(name + "_b64") is not None:
+        return base64.b64decode(e[name + "_b64"])
+    return None
+
+
 def main(store, keys_dir, tenant_name, wanted, target):
     t = Tenant(store, keys_dir, tenant_name)
     # §8: snapshots; choose the requested one (or the newest).
@@ -128,7 +147,7 @@ def main(store, keys_dir, tenant_name, wanted, target):
         doc = json.loads(plain)
         assert doc["id"] == name and doc["tenant"] == tenant_name and doc["epoch"] == epoch
         snaps.append(doc)
-    snaps.sort(key=lambda s: s["time"])
+    snaps.sort(key=lambda s: (instant(s["time"]), s["id"]))
     snap = snaps[-1] if wanted == "latest" else next(s for s in snaps if s["id"].startswith(wanted))
     epoch = snap["epoch"]
 
@@ -137,9 +156,14 @@ def main(store, keys_dir, tenant_name, wanted, target):
     def pack_exists(pack):
         return os.path.exists(os.path.join(t.root, "packs", pack[:2], pack))
 
+    # §10: the snapshot's blobs are all listed by index files of its epoch;
+    # those of other epochs (a shredded one's included) are not needed.
     index = {}
     for name in os.listdir(os.path.join(t.root, "index")):
-        _, plain = t.open_stream(t.read("index", name), b"I", bytes.fromhex(name))
+        obj = t.read("index", name)
+        if struct.unpack(">I", obj[8:12])[0] != epoch:
+            continue
+        _, plain = t.open_stream(obj, b"I", bytes.fromhex(name))
         pos = 0
         while pos < len(plain):
             pack = plain[pos : pos + 32].hex()
@@ -175,22 +199,20 @@ def main(store, keys_dir, tenant_name, wanted, target):
     links = {}  # §9: hard-link group (the `hardlink` path) -> first name restored
     for line in lines[:-1]:
         e = json.loads(line)
-        path = e["path"].encode() if "path" in e else base64.b64decode(e["path_b64"])
+        path = text_or_b64(e, "path")
         parts = path.split(b"/")
-        assert path and all(p not in (b"", b".", b"..") for p in parts)
+        assert path and b"\x00" not in path and all(p not in (b"", b".", b"..") for p in parts)
         dest = os.path.join(os.fsencode(target), path)
         mtime = e["mtime_ns"]
         if e["type"] == "dir":
             os.makedirs(dest, exist_ok=True)
-            dirs.append((dest, e["mode"], mtime))
+            dirs.append((dest, e["mode"] & 0o7777, mtime))
         elif e["type"] == "symlink":
-            link = e["target"].encode() if "target" in e else base64.b64decode(e["target_b64"])
+            link = text_or_b64(e, "target")
             os.symlink(link, dest)
             os.utime(dest, ns=(mtime, mtime), follow_symlinks=False)
         else:
-            group = e["hardlink"].encode() if "hardlink" in e else None
-            if "hardlink_b64" in e:
-                group = base64.b64decode(e["hardlink_b64"])
+            group = text_or_b64(e, "hardlink")
             if group is not None and group in links:
                 os.link(links[group], dest)  # content, mode and mtime are the first name's
                 continue
@@ -202,7 +224,7 @@ def main(store, keys_dir, tenant_name, wanted, target):
                     f.write(chunk)
             if total != e.get("size", 0):
                 raise Fail("size mismatch for %r" % path)
-            os.chmod(dest, e["mode"])
+            os.chmod(dest, e["mode"] & 0o7777)
             os.utime(dest, ns=(mtime, mtime))
             if group is not None:
                 links[group] = dest

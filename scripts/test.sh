@@ -2,6 +2,11 @@
 # Runs every test of custos: starts the S3 + KMS emulators (LocalStack, else
 # moto) on loopback, then the whole cargo test suite with the emulator tests
 # switched on (they fail, never skip, when CUSTOS_TEST_EMULATORS=1).
+#
+# The emulators get free loopback ports (unless CUSTOS_LS_PORT / CUSTOS_MOTO_PORT
+# name them), so a run does not depend on what else listens on the machine,
+# e.g. another checkout's LocalStack on 4566; the tests take the endpoint from
+# AWS_ENDPOINT_URL, which the emulators' `export` lines set to that port.
 # This is the README's test command and exactly what CI (.ci/run) runs.
 #
 # To test against a real MinIO + LocalStack/AWS instead, export the AWS_* and
@@ -46,6 +51,7 @@ if [[ $started_here == 1 ]]; then
     cat .emu/start.log >&2
     # shellcheck disable=SC1091
     source .emu/env.sh
+    echo "test.sh: emulator $CUSTOS_EMULATOR at $AWS_ENDPOINT_URL" >&2
 fi
 export CUSTOS_TEST_EMULATORS=1 AWS_EC2_METADATA_DISABLED=true
 
