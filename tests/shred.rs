@@ -1164,3 +1164,51 @@ fn an_independent_verifier_accepts_the_certificate() {
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stderr).contains("INVALID"));
 }
+
+/// An index file of a shredded epoch that the store kept (Object Lock, a
+/// versioned bucket, or put back by whoever writes the store) is ciphertext
+/// nobody can read: it must not take the tenant's live epochs down with it.
+/// It once failed every later restore, check and backup with `epoch_shredded`.
+#[test]
+fn a_retained_index_of_a_shredded_epoch_does_not_break_the_tenant() {
+    let cli = installation(&["acme"]);
+    ok(&cli, &["backup", "acme"]);
+    assert_eq!(roll_epoch(&cli, "acme"), 2);
+    fs::write(cli.path().join("src/acme/new.txt"), "epoch 2\n").unwrap();
+    ok(&cli, &["backup", "acme"]);
+    let index_dir = cli.path().join("store/tenants/acme/index");
+    let kept: Vec<(PathBuf, Vec<u8>)> = fs::read_dir(&index_dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let b = fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    ok(&cli, &["forget", "acme", "--keep-last", "1"]);
+    ok(
+        &cli,
+        &["shred", "acme", "--epoch", "1", "--confirm", "acme", "--reason", "test"],
+    );
+    let mut put_back = 0;
+    for (path, bytes) in &kept {
+        if !path.exists() {
+            fs::write(path, bytes).unwrap();
+            put_back += 1;
+        }
+    }
+    assert!(put_back >= 1, "the epoch shred deleted epoch 1's index file");
+
+    let target = cli.path().join("restored");
+    ok(
+        &cli,
+        &["restore", "acme", "latest", "--target", target.to_str().unwrap()],
+    );
+    assert_eq!(
+        fs::read_to_string(target.join("new.txt")).unwrap(),
+        "epoch 2\n"
+    );
+    let check = ok(&cli, &["check", "acme", "--read-data", "--json"]).json();
+    assert_eq!(check["ok"], true, "{check}");
+    ok(&cli, &["backup", "acme"]);
+}
