@@ -853,3 +853,62 @@ fn a_tenant_shred_cuts_a_restore_off_cleanly() {
         r.stdout
     );
 }
+
+/// `custos unlock --force` removes live readers' records; a prune then
+/// deletes what they were reading. Each reader must fail with `reader_lost`
+/// (a restore may instead complete byte-exact), and at its end, not only if
+/// a renewal (every third of the TTL) happens to notice: before the fix a
+/// `check --read-data` reported the pruned packs as `missing_object` faults
+/// (corruption that is not there) and the restore failed `missing_object`.
+#[test]
+fn readers_cut_off_by_unlock_force_fail_as_lost_not_as_corruption() {
+    let site = Site::local();
+    let root = site.path().to_owned();
+    let data1 = root.join("data1");
+    tree(&data1, "old", 6, 8);
+    site.policy(&data1, None, &site.key);
+    site.ok(&["backup", "alpha"]);
+    let s1 = snapshot_ids(&site)[0].clone();
+    let data2 = root.join("data2");
+    tree(&data2, "new", 1, 1);
+    site.policy(&data2, None, &site.key);
+    site.ok(&["backup", "alpha"]);
+
+    let slow = [(
+        "CUSTOS_FAULTS",
+        "latency=1,latency_max=2s,ops=get,paths=packs/",
+    )];
+    let target = root.join("restored");
+    let mut check = site.spawn(&["check", "alpha", "--read-data", "--json"], &slow);
+    let restore = site.spawn(
+        &[
+            "restore",
+            "alpha",
+            &s1,
+            "--target",
+            target.to_str().unwrap(),
+            "--json",
+        ],
+        &slow,
+    );
+    wait_until("both readers register", &mut check, || readers(&site) >= 2);
+    site.ok(&["unlock", "alpha", "--force"]);
+    assert_eq!(readers(&site), 0, "unlock --force removed both records");
+    let pruned = site.json(&["forget", "alpha", "--keep-last", "1", "--prune"]);
+    assert!(pruned["prune"]["deferred"].is_null(), "{pruned}");
+
+    let (code, out, err) = finish_streams(check);
+    let doc: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    assert_ne!(code, 0, "{out}\n{err}");
+    assert_eq!(doc["error"]["kind"], "reader_lost", "{out}\n{err}");
+    let (code, out, err) = finish_streams(restore);
+    if code == 0 {
+        common::assert_same(&data1, &target.join("data"));
+    } else {
+        let doc: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+        assert_eq!(doc["error"]["kind"], "reader_lost", "{out}\n{err}");
+    }
+    // Nothing was corrupt: a check now finds no fault.
+    let check = site.json(&["check", "alpha", "--read-data"]);
+    assert_eq!(check["faults"], serde_json::json!([]), "{check}");
+}

@@ -172,7 +172,12 @@ where
         Ok(()) => record_access(ctx, tenant, what, f(&repo)).await,
         Err(e) => Err(e),
     };
-    let result = result.and_then(|v| reader.check().map(|()| v));
+    // As `settle_reader`: a reader whose record lapsed or was removed does
+    // not report what it read, failed or not.
+    let result = match (reader.confirm().await, result) {
+        (Err(lost), _) => Err(lost),
+        (Ok(()), result) => result,
+    };
     reader.release().await;
     repo.forget_keys().await;
     result
@@ -357,9 +362,14 @@ async fn settle_reader<T>(
     {
         return Err(fenced);
     }
-    match reader.check() {
-        Err(lost) if result.is_err() || spec.job != JobKind::Restore => Err(lost),
-        _ => result,
+    if result.is_ok() && spec.job == JobKind::Restore {
+        return result;
+    }
+    // Read back from the store, not only as the keepalive last saw it: a
+    // record removed since its last renewal must fail the reader too.
+    match reader.confirm().await {
+        Err(lost) => Err(lost),
+        Ok(()) => result,
     }
 }
 
