@@ -912,3 +912,76 @@ fn readers_cut_off_by_unlock_force_fail_as_lost_not_as_corruption() {
     let check = site.json(&["check", "alpha", "--read-data"]);
     assert_eq!(check["faults"], serde_json::json!([]), "{check}");
 }
+
+/// An epoch shred with a re-wrap ends by destroying the tenant's old key. A
+/// reader that registered after the shred's deletion plan (so the shred did
+/// not wait for it there) and read an envelope while it was still under the
+/// old key must not have that key destroyed before it unwraps. Before the
+/// fix a check beside the shred failed on the destroyed key, as if the
+/// tenant's live data were lost; now the shred waits for it before the
+/// destruction (as `rotate --schedule-old-key-deletion` does).
+#[test]
+fn an_epoch_shred_destroys_no_key_a_reader_is_about_to_use() {
+    let site = Site::local();
+    let root = site.path().to_owned();
+    let data1 = root.join("data1");
+    tree(&data1, "old", 1, 1);
+    site.policy(&data1, None, &site.key);
+    site.ok(&["backup", "alpha"]);
+    site.ok(&["rotate", "alpha", "--new-epoch"]);
+    let data2 = root.join("data2");
+    tree(&data2, "new", 1, 1);
+    site.policy(&data2, None, &site.key);
+    site.ok(&["backup", "alpha"]);
+    site.ok(&["forget", "alpha", "--keep-last", "1", "--prune"]);
+
+    // A live reader of this host holds the shred in its wait before deleting.
+    let (mut sleeper, start) = live_process();
+    let pid = sleeper.id();
+    plant_reader(
+        &site,
+        &format!("host:{pid}:live"),
+        Some(identity(pid, start)),
+        chrono::Duration::hours(1),
+    );
+    let mut shred = site.spawn(
+        &[
+            "shred",
+            "alpha",
+            "--epoch",
+            "1",
+            "--rewrap",
+            "--confirm",
+            "alpha",
+            "--json",
+        ],
+        &[],
+    );
+    let plans = site.cli.store().join("tenants/alpha/locks/deletions");
+    wait_until("the shred publishes its plan", &mut shred, || {
+        fs::read_dir(&plans).is_ok_and(|mut d| d.next().is_some())
+    });
+    // A check registers after the plan and reads epoch 2's envelope, still
+    // under the old key; its key provider answers slowly.
+    let mut check = site.spawn(
+        &["check", "alpha", "--json"],
+        &[("CUSTOS_KEY_FAULTS", "unwrap_delay=10s")],
+    );
+    wait_until("the check registers", &mut check, || readers(&site) >= 2);
+    std::thread::sleep(Duration::from_millis(1500));
+    // The planted reader's process ends: the shred goes on.
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+
+    let (code, out, err) = finish_streams(check);
+    assert_eq!(code, 0, "the check beside the shred:\n{out}\n{err}");
+    let doc: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    assert_eq!(doc["result"]["faults"], serde_json::json!([]), "{out}");
+    let (code, out) = finish(shred);
+    assert_eq!(code, 0, "the shred:\n{out}");
+    // The key is destroyed now, and the tenant reads under the new one.
+    assert!(site.path().join("keys/alpha.destroyed").exists());
+    site.policy(&data2, None, "local:alpha-2");
+    let check = site.json(&["check", "alpha", "--read-data"]);
+    assert_eq!(check["faults"], serde_json::json!([]), "{check}");
+}
