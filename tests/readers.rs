@@ -985,3 +985,55 @@ fn an_epoch_shred_destroys_no_key_a_reader_is_about_to_use() {
     let check = site.json(&["check", "alpha", "--read-data"]);
     assert_eq!(check["faults"], serde_json::json!([]), "{check}");
 }
+
+/// A reader record that never goes away (here one a store writer planted,
+/// naming another host and an expiry far away) defers every prune: denial,
+/// which a store writer may cause, but it must be said plainly on the
+/// summary (before: "deleted 0 unused … 0 B freed", the deferral only in a
+/// log event), and `custos unlock --force` must clear it.
+#[test]
+fn a_deferred_prune_says_so_and_unlock_force_clears_a_planted_reader() {
+    let site = Site::local();
+    let config = site.path().join("custos.toml");
+    let mut text = fs::read_to_string(&config).unwrap();
+    text.push_str("[daemon]\nreader_wait = \"1s\"\n");
+    fs::write(&config, text).unwrap();
+    let root = site.path().to_owned();
+    let data1 = root.join("data1");
+    tree(&data1, "old", 2, 1);
+    site.policy(&data1, None, &site.key);
+    site.ok(&["backup", "alpha"]);
+    let data2 = root.join("data2");
+    tree(&data2, "new", 1, 1);
+    site.policy(&data2, None, &site.key);
+    site.ok(&["backup", "alpha"]);
+    site.ok(&["forget", "alpha", "--keep-last", "1"]);
+    let planted = plant_reader(
+        &site,
+        "elsewhere:1:planted",
+        None,
+        chrono::Duration::days(365 * 100),
+    );
+    let before = packs(&site);
+
+    let r = site.ok(&["prune", "alpha"]);
+    assert!(
+        r.stdout.contains("prune deferred") && r.stdout.contains("elsewhere:1:planted"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(packs(&site), before, "nothing deleted under the reader");
+    let r = site.ok(&["unlock", "alpha"]);
+    assert!(r.stdout.contains("kept"), "{}", r.stdout);
+    assert!(
+        planted.exists(),
+        "a live-looking record stays without --force"
+    );
+    site.ok(&["unlock", "alpha", "--force"]);
+    assert!(!planted.exists());
+    let r = site.ok(&["prune", "alpha"]);
+    assert!(!r.stdout.contains("deferred"), "{}", r.stdout);
+    assert!(packs(&site) < before, "{}", r.stdout);
+    let check = site.json(&["check", "alpha", "--read-data"]);
+    assert_eq!(check["faults"], serde_json::json!([]), "{check}");
+}
