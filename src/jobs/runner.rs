@@ -344,7 +344,7 @@ async fn acquire(ctx: &Context, spec: &JobSpec<'_>, repo: &mut Repo) -> Result<L
 /// The end of a reader's run. A tenant shred is the one writer that may cut
 /// readers off: whatever broke then (a key destroyed, objects gone), the
 /// reader fails naming the shred (`tenant_unavailable`). A reader whose record
-/// lapsed (see [`ReaderGuard::check`]) fails with `reader_lost`: a deleter may
+/// lapsed or was removed (see [`ReaderGuard::confirm`]) fails with `reader_lost`: a deleter may
 /// have ignored it, so what it found cannot be trusted, except a restore that
 /// completed (every blob it wrote was authenticated and hashed to its id).
 async fn settle_reader<T>(
