@@ -853,3 +853,187 @@ fn a_tenant_shred_cuts_a_restore_off_cleanly() {
         r.stdout
     );
 }
+
+/// `custos unlock --force` removes live readers' records; a prune then
+/// deletes what they were reading. Each reader must fail with `reader_lost`
+/// (a restore may instead complete byte-exact), and at its end, not only if
+/// a renewal (every third of the TTL) happens to notice: before the fix a
+/// `check --read-data` reported the pruned packs as `missing_object` faults
+/// (corruption that is not there) and the restore failed `missing_object`.
+#[test]
+fn readers_cut_off_by_unlock_force_fail_as_lost_not_as_corruption() {
+    let site = Site::local();
+    let root = site.path().to_owned();
+    let data1 = root.join("data1");
+    tree(&data1, "old", 6, 8);
+    site.policy(&data1, None, &site.key);
+    site.ok(&["backup", "alpha"]);
+    let s1 = snapshot_ids(&site)[0].clone();
+    let data2 = root.join("data2");
+    tree(&data2, "new", 1, 1);
+    site.policy(&data2, None, &site.key);
+    site.ok(&["backup", "alpha"]);
+
+    let slow = [(
+        "CUSTOS_FAULTS",
+        "latency=1,latency_max=2s,ops=get,paths=packs/",
+    )];
+    let target = root.join("restored");
+    let mut check = site.spawn(&["check", "alpha", "--read-data", "--json"], &slow);
+    let restore = site.spawn(
+        &[
+            "restore",
+            "alpha",
+            &s1,
+            "--target",
+            target.to_str().unwrap(),
+            "--json",
+        ],
+        &slow,
+    );
+    wait_until("both readers register", &mut check, || readers(&site) >= 2);
+    site.ok(&["unlock", "alpha", "--force"]);
+    assert_eq!(readers(&site), 0, "unlock --force removed both records");
+    let pruned = site.json(&["forget", "alpha", "--keep-last", "1", "--prune"]);
+    assert!(pruned["prune"]["deferred"].is_null(), "{pruned}");
+
+    let (code, out, err) = finish_streams(check);
+    let doc: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    assert_ne!(code, 0, "{out}\n{err}");
+    assert_eq!(doc["error"]["kind"], "reader_lost", "{out}\n{err}");
+    let (code, out, err) = finish_streams(restore);
+    if code == 0 {
+        common::assert_same(&data1, &target.join("data"));
+    } else {
+        let doc: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+        assert_eq!(doc["error"]["kind"], "reader_lost", "{out}\n{err}");
+    }
+    // Nothing was corrupt: a check now finds no fault.
+    let check = site.json(&["check", "alpha", "--read-data"]);
+    assert_eq!(check["faults"], serde_json::json!([]), "{check}");
+}
+
+/// An epoch shred with a re-wrap ends by destroying the tenant's old key. A
+/// reader that registered after the shred's deletion plan (so the shred did
+/// not wait for it there) and read an envelope while it was still under the
+/// old key must not have that key destroyed before it unwraps. Before the
+/// fix a check beside the shred failed on the destroyed key, as if the
+/// tenant's live data were lost; now the shred waits for it before the
+/// destruction (as `rotate --schedule-old-key-deletion` does).
+#[test]
+fn an_epoch_shred_destroys_no_key_a_reader_is_about_to_use() {
+    let site = Site::local();
+    let root = site.path().to_owned();
+    let data1 = root.join("data1");
+    tree(&data1, "old", 1, 1);
+    site.policy(&data1, None, &site.key);
+    site.ok(&["backup", "alpha"]);
+    site.ok(&["rotate", "alpha", "--new-epoch"]);
+    let data2 = root.join("data2");
+    tree(&data2, "new", 1, 1);
+    site.policy(&data2, None, &site.key);
+    site.ok(&["backup", "alpha"]);
+    site.ok(&["forget", "alpha", "--keep-last", "1", "--prune"]);
+
+    // A live reader of this host holds the shred in its wait before deleting.
+    let (mut sleeper, start) = live_process();
+    let pid = sleeper.id();
+    plant_reader(
+        &site,
+        &format!("host:{pid}:live"),
+        Some(identity(pid, start)),
+        chrono::Duration::hours(1),
+    );
+    let mut shred = site.spawn(
+        &[
+            "shred",
+            "alpha",
+            "--epoch",
+            "1",
+            "--rewrap",
+            "--confirm",
+            "alpha",
+            "--json",
+        ],
+        &[],
+    );
+    let plans = site.cli.store().join("tenants/alpha/locks/deletions");
+    wait_until("the shred publishes its plan", &mut shred, || {
+        fs::read_dir(&plans).is_ok_and(|mut d| d.next().is_some())
+    });
+    // A check registers after the plan and reads epoch 2's envelope, still
+    // under the old key; its key provider answers slowly.
+    let mut check = site.spawn(
+        &["check", "alpha", "--json"],
+        &[("CUSTOS_KEY_FAULTS", "unwrap_delay=10s")],
+    );
+    wait_until("the check registers", &mut check, || readers(&site) >= 2);
+    std::thread::sleep(Duration::from_millis(1500));
+    // The planted reader's process ends: the shred goes on.
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+
+    let (code, out, err) = finish_streams(check);
+    assert_eq!(code, 0, "the check beside the shred:\n{out}\n{err}");
+    let doc: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    assert_eq!(doc["result"]["faults"], serde_json::json!([]), "{out}");
+    let (code, out) = finish(shred);
+    assert_eq!(code, 0, "the shred:\n{out}");
+    // The key is destroyed now, and the tenant reads under the new one.
+    assert!(site.path().join("keys/alpha.destroyed").exists());
+    site.policy(&data2, None, "local:alpha-2");
+    let check = site.json(&["check", "alpha", "--read-data"]);
+    assert_eq!(check["faults"], serde_json::json!([]), "{check}");
+}
+
+/// A reader record that never goes away (here one a store writer planted,
+/// naming another host and an expiry far away) defers every prune: denial,
+/// which a store writer may cause, but it must be said plainly on the
+/// summary (before: "deleted 0 unused … 0 B freed", the deferral only in a
+/// log event), and `custos unlock --force` must clear it.
+#[test]
+fn a_deferred_prune_says_so_and_unlock_force_clears_a_planted_reader() {
+    let site = Site::local();
+    let config = site.path().join("custos.toml");
+    let mut text = fs::read_to_string(&config).unwrap();
+    text.push_str("[daemon]\nreader_wait = \"1s\"\n");
+    fs::write(&config, text).unwrap();
+    let root = site.path().to_owned();
+    let data1 = root.join("data1");
+    tree(&data1, "old", 2, 1);
+    site.policy(&data1, None, &site.key);
+    site.ok(&["backup", "alpha"]);
+    let data2 = root.join("data2");
+    tree(&data2, "new", 1, 1);
+    site.policy(&data2, None, &site.key);
+    site.ok(&["backup", "alpha"]);
+    site.ok(&["forget", "alpha", "--keep-last", "1"]);
+    let planted = plant_reader(
+        &site,
+        "elsewhere:1:planted",
+        None,
+        chrono::Duration::days(365 * 100),
+    );
+    let before = packs(&site);
+
+    let r = site.ok(&["prune", "alpha"]);
+    assert!(
+        r.stdout.contains("prune deferred") && r.stdout.contains("elsewhere:1:planted"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(packs(&site), before, "nothing deleted under the reader");
+    let r = site.ok(&["unlock", "alpha"]);
+    assert!(r.stdout.contains("kept"), "{}", r.stdout);
+    assert!(
+        planted.exists(),
+        "a live-looking record stays without --force"
+    );
+    site.ok(&["unlock", "alpha", "--force"]);
+    assert!(!planted.exists());
+    let r = site.ok(&["prune", "alpha"]);
+    assert!(!r.stdout.contains("deferred"), "{}", r.stdout);
+    assert!(packs(&site) < before, "{}", r.stdout);
+    let check = site.json(&["check", "alpha", "--read-data"]);
+    assert_eq!(check["faults"], serde_json::json!([]), "{check}");
+}

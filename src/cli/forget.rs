@@ -119,6 +119,9 @@ pub async fn run_forget(config: Option<&Path>, args: ForgetArgs) -> ExitCode {
             "removed"
         };
         println!("{} kept, {} {verb}", r.forget.kept, r.forget.removed);
+        if let Some(d) = &r.forget.deferred {
+            print_deferred("forget", d);
+        }
         if let Some(p) = &r.prune {
             print_prune(p);
         }
@@ -211,5 +214,22 @@ fn print_prune(p: &PruneReport) {
         p.packs_repacked,
         human_bytes(p.bytes_freed),
         human_bytes(p.bytes_written)
+    );
+    if let Some(d) = &p.deferred {
+        print_deferred("prune", d);
+    }
+}
+
+/// A deleter that deferred says so on its summary, not only in a log event:
+/// "deleted 0" alone would read as "nothing to delete". A reader record that
+/// never goes away (one planted in the store, a reader on a host that died)
+/// defers every run; `custos unlock` shows and, with `--force`, removes it.
+fn print_deferred(job: &str, d: &crate::jobs::deletion::Deferred) {
+    println!(
+        "{job} deferred: {} object(s) kept for {} reader(s) still reading after {}s: {}; the next forget or prune deletes them (`custos unlock` lists reader records)",
+        d.objects,
+        d.readers.len(),
+        d.waited_s,
+        d.readers.join(", ")
     );
 }

@@ -110,6 +110,25 @@ pub async fn announce(repo: &Repo, lease: &LeaseGuard, plan: DeletionPlan) -> Re
     Ok(Announced { id, plan, readers })
 }
 
+/// Before a key that wrapped the tenant's envelopes is destroyed (an epoch
+/// shred's re-wrap, `rotate --replace-cmk --schedule-old-key-deletion`).
+/// Every envelope is under the new key by then, but a reader that registered
+/// before may have read one under the old key and not yet unwrapped it: the
+/// key destroyed under it, it would fail as if the tenant's data were lost.
+/// Waits for the readers live now (those that register later read only moved
+/// envelopes), at most `reader_wait`; still reading then: `readers_active`
+/// (retryable: the job resumes at this step, nothing destroyed).
+pub async fn wait_before_destroying_keys(repo: &Repo, job: &str) -> Result<()> {
+    match wait_for_readers(repo, job).await? {
+        Readers::Clear { .. } => Ok(()),
+        Readers::Busy { readers, waited } => Err(crate::error::Error::ReadersActive {
+            tenant: repo.tenant().to_string(),
+            readers: readers.join(", "),
+            waited: humantime::format_duration(Duration::from_secs(waited.as_secs())).to_string(),
+        }),
+    }
+}
+
 /// Step 4's end: removes the plan (its objects are deleted), and any older
 /// plan none of whose objects is left (a deferred or interrupted deleter's).
 pub async fn finish(repo: &Repo, announced: Announced) -> Result<()> {

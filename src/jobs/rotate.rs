@@ -684,6 +684,8 @@ impl Run<'_> {
             .await?;
             match verdicts.first().map(|v| &v.verdict) {
                 Some(Verdict::Destroy { .. }) => {
+                    crate::jobs::deletion::wait_before_destroying_keys(&self.repo, "rotate")
+                        .await?;
                     let provider = ctx.keys.for_key(&old)?;
                     let destruction = provider.destroy(&old, days).await?;
                     ownership::record_destroyed(&ctx, store.tenant(), std::slice::from_ref(&old))?;

@@ -172,7 +172,12 @@ where
         Ok(()) => record_access(ctx, tenant, what, f(&repo)).await,
         Err(e) => Err(e),
     };
-    let result = result.and_then(|v| reader.check().map(|()| v));
+    // As `settle_reader`: a reader whose record lapsed or was removed does
+    // not report what it read, failed or not.
+    let result = match (reader.confirm().await, result) {
+        (Err(lost), _) => Err(lost),
+        (Ok(()), result) => result,
+    };
     reader.release().await;
     repo.forget_keys().await;
     result
@@ -339,7 +344,7 @@ async fn acquire(ctx: &Context, spec: &JobSpec<'_>, repo: &mut Repo) -> Result<L
 /// The end of a reader's run. A tenant shred is the one writer that may cut
 /// readers off: whatever broke then (a key destroyed, objects gone), the
 /// reader fails naming the shred (`tenant_unavailable`). A reader whose record
-/// lapsed (see [`ReaderGuard::check`]) fails with `reader_lost`: a deleter may
+/// lapsed or was removed (see [`ReaderGuard::confirm`]) fails with `reader_lost`: a deleter may
 /// have ignored it, so what it found cannot be trusted, except a restore that
 /// completed (every blob it wrote was authenticated and hashed to its id).
 async fn settle_reader<T>(
@@ -357,9 +362,14 @@ async fn settle_reader<T>(
     {
         return Err(fenced);
     }
-    match reader.check() {
-        Err(lost) if result.is_err() || spec.job != JobKind::Restore => Err(lost),
-        _ => result,
+    if result.is_ok() && spec.job == JobKind::Restore {
+        return result;
+    }
+    // Read back from the store, not only as the keepalive last saw it: a
+    // record removed since its last renewal must fail the reader too.
+    match reader.confirm().await {
+        Err(lost) => Err(lost),
+        Ok(()) => result,
     }
 }
 

@@ -2,7 +2,9 @@
 //! calls fail as an unreachable or throttling KMS would (after the SDK's own
 //! retries). For tests and manual runs: `CUSTOS_KEY_FAULTS=unreachable`,
 //! `throttled`, or `rate=<p>` (a transient failure with probability p per
-//! call, half unreachable, half throttled). A key disabled mid-job needs no
+//! call, half unreachable, half throttled), or `unwrap_delay=<duration>`
+//! (every unwrap reaches the provider that much later, as from a slow KMS:
+//! the envelope was read before, the key is asked after). A key disabled mid-job needs no
 //! injection: disable it (local key file, or the KMS) while the job runs.
 
 use std::sync::{Arc, Mutex};
@@ -22,6 +24,8 @@ pub enum KeyFaults {
     Throttled,
     /// Each call fails transiently with this probability.
     Rate(f64),
+    /// Every unwrap waits this long before it reaches the provider.
+    UnwrapDelay(std::time::Duration),
 }
 
 impl KeyFaults {
@@ -29,6 +33,11 @@ impl KeyFaults {
         match spec.trim() {
             "unreachable" => Ok(KeyFaults::Unreachable),
             "throttled" => Ok(KeyFaults::Throttled),
+            other if other.starts_with("unwrap_delay=") => {
+                humantime::parse_duration(&other["unwrap_delay=".len()..])
+                    .map(KeyFaults::UnwrapDelay)
+                    .map_err(|e| format!("CUSTOS_KEY_FAULTS={other:?}: {e}"))
+            }
             other => other
                 .strip_prefix("rate=")
                 .and_then(|p| p.parse::<f64>().ok())
@@ -36,7 +45,7 @@ impl KeyFaults {
                 .map(KeyFaults::Rate)
                 .ok_or_else(|| {
                     format!(
-                        "CUSTOS_KEY_FAULTS={other:?}: expected unreachable, throttled or rate=<0..1>"
+                        "CUSTOS_KEY_FAULTS={other:?}: expected unreachable, throttled, rate=<0..1> or unwrap_delay=<duration>"
                     )
                 }),
         }
@@ -88,7 +97,7 @@ impl FaultyKeyProvider {
                     Err(throttled())
                 }
             }
-            KeyFaults::Rate(_) => Ok(()),
+            KeyFaults::Rate(_) | KeyFaults::UnwrapDelay(_) => Ok(()),
         }
     }
 }
@@ -135,6 +144,9 @@ impl KeyProvider for FaultyKeyProvider {
         ctx: &WrapContext,
     ) -> Result<DataKey, KeyError> {
         self.fault(key)?;
+        if let KeyFaults::UnwrapDelay(d) = self.faults {
+            tokio::time::sleep(d).await;
+        }
         self.inner.unwrap(key, wrapped, ctx).await
     }
 

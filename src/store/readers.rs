@@ -307,6 +307,47 @@ impl ReaderGuard {
         }
     }
 
+    /// [`ReaderGuard::check`], and then the record read back from the store:
+    /// it must still be the one this reader last wrote. The keepalive looks
+    /// only every third of the TTL, so a record removed or rewritten since
+    /// (`custos unlock --force`, a deleter whose clock ran ahead and judged it
+    /// expired, a store writer) would go unnoticed by a reader that ends
+    /// before its next renewal, and it would report as corruption what the
+    /// deleter then removed. Readers call this at their end, before their
+    /// result is trusted; a record that cannot be read back is not confirmed.
+    pub async fn confirm(&self) -> Result<()> {
+        self.check()?;
+        let lost = |reason: String| {
+            Err(Error::ReaderLost {
+                tenant: self.tenant().to_string(),
+                reason,
+            })
+        };
+        {
+            // Waits for a renewal in flight: the record is then the one it wrote.
+            let state = self.inner.state.lock().await;
+            match self.inner.store.get_if_exists(&self.inner.name).await {
+                Ok(Some((bytes, _)))
+                    if serde_json::from_slice::<ReaderRecord>(&bytes).ok().as_ref()
+                        == Some(&state.0) => {}
+                Ok(Some(_)) => {
+                    return lost(
+                        "the record was rewritten by another process while reading".into(),
+                    );
+                }
+                Ok(None) => {
+                    return lost(
+                        "the record was removed while reading (custos unlock --force, or a deleter found it stale)"
+                            .into(),
+                    );
+                }
+                Err(e) => return lost(format!("the record could not be read back: {e}")),
+            }
+        }
+        // A renewal that failed while we looked.
+        self.check()
+    }
+
     /// Stops renewing (after a renewal in flight) and removes the record.
     pub async fn release(mut self) {
         self.stop.notify_one();
@@ -448,6 +489,23 @@ mod tests {
         assert!(err.is_transient(), "retryable");
         // The renewal did not bring it back.
         assert!(list(&s).await.unwrap().is_empty());
+        r.release().await;
+    }
+
+    /// Removed between two renewals: `check` cannot know yet, `confirm`
+    /// reads the record back and does.
+    #[tokio::test]
+    async fn a_record_removed_before_the_next_renewal_is_noticed_by_confirm() {
+        let s = tstore();
+        let r = ReaderGuard::register(&s, "h:1:aa", "check", Duration::from_secs(3600))
+            .await
+            .unwrap();
+        r.confirm().await.unwrap();
+        remove(&s, r.id()).await.unwrap();
+        r.check().unwrap();
+        let err = r.confirm().await.unwrap_err();
+        assert_eq!(err.kind(), "reader_lost");
+        assert!(err.to_string().contains("removed while reading"), "{err}");
         r.release().await;
     }
 

@@ -138,6 +138,7 @@ pub(super) async fn run(
         }
         if SLOT.progress(repo.descriptor())?.keys.is_none() {
             lease.ensure_held()?;
+            crate::jobs::deletion::wait_before_destroying_keys(repo, "shred").await?;
             keys(repo, &journal, to).await?;
         }
     }
