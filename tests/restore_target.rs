@@ -449,6 +449,58 @@ fn root_without_chown_restores_without_owners_or_set_id_bits() {
     assert_eq!(fs::read(target.join("data/tool")).unwrap(), b"#!/bin/sh\n");
 }
 
+/// Not root, owners are not restored: a setuid or setgid file from the
+/// tenant's source would come back set-id to the user custos runs as (who
+/// can read every tenant's keys), runnable by anyone who can reach it. Files
+/// come back without set-id bits; other bits (sticky on a directory) stay.
+#[test]
+fn a_non_root_restore_gives_no_set_id_bits() {
+    if !is_root() || !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("skipped: needs root (to hand the installation to a user) and setpriv");
+        return;
+    }
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    fs::create_dir_all(data.join("shared")).unwrap();
+    for (name, mode) in [("suid", 0o4755), ("sgid", 0o2755), ("both", 0o6711)] {
+        fs::write(data.join(name), "#!/bin/sh\nid\n").unwrap();
+        fs::set_permissions(data.join(name), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    fs::set_permissions(data.join("shared"), fs::Permissions::from_mode(0o1777)).unwrap();
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    // The whole installation (config, keys, state, store) belongs to the
+    // unprivileged user custos runs as.
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "4242:4242"])
+        .arg(cli.path())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let target = cli.path().join("r");
+    let out = std::process::Command::new("/usr/bin/setpriv")
+        .args(["--reuid=4242", "--regid=4242", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_custos"))
+        .arg("--config")
+        .arg(cli.path().join("custos.toml"))
+        .args(["restore", "acme", "latest", "--target"])
+        .arg(&target)
+        .env("CUSTOS_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for (name, mode) in [("suid", 0o755), ("sgid", 0o755), ("both", 0o711)] {
+        let m = fs::metadata(target.join("data").join(name)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (4242, 4242), "{name}");
+        assert_eq!(m.mode() & 0o7777, mode, "{name}: no set-id bit for the restoring user");
+    }
+    assert_eq!(
+        fs::metadata(target.join("data/shared")).unwrap().mode() & 0o7777,
+        0o1777
+    );
+}
+
 /// Issue 12, item 4: hard links came back as separate copies. They are
 /// recorded at backup (read once), restored as links, also across
 /// directories; under `--include` the first selected name of a group gets
