@@ -611,3 +611,55 @@ fn leftover_key_material_is_swept_at_start_and_by_a_shred() {
     // Beta's key is untouched.
     cli.ok(&["check", "beta", "--read-data"]);
 }
+
+/// A drill restores a tenant's decrypted files into a private directory
+/// (0700) it creates in its scratch parent. A parent another local user can
+/// change (theirs, or writable without the sticky bit, e.g. a
+/// `/tmp/custos-drills` they created first) let them rename that directory
+/// and put their own in its place, which the restore then filled: refused
+/// before anything is restored. A sticky parent (`/tmp`) stays accepted.
+#[test]
+fn a_drill_scratch_parent_others_can_change_is_refused() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    common::make_tree(&data, 2);
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    let parent = cli.path().join("scratch");
+    fs::create_dir(&parent).unwrap();
+    let drill = |cli: &Cli| {
+        let r = cli.run(&["drill", "acme", "--json", "--target", parent.to_str().unwrap()]);
+        let report = r.json()["result"].clone();
+        (r.code, report, r.stderr)
+    };
+    let (code, r, err) = drill(&cli);
+    assert_eq!(code, 0, "{r}\n{err}");
+    let mut loose = vec![0o777, 0o770, 0o722];
+    if euid() == 0 {
+        loose.push(0o755); // and given to another user below
+    }
+    for mode in loose {
+        chmod(&parent, mode);
+        if mode == 0o755 {
+            std::os::unix::fs::chown(&parent, Some(65534), None).unwrap();
+        }
+        let (code, r, err) = drill(&cli);
+        assert_eq!(code, 1, "{mode:o}: {r}\n{err}");
+        assert_eq!(r["reason"], "insecure_permissions", "{mode:o}: {r}");
+        assert!(
+            r["message"]
+                .as_str()
+                .unwrap()
+                .contains(&parent.display().to_string()),
+            "{r}"
+        );
+        assert!(r["scratch"]["dir"].is_null(), "nothing created: {r}");
+        assert_eq!(fs::read_dir(&parent).unwrap().count(), 0);
+    }
+    if euid() == 0 {
+        std::os::unix::fs::chown(&parent, Some(0), None).unwrap();
+    }
+    chmod(&parent, 0o1777);
+    let (code, r, err) = drill(&cli);
+    assert_eq!(code, 0, "sticky, as /tmp: {r}\n{err}");
+}
