@@ -663,3 +663,29 @@ fn a_drill_scratch_parent_others_can_change_is_refused() {
     let (code, r, err) = drill(&cli);
     assert_eq!(code, 0, "sticky, as /tmp: {r}\n{err}");
 }
+
+/// A second name of a key file elsewhere on the file system (a hard link an
+/// admin's copy tool or an earlier root process made) was silently kept
+/// when a rotation renamed a new key file over it: that inode, with every
+/// version of the key so far, survived the shred, whose certificate still
+/// said the key was destroyed. A key file with other names is not replaced.
+#[test]
+fn a_key_file_with_another_name_is_not_replaced() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    common::make_tree(&data, 2);
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    let key = cli.path().join("keys/acme.key");
+    let elsewhere = cli.path().join("copy-of-acme.key");
+    fs::hard_link(&key, &elsewhere).unwrap();
+    let before = fs::read(&key).unwrap();
+    let r = cli.run(&["rotate", "acme", "--cmk"]);
+    assert_ne!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("2 names"), "{}", r.stderr);
+    assert_eq!(fs::read(&key).unwrap(), before, "key file unchanged");
+    // A shred overwrites the key file's inode: the other name holds zeros.
+    cli.ok(&["shred", "acme", "--confirm", "acme"]);
+    let left = fs::read(&elsewhere).unwrap();
+    assert!(left.iter().all(|&b| b == 0), "material left in the other name");
+}
