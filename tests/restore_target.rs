@@ -235,6 +235,64 @@ fn a_directory_swapped_for_another_keeps_its_own_owner_and_mode() {
     assert_eq!(temp_files(&target), Vec::<PathBuf>::new());
 }
 
+/// Without `--overwrite` the target must be empty, but that is checked once,
+/// at the start. A directory made by someone else (who can write where it
+/// goes) after that, at a name the restore then needs, was used as it was:
+/// the restore filled it and finished it with the stored owner and mode,
+/// together with whatever the other user had put in it. It is refused.
+#[test]
+fn a_directory_that_appears_mid_restore_is_not_used_without_overwrite() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    fs::create_dir_all(data.join("a")).unwrap();
+    for i in 0..3000 {
+        fs::write(data.join(format!("a/f{i:05}")), format!("{i}\n")).unwrap();
+    }
+    fs::create_dir_all(data.join("z")).unwrap();
+    fs::write(data.join("z/f"), "tenant\n").unwrap();
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    let mut planted_runs = 0;
+    for attempt in 0..5 {
+        let target = cli.path().join(format!("target{attempt}"));
+        let z = target.join("data/z");
+        let stop = Arc::new(AtomicBool::new(false));
+        let attacker = {
+            let (stop, z) = (stop.clone(), z.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if fs::create_dir(&z).is_ok() {
+                        fs::write(z.join("planted"), "not the tenant's").unwrap();
+                        return true;
+                    }
+                    std::thread::yield_now();
+                }
+                false
+            })
+        };
+        let r = restore(&cli, &target, &[]);
+        stop.store(true, Ordering::Relaxed);
+        let planted = attacker.join().unwrap();
+        if !planted {
+            assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+            continue;
+        }
+        planted_runs += 1;
+        assert_eq!(
+            error_kind(&r),
+            "unsafe_target",
+            "the restore used a directory it did not make: code {}, {}",
+            r.code,
+            r.stdout
+        );
+        assert!(r.stdout.contains("appeared while restoring"), "{}", r.stdout);
+        assert!(!z.join("f").exists(), "nothing restored into it");
+        assert_eq!(temp_files(&target), Vec::<PathBuf>::new());
+        break;
+    }
+    assert!(planted_runs > 0, "the race never ran");
+}
+
 /// Issue 12, item 3: `--target link/` followed the symlink that `--target
 /// link` is refused for. Both are refused, as are `link/.` and `link//`,
 /// with `unsafe_target`, and nothing is written where the link points. A

@@ -376,14 +376,25 @@ impl Restorer<'_> {
     fn make_dir(&mut self, parent: &OwnedFd, e: &Entry) -> Result<Arc<OwnedFd>> {
         let name = file_name(&e.path);
         let dir = parent.as_fd();
-        let fd = match rustix::fs::mkdirat(dir, name, Mode::RWXU) {
-            Ok(()) | Err(Errno::EXIST) => match beneath::open_dir(dir, name) {
-                Ok(fd) => fd,
-                Err(err) if matches!(err.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
-                    self.replace_with_dir(dir, e)?
-                }
-                Err(err) => return Err(self.io(&e.path, err)),
-            },
+        match rustix::fs::mkdirat(dir, name, Mode::RWXU) {
+            Ok(()) => {}
+            Err(Errno::EXIST) if self.overwrite => {}
+            // Without --overwrite the target was empty when the restore
+            // began: a directory here now was made by someone else, who may
+            // have put files in it (and would get it owned as stored).
+            Err(Errno::EXIST) => {
+                return Err(self.unsafe_target(
+                    &e.path,
+                    "appeared while restoring; without --overwrite nothing already there is used",
+                ));
+            }
+            Err(err) => return Err(self.io(&e.path, err)),
+        }
+        let fd = match beneath::open_dir(dir, name) {
+            Ok(fd) => fd,
+            Err(err) if matches!(err.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                self.replace_with_dir(dir, e)?
+            }
             Err(err) => return Err(self.io(&e.path, err)),
         };
         // Owner-writable until the end, whatever the stored mode, so content
