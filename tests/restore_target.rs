@@ -285,7 +285,11 @@ fn a_directory_that_appears_mid_restore_is_not_used_without_overwrite() {
             r.code,
             r.stdout
         );
-        assert!(r.stdout.contains("appeared while restoring"), "{}", r.stdout);
+        assert!(
+            r.stdout.contains("appeared while restoring"),
+            "{}",
+            r.stdout
+        );
         assert!(!z.join("f").exists(), "nothing restored into it");
         assert_eq!(temp_files(&target), Vec::<PathBuf>::new());
         break;
@@ -551,7 +555,11 @@ fn a_non_root_restore_gives_no_set_id_bits() {
     for (name, mode) in [("suid", 0o755), ("sgid", 0o755), ("both", 0o711)] {
         let m = fs::metadata(target.join("data").join(name)).unwrap();
         assert_eq!((m.uid(), m.gid()), (4242, 4242), "{name}");
-        assert_eq!(m.mode() & 0o7777, mode, "{name}: no set-id bit for the restoring user");
+        assert_eq!(
+            m.mode() & 0o7777,
+            mode,
+            "{name}: no set-id bit for the restoring user"
+        );
     }
     assert_eq!(
         fs::metadata(target.join("data/shared")).unwrap().mode() & 0o7777,

@@ -628,7 +628,13 @@ fn a_drill_scratch_parent_others_can_change_is_refused() {
     let parent = cli.path().join("scratch");
     fs::create_dir(&parent).unwrap();
     let drill = |cli: &Cli| {
-        let r = cli.run(&["drill", "acme", "--json", "--target", parent.to_str().unwrap()]);
+        let r = cli.run(&[
+            "drill",
+            "acme",
+            "--json",
+            "--target",
+            parent.to_str().unwrap(),
+        ]);
         let report = r.json()["result"].clone();
         (r.code, report, r.stderr)
     };
@@ -687,5 +693,8 @@ fn a_key_file_with_another_name_is_not_replaced() {
     // A shred overwrites the key file's inode: the other name holds zeros.
     cli.ok(&["shred", "acme", "--confirm", "acme"]);
     let left = fs::read(&elsewhere).unwrap();
-    assert!(left.iter().all(|&b| b == 0), "material left in the other name");
+    assert!(
+        left.iter().all(|&b| b == 0),
+        "material left in the other name"
+    );
 }

@@ -44,7 +44,11 @@ pub fn ensure_parent(parent: &Path) -> Result<()> {
         .mode(0o700)
         .create(parent)
         .map_err(|e| Error::io(parent, e))?;
-    secure_fs::check_dir(parent, "drill scratch directory", secure_fs::Kind::StickyDir)?;
+    secure_fs::check_dir(
+        parent,
+        "drill scratch directory",
+        secure_fs::Kind::StickyDir,
+    )?;
     Ok(())
 }
 
