@@ -698,3 +698,67 @@ fn a_key_file_with_another_name_is_not_replaced() {
         "material left in the other name"
     );
 }
+
+/// A crash must leave no key bytes in a core file, and another process of
+/// the user custos runs as must not read its memory (`/proc/<pid>/mem`,
+/// ptrace): custos runs with no core limit and not dumpable (its `/proc`
+/// entries then belong to root).
+#[test]
+fn no_core_dumps_and_no_memory_reads_by_the_same_user() {
+    if euid() != 0 || !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("skipped: needs root (to run custos as another user) and setpriv");
+        return;
+    }
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    common::make_tree(&data, 2);
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "4242:4242"])
+        .arg(cli.path())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let mut child = std::process::Command::new("/usr/bin/setpriv")
+        .args(["--reuid=4242", "--regid=4242", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_custos"))
+        .arg("--config")
+        .arg(cli.path().join("custos.toml"))
+        .arg("daemon")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let proc_dir = Path::new("/proc").join(child.id().to_string());
+    // setpriv execs custos in place: wait until the pid runs custos.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fs::read_link(proc_dir.join("exe"))
+        .map(|p| !p.to_string_lossy().contains("custos"))
+        .unwrap_or(true)
+    {
+        assert!(std::time::Instant::now() < deadline, "custos did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let limits = fs::read_to_string(proc_dir.join("limits")).unwrap_or_default();
+    let mem_owner = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(proc_dir.join("mem")).map(|m| m.uid())
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>();
+    assert_eq!(&core[4..6], ["0", "0"], "{limits}");
+    assert_eq!(
+        mem_owner.unwrap(),
+        0,
+        "not dumpable: its memory is not the user's to read"
+    );
+}
