@@ -195,12 +195,9 @@ fn aws_kms_settings(cfg: &crate::config::Config) -> crate::keys::aws_kms::AwsKms
 pub fn default_actor(role: &str) -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata("/proc/self")
-                .map(|m| format!("uid{}", m.uid()))
-                .unwrap_or_else(|_| "unknown".into())
-        });
+        // Not the owner of /proc/self: custos is not dumpable (see main), so
+        // that is root whoever runs it.
+        .unwrap_or_else(|_| format!("uid{}", crate::secure_fs::euid()));
     format!("{role}:{user}@{}", crate::store::lease::hostname())
 }
 

@@ -1,4 +1,5 @@
 fn main() -> std::process::ExitCode {
+    no_core_dumps();
     bounded_allocator_retention();
     custos::cli::main()
 }
@@ -18,5 +19,25 @@ fn bounded_allocator_retention() {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
         }
+    }
+}
+
+/// custos holds key material in memory (CMKs read from local key files, data
+/// keys): a crash must not write it to a core file (in the working
+/// directory, or kept by systemd-coredump), and another process of the same
+/// user must not read it through ptrace or `/proc/<pid>/mem`. No core limit,
+/// and not dumpable (which also covers a `core_pattern` pipe, where the core
+/// limit does not apply).
+fn no_core_dumps() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setrlimit and prctl take plain values and only change this
+    // process's own limits and flags; called before any other thread exists.
+    unsafe {
+        let zero = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &zero);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
     }
 }

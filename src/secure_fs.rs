@@ -74,6 +74,11 @@ pub enum Kind {
     PrivateDir,
     /// A directory others may read (policies): the fix is `chmod go-w`.
     Dir,
+    /// A directory custos makes its own private directories in (a drill's
+    /// scratch parent): others may write it only if it is sticky (`/tmp`),
+    /// so that they cannot rename what custos made there and put their own
+    /// directory, or a symlink, in its place.
+    StickyDir,
     File,
 }
 
@@ -108,7 +113,7 @@ fn check(path: &Path, what: &str, kind: Kind) -> Result<(), CheckError> {
             ),
         ));
     }
-    if mode & 0o022 != 0 {
+    if mode & 0o022 != 0 && !(kind == Kind::StickyDir && mode & 0o1000 != 0) {
         let (could, fix) = match kind {
             Kind::PrivateDir => (
                 "plant, replace or remove files in it",
@@ -117,6 +122,10 @@ fn check(path: &Path, what: &str, kind: Kind) -> Result<(), CheckError> {
             Kind::Dir => (
                 "plant, replace or remove files in it",
                 format!("chmod go-w {shown}"),
+            ),
+            Kind::StickyDir => (
+                "move what custos creates in it and put their own in its place",
+                format!("chmod go-w {shown} (or chmod +t, as /tmp)"),
             ),
             Kind::File => ("change it", format!("chmod go-w {shown}")),
         };

@@ -235,6 +235,68 @@ fn a_directory_swapped_for_another_keeps_its_own_owner_and_mode() {
     assert_eq!(temp_files(&target), Vec::<PathBuf>::new());
 }
 
+/// Without `--overwrite` the target must be empty, but that is checked once,
+/// at the start. A directory made by someone else (who can write where it
+/// goes) after that, at a name the restore then needs, was used as it was:
+/// the restore filled it and finished it with the stored owner and mode,
+/// together with whatever the other user had put in it. It is refused.
+#[test]
+fn a_directory_that_appears_mid_restore_is_not_used_without_overwrite() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    fs::create_dir_all(data.join("a")).unwrap();
+    for i in 0..3000 {
+        fs::write(data.join(format!("a/f{i:05}")), format!("{i}\n")).unwrap();
+    }
+    fs::create_dir_all(data.join("z")).unwrap();
+    fs::write(data.join("z/f"), "tenant\n").unwrap();
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    let mut planted_runs = 0;
+    for attempt in 0..5 {
+        let target = cli.path().join(format!("target{attempt}"));
+        let z = target.join("data/z");
+        let stop = Arc::new(AtomicBool::new(false));
+        let attacker = {
+            let (stop, z) = (stop.clone(), z.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if fs::create_dir(&z).is_ok() {
+                        fs::write(z.join("planted"), "not the tenant's").unwrap();
+                        return true;
+                    }
+                    std::thread::yield_now();
+                }
+                false
+            })
+        };
+        let r = restore(&cli, &target, &[]);
+        stop.store(true, Ordering::Relaxed);
+        let planted = attacker.join().unwrap();
+        if !planted {
+            assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+            continue;
+        }
+        planted_runs += 1;
+        assert_eq!(
+            error_kind(&r),
+            "unsafe_target",
+            "the restore used a directory it did not make: code {}, {}",
+            r.code,
+            r.stdout
+        );
+        assert!(
+            r.stdout.contains("appeared while restoring"),
+            "{}",
+            r.stdout
+        );
+        assert!(!z.join("f").exists(), "nothing restored into it");
+        assert_eq!(temp_files(&target), Vec::<PathBuf>::new());
+        break;
+    }
+    assert!(planted_runs > 0, "the race never ran");
+}
+
 /// Issue 12, item 3: `--target link/` followed the symlink that `--target
 /// link` is refused for. Both are refused, as are `link/.` and `link//`,
 /// with `unsafe_target`, and nothing is written where the link points. A
@@ -447,6 +509,62 @@ fn root_without_chown_restores_without_owners_or_set_id_bits() {
         0o640
     );
     assert_eq!(fs::read(target.join("data/tool")).unwrap(), b"#!/bin/sh\n");
+}
+
+/// Not root, owners are not restored: a setuid or setgid file from the
+/// tenant's source would come back set-id to the user custos runs as (who
+/// can read every tenant's keys), runnable by anyone who can reach it. Files
+/// come back without set-id bits; other bits (sticky on a directory) stay.
+#[test]
+fn a_non_root_restore_gives_no_set_id_bits() {
+    if !is_root() || !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("skipped: needs root (to hand the installation to a user) and setpriv");
+        return;
+    }
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    fs::create_dir_all(data.join("shared")).unwrap();
+    for (name, mode) in [("suid", 0o4755), ("sgid", 0o2755), ("both", 0o6711)] {
+        fs::write(data.join(name), "#!/bin/sh\nid\n").unwrap();
+        fs::set_permissions(data.join(name), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    fs::set_permissions(data.join("shared"), fs::Permissions::from_mode(0o1777)).unwrap();
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    // The whole installation (config, keys, state, store) belongs to the
+    // unprivileged user custos runs as.
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "4242:4242"])
+        .arg(cli.path())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let target = cli.path().join("r");
+    let out = std::process::Command::new("/usr/bin/setpriv")
+        .args(["--reuid=4242", "--regid=4242", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_custos"))
+        .arg("--config")
+        .arg(cli.path().join("custos.toml"))
+        .args(["restore", "acme", "latest", "--target"])
+        .arg(&target)
+        .env("CUSTOS_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for (name, mode) in [("suid", 0o755), ("sgid", 0o755), ("both", 0o711)] {
+        let m = fs::metadata(target.join("data").join(name)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (4242, 4242), "{name}");
+        assert_eq!(
+            m.mode() & 0o7777,
+            mode,
+            "{name}: no set-id bit for the restoring user"
+        );
+    }
+    assert_eq!(
+        fs::metadata(target.join("data/shared")).unwrap().mode() & 0o7777,
+        0o1777
+    );
 }
 
 /// Issue 12, item 4: hard links came back as separate copies. They are

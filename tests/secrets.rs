@@ -611,3 +611,154 @@ fn leftover_key_material_is_swept_at_start_and_by_a_shred() {
     // Beta's key is untouched.
     cli.ok(&["check", "beta", "--read-data"]);
 }
+
+/// A drill restores a tenant's decrypted files into a private directory
+/// (0700) it creates in its scratch parent. A parent another local user can
+/// change (theirs, or writable without the sticky bit, e.g. a
+/// `/tmp/custos-drills` they created first) let them rename that directory
+/// and put their own in its place, which the restore then filled: refused
+/// before anything is restored. A sticky parent (`/tmp`) stays accepted.
+#[test]
+fn a_drill_scratch_parent_others_can_change_is_refused() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    common::make_tree(&data, 2);
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    let parent = cli.path().join("scratch");
+    fs::create_dir(&parent).unwrap();
+    let drill = |cli: &Cli| {
+        let r = cli.run(&[
+            "drill",
+            "acme",
+            "--json",
+            "--target",
+            parent.to_str().unwrap(),
+        ]);
+        let report = r.json()["result"].clone();
+        (r.code, report, r.stderr)
+    };
+    let (code, r, err) = drill(&cli);
+    assert_eq!(code, 0, "{r}\n{err}");
+    let mut loose = vec![0o777, 0o770, 0o722];
+    if euid() == 0 {
+        loose.push(0o755); // and given to another user below
+    }
+    for mode in loose {
+        chmod(&parent, mode);
+        if mode == 0o755 {
+            std::os::unix::fs::chown(&parent, Some(65534), None).unwrap();
+        }
+        let (code, r, err) = drill(&cli);
+        assert_eq!(code, 1, "{mode:o}: {r}\n{err}");
+        assert_eq!(r["reason"], "insecure_permissions", "{mode:o}: {r}");
+        assert!(
+            r["message"]
+                .as_str()
+                .unwrap()
+                .contains(&parent.display().to_string()),
+            "{r}"
+        );
+        assert!(r["scratch"]["dir"].is_null(), "nothing created: {r}");
+        assert_eq!(fs::read_dir(&parent).unwrap().count(), 0);
+    }
+    if euid() == 0 {
+        std::os::unix::fs::chown(&parent, Some(0), None).unwrap();
+    }
+    chmod(&parent, 0o1777);
+    let (code, r, err) = drill(&cli);
+    assert_eq!(code, 0, "sticky, as /tmp: {r}\n{err}");
+}
+
+/// A second name of a key file elsewhere on the file system (a hard link an
+/// admin's copy tool or an earlier root process made) was silently kept
+/// when a rotation renamed a new key file over it: that inode, with every
+/// version of the key so far, survived the shred, whose certificate still
+/// said the key was destroyed. A key file with other names is not replaced.
+#[test]
+fn a_key_file_with_another_name_is_not_replaced() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    common::make_tree(&data, 2);
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    let key = cli.path().join("keys/acme.key");
+    let elsewhere = cli.path().join("copy-of-acme.key");
+    fs::hard_link(&key, &elsewhere).unwrap();
+    let before = fs::read(&key).unwrap();
+    let r = cli.run(&["rotate", "acme", "--cmk"]);
+    assert_ne!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("2 names"), "{}", r.stderr);
+    assert_eq!(fs::read(&key).unwrap(), before, "key file unchanged");
+    // A shred overwrites the key file's inode: the other name holds zeros.
+    cli.ok(&["shred", "acme", "--confirm", "acme"]);
+    let left = fs::read(&elsewhere).unwrap();
+    assert!(
+        left.iter().all(|&b| b == 0),
+        "material left in the other name"
+    );
+}
+
+/// A crash must leave no key bytes in a core file, and another process of
+/// the user custos runs as must not read its memory (`/proc/<pid>/mem`,
+/// ptrace): custos runs with no core limit and not dumpable (its `/proc`
+/// entries then belong to root).
+#[test]
+fn no_core_dumps_and_no_memory_reads_by_the_same_user() {
+    if euid() != 0 || !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("skipped: needs root (to run custos as another user) and setpriv");
+        return;
+    }
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    common::make_tree(&data, 2);
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "4242:4242"])
+        .arg(cli.path())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let mut child = std::process::Command::new("/usr/bin/setpriv")
+        .args(["--reuid=4242", "--regid=4242", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_custos"))
+        .arg("--config")
+        .arg(cli.path().join("custos.toml"))
+        .arg("daemon")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let proc_dir = Path::new("/proc").join(child.id().to_string());
+    // setpriv execs custos in place: wait until the pid runs custos.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fs::read_link(proc_dir.join("exe"))
+        .map(|p| !p.to_string_lossy().contains("custos"))
+        .unwrap_or(true)
+    {
+        assert!(std::time::Instant::now() < deadline, "custos did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let limits = fs::read_to_string(proc_dir.join("limits")).unwrap_or_default();
+    let mem_owner = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(proc_dir.join("mem")).map(|m| m.uid())
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>();
+    assert_eq!(&core[4..6], ["0", "0"], "{limits}");
+    assert_eq!(
+        mem_owner.unwrap(),
+        0,
+        "not dumpable: its memory is not the user's to read"
+    );
+}

@@ -125,7 +125,6 @@ pub async fn run_with(
         only,
         overwrite: opts.overwrite,
         chown: rustix::process::geteuid().is_root(),
-        owners_refused: false,
         temp: TempNames::new(),
         ancestors: Vec::new(),
         dirs: Vec::new(),
@@ -216,11 +215,9 @@ struct Restorer<'a> {
     filter: bool,
     only: Option<&'a FileSet>,
     overwrite: bool,
-    /// Restore owners (root only; cleared after the first refusal, see [`Restorer::owner_refused`]).
+    /// Restore owners (root only; cleared after the first refusal, see
+    /// [`Restorer::owner_refused`]). Without it, files get no set-id bits.
     chown: bool,
-    /// A root restore whose owners were refused: set-id bits are then not
-    /// restored on files either (they would apply to the wrong owner).
-    owners_refused: bool,
     temp: TempNames,
     /// Directory entries above the current entry, each with its handle once created.
     ancestors: Vec<Ancestor>,
@@ -379,14 +376,25 @@ impl Restorer<'_> {
     fn make_dir(&mut self, parent: &OwnedFd, e: &Entry) -> Result<Arc<OwnedFd>> {
         let name = file_name(&e.path);
         let dir = parent.as_fd();
-        let fd = match rustix::fs::mkdirat(dir, name, Mode::RWXU) {
-            Ok(()) | Err(Errno::EXIST) => match beneath::open_dir(dir, name) {
-                Ok(fd) => fd,
-                Err(err) if matches!(err.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
-                    self.replace_with_dir(dir, e)?
-                }
-                Err(err) => return Err(self.io(&e.path, err)),
-            },
+        match rustix::fs::mkdirat(dir, name, Mode::RWXU) {
+            Ok(()) => {}
+            Err(Errno::EXIST) if self.overwrite => {}
+            // Without --overwrite the target was empty when the restore
+            // began: a directory here now was made by someone else, who may
+            // have put files in it (and would get it owned as stored).
+            Err(Errno::EXIST) => {
+                return Err(self.unsafe_target(
+                    &e.path,
+                    "appeared while restoring; without --overwrite nothing already there is used",
+                ));
+            }
+            Err(err) => return Err(self.io(&e.path, err)),
+        }
+        let fd = match beneath::open_dir(dir, name) {
+            Ok(fd) => fd,
+            Err(err) if matches!(err.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                self.replace_with_dir(dir, e)?
+            }
             Err(err) => return Err(self.io(&e.path, err)),
         };
         // Owner-writable until the end, whatever the stored mode, so content
@@ -469,7 +477,6 @@ impl Restorer<'_> {
             "cannot set owners in the target; restoring the rest without them (and without setuid/setgid bits on files)"
         );
         self.chown = false;
-        self.owners_refused = true;
     }
 
     fn make_symlink(&mut self, dir: &Arc<OwnedFd>, e: &Entry) -> Result<()> {
@@ -621,9 +628,13 @@ impl Restorer<'_> {
                 e.uid,
                 e.gid,
             )?;
-            let mode = match self.owners_refused {
-                true => e.mode & 0o1777,
-                false => e.mode & 0o7777,
+            // Set-id bits only on a file given its stored owner: otherwise
+            // it would run as whoever restored it (as a non-root restore, the
+            // user custos runs as, who can read every tenant's keys), with
+            // content the tenant's source chose.
+            let mode = match self.chown {
+                true => e.mode & 0o7777,
+                false => e.mode & 0o1777,
             };
             rustix::fs::fchmod(&*f.file, Mode::from_raw_mode(mode))
                 .map_err(|err| Error::io(&f.shown, err.into()))?;

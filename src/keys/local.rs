@@ -402,6 +402,22 @@ impl LocalKeyProvider {
     /// in place) and `local-key:installed` (renamed, directory not fsynced).
     fn write(&self, file: &KeyFile, install: Install) -> Result<bool, KeyError> {
         let path = self.key_path(&file.name);
+        // Replacing renames a new inode over the key file. Any other name of
+        // the old inode (a hard link made elsewhere, by a copy tool or an
+        // admin) would keep its material for good, beyond the reach of a
+        // destroy, which overwrites the inode it finds: refuse first.
+        if install == Install::Replace
+            && let Ok(m) = fs::symlink_metadata(&path)
+            && m.nlink() > 1
+        {
+            return Err(KeyError::LocalFile {
+                path,
+                message: format!(
+                    "the key file has {} names (hard links): the others would keep its current material once it is replaced, where no destroy reaches; find them (find / -xdev -samefile <key file>) and remove them",
+                    m.nlink()
+                ),
+            });
+        }
         let json = Zeroizing::new(serde_json::to_vec_pretty(file).expect("key file serialises"));
         secure_fs::write_secret(
             &self.dir,

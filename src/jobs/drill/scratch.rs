@@ -9,7 +9,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{Mode, OFlags};
+
 use crate::error::{Error, Result};
+use crate::secure_fs;
 use crate::tenant::TenantId;
 
 /// Bytes an unprivileged process can still write on the file system holding
@@ -30,13 +33,23 @@ pub fn available_bytes(path: &Path) -> io::Result<u64> {
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
-/// Creates the scratch parent (and missing ancestors) with mode 0700.
+/// Creates the scratch parent (and missing ancestors) with mode 0700, and
+/// refuses one another local user could change, as StrictModes would (owned
+/// by someone else, or writable by others without the sticky bit): they
+/// could swap the drill's private directory for one of their own, which the
+/// restore would then fill with the tenant's decrypted files.
 pub fn ensure_parent(parent: &Path) -> Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(parent)
-        .map_err(|e| Error::io(parent, e))
+        .map_err(|e| Error::io(parent, e))?;
+    secure_fs::check_dir(
+        parent,
+        "drill scratch directory",
+        secure_fs::Kind::StickyDir,
+    )?;
+    Ok(())
 }
 
 /// Creates a new private directory for one drill under `parent`.
@@ -52,8 +65,9 @@ pub fn create_private(parent: &Path, tenant: &TenantId) -> Result<PathBuf> {
         .mode(0o700)
         .create(&dir)
         .map_err(|e| Error::io(&dir, e))?;
-    // The umask may only have narrowed it; make the mode exact.
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(|e| Error::io(&dir, e))?;
+    // The umask may only have narrowed it; make the mode exact, on the
+    // directory itself (a path would follow a symlink put in its place).
+    chmod_dir(&dir, 0o700).map_err(|e| Error::io(&dir, e))?;
     Ok(dir)
 }
 
@@ -71,7 +85,7 @@ fn make_writable(dir: &Path) -> io::Result<()> {
         return Ok(());
     }
     if meta.permissions().mode() & 0o700 != 0o700 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+        chmod_dir(dir, 0o700)?;
     }
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
@@ -79,6 +93,19 @@ fn make_writable(dir: &Path) -> io::Result<()> {
             make_writable(&entry.path())?;
         }
     }
+    Ok(())
+}
+
+/// Changes the mode of the directory at `path`, never through a symlink
+/// (one swapped in after a check would otherwise pass the chmod, as root, to
+/// whatever it names).
+fn chmod_dir(path: &Path, mode: u32) -> io::Result<()> {
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))?;
     Ok(())
 }
 
