@@ -674,6 +674,61 @@ fn rotation_never_moves_a_tenant_to_another_tenants_key() {
     beta_restores(&cli);
 }
 
+/// The "old" key a re-run of `rotate --replace-cmk
+/// --schedule-old-key-deletion` destroys is the descriptor's last previous
+/// key: a store writer who appends the tenant's *current* key there (proven
+/// alpha's, used by no other tenant) must not make custos destroy the key
+/// every live envelope of alpha was just re-wrapped under.
+#[test]
+fn a_rotation_never_destroys_the_key_the_tenant_lives_under() {
+    let cli = installation(&["alpha", "beta"]);
+    create_local_key(&cli, "alpha-2");
+    let args = [
+        "rotate",
+        "alpha",
+        "--replace-cmk",
+        "local:alpha-2",
+        "--schedule-old-key-deletion",
+        "7",
+    ];
+    ok(&cli, &args);
+    assert!(
+        !key_file(&cli, "alpha").exists(),
+        "the old key is destroyed"
+    );
+    tamper(&cli, "alpha", |d| {
+        d["previous_keys"] = serde_json::json!(["local:alpha", "local:alpha-2"]);
+    });
+    let message = refused(&cli, &args, "key_in_use");
+    assert!(
+        message.contains("tenants/alpha/keys/1") && message.contains("local:alpha-2"),
+        "{message}"
+    );
+    assert!(
+        key_file(&cli, "alpha-2").exists(),
+        "alpha's current key was destroyed"
+    );
+    assert_eq!(audit_events(&cli, "alpha", "rotate.refused").len(), 1);
+    // Alpha still restores under its current key.
+    let policy = cli.path().join("policies/alpha.toml");
+    let text = fs::read_to_string(&policy).unwrap();
+    let line = regex_free_key_line(&text);
+    fs::write(&policy, text.replace(&line, "key = \"local:alpha-2\"")).unwrap();
+    let target = cli.path().join("restore-alpha");
+    ok(
+        &cli,
+        &[
+            "restore",
+            "alpha",
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+        ],
+    );
+    common::assert_same(&source(&cli, "alpha"), &target.join("data"));
+    beta_restores(&cli);
+}
+
 // ---------------------------------------------------------------------------
 // Item 8: one key, one tenant, at every entry point
 

@@ -1054,6 +1054,44 @@ pub fn check_policies(dir: &std::path::Path, tenant: &TenantId, key: &KeyRef) ->
     }
 }
 
+/// Refuses to end `key` while one of the tenant's own envelopes (but
+/// `except`'s, the epoch being shredded) still unwraps under it: for every
+/// destruction but a tenant shred (the old key of `rotate --replace-cmk`,
+/// the keys an epoch shred's re-wrap ends). Which key is "old" comes from
+/// the descriptor (a re-run takes its last previous key), which a store
+/// writer can set to the current key; and one key can be spelled two ways
+/// (a KMS alias and its ARN). Trying the envelopes under the key is what no
+/// edit or spelling hides: a key that still opens live data keys is not old.
+/// A key that cannot be used (already destroyed, disabled) opens nothing.
+pub async fn refuse_if_wrapping_live_envelopes(
+    ctx: &Context,
+    store: &TenantStore,
+    key: &KeyRef,
+    except: Option<u32>,
+    action: &str,
+) -> Result<()> {
+    let tenant = store.tenant();
+    let live: Vec<KeyObject> = key_objects(store)
+        .await?
+        .into_iter()
+        .filter(|o| !o.is_claim && Some(o.context.epoch) != except)
+        .collect();
+    if let Ok(Some(i)) = first_under(ctx, key, &live).await? {
+        let e = Error::KeyInUse {
+            key: key.to_string(),
+            other: tenant.to_string(),
+            message: format!(
+                "{} unwraps under it: it still wraps a live data key of tenant {tenant} — refusing to \
+                 destroy it (only a shred of the whole tenant ends a key its live envelopes need)",
+                live[i].object
+            ),
+        };
+        record_refusal(ctx, tenant, action, key, &e).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// Marks keys a shred or rotation destroyed in the registry.
 pub fn record_destroyed(ctx: &Context, tenant: &TenantId, keys: &[KeyRef]) -> Result<()> {
     let now = Utc::now();
