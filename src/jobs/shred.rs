@@ -594,8 +594,9 @@ async fn what_holds_now(
             let shown = match described {
                 Ok(info) if state_shows_destruction(&info.state) => None,
                 Ok(info) => Some(info.state.name()),
-                // Deleted since (a KMS key after its waiting period).
-                Err(KeyError::NotFound { .. }) => None,
+                // Deleted since (a KMS key after its waiting period); a
+                // missing local key is not a destroyed one (its tombstone would be there).
+                Err(KeyError::NotFound { .. }) if k.reference.kind().absence_means_gone() => None,
                 Err(e) if e.is_transient() => return Err(e.into()),
                 Err(e) => Some(e.to_string()),
             };
@@ -819,7 +820,7 @@ async fn destroy_keys(
                         irreversible_at: Some(d.effective_at),
                         ..record(DestroyOutcome::Destroyed, multi_region)
                     },
-                    Err(KeyError::NotFound { .. }) => {
+                    Err(KeyError::NotFound { .. }) if key.kind().absence_means_gone() => {
                         record(DestroyOutcome::NotFound, Some(not_found_note.into()))
                     }
                     Err(e) => return Err(e.into()),
@@ -875,8 +876,9 @@ async fn key_state_checks(ctx: &Context, keys: &[KeyDestruction]) -> (Vec<KeySta
                 }
             }
             Err(e) => {
-                ok &=
-                    matches!(e, KeyError::NotFound { .. }) && k.outcome == DestroyOutcome::NotFound;
+                ok &= matches!(e, KeyError::NotFound { .. })
+                    && k.outcome == DestroyOutcome::NotFound
+                    && k.reference.kind().absence_means_gone();
                 KeyStateCheck {
                     reference: k.reference.clone(),
                     state: None,

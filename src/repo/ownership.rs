@@ -1160,27 +1160,38 @@ async fn decide_one(
         Ok(info) => (Some(info.state), Some(info.key_id)),
         Err(KeyError::NotFound { message, .. }) => {
             // A local key custos destroyed reads as destroyed (its tombstone
-            // stays), never as missing. One this host bound to the tenant and
-            // never destroyed, that the provider does not find, is elsewhere
-            // (the configuration names another key directory) or was removed
-            // outside custos: "gone" would be a guess, and the certificate
-            // would call it destroyed while it may live on.
-            if key.kind() == ProviderKind::Local
-                && let Some(b) = ctx
+            // stays), never as missing. One the provider does not find is
+            // elsewhere (the configuration names another key directory, or
+            // another host sharing the store made it) or was removed outside
+            // custos: "gone" would be a guess, and the certificate would call
+            // it destroyed while it may live on. Whether or not this host's
+            // registry bound it (a host that did not bind it knows least).
+            if !key.kind().absence_means_gone() {
+                if skip.contains(key) {
+                    return Ok(Verdict::Skip);
+                }
+                let bound = ctx
                     .state
                     .key_registry()?
                     .bindings_of(key, None)
                     .find(|b| &b.tenant == tenant && b.destroyed_at.is_none())
-            {
+                    .map(|b| {
+                        format!(
+                            "; the key registry of this host bound it to tenant {tenant} ({}, {}) and custos \
+                             never destroyed it",
+                            b.why,
+                            b.bound_at.format("%Y-%m-%d %H:%M:%S UTC")
+                        )
+                    })
+                    .unwrap_or_default();
                 return Err(Error::Key(KeyError::NotFound {
                     key: key.to_string(),
                     message: format!(
-                        "{message}; yet the key registry of this host bound it to tenant {tenant} ({}, {}) and \
-                         custos never destroyed it (a destroyed local key leaves its tombstone): check that \
-                         [local_keys] dir is the directory the key was made in. Refusing to record it as gone: \
-                         the certificate would say it was destroyed",
-                        b.why,
-                        b.bound_at.format("%Y-%m-%d %H:%M:%S UTC")
+                        "{message}{bound}. A destroyed local key leaves its tombstone, so a missing one is \
+                         not a destroyed one: it may live in another key directory or on the host that made \
+                         it. Check that [local_keys] dir is the directory the key was made in (and shred on \
+                         that host), or leave it untouched with --skip-unproven-key {key}: the certificate \
+                         then says it was not destroyed. Refusing to record it as gone"
                     ),
                 }));
             }
