@@ -1209,3 +1209,87 @@ fn a_shred_on_another_host_does_not_certify_a_local_key_it_cannot_see() {
     assert_eq!(report["valid"], true, "{v}");
     beta_restores(&cli);
 }
+
+/// After `tenant init --allow-reuse`, a store writer fences the new lineage
+/// with the id of the old lineage's certificate (which custos signed, and
+/// which lies at `certificates/alpha/<id>.json`). A shred must not report
+/// that old certificate as its own: it states another key and scope, so
+/// the new lineage's destroyed key would be certified nowhere. Without step
+/// records the shred takes a fresh id; with them, the stored certificate is
+/// adopted only if it states this shred's scope and keys.
+#[test]
+fn a_shred_never_adopts_an_earlier_lineages_certificate() {
+    for with_progress in [false, true] {
+        let cli = installation(&["alpha", "beta"]);
+        ok(&cli, &["shred", "alpha", "--confirm", "alpha"]);
+        let old_file = certificate_file(&cli, "alpha");
+        let old_id = old_file.file_stem().unwrap().to_str().unwrap().to_owned();
+        let old = fs::read(&old_file).unwrap();
+        ok(
+            &cli,
+            &[
+                "tenant",
+                "init",
+                "alpha",
+                "--key",
+                "local:alpha-2",
+                "--allow-reuse",
+            ],
+        );
+        let policy = cli.path().join("policies/alpha.toml");
+        let text = fs::read_to_string(&policy).unwrap();
+        let line = regex_free_key_line(&text);
+        fs::write(&policy, text.replace(&line, "key = \"local:alpha-2\"")).unwrap();
+        ok(&cli, &["backup", "alpha"]);
+        tamper(&cli, "alpha", |d| {
+            d["state"] = "shredding".into();
+            let mut s = serde_json::json!({
+                "started_at": "2026-01-01T00:00:00Z",
+                "reason": "forged",
+                "requested_by": "store writer",
+                "certificate_id": old_id,
+            });
+            if with_progress {
+                s["progress"] = serde_json::json!({
+                    "step": "fenced",
+                    "requested_at": "2026-01-01T00:00:00Z",
+                    "actor": "store writer",
+                    "pending_window_days": 7,
+                });
+            }
+            d["shredding"] = s;
+        });
+        let r = run(&cli, &["shred", "alpha", "--confirm", "alpha", "--json"]);
+        // The old certificate is untouched and never reported as this shred's.
+        assert_eq!(fs::read(&old_file).unwrap(), old);
+        if with_progress {
+            assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+            let v = r.json();
+            assert_eq!(v["error"]["kind"], "corrupt_object", "{v}");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("states another shred"),
+                "{v}"
+            );
+        } else {
+            assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+            let id = r.json()["result"]["certificate_id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            assert_ne!(id, old_id);
+            let file = cli
+                .store()
+                .join("certificates/alpha")
+                .join(format!("{id}.json"));
+            let cert: Value = serde_json::from_slice(&fs::read(&file).unwrap()).unwrap();
+            assert_eq!(
+                key_outcome(&cert["certificate"], "local:alpha-2"),
+                "destroyed"
+            );
+        }
+        beta_restores(&cli);
+    }
+}
