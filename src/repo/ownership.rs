@@ -1614,12 +1614,18 @@ mod tests {
             .unwrap();
         assert!(matches!(v[0].verdict, Verdict::Destroy { .. }));
         assert_eq!(v[1].verdict, Verdict::Skip);
-        // A key that does not exist needs no proof.
+        // A local key the provider does not find is not a gone one (a
+        // destroyed local key leaves its tombstone): refused, or skipped on
+        // the operator's word.
         let gone = [(k("nobody"), KeyRole::Previous)];
-        let v = decide_destroy(&ctx, &alpha, &gone, &[], "shred")
+        let err = decide_destroy(&ctx, &alpha, &gone, &[], "shred")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), "key_unavailable", "{err}");
+        let v = decide_destroy(&ctx, &alpha, &gone, &[k("nobody")], "shred")
             .await
             .unwrap();
-        assert_eq!(v[0].verdict, Verdict::AlreadyGone { state: None });
+        assert_eq!(v[0].verdict, Verdict::Skip);
         // Proven, but another tenant's policy... here its registry entry names it.
         ctx.state
             .bind_key(KeyBinding {
