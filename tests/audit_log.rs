@@ -911,6 +911,33 @@ fn an_audit_log_that_cannot_be_appended_to_stops_every_job() {
     cli.ok(&["audit", "verify"]);
 }
 
+/// The log replaced by a symlink: to a same-size copy (so no size check
+/// notices) or to /dev/null. custos writes its records nowhere but the
+/// log file itself: every job is refused and the copy is not written to.
+#[test]
+fn an_audit_log_replaced_by_a_symlink_stops_every_job() {
+    let cli = backed_up();
+    let log = state_audit(&cli).join("log.jsonl");
+    let real = state_audit(&cli).join("log.real");
+    let copy = cli.path().join("log-copy.jsonl");
+    fs::copy(&log, &copy).unwrap();
+    fs::rename(&log, &real).unwrap();
+    for target in [copy.as_path(), Path::new("/dev/null")] {
+        std::os::unix::fs::symlink(target, &log).unwrap();
+        let copied = fs::read(&copy).unwrap();
+        let before = snapshot_count(&cli);
+        let message = refused_for_audit(&cli.run(&["backup", "acme", "--json"]), "log.jsonl");
+        assert!(message.contains("not a regular file"), "{message}");
+        assert_eq!(snapshot_count(&cli), before, "no snapshot was written");
+        refused_for_audit(&cli.run(&["snapshots", "acme", "--json"]), "log.jsonl");
+        assert_eq!(fs::read(&copy).unwrap(), copied, "the copy was written to");
+        fs::remove_file(&log).unwrap();
+    }
+    fs::rename(&real, &log).unwrap();
+    cli.ok(&["backup", "acme"]);
+    cli.ok(&["audit", "verify"]);
+}
+
 /// Every job and every read of tenant data is recorded before it starts and
 /// after it ends; the end names its beginning.
 #[test]

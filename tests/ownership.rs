@@ -676,6 +676,61 @@ fn rotation_never_moves_a_tenant_to_another_tenants_key() {
     beta_restores(&cli);
 }
 
+/// The "old" key a re-run of `rotate --replace-cmk
+/// --schedule-old-key-deletion` destroys is the descriptor's last previous
+/// key: a store writer who appends the tenant's *current* key there (proven
+/// alpha's, used by no other tenant) must not make custos destroy the key
+/// every live envelope of alpha was just re-wrapped under.
+#[test]
+fn a_rotation_never_destroys_the_key_the_tenant_lives_under() {
+    let cli = installation(&["alpha", "beta"]);
+    create_local_key(&cli, "alpha-2");
+    let args = [
+        "rotate",
+        "alpha",
+        "--replace-cmk",
+        "local:alpha-2",
+        "--schedule-old-key-deletion",
+        "7",
+    ];
+    ok(&cli, &args);
+    assert!(
+        !key_file(&cli, "alpha").exists(),
+        "the old key is destroyed"
+    );
+    tamper(&cli, "alpha", |d| {
+        d["previous_keys"] = serde_json::json!(["local:alpha", "local:alpha-2"]);
+    });
+    let message = refused(&cli, &args, "key_in_use");
+    assert!(
+        message.contains("tenants/alpha/keys/1") && message.contains("local:alpha-2"),
+        "{message}"
+    );
+    assert!(
+        key_file(&cli, "alpha-2").exists(),
+        "alpha's current key was destroyed"
+    );
+    assert_eq!(audit_events(&cli, "alpha", "rotate.refused").len(), 1);
+    // Alpha still restores under its current key.
+    let policy = cli.path().join("policies/alpha.toml");
+    let text = fs::read_to_string(&policy).unwrap();
+    let line = regex_free_key_line(&text);
+    fs::write(&policy, text.replace(&line, "key = \"local:alpha-2\"")).unwrap();
+    let target = cli.path().join("restore-alpha");
+    ok(
+        &cli,
+        &[
+            "restore",
+            "alpha",
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+        ],
+    );
+    common::assert_same(&source(&cli, "alpha"), &target.join("data"));
+    beta_restores(&cli);
+}
+
 // ---------------------------------------------------------------------------
 // Item 8: one key, one tenant, at every entry point
 
@@ -832,11 +887,35 @@ fn a_shred_ends_keys_the_descriptor_no_longer_names() {
                     "--rewrap",
                 ],
             );
+        } else if variant == "current" {
+            // A local key this host does not find is not a destroyed one:
+            // refused, until the operator leaves it untouched by name.
+            let message = refused(
+                &cli,
+                &["shred", "alpha", "--confirm", "alpha"],
+                "key_unavailable",
+            );
+            assert!(message.contains("local:ghost"), "{message}");
+            ok(
+                &cli,
+                &[
+                    "shred",
+                    "alpha",
+                    "--confirm",
+                    "alpha",
+                    "--skip-unproven-key",
+                    "local:ghost",
+                ],
+            );
         } else {
             ok(&cli, &["shred", "alpha", "--confirm", "alpha"]);
         }
         let cert = verified_certificate(&cli, "alpha");
-        assert_eq!(cert["guarantee"]["kind"], "keys_destroyed", "{variant}");
+        let guarantee = match variant {
+            "current" => "keys_partly_destroyed",
+            _ => "keys_destroyed",
+        };
+        assert_eq!(cert["guarantee"]["kind"], guarantee, "{variant}");
         assert_eq!(
             key_outcome(&cert, "local:alpha"),
             "destroyed",
@@ -845,7 +924,7 @@ fn a_shred_ends_keys_the_descriptor_no_longer_names() {
         );
         assert!(!key_file(&cli, "alpha").exists(), "{variant}");
         if variant == "current" {
-            assert_eq!(key_outcome(&cert, "local:ghost"), "not_found");
+            assert_eq!(key_outcome(&cert, "local:ghost"), "not_destroyed");
         } else {
             assert_eq!(key_outcome(&cert, "local:alpha-2"), "destroyed");
         }
@@ -1043,4 +1122,174 @@ fn a_shred_does_not_take_a_missing_local_key_for_a_destroyed_one() {
     let cert = verified_certificate(&cli, "alpha");
     assert_eq!(key_outcome(&cert, "local:alpha"), "destroyed");
     assert!(!key_file(&cli, "alpha").exists());
+}
+
+/// Two hosts share the store (leases let them): alpha was made on host A,
+/// with its local key in A's key directory. An operator on host B, whose
+/// key directory and registry know nothing of alpha, shreds it: custos must
+/// not sign that alpha's key is destroyed ("keys_destroyed, every copy
+/// unrecoverable") because B does not find the key file. A destroyed local
+/// key leaves its tombstone; a missing one may live on elsewhere, as it
+/// does here.
+#[test]
+fn a_shred_on_another_host_does_not_certify_a_local_key_it_cannot_see() {
+    let cli = installation(&["alpha", "beta"]);
+    let b = cli.path().join("host-b");
+    fs::create_dir_all(b.join("policies")).unwrap();
+    let toml = b.join("custos.toml");
+    fs::write(
+        &toml,
+        format!(
+            "store = \"file://{0}\"\nstate_dir = \"{1}/state\"\npolicies_dir = \"{1}/policies\"\n[local_keys]\ndir = \"{1}/keys\"\n",
+            cli.store().display(),
+            b.display()
+        ),
+    )
+    .unwrap();
+    let on_b = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_custos"))
+            .arg("--config")
+            .arg(&toml)
+            .args(args)
+            .env("CUSTOS_LOG", "error")
+            .env("CUSTOS_LOG_FORMAT", "json")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("CUSTOS_CRASH_AT")
+            .output()
+            .unwrap();
+        common::Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    let r = on_b(&["shred", "alpha", "--confirm", "alpha", "--json"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let v = r.json();
+    assert_eq!(v["error"]["kind"], "key_unavailable", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("local:alpha"),
+        "{v}"
+    );
+    assert!(key_file(&cli, "alpha").exists());
+    assert!(!cli.store().join("certificates/alpha").exists());
+    assert_eq!(descriptor(&cli, "alpha")["state"], "active");
+    // Left untouched on the operator's word, the certificate says so.
+    let r = on_b(&[
+        "shred",
+        "alpha",
+        "--confirm",
+        "alpha",
+        "--skip-unproven-key",
+        "local:alpha",
+    ]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let file = certificate_file(&cli, "alpha");
+    let cert: Value = serde_json::from_slice(&fs::read(&file).unwrap()).unwrap();
+    let cert = &cert["certificate"];
+    assert_eq!(cert["guarantee"]["kind"], "keys_partly_destroyed", "{cert}");
+    assert_eq!(key_outcome(cert, "local:alpha"), "not_destroyed");
+    // B's online check does not take the key it cannot see for a destroyed one.
+    let r = on_b(&[
+        "certificate",
+        "verify",
+        file.to_str().unwrap(),
+        "--online",
+        "--json",
+    ]);
+    let v = r.json();
+    let report = if v.get("result").is_some() {
+        &v["result"]
+    } else {
+        &v
+    };
+    assert_eq!(report["valid"], true, "{v}");
+    beta_restores(&cli);
+}
+
+/// After `tenant init --allow-reuse`, a store writer fences the new lineage
+/// with the id of the old lineage's certificate (which custos signed, and
+/// which lies at `certificates/alpha/<id>.json`). A shred must not report
+/// that old certificate as its own: it states another key and scope, so
+/// the new lineage's destroyed key would be certified nowhere. Without step
+/// records the shred takes a fresh id; with them, the stored certificate is
+/// adopted only if it states this shred's scope and keys.
+#[test]
+fn a_shred_never_adopts_an_earlier_lineages_certificate() {
+    for with_progress in [false, true] {
+        let cli = installation(&["alpha", "beta"]);
+        ok(&cli, &["shred", "alpha", "--confirm", "alpha"]);
+        let old_file = certificate_file(&cli, "alpha");
+        let old_id = old_file.file_stem().unwrap().to_str().unwrap().to_owned();
+        let old = fs::read(&old_file).unwrap();
+        ok(
+            &cli,
+            &[
+                "tenant",
+                "init",
+                "alpha",
+                "--key",
+                "local:alpha-2",
+                "--allow-reuse",
+            ],
+        );
+        let policy = cli.path().join("policies/alpha.toml");
+        let text = fs::read_to_string(&policy).unwrap();
+        let line = regex_free_key_line(&text);
+        fs::write(&policy, text.replace(&line, "key = \"local:alpha-2\"")).unwrap();
+        ok(&cli, &["backup", "alpha"]);
+        tamper(&cli, "alpha", |d| {
+            d["state"] = "shredding".into();
+            let mut s = serde_json::json!({
+                "started_at": "2026-01-01T00:00:00Z",
+                "reason": "forged",
+                "requested_by": "store writer",
+                "certificate_id": old_id,
+            });
+            if with_progress {
+                s["progress"] = serde_json::json!({
+                    "step": "fenced",
+                    "requested_at": "2026-01-01T00:00:00Z",
+                    "actor": "store writer",
+                    "pending_window_days": 7,
+                });
+            }
+            d["shredding"] = s;
+        });
+        let r = run(&cli, &["shred", "alpha", "--confirm", "alpha", "--json"]);
+        // The old certificate is untouched and never reported as this shred's.
+        assert_eq!(fs::read(&old_file).unwrap(), old);
+        if with_progress {
+            assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+            let v = r.json();
+            assert_eq!(v["error"]["kind"], "corrupt_object", "{v}");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("states another shred"),
+                "{v}"
+            );
+        } else {
+            assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+            let id = r.json()["result"]["certificate_id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            assert_ne!(id, old_id);
+            let file = cli
+                .store()
+                .join("certificates/alpha")
+                .join(format!("{id}.json"));
+            let cert: Value = serde_json::from_slice(&fs::read(&file).unwrap()).unwrap();
+            assert_eq!(
+                key_outcome(&cert["certificate"], "local:alpha-2"),
+                "destroyed"
+            );
+        }
+        beta_restores(&cli);
+    }
 }

@@ -322,6 +322,23 @@ impl AuditLog {
             }),
         };
         let _lock = LogLock::exclusive(dir)?;
+        // The log is a regular file in the audit directory, never what a
+        // symlink at its name points to: records appended through one land
+        // elsewhere (a copy, /dev/null) while the job they record runs.
+        // Appends and truncations also open it with O_NOFOLLOW.
+        let log_path = log.log_path();
+        match fs::symlink_metadata(&log_path) {
+            Ok(m) if !m.file_type().is_file() => {
+                return Err(corrupt(
+                    &log_path,
+                    "is not a regular file (a symlink, directory or device at the log's name): custos \
+                     writes its audit log nowhere else; run `custos audit verify`",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&log_path, e)),
+        }
         let tail = log.inner.load_tail()?;
         if tail.size > 0 {
             let cp = log.inner.read_checkpoint(tail.size).map_err(|e| match e {
@@ -719,6 +736,7 @@ impl Inner {
         let path = self.log_path();
         let f = OpenOptions::new()
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
         f.set_len(len).map_err(|e| Error::io(&path, e))?;
@@ -841,6 +859,7 @@ impl Inner {
             .create(true)
             .append(true)
             .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
         if let Err(e) = f.write_all(&bytes).and_then(|()| f.sync_data()) {

@@ -368,7 +368,11 @@ async fn check_online(config: Option<&Path>, v: &Verified) -> Result<Online> {
                 );
                 (Some(info.state), None, ok)
             }
-            Err(e @ KeyError::NotFound { .. }) => (None, Some(e.to_string()), true),
+            // A missing local key is not a destroyed one (its tombstone would be here).
+            Err(e @ KeyError::NotFound { .. }) => {
+                let gone = k.reference.kind().absence_means_gone();
+                (None, Some(e.to_string()), gone)
+            }
             Err(e) => (None, Some(e.to_string()), false),
         };
         if !ok {

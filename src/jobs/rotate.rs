@@ -674,6 +674,11 @@ impl Run<'_> {
             // previous key): destroyed only when proven this tenant's and
             // used by no other tenant known anywhere.
             let (ctx, store) = (self.ctx().clone(), self.store().clone());
+            // Not a key the envelopes just verified still need: the old key
+            // on a re-run is the descriptor's last previous key, which a
+            // store writer can set to the current one.
+            ownership::refuse_if_wrapping_live_envelopes(&ctx, &store, &old, None, "rotate")
+                .await?;
             let verdicts = ownership::decide_destroy(
                 &ctx,
                 &store,

@@ -594,8 +594,9 @@ async fn what_holds_now(
             let shown = match described {
                 Ok(info) if state_shows_destruction(&info.state) => None,
                 Ok(info) => Some(info.state.name()),
-                // Deleted since (a KMS key after its waiting period).
-                Err(KeyError::NotFound { .. }) => None,
+                // Deleted since (a KMS key after its waiting period); a
+                // missing local key is not a destroyed one (its tombstone would be there).
+                Err(KeyError::NotFound { .. }) if k.reference.kind().absence_means_gone() => None,
                 Err(e) if e.is_transient() => return Err(e.into()),
                 Err(e) => Some(e.to_string()),
             };
@@ -819,7 +820,7 @@ async fn destroy_keys(
                         irreversible_at: Some(d.effective_at),
                         ..record(DestroyOutcome::Destroyed, multi_region)
                     },
-                    Err(KeyError::NotFound { .. }) => {
+                    Err(KeyError::NotFound { .. }) if key.kind().absence_means_gone() => {
                         record(DestroyOutcome::NotFound, Some(not_found_note.into()))
                     }
                     Err(e) => return Err(e.into()),
@@ -875,8 +876,9 @@ async fn key_state_checks(ctx: &Context, keys: &[KeyDestruction]) -> (Vec<KeySta
                 }
             }
             Err(e) => {
-                ok &=
-                    matches!(e, KeyError::NotFound { .. }) && k.outcome == DestroyOutcome::NotFound;
+                ok &= matches!(e, KeyError::NotFound { .. })
+                    && k.outcome == DestroyOutcome::NotFound
+                    && k.reference.kind().absence_means_gone();
                 KeyStateCheck {
                     reference: k.reference.clone(),
                     state: None,
@@ -1083,6 +1085,7 @@ async fn store_certificate(
     let audit = ctx.audit.as_ref().expect("checked at the start");
     let own_key = audit.key().public_key_text();
     let body_epoch = body.epoch;
+    let (body_scope, body_keys) = (body.scope.clone(), body.keys.clone());
     let adopt = |bytes: Vec<u8>| -> Result<Vec<u8>> {
         let verified = certificate::verify(&bytes, &own_key).map_err(|e| {
             Error::corrupt(
@@ -1092,6 +1095,26 @@ async fn store_certificate(
         })?;
         check_identity(&verified.certificate, tenant, id, body_epoch)
             .map_err(|why| Error::corrupt(certificate_path(tenant, id).to_string(), why))?;
+        // Same tenant and id is not the same shred: the id comes from the
+        // descriptor, which a store writer can set to an earlier lineage's
+        // (after `tenant init --allow-reuse`), whose certificate then sits
+        // at this path. Adopted only when it states this run's scope (its
+        // audit record is this run's) and these keys' outcomes.
+        let stored = &verified.certificate;
+        if stored.scope != body_scope || stored.keys != body_keys {
+            return Err(Error::corrupt(
+                certificate_path(tenant, id).to_string(),
+                format!(
+                    "the certificate stored there states another shred (scope of audit record {:?}, keys {}), \
+                     not this one (scope of audit record {:?}, keys {}): refusing to report it as this \
+                     shred's; the descriptor's certificate id was reused",
+                    stored.scope.audit_seq,
+                    key_list(&stored.keys),
+                    body_scope.audit_seq,
+                    key_list(&body_keys),
+                ),
+            ));
+        }
         Ok(bytes)
     };
     if let Some(bytes) = load_certificate(&ctx.store, tenant, id).await? {
@@ -1121,6 +1144,11 @@ async fn store_certificate(
         }
         Err(e) => Err(Error::store("put", &path, e)),
     }
+}
+
+fn key_list(keys: &[KeyDestruction]) -> String {
+    let names: Vec<String> = keys.iter().map(|k| k.reference.to_string()).collect();
+    format!("[{}]", names.join(", "))
 }
 
 /// Anchors a body in the audit log (`shred.certificate.begin` with its digest),

@@ -44,6 +44,20 @@ impl ProviderKind {
             ProviderKind::AwsKms => "aws-kms",
         }
     }
+
+    /// Whether a key this provider does not find can be taken for a key
+    /// that is gone. AWS KMS: yes (a key is not found once its waiting
+    /// period is over). Local: never: custos destroys a local key by leaving
+    /// its tombstone, so "no key file" only means "not in this host's
+    /// [local_keys] dir": the key may live in another directory or on the
+    /// host that made it (a store several hosts share). Every decision that
+    /// would record or accept such a key as destroyed asks this.
+    pub fn absence_means_gone(self) -> bool {
+        match self {
+            ProviderKind::Local => false,
+            ProviderKind::AwsKms => true,
+        }
+    }
 }
 
 /// A reference to a customer-managed key: `local:<name>` or

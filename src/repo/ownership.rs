@@ -1054,6 +1054,44 @@ pub fn check_policies(dir: &std::path::Path, tenant: &TenantId, key: &KeyRef) ->
     }
 }
 
+/// Refuses to end `key` while one of the tenant's own envelopes (but
+/// `except`'s, the epoch being shredded) still unwraps under it: for every
+/// destruction but a tenant shred (the old key of `rotate --replace-cmk`,
+/// the keys an epoch shred's re-wrap ends). Which key is "old" comes from
+/// the descriptor (a re-run takes its last previous key), which a store
+/// writer can set to the current key; and one key can be spelled two ways
+/// (a KMS alias and its ARN). Trying the envelopes under the key is what no
+/// edit or spelling hides: a key that still opens live data keys is not old.
+/// A key that cannot be used (already destroyed, disabled) opens nothing.
+pub async fn refuse_if_wrapping_live_envelopes(
+    ctx: &Context,
+    store: &TenantStore,
+    key: &KeyRef,
+    except: Option<u32>,
+    action: &str,
+) -> Result<()> {
+    let tenant = store.tenant();
+    let live: Vec<KeyObject> = key_objects(store)
+        .await?
+        .into_iter()
+        .filter(|o| !o.is_claim && Some(o.context.epoch) != except)
+        .collect();
+    if let Ok(Some(i)) = first_under(ctx, key, &live).await? {
+        let e = Error::KeyInUse {
+            key: key.to_string(),
+            other: tenant.to_string(),
+            message: format!(
+                "{} unwraps under it: it still wraps a live data key of tenant {tenant} — refusing to \
+                 destroy it (only a shred of the whole tenant ends a key its live envelopes need)",
+                live[i].object
+            ),
+        };
+        record_refusal(ctx, tenant, action, key, &e).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// Marks keys a shred or rotation destroyed in the registry.
 pub fn record_destroyed(ctx: &Context, tenant: &TenantId, keys: &[KeyRef]) -> Result<()> {
     let now = Utc::now();
@@ -1122,27 +1160,38 @@ async fn decide_one(
         Ok(info) => (Some(info.state), Some(info.key_id)),
         Err(KeyError::NotFound { message, .. }) => {
             // A local key custos destroyed reads as destroyed (its tombstone
-            // stays), never as missing. One this host bound to the tenant and
-            // never destroyed, that the provider does not find, is elsewhere
-            // (the configuration names another key directory) or was removed
-            // outside custos: "gone" would be a guess, and the certificate
-            // would call it destroyed while it may live on.
-            if key.kind() == ProviderKind::Local
-                && let Some(b) = ctx
+            // stays), never as missing. One the provider does not find is
+            // elsewhere (the configuration names another key directory, or
+            // another host sharing the store made it) or was removed outside
+            // custos: "gone" would be a guess, and the certificate would call
+            // it destroyed while it may live on. Whether or not this host's
+            // registry bound it (a host that did not bind it knows least).
+            if !key.kind().absence_means_gone() {
+                if skip.contains(key) {
+                    return Ok(Verdict::Skip);
+                }
+                let bound = ctx
                     .state
                     .key_registry()?
                     .bindings_of(key, None)
                     .find(|b| &b.tenant == tenant && b.destroyed_at.is_none())
-            {
+                    .map(|b| {
+                        format!(
+                            "; the key registry of this host bound it to tenant {tenant} ({}, {}) and custos \
+                             never destroyed it",
+                            b.why,
+                            b.bound_at.format("%Y-%m-%d %H:%M:%S UTC")
+                        )
+                    })
+                    .unwrap_or_default();
                 return Err(Error::Key(KeyError::NotFound {
                     key: key.to_string(),
                     message: format!(
-                        "{message}; yet the key registry of this host bound it to tenant {tenant} ({}, {}) and \
-                         custos never destroyed it (a destroyed local key leaves its tombstone): check that \
-                         [local_keys] dir is the directory the key was made in. Refusing to record it as gone: \
-                         the certificate would say it was destroyed",
-                        b.why,
-                        b.bound_at.format("%Y-%m-%d %H:%M:%S UTC")
+                        "{message}{bound}. A destroyed local key leaves its tombstone, so a missing one is \
+                         not a destroyed one: it may live in another key directory or on the host that made \
+                         it. Check that [local_keys] dir is the directory the key was made in (and shred on \
+                         that host), or leave it untouched with --skip-unproven-key {key}: the certificate \
+                         then says it was not destroyed. Refusing to record it as gone"
                     ),
                 }));
             }
@@ -1565,12 +1614,18 @@ mod tests {
             .unwrap();
         assert!(matches!(v[0].verdict, Verdict::Destroy { .. }));
         assert_eq!(v[1].verdict, Verdict::Skip);
-        // A key that does not exist needs no proof.
+        // A local key the provider does not find is not a gone one (a
+        // destroyed local key leaves its tombstone): refused, or skipped on
+        // the operator's word.
         let gone = [(k("nobody"), KeyRole::Previous)];
-        let v = decide_destroy(&ctx, &alpha, &gone, &[], "shred")
+        let err = decide_destroy(&ctx, &alpha, &gone, &[], "shred")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), "key_unavailable", "{err}");
+        let v = decide_destroy(&ctx, &alpha, &gone, &[k("nobody")], "shred")
             .await
             .unwrap();
-        assert_eq!(v[0].verdict, Verdict::AlreadyGone { state: None });
+        assert_eq!(v[0].verdict, Verdict::Skip);
         // Proven, but another tenant's policy... here its registry entry names it.
         ctx.state
             .bind_key(KeyBinding {

@@ -720,6 +720,18 @@ async fn keys(repo: &mut Repo, journal: &Journal, to: &KeyRef) -> Result<()> {
             (k, role)
         })
         .collect();
+    // `to` is told apart by its spelling only (a KMS alias and its ARN are
+    // one key): none of the keys ended may open a live envelope.
+    for (k, _) in &keys {
+        ownership::refuse_if_wrapping_live_envelopes(
+            repo.context(),
+            repo.store(),
+            k,
+            Some(shredded),
+            "shred",
+        )
+        .await?;
+    }
     let destroyed = destroy_keys_step(repo, journal, SLOT, &keys).await?;
     let now = Utc::now();
     save(repo, SLOT, |p| {

@@ -38,8 +38,11 @@ pub(super) async fn run(
                 let now = Utc::now();
                 repo.update_descriptor(|d| {
                     if let Some(s) = d.shredding.as_mut() {
-                        s.certificate_id
-                            .get_or_insert_with(|| new_certificate_id(now));
+                        // A fresh id: custos' own fence always records its
+                        // steps, so an id without them is not one it chose
+                        // (a store writer can name an earlier lineage's
+                        // certificate, which would then be "adopted").
+                        s.certificate_id = Some(new_certificate_id(now));
                         s.progress = Some(new_progress(req, now));
                     }
                 })
