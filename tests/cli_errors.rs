@@ -219,3 +219,35 @@ fn unknown_commands_and_flags_are_usage_errors() {
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("N/M"), "{}", r.stderr);
 }
+
+/// `custos … | head -1`: stdout closed before custos writes its result. It
+/// once panicked ("failed printing to stdout: Broken pipe", exit 101).
+#[test]
+fn a_closed_stdout_is_no_panic() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+    for _ in 0..5 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_custos"))
+            .args(["policy", "validate", policies])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before custos prints (it starts in milliseconds).
+        drop(child.stdout.take());
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(
+            matches!(status.code(), Some(0 | 141)),
+            "{status:?}: {stderr}"
+        );
+    }
+}

@@ -1188,7 +1188,16 @@ fn a_retained_index_of_a_shredded_epoch_does_not_break_the_tenant() {
     ok(&cli, &["forget", "acme", "--keep-last", "1"]);
     ok(
         &cli,
-        &["shred", "acme", "--epoch", "1", "--confirm", "acme", "--reason", "test"],
+        &[
+            "shred",
+            "acme",
+            "--epoch",
+            "1",
+            "--confirm",
+            "acme",
+            "--reason",
+            "test",
+        ],
     );
     let mut put_back = 0;
     for (path, bytes) in &kept {
@@ -1197,12 +1206,21 @@ fn a_retained_index_of_a_shredded_epoch_does_not_break_the_tenant() {
             put_back += 1;
         }
     }
-    assert!(put_back >= 1, "the epoch shred deleted epoch 1's index file");
+    assert!(
+        put_back >= 1,
+        "the epoch shred deleted epoch 1's index file"
+    );
 
     let target = cli.path().join("restored");
     ok(
         &cli,
-        &["restore", "acme", "latest", "--target", target.to_str().unwrap()],
+        &[
+            "restore",
+            "acme",
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+        ],
     );
     let mut restored = Vec::new();
     all_files(&target, &mut restored);

@@ -2,6 +2,29 @@
 //! typed; here they get their context and become exit codes:
 //! 0 success, 1 failure (job failed, faults found), 2 invalid usage.
 
+// Every command prints through these: `println!` panics when stdout is a
+// closed pipe (`custos certificate verify … | head -1`), and no input may
+// panic. Not SIGPIPE's default action, which would also kill custos on a
+// pipe to a child (a drill's verify command). Defined before the modules so
+// that their `println!` and `print!` are these.
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            $crate::cli::stdout_failed(e)
+        }
+    }};
+}
+
+macro_rules! print {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout().lock(), $($arg)*) {
+            $crate::cli::stdout_failed(e)
+        }
+    }};
+}
+
 mod audit;
 mod backup;
 mod certificate;
@@ -81,6 +104,22 @@ pub enum Command {
     Certificate(certificate::CertificateCommand),
     /// Remove a tenant's stale lease and reader records (dead or expired holders; --force: all).
     Unlock(unlock::Args),
+}
+
+/// Stdout could not be written: the job has finished (commands print their
+/// result last), so exit at once. A reader that went away (a closed pipe)
+/// gets the shell's status for a process SIGPIPE ended, 141, silently;
+/// anything else is reported on stderr.
+pub(crate) fn stdout_failed(e: std::io::Error) -> ! {
+    use std::io::Write as _;
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "error: cannot write to standard output: {e}"
+    );
+    std::process::exit(1)
 }
 
 /// Entry point of the `custos` binary.
