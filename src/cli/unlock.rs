@@ -128,24 +128,11 @@ async fn unlock(config: Option<&Path>, args: &Args) -> Result<Unlocked> {
             "released" => "none",
             "live" if !args.force => "kept",
             _ => {
-                if state == "live" {
-                    forcing(
-                        args.json,
-                        "lease",
-                        rec.as_ref().map(|r| (&r.holder, &r.job)),
-                    );
-                }
-                let details = serde_json::json!({
-                    "lock": "lease",
-                    "object": object,
-                    "holder": rec.as_ref().map(|r| &r.holder),
-                    "job": rec.as_ref().map(|r| &r.job),
-                    "expires_at": rec.as_ref().map(|r| r.expires_at),
-                    "state": state,
-                    "detail": detail,
-                    "forced": state == "live",
-                });
-                record(&s.ctx, &tenant, details).await?;
+                let held = rec.as_ref().map(|r| (&r.holder, &r.job, r.expires_at));
+                record_removal(
+                    &s.ctx, &tenant, args.json, "lease", &object, held, state, &detail,
+                )
+                .await?;
                 if lease::mark_released(&store, &stored, &s.ctx.actor).await? {
                     "removed"
                 } else {
@@ -185,24 +172,11 @@ async fn unlock(config: Option<&Path>, args: &Args) -> Result<Unlocked> {
         let action = if state == "live" && !args.force {
             "kept"
         } else {
-            if state == "live" {
-                forcing(
-                    args.json,
-                    "reader",
-                    rec.as_ref().map(|r| (&r.holder, &r.job)),
-                );
-            }
-            let details = serde_json::json!({
-                "lock": "reader",
-                "object": object,
-                "holder": rec.as_ref().map(|r| &r.holder),
-                "job": rec.as_ref().map(|r| &r.job),
-                "expires_at": rec.as_ref().map(|r| r.expires_at),
-                "state": state,
-                "detail": detail,
-                "forced": state == "live",
-            });
-            record(&s.ctx, &tenant, details).await?;
+            let held = rec.as_ref().map(|r| (&r.holder, &r.job, r.expires_at));
+            record_removal(
+                &s.ctx, &tenant, args.json, "reader", &object, held, state, &detail,
+            )
+            .await?;
             readers::remove(&store, &entry.id).await?;
             "removed"
         };
@@ -246,7 +220,32 @@ fn forcing(json: bool, lock: &str, who: Option<(&String, &String)>) {
     }
 }
 
-async fn record(ctx: &Context, tenant: &crate::TenantId, details: serde_json::Value) -> Result<()> {
+/// Before a lock record is removed: says so if it looks live (`--force`),
+/// and writes the `unlock` audit record (no record, no removal).
+#[allow(clippy::too_many_arguments)]
+async fn record_removal(
+    ctx: &Context,
+    tenant: &crate::TenantId,
+    json: bool,
+    lock: &str,
+    object: &str,
+    held: Option<(&String, &String, chrono::DateTime<chrono::Utc>)>,
+    state: &str,
+    detail: &Option<String>,
+) -> Result<()> {
+    if state == "live" {
+        forcing(json, lock, held.map(|(h, j, _)| (h, j)));
+    }
+    let details = serde_json::json!({
+        "lock": lock,
+        "object": object,
+        "holder": held.map(|(h, _, _)| h),
+        "job": held.map(|(_, j, _)| j),
+        "expires_at": held.map(|(_, _, e)| e),
+        "state": state,
+        "detail": detail,
+        "forced": state == "live",
+    });
     ctx.record("unlock", Some(tenant), details)
         .await
         .map(|_| ())
