@@ -24,6 +24,18 @@ if ! need sqlite3; then
     need sqlite3 || { echo "test.sh: sqlite3 is required" >&2; exit 1; }
 fi
 
+# The Prometheus alert rules and their unit tests (contrib/prometheus/);
+# Debian's prometheus package ships promtool. Never skipped.
+if ! need promtool; then
+    echo "test.sh: installing prometheus (for promtool: the alert rules' unit tests)" >&2
+    if need apt-get; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >&2
+    fi
+    need promtool || { echo "test.sh: promtool is required (apt-get install prometheus)" >&2; exit 1; }
+fi
+promtool check rules contrib/prometheus/alerts.yml
+(cd contrib/prometheus && promtool test rules alerts_test.yml)
+
 started_here=0
 if [[ ${CUSTOS_EXTERNAL_EMULATORS:-0} != 1 ]]; then
     # Install and start the emulators while cargo builds the tests.

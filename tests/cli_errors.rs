@@ -251,3 +251,100 @@ fn a_closed_stdout_is_no_panic() {
         );
     }
 }
+
+#[test]
+fn completions_cover_every_shell_and_the_subcommands() {
+    let cli = Cli::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let r = cli.run(&["completions", shell]);
+        assert_eq!(r.code, 0, "{shell}: {}", r.stderr);
+        assert!(!r.stdout.trim().is_empty(), "{shell}: empty script");
+        for sub in ["backup", "restore", "drill", "shred", "certificate"] {
+            assert!(r.stdout.contains(sub), "{shell}: no {sub}");
+        }
+        if shell == "bash" {
+            let script = cli.path().join("custos.bash");
+            fs::write(&script, &r.stdout).unwrap();
+            let check = std::process::Command::new("bash")
+                .arg("-n")
+                .arg(&script)
+                .output()
+                .unwrap();
+            assert!(
+                check.status.success(),
+                "bash -n: {}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+    }
+    let r = cli.run(&["completions", "powershell-or-so"]);
+    assert_eq!(r.code, 2, "an unknown shell is invalid usage");
+}
+
+#[test]
+fn man_pages_for_every_subcommand() {
+    let cli = Cli::new();
+    let out = cli.path().join("man");
+    let r = cli.run(&["man", "--out", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mut expected = vec!["custos.1".to_owned()];
+    for sub in [
+        "tenant",
+        "tenant-init",
+        "backup",
+        "snapshots",
+        "restore",
+        "check",
+        "forget",
+        "prune",
+        "policy",
+        "drill",
+        "audit",
+        "audit-verify",
+        "rotate",
+        "store",
+        "daemon",
+        "shred",
+        "certificate",
+        "certificate-verify",
+        "unlock",
+        "completions",
+    ] {
+        expected.push(format!("custos-{sub}.1"));
+    }
+    for name in &expected {
+        let page = fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        // clap_mangen's preamble defines the apostrophe string first.
+        let first = page
+            .lines()
+            .find(|l| !l.starts_with(".ie ") && !l.starts_with(".el "))
+            .unwrap_or("");
+        assert!(first.starts_with(".TH "), "{name}: {first}");
+    }
+    // The hidden `man` command has no page; nothing but pages is written.
+    for entry in fs::read_dir(&out).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        assert!(name.starts_with("custos") && name.ends_with(".1"), "{name}");
+        assert_ne!(name, "custos-man.1");
+        assert_ne!(name, "custos-help.1");
+    }
+    // Rendered without warnings where groff is installed.
+    let groff = std::process::Command::new("groff")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if groff {
+        for name in &expected {
+            let render = std::process::Command::new("groff")
+                .args(["-man", "-Tutf8", "-ww", "-z"])
+                .arg(out.join(name))
+                .output()
+                .unwrap();
+            assert!(
+                render.status.success() && render.stderr.is_empty(),
+                "{name}: {}",
+                String::from_utf8_lossy(&render.stderr)
+            );
+        }
+    }
+}

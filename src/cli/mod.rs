@@ -32,6 +32,7 @@ mod check;
 mod daemon;
 mod drill;
 mod forget;
+mod kit;
 mod output;
 mod policy;
 mod restore;
@@ -104,6 +105,11 @@ pub enum Command {
     Certificate(certificate::CertificateCommand),
     /// Remove a tenant's stale lease and reader records (dead or expired holders; --force: all).
     Unlock(unlock::Args),
+    /// Print a shell completion script (bash, zsh or fish) on stdout.
+    Completions(kit::CompletionsArgs),
+    /// Write man pages (custos.1 and one per subcommand) into a directory.
+    #[command(hide = true)]
+    Man(kit::ManArgs),
 }
 
 /// Stdout could not be written: the job has finished (commands print their
@@ -148,6 +154,8 @@ pub fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> ExitCode {
     let config = cli.config.as_deref();
     match cli.command {
+        Command::Completions(args) => kit::completions(args),
+        Command::Man(args) => kit::man(args),
         Command::Tenant(cmd) => tenant::run(config, cmd).await,
         Command::Backup(args) => backup::run(config, args).await,
         Command::Snapshots(args) => snapshots::run(config, args).await,
