@@ -37,23 +37,9 @@ use serde_json::Value;
 
 /// Runs the binary with extra environment; logs as JSON lines on stderr.
 fn run_env(cli: &Cli, args: &[&str], env: &[(&str, &str)]) -> common::Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_custos"));
-    cmd.arg("--config")
-        .arg(cli.path().join("custos.toml"))
-        .args(args)
-        .env("CUSTOS_LOG", "info")
-        .env("CUSTOS_LOG_FORMAT", "json")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env_remove("CUSTOS_CRASH_AT");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run custos");
-    common::Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    let mut envs = vec![("CUSTOS_LOG", "info"), ("CUSTOS_LOG_FORMAT", "json")];
+    envs.extend_from_slice(env);
+    cli.run_env(args, &envs)
 }
 
 fn ok(cli: &Cli, args: &[&str]) -> common::Run {
