@@ -103,18 +103,49 @@ impl StateDir {
         }
     }
 
-    /// Reads, changes and writes back a tenant's memory. Callers hold the tenant lease.
+    /// Reads, changes and writes back a tenant's memory under an exclusive
+    /// lock on `tenants/<tenant>.lock`: readers (which raise the descriptor
+    /// generation seen) run beside a writer of the same tenant (which records
+    /// forgotten snapshots and removed indexes), and a lost update would drop
+    /// the record that turns a replay into an error.
     pub fn update_tenant_memory(
         &self,
         tenant: &TenantId,
         f: impl FnOnce(&mut TenantMemory),
     ) -> Result<TenantMemory> {
+        let lock_path = self.root.join("tenants").join(format!("{tenant}.lock"));
+        let _lock = self.lock(&lock_path, "tenant state lock")?;
         let mut mem = self.tenant_memory(tenant)?;
         f(&mut mem);
         let path = self.memory_path(tenant);
-        let json = serde_json::to_vec_pretty(&mem).expect("serialises");
+        let json = serde_json::to_vec_pretty(&mem).map_err(|e| Error::io(&path, e.into()))?;
         write_file_atomic(&path, &json, 0o600).map_err(|e| Error::io(path, e))?;
         Ok(mem)
+    }
+
+    /// Records that descriptor `generation` of `tenant` was seen; never
+    /// lowers what a concurrent job recorded meanwhile.
+    pub fn saw_descriptor_generation(&self, tenant: &TenantId, generation: u64) -> Result<()> {
+        self.update_tenant_memory(tenant, |m| {
+            m.descriptor_generation = m.descriptor_generation.max(generation)
+        })
+        .map(drop)
+    }
+
+    /// An exclusive `flock` on `path` (opened as a trusted file), released
+    /// when the returned file is dropped, or by the kernel if the process dies.
+    fn lock(&self, path: &Path, what: &str) -> Result<std::fs::File> {
+        let lock = secure_fs::open_trusted(
+            path,
+            what,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600),
+        )?;
+        lock.lock().map_err(|e| Error::io(path, e))?;
+        Ok(lock)
     }
 
     pub fn reports_dir(&self, tenant: &TenantId) -> PathBuf {
@@ -217,17 +248,7 @@ impl StateDir {
     /// `keys.lock`: the daemon and CLI commands of other tenants update it at
     /// the same time, and a lost update would lose a binding.
     fn update_key_registry<T>(&self, f: impl FnOnce(&mut KeyRegistry) -> T) -> Result<T> {
-        let lock_path = self.root.join("keys.lock");
-        let lock = secure_fs::open_trusted(
-            &lock_path,
-            "key registry lock",
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .mode(0o600),
-        )?;
-        lock.lock().map_err(|e| Error::io(&lock_path, e))?;
+        let lock = self.lock(&self.root.join("keys.lock"), "key registry lock")?;
         let mut registry = self.key_registry()?;
         registry.format = KEY_REGISTRY_FORMAT.into();
         let out = f(&mut registry);
@@ -408,5 +429,40 @@ mod tests {
         assert_eq!(err.kind(), "insecure_permissions", "{err}");
         chmod(&file, 0o600);
         assert_eq!(s.tenant_memory(&tenant).unwrap().descriptor_generation, 3);
+    }
+
+    /// Readers raise the generation seen while a writer of the same tenant
+    /// records removals: neither may lose the other's update, and a
+    /// generation recorded is never lowered.
+    #[test]
+    fn concurrent_memory_updates_are_not_lost() {
+        let t = tempfile::tempdir().unwrap();
+        let s = StateDir::open(t.path().join("state")).unwrap();
+        let tenant = TenantId::new("acme").unwrap();
+        let ids: Vec<IndexId> = (0..40).map(|_| IndexId::random()).collect();
+        std::thread::scope(|scope| {
+            for chunk in ids.chunks(10) {
+                let (s, tenant) = (&s, &tenant);
+                scope.spawn(move || {
+                    for id in chunk {
+                        s.update_tenant_memory(tenant, |m| {
+                            m.removed_indexes.insert(*id);
+                        })
+                        .unwrap();
+                    }
+                });
+            }
+            for thread in 0..4u64 {
+                let (s, tenant) = (&s, &tenant);
+                scope.spawn(move || {
+                    for g in (1..=20u64).rev() {
+                        s.saw_descriptor_generation(tenant, g * 4 + thread).unwrap();
+                    }
+                });
+            }
+        });
+        let mem = s.tenant_memory(&tenant).unwrap();
+        assert_eq!(mem.removed_indexes.len(), ids.len());
+        assert_eq!(mem.descriptor_generation, 83);
     }
 }

@@ -108,15 +108,16 @@ impl Repo {
         usage: PolicyUse,
     ) -> Result<Repo> {
         let store = TenantStore::new(ctx.store.clone(), tenant);
+        // What was seen is read *before* the store: a writer beside this job
+        // records a generation only after the store holds it, so the store
+        // read below sees at least that one. Read after, a writer's update
+        // in between would look like a replay.
+        let seen = ctx.state.tenant_memory(tenant)?.descriptor_generation;
         let Some((bytes, meta)) = store.get_if_exists(&ObjectName::Descriptor).await? else {
-            let mem = ctx.state.tenant_memory(tenant)?;
-            if mem.descriptor_generation > 0 {
+            if seen > 0 {
                 return Err(Error::missing(
                     store.display(&ObjectName::Descriptor),
-                    format!(
-                        "the tenant descriptor is gone (generation {} was seen before)",
-                        mem.descriptor_generation
-                    ),
+                    format!("the tenant descriptor is gone (generation {seen} was seen before)"),
                 ));
             }
             return Err(Error::TenantNotFound {
@@ -143,7 +144,7 @@ impl Repo {
             hidden: None,
             newer: std::sync::Mutex::new(None),
         };
-        repo.check_generation()?;
+        repo.check_generation(seen)?;
         if let Some(k) = policy_key {
             match usage {
                 PolicyUse::Writes => repo.check_policy_key(k)?,
@@ -153,12 +154,9 @@ impl Repo {
         Ok(repo)
     }
 
-    fn check_generation(&self) -> Result<()> {
-        let seen = self
-            .ctx
-            .state
-            .tenant_memory(self.tenant())?
-            .descriptor_generation;
+    /// `seen`: the generation this installation had seen before the
+    /// descriptor was read.
+    fn check_generation(&self, seen: u64) -> Result<()> {
         let now = self.descriptor.generation;
         if now < seen {
             return Err(Error::Rollback {
@@ -171,7 +169,7 @@ impl Repo {
         if now > seen {
             self.ctx
                 .state
-                .update_tenant_memory(self.tenant(), |m| m.descriptor_generation = now)?;
+                .saw_descriptor_generation(self.tenant(), now)?;
         }
         Ok(())
     }
@@ -339,7 +337,7 @@ impl Repo {
             .await
             .map_err(|e| conditional_error(&store, &ObjectName::Descriptor, e))?;
         ctx.state
-            .update_tenant_memory(tenant, |m| m.descriptor_generation = descriptor.generation)?;
+            .saw_descriptor_generation(tenant, descriptor.generation)?;
         ctx.record(
             "tenant.init",
             Some(tenant),
@@ -660,7 +658,7 @@ impl Repo {
             .map_err(|e| conditional_error(&self.store, &ObjectName::Descriptor, e))?;
         self.ctx
             .state
-            .update_tenant_memory(self.tenant(), |m| m.descriptor_generation = d.generation)?;
+            .saw_descriptor_generation(self.tenant(), d.generation)?;
         self.descriptor = d;
         self.descriptor_version = UpdateVersion {
             e_tag: r.e_tag,

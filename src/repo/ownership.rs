@@ -494,6 +494,9 @@ fn named_keys(d: &Descriptor) -> Vec<(KeyRef, &'static str)> {
 
 async fn view_of(ctx: &Context, tenant: &TenantId) -> Result<View> {
     let store = TenantStore::new(ctx.store.clone(), tenant);
+    // Read before the store, as `Repo::open_for` does: a generation recorded
+    // after the store read would make a writer's progress look like a replay.
+    let seen = ctx.state.tenant_memory(tenant)?.descriptor_generation;
     let Some((bytes, _)) = store.get_if_exists(&ObjectName::Descriptor).await? else {
         return Ok(View::Missing);
     };
@@ -504,7 +507,6 @@ async fn view_of(ctx: &Context, tenant: &TenantId) -> Result<View> {
     if &d.tenant != tenant {
         return Ok(View::Unreadable(format!("names tenant {}", d.tenant)));
     }
-    let seen = ctx.state.tenant_memory(tenant)?.descriptor_generation;
     if d.generation < seen {
         return Ok(View::Unreadable(format!(
             "is generation {}, older than generation {seen} seen before (replayed)",
