@@ -13,11 +13,13 @@
 //! - [`metrics`], [`http`]: the Prometheus endpoint and `/healthz`;
 //! - [`notify`]: sd_notify readiness, status, watchdog.
 
+pub mod clock;
 pub mod http;
 pub mod metrics;
 pub mod notify;
 pub mod plan;
 pub mod policies;
+mod queue;
 pub mod registry;
 pub mod scheduler;
 pub mod slots;

@@ -13,8 +13,7 @@
 //! jobs get `shutdown_timeout` to finish, then are abandoned (aborted); the
 //! HTTP endpoint is told through a watch channel, and the caller waits for it.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,10 +22,12 @@ use serde::Serialize;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::task::{AbortHandle, JoinError, JoinSet};
 
+use super::clock::{Clock, SystemClock};
 use super::metrics::Metrics;
 use super::notify::Notifier;
-use super::plan::{self, Next, When};
+use super::plan;
 use super::policies::{self, Policies};
+use super::queue::{Key, Queue, Replan};
 use super::registry::{self, Launched, Request, ScheduledJob};
 use super::state::{DaemonState, RunOutcome};
 use crate::config::Config;
@@ -34,8 +35,6 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::report::{JobReport, Outcome};
 use crate::tenant::TenantId;
-
-type Key = (TenantId, ScheduledJob);
 
 /// The signals the daemon handles, registered before it reports ready so
 /// none is lost.
@@ -97,39 +96,6 @@ impl Summary {
     }
 }
 
-struct Entry {
-    when: When,
-    /// Bumped on every (re)planning; timers and ready items of an older
-    /// generation are stale and ignored.
-    generation: u64,
-    pending: Option<Pending>,
-    /// Consecutive busy-lease retries of the pending slot.
-    contended: u32,
-    first_contended: Option<Instant>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Pending {
-    slot: DateTime<Utc>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Timer {
-    at: DateTime<Utc>,
-    generation: u64,
-    key: Key,
-}
-
-/// Due and waiting for a free tenant and a free job slot; ordered by start
-/// time, then job priority.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Ready {
-    at: DateTime<Utc>,
-    job: ScheduledJob,
-    tenant: TenantId,
-    generation: u64,
-}
-
 struct Running {
     job: ScheduledJob,
     slot: DateTime<Utc>,
@@ -140,32 +106,20 @@ struct Running {
 
 type TaskOutput = (TenantId, ScheduledJob, DateTime<Utc>, u64, Launched);
 
-enum Plan {
-    /// Catch up on missed slots (start, new tenants, after each run).
-    Normal,
-    /// A reload changed the schedule: no catch-up.
-    Changed,
-}
-
 pub struct Scheduler {
     ctx: Context,
     config: Config,
     once: bool,
     policies: Policies,
-    entries: HashMap<Key, Entry>,
-    timers: BinaryHeap<Reverse<Timer>>,
-    ready: BTreeSet<Ready>,
+    /// What starts when (pure: no I/O, unit-tested on its own).
+    queue: Queue,
+    clock: Arc<dyn Clock>,
     running: HashMap<Key, Running>,
-    /// Tenants whose lease was busy: none of their writers starts before
-    /// this time (they would find the same lease busy).
-    backoff: HashMap<TenantId, DateTime<Utc>>,
     tasks: JoinSet<TaskOutput>,
     task_keys: HashMap<tokio::task::Id, (Key, DateTime<Utc>)>,
     state: DaemonState,
     metrics: Arc<Metrics>,
     notifier: Notifier,
-    seed: u64,
-    next_gen: u64,
     unsupported_logged: HashSet<Key>,
     summary: Summary,
     tick: Duration,
@@ -193,23 +147,24 @@ impl Scheduler {
         tick: Duration,
         rejected: usize,
     ) -> Scheduler {
+        let queue = Queue::new(
+            u64::from_le_bytes(crate::util::random_bytes::<8>()),
+            config.daemon.jitter,
+            once,
+        );
         let mut s = Scheduler {
             ctx,
             config,
             once,
             policies: Policies::new(),
-            entries: HashMap::new(),
-            timers: BinaryHeap::new(),
-            ready: BTreeSet::new(),
+            queue,
+            clock: Arc::new(SystemClock),
             running: HashMap::new(),
-            backoff: HashMap::new(),
             tasks: JoinSet::new(),
             task_keys: HashMap::new(),
             state,
             metrics,
             notifier,
-            seed: u64::from_le_bytes(crate::util::random_bytes::<8>()),
-            next_gen: 1,
             unsupported_logged: HashSet::new(),
             summary: Summary {
                 policies_rejected: rejected,
@@ -221,7 +176,7 @@ impl Scheduler {
             started: Instant::now(),
             runs_total: 0,
         };
-        let now = Self::now();
+        let now = s.clock.now();
         for (tenant, policy) in &policies {
             if let Some(rec) = s.state.data.tenants.get(tenant)
                 && let Some(keys) = &rec.keys
@@ -233,7 +188,7 @@ impl Scheduler {
                     if let Some(rec) = s.state.job(tenant, job) {
                         s.metrics.restore(tenant, job, rec);
                     }
-                    s.add_entry(tenant.clone(), job, when, Plan::Normal, now);
+                    s.add_entry(tenant.clone(), job, when, Replan::CatchUp, now);
                 }
             }
         }
@@ -244,163 +199,45 @@ impl Scheduler {
 
     /// Jobs scheduled (a tenant and job kind with a schedule).
     pub fn scheduled(&self) -> usize {
-        self.entries.len()
+        self.queue.len()
     }
 
     /// Job kinds scheduled by some policy that this build cannot run.
     pub fn unsupported_kinds(&self) -> Vec<&'static str> {
         let kinds: BTreeSet<ScheduledJob> = self
-            .entries
-            .keys()
-            .map(|(_, j)| *j)
+            .queue
+            .schedules()
+            .map(|((_, j), _)| *j)
             .filter(|j| registry::launcher(*j).is_none())
             .collect();
         kinds.into_iter().map(|k| k.as_str()).collect()
-    }
-
-    fn now() -> DateTime<Utc> {
-        Utc::now()
-    }
-
-    fn bump(&mut self) -> u64 {
-        self.next_gen += 1;
-        self.next_gen
     }
 
     fn add_entry(
         &mut self,
         tenant: TenantId,
         job: ScheduledJob,
-        when: When,
-        mode: Plan,
+        when: plan::When,
+        mode: Replan,
         now: DateTime<Utc>,
     ) {
         let last = self.state.job(&tenant, job).and_then(|r| r.last_slot);
-        let next = match mode {
-            Plan::Normal => plan::next_slot(&when, last, now),
-            Plan::Changed => plan::next_slot_after_change(&when, last, now),
-        };
         let key = (tenant, job);
-        self.entries.insert(
-            key.clone(),
-            Entry {
-                when,
-                generation: 0,
-                pending: None,
-                contended: 0,
-                first_contended: None,
-            },
-        );
-        self.plan(&key, next, now);
+        self.queue.insert(key.clone(), when, last, mode, now);
+        self.announce(&key);
     }
 
     fn remove_entry(&mut self, key: &Key) {
-        self.entries.remove(key);
+        self.queue.remove(key);
         self.metrics.remove_job(&key.0, key.1);
     }
 
-    /// Sets the entry's next slot and its start (slot + jitter; now + jitter
-    /// for a catch-up). `--once` starts due slots at once and plans nothing later.
-    /// `now` is shared by the jobs of a tenant planned together, so those
-    /// due at once keep their priority order.
-    fn plan(&mut self, key: &Key, next: Option<Next>, now: DateTime<Utc>) {
-        let generation = self.bump();
-        let jitter_max = self.config.daemon.jitter;
-        let once = self.once;
-        let seed = self.seed;
-        let Some(entry) = self.entries.get_mut(key) else {
-            return;
-        };
-        entry.generation = generation;
-        entry.contended = 0;
-        entry.first_contended = None;
-        let Some(next) = next else {
-            entry.pending = None;
-            self.metrics.set_next(&key.0, key.1, None);
-            return;
-        };
-        if once {
-            if next.slot <= now {
-                entry.pending = Some(Pending { slot: next.slot });
-                self.ready.insert(Ready {
-                    at: now,
-                    job: key.1,
-                    tenant: key.0.clone(),
-                    generation,
-                });
-            } else {
-                entry.pending = None;
-            }
-            return;
+    /// Exports the entry's planned start.
+    fn announce(&self, key: &Key) {
+        if !self.once {
+            self.metrics
+                .set_next(&key.0, key.1, self.queue.start_at(key));
         }
-        let period = entry.when.period_after(next.slot);
-        let jitter = plan::jitter(seed, &key.0, next.slot, jitter_max, period);
-        let base = if next.catch_up { now } else { next.slot };
-        // Checked: a slot near the end of chrono's range (a far-future shred
-        // date) must not panic the scheduler; the jitter is dropped there.
-        let at = chrono::Duration::from_std(jitter)
-            .ok()
-            .and_then(|j| base.checked_add_signed(j))
-            .unwrap_or(base);
-        entry.pending = Some(Pending { slot: next.slot });
-        self.timers.push(Reverse(Timer {
-            at,
-            generation,
-            key: key.clone(),
-        }));
-        self.metrics.set_next(&key.0, key.1, Some(at));
-    }
-
-    /// Tries the pending slot again later (busy lease).
-    fn retry(&mut self, key: &Key, delay: Duration) {
-        let generation = self.bump();
-        let Some(entry) = self.entries.get_mut(key) else {
-            return;
-        };
-        entry.generation = generation;
-        let at = Self::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-        self.backoff.insert(key.0.clone(), at);
-        self.timers.push(Reverse(Timer {
-            at,
-            generation,
-            key: key.clone(),
-        }));
-        self.metrics.set_next(&key.0, key.1, Some(at));
-    }
-
-    fn is_current(&self, key: &Key, generation: u64) -> bool {
-        self.entries
-            .get(key)
-            .is_some_and(|e| e.generation == generation && e.pending.is_some())
-    }
-
-    /// Moves timers that are due to the ready set.
-    fn fire_timers(&mut self, now: DateTime<Utc>) {
-        while let Some(Reverse(top)) = self.timers.peek() {
-            if top.at > now {
-                break;
-            }
-            let Reverse(t) = self.timers.pop().expect("peeked");
-            if self.is_current(&t.key, t.generation) {
-                self.ready.insert(Ready {
-                    at: t.at,
-                    job: t.key.1,
-                    tenant: t.key.0,
-                    generation: t.generation,
-                });
-            }
-        }
-    }
-
-    /// The next live timer, dropping stale ones on the way.
-    fn next_timer(&mut self) -> Option<Timer> {
-        while let Some(Reverse(top)) = self.timers.peek() {
-            if self.is_current(&top.key, top.generation) {
-                return Some(top.clone());
-            }
-            self.timers.pop();
-        }
-        None
     }
 
     /// Starts ready jobs while there is room: one writer per tenant (readers
@@ -415,90 +252,26 @@ impl Scheduler {
     /// One pass over the ready set; true if a started job ended within it.
     fn dispatch_pass(&mut self) -> bool {
         let max = self.config.daemon.max_concurrent_jobs.max(1);
-        if self.running.len() >= max || self.ready.is_empty() {
-            return false;
-        }
-        let now = Self::now();
-        self.backoff.retain(|_, until| *until > now);
-        let mut chosen = Vec::new();
-        // Tenants with a writer running or chosen: writers exclude writers.
-        let mut writing: HashSet<TenantId> = self
-            .running
-            .iter()
-            .filter(|(_, r)| !r.job.is_reader())
-            .map(|((t, _), _)| t.clone())
-            .collect();
-        // Tenants with a writer running, or ready ahead of the job looked at.
-        let mut writer_ahead = writing.clone();
-        let mut stale = Vec::new();
-        for r in &self.ready {
-            if self.running.len() + chosen.len() >= max {
-                break;
-            }
-            let key = (r.tenant.clone(), r.job);
-            if !self.is_current(&key, r.generation) {
-                stale.push(r.clone());
-                continue;
-            }
-            if self.running.contains_key(&key) {
-                continue;
-            }
-            if r.job.is_reader() {
-                // A tenant never backed up (as far as this daemon knows)
-                // backs up before it is checked or drilled: a first start
-                // would otherwise check a tenant that does not exist yet.
-                if writer_ahead.contains(&r.tenant) && !self.backed_up(&r.tenant) {
-                    continue;
-                }
-            } else {
-                writer_ahead.insert(r.tenant.clone());
-                // A writer waits for the tenant's other writer (here, or
-                // elsewhere: a busy lease); readers never hold it up.
-                if writing.contains(&r.tenant) || self.backoff.contains_key(&r.tenant) {
-                    continue;
-                }
-                writing.insert(r.tenant.clone());
-            }
-            chosen.push(r.clone());
-        }
-        for r in stale {
-            self.ready.remove(&r);
-        }
+        let running: HashSet<Key> = self.running.keys().cloned().collect();
+        let state = &self.state;
+        let chosen = self
+            .queue
+            .choose(self.clock.now(), &running, max, |tenant| {
+                backed_up(state, tenant)
+            });
         let mut freed = false;
-        for r in chosen {
-            self.ready.remove(&r);
-            let key = (r.tenant, r.job);
+        for key in chosen {
             self.start(key.clone());
             freed |= !self.running.contains_key(&key);
         }
         freed
     }
 
-    /// Whether a backup of `tenant` has succeeded (by this daemon's state).
-    fn backed_up(&self, tenant: &TenantId) -> bool {
-        self.state
-            .job(tenant, ScheduledJob::Backup)
-            .is_some_and(|r| r.last_success.is_some())
-    }
-
     fn start(&mut self, key: Key) {
-        let now = Self::now();
-        let Some(entry) = self.entries.get_mut(&key) else {
+        let Some(start) = self.queue.begin(&key, self.clock.now()) else {
             return;
         };
-        let Some(pending) = entry.pending else {
-            return;
-        };
-        // A run that waited past later slots (a busy lease, a full job limit)
-        // runs once, for the latest of them.
-        let slot = match &entry.when {
-            When::Cron(_) | When::Every { .. } => entry
-                .when
-                .last_at_or_before(now)
-                .map_or(pending.slot, |latest| latest.max(pending.slot)),
-        };
-        entry.pending = Some(Pending { slot });
-        let generation = entry.generation;
+        let (slot, generation) = (start.slot, start.generation);
         let Some(policy) = self.policies.get(&key.0).cloned() else {
             return;
         };
@@ -549,7 +322,7 @@ impl Scheduler {
                 "{tenant}: {file} schedules {job}, but {message}; every due slot counts as a failed run"
             );
         }
-        let now = Self::now();
+        let now = self.clock.now();
         self.metrics.set_unsupported(tenant, *job);
         self.metrics
             .outcome(tenant, *job, RunOutcome::Unsupported, now);
@@ -573,19 +346,10 @@ impl Scheduler {
 
     /// Plans the slot after one that ran (unless a reload re-planned the job meanwhile).
     fn after_run(&mut self, key: &Key, slot: DateTime<Utc>, generation: u64) {
-        let Some(entry) = self.entries.get_mut(key) else {
-            return;
-        };
-        if entry.generation != generation {
-            return;
-        }
-        if self.stopping || self.once {
-            entry.pending = None;
-            return;
-        }
-        let now = Self::now();
-        let next = plan::next_slot(&entry.when, Some(slot), now);
-        self.plan(key, next, now);
+        let now = self.clock.now();
+        self.queue
+            .after_run(key, slot, generation, self.stopping, now);
+        self.announce(key);
     }
 
     fn completed(&mut self, res: Result<(tokio::task::Id, TaskOutput), JoinError>) {
@@ -614,7 +378,7 @@ impl Scheduler {
                     error_kind = "internal",
                     "{job} of {tenant} panicked: {e}"
                 );
-                let now = Self::now();
+                let now = self.clock.now();
                 self.metrics.outcome(&tenant, job, RunOutcome::Failure, now);
                 let rec = self.state.job_mut(&tenant, job);
                 rec.last_slot = Some(slot);
@@ -715,24 +479,19 @@ impl Scheduler {
             other => (other.to_string(), String::new()),
         };
         let once_limit = self.config.daemon.lease_ttl + Duration::from_secs(30);
-        let Some(entry) = self.entries.get_mut(key) else {
+        let Some(contention) = self.queue.contended(key, generation, Instant::now()) else {
             return;
         };
-        if entry.generation != generation {
-            return;
-        }
-        entry.contended += 1;
-        let first = *entry.first_contended.get_or_insert_with(Instant::now);
         // 1 s, 2 s, 4 s … up to a minute, with up to 50 % jitter.
         let base =
-            Duration::from_secs(1 << entry.contended.min(6).saturating_sub(1)).min(MAX_RETRY);
+            Duration::from_secs(1 << contention.attempt.min(6).saturating_sub(1)).min(MAX_RETRY);
         let delay = base + base.mul_f64(rand::random_range(0.0..0.5));
         if self.stopping && !self.once {
             // Shutting down: the slot runs after the next start.
-            entry.pending = None;
+            self.queue.drop_pending(key);
             return;
         }
-        let give_up = self.stopping || (self.once && first.elapsed() >= once_limit);
+        let give_up = self.stopping || (self.once && contention.since.elapsed() >= once_limit);
         tracing::info!(
             event = "lease.contended",
             tenant = %tenant,
@@ -740,13 +499,13 @@ impl Scheduler {
             slot = %slot.to_rfc3339(),
             holder = %holder,
             expires = %expires,
-            attempt = entry.contended,
+            attempt = contention.attempt,
             retry_in_ms = (!give_up).then_some(delay.as_millis() as u64),
             "{job} of {tenant} waits: the tenant's lease is held by {holder}"
         );
         if give_up {
-            entry.pending = None;
-            let now = Self::now();
+            self.queue.drop_pending(key);
+            let now = self.clock.now();
             self.metrics
                 .outcome(tenant, *job, RunOutcome::Contended, now);
             self.record(RunRecord {
@@ -761,7 +520,8 @@ impl Scheduler {
             });
             return;
         }
-        self.retry(key, delay);
+        self.queue.retry(key, delay, self.clock.now());
+        self.announce(key);
     }
 
     /// SIGHUP: reloads the policies (see [`policies`]) and re-plans what changed.
@@ -797,26 +557,26 @@ impl Scheduler {
         }
         for tenant in &removed {
             for job in ScheduledJob::ALL {
-                self.entries.remove(&(tenant.clone(), job));
+                self.queue.remove(&(tenant.clone(), job));
             }
             self.metrics.remove_tenant(tenant);
         }
-        let now = Self::now();
+        let now = self.clock.now();
         for tenant in added.iter().chain(&changed) {
             let policy = loaded.policies[tenant].clone();
             for job in ScheduledJob::ALL {
                 let key = (tenant.clone(), job);
                 let new = job.when(&policy);
-                let old = self.entries.get(&key).map(|e| e.when.clone());
+                let old = self.queue.when(&key).cloned();
                 match (old, new) {
                     (None, None) => {}
                     (Some(_), None) => self.remove_entry(&key),
                     (None, Some(when)) => {
-                        self.add_entry(tenant.clone(), job, when, Plan::Normal, now)
+                        self.add_entry(tenant.clone(), job, when, Replan::CatchUp, now)
                     }
                     (Some(old), Some(when)) if old == when => {}
                     (Some(_), Some(when)) => {
-                        self.add_entry(tenant.clone(), job, when, Plan::Changed, now)
+                        self.add_entry(tenant.clone(), job, when, Replan::Changed, now)
                     }
                 }
             }
@@ -878,7 +638,7 @@ impl Scheduler {
         let mut s = format!(
             "{} tenants, {} jobs scheduled; running {}",
             self.policies.len(),
-            self.entries.len(),
+            self.queue.len(),
             running.len()
         );
         if shown > 0 {
@@ -888,15 +648,13 @@ impl Scheduler {
                 s.push_str(", …");
             }
         }
-        if !self.ready.is_empty() {
-            s.push_str(&format!("; {} waiting", self.ready.len()));
+        if self.queue.waiting() > 0 {
+            s.push_str(&format!("; {} waiting", self.queue.waiting()));
         }
-        if let Some(t) = self.next_timer() {
+        if let Some((at, (tenant, job))) = self.queue.next_timer() {
             s.push_str(&format!(
-                "; next: {}/{} at {}",
-                t.key.0,
-                t.key.1,
-                t.at.format("%Y-%m-%dT%H:%M:%SZ")
+                "; next: {tenant}/{job} at {}",
+                at.format("%Y-%m-%dT%H:%M:%SZ")
             ));
         }
         s
@@ -933,9 +691,7 @@ impl Scheduler {
     }
 
     fn idle(&self) -> bool {
-        self.tasks.is_empty()
-            && self.ready.is_empty()
-            && self.entries.values().all(|e| e.pending.is_none())
+        self.tasks.is_empty() && self.queue.idle()
     }
 
     /// The loop; returns when a signal stops it (or, `--once`, when nothing
@@ -945,16 +701,16 @@ impl Scheduler {
         let status = self.status_line();
         self.notifier.ready(&status);
         let stop = loop {
-            let now = Self::now();
-            self.fire_timers(now);
+            let now = self.clock.now();
+            self.queue.fire(now);
             self.dispatch();
             self.heartbeat();
             if self.once && self.idle() {
                 break None;
             }
             let mut wake = self.tick;
-            if let Some(t) = self.next_timer() {
-                wake = wake.min((t.at - Self::now()).to_std().unwrap_or(Duration::ZERO));
+            if let Some((at, _)) = self.queue.next_timer() {
+                wake = wake.min((at - self.clock.now()).to_std().unwrap_or(Duration::ZERO));
             }
             if self.state.is_dirty() {
                 wake = wake.min(FLUSH_EVERY.saturating_sub(self.last_flush.elapsed()));
@@ -981,11 +737,11 @@ impl Scheduler {
         }
         if self.once && self.summary.runs.is_empty() {
             self.once = false;
-            let now = Self::now();
+            let now = self.clock.now();
             let mut next: Option<(DateTime<Utc>, Key)> = None;
-            for (key, e) in &self.entries {
+            for (key, when) in self.queue.schedules() {
                 let last = self.state.job(&key.0, key.1).and_then(|r| r.last_slot);
-                if let Some(n) = plan::next_slot(&e.when, last, now)
+                if let Some(n) = plan::next_slot(when, last, now)
                     && next.as_ref().is_none_or(|(t, _)| n.slot < *t)
                 {
                     next = Some((n.slot, key.clone()));
@@ -1002,8 +758,7 @@ impl Scheduler {
     /// Stops starting jobs, gives running ones `shutdown_timeout`, then abandons them.
     async fn shutdown(&mut self, signals: &mut Signals, signal: &str) {
         self.stopping = true;
-        self.ready.clear();
-        self.timers.clear();
+        self.queue.stop();
         let timeout = self.config.daemon.shutdown_timeout;
         let running = self.running.len();
         tracing::info!(
@@ -1050,7 +805,7 @@ impl Scheduler {
             );
             r.abort.abort();
             self.metrics
-                .outcome(tenant, r.job, RunOutcome::Abandoned, Self::now());
+                .outcome(tenant, r.job, RunOutcome::Abandoned, self.clock.now());
             self.record(RunRecord {
                 tenant: tenant.clone(),
                 job: r.job,
@@ -1126,4 +881,11 @@ fn summarize(r: &JobReport) -> String {
         parts.push(format!("{k} {v}"));
     }
     parts.join(", ")
+}
+
+/// Whether a backup of `tenant` has succeeded (by this daemon's state).
+fn backed_up(state: &DaemonState, tenant: &TenantId) -> bool {
+    state
+        .job(tenant, ScheduledJob::Backup)
+        .is_some_and(|r| r.last_success.is_some())
 }
