@@ -443,17 +443,16 @@ mod tests {
 
     const ALWAYS: fn(&TenantId) -> bool = |_| true;
 
+    /// An hourly entry planned as at start (catching up).
+    fn add(q: &mut Queue, k: &Key, last: Option<DateTime<Utc>>, now: DateTime<Utc>) {
+        q.insert(k.clone(), hourly(), last, Replan::CatchUp, now);
+    }
+
     #[test]
     fn a_job_that_ran_waits_for_its_next_slot_and_starts_then() {
         let mut q = queue();
         let k = key("acme", ScheduledJob::Backup);
-        q.insert(
-            k.clone(),
-            hourly(),
-            Some(t(10, 0, 0)),
-            Replan::CatchUp,
-            t(10, 20, 0),
-        );
+        add(&mut q, &k, Some(t(10, 0, 0)), t(10, 20, 0));
         assert_eq!(q.start_at(&k), Some(t(11, 0, 0)));
         assert_eq!(q.next_timer(), Some((t(11, 0, 0), k.clone())));
         q.fire(t(10, 59, 59));
@@ -478,13 +477,7 @@ mod tests {
         let mut q = queue();
         let k = key("acme", ScheduledJob::Backup);
         // Last ran at 03:00; the daemon was down until 10:20.
-        q.insert(
-            k.clone(),
-            hourly(),
-            Some(t(3, 0, 0)),
-            Replan::CatchUp,
-            t(10, 20, 0),
-        );
+        add(&mut q, &k, Some(t(3, 0, 0)), t(10, 20, 0));
         assert_eq!(q.start_at(&k), Some(t(10, 20, 0)));
         q.fire(t(10, 20, 0));
         assert_eq!(q.choose(t(10, 20, 0), &HashSet::new(), 1, ALWAYS).len(), 1);
@@ -511,13 +504,7 @@ mod tests {
         let mut q = Queue::new(42, Duration::from_secs(24 * 3600), false);
         for tenant in ["a", "b", "c", "d", "e"] {
             let k = key(tenant, ScheduledJob::Backup);
-            q.insert(
-                k.clone(),
-                hourly(),
-                Some(t(10, 0, 0)),
-                Replan::CatchUp,
-                t(10, 1, 0),
-            );
+            add(&mut q, &k, Some(t(10, 0, 0)), t(10, 1, 0));
             let at = q.start_at(&k).unwrap();
             assert!(at >= t(11, 0, 0) && at < t(11, 30, 0), "{tenant}: {at}");
         }
@@ -535,7 +522,7 @@ mod tests {
         let drill = key("acme", ScheduledJob::Drill);
         let other = key("beta", ScheduledJob::Backup);
         for k in [&backup, &forget, &check, &drill, &other] {
-            q.insert(k.clone(), hourly(), None, Replan::CatchUp, now);
+            add(&mut q, k, None, now);
         }
         q.fire(now);
         let first = q.choose(now, &HashSet::new(), 8, ALWAYS);
@@ -562,8 +549,8 @@ mod tests {
         let now = t(10, 0, 0);
         let backup = key("acme", ScheduledJob::Backup);
         let check = key("acme", ScheduledJob::Check);
-        q.insert(backup.clone(), hourly(), None, Replan::CatchUp, now);
-        q.insert(check.clone(), hourly(), None, Replan::CatchUp, now);
+        add(&mut q, &backup, None, now);
+        add(&mut q, &check, None, now);
         q.fire(now);
         let never = |_: &TenantId| false;
         assert_eq!(
@@ -607,7 +594,7 @@ mod tests {
         let backup = key("acme", ScheduledJob::Backup);
         let forget = key("acme", ScheduledJob::Forget);
         let check = key("acme", ScheduledJob::Check);
-        q.insert(backup.clone(), hourly(), None, Replan::CatchUp, now);
+        add(&mut q, &backup, None, now);
         q.fire(now);
         let start = q.choose(now, &HashSet::new(), 8, ALWAYS);
         assert_eq!(start, vec![backup.clone()]);
@@ -616,8 +603,8 @@ mod tests {
         let c = q.contended(&backup, s.generation, mono).unwrap();
         assert_eq!(c.attempt, 1);
         q.retry(&backup, Duration::from_secs(4), now);
-        q.insert(forget.clone(), hourly(), None, Replan::CatchUp, now);
-        q.insert(check.clone(), hourly(), None, Replan::CatchUp, now);
+        add(&mut q, &forget, None, now);
+        add(&mut q, &check, None, now);
         q.fire(now);
         assert_eq!(q.choose(now, &HashSet::new(), 8, ALWAYS), vec![check]);
         let later = t(10, 0, 4);
@@ -644,13 +631,7 @@ mod tests {
     fn replanning_makes_older_timers_and_outcomes_stale() {
         let mut q = queue();
         let k = key("acme", ScheduledJob::Backup);
-        q.insert(
-            k.clone(),
-            hourly(),
-            Some(t(10, 0, 0)),
-            Replan::CatchUp,
-            t(10, 30, 0),
-        );
+        add(&mut q, &k, Some(t(10, 0, 0)), t(10, 30, 0));
         q.fire(t(11, 0, 0));
         let start = q.begin(&k, t(11, 0, 0)).unwrap();
         // A reload re-plans the entry while that run is going on.
@@ -680,20 +661,8 @@ mod tests {
         let mut q = Queue::new(7, Duration::from_secs(600), true);
         let due = key("acme", ScheduledJob::Backup);
         let later = key("beta", ScheduledJob::Backup);
-        q.insert(
-            due.clone(),
-            hourly(),
-            Some(t(9, 0, 0)),
-            Replan::CatchUp,
-            t(10, 0, 0),
-        );
-        q.insert(
-            later.clone(),
-            hourly(),
-            Some(t(10, 0, 0)),
-            Replan::CatchUp,
-            t(10, 30, 0),
-        );
+        add(&mut q, &due, Some(t(9, 0, 0)), t(10, 0, 0));
+        add(&mut q, &later, Some(t(10, 0, 0)), t(10, 30, 0));
         assert_eq!(q.next_timer(), None);
         assert_eq!(
             q.choose(t(10, 30, 0), &HashSet::new(), 8, ALWAYS),
@@ -709,7 +678,7 @@ mod tests {
     fn stopping_starts_nothing_more() {
         let mut q = queue();
         let k = key("acme", ScheduledJob::Backup);
-        q.insert(k.clone(), hourly(), None, Replan::CatchUp, t(10, 0, 0));
+        add(&mut q, &k, None, t(10, 0, 0));
         q.stop();
         q.fire(t(12, 0, 0));
         assert!(q.choose(t(12, 0, 0), &HashSet::new(), 8, ALWAYS).is_empty());
