@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use super::holder::{self, Liveness, ProcessIdentity};
+use super::keepalive::{Keepalive, Renew};
 use super::layout::ObjectName;
 use super::readers::ReaderGuard;
 use super::tenant::TenantStore;
@@ -84,9 +85,7 @@ enum Access {
 /// so the job stops before it commits anything.
 struct Exclusive {
     inner: Arc<Inner>,
-    keepalive: tokio::task::JoinHandle<()>,
-    /// Tells the keepalive task to stop once any renewal in flight is done.
-    stop: Arc<tokio::sync::Notify>,
+    keepalive: Keepalive,
     /// The lease this one replaced (expired, or held by a dead process), and why.
     took_over_from: Option<(LeaseRecord, String)>,
 }
@@ -321,29 +320,10 @@ impl Exclusive {
             state: Mutex::new((record, v)),
             lost: AtomicBool::new(false),
         });
-        let weak = Arc::downgrade(&inner);
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let stopped = stop.clone();
-        let keepalive = tokio::spawn(async move {
-            loop {
-                // A renewal is never cut short: cancelled mid-request, its
-                // write could still land after the release read the version.
-                tokio::select! {
-                    _ = tokio::time::sleep(ttl / 3) => {}
-                    _ = stopped.notified() => return,
-                }
-                let Some(inner) = weak.upgrade() else { return };
-                if let Err(e) = inner.renew().await {
-                    tracing::error!(event = "lease.lost", tenant = %inner.store.tenant(), error = %e, "lease renewal failed");
-                    inner.lost.store(true, Ordering::SeqCst);
-                    return;
-                }
-            }
-        });
+        let keepalive = Keepalive::spawn(&inner, ttl);
         Exclusive {
             inner,
             keepalive,
-            stop,
             took_over_from,
         }
     }
@@ -364,15 +344,9 @@ impl Exclusive {
     /// conditional update of our own version. Transient store errors are
     /// retried: a lease left held blocks the tenant until it expires.
     async fn release(mut self) {
-        self.stop.notify_one();
-        if tokio::time::timeout(self.inner.ttl, &mut self.keepalive)
-            .await
-            .is_err()
-        {
-            // A renewal stuck in retries: cut it short. Should its write still
-            // land, the conflict below finds our own lease and retries.
-            self.keepalive.abort();
-        }
+        // A renewal stuck in retries is cut short after a TTL. Should its
+        // write still land, the conflict below finds our own lease and retries.
+        self.keepalive.stop(self.inner.ttl).await;
         let mut state = self.inner.state.lock().await;
         if self.inner.lost.load(Ordering::SeqCst) {
             return;
@@ -550,6 +524,17 @@ impl Inner {
             }
         }
         unreachable!("the last attempt returns")
+    }
+}
+
+impl Renew for Inner {
+    async fn renew_record(&self) -> std::result::Result<(), String> {
+        self.renew().await.map_err(|e| e.to_string())
+    }
+
+    fn lost(&self, why: String) {
+        tracing::error!(event = "lease.lost", tenant = %self.store.tenant(), error = %why, "lease renewal failed");
+        self.lost.store(true, Ordering::SeqCst);
     }
 }
 

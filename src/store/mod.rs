@@ -8,6 +8,7 @@
 
 pub mod deletions;
 pub mod holder;
+mod keepalive;
 pub mod layout;
 pub mod lease;
 pub mod local;

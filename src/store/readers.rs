@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use super::holder::{self, Liveness, ProcessIdentity};
+use super::keepalive::{Keepalive, Renew};
 use super::layout::{Dir, ObjectName, new_lock_id};
 use super::tenant::TenantStore;
 use crate::error::{Error, Result};
@@ -123,8 +124,7 @@ pub async fn remove(store: &TenantStore, id: &str) -> Result<()> {
 /// A registered reader. Renewed in the background every third of its TTL.
 pub struct ReaderGuard {
     inner: Arc<Inner>,
-    keepalive: tokio::task::JoinHandle<()>,
-    stop: Arc<tokio::sync::Notify>,
+    keepalive: Keepalive,
 }
 
 struct Inner {
@@ -244,28 +244,8 @@ impl ReaderGuard {
             state: Mutex::new((record, v)),
             lost: std::sync::Mutex::new(None),
         });
-        let weak = Arc::downgrade(&inner);
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let stopped = stop.clone();
-        let keepalive = tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(ttl / 3) => {}
-                    _ = stopped.notified() => return,
-                }
-                let Some(inner) = weak.upgrade() else { return };
-                if let Err(why) = inner.renew().await {
-                    tracing::error!(event = "reader.lost", tenant = %inner.store.tenant(), error = %why, "the reader record lapsed");
-                    *inner.lost.lock().expect("not poisoned") = Some(why);
-                    return;
-                }
-            }
-        });
-        ReaderGuard {
-            inner,
-            keepalive,
-            stop,
-        }
+        let keepalive = Keepalive::spawn(&inner, ttl);
+        ReaderGuard { inner, keepalive }
     }
 
     pub fn id(&self) -> &str {
@@ -350,16 +330,23 @@ impl ReaderGuard {
 
     /// Stops renewing (after a renewal in flight) and removes the record.
     pub async fn release(mut self) {
-        self.stop.notify_one();
-        if tokio::time::timeout(self.inner.ttl, &mut self.keepalive)
-            .await
-            .is_err()
-        {
-            self.keepalive.abort();
-        }
+        self.keepalive.stop(self.inner.ttl).await;
         if let Err(e) = self.inner.store.delete(&self.inner.name).await {
             // It expires on its own; until then deleters wait for it.
             tracing::warn!(event = "reader.release_failed", tenant = %self.tenant(), error = %e, "could not remove the reader record");
+        }
+    }
+}
+
+impl Renew for Inner {
+    async fn renew_record(&self) -> std::result::Result<(), String> {
+        self.renew().await
+    }
+
+    fn lost(&self, why: String) {
+        tracing::error!(event = "reader.lost", tenant = %self.store.tenant(), error = %why, "the reader record lapsed");
+        if let Ok(mut lost) = self.lost.lock() {
+            *lost = Some(why);
         }
     }
 }
