@@ -12,7 +12,6 @@ use super::setup::{require_policy, setup, tenant_id};
 use crate::error::Result;
 use crate::jobs::backup::{self, BackupOptions, BackupReport};
 use crate::jobs::runner::{JobSpec, run_job};
-use crate::pipeline::packer::PackerConfig;
 use crate::report::JobKind;
 
 #[derive(ClapArgs)]
@@ -74,15 +73,9 @@ async fn backup(config: Option<&Path>, args: Args) -> Result<BackupReport> {
     backup::checked_sources(&policy.sources)?;
     let progress = TerminalProgress::new(args.json, "backing up");
     let opts = BackupOptions {
-        sources: policy.sources.clone(),
-        packer: PackerConfig {
-            pack_size: policy.backup.pack_size as usize,
-            compression_level: policy.backup.compression_level,
-            ..PackerConfig::default()
-        },
-        allow_unreadable: policy.backup.allow_unreadable,
         tags: args.tags,
         force_read: args.force_read,
+        ..BackupOptions::from_policy(&policy)
     };
     let spec = JobSpec {
         tenant: &tenant,

@@ -143,7 +143,7 @@ async fn forget(config: Option<&Path>, args: ForgetArgs) -> Result<ForgetPrune> 
     };
     let do_prune = args.prune;
     let dry_run = args.dry_run;
-    let packer = packer_config(policy.as_ref());
+    let packer = PackerConfig::for_policy(policy.as_ref());
     let spec = JobSpec {
         tenant: &tenant,
         job: JobKind::Forget,
@@ -173,7 +173,7 @@ pub async fn run_prune(config: Option<&Path>, args: PruneArgs) -> ExitCode {
         let s = setup(config).await?;
         let tenant = tenant_id(&args.tenant)?;
         let policy = policy(&s.config, &tenant)?;
-        let packer = packer_config(policy.as_ref());
+        let packer = PackerConfig::for_policy(policy.as_ref());
         let spec = JobSpec {
             tenant: &tenant,
             job: JobKind::Prune,
@@ -189,17 +189,6 @@ pub async fn run_prune(config: Option<&Path>, args: PruneArgs) -> ExitCode {
     }
     .await;
     finish(json, result, print_prune)
-}
-
-fn packer_config(policy: Option<&crate::config::Policy>) -> PackerConfig {
-    match policy {
-        Some(p) => PackerConfig {
-            pack_size: p.backup.pack_size as usize,
-            compression_level: p.backup.compression_level,
-            ..PackerConfig::default()
-        },
-        None => PackerConfig::default(),
-    }
 }
 
 fn print_prune(p: &PruneReport) {

@@ -395,23 +395,8 @@ impl Request {
     }
 }
 
-fn packer_config(policy: &Policy) -> PackerConfig {
-    PackerConfig {
-        pack_size: policy.backup.pack_size as usize,
-        compression_level: policy.backup.compression_level,
-        ..PackerConfig::default()
-    }
-}
-
 fn launch_backup(req: Request) -> BoxFuture<'static, Launched> {
-    let p = &req.policy;
-    let opts = BackupOptions {
-        sources: p.sources.clone(),
-        packer: packer_config(p),
-        allow_unreadable: p.backup.allow_unreadable,
-        tags: Vec::new(),
-        force_read: false,
-    };
+    let opts = BackupOptions::from_policy(&req.policy);
     req.run(true, move |repo, lease, _| {
         async move {
             let report = backup::run(repo, lease, opts, &NoProgress).await?;
@@ -446,7 +431,7 @@ impl JobOutput for ForgetPruneReport {
 
 fn launch_forget(req: Request) -> BoxFuture<'static, Launched> {
     let rules = req.policy.retention.clone();
-    let packer = packer_config(&req.policy);
+    let packer = PackerConfig::for_policy(Some(&req.policy));
     req.run(false, move |repo, lease, _| {
         async move {
             let forget = forget::run(repo, lease, &rules, false).await?;

@@ -44,6 +44,20 @@ pub struct BackupOptions {
     pub force_read: bool,
 }
 
+impl BackupOptions {
+    /// A scheduled backup of `policy`; the CLI overlays its flags (tags,
+    /// `--force-read`) on the same options.
+    pub fn from_policy(policy: &crate::config::Policy) -> BackupOptions {
+        BackupOptions {
+            sources: policy.sources.clone(),
+            packer: PackerConfig::for_policy(Some(policy)),
+            allow_unreadable: policy.backup.allow_unreadable,
+            tags: Vec::new(),
+            force_read: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BackupReport {
     pub snapshot: SnapshotId,

@@ -49,6 +49,22 @@ impl Default for PackerConfig {
     }
 }
 
+impl PackerConfig {
+    /// The packing a tenant's policy asks for (defaults without a policy):
+    /// the one place backup, prune and forget, from the CLI or the daemon,
+    /// take it from.
+    pub fn for_policy(policy: Option<&crate::config::Policy>) -> PackerConfig {
+        match policy {
+            Some(p) => PackerConfig {
+                pack_size: p.backup.pack_size as usize,
+                compression_level: p.backup.compression_level,
+                ..PackerConfig::default()
+            },
+            None => PackerConfig::default(),
+        }
+    }
+}
+
 /// A blob for the packer: raw plaintext, or an already-built frame (repacking
 /// copies frames without recompressing them).
 pub enum Work {
