@@ -14,13 +14,13 @@
 //! (src/keys/faults.rs); the AWS cases use a closed port as the endpoint and
 //! a key disabled on LocalStack (gated on CUSTOS_TEST_EMULATORS=1).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
-use common::Cli;
+use crate::common::Cli;
 
 /// Random, incompressible content whose bytes must never appear in the store
 /// or the state directory (it would mean data stored unencrypted).

@@ -34,7 +34,7 @@
 //! temporary file with key material, no key file) and its certificate
 //! verifies online.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -42,7 +42,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Cli, Run};
+use crate::common::{Cli, Run};
 
 /// A small seeded generator (splitmix64): the same seed, the same kill points.
 struct Rng(u64);

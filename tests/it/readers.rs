@@ -8,7 +8,7 @@
 //! A slow restore uses the store fault injector (`CUSTOS_FAULTS`, latency on
 //! pack reads).
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::Write;
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Cli, Run};
+use crate::common::{Cli, Run};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_custos");
@@ -337,7 +337,7 @@ fn readers_beside_a_long_backup_and_a_prune_beside_a_restore_s3_and_kms() {
     if !common::require(common::strict(), "the S3 and KMS emulators (LocalStack)") {
         return;
     }
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let env = common::env;
     let endpoint = env("AWS_ENDPOINT_URL").unwrap_or_else(|| "http://127.0.0.1:4566".into());
     let kms_endpoint = env("AWS_ENDPOINT_URL_KMS").unwrap_or_else(|| endpoint.clone());
     let s3_endpoint = env("AWS_ENDPOINT_URL_S3").unwrap_or_else(|| endpoint.clone());

@@ -10,14 +10,14 @@
 //! refused; key files must be 0600), and no key material left behind by an
 //! interrupted key write once the key is shredded.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use base64::Engine;
-use common::Cli;
+use crate::common::Cli;
 
 /// Every encoding of a secret the test looks for.
 fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
