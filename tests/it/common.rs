@@ -103,6 +103,25 @@ pub fn assert_same(a: &Path, b: &Path) {
     }
 }
 
+/// Every file under `root` that is not a directory (symlinks to directories
+/// are followed), or nothing when `root` does not exist.
+pub fn files_under(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 /// The AWS_* variables of the test environment (the emulators'), for runs
 /// that need them back (see [`Cli::run_env`]).
 pub fn aws_env() -> Vec<(String, String)> {
@@ -212,23 +231,14 @@ impl Cli {
     pub fn objects(&self, tenant: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
         let root = self.store().join("tenants").join(tenant);
         let mut out = std::collections::BTreeMap::new();
-        let mut stack = vec![root.clone()];
-        while let Some(d) = stack.pop() {
-            let Ok(rd) = fs::read_dir(&d) else { continue };
-            for e in rd {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    let rel = p
-                        .strip_prefix(&root)
-                        .unwrap()
-                        .to_string_lossy()
-                        .into_owned();
-                    if !rel.starts_with("locks/") && !rel.contains("/.") {
-                        out.insert(rel, fs::read(&p).unwrap());
-                    }
-                }
+        for p in files_under(&root) {
+            let rel = p
+                .strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if !rel.starts_with("locks/") && !rel.contains("/.") {
+                out.insert(rel, fs::read(&p).unwrap());
             }
         }
         out

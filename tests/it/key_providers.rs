@@ -16,8 +16,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use crate::common::{self, env};
+use async_trait::async_trait;
 use custos::TenantId;
 use custos::keys::aws_kms::{AwsKmsProvider, AwsKmsSettings};
 use custos::keys::local::LocalKeyProvider;

@@ -32,27 +32,9 @@ fn marker_file(dir: &Path) -> Vec<u8> {
     m
 }
 
-/// Every file under `root`.
-fn all_files(root: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 fn assert_no_plaintext(cli: &Cli, marker: &[u8]) {
     for root in [cli.store(), cli.path().join("state")] {
-        for f in all_files(&root) {
+        for f in common::files_under(&root) {
             let bytes = fs::read(&f).unwrap();
             for window in marker.chunks(4096) {
                 assert!(

@@ -770,24 +770,6 @@ fn policy_drift_does_not_block_a_restore() {
     }
 }
 
-/// Every regular file under `dir`.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// A tenant shred is the one writer that may cut a reader off: a restore in
 /// flight either completes byte-exact or fails with `tenant_unavailable` or
 /// `key_unavailable` (never another kind, never a crash).
@@ -826,7 +808,7 @@ fn a_tenant_shred_cuts_a_restore_off_cleanly() {
         );
         // No partial file in place: whatever the cut-off restore left is a
         // whole copy of a source file, under its own name.
-        for f in files_under(&target) {
+        for f in common::files_under(&target) {
             let rel = f
                 .strip_prefix(target.join("data"))
                 .unwrap_or_else(|_| panic!("{}", f.display()));

@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use crate::common::Cli;
 use async_trait::async_trait;
 use base64::Engine;
 use bytes::Bytes;
 use chrono::Utc;
-use crate::common::Cli;
 use custos::TenantId;
 use custos::context::Context;
 use custos::jobs::shred::{self, ShredRequest, ShredTarget, certificate};

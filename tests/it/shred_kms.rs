@@ -15,8 +15,8 @@ use crate::common::{self, env};
 use std::fs;
 use std::process::Command;
 
-use chrono::Utc;
 use crate::common::Cli;
+use chrono::Utc;
 use custos::format::envelope::Envelope;
 use custos::jobs::shred::certificate;
 use custos::keys::aws_kms::{AwsKmsProvider, AwsKmsSettings};

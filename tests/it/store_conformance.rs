@@ -49,7 +49,10 @@ fn faults_off() -> Subject {
 /// A fresh random prefix of the emulator's test bucket (object_store's checks
 /// delete everything they can list, so never the bucket's root).
 fn s3() -> Option<Subject> {
-    if !common::require(common::strict(), "the S3 emulator (CUSTOS_TEST_EMULATORS=1)") {
+    if !common::require(
+        common::strict(),
+        "the S3 emulator (CUSTOS_TEST_EMULATORS=1)",
+    ) {
         return None;
     }
     let prefix = format!(
@@ -143,10 +146,7 @@ async fn missing_object(store: &SharedStore) {
     let err = integration::get_nonexistent_object(store.as_ref(), None)
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, object_store::Error::NotFound { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, object_store::Error::NotFound { .. }), "{err}");
 }
 
 /// Restores to a store upload through `BufWriter`, i.e. multipart.
@@ -201,7 +201,10 @@ async fn update_takes_the_version_head_reports(store: &SharedStore) {
     assert!(head.e_tag.is_some(), "conditional updates need an e-tag");
     assert_eq!(put.e_tag, head.e_tag, "put and head agree on the version");
     let got = store.get(&path).await.unwrap();
-    assert_eq!(got.meta.e_tag, head.e_tag, "get and head agree on the version");
+    assert_eq!(
+        got.meta.e_tag, head.e_tag,
+        "get and head agree on the version"
+    );
 
     let seen = UpdateVersion {
         e_tag: head.e_tag.clone(),
@@ -290,8 +293,17 @@ async fn ranges_read_exact_bytes(store: &SharedStore) {
     t.put(&ObjectName::Descriptor, Bytes::from(body.clone()))
         .await
         .unwrap();
-    let ranges = [0..16, 50_000..50_001, 99_000..100_000, 10..20_000, 0..100_000];
-    let parts = t.get_ranges(&ObjectName::Descriptor, &ranges).await.unwrap();
+    let ranges = [
+        0..16,
+        50_000..50_001,
+        99_000..100_000,
+        10..20_000,
+        0..100_000,
+    ];
+    let parts = t
+        .get_ranges(&ObjectName::Descriptor, &ranges)
+        .await
+        .unwrap();
     for (part, r) in parts.iter().zip(&ranges) {
         let want = &body[r.start as usize..r.end as usize];
         assert!(part.as_ref() == want, "range {r:?}");
@@ -310,10 +322,7 @@ async fn a_range_past_the_end_is_a_corrupt_object(store: &SharedStore) {
             .get_range(&ObjectName::Descriptor, range.clone())
             .await
             .unwrap_err();
-        assert!(
-            err.to_string().contains("shorter than"),
-            "{range:?}: {err}"
-        );
+        assert!(err.to_string().contains("shorter than"), "{range:?}: {err}");
         assert!(!err.is_transient(), "{range:?}: {err}");
     }
 }
