@@ -3,7 +3,7 @@
 # seeded random points, COUNT times each, and `rotate --cmk` of a fresh tenant
 # (local key) at each named point of the key file write and COUNT random
 # points, each followed by a shred that must leave no key material; checks
-# every invariant after every kill (tests/crash_loop.rs). Runs on the local store, and on S3 when
+# every invariant after every kill (tests/it/crash_loop.rs). Runs on the local store, and on S3 when
 # the emulator environment is set (eval "$(scripts/emulators.sh start)").
 #
 #   scripts/crash-loop.sh [COUNT] [SEED]     default COUNT 200, SEED random
@@ -19,7 +19,7 @@ if [[ ${CUSTOS_TEST_EMULATORS:-0} == 1 ]]; then
 else
     echo "crash-loop.sh: no emulator environment; local store only" >&2
 fi
-cargo test --test crash_loop --no-run >&2
+cargo test --test it --no-run >&2
 mkdir -p target/crash-loop
 status=0
 for t in "${tests[@]}"; do
@@ -27,7 +27,7 @@ for t in "${tests[@]}"; do
     log=target/crash-loop/$t.log
     start=$(date +%s)
     if ! CUSTOS_CRASH_LOOPS=$count CUSTOS_CRASH_SEED=$seed \
-        nice -n 19 cargo test --test crash_loop "$t" -- --exact --nocapture > "$log" 2>&1; then
+        nice -n 19 cargo test --test it "crash_loop::$t" -- --exact --nocapture > "$log" 2>&1; then
         status=1
     fi
     grep -E '^crash loop|panicked|reproduce|test result' "$log" || true

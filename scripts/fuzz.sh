@@ -15,7 +15,7 @@
 #
 # New inputs found go to fuzz/target/corpus/<target>/ (not committed); a crash
 # is saved in fuzz/artifacts/<target>/ and ends the run with a non-zero exit:
-# copy it to fuzz/regressions/<target>/ (tests/fuzz_corpus.rs replays those on
+# copy it to fuzz/regressions/<target>/ (tests/it/fuzz_corpus.rs replays those on
 # stable in every `cargo test`) and fix the parser.
 # Prints one line per target: date, seconds, executions, result.
 set -euo pipefail

@@ -3,7 +3,7 @@
 //! Each function takes arbitrary bytes and feeds them to one parser; it must
 //! never panic, hang or allocate without bound, whatever the bytes. The same
 //! functions are called by the `cargo fuzz` targets in `fuzz/` (libFuzzer,
-//! nightly flags) and by `tests/fuzz_corpus.rs`, which replays the committed
+//! nightly flags) and by `tests/it/fuzz_corpus.rs`, which replays the committed
 //! corpus on stable in every `cargo test`, so a crash once found stays fixed.
 //!
 //! Sealed objects (packs, index files, snapshots) are authenticated before

@@ -713,7 +713,7 @@ fn parse_daemon(d: &mut Diags<'_>, t: &Table<'_>) -> DaemonSettings {
     bounded(
         d,
         "lease_ttl",
-        // As low as 1s so crash tests (tests/crash_loop.rs) need not wait long for a
+        // As low as 1s so crash tests (tests/it/crash_loop.rs) need not wait long for a
         // killed holder's lease to run out; production setups keep minutes.
         Duration::from_secs(1),
         Duration::from_secs(3_600),

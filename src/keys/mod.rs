@@ -447,7 +447,7 @@ impl KeyError {
 }
 
 /// A source of customer-managed keys. Implemented by the local provider and
-/// by AWS KMS; both pass the same conformance suite (tests/key_providers.rs).
+/// by AWS KMS; both pass the same conformance suite (tests/it/key_providers.rs).
 ///
 /// The provider never hands out CMK material. Data keys cross the boundary
 /// only as [`DataKey`] (zeroizing) or wrapped.

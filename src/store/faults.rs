@@ -4,7 +4,7 @@
 //! short reads and fails multipart completions. Seeded, so a campaign's
 //! fault *rates* reproduce (the exact interleaving depends on concurrency).
 //!
-//! Used by the fault tests (`tests/faults.rs`) and, for manual testing, by
+//! Used by the fault tests (`tests/it/faults.rs`) and, for manual testing, by
 //! any command run with `CUSTOS_FAULTS` set (see [`FaultConfig::parse`]):
 //!
 //! ```text

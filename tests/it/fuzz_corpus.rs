@@ -50,13 +50,12 @@ fn empty_and_tiny_inputs_are_harmless() {
 }
 
 /// Writes the seed corpus from a real backup (run by hand:
-/// `cargo test --test fuzz_corpus -- --ignored write_seed_corpus`), then
+/// `cargo test --test it -- --ignored fuzz_corpus::write_seed_corpus`), then
 /// minimise with `scripts/fuzz.sh --minimise`.
 #[test]
 #[ignore]
 fn write_seed_corpus() {
-    #[path = "common/mod.rs"]
-    mod common;
+    use crate::common;
     use std::fs;
     let cli = common::Cli::new();
     let data = cli.path().join("data");

@@ -445,7 +445,13 @@ fn concurrent_appends_from_processes_keep_one_chain() {
     let children: Vec<_> = (0..3)
         .map(|_| {
             std::process::Command::new(&exe)
-                .args(["child_appender", "--exact", "--test-threads=1", "--quiet"])
+                // The test's full name in the one test binary (tests/it/main.rs).
+                .args([
+                    "audit_log::child_appender",
+                    "--exact",
+                    "--test-threads=1",
+                    "--quiet",
+                ])
                 .env(CHILD_ENV, dir.path())
                 .stdout(std::process::Stdio::null())
                 .spawn()
@@ -740,8 +746,8 @@ async fn details_and_store_paths_are_what_the_docs_say() {
 // Through the binary: fail closed on audit, cuts of either copy, `--json`
 // envelopes, replication leftovers.
 
-mod common;
-use common::{Cli, Run};
+use crate::common;
+use crate::common::{Cli, Run};
 
 /// An installation with tenant `acme` backed up once.
 fn backed_up() -> Cli {

@@ -10,14 +10,14 @@
 //! refused; key files must be 0600), and no key material left behind by an
 //! interrupted key write once the key is shredded.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use crate::common::Cli;
 use base64::Engine;
-use common::Cli;
 
 /// Every encoding of a secret the test looks for.
 fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
@@ -61,20 +61,10 @@ fn files_of(root: &Path, custos_only: bool) -> Vec<std::path::PathBuf> {
 }
 
 fn files(root: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.is_file() {
-                out.push(p);
-            }
-        }
-    }
-    out
+    common::files_under(root)
+        .into_iter()
+        .filter(|p| p.is_file())
+        .collect()
 }
 
 #[test]

@@ -5,11 +5,11 @@
 //! `check --read-data` on the fault-free store passes afterwards: nothing
 //! is referenced that was not fully written.
 
-mod common;
+use crate::common;
 
 use std::fs;
 
-use common::{Cli, Run};
+use crate::common::{Cli, Run};
 
 fn setup() -> (Cli, std::path::PathBuf) {
     let cli = Cli::new();

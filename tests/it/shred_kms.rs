@@ -5,27 +5,23 @@
 //! the tenant's envelopes, and the certificate must verify offline with only
 //! the audit public key, and fail on any edited byte.
 //!
-//! Gated like tests/key_providers.rs: runs (and must pass) when
+//! Gated like tests/it/key_providers.rs: runs (and must pass) when
 //! `CUSTOS_TEST_EMULATORS=1`, prints `skipped:` otherwise. On moto
 //! (`CUSTOS_EMULATOR=moto`) KMS key states are not enforced, so a shred cannot
 //! be verified there: the tests say so and assert nothing.
 
-mod common;
+use crate::common::{self, env};
 
 use std::fs;
 use std::process::Command;
 
+use crate::common::Cli;
 use chrono::Utc;
-use common::Cli;
 use custos::format::envelope::Envelope;
 use custos::jobs::shred::certificate;
 use custos::keys::aws_kms::{AwsKmsProvider, AwsKmsSettings};
 use custos::keys::{KeyError, KeyProvider, KeyRef, KeyState};
 use serde_json::Value;
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
 
 fn endpoint() -> String {
     env("AWS_ENDPOINT_URL_KMS")

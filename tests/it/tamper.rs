@@ -3,12 +3,12 @@
 //! non-zero exit and an error naming the object; detection changes nothing
 //! in the store.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::{Cli, Run};
+use crate::common::{Cli, Run};
 
 /// A tenant with two snapshots of a small tree (several packs), ready to tamper with.
 fn setup(tenant: &str) -> (Cli, PathBuf) {

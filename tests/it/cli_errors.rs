@@ -1,11 +1,11 @@
 //! Bad input gets a clear error naming the problem, a non-zero exit, and
 //! stores nothing.
 
-mod common;
+use crate::common;
 
 use std::fs;
 
-use common::Cli;
+use crate::common::Cli;
 
 fn store_is_empty(cli: &Cli) -> bool {
     !cli.store().join("tenants").exists()

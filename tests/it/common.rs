@@ -29,11 +29,17 @@ pub fn require(available: bool, what: &str) -> bool {
 /// files, a symlink, an empty file, an empty directory, a non-UTF-8 name,
 /// unusual modes.
 pub fn make_tree(root: &Path, small_files: usize) {
+    make_tree_with(root, small_files, 3 << 20);
+}
+
+/// [`make_tree`] with `random_bytes` of random data in `dir/random.bin`
+/// (tests that scale the amount of data).
+pub fn make_tree_with(root: &Path, small_files: usize, random_bytes: usize) {
     fs::create_dir_all(root.join("dir/sub")).unwrap();
     fs::create_dir_all(root.join("empty")).unwrap();
     fs::write(root.join("hello.txt"), "hello world\n".repeat(1000)).unwrap();
     fs::write(root.join("zero"), b"").unwrap();
-    let mut rnd = vec![0u8; 3 << 20];
+    let mut rnd = vec![0u8; random_bytes];
     custos::util::fill_random(&mut rnd);
     fs::write(root.join("dir/random.bin"), &rnd).unwrap();
     for i in 0..small_files {
@@ -95,6 +101,25 @@ pub fn assert_same(a: &Path, b: &Path) {
             assert_same(&a.join(&n), &b.join(&n));
         }
     }
+}
+
+/// Every file under `root` that is not a directory (symlinks to directories
+/// are followed), or nothing when `root` does not exist.
+pub fn files_under(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 /// The AWS_* variables of the test environment (the emulators'), for runs
@@ -206,23 +231,14 @@ impl Cli {
     pub fn objects(&self, tenant: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
         let root = self.store().join("tenants").join(tenant);
         let mut out = std::collections::BTreeMap::new();
-        let mut stack = vec![root.clone()];
-        while let Some(d) = stack.pop() {
-            let Ok(rd) = fs::read_dir(&d) else { continue };
-            for e in rd {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    let rel = p
-                        .strip_prefix(&root)
-                        .unwrap()
-                        .to_string_lossy()
-                        .into_owned();
-                    if !rel.starts_with("locks/") && !rel.contains("/.") {
-                        out.insert(rel, fs::read(&p).unwrap());
-                    }
-                }
+        for p in files_under(&root) {
+            let rel = p
+                .strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if !rel.starts_with("locks/") && !rel.contains("/.") {
+                out.insert(rel, fs::read(&p).unwrap());
             }
         }
         out
@@ -281,4 +297,49 @@ pub async fn backup_dir(
     .unwrap();
     lease.release().await;
     report
+}
+
+/// A variable of the test environment, unset when empty or blank.
+pub fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Settings for the KMS the environment names (`scripts/emulators.sh env`),
+/// with the emulator defaults for anything unset. Passed explicitly, so the
+/// test process never needs to change its environment.
+pub fn aws_settings() -> custos::keys::aws_kms::AwsKmsSettings {
+    custos::keys::aws_kms::AwsKmsSettings {
+        region: Some(
+            env("AWS_REGION")
+                .or_else(|| env("AWS_DEFAULT_REGION"))
+                .unwrap_or_else(|| "us-east-1".into()),
+        ),
+        endpoint_url: env("AWS_ENDPOINT_URL_KMS")
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .or_else(|| Some("http://127.0.0.1:4566".into())),
+        access_key_id: Some(env("AWS_ACCESS_KEY_ID").unwrap_or_else(|| "test".into())),
+        secret_access_key: Some(env("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|| "test".into())),
+        profile: None,
+    }
+}
+
+/// Connection settings for the S3 the environment names, with the same
+/// defaults as [`aws_settings`].
+pub fn s3_options() -> custos::store::s3::S3Options {
+    let kms = aws_settings();
+    custos::store::s3::S3Options {
+        region: kms.region,
+        endpoint_url: env("AWS_ENDPOINT_URL_S3")
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .or_else(|| Some("http://127.0.0.1:4566".into())),
+        allow_http: Some(true),
+        access_key_id: kms.access_key_id,
+        secret_access_key: kms.secret_access_key,
+        session_token: None,
+    }
+}
+
+/// The emulator's test bucket (`scripts/emulators.sh` creates it).
+pub fn s3_bucket() -> String {
+    env("CUSTOS_TEST_S3_BUCKET").unwrap_or_else(|| "custos-test".into())
 }

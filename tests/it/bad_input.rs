@@ -9,7 +9,7 @@
 //! root here and in CI. Where mounting is not permitted they print why and
 //! skip.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Cli;
+use crate::common::Cli;
 
 fn backup_json(cli: &Cli, tenant: &str) -> serde_json::Value {
     let r = cli.run(&["backup", tenant, "--json"]);

@@ -1,7 +1,7 @@
 //! End-to-end: init, backup, restore, incremental backup, check, on the
 //! embedded setup (local store, local keys).
 
-mod common;
+use crate::common;
 
 use custos::TenantId;
 use custos::context::Context;

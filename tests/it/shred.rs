@@ -3,9 +3,9 @@
 //! step, epoch shreds, a tenant's whole life searched for key bytes) and
 //! through the library (objects the store refuses to delete, certificate
 //! tampering byte by byte). The AWS KMS (LocalStack) counterparts are in
-//! tests/shred_kms.rs.
+//! tests/it/shred_kms.rs.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::ops::Range;
@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use crate::common::Cli;
 use async_trait::async_trait;
 use base64::Engine;
 use bytes::Bytes;
 use chrono::Utc;
-use common::Cli;
 use custos::TenantId;
 use custos::context::Context;
 use custos::jobs::shred::{self, ShredRequest, ShredTarget, certificate};

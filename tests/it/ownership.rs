@@ -4,13 +4,13 @@
 //! nothing else; after every attack the victim (beta) still restores byte for
 //! byte, and its key file is intact.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::Cli;
+use crate::common::Cli;
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------

@@ -10,10 +10,9 @@
 //! Every request goes to 127.0.0.1: endpoints default to the emulator's, and
 //! credentials are static (never the EC2 metadata service).
 
-mod common;
+use crate::common::{self, env};
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -21,7 +20,7 @@ use custos::TenantId;
 use custos::context::Context;
 use custos::jobs::rotate::{RotateAction, RotateOptions, RotateReport};
 use custos::jobs::{self, NoProgress};
-use custos::keys::aws_kms::{AwsKmsProvider, AwsKmsSettings};
+use custos::keys::aws_kms::AwsKmsProvider;
 use custos::keys::{KeyProvider, KeyRef};
 use custos::pipeline::packer::PackerConfig;
 use custos::repo::Repo;
@@ -77,30 +76,6 @@ impl Backend {
     }
 }
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
-fn emulators_enabled() -> bool {
-    env("CUSTOS_TEST_EMULATORS").as_deref() == Some("1")
-}
-
-pub fn aws_settings() -> AwsKmsSettings {
-    AwsKmsSettings {
-        region: Some(
-            env("AWS_REGION")
-                .or_else(|| env("AWS_DEFAULT_REGION"))
-                .unwrap_or_else(|| "us-east-1".into()),
-        ),
-        endpoint_url: env("AWS_ENDPOINT_URL_KMS")
-            .or_else(|| env("AWS_ENDPOINT_URL"))
-            .or_else(|| Some("http://127.0.0.1:4566".into())),
-        access_key_id: Some(env("AWS_ACCESS_KEY_ID").unwrap_or_else(|| "test".into())),
-        secret_access_key: Some(env("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|| "test".into())),
-        profile: None,
-    }
-}
-
 fn local_backend() -> Backend {
     let tmp = tempfile::tempdir().unwrap();
     let ctx = Context::embedded(tmp.path()).unwrap();
@@ -113,31 +88,17 @@ fn local_backend() -> Backend {
 }
 
 async fn s3_kms_backend() -> Option<Backend> {
-    if !emulators_enabled() {
+    if !common::strict() {
         eprintln!("skipped: set CUSTOS_TEST_EMULATORS=1 (scripts/emulators.sh start)");
         return None;
     }
-    let kms_settings = aws_settings();
-    let bucket = env("CUSTOS_TEST_S3_BUCKET").unwrap_or_else(|| "custos-test".into());
+    let kms_settings = common::aws_settings();
+    let bucket = common::s3_bucket();
     let prefix = format!(
         "backends/{}",
         hex::encode(custos::util::random_bytes::<6>())
     );
-    let store = custos::store::s3::open(
-        &bucket,
-        &prefix,
-        &custos::store::s3::S3Options {
-            region: kms_settings.region.clone(),
-            endpoint_url: env("AWS_ENDPOINT_URL_S3")
-                .or_else(|| env("AWS_ENDPOINT_URL"))
-                .or_else(|| Some("http://127.0.0.1:4566".into())),
-            allow_http: Some(true),
-            access_key_id: kms_settings.access_key_id.clone(),
-            secret_access_key: kms_settings.secret_access_key.clone(),
-            session_token: None,
-        },
-    )
-    .unwrap();
+    let store = custos::store::s3::open(&bucket, &prefix, &common::s3_options()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let mut ctx =
         Context::with_store(store, format!("s3://{bucket}/{prefix}"), tmp.path()).unwrap();
@@ -203,50 +164,6 @@ fn s3s_fs_backend(secret_override: Option<&str>) -> Option<Backend> {
 // Helpers
 // ---------------------------------------------------------------------------
 
-fn make_tree(root: &Path, random_bytes: usize) {
-    fs::create_dir_all(root.join("dir/sub")).unwrap();
-    fs::write(root.join("hello.txt"), "hello world\n".repeat(1000)).unwrap();
-    fs::write(root.join("zero"), b"").unwrap();
-    let mut rnd = vec![0u8; random_bytes];
-    custos::util::fill_random(&mut rnd);
-    fs::write(root.join("dir/random.bin"), &rnd).unwrap();
-    for i in 0..40 {
-        fs::write(root.join(format!("dir/sub/small-{i}")), format!("file {i}")).unwrap();
-    }
-    std::os::unix::fs::symlink("hello.txt", root.join("link")).unwrap();
-}
-
-fn assert_same(a: &Path, b: &Path) {
-    let ma = fs::symlink_metadata(a).unwrap();
-    let mb = fs::symlink_metadata(b).unwrap();
-    assert_eq!(ma.file_type(), mb.file_type(), "{}", a.display());
-    if ma.is_file() {
-        assert!(
-            fs::read(a).unwrap() == fs::read(b).unwrap(),
-            "content of {}",
-            a.display()
-        );
-        assert_eq!(ma.mode() & 0o7777, mb.mode() & 0o7777);
-        assert_eq!(ma.mtime(), mb.mtime());
-    } else if ma.file_type().is_symlink() {
-        assert_eq!(fs::read_link(a).unwrap(), fs::read_link(b).unwrap());
-    } else {
-        let names = |p: &Path| {
-            let mut v: Vec<_> = fs::read_dir(p)
-                .unwrap()
-                .map(|e| e.unwrap().file_name())
-                .collect();
-            v.sort();
-            v
-        };
-        let (na, nb) = (names(a), names(b));
-        assert_eq!(na, nb, "{}", a.display());
-        for n in na {
-            assert_same(&a.join(&n), &b.join(&n));
-        }
-    }
-}
-
 async fn backup(repo: &Repo, lease: &LeaseGuard, data: &Path) -> jobs::backup::BackupReport {
     jobs::backup::run(repo, lease, common::backup_options(data), &NoProgress)
         .await
@@ -299,7 +216,7 @@ async fn restore_all(ctx: &Context, tenant: &TenantId, expected: &Path, scratch:
         )
         .await
         .unwrap_or_else(|e| panic!("restore of snapshot {} failed: {e}", s.id));
-        assert_same(expected, &target.join("data"));
+        common::assert_same(expected, &target.join("data"));
     }
     snaps.len()
 }
@@ -338,14 +255,14 @@ fn tenant(hint: &str) -> TenantId {
 async fn flow(ctx: &Context, key: &KeyRef) {
     let scratch = tempfile::tempdir().unwrap();
     let data = scratch.path().join("data");
-    make_tree(&data, 3 << 20);
+    common::make_tree(&data, 40);
     let tenant = tenant("flow");
     let (repo, created) = Repo::init(ctx, &tenant, key, false).await.unwrap();
     assert!(created);
     let lease = lease(ctx, &repo, "backup").await;
 
     let first = backup(&repo, &lease, &data).await;
-    assert_eq!(first.summary.files, 43);
+    assert_eq!(first.summary.files, 44);
     assert!(first.summary.bytes_stored > 3 << 20);
     fs::write(data.join("dir/new.txt"), "added later").unwrap();
     let second = backup(&repo, &lease, &data).await;
@@ -366,8 +283,8 @@ async fn flow(ctx: &Context, key: &KeyRef) {
     )
     .await
     .unwrap();
-    assert_eq!(r.files, 44);
-    assert_same(&data, &target.join("data"));
+    assert_eq!(r.files, 45);
+    common::assert_same(&data, &target.join("data"));
 
     let report = jobs::check::run(&repo, jobs::check::ReadData::All)
         .await
@@ -480,7 +397,7 @@ async fn rotation_flow(b: &Backend) {
     b.ensure_created(&new_key).await;
     let scratch = tempfile::tempdir().unwrap();
     let data = scratch.path().join("data");
-    make_tree(&data, 1 << 20);
+    common::make_tree_with(&data, 40, 1 << 20);
     let tenant = tenant("rot");
     let (repo, _) = Repo::init(ctx, &tenant, &key, false).await.unwrap();
     let l = lease(ctx, &repo, "backup").await;
@@ -571,7 +488,7 @@ async fn rotation_cost(b: &Backend) {
         let key = b.fresh_key("cost").await;
         let scratch = tempfile::tempdir().unwrap();
         let data = scratch.path().join("data");
-        make_tree(&data, mib << 20);
+        common::make_tree_with(&data, 40, mib << 20);
         let tenant = tenant("cost");
         let (repo, _) = Repo::init(ctx, &tenant, &key, false).await.unwrap();
         let l = lease(ctx, &repo, "backup").await;

@@ -34,7 +34,7 @@
 //! temporary file with key material, no key file) and its certificate
 //! verifies online.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -42,7 +42,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Cli, Run};
+use crate::common::{Cli, Run};
 
 /// A small seeded generator (splitmix64): the same seed, the same kill points.
 struct Rng(u64);
@@ -724,23 +724,16 @@ impl Campaign {
 /// Half-written objects of the local store (`<name>#<n>`, object_store's
 /// staging files, invisible to listing).
 fn staging_files(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Some(name) = p.file_name().and_then(|n| n.to_str())
-                && let Some((_, n)) = name.rsplit_once('#')
-                && n.bytes().all(|b| b.is_ascii_digit())
-            {
-                out.push(p.display().to_string());
-            }
-        }
-    }
-    out
+    common::files_under(root)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|name| name.rsplit_once('#'))
+                .is_some_and(|(_, n)| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|p| p.display().to_string())
+        .collect()
 }
 
 fn run_all(store: Option<String>, name: &str) {

@@ -1,7 +1,7 @@
 //! docs/FORMAT.md is complete: scripts/independent-restore.py, written from the
 //! spec alone (Python, no custos code), restores a custos backup byte-identically.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Command;

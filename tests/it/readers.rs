@@ -8,7 +8,7 @@
 //! A slow restore uses the store fault injector (`CUSTOS_FAULTS`, latency on
 //! pack reads).
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::Write;
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Cli, Run};
+use crate::common::{Cli, Run};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_custos");
@@ -337,7 +337,7 @@ fn readers_beside_a_long_backup_and_a_prune_beside_a_restore_s3_and_kms() {
     if !common::require(common::strict(), "the S3 and KMS emulators (LocalStack)") {
         return;
     }
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let env = common::env;
     let endpoint = env("AWS_ENDPOINT_URL").unwrap_or_else(|| "http://127.0.0.1:4566".into());
     let kms_endpoint = env("AWS_ENDPOINT_URL_KMS").unwrap_or_else(|| endpoint.clone());
     let s3_endpoint = env("AWS_ENDPOINT_URL_S3").unwrap_or_else(|| endpoint.clone());
@@ -770,24 +770,6 @@ fn policy_drift_does_not_block_a_restore() {
     }
 }
 
-/// Every regular file under `dir`.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// A tenant shred is the one writer that may cut a reader off: a restore in
 /// flight either completes byte-exact or fails with `tenant_unavailable` or
 /// `key_unavailable` (never another kind, never a crash).
@@ -826,7 +808,7 @@ fn a_tenant_shred_cuts_a_restore_off_cleanly() {
         );
         // No partial file in place: whatever the cut-off restore left is a
         // whole copy of a source file, under its own name.
-        for f in files_under(&target) {
+        for f in common::files_under(&target) {
             let rel = f
                 .strip_prefix(target.join("data"))
                 .unwrap_or_else(|_| panic!("{}", f.display()));

@@ -4,7 +4,7 @@
 //! (index, snapshot) are checked in the decoding direction, since compressed
 //! bytes may differ between zstd versions while staying valid.
 //!
-//! `CUSTOS_UPDATE_VECTORS=1 cargo test --test format_vectors` rewrites the block.
+//! `CUSTOS_UPDATE_VECTORS=1 cargo test --test it format_vectors::` rewrites the block.
 
 use std::path::Path;
 

@@ -2,9 +2,9 @@
 //! unwrappable by a live key, and re-running the command finishes the job.
 //! Also: dry runs write nothing, unusable new keys are refused, the old key's
 //! deletion is guarded. Local store and local key provider (the S3 + KMS
-//! variants of the main flows are in tests/backends.rs).
+//! variants of the main flows are in tests/it/backends.rs).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -11,7 +11,7 @@
 //! - hard links come back as hard links, also under `--include`;
 //! - a restore that fails midway leaves no `.custos-*.tmp` behind.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use common::{Cli, Run};
+use crate::common::{Cli, Run};
 
 fn restore(cli: &Cli, target: &Path, extra: &[&str]) -> Run {
     let mut args = vec!["restore", "acme", "latest", "--json", "--target"];

@@ -16,6 +16,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::{self, env};
 use async_trait::async_trait;
 use custos::TenantId;
 use custos::keys::aws_kms::{AwsKmsProvider, AwsKmsSettings};
@@ -47,33 +48,6 @@ trait Fixture: Send + Sync {
 
 const SKIP_EMULATORS: &str = "skipped: set CUSTOS_TEST_EMULATORS=1 (scripts/emulators.sh start)";
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
-fn emulators_enabled() -> bool {
-    env("CUSTOS_TEST_EMULATORS").as_deref() == Some("1")
-}
-
-/// Settings for the KMS the environment names (`scripts/emulators.sh env`),
-/// with the emulator defaults for anything unset. Passed explicitly, so the
-/// test process never needs to change its environment.
-fn aws_settings() -> AwsKmsSettings {
-    AwsKmsSettings {
-        region: Some(
-            env("AWS_REGION")
-                .or_else(|| env("AWS_DEFAULT_REGION"))
-                .unwrap_or_else(|| "us-east-1".into()),
-        ),
-        endpoint_url: env("AWS_ENDPOINT_URL_KMS")
-            .or_else(|| env("AWS_ENDPOINT_URL"))
-            .or_else(|| Some("http://127.0.0.1:4566".into())),
-        access_key_id: Some(env("AWS_ACCESS_KEY_ID").unwrap_or_else(|| "test".into())),
-        secret_access_key: Some(env("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|| "test".into())),
-        profile: None,
-    }
-}
-
 struct AwsFixture {
     provider: AwsKmsProvider,
     emulator: String,
@@ -83,11 +57,11 @@ struct AwsFixture {
 
 impl AwsFixture {
     async fn new() -> Option<Self> {
-        if !emulators_enabled() {
+        if !common::strict() {
             eprintln!("{SKIP_EMULATORS}");
             return None;
         }
-        let provider = AwsKmsProvider::new(&aws_settings())
+        let provider = AwsKmsProvider::new(&common::aws_settings())
             .await
             .expect("AWS KMS provider from the test environment");
         let emulator = env("CUSTOS_EMULATOR").unwrap_or_else(|| "aws".into());
@@ -903,12 +877,12 @@ mod aws_kms_specific {
         let settings = AwsKmsSettings {
             access_key_id: Some("AKIAIOSFODNN7EXAMPLE".into()),
             secret_access_key: Some("not-the-secret".into()),
-            ..aws_settings()
+            ..common::aws_settings()
         };
         let bad = AwsKmsProvider::new(&settings).await.unwrap();
         let settings = AwsKmsSettings {
             secret_access_key: Some("not-the-secret".into()),
-            ..aws_settings()
+            ..common::aws_settings()
         };
         let bad_secret = AwsKmsProvider::new(&settings).await.unwrap();
         for (what, p) in [

@@ -4,7 +4,7 @@
 //! report agree. Library tests use the embedded setup; CLI tests run the
 //! `custos` binary on a temporary custos.toml and policies directory.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -784,7 +784,7 @@ fn sqlite_demo_verify_step_fails_on_a_corrupted_database() {
 
 #[test]
 fn systemd_drill_unit_runs_a_hardened_oneshot_drill() {
-    // tests/systemd.rs runs systemd-analyze verify on every unit; this checks
+    // tests/it/systemd.rs runs systemd-analyze verify on every unit; this checks
     // what the drill template must say.
     let unit = fs::read_to_string(manifest_dir().join("systemd/custos-drill@.service")).unwrap();
     for needed in [

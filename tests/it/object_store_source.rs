@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use crate::common;
 use custos::TenantId;
 use custos::context::Context;
 use custos::jobs::restore_to_store::{RestoreToStoreOptions, RestoreToStoreReport};
@@ -21,10 +22,6 @@ use custos::store::lease::LeaseGuard;
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjPath;
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
 
 fn random(n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
@@ -211,26 +208,15 @@ async fn file_prefix_backup_and_restore() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_prefix_backup_and_restore() {
-    if env("CUSTOS_TEST_EMULATORS").as_deref() != Some("1") {
+    if !common::strict() {
         eprintln!("skipped: set CUSTOS_TEST_EMULATORS=1 (scripts/emulators.sh start)");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let mut ctx = Context::embedded(&tmp.path().join("custos")).unwrap();
-    ctx.s3 = custos::store::s3::S3Options {
-        region: Some(env("AWS_REGION").unwrap_or_else(|| "us-east-1".into())),
-        endpoint_url: Some(
-            env("AWS_ENDPOINT_URL_S3")
-                .or_else(|| env("AWS_ENDPOINT_URL"))
-                .unwrap_or_else(|| "http://127.0.0.1:4566".into()),
-        ),
-        allow_http: Some(true),
-        access_key_id: Some(env("AWS_ACCESS_KEY_ID").unwrap_or_else(|| "test".into())),
-        secret_access_key: Some(env("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|| "test".into())),
-        session_token: None,
-    };
+    ctx.s3 = common::s3_options();
     let run = hex::encode(custos::util::random_bytes::<6>());
-    let bucket = env("CUSTOS_TEST_S3_BUCKET").unwrap_or_else(|| "custos-test".into());
+    let bucket = common::s3_bucket();
     source_flow(
         &ctx,
         &format!("s3://custos-attachments/{run}/acme/"),

@@ -12,14 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
+use crate::common::env;
 use custos::keys::KeyProvider;
 use custos::keys::aws_kms::{AwsKmsProvider, AwsKmsSettings};
 
 const MARKER: &str = "PLAINTEXT-MARKER-custos-must-never-store-this";
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
 
 struct Setup {
     dir: tempfile::TempDir,

@@ -14,13 +14,13 @@
 //! (src/keys/faults.rs); the AWS cases use a closed port as the endpoint and
 //! a key disabled on LocalStack (gated on CUSTOS_TEST_EMULATORS=1).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
-use common::Cli;
+use crate::common::Cli;
 
 /// Random, incompressible content whose bytes must never appear in the store
 /// or the state directory (it would mean data stored unencrypted).
@@ -32,27 +32,9 @@ fn marker_file(dir: &Path) -> Vec<u8> {
     m
 }
 
-/// Every file under `root`.
-fn all_files(root: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 fn assert_no_plaintext(cli: &Cli, marker: &[u8]) {
     for root in [cli.store(), cli.path().join("state")] {
-        for f in all_files(&root) {
+        for f in common::files_under(&root) {
             let bytes = fs::read(&f).unwrap();
             for window in marker.chunks(4096) {
                 assert!(
