@@ -422,7 +422,7 @@ impl AuditLog {
             tracing::warn!(
                 event = "audit.replication_failed",
                 error = %e,
-                error_kind = e.kind(),
+                error_kind = %e.kind(),
                 "audit log not replicated to the store; retrying on the next append"
             );
         }

@@ -34,7 +34,7 @@ pub use self::verify::{Verified, verify_restored};
 use super::Progress;
 use super::restore::{self, FileSet, RestoreOptions};
 use crate::config::{DrillMode, DrillPick, DrillPolicy, VerifyCommand};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::snapshot::Snapshot;
 use crate::repo::Repo;
 use crate::store::lease::LeaseGuard;
@@ -150,7 +150,7 @@ pub async fn run(
 #[derive(Debug)]
 pub(crate) struct Failure {
     reason: DrillReason,
-    error_kind: Option<&'static str>,
+    error_kind: Option<ErrorKind>,
     message: String,
 }
 
@@ -288,7 +288,10 @@ impl Drill<'_> {
     async fn pick(&mut self, rng: &mut sample::SplitMix64) -> Result<Snapshot, Failure> {
         let no_snapshot = |e: Error| -> Failure {
             let mut f = Failure::from(e);
-            if matches!(f.error_kind, Some("not_found" | "tenant_not_found")) {
+            if matches!(
+                f.error_kind,
+                Some(ErrorKind::NotFound | ErrorKind::TenantNotFound)
+            ) {
                 f.reason = DrillReason::NoSnapshot;
             }
             f
