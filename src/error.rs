@@ -115,11 +115,15 @@ pub enum Error {
     #[error("object store {url} does not honour conditional writes: {message}")]
     ConditionalWritesUnsupported { url: String, message: String },
 
-    #[error("no space left on {}: {message}", path.display())]
+    /// Not enough free space for what a job is about to write (a drill's
+    /// scratch file system); a disk that fills up while writing is `Io` or
+    /// `Store` with the OS error, of the same kind.
+    #[error("not enough space on {}: {message}", path.display())]
     InsufficientSpace { path: PathBuf, message: String },
 
-    #[error("{what} was cancelled")]
-    Cancelled { what: String },
+    /// A job the daemon abandoned at its shutdown timeout.
+    #[error("{what} was cancelled: {reason}")]
+    Cancelled { what: String, reason: String },
 
     /// A shred refused because the tenant is under legal hold.
     #[error("tenant {tenant} is under legal hold: shredding refused ({message})")]

@@ -20,7 +20,7 @@ pub fn finish<T: Serialize>(
     match result {
         Ok(value) => {
             if json {
-                print_json(&serde_json::json!({ "ok": true, "result": value }));
+                print_envelope(true, Some(&value), None);
             } else {
                 human(&value);
             }
@@ -33,12 +33,47 @@ pub fn finish<T: Serialize>(
 /// Prints an error (and, with `--json`, the failure document) and returns 1.
 pub fn fail(json: bool, e: &Error) -> ExitCode {
     if json {
-        print_json(
-            &serde_json::json!({ "ok": false, "error": { "kind": e.kind(), "message": e.to_string() } }),
-        );
+        print_envelope::<()>(false, None, Some(e.into()));
     }
     eprintln!("error: {e}");
     ExitCode::FAILURE
+}
+
+/// Why a command failed, as its `--json` envelope says: a kind (an
+/// [`crate::error::ErrorKind`], or a drill's reason) and a message.
+pub struct Failure<'a> {
+    pub kind: &'a str,
+    pub message: String,
+}
+
+impl From<&Error> for Failure<'static> {
+    fn from(e: &Error) -> Self {
+        Failure {
+            kind: e.kind().as_str(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The one `--json` document of every command:
+/// `{"ok": …, "result": …, "error": {"kind": …, "message": …}}`, where a
+/// failed command has `error` and keeps `result` when it made one (a check
+/// that found faults, a failed drill), and `ok` may be false without an
+/// error (a daemon run with failed jobs, policies that do not validate).
+pub fn print_envelope<T: Serialize + ?Sized>(
+    ok: bool,
+    result: Option<&T>,
+    error: Option<Failure<'_>>,
+) {
+    // Built as a `Value` (keys sorted), as every command printed it before.
+    let mut doc = serde_json::json!({ "ok": ok });
+    if let Some(result) = result {
+        doc["result"] = serde_json::to_value(result).unwrap_or_default();
+    }
+    if let Some(f) = error {
+        doc["error"] = serde_json::json!({ "kind": f.kind, "message": f.message });
+    }
+    print_json(&doc);
 }
 
 pub fn print_json(v: &impl Serialize) {

@@ -352,17 +352,19 @@ impl Drill<'_> {
         info.required_bytes = Some(required);
         info.reserve_bytes = self.opts.scratch_reserve;
         if available < required {
-            return Err(Failure::new(
-                DrillReason::InsufficientSpace,
-                format!(
-                    "scratch file system of {} has {} free; the drill needs {} ({} to restore + {} reserve)",
-                    parent.display(),
+            // The typed error, so that the report's `error_kind` names it as
+            // it does a disk that fills up during the restore.
+            return Err(Error::InsufficientSpace {
+                path: parent.to_path_buf(),
+                message: format!(
+                    "the scratch file system has {} free; the drill needs {} ({} to restore + {} reserve)",
                     crate::util::human_bytes(available),
                     crate::util::human_bytes(required),
                     crate::util::human_bytes(need),
                     crate::util::human_bytes(self.opts.scratch_reserve),
                 ),
-            ));
+            }
+            .into());
         }
         Ok(())
     }

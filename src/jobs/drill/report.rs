@@ -631,6 +631,7 @@ mod tests {
             (
                 Error::Cancelled {
                     what: "drill".into(),
+                    reason: "still running at the shutdown timeout".into(),
                 },
                 DrillReason::Cancelled,
             ),
