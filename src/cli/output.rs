@@ -65,6 +65,14 @@ pub fn print_envelope<T: Serialize + ?Sized>(
     result: Option<&T>,
     error: Option<Failure<'_>>,
 ) {
+    print_json(&envelope(ok, result, error));
+}
+
+fn envelope<T: Serialize + ?Sized>(
+    ok: bool,
+    result: Option<&T>,
+    error: Option<Failure<'_>>,
+) -> serde_json::Value {
     // Built as a `Value` (keys sorted), as every command printed it before.
     let mut doc = serde_json::json!({ "ok": ok });
     if let Some(result) = result {
@@ -73,7 +81,7 @@ pub fn print_envelope<T: Serialize + ?Sized>(
     if let Some(f) = error {
         doc["error"] = serde_json::json!({ "kind": f.kind, "message": f.message });
     }
-    print_json(&doc);
+    doc
 }
 
 pub fn print_json(v: &impl Serialize) {
@@ -137,4 +145,35 @@ impl Drop for TerminalProgress {
 
 pub fn human_bytes(n: u64) -> String {
     crate::util::human_bytes(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_envelope_has_one_shape() {
+        let ok = envelope(true, Some(&serde_json::json!({"b": 1, "a": 2})), None);
+        assert_eq!(ok.to_string(), r#"{"ok":true,"result":{"a":2,"b":1}}"#);
+        let e = Error::NotFound {
+            what: "snapshot x".into(),
+        };
+        let failed = envelope::<()>(false, None, Some((&e).into()));
+        assert_eq!(
+            failed.to_string(),
+            r#"{"error":{"kind":"not_found","message":"snapshot x not found"},"ok":false}"#
+        );
+        // A failure that made a report keeps it beside the error.
+        let both = envelope(
+            false,
+            Some(&7),
+            Some(Failure {
+                kind: "rto_exceeded",
+                message: "slow".into(),
+            }),
+        );
+        assert_eq!(both["result"], 7);
+        assert_eq!(both["error"]["kind"], "rto_exceeded");
+        assert_eq!(both["ok"], false);
+    }
 }
