@@ -42,6 +42,18 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// What the store probe needs of a context: the store layer knows nothing
+/// above it, so the context hands it down.
+impl<'a> From<&'a Context> for crate::store::probe::ProbeTarget<'a> {
+    fn from(ctx: &'a Context) -> Self {
+        crate::store::probe::ProbeTarget {
+            store: &ctx.store,
+            url: &ctx.store_url,
+            state_dir: ctx.state.root(),
+        }
+    }
+}
+
 impl Context {
     /// The embedded setup under one directory: `store/` (local object store),
     /// `keys/` (local key provider) and `state/`.

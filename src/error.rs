@@ -2,7 +2,11 @@
 //! key reference, file) and maps to a stable machine-readable kind used as
 //! `error_kind` in events, reports and drill outcomes.
 
+mod kind;
+
 use std::path::PathBuf;
+
+pub use kind::ErrorKind;
 
 use crate::keys::KeyError;
 use crate::tenant::InvalidTenantId;
@@ -111,11 +115,15 @@ pub enum Error {
     #[error("object store {url} does not honour conditional writes: {message}")]
     ConditionalWritesUnsupported { url: String, message: String },
 
-    #[error("no space left on {}: {message}", path.display())]
+    /// Not enough free space for what a job is about to write (a drill's
+    /// scratch file system); a disk that fills up while writing is `Io` or
+    /// `Store` with the OS error, of the same kind.
+    #[error("not enough space on {}: {message}", path.display())]
     InsufficientSpace { path: PathBuf, message: String },
 
-    #[error("{what} was cancelled")]
-    Cancelled { what: String },
+    /// A job the daemon abandoned at its shutdown timeout.
+    #[error("{what} was cancelled: {reason}")]
+    Cancelled { what: String, reason: String },
 
     /// A shred refused because the tenant is under legal hold.
     #[error("tenant {tenant} is under legal hold: shredding refused ({message})")]
@@ -177,49 +185,49 @@ pub enum Error {
 
 impl Error {
     /// Stable machine-readable kind (`error_kind` in logs and JSON reports).
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::InvalidTenant(_) => "invalid_tenant_id",
-            Error::InvalidArgument(_) => "invalid_argument",
-            Error::Config { .. } => "invalid_config",
-            Error::Policy(_) => "invalid_policy",
+            Error::InvalidTenant(_) => ErrorKind::InvalidTenantId,
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::Config { .. } => ErrorKind::InvalidConfig,
+            Error::Policy(_) => ErrorKind::InvalidPolicy,
             Error::Key(k) => k.kind(),
-            Error::Corrupt { .. } => "corrupt_object",
-            Error::Foreign { .. } => "foreign_object",
-            Error::Missing { .. } => "missing_object",
-            Error::Rollback { .. } => "rollback_detected",
+            Error::Corrupt { .. } => ErrorKind::CorruptObject,
+            Error::Foreign { .. } => ErrorKind::ForeignObject,
+            Error::Missing { .. } => ErrorKind::MissingObject,
+            Error::Rollback { .. } => ErrorKind::RollbackDetected,
             Error::Store { source, .. } => match source {
-                object_store::Error::NotFound { .. } => "missing_object",
-                e if crate::store::local::is_out_of_space(e) => "insufficient_space",
-                _ => "store_error",
+                object_store::Error::NotFound { .. } => ErrorKind::MissingObject,
+                e if crate::store::local::is_out_of_space(e) => ErrorKind::InsufficientSpace,
+                _ => ErrorKind::StoreError,
             },
-            Error::StoreConfig { .. } => "invalid_store",
+            Error::StoreConfig { .. } => ErrorKind::InvalidStore,
             Error::Io { source, .. } => match source.kind() {
-                std::io::ErrorKind::StorageFull => "insufficient_space",
-                _ => "io_error",
+                std::io::ErrorKind::StorageFull => ErrorKind::InsufficientSpace,
+                _ => ErrorKind::IoError,
             },
-            Error::Source { .. } => "source_error",
-            Error::TenantState { .. } => "tenant_unavailable",
-            Error::TenantNotFound { .. } => "tenant_not_found",
-            Error::NotFound { .. } => "not_found",
-            Error::LeaseContended { .. } => "lease_contended",
-            Error::ReaderLost { .. } => "reader_lost",
-            Error::ReadersActive { .. } => "readers_active",
-            Error::ConditionalWritesUnsupported { .. } => "conditional_writes_unsupported",
-            Error::InsufficientSpace { .. } => "insufficient_space",
-            Error::Cancelled { .. } => "cancelled",
-            Error::LegalHold { .. } => "legal_hold",
-            Error::ShredVerification { .. } => "shred_verification_failed",
-            Error::KeyInUse { .. } => "key_in_use",
-            Error::KeyOwnershipUnproven { .. } => "key_ownership_unproven",
+            Error::Source { .. } => ErrorKind::SourceError,
+            Error::TenantState { .. } => ErrorKind::TenantUnavailable,
+            Error::TenantNotFound { .. } => ErrorKind::TenantNotFound,
+            Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::LeaseContended { .. } => ErrorKind::LeaseContended,
+            Error::ReaderLost { .. } => ErrorKind::ReaderLost,
+            Error::ReadersActive { .. } => ErrorKind::ReadersActive,
+            Error::ConditionalWritesUnsupported { .. } => ErrorKind::ConditionalWritesUnsupported,
+            Error::InsufficientSpace { .. } => ErrorKind::InsufficientSpace,
+            Error::Cancelled { .. } => ErrorKind::Cancelled,
+            Error::LegalHold { .. } => ErrorKind::LegalHold,
+            Error::ShredVerification { .. } => ErrorKind::ShredVerificationFailed,
+            Error::KeyInUse { .. } => ErrorKind::KeyInUse,
+            Error::KeyOwnershipUnproven { .. } => ErrorKind::KeyOwnershipUnproven,
 
-            Error::InsecurePermissions { .. } => "insecure_permissions",
+            Error::InsecurePermissions { .. } => ErrorKind::InsecurePermissions,
 
-            Error::AuditUnavailable { .. } => "audit_unavailable",
-            Error::AuditVerification { .. } => "audit_verification_failed",
-            Error::CertificateInvalid { .. } => "certificate_invalid",
-            Error::UnsafeTarget { .. } => "unsafe_target",
-            Error::Internal(_) => "internal",
+            Error::AuditUnavailable { .. } => ErrorKind::AuditUnavailable,
+            Error::AuditVerification { .. } => ErrorKind::AuditVerificationFailed,
+            Error::CertificateInvalid { .. } => ErrorKind::CertificateInvalid,
+            Error::UnsafeTarget { .. } => ErrorKind::UnsafeTarget,
+            Error::Internal(_) => ErrorKind::Internal,
         }
     }
 

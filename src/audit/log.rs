@@ -66,8 +66,7 @@ pub const SEGMENT_RECORDS: u64 = 1000;
 pub const LOG_FILE: &str = "log.jsonl";
 pub const CHECKPOINT_DIR: &str = "checkpoints";
 pub(crate) const TAIL_FILE: &str = "tail.json";
-/// The signed intent of the append in progress (see `verify::pending_text`).
-pub const PENDING_FILE: &str = "pending";
+pub use super::pending::PENDING_FILE;
 pub(crate) const REPLICATED_FILE: &str = "replicated.json";
 const LOCK_FILE: &str = "lock";
 const TAIL_FORMAT: &str = "custos-audit-tail/1";
@@ -422,7 +421,7 @@ impl AuditLog {
             tracing::warn!(
                 event = "audit.replication_failed",
                 error = %e,
-                error_kind = e.kind(),
+                error_kind = %e.kind(),
                 "audit log not replicated to the store; retrying on the next append"
             );
         }
@@ -846,7 +845,7 @@ impl Inner {
         // Signed intent first: a crash after the record but before its
         // checkpoint is then provably custos' own interrupted append.
         let leaf_hash = record::leaf_hash(&line);
-        let intent = super::verify::pending_text(tail.size + 1, &leaf_hash);
+        let intent = super::pending::pending_text(tail.size + 1, &leaf_hash);
         let note = self
             .key
             .sign_note(&intent)
@@ -1301,46 +1300,6 @@ mod tests {
         drop(f);
         let err = log.append("d", None, "t", json!({})).await.unwrap_err();
         assert!(err.to_string().contains("did not write"), "{err}");
-    }
-
-    /// A crash between a record and its checkpoint: with custos' signed
-    /// intent the unsigned record is reported as an interrupted append (not
-    /// a fault); the same record with no intent, or an intent signed by
-    /// another key, is "appended without signature".
-    #[tokio::test]
-    async fn an_append_interrupted_before_its_checkpoint_is_told_apart_from_a_forged_one() {
-        use crate::audit::verify::{pending_text, verify_dir};
-        let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(dir.path(), key(), None).unwrap();
-        log.append("a", None, "t", json!({})).await.unwrap();
-        log.append("b", None, "t", json!({})).await.unwrap();
-        assert!(!dir.path().join(PENDING_FILE).exists(), "removed once done");
-        // Undo the checkpoint of record 1, as a crash before it would.
-        fs::remove_file(dir.path().join(CHECKPOINT_DIR).join("2")).unwrap();
-        let lines = log.read_lines(2).unwrap();
-        let leaf = record::leaf_hash(&lines[1]);
-        let verifier = key().verifier().clone();
-        let report = verify_dir(dir.path(), &verifier).unwrap();
-        assert!(!report.ok(), "no intent: a forged append");
-        for (signer, ok) in [(AuditKey::from_seed(&[4; 32]), false), (key(), true)] {
-            let note = signer.sign_note(&pending_text(2, &leaf)).unwrap();
-            fs::write(dir.path().join(PENDING_FILE), note).unwrap();
-            let report = verify_dir(dir.path(), &verifier).unwrap();
-            assert_eq!(report.ok(), ok, "{report:?}");
-            assert_eq!(report.interrupted_append, ok.then_some(1));
-        }
-        // An intent for another record does not cover this one.
-        let note = key().sign_note(&pending_text(2, &[0; 32])).unwrap();
-        fs::write(dir.path().join(PENDING_FILE), note).unwrap();
-        assert!(!verify_dir(dir.path(), &verifier).unwrap().ok());
-        // The next append completes record 1 and clears the intent.
-        log.append("c", None, "t", json!({})).await.unwrap();
-        let report = verify_dir(dir.path(), &verifier).unwrap();
-        assert!(
-            report.ok() && report.interrupted_append.is_none(),
-            "{report:?}"
-        );
-        assert!(!dir.path().join(PENDING_FILE).exists());
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ pub mod key;
 pub mod log;
 pub mod merkle;
 pub mod note;
+pub mod pending;
 pub mod record;
 pub mod verify;
 

@@ -36,11 +36,12 @@ use serde::Serialize;
 
 use super::checkpoint::{CheckpointError, SignedCheckpoint};
 use super::log::{
-    CHECKPOINT_DIR, LOG_FILE, LineReader, LogLock, PENDING_FILE, REPLICATED_FILE, Remembered,
-    TAIL_FILE, list_checkpoint_sizes, read_remembered,
+    CHECKPOINT_DIR, LOG_FILE, LineReader, LogLock, REPLICATED_FILE, Remembered, TAIL_FILE,
+    list_checkpoint_sizes, read_remembered,
 };
 use super::merkle::{self, Frontier, Hash};
 use super::note::{NoteError, VerifierKey};
+use super::pending::{PENDING_FILE, parse_pending};
 use super::record::{self, AuditRecord, GENESIS_PREV};
 use crate::error::{Error, Result};
 use crate::store::SharedStore;
@@ -1301,42 +1302,57 @@ pub async fn verify_store_copy(
     Ok(report)
 }
 
-/// The signed intent custos writes (to `pending`) before it appends a
-/// record: `custos audit append`, the tree size after the append, and the
-/// record's leaf hash, signed with the audit key. It tells a crash between a
-/// record and its checkpoint apart from a record appended by someone without
-/// the key.
-pub(crate) fn pending_text(size: u64, leaf: &Hash) -> String {
-    use base64::Engine;
-    format!(
-        "{PENDING_ORIGIN}\n{size}\n{}\n",
-        base64::engine::general_purpose::STANDARD.encode(leaf)
-    )
-}
-
-const PENDING_ORIGIN: &str = "custos audit append";
-
-/// A pending intent that verifies with `verifier`: (size, leaf hash).
-pub(crate) fn parse_pending(text: &[u8], verifier: &VerifierKey) -> Option<(u64, Hash)> {
-    use base64::Engine;
-    let note = super::note::SignedNote::parse(text).ok()?;
-    note.verify(verifier).ok()?;
-    let mut lines = note.text().lines();
-    if lines.next()? != PENDING_ORIGIN {
-        return None;
-    }
-    let size = lines.next()?.parse().ok()?;
-    let leaf = base64::engine::general_purpose::STANDARD
-        .decode(lines.next()?)
-        .ok()?
-        .try_into()
-        .ok()?;
-    lines.next().is_none().then_some((size, leaf))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::key::AuditKey;
+    use crate::audit::log::AuditLog;
+    use crate::audit::pending::pending_text;
+    use serde_json::json;
+    use std::fs;
+
+    fn key() -> AuditKey {
+        AuditKey::from_seed(&[3; 32])
+    }
+
+    /// A crash between a record and its checkpoint: with custos' signed
+    /// intent the unsigned record is reported as an interrupted append (not
+    /// a fault); the same record with no intent, or an intent signed by
+    /// another key, is "appended without signature".
+    #[tokio::test]
+    async fn an_append_interrupted_before_its_checkpoint_is_told_apart_from_a_forged_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), key(), None).unwrap();
+        log.append("a", None, "t", json!({})).await.unwrap();
+        log.append("b", None, "t", json!({})).await.unwrap();
+        assert!(!dir.path().join(PENDING_FILE).exists(), "removed once done");
+        // Undo the checkpoint of record 1, as a crash before it would.
+        fs::remove_file(dir.path().join(CHECKPOINT_DIR).join("2")).unwrap();
+        let lines = log.read_lines(2).unwrap();
+        let leaf = record::leaf_hash(&lines[1]);
+        let verifier = key().verifier().clone();
+        let report = verify_dir(dir.path(), &verifier).unwrap();
+        assert!(!report.ok(), "no intent: a forged append");
+        for (signer, ok) in [(AuditKey::from_seed(&[4; 32]), false), (key(), true)] {
+            let note = signer.sign_note(&pending_text(2, &leaf)).unwrap();
+            fs::write(dir.path().join(PENDING_FILE), note).unwrap();
+            let report = verify_dir(dir.path(), &verifier).unwrap();
+            assert_eq!(report.ok(), ok, "{report:?}");
+            assert_eq!(report.interrupted_append, ok.then_some(1));
+        }
+        // An intent for another record does not cover this one.
+        let note = key().sign_note(&pending_text(2, &[0; 32])).unwrap();
+        fs::write(dir.path().join(PENDING_FILE), note).unwrap();
+        assert!(!verify_dir(dir.path(), &verifier).unwrap().ok());
+        // The next append completes record 1 and clears the intent.
+        log.append("c", None, "t", json!({})).await.unwrap();
+        let report = verify_dir(dir.path(), &verifier).unwrap();
+        assert!(
+            report.ok() && report.interrupted_append.is_none(),
+            "{report:?}"
+        );
+        assert!(!dir.path().join(PENDING_FILE).exists());
+    }
 
     fn knows(source: &str, records: u64, root: Option<Hash>, binding: bool) -> Knowledge {
         Knowledge {

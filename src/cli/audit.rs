@@ -14,7 +14,6 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 
 use futures::StreamExt;
@@ -23,6 +22,7 @@ use super::output;
 use crate::audit::log::{LOG_FILE, LineReader};
 use crate::audit::{AuditKey, AuditRecord, VerifierKey, VerifyReport, Witness, audit_dir, verify};
 use crate::config::Config;
+use crate::error::{Error, Result};
 use crate::store::SharedStore;
 use crate::tenant::TenantId;
 
@@ -64,7 +64,19 @@ pub enum AuditCommand {
     PublicKey,
 }
 
-pub async fn run(cmd: AuditCommand, cfg: &Config, store: SharedStore) -> anyhow::Result<ExitCode> {
+impl AuditCommand {
+    /// Whether the command prints JSON (its failures then print the envelope).
+    pub fn json(&self) -> bool {
+        match self {
+            AuditCommand::Verify { json, .. } | AuditCommand::Show { json, .. } => *json,
+            AuditCommand::Checkpoint | AuditCommand::PublicKey => false,
+        }
+    }
+}
+
+/// Runs an audit command; an error is printed by the caller (`--json`: the
+/// envelope), as for every command.
+pub async fn run(cmd: AuditCommand, cfg: &Config, store: SharedStore) -> Result<ExitCode> {
     match cmd {
         AuditCommand::Verify {
             from_store,
@@ -84,8 +96,7 @@ pub async fn run(cmd: AuditCommand, cfg: &Config, store: SharedStore) -> anyhow:
         AuditCommand::Checkpoint => {
             let dir = audit_dir(&cfg.state_dir);
             let key_file = cfg.audit.key_file.clone();
-            let text =
-                tokio::task::spawn_blocking(move || latest_checkpoint(&dir, &key_file)).await??;
+            let text = blocking(move || latest_checkpoint(&dir, &key_file)).await?;
             print!("{text}");
             Ok(ExitCode::SUCCESS)
         }
@@ -97,31 +108,39 @@ pub async fn run(cmd: AuditCommand, cfg: &Config, store: SharedStore) -> anyhow:
             let tenant = tenant.map(|t| TenantId::new(&t)).transpose()?;
             let since = since.map(|s| parse_since(&s, Utc::now())).transpose()?;
             let dir = audit_dir(&cfg.state_dir);
-            tokio::task::spawn_blocking(move || show(&dir, tenant.as_ref(), since, json)).await??;
+            blocking(move || show(&dir, tenant.as_ref(), since, json)).await?;
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::PublicKey => {
             let path = cfg.audit.key_file.clone();
-            let key =
-                tokio::task::spawn_blocking(move || AuditKey::load_or_create(&path)).await??;
+            let key = blocking(move || AuditKey::load_or_create(&path)).await?;
             println!("{}", key.public_key_text());
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
+/// File work off the async runtime; a worker that panicked is a bug.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("audit worker failed: {e}")))?
+}
+
 /// `--since`: an RFC 3339 time, or a duration (`24h`, `7d`, `90min`) before `now`.
-pub fn parse_since(s: &str, now: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>> {
+pub fn parse_since(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
     // The shared parser caps durations (1000 years), like every duration custos takes.
     let d = crate::config::units::parse_duration(s).map_err(|e| {
-        anyhow::anyhow!("--since {s:?}: expected an RFC 3339 time or a duration such as 24h ({e})")
+        Error::InvalidArgument(format!(
+            "--since {s:?}: expected an RFC 3339 time or a duration such as 24h ({e})"
+        ))
     })?;
-    let d = chrono::Duration::from_std(d).context("--since: duration too long")?;
-    now.checked_sub_signed(d)
-        .context("--since: duration too long")
+    let too_long = || Error::InvalidArgument(format!("--since {s:?}: duration too long"));
+    let d = chrono::Duration::from_std(d).map_err(|_| too_long())?;
+    now.checked_sub_signed(d).ok_or_else(too_long)
 }
 
 struct VerifyOptions {
@@ -153,31 +172,30 @@ async fn verify_cmd(
     };
     let Some(report) = report else {
         if json {
-            output::print_json(&serde_json::json!({
-                "ok": true,
-                "result": {"source": source, "records": 0, "faults": [], "cross_checks": []},
-            }));
+            output::print_envelope(
+                true,
+                Some(&serde_json::json!({
+                    "source": source, "records": 0, "faults": [], "cross_checks": [],
+                })),
+                None,
+            );
         } else {
             println!("audit log {source}: empty (no audit key created yet)");
         }
         return ExitCode::SUCCESS;
     };
-    let failure = (!report.ok()).then(|| crate::Error::AuditVerification {
+    let failure = (!report.ok()).then(|| Error::AuditVerification {
         source_name: source.clone(),
         message: report.summary(),
     });
     if json {
         let mut result = serde_json::to_value(&report).unwrap_or_default();
         result["source"] = source.clone().into();
-        let doc = match &failure {
-            None => serde_json::json!({ "ok": true, "result": result }),
-            Some(e) => serde_json::json!({
-                "ok": false,
-                "error": { "kind": e.kind(), "message": e.to_string() },
-                "result": result,
-            }),
-        };
-        output::print_json(&doc);
+        output::print_envelope(
+            failure.is_none(),
+            Some(&result),
+            failure.as_ref().map(Into::into),
+        );
     } else {
         print!("{}", human_report(&source, &report));
     }
@@ -197,16 +215,14 @@ async fn verify_report(
 ) -> crate::Result<Option<VerifyReport>> {
     let verifier = match &opts.public_key {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
             VerifierKey::parse(&text).map_err(|e| {
-                crate::Error::InvalidArgument(format!("verifier key {}: {e}", path.display()))
+                Error::InvalidArgument(format!("verifier key {}: {e}", path.display()))
             })?
         }
         None => match AuditKey::load(&cfg.audit.key_file) {
             Ok(key) => key.verifier().clone(),
-            Err(crate::Error::NotFound { .. })
-                if !opts.from_store && !dir.join(LOG_FILE).exists() =>
-            {
+            Err(Error::NotFound { .. }) if !opts.from_store && !dir.join(LOG_FILE).exists() => {
                 // Nothing logged nor signed here yet, unless the store copy
                 // says otherwise: then the log and its key were removed.
                 if !opts.offline {
@@ -215,9 +231,9 @@ async fn verify_report(
                         .next()
                         .await
                         .transpose()
-                        .map_err(|e| crate::Error::store("list", "audit/checkpoints", e))?;
+                        .map_err(|e| Error::store("list", "audit/checkpoints", e))?;
                     if let Some(found) = listed {
-                        return Err(crate::Error::AuditVerification {
+                        return Err(Error::AuditVerification {
                             source_name: dir.display().to_string(),
                             message: format!(
                                 "there is no local log nor audit key, but the store copy holds one ({}): the local log was removed; verify the store copy with `custos audit verify --from-store --public-key FILE` and a verifier key kept elsewhere",
@@ -229,7 +245,7 @@ async fn verify_report(
                 return Ok(None);
             }
             Err(e) => {
-                return Err(crate::Error::Config {
+                return Err(Error::Config {
                     path: cfg.audit.key_file.clone(),
                     message: format!(
                         "cannot load this installation's audit key ({e}); pass --public-key FILE"
@@ -240,7 +256,7 @@ async fn verify_report(
     };
     let mut witnesses = Vec::new();
     for path in &opts.witnesses {
-        let text = std::fs::read(path).map_err(|e| crate::Error::io(path, e))?;
+        let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         witnesses.push(Witness {
             label: path.display().to_string(),
             text,
@@ -257,13 +273,15 @@ async fn verify_report(
 
 /// The latest signed checkpoint of the installation's log, checked against
 /// its key.
-fn latest_checkpoint(dir: &Path, key_file: &Path) -> anyhow::Result<String> {
-    let key = AuditKey::load(key_file)
-        .with_context(|| format!("loading the audit key {}", key_file.display()))?;
+fn latest_checkpoint(dir: &Path, key_file: &Path) -> Result<String> {
+    // The key's errors name its file.
+    let key = AuditKey::load(key_file)?;
     let log = crate::audit::AuditLog::open(dir, key, None)?;
     match log.latest_checkpoint()? {
         Some(cp) => Ok(cp.text().to_owned()),
-        None => anyhow::bail!("the audit log is empty: there is no checkpoint to keep yet"),
+        None => Err(Error::NotFound {
+            what: "a checkpoint to keep (the audit log is empty)".into(),
+        }),
     }
 }
 
@@ -332,7 +350,7 @@ fn show(
     tenant: Option<&TenantId>,
     since: Option<DateTime<Utc>>,
     json: bool,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     use std::io::Write;
     let path = dir.join(LOG_FILE);
     let len = match std::fs::metadata(&path) {
@@ -341,23 +359,25 @@ fn show(
             eprintln!("no audit records yet ({} does not exist)", path.display());
             return Ok(());
         }
-        Err(e) => return Err(e).with_context(|| path.display().to_string()),
+        Err(e) => return Err(Error::io(&path, e)),
     };
-    let mut reader = LineReader::open(&path, 0, len).with_context(|| path.display().to_string())?;
+    let mut reader = LineReader::open(&path, 0, len).map_err(|e| Error::io(&path, e))?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    // Stdout failing (a closed pipe) ends the command as every command's output does.
+    let written = |r: std::io::Result<()>| r.unwrap_or_else(|e| super::stdout_failed(e));
     if !json {
-        writeln!(
+        written(writeln!(
             out,
             "{:>6}  {:<27}  {:<18}  {:<16}  {:<16}  DETAILS",
             "SEQ", "TIME", "EVENT", "TENANT", "ACTOR"
-        )?;
+        ));
     }
     let mut line = Vec::new();
     let mut number = 0u64;
     while let Some(terminated) = reader
         .next_line(&mut line)
-        .with_context(|| path.display().to_string())?
+        .map_err(|e| Error::io(&path, e))?
     {
         number += 1;
         if !terminated {
@@ -376,10 +396,10 @@ fn show(
             continue;
         }
         if json {
-            out.write_all(&line)?;
-            out.write_all(b"\n")?;
+            written(out.write_all(&line));
+            written(out.write_all(b"\n"));
         } else {
-            writeln!(
+            written(writeln!(
                 out,
                 "{:>6}  {:<27}  {:<18}  {:<16}  {:<16}  {}",
                 rec.seq,
@@ -389,10 +409,10 @@ fn show(
                 rec.tenant.as_ref().map_or("-", |t| t.as_str()),
                 rec.actor,
                 rec.details
-            )?;
+            ));
         }
     }
-    out.flush()?;
+    written(out.flush());
     Ok(())
 }
 

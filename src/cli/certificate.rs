@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use serde::Serialize;
 
-use super::output::{fail, print_json};
+use super::output::fail;
 use super::setup::{setup, tenant_id};
 use crate::audit::AuditKey;
 use crate::config::Config;
@@ -230,15 +230,7 @@ async fn verify_cmd(
 /// The `--json` envelope: `{"ok": true, "result": …}`, or `{"ok": false,
 /// "error": {"kind", "message"}, "result": …}` when verification failed.
 fn print_envelope(out: &VerifyOutput, error: Option<&Error>) {
-    let doc = match error {
-        None => serde_json::json!({ "ok": true, "result": out }),
-        Some(e) => serde_json::json!({
-            "ok": false,
-            "error": { "kind": e.kind(), "message": e.to_string() },
-            "result": out,
-        }),
-    };
-    print_json(&doc);
+    super::output::print_envelope(error.is_none(), Some(out), error.map(Into::into));
 }
 
 fn print_human(v: &Verified, key_source: &str, out: &VerifyOutput) {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args as ClapArgs;
 use futures::FutureExt;
 
-use super::output::{finish, human_bytes, print_json};
+use super::output::{Failure, finish, human_bytes, print_envelope};
 use super::setup::{policy, setup, tenant_id};
 use crate::error::{Error, Result};
 use crate::jobs::check::{self, CheckReport, ReadData};
@@ -37,11 +37,14 @@ pub async fn run(config: Option<&Path>, args: Args) -> ExitCode {
         && let Some((kind, message)) = report.failure_summary()
     {
         if json {
-            print_json(&serde_json::json!({
-                "ok": false,
-                "result": report,
-                "error": { "kind": kind, "message": message },
-            }));
+            print_envelope(
+                false,
+                Some(report),
+                Some(Failure {
+                    kind: kind.as_str(),
+                    message: message.clone(),
+                }),
+            );
         } else {
             print_human(report);
             eprintln!("error: {message}");

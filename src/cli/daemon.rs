@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Args as ClapArgs;
 
-use super::output::{fail, print_json};
+use super::output::{fail, print_envelope};
 use crate::config::Config;
 use crate::daemon::{self, Options, Summary};
 
@@ -49,7 +49,7 @@ pub async fn run(config: Option<&Path>, args: Args) -> ExitCode {
     };
     if args.once {
         if args.json {
-            print_json(&serde_json::json!({ "ok": !summary.failed(), "result": summary }));
+            print_envelope(!summary.failed(), Some(&summary), None);
         } else {
             print_report(&summary, &reports);
         }

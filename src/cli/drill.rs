@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Args as ClapArgs, Subcommand};
 use futures::FutureExt;
 
-use super::output::{TerminalProgress, fail, human_bytes, print_json};
+use super::output::{Failure, TerminalProgress, fail, human_bytes, print_envelope};
 use super::setup::{policy, setup, tenant_id};
 use crate::config::units::{format_duration, parse_duration};
 use crate::config::{Config, DrillPolicy};
@@ -186,11 +186,15 @@ async fn drill_command(config: Option<&Path>, args: RunArgs) -> ExitCode {
             .unwrap_or_else(|_| DrillReport::stopped_by(&tenant, &e)),
     };
     if json {
-        let mut doc = serde_json::json!({ "ok": report.passed_ok(), "result": &report });
-        if let (Some(reason), Some(message)) = (report.reason, &report.message) {
-            doc["error"] = serde_json::json!({ "kind": reason.as_str(), "message": message });
-        }
-        print_json(&doc);
+        // A failed drill's kind is its reason (`error_kind` stays in the result).
+        let failure = match (report.reason, &report.message) {
+            (Some(reason), Some(message)) => Some(Failure {
+                kind: reason.as_str(),
+                message: message.clone(),
+            }),
+            _ => None,
+        };
+        print_envelope(report.passed_ok(), Some(&report), failure);
     } else {
         print_human(&report);
     }
@@ -355,8 +359,11 @@ fn history(config: Option<&Path>, args: HistoryArgs) -> ExitCode {
         Err(e) => return fail(json, &e),
     };
     if json {
-        print_json(&serde_json::json!({ "ok": true, "result": {
-            "tenant": args.tenant, "drills": reports } }));
+        print_envelope(
+            true,
+            Some(&serde_json::json!({ "tenant": args.tenant, "drills": reports })),
+            None,
+        );
         return ExitCode::SUCCESS;
     }
     if reports.is_empty() {

@@ -176,20 +176,18 @@ async fn dispatch(cli: Cli) -> ExitCode {
 }
 
 async fn run_audit(config: Option<&std::path::Path>, cmd: audit::AuditCommand) -> ExitCode {
+    let json = cmd.json();
     let cfg = match crate::config::Config::discover(config) {
         Ok(c) => c,
-        Err(e) => return output::fail(false, &e.into()),
+        Err(e) => return output::fail(json, &e.into()),
     };
     setup::print_warnings(&cfg);
     let store = match crate::context::open_store(&cfg) {
         Ok(s) => s,
-        Err(e) => return output::fail(false, &e),
+        Err(e) => return output::fail(json, &e),
     };
     match audit::run(cmd, &cfg, store).await {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => output::fail(json, &e),
     }
 }

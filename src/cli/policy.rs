@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use super::output::print_json;
+use super::output::print_envelope;
 use crate::config::{Config, validate_dir};
 
 #[derive(Subcommand)]
@@ -33,7 +33,7 @@ pub async fn run(config: Option<&Path>, cmd: PolicyCommand) -> ExitCode {
     };
     let report = validate_dir(&dir);
     if json {
-        print_json(&serde_json::json!({ "ok": report.is_ok(), "result": &report }));
+        print_envelope(report.is_ok(), Some(&report), None);
     } else {
         println!("{report}");
     }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use super::output::{fail, finish, print_json};
+use super::output::{fail, finish, print_envelope};
 use super::setup::setup;
 use crate::error::Result;
 use crate::store::probe::{ProbeRecord, probe_cached};
@@ -32,11 +32,7 @@ pub async fn run(config: Option<&Path>, cmd: StoreCommand) -> ExitCode {
                     message: rec.result.detail.clone().unwrap_or_default(),
                 };
                 if json {
-                    print_json(&serde_json::json!({
-                        "ok": false,
-                        "result": rec,
-                        "error": { "kind": e.kind(), "message": e.to_string() },
-                    }));
+                    print_envelope(false, Some(&rec), Some((&e).into()));
                 } else {
                     print(&&rec);
                 }

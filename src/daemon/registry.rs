@@ -584,7 +584,7 @@ mod tests {
             faults: vec![
                 crate::repo::Fault {
                     object: "tenants/a/packs/00/x".into(),
-                    kind: "corrupt_object",
+                    kind: crate::error::ErrorKind::CorruptObject,
                     message: "bad".into(),
                 };
                 3

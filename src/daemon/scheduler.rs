@@ -32,7 +32,7 @@ use super::registry::{self, Launched, Request, ScheduledJob};
 use super::state::{DaemonState, RunOutcome};
 use crate::config::Config;
 use crate::context::Context;
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::report::{JobReport, Outcome};
 use crate::tenant::TenantId;
 
@@ -65,6 +65,8 @@ pub struct RunRecord {
     pub started_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// The job's `error_kind`, or its drill's reason (a string: the job
+    /// report's label, see `JobOutput::failure`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_kind: Option<String>,
     /// One line: what the job did, or why it failed.
@@ -318,7 +320,7 @@ impl Scheduler {
                 tenant = %tenant,
                 job = %job,
                 policy = %file,
-                error_kind = "unsupported_job",
+                error_kind = ErrorKind::UnsupportedJob.as_str(),
                 "{tenant}: {file} schedules {job}, but {message}; every due slot counts as a failed run"
             );
         }
@@ -338,7 +340,7 @@ impl Scheduler {
             outcome: RunOutcome::Unsupported,
             started_at: None,
             duration_ms: None,
-            error_kind: Some("unsupported_job".into()),
+            error_kind: Some(ErrorKind::UnsupportedJob.into()),
             detail: message,
         });
         self.after_run(key, slot, generation);
@@ -375,7 +377,7 @@ impl Scheduler {
                     event = "job.panicked",
                     tenant = %tenant,
                     job = %job,
-                    error_kind = "internal",
+                    error_kind = ErrorKind::Internal.as_str(),
                     "{job} of {tenant} panicked: {e}"
                 );
                 let now = self.clock.now();
@@ -391,7 +393,7 @@ impl Scheduler {
                     outcome: RunOutcome::Failure,
                     started_at: None,
                     duration_ms: None,
-                    error_kind: Some("internal".into()),
+                    error_kind: Some(ErrorKind::Internal.into()),
                     detail: format!("panicked: {e}"),
                 });
                 self.after_run(&(tenant, job), slot, generation);
@@ -804,6 +806,11 @@ impl Scheduler {
                 r.job
             );
             r.abort.abort();
+            // The aborted task never returns: this is its error.
+            let cancelled = Error::Cancelled {
+                what: format!("{} of {tenant}", r.job),
+                reason: "still running at the shutdown timeout".into(),
+            };
             self.metrics
                 .outcome(tenant, r.job, RunOutcome::Abandoned, self.clock.now());
             self.record(RunRecord {
@@ -813,8 +820,8 @@ impl Scheduler {
                 outcome: RunOutcome::Abandoned,
                 started_at: None,
                 duration_ms: Some(r.since.elapsed().as_millis() as u64),
-                error_kind: Some("cancelled".into()),
-                detail: "still running at the shutdown timeout".into(),
+                error_kind: Some(cancelled.kind().into()),
+                detail: cancelled.to_string(),
             });
         }
         self.summary.abandoned = abandoned.len();

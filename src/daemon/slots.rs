@@ -22,9 +22,17 @@ use object_store::{PutMode, UpdateVersion};
 use serde::{Deserialize, Serialize};
 
 use super::plan::Subset;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::report::JobKind;
+use crate::store::layout::ScheduleName;
 use crate::store::{ObjectName, TenantStore};
+
+/// The object of a job's mark, named after the job.
+fn mark_name(job: JobKind) -> Result<ObjectName> {
+    ScheduleName::new(job.as_str())
+        .map(ObjectName::Schedule)
+        .ok_or_else(|| Error::Internal(format!("job {job} has no slot mark name")))
+}
 
 /// How the recorded run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,7 +72,7 @@ impl SlotMark {
 /// treated as absent, with a warning: it can only cause a slot to run again,
 /// never to be skipped.
 pub async fn read(store: &TenantStore, job: JobKind) -> Result<Option<SlotMark>> {
-    let name = ObjectName::Schedule(job);
+    let name = mark_name(job)?;
     let Some((bytes, _)) = store.get_if_exists(&name).await? else {
         return Ok(None);
     };
@@ -89,7 +97,7 @@ pub async fn read_versioned(
     store: &TenantStore,
     job: JobKind,
 ) -> Result<(Option<SlotMark>, Option<UpdateVersion>)> {
-    let name = ObjectName::Schedule(job);
+    let name = mark_name(job)?;
     let Some((bytes, meta)) = store.get_if_exists(&name).await? else {
         return Ok((None, None));
     };
@@ -120,8 +128,8 @@ pub async fn write_conditional(
     mark: &SlotMark,
     seen: Option<UpdateVersion>,
 ) -> Result<Option<UpdateVersion>> {
-    let name = ObjectName::Schedule(mark.job);
-    let body = Bytes::from(serde_json::to_vec_pretty(mark).expect("marks serialise"));
+    let name = mark_name(mark.job)?;
+    let body = Bytes::from(encode(mark)?);
     let mode = match seen {
         Some(v) => PutMode::Update(v),
         None => PutMode::Create,
@@ -136,23 +144,35 @@ pub async fn write_conditional(
             | object_store::Error::Precondition { .. }
             | object_store::Error::NotFound { .. },
         ) => Ok(None),
-        Err(e) => Err(crate::error::Error::store("put", store.display(&name), e)),
+        Err(e) => Err(Error::store("put", store.display(&name), e)),
     }
 }
 
 /// Writes a job's mark. Callers hold the tenant lease.
 pub async fn write(store: &TenantStore, mark: &SlotMark) -> Result<()> {
-    let body = serde_json::to_vec_pretty(mark).expect("marks serialise");
-    store
-        .put(&ObjectName::Schedule(mark.job), Bytes::from(body))
-        .await?;
+    let body = encode(mark)?;
+    store.put(&mark_name(mark.job)?, Bytes::from(body)).await?;
     Ok(())
+}
+
+fn encode(mark: &SlotMark) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(mark).map_err(|e| Error::Internal(format!("slot mark: {e}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::TenantId;
+
+    #[test]
+    fn every_job_has_its_own_mark() {
+        let mut paths = std::collections::BTreeSet::new();
+        for job in JobKind::ALL {
+            let path = mark_name(job).unwrap().relative().to_string();
+            assert_eq!(path, format!("locks/schedule-{job}"));
+            assert!(paths.insert(path));
+        }
+    }
 
     #[tokio::test]
     async fn marks_round_trip_and_garbage_reads_as_absent() {
@@ -177,7 +197,7 @@ mod tests {
         assert_eq!(read(&store, JobKind::Backup).await.unwrap(), None);
         store
             .put(
-                &ObjectName::Schedule(JobKind::Backup),
+                &mark_name(JobKind::Backup).unwrap(),
                 Bytes::from_static(b"{"),
             )
             .await

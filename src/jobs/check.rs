@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::ids::{IdMap, PackId};
 use crate::format::pack::{PackEntry, open_blob, open_pack};
 use crate::format::tree::EntryKind;
@@ -71,9 +71,11 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
     // index files in the listing below.
     let (snapshots, snapshot_faults) = repo.list_snapshots().await?;
     let (index, faults) = repo.load_index().await?;
-    report
-        .faults
-        .extend(faults.into_iter().filter(|f| f.kind != "unknown_object"));
+    report.faults.extend(
+        faults
+            .into_iter()
+            .filter(|f| f.kind != ErrorKind::UnknownObject),
+    );
     report.index_files = index.files.len();
     report.blobs = index.blob_count();
     let packs = repo.list_packs().await?;
@@ -86,7 +88,7 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
         match packs.get(pack) {
             None => report.faults.push(Fault {
                 object: name,
-                kind: "missing_object",
+                kind: ErrorKind::MissingObject,
                 message: format!(
                     "pack is missing; {} indexed blob(s) live in it",
                     entries.len()
@@ -99,7 +101,7 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
                 {
                     report.faults.push(Fault {
                         object: name,
-                        kind: "corrupt_object",
+                        kind: ErrorKind::CorruptObject,
                         message: format!(
                             "pack is {size} bytes but blob {} ends at {} (truncated)",
                             e.id.short(),
@@ -116,7 +118,7 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
     report.faults.extend(
         snapshot_faults
             .into_iter()
-            .filter(|f| f.kind != "unknown_object"),
+            .filter(|f| f.kind != ErrorKind::UnknownObject),
     );
     report.snapshots = snapshots.len();
     for s in &snapshots {
@@ -125,7 +127,7 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
         if missing_tree > 0 {
             report.faults.push(Fault {
                 object: what.clone(),
-                kind: "missing_object",
+                kind: ErrorKind::MissingObject,
                 message: format!("{missing_tree} tree blob(s) are in no index file (index rolled back or data lost)"),
             });
             continue;
@@ -167,7 +169,7 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
         if lost > 0 {
             report.faults.push(Fault {
                 object: what.clone(),
-                kind: "missing_object",
+                kind: ErrorKind::MissingObject,
                 message: format!(
                     "{lost} blob(s) are in packs missing from the store or cut short, e.g. in {} \
                      (data lost; the next backup stores again what the sources still hold)",
@@ -178,7 +180,7 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
         if missing > 0 {
             report.faults.push(Fault {
                 object: what,
-                kind: "missing_object",
+                kind: ErrorKind::MissingObject,
                 message: format!(
                     "{missing} blob(s) are in no index file, e.g. in {} (index rolled back or data lost)",
                     example.unwrap_or_default()
@@ -225,7 +227,7 @@ async fn read_pack(
 ) -> Result<(u64, Vec<Fault>)> {
     let name = ObjectName::Pack(pack);
     let object = repo.store().display(&name);
-    let fault = |kind: &'static str, message: String| Fault {
+    let fault = |kind: ErrorKind, message: String| Fault {
         object: object.clone(),
         kind,
         message,
@@ -239,7 +241,7 @@ async fn read_pack(
         return Ok((
             bytes.len() as u64,
             vec![fault(
-                "corrupt_object",
+                ErrorKind::CorruptObject,
                 format!("listed as {size} bytes, read {}", bytes.len()),
             )],
         ));
@@ -255,7 +257,7 @@ async fn read_pack(
         return Ok((
             size,
             vec![fault(
-                "corrupt_object",
+                ErrorKind::CorruptObject,
                 format!("sealed under unknown epoch {epoch}"),
             )],
         ));
@@ -276,7 +278,7 @@ async fn read_pack(
             if by_segment.get(&want.segment).copied() != Some(want) {
                 faults.push(Fault {
                     object: object.clone(),
-                    kind: "corrupt_object",
+                    kind: ErrorKind::CorruptObject,
                     message: format!(
                         "index entry for blob {} disagrees with the pack directory",
                         want.id.short()
@@ -289,7 +291,7 @@ async fn read_pack(
             if let Err(err) = open_blob(&opener, &keys, e, sealed) {
                 faults.push(Fault {
                     object: object.clone(),
-                    kind: "corrupt_object",
+                    kind: ErrorKind::CorruptObject,
                     message: format!("blob {}: {err}", e.id.short()),
                 });
             }
@@ -304,9 +306,9 @@ async fn read_pack(
 impl CheckReport {
     /// When faults were found: the kind of the first (`missing_object`,
     /// `corrupt_object`, …) and a message counting them and naming the first.
-    pub fn failure_summary(&self) -> Option<(&'static str, String)> {
+    pub fn failure_summary(&self) -> Option<(ErrorKind, String)> {
         let first = self.faults.first()?;
-        let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut kinds: BTreeMap<ErrorKind, usize> = BTreeMap::new();
         for f in &self.faults {
             *kinds.entry(f.kind).or_default() += 1;
         }
@@ -336,5 +338,6 @@ impl crate::report::JobOutput for CheckReport {
     /// the first fault's kind as `error_kind`), its report kept in full.
     fn failure(&self) -> Option<(&'static str, String)> {
         self.failure_summary()
+            .map(|(kind, message)| (kind.as_str(), message))
     }
 }

@@ -34,7 +34,7 @@ pub use self::verify::{Verified, verify_restored};
 use super::Progress;
 use super::restore::{self, FileSet, RestoreOptions};
 use crate::config::{DrillMode, DrillPick, DrillPolicy, VerifyCommand};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::snapshot::Snapshot;
 use crate::repo::Repo;
 use crate::store::lease::LeaseGuard;
@@ -150,7 +150,7 @@ pub async fn run(
 #[derive(Debug)]
 pub(crate) struct Failure {
     reason: DrillReason,
-    error_kind: Option<&'static str>,
+    error_kind: Option<ErrorKind>,
     message: String,
 }
 
@@ -288,7 +288,10 @@ impl Drill<'_> {
     async fn pick(&mut self, rng: &mut sample::SplitMix64) -> Result<Snapshot, Failure> {
         let no_snapshot = |e: Error| -> Failure {
             let mut f = Failure::from(e);
-            if matches!(f.error_kind, Some("not_found" | "tenant_not_found")) {
+            if matches!(
+                f.error_kind,
+                Some(ErrorKind::NotFound | ErrorKind::TenantNotFound)
+            ) {
                 f.reason = DrillReason::NoSnapshot;
             }
             f
@@ -349,17 +352,19 @@ impl Drill<'_> {
         info.required_bytes = Some(required);
         info.reserve_bytes = self.opts.scratch_reserve;
         if available < required {
-            return Err(Failure::new(
-                DrillReason::InsufficientSpace,
-                format!(
-                    "scratch file system of {} has {} free; the drill needs {} ({} to restore + {} reserve)",
-                    parent.display(),
+            // The typed error, so that the report's `error_kind` names it as
+            // it does a disk that fills up during the restore.
+            return Err(Error::InsufficientSpace {
+                path: parent.to_path_buf(),
+                message: format!(
+                    "the scratch file system has {} free; the drill needs {} ({} to restore + {} reserve)",
                     crate::util::human_bytes(available),
                     crate::util::human_bytes(required),
                     crate::util::human_bytes(need),
                     crate::util::human_bytes(self.opts.scratch_reserve),
                 ),
-            ));
+            }
+            .into());
         }
         Ok(())
     }

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::runtime::Handle;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::ids::{BlobId, IdSet, PackId};
 use crate::format::index::IndexFile;
 use crate::format::snapshot::Snapshot;
@@ -98,17 +98,22 @@ pub async fn run(
     };
     let (index, index_faults) = repo.load_index().await?;
     finish_index_removal(repo, &index)?;
-    if let Some(f) = index_faults.iter().find(|f| f.kind != "unknown_object") {
+    if let Some(f) = index_faults
+        .iter()
+        .find(|f| f.kind != ErrorKind::UnknownObject)
+    {
         return Err(Error::InvalidArgument(format!(
             "refusing to prune with an unreadable index ({}: {}); run `custos check` first",
             f.object, f.message
         )));
     }
     let (snapshots, snap_faults) = repo.list_snapshots().await?;
-    if let Some(f) = snap_faults
-        .iter()
-        .find(|f| f.kind != "unknown_object" && f.kind != "rollback_detected")
-    {
+    if let Some(f) = snap_faults.iter().find(|f| {
+        !matches!(
+            f.kind,
+            ErrorKind::UnknownObject | ErrorKind::RollbackDetected
+        )
+    }) {
         // An unreadable snapshot may still need data: deleting it could lose that data.
         return Err(Error::InvalidArgument(format!(
             "refusing to prune while a snapshot is unreadable ({}: {}); run `custos check`",

@@ -441,13 +441,13 @@ async fn finish<T: JobOutput>(
         Err(e) => match T::from_error(spec.tenant, e) {
             None => (
                 Outcome::Failure,
-                Some(e.kind()),
+                Some(e.kind().as_str()),
                 Some(e.to_string()),
                 Default::default(),
                 serde_json::Value::Null,
             ),
             Some(v) => {
-                let (kind, message) = v.failure().unwrap_or((e.kind(), e.to_string()));
+                let (kind, message) = v.failure().unwrap_or((e.kind().as_str(), e.to_string()));
                 (
                     Outcome::Failure,
                     Some(kind),
@@ -498,7 +498,7 @@ async fn finish<T: JobOutput>(
             if result.is_ok() {
                 let e = end_unrecorded(spec, &report, begin_seq, e);
                 report.outcome = Outcome::Failure;
-                report.error_kind = Some(e.kind());
+                report.error_kind = Some(e.kind().as_str());
                 report.error = Some(e.to_string());
                 result = Err(e);
             }

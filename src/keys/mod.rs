@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use secret::{DataKey, KEY_LEN, SecretKey};
 
+use crate::error::ErrorKind;
 use crate::tenant::TenantId;
 
 /// Which provider a [`KeyRef`] names.
@@ -417,23 +418,23 @@ fn detail(message: &str) -> String {
 
 impl KeyError {
     /// Machine-readable kind, used as `error_kind` in events and reports.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
             KeyError::NotFound { .. }
             | KeyError::Disabled { .. }
             | KeyError::PendingDeletion { .. }
             | KeyError::PendingImport { .. }
             | KeyError::Destroyed { .. }
-            | KeyError::AccessDenied { .. } => "key_unavailable",
-            KeyError::InvalidCiphertext { .. } => "key_unwrap_failed",
-            KeyError::Throttled { .. } => "kms_throttled",
-            KeyError::Unreachable { .. } => "kms_unreachable",
-            KeyError::InvalidReference(_) => "invalid_key_reference",
+            | KeyError::AccessDenied { .. } => ErrorKind::KeyUnavailable,
+            KeyError::InvalidCiphertext { .. } => ErrorKind::KeyUnwrapFailed,
+            KeyError::Throttled { .. } => ErrorKind::KmsThrottled,
+            KeyError::Unreachable { .. } => ErrorKind::KmsUnreachable,
+            KeyError::InvalidReference(_) => ErrorKind::InvalidKeyReference,
             KeyError::Unsupported { .. } | KeyError::NotConfigured { .. } => {
-                "key_provider_unsupported"
+                ErrorKind::KeyProviderUnsupported
             }
-            KeyError::LocalFile { .. } | KeyError::Backend { .. } => "key_provider_error",
-            KeyError::InsecurePermissions { .. } => "insecure_permissions",
+            KeyError::LocalFile { .. } | KeyError::Backend { .. } => ErrorKind::KeyProviderError,
+            KeyError::InsecurePermissions { .. } => ErrorKind::InsecurePermissions,
         }
     }
 

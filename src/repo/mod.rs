@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 pub use index::{Index, Location};
 
 use crate::context::Context;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::descriptor::{Descriptor, EpochState, Lifecycle};
 use crate::format::envelope::Envelope;
 use crate::format::ids::{IndexId, SnapshotId};
@@ -38,7 +38,7 @@ const LOAD_CONCURRENCY: usize = 8;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Fault {
     pub object: String,
-    pub kind: &'static str,
+    pub kind: ErrorKind,
     pub message: String,
 }
 
@@ -810,7 +810,7 @@ impl Repo {
                 Some(name @ ObjectName::Index(_)) if self.is_hidden(&name) => {}
                 Some(ObjectName::Index(id)) if removed.contains(&id) => faults.push(Fault {
                     object: self.store.display(&ObjectName::Index(id)),
-                    kind: "rollback_detected",
+                    kind: ErrorKind::RollbackDetected,
                     message: "index file was replaced by prune before and has reappeared (index rolled back)".into(),
                 }),
                 Some(ObjectName::Index(id)) => ids.push(id),
@@ -991,7 +991,7 @@ impl Repo {
         first_fault(
             faults
                 .into_iter()
-                .filter(|f| f.kind != "unknown_object")
+                .filter(|f| f.kind != ErrorKind::UnknownObject)
                 .collect(),
         )?;
         snaps.into_iter().last().ok_or_else(|| Error::NotFound {
@@ -1044,15 +1044,15 @@ fn first_fault(faults: Vec<Fault>) -> Result<()> {
                 f.message = reason.to_owned();
             }
             match f.kind {
-                "foreign_object" => Error::Foreign {
+                ErrorKind::ForeignObject => Error::Foreign {
                     object: f.object,
                     reason: f.message,
                 },
-                "rollback_detected" => Error::Rollback {
+                ErrorKind::RollbackDetected => Error::Rollback {
                     object: f.object,
                     reason: f.message,
                 },
-                "missing_object" => Error::Missing {
+                ErrorKind::MissingObject => Error::Missing {
                     object: f.object,
                     reason: f.message,
                 },
@@ -1068,7 +1068,7 @@ fn first_fault(faults: Vec<Fault>) -> Result<()> {
 fn unknown_object(store: &TenantStore, path: &object_store::path::Path) -> Fault {
     Fault {
         object: format!("tenants/{}/{}", store.tenant(), path),
-        kind: "unknown_object",
+        kind: ErrorKind::UnknownObject,
         message: "not an object custos writes (left alone by prune)".into(),
     }
 }

@@ -713,7 +713,7 @@ fn in_use(key: &KeyRef, uses: &[Use], refusing: &str) -> Error {
 /// whether or not the record can be written.
 async fn record_refusal(ctx: &Context, tenant: &TenantId, scope: &str, key: &KeyRef, e: &Error) {
     let event = format!("{scope}.refused");
-    tracing::warn!(event = %event, tenant = %tenant, key = %key, error_kind = e.kind(), error = %e, "key {key}: refused");
+    tracing::warn!(event = %event, tenant = %tenant, key = %key, error_kind = %e.kind(), error = %e, "key {key}: refused");
     let details = serde_json::json!({
         "reason": e.kind(),
         "key": key,

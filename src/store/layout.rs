@@ -35,7 +35,36 @@ pub enum ObjectName {
     Deletion(String),
     /// The daemon's record of the last scheduled slot of a job that ran, so
     /// several daemons sharing the store run each slot once.
-    Schedule(crate::report::JobKind),
+    Schedule(ScheduleName),
+}
+
+/// The name of a daemon's slot mark (`locks/schedule-<name>`). The store does
+/// not know jobs: the daemon names each mark after its job (`daemon::slots`),
+/// and the store holds any short lowercase word.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ScheduleName(String);
+
+impl ScheduleName {
+    /// 1 to 32 of `a-z`, `0-9`, `_`, starting with a letter; else `None`
+    /// (a name that could not be a path component of its own).
+    pub fn new(name: &str) -> Option<ScheduleName> {
+        let ok = (1..=32).contains(&name.len())
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'));
+        ok.then(|| ScheduleName(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ScheduleName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// The directories of a tenant prefix, for listing.
@@ -110,7 +139,7 @@ impl ObjectName {
             }
             ["locks", name] => name
                 .strip_prefix("schedule-")
-                .and_then(crate::report::JobKind::parse)
+                .and_then(ScheduleName::new)
                 .map(ObjectName::Schedule),
             _ => None,
         }
@@ -149,7 +178,7 @@ mod tests {
             ObjectName::Lease,
             ObjectName::Reader(new_lock_id()),
             ObjectName::Deletion(new_lock_id()),
-            ObjectName::Schedule(crate::report::JobKind::Check),
+            ObjectName::Schedule(ScheduleName::new("check").unwrap()),
         ] {
             assert_eq!(ObjectName::parse(&name.relative()), Some(name));
         }

@@ -18,7 +18,6 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 use serde::{Deserialize, Serialize};
 
 use super::SharedStore;
-use crate::context::Context;
 use crate::error::{Error, Result};
 
 /// How long a cached probe result is trusted.
@@ -189,24 +188,44 @@ impl ProbeRecord {
 /// Probes before an inconclusive result is reported (transient errors).
 const PROBE_ATTEMPTS: u32 = 4;
 
-fn cache_path(ctx: &Context) -> std::path::PathBuf {
-    let hash = blake3::hash(ctx.store_url.as_bytes());
-    ctx.state
-        .root()
-        .join("probes")
-        .join(format!("{}.json", &hash.to_hex()[..32]))
+/// The store to probe and where its result is cached: what the caller (a
+/// job's context) knows, passed down so that the store layer needs nothing
+/// above it.
+#[derive(Clone, Copy)]
+pub struct ProbeTarget<'a> {
+    pub store: &'a SharedStore,
+    /// The store as configured; the cache is keyed by it.
+    pub url: &'a str,
+    /// The state directory (`<state>/probes/` holds the cache).
+    pub state_dir: &'a std::path::Path,
+}
+
+impl ProbeTarget<'_> {
+    fn cache_dir(&self) -> std::path::PathBuf {
+        self.state_dir.join("probes")
+    }
+
+    fn cache_path(&self) -> std::path::PathBuf {
+        let hash = blake3::hash(self.url.as_bytes());
+        self.cache_dir()
+            .join(format!("{}.json", &hash.to_hex()[..32]))
+    }
 }
 
 /// The store's probe result: from the cache when it is younger than
 /// [`PROBE_MAX_AGE`] (and `refresh` is false), else probed now and cached if
 /// conclusive.
-pub async fn probe_cached(ctx: &Context, refresh: bool) -> Result<ProbeRecord> {
-    let path = cache_path(ctx);
+pub async fn probe_cached<'a>(
+    target: impl Into<ProbeTarget<'a>>,
+    refresh: bool,
+) -> Result<ProbeRecord> {
+    let target = target.into();
+    let path = target.cache_path();
     let now = Utc::now();
     if !refresh
         && let Ok(bytes) = std::fs::read(&path)
         && let Ok(mut rec) = serde_json::from_slice::<ProbeRecord>(&bytes)
-        && rec.url == ctx.store_url
+        && rec.url == target.url
         && rec.probed_at <= now
         && (now - rec.probed_at).to_std().unwrap_or(Duration::MAX) < PROBE_MAX_AGE
     {
@@ -215,7 +234,7 @@ pub async fn probe_cached(ctx: &Context, refresh: bool) -> Result<ProbeRecord> {
     }
     // An inconclusive probe (a transient store error on the way) is retried:
     // one 5xx must not make a job fail as if the store were misconfigured.
-    let mut result = probe_conditional_writes(&ctx.store).await?;
+    let mut result = probe_conditional_writes(target.store).await?;
     let mut delay = Duration::from_millis(200);
     for _ in 1..PROBE_ATTEMPTS {
         if result.conclusive {
@@ -227,10 +246,10 @@ pub async fn probe_cached(ctx: &Context, refresh: bool) -> Result<ProbeRecord> {
         );
         tokio::time::sleep(delay).await;
         delay *= 3;
-        result = probe_conditional_writes(&ctx.store).await?;
+        result = probe_conditional_writes(target.store).await?;
     }
     let rec = ProbeRecord {
-        url: ctx.store_url.clone(),
+        url: target.url.to_owned(),
         probed_at: now,
         result,
         cached: false,
@@ -243,17 +262,18 @@ pub async fn probe_cached(ctx: &Context, refresh: bool) -> Result<ProbeRecord> {
             detail = rec.result.detail.as_deref(),
             "probed the store's conditional writes"
         );
-        let dir = path.parent().expect("in probes/");
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let json = serde_json::to_vec_pretty(&rec).expect("serialises");
+        let dir = target.cache_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let json = serde_json::to_vec_pretty(&rec)
+            .map_err(|e| Error::Internal(format!("probe record: {e}")))?;
         crate::util::write_file_atomic(&path, &json, 0o600).map_err(|e| Error::io(&path, e))?;
     }
     Ok(rec)
 }
 
 /// Fails unless the store honours conditional writes (see the module doc).
-pub async fn require_conditional_writes(ctx: &Context) -> Result<()> {
-    let rec = probe_cached(ctx, false).await?;
+pub async fn require_conditional_writes<'a>(target: impl Into<ProbeTarget<'a>>) -> Result<()> {
+    let rec = probe_cached(target, false).await?;
     if rec.supported() {
         return Ok(());
     }

@@ -380,7 +380,7 @@ async fn flow(ctx: &Context, key: &KeyRef) {
     let err = fresh.epoch_keys(1).await.unwrap_err();
     eprintln!("tampered envelope: {err}");
     assert!(
-        matches!(err.kind(), "key_unwrap_failed" | "key_unavailable"),
+        matches!(err.kind().as_str(), "key_unwrap_failed" | "key_unavailable"),
         "{}: {err}",
         err.kind()
     );

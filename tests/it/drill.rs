@@ -220,7 +220,7 @@ async fn library_reasons_space_key_and_disk_mismatch() {
         .unwrap();
     let r = drill_job(&lib, &options(&lib)).await.result.unwrap();
     assert_eq!(r.reason, Some(DrillReason::KeyUnavailable), "{r:?}");
-    assert_eq!(r.error_kind.as_deref(), Some("key_unavailable"));
+    assert_eq!(r.error_kind.map(|k| k.as_str()), Some("key_unavailable"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

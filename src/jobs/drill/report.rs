@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::command::VerifyCommandResult;
 use super::{DrillOptions, Scope, SnapshotPick};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::format::ids::SnapshotId;
 use crate::format::snapshot::Snapshot;
 use crate::jobs::restore::RestoreReport;
@@ -117,8 +117,8 @@ impl DrillReason {
             // Store and I/O errors carry their own finer kinds: an object that
             // is not there, a full disk.
             Error::Store { .. } | Error::Io { .. } | Error::Source { .. } => match e.kind() {
-                "missing_object" => DrillReason::MissingObject,
-                "insufficient_space" => DrillReason::InsufficientSpace,
+                ErrorKind::MissingObject => DrillReason::MissingObject,
+                ErrorKind::InsufficientSpace => DrillReason::InsufficientSpace,
                 _ if matches!(e, Error::Store { .. }) => DrillReason::StoreError,
                 _ => DrillReason::IoError,
             },
@@ -200,7 +200,7 @@ pub struct DrillReport {
     /// The crate error kind behind the reason, when an error caused it
     /// (e.g. `key_unavailable` vs `kms_unreachable` behind `key_unavailable`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_kind: Option<String>,
+    pub error_kind: Option<ErrorKind>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// How the snapshot was chosen: `latest`, `random within 30d`, or `id <ID>`.
@@ -305,7 +305,7 @@ impl DrillReport {
             tenant: tenant.clone(),
             outcome: DrillOutcome::Failed,
             reason: Some(DrillReason::of_error(e)),
-            error_kind: Some(e.kind().to_owned()),
+            error_kind: Some(e.kind()),
             message: Some(e.to_string()),
             pick: String::new(),
             mode: String::new(),
@@ -368,12 +368,12 @@ impl DrillReport {
     pub(super) fn failed(
         &mut self,
         reason: DrillReason,
-        error_kind: Option<&'static str>,
+        error_kind: Option<ErrorKind>,
         message: String,
     ) {
         self.outcome = DrillOutcome::Failed;
         self.reason = Some(reason);
-        self.error_kind = error_kind.map(str::to_owned);
+        self.error_kind = error_kind;
         self.message = Some(message);
         self.finished_now();
     }
@@ -418,7 +418,7 @@ impl DrillReport {
                 snapshot = snapshot.as_deref(),
                 outcome = "failed",
                 reason,
-                error_kind = self.error_kind.as_deref(),
+                error_kind = self.error_kind.map(ErrorKind::as_str),
                 error = self.message.as_deref(),
                 mode = %self.mode,
                 seed = self.seed,
@@ -631,6 +631,7 @@ mod tests {
             (
                 Error::Cancelled {
                     what: "drill".into(),
+                    reason: "still running at the shutdown timeout".into(),
                 },
                 DrillReason::Cancelled,
             ),
@@ -661,7 +662,7 @@ mod tests {
         };
         let r = DrillReport::stopped_by(&tenant, &busy);
         assert_eq!(r.reason, Some(DrillReason::LeaseContended));
-        assert_eq!(r.error_kind.as_deref(), Some("lease_contended"));
+        assert_eq!(r.error_kind, Some(ErrorKind::LeaseContended));
         let (kind, _) = r.failure().unwrap();
         assert_eq!(kind, "lease_contended");
         let json = serde_json::to_value(&r).unwrap();
