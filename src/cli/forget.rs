@@ -153,11 +153,15 @@ async fn forget(config: Option<&Path>, args: ForgetArgs) -> Result<ForgetPrune> 
     let rules_ref = &rules;
     run_job(&s.ctx, spec, |repo, lease, _| {
         async move {
-            let forget = forget::run(repo, lease, rules_ref, dry_run).await?;
-            let prune = if do_prune {
-                Some(prune::run(repo, lease, packer, dry_run).await?)
-            } else {
-                None
+            // A dry run prints the plans; nothing is executed.
+            let forget = match dry_run {
+                true => forget::plan(repo, rules_ref).await?.preview(),
+                false => forget::run(repo, lease, rules_ref).await?,
+            };
+            let prune = match (do_prune, dry_run) {
+                (false, _) => None,
+                (true, true) => Some(prune::plan(repo).await?.preview()),
+                (true, false) => Some(prune::run(repo, lease, packer).await?),
             };
             Ok(ForgetPrune { forget, prune })
         }
@@ -182,7 +186,13 @@ pub async fn run_prune(config: Option<&Path>, args: PruneArgs) -> ExitCode {
         };
         let dry_run = args.dry_run;
         run_job(&s.ctx, spec, |repo, lease, _| {
-            prune::run(repo, lease, packer, dry_run).boxed()
+            async move {
+                match dry_run {
+                    true => Ok(prune::plan(repo).await?.preview()),
+                    false => prune::run(repo, lease, packer).await,
+                }
+            }
+            .boxed()
         })
         .await
         .result

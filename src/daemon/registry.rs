@@ -434,9 +434,9 @@ fn launch_forget(req: Request) -> BoxFuture<'static, Launched> {
     let packer = PackerConfig::for_policy(Some(&req.policy));
     req.run(false, move |repo, lease, _| {
         async move {
-            let forget = forget::run(repo, lease, &rules, false).await?;
+            let forget = forget::run(repo, lease, &rules).await?;
             let prune = match rules.prune {
-                true => Some(prune::run(repo, lease, packer, false).await?),
+                true => Some(prune::run(repo, lease, packer).await?),
                 false => None,
             };
             Ok(Body::new(ForgetPruneReport { forget, prune }))

@@ -102,12 +102,35 @@ pub struct ForgetReport {
     pub dry_run: bool,
 }
 
-pub async fn run(
-    repo: &Repo,
-    lease: &LeaseGuard,
-    rules: &Retention,
-    dry_run: bool,
-) -> Result<ForgetReport> {
+/// What a forget would do: the retention decision for every snapshot.
+/// `--dry-run` prints its [`ForgetPlan::preview`] report, [`execute`]
+/// carries it out.
+#[derive(Debug, Clone)]
+pub struct ForgetPlan {
+    pub decisions: Vec<Decision>,
+    /// The snapshots the rules do not keep.
+    pub remove: Vec<SnapshotId>,
+}
+
+impl ForgetPlan {
+    fn report(self, deferred: Option<Deferred>, preview: bool) -> ForgetReport {
+        ForgetReport {
+            removed: self.remove.len(),
+            kept: self.decisions.len() - self.remove.len(),
+            decisions: self.decisions,
+            deferred,
+            dry_run: preview,
+        }
+    }
+
+    /// The report of a dry run: what a forget would remove now.
+    pub fn preview(self) -> ForgetReport {
+        self.report(None, true)
+    }
+}
+
+/// Applies `rules` to the tenant's snapshots now. Deletes nothing.
+pub async fn plan(repo: &Repo, rules: &Retention) -> Result<ForgetPlan> {
     if rules.keeps_nothing() {
         return Err(Error::InvalidArgument(
             "the retention rules keep nothing; give at least one --keep-* rule (or set [retention] in the policy)".into(),
@@ -115,14 +138,25 @@ pub async fn run(
     }
     let (snapshots, _faults) = repo.list_snapshots().await?;
     let decisions = apply(rules, &snapshots, Utc::now());
-    let remove: Vec<SnapshotId> = decisions
+    let remove = decisions
         .iter()
         .filter(|d| !d.keep)
         .map(|d| d.snapshot)
         .collect();
-    let kept = decisions.len() - remove.len();
+    Ok(ForgetPlan { decisions, remove })
+}
+
+/// Forgets what `rules` do not keep: [`plan`], then [`execute`].
+pub async fn run(repo: &Repo, lease: &LeaseGuard, rules: &Retention) -> Result<ForgetReport> {
+    let plan = plan(repo, rules).await?;
+    execute(repo, lease, plan).await
+}
+
+/// Deletes the snapshots a plan removes, then finishes what interrupted
+/// forgets left (unless readers deferred this one).
+pub async fn execute(repo: &Repo, lease: &LeaseGuard, plan: ForgetPlan) -> Result<ForgetReport> {
     let mut deferred = None;
-    if !dry_run && !remove.is_empty() {
+    if !plan.remove.is_empty() {
         lease.ensure_held()?;
         // Two phases: recorded as being forgotten, deleted, then recorded as
         // forgotten. One left by an interrupted run is excluded and finished by
@@ -130,20 +164,14 @@ pub async fn run(
         repo.context()
             .state
             .update_tenant_memory(repo.tenant(), |m| {
-                m.forgetting_snapshots.extend(remove.iter().copied())
+                m.forgetting_snapshots.extend(plan.remove.iter().copied())
             })?;
-        deferred = delete_snapshots(repo, lease, &remove).await?;
+        deferred = delete_snapshots(repo, lease, &plan.remove).await?;
     }
-    if !dry_run && deferred.is_none() {
+    if deferred.is_none() {
         finish_interrupted(repo, lease).await?;
     }
-    Ok(ForgetReport {
-        removed: remove.len(),
-        kept,
-        decisions,
-        deferred,
-        dry_run,
-    })
+    Ok(plan.report(deferred, false))
 }
 
 /// Deletes snapshot manifests once no reader that may read them is left

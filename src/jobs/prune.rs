@@ -79,23 +79,61 @@ pub async fn used_blobs(
     Ok(used)
 }
 
-pub async fn run(
-    repo: &Repo,
-    lease: &LeaseGuard,
-    packer_cfg: PackerConfig,
-    dry_run: bool,
-) -> Result<PruneReport> {
-    if !dry_run {
-        lease.ensure_held()?;
-        // What killed runs left that no listing shows or that a lease guards.
-        crate::jobs::forget::finish_interrupted(repo, lease).await?;
-        drop_index_plans(repo).await?;
+/// What a prune would do, computed from the index and the snapshots alone:
+/// `--dry-run` prints its [`PrunePlan::preview`] report, [`execute`] carries
+/// it out.
+#[derive(Debug)]
+pub struct PrunePlan {
+    index: Index,
+    used: IdSet<BlobId>,
+    /// Indexed packs with no live blob.
+    delete: Vec<PackId>,
+    /// Indexed packs mostly dead: their live blobs are copied, then they go.
+    repack: Vec<PackId>,
+    /// Stored packs no index names.
+    unreferenced: Vec<PackId>,
+    /// Whether the index files change (packs go, or an epoch has several files).
+    index_changes: bool,
+    /// The counts of the plan, as the report states them.
+    summary: PruneReport,
+}
+
+impl PrunePlan {
+    /// The report of a dry run: what a prune would delete now.
+    pub fn preview(self) -> PruneReport {
+        PruneReport {
+            dry_run: true,
+            ..self.summary
+        }
     }
-    let staging_files_removed = if dry_run {
-        0
-    } else {
-        sweep_local_staging(repo).await?
-    };
+
+    /// Whether executing the plan changes nothing in the store.
+    fn is_empty(&self) -> bool {
+        !self.index_changes && self.unreferenced.is_empty()
+    }
+}
+
+/// Prunes: first finishes what killed runs left, then plans and executes.
+pub async fn run(repo: &Repo, lease: &LeaseGuard, packer_cfg: PackerConfig) -> Result<PruneReport> {
+    let staging_files_removed = prepare(repo, lease).await?;
+    let plan = plan(repo).await?;
+    let mut report = execute(repo, lease, plan, packer_cfg).await?;
+    report.staging_files_removed = staging_files_removed;
+    Ok(report)
+}
+
+/// Before a prune that deletes: what killed runs left that no listing
+/// shows or that a lease guards. Returns the staging files removed.
+async fn prepare(repo: &Repo, lease: &LeaseGuard) -> Result<usize> {
+    lease.ensure_held()?;
+    crate::jobs::forget::finish_interrupted(repo, lease).await?;
+    drop_index_plans(repo).await?;
+    sweep_local_staging(repo).await
+}
+
+/// Decides what a prune deletes and repacks. Deletes nothing; records (in
+/// this host's state) index removals an interrupted prune finished.
+pub async fn plan(repo: &Repo) -> Result<PrunePlan> {
     let (index, index_faults) = repo.load_index().await?;
     finish_index_removal(repo, &index)?;
     if let Some(f) = index_faults
@@ -134,14 +172,6 @@ pub async fn run(
             slot.1 += loc.sealed_len as u64;
         }
     }
-    let mut report = PruneReport {
-        staging_files_removed,
-        snapshots: snapshots.len(),
-        blobs_used: used.len(),
-        packs_total: stored.len(),
-        dry_run,
-        ..Default::default()
-    };
     let mut delete: Vec<PackId> = Vec::new();
     let mut repack: Vec<PackId> = Vec::new();
     for (pack, &(l, d, _)) in &live {
@@ -159,20 +189,54 @@ pub async fn run(
         .filter(|p| !live.contains_key(p))
         .copied()
         .collect();
-    report.packs_deleted = delete.len();
-    report.packs_repacked = repack.len();
-    report.packs_unreferenced_deleted = unreferenced.len();
-    report.bytes_freed = delete
-        .iter()
-        .chain(&repack)
-        .chain(&unreferenced)
-        .map(|p| stored[p])
-        .sum();
+    let summary = PruneReport {
+        snapshots: snapshots.len(),
+        blobs_used: used.len(),
+        packs_total: stored.len(),
+        packs_deleted: delete.len(),
+        packs_repacked: repack.len(),
+        packs_unreferenced_deleted: unreferenced.len(),
+        bytes_freed: delete
+            .iter()
+            .chain(&repack)
+            .chain(&unreferenced)
+            .map(|p| stored[p])
+            .sum(),
+        ..Default::default()
+    };
     let index_changes =
         !delete.is_empty() || !repack.is_empty() || index.files.len() > epochs_in(&index).len();
-    if dry_run || (!index_changes && unreferenced.is_empty()) {
-        return Ok(report);
+    Ok(PrunePlan {
+        index,
+        used,
+        delete,
+        repack,
+        unreferenced,
+        index_changes,
+        summary,
+    })
+}
+
+/// Carries out a plan: repack, consolidated index, announce and wait for
+/// readers, delete the old index files, then the packs.
+pub async fn execute(
+    repo: &Repo,
+    lease: &LeaseGuard,
+    plan: PrunePlan,
+    packer_cfg: PackerConfig,
+) -> Result<PruneReport> {
+    if plan.is_empty() {
+        return Ok(plan.summary);
     }
+    let PrunePlan {
+        index,
+        used,
+        delete,
+        repack,
+        unreferenced,
+        summary: mut report,
+        ..
+    } = plan;
     lease.ensure_held()?;
 
     // 1. Repack live blobs of sparse packs, per epoch.

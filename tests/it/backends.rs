@@ -303,13 +303,36 @@ async fn flow(ctx: &Context, key: &KeyRef) {
         schedule: None,
         prune: true,
     };
-    let f = jobs::forget::run(&repo, &lease, &rules, false)
-        .await
-        .unwrap();
+    // A dry run is the plan: it states what the run then does, and deletes nothing.
+    let planned = jobs::forget::plan(&repo, &rules).await.unwrap().preview();
+    assert!(planned.dry_run);
+    assert_eq!((planned.kept, planned.removed), (1, 1));
+    assert_eq!(repo.list_snapshots().await.unwrap().0.len(), 2);
+    let f = jobs::forget::run(&repo, &lease, &rules).await.unwrap();
     assert_eq!((f.kept, f.removed), (1, 1));
-    jobs::prune::run(&repo, &lease, PackerConfig::default(), false)
+    assert!(!f.dry_run);
+    let packs_before = repo.list_packs().await.unwrap();
+    let planned = jobs::prune::plan(&repo).await.unwrap().preview();
+    assert!(planned.dry_run);
+    assert_eq!(repo.list_packs().await.unwrap(), packs_before);
+    let pruned = jobs::prune::run(&repo, &lease, PackerConfig::default())
         .await
         .unwrap();
+    assert!(!pruned.dry_run);
+    assert_eq!(
+        (
+            planned.packs_deleted,
+            planned.packs_repacked,
+            planned.packs_unreferenced_deleted,
+            planned.bytes_freed,
+        ),
+        (
+            pruned.packs_deleted,
+            pruned.packs_repacked,
+            pruned.packs_unreferenced_deleted,
+            pruned.bytes_freed,
+        )
+    );
     let (snaps, _) = repo.list_snapshots().await.unwrap();
     assert_eq!(
         snaps.iter().map(|s| s.id).collect::<Vec<_>>(),

@@ -18,25 +18,30 @@
 //! begins, the target key is fixed), scope, delete, [rewrap, keys], verify,
 //! certificate.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
 use serde_json::json;
 
 use super::certificate::{self, Certificate, Guarantee, GuaranteeKind, Subject};
-use super::scope::{self, ScopeObject};
-use super::{
-    Journal, Rewrap, ShredReport, ShredRequest, Slot, delete_in_scope, destroy_keys_step,
-    issue_certificate, key_state_checks, new_certificate_id, pending_note, sample_pack_present,
-    save, store_info, unwrap_checks,
+use super::delete::delete_in_scope;
+use super::engine::{Begun, Progress, Records, ShredSubject, Step, missing, new_progress, scoped};
+use super::issue::{
+    irreversible_at, new_certificate_id, not_destroyed, pending_note, spared_note, store_info,
 };
+use super::journal::{Journal, Slot};
+use super::keys::{all_tenant_keys, destroy_keys_step, key_state_checks};
+use super::scope::{self, ScopeObject};
+use super::verify::{sample_pack_present, unwrap_checks, verification_failure};
+use super::{Rewrap, ShredRequest, holds};
 use crate::error::{Error, Result};
-use crate::format::descriptor::{EpochShredState, EpochState, Lifecycle, ShredState};
+use crate::format::descriptor::{Descriptor, EpochShredState, EpochState, Lifecycle, ShredState};
 use crate::format::envelope::Envelope;
 use crate::format::seal::{HEADER_LEN, Header};
 use crate::format::shred::{
-    KeyRole, PackCheck, RewrapRecord, SamplePack, ScopeRecord, ShredProgress, ShredStep,
+    DeletionRecord, KeyDestruction, KeyRole, PackCheck, RewrapRecord, SamplePack, ScopeRecord,
     VerificationRecord,
 };
+use crate::jobs::deletion::{self, Announced};
 use crate::keys::{KeyError, KeyRef, ProviderKind};
 use crate::repo::Repo;
 use crate::repo::ownership::{self, Depth};
@@ -48,145 +53,234 @@ use crate::store::{ObjectName, TenantStore};
 const SLOT: Slot = Slot::Epoch;
 const HEADER_READS: usize = 8;
 
-pub(super) async fn run(
-    repo: &mut Repo,
-    lease: &LeaseGuard,
-    req: &ShredRequest,
+/// A shred of one retired epoch of an active tenant.
+pub(super) struct EpochSubject<'a> {
     epoch: u32,
-    rewrap: Option<&Rewrap>,
-) -> Result<ShredReport> {
-    repo.require_active("epoch shred")?;
-    let tenant = repo.tenant().clone();
-    let d = repo.descriptor();
-    let Some(rec) = d.epoch(epoch) else {
-        return Err(Error::NotFound {
-            what: format!("epoch {epoch} of tenant {tenant}"),
-        });
-    };
-    let resumed_after = match &d.epoch_shred {
-        Some(es) if es.epoch != epoch => {
-            return Err(Error::InvalidArgument(format!(
+    /// As the operator asks (a resumed shred must be asked the same way).
+    rewrap: Option<&'a Rewrap>,
+    /// The deletion plan published before the delete step, removed after it.
+    announced: Option<Announced>,
+}
+
+impl<'a> EpochSubject<'a> {
+    pub(super) fn new(epoch: u32, rewrap: Option<&'a Rewrap>) -> Self {
+        EpochSubject {
+            epoch,
+            rewrap,
+            announced: None,
+        }
+    }
+}
+
+impl ShredSubject for EpochSubject<'_> {
+    const SLOT: Slot = SLOT;
+
+    fn epoch(&self) -> Option<u32> {
+        Some(self.epoch)
+    }
+
+    async fn begin(&mut self, repo: &mut Repo, req: &ShredRequest) -> Result<Begun> {
+        let (epoch, rewrap) = (self.epoch, self.rewrap);
+        repo.require_active("epoch shred")?;
+        let tenant = repo.tenant().clone();
+        let d = repo.descriptor();
+        let Some(rec) = d.epoch(epoch) else {
+            return Err(Error::NotFound {
+                what: format!("epoch {epoch} of tenant {tenant}"),
+            });
+        };
+        match &d.epoch_shred {
+            Some(es) if es.epoch != epoch => Err(Error::InvalidArgument(format!(
                 "a shred of epoch {} of tenant {tenant} is in progress: finish it first \
                  (custos shred {tenant} --epoch {} --confirm {tenant})",
                 es.epoch, es.epoch
-            )));
+            ))),
+            Some(es) => {
+                if es.rewrap_to.is_some() != rewrap.is_some() {
+                    return Err(Error::InvalidArgument(format!(
+                        "the interrupted shred of epoch {epoch} was started {} a re-wrap; re-run it the same way",
+                        if es.rewrap_to.is_some() {
+                            "with"
+                        } else {
+                            "without"
+                        }
+                    )));
+                }
+                if let (Some(stored), Some(asked)) = (&es.rewrap_to, rewrap) {
+                    check_resumed_target(&tenant, stored, asked)?;
+                }
+                let step = es.shred.progress.as_ref().map(|p| p.step);
+                tracing::info!(event = "shred.resumed", tenant = %tenant, epoch, after_step = step.map(|s| s.as_str()), "resuming an interrupted epoch shred");
+                Ok(Begun::Resumed(step))
+            }
+            None if rec.state == EpochState::Shredded => {
+                let id = rec.certificate_id.clone();
+                Ok(Begun::Finished(Box::new(
+                    already_shredded(repo, epoch, id).await?,
+                )))
+            }
+            None => {
+                let target = preflight(repo, epoch, rewrap).await?;
+                if target.is_some() {
+                    // The keys a re-wrap ends are decided before anything starts,
+                    // so a refusal leaves the tenant as it was.
+                    let keys = all_tenant_keys(repo).await?;
+                    ownership::decide_destroy(
+                        repo.context(),
+                        repo.store(),
+                        &keys,
+                        &req.skip_unproven,
+                        "shred",
+                    )
+                    .await?;
+                }
+                start(repo, req, epoch, target).await?;
+                Ok(Begun::Started)
+            }
         }
-        Some(es) => {
-            if es.rewrap_to.is_some() != rewrap.is_some() {
-                return Err(Error::InvalidArgument(format!(
-                    "the interrupted shred of epoch {epoch} was started {} a re-wrap; re-run it the same way",
-                    if es.rewrap_to.is_some() {
-                        "with"
-                    } else {
-                        "without"
+    }
+
+    /// With a re-wrap the other epochs move and every old key is destroyed;
+    /// without, the key lives on for them.
+    fn steps(&self, d: &Descriptor) -> Vec<Step> {
+        let rewrap = d
+            .epoch_shred
+            .as_ref()
+            .is_some_and(|e| e.rewrap_to.is_some());
+        match rewrap {
+            true => vec![
+                Step::Scope,
+                Step::Delete,
+                Step::Rewrap,
+                Step::Keys,
+                Step::Verify,
+            ],
+            false => vec![Step::Scope, Step::Delete, Step::Verify],
+        }
+    }
+
+    async fn run(
+        &mut self,
+        step: Step,
+        repo: &mut Repo,
+        journal: &Journal,
+        lease: &LeaseGuard,
+    ) -> Result<Progress> {
+        let epoch = self.epoch;
+        match step {
+            Step::Scope => scope(repo, journal, epoch).await.map(Progress::Scoped),
+            Step::Delete => {
+                self.announced = Some(announce_deletion(repo, lease, epoch).await?);
+                delete(repo, journal, epoch).await.map(Progress::Deleted)
+            }
+            Step::Rewrap => {
+                let to = rewrap_target(repo)?;
+                move_envelopes(repo, journal, epoch, &to)
+                    .await
+                    .map(Progress::Rewrapped)
+            }
+            Step::Keys => {
+                let to = rewrap_target(repo)?;
+                deletion::wait_before_destroying_keys(repo, "shred").await?;
+                let keys = keys(repo, journal, &to).await?;
+                Ok(Progress::KeysDestroyed {
+                    keys,
+                    at: Utc::now(),
+                })
+            }
+            Step::Verify => verify(repo, journal, epoch).await.map(Progress::Verified),
+        }
+    }
+
+    fn on_recorded(&self, d: &mut Descriptor, p: &Progress) {
+        match p {
+            // The epoch is shredded once its objects are deleted.
+            Progress::Deleted(record) => {
+                let now = record.finished_at;
+                if let Some(e) = d.epochs.iter_mut().find(|e| e.epoch == self.epoch) {
+                    e.state = EpochState::Shredded;
+                    e.shredded_at.get_or_insert(now);
+                }
+                if let Some(p) = SLOT.state_mut(d).and_then(|s| s.progress.as_mut()) {
+                    p.executed_at.get_or_insert(now);
+                }
+            }
+            // Every envelope is under the new key: it is the tenant's key now.
+            Progress::Rewrapped(record) => {
+                if d.key != record.to {
+                    let old = std::mem::replace(&mut d.key, record.to.clone());
+                    if !d.previous_keys.contains(&old) {
+                        d.previous_keys.push(old);
                     }
-                )));
+                }
+                d.pending_key = None;
             }
-            if let (Some(stored), Some(asked)) = (&es.rewrap_to, rewrap) {
-                check_resumed_target(&tenant, stored, asked)?;
-            }
-            let step = es.shred.progress.as_ref().map(|p| p.step);
-            tracing::info!(event = "shred.resumed", tenant = %tenant, epoch, after_step = step.map(|s| s.as_str()), "resuming an interrupted epoch shred");
-            let recorded = SLOT.progress(repo.descriptor())?.skip_unproven.clone();
-            let skip = super::skip_list(req, SLOT.progress(repo.descriptor()).ok());
-            if skip != recorded {
-                save(repo, SLOT, |p| p.skip_unproven = skip).await?;
-            }
-            step
-        }
-        None if rec.state == EpochState::Shredded => {
-            return already_shredded(repo, epoch).await;
-        }
-        None => {
-            let target = preflight(repo, epoch, rewrap).await?;
-            if target.is_some() {
-                // The keys a re-wrap ends are decided before anything starts,
-                // so a refusal leaves the tenant as it was.
-                let keys = super::all_tenant_keys(repo).await?;
-                ownership::decide_destroy(
-                    repo.context(),
-                    repo.store(),
-                    &keys,
-                    &req.skip_unproven,
-                    "shred",
-                )
-                .await?;
-            }
-            start(repo, req, epoch, target).await?;
-            None
-        }
-    };
-    let journal = Journal::new(repo, SLOT, Some(epoch))?;
-    if SLOT.progress(repo.descriptor())?.scope.is_none() {
-        scope(repo, &journal, epoch).await?;
-    }
-    if SLOT.progress(repo.descriptor())?.deletion.is_none() {
-        lease.ensure_held()?;
-        let announced = announce_deletion(repo, lease, epoch).await?;
-        delete(repo, &journal, epoch).await?;
-        crate::jobs::deletion::finish(repo, announced).await?;
-    }
-    let rewrap_to = repo
-        .descriptor()
-        .epoch_shred
-        .as_ref()
-        .and_then(|e| e.rewrap_to.clone());
-    if let Some(to) = &rewrap_to {
-        if SLOT.progress(repo.descriptor())?.rewrap.is_none() {
-            lease.ensure_held()?;
-            move_envelopes(repo, &journal, epoch, to).await?;
-        }
-        if SLOT.progress(repo.descriptor())?.keys.is_none() {
-            lease.ensure_held()?;
-            crate::jobs::deletion::wait_before_destroying_keys(repo, "shred").await?;
-            keys(repo, &journal, to).await?;
+            _ => {}
         }
     }
-    if SLOT.progress(repo.descriptor())?.verification.is_none() {
-        verify(repo, &journal, epoch).await?;
+
+    async fn after_recorded(&mut self, repo: &Repo, step: Step) -> Result<()> {
+        match (step, self.announced.take()) {
+            (Step::Delete, Some(announced)) => deletion::finish(repo, announced).await,
+            _ => Ok(()),
+        }
     }
-    lease.ensure_held()?;
-    certify(repo, &journal, epoch, resumed_after).await
+
+    fn certificate(&self, repo: &Repo, r: &Records<'_>) -> Result<Certificate> {
+        body(repo, r, self.epoch)
+    }
+
+    fn confirm_terms(&self, body: &Certificate) -> (bool, Option<KeyRef>) {
+        let to = body.rewrap.as_ref().map(|r| r.to.clone());
+        (to.is_some(), to)
+    }
+
+    fn finish(&self, d: &mut Descriptor, certificate_id: &str, _now: DateTime<Utc>) {
+        d.epoch_shred = None;
+        if let Some(e) = d.epochs.iter_mut().find(|e| e.epoch == self.epoch) {
+            e.certificate_id = Some(certificate_id.to_owned());
+        }
+    }
+
+    fn certified(&self, repo: &Repo, certificate_id: &str) {
+        debug_assert_eq!(repo.descriptor().state, Lifecycle::Active);
+        tracing::info!(event = "shred.certified", tenant = %repo.tenant(), epoch = self.epoch, certificate_id = %certificate_id, "epoch shredded; certificate stored");
+    }
 }
 
-async fn already_shredded(repo: &Repo, epoch: u32) -> Result<ShredReport> {
+/// The re-wrap target the shred recorded when it started.
+fn rewrap_target(repo: &Repo) -> Result<KeyRef> {
+    repo.descriptor()
+        .epoch_shred
+        .as_ref()
+        .and_then(|e| e.rewrap_to.clone())
+        .ok_or_else(|| missing(repo, "re-wrap target"))
+}
+
+async fn already_shredded(
+    repo: &Repo,
+    epoch: u32,
+    id: Option<String>,
+) -> Result<super::ShredReport> {
     let tenant = repo.tenant();
-    let rec = repo.descriptor().epoch(epoch).expect("checked");
-    let Some(id) = &rec.certificate_id else {
+    let Some(id) = id else {
         return Err(Error::TenantState {
             tenant: tenant.to_string(),
             state: "epoch_shredded".into(),
             message: format!("epoch {epoch} is already shredded (no certificate recorded for it)"),
         });
     };
-    let bytes = super::load_certificate(&repo.context().store, tenant, id)
-        .await?
-        .ok_or_else(|| {
-            Error::missing(
-                super::certificate_path(tenant, id).to_string(),
-                "the epoch is shredded but its certificate is not in the store",
-            )
-        })?;
     // As for a tenant: reported only if it is this epoch's certificate and
     // what it states still holds (its keys destroyed, the envelope gone).
-    let path = super::certificate_path(tenant, id).to_string();
-    let doc =
-        certificate::parse_unverified(&bytes).map_err(|e| Error::corrupt(&path, e.to_string()))?;
-    super::check_identity(&doc.certificate, tenant, id, Some(epoch))
-        .map_err(|why| Error::corrupt(&path, why))?;
-    let c = &doc.certificate;
-    let problems = super::what_holds_now(repo, c, c.rewrap.is_some(), false, None).await?;
-    if !problems.is_empty() {
-        return Err(Error::ShredVerification {
-            tenant: tenant.to_string(),
-            message: format!(
-                "its descriptor says epoch {epoch} is shredded (certificate {id}), but {}: it is not shredded \
-                 as that certificate states (the descriptor is not authenticated)",
-                problems.join("; ")
-            ),
-        });
-    }
-    ShredReport::new(tenant, id, bytes, true, None)
+    holds::finished_report(
+        repo,
+        &id,
+        Some(epoch),
+        "epoch",
+        |c| c.rewrap.is_some(),
+        false,
+    )
+    .await
 }
 
 /// The re-wrap target an interrupted shred recorded comes from the store,
@@ -427,19 +521,7 @@ async fn start(
             reason: req.reason.clone(),
             requested_by: req.requested_by.clone(),
             certificate_id: Some(id),
-            progress: Some(ShredProgress {
-                step: ShredStep::Fenced,
-                requested_at: req.requested_at.unwrap_or(now),
-                actor: ctx.actor.clone(),
-                pending_window_days: req.pending_window_days,
-                skip_unproven: req.skip_unproven.clone(),
-                scope: None,
-                keys: None,
-                executed_at: None,
-                deletion: None,
-                rewrap: None,
-                verification: None,
-            }),
+            progress: Some(new_progress(req, now, ctx.actor.clone())),
         },
     };
     repo.update_descriptor(|d| d.epoch_shred = Some(state))
@@ -455,7 +537,7 @@ async fn start(
     Ok(())
 }
 
-async fn scope(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
+async fn scope(repo: &Repo, journal: &Journal, epoch: u32) -> Result<ScopeRecord> {
     journal.begin("scope", json!({})).await?;
     let tenant = repo.tenant().clone();
     let listed = epoch_objects(repo, epoch).await?;
@@ -463,7 +545,7 @@ async fn scope(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
         .iter()
         .map(|l| ScopeObject::from_listed(&tenant, l))
         .collect();
-    let own: Vec<KeyRef> = super::all_tenant_keys(repo)
+    let own: Vec<KeyRef> = all_tenant_keys(repo)
         .await?
         .into_iter()
         .map(|(k, _)| k)
@@ -506,8 +588,7 @@ async fn scope(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
             }),
         )
         .await?;
-    journal.crash("scope");
-    let record = ScopeRecord {
+    Ok(ScopeRecord {
         listed_at: Utc::now(),
         objects: objects.len() as u64,
         bytes,
@@ -518,35 +599,15 @@ async fn scope(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
         sample_pack,
         captured,
         foreign_envelopes: foreign,
-    };
-    save(repo, SLOT, |p| {
-        p.scope = Some(record);
-        p.step = ShredStep::Scoped;
     })
-    .await
 }
 
-async fn delete(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
-    let scope = SLOT
-        .progress(repo.descriptor())?
-        .scope
-        .clone()
-        .expect("scoped before");
-    let record = delete_in_scope(repo, journal, &scope, |repo| {
+/// Deletes the epoch's objects (the envelope first); see
+/// [`EpochSubject::on_recorded`] for what the descriptor then records.
+async fn delete(repo: &Repo, journal: &Journal, epoch: u32) -> Result<DeletionRecord> {
+    let scope = scoped(repo, SLOT.progress(repo.descriptor())?)?;
+    delete_in_scope(repo, journal, scope, |repo| {
         epoch_objects(repo, epoch).boxed()
-    })
-    .await?;
-    let now = record.finished_at;
-    repo.update_descriptor(|d| {
-        if let Some(e) = d.epochs.iter_mut().find(|e| e.epoch == epoch) {
-            e.state = EpochState::Shredded;
-            e.shredded_at.get_or_insert(now);
-        }
-        if let Some(p) = SLOT.state_mut(d).and_then(|s| s.progress.as_mut()) {
-            p.deletion = Some(record);
-            p.step = ShredStep::Deleted;
-            p.executed_at.get_or_insert(now);
-        }
     })
     .await
 }
@@ -568,7 +629,12 @@ async fn remaining_envelopes(repo: &Repo, shredded: u32) -> Result<Vec<u32>> {
 /// so at every point each envelope is under a key the descriptor names, both
 /// alive; each moved envelope is unwrapped and checked against its fingerprint
 /// before it replaces the old one (a conditional write).
-async fn move_envelopes(repo: &mut Repo, journal: &Journal, epoch: u32, to: &KeyRef) -> Result<()> {
+async fn move_envelopes(
+    repo: &mut Repo,
+    journal: &Journal,
+    epoch: u32,
+    to: &KeyRef,
+) -> Result<RewrapRecord> {
     let ctx = repo.context().clone();
     let from = repo.descriptor().key.clone();
     let epochs = remaining_envelopes(repo, epoch).await?;
@@ -652,27 +718,12 @@ async fn move_envelopes(repo: &mut Repo, journal: &Journal, epoch: u32, to: &Key
             json!({ "from": from, "to": to, "epochs": epochs }),
         )
         .await?;
-    journal.crash("rewrap");
-    let record = RewrapRecord {
+    Ok(RewrapRecord {
         from: from.clone(),
         to: to.clone(),
         epochs,
         finished_at: Utc::now(),
-    };
-    repo.update_descriptor(|d| {
-        if d.key != *to {
-            let old = std::mem::replace(&mut d.key, to.clone());
-            if !d.previous_keys.contains(&old) {
-                d.previous_keys.push(old);
-            }
-        }
-        d.pending_key = None;
-        if let Some(p) = SLOT.state_mut(d).and_then(|s| s.progress.as_mut()) {
-            p.rewrap = Some(record);
-            p.step = ShredStep::Rewrapped;
-        }
     })
-    .await
 }
 
 /// A re-wrapped envelope must unwrap to the data key it held before.
@@ -694,7 +745,7 @@ async fn check_unwraps(repo: &Repo, env: &Envelope) -> Result<()> {
 
 /// Destroys every key but `to` that ever wrapped this tenant's envelopes,
 /// once every live envelope is confirmed under `to`.
-async fn keys(repo: &mut Repo, journal: &Journal, to: &KeyRef) -> Result<()> {
+async fn keys(repo: &Repo, journal: &Journal, to: &KeyRef) -> Result<Vec<KeyDestruction>> {
     let d = repo.descriptor().clone();
     let shredded = d.epoch_shred.as_ref().map(|e| e.epoch).unwrap_or(0);
     for e in remaining_envelopes(repo, shredded).await? {
@@ -707,7 +758,7 @@ async fn keys(repo: &mut Repo, journal: &Journal, to: &KeyRef) -> Result<()> {
         }
     }
     let from = SLOT.progress(&d)?.rewrap.as_ref().map(|r| r.from.clone());
-    let keys: Vec<(KeyRef, KeyRole)> = super::all_tenant_keys(repo)
+    let keys: Vec<(KeyRef, KeyRole)> = all_tenant_keys(repo)
         .await?
         .into_iter()
         .filter(|(k, _)| k != to)
@@ -732,20 +783,13 @@ async fn keys(repo: &mut Repo, journal: &Journal, to: &KeyRef) -> Result<()> {
         )
         .await?;
     }
-    let destroyed = destroy_keys_step(repo, journal, SLOT, &keys).await?;
-    let now = Utc::now();
-    save(repo, SLOT, |p| {
-        p.keys = Some(destroyed);
-        p.executed_at = Some(now);
-        p.step = ShredStep::KeysDestroyed;
-    })
-    .await
+    destroy_keys_step(repo, journal, SLOT, &keys).await
 }
 
-async fn verify(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
-    let ctx = repo.context().clone();
-    let progress = SLOT.progress(repo.descriptor())?.clone();
-    let scope = progress.scope.clone().expect("scoped before");
+async fn verify(repo: &Repo, journal: &Journal, epoch: u32) -> Result<VerificationRecord> {
+    let ctx = repo.context();
+    let progress = SLOT.progress(repo.descriptor())?;
+    let scope = scoped(repo, progress)?;
     let rewrapped = progress.rewrap.is_some();
     journal
         .begin(
@@ -759,9 +803,9 @@ async fn verify(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
         .await?
         .is_some();
     let (envelopes, key_states, mut passed) = if rewrapped {
-        let (envelopes, refused) = unwrap_checks(&ctx, &scope.captured).await?;
+        let (envelopes, refused) = unwrap_checks(ctx, &scope.captured).await?;
         let keys = progress.keys.clone().unwrap_or_default();
-        let (states, states_ok) = key_state_checks(&ctx, &keys).await;
+        let (states, states_ok) = key_state_checks(ctx, &keys).await;
         // The remaining epochs must still unwrap under the new key.
         for e in repo.descriptor().live_epochs() {
             let env = repo.load_envelope(e.epoch).await?;
@@ -821,7 +865,7 @@ async fn verify(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
         .end("verify", serde_json::to_value(&record).unwrap_or_default())
         .await?;
     if !passed {
-        let mut message = super::tenant::verification_failure(&record);
+        let mut message = verification_failure(&record);
         if !rewrapped && envelope_present {
             message = format!(
                 "the envelope of epoch {epoch} could not be deleted (the store retains it) and its key lives on: \
@@ -833,46 +877,13 @@ async fn verify(repo: &mut Repo, journal: &Journal, epoch: u32) -> Result<()> {
             message,
         });
     }
-    journal.crash("verify");
-    save(repo, SLOT, |p| {
-        p.verification = Some(record);
-        p.step = ShredStep::Verified;
-    })
-    .await
+    Ok(record)
 }
 
-async fn certify(
-    repo: &mut Repo,
-    journal: &Journal,
-    epoch: u32,
-    resumed_after: Option<ShredStep>,
-) -> Result<ShredReport> {
-    let ctx = repo.context().clone();
-    let tenant = repo.tenant().clone();
-    let id = journal.certificate_id.clone();
-    let body = body(repo, epoch)?;
-    let to = body.rewrap.as_ref().map(|r| r.to.clone());
-    super::confirm_before_signing(repo, &body, to.is_some(), to.as_ref()).await?;
-    let bytes = issue_certificate(&ctx, &tenant, journal, body).await?;
-    let finished = id.clone();
-    repo.update_descriptor(|d| {
-        d.epoch_shred = None;
-        if let Some(e) = d.epochs.iter_mut().find(|e| e.epoch == epoch) {
-            e.certificate_id = Some(finished);
-        }
-    })
-    .await?;
-    debug_assert_eq!(repo.descriptor().state, Lifecycle::Active);
-    tracing::info!(event = "shred.certified", tenant = %tenant, epoch, certificate_id = %id, "epoch shredded; certificate stored");
-    ShredReport::new(&tenant, &id, bytes, false, resumed_after)
-}
-
-fn body(repo: &Repo, epoch: u32) -> Result<Certificate> {
+/// The certificate body, from the descriptor's records alone.
+fn body(repo: &Repo, r: &Records<'_>, epoch: u32) -> Result<Certificate> {
     let d = repo.descriptor();
-    let es = d.epoch_shred.as_ref().expect("epoch shred");
-    let state = &es.shred;
-    let p = SLOT.progress(d)?;
-    let scope = p.scope.clone().expect("scoped");
+    let (state, p, scope) = (r.state, r.progress, r.scope);
     let keys = p.keys.clone().unwrap_or_default();
     let rewrap = p.rewrap.clone();
     let wrapping_key = scope
@@ -883,8 +894,8 @@ fn body(repo: &Repo, epoch: u32) -> Result<Certificate> {
     let mut providers: Vec<&str> = keys.iter().map(|k| k.provider.as_str()).collect();
     providers.push(wrapping_key.kind().scheme());
     let guarantee = match &rewrap {
-        Some(r) if super::not_destroyed(&keys).is_some() => {
-            let spared = super::not_destroyed(&keys).unwrap_or_default();
+        Some(r) if not_destroyed(&keys).is_some() => {
+            let spared = not_destroyed(&keys).unwrap_or_default();
             Guarantee {
                 kind: GuaranteeKind::KeysPartlyDestroyed,
                 statement: format!(
@@ -895,8 +906,8 @@ fn body(repo: &Repo, epoch: u32) -> Result<Certificate> {
                      while it lives.",
                     r.epochs, d.tenant, r.to
                 ),
-                irreversible_at: super::irreversible_at(&keys),
-                pending: Some(super::spared_note(&keys, &spared)),
+                irreversible_at: irreversible_at(&keys),
+                pending: Some(spared_note(&keys, &spared)),
             }
         }
         Some(r) => Guarantee {
@@ -908,7 +919,7 @@ fn body(repo: &Repo, epoch: u32) -> Result<Certificate> {
                  included, is unrecoverable.",
                 d.tenant, r.epochs, r.to
             ),
-            irreversible_at: super::irreversible_at(&keys),
+            irreversible_at: irreversible_at(&keys),
             pending: pending_note(&keys),
         },
         None => Guarantee {
@@ -929,7 +940,7 @@ fn body(repo: &Repo, epoch: u32) -> Result<Certificate> {
     };
     Ok(Certificate {
         format: certificate::CERTIFICATE_FORMAT.into(),
-        id: state.certificate_id.clone().expect("id"),
+        id: r.certificate_id.to_owned(),
         subject: Subject::Epoch,
         tenant: d.tenant.clone(),
         epoch: Some(epoch),
@@ -944,10 +955,10 @@ fn body(repo: &Repo, epoch: u32) -> Result<Certificate> {
         guarantee,
         algorithms: certificate::Algorithms::new(&providers),
         keys,
-        scope: scope.into(),
-        deletion: p.deletion.clone().expect("deleted"),
+        scope: scope.clone().into(),
+        deletion: r.deletion.clone(),
         rewrap,
-        verification: p.verification.clone().expect("verified"),
+        verification: r.verification.clone(),
         store: store_info(&repo.context().store_url),
         custos_version: env!("CARGO_PKG_VERSION").into(),
         audit: None,

@@ -1,22 +1,28 @@
-//! The steps of a tenant shred (see the parent module for the list).
+//! The tenant as a shred subject: every object under its prefix, every key
+//! it owns (see the parent module for the steps).
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use serde_json::json;
 
 use super::certificate::{self, Certificate, Guarantee, GuaranteeKind, Subject};
-use super::scope::{self, ScopeObject};
-use super::{
-    Journal, ShredReport, ShredRequest, Slot, delete_in_scope, destroy_keys_step,
-    issue_certificate, key_state_checks, new_certificate_id, pending_note, sample_pack_present,
-    save, store_info, unwrap_checks,
+use super::delete::delete_in_scope;
+use super::engine::{Begun, Progress, Records, ShredSubject, Step, missing, new_progress, scoped};
+use super::issue::{
+    irreversible_at, new_certificate_id, not_destroyed, pending_note, spared_note, store_info,
 };
+use super::journal::{Journal, Slot};
+use super::keys::{all_tenant_keys, destroy_keys_step, key_state_checks};
+use super::scope::{self, ScopeObject};
+use super::verify::{sample_pack_present, unwrap_checks, verification_failure};
+use super::{ShredReport, ShredRequest, holds};
 use crate::error::{Error, Result};
-use crate::format::descriptor::{EpochState, Lifecycle, ShredState};
+use crate::format::descriptor::{Descriptor, EpochState, Lifecycle, ShredState};
 use crate::format::seal::{HEADER_LEN, Header};
 use crate::format::shred::{
-    PackCheck, SamplePack, ScopeRecord, ShredProgress, ShredStep, VerificationRecord,
+    DeletionRecord, PackCheck, SamplePack, ScopeRecord, ShredStep, VerificationRecord,
 };
+use crate::keys::KeyRef;
 use crate::repo::Repo;
 use crate::repo::ownership;
 use crate::store::ObjectName;
@@ -24,88 +30,121 @@ use crate::store::lease::LeaseGuard;
 
 const SLOT: Slot = Slot::Tenant;
 
-pub(super) async fn run(
-    repo: &mut Repo,
-    lease: &LeaseGuard,
-    req: &ShredRequest,
-) -> Result<ShredReport> {
-    let resumed_after = match repo.descriptor().state {
-        Lifecycle::Shredded => return already_shredded(repo).await,
-        Lifecycle::Shredding => {
-            let step = SLOT.progress(repo.descriptor()).map(|p| p.step).ok();
-            if step.is_none() {
-                // Fenced by something that kept no step records: start them now.
-                let now = Utc::now();
-                repo.update_descriptor(|d| {
-                    if let Some(s) = d.shredding.as_mut() {
-                        // A fresh id: custos' own fence always records its
-                        // steps, so an id without them is not one it chose
-                        // (a store writer can name an earlier lineage's
-                        // certificate, which would then be "adopted").
-                        s.certificate_id = Some(new_certificate_id(now));
-                        s.progress = Some(new_progress(req, now));
-                    }
-                })
-                .await?;
-            }
-            tracing::info!(event = "shred.resumed", tenant = %repo.tenant(), after_step = step.map(|s| s.as_str()), "resuming an interrupted shred");
-            let recorded = SLOT.progress(repo.descriptor())?.skip_unproven.clone();
-            let skip = super::skip_list(req, SLOT.progress(repo.descriptor()).ok());
-            if skip != recorded {
-                save(repo, SLOT, |p| p.skip_unproven = skip).await?;
-            }
-            step
-        }
-        Lifecycle::Active => {
-            // Which keys may be destroyed is decided before the fence, so a
-            // refusal (a key not proven the tenant's, or in use by another
-            // tenant) leaves the tenant as it was. The keys step decides again.
-            let keys = super::all_tenant_keys(repo).await?;
-            ownership::decide_destroy(
-                repo.context(),
-                repo.store(),
-                &keys,
-                &req.skip_unproven,
-                "shred",
-            )
-            .await?;
-            fence(repo, req).await?;
-            None
-        }
-    };
-    let journal = Journal::new(repo, SLOT, None)?;
-    let progress = SLOT.progress(repo.descriptor())?.clone();
-    if progress.scope.is_none() {
-        scope(repo, &journal).await?;
-    }
-    if SLOT.progress(repo.descriptor())?.keys.is_none() {
-        lease.ensure_held()?;
-        keys(repo, &journal).await?;
-    }
-    if SLOT.progress(repo.descriptor())?.deletion.is_none() {
-        lease.ensure_held()?;
-        delete(repo, &journal).await?;
-    }
-    if SLOT.progress(repo.descriptor())?.verification.is_none() {
-        verify(repo, &journal).await?;
-    }
-    lease.ensure_held()?;
-    certify(repo, &journal, resumed_after).await
-}
+/// A shred of the whole tenant.
+pub(super) struct TenantSubject;
 
-fn new_progress(req: &ShredRequest, now: chrono::DateTime<Utc>) -> ShredProgress {
-    ShredProgress {
-        step: ShredStep::Fenced,
-        requested_at: req.requested_at.unwrap_or(now),
-        actor: String::new(),
-        pending_window_days: req.pending_window_days,
-        skip_unproven: req.skip_unproven.clone(),
-        scope: None,
-        keys: None,
-        executed_at: None,
-        deletion: None,
-        rewrap: None,
-        verification: None,
+impl ShredSubject for TenantSubject {
+    const SLOT: Slot = SLOT;
+
+    fn epoch(&self) -> Option<u32> {
+        None
+    }
+
+    async fn begin(&mut self, repo: &mut Repo, req: &ShredRequest) -> Result<Begun> {
+        match repo.descriptor().state {
+            Lifecycle::Shredded => Ok(Begun::Finished(Box::new(already_shredded(repo).await?))),
+            Lifecycle::Shredding => {
+                let step = SLOT.progress(repo.descriptor()).map(|p| p.step).ok();
+                if step.is_none() {
+                    // Fenced by something that kept no step records: start them now.
+                    let now = Utc::now();
+                    repo.update_descriptor(|d| {
+                        if let Some(s) = d.shredding.as_mut() {
+                            // A fresh id: custos' own fence always records its
+                            // steps, so an id without them is not one it chose
+                            // (a store writer can name an earlier lineage's
+                            // certificate, which would then be "adopted").
+                            s.certificate_id = Some(new_certificate_id(now));
+                            s.progress = Some(new_progress(req, now, String::new()));
+                        }
+                    })
+                    .await?;
+                }
+                tracing::info!(event = "shred.resumed", tenant = %repo.tenant(), after_step = step.map(|s| s.as_str()), "resuming an interrupted shred");
+                Ok(Begun::Resumed(step))
+            }
+            Lifecycle::Active => {
+                // Which keys may be destroyed is decided before the fence, so a
+                // refusal (a key not proven the tenant's, or in use by another
+                // tenant) leaves the tenant as it was. The keys step decides again.
+                let keys = all_tenant_keys(repo).await?;
+                ownership::decide_destroy(
+                    repo.context(),
+                    repo.store(),
+                    &keys,
+                    &req.skip_unproven,
+                    "shred",
+                )
+                .await?;
+                fence(repo, req).await?;
+                Ok(Begun::Started)
+            }
+        }
+    }
+
+    fn steps(&self, _d: &Descriptor) -> Vec<Step> {
+        vec![Step::Scope, Step::Keys, Step::Delete, Step::Verify]
+    }
+
+    async fn run(
+        &mut self,
+        step: Step,
+        repo: &mut Repo,
+        journal: &Journal,
+        _lease: &LeaseGuard,
+    ) -> Result<Progress> {
+        match step {
+            Step::Scope => scope(repo, journal).await.map(Progress::Scoped),
+            Step::Keys => {
+                let keys = all_tenant_keys(repo).await?;
+                let keys = destroy_keys_step(repo, journal, SLOT, &keys).await?;
+                Ok(Progress::KeysDestroyed {
+                    keys,
+                    at: Utc::now(),
+                })
+            }
+            Step::Delete => delete(repo, journal).await.map(Progress::Deleted),
+            Step::Verify => verify(repo, journal).await.map(Progress::Verified),
+            Step::Rewrap => Err(Error::Internal("a tenant shred has no re-wrap step".into())),
+        }
+    }
+
+    /// With its keys destroyed, every epoch of the tenant is shredded.
+    fn on_recorded(&self, d: &mut Descriptor, p: &Progress) {
+        if let Progress::KeysDestroyed { at, .. } = p {
+            for e in &mut d.epochs {
+                if e.state != EpochState::Shredded {
+                    e.state = EpochState::Shredded;
+                    e.shredded_at = Some(*at);
+                }
+            }
+        }
+    }
+
+    fn certificate(&self, repo: &Repo, r: &Records<'_>) -> Result<Certificate> {
+        body(repo, r)
+    }
+
+    fn confirm_terms(&self, _body: &Certificate) -> (bool, Option<KeyRef>) {
+        (true, None)
+    }
+
+    fn finish(&self, d: &mut Descriptor, _certificate_id: &str, now: DateTime<Utc>) {
+        d.state = Lifecycle::Shredded;
+        if let Some(s) = d.shredding.as_mut() {
+            s.finished_at = Some(now);
+            if let Some(p) = s.progress.as_mut() {
+                p.step = ShredStep::Certified;
+                // The wrapped copies were kept for verification only.
+                if let Some(scope) = p.scope.as_mut() {
+                    scope.captured.clear();
+                }
+            }
+        }
+    }
+
+    fn certified(&self, repo: &Repo, certificate_id: &str) {
+        tracing::info!(event = "shred.certified", tenant = %repo.tenant(), certificate_id = %certificate_id, "tenant shredded; certificate stored");
     }
 }
 
@@ -121,38 +160,10 @@ async fn already_shredded(repo: &Repo) -> Result<ShredReport> {
             state: "shredded".into(),
             message: "is shredded but its descriptor names no certificate".into(),
         })?;
-    let bytes = super::load_certificate(&repo.context().store, tenant, &id)
-        .await?
-        .ok_or_else(|| {
-            Error::missing(
-                super::certificate_path(tenant, &id).to_string(),
-                "the tenant is shredded but its certificate is not in the store",
-            )
-        })?;
-    // The descriptor (store-writable) says "shredded" and names the
-    // certificate: it is reported as this tenant's only if it is this
-    // tenant's, and what it states still holds (its keys are destroyed, no
-    // key the tenant is known to own is missing from it, the prefix is empty
-    // but for retained ciphertext). Else a store writer could pass off
-    // another tenant's (or an earlier lineage's) certificate as proof that
-    // a live tenant was shredded.
-    let path = super::certificate_path(tenant, &id).to_string();
-    let doc =
-        certificate::parse_unverified(&bytes).map_err(|e| Error::corrupt(&path, e.to_string()))?;
-    super::check_identity(&doc.certificate, tenant, &id, None)
-        .map_err(|why| Error::corrupt(&path, why))?;
-    let problems = super::what_holds_now(repo, &doc.certificate, true, true, None).await?;
-    if !problems.is_empty() {
-        return Err(Error::ShredVerification {
-            tenant: tenant.to_string(),
-            message: format!(
-                "its descriptor says it is shredded (certificate {id}), but {}: it is not shredded as that \
-                 certificate states (the descriptor is not authenticated)",
-                problems.join("; ")
-            ),
-        });
-    }
-    ShredReport::new(tenant, &id, bytes, true, None)
+    // Reported only if it is this tenant's and what it states still holds:
+    // its keys destroyed, no key the tenant is known to own missing from it,
+    // the prefix empty but for retained ciphertext.
+    holds::finished_report(repo, &id, None, "tenant", |_| true, true).await
 }
 
 /// Step 1: the descriptor becomes `shredding`.
@@ -160,8 +171,7 @@ async fn fence(repo: &mut Repo, req: &ShredRequest) -> Result<()> {
     let ctx = repo.context().clone();
     let now = Utc::now();
     let id = new_certificate_id(now);
-    let mut progress = new_progress(req, now);
-    progress.actor = ctx.actor.clone();
+    let progress = new_progress(req, now, ctx.actor.clone());
     let details = json!({
         "certificate_id": id,
         "reason": req.reason,
@@ -199,7 +209,7 @@ async fn fence(repo: &mut Repo, req: &ShredRequest) -> Result<()> {
 }
 
 /// Step 2: list and capture everything, record count, bytes and root.
-async fn scope(repo: &mut Repo, journal: &Journal) -> Result<()> {
+async fn scope(repo: &Repo, journal: &Journal) -> Result<ScopeRecord> {
     journal.begin("scope", json!({})).await?;
     let tenant = repo.tenant().clone();
     let listed: Vec<_> = repo
@@ -212,7 +222,7 @@ async fn scope(repo: &mut Repo, journal: &Journal) -> Result<()> {
         .iter()
         .map(|l| ScopeObject::from_listed(&tenant, l))
         .collect();
-    let own_keys: Vec<_> = super::all_tenant_keys(repo)
+    let own_keys: Vec<_> = all_tenant_keys(repo)
         .await?
         .into_iter()
         .map(|(k, _)| k)
@@ -263,8 +273,7 @@ async fn scope(repo: &mut Repo, journal: &Journal) -> Result<()> {
             }),
         )
         .await?;
-    journal.crash("scope");
-    let record = ScopeRecord {
+    Ok(ScopeRecord {
         listed_at: Utc::now(),
         objects: objects.len() as u64,
         bytes,
@@ -275,43 +284,13 @@ async fn scope(repo: &mut Repo, journal: &Journal) -> Result<()> {
         sample_pack,
         captured,
         foreign_envelopes: foreign,
-    };
-    save(repo, SLOT, |p| {
-        p.scope = Some(record);
-        p.step = ShredStep::Scoped;
     })
-    .await
-}
-
-/// Step 3: destroy every key of the tenant.
-async fn keys(repo: &mut Repo, journal: &Journal) -> Result<()> {
-    let keys = super::all_tenant_keys(repo).await?;
-    let destroyed = destroy_keys_step(repo, journal, SLOT, &keys).await?;
-    let now = Utc::now();
-    repo.update_descriptor(|d| {
-        for e in &mut d.epochs {
-            if e.state != EpochState::Shredded {
-                e.state = EpochState::Shredded;
-                e.shredded_at = Some(now);
-            }
-        }
-        if let Some(p) = d.shredding.as_mut().and_then(|s| s.progress.as_mut()) {
-            p.keys = Some(destroyed);
-            p.executed_at = Some(now);
-            p.step = ShredStep::KeysDestroyed;
-        }
-    })
-    .await
 }
 
 /// Step 4: delete everything under the prefix but the descriptor.
-async fn delete(repo: &mut Repo, journal: &Journal) -> Result<()> {
-    let scope = SLOT
-        .progress(repo.descriptor())?
-        .scope
-        .clone()
-        .expect("scoped before");
-    let record = delete_in_scope(repo, journal, &scope, |repo| {
+async fn delete(repo: &Repo, journal: &Journal) -> Result<DeletionRecord> {
+    let scope = scoped(repo, SLOT.progress(repo.descriptor())?)?;
+    delete_in_scope(repo, journal, scope, |repo| {
         async {
             Ok(repo
                 .list_objects()
@@ -322,25 +301,23 @@ async fn delete(repo: &mut Repo, journal: &Journal) -> Result<()> {
         }
         .boxed()
     })
-    .await?;
-    save(repo, SLOT, |p| {
-        p.deletion = Some(record);
-        p.step = ShredStep::Deleted;
-    })
     .await
 }
 
 /// Step 5: nothing may unwrap any more; the keys must show destruction.
-async fn verify(repo: &mut Repo, journal: &Journal) -> Result<()> {
-    let ctx = repo.context().clone();
-    let progress = SLOT.progress(repo.descriptor())?.clone();
-    let scope = progress.scope.clone().expect("scoped before");
-    let keys = progress.keys.clone().expect("keys destroyed before");
+async fn verify(repo: &Repo, journal: &Journal) -> Result<VerificationRecord> {
+    let ctx = repo.context();
+    let progress = SLOT.progress(repo.descriptor())?;
+    let scope = scoped(repo, progress)?;
+    let keys = progress
+        .keys
+        .as_ref()
+        .ok_or_else(|| missing(repo, "keys"))?;
     journal
         .begin("verify", json!({ "envelopes": scope.captured.len() }))
         .await?;
-    let (envelopes, unwraps_refused) = unwrap_checks(&ctx, &scope.captured).await?;
-    let (key_states, states_ok) = key_state_checks(&ctx, &keys).await;
+    let (envelopes, unwraps_refused) = unwrap_checks(ctx, &scope.captured).await?;
+    let (key_states, states_ok) = key_state_checks(ctx, keys).await;
     let pack_sample = match &scope.sample_pack {
         None => None,
         Some(s) => {
@@ -388,90 +365,18 @@ async fn verify(repo: &mut Repo, journal: &Journal) -> Result<()> {
             message: verification_failure(&record),
         });
     }
-    journal.crash("verify");
-    save(repo, SLOT, |p| {
-        p.verification = Some(record);
-        p.step = ShredStep::Verified;
-    })
-    .await
-}
-
-pub(super) fn verification_failure(r: &VerificationRecord) -> String {
-    let mut why = Vec::new();
-    for c in r.envelopes.iter().filter(|c| c.outcome != "refused") {
-        why.push(format!(
-            "the data key of epoch {} still unwraps under {}",
-            c.epoch, c.key
-        ));
-    }
-    for k in &r.key_states {
-        match (&k.state, &k.error) {
-            (Some(s), _) if !super::state_shows_destruction(s) => {
-                why.push(format!("key {} is {}", k.reference, s.name()))
-            }
-            (None, Some(e)) => why.push(format!("key {}: {e}", k.reference)),
-            _ => {}
-        }
-    }
-    if let Some(p) = &r.pack_sample
-        && p.outcome == "decryptable"
-    {
-        why.push(format!("pack {} is still decryptable", p.object));
-    }
-    if r.envelope_absent == Some(false) {
-        why.push("the epoch's envelope is still in the store".into());
-    }
-    if why.is_empty() {
-        why.push("see the shred.verify.end audit record".into());
-    }
-    format!(
-        "{} (no certificate issued; a re-run verifies again)",
-        why.join("; ")
-    )
-}
-
-/// Step 6: build, anchor, sign and store the certificate; the tenant is shredded.
-async fn certify(
-    repo: &mut Repo,
-    journal: &Journal,
-    resumed_after: Option<ShredStep>,
-) -> Result<ShredReport> {
-    let ctx = repo.context().clone();
-    let tenant = repo.tenant().clone();
-    let id = journal.certificate_id.clone();
-    let body = body(repo)?;
-    super::confirm_before_signing(repo, &body, true, None).await?;
-    let bytes = issue_certificate(&ctx, &tenant, journal, body).await?;
-    let now = Utc::now();
-    repo.update_descriptor(|d| {
-        d.state = Lifecycle::Shredded;
-        if let Some(s) = d.shredding.as_mut() {
-            s.finished_at = Some(now);
-            if let Some(p) = s.progress.as_mut() {
-                p.step = ShredStep::Certified;
-                // The wrapped copies were kept for verification only.
-                if let Some(scope) = p.scope.as_mut() {
-                    scope.captured.clear();
-                }
-            }
-        }
-    })
-    .await?;
-    tracing::info!(event = "shred.certified", tenant = %tenant, certificate_id = %id, "tenant shredded; certificate stored");
-    ShredReport::new(&tenant, &id, bytes, false, resumed_after)
+    Ok(record)
 }
 
 /// The certificate body, from the descriptor's records alone.
-fn body(repo: &Repo) -> Result<Certificate> {
+fn body(repo: &Repo, r: &Records<'_>) -> Result<Certificate> {
     let d = repo.descriptor();
-    let state = d.shredding.as_ref().expect("shredding");
-    let p = SLOT.progress(d)?;
-    let scope = p.scope.clone().expect("scoped");
-    let keys = p.keys.clone().expect("keys destroyed");
+    let (state, p) = (r.state, r.progress);
+    let keys = p.keys.clone().ok_or_else(|| missing(repo, "keys"))?;
     let providers: Vec<&str> = keys.iter().map(|k| k.provider.as_str()).collect();
     Ok(Certificate {
         format: certificate::CERTIFICATE_FORMAT.into(),
-        id: state.certificate_id.clone().expect("id"),
+        id: r.certificate_id.to_owned(),
         subject: Subject::Tenant,
         tenant: d.tenant.clone(),
         epoch: None,
@@ -483,7 +388,7 @@ fn body(repo: &Repo) -> Result<Certificate> {
         executed_at: p.executed_at.unwrap_or(state.started_at),
         issued_at: Utc::now(),
         method: "cryptographic erase".into(),
-        guarantee: match super::not_destroyed(&keys) {
+        guarantee: match not_destroyed(&keys) {
             None => Guarantee {
                 kind: GuaranteeKind::KeysDestroyed,
                 statement: format!(
@@ -492,7 +397,7 @@ fn body(repo: &Repo) -> Result<Certificate> {
                      objects and any other copies included, is unrecoverable.",
                     d.tenant
                 ),
-                irreversible_at: super::irreversible_at(&keys),
+                irreversible_at: irreversible_at(&keys),
                 pending: pending_note(&keys),
             },
             Some(spared) => Guarantee {
@@ -504,16 +409,16 @@ fn body(repo: &Repo) -> Result<Certificate> {
                      it (an earlier object version, a backup of the store) can still be unwrapped while it lives.",
                     d.tenant
                 ),
-                irreversible_at: super::irreversible_at(&keys),
-                pending: Some(super::spared_note(&keys, &spared)),
+                irreversible_at: irreversible_at(&keys),
+                pending: Some(spared_note(&keys, &spared)),
             },
         },
         algorithms: certificate::Algorithms::new(&providers),
         keys,
-        scope: scope.into(),
-        deletion: p.deletion.clone().expect("deleted"),
+        scope: r.scope.clone().into(),
+        deletion: r.deletion.clone(),
         rewrap: None,
-        verification: p.verification.clone().expect("verified"),
+        verification: r.verification.clone(),
         store: store_info(&repo.context().store_url),
         custos_version: env!("CARGO_PKG_VERSION").into(),
         audit: None,

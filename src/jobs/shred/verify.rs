@@ -1,0 +1,98 @@
+//! The checks of the `verify` step: a shredded data key must no longer
+//! unwrap, and a sampled pack must be gone or undecryptable.
+
+use object_store::path::Path as StorePath;
+
+use crate::context::Context;
+use crate::error::Result;
+use crate::format::envelope::Envelope;
+use crate::format::shred::{UnwrapCheck, VerificationRecord};
+use crate::repo::Repo;
+use crate::store::ObjectName;
+
+use super::keys::state_shows_destruction;
+
+/// Whether the sampled pack (`tenants/<tenant>/packs/...` as the scope
+/// recorded it) is still in the store.
+pub(super) async fn sample_pack_present(repo: &Repo, object: &str) -> Result<bool> {
+    let relative = object
+        .strip_prefix(&format!("tenants/{}/", repo.tenant()))
+        .unwrap_or(object);
+    match ObjectName::parse(&StorePath::from(relative)) {
+        Some(name) => Ok(repo.store().head(&name).await?.is_some()),
+        None => Ok(false),
+    }
+}
+
+/// Tries to unwrap each captured envelope: every attempt must be refused.
+/// A data key that does unwrap is dropped (zeroized) at once.
+pub(super) async fn unwrap_checks(
+    ctx: &Context,
+    envelopes: &[Envelope],
+) -> Result<(Vec<UnwrapCheck>, bool)> {
+    let mut out = Vec::new();
+    let mut ok = true;
+    for env in envelopes {
+        let provider = ctx.keys.for_key(&env.key)?;
+        match provider
+            .unwrap(&env.key, &env.wrapped, &env.context())
+            .await
+        {
+            Ok(data_key) => {
+                drop(data_key);
+                ok = false;
+                out.push(UnwrapCheck {
+                    epoch: env.epoch,
+                    key: env.key.clone(),
+                    outcome: "unwrapped".into(),
+                    error_kind: None,
+                    error: None,
+                });
+            }
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) => out.push(UnwrapCheck {
+                epoch: env.epoch,
+                key: env.key.clone(),
+                outcome: "refused".into(),
+                error_kind: Some(e.kind().into()),
+                error: Some(e.to_string()),
+            }),
+        }
+    }
+    Ok((out, ok))
+}
+
+/// Why a verification failed, for the error and the operator.
+pub(super) fn verification_failure(r: &VerificationRecord) -> String {
+    let mut why = Vec::new();
+    for c in r.envelopes.iter().filter(|c| c.outcome != "refused") {
+        why.push(format!(
+            "the data key of epoch {} still unwraps under {}",
+            c.epoch, c.key
+        ));
+    }
+    for k in &r.key_states {
+        match (&k.state, &k.error) {
+            (Some(s), _) if !state_shows_destruction(s) => {
+                why.push(format!("key {} is {}", k.reference, s.name()))
+            }
+            (None, Some(e)) => why.push(format!("key {}: {e}", k.reference)),
+            _ => {}
+        }
+    }
+    if let Some(p) = &r.pack_sample
+        && p.outcome == "decryptable"
+    {
+        why.push(format!("pack {} is still decryptable", p.object));
+    }
+    if r.envelope_absent == Some(false) {
+        why.push("the epoch's envelope is still in the store".into());
+    }
+    if why.is_empty() {
+        why.push("see the shred.verify.end audit record".into());
+    }
+    format!(
+        "{} (no certificate issued; a re-run verifies again)",
+        why.join("; ")
+    )
+}
