@@ -5,9 +5,9 @@
 //! the fuzz targets), three environment variables take effect:
 //!
 //! - `CUSTOS_FAULTS`: every store opened through [`crate::context::open_store`]
-//!   is wrapped in [`crate::store::faults::FaultyStore`];
+//!   is wrapped in the fault injector `store::faults::FaultyStore`;
 //! - `CUSTOS_KEY_FAULTS`: every configured key provider is wrapped in
-//!   [`crate::keys::faults::FaultyKeyProvider`];
+//!   `keys::faults::FaultyKeyProvider`;
 //! - `CUSTOS_CRASH_AT=<scope>:<point>`: the process aborts at that crash point
 //!   (`std::process::abort`: no destructors, no lease release, no audit
 //!   `.end` record), as if killed there.
