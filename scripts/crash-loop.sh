@@ -8,6 +8,7 @@
 #
 #   scripts/crash-loop.sh [COUNT] [SEED]     default COUNT 200, SEED random
 #
+# The crash points need a `--features test-hooks` build (src/hooks.rs).
 # Runs at nice 19 (shared machines). Prints the figures for docs/reliability.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,7 +20,7 @@ if [[ ${CUSTOS_TEST_EMULATORS:-0} == 1 ]]; then
 else
     echo "crash-loop.sh: no emulator environment; local store only" >&2
 fi
-cargo test --test it --no-run >&2
+cargo test --features test-hooks --test it --no-run >&2
 mkdir -p target/crash-loop
 status=0
 for t in "${tests[@]}"; do
@@ -27,7 +28,7 @@ for t in "${tests[@]}"; do
     log=target/crash-loop/$t.log
     start=$(date +%s)
     if ! CUSTOS_CRASH_LOOPS=$count CUSTOS_CRASH_SEED=$seed \
-        nice -n 19 cargo test --test it "crash_loop::$t" -- --exact --nocapture > "$log" 2>&1; then
+        nice -n 19 cargo test --features test-hooks --test it "crash_loop::$t" -- --exact --nocapture > "$log" 2>&1; then
         status=1
     fi
     grep -E '^crash loop|panicked|reproduce|test result' "$log" || true

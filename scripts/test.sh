@@ -7,7 +7,9 @@
 # name them), so a run does not depend on what else listens on the machine,
 # e.g. another checkout's LocalStack on 4566; the tests take the endpoint from
 # AWS_ENDPOINT_URL, which the emulators' `export` lines set to that port.
-# This is the README's test command and exactly what CI (.ci/run) runs.
+# This is the README's test command and exactly what CI (.ci/run) runs. It
+# first runs scripts/check-default-build.sh (the shipped build ignores the
+# test hooks' variables), then the suite with `--features test-hooks`.
 #
 # To test against a real MinIO + LocalStack/AWS instead, export the AWS_* and
 # CUSTOS_TEST_* variables yourself and set CUSTOS_EXTERNAL_EMULATORS=1.
@@ -52,7 +54,13 @@ if [[ ! -x .emu/pyfmt/bin/python ]] || ! .emu/pyfmt/bin/python -c 'import crypto
 fi
 export CUSTOS_TEST_PYTHON=$PWD/.emu/pyfmt/bin/python
 
-cargo test --locked --no-run
+# The shipped (default-feature) build ignores the test hooks' variables; this
+# also leaves target/debug/custos built with them, for the tests below.
+scripts/check-default-build.sh
+
+# The tests drive the test hooks (fault stores, key faults, crash points,
+# fuzz entry points, KMS test keys): only a test-hooks build has them.
+cargo test --locked --features test-hooks --no-run
 
 if [[ $started_here == 1 ]]; then
     if ! wait "$emu_pid"; then
@@ -67,4 +75,4 @@ if [[ $started_here == 1 ]]; then
 fi
 export CUSTOS_TEST_EMULATORS=1 AWS_EC2_METADATA_DISABLED=true
 
-cargo test --locked "$@"
+cargo test --locked --features test-hooks "$@"

@@ -124,10 +124,7 @@ impl Context {
                 "AWS KMS needs a region: set [aws] region in custos.toml or AWS_REGION".into(),
             );
         }
-        crate::keys::faults::from_env(&mut keys).map_err(|message| crate::Error::Config {
-            path: "CUSTOS_KEY_FAULTS".into(),
-            message,
-        })?;
+        crate::hooks::wrap_keys(&mut keys)?;
         let state = StateDir::open(&cfg.state_dir)?;
         Ok(Context {
             audit: Some(
@@ -156,10 +153,10 @@ impl Context {
     }
 }
 
-/// Opens the configured object store (wrapped in the fault injector when
-/// `CUSTOS_FAULTS` is set: manual fault testing, see `store::faults`).
+/// Opens the configured object store (in `test-hooks` builds, wrapped in the
+/// fault injector when `CUSTOS_FAULTS` is set, see [`crate::hooks`]).
 pub fn open_store(cfg: &crate::config::Config) -> crate::Result<SharedStore> {
-    crate::store::faults::from_env(open_configured_store(cfg)?)
+    crate::hooks::wrap_store(open_configured_store(cfg)?)
 }
 
 fn open_configured_store(cfg: &crate::config::Config) -> crate::Result<SharedStore> {

@@ -13,7 +13,8 @@
 //! - [`jobs`]: one module per job (backup, restore, check, forget, prune, …);
 //! - [`audit`]: the tamper-evident audit log: hash-chained records, signed Merkle checkpoints;
 //! - [`daemon`]: `custos daemon`: scheduled jobs per tenant, under systemd;
-//! - [`cli`]: the `custos` command line.
+//! - [`cli`]: the `custos` command line;
+//! - [`hooks`]: where `test-hooks` builds inject faults and crashes (empty otherwise).
 
 pub mod audit;
 pub mod cli;
@@ -35,6 +36,10 @@ pub use error::{Error, Result};
 pub use tenant::TenantId;
 pub mod context;
 pub mod daemon;
+// Test machinery: compiled for the crate's own unit tests and with the
+// `test-hooks` feature, never into a default (shipped) build. See `hooks`.
+#[cfg(any(test, feature = "test-hooks"))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hooks;
 pub mod state;

@@ -269,7 +269,8 @@ pub fn write_secret(
     tmp_name: &str,
     contents: &[u8],
     install: Install,
-    hook: &dyn Fn(&str),
+    // Generic, not `dyn`: the default build's empty hooks then compile to nothing.
+    hook: &impl Fn(&str),
 ) -> io::Result<bool> {
     let tmp = dir.join(tmp_name);
     let dest = dir.join(target);

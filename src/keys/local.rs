@@ -397,8 +397,8 @@ impl LocalKeyProvider {
     }
 
     /// Writes a key file in place (or, `Install::CreateNew`, only where none
-    /// exists). Callers hold the directory lock. Crash points for the tests:
-    /// `CUSTOS_CRASH_AT=local-key:written` (temporary file durable, not yet
+    /// exists). Callers hold the directory lock. Crash points for the tests
+    /// (`test-hooks` builds): `CUSTOS_CRASH_AT=local-key:written` (temporary file durable, not yet
     /// in place) and `local-key:installed` (renamed, directory not fsynced).
     fn write(&self, file: &KeyFile, install: Install) -> Result<bool, KeyError> {
         let path = self.key_path(&file.name);
@@ -425,7 +425,7 @@ impl LocalKeyProvider {
             &temp_name(&file.name),
             &json,
             install,
-            &|point| crate::jobs::shred::hook::crash_point("local-key", point),
+            &|point| crate::hooks::crash_point("local-key", point),
         )
         .map_err(|e| KeyError::LocalFile {
             path,

@@ -13,6 +13,8 @@
 
 pub mod aws_kms;
 pub mod derive;
+// The fault injector: unit tests and `test-hooks` builds only (see `crate::hooks`).
+#[cfg(any(test, feature = "test-hooks"))]
 pub mod faults;
 pub mod local;
 pub mod secret;

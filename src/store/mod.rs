@@ -31,4 +31,6 @@ pub type SharedStore = Arc<dyn ObjectStore>;
 pub fn memory() -> SharedStore {
     Arc::new(object_store::memory::InMemory::new())
 }
+// The fault injector: unit tests and `test-hooks` builds only (see `crate::hooks`).
+#[cfg(any(test, feature = "test-hooks"))]
 pub mod faults;

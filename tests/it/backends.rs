@@ -9,6 +9,9 @@
 //!
 //! Every request goes to 127.0.0.1: endpoints default to the emulator's, and
 //! credentials are static (never the EC2 metadata service).
+// Drives the test hooks (see src/hooks.rs); without `--features test-hooks`
+// this file is empty and tests/common fails the run instead.
+#![cfg(feature = "test-hooks")]
 
 use crate::common::{self, env};
 

@@ -5,6 +5,9 @@
 //!
 //! Every child runs with a cleared environment plus static credentials and
 //! `AWS_EC2_METADATA_DISABLED=true`: no request leaves 127.0.0.1.
+// Drives the test hooks (see src/hooks.rs); without `--features test-hooks`
+// this file is empty and tests/common fails the run instead.
+#![cfg(feature = "test-hooks")]
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

@@ -8,6 +8,19 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
+/// The integration tests drive the binary's test hooks (`CUSTOS_FAULTS`,
+/// `CUSTOS_KEY_FAULTS`, `CUSTOS_CRASH_AT`, KMS test keys, fuzz entry points),
+/// which only a `--features test-hooks` build has. Without it the files that
+/// need them compile to nothing, and this fails the run rather than let it
+/// pass having tested less.
+#[cfg(not(feature = "test-hooks"))]
+#[test]
+fn built_with_the_test_hooks_feature() {
+    panic!(
+        "the integration tests need the test hooks: run `cargo test --features test-hooks` (scripts/test.sh does)"
+    );
+}
+
 /// True when the run must not skip anything (scripts/test.sh and CI set it).
 pub fn strict() -> bool {
     std::env::var("CUSTOS_TEST_EMULATORS").is_ok_and(|v| v == "1")

@@ -33,6 +33,9 @@
 //! the tenant's key but its tombstone is left in the key directory (no
 //! temporary file with key material, no key file) and its certificate
 //! verifies online.
+// Drives the test hooks (see src/hooks.rs); without `--features test-hooks`
+// this file is empty and tests/common fails the run instead.
+#![cfg(feature = "test-hooks")]
 
 use crate::common;
 

@@ -4,6 +4,9 @@
 //! backoff); under a high rate jobs fail cleanly; in every case
 //! `check --read-data` on the fault-free store passes afterwards: nothing
 //! is referenced that was not fully written.
+// Drives the test hooks (see src/hooks.rs); without `--features test-hooks`
+// this file is empty and tests/common fails the run instead.
+#![cfg(feature = "test-hooks")]
 
 use crate::common;
 

@@ -3,6 +3,9 @@
 //! points the `cargo fuzz` targets call (`custos::fuzzing`). This runs on
 //! stable in every `cargo test`: whatever the fuzzer once found stays fixed,
 //! without nightly flags or libFuzzer.
+// Drives the test hooks (see src/hooks.rs); without `--features test-hooks`
+// this file is empty and tests/common fails the run instead.
+#![cfg(feature = "test-hooks")]
 
 use std::path::Path;
 

@@ -12,6 +12,9 @@
 //!   key states): <case>` and assert nothing.
 //! - AWS KMS error mapping and retries against a scripted fake KMS on
 //!   127.0.0.1 (`mock` module): always run, no emulator needed.
+// Drives the test hooks (see src/hooks.rs); without `--features test-hooks`
+// this file is empty and tests/common fails the run instead.
+#![cfg(feature = "test-hooks")]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

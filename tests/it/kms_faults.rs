@@ -13,6 +13,9 @@
 //! The local provider's faults are injected with `CUSTOS_KEY_FAULTS`
 //! (src/keys/faults.rs); the AWS cases use a closed port as the endpoint and
 //! a key disabled on LocalStack (gated on CUSTOS_TEST_EMULATORS=1).
+// Drives the test hooks (see src/hooks.rs); without `--features test-hooks`
+// this file is empty and tests/common fails the run instead.
+#![cfg(feature = "test-hooks")]
 
 use crate::common;
 

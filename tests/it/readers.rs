@@ -7,6 +7,9 @@
 //! creates (`RELEASE`), so the backup cannot end before the test lets it.
 //! A slow restore uses the store fault injector (`CUSTOS_FAULTS`, latency on
 //! pack reads).
+// Drives the test hooks (see src/hooks.rs); without `--features test-hooks`
+// this file is empty and tests/common fails the run instead.
+#![cfg(feature = "test-hooks")]
 
 use crate::common;
 

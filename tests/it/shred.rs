@@ -4,6 +4,9 @@
 //! through the library (objects the store refuses to delete, certificate
 //! tampering byte by byte). The AWS KMS (LocalStack) counterparts are in
 //! tests/it/shred_kms.rs.
+// Drives the test hooks (see src/hooks.rs); without `--features test-hooks`
+// this file is empty and tests/it/common.rs fails the run instead.
+#![cfg(feature = "test-hooks")]
 
 use crate::common;
 

@@ -9,6 +9,9 @@
 //! `CUSTOS_TEST_EMULATORS=1`, prints `skipped:` otherwise. On moto
 //! (`CUSTOS_EMULATOR=moto`) KMS key states are not enforced, so a shred cannot
 //! be verified there: the tests say so and assert nothing.
+// Drives the test hooks (see src/hooks.rs); without `--features test-hooks`
+// this file is empty and tests/common fails the run instead.
+#![cfg(feature = "test-hooks")]
 
 use crate::common::{self, env};
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use custos::TenantId;
+#[cfg(feature = "test-hooks")]
 use custos::store::faults::{FaultConfig, FaultyStore};
 use custos::store::{ObjectName, SharedStore, TenantStore};
 use futures::TryStreamExt;
@@ -38,6 +39,7 @@ fn local() -> Subject {
 }
 
 /// The local store behind the fault decorator with every rate at zero.
+#[cfg(feature = "test-hooks")]
 fn faults_off() -> Subject {
     let Subject { store, _dir } = local();
     Subject {
@@ -75,6 +77,7 @@ macro_rules! conformance {
                 }
             )*
         }
+        #[cfg(feature = "test-hooks")]
         mod faults_off {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,5 @@
-//! **Test hook**: crash injection. With `CUSTOS_CRASH_AT=shred:<point>` (a
+//! **Test hook** (`test-hooks` builds only; empty in the default build, see
+//! [`crate::hooks`]): crash injection. With `CUSTOS_CRASH_AT=shred:<point>` (a
 //! tenant shred) or `CUSTOS_CRASH_AT=shred-epoch:<point>` (an epoch shred),
 //! the process aborts (`std::process::abort`: no destructors, no lease
 //! release, no audit `.end` record) when the shred reaches that point, as if
@@ -40,15 +41,12 @@ pub const EPOCH_POINTS: &[&str] = &[
 /// not yet fsynced.
 pub const LOCAL_KEY_POINTS: &[&str] = &["written", "installed"];
 
-pub const ENV: &str = "CUSTOS_CRASH_AT";
+#[cfg(feature = "test-hooks")]
+pub const ENV: &str = crate::hooks::CRASH_AT;
 
-/// Aborts the process if `CUSTOS_CRASH_AT` names `<scope>:<point>`.
+/// Aborts the process if `CUSTOS_CRASH_AT` names `<scope>:<point>` (a
+/// `test-hooks` build); nothing otherwise.
+#[inline(always)]
 pub(crate) fn crash_point(scope: &str, point: &str) {
-    let Ok(wanted) = std::env::var(ENV) else {
-        return;
-    };
-    if wanted.split_once(':') == Some((scope, point)) {
-        eprintln!("{ENV}={wanted}: aborting here (test hook)");
-        std::process::abort();
-    }
+    crate::hooks::crash_point(scope, point);
 }
