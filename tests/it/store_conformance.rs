@@ -8,8 +8,6 @@
 //! The generic checks are object_store's; the custos checks below them are the
 //! properties the leases, the tenant scoping and the pack reader rest on.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use custos::TenantId;
 #[cfg(feature = "test-hooks")]
@@ -43,7 +41,7 @@ fn local() -> Subject {
 fn faults_off() -> Subject {
     let Subject { store, _dir } = local();
     Subject {
-        store: Arc::new(FaultyStore::new(store, FaultConfig::default())),
+        store: std::sync::Arc::new(FaultyStore::new(store, FaultConfig::default())),
         _dir,
     }
 }
