@@ -107,9 +107,9 @@ pub struct ForgetReport {
 /// carries it out.
 #[derive(Debug, Clone)]
 pub struct ForgetPlan {
-    pub decisions: Vec<Decision>,
+    decisions: Vec<Decision>,
     /// The snapshots the rules do not keep.
-    pub remove: Vec<SnapshotId>,
+    remove: Vec<SnapshotId>,
 }
 
 impl ForgetPlan {
@@ -154,7 +154,7 @@ pub async fn run(repo: &Repo, lease: &LeaseGuard, rules: &Retention) -> Result<F
 
 /// Deletes the snapshots a plan removes, then finishes what interrupted
 /// forgets left (unless readers deferred this one).
-pub async fn execute(repo: &Repo, lease: &LeaseGuard, plan: ForgetPlan) -> Result<ForgetReport> {
+async fn execute(repo: &Repo, lease: &LeaseGuard, plan: ForgetPlan) -> Result<ForgetReport> {
     let mut deferred = None;
     if !plan.remove.is_empty() {
         lease.ensure_held()?;

@@ -219,7 +219,7 @@ pub async fn plan(repo: &Repo) -> Result<PrunePlan> {
 
 /// Carries out a plan: repack, consolidated index, announce and wait for
 /// readers, delete the old index files, then the packs.
-pub async fn execute(
+async fn execute(
     repo: &Repo,
     lease: &LeaseGuard,
     plan: PrunePlan,

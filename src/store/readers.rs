@@ -345,9 +345,9 @@ impl Renew for Inner {
 
     fn lost(&self, why: String) {
         tracing::error!(event = "reader.lost", tenant = %self.store.tenant(), error = %why, "the reader record lapsed");
-        if let Ok(mut lost) = self.lost.lock() {
-            *lost = Some(why);
-        }
+        // Even past a panic elsewhere: a lapse must never go unreported.
+        let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        *lost = Some(why);
     }
 }
 

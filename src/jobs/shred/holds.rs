@@ -33,6 +33,11 @@ pub(super) async fn confirm_before_signing(
     let ctx = repo.context();
     let tenant = repo.tenant();
     let mut problems = Vec::new();
+    // The verification record comes from the descriptor, which the store
+    // holds: one that says it failed is never signed, whatever the steps say.
+    if !body.verification.passed {
+        problems.push("its verification record says the verification failed".into());
+    }
     match body.scope.audit_seq {
         None => problems.push(
             "its scope names no audit record (every scope step records one): it cannot be checked"
