@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::keys::KeyProviders;
+use crate::keys::{KeyProviders, ProviderKind};
 use crate::state::StateDir;
 use crate::store::SharedStore;
 
@@ -115,12 +115,15 @@ impl Context {
         if aws.region.is_some() || env_region {
             match crate::keys::aws_kms::AwsKmsProvider::new(&aws).await {
                 Ok(p) => keys.aws_kms = Some(std::sync::Arc::new(p)),
-                Err(e) => keys.aws_kms_unavailable = Some(e.to_string()),
+                Err(e) => {
+                    keys.unavailable.insert(ProviderKind::AwsKms, e.to_string());
+                }
             }
         } else {
             // Without a region the SDK would probe the EC2 metadata service; custos
             // never does that implicitly.
-            keys.aws_kms_unavailable = Some(
+            keys.unavailable.insert(
+                ProviderKind::AwsKms,
                 "AWS KMS needs a region: set [aws] region in custos.toml or AWS_REGION".into(),
             );
         }

@@ -33,7 +33,7 @@
 //! zeroized. `Encrypt` has to hand the SDK a plaintext `Blob` of its own; the
 //! SDK drops that buffer (without zeroizing it) once the request is serialized.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -57,8 +57,8 @@ use zeroize::{Zeroize, Zeroizing};
 mod test_keys;
 
 use super::{
-    DataKey, DestroyAction, Destruction, KeyError, KeyInfo, KeyOrigin, KeyProvider, KeyRef,
-    KeyState, ProviderKind, SecretKey, WrapContext, WrappedKey,
+    Custody, DataKey, DestroyAction, Destruction, KeyError, KeyInfo, KeyOrigin, KeyProvider,
+    KeyRef, KeyState, ProviderKind, SecretKey, WrapContext, WrappedKey,
 };
 
 const PROVIDER: &str = "aws-kms";
@@ -569,6 +569,18 @@ impl KeyProvider for AwsKmsProvider {
         ProviderKind::AwsKms
     }
 
+    fn custody(&self, _key: &KeyRef) -> Custody {
+        Custody {
+            provider: ProviderKind::AwsKms,
+            holder: format!("AWS KMS in {} ({})", self.region, self.endpoint),
+            details: BTreeMap::from([
+                ("region".to_owned(), self.region.clone()),
+                ("endpoint".to_owned(), self.endpoint.clone()),
+            ]),
+            network: true,
+        }
+    }
+
     async fn describe(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
         let meta = self.describe_meta(key).await?;
         Ok(self.info(key, &meta))
@@ -727,6 +739,7 @@ impl KeyProvider for AwsKmsProvider {
         match (&info.state, info.origin) {
             (KeyState::PendingDeletion { deletion_date }, _) => {
                 return Ok(Destruction {
+                    objects: Vec::new(),
                     action: DestroyAction::DeletionScheduled,
                     effective_at: deletion_date.unwrap_or_else(Utc::now),
                     state_after: info.state.clone(),
@@ -734,6 +747,7 @@ impl KeyProvider for AwsKmsProvider {
             }
             (KeyState::PendingImport, KeyOrigin::External) => {
                 return Ok(Destruction {
+                    objects: Vec::new(),
                     action: DestroyAction::ImportedMaterialDeleted,
                     state_after: KeyState::PendingImport,
                     effective_at: Utc::now(),
@@ -761,6 +775,7 @@ impl KeyProvider for AwsKmsProvider {
             .await?;
             let after = self.describe(key).await?;
             return Ok(Destruction {
+                objects: Vec::new(),
                 action: DestroyAction::ImportedMaterialDeleted,
                 state_after: after.state,
                 effective_at: Utc::now(),
@@ -780,6 +795,7 @@ impl KeyProvider for AwsKmsProvider {
         let effective_at = deletion_date
             .unwrap_or_else(|| Utc::now() + chrono::Duration::days(i64::from(pending_window_days)));
         Ok(Destruction {
+            objects: Vec::new(),
             action: DestroyAction::DeletionScheduled,
             state_after: KeyState::PendingDeletion {
                 deletion_date: Some(effective_at),

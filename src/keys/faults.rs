@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 
 use super::{
-    DataKey, Destruction, KeyError, KeyInfo, KeyProvider, KeyRef, Leftover, ProviderKind,
+    Custody, DataKey, Destruction, KeyError, KeyInfo, KeyProvider, KeyRef, Leftover, ProviderKind,
     WrapContext, WrappedKey,
 };
 
@@ -106,6 +106,10 @@ impl FaultyKeyProvider {
 impl KeyProvider for FaultyKeyProvider {
     fn kind(&self) -> ProviderKind {
         self.inner.kind()
+    }
+
+    fn custody(&self, key: &KeyRef) -> Custody {
+        self.inner.custody(key)
     }
 
     async fn describe(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {

@@ -11,6 +11,7 @@
 //! wrap key = HKDF-SHA256(ikm = version material, info = "custos/v1/local-wrap" ‖ 0 ‖ name),
 //! AAD = "custos/v1/local-wrap" ‖ 0 ‖ name ‖ 0 ‖ version u32 BE ‖ canonical context.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -25,8 +26,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::{
-    DataKey, DestroyAction, Destruction, KeyError, KeyInfo, KeyOrigin, KeyProvider, KeyRef,
-    KeyState, Leftover, ProviderKind, SecretKey, WrapContext, WrappedKey,
+    Custody, DataKey, DestroyAction, Destruction, KeyError, KeyInfo, KeyOrigin, KeyProvider,
+    KeyRef, KeyState, Leftover, ProviderKind, SecretKey, WrapContext, WrappedKey,
 };
 use crate::secure_fs::{self, CheckError, DirLock, Install};
 use crate::util::{base64_bytes, random_bytes, sync_dir, write_file_atomic};
@@ -755,6 +756,7 @@ impl KeyProvider for LocalKeyProvider {
             });
         }
         Ok(Destruction {
+            objects: Vec::new(),
             action: DestroyAction::MaterialDestroyed,
             state_after: KeyState::Destroyed {
                 destroyed_at: Some(destroyed_at),
@@ -765,6 +767,15 @@ impl KeyProvider for LocalKeyProvider {
 
     /// Leftover temporary files of the key, and its key file if the key has
     /// a tombstone; with those the open-time sweep removed.
+    fn custody(&self, _key: &KeyRef) -> Custody {
+        Custody {
+            provider: ProviderKind::Local,
+            holder: format!("local key directory {} on this host", self.dir.display()),
+            details: BTreeMap::from([("key_dir".to_owned(), self.dir.display().to_string())]),
+            network: false,
+        }
+    }
+
     async fn leftover_material(&self, key: &KeyRef) -> Result<Vec<Leftover>, KeyError> {
         let name = Self::name_of(key)?;
         let mut out: Vec<Leftover> = self

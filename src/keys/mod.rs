@@ -16,7 +16,9 @@ pub mod derive;
 // The fault injector: unit tests and `test-hooks` builds only (see `crate::hooks`).
 #[cfg(any(test, feature = "test-hooks"))]
 pub mod faults;
+pub mod kmip;
 pub mod local;
+pub mod pkcs11;
 pub mod secret;
 
 use std::collections::BTreeMap;
@@ -33,11 +35,15 @@ use crate::error::ErrorKind;
 use crate::tenant::TenantId;
 
 /// Which provider a [`KeyRef`] names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProviderKind {
     Local,
     AwsKms,
+    /// An HSM or token behind a PKCS#11 module (`pkcs11:token=…;object=…`).
+    Pkcs11,
+    /// A key manager spoken to over KMIP (`kmip:<uid>` or `kmip:name/<name>`).
+    Kmip,
 }
 
 impl ProviderKind {
@@ -45,7 +51,20 @@ impl ProviderKind {
         match self {
             ProviderKind::Local => "local",
             ProviderKind::AwsKms => "aws-kms",
+            ProviderKind::Pkcs11 => "pkcs11",
+            ProviderKind::Kmip => "kmip",
         }
+    }
+
+    pub const ALL: [ProviderKind; 4] = [
+        ProviderKind::Local,
+        ProviderKind::AwsKms,
+        ProviderKind::Pkcs11,
+        ProviderKind::Kmip,
+    ];
+
+    pub fn from_scheme(scheme: &str) -> Option<ProviderKind> {
+        Self::ALL.into_iter().find(|k| k.scheme() == scheme)
     }
 
     /// Whether a key this provider does not find can be taken for a key
@@ -55,10 +74,13 @@ impl ProviderKind {
     /// [local_keys] dir": the key may live in another directory or on the
     /// host that made it (a store several hosts share). Every decision that
     /// would record or accept such a key as destroyed asks this.
+    /// PKCS#11 and KMIP: yes, because their providers answer "not found"
+    /// only from the token or server the reference names, never for a token
+    /// that is absent or a server that is down (those are `key_unavailable`).
     pub fn absence_means_gone(self) -> bool {
         match self {
             ProviderKind::Local => false,
-            ProviderKind::AwsKms => true,
+            ProviderKind::AwsKms | ProviderKind::Pkcs11 | ProviderKind::Kmip => true,
         }
     }
 }
@@ -110,8 +132,26 @@ impl KeyRef {
                     id: id.to_owned(),
                 })
             }
+            "pkcs11" => {
+                if let Err(reason) = pkcs11::validate_key_id(id) {
+                    return fail(&reason);
+                }
+                Ok(KeyRef {
+                    kind: ProviderKind::Pkcs11,
+                    id: id.to_owned(),
+                })
+            }
+            "kmip" => {
+                if let Err(reason) = kmip::validate_key_id(id) {
+                    return fail(&reason);
+                }
+                Ok(KeyRef {
+                    kind: ProviderKind::Kmip,
+                    id: id.to_owned(),
+                })
+            }
             other => fail(&format!(
-                "unknown key provider {other:?} (known: \"local\", \"aws-kms\")"
+                "unknown key provider {other:?} (known: \"local\", \"aws-kms\", \"pkcs11\", \"kmip\")"
             )),
         }
     }
@@ -328,6 +368,24 @@ pub struct KeyInfo {
     pub rotated_at: Option<DateTime<Utc>>,
 }
 
+/// Who holds a key and where: for `tenant show`, residency rules and
+/// deletion certificates. Names places, never secrets (no PIN, no key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Custody {
+    pub provider: ProviderKind,
+    /// One line a person reads: "AWS KMS in eu-central-1", "PKCS#11 token
+    /// custos (serial 1a2b…)", "local key directory /var/lib/custos/keys".
+    pub holder: String,
+    /// The same as fields a program (or a residency rule) matches on, e.g.
+    /// `region`, `endpoint`, `token_label`, `token_serial`, `module`,
+    /// `server`, `key_dir`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<String, String>,
+    /// Whether a key operation leaves this host (a network call).
+    pub network: bool,
+}
+
 /// How a key was destroyed, for the deletion certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -338,6 +396,10 @@ pub enum DestroyAction {
     ImportedMaterialDeleted,
     /// AWS `DisableKey` + `ScheduleKeyDeletion`: irreversible at `effective_at`.
     DeletionScheduled,
+    /// PKCS#11 `C_DestroyObject` of every version object: irreversible at once.
+    ObjectsDestroyed,
+    /// KMIP `Revoke` then `Destroy` of every version: irreversible at once.
+    RevokedAndDestroyed,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -346,6 +408,11 @@ pub struct Destruction {
     pub state_after: KeyState,
     /// When the destruction can no longer be undone.
     pub effective_at: DateTime<Utc>,
+    /// The provider's own names for what it destroyed (PKCS#11 object labels
+    /// and ids, KMIP unique identifiers), so an auditor can find them in the
+    /// HSM's or key manager's log. Empty where the key is one object.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<String>,
 }
 
 /// Errors of key providers. Each names the key by reference, never by value.
@@ -527,6 +594,11 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
     async fn leftover_material(&self, _key: &KeyRef) -> Result<Vec<Leftover>, KeyError> {
         Ok(Vec::new())
     }
+
+    /// Who holds `key` and where (see [`Custody`]). Makes no key operation:
+    /// it answers from the configuration and what the provider learnt when
+    /// it opened.
+    fn custody(&self, key: &KeyRef) -> Custody;
 }
 
 /// Key material found on this host where none should be (see
@@ -544,26 +616,45 @@ pub struct Leftover {
 pub struct KeyProviders {
     pub local: Option<Arc<dyn KeyProvider>>,
     pub aws_kms: Option<Arc<dyn KeyProvider>>,
-    /// Why there is no AWS KMS provider, told to whoever asks for one.
-    pub aws_kms_unavailable: Option<String>,
+    pub pkcs11: Option<Arc<dyn KeyProvider>>,
+    pub kmip: Option<Arc<dyn KeyProvider>>,
+    /// Why a provider is missing (not configured, or failed to open), told
+    /// to whoever asks for one of its keys.
+    pub unavailable: BTreeMap<ProviderKind, String>,
 }
 
 impl KeyProviders {
-    pub fn for_key(&self, key: &KeyRef) -> Result<&Arc<dyn KeyProvider>, KeyError> {
-        let slot = match key.kind() {
+    pub fn slot(&self, kind: ProviderKind) -> &Option<Arc<dyn KeyProvider>> {
+        match kind {
             ProviderKind::Local => &self.local,
             ProviderKind::AwsKms => &self.aws_kms,
-        };
-        slot.as_ref().ok_or_else(|| KeyError::NotConfigured {
-            provider: key.kind().scheme(),
-            message: match (key.kind(), &self.aws_kms_unavailable) {
-                (ProviderKind::AwsKms, Some(why)) => format!("key {key}: {why}"),
-                _ => format!(
-                    "no {} provider is configured for key {key}",
-                    key.kind().scheme()
-                ),
-            },
-        })
+            ProviderKind::Pkcs11 => &self.pkcs11,
+            ProviderKind::Kmip => &self.kmip,
+        }
+    }
+
+    pub fn slot_mut(&mut self, kind: ProviderKind) -> &mut Option<Arc<dyn KeyProvider>> {
+        match kind {
+            ProviderKind::Local => &mut self.local,
+            ProviderKind::AwsKms => &mut self.aws_kms,
+            ProviderKind::Pkcs11 => &mut self.pkcs11,
+            ProviderKind::Kmip => &mut self.kmip,
+        }
+    }
+
+    pub fn for_key(&self, key: &KeyRef) -> Result<&Arc<dyn KeyProvider>, KeyError> {
+        self.slot(key.kind())
+            .as_ref()
+            .ok_or_else(|| KeyError::NotConfigured {
+                provider: key.kind().scheme(),
+                message: match self.unavailable.get(&key.kind()) {
+                    Some(why) => format!("key {key}: {why}"),
+                    None => format!(
+                        "no {} provider is configured for key {key}",
+                        key.kind().scheme()
+                    ),
+                },
+            })
     }
     /// Re-wraps `wrapped` from `from` to `to`; across providers this unwraps in
     /// memory and wraps again, within one provider it uses the provider's re-wrap.

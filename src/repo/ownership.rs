@@ -1465,6 +1465,14 @@ mod tests {
         fn kind(&self) -> ProviderKind {
             ProviderKind::AwsKms
         }
+        fn custody(&self, _key: &KeyRef) -> crate::keys::Custody {
+            crate::keys::Custody {
+                provider: ProviderKind::AwsKms,
+                holder: "a fake KMS".into(),
+                details: Default::default(),
+                network: false,
+            }
+        }
         async fn describe(
             &self,
             key: &KeyRef,

@@ -473,7 +473,10 @@ mod suite {
                     "deletion in {days} days, expected 7: {d:?}"
                 );
             }
-            DestroyAction::MaterialDestroyed | DestroyAction::ImportedMaterialDeleted => {
+            DestroyAction::MaterialDestroyed
+            | DestroyAction::ImportedMaterialDeleted
+            | DestroyAction::ObjectsDestroyed
+            | DestroyAction::RevokedAndDestroyed => {
                 assert!(d.effective_at <= chrono::Utc::now());
             }
         }

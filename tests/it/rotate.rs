@@ -35,6 +35,9 @@ impl KeyProvider for Flaky {
     fn kind(&self) -> ProviderKind {
         self.inner.kind()
     }
+    fn custody(&self, key: &KeyRef) -> custos::keys::Custody {
+        self.inner.custody(key)
+    }
     async fn describe(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
         self.inner.describe(key).await
     }
