@@ -612,9 +612,9 @@ async fn epoch_shred_with_and_without_rewrap() {
     let env = custos::format::envelope::Envelope::parse(&envelope2).unwrap();
     let err = ctx
         .keys
-        .for_key(&env.key)
+        .key(&env.key)
         .unwrap()
-        .unwrap(&env.key, &env.wrapped, &env.context())
+        .unwrap(&env.wrapped, &env.context())
         .await
         .unwrap_err();
     assert_eq!(err.kind(), "key_unavailable", "{err}");
@@ -825,9 +825,9 @@ async fn a_tenants_life_leaves_no_key_bytes_anywhere() {
             let env = repo.load_envelope(e).await.unwrap();
             let dk = ctx
                 .keys
-                .for_key(&env.key)
+                .key(&env.key)
                 .unwrap()
-                .unwrap(&env.key, &env.wrapped, &env.context())
+                .unwrap(&env.wrapped, &env.context())
                 .await
                 .unwrap();
             secrets.push((format!("data key of epoch {e}"), dk.expose().to_vec()));
