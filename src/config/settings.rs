@@ -379,6 +379,8 @@ pub struct Config {
     pub policies_dir: PathBuf,
     pub local_keys_dir: PathBuf,
     pub aws: AwsSettings,
+    /// `[pkcs11]`: the PKCS#11 module and its PIN source; `None` when absent.
+    pub pkcs11: Option<crate::keys::pkcs11::Pkcs11Settings>,
     pub daemon: DaemonSettings,
     pub audit: AuditSettings,
     pub origin: ConfigOrigin,
@@ -393,8 +395,18 @@ const TOP_KEYS: &[&str] = &[
     "policies_dir",
     "local_keys",
     "aws",
+    "pkcs11",
     "daemon",
     "audit",
+];
+const PKCS11_KEYS: &[&str] = &[
+    "module",
+    "pin_file",
+    "pin_env",
+    "pin_credential",
+    "max_sessions",
+    "timeout",
+    "network",
 ];
 const AWS_KEYS: &[&str] = &[
     "region",
@@ -432,6 +444,7 @@ impl Config {
             state_dir,
             policies_dir: base.join("policies"),
             aws: AwsSettings::default(),
+            pkcs11: None,
             daemon: DaemonSettings::default(),
             origin: ConfigOrigin::BuiltIn,
             warnings: Vec::new(),
@@ -542,6 +555,10 @@ impl Config {
 
         let aws = root.section(&mut d, "aws");
         config.aws = parse_aws(&mut d, &aws);
+        if root.get("pkcs11").is_some() {
+            let pkcs11 = root.section(&mut d, "pkcs11");
+            config.pkcs11 = parse_pkcs11(&mut d, &pkcs11, &base);
+        }
         let daemon = root.section(&mut d, "daemon");
         config.daemon = parse_daemon(&mut d, &daemon);
 
@@ -645,6 +662,109 @@ fn parse_aws(d: &mut Diags<'_>, t: &Table<'_>) -> AwsSettings {
     aws.session_token = session.map(|(_, v)| SecretString::new(&v));
     aws.profile = profile.map(|(_, v)| v);
     aws
+}
+
+/// `[pkcs11]`: `module` (required), exactly one PIN source, and the pool's
+/// bounds. The PIN itself is read when the provider opens, never here, so
+/// it is in no `Config` (which is printed and serialised).
+fn parse_pkcs11(
+    d: &mut Diags<'_>,
+    t: &Table<'_>,
+    base: &Path,
+) -> Option<crate::keys::pkcs11::Pkcs11Settings> {
+    use crate::keys::pkcs11::{PinSource, Pkcs11Settings};
+    t.check_keys(d, PKCS11_KEYS);
+    let path = |d: &mut Diags<'_>, key: &str| {
+        let item = t.get(key)?;
+        let text = d.str(&item)?;
+        match check_path_text(text) {
+            Ok(()) => Some(resolve(base, text)),
+            Err(e) => {
+                d.err(&item, e);
+                None
+            }
+        }
+    };
+    let module = path(d, "module");
+    if t.get("module").is_none() {
+        d.missing(
+            t,
+            "module",
+            "the PKCS#11 module (shared library) of the HSM, e.g. \"/usr/lib/softhsm/libsofthsm2.so\"",
+        );
+    }
+    // Environment variable and credential names: what a shell or systemd's
+    // LoadCredential= accepts, so a typo is caught here, not at first use.
+    let name = |d: &mut Diags<'_>, key: &str, credential: bool| {
+        let item = t.get(key)?;
+        let text = d.str(&item)?;
+        let ok = !text.is_empty()
+            && text.len() <= 255
+            && if credential {
+                text != "." && text != ".." && !text.contains('/') && !text.chars().any(char::is_control)
+            } else {
+                !text.starts_with(|c: char| c.is_ascii_digit())
+                    && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            };
+        if ok {
+            Some(text.to_owned())
+        } else if credential {
+            d.err(&item, "expected a systemd credential name (no '/', as in LoadCredential=NAME:…)");
+            None
+        } else {
+            d.err(&item, "expected an environment variable name ([A-Za-z_][A-Za-z0-9_]*)");
+            None
+        }
+    };
+    let sources: Vec<(Item<'_>, Option<PinSource>)> = [
+        ("pin_file", path(d, "pin_file").map(PinSource::File)),
+        ("pin_env", name(d, "pin_env", false).map(PinSource::Env)),
+        (
+            "pin_credential",
+            name(d, "pin_credential", true).map(PinSource::Credential),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, v)| t.get(key).map(|item| (item, v)))
+    .collect();
+    if sources.is_empty() {
+        d.missing(
+            t,
+            "pin_file",
+            "one PIN source: pin_file, pin_env or pin_credential (the PIN never goes in custos.toml)",
+        );
+    }
+    for (item, _) in sources.iter().skip(1) {
+        d.err(
+            item,
+            "a second PIN source: set one of pin_file, pin_env and pin_credential",
+        );
+    }
+    let mut settings = Pkcs11Settings {
+        module: module?,
+        pin: sources.into_iter().next()?.1?,
+        max_sessions: Pkcs11Settings::DEFAULT_MAX_SESSIONS,
+        timeout: Pkcs11Settings::DEFAULT_TIMEOUT,
+        network: false,
+    };
+    if let Some(item) = t.get("max_sessions")
+        && let Some(n) = d.int_in(&item, 1, 256)
+    {
+        settings.max_sessions = n as usize;
+    }
+    if let Some(item) = t.get("timeout")
+        && let Some(v) = d.duration(&item)
+    {
+        if v < Duration::from_secs(1) || v > Duration::from_secs(600) {
+            d.err(&item, "must be from 1s to 10m");
+        } else {
+            settings.timeout = v;
+        }
+    }
+    if let Some(item) = t.get("network") {
+        settings.network = d.bool(&item).unwrap_or(false);
+    }
+    Some(settings)
 }
 
 /// An `http://` or `https://` URL with a host and no whitespace.
