@@ -701,7 +701,10 @@ fn parse_pkcs11(
         let ok = !text.is_empty()
             && text.len() <= 255
             && if credential {
-                text != "." && text != ".." && !text.contains('/') && !text.chars().any(char::is_control)
+                text != "."
+                    && text != ".."
+                    && !text.contains('/')
+                    && !text.chars().any(char::is_control)
             } else {
                 !text.starts_with(|c: char| c.is_ascii_digit())
                     && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -709,10 +712,16 @@ fn parse_pkcs11(
         if ok {
             Some(text.to_owned())
         } else if credential {
-            d.err(&item, "expected a systemd credential name (no '/', as in LoadCredential=NAME:…)");
+            d.err(
+                &item,
+                "expected a systemd credential name (no '/', as in LoadCredential=NAME:…)",
+            );
             None
         } else {
-            d.err(&item, "expected an environment variable name ([A-Za-z_][A-Za-z0-9_]*)");
+            d.err(
+                &item,
+                "expected an environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+            );
             None
         }
     };
@@ -1274,6 +1283,52 @@ metrics_listen = "127.0.0.1:9464"
         );
         let err = Config::discover_from(None, Some(OsStr::new("gone.toml")), &cwd).unwrap_err();
         assert!(err.to_string().contains("gone.toml"), "{err}");
+    }
+
+    #[test]
+    fn pkcs11_section() {
+        use crate::keys::pkcs11::PinSource;
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "custos.toml",
+            "[pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\npin_file = \"pkcs11.pin\"\nmax_sessions = 2\ntimeout = \"5s\"\nnetwork = true\n",
+        );
+        let c = Config::load(&path).unwrap();
+        let p = c.pkcs11.as_ref().unwrap();
+        assert_eq!(p.module, Path::new("/usr/lib/softhsm/libsofthsm2.so"));
+        let base = base_dir_of(&path);
+        assert_eq!(p.pin, PinSource::File(base.join("pkcs11.pin")));
+        assert_eq!(
+            (p.max_sessions, p.timeout, p.network),
+            (2, Duration::from_secs(5), true)
+        );
+        assert!(Config::builtin(dir.path()).pkcs11.is_none());
+
+        let errs = errors_of("[pkcs11]\npin_env = \"PIN\"\n");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].contains("pkcs11.module: missing"), "{errs:?}");
+        let errs = errors_of("[pkcs11]\nmodule = \"/m.so\"\n");
+        assert!(
+            errs[0].contains("pin_file, pin_env or pin_credential"),
+            "{errs:?}"
+        );
+        let errs = errors_of(
+            "[pkcs11]\nmodule = \"/m.so\"\npin_env = \"PIN\"\npin_credential = \"pin\"\n",
+        );
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].contains("second PIN source"), "{errs:?}");
+        for (bad, what) in [
+            ("pin_env = \"1PIN\"", "environment variable"),
+            ("pin_credential = \"a/b\"", "credential"),
+            ("pin_env = \"P\"\nmax_sessions = 0", "max_sessions"),
+            ("pin_env = \"P\"\ntimeout = \"1h\"", "1s to 10m"),
+            ("pin_env = \"P\"\npin = \"1234\"", "unknown key"),
+        ] {
+            let errs = errors_of(&format!("[pkcs11]\nmodule = \"/m.so\"\n{bad}\n"));
+            assert!(errs.iter().any(|e| e.contains(what)), "{bad}: {errs:?}");
+            assert!(!errs.iter().any(|e| e.contains("1234")), "{errs:?}");
+        }
     }
 
     #[test]

@@ -77,22 +77,41 @@ async fn whole_flow_through_the_cli() {
 
     let (cli, key_a, key_b) = tokio::task::spawn_blocking(move || {
         // tenant init creates the object on the token.
-        let r = ok_json(&cli, &["tenant", "init", "acme", "--key", &key_a.to_string()]);
+        let r = ok_json(
+            &cli,
+            &["tenant", "init", "acme", "--key", &key_a.to_string()],
+        );
         eprintln!("[pkcs11] tenant init: {r}");
         ok_json(&cli, &["backup", "acme"]);
         let target = cli.path().join("r1");
         ok_json(
             &cli,
-            &["restore", "acme", "latest", "--target", target.to_str().unwrap()],
+            &[
+                "restore",
+                "acme",
+                "latest",
+                "--target",
+                target.to_str().unwrap(),
+            ],
         );
         common::assert_same(&data, &target.join("data"));
         ok_json(&cli, &["check", "acme", "--read-data"]);
         let r = ok_json(&cli, &["rotate", "acme", "--cmk"]);
         assert_eq!(r["envelopes_rewrapped"], 1, "{r}");
-        assert_eq!((r["key_version_before"].as_str(), r["key_version_after"].as_str()), (Some("1"), Some("2")), "{r}");
+        assert_eq!(
+            (
+                r["key_version_before"].as_str(),
+                r["key_version_after"].as_str()
+            ),
+            (Some("1"), Some("2")),
+            "{r}"
+        );
         fs::write(data.join("later.txt"), "a second snapshot").unwrap();
         ok_json(&cli, &["backup", "acme"]);
-        let r = ok_json(&cli, &["rotate", "acme", "--replace-cmk", &key_b.to_string()]);
+        let r = ok_json(
+            &cli,
+            &["rotate", "acme", "--replace-cmk", &key_b.to_string()],
+        );
         assert_eq!(r["envelopes_rewrapped"], 1, "{r}");
         write_policy(&cli, &key_b.to_string(), &data);
         ok_json(&cli, &["forget", "acme", "--keep-last", "1", "--prune"]);
@@ -109,7 +128,10 @@ async fn whole_flow_through_the_cli() {
         eprintln!("[pkcs11] wrong PIN: {v}");
         assert_eq!(v["error"]["kind"], "key_unavailable", "{v}");
         for shown in [&r.stdout, &r.stderr] {
-            assert!(!shown.contains("0000000000000000") && !shown.contains(&pin), "PIN in {shown}");
+            assert!(
+                !shown.contains("0000000000000000") && !shown.contains(&pin),
+                "PIN in {shown}"
+            );
         }
         write_config(&cli, &settings.module, &pin_file);
         (cli, key_a, key_b)
@@ -121,7 +143,14 @@ async fn whole_flow_through_the_cli() {
         let out = cli.path().join("cert.json");
         let r = ok_json(
             &cli,
-            &["shred", "acme", "--confirm", "acme", "--out", out.to_str().unwrap()],
+            &[
+                "shred",
+                "acme",
+                "--confirm",
+                "acme",
+                "--out",
+                out.to_str().unwrap(),
+            ],
         );
         eprintln!("[pkcs11] shred: {r}");
         assert_eq!(r["guarantee"], "keys_destroyed", "{r}");

@@ -807,7 +807,11 @@ mod pkcs11_specific {
         let c = ctx("acme", 1);
         let (_, mut wrapped) = f.provider.generate_data_key(&key, &c).await.unwrap();
         assert_eq!(wrapped.key_version.as_deref(), Some("1"));
-        assert_eq!(wrapped.ciphertext.len(), 12 + 32 + 16, "IV ‖ ciphertext ‖ tag");
+        assert_eq!(
+            wrapped.ciphertext.len(),
+            12 + 32 + 16,
+            "IV ‖ ciphertext ‖ tag"
+        );
         let mut other_version = wrapped.clone();
         other_version.key_version = Some("2".into());
         let e = expect_err(
@@ -918,7 +922,10 @@ mod pkcs11_specific {
             for a in attrs {
                 match a {
                     Attribute::Id(id) => ids.push(id.clone()),
-                    Attribute::Token(b) | Attribute::Sensitive(b) | Attribute::NeverExtractable(b) | Attribute::AlwaysSensitive(b) => {
+                    Attribute::Token(b)
+                    | Attribute::Sensitive(b)
+                    | Attribute::NeverExtractable(b)
+                    | Attribute::AlwaysSensitive(b) => {
                         assert!(*b, "{a:?}");
                         seen += 1;
                     }
@@ -946,10 +953,17 @@ mod pkcs11_specific {
         let d = f.provider.destroy(&key, 7).await.unwrap();
         assert_eq!(d.action, DestroyAction::ObjectsDestroyed);
         assert_eq!(d.objects.len(), 2, "{d:?}");
-        assert!(d.objects.iter().any(|o| o.ends_with("id=00000002")), "{d:?}");
+        assert!(
+            d.objects.iter().any(|o| o.ends_with("id=00000002")),
+            "{d:?}"
+        );
         assert!(token_objects(&settings, &token, &label).is_empty());
         // And an existing object is not made again by create_key.
-        let e = expect_err(&f, "create_key of a destroyed key", f.provider.create_key(&key).await);
+        let e = expect_err(
+            &f,
+            "create_key of a destroyed key",
+            f.provider.create_key(&key).await,
+        );
         assert!(matches!(e, KeyError::Destroyed { .. }), "{e:?}");
     }
 
@@ -965,7 +979,10 @@ mod pkcs11_specific {
             ("describe", f.provider.describe(&key).await.map(|_| ())),
             (
                 "generate_data_key",
-                f.provider.generate_data_key(&key, &ctx("acme", 1)).await.map(|_| ()),
+                f.provider
+                    .generate_data_key(&key, &ctx("acme", 1))
+                    .await
+                    .map(|_| ()),
             ),
             ("destroy", f.provider.destroy(&key, 7).await.map(|_| ())),
         ] {
@@ -976,8 +993,15 @@ mod pkcs11_specific {
         }
         // With a serial that does not match, too.
         let (_, token) = common::pkcs11_settings().unwrap();
-        let key = KeyRef::parse(&format!("pkcs11:token={token};serial=0000000000000000;object=acme")).unwrap();
-        let e = expect_err(&f, "a serial that does not match", f.provider.describe(&key).await);
+        let key = KeyRef::parse(&format!(
+            "pkcs11:token={token};serial=0000000000000000;object=acme"
+        ))
+        .unwrap();
+        let e = expect_err(
+            &f,
+            "a serial that does not match",
+            f.provider.describe(&key).await,
+        );
         assert_eq!(e.kind(), "key_unavailable");
     }
 
@@ -1000,7 +1024,10 @@ mod pkcs11_specific {
         eprintln!("[pkcs11] all sessions busy: {e} after {took:?}");
         assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
         assert_eq!(e.kind(), "key_unavailable");
-        assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?}");
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
         drop(held);
         // Concurrent callers share the one session in turn.
         let calls = (0..8).map(|_| provider.describe(&key));
@@ -1026,7 +1053,10 @@ mod pkcs11_specific {
             assert!(!shown.contains(&pin), "PIN in {shown}");
         }
         // A PIN from the environment: the same.
-        let var = format!("CUSTOS_TEST_PIN_{}", hex::encode(custos::util::random_bytes::<4>()));
+        let var = format!(
+            "CUSTOS_TEST_PIN_{}",
+            hex::encode(custos::util::random_bytes::<4>())
+        );
         let env_settings = Pkcs11Settings {
             pin: PinSource::Env(var.clone()),
             ..settings.clone()

@@ -94,10 +94,7 @@ impl PinSource {
                         "pin_credential {name}: $CREDENTIALS_DIRECTORY is not set (run under systemd with LoadCredential={name}:…)"
                     )));
                 };
-                read_pin_file(
-                    &PathBuf::from(dir).join(name),
-                    "PKCS#11 PIN credential",
-                )?
+                read_pin_file(&PathBuf::from(dir).join(name), "PKCS#11 PIN credential")?
             }
             PinSource::Env(var) => match std::env::var(var) {
                 Ok(v) => Zeroizing::new(v),
@@ -135,9 +132,8 @@ fn read_pin_file(path: &std::path::Path, what: &str) -> Result<Zeroizing<String>
     // Owner and write bits of the file and every directory above it (as
     // for the configuration), then the file itself on its descriptor.
     crate::secure_fs::check_file(path, what).map_err(check)?;
-    let file =
-        crate::secure_fs::open_trusted(path, what, std::fs::OpenOptions::new().read(true))
-            .map_err(check)?;
+    let file = crate::secure_fs::open_trusted(path, what, std::fs::OpenOptions::new().read(true))
+        .map_err(check)?;
     let meta = file.metadata().map_err(|e| KeyError::LocalFile {
         path: path.to_owned(),
         message: e.to_string(),
@@ -267,18 +263,12 @@ impl Pkcs11Provider {
             },
         })?;
         let pin = settings.pin.read()?;
-        let ctx = pool::load_module(&settings.module).map_err(|message| {
-            KeyError::NotConfigured {
+        let ctx =
+            pool::load_module(&settings.module).map_err(|message| KeyError::NotConfigured {
                 provider: "pkcs11",
                 message,
-            }
-        })?;
-        let pool = Pool::new(
-            ctx,
-            settings.module.clone(),
-            pin,
-            settings.pin.to_string(),
-        );
+            })?;
+        let pool = Pool::new(ctx, settings.module.clone(), pin, settings.pin.to_string());
         Ok(Pkcs11Provider {
             pool: Arc::new(pool),
             settings: settings.clone(),
@@ -671,7 +661,13 @@ impl Ctx {
         .map_err(ck("C_GenerateKey (CKM_AES_KEY_GEN)"))
     }
 
-    fn wrap(&self, s: &Session, v: &Version, data_key: &DataKey, aad: &[u8]) -> Result<Vec<u8>, Fail> {
+    fn wrap(
+        &self,
+        s: &Session,
+        v: &Version,
+        data_key: &DataKey,
+        aad: &[u8],
+    ) -> Result<Vec<u8>, Fail> {
         let iv: [u8; IV_LEN] = crate::util::random_bytes();
         let mut iv_param = iv;
         let params = GcmParams::new(&mut iv_param, aad, Ulong::from(8 * TAG_LEN as u64))
@@ -708,7 +704,9 @@ impl Ctx {
         let same = theirs.is_some_and(|t| {
             t.token == token.label
                 && t.object == self.uri.object
-                && (t.serial.is_none() || ours_serial.is_none() || t.serial.as_deref() == ours_serial)
+                && (t.serial.is_none()
+                    || ours_serial.is_none()
+                    || t.serial.as_deref() == ours_serial)
         });
         if !same {
             return Err(self.invalid(format!(
@@ -746,13 +744,15 @@ impl Ctx {
             // The tag did not verify: wrong context, another version, or a
             // changed ciphertext. SoftHSM2 reports a failed tag as a general
             // error; the key, session and lengths were checked above.
-            Err(e @ cryptoki::error::Error::Pkcs11(
-                cryptoki::error::RvError::EncryptedDataInvalid
-                | cryptoki::error::RvError::EncryptedDataLenRange
-                | cryptoki::error::RvError::GeneralError
-                | cryptoki::error::RvError::FunctionFailed,
-                _,
-            )) => Err(self.invalid(short(&e))),
+            Err(
+                e @ cryptoki::error::Error::Pkcs11(
+                    cryptoki::error::RvError::EncryptedDataInvalid
+                    | cryptoki::error::RvError::EncryptedDataLenRange
+                    | cryptoki::error::RvError::GeneralError
+                    | cryptoki::error::RvError::FunctionFailed,
+                    _,
+                ),
+            ) => Err(self.invalid(short(&e))),
             Err(e) => Err(Fail::Ck("C_Decrypt (CKM_AES_GCM)", e)),
         }
     }
@@ -1014,8 +1014,7 @@ impl KeyProvider for Pkcs11Provider {
             // Every secret key under the label, custos version id or not:
             // all of it is the key's material.
             for v in &view.versions {
-                s.destroy_object(v.handle)
-                    .map_err(ck("C_DestroyObject"))?;
+                s.destroy_object(v.handle).map_err(ck("C_DestroyObject"))?;
             }
             // The proof: a search finds none.
             let after = c.read(s)?;

@@ -244,9 +244,7 @@ impl Pool {
             .map_err(|e| map_ck(key, "listing the module's tokens", &e))?;
         let matching: Vec<&Token> = all
             .iter()
-            .filter(|t| {
-                t.label == uri.token && uri.serial.as_deref().is_none_or(|s| s == t.serial)
-            })
+            .filter(|t| t.label == uri.token && uri.serial.as_deref().is_none_or(|s| s == t.serial))
             .collect();
         let token = match matching.as_slice() {
             [one] => (*one).clone(),
@@ -337,7 +335,12 @@ impl Pool {
         // every session is, and C_Login answers UserAlreadyLoggedIn.
         match session.login(UserType::User, Some(&self.pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
-            Err(e @ CkError::Pkcs11(RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange, _)) => {
+            Err(
+                e @ CkError::Pkcs11(
+                    RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange,
+                    _,
+                ),
+            ) => {
                 lock(&self.refused).insert(token.serial.clone());
                 Err(KeyError::AccessDenied {
                     key: key.to_owned(),
