@@ -46,7 +46,7 @@ struct Backend {
 enum KeyMaker {
     Local,
     Kms(Arc<AwsKmsProvider>),
-    /// Keys on a PKCS#11 token, by label; created by `tenant init` (create_key).
+    /// Keys on a PKCS#11 token (the token's label).
     Pkcs11(String),
 }
 
@@ -64,7 +64,18 @@ impl Backend {
                     kms.endpoint()
                 )
             }),
-            KeyMaker::Pkcs11(token) => common::pkcs11_key(token, hint),
+            // Created now: `Repo::init` makes no HSM object unasked.
+            KeyMaker::Pkcs11(token) => {
+                let key = common::pkcs11_key(token, hint);
+                self.ctx
+                    .keys
+                    .for_key(&key)
+                    .unwrap()
+                    .create_key(&key)
+                    .await
+                    .unwrap_or_else(|e| panic!("creating {key} on the token: {e}"));
+                key
+            }
         }
     }
 

@@ -1,5 +1,6 @@
 //! The PKCS#11 provider through the real binary and `custos.toml`'s
-//! `[pkcs11]`: tenant init (which creates the key object), backup, restore,
+//! `[pkcs11]`: tenant init (`--create-key` creates the key object; without
+//! it the key must exist), backup, restore,
 //! check, rotate --cmk and --replace-cmk, forget, shred and the certificate,
 //! offline and --online; a wrong PIN and a missing `[pkcs11]` are clear
 //! errors. Each custos run is its own process, so its login to the token is
@@ -76,10 +77,36 @@ async fn whole_flow_through_the_cli() {
     write_policy(&cli, &key_a.to_string(), &data);
 
     let (cli, key_a, key_b) = tokio::task::spawn_blocking(move || {
-        // tenant init creates the object on the token.
+        // Without --create-key the key must exist on the token.
+        let r = cli.run(&[
+            "tenant",
+            "init",
+            "acme",
+            "--key",
+            &key_a.to_string(),
+            "--json",
+        ]);
+        assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+        let v = r.json();
+        assert_eq!(v["error"]["kind"], "key_unavailable", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("--create-key"),
+            "{v}"
+        );
+        // With it, tenant init creates the object on the token.
         let r = ok_json(
             &cli,
-            &["tenant", "init", "acme", "--key", &key_a.to_string()],
+            &[
+                "tenant",
+                "init",
+                "acme",
+                "--key",
+                &key_a.to_string(),
+                "--create-key",
+            ],
         );
         eprintln!("[pkcs11] tenant init: {r}");
         ok_json(&cli, &["backup", "acme"]);
