@@ -1115,7 +1115,7 @@ metrics_listen = "127.0.0.1:9464"
         );
         assert_eq!(
             errs[1],
-            "2:1: bogus: unknown key (expected one of: store, state_dir, policies_dir, local_keys, aws, daemon, audit)"
+            "2:1: bogus: unknown key (expected one of: store, state_dir, policies_dir, local_keys, aws, pkcs11, daemon, audit)"
         );
         assert_eq!(errs[2], "4:13: daemon.lease_ttl: must be from 1s to 1h");
         assert!(
