@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of custos: starts the S3 + KMS emulators (LocalStack, else
-# moto) on loopback, then the whole cargo test suite with the emulator tests
-# switched on (they fail, never skip, when CUSTOS_TEST_EMULATORS=1).
+# moto) on loopback and a SoftHSM2 token (scripts/softhsm.sh), then the whole
+# cargo test suite with the emulator and token tests switched on (they fail,
+# never skip, when CUSTOS_TEST_EMULATORS=1).
 #
 # The emulators get free loopback ports (unless CUSTOS_LS_PORT / CUSTOS_MOTO_PORT
 # name them), so a run does not depend on what else listens on the machine,
@@ -39,12 +40,28 @@ promtool check rules contrib/prometheus/alerts.yml
 (cd contrib/prometheus && promtool test rules alerts_test.yml)
 
 started_here=0
+softhsm_here=0
+cleanup() {
+    if [[ $started_here == 1 ]]; then scripts/emulators.sh stop >/dev/null 2>&1 || true; fi
+    if [[ $softhsm_here == 1 ]]; then scripts/softhsm.sh stop >/dev/null 2>&1 || true; fi
+}
+trap cleanup EXIT
 if [[ ${CUSTOS_EXTERNAL_EMULATORS:-0} != 1 ]]; then
     # Install and start the emulators while cargo builds the tests.
     scripts/emulators.sh start > .emu/env.sh 2> .emu/start.log &
     emu_pid=$!
     started_here=1
-    trap 'scripts/emulators.sh stop >/dev/null 2>&1 || true' EXIT
+fi
+
+# A PKCS#11 token (SoftHSM2, initialised with random PINs) for the PKCS#11
+# provider's tests, unless CUSTOS_TEST_PKCS11_MODULE already names a module
+# (a real HSM: export CUSTOS_TEST_PKCS11_MODULE, _TOKEN and _PIN_FILE).
+if [[ -z ${CUSTOS_TEST_PKCS11_MODULE:-} ]]; then
+    scripts/softhsm.sh start > .emu/softhsm.env
+    # shellcheck disable=SC1091
+    source .emu/softhsm.env
+    softhsm_here=1
+    echo "test.sh: PKCS#11 token $CUSTOS_TEST_PKCS11_TOKEN (SoftHSM2)" >&2
 fi
 
 # A Python with the format's primitives, for the independent-implementation test.

@@ -102,8 +102,9 @@ impl Context {
 
 impl Context {
     /// Builds the context a configuration describes: its store (local
-    /// directory or S3), the local key provider, and AWS KMS when a region is
-    /// configured (in custos.toml `[aws]` or the standard AWS environment).
+    /// directory or S3), the local key provider, AWS KMS when a region is
+    /// configured (in custos.toml `[aws]` or the standard AWS environment),
+    /// and PKCS#11 when `[pkcs11]` is.
     pub async fn from_config(cfg: &crate::config::Config) -> crate::Result<Context> {
         let store = open_store(cfg)?;
         let local = crate::keys::local::LocalKeyProvider::new(&cfg.local_keys_dir)?;
@@ -129,6 +130,20 @@ impl Context {
                 ProviderKind::AwsKms,
                 "AWS KMS needs a region: set [aws] region in custos.toml or AWS_REGION".into(),
             );
+        }
+        match &cfg.pkcs11 {
+            Some(settings) => match crate::keys::pkcs11::Pkcs11Provider::open(settings) {
+                Ok(p) => keys.pkcs11 = Some(std::sync::Arc::new(p)),
+                Err(e) => {
+                    keys.unavailable.insert(ProviderKind::Pkcs11, e.to_string());
+                }
+            },
+            None => {
+                keys.unavailable.insert(
+                    ProviderKind::Pkcs11,
+                    "PKCS#11 needs a module and a PIN source: add [pkcs11] to custos.toml".into(),
+                );
+            }
         }
         crate::hooks::wrap_keys(&mut keys)?;
         let state = StateDir::open(&cfg.state_dir)?;

@@ -27,6 +27,11 @@ pub enum TenantCommand {
         /// Reuse the id of a shredded tenant (a new lineage; the old data stays unreadable).
         #[arg(long)]
         allow_reuse: bool,
+        /// Create the CMK in its provider if it lacks it (a PKCS#11 object on
+        /// the token); without it the key must exist. Local keys are always
+        /// created; AWS KMS keys never are.
+        #[arg(long)]
+        create_key: bool,
         #[arg(long)]
         json: bool,
     },
@@ -49,10 +54,11 @@ pub async fn run(config: Option<&Path>, cmd: TenantCommand) -> ExitCode {
             tenant,
             key,
             allow_reuse,
+            create_key,
             json,
         } => finish(
             json,
-            init(config, &tenant, key.as_deref(), allow_reuse).await,
+            init(config, &tenant, key.as_deref(), allow_reuse, create_key).await,
             |r: &InitResult| {
                 if r.created {
                     println!(
@@ -100,6 +106,7 @@ async fn init(
     tenant: &str,
     key: Option<&str>,
     allow_reuse: bool,
+    create_key: bool,
 ) -> Result<InitResult> {
     let s = setup(config).await?;
     let tenant = tenant_id(tenant)?;
@@ -111,7 +118,8 @@ async fn init(
             KeyRef::local(tenant.as_str()).map_err(|e| Error::InvalidArgument(e.to_string()))?
         }
     };
-    let (repo, created) = Repo::init(&s.ctx, &tenant, &key, allow_reuse).await?;
+    let create_key = create_key || key.kind() == crate::keys::ProviderKind::Local;
+    let (repo, created) = Repo::init_with(&s.ctx, &tenant, &key, allow_reuse, create_key).await?;
     if created {
         tracing::info!(event = "tenant.initialised", tenant = %tenant, key = %key, "tenant initialised");
     }

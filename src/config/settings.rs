@@ -381,6 +381,8 @@ pub struct Config {
     pub policies_dir: PathBuf,
     pub local_keys_dir: PathBuf,
     pub aws: AwsSettings,
+    /// `[pkcs11]`: the PKCS#11 module and its PIN source; `None` when absent.
+    pub pkcs11: Option<crate::keys::pkcs11::Pkcs11Settings>,
     pub daemon: DaemonSettings,
     pub audit: AuditSettings,
     /// Where tenants' keys and backups may be (`[residency]`).
@@ -397,9 +399,19 @@ const TOP_KEYS: &[&str] = &[
     "policies_dir",
     "local_keys",
     "aws",
+    "pkcs11",
     "daemon",
     "audit",
     "residency",
+];
+const PKCS11_KEYS: &[&str] = &[
+    "module",
+    "pin_file",
+    "pin_env",
+    "pin_credential",
+    "max_sessions",
+    "timeout",
+    "network",
 ];
 const AWS_KEYS: &[&str] = &[
     "region",
@@ -437,6 +449,7 @@ impl Config {
             state_dir,
             policies_dir: base.join("policies"),
             aws: AwsSettings::default(),
+            pkcs11: None,
             daemon: DaemonSettings::default(),
             residency: Residency::default(),
             origin: ConfigOrigin::BuiltIn,
@@ -568,6 +581,10 @@ impl Config {
 
         let aws = root.section(&mut d, "aws");
         config.aws = parse_aws(&mut d, &aws);
+        if root.get("pkcs11").is_some() {
+            let pkcs11 = root.section(&mut d, "pkcs11");
+            config.pkcs11 = parse_pkcs11(&mut d, &pkcs11, &base);
+        }
         let daemon = root.section(&mut d, "daemon");
         config.daemon = parse_daemon(&mut d, &daemon);
         let residency = root.section(&mut d, "residency");
@@ -730,6 +747,118 @@ fn parse_aws(d: &mut Diags<'_>, t: &Table<'_>) -> AwsSettings {
     aws.session_token = session.map(|(_, v)| SecretString::new(&v));
     aws.profile = profile.map(|(_, v)| v);
     aws
+}
+
+/// `[pkcs11]`: `module` (required), exactly one PIN source, and the pool's
+/// bounds. The PIN itself is read when the provider opens, never here, so
+/// it is in no `Config` (which is printed and serialised).
+fn parse_pkcs11(
+    d: &mut Diags<'_>,
+    t: &Table<'_>,
+    base: &Path,
+) -> Option<crate::keys::pkcs11::Pkcs11Settings> {
+    use crate::keys::pkcs11::{PinSource, Pkcs11Settings};
+    t.check_keys(d, PKCS11_KEYS);
+    let path = |d: &mut Diags<'_>, key: &str| {
+        let item = t.get(key)?;
+        let text = d.str(&item)?;
+        match check_path_text(text) {
+            Ok(()) => Some(resolve(base, text)),
+            Err(e) => {
+                d.err(&item, e);
+                None
+            }
+        }
+    };
+    let module = path(d, "module");
+    if t.get("module").is_none() {
+        d.missing(
+            t,
+            "module",
+            "the PKCS#11 module (shared library) of the HSM, e.g. \"/usr/lib/softhsm/libsofthsm2.so\"",
+        );
+    }
+    // Environment variable and credential names: what a shell or systemd's
+    // LoadCredential= accepts, so a typo is caught here, not at first use.
+    let name = |d: &mut Diags<'_>, key: &str, credential: bool| {
+        let item = t.get(key)?;
+        let text = d.str(&item)?;
+        let ok = !text.is_empty()
+            && text.len() <= 255
+            && if credential {
+                text != "."
+                    && text != ".."
+                    && !text.contains('/')
+                    && !text.chars().any(char::is_control)
+            } else {
+                !text.starts_with(|c: char| c.is_ascii_digit())
+                    && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            };
+        if ok {
+            Some(text.to_owned())
+        } else if credential {
+            d.err(
+                &item,
+                "expected a systemd credential name (no '/', as in LoadCredential=NAME:…)",
+            );
+            None
+        } else {
+            d.err(
+                &item,
+                "expected an environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+            );
+            None
+        }
+    };
+    let sources: Vec<(Item<'_>, Option<PinSource>)> = [
+        ("pin_file", path(d, "pin_file").map(PinSource::File)),
+        ("pin_env", name(d, "pin_env", false).map(PinSource::Env)),
+        (
+            "pin_credential",
+            name(d, "pin_credential", true).map(PinSource::Credential),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, v)| t.get(key).map(|item| (item, v)))
+    .collect();
+    if sources.is_empty() {
+        d.missing(
+            t,
+            "pin_file",
+            "one PIN source: pin_file, pin_env or pin_credential (the PIN never goes in custos.toml)",
+        );
+    }
+    for (item, _) in sources.iter().skip(1) {
+        d.err(
+            item,
+            "a second PIN source: set one of pin_file, pin_env and pin_credential",
+        );
+    }
+    let mut settings = Pkcs11Settings {
+        module: module?,
+        pin: sources.into_iter().next()?.1?,
+        max_sessions: Pkcs11Settings::DEFAULT_MAX_SESSIONS,
+        timeout: Pkcs11Settings::DEFAULT_TIMEOUT,
+        network: false,
+    };
+    if let Some(item) = t.get("max_sessions")
+        && let Some(n) = d.int_in(&item, 1, 256)
+    {
+        settings.max_sessions = n as usize;
+    }
+    if let Some(item) = t.get("timeout")
+        && let Some(v) = d.duration(&item)
+    {
+        if v < Duration::from_secs(1) || v > Duration::from_secs(600) {
+            d.err(&item, "must be from 1s to 10m");
+        } else {
+            settings.timeout = v;
+        }
+    }
+    if let Some(item) = t.get("network") {
+        settings.network = d.bool(&item).unwrap_or(false);
+    }
+    Some(settings)
 }
 
 /// An `http://` or `https://` URL with a host and no whitespace.
@@ -1071,7 +1200,7 @@ metrics_listen = "127.0.0.1:9464"
         );
         assert_eq!(
             errs[1],
-            "2:1: bogus: unknown key (expected one of: store, state_dir, policies_dir, local_keys, aws, daemon, audit, residency)"
+            "2:1: bogus: unknown key (expected one of: store, state_dir, policies_dir, local_keys, aws, pkcs11, daemon, audit, residency)"
         );
         assert_eq!(errs[2], "4:13: daemon.lease_ttl: must be from 1s to 1h");
         assert!(
@@ -1239,6 +1368,52 @@ metrics_listen = "127.0.0.1:9464"
         );
         let err = Config::discover_from(None, Some(OsStr::new("gone.toml")), &cwd).unwrap_err();
         assert!(err.to_string().contains("gone.toml"), "{err}");
+    }
+
+    #[test]
+    fn pkcs11_section() {
+        use crate::keys::pkcs11::PinSource;
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "custos.toml",
+            "[pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\npin_file = \"pkcs11.pin\"\nmax_sessions = 2\ntimeout = \"5s\"\nnetwork = true\n",
+        );
+        let c = Config::load(&path).unwrap();
+        let p = c.pkcs11.as_ref().unwrap();
+        assert_eq!(p.module, Path::new("/usr/lib/softhsm/libsofthsm2.so"));
+        let base = base_dir_of(&path);
+        assert_eq!(p.pin, PinSource::File(base.join("pkcs11.pin")));
+        assert_eq!(
+            (p.max_sessions, p.timeout, p.network),
+            (2, Duration::from_secs(5), true)
+        );
+        assert!(Config::builtin(dir.path()).pkcs11.is_none());
+
+        let errs = errors_of("[pkcs11]\npin_env = \"PIN\"\n");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].contains("pkcs11.module: missing"), "{errs:?}");
+        let errs = errors_of("[pkcs11]\nmodule = \"/m.so\"\n");
+        assert!(
+            errs[0].contains("pin_file, pin_env or pin_credential"),
+            "{errs:?}"
+        );
+        let errs = errors_of(
+            "[pkcs11]\nmodule = \"/m.so\"\npin_env = \"PIN\"\npin_credential = \"pin\"\n",
+        );
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].contains("second PIN source"), "{errs:?}");
+        for (bad, what) in [
+            ("pin_env = \"1PIN\"", "environment variable"),
+            ("pin_credential = \"a/b\"", "credential"),
+            ("pin_env = \"P\"\nmax_sessions = 0", "max_sessions"),
+            ("pin_env = \"P\"\ntimeout = \"1h\"", "1s to 10m"),
+            ("pin_env = \"P\"\npin = \"1234\"", "unknown key"),
+        ] {
+            let errs = errors_of(&format!("[pkcs11]\nmodule = \"/m.so\"\n{bad}\n"));
+            assert!(errs.iter().any(|e| e.contains(what)), "{bad}: {errs:?}");
+            assert!(!errs.iter().any(|e| e.contains("1234")), "{errs:?}");
+        }
     }
 
     #[test]

@@ -436,6 +436,11 @@ pub enum KeyError {
     },
     #[error("access to key {key} denied: {message}")]
     AccessDenied { key: String, message: String },
+    /// The device that holds the key cannot be used now: a PKCS#11 token
+    /// that is absent, whose PIN is locked, or that has no free session.
+    /// Never taken for a missing key (see [`ProviderKind::absence_means_gone`]).
+    #[error("key {key} is unavailable: {message}")]
+    Unavailable { key: String, message: String },
     #[error("key provider throttled requests for {key} and retries ran out: {message}")]
     Throttled { key: String, message: String },
     #[error("key provider {endpoint} unreachable: {message}")]
@@ -494,7 +499,8 @@ impl KeyError {
             | KeyError::PendingDeletion { .. }
             | KeyError::PendingImport { .. }
             | KeyError::Destroyed { .. }
-            | KeyError::AccessDenied { .. } => ErrorKind::KeyUnavailable,
+            | KeyError::AccessDenied { .. }
+            | KeyError::Unavailable { .. } => ErrorKind::KeyUnavailable,
             KeyError::InvalidCiphertext { .. } => ErrorKind::KeyUnwrapFailed,
             KeyError::Throttled { .. } => ErrorKind::KmsThrottled,
             KeyError::Unreachable { .. } => ErrorKind::KmsUnreachable,

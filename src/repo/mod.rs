@@ -240,6 +240,22 @@ impl Repo {
         key: &KeyRef,
         allow_reuse: bool,
     ) -> Result<(Repo, bool)> {
+        let create = key.kind() == crate::keys::ProviderKind::Local;
+        Repo::init_with(ctx, tenant, key, allow_reuse, create).await
+    }
+
+    /// [`Repo::init`], saying whether the CMK may be created in its provider
+    /// when it lacks it (`tenant init --create-key`). Without it the key must
+    /// exist: an HSM object is made only when asked for. Local keys are
+    /// always created ([`Repo::init`]); AWS KMS keys never are (the
+    /// customer's to create).
+    pub async fn init_with(
+        ctx: &Context,
+        tenant: &TenantId,
+        key: &KeyRef,
+        allow_reuse: bool,
+        create_key: bool,
+    ) -> Result<(Repo, bool)> {
         // The descriptor is created and updated conditionally.
         crate::store::probe::require_conditional_writes(ctx).await?;
         let store = TenantStore::new(ctx.store.clone(), tenant);
@@ -261,7 +277,9 @@ impl Repo {
                     if !allow_reuse {
                         return Err(repo.lifecycle_error("cannot be initialised again"));
                     }
-                    return Repo::reinit(ctx, repo, key).await.map(|r| (r, true));
+                    return Repo::reinit(ctx, repo, key, create_key)
+                        .await
+                        .map(|r| (r, true));
                 }
                 Err(Error::TenantNotFound { .. }) => {}
                 Err(e) => return Err(e),
@@ -313,12 +331,7 @@ impl Repo {
             serde_json::json!({ "key": key, "epoch": 1, "reuse": false }),
         )
         .await?;
-        let cmk = ctx.keys.key(key)?;
-        let info = match cmk.create().await {
-            Ok(info) => info,
-            Err(KeyError::Unsupported { .. }) => cmk.describe().await?,
-            Err(e) => return Err(e.into()),
-        };
+        let info = Repo::ensure_key(ctx, key, create_key).await?;
         if !info.state.is_usable() {
             return Err(Error::Key(KeyError::Backend {
                 provider: key.kind().scheme(),
@@ -361,7 +374,7 @@ impl Repo {
 
     /// A shredded tenant id, reused on request: a new lineage whose epochs
     /// continue after the old ones, so no old envelope name is ever reused.
-    async fn reinit(ctx: &Context, mut old: Repo, key: &KeyRef) -> Result<Repo> {
+    async fn reinit(ctx: &Context, mut old: Repo, key: &KeyRef, create_key: bool) -> Result<Repo> {
         if old.descriptor.state != Lifecycle::Shredded {
             return Err(
                 old.lifecycle_error("is being shredded; finish the shred before reusing the id")
@@ -385,12 +398,7 @@ impl Repo {
             serde_json::json!({ "key": key, "epoch": epoch, "reuse": true }),
         )
         .await?;
-        let cmk = ctx.keys.key(key)?;
-        if let Err(e) = cmk.create().await
-            && !matches!(e, KeyError::Unsupported { .. })
-        {
-            return Err(e.into());
-        }
+        Repo::ensure_key(ctx, key, create_key).await?;
         Repo::create_epoch_envelope(ctx, &old.store, key, epoch).await?;
         ownership::record_binding(ctx, &old.store, key, "tenant-reinit").await?;
         let now = Utc::now();
@@ -409,6 +417,32 @@ impl Repo {
         )
         .await?;
         Ok(old)
+    }
+
+    /// The CMK a new tenant is made under: created where `create` allows it
+    /// and the provider manages creation, else described (it must exist).
+    async fn ensure_key(ctx: &Context, key: &KeyRef, create: bool) -> Result<crate::keys::KeyInfo> {
+        let cmk = ctx.keys.key(key)?;
+        if create {
+            match cmk.create().await {
+                Ok(info) => return Ok(info),
+                Err(KeyError::Unsupported { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match cmk.describe().await {
+            Ok(info) => Ok(info),
+            // PKCS#11 objects are made only when asked for.
+            Err(KeyError::NotFound { key: k, message })
+                if !create && key.kind() == crate::keys::ProviderKind::Pkcs11 =>
+            {
+                Err(Error::Key(KeyError::NotFound {
+                    key: k,
+                    message: format!("{message}; `custos tenant init --create-key` creates it"),
+                }))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Generates the data key of `epoch` and stores its envelope (create-only;

@@ -46,6 +46,8 @@ struct Backend {
 enum KeyMaker {
     Local,
     Kms(Arc<AwsKmsProvider>),
+    /// Keys on a PKCS#11 token (the token's label).
+    Pkcs11(String),
 }
 
 impl Backend {
@@ -62,12 +64,24 @@ impl Backend {
                     kms.endpoint()
                 )
             }),
+            // Created now: `Repo::init` makes no HSM object unasked.
+            KeyMaker::Pkcs11(token) => {
+                let key = common::pkcs11_key(token, hint);
+                self.ctx
+                    .keys
+                    .key(&key)
+                    .unwrap()
+                    .create()
+                    .await
+                    .unwrap_or_else(|e| panic!("creating {key} on the token: {e}"));
+                key
+            }
         }
     }
 
     /// Creates the key in the provider where custos manages key creation (local).
     async fn ensure_created(&self, key: &KeyRef) {
-        if let KeyMaker::Local = self.keys {
+        if let KeyMaker::Local | KeyMaker::Pkcs11(_) = self.keys {
             self.ctx.keys.key(key).unwrap().create().await.unwrap();
         }
     }
@@ -109,6 +123,24 @@ async fn s3_kms_backend() -> Option<Backend> {
         name: "s3+kms",
         ctx,
         keys: KeyMaker::Kms(kms),
+        _tmp: tmp,
+    })
+}
+
+/// The local store with keys on a PKCS#11 token (SoftHSM2 from
+/// `scripts/softhsm.sh start`, or the token the `CUSTOS_TEST_PKCS11_*`
+/// variables name); skipped without one, a failure under CUSTOS_TEST_EMULATORS=1.
+fn pkcs11_backend() -> Option<Backend> {
+    let (settings, token) = common::pkcs11_settings()?;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ctx = Context::embedded(tmp.path()).unwrap();
+    let provider = custos::keys::pkcs11::Pkcs11Provider::open(&settings)
+        .unwrap_or_else(|e| panic!("PKCS#11 provider from the test environment: {e}"));
+    ctx.keys.pkcs11 = Some(Arc::new(provider));
+    Some(Backend {
+        name: "pkcs11",
+        ctx,
+        keys: KeyMaker::Pkcs11(token),
         _tmp: tmp,
     })
 }
@@ -585,6 +617,31 @@ async fn s3_kms_backend_rotation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_kms_backend_rotation_cost() {
     let Some(b) = s3_kms_backend().await else {
+        return;
+    };
+    rotation_cost(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pkcs11_backend_flow() {
+    let Some(b) = pkcs11_backend() else {
+        return;
+    };
+    let key = b.fresh_key("flow").await;
+    flow(&b.ctx, &key).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pkcs11_backend_rotation() {
+    let Some(b) = pkcs11_backend() else {
+        return;
+    };
+    rotation_flow(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pkcs11_backend_rotation_cost() {
+    let Some(b) = pkcs11_backend() else {
         return;
     };
     rotation_cost(&b).await;

@@ -356,3 +356,40 @@ pub fn s3_options() -> custos::store::s3::S3Options {
 pub fn s3_bucket() -> String {
     env("CUSTOS_TEST_S3_BUCKET").unwrap_or_else(|| "custos-test".into())
 }
+
+/// The PKCS#11 token the environment names (`scripts/softhsm.sh start`, or a
+/// real HSM's module, token and PIN file exported by hand). `None` (with a
+/// `skipped:` line) when unset; a panic when unset and `CUSTOS_TEST_EMULATORS=1`.
+pub fn pkcs11_settings() -> Option<(custos::keys::pkcs11::Pkcs11Settings, String)> {
+    let vars = (
+        env("CUSTOS_TEST_PKCS11_MODULE"),
+        env("CUSTOS_TEST_PKCS11_TOKEN"),
+        env("CUSTOS_TEST_PKCS11_PIN_FILE"),
+    );
+    let (Some(module), Some(token), Some(pin_file)) = vars else {
+        require(
+            false,
+            "a PKCS#11 token (CUSTOS_TEST_PKCS11_MODULE, _TOKEN, _PIN_FILE from scripts/softhsm.sh start)",
+        );
+        return None;
+    };
+    Some((
+        custos::keys::pkcs11::Pkcs11Settings {
+            module: module.into(),
+            pin: custos::keys::pkcs11::PinSource::File(pin_file.into()),
+            max_sessions: 4,
+            timeout: std::time::Duration::from_secs(30),
+            network: false,
+        },
+        token,
+    ))
+}
+
+/// A fresh PKCS#11 key reference on the test token (not created).
+pub fn pkcs11_key(token: &str, hint: &str) -> custos::keys::KeyRef {
+    custos::keys::KeyRef::parse(&format!(
+        "pkcs11:token={token};object=custos-test-{hint}-{}",
+        hex::encode(custos::util::random_bytes::<6>())
+    ))
+    .unwrap()
+}

@@ -24,6 +24,7 @@ use async_trait::async_trait;
 use custos::TenantId;
 use custos::keys::aws_kms::{AwsKmsProvider, AwsKmsSettings};
 use custos::keys::local::LocalKeyProvider;
+use custos::keys::pkcs11::Pkcs11Provider;
 use custos::keys::{
     DestroyAction, KeyError, KeyOrigin, KeyProvider, KeyPurpose, KeyRef, KeyState, SecretKey,
     WrapContext,
@@ -167,6 +168,66 @@ impl Fixture for LocalFixture {
     }
     fn enforces_states(&self) -> bool {
         true
+    }
+}
+
+/// A PKCS#11 token: SoftHSM2 from `scripts/softhsm.sh start`, or any module,
+/// token and PIN file the `CUSTOS_TEST_PKCS11_*` variables name.
+struct Pkcs11Fixture {
+    provider: Pkcs11Provider,
+    token: String,
+    created: std::sync::Mutex<Vec<KeyRef>>,
+}
+
+impl Pkcs11Fixture {
+    fn new() -> Option<Self> {
+        let (settings, token) = common::pkcs11_settings()?;
+        let provider = Pkcs11Provider::open(&settings).unwrap_or_else(|e| {
+            panic!(
+                "opening PKCS#11 module {} failed: {e}",
+                settings.module.display()
+            )
+        });
+        Some(Pkcs11Fixture {
+            provider,
+            token,
+            created: Default::default(),
+        })
+    }
+}
+
+#[async_trait]
+impl Fixture for Pkcs11Fixture {
+    fn name(&self) -> &str {
+        "pkcs11"
+    }
+    fn provider(&self) -> &dyn KeyProvider {
+        &self.provider
+    }
+    async fn fresh_key(&self) -> KeyRef {
+        let key = common::pkcs11_key(&self.token, "k");
+        self.provider
+            .create_key(&key)
+            .await
+            .unwrap_or_else(|e| panic!("creating {key} on the token failed: {e}"));
+        self.created.lock().unwrap().push(key.clone());
+        key
+    }
+    /// No such thing: every version object is destroyed at once anyway.
+    async fn fresh_imported_key(&self) -> Option<KeyRef> {
+        None
+    }
+    fn enforces_states(&self) -> bool {
+        true
+    }
+    /// A real HSM's test partition should not fill up with test keys.
+    async fn cleanup(&self) {
+        let keys = std::mem::take(&mut *self.created.lock().unwrap());
+        for key in keys {
+            if let Err(e) = self.provider.destroy(&key, 7).await {
+                eprintln!("[pkcs11] cleanup of {key}: {e}");
+            }
+        }
     }
 }
 
@@ -688,6 +749,7 @@ macro_rules! conformance {
 
 conformance!(local, LocalFixture::new());
 conformance!(aws_kms, AwsFixture::new().await);
+conformance!(pkcs11, Pkcs11Fixture::new());
 
 mod local_specific {
     use super::*;
@@ -713,6 +775,309 @@ mod local_specific {
             f.provider.unwrap(&key, &wrapped, &c).await,
         );
         assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// PKCS#11 specifics on the token (SoftHSM2 in CI)
+// ---------------------------------------------------------------------------
+
+mod pkcs11_specific {
+    use super::*;
+    use custos::keys::pkcs11::{PinSource, Pkcs11Settings};
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn error_kinds() {
+        let Some(f) = Pkcs11Fixture::new() else {
+            return;
+        };
+        let missing = common::pkcs11_key(&f.token, "missing");
+        suite::error_kinds(&f, &missing).await;
+    }
+
+    /// An envelope of another key or provider is refused before the token
+    /// is asked, as an invalid ciphertext.
+    #[tokio::test]
+    async fn foreign_envelope_is_refused() {
+        let Some(f) = Pkcs11Fixture::new() else {
+            return;
+        };
+        let key = f.fresh_key().await;
+        let c = ctx("acme", 1);
+        let (_, mut wrapped) = f.provider.generate_data_key(&key, &c).await.unwrap();
+        assert_eq!(wrapped.key_version.as_deref(), Some("1"));
+        assert_eq!(
+            wrapped.ciphertext.len(),
+            12 + 32 + 16,
+            "IV ‖ ciphertext ‖ tag"
+        );
+        let mut other_version = wrapped.clone();
+        other_version.key_version = Some("2".into());
+        let e = expect_err(
+            &f,
+            "unwrap naming a version that does not exist",
+            f.provider.unwrap(&key, &other_version, &c).await,
+        );
+        assert!(!matches!(e, KeyError::NotFound { .. }), "{e:?}");
+        wrapped.key_id = "arn:aws:kms:us-east-1:000000000000:key/1234".into();
+        let e = expect_err(
+            &f,
+            "unwrap of a foreign envelope",
+            f.provider.unwrap(&key, &wrapped, &c).await,
+        );
+        assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+        f.cleanup().await;
+    }
+
+    /// Opens the test token directly (not through custos) and returns the
+    /// attributes of the objects labelled `label`.
+    fn token_objects(
+        settings: &Pkcs11Settings,
+        token: &str,
+        label: &str,
+    ) -> Vec<Vec<cryptoki::object::Attribute>> {
+        use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+        use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+        use cryptoki::session::UserType;
+        let ctx = Pkcs11::new(&settings.module).unwrap();
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) => {}
+            Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::CryptokiAlreadyInitialized,
+                _,
+            )) => {}
+            Err(e) => panic!("C_Initialize: {e}"),
+        }
+        let slot = ctx
+            .get_slots_with_token()
+            .unwrap()
+            .into_iter()
+            .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == token)
+            .expect("the test token");
+        let session = ctx.open_ro_session(slot).unwrap();
+        let PinSource::File(pin_file) = &settings.pin else {
+            unreachable!()
+        };
+        let pin = std::fs::read_to_string(pin_file).unwrap();
+        match session.login(UserType::User, Some(&pin.trim().into())) {
+            Ok(())
+            | Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::UserAlreadyLoggedIn,
+                _,
+            )) => {}
+            Err(e) => panic!("C_Login: {e}"),
+        }
+        let handles = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .unwrap();
+        let mut out = Vec::new();
+        for h in handles {
+            // The key bytes cannot be read: the token refuses CKA_VALUE.
+            let value = session.get_attributes(h, &[AttributeType::Value]);
+            assert!(
+                !matches!(&value, Ok(v) if v.iter().any(|a| matches!(a, Attribute::Value(_)))),
+                "the token handed out CKA_VALUE of a CMK"
+            );
+            out.push(
+                session
+                    .get_attributes(
+                        h,
+                        &[
+                            AttributeType::Id,
+                            AttributeType::Token,
+                            AttributeType::Sensitive,
+                            AttributeType::Extractable,
+                            AttributeType::NeverExtractable,
+                            AttributeType::AlwaysSensitive,
+                            AttributeType::ValueLen,
+                        ],
+                    )
+                    .unwrap(),
+            );
+        }
+        out
+    }
+
+    /// What custos creates is a token object, sensitive and never
+    /// extractable, and each rotation adds one with the next CKA_ID.
+    #[tokio::test]
+    async fn created_objects_are_not_extractable() {
+        use cryptoki::object::Attribute;
+        let Some(f) = Pkcs11Fixture::new() else {
+            return;
+        };
+        let (settings, token) = common::pkcs11_settings().unwrap();
+        let key = f.fresh_key().await;
+        f.provider.rotate(&key).await.unwrap();
+        let label = key.id().rsplit("object=").next().unwrap().to_owned();
+        let objects = token_objects(&settings, &token, &label);
+        assert_eq!(objects.len(), 2, "one object per version");
+        let mut ids = Vec::new();
+        for attrs in &objects {
+            let mut seen = 0;
+            for a in attrs {
+                match a {
+                    Attribute::Id(id) => ids.push(id.clone()),
+                    Attribute::Token(b)
+                    | Attribute::Sensitive(b)
+                    | Attribute::NeverExtractable(b)
+                    | Attribute::AlwaysSensitive(b) => {
+                        assert!(*b, "{a:?}");
+                        seen += 1;
+                    }
+                    Attribute::Extractable(b) => {
+                        assert!(!*b, "CKA_EXTRACTABLE must be false");
+                        seen += 1;
+                    }
+                    Attribute::ValueLen(n) => assert_eq!(u64::from(*n), 32),
+                    _ => {}
+                }
+            }
+            assert_eq!(seen, 5, "{attrs:?}");
+        }
+        ids.sort();
+        assert_eq!(ids, [vec![0, 0, 0, 1], vec![0, 0, 0, 2]]);
+        let info = f.provider.describe(&key).await.unwrap();
+        assert_eq!(info.current_version.as_deref(), Some("2"));
+        assert_eq!(info.origin, KeyOrigin::Provider);
+        // CKA_START_DATE, where the token returns it (SoftHSM2 does not for
+        // a private object).
+        eprintln!("[pkcs11] created_at {:?}", info.created_at);
+
+        // Destroyed: a search finds no object, and the certificate's list
+        // names each version.
+        let d = f.provider.destroy(&key, 7).await.unwrap();
+        assert_eq!(d.action, DestroyAction::ObjectsDestroyed);
+        assert_eq!(d.objects.len(), 2, "{d:?}");
+        assert!(
+            d.objects.iter().any(|o| o.ends_with("id=00000002")),
+            "{d:?}"
+        );
+        assert!(token_objects(&settings, &token, &label).is_empty());
+        // And an existing object is not made again by create_key.
+        let e = expect_err(
+            &f,
+            "create_key of a destroyed key",
+            f.provider.create_key(&key).await,
+        );
+        assert!(matches!(e, KeyError::Destroyed { .. }), "{e:?}");
+    }
+
+    /// A token that is not there is `key_unavailable`, never "not found":
+    /// absence of a PKCS#11 key is taken as its destruction.
+    #[tokio::test]
+    async fn absent_token_is_unavailable() {
+        let Some(f) = Pkcs11Fixture::new() else {
+            return;
+        };
+        let key = KeyRef::parse("pkcs11:token=custos-no-such-token;object=acme").unwrap();
+        for (case, r) in [
+            ("describe", f.provider.describe(&key).await.map(|_| ())),
+            (
+                "generate_data_key",
+                f.provider
+                    .generate_data_key(&key, &ctx("acme", 1))
+                    .await
+                    .map(|_| ()),
+            ),
+            ("destroy", f.provider.destroy(&key, 7).await.map(|_| ())),
+        ] {
+            let e = expect_err(&f, case, r);
+            assert!(matches!(e, KeyError::Unavailable { .. }), "{case}: {e:?}");
+            assert_eq!(e.kind(), "key_unavailable");
+            assert!(e.to_string().contains("custos-no-such-token"), "{e}");
+        }
+        // With a serial that does not match, too.
+        let (_, token) = common::pkcs11_settings().unwrap();
+        let key = KeyRef::parse(&format!(
+            "pkcs11:token={token};serial=0000000000000000;object=acme"
+        ))
+        .unwrap();
+        let e = expect_err(
+            &f,
+            "a serial that does not match",
+            f.provider.describe(&key).await,
+        );
+        assert_eq!(e.kind(), "key_unavailable");
+    }
+
+    /// When every session is busy, a call fails as `key_unavailable` after
+    /// the configured timeout, never hangs; it works again once one is free.
+    #[tokio::test]
+    async fn pool_exhaustion_times_out() {
+        let Some((mut settings, token)) = common::pkcs11_settings() else {
+            return;
+        };
+        settings.max_sessions = 1;
+        settings.timeout = Duration::from_secs(1);
+        let provider = Pkcs11Provider::open(&settings).unwrap();
+        let key = common::pkcs11_key(&token, "pool");
+        provider.create_key(&key).await.unwrap();
+        let held = provider.hold_all_sessions().await;
+        let t = Instant::now();
+        let e = provider.describe(&key).await.unwrap_err();
+        let took = t.elapsed();
+        eprintln!("[pkcs11] all sessions busy: {e} after {took:?}");
+        assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
+        assert_eq!(e.kind(), "key_unavailable");
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+        drop(held);
+        // Concurrent callers share the one session in turn.
+        let calls = (0..8).map(|_| provider.describe(&key));
+        for r in futures::future::join_all(calls).await {
+            assert_eq!(r.unwrap().state, KeyState::Enabled);
+        }
+        provider.destroy(&key, 7).await.unwrap();
+    }
+
+    /// The PIN shows nowhere: not in the settings' or the provider's Debug,
+    /// not in errors; and a PIN file others can read is refused.
+    #[tokio::test]
+    async fn pin_never_shows() {
+        let Some((settings, _)) = common::pkcs11_settings() else {
+            return;
+        };
+        let PinSource::File(pin_file) = &settings.pin else {
+            unreachable!()
+        };
+        let pin = std::fs::read_to_string(pin_file).unwrap().trim().to_owned();
+        let provider = Pkcs11Provider::open(&settings).unwrap();
+        for shown in [format!("{settings:?}"), format!("{provider:?}")] {
+            assert!(!shown.contains(&pin), "PIN in {shown}");
+        }
+        // A PIN from the environment: the same.
+        let var = format!(
+            "CUSTOS_TEST_PIN_{}",
+            hex::encode(custos::util::random_bytes::<4>())
+        );
+        let env_settings = Pkcs11Settings {
+            pin: PinSource::Env(var.clone()),
+            ..settings.clone()
+        };
+        let e = Pkcs11Provider::open(&env_settings).unwrap_err();
+        assert!(e.to_string().contains(&var), "{e}");
+        // A PIN file that group or others can read.
+        let dir = tempfile::tempdir().unwrap();
+        let loose = dir.path().join("pin");
+        std::fs::write(&loose, format!("{pin}\n")).unwrap();
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let loose_settings = Pkcs11Settings {
+            pin: PinSource::File(loose.clone()),
+            ..settings.clone()
+        };
+        let e = Pkcs11Provider::open(&loose_settings).unwrap_err();
+        eprintln!("[pkcs11] loose PIN file: {e}");
+        assert_eq!(e.kind(), "insecure_permissions");
+        for shown in [e.to_string(), format!("{e:?}")] {
+            assert!(!shown.contains(&pin), "PIN in {shown}");
+        }
     }
 }
 

@@ -13,6 +13,7 @@ mod backends;
 mod bad_input;
 mod cli_errors;
 mod cli_kms;
+mod cli_pkcs11;
 mod crash_loop;
 mod daemon;
 mod drill;

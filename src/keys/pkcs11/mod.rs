@@ -1,11 +1,1081 @@
 //! The PKCS#11 key provider: CMKs are AES-256 secret keys on an HSM or
-//! token, reached through its PKCS#11 module (`cryptoki`).
+//! token, reached through its PKCS#11 module (`cryptoki`). custos never
+//! reads key bytes out of the token; every wrap and unwrap is a
+//! `C_Encrypt` / `C_Decrypt` with `CKM_AES_GCM` on the token.
+//!
+//! Object conventions (docs/FORMAT.md §3, docs/keys-you-hold.md):
+//!
+//! - a key `pkcs11:token=T;object=L` is every secret-key object labelled
+//!   `L` on token `T`; each version of the key is one object, its
+//!   `CKA_ID` the version as a 4-byte big-endian number (`00000001` for
+//!   the first); the current version is the highest;
+//! - custos creates them `CKA_TOKEN`, `CKA_PRIVATE`, `CKA_SENSITIVE`, not
+//!   `CKA_EXTRACTABLE`, AES, 32 bytes, `CKA_START_DATE` the day of creation,
+//!   and refuses to use an object that is extractable or not sensitive;
+//! - disabled = `CKA_ENCRYPT` and `CKA_DECRYPT` false on every version
+//!   (the token itself then refuses the key: `CKR_KEY_FUNCTION_NOT_PERMITTED`);
+//! - destroyed = a data object (`CKO_DATA`, label `L`, `CKA_APPLICATION`
+//!   `custos-destroyed/1`, no key material) records when and which objects
+//!   were destroyed, then `C_DestroyObject` of every version. Without it a
+//!   destroyed key and one never made would look the same.
+//!
+//! Wrapped key: `IV[12] ‖ AES-256-GCM ciphertext[32] ‖ tag[16]`, AAD =
+//! [`WrapContext::canonical_bytes`], version in `WrappedKey.key_version`.
 
+mod pool;
 mod uri;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use cryptoki::types::{AuthPin, Date, Ulong};
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, Zeroizing};
+
+use self::pool::{Fail, Pool, Token, ck, short};
 pub use uri::Pkcs11Uri;
+
+use super::{
+    Custody, DataKey, DestroyAction, Destruction, KeyError, KeyInfo, KeyOrigin, KeyProvider,
+    KeyRef, KeyState, ProviderKind, SecretKey, WrapContext, WrappedKey,
+};
 
 /// Checks the part of a `pkcs11:` reference after the scheme.
 pub fn validate_key_id(id: &str) -> Result<(), String> {
     Pkcs11Uri::parse(id).map(|_| ())
+}
+
+/// Where the PIN comes from (`[pkcs11]` of custos.toml). The PIN itself is
+/// read when the provider opens and is never part of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PinSource {
+    /// `pin_file`: a file only custos's user can read (0600 or 0400).
+    File(PathBuf),
+    /// `pin_env`: an environment variable.
+    Env(String),
+    /// `pin_credential`: a systemd credential (`LoadCredential=`), read
+    /// from `$CREDENTIALS_DIRECTORY/<name>`.
+    Credential(String),
+}
+
+impl std::fmt::Display for PinSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PinSource::File(p) => write!(f, "pin_file {}", p.display()),
+            PinSource::Env(v) => write!(f, "pin_env {v}"),
+            PinSource::Credential(c) => write!(f, "pin_credential {c}"),
+        }
+    }
+}
+
+/// A PIN is short; a large file is not one.
+const MAX_PIN_FILE: u64 = 4096;
+
+impl PinSource {
+    /// Reads the PIN. Errors name the source, never the PIN.
+    pub fn read(&self) -> Result<AuthPin, KeyError> {
+        let not_configured = |message: String| KeyError::NotConfigured {
+            provider: "pkcs11",
+            message,
+        };
+        let pin: Zeroizing<String> = match self {
+            PinSource::File(path) => read_pin_file(path, "PKCS#11 PIN file")?,
+            PinSource::Credential(name) => {
+                let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+                    return Err(not_configured(format!(
+                        "pin_credential {name}: $CREDENTIALS_DIRECTORY is not set (run under systemd with LoadCredential={name}:…)"
+                    )));
+                };
+                read_pin_file(&PathBuf::from(dir).join(name), "PKCS#11 PIN credential")?
+            }
+            PinSource::Env(var) => match std::env::var(var) {
+                Ok(v) => Zeroizing::new(v),
+                Err(_) => {
+                    return Err(not_configured(format!(
+                        "pin_env {var}: the variable is not set or not UTF-8"
+                    )));
+                }
+            },
+        };
+        let trimmed = pin
+            .strip_suffix("\r\n")
+            .or_else(|| pin.strip_suffix('\n'))
+            .unwrap_or(&pin);
+        if trimmed.is_empty() {
+            return Err(not_configured(format!("{self}: the PIN is empty")));
+        }
+        Ok(AuthPin::from(trimmed))
+    }
+}
+
+fn read_pin_file(path: &std::path::Path, what: &str) -> Result<Zeroizing<String>, KeyError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let check = |e: crate::secure_fs::CheckError| match e {
+        crate::secure_fs::CheckError::Insecure(i) => KeyError::InsecurePermissions {
+            path: i.path,
+            message: i.message,
+        },
+        crate::secure_fs::CheckError::Io(path, e) => KeyError::LocalFile {
+            path,
+            message: format!("cannot read the {what}: {e}"),
+        },
+    };
+    // Owner and write bits of the file and every directory above it (as
+    // for the configuration), then the file itself on its descriptor.
+    crate::secure_fs::check_file(path, what).map_err(check)?;
+    let file = crate::secure_fs::open_trusted(path, what, std::fs::OpenOptions::new().read(true))
+        .map_err(check)?;
+    let meta = file.metadata().map_err(|e| KeyError::LocalFile {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::InsecurePermissions {
+            path: path.to_owned(),
+            message: format!(
+                "{what} {} is readable or writable by group or others (mode {mode:04o}): it holds the token's PIN; run chmod 600 {}",
+                path.display(),
+                path.display()
+            ),
+        });
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.take(MAX_PIN_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| KeyError::LocalFile {
+            path: path.to_owned(),
+            message: format!("cannot read the {what}: {e}"),
+        })?;
+    if bytes.len() as u64 > MAX_PIN_FILE {
+        return Err(KeyError::LocalFile {
+            path: path.to_owned(),
+            message: format!("the {what} is larger than {MAX_PIN_FILE} bytes: not a PIN"),
+        });
+    }
+    match std::str::from_utf8(&bytes) {
+        Ok(s) => Ok(Zeroizing::new(s.to_owned())),
+        Err(_) => Err(KeyError::LocalFile {
+            path: path.to_owned(),
+            message: format!("the {what} is not UTF-8 text"),
+        }),
+    }
+}
+
+/// `[pkcs11]` of custos.toml.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pkcs11Settings {
+    /// The PKCS#11 module (shared library) of the HSM.
+    pub module: PathBuf,
+    pub pin: PinSource,
+    /// Sessions open at once (default 4): the pool's bound.
+    pub max_sessions: usize,
+    /// Longest wait for a session plus the token's answer (default 30s);
+    /// past it the call fails as `key_unavailable`.
+    #[serde(with = "crate::config::units::serde_duration")]
+    pub timeout: Duration,
+    /// True when the module talks to a network HSM (a Luna Network HSM, a
+    /// CloudHSM client): key operations then leave this host.
+    pub network: bool,
+}
+
+impl Pkcs11Settings {
+    pub const DEFAULT_MAX_SESSIONS: usize = 4;
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+}
+
+/// `CKA_ID` of a version object: the version, 4 bytes big-endian.
+const VERSION_ID_LEN: usize = 4;
+/// `CKA_APPLICATION` of the record a destruction leaves.
+const TOMBSTONE_APP: &[u8] = b"custos-destroyed/1";
+const IV_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+const WRAPPED_LEN: usize = IV_LEN + super::KEY_LEN + TAG_LEN;
+
+/// What a destruction leaves on the token (`CKA_VALUE` of the data object).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Tombstone {
+    destroyed_at: DateTime<Utc>,
+    objects: Vec<String>,
+}
+
+/// One secret-key object labelled with the key's label.
+struct Version {
+    handle: ObjectHandle,
+    id: Vec<u8>,
+    /// `None`: its `CKA_ID` is no custos version id.
+    version: Option<u32>,
+    encrypt: bool,
+    decrypt: bool,
+    sensitive: bool,
+    extractable: bool,
+    aes256: bool,
+    local: bool,
+    start: Option<NaiveDate>,
+}
+
+/// Everything on the token under one label.
+struct View {
+    versions: Vec<Version>,
+    tombstone: Option<(ObjectHandle, Tombstone)>,
+}
+
+/// The PKCS#11 provider: one module, any of its tokens.
+pub struct Pkcs11Provider {
+    pool: Arc<Pool>,
+    settings: Pkcs11Settings,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl std::fmt::Debug for Pkcs11Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The PIN source is a place, not the PIN; the PIN is never shown.
+        f.debug_struct("Pkcs11Provider")
+            .field("module", &self.settings.module)
+            .field("pin", &format_args!("<{}>", self.settings.pin))
+            .field("max_sessions", &self.settings.max_sessions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pkcs11Provider {
+    /// Reads the PIN, loads and initialises the module. Tokens are found
+    /// when a key is used, so a token plugged in later is found then.
+    pub fn open(settings: &Pkcs11Settings) -> Result<Self, KeyError> {
+        // Whoever can replace the module runs code inside custos.
+        crate::secure_fs::check_file(&settings.module, "PKCS#11 module").map_err(|e| match e {
+            crate::secure_fs::CheckError::Insecure(i) => KeyError::InsecurePermissions {
+                path: i.path,
+                message: i.message,
+            },
+            crate::secure_fs::CheckError::Io(path, e) => KeyError::NotConfigured {
+                provider: "pkcs11",
+                message: format!("PKCS#11 module {}: {e}", path.display()),
+            },
+        })?;
+        let pin = settings.pin.read()?;
+        let ctx =
+            pool::load_module(&settings.module).map_err(|message| KeyError::NotConfigured {
+                provider: "pkcs11",
+                message,
+            })?;
+        let pool = Pool::new(ctx, settings.module.clone(), pin, settings.pin.to_string());
+        Ok(Pkcs11Provider {
+            pool: Arc::new(pool),
+            settings: settings.clone(),
+            permits: Arc::new(tokio::sync::Semaphore::new(settings.max_sessions)),
+        })
+    }
+
+    pub fn settings(&self) -> &Pkcs11Settings {
+        &self.settings
+    }
+
+    /// Takes every session permit, as if all sessions were busy, until the
+    /// returned permit is dropped (tests of the pool's bound and timeout).
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub async fn hold_all_sessions(&self) -> tokio::sync::OwnedSemaphorePermit {
+        match self
+            .permits
+            .clone()
+            .acquire_many_owned(self.settings.max_sessions as u32)
+            .await
+        {
+            Ok(p) => p,
+            Err(_) => unreachable!("the provider never closes its semaphore"),
+        }
+    }
+
+    fn uri(key: &KeyRef) -> Result<Pkcs11Uri, KeyError> {
+        if key.kind() != ProviderKind::Pkcs11 {
+            return Err(KeyError::Unsupported {
+                provider: "pkcs11",
+                operation: "keys of another provider",
+            });
+        }
+        Pkcs11Uri::parse(key.id()).map_err(|reason| {
+            KeyError::InvalidReference(super::InvalidKeyRef {
+                input: key.to_string(),
+                reason,
+            })
+        })
+    }
+
+    /// Runs `f` on a session of the key's token, on a blocking thread, within
+    /// the configured timeout (the wait for a session included).
+    async fn run<T, F>(&self, key: &KeyRef, op: &'static str, f: F) -> Result<T, KeyError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Pool, &Session, &Token, &Ctx) -> Result<T, Fail> + Send + 'static,
+    {
+        let uri = Self::uri(key)?;
+        let name = key.to_string();
+        let timeout = self.settings.timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let shown = crate::config::units::format_duration(timeout);
+        let permit = match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
+            .await
+        {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) | Err(_) => {
+                return Err(KeyError::Unavailable {
+                    key: name,
+                    message: format!(
+                        "all {} PKCS#11 sessions stayed busy for {shown} ([pkcs11] max_sessions, timeout)",
+                        self.settings.max_sessions
+                    ),
+                });
+            }
+        };
+        let pool = self.pool.clone();
+        let key_name = name.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            // Held until the module returns, even past the timeout: a hung
+            // call keeps its session, and the pool's bound stays true.
+            let _permit = permit;
+            let ctx = Ctx {
+                key: key_name.clone(),
+                uri: uri.clone(),
+            };
+            pool.with_session(&key_name, &uri, |s, t| f(&pool, s, t, &ctx))
+        });
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(KeyError::Backend {
+                provider: "pkcs11",
+                key: name,
+                message: format!("{op}: the call into the PKCS#11 module failed: {e}"),
+            }),
+            Err(_) => Err(KeyError::Unavailable {
+                key: name,
+                message: format!(
+                    "{op}: the token did not answer within {shown} ([pkcs11] timeout); its session stays busy until it does"
+                ),
+            }),
+        }
+    }
+}
+
+/// What an operation knows about its key.
+struct Ctx {
+    key: String,
+    uri: Pkcs11Uri,
+}
+
+impl Ctx {
+    /// The resolved id: the reference with the token's serial.
+    fn key_id(&self, token: &Token) -> String {
+        let resolved = Pkcs11Uri {
+            token: token.label.clone(),
+            object: self.uri.object.clone(),
+            serial: (!token.serial.is_empty()).then(|| token.serial.clone()),
+        };
+        format!("pkcs11:{resolved}")
+    }
+
+    fn backend(&self, message: String) -> Fail {
+        Fail::Key(KeyError::Backend {
+            provider: "pkcs11",
+            key: self.key.clone(),
+            message,
+        })
+    }
+
+    fn invalid(&self, message: impl Into<String>) -> Fail {
+        Fail::Key(KeyError::InvalidCiphertext {
+            key: self.key.clone(),
+            message: message.into(),
+        })
+    }
+
+    fn object_name(&self, token: &Token, id: &[u8]) -> String {
+        format!(
+            "token={};serial={};object={};id={}",
+            token.label,
+            token.serial,
+            self.uri.object,
+            hex::encode(id)
+        )
+    }
+
+    fn read(&self, s: &Session) -> Result<View, Fail> {
+        let label = self.uri.object.as_bytes().to_vec();
+        let handles = s
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Token(true),
+                Attribute::Label(label.clone()),
+            ])
+            .map_err(ck("C_FindObjects (secret keys)"))?;
+        let mut versions = Vec::with_capacity(handles.len());
+        for handle in handles {
+            let attrs = attributes(
+                s,
+                handle,
+                &[
+                    AttributeType::Id,
+                    AttributeType::KeyType,
+                    AttributeType::ValueLen,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::Encrypt,
+                    AttributeType::Decrypt,
+                ],
+                &[AttributeType::Local, AttributeType::StartDate],
+            )?;
+            let mut v = Version {
+                handle,
+                id: Vec::new(),
+                version: None,
+                encrypt: false,
+                decrypt: false,
+                sensitive: false,
+                extractable: true,
+                aes256: false,
+                local: false,
+                start: None,
+            };
+            let (mut aes, mut len32) = (false, false);
+            for a in attrs {
+                match a {
+                    Attribute::Id(id) => v.id = id,
+                    Attribute::KeyType(t) => aes = t == KeyType::AES,
+                    Attribute::ValueLen(n) => len32 = u64::from(n) == super::KEY_LEN as u64,
+                    Attribute::Sensitive(b) => v.sensitive = b,
+                    Attribute::Extractable(b) => v.extractable = b,
+                    Attribute::Encrypt(b) => v.encrypt = b,
+                    Attribute::Decrypt(b) => v.decrypt = b,
+                    Attribute::Local(b) => v.local = b,
+                    Attribute::StartDate(d) => v.start = date_of(&d),
+                    _ => {}
+                }
+            }
+            v.aes256 = aes && len32;
+            v.version = <[u8; VERSION_ID_LEN]>::try_from(v.id.as_slice())
+                .ok()
+                .map(u32::from_be_bytes)
+                .filter(|&n| n >= 1);
+            versions.push(v);
+        }
+        versions.sort_by_key(|v| v.version);
+        let tombstones = s
+            .find_objects(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Label(label),
+                Attribute::Application(TOMBSTONE_APP.to_vec()),
+            ])
+            .map_err(ck("C_FindObjects (destruction records)"))?;
+        let tombstone = match tombstones.first() {
+            None => None,
+            Some(&h) => {
+                let value = s
+                    .get_attributes(h, &[AttributeType::Value])
+                    .map_err(ck("C_GetAttributeValue"))?
+                    .into_iter()
+                    .find_map(|a| match a {
+                        Attribute::Value(v) => Some(v),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                let t: Tombstone = serde_json::from_slice(&value).map_err(|e| {
+                    self.backend(format!(
+                        "the destruction record of {:?} on the token is malformed: {e}",
+                        self.uri.object
+                    ))
+                })?;
+                Some((h, t))
+            }
+        };
+        Ok(View {
+            versions,
+            tombstone,
+        })
+    }
+
+    /// The key's state from what is on the token.
+    fn state(view: &View) -> KeyState {
+        match (&view.tombstone, view.versions.is_empty()) {
+            (Some((_, t)), true) => KeyState::Destroyed {
+                destroyed_at: Some(t.destroyed_at),
+            },
+            // A destruction that stopped half-way: refuses all use; a
+            // second destroy finishes it.
+            (Some(_), false) => KeyState::Other {
+                name: "destroy_incomplete".into(),
+            },
+            (None, _) => {
+                if view.versions.iter().all(|v| v.encrypt && v.decrypt) {
+                    KeyState::Enabled
+                } else {
+                    KeyState::Disabled
+                }
+            }
+        }
+    }
+
+    fn not_found(&self, token: &Token) -> Fail {
+        Fail::Key(KeyError::NotFound {
+            key: self.key.clone(),
+            message: format!(
+                "no secret-key object labelled {:?} on token {:?} (serial {})",
+                self.uri.object, token.label, token.serial
+            ),
+        })
+    }
+
+    /// The view of a key that must exist, be usable and carry custos
+    /// version ids; errors in the order a caller can act on them.
+    fn usable(&self, s: &Session, token: &Token) -> Result<View, Fail> {
+        let view = self.read(s)?;
+        match Self::state(&view) {
+            KeyState::Enabled if view.versions.is_empty() => Err(self.not_found(token)),
+            KeyState::Enabled => {
+                if let Some(v) = view.versions.iter().find(|v| v.version.is_none()) {
+                    return Err(self.backend(format!(
+                        "object {:?} with CKA_ID {:?} has no custos version id (CKA_ID 00000001 for the first version; see docs/keys-you-hold.md)",
+                        self.uri.object,
+                        hex::encode(&v.id)
+                    )));
+                }
+                Ok(view)
+            }
+            KeyState::Disabled => Err(Fail::Key(KeyError::Disabled {
+                key: self.key.clone(),
+            })),
+            KeyState::Destroyed { destroyed_at } => Err(Fail::Key(KeyError::Destroyed {
+                key: self.key.clone(),
+                destroyed_at,
+            })),
+            other => Err(Fail::Key(KeyError::Unavailable {
+                key: self.key.clone(),
+                message: format!(
+                    "its destruction did not finish ({}): run the shred again",
+                    other.name()
+                ),
+            })),
+        }
+    }
+
+    /// The one object of `version`, checked to be a CMK custos may use.
+    fn version<'v>(&self, view: &'v View, version: u32) -> Result<&'v Version, Fail> {
+        let mut matching = view.versions.iter().filter(|v| v.version == Some(version));
+        let Some(v) = matching.next() else {
+            return Err(self.backend(format!(
+                "version {version} of {:?} is not on the token",
+                self.uri.object
+            )));
+        };
+        if matching.next().is_some() {
+            return Err(self.backend(format!(
+                "two objects labelled {:?} have CKA_ID {}: remove the duplicate",
+                self.uri.object,
+                hex::encode(version.to_be_bytes())
+            )));
+        }
+        if !v.aes256 || !v.sensitive || v.extractable {
+            return Err(self.backend(format!(
+                "object {:?} (CKA_ID {}) is not a CMK custos uses: it must be an AES key of 32 bytes, \
+                 CKA_SENSITIVE true and CKA_EXTRACTABLE false",
+                self.uri.object,
+                hex::encode(&v.id)
+            )));
+        }
+        Ok(v)
+    }
+
+    fn current<'v>(&self, view: &'v View) -> Result<&'v Version, Fail> {
+        let max = view
+            .versions
+            .iter()
+            .filter_map(|v| v.version)
+            .max()
+            .unwrap_or(0);
+        self.version(view, max)
+    }
+
+    fn info(&self, key: &KeyRef, token: &Token, view: &View) -> KeyInfo {
+        let current = view.versions.iter().filter_map(|v| v.version).max();
+        let first = view.versions.iter().find(|v| v.version.is_some());
+        let last = view.versions.iter().rfind(|v| v.version.is_some());
+        let midnight = |d: NaiveDate| d.and_hms_opt(0, 0, 0).map(|t| t.and_utc());
+        KeyInfo {
+            reference: key.clone(),
+            key_id: self.key_id(token),
+            state: Self::state(view),
+            origin: if view.versions.iter().all(|v| v.local) {
+                KeyOrigin::Provider
+            } else {
+                KeyOrigin::External
+            },
+            current_version: current.map(|v| v.to_string()),
+            created_at: first.and_then(|v| v.start).and_then(midnight),
+            rotated_at: last
+                .filter(|v| v.version > Some(1))
+                .and_then(|v| v.start)
+                .and_then(midnight),
+        }
+    }
+
+    /// A new version object: AES-256 generated on the token, never extractable.
+    fn generate(&self, s: &Session, version: u32) -> Result<ObjectHandle, Fail> {
+        let today = Utc::now().date_naive();
+        let start = Date::new_from_str_slice(
+            &format!("{:04}", today.year()),
+            &format!("{:02}", today.month()),
+            &format!("{:02}", today.day()),
+        )
+        .map_err(ck("CKA_START_DATE"))?;
+        s.generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(Ulong::from(super::KEY_LEN as u64)),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Modifiable(true),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::Sign(false),
+                Attribute::Verify(false),
+                Attribute::Derive(false),
+                Attribute::Label(self.uri.object.as_bytes().to_vec()),
+                Attribute::Id(version.to_be_bytes().to_vec()),
+                Attribute::StartDate(start),
+            ],
+        )
+        .map_err(ck("C_GenerateKey (CKM_AES_KEY_GEN)"))
+    }
+
+    fn wrap(
+        &self,
+        s: &Session,
+        v: &Version,
+        data_key: &DataKey,
+        aad: &[u8],
+    ) -> Result<Vec<u8>, Fail> {
+        let iv: [u8; IV_LEN] = crate::util::random_bytes();
+        let mut iv_param = iv;
+        let params = GcmParams::new(&mut iv_param, aad, Ulong::from(8 * TAG_LEN as u64))
+            .map_err(ck("CK_GCM_PARAMS"))?;
+        let ct = s
+            .encrypt(&Mechanism::AesGcm(params), v.handle, data_key.expose())
+            .map_err(ck("C_Encrypt (CKM_AES_GCM)"))?;
+        if ct.len() != super::KEY_LEN + TAG_LEN {
+            return Err(self.backend(format!(
+                "C_Encrypt (CKM_AES_GCM) returned {} bytes for a 32-byte key (expected 48)",
+                ct.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(WRAPPED_LEN);
+        out.extend_from_slice(&iv);
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    fn unwrap(
+        &self,
+        s: &Session,
+        token: &Token,
+        wrapped: &WrappedKey,
+        aad: &[u8],
+    ) -> Result<DataKey, Fail> {
+        // Pinned to this key: an envelope of another key, token or provider
+        // is refused before the token is asked.
+        let theirs = wrapped
+            .key_id
+            .strip_prefix("pkcs11:")
+            .and_then(|id| Pkcs11Uri::parse(id).ok());
+        let ours_serial = (!token.serial.is_empty()).then_some(token.serial.as_str());
+        let same = theirs.is_some_and(|t| {
+            t.token == token.label
+                && t.object == self.uri.object
+                && (t.serial.is_none()
+                    || ours_serial.is_none()
+                    || t.serial.as_deref() == ours_serial)
+        });
+        if !same {
+            return Err(self.invalid(format!(
+                "the envelope was wrapped by {}, not by {}",
+                wrapped.key_id,
+                self.key_id(token)
+            )));
+        }
+        let version = wrapped
+            .key_version
+            .as_deref()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|&v| v >= 1)
+            .ok_or_else(|| self.invalid("the envelope names no key version"))?;
+        if wrapped.ciphertext.len() != WRAPPED_LEN {
+            return Err(self.invalid(format!(
+                "{} bytes, a PKCS#11 wrapped key has {WRAPPED_LEN}",
+                wrapped.ciphertext.len()
+            )));
+        }
+        let view = self.usable(s, token)?;
+        let v = self.version(&view, version)?;
+        let (iv, ct) = wrapped.ciphertext.split_at(IV_LEN);
+        let mut iv: [u8; IV_LEN] = iv
+            .try_into()
+            .map_err(|_| self.invalid("short initialisation vector"))?;
+        let params = GcmParams::new(&mut iv, aad, Ulong::from(8 * TAG_LEN as u64))
+            .map_err(ck("CK_GCM_PARAMS"))?;
+        match s.decrypt(&Mechanism::AesGcm(params), v.handle, ct) {
+            Ok(mut plain) => {
+                let key = SecretKey::from_slice(&plain);
+                plain.zeroize();
+                key.ok_or_else(|| self.invalid("the unwrapped key is not 32 bytes"))
+            }
+            // The tag did not verify: wrong context, another version, or a
+            // changed ciphertext. SoftHSM2 reports a failed tag as a general
+            // error; the key, session and lengths were checked above.
+            Err(
+                e @ cryptoki::error::Error::Pkcs11(
+                    cryptoki::error::RvError::EncryptedDataInvalid
+                    | cryptoki::error::RvError::EncryptedDataLenRange
+                    | cryptoki::error::RvError::GeneralError
+                    | cryptoki::error::RvError::FunctionFailed,
+                    _,
+                ),
+            ) => Err(self.invalid(short(&e))),
+            Err(e) => Err(Fail::Ck("C_Decrypt (CKM_AES_GCM)", e)),
+        }
+    }
+
+    fn set_enabled(&self, s: &Session, token: &Token, enabled: bool) -> Result<View, Fail> {
+        let view = self.read(s)?;
+        match Self::state(&view) {
+            KeyState::Enabled | KeyState::Disabled if view.versions.is_empty() => {
+                return Err(self.not_found(token));
+            }
+            KeyState::Enabled | KeyState::Disabled => {}
+            KeyState::Destroyed { destroyed_at } => {
+                return Err(Fail::Key(KeyError::Destroyed {
+                    key: self.key.clone(),
+                    destroyed_at,
+                }));
+            }
+            other => {
+                return Err(Fail::Key(KeyError::Unavailable {
+                    key: self.key.clone(),
+                    message: format!("its destruction did not finish ({})", other.name()),
+                }));
+            }
+        }
+        for v in &view.versions {
+            s.update_attributes(
+                v.handle,
+                &[Attribute::Encrypt(enabled), Attribute::Decrypt(enabled)],
+            )
+            .map_err(ck("C_SetAttributeValue (CKA_ENCRYPT, CKA_DECRYPT)"))?;
+        }
+        self.read(s)
+    }
+}
+
+/// The `required` attributes of an object, and those of `optional` the
+/// token gives. One C_GetAttributeValue for all where the token answers
+/// it; else one per attribute (some tokens fail the whole template for
+/// one attribute they do not keep: SoftHSM2 2.6 answers CKA_START_DATE of
+/// a private object with CKR_GENERAL_ERROR, so `created_at` is unknown there).
+fn attributes(
+    s: &Session,
+    handle: ObjectHandle,
+    required: &[AttributeType],
+    optional: &[AttributeType],
+) -> Result<Vec<Attribute>, Fail> {
+    let all: Vec<AttributeType> = required.iter().chain(optional).copied().collect();
+    if let Ok(attrs) = s.get_attributes(handle, &all) {
+        return Ok(attrs);
+    }
+    let mut out = Vec::with_capacity(all.len());
+    for t in required {
+        out.extend(
+            s.get_attributes(handle, std::slice::from_ref(t))
+                .map_err(ck("C_GetAttributeValue"))?,
+        );
+    }
+    for t in optional {
+        if let Ok(a) = s.get_attributes(handle, std::slice::from_ref(t)) {
+            out.extend(a);
+        }
+    }
+    Ok(out)
+}
+
+/// A token date as a day; `None` when empty or malformed.
+fn date_of(d: &Date) -> Option<NaiveDate> {
+    if d.is_empty() {
+        return None;
+    }
+    let num = |b: &[u8]| std::str::from_utf8(b).ok()?.trim().parse::<u32>().ok();
+    NaiveDate::from_ymd_opt(num(&d.year)? as i32, num(&d.month)?, num(&d.day)?)
+}
+
+#[async_trait]
+impl KeyProvider for Pkcs11Provider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Pkcs11
+    }
+
+    async fn describe(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
+        let key2 = key.clone();
+        self.run(key, "describe", move |_, s, token, c| {
+            let view = c.read(s)?;
+            if view.versions.is_empty() && view.tombstone.is_none() {
+                return Err(c.not_found(token));
+            }
+            Ok(c.info(&key2, token, &view))
+        })
+        .await
+    }
+
+    async fn create_key(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
+        let key2 = key.clone();
+        self.run(key, "create_key", move |pool, s, token, c| {
+            let _admin = pool
+                .admin
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let view = c.read(s)?;
+            if let Some((_, t)) = &view.tombstone {
+                return Err(Fail::Key(KeyError::Destroyed {
+                    key: c.key.clone(),
+                    destroyed_at: Some(t.destroyed_at),
+                }));
+            }
+            // Idempotent, like the local provider: an existing key is described.
+            if !view.versions.is_empty() {
+                return Ok(c.info(&key2, token, &view));
+            }
+            c.generate(s, 1)?;
+            let view = c.read(s)?;
+            Ok(c.info(&key2, token, &view))
+        })
+        .await
+    }
+
+    async fn generate_data_key(
+        &self,
+        key: &KeyRef,
+        ctx: &WrapContext,
+    ) -> Result<(DataKey, WrappedKey), KeyError> {
+        // custos's RNG (getrandom), as for the other providers; the token's
+        // own C_GenerateRandom would add a call and no strength.
+        let data_key = DataKey::generate();
+        let wrapped = self.wrap(key, &data_key, ctx).await?;
+        Ok((data_key, wrapped))
+    }
+
+    async fn wrap(
+        &self,
+        key: &KeyRef,
+        data_key: &DataKey,
+        ctx: &WrapContext,
+    ) -> Result<WrappedKey, KeyError> {
+        let aad = ctx.canonical_bytes();
+        let data_key = data_key.clone();
+        self.run(key, "wrap", move |_, s, token, c| {
+            let view = c.usable(s, token)?;
+            let v = c.current(&view)?;
+            let ciphertext = c.wrap(s, v, &data_key, &aad)?;
+            Ok(WrappedKey {
+                key_id: c.key_id(token),
+                key_version: v.version.map(|n| n.to_string()),
+                ciphertext,
+            })
+        })
+        .await
+    }
+
+    async fn unwrap(
+        &self,
+        key: &KeyRef,
+        wrapped: &WrappedKey,
+        ctx: &WrapContext,
+    ) -> Result<DataKey, KeyError> {
+        let aad = ctx.canonical_bytes();
+        let wrapped = wrapped.clone();
+        self.run(key, "unwrap", move |_, s, token, c| {
+            c.unwrap(s, token, &wrapped, &aad)
+        })
+        .await
+    }
+
+    async fn rewrap(
+        &self,
+        from: &KeyRef,
+        wrapped: &WrappedKey,
+        ctx: &WrapContext,
+        to: &KeyRef,
+    ) -> Result<WrappedKey, KeyError> {
+        // The data key is in this process between the two calls, in a
+        // zeroizing buffer; PKCS#11 has no re-encrypt that spans keys.
+        let data_key = self.unwrap(from, wrapped, ctx).await?;
+        self.wrap(to, &data_key, ctx).await
+    }
+
+    async fn rotate(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
+        let key2 = key.clone();
+        self.run(key, "rotate", move |pool, s, token, c| {
+            let _admin = pool
+                .admin
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let view = c.usable(s, token)?;
+            let current = c.current(&view)?.version.unwrap_or(0);
+            let next = current
+                .checked_add(1)
+                .ok_or_else(|| c.backend("no version after 4294967295".into()))?;
+            c.generate(s, next)?;
+            let view = c.read(s)?;
+            Ok(c.info(&key2, token, &view))
+        })
+        .await
+    }
+
+    async fn disable(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
+        let key2 = key.clone();
+        self.run(key, "disable", move |_, s, token, c| {
+            let view = c.set_enabled(s, token, false)?;
+            Ok(c.info(&key2, token, &view))
+        })
+        .await
+    }
+
+    async fn enable(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
+        let key2 = key.clone();
+        self.run(key, "enable", move |_, s, token, c| {
+            let view = c.set_enabled(s, token, true)?;
+            Ok(c.info(&key2, token, &view))
+        })
+        .await
+    }
+
+    async fn destroy(
+        &self,
+        key: &KeyRef,
+        _pending_window_days: u32,
+    ) -> Result<Destruction, KeyError> {
+        // C_DestroyObject is immediate: there is no waiting period to honour.
+        self.run(key, "destroy", move |pool, s, token, c| {
+            let _admin = pool
+                .admin
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let view = c.read(s)?;
+            if view.versions.is_empty() && view.tombstone.is_none() {
+                return Err(c.not_found(token));
+            }
+            // The record first, so that a destruction cut short is known
+            // as one (the key refuses all use) and the next one finishes it.
+            let tombstone = match view.tombstone {
+                Some((_, t)) => t,
+                None => {
+                    let mut objects: Vec<String> = view
+                        .versions
+                        .iter()
+                        .map(|v| c.object_name(token, &v.id))
+                        .collect();
+                    objects.sort();
+                    let t = Tombstone {
+                        destroyed_at: Utc::now(),
+                        objects,
+                    };
+                    let value = serde_json::to_vec(&t)
+                        .map_err(|e| c.backend(format!("destruction record: {e}")))?;
+                    s.create_object(&[
+                        Attribute::Class(ObjectClass::DATA),
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Label(c.uri.object.as_bytes().to_vec()),
+                        Attribute::Application(TOMBSTONE_APP.to_vec()),
+                        Attribute::Value(value),
+                    ])
+                    .map_err(ck("C_CreateObject (destruction record)"))?;
+                    t
+                }
+            };
+            // Every secret key under the label, custos version id or not:
+            // all of it is the key's material.
+            for v in &view.versions {
+                s.destroy_object(v.handle).map_err(ck("C_DestroyObject"))?;
+            }
+            // The proof: a search finds none.
+            let after = c.read(s)?;
+            if !after.versions.is_empty() {
+                return Err(c.backend(format!(
+                    "{} object(s) labelled {:?} are still on the token after C_DestroyObject",
+                    after.versions.len(),
+                    c.uri.object
+                )));
+            }
+            let mut objects = tombstone.objects.clone();
+            for v in &view.versions {
+                let name = c.object_name(token, &v.id);
+                if !objects.contains(&name) {
+                    objects.push(name);
+                }
+            }
+            Ok(Destruction {
+                action: DestroyAction::ObjectsDestroyed,
+                state_after: KeyState::Destroyed {
+                    destroyed_at: Some(tombstone.destroyed_at),
+                },
+                effective_at: tombstone.destroyed_at,
+                objects,
+            })
+        })
+        .await
+    }
+
+    fn custody(&self, key: &KeyRef) -> Custody {
+        let mut details = std::collections::BTreeMap::new();
+        details.insert(
+            "module".to_owned(),
+            self.settings.module.display().to_string(),
+        );
+        let mut holder = "PKCS#11 token".to_owned();
+        if let Ok(uri) = Pkcs11Uri::parse(key.id()) {
+            let serial = uri.serial.clone().or_else(|| {
+                let seen = self.pool.serials_of(&uri.token);
+                (seen.len() == 1).then(|| seen[0].clone())
+            });
+            holder = format!(
+                "PKCS#11 token {}{} via {}",
+                uri.token,
+                serial
+                    .as_deref()
+                    .map(|s| format!(" (serial {s})"))
+                    .unwrap_or_default(),
+                self.pool.module().display()
+            );
+            details.insert("token_label".to_owned(), uri.token);
+            if let Some(s) = serial {
+                details.insert("token_serial".to_owned(), s);
+            }
+            details.insert("object".to_owned(), uri.object);
+        }
+        Custody {
+            provider: ProviderKind::Pkcs11,
+            holder,
+            details,
+            network: self.settings.network,
+        }
+    }
 }

@@ -11,13 +11,18 @@ use std::fmt;
 pub struct Pkcs11Uri {
     /// `CKA_LABEL` of the token (`CK_TOKEN_INFO.label`, at most 32 bytes).
     pub token: String,
-    /// `CKA_LABEL` of the key object (custos adds a version suffix, see the provider).
+    /// `CKA_LABEL` of the key's objects (one per version, told apart by
+    /// `CKA_ID`, see the provider).
     pub object: String,
     /// `CK_TOKEN_INFO.serialNumber`, to tell apart tokens with one label.
     pub serial: Option<String>,
 }
 
-const MAX_LABEL: usize = 32;
+/// `CK_TOKEN_INFO.label` is 32 bytes, blank-padded.
+const MAX_TOKEN_LABEL: usize = 32;
+/// `CKA_LABEL` has no length limit in PKCS#11; custos keeps references
+/// readable in logs and certificates.
+const MAX_OBJECT_LABEL: usize = 255;
 
 impl Pkcs11Uri {
     pub fn parse(id: &str) -> Result<Self, String> {
@@ -60,9 +65,12 @@ impl Pkcs11Uri {
         }
         let token = token.ok_or("missing token=<label>")?;
         let object = object.ok_or("missing object=<label>")?;
-        for (what, v) in [("token", &token), ("object", &object)] {
-            if v.is_empty() || v.len() > MAX_LABEL {
-                return Err(format!("{what} label must be 1 to {MAX_LABEL} bytes"));
+        for (what, v, max) in [
+            ("token", &token, MAX_TOKEN_LABEL),
+            ("object", &object, MAX_OBJECT_LABEL),
+        ] {
+            if v.is_empty() || v.len() > max {
+                return Err(format!("{what} label must be 1 to {max} bytes"));
             }
             if v.chars().any(char::is_control) {
                 return Err(format!("{what} label has a control character"));
@@ -152,12 +160,17 @@ mod tests {
             "token=custos;object=acme;type=private",
             "token=custos;object=%zz",
             "token=;object=acme",
-            "token=custos;object=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "token=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa;object=acme",
             "token=custos;object=a%0ab",
             "token=custos;object=%ff",
         ] {
             assert!(Pkcs11Uri::parse(bad).is_err(), "{bad}");
         }
+        let long = format!("token=custos;object={}", "a".repeat(256));
+        assert!(Pkcs11Uri::parse(&long).is_err());
+        // Object labels longer than a token label are fine.
+        let u = Pkcs11Uri::parse(&format!("token=custos;object={}", "a".repeat(64))).unwrap();
+        assert_eq!(u.object.len(), 64);
         let e = Pkcs11Uri::parse("token=custos;object=acme?pin-value=1234").unwrap_err();
         assert!(e.contains("[pkcs11]"), "{e}");
         assert!(!e.contains("1234"), "{e}");
