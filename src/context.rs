@@ -127,6 +127,20 @@ impl Context {
                 "AWS KMS needs a region: set [aws] region in custos.toml or AWS_REGION".into(),
             );
         }
+        match &cfg.kmip {
+            Some(settings) => match crate::keys::kmip::KmipProvider::new(settings) {
+                Ok(p) => keys.kmip = Some(std::sync::Arc::new(p)),
+                Err(e) => {
+                    keys.unavailable.insert(ProviderKind::Kmip, e.to_string());
+                }
+            },
+            None => {
+                keys.unavailable.insert(
+                    ProviderKind::Kmip,
+                    "no KMIP key manager is configured: add [kmip] (server, ca_file, client_cert_file, client_key_file) to custos.toml".into(),
+                );
+            }
+        }
         crate::hooks::wrap_keys(&mut keys)?;
         let state = StateDir::open(&cfg.state_dir)?;
         Ok(Context {

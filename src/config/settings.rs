@@ -379,6 +379,8 @@ pub struct Config {
     pub policies_dir: PathBuf,
     pub local_keys_dir: PathBuf,
     pub aws: AwsSettings,
+    /// `[kmip]`: the KMIP key manager, when one is configured.
+    pub kmip: Option<crate::keys::kmip::KmipSettings>,
     pub daemon: DaemonSettings,
     pub audit: AuditSettings,
     pub origin: ConfigOrigin,
@@ -393,8 +395,19 @@ const TOP_KEYS: &[&str] = &[
     "policies_dir",
     "local_keys",
     "aws",
+    "kmip",
     "daemon",
     "audit",
+];
+const KMIP_KEYS: &[&str] = &[
+    "server",
+    "server_name",
+    "ca_file",
+    "client_cert_file",
+    "client_key_file",
+    "connect_timeout",
+    "operation_timeout",
+    "max_connections",
 ];
 const AWS_KEYS: &[&str] = &[
     "region",
@@ -432,6 +445,7 @@ impl Config {
             state_dir,
             policies_dir: base.join("policies"),
             aws: AwsSettings::default(),
+            kmip: None,
             daemon: DaemonSettings::default(),
             origin: ConfigOrigin::BuiltIn,
             warnings: Vec::new(),
@@ -542,6 +556,10 @@ impl Config {
 
         let aws = root.section(&mut d, "aws");
         config.aws = parse_aws(&mut d, &aws);
+        if root.get("kmip").is_some() {
+            let kmip = root.section(&mut d, "kmip");
+            config.kmip = parse_kmip(&mut d, &kmip, &base);
+        }
         let daemon = root.section(&mut d, "daemon");
         config.daemon = parse_daemon(&mut d, &daemon);
 
@@ -553,6 +571,111 @@ impl Config {
             Err(ConfigError::Invalid { path, errors })
         }
     }
+}
+
+/// `[kmip]`: `server`, the three PEM files (relative to the file) and
+/// optional timeouts. `None` when a required key is missing (reported).
+fn parse_kmip(
+    d: &mut Diags<'_>,
+    t: &Table<'_>,
+    base: &Path,
+) -> Option<crate::keys::kmip::KmipSettings> {
+    use crate::keys::kmip::KmipSettings;
+    t.check_keys(d, KMIP_KEYS);
+    let mut text = |d: &mut Diags<'_>, key: &str, what: &str| -> Option<String> {
+        match t.get(key) {
+            Some(item) => d.str(&item).map(str::to_owned),
+            None => {
+                d.missing(t, key, what);
+                None
+            }
+        }
+    };
+    let server = text(
+        d,
+        "server",
+        "the key manager as host:port, e.g. \"kmip.hospital.internal:5696\"",
+    );
+    let mut file = |d: &mut Diags<'_>, key: &str, what: &str| -> Option<PathBuf> {
+        let item = match t.get(key) {
+            Some(item) => item,
+            None => {
+                d.missing(t, key, what);
+                return None;
+            }
+        };
+        let text = d.str(&item)?;
+        match check_path_text(text) {
+            Ok(()) => Some(resolve(base, text)),
+            Err(e) => {
+                d.err(&item, e);
+                None
+            }
+        }
+    };
+    let ca = file(
+        d,
+        "ca_file",
+        "the PEM file of the CA that signs the server's certificate",
+    );
+    let cert = file(d, "client_cert_file", "custos's client certificate (PEM)");
+    let key = file(
+        d,
+        "client_key_file",
+        "the client certificate's private key (PEM, mode 0600)",
+    );
+    let mut s = KmipSettings::new(
+        server.as_deref().unwrap_or_default(),
+        &ca.clone().unwrap_or_default(),
+        &cert.clone().unwrap_or_default(),
+        &key.clone().unwrap_or_default(),
+    );
+    if let Some(server) = &server
+        && let Some(item) = t.get("server")
+        && server
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
+        d.err(
+            &item,
+            format!("{:?} is not host:port", truncate(server, 80)),
+        );
+    }
+    if let Some(item) = t.get("server_name") {
+        s.server_name = d.str(&item).map(str::to_owned);
+    }
+    for (key, slot, max) in [
+        (
+            "connect_timeout",
+            &mut s.connect_timeout,
+            Duration::from_secs(300),
+        ),
+        (
+            "operation_timeout",
+            &mut s.operation_timeout,
+            Duration::from_secs(3_600),
+        ),
+    ] {
+        let Some(item) = t.get(key) else { continue };
+        let Some(v) = d.duration(&item) else { continue };
+        if v < Duration::from_millis(100) || v > max {
+            d.err(
+                &item,
+                format!(
+                    "must be from 100ms to {}",
+                    super::units::format_duration(max)
+                ),
+            );
+        } else {
+            *slot = v;
+        }
+    }
+    if let Some(item) = t.get("max_connections")
+        && let Some(n) = d.int_in(&item, 1, 64)
+    {
+        s.max_connections = n as usize;
+    }
+    (server.is_some() && ca.is_some() && cert.is_some() && key.is_some()).then_some(s)
 }
 
 fn parse_aws(d: &mut Diags<'_>, t: &Table<'_>) -> AwsSettings {

@@ -23,6 +23,7 @@ use crate::common::{self, env};
 use async_trait::async_trait;
 use custos::TenantId;
 use custos::keys::aws_kms::{AwsKmsProvider, AwsKmsSettings};
+use custos::keys::kmip::KmipProvider;
 use custos::keys::local::LocalKeyProvider;
 use custos::keys::{
     DestroyAction, KeyError, KeyOrigin, KeyProvider, KeyPurpose, KeyRef, KeyState, SecretKey,
@@ -45,6 +46,12 @@ trait Fixture: Send + Sync {
     async fn fresh_imported_key(&self) -> Option<KeyRef>;
     /// False where the backend ignores key states (moto): key-state cases are skipped.
     fn enforces_states(&self) -> bool;
+    /// False where a disabled key cannot be enabled again (KMIP: Revoke is
+    /// final). The disable case then checks that `enable` says so
+    /// (`Unsupported`) and the key stays refused.
+    fn reenables(&self) -> bool {
+        true
+    }
     /// Removes what the test made, where that matters (real KMS keys cost money).
     async fn cleanup(&self) {}
 }
@@ -167,6 +174,54 @@ impl Fixture for LocalFixture {
     }
     fn enforces_states(&self) -> bool {
         true
+    }
+}
+
+/// A KMIP key manager (PyKMIP from scripts/pykmip.sh, or a real one named
+/// by the CUSTOS_TEST_KMIP_* variables). Keys are `kmip:name/<random>`.
+struct KmipFixture {
+    provider: KmipProvider,
+}
+
+impl KmipFixture {
+    fn new() -> Option<Self> {
+        let settings = common::kmip_settings()?;
+        let provider =
+            KmipProvider::new(&settings).expect("KMIP provider from the test environment");
+        Some(KmipFixture { provider })
+    }
+}
+
+#[async_trait]
+impl Fixture for KmipFixture {
+    fn name(&self) -> &str {
+        "kmip"
+    }
+    fn provider(&self) -> &dyn KeyProvider {
+        &self.provider
+    }
+    async fn fresh_key(&self) -> KeyRef {
+        let key = KeyRef::parse(&format!(
+            "kmip:name/custos-test-{}",
+            hex::encode(custos::util::random_bytes::<6>())
+        ))
+        .unwrap();
+        self.provider.create_key(&key).await.unwrap_or_else(|e| {
+            panic!(
+                "creating a key on the KMIP server {} failed: {e}",
+                self.provider.server()
+            )
+        });
+        key
+    }
+    async fn fresh_imported_key(&self) -> Option<KeyRef> {
+        None
+    }
+    fn enforces_states(&self) -> bool {
+        true
+    }
+    fn reenables(&self) -> bool {
+        false
     }
 }
 
@@ -438,6 +493,22 @@ mod suite {
         let e = expect_err(f, "wrap with a disabled key", p.wrap(&key, &dk, &c).await);
         assert!(matches!(e, KeyError::Disabled { .. }), "{e:?}");
 
+        if !f.reenables() {
+            let e = expect_err(f, "enable", p.enable(&key).await);
+            assert!(matches!(e, KeyError::Unsupported { .. }), "{e:?}");
+            eprintln!(
+                "NOT APPLICABLE [{}]: a disabled key cannot be enabled again; checked that enable says so and the key stays refused",
+                f.name()
+            );
+            assert_eq!(p.describe(&key).await.unwrap().state, KeyState::Disabled);
+            let e = expect_err(
+                f,
+                "unwrap after a refused enable",
+                p.unwrap(&key, &wrapped, &c).await,
+            );
+            assert!(matches!(e, KeyError::Disabled { .. }), "{e:?}");
+            return;
+        }
         let info = p.enable(&key).await.expect("enable");
         assert_eq!(info.state, KeyState::Enabled);
         assert_eq!(
@@ -688,6 +759,7 @@ macro_rules! conformance {
 
 conformance!(local, LocalFixture::new());
 conformance!(aws_kms, AwsFixture::new().await);
+conformance!(kmip, KmipFixture::new());
 
 mod local_specific {
     use super::*;
