@@ -211,6 +211,16 @@ impl KmipProvider {
         self.transport.operations_sent()
     }
 
+    /// Whether the server still holds object `uid` (GetAttributes; an
+    /// auditor's check that a destroyed version is gone).
+    pub async fn object_present(&self, key: &KeyRef, uid: &str) -> Result<bool, KeyError> {
+        match self.attributes(key, uid).await {
+            Ok(_) => Ok(true),
+            Err(KeyError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     fn err(&self, key: &KeyRef, op: &str, e: WireError) -> KeyError {
         let server = &self.transport.server;
         match e {
