@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of custos: starts the S3 + KMS emulators (LocalStack, else
-# moto) on loopback, then the whole cargo test suite with the emulator tests
+# moto) and a KMIP key manager (PyKMIP, scripts/pykmip.sh) on loopback, then the whole cargo test suite with the emulator tests
 # switched on (they fail, never skip, when CUSTOS_TEST_EMULATORS=1).
 #
 # The emulators get free loopback ports (unless CUSTOS_LS_PORT / CUSTOS_MOTO_PORT
@@ -39,12 +39,24 @@ promtool check rules contrib/prometheus/alerts.yml
 (cd contrib/prometheus && promtool test rules alerts_test.yml)
 
 started_here=0
+kmip_here=0
+stop_servers() {
+    if [[ $started_here == 1 ]]; then scripts/emulators.sh stop >/dev/null 2>&1 || true; fi
+    if [[ $kmip_here == 1 ]]; then scripts/pykmip.sh stop >/dev/null 2>&1 || true; fi
+}
+trap stop_servers EXIT
 if [[ ${CUSTOS_EXTERNAL_EMULATORS:-0} != 1 ]]; then
     # Install and start the emulators while cargo builds the tests.
     scripts/emulators.sh start > .emu/env.sh 2> .emu/start.log &
     emu_pid=$!
     started_here=1
-    trap 'scripts/emulators.sh stop >/dev/null 2>&1 || true' EXIT
+fi
+# The KMIP key manager (PyKMIP, with a throwaway CA): unless CUSTOS_TEST_KMIP_*
+# already name one (a real key manager), as CUSTOS_EXTERNAL_KMIP=1 says.
+if [[ ${CUSTOS_EXTERNAL_KMIP:-0} != 1 ]]; then
+    scripts/pykmip.sh start > .emu/kmip-env.sh 2> .emu/kmip-start.log &
+    kmip_pid=$!
+    kmip_here=1
 fi
 
 # A Python with the format's primitives, for the independent-implementation test.
@@ -72,6 +84,17 @@ if [[ $started_here == 1 ]]; then
     # shellcheck disable=SC1091
     source .emu/env.sh
     echo "test.sh: emulator $CUSTOS_EMULATOR at $AWS_ENDPOINT_URL" >&2
+fi
+if [[ $kmip_here == 1 ]]; then
+    if ! wait "$kmip_pid"; then
+        cat .emu/kmip-start.log >&2
+        echo "test.sh: the PyKMIP server did not start; KMIP tests cannot run" >&2
+        exit 1
+    fi
+    cat .emu/kmip-start.log >&2
+    # shellcheck disable=SC1091
+    source .emu/kmip-env.sh
+    echo "test.sh: KMIP server at $CUSTOS_TEST_KMIP_SERVER" >&2
 fi
 export CUSTOS_TEST_EMULATORS=1 AWS_EC2_METADATA_DISABLED=true
 
