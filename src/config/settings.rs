@@ -582,7 +582,7 @@ fn parse_kmip(
 ) -> Option<crate::keys::kmip::KmipSettings> {
     use crate::keys::kmip::KmipSettings;
     t.check_keys(d, KMIP_KEYS);
-    let mut text = |d: &mut Diags<'_>, key: &str, what: &str| -> Option<String> {
+    let text = |d: &mut Diags<'_>, key: &str, what: &str| -> Option<String> {
         match t.get(key) {
             Some(item) => d.str(&item).map(str::to_owned),
             None => {
@@ -596,7 +596,7 @@ fn parse_kmip(
         "server",
         "the key manager as host:port, e.g. \"kmip.hospital.internal:5696\"",
     );
-    let mut file = |d: &mut Diags<'_>, key: &str, what: &str| -> Option<PathBuf> {
+    let file = |d: &mut Diags<'_>, key: &str, what: &str| -> Option<PathBuf> {
         let item = match t.get(key) {
             Some(item) => item,
             None => {
@@ -1097,6 +1097,44 @@ metrics_listen = "127.0.0.1:9464"
     }
 
     #[test]
+    fn kmip_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let p = write(
+            &root,
+            "custos.toml",
+            "[kmip]\nserver = \"kmip.example:5696\"\nca_file = \"kmip/ca.crt\"\nclient_cert_file = \"/etc/c.crt\"\nclient_key_file = \"kmip/c.key\"\noperation_timeout = \"10s\"\nmax_connections = 2\n",
+        );
+        let c = Config::load(&p).unwrap();
+        let k = c.kmip.expect("[kmip] parsed");
+        assert_eq!(k.server, "kmip.example:5696");
+        assert_eq!(k.ca_file, root.join("kmip/ca.crt"));
+        assert_eq!(k.client_cert_file, Path::new("/etc/c.crt"));
+        assert_eq!(k.client_key_file, root.join("kmip/c.key"));
+        assert_eq!(k.operation_timeout, Duration::from_secs(10));
+        assert_eq!(
+            k.connect_timeout,
+            crate::keys::kmip::DEFAULT_CONNECT_TIMEOUT
+        );
+        assert_eq!(k.max_connections, 2);
+        assert!(Config::builtin(&root).kmip.is_none());
+
+        let errs = errors_of(
+            "[kmip]\nserver = \"no-port\"\nca_file = \"ca\"\nconnect_timeout = \"1ms\"\nbogus = 1\n",
+        );
+        let all = errs.join("\n");
+        for want in [
+            "kmip.server: \"no-port\" is not host:port",
+            "kmip.client_cert_file: missing",
+            "kmip.client_key_file: missing",
+            "kmip.connect_timeout: must be from 100ms",
+            "kmip.bogus: unknown key",
+        ] {
+            assert!(all.contains(want), "{want} not in {all}");
+        }
+    }
+
+    #[test]
     fn reports_every_error_with_its_line() {
         let errs = errors_of(
             "store = \"file://rel\"\nbogus = 1\n[daemon]\nlease_ttl = \"500ms\"\njitter = \"soon\"\nmetrics_listen = \"localhost:9464\"\nmax_concurrent_jobs = 0\nthreads = 3\n[aws]\nendpoint_url = \"http://127.0.0.1:4566\"\n",
@@ -1109,7 +1147,7 @@ metrics_listen = "127.0.0.1:9464"
         );
         assert_eq!(
             errs[1],
-            "2:1: bogus: unknown key (expected one of: store, state_dir, policies_dir, local_keys, aws, daemon, audit)"
+            "2:1: bogus: unknown key (expected one of: store, state_dir, policies_dir, local_keys, aws, kmip, daemon, audit)"
         );
         assert_eq!(errs[2], "4:13: daemon.lease_ttl: must be from 1s to 1h");
         assert!(

@@ -77,7 +77,10 @@ impl Backend {
                 ))
                 .unwrap();
                 kmip.create_key(&key).await.unwrap_or_else(|e| {
-                    panic!("creating a key on KMIP server {} failed: {e}", kmip.server())
+                    panic!(
+                        "creating a key on KMIP server {} failed: {e}",
+                        kmip.server()
+                    )
                 });
                 key
             }
@@ -143,7 +146,8 @@ fn kmip_backend() -> Option<Backend> {
     let settings = common::kmip_settings()?;
     let tmp = tempfile::tempdir().unwrap();
     let mut ctx = Context::embedded(tmp.path()).unwrap();
-    let kmip = Arc::new(KmipProvider::new(&settings).expect("KMIP provider from the test environment"));
+    let kmip =
+        Arc::new(KmipProvider::new(&settings).expect("KMIP provider from the test environment"));
     ctx.keys.kmip = Some(kmip.clone());
     Some(Backend {
         name: "kmip",
@@ -704,7 +708,13 @@ async fn kmip_backend_shred_and_certificate() {
     );
     cli.ok(&["check", tenant, "--read-data"]);
     let target = cli.path().join("restored");
-    cli.ok(&["restore", tenant, "latest", "--target", target.to_str().unwrap()]);
+    cli.ok(&[
+        "restore",
+        tenant,
+        "latest",
+        "--target",
+        target.to_str().unwrap(),
+    ]);
     common::assert_same(&src, &target.join("data"));
     cli.ok(&["forget", tenant, "--keep-last", "1", "--prune"]);
     let shown = cli.ok(&["tenant", "show", tenant, "--json"]).stdout;

@@ -1503,7 +1503,10 @@ mod kmip_specific {
         assert_eq!(d.action, DestroyAction::RevokedAndDestroyed);
         assert_eq!(d.objects.len(), 2, "{d:?}");
         for uid in &d.objects {
-            assert!(!p.object_present(&key, uid).await.unwrap(), "{uid} still there");
+            assert!(
+                !p.object_present(&key, uid).await.unwrap(),
+                "{uid} still there"
+            );
         }
         for w in [&w1, &w2] {
             assert!(d.objects.contains(w.key_version.as_ref().unwrap()));
@@ -1512,7 +1515,9 @@ mod kmip_specific {
         }
         assert!(matches!(
             p.describe(&key).await.unwrap().state,
-            KeyState::Destroyed { destroyed_at: Some(_) }
+            KeyState::Destroyed {
+                destroyed_at: Some(_)
+            }
         ));
         // A destroyed name is not brought back by --create-key.
         let e = expect_err(&f, "create after destroy", p.create_key(&key).await);
@@ -1542,7 +1547,10 @@ mod kmip_specific {
             let mut bad = w.clone();
             bad.ciphertext[at] ^= 0x01;
             let e = expect_err(&f, what, p.unwrap(&key, &bad, &c).await);
-            assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{what}: {e:?}");
+            assert!(
+                matches!(e, KeyError::InvalidCiphertext { .. }),
+                "{what}: {e:?}"
+            );
             assert_no_key_bytes(&e, &dk);
         }
         let mut bad = w.clone();
@@ -1599,7 +1607,11 @@ mod kmip_specific {
         .unwrap();
         let t = Instant::now();
         let e = mute.describe(&key).await.unwrap_err();
-        eprintln!("[kmip] silent server: {e} (kind {}) after {:?}", e.kind(), t.elapsed());
+        eprintln!(
+            "[kmip] silent server: {e} (kind {}) after {:?}",
+            e.kind(),
+            t.elapsed()
+        );
         assert_eq!(e.kind(), "kms_unreachable", "{e:?}");
         assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
         hold.join().unwrap();
@@ -1616,7 +1628,19 @@ mod kmip_specific {
                 let dir = tempfile::tempdir().unwrap().keep();
                 let ca = dir.join("ca.crt");
                 let ok = std::process::Command::new("openssl")
-                    .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=other"])
+                    .args([
+                        "req",
+                        "-x509",
+                        "-newkey",
+                        "ec",
+                        "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1",
+                        "-nodes",
+                        "-days",
+                        "1",
+                        "-subj",
+                        "/CN=other",
+                    ])
                     .arg("-keyout")
                     .arg(dir.join("ca.key"))
                     .arg("-out")
@@ -1636,7 +1660,10 @@ mod kmip_specific {
         let e = p.describe(&key).await.unwrap_err();
         eprintln!("[kmip] wrong CA: {e} (kind {})", e.kind());
         assert!(matches!(e, KeyError::AccessDenied { .. }), "{e:?}");
-        assert!(e.to_string().contains("not trusted") && e.to_string().contains("ca_file"), "{e}");
+        assert!(
+            e.to_string().contains("not trusted") && e.to_string().contains("ca_file"),
+            "{e}"
+        );
         assert!(!e.is_transient());
     }
 
@@ -1656,10 +1683,7 @@ mod kmip_specific {
     async fn client_key_never_leaks() {
         let Some(s) = settings() else { return };
         let pem = std::fs::read_to_string(&s.client_key_file).unwrap();
-        let body: String = pem
-            .lines()
-            .filter(|l| !l.starts_with("-----"))
-            .collect();
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
         assert!(body.len() > 40);
         let leaks = |shown: &str| shown.contains(&body[..40]) || shown.contains("PRIVATE KEY");
         let p = KmipProvider::new(&s).unwrap();
@@ -1678,7 +1702,8 @@ mod kmip_specific {
         assert!(!leaks(&e.to_string()) && !leaks(&format!("{e:?}")));
         // Not a key at all: named by its path, its content never echoed.
         std::fs::write(&loose, format!("garbage {}\n", &body[..40])).unwrap();
-        std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let e = KmipProvider::new(&KmipSettings {
             client_key_file: loose.clone(),
             ..s.clone()

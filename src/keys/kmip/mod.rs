@@ -262,8 +262,8 @@ impl KmipProvider {
         key: &KeyRef,
         payload: RequestPayload,
     ) -> Result<ResponsePayload, WireError> {
-        match self.transport.call(Request::Std(payload)).await? {
-            Response::Std(p) => Ok(p),
+        match self.transport.call(Request::Std(Box::new(payload))).await? {
+            Response::Std(p) => Ok(*p),
             Response::Data(_) => Err(WireError::Protocol(format!(
                 "unexpected data answer for key {key}"
             ))),

@@ -55,7 +55,7 @@ pub(super) enum WireError {
 
 /// What a call sends: one of the crate's payloads, or an Encrypt/Decrypt.
 pub(super) enum Request {
-    Std(RequestPayload),
+    Std(Box<RequestPayload>),
     /// AES-CBC with PKCS#5 padding under `uid`, with the given IV.
     Cbc {
         decrypt: bool,
@@ -76,7 +76,7 @@ impl Request {
 }
 
 pub(super) enum Response {
-    Std(ResponsePayload),
+    Std(Box<ResponsePayload>),
     /// The Data of an Encrypt or Decrypt response (a plaintext WK after Decrypt).
     Data(Zeroizing<Vec<u8>>),
 }
@@ -150,7 +150,7 @@ fn header(version_minor: i32) -> RequestHeader {
 
 fn encode(req: Request) -> Result<Zeroizing<Vec<u8>>, WireError> {
     let bytes = match req {
-        Request::Std(payload) => kmip_protocol::request::to_vec(payload, None),
+        Request::Std(payload) => kmip_protocol::request::to_vec(*payload, None),
         Request::Cbc {
             decrypt,
             uid,
@@ -253,7 +253,7 @@ fn decode(op: Operation, buf: &[u8]) -> Result<Response, WireError> {
     }
     item.payload
         .take()
-        .map(Response::Std)
+        .map(|p| Response::Std(Box::new(p)))
         .ok_or_else(|| WireError::Protocol(format!("{op:?} answered no payload")))
 }
 
