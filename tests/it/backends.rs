@@ -762,6 +762,32 @@ async fn kmip_backend_shred_and_certificate() {
     ));
 }
 
+/// A `kmip:` key without `[kmip]` in custos.toml: a clear error that says
+/// what to configure (no server needed).
+#[test]
+fn kmip_without_configuration_is_named() {
+    let cli = common::Cli::new();
+    let src = cli.path().join("src");
+    common::make_tree(&src, 1);
+    fs::write(
+        cli.path().join("policies/kmip-none.toml"),
+        format!(
+            "tenant = \"kmip-none\"\nkey = \"kmip:name/custos-none\"\n[[sources]]\ntype = \"path\"\npath = \"{}\"\nname = \"data\"\n",
+            src.display()
+        ),
+    )
+    .unwrap();
+    let r = cli.run(&["backup", "kmip-none", "--json"]);
+    assert_ne!(r.code, 0);
+    let j = r.json();
+    assert_eq!(j["error"]["kind"], "key_provider_unsupported", "{j}");
+    let msg = j["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("[kmip]") && msg.contains("kmip:name/custos-none"),
+        "{msg}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3s_fs_backend_flow() {
     let Some(b) = s3s_fs_backend(None) else {

@@ -1667,6 +1667,56 @@ mod kmip_specific {
         assert!(!e.is_transient());
     }
 
+    /// A client certificate the server does not trust: the handshake is
+    /// refused, and the error points at the client certificate.
+    #[tokio::test]
+    async fn wrong_client_certificate_is_named() {
+        let Some(s) = settings() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.crt"), dir.path().join("c.key"));
+        let ok = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=custos",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "openssl could not make a certificate");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let p = KmipProvider::new(&KmipSettings {
+            client_cert_file: cert,
+            client_key_file: key,
+            ..s.clone()
+        })
+        .unwrap();
+        let k = KeyRef::parse("kmip:name/custos-wrong-cert").unwrap();
+        let t = Instant::now();
+        let e = p.describe(&k).await.unwrap_err();
+        eprintln!(
+            "[kmip] untrusted client certificate: {e} (kind {})",
+            e.kind()
+        );
+        assert!(matches!(e, KeyError::AccessDenied { .. }), "{e:?}");
+        assert!(e.to_string().contains("client certificate"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
     fn copy_key(from: &Path, dir: &Path, mode: u32) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
         let to = dir.join("client.key");
