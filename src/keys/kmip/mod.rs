@@ -427,6 +427,21 @@ impl KmipProvider {
         let fam = self.family(key).await?;
         match (fam.current(), fam.tombstone.as_ref()) {
             (Some((_, obj)), _) if obj.state == State::Active => Ok(obj.clone()),
+            // A Create whose Activate never ran (a crash in create_key or
+            // rotate): finish it, as the same call would have.
+            (Some((v, obj)), _) if obj.state == State::PreActive => {
+                self.simple(
+                    key,
+                    "Activate",
+                    RequestPayload::Activate(Some(UniqueIdentifier(obj.uid.clone()))),
+                )
+                .await?;
+                tracing::info!(event = "kmip.key_activated", key = %key, version = v, object = %obj.uid, "activated version {v} of {key}, left Pre-Active by an interrupted creation");
+                Ok(Object {
+                    state: State::Active,
+                    ..obj.clone()
+                })
+            }
             (Some((_, obj)), _) => Err(self.unusable(key, obj.state)),
             (None, Some((at, _))) => Err(KeyError::Destroyed {
                 key: label(key),
@@ -651,8 +666,15 @@ impl KeyProvider for KmipProvider {
                 destroyed_at: time(at),
             });
         }
-        if fam.current().is_none() {
-            self.create_version(key, &name, 1).await?;
+        match fam.current() {
+            None => {
+                self.create_version(key, &name, 1).await?;
+            }
+            // An earlier creation stopped between Create and Activate.
+            Some((_, obj)) if obj.state == State::PreActive => {
+                self.current(key).await?;
+            }
+            Some(_) => {}
         }
         self.describe(key).await
     }
