@@ -404,9 +404,27 @@ fn tls_error(e: &std::io::Error) -> WireError {
         Some(rustls::Error::InvalidCertificate(c)) => WireError::Tls(format!(
             "the server's certificate is not trusted ({c:?}): check ca_file, and that the server certificate names the host in `server` (or set server_name)"
         )),
-        Some(rustls::Error::AlertReceived(alert)) => WireError::Tls(format!(
-            "the server refused the TLS handshake ({alert:?}): it likely does not accept the client certificate (client_cert_file), or no common TLS version or cipher"
-        )),
+        Some(rustls::Error::AlertReceived(alert)) => {
+            use rustls::AlertDescription as A;
+            let why = match alert {
+                A::UnknownCA
+                | A::BadCertificate
+                | A::CertificateUnknown
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::AccessDenied
+                | A::CertificateRequired => {
+                    "the server does not accept the client certificate (client_cert_file): signed by a CA it does not trust, expired or revoked"
+                }
+                A::HandshakeFailure | A::ProtocolVersion | A::InsufficientSecurity => {
+                    "no TLS version or cipher suite both sides speak (custos: TLS 1.2/1.3 with AES-GCM or ChaCha20; a server with an RSA certificate may offer only CBC suites)"
+                }
+                _ => "the server ended the handshake",
+            };
+            WireError::Tls(format!(
+                "the server refused the TLS handshake ({alert:?}): {why}"
+            ))
+        }
         Some(other) => WireError::Tls(other.to_string()),
         None if matches!(
             e.kind(),
