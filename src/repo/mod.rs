@@ -313,10 +313,10 @@ impl Repo {
             serde_json::json!({ "key": key, "epoch": 1, "reuse": false }),
         )
         .await?;
-        let provider = ctx.keys.for_key(key)?;
-        let info = match provider.create_key(key).await {
+        let cmk = ctx.keys.key(key)?;
+        let info = match cmk.create().await {
             Ok(info) => info,
-            Err(KeyError::Unsupported { .. }) => provider.describe(key).await?,
+            Err(KeyError::Unsupported { .. }) => cmk.describe().await?,
             Err(e) => return Err(e.into()),
         };
         if !info.state.is_usable() {
@@ -385,8 +385,8 @@ impl Repo {
             serde_json::json!({ "key": key, "epoch": epoch, "reuse": true }),
         )
         .await?;
-        let provider = ctx.keys.for_key(key)?;
-        if let Err(e) = provider.create_key(key).await
+        let cmk = ctx.keys.key(key)?;
+        if let Err(e) = cmk.create().await
             && !matches!(e, KeyError::Unsupported { .. })
         {
             return Err(e.into());
@@ -440,8 +440,8 @@ impl Repo {
             if &env.key == key
                 && ctx
                     .keys
-                    .for_key(key)?
-                    .unwrap(key, &env.wrapped, &ctx_w)
+                    .key(key)?
+                    .unwrap(&env.wrapped, &ctx_w)
                     .await
                     .is_ok()
             {
@@ -454,8 +454,8 @@ impl Repo {
         }
         let (data_key, wrapped) = ctx
             .keys
-            .for_key(key)?
-            .generate_data_key(key, &WrapContext::tdk(tenant, epoch))
+            .key(key)?
+            .generate_data_key(&WrapContext::tdk(tenant, epoch))
             .await?;
         let env = Envelope::new(tenant, epoch, key.clone(), wrapped, data_key.fingerprint());
         store
@@ -726,8 +726,8 @@ impl Repo {
         let data_key = self
             .ctx
             .keys
-            .for_key(&env.key)?
-            .unwrap(&env.key, &env.wrapped, &env.context())
+            .key(&env.key)?
+            .unwrap(&env.wrapped, &env.context())
             .await?;
         if data_key.fingerprint() != env.fingerprint {
             return Err(Error::corrupt(
@@ -749,7 +749,7 @@ impl Repo {
     pub async fn confirm_key_usable(&self) -> Result<()> {
         let env = self.load_envelope(self.descriptor.current_epoch).await?;
         let key = env.key;
-        let info = self.ctx.keys.for_key(&key)?.describe(&key).await?;
+        let info = self.ctx.keys.key(&key)?.describe().await?;
         let name = key.to_string();
         let refused = match info.state {
             crate::keys::KeyState::Enabled => return Ok(()),
