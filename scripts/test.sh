@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of custos: starts the S3 + KMS emulators (LocalStack, else
-# moto) on loopback and a SoftHSM2 token (scripts/softhsm.sh), then the whole
-# cargo test suite with the emulator and token tests switched on (they fail,
-# never skip, when CUSTOS_TEST_EMULATORS=1).
+# moto), a KMIP key manager (PyKMIP, scripts/pykmip.sh) on loopback and a
+# SoftHSM2 token (scripts/softhsm.sh), then the whole cargo test suite with
+# the emulator, key-manager and token tests switched on (they fail, never
+# skip, when CUSTOS_TEST_EMULATORS=1).
 #
 # The emulators get free loopback ports (unless CUSTOS_LS_PORT / CUSTOS_MOTO_PORT
 # name them), so a run does not depend on what else listens on the machine,
@@ -41,11 +42,34 @@ promtool check rules contrib/prometheus/alerts.yml
 
 started_here=0
 softhsm_here=0
-cleanup() {
+kmip_here=0
+stop_servers() {
     if [[ $started_here == 1 ]]; then scripts/emulators.sh stop >/dev/null 2>&1 || true; fi
     if [[ $softhsm_here == 1 ]]; then scripts/softhsm.sh stop >/dev/null 2>&1 || true; fi
+    if [[ $kmip_here == 1 ]]; then scripts/pykmip.sh stop >/dev/null 2>&1 || true; fi
 }
-trap cleanup EXIT
+trap stop_servers EXIT
+
+# The Debian packages of the token and key-manager tests, in one apt-get run
+# before anything starts in the background (two apt-gets at once fight over
+# dpkg's lock). The scripts below install what is still missing themselves.
+if need apt-get; then
+    pkgs=()
+    if [[ -z ${CUSTOS_TEST_PKCS11_MODULE:-} ]]; then
+        need softhsm2-util || pkgs+=(softhsm2)
+        need pkcs11-tool || pkgs+=(opensc)
+    fi
+    if [[ ${CUSTOS_EXTERNAL_KMIP:-0} != 1 ]] && ! need pykmip-server; then
+        pkgs+=(python3-pykmip)
+    fi
+    if ((${#pkgs[@]})); then
+        echo "test.sh: installing ${pkgs[*]}" >&2
+        apt-get update -qq >&2 || true
+        # python3-pykmip may be missing from the archive: pykmip.sh then uses pip.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >&2 \
+            || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 opensc >&2 || true
+    fi
+fi
 if [[ ${CUSTOS_EXTERNAL_EMULATORS:-0} != 1 ]]; then
     # Install and start the emulators while cargo builds the tests.
     scripts/emulators.sh start > .emu/env.sh 2> .emu/start.log &
@@ -62,6 +86,14 @@ if [[ -z ${CUSTOS_TEST_PKCS11_MODULE:-} ]]; then
     source .emu/softhsm.env
     softhsm_here=1
     echo "test.sh: PKCS#11 token $CUSTOS_TEST_PKCS11_TOKEN (SoftHSM2)" >&2
+fi
+
+# The KMIP key manager (PyKMIP, with a throwaway CA): unless CUSTOS_TEST_KMIP_*
+# already name one (a real key manager), as CUSTOS_EXTERNAL_KMIP=1 says.
+if [[ ${CUSTOS_EXTERNAL_KMIP:-0} != 1 ]]; then
+    scripts/pykmip.sh start > .emu/kmip-env.sh 2> .emu/kmip-start.log &
+    kmip_pid=$!
+    kmip_here=1
 fi
 
 # A Python with the format's primitives, for the independent-implementation test.
@@ -89,6 +121,17 @@ if [[ $started_here == 1 ]]; then
     # shellcheck disable=SC1091
     source .emu/env.sh
     echo "test.sh: emulator $CUSTOS_EMULATOR at $AWS_ENDPOINT_URL" >&2
+fi
+if [[ $kmip_here == 1 ]]; then
+    if ! wait "$kmip_pid"; then
+        cat .emu/kmip-start.log >&2
+        echo "test.sh: the PyKMIP server did not start; KMIP tests cannot run" >&2
+        exit 1
+    fi
+    cat .emu/kmip-start.log >&2
+    # shellcheck disable=SC1091
+    source .emu/kmip-env.sh
+    echo "test.sh: KMIP server at $CUSTOS_TEST_KMIP_SERVER" >&2
 fi
 export CUSTOS_TEST_EMULATORS=1 AWS_EC2_METADATA_DISABLED=true
 

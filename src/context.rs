@@ -104,7 +104,7 @@ impl Context {
     /// Builds the context a configuration describes: its store (local
     /// directory or S3), the local key provider, AWS KMS when a region is
     /// configured (in custos.toml `[aws]` or the standard AWS environment),
-    /// and PKCS#11 when `[pkcs11]` is.
+    /// PKCS#11 when `[pkcs11]` is and KMIP when `[kmip]` is.
     pub async fn from_config(cfg: &crate::config::Config) -> crate::Result<Context> {
         let store = open_store(cfg)?;
         let local = crate::keys::local::LocalKeyProvider::new(&cfg.local_keys_dir)?;
@@ -142,6 +142,20 @@ impl Context {
                 keys.unavailable.insert(
                     ProviderKind::Pkcs11,
                     "PKCS#11 needs a module and a PIN source: add [pkcs11] to custos.toml".into(),
+                );
+            }
+        }
+        match &cfg.kmip {
+            Some(settings) => match crate::keys::kmip::KmipProvider::new(settings) {
+                Ok(p) => keys.kmip = Some(std::sync::Arc::new(p)),
+                Err(e) => {
+                    keys.unavailable.insert(ProviderKind::Kmip, e.to_string());
+                }
+            },
+            None => {
+                keys.unavailable.insert(
+                    ProviderKind::Kmip,
+                    "no KMIP key manager is configured: add [kmip] (server, ca_file, client_cert_file, client_key_file) to custos.toml".into(),
                 );
             }
         }

@@ -383,6 +383,8 @@ pub struct Config {
     pub aws: AwsSettings,
     /// `[pkcs11]`: the PKCS#11 module and its PIN source; `None` when absent.
     pub pkcs11: Option<crate::keys::pkcs11::Pkcs11Settings>,
+    /// `[kmip]`: the KMIP key manager, when one is configured.
+    pub kmip: Option<crate::keys::kmip::KmipSettings>,
     pub daemon: DaemonSettings,
     pub audit: AuditSettings,
     /// Where tenants' keys and backups may be (`[residency]`).
@@ -400,6 +402,7 @@ const TOP_KEYS: &[&str] = &[
     "local_keys",
     "aws",
     "pkcs11",
+    "kmip",
     "daemon",
     "audit",
     "residency",
@@ -412,6 +415,16 @@ const PKCS11_KEYS: &[&str] = &[
     "max_sessions",
     "timeout",
     "network",
+];
+const KMIP_KEYS: &[&str] = &[
+    "server",
+    "server_name",
+    "ca_file",
+    "client_cert_file",
+    "client_key_file",
+    "connect_timeout",
+    "operation_timeout",
+    "max_connections",
 ];
 const AWS_KEYS: &[&str] = &[
     "region",
@@ -450,6 +463,7 @@ impl Config {
             policies_dir: base.join("policies"),
             aws: AwsSettings::default(),
             pkcs11: None,
+            kmip: None,
             daemon: DaemonSettings::default(),
             residency: Residency::default(),
             origin: ConfigOrigin::BuiltIn,
@@ -465,7 +479,7 @@ impl Config {
             .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()));
         Placement {
             kms_region: self.aws.region.clone().or(env_region),
-            kmip_server: None,
+            kmip_server: self.kmip.as_ref().map(|k| k.server.clone()),
         }
     }
 
@@ -585,6 +599,10 @@ impl Config {
             let pkcs11 = root.section(&mut d, "pkcs11");
             config.pkcs11 = parse_pkcs11(&mut d, &pkcs11, &base);
         }
+        if root.get("kmip").is_some() {
+            let kmip = root.section(&mut d, "kmip");
+            config.kmip = parse_kmip(&mut d, &kmip, &base);
+        }
         let daemon = root.section(&mut d, "daemon");
         config.daemon = parse_daemon(&mut d, &daemon);
         let residency = root.section(&mut d, "residency");
@@ -610,6 +628,111 @@ impl Config {
             Err(ConfigError::Invalid { path, errors })
         }
     }
+}
+
+/// `[kmip]`: `server`, the three PEM files (relative to the file) and
+/// optional timeouts. `None` when a required key is missing (reported).
+fn parse_kmip(
+    d: &mut Diags<'_>,
+    t: &Table<'_>,
+    base: &Path,
+) -> Option<crate::keys::kmip::KmipSettings> {
+    use crate::keys::kmip::KmipSettings;
+    t.check_keys(d, KMIP_KEYS);
+    let text = |d: &mut Diags<'_>, key: &str, what: &str| -> Option<String> {
+        match t.get(key) {
+            Some(item) => d.str(&item).map(str::to_owned),
+            None => {
+                d.missing(t, key, what);
+                None
+            }
+        }
+    };
+    let server = text(
+        d,
+        "server",
+        "the key manager as host:port, e.g. \"kmip.hospital.internal:5696\"",
+    );
+    let file = |d: &mut Diags<'_>, key: &str, what: &str| -> Option<PathBuf> {
+        let item = match t.get(key) {
+            Some(item) => item,
+            None => {
+                d.missing(t, key, what);
+                return None;
+            }
+        };
+        let text = d.str(&item)?;
+        match check_path_text(text) {
+            Ok(()) => Some(resolve(base, text)),
+            Err(e) => {
+                d.err(&item, e);
+                None
+            }
+        }
+    };
+    let ca = file(
+        d,
+        "ca_file",
+        "the PEM file of the CA that signs the server's certificate",
+    );
+    let cert = file(d, "client_cert_file", "custos's client certificate (PEM)");
+    let key = file(
+        d,
+        "client_key_file",
+        "the client certificate's private key (PEM, mode 0600)",
+    );
+    let mut s = KmipSettings::new(
+        server.as_deref().unwrap_or_default(),
+        &ca.clone().unwrap_or_default(),
+        &cert.clone().unwrap_or_default(),
+        &key.clone().unwrap_or_default(),
+    );
+    if let Some(server) = &server
+        && let Some(item) = t.get("server")
+        && server
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
+        d.err(
+            &item,
+            format!("{:?} is not host:port", truncate(server, 80)),
+        );
+    }
+    if let Some(item) = t.get("server_name") {
+        s.server_name = d.str(&item).map(str::to_owned);
+    }
+    for (key, slot, max) in [
+        (
+            "connect_timeout",
+            &mut s.connect_timeout,
+            Duration::from_secs(300),
+        ),
+        (
+            "operation_timeout",
+            &mut s.operation_timeout,
+            Duration::from_secs(3_600),
+        ),
+    ] {
+        let Some(item) = t.get(key) else { continue };
+        let Some(v) = d.duration(&item) else { continue };
+        if v < Duration::from_millis(100) || v > max {
+            d.err(
+                &item,
+                format!(
+                    "must be from 100ms to {}",
+                    super::units::format_duration(max)
+                ),
+            );
+        } else {
+            *slot = v;
+        }
+    }
+    if let Some(item) = t.get("max_connections")
+        && let Some(n) = d.int_in(&item, 1, 64)
+    {
+        s.max_connections = n as usize;
+    }
+    (server.is_some() && ca.is_some() && cert.is_some() && key.is_some()).then_some(s)
 }
 
 fn parse_residency(d: &mut Diags<'_>, t: &Table<'_>, base: &Path) -> Residency {
@@ -1188,6 +1311,44 @@ metrics_listen = "127.0.0.1:9464"
     }
 
     #[test]
+    fn kmip_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let p = write(
+            &root,
+            "custos.toml",
+            "[kmip]\nserver = \"kmip.example:5696\"\nca_file = \"kmip/ca.crt\"\nclient_cert_file = \"/etc/c.crt\"\nclient_key_file = \"kmip/c.key\"\noperation_timeout = \"10s\"\nmax_connections = 2\n",
+        );
+        let c = Config::load(&p).unwrap();
+        let k = c.kmip.expect("[kmip] parsed");
+        assert_eq!(k.server, "kmip.example:5696");
+        assert_eq!(k.ca_file, root.join("kmip/ca.crt"));
+        assert_eq!(k.client_cert_file, Path::new("/etc/c.crt"));
+        assert_eq!(k.client_key_file, root.join("kmip/c.key"));
+        assert_eq!(k.operation_timeout, Duration::from_secs(10));
+        assert_eq!(
+            k.connect_timeout,
+            crate::keys::kmip::DEFAULT_CONNECT_TIMEOUT
+        );
+        assert_eq!(k.max_connections, 2);
+        assert!(Config::builtin(&root).kmip.is_none());
+
+        let errs = errors_of(
+            "[kmip]\nserver = \"no-port\"\nca_file = \"ca\"\nconnect_timeout = \"1ms\"\nbogus = 1\n",
+        );
+        let all = errs.join("\n");
+        for want in [
+            "kmip.server: \"no-port\" is not host:port",
+            "kmip.client_cert_file: missing",
+            "kmip.client_key_file: missing",
+            "kmip.connect_timeout: must be from 100ms",
+            "kmip.bogus: unknown key",
+        ] {
+            assert!(all.contains(want), "{want} not in {all}");
+        }
+    }
+
+    #[test]
     fn reports_every_error_with_its_line() {
         let errs = errors_of(
             "store = \"file://rel\"\nbogus = 1\n[daemon]\nlease_ttl = \"500ms\"\njitter = \"soon\"\nmetrics_listen = \"localhost:9464\"\nmax_concurrent_jobs = 0\nthreads = 3\n[aws]\nendpoint_url = \"http://127.0.0.1:4566\"\n",
@@ -1200,7 +1361,7 @@ metrics_listen = "127.0.0.1:9464"
         );
         assert_eq!(
             errs[1],
-            "2:1: bogus: unknown key (expected one of: store, state_dir, policies_dir, local_keys, aws, pkcs11, daemon, audit, residency)"
+            "2:1: bogus: unknown key (expected one of: store, state_dir, policies_dir, local_keys, aws, pkcs11, kmip, daemon, audit, residency)"
         );
         assert_eq!(errs[2], "4:13: daemon.lease_ttl: must be from 1s to 1h");
         assert!(

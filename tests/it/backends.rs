@@ -7,6 +7,12 @@
 //!   must then pass; otherwise prints `skipped:` and returns. Each run creates
 //!   its own KMS keys and writes under a unique prefix of the test bucket.
 //!
+//! - `kmip_*`: the local store with CMKs on a KMIP key manager (PyKMIP from
+//!   `scripts/pykmip.sh start`, or the one CUSTOS_TEST_KMIP_* name). Runs
+//!   when those variables are set; with `CUSTOS_TEST_EMULATORS=1` they must be.
+//!   `kmip_backend_shred_and_certificate` drives the CLI with `[kmip]` in
+//!   custos.toml: backup, rotate, check, shred, certificate verify --online.
+//!
 //! Every request goes to 127.0.0.1: endpoints default to the emulator's, and
 //! credentials are static (never the EC2 metadata service).
 // Drives the test hooks (see src/hooks.rs); without `--features test-hooks`
@@ -24,6 +30,7 @@ use custos::context::Context;
 use custos::jobs::rotate::{RotateAction, RotateOptions, RotateReport};
 use custos::jobs::{self, NoProgress};
 use custos::keys::aws_kms::AwsKmsProvider;
+use custos::keys::kmip::KmipProvider;
 use custos::keys::{KeyProvider, KeyRef};
 use custos::pipeline::packer::PackerConfig;
 use custos::repo::Repo;
@@ -48,6 +55,7 @@ enum KeyMaker {
     Kms(Arc<AwsKmsProvider>),
     /// Keys on a PKCS#11 token (the token's label).
     Pkcs11(String),
+    Kmip(Arc<KmipProvider>),
 }
 
 impl Backend {
@@ -74,6 +82,20 @@ impl Backend {
                     .create()
                     .await
                     .unwrap_or_else(|e| panic!("creating {key} on the token: {e}"));
+                key
+            }
+            KeyMaker::Kmip(kmip) => {
+                let key = KeyRef::parse(&format!(
+                    "kmip:name/custos-{hint}-{}",
+                    hex::encode(custos::util::random_bytes::<6>())
+                ))
+                .unwrap();
+                kmip.create_key(&key).await.unwrap_or_else(|e| {
+                    panic!(
+                        "creating a key on KMIP server {} failed: {e}",
+                        kmip.server()
+                    )
+                });
                 key
             }
         }
@@ -141,6 +163,22 @@ fn pkcs11_backend() -> Option<Backend> {
         name: "pkcs11",
         ctx,
         keys: KeyMaker::Pkcs11(token),
+        _tmp: tmp,
+    })
+}
+
+/// The local store with CMKs on the KMIP server the environment names.
+fn kmip_backend() -> Option<Backend> {
+    let settings = common::kmip_settings()?;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ctx = Context::embedded(tmp.path()).unwrap();
+    let kmip =
+        Arc::new(KmipProvider::new(&settings).expect("KMIP provider from the test environment"));
+    ctx.keys.kmip = Some(kmip.clone());
+    Some(Backend {
+        name: "kmip",
+        ctx,
+        keys: KeyMaker::Kmip(kmip),
         _tmp: tmp,
     })
 }
@@ -632,8 +670,25 @@ async fn pkcs11_backend_flow() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kmip_backend_flow() {
+    let Some(b) = kmip_backend() else {
+        return;
+    };
+    let key = b.fresh_key("flow").await;
+    flow(&b.ctx, &key).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pkcs11_backend_rotation() {
     let Some(b) = pkcs11_backend() else {
+        return;
+    };
+    rotation_flow(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kmip_backend_rotation() {
+    let Some(b) = kmip_backend() else {
         return;
     };
     rotation_flow(&b).await;
@@ -645,6 +700,143 @@ async fn pkcs11_backend_rotation_cost() {
         return;
     };
     rotation_cost(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kmip_backend_rotation_cost() {
+    let Some(b) = kmip_backend() else {
+        return;
+    };
+    rotation_cost(&b).await;
+}
+
+/// The whole flow through the CLI with `[kmip]` in custos.toml: backup,
+/// rotate --cmk (a new version object), check --read-data, restore, forget,
+/// shred (Revoke + Destroy of both versions), then the certificate verifies
+/// offline and online, and the key manager holds none of the objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kmip_backend_shred_and_certificate() {
+    let Some(settings) = common::kmip_settings() else {
+        return;
+    };
+    let kmip = KmipProvider::new(&settings).unwrap();
+    let cli = common::Cli::new();
+    let toml = cli.path().join("custos.toml");
+    let mut text = fs::read_to_string(&toml).unwrap();
+    text.push_str(&format!(
+        "[kmip]\nserver = \"{}\"\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\nconnect_timeout = \"2s\"\noperation_timeout = \"20s\"\n",
+        settings.server,
+        settings.ca_file.display(),
+        settings.client_cert_file.display(),
+        settings.client_key_file.display(),
+    ));
+    fs::write(&toml, text).unwrap();
+    let key = KeyRef::parse(&format!(
+        "kmip:name/custos-shred-{}",
+        hex::encode(custos::util::random_bytes::<6>())
+    ))
+    .unwrap();
+    kmip.create_key(&key).await.unwrap();
+    let tenant = "kmip-flow";
+    let src = cli.path().join("src");
+    common::make_tree(&src, 10);
+    fs::write(
+        cli.path().join(format!("policies/{tenant}.toml")),
+        format!(
+            "tenant = \"{tenant}\"\nkey = \"{key}\"\n[[sources]]\ntype = \"path\"\npath = \"{}\"\nname = \"data\"\n[retention]\nkeep_last = 1\n",
+            src.display()
+        ),
+    )
+    .unwrap();
+    cli.ok(&["backup", tenant]);
+    fs::write(src.join("later.txt"), "later").unwrap();
+    cli.ok(&["backup", tenant]);
+    let r = cli.ok(&["rotate", tenant, "--cmk", "--json"]);
+    let j = r.json();
+    assert_ne!(
+        j["result"]["key_version_before"], j["result"]["key_version_after"],
+        "{j}"
+    );
+    cli.ok(&["check", tenant, "--read-data"]);
+    let target = cli.path().join("restored");
+    cli.ok(&[
+        "restore",
+        tenant,
+        "latest",
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    common::assert_same(&src, &target.join("data"));
+    cli.ok(&["forget", tenant, "--keep-last", "1", "--prune"]);
+    let shown = cli.ok(&["tenant", "show", tenant, "--json"]).stdout;
+    assert!(!shown.contains("PRIVATE KEY"));
+
+    let key_pub = cli.ok(&["audit", "public-key"]).stdout.trim().to_owned();
+    fs::write(cli.path().join("audit.pub"), &key_pub).unwrap();
+    let cert = cli.path().join("cert.json");
+    let r = cli.ok(&[
+        "shred",
+        tenant,
+        "--confirm",
+        tenant,
+        "--reason",
+        "offboarding",
+        "--out",
+        cert.to_str().unwrap(),
+        "--json",
+    ]);
+    let res = r.json()["result"].clone();
+    eprintln!("[kmip] shred: {res}");
+    assert_eq!(res["guarantee"], "keys_destroyed", "{res}");
+    let k = &res["keys"][0];
+    assert_eq!(k["action"], "revoked_and_destroyed", "{res}");
+    assert_eq!(k["state_after"]["state"], "destroyed", "{res}");
+    let v = custos::jobs::shred::certificate::verify(&fs::read(&cert).unwrap(), &key_pub).unwrap();
+    assert!(v.certificate.verification.passed);
+    assert!(v.certificate.guarantee.pending.is_none());
+    let r = cli.ok(&[
+        "certificate",
+        "verify",
+        cert.to_str().unwrap(),
+        "--public-key",
+        cli.path().join("audit.pub").to_str().unwrap(),
+        "--online",
+        "--json",
+    ]);
+    let o = r.json();
+    assert_eq!(o["ok"], true, "{o}");
+    assert_eq!(o["result"]["online"]["ok"], true, "{o}");
+    // The key manager holds no version of the key any more.
+    assert!(matches!(
+        kmip.describe(&key).await.unwrap().state,
+        custos::keys::KeyState::Destroyed { .. }
+    ));
+}
+
+/// A `kmip:` key without `[kmip]` in custos.toml: a clear error that says
+/// what to configure (no server needed).
+#[test]
+fn kmip_without_configuration_is_named() {
+    let cli = common::Cli::new();
+    let src = cli.path().join("src");
+    common::make_tree(&src, 1);
+    fs::write(
+        cli.path().join("policies/kmip-none.toml"),
+        format!(
+            "tenant = \"kmip-none\"\nkey = \"kmip:name/custos-none\"\n[[sources]]\ntype = \"path\"\npath = \"{}\"\nname = \"data\"\n",
+            src.display()
+        ),
+    )
+    .unwrap();
+    let r = cli.run(&["backup", "kmip-none", "--json"]);
+    assert_ne!(r.code, 0);
+    let j = r.json();
+    assert_eq!(j["error"]["kind"], "key_provider_unsupported", "{j}");
+    let msg = j["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("[kmip]") && msg.contains("kmip:name/custos-none"),
+        "{msg}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -393,3 +393,35 @@ pub fn pkcs11_key(token: &str, hint: &str) -> custos::keys::KeyRef {
     ))
     .unwrap()
 }
+
+/// Settings for the KMIP server the environment names (`scripts/pykmip.sh
+/// start` prints them): `None`, with a `skipped:` line, when they are unset
+/// outside CI; with `CUSTOS_TEST_EMULATORS=1` a missing server fails the test.
+pub fn kmip_settings() -> Option<custos::keys::kmip::KmipSettings> {
+    let vars = [
+        "CUSTOS_TEST_KMIP_SERVER",
+        "CUSTOS_TEST_KMIP_CA",
+        "CUSTOS_TEST_KMIP_CERT",
+        "CUSTOS_TEST_KMIP_KEY",
+    ];
+    let values: Vec<Option<String>> = vars.iter().map(|v| env(v)).collect();
+    if values.iter().any(Option::is_none) {
+        if strict() {
+            panic!(
+                "CUSTOS_TEST_EMULATORS=1 but {} unset: the KMIP tests need a KMIP server (scripts/pykmip.sh start)",
+                vars.join(", ")
+            );
+        }
+        eprintln!(
+            "skipped: set CUSTOS_TEST_KMIP_* (scripts/pykmip.sh start) to test the KMIP provider"
+        );
+        return None;
+    }
+    let v: Vec<String> = values.into_iter().flatten().collect();
+    Some(custos::keys::kmip::KmipSettings::new(
+        &v[0],
+        Path::new(&v[1]),
+        Path::new(&v[2]),
+        Path::new(&v[3]),
+    ))
+}

@@ -23,6 +23,7 @@ use crate::common::{self, env};
 use async_trait::async_trait;
 use custos::TenantId;
 use custos::keys::aws_kms::{AwsKmsProvider, AwsKmsSettings};
+use custos::keys::kmip::KmipProvider;
 use custos::keys::local::LocalKeyProvider;
 use custos::keys::pkcs11::Pkcs11Provider;
 use custos::keys::{
@@ -46,6 +47,12 @@ trait Fixture: Send + Sync {
     async fn fresh_imported_key(&self) -> Option<KeyRef>;
     /// False where the backend ignores key states (moto): key-state cases are skipped.
     fn enforces_states(&self) -> bool;
+    /// False where a disabled key cannot be enabled again (KMIP: Revoke is
+    /// final). The disable case then checks that `enable` says so
+    /// (`Unsupported`) and the key stays refused.
+    fn reenables(&self) -> bool {
+        true
+    }
     /// Removes what the test made, where that matters (real KMS keys cost money).
     async fn cleanup(&self) {}
 }
@@ -228,6 +235,54 @@ impl Fixture for Pkcs11Fixture {
                 eprintln!("[pkcs11] cleanup of {key}: {e}");
             }
         }
+    }
+}
+
+/// A KMIP key manager (PyKMIP from scripts/pykmip.sh, or a real one named
+/// by the CUSTOS_TEST_KMIP_* variables). Keys are `kmip:name/<random>`.
+struct KmipFixture {
+    provider: KmipProvider,
+}
+
+impl KmipFixture {
+    fn new() -> Option<Self> {
+        let settings = common::kmip_settings()?;
+        let provider =
+            KmipProvider::new(&settings).expect("KMIP provider from the test environment");
+        Some(KmipFixture { provider })
+    }
+}
+
+#[async_trait]
+impl Fixture for KmipFixture {
+    fn name(&self) -> &str {
+        "kmip"
+    }
+    fn provider(&self) -> &dyn KeyProvider {
+        &self.provider
+    }
+    async fn fresh_key(&self) -> KeyRef {
+        let key = KeyRef::parse(&format!(
+            "kmip:name/custos-test-{}",
+            hex::encode(custos::util::random_bytes::<6>())
+        ))
+        .unwrap();
+        self.provider.create_key(&key).await.unwrap_or_else(|e| {
+            panic!(
+                "creating a key on the KMIP server {} failed: {e}",
+                self.provider.server()
+            )
+        });
+        key
+    }
+    async fn fresh_imported_key(&self) -> Option<KeyRef> {
+        None
+    }
+    fn enforces_states(&self) -> bool {
+        true
+    }
+    fn reenables(&self) -> bool {
+        false
     }
 }
 
@@ -499,6 +554,22 @@ mod suite {
         let e = expect_err(f, "wrap with a disabled key", p.wrap(&key, &dk, &c).await);
         assert!(matches!(e, KeyError::Disabled { .. }), "{e:?}");
 
+        if !f.reenables() {
+            let e = expect_err(f, "enable", p.enable(&key).await);
+            assert!(matches!(e, KeyError::Unsupported { .. }), "{e:?}");
+            eprintln!(
+                "NOT APPLICABLE [{}]: a disabled key cannot be enabled again; checked that enable says so and the key stays refused",
+                f.name()
+            );
+            assert_eq!(p.describe(&key).await.unwrap().state, KeyState::Disabled);
+            let e = expect_err(
+                f,
+                "unwrap after a refused enable",
+                p.unwrap(&key, &wrapped, &c).await,
+            );
+            assert!(matches!(e, KeyError::Disabled { .. }), "{e:?}");
+            return;
+        }
         let info = p.enable(&key).await.expect("enable");
         assert_eq!(info.state, KeyState::Enabled);
         assert_eq!(
@@ -750,6 +821,7 @@ macro_rules! conformance {
 conformance!(local, LocalFixture::new());
 conformance!(aws_kms, AwsFixture::new().await);
 conformance!(pkcs11, Pkcs11Fixture::new());
+conformance!(kmip, KmipFixture::new());
 
 mod local_specific {
     use super::*;
@@ -1711,5 +1783,353 @@ mod mock {
         .unwrap_err();
         assert!(matches!(e, KeyError::NotConfigured { .. }), "{e:?}");
         assert!(e.to_string().contains("region"), "{e}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// KMIP specifics (PyKMIP from scripts/pykmip.sh, or a real key manager)
+// ---------------------------------------------------------------------------
+
+mod kmip_specific {
+    use super::*;
+    use custos::keys::kmip::KmipSettings;
+    use std::path::{Path, PathBuf};
+
+    fn settings() -> Option<KmipSettings> {
+        common::kmip_settings()
+    }
+
+    #[tokio::test]
+    async fn error_kinds() {
+        let Some(f) = KmipFixture::new() else { return };
+        let missing = KeyRef::parse("kmip:name/custos-no-such-key").unwrap();
+        suite::error_kinds(&f, &missing).await;
+        let missing_uid = KeyRef::parse("kmip:no-such-object-4711").unwrap();
+        suite::error_kinds(&f, &missing_uid).await;
+        // The key manager assigns identifiers: custos creates only named keys.
+        let e = expect_err(&f, "create_key", f.provider.create_key(&missing_uid).await);
+        assert!(matches!(e, KeyError::Unsupported { .. }), "{e:?}");
+        assert!(e.to_string().contains("kmip:name/"), "{e}");
+    }
+
+    /// The CMK is used only through Encrypt/Decrypt: over a whole life
+    /// (create, wrap, unwrap, rotate, rewrap, disable, destroy) the client
+    /// sends no Get, and the operations it sends are those the docs list.
+    #[tokio::test]
+    async fn no_get_of_key_material() {
+        let Some(f) = KmipFixture::new() else { return };
+        let p = &f.provider;
+        let a = f.fresh_key().await;
+        let b = f.fresh_key().await;
+        let c = ctx("acme", 1);
+        let (dk, w) = p.generate_data_key(&a, &c).await.unwrap();
+        assert_eq!(p.unwrap(&a, &w, &c).await.unwrap(), dk);
+        p.rotate(&a).await.unwrap();
+        let wb = p.rewrap(&a, &w, &c, &b).await.unwrap();
+        assert_eq!(p.unwrap(&b, &wb, &c).await.unwrap(), dk);
+        p.disable(&b).await.unwrap();
+        p.destroy(&a, 7).await.unwrap();
+        p.destroy(&b, 7).await.unwrap();
+        let sent = p.operations_sent();
+        eprintln!("[kmip] operations sent: {sent:?}");
+        assert!(!sent.contains_key("Get"), "{sent:?}");
+        let documented = [
+            "Create",
+            "Activate",
+            "Locate",
+            "GetAttributes",
+            "Encrypt",
+            "Decrypt",
+            "Revoke",
+            "Destroy",
+        ];
+        for op in sent.keys() {
+            assert!(documented.contains(&op.as_str()), "undocumented {op}");
+        }
+        for op in ["Encrypt", "Decrypt", "Revoke", "Destroy"] {
+            assert!(sent.contains_key(op), "{op} never sent: {sent:?}");
+        }
+    }
+
+    /// Destroy revokes and destroys every version; afterwards the server
+    /// holds none of them (GetAttributes: not found), the key reads as
+    /// destroyed, and a retained envelope no longer unwraps.
+    #[tokio::test]
+    async fn destroy_removes_every_version() {
+        let Some(f) = KmipFixture::new() else { return };
+        let p = &f.provider;
+        let key = f.fresh_key().await;
+        let c = ctx("acme", 2);
+        let (_, w1) = p.generate_data_key(&key, &c).await.unwrap();
+        p.rotate(&key).await.unwrap();
+        let (_, w2) = p.generate_data_key(&key, &c).await.unwrap();
+        assert_ne!(w1.key_version, w2.key_version);
+        let d = p.destroy(&key, 7).await.unwrap();
+        assert_eq!(d.action, DestroyAction::RevokedAndDestroyed);
+        assert_eq!(d.objects.len(), 2, "{d:?}");
+        for uid in &d.objects {
+            assert!(
+                !p.object_present(&key, uid).await.unwrap(),
+                "{uid} still there"
+            );
+        }
+        for w in [&w1, &w2] {
+            assert!(d.objects.contains(w.key_version.as_ref().unwrap()));
+            let e = expect_err(&f, "unwrap after destroy", p.unwrap(&key, w, &c).await);
+            assert!(matches!(e, KeyError::Destroyed { .. }), "{e:?}");
+        }
+        assert!(matches!(
+            p.describe(&key).await.unwrap().state,
+            KeyState::Destroyed {
+                destroyed_at: Some(_)
+            }
+        ));
+        // A destroyed name is not brought back by --create-key.
+        let e = expect_err(&f, "create after destroy", p.create_key(&key).await);
+        assert!(matches!(e, KeyError::Destroyed { .. }), "{e:?}");
+    }
+
+    /// A change anywhere in the envelope (the server's ciphertext of WK, the
+    /// IV, the object it names, the seal) or a key_version that disagrees
+    /// with it is refused as an invalid ciphertext.
+    #[tokio::test]
+    async fn tampered_envelope_is_invalid_ciphertext() {
+        let Some(f) = KmipFixture::new() else { return };
+        let p = &f.provider;
+        let key = f.fresh_key().await;
+        let c = ctx("acme", 1);
+        let (dk, w) = p.generate_data_key(&key, &c).await.unwrap();
+        let uid_len = u16::from_be_bytes([w.ciphertext[1], w.ciphertext[2]]) as usize;
+        let iv_at = 3 + uid_len;
+        let wk_at = iv_at + 16 + 2;
+        for (what, at) in [
+            ("IV", iv_at),
+            ("server ciphertext (last block)", wk_at + 47),
+            ("server ciphertext (first block)", wk_at),
+            ("nonce", wk_at + 48),
+            ("sealed key", wk_at + 48 + 12),
+        ] {
+            let mut bad = w.clone();
+            bad.ciphertext[at] ^= 0x01;
+            let e = expect_err(&f, what, p.unwrap(&key, &bad, &c).await);
+            assert!(
+                matches!(e, KeyError::InvalidCiphertext { .. }),
+                "{what}: {e:?}"
+            );
+            assert_no_key_bytes(&e, &dk);
+        }
+        let mut bad = w.clone();
+        bad.key_version = Some("another-object".into());
+        let e = expect_err(&f, "key_version", p.unwrap(&key, &bad, &c).await);
+        assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+        let mut bad = w.clone();
+        bad.ciphertext.truncate(10);
+        let e = expect_err(&f, "truncated", p.unwrap(&key, &bad, &c).await);
+        assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+        assert_eq!(p.unwrap(&key, &w, &c).await.unwrap(), dk);
+    }
+
+    /// A server that is down: a clear kms_unreachable error at once. A
+    /// server that accepts but never answers: the same after the operation
+    /// timeout, never a hang.
+    #[tokio::test]
+    async fn server_down_is_unreachable_without_hang() {
+        let Some(s) = settings() else { return };
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let down = KmipProvider::new(&KmipSettings {
+            server: format!("127.0.0.1:{port}"),
+            server_name: Some("127.0.0.1".into()),
+            ..s.clone()
+        })
+        .unwrap();
+        let key = KeyRef::parse("kmip:name/custos-down").unwrap();
+        let t = Instant::now();
+        let e = down.describe(&key).await.unwrap_err();
+        eprintln!("[kmip] server down: {e} (kind {})", e.kind());
+        assert!(matches!(e, KeyError::Unreachable { .. }), "{e:?}");
+        assert_eq!(e.kind(), "kms_unreachable");
+        assert!(e.is_transient());
+        assert!(e.to_string().contains(&port.to_string()), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+
+        // Accepts the connection, then says nothing.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap();
+        let hold = std::thread::spawn(move || {
+            let conn = silent.accept();
+            std::thread::sleep(Duration::from_secs(4));
+            drop(conn);
+        });
+        let mute = KmipProvider::new(&KmipSettings {
+            server: addr.to_string(),
+            server_name: Some("127.0.0.1".into()),
+            operation_timeout: Duration::from_secs(1),
+            ..s.clone()
+        })
+        .unwrap();
+        let t = Instant::now();
+        let e = mute.describe(&key).await.unwrap_err();
+        eprintln!(
+            "[kmip] silent server: {e} (kind {}) after {:?}",
+            e.kind(),
+            t.elapsed()
+        );
+        assert_eq!(e.kind(), "kms_unreachable", "{e:?}");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        hold.join().unwrap();
+    }
+
+    /// A server certificate from another CA is refused, and the error says so.
+    #[tokio::test]
+    async fn wrong_ca_is_named() {
+        let Some(s) = settings() else { return };
+        let other = common::env("CUSTOS_TEST_KMIP_OTHER_CA")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                // A real key manager: any self-made CA will do.
+                let dir = tempfile::tempdir().unwrap().keep();
+                let ca = dir.join("ca.crt");
+                let ok = std::process::Command::new("openssl")
+                    .args([
+                        "req",
+                        "-x509",
+                        "-newkey",
+                        "ec",
+                        "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1",
+                        "-nodes",
+                        "-days",
+                        "1",
+                        "-subj",
+                        "/CN=other",
+                    ])
+                    .arg("-keyout")
+                    .arg(dir.join("ca.key"))
+                    .arg("-out")
+                    .arg(&ca)
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "openssl could not make a CA");
+                ca
+            });
+        let p = KmipProvider::new(&KmipSettings {
+            ca_file: other,
+            ..s.clone()
+        })
+        .unwrap();
+        let key = KeyRef::parse("kmip:name/custos-wrong-ca").unwrap();
+        let e = p.describe(&key).await.unwrap_err();
+        eprintln!("[kmip] wrong CA: {e} (kind {})", e.kind());
+        assert!(matches!(e, KeyError::AccessDenied { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("not trusted") && e.to_string().contains("ca_file"),
+            "{e}"
+        );
+        assert!(!e.is_transient());
+    }
+
+    /// A client certificate the server does not trust: the handshake is
+    /// refused, and the error points at the client certificate.
+    #[tokio::test]
+    async fn wrong_client_certificate_is_named() {
+        let Some(s) = settings() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.crt"), dir.path().join("c.key"));
+        let ok = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=custos",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "openssl could not make a certificate");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let p = KmipProvider::new(&KmipSettings {
+            client_cert_file: cert,
+            client_key_file: key,
+            ..s.clone()
+        })
+        .unwrap();
+        let k = KeyRef::parse("kmip:name/custos-wrong-cert").unwrap();
+        let t = Instant::now();
+        let e = p.describe(&k).await.unwrap_err();
+        eprintln!(
+            "[kmip] untrusted client certificate: {e} (kind {})",
+            e.kind()
+        );
+        assert!(matches!(e, KeyError::AccessDenied { .. }), "{e:?}");
+        assert!(e.to_string().contains("client certificate"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    fn copy_key(from: &Path, dir: &Path, mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let to = dir.join("client.key");
+        std::fs::copy(from, &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode)).unwrap();
+        to
+    }
+
+    /// The client's private key never shows: not in the settings' or the
+    /// provider's Debug, not in any error; a key file others can read is
+    /// refused (as for every secret custos keeps); a broken one is named by
+    /// path only.
+    #[tokio::test]
+    async fn client_key_never_leaks() {
+        let Some(s) = settings() else { return };
+        let pem = std::fs::read_to_string(&s.client_key_file).unwrap();
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        assert!(body.len() > 40);
+        let leaks = |shown: &str| shown.contains(&body[..40]) || shown.contains("PRIVATE KEY");
+        let p = KmipProvider::new(&s).unwrap();
+        for shown in [format!("{s:?}"), format!("{p:?}")] {
+            assert!(!leaks(&shown), "{shown}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let loose = copy_key(&s.client_key_file, dir.path(), 0o644);
+        let e = KmipProvider::new(&KmipSettings {
+            client_key_file: loose.clone(),
+            ..s.clone()
+        })
+        .unwrap_err();
+        eprintln!("[kmip] readable client key: {e}");
+        assert_eq!(e.kind(), "insecure_permissions", "{e:?}");
+        assert!(!leaks(&e.to_string()) && !leaks(&format!("{e:?}")));
+        // Not a key at all: named by its path, its content never echoed.
+        std::fs::write(&loose, format!("garbage {}\n", &body[..40])).unwrap();
+        std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let e = KmipProvider::new(&KmipSettings {
+            client_key_file: loose.clone(),
+            ..s.clone()
+        })
+        .unwrap_err();
+        eprintln!("[kmip] broken client key: {e}");
+        assert!(e.to_string().contains(&loose.display().to_string()), "{e}");
+        assert!(!leaks(&e.to_string()) && !leaks(&format!("{e:?}")), "{e:?}");
+        // Errors of a working provider carry no key either.
+        let key = KeyRef::parse("kmip:name/custos-no-such-key").unwrap();
+        let e = p.describe(&key).await.unwrap_err();
+        assert!(!leaks(&e.to_string()) && !leaks(&format!("{e:?}")));
     }
 }
