@@ -295,7 +295,7 @@ fn bad_key_references() {
     assert_eq!(
         errors(&[("acme.toml", text)]),
         [
-            "acme.toml:2:7: key: invalid key reference \"vault:x\": unknown key provider \"vault\" (known: \"local\", \"aws-kms\")"
+            "acme.toml:2:7: key: invalid key reference \"vault:x\": unknown key provider \"vault\" (known: \"local\", \"aws-kms\", \"pkcs11\", \"kmip\")"
         ]
     );
     let text =
