@@ -31,6 +31,8 @@ pub struct Context {
     /// The tenant policies directory, read by the key-ownership checks (which
     /// key each tenant's policy names); `None` outside a configuration.
     pub policies_dir: Option<std::path::PathBuf>,
+    /// `[residency]`: a key outside it is never bound to a tenant.
+    pub residency: crate::config::ResidencyRules,
 }
 
 impl std::fmt::Debug for Context {
@@ -93,6 +95,7 @@ impl Context {
             actor: default_actor("cli"),
             s3: Default::default(),
             policies_dir: None,
+            residency: Default::default(),
         })
     }
 }
@@ -167,6 +170,7 @@ impl Context {
             actor: default_actor("cli"),
             s3: s3_options(cfg),
             policies_dir: Some(cfg.policies_dir.clone()),
+            residency: cfg.residency_rules(),
         })
     }
 }

@@ -346,8 +346,8 @@ async fn check_online(config: Option<&Path>, v: &Verified) -> Result<Online> {
         if k.outcome == crate::format::shred::DestroyOutcome::NotDestroyed {
             continue;
         }
-        let (r, provider) = match s.ctx.keys.for_key(&k.reference) {
-            Ok(p) => (p.describe(&k.reference).await, Some(p)),
+        let (r, provider) = match s.ctx.keys.key(&k.reference) {
+            Ok(p) => (p.describe().await, Some(p)),
             Err(e) => (Err(e), None),
         };
         let (state, error, mut ok) = match r {
@@ -371,7 +371,7 @@ async fn check_online(config: Option<&Path>, v: &Verified) -> Result<Online> {
             problems.push(format!("key {} is not destroyed", k.reference));
         }
         let leftover_material = match provider {
-            Some(p) => p.leftover_material(&k.reference).await?,
+            Some(p) => p.leftover_material().await?,
             None => Vec::new(),
         };
         if !leftover_material.is_empty() {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 
 use super::output::print_envelope;
-use crate::config::{Config, validate_dir};
+use crate::config::{Config, validate_dir_under};
 
 #[derive(Subcommand)]
 pub enum PolicyCommand {
@@ -21,17 +21,16 @@ pub enum PolicyCommand {
 
 pub async fn run(config: Option<&Path>, cmd: PolicyCommand) -> ExitCode {
     let PolicyCommand::Validate { dir, json } = cmd;
-    let dir = match dir {
-        Some(d) => d,
-        None => match Config::discover(config) {
-            Ok(c) => {
-                super::setup::print_warnings(&c);
-                c.policies_dir
-            }
-            Err(e) => return super::output::fail(json, &e.into()),
-        },
+    // The configuration's [residency] applies to any directory validated.
+    let config = match Config::discover(config) {
+        Ok(c) => {
+            super::setup::print_warnings(&c);
+            c
+        }
+        Err(e) => return super::output::fail(json, &e.into()),
     };
-    let report = validate_dir(&dir);
+    let dir = dir.unwrap_or_else(|| config.policies_dir.clone());
+    let report = validate_dir_under(&dir, &config.residency_rules());
     if json {
         print_envelope(report.is_ok(), Some(&report), None);
     } else {

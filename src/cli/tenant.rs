@@ -203,6 +203,52 @@ struct ShowResult {
     rotation: crate::jobs::rotate::RotationStatus,
     /// Whether the store honours conditional writes (cached probe).
     store_probe: Option<crate::store::probe::ProbeRecord>,
+    /// Who holds each of the tenant's keys, in what state, and whether
+    /// `[residency]` allows it: what a DPIA quotes.
+    custody: Vec<KeyCustody>,
+}
+
+#[derive(Serialize)]
+struct KeyCustody {
+    key: crate::keys::KeyRef,
+    role: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    custody: Option<crate::keys::Custody>,
+    /// The key's state as its provider reports it now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// `[residency]`: "allowed", or the rule it breaks.
+    residency: String,
+}
+
+async fn custody_of(
+    s: &super::setup::Setup,
+    keys: &[crate::jobs::rotate::KeyStatus],
+) -> Vec<KeyCustody> {
+    let mut out = Vec::new();
+    for k in keys {
+        let (custody, state, error) = match s.ctx.keys.key(&k.key) {
+            Ok(h) => match h.describe().await {
+                Ok(info) => (Some(h.custody()), Some(info.state.name()), None),
+                Err(e) => (Some(h.custody()), None, Some(e.to_string())),
+            },
+            Err(e) => (None, None, Some(e.to_string())),
+        };
+        out.push(KeyCustody {
+            key: k.key.clone(),
+            role: k.role.to_string(),
+            custody,
+            state,
+            error,
+            residency: match s.ctx.residency.check_key(&k.key) {
+                Ok(()) => "allowed".into(),
+                Err(v) => v.to_string(),
+            },
+        });
+    }
+    out
 }
 
 async fn show(config: Option<&Path>, tenant: &str) -> Result<ShowResult> {
@@ -216,8 +262,8 @@ async fn show(config: Option<&Path>, tenant: &str) -> Result<ShowResult> {
         .and_then(|p| repo.check_policy_key(&p.key).err())
         .map(|e| e.to_string());
     let d = repo.descriptor().clone();
-    let (key, key_error) = match s.ctx.keys.for_key(&d.key) {
-        Ok(p) => match p.describe(&d.key).await {
+    let (key, key_error) = match s.ctx.keys.key(&d.key) {
+        Ok(p) => match p.describe().await {
             Ok(i) => (Some(i), None),
             Err(e) => (None, Some(e.to_string())),
         },
@@ -252,7 +298,9 @@ async fn show(config: Option<&Path>, tenant: &str) -> Result<ShowResult> {
             None
         }
     };
+    let custody = custody_of(&s, &rotation.keys).await;
     Ok(ShowResult {
+        custody,
         policy_key_error,
         rotation,
         store_probe,
@@ -292,6 +340,22 @@ fn print_show(r: &ShowResult) {
     let rs = &r.rotation;
     for k in rs.keys.iter().skip(1) {
         println!("key      {} ({})", k.key, k.role);
+    }
+    for c in &r.custody {
+        let held = c
+            .custody
+            .as_ref()
+            .map(|c| c.holder.clone())
+            .unwrap_or_else(|| "provider not configured".into());
+        let state = c
+            .state
+            .as_deref()
+            .or(c.error.as_deref())
+            .unwrap_or("unknown");
+        println!(
+            "custody  {}: {held}; {state}; residency: {}",
+            c.key, c.residency
+        );
     }
     let due =
         |next: Option<chrono::DateTime<chrono::Utc>>, due: bool, every: &Option<String>| match (

@@ -16,6 +16,7 @@ pub mod diag;
 mod paths;
 pub mod policy;
 pub mod policy_set;
+pub mod residency;
 pub mod schedule;
 pub mod settings;
 pub mod units;
@@ -28,8 +29,9 @@ pub use policy::{
 };
 pub use policy_set::{
     DeclaredKey, PolicyChanges, PolicyFile, PolicySet, TenantSummary, ValidationReport,
-    declared_keys, load_policies, load_policy_file, validate_dir,
+    declared_keys, load_policies, load_policy_file, validate_dir, validate_dir_under,
 };
+pub use residency::{Placement, Residency, ResidencyViolation, Rules as ResidencyRules};
 pub use schedule::Schedule;
 pub use settings::{
     AuditSettings, AwsSettings, Config, ConfigError, ConfigOrigin, ConfigWarning, DaemonSettings,

@@ -278,7 +278,22 @@ impl fmt::Display for ValidationReport {
 
 /// Validates every policy in `dir`, listing the valid tenants and every error.
 pub fn validate_dir(dir: &Path) -> ValidationReport {
-    let outcome = load(dir, None);
+    validate_dir_under(dir, &super::ResidencyRules::default())
+}
+
+/// [`validate_dir`], also refusing a tenant whose key is outside `[residency]`.
+pub fn validate_dir_under(dir: &Path, rules: &super::ResidencyRules) -> ValidationReport {
+    let mut outcome = load(dir, None);
+    let (inside, outside): (Vec<Built>, Vec<Built>) = outcome
+        .built
+        .into_iter()
+        .partition(|b| rules.check_policy(&b.policy).is_ok());
+    outcome.built = inside;
+    outcome.errors.extend(
+        outside
+            .iter()
+            .filter_map(|b| rules.check_policy(&b.policy).err()),
+    );
     let tenants = outcome
         .built
         .iter()

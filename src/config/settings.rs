@@ -20,8 +20,10 @@ use zeroize::Zeroizing;
 
 use super::diag::{PolicyError, SourceText};
 use super::paths::{base_dir_of, check_path_text, resolve};
+use super::residency::{self, Placement, Residency};
 use super::units::{serde_duration, truncate};
 use super::walk::{Diags, Item, Table};
+use crate::keys::ProviderKind;
 
 /// The file `discover` looks for in the current directory.
 pub const CONFIG_FILE_NAME: &str = "custos.toml";
@@ -383,6 +385,8 @@ pub struct Config {
     pub pkcs11: Option<crate::keys::pkcs11::Pkcs11Settings>,
     pub daemon: DaemonSettings,
     pub audit: AuditSettings,
+    /// Where tenants' keys and backups may be (`[residency]`).
+    pub residency: Residency,
     pub origin: ConfigOrigin,
     /// Problems that do not stop custos, such as loose permissions on the file.
     #[serde(skip)]
@@ -398,6 +402,7 @@ const TOP_KEYS: &[&str] = &[
     "pkcs11",
     "daemon",
     "audit",
+    "residency",
 ];
 const PKCS11_KEYS: &[&str] = &[
     "module",
@@ -446,8 +451,29 @@ impl Config {
             aws: AwsSettings::default(),
             pkcs11: None,
             daemon: DaemonSettings::default(),
+            residency: Residency::default(),
             origin: ConfigOrigin::BuiltIn,
             warnings: Vec::new(),
+        }
+    }
+
+    /// Where the configuration sends key operations beyond what a key
+    /// reference says, for [`Residency::check_key`].
+    pub fn placement(&self) -> Placement {
+        let env_region = ["AWS_REGION", "AWS_DEFAULT_REGION"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()));
+        Placement {
+            kms_region: self.aws.region.clone().or(env_region),
+            kmip_server: None,
+        }
+    }
+
+    /// `[residency]` with the facts it is checked against.
+    pub fn residency_rules(&self) -> super::residency::Rules {
+        super::residency::Rules {
+            residency: self.residency.clone(),
+            placement: self.placement(),
         }
     }
 
@@ -561,6 +587,20 @@ impl Config {
         }
         let daemon = root.section(&mut d, "daemon");
         config.daemon = parse_daemon(&mut d, &daemon);
+        let residency = root.section(&mut d, "residency");
+        config.residency = parse_residency(&mut d, &residency, &base);
+        config.residency.file = Some(path.clone());
+        // The store is the configuration's own: one outside the rules is an
+        // error of this file, pointed at the store line.
+        if let Err(e) = config
+            .residency
+            .check_store(&config.store, config.aws.s3_endpoint())
+        {
+            match root.get("store").or_else(|| residency.get(e.rule)) {
+                Some(item) => d.err(&item, e),
+                None => d.error(0, None, e.to_string()),
+            }
+        }
 
         if d.errors.is_empty() {
             Ok(config)
@@ -570,6 +610,51 @@ impl Config {
             Err(ConfigError::Invalid { path, errors })
         }
     }
+}
+
+fn parse_residency(d: &mut Diags<'_>, t: &Table<'_>, base: &Path) -> Residency {
+    t.check_keys(d, residency::KEYS);
+    let mut r = Residency::default();
+    let strings = |d: &mut Diags<'_>, key: &str| -> Option<Vec<(Item<'_>, String)>> {
+        let item = t.get(key)?;
+        let items = d.str_array(&item)?;
+        Some(items.into_iter().map(|(i, s)| (i, s.to_owned())).collect())
+    };
+    if let Some(items) = strings(d, "key_providers") {
+        let mut kinds = Vec::new();
+        for (item, s) in items {
+            match ProviderKind::from_scheme(&s) {
+                Some(k) => kinds.push(k),
+                None => d.err(
+                    &item,
+                    format!(
+                        "unknown key provider {:?} (known: {})",
+                        truncate(&s, 40),
+                        ProviderKind::ALL
+                            .map(|k| format!("{:?}", k.scheme()))
+                            .join(", ")
+                    ),
+                ),
+            }
+        }
+        r.key_providers = Some(kinds);
+    }
+    let plain = |items: Vec<(Item<'_>, String)>| items.into_iter().map(|(_, s)| s).collect();
+    r.pkcs11_tokens = strings(d, "pkcs11_tokens").map(plain);
+    r.kmip_servers = strings(d, "kmip_servers").map(plain);
+    r.kms_regions = strings(d, "kms_regions").map(plain);
+    r.s3_endpoints = strings(d, "s3_endpoints").map(plain);
+    if let Some(items) = strings(d, "stores") {
+        let mut stores = Vec::new();
+        for (item, s) in items {
+            match StoreLocation::parse(&s, base) {
+                Ok(l) => stores.push(l),
+                Err(e) => d.err(&item, e),
+            }
+        }
+        r.stores = Some(stores);
+    }
+    r
 }
 
 fn parse_aws(d: &mut Diags<'_>, t: &Table<'_>) -> AwsSettings {
@@ -1115,7 +1200,7 @@ metrics_listen = "127.0.0.1:9464"
         );
         assert_eq!(
             errs[1],
-            "2:1: bogus: unknown key (expected one of: store, state_dir, policies_dir, local_keys, aws, pkcs11, daemon, audit)"
+            "2:1: bogus: unknown key (expected one of: store, state_dir, policies_dir, local_keys, aws, pkcs11, daemon, audit, residency)"
         );
         assert_eq!(errs[2], "4:13: daemon.lease_ttl: must be from 1s to 1h");
         assert!(

@@ -97,7 +97,11 @@ pub async fn run(config: Config, opts: Options) -> Result<Summary> {
     let probe = probe_conditional_writes(&ctx.store).await?;
     let mode = store_mode(&probe, opts.single_node, &ctx.store_url)?;
 
-    let loaded = policies::load(&config.policies_dir, &policies::Policies::new());
+    let loaded = policies::load(
+        &config.policies_dir,
+        &policies::Policies::new(),
+        &config.residency_rules(),
+    );
     if loaded.refused_whole {
         let problems: Vec<String> = loaded.rejected.iter().map(|e| e.to_string()).collect();
         return Err(Error::Policy(format!(

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::policy_set::DEFAULTS_FILE;
-use crate::config::{Policy, PolicyError, load_policies, load_policy_file};
+use crate::config::{Policy, PolicyError, ResidencyRules, load_policies, load_policy_file};
 use crate::tenant::TenantId;
 
 pub type Policies = BTreeMap<TenantId, Arc<Policy>>;
@@ -30,9 +30,19 @@ pub struct Loaded {
 }
 
 /// Loads `dir`, falling back per tenant to `previous` (see the module docs).
-pub fn load(dir: &Path, previous: &Policies) -> Loaded {
+/// A tenant whose key is outside `[residency]` is refused like one whose
+/// file does not validate.
+pub fn load(dir: &Path, previous: &Policies, rules: &ResidencyRules) -> Loaded {
     match load_policies(dir) {
         Ok(set) => {
+            let outside: Vec<PolicyError> = set
+                .policies
+                .values()
+                .filter_map(|p| rules.check_policy(p).err())
+                .collect();
+            if !outside.is_empty() {
+                return partial(dir, previous, outside, rules);
+            }
             for w in &set.warnings {
                 tracing::debug!(event = "policy.warning", file = %w.file.display(), line = w.line, message = %w.message, "{w}");
             }
@@ -54,16 +64,50 @@ pub fn load(dir: &Path, previous: &Policies) -> Loaded {
                 refused_whole: false,
             }
         }
-        Err(errors) => partial(dir, previous, errors.into_errors()),
+        Err(errors) => partial(dir, previous, errors.into_errors(), rules),
     }
 }
 
-fn partial(dir: &Path, previous: &Policies, errors: Vec<PolicyError>) -> Loaded {
+fn partial(
+    dir: &Path,
+    previous: &Policies,
+    mut errors: Vec<PolicyError>,
+    rules: &ResidencyRules,
+) -> Loaded {
+    // Every file's policy, checked against the rules before anything is
+    // logged, so each refusal is logged once.
+    let files = match tenant_files(dir) {
+        Ok(f) => f,
+        Err(_) => {
+            log_rejected(previous, &errors);
+            return keep_all(previous, errors);
+        }
+    };
+    let mut loaded_files = BTreeMap::new();
+    for file in &files {
+        if errors.iter().any(|e| &e.file == file) {
+            continue;
+        }
+        let name = file.file_name().map(PathBuf::from).unwrap_or_default();
+        if let Ok(p) = load_policy_file(dir, &name) {
+            match rules.check_policy(&p) {
+                Ok(()) => {
+                    loaded_files.insert(file.clone(), p);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+    log_rejected(previous, &errors);
+    partial_from(previous, errors, &files, loaded_files)
+}
+
+fn log_rejected(previous: &Policies, errors: &[PolicyError]) {
     let tenant_of_file: BTreeMap<&Path, &TenantId> = previous
         .iter()
         .map(|(t, p)| (p.file.as_path(), t))
         .collect();
-    for e in &errors {
+    for e in errors {
         let tenant = tenant_of_file.get(e.file.as_path());
         tracing::error!(
             event = "policy.rejected",
@@ -76,11 +120,19 @@ fn partial(dir: &Path, previous: &Policies, errors: Vec<PolicyError>) -> Loaded 
             "policy rejected: {e}"
         );
     }
+}
+
+fn partial_from(
+    previous: &Policies,
+    errors: Vec<PolicyError>,
+    files: &[PathBuf],
+    mut loaded_files: BTreeMap<PathBuf, Policy>,
+) -> Loaded {
+    let tenant_of_file: BTreeMap<&Path, &TenantId> = previous
+        .iter()
+        .map(|(t, p)| (p.file.as_path(), t))
+        .collect();
     let bad: BTreeSet<&Path> = errors.iter().map(|e| e.file.as_path()).collect();
-    let files = match tenant_files(dir) {
-        Ok(f) => f,
-        Err(_) => return keep_all(previous, errors),
-    };
     let whole = bad.iter().any(|f| {
         f.file_name().is_some_and(|n| n == DEFAULTS_FILE) || !files.contains(&f.to_path_buf())
     });
@@ -89,13 +141,12 @@ fn partial(dir: &Path, previous: &Policies, errors: Vec<PolicyError>) -> Loaded 
     }
     let mut policies = Policies::new();
     let mut kept = Vec::new();
-    for file in &files {
+    for file in files {
         let fallback = tenant_of_file.get(file.as_path()).copied();
         let loaded = if bad.contains(file.as_path()) {
             None
         } else {
-            let name = file.file_name().map(PathBuf::from).unwrap_or_default();
-            load_policy_file(dir, &name).ok()
+            loaded_files.remove(file)
         };
         match (loaded, fallback) {
             (Some(p), _) => {
@@ -171,7 +222,7 @@ mod tests {
         let d = dir.path();
         write(d, "a", "[backup]\nschedule = \"0 1 * * *\"\n");
         write(d, "b", "[backup]\nschedule = \"0 2 * * *\"\n");
-        let first = load(d, &Policies::new());
+        let first = load(d, &Policies::new(), &ResidencyRules::default());
         assert!(first.rejected.is_empty());
         assert_eq!(first.policies.len(), 2);
 
@@ -180,7 +231,7 @@ mod tests {
         write(d, "b", "[backup]\nschedule = \"0 3 * * *\"\n");
         write(d, "c", "[backup]\nschedule = \"not cron\"\n");
         write(d, "e", "");
-        let second = load(d, &first.policies);
+        let second = load(d, &first.policies, &ResidencyRules::default());
         assert!(!second.refused_whole);
         let files: BTreeSet<_> = second.rejected.iter().map(|e| e.file.clone()).collect();
         assert_eq!(files, [d.join("a.toml"), d.join("c.toml")].into());
@@ -203,8 +254,48 @@ mod tests {
 
         // A broken defaults.toml refuses the whole reload.
         std::fs::write(d.join("defaults.toml"), "[backup\n").unwrap();
-        let third = load(d, &second.policies);
+        let third = load(d, &second.policies, &ResidencyRules::default());
         assert!(third.refused_whole);
         assert_eq!(third.policies.len(), second.policies.len());
+    }
+
+    #[test]
+    fn a_key_outside_residency_is_refused_like_a_bad_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(d, "a", "");
+        write(d, "b", "");
+        let rules = ResidencyRules {
+            residency: crate::config::Residency {
+                key_providers: Some(vec![crate::keys::ProviderKind::Local]),
+                ..Default::default()
+            },
+            placement: Default::default(),
+        };
+        let first = load(d, &Policies::new(), &rules);
+        assert!(first.rejected.is_empty());
+        // b moves to a key the rules do not allow: refused, its previous
+        // policy kept; a is untouched.
+        std::fs::write(
+            d.join("b.toml"),
+            "tenant = \"b\"\nkey = \"aws-kms:alias/b\"\n[[sources]]\ntype = \"path\"\npath = \"/srv/b\"\n",
+        )
+        .unwrap();
+        let second = load(d, &first.policies, &rules);
+        assert_eq!(second.rejected.len(), 1);
+        assert!(
+            second.rejected[0]
+                .message
+                .contains("[residency] key_providers"),
+            "{}",
+            second.rejected[0]
+        );
+        let b = TenantId::new("b").unwrap();
+        assert_eq!(second.kept, std::slice::from_ref(&b));
+        assert_eq!(second.policies[&b].key.to_string(), "local:b");
+        // At start (nothing to keep) the tenant is not scheduled at all.
+        let fresh = load(d, &Policies::new(), &rules);
+        assert!(!fresh.policies.contains_key(&b));
+        assert!(fresh.policies.contains_key(&TenantId::new("a").unwrap()));
     }
 }

@@ -529,7 +529,11 @@ impl Scheduler {
     /// SIGHUP: reloads the policies (see [`policies`]) and re-plans what changed.
     fn reload(&mut self) {
         self.notifier.reloading();
-        let loaded = policies::load(&self.config.policies_dir, &self.policies);
+        let loaded = policies::load(
+            &self.config.policies_dir,
+            &self.policies,
+            &self.config.residency_rules(),
+        );
         self.metrics.policy_rejected(loaded.rejected.len());
         self.summary.policies_rejected += loaded.rejected.len();
         let outcome = if loaded.refused_whole {

@@ -164,6 +164,14 @@ pub struct KeyDestruction {
     pub irreversible_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Who held the key and where (provider, region / token and serial /
+    /// server), as the provider described itself when the shred ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custody: Option<crate::keys::Custody>,
+    /// The provider's names for the objects it destroyed (PKCS#11 labels and
+    /// ids, KMIP unique identifiers), to find in the HSM's own audit log.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<String>,
 }
 
 /// An object the store did not delete.

@@ -441,7 +441,7 @@ impl Run<'_> {
     }
 
     async fn describe(&self, key: &KeyRef) -> Result<KeyInfo> {
-        Ok(self.ctx().keys.for_key(key)?.describe(key).await?)
+        Ok(self.ctx().keys.key(key)?.describe().await?)
     }
 
     /// Envelopes to keep re-wrapped: every `keys/<n>` in the store whose epoch is
@@ -490,8 +490,8 @@ impl Run<'_> {
         let dk = self
             .ctx()
             .keys
-            .for_key(under)?
-            .unwrap(under, &env.wrapped, &env.context())
+            .key(under)?
+            .unwrap(&env.wrapped, &env.context())
             .await?;
         if dk.fingerprint() != env.fingerprint {
             return Err(Error::corrupt(
@@ -590,7 +590,7 @@ impl Run<'_> {
         } else {
             todo = self.envelope_epochs().await?;
             if !self.dry_run {
-                let after = self.ctx().keys.for_key(&key)?.rotate(&key).await?;
+                let after = self.ctx().keys.key(&key)?.rotate().await?;
                 self.report.key_version_after = after.current_version.clone();
                 let now = Utc::now();
                 self.update_descriptor(lease, |d| d.cmk_rotated_at = Some(now))
@@ -691,8 +691,8 @@ impl Run<'_> {
                 Some(Verdict::Destroy { .. }) => {
                     crate::jobs::deletion::wait_before_destroying_keys(&self.repo, "rotate")
                         .await?;
-                    let provider = ctx.keys.for_key(&old)?;
-                    let destruction = provider.destroy(&old, days).await?;
+                    let cmk = ctx.keys.key(&old)?;
+                    let destruction = cmk.destroy(days).await?;
                     ownership::record_destroyed(&ctx, store.tenant(), std::slice::from_ref(&old))?;
                     tracing::warn!(
                         event = "key.deletion_scheduled",
@@ -715,15 +715,15 @@ impl Run<'_> {
     /// then a wrap and unwrap of a throwaway key under a context no envelope uses
     /// (epoch 0; epochs start at 1).
     async fn probe_new_key(&self, new_key: &KeyRef) -> Result<()> {
-        let provider = self.ctx().keys.for_key(new_key)?;
-        let info = provider.describe(new_key).await?;
+        let cmk = self.ctx().keys.key(new_key)?;
+        let info = cmk.describe().await?;
         if !info.state.is_usable() {
             return Err(unusable(new_key, &info));
         }
         let throwaway = DataKey::generate();
         let ctx = WrapContext::tdk(self.repo.tenant(), 0);
-        let wrapped = provider.wrap(new_key, &throwaway, &ctx).await?;
-        let back = provider.unwrap(new_key, &wrapped, &ctx).await?;
+        let wrapped = cmk.wrap(&throwaway, &ctx).await?;
+        let back = cmk.unwrap(&wrapped, &ctx).await?;
         if back.fingerprint() != throwaway.fingerprint() {
             return Err(Error::Key(KeyError::Backend {
                 provider: new_key.kind().scheme(),

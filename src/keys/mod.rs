@@ -648,7 +648,16 @@ impl KeyProviders {
         }
     }
 
-    pub fn for_key(&self, key: &KeyRef) -> Result<&Arc<dyn KeyProvider>, KeyError> {
+    /// The key `key`, in the provider its scheme names: every key operation
+    /// goes through it, so the key is named once.
+    pub fn key<'a>(&'a self, key: &'a KeyRef) -> Result<KeyHandle<'a>, KeyError> {
+        Ok(KeyHandle {
+            key,
+            provider: self.for_key(key)?,
+        })
+    }
+
+    fn for_key(&self, key: &KeyRef) -> Result<&Arc<dyn KeyProvider>, KeyError> {
         self.slot(key.kind())
             .as_ref()
             .ok_or_else(|| KeyError::NotConfigured {
@@ -676,6 +685,80 @@ impl KeyProviders {
         }
         let data_key = self.for_key(from)?.unwrap(from, wrapped, ctx).await?;
         self.for_key(to)?.wrap(to, &data_key, ctx).await
+    }
+}
+
+/// One CMK in its provider (see [`KeyProviders::key`]).
+#[derive(Clone, Copy)]
+pub struct KeyHandle<'a> {
+    key: &'a KeyRef,
+    provider: &'a Arc<dyn KeyProvider>,
+}
+
+impl fmt::Debug for KeyHandle<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyHandle({})", self.key)
+    }
+}
+
+impl<'a> KeyHandle<'a> {
+    pub fn reference(&self) -> &'a KeyRef {
+        self.key
+    }
+
+    pub fn custody(&self) -> Custody {
+        self.provider.custody(self.key)
+    }
+
+    pub async fn describe(&self) -> Result<KeyInfo, KeyError> {
+        self.provider.describe(self.key).await
+    }
+
+    pub async fn create(&self) -> Result<KeyInfo, KeyError> {
+        self.provider.create_key(self.key).await
+    }
+
+    pub async fn generate_data_key(
+        &self,
+        ctx: &WrapContext,
+    ) -> Result<(DataKey, WrappedKey), KeyError> {
+        self.provider.generate_data_key(self.key, ctx).await
+    }
+
+    pub async fn wrap(
+        &self,
+        data_key: &DataKey,
+        ctx: &WrapContext,
+    ) -> Result<WrappedKey, KeyError> {
+        self.provider.wrap(self.key, data_key, ctx).await
+    }
+
+    pub async fn unwrap(
+        &self,
+        wrapped: &WrappedKey,
+        ctx: &WrapContext,
+    ) -> Result<DataKey, KeyError> {
+        self.provider.unwrap(self.key, wrapped, ctx).await
+    }
+
+    pub async fn rotate(&self) -> Result<KeyInfo, KeyError> {
+        self.provider.rotate(self.key).await
+    }
+
+    pub async fn disable(&self) -> Result<KeyInfo, KeyError> {
+        self.provider.disable(self.key).await
+    }
+
+    pub async fn enable(&self) -> Result<KeyInfo, KeyError> {
+        self.provider.enable(self.key).await
+    }
+
+    pub async fn destroy(&self, pending_window_days: u32) -> Result<Destruction, KeyError> {
+        self.provider.destroy(self.key, pending_window_days).await
+    }
+
+    pub async fn leftover_material(&self) -> Result<Vec<Leftover>, KeyError> {
+        self.provider.leftover_material(self.key).await
     }
 }
 

@@ -422,15 +422,15 @@ impl Repo {
     /// The CMK a new tenant is made under: created where `create` allows it
     /// and the provider manages creation, else described (it must exist).
     async fn ensure_key(ctx: &Context, key: &KeyRef, create: bool) -> Result<crate::keys::KeyInfo> {
-        let provider = ctx.keys.for_key(key)?;
+        let cmk = ctx.keys.key(key)?;
         if create {
-            match provider.create_key(key).await {
+            match cmk.create().await {
                 Ok(info) => return Ok(info),
                 Err(KeyError::Unsupported { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        match provider.describe(key).await {
+        match cmk.describe().await {
             Ok(info) => Ok(info),
             // PKCS#11 objects are made only when asked for.
             Err(KeyError::NotFound { key: k, message })
@@ -474,8 +474,8 @@ impl Repo {
             if &env.key == key
                 && ctx
                     .keys
-                    .for_key(key)?
-                    .unwrap(key, &env.wrapped, &ctx_w)
+                    .key(key)?
+                    .unwrap(&env.wrapped, &ctx_w)
                     .await
                     .is_ok()
             {
@@ -488,8 +488,8 @@ impl Repo {
         }
         let (data_key, wrapped) = ctx
             .keys
-            .for_key(key)?
-            .generate_data_key(key, &WrapContext::tdk(tenant, epoch))
+            .key(key)?
+            .generate_data_key(&WrapContext::tdk(tenant, epoch))
             .await?;
         let env = Envelope::new(tenant, epoch, key.clone(), wrapped, data_key.fingerprint());
         store
@@ -760,8 +760,8 @@ impl Repo {
         let data_key = self
             .ctx
             .keys
-            .for_key(&env.key)?
-            .unwrap(&env.key, &env.wrapped, &env.context())
+            .key(&env.key)?
+            .unwrap(&env.wrapped, &env.context())
             .await?;
         if data_key.fingerprint() != env.fingerprint {
             return Err(Error::corrupt(
@@ -783,7 +783,7 @@ impl Repo {
     pub async fn confirm_key_usable(&self) -> Result<()> {
         let env = self.load_envelope(self.descriptor.current_epoch).await?;
         let key = env.key;
-        let info = self.ctx.keys.for_key(&key)?.describe(&key).await?;
+        let info = self.ctx.keys.key(&key)?.describe().await?;
         let name = key.to_string();
         let refused = match info.state {
             crate::keys::KeyState::Enabled => return Ok(()),

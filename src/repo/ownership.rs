@@ -163,11 +163,11 @@ async fn try_unwrap(
     wctx: &WrapContext,
     fingerprint: Option<&str>,
 ) -> Result<Tried> {
-    let provider = match ctx.keys.for_key(key) {
+    let cmk = match ctx.keys.key(key) {
         Ok(p) => p,
         Err(e) => return Ok(Tried::KeyUnusable(e)),
     };
-    match provider.unwrap(key, wrapped, wctx).await {
+    match cmk.unwrap(wrapped, wctx).await {
         Ok(secret) => {
             // The wrap authenticates; the fingerprint check is the envelope's own rule.
             let ok = fingerprint.is_none_or(|f| secret.fingerprint() == f);
@@ -265,8 +265,8 @@ async fn resolve(ctx: &Context, key: &KeyRef) -> std::result::Result<Option<Stri
     if key.kind() == ProviderKind::Local {
         return Ok(Some(key.to_string()));
     }
-    let provider = ctx.keys.for_key(key).map_err(|e| e.to_string())?;
-    match provider.describe(key).await {
+    let cmk = ctx.keys.key(key).map_err(|e| e.to_string())?;
+    match cmk.describe().await {
         Ok(info) => Ok(Some(info.key_id)),
         Err(KeyError::NotFound { .. }) => Ok(None),
         Err(e) => Err(e.to_string()),
@@ -743,15 +743,20 @@ pub async fn users(
         .await
 }
 
-/// Refuses `key` for `tenant` when any other tenant uses it (the store, the
-/// registry, the policies; see [`Depth`]), with an audit record
-/// (`key.refused`). Writes nothing else.
+/// Refuses `key` for `tenant` when it is outside `[residency]` or any other
+/// tenant uses it (the store, the registry, the policies; see [`Depth`]),
+/// with an audit record (`key.refused`). Writes nothing else.
 pub async fn check_bindable(
     ctx: &Context,
     tenant: &TenantId,
     key: &KeyRef,
     depth: Depth,
 ) -> Result<()> {
+    if let Err(v) = ctx.residency.check_key(key) {
+        let e = Error::Policy(format!("refusing {key} for tenant {tenant}: {v}"));
+        record_refusal(ctx, tenant, "key", key, &e).await;
+        return Err(e);
+    }
     let uses = users(ctx, tenant, key, depth).await?;
     if uses.is_empty() {
         return Ok(());
@@ -841,8 +846,8 @@ pub async fn write_claim(
     }
     let (token, wrapped) = ctx
         .keys
-        .for_key(key)?
-        .generate_data_key(key, &WrapContext::claim(tenant))
+        .key(key)?
+        .generate_data_key(&WrapContext::claim(tenant))
         .await?;
     let claim = KeyClaim::new(tenant, key.clone(), why, wrapped, token.fingerprint());
     drop(token);
@@ -1154,8 +1159,8 @@ async fn decide_one(
     skip: &[KeyRef],
 ) -> Result<Verdict> {
     let tenant = store.tenant();
-    let described = match ctx.keys.for_key(key) {
-        Ok(p) => p.describe(key).await,
+    let described = match ctx.keys.key(key) {
+        Ok(p) => p.describe().await,
         Err(e) => Err(e),
     };
     let (state, resolved) = match described {

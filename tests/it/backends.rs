@@ -69,9 +69,9 @@ impl Backend {
                 let key = common::pkcs11_key(token, hint);
                 self.ctx
                     .keys
-                    .for_key(&key)
+                    .key(&key)
                     .unwrap()
-                    .create_key(&key)
+                    .create()
                     .await
                     .unwrap_or_else(|e| panic!("creating {key} on the token: {e}"));
                 key
@@ -82,13 +82,7 @@ impl Backend {
     /// Creates the key in the provider where custos manages key creation (local).
     async fn ensure_created(&self, key: &KeyRef) {
         if let KeyMaker::Local | KeyMaker::Pkcs11(_) = self.keys {
-            self.ctx
-                .keys
-                .for_key(key)
-                .unwrap()
-                .create_key(key)
-                .await
-                .unwrap();
+            self.ctx.keys.key(key).unwrap().create().await.unwrap();
         }
     }
 }
@@ -528,7 +522,7 @@ async fn rotation_flow(b: &Backend) {
     assert_eq!((again.envelopes_rewrapped, again.bytes_written), (0, 0));
 
     // Nothing depends on the old key any more.
-    ctx.keys.for_key(&key).unwrap().disable(&key).await.unwrap();
+    ctx.keys.key(&key).unwrap().disable().await.unwrap();
     assert_eq!(restore_all(ctx, &tenant, &data, scratch.path()).await, 2);
     let repo = Repo::open(ctx, &tenant, None).await.unwrap();
     let report = jobs::check::run(&repo, jobs::check::ReadData::All)

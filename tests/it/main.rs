@@ -28,6 +28,7 @@ mod ownership;
 mod policies;
 mod probe;
 mod readers;
+mod residency;
 mod restore_target;
 mod rotate;
 mod roundtrip;

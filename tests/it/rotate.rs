@@ -202,13 +202,7 @@ async fn restore_every_snapshot(s: &Setup) {
 async fn replace_cmk_interrupted_then_finished() {
     let s = setup().await;
     let new_key = KeyRef::local("acme-2").unwrap();
-    s.ctx
-        .keys
-        .for_key(&new_key)
-        .unwrap()
-        .create_key(&new_key)
-        .await
-        .unwrap();
+    s.ctx.keys.key(&new_key).unwrap().create().await.unwrap();
     let action = RotateAction::ReplaceCmk {
         new_key: new_key.clone(),
         schedule_old_key_deletion: None,
@@ -254,20 +248,14 @@ async fn replace_cmk_interrupted_then_finished() {
     assert!(repo.descriptor().pending_key.is_none());
     assert_eq!(repo.descriptor().previous_keys, vec![s.key.clone()]);
     // Nothing depends on the old key: disable it, every snapshot restores.
-    s.ctx
-        .keys
-        .for_key(&s.key)
-        .unwrap()
-        .disable(&s.key)
-        .await
-        .unwrap();
+    s.ctx.keys.key(&s.key).unwrap().disable().await.unwrap();
     restore_every_snapshot(&s).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cmk_rotation_interrupted_is_finished_without_rotating_again() {
     let s = setup().await;
-    let provider = s.ctx.keys.for_key(&s.key).unwrap().clone();
+    let provider = s.ctx.keys.slot(s.key.kind()).clone().unwrap();
     let v0 = provider.describe(&s.key).await.unwrap().current_version;
     let (crashing, f) = flaky(&s.ctx, 2);
     rotate(&crashing, &s.tenant, RotateAction::Cmk, false)
@@ -347,7 +335,7 @@ async fn dry_run_writes_nothing_and_bad_new_keys_are_refused() {
     };
     let before = listing(s.ctx.clone()).await;
     let new_key = KeyRef::local("acme-new").unwrap();
-    let provider = s.ctx.keys.for_key(&new_key).unwrap().clone();
+    let provider = s.ctx.keys.slot(new_key.kind()).clone().unwrap();
     provider.create_key(&new_key).await.unwrap();
     for action in [
         RotateAction::Cmk,
@@ -413,7 +401,7 @@ async fn old_key_deletion_only_when_no_other_tenant_uses_it() {
     d["previous_keys"] = serde_json::json!([s.key.to_string()]);
     std::fs::write(&globex, serde_json::to_vec(&d).unwrap()).unwrap();
     let new_key = KeyRef::local("acme-2").unwrap();
-    let provider = s.ctx.keys.for_key(&new_key).unwrap().clone();
+    let provider = s.ctx.keys.slot(new_key.kind()).clone().unwrap();
     provider.create_key(&new_key).await.unwrap();
     let action = RotateAction::ReplaceCmk {
         new_key: new_key.clone(),

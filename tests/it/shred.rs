@@ -612,9 +612,9 @@ async fn epoch_shred_with_and_without_rewrap() {
     let env = custos::format::envelope::Envelope::parse(&envelope2).unwrap();
     let err = ctx
         .keys
-        .for_key(&env.key)
+        .key(&env.key)
         .unwrap()
-        .unwrap(&env.key, &env.wrapped, &env.context())
+        .unwrap(&env.wrapped, &env.context())
         .await
         .unwrap_err();
     assert_eq!(err.kind(), "key_unavailable", "{err}");
@@ -825,9 +825,9 @@ async fn a_tenants_life_leaves_no_key_bytes_anywhere() {
             let env = repo.load_envelope(e).await.unwrap();
             let dk = ctx
                 .keys
-                .for_key(&env.key)
+                .key(&env.key)
                 .unwrap()
-                .unwrap(&env.key, &env.wrapped, &env.context())
+                .unwrap(&env.wrapped, &env.context())
                 .await
                 .unwrap();
             secrets.push((format!("data key of epoch {e}"), dk.expose().to_vec()));
@@ -1219,4 +1219,59 @@ fn a_retained_index_of_a_shredded_epoch_does_not_break_the_tenant() {
     let check = ok(&cli, &["check", "acme", "--read-data", "--json"]).json();
     assert_eq!(check["ok"], true, "{check}");
     ok(&cli, &["backup", "acme"]);
+}
+
+/// A store writer who records a failed verification in an interrupted
+/// shred's progress (here one copied from another tenant's certificate, as
+/// "verified") gets no certificate signed: the re-run refuses, names the
+/// problem, and stores no certificate.
+#[test]
+fn a_verification_recorded_as_failed_is_never_signed() {
+    let cli = installation(&["v", "w"]);
+    ok(&cli, &["backup", "v"]);
+    ok(&cli, &["backup", "w"]);
+    let r = run_env(
+        &cli,
+        &["shred", "v", "--confirm", "v"],
+        &[("CUSTOS_CRASH_AT", "shred:verify")],
+    );
+    assert_eq!(
+        r.code, -1,
+        "the verify crash point did not abort: {}",
+        r.stderr
+    );
+    ok(&cli, &["shred", "w", "--confirm", "w"]);
+    let w_cert: Value =
+        serde_json::from_slice(&fs::read(&certificates(&cli, "w")[0]).unwrap()).unwrap();
+    let mut verification = w_cert["certificate"]["verification"].clone();
+    if verification.is_null() {
+        verification = w_cert["verification"].clone();
+    }
+    assert_eq!(verification["passed"], true, "{w_cert}");
+    verification["passed"] = Value::Bool(false);
+
+    let path = cli.store().join("tenants/v/tenant.json");
+    let mut d: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    let progress = &mut d["shredding"]["progress"];
+    assert_eq!(progress["step"], "deleted", "{progress}");
+    progress["step"] = Value::from("verified");
+    progress["verification"] = verification;
+    fs::write(&path, serde_json::to_vec(&d).unwrap()).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(11));
+
+    let r = run_env(&cli, &["shred", "v", "--confirm", "v", "--json"], &[]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let e = &r.json()["error"];
+    assert_eq!(e["kind"], "shred_verification_failed", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("its verification record says the verification failed"),
+        "{e}"
+    );
+    assert!(
+        certificates(&cli, "v").is_empty(),
+        "a certificate was stored"
+    );
 }

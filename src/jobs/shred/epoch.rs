@@ -360,13 +360,12 @@ async fn preflight(repo: &Repo, epoch: u32, rewrap: Option<&Rewrap>) -> Result<O
                     d.key
                 )));
             }
-            let provider = ctx.keys.for_key(&d.key)?;
             let mut n = 2u32;
             loop {
                 let k = KeyRef::local(&format!("{tenant}-{n}"))
                     .map_err(|e| Error::InvalidArgument(e.to_string()))?;
                 if !used(&k) {
-                    match provider.describe(&k).await {
+                    match ctx.keys.key(&k)?.describe().await {
                         // A name no descriptor, registry entry or policy names either.
                         Err(KeyError::NotFound { .. })
                             if ownership::users(ctx, tenant, &k, Depth::Named)
@@ -391,7 +390,7 @@ async fn preflight(repo: &Repo, epoch: u32, rewrap: Option<&Rewrap>) -> Result<O
                      re-wrap to a key that never did"
                 )));
             }
-            let info = ctx.keys.for_key(k)?.describe(k).await?;
+            let info = ctx.keys.key(k)?.describe().await?;
             if !info.state.is_usable() {
                 return Err(Error::InvalidArgument(format!(
                     "{k} is {}, not enabled: it cannot take the re-wrapped envelopes",
@@ -644,8 +643,8 @@ async fn move_envelopes(
             json!({ "from": from, "to": to, "epochs": epochs }),
         )
         .await?;
-    let provider = ctx.keys.for_key(to)?;
-    match provider.create_key(to).await {
+    let cmk = ctx.keys.key(to)?;
+    match cmk.create().await {
         Ok(_) | Err(KeyError::Unsupported { .. }) => {}
         Err(e) => return Err(e.into()),
     }
@@ -731,8 +730,8 @@ async fn check_unwraps(repo: &Repo, env: &Envelope) -> Result<()> {
     let key = repo
         .context()
         .keys
-        .for_key(&env.key)?
-        .unwrap(&env.key, &env.wrapped, &env.context())
+        .key(&env.key)?
+        .unwrap(&env.wrapped, &env.context())
         .await?;
     if key.fingerprint() != env.fingerprint {
         return Err(Error::corrupt(
@@ -816,8 +815,8 @@ async fn verify(repo: &Repo, journal: &Journal, epoch: u32) -> Result<Verificati
         // The key lives on for the other epochs: no unwrap is attempted (it
         // would succeed, by design); the guarantee is the envelope's deletion.
         let key = repo.descriptor().key.clone();
-        let state = match ctx.keys.for_key(&key) {
-            Ok(p) => p.describe(&key).await.map_err(|e| e.to_string()),
+        let state = match ctx.keys.key(&key) {
+            Ok(p) => p.describe().await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         let check = crate::format::shred::KeyStateCheck {

@@ -115,8 +115,8 @@ pub(super) async fn what_holds_now(
             .iter()
             .filter(|k| k.outcome != DestroyOutcome::NotDestroyed)
         {
-            let described = match ctx.keys.for_key(&k.reference) {
-                Ok(p) => p.describe(&k.reference).await,
+            let described = match ctx.keys.key(&k.reference) {
+                Ok(p) => p.describe().await,
                 Err(e) => Err(e),
             };
             let shown = match described {

@@ -119,6 +119,8 @@ async fn destroy_keys(
             state_after: None,
             irreversible_at: None,
             note,
+            custody: ctx.keys.key(key).ok().map(|k| k.custody()),
+            objects: Vec::new(),
         };
         let not_found_note = "the provider does not know this key: deleted before (after its waiting period), or not reachable with this configuration";
         let d = match &v.verdict {
@@ -151,16 +153,17 @@ async fn destroy_keys(
                 )
             },
             Verdict::Destroy { .. } => {
-                let provider = ctx.keys.for_key(key)?;
+                let cmk = ctx.keys.key(key)?;
                 let multi_region = key.id().contains("mrk-").then(|| {
                     "multi-Region key: its replicas in other Regions are separate keys and must be deleted there too".to_owned()
                 });
-                match provider.destroy(key, window_days).await {
+                match cmk.destroy(window_days).await {
                     Ok(d) => KeyDestruction {
                         outcome: DestroyOutcome::Destroyed,
                         action: Some(d.action),
                         state_after: Some(d.state_after),
                         irreversible_at: Some(d.effective_at),
+                        objects: d.objects,
                         ..record(DestroyOutcome::Destroyed, multi_region)
                     },
                     Err(KeyError::NotFound { .. }) if key.kind().absence_means_gone() => {
@@ -208,8 +211,8 @@ pub(super) async fn key_state_checks(
         .iter()
         .filter(|k| k.outcome != DestroyOutcome::NotDestroyed)
     {
-        let r = match ctx.keys.for_key(&k.reference) {
-            Ok(p) => p.describe(&k.reference).await,
+        let r = match ctx.keys.key(&k.reference) {
+            Ok(p) => p.describe().await,
             Err(e) => Err(e),
         };
         out.push(match r {
@@ -222,8 +225,14 @@ pub(super) async fn key_state_checks(
                 }
             }
             Err(e) => {
+                // Where absence is proof (a KMS key past its waiting period,
+                // a token or key manager that lists none of its objects), a
+                // key this shred destroyed or found gone reads as not found.
                 ok &= matches!(e, KeyError::NotFound { .. })
-                    && k.outcome == DestroyOutcome::NotFound
+                    && matches!(
+                        k.outcome,
+                        DestroyOutcome::NotFound | DestroyOutcome::Destroyed
+                    )
                     && k.reference.kind().absence_means_gone();
                 KeyStateCheck {
                     reference: k.reference.clone(),

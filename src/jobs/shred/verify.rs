@@ -33,11 +33,8 @@ pub(super) async fn unwrap_checks(
     let mut out = Vec::new();
     let mut ok = true;
     for env in envelopes {
-        let provider = ctx.keys.for_key(&env.key)?;
-        match provider
-            .unwrap(&env.key, &env.wrapped, &env.context())
-            .await
-        {
+        let cmk = ctx.keys.key(&env.key)?;
+        match cmk.unwrap(&env.wrapped, &env.context()).await {
             Ok(data_key) => {
                 drop(data_key);
                 ok = false;
