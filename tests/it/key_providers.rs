@@ -1089,7 +1089,7 @@ mod pkcs11_specific {
         let provider = Pkcs11Provider::open(&settings).unwrap();
         let key = common::pkcs11_key(&token, "pool");
         provider.create_key(&key).await.unwrap();
-        let held = provider.hold_all_sessions().await;
+        let held = provider.hold_all_sessions().await.unwrap();
         let t = Instant::now();
         let e = provider.describe(&key).await.unwrap_err();
         let took = t.elapsed();
