@@ -627,6 +627,15 @@ impl Run<'_> {
         let (ctx, store) = (self.ctx().clone(), self.store().clone());
         if fresh_binding {
             ownership::check_bindable(&ctx, store.tenant(), new_key, Depth::Authenticated).await?;
+        } else {
+            // A resumed move: the pending key comes from the descriptor (store
+            // JSON), and the rules may have changed since the move began.
+            ctx.residency.check_key(new_key).map_err(|v| {
+                Error::Policy(format!(
+                    "refusing {new_key} for tenant {}: {v}",
+                    store.tenant()
+                ))
+            })?;
         }
         self.probe_new_key(new_key).await?;
         if fresh_binding && !self.dry_run {

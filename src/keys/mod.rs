@@ -74,13 +74,17 @@ impl ProviderKind {
     /// [local_keys] dir": the key may live in another directory or on the
     /// host that made it (a store several hosts share). Every decision that
     /// would record or accept such a key as destroyed asks this.
-    /// PKCS#11 and KMIP: yes, because their providers answer "not found"
-    /// only from the token or server the reference names, never for a token
-    /// that is absent or a server that is down (those are `key_unavailable`).
+    /// PKCS#11 and KMIP: never, for the same reason. "Not found" there
+    /// also means another token with the same label, a session that lost
+    /// its login (private objects vanish from searches), a renamed object,
+    /// or a key manager that does not show this client the object. Their
+    /// providers leave a destruction record (a `custos-destroyed/1` data
+    /// object on the token, a tombstone on the key manager) and describe a
+    /// destroyed key as `Destroyed` from it; absence alone proves nothing.
     pub fn absence_means_gone(self) -> bool {
         match self {
-            ProviderKind::Local => false,
-            ProviderKind::AwsKms | ProviderKind::Pkcs11 | ProviderKind::Kmip => true,
+            ProviderKind::Local | ProviderKind::Pkcs11 | ProviderKind::Kmip => false,
+            ProviderKind::AwsKms => true,
         }
     }
 }

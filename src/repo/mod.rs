@@ -966,6 +966,10 @@ impl Repo {
         for (id, r) in results {
             match r {
                 Ok(s) => snaps.push(s),
+                // A forget began removing it after the listing (a reader
+                // beside a forget): no longer a snapshot of the tenant, as
+                // above, not a fault.
+                Err(Error::NotFound { .. }) => {}
                 Err(e) if is_object_fault(&e) => faults.push(Fault::from_error(
                     self.store.display(&ObjectName::Snapshot(id)),
                     &e,

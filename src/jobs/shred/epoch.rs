@@ -390,6 +390,8 @@ async fn preflight(repo: &Repo, epoch: u32, rewrap: Option<&Rewrap>) -> Result<O
                      re-wrap to a key that never did"
                 )));
             }
+            // Bindable first: a key outside [residency] is never contacted.
+            ownership::check_bindable(ctx, tenant, k, Depth::Authenticated).await?;
             let info = ctx.keys.key(k)?.describe().await?;
             if !info.state.is_usable() {
                 return Err(Error::InvalidArgument(format!(
@@ -397,7 +399,6 @@ async fn preflight(repo: &Repo, epoch: u32, rewrap: Option<&Rewrap>) -> Result<O
                     info.state.name()
                 )));
             }
-            ownership::check_bindable(ctx, tenant, k, Depth::Authenticated).await?;
             k.clone()
         }
     };

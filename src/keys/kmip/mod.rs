@@ -798,7 +798,7 @@ impl KeyProvider for KmipProvider {
     }
 
     /// Revoke (where Active), then Destroy, every version; then a Locate
-    /// must find none. Last, a tombstone object is created (never activated,
+    /// must find none. First of all, a tombstone object is created (never activated,
     /// revoked as compromised, so it can never encrypt or decrypt) whose
     /// Names record the key and the time of destruction: servers such as
     /// PyKMIP delete destroyed objects, and `describe` must still tell a
@@ -830,6 +830,35 @@ impl KeyProvider for KmipProvider {
                 None => Err(self.not_found(key)),
             };
         }
+        // The tombstone first: a crash after the Destroys below must still
+        // leave the record that tells this key's destruction from a key that
+        // never existed (absence proves nothing, see `absence_means_gone`).
+        let at = match fam.tombstone {
+            Some((at, _)) => at,
+            None => {
+                let at = Utc::now().timestamp();
+                let family_name = match &id {
+                    KmipKeyId::Name(n) => n.clone(),
+                    KmipKeyId::Uid(u) => uid_marker(u),
+                };
+                let tomb = self
+                    .create(
+                        key,
+                        vec![
+                            req::Attribute::CryptographicAlgorithm(CryptographicAlgorithm::AES),
+                            req::Attribute::CryptographicLength(128),
+                            // No use at all (the server insists on a mask).
+                            usage_mask(0),
+                            name_attribute(family_name.clone(), 0),
+                            name_attribute(tombstone_name(&family_name, at), 1),
+                        ],
+                    )
+                    .await?;
+                self.revoke(key, &tomb, RevocationReasonCode::KeyCompromise)
+                    .await?;
+                at
+            }
+        };
         let mut objects = Vec::new();
         for (_, obj) in &fam.versions {
             if obj.state == State::Active {
@@ -861,26 +890,6 @@ impl KeyProvider for KmipProvider {
                 ),
             });
         }
-        let at = Utc::now().timestamp();
-        let family_name = match &id {
-            KmipKeyId::Name(n) => n.clone(),
-            KmipKeyId::Uid(u) => uid_marker(u),
-        };
-        let tomb = self
-            .create(
-                key,
-                vec![
-                    req::Attribute::CryptographicAlgorithm(CryptographicAlgorithm::AES),
-                    req::Attribute::CryptographicLength(128),
-                    // No use at all (the server insists on a mask).
-                    usage_mask(0),
-                    name_attribute(family_name.clone(), 0),
-                    name_attribute(tombstone_name(&family_name, at), 1),
-                ],
-            )
-            .await?;
-        self.revoke(key, &tomb, RevocationReasonCode::KeyCompromise)
-            .await?;
         let when = time(at).unwrap_or_else(Utc::now);
         Ok(Destruction {
             action: DestroyAction::RevokedAndDestroyed,
