@@ -652,17 +652,6 @@ impl KeyProvider for LocalKeyProvider {
         Ok(SecretKey::from_slice(&buf).expect("32 bytes"))
     }
 
-    async fn rewrap(
-        &self,
-        from: &KeyRef,
-        wrapped: &WrappedKey,
-        ctx: &WrapContext,
-        to: &KeyRef,
-    ) -> Result<WrappedKey, KeyError> {
-        let data_key = self.unwrap(from, wrapped, ctx).await?;
-        self.wrap(to, &data_key, ctx).await
-    }
-
     async fn rotate(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
         let _ = self.usable(key)?;
         self.modify(key, |file| {

@@ -568,13 +568,19 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
 
     /// Re-wraps under `to` (the current backing key of `to`), without the data key
     /// leaving the provider where it can (AWS `ReEncrypt` with `SourceKeyId`).
+    /// The default unwraps and wraps again: the data key is in this
+    /// process, zeroizing, for the moment between (providers without a
+    /// re-encrypt: local, PKCS#11, KMIP).
     async fn rewrap(
         &self,
         from: &KeyRef,
         wrapped: &WrappedKey,
         ctx: &WrapContext,
         to: &KeyRef,
-    ) -> Result<WrappedKey, KeyError>;
+    ) -> Result<WrappedKey, KeyError> {
+        let data_key = self.unwrap(from, wrapped, ctx).await?;
+        self.wrap(to, &data_key, ctx).await
+    }
 
     /// New backing-key material for new wraps; old material stays usable for
     /// unwrapping (AWS `RotateKeyOnDemand`, local: a new key version).

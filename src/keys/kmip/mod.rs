@@ -736,19 +736,6 @@ impl KeyProvider for KmipProvider {
         env.open(&wk, ctx).map_err(invalid)
     }
 
-    /// Decrypt and Encrypt again (KMIP has no re-encrypt): the data key is in
-    /// custos's memory for the moment between, as for any wrap.
-    async fn rewrap(
-        &self,
-        from: &KeyRef,
-        wrapped: &WrappedKey,
-        ctx: &WrapContext,
-        to: &KeyRef,
-    ) -> Result<WrappedKey, KeyError> {
-        let dk = self.unwrap(from, wrapped, ctx).await?;
-        self.wrap(to, &dk, ctx).await
-    }
-
     /// A new version object (Create, Activate), current from now on.
     async fn rotate(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
         let name = match KmipKeyId::parse(key.id()) {

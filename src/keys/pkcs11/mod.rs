@@ -914,19 +914,6 @@ impl KeyProvider for Pkcs11Provider {
         .await
     }
 
-    async fn rewrap(
-        &self,
-        from: &KeyRef,
-        wrapped: &WrappedKey,
-        ctx: &WrapContext,
-        to: &KeyRef,
-    ) -> Result<WrappedKey, KeyError> {
-        // The data key is in this process between the two calls, in a
-        // zeroizing buffer; PKCS#11 has no re-encrypt that spans keys.
-        let data_key = self.unwrap(from, wrapped, ctx).await?;
-        self.wrap(to, &data_key, ctx).await
-    }
-
     async fn rotate(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
         let key2 = key.clone();
         self.run(key, "rotate", move |pool, s, token, c| {
