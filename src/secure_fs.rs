@@ -234,6 +234,63 @@ pub fn open_trusted(
     Ok(file)
 }
 
+/// Who may read a file [`read_trusted`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readers {
+    /// Anyone may read it (a CA certificate); no one else may change it.
+    Anyone,
+    /// It holds a secret (a PIN, a TLS private key): neither group nor others
+    /// may read or write it.
+    OwnerOnly,
+}
+
+/// Reads a small file custos trusts: [`check_file`] on its path and every
+/// directory above, then [`open_trusted`] and the mode on the descriptor it
+/// reads (so a file swapped in between the check and the read is judged
+/// too). More than `max` bytes is refused: a PIN or a PEM file is small, and
+/// a FIFO or `/dev/zero` put in its place must not hang or fill memory.
+pub fn read_trusted(
+    path: &Path,
+    what: &str,
+    readers: Readers,
+    max: u64,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, CheckError> {
+    use std::io::Read;
+    check_file(path, what)?;
+    let file = open_trusted(
+        path,
+        what,
+        OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK),
+    )?;
+    let meta = file
+        .metadata()
+        .map_err(|e| CheckError::Io(path.to_owned(), e))?;
+    let mode = meta.mode() & 0o7777;
+    let shown = path.display();
+    if readers == Readers::OwnerOnly && mode & 0o077 != 0 {
+        return Err(insecure(
+            path,
+            format!(
+                "{what} {shown} is readable or writable by group or others (mode {mode:04o}): it holds a secret; run chmod 600 {shown}"
+            ),
+        ));
+    }
+    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| CheckError::Io(path.to_owned(), e))?;
+    if bytes.len() as u64 > max {
+        return Err(CheckError::Io(
+            path.to_owned(),
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the {what} is larger than {max} bytes"),
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Creates `dir` and any missing parent with mode 0700 (parents that exist
 /// are left alone; [`check_dir`] judges them).
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {

@@ -388,14 +388,16 @@ impl Restorer<'_> {
                     "appeared while restoring; without --overwrite nothing already there is used",
                 ));
             }
-            Err(err) => return Err(self.io(&e.path, err)),
+            // ENOENT: the parent was removed after we opened it.
+            Err(err) => return Err(self.moved(&e.path, err.into())),
         }
         let fd = match beneath::open_dir(dir, name) {
             Ok(fd) => fd,
             Err(err) if matches!(err.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
                 self.replace_with_dir(dir, e)?
             }
-            Err(err) => return Err(self.io(&e.path, err)),
+            // ENOENT: the directory just made was moved away before we opened it.
+            Err(err) => return Err(self.moved(&e.path, err)),
         };
         // Owner-writable until the end, whatever the stored mode, so content
         // can go in (and no one else can meanwhile).
@@ -418,7 +420,7 @@ impl Restorer<'_> {
     fn replace_with_dir(&self, dir: std::os::fd::BorrowedFd<'_>, e: &Entry) -> Result<OwnedFd> {
         let name = file_name(&e.path);
         let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|err| self.io(&e.path, err))?;
+            .map_err(|err| self.moved(&e.path, err.into()))?;
         let kind = rustix::fs::FileType::from_raw_mode(st.st_mode);
         if kind == rustix::fs::FileType::Symlink {
             return Err(self.unsafe_target(
@@ -436,14 +438,13 @@ impl Restorer<'_> {
                 self.shown(&e.path).display()
             )));
         }
-        rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(|err| self.io(&e.path, err))?;
-        rustix::fs::mkdirat(dir, name, Mode::RWXU).map_err(|err| self.io(&e.path, err))?;
-        beneath::open_dir(dir, name).map_err(|err| match err.raw_os_error() {
-            Some(libc::ELOOP | libc::ENOTDIR) => {
-                self.unsafe_target(&e.path, "changed while being restored")
-            }
-            _ => self.io(&e.path, err),
-        })
+        rustix::fs::unlinkat(dir, name, AtFlags::empty())
+            .map_err(|err| self.moved(&e.path, err.into()))?;
+        rustix::fs::mkdirat(dir, name, Mode::RWXU).map_err(|err| match err {
+            Errno::EXIST => self.unsafe_target(&e.path, "changed while being restored"),
+            _ => self.moved(&e.path, err.into()),
+        })?;
+        beneath::open_dir(dir, name).map_err(|err| self.moved(&e.path, err))
     }
 
     /// Sets an owner as root. A refusal (no CAP_CHOWN, an NFS export that

@@ -24,7 +24,11 @@ pub struct RunningCommand {
 impl RunningCommand {
     pub fn spawn(argv: &[String], timeout: Option<Duration>) -> Result<Self, String> {
         let (prog, args) = argv.split_first().ok_or("empty command")?;
-        let mut child = Command::new(prog)
+        let mut cmd = Command::new(prog);
+        for var in crate::util::hidden_from_children() {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -146,6 +146,9 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    for var in crate::util::hidden_from_children() {
+        cmd.env_remove(var);
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {

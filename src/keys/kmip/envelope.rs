@@ -28,6 +28,13 @@ fn aad(uid: &str, ctx: &WrapContext) -> Vec<u8> {
 }
 
 /// Seals `data_key` under `wk`; `wk_ct` is the server's encryption of `wk`.
+/// The one answer to an envelope that does not open, whether the server
+/// could not decrypt WK (bad CBC padding) or WK does not open the seal: two
+/// answers would let whoever can alter stored envelopes use custos as a
+/// padding oracle against the server's CBC.
+pub const REFUSED: &str =
+    "the wrapped key does not open under this key: tampered envelope or wrong context";
+
 pub fn seal(
     uid: &str,
     iv: [u8; 16],
@@ -117,7 +124,7 @@ impl<'a> Envelope<'a> {
 
     /// Opens the seal with the WK the server decrypted.
     pub fn open(&self, wk: &[u8], ctx: &WrapContext) -> Result<DataKey, String> {
-        let refused = || "the seal does not open: tampered envelope or wrong context".to_owned();
+        let refused = || REFUSED.to_owned();
         let cipher = Aes256Gcm::new_from_slice(wk).map_err(|_| refused())?;
         let mut buf = Zeroizing::new(self.sealed[..KEY_LEN].to_vec());
         let tag: [u8; 16] = self.sealed[KEY_LEN..].try_into().map_err(|_| refused())?;

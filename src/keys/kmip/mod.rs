@@ -546,11 +546,10 @@ impl KmipProvider {
                 // cannot decrypt was given a ciphertext it did not make.
                 let plain = self.err(key, op, e);
                 match self.attributes(key, uid).await {
+                    // The same words as a seal that does not open (envelope::REFUSED).
                     Ok((State::Active, _)) if decrypt => Err(KeyError::InvalidCiphertext {
                         key: label(key),
-                        message: format!(
-                            "the KMIP server could not decrypt the wrapping key ({plain})"
-                        ),
+                        message: envelope::REFUSED.to_owned(),
                     }),
                     Ok((State::Active, _)) => Err(plain),
                     Ok((state, _)) => Err(self.unusable(key, state)),

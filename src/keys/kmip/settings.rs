@@ -2,7 +2,6 @@
 //! who it is (TLS with a client certificate).
 
 use std::fmt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +13,7 @@ use zeroize::Zeroizing;
 
 use super::wire::Transport;
 use crate::keys::KeyError;
+use crate::secure_fs::{CheckError, Readers};
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -127,9 +127,28 @@ impl KmipSettings {
     }
 }
 
+/// PEM files are small; more than this is not one (and a FIFO or device
+/// in its place must not hang custos or fill its memory).
+const MAX_PEM_FILE: u64 = 1 << 20;
+
+/// Reads one of the TLS files after checking, as for every file custos
+/// trusts, that no other local user can replace it: whoever could write the
+/// CA file could make custos trust their own server, and hand it the
+/// wrapping keys. The private key must also be unreadable to others.
+fn read_trusted(path: &Path, what: &str, readers: Readers) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    crate::secure_fs::read_trusted(path, &format!("KMIP {what}"), readers, MAX_PEM_FILE).map_err(
+        |e| match e {
+            CheckError::Insecure(i) => KeyError::InsecurePermissions {
+                path: i.path,
+                message: i.message,
+            },
+            CheckError::Io(p, e) => not_configured(format!("{what} {}: {e}", p.display())),
+        },
+    )
+}
+
 fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, KeyError> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| not_configured(format!("{what} {}: {e}", path.display())))?;
+    let bytes = read_trusted(path, what, Readers::Anyone)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| not_configured(format!("{what} {}: {e}", path.display())))?;
@@ -142,34 +161,9 @@ fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, K
     Ok(certs)
 }
 
-/// Reads the client's private key after checking, as for every secret
-/// custos keeps, that no other local user can read or replace it. The key
-/// bytes never reach an error message.
+/// Reads the client's private key; its bytes never reach an error message.
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, KeyError> {
-    let insecure = |message: String| KeyError::InsecurePermissions {
-        path: path.to_owned(),
-        message,
-    };
-    crate::secure_fs::check_file(path, "KMIP client key").map_err(|e| match e {
-        crate::secure_fs::CheckError::Insecure(i) => insecure(i.message),
-        crate::secure_fs::CheckError::Io(p, e) => {
-            not_configured(format!("client_key_file {}: {e}", p.display()))
-        }
-    })?;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| not_configured(format!("client_key_file {}: {e}", path.display())))?;
-    if meta.mode() & 0o077 != 0 {
-        return Err(insecure(format!(
-            "KMIP client key {} is readable by group or others (mode {:04o}): run chmod 600 {}",
-            path.display(),
-            meta.mode() & 0o7777,
-            path.display()
-        )));
-    }
-    let bytes = Zeroizing::new(
-        std::fs::read(path)
-            .map_err(|e| not_configured(format!("client_key_file {}: {e}", path.display())))?,
-    );
+    let bytes = read_trusted(path, "client_key_file", Readers::OwnerOnly)?;
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| {
         not_configured(format!(
             "client_key_file {} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",

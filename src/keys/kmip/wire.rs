@@ -7,15 +7,17 @@
 //! own (rustls 0.23, the one the rest of the tree uses): the crate's TLS
 //! features pin rustls 0.19.
 //!
-//! Every call runs on a blocking thread with socket timeouts, so a server
-//! that does not answer costs at most the connect timeout plus the operation
-//! timeout, never a hang of the runtime.
+//! Every call runs on a blocking thread under one deadline (the connect
+//! timeout plus the operation timeout) that bounds the whole call, however
+//! slowly a server drips its answer, never a hang of the runtime. A request
+//! is sent twice only if it is idempotent: a Create, Revoke or Destroy the
+//! server may have carried out before the connection broke is never resent.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kmip_protocol::types::common::{
     CryptographicAlgorithm, CryptographicParameters, Data, Operation, PaddingMethod,
@@ -322,17 +324,22 @@ impl Transport {
     }
 
     fn call_blocking(&self, op: Operation, bytes: &[u8]) -> Result<Response, WireError> {
+        let deadline = Instant::now() + self.connect_timeout + self.operation_timeout;
         // A pooled connection the server closed in the meantime fails on
-        // first use: then one fresh connection is tried.
-        let pooled = self.idle.lock().ok().and_then(|mut v| v.pop());
-        let mut conn = match pooled {
-            Some(mut conn) => match exchange(&mut conn, bytes) {
-                Ok(buf) => return self.finish(conn, op, buf),
-                Err(_) => self.connect()?,
-            },
-            None => self.connect()?,
-        };
-        let buf = exchange(&mut conn, bytes)?;
+        // first use; a read-only or repeatable request is then sent once
+        // more on a fresh connection. Any other request goes on a fresh
+        // connection only: were it sent on a stale one and the answer lost,
+        // custos could not tell whether the server carried it out.
+        if idempotent(op) {
+            let pooled = self.idle.lock().ok().and_then(|mut v| v.pop());
+            if let Some(mut conn) = pooled
+                && let Ok(buf) = exchange(&mut conn, bytes, deadline)
+            {
+                return self.finish(conn, op, buf);
+            }
+        }
+        let mut conn = self.connect(deadline)?;
+        let buf = exchange(&mut conn, bytes, deadline)?;
         self.finish(conn, op, buf)
     }
 
@@ -350,7 +357,7 @@ impl Transport {
         decode(op, &buf)
     }
 
-    fn connect(&self) -> Result<Tls, WireError> {
+    fn connect(&self, deadline: Instant) -> Result<Tls, WireError> {
         let addrs: Vec<_> = self
             .server
             .to_socket_addrs()
@@ -359,7 +366,11 @@ impl Transport {
         let mut last = None;
         let mut sock = None;
         for addr in addrs {
-            match TcpStream::connect_timeout(&addr, self.connect_timeout) {
+            let left = remaining(deadline).min(self.connect_timeout);
+            if left.is_zero() {
+                break;
+            }
+            match TcpStream::connect_timeout(&addr, left) {
                 Ok(s) => {
                     sock = Some(s);
                     break;
@@ -378,10 +389,6 @@ impl Transport {
             }));
         };
         let io = |e: std::io::Error| WireError::Connect(e.to_string());
-        sock.set_read_timeout(Some(self.operation_timeout))
-            .map_err(io)?;
-        sock.set_write_timeout(Some(self.operation_timeout))
-            .map_err(io)?;
         sock.set_nodelay(true).map_err(io)?;
         let conn = rustls::ClientConnection::new(self.tls.clone(), self.server_name.clone())
             .map_err(|e| WireError::Tls(e.to_string()))?;
@@ -389,6 +396,7 @@ impl Transport {
         // The handshake now, so that a wrong CA or a refused client
         // certificate is named as such rather than as a broken call.
         while tls.conn.is_handshaking() {
+            set_deadline(&tls.sock, deadline).map_err(|e| tls_error(&e))?;
             tls.conn
                 .complete_io(&mut tls.sock)
                 .map_err(|e| tls_error(&e))?;
@@ -437,7 +445,38 @@ fn tls_error(e: &std::io::Error) -> WireError {
     }
 }
 
-fn exchange(conn: &mut Tls, bytes: &[u8]) -> Result<Zeroizing<Vec<u8>>, WireError> {
+/// Operations that may be sent again after a connection broke mid-call:
+/// they change nothing on the server (Locate, Get Attributes), or repeating
+/// them is harmless (an Encrypt or Decrypt of custos's own data).
+fn idempotent(op: Operation) -> bool {
+    matches!(
+        op,
+        Operation::Locate | Operation::GetAttributes | Operation::Encrypt | Operation::Decrypt
+    )
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// Lets the next socket read or write wait only until `deadline`.
+fn set_deadline(sock: &TcpStream, deadline: Instant) -> std::io::Result<()> {
+    let left = remaining(deadline);
+    if left.is_zero() {
+        return Err(std::io::ErrorKind::TimedOut.into());
+    }
+    sock.set_read_timeout(Some(left))?;
+    sock.set_write_timeout(Some(left))
+}
+
+/// Sends one request and reads its response, all before `deadline`: each
+/// read may wait only for what is left, so an answer dripped a byte at a
+/// time cannot stretch the call.
+fn exchange(
+    conn: &mut Tls,
+    bytes: &[u8],
+    deadline: Instant,
+) -> Result<Zeroizing<Vec<u8>>, WireError> {
     let io = |e: std::io::Error| {
         if e.get_ref()
             .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
@@ -451,11 +490,12 @@ fn exchange(conn: &mut Tls, bytes: &[u8]) -> Result<Zeroizing<Vec<u8>>, WireErro
             _ => WireError::Io(e.to_string()),
         }
     };
+    set_deadline(&conn.sock, deadline).map_err(io)?;
     conn.write_all(bytes).map_err(io)?;
     conn.flush().map_err(io)?;
     // TTLV: tag (3 bytes), type (1), length (4, big-endian), then the value.
     let mut head = [0u8; 8];
-    conn.read_exact(&mut head).map_err(io)?;
+    read_before(conn, &mut head, deadline).map_err(io)?;
     let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
     if head[..3] != [0x42, 0x00, 0x7B] || len > MAX_RESPONSE {
         return Err(WireError::Protocol(format!(
@@ -465,6 +505,21 @@ fn exchange(conn: &mut Tls, bytes: &[u8]) -> Result<Zeroizing<Vec<u8>>, WireErro
     }
     let mut buf = Zeroizing::new(vec![0u8; 8 + len]);
     buf[..8].copy_from_slice(&head);
-    conn.read_exact(&mut buf[8..]).map_err(io)?;
+    read_before(conn, &mut buf[8..], deadline).map_err(io)?;
     Ok(buf)
+}
+
+/// `read_exact` with the socket's timeout shortened before every read to
+/// what is left until `deadline`.
+fn read_before(conn: &mut Tls, mut buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        set_deadline(&conn.sock, deadline)?;
+        match conn.read(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

@@ -117,51 +117,18 @@ impl PinSource {
 }
 
 fn read_pin_file(path: &std::path::Path, what: &str) -> Result<Zeroizing<String>, KeyError> {
-    use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
-    let check = |e: crate::secure_fs::CheckError| match e {
-        crate::secure_fs::CheckError::Insecure(i) => KeyError::InsecurePermissions {
-            path: i.path,
-            message: i.message,
-        },
-        crate::secure_fs::CheckError::Io(path, e) => KeyError::LocalFile {
-            path,
-            message: format!("cannot read the {what}: {e}"),
-        },
-    };
-    // Owner and write bits of the file and every directory above it (as
-    // for the configuration), then the file itself on its descriptor.
-    crate::secure_fs::check_file(path, what).map_err(check)?;
-    let file = crate::secure_fs::open_trusted(path, what, std::fs::OpenOptions::new().read(true))
-        .map_err(check)?;
-    let meta = file.metadata().map_err(|e| KeyError::LocalFile {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::InsecurePermissions {
-            path: path.to_owned(),
-            message: format!(
-                "{what} {} is readable or writable by group or others (mode {mode:04o}): it holds the token's PIN; run chmod 600 {}",
-                path.display(),
-                path.display()
-            ),
-        });
-    }
-    let mut bytes = Zeroizing::new(Vec::new());
-    file.take(MAX_PIN_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| KeyError::LocalFile {
-            path: path.to_owned(),
-            message: format!("cannot read the {what}: {e}"),
+    use crate::secure_fs::{CheckError, Readers};
+    let bytes = crate::secure_fs::read_trusted(path, what, Readers::OwnerOnly, MAX_PIN_FILE)
+        .map_err(|e| match e {
+            CheckError::Insecure(i) => KeyError::InsecurePermissions {
+                path: i.path,
+                message: i.message,
+            },
+            CheckError::Io(path, e) => KeyError::LocalFile {
+                path,
+                message: format!("cannot read the {what}: {e}"),
+            },
         })?;
-    if bytes.len() as u64 > MAX_PIN_FILE {
-        return Err(KeyError::LocalFile {
-            path: path.to_owned(),
-            message: format!("the {what} is larger than {MAX_PIN_FILE} bytes: not a PIN"),
-        });
-    }
     match std::str::from_utf8(&bytes) {
         Ok(s) => Ok(Zeroizing::new(s.to_owned())),
         Err(_) => Err(KeyError::LocalFile {
@@ -262,6 +229,9 @@ impl Pkcs11Provider {
                 message: format!("PKCS#11 module {}: {e}", path.display()),
             },
         })?;
+        if let PinSource::Env(var) = &settings.pin {
+            crate::util::hide_from_children(var);
+        }
         let pin = settings.pin.read()?;
         let ctx =
             pool::load_module(&settings.module).map_err(|message| KeyError::NotConfigured {
@@ -739,19 +709,50 @@ impl Ctx {
                 key.ok_or_else(|| self.invalid("the unwrapped key is not 32 bytes"))
             }
             // The tag did not verify: wrong context, another version, or a
-            // changed ciphertext. SoftHSM2 reports a failed tag as a general
-            // error; the key, session and lengths were checked above.
+            // changed ciphertext.
             Err(
                 e @ cryptoki::error::Error::Pkcs11(
                     cryptoki::error::RvError::EncryptedDataInvalid
-                    | cryptoki::error::RvError::EncryptedDataLenRange
-                    | cryptoki::error::RvError::GeneralError
-                    | cryptoki::error::RvError::FunctionFailed,
+                    | cryptoki::error::RvError::EncryptedDataLenRange,
                     _,
                 ),
             ) => Err(self.invalid(short(&e))),
+            // SoftHSM2 reports a failed tag as a general error, which a
+            // faulty token also reports: it is a bad envelope only if the
+            // same key version still seals and opens a probe of its own.
+            Err(
+                e @ cryptoki::error::Error::Pkcs11(
+                    cryptoki::error::RvError::GeneralError
+                    | cryptoki::error::RvError::FunctionFailed,
+                    _,
+                ),
+            ) => match self.round_trips(s, v.handle) {
+                true => Err(self.invalid(short(&e))),
+                false => Err(Fail::Ck("C_Decrypt (CKM_AES_GCM)", e)),
+            },
             Err(e) => Err(Fail::Ck("C_Decrypt (CKM_AES_GCM)", e)),
         }
+    }
+
+    /// Whether `handle` encrypts a random probe with AES-GCM and decrypts it
+    /// back: a token that does is working, so its failure to open an
+    /// envelope means the envelope is wrong.
+    fn round_trips(&self, s: &Session, handle: ObjectHandle) -> bool {
+        let probe: [u8; 32] = crate::util::random_bytes();
+        let aad = b"custos-pkcs11-probe";
+        let mut iv: [u8; IV_LEN] = crate::util::random_bytes();
+        let Ok(params) = GcmParams::new(&mut iv, aad, Ulong::from(8 * TAG_LEN as u64)) else {
+            return false;
+        };
+        let Ok(ct) = s.encrypt(&Mechanism::AesGcm(params), handle, &probe) else {
+            return false;
+        };
+        let mut iv2 = iv;
+        let Ok(params) = GcmParams::new(&mut iv2, aad, Ulong::from(8 * TAG_LEN as u64)) else {
+            return false;
+        };
+        s.decrypt(&Mechanism::AesGcm(params), handle, &ct)
+            .is_ok_and(|back| back == probe)
     }
 
     fn set_enabled(&self, s: &Session, token: &Token, enabled: bool) -> Result<View, Fail> {
