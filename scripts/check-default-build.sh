@@ -11,9 +11,11 @@
 #    provider is unreachable) and CUSTOS_CRASH_AT (abort at the first local
 #    key write, then at the shred's first step) set: every command must exit
 #    0 and the restore must be byte-exact.
-# 3. Control: builds custos with `--features test-hooks` and shows that the
-#    same variables do fail that backup, so step 2 tested something. This
-#    also leaves target/debug/custos as the build the integration tests run.
+# 3. Control: builds the tests with `--features test-hooks` (`cargo test
+#    --no-run`, which also builds target/debug/custos with the hooks: the
+#    binary the integration tests run, so CI compiles custos with the hooks
+#    once, not twice) and shows that the same variables do fail that backup,
+#    so step 2 tested something.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -65,7 +67,7 @@ run "$bin" shred:fence shred acme --confirm acme >/dev/null # stdout: the certif
 echo "check-default-build: the default build ignored CUSTOS_FAULTS, CUSTOS_KEY_FAULTS and CUSTOS_CRASH_AT" >&2
 
 # Control: a test-hooks build fails the same backup (a fresh tenant).
-cargo build --locked --features test-hooks --bin custos >&2
+cargo test --locked --features test-hooks --no-run >&2
 sed -i 's/"acme"/"beta"/; s/local:acme/local:beta/' "$work/policies/acme.toml"
 mv "$work/policies/acme.toml" "$work/policies/beta.toml"
 if run target/debug/custos local-key:written backup beta 2>/dev/null; then

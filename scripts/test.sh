@@ -103,13 +103,18 @@ if [[ ! -x .emu/pyfmt/bin/python ]] || ! .emu/pyfmt/bin/python -c 'import crypto
 fi
 export CUSTOS_TEST_PYTHON=$PWD/.emu/pyfmt/bin/python
 
-# The shipped (default-feature) build ignores the test hooks' variables; this
-# also leaves target/debug/custos built with them, for the tests below.
-scripts/check-default-build.sh
+# A clean checkout (CI) builds everything once: incremental compilation
+# would only add work there. A developer's re-runs keep it.
+if [[ ! -d target/debug ]]; then
+    export CARGO_INCREMENTAL=0
+fi
 
-# The tests drive the test hooks (fault stores, key faults, crash points,
-# fuzz entry points, KMS test keys): only a test-hooks build has them.
-cargo test --locked --features test-hooks --no-run
+# The shipped (default-feature) build ignores the test hooks' variables. Its
+# control step builds the tests with `--features test-hooks` (fault stores,
+# key faults, crash points, fuzz entry points, KMS test keys: only a
+# test-hooks build has them), which leaves target/debug/custos built with
+# them, for the tests below.
+scripts/check-default-build.sh
 
 if [[ $started_here == 1 ]]; then
     if ! wait "$emu_pid"; then

@@ -191,8 +191,10 @@ pub fn open_trusted(
 ) -> Result<fs::File, CheckError> {
     use std::os::unix::fs::OpenOptionsExt;
     let shown = path.display();
+    // O_NONBLOCK: a FIFO put in the file's place must not block the open
+    // (it is refused below as not a regular file); no effect on a file.
     let file = opts
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => insecure(
@@ -257,11 +259,7 @@ pub fn read_trusted(
 ) -> Result<zeroize::Zeroizing<Vec<u8>>, CheckError> {
     use std::io::Read;
     check_file(path, what)?;
-    let file = open_trusted(
-        path,
-        what,
-        OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK),
-    )?;
+    let file = open_trusted(path, what, OpenOptions::new().read(true))?;
     let meta = file
         .metadata()
         .map_err(|e| CheckError::Io(path.to_owned(), e))?;
@@ -495,6 +493,60 @@ mod tests {
             Err(CheckError::Insecure(i)) => i.message,
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn read_trusted_judges_the_file_it_reads() {
+        let t = tempfile::tempdir().unwrap();
+        chmod(t.path(), 0o700);
+        let f = t.path().join("client.key");
+        fs::write(&f, b"secret").unwrap();
+        chmod(&f, 0o600);
+        let read = |readers| read_trusted(&f, "KMIP client key", readers, 16);
+        assert_eq!(&read(Readers::OwnerOnly).unwrap()[..], b"secret");
+        // Readable by others: fine for a certificate, not for a secret.
+        chmod(&f, 0o644);
+        assert_eq!(&read(Readers::Anyone).unwrap()[..], b"secret");
+        let m = match read(Readers::OwnerOnly) {
+            Err(CheckError::Insecure(i)) => i.message,
+            other => panic!("{other:?}"),
+        };
+        assert!(m.contains("chmod 600"), "{m}");
+        // Writable by others: refused for both.
+        chmod(&f, 0o664);
+        assert!(matches!(
+            read(Readers::Anyone),
+            Err(CheckError::Insecure(_))
+        ));
+        chmod(&f, 0o600);
+        // A symlink in its place, even to a good file: refused.
+        let real = t.path().join("real.key");
+        fs::rename(&f, &real).unwrap();
+        std::os::unix::fs::symlink(&real, &f).unwrap();
+        assert!(matches!(
+            read(Readers::Anyone),
+            Err(CheckError::Insecure(_))
+        ));
+        fs::remove_file(&f).unwrap();
+        // A FIFO is not a regular file: refused at once, not waited on.
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &f,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert!(matches!(
+            read(Readers::Anyone),
+            Err(CheckError::Insecure(_))
+        ));
+        fs::remove_file(&f).unwrap();
+        // Larger than the limit: refused, whatever it holds.
+        fs::write(&f, [b'x'; 17]).unwrap();
+        chmod(&f, 0o600);
+        let e = read(Readers::OwnerOnly).unwrap_err().to_string();
+        assert!(e.contains("larger than 16 bytes"), "{e}");
     }
 
     #[test]

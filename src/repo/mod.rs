@@ -432,9 +432,13 @@ impl Repo {
         }
         match cmk.describe().await {
             Ok(info) => Ok(info),
-            // PKCS#11 objects are made only when asked for.
+            // PKCS#11 objects and KMIP keys are made only when asked for.
             Err(KeyError::NotFound { key: k, message })
-                if !create && key.kind() == crate::keys::ProviderKind::Pkcs11 =>
+                if !create
+                    && matches!(
+                        key.kind(),
+                        crate::keys::ProviderKind::Pkcs11 | crate::keys::ProviderKind::Kmip
+                    ) =>
             {
                 Err(Error::Key(KeyError::NotFound {
                     key: k,

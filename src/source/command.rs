@@ -168,4 +168,17 @@ mod tests {
         assert!(e.contains("exit status: 3") && e.contains("broken"), "{e}");
         assert!(RunningCommand::spawn(&["/nonexistent/prog".into()], None).is_err());
     }
+
+    #[test]
+    fn a_secret_variable_is_not_inherited() {
+        // cargo sets CARGO_MANIFEST_DIR for the tests it runs: a variable
+        // this process surely has, standing in for a PIN (`pin_env`).
+        let var = "CARGO_MANIFEST_DIR";
+        assert!(std::env::var_os(var).is_some(), "the test needs {var} set");
+        let script = format!("printf %s \"${{{var}-unset}}\"");
+        crate::util::hide_from_children(var);
+        let (out, r) = run(&["sh", "-c", &script]);
+        r.unwrap();
+        assert_eq!(out, b"unset");
+    }
 }

@@ -7,9 +7,10 @@
 //! own (rustls 0.23, the one the rest of the tree uses): the crate's TLS
 //! features pin rustls 0.19.
 //!
-//! Every call runs on a blocking thread under one deadline (the connect
-//! timeout plus the operation timeout) that bounds the whole call, however
-//! slowly a server drips its answer, never a hang of the runtime. A request
+//! Every call runs on a blocking thread: the TCP connect within the connect
+//! timeout, then the handshake and the whole exchange within one operation
+//! timeout, however slowly a server drips its answer; never a hang of the
+//! runtime. A request
 //! is sent twice only if it is idempotent: a Create, Revoke or Destroy the
 //! server may have carried out before the connection broke is never resent.
 
@@ -261,7 +262,46 @@ fn decode(op: Operation, buf: &[u8]) -> Result<Response, WireError> {
 
 // --- Connections -----------------------------------------------------------
 
-type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+type Tls = rustls::StreamOwned<rustls::ClientConnection, DeadlineSocket>;
+
+/// A socket whose every read and write may wait only until `deadline`: each
+/// system call gets what is left as its timeout, so a server that drips its
+/// answer (or its handshake) a byte at a time cannot stretch a call.
+pub(super) struct DeadlineSocket {
+    sock: TcpStream,
+    deadline: Instant,
+}
+
+impl DeadlineSocket {
+    fn arm(&self, read: bool) -> std::io::Result<()> {
+        let left = remaining(self.deadline);
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        match read {
+            true => self.sock.set_read_timeout(Some(left)),
+            false => self.sock.set_write_timeout(Some(left)),
+        }
+    }
+}
+
+impl Read for DeadlineSocket {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm(true)?;
+        self.sock.read(buf)
+    }
+}
+
+impl Write for DeadlineSocket {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm(false)?;
+        self.sock.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
 
 /// TLS client settings and a bounded pool of idle connections.
 pub(super) struct Transport {
@@ -324,7 +364,6 @@ impl Transport {
     }
 
     fn call_blocking(&self, op: Operation, bytes: &[u8]) -> Result<Response, WireError> {
-        let deadline = Instant::now() + self.connect_timeout + self.operation_timeout;
         // A pooled connection the server closed in the meantime fails on
         // first use; a read-only or repeatable request is then sent once
         // more on a fresh connection. Any other request goes on a fresh
@@ -332,13 +371,16 @@ impl Transport {
         // custos could not tell whether the server carried it out.
         if idempotent(op) {
             let pooled = self.idle.lock().ok().and_then(|mut v| v.pop());
+            let deadline = Instant::now() + self.operation_timeout;
             if let Some(mut conn) = pooled
                 && let Ok(buf) = exchange(&mut conn, bytes, deadline)
             {
                 return self.finish(conn, op, buf);
             }
         }
-        let mut conn = self.connect(deadline)?;
+        // The handshake and the exchange share one operation timeout.
+        let mut conn = self.connect()?;
+        let deadline = conn.sock.deadline;
         let buf = exchange(&mut conn, bytes, deadline)?;
         self.finish(conn, op, buf)
     }
@@ -357,16 +399,17 @@ impl Transport {
         decode(op, &buf)
     }
 
-    fn connect(&self, deadline: Instant) -> Result<Tls, WireError> {
+    fn connect(&self) -> Result<Tls, WireError> {
         let addrs: Vec<_> = self
             .server
             .to_socket_addrs()
             .map_err(|e| WireError::Connect(format!("cannot resolve {}: {e}", self.server)))?
             .collect();
+        let connect_by = Instant::now() + self.connect_timeout;
         let mut last = None;
         let mut sock = None;
         for addr in addrs {
-            let left = remaining(deadline).min(self.connect_timeout);
+            let left = remaining(connect_by);
             if left.is_zero() {
                 break;
             }
@@ -392,16 +435,32 @@ impl Transport {
         sock.set_nodelay(true).map_err(io)?;
         let conn = rustls::ClientConnection::new(self.tls.clone(), self.server_name.clone())
             .map_err(|e| WireError::Tls(e.to_string()))?;
-        let mut tls = rustls::StreamOwned::new(conn, sock);
+        let deadline = Instant::now() + self.operation_timeout;
+        let mut tls = rustls::StreamOwned::new(conn, DeadlineSocket { sock, deadline });
         // The handshake now, so that a wrong CA or a refused client
         // certificate is named as such rather than as a broken call.
         while tls.conn.is_handshaking() {
-            set_deadline(&tls.sock, deadline).map_err(|e| tls_error(&e))?;
-            tls.conn
-                .complete_io(&mut tls.sock)
-                .map_err(|e| tls_error(&e))?;
+            if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+                return Err(alert_after(&mut tls).unwrap_or_else(|| tls_error(&e)));
+            }
         }
         Ok(tls)
+    }
+}
+
+/// The alert a server sent before it closed the connection, if any. A
+/// server that refuses the client certificate sends an alert and closes; a
+/// write racing that close fails with EPIPE, which says nothing, while the
+/// alert waiting in the socket says why.
+fn alert_after(tls: &mut Tls) -> Option<WireError> {
+    // The peer has closed: this read returns at once (data, EOF or a reset).
+    let _ = tls.conn.read_tls(&mut tls.sock);
+    match tls.conn.process_new_packets() {
+        Err(e) => Some(tls_error(&std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            e,
+        ))),
+        Ok(_) => None,
     }
 }
 
@@ -459,19 +518,7 @@ fn remaining(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
 
-/// Lets the next socket read or write wait only until `deadline`.
-fn set_deadline(sock: &TcpStream, deadline: Instant) -> std::io::Result<()> {
-    let left = remaining(deadline);
-    if left.is_zero() {
-        return Err(std::io::ErrorKind::TimedOut.into());
-    }
-    sock.set_read_timeout(Some(left))?;
-    sock.set_write_timeout(Some(left))
-}
-
-/// Sends one request and reads its response, all before `deadline`: each
-/// read may wait only for what is left, so an answer dripped a byte at a
-/// time cannot stretch the call.
+/// Sends one request and reads its response, all before `deadline`.
 fn exchange(
     conn: &mut Tls,
     bytes: &[u8],
@@ -490,12 +537,13 @@ fn exchange(
             _ => WireError::Io(e.to_string()),
         }
     };
-    set_deadline(&conn.sock, deadline).map_err(io)?;
-    conn.write_all(bytes).map_err(io)?;
-    conn.flush().map_err(io)?;
+    conn.sock.deadline = deadline;
+    if let Err(e) = conn.write_all(bytes).and_then(|()| conn.flush()) {
+        return Err(alert_after(conn).unwrap_or_else(|| io(e)));
+    }
     // TTLV: tag (3 bytes), type (1), length (4, big-endian), then the value.
     let mut head = [0u8; 8];
-    read_before(conn, &mut head, deadline).map_err(io)?;
+    conn.read_exact(&mut head).map_err(io)?;
     let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
     if head[..3] != [0x42, 0x00, 0x7B] || len > MAX_RESPONSE {
         return Err(WireError::Protocol(format!(
@@ -505,21 +553,66 @@ fn exchange(
     }
     let mut buf = Zeroizing::new(vec![0u8; 8 + len]);
     buf[..8].copy_from_slice(&head);
-    read_before(conn, &mut buf[8..], deadline).map_err(io)?;
+    conn.read_exact(&mut buf[8..]).map_err(io)?;
     Ok(buf)
 }
 
-/// `read_exact` with the socket's timeout shortened before every read to
-/// what is left until `deadline`.
-fn read_before(conn: &mut Tls, mut buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        set_deadline(&conn.sock, deadline)?;
-        match conn.read(buf) {
-            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => buf = &mut buf[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A server that answers the TLS handshake with a record header of a
+    /// large record and then one byte every 50 ms: every read returns within
+    /// the per-read timeout, so only a deadline over the whole call ends it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_dripping_its_answer_cannot_stretch_a_call_past_the_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let Ok((mut sock, _)) = listener.accept() else {
+                return;
+            };
+            let mut drip = vec![0x16, 0x03, 0x03, 0x40, 0x00];
+            drip.extend(std::iter::repeat_n(0u8, 400));
+            for b in drip {
+                if sock.write_all(&[b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let transport = Arc::new(Transport::new(
+            addr.to_string(),
+            Arc::new(tls),
+            ServerName::try_from("localhost").unwrap(),
+            Duration::from_millis(300),
+            Duration::from_millis(300),
+            1,
+        ));
+        let started = Instant::now();
+        let r = transport
+            .call(Request::Cbc {
+                decrypt: true,
+                uid: "1".into(),
+                iv: [0; 16],
+                data: Zeroizing::new(vec![0; 48]),
+            })
+            .await;
+        let took = started.elapsed();
+        assert!(
+            matches!(r, Err(WireError::Io(_)) | Err(WireError::Tls(_))),
+            "{:?}",
+            r.err()
+        );
+        // The drip lasts 20 s; the deadline is 0.6 s after the start.
+        assert!(took < Duration::from_secs(5), "the call took {took:?}");
     }
-    Ok(())
 }
