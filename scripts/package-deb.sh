@@ -71,10 +71,11 @@ mkdir -p "$work/debian"
 root=$work/debian/custos
 install -d "$root"
 
-# Without its debug information (about 3/4 of a release binary), as Debian
-# ships binaries; the symbol table stays, so a backtrace still names functions.
+# Stripped as Debian strips binaries (dh_strip): the debug information is
+# about 3/4 of a release build, and a backtrace of the packaged binary shows
+# addresses, not function names (build from source to debug).
 install -D -m 0755 "$bin" "$root/usr/bin/custos"
-strip --strip-debug "$root/usr/bin/custos"
+strip --strip-unneeded --remove-section=.comment --remove-section=.note "$root/usr/bin/custos"
 for unit in systemd/*.service; do
     install -D -m 0644 "$unit" "$root/usr/lib/systemd/system/$(basename "$unit")"
 done
@@ -114,7 +115,9 @@ docs contrib/grafana contrib/grafana/*.json
 # each with the license its authors declare.
 host=$(rustc -vV | sed -n 's/^host: //p')
 cargo metadata --locked --offline --format-version 1 --filter-platform "$host" > "$work/metadata.json"
-python3 - "$work/metadata.json" > "$doc/copyright" <<'PY'
+# The years of the project's commits (first-last), for the notice.
+years=$(git log --format=%cd --date=format:%Y 2>/dev/null | sort -u | sed -n '1p;$p' | uniq | paste -sd- -)
+python3 - "$work/metadata.json" "$years" > "$doc/copyright" <<'PY'
 import json, sys
 
 meta = json.load(open(sys.argv[1]))
@@ -135,7 +138,7 @@ rows = sorted(
 width = max(len(name) for name, _ in rows)
 print("custos " + pkgs[root]["version"])
 print()
-print("custos: copyright the custos authors. The project states no license yet")
+print(("Copyright " + sys.argv[2] + " " if sys.argv[2] else "Copyright ") + "the custos authors. The project states no license yet")
 print("(its Cargo.toml has no `license` field).")
 print()
 print("/usr/bin/custos statically links these Rust crates (versions from")
@@ -146,6 +149,14 @@ for name, license in rows:
     print("  " + name.ljust(width) + "  " + license)
 PY
 chmod 0644 "$doc/copyright"
+# The changelog Debian wants of a native package: one entry, dated by the
+# commit it was built from (the same tree gives the same file).
+{
+    printf 'custos (%s) unstable; urgency=medium\n\n' "$version"
+    printf '  * Built by scripts/package-deb.sh from commit %s.\n\n' "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    printf ' -- %s  %s\n' "$maintainer" "$(git log -1 --format=%cD 2>/dev/null || date -R)"
+} | gzip -9n > "$doc/changelog.gz"
+chmod 0644 "$doc/changelog.gz"
 
 # Control files. Depends: the shared libraries the binary links, by dpkg-shlibdeps.
 install -d "$root/DEBIAN"
