@@ -52,6 +52,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::SignedCheckpoint;
 use super::evidence::{InclusionEvidence, InclusionProof};
+use super::health::AuditHealth;
 use super::key::AuditKey;
 use super::merkle::{self, Frontier, Hash};
 use super::record::{self, AuditRecord, GENESIS_PREV};
@@ -119,6 +120,8 @@ struct Inner {
     /// The replica's root directory when it is a local store: where an
     /// upload killed half-way leaves a `<name>#<n>` staging file.
     local_root: Option<PathBuf>,
+    /// Failure counts, shared with whoever watches them (the daemon's metrics).
+    health: Arc<AuditHealth>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -318,6 +321,7 @@ impl AuditLog {
                 key,
                 replica,
                 local_root: local_store_root.map(Path::to_owned),
+                health: Arc::default(),
             }),
         };
         let _lock = LogLock::exclusive(dir)?;
@@ -380,6 +384,11 @@ impl AuditLog {
         self.inner.dir.join(LOG_FILE)
     }
 
+    /// The log's failure counts (shared by every clone of this log).
+    pub fn health(&self) -> Arc<AuditHealth> {
+        self.inner.health.clone()
+    }
+
     /// Appends a record and signs a checkpoint for the new tree size, then
     /// replicates to the store (failures there are logged, not returned).
     ///
@@ -414,10 +423,12 @@ impl AuditLog {
             };
             Ok((lock, receipt, plan))
         })
-        .await?;
+        .await
+        .inspect_err(|_| self.inner.health.write_failed())?;
         if let Some(plan) = plan
             && let Err(e) = self.inner.execute(plan).await
         {
+            self.inner.health.replication_failed();
             tracing::warn!(
                 event = "audit.replication_failed",
                 error = %e,
@@ -442,7 +453,10 @@ impl AuditLog {
         })
         .await?;
         if let Some(plan) = plan {
-            self.inner.execute(plan).await?;
+            self.inner
+                .execute(plan)
+                .await
+                .inspect_err(|_| self.inner.health.replication_failed())?;
         }
         drop(lock);
         Ok(())

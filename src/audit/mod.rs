@@ -16,6 +16,7 @@
 
 pub mod checkpoint;
 pub mod evidence;
+pub mod health;
 pub mod key;
 pub mod log;
 pub mod merkle;

@@ -6,17 +6,24 @@
 //! Timestamps (last run, last success) and key information are restored from
 //! the daemon's state file at start, so alerts such as "no successful backup
 //! for 26 h" survive a restart; counters start from zero, as Prometheus expects.
+//!
+//! The job kind is the label `kind`, not `job`: Prometheus gives every
+//! scraped series its own `job` label (the scrape job), and a `job` of ours
+//! would arrive renamed to `exported_job` unless scraped with `honor_labels`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 
 use super::registry::{KeyInfo, ScheduledJob};
 use super::state::{JobRecord, RunOutcome};
+use crate::audit::health::AuditHealth;
+use crate::jobs::drill::DrillReport;
 use crate::report::{JobKind, JobReport};
 use crate::tenant::TenantId;
 
@@ -47,6 +54,15 @@ struct Inner {
     tenants: usize,
     policy_rejected: u64,
     reloads: BTreeMap<&'static str, u64>,
+    rto: BTreeMap<TenantId, RtoStats>,
+    audit: Option<Arc<AuditHealth>>,
+}
+
+/// Per tenant: the drills that restored under an RTO, passed or failed.
+#[derive(Debug, Clone, Copy, Default)]
+struct RtoStats {
+    last_met: bool,
+    missed: u64,
 }
 
 pub struct Metrics {
@@ -112,6 +128,11 @@ impl Metrics {
         self.lock().keys.insert(tenant.clone(), keys.clone());
     }
 
+    /// Exports the audit log's failure counts.
+    pub fn watch_audit(&self, health: Arc<AuditHealth>) {
+        self.lock().audit = Some(health);
+    }
+
     pub fn set_tenants(&self, n: usize) {
         self.lock().tenants = n;
     }
@@ -141,6 +162,7 @@ impl Metrics {
         let mut inner = self.lock();
         inner.jobs.retain(|(t, _), _| t != tenant);
         inner.keys.remove(tenant);
+        inner.rto.remove(tenant);
         for values in inner.gauges.values_mut() {
             values.remove(tenant);
         }
@@ -223,6 +245,18 @@ impl Metrics {
             s.last_files = r.metrics.files;
         } else {
             s.failures += 1;
+        }
+        // The RTO verdict is the drill's own (its report's `rto_met`), kept
+        // for failed drills too: a missed RTO fails the drill, and the
+        // job-specific gauges below are those of successes only.
+        if r.job == JobKind::Drill
+            && let Some(met) = DrillReport::deserialize(&r.result)
+                .ok()
+                .and_then(|d| d.rto_met)
+        {
+            let rto = inner.rto.entry(r.tenant.clone()).or_default();
+            rto.last_met = met;
+            rto.missed += u64::from(!met);
         }
         if success {
             for (name, value) in &r.metrics.gauges {
@@ -450,6 +484,45 @@ impl Metrics {
             );
         }
 
+        out.family(
+            "custos_drill_last_rto_met",
+            "gauge",
+            "1 if the tenant's last drill that restored met its RTO, 0 if it missed it (that drill failed: rto_exceeded).",
+        );
+        for (t, r) in &inner.rto {
+            out.sample(
+                "custos_drill_last_rto_met",
+                &[("tenant", t.as_str())],
+                f64::from(u8::from(r.last_met)),
+            );
+        }
+        out.family(
+            "custos_drill_rto_missed_total",
+            "counter",
+            "Drills whose restore took longer than the tenant's RTO.",
+        );
+        for (t, r) in &inner.rto {
+            out.sample(
+                "custos_drill_rto_missed_total",
+                &[("tenant", t.as_str())],
+                r.missed as f64,
+            );
+        }
+        if let Some(audit) = &inner.audit {
+            out.single(
+                "custos_audit_write_failures_total",
+                "counter",
+                "Audit records the log could not write (full disk, I/O error, a log that no longer matches its checkpoints); an action that must be recorded then fails (audit_unavailable).",
+                audit.write_failures() as f64,
+            );
+            out.single(
+                "custos_audit_replication_failures_total",
+                "counter",
+                "Times the audit log could not be copied to the store (the local log has the records; the next append retries).",
+                audit.replication_failures() as f64,
+            );
+        }
+
         // Job-specific gauges: custos_<job>_<name>{tenant}.
         let mut by_name: BTreeMap<String, Vec<(&TenantId, f64)>> = BTreeMap::new();
         for ((job, name), values) in &inner.gauges {
@@ -472,7 +545,7 @@ impl Metrics {
 }
 
 fn labels((t, j): &(TenantId, ScheduledJob)) -> [(&'static str, &str); 2] {
-    [("tenant", t.as_str()), ("job", j.as_str())]
+    [("tenant", t.as_str()), ("kind", j.as_str())]
 }
 
 /// A metric name part: `[a-zA-Z0-9_]`, anything else becomes '_'.
@@ -536,8 +609,13 @@ impl Exposition {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
-    use crate::report::{JobMetrics, Outcome};
+    use crate::Error;
+    use crate::daemon::registry::{ForgetPruneReport, ScheduleMeta, Scheduled, ScheduledRotation};
+    use crate::jobs::drill::{DrillOutcome, DrillReason};
+    use crate::report::{JobMetrics, JobOutput, Outcome};
 
     #[test]
     fn renders_outcomes_gauges_and_key_ages() {
@@ -578,16 +656,16 @@ mod tests {
         let text = m.render();
         assert!(
             text.contains(
-                "custos_job_runs_total{tenant=\"acme\",job=\"drill\",outcome=\"success\"} 1\n"
+                "custos_job_runs_total{tenant=\"acme\",kind=\"drill\",outcome=\"success\"} 1\n"
             ),
             "{text}"
         );
         assert!(
-            text.contains("custos_job_failures_total{tenant=\"acme\",job=\"rotate\"} 1\n"),
+            text.contains("custos_job_failures_total{tenant=\"acme\",kind=\"rotate\"} 1\n"),
             "{text}"
         );
         assert!(
-            text.contains("custos_job_last_duration_seconds{tenant=\"acme\",job=\"drill\"} 1.5\n"),
+            text.contains("custos_job_last_duration_seconds{tenant=\"acme\",kind=\"drill\"} 1.5\n"),
             "{text}"
         );
         assert!(
@@ -617,6 +695,358 @@ mod tests {
         }
         assert!(m.healthy());
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    /// The job report the runner writes for a scheduled job's output.
+    fn scheduled_report<T: JobOutput + serde::Serialize>(
+        tenant: &TenantId,
+        job: ScheduledJob,
+        output: T,
+    ) -> JobReport {
+        let now = Utc::now();
+        let (error_kind, error) = output.failure().unzip();
+        let metrics = output.metrics();
+        let output = Scheduled {
+            output,
+            scheduled: ScheduleMeta {
+                slot: now,
+                holder: "h".into(),
+                read_data: None,
+            },
+        };
+        JobReport {
+            tenant: tenant.clone(),
+            job: job.kind(),
+            outcome: match error_kind {
+                None => Outcome::Success,
+                Some(_) => Outcome::Failure,
+            },
+            started_at: now,
+            finished_at: now,
+            duration_ms: 10,
+            metrics,
+            error_kind,
+            error,
+            result: serde_json::to_value(&output).unwrap(),
+        }
+    }
+
+    /// A drill of `tenant` that restored in `restore` seconds under an RTO of
+    /// `rto` seconds; passed unless the restore took longer.
+    fn drill(tenant: &TenantId, restore: Option<f64>, rto: f64) -> DrillReport {
+        let stopped = Error::NotFound {
+            what: "snapshot latest".into(),
+        };
+        let mut d = DrillReport::stopped_by(tenant, &stopped);
+        d.rto_seconds = Some(rto);
+        if let Some(restore) = restore {
+            d.restore_seconds = Some(restore);
+            d.rto_met = Some(restore <= rto);
+            d.verify_seconds = Some(1.0);
+            if restore <= rto {
+                d.outcome = DrillOutcome::Passed;
+                d.reason = None;
+            } else {
+                d.reason = Some(DrillReason::RtoExceeded);
+            }
+        }
+        d
+    }
+
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn a_missed_rto_is_exported_though_the_drill_failed() {
+        let m = Metrics::new(Duration::from_secs(5), "h".into(), "shared");
+        let t = TenantId::new("acme").unwrap();
+        let met = "custos_drill_last_rto_met{tenant=\"acme\"}";
+        let missed = "custos_drill_rto_missed_total{tenant=\"acme\"}";
+
+        m.report(
+            ScheduledJob::Drill,
+            &scheduled_report(&t, ScheduledJob::Drill, drill(&t, Some(100.0), 900.0)),
+        );
+        let text = m.render();
+        assert_eq!(sample(&text, met), Some(1.0), "{text}");
+        assert_eq!(sample(&text, missed), Some(0.0), "{text}");
+
+        // Over the RTO: the drill fails (rto_exceeded), and says why in the metrics.
+        let slow = scheduled_report(&t, ScheduledJob::Drill, drill(&t, Some(1000.0), 900.0));
+        assert_eq!(slow.outcome, Outcome::Failure);
+        assert_eq!(slow.error_kind, Some("rto_exceeded"));
+        m.report(ScheduledJob::Drill, &slow);
+        let text = m.render();
+        assert_eq!(sample(&text, met), Some(0.0), "{text}");
+        assert_eq!(sample(&text, missed), Some(1.0), "{text}");
+        // The restore-time gauges stay those of the last passed drill.
+        assert_eq!(
+            sample(&text, "custos_drill_restore_seconds{tenant=\"acme\"}"),
+            Some(100.0),
+            "{text}"
+        );
+
+        // A drill that restored nothing has no RTO verdict: the last one stands.
+        m.report(
+            ScheduledJob::Drill,
+            &scheduled_report(&t, ScheduledJob::Drill, drill(&t, None, 900.0)),
+        );
+        let text = m.render();
+        assert_eq!(sample(&text, met), Some(0.0), "{text}");
+        assert_eq!(sample(&text, missed), Some(1.0), "{text}");
+
+        m.report(
+            ScheduledJob::Drill,
+            &scheduled_report(&t, ScheduledJob::Drill, drill(&t, Some(10.0), 900.0)),
+        );
+        let text = m.render();
+        assert_eq!(sample(&text, met), Some(1.0), "{text}");
+        assert_eq!(sample(&text, missed), Some(1.0), "{text}");
+
+        m.remove_tenant(&t);
+        assert!(!m.render().contains("custos_drill_last_rto_met{"));
+    }
+
+    #[tokio::test]
+    async fn audit_write_and_replication_failures_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store_root = dir.path().join("store");
+        let store = crate::store::local::open(&store_root).unwrap();
+        let key = crate::audit::AuditKey::load_or_create(&dir.path().join("audit.key")).unwrap();
+        let log = crate::audit::AuditLog::open_with(
+            &dir.path().join("audit"),
+            key,
+            Some(store),
+            Some(&store_root),
+        )
+        .unwrap();
+        let m = Metrics::new(Duration::from_secs(5), "h".into(), "shared");
+        assert!(!m.render().contains("custos_audit_"));
+        // Watched through a clone: every clone of the log counts into the same place.
+        m.watch_audit(log.clone().health());
+        let writes = "custos_audit_write_failures_total";
+        let replication = "custos_audit_replication_failures_total";
+        let details = || serde_json::json!({ "change": "added" });
+
+        log.append("policy.change", None, "daemon:h", details())
+            .await
+            .unwrap();
+        let text = m.render();
+        assert_eq!(sample(&text, writes), Some(0.0), "{text}");
+        assert_eq!(sample(&text, replication), Some(0.0), "{text}");
+
+        // The store copy cannot be written (its root is now a file): the
+        // append succeeds locally, the replication failure is counted.
+        std::fs::rename(&store_root, dir.path().join("store.moved")).unwrap();
+        std::fs::write(&store_root, b"not a directory").unwrap();
+        log.append("policy.change", None, "daemon:h", details())
+            .await
+            .unwrap();
+        assert!(log.replicate().await.is_err());
+        let text = m.render();
+        assert_eq!(sample(&text, writes), Some(0.0), "{text}");
+        assert_eq!(sample(&text, replication), Some(2.0), "{text}");
+
+        // The log itself cannot be written (a directory at its name).
+        std::fs::remove_file(log.log_path()).unwrap();
+        std::fs::create_dir(log.log_path()).unwrap();
+        assert!(
+            log.append("policy.change", None, "daemon:h", details())
+                .await
+                .is_err()
+        );
+        // A malformed record is the caller's bug, not a write failure.
+        assert!(
+            log.append("Bad Event", None, "daemon:h", details())
+                .await
+                .is_err()
+        );
+        let text = m.render();
+        assert_eq!(sample(&text, writes), Some(1.0), "{text}");
+    }
+
+    /// Every family the daemon can export, with a report of every job kind
+    /// (the job-specific gauges from the jobs' own outputs) and every event.
+    fn everything() -> String {
+        let m = Metrics::new(Duration::from_secs(5), "h".into(), "shared");
+        m.tick();
+        let t = TenantId::new("acme").unwrap();
+        let now = Utc::now();
+        m.set_tenants(1);
+        m.set_running(1);
+        m.policy_rejected(1);
+        m.reloaded("applied");
+        m.watch_audit(Arc::default());
+        m.set_keys(
+            &t,
+            &KeyInfo {
+                key: "local:acme".into(),
+                epoch: 1,
+                epoch_created_at: now,
+                cmk_since: now,
+            },
+        );
+        for job in ScheduledJob::ALL {
+            m.set_next(&t, job, Some(now));
+            m.contended(&t, job);
+            m.outcome(&t, job, RunOutcome::Failure, now);
+            m.report(
+                job,
+                &JobReport {
+                    tenant: t.clone(),
+                    job: job.kind(),
+                    outcome: Outcome::Success,
+                    started_at: now,
+                    finished_at: now,
+                    duration_ms: 10,
+                    metrics: JobMetrics {
+                        bytes_in: Some(1),
+                        bytes_stored: Some(1),
+                        files: Some(1),
+                        ..Default::default()
+                    },
+                    error_kind: None,
+                    error: None,
+                    result: serde_json::Value::Null,
+                },
+            );
+        }
+        m.set_unsupported(&t, ScheduledJob::Shred);
+        let mut passed = drill(&t, Some(1.0), 900.0);
+        passed.verify_command = Some(crate::jobs::drill::VerifyCommandResult {
+            argv: vec!["true".into()],
+            passed: true,
+            exit_code: Some(0),
+            signal: None,
+            timed_out: false,
+            timeout_seconds: 60.0,
+            not_run: None,
+            expect_stdout: None,
+            stdout_matched: None,
+            stdout_tail: String::new(),
+            stderr_tail: String::new(),
+            duration_seconds: 1.0,
+        });
+        let reports = [
+            scheduled_report(&t, ScheduledJob::Drill, passed),
+            scheduled_report(&t, ScheduledJob::Drill, drill(&t, Some(1000.0), 900.0)),
+            scheduled_report(
+                &t,
+                ScheduledJob::Forget,
+                ForgetPruneReport {
+                    forget: crate::jobs::forget::ForgetReport {
+                        decisions: Vec::new(),
+                        kept: 1,
+                        removed: 1,
+                        deferred: None,
+                        dry_run: false,
+                    },
+                    prune: Some(crate::jobs::prune::PruneReport::default()),
+                },
+            ),
+            scheduled_report(
+                &t,
+                ScheduledJob::Rotate,
+                ScheduledRotation {
+                    rotations: Vec::new(),
+                },
+            ),
+            scheduled_report(
+                &t,
+                ScheduledJob::Shred,
+                crate::jobs::shred::ShredReport {
+                    tenant: t.clone(),
+                    epoch: None,
+                    certificate_id: "c".into(),
+                    certificate_path: "certificates/acme/c.json".into(),
+                    already_done: false,
+                    resumed_after: None,
+                    guarantee: crate::jobs::shred::GuaranteeKind::KeysDestroyed,
+                    irreversible_at: None,
+                    keys: Vec::new(),
+                    rewrapped_to: None,
+                    objects_deleted: 1,
+                    objects_retained: 0,
+                    certificate: serde_json::Value::Null,
+                    certificate_bytes: Vec::new(),
+                },
+            ),
+        ];
+        for r in &reports {
+            let job = ScheduledJob::ALL
+                .into_iter()
+                .find(|j| j.kind() == r.job)
+                .unwrap();
+            m.report(job, r);
+        }
+        m.render()
+    }
+
+    /// The `custos_…` names a text mentions.
+    fn names_in(text: &str) -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        for (at, _) in text.match_indices("custos_") {
+            if text[..at].chars().next_back().is_some_and(ident) {
+                continue;
+            }
+            let end = text[at..]
+                .find(|c| !ident(c))
+                .map_or(text.len(), |n| at + n);
+            names.insert(text[at..end].to_owned());
+        }
+        names
+    }
+
+    #[test]
+    fn the_alerts_and_the_dashboard_name_only_exported_metrics() {
+        let text = everything();
+        let families: std::collections::BTreeSet<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap().to_owned())
+            .collect();
+        for family in [
+            "custos_drill_restore_seconds",
+            "custos_drill_verify_command_seconds",
+            "custos_forget_bytes_freed",
+            "custos_rotate_rotations",
+            "custos_shred_keys_destroyed",
+            "custos_audit_write_failures_total",
+            "custos_drill_rto_missed_total",
+        ] {
+            assert!(families.contains(family), "{family} missing from:\n{text}");
+        }
+        let contrib = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib");
+        let read = |p: &str| std::fs::read_to_string(contrib.join(p)).unwrap();
+        let dashboard = read("grafana/custos.json");
+        let _: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+        for file in [
+            "prometheus/alerts.yml",
+            "prometheus/alerts_test.yml",
+            "grafana/custos.json",
+        ] {
+            let unknown: Vec<String> = names_in(&read(file))
+                .into_iter()
+                .filter(|n| !families.contains(n))
+                .collect();
+            assert!(
+                unknown.is_empty(),
+                "{file} names metrics the daemon does not export: {unknown:?}"
+            );
+        }
+        // A panel for every family.
+        let shown = names_in(&dashboard);
+        let missing: Vec<&String> = families.iter().filter(|f| !shown.contains(*f)).collect();
+        assert!(missing.is_empty(), "no dashboard panel shows {missing:?}");
+        // The job kind is `kind`: a `job` label would clash with the scrape job's.
+        assert!(
+            !text.contains(",job=\"") && !text.contains("{job=\""),
+            "{text}"
+        );
+        assert!(text.contains(",kind=\"backup\""), "{text}");
     }
 
     #[test]

@@ -116,6 +116,9 @@ pub async fn run(config: Config, opts: Options) -> Result<Summary> {
         None => TICK,
     };
     let metrics = Arc::new(metrics::Metrics::new(tick, ctx.holder.clone(), mode));
+    if let Some(audit) = &ctx.audit {
+        metrics.watch_audit(audit.health());
+    }
     metrics.policy_rejected(loaded.rejected.len());
     metrics.tick();
 

@@ -330,13 +330,14 @@ fn daemon_runs_jobs_on_time_reloads_and_stops_cleanly() {
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     let metrics = http_get(&addr, "/metrics");
     assert!(
-        metrics
-            .contains("custos_job_runs_total{tenant=\"alpha\",job=\"backup\",outcome=\"success\"}"),
+        metrics.contains(
+            "custos_job_runs_total{tenant=\"alpha\",kind=\"backup\",outcome=\"success\"}"
+        ),
         "{metrics}"
     );
     assert!(
         metrics
-            .contains("custos_job_last_success_timestamp_seconds{tenant=\"bravo\",job=\"check\"}"),
+            .contains("custos_job_last_success_timestamp_seconds{tenant=\"bravo\",kind=\"check\"}"),
         "{metrics}"
     );
     assert!(
@@ -347,6 +348,13 @@ fn daemon_runs_jobs_on_time_reloads_and_stops_cleanly() {
         metrics.contains("custos_forget_snapshots_kept{tenant=\"alpha\"}"),
         "{metrics}"
     );
+    // The daemon's audit log reports into the metrics; nothing failed.
+    for counter in [
+        "custos_audit_write_failures_total",
+        "custos_audit_replication_failures_total",
+    ] {
+        assert!(metrics.contains(&format!("\n{counter} 0\n")), "{metrics}");
+    }
 
     // SIGHUP with a broken policy for bravo and a valid change for charlie.
     let before_reload = d.count();
