@@ -94,9 +94,42 @@ struct Family {
     tombstone: Option<(i64, String)>,
 }
 
+fn is_destroyed(state: State) -> bool {
+    matches!(state, State::Destroyed | State::DestroyedCompromised)
+}
+
 impl Family {
     fn current(&self) -> Option<&(u32, Object)> {
         self.versions.iter().max_by_key(|(v, _)| *v)
+    }
+
+    /// Versions whose material still exists on the server. A server that
+    /// follows KMIP keeps a destroyed object (State Destroyed) and lists it;
+    /// PyKMIP deletes it.
+    fn live(&self) -> impl Iterator<Item = &(u32, Object)> {
+        self.versions.iter().filter(|(_, o)| !is_destroyed(o.state))
+    }
+
+    /// A destruction began: there is a tombstone, or some version is destroyed.
+    fn destruction_began(&self) -> bool {
+        self.tombstone.is_some() || self.versions.iter().any(|(_, o)| is_destroyed(o.state))
+    }
+
+    /// The key's state over all its versions, never the newest alone: a
+    /// destruction that stopped half-way (a crash, a refused Destroy) leaves
+    /// older versions that still decrypt, and must not read as destroyed.
+    fn state(&self) -> Option<KeyState> {
+        if self.destruction_began() {
+            return Some(match self.live().next() {
+                None => KeyState::Destroyed {
+                    destroyed_at: self.tombstone.as_ref().and_then(|(at, _)| time(*at)),
+                },
+                Some(_) => KeyState::Other {
+                    name: "destroy_incomplete".into(),
+                },
+            });
+        }
+        self.current().map(|(_, o)| state_of(o.state))
     }
 }
 
@@ -389,13 +422,7 @@ impl KmipProvider {
     }
 
     fn info(&self, key: &KeyRef, fam: &Family) -> Result<KeyInfo, KeyError> {
-        let state = match (fam.current(), &fam.tombstone) {
-            (Some((_, obj)), _) => state_of(obj.state),
-            (None, Some((at, _))) => KeyState::Destroyed {
-                destroyed_at: time(*at),
-            },
-            (None, None) => return Err(self.not_found(key)),
-        };
+        let state = fam.state().ok_or_else(|| self.not_found(key))?;
         Ok(KeyInfo {
             reference: key.clone(),
             key_id: key.to_string(),
@@ -422,9 +449,26 @@ impl KmipProvider {
         }
     }
 
+    /// Refuses every use of a key whose destruction began: destroyed, or
+    /// half destroyed (a second shred finishes it).
+    fn refuse_if_destroying(&self, key: &KeyRef, fam: &Family) -> Result<(), KeyError> {
+        match fam.state() {
+            Some(KeyState::Destroyed { destroyed_at }) => Err(KeyError::Destroyed {
+                key: label(key),
+                destroyed_at,
+            }),
+            Some(KeyState::Other { name }) => Err(KeyError::Unavailable {
+                key: label(key),
+                message: format!("its destruction did not finish ({name}): run the shred again"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The current version, Active, or why there is none.
     async fn current(&self, key: &KeyRef) -> Result<Object, KeyError> {
         let fam = self.family(key).await?;
+        self.refuse_if_destroying(key, &fam)?;
         match (fam.current(), fam.tombstone.as_ref()) {
             (Some((_, obj)), _) if obj.state == State::Active => Ok(obj.clone()),
             // A Create whose Activate never ran (a crash in create_key or
@@ -582,6 +626,18 @@ impl KmipProvider {
                 Zeroizing::new(wk.expose().to_vec()),
             )
             .await?;
+        // 32 bytes under CBC with PKCS#5 padding are exactly three blocks;
+        // anything else is not what was asked for, and would not unwrap.
+        if wk_ct.len() != 48 {
+            return Err(KeyError::Backend {
+                provider: PROVIDER,
+                key: label(key),
+                message: format!(
+                    "the KMIP server's Encrypt of a 32-byte wrapping key returned {} bytes, not 48",
+                    wk_ct.len()
+                ),
+            });
+        }
         let ciphertext = envelope::seal(&obj.uid, iv, &wk_ct, &wk, data_key, ctx).map_err(|m| {
             KeyError::Backend {
                 provider: PROVIDER,
@@ -594,29 +650,6 @@ impl KmipProvider {
             key_version: Some(obj.uid.clone()),
             ciphertext,
         })
-    }
-
-    /// Whether `uid` is a live version of `key`: Locate lists it under the
-    /// key's Name and its own Names give it a version number.
-    async fn is_version_of(&self, key: &KeyRef, uid: &str) -> Result<bool, KeyError> {
-        match KmipKeyId::parse(key.id()) {
-            Ok(KmipKeyId::Uid(u)) => Ok(u == uid),
-            Ok(KmipKeyId::Name(name)) => {
-                if !self.locate(key, &name).await?.iter().any(|u| u == uid) {
-                    return Ok(false);
-                }
-                let known = self.kinds.lock().ok().and_then(|k| k.get(uid).copied());
-                let kind = match known {
-                    Some(k) => k,
-                    None => self.object(key, &name, uid).await?.kind,
-                };
-                Ok(matches!(kind, ObjectKind::Version(_)))
-            }
-            Err(reason) => Err(KeyError::InvalidReference(super::InvalidKeyRef {
-                input: key.to_string(),
-                reason,
-            })),
-        }
     }
 }
 
@@ -715,13 +748,21 @@ impl KeyProvider for KmipProvider {
                 "the envelope's key version does not match its ciphertext".into(),
             ));
         }
-        if !self.is_version_of(key, env.uid).await? {
-            // Say first whether the key itself is usable.
+        // The key as a whole first (disabled, destroyed or half destroyed
+        // refuses), then the version: a server that follows KMIP still
+        // decrypts with a Deactivated object, so custos checks the state
+        // itself rather than relying on the server's refusal.
+        let fam = self.family(key).await?;
+        self.refuse_if_destroying(key, &fam)?;
+        let Some((_, version)) = fam.versions.iter().find(|(_, o)| o.uid == env.uid) else {
             self.current(key).await?;
             return Err(invalid(format!(
                 "the envelope was wrapped by object {}, which is not a version of this key",
                 env.uid
             )));
+        };
+        if version.state != State::Active {
+            return Err(self.unusable(key, version.state));
         }
         let wk = self
             .cbc(
@@ -799,8 +840,8 @@ impl KeyProvider for KmipProvider {
             input: key.to_string(),
             reason,
         })?;
-        let fam = self.family(key).await?;
-        if fam.versions.is_empty() {
+        let mut fam = self.family(key).await?;
+        if fam.live().next().is_none() && (fam.tombstone.is_some() || fam.versions.is_empty()) {
             return match fam.tombstone {
                 Some((at, _)) => {
                     let at = time(at).unwrap_or_else(Utc::now);
@@ -846,7 +887,14 @@ impl KeyProvider for KmipProvider {
             }
         };
         let mut objects = Vec::new();
+        // Oldest first; a version already destroyed (a re-run, on a server
+        // that keeps destroyed objects) is only recorded.
+        fam.versions.sort_by_key(|(v, _)| *v);
         for (_, obj) in &fam.versions {
+            if is_destroyed(obj.state) {
+                objects.push(obj.uid.clone());
+                continue;
+            }
             if obj.state == State::Active {
                 self.revoke(key, &obj.uid, RevocationReasonCode::CessationOfOperation)
                     .await?;
@@ -866,13 +914,13 @@ impl KeyProvider for KmipProvider {
             tracing::info!(event = "kmip.object_destroyed", key = %key, object = %obj.uid, "revoked and destroyed {} of {key}", obj.uid);
         }
         let left = self.family(key).await?;
-        if !left.versions.is_empty() {
+        let live = left.live().count();
+        if live > 0 {
             return Err(KeyError::Backend {
                 provider: PROVIDER,
                 key: label(key),
                 message: format!(
-                    "after Destroy the KMIP server still lists {} version object(s)",
-                    left.versions.len()
+                    "after Destroy the KMIP server still lists {live} version object(s) that are not Destroyed"
                 ),
             });
         }
@@ -903,6 +951,63 @@ mod tests {
         assert_eq!(classify("a", &n(&["a"])), ObjectKind::Foreign);
         assert_eq!(classify("a", &n(&["a", "ab@v2"])), ObjectKind::Foreign);
         assert_eq!(classify("a", &n(&["a", "a@vx"])), ObjectKind::Foreign);
+    }
+
+    fn family(versions: &[(u32, State)], tombstone: Option<i64>) -> Family {
+        Family {
+            versions: versions
+                .iter()
+                .map(|&(v, state)| {
+                    let obj = Object {
+                        uid: format!("uid-{v}"),
+                        state,
+                        kind: ObjectKind::Version(v),
+                    };
+                    (v, obj)
+                })
+                .collect(),
+            tombstone: tombstone.map(|at| (at, "uid-t".to_owned())),
+        }
+    }
+
+    #[test]
+    fn a_half_destroyed_key_never_reads_as_destroyed_or_usable() {
+        use State::{Active, Deactivated, Destroyed};
+        let name = |f: &Family| f.state().map(|s| s.name());
+        // Before any destruction: the newest version's state.
+        assert_eq!(
+            name(&family(&[(1, Active), (2, Active)], None)).unwrap(),
+            "enabled"
+        );
+        assert_eq!(
+            name(&family(&[(1, Deactivated)], None)).unwrap(),
+            "disabled"
+        );
+        assert_eq!(family(&[], None).state(), None);
+        // The newest destroyed (a server that keeps destroyed objects lists
+        // it), an older one still Active: not destroyed.
+        for f in [
+            family(&[(1, Active), (2, Destroyed)], None),
+            family(&[(1, Deactivated), (2, Destroyed)], Some(1_700_000_000)),
+            family(&[(1, Active)], Some(1_700_000_000)),
+        ] {
+            assert_eq!(name(&f).unwrap(), "destroy_incomplete");
+            assert!(!f.state().unwrap().is_usable());
+        }
+        // Every version gone or destroyed: destroyed, at the tombstone's time.
+        let f = family(&[(1, Destroyed), (2, Destroyed)], Some(1_700_000_000));
+        assert_eq!(
+            f.state(),
+            Some(KeyState::Destroyed {
+                destroyed_at: time(1_700_000_000)
+            })
+        );
+        assert_eq!(
+            family(&[], Some(1_700_000_000)).state(),
+            Some(KeyState::Destroyed {
+                destroyed_at: time(1_700_000_000)
+            })
+        );
     }
 
     #[test]

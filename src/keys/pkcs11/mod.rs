@@ -218,6 +218,11 @@ impl Pkcs11Provider {
     /// Reads the PIN, loads and initialises the module. Tokens are found
     /// when a key is used, so a token plugged in later is found then.
     pub fn open(settings: &Pkcs11Settings) -> Result<Self, KeyError> {
+        // First of all, whether the provider opens or not: the commands
+        // custos runs must never see the PIN.
+        if let PinSource::Env(var) = &settings.pin {
+            crate::util::hide_from_children(var);
+        }
         // Whoever can replace the module runs code inside custos.
         crate::secure_fs::check_file(&settings.module, "PKCS#11 module").map_err(|e| match e {
             crate::secure_fs::CheckError::Insecure(i) => KeyError::InsecurePermissions {
@@ -229,9 +234,6 @@ impl Pkcs11Provider {
                 message: format!("PKCS#11 module {}: {e}", path.display()),
             },
         })?;
-        if let PinSource::Env(var) = &settings.pin {
-            crate::util::hide_from_children(var);
-        }
         let pin = settings.pin.read()?;
         let ctx =
             pool::load_module(&settings.module).map_err(|message| KeyError::NotConfigured {
@@ -376,10 +378,16 @@ impl Ctx {
 
     fn read(&self, s: &Session) -> Result<View, Fail> {
         let label = self.uri.object.as_bytes().to_vec();
+        // Private objects only (CKA_PRIVATE: visible and creatable only
+        // after a login with the PIN): a public object anyone can plant in a
+        // session without the PIN, and custos would wrap tenants' data keys
+        // under a key whose bytes the planter chose, or read a forged
+        // destruction record.
         let handles = s
             .find_objects(&[
                 Attribute::Class(ObjectClass::SECRET_KEY),
                 Attribute::Token(true),
+                Attribute::Private(true),
                 Attribute::Label(label.clone()),
             ])
             .map_err(ck("C_FindObjects (secret keys)"))?;
@@ -438,6 +446,7 @@ impl Ctx {
             .find_objects(&[
                 Attribute::Class(ObjectClass::DATA),
                 Attribute::Token(true),
+                Attribute::Private(true),
                 Attribute::Label(label),
                 Attribute::Application(TOMBSTONE_APP.to_vec()),
             ])
