@@ -90,6 +90,24 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Environment variables that hold secrets custos was given (a token PIN
+/// named by `pin_env`): removed from the environment of every command custos
+/// runs (backup sources, drill verify commands), which have no use for them.
+static SECRET_ENV: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Marks `var` as a secret the commands custos runs must not inherit.
+pub fn hide_from_children(var: &str) {
+    let mut vars = SECRET_ENV.lock().unwrap_or_else(|p| p.into_inner());
+    if !vars.iter().any(|v| v == var) {
+        vars.push(var.to_owned());
+    }
+}
+
+/// The variables [`hide_from_children`] marked, for `Command::env_remove`.
+pub fn hidden_from_children() -> Vec<String> {
+    SECRET_ENV.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,25 +134,4 @@ mod tests {
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
-}
-
-/// Environment variables that hold secrets custos was given (a token PIN
-/// named by `pin_env`): removed from the environment of every command custos
-/// runs (backup sources, drill verify commands), which have no use for them.
-static SECRET_ENV: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-/// Marks `var` as a secret the commands custos runs must not inherit.
-pub fn hide_from_children(var: &str) {
-    let mut vars = SECRET_ENV.lock().unwrap_or_else(|p| p.into_inner());
-    if !vars.iter().any(|v| v == var) {
-        vars.push(var.to_owned());
-    }
-}
-
-/// The variables [`hide_from_children`] marked, for `Command::env_remove`.
-pub fn hidden_from_children() -> Vec<String> {
-    SECRET_ENV
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
 }
