@@ -95,6 +95,15 @@ pub trait JobOutput: Serialize {
         None
     }
 
+    /// The figures of this run that the audit log keeps beyond the headline
+    /// numbers, as the `result` of its `<job>.end` record: what a compliance
+    /// report cites (a drill's restore time and RTO, a check's read-data
+    /// coverage, a rotation's keys and epochs). Names keys by reference,
+    /// never holds key material or file contents. `None`: nothing more.
+    fn audit_result(&self) -> Option<serde_json::Value> {
+        None
+    }
+
     /// A job whose every outcome is a report (a drill: "a drill that cannot
     /// verify is a failed drill") turns an error that stopped the run before
     /// or outside the job itself (tenant not initialised, lease held, store
