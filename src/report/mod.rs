@@ -1,6 +1,8 @@
 //! Reporting: structured log events with stable names and fields (the table in
-//! the README), and one JSON report per job run in the state directory.
+//! the README), one JSON report per job run in the state directory, and the
+//! compliance report built from the audit log ([`compliance`]).
 
+pub mod compliance;
 pub mod logging;
 
 use std::path::PathBuf;
