@@ -422,3 +422,45 @@ fn bad_input_is_refused_naming_the_problem() {
         r.stderr
     );
 }
+
+#[test]
+fn the_daemon_writes_the_report_on_its_schedule() {
+    let f = Fixture { cli: Cli::new() };
+    f.policy("acme", "10m", VERIFY_OK);
+    f.ok(1, &["backup", "acme"]);
+    let out = f.cli.path().join("compliance");
+    let toml = f.cli.path().join("custos.toml");
+    let mut config = std::fs::read_to_string(&toml).unwrap();
+    config.push_str(&format!(
+        "[report]\nschedule = \"0 6 * * 1\"\noutput_dir = \"{}\"\nformats = [\"json\", \"md\"]\n",
+        out.display()
+    ));
+    std::fs::write(&toml, config).unwrap();
+    // Never ran: due at once; the policy schedules no job.
+    let r = f
+        .cli
+        .run_env(&["daemon", "--once", "--json"], &[("CUSTOS_NOW", NOW)]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let summary = r.json();
+    let run = &summary["result"]["report"];
+    assert_eq!(run["outcome"], "success", "{summary:#}");
+    let files: Vec<&str> = run["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    let json = files.iter().find(|f| f.ends_with(".json")).unwrap();
+    assert!(Path::new(json).starts_with(&out));
+    let report: Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+    assert_eq!(report["format"], "custos-compliance-report/1");
+    assert_eq!(tenant(&report, "acme")["verdict"], "fail", "no check yet");
+    assert!(files.iter().any(|f| f.ends_with(".md")));
+    // The slot ran: a second --once has nothing to do.
+    let r = f
+        .cli
+        .run_env(&["daemon", "--once", "--json"], &[("CUSTOS_NOW", NOW)]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.json()["result"].get("report").is_none(), "{}", r.stdout);
+}
