@@ -106,6 +106,17 @@ impl Context {
     /// configured (in custos.toml `[aws]` or the standard AWS environment),
     /// PKCS#11 when `[pkcs11]` is and KMIP when `[kmip]` is.
     pub async fn from_config(cfg: &crate::config::Config) -> crate::Result<Context> {
+        Self::configured(cfg, true).await
+    }
+
+    /// [`Context::from_config`] without the audit log, for what only reads
+    /// it (the compliance report verifies it itself, and must still report
+    /// on a log that no longer opens for appends). Records nothing.
+    pub async fn from_config_unaudited(cfg: &crate::config::Config) -> crate::Result<Context> {
+        Self::configured(cfg, false).await
+    }
+
+    async fn configured(cfg: &crate::config::Config, audited: bool) -> crate::Result<Context> {
         let store = open_store(cfg)?;
         let local = crate::keys::local::LocalKeyProvider::new(&cfg.local_keys_dir)?;
         let mut keys = KeyProviders {
@@ -161,8 +172,8 @@ impl Context {
         }
         crate::hooks::wrap_keys(&mut keys)?;
         let state = StateDir::open(&cfg.state_dir)?;
-        Ok(Context {
-            audit: Some(
+        let audit = match audited {
+            true => Some(
                 crate::audit::AuditLog::from_config(cfg, Some(store.clone())).map_err(
                     |e| match e {
                         // A configuration problem keeps its kind and its fix.
@@ -174,6 +185,10 @@ impl Context {
                     },
                 )?,
             ),
+            false => None,
+        };
+        Ok(Context {
+            audit,
             store,
             store_url: cfg.store.url(),
             keys,

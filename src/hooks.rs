@@ -10,7 +10,10 @@
 //!   `keys::faults::FaultyKeyProvider`;
 //! - `CUSTOS_CRASH_AT=<scope>:<point>`: the process aborts at that crash point
 //!   (`std::process::abort`: no destructors, no lease release, no audit
-//!   `.end` record), as if killed there.
+//!   `.end` record), as if killed there;
+//! - `CUSTOS_NOW=<RFC 3339 time>`: [`now`], the time audit records are
+//!   stamped with and compliance reports are computed at, starts at that
+//!   time and runs on from it, so a test builds months of history in seconds.
 //!
 //! In the default build (what ships) each function below is an empty inline
 //! function: no variable is read, nothing is wrapped, no crash point is
@@ -23,6 +26,44 @@ use crate::store::SharedStore;
 /// The crash-point variable (`test-hooks` builds only).
 #[cfg(feature = "test-hooks")]
 pub const CRASH_AT: &str = "CUSTOS_CRASH_AT";
+
+/// The clock variable (`test-hooks` builds only).
+#[cfg(feature = "test-hooks")]
+pub const NOW: &str = "CUSTOS_NOW";
+
+/// The time of the audit log and of compliance reports: the system clock;
+/// in a `test-hooks` build with `CUSTOS_NOW` set, that time plus the time
+/// elapsed since this process first asked (so it still moves forward).
+#[inline]
+pub fn now() -> chrono::DateTime<chrono::Utc> {
+    #[cfg(feature = "test-hooks")]
+    if let Some(t) = fake_now() {
+        return t;
+    }
+    chrono::Utc::now()
+}
+
+#[cfg(feature = "test-hooks")]
+fn fake_now() -> Option<chrono::DateTime<chrono::Utc>> {
+    use std::sync::OnceLock;
+    static START: OnceLock<Option<(chrono::DateTime<chrono::Utc>, std::time::Instant)>> =
+        OnceLock::new();
+    let (base, since) = START
+        .get_or_init(|| {
+            let text = std::env::var(NOW).ok()?;
+            match chrono::DateTime::parse_from_rfc3339(&text) {
+                Ok(t) => Some((t.with_timezone(&chrono::Utc), std::time::Instant::now())),
+                Err(e) => {
+                    // A test's typo must not silently run on the real clock.
+                    eprintln!("{NOW}={text:?}: not an RFC 3339 time ({e}); aborting (test hook)");
+                    std::process::abort();
+                }
+            }
+        })
+        .as_ref()?;
+    let elapsed = chrono::Duration::from_std(since.elapsed()).unwrap_or_default();
+    Some(*base + elapsed)
+}
 
 /// Returns `store`, wrapped in the fault injector when this is a
 /// `test-hooks` build and `CUSTOS_FAULTS` is set.
@@ -86,6 +127,7 @@ mod tests {
         ("CUSTOS_FAULTS", "seed=1,error=1"),
         ("CUSTOS_KEY_FAULTS", "unreachable"),
         ("CUSTOS_CRASH_AT", "shred:fence"),
+        ("CUSTOS_NOW", "2001-01-01T00:00:00Z"),
     ];
     const CHILD: &str = "CUSTOS_HOOKS_TEST_CHILD";
 
@@ -148,6 +190,9 @@ mod tests {
             Arc::ptr_eq(keys.local.as_ref().unwrap(), &local),
             "the key provider was wrapped"
         );
+
+        // The clock is the system's, not 2001.
+        assert!(now() > chrono::DateTime::parse_from_rfc3339("2020-01-01T00:00:00Z").unwrap());
 
         // Would abort the process in a test-hooks build.
         crash_point("shred", "fence");

@@ -50,7 +50,8 @@ pub enum RecordError {
 }
 
 impl AuditRecord {
-    /// A record stamped now (truncated to microseconds, the stored precision).
+    /// A record stamped now (truncated to microseconds, the stored precision;
+    /// the clock of [`crate::hooks::now`]).
     pub fn new(
         seq: u64,
         event: &str,
@@ -61,7 +62,7 @@ impl AuditRecord {
     ) -> Self {
         AuditRecord {
             seq,
-            time: Utc::now().trunc_subsecs(6),
+            time: crate::hooks::now().trunc_subsecs(6),
             event: event.to_owned(),
             tenant: tenant.cloned(),
             actor: actor.to_owned(),

@@ -70,7 +70,9 @@ pub async fn run(config: Option<&Path>, args: Args) -> ExitCode {
 
 fn print_report(s: &Summary, reports: &Path) {
     use crate::daemon::state::RunOutcome::*;
-    if s.runs.is_empty() {
+    if s.runs.is_empty() && s.report.is_some() {
+        println!("custos daemon --once: no job due ({} tenants)", s.tenants);
+    } else if s.runs.is_empty() {
         print!("custos daemon --once: nothing due ({} tenants", s.tenants);
         match &s.next {
             Some(next) => println!("; next: {next})"),
@@ -108,6 +110,19 @@ fn print_report(s: &Summary, reports: &Path) {
             );
         }
         println!("job reports: {}/<tenant>/", reports.display());
+    }
+    if let Some(r) = &s.report {
+        println!(
+            "compliance report ({}): {}{}",
+            r.outcome.as_str(),
+            r.detail,
+            if r.files.is_empty() {
+                String::new()
+            } else {
+                let files: Vec<String> = r.files.iter().map(|f| f.display().to_string()).collect();
+                format!("\n  {}", files.join("\n  "))
+            }
+        );
     }
     if s.policies_rejected > 0 {
         println!(

@@ -35,6 +35,7 @@ mod forget;
 mod kit;
 mod output;
 mod policy;
+mod report;
 mod restore;
 mod rotate;
 mod setup;
@@ -105,6 +106,8 @@ pub enum Command {
     Certificate(certificate::CertificateCommand),
     /// Remove a tenant's stale lease and reader records (dead or expired holders; --force: all).
     Unlock(unlock::Args),
+    /// The compliance report: each tenant's controls and their evidence, from the verified audit log.
+    Report(report::Args),
     /// Print a shell completion script (bash, zsh or fish) on stdout.
     Completions(kit::CompletionsArgs),
     /// Write man pages (custos.1 and one per subcommand) into a directory.
@@ -172,6 +175,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Shred(args) => shred::run(config, args).await,
         Command::Certificate(cmd) => certificate::run(config, cmd).await,
         Command::Unlock(args) => unlock::run(config, args).await,
+        Command::Report(args) => report::run(config, args).await,
     }
 }
 

@@ -9,6 +9,7 @@
 //! - [`settings`]: [`Config`], its discovery and the store location;
 //! - [`policy`]: [`Policy`] and its sections;
 //! - [`policy_set`]: loading and validating a policies directory;
+//! - [`report`]: the compliance report's controls and schedule;
 //! - [`schedule`]: cron schedules; [`units`]: durations and sizes;
 //! - [`diag`]: located errors (`file:line:column: message`).
 
@@ -16,6 +17,7 @@ pub mod diag;
 mod paths;
 pub mod policy;
 pub mod policy_set;
+pub mod report;
 pub mod residency;
 pub mod schedule;
 pub mod settings;
@@ -31,6 +33,7 @@ pub use policy_set::{
     DeclaredKey, PolicyChanges, PolicyFile, PolicySet, TenantSummary, ValidationReport,
     declared_keys, load_policies, load_policy_file, validate_dir, validate_dir_under,
 };
+pub use report::{Controls, ReportFormat, ReportSettings};
 pub use residency::{Placement, Residency, ResidencyViolation, Rules as ResidencyRules};
 pub use schedule::Schedule;
 pub use settings::{

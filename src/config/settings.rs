@@ -389,6 +389,10 @@ pub struct Config {
     pub audit: AuditSettings,
     /// Where tenants' keys and backups may be (`[residency]`).
     pub residency: Residency,
+    /// The compliance report's thresholds (`[controls]`).
+    pub controls: super::report::Controls,
+    /// When and where the daemon writes the compliance report (`[report]`).
+    pub report: super::report::ReportSettings,
     pub origin: ConfigOrigin,
     /// Problems that do not stop custos, such as loose permissions on the file.
     #[serde(skip)]
@@ -406,6 +410,8 @@ const TOP_KEYS: &[&str] = &[
     "daemon",
     "audit",
     "residency",
+    "controls",
+    "report",
 ];
 const PKCS11_KEYS: &[&str] = &[
     "module",
@@ -459,6 +465,8 @@ impl Config {
             audit: AuditSettings {
                 key_file: state_dir.join("audit.key"),
             },
+            report: super::report::ReportSettings::defaults(&state_dir),
+            controls: super::report::Controls::default(),
             state_dir,
             policies_dir: base.join("policies"),
             aws: AwsSettings::default(),
@@ -607,6 +615,10 @@ impl Config {
         config.daemon = parse_daemon(&mut d, &daemon);
         let residency = root.section(&mut d, "residency");
         config.residency = parse_residency(&mut d, &residency, &base);
+        let controls = root.section(&mut d, "controls");
+        config.controls = super::report::parse_controls(&mut d, &controls);
+        let report = root.section(&mut d, "report");
+        config.report = super::report::parse_report(&mut d, &report, &base, &config.state_dir);
         config.residency.file = Some(path.clone());
         // The store is the configuration's own: one outside the rules is an
         // error of this file, pointed at the store line.
@@ -1311,6 +1323,50 @@ metrics_listen = "127.0.0.1:9464"
     }
 
     #[test]
+    fn controls_and_report_sections() {
+        use crate::config::{Controls, ReportFormat};
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let p = write(
+            &root,
+            "custos.toml",
+            "state_dir = \"st\"\n[controls]\nbackup_max_gap = \"2d\"\nbackup_min_success_rate = 1\ndrill_rto_met = false\n[report]\nschedule = \"0 6 * * 1\"\nformats = [\"md\"]\n",
+        );
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.controls.backup_max_gap, Duration::from_secs(2 * 86_400));
+        assert_eq!(c.controls.backup_min_success_rate, 1.0);
+        assert!(!c.controls.drill_rto_met);
+        assert_eq!(c.controls.cmk_max_age, Controls::default().cmk_max_age);
+        assert_eq!(c.report.schedule.as_ref().unwrap().as_str(), "0 6 * * 1");
+        assert_eq!(c.report.formats, [ReportFormat::Md]);
+        assert_eq!(c.report.output_dir, root.join("st/compliance"));
+        assert_eq!(c.report.since, Duration::from_secs(90 * 86_400));
+        let builtin = Config::builtin(&root);
+        assert_eq!(
+            (builtin.controls, builtin.report.schedule),
+            (Controls::default(), None)
+        );
+
+        let errs = errors_of(
+            "[controls]\nbackup_max_gap = \"26\"\ncmk_max_age = \"30s\"\nbackup_min_success_rate = 1.5\ndrill_rto_met = \"yes\"\nrto = \"1h\"\n[report]\nformats = [\"html\", \"pdf\", \"html\"]\nsince = \"1h\"\nschedule = \"daily\"\n",
+        );
+        let all = errs.join("\n");
+        for want in [
+            "controls.backup_max_gap: invalid duration \"26\"",
+            "controls.cmk_max_age: must be at least 1m",
+            "controls.backup_min_success_rate: must be from 0 to 1",
+            "controls.drill_rto_met: expected true or false",
+            "controls.rto: unknown key",
+            "report.formats[1]: unknown format \"pdf\"",
+            "report.formats[2]: \"html\" is listed twice",
+            "report.since: must be from 1d to 3653d",
+            "report.schedule:",
+        ] {
+            assert!(all.contains(want), "{want} not in {all}");
+        }
+    }
+
+    #[test]
     fn kmip_section() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().canonicalize().unwrap();
@@ -1361,7 +1417,7 @@ metrics_listen = "127.0.0.1:9464"
         );
         assert_eq!(
             errs[1],
-            "2:1: bogus: unknown key (expected one of: store, state_dir, policies_dir, local_keys, aws, pkcs11, kmip, daemon, audit, residency)"
+            "2:1: bogus: unknown key (expected one of: store, state_dir, policies_dir, local_keys, aws, pkcs11, kmip, daemon, audit, residency, controls, report)"
         );
         assert_eq!(errs[2], "4:13: daemon.lease_ttl: must be from 1s to 1h");
         assert!(

@@ -10,6 +10,7 @@
 //!   each slot once;
 //! - [`state`]: `<state>/daemon/schedule.json`, what survives a restart;
 //! - [`policies`]: loading and per-tenant refusal of bad policies;
+//! - [`reporting`]: the scheduled compliance report (`[report] schedule`);
 //! - [`metrics`], [`http`]: the Prometheus endpoint and `/healthz`;
 //! - [`notify`]: sd_notify readiness, status, watchdog.
 
@@ -21,6 +22,7 @@ pub mod plan;
 pub mod policies;
 mod queue;
 pub mod registry;
+pub mod reporting;
 pub mod scheduler;
 pub mod slots;
 pub mod state;

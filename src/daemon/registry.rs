@@ -234,6 +234,10 @@ impl<T: JobOutput> JobOutput for Scheduled<T> {
     fn failure(&self) -> Option<(&'static str, String)> {
         self.output.failure()
     }
+
+    fn audit_result(&self) -> Option<serde_json::Value> {
+        self.output.audit_result()
+    }
 }
 
 #[derive(Default)]
@@ -483,6 +487,12 @@ pub struct ScheduledRotation {
 }
 
 impl JobOutput for ScheduledRotation {
+    /// Each rotation as a CLI `rotate` records its one (an empty list: none was due).
+    fn audit_result(&self) -> Option<serde_json::Value> {
+        let rotations: Vec<_> = self.rotations.iter().map(|r| r.audit_entry()).collect();
+        Some(serde_json::json!({ "rotations": rotations }))
+    }
+
     fn metrics(&self) -> JobMetrics {
         let mut m = JobMetrics {
             bytes_stored: Some(self.rotations.iter().map(|r| r.bytes_written).sum()),

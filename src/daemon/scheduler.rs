@@ -29,6 +29,7 @@ use super::plan;
 use super::policies::{self, Policies};
 use super::queue::{Key, Queue, Replan};
 use super::registry::{self, Launched, Request, ScheduledJob};
+use super::reporting::{self, ReportRun, ReportTimer};
 use super::state::{DaemonState, RunOutcome};
 use crate::config::Config;
 use crate::context::Context;
@@ -85,12 +86,17 @@ pub struct Summary {
     /// The next planned start when nothing was due (`--once`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
+    /// The compliance report written (`--once`, when `[report] schedule` made one due).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<ReportRun>,
 }
 
 impl Summary {
     /// True when a run failed or a policy was refused.
     pub fn failed(&self) -> bool {
-        self.policies_rejected > 0 || self.runs.iter().any(|r| r.outcome.is_failure())
+        self.policies_rejected > 0
+            || self.runs.iter().any(|r| r.outcome.is_failure())
+            || self.report.as_ref().is_some_and(|r| r.outcome.is_failure())
     }
 
     pub fn count(&self, outcome: RunOutcome) -> usize {
@@ -129,6 +135,9 @@ pub struct Scheduler {
     stopping: bool,
     started: Instant,
     runs_total: u64,
+    /// The compliance report's schedule (`[report] schedule`), and its run.
+    report: Option<ReportTimer>,
+    report_task: reporting::Running,
 }
 
 /// Longest wait between two retries of a busy lease.
@@ -177,8 +186,14 @@ impl Scheduler {
             stopping: false,
             started: Instant::now(),
             runs_total: 0,
+            report: None,
+            report_task: None,
         };
         let now = s.clock.now();
+        if let Some(schedule) = &s.config.report.schedule {
+            let last = s.state.data.report.as_ref().and_then(|r| r.last_slot);
+            s.report = Some(ReportTimer::new(schedule, last, now, once));
+        }
         for (tenant, policy) in &policies {
             if let Some(rec) = s.state.data.tenants.get(tenant)
                 && let Some(keys) = &rec.keys
@@ -697,7 +712,40 @@ impl Scheduler {
     }
 
     fn idle(&self) -> bool {
-        self.tasks.is_empty() && self.queue.idle()
+        self.tasks.is_empty() && self.queue.idle() && self.report_task.is_none()
+    }
+
+    /// Starts the compliance report when its slot is due (one at a time).
+    fn start_report(&mut self) {
+        let now = self.clock.now();
+        if self.stopping || self.report_task.is_some() {
+            return;
+        }
+        let Some(timer) = &mut self.report else {
+            return;
+        };
+        let Some(slot) = timer.due(now) else {
+            return;
+        };
+        timer.started();
+        let run = reporting::run(self.config.clone(), self.ctx.clone(), slot);
+        self.report_task = Some((slot, tokio::spawn(run)));
+    }
+
+    fn report_done(&mut self, slot: DateTime<Utc>, res: Result<ReportRun, JoinError>) {
+        self.report_task = None;
+        let run = res.unwrap_or_else(|e| reporting::lost(slot, &e));
+        let now = self.clock.now();
+        let rec = self.state.report_mut();
+        rec.last_slot = Some(slot);
+        rec.last_outcome = Some(run.outcome);
+        rec.last_files = run.files.clone();
+        if let Some(timer) = &mut self.report {
+            timer.ran(slot, now);
+        }
+        if self.once {
+            self.summary.report = Some(run);
+        }
     }
 
     /// The loop; returns when a signal stops it (or, `--once`, when nothing
@@ -710,6 +758,7 @@ impl Scheduler {
             let now = self.clock.now();
             self.queue.fire(now);
             self.dispatch();
+            self.start_report();
             self.heartbeat();
             if self.once && self.idle() {
                 break None;
@@ -718,12 +767,16 @@ impl Scheduler {
             if let Some((at, _)) = self.queue.next_timer() {
                 wake = wake.min((at - self.clock.now()).to_std().unwrap_or(Duration::ZERO));
             }
+            if let Some(at) = self.report.as_ref().and_then(ReportTimer::next_at) {
+                wake = wake.min((at - self.clock.now()).to_std().unwrap_or(Duration::ZERO));
+            }
             if self.state.is_dirty() {
                 wake = wake.min(FLUSH_EVERY.saturating_sub(self.last_flush.elapsed()));
             }
             tokio::select! {
                 biased;
                 Some(res) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.completed(res),
+                (slot, res) = reporting::finished(&mut self.report_task), if self.report_task.is_some() => self.report_done(slot, res),
                 _ = signals.term.recv() => break Some("SIGTERM"),
                 _ = signals.int.recv() => break Some("SIGINT"),
                 _ = signals.hup.recv() => {
@@ -741,7 +794,7 @@ impl Scheduler {
         } else {
             self.flush();
         }
-        if self.once && self.summary.runs.is_empty() {
+        if self.once && self.summary.runs.is_empty() && self.summary.report.is_none() {
             self.once = false;
             let now = self.clock.now();
             let mut next: Option<(DateTime<Utc>, Key)> = None;
@@ -829,6 +882,11 @@ impl Scheduler {
             });
         }
         self.summary.abandoned = abandoned.len();
+        // A report writes its files atomically: stopping it leaves none half-written.
+        if let Some((slot, handle)) = self.report_task.take() {
+            handle.abort();
+            tracing::warn!(event = "report.abandoned", slot = %slot.to_rfc3339(), "compliance report abandoned at shutdown; its slot runs again at the next start");
+        }
         // Aborted tasks unwind at their next await: their lease guards stop
         // renewing (the lease expires) and their unwrapped keys are dropped.
         let drain = async { while self.tasks.join_next().await.is_some() {} };

@@ -1,7 +1,7 @@
 //! What the daemon remembers between runs: `<state>/daemon/schedule.json`,
 //! the last slot of every job of every tenant (for catch-up after downtime),
-//! its last outcome and success (for the metrics after a restart), and what
-//! it last saw of each tenant's keys.
+//! its last outcome and success (for the metrics after a restart), what
+//! it last saw of each tenant's keys, and the compliance report's last slot.
 //!
 //! Written atomically (temporary file, fsync, rename). A lock file,
 //! `<state>/daemon/lock`, holds an exclusive `flock` for the daemon's life:
@@ -79,11 +79,24 @@ pub struct TenantRecord {
     pub keys: Option<KeyInfo>,
 }
 
+/// The scheduled compliance report (`[report] schedule`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReportRecord {
+    /// The last slot that ran.
+    pub last_slot: Option<DateTime<Utc>>,
+    pub last_outcome: Option<RunOutcome>,
+    /// The files it wrote.
+    pub last_files: Vec<PathBuf>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleFile {
     pub version: u32,
     #[serde(default)]
     pub tenants: BTreeMap<TenantId, TenantRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<ReportRecord>,
 }
 
 impl Default for ScheduleFile {
@@ -91,6 +104,7 @@ impl Default for ScheduleFile {
         ScheduleFile {
             version: VERSION,
             tenants: BTreeMap::new(),
+            report: None,
         }
     }
 }
@@ -190,6 +204,11 @@ impl DaemonState {
             .jobs
             .entry(job)
             .or_default()
+    }
+
+    pub fn report_mut(&mut self) -> &mut ReportRecord {
+        self.dirty = true;
+        self.data.report.get_or_insert_with(Default::default)
     }
 
     pub fn set_keys(&mut self, tenant: &TenantId, keys: KeyInfo) {

@@ -31,8 +31,23 @@ pub enum ReadData {
     },
 }
 
+impl ReadData {
+    /// `"none"`, `"all"`, or the slice as `"n/of"`: how reports and the
+    /// audit log name what was read.
+    pub fn label(self) -> String {
+        match self {
+            ReadData::None => "none".into(),
+            ReadData::All => "all".into(),
+            ReadData::Subset { n, of } => format!("{n}/{of}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CheckReport {
+    /// What was read whole: `"none"` (structure only), `"all"` (every pack),
+    /// or the slice `"n/of"` of the packs.
+    pub read_data: String,
     pub snapshots: usize,
     pub index_files: usize,
     pub packs: usize,
@@ -53,7 +68,10 @@ impl CheckReport {
 const PACKS_IN_FLIGHT: usize = 4;
 
 pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
-    let mut report = CheckReport::default();
+    let mut report = CheckReport {
+        read_data: read_data.label(),
+        ..Default::default()
+    };
     for epoch in repo.live_epochs() {
         if let Err(err) = repo.epoch_keys(epoch).await {
             if is_object_fault(&err) {
@@ -332,6 +350,19 @@ impl crate::report::JobOutput for CheckReport {
             bytes_in: Some(self.bytes_read),
             ..Default::default()
         }
+    }
+
+    /// What a compliance report cites of a check: what it read and found.
+    fn audit_result(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({
+            "read_data": self.read_data,
+            "snapshots": self.snapshots,
+            "packs": self.packs,
+            "packs_read": self.packs_read,
+            "blobs": self.blobs,
+            "bytes_read": self.bytes_read,
+            "faults": self.faults.len(),
+        }))
     }
 
     /// A check that ran and found faults is a failed job (`outcome=failure`,

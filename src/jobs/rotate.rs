@@ -124,7 +124,31 @@ pub struct RotateReport {
     pub duration_ms: u64,
 }
 
+impl RotateReport {
+    /// One rotation as the audit log keeps it (see [`crate::report::JobOutput::audit_result`]).
+    pub fn audit_entry(&self) -> serde_json::Value {
+        serde_json::json!({
+            "action": self.action,
+            "dry_run": self.dry_run,
+            "resumed": self.resumed,
+            "key_before": self.key_before,
+            "key_after": self.key_after,
+            "key_version_before": self.key_version_before,
+            "key_version_after": self.key_version_after,
+            "epoch_before": self.epoch_before,
+            "epoch_after": self.epoch_after,
+            "envelopes_rewrapped": self.envelopes_rewrapped,
+            "envelopes_verified": self.envelopes_verified,
+        })
+    }
+}
+
 impl crate::report::JobOutput for RotateReport {
+    /// `{"rotations": [ … ]}`, the shape a scheduled run (several rotations) has too.
+    fn audit_result(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({ "rotations": [self.audit_entry()] }))
+    }
+
     fn metrics(&self) -> crate::report::JobMetrics {
         let mut gauges = std::collections::BTreeMap::new();
         gauges.insert(

@@ -421,7 +421,7 @@ async fn finish<T: JobOutput>(
     let finished_at = Utc::now();
     // A job may finish "successfully" with a failed outcome (a drill that ran
     // and failed): its report keeps the details either way.
-    let (outcome, error_kind, error, metrics, value) = match &result {
+    let (outcome, error_kind, error, metrics, value, audit_result) = match &result {
         Ok(v) => match v.failure() {
             None => (
                 Outcome::Success,
@@ -429,6 +429,7 @@ async fn finish<T: JobOutput>(
                 None,
                 v.metrics(),
                 serde_json::to_value(v).unwrap_or_default(),
+                v.audit_result(),
             ),
             Some((kind, message)) => (
                 Outcome::Failure,
@@ -436,6 +437,7 @@ async fn finish<T: JobOutput>(
                 Some(message),
                 v.metrics(),
                 serde_json::to_value(v).unwrap_or_default(),
+                v.audit_result(),
             ),
         },
         Err(e) => match T::from_error(spec.tenant, e) {
@@ -445,6 +447,7 @@ async fn finish<T: JobOutput>(
                 Some(e.to_string()),
                 Default::default(),
                 serde_json::Value::Null,
+                None,
             ),
             Some(v) => {
                 let (kind, message) = v.failure().unwrap_or((e.kind().as_str(), e.to_string()));
@@ -454,6 +457,7 @@ async fn finish<T: JobOutput>(
                     Some(message),
                     v.metrics(),
                     serde_json::to_value(&v).unwrap_or_default(),
+                    v.audit_result(),
                 )
             }
         },
@@ -484,6 +488,9 @@ async fn finish<T: JobOutput>(
     if let Some(begin_seq) = begin_seq {
         let mut details = audit_details(&report);
         details["begin_seq"] = begin_seq.into();
+        if let Some(r) = audit_result {
+            details["result"] = r;
+        }
         let recorded = ctx
             .record(
                 &audit_event(spec.job, Phase::End),
@@ -610,8 +617,9 @@ fn audit_event(job: JobKind, phase: Phase) -> String {
     }
 }
 
-/// What the audit log keeps of a job: its outcome and headline numbers (the
-/// full result stays in the job report). Never key material.
+/// What the audit log keeps of a job: its outcome and headline numbers, and
+/// the job's own figures ([`JobOutput::audit_result`], as `result`); the
+/// full result stays in the job report. Never key material.
 fn audit_details(r: &JobReport) -> serde_json::Value {
     serde_json::json!({
         "outcome": r.outcome,

@@ -1,6 +1,8 @@
 //! Reporting: structured log events with stable names and fields (the table in
-//! the README), and one JSON report per job run in the state directory.
+//! the README), one JSON report per job run in the state directory, and the
+//! compliance report built from the audit log ([`compliance`]).
 
+pub mod compliance;
 pub mod logging;
 
 use std::path::PathBuf;
@@ -92,6 +94,15 @@ pub trait JobOutput: Serialize {
     /// that did not pass) returns its reason kind and message: the runner then
     /// records the run as failed while keeping the result and its metrics.
     fn failure(&self) -> Option<(&'static str, String)> {
+        None
+    }
+
+    /// The figures of this run that the audit log keeps beyond the headline
+    /// numbers, as the `result` of its `<job>.end` record: what a compliance
+    /// report cites (a drill's restore time and RTO, a check's read-data
+    /// coverage, a rotation's keys and epochs). Names keys by reference,
+    /// never holds key material or file contents. `None`: nothing more.
+    fn audit_result(&self) -> Option<serde_json::Value> {
         None
     }
 

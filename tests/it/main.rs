@@ -14,6 +14,7 @@ mod bad_input;
 mod cli_errors;
 mod cli_kms;
 mod cli_pkcs11;
+mod compliance_report;
 mod crash_loop;
 mod daemon;
 mod drill;

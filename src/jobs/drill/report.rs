@@ -466,6 +466,33 @@ impl JobOutput for DrillReport {
         }
     }
 
+    /// What a compliance report cites of a drill: its reason, restore time
+    /// against the RTO and the verify command's verdict (not its output).
+    fn audit_result(&self) -> Option<serde_json::Value> {
+        let verify = self.verify_command.as_ref().map(|v| {
+            serde_json::json!({
+                "program": v.argv.first(),
+                "passed": v.passed,
+                "exit_code": v.exit_code,
+                "signal": v.signal,
+                "timed_out": v.timed_out,
+                "not_run": v.not_run.is_some(),
+                "stdout_matched": v.stdout_matched,
+                "duration_seconds": v.duration_seconds,
+            })
+        });
+        Some(serde_json::json!({
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "mode": self.mode,
+            "restore_seconds": self.restore_seconds,
+            "rto_seconds": self.rto_seconds,
+            "rto_met": self.rto_met,
+            "files_verified": self.files_verified,
+            "verify_command": verify,
+        }))
+    }
+
     fn failure(&self) -> Option<(&'static str, String)> {
         match self.outcome {
             DrillOutcome::Passed => None,
