@@ -10,9 +10,9 @@
 //! Every call runs on a blocking thread: the TCP connect within the connect
 //! timeout, then the handshake and the whole exchange within one operation
 //! timeout, however slowly a server drips its answer; never a hang of the
-//! runtime. A request
-//! is sent twice only if it is idempotent: a Create, Revoke or Destroy the
-//! server may have carried out before the connection broke is never resent.
+//! runtime. A request is sent twice only if it is idempotent: a Create,
+//! Revoke or Destroy the server may have carried out before the connection
+//! broke is never resent.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -453,7 +453,8 @@ impl Transport {
 /// write racing that close fails with EPIPE, which says nothing, while the
 /// alert waiting in the socket says why.
 fn alert_after(tls: &mut Tls) -> Option<WireError> {
-    // The peer has closed: this read returns at once (data, EOF or a reset).
+    // After a close this read returns at once (the alert, EOF or a reset);
+    // otherwise it waits no longer than the call's deadline.
     let _ = tls.conn.read_tls(&mut tls.sock);
     match tls.conn.process_new_packets() {
         Err(e) => Some(tls_error(&std::io::Error::new(
