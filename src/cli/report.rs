@@ -100,20 +100,7 @@ pub async fn run(config: Option<&Path>, args: Args) -> ExitCode {
             if let Err(e) = compliance::write_file(out, &text) {
                 return fail(json, &e);
             }
-            let s = &report.summary;
-            eprintln!(
-                "report written to {}: {} ({} of {} controls failed, {} tenant(s)); audit log {}",
-                out.display(),
-                s.verdict.label(),
-                s.failed,
-                s.controls,
-                s.tenants,
-                if s.audit_verified {
-                    "verified".to_owned()
-                } else {
-                    format!("did NOT verify: {}", report.audit.verification.summary)
-                }
-            );
+            eprintln!("report written to {}: {}", out.display(), report.one_line());
         }
     }
     if report.summary.audit_verified {

@@ -98,18 +98,7 @@ pub async fn run(config: Config, ctx: Context, slot: DateTime<Utc>) -> ReportRun
         Ok((report, files)) => {
             let s = &report.summary;
             let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-            let detail = format!(
-                "{}: {} of {} controls failed, {} tenant(s); audit log {}",
-                s.verdict.label(),
-                s.failed,
-                s.controls,
-                s.tenants,
-                if s.audit_verified {
-                    "verified".to_owned()
-                } else {
-                    format!("did NOT verify ({})", report.audit.verification.summary)
-                }
-            );
+            let detail = report.one_line();
             if s.audit_verified {
                 tracing::info!(
                     event = "report.written",

@@ -32,6 +32,26 @@ pub struct Report {
     pub audit: AuditSection,
 }
 
+impl Report {
+    /// The verdict in one line, for the command's and the daemon's messages:
+    /// `fail: 4 of 18 controls failed, 2 tenant(s); audit log verified`.
+    pub fn one_line(&self) -> String {
+        let s = &self.summary;
+        format!(
+            "{}: {} of {} controls failed, {} tenant(s); audit log {}",
+            s.verdict.label(),
+            s.failed,
+            s.controls,
+            s.tenants,
+            if s.audit_verified {
+                "verified".to_owned()
+            } else {
+                format!("did NOT verify ({})", self.audit.verification.summary)
+            }
+        )
+    }
+}
+
 /// `[controls]`, durations in seconds.
 #[derive(Debug, Clone, Serialize)]
 pub struct Thresholds {
