@@ -9,7 +9,7 @@ use futures::FutureExt;
 use super::output::{finish, human_bytes};
 use super::setup::{policy, setup, tenant_id};
 use crate::error::{Error, Result};
-use crate::jobs::rotate::{self, RotateAction, RotateOptions, RotateReport};
+use crate::jobs::rotate::{self, RotateAction, RotateReport};
 use crate::jobs::runner::{JobSpec, run_job};
 use crate::keys::KeyRef;
 use crate::report::JobKind;
@@ -133,12 +133,8 @@ async fn rotate(config: Option<&Path>, args: Args) -> Result<RotateReport> {
         (None, true, _) => RotateAction::Cmk,
         _ => RotateAction::NewEpoch,
     };
-    let opts = RotateOptions {
-        action,
-        dry_run: args.dry_run,
-    };
     // A move checks the policy's key itself: the policy may already name the new key.
-    let replace_to = match &opts.action {
+    let replace_to = match &action {
         RotateAction::ReplaceCmk { new_key, .. } => Some(new_key.clone()),
         _ => None,
     };
@@ -153,13 +149,18 @@ async fn rotate(config: Option<&Path>, args: Args) -> Result<RotateReport> {
         },
         init_with: None,
     };
-    let (opts_ref, policy_key_ref, replace_ref) = (&opts, &policy_key, &replace_to);
+    let dry_run = args.dry_run;
+    let (action_ref, policy_key_ref, replace_ref) = (&action, &policy_key, &replace_to);
     let run = run_job(&s.ctx, spec, |repo, lease, _| {
         async move {
             if let (Some(pk), Some(new)) = (policy_key_ref, replace_ref) {
                 rotate::check_policy_for_replace(repo.descriptor(), pk, new)?;
             }
-            rotate::run(repo, lease, opts_ref).await
+            if dry_run {
+                rotate::preview(repo, action_ref).await
+            } else {
+                rotate::run(repo, lease, action_ref).await
+            }
         }
         .boxed()
     })

@@ -13,17 +13,18 @@ use super::setup::{policy, setup, tenant_id};
 use crate::config::DeletionState;
 use crate::error::{Error, Result};
 use crate::format::shred::DestroyOutcome;
-use crate::jobs::shred::{self, Rewrap, ShredReport, ShredRequest, ShredTarget};
+use crate::jobs::shred::{self, Rewrap, ShredPreview, ShredReport, ShredRequest, ShredTarget};
 use crate::keys::KeyRef;
 use crate::keys::aws_kms::PENDING_WINDOW_DAYS;
+use crate::tenant::TenantId;
 
 #[derive(ClapArgs)]
 pub struct Args {
     /// The tenant to shred.
     pub tenant: String,
-    /// The tenant id again: shredding is irreversible.
-    #[arg(long, value_name = "TENANT")]
-    pub confirm: String,
+    /// The tenant id again: shredding is irreversible (not needed with --dry-run).
+    #[arg(long, value_name = "TENANT", required_unless_present = "dry_run")]
+    pub confirm: Option<String>,
     /// Why (recorded in the audit log and the certificate).
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
@@ -53,16 +54,21 @@ pub struct Args {
     /// Also write the certificate file, byte for byte, to FILE.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Show what the shred would do (keys and their fate, objects in scope);
+    /// fence, destroy and delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
 }
 
 pub async fn run(config: Option<&Path>, args: Args) -> ExitCode {
-    if args.confirm != args.tenant {
+    if !args.dry_run && args.confirm.as_deref() != Some(args.tenant.as_str()) {
         eprintln!(
             "error: --confirm {:?} does not match the tenant {:?}: give the tenant id again to confirm the shred",
-            args.confirm, args.tenant
+            args.confirm.as_deref().unwrap_or_default(),
+            args.tenant
         );
         return ExitCode::from(2);
     }
@@ -73,6 +79,9 @@ pub async fn run(config: Option<&Path>, args: Args) -> ExitCode {
         return ExitCode::from(2);
     }
     let json = args.json;
+    if args.dry_run {
+        return finish(json, preview_cmd(config, args).await, print_preview);
+    }
     let out = args.out.clone();
     let result = shred_cmd(config, args).await;
     if let (Ok(r), Some(path)) = (&result, &out)
@@ -84,6 +93,22 @@ pub async fn run(config: Option<&Path>, args: Args) -> ExitCode {
 }
 
 async fn shred_cmd(config: Option<&Path>, args: Args) -> Result<ShredReport> {
+    let (s, tenant, policy_key, req) = request(config, args).await?;
+    let run = shred::run_job(&s.ctx, &tenant, policy_key.as_ref(), &req).await;
+    run.result
+}
+
+async fn preview_cmd(config: Option<&Path>, args: Args) -> Result<ShredPreview> {
+    let (s, tenant, policy_key, req) = request(config, args).await?;
+    shred::preview(&s.ctx, &tenant, policy_key.as_ref(), &req).await
+}
+
+/// The shred the arguments ask for, with the tenant's policy key. A tenant
+/// under legal hold is refused here, for a dry run too.
+async fn request(
+    config: Option<&Path>,
+    args: Args,
+) -> Result<(super::setup::Setup, TenantId, Option<KeyRef>, ShredRequest)> {
     let s = setup(config).await?;
     let tenant = tenant_id(&args.tenant)?;
     let policy = policy(&s.config, &tenant)?;
@@ -147,8 +172,45 @@ async fn shred_cmd(config: Option<&Path>, args: Args) -> Result<ShredReport> {
             .map(|k| KeyRef::parse(k).map_err(|e| Error::InvalidArgument(e.to_string())))
             .collect::<Result<_>>()?,
     };
-    let run = shred::run_job(&s.ctx, &tenant, policy.as_ref().map(|p| &p.key), &req).await;
-    run.result
+    let policy_key = policy.map(|p| p.key);
+    Ok((s, tenant, policy_key, req))
+}
+
+fn print_preview(p: &ShredPreview) {
+    let what = match p.epoch {
+        Some(e) => format!("epoch {e} of tenant {}", p.tenant),
+        None => format!("tenant {}", p.tenant),
+    };
+    match p.state {
+        "done" => println!(
+            "{what} is already shredded (certificate {}); nothing to do",
+            p.certificate_id.as_deref().unwrap_or("unknown")
+        ),
+        "resume" => println!(
+            "{what}: an interrupted shred would be resumed after step {}",
+            p.resumes_after.map(|s| s.as_str()).unwrap_or("fence")
+        ),
+        _ => {
+            println!("{what} would be shredded (dry run: nothing changed)");
+            for k in &p.keys {
+                let fate = match k.action {
+                    "destroy" => "destroyed",
+                    "already_gone" => "already gone (nothing to do)",
+                    _ => "left untouched (--skip-unproven-key)",
+                };
+                println!("  key {} ({:?}): {fate}", k.key, k.role);
+            }
+            if let Some(to) = &p.rewrap_to {
+                println!("  the other epochs would move to {to}");
+            }
+            println!(
+                "  {} object(s), {} in scope now (Merkle root {})",
+                p.objects,
+                super::output::human_bytes(p.bytes),
+                p.scope_root
+            );
+        }
+    }
 }
 
 fn print(r: &ShredReport) {

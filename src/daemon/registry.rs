@@ -512,11 +512,7 @@ fn launch_rotate(req: Request) -> BoxFuture<'static, Launched> {
         async move {
             let mut rotations = Vec::new();
             for action in crate::jobs::rotate::due(repo.descriptor(), &policy, Utc::now()) {
-                let opts = crate::jobs::rotate::RotateOptions {
-                    action,
-                    dry_run: false,
-                };
-                rotations.push(crate::jobs::rotate::run(repo, lease, &opts).await?);
+                rotations.push(crate::jobs::rotate::run(repo, lease, &action).await?);
             }
             Ok(Body::new(ScheduledRotation { rotations }))
         }

@@ -44,6 +44,7 @@ pub mod hook;
 mod issue;
 mod journal;
 mod keys;
+mod preview;
 pub mod scope;
 mod tenant;
 mod verify;
@@ -56,6 +57,7 @@ pub use certificate::{Certificate, CertificateError, GuaranteeKind, StoreInfo, V
 pub use decision::{ShredDecision, daemon_decision, decide, due};
 pub use issue::{certificate_path, list_certificates, load_certificate};
 pub use keys::tenant_keys;
+pub use preview::{PlannedKey, ShredPreview};
 
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -211,10 +213,7 @@ impl JobOutput for ShredReport {
 pub async fn run(repo: &Repo, lease: &LeaseGuard, req: &ShredRequest) -> Result<ShredReport> {
     let ctx = repo.context();
     if req.legal_hold {
-        return Err(Error::LegalHold {
-            tenant: repo.tenant().to_string(),
-            message: "lift deletion.legal_hold in the tenant's policy first".into(),
-        });
+        return Err(legal_hold(repo.tenant()));
     }
     if ctx.audit.is_none() {
         return Err(Error::InvalidArgument(
@@ -223,6 +222,50 @@ pub async fn run(repo: &Repo, lease: &LeaseGuard, req: &ShredRequest) -> Result<
     }
     // Our own copy of the repository, read under the lease, that we may update.
     let mut repo = Repo::open(ctx, repo.tenant(), None).await?;
+    check_skip_list(&repo, req)?;
+    match &req.target {
+        ShredTarget::Tenant => engine::drive(tenant::TenantSubject, &mut repo, lease, req).await,
+        ShredTarget::Epoch { epoch, rewrap } => {
+            let subject = epoch::EpochSubject::new(*epoch, rewrap.as_ref());
+            engine::drive(subject, &mut repo, lease, req).await
+        }
+    }
+}
+
+/// What `req` would do now (`shred --dry-run`): refused where the shred
+/// would be, with nothing fenced, destroyed or deleted, and no lease taken.
+pub async fn preview(
+    ctx: &Context,
+    tenant: &TenantId,
+    policy_key: Option<&KeyRef>,
+    req: &ShredRequest,
+) -> Result<ShredPreview> {
+    if req.legal_hold {
+        return Err(legal_hold(tenant));
+    }
+    let policy_key = match policy_key {
+        Some(k) if rewrap_in_progress_from(ctx, tenant, k).await => None,
+        other => other,
+    };
+    let repo = Repo::open(ctx, tenant, policy_key).await?;
+    check_skip_list(&repo, req)?;
+    match &req.target {
+        ShredTarget::Tenant => tenant::preview(&repo, req).await,
+        ShredTarget::Epoch { epoch, rewrap } => {
+            epoch::preview(&repo, *epoch, rewrap.as_ref(), req).await
+        }
+    }
+}
+
+fn legal_hold(tenant: &TenantId) -> Error {
+    Error::LegalHold {
+        tenant: tenant.to_string(),
+        message: "lift deletion.legal_hold in the tenant's policy first".into(),
+    }
+}
+
+/// `--skip-unproven-key` may name only keys the tenant names.
+fn check_skip_list(repo: &Repo, req: &ShredRequest) -> Result<()> {
     let named = keys::tenant_keys(repo.descriptor());
     if let Some(k) = req
         .skip_unproven
@@ -239,13 +282,7 @@ pub async fn run(repo: &Repo, lease: &LeaseGuard, req: &ShredRequest) -> Result<
                 .join(", ")
         )));
     }
-    match &req.target {
-        ShredTarget::Tenant => engine::drive(tenant::TenantSubject, &mut repo, lease, req).await,
-        ShredTarget::Epoch { epoch, rewrap } => {
-            let subject = epoch::EpochSubject::new(*epoch, rewrap.as_ref());
-            engine::drive(subject, &mut repo, lease, req).await
-        }
-    }
+    Ok(())
 }
 
 /// The skip list of a shred: the request's, and what a run interrupted

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use custos::TenantId;
 use custos::context::Context;
-use custos::jobs::rotate::{RotateAction, RotateOptions, RotateReport};
+use custos::jobs::rotate::{RotateAction, RotateReport};
 use custos::jobs::{self, NoProgress};
 use custos::keys::aws_kms::AwsKmsProvider;
 use custos::keys::kmip::KmipProvider;
@@ -301,16 +301,7 @@ async fn restore_all(ctx: &Context, tenant: &TenantId, expected: &Path, scratch:
 async fn rotate(ctx: &Context, tenant: &TenantId, action: RotateAction) -> RotateReport {
     let repo = Repo::open(ctx, tenant, None).await.unwrap();
     let lease = lease(ctx, &repo, "rotate").await;
-    let r = jobs::rotate::run(
-        &repo,
-        &lease,
-        &RotateOptions {
-            action,
-            dry_run: false,
-        },
-    )
-    .await
-    .unwrap();
+    let r = jobs::rotate::run(&repo, &lease, &action).await.unwrap();
     lease.release().await;
     r
 }
@@ -924,12 +915,9 @@ async fn s3_kms_backend_shared_key_is_not_deleted() {
     let err = jobs::rotate::run(
         &repo,
         &l,
-        &RotateOptions {
-            action: RotateAction::ReplaceCmk {
-                new_key,
-                schedule_old_key_deletion: Some(7),
-            },
-            dry_run: false,
+        &RotateAction::ReplaceCmk {
+            new_key,
+            schedule_old_key_deletion: Some(7),
         },
     )
     .await

@@ -135,6 +135,20 @@ pub fn files_under(root: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Every file under `root` with its bytes, in path order: to assert that
+/// something changed nothing.
+pub fn tree_contents(root: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files: Vec<_> = files_under(root)
+        .into_iter()
+        .map(|p| {
+            let bytes = fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
 /// The AWS_* variables of the test environment (the emulators'), for runs
 /// that need them back (see [`Cli::run_env`]).
 pub fn aws_env() -> Vec<(String, String)> {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use async_trait::async_trait;
 use custos::TenantId;
 use custos::context::Context;
-use custos::jobs::rotate::{RotateAction, RotateOptions, RotateReport};
+use custos::jobs::rotate::{RotateAction, RotateReport, Step};
 use custos::jobs::{self, NoProgress};
 use custos::keys::{
     DataKey, Destruction, KeyError, KeyInfo, KeyProvider, KeyRef, ProviderKind, WrapContext,
@@ -118,7 +118,11 @@ async fn rotate(
 ) -> custos::Result<RotateReport> {
     let repo = Repo::open(ctx, tenant, None).await?;
     let lease = LeaseGuard::acquire(repo.store(), &ctx.holder, "rotate", ctx.lease_ttl).await?;
-    let r = jobs::rotate::run(&repo, &lease, &RotateOptions { action, dry_run }).await;
+    let r = if dry_run {
+        jobs::rotate::preview(&repo, &action).await
+    } else {
+        jobs::rotate::run(&repo, &lease, &action).await
+    };
     lease.release().await;
     r
 }
@@ -382,6 +386,40 @@ async fn dry_run_writes_nothing_and_bad_new_keys_are_refused() {
     .unwrap_err();
     assert_eq!(err.kind(), "key_unavailable", "{err}");
     assert_eq!(before, listing(s.ctx.clone()).await);
+
+    // The plan a dry run prints is what the rotation then does, step by step.
+    let planned = rotate(&s.ctx, &s.tenant, RotateAction::Cmk, true)
+        .await
+        .unwrap()
+        .steps;
+    let rewraps: Vec<u32> = planned
+        .iter()
+        .filter_map(|st| match st {
+            Step::Rewrap { epoch, from, to } if from == &s.key && to == &s.key => Some(*epoch),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        planned.first(),
+        Some(&Step::NewMaterial { key: s.key.clone() })
+    );
+    assert_eq!(rewraps, vec![1, 2, 3], "{planned:?}");
+    let done = rotate(&s.ctx, &s.tenant, RotateAction::Cmk, false)
+        .await
+        .unwrap();
+    assert_eq!(done.steps, planned);
+    assert_eq!(done.envelopes_rewrapped, 3);
+    let planned = rotate(&s.ctx, &s.tenant, RotateAction::NewEpoch, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        planned.steps,
+        vec![Step::NewEpoch {
+            epoch: 4,
+            key: s.key.clone()
+        }]
+    );
+    assert_eq!(planned.epoch_after, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

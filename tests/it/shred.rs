@@ -158,6 +158,24 @@ fn shred_a_tenant_then_everything_is_refused() {
     assert!(r.stderr.contains("--confirm"), "{}", r.stderr);
     assert_eq!(descriptor(&cli, "acme")["state"], "active");
 
+    // A dry run says what the shred would do, and does none of it.
+    let store_before = common::tree_contents(&cli.store());
+    let plan = ok(&cli, &["shred", "acme", "--dry-run", "--json"]).json()["result"].clone();
+    assert_eq!(plan["dry_run"], true);
+    assert_eq!(plan["state"], "start");
+    assert_eq!(
+        plan["keys"],
+        serde_json::json!([{"key": "local:acme", "role": "current", "action": "destroy"}])
+    );
+    let human = ok(&cli, &["shred", "acme", "--dry-run"]).stdout;
+    assert!(
+        human.contains("key local:acme (Current): destroyed"),
+        "{human}"
+    );
+    assert_eq!(common::tree_contents(&cli.store()), store_before);
+    assert_eq!(descriptor(&cli, "acme")["state"], "active");
+    assert!(cli.path().join("keys/acme.key").exists());
+
     let out = cli.path().join("cert.json");
     let r = ok(
         &cli,
@@ -180,6 +198,14 @@ fn shred_a_tenant_then_everything_is_refused() {
     assert_eq!(res["already_done"], false);
     assert_eq!(res["objects_retained"], 0);
     assert!(res["objects_deleted"].as_u64().unwrap() >= 4, "{res}");
+    assert_eq!(
+        res["objects_deleted"], plan["objects"],
+        "the plan's scope is the shred's"
+    );
+    let certificate_id = res["certificate_id"].clone();
+    let after = ok(&cli, &["shred", "acme", "--dry-run", "--json"]).json()["result"].clone();
+    assert_eq!(after["state"], "done");
+    assert_eq!(after["certificate_id"], certificate_id);
     let stored = certificates(&cli, "acme");
     assert_eq!(stored.len(), 1);
     assert_eq!(fs::read(&stored[0]).unwrap(), fs::read(&out).unwrap());
@@ -500,8 +526,26 @@ async fn epoch_shred_with_and_without_rewrap() {
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains(&old[..8]), "{}", r.stderr);
     assert!(r.stderr.contains("still needed"), "{}", r.stderr);
+    // A dry run refuses what the shred refuses.
+    let r = run_env(&cli, &["shred", "acme", "--epoch", "1", "--dry-run"], &[]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("still needed"), "{}", r.stderr);
 
     ok(&cli, &["forget", "acme", "--keep-last", "1"]);
+    let plan = ok(
+        &cli,
+        &["shred", "acme", "--epoch", "1", "--dry-run", "--json"],
+    )
+    .json()["result"]
+        .clone();
+    assert_eq!(plan["state"], "start");
+    assert_eq!(
+        plan["keys"],
+        serde_json::json!([]),
+        "no key ends without a re-wrap"
+    );
+    assert!(plan["objects"].as_u64().unwrap() >= 1, "{plan}");
+    assert!(cli.store().join("tenants/acme/keys/1").exists());
     let r = ok(
         &cli,
         &[

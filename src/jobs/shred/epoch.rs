@@ -30,6 +30,7 @@ use super::issue::{
 };
 use super::journal::{Journal, Slot};
 use super::keys::{all_tenant_keys, destroy_keys_step, key_state_checks};
+use super::preview::ShredPreview;
 use super::scope::{self, ScopeObject};
 use super::verify::{sample_pack_present, unwrap_checks, verification_failure};
 use super::{Rewrap, ShredRequest, holds};
@@ -39,7 +40,7 @@ use crate::format::envelope::Envelope;
 use crate::format::seal::{HEADER_LEN, Header};
 use crate::format::shred::{
     DeletionRecord, KeyDestruction, KeyRole, PackCheck, RewrapRecord, SamplePack, ScopeRecord,
-    VerificationRecord,
+    ShredStep, VerificationRecord,
 };
 use crate::jobs::deletion::{self, Announced};
 use crate::keys::{KeyError, KeyRef, ProviderKind};
@@ -81,45 +82,15 @@ impl ShredSubject for EpochSubject<'_> {
 
     async fn begin(&mut self, repo: &mut Repo, req: &ShredRequest) -> Result<Begun> {
         let (epoch, rewrap) = (self.epoch, self.rewrap);
-        repo.require_active("epoch shred")?;
-        let tenant = repo.tenant().clone();
-        let d = repo.descriptor();
-        let Some(rec) = d.epoch(epoch) else {
-            return Err(Error::NotFound {
-                what: format!("epoch {epoch} of tenant {tenant}"),
-            });
-        };
-        match &d.epoch_shred {
-            Some(es) if es.epoch != epoch => Err(Error::InvalidArgument(format!(
-                "a shred of epoch {} of tenant {tenant} is in progress: finish it first \
-                 (custos shred {tenant} --epoch {} --confirm {tenant})",
-                es.epoch, es.epoch
-            ))),
-            Some(es) => {
-                if es.rewrap_to.is_some() != rewrap.is_some() {
-                    return Err(Error::InvalidArgument(format!(
-                        "the interrupted shred of epoch {epoch} was started {} a re-wrap; re-run it the same way",
-                        if es.rewrap_to.is_some() {
-                            "with"
-                        } else {
-                            "without"
-                        }
-                    )));
-                }
-                if let (Some(stored), Some(asked)) = (&es.rewrap_to, rewrap) {
-                    check_resumed_target(&tenant, stored, asked)?;
-                }
-                let step = es.shred.progress.as_ref().map(|p| p.step);
-                tracing::info!(event = "shred.resumed", tenant = %tenant, epoch, after_step = step.map(|s| s.as_str()), "resuming an interrupted epoch shred");
+        match situation(repo, epoch, rewrap)? {
+            Situation::Resume(step) => {
+                tracing::info!(event = "shred.resumed", tenant = %repo.tenant(), epoch, after_step = step.map(|s| s.as_str()), "resuming an interrupted epoch shred");
                 Ok(Begun::Resumed(step))
             }
-            None if rec.state == EpochState::Shredded => {
-                let id = rec.certificate_id.clone();
-                Ok(Begun::Finished(Box::new(
-                    already_shredded(repo, epoch, id).await?,
-                )))
-            }
-            None => {
+            Situation::Done(id) => Ok(Begun::Finished(Box::new(
+                already_shredded(repo, epoch, id).await?,
+            ))),
+            Situation::New => {
                 let target = preflight(repo, epoch, rewrap).await?;
                 if target.is_some() {
                     // The keys a re-wrap ends are decided before anything starts,
@@ -249,6 +220,83 @@ impl ShredSubject for EpochSubject<'_> {
 }
 
 /// The re-wrap target the shred recorded when it started.
+/// Where a shred of `epoch` stands before this run.
+enum Situation {
+    /// Interrupted after this step: the run resumes it.
+    Resume(Option<ShredStep>),
+    /// Shredded before, with this certificate.
+    Done(Option<String>),
+    /// Not begun.
+    New,
+}
+
+/// Refuses a shred of `epoch` that cannot run now (the tenant not active,
+/// no such epoch, another epoch's shred in progress, a resumed shred asked
+/// differently), else says where it stands.
+fn situation(repo: &Repo, epoch: u32, rewrap: Option<&Rewrap>) -> Result<Situation> {
+    repo.require_active("epoch shred")?;
+    let tenant = repo.tenant();
+    let d = repo.descriptor();
+    let Some(rec) = d.epoch(epoch) else {
+        return Err(Error::NotFound {
+            what: format!("epoch {epoch} of tenant {tenant}"),
+        });
+    };
+    match &d.epoch_shred {
+        Some(es) if es.epoch != epoch => Err(Error::InvalidArgument(format!(
+            "a shred of epoch {} of tenant {tenant} is in progress: finish it first \
+             (custos shred {tenant} --epoch {} --confirm {tenant})",
+            es.epoch, es.epoch
+        ))),
+        Some(es) => {
+            if es.rewrap_to.is_some() != rewrap.is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "the interrupted shred of epoch {epoch} was started {} a re-wrap; re-run it the same way",
+                    if es.rewrap_to.is_some() {
+                        "with"
+                    } else {
+                        "without"
+                    }
+                )));
+            }
+            if let (Some(stored), Some(asked)) = (&es.rewrap_to, rewrap) {
+                check_resumed_target(tenant, stored, asked)?;
+            }
+            Ok(Situation::Resume(
+                es.shred.progress.as_ref().map(|p| p.step),
+            ))
+        }
+        None if rec.state == EpochState::Shredded => {
+            Ok(Situation::Done(rec.certificate_id.clone()))
+        }
+        None => Ok(Situation::New),
+    }
+}
+
+/// What a shred of `epoch` would do now, refused where it would be.
+pub(super) async fn preview(
+    repo: &Repo,
+    epoch: u32,
+    rewrap: Option<&Rewrap>,
+    req: &ShredRequest,
+) -> Result<ShredPreview> {
+    let mut p = ShredPreview::new(repo, Some(epoch));
+    match situation(repo, epoch, rewrap)? {
+        Situation::Resume(step) => p.resume(step),
+        Situation::Done(id) => p.done(id),
+        Situation::New => {
+            let target = preflight(repo, epoch, rewrap).await?;
+            if target.is_some() {
+                let keys = all_tenant_keys(repo).await?;
+                p.keys(repo, &keys, req).await?;
+            }
+            p.rewrap_to = target;
+            p.scope(&epoch_objects(repo, epoch).await?);
+        }
+    }
+    Ok(p)
+}
+
 fn rewrap_target(repo: &Repo) -> Result<KeyRef> {
     repo.descriptor()
         .epoch_shred

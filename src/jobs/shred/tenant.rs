@@ -13,6 +13,7 @@ use super::issue::{
 };
 use super::journal::{Journal, Slot};
 use super::keys::{all_tenant_keys, destroy_keys_step, key_state_checks};
+use super::preview::ShredPreview;
 use super::scope::{self, ScopeObject};
 use super::verify::{sample_pack_present, unwrap_checks, verification_failure};
 use super::{ShredReport, ShredRequest, holds};
@@ -29,6 +30,32 @@ use crate::store::ObjectName;
 use crate::store::lease::LeaseGuard;
 
 const SLOT: Slot = Slot::Tenant;
+
+/// What a shred of the whole tenant would do now, refused where it would be.
+pub(super) async fn preview(repo: &Repo, req: &ShredRequest) -> Result<ShredPreview> {
+    let mut p = ShredPreview::new(repo, None);
+    match repo.descriptor().state {
+        Lifecycle::Shredded => p.done(
+            repo.descriptor()
+                .shredding
+                .as_ref()
+                .and_then(|s| s.certificate_id.clone()),
+        ),
+        Lifecycle::Shredding => p.resume(SLOT.progress(repo.descriptor()).map(|p| p.step).ok()),
+        Lifecycle::Active => {
+            let keys = all_tenant_keys(repo).await?;
+            p.keys(repo, &keys, req).await?;
+            let listed: Vec<_> = repo
+                .list_objects()
+                .await?
+                .into_iter()
+                .filter(scope::in_tenant_scope)
+                .collect();
+            p.scope(&listed);
+        }
+    }
+    Ok(p)
+}
 
 /// A shred of the whole tenant.
 pub(super) struct TenantSubject;
