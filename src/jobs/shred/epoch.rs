@@ -29,9 +29,9 @@ use super::issue::{
     irreversible_at, new_certificate_id, not_destroyed, pending_note, spared_note, store_info,
 };
 use super::journal::{Journal, Slot};
-use super::keys::{all_tenant_keys, destroy_keys_step, key_state_checks};
+use super::keys::{all_tenant_keys, decide_up_front, destroy_keys_step, key_state_checks};
 use super::preview::ShredPreview;
-use super::scope::{self, ScopeObject};
+use super::scope;
 use super::verify::{sample_pack_present, unwrap_checks, verification_failure};
 use super::{Rewrap, ShredRequest, holds};
 use crate::error::{Error, Result};
@@ -39,8 +39,8 @@ use crate::format::descriptor::{Descriptor, EpochShredState, EpochState, Lifecyc
 use crate::format::envelope::Envelope;
 use crate::format::seal::{HEADER_LEN, Header};
 use crate::format::shred::{
-    DeletionRecord, KeyDestruction, KeyRole, PackCheck, RewrapRecord, SamplePack, ScopeRecord,
-    ShredStep, VerificationRecord,
+    DeletionRecord, KeyDestruction, KeyRole, PackCheck, RewrapRecord, ScopeRecord, ShredStep,
+    VerificationRecord,
 };
 use crate::jobs::deletion::{self, Announced};
 use crate::keys::{KeyError, KeyRef, ProviderKind};
@@ -93,17 +93,8 @@ impl ShredSubject for EpochSubject<'_> {
             Situation::New => {
                 let target = preflight(repo, epoch, rewrap).await?;
                 if target.is_some() {
-                    // The keys a re-wrap ends are decided before anything starts,
-                    // so a refusal leaves the tenant as it was.
-                    let keys = all_tenant_keys(repo).await?;
-                    ownership::decide_destroy(
-                        repo.context(),
-                        repo.store(),
-                        &keys,
-                        &req.skip_unproven,
-                        "shred",
-                    )
-                    .await?;
+                    // A re-wrap ends every old key.
+                    decide_up_front(repo, &req.skip_unproven).await?;
                 }
                 start(repo, req, epoch, target).await?;
                 Ok(Begun::Started)
@@ -287,8 +278,7 @@ pub(super) async fn preview(
         Situation::New => {
             let target = preflight(repo, epoch, rewrap).await?;
             if target.is_some() {
-                let keys = all_tenant_keys(repo).await?;
-                p.keys(repo, &keys, req).await?;
+                p.keys(decide_up_front(repo, &req.skip_unproven).await?);
             }
             p.rewrap_to = target;
             p.scope(&epoch_objects(repo, epoch).await?);
@@ -587,67 +577,8 @@ async fn start(
 
 async fn scope(repo: &Repo, journal: &Journal, epoch: u32) -> Result<ScopeRecord> {
     journal.begin("scope", json!({})).await?;
-    let tenant = repo.tenant().clone();
     let listed = epoch_objects(repo, epoch).await?;
-    let objects: Vec<ScopeObject> = listed
-        .iter()
-        .map(|l| ScopeObject::from_listed(&tenant, l))
-        .collect();
-    let own: Vec<KeyRef> = all_tenant_keys(repo)
-        .await?
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
-    let mut captured = Vec::new();
-    let mut foreign = Vec::new();
-    let mut envelopes = Vec::new();
-    if listed
-        .iter()
-        .any(|l| l.name == Some(ObjectName::Envelope(epoch)))
-    {
-        envelopes.push(epoch);
-        match repo.load_envelope(epoch).await {
-            Ok(env) if own.contains(&env.key) => captured.push(env),
-            Ok(env) => foreign.push(format!(
-                "tenants/{tenant}/keys/{epoch}: wrapped under {}, not a key of this tenant",
-                env.key
-            )),
-            Err(e) => foreign.push(format!("tenants/{tenant}/keys/{epoch}: unreadable ({e})")),
-        }
-    }
-    let sample_pack = listed.iter().find_map(|l| match &l.name {
-        Some(name @ ObjectName::Pack(_)) => Some(SamplePack {
-            object: repo.store().display(name),
-            epoch,
-        }),
-        _ => None,
-    });
-    let root = hex::encode(scope::merkle_root(&objects));
-    let bytes: u64 = objects.iter().map(|o| o.size).sum();
-    let receipt = journal
-        .end(
-            "scope",
-            json!({
-                "objects": objects.len(),
-                "bytes": bytes,
-                "merkle_root": root,
-                "leaf_encoding": scope::LEAF_ENCODING,
-                "envelopes": envelopes,
-            }),
-        )
-        .await?;
-    Ok(ScopeRecord {
-        listed_at: Utc::now(),
-        objects: objects.len() as u64,
-        bytes,
-        merkle_root: root,
-        leaf_encoding: scope::LEAF_ENCODING.into(),
-        envelopes,
-        audit_seq: Some(receipt.seq),
-        sample_pack,
-        captured,
-        foreign_envelopes: foreign,
-    })
+    scope::record(repo, journal, &listed).await
 }
 
 /// Deletes the epoch's objects (the envelope first); see

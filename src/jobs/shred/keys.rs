@@ -47,6 +47,14 @@ pub(super) async fn all_tenant_keys(repo: &Repo) -> Result<Vec<(KeyRef, KeyRole)
     ownership::known_keys(repo.context(), repo.store(), tenant_keys(repo.descriptor())).await
 }
 
+/// Which of the tenant's keys a shred may destroy, decided before anything
+/// starts so that a refusal (a key not proven the tenant's, or in use by
+/// another tenant) leaves the tenant as it was. The keys step decides again.
+pub(super) async fn decide_up_front(repo: &Repo, skip: &[KeyRef]) -> Result<Vec<KeyVerdict>> {
+    let keys = all_tenant_keys(repo).await?;
+    ownership::decide_destroy(repo.context(), repo.store(), &keys, skip, "shred").await
+}
+
 /// The `keys` step of every shred: decides again which of `keys` may be
 /// destroyed (the descriptor may have changed since the shred began; a
 /// refusal changes nothing), then destroys those, journalled.

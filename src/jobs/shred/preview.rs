@@ -5,13 +5,11 @@
 
 use serde::Serialize;
 
-use super::ShredRequest;
 use super::scope::{self, ScopeObject};
-use crate::error::Result;
 use crate::format::shred::{KeyRole, ShredStep};
 use crate::keys::KeyRef;
 use crate::repo::Repo;
-use crate::repo::ownership::{self, Verdict};
+use crate::repo::ownership::{KeyVerdict, Verdict};
 use crate::report::JobOutput;
 use crate::store::tenant::Listed;
 use crate::tenant::TenantId;
@@ -78,21 +76,8 @@ impl ShredPreview {
         self.certificate_id = certificate_id;
     }
 
-    /// The verdict the shred would reach on each key; refuses as it would.
-    pub(super) async fn keys(
-        &mut self,
-        repo: &Repo,
-        keys: &[(KeyRef, KeyRole)],
-        req: &ShredRequest,
-    ) -> Result<()> {
-        let verdicts = ownership::decide_destroy(
-            repo.context(),
-            repo.store(),
-            keys,
-            &req.skip_unproven,
-            "shred",
-        )
-        .await?;
+    /// The verdicts the shred reached on the keys it would end.
+    pub(super) fn keys(&mut self, verdicts: Vec<KeyVerdict>) {
         self.keys = verdicts
             .into_iter()
             .map(|v| PlannedKey {
@@ -105,7 +90,6 @@ impl ShredPreview {
                 },
             })
             .collect();
-        Ok(())
     }
 
     pub(super) fn scope(&mut self, listed: &[Listed]) {

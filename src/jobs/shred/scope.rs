@@ -17,7 +17,16 @@
 //! `object_store` gives it, empty when the store reports none. Interior nodes
 //! are SHA-256(0x01 ‖ left ‖ right), as in the audit log ([`crate::audit::merkle`]).
 
+use chrono::Utc;
+use serde_json::json;
+
+use super::journal::Journal;
+use super::keys::all_tenant_keys;
 use crate::audit::merkle::{self, Hash};
+use crate::error::Result;
+use crate::format::seal::{HEADER_LEN, Header};
+use crate::format::shred::{SamplePack, ScopeRecord};
+use crate::repo::Repo;
 use crate::store::ObjectName;
 use crate::store::tenant::Listed;
 use crate::tenant::TenantId;
@@ -78,6 +87,85 @@ pub fn merkle_root(objects: &[ScopeObject]) -> Hash {
         .map(|o| merkle::leaf_hash(&o.leaf_entry()))
         .collect();
     merkle::root(&leaves)
+}
+
+/// Records the scope of a shred whose `scope` step has begun: the `listed`
+/// objects' count, bytes and root in `shred.scope.end`, and in the record the
+/// envelopes among them (captured when under one of the tenant's keys, else
+/// named as foreign: custos never destroys a key it cannot prove the
+/// tenant's) and one pack for verification to try again.
+pub(super) async fn record(
+    repo: &Repo,
+    journal: &Journal,
+    listed: &[Listed],
+) -> Result<ScopeRecord> {
+    let tenant = repo.tenant();
+    let objects: Vec<ScopeObject> = listed
+        .iter()
+        .map(|l| ScopeObject::from_listed(tenant, l))
+        .collect();
+    let own_keys: Vec<_> = all_tenant_keys(repo)
+        .await?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let mut captured = Vec::new();
+    let mut foreign = Vec::new();
+    let mut epochs = Vec::new();
+    let mut sample_pack = None;
+    for l in listed {
+        match &l.name {
+            Some(ObjectName::Envelope(e)) => {
+                epochs.push(*e);
+                match repo.load_envelope(*e).await {
+                    Ok(env) if own_keys.contains(&env.key) => captured.push(env),
+                    Ok(env) => foreign.push(format!(
+                        "tenants/{tenant}/keys/{e}: wrapped under {}, not a key of this tenant (not destroyed)",
+                        env.key
+                    )),
+                    Err(err) => foreign.push(format!("tenants/{tenant}/keys/{e}: unreadable ({err})")),
+                }
+            }
+            Some(name @ ObjectName::Pack(_)) if sample_pack.is_none() => {
+                if let Ok(head) = repo.store().get_range(name, 0..HEADER_LEN as u64).await
+                    && let Ok(epoch) = Header::peek_epoch(&head)
+                {
+                    sample_pack = Some(SamplePack {
+                        object: repo.store().display(name),
+                        epoch,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    let root = hex::encode(merkle_root(&objects));
+    let bytes: u64 = objects.iter().map(|o| o.size).sum();
+    let receipt = journal
+        .end(
+            "scope",
+            json!({
+                "objects": objects.len(),
+                "bytes": bytes,
+                "merkle_root": root,
+                "leaf_encoding": LEAF_ENCODING,
+                "envelopes": epochs,
+                "foreign_envelopes": foreign.len(),
+            }),
+        )
+        .await?;
+    Ok(ScopeRecord {
+        listed_at: Utc::now(),
+        objects: objects.len() as u64,
+        bytes,
+        merkle_root: root,
+        leaf_encoding: LEAF_ENCODING.into(),
+        envelopes: epochs,
+        audit_seq: Some(receipt.seq),
+        sample_pack,
+        captured,
+        foreign_envelopes: foreign,
+    })
 }
 
 #[cfg(test)]

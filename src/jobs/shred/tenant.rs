@@ -12,22 +12,18 @@ use super::issue::{
     irreversible_at, new_certificate_id, not_destroyed, pending_note, spared_note, store_info,
 };
 use super::journal::{Journal, Slot};
-use super::keys::{all_tenant_keys, destroy_keys_step, key_state_checks};
+use super::keys::{all_tenant_keys, decide_up_front, destroy_keys_step, key_state_checks};
 use super::preview::ShredPreview;
-use super::scope::{self, ScopeObject};
+use super::scope;
 use super::verify::{sample_pack_present, unwrap_checks, verification_failure};
 use super::{ShredReport, ShredRequest, holds};
 use crate::error::{Error, Result};
 use crate::format::descriptor::{Descriptor, EpochState, Lifecycle, ShredState};
-use crate::format::seal::{HEADER_LEN, Header};
-use crate::format::shred::{
-    DeletionRecord, PackCheck, SamplePack, ScopeRecord, ShredStep, VerificationRecord,
-};
+use crate::format::shred::{DeletionRecord, PackCheck, ScopeRecord, ShredStep, VerificationRecord};
 use crate::keys::KeyRef;
 use crate::repo::Repo;
-use crate::repo::ownership;
-use crate::store::ObjectName;
 use crate::store::lease::LeaseGuard;
+use crate::store::tenant::Listed;
 
 const SLOT: Slot = Slot::Tenant;
 
@@ -43,15 +39,8 @@ pub(super) async fn preview(repo: &Repo, req: &ShredRequest) -> Result<ShredPrev
         ),
         Lifecycle::Shredding => p.resume(SLOT.progress(repo.descriptor()).map(|p| p.step).ok()),
         Lifecycle::Active => {
-            let keys = all_tenant_keys(repo).await?;
-            p.keys(repo, &keys, req).await?;
-            let listed: Vec<_> = repo
-                .list_objects()
-                .await?
-                .into_iter()
-                .filter(scope::in_tenant_scope)
-                .collect();
-            p.scope(&listed);
+            p.keys(decide_up_front(repo, &req.skip_unproven).await?);
+            p.scope(&scope_objects(repo).await?);
         }
     }
     Ok(p)
@@ -91,18 +80,7 @@ impl ShredSubject for TenantSubject {
                 Ok(Begun::Resumed(step))
             }
             Lifecycle::Active => {
-                // Which keys may be destroyed is decided before the fence, so a
-                // refusal (a key not proven the tenant's, or in use by another
-                // tenant) leaves the tenant as it was. The keys step decides again.
-                let keys = all_tenant_keys(repo).await?;
-                ownership::decide_destroy(
-                    repo.context(),
-                    repo.store(),
-                    &keys,
-                    &req.skip_unproven,
-                    "shred",
-                )
-                .await?;
+                decide_up_front(repo, &req.skip_unproven).await?;
                 fence(repo, req).await?;
                 Ok(Begun::Started)
             }
@@ -238,80 +216,17 @@ async fn fence(repo: &mut Repo, req: &ShredRequest) -> Result<()> {
 /// Step 2: list and capture everything, record count, bytes and root.
 async fn scope(repo: &Repo, journal: &Journal) -> Result<ScopeRecord> {
     journal.begin("scope", json!({})).await?;
-    let tenant = repo.tenant().clone();
-    let listed: Vec<_> = repo
+    scope::record(repo, journal, &scope_objects(repo).await?).await
+}
+
+/// Every object under the tenant's prefix that a tenant shred covers.
+async fn scope_objects(repo: &Repo) -> Result<Vec<Listed>> {
+    Ok(repo
         .list_objects()
         .await?
         .into_iter()
         .filter(scope::in_tenant_scope)
-        .collect();
-    let objects: Vec<ScopeObject> = listed
-        .iter()
-        .map(|l| ScopeObject::from_listed(&tenant, l))
-        .collect();
-    let own_keys: Vec<_> = all_tenant_keys(repo)
-        .await?
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
-    let mut captured = Vec::new();
-    let mut foreign = Vec::new();
-    let mut epochs = Vec::new();
-    let mut sample_pack = None;
-    for l in &listed {
-        match &l.name {
-            Some(ObjectName::Envelope(e)) => {
-                epochs.push(*e);
-                match repo.load_envelope(*e).await {
-                    Ok(env) if own_keys.contains(&env.key) => captured.push(env),
-                    Ok(env) => foreign.push(format!(
-                        "tenants/{tenant}/keys/{e}: wrapped under {}, not a key of this tenant (not destroyed)",
-                        env.key
-                    )),
-                    Err(err) => foreign.push(format!("tenants/{tenant}/keys/{e}: unreadable ({err})")),
-                }
-            }
-            Some(ObjectName::Pack(id)) if sample_pack.is_none() => {
-                let name = ObjectName::Pack(*id);
-                if let Ok(head) = repo.store().get_range(&name, 0..HEADER_LEN as u64).await
-                    && let Ok(epoch) = Header::peek_epoch(&head)
-                {
-                    sample_pack = Some(SamplePack {
-                        object: repo.store().display(&name),
-                        epoch,
-                    });
-                }
-            }
-            _ => {}
-        }
-    }
-    let root = hex::encode(scope::merkle_root(&objects));
-    let bytes: u64 = objects.iter().map(|o| o.size).sum();
-    let receipt = journal
-        .end(
-            "scope",
-            json!({
-                "objects": objects.len(),
-                "bytes": bytes,
-                "merkle_root": root,
-                "leaf_encoding": scope::LEAF_ENCODING,
-                "envelopes": epochs,
-                "foreign_envelopes": foreign.len(),
-            }),
-        )
-        .await?;
-    Ok(ScopeRecord {
-        listed_at: Utc::now(),
-        objects: objects.len() as u64,
-        bytes,
-        merkle_root: root,
-        leaf_encoding: scope::LEAF_ENCODING.into(),
-        envelopes: epochs,
-        audit_seq: Some(receipt.seq),
-        sample_pack,
-        captured,
-        foreign_envelopes: foreign,
-    })
+        .collect())
 }
 
 /// Step 4: delete everything under the prefix but the descriptor.
