@@ -463,4 +463,33 @@ fn the_daemon_writes_the_report_on_its_schedule() {
         .run_env(&["daemon", "--once", "--json"], &[("CUSTOS_NOW", NOW)]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     assert!(r.json()["result"].get("report").is_none(), "{}", r.stdout);
+
+}
+
+#[test]
+fn a_report_directory_other_users_may_write_is_refused() {
+    let f = Fixture { cli: Cli::new() };
+    f.policy("acme", "10m", VERIFY_OK);
+    f.ok(1, &["backup", "acme"]);
+    let out = f.cli.path().join("compliance");
+    std::fs::create_dir(&out).unwrap();
+    // Another user could plant or replace what the auditor is handed.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let toml = f.cli.path().join("custos.toml");
+    let mut config = std::fs::read_to_string(&toml).unwrap();
+    config.push_str(&format!(
+        "[report]\nschedule = \"0 6 * * 1\"\noutput_dir = \"{}\"\n",
+        out.display()
+    ));
+    std::fs::write(&toml, config).unwrap();
+    let r = f
+        .cli
+        .run_env(&["daemon", "--once", "--json"], &[("CUSTOS_NOW", NOW)]);
+    let run = r.json()["result"]["report"].clone();
+    assert_eq!(run["outcome"], "failure", "{}", r.stdout);
+    let detail = run["detail"].as_str().unwrap();
+    assert!(detail.contains("report output directory"), "{detail}");
+    assert!(detail.contains("chmod go-w"), "{detail}");
+    assert!(crate::common::files_under(&out).is_empty());
 }

@@ -334,6 +334,8 @@ pub async fn write_scheduled(
     let report = build(cfg, ctx, &req).await?;
     let dir = &cfg.report.output_dir;
     crate::secure_fs::create_private_dir(dir).map_err(|e| Error::io(dir, e))?;
+    // What an auditor is handed: no other user may plant or replace a report.
+    crate::secure_fs::check_dir(dir, "report output directory", crate::secure_fs::Kind::Dir)?;
     let mut written = Vec::new();
     for format in &cfg.report.formats {
         let path = dir.join(format!(
