@@ -463,7 +463,6 @@ fn the_daemon_writes_the_report_on_its_schedule() {
         .run_env(&["daemon", "--once", "--json"], &[("CUSTOS_NOW", NOW)]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     assert!(r.json()["result"].get("report").is_none(), "{}", r.stdout);
-
 }
 
 #[test]

@@ -10,7 +10,6 @@ use crate::format::shred::{KeyRole, ShredStep};
 use crate::keys::KeyRef;
 use crate::repo::Repo;
 use crate::repo::ownership::{KeyVerdict, Verdict};
-use crate::report::JobOutput;
 use crate::store::tenant::Listed;
 use crate::tenant::TenantId;
 
@@ -25,6 +24,8 @@ pub struct ShredPreview {
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resumes_after: Option<ShredStep>,
+    /// `done`: the certificate the descriptor names (unverified here:
+    /// `custos certificate get` and `certificate verify` check it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub certificate_id: Option<String>,
     /// The keys the shred ends, and what it would do to each.
@@ -46,8 +47,6 @@ pub struct PlannedKey {
     /// (unproven, and named by --skip-unproven-key).
     pub action: &'static str,
 }
-
-impl JobOutput for ShredPreview {}
 
 impl ShredPreview {
     pub(super) fn new(repo: &Repo, epoch: Option<u32>) -> Self {

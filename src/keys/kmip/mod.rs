@@ -38,9 +38,9 @@ mod reference;
 mod settings;
 mod wire;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -136,9 +136,6 @@ impl Family {
 /// The KMIP [`KeyProvider`].
 pub struct KmipProvider {
     transport: Arc<Transport>,
-    /// What each object is (version number or tombstone): fixed when it is
-    /// created, so it is asked once per object and process.
-    kinds: Mutex<HashMap<String, ObjectKind>>,
 }
 
 impl fmt::Debug for KmipProvider {
@@ -229,7 +226,6 @@ impl KmipProvider {
         let transport = settings.transport()?;
         Ok(KmipProvider {
             transport: Arc::new(transport),
-            kinds: Mutex::new(HashMap::new()),
         })
     }
 
@@ -354,9 +350,6 @@ impl KmipProvider {
     async fn object(&self, key: &KeyRef, family_name: &str, uid: &str) -> Result<Object, KeyError> {
         let (state, names) = self.attributes(key, uid).await?;
         let kind = classify(family_name, &names);
-        if let Ok(mut kinds) = self.kinds.lock() {
-            kinds.insert(uid.to_owned(), kind);
-        }
         Ok(Object {
             uid: uid.to_owned(),
             state,
@@ -467,10 +460,16 @@ impl KmipProvider {
 
     /// The current version, Active, or why there is none.
     async fn current(&self, key: &KeyRef) -> Result<Object, KeyError> {
+        self.current_version(key).await.map(|(_, obj)| obj)
+    }
+
+    /// The newest version of `key` and its number, activated if a creation
+    /// left it Pre-Active; refused unless usable.
+    async fn current_version(&self, key: &KeyRef) -> Result<(u32, Object), KeyError> {
         let fam = self.family(key).await?;
         self.refuse_if_destroying(key, &fam)?;
         match (fam.current(), fam.tombstone.as_ref()) {
-            (Some((_, obj)), _) if obj.state == State::Active => Ok(obj.clone()),
+            (Some((v, obj)), _) if obj.state == State::Active => Ok((*v, obj.clone())),
             // A Create whose Activate never ran (a crash in create_key or
             // rotate): finish it, as the same call would have.
             (Some((v, obj)), _) if obj.state == State::PreActive => {
@@ -481,10 +480,13 @@ impl KmipProvider {
                 )
                 .await?;
                 tracing::info!(event = "kmip.key_activated", key = %key, version = v, object = %obj.uid, "activated version {v} of {key}, left Pre-Active by an interrupted creation");
-                Ok(Object {
-                    state: State::Active,
-                    ..obj.clone()
-                })
+                Ok((
+                    *v,
+                    Object {
+                        state: State::Active,
+                        ..obj.clone()
+                    },
+                ))
             }
             (Some((_, obj)), _) => Err(self.unusable(key, obj.state)),
             (None, Some((at, _))) => Err(KeyError::Destroyed {
@@ -512,9 +514,6 @@ impl KmipProvider {
             RequestPayload::Activate(Some(UniqueIdentifier(uid.clone()))),
         )
         .await?;
-        if let Ok(mut kinds) = self.kinds.lock() {
-            kinds.insert(uid.clone(), ObjectKind::Version(v));
-        }
         tracing::info!(event = "kmip.key_created", key = %key, version = v, object = %uid, "created version {v} of {key} on the KMIP server");
         Ok(uid)
     }
@@ -787,16 +786,9 @@ impl KeyProvider for KmipProvider {
                 });
             }
         };
-        let cur = self.current(key).await?;
-        let v = match self
-            .kinds
-            .lock()
-            .ok()
-            .and_then(|k| k.get(&cur.uid).copied())
-        {
-            Some(ObjectKind::Version(v)) => v,
-            _ => 1,
-        };
+        // The number comes from the family just read, not from a cache that
+        // another key reference naming the same object could have filled.
+        let (v, _) = self.current_version(key).await?;
         self.create_version(key, &name, v + 1).await?;
         self.describe(key).await
     }
