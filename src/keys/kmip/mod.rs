@@ -45,8 +45,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use kmip_protocol::types::common::{
-    AttributeIndex, AttributeName, AttributeValue, CryptographicAlgorithm, ObjectType,
-    RevocationReasonCode, State, UniqueIdentifier,
+    AttributeIndex, AttributeName, AttributeValue, CompromiseOccurrenceDate,
+    CryptographicAlgorithm, ObjectType, RevocationReasonCode, State, UniqueIdentifier,
 };
 use kmip_protocol::types::request::{self as req, RequestPayload, RevocationReason};
 use kmip_protocol::types::response::{ResponsePayload, ResultReason};
@@ -542,11 +542,15 @@ impl KmipProvider {
             .map_err(|e| self.err(key, op, e))
     }
 
+    /// Revokes `uid`. A key-compromise revocation carries its Compromise
+    /// Occurrence Date (`compromised_at`, Unix seconds), which KMIP requires
+    /// with that reason.
     async fn revoke(
         &self,
         key: &KeyRef,
         uid: &str,
         code: RevocationReasonCode,
+        compromised_at: Option<i64>,
     ) -> Result<(), KeyError> {
         self.simple(
             key,
@@ -554,7 +558,7 @@ impl KmipProvider {
             RequestPayload::Revoke(
                 Some(UniqueIdentifier(uid.to_owned())),
                 RevocationReason(code, None),
-                None,
+                compromised_at.map(|t| CompromiseOccurrenceDate(t.max(0) as u64)),
             ),
         )
         .await
@@ -801,8 +805,13 @@ impl KeyProvider for KmipProvider {
         }
         for (_, obj) in &fam.versions {
             if obj.state == State::Active {
-                self.revoke(key, &obj.uid, RevocationReasonCode::CessationOfOperation)
-                    .await?;
+                self.revoke(
+                    key,
+                    &obj.uid,
+                    RevocationReasonCode::CessationOfOperation,
+                    None,
+                )
+                .await?;
             }
         }
         self.describe(key).await
@@ -873,7 +882,7 @@ impl KeyProvider for KmipProvider {
                         ],
                     )
                     .await?;
-                self.revoke(key, &tomb, RevocationReasonCode::KeyCompromise)
+                self.revoke(key, &tomb, RevocationReasonCode::KeyCompromise, Some(at))
                     .await?;
                 at
             }
@@ -888,8 +897,13 @@ impl KeyProvider for KmipProvider {
                 continue;
             }
             if obj.state == State::Active {
-                self.revoke(key, &obj.uid, RevocationReasonCode::CessationOfOperation)
-                    .await?;
+                self.revoke(
+                    key,
+                    &obj.uid,
+                    RevocationReasonCode::CessationOfOperation,
+                    None,
+                )
+                .await?;
             }
             match self
                 .simple(
