@@ -11,7 +11,8 @@ is kept as the client sent it, so SigV4 signatures still verify upstream.
 
 Counts requests by method and the bytes of request and response bodies, and
 rewrites STATS_FILE (JSON) after every request, so a caller reads the
-counters before and after a phase and takes the difference.
+counters before and after a phase and takes the difference. With
+LATENCY_PROXY_LOG=FILE every request line is also appended to FILE.
 
 Why not `tc netem`: it delays every packet of every program on loopback (the
 machine is shared), not each request of the tool under test.
@@ -23,6 +24,8 @@ import os
 import sys
 
 HEAD_LIMIT = 64 * 1024
+# LATENCY_PROXY_LOG=FILE: every request line appended there (for diagnosis).
+LOG = open(os.environ["LATENCY_PROXY_LOG"], "a") if os.environ.get("LATENCY_PROXY_LOG") else None
 
 
 class Stats:
@@ -97,6 +100,9 @@ async def requests(client_r, upstream_w, delay, stats):
                     k, v = line.split(b":", 1)
                     headers[k.strip().lower()] = v.strip()
             stats.request(method)
+            if LOG:
+                LOG.write(lines[0].decode("ascii", "replace") + "\n")
+                LOG.flush()
             if delay:
                 await asyncio.sleep(delay)
             upstream_w.write(head)

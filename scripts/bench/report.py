@@ -80,6 +80,8 @@ def header(meta, title, what):
         if k.startswith("dataset"):
             label = "Dataset" if k == "dataset" else f"Dataset ({k[8:]})"
             L.append(f"{label}: {v}.\n")
+    if meta.get("note"):
+        L.append(f"Note: {meta['note']}.\n")
     L.append("Machine load (shared with other engineers' compiles): "
              f"before `{meta.get('uptime_before', '?').strip()}`, "
              f"after `{meta.get('uptime_after', '?').strip()}`.\n")

@@ -35,8 +35,12 @@ start_run() {
     meta date "$(date -u '+%Y-%m-%d %H:%M UTC')"
     meta uptime_before "$(uptime)"
     meta tools "${TOOLS[*]}"
-    for t in restic borg zstd; do
-        command -v $t >/dev/null && meta "version_$t" "$($t version 2>/dev/null || $t --version | head -1)"
+    local t
+    for t in "${TOOLS[@]}" zstd; do
+        case $t in
+        restic) meta version_restic "$(restic version)" ;;
+        borg | rustic | zstd) meta "version_$t" "$($t --version | head -1)" ;;
+        esac
     done
 }
 
@@ -211,6 +215,11 @@ scenario_s3() {
     export AWS_ALLOW_HTTP=true AWS_EC2_METADATA_DISABLED=true
     meta version_s3s_fs "$(s3s-fs --version 2>/dev/null | head -1)"
 
+    # restic lists its data/ with an empty `delimiter=` parameter, which s3s-fs
+    # 0.14.1 takes as a delimiter: no keys come back and `restic check` reports
+    # every pack missing. Its check runs on LocalStack only.
+    SKIP_PHASES="restic:check"
+    meta note "restic check skipped on s3s-fs: restic lists data/ with an empty \`delimiter=\` parameter and s3s-fs 0.14.1 answers with common prefixes and no keys, so every pack reads as missing"
     # 1. Direct to s3s-fs on loopback.
     export AWS_ENDPOINT_URL=http://127.0.0.1:$port
     CASE="s3s-fs"
@@ -229,7 +238,7 @@ scenario_s3() {
     for ((round = 1; round <= rounds; round++)); do
         for tool in $(rotate "$round"); do run_tool "$round" "$tool"; done
     done
-    unset PROXY_STATS
+    unset PROXY_STATS SKIP_PHASES
 
     # 3. LocalStack for comparison (slow to install; BENCH_LOCALSTACK=1).
     if [[ ${BENCH_LOCALSTACK:-0} == 1 ]]; then
