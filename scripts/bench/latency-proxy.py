@@ -101,7 +101,8 @@ async def requests(client_r, upstream_w, delay, stats):
                     headers[k.strip().lower()] = v.strip()
             stats.request(method)
             if LOG:
-                LOG.write(lines[0].decode("ascii", "replace") + "\n")
+                rng = headers.get(b"range", b"").decode("ascii", "replace")
+                LOG.write(lines[0].decode("ascii", "replace") + (f" range={rng}" if rng else "") + "\n")
                 LOG.flush()
             if delay:
                 await asyncio.sleep(delay)

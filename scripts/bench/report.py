@@ -237,7 +237,8 @@ def tenants(R, sizes, meta):
     if d:
         n = int(d[0]["phase"].split()[1])
     L.append(f"`max_concurrent_jobs = {meta.get('max_concurrent_jobs', '?')}`. "
-             f"Daemon jobs: {meta.get('daemon_jobs', '?')}; job durations (ms): {meta.get('daemon_job_ms', '?')}.\n")
+             f"Daemon jobs: {meta.get('daemon_jobs', '?')}; job durations (ms): {meta.get('daemon_job_ms', '?')}; "
+             f"median job duration (ms) per tenth of the jobs in start order: {meta.get('daemon_job_ms_by_tenth', '?')}.\n")
     L.append("| what | wall | peak RSS |")
     L.append("|---|---|---|")
     if single:

@@ -259,8 +259,9 @@ scenario_s3() {
 scenario_tenants() {
     local n=${1:-1000} size=${2:-1M} seed=${3:-42} i
     local jobs=${BENCH_JOBS:-2} singles=${BENCH_SINGLES:-5}
+    TOOLS=(custos) # no peer has a multi-tenant daemon
     start_run "$@"
-    local w=$B/tenants
+    local w=$S/work # inside the scenario's directory, beside (not over) its results
     rm -rf "$w" && mkdir -p "$w/src" "$w/policies"
     log "generating $n tenants of $size (seeds $((seed + 1))..$((seed + n)))"
     for ((i = 1; i <= n; i++)); do
@@ -315,12 +316,17 @@ EOF
     python3 - "$S/once.json" >>"$META" <<'PY'
 import json, statistics, sys
 doc = json.load(open(sys.argv[1]))
-jobs = doc.get("runs", [])
+doc = doc.get("result", doc)  # the --json envelope
+jobs = sorted(doc.get("runs", []), key=lambda j: j.get("started_at", ""))
 ok = [j for j in jobs if j.get("outcome") == "success"]
 dur = sorted(j["duration_ms"] for j in jobs if j.get("duration_ms") is not None)
 print(f"daemon_jobs\t{len(jobs)} jobs, {len(ok)} succeeded")
 if dur:
     print(f"daemon_job_ms\tmedian {statistics.median(dur):.0f}, p99 {dur[int(len(dur) * 0.99)]}, max {dur[-1]}")
+# Job durations in start order, by tenth: does a job get slower as tenants are done?
+tenth = max(1, len(jobs) // 10)
+trend = [statistics.median(j["duration_ms"] for j in jobs[i:i + tenth]) for i in range(0, len(jobs), tenth)]
+print("daemon_job_ms_by_tenth\t" + ", ".join(f"{v:.0f}" for v in trend))
 PY
     finish_run
     ((KEEP)) || rm -rf "$w"
