@@ -288,7 +288,8 @@ def main():
         text = "# Benchmarks\n\n"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1].lstrip("\n")
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
     else:
         if KEPT not in text:
             text = text.rstrip("\n") + "\n" + KEPT + "\n"
