@@ -260,7 +260,7 @@ fn fixed_mtime() -> std::time::SystemTime {
 }
 
 fn small(shape: &SmallShape, seed: u64, dir: &Path) {
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x736d_616c_6c);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x0073_6d61_6c6c);
     let width = (shape.dirs - 1).to_string().len();
     let mut bytes = 0u64;
     for d in 0..shape.dirs {
@@ -326,13 +326,13 @@ fn write_text_exact(path: &Path, size: u64, rng: &mut StdRng, json: bool) -> std
 /// Appends a log line to one file chosen by seed, walking down sorted
 /// directory listings (no full listing of millions of files).
 fn touch_one(seed: u64, dir: &Path) {
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x746f_7563_68);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x0074_6f75_6368);
     let mut at = dir.to_path_buf();
     while at.is_dir() {
         let mut entries: Vec<PathBuf> = fs::read_dir(&at)
             .unwrap()
             .map(|e| e.unwrap().path())
-            .filter(|p| !p.file_name().is_some_and(|n| n == ".complete"))
+            .filter(|p| p.file_name().is_none_or(|n| n != ".complete"))
             .collect();
         if entries.is_empty() {
             eprintln!("touch-one: {} has no file to change", at.display());
