@@ -3,12 +3,21 @@
 //! ```text
 //! cargo run --release --example bench_dataset -- generate SIZE SEED DIR
 //! cargo run --release --example bench_dataset -- mutate PERCENT SEED DIR
+//! cargo run --release --example bench_dataset -- small COUNT SEED DIR [MIN MAX DIRS]
+//! cargo run --release --example bench_dataset -- touch-one SEED DIR
 //! ```
 //!
 //! The mix (by bytes): 40% compressible logs and JSON, 40% incompressible
 //! binaries, 20% small files (1–64 KiB, text and binary, in a nested tree).
 //! The same SIZE and SEED always give the same bytes; `mutate` changes about
 //! PERCENT % of the files (appends, in-place edits, rewrites), also by seed.
+//!
+//! `small` writes COUNT files of MIN–MAX bytes (default 200–4096) spread over
+//! DIRS directories (default 1000), three in four log or JSON text, one in four
+//! random bytes, every mtime fixed (so tools and rounds see the same metadata
+//! without a pass of `touch` over millions of files). `touch-one` appends one
+//! log line to one file chosen by seed: the "one file changed" of an
+//! incremental run.
 
 use std::fs;
 use std::io::{BufWriter, Write};
@@ -17,27 +26,53 @@ use std::path::{Path, PathBuf};
 use rand::rngs::StdRng;
 use rand::{Rng, RngExt, SeedableRng};
 
+const USAGE: &str = "usage: bench_dataset generate SIZE SEED DIR | mutate PERCENT SEED DIR \
+                     | small COUNT SEED DIR [MIN MAX DIRS] | touch-one SEED DIR";
+
+/// Bad arguments end the run with the usage and exit status 2, never a panic.
+fn bad(what: &str, value: &str) -> ! {
+    eprintln!("bench_dataset: {what}: {value:?} is not valid\n{USAGE}");
+    std::process::exit(2)
+}
+
+fn num<T: std::str::FromStr>(what: &str, value: &str) -> T {
+    value.parse().unwrap_or_else(|_| bad(what, value))
+}
+
+fn size(what: &str, value: &str) -> u64 {
+    parse_size(value).unwrap_or_else(|| bad(what, value))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: bench_dataset generate SIZE SEED DIR | mutate PERCENT SEED DIR";
     match args
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>()
         .as_slice()
     {
-        ["generate", size, seed, dir] => generate(
-            parse_size(size).expect(usage),
-            seed.parse().expect(usage),
-            Path::new(dir),
-        ),
-        ["mutate", pct, seed, dir] => mutate(
-            pct.parse().expect(usage),
-            seed.parse().expect(usage),
-            Path::new(dir),
-        ),
+        ["generate", sz, seed, dir] => {
+            generate(size("SIZE", sz), num("SEED", seed), Path::new(dir))
+        }
+        ["mutate", pct, seed, dir] => {
+            mutate(num("PERCENT", pct), num("SEED", seed), Path::new(dir))
+        }
+        ["small", count, seed, dir, rest @ ..] if matches!(rest.len(), 0 | 3) => {
+            let shape = SmallShape {
+                count: num("COUNT", count),
+                min: rest.first().map_or(200, |v| size("MIN", v)),
+                max: rest.get(1).map_or(4096, |v| size("MAX", v)),
+                dirs: rest.get(2).map_or(1000, |v| num("DIRS", v)),
+            };
+            if shape.min == 0 || shape.min > shape.max || shape.dirs == 0 {
+                eprintln!("bench_dataset: small needs 0 < MIN <= MAX and DIRS > 0\n{USAGE}");
+                std::process::exit(2);
+            }
+            small(&shape, num("SEED", seed), Path::new(dir))
+        }
+        ["touch-one", seed, dir] => touch_one(num("SEED", seed), Path::new(dir)),
         _ => {
-            eprintln!("{usage}");
+            eprintln!("{USAGE}");
             std::process::exit(2);
         }
     }
@@ -210,6 +245,106 @@ fn generate(size: u64, seed: u64, dir: &Path) {
         i += 1;
     }
     println!("generated {} bytes in {}", size, dir.display());
+}
+
+struct SmallShape {
+    count: u64,
+    min: u64,
+    max: u64,
+    dirs: u64,
+}
+
+/// 2026-01-01 00:00:00 UTC: the mtime of every generated small file and directory.
+fn fixed_mtime() -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_767_225_600)
+}
+
+fn small(shape: &SmallShape, seed: u64, dir: &Path) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x0073_6d61_6c6c);
+    let width = (shape.dirs - 1).to_string().len();
+    let mut bytes = 0u64;
+    for d in 0..shape.dirs {
+        fs::create_dir_all(dir.join(format!("d{d:0width$}"))).unwrap();
+    }
+    // Round-robin over the directories: every directory holds about COUNT / DIRS files.
+    for i in 0..shape.count {
+        let d = dir.join(format!("d{:0width$}", i % shape.dirs));
+        let n = rng.random_range(shape.min..=shape.max);
+        let p = d.join(format!(
+            "f{i:08}.{}",
+            match i % 4 {
+                0 => "bin",
+                1 | 3 => "log",
+                _ => "json",
+            }
+        ));
+        match i % 4 {
+            0 => write_random(&p, n, &mut rng),
+            k => write_text_exact(&p, n, &mut rng, k == 2),
+        }
+        .unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&p)
+            .and_then(|f| f.set_modified(fixed_mtime()))
+            .unwrap();
+        bytes += n;
+    }
+    // Directories last: writing files into them moved their mtimes.
+    for d in 0..shape.dirs {
+        fs::File::open(dir.join(format!("d{d:0width$}")))
+            .and_then(|f| f.set_modified(fixed_mtime()))
+            .unwrap();
+    }
+    fs::File::open(dir)
+        .and_then(|f| f.set_modified(fixed_mtime()))
+        .unwrap();
+    println!(
+        "generated {} files, {bytes} bytes, in {} directories of {}",
+        shape.count,
+        shape.dirs,
+        dir.display()
+    );
+}
+
+/// Text of exactly `size` bytes (`write_text` may overshoot by a line, which
+/// would take small files past their MAX).
+fn write_text_exact(path: &Path, size: u64, rng: &mut StdRng, json: bool) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(size as usize + 512);
+    let mut t = rng.random_range(0..1_000_000_000u64);
+    while (buf.len() as u64) < size {
+        if json {
+            json_line(rng, &mut buf)?
+        } else {
+            log_line(rng, &mut buf, &mut t)?
+        }
+    }
+    buf.truncate(size as usize);
+    fs::write(path, buf)
+}
+
+/// Appends a log line to one file chosen by seed, walking down sorted
+/// directory listings (no full listing of millions of files).
+fn touch_one(seed: u64, dir: &Path) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x0074_6f75_6368);
+    let mut at = dir.to_path_buf();
+    while at.is_dir() {
+        let mut entries: Vec<PathBuf> = fs::read_dir(&at)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().is_none_or(|n| n != ".complete"))
+            .collect();
+        if entries.is_empty() {
+            eprintln!("touch-one: {} has no file to change", at.display());
+            std::process::exit(1);
+        }
+        entries.sort();
+        at = entries.swap_remove(rng.random_range(0..entries.len()));
+    }
+    let mut f = fs::OpenOptions::new().append(true).open(&at).unwrap();
+    let mut t = 0;
+    log_line(&mut rng, &mut f, &mut t).unwrap();
+    println!("changed {}", at.display());
 }
 
 fn files(dir: &Path) -> Vec<PathBuf> {

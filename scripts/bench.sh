@@ -5,6 +5,16 @@
 # $BENCH_DIR/results.tsv.
 #
 #   scripts/bench.sh [SIZE] [ROUNDS] [SEED]        defaults: 1G 3 42
+#   scripts/bench.sh --scenario NAME [ARGS...]
+#
+# Scenarios (each writes its own table into BENCHMARKS.md, below the kept
+# marker; scripts/README.md says what each measures):
+#   mixed    the default: the 1 GiB mixed dataset, all phases, as described below
+#   small    [COUNT] [ROUNDS] [SEED]    many small files (300000 1 42)
+#   many     [COUNTS] [ROUNDS] [SEED]   millions of files, peak RSS growth ("1000000,2000000" 1 42)
+#   s3       [SIZE] [ROUNDS] [SEED]     custos and restic on s3s-fs, direct and
+#                                       through a 20 ms latency proxy (1G 1 42)
+#   tenants  [TENANTS] [SIZE] [SEED]    one `custos daemon --once` over many tenants (1000 1M 42)
 #
 # Environment:
 #   BENCH_DIR       work directory (default ./bench-data; needs ~4 × SIZE free)
@@ -13,6 +23,8 @@
 #                   emulator started by scripts/emulators.sh (borg has no S3)
 #   BENCH_OUT       the report to write (default BENCHMARKS.md; "-" for none)
 #   BENCH_REPORT_ONLY=1  rewrite the report from the rows already in BENCH_DIR
+#   CARGO_TARGET_DIR the cargo target directory holding release/custos (default ./target)
+#   BENCH_NO_BUILD=1 use the binaries already built there
 #
 # Phases, each timed with /usr/bin/time (wall, user, sys, peak RSS):
 #   first       first backup of the dataset into an empty repository
@@ -27,6 +39,18 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
+SCENARIO=mixed
+if [[ ${1:-} == --scenario ]]; then
+    SCENARIO=${2:?--scenario needs a name: mixed, small, many, s3 or tenants}
+    shift 2
+fi
+case $SCENARIO in
+mixed | small | many | s3 | tenants) ;;
+*)
+    echo "bench: error: unknown scenario '$SCENARIO' (mixed, small, many, s3, tenants)" >&2
+    exit 2
+    ;;
+esac
 SIZE=${1:-1G}
 ROUNDS=${2:-3}
 SEED=${3:-42}
@@ -52,16 +76,22 @@ else
 fi
 
 REPORT_ONLY=${BENCH_REPORT_ONLY:-0}
-if [[ $REPORT_ONLY != 1 ]]; then
-    log "building custos (release)"
-    cargo build --release --locked --bin custos --example bench_dataset >&2
+TARGET=$(realpath -m "${CARGO_TARGET_DIR:-$ROOT/target}")
+if [[ $REPORT_ONLY != 1 && ${BENCH_NO_BUILD:-0} != 1 ]]; then
+    log "building custos (release) in $TARGET"
+    CARGO_TARGET_DIR=$TARGET cargo build --release --locked --bin custos --example bench_dataset >&2
 fi
-CUSTOS=$ROOT/target/release/custos
-GEN=$ROOT/target/release/examples/bench_dataset
+mkdir -p "$B/bin"
+# Copies: a shared target directory may be rebuilt from another checkout mid-run.
+if [[ $REPORT_ONLY != 1 ]]; then
+    cp "$TARGET/release/custos" "$TARGET/release/examples/bench_dataset" "$B/bin/"
+fi
+CUSTOS=$B/bin/custos
+GEN=$B/bin/bench_dataset
 
 mkdir -p "$B"
 PRISTINE=$B/pristine-$SIZE-$SEED
-if [[ $REPORT_ONLY != 1 && ! -f $PRISTINE/.complete ]]; then
+if [[ $SCENARIO == mixed && $REPORT_ONLY != 1 && ! -f $PRISTINE/.complete ]]; then
     log "generating the $SIZE dataset (seed $SEED)"
     rm -rf "$PRISTINE"
     "$GEN" generate "$SIZE" "$SEED" "$PRISTINE" >&2
@@ -73,11 +103,11 @@ DATA=$B/data            # the path every tool backs up (incremental runs need a 
 RESTORE=$B/restore
 export B DATA RESTORE CUSTOS BACKEND
 RESULTS=$B/results.tsv
-[[ $REPORT_ONLY == 1 ]] || printf 'round\ttool\tphase\twall_s\tuser_s\tsys_s\tmaxrss_kib\n' >"$RESULTS"
+[[ $REPORT_ONLY == 1 || $SCENARIO != mixed ]] || printf 'round\ttool\tphase\twall_s\tuser_s\tsys_s\tmaxrss_kib\n' >"$RESULTS"
 SIZES=$B/sizes.tsv
-[[ $REPORT_ONLY == 1 ]] || printf 'round\ttool\trepo_bytes\n' >"$SIZES"
+[[ $REPORT_ONLY == 1 || $SCENARIO != mixed ]] || printf 'round\ttool\trepo_bytes\n' >"$SIZES"
 
-if [[ $BACKEND == s3 ]]; then
+if [[ $BACKEND == s3 && $SCENARIO == mixed ]]; then
     [[ -n ${AWS_ENDPOINT_URL:-} ]] || eval "$(scripts/emulators.sh start)"
     : "${AWS_ENDPOINT_URL:?}" "${AWS_ACCESS_KEY_ID:?}" "${AWS_SECRET_ACCESS_KEY:?}"
     export AWS_ALLOW_HTTP=true AWS_EC2_METADATA_DISABLED=true
@@ -87,13 +117,22 @@ mkbucket() {
         -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -X PUT "$AWS_ENDPOINT_URL/$1" >/dev/null || true
 }
 
+# proxy_requests: "requests bytes_up bytes_down" counted so far by the latency proxy.
+proxy_requests() {
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["requests"], d["bytes_up"], d["bytes_down"])' "$PROXY_STATS"
+}
+
 # measure ROUND TOOL PHASE CMD...: runs CMD under /usr/bin/time, appends a result row.
 # CMD may be one of the shell functions below: it runs in a child bash that
 # gets every function (the variables they read are exported).
+# Scenarios set CASE (a first column naming the case, e.g. the file count) and,
+# behind the latency proxy, PROXY_STATS and REQUESTS (requests per phase).
 measure() {
     local round=$1 tool=$2 phase=$3
     shift 3
     sync
+    local r0=""
+    [[ -z ${PROXY_STATS:-} ]] || r0=$(proxy_requests)
     if declare -F "$1" >/dev/null; then
         set -- bash -c "$(declare -f); $*"
     fi
@@ -103,8 +142,17 @@ measure() {
     fi
     local wall user sys rss
     read -r wall user sys rss <"$B/time.out"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$tool" "$phase" "$wall" "$user" "$sys" "$rss" >>"$RESULTS"
-    log "round $round $tool $phase: ${wall}s wall, ${user}s user, ${sys}s sys, $((rss / 1024)) MiB peak"
+    local pre=""
+    [[ -z ${CASE:-} ]] || pre=$CASE$'\t'
+    printf '%s%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$pre" "$round" "$tool" "$phase" "$wall" "$user" "$sys" "$rss" >>"$RESULTS"
+    log "${CASE:+$CASE }round $round $tool $phase: ${wall}s wall, ${user}s user, ${sys}s sys, $((rss / 1024)) MiB peak"
+    if [[ -n ${PROXY_STATS:-} ]]; then
+        local n0 u0 d0 n1 u1 d1
+        read -r n0 u0 d0 <<<"$r0"
+        read -r n1 u1 d1 <<<"$(proxy_requests)"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$CASE" "$round" "$tool" "$phase" $((n1 - n0)) $((u1 - u0)) $((d1 - d0)) >>"$REQUESTS"
+        log "  $((n1 - n0)) requests, $(((u1 - u0) >> 20)) MiB up, $(((d1 - d0) >> 20)) MiB down"
+    fi
 }
 
 # --- one tool, one round --------------------------------------------------------
@@ -114,8 +162,9 @@ custos_setup() {
     rm -rf "$c" && mkdir -p "$c/policies"
     local store="file://$c/store"
     if [[ $BACKEND == s3 ]]; then
-        mkbucket bench-custos
-        store="s3://bench-custos/run-$RANDOM$RANDOM"
+        # One bucket for both tools (as a user would), a prefix per tool and run.
+        mkbucket "${BENCH_BUCKET:-bench}"
+        store="s3://${BENCH_BUCKET:-bench}/custos-run-$RANDOM$RANDOM"
     fi
     cat >"$c/custos.toml" <<EOF
 store = "$store"
@@ -148,8 +197,8 @@ restic_setup() {
     export RESTIC_PASSWORD=bench RESTIC_CACHE_DIR=$B/restic-cache
     rm -rf "$B/restic" "$RESTIC_CACHE_DIR"
     if [[ $BACKEND == s3 ]]; then
-        mkbucket bench-restic
-        export RESTIC_REPOSITORY="s3:$AWS_ENDPOINT_URL/bench-restic/run-$RANDOM$RANDOM"
+        mkbucket "${BENCH_BUCKET:-bench}"
+        export RESTIC_REPOSITORY="s3:$AWS_ENDPOINT_URL/${BENCH_BUCKET:-bench}/restic-run-$RANDOM$RANDOM"
     else
         export RESTIC_REPOSITORY=$B/restic
     fi
@@ -204,7 +253,10 @@ run_tool() {
     restored=$(find "$RESTORE" -type d -name data -path "*$(basename "$DATA")" | head -1)
     [[ $tool == custos ]] && restored=$RESTORE/data
     diff -r --no-dereference "$DATA" "$restored" >/dev/null || die "$tool restored something different (round $round)"
-    measure "$round" "$tool" check "${tool}_check"
+    # SKIP_PHASES ("tool:phase ..."): a check a server cannot serve (see the s3 scenario).
+    if [[ " ${SKIP_PHASES:-} " != *" $tool:check "* ]]; then
+        measure "$round" "$tool" check "${tool}_check"
+    fi
     printf '%s\t%s\t%s\n' "$round" "$tool" "$("${tool}_size")" >>"$SIZES"
     rm -rf "$RESTORE"
 }
@@ -212,6 +264,12 @@ run_tool() {
 tar_floor() {
     measure "$1" "tar|zstd" first bash -c "tar -C '$PRISTINE' -cf - . | zstd -3 -T2 -q -c > /dev/null"
 }
+
+if [[ $SCENARIO != mixed ]]; then
+    # shellcheck source=scripts/bench/scenarios.sh
+    source "$ROOT/scripts/bench/scenarios.sh"
+    exit 0
+fi
 
 for ((round = 1; round <= ROUNDS && REPORT_ONLY != 1; round++)); do
     # Alternate the order so no tool always runs on a warmer (or hotter) machine.
