@@ -13,7 +13,9 @@ use super::setup::{policy, setup, tenant_id};
 use crate::config::DeletionState;
 use crate::error::{Error, Result};
 use crate::format::shred::DestroyOutcome;
-use crate::jobs::shred::{self, Rewrap, ShredPreview, ShredReport, ShredRequest, ShredTarget};
+use crate::jobs::shred::{
+    self, KeyFate, PreviewState, Rewrap, ShredPreview, ShredReport, ShredRequest, ShredTarget,
+};
 use crate::keys::KeyRef;
 use crate::keys::aws_kms::PENDING_WINDOW_DAYS;
 use crate::tenant::TenantId;
@@ -182,21 +184,21 @@ fn print_preview(p: &ShredPreview) {
         None => format!("tenant {}", p.tenant),
     };
     match p.state {
-        "done" => println!(
+        PreviewState::Done => println!(
             "{what} is already shredded (certificate {}); nothing to do",
             p.certificate_id.as_deref().unwrap_or("unknown")
         ),
-        "resume" => println!(
+        PreviewState::Resume => println!(
             "{what}: an interrupted shred would be resumed after step {}",
             p.resumes_after.map(|s| s.as_str()).unwrap_or("fence")
         ),
-        _ => {
+        PreviewState::Start => {
             println!("{what} would be shredded (dry run: nothing changed)");
             for k in &p.keys {
                 let fate = match k.action {
-                    "destroy" => "destroyed",
-                    "already_gone" => "already gone (nothing to do)",
-                    _ => "left untouched (--skip-unproven-key)",
+                    KeyFate::Destroy => "destroyed",
+                    KeyFate::AlreadyGone => "already gone (nothing to do)",
+                    KeyFate::LeaveUntouched => "left untouched (--skip-unproven-key)",
                 };
                 println!("  key {} ({:?}): {fate}", k.key, k.role);
             }

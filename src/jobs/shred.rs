@@ -57,7 +57,7 @@ pub use certificate::{Certificate, CertificateError, GuaranteeKind, StoreInfo, V
 pub use decision::{ShredDecision, daemon_decision, decide, due};
 pub use issue::{certificate_path, list_certificates, load_certificate};
 pub use keys::tenant_keys;
-pub use preview::{PlannedKey, ShredPreview};
+pub use preview::{KeyFate, PlannedKey, PreviewState, ShredPreview};
 
 use crate::context::Context;
 use crate::error::{Error, Result};

@@ -20,8 +20,7 @@ pub struct ShredPreview {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u32>,
     pub dry_run: bool,
-    /// `start`, `resume` (an interrupted shred) or `done` (shredded before).
-    pub state: &'static str,
+    pub state: PreviewState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resumes_after: Option<ShredStep>,
     /// `done`: the certificate the descriptor names (unverified here:
@@ -39,13 +38,35 @@ pub struct ShredPreview {
     pub scope_root: String,
 }
 
+/// Where the shred stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreviewState {
+    /// Not begun: a run starts it.
+    Start,
+    /// Interrupted: a run resumes it.
+    Resume,
+    /// Shredded before: a run prints its certificate again.
+    Done,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PlannedKey {
     pub key: KeyRef,
     pub role: KeyRole,
-    /// `destroy`, `already_gone` (nothing to do) or `leave_untouched`
-    /// (unproven, and named by --skip-unproven-key).
-    pub action: &'static str,
+    pub action: KeyFate,
+}
+
+/// What the shred would do to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyFate {
+    /// Proven the tenant's and no one else's: destroyed.
+    Destroy,
+    /// The provider already shows it destroyed, or does not know it.
+    AlreadyGone,
+    /// Unproven, and named by `--skip-unproven-key`: not touched.
+    LeaveUntouched,
 }
 
 impl ShredPreview {
@@ -54,7 +75,7 @@ impl ShredPreview {
             tenant: repo.tenant().clone(),
             epoch,
             dry_run: true,
-            state: "start",
+            state: PreviewState::Start,
             resumes_after: None,
             certificate_id: None,
             keys: Vec::new(),
@@ -66,12 +87,12 @@ impl ShredPreview {
     }
 
     pub(super) fn resume(&mut self, after: Option<ShredStep>) {
-        self.state = "resume";
+        self.state = PreviewState::Resume;
         self.resumes_after = after;
     }
 
     pub(super) fn done(&mut self, certificate_id: Option<String>) {
-        self.state = "done";
+        self.state = PreviewState::Done;
         self.certificate_id = certificate_id;
     }
 
@@ -83,9 +104,9 @@ impl ShredPreview {
                 key: v.key,
                 role: v.role,
                 action: match v.verdict {
-                    Verdict::Destroy { .. } => "destroy",
-                    Verdict::AlreadyGone { .. } => "already_gone",
-                    Verdict::Skip => "leave_untouched",
+                    Verdict::Destroy { .. } => KeyFate::Destroy,
+                    Verdict::AlreadyGone { .. } => KeyFate::AlreadyGone,
+                    Verdict::Skip => KeyFate::LeaveUntouched,
                 },
             })
             .collect();
