@@ -232,18 +232,7 @@ async fn scope_objects(repo: &Repo) -> Result<Vec<Listed>> {
 /// Step 4: delete everything under the prefix but the descriptor.
 async fn delete(repo: &Repo, journal: &Journal) -> Result<DeletionRecord> {
     let scope = scoped(repo, SLOT.progress(repo.descriptor())?)?;
-    delete_in_scope(repo, journal, scope, |repo| {
-        async {
-            Ok(repo
-                .list_objects()
-                .await?
-                .into_iter()
-                .filter(scope::in_tenant_scope)
-                .collect())
-        }
-        .boxed()
-    })
-    .await
+    delete_in_scope(repo, journal, scope, |repo| scope_objects(repo).boxed()).await
 }
 
 /// Step 5: nothing may unwrap any more; the keys must show destruction.
