@@ -210,7 +210,6 @@ impl ShredSubject for EpochSubject<'_> {
     }
 }
 
-/// The re-wrap target the shred recorded when it started.
 /// Where a shred of `epoch` stands before this run.
 enum Situation {
     /// Interrupted after this step: the run resumes it.
@@ -287,6 +286,7 @@ pub(super) async fn preview(
     Ok(p)
 }
 
+/// The re-wrap target the shred recorded when it started.
 fn rewrap_target(repo: &Repo) -> Result<KeyRef> {
     repo.descriptor()
         .epoch_shred
