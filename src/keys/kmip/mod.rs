@@ -564,6 +564,12 @@ impl KmipProvider {
         .await
     }
 
+    /// Revoke for Cessation of Operation: Active → Deactivated.
+    async fn deactivate(&self, key: &KeyRef, uid: &str) -> Result<(), KeyError> {
+        self.revoke(key, uid, RevocationReasonCode::CessationOfOperation, None)
+            .await
+    }
+
     async fn cbc(
         &self,
         key: &KeyRef,
@@ -805,13 +811,7 @@ impl KeyProvider for KmipProvider {
         }
         for (_, obj) in &fam.versions {
             if obj.state == State::Active {
-                self.revoke(
-                    key,
-                    &obj.uid,
-                    RevocationReasonCode::CessationOfOperation,
-                    None,
-                )
-                .await?;
+                self.deactivate(key, &obj.uid).await?;
             }
         }
         self.describe(key).await
@@ -897,13 +897,7 @@ impl KeyProvider for KmipProvider {
                 continue;
             }
             if obj.state == State::Active {
-                self.revoke(
-                    key,
-                    &obj.uid,
-                    RevocationReasonCode::CessationOfOperation,
-                    None,
-                )
-                .await?;
+                self.deactivate(key, &obj.uid).await?;
             }
             match self
                 .simple(
