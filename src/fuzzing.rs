@@ -231,7 +231,7 @@ pub fn policy_times(
     snapshots: &[crate::format::snapshot::Snapshot],
 ) {
     use crate::daemon::registry::ScheduledJob;
-    let _ = crate::jobs::forget::apply(&p.retention, snapshots, now);
+    let _ = crate::jobs::forget::apply(&p.retention.rules, snapshots, now);
     let _ = p.deletion.shred_due_at();
     let _ = crate::jobs::drill::DrillOptions::from_policy(&p.drill);
     let d = crate::format::descriptor::Descriptor::new(p.tenant.clone(), p.key.clone(), now);

@@ -2,7 +2,6 @@
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Args as ClapArgs;
 use futures::FutureExt;
@@ -10,8 +9,9 @@ use serde::Serialize;
 
 use super::output::{finish, human_bytes};
 use super::setup::{policy, setup, tenant_id};
+use crate::config::KeepRules;
 use crate::error::{Error, Result};
-use crate::jobs::forget::{self, ForgetReport, Retention};
+use crate::jobs::forget::{self, ForgetReport};
 use crate::jobs::prune::{self, PruneReport};
 use crate::jobs::runner::{JobSpec, run_job};
 use crate::pipeline::packer::PackerConfig;
@@ -20,22 +20,9 @@ use crate::report::{JobKind, JobOutput};
 #[derive(ClapArgs)]
 pub struct ForgetArgs {
     pub tenant: String,
-    /// Keep the N newest snapshots.
-    #[arg(long, value_name = "N")]
-    pub keep_last: Option<u32>,
-    #[arg(long, value_name = "N")]
-    pub keep_hourly: Option<u32>,
-    #[arg(long, value_name = "N")]
-    pub keep_daily: Option<u32>,
-    #[arg(long, value_name = "N")]
-    pub keep_weekly: Option<u32>,
-    #[arg(long, value_name = "N")]
-    pub keep_monthly: Option<u32>,
-    #[arg(long, value_name = "N")]
-    pub keep_yearly: Option<u32>,
-    /// Keep every snapshot taken within this long before now (e.g. 30d).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub keep_within: Option<Duration>,
+    /// The keep rules; without any `--keep-*` flag, the policy's `[retention]`.
+    #[command(flatten)]
+    pub keep: Option<KeepRules>,
     /// Prune afterwards: remove data no remaining snapshot needs.
     #[arg(long)]
     pub prune: bool,
@@ -58,10 +45,6 @@ pub struct PruneArgs {
     pub json: bool,
 }
 
-fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    crate::config::units::parse_duration(s)
-}
-
 #[derive(Serialize)]
 struct ForgetPrune {
     forget: ForgetReport,
@@ -69,33 +52,6 @@ struct ForgetPrune {
 }
 
 impl JobOutput for ForgetPrune {}
-
-impl ForgetArgs {
-    /// Flags, if any were given; else None (use the policy).
-    fn rules(&self) -> Option<Retention> {
-        let flags = [
-            self.keep_last,
-            self.keep_hourly,
-            self.keep_daily,
-            self.keep_weekly,
-            self.keep_monthly,
-            self.keep_yearly,
-        ];
-        if flags.iter().all(Option::is_none) && self.keep_within.is_none() {
-            return None;
-        }
-        Some(Retention {
-            keep_last: self.keep_last.unwrap_or(0),
-            keep_hourly: self.keep_hourly.unwrap_or(0),
-            keep_daily: self.keep_daily.unwrap_or(0),
-            keep_weekly: self.keep_weekly.unwrap_or(0),
-            keep_monthly: self.keep_monthly.unwrap_or(0),
-            keep_yearly: self.keep_yearly.unwrap_or(0),
-            keep_within: self.keep_within,
-            ..Retention::empty()
-        })
-    }
-}
 
 pub async fn run_forget(config: Option<&Path>, args: ForgetArgs) -> ExitCode {
     let json = args.json;
@@ -132,9 +88,9 @@ async fn forget(config: Option<&Path>, args: ForgetArgs) -> Result<ForgetPrune> 
     let s = setup(config).await?;
     let tenant = tenant_id(&args.tenant)?;
     let policy = policy(&s.config, &tenant)?;
-    let rules = match (args.rules(), &policy) {
+    let rules = match (args.keep, &policy) {
         (Some(r), _) => r,
-        (None, Some(p)) => p.retention.clone(),
+        (None, Some(p)) => p.retention.rules.clone(),
         (None, None) => {
             return Err(Error::InvalidArgument(format!(
                 "tenant {tenant} has no policy: give the retention rules as --keep-* flags"
@@ -231,4 +187,42 @@ fn print_deferred(job: &str, d: &crate::jobs::deletion::Deferred) {
         d.waited_s,
         d.readers.join(", ")
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        forget: ForgetArgs,
+    }
+
+    fn keep(args: &[&str]) -> Option<KeepRules> {
+        let argv = ["custos", "acme"].iter().chain(args);
+        Cli::try_parse_from(argv).unwrap().forget.keep
+    }
+
+    /// No `--keep-*` flag means the policy's rules; any flag, even one that
+    /// says 0, means the flags alone (so `--keep-last 0` is refused as
+    /// keeping nothing rather than quietly falling back to the policy).
+    #[test]
+    fn keep_flags_replace_the_policy_only_when_given() {
+        assert_eq!(keep(&[]), None);
+        assert_eq!(keep(&["--prune", "--dry-run"]), None);
+        let zero = keep(&["--keep-last", "0"]).unwrap();
+        assert!(zero.keeps_nothing());
+        let rules = keep(&["--keep-daily", "3", "--keep-within", "2d"]).unwrap();
+        assert_eq!(
+            rules,
+            KeepRules {
+                keep_daily: 3,
+                keep_within: Some(std::time::Duration::from_secs(2 * 86_400)),
+                ..KeepRules::default()
+            }
+        );
+        assert!(Cli::try_parse_from(["custos", "acme", "--keep-last", "-1"]).is_err());
+    }
 }

@@ -27,7 +27,7 @@ mod walk;
 pub use diag::{PolicyError, PolicyErrors};
 pub use policy::{
     BackupPolicy, CheckPolicy, DeletionPolicy, DeletionState, DrillMode, DrillPick, DrillPolicy,
-    PathGlobs, Policy, RetentionPolicy, RotationPolicy, SourceSpec, VerifyCommand,
+    KeepRules, PathGlobs, Policy, RetentionPolicy, RotationPolicy, SourceSpec, VerifyCommand,
 };
 pub use policy_set::{
     DeclaredKey, PolicyChanges, PolicyFile, PolicySet, TenantSummary, ValidationReport,

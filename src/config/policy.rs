@@ -194,20 +194,12 @@ impl Default for BackupPolicy {
     }
 }
 
-/// `[retention]`: which snapshots `forget` keeps (restic semantics: a snapshot
-/// is kept if any rule keeps it). Also built from CLI flags, so every field is public.
+/// `[retention]`: which snapshots `forget` keeps, when the daemon forgets,
+/// and whether it prunes afterwards.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RetentionPolicy {
-    pub keep_last: u32,
-    pub keep_hourly: u32,
-    pub keep_daily: u32,
-    pub keep_weekly: u32,
-    pub keep_monthly: u32,
-    pub keep_yearly: u32,
-    /// Keep every snapshot younger than this. Time-based rules resist
-    /// retention poisoning (fake snapshots pushing real ones out of keep_last).
-    #[serde(with = "serde_opt_duration")]
-    pub keep_within: Option<Duration>,
+    #[serde(flatten)]
+    pub rules: KeepRules,
     /// When the daemon runs forget (and prune); none: only on demand.
     pub schedule: Option<Schedule>,
     /// Remove unreferenced packs after forgetting.
@@ -218,35 +210,54 @@ pub struct RetentionPolicy {
 impl Default for RetentionPolicy {
     fn default() -> Self {
         RetentionPolicy {
-            keep_last: 7,
-            keep_hourly: 0,
-            keep_daily: 7,
-            keep_weekly: 4,
-            keep_monthly: 12,
-            keep_yearly: 0,
-            keep_within: None,
+            rules: KeepRules {
+                keep_last: 7,
+                keep_daily: 7,
+                keep_weekly: 4,
+                keep_monthly: 12,
+                ..KeepRules::default()
+            },
             schedule: None,
             prune: true,
         }
     }
 }
 
-impl RetentionPolicy {
-    /// A policy that keeps nothing and prunes nothing: the starting point for CLI flags.
-    pub fn empty() -> Self {
-        RetentionPolicy {
-            keep_last: 0,
-            keep_hourly: 0,
-            keep_daily: 0,
-            keep_weekly: 0,
-            keep_monthly: 0,
-            keep_yearly: 0,
-            keep_within: None,
-            schedule: None,
-            prune: false,
-        }
-    }
+/// The keep rules (restic semantics: a snapshot is kept if any rule keeps
+/// it). Declared once for both front ends: a policy's `[retention]` table
+/// fills it, and so do `custos forget`'s `--keep-*` flags. The default keeps
+/// nothing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, clap::Args)]
+pub struct KeepRules {
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub keep_last: u32,
+    /// Keep the newest snapshot of each of the last N hours that have one.
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub keep_hourly: u32,
+    /// Keep the newest snapshot of each of the last N days that have one.
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub keep_daily: u32,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have one.
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub keep_weekly: u32,
+    /// Keep the newest snapshot of each of the last N months that have one.
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub keep_monthly: u32,
+    /// Keep the newest snapshot of each of the last N years that have one.
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub keep_yearly: u32,
+    /// Keep every snapshot taken within this long before now (e.g. 30d).
+    ///
+    /// Measured from the clock, not from the newest snapshot, so time-based
+    /// rules resist retention poisoning (snapshots forged with future times
+    /// pushing real ones out of keep_last).
+    #[arg(long, value_name = "DURATION", value_parser = super::units::parse_duration)]
+    #[serde(with = "serde_opt_duration")]
+    pub keep_within: Option<Duration>,
+}
 
+impl KeepRules {
     /// True when no rule keeps anything: applying it would forget every snapshot.
     pub fn keeps_nothing(&self) -> bool {
         let counts = [
@@ -260,7 +271,7 @@ impl RetentionPolicy {
         counts.iter().all(|&n| n == 0) && self.keep_within.is_none_or(|d| d.is_zero())
     }
 
-    /// Refuses a policy that would forget every snapshot.
+    /// Refuses rules that would forget every snapshot.
     pub fn validate(&self) -> Result<(), String> {
         if self.keeps_nothing() {
             return Err("keeps no snapshot (every keep_* is 0 and keep_within is not set): it would forget every \
@@ -1118,12 +1129,12 @@ fn parse_retention(d: &mut Diags<'_>, t: &Table<'_>) -> RetentionPolicy {
     let mut r = RetentionPolicy::default();
     let mut ok = true;
     for (key, slot) in [
-        ("keep_last", &mut r.keep_last),
-        ("keep_hourly", &mut r.keep_hourly),
-        ("keep_daily", &mut r.keep_daily),
-        ("keep_weekly", &mut r.keep_weekly),
-        ("keep_monthly", &mut r.keep_monthly),
-        ("keep_yearly", &mut r.keep_yearly),
+        ("keep_last", &mut r.rules.keep_last),
+        ("keep_hourly", &mut r.rules.keep_hourly),
+        ("keep_daily", &mut r.rules.keep_daily),
+        ("keep_weekly", &mut r.rules.keep_weekly),
+        ("keep_monthly", &mut r.rules.keep_monthly),
+        ("keep_yearly", &mut r.rules.keep_yearly),
     ] {
         if let Some(item) = t.get(key) {
             match count(d, &item) {
@@ -1133,14 +1144,14 @@ fn parse_retention(d: &mut Diags<'_>, t: &Table<'_>) -> RetentionPolicy {
         }
     }
     if let Some(item) = t.get("keep_within") {
-        r.keep_within = d.duration(&item);
-        ok &= r.keep_within.is_some();
+        r.rules.keep_within = d.duration(&item);
+        ok &= r.rules.keep_within.is_some();
     }
     r.schedule = opt(d, t, "schedule", |d, i| d.schedule(i));
     if let Some(v) = opt(d, t, "prune", |d, i| d.bool(i)) {
         r.prune = v;
     }
-    if ok && let Err(e) = r.validate() {
+    if ok && let Err(e) = r.rules.validate() {
         let (file, offset) = t.anchor.unwrap_or((0, None));
         d.error(file, offset, format!("retention: {e}"));
     }
@@ -1467,18 +1478,18 @@ mod tests {
     }
 
     #[test]
-    fn retention_from_flags() {
-        let mut r = RetentionPolicy::empty();
+    fn keep_rules_that_keep_nothing_are_refused() {
+        let mut r = KeepRules::default();
         assert!(r.keeps_nothing());
         assert!(r.validate().unwrap_err().contains("keeps no snapshot"));
         r.keep_daily = 7;
         assert!(r.validate().is_ok());
-        let within = RetentionPolicy {
+        let within = KeepRules {
             keep_within: Some(DAY),
-            ..RetentionPolicy::empty()
+            ..KeepRules::default()
         };
         assert!(!within.keeps_nothing());
-        assert!(!RetentionPolicy::default().keeps_nothing());
+        assert!(!RetentionPolicy::default().rules.keeps_nothing());
     }
 
     #[test]

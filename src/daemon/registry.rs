@@ -434,12 +434,13 @@ impl JobOutput for ForgetPruneReport {
 }
 
 fn launch_forget(req: Request) -> BoxFuture<'static, Launched> {
-    let rules = req.policy.retention.clone();
+    let rules = req.policy.retention.rules.clone();
+    let then_prune = req.policy.retention.prune;
     let packer = PackerConfig::for_policy(Some(&req.policy));
     req.run(false, move |repo, lease, _| {
         async move {
             let forget = forget::run(repo, lease, &rules).await?;
-            let prune = match rules.prune {
+            let prune = match then_prune {
                 true => Some(prune::run(repo, lease, packer).await?),
                 false => None,
             };

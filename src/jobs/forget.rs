@@ -15,10 +15,7 @@ use crate::store::ObjectName;
 use crate::store::deletions::DeletionPlan;
 use crate::store::lease::LeaseGuard;
 
-/// The retention rules: a snapshot is kept if any rule keeps it. `keep_within`
-/// is measured from the clock, not from the newest snapshot, so snapshots
-/// forged with future times cannot push real ones out.
-pub use crate::config::RetentionPolicy as Retention;
+use crate::config::KeepRules;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Decision {
@@ -30,7 +27,7 @@ pub struct Decision {
 }
 
 /// Decides which snapshots to keep, newest first.
-pub fn apply(rules: &Retention, snapshots: &[Snapshot], now: DateTime<Utc>) -> Vec<Decision> {
+pub fn apply(rules: &KeepRules, snapshots: &[Snapshot], now: DateTime<Utc>) -> Vec<Decision> {
     let mut sorted: Vec<&Snapshot> = snapshots.iter().collect();
     sorted.sort_by(|a, b| b.time.cmp(&a.time).then(b.id.cmp(&a.id)));
     let mut reasons: BTreeMap<SnapshotId, Vec<&'static str>> = BTreeMap::new();
@@ -130,7 +127,7 @@ impl ForgetPlan {
 }
 
 /// Applies `rules` to the tenant's snapshots now. Deletes nothing.
-pub async fn plan(repo: &Repo, rules: &Retention) -> Result<ForgetPlan> {
+pub async fn plan(repo: &Repo, rules: &KeepRules) -> Result<ForgetPlan> {
     if rules.keeps_nothing() {
         return Err(Error::InvalidArgument(
             "the retention rules keep nothing; give at least one --keep-* rule (or set [retention] in the policy)".into(),
@@ -147,7 +144,7 @@ pub async fn plan(repo: &Repo, rules: &Retention) -> Result<ForgetPlan> {
 }
 
 /// Forgets what `rules` do not keep: [`plan`], then [`execute`].
-pub async fn run(repo: &Repo, lease: &LeaseGuard, rules: &Retention) -> Result<ForgetReport> {
+pub async fn run(repo: &Repo, lease: &LeaseGuard, rules: &KeepRules) -> Result<ForgetReport> {
     let plan = plan(repo, rules).await?;
     execute(repo, lease, plan).await
 }
@@ -271,10 +268,10 @@ mod tests {
             snap("2026-11-22T02:00:00Z"),
             snap("2026-11-22T03:00:00Z"),
         ];
-        let rules = Retention {
+        let rules = KeepRules {
             keep_last: 1,
             keep_daily: 2,
-            ..Retention::empty()
+            ..KeepRules::default()
         };
         let d = apply(&rules, &snaps, "2026-11-23T00:00:00Z".parse().unwrap());
         let kept: Vec<_> = d
@@ -293,9 +290,9 @@ mod tests {
     fn within_is_measured_from_now_not_from_forged_future_snapshots() {
         let mut snaps = vec![snap("2026-11-22T00:00:00Z")];
         snaps.push(snap("2030-01-01T00:00:00Z")); // forged far in the future
-        let rules = Retention {
+        let rules = KeepRules {
             keep_within: Some(std::time::Duration::from_secs(3 * 86400)),
-            ..Retention::empty()
+            ..KeepRules::default()
         };
         let d = apply(&rules, &snaps, "2026-11-23T00:00:00Z".parse().unwrap());
         assert!(d.iter().all(|d| d.keep), "{d:?}");
@@ -312,11 +309,11 @@ mod tests {
                 snap(&t.to_rfc3339())
             })
             .collect();
-        let rules = Retention {
+        let rules = KeepRules {
             keep_weekly: 4,
             keep_monthly: 3,
             keep_yearly: 2,
-            ..Retention::empty()
+            ..KeepRules::default()
         };
         let d = apply(&rules, &snaps, Utc::now());
         assert_eq!(
@@ -341,16 +338,16 @@ mod tests {
             snap_at(DateTime::<Utc>::MAX_UTC),
         ];
         // 300000 years: from_std succeeds, the subtraction would overflow.
-        let rules = Retention {
+        let rules = KeepRules {
             keep_within: Some(std::time::Duration::from_secs(300_000 * 31_557_600)),
-            ..Retention::empty()
+            ..KeepRules::default()
         };
         let d = apply(&rules, &snaps, "2026-11-23T00:00:00Z".parse().unwrap());
         assert!(d.iter().all(|d| d.keep && d.reasons == ["within"]), "{d:?}");
         // And past what a TimeDelta holds at all.
-        let rules = Retention {
+        let rules = KeepRules {
             keep_within: Some(std::time::Duration::MAX),
-            ..Retention::empty()
+            ..KeepRules::default()
         };
         assert!(apply(&rules, &snaps, Utc::now()).iter().all(|d| d.keep));
     }
@@ -449,9 +446,9 @@ mod tests {
                 }
 
                 // The planner alone, with any duration whatever.
-                let rules = Retention {
+                let rules = KeepRules {
                     keep_within: Some(std::time::Duration::new(raw_secs, raw_nanos)),
-                    ..Retention::empty()
+                    ..KeepRules::default()
                 };
                 let decisions = apply(&rules, &snaps, now);
                 prop_assert_eq!(decisions.len(), snaps.len());

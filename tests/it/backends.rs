@@ -360,16 +360,9 @@ async fn flow(ctx: &Context, key: &KeyRef) {
     assert!(report.ok(), "{:?}", report.faults);
 
     // Forget the first snapshot, prune, check again.
-    let rules = jobs::forget::Retention {
+    let rules = custos::config::KeepRules {
         keep_last: 1,
-        keep_hourly: 0,
-        keep_daily: 0,
-        keep_weekly: 0,
-        keep_monthly: 0,
-        keep_yearly: 0,
-        keep_within: None,
-        schedule: None,
-        prune: true,
+        ..Default::default()
     };
     // A dry run is the plan: it states what the run then does, and deletes nothing.
     let planned = jobs::forget::plan(&repo, &rules).await.unwrap().preview();

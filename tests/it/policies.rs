@@ -111,14 +111,14 @@ fn shipped_policies_validate() {
     assert_eq!(p.backup.schedule.as_ref().unwrap().as_str(), "0 1 * * *");
     assert_eq!(
         (
-            p.retention.keep_last,
-            p.retention.keep_daily,
-            p.retention.keep_weekly
+            p.retention.rules.keep_last,
+            p.retention.rules.keep_daily,
+            p.retention.rules.keep_weekly
         ),
         (3, 7, 4)
     );
     assert_eq!(
-        p.retention.keep_within,
+        p.retention.rules.keep_within,
         Some(Duration::from_secs(2 * 86_400))
     );
     assert_eq!(
@@ -568,6 +568,7 @@ fn retention_that_keeps_nothing_is_refused() {
     assert_eq!(
         load_one(&[("acme.toml", &text)], "acme")
             .retention
+            .rules
             .keep_within,
         Some(Duration::from_secs(30 * 86_400))
     );
@@ -614,14 +615,20 @@ verify_command = ["other"]
     );
     // Scalars: the tenant's value wins, the rest is inherited, the rest of the rest is built in.
     assert_eq!(
-        (alpha.retention.keep_daily, alpha.retention.keep_weekly),
+        (
+            alpha.retention.rules.keep_daily,
+            alpha.retention.rules.keep_weekly
+        ),
         (3, 5)
     );
     assert_eq!(
-        (beta.retention.keep_daily, beta.retention.keep_weekly),
+        (
+            beta.retention.rules.keep_daily,
+            beta.retention.rules.keep_weekly
+        ),
         (9, 5)
     );
-    assert_eq!(alpha.retention.keep_monthly, 12);
+    assert_eq!(alpha.retention.rules.keep_monthly, 12);
     assert_eq!(alpha.drill.rto, Some(Duration::from_secs(3_600)));
     // Arrays are replaced, not merged.
     assert_eq!(alpha.sources.len(), 1);

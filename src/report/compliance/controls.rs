@@ -47,17 +47,7 @@ impl Frame<'_> {
     }
 }
 
-/// Every section and control of one tenant.
-pub struct Evaluated {
-    pub controls: Vec<Control>,
-    pub backups: Backups,
-    pub drills: Drills,
-    pub keys: Keys,
-    pub deletions: Vec<Deletion>,
-    pub integrity: Integrity,
-}
-
-pub fn evaluate(h: &History, live: &Live, f: &Frame<'_>) -> Evaluated {
+pub fn evaluate(h: &History, live: &Live, f: &Frame<'_>) -> Assessment {
     // A shredded tenant is held to nothing after its shred.
     let end = h.shredded().map(|(t, _)| t.min(f.now)).unwrap_or(f.now);
     let (backups, mut controls) = backups(h, f, end);
@@ -69,7 +59,7 @@ pub fn evaluate(h: &History, live: &Live, f: &Frame<'_>) -> Evaluated {
     controls.extend(c);
     let (integrity, c) = integrity(h, f);
     controls.extend(c);
-    Evaluated {
+    Assessment {
         controls,
         backups,
         drills,
@@ -1021,7 +1011,7 @@ mod tests {
         )
     }
 
-    fn evaluate_at(records: &[AuditRecord], hours: i64) -> Evaluated {
+    fn evaluate_at(records: &[AuditRecord], hours: i64) -> Assessment {
         let h = History::of(records, &TenantId::new("acme").unwrap());
         let controls = Controls::default();
         let f = Frame {
@@ -1032,7 +1022,7 @@ mod tests {
         evaluate(&h, &Live::default(), &f)
     }
 
-    fn verdict(e: &Evaluated, id: &str) -> Verdict {
+    fn verdict(e: &Assessment, id: &str) -> Verdict {
         e.controls.iter().find(|c| c.id == id).unwrap().verdict
     }
 

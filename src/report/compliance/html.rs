@@ -128,7 +128,7 @@ fn header(h: &mut String, r: &Report) {
     let ids: Vec<&'static str> = {
         let mut ids = Vec::new();
         for t in &r.tenants {
-            for c in &t.controls {
+            for c in &t.assessment.controls {
                 if !ids.contains(&c.id) {
                     ids.push(c.id);
                 }
@@ -152,7 +152,7 @@ fn header(h: &mut String, r: &Report) {
                 badge(t.verdict)
             );
             for id in &ids {
-                match t.controls.iter().find(|c| c.id == *id) {
+                match t.assessment.controls.iter().find(|c| c.id == *id) {
                     Some(c) => {
                         let _ = write!(h, "<td>{}</td>", badge(c.verdict));
                     }
@@ -204,7 +204,7 @@ fn tenant(h: &mut String, t: &TenantReport, period: &Period) {
     h.push_str(
         "</p><table><tr><th>Control</th><th>Verdict</th><th>Finding</th><th>Records</th></tr>",
     );
-    for c in &t.controls {
+    for c in &t.assessment.controls {
         let _ = write!(
             h,
             "<tr><td><strong>{}</strong><br><span class=\"cite mono\">{}</span></td><td>{}</td><td>{}</td><td class=\"cite\">{}</td></tr>",
@@ -216,11 +216,11 @@ fn tenant(h: &mut String, t: &TenantReport, period: &Period) {
         );
     }
     h.push_str("</table>");
-    backups(h, &t.backups);
-    drills(h, &t.drills, period);
-    keys(h, &t.keys);
-    deletions(h, &t.deletions);
-    integrity(h, &t.integrity);
+    backups(h, &t.assessment.backups);
+    drills(h, &t.assessment.drills, period);
+    keys(h, &t.assessment.keys);
+    deletions(h, &t.assessment.deletions);
+    integrity(h, &t.assessment.integrity);
     h.push_str("</section>");
 }
 

@@ -57,6 +57,7 @@ pub fn render(r: &Report) -> String {
     m.push_str("| Tenant | Verdict | Failed controls |\n| --- | --- | --- |\n");
     for t in &r.tenants {
         let failed: Vec<&str> = t
+            .assessment
             .controls
             .iter()
             .filter(|c| c.verdict == Verdict::Fail)
@@ -90,7 +91,7 @@ fn tenant(m: &mut String, t: &TenantReport) {
         t.state
     );
     m.push_str("| Control | Verdict | Finding | Records |\n| --- | --- | --- | --- |\n");
-    for c in &t.controls {
+    for c in &t.assessment.controls {
         let _ = writeln!(
             m,
             "| {} (`{}`) | {} | {} | {} |",
@@ -101,7 +102,7 @@ fn tenant(m: &mut String, t: &TenantReport) {
             cite(&c.evidence)
         );
     }
-    let b = &t.backups;
+    let b = &t.assessment.backups;
     let _ = writeln!(
         m,
         "\n### Backups\n\n| Runs | Succeeded | Failed | Success rate | Last success | Achieved RPO |\n| --- | --- | --- | --- | --- | --- |\n| {} | {} | {} | {} | {} | {} |",
@@ -132,11 +133,11 @@ fn tenant(m: &mut String, t: &TenantReport) {
         }
     }
     m.push_str("\n### Restore drills\n\n");
-    if t.drills.drills.is_empty() {
+    if t.assessment.drills.drills.is_empty() {
         m.push_str("No drill ran in the period.\n");
     } else {
         m.push_str("| Drill | Outcome | Reason | Restore | RTO | RTO met | Verify command | Record |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
-        for d in &t.drills.drills {
+        for d in &t.assessment.drills.drills {
             let verify = d.verify_command.as_ref().map_or("-".into(), |v| {
                 format!(
                     "{}: {}",
@@ -158,7 +159,7 @@ fn tenant(m: &mut String, t: &TenantReport) {
             );
         }
     }
-    let k = &t.keys;
+    let k = &t.assessment.keys;
     m.push_str("\n### Keys\n\n");
     if let Some(c) = &k.cmk {
         let _ = writeln!(
@@ -228,11 +229,11 @@ fn tenant(m: &mut String, t: &TenantReport) {
         }
     }
     m.push_str("\n### Deletions\n\n");
-    if t.deletions.is_empty() {
+    if t.assessment.deletions.is_empty() {
         m.push_str("No shred in the period.\n");
     } else {
         m.push_str("| Certificate | Subject | Requested | Guarantee | Verified | Certificate now | Records |\n| --- | --- | --- | --- | --- | --- | --- |\n");
-        for d in &t.deletions {
+        for d in &t.assessment.deletions {
             let _ = writeln!(
                 m,
                 "| `{}` | {} | {} | {} | {} | {}{} | {} |",
@@ -251,7 +252,7 @@ fn tenant(m: &mut String, t: &TenantReport) {
         }
     }
     m.push_str("\n### Integrity\n\n");
-    match &t.integrity.read_data_complete {
+    match &t.assessment.integrity.read_data_complete {
         Some(c) => {
             let _ = writeln!(
                 m,
@@ -263,9 +264,9 @@ fn tenant(m: &mut String, t: &TenantReport) {
         }
         None => m.push_str("No check has read every pack.\n\n"),
     }
-    if !t.integrity.checks.is_empty() {
+    if !t.assessment.integrity.checks.is_empty() {
         m.push_str("| Check | Outcome | Read data | Packs read | Faults | Record |\n| --- | --- | --- | --- | --- | --- |\n");
-        for c in &t.integrity.checks {
+        for c in &t.assessment.integrity.checks {
             let _ = writeln!(
                 m,
                 "| {} | {} | {} | {} / {} | {} | #{} |",

@@ -89,7 +89,7 @@ pub async fn build(cfg: &Config, ctx: &Context, req: &Request) -> Result<Report>
     for tenant in &tenants {
         let h = History::of(by_tenant.get(tenant).map_or(&[][..], Vec::as_slice), tenant);
         let live = live(ctx, tenant, &h, verifier.as_deref()).await;
-        let e = controls::evaluate(&h, &live, &frame);
+        let assessment = controls::evaluate(&h, &live, &frame);
         let (policy, policy_error) = match policies.get(tenant) {
             Some(Ok(p)) => (Some(policy_facts(p)), None),
             Some(Err(e)) => (None, Some(e.clone())),
@@ -97,7 +97,7 @@ pub async fn build(cfg: &Config, ctx: &Context, req: &Request) -> Result<Report>
         };
         reports.push(TenantReport {
             tenant: tenant.clone(),
-            verdict: worst(e.controls.iter().map(|c| c.verdict)),
+            verdict: worst(assessment.controls.iter().map(|c| c.verdict)),
             state: match (ev.tenants.contains(tenant), h.shredded()) {
                 (false, _) => "unknown",
                 (true, Some(_)) => "shredded",
@@ -105,12 +105,7 @@ pub async fn build(cfg: &Config, ctx: &Context, req: &Request) -> Result<Report>
             },
             policy,
             policy_error,
-            controls: e.controls,
-            backups: e.backups,
-            drills: e.drills,
-            keys: e.keys,
-            deletions: e.deletions,
-            integrity: e.integrity,
+            assessment,
         });
     }
     Ok(assemble(cfg, ctx, req, reports, ev.audit))
@@ -125,7 +120,7 @@ fn assemble(
 ) -> Report {
     let all: Vec<Verdict> = tenants
         .iter()
-        .flat_map(|t| t.controls.iter().map(|c| c.verdict))
+        .flat_map(|t| t.assessment.controls.iter().map(|c| c.verdict))
         .collect();
     let count = |v: Verdict| all.iter().filter(|&&x| x == v).count();
     let audit_verified = audit.verification.ok;

@@ -154,6 +154,15 @@ pub struct TenantReport {
     /// file, or one that does not load: `policy_error`).
     pub policy: Option<PolicyFacts>,
     pub policy_error: Option<String>,
+    /// The controls and the figures they were judged on.
+    #[serde(flatten)]
+    pub assessment: Assessment,
+}
+
+/// Every control of one tenant and the figures they were judged on
+/// (`controls::evaluate`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Assessment {
     pub controls: Vec<Control>,
     pub backups: Backups,
     pub drills: Drills,
