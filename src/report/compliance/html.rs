@@ -119,11 +119,7 @@ fn header(h: &mut String, r: &Report) {
             esc(&r.audit.verification.summary)
         );
     }
-    let _ = write!(
-        h,
-        "<p>{} tenant(s), {} controls: <strong>{} passed</strong>, <strong>{} failed</strong>, {} not applicable.</p>",
-        s.tenants, s.controls, s.passed, s.failed, s.not_applicable
-    );
+    let _ = write!(h, "<p>{}</p>", esc(&s.counts()));
     // The overview: one row per tenant, one column per control.
     let ids: Vec<&'static str> = {
         let mut ids = Vec::new();
@@ -231,9 +227,7 @@ fn backups(h: &mut String, b: &Backups) {
         b.runs,
         b.succeeded,
         b.failed,
-        b.success_rate
-            .map(|r| format!("{:.1}%", r * 100.0))
-            .unwrap_or_else(|| "-".into()),
+        b.success_rate_text(),
         b.last_success
             .as_ref()
             .map(|l| format!(
@@ -291,23 +285,7 @@ fn drills(h: &mut String, d: &Drills, period: &Period) {
     } else {
         h.push_str("<table><tr><th>Drill</th><th>Outcome</th><th>Reason</th><th>Mode</th><th>Restore</th><th>RTO</th><th>RTO met</th><th>Verify command</th><th>Records</th></tr>");
         for x in &d.drills {
-            let verify = match &x.verify_command {
-                None if x.figures_recorded => "none".into(),
-                None => "not recorded".into(),
-                Some(v) => format!(
-                    "<code>{}</code>: {}",
-                    opt(&v.program),
-                    if v.not_run {
-                        "not run".into()
-                    } else if v.timed_out {
-                        "timed out".into()
-                    } else if v.passed {
-                        "passed".into()
-                    } else {
-                        format!("failed (exit {})", opt(&v.exit_code))
-                    }
-                ),
-            };
+            let verify = esc(&x.verify_outcome());
             let _ = write!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td class=\"mono\">{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td><td>{verify}</td><td class=\"cite\">{}#{}</td></tr>",
@@ -361,11 +339,7 @@ fn keys(h: &mut String, k: &Keys) {
     if !k.keys.is_empty() {
         h.push_str("<table><tr><th>Key</th><th>Role</th><th>Provider</th><th>Held by</th><th>State now</th><th>Residency</th><th>Bound</th></tr>");
         for c in &k.keys {
-            let state = match (&c.state, &c.error) {
-                (Some(s), _) => esc(s),
-                (None, Some(e)) => format!("unknown: {}", esc(e)),
-                (None, None) => "-".into(),
-            };
+            let state = esc(&c.state_text());
             let _ = write!(
                 h,
                 "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}{}</td><td>{state}</td><td>{}</td><td class=\"cite\">{}</td></tr>",
@@ -388,15 +362,12 @@ fn keys(h: &mut String, k: &Keys) {
         for e in &k.epochs {
             let _ = write!(
                 h,
-                "<tr><td class=\"num\">{}</td><td>{}</td><td class=\"num\">{:.0} days</td><td>{}</td><td class=\"cite\">#{}{}</td></tr>",
+                "<tr><td class=\"num\">{}</td><td>{}</td><td class=\"num\">{:.0} days</td><td>{}</td><td class=\"cite\">{}</td></tr>",
                 e.epoch,
                 time(e.created_at),
                 e.age_days.floor(),
                 esc(e.state),
-                e.created_seq,
-                e.shredded_seq
-                    .map(|s| format!(", shredded #{s}"))
-                    .unwrap_or_default()
+                e.records()
             );
         }
         h.push_str("</table>");
@@ -435,10 +406,7 @@ fn deletions(h: &mut String, d: &[Deletion]) {
             h,
             "<tr><td><code>{}</code></td><td>{}</td><td>{}{}</td><td>{}</td><td class=\"mono\">{}</td><td>{}</td><td>{}{}</td><td class=\"cite\">{}</td></tr>",
             esc(&x.certificate_id),
-            match x.epoch {
-                Some(e) => format!("epoch {e}"),
-                None => "tenant".into(),
-            },
+            x.subject_label(),
             time(x.requested_at),
             x.requested_by
                 .as_deref()

@@ -49,11 +49,7 @@ pub fn render(r: &Report) -> String {
             cell(&r.audit.verification.summary)
         );
     }
-    let _ = writeln!(
-        m,
-        "{} tenant(s), {} controls: {} passed, {} failed, {} not applicable.\n",
-        s.tenants, s.controls, s.passed, s.failed, s.not_applicable
-    );
+    let _ = writeln!(m, "{}\n", s.counts());
     m.push_str("| Tenant | Verdict | Failed controls |\n| --- | --- | --- |\n");
     for t in &r.tenants {
         let failed: Vec<&str> = t
@@ -109,9 +105,7 @@ fn tenant(m: &mut String, t: &TenantReport) {
         b.runs,
         b.succeeded,
         b.failed,
-        b.success_rate
-            .map(|r| format!("{:.1}%", r * 100.0))
-            .unwrap_or_else(|| "-".into()),
+        b.success_rate_text(),
         b.last_success
             .as_ref()
             .map(|l| format!("{} (#{})", time(l.time), l.seq))
@@ -138,13 +132,7 @@ fn tenant(m: &mut String, t: &TenantReport) {
     } else {
         m.push_str("| Drill | Outcome | Reason | Restore | RTO | RTO met | Verify command | Record |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
         for d in &t.assessment.drills.drills {
-            let verify = d.verify_command.as_ref().map_or("-".into(), |v| {
-                format!(
-                    "{}: {}",
-                    opt(&v.program),
-                    if v.passed { "passed" } else { "failed" }
-                )
-            });
+            let verify = cell(&d.verify_outcome());
             let _ = writeln!(
                 m,
                 "| {} | {} | {} | {} | {} | {} | {} | #{} |",
@@ -182,11 +170,7 @@ fn tenant(m: &mut String, t: &TenantReport) {
                 c.role,
                 opt(&c.provider),
                 opt(&c.holder),
-                c.state
-                    .clone()
-                    .or_else(|| c.error.as_ref().map(|e| format!("unknown: {e}")))
-                    .map(|s| cell(&s))
-                    .unwrap_or_else(|| "-".into()),
+                cell(&c.state_text()),
                 cell(&c.residency)
             );
         }
@@ -198,15 +182,12 @@ fn tenant(m: &mut String, t: &TenantReport) {
         for e in &k.epochs {
             let _ = writeln!(
                 m,
-                "| {} | {} | {:.0} days | {} | #{}{} |",
+                "| {} | {} | {:.0} days | {} | {} |",
                 e.epoch,
                 time(e.created_at),
                 e.age_days.floor(),
                 e.state,
-                e.created_seq,
-                e.shredded_seq
-                    .map(|s| format!(", shredded #{s}"))
-                    .unwrap_or_default()
+                e.records()
             );
         }
     }
@@ -238,7 +219,7 @@ fn tenant(m: &mut String, t: &TenantReport) {
                 m,
                 "| `{}` | {} | {} | {} | {} | {}{} | {} |",
                 d.certificate_id,
-                d.epoch.map_or("tenant".into(), |e| format!("epoch {e}")),
+                d.subject_label(),
                 time(d.requested_at),
                 opt(&d.guarantee),
                 opt(&d.verified),

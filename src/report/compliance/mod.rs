@@ -20,6 +20,7 @@ pub mod history;
 pub mod html;
 pub mod md;
 pub mod model;
+mod words;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
