@@ -27,7 +27,7 @@ use crate::keys::derive::EpochKeys;
 use crate::pipeline::chunker::{ChunkError, Chunker, DATA_CHUNKS};
 use crate::pipeline::packer::{Packer, PackerConfig, Work};
 use crate::pipeline::tree::{TreeReader, TreeWriter};
-use crate::repo::Repo;
+use crate::repo::{Dedup, Repo};
 use crate::source::command::RunningCommand;
 use crate::source::walk::{Found, HardLinks, Walker, nanos, source_root_exists};
 use crate::source::{Source, origin};
@@ -101,7 +101,7 @@ pub async fn run(
     }
     let keys = repo.current_keys().await?;
     let epoch = keys.epoch();
-    let index = repo.load_index_strict().await?;
+    let index = Arc::new(repo.load_index_strict().await?);
     let (snapshots, _) = repo.list_snapshots().await?;
     let parent = snapshots.iter().rev().find(|s| s.epoch == epoch).cloned();
     // Deduplicate only against packs the store still has (one listing): a
@@ -109,7 +109,7 @@ pub async fn run(
     // (unchanged files whose blobs are gone are read again), so the snapshot
     // never names data that is not there.
     let stored_packs = repo.list_packs().await?;
-    let (known, lost) = index.stored_blobs_of_epoch(epoch, &stored_packs);
+    let (usable, lost) = index.usable_packs(epoch, &stored_packs);
     let mut warnings = Vec::new();
     if lost.blobs > 0 {
         let first = repo.store().display(&ObjectName::Pack(lost.packs[0]));
@@ -133,7 +133,7 @@ pub async fn run(
     let packer = Packer::start(
         keys.clone(),
         repo.store().clone(),
-        known,
+        Dedup::new(index.clone(), usable),
         opts.packer,
         &Handle::current(),
     );

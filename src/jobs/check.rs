@@ -12,7 +12,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::ids::{IdMap, PackId};
+use crate::format::ids::PackId;
 use crate::format::pack::{PackEntry, open_blob, open_pack};
 use crate::format::tree::EntryKind;
 use crate::pipeline::tree::TreeReader;
@@ -100,21 +100,22 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
     report.packs = packs.len();
 
     // Index entries must lie inside existing packs.
-    let mut indexed: IdMap<PackId, Vec<PackEntry>> = index.entries_by_pack();
-    for (pack, entries) in &indexed {
-        let name = repo.store().display(&ObjectName::Pack(*pack));
-        match packs.get(pack) {
+    let indexed = index.by_pack();
+    for (pack, _) in indexed.packs() {
+        let name = repo.store().display(&ObjectName::Pack(pack));
+        match packs.get(&pack) {
             None => report.faults.push(Fault {
                 object: name,
                 kind: ErrorKind::MissingObject,
                 message: format!(
                     "pack is missing; {} indexed blob(s) live in it",
-                    entries.len()
+                    indexed.len(&pack)
                 ),
             }),
             Some(&size) => {
-                if let Some(e) = entries
-                    .iter()
+                if let Some(e) = indexed
+                    .entries(&pack)
+                    .into_iter()
                     .find(|e| e.offset as u64 + e.sealed_len as u64 > size)
                 {
                     report.faults.push(Fault {
@@ -130,7 +131,7 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
             }
         }
     }
-    report.unreferenced_packs = packs.keys().filter(|p| !indexed.contains_key(p)).count();
+    report.unreferenced_packs = packs.keys().filter(|p| !indexed.contains(p)).count();
 
     // Every blob of every snapshot must be indexed.
     report.faults.extend(
@@ -221,7 +222,7 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
             .map(|(p, s)| (*p, *s))
             .collect();
         let checks = selected.into_iter().map(|(pack, size)| {
-            let expected = indexed.remove(&pack).unwrap_or_default();
+            let expected = indexed.entries(&pack);
             read_pack(repo, pack, size, expected, index.pack_epoch(&pack))
         });
         let mut stream = futures::stream::iter(checks).buffer_unordered(PACKS_IN_FLIGHT);

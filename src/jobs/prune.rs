@@ -32,7 +32,7 @@ use crate::jobs::deletion::{self, Deferred};
 use crate::pipeline::blobs::read_frame;
 use crate::pipeline::packer::{Packer, PackerConfig, Work};
 use crate::pipeline::tree::TreeReader;
-use crate::repo::{Index, Repo};
+use crate::repo::{Dedup, Index, IndexBuilder, Repo};
 use crate::store::ObjectName;
 use crate::store::deletions::{self as plans, DeletionPlan};
 use crate::store::lease::LeaseGuard;
@@ -240,7 +240,7 @@ async fn execute(
     lease.ensure_held()?;
 
     // 1. Repack live blobs of sparse packs, per epoch.
-    let mut new_index = Index::default();
+    let mut new_index = IndexBuilder::default();
     let repack_set: IdSet<PackId> = repack.iter().copied().collect();
     let drop_set: IdSet<PackId> = delete.iter().chain(&repack).copied().collect();
     let mut by_epoch: BTreeMap<u32, Vec<BlobId>> = BTreeMap::new();
@@ -255,7 +255,7 @@ async fn execute(
         let packer = Packer::start(
             keys,
             repo.store().clone(),
-            IdSet::default(),
+            Dedup::default(),
             packer_cfg,
             &Handle::current(),
         );
@@ -284,12 +284,13 @@ async fn execute(
     }
 
     // 2. Consolidated index: every live blob of kept packs, plus the repacked ones.
-    for (pack, entries) in index.entries_by_pack() {
+    let by_pack = index.by_pack();
+    for (pack, epoch) in by_pack.packs() {
         if drop_set.contains(&pack) {
             continue;
         }
-        let epoch = index.pack_epoch(&pack).expect("indexed pack has an epoch");
-        let live_entries: Vec<_> = entries
+        let live_entries: Vec<_> = by_pack
+            .entries(&pack)
             .into_iter()
             .filter(|e| used.contains(&e.id))
             .collect();
@@ -297,13 +298,16 @@ async fn execute(
             new_index.add_pack(pack, epoch, &live_entries);
         }
     }
+    drop(by_pack);
+    let new_index = new_index.build();
+    let new_by_pack = new_index.by_pack();
     let mut written = Vec::new();
     for epoch in epochs_in(&new_index) {
         let keys = repo.epoch_keys(epoch).await?;
         let mut file = IndexFile::default();
-        for (pack, entries) in new_index.entries_by_pack() {
-            if new_index.pack_epoch(&pack) == Some(epoch) {
-                file.packs.push((pack, entries));
+        for (pack, pack_epoch) in new_by_pack.packs() {
+            if pack_epoch == epoch {
+                file.packs.push((pack, new_by_pack.entries(&pack)));
             }
         }
         file.packs.sort_by_key(|(p, _)| *p);

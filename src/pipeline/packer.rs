@@ -22,10 +22,11 @@ use futures::stream::FuturesUnordered;
 use tokio::runtime::Handle;
 
 use crate::error::{Error, Result};
-use crate::format::ids::{BlobId, IdSet, PackId};
+use crate::format::ids::{BlobId, PackId};
 use crate::format::index::IndexFile;
 use crate::format::pack::{BlobKind, FinishedPack, PackEntry, PackWriter, encode_frame};
 use crate::keys::derive::EpochKeys;
+use crate::repo::Dedup;
 use crate::store::{ObjectName, TenantStore};
 
 #[derive(Debug, Clone, Copy)]
@@ -94,7 +95,7 @@ pub struct PackerOutput {
 }
 
 pub struct Packer {
-    known: Mutex<IdSet<BlobId>>,
+    known: Mutex<Dedup>,
     work_tx: Option<SyncSender<Work>>,
     workers: Vec<std::thread::JoinHandle<()>>,
     uploader: tokio::task::JoinHandle<PackerOutput>,
@@ -153,12 +154,12 @@ impl Shared {
 }
 
 impl Packer {
-    /// Starts workers and the uploader. `known` holds the blobs already stored
-    /// in this epoch (deduplication set); `rt` runs the uploads.
+    /// Starts workers and the uploader. `known` says which blobs are already
+    /// stored in this epoch (deduplication); `rt` runs the uploads.
     pub fn start(
         keys: Arc<EpochKeys>,
         store: TenantStore,
-        known: IdSet<BlobId>,
+        known: Dedup,
         cfg: PackerConfig,
         rt: &Handle,
     ) -> Self {
@@ -208,7 +209,7 @@ impl Packer {
         self.known
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(*id)
+            .claim(id)
     }
 
     pub fn is_known(&self, id: &BlobId) -> bool {

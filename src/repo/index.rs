@@ -2,6 +2,8 @@
 //! index files. Ids are keyed per epoch, so blobs of different epochs never
 //! collide and one map serves them all.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use crate::format::ids::{BlobId, IdMap, IndexId, PackId};
 use crate::format::index::IndexFile;
 use crate::format::pack::{BlobKind, PackEntry, min_pack_len};
@@ -17,6 +19,12 @@ pub struct Location {
     pub kind: BlobKind,
 }
 
+/// The index of a tenant, read-only once built ([`IndexBuilder::build`]).
+///
+/// Blobs are one table sorted by id, searched by bisection: 56 bytes a blob,
+/// where a hash map took about twice that with its empty slots, and the
+/// deduplication set a backup needs is a view of it ([`Dedup`]) rather than
+/// a second copy of every id. Millions of files fit in a few hundred MiB.
 #[derive(Debug, Default)]
 pub struct Index {
     /// Pack ids and the epoch each pack was sealed under.
@@ -26,7 +34,8 @@ pub struct Index {
     /// the whole pack can have follows ([`min_pack_len`]).
     extents: Vec<(u64, u64)>,
     pack_slots: IdMap<PackId, u32>,
-    blobs: IdMap<BlobId, Location>,
+    /// Every blob's location, sorted by id, each id once.
+    blobs: Vec<(BlobId, Location)>,
     /// Further locations of blobs indexed more than once in different packs
     /// (a blob stored again after its pack was lost, an interrupted repack),
     /// until [`Index::prefer_stored`] has chosen among them.
@@ -35,7 +44,7 @@ pub struct Index {
     pub files: Vec<(IndexId, u32)>,
 }
 
-/// What [`Index::stored_blobs_of_epoch`] found missing.
+/// What [`Index::usable_packs`] found missing.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct LostBlobs {
     /// Indexed blobs of the epoch whose pack is not in the store (or is
@@ -45,47 +54,72 @@ pub struct LostBlobs {
     pub packs: Vec<PackId>,
 }
 
-impl Index {
+/// Collects index files and packs, then sorts them into an [`Index`].
+#[derive(Debug, Default)]
+pub struct IndexBuilder {
+    index: Index,
+}
+
+impl IndexBuilder {
     pub fn add_file(&mut self, id: IndexId, epoch: u32, file: &IndexFile) {
-        self.files.push((id, epoch));
+        self.index.files.push((id, epoch));
         for (pack, entries) in &file.packs {
             self.add_pack(*pack, epoch, entries);
         }
     }
 
     pub fn add_pack(&mut self, pack: PackId, epoch: u32, entries: &[PackEntry]) {
-        let slot = *self.pack_slots.entry(pack).or_insert_with(|| {
-            self.packs.push((pack, epoch));
-            self.extents.push((0, 0));
-            (self.packs.len() - 1) as u32
+        let ix = &mut self.index;
+        let slot = *ix.pack_slots.entry(pack).or_insert_with(|| {
+            ix.packs.push((pack, epoch));
+            ix.extents.push((0, 0));
+            (ix.packs.len() - 1) as u32
         });
+        let extent = &mut ix.extents[slot as usize];
         for e in entries {
-            let extent = &mut self.extents[slot as usize];
             extent.0 = extent.0.max(u64::from(e.offset) + u64::from(e.sealed_len));
             extent.1 = extent.1.max(u64::from(e.segment) + 1);
-            let loc = Location {
-                pack: slot,
-                segment: e.segment,
-                offset: e.offset,
-                sealed_len: e.sealed_len,
-                raw_len: e.raw_len,
-                kind: e.kind,
-            };
-            // Duplicates (after an interrupted repack, or a blob stored again
-            // after its pack was lost): the first is used, the others are kept
-            // aside for `prefer_stored`, which picks one whose pack exists.
-            match self.blobs.entry(e.id) {
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(loc);
-                }
-                std::collections::hash_map::Entry::Occupied(o) if o.get().pack != slot => {
-                    self.alternatives.entry(e.id).or_default().push(loc);
-                }
-                std::collections::hash_map::Entry::Occupied(_) => {}
-            }
         }
+        ix.blobs.extend(entries.iter().map(|e| {
+            (
+                e.id,
+                Location {
+                    pack: slot,
+                    segment: e.segment,
+                    offset: e.offset,
+                    sealed_len: e.sealed_len,
+                    raw_len: e.raw_len,
+                    kind: e.kind,
+                },
+            )
+        }));
     }
 
+    /// Sorts the blobs by id. Duplicates (after an interrupted repack, or a
+    /// blob stored again after its pack was lost): the first added is used,
+    /// the others are kept aside for `prefer_stored`, which picks one whose
+    /// pack exists; a repeat within the same pack is dropped.
+    pub fn build(self) -> Index {
+        let mut ix = self.index;
+        // Stable: among equal ids, the order of adding decides.
+        ix.blobs.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut alternatives: IdMap<BlobId, Vec<Location>> = IdMap::default();
+        ix.blobs.dedup_by(|later, first| {
+            if later.0 != first.0 {
+                return false;
+            }
+            if later.1.pack != first.1.pack {
+                alternatives.entry(later.0).or_default().push(later.1);
+            }
+            true
+        });
+        ix.blobs.shrink_to_fit();
+        ix.alternatives = alternatives;
+        ix
+    }
+}
+
+impl Index {
     /// True when some blob is indexed in more than one pack and
     /// [`Index::prefer_stored`] has not yet chosen.
     pub fn has_alternatives(&self) -> bool {
@@ -98,17 +132,17 @@ impl Index {
     /// its new pack, whatever order the index files were loaded in, while the
     /// lost pack's other blobs stay indexed there (and `check` keeps
     /// reporting them). Returns how many blobs moved.
-    pub fn prefer_stored(&mut self, stored: &std::collections::BTreeMap<PackId, u64>) -> usize {
+    pub fn prefer_stored(&mut self, stored: &BTreeMap<PackId, u64>) -> usize {
         let mut moved = 0;
         for (id, alternatives) in std::mem::take(&mut self.alternatives) {
-            let Some(&current) = self.blobs.get(&id) else {
+            let Some(i) = self.position(&id) else {
                 continue;
             };
-            if self.is_stored(current.pack, stored) {
+            if self.is_stored(self.blobs[i].1.pack, stored) {
                 continue;
             }
             if let Some(better) = alternatives.iter().find(|l| self.is_stored(l.pack, stored)) {
-                self.blobs.insert(id, *better);
+                self.blobs[i].1 = *better;
                 moved += 1;
             }
         }
@@ -117,18 +151,14 @@ impl Index {
 
     /// True when the pack of `loc` is listed in `stored` (pack → size) and
     /// long enough for every blob the index places in it.
-    pub fn is_stored_at(
-        &self,
-        loc: &Location,
-        stored: &std::collections::BTreeMap<PackId, u64>,
-    ) -> bool {
+    pub fn is_stored_at(&self, loc: &Location, stored: &BTreeMap<PackId, u64>) -> bool {
         self.is_stored(loc.pack, stored)
     }
 
     /// True when the pack in `slot` is listed in `stored` (pack → size) and
     /// long enough for every blob the index places in it: a pack that lost
     /// its end lost its directory, which every reader authenticates first.
-    fn is_stored(&self, slot: u32, stored: &std::collections::BTreeMap<PackId, u64>) -> bool {
+    fn is_stored(&self, slot: u32, stored: &BTreeMap<PackId, u64>) -> bool {
         let (pack, _) = self.packs[slot as usize];
         let (end, blobs) = self.extents[slot as usize];
         stored
@@ -136,12 +166,16 @@ impl Index {
             .is_some_and(|&size| size >= min_pack_len(end, blobs))
     }
 
+    fn position(&self, id: &BlobId) -> Option<usize> {
+        self.blobs.binary_search_by(|(b, _)| b.cmp(id)).ok()
+    }
+
     pub fn get(&self, id: &BlobId) -> Option<&Location> {
-        self.blobs.get(id)
+        self.position(id).map(|i| &self.blobs[i].1)
     }
 
     pub fn contains(&self, id: &BlobId) -> bool {
-        self.blobs.contains_key(id)
+        self.position(id).is_some()
     }
 
     pub fn pack(&self, loc: &Location) -> (PackId, u32) {
@@ -160,58 +194,145 @@ impl Index {
         self.blobs.len()
     }
 
+    /// Every blob and its location, in id order.
     pub fn blobs(&self) -> impl Iterator<Item = (&BlobId, &Location)> {
-        self.blobs.iter()
+        self.blobs.iter().map(|(id, l)| (id, l))
     }
 
-    /// The deduplication set of a backup in `epoch` that trusts only packs
-    /// the store lists (`stored`: pack → size): a blob whose pack is gone, or
-    /// shorter than the blobs indexed in it need (truncated), is left out, so
-    /// the backup stores it again rather than name data that is lost. Also
-    /// returns what was left out.
-    pub fn stored_blobs_of_epoch(
+    /// Which packs a backup in `epoch` may deduplicate against: those of the
+    /// epoch that the store lists (`stored`: pack → size) whole. A blob whose
+    /// pack is gone, or shorter than the blobs indexed in it need
+    /// (truncated), is left out, so the backup stores it again rather than
+    /// name data that is lost. Also returns what was left out.
+    pub fn usable_packs(
         &self,
         epoch: u32,
-        stored: &std::collections::BTreeMap<PackId, u64>,
-    ) -> (crate::format::ids::IdSet<BlobId>, LostBlobs) {
-        let mut known = crate::format::ids::IdSet::default();
+        stored: &BTreeMap<PackId, u64>,
+    ) -> (Vec<bool>, LostBlobs) {
+        let usable: Vec<bool> = (0..self.packs.len() as u32)
+            .map(|slot| self.packs[slot as usize].1 == epoch && self.is_stored(slot, stored))
+            .collect();
         let mut lost = LostBlobs::default();
-        let mut lost_packs = std::collections::BTreeSet::new();
-        for (id, l) in &self.blobs {
+        let mut lost_packs = BTreeSet::new();
+        for (_, l) in &self.blobs {
             let (pack, pack_epoch) = self.packs[l.pack as usize];
-            if pack_epoch != epoch {
-                continue;
-            }
-            if self.is_stored(l.pack, stored) {
-                known.insert(*id);
-            } else {
+            if pack_epoch == epoch && !usable[l.pack as usize] {
                 lost.blobs += 1;
                 lost_packs.insert(pack);
             }
         }
         lost.packs = lost_packs.into_iter().collect();
-        (known, lost)
+        (usable, lost)
     }
 
-    /// Entries grouped by pack, for writing a consolidated index.
-    pub fn entries_by_pack(&self) -> IdMap<PackId, Vec<PackEntry>> {
-        let mut out: IdMap<PackId, Vec<PackEntry>> = IdMap::default();
-        for (id, l) in &self.blobs {
-            out.entry(self.packs[l.pack as usize].0)
-                .or_default()
-                .push(PackEntry {
+    /// The chosen entries grouped by pack, each group in segment order: the
+    /// shape of an index file. Costs 4 bytes a blob beside the index.
+    pub fn by_pack(&self) -> ByPack<'_> {
+        let mut order: Vec<u32> = (0..self.blobs.len() as u32).collect();
+        order.sort_unstable_by_key(|&i| {
+            let l = &self.blobs[i as usize].1;
+            (l.pack, l.segment)
+        });
+        let mut starts: IdMap<PackId, (u32, u32, u32)> = IdMap::default();
+        let mut i = 0;
+        while i < order.len() {
+            let slot = self.blobs[order[i] as usize].1.pack;
+            let mut j = i;
+            while j < order.len() && self.blobs[order[j] as usize].1.pack == slot {
+                j += 1;
+            }
+            starts.insert(self.packs[slot as usize].0, (slot, i as u32, j as u32));
+            i = j;
+        }
+        ByPack {
+            index: self,
+            order,
+            starts,
+        }
+    }
+}
+
+/// [`Index::by_pack`]: the index's entries grouped by pack.
+pub struct ByPack<'a> {
+    index: &'a Index,
+    /// Positions in `index.blobs`, sorted by pack slot and segment.
+    order: Vec<u32>,
+    /// Per pack with entries: its slot and its run in `order`.
+    starts: IdMap<PackId, (u32, u32, u32)>,
+}
+
+impl ByPack<'_> {
+    /// The packs with at least one entry, with their epochs.
+    pub fn packs(&self) -> impl Iterator<Item = (PackId, u32)> + '_ {
+        self.starts
+            .iter()
+            .map(|(pack, &(slot, _, _))| (*pack, self.index.packs[slot as usize].1))
+    }
+
+    pub fn contains(&self, pack: &PackId) -> bool {
+        self.starts.contains_key(pack)
+    }
+
+    /// The entries in `pack`, in segment order; empty for a pack without any.
+    pub fn entries(&self, pack: &PackId) -> Vec<PackEntry> {
+        let Some(&(_, from, to)) = self.starts.get(pack) else {
+            return Vec::new();
+        };
+        self.order[from as usize..to as usize]
+            .iter()
+            .map(|&i| {
+                let (id, l) = &self.index.blobs[i as usize];
+                PackEntry {
                     id: *id,
                     kind: l.kind,
                     segment: l.segment,
                     offset: l.offset,
                     sealed_len: l.sealed_len,
                     raw_len: l.raw_len,
-                });
+                }
+            })
+            .collect()
+    }
+
+    pub fn len(&self, pack: &PackId) -> usize {
+        self.starts
+            .get(pack)
+            .map_or(0, |&(_, from, to)| (to - from) as usize)
+    }
+}
+
+/// The deduplication set of one backup: the blobs the index places in usable
+/// packs of its epoch ([`Index::usable_packs`]), plus those claimed since.
+/// The default knows nothing (a repack writes every blob it is given).
+#[derive(Default)]
+pub struct Dedup {
+    index: std::sync::Arc<Index>,
+    usable: Vec<bool>,
+    claimed: crate::format::ids::IdSet<BlobId>,
+}
+
+impl Dedup {
+    pub fn new(index: std::sync::Arc<Index>, usable: Vec<bool>) -> Self {
+        Dedup {
+            index,
+            usable,
+            claimed: Default::default(),
         }
-        for v in out.values_mut() {
-            v.sort_by_key(|e| e.segment);
-        }
-        out
+    }
+
+    pub fn contains(&self, id: &BlobId) -> bool {
+        self.claimed.contains(id) || self.is_stored(id)
+    }
+
+    /// True (and now claimed) if `id` is not stored yet.
+    pub fn claim(&mut self, id: &BlobId) -> bool {
+        !self.is_stored(id) && self.claimed.insert(*id)
+    }
+
+    fn is_stored(&self, id: &BlobId) -> bool {
+        self.index
+            .get(id)
+            .is_some_and(|l| self.usable.get(l.pack as usize).copied().unwrap_or(false))
     }
 }
 
@@ -240,7 +361,7 @@ mod tests {
         let (lost, new) = (PackId::random(), PackId::random());
         let stored = BTreeMap::from([(new, 10_000)]);
         for lost_first in [true, false] {
-            let mut index = Index::default();
+            let mut builder = IndexBuilder::default();
             let old_file = (lost, vec![entry(x, 0), entry(y, 100)]);
             let new_file = (new, vec![entry(x, 500)]);
             let (a, b) = if lost_first {
@@ -248,8 +369,9 @@ mod tests {
             } else {
                 (new_file, old_file)
             };
-            index.add_pack(a.0, 1, &a.1);
-            index.add_pack(b.0, 1, &b.1);
+            builder.add_pack(a.0, 1, &a.1);
+            builder.add_pack(b.0, 1, &b.1);
+            let mut index = builder.build();
             assert!(index.has_alternatives());
             let moved = index.prefer_stored(&stored);
             assert_eq!(moved, usize::from(lost_first));
@@ -259,9 +381,9 @@ mod tests {
             // y was not stored again: it stays indexed in the lost pack.
             assert_eq!(index.pack(index.get(&y).unwrap()).0, lost);
             // A consolidated index drops the superseded entry, keeps y's.
-            let by_pack = index.entries_by_pack();
-            assert_eq!(by_pack[&lost].len(), 1);
-            assert_eq!(by_pack[&new].len(), 1);
+            let by_pack = index.by_pack();
+            assert_eq!(by_pack.entries(&lost), vec![entry(y, 100)]);
+            assert_eq!(by_pack.entries(&new), vec![entry(x, 500)]);
         }
     }
 
@@ -279,23 +401,30 @@ mod tests {
             PackId::random(),
             PackId::random(),
         );
-        let mut index = Index::default();
-        index.add_pack(kept, 1, &[entry(x, 84)]);
-        index.add_pack(lost, 1, &[entry(y, 84)]);
+        let mut builder = IndexBuilder::default();
+        builder.add_pack(kept, 1, &[entry(x, 84)]);
+        builder.add_pack(lost, 1, &[entry(y, 84)]);
         // Listed, but cut short: its directory is gone, so both of its blobs
         // are lost, even the one whose bytes are still there.
-        index.add_pack(truncated, 1, &[entry(z, 84), entry(w, 184)]);
-        index.add_pack(other_epoch, 2, &[entry(BlobId::random(), 84)]);
+        builder.add_pack(truncated, 1, &[entry(z, 84), entry(w, 184)]);
+        let foreign = BlobId::random();
+        builder.add_pack(other_epoch, 2, &[entry(foreign, 84)]);
+        let index = std::sync::Arc::new(builder.build());
         let whole = |end: u64, n: u64| min_pack_len(end, n);
         let stored = BTreeMap::from([
             (kept, whole(184, 1)),
             (truncated, whole(284, 2) - 1),
             (other_epoch, whole(184, 1)),
         ]);
-        let (known, lost_blobs) = index.stored_blobs_of_epoch(1, &stored);
-        assert!(known.contains(&x));
-        assert!(!known.contains(&y) && !known.contains(&z) && !known.contains(&w));
-        assert_eq!(known.len(), 1);
+        let (usable, lost_blobs) = index.usable_packs(1, &stored);
+        let mut known = Dedup::new(index.clone(), usable);
+        assert!(known.contains(&x) && !known.claim(&x));
+        for other in [y, z, w, foreign] {
+            assert!(!known.contains(&other));
+        }
+        // A lost blob is claimed once (stored again by this backup), then known.
+        assert!(known.claim(&y));
+        assert!(!known.claim(&y) && known.contains(&y));
         assert_eq!(lost_blobs.blobs, 3);
         let mut want = vec![lost, truncated];
         want.sort();
@@ -306,6 +435,6 @@ mod tests {
             (lost, whole(184, 1)),
             (truncated, whole(284, 2)),
         ]);
-        assert_eq!(index.stored_blobs_of_epoch(1, &all).1, LostBlobs::default());
+        assert_eq!(index.usable_packs(1, &all).1, LostBlobs::default());
     }
 }

@@ -14,13 +14,13 @@ use futures::StreamExt;
 use object_store::{PutMode, UpdateVersion};
 use tokio::sync::Mutex;
 
-pub use index::{Index, Location};
+pub use index::{ByPack, Dedup, Index, IndexBuilder, Location};
 
 use crate::context::Context;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::descriptor::{Descriptor, EpochState, Lifecycle};
 use crate::format::envelope::Envelope;
-use crate::format::ids::{IndexId, SnapshotId};
+use crate::format::ids::SnapshotId;
 use crate::format::index::IndexFile;
 use crate::format::seal::Header;
 use crate::format::snapshot::Snapshot;
@@ -855,22 +855,21 @@ impl Repo {
                 _ => faults.push(unknown_object(&self.store, &l.path)),
             }
         }
-        let loaded: Vec<(IndexId, Result<(u32, IndexFile)>)> = futures::stream::iter(ids)
+        // In id order (`buffered` keeps it), each file added and dropped as it
+        // arrives: the parsed files are never all in memory beside the index.
+        ids.sort();
+        let mut loaded = futures::stream::iter(ids)
             .map(|id| async move {
                 let r = self
                     .open_sealed(&ObjectName::Index(id), |k, b| IndexFile::open(k, &id, b))
                     .await;
                 (id, r)
             })
-            .buffer_unordered(LOAD_CONCURRENCY)
-            .collect()
-            .await;
-        let mut index = Index::default();
-        let mut loaded = loaded;
-        loaded.sort_by_key(|(id, _)| *id);
-        for (id, r) in loaded {
+            .buffered(LOAD_CONCURRENCY);
+        let mut builder = IndexBuilder::default();
+        while let Some((id, r)) = loaded.next().await {
             match r {
-                Ok((epoch, file)) => index.add_file(id, epoch, &file),
+                Ok((epoch, file)) => builder.add_file(id, epoch, &file),
                 // Ciphertext of a shredded epoch that the store kept (Object
                 // Lock, a versioned bucket): unreadable by design, as are the
                 // packs it lists, which no snapshot of a live epoch names.
@@ -883,6 +882,7 @@ impl Repo {
                 Err(e) => return Err(e),
             }
         }
+        let mut index = builder.build();
         // Blobs indexed in two packs (stored again after their pack was lost):
         // read them from the pack that exists. One listing, and only then.
         if index.has_alternatives() {
