@@ -102,7 +102,7 @@ impl IndexBuilder {
     pub fn build(self) -> Index {
         let mut ix = self.index;
         // Stable: among equal ids, the order of adding decides.
-        ix.blobs.sort_by(|a, b| a.0.cmp(&b.0));
+        ix.blobs.sort_by_key(|(id, _)| *id);
         let mut alternatives: IdMap<BlobId, Vec<Location>> = IdMap::default();
         ix.blobs.dedup_by(|later, first| {
             if later.0 != first.0 {
