@@ -280,6 +280,12 @@ impl KmipProvider {
         }
     }
 
+    /// Identifiers asked for per Locate (tests of families longer than a page).
+    #[cfg(feature = "test-hooks")]
+    pub fn set_locate_page(&mut self, items: i32) {
+        self.locate_page = items;
+    }
+
     /// `host:port` of the key manager.
     pub fn server(&self) -> &str {
         &self.server
@@ -911,15 +917,19 @@ impl KeyProvider for KmipProvider {
                     destroyed_at: None,
                 });
             }
-            // Format 1: the server's padding check refused it. The same
+            // Format 1: the server's padding check refused it; the same
             // words as a seal that does not open, and no further call.
-            Err(WireError::Failed {
-                reason: Some(r), ..
-            }) if env.cipher == Cipher::CbcPkcs5 && !refusal_of_the_key(r) => {
-                return Err(invalid(envelope::REFUSED.to_owned()));
-            }
-            Err(WireError::Failed { reason: None, .. }) if env.cipher == Cipher::CbcPkcs5 => {
-                return Err(invalid(envelope::REFUSED.to_owned()));
+            // Format 2: the server accepts any 32 bytes, so only the mode
+            // (which is no secret) can be refused.
+            Err(WireError::Failed { reason, message })
+                if !reason.is_some_and(refusal_of_the_key) =>
+            {
+                return Err(invalid(match env.cipher {
+                    Cipher::CbcPkcs5 => envelope::REFUSED.to_owned(),
+                    mode => format!(
+                        "the KMIP server refused to decrypt with the envelope's mode ({mode:?}): {message}; the envelope was altered, or the server no longer offers that mode"
+                    ),
+                }));
             }
             Err(e) => return Err(self.err(key, "Decrypt", e)),
         };

@@ -526,3 +526,83 @@ fn states_map_onto_key_states() {
         KeyState::Destroyed { .. }
     ));
 }
+
+// --- The spec's vectors (docs/FORMAT.md §3, KMIP) ------------------------------
+
+const VECTORS_BEGIN: &str = "<!-- kmip-vectors:begin -->\n```json\n";
+const VECTORS_END: &str = "```\n<!-- kmip-vectors:end -->";
+
+/// The KMIP envelopes of the spec's fixed inputs, each server ciphertext
+/// computed as the server would.
+fn kmip_vectors() -> serde_json::Value {
+    let seq = |start: u8| -> [u8; 32] { std::array::from_fn(|i| start + i as u8) };
+    let cmk = seq(0xa0);
+    let wk = SecretKey::from_bytes(seq(0xc0));
+    let tdk = SecretKey::from_bytes(seq(0x00));
+    let iv: [u8; 16] = std::array::from_fn(|i| 0x10 + i as u8);
+    let nonce: [u8; 12] = std::array::from_fn(|i| 0x80 + i as u8);
+    let uid = "42";
+    let c = ctx();
+    let v2 = |cipher: Cipher, e_wk: &[u8]| {
+        let ct = envelope::seal_with_nonce(cipher, uid, iv, e_wk, &wk, &tdk, &c, nonce).unwrap();
+        serde_json::json!({ "e_wk_hex": hex::encode(e_wk), "ciphertext_hex": hex::encode(ct) })
+    };
+    let v1_e_wk = fake::cbc_encrypt(&cmk, iv, wk.expose(), true);
+    let v1 = envelope::tests::seal_v1(uid, iv, &v1_e_wk, &wk, &tdk, &c, nonce);
+    serde_json::json!({
+        "inputs": {
+            "cmk": hex::encode(cmk), "uid": uid, "wk": hex::encode(wk.expose()),
+            "iv": hex::encode(iv), "nonce": hex::encode(nonce), "tdk": hex::encode(tdk.expose()),
+            "context_canonical_hex": hex::encode(c.canonical_bytes()),
+        },
+        "format_2_mode_1_cbc": v2(Cipher::Cbc, &fake::cbc_encrypt(&cmk, iv, wk.expose(), false)),
+        "format_2_mode_2_ctr": v2(Cipher::Ctr, &fake::ctr(&cmk, iv, wk.expose())),
+        "format_1": { "e_wk_hex": hex::encode(&v1_e_wk), "ciphertext_hex": hex::encode(v1) },
+    })
+}
+
+/// The vectors in docs/FORMAT.md are what the code writes, and they open
+/// to the TDK. `CUSTOS_UPDATE_VECTORS=1` rewrites the block.
+#[test]
+fn kmip_vectors_match_the_spec() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/FORMAT.md");
+    let spec = std::fs::read_to_string(&path).unwrap();
+    let start = spec.find(VECTORS_BEGIN).expect("KMIP vectors block") + VECTORS_BEGIN.len();
+    let end = spec.find(VECTORS_END).expect("KMIP vectors end");
+    let fresh = kmip_vectors();
+    if std::env::var("CUSTOS_UPDATE_VECTORS").is_ok() {
+        let block = serde_json::to_string_pretty(&fresh).unwrap() + "\n";
+        std::fs::write(
+            &path,
+            format!("{}{}{}", &spec[..start], block, &spec[end..]),
+        )
+        .unwrap();
+        return;
+    }
+    let doc: serde_json::Value = serde_json::from_str(&spec[start..end]).unwrap();
+    assert_eq!(
+        doc, fresh,
+        "the KMIP vectors of docs/FORMAT.md differ from the code"
+    );
+    // Opening direction: each envelope gives the TDK back under the CMK.
+    let cmk: [u8; 32] = std::array::from_fn(|i| 0xa0 + i as u8);
+    for (name, cipher) in [
+        ("format_2_mode_1_cbc", Cipher::Cbc),
+        ("format_2_mode_2_ctr", Cipher::Ctr),
+        ("format_1", Cipher::CbcPkcs5),
+    ] {
+        let ct = hex::decode(doc[name]["ciphertext_hex"].as_str().unwrap()).unwrap();
+        let env = envelope::Envelope::parse(&ct).unwrap();
+        assert_eq!(env.cipher, cipher);
+        let wk = match cipher {
+            Cipher::Ctr => fake::ctr(&cmk, env.iv, env.wk_ct),
+            c => fake::cbc_decrypt(&cmk, env.iv, env.wk_ct, c == Cipher::CbcPkcs5).unwrap(),
+        };
+        let tdk = env.open(&wk, &ctx()).unwrap();
+        assert_eq!(
+            tdk.expose(),
+            &std::array::from_fn::<u8, 32, _>(|i| i as u8),
+            "{name}"
+        );
+    }
+}
