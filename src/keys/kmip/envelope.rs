@@ -53,40 +53,30 @@ pub fn ctr_iv() -> [u8; 16] {
     iv
 }
 
-/// A format-2 envelope sealing `data_key` under `wk`; `wk_ct` is the
-/// server's encryption of `wk` under object `uid` with `cipher` and `iv`.
-pub fn seal(
-    cipher: Cipher,
-    uid: &str,
-    iv: [u8; 16],
-    wk_ct: &[u8],
-    wk: &SecretKey,
-    data_key: &DataKey,
-    ctx: &WrapContext,
-) -> Result<Vec<u8>, String> {
-    seal_with_nonce(
-        cipher,
-        uid,
-        iv,
-        wk_ct,
-        wk,
-        data_key,
-        ctx,
-        crate::util::random_bytes::<12>(),
-    )
+/// What the server made of a wrapping key WK: its encryption `wk_ct` of WK
+/// under object `uid`, with `cipher` and `iv`.
+pub struct ServerWrap<'a> {
+    pub cipher: Cipher,
+    pub uid: &'a str,
+    pub iv: [u8; 16],
+    pub wk_ct: &'a [u8],
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn seal_with_nonce(
-    cipher: Cipher,
-    uid: &str,
-    iv: [u8; 16],
-    wk_ct: &[u8],
+/// A format-2 envelope sealing `data_key` under `wk` with `nonce` (random
+/// but for test vectors).
+pub fn seal(
+    server: &ServerWrap<'_>,
     wk: &SecretKey,
     data_key: &DataKey,
     ctx: &WrapContext,
     nonce: [u8; 12],
 ) -> Result<Vec<u8>, String> {
+    let ServerWrap {
+        cipher,
+        uid,
+        iv,
+        wk_ct,
+    } = *server;
     let Some(mode) = mode_byte(cipher) else {
         return Err("format 1 (CBC with padding) is no longer written".into());
     };
@@ -276,6 +266,15 @@ pub(super) mod tests {
         out
     }
 
+    fn sw<'a>(cipher: Cipher, uid: &'a str, wk_ct: &'a [u8]) -> ServerWrap<'a> {
+        ServerWrap {
+            cipher,
+            uid,
+            iv: [7; 16],
+            wk_ct,
+        }
+    }
+
     #[test]
     fn seals_and_opens_only_under_the_same_context() {
         let t = TenantId::new("acme").unwrap();
@@ -283,7 +282,7 @@ pub(super) mod tests {
         let wk = SecretKey::generate();
         let dk = SecretKey::generate();
         for cipher in [Cipher::Cbc, Cipher::Ctr] {
-            let bytes = seal(cipher, "42", [7; 16], &[1; 32], &wk, &dk, &ctx).unwrap();
+            let bytes = seal(&sw(cipher, "42", &[1; 32]), &wk, &dk, &ctx, [3; 12]).unwrap();
             let env = Envelope::parse(&bytes).unwrap();
             assert_eq!((env.format, env.cipher, env.uid), (2, cipher, "42"));
             assert_eq!(env.wk_ct, &[1; 32]);
@@ -304,9 +303,13 @@ pub(super) mod tests {
             }
         }
         // Nothing but a 32-byte server ciphertext is sealed.
-        assert!(seal(Cipher::Cbc, "42", [7; 16], &[1; 48], &wk, &dk, &ctx).is_err());
-        assert!(seal(Cipher::CbcPkcs5, "42", [7; 16], &[1; 32], &wk, &dk, &ctx).is_err());
-        assert!(seal(Cipher::Ctr, "", [7; 16], &[1; 32], &wk, &dk, &ctx).is_err());
+        for bad in [
+            sw(Cipher::Cbc, "42", &[1; 48]),
+            sw(Cipher::CbcPkcs5, "42", &[1; 32]),
+            sw(Cipher::Ctr, "", &[1; 32]),
+        ] {
+            assert!(seal(&bad, &wk, &dk, &ctx, [3; 12]).is_err());
+        }
     }
 
     #[test]

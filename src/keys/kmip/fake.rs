@@ -41,7 +41,7 @@ pub(super) fn cbc_encrypt(key: &[u8; 32], iv: [u8; 16], data: &[u8], pad: bool) 
 
 /// AES-256-CBC decryption; `None` for a length or padding the mode refuses.
 pub(super) fn cbc_decrypt(key: &[u8; 32], iv: [u8; 16], data: &[u8], pad: bool) -> Option<Vec<u8>> {
-    if data.is_empty() || data.len() % 16 != 0 {
+    if data.is_empty() || !data.len().is_multiple_of(16) {
         return None;
     }
     let c = block_cipher(key);
@@ -75,6 +75,24 @@ pub(super) fn ctr(key: &[u8; 32], iv: [u8; 16], data: &[u8]) -> Vec<u8> {
         counter = counter.wrapping_add(1);
     }
     out
+}
+
+/// What the server's Encrypt or Decrypt with `cipher` answers, if anything.
+fn crypt(
+    key: &[u8; 32],
+    cipher: Cipher,
+    decrypt: bool,
+    iv: [u8; 16],
+    data: &[u8],
+) -> Option<Vec<u8>> {
+    let pad = cipher == Cipher::CbcPkcs5;
+    match (cipher, decrypt) {
+        (Cipher::Ctr, _) => Some(ctr(key, iv, data)),
+        (_, false) => {
+            (pad || data.len().is_multiple_of(16)).then(|| cbc_encrypt(key, iv, data, pad))
+        }
+        (_, true) => cbc_decrypt(key, iv, data, pad),
+    }
 }
 
 /// How the fake key manager behaves.
@@ -119,6 +137,15 @@ struct Store {
     objects: Vec<Object>,
     next: u64,
     log: Vec<String>,
+}
+
+impl Store {
+    fn find(&mut self, uid: &str) -> Result<&mut Object, WireError> {
+        self.objects
+            .iter_mut()
+            .find(|o| o.uid == uid)
+            .ok_or_else(|| failed(ResultReason::ItemNotFound, "no such object"))
+    }
 }
 
 pub(super) struct FakeKmip {
@@ -178,8 +205,7 @@ impl FakeKmip {
     }
 
     pub(super) fn set_bits(&self, uid: &str, bits: i32) {
-        let mut s = self.store.lock().unwrap();
-        if let Some(o) = s.objects.iter_mut().find(|o| o.uid == uid) {
+        if let Ok(o) = self.store.lock().unwrap().find(uid) {
             o.bits = bits;
         }
     }
@@ -193,19 +219,14 @@ impl FakeKmip {
         iv: [u8; 16],
         data: &[u8],
     ) -> Vec<u8> {
-        let s = self.store.lock().unwrap();
-        let o = s.objects.iter().find(|o| o.uid == uid).unwrap();
-        match cipher {
-            Cipher::CbcPkcs5 => cbc_encrypt(&o.material, iv, data, true),
-            Cipher::Cbc => cbc_encrypt(&o.material, iv, data, false),
-            Cipher::Ctr => ctr(&o.material, iv, data),
-        }
+        let mut s = self.store.lock().unwrap();
+        let o = s.find(uid).unwrap();
+        crypt(&o.material, cipher, false, iv, data).unwrap()
     }
 
     fn handle(&self, req: Request) -> Result<Response, WireError> {
         let mut s = self.store.lock().unwrap();
         s.log.push(format!("{:?}", req.operation()));
-        let not_found = || failed(ResultReason::ItemNotFound, "no such object");
         match req {
             Request::Create(t) => {
                 if self.behaviour.unique_names
@@ -233,11 +254,7 @@ impl FakeKmip {
                 Ok(Response::Created(uid))
             }
             Request::Activate(uid) => {
-                let o = s
-                    .objects
-                    .iter_mut()
-                    .find(|o| o.uid == uid)
-                    .ok_or_else(not_found)?;
+                let o = s.find(&uid)?;
                 if o.state != State::PreActive {
                     return Err(failed(ResultReason::PermissionDenied, "not Pre-Active"));
                 }
@@ -249,11 +266,7 @@ impl FakeKmip {
                 reason,
                 compromised_at,
             } => {
-                let o = s
-                    .objects
-                    .iter_mut()
-                    .find(|o| o.uid == uid)
-                    .ok_or_else(not_found)?;
+                let o = s.find(&uid)?;
                 o.state = match (reason, o.state) {
                     (RevocationReasonCode::KeyCompromise, State::Destroyed) => {
                         State::DestroyedCompromised
@@ -274,7 +287,7 @@ impl FakeKmip {
                     .objects
                     .iter()
                     .position(|o| o.uid == uid)
-                    .ok_or_else(not_found)?;
+                    .ok_or_else(|| failed(ResultReason::ItemNotFound, "no such object"))?;
                 match s.objects[i].state {
                     State::Active => {
                         return Err(failed(ResultReason::PermissionDenied, "object is Active"));
@@ -313,11 +326,7 @@ impl FakeKmip {
                 ))
             }
             Request::GetAttributes(uid) => {
-                let o = s
-                    .objects
-                    .iter()
-                    .find(|o| o.uid == uid)
-                    .ok_or_else(not_found)?;
+                let o = s.find(&uid)?;
                 Ok(Response::Attributes(Attributes {
                     state: Some(o.state),
                     names: o.names.clone(),
@@ -333,11 +342,7 @@ impl FakeKmip {
                 iv,
                 data,
             } => {
-                let o = s
-                    .objects
-                    .iter()
-                    .find(|o| o.uid == uid)
-                    .ok_or_else(not_found)?;
+                let o = s.find(&uid)?;
                 let usable = match decrypt {
                     // KMIP lets a Deactivated key still decrypt.
                     true => {
@@ -355,13 +360,8 @@ impl FakeKmip {
                         "Padding method 'PaddingMethod.NONE' is not supported.",
                     ));
                 }
-                let out = match (cipher, decrypt) {
-                    (Cipher::Ctr, _) => Some(ctr(&o.material, iv, &data)),
-                    (c, false) => (data.len() % 16 == 0 || c == Cipher::CbcPkcs5)
-                        .then(|| cbc_encrypt(&o.material, iv, &data, c == Cipher::CbcPkcs5)),
-                    (c, true) => cbc_decrypt(&o.material, iv, &data, c == Cipher::CbcPkcs5),
-                };
-                out.map(|d| Response::Data(Zeroizing::new(d)))
+                crypt(&o.material, cipher, decrypt, iv, &data)
+                    .map(|d| Response::Data(Zeroizing::new(d)))
                     .ok_or_else(|| {
                         failed(ResultReason::CryptographicFailure, "bad padding or length")
                     })

@@ -757,13 +757,18 @@ impl KmipProvider {
         }
         let wk = SecretKey::generate();
         let (cipher, iv, wk_ct) = self.encrypt_wk(key, &obj.uid, &wk).await?;
+        let server = envelope::ServerWrap {
+            cipher,
+            uid: &obj.uid,
+            iv,
+            wk_ct: &wk_ct,
+        };
+        let nonce = crate::util::random_bytes::<12>();
         let ciphertext =
-            envelope::seal(cipher, &obj.uid, iv, &wk_ct, &wk, data_key, ctx).map_err(|m| {
-                KeyError::Backend {
-                    provider: PROVIDER,
-                    key: label(key),
-                    message: m,
-                }
+            envelope::seal(&server, &wk, data_key, ctx, nonce).map_err(|m| KeyError::Backend {
+                provider: PROVIDER,
+                key: label(key),
+                message: m,
             })?;
         Ok(WrappedKey {
             key_id: key.to_string(),
