@@ -361,7 +361,10 @@ impl FakeKmip {
                     ));
                 }
                 crypt(&o.material, cipher, decrypt, iv, &data)
-                    .map(|d| Response::Data(Zeroizing::new(d)))
+                    .map(|d| Response::Data {
+                        uid: uid.clone(),
+                        data: Zeroizing::new(d),
+                    })
                     .ok_or_else(|| {
                         failed(ResultReason::CryptographicFailure, "bad padding or length")
                     })

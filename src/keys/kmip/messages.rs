@@ -120,8 +120,12 @@ pub(super) enum Response {
     Done,
     Located(Vec<String>),
     Attributes(Attributes),
-    /// The Data of an Encrypt or Decrypt (a plaintext WK after Decrypt).
-    Data(Zeroizing<Vec<u8>>),
+    /// An Encrypt's or Decrypt's Data (a plaintext WK after Decrypt), and
+    /// the Unique Identifier of the key the server says it used.
+    Data {
+        uid: String,
+        data: Zeroizing<Vec<u8>>,
+    },
 }
 
 // --- Messages absent from kmip-protocol 0.4.3 -------------------------------
@@ -187,7 +191,7 @@ struct CustomResponseItem<P> {
 #[serde(rename = "0x42007C")]
 struct CryptResponsePayload {
     #[serde(rename = "0x420094")]
-    _unique_identifier: String,
+    unique_identifier: String,
     #[serde(rename = "0x4200C2", with = "serde_bytes")]
     data: Vec<u8>,
     #[serde(rename = "0x42003D", default, with = "serde_bytes")]
@@ -395,7 +399,10 @@ pub(super) fn decode(op: Operation, buf: &[u8]) -> Result<Response, WireError> {
             let msg: CustomResponseMessage<CryptResponsePayload> =
                 kmip_ttlv::de::from_slice(buf).map_err(bad)?;
             let p = only_item(op, msg.batch_items)?;
-            return Ok(Response::Data(Zeroizing::new(p.data)));
+            return Ok(Response::Data {
+                uid: p.unique_identifier,
+                data: Zeroizing::new(p.data),
+            });
         }
         Operation::Locate => {
             let msg: CustomResponseMessage<LocateResponsePayload> =

@@ -676,7 +676,12 @@ impl KmipProvider {
             data,
         };
         match self.call(req).await? {
-            Response::Data(d) => Ok(d),
+            // A server that used another key than the one asked for would
+            // leave an envelope naming a key that cannot open it.
+            Response::Data { uid: used, data } if used == uid => Ok(data),
+            Response::Data { uid: used, .. } => Err(WireError::Protocol(format!(
+                "asked to use object {uid:?}, the server answered for object {used:?}"
+            ))),
             _ => Err(WireError::Protocol(
                 "the server answered another operation".into(),
             )),
@@ -757,6 +762,15 @@ impl KmipProvider {
         }
         let wk = SecretKey::generate();
         let (cipher, iv, wk_ct) = self.encrypt_wk(key, &obj.uid, &wk).await?;
+        // A server whose "Encrypt" returns its input would leave the
+        // wrapping key, and so the data key, in the clear in the store.
+        if wk_ct.as_slice() == wk.expose().as_slice() {
+            return Err(KeyError::Backend {
+                provider: PROVIDER,
+                key: label(key),
+                message: "the KMIP server's Encrypt returned the wrapping key unchanged".into(),
+            });
+        }
         let server = envelope::ServerWrap {
             cipher,
             uid: &obj.uid,

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::sync::Mutex;
 
+use kmip_protocol::types::common::Operation;
+
 use super::fake::{Behaviour, FakeKmip};
 use super::*;
 use crate::TenantId;
@@ -614,4 +616,76 @@ fn kmip_vectors_match_the_spec() {
             "{name}"
         );
     }
+}
+
+/// A key manager whose answers a test rewrites.
+struct Rewriting<F> {
+    fake: Arc<FakeKmip>,
+    rewrite: F,
+}
+
+#[async_trait]
+impl<F> Link for Rewriting<F>
+where
+    F: Fn(Operation, Response) -> Response + Send + Sync,
+{
+    async fn call(&self, req: Request) -> Result<Response, WireError> {
+        let op = req.operation();
+        self.fake.call(req).await.map(|r| (self.rewrite)(op, r))
+    }
+}
+
+fn rewriting<F>(rewrite: F) -> (KmipProvider, Arc<FakeKmip>)
+where
+    F: Fn(Operation, Response) -> Response + Send + Sync + 'static,
+{
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let link = Rewriting {
+        fake: fake.clone(),
+        rewrite,
+    };
+    (
+        KmipProvider::with_link("fake:5696".into(), Box::new(link)),
+        fake,
+    )
+}
+
+/// An Encrypt answered for another key than the one asked for, or one that
+/// returns the wrapping key unchanged, leaves no envelope.
+#[tokio::test]
+async fn an_encrypt_that_did_not_encrypt_under_the_key_is_refused() {
+    let (p, _) = rewriting(|op, r| match (op, r) {
+        (Operation::Encrypt, Response::Data { data, .. }) => Response::Data {
+            uid: "someone-elses-key".into(),
+            data,
+        },
+        (_, r) => r,
+    });
+    let k = key("name/moved");
+    p.create_key(&k).await.unwrap();
+    let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
+    assert!(e.to_string().contains("someone-elses-key"), "{e}");
+
+    // A pass-through "Encrypt", answering its input.
+    struct Echo(Arc<FakeKmip>);
+    #[async_trait]
+    impl Link for Echo {
+        async fn call(&self, req: Request) -> Result<Response, WireError> {
+            match req {
+                Request::Crypt {
+                    decrypt: false,
+                    uid,
+                    data,
+                    ..
+                } => Ok(Response::Data { uid, data }),
+                other => self.0.call(other).await,
+            }
+        }
+    }
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let p = KmipProvider::with_link("fake:5696".into(), Box::new(Echo(fake.clone())));
+    let k = key("name/plain");
+    p.create_key(&k).await.unwrap();
+    let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
+    assert!(e.to_string().contains("unchanged"), "{e}");
 }
