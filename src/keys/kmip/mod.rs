@@ -1012,12 +1012,13 @@ impl KeyProvider for KmipProvider {
     }
 
     /// Revoke (where Active), then Destroy, every version; then a Locate
-    /// must find none. First of all, a tombstone object is created (never activated,
-    /// revoked as compromised, so it can never encrypt or decrypt) whose
-    /// Names record the key and the time of destruction: servers such as
-    /// PyKMIP delete destroyed objects, and `describe` must still tell a
-    /// destroyed key from one that never existed. Immediate and
-    /// irreversible; idempotent (a second call reports the tombstone).
+    /// must find none. First of all, a tombstone object is created (never
+    /// activated, revoked as compromised, so it can never encrypt or
+    /// decrypt) whose Name and Object Group record the key and the time of
+    /// destruction: servers such as PyKMIP delete destroyed objects, and
+    /// `describe` must still tell a destroyed key from one that never
+    /// existed. Immediate and irreversible; idempotent (a run again, also
+    /// after a crash half-way, reuses the tombstone).
     async fn destroy(
         &self,
         key: &KeyRef,
