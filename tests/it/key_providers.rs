@@ -1889,9 +1889,39 @@ mod kmip_specific {
         assert!(matches!(e, KeyError::Destroyed { .. }), "{e:?}");
     }
 
+    /// A key with more versions than one Locate page (2 here) is read whole
+    /// through the server's paging (Maximum Items, Offset Items): the newest
+    /// version is current, the oldest still unwraps, destroy reaches all.
+    #[tokio::test]
+    async fn a_family_longer_than_a_locate_page() {
+        let Some(mut f) = KmipFixture::new() else {
+            return;
+        };
+        f.provider.set_locate_page(2);
+        let p = &f.provider;
+        let key = f.fresh_key().await;
+        let c = ctx("acme", 3);
+        let (dk, first) = p.generate_data_key(&key, &c).await.unwrap();
+        let mut current = p.describe(&key).await.unwrap().current_version;
+        for _ in 0..4 {
+            let after = p.rotate(&key).await.unwrap().current_version;
+            assert_ne!(after, current, "rotation made no newer version");
+            current = after;
+        }
+        let (_, last) = p.generate_data_key(&key, &c).await.unwrap();
+        assert_eq!(last.key_version, current);
+        assert_eq!(p.unwrap(&key, &first, &c).await.unwrap(), dk);
+        let d = p.destroy(&key, 7).await.unwrap();
+        assert_eq!(d.objects.len(), 5, "{d:?}");
+        for uid in &d.objects {
+            assert!(!p.object_present(&key, uid).await.unwrap(), "{uid}");
+        }
+    }
+
     /// A change anywhere in the envelope (the server's ciphertext of WK, the
     /// IV, the object it names, the seal) or a key_version that disagrees
-    /// with it is refused as an invalid ciphertext.
+    /// with it is refused as an invalid ciphertext. New envelopes are format
+    /// 2 (docs/FORMAT.md §3): PyKMIP offers no unpadded CBC, so mode 2 (CTR).
     #[tokio::test]
     async fn tampered_envelope_is_invalid_ciphertext() {
         let Some(f) = KmipFixture::new() else { return };
@@ -1899,18 +1929,22 @@ mod kmip_specific {
         let key = f.fresh_key().await;
         let c = ctx("acme", 1);
         let (dk, w) = p.generate_data_key(&key, &c).await.unwrap();
-        let uid_len = u16::from_be_bytes([w.ciphertext[1], w.ciphertext[2]]) as usize;
-        let iv_at = 3 + uid_len;
-        let wk_at = iv_at + 16 + 2;
+        assert_eq!(w.ciphertext[0], 2, "format");
+        assert!(matches!(w.ciphertext[1], 1 | 2), "mode {}", w.ciphertext[1]);
+        let uid_len = u16::from_be_bytes([w.ciphertext[2], w.ciphertext[3]]) as usize;
+        let iv_at = 4 + uid_len;
+        let wk_at = iv_at + 16;
         for (what, at) in [
+            ("mode", 1),
             ("IV", iv_at),
-            ("server ciphertext (last block)", wk_at + 47),
+            ("server ciphertext (last block)", wk_at + 31),
             ("server ciphertext (first block)", wk_at),
-            ("nonce", wk_at + 48),
-            ("sealed key", wk_at + 48 + 12),
+            ("nonce", wk_at + 32),
+            ("sealed key", wk_at + 32 + 12),
+            ("tag", w.ciphertext.len() - 1),
         ] {
             let mut bad = w.clone();
-            bad.ciphertext[at] ^= 0x01;
+            bad.ciphertext[at] ^= 0x03;
             let e = expect_err(&f, what, p.unwrap(&key, &bad, &c).await);
             assert!(
                 matches!(e, KeyError::InvalidCiphertext { .. }),

@@ -7,22 +7,32 @@
 //! Not every key manager binds associated data: the PyKMIP server refuses
 //! AES-GCM. So custos binds the [`WrapContext`] itself, the same way on every
 //! server: per wrap it draws a fresh 32-byte wrapping key WK, asks the server
-//! to encrypt WK under the CMK (AES-256-CBC, PKCS#5 padding, a random IV), and
-//! seals the data key locally with AES-256-GCM under WK, with associated data
-//! naming the format, the CMK version object and the context. Unwrapping asks
-//! the server to decrypt WK, then opens the seal: a wrong tenant, purpose or
-//! epoch, or any changed byte, fails the GCM tag ([`KeyError::InvalidCiphertext`]),
-//! and nothing unwraps without the server. WK is zeroized after use.
+//! to encrypt WK under the CMK (AES-256, CBC without padding, or CTR where
+//! the server offers no unpadded CBC, such as PyKMIP), and seals the data
+//! key locally with AES-256-GCM under WK, with associated data naming the
+//! format, the mode, the CMK version object, the server's ciphertext and the
+//! context. Without padding the server's Decrypt accepts any 32 bytes: only
+//! the local GCM tag can refuse an envelope ([`KeyError::InvalidCiphertext`]),
+//! after the same calls whatever was changed, so no answer or timing tells
+//! a tamperer more than "no". Nothing unwraps without the server. WK is
+//! zeroized after use. Envelopes of format 1 (CBC with PKCS#5 padding) still
+//! unwrap; rotation re-wraps them in format 2.
 //!
-//! # Versions (rotation)
+//! # Objects (rotation, destruction)
 //!
 //! KMIP's Re-key is optional and PyKMIP lacks it, so a version is an object
-//! of its own. Key `kmip:name/<n>` is every object that carries the Name
-//! `<n>`; version `k` also carries the Name `<n>@v<k>`. The current version
-//! is the highest. `rotate` creates (Create, Activate) version k+1; old
-//! versions stay Active for unwrapping. A `kmip:<unique-identifier>` key is
-//! one object the customer made: it has one version and cannot be rotated
-//! or created by custos (the key manager assigns identifiers).
+//! of its own. Every object has Names of its own, since most key managers
+//! refuse a Name another object carries: version `k` of `kmip:name/<n>` is
+//! named `<n>@v<k>`, a tombstone `<n>@destroyed@<seconds>`. The Object Group
+//! `custos-key/<n>` ties them together; a Locate of the group, read in
+//! pages, lists them. Objects made before groups (every one carried the
+//! Name `<n>`) are found by a Locate of that Name as well, so existing keys
+//! keep working without a migration. The current version is the highest.
+//! `rotate` creates (Create, Activate) version k+1; old versions stay Active
+//! for unwrapping. A `kmip:<unique-identifier>` key is one object the
+//! customer made: it has one version and cannot be rotated or created by
+//! custos (the key manager assigns identifiers); its tombstone is in the
+//! group `custos-uid/<uid>`.
 //!
 //! # States
 //!
@@ -34,22 +44,22 @@
 //! tombstone (see [`KmipProvider::destroy`]).
 
 mod envelope;
+#[cfg(test)]
+mod fake;
+mod messages;
 mod reference;
 mod settings;
 mod wire;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use kmip_protocol::types::common::{
-    AttributeIndex, AttributeName, AttributeValue, CompromiseOccurrenceDate,
-    CryptographicAlgorithm, ObjectType, RevocationReasonCode, State, UniqueIdentifier,
-};
-use kmip_protocol::types::request::{self as req, RequestPayload, RevocationReason};
-use kmip_protocol::types::response::{ResponsePayload, ResultReason};
+use kmip_protocol::types::common::{CryptographicAlgorithm, RevocationReasonCode, State};
+use kmip_protocol::types::response::ResultReason;
 use zeroize::Zeroizing;
 
 pub use reference::KmipKeyId;
@@ -61,9 +71,22 @@ use super::{
     Custody, DataKey, DestroyAction, Destruction, KeyError, KeyInfo, KeyOrigin, KeyProvider,
     KeyRef, KeyState, ProviderKind, SecretKey, WrapContext, WrappedKey,
 };
-use wire::{Request, Response, Transport, WireError};
+use messages::{Attributes, Cipher, Filter, Request, Response, Template};
+use wire::{Link, WireError};
 
 const PROVIDER: &str = "kmip";
+
+/// Identifiers asked for per Locate. A server answers this many while more
+/// match (KMIP 1.3 §4.9); a shorter page is the last.
+const LOCATE_PAGE: i32 = 32;
+/// More objects than any key has: a server listing more is not believed.
+const MAX_OBJECTS: usize = 10_000;
+/// Paged reads begun again when the listing moved under them, at most.
+const LOCATE_ATTEMPTS: usize = 3;
+
+/// KMIP Cryptographic Usage Mask bits.
+const USAGE_ENCRYPT: i32 = 0x4;
+const USAGE_DECRYPT: i32 = 0x8;
 
 /// Checks the part of a `kmip:` reference after the scheme.
 pub fn validate_key_id(id: &str) -> Result<(), String> {
@@ -76,6 +99,8 @@ struct Object {
     uid: String,
     state: State,
     kind: ObjectKind,
+    /// AES-256, as every version must be to wrap.
+    aes_256: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +108,8 @@ enum ObjectKind {
     Version(u32),
     /// Left by `destroy`: the key was destroyed at this time (seconds).
     Tombstone(i64),
-    /// Carries the key's Name but no custos version name (made by someone else).
+    /// Found by the key's group or Name, but with no custos name of the key
+    /// (made by someone else).
     Foreign,
 }
 
@@ -91,6 +117,7 @@ enum ObjectKind {
 #[derive(Debug)]
 struct Family {
     versions: Vec<(u32, Object)>,
+    /// The earliest tombstone (time, object), if any.
     tombstone: Option<(i64, String)>,
 }
 
@@ -115,6 +142,12 @@ impl Family {
         self.tombstone.is_some() || self.versions.iter().any(|(_, o)| is_destroyed(o.state))
     }
 
+    fn add_tombstone(&mut self, at: i64, uid: String) {
+        if self.tombstone.as_ref().is_none_or(|(t, _)| at < *t) {
+            self.tombstone = Some((at, uid));
+        }
+    }
+
     /// The key's state over all its versions, never the newest alone: a
     /// destruction that stopped half-way (a crash, a refused Destroy) leaves
     /// older versions that still decrypt, and must not read as destroyed.
@@ -135,15 +168,38 @@ impl Family {
 
 /// The KMIP [`KeyProvider`].
 pub struct KmipProvider {
-    transport: Arc<Transport>,
+    server: String,
+    link: Box<dyn Link>,
+    /// How many of each operation this provider sent: lets tests prove that
+    /// no Get ever left custos, and shows an operator what custos asked for.
+    sent: Mutex<BTreeMap<String, u64>>,
+    /// What the server's Encrypt of a WK uses: unknown until the first wrap
+    /// (CBC without padding is tried first), then the mode that worked.
+    wrap_mode: AtomicU8,
+    locate_page: i32,
 }
+
+const MODE_UNKNOWN: u8 = 0;
+const MODE_CBC: u8 = 1;
+const MODE_CTR: u8 = 2;
 
 impl fmt::Debug for KmipProvider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KmipProvider")
-            .field("server", &self.transport.server)
+            .field("server", &self.server)
             .finish()
     }
+}
+
+/// The Object Group of every object of key `kmip:name/<name>`.
+fn key_group(name: &str) -> String {
+    format!("custos-key/{name}")
+}
+
+/// The Object Group (and, before groups, the Name) of the tombstone of
+/// key `kmip:<uid>`.
+fn uid_group(uid: &str) -> String {
+    format!("custos-uid/{uid}")
 }
 
 fn version_name(name: &str, v: u32) -> String {
@@ -154,21 +210,20 @@ fn tombstone_name(name: &str, at: i64) -> String {
     format!("{name}@destroyed@{at}")
 }
 
-/// The Name all objects of a `kmip:<uid>` key's tombstone carry.
-fn uid_marker(uid: &str) -> String {
-    format!("custos-uid/{uid}")
+/// Decimal digits without a sign or a leading zero: one spelling per number.
+fn canonical_number<T: std::str::FromStr>(s: &str) -> Option<T> {
+    let canonical =
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    canonical.then(|| s.parse().ok()).flatten()
 }
 
 fn classify(family_name: &str, names: &[String]) -> ObjectKind {
     for n in names {
         if let Some(rest) = n.strip_prefix(family_name) {
-            if let Some(v) = rest.strip_prefix("@v").and_then(|v| v.parse().ok()) {
+            if let Some(v) = rest.strip_prefix("@v").and_then(canonical_number) {
                 return ObjectKind::Version(v);
             }
-            if let Some(t) = rest
-                .strip_prefix("@destroyed@")
-                .and_then(|t| t.parse().ok())
-            {
+            if let Some(t) = rest.strip_prefix("@destroyed@").and_then(canonical_number) {
                 return ObjectKind::Tombstone(t);
             }
         }
@@ -196,21 +251,6 @@ fn state_of(s: State) -> KeyState {
     }
 }
 
-fn usage_mask(mask: i32) -> req::Attribute {
-    req::Attribute(
-        AttributeName("Cryptographic Usage Mask".into()),
-        None,
-        AttributeValue::Integer(mask),
-    )
-}
-
-/// A Name attribute; several on one object need their index (PyKMIP insists).
-fn name_attribute(name: String, index: i32) -> req::Attribute {
-    let mut a = req::Attribute::Name(name);
-    a.1 = Some(AttributeIndex(index));
-    a
-}
-
 fn label(key: &KeyRef) -> String {
     key.to_string()
 }
@@ -224,20 +264,37 @@ impl KmipProvider {
     /// connection: a server that is down fails the first key operation.
     pub fn new(settings: &KmipSettings) -> Result<Self, KeyError> {
         let transport = settings.transport()?;
-        Ok(KmipProvider {
-            transport: Arc::new(transport),
-        })
+        Ok(Self::with_link(
+            settings.server.clone(),
+            Box::new(std::sync::Arc::new(transport)),
+        ))
+    }
+
+    fn with_link(server: String, link: Box<dyn Link>) -> Self {
+        KmipProvider {
+            server,
+            link,
+            sent: Mutex::new(BTreeMap::new()),
+            wrap_mode: AtomicU8::new(MODE_UNKNOWN),
+            locate_page: LOCATE_PAGE,
+        }
+    }
+
+    /// Identifiers asked for per Locate (tests of families longer than a page).
+    #[cfg(feature = "test-hooks")]
+    pub fn set_locate_page(&mut self, items: i32) {
+        self.locate_page = items;
     }
 
     /// `host:port` of the key manager.
     pub fn server(&self) -> &str {
-        &self.transport.server
+        &self.server
     }
 
     /// How many of each KMIP operation this provider sent (e.g. `Encrypt`:
     /// 3). There is no code path that sends Get; tests check it here.
     pub fn operations_sent(&self) -> BTreeMap<String, u64> {
-        self.transport.operations_sent()
+        self.sent.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     /// Whether the server still holds object `uid` (GetAttributes; an
@@ -250,8 +307,15 @@ impl KmipProvider {
         }
     }
 
+    async fn call(&self, req: Request) -> Result<Response, WireError> {
+        if let Ok(mut sent) = self.sent.lock() {
+            *sent.entry(format!("{:?}", req.operation())).or_default() += 1;
+        }
+        self.link.call(req).await
+    }
+
     fn err(&self, key: &KeyRef, op: &str, e: WireError) -> KeyError {
-        let server = &self.transport.server;
+        let server = &self.server;
         match e {
             WireError::Connect(m) | WireError::Io(m) => KeyError::Unreachable {
                 endpoint: format!("kmip://{server}"),
@@ -286,75 +350,139 @@ impl KmipProvider {
         }
     }
 
-    async fn std(
-        &self,
-        key: &KeyRef,
-        payload: RequestPayload,
-    ) -> Result<ResponsePayload, WireError> {
-        match self.transport.call(Request::Std(Box::new(payload))).await? {
-            Response::Std(p) => Ok(*p),
-            Response::Data(_) => Err(WireError::Protocol(format!(
-                "unexpected data answer for key {key}"
-            ))),
+    fn wrong_answer(&self, key: &KeyRef, op: &str) -> KeyError {
+        self.err(
+            key,
+            op,
+            WireError::Protocol("the server answered another operation".into()),
+        )
+    }
+
+    /// Activate, Revoke or Destroy.
+    async fn simple(&self, key: &KeyRef, op: &str, req: Request) -> Result<(), KeyError> {
+        match self.call(req).await {
+            Ok(Response::Done) => Ok(()),
+            Ok(_) => Err(self.wrong_answer(key, op)),
+            Err(e) => Err(self.err(key, op, e)),
         }
     }
 
-    async fn locate(&self, key: &KeyRef, name: &str) -> Result<Vec<String>, KeyError> {
-        let payload = RequestPayload::Locate(vec![req::Attribute::Name(name.to_owned())]);
-        match self.std(key, payload).await {
-            Ok(ResponsePayload::Locate(p)) => {
-                Ok(p.unique_identifiers.into_iter().map(|u| u.0).collect())
+    /// Every object `filter` matches, read a page at a time. Each page after
+    /// the first starts with the last identifier of the one before: if that
+    /// one moved (an object made or deleted meanwhile shifted the listing),
+    /// the read begins again, so no object is skipped unseen.
+    async fn locate(&self, key: &KeyRef, filter: &Filter) -> Result<Vec<String>, KeyError> {
+        let page = self.locate_page.max(2);
+        'attempt: for _ in 0..LOCATE_ATTEMPTS {
+            let mut uids: Vec<String> = Vec::new();
+            let mut offset = 0;
+            loop {
+                let req = Request::Locate {
+                    filter: filter.clone(),
+                    max_items: page,
+                    offset_items: offset,
+                };
+                let found = match self.call(req).await {
+                    Ok(Response::Located(u)) => u,
+                    Ok(_) => return Err(self.wrong_answer(key, "Locate")),
+                    Err(e) => return Err(self.err(key, "Locate", e)),
+                };
+                let full = found.len() >= page as usize;
+                let mut found = found.into_iter();
+                if offset > 0 && found.next().as_ref() != uids.last() {
+                    continue 'attempt;
+                }
+                uids.extend(found);
+                if uids.len() > MAX_OBJECTS {
+                    return Err(KeyError::Backend {
+                        provider: PROVIDER,
+                        key: label(key),
+                        message: format!(
+                            "the KMIP server lists more than {MAX_OBJECTS} objects for this key"
+                        ),
+                    });
+                }
+                if !full {
+                    return Ok(uids);
+                }
+                offset += page - 1;
             }
-            Ok(_) => Err(self.err(key, "Locate", WireError::Protocol("wrong payload".into()))),
-            Err(e) => Err(self.err(key, "Locate", e)),
         }
-    }
-
-    /// State and Names of one object (GetAttributes; never Get).
-    async fn attributes(&self, key: &KeyRef, uid: &str) -> Result<(State, Vec<String>), KeyError> {
-        let payload = RequestPayload::GetAttributes(
-            Some(UniqueIdentifier(uid.to_owned())),
-            Some(vec![
-                AttributeName("State".into()),
-                AttributeName("Name".into()),
-            ]),
-        );
-        let p = match self.std(key, payload).await {
-            Ok(ResponsePayload::GetAttributes(p)) => p,
-            Ok(_) => {
-                return Err(self.err(
-                    key,
-                    "GetAttributes",
-                    WireError::Protocol("wrong payload".into()),
-                ));
-            }
-            Err(e) => return Err(self.err(key, "GetAttributes", e)),
-        };
-        let mut state = None;
-        let mut names = Vec::new();
-        for a in p.attributes.unwrap_or_default() {
-            match a.value {
-                AttributeValue::State(s) => state = Some(s),
-                AttributeValue::Name(n, _) => names.push(n.0),
-                _ => {}
-            }
-        }
-        let state = state.ok_or_else(|| KeyError::Backend {
+        Err(KeyError::Backend {
             provider: PROVIDER,
             key: label(key),
-            message: format!("GetAttributes of object {uid} returned no State"),
-        })?;
-        Ok((state, names))
+            message: format!(
+                "the KMIP server's Locate answers kept changing while custos paged through them ({LOCATE_ATTEMPTS} attempts)"
+            ),
+        })
+    }
+
+    /// The objects of every filter, each once.
+    async fn locate_any(&self, key: &KeyRef, filters: &[Filter]) -> Result<Vec<String>, KeyError> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for f in filters {
+            for uid in self.locate(key, f).await? {
+                if seen.insert(uid.clone()) {
+                    out.push(uid);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// State, Names and Object Groups of one object (GetAttributes; never Get).
+    async fn attributes(&self, key: &KeyRef, uid: &str) -> Result<Attributes, KeyError> {
+        let a = match self.call(Request::GetAttributes(uid.to_owned())).await {
+            Ok(Response::Attributes(a)) => a,
+            Ok(_) => return Err(self.wrong_answer(key, "GetAttributes")),
+            Err(e) => return Err(self.err(key, "GetAttributes", e)),
+        };
+        if a.state.is_none() {
+            return Err(KeyError::Backend {
+                provider: PROVIDER,
+                key: label(key),
+                message: format!("GetAttributes of object {uid:?} returned no State"),
+            });
+        }
+        Ok(a)
     }
 
     async fn object(&self, key: &KeyRef, family_name: &str, uid: &str) -> Result<Object, KeyError> {
-        let (state, names) = self.attributes(key, uid).await?;
-        let kind = classify(family_name, &names);
+        let a = self.attributes(key, uid).await?;
         Ok(Object {
             uid: uid.to_owned(),
-            state,
-            kind,
+            state: a.state.unwrap_or(State::Compromised),
+            kind: classify(family_name, &a.names),
+            aes_256: a.algorithm == Some(CryptographicAlgorithm::AES) && a.bits == Some(256),
         })
+    }
+
+    /// The objects the filters find, classified against `family_name`:
+    /// versions and tombstones go into `fam`, anything else is ignored.
+    async fn gather(
+        &self,
+        key: &KeyRef,
+        fam: &mut Family,
+        family_name: &str,
+        filters: &[Filter],
+        versions: bool,
+    ) -> Result<(), KeyError> {
+        for uid in self.locate_any(key, filters).await? {
+            let obj = match self.object(key, family_name, &uid).await {
+                Ok(o) => o,
+                // Destroyed between the Locate and now.
+                Err(KeyError::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            match obj.kind {
+                ObjectKind::Version(v) if versions => fam.versions.push((v, obj)),
+                ObjectKind::Tombstone(t) => fam.add_tombstone(t, obj.uid),
+                // An object someone else named like the key: not custos's to use.
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Every object of `key`, with its state.
@@ -369,39 +497,23 @@ impl KmipProvider {
         };
         match id {
             KmipKeyId::Name(name) => {
-                for uid in self.locate(key, &name).await? {
-                    let obj = match self.object(key, &name, &uid).await {
-                        Ok(o) => o,
-                        // Destroyed between the Locate and now.
-                        Err(KeyError::NotFound { .. }) => continue,
-                        Err(e) => return Err(e),
-                    };
-                    match obj.kind {
-                        ObjectKind::Version(v) => fam.versions.push((v, obj)),
-                        ObjectKind::Tombstone(t) => fam.tombstone = Some((t, obj.uid)),
-                        // An object someone else named like the key: not custos's to use.
-                        ObjectKind::Foreign => {}
-                    }
-                }
+                let filters = [Filter::Group(key_group(&name)), Filter::Name(name.clone())];
+                self.gather(key, &mut fam, &name, &filters, true).await?;
             }
             KmipKeyId::Uid(uid) => {
-                let marker = uid_marker(&uid);
-                match self.object(key, &marker, &uid).await {
+                match self.object(key, "", &uid).await {
                     Ok(mut obj) => {
                         obj.kind = ObjectKind::Version(1);
                         fam.versions.push((1, obj));
                     }
-                    Err(KeyError::NotFound { .. }) => {
-                        for t in self.locate(key, &marker).await? {
-                            if let ObjectKind::Tombstone(at) =
-                                self.object(key, &marker, &t).await?.kind
-                            {
-                                fam.tombstone = Some((at, t));
-                            }
-                        }
-                    }
+                    Err(KeyError::NotFound { .. }) => {}
                     Err(e) => return Err(e),
                 }
+                // Always looked for: a tombstone beside a live object is an
+                // interrupted destruction, and a re-run must reuse it.
+                let marker = uid_group(&uid);
+                let filters = [Filter::Group(marker.clone()), Filter::Name(marker.clone())];
+                self.gather(key, &mut fam, &marker, &filters, false).await?;
             }
         }
         Ok(fam)
@@ -410,7 +522,7 @@ impl KmipProvider {
     fn not_found(&self, key: &KeyRef) -> KeyError {
         KeyError::NotFound {
             key: label(key),
-            message: format!("no such key on KMIP server {}", self.transport.server),
+            message: format!("no such key on KMIP server {}", self.server),
         }
     }
 
@@ -450,10 +562,14 @@ impl KmipProvider {
                 key: label(key),
                 destroyed_at,
             }),
-            Some(KeyState::Other { name }) => Err(KeyError::Unavailable {
-                key: label(key),
-                message: format!("its destruction did not finish ({name}): run the shred again"),
-            }),
+            Some(KeyState::Other { name }) if fam.destruction_began() => {
+                Err(KeyError::Unavailable {
+                    key: label(key),
+                    message: format!(
+                        "its destruction did not finish ({name}): run the shred again"
+                    ),
+                })
+            }
             _ => Ok(()),
         }
     }
@@ -473,12 +589,8 @@ impl KmipProvider {
             // A Create whose Activate never ran (a crash in create_key or
             // rotate): finish it, as the same call would have.
             (Some((v, obj)), _) if obj.state == State::PreActive => {
-                self.simple(
-                    key,
-                    "Activate",
-                    RequestPayload::Activate(Some(UniqueIdentifier(obj.uid.clone()))),
-                )
-                .await?;
+                self.simple(key, "Activate", Request::Activate(obj.uid.clone()))
+                    .await?;
                 tracing::info!(event = "kmip.key_activated", key = %key, version = v, object = %obj.uid, "activated version {v} of {key}, left Pre-Active by an interrupted creation");
                 Ok((
                     *v,
@@ -498,48 +610,30 @@ impl KmipProvider {
     }
 
     async fn create_version(&self, key: &KeyRef, name: &str, v: u32) -> Result<String, KeyError> {
-        // Encrypt | Decrypt: the only uses custos makes of the key.
-        let usage = usage_mask(0x4 | 0x8);
-        let attrs = vec![
-            req::Attribute::CryptographicAlgorithm(CryptographicAlgorithm::AES),
-            req::Attribute::CryptographicLength(256),
-            usage,
-            name_attribute(name.to_owned(), 0),
-            name_attribute(version_name(name, v), 1),
-        ];
-        let uid = self.create(key, attrs).await?;
-        self.simple(
-            key,
-            "Activate",
-            RequestPayload::Activate(Some(UniqueIdentifier(uid.clone()))),
-        )
-        .await?;
+        let uid = self
+            .create(
+                key,
+                Template {
+                    bits: 256,
+                    // Encrypt | Decrypt: the only uses custos makes of the key.
+                    usage_mask: USAGE_ENCRYPT | USAGE_DECRYPT,
+                    names: vec![version_name(name, v)],
+                    group: key_group(name),
+                },
+            )
+            .await?;
+        self.simple(key, "Activate", Request::Activate(uid.clone()))
+            .await?;
         tracing::info!(event = "kmip.key_created", key = %key, version = v, object = %uid, "created version {v} of {key} on the KMIP server");
         Ok(uid)
     }
 
-    async fn create(&self, key: &KeyRef, attrs: Vec<req::Attribute>) -> Result<String, KeyError> {
-        let payload = RequestPayload::Create(
-            ObjectType::SymmetricKey,
-            req::TemplateAttribute::unnamed(attrs),
-        );
-        match self.std(key, payload).await {
-            Ok(ResponsePayload::Create(p)) => Ok(p.unique_identifier.0),
-            Ok(_) => Err(self.err(key, "Create", WireError::Protocol("wrong payload".into()))),
+    async fn create(&self, key: &KeyRef, template: Template) -> Result<String, KeyError> {
+        match self.call(Request::Create(template)).await {
+            Ok(Response::Created(uid)) => Ok(uid),
+            Ok(_) => Err(self.wrong_answer(key, "Create")),
             Err(e) => Err(self.err(key, "Create", e)),
         }
-    }
-
-    async fn simple(
-        &self,
-        key: &KeyRef,
-        op: &str,
-        payload: RequestPayload,
-    ) -> Result<(), KeyError> {
-        self.std(key, payload)
-            .await
-            .map(|_| ())
-            .map_err(|e| self.err(key, op, e))
     }
 
     /// Revokes `uid`. A key-compromise revocation carries its Compromise
@@ -549,19 +643,15 @@ impl KmipProvider {
         &self,
         key: &KeyRef,
         uid: &str,
-        code: RevocationReasonCode,
+        reason: RevocationReasonCode,
         compromised_at: Option<i64>,
     ) -> Result<(), KeyError> {
-        self.simple(
-            key,
-            "Revoke",
-            RequestPayload::Revoke(
-                Some(UniqueIdentifier(uid.to_owned())),
-                RevocationReason(code, None),
-                compromised_at.map(|t| CompromiseOccurrenceDate(t.max(0) as u64)),
-            ),
-        )
-        .await
+        let req = Request::Revoke {
+            uid: uid.to_owned(),
+            reason,
+            compromised_at,
+        };
+        self.simple(key, "Revoke", req).await
     }
 
     /// Revoke for Cessation of Operation: Active → Deactivated.
@@ -570,50 +660,87 @@ impl KmipProvider {
             .await
     }
 
-    async fn cbc(
+    async fn crypt(
         &self,
-        key: &KeyRef,
         decrypt: bool,
         uid: &str,
+        cipher: Cipher,
         iv: [u8; 16],
         data: Zeroizing<Vec<u8>>,
-    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        let op = if decrypt { "Decrypt" } else { "Encrypt" };
-        let r = self
-            .transport
-            .call(Request::Cbc {
-                decrypt,
-                uid: uid.to_owned(),
-                iv,
-                data,
-            })
-            .await;
-        match r {
-            Ok(Response::Data(d)) => Ok(d),
-            Ok(Response::Std(_)) => {
-                Err(self.err(key, op, WireError::Protocol("wrong payload".into())))
-            }
-            Err(e @ WireError::Failed { .. }) => {
-                // Say why, from the object's state: a revoked key is
-                // Disabled, a destroyed one Destroyed; an Active key that
-                // cannot decrypt was given a ciphertext it did not make.
-                let plain = self.err(key, op, e);
-                match self.attributes(key, uid).await {
-                    // The same words as a seal that does not open (envelope::REFUSED).
-                    Ok((State::Active, _)) if decrypt => Err(KeyError::InvalidCiphertext {
-                        key: label(key),
-                        message: envelope::REFUSED.to_owned(),
-                    }),
-                    Ok((State::Active, _)) => Err(plain),
-                    Ok((state, _)) => Err(self.unusable(key, state)),
-                    Err(KeyError::NotFound { .. }) => Err(KeyError::Destroyed {
-                        key: label(key),
-                        destroyed_at: None,
-                    }),
-                    Err(_) => Err(plain),
+    ) -> Result<Zeroizing<Vec<u8>>, WireError> {
+        let req = Request::Crypt {
+            decrypt,
+            uid: uid.to_owned(),
+            cipher,
+            iv,
+            data,
+        };
+        match self.call(req).await? {
+            // A server that used another key than the one asked for would
+            // leave an envelope naming a key that cannot open it.
+            Response::Data { uid: used, data } if used == uid => Ok(data),
+            Response::Data { uid: used, .. } => Err(WireError::Protocol(format!(
+                "asked to use object {uid:?}, the server answered for object {used:?}"
+            ))),
+            _ => Err(WireError::Protocol(
+                "the server answered another operation".into(),
+            )),
+        }
+    }
+
+    /// The server's Encrypt of `wk` under version `uid`: CBC without padding,
+    /// or CTR on a server that refuses unpadded CBC (the first wrap finds out).
+    async fn encrypt_wk(
+        &self,
+        key: &KeyRef,
+        uid: &str,
+        wk: &SecretKey,
+    ) -> Result<(Cipher, [u8; 16], Zeroizing<Vec<u8>>), KeyError> {
+        let plain = || Zeroizing::new(wk.expose().to_vec());
+        let mode = self.wrap_mode.load(Ordering::Relaxed);
+        if mode != MODE_CTR {
+            let iv = crate::util::random_bytes::<16>();
+            match self.crypt(false, uid, Cipher::Cbc, iv, plain()).await {
+                Ok(ct) => {
+                    self.wrap_mode.store(MODE_CBC, Ordering::Relaxed);
+                    return Ok((Cipher::Cbc, iv, ct));
                 }
+                // The server refused the parameters: try CTR, once per process.
+                Err(WireError::Failed {
+                    reason: Some(r), ..
+                }) if mode == MODE_UNKNOWN && !refusal_of_the_key(r) => {}
+                Err(e) => return Err(self.explain_encrypt(key, uid, e).await),
             }
-            Err(e) => Err(self.err(key, op, e)),
+        }
+        let iv = envelope::ctr_iv();
+        match self.crypt(false, uid, Cipher::Ctr, iv, plain()).await {
+            Ok(ct) => {
+                if mode == MODE_UNKNOWN {
+                    tracing::info!(event = "kmip.wrap_mode", server = %self.server, "the KMIP server {} offers no AES-CBC without padding: wrapping keys are encrypted with AES-CTR", self.server);
+                }
+                self.wrap_mode.store(MODE_CTR, Ordering::Relaxed);
+                Ok((Cipher::Ctr, iv, ct))
+            }
+            Err(e) => Err(self.explain_encrypt(key, uid, e).await),
+        }
+    }
+
+    /// Why an Encrypt failed, from the object's state: a revoked key is
+    /// Disabled, a destroyed one Destroyed. (Encrypt only: it carries
+    /// custos's own fresh WK, so its failure says nothing about stored data.)
+    async fn explain_encrypt(&self, key: &KeyRef, uid: &str, e: WireError) -> KeyError {
+        if !matches!(e, WireError::Failed { .. }) {
+            return self.err(key, "Encrypt", e);
+        }
+        let plain = self.err(key, "Encrypt", e);
+        match self.attributes(key, uid).await {
+            Ok(a) if a.state == Some(State::Active) => plain,
+            Ok(a) => self.unusable(key, a.state.unwrap_or(State::Compromised)),
+            Err(KeyError::NotFound { .. }) => KeyError::Destroyed {
+                key: label(key),
+                destroyed_at: None,
+            },
+            Err(_) => plain,
         }
     }
 
@@ -624,42 +751,55 @@ impl KmipProvider {
         data_key: &DataKey,
         ctx: &WrapContext,
     ) -> Result<WrappedKey, KeyError> {
-        let wk = SecretKey::generate();
-        let iv = crate::util::random_bytes::<16>();
-        let wk_ct = self
-            .cbc(
-                key,
-                false,
-                &obj.uid,
-                iv,
-                Zeroizing::new(wk.expose().to_vec()),
-            )
-            .await?;
-        // 32 bytes under CBC with PKCS#5 padding are exactly three blocks;
-        // anything else is not what was asked for, and would not unwrap.
-        if wk_ct.len() != 48 {
-            return Err(KeyError::Backend {
-                provider: PROVIDER,
+        if !obj.aes_256 {
+            return Err(KeyError::AccessDenied {
                 key: label(key),
                 message: format!(
-                    "the KMIP server's Encrypt of a 32-byte wrapping key returned {} bytes, not 48",
-                    wk_ct.len()
+                    "object {:?} on the KMIP server is not an AES-256 key: custos wraps only under AES-256",
+                    obj.uid
                 ),
             });
         }
-        let ciphertext = envelope::seal(&obj.uid, iv, &wk_ct, &wk, data_key, ctx).map_err(|m| {
-            KeyError::Backend {
+        let wk = SecretKey::generate();
+        let (cipher, iv, wk_ct) = self.encrypt_wk(key, &obj.uid, &wk).await?;
+        // A server whose "Encrypt" returns its input would leave the
+        // wrapping key, and so the data key, in the clear in the store.
+        if wk_ct.as_slice() == wk.expose().as_slice() {
+            return Err(KeyError::Backend {
+                provider: PROVIDER,
+                key: label(key),
+                message: "the KMIP server's Encrypt returned the wrapping key unchanged".into(),
+            });
+        }
+        let server = envelope::ServerWrap {
+            cipher,
+            uid: &obj.uid,
+            iv,
+            wk_ct: &wk_ct,
+        };
+        let nonce = crate::util::random_bytes::<12>();
+        let ciphertext =
+            envelope::seal(&server, &wk, data_key, ctx, nonce).map_err(|m| KeyError::Backend {
                 provider: PROVIDER,
                 key: label(key),
                 message: m,
-            }
-        })?;
+            })?;
         Ok(WrappedKey {
             key_id: key.to_string(),
             key_version: Some(obj.uid.clone()),
             ciphertext,
         })
     }
+}
+
+/// Failures that concern the key or the client, not the Encrypt parameters.
+fn refusal_of_the_key(r: ResultReason) -> bool {
+    matches!(
+        r,
+        ResultReason::ItemNotFound
+            | ResultReason::PermissionDenied
+            | ResultReason::AuthenticationNotSuccessful
+    )
 }
 
 #[async_trait]
@@ -671,8 +811,8 @@ impl KeyProvider for KmipProvider {
     fn custody(&self, _key: &KeyRef) -> Custody {
         Custody {
             provider: ProviderKind::Kmip,
-            holder: format!("KMIP key manager {}", self.transport.server),
-            details: BTreeMap::from([("server".to_owned(), self.transport.server.clone())]),
+            holder: format!("KMIP key manager {}", self.server),
+            details: BTreeMap::from([("server".to_owned(), self.server.clone())]),
             network: true,
         }
     }
@@ -741,6 +881,9 @@ impl KeyProvider for KmipProvider {
         self.wrap_under(key, &obj, data_key, ctx).await
     }
 
+    /// The same calls whatever is wrong with the envelope (the family's
+    /// Locates and GetAttributes, one Decrypt), and in format 2 one answer
+    /// for any changed byte: the local GCM tag's.
     async fn unwrap(
         &self,
         key: &KeyRef,
@@ -764,24 +907,62 @@ impl KeyProvider for KmipProvider {
         let fam = self.family(key).await?;
         self.refuse_if_destroying(key, &fam)?;
         let Some((_, version)) = fam.versions.iter().find(|(_, o)| o.uid == env.uid) else {
-            self.current(key).await?;
+            if let Some((_, current)) = fam.current()
+                && current.state != State::Active
+            {
+                return Err(self.unusable(key, current.state));
+            }
+            if fam.versions.is_empty() {
+                return Err(self.not_found(key));
+            }
             return Err(invalid(format!(
-                "the envelope was wrapped by object {}, which is not a version of this key",
+                "the envelope was wrapped by object {:?}, which is not a version of this key",
                 env.uid
             )));
         };
         if version.state != State::Active {
             return Err(self.unusable(key, version.state));
         }
-        let wk = self
-            .cbc(
-                key,
-                true,
-                env.uid,
-                env.iv,
-                Zeroizing::new(env.wk_ct.to_vec()),
-            )
-            .await?;
+        let data = Zeroizing::new(env.wk_ct.to_vec());
+        let wk = match self.crypt(true, env.uid, env.cipher, env.iv, data).await {
+            Ok(wk) => wk,
+            // Listed a moment ago: destroyed since.
+            Err(WireError::Failed {
+                reason: Some(ResultReason::ItemNotFound),
+                ..
+            }) => {
+                return Err(KeyError::Destroyed {
+                    key: label(key),
+                    destroyed_at: None,
+                });
+            }
+            // Format 1: the server's padding check refused it; the same
+            // words as a seal that does not open, and no further call.
+            // Format 2: the server accepts any 32 bytes, so only the mode
+            // (which is no secret) can be refused.
+            Err(WireError::Failed { reason, message })
+                if !reason.is_some_and(refusal_of_the_key) =>
+            {
+                return Err(invalid(match env.cipher {
+                    Cipher::CbcPkcs5 => envelope::REFUSED.to_owned(),
+                    mode => format!(
+                        "the KMIP server refused to decrypt with the envelope's mode ({mode:?}): {message}; the envelope was altered, or the server no longer offers that mode"
+                    ),
+                }));
+            }
+            Err(e) => return Err(self.err(key, "Decrypt", e)),
+        };
+        if wk.len() != crate::keys::KEY_LEN {
+            return Err(KeyError::Backend {
+                provider: PROVIDER,
+                key: label(key),
+                message: format!(
+                    "the KMIP server's Decrypt of a wrapping key returned {} bytes, not {}",
+                    wk.len(),
+                    crate::keys::KEY_LEN
+                ),
+            });
+        }
         env.open(&wk, ctx).map_err(invalid)
     }
 
@@ -799,7 +980,12 @@ impl KeyProvider for KmipProvider {
         // The number comes from the family just read, not from a cache that
         // another key reference naming the same object could have filled.
         let (v, _) = self.current_version(key).await?;
-        self.create_version(key, &name, v + 1).await?;
+        let next = v.checked_add(1).ok_or_else(|| KeyError::Backend {
+            provider: PROVIDER,
+            key: label(key),
+            message: format!("the current version is numbered {v}: there is no next one"),
+        })?;
+        self.create_version(key, &name, next).await?;
         self.describe(key).await
     }
 
@@ -826,12 +1012,13 @@ impl KeyProvider for KmipProvider {
     }
 
     /// Revoke (where Active), then Destroy, every version; then a Locate
-    /// must find none. First of all, a tombstone object is created (never activated,
-    /// revoked as compromised, so it can never encrypt or decrypt) whose
-    /// Names record the key and the time of destruction: servers such as
-    /// PyKMIP delete destroyed objects, and `describe` must still tell a
-    /// destroyed key from one that never existed. Immediate and
-    /// irreversible; idempotent (a second call reports the tombstone).
+    /// must find none. First of all, a tombstone object is created (never
+    /// activated, revoked as compromised, so it can never encrypt or
+    /// decrypt) whose Name and Object Group record the key and the time of
+    /// destruction: servers such as PyKMIP delete destroyed objects, and
+    /// `describe` must still tell a destroyed key from one that never
+    /// existed. Immediate and irreversible; idempotent (a run again, also
+    /// after a crash half-way, reuses the tombstone).
     async fn destroy(
         &self,
         key: &KeyRef,
@@ -865,21 +1052,20 @@ impl KeyProvider for KmipProvider {
             Some((at, _)) => at,
             None => {
                 let at = Utc::now().timestamp();
-                let family_name = match &id {
-                    KmipKeyId::Name(n) => n.clone(),
-                    KmipKeyId::Uid(u) => uid_marker(u),
+                let (family_name, group) = match &id {
+                    KmipKeyId::Name(n) => (n.clone(), key_group(n)),
+                    KmipKeyId::Uid(u) => (uid_group(u), uid_group(u)),
                 };
                 let tomb = self
                     .create(
                         key,
-                        vec![
-                            req::Attribute::CryptographicAlgorithm(CryptographicAlgorithm::AES),
-                            req::Attribute::CryptographicLength(128),
+                        Template {
+                            bits: 128,
                             // No use at all (the server insists on a mask).
-                            usage_mask(0),
-                            name_attribute(family_name.clone(), 0),
-                            name_attribute(tombstone_name(&family_name, at), 1),
-                        ],
+                            usage_mask: 0,
+                            names: vec![tombstone_name(&family_name, at)],
+                            group,
+                        },
                     )
                     .await?;
                 self.revoke(key, &tomb, RevocationReasonCode::KeyCompromise, Some(at))
@@ -900,11 +1086,7 @@ impl KeyProvider for KmipProvider {
                 self.deactivate(key, &obj.uid).await?;
             }
             match self
-                .simple(
-                    key,
-                    "Destroy",
-                    RequestPayload::Destroy(Some(UniqueIdentifier(obj.uid.clone()))),
-                )
+                .simple(key, "Destroy", Request::Destroy(obj.uid.clone()))
                 .await
             {
                 Ok(()) | Err(KeyError::NotFound { .. }) => {}
@@ -937,92 +1119,4 @@ impl KeyProvider for KmipProvider {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_classify_versions_and_tombstones() {
-        let n = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        assert_eq!(classify("a", &n(&["a", "a@v3"])), ObjectKind::Version(3));
-        assert_eq!(
-            classify("a", &n(&["a", "a@destroyed@17"])),
-            ObjectKind::Tombstone(17)
-        );
-        assert_eq!(classify("a", &n(&["a"])), ObjectKind::Foreign);
-        assert_eq!(classify("a", &n(&["a", "ab@v2"])), ObjectKind::Foreign);
-        assert_eq!(classify("a", &n(&["a", "a@vx"])), ObjectKind::Foreign);
-    }
-
-    fn family(versions: &[(u32, State)], tombstone: Option<i64>) -> Family {
-        Family {
-            versions: versions
-                .iter()
-                .map(|&(v, state)| {
-                    let obj = Object {
-                        uid: format!("uid-{v}"),
-                        state,
-                        kind: ObjectKind::Version(v),
-                    };
-                    (v, obj)
-                })
-                .collect(),
-            tombstone: tombstone.map(|at| (at, "uid-t".to_owned())),
-        }
-    }
-
-    #[test]
-    fn a_half_destroyed_key_never_reads_as_destroyed_or_usable() {
-        use State::{Active, Deactivated, Destroyed};
-        let name = |f: &Family| f.state().map(|s| s.name());
-        // Before any destruction: the newest version's state.
-        assert_eq!(
-            name(&family(&[(1, Active), (2, Active)], None)).unwrap(),
-            "enabled"
-        );
-        assert_eq!(
-            name(&family(&[(1, Deactivated)], None)).unwrap(),
-            "disabled"
-        );
-        assert_eq!(family(&[], None).state(), None);
-        // The newest destroyed (a server that keeps destroyed objects lists
-        // it), an older one still Active: not destroyed.
-        for f in [
-            family(&[(1, Active), (2, Destroyed)], None),
-            family(&[(1, Deactivated), (2, Destroyed)], Some(1_700_000_000)),
-            family(&[(1, Active)], Some(1_700_000_000)),
-        ] {
-            assert_eq!(name(&f).unwrap(), "destroy_incomplete");
-            assert!(!f.state().unwrap().is_usable());
-        }
-        // Every version gone or destroyed: destroyed, at the tombstone's time.
-        let f = family(&[(1, Destroyed), (2, Destroyed)], Some(1_700_000_000));
-        assert_eq!(
-            f.state(),
-            Some(KeyState::Destroyed {
-                destroyed_at: time(1_700_000_000)
-            })
-        );
-        assert_eq!(
-            family(&[], Some(1_700_000_000)).state(),
-            Some(KeyState::Destroyed {
-                destroyed_at: time(1_700_000_000)
-            })
-        );
-    }
-
-    #[test]
-    fn states_map_onto_key_states() {
-        assert_eq!(state_of(State::Active), KeyState::Enabled);
-        assert_eq!(state_of(State::Deactivated), KeyState::Disabled);
-        assert!(!state_of(State::PreActive).is_usable());
-        assert!(!state_of(State::Compromised).is_usable());
-        assert!(matches!(
-            state_of(State::Destroyed),
-            KeyState::Destroyed { .. }
-        ));
-        assert!(matches!(
-            state_of(State::DestroyedCompromised),
-            KeyState::Destroyed { .. }
-        ));
-    }
-}
+mod tests;

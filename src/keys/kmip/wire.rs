@@ -1,11 +1,7 @@
-//! KMIP over TLS: connections, framing, and the messages custos sends.
+//! KMIP over TLS: connections and framing (the messages are `messages.rs`).
 //!
-//! Messages are built and parsed with NLnet Labs' `kmip-protocol` types
-//! (serialized by its TTLV codec, `kmip-ttlv`), except Encrypt and Decrypt,
-//! which that crate (0.4.3) lacks: their request and response are declared
-//! here in the same style (KMIP 1.2 §4.29, §4.30). The TLS stream is custos's
-//! own (rustls 0.23, the one the rest of the tree uses): the crate's TLS
-//! features pin rustls 0.19.
+//! The TLS stream is custos's own (rustls 0.23, the one the rest of the tree
+//! uses): the TLS features of `kmip-protocol` pin rustls 0.19.
 //!
 //! Every call runs on a blocking thread: the TCP connect within the connect
 //! timeout, then the handshake and the whole exchange within one operation
@@ -14,28 +10,20 @@
 //! Revoke or Destroy the server may have carried out before the connection
 //! broke is never resent.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kmip_protocol::types::common::{
-    CryptographicAlgorithm, CryptographicParameters, Data, Operation, PaddingMethod,
-    UniqueIdentifier,
-};
-use kmip_protocol::types::request::{
-    Authentication, BatchCount, MaximumResponseSize, ProtocolVersion, ProtocolVersionMajor,
-    ProtocolVersionMinor, RequestHeader, RequestPayload,
-};
-use kmip_protocol::types::response::{
-    ResponseHeader, ResponseMessage, ResponsePayload, ResultReason, ResultStatus,
-};
+use async_trait::async_trait;
+use kmip_protocol::types::common::Operation;
+use kmip_protocol::types::response::ResultReason;
 use rustls::pki_types::ServerName;
-use serde::{Deserialize, Serialize};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
-/// Largest response custos reads (a Locate of many versions is a few KiB).
+use super::messages::{Request, Response, decode, encode};
+
+/// Largest response custos reads (a Locate page of many objects is a few KiB).
 const MAX_RESPONSE: usize = 1 << 20;
 
 /// Why a KMIP call failed, before it is mapped onto [`super::KeyError`].
@@ -56,208 +44,18 @@ pub(super) enum WireError {
     },
 }
 
-/// What a call sends: one of the crate's payloads, or an Encrypt/Decrypt.
-pub(super) enum Request {
-    Std(Box<RequestPayload>),
-    /// AES-CBC with PKCS#5 padding under `uid`, with the given IV.
-    Cbc {
-        decrypt: bool,
-        uid: String,
-        iv: [u8; 16],
-        data: Zeroizing<Vec<u8>>,
-    },
+/// Whatever carries a request to a key manager and brings its answer back:
+/// the TLS [`Transport`], or in unit tests an in-memory key manager.
+#[async_trait]
+pub(super) trait Link: Send + Sync {
+    async fn call(&self, req: Request) -> Result<Response, WireError>;
 }
 
-impl Request {
-    pub(super) fn operation(&self) -> Operation {
-        match self {
-            Request::Std(p) => p.operation(),
-            Request::Cbc { decrypt: false, .. } => Operation::Encrypt,
-            Request::Cbc { decrypt: true, .. } => Operation::Decrypt,
-        }
+#[async_trait]
+impl Link for Arc<Transport> {
+    async fn call(&self, req: Request) -> Result<Response, WireError> {
+        Transport::call(self, req).await
     }
-}
-
-pub(super) enum Response {
-    Std(Box<ResponsePayload>),
-    /// The Data of an Encrypt or Decrypt response (a plaintext WK after Decrypt).
-    Data(Zeroizing<Vec<u8>>),
-}
-
-// --- Encrypt / Decrypt messages (absent from kmip-protocol 0.4.3) ---------
-
-#[derive(Serialize)]
-#[serde(rename = "0x420078")]
-struct CbcRequestMessage(RequestHeader, Vec<CbcBatchItem>);
-
-#[derive(Serialize)]
-#[serde(rename = "0x42000F")]
-struct CbcBatchItem(Operation, CbcRequestPayload);
-
-#[derive(Serialize)]
-#[serde(rename = "0x420079")]
-struct CbcRequestPayload(
-    UniqueIdentifier,
-    CryptographicParameters,
-    Data,
-    IvCounterNonce,
-);
-
-#[derive(Serialize)]
-#[serde(rename = "Transparent:0x42003D")]
-struct IvCounterNonce(#[serde(with = "serde_bytes")] Vec<u8>);
-
-#[derive(Deserialize)]
-#[serde(rename = "0x42007B")]
-struct CbcResponseMessage {
-    #[serde(rename = "0x42007A")]
-    _header: ResponseHeader,
-    #[serde(rename = "0x42000F")]
-    batch_items: Vec<CbcResponseItem>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename = "0x42000F")]
-struct CbcResponseItem {
-    #[serde(rename = "0x42005C")]
-    _operation: Option<Operation>,
-    #[serde(rename = "0x42007F")]
-    result_status: ResultStatus,
-    #[serde(rename = "0x42007E")]
-    result_reason: Option<ResultReason>,
-    #[serde(rename = "0x42007D")]
-    result_message: Option<String>,
-    #[serde(rename = "0x42007C")]
-    payload: Option<CbcResponsePayload>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename = "0x42007C")]
-struct CbcResponsePayload {
-    #[serde(rename = "0x420094")]
-    _unique_identifier: String,
-    #[serde(rename = "0x4200C2", with = "serde_bytes")]
-    data: Vec<u8>,
-    #[serde(rename = "0x42003D", default, with = "serde_bytes")]
-    _iv: Option<Vec<u8>>,
-}
-
-fn header(version_minor: i32) -> RequestHeader {
-    RequestHeader(
-        ProtocolVersion(ProtocolVersionMajor(1), ProtocolVersionMinor(version_minor)),
-        Option::<MaximumResponseSize>::None,
-        Option::<Authentication>::None,
-        BatchCount(1),
-    )
-}
-
-fn encode(req: Request) -> Result<Zeroizing<Vec<u8>>, WireError> {
-    let bytes = match req {
-        Request::Std(payload) => kmip_protocol::request::to_vec(*payload, None),
-        Request::Cbc {
-            decrypt,
-            uid,
-            iv,
-            mut data,
-        } => {
-            let params = CryptographicParameters {
-                block_cipher_mode: Some(kmip_protocol::types::common::BlockCipherMode::CBC),
-                padding_method: Some(PaddingMethod::PKCS5),
-                cryptographic_algorithm: Some(CryptographicAlgorithm::AES),
-                ..Default::default()
-            };
-            let op = if decrypt {
-                Operation::Decrypt
-            } else {
-                Operation::Encrypt
-            };
-            // Encrypt and Decrypt are KMIP 1.2 operations.
-            let mut msg = CbcRequestMessage(
-                header(2),
-                vec![CbcBatchItem(
-                    op,
-                    CbcRequestPayload(
-                        UniqueIdentifier(uid),
-                        params,
-                        Data(std::mem::take(&mut *data)),
-                        IvCounterNonce(iv.to_vec()),
-                    ),
-                )],
-            );
-            let out = kmip_ttlv::ser::to_vec(&msg);
-            // The plaintext WK (Encrypt) must not linger in the message either.
-            for item in &mut msg.1 {
-                (item.1).2.0.zeroize();
-            }
-            out
-        }
-    };
-    bytes
-        .map(Zeroizing::new)
-        .map_err(|e| WireError::Protocol(format!("cannot encode the request: {e}")))
-}
-
-fn failed(
-    status: ResultStatus,
-    reason: Option<ResultReason>,
-    message: Option<String>,
-) -> WireError {
-    WireError::Failed {
-        message: match (status, message) {
-            (ResultStatus::OperationFailed, Some(m)) => m,
-            (ResultStatus::OperationFailed, None) => "operation failed".into(),
-            (other, _) => format!("unsupported result status {other:?}"),
-        },
-        reason,
-    }
-}
-
-fn decode(op: Operation, buf: &[u8]) -> Result<Response, WireError> {
-    let bad = |e: kmip_ttlv::error::Error| {
-        WireError::Protocol(format!("cannot parse the {op:?} response: {e}"))
-    };
-    if matches!(op, Operation::Encrypt | Operation::Decrypt) {
-        let mut msg: CbcResponseMessage = kmip_ttlv::de::from_slice(buf).map_err(bad)?;
-        let Some(mut item) = msg.batch_items.pop().filter(|_| msg.batch_items.is_empty()) else {
-            return Err(WireError::Protocol(
-                "expected one batch item in the response".into(),
-            ));
-        };
-        if item.result_status != ResultStatus::Success {
-            return Err(failed(
-                item.result_status,
-                item.result_reason,
-                item.result_message,
-            ));
-        }
-        return match item.payload.take() {
-            Some(p) => Ok(Response::Data(Zeroizing::new(p.data))),
-            None => Err(WireError::Protocol(format!("{op:?} answered no data"))),
-        };
-    }
-    let mut msg: ResponseMessage = kmip_ttlv::de::from_slice(buf).map_err(bad)?;
-    let Some(mut item) = msg.batch_items.pop().filter(|_| msg.batch_items.is_empty()) else {
-        return Err(WireError::Protocol(
-            "expected one batch item in the response".into(),
-        ));
-    };
-    if item.result_status != ResultStatus::Success {
-        return Err(failed(
-            item.result_status,
-            item.result_reason,
-            item.result_message.take(),
-        ));
-    }
-    if item.operation != Some(op) {
-        return Err(WireError::Protocol(format!(
-            "asked for {op:?}, the server answered {:?}",
-            item.operation
-        )));
-    }
-    item.payload
-        .take()
-        .map(|p| Response::Std(Box::new(p)))
-        .ok_or_else(|| WireError::Protocol(format!("{op:?} answered no payload")))
 }
 
 // --- Connections -----------------------------------------------------------
@@ -314,9 +112,6 @@ pub(super) struct Transport {
     /// At most this many calls (and so connections) at once.
     permits: tokio::sync::Semaphore,
     max_idle: usize,
-    /// How many of each operation this process sent: lets tests prove that
-    /// no Get ever left custos, and shows an operator what custos asked for.
-    sent: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Transport {
@@ -337,12 +132,7 @@ impl Transport {
             idle: Mutex::new(Vec::new()),
             permits: tokio::sync::Semaphore::new(max_connections.max(1)),
             max_idle: max_connections.max(1),
-            sent: Mutex::new(BTreeMap::new()),
         }
-    }
-
-    pub(super) fn operations_sent(&self) -> BTreeMap<String, u64> {
-        self.sent.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     /// Sends one request and returns its answer.
@@ -353,9 +143,6 @@ impl Transport {
             .await
             .map_err(|_| WireError::Io("the connection pool is closed".into()))?;
         let op = req.operation();
-        if let Ok(mut sent) = self.sent.lock() {
-            *sent.entry(format!("{op:?}")).or_default() += 1;
-        }
         let bytes = encode(req)?;
         let this = Arc::clone(self);
         tokio::task::spawn_blocking(move || this.call_blocking(op, &bytes))
@@ -600,11 +387,12 @@ mod tests {
         ));
         let started = Instant::now();
         let r = transport
-            .call(Request::Cbc {
+            .call(Request::Crypt {
                 decrypt: true,
                 uid: "1".into(),
+                cipher: super::super::messages::Cipher::Ctr,
                 iv: [0; 16],
-                data: Zeroizing::new(vec![0; 48]),
+                data: Zeroizing::new(vec![0; 32]),
             })
             .await;
         let took = started.elapsed();

@@ -1,0 +1,691 @@
+//! The provider's logic against an in-memory key manager (`fake.rs`) that
+//! behaves as the test says; the wire itself is tested against PyKMIP
+//! (tests/it/key_providers.rs).
+
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use kmip_protocol::types::common::Operation;
+
+use super::fake::{Behaviour, FakeKmip};
+use super::*;
+use crate::TenantId;
+
+fn provider(b: Behaviour) -> (KmipProvider, Arc<FakeKmip>) {
+    let fake = Arc::new(FakeKmip::new(b));
+    let p = KmipProvider::with_link("fake:5696".into(), Box::new(fake.clone()));
+    (p, fake)
+}
+
+fn key(id: &str) -> KeyRef {
+    KeyRef::parse(&format!("kmip:{id}")).unwrap()
+}
+
+fn ctx() -> WrapContext {
+    WrapContext::tdk(&TenantId::new("acme").unwrap(), 1)
+}
+
+/// Objects the fake holds in `group`.
+fn in_group(fake: &FakeKmip, group: &str) -> Vec<fake::Object> {
+    fake.objects()
+        .into_iter()
+        .filter(|o| o.groups.iter().any(|g| g == group))
+        .collect()
+}
+
+async fn assert_destroyed_with_a_time(p: &KmipProvider, k: &KeyRef) {
+    let state = p.describe(k).await.unwrap().state;
+    assert!(
+        matches!(
+            state,
+            KeyState::Destroyed {
+                destroyed_at: Some(_)
+            }
+        ),
+        "{state:?}"
+    );
+}
+
+// --- Unique Names, Object Groups, paged Locate ------------------------------
+
+/// A key manager that refuses a Name another object carries accepts a
+/// key's whole life: every object has Names of its own, the family shares
+/// one Object Group.
+#[tokio::test]
+async fn every_object_has_a_name_of_its_own_and_the_family_a_group() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let (dk, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    p.rotate(&k).await.unwrap();
+    p.rotate(&k).await.unwrap();
+    assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
+    let d = p.destroy(&k, 7).await.unwrap();
+    assert_eq!(d.objects.len(), 3);
+    // The tombstone is all that is left: in the group, with a unique name.
+    let left = in_group(&fake, "custos-key/acme");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].names[0].starts_with("acme@destroyed@"), "{left:?}");
+    assert_eq!(left[0].names.len(), 1);
+}
+
+#[tokio::test]
+async fn versions_are_named_by_number_and_grouped() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    p.rotate(&k).await.unwrap();
+    let mut names: Vec<_> = fake
+        .objects()
+        .into_iter()
+        .map(|o| (o.names, o.groups))
+        .collect();
+    names.sort();
+    let one = |n: &str| (vec![n.to_owned()], vec!["custos-key/acme".to_owned()]);
+    assert_eq!(names, vec![one("acme@v1"), one("acme@v2")]);
+}
+
+/// A family longer than one Locate page is read whole: the current version
+/// is the newest, and destroy reaches every version.
+#[tokio::test]
+async fn a_family_longer_than_a_page_is_read_whole() {
+    let (mut p, fake) = provider(Behaviour::default());
+    p.locate_page = 3;
+    let k = key("name/big");
+    p.create_key(&k).await.unwrap();
+    let (dk, first) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    for _ in 0..9 {
+        p.rotate(&k).await.unwrap();
+    }
+    let info = p.describe(&k).await.unwrap();
+    let newest = fake
+        .objects()
+        .into_iter()
+        .find(|o| o.names == ["big@v10"])
+        .unwrap();
+    assert_eq!(info.current_version.as_deref(), Some(newest.uid.as_str()));
+    let (_, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    assert_eq!(w.key_version.as_deref(), Some(newest.uid.as_str()));
+    // The oldest version, on the last page, still unwraps.
+    assert_eq!(p.unwrap(&k, &first, &ctx()).await.unwrap(), dk);
+    let d = p.destroy(&k, 7).await.unwrap();
+    assert_eq!(d.objects.len(), 10);
+    assert_eq!(
+        in_group(&fake, "custos-key/big").len(),
+        1,
+        "only the tombstone"
+    );
+}
+
+/// A key manager whose listing moves between two pages (another client
+/// deletes an object already listed, so later ones move up a place) makes
+/// the read begin again rather than skip an object.
+#[tokio::test]
+async fn a_listing_that_moves_between_pages_is_read_again() {
+    struct Moving {
+        fake: Arc<FakeKmip>,
+        intruder: Mutex<Option<String>>,
+    }
+    #[async_trait]
+    impl Link for Arc<Moving> {
+        async fn call(&self, req: Request) -> Result<Response, WireError> {
+            if matches!(
+                req,
+                Request::Locate {
+                    offset_items: 2,
+                    ..
+                }
+            ) && let Some(uid) = self.intruder.lock().unwrap().take()
+            {
+                self.fake.remove(&uid);
+            }
+            self.fake.call(req).await
+        }
+    }
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let moving = Arc::new(Moving {
+        fake: fake.clone(),
+        intruder: Mutex::new(None),
+    });
+    let mut p = KmipProvider::with_link("fake:5696".into(), Box::new(moving.clone()));
+    p.locate_page = 3;
+    let k = key("name/moving");
+    p.create_key(&k).await.unwrap();
+    for _ in 0..4 {
+        p.rotate(&k).await.unwrap();
+    }
+    // Another client's object in the group, the newest: listed first.
+    let intruder = fake.insert(&["someone-else"], &["custos-key/moving"], State::Active);
+    *moving.intruder.lock().unwrap() = Some(intruder);
+    let d = p.destroy(&k, 7).await.unwrap();
+    assert_eq!(d.objects.len(), 5, "{d:?}");
+    assert!(
+        moving.intruder.lock().unwrap().is_none(),
+        "the listing never moved"
+    );
+}
+
+/// Families made before Object Groups (every object named `<n>`, on a
+/// server that allowed it) keep working: read, rotated (the new version in
+/// the new scheme), unwrapped and destroyed.
+#[tokio::test]
+async fn families_of_the_earlier_scheme_keep_working() {
+    let (p, fake) = provider(Behaviour {
+        unique_names: false,
+        ..Behaviour::default()
+    });
+    let k = key("name/old");
+    let v1 = fake.insert(&["old", "old@v1"], &[], State::Active);
+    let v2 = fake.insert(&["old", "old@v2"], &[], State::Active);
+    // Someone else's object carrying the Name: not a version.
+    fake.insert(&["old"], &[], State::Active);
+    assert_eq!(
+        p.describe(&k).await.unwrap().current_version,
+        Some(v2.clone())
+    );
+    let (dk, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    assert_eq!(w.key_version, Some(v2));
+    p.rotate(&k).await.unwrap();
+    let v3 = p.describe(&k).await.unwrap().current_version.unwrap();
+    assert_ne!(v3, v1);
+    assert_eq!(in_group(&fake, "custos-key/old").len(), 1);
+    assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
+    let d = p.destroy(&k, 7).await.unwrap();
+    assert_eq!(d.objects.len(), 3);
+    assert_destroyed_with_a_time(&p, &k).await;
+}
+
+/// A tombstone of the earlier scheme still says the key was destroyed, and when.
+#[tokio::test]
+async fn tombstones_of_the_earlier_scheme_still_count() {
+    let (p, fake) = provider(Behaviour {
+        unique_names: false,
+        ..Behaviour::default()
+    });
+    fake.insert(
+        &["gone", "gone@destroyed@1700000000"],
+        &[],
+        State::Compromised,
+    );
+    let k = key("name/gone");
+    assert_eq!(
+        p.describe(&k).await.unwrap().state,
+        KeyState::Destroyed {
+            destroyed_at: time(1_700_000_000)
+        }
+    );
+    assert!(matches!(
+        p.create_key(&k).await,
+        Err(KeyError::Destroyed { .. })
+    ));
+    let uid = fake.insert(&["x"], &[], State::Active);
+    fake.insert(
+        &[
+            &format!("custos-uid/{uid}"),
+            &format!("custos-uid/{uid}@destroyed@1700000001"),
+        ],
+        &[],
+        State::Compromised,
+    );
+    // A tombstone beside a live object: an interrupted destruction.
+    let e = p.generate_data_key(&key(&uid), &ctx()).await.unwrap_err();
+    assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
+}
+
+// --- kmip:<uid> tombstones ---------------------------------------------------
+
+/// Shredding a `kmip:<uid>` key again reuses its tombstone, on a server that
+/// deletes destroyed objects and on one that keeps them.
+#[tokio::test]
+async fn a_uid_key_shredded_again_reuses_its_tombstone() {
+    for keep_destroyed in [false, true] {
+        let (p, fake) = provider(Behaviour {
+            keep_destroyed,
+            ..Behaviour::default()
+        });
+        let uid = fake.insert(&["customer-key"], &[], State::Active);
+        let k = key(&uid);
+        let first = p.destroy(&k, 7).await.unwrap();
+        let second = p.destroy(&k, 7).await.unwrap();
+        let third = p.destroy(&k, 7).await.unwrap();
+        let tombs = in_group(&fake, &format!("custos-uid/{uid}"));
+        assert_eq!(tombs.len(), 1, "keep_destroyed {keep_destroyed}: {tombs:?}");
+        assert_eq!(first.effective_at, second.effective_at);
+        assert_eq!(first.effective_at, third.effective_at);
+        assert_destroyed_with_a_time(&p, &k).await;
+    }
+}
+
+/// A destruction interrupted after its tombstone (the object still Active)
+/// refuses every use, and the next shred finishes it with that tombstone.
+#[tokio::test]
+async fn an_interrupted_uid_key_destruction_is_finished_with_its_tombstone() {
+    let (p, fake) = provider(Behaviour::default());
+    let uid = fake.insert(&["customer-key"], &[], State::Active);
+    let k = key(&uid);
+    fake.insert(
+        &[&format!("custos-uid/{uid}@destroyed@1700000000")],
+        &[&format!("custos-uid/{uid}")],
+        State::Compromised,
+    );
+    assert_eq!(
+        p.describe(&k).await.unwrap().state.name(),
+        "destroy_incomplete"
+    );
+    let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
+    assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
+    let d = p.destroy(&k, 7).await.unwrap();
+    assert_eq!(d.effective_at, time(1_700_000_000).unwrap());
+    assert_eq!(d.objects, vec![uid.clone()]);
+    assert_eq!(in_group(&fake, &format!("custos-uid/{uid}")).len(), 1);
+}
+
+// --- Envelope format 2 -------------------------------------------------------
+
+fn format_and_mode(w: &WrappedKey) -> (u8, u8) {
+    (w.ciphertext[0], w.ciphertext[1])
+}
+
+/// New envelopes are format 2: CBC without padding where the server offers
+/// it, CTR where it does not (PyKMIP), found out once.
+#[tokio::test]
+async fn new_envelopes_are_format_2() {
+    for (cbc, mode) in [(true, 1), (false, 2)] {
+        let (p, fake) = provider(Behaviour {
+            cbc_without_padding: cbc,
+            ..Behaviour::default()
+        });
+        let k = key("name/f2");
+        p.create_key(&k).await.unwrap();
+        for _ in 0..3 {
+            let (dk, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+            assert_eq!(format_and_mode(&w), (2, mode));
+            assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
+        }
+        // The refused CBC is asked once per process, not once per wrap.
+        let encrypts = fake.log().iter().filter(|o| *o == "Encrypt").count();
+        assert_eq!(encrypts, if cbc { 3 } else { 4 });
+    }
+}
+
+/// Whatever byte of a format-2 envelope changes, unwrap makes the same
+/// calls as for an intact one and answers invalid_ciphertext from the
+/// local tag alone: the server accepts any 32 bytes, so neither its answer
+/// nor an extra call says what was wrong.
+#[tokio::test]
+async fn a_tampered_format_2_envelope_makes_the_same_calls_and_one_answer() {
+    for cbc in [true, false] {
+        let (p, fake) = provider(Behaviour {
+            cbc_without_padding: cbc,
+            ..Behaviour::default()
+        });
+        let k = key("name/t");
+        p.create_key(&k).await.unwrap();
+        let (dk, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+        fake.clear_log();
+        assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
+        let good_calls = fake.log();
+        let uid_len = u16::from_be_bytes([w.ciphertext[2], w.ciphertext[3]]) as usize;
+        // From the IV on: the mode byte and the object change what is asked.
+        for at in 4 + uid_len..w.ciphertext.len() {
+            let mut bad = w.clone();
+            bad.ciphertext[at] ^= 0x01;
+            fake.clear_log();
+            let e = p.unwrap(&k, &bad, &ctx()).await.unwrap_err();
+            match &e {
+                KeyError::InvalidCiphertext { message, .. } => {
+                    assert_eq!(message, envelope::REFUSED, "byte {at}")
+                }
+                other => panic!("byte {at}: {other:?}"),
+            }
+            assert_eq!(fake.log(), good_calls, "byte {at}");
+        }
+    }
+}
+
+/// Envelopes of format 1 (CBC with PKCS#5 padding) still unwrap; a
+/// tampered one is refused with the same words and the same calls whether
+/// the server's padding check or the local tag refused it.
+#[tokio::test]
+async fn format_1_envelopes_still_unwrap() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/v1");
+    p.create_key(&k).await.unwrap();
+    let uid = p.describe(&k).await.unwrap().current_version.unwrap();
+    let wk = SecretKey::generate();
+    let dk = SecretKey::generate();
+    let iv = [5u8; 16];
+    let wk_ct = fake.encrypt_as_server(&uid, Cipher::CbcPkcs5, iv, wk.expose());
+    assert_eq!(wk_ct.len(), 48);
+    let w = WrappedKey {
+        key_id: k.to_string(),
+        key_version: Some(uid.clone()),
+        ciphertext: envelope::tests::seal_v1(&uid, iv, &wk_ct, &wk, &dk, &ctx(), [3; 12]),
+    };
+    fake.clear_log();
+    assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
+    let good_calls = fake.log();
+    let wk_at = 1 + 2 + uid.len() + 16 + 2;
+    for (what, at) in [
+        ("padding block", wk_at + 47),
+        ("seal", w.ciphertext.len() - 1),
+    ] {
+        let mut bad = w.clone();
+        bad.ciphertext[at] ^= 0x01;
+        fake.clear_log();
+        let e = p.unwrap(&k, &bad, &ctx()).await.unwrap_err();
+        assert!(
+            matches!(&e, KeyError::InvalidCiphertext { message, .. } if message == envelope::REFUSED),
+            "{what}: {e:?}"
+        );
+        assert_eq!(fake.log(), good_calls, "{what}");
+    }
+}
+
+// --- What a hostile or odd key manager can answer -----------------------------
+
+/// Creation interrupted between Create and Activate: the next use
+/// activates the version rather than refusing the key.
+#[tokio::test]
+async fn a_version_left_pre_active_is_activated_on_use() {
+    let (p, fake) = provider(Behaviour::default());
+    let uid = fake.insert(&["half@v1"], &["custos-key/half"], State::PreActive);
+    let k = key("name/half");
+    let (dk, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    assert_eq!(w.key_version, Some(uid));
+    assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
+    assert_eq!(p.describe(&k).await.unwrap().state, KeyState::Enabled);
+}
+
+/// Version names the server reports are parsed strictly: the largest
+/// number cannot make rotation overflow, a sign or a leading zero is not a
+/// version, and a key that is not AES-256 is not wrapped under.
+#[tokio::test]
+async fn odd_names_and_weak_keys_are_refused_without_panic() {
+    let (p, fake) = provider(Behaviour::default());
+    fake.insert(&["max@v4294967295"], &["custos-key/max"], State::Active);
+    let e = p.rotate(&key("name/max")).await.unwrap_err();
+    assert!(matches!(e, KeyError::Backend { .. }), "{e:?}");
+    for odd in ["odd@v+5", "odd@v05", "odd@v", "odd@v-1"] {
+        fake.insert(&[odd], &["custos-key/odd"], State::Active);
+    }
+    assert!(matches!(
+        p.describe(&key("name/odd")).await,
+        Err(KeyError::NotFound { .. })
+    ));
+    // A customer's key of 128 bits: never wrapped under.
+    let weak = fake.insert(&["weak"], &[], State::Active);
+    fake.set_bits(&weak, 128);
+    let e = p.generate_data_key(&key(&weak), &ctx()).await.unwrap_err();
+    assert!(matches!(e, KeyError::AccessDenied { .. }), "{e:?}");
+    assert!(e.to_string().contains("AES-256"), "{e}");
+}
+
+/// An envelope naming an object outside the key is refused before any
+/// Decrypt, and the name is quoted (it comes from the store).
+#[tokio::test]
+async fn an_envelope_naming_a_foreign_object_is_refused_before_decrypt() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/mine");
+    p.create_key(&k).await.unwrap();
+    let other = key("name/other");
+    p.create_key(&other).await.unwrap();
+    let (_, w) = p.generate_data_key(&other, &ctx()).await.unwrap();
+    let mut moved = w.clone();
+    moved.key_id = k.to_string();
+    fake.clear_log();
+    let e = p.unwrap(&k, &moved, &ctx()).await.unwrap_err();
+    assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+    assert!(!fake.log().contains(&"Decrypt".to_owned()));
+}
+
+// --- Pure functions ----------------------------------------------------------
+
+#[test]
+fn names_classify_versions_and_tombstones() {
+    let n = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    assert_eq!(classify("a", &n(&["a", "a@v3"])), ObjectKind::Version(3));
+    assert_eq!(classify("a", &n(&["a@v3"])), ObjectKind::Version(3));
+    assert_eq!(
+        classify("a", &n(&["a", "a@destroyed@17"])),
+        ObjectKind::Tombstone(17)
+    );
+    assert_eq!(classify("a", &n(&["a"])), ObjectKind::Foreign);
+    assert_eq!(classify("a", &n(&["a", "ab@v2"])), ObjectKind::Foreign);
+    assert_eq!(classify("a", &n(&["a", "a@vx"])), ObjectKind::Foreign);
+    assert_eq!(classify("a", &n(&["a@v+3"])), ObjectKind::Foreign);
+    assert_eq!(classify("a", &n(&["a@v03"])), ObjectKind::Foreign);
+    assert_eq!(classify("a", &n(&["a@destroyed@-1"])), ObjectKind::Foreign);
+}
+
+fn family(versions: &[(u32, State)], tombstone: Option<i64>) -> Family {
+    Family {
+        versions: versions
+            .iter()
+            .map(|&(v, state)| {
+                let obj = Object {
+                    uid: format!("uid-{v}"),
+                    state,
+                    kind: ObjectKind::Version(v),
+                    aes_256: true,
+                };
+                (v, obj)
+            })
+            .collect(),
+        tombstone: tombstone.map(|at| (at, "uid-t".to_owned())),
+    }
+}
+
+#[test]
+fn a_half_destroyed_key_never_reads_as_destroyed_or_usable() {
+    use State::{Active, Deactivated, Destroyed};
+    let name = |f: &Family| f.state().map(|s| s.name());
+    // Before any destruction: the newest version's state.
+    assert_eq!(
+        name(&family(&[(1, Active), (2, Active)], None)).unwrap(),
+        "enabled"
+    );
+    assert_eq!(
+        name(&family(&[(1, Deactivated)], None)).unwrap(),
+        "disabled"
+    );
+    assert_eq!(family(&[], None).state(), None);
+    // The newest destroyed (a server that keeps destroyed objects lists
+    // it), an older one still Active: not destroyed.
+    for f in [
+        family(&[(1, Active), (2, Destroyed)], None),
+        family(&[(1, Deactivated), (2, Destroyed)], Some(1_700_000_000)),
+        family(&[(1, Active)], Some(1_700_000_000)),
+    ] {
+        assert_eq!(name(&f).unwrap(), "destroy_incomplete");
+        assert!(!f.state().unwrap().is_usable());
+    }
+    // Every version gone or destroyed: destroyed, at the tombstone's time.
+    let f = family(&[(1, Destroyed), (2, Destroyed)], Some(1_700_000_000));
+    assert_eq!(
+        f.state(),
+        Some(KeyState::Destroyed {
+            destroyed_at: time(1_700_000_000)
+        })
+    );
+    assert_eq!(
+        family(&[], Some(1_700_000_000)).state(),
+        Some(KeyState::Destroyed {
+            destroyed_at: time(1_700_000_000)
+        })
+    );
+}
+
+#[test]
+fn states_map_onto_key_states() {
+    assert_eq!(state_of(State::Active), KeyState::Enabled);
+    assert_eq!(state_of(State::Deactivated), KeyState::Disabled);
+    assert!(!state_of(State::PreActive).is_usable());
+    assert!(!state_of(State::Compromised).is_usable());
+    assert!(matches!(
+        state_of(State::Destroyed),
+        KeyState::Destroyed { .. }
+    ));
+    assert!(matches!(
+        state_of(State::DestroyedCompromised),
+        KeyState::Destroyed { .. }
+    ));
+}
+
+// --- The spec's vectors (docs/FORMAT.md §3, KMIP) ------------------------------
+
+const VECTORS_BEGIN: &str = "<!-- kmip-vectors:begin -->\n```json\n";
+const VECTORS_END: &str = "```\n<!-- kmip-vectors:end -->";
+
+/// The KMIP envelopes of the spec's fixed inputs, each server ciphertext
+/// computed as the server would.
+fn kmip_vectors() -> serde_json::Value {
+    let seq = |start: u8| -> [u8; 32] { std::array::from_fn(|i| start + i as u8) };
+    let cmk = seq(0xa0);
+    let wk = SecretKey::from_bytes(seq(0xc0));
+    let tdk = SecretKey::from_bytes(seq(0x00));
+    let iv: [u8; 16] = std::array::from_fn(|i| 0x10 + i as u8);
+    let nonce: [u8; 12] = std::array::from_fn(|i| 0x80 + i as u8);
+    let uid = "42";
+    let c = ctx();
+    let v2 = |cipher: Cipher, e_wk: &[u8]| {
+        let server = envelope::ServerWrap {
+            cipher,
+            uid,
+            iv,
+            wk_ct: e_wk,
+        };
+        let ct = envelope::seal(&server, &wk, &tdk, &c, nonce).unwrap();
+        serde_json::json!({ "e_wk_hex": hex::encode(e_wk), "ciphertext_hex": hex::encode(ct) })
+    };
+    let v1_e_wk = fake::cbc_encrypt(&cmk, iv, wk.expose(), true);
+    let v1 = envelope::tests::seal_v1(uid, iv, &v1_e_wk, &wk, &tdk, &c, nonce);
+    serde_json::json!({
+        "inputs": {
+            "cmk": hex::encode(cmk), "uid": uid, "wk": hex::encode(wk.expose()),
+            "iv": hex::encode(iv), "nonce": hex::encode(nonce), "tdk": hex::encode(tdk.expose()),
+            "context_canonical_hex": hex::encode(c.canonical_bytes()),
+        },
+        "format_2_mode_1_cbc": v2(Cipher::Cbc, &fake::cbc_encrypt(&cmk, iv, wk.expose(), false)),
+        "format_2_mode_2_ctr": v2(Cipher::Ctr, &fake::ctr(&cmk, iv, wk.expose())),
+        "format_1": { "e_wk_hex": hex::encode(&v1_e_wk), "ciphertext_hex": hex::encode(v1) },
+    })
+}
+
+/// The vectors in docs/FORMAT.md are what the code writes, and they open
+/// to the TDK. `CUSTOS_UPDATE_VECTORS=1` rewrites the block.
+#[test]
+fn kmip_vectors_match_the_spec() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/FORMAT.md");
+    let spec = std::fs::read_to_string(&path).unwrap();
+    let start = spec.find(VECTORS_BEGIN).expect("KMIP vectors block") + VECTORS_BEGIN.len();
+    let end = spec.find(VECTORS_END).expect("KMIP vectors end");
+    let fresh = kmip_vectors();
+    if std::env::var("CUSTOS_UPDATE_VECTORS").is_ok() {
+        let block = serde_json::to_string_pretty(&fresh).unwrap() + "\n";
+        std::fs::write(
+            &path,
+            format!("{}{}{}", &spec[..start], block, &spec[end..]),
+        )
+        .unwrap();
+        return;
+    }
+    let doc: serde_json::Value = serde_json::from_str(&spec[start..end]).unwrap();
+    assert_eq!(
+        doc, fresh,
+        "the KMIP vectors of docs/FORMAT.md differ from the code"
+    );
+    // Opening direction: each envelope gives the TDK back under the CMK.
+    let cmk: [u8; 32] = std::array::from_fn(|i| 0xa0 + i as u8);
+    for (name, cipher) in [
+        ("format_2_mode_1_cbc", Cipher::Cbc),
+        ("format_2_mode_2_ctr", Cipher::Ctr),
+        ("format_1", Cipher::CbcPkcs5),
+    ] {
+        let ct = hex::decode(doc[name]["ciphertext_hex"].as_str().unwrap()).unwrap();
+        let env = envelope::Envelope::parse(&ct).unwrap();
+        assert_eq!(env.cipher, cipher);
+        let wk = match cipher {
+            Cipher::Ctr => fake::ctr(&cmk, env.iv, env.wk_ct),
+            c => fake::cbc_decrypt(&cmk, env.iv, env.wk_ct, c == Cipher::CbcPkcs5).unwrap(),
+        };
+        let tdk = env.open(&wk, &ctx()).unwrap();
+        assert_eq!(
+            tdk.expose(),
+            &std::array::from_fn::<u8, 32, _>(|i| i as u8),
+            "{name}"
+        );
+    }
+}
+
+/// A key manager whose answers a test rewrites.
+struct Rewriting<F> {
+    fake: Arc<FakeKmip>,
+    rewrite: F,
+}
+
+#[async_trait]
+impl<F> Link for Rewriting<F>
+where
+    F: Fn(Operation, Response) -> Response + Send + Sync,
+{
+    async fn call(&self, req: Request) -> Result<Response, WireError> {
+        let op = req.operation();
+        self.fake.call(req).await.map(|r| (self.rewrite)(op, r))
+    }
+}
+
+fn rewriting<F>(rewrite: F) -> (KmipProvider, Arc<FakeKmip>)
+where
+    F: Fn(Operation, Response) -> Response + Send + Sync + 'static,
+{
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let link = Rewriting {
+        fake: fake.clone(),
+        rewrite,
+    };
+    (
+        KmipProvider::with_link("fake:5696".into(), Box::new(link)),
+        fake,
+    )
+}
+
+/// An Encrypt answered for another key than the one asked for, or one that
+/// returns the wrapping key unchanged, leaves no envelope.
+#[tokio::test]
+async fn an_encrypt_that_did_not_encrypt_under_the_key_is_refused() {
+    let (p, _) = rewriting(|op, r| match (op, r) {
+        (Operation::Encrypt, Response::Data { data, .. }) => Response::Data {
+            uid: "someone-elses-key".into(),
+            data,
+        },
+        (_, r) => r,
+    });
+    let k = key("name/moved");
+    p.create_key(&k).await.unwrap();
+    let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
+    assert!(e.to_string().contains("someone-elses-key"), "{e}");
+
+    // A pass-through "Encrypt", answering its input.
+    struct Echo(Arc<FakeKmip>);
+    #[async_trait]
+    impl Link for Echo {
+        async fn call(&self, req: Request) -> Result<Response, WireError> {
+            match req {
+                Request::Crypt {
+                    decrypt: false,
+                    uid,
+                    data,
+                    ..
+                } => Ok(Response::Data { uid, data }),
+                other => self.0.call(other).await,
+            }
+        }
+    }
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let p = KmipProvider::with_link("fake:5696".into(), Box::new(Echo(fake.clone())));
+    let k = key("name/plain");
+    p.create_key(&k).await.unwrap();
+    let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
+    assert!(e.to_string().contains("unchanged"), "{e}");
+}
