@@ -160,6 +160,10 @@ impl Pkcs11Settings {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 }
 
+/// The crash points of a destruction (`CUSTOS_CRASH_AT=pkcs11-destroy:<point>`,
+/// `test-hooks` builds only; see `jobs::shred::hook::PKCS11_DESTROY_POINTS`).
+const DESTROY_CRASH_SCOPE: &str = "pkcs11-destroy";
+
 /// `CKA_ID` of a version object: the version, 4 bytes big-endian.
 const VERSION_ID_LEN: usize = 4;
 /// `CKA_APPLICATION` of the record a destruction leaves.
@@ -1002,13 +1006,17 @@ impl KeyProvider for Pkcs11Provider {
                         Attribute::Value(value),
                     ])
                     .map_err(ck("C_CreateObject (destruction record)"))?;
+                    crate::hooks::crash_point(DESTROY_CRASH_SCOPE, "recorded");
                     t
                 }
             };
             // Every secret key under the label, custos version id or not:
             // all of it is the key's material.
-            for v in &view.versions {
+            for (i, v) in view.versions.iter().enumerate() {
                 s.destroy_object(v.handle).map_err(ck("C_DestroyObject"))?;
+                if i + 1 < view.versions.len() {
+                    crate::hooks::crash_point(DESTROY_CRASH_SCOPE, "between-versions");
+                }
             }
             // The proof: a search finds none.
             let after = c.read(s)?;
