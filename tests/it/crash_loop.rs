@@ -645,7 +645,12 @@ impl Campaign {
             self.context(&format!("restore of shredded {t} after {what}"))
         );
         self.ok(&["check", "acme", "--read-data"]);
-        let target = self.cli.path().join("restored-other");
+        self.restore_other();
+    }
+
+    /// `acme`'s latest snapshot restores, whole.
+    fn restore_other(&mut self) {
+        let target = self.cli.path().join("restored");
         let _ = fs::remove_dir_all(&target);
         self.ok(&[
             "restore",
@@ -821,16 +826,7 @@ impl Campaign {
             );
         }
         // Every snapshot still restores (the latest one, whole).
-        let target = self.cli.path().join("restored");
-        let _ = fs::remove_dir_all(&target);
-        self.ok(&[
-            "restore",
-            "acme",
-            "latest",
-            "--target",
-            target.to_str().unwrap(),
-        ]);
-        fs::remove_dir_all(&target).unwrap();
+        self.restore_other();
     }
 
     fn campaign(&mut self, job: Job) {
