@@ -187,7 +187,7 @@ impl Context {
             ),
             false => None,
         };
-        Ok(Context {
+        let mut ctx = Context {
             audit,
             store,
             store_url: cfg.store.url(),
@@ -200,7 +200,77 @@ impl Context {
             s3: s3_options(cfg),
             policies_dir: Some(cfg.policies_dir.clone()),
             residency: cfg.residency_rules(),
-        })
+        };
+        ctx.install_key_gate();
+        Ok(ctx)
+    }
+
+    /// Puts `[residency]` in front of every key operation (see
+    /// [`ResidencyGate`]), recording refusals as `actor`: call again after
+    /// changing the rules, the audit log or the actor. Unrestricted rules
+    /// install no gate.
+    pub fn install_key_gate(&mut self) {
+        self.keys.gate = (!self.residency.residency.is_unrestricted()).then(|| {
+            std::sync::Arc::new(ResidencyGate {
+                rules: self.residency.clone(),
+                audit: self.audit.clone(),
+                actor: self.actor.clone(),
+            }) as std::sync::Arc<dyn crate::keys::KeyGate>
+        });
+    }
+}
+
+/// `[residency]` at every key operation: binding a key checks the rules,
+/// but a key can also reach a job from the store (a descriptor or envelope
+/// the store operator wrote, a tenant bound before the rules). Checked with
+/// the facts the key's provider reports (the AWS KMS region and endpoint it
+/// calls, the KMIP server), so a key outside the rules is refused before
+/// its provider is called; the refusal is recorded (`key.refused`).
+struct ResidencyGate {
+    rules: crate::config::ResidencyRules,
+    audit: Option<crate::audit::AuditLog>,
+    actor: String,
+}
+
+impl std::fmt::Debug for ResidencyGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResidencyGate")
+            .field("residency", &self.rules.residency)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::keys::KeyGate for ResidencyGate {
+    async fn admit(
+        &self,
+        key: &crate::keys::KeyRef,
+        custody: &crate::keys::Custody,
+        operation: &'static str,
+    ) -> Result<(), crate::keys::KeyError> {
+        let at = self.rules.placement.with_custody(custody);
+        let Err(violation) = self.rules.residency.check_key(key, &at) else {
+            return Ok(());
+        };
+        let e = crate::keys::KeyError::Refused {
+            key: key.to_string(),
+            operation,
+            message: violation.to_string(),
+        };
+        tracing::warn!(event = "key.refused", key = %key, operation, rule = violation.rule, error = %e, "key {key}: refused by [residency]");
+        if let Some(log) = &self.audit {
+            let details = serde_json::json!({
+                "reason": e.kind(),
+                "key": key,
+                "operation": operation,
+                "rule": violation.rule,
+                "error": e.to_string(),
+            });
+            if let Err(err) = log.append("key.refused", None, &self.actor, details).await {
+                tracing::error!(event = "audit.failed", key = %key, error = %err, "could not record a key refusal");
+            }
+        }
+        Err(e)
     }
 }
 

@@ -5,15 +5,23 @@
 //! ```toml
 //! [residency]
 //! key_providers = ["pkcs11", "kmip"]       # schemes of key references
-//! pkcs11_tokens = ["hospital-hsm"]          # token labels
+//! pkcs11_tokens = ["hospital-hsm", "backup-hsm/5c1a0e7f"]  # label, or label/serial
 //! kmip_servers  = ["kms.hospital.internal:5696"]
 //! kms_regions   = ["eu-central-1"]          # AWS KMS regions
+//! kms_endpoints = ["https://vpce-0a1b.kms.eu-central-1.vpce.amazonaws.com"]
 //! stores        = ["s3://backups/custos"]   # store locations (and beneath)
 //! s3_endpoints  = ["https://minio.hospital.internal:9000"]
 //! ```
 //!
 //! Each rule present restricts; an absent rule allows anything. A rule is an
 //! allow-list: an empty list allows nothing.
+//!
+//! The rules are checked when a key is bound to a tenant, by `policy
+//! validate` and the daemon, and before every key operation (the key gate of
+//! `crate::context`): a key named by the store (a tampered descriptor or
+//! envelope, a legacy tenant) is refused before its provider is called. At
+//! an operation the facts are the provider's own (the region and endpoint
+//! the AWS KMS client calls, the KMIP server), not only the configuration's.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -31,6 +39,7 @@ pub(super) const KEYS: &[&str] = &[
     "pkcs11_tokens",
     "kmip_servers",
     "kms_regions",
+    "kms_endpoints",
     "stores",
     "s3_endpoints",
 ];
@@ -45,6 +54,10 @@ pub struct Residency {
     pub kmip_servers: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kms_regions: Option<Vec<String>>,
+    /// The AWS KMS endpoint URLs custos may call (a VPC endpoint, a
+    /// sovereign partition's endpoint).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kms_endpoints: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stores: Option<Vec<StoreLocation>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -60,7 +73,46 @@ pub struct Residency {
 #[derive(Debug, Clone, Default)]
 pub struct Placement {
     pub kms_region: Option<String>,
+    /// The endpoint AWS KMS calls go to: the configured one, else
+    /// `https://kms.<region>.amazonaws.com`.
+    pub kms_endpoint: Option<String>,
     pub kmip_server: Option<String>,
+}
+
+impl Placement {
+    /// This placement with what a provider reports about itself
+    /// ([`crate::keys::Custody::details`]: `region`, `endpoint`, `server`)
+    /// in place of the configuration's guess.
+    pub fn with_custody(&self, custody: &crate::keys::Custody) -> Placement {
+        let fact = |name: &str, configured: &Option<String>| {
+            custody
+                .details
+                .get(name)
+                .cloned()
+                .or_else(|| configured.clone())
+        };
+        match custody.provider {
+            ProviderKind::AwsKms => Placement {
+                kms_region: fact("region", &self.kms_region),
+                kms_endpoint: fact("endpoint", &self.kms_endpoint),
+                kmip_server: self.kmip_server.clone(),
+            },
+            ProviderKind::Kmip => Placement {
+                kmip_server: fact("server", &self.kmip_server),
+                ..self.clone()
+            },
+            ProviderKind::Local | ProviderKind::Pkcs11 => self.clone(),
+        }
+    }
+}
+
+/// A `pkcs11_tokens` entry: `label`, or `label/serial` (the serial after the
+/// last `/`), which admits only references that pin that serial.
+fn token_entry_admits(entry: &str, uri: &Pkcs11Uri) -> bool {
+    match entry.rsplit_once('/') {
+        Some((label, serial)) => label == uri.token && uri.serial.as_deref() == Some(serial),
+        None => entry == uri.token,
+    }
 }
 
 /// The rules with the facts they are checked against: what a daemon or a
@@ -150,15 +202,23 @@ impl Residency {
         match key.kind() {
             ProviderKind::Pkcs11 => {
                 if let Some(allowed) = &self.pkcs11_tokens {
-                    let token = Pkcs11Uri::parse(key.id())
-                        .map(|u| u.token)
-                        .unwrap_or_default();
-                    if !allowed.contains(&token) {
+                    let uri = Pkcs11Uri::parse(key.id()).ok();
+                    if !uri
+                        .as_ref()
+                        .is_some_and(|u| allowed.iter().any(|e| token_entry_admits(e, u)))
+                    {
+                        let token = uri.map(|u| match u.serial {
+                            Some(serial) => format!("{:?} (serial {serial})", u.token),
+                            None => format!("{:?} (no serial= in the reference)", u.token),
+                        });
                         return Err(self.violation(
                             "pkcs11_tokens",
                             list(allowed),
                             subject,
-                            format!("its token {token:?} is not allowed"),
+                            format!(
+                                "its token {} is not allowed",
+                                token.unwrap_or_else(|| "(unparsable)".into())
+                            ),
                         ));
                     }
                 }
@@ -212,6 +272,29 @@ impl Residency {
                                 list(allowed),
                                 subject,
                                 "its region is unknown (no ARN, no [aws] region)".into(),
+                            ));
+                        }
+                    }
+                }
+                if let Some(allowed) = &self.kms_endpoints {
+                    let endpoint = at.kms_endpoint.as_deref().map(|e| e.trim_end_matches('/'));
+                    match endpoint {
+                        Some(e) if allowed.iter().any(|a| a.trim_end_matches('/') == e) => {}
+                        Some(e) => {
+                            return Err(self.violation(
+                                "kms_endpoints",
+                                list(allowed),
+                                subject,
+                                format!("its endpoint {e:?} is not allowed"),
+                            ));
+                        }
+                        None => {
+                            return Err(self.violation(
+                                "kms_endpoints",
+                                list(allowed),
+                                subject,
+                                "its endpoint is unknown (no [aws] kms_endpoint_url or endpoint_url, no region)"
+                                    .into(),
                             ));
                         }
                     }
@@ -374,6 +457,79 @@ mod tests {
             r.check_key(&key("aws-kms:alias/a"), &Placement::default())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn pkcs11_tokens_match_a_label_or_a_label_and_its_serial() {
+        let r = Residency {
+            pkcs11_tokens: Some(vec!["hsm".into(), "vault/5c1a0e7f".into()]),
+            ..Default::default()
+        };
+        let at = Placement::default();
+        for ok in [
+            "pkcs11:token=hsm;object=a",
+            "pkcs11:token=hsm;serial=anything;object=a",
+            "pkcs11:token=vault;serial=5c1a0e7f;object=a",
+        ] {
+            r.check_key(&key(ok), &at)
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        // A serial pinned by the rule must be pinned by the reference too:
+        // without it the provider would take any token of that label.
+        for bad in [
+            "pkcs11:token=vault;object=a",
+            "pkcs11:token=vault;serial=00000000;object=a",
+            "pkcs11:token=other;object=a",
+        ] {
+            let e = r.check_key(&key(bad), &at).unwrap_err();
+            assert_eq!(e.rule, "pkcs11_tokens", "{bad}");
+            assert!(e.to_string().contains("vault/5c1a0e7f"), "{e}");
+        }
+    }
+
+    #[test]
+    fn kms_endpoints_come_from_the_configuration_or_the_provider() {
+        let r = Residency {
+            kms_endpoints: Some(vec![
+                "https://vpce-1.kms.eu-central-1.vpce.amazonaws.com/".into(),
+            ]),
+            ..Default::default()
+        };
+        let at = |e: Option<&str>| Placement {
+            kms_endpoint: e.map(str::to_owned),
+            ..Default::default()
+        };
+        let k = key("aws-kms:alias/a");
+        r.check_key(
+            &k,
+            &at(Some("https://vpce-1.kms.eu-central-1.vpce.amazonaws.com")),
+        )
+        .unwrap();
+        let e = r
+            .check_key(&k, &at(Some("https://kms.us-east-1.amazonaws.com")))
+            .unwrap_err();
+        assert_eq!(e.rule, "kms_endpoints");
+        assert!(e.to_string().contains("kms.us-east-1"), "{e}");
+        assert_eq!(
+            r.check_key(&k, &at(None)).unwrap_err().rule,
+            "kms_endpoints"
+        );
+        // At use, the endpoint the provider calls wins over the configured one.
+        let custody = crate::keys::Custody {
+            provider: ProviderKind::AwsKms,
+            holder: String::new(),
+            details: [("endpoint".to_owned(), "http://127.0.0.1:1".to_owned())].into(),
+            network: true,
+        };
+        let configured = at(Some("https://vpce-1.kms.eu-central-1.vpce.amazonaws.com"));
+        assert_eq!(
+            r.check_key(&k, &configured.with_custody(&custody))
+                .unwrap_err()
+                .rule,
+            "kms_endpoints"
+        );
+        // Other providers are not touched by the rule.
+        r.check_key(&key("local:a"), &at(None)).unwrap();
     }
 
     #[test]

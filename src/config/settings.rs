@@ -485,8 +485,24 @@ impl Config {
         let env_region = ["AWS_REGION", "AWS_DEFAULT_REGION"]
             .iter()
             .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()));
+        let env_endpoint = ["AWS_ENDPOINT_URL_KMS", "AWS_ENDPOINT_URL"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()));
+        let kms_region = self.aws.region.clone().or(env_region);
+        // As the AWS KMS provider resolves it (keys::aws_kms).
+        let kms_endpoint = self
+            .aws
+            .kms_endpoint()
+            .map(str::to_owned)
+            .or(env_endpoint)
+            .or_else(|| {
+                kms_region
+                    .as_ref()
+                    .map(|r| format!("https://kms.{r}.amazonaws.com"))
+            });
         Placement {
-            kms_region: self.aws.region.clone().or(env_region),
+            kms_region,
+            kms_endpoint,
             kmip_server: self.kmip.as_ref().map(|k| k.server.clone()),
         }
     }
@@ -779,6 +795,16 @@ fn parse_residency(d: &mut Diags<'_>, t: &Table<'_>, base: &Path) -> Residency {
     r.kmip_servers = strings(d, "kmip_servers").map(plain);
     r.kms_regions = strings(d, "kms_regions").map(plain);
     r.s3_endpoints = strings(d, "s3_endpoints").map(plain);
+    if let Some(items) = strings(d, "kms_endpoints") {
+        let mut endpoints = Vec::new();
+        for (item, s) in items {
+            match validate_endpoint(&s) {
+                Ok(()) => endpoints.push(s),
+                Err(e) => d.err(&item, e),
+            }
+        }
+        r.kms_endpoints = Some(endpoints);
+    }
     if let Some(items) = strings(d, "stores") {
         let mut stores = Vec::new();
         for (item, s) in items {

@@ -94,6 +94,7 @@ pub async fn run(config: Config, opts: Options) -> Result<Summary> {
         .map_err(|e| Error::Internal(format!("cannot install signal handlers: {e}")))?;
     let mut ctx = Context::from_config(&config).await?;
     ctx.actor = crate::context::default_actor("daemon");
+    ctx.install_key_gate();
     let state = state::DaemonState::open(&config.state_dir)?;
 
     let probe = probe_conditional_writes(&ctx.store).await?;

@@ -67,6 +67,11 @@ pub struct ShredProgress {
     pub skip_unproven: Vec<KeyRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<ScopeRecord>,
+    /// When the first run of the `keys` step began destroying keys: kept
+    /// across re-runs, so a certificate states when destruction began even
+    /// when a crash made a later run finish it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_began_at: Option<DateTime<Utc>>,
     /// Set once every key to destroy was destroyed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<Vec<KeyDestruction>>,
@@ -158,8 +163,11 @@ pub struct KeyDestruction {
     pub action: Option<DestroyAction>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_after: Option<KeyState>,
-    /// After this instant the destruction cannot be undone (AWS: the key's
-    /// deletion date; imported material and local keys: at once).
+    /// After this instant the destruction cannot be undone: AWS KMS-generated
+    /// material at the key's deletion date; every other destruction when
+    /// custos saw it complete (the provider's destroy call that found no
+    /// version of the key left returned), which is after a crash the re-run
+    /// that finished it, never the time the destruction began.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub irreversible_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

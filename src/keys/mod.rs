@@ -456,6 +456,14 @@ pub enum KeyError {
     InvalidCiphertext { key: String, message: String },
     #[error(transparent)]
     InvalidReference(#[from] InvalidKeyRef),
+    /// A rule of the configuration (`[residency]`) forbids this key: its
+    /// provider was not called. `message` names the rule.
+    #[error("refusing to {operation} key {key}: {message}")]
+    Refused {
+        key: String,
+        operation: &'static str,
+        message: String,
+    },
     #[error("{provider} key provider does not support {operation}")]
     Unsupported {
         provider: &'static str,
@@ -509,6 +517,7 @@ impl KeyError {
             KeyError::Throttled { .. } => ErrorKind::KmsThrottled,
             KeyError::Unreachable { .. } => ErrorKind::KmsUnreachable,
             KeyError::InvalidReference(_) => ErrorKind::InvalidKeyReference,
+            KeyError::Refused { .. } => ErrorKind::InvalidPolicy,
             KeyError::Unsupported { .. } | KeyError::NotConfigured { .. } => {
                 ErrorKind::KeyProviderUnsupported
             }
@@ -627,6 +636,22 @@ pub struct Leftover {
     pub removed: bool,
 }
 
+/// What every key operation passes before its provider is called: the
+/// configuration's rules on which keys may be used (`[residency]`, see
+/// `crate::context`). A key the store names (a tampered descriptor or
+/// envelope, a legacy tenant) is checked as much as one a policy names.
+#[async_trait]
+pub trait KeyGate: Send + Sync + fmt::Debug {
+    /// `Ok` to `operation` on `key`, whose provider describes itself as
+    /// `custody`; else [`KeyError::Refused`], which the gate records.
+    async fn admit(
+        &self,
+        key: &KeyRef,
+        custody: &Custody,
+        operation: &'static str,
+    ) -> Result<(), KeyError>;
+}
+
 /// The configured providers, chosen by the scheme of a [`KeyRef`].
 #[derive(Debug, Clone, Default)]
 pub struct KeyProviders {
@@ -637,6 +662,8 @@ pub struct KeyProviders {
     /// Why a provider is missing (not configured, or failed to open), told
     /// to whoever asks for one of its keys.
     pub unavailable: BTreeMap<ProviderKind, String>,
+    /// Checked before every key operation; `None` admits every key.
+    pub gate: Option<Arc<dyn KeyGate>>,
 }
 
 impl KeyProviders {
@@ -664,6 +691,7 @@ impl KeyProviders {
         Ok(KeyHandle {
             key,
             provider: self.for_key(key)?,
+            gate: self.gate.as_ref(),
         })
     }
 
@@ -690,11 +718,14 @@ impl KeyProviders {
         ctx: &WrapContext,
         to: &KeyRef,
     ) -> Result<WrappedKey, KeyError> {
+        let (source, target) = (self.key(from)?, self.key(to)?);
+        source.admit("unwrap under").await?;
+        target.admit("wrap under").await?;
         if from.kind() == to.kind() {
-            return self.for_key(from)?.rewrap(from, wrapped, ctx, to).await;
+            return source.provider.rewrap(from, wrapped, ctx, to).await;
         }
-        let data_key = self.for_key(from)?.unwrap(from, wrapped, ctx).await?;
-        self.for_key(to)?.wrap(to, &data_key, ctx).await
+        let data_key = source.provider.unwrap(from, wrapped, ctx).await?;
+        target.provider.wrap(to, &data_key, ctx).await
     }
 }
 
@@ -703,6 +734,7 @@ impl KeyProviders {
 pub struct KeyHandle<'a> {
     key: &'a KeyRef,
     provider: &'a Arc<dyn KeyProvider>,
+    gate: Option<&'a Arc<dyn KeyGate>>,
 }
 
 impl fmt::Debug for KeyHandle<'_> {
@@ -720,11 +752,21 @@ impl<'a> KeyHandle<'a> {
         self.provider.custody(self.key)
     }
 
+    /// The gate's word on `operation` ([`KeyGate`]), before any call to the provider.
+    async fn admit(&self, operation: &'static str) -> Result<(), KeyError> {
+        match self.gate {
+            Some(gate) => gate.admit(self.key, &self.custody(), operation).await,
+            None => Ok(()),
+        }
+    }
+
     pub async fn describe(&self) -> Result<KeyInfo, KeyError> {
+        self.admit("describe").await?;
         self.provider.describe(self.key).await
     }
 
     pub async fn create(&self) -> Result<KeyInfo, KeyError> {
+        self.admit("create").await?;
         self.provider.create_key(self.key).await
     }
 
@@ -732,6 +774,7 @@ impl<'a> KeyHandle<'a> {
         &self,
         ctx: &WrapContext,
     ) -> Result<(DataKey, WrappedKey), KeyError> {
+        self.admit("generate a data key under").await?;
         self.provider.generate_data_key(self.key, ctx).await
     }
 
@@ -740,6 +783,7 @@ impl<'a> KeyHandle<'a> {
         data_key: &DataKey,
         ctx: &WrapContext,
     ) -> Result<WrappedKey, KeyError> {
+        self.admit("wrap under").await?;
         self.provider.wrap(self.key, data_key, ctx).await
     }
 
@@ -748,22 +792,27 @@ impl<'a> KeyHandle<'a> {
         wrapped: &WrappedKey,
         ctx: &WrapContext,
     ) -> Result<DataKey, KeyError> {
+        self.admit("unwrap under").await?;
         self.provider.unwrap(self.key, wrapped, ctx).await
     }
 
     pub async fn rotate(&self) -> Result<KeyInfo, KeyError> {
+        self.admit("rotate").await?;
         self.provider.rotate(self.key).await
     }
 
     pub async fn disable(&self) -> Result<KeyInfo, KeyError> {
+        self.admit("disable").await?;
         self.provider.disable(self.key).await
     }
 
     pub async fn enable(&self) -> Result<KeyInfo, KeyError> {
+        self.admit("enable").await?;
         self.provider.enable(self.key).await
     }
 
     pub async fn destroy(&self, pending_window_days: u32) -> Result<Destruction, KeyError> {
+        self.admit("destroy").await?;
         self.provider.destroy(self.key, pending_window_days).await
     }
 

@@ -27,6 +27,17 @@
 //! nothing left in the tenant's prefix), the tenant refuses a restore, and
 //! the other tenant's data still checks and restores.
 //!
+//! The shred case also runs on a PKCS#11 tenant (a SoftHSM2 token, or the
+//! HSM the `CUSTOS_TEST_PKCS11_*` variables name; a failure, never a skip,
+//! under `CUSTOS_TEST_EMULATORS=1`): each round's tenant has a key of two
+//! versions on the token; the shred is killed at each named point of the
+//! PKCS#11 destruction (`CUSTOS_CRASH_AT=pkcs11-destroy:…`), after the keys
+//! step (`shred:keys`) and at a few seeded random points
+//! (`CUSTOS_CRASH_LOOPS`, default 3 here). After each, on top of the shred
+//! invariants above: the key shows destroyed on the token, and the
+//! certificate states when destruction began (before the kill) and when it
+//! became irreversible (when the re-run destroyed the last version).
+//!
 //! And `rotate --cmk` of a fresh tenant on the local key provider, killed at
 //! each named point of the key file write (`CUSTOS_CRASH_AT=local-key:…`)
 //! and at seeded random points, then shredded: after the shred no file of
@@ -74,10 +85,15 @@ impl Rng {
 }
 
 fn loops() -> usize {
+    loops_or(10)
+}
+
+/// `CUSTOS_CRASH_LOOPS`, else `default`.
+fn loops_or(default: usize) -> usize {
     std::env::var("CUSTOS_CRASH_LOOPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10)
+        .unwrap_or(default)
 }
 
 fn seed() -> u64 {
@@ -147,6 +163,18 @@ struct Campaign {
     /// Kills of `rotate --cmk` after which a temporary key file was found.
     kills_leaving_key_material: usize,
     readers: ReaderStats,
+    /// Seeded kills per job.
+    loops: usize,
+    /// Shred tenants' keys on this PKCS#11 token instead of local keys.
+    pkcs11: Option<Pkcs11Token>,
+    /// The key of the current shred round's tenant.
+    shred_key: String,
+}
+
+/// The token of the PKCS#11 shred case.
+struct Pkcs11Token {
+    settings: custos::keys::pkcs11::Pkcs11Settings,
+    label: String,
 }
 
 /// What the reader beside the killed jobs did.
@@ -242,15 +270,28 @@ fn reader_loop(
 }
 
 impl Campaign {
-    fn new(seed: u64, store: Option<String>) -> Campaign {
+    fn new(seed: u64, store: Option<String>, pkcs11: Option<Pkcs11Token>) -> Campaign {
         let cli = Cli::new();
         let d = cli.path().to_owned();
         let local = store.is_none();
         let store = store.unwrap_or_else(|| format!("file://{}/store", d.display()));
+        let pkcs11_section = match &pkcs11 {
+            None => String::new(),
+            Some(t) => {
+                let custos::keys::pkcs11::PinSource::File(pin) = &t.settings.pin else {
+                    panic!("the test token's PIN is in a file")
+                };
+                format!(
+                    "[pkcs11]\nmodule = \"{}\"\npin_file = \"{}\"\ntimeout = \"20s\"\n",
+                    t.settings.module.display(),
+                    pin.display()
+                )
+            }
+        };
         fs::write(
             d.join("custos.toml"),
             format!(
-                "store = \"{store}\"\nstate_dir = \"{0}/state\"\npolicies_dir = \"{0}/policies\"\n[local_keys]\ndir = \"{0}/keys\"\n[daemon]\nlease_ttl = \"1s\"\n",
+                "store = \"{store}\"\nstate_dir = \"{0}/state\"\npolicies_dir = \"{0}/policies\"\n[local_keys]\ndir = \"{0}/keys\"\n[daemon]\nlease_ttl = \"1s\"\n{pkcs11_section}",
                 d.display()
             ),
         )
@@ -281,6 +322,9 @@ impl Campaign {
             named_point_kills: 0,
             kills_leaving_key_material: 0,
             readers: ReaderStats::default(),
+            loops: loops(),
+            pkcs11,
+            shred_key: String::new(),
         };
         for _ in 0..3 {
             c.mutate();
@@ -320,8 +364,7 @@ impl Campaign {
     fn context(&self, what: &str) -> String {
         format!(
             "{what} (reproduce with CUSTOS_CRASH_SEED={} CUSTOS_CRASH_LOOPS={})",
-            self.seed,
-            loops()
+            self.seed, self.loops
         )
     }
 
@@ -473,26 +516,51 @@ impl Campaign {
                     let body = self.rng.bytes(len);
                     fs::write(d.join(format!("f{i}")), body).unwrap();
                 }
+                let key = match (&self.pkcs11, job) {
+                    (Some(token), Job::Shred) => common::pkcs11_key(&token.label, &t).to_string(),
+                    _ => format!("local:{t}"),
+                };
                 fs::write(
                     self.cli.path().join(format!("policies/{t}.toml")),
                     format!(
-                        "tenant = \"{t}\"\nkey = \"local:{t}\"\n[[sources]]\ntype = \"path\"\npath = \"{}\"\nname = \"data\"\n",
+                        "tenant = \"{t}\"\nkey = \"{key}\"\n[[sources]]\ntype = \"path\"\npath = \"{}\"\nname = \"data\"\n",
                         d.display()
                     ),
                 )
                 .unwrap();
-                self.ok(&["backup", &t]);
+                if key.starts_with("pkcs11:") {
+                    // The object made on the token, then a second version,
+                    // so that a kill can fall between two C_DestroyObject.
+                    self.ok(&["tenant", "init", &t, "--key", &key, "--create-key"]);
+                    self.ok(&["backup", &t]);
+                    self.ok(&["rotate", &t, "--cmk"]);
+                } else {
+                    self.ok(&["backup", &t]);
+                }
                 self.ok(&["rotate", &t, "--new-epoch"]);
                 self.ok(&["backup", &t]);
                 self.shred_tenant = t;
+                self.shred_key = key;
             }
         }
     }
 
     /// The invariants after a shred was killed: the re-run finishes it, with
-    /// one certificate that verifies online, and the other tenant is intact.
+    /// one certificate that verifies offline and online, and the other
+    /// tenant is intact. With `killed`, the kill's time and whether the key
+    /// destruction was cut short by it: the certificate must then say that
+    /// destruction began before the kill and completed after it.
     fn verify_shred(&mut self, what: &str) {
+        self.verify_shred_times(what, None)
+    }
+
+    fn verify_shred_times(
+        &mut self,
+        what: &str,
+        killed: Option<(chrono::DateTime<chrono::Utc>, bool)>,
+    ) {
         let t = self.shred_tenant.clone();
+        let rerun_at = chrono::Utc::now();
         let audit = self.settled(&["audit", "verify"]);
         assert_eq!(
             audit.code,
@@ -519,7 +587,49 @@ impl Campaign {
             "--out",
             file.to_str().unwrap(),
         ]);
+        self.ok(&["certificate", "verify", file.to_str().unwrap()]);
         self.ok(&["certificate", "verify", file.to_str().unwrap(), "--online"]);
+        let cert: serde_json::Value = serde_json::from_slice(&fs::read(&file).unwrap()).unwrap();
+        let guarantee = &cert["certificate"]["guarantee"];
+        let time = |field: &str| {
+            guarantee[field]
+                .as_str()
+                .and_then(|v| chrono::DateTime::parse_from_rfc3339(v).ok())
+                .map(|v| v.with_timezone(&chrono::Utc))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{}: {guarantee}",
+                        self.context(&format!("guarantee.{field} of {t} after {what}"))
+                    )
+                })
+        };
+        let (began, irreversible) = (time("destruction_began_at"), time("irreversible_at"));
+        assert!(
+            began <= irreversible,
+            "{}: {guarantee}",
+            self.context(&format!("destruction times of {t} after {what}"))
+        );
+        if let Some((killed_at, cut_short)) = killed {
+            assert!(
+                began <= killed_at,
+                "{}: {guarantee}",
+                self.context(&format!(
+                    "destruction of {t} began before the kill ({what})"
+                ))
+            );
+            if cut_short {
+                assert!(
+                    irreversible >= rerun_at,
+                    "{}: re-run at {rerun_at}, {guarantee}",
+                    self.context(&format!(
+                        "irreversible_at of {t}: when the re-run destroyed the last version ({what})"
+                    ))
+                );
+            }
+        }
+        if let Some(token) = &self.pkcs11 {
+            self.assert_destroyed_on_token(token, what);
+        }
         let target = self.cli.path().join("restored-gone");
         let r = self.settled(&[
             "restore",
@@ -535,6 +645,76 @@ impl Campaign {
             self.context(&format!("restore of shredded {t} after {what}"))
         );
         self.ok(&["check", "acme", "--read-data"]);
+        self.restore_other();
+    }
+
+    /// `acme`'s latest snapshot restores, whole.
+    fn restore_other(&mut self) {
+        let target = self.cli.path().join("restored");
+        let _ = fs::remove_dir_all(&target);
+        self.ok(&[
+            "restore",
+            "acme",
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+        ]);
+        fs::remove_dir_all(&target).unwrap();
+    }
+
+    /// The shredded tenant's key, as the token itself shows it: destroyed
+    /// (the destruction record, no version object left).
+    fn assert_destroyed_on_token(&self, token: &Pkcs11Token, what: &str) {
+        use custos::keys::KeyProvider;
+        let key = custos::keys::KeyRef::parse(&self.shred_key).unwrap();
+        let provider = custos::keys::pkcs11::Pkcs11Provider::open(&token.settings).unwrap();
+        let info = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(provider.describe(&key))
+            .unwrap_or_else(|e| panic!("{}: {e}", self.context(&format!("describe {key}"))));
+        assert!(
+            matches!(info.state, custos::keys::KeyState::Destroyed { .. })
+                && info.current_version.is_none(),
+            "{}: {info:?}",
+            self.context(&format!("{key} on the token after {what}"))
+        );
+    }
+
+    /// The PKCS#11 shred case: killed at each named point of the key's
+    /// destruction and after the keys step, then at seeded random points.
+    fn pkcs11_shred_campaign(&mut self) {
+        let points = custos::jobs::shred::hook::PKCS11_DESTROY_POINTS
+            .iter()
+            .map(|p| (format!("pkcs11-destroy:{p}"), true))
+            .chain([("shred:keys".to_owned(), false)]);
+        for (point, cut_short) in points {
+            self.prepare(Job::Shred);
+            let args = self.job_args(Job::Shred);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let r = self
+                .cli
+                .run_env(&args, &[("CUSTOS_CRASH_AT", point.as_str())]);
+            let killed_at = chrono::Utc::now();
+            self.jobs += 1;
+            assert!(
+                r.stderr.contains("aborting here"),
+                "{}: {}",
+                self.context(&format!("shred did not reach {point}")),
+                r.stderr
+            );
+            self.kills += 1;
+            self.named_point_kills += 1;
+            // A clock tick between the kill and the re-run, so that the
+            // certificate's times tell the two runs apart.
+            std::thread::sleep(Duration::from_millis(1100));
+            self.verify_shred_times(
+                &format!("Shred killed at {point}"),
+                Some((killed_at, cut_short)),
+            );
+        }
+        self.campaign(Job::Shred);
     }
 
     /// The invariants after a `rotate --cmk` was killed and before and after
@@ -646,16 +826,7 @@ impl Campaign {
             );
         }
         // Every snapshot still restores (the latest one, whole).
-        let target = self.cli.path().join("restored");
-        let _ = fs::remove_dir_all(&target);
-        self.ok(&[
-            "restore",
-            "acme",
-            "latest",
-            "--target",
-            target.to_str().unwrap(),
-        ]);
-        fs::remove_dir_all(&target).unwrap();
+        self.restore_other();
     }
 
     fn campaign(&mut self, job: Job) {
@@ -688,7 +859,7 @@ impl Campaign {
         }
         // Kill points from process start to a little past a typical run.
         let span = (typical.as_millis() as u64 * 6 / 5).max(50);
-        for i in 0..loops() {
+        for i in 0..self.loops {
             self.prepare(job);
             let delay = Duration::from_millis(self.rng.below(span));
             let args = self.job_args(job);
@@ -742,7 +913,7 @@ fn staging_files(root: &Path) -> Vec<String> {
 fn run_all(store: Option<String>, name: &str) {
     let seed = seed();
     eprintln!("crash loop on {name}: seed {seed}");
-    let mut c = Campaign::new(seed, store);
+    let mut c = Campaign::new(seed, store, None);
     for job in [
         Job::Backup,
         Job::Forget,
@@ -779,4 +950,20 @@ fn crash_loop_s3() {
         .as_nanos();
     let prefix = format!("crash-{:016x}-{nanos:x}", seed());
     run_all(Some(format!("s3://{bucket}/{prefix}")), "S3");
+}
+
+/// The shred case on a PKCS#11 tenant (SoftHSM2 under scripts/test.sh).
+#[test]
+fn crash_loop_pkcs11_shred() {
+    let Some((settings, label)) = common::pkcs11_settings() else {
+        return;
+    };
+    let seed = seed();
+    eprintln!("crash loop on a PKCS#11 token: seed {seed}");
+    let mut c = Campaign::new(seed, None, Some(Pkcs11Token { settings, label }));
+    // Each round makes a tenant with a two-version key: a few seeded kills
+    // keep the case within the CI budget.
+    c.loops = loops_or(3);
+    c.pkcs11_shred_campaign();
+    c.report("a PKCS#11 token (shred)");
 }

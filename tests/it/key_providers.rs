@@ -902,20 +902,15 @@ mod pkcs11_specific {
         f.cleanup().await;
     }
 
-    /// Opens the test token directly (not through custos) and returns the
-    /// attributes of the objects labelled `label`.
-    fn token_objects(
-        settings: &Pkcs11Settings,
-        token: &str,
-        label: &str,
-    ) -> Vec<Vec<cryptoki::object::Attribute>> {
+    /// A session on the test token, opened directly (not through custos)
+    /// and logged in as the user.
+    fn token_session(settings: &Pkcs11Settings, token: &str) -> cryptoki::session::Session {
         use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-        use cryptoki::object::{Attribute, AttributeType, ObjectClass};
         use cryptoki::session::UserType;
         let ctx = Pkcs11::new(&settings.module).unwrap();
         match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            Ok(()) => {}
-            Err(cryptoki::error::Error::Pkcs11(
+            Ok(())
+            | Err(cryptoki::error::Error::Pkcs11(
                 cryptoki::error::RvError::CryptokiAlreadyInitialized,
                 _,
             )) => {}
@@ -925,9 +920,15 @@ mod pkcs11_specific {
             .get_slots_with_token()
             .unwrap()
             .into_iter()
-            .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == token)
+            .find(|s| {
+                ctx.get_token_info(*s)
+                    .is_ok_and(|i| i.label().trim_end() == token)
+            })
             .expect("the test token");
-        let session = ctx.open_ro_session(slot).unwrap();
+        // Never finalised: C_Finalize on drop would end the module for the
+        // provider this process's other tests use at the same time.
+        let ctx = std::mem::ManuallyDrop::new(ctx);
+        let session = ctx.open_rw_session(slot).unwrap();
         let PinSource::File(pin_file) = &settings.pin else {
             unreachable!()
         };
@@ -940,6 +941,18 @@ mod pkcs11_specific {
             )) => {}
             Err(e) => panic!("C_Login: {e}"),
         }
+        session
+    }
+
+    /// Opens the test token directly (not through custos) and returns the
+    /// attributes of the objects labelled `label`.
+    fn token_objects(
+        settings: &Pkcs11Settings,
+        token: &str,
+        label: &str,
+    ) -> Vec<Vec<cryptoki::object::Attribute>> {
+        use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+        let session = token_session(settings, token);
         let handles = session
             .find_objects(&[
                 Attribute::Class(ObjectClass::SECRET_KEY),
@@ -972,6 +985,89 @@ mod pkcs11_specific {
             );
         }
         out
+    }
+
+    /// Plants a version object the way someone holding the PIN could:
+    /// imported with a value they know (`C_CreateObject`), or generated
+    /// extractable and then made non-extractable (its value could have been
+    /// wrapped out in between).
+    fn plant_version(settings: &Pkcs11Settings, token: &str, label: &str, id: u32, imported: bool) {
+        use cryptoki::mechanism::Mechanism;
+        use cryptoki::object::{Attribute, KeyType, ObjectClass};
+        use cryptoki::types::Ulong;
+        let session = token_session(settings, token);
+        let common = vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.to_be_bytes().to_vec()),
+        ];
+        if imported {
+            let mut attrs = common;
+            attrs.push(Attribute::Extractable(false));
+            attrs.push(Attribute::Value(vec![0x42; 32]));
+            session.create_object(&attrs).unwrap();
+        } else {
+            let mut attrs = common;
+            attrs.push(Attribute::Extractable(true));
+            attrs.push(Attribute::ValueLen(Ulong::from(32u64)));
+            let h = session.generate_key(&Mechanism::AesKeyGen, &attrs).unwrap();
+            session
+                .update_attributes(h, &[Attribute::Extractable(false)])
+                .unwrap();
+        }
+    }
+
+    /// A newer version that someone with the PIN planted is never used for
+    /// new wraps: its value may exist outside the token. Older envelopes
+    /// still unwrap, and a rotation generates a clean version above it.
+    #[tokio::test]
+    async fn a_planted_version_is_never_wrapped_under() {
+        let Some(f) = Pkcs11Fixture::new() else {
+            return;
+        };
+        let (settings, token) = common::pkcs11_settings().unwrap();
+        for imported in [true, false] {
+            let key = f.fresh_key().await;
+            let label = key.id().rsplit("object=").next().unwrap().to_owned();
+            let c = ctx("acme", 1);
+            let (dk, before) = f.provider.generate_data_key(&key, &c).await.unwrap();
+            plant_version(&settings, &token, &label, 2, imported);
+            let case = if imported {
+                "imported"
+            } else {
+                "once extractable"
+            };
+            let e = expect_err(
+                &f,
+                &format!("wrap under a planted version 2 ({case})"),
+                f.provider.wrap(&key, &dk, &c).await,
+            );
+            assert_eq!(e.kind(), "key_unavailable", "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("version 2") && msg.contains("CKA_"),
+                "{case}: {msg}"
+            );
+            if imported {
+                assert!(msg.contains("CKA_LOCAL"), "{msg}");
+            } else {
+                assert!(msg.contains("CKA_NEVER_EXTRACTABLE"), "{msg}");
+            }
+            // What version 1 wrapped still unwraps.
+            let back = f.provider.unwrap(&key, &before, &c).await.unwrap();
+            assert_eq!(back.expose(), dk.expose());
+            // custos's own rotation makes version 3 on the token: used again.
+            f.provider.rotate(&key).await.unwrap();
+            let w = f.provider.wrap(&key, &dk, &c).await.unwrap();
+            assert_eq!(w.key_version.as_deref(), Some("3"), "{case}");
+        }
+        f.cleanup().await;
     }
 
     /// What custos creates is a token object, sensitive and never

@@ -142,6 +142,114 @@ impl Tripwire {
     }
 }
 
+/// Every AWS endpoint pointed at `trip`, with a region and credentials, so
+/// that custos builds its AWS KMS provider and would call it.
+fn aws_at(trip: &Tripwire) -> Vec<(&'static str, String)> {
+    let url = format!("http://127.0.0.1:{}", trip.port);
+    [
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_KMS",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL_STS",
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+    ]
+    .into_iter()
+    .map(|v| (v, url.clone()))
+    .chain([
+        ("AWS_REGION", "eu-central-1".to_owned()),
+        ("AWS_ACCESS_KEY_ID", "test".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
+        ("AWS_ALLOW_HTTP", "true".to_owned()),
+    ])
+    .collect()
+}
+
+/// The store operator rewrites a local tenant's descriptor and envelope to
+/// name an AWS KMS key: every command that would use it is refused by
+/// `[residency]` (`invalid_policy`, naming the rule, audited) before any AWS
+/// call. Binding checks alone never see such a key.
+#[test]
+fn a_key_the_store_names_outside_residency_is_never_called() {
+    let trip = Tripwire::new();
+    let env = aws_at(&trip);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let cli = Cli::new();
+    with_residency(&cli, "key_providers = [\"local\"]\n");
+    write_policy(&cli, "acme", "local:acme");
+    let r = cli.run_env(&["backup", "acme"], &env);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+
+    let evil =
+        "aws-kms:arn:aws:kms:eu-central-1:111122223333:key/0b6f2c1e-1111-2222-3333-444455556666";
+    let tenant_dir = cli.store().join("tenants/acme");
+    for file in [tenant_dir.join("tenant.json"), tenant_dir.join("keys/1")] {
+        let text = fs::read_to_string(&file).unwrap();
+        assert!(text.contains("\"local:acme\""), "{text}");
+        fs::write(
+            &file,
+            text.replace("\"local:acme\"", &format!("\"{evil}\"")),
+        )
+        .unwrap();
+    }
+    // A tenant without a policy (offboarded, or known to this host only
+    // from the store): nothing but the store names its key.
+    fs::remove_file(cli.path().join("policies/acme.toml")).unwrap();
+    let target = cli.path().join("restored");
+    let mut refused = 0;
+    for args in [
+        vec![
+            "restore",
+            "acme",
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+        ],
+        vec!["check", "acme", "--read-data"],
+        vec!["backup", "acme"],
+        vec!["tenant", "show", "acme"],
+        vec!["rotate", "acme", "--cmk"],
+        vec!["shred", "acme", "--confirm", "acme"],
+    ] {
+        let mut all = args.clone();
+        all.push("--json");
+        let r = cli.run_env(&all, &env);
+        eprintln!("[residency] {args:?}: exit {} {}", r.code, r.stdout.trim());
+        if r.code == 0 {
+            continue;
+        }
+        let v = r.json();
+        let msg = v["error"]["message"].as_str().unwrap();
+        if msg.starts_with("refusing to") && msg.contains("[residency] key_providers") {
+            assert_eq!(v["error"]["kind"], "invalid_policy", "{args:?}: {v}");
+            assert!(msg.contains(evil), "{args:?}: {msg}");
+            refused += 1;
+        }
+    }
+    // Restore and check unwrap the envelope: the rule refuses that unwrap
+    // (without it, both called AWS KMS). The others fail earlier, or on the
+    // rule within another refusal (shred, rotate: ownership unproven).
+    assert!(
+        refused >= 2,
+        "restore and check were not refused by the rule"
+    );
+    assert_eq!(
+        trip.hits.load(Ordering::SeqCst),
+        0,
+        "custos called AWS for a key the store named, outside [residency]"
+    );
+    // Each refusal is in the audit log.
+    let log: String = common::files_under(&cli.store().join("audit/log"))
+        .into_iter()
+        .map(|p| fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(
+        log.contains("\"key.refused\"") && log.contains("key_providers"),
+        "no key.refused record in the audit log"
+    );
+    let r = cli.run_env(&["audit", "verify"], &env);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+}
+
 #[test]
 fn a_local_tenant_makes_no_aws_call_in_the_whole_flow() {
     let trip = Tripwire::new();

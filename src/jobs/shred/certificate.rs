@@ -94,13 +94,32 @@ pub enum GuaranteeKind {
 pub struct Guarantee {
     pub kind: GuaranteeKind,
     pub statement: String,
+    /// When custos began destroying keys (the first run of the shred's
+    /// `keys` step, before its first destroy call); absent when no key was
+    /// destroyed, and in certificates issued before custos recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destruction_began_at: Option<DateTime<Utc>>,
     /// After this instant nothing can undo the erasure (the latest of the
-    /// keys' `irreversible_at`); absent when no key was destroyed.
+    /// keys' `irreversible_at`: when the last key's destruction completed,
+    /// or a scheduled deletion's date); absent when no key was destroyed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub irreversible_at: Option<DateTime<Utc>>,
     /// What is still pending, and until when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<String>,
+}
+
+impl Guarantee {
+    /// A guarantee whose times [`Certificate::new`] fills in from the keys.
+    pub fn new(kind: GuaranteeKind, statement: String, pending: Option<String>) -> Self {
+        Guarantee {
+            kind,
+            statement,
+            destruction_began_at: None,
+            irreversible_at: None,
+            pending,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -294,6 +294,7 @@ pub(super) fn new_progress(req: &ShredRequest, now: DateTime<Utc>, actor: String
         pending_window_days: req.pending_window_days,
         skip_unproven: req.skip_unproven.clone(),
         scope: None,
+        keys_began_at: None,
         keys: None,
         executed_at: None,
         deletion: None,

@@ -22,11 +22,11 @@ use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
 use serde_json::json;
 
-use super::certificate::{self, Certificate, Guarantee, GuaranteeKind, Subject};
+use super::certificate::{Certificate, Guarantee, GuaranteeKind, Subject};
 use super::delete::delete_in_scope;
 use super::engine::{Begun, Progress, Records, ShredSubject, Step, missing, new_progress, scoped};
 use super::issue::{
-    irreversible_at, new_certificate_id, not_destroyed, pending_note, spared_note, store_info,
+    SubjectTerms, certificate_body, new_certificate_id, not_destroyed, pending_note, spared_note,
 };
 use super::journal::{Journal, Slot};
 use super::keys::{all_tenant_keys, decide_up_front, destroy_keys_step, key_state_checks};
@@ -724,7 +724,7 @@ async fn check_unwraps(repo: &Repo, env: &Envelope) -> Result<()> {
 
 /// Destroys every key but `to` that ever wrapped this tenant's envelopes,
 /// once every live envelope is confirmed under `to`.
-async fn keys(repo: &Repo, journal: &Journal, to: &KeyRef) -> Result<Vec<KeyDestruction>> {
+async fn keys(repo: &mut Repo, journal: &Journal, to: &KeyRef) -> Result<Vec<KeyDestruction>> {
     let d = repo.descriptor().clone();
     let shredded = d.epoch_shred.as_ref().map(|e| e.epoch).unwrap_or(0);
     for e in remaining_envelopes(repo, shredded).await? {
@@ -862,22 +862,22 @@ async fn verify(repo: &Repo, journal: &Journal, epoch: u32) -> Result<Verificati
 /// The certificate body, from the descriptor's records alone.
 fn body(repo: &Repo, r: &Records<'_>, epoch: u32) -> Result<Certificate> {
     let d = repo.descriptor();
-    let (state, p, scope) = (r.state, r.progress, r.scope);
-    let keys = p.keys.clone().unwrap_or_default();
-    let rewrap = p.rewrap.clone();
-    let wrapping_key = scope
+    let keys = r.progress.keys.clone().unwrap_or_default();
+    let rewrap = r.progress.rewrap.clone();
+    let wrapping_key = r
+        .scope
         .captured
         .first()
         .map(|e| e.key.clone())
         .unwrap_or_else(|| d.key.clone());
-    let mut providers: Vec<&str> = keys.iter().map(|k| k.provider.as_str()).collect();
-    providers.push(wrapping_key.kind().scheme());
+    let mut providers: Vec<String> = keys.iter().map(|k| k.provider.clone()).collect();
+    providers.push(wrapping_key.kind().scheme().to_owned());
     let guarantee = match &rewrap {
         Some(r) if not_destroyed(&keys).is_some() => {
             let spared = not_destroyed(&keys).unwrap_or_default();
-            Guarantee {
-                kind: GuaranteeKind::KeysPartlyDestroyed,
-                statement: format!(
+            Guarantee::new(
+                GuaranteeKind::KeysPartlyDestroyed,
+                format!(
                     "The remaining epochs {:?} of tenant {} were re-wrapped under {} and the keys listed as \
                      destroyed were destroyed. Not destroyed: {spared}, which the tenant's descriptor names but \
                      nothing proved to be its own key; a copy of the envelope of epoch {epoch} once wrapped \
@@ -885,61 +885,42 @@ fn body(repo: &Repo, r: &Records<'_>, epoch: u32) -> Result<Certificate> {
                      while it lives.",
                     r.epochs, d.tenant, r.to
                 ),
-                irreversible_at: irreversible_at(&keys),
-                pending: Some(spared_note(&keys, &spared)),
-            }
+                Some(spared_note(&keys, &spared)),
+            )
         }
-        Some(r) => Guarantee {
-            kind: GuaranteeKind::KeysDestroyed,
-            statement: format!(
+        Some(r) => Guarantee::new(
+            GuaranteeKind::KeysDestroyed,
+            format!(
                 "The data key of epoch {epoch} of tenant {} was wrapped only by keys that are now destroyed \
                  (the remaining epochs {:?} were first re-wrapped under {}): no copy of its envelope, \
                  wherever it survives, can be unwrapped, so the epoch's ciphertext, retained objects \
                  included, is unrecoverable.",
                 d.tenant, r.epochs, r.to
             ),
-            irreversible_at: irreversible_at(&keys),
-            pending: pending_note(&keys),
-        },
-        None => Guarantee {
-            kind: GuaranteeKind::EnvelopeDeleted,
-            statement: format!(
+            pending_note(&keys),
+        ),
+        None => Guarantee::new(
+            GuaranteeKind::EnvelopeDeleted,
+            format!(
                 "The envelope of epoch {epoch} of tenant {} (its wrapped data key) was deleted from the \
                  store and the epoch is marked shredded. The key {wrapping_key}, which wrapped it, still \
                  protects the other epochs: a copy of the envelope kept elsewhere (an earlier object \
                  version, a backup of the store) would still unwrap while that key exists.",
                 d.tenant
             ),
-            irreversible_at: None,
-            pending: Some(format!(
+            Some(format!(
                 "the erasure becomes independent of stale envelope copies once {wrapping_key} is destroyed: \
                  replace the tenant's CMK and destroy the old one (or shred the next epoch with --rewrap)"
             )),
-        },
+        ),
     };
-    Ok(Certificate {
-        format: certificate::CERTIFICATE_FORMAT.into(),
-        id: r.certificate_id.to_owned(),
+    let terms = SubjectTerms {
         subject: Subject::Epoch,
-        tenant: d.tenant.clone(),
         epoch: Some(epoch),
-        reason: state.reason.clone(),
-        requested_by: state.requested_by.clone(),
-        actor: p.actor.clone(),
-        requested_at: p.requested_at,
-        started_at: state.started_at,
-        executed_at: p.executed_at.unwrap_or(state.started_at),
-        issued_at: Utc::now(),
-        method: "cryptographic erase".into(),
         guarantee,
-        algorithms: certificate::Algorithms::new(&providers),
+        providers,
         keys,
-        scope: scope.clone().into(),
-        deletion: r.deletion.clone(),
         rewrap,
-        verification: r.verification.clone(),
-        store: store_info(&repo.context().store_url),
-        custos_version: env!("CARGO_PKG_VERSION").into(),
-        audit: None,
-    })
+    };
+    Ok(certificate_body(repo, r, terms))
 }

@@ -6,8 +6,10 @@
 //! it had been killed there. The tests use it to show that a re-run finishes
 //! the shred and yields one valid certificate. `CUSTOS_CRASH_AT=local-key:<point>`
 //! does the same inside any write of a local key file (creation, `rotate
-//! --cmk`): the tests show that no key material survives the next shred. It
-//! has no other use; an unset or unknown value does nothing.
+//! --cmk`): the tests show that no key material survives the next shred.
+//! `CUSTOS_CRASH_AT=pkcs11-destroy:<point>` aborts inside the destruction of
+//! a PKCS#11 key (the crash loop's PKCS#11 case). It has no other use; an
+//! unset or unknown value does nothing.
 
 /// The points, in the order a tenant shred reaches them. Each sits after a
 /// step's work and before the descriptor records it, the worst place to die.
@@ -40,6 +42,12 @@ pub const EPOCH_POINTS: &[&str] = &[
 /// temporary file is durable but not in place; it is in place, the directory
 /// not yet fsynced.
 pub const LOCAL_KEY_POINTS: &[&str] = &["written", "installed"];
+
+/// The points of a PKCS#11 key destruction (`CUSTOS_CRASH_AT=pkcs11-destroy:<point>`,
+/// [`crate::keys::pkcs11`]): the destruction record is on the token, no
+/// version destroyed yet; one version destroyed, another still there (a
+/// key with two versions or more).
+pub const PKCS11_DESTROY_POINTS: &[&str] = &["recorded", "between-versions"];
 
 #[cfg(feature = "test-hooks")]
 pub const ENV: &str = crate::hooks::CRASH_AT;

@@ -10,12 +10,14 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use crate::audit::AuditLog;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::format::shred::{DestroyOutcome, KeyDestruction};
+use crate::format::shred::{DestroyOutcome, KeyDestruction, RewrapRecord};
+use crate::repo::Repo;
 use crate::store::SharedStore;
 use crate::tenant::TenantId;
 
-use super::certificate::{self, Certificate, StoreInfo};
+use super::certificate::{self, Certificate, Guarantee, StoreInfo, Subject};
 use super::delete::store_note;
+use super::engine::Records;
 use super::holds::check_identity;
 use super::journal::Journal;
 
@@ -85,7 +87,7 @@ pub(super) fn new_certificate_id(now: DateTime<Utc>) -> String {
 }
 
 /// The store as a certificate names it.
-pub(super) fn store_info(url: &str) -> StoreInfo {
+fn store_info(url: &str) -> StoreInfo {
     StoreInfo {
         url: url.to_owned(),
         note: store_note(url),
@@ -226,6 +228,57 @@ async fn anchor_and_sign(
         evidence,
     });
     Ok(certificate::sign(&body, audit.key()))
+}
+
+/// What only the subject of a shred (the tenant, or one epoch) decides in
+/// its certificate; [`certificate_body`] adds what every certificate shares.
+pub(super) struct SubjectTerms {
+    pub subject: Subject,
+    pub epoch: Option<u32>,
+    /// Kind, statement and pending note; its times come from `keys`.
+    pub guarantee: Guarantee,
+    /// The providers whose keys wrapped the shredded data keys.
+    pub providers: Vec<String>,
+    pub keys: Vec<KeyDestruction>,
+    pub rewrap: Option<RewrapRecord>,
+}
+
+/// A certificate body from the descriptor's records and the subject's
+/// terms: the fields every certificate carries are written here only.
+pub(super) fn certificate_body(repo: &Repo, r: &Records<'_>, terms: SubjectTerms) -> Certificate {
+    let d = repo.descriptor();
+    let (state, p) = (r.state, r.progress);
+    let providers: Vec<&str> = terms.providers.iter().map(String::as_str).collect();
+    let mut guarantee = terms.guarantee;
+    guarantee.irreversible_at = irreversible_at(&terms.keys);
+    // Only where something was destroyed: a shred that destroyed no key
+    // states no destruction times.
+    guarantee.destruction_began_at = guarantee.irreversible_at.and(p.keys_began_at);
+    Certificate {
+        format: certificate::CERTIFICATE_FORMAT.into(),
+        id: r.certificate_id.to_owned(),
+        subject: terms.subject,
+        tenant: d.tenant.clone(),
+        epoch: terms.epoch,
+        reason: state.reason.clone(),
+        requested_by: state.requested_by.clone(),
+        actor: p.actor.clone(),
+        requested_at: p.requested_at,
+        started_at: state.started_at,
+        executed_at: p.executed_at.unwrap_or(state.started_at),
+        issued_at: Utc::now(),
+        method: "cryptographic erase".into(),
+        guarantee,
+        algorithms: certificate::Algorithms::new(&providers),
+        keys: terms.keys,
+        scope: r.scope.clone().into(),
+        deletion: r.deletion.clone(),
+        rewrap: terms.rewrap,
+        verification: r.verification.clone(),
+        store: store_info(&repo.context().store_url),
+        custos_version: env!("CARGO_PKG_VERSION").into(),
+        audit: None,
+    }
 }
 
 /// The keys a shred left untouched (ownership unproven), for the guarantee.

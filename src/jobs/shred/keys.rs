@@ -1,16 +1,18 @@
 //! The keys of a shred: which keys the tenant owns, destroying those proven
 //! its own (the `keys` step), and reading their state back for verification.
 
+use chrono::{DateTime, Utc};
+
 use crate::context::Context;
 use crate::error::Result;
 use crate::format::descriptor::Descriptor;
 use crate::format::shred::{DestroyOutcome, KeyDestruction, KeyRole, KeyStateCheck};
-use crate::keys::{KeyError, KeyRef, KeyState};
+use crate::keys::{Destruction, KeyError, KeyRef, KeyState};
 use crate::repo::Repo;
 use crate::repo::ownership::{self, KeyVerdict, Verdict};
 use crate::tenant::TenantId;
 
-use super::journal::{Journal, Slot};
+use super::journal::{Journal, Slot, save};
 
 /// The keys the descriptor names as the tenant's: the current CMK, the CMK a
 /// rotation is moving to, and every CMK that wrapped envelopes before. A
@@ -59,11 +61,19 @@ pub(super) async fn decide_up_front(repo: &Repo, skip: &[KeyRef]) -> Result<Vec<
 /// destroyed (the descriptor may have changed since the shred began; a
 /// refusal changes nothing), then destroys those, journalled.
 pub(super) async fn destroy_keys_step(
-    repo: &Repo,
+    repo: &mut Repo,
     journal: &Journal,
     slot: Slot,
     keys: &[(KeyRef, KeyRole)],
 ) -> Result<Vec<KeyDestruction>> {
+    // When destruction began, recorded before the first destroy call and
+    // kept by every re-run: the certificate states it beside the time the
+    // destruction completed, which a crash can put on a later run.
+    if slot.progress(repo.descriptor())?.keys_began_at.is_none() {
+        let now = Utc::now();
+        save(repo, slot, |p| p.keys_began_at = Some(now)).await?;
+    }
+    let repo: &Repo = repo;
     let ctx = repo.context();
     let progress = slot.progress(repo.descriptor())?;
     let (window, skip) = (progress.pending_window_days, progress.skip_unproven.clone());
@@ -169,8 +179,8 @@ async fn destroy_keys(
                     Ok(d) => KeyDestruction {
                         outcome: DestroyOutcome::Destroyed,
                         action: Some(d.action),
+                        irreversible_at: Some(completed_at(&d, Utc::now())),
                         state_after: Some(d.state_after),
-                        irreversible_at: Some(d.effective_at),
                         objects: d.objects,
                         ..record(DestroyOutcome::Destroyed, multi_region)
                     },
@@ -196,6 +206,16 @@ async fn destroy_keys(
         out.push(d);
     }
     Ok(out)
+}
+
+/// When a destruction became irreversible, as a certificate states it.
+/// A provider's `effective_at` may be when the destruction *began* (the
+/// time in its destruction record, which a re-run after a crash reports
+/// although versions were destroyed only now), so it is never earlier than
+/// `returned_at`, the moment the destroy call that found no version left
+/// returned. A later `effective_at` (a scheduled deletion) is kept.
+pub(super) fn completed_at(d: &Destruction, returned_at: DateTime<Utc>) -> DateTime<Utc> {
+    d.effective_at.max(returned_at)
 }
 
 /// Whether a key state shows the key can never be used again without its

@@ -5,11 +5,11 @@ use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use serde_json::json;
 
-use super::certificate::{self, Certificate, Guarantee, GuaranteeKind, Subject};
+use super::certificate::{Certificate, Guarantee, GuaranteeKind, Subject};
 use super::delete::delete_in_scope;
 use super::engine::{Begun, Progress, Records, ShredSubject, Step, missing, new_progress, scoped};
 use super::issue::{
-    irreversible_at, new_certificate_id, not_destroyed, pending_note, spared_note, store_info,
+    SubjectTerms, certificate_body, new_certificate_id, not_destroyed, pending_note, spared_note,
 };
 use super::journal::{Journal, Slot};
 use super::keys::{all_tenant_keys, decide_up_front, destroy_keys_step, key_state_checks};
@@ -301,57 +301,40 @@ async fn verify(repo: &Repo, journal: &Journal) -> Result<VerificationRecord> {
 
 /// The certificate body, from the descriptor's records alone.
 fn body(repo: &Repo, r: &Records<'_>) -> Result<Certificate> {
-    let d = repo.descriptor();
-    let (state, p) = (r.state, r.progress);
-    let keys = p.keys.clone().ok_or_else(|| missing(repo, "keys"))?;
-    let providers: Vec<&str> = keys.iter().map(|k| k.provider.as_str()).collect();
-    Ok(Certificate {
-        format: certificate::CERTIFICATE_FORMAT.into(),
-        id: r.certificate_id.to_owned(),
+    let tenant = &repo.descriptor().tenant;
+    let keys = r
+        .progress
+        .keys
+        .clone()
+        .ok_or_else(|| missing(repo, "keys"))?;
+    let guarantee = match not_destroyed(&keys) {
+        None => Guarantee::new(
+            GuaranteeKind::KeysDestroyed,
+            format!(
+                "Every key that wrapped the data keys of tenant {tenant} (current, pending and previous CMKs) \
+                 was destroyed; its data keys cannot be unwrapped, so all of its ciphertext, retained \
+                 objects and any other copies included, is unrecoverable."
+            ),
+            pending_note(&keys),
+        ),
+        Some(spared) => Guarantee::new(
+            GuaranteeKind::KeysPartlyDestroyed,
+            format!(
+                "The keys of tenant {tenant} listed as destroyed were destroyed, and the envelopes in scope no \
+                 longer unwrap (see verification). Not destroyed: {spared}, which the tenant's descriptor \
+                 names but nothing proved to be its own key; any copy of an envelope once wrapped under \
+                 it (an earlier object version, a backup of the store) can still be unwrapped while it lives."
+            ),
+            Some(spared_note(&keys, &spared)),
+        ),
+    };
+    let terms = SubjectTerms {
         subject: Subject::Tenant,
-        tenant: d.tenant.clone(),
         epoch: None,
-        reason: state.reason.clone(),
-        requested_by: state.requested_by.clone(),
-        actor: p.actor.clone(),
-        requested_at: p.requested_at,
-        started_at: state.started_at,
-        executed_at: p.executed_at.unwrap_or(state.started_at),
-        issued_at: Utc::now(),
-        method: "cryptographic erase".into(),
-        guarantee: match not_destroyed(&keys) {
-            None => Guarantee {
-                kind: GuaranteeKind::KeysDestroyed,
-                statement: format!(
-                    "Every key that wrapped the data keys of tenant {} (current, pending and previous CMKs) \
-                     was destroyed; its data keys cannot be unwrapped, so all of its ciphertext, retained \
-                     objects and any other copies included, is unrecoverable.",
-                    d.tenant
-                ),
-                irreversible_at: irreversible_at(&keys),
-                pending: pending_note(&keys),
-            },
-            Some(spared) => Guarantee {
-                kind: GuaranteeKind::KeysPartlyDestroyed,
-                statement: format!(
-                    "The keys of tenant {} listed as destroyed were destroyed, and the envelopes in scope no \
-                     longer unwrap (see verification). Not destroyed: {spared}, which the tenant's descriptor \
-                     names but nothing proved to be its own key; any copy of an envelope once wrapped under \
-                     it (an earlier object version, a backup of the store) can still be unwrapped while it lives.",
-                    d.tenant
-                ),
-                irreversible_at: irreversible_at(&keys),
-                pending: Some(spared_note(&keys, &spared)),
-            },
-        },
-        algorithms: certificate::Algorithms::new(&providers),
+        guarantee,
+        providers: keys.iter().map(|k| k.provider.clone()).collect(),
         keys,
-        scope: r.scope.clone().into(),
-        deletion: r.deletion.clone(),
         rewrap: None,
-        verification: r.verification.clone(),
-        store: store_info(&repo.context().store_url),
-        custos_version: env!("CARGO_PKG_VERSION").into(),
-        audit: None,
-    })
+    };
+    Ok(certificate_body(repo, r, terms))
 }

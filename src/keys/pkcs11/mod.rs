@@ -160,6 +160,10 @@ impl Pkcs11Settings {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 }
 
+/// The crash points of a destruction (`CUSTOS_CRASH_AT=pkcs11-destroy:<point>`,
+/// `test-hooks` builds only; see `jobs::shred::hook::PKCS11_DESTROY_POINTS`).
+const DESTROY_CRASH_SCOPE: &str = "pkcs11-destroy";
+
 /// `CKA_ID` of a version object: the version, 4 bytes big-endian.
 const VERSION_ID_LEN: usize = 4;
 /// `CKA_APPLICATION` of the record a destruction leaves.
@@ -186,7 +190,12 @@ struct Version {
     sensitive: bool,
     extractable: bool,
     aes256: bool,
+    /// `CKA_LOCAL`: generated on the token (not imported, not unwrapped).
     local: bool,
+    /// `CKA_NEVER_EXTRACTABLE`: never was extractable, so never left the token.
+    never_extractable: bool,
+    /// `CKA_ALWAYS_SENSITIVE`: its value was never readable.
+    always_sensitive: bool,
     start: Option<NaiveDate>,
 }
 
@@ -405,7 +414,12 @@ impl Ctx {
                     AttributeType::Encrypt,
                     AttributeType::Decrypt,
                 ],
-                &[AttributeType::Local, AttributeType::StartDate],
+                &[
+                    AttributeType::Local,
+                    AttributeType::NeverExtractable,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::StartDate,
+                ],
             )?;
             let mut v = Version {
                 handle,
@@ -417,6 +431,8 @@ impl Ctx {
                 extractable: true,
                 aes256: false,
                 local: false,
+                never_extractable: false,
+                always_sensitive: false,
                 start: None,
             };
             let (mut aes, mut len32) = (false, false);
@@ -430,6 +446,8 @@ impl Ctx {
                     Attribute::Encrypt(b) => v.encrypt = b,
                     Attribute::Decrypt(b) => v.decrypt = b,
                     Attribute::Local(b) => v.local = b,
+                    Attribute::NeverExtractable(b) => v.never_extractable = b,
+                    Attribute::AlwaysSensitive(b) => v.always_sensitive = b,
                     Attribute::StartDate(d) => v.start = date_of(&d),
                     _ => {}
                 }
@@ -569,7 +587,16 @@ impl Ctx {
         Ok(v)
     }
 
+    /// The version new data keys are wrapped under: the highest, and only
+    /// if its value never existed outside the token (see [`Self::born_on_token`]).
     fn current<'v>(&self, view: &'v View) -> Result<&'v Version, Fail> {
+        let v = self.latest(view)?;
+        self.born_on_token(v)?;
+        Ok(v)
+    }
+
+    /// The highest version, whatever its origin (a rotation adds the next).
+    fn latest<'v>(&self, view: &'v View) -> Result<&'v Version, Fail> {
         let max = view
             .versions
             .iter()
@@ -577,6 +604,41 @@ impl Ctx {
             .max()
             .unwrap_or(0);
         self.version(view, max)
+    }
+
+    /// Refuses a version whose value may exist outside the token. Anyone
+    /// with the PIN can add an object under the key's label with a higher
+    /// `CKA_ID`: imported with a value they know (`C_CreateObject`), or
+    /// generated extractable and wrapped out before `CKA_EXTRACTABLE` was
+    /// cleared. Data keys wrapped under it could then be unwrapped off the
+    /// token, after a shred too. The token alone sets `CKA_LOCAL` (generated
+    /// on it), `CKA_NEVER_EXTRACTABLE` and `CKA_ALWAYS_SENSITIVE` (their
+    /// history), and no one can set them: a version with all three true has
+    /// no copy anywhere, like every version custos generates.
+    fn born_on_token(&self, v: &Version) -> Result<(), Fail> {
+        let mut missing = Vec::new();
+        if !v.local {
+            missing.push("CKA_LOCAL (generated on the token, not imported)");
+        }
+        if !v.never_extractable {
+            missing.push("CKA_NEVER_EXTRACTABLE");
+        }
+        if !v.always_sensitive {
+            missing.push("CKA_ALWAYS_SENSITIVE");
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(Fail::Key(KeyError::AccessDenied {
+            key: self.key.clone(),
+            message: format!(
+                "refusing to wrap data keys under version {} of {:?} (CKA_ID {}): the token does not report {}                  true, so a copy of its value may exist outside the token (an object imported with a known                  value, or wrapped out before it was made non-extractable). Destroy that object, or generate                  the version on the token (custos rotate --cmk); see docs/keys-you-hold.md",
+                v.version.map(|n| n.to_string()).unwrap_or_default(),
+                self.uri.object,
+                hex::encode(&v.id),
+                missing.join(", ")
+            ),
+        }))
     }
 
     fn info(&self, key: &KeyRef, token: &Token, view: &View) -> KeyInfo {
@@ -932,7 +994,7 @@ impl KeyProvider for Pkcs11Provider {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let view = c.usable(s, token)?;
-            let current = c.current(&view)?.version.unwrap_or(0);
+            let current = c.latest(&view)?.version.unwrap_or(0);
             let next = current
                 .checked_add(1)
                 .ok_or_else(|| c.backend("no version after 4294967295".into()))?;
@@ -1002,13 +1064,17 @@ impl KeyProvider for Pkcs11Provider {
                         Attribute::Value(value),
                     ])
                     .map_err(ck("C_CreateObject (destruction record)"))?;
+                    crate::hooks::crash_point(DESTROY_CRASH_SCOPE, "recorded");
                     t
                 }
             };
             // Every secret key under the label, custos version id or not:
             // all of it is the key's material.
-            for v in &view.versions {
+            for (i, v) in view.versions.iter().enumerate() {
                 s.destroy_object(v.handle).map_err(ck("C_DestroyObject"))?;
+                if i + 1 < view.versions.len() {
+                    crate::hooks::crash_point(DESTROY_CRASH_SCOPE, "between-versions");
+                }
             }
             // The proof: a search finds none.
             let after = c.read(s)?;
