@@ -7,6 +7,7 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::format::envelope::Envelope;
 use crate::format::shred::{UnwrapCheck, VerificationRecord};
+use crate::keys::KeyError;
 use crate::repo::Repo;
 use crate::store::ObjectName;
 
@@ -23,6 +24,9 @@ pub(super) async fn sample_pack_present(repo: &Repo, object: &str) -> Result<boo
         None => Ok(false),
     }
 }
+
+/// An unwrap check's outcome when custos could not ask the key's provider.
+pub(super) const NOT_TRIED: &str = "not_tried";
 
 /// Tries to unwrap each captured envelope: every attempt must be refused.
 /// A data key that does unwrap is dropped (zeroized) at once.
@@ -47,6 +51,18 @@ pub(super) async fn unwrap_checks(
                 });
             }
             Err(e) if e.is_transient() => return Err(e.into()),
+            // Never tried (`[residency]` refused the call, no provider for
+            // it): that proves nothing about the envelope, so it is no pass.
+            Err(e @ (KeyError::Refused { .. } | KeyError::NotConfigured { .. })) => {
+                ok = false;
+                out.push(UnwrapCheck {
+                    epoch: env.epoch,
+                    key: env.key.clone(),
+                    outcome: NOT_TRIED.into(),
+                    error_kind: Some(e.kind().into()),
+                    error: Some(e.to_string()),
+                });
+            }
             Err(e) => out.push(UnwrapCheck {
                 epoch: env.epoch,
                 key: env.key.clone(),
@@ -63,10 +79,18 @@ pub(super) async fn unwrap_checks(
 pub(super) fn verification_failure(r: &VerificationRecord) -> String {
     let mut why = Vec::new();
     for c in r.envelopes.iter().filter(|c| c.outcome != "refused") {
-        why.push(format!(
-            "the data key of epoch {} still unwraps under {}",
-            c.epoch, c.key
-        ));
+        why.push(match c.outcome.as_str() {
+            NOT_TRIED => format!(
+                "the data key of epoch {} could not be tried under {} ({}), so nothing shows it no longer unwraps",
+                c.epoch,
+                c.key,
+                c.error.as_deref().unwrap_or("no reason given")
+            ),
+            _ => format!(
+                "the data key of epoch {} still unwraps under {}",
+                c.epoch, c.key
+            ),
+        });
     }
     for k in &r.key_states {
         match (&k.state, &k.error) {

@@ -952,6 +952,13 @@ impl KeyProvider for KmipProvider {
             }
             Err(e) => return Err(self.err(key, "Decrypt", e)),
         };
+        // Format 1: a plaintext of the wrong length means the PKCS#5 padding
+        // was valid but not a full block's: answering that differently from
+        // a refused padding would be a padding oracle for whoever can write
+        // envelopes and read the job's error kind. One answer for both.
+        if wk.len() != crate::keys::KEY_LEN && env.cipher == Cipher::CbcPkcs5 {
+            return Err(invalid(envelope::REFUSED.to_owned()));
+        }
         if wk.len() != crate::keys::KEY_LEN {
             return Err(KeyError::Backend {
                 provider: PROVIDER,

@@ -26,6 +26,15 @@ impl KmipKeyId {
         if value.chars().any(|c| c.is_control()) {
             return Err("a KMIP key reference has a control character".into());
         }
+        // Names are custos' own namespace on the server: `<n>@v<k>` for
+        // versions, `<n>@destroyed@<t>` and the group `custos-uid/<uid>` for
+        // tombstones. A name that could spell one of those is refused.
+        if id.starts_with("name/") && (value.contains('@') || value.starts_with("custos-uid/")) {
+            return Err(
+                "a KMIP key name may not contain '@' or start with 'custos-uid/' (custos names its versions and tombstones with them)"
+                    .into(),
+            );
+        }
         Ok(make(value.to_owned()))
     }
 }
@@ -50,7 +59,15 @@ mod tests {
             KmipKeyId::parse("name/custos-acme").unwrap(),
             KmipKeyId::Name("custos-acme".into())
         );
-        for bad in ["", "name/", "a\nb", &"x".repeat(257)] {
+        for bad in [
+            "",
+            "name/",
+            "a\nb",
+            &"x".repeat(257),
+            "name/acme@v2",
+            "name/acme@destroyed@1",
+            "name/custos-uid/42",
+        ] {
             assert!(KmipKeyId::parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -366,12 +366,16 @@ async fn format_1_envelopes_still_unwrap() {
     assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
     let good_calls = fake.log();
     let wk_at = 1 + 2 + uid.len() + 16 + 2;
-    for (what, at) in [
-        ("padding block", wk_at + 47),
-        ("seal", w.ciphertext.len() - 1),
+    // The middle case turns the last plaintext byte from 0x10 into 0x01:
+    // padding the server accepts, a 47-byte answer. It must read exactly as
+    // a refused padding does, or the answer is a padding oracle.
+    for (what, at, flip) in [
+        ("padding block", wk_at + 47, 0x01),
+        ("padding valid but short", wk_at + 31, 0x11),
+        ("seal", w.ciphertext.len() - 1, 0x01),
     ] {
         let mut bad = w.clone();
-        bad.ciphertext[at] ^= 0x01;
+        bad.ciphertext[at] ^= flip;
         fake.clear_log();
         let e = p.unwrap(&k, &bad, &ctx()).await.unwrap_err();
         assert!(

@@ -632,7 +632,10 @@ impl Ctx {
         Err(Fail::Key(KeyError::AccessDenied {
             key: self.key.clone(),
             message: format!(
-                "refusing to wrap data keys under version {} of {:?} (CKA_ID {}): the token does not report {}                  true, so a copy of its value may exist outside the token (an object imported with a known                  value, or wrapped out before it was made non-extractable). Destroy that object, or generate                  the version on the token (custos rotate --cmk); see docs/keys-you-hold.md",
+                "refusing to wrap data keys under version {} of {:?} (CKA_ID {}): the token does not report {} \
+                 true, so a copy of its value may exist outside the token (an object imported with a known \
+                 value, or wrapped out before it was made non-extractable). Destroy that object, or generate \
+                 the version on the token (custos rotate --cmk); see docs/keys-you-hold.md",
                 v.version.map(|n| n.to_string()).unwrap_or_default(),
                 self.uri.object,
                 hex::encode(&v.id),
