@@ -43,7 +43,7 @@ use crate::keys::derive::EpochKeys;
 use crate::pipeline::blobs::get_pack_ranges;
 use crate::pipeline::tree::TreeReader;
 use crate::repo::{Index, Location, Repo};
-use crate::store::ObjectName;
+use crate::store::{ObjectName, TenantStore};
 
 pub struct RestoreOptions {
     pub target: PathBuf,
@@ -71,6 +71,10 @@ const PACKS_IN_FLIGHT: usize = 4;
 /// Blobs closer than this in a pack are fetched in one range request.
 const COALESCE_GAP: u64 = 256 << 10;
 const MAX_RANGE: u64 = 16 << 20;
+/// A pack of which at least half the bytes are wanted is read whole, in one
+/// request, up to this size (the largest pack a policy can ask for, plus the
+/// one blob of up to 8 MiB a pack may run over by).
+const WHOLE_PACK_MAX: u64 = crate::config::policy::MAX_PACK_SIZE + (16 << 20);
 
 /// Snapshot paths of the files a restore is limited to (a drill's sample).
 pub type FileSet = HashSet<Vec<u8>>;
@@ -703,31 +707,19 @@ impl Restorer<'_> {
             let name = ObjectName::Pack(pack);
             let object = store.display(&name);
             let size = size.ok_or_else(|| Error::missing(&object, "pack is not in the store"))?;
-            // Header and trailer first: whose pack it is, and where its directory
-            // lies. The directory is authenticated too, so a truncated, extended or
-            // rearranged pack is caught, not only a bad blob.
-            let ends = [
-                0..HEADER_LEN as u64,
-                size.saturating_sub(TRAILER_LEN as u64)..size,
-            ];
-            let head = get_pack_ranges(&store, &keys, pack, &ends).await?;
-            let opener = Opener::new(&keys, ObjectKind::Pack, Some(&pack.0), &head[0])
-                .map_err(|e| e.at(&object))?;
-            let (n, dir_range) = directory_range(size, &head[1]).map_err(|e| e.at(&object))?;
-            let mut ranges = coalesce(&blobs);
-            if let Some(r) = ranges.iter().find(|r| r.end > dir_range.start) {
-                return Err(Error::corrupt(
-                    &object,
-                    format!(
-                        "the index places a blob at {}..{}, past the pack's blobs (truncated or replaced pack)",
-                        r.start, r.end
-                    ),
-                ));
-            }
-            ranges.push(dir_range);
-            let mut parts = get_pack_ranges(&store, &keys, pack, &ranges).await?;
-            let dir = parts.pop().expect("directory range");
-            ranges.pop();
+            let wanted: u64 = blobs.iter().map(|b| b.loc.sealed_len as u64).sum();
+            let fetched = if size <= WHOLE_PACK_MAX && wanted.saturating_mul(2) >= size {
+                read_whole(&store, &keys, pack, size, &blobs).await?
+            } else {
+                read_parts(&store, &keys, pack, size, &blobs).await?
+            };
+            let Fetched {
+                opener,
+                n,
+                dir,
+                ranges,
+                parts,
+            } = fetched;
             tokio::task::spawn_blocking(move || -> Result<u64> {
                 let directory =
                     open_directory(&opener, n, &dir, size).map_err(|e| e.at(&object))?;
@@ -806,6 +798,108 @@ impl Restorer<'_> {
         }
         Ok(())
     }
+}
+
+/// What a restore read of one pack: its opener, its sealed directory (with
+/// the blob count the trailer gives) and the byte ranges holding the blobs.
+struct Fetched {
+    opener: Opener,
+    n: u32,
+    dir: bytes::Bytes,
+    ranges: Vec<std::ops::Range<u64>>,
+    parts: Vec<bytes::Bytes>,
+}
+
+/// Most of the pack is wanted: the whole pack in one request, the header,
+/// trailer and directory sliced out of it. `size` is the listed size, which
+/// the authenticated directory must account for (a pack served shorter or
+/// longer than listed fails there, or as a short read).
+async fn read_whole(
+    store: &TenantStore,
+    keys: &EpochKeys,
+    pack: PackId,
+    size: u64,
+    blobs: &[PlannedBlob],
+) -> Result<Fetched> {
+    let object = store.display(&ObjectName::Pack(pack));
+    let whole = get_pack_ranges(store, keys, pack, &[0..size])
+        .await?
+        .pop()
+        .ok_or_else(|| Error::corrupt(&object, "pack read returned nothing"))?;
+    let slice = |r: std::ops::Range<u64>| {
+        if r.start > r.end || r.end > whole.len() as u64 {
+            return Err(Error::corrupt(&object, "pack is shorter than its listing says"));
+        }
+        Ok(whole.slice(r.start as usize..r.end as usize))
+    };
+    let header = slice(0..HEADER_LEN as u64)?;
+    let trailer = slice(size.saturating_sub(TRAILER_LEN as u64)..size)?;
+    let opener =
+        Opener::new(keys, ObjectKind::Pack, Some(&pack.0), &header).map_err(|e| e.at(&object))?;
+    let (n, dir_range) = directory_range(size, &trailer).map_err(|e| e.at(&object))?;
+    let blobs_end = blobs
+        .iter()
+        .map(|b| b.loc.offset as u64 + b.loc.sealed_len as u64)
+        .max()
+        .unwrap_or(0);
+    past_blobs(&object, blobs_end, &dir_range)?;
+    Ok(Fetched {
+        opener,
+        n,
+        dir: slice(dir_range.clone())?,
+        ranges: vec![0..dir_range.start],
+        parts: vec![slice(0..dir_range.start)?],
+    })
+}
+
+/// Some of the pack is wanted: header and trailer first (whose pack it is,
+/// and where its directory lies), then the blobs' coalesced ranges and the
+/// directory. The directory is authenticated too, so a truncated, extended
+/// or rearranged pack is caught, not only a bad blob.
+async fn read_parts(
+    store: &TenantStore,
+    keys: &EpochKeys,
+    pack: PackId,
+    size: u64,
+    blobs: &[PlannedBlob],
+) -> Result<Fetched> {
+    let object = store.display(&ObjectName::Pack(pack));
+    let ends = [
+        0..HEADER_LEN as u64,
+        size.saturating_sub(TRAILER_LEN as u64)..size,
+    ];
+    let head = get_pack_ranges(store, keys, pack, &ends).await?;
+    let opener =
+        Opener::new(keys, ObjectKind::Pack, Some(&pack.0), &head[0]).map_err(|e| e.at(&object))?;
+    let (n, dir_range) = directory_range(size, &head[1]).map_err(|e| e.at(&object))?;
+    let mut ranges = coalesce(blobs);
+    if let Some(r) = ranges.last() {
+        past_blobs(&object, r.end, &dir_range)?;
+    }
+    ranges.push(dir_range);
+    let mut parts = get_pack_ranges(store, keys, pack, &ranges).await?;
+    let dir = parts.pop().expect("directory range");
+    ranges.pop();
+    Ok(Fetched {
+        opener,
+        n,
+        dir,
+        ranges,
+        parts,
+    })
+}
+
+/// Refuses an index that places a blob in or past the pack's directory.
+fn past_blobs(object: &str, blobs_end: u64, dir_range: &std::ops::Range<u64>) -> Result<()> {
+    if blobs_end > dir_range.start {
+        return Err(Error::corrupt(
+            object,
+            format!(
+                "the index places a blob ending at {blobs_end}, past the pack's blobs (truncated or replaced pack)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// One blob a batch needs, and where it goes: (file in the batch, offset).
