@@ -31,7 +31,8 @@ pub use policy::{
 };
 pub use policy_set::{
     DeclaredKey, DeclaredKeysCache, PolicyChanges, PolicyFile, PolicySet, TenantSummary,
-    ValidationReport, declared_keys, declared_keys_cached, load_policies, load_policy_file, validate_dir, validate_dir_under,
+    ValidationReport, declared_keys, declared_keys_cached, load_policies, load_policy_file,
+    validate_dir, validate_dir_under,
 };
 pub use report::{Controls, ReportFormat, ReportSettings};
 pub use residency::{Placement, Residency, ResidencyViolation, Rules as ResidencyRules};

@@ -292,7 +292,9 @@ impl DeclaredKeysCache {
         Ok(fields)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (FileStamp, std::sync::Arc<KeyFields>)>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (FileStamp, std::sync::Arc<KeyFields>)>> {
         self.files.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -1,7 +1,8 @@
 //! `custos restore`: writes a snapshot back to a directory.
 //!
 //! Files are restored in batches: the blobs a batch needs are grouped by pack,
-//! packs are read concurrently (coalesced ranges), each blob is decrypted,
+//! packs are read concurrently (whole, in one request, when at least half
+//! of a pack is wanted; else coalesced ranges), each blob is decrypted,
 //! decompressed and checked against its keyed id, then written at its offsets
 //! into temporary files. A file is renamed into place only once every one of
 //! its blobs was verified and written; owners, modes and mtimes are set
@@ -707,19 +708,13 @@ impl Restorer<'_> {
             let name = ObjectName::Pack(pack);
             let object = store.display(&name);
             let size = size.ok_or_else(|| Error::missing(&object, "pack is not in the store"))?;
-            let wanted: u64 = blobs.iter().map(|b| b.loc.sealed_len as u64).sum();
-            let fetched = if size <= WHOLE_PACK_MAX && wanted.saturating_mul(2) >= size {
-                read_whole(&store, &keys, pack, size, &blobs).await?
-            } else {
-                read_parts(&store, &keys, pack, size, &blobs).await?
-            };
             let Fetched {
                 opener,
                 n,
                 dir,
                 ranges,
                 parts,
-            } = fetched;
+            } = read_pack(&store, &keys, pack, size, &blobs).await?;
             tokio::task::spawn_blocking(move || -> Result<u64> {
                 let directory =
                     open_directory(&opener, n, &dir, size).map_err(|e| e.at(&object))?;
@@ -810,11 +805,14 @@ struct Fetched {
     parts: Vec<bytes::Bytes>,
 }
 
-/// Most of the pack is wanted: the whole pack in one request, the header,
-/// trailer and directory sliced out of it. `size` is the listed size, which
-/// the authenticated directory must account for (a pack served shorter or
-/// longer than listed fails there, or as a short read).
-async fn read_whole(
+/// Reads what a restore needs of one pack. Most of it wanted (at least half
+/// its bytes): the whole pack in one request, header, trailer, blobs and
+/// directory sliced out of it. Otherwise header and trailer first (whose
+/// pack it is, and where its directory lies), then the blobs' coalesced
+/// ranges and the directory. `size` is the listed size: the authenticated
+/// directory must account for it, so a pack truncated, extended or
+/// rearranged is caught, not only a bad blob.
+async fn read_pack(
     store: &TenantStore,
     keys: &EpochKeys,
     pack: PackId,
@@ -822,64 +820,67 @@ async fn read_whole(
     blobs: &[PlannedBlob],
 ) -> Result<Fetched> {
     let object = store.display(&ObjectName::Pack(pack));
-    let whole = get_pack_ranges(store, keys, pack, &[0..size])
-        .await?
-        .pop()
-        .ok_or_else(|| Error::corrupt(&object, "pack read returned nothing"))?;
-    let slice = |r: std::ops::Range<u64>| {
-        if r.start > r.end || r.end > whole.len() as u64 {
-            return Err(Error::corrupt(&object, "pack is shorter than its listing says"));
-        }
-        Ok(whole.slice(r.start as usize..r.end as usize))
+    let wanted: u64 = blobs.iter().map(|b| b.loc.sealed_len as u64).sum();
+    let whole = match size <= WHOLE_PACK_MAX && wanted.saturating_mul(2) >= size {
+        true => get_pack_ranges(store, keys, pack, std::slice::from_ref(&(0..size)))
+            .await?
+            .pop(),
+        false => None,
     };
-    let header = slice(0..HEADER_LEN as u64)?;
-    let trailer = slice(size.saturating_sub(TRAILER_LEN as u64)..size)?;
+    let slice = |bytes: &bytes::Bytes, r: &std::ops::Range<u64>| {
+        if r.start > r.end || r.end > bytes.len() as u64 {
+            return Err(Error::corrupt(
+                &object,
+                "pack is shorter than its listing says",
+            ));
+        }
+        Ok(bytes.slice(r.start as usize..r.end as usize))
+    };
+    let ends = [
+        0..HEADER_LEN as u64,
+        size.saturating_sub(TRAILER_LEN as u64)..size,
+    ];
+    let head = match &whole {
+        Some(w) => vec![slice(w, &ends[0])?, slice(w, &ends[1])?],
+        None => get_pack_ranges(store, keys, pack, &ends).await?,
+    };
     let opener =
-        Opener::new(keys, ObjectKind::Pack, Some(&pack.0), &header).map_err(|e| e.at(&object))?;
-    let (n, dir_range) = directory_range(size, &trailer).map_err(|e| e.at(&object))?;
+        Opener::new(keys, ObjectKind::Pack, Some(&pack.0), &head[0]).map_err(|e| e.at(&object))?;
+    let (n, dir_range) = directory_range(size, &head[1]).map_err(|e| e.at(&object))?;
     let blobs_end = blobs
         .iter()
         .map(|b| b.loc.offset as u64 + b.loc.sealed_len as u64)
         .max()
         .unwrap_or(0);
-    past_blobs(&object, blobs_end, &dir_range)?;
-    Ok(Fetched {
-        opener,
-        n,
-        dir: slice(dir_range.clone())?,
-        ranges: vec![0..dir_range.start],
-        parts: vec![slice(0..dir_range.start)?],
-    })
-}
-
-/// Some of the pack is wanted: header and trailer first (whose pack it is,
-/// and where its directory lies), then the blobs' coalesced ranges and the
-/// directory. The directory is authenticated too, so a truncated, extended
-/// or rearranged pack is caught, not only a bad blob.
-async fn read_parts(
-    store: &TenantStore,
-    keys: &EpochKeys,
-    pack: PackId,
-    size: u64,
-    blobs: &[PlannedBlob],
-) -> Result<Fetched> {
-    let object = store.display(&ObjectName::Pack(pack));
-    let ends = [
-        0..HEADER_LEN as u64,
-        size.saturating_sub(TRAILER_LEN as u64)..size,
-    ];
-    let head = get_pack_ranges(store, keys, pack, &ends).await?;
-    let opener =
-        Opener::new(keys, ObjectKind::Pack, Some(&pack.0), &head[0]).map_err(|e| e.at(&object))?;
-    let (n, dir_range) = directory_range(size, &head[1]).map_err(|e| e.at(&object))?;
-    let mut ranges = coalesce(blobs);
-    if let Some(r) = ranges.last() {
-        past_blobs(&object, r.end, &dir_range)?;
+    if blobs_end > dir_range.start {
+        return Err(Error::corrupt(
+            &object,
+            format!(
+                "the index places a blob ending at {blobs_end}, past the pack's blobs (truncated or replaced pack)"
+            ),
+        ));
     }
-    ranges.push(dir_range);
-    let mut parts = get_pack_ranges(store, keys, pack, &ranges).await?;
-    let dir = parts.pop().expect("directory range");
-    ranges.pop();
+    let (ranges, parts, dir) = match &whole {
+        Some(w) => {
+            let blobs_range = 0..dir_range.start;
+            let part = slice(w, &blobs_range)?;
+            (
+                std::iter::once(blobs_range).collect(),
+                vec![part],
+                slice(w, &dir_range)?,
+            )
+        }
+        None => {
+            let mut ranges = coalesce(blobs);
+            ranges.push(dir_range);
+            let mut parts = get_pack_ranges(store, keys, pack, &ranges).await?;
+            ranges.pop();
+            let dir = parts
+                .pop()
+                .ok_or_else(|| Error::corrupt(&object, "pack read returned no directory"))?;
+            (ranges, parts, dir)
+        }
+    };
     Ok(Fetched {
         opener,
         n,
@@ -887,19 +888,6 @@ async fn read_parts(
         ranges,
         parts,
     })
-}
-
-/// Refuses an index that places a blob in or past the pack's directory.
-fn past_blobs(object: &str, blobs_end: u64, dir_range: &std::ops::Range<u64>) -> Result<()> {
-    if blobs_end > dir_range.start {
-        return Err(Error::corrupt(
-            object,
-            format!(
-                "the index places a blob ending at {blobs_end}, past the pack's blobs (truncated or replaced pack)"
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// One blob a batch needs, and where it goes: (file in the batch, offset).

@@ -62,7 +62,13 @@ pub async fn read_blobs(
 /// Reads one blob's frame (encoding byte ‖ payload) after authenticating it,
 /// without decompressing: used to move blobs between packs.
 pub async fn read_frame(repo: &Repo, index: &Index, id: &BlobId) -> Result<(Vec<u8>, Location)> {
-    let mut out = fetch(repo, index, &locate(repo, index, std::slice::from_ref(id))?, false).await?;
+    let mut out = fetch(
+        repo,
+        index,
+        &locate(repo, index, std::slice::from_ref(id))?,
+        false,
+    )
+    .await?;
     out.pop()
         .ok_or_else(|| Error::Internal("a blob read returned nothing".into()))
 }
@@ -92,13 +98,12 @@ async fn fetch(
     };
     let (pack, epoch) = index.pack(first);
     if blobs.iter().any(|(_, l)| l.pack != first.pack) {
-        return Err(Error::Internal(
-            "blobs of several packs read as one".into(),
-        ));
+        return Err(Error::Internal("blobs of several packs read as one".into()));
     }
     let name = ObjectName::Pack(pack);
     let object = repo.store().display(&name);
-    let mut ranges = vec![0..HEADER_LEN as u64];
+    let mut ranges = Vec::with_capacity(blobs.len() + 1);
+    ranges.push(0..HEADER_LEN as u64);
     ranges.extend(blobs.iter().map(|(_, l)| {
         let start = l.offset as u64;
         start..start + l.sealed_len as u64

@@ -1697,7 +1697,11 @@ mod tests {
         let u = users("beta").await;
         assert!(u[0].how.contains("its descriptor (active) names"), "{u:?}");
         // Cached now; the same bytes, but this host saw generation 1 + theirs.
-        let (bytes, _) = beta.get_if_exists(&ObjectName::Descriptor).await.unwrap().unwrap();
+        let (bytes, _) = beta
+            .get_if_exists(&ObjectName::Descriptor)
+            .await
+            .unwrap()
+            .unwrap();
         let generation = Descriptor::parse(&bytes).unwrap().generation;
         ctx.state
             .saw_descriptor_generation(&t("beta"), generation + 1)
@@ -1712,7 +1716,10 @@ mod tests {
         })
         .await;
         let u = users("fresh").await;
-        assert!(u[0].how.contains("names local:fresh as its pending key"), "{u:?}");
+        assert!(
+            u[0].how.contains("names local:fresh as its pending key"),
+            "{u:?}"
+        );
     }
 
     /// A key its provider does not know wraps nothing, so no tenant's
@@ -1739,13 +1746,22 @@ mod tests {
             .unwrap();
         // Once the key exists, beta's objects are tried under it again.
         let fresh = k("fresh");
-        ctx.keys.local.as_ref().unwrap().create_key(&fresh).await.unwrap();
+        ctx.keys
+            .local
+            .as_ref()
+            .unwrap()
+            .create_key(&fresh)
+            .await
+            .unwrap();
         crate::repo::Repo::create_epoch_envelope(&ctx, &beta, &fresh, 2)
             .await
             .unwrap();
         let err = check_bindable(&ctx, &t("alpha"), &fresh, Depth::Authenticated)
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("tenants/beta/keys/2 unwraps"), "{err}");
+        assert!(
+            err.to_string().contains("tenants/beta/keys/2 unwraps"),
+            "{err}"
+        );
     }
 }

@@ -56,8 +56,7 @@ impl SurveyCache {
             .map_err(|e| e.to_string());
         match meta.e_tag {
             Some(tag) => {
-                self.entries()
-                    .insert(tenant.clone(), (tag, parsed.clone()));
+                self.entries().insert(tenant.clone(), (tag, parsed.clone()));
             }
             None => {
                 self.entries().remove(tenant);

@@ -111,7 +111,9 @@ impl TenantStore {
         match result {
             Ok((bytes, meta)) => Ok(Fetched::Changed(bytes, meta)),
             Err(object_store::Error::NotFound { .. }) => Ok(Fetched::Missing),
-            Err(object_store::Error::NotModified { .. }) if e_tag.is_some() => Ok(Fetched::Unchanged),
+            Err(object_store::Error::NotModified { .. }) if e_tag.is_some() => {
+                Ok(Fetched::Unchanged)
+            }
             Err(e) => Err(Error::store("get", self.display(name), e)),
         }
     }

@@ -4,7 +4,6 @@
 //! served truncated, extended or with a flipped byte.
 
 use std::collections::BTreeMap;
-use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -87,7 +86,12 @@ impl ObjectStore for CountingStore {
         self.inner.list_with_delimiter(prefix).await
     }
 
-    async fn copy_opts(&self, from: &StorePath, to: &StorePath, options: CopyOptions) -> Result<()> {
+    async fn copy_opts(
+        &self,
+        from: &StorePath,
+        to: &StorePath,
+        options: CopyOptions,
+    ) -> Result<()> {
         self.inner.copy_opts(from, to, options).await
     }
 }
@@ -111,27 +115,17 @@ async fn setup() -> Setup {
         inner: local,
         gets: gets.clone(),
     });
-    let ctx = Context::with_store(store, format!("file://{}/store", root.display()), &root).unwrap();
+    let ctx =
+        Context::with_store(store, format!("file://{}/store", root.display()), &root).unwrap();
     let tenant = TenantId::new("acme").unwrap();
     let (repo, _) = Repo::init(&ctx, &tenant, &KeyRef::local("acme").unwrap(), false)
         .await
         .unwrap();
     let data = root.join("data");
     common::make_tree_with(&data, 50, 10 << 20);
-    let lease = custos::store::lease::LeaseGuard::acquire(
-        repo.store(),
-        &ctx.holder,
-        "backup",
-        ctx.lease_ttl,
-    )
-    .await
-    .unwrap();
     let mut opts = common::backup_options(&data);
     opts.packer.pack_size = 3 << 20;
-    jobs::backup::run(&repo, &lease, opts, &NoProgress)
-        .await
-        .unwrap();
-    lease.release().await;
+    common::backup_with(&ctx, &repo, opts).await;
     Setup {
         _tmp: tmp,
         root,
@@ -185,7 +179,8 @@ async fn full_restore_reads_each_pack_once() {
     assert_eq!(r.files, 54);
     common::assert_same(&s.root.join("data"), &target.join("data"));
     let gets = s.gets.lock().unwrap().clone();
-    let on_packs: Vec<(&String, &usize)> = gets.iter().filter(|(p, _)| p.contains("/packs/")).collect();
+    let on_packs: Vec<(&String, &usize)> =
+        gets.iter().filter(|(p, _)| p.contains("/packs/")).collect();
     // The snapshot's tree (one blob for this small tree) is read by its own
     // request (`TreeReader`); besides it, one GET per pack.
     let tree_reads = 1;
