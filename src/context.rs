@@ -33,6 +33,9 @@ pub struct Context {
     pub policies_dir: Option<std::path::PathBuf>,
     /// `[residency]`: a key outside it is never bound to a tenant.
     pub residency: crate::config::ResidencyRules,
+    /// What the key-ownership survey read, reused while unchanged (shared by
+    /// the jobs of one process: the daemon's many tenant inits).
+    pub survey_cache: std::sync::Arc<crate::repo::survey_cache::SurveyCache>,
 }
 
 impl std::fmt::Debug for Context {
@@ -96,6 +99,7 @@ impl Context {
             s3: Default::default(),
             policies_dir: None,
             residency: Default::default(),
+            survey_cache: Default::default(),
         })
     }
 }
@@ -200,6 +204,7 @@ impl Context {
             s3: s3_options(cfg),
             policies_dir: Some(cfg.policies_dir.clone()),
             residency: cfg.residency_rules(),
+            survey_cache: Default::default(),
         };
         ctx.install_key_gate();
         Ok(ctx)

@@ -52,6 +52,16 @@ pub struct TenantMemory {
     pub removing_indexes: BTreeSet<IndexId>,
 }
 
+/// Reads a file of the state directory, judged on its open descriptor
+/// ([`secure_fs::open_trusted`]); the directories above it are checked by
+/// [`StateDir::open`].
+fn read_state_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    let f = secure_fs::open_trusted(path, what, std::fs::OpenOptions::new().read(true))?;
+    let mut b = Vec::new();
+    std::io::Read::read_to_end(&mut &f, &mut b).map_err(|e| Error::io(path, e))?;
+    Ok(b)
+}
+
 impl StateDir {
     /// Opens (creating, mode 0700, with any missing parent) the state
     /// directory. Refused, with the fix in the message, when it, a directory
@@ -88,18 +98,22 @@ impl StateDir {
 
     pub fn tenant_memory(&self, tenant: &TenantId) -> Result<TenantMemory> {
         let path = self.memory_path(tenant);
-        if path.exists() {
-            secure_fs::check_file(&path, "tenant state file")?;
-        }
-        match std::fs::read(&path) {
+        // Judged on the open file: the directories above were checked when
+        // the state directory was opened (a survey of a thousand tenants
+        // reads a thousand of these; re-checking every ancestor of each was
+        // most of its system calls).
+        let read = read_state_file(&path, "tenant state file");
+        match read {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Config {
                 path: path.clone(),
                 message: format!(
                     "unreadable tenant state (remove it only if you trust the store): {e}"
                 ),
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TenantMemory::default()),
-            Err(e) => Err(Error::io(path, e)),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(TenantMemory::default())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -161,17 +175,7 @@ impl StateDir {
     /// evidence a shred relies on: never silently ignored).
     pub fn key_registry(&self) -> Result<KeyRegistry> {
         let path = self.key_registry_path();
-        let read = secure_fs::open_trusted(
-            &path,
-            "key registry",
-            std::fs::OpenOptions::new().read(true),
-        )
-        .map_err(Error::from)
-        .and_then(|f| {
-            let mut b = Vec::new();
-            std::io::Read::read_to_end(&mut &f, &mut b).map_err(|e| Error::io(&path, e))?;
-            Ok(b)
-        });
+        let read = read_state_file(&path, "key registry");
         match read {
             Ok(b) => {
                 let r: KeyRegistry = serde_json::from_slice(&b).map_err(|e| Error::Config {

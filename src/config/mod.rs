@@ -30,8 +30,9 @@ pub use policy::{
     KeepRules, PathGlobs, Policy, RetentionPolicy, RotationPolicy, SourceSpec, VerifyCommand,
 };
 pub use policy_set::{
-    DeclaredKey, PolicyChanges, PolicyFile, PolicySet, TenantSummary, ValidationReport,
-    declared_keys, load_policies, load_policy_file, validate_dir, validate_dir_under,
+    DeclaredKey, DeclaredKeysCache, PolicyChanges, PolicyFile, PolicySet, TenantSummary,
+    ValidationReport, declared_keys, declared_keys_cached, load_policies, load_policy_file,
+    validate_dir, validate_dir_under,
 };
 pub use report::{Controls, ReportFormat, ReportSettings};
 pub use residency::{Placement, Residency, ResidencyViolation, Rules as ResidencyRules};

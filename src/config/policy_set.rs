@@ -157,6 +157,15 @@ pub struct DeclaredKey {
 /// tenant or key could not be read at all (with why). A missing directory
 /// declares nothing.
 pub fn declared_keys(dir: &Path) -> (Vec<DeclaredKey>, Vec<(PathBuf, String)>) {
+    declared_keys_cached(dir, &DeclaredKeysCache::default())
+}
+
+/// [`declared_keys`], reusing what `cache` read of a file while the file is
+/// unchanged (see [`DeclaredKeysCache`]).
+pub fn declared_keys_cached(
+    dir: &Path,
+    cache: &DeclaredKeysCache,
+) -> (Vec<DeclaredKey>, Vec<(PathBuf, String)>) {
     let mut keys = Vec::new();
     let mut unreadable = Vec::new();
     let (tenant_paths, defaults_path) = match scan(dir) {
@@ -167,17 +176,13 @@ pub fn declared_keys(dir: &Path) -> (Vec<DeclaredKey>, Vec<(PathBuf, String)>) {
             return (keys, unreadable);
         }
     };
-    let read = |path: &Path| -> Result<toml::Table, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-        text.parse::<toml::Table>().map_err(|e| e.to_string())
-    };
     let default_key = defaults_path
         .as_deref()
-        .and_then(|p| read(p).ok())
-        .and_then(|t| t.get("key").and_then(|v| v.as_str()).map(str::to_owned));
+        .and_then(|p| cache.fields(p).ok())
+        .and_then(|f| f.key.clone());
     for path in tenant_paths {
-        let table = match read(&path) {
-            Ok(t) => t,
+        let fields = match cache.fields(&path) {
+            Ok(f) => f,
             Err(e) => {
                 unreadable.push((path, e));
                 continue;
@@ -188,11 +193,7 @@ pub fn declared_keys(dir: &Path) -> (Vec<DeclaredKey>, Vec<(PathBuf, String)>) {
             .and_then(|s| s.to_str())
             .unwrap_or("")
             .to_owned();
-        let raw_tenant = table
-            .get("tenant")
-            .and_then(|v| v.as_str())
-            .unwrap_or(&stem)
-            .to_owned();
+        let raw_tenant = fields.tenant.clone().unwrap_or(stem);
         let Ok(tenant) = TenantId::new(&raw_tenant) else {
             unreadable.push((
                 path,
@@ -200,11 +201,7 @@ pub fn declared_keys(dir: &Path) -> (Vec<DeclaredKey>, Vec<(PathBuf, String)>) {
             ));
             continue;
         };
-        let raw_key = table
-            .get("key")
-            .and_then(|v| v.as_str())
-            .map(str::to_owned)
-            .or_else(|| default_key.clone());
+        let raw_key = fields.key.clone().or_else(|| default_key.clone());
         match raw_key.map(|k| KeyRef::parse(&k.replace("{tenant}", tenant.as_str()))) {
             Some(Ok(key)) => keys.push(DeclaredKey {
                 file: path,
@@ -216,6 +213,90 @@ pub fn declared_keys(dir: &Path) -> (Vec<DeclaredKey>, Vec<(PathBuf, String)>) {
         }
     }
     (keys, unreadable)
+}
+
+/// The two values of a policy file the key checks read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFields {
+    pub tenant: Option<String>,
+    pub key: Option<String>,
+}
+
+/// What [`declared_keys_cached`] read of each policy file, reused while the
+/// file's device, inode, size, mtime and ctime are those it had: any write,
+/// rename over it or relinked symlink target changes one of them. A file
+/// changed within a second before it was read is not kept (a second write
+/// in the same clock tick could leave all five equal: git's "racily clean"
+/// entries), so it is read again next time.
+#[derive(Debug, Default)]
+pub struct DeclaredKeysCache {
+    files: std::sync::Mutex<HashMap<PathBuf, (FileStamp, std::sync::Arc<KeyFields>)>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(m: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// Whether the file's last change is at least a second older than `now`.
+    fn settled(&self, now: std::time::SystemTime) -> bool {
+        let now = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.ctime.0 < now - 1
+    }
+}
+
+impl DeclaredKeysCache {
+    /// `tenant` and `key` of one policy file (following symlinks, as the
+    /// policy loader does).
+    pub fn fields(&self, path: &Path) -> Result<std::sync::Arc<KeyFields>, String> {
+        let now = std::time::SystemTime::now();
+        let stamp = FileStamp::of(&std::fs::metadata(path).map_err(|e| e.to_string())?);
+        if let Some((s, f)) = self.lock().get(path)
+            && *s == stamp
+        {
+            return Ok(f.clone());
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let table = text.parse::<toml::Table>().map_err(|e| e.to_string())?;
+        let text_of = |k: &str| table.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        let fields = std::sync::Arc::new(KeyFields {
+            tenant: text_of("tenant"),
+            key: text_of("key"),
+        });
+        // Read after the stat: a write in between leaves a stamp older than
+        // the content, which the next stat no longer matches.
+        let mut files = self.lock();
+        if stamp.settled(now) {
+            files.insert(path.to_owned(), (stamp, fields.clone()));
+        } else {
+            files.remove(path);
+        }
+        Ok(fields)
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (FileStamp, std::sync::Arc<KeyFields>)>> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// What `custos policy validate [DIR]` prints.
@@ -583,4 +664,39 @@ fn shared_keys(d: &mut Diags<'_>, built: &mut Vec<Built>) {
     }
     let mut refused = refused.into_iter();
     built.retain(|_| !refused.next().unwrap_or(false));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys_of(dir: &Path, cache: &DeclaredKeysCache) -> Vec<String> {
+        let (keys, unreadable) = declared_keys_cached(dir, cache);
+        assert!(unreadable.is_empty(), "{unreadable:?}");
+        keys.into_iter().map(|k| k.key.to_string()).collect()
+    }
+
+    /// A policy file changed on disk counts at once, cached or not: a
+    /// rewrite of the same size in the same second (not cached yet), an
+    /// in-place edit of a settled file (its ctime moves), a replacement.
+    #[test]
+    fn the_key_cache_sees_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("beta.toml");
+        let cache = DeclaredKeysCache::default();
+        std::fs::write(&file, "key = \"local:aaaa\"\n").unwrap();
+        assert_eq!(keys_of(dir.path(), &cache), ["local:aaaa"]);
+        std::fs::write(&file, "key = \"local:bbbb\"\n").unwrap();
+        assert_eq!(keys_of(dir.path(), &cache), ["local:bbbb"]);
+        // Settled (changed over a second ago): kept, and reused.
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        assert_eq!(keys_of(dir.path(), &cache), ["local:bbbb"]);
+        assert_eq!(cache.lock().len(), 1);
+        std::fs::write(&file, "key = \"local:cccc\"\n").unwrap();
+        assert_eq!(keys_of(dir.path(), &cache), ["local:cccc"]);
+        let other = dir.path().join("new");
+        std::fs::write(&other, "key = \"local:dddd\"\n").unwrap();
+        std::fs::rename(&other, &file).unwrap();
+        assert_eq!(keys_of(dir.path(), &cache), ["local:dddd"]);
+    }
 }

@@ -1,7 +1,8 @@
 //! `custos restore`: writes a snapshot back to a directory.
 //!
 //! Files are restored in batches: the blobs a batch needs are grouped by pack,
-//! packs are read concurrently (coalesced ranges), each blob is decrypted,
+//! packs are read concurrently (whole, in one request, when at least half
+//! of a pack is wanted; else coalesced ranges), each blob is decrypted,
 //! decompressed and checked against its keyed id, then written at its offsets
 //! into temporary files. A file is renamed into place only once every one of
 //! its blobs was verified and written; owners, modes and mtimes are set
@@ -43,7 +44,7 @@ use crate::keys::derive::EpochKeys;
 use crate::pipeline::blobs::get_pack_ranges;
 use crate::pipeline::tree::TreeReader;
 use crate::repo::{Index, Location, Repo};
-use crate::store::ObjectName;
+use crate::store::{ObjectName, TenantStore};
 
 pub struct RestoreOptions {
     pub target: PathBuf,
@@ -71,6 +72,10 @@ const PACKS_IN_FLIGHT: usize = 4;
 /// Blobs closer than this in a pack are fetched in one range request.
 const COALESCE_GAP: u64 = 256 << 10;
 const MAX_RANGE: u64 = 16 << 20;
+/// A pack of which at least half the bytes are wanted is read whole, in one
+/// request, up to this size (the largest pack a policy can ask for, plus the
+/// one blob of up to 8 MiB a pack may run over by).
+const WHOLE_PACK_MAX: u64 = crate::config::policy::MAX_PACK_SIZE + (16 << 20);
 
 /// Snapshot paths of the files a restore is limited to (a drill's sample).
 pub type FileSet = HashSet<Vec<u8>>;
@@ -703,31 +708,13 @@ impl Restorer<'_> {
             let name = ObjectName::Pack(pack);
             let object = store.display(&name);
             let size = size.ok_or_else(|| Error::missing(&object, "pack is not in the store"))?;
-            // Header and trailer first: whose pack it is, and where its directory
-            // lies. The directory is authenticated too, so a truncated, extended or
-            // rearranged pack is caught, not only a bad blob.
-            let ends = [
-                0..HEADER_LEN as u64,
-                size.saturating_sub(TRAILER_LEN as u64)..size,
-            ];
-            let head = get_pack_ranges(&store, &keys, pack, &ends).await?;
-            let opener = Opener::new(&keys, ObjectKind::Pack, Some(&pack.0), &head[0])
-                .map_err(|e| e.at(&object))?;
-            let (n, dir_range) = directory_range(size, &head[1]).map_err(|e| e.at(&object))?;
-            let mut ranges = coalesce(&blobs);
-            if let Some(r) = ranges.iter().find(|r| r.end > dir_range.start) {
-                return Err(Error::corrupt(
-                    &object,
-                    format!(
-                        "the index places a blob at {}..{}, past the pack's blobs (truncated or replaced pack)",
-                        r.start, r.end
-                    ),
-                ));
-            }
-            ranges.push(dir_range);
-            let mut parts = get_pack_ranges(&store, &keys, pack, &ranges).await?;
-            let dir = parts.pop().expect("directory range");
-            ranges.pop();
+            let Fetched {
+                opener,
+                n,
+                dir,
+                ranges,
+                parts,
+            } = read_pack(&store, &keys, pack, size, &blobs).await?;
             tokio::task::spawn_blocking(move || -> Result<u64> {
                 let directory =
                     open_directory(&opener, n, &dir, size).map_err(|e| e.at(&object))?;
@@ -806,6 +793,101 @@ impl Restorer<'_> {
         }
         Ok(())
     }
+}
+
+/// What a restore read of one pack: its opener, its sealed directory (with
+/// the blob count the trailer gives) and the byte ranges holding the blobs.
+struct Fetched {
+    opener: Opener,
+    n: u32,
+    dir: bytes::Bytes,
+    ranges: Vec<std::ops::Range<u64>>,
+    parts: Vec<bytes::Bytes>,
+}
+
+/// Reads what a restore needs of one pack. Most of it wanted (at least half
+/// its bytes): the whole pack in one request, header, trailer, blobs and
+/// directory sliced out of it. Otherwise header and trailer first (whose
+/// pack it is, and where its directory lies), then the blobs' coalesced
+/// ranges and the directory. `size` is the listed size: the authenticated
+/// directory must account for it, so a pack truncated, extended or
+/// rearranged is caught, not only a bad blob.
+async fn read_pack(
+    store: &TenantStore,
+    keys: &EpochKeys,
+    pack: PackId,
+    size: u64,
+    blobs: &[PlannedBlob],
+) -> Result<Fetched> {
+    let object = store.display(&ObjectName::Pack(pack));
+    let wanted: u64 = blobs.iter().map(|b| b.loc.sealed_len as u64).sum();
+    let whole = match size <= WHOLE_PACK_MAX && wanted.saturating_mul(2) >= size {
+        true => get_pack_ranges(store, keys, pack, std::slice::from_ref(&(0..size)))
+            .await?
+            .pop(),
+        false => None,
+    };
+    let slice = |bytes: &bytes::Bytes, r: &std::ops::Range<u64>| {
+        if r.start > r.end || r.end > bytes.len() as u64 {
+            return Err(Error::corrupt(
+                &object,
+                "pack is shorter than its listing says",
+            ));
+        }
+        Ok(bytes.slice(r.start as usize..r.end as usize))
+    };
+    let ends = [
+        0..HEADER_LEN as u64,
+        size.saturating_sub(TRAILER_LEN as u64)..size,
+    ];
+    let head = match &whole {
+        Some(w) => vec![slice(w, &ends[0])?, slice(w, &ends[1])?],
+        None => get_pack_ranges(store, keys, pack, &ends).await?,
+    };
+    let opener =
+        Opener::new(keys, ObjectKind::Pack, Some(&pack.0), &head[0]).map_err(|e| e.at(&object))?;
+    let (n, dir_range) = directory_range(size, &head[1]).map_err(|e| e.at(&object))?;
+    let blobs_end = blobs
+        .iter()
+        .map(|b| b.loc.offset as u64 + b.loc.sealed_len as u64)
+        .max()
+        .unwrap_or(0);
+    if blobs_end > dir_range.start {
+        return Err(Error::corrupt(
+            &object,
+            format!(
+                "the index places a blob ending at {blobs_end}, past the pack's blobs (truncated or replaced pack)"
+            ),
+        ));
+    }
+    let (ranges, parts, dir) = match &whole {
+        Some(w) => {
+            let blobs_range = 0..dir_range.start;
+            let part = slice(w, &blobs_range)?;
+            (
+                std::iter::once(blobs_range).collect(),
+                vec![part],
+                slice(w, &dir_range)?,
+            )
+        }
+        None => {
+            let mut ranges = coalesce(blobs);
+            ranges.push(dir_range);
+            let mut parts = get_pack_ranges(store, keys, pack, &ranges).await?;
+            ranges.pop();
+            let dir = parts
+                .pop()
+                .ok_or_else(|| Error::corrupt(&object, "pack read returned no directory"))?;
+            (ranges, parts, dir)
+        }
+    };
+    Ok(Fetched {
+        opener,
+        n,
+        dir,
+        ranges,
+        parts,
+    })
 }
 
 /// One blob a batch needs, and where it goes: (file in the batch, offset).

@@ -6,7 +6,7 @@ use crate::format::ids::BlobId;
 use crate::format::pack::BlobKind;
 use crate::format::tree::Entry;
 use crate::keys::derive::EpochKeys;
-use crate::pipeline::blobs::read_blob;
+use crate::pipeline::blobs::read_blobs;
 use crate::pipeline::chunker::{Chunker, TREE_CHUNKS};
 use crate::pipeline::packer::{Packer, Work};
 use crate::repo::{Index, Repo};
@@ -67,12 +67,21 @@ impl TreeWriter {
     }
 }
 
-/// Streams the entries of a tree, one blob in memory at a time.
+/// Tree blobs read ahead in one request: the run of blobs that follow in
+/// the same pack, up to this many sealed bytes (at least one blob).
+const READ_AHEAD_BYTES: u64 = 8 << 20;
+
+/// Streams the entries of a tree, reading the blobs that follow in the same
+/// pack together (a tree's blobs were written in order, so a run of them is
+/// one ranged request instead of one per blob), holding at most
+/// [`READ_AHEAD_BYTES`] of them besides the one being parsed.
 pub struct TreeReader<'a> {
     repo: &'a Repo,
     index: &'a Index,
     blobs: Vec<BlobId>,
     next_blob: usize,
+    /// Plaintexts of the blobs after `next_blob`, read ahead.
+    ready: std::collections::VecDeque<Vec<u8>>,
     buf: Vec<u8>,
     pos: usize,
     what: String,
@@ -85,10 +94,33 @@ impl<'a> TreeReader<'a> {
             index,
             blobs: tree.to_vec(),
             next_blob: 0,
+            ready: Default::default(),
             buf: Vec::new(),
             pos: 0,
             what,
         }
+    }
+
+    /// The blobs from `next_blob` on that lie in the pack of `first`, one
+    /// after the other, within [`READ_AHEAD_BYTES`]. A blob the index lacks
+    /// ends the run (its read reports it).
+    fn next_run(&self, first: BlobId) -> &[BlobId] {
+        let rest = &self.blobs[self.next_blob..];
+        let Some(pack) = self.index.get(&first).map(|l| l.pack) else {
+            return &rest[..1];
+        };
+        let mut bytes = 0u64;
+        let n = rest
+            .iter()
+            .take_while(|id| match self.index.get(id) {
+                Some(l) if l.pack == pack => {
+                    bytes += l.sealed_len as u64;
+                    bytes <= READ_AHEAD_BYTES
+                }
+                _ => false,
+            })
+            .count();
+        &rest[..n.max(1)]
     }
 
     pub async fn next_entry(&mut self) -> Result<Option<Entry>> {
@@ -110,8 +142,24 @@ impl<'a> TreeReader<'a> {
                 }
                 return Ok(None);
             };
+            let blob = match self.ready.pop_front() {
+                Some(blob) => blob,
+                None => {
+                    let run = self.next_run(id);
+                    let mut blobs: std::collections::VecDeque<Vec<u8>> =
+                        read_blobs(self.repo, self.index, run)
+                            .await?
+                            .into_iter()
+                            .map(|(plain, _)| plain)
+                            .collect();
+                    let first = blobs.pop_front().ok_or_else(|| {
+                        Error::Internal("a tree blob read returned nothing".into())
+                    })?;
+                    self.ready = blobs;
+                    first
+                }
+            };
             self.next_blob += 1;
-            let blob = read_blob(self.repo, self.index, &id).await?;
             self.buf.drain(..self.pos);
             self.pos = 0;
             self.buf.extend_from_slice(&blob);

@@ -4,6 +4,7 @@
 
 pub mod index;
 pub mod ownership;
+pub mod survey_cache;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

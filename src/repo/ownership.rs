@@ -27,6 +27,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -34,7 +35,7 @@ use futures::StreamExt;
 use object_store::path::Path as StorePath;
 use object_store::{PutMode, UpdateVersion};
 
-use crate::config::{DeclaredKey, declared_keys};
+use crate::config::{DeclaredKey, declared_keys, declared_keys_cached};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::format::claim::{KeyClaim, claim_id};
@@ -236,6 +237,16 @@ async fn key_objects(store: &TenantStore) -> Result<Vec<KeyObject>> {
     }
     out.sort_by_key(|o| !o.is_claim);
     Ok(out)
+}
+
+/// Whether the provider of `key` says it does not know it: then nothing can
+/// be wrapped under it, as [`first_under`] would find object by object (its
+/// `NotFound`). Any other answer, or none, says nothing: the objects are tried.
+async fn provider_lacks(ctx: &Context, key: &KeyRef) -> bool {
+    match ctx.keys.key(key) {
+        Ok(cmk) => matches!(cmk.describe().await, Err(KeyError::NotFound { .. })),
+        Err(_) => false,
+    }
 }
 
 /// The first of `objects` that unwraps under `key`; `Err(why)` when the key
@@ -454,7 +465,7 @@ async fn listed(ctx: &Context, ids: &mut Ids, keys: &[(KeyRef, KeyRole)], key: &
 // Who else uses a key
 
 enum View {
-    Readable(Box<Descriptor>),
+    Readable(Arc<Descriptor>),
     /// Junk, another tenant's, or older than one seen before (replayed).
     Unreadable(String),
     /// The prefix holds objects but no descriptor.
@@ -497,10 +508,11 @@ async fn view_of(ctx: &Context, tenant: &TenantId) -> Result<View> {
     // Read before the store, as `Repo::open_for` does: a generation recorded
     // after the store read would make a writer's progress look like a replay.
     let seen = ctx.state.tenant_memory(tenant)?.descriptor_generation;
-    let Some((bytes, _)) = store.get_if_exists(&ObjectName::Descriptor).await? else {
+    // Parsed once per version the store holds (one conditional read each).
+    let Some(parsed) = ctx.survey_cache.descriptor(&store).await? else {
         return Ok(View::Missing);
     };
-    let d = match Descriptor::parse(&bytes) {
+    let d = match parsed {
         Ok(d) => d,
         Err(e) => return Ok(View::Unreadable(format!("does not parse ({e})"))),
     };
@@ -513,7 +525,7 @@ async fn view_of(ctx: &Context, tenant: &TenantId) -> Result<View> {
             d.generation
         )));
     }
-    Ok(View::Readable(Box::new(d)))
+    Ok(View::Readable(d))
 }
 
 impl Survey {
@@ -550,7 +562,7 @@ impl Survey {
         others.sort_by(|a, b| a.tenant.cmp(&b.tenant));
         let policies = match &ctx.policies_dir {
             Some(dir) => {
-                let (keys, unreadable) = declared_keys(dir);
+                let (keys, unreadable) = declared_keys_cached(dir, &ctx.survey_cache.policies);
                 for (file, why) in unreadable {
                     tracing::warn!(event = "policy.unreadable", file = %file.display(), error = %why, "key checks cannot read this policy's key");
                 }
@@ -587,6 +599,7 @@ impl Survey {
             ids,
         } = self;
         let mut uses = Vec::new();
+        let mut key_absent = None;
         for other in others.iter_mut() {
             let t = other.tenant.clone();
             let mut probe = *depth == Depth::Authenticated;
@@ -625,6 +638,15 @@ impl Survey {
                 }
             }
             if !probe {
+                continue;
+            }
+            // Asked once, before any object is read: with a thousand tenants
+            // a first backup would otherwise read every other tenant's keys/.
+            let absent = match key_absent {
+                Some(a) => a,
+                None => *key_absent.insert(provider_lacks(ctx, key).await),
+            };
+            if absent {
                 continue;
             }
             if other.objects.is_none() {
@@ -1657,5 +1679,89 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), "key_in_use", "{err}");
+    }
+
+    /// The survey's descriptor cache (one per context) reuses a parse only
+    /// while the store answers its ETag, and re-judges replay every time: a
+    /// descriptor unchanged in the store reads as replayed once this host
+    /// saw a newer generation (another job, another process).
+    #[tokio::test]
+    async fn a_cached_descriptor_is_rejudged_and_reread() {
+        let (_dir, ctx) = ctx().await;
+        let _alpha = tenant_with(&ctx, "alpha", "alpha").await;
+        let beta = tenant_with(&ctx, "beta", "beta").await;
+        let users = async |key: &str| {
+            let mut s = Survey::take(&ctx, &t("alpha"), Depth::Named).await.unwrap();
+            s.users(&ctx, &k(key), None, Purpose::Bind).await.unwrap()
+        };
+        let u = users("beta").await;
+        assert!(u[0].how.contains("its descriptor (active) names"), "{u:?}");
+        // Cached now; the same bytes, but this host saw generation 1 + theirs.
+        let (bytes, _) = beta
+            .get_if_exists(&ObjectName::Descriptor)
+            .await
+            .unwrap()
+            .unwrap();
+        let generation = Descriptor::parse(&bytes).unwrap().generation;
+        ctx.state
+            .saw_descriptor_generation(&t("beta"), generation + 1)
+            .unwrap();
+        let u = users("beta").await;
+        assert_eq!(u.len(), 1, "{u:?}");
+        assert!(u[0].how.contains("tenants/beta/keys/1 unwraps"), "{u:?}");
+        // A rewritten descriptor is read again: it now names a fresh key.
+        put_descriptor(&beta, |d| {
+            d.generation = generation + 2;
+            d.pending_key = Some(k("fresh"));
+        })
+        .await;
+        let u = users("fresh").await;
+        assert!(
+            u[0].how.contains("names local:fresh as its pending key"),
+            "{u:?}"
+        );
+    }
+
+    /// A key its provider does not know wraps nothing, so no tenant's
+    /// objects are read for it; what the descriptors, the registry and the
+    /// policies name still counts.
+    #[tokio::test]
+    async fn an_unknown_key_is_still_refused_by_name() {
+        let (_dir, ctx) = ctx().await;
+        let beta = tenant_with(&ctx, "beta", "beta").await;
+        let _gamma = tenant_with(&ctx, "gamma", "gamma").await;
+        put_descriptor(&beta, |d| d.pending_key = Some(k("fresh"))).await;
+        let err = check_bindable(&ctx, &t("alpha"), &k("fresh"), Depth::Authenticated)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), "key_in_use", "{err}");
+        assert!(err.to_string().contains("tenant beta"), "{err}");
+        // Unknown and named by nobody: free, whatever the store holds (an
+        // unreadable descriptor included).
+        beta.put(&ObjectName::Descriptor, Bytes::from_static(b"{junk"))
+            .await
+            .unwrap();
+        check_bindable(&ctx, &t("alpha"), &k("fresh"), Depth::Authenticated)
+            .await
+            .unwrap();
+        // Once the key exists, beta's objects are tried under it again.
+        let fresh = k("fresh");
+        ctx.keys
+            .local
+            .as_ref()
+            .unwrap()
+            .create_key(&fresh)
+            .await
+            .unwrap();
+        crate::repo::Repo::create_epoch_envelope(&ctx, &beta, &fresh, 2)
+            .await
+            .unwrap();
+        let err = check_bindable(&ctx, &t("alpha"), &fresh, Depth::Authenticated)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("tenants/beta/keys/2 unwraps"),
+            "{err}"
+        );
     }
 }

@@ -27,6 +27,15 @@ pub struct TenantStore {
     prefix: String,
 }
 
+/// What [`TenantStore::get_if_changed`] found.
+#[derive(Debug)]
+pub enum Fetched {
+    Missing,
+    /// Its ETag is still the one given.
+    Unchanged,
+    Changed(Bytes, ObjectMeta),
+}
+
 /// One listed object: its typed name when custos recognises it.
 #[derive(Debug, Clone)]
 pub struct Listed {
@@ -73,9 +82,22 @@ impl TenantStore {
     }
 
     pub async fn get_if_exists(&self, name: &ObjectName) -> Result<Option<(Bytes, ObjectMeta)>> {
+        Ok(match self.get_if_changed(name, None).await? {
+            Fetched::Changed(bytes, meta) => Some((bytes, meta)),
+            Fetched::Missing | Fetched::Unchanged => None,
+        })
+    }
+
+    /// Reads an object unless its ETag is still `e_tag` (`If-None-Match`):
+    /// one request either way, and no body when it is unchanged.
+    pub async fn get_if_changed(&self, name: &ObjectName, e_tag: Option<&str>) -> Result<Fetched> {
         let path = name.relative();
         let result = retry(|| async {
-            let r = self.scoped.get(&path).await?;
+            let options = object_store::GetOptions {
+                if_none_match: e_tag.map(str::to_owned),
+                ..Default::default()
+            };
+            let r = self.scoped.get_opts(&path, options).await?;
             let meta = r.meta.clone();
             let bytes = r.bytes().await?;
             // A body cut short without an error (a proxy, a buggy server) is
@@ -87,8 +109,11 @@ impl TenantStore {
         })
         .await;
         match result {
-            Ok(v) => Ok(Some(v)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Ok((bytes, meta)) => Ok(Fetched::Changed(bytes, meta)),
+            Err(object_store::Error::NotFound { .. }) => Ok(Fetched::Missing),
+            Err(object_store::Error::NotModified { .. }) if e_tag.is_some() => {
+                Ok(Fetched::Unchanged)
+            }
             Err(e) => Err(Error::store("get", self.display(name), e)),
         }
     }

@@ -306,6 +306,15 @@ pub async fn backup_dir(
     repo: &custos::repo::Repo,
     path: &Path,
 ) -> custos::jobs::backup::BackupReport {
+    backup_with(ctx, repo, backup_options(path)).await
+}
+
+/// One backup with `opts` through the library, under a lease of its own.
+pub async fn backup_with(
+    ctx: &custos::context::Context,
+    repo: &custos::repo::Repo,
+    opts: custos::jobs::backup::BackupOptions,
+) -> custos::jobs::backup::BackupReport {
     let lease = custos::store::lease::LeaseGuard::acquire(
         repo.store(),
         &ctx.holder,
@@ -314,14 +323,9 @@ pub async fn backup_dir(
     )
     .await
     .unwrap();
-    let report = custos::jobs::backup::run(
-        repo,
-        &lease,
-        backup_options(path),
-        &custos::jobs::NoProgress,
-    )
-    .await
-    .unwrap();
+    let report = custos::jobs::backup::run(repo, &lease, opts, &custos::jobs::NoProgress)
+        .await
+        .unwrap();
     lease.release().await;
     report
 }

@@ -30,6 +30,7 @@ mod policies;
 mod probe;
 mod readers;
 mod residency;
+mod restore_requests;
 mod restore_target;
 mod rotate;
 mod roundtrip;

@@ -1,0 +1,252 @@
+//! How many store requests a restore makes, counted the way an S3 client
+//! makes them (the default `get_ranges`: one GET per range after merging
+//! ranges closer than 1 MiB), and the whole-pack read path refusing a pack
+//! served truncated, extended or with a flipped byte.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use object_store::path::Path as StorePath;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
+};
+
+use custos::context::Context;
+use custos::jobs::{self, NoProgress};
+use custos::keys::KeyRef;
+use custos::repo::Repo;
+use custos::store::SharedStore;
+use custos::tenant::TenantId;
+
+use crate::common;
+
+/// Counts GETs (ranged or not) by object path; everything else passes.
+#[derive(Debug)]
+struct CountingStore {
+    inner: SharedStore,
+    gets: Arc<Mutex<BTreeMap<String, usize>>>,
+}
+
+impl std::fmt::Display for CountingStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CountingStore({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for CountingStore {
+    async fn put_opts(
+        &self,
+        location: &StorePath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &StorePath,
+        opts: PutMultipartOptions,
+    ) -> Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &StorePath, options: GetOptions) -> Result<GetResult> {
+        if !options.head {
+            *self
+                .gets
+                .lock()
+                .unwrap()
+                .entry(location.to_string())
+                .or_default() += 1;
+        }
+        self.inner.get_opts(location, options).await
+    }
+
+    // `get_ranges` is the trait's default on purpose: each merged range is
+    // one `get_opts`, as the S3 client sends them.
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, Result<StorePath>>,
+    ) -> BoxStream<'static, Result<StorePath>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&StorePath>) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&StorePath>) -> Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &StorePath,
+        to: &StorePath,
+        options: CopyOptions,
+    ) -> Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    root: std::path::PathBuf,
+    ctx: Context,
+    repo: Repo,
+    gets: Arc<Mutex<BTreeMap<String, usize>>>,
+}
+
+/// A tenant backed up (10 MiB of random data and small files) into several
+/// small packs of a local store seen through a [`CountingStore`].
+async fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_owned();
+    let local = custos::store::local::open(&root.join("store")).unwrap();
+    let gets = Arc::new(Mutex::new(BTreeMap::new()));
+    let store: SharedStore = Arc::new(CountingStore {
+        inner: local,
+        gets: gets.clone(),
+    });
+    let ctx =
+        Context::with_store(store, format!("file://{}/store", root.display()), &root).unwrap();
+    let tenant = TenantId::new("acme").unwrap();
+    let (repo, _) = Repo::init(&ctx, &tenant, &KeyRef::local("acme").unwrap(), false)
+        .await
+        .unwrap();
+    let data = root.join("data");
+    common::make_tree_with(&data, 50, 10 << 20);
+    let mut opts = common::backup_options(&data);
+    opts.packer.pack_size = 3 << 20;
+    common::backup_with(&ctx, &repo, opts).await;
+    Setup {
+        _tmp: tmp,
+        root,
+        ctx,
+        repo,
+        gets,
+    }
+}
+
+async fn restore(s: &Setup, target: &Path) -> custos::Result<jobs::restore::RestoreReport> {
+    let snap = s.repo.find_snapshot("latest").await.unwrap();
+    jobs::restore::run(
+        &s.repo,
+        &snap,
+        &jobs::restore::RestoreOptions {
+            target: target.to_owned(),
+            include: vec![],
+            overwrite: false,
+        },
+        &NoProgress,
+    )
+    .await
+}
+
+fn pack_files(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for shard in std::fs::read_dir(root.join("store/tenants/acme/packs")).unwrap() {
+        let shard = shard.unwrap().path();
+        if shard.is_dir() {
+            for f in std::fs::read_dir(&shard).unwrap() {
+                out.push(f.unwrap().path());
+            }
+        } else {
+            out.push(shard);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A full restore reads each pack in one request: every blob of it is
+/// wanted, so it is read whole, not as header, trailer and ranges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_restore_reads_each_pack_once() {
+    let s = setup().await;
+    let packs = pack_files(&s.root);
+    assert!(packs.len() >= 3, "{} packs: too few to count", packs.len());
+    s.gets.lock().unwrap().clear();
+    let target = s.root.join("restore");
+    let r = restore(&s, &target).await.unwrap();
+    assert_eq!(r.files, 54);
+    common::assert_same(&s.root.join("data"), &target.join("data"));
+    let gets = s.gets.lock().unwrap().clone();
+    let on_packs: Vec<(&String, &usize)> =
+        gets.iter().filter(|(p, _)| p.contains("/packs/")).collect();
+    // The snapshot's tree (one blob for this small tree) is read by its own
+    // request (`TreeReader`); besides it, one GET per pack.
+    let tree_reads = 1;
+    for (pack, n) in &on_packs {
+        assert!(**n <= 1 + tree_reads, "{pack}: {n} GETs");
+    }
+    let total_on_packs: usize = on_packs.iter().map(|(_, n)| **n).sum();
+    assert!(
+        total_on_packs <= packs.len() + tree_reads,
+        "{total_on_packs} GETs on {} packs: {on_packs:?}",
+        packs.len()
+    );
+    drop(s.ctx);
+}
+
+/// The largest pack of the store (the one holding most of the random file).
+fn largest_pack(root: &Path) -> std::path::PathBuf {
+    pack_files(root)
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap()
+}
+
+async fn refused_after(tamper: impl FnOnce(&Path)) {
+    let s = setup().await;
+    tamper(&largest_pack(&s.root));
+    let target = s.root.join("restore");
+    let err = restore(&s, &target).await.unwrap_err();
+    assert_eq!(err.kind(), "corrupt_object", "{err}");
+    assert!(err.to_string().contains("/packs/"), "{err}");
+    // Nothing claims to be restored: no file is in place, and no temporary
+    // one is left behind.
+    let left: Vec<_> = common::files_under(&target)
+        .into_iter()
+        .filter(|p| std::fs::symlink_metadata(p).unwrap().is_file())
+        .collect();
+    assert!(left.is_empty(), "left after a refused restore: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_pack_read_refuses_a_truncated_pack() {
+    refused_after(|p| {
+        let len = std::fs::metadata(p).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.set_len(len - 100).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_pack_read_refuses_an_extended_pack() {
+    refused_after(|p| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(p).unwrap();
+        f.write_all(&[0u8; 4096]).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_pack_read_refuses_a_flipped_byte() {
+    refused_after(|p| {
+        let mut b = std::fs::read(p).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x40;
+        std::fs::write(p, b).unwrap();
+    })
+    .await;
+}
