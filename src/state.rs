@@ -98,10 +98,13 @@ impl StateDir {
 
     pub fn tenant_memory(&self, tenant: &TenantId) -> Result<TenantMemory> {
         let path = self.memory_path(tenant);
-        // Judged on the open file: the directories above were checked when
-        // the state directory was opened (a survey of a thousand tenants
-        // reads a thousand of these; re-checking every ancestor of each was
-        // most of its system calls).
+        // The directories above are checked too, not only the open file:
+        // `state/tenants/` writable by others would let them delete this
+        // file, and with it the replay memory (generations, forgotten
+        // snapshots). The cost per survey is known (BENCHMARKS.md #16).
+        if path.exists() {
+            secure_fs::check_file(&path, "tenant state file")?;
+        }
         let read = read_state_file(&path, "tenant state file");
         match read {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Config {
