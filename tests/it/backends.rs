@@ -48,6 +48,8 @@ struct Backend {
     /// Makes a fresh CMK usable by `ctx`.
     keys: KeyMaker,
     _tmp: tempfile::TempDir,
+    /// Held while a test uses the PKCS#11 token.
+    _token: Option<common::TokenUse>,
 }
 
 enum KeyMaker {
@@ -127,6 +129,7 @@ fn local_backend() -> Backend {
         ctx,
         keys: KeyMaker::Local,
         _tmp: tmp,
+        _token: None,
     }
 }
 
@@ -156,6 +159,7 @@ async fn s3_kms_backend() -> Option<Backend> {
         ctx,
         keys: KeyMaker::Kms(kms),
         _tmp: tmp,
+        _token: None,
     })
 }
 
@@ -164,6 +168,7 @@ async fn s3_kms_backend() -> Option<Backend> {
 /// variables name); skipped without one, a failure under CUSTOS_TEST_EMULATORS=1.
 fn pkcs11_backend() -> Option<Backend> {
     let (settings, token) = common::pkcs11_settings()?;
+    let token_use = common::pkcs11_shared();
     let tmp = tempfile::tempdir().unwrap();
     let mut ctx = Context::embedded(tmp.path()).unwrap();
     let provider = custos::keys::pkcs11::Pkcs11Provider::open(&settings)
@@ -174,6 +179,7 @@ fn pkcs11_backend() -> Option<Backend> {
         ctx,
         keys: KeyMaker::Pkcs11(token),
         _tmp: tmp,
+        _token: Some(token_use),
     })
 }
 
@@ -190,6 +196,7 @@ fn kmip_backend() -> Option<Backend> {
         ctx,
         keys: KeyMaker::Kmip(kmip),
         _tmp: tmp,
+        _token: None,
     })
 }
 
@@ -234,6 +241,7 @@ fn s3s_fs_backend(secret_override: Option<&str>) -> Option<Backend> {
         ctx,
         keys: KeyMaker::Local,
         _tmp: tmp,
+        _token: None,
     })
 }
 

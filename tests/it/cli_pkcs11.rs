@@ -60,6 +60,7 @@ async fn whole_flow_through_the_cli() {
     let Some((settings, token)) = common::pkcs11_settings() else {
         return;
     };
+    let _alone = common::pkcs11_alone();
     let PinSource::File(pin_file) = settings.pin.clone() else {
         unreachable!()
     };

@@ -403,6 +403,81 @@ pub fn pkcs11_settings() -> Option<(custos::keys::pkcs11::Pkcs11Settings, String
     ))
 }
 
+/// SoftHSM2's file object store is not safe for two processes on one token:
+/// while one writes, another can see `C_GenerateKey: GeneralError` or the
+/// token as uninitialised ("tokens present: \"\""). Tests that use the token
+/// only from this process share it; a test that runs custos as a child
+/// process on it holds it alone. A real HSM does not need this; it costs
+/// little there.
+static TOKEN_USERS: std::sync::Mutex<TokenUsers> = std::sync::Mutex::new(TokenUsers {
+    shared: 0,
+    alone: false,
+    waiting_alone: 0,
+});
+static TOKEN_USERS_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+
+struct TokenUsers {
+    shared: usize,
+    alone: bool,
+    /// Tests waiting to hold it alone: new sharers wait behind them.
+    waiting_alone: usize,
+}
+
+/// Held while a test uses the PKCS#11 token (see [`TOKEN_USERS`]). A plain
+/// value, unlike a lock guard, so the async fixtures that hold it stay `Send`.
+pub struct TokenUse {
+    alone: bool,
+}
+
+fn token_users() -> std::sync::MutexGuard<'static, TokenUsers> {
+    TOKEN_USERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn wait_token_users(
+    users: std::sync::MutexGuard<'static, TokenUsers>,
+) -> std::sync::MutexGuard<'static, TokenUsers> {
+    TOKEN_USERS_CHANGED
+        .wait(users)
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The token, from this process only, beside other such tests.
+pub fn pkcs11_shared() -> TokenUse {
+    let mut users = token_users();
+    while users.alone || users.waiting_alone > 0 {
+        users = wait_token_users(users);
+    }
+    users.shared += 1;
+    TokenUse { alone: false }
+}
+
+/// The token, from child processes too: no other test uses it meanwhile.
+pub fn pkcs11_alone() -> TokenUse {
+    let mut users = token_users();
+    users.waiting_alone += 1;
+    while users.alone || users.shared > 0 {
+        users = wait_token_users(users);
+    }
+    users.waiting_alone -= 1;
+    users.alone = true;
+    TokenUse { alone: true }
+}
+
+impl Drop for TokenUse {
+    fn drop(&mut self) {
+        let mut users = token_users();
+        if self.alone {
+            users.alone = false;
+        } else {
+            users.shared -= 1;
+        }
+        drop(users);
+        TOKEN_USERS_CHANGED.notify_all();
+    }
+}
+
 /// A fresh PKCS#11 key reference on the test token (not created).
 pub fn pkcs11_key(token: &str, hint: &str) -> custos::keys::KeyRef {
     custos::keys::KeyRef::parse(&format!(

@@ -958,6 +958,7 @@ fn crash_loop_pkcs11_shred() {
     let Some((settings, label)) = common::pkcs11_settings() else {
         return;
     };
+    let _alone = common::pkcs11_alone();
     let seed = seed();
     eprintln!("crash loop on a PKCS#11 token: seed {seed}");
     let mut c = Campaign::new(seed, None, Some(Pkcs11Token { settings, label }));

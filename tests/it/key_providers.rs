@@ -184,11 +184,13 @@ struct Pkcs11Fixture {
     provider: Pkcs11Provider,
     token: String,
     created: std::sync::Mutex<Vec<KeyRef>>,
+    _use: common::TokenUse,
 }
 
 impl Pkcs11Fixture {
     fn new() -> Option<Self> {
         let (settings, token) = common::pkcs11_settings()?;
+        let _use = common::pkcs11_shared();
         let provider = Pkcs11Provider::open(&settings).unwrap_or_else(|e| {
             panic!(
                 "opening PKCS#11 module {} failed: {e}",
@@ -199,6 +201,7 @@ impl Pkcs11Fixture {
             provider,
             token,
             created: Default::default(),
+            _use,
         })
     }
 }
@@ -1180,6 +1183,7 @@ mod pkcs11_specific {
         let Some((mut settings, token)) = common::pkcs11_settings() else {
             return;
         };
+        let _use = common::pkcs11_shared();
         settings.max_sessions = 1;
         settings.timeout = Duration::from_secs(1);
         let provider = Pkcs11Provider::open(&settings).unwrap();
@@ -1212,6 +1216,7 @@ mod pkcs11_specific {
         let Some((settings, _)) = common::pkcs11_settings() else {
             return;
         };
+        let _use = common::pkcs11_shared();
         let PinSource::File(pin_file) = &settings.pin else {
             unreachable!()
         };
