@@ -77,23 +77,16 @@ impl Backend {
             // Created now: `Repo::init` makes no HSM object unasked.
             KeyMaker::Pkcs11(token) => {
                 let key = common::pkcs11_key(token, hint);
-                // SoftHSM2 keeps a token in files that every process of the
-                // suite writes at once, and now and then answers a
-                // C_GenerateKey meanwhile with CKR_GENERAL_ERROR (and makes
-                // nothing): tried again, as its own tests do; anything else,
-                // or three in a row, fails the test.
-                let mut tries = 0;
-                loop {
-                    tries += 1;
-                    match self.ctx.keys.key(&key).unwrap().create().await {
-                        Ok(_) => break,
-                        Err(e) if tries < 3 && e.to_string().contains("GeneralError") => {
-                            eprintln!("[pkcs11] creating {key}: {e}; trying again");
-                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                        }
-                        Err(e) => panic!("creating {key} on the token: {e}"),
-                    }
-                }
+                // No retry: custos serialises its object writes per module,
+                // and tests that run custos as a child process hold the token
+                // alone (common::pkcs11_alone), the two ways SoftHSM2 failed.
+                self.ctx
+                    .keys
+                    .key(&key)
+                    .unwrap()
+                    .create()
+                    .await
+                    .unwrap_or_else(|e| panic!("creating {key} on the token: {e}"));
                 key
             }
             KeyMaker::Kmip(kmip) => {

@@ -906,7 +906,9 @@ mod pkcs11_specific {
     }
 
     /// A session on the test token, opened directly (not through custos)
-    /// and logged in as the user.
+    /// and logged in as the user. Callers hold `module_lock`, as custos does
+    /// around every call on SoftHSM2 (it fails writes beside other threads'
+    /// calls) and around its writes on any module.
     fn token_session(settings: &Pkcs11Settings, token: &str) -> cryptoki::session::Session {
         use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
         use cryptoki::session::UserType;
@@ -955,6 +957,8 @@ mod pkcs11_specific {
         label: &str,
     ) -> Vec<Vec<cryptoki::object::Attribute>> {
         use cryptoki::object::{Attribute, AttributeType, ObjectClass};
+        let lock = custos::keys::pkcs11::module_lock(&settings.module).unwrap();
+        let _serial = lock.lock().unwrap();
         let session = token_session(settings, token);
         let handles = session
             .find_objects(&[
@@ -998,6 +1002,8 @@ mod pkcs11_specific {
         use cryptoki::mechanism::Mechanism;
         use cryptoki::object::{Attribute, KeyType, ObjectClass};
         use cryptoki::types::Ulong;
+        let lock = custos::keys::pkcs11::module_lock(&settings.module).unwrap();
+        let _serial = lock.lock().unwrap();
         let session = token_session(settings, token);
         let common = vec![
             Attribute::Class(ObjectClass::SECRET_KEY),

@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
 use self::pool::{Fail, Pool, Token, ck, short};
+pub use pool::module_lock;
 pub use uri::Pkcs11Uri;
 
 use super::{
@@ -324,6 +325,7 @@ impl Pkcs11Provider {
                 key: key_name.clone(),
                 uri: uri.clone(),
             };
+            let _calling = pool.calling();
             pool.with_session(&key_name, &uri, |s, t| f(&pool, s, t, &ctx))
         });
         match tokio::time::timeout_at(deadline, task).await {
@@ -920,10 +922,7 @@ impl KeyProvider for Pkcs11Provider {
     async fn create_key(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
         let key2 = key.clone();
         self.run(key, "create_key", move |pool, s, token, c| {
-            let _admin = pool
-                .admin
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _writing = pool.writing();
             let view = c.read(s)?;
             if let Some((_, t)) = &view.tombstone {
                 return Err(Fail::Key(KeyError::Destroyed {
@@ -992,10 +991,7 @@ impl KeyProvider for Pkcs11Provider {
     async fn rotate(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
         let key2 = key.clone();
         self.run(key, "rotate", move |pool, s, token, c| {
-            let _admin = pool
-                .admin
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _writing = pool.writing();
             let view = c.usable(s, token)?;
             let current = c.latest(&view)?.version.unwrap_or(0);
             let next = current
@@ -1010,7 +1006,8 @@ impl KeyProvider for Pkcs11Provider {
 
     async fn disable(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
         let key2 = key.clone();
-        self.run(key, "disable", move |_, s, token, c| {
+        self.run(key, "disable", move |pool, s, token, c| {
+            let _writing = pool.writing();
             let view = c.set_enabled(s, token, false)?;
             Ok(c.info(&key2, token, &view))
         })
@@ -1019,7 +1016,8 @@ impl KeyProvider for Pkcs11Provider {
 
     async fn enable(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
         let key2 = key.clone();
-        self.run(key, "enable", move |_, s, token, c| {
+        self.run(key, "enable", move |pool, s, token, c| {
+            let _writing = pool.writing();
             let view = c.set_enabled(s, token, true)?;
             Ok(c.info(&key2, token, &view))
         })
@@ -1033,10 +1031,7 @@ impl KeyProvider for Pkcs11Provider {
     ) -> Result<Destruction, KeyError> {
         // C_DestroyObject is immediate: there is no waiting period to honour.
         self.run(key, "destroy", move |pool, s, token, c| {
-            let _admin = pool
-                .admin
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _writing = pool.writing();
             let view = c.read(s)?;
             if view.versions.is_empty() && view.tombstone.is_none() {
                 return Err(c.not_found(token));

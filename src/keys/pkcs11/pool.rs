@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -18,7 +18,22 @@ use crate::keys::KeyError;
 /// One context per module per process. `C_Initialize` may be called once
 /// per process, and every provider in it (a configuration reload, tests)
 /// shares the module's login state anyway; contexts are never finalized.
-static MODULES: Mutex<BTreeMap<PathBuf, Pkcs11>> = Mutex::new(BTreeMap::new());
+static MODULES: Mutex<BTreeMap<PathBuf, Module>> = Mutex::new(BTreeMap::new());
+
+/// A loaded module and the lock that serialises calls into it.
+#[derive(Clone)]
+pub(super) struct Module {
+    pub ctx: Pkcs11,
+    /// Taken, across every provider of the process, by what creates,
+    /// changes or destroys token objects; by every call where the module is
+    /// SoftHSM2. SoftHSM2 2.6.1 fails object writes that run beside other
+    /// calls from other threads with CKR_GENERAL_ERROR (SoftHSMv2#573;
+    /// parsec serialises its PKCS#11 provider for the same reason). Key
+    /// administration is rare, so an HSM loses nothing to the write lock.
+    pub lock: Arc<Mutex<()>>,
+    /// The module is SoftHSM2: every call takes [`Self::lock`].
+    pub serialise_all: bool,
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The data behind these locks stays consistent at every await-free step:
@@ -27,13 +42,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Loads and initialises the module at `path` (once per process).
-pub(super) fn load_module(path: &Path) -> Result<Pkcs11, String> {
+pub(super) fn load_module(path: &Path) -> Result<Module, String> {
     let canonical = path
         .canonicalize()
         .map_err(|e| format!("PKCS#11 module {}: {e}", path.display()))?;
     let mut modules = lock(&MODULES);
-    if let Some(ctx) = modules.get(&canonical) {
-        return Ok(ctx.clone());
+    if let Some(module) = modules.get(&canonical) {
+        return Ok(module.clone());
     }
     let ctx = Pkcs11::new(&canonical)
         .map_err(|e| format!("cannot load PKCS#11 module {}: {e}", canonical.display()))?;
@@ -47,8 +62,24 @@ pub(super) fn load_module(path: &Path) -> Result<Pkcs11, String> {
             ));
         }
     }
-    modules.insert(canonical, ctx.clone());
-    Ok(ctx)
+    let serialise_all = ctx
+        .get_library_info()
+        .is_ok_and(|i| i.manufacturer_id().trim_end().starts_with("SoftHSM"));
+    let module = Module {
+        ctx,
+        lock: Arc::default(),
+        serialise_all,
+    };
+    modules.insert(canonical, module.clone());
+    Ok(module)
+}
+
+/// The lock custos takes around every write to the token objects of the
+/// module at `path` in this process, and around every call on SoftHSM2 (see
+/// [`Module::lock`]). Other code in the process that calls the same module
+/// should take it around its writes.
+pub fn module_lock(path: &Path) -> Result<Arc<Mutex<()>>, String> {
+    load_module(path).map(|m| m.lock)
 }
 
 /// A PKCS#11 error in one line: the function and the `CKR_` name, not the
@@ -173,15 +204,18 @@ pub(super) struct Pool {
     refused: Mutex<BTreeSet<String>>,
     /// Labels and serials of the tokens seen, for custody reports.
     seen: Mutex<BTreeMap<String, BTreeSet<String>>>,
-    /// Serialises key creation, rotation and destruction in this process
-    /// (a tenant's lease serialises them across processes: one key, one tenant).
-    pub admin: Mutex<()>,
+    /// Serialises key creation, rotation, state changes and destruction in
+    /// this process, across providers of the same module (a tenant's lease
+    /// serialises them across processes: one key, one tenant).
+    admin: Arc<Mutex<()>>,
+    /// Every call takes `admin` (SoftHSM2, see [`Module::serialise_all`]).
+    serialise_all: bool,
 }
 
 impl Pool {
-    pub fn new(ctx: Pkcs11, module: PathBuf, pin: AuthPin, pin_source: String) -> Self {
+    pub fn new(loaded: Module, module: PathBuf, pin: AuthPin, pin_source: String) -> Self {
         let pool = Pool {
-            ctx,
+            ctx: loaded.ctx,
             module,
             pin,
             pin_source,
@@ -189,12 +223,24 @@ impl Pool {
             idle: Mutex::default(),
             refused: Mutex::default(),
             seen: Mutex::default(),
-            admin: Mutex::new(()),
+            admin: loaded.lock,
+            serialise_all: loaded.serialise_all,
         };
         // What tokens there are, for custody; an error here is not fatal
         // (a token may be plugged in later).
         let _ = pool.scan();
         pool
+    }
+
+    /// Held while token objects are created, changed or destroyed (already
+    /// held by the whole call where every call takes it).
+    pub fn writing(&self) -> Option<MutexGuard<'_, ()>> {
+        (!self.serialise_all).then(|| lock(&self.admin))
+    }
+
+    /// Held by a whole call, where the module needs every call serialised.
+    pub fn calling(&self) -> Option<MutexGuard<'_, ()>> {
+        self.serialise_all.then(|| lock(&self.admin))
     }
 
     pub fn module(&self) -> &Path {
