@@ -195,7 +195,8 @@ async fn families_of_the_earlier_scheme_keep_working() {
     assert_destroyed_with_a_time(&p, &k).await;
 }
 
-/// A tombstone of the earlier scheme still says the key was destroyed, and when.
+/// A tombstone of the earlier scheme (or anyone's) still makes the key
+/// read as destroyed and refuse use; only custos's own record dates it.
 #[tokio::test]
 async fn tombstones_of_the_earlier_scheme_still_count() {
     let (p, fake) = provider(Behaviour {
@@ -210,9 +211,7 @@ async fn tombstones_of_the_earlier_scheme_still_count() {
     let k = key("name/gone");
     assert_eq!(
         p.describe(&k).await.unwrap().state,
-        KeyState::Destroyed {
-            destroyed_at: time(1_700_000_000)
-        }
+        KeyState::Destroyed { destroyed_at: None }
     );
     assert!(matches!(
         p.create_key(&k).await,
@@ -257,17 +256,24 @@ async fn a_uid_key_shredded_again_reuses_its_tombstone() {
 }
 
 /// A destruction interrupted after its tombstone (the object still Active)
-/// refuses every use, and the next shred finishes it with that tombstone.
+/// refuses every use, and the next shred finishes it with that tombstone:
+/// custos's own, from its record, revoked as a fresh one would be.
 #[tokio::test]
 async fn an_interrupted_uid_key_destruction_is_finished_with_its_tombstone() {
     let (p, fake) = provider(Behaviour::default());
     let uid = fake.insert(&["customer-key"], &[], State::Active);
     let k = key(&uid);
-    fake.insert(
+    p.describe(&k).await.unwrap();
+    // The crash came after the tombstone's Create, before its Revoke.
+    let tomb = fake.insert(
         &[&format!("custos-uid/{uid}@destroyed@1700000000")],
         &[&format!("custos-uid/{uid}")],
-        State::Compromised,
+        State::PreActive,
     );
+    p.record(&k, |r| {
+        r.tombstones.insert(tomb.clone(), 1_700_000_000);
+    })
+    .unwrap();
     assert_eq!(
         p.describe(&k).await.unwrap().state.name(),
         "destroy_incomplete"
@@ -277,7 +283,9 @@ async fn an_interrupted_uid_key_destruction_is_finished_with_its_tombstone() {
     let d = p.destroy(&k, 7).await.unwrap();
     assert_eq!(d.effective_at, time(1_700_000_000).unwrap());
     assert_eq!(d.objects, vec![uid.clone()]);
-    assert_eq!(in_group(&fake, &format!("custos-uid/{uid}")).len(), 1);
+    let tombs = in_group(&fake, &format!("custos-uid/{uid}"));
+    assert_eq!(tombs.len(), 1);
+    assert_eq!(tombs[0].state, State::Compromised, "the reused tombstone is revoked");
 }
 
 // --- Envelope format 2 -------------------------------------------------------
@@ -472,11 +480,13 @@ fn family(versions: &[(u32, State)], tombstone: Option<i64>) -> Family {
                     state,
                     kind: ObjectKind::Version(v),
                     aes_256: true,
+                    pinned: true,
                 };
                 (v, obj)
             })
             .collect(),
-        tombstone: tombstone.map(|at| (at, "uid-t".to_owned())),
+        tombstone: tombstone.map(|at| (at, "uid-t".to_owned(), Some(State::Compromised))),
+        ..Family::default()
     }
 }
 
