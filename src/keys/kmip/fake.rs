@@ -204,6 +204,15 @@ impl FakeKmip {
         self.store.lock().unwrap().objects.retain(|o| o.uid != uid);
     }
 
+    /// Gives an object other Names and Object Groups, as another client can
+    /// (Modify Attribute, Delete Attribute).
+    pub(super) fn rename(&self, uid: &str, names: &[&str], groups: &[&str]) {
+        if let Ok(o) = self.store.lock().unwrap().find(uid) {
+            o.names = names.iter().map(|n| n.to_string()).collect();
+            o.groups = groups.iter().map(|g| g.to_string()).collect();
+        }
+    }
+
     pub(super) fn set_bits(&self, uid: &str, bits: i32) {
         if let Ok(o) = self.store.lock().unwrap().find(uid) {
             o.bits = bits;

@@ -288,6 +288,184 @@ async fn an_interrupted_uid_key_destruction_is_finished_with_its_tombstone() {
     assert_eq!(tombs[0].state, State::Compromised, "the reused tombstone is revoked");
 }
 
+// --- Objects custos did not make (review #15, finding 1) ----------------------
+
+/// Someone with the same KMIP credentials plants `<n>@v<huge>` in the
+/// key's group, with a value they know: custos keeps wrapping under the
+/// newest version it created, a rotation numbers past the planted one, and
+/// a shred destroys it with the rest.
+#[tokio::test]
+async fn a_planted_higher_version_is_never_wrapped_under() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let mine = p.describe(&k).await.unwrap().current_version.unwrap();
+    let planted = fake.insert(&["acme@v1000"], &["custos-key/acme"], State::Active);
+    let (dk, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    assert_eq!(w.key_version.as_deref(), Some(mine.as_str()));
+    let w2 = p.wrap(&k, &dk, &ctx()).await.unwrap();
+    assert_eq!(w2.key_version.as_deref(), Some(mine.as_str()));
+    assert_eq!(
+        p.describe(&k).await.unwrap().current_version.as_deref(),
+        Some(mine.as_str())
+    );
+    // Rotation: version 1001, custos's, current from now on.
+    p.rotate(&k).await.unwrap();
+    let rotated = p.describe(&k).await.unwrap().current_version.unwrap();
+    let names = |uid: &str| {
+        fake.objects()
+            .into_iter()
+            .find(|o| o.uid == uid)
+            .map(|o| o.names)
+            .unwrap()
+    };
+    assert_eq!(names(&rotated), vec!["acme@v1001".to_owned()]);
+    let (_, w3) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    assert_eq!(w3.key_version.as_deref(), Some(rotated.as_str()));
+    // A shred destroys every object in the family, the planted one too.
+    let d = p.destroy(&k, 7).await.unwrap();
+    assert!(d.objects.contains(&planted), "{d:?}");
+    assert_eq!(d.objects.len(), 3);
+}
+
+/// A key that only objects custos did not make claim versions of (its own
+/// were deleted behind its back) is refused by name, never adopted.
+#[tokio::test]
+async fn a_key_with_only_planted_versions_is_refused() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let mine = p.describe(&k).await.unwrap().current_version.unwrap();
+    fake.remove(&mine);
+    let planted = fake.insert(&["acme@v2"], &["custos-key/acme"], State::Active);
+    let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
+    assert!(matches!(e, KeyError::AccessDenied { .. }), "{e:?}");
+    assert!(e.to_string().contains(&planted), "{e}");
+    assert!(matches!(
+        p.create_key(&k).await,
+        Err(KeyError::AccessDenied { .. })
+    ));
+}
+
+/// A key first met with versions on the server (made before the record, or
+/// by the customer) is adopted as found, once; what is planted later is not.
+#[tokio::test]
+async fn a_key_met_for_the_first_time_is_adopted_once() {
+    let (p, fake) = provider(Behaviour::default());
+    let v1 = fake.insert(&["old@v1"], &["custos-key/old"], State::Active);
+    let k = key("name/old");
+    let (_, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    assert_eq!(w.key_version, Some(v1.clone()));
+    fake.insert(&["old@v2"], &["custos-key/old"], State::Active);
+    let (_, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    assert_eq!(w.key_version, Some(v1));
+}
+
+/// The record survives the process: a new provider on the same state file
+/// still refuses the planted version.
+#[tokio::test]
+async fn the_record_in_the_state_directory_outlives_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("kmip-objects.json");
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let open = || {
+        KmipProvider::with_link("fake:5696".into(), Box::new(fake.clone()))
+            .with_object_record(record.clone())
+    };
+    let k = key("name/acme");
+    open().create_key(&k).await.unwrap();
+    fake.insert(&["acme@v9"], &["custos-key/acme"], State::Active);
+    let (_, w) = open().generate_data_key(&k, &ctx()).await.unwrap();
+    let mine = fake
+        .objects()
+        .into_iter()
+        .find(|o| o.names == ["acme@v1"])
+        .unwrap();
+    assert_eq!(w.key_version, Some(mine.uid));
+}
+
+/// A planted tombstone makes the key refuse use (fail-safe), and never
+/// dates a destruction: the shred's time is custos's own.
+#[tokio::test]
+async fn a_planted_tombstone_refuses_use_and_dates_nothing() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    fake.insert(&["acme@destroyed@1000"], &["custos-key/acme"], State::Compromised);
+    let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
+    assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
+    let before = Utc::now().timestamp();
+    let d = p.destroy(&k, 7).await.unwrap();
+    assert!(d.effective_at.timestamp() >= before, "{d:?}");
+    assert_eq!(
+        p.describe(&k).await.unwrap().state,
+        KeyState::Destroyed {
+            destroyed_at: Some(d.effective_at)
+        }
+    );
+}
+
+// --- Absence is no proof (finding 2) ----------------------------------------------
+
+/// A version renamed and moved out of the key's group (by anyone with
+/// credentials) is still the key's: found by its identifier, it unwraps,
+/// the key does not read as destroyed, and a shred destroys it.
+#[tokio::test]
+async fn a_version_moved_out_of_the_group_is_still_found_and_destroyed() {
+    for keep_destroyed in [false, true] {
+        let (p, fake) = provider(Behaviour {
+            keep_destroyed,
+            ..Behaviour::default()
+        });
+        let k = key("name/acme");
+        p.create_key(&k).await.unwrap();
+        let (dk, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+        let uid = w.key_version.clone().unwrap();
+        fake.rename(&uid, &["elsewhere"], &["another-group"]);
+        assert_eq!(p.describe(&k).await.unwrap().state, KeyState::Enabled);
+        assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
+        let d = p.destroy(&k, 7).await.unwrap();
+        assert_eq!(d.objects, vec![uid.clone()]);
+        let left = fake.objects().into_iter().find(|o| o.uid == uid);
+        assert!(
+            left.is_none_or(|o| is_destroyed(o.state)),
+            "keep_destroyed {keep_destroyed}"
+        );
+        assert_destroyed_with_a_time(&p, &k).await;
+    }
+}
+
+/// A shred that finds nothing by Locate, of a key custos knows, proves the
+/// destruction by identifier; with an object it knows still there (moved
+/// out of the group after the destroy), it does not claim one.
+#[tokio::test]
+async fn a_destroyed_key_is_proven_gone_by_identifier() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let uid = p.describe(&k).await.unwrap().current_version.unwrap();
+    // Someone moves the version away: no Locate lists it any more.
+    fake.rename(&uid, &["hidden"], &[]);
+    // Before: absence by Locate read as "destroyed". Now the version, asked
+    // for by its identifier, is Active: the key is usable, not destroyed.
+    assert_eq!(p.describe(&k).await.unwrap().state, KeyState::Enabled);
+    // A Destroy that the server ignores: the proof by identifier fails.
+    struct IgnoresDestroy(Arc<FakeKmip>);
+    #[async_trait]
+    impl Link for IgnoresDestroy {
+        async fn call(&self, req: Request) -> Result<Response, WireError> {
+            match req {
+                Request::Destroy(_) => Ok(Response::Done),
+                other => self.0.call(other).await,
+            }
+        }
+    }
+    let mut q = KmipProvider::with_link("fake:5696".into(), Box::new(IgnoresDestroy(fake.clone())));
+    q.pins = std::mem::replace(&mut { p }.pins, pins::Pins::in_memory());
+    let e = q.destroy(&k, 7).await.unwrap_err();
+    assert!(e.to_string().contains(&uid), "{e}");
+}
+
 // --- Envelope format 2 -------------------------------------------------------
 
 fn format_and_mode(w: &WrappedKey) -> (u8, u8) {
