@@ -303,6 +303,14 @@ fn state_of(s: State) -> KeyState {
     }
 }
 
+/// A Locate filter in words, for errors.
+fn describe_filter(filter: &Filter) -> String {
+    match filter {
+        Filter::Group(g) => format!("Object Group {g:?}"),
+        Filter::Name(n) => format!("Name {n:?}"),
+    }
+}
+
 fn label(key: &KeyRef) -> String {
     key.to_string()
 }
@@ -436,51 +444,62 @@ impl KmipProvider {
     /// Every object `filter` matches, read a page at a time. Each page after
     /// the first starts with the last identifier of the one before: if that
     /// one moved (an object made or deleted meanwhile shifted the listing),
-    /// the read begins again, so no object is skipped unseen.
+    /// the read begins again, so no object is skipped unseen. A short page
+    /// is not taken for the last (a server may cap its pages): the listing
+    /// ends when the server's Located Items is reached, or when the page
+    /// after the last identifier read adds nothing.
     async fn locate(&self, key: &KeyRef, filter: &Filter) -> Result<Vec<String>, KeyError> {
         let page = self.locate_page.max(2);
         'attempt: for _ in 0..LOCATE_ATTEMPTS {
             let mut uids: Vec<String> = Vec::new();
-            let mut offset = 0;
             loop {
+                let offset = uids.len().saturating_sub(1);
                 let req = Request::Locate {
                     filter: filter.clone(),
                     max_items: page,
-                    offset_items: offset,
+                    // MAX_OBJECTS keeps it far below i32::MAX.
+                    offset_items: i32::try_from(offset).unwrap_or(i32::MAX),
                 };
-                let found = match self.call(req).await {
-                    Ok(Response::Located(u)) => u,
+                let (found, total) = match self.call(req).await {
+                    Ok(Response::Located { uids, total }) => (uids, total),
                     Ok(_) => return Err(self.wrong_answer(key, "Locate")),
                     Err(e) => return Err(self.err(key, "Locate", e)),
                 };
-                let full = found.len() >= page as usize;
                 let mut found = found.into_iter();
-                if offset > 0 && found.next().as_ref() != uids.last() {
+                if !uids.is_empty() && found.next().as_ref() != uids.last() {
                     continue 'attempt;
                 }
-                uids.extend(found);
+                let before = uids.len();
+                uids.extend(found.take(MAX_OBJECTS + 1));
                 if uids.len() > MAX_OBJECTS {
-                    return Err(KeyError::Backend {
-                        provider: PROVIDER,
-                        key: label(key),
-                        message: format!(
-                            "the KMIP server lists more than {MAX_OBJECTS} objects for this key"
-                        ),
-                    });
+                    return Err(self.too_many_objects(key, filter));
                 }
-                if !full {
+                let all_counted =
+                    total.is_some_and(|t| usize::try_from(t).is_ok_and(|t| uids.len() >= t));
+                if uids.len() == before || all_counted {
                     return Ok(uids);
                 }
-                offset += page - 1;
             }
         }
         Err(KeyError::Backend {
             provider: PROVIDER,
             key: label(key),
             message: format!(
-                "the KMIP server's Locate answers kept changing while custos paged through them ({LOCATE_ATTEMPTS} attempts)"
+                "the KMIP server's Locate answers of {} kept changing while custos paged through them ({LOCATE_ATTEMPTS} attempts)",
+                describe_filter(filter)
             ),
         })
+    }
+
+    fn too_many_objects(&self, key: &KeyRef, filter: &Filter) -> KeyError {
+        KeyError::Backend {
+            provider: PROVIDER,
+            key: label(key),
+            message: format!(
+                "the KMIP server lists more than {MAX_OBJECTS} objects of {}: more than any key of custos has; remove the objects that are not this key's",
+                describe_filter(filter)
+            ),
+        }
     }
 
     /// The objects of every filter, each once.
@@ -493,6 +512,10 @@ impl KmipProvider {
                     out.push(uid);
                 }
             }
+            // Bounded over all filters too: each object costs a GetAttributes.
+            if out.len() > MAX_OBJECTS {
+                return Err(self.too_many_objects(key, f));
+            }
         }
         Ok(out)
     }
@@ -504,6 +527,18 @@ impl KmipProvider {
             Ok(_) => return Err(self.wrong_answer(key, "GetAttributes")),
             Err(e) => return Err(self.err(key, "GetAttributes", e)),
         };
+        // Another object's attributes (a server's mistake, an answer meant
+        // for another request) would let one object pass for another.
+        if a.uid != uid {
+            return Err(KeyError::Backend {
+                provider: PROVIDER,
+                key: label(key),
+                message: format!(
+                    "GetAttributes of object {uid:?} answered for object {:?}",
+                    a.uid
+                ),
+            });
+        }
         if a.state.is_none() {
             return Err(KeyError::Backend {
                 provider: PROVIDER,
@@ -850,6 +885,7 @@ impl KmipProvider {
         iv: [u8; 16],
         data: Zeroizing<Vec<u8>>,
     ) -> Result<Zeroizing<Vec<u8>>, WireError> {
+        let sent_len = data.len();
         let req = Request::Crypt {
             decrypt,
             uid: uid.to_owned(),
@@ -857,17 +893,38 @@ impl KmipProvider {
             iv,
             data,
         };
-        match self.call(req).await? {
-            // A server that used another key than the one asked for would
-            // leave an envelope naming a key that cannot open it.
-            Response::Data { uid: used, data } if used == uid => Ok(data),
-            Response::Data { uid: used, .. } => Err(WireError::Protocol(format!(
+        let (used, out, used_iv) = match self.call(req).await? {
+            Response::Data { uid, data, iv } => (uid, data, iv),
+            _ => {
+                return Err(WireError::Protocol(
+                    "the server answered another operation".into(),
+                ));
+            }
+        };
+        // A server that used another key than the one asked for would
+        // leave an envelope naming a key that cannot open it.
+        if used != uid {
+            return Err(WireError::Protocol(format!(
                 "asked to use object {uid:?}, the server answered for object {used:?}"
-            ))),
-            _ => Err(WireError::Protocol(
-                "the server answered another operation".into(),
-            )),
+            )));
         }
+        // custos chose the IV (or initial counter) and the envelope records
+        // that one: a server that says it used another cannot be believed.
+        if let Some(other) = used_iv.filter(|v| v.as_slice() != iv) {
+            return Err(WireError::Protocol(format!(
+                "the server answered an IV/counter of {} bytes other than the one custos sent",
+                other.len()
+            )));
+        }
+        // Without padding, the output is as long as the input.
+        if cipher != Cipher::CbcPkcs5 && out.len() != sent_len {
+            return Err(WireError::Protocol(format!(
+                "the server's {} of {sent_len} bytes returned {} bytes",
+                if decrypt { "Decrypt" } else { "Encrypt" },
+                out.len()
+            )));
+        }
+        Ok(out)
     }
 
     /// The server's Encrypt of `wk` under version `uid`: CBC without padding,
@@ -951,6 +1008,22 @@ impl KmipProvider {
                 provider: PROVIDER,
                 key: label(key),
                 message: "the KMIP server's Encrypt returned the wrapping key unchanged".into(),
+            });
+        }
+        // Once per wrap: what the server encrypted must decrypt to WK under
+        // the same object, or no envelope is written that could not open.
+        let back = self
+            .crypt(true, &obj.uid, cipher, iv, Zeroizing::new(wk_ct.to_vec()))
+            .await
+            .map_err(|e| self.err(key, "Decrypt (checking the wrap)", e))?;
+        if back.as_slice() != wk.expose().as_slice() {
+            return Err(KeyError::Backend {
+                provider: PROVIDER,
+                key: label(key),
+                message: format!(
+                    "the KMIP server's Decrypt under object {:?} does not give back the wrapping key it just encrypted: no envelope written",
+                    obj.uid
+                ),
             });
         }
         let server = envelope::ServerWrap {
@@ -1172,7 +1245,10 @@ impl KeyProvider for KmipProvider {
         // another key reference naming the same object could have filled;
         // past every number an object claims, so that the Name is free.
         let (fam, _, _) = self.current_version(key).await?;
-        let (v, newest) = fam.newest().map(|(v, o)| (*v, o.uid.clone())).unwrap_or_default();
+        let (v, newest) = fam
+            .newest()
+            .map(|(v, o)| (*v, o.uid.clone()))
+            .unwrap_or_default();
         let next = v.checked_add(1).ok_or_else(|| KeyError::Backend {
             provider: PROVIDER,
             key: label(key),
@@ -1337,7 +1413,8 @@ impl KmipProvider {
         self.record(key, |r| {
             r.tombstones.insert(tomb.clone(), at);
         })?;
-        self.settle_tombstone(key, &tomb, State::PreActive, at).await
+        self.settle_tombstone(key, &tomb, State::PreActive, at)
+            .await
     }
 
     /// Revokes custos's tombstone as compromised unless it already is: a

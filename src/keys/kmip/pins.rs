@@ -161,12 +161,8 @@ impl Pins {
                 .mode(0o600),
         )
         .map_err(|e| self.fail(key, e.to_string()))?;
-        lock.lock().map_err(|e| {
-            self.fail(
-                key,
-                format!("cannot lock {}: {e}", lock_path.display()),
-            )
-        })?;
+        lock.lock()
+            .map_err(|e| self.fail(key, format!("cannot lock {}: {e}", lock_path.display())))?;
         let mut file = self.read(key)?;
         file.format = FORMAT.to_owned();
         let objects = file.keys.entry(entry.to_owned()).or_default();
@@ -177,7 +173,10 @@ impl Pins {
         crate::util::write_file_atomic(path, &json, 0o600).map_err(|e| {
             self.fail(
                 key,
-                format!("cannot write the KMIP object record {}: {e}", path.display()),
+                format!(
+                    "cannot write the KMIP object record {}: {e}",
+                    path.display()
+                ),
             )
         })?;
         drop(mem);

@@ -285,7 +285,11 @@ async fn an_interrupted_uid_key_destruction_is_finished_with_its_tombstone() {
     assert_eq!(d.objects, vec![uid.clone()]);
     let tombs = in_group(&fake, &format!("custos-uid/{uid}"));
     assert_eq!(tombs.len(), 1);
-    assert_eq!(tombs[0].state, State::Compromised, "the reused tombstone is revoked");
+    assert_eq!(
+        tombs[0].state,
+        State::Compromised,
+        "the reused tombstone is revoked"
+    );
 }
 
 // --- Objects custos did not make (review #15, finding 1) ----------------------
@@ -391,7 +395,11 @@ async fn a_planted_tombstone_refuses_use_and_dates_nothing() {
     let (p, fake) = provider(Behaviour::default());
     let k = key("name/acme");
     p.create_key(&k).await.unwrap();
-    fake.insert(&["acme@destroyed@1000"], &["custos-key/acme"], State::Compromised);
+    fake.insert(
+        &["acme@destroyed@1000"],
+        &["custos-key/acme"],
+        State::Compromised,
+    );
     let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
     assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
     let before = Utc::now().timestamp();
@@ -847,9 +855,10 @@ where
 #[tokio::test]
 async fn an_encrypt_that_did_not_encrypt_under_the_key_is_refused() {
     let (p, _) = rewriting(|op, r| match (op, r) {
-        (Operation::Encrypt, Response::Data { data, .. }) => Response::Data {
+        (Operation::Encrypt, Response::Data { data, iv, .. }) => Response::Data {
             uid: "someone-elses-key".into(),
             data,
+            iv,
         },
         (_, r) => r,
     });
@@ -869,7 +878,11 @@ async fn an_encrypt_that_did_not_encrypt_under_the_key_is_refused() {
                     uid,
                     data,
                     ..
-                } => Ok(Response::Data { uid, data }),
+                } => Ok(Response::Data {
+                    uid,
+                    data,
+                    iv: None,
+                }),
                 other => self.0.call(other).await,
             }
         }
@@ -880,4 +893,151 @@ async fn an_encrypt_that_did_not_encrypt_under_the_key_is_refused() {
     p.create_key(&k).await.unwrap();
     let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
     assert!(e.to_string().contains("unchanged"), "{e}");
+}
+
+/// An Encrypt whose answer is not what was asked for leaves no envelope:
+/// another IV than custos sent, another length, or a ciphertext the same
+/// object does not decrypt back to the wrapping key.
+#[tokio::test]
+async fn an_encrypt_answer_that_does_not_check_out_is_refused() {
+    type Rewrite = fn(Operation, Response) -> Response;
+    let cases: [(&str, Rewrite); 3] = [
+        ("IV", |op, r| match (op, r) {
+            (Operation::Encrypt, Response::Data { uid, data, .. }) => Response::Data {
+                uid,
+                data,
+                iv: Some(vec![0; 16]),
+            },
+            (_, r) => r,
+        }),
+        ("returned 48 bytes", |op, r| match (op, r) {
+            (Operation::Encrypt, Response::Data { uid, mut data, iv }) => {
+                data.extend_from_slice(&[0; 16]);
+                Response::Data { uid, data, iv }
+            }
+            (_, r) => r,
+        }),
+        ("does not give back", |op, r| match (op, r) {
+            (Operation::Encrypt, Response::Data { uid, iv, .. }) => Response::Data {
+                uid,
+                data: Zeroizing::new(crate::util::random_bytes::<32>().to_vec()),
+                iv,
+            },
+            (_, r) => r,
+        }),
+    ];
+    for (what, rewrite) in cases {
+        let (p, _) = rewriting(rewrite);
+        let k = key("name/odd");
+        p.create_key(&k).await.unwrap();
+        let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
+        assert!(e.to_string().contains(what), "{what}: {e}");
+    }
+}
+
+/// GetAttributes answered for another object than the one asked for is
+/// refused: one object must not pass for another.
+#[tokio::test]
+async fn attributes_of_another_object_are_refused() {
+    let (p, _) = rewriting(|op, r| match (op, r) {
+        (Operation::GetAttributes, Response::Attributes(mut a)) => {
+            a.uid = "999".into();
+            Response::Attributes(a)
+        }
+        (_, r) => r,
+    });
+    let e = p.create_key(&key("name/a")).await.unwrap_err();
+    assert!(e.to_string().contains("answered for object \"999\""), "{e}");
+}
+
+/// A server that answers fewer identifiers per Locate than asked for (its
+/// own page size) is read to the end, with and without Located Items.
+#[tokio::test]
+async fn a_server_with_smaller_pages_is_read_to_the_end() {
+    for located_items in [false, true] {
+        let (p, fake) = provider(Behaviour {
+            page_cap: 2,
+            located_items,
+            ..Behaviour::default()
+        });
+        let k = key("name/paged");
+        p.create_key(&k).await.unwrap();
+        for _ in 0..5 {
+            p.rotate(&k).await.unwrap();
+        }
+        // A new provider (no record): only the Locate can find them.
+        let q = KmipProvider::with_link("fake:5696".into(), Box::new(fake.clone()));
+        let newest = fake
+            .objects()
+            .into_iter()
+            .find(|o| o.names == ["paged@v6"])
+            .unwrap();
+        assert_eq!(
+            q.describe(&k).await.unwrap().current_version,
+            Some(newest.uid),
+            "located_items {located_items}"
+        );
+        let d = q.destroy(&k, 7).await.unwrap();
+        assert_eq!(d.objects.len(), 6);
+    }
+}
+
+/// Junk objects in a key's group make a family read fail with an error
+/// naming the group, after a bounded number of calls.
+#[tokio::test]
+async fn junk_in_the_group_fails_with_the_groups_name() {
+    let (mut p, fake) = provider(Behaviour::default());
+    p.locate_page = 256;
+    for i in 0..=MAX_OBJECTS {
+        fake.insert(
+            &[&format!("junk{i}")],
+            &["custos-key/flooded"],
+            State::Active,
+        );
+    }
+    fake.clear_log();
+    let e = p.describe(&key("name/flooded")).await.unwrap_err();
+    assert!(e.to_string().contains("custos-key/flooded"), "{e}");
+    assert!(!fake.log().contains(&"GetAttributes".to_owned()));
+}
+
+/// A shred interrupted after its tombstone was created and recorded, before
+/// it was revoked, ends on a re-run in the state of one clean run: one
+/// tombstone, revoked as compromised, every version destroyed.
+#[tokio::test]
+async fn a_shred_run_again_converges_on_a_clean_runs_state() {
+    struct FailFirstRevokeOfTombstone {
+        fake: Arc<FakeKmip>,
+        failed: Mutex<bool>,
+    }
+    #[async_trait]
+    impl Link for Arc<FailFirstRevokeOfTombstone> {
+        async fn call(&self, req: Request) -> Result<Response, WireError> {
+            if let Request::Revoke {
+                reason: RevocationReasonCode::KeyCompromise,
+                ..
+            } = &req
+                && !std::mem::replace(&mut *self.failed.lock().unwrap(), true)
+            {
+                return Err(WireError::Io("connection reset".into()));
+            }
+            self.fake.call(req).await
+        }
+    }
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let link = Arc::new(FailFirstRevokeOfTombstone {
+        fake: fake.clone(),
+        failed: Mutex::new(false),
+    });
+    let p = KmipProvider::with_link("fake:5696".into(), Box::new(link));
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    p.rotate(&k).await.unwrap();
+    assert!(p.destroy(&k, 7).await.is_err());
+    let d = p.destroy(&k, 7).await.unwrap();
+    assert_eq!(d.objects.len(), 2);
+    let left = in_group(&fake, "custos-key/acme");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].state, State::Compromised);
+    assert_destroyed_with_a_time(&p, &k).await;
 }
