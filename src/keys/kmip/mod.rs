@@ -583,10 +583,9 @@ impl KmipProvider {
             let own_tombstone = record.and_then(|r| r.tombstones.get(&uid));
             let own_version = record.and_then(|r| r.versions.get(&uid));
             match (obj.kind, own_tombstone, own_version) {
-                (_, Some(&at), _) => {
-                    if fam.tombstone.as_ref().is_none_or(|(t, _, _)| at < *t) {
-                        fam.tombstone = Some((at, uid, Some(obj.state)));
-                    }
+                // custos's own tombstone (the earliest, if a race left two).
+                (_, Some(&at), _) if fam.tombstone.as_ref().is_none_or(|(t, _, _)| at < *t) => {
+                    fam.tombstone = Some((at, uid, Some(obj.state)));
                 }
                 (ObjectKind::Tombstone(_), None, _) => fam.foreign_tombstones.push(uid),
                 // The number custos gave it, whatever its Name says now.
