@@ -1162,6 +1162,14 @@ impl KeyProvider for KmipProvider {
         // itself rather than relying on the server's refusal.
         let fam = self.family(key).await?;
         self.refuse_if_destroying(key, &fam)?;
+        // A version custos knows that the server, asked by identifier, no
+        // longer holds: destroyed (out of band, or by a shred elsewhere).
+        if fam.gone.iter().any(|g| g == env.uid) {
+            return Err(KeyError::Destroyed {
+                key: label(key),
+                destroyed_at: fam.destroyed_at(),
+            });
+        }
         let Some((_, version)) = fam.versions.iter().find(|(_, o)| o.uid == env.uid) else {
             if let Some((_, current)) = fam.current()
                 && current.state != State::Active

@@ -443,6 +443,20 @@ async fn a_version_moved_out_of_the_group_is_still_found_and_destroyed() {
     }
 }
 
+/// An envelope of a version custos knows, which the server no longer holds
+/// (deleted out of band), reads as destroyed, not as a foreign envelope.
+#[tokio::test]
+async fn an_envelope_of_a_version_gone_by_identifier_is_destroyed() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let (_, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    p.rotate(&k).await.unwrap();
+    fake.remove(w.key_version.as_deref().unwrap());
+    let e = p.unwrap(&k, &w, &ctx()).await.unwrap_err();
+    assert!(matches!(e, KeyError::Destroyed { .. }), "{e:?}");
+}
+
 /// A shred that finds nothing by Locate, of a key custos knows, proves the
 /// destruction by identifier; with an object it knows still there (moved
 /// out of the group after the destroy), it does not claim one.
