@@ -162,7 +162,11 @@ impl Context {
         }
         match &cfg.kmip {
             Some(settings) => match crate::keys::kmip::KmipProvider::new(settings) {
-                Ok(p) => keys.kmip = Some(std::sync::Arc::new(p)),
+                // Which objects custos made, where no KMIP client can write.
+                Ok(p) => {
+                    let record = cfg.state_dir.join("kmip-objects.json");
+                    keys.kmip = Some(std::sync::Arc::new(p.with_object_record(record)))
+                }
                 Err(e) => {
                     keys.unavailable.insert(ProviderKind::Kmip, e.to_string());
                 }

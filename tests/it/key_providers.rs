@@ -1906,6 +1906,88 @@ mod kmip_specific {
         common::kmip_settings()
     }
 
+    /// Registers (never Create: the value is the caller's) an active
+    /// AES-256 key with `names` in `group` through PyKMIP's own client, as
+    /// another application holding the same client certificate could.
+    /// Returns its Unique Identifier.
+    fn register_known_value(s: &KmipSettings, group: &str, names: &[&str]) -> String {
+        const SCRIPT: &str = r#"
+import sys
+from kmip.pie.client import ProxyKmipClient
+from kmip.pie import objects
+from kmip.core import enums
+from kmip.core import objects as cobjects
+from kmip.core.factories import attributes as af
+host, port = sys.argv[1].rsplit(":", 1)
+ca, cert, key, group, names = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
+f = af.AttributeFactory()
+attrs = [f.create_attribute(enums.AttributeType.CRYPTOGRAPHIC_USAGE_MASK,
+                            [enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT])]
+attrs += [f.create_attribute(enums.AttributeType.NAME, n, i) for i, n in enumerate(names)]
+attrs.append(f.create_attribute(enums.AttributeType.OBJECT_GROUP, group))
+known = objects.SymmetricKey(enums.CryptographicAlgorithm.AES, 256, bytes(range(32)))
+with ProxyKmipClient(hostname=host, port=int(port), cert=cert, key=key, ca=ca, config_file="/dev/null") as c:
+    r = c.proxy.register(enums.ObjectType.SYMMETRIC_KEY, cobjects.TemplateAttribute(attributes=attrs),
+                         c.object_factory.convert(known))
+    if r.result_status.value != enums.ResultStatus.SUCCESS:
+        sys.exit("register failed: %s %s" % (r.result_reason, r.result_message))
+    c.activate(r.uuid)
+    print(r.uuid)
+"#;
+        // The interpreter PyKMIP is installed for (scripts/pykmip.sh).
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".emu/pykmip/bin/python3");
+        let python = if venv.exists() {
+            venv
+        } else {
+            PathBuf::from("/usr/bin/python3")
+        };
+        let out = std::process::Command::new(&python)
+            .arg("-c")
+            .arg(SCRIPT)
+            .arg(&s.server)
+            .arg(&s.ca_file)
+            .arg(&s.client_cert_file)
+            .arg(&s.client_key_file)
+            .arg(group)
+            .args(names)
+            .output()
+            .expect("python3 with PyKMIP");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Review #15: another client with custos's credentials Registers
+    /// `<n>@v99` in the key's group, with a value it knows. custos never
+    /// wraps under it (a later shred would leave those data keys readable
+    /// to whoever knows that value), and a shred destroys it with the rest.
+    #[tokio::test]
+    async fn a_registered_version_with_a_known_value_is_never_wrapped_under() {
+        let Some(f) = KmipFixture::new() else { return };
+        let Some(s) = settings() else { return };
+        let p = &f.provider;
+        let key = f.fresh_key().await;
+        let name = key.id().strip_prefix("name/").unwrap().to_owned();
+        let mine = p.describe(&key).await.unwrap().current_version.unwrap();
+        let planted =
+            register_known_value(&s, &format!("custos-key/{name}"), &[&format!("{name}@v99")]);
+        let c = ctx("acme", 1);
+        let (dk, w) = p.generate_data_key(&key, &c).await.unwrap();
+        assert_eq!(w.key_version.as_deref(), Some(mine.as_str()));
+        assert_eq!(p.unwrap(&key, &w, &c).await.unwrap(), dk);
+        // A rotation numbers past it: version 100, custos's own.
+        p.rotate(&key).await.unwrap();
+        let (_, w2) = p.generate_data_key(&key, &c).await.unwrap();
+        assert_ne!(w2.key_version.as_deref(), Some(planted.as_str()));
+        assert_ne!(w2.key_version.as_deref(), Some(mine.as_str()));
+        let d = p.destroy(&key, 7).await.unwrap();
+        assert!(d.objects.contains(&planted), "{d:?}");
+        assert!(!p.object_present(&key, &planted).await.unwrap());
+    }
+
     #[tokio::test]
     async fn error_kinds() {
         let Some(f) = KmipFixture::new() else { return };

@@ -108,6 +108,8 @@ pub(super) struct Behaviour {
     pub cbc_without_padding: bool,
     /// Never answer more than this many identifiers to one Locate.
     pub page_cap: usize,
+    /// Answer Located Items (KMIP 1.3; PyKMIP does not).
+    pub located_items: bool,
 }
 
 impl Default for Behaviour {
@@ -117,6 +119,7 @@ impl Default for Behaviour {
             keep_destroyed: false,
             cbc_without_padding: true,
             page_cap: usize::MAX,
+            located_items: false,
         }
     }
 }
@@ -202,6 +205,15 @@ impl FakeKmip {
     /// Deletes an object as another client would.
     pub(super) fn remove(&self, uid: &str) {
         self.store.lock().unwrap().objects.retain(|o| o.uid != uid);
+    }
+
+    /// Gives an object other Names and Object Groups, as another client can
+    /// (Modify Attribute, Delete Attribute).
+    pub(super) fn rename(&self, uid: &str, names: &[&str], groups: &[&str]) {
+        if let Ok(o) = self.store.lock().unwrap().find(uid) {
+            o.names = names.iter().map(|n| n.to_string()).collect();
+            o.groups = groups.iter().map(|g| g.to_string()).collect();
+        }
     }
 
     pub(super) fn set_bits(&self, uid: &str, bits: i32) {
@@ -310,24 +322,35 @@ impl FakeKmip {
                 offset_items,
             } => {
                 // Newest first, as PyKMIP answers.
-                let matching = s.objects.iter().rev().filter(|o| match &filter {
-                    Filter::Name(n) => o.names.contains(n),
-                    Filter::Group(g) => o.groups.contains(g),
-                });
+                let matching: Vec<_> = s
+                    .objects
+                    .iter()
+                    .rev()
+                    .filter(|o| match &filter {
+                        Filter::Name(n) => o.names.contains(n),
+                        Filter::Group(g) => o.groups.contains(g),
+                    })
+                    .collect();
                 let take = usize::try_from(max_items)
                     .unwrap_or(0)
                     .min(self.behaviour.page_cap);
-                Ok(Response::Located(
-                    matching
+                Ok(Response::Located {
+                    total: self
+                        .behaviour
+                        .located_items
+                        .then(|| i32::try_from(matching.len()).unwrap()),
+                    uids: matching
+                        .into_iter()
                         .skip(usize::try_from(offset_items).unwrap_or(0))
                         .take(take)
                         .map(|o| o.uid.clone())
                         .collect(),
-                ))
+                })
             }
             Request::GetAttributes(uid) => {
                 let o = s.find(&uid)?;
                 Ok(Response::Attributes(Attributes {
+                    uid: o.uid.clone(),
                     state: Some(o.state),
                     names: o.names.clone(),
                     groups: o.groups.clone(),
@@ -364,6 +387,7 @@ impl FakeKmip {
                     .map(|d| Response::Data {
                         uid: uid.clone(),
                         data: Zeroizing::new(d),
+                        iv: None,
                     })
                     .ok_or_else(|| {
                         failed(ResultReason::CryptographicFailure, "bad padding or length")

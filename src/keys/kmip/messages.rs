@@ -105,6 +105,8 @@ impl Request {
 /// What an object carries, of what custos asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct Attributes {
+    /// The Unique Identifier the server says these are of.
+    pub uid: String,
     pub state: Option<State>,
     pub names: Vec<String>,
     pub groups: Vec<String>,
@@ -118,13 +120,19 @@ pub(super) enum Response {
     Created(String),
     /// Activate, Revoke, Destroy.
     Done,
-    Located(Vec<String>),
     Attributes(Attributes),
-    /// An Encrypt's or Decrypt's Data (a plaintext WK after Decrypt), and
-    /// the Unique Identifier of the key the server says it used.
+    /// An Encrypt's or Decrypt's Data (a plaintext WK after Decrypt), the
+    /// Unique Identifier of the key the server says it used, and the IV or
+    /// counter it says it used, if it returned one.
     Data {
         uid: String,
         data: Zeroizing<Vec<u8>>,
+        iv: Option<Vec<u8>>,
+    },
+    /// One Locate page, and (KMIP 1.3) how many objects match in all.
+    Located {
+        uids: Vec<String>,
+        total: Option<i32>,
     },
 }
 
@@ -195,7 +203,7 @@ struct CryptResponsePayload {
     #[serde(rename = "0x4200C2", with = "serde_bytes")]
     data: Vec<u8>,
     #[serde(rename = "0x42003D", default, with = "serde_bytes")]
-    _iv: Option<Vec<u8>>,
+    iv: Option<Vec<u8>>,
 }
 
 #[derive(Deserialize)]
@@ -203,7 +211,7 @@ struct CryptResponsePayload {
 struct LocateResponsePayload {
     /// KMIP 1.3: how many objects match in all (not only on this page).
     #[serde(rename = "0x4200D5")]
-    _located_items: Option<i32>,
+    located_items: Option<i32>,
     #[serde(rename = "0x420094", default)]
     unique_identifiers: Vec<String>,
 }
@@ -389,8 +397,78 @@ fn only_item<P>(op: Operation, mut items: Vec<CustomResponseItem<P>>) -> Result<
         .ok_or_else(|| WireError::Protocol(format!("{op:?} answered no payload")))
 }
 
+/// Nesting deeper than any KMIP response custos reads.
+const MAX_DEPTH: usize = 16;
+
+/// Checks that `buf` is exactly one well-formed TTLV item: every length
+/// fits in the bytes its enclosing structure holds, fixed-size types have
+/// their size, and values are padded to 8 bytes. The TTLV parser allocates
+/// a value's length before reading it: a length of 4 GiB in a 1 MiB message
+/// must be refused here, before any allocation.
+pub(super) fn check_ttlv(buf: &[u8]) -> Result<(), String> {
+    fn items(mut buf: &[u8], depth: usize) -> Result<(), String> {
+        if depth > MAX_DEPTH {
+            return Err(format!("TTLV nested deeper than {MAX_DEPTH} structures"));
+        }
+        while !buf.is_empty() {
+            let Some(head) = buf.get(..8) else {
+                return Err(format!("a truncated TTLV header ({} bytes)", buf.len()));
+            };
+            let kind = head[3];
+            let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
+            let padded = len.div_ceil(8) * 8;
+            let rest = &buf[8..];
+            if padded > rest.len() {
+                return Err(format!(
+                    "a TTLV item of tag {:02x}{:02x}{:02x} claims {len} bytes, {} remain",
+                    head[0],
+                    head[1],
+                    head[2],
+                    rest.len()
+                ));
+            }
+            let fixed = match kind {
+                0x01 => None,
+                0x02 | 0x05 | 0x0A => Some(4),
+                0x03 | 0x06 | 0x09 => Some(8),
+                0x04 => (!len.is_multiple_of(8)).then_some(len.div_ceil(8) * 8),
+                0x07 | 0x08 => None,
+                t => return Err(format!("unknown TTLV item type {t:#04x}")),
+            };
+            if let Some(want) = fixed
+                && len != want
+            {
+                return Err(format!(
+                    "a TTLV item of type {kind:#04x} has length {len}, not {want}"
+                ));
+            }
+            if kind == 0x01 {
+                if len != padded {
+                    return Err("a TTLV structure whose length is not a multiple of 8".into());
+                }
+                items(&rest[..len], depth + 1)?;
+            }
+            buf = &rest[padded..];
+        }
+        Ok(())
+    }
+    let len = buf
+        .get(4..8)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or("a message shorter than one TTLV header")?;
+    if buf.get(3) != Some(&0x01) || buf.len() != 8 + len {
+        return Err(format!(
+            "not one TTLV structure of {} bytes",
+            buf.len().saturating_sub(8)
+        ));
+    }
+    items(buf, 0)
+}
+
 /// Parses the answer to a request of operation `op`.
 pub(super) fn decode(op: Operation, buf: &[u8]) -> Result<Response, WireError> {
+    check_ttlv(buf)
+        .map_err(|m| WireError::Protocol(format!("a malformed {op:?} response: {m}")))?;
     let bad = |e: kmip_ttlv::error::Error| {
         WireError::Protocol(format!("cannot parse the {op:?} response: {e}"))
     };
@@ -402,13 +480,17 @@ pub(super) fn decode(op: Operation, buf: &[u8]) -> Result<Response, WireError> {
             return Ok(Response::Data {
                 uid: p.unique_identifier,
                 data: Zeroizing::new(p.data),
+                iv: p.iv,
             });
         }
         Operation::Locate => {
             let msg: CustomResponseMessage<LocateResponsePayload> =
                 kmip_ttlv::de::from_slice(buf).map_err(bad)?;
             let p = only_item(op, msg.batch_items)?;
-            return Ok(Response::Located(p.unique_identifiers));
+            return Ok(Response::Located {
+                uids: p.unique_identifiers,
+                total: p.located_items,
+            });
         }
         _ => {}
     }
@@ -430,7 +512,10 @@ pub(super) fn decode(op: Operation, buf: &[u8]) -> Result<Response, WireError> {
             Ok(Response::Created(p.unique_identifier.0))
         }
         (Operation::GetAttributes, ResponsePayload::GetAttributes(p)) => {
-            let mut out = Attributes::default();
+            let mut out = Attributes {
+                uid: p.unique_identifier.0,
+                ..Attributes::default()
+            };
             for a in p.attributes.unwrap_or_default() {
                 match a.value {
                     AttributeValue::State(s) => out.state = Some(s),
@@ -450,5 +535,117 @@ pub(super) fn decode(op: Operation, buf: &[u8]) -> Result<Response, WireError> {
         | (Operation::Revoke, ResponsePayload::Revoke(_))
         | (Operation::Destroy, ResponsePayload::Destroy(_)) => Ok(Response::Done),
         _ => Err(wrong()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One TTLV item: tag, type, value (padded here).
+    fn item(tag: u32, kind: u8, value: &[u8]) -> Vec<u8> {
+        let mut out = tag.to_be_bytes()[1..].to_vec();
+        out.push(kind);
+        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        out.extend_from_slice(value);
+        out.resize(out.len().div_ceil(8) * 8, 0);
+        out
+    }
+
+    fn structure(tag: u32, items: &[Vec<u8>]) -> Vec<u8> {
+        item(tag, 0x01, &items.concat())
+    }
+
+    fn int(tag: u32, v: i32) -> Vec<u8> {
+        item(tag, 0x02, &v.to_be_bytes())
+    }
+
+    fn enumeration(tag: u32, v: u32) -> Vec<u8> {
+        item(tag, 0x05, &v.to_be_bytes())
+    }
+
+    /// A Locate response as a server sends it: two identifiers.
+    fn locate_response(uids: &[&str]) -> Vec<u8> {
+        let header = structure(
+            0x42007A,
+            &[
+                structure(0x420069, &[int(0x42006A, 1), int(0x42006B, 3)]),
+                item(0x420092, 0x09, &1_700_000_000i64.to_be_bytes()),
+                int(0x42000D, 1),
+            ],
+        );
+        let payload: Vec<Vec<u8>> = uids
+            .iter()
+            .map(|u| item(0x420094, 0x07, u.as_bytes()))
+            .collect();
+        let batch = structure(
+            0x42000F,
+            &[
+                enumeration(0x42005C, 8),
+                enumeration(0x42007F, 0),
+                structure(0x42007C, &payload),
+            ],
+        );
+        structure(0x42007B, &[header, batch])
+    }
+
+    #[test]
+    fn a_well_formed_response_parses() {
+        let buf = locate_response(&["7", "12"]);
+        check_ttlv(&buf).unwrap();
+        match decode(Operation::Locate, &buf).unwrap() {
+            Response::Located { uids, total } => {
+                assert_eq!(uids, ["7", "12"]);
+                assert_eq!(total, None);
+            }
+            _ => panic!("not a Locate answer"),
+        }
+    }
+
+    /// A length of 4 GiB inside a small message is refused before the
+    /// parser could allocate it; so is every truncation.
+    #[test]
+    fn lengths_beyond_the_message_are_refused_before_parsing() {
+        let buf = locate_response(&["7"]);
+        // The identifier's length field: header(8) + response header + batch item…
+        let at = buf
+            .windows(4)
+            .position(|w| w == [0x42, 0x00, 0x94, 0x07])
+            .unwrap();
+        for len in [u32::MAX, 1 << 30, 4096] {
+            let mut bad = buf.clone();
+            bad[at + 4..at + 8].copy_from_slice(&len.to_be_bytes());
+            let e = decode(Operation::Locate, &bad).err().unwrap();
+            assert!(format!("{e:?}").contains("claims"), "{e:?}");
+        }
+        for cut in 0..buf.len() {
+            assert!(decode(Operation::Locate, &buf[..cut]).is_err(), "{cut}");
+        }
+    }
+
+    proptest! {
+        /// Random bytes, and a valid answer with random bytes changed,
+        /// never panic and never parse into more than they hold.
+        #[test]
+        fn no_input_panics(
+            junk in proptest::collection::vec(any::<u8>(), 0..512),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+        ) {
+            for op in [Operation::Locate, Operation::GetAttributes, Operation::Encrypt, Operation::Create] {
+                let _ = decode(op, &junk);
+            }
+            let mut buf = locate_response(&["7", "12"]);
+            for (at, b) in flips {
+                let n = buf.len();
+                buf[at % n] ^= b;
+            }
+            for op in [Operation::Locate, Operation::GetAttributes, Operation::Decrypt] {
+                if let Ok(Response::Located { uids, .. }) = decode(op, &buf) {
+                    prop_assert!(uids.iter().map(|u| u.len()).sum::<usize>() <= buf.len());
+                }
+            }
+        }
     }
 }

@@ -47,6 +47,7 @@ mod envelope;
 #[cfg(test)]
 mod fake;
 mod messages;
+mod pins;
 mod reference;
 mod settings;
 mod wire;
@@ -76,11 +77,14 @@ use wire::{Link, WireError};
 
 const PROVIDER: &str = "kmip";
 
-/// Identifiers asked for per Locate. A server answers this many while more
-/// match (KMIP 1.3 §4.9); a shorter page is the last.
+/// Identifiers asked for per Locate. A server may answer fewer (its own
+/// page size), so the end of a listing is proven, never inferred from a
+/// short page (see [`KmipProvider::locate`]).
 const LOCATE_PAGE: i32 = 32;
-/// More objects than any key has: a server listing more is not believed.
-const MAX_OBJECTS: usize = 10_000;
+/// Objects one read of a key's family processes, at most: far more than a
+/// key rotated monthly for decades has, few enough that objects planted in
+/// its group cannot make a read run for hours (each costs a GetAttributes).
+const MAX_OBJECTS: usize = 1_000;
 /// Paged reads begun again when the listing moved under them, at most.
 const LOCATE_ATTEMPTS: usize = 3;
 
@@ -101,6 +105,10 @@ struct Object {
     kind: ObjectKind,
     /// AES-256, as every version must be to wrap.
     aes_256: bool,
+    /// In this installation's record of the key's objects ([`pins`]):
+    /// created by custos (or there when it first met the key). Only such a
+    /// version is wrapped under.
+    pinned: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,12 +121,20 @@ enum ObjectKind {
     Foreign,
 }
 
-/// What the key manager holds of one key.
-#[derive(Debug)]
+/// What the key manager holds of one key, judged against the record.
+#[derive(Debug, Default)]
 struct Family {
     versions: Vec<(u32, Object)>,
-    /// The earliest tombstone (time, object), if any.
-    tombstone: Option<(i64, String)>,
+    /// custos's own tombstone: the time it chose (from the record, never
+    /// from the object's Name, which any client can set), its uid and its
+    /// state on the server (`None`: not there any more).
+    tombstone: Option<(i64, String, Option<State>)>,
+    /// Tombstones custos did not leave (planted, or left by another
+    /// installation): they make the key refuse use, and prove nothing.
+    foreign_tombstones: Vec<String>,
+    /// Versions the record names that the server, asked by identifier,
+    /// no longer holds: the proof of a destruction.
+    gone: Vec<String>,
 }
 
 fn is_destroyed(state: State) -> bool {
@@ -126,7 +142,17 @@ fn is_destroyed(state: State) -> bool {
 }
 
 impl Family {
+    /// The version custos wraps under: the highest it created (or adopted).
     fn current(&self) -> Option<&(u32, Object)> {
+        self.versions
+            .iter()
+            .filter(|(_, o)| o.pinned)
+            .max_by_key(|(v, _)| *v)
+    }
+
+    /// The highest version number any object claims (a rotation numbers
+    /// past it, so that its new Name is free).
+    fn newest(&self) -> Option<&(u32, Object)> {
         self.versions.iter().max_by_key(|(v, _)| *v)
     }
 
@@ -137,32 +163,56 @@ impl Family {
         self.versions.iter().filter(|(_, o)| !is_destroyed(o.state))
     }
 
-    /// A destruction began: there is a tombstone, or some version is destroyed.
+    /// A destruction began: there is a tombstone (anyone's: a planted one
+    /// can at worst make the key refuse use), or some version is destroyed.
     fn destruction_began(&self) -> bool {
-        self.tombstone.is_some() || self.versions.iter().any(|(_, o)| is_destroyed(o.state))
+        self.tombstone.is_some()
+            || !self.foreign_tombstones.is_empty()
+            || self.versions.iter().any(|(_, o)| is_destroyed(o.state))
     }
 
-    fn add_tombstone(&mut self, at: i64, uid: String) {
-        if self.tombstone.as_ref().is_none_or(|(t, _)| at < *t) {
-            self.tombstone = Some((at, uid));
-        }
+    /// When the key was destroyed, as custos itself recorded it.
+    fn destroyed_at(&self) -> Option<DateTime<Utc>> {
+        self.tombstone.as_ref().and_then(|(at, _, _)| time(*at))
     }
 
     /// The key's state over all its versions, never the newest alone: a
     /// destruction that stopped half-way (a crash, a refused Destroy) leaves
     /// older versions that still decrypt, and must not read as destroyed.
     fn state(&self) -> Option<KeyState> {
-        if self.destruction_began() {
-            return Some(match self.live().next() {
-                None => KeyState::Destroyed {
-                    destroyed_at: self.tombstone.as_ref().and_then(|(at, _)| time(*at)),
+        let live = self.live().next().is_some();
+        if self.destruction_began() || (!live && !self.gone.is_empty()) {
+            return Some(match live {
+                false => KeyState::Destroyed {
+                    destroyed_at: self.destroyed_at(),
                 },
-                Some(_) => KeyState::Other {
+                true => KeyState::Other {
                     name: "destroy_incomplete".into(),
                 },
             });
         }
-        self.current().map(|(_, o)| state_of(o.state))
+        match (self.current(), self.versions.is_empty()) {
+            (Some((_, o)), _) => Some(state_of(o.state)),
+            (None, true) => None,
+            // Only objects custos did not make: nothing it will use.
+            (None, false) => Some(KeyState::Other {
+                name: "no_custos_version".into(),
+            }),
+        }
+    }
+
+    /// Every version object custos knows of (listed now, or in the record
+    /// and gone), oldest first: what a destruction must prove gone.
+    fn known_uids(&self) -> Vec<String> {
+        let mut versions: Vec<_> = self.versions.iter().collect();
+        versions.sort_by_key(|(v, o)| (*v, o.uid.clone()));
+        let mut out: Vec<String> = versions.into_iter().map(|(_, o)| o.uid.clone()).collect();
+        for uid in &self.gone {
+            if !out.contains(uid) {
+                out.push(uid.clone());
+            }
+        }
+        out
     }
 }
 
@@ -177,6 +227,8 @@ pub struct KmipProvider {
     /// (CBC without padding is tried first), then the mode that worked.
     wrap_mode: AtomicU8,
     locate_page: i32,
+    /// The objects custos made on this server ([`pins`]).
+    pins: pins::Pins,
 }
 
 const MODE_UNKNOWN: u8 = 0;
@@ -251,6 +303,14 @@ fn state_of(s: State) -> KeyState {
     }
 }
 
+/// A Locate filter in words, for errors.
+fn describe_filter(filter: &Filter) -> String {
+    match filter {
+        Filter::Group(g) => format!("Object Group {g:?}"),
+        Filter::Name(n) => format!("Name {n:?}"),
+    }
+}
+
 fn label(key: &KeyRef) -> String {
     key.to_string()
 }
@@ -277,7 +337,21 @@ impl KmipProvider {
             sent: Mutex::new(BTreeMap::new()),
             wrap_mode: AtomicU8::new(MODE_UNKNOWN),
             locate_page: LOCATE_PAGE,
+            pins: pins::Pins::in_memory(),
         }
+    }
+
+    /// Keeps the record of the objects custos creates in `path` (in the
+    /// state directory), rather than in memory: a version custos made is
+    /// then known as its own across processes and restarts.
+    pub fn with_object_record(mut self, path: std::path::PathBuf) -> Self {
+        self.pins = pins::Pins::at(path);
+        self
+    }
+
+    /// The record's entry of `key` on this server.
+    fn record_entry(&self, key: &KeyRef) -> String {
+        format!("{} {}", self.server, key.id())
     }
 
     /// Identifiers asked for per Locate (tests of families longer than a page).
@@ -370,51 +444,62 @@ impl KmipProvider {
     /// Every object `filter` matches, read a page at a time. Each page after
     /// the first starts with the last identifier of the one before: if that
     /// one moved (an object made or deleted meanwhile shifted the listing),
-    /// the read begins again, so no object is skipped unseen.
+    /// the read begins again, so no object is skipped unseen. A short page
+    /// is not taken for the last (a server may cap its pages): the listing
+    /// ends when the server's Located Items is reached, or when the page
+    /// after the last identifier read adds nothing.
     async fn locate(&self, key: &KeyRef, filter: &Filter) -> Result<Vec<String>, KeyError> {
         let page = self.locate_page.max(2);
         'attempt: for _ in 0..LOCATE_ATTEMPTS {
             let mut uids: Vec<String> = Vec::new();
-            let mut offset = 0;
             loop {
+                let offset = uids.len().saturating_sub(1);
                 let req = Request::Locate {
                     filter: filter.clone(),
                     max_items: page,
-                    offset_items: offset,
+                    // MAX_OBJECTS keeps it far below i32::MAX.
+                    offset_items: i32::try_from(offset).unwrap_or(i32::MAX),
                 };
-                let found = match self.call(req).await {
-                    Ok(Response::Located(u)) => u,
+                let (found, total) = match self.call(req).await {
+                    Ok(Response::Located { uids, total }) => (uids, total),
                     Ok(_) => return Err(self.wrong_answer(key, "Locate")),
                     Err(e) => return Err(self.err(key, "Locate", e)),
                 };
-                let full = found.len() >= page as usize;
                 let mut found = found.into_iter();
-                if offset > 0 && found.next().as_ref() != uids.last() {
+                if !uids.is_empty() && found.next().as_ref() != uids.last() {
                     continue 'attempt;
                 }
-                uids.extend(found);
+                let before = uids.len();
+                uids.extend(found.take(MAX_OBJECTS + 1));
                 if uids.len() > MAX_OBJECTS {
-                    return Err(KeyError::Backend {
-                        provider: PROVIDER,
-                        key: label(key),
-                        message: format!(
-                            "the KMIP server lists more than {MAX_OBJECTS} objects for this key"
-                        ),
-                    });
+                    return Err(self.too_many_objects(key, filter));
                 }
-                if !full {
+                let all_counted =
+                    total.is_some_and(|t| usize::try_from(t).is_ok_and(|t| uids.len() >= t));
+                if uids.len() == before || all_counted {
                     return Ok(uids);
                 }
-                offset += page - 1;
             }
         }
         Err(KeyError::Backend {
             provider: PROVIDER,
             key: label(key),
             message: format!(
-                "the KMIP server's Locate answers kept changing while custos paged through them ({LOCATE_ATTEMPTS} attempts)"
+                "the KMIP server's Locate answers of {} kept changing while custos paged through them ({LOCATE_ATTEMPTS} attempts)",
+                describe_filter(filter)
             ),
         })
+    }
+
+    fn too_many_objects(&self, key: &KeyRef, filter: &Filter) -> KeyError {
+        KeyError::Backend {
+            provider: PROVIDER,
+            key: label(key),
+            message: format!(
+                "the KMIP server lists more than {MAX_OBJECTS} objects of {}: more than any key of custos has; remove the objects that are not this key's",
+                describe_filter(filter)
+            ),
+        }
     }
 
     /// The objects of every filter, each once.
@@ -427,6 +512,10 @@ impl KmipProvider {
                     out.push(uid);
                 }
             }
+            // Bounded over all filters too: each object costs a GetAttributes.
+            if out.len() > MAX_OBJECTS {
+                return Err(self.too_many_objects(key, f));
+            }
         }
         Ok(out)
     }
@@ -438,6 +527,18 @@ impl KmipProvider {
             Ok(_) => return Err(self.wrong_answer(key, "GetAttributes")),
             Err(e) => return Err(self.err(key, "GetAttributes", e)),
         };
+        // Another object's attributes (a server's mistake, an answer meant
+        // for another request) would let one object pass for another.
+        if a.uid != uid {
+            return Err(KeyError::Backend {
+                provider: PROVIDER,
+                key: label(key),
+                message: format!(
+                    "GetAttributes of object {uid:?} answered for object {:?}",
+                    a.uid
+                ),
+            });
+        }
         if a.state.is_none() {
             return Err(KeyError::Backend {
                 provider: PROVIDER,
@@ -455,11 +556,13 @@ impl KmipProvider {
             state: a.state.unwrap_or(State::Compromised),
             kind: classify(family_name, &a.names),
             aes_256: a.algorithm == Some(CryptographicAlgorithm::AES) && a.bits == Some(256),
+            pinned: false,
         })
     }
 
-    /// The objects the filters find, classified against `family_name`:
-    /// versions and tombstones go into `fam`, anything else is ignored.
+    /// The objects the filters find, classified against `family_name` and
+    /// judged against the record: versions (if `versions`) and tombstones
+    /// go into `fam`, anything else is ignored.
     async fn gather(
         &self,
         key: &KeyRef,
@@ -467,17 +570,31 @@ impl KmipProvider {
         family_name: &str,
         filters: &[Filter],
         versions: bool,
+        record: Option<&pins::KeyObjects>,
     ) -> Result<(), KeyError> {
         for uid in self.locate_any(key, filters).await? {
-            let obj = match self.object(key, family_name, &uid).await {
+            let mut obj = match self.object(key, family_name, &uid).await {
                 Ok(o) => o,
-                // Destroyed between the Locate and now.
+                // Destroyed between the Locate and now (the record, if it
+                // knows the object, asks again by identifier below).
                 Err(KeyError::NotFound { .. }) => continue,
                 Err(e) => return Err(e),
             };
-            match obj.kind {
-                ObjectKind::Version(v) if versions => fam.versions.push((v, obj)),
-                ObjectKind::Tombstone(t) => fam.add_tombstone(t, obj.uid),
+            let own_tombstone = record.and_then(|r| r.tombstones.get(&uid));
+            let own_version = record.and_then(|r| r.versions.get(&uid));
+            match (obj.kind, own_tombstone, own_version) {
+                // custos's own tombstone (the earliest, if a race left two).
+                (_, Some(&at), _) if fam.tombstone.as_ref().is_none_or(|(t, _, _)| at < *t) => {
+                    fam.tombstone = Some((at, uid, Some(obj.state)));
+                }
+                (ObjectKind::Tombstone(_), None, _) => fam.foreign_tombstones.push(uid),
+                // The number custos gave it, whatever its Name says now.
+                (_, None, Some(&v)) if versions => {
+                    obj.kind = ObjectKind::Version(v);
+                    obj.pinned = true;
+                    fam.versions.push((v, obj));
+                }
+                (ObjectKind::Version(v), None, None) if versions => fam.versions.push((v, obj)),
                 // An object someone else named like the key: not custos's to use.
                 _ => {}
             }
@@ -485,38 +602,118 @@ impl KmipProvider {
         Ok(())
     }
 
-    /// Every object of `key`, with its state.
+    /// The objects the record names that no Locate listed (renamed, moved
+    /// out of the group, or gone), asked for by identifier: only the
+    /// server's answer for that identifier says an object is gone.
+    async fn recorded(
+        &self,
+        key: &KeyRef,
+        fam: &mut Family,
+        record: &pins::KeyObjects,
+    ) -> Result<(), KeyError> {
+        for (uid, &v) in &record.versions {
+            if fam.versions.iter().any(|(_, o)| &o.uid == uid) {
+                continue;
+            }
+            match self.object(key, "", uid).await {
+                Ok(mut obj) => {
+                    obj.kind = ObjectKind::Version(v);
+                    obj.pinned = true;
+                    fam.versions.push((v, obj));
+                }
+                Err(KeyError::NotFound { .. }) => fam.gone.push(uid.clone()),
+                Err(e) => return Err(e),
+            }
+        }
+        if fam.tombstone.is_none()
+            && let Some((at, uid)) = record.tombstone()
+        {
+            let state = match self.attributes(key, uid).await {
+                Ok(a) => a.state,
+                Err(KeyError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            fam.tombstone = Some((at, uid.to_owned(), state));
+        }
+        Ok(())
+    }
+
+    /// Every object of `key`, with its state, judged against the record.
     async fn family(&self, key: &KeyRef) -> Result<Family, KeyError> {
         let id = KmipKeyId::parse(key.id()).map_err(|reason| super::InvalidKeyRef {
             input: key.to_string(),
             reason,
         })?;
-        let mut fam = Family {
-            versions: Vec::new(),
-            tombstone: None,
-        };
-        match id {
+        let entry = self.record_entry(key);
+        let record = self.pins.get(&entry, &label(key))?;
+        let mut fam = Family::default();
+        match &id {
             KmipKeyId::Name(name) => {
-                let filters = [Filter::Group(key_group(&name)), Filter::Name(name.clone())];
-                self.gather(key, &mut fam, &name, &filters, true).await?;
+                let filters = [Filter::Group(key_group(name)), Filter::Name(name.clone())];
+                self.gather(key, &mut fam, name, &filters, true, record.as_ref())
+                    .await?;
             }
             KmipKeyId::Uid(uid) => {
-                match self.object(key, "", &uid).await {
+                // The one object the customer named: custos's by configuration.
+                match self.object(key, "", uid).await {
                     Ok(mut obj) => {
                         obj.kind = ObjectKind::Version(1);
+                        obj.pinned = true;
                         fam.versions.push((1, obj));
                     }
+                    // Gone, if the record knows it (asked again below).
                     Err(KeyError::NotFound { .. }) => {}
                     Err(e) => return Err(e),
                 }
                 // Always looked for: a tombstone beside a live object is an
                 // interrupted destruction, and a re-run must reuse it.
-                let marker = uid_group(&uid);
+                let marker = uid_group(uid);
                 let filters = [Filter::Group(marker.clone()), Filter::Name(marker.clone())];
-                self.gather(key, &mut fam, &marker, &filters, false).await?;
+                self.gather(key, &mut fam, &marker, &filters, false, record.as_ref())
+                    .await?;
             }
         }
+        match &record {
+            Some(r) => self.recorded(key, &mut fam, r).await?,
+            // First sight of the key: what is there is adopted, once.
+            None if !fam.versions.is_empty() => self.adopt(key, &entry, &mut fam)?,
+            None => {}
+        }
         Ok(fam)
+    }
+
+    /// Records every version of a key met for the first time as custos's:
+    /// a key made before the record existed, or by the customer.
+    fn adopt(&self, key: &KeyRef, entry: &str, fam: &mut Family) -> Result<(), KeyError> {
+        let found: Vec<(String, u32)> = fam
+            .versions
+            .iter()
+            .map(|(v, o)| (o.uid.clone(), *v))
+            .collect();
+        self.pins.update(entry, &label(key), |r| {
+            for (uid, v) in &found {
+                r.versions.entry(uid.clone()).or_insert(*v);
+            }
+        })?;
+        for (_, o) in &mut fam.versions {
+            o.pinned = true;
+        }
+        let uids: Vec<&str> = found.iter().map(|(u, _)| u.as_str()).collect();
+        tracing::warn!(event = "kmip.versions_adopted", key = %key, objects = ?uids, "first use of {key} by this installation: its version objects {uids:?} are recorded as custos's as found");
+        Ok(())
+    }
+
+    /// Records a version or tombstone custos just created, before it is
+    /// activated or revoked: a crash after this leaves an object custos
+    /// knows as its own.
+    fn record(
+        &self,
+        key: &KeyRef,
+        change: impl FnOnce(&mut pins::KeyObjects),
+    ) -> Result<(), KeyError> {
+        self.pins
+            .update(&self.record_entry(key), &label(key), change)
+            .map(drop)
     }
 
     fn not_found(&self, key: &KeyRef) -> KeyError {
@@ -576,36 +773,50 @@ impl KmipProvider {
 
     /// The current version, Active, or why there is none.
     async fn current(&self, key: &KeyRef) -> Result<Object, KeyError> {
-        self.current_version(key).await.map(|(_, obj)| obj)
+        self.current_version(key).await.map(|(_, _, obj)| obj)
     }
 
-    /// The newest version of `key` and its number, activated if a creation
-    /// left it Pre-Active; refused unless usable.
-    async fn current_version(&self, key: &KeyRef) -> Result<(u32, Object), KeyError> {
+    /// The family of `key`, and its current version (the highest custos
+    /// made) with its number, activated if a creation left it Pre-Active;
+    /// refused unless usable. A higher version custos did not make is
+    /// never wrapped under: it is named in a warning, and left alone.
+    async fn current_version(&self, key: &KeyRef) -> Result<(Family, u32, Object), KeyError> {
         let fam = self.family(key).await?;
         self.refuse_if_destroying(key, &fam)?;
-        match (fam.current(), fam.tombstone.as_ref()) {
-            (Some((v, obj)), _) if obj.state == State::Active => Ok((*v, obj.clone())),
+        let current = fam.current().cloned();
+        if let Some((v, obj)) = fam.newest()
+            && !obj.pinned
+        {
+            tracing::warn!(event = "kmip.unknown_version", key = %key, version = v, object = %obj.uid, "object {} names itself version {v} of {key}, but custos did not create it: it is not wrapped under (see docs/keys-you-hold.md)", obj.uid);
+        }
+        match current {
+            Some((v, obj)) if obj.state == State::Active => Ok((fam, v, obj)),
             // A Create whose Activate never ran (a crash in create_key or
             // rotate): finish it, as the same call would have.
-            (Some((v, obj)), _) if obj.state == State::PreActive => {
+            Some((v, obj)) if obj.state == State::PreActive => {
                 self.simple(key, "Activate", Request::Activate(obj.uid.clone()))
                     .await?;
                 tracing::info!(event = "kmip.key_activated", key = %key, version = v, object = %obj.uid, "activated version {v} of {key}, left Pre-Active by an interrupted creation");
-                Ok((
-                    *v,
-                    Object {
-                        state: State::Active,
-                        ..obj.clone()
-                    },
-                ))
+                let obj = Object {
+                    state: State::Active,
+                    ..obj
+                };
+                Ok((fam, v, obj))
             }
-            (Some((_, obj)), _) => Err(self.unusable(key, obj.state)),
-            (None, Some((at, _))) => Err(KeyError::Destroyed {
-                key: label(key),
-                destroyed_at: time(*at),
-            }),
-            (None, None) => Err(self.not_found(key)),
+            Some((_, obj)) => Err(self.unusable(key, obj.state)),
+            None if !fam.versions.is_empty() => Err(self.no_custos_version(key, &fam)),
+            None => Err(self.not_found(key)),
+        }
+    }
+
+    /// Only objects custos did not create carry the key's version names.
+    fn no_custos_version(&self, key: &KeyRef, fam: &Family) -> KeyError {
+        let found: Vec<&str> = fam.versions.iter().map(|(_, o)| o.uid.as_str()).collect();
+        KeyError::AccessDenied {
+            key: label(key),
+            message: format!(
+                "the KMIP server lists objects {found:?} as versions of this key, but custos did not create any of them (they are not in its record of this key's objects): it wraps only under a version it created; see docs/keys-you-hold.md"
+            ),
         }
     }
 
@@ -622,6 +833,11 @@ impl KmipProvider {
                 },
             )
             .await?;
+        // Recorded before it is activated: a crash in between leaves a
+        // Pre-Active version custos knows, which its next use activates.
+        self.record(key, |r| {
+            r.versions.insert(uid.clone(), v);
+        })?;
         self.simple(key, "Activate", Request::Activate(uid.clone()))
             .await?;
         tracing::info!(event = "kmip.key_created", key = %key, version = v, object = %uid, "created version {v} of {key} on the KMIP server");
@@ -668,6 +884,7 @@ impl KmipProvider {
         iv: [u8; 16],
         data: Zeroizing<Vec<u8>>,
     ) -> Result<Zeroizing<Vec<u8>>, WireError> {
+        let sent_len = data.len();
         let req = Request::Crypt {
             decrypt,
             uid: uid.to_owned(),
@@ -675,17 +892,38 @@ impl KmipProvider {
             iv,
             data,
         };
-        match self.call(req).await? {
-            // A server that used another key than the one asked for would
-            // leave an envelope naming a key that cannot open it.
-            Response::Data { uid: used, data } if used == uid => Ok(data),
-            Response::Data { uid: used, .. } => Err(WireError::Protocol(format!(
+        let (used, out, used_iv) = match self.call(req).await? {
+            Response::Data { uid, data, iv } => (uid, data, iv),
+            _ => {
+                return Err(WireError::Protocol(
+                    "the server answered another operation".into(),
+                ));
+            }
+        };
+        // A server that used another key than the one asked for would
+        // leave an envelope naming a key that cannot open it.
+        if used != uid {
+            return Err(WireError::Protocol(format!(
                 "asked to use object {uid:?}, the server answered for object {used:?}"
-            ))),
-            _ => Err(WireError::Protocol(
-                "the server answered another operation".into(),
-            )),
+            )));
         }
+        // custos chose the IV (or initial counter) and the envelope records
+        // that one: a server that says it used another cannot be believed.
+        if let Some(other) = used_iv.filter(|v| v.as_slice() != iv) {
+            return Err(WireError::Protocol(format!(
+                "the server answered an IV/counter of {} bytes other than the one custos sent",
+                other.len()
+            )));
+        }
+        // Without padding, the output is as long as the input.
+        if cipher != Cipher::CbcPkcs5 && out.len() != sent_len {
+            return Err(WireError::Protocol(format!(
+                "the server's {} of {sent_len} bytes returned {} bytes",
+                if decrypt { "Decrypt" } else { "Encrypt" },
+                out.len()
+            )));
+        }
+        Ok(out)
     }
 
     /// The server's Encrypt of `wk` under version `uid`: CBC without padding,
@@ -771,6 +1009,22 @@ impl KmipProvider {
                 message: "the KMIP server's Encrypt returned the wrapping key unchanged".into(),
             });
         }
+        // Once per wrap: what the server encrypted must decrypt to WK under
+        // the same object, or no envelope is written that could not open.
+        let back = self
+            .crypt(true, &obj.uid, cipher, iv, Zeroizing::new(wk_ct.to_vec()))
+            .await
+            .map_err(|e| self.err(key, "Decrypt (checking the wrap)", e))?;
+        if back.as_slice() != wk.expose().as_slice() {
+            return Err(KeyError::Backend {
+                provider: PROVIDER,
+                key: label(key),
+                message: format!(
+                    "the KMIP server's Decrypt under object {:?} does not give back the wrapping key it just encrypted: no envelope written",
+                    obj.uid
+                ),
+            });
+        }
         let server = envelope::ServerWrap {
             cipher,
             uid: &obj.uid,
@@ -841,16 +1095,18 @@ impl KeyProvider for KmipProvider {
             }
         };
         let fam = self.family(key).await?;
-        if let Some((at, _)) = fam.tombstone {
+        // Any tombstone, custos's or not: a destroyed name is not reused.
+        if fam.destruction_began() {
             return Err(KeyError::Destroyed {
                 key: label(key),
-                destroyed_at: time(at),
+                destroyed_at: fam.destroyed_at(),
             });
         }
         match fam.current() {
-            None => {
+            None if fam.versions.is_empty() => {
                 self.create_version(key, &name, 1).await?;
             }
+            None => return Err(self.no_custos_version(key, &fam)),
             // An earlier creation stopped between Create and Activate.
             Some((_, obj)) if obj.state == State::PreActive => {
                 self.current(key).await?;
@@ -906,6 +1162,14 @@ impl KeyProvider for KmipProvider {
         // itself rather than relying on the server's refusal.
         let fam = self.family(key).await?;
         self.refuse_if_destroying(key, &fam)?;
+        // A version custos knows that the server, asked by identifier, no
+        // longer holds: destroyed (out of band, or by a shred elsewhere).
+        if fam.gone.iter().any(|g| g == env.uid) {
+            return Err(KeyError::Destroyed {
+                key: label(key),
+                destroyed_at: fam.destroyed_at(),
+            });
+        }
         let Some((_, version)) = fam.versions.iter().find(|(_, o)| o.uid == env.uid) else {
             if let Some((_, current)) = fam.current()
                 && current.state != State::Active
@@ -985,12 +1249,19 @@ impl KeyProvider for KmipProvider {
             }
         };
         // The number comes from the family just read, not from a cache that
-        // another key reference naming the same object could have filled.
-        let (v, _) = self.current_version(key).await?;
+        // another key reference naming the same object could have filled;
+        // past every number an object claims, so that the Name is free.
+        let (fam, _, _) = self.current_version(key).await?;
+        let (v, newest) = fam
+            .newest()
+            .map(|(v, o)| (*v, o.uid.clone()))
+            .unwrap_or_default();
         let next = v.checked_add(1).ok_or_else(|| KeyError::Backend {
             provider: PROVIDER,
             key: label(key),
-            message: format!("the current version is numbered {v}: there is no next one"),
+            message: format!(
+                "object {newest:?} is numbered version {v} of this key: there is no next one (if custos did not create it, destroy that object)"
+            ),
         })?;
         self.create_version(key, &name, next).await?;
         self.describe(key).await
@@ -1018,14 +1289,18 @@ impl KeyProvider for KmipProvider {
         })
     }
 
-    /// Revoke (where Active), then Destroy, every version; then a Locate
-    /// must find none. First of all, a tombstone object is created (never
-    /// activated, revoked as compromised, so it can never encrypt or
-    /// decrypt) whose Name and Object Group record the key and the time of
-    /// destruction: servers such as PyKMIP delete destroyed objects, and
-    /// `describe` must still tell a destroyed key from one that never
-    /// existed. Immediate and irreversible; idempotent (a run again, also
-    /// after a crash half-way, reuses the tombstone).
+    /// Revoke (where Active), then Destroy, every version; then each one,
+    /// asked for by its identifier, must be gone or Destroyed. First of
+    /// all, a tombstone object is created (never activated, revoked as
+    /// compromised, so it can never encrypt or decrypt) whose Name and
+    /// Object Group record the key and the time of destruction: servers
+    /// such as PyKMIP delete destroyed objects, and `describe` on another
+    /// installation must still tell a destroyed key from one that never
+    /// existed. The tombstone and the time are in custos's record too,
+    /// which alone dates the destruction (anyone can name an object like a
+    /// tombstone). Immediate and irreversible; idempotent: a run again, also
+    /// after a crash half-way, reuses custos's own tombstone, revoked as a
+    /// fresh one is, and ends in the same state as one clean run.
     async fn destroy(
         &self,
         key: &KeyRef,
@@ -1036,57 +1311,36 @@ impl KeyProvider for KmipProvider {
             reason,
         })?;
         let mut fam = self.family(key).await?;
-        if fam.live().next().is_none() && (fam.tombstone.is_some() || fam.versions.is_empty()) {
-            return match fam.tombstone {
-                Some((at, _)) => {
-                    let at = time(at).unwrap_or_else(Utc::now);
-                    Ok(Destruction {
-                        action: DestroyAction::RevokedAndDestroyed,
-                        state_after: KeyState::Destroyed {
-                            destroyed_at: Some(at),
-                        },
-                        effective_at: at,
-                        objects: Vec::new(),
-                    })
-                }
-                None => Err(self.not_found(key)),
-            };
+        let known = fam.known_uids();
+        // Nothing custos knows of, and no tombstone of its own: absence
+        // proves nothing (a Locate finds no object renamed or moved away).
+        if known.is_empty() && fam.tombstone.is_none() {
+            return Err(self.not_found(key));
         }
         // The tombstone first: a crash after the Destroys below must still
         // leave the record that tells this key's destruction from a key that
-        // never existed (absence proves nothing, see `absence_means_gone`).
-        let at = match fam.tombstone {
-            Some((at, _)) => at,
+        // never existed.
+        let at = match fam.tombstone.take() {
+            Some((at, uid, Some(state))) => {
+                self.settle_tombstone(key, &uid, state, at).await?;
+                at
+            }
+            // custos's tombstone was deleted: made again, with its time.
+            Some((at, _, None)) => {
+                self.new_tombstone(key, &id, at).await?;
+                at
+            }
             None => {
                 let at = Utc::now().timestamp();
-                let (family_name, group) = match &id {
-                    KmipKeyId::Name(n) => (n.clone(), key_group(n)),
-                    KmipKeyId::Uid(u) => (uid_group(u), uid_group(u)),
-                };
-                let tomb = self
-                    .create(
-                        key,
-                        Template {
-                            bits: 128,
-                            // No use at all (the server insists on a mask).
-                            usage_mask: 0,
-                            names: vec![tombstone_name(&family_name, at)],
-                            group,
-                        },
-                    )
-                    .await?;
-                self.revoke(key, &tomb, RevocationReasonCode::KeyCompromise, Some(at))
-                    .await?;
+                self.new_tombstone(key, &id, at).await?;
                 at
             }
         };
-        let mut objects = Vec::new();
         // Oldest first; a version already destroyed (a re-run, on a server
-        // that keeps destroyed objects) is only recorded.
+        // that keeps destroyed objects) is only checked below.
         fam.versions.sort_by_key(|(v, _)| *v);
         for (_, obj) in &fam.versions {
             if is_destroyed(obj.state) {
-                objects.push(obj.uid.clone());
                 continue;
             }
             if obj.state == State::Active {
@@ -1099,17 +1353,35 @@ impl KeyProvider for KmipProvider {
                 Ok(()) | Err(KeyError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
-            objects.push(obj.uid.clone());
             tracing::info!(event = "kmip.object_destroyed", key = %key, object = %obj.uid, "revoked and destroyed {} of {key}", obj.uid);
         }
-        let left = self.family(key).await?;
-        let live = left.live().count();
-        if live > 0 {
+        // The proof, per identifier: the server's answer for each object
+        // custos knows (listed before, or in its record), never a Locate's
+        // silence.
+        let mut left = Vec::new();
+        for uid in &known {
+            match self.attributes(key, uid).await {
+                Err(KeyError::NotFound { .. }) => {}
+                Ok(a) if a.state.is_some_and(is_destroyed) => {}
+                Ok(a) => left.push(format!("{uid} ({:?})", a.state)),
+                Err(e) => return Err(e),
+            }
+        }
+        // And no version appeared meanwhile (the tenant is fenced first).
+        let after = self.family(key).await?;
+        left.extend(
+            after
+                .live()
+                .filter(|(_, o)| !known.contains(&o.uid))
+                .map(|(_, o)| format!("{} ({:?})", o.uid, o.state)),
+        );
+        if !left.is_empty() {
             return Err(KeyError::Backend {
                 provider: PROVIDER,
                 key: label(key),
                 message: format!(
-                    "after Destroy the KMIP server still lists {live} version object(s) that are not Destroyed"
+                    "after Destroy the KMIP server still holds version object(s) that are not Destroyed: {}",
+                    left.join(", ")
                 ),
             });
         }
@@ -1120,8 +1392,56 @@ impl KeyProvider for KmipProvider {
                 destroyed_at: Some(when),
             },
             effective_at: when,
-            objects,
+            objects: known,
         })
+    }
+}
+
+impl KmipProvider {
+    /// Creates the tombstone of `key` destroyed at `at`, records it, then
+    /// revokes it.
+    async fn new_tombstone(&self, key: &KeyRef, id: &KmipKeyId, at: i64) -> Result<(), KeyError> {
+        let (family_name, group) = match id {
+            KmipKeyId::Name(n) => (n.clone(), key_group(n)),
+            KmipKeyId::Uid(u) => (uid_group(u), uid_group(u)),
+        };
+        let tomb = self
+            .create(
+                key,
+                Template {
+                    bits: 128,
+                    // No use at all (the server insists on a mask).
+                    usage_mask: 0,
+                    names: vec![tombstone_name(&family_name, at)],
+                    group,
+                },
+            )
+            .await?;
+        self.record(key, |r| {
+            r.tombstones.insert(tomb.clone(), at);
+        })?;
+        self.settle_tombstone(key, &tomb, State::PreActive, at)
+            .await
+    }
+
+    /// Revokes custos's tombstone as compromised unless it already is: a
+    /// tombstone reused by a re-run (a crash after its Create) ends as a
+    /// fresh one does, unable to encrypt or decrypt.
+    async fn settle_tombstone(
+        &self,
+        key: &KeyRef,
+        uid: &str,
+        state: State,
+        at: i64,
+    ) -> Result<(), KeyError> {
+        if matches!(
+            state,
+            State::Compromised | State::DestroyedCompromised | State::Destroyed
+        ) {
+            return Ok(());
+        }
+        self.revoke(key, uid, RevocationReasonCode::KeyCompromise, Some(at))
+            .await
     }
 }
 

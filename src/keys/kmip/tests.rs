@@ -195,7 +195,8 @@ async fn families_of_the_earlier_scheme_keep_working() {
     assert_destroyed_with_a_time(&p, &k).await;
 }
 
-/// A tombstone of the earlier scheme still says the key was destroyed, and when.
+/// A tombstone of the earlier scheme (or anyone's) still makes the key
+/// read as destroyed and refuse use; only custos's own record dates it.
 #[tokio::test]
 async fn tombstones_of_the_earlier_scheme_still_count() {
     let (p, fake) = provider(Behaviour {
@@ -210,9 +211,7 @@ async fn tombstones_of_the_earlier_scheme_still_count() {
     let k = key("name/gone");
     assert_eq!(
         p.describe(&k).await.unwrap().state,
-        KeyState::Destroyed {
-            destroyed_at: time(1_700_000_000)
-        }
+        KeyState::Destroyed { destroyed_at: None }
     );
     assert!(matches!(
         p.create_key(&k).await,
@@ -257,17 +256,24 @@ async fn a_uid_key_shredded_again_reuses_its_tombstone() {
 }
 
 /// A destruction interrupted after its tombstone (the object still Active)
-/// refuses every use, and the next shred finishes it with that tombstone.
+/// refuses every use, and the next shred finishes it with that tombstone:
+/// custos's own, from its record, revoked as a fresh one would be.
 #[tokio::test]
 async fn an_interrupted_uid_key_destruction_is_finished_with_its_tombstone() {
     let (p, fake) = provider(Behaviour::default());
     let uid = fake.insert(&["customer-key"], &[], State::Active);
     let k = key(&uid);
-    fake.insert(
+    p.describe(&k).await.unwrap();
+    // The crash came after the tombstone's Create, before its Revoke.
+    let tomb = fake.insert(
         &[&format!("custos-uid/{uid}@destroyed@1700000000")],
         &[&format!("custos-uid/{uid}")],
-        State::Compromised,
+        State::PreActive,
     );
+    p.record(&k, |r| {
+        r.tombstones.insert(tomb.clone(), 1_700_000_000);
+    })
+    .unwrap();
     assert_eq!(
         p.describe(&k).await.unwrap().state.name(),
         "destroy_incomplete"
@@ -277,7 +283,209 @@ async fn an_interrupted_uid_key_destruction_is_finished_with_its_tombstone() {
     let d = p.destroy(&k, 7).await.unwrap();
     assert_eq!(d.effective_at, time(1_700_000_000).unwrap());
     assert_eq!(d.objects, vec![uid.clone()]);
-    assert_eq!(in_group(&fake, &format!("custos-uid/{uid}")).len(), 1);
+    let tombs = in_group(&fake, &format!("custos-uid/{uid}"));
+    assert_eq!(tombs.len(), 1);
+    assert_eq!(
+        tombs[0].state,
+        State::Compromised,
+        "the reused tombstone is revoked"
+    );
+}
+
+// --- Objects custos did not make (review #15, finding 1) ----------------------
+
+/// Someone with the same KMIP credentials plants `<n>@v<huge>` in the
+/// key's group, with a value they know: custos keeps wrapping under the
+/// newest version it created, a rotation numbers past the planted one, and
+/// a shred destroys it with the rest.
+#[tokio::test]
+async fn a_planted_higher_version_is_never_wrapped_under() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let mine = p.describe(&k).await.unwrap().current_version.unwrap();
+    let planted = fake.insert(&["acme@v1000"], &["custos-key/acme"], State::Active);
+    let (dk, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    assert_eq!(w.key_version.as_deref(), Some(mine.as_str()));
+    let w2 = p.wrap(&k, &dk, &ctx()).await.unwrap();
+    assert_eq!(w2.key_version.as_deref(), Some(mine.as_str()));
+    assert_eq!(
+        p.describe(&k).await.unwrap().current_version.as_deref(),
+        Some(mine.as_str())
+    );
+    // Rotation: version 1001, custos's, current from now on.
+    p.rotate(&k).await.unwrap();
+    let rotated = p.describe(&k).await.unwrap().current_version.unwrap();
+    let names = |uid: &str| {
+        fake.objects()
+            .into_iter()
+            .find(|o| o.uid == uid)
+            .map(|o| o.names)
+            .unwrap()
+    };
+    assert_eq!(names(&rotated), vec!["acme@v1001".to_owned()]);
+    let (_, w3) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    assert_eq!(w3.key_version.as_deref(), Some(rotated.as_str()));
+    // A shred destroys every object in the family, the planted one too.
+    let d = p.destroy(&k, 7).await.unwrap();
+    assert!(d.objects.contains(&planted), "{d:?}");
+    assert_eq!(d.objects.len(), 3);
+}
+
+/// A key that only objects custos did not make claim versions of (its own
+/// were deleted behind its back) is refused by name, never adopted.
+#[tokio::test]
+async fn a_key_with_only_planted_versions_is_refused() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let mine = p.describe(&k).await.unwrap().current_version.unwrap();
+    fake.remove(&mine);
+    let planted = fake.insert(&["acme@v2"], &["custos-key/acme"], State::Active);
+    let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
+    assert!(matches!(e, KeyError::AccessDenied { .. }), "{e:?}");
+    assert!(e.to_string().contains(&planted), "{e}");
+    assert!(matches!(
+        p.create_key(&k).await,
+        Err(KeyError::AccessDenied { .. })
+    ));
+}
+
+/// A key first met with versions on the server (made before the record, or
+/// by the customer) is adopted as found, once; what is planted later is not.
+#[tokio::test]
+async fn a_key_met_for_the_first_time_is_adopted_once() {
+    let (p, fake) = provider(Behaviour::default());
+    let v1 = fake.insert(&["old@v1"], &["custos-key/old"], State::Active);
+    let k = key("name/old");
+    let (_, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    assert_eq!(w.key_version, Some(v1.clone()));
+    fake.insert(&["old@v2"], &["custos-key/old"], State::Active);
+    let (_, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    assert_eq!(w.key_version, Some(v1));
+}
+
+/// The record survives the process: a new provider on the same state file
+/// still refuses the planted version.
+#[tokio::test]
+async fn the_record_in_the_state_directory_outlives_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("kmip-objects.json");
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let open = || {
+        KmipProvider::with_link("fake:5696".into(), Box::new(fake.clone()))
+            .with_object_record(record.clone())
+    };
+    let k = key("name/acme");
+    open().create_key(&k).await.unwrap();
+    fake.insert(&["acme@v9"], &["custos-key/acme"], State::Active);
+    let (_, w) = open().generate_data_key(&k, &ctx()).await.unwrap();
+    let mine = fake
+        .objects()
+        .into_iter()
+        .find(|o| o.names == ["acme@v1"])
+        .unwrap();
+    assert_eq!(w.key_version, Some(mine.uid));
+}
+
+/// A planted tombstone makes the key refuse use (fail-safe), and never
+/// dates a destruction: the shred's time is custos's own.
+#[tokio::test]
+async fn a_planted_tombstone_refuses_use_and_dates_nothing() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    fake.insert(
+        &["acme@destroyed@1000"],
+        &["custos-key/acme"],
+        State::Compromised,
+    );
+    let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
+    assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
+    let before = Utc::now().timestamp();
+    let d = p.destroy(&k, 7).await.unwrap();
+    assert!(d.effective_at.timestamp() >= before, "{d:?}");
+    assert_eq!(
+        p.describe(&k).await.unwrap().state,
+        KeyState::Destroyed {
+            destroyed_at: Some(d.effective_at)
+        }
+    );
+}
+
+// --- Absence is no proof (finding 2) ----------------------------------------------
+
+/// A version renamed and moved out of the key's group (by anyone with
+/// credentials) is still the key's: found by its identifier, it unwraps,
+/// the key does not read as destroyed, and a shred destroys it.
+#[tokio::test]
+async fn a_version_moved_out_of_the_group_is_still_found_and_destroyed() {
+    for keep_destroyed in [false, true] {
+        let (p, fake) = provider(Behaviour {
+            keep_destroyed,
+            ..Behaviour::default()
+        });
+        let k = key("name/acme");
+        p.create_key(&k).await.unwrap();
+        let (dk, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+        let uid = w.key_version.clone().unwrap();
+        fake.rename(&uid, &["elsewhere"], &["another-group"]);
+        assert_eq!(p.describe(&k).await.unwrap().state, KeyState::Enabled);
+        assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
+        let d = p.destroy(&k, 7).await.unwrap();
+        assert_eq!(d.objects, vec![uid.clone()]);
+        let left = fake.objects().into_iter().find(|o| o.uid == uid);
+        assert!(
+            left.is_none_or(|o| is_destroyed(o.state)),
+            "keep_destroyed {keep_destroyed}"
+        );
+        assert_destroyed_with_a_time(&p, &k).await;
+    }
+}
+
+/// An envelope of a version custos knows, which the server no longer holds
+/// (deleted out of band), reads as destroyed, not as a foreign envelope.
+#[tokio::test]
+async fn an_envelope_of_a_version_gone_by_identifier_is_destroyed() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let (_, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    p.rotate(&k).await.unwrap();
+    fake.remove(w.key_version.as_deref().unwrap());
+    let e = p.unwrap(&k, &w, &ctx()).await.unwrap_err();
+    assert!(matches!(e, KeyError::Destroyed { .. }), "{e:?}");
+}
+
+/// A shred that finds nothing by Locate, of a key custos knows, proves the
+/// destruction by identifier; with an object it knows still there (moved
+/// out of the group after the destroy), it does not claim one.
+#[tokio::test]
+async fn a_destroyed_key_is_proven_gone_by_identifier() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let uid = p.describe(&k).await.unwrap().current_version.unwrap();
+    // Someone moves the version away: no Locate lists it any more.
+    fake.rename(&uid, &["hidden"], &[]);
+    // Before: absence by Locate read as "destroyed". Now the version, asked
+    // for by its identifier, is Active: the key is usable, not destroyed.
+    assert_eq!(p.describe(&k).await.unwrap().state, KeyState::Enabled);
+    // A Destroy that the server ignores: the proof by identifier fails.
+    struct IgnoresDestroy(Arc<FakeKmip>);
+    #[async_trait]
+    impl Link for IgnoresDestroy {
+        async fn call(&self, req: Request) -> Result<Response, WireError> {
+            match req {
+                Request::Destroy(_) => Ok(Response::Done),
+                other => self.0.call(other).await,
+            }
+        }
+    }
+    let mut q = KmipProvider::with_link("fake:5696".into(), Box::new(IgnoresDestroy(fake.clone())));
+    q.pins = std::mem::replace(&mut { p }.pins, pins::Pins::in_memory());
+    let e = q.destroy(&k, 7).await.unwrap_err();
+    assert!(e.to_string().contains(&uid), "{e}");
 }
 
 // --- Envelope format 2 -------------------------------------------------------
@@ -472,11 +680,13 @@ fn family(versions: &[(u32, State)], tombstone: Option<i64>) -> Family {
                     state,
                     kind: ObjectKind::Version(v),
                     aes_256: true,
+                    pinned: true,
                 };
                 (v, obj)
             })
             .collect(),
-        tombstone: tombstone.map(|at| (at, "uid-t".to_owned())),
+        tombstone: tombstone.map(|at| (at, "uid-t".to_owned(), Some(State::Compromised))),
+        ..Family::default()
     }
 }
 
@@ -659,9 +869,10 @@ where
 #[tokio::test]
 async fn an_encrypt_that_did_not_encrypt_under_the_key_is_refused() {
     let (p, _) = rewriting(|op, r| match (op, r) {
-        (Operation::Encrypt, Response::Data { data, .. }) => Response::Data {
+        (Operation::Encrypt, Response::Data { data, iv, .. }) => Response::Data {
             uid: "someone-elses-key".into(),
             data,
+            iv,
         },
         (_, r) => r,
     });
@@ -681,7 +892,11 @@ async fn an_encrypt_that_did_not_encrypt_under_the_key_is_refused() {
                     uid,
                     data,
                     ..
-                } => Ok(Response::Data { uid, data }),
+                } => Ok(Response::Data {
+                    uid,
+                    data,
+                    iv: None,
+                }),
                 other => self.0.call(other).await,
             }
         }
@@ -692,4 +907,151 @@ async fn an_encrypt_that_did_not_encrypt_under_the_key_is_refused() {
     p.create_key(&k).await.unwrap();
     let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
     assert!(e.to_string().contains("unchanged"), "{e}");
+}
+
+/// An Encrypt whose answer is not what was asked for leaves no envelope:
+/// another IV than custos sent, another length, or a ciphertext the same
+/// object does not decrypt back to the wrapping key.
+#[tokio::test]
+async fn an_encrypt_answer_that_does_not_check_out_is_refused() {
+    type Rewrite = fn(Operation, Response) -> Response;
+    let cases: [(&str, Rewrite); 3] = [
+        ("IV", |op, r| match (op, r) {
+            (Operation::Encrypt, Response::Data { uid, data, .. }) => Response::Data {
+                uid,
+                data,
+                iv: Some(vec![0; 16]),
+            },
+            (_, r) => r,
+        }),
+        ("returned 48 bytes", |op, r| match (op, r) {
+            (Operation::Encrypt, Response::Data { uid, mut data, iv }) => {
+                data.extend_from_slice(&[0; 16]);
+                Response::Data { uid, data, iv }
+            }
+            (_, r) => r,
+        }),
+        ("does not give back", |op, r| match (op, r) {
+            (Operation::Encrypt, Response::Data { uid, iv, .. }) => Response::Data {
+                uid,
+                data: Zeroizing::new(crate::util::random_bytes::<32>().to_vec()),
+                iv,
+            },
+            (_, r) => r,
+        }),
+    ];
+    for (what, rewrite) in cases {
+        let (p, _) = rewriting(rewrite);
+        let k = key("name/odd");
+        p.create_key(&k).await.unwrap();
+        let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
+        assert!(e.to_string().contains(what), "{what}: {e}");
+    }
+}
+
+/// GetAttributes answered for another object than the one asked for is
+/// refused: one object must not pass for another.
+#[tokio::test]
+async fn attributes_of_another_object_are_refused() {
+    let (p, _) = rewriting(|op, r| match (op, r) {
+        (Operation::GetAttributes, Response::Attributes(mut a)) => {
+            a.uid = "999".into();
+            Response::Attributes(a)
+        }
+        (_, r) => r,
+    });
+    let e = p.create_key(&key("name/a")).await.unwrap_err();
+    assert!(e.to_string().contains("answered for object \"999\""), "{e}");
+}
+
+/// A server that answers fewer identifiers per Locate than asked for (its
+/// own page size) is read to the end, with and without Located Items.
+#[tokio::test]
+async fn a_server_with_smaller_pages_is_read_to_the_end() {
+    for located_items in [false, true] {
+        let (p, fake) = provider(Behaviour {
+            page_cap: 2,
+            located_items,
+            ..Behaviour::default()
+        });
+        let k = key("name/paged");
+        p.create_key(&k).await.unwrap();
+        for _ in 0..5 {
+            p.rotate(&k).await.unwrap();
+        }
+        // A new provider (no record): only the Locate can find them.
+        let q = KmipProvider::with_link("fake:5696".into(), Box::new(fake.clone()));
+        let newest = fake
+            .objects()
+            .into_iter()
+            .find(|o| o.names == ["paged@v6"])
+            .unwrap();
+        assert_eq!(
+            q.describe(&k).await.unwrap().current_version,
+            Some(newest.uid),
+            "located_items {located_items}"
+        );
+        let d = q.destroy(&k, 7).await.unwrap();
+        assert_eq!(d.objects.len(), 6);
+    }
+}
+
+/// Junk objects in a key's group make a family read fail with an error
+/// naming the group, after a bounded number of calls.
+#[tokio::test]
+async fn junk_in_the_group_fails_with_the_groups_name() {
+    let (mut p, fake) = provider(Behaviour::default());
+    p.locate_page = 256;
+    for i in 0..=MAX_OBJECTS {
+        fake.insert(
+            &[&format!("junk{i}")],
+            &["custos-key/flooded"],
+            State::Active,
+        );
+    }
+    fake.clear_log();
+    let e = p.describe(&key("name/flooded")).await.unwrap_err();
+    assert!(e.to_string().contains("custos-key/flooded"), "{e}");
+    assert!(!fake.log().contains(&"GetAttributes".to_owned()));
+}
+
+/// A shred interrupted after its tombstone was created and recorded, before
+/// it was revoked, ends on a re-run in the state of one clean run: one
+/// tombstone, revoked as compromised, every version destroyed.
+#[tokio::test]
+async fn a_shred_run_again_converges_on_a_clean_runs_state() {
+    struct FailFirstRevokeOfTombstone {
+        fake: Arc<FakeKmip>,
+        failed: Mutex<bool>,
+    }
+    #[async_trait]
+    impl Link for Arc<FailFirstRevokeOfTombstone> {
+        async fn call(&self, req: Request) -> Result<Response, WireError> {
+            if let Request::Revoke {
+                reason: RevocationReasonCode::KeyCompromise,
+                ..
+            } = &req
+                && !std::mem::replace(&mut *self.failed.lock().unwrap(), true)
+            {
+                return Err(WireError::Io("connection reset".into()));
+            }
+            self.fake.call(req).await
+        }
+    }
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let link = Arc::new(FailFirstRevokeOfTombstone {
+        fake: fake.clone(),
+        failed: Mutex::new(false),
+    });
+    let p = KmipProvider::with_link("fake:5696".into(), Box::new(link));
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    p.rotate(&k).await.unwrap();
+    assert!(p.destroy(&k, 7).await.is_err());
+    let d = p.destroy(&k, 7).await.unwrap();
+    assert_eq!(d.objects.len(), 2);
+    let left = in_group(&fake, "custos-key/acme");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].state, State::Compromised);
+    assert_destroyed_with_a_time(&p, &k).await;
 }

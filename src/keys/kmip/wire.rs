@@ -172,18 +172,25 @@ impl Transport {
         self.finish(conn, op, buf)
     }
 
+    /// Decodes the answer, and pools the connection only if it is in step:
+    /// the answer parsed, and nothing more arrived after it. A connection
+    /// that carried a malformed answer, or bytes beyond it (an answer meant
+    /// for an earlier request, or junk), is dropped: the next request on it
+    /// would read them as its own answer.
     fn finish(
         &self,
-        conn: Tls,
+        mut conn: Tls,
         op: Operation,
         buf: Zeroizing<Vec<u8>>,
     ) -> Result<Response, WireError> {
-        if let Ok(mut idle) = self.idle.lock()
+        let answer = decode(op, &buf)?;
+        if in_step(&mut conn)
+            && let Ok(mut idle) = self.idle.lock()
             && idle.len() < self.max_idle
         {
             idle.push(conn);
         }
-        decode(op, &buf)
+        Ok(answer)
     }
 
     fn connect(&self) -> Result<Tls, WireError> {
@@ -290,6 +297,14 @@ fn tls_error(e: &std::io::Error) -> WireError {
         }
         None => WireError::Tls(format!("the TLS handshake failed: {e}")),
     }
+}
+
+/// Whether nothing is left to read on `conn` after an answer: no plaintext
+/// buffered, and no TLS record waiting that would decrypt to some.
+fn in_step(conn: &mut Tls) -> bool {
+    conn.conn
+        .process_new_packets()
+        .is_ok_and(|state| state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed())
 }
 
 /// Operations that may be sent again after a connection broke mid-call:

@@ -1,0 +1,215 @@
+//! What this installation knows of its KMIP keys' objects, kept where no
+//! holder of KMIP credentials can write: `<state_dir>/kmip-objects.json`.
+//!
+//! Anyone with credentials for the key manager (another administrator, an
+//! application sharing custos's client certificate) can Register an object
+//! with a value they know, name it `<n>@v<huge>` and put it in the key's
+//! group; nothing the server records tells it from a version custos created
+//! (PyKMIP reports neither Never Extractable, Always Sensitive nor Fresh, and
+//! a KMIP 2 Import sets even those to whatever the client sends). So custos
+//! remembers the Unique Identifier of every version it creates (before
+//! activating it) and of every tombstone it leaves (with the time it chose),
+//! and wraps only under a version it remembers. A key first seen without a
+//! record (made before this record existed, or by the customer) is adopted
+//! as found, once, and logged: that first sight is the one thing trusted.
+//!
+//! The record also names the objects a destruction must prove gone *by
+//! identifier*: an object renamed or moved out of the key's group is still
+//! found, and still destroyed.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use super::PROVIDER;
+use crate::keys::KeyError;
+use crate::secure_fs::{self, Readers};
+
+const FORMAT: &str = "custos-kmip-objects-v1";
+/// The record is small (a few objects per key); a larger file is refused.
+const MAX_FILE: u64 = 16 << 20;
+
+/// The objects custos made (or adopted) for one key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct KeyObjects {
+    /// Unique Identifier → version number.
+    pub versions: BTreeMap<String, u32>,
+    /// Unique Identifier → the destruction time (Unix seconds) custos chose.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tombstones: BTreeMap<String, i64>,
+}
+
+impl KeyObjects {
+    /// custos's own tombstone, the earliest if a race left two.
+    pub fn tombstone(&self) -> Option<(i64, &str)> {
+        self.tombstones
+            .iter()
+            .map(|(uid, at)| (*at, uid.as_str()))
+            .min()
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    format: String,
+    /// `"<server> <key id>"` → its objects.
+    keys: BTreeMap<String, KeyObjects>,
+}
+
+/// The record: in the state directory, or (tests, a provider built without
+/// one) in memory for the life of the process.
+pub(super) struct Pins {
+    path: Option<PathBuf>,
+    memory: Mutex<BTreeMap<String, KeyObjects>>,
+}
+
+impl Pins {
+    pub fn in_memory() -> Self {
+        Pins {
+            path: None,
+            memory: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn at(path: PathBuf) -> Self {
+        Pins {
+            path: Some(path),
+            memory: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn fail(&self, key: &str, message: String) -> KeyError {
+        KeyError::Backend {
+            provider: PROVIDER,
+            key: key.to_owned(),
+            message,
+        }
+    }
+
+    fn read(&self, key: &str) -> Result<File, KeyError> {
+        let Some(path) = &self.path else {
+            return Ok(File::default());
+        };
+        match secure_fs::read_trusted(path, "KMIP object record", Readers::Anyone, MAX_FILE) {
+            Ok(bytes) => {
+                let f: File = serde_json::from_slice(&bytes).map_err(|e| {
+                    self.fail(
+                        key,
+                        format!("unreadable KMIP object record {}: {e}", path.display()),
+                    )
+                })?;
+                if f.format != FORMAT {
+                    return Err(self.fail(
+                        key,
+                        format!(
+                            "KMIP object record {} has format {:?}, not {FORMAT:?}",
+                            path.display(),
+                            f.format
+                        ),
+                    ));
+                }
+                Ok(f)
+            }
+            Err(secure_fs::CheckError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(File::default())
+            }
+            Err(e) => Err(self.fail(key, e.to_string())),
+        }
+    }
+
+    /// What is recorded of `entry` (`"<server> <key id>"`); `None` if the key
+    /// was never seen by this installation.
+    pub fn get(&self, entry: &str, key: &str) -> Result<Option<KeyObjects>, KeyError> {
+        if self.path.is_none() {
+            let mem = self.memory.lock().map_err(|_| self.poisoned(key))?;
+            return Ok(mem.get(entry).cloned());
+        }
+        Ok(self.read(key)?.keys.remove(entry))
+    }
+
+    fn poisoned(&self, key: &str) -> KeyError {
+        self.fail(key, "the KMIP object record's lock is poisoned".into())
+    }
+
+    /// Changes the record of `entry` under an exclusive lock (other custos
+    /// processes of this installation update it too), written atomically.
+    pub fn update(
+        &self,
+        entry: &str,
+        key: &str,
+        change: impl FnOnce(&mut KeyObjects),
+    ) -> Result<KeyObjects, KeyError> {
+        let mut mem = self.memory.lock().map_err(|_| self.poisoned(key))?;
+        let Some(path) = &self.path else {
+            let objects = mem.entry(entry.to_owned()).or_default();
+            change(objects);
+            return Ok(objects.clone());
+        };
+        let lock_path = path.with_extension("lock");
+        let lock = secure_fs::open_trusted(
+            &lock_path,
+            "KMIP object record lock",
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600),
+        )
+        .map_err(|e| self.fail(key, e.to_string()))?;
+        lock.lock()
+            .map_err(|e| self.fail(key, format!("cannot lock {}: {e}", lock_path.display())))?;
+        let mut file = self.read(key)?;
+        file.format = FORMAT.to_owned();
+        let objects = file.keys.entry(entry.to_owned()).or_default();
+        change(objects);
+        let out = objects.clone();
+        let json = serde_json::to_vec_pretty(&file)
+            .map_err(|e| self.fail(key, format!("cannot encode the KMIP object record: {e}")))?;
+        crate::util::write_file_atomic(path, &json, 0o600).map_err(|e| {
+            self.fail(
+                key,
+                format!(
+                    "cannot write the KMIP object record {}: {e}",
+                    path.display()
+                ),
+            )
+        })?;
+        drop(mem);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_survives_a_new_process_and_refuses_a_file_others_can_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kmip-objects.json");
+        let pins = Pins::at(path.clone());
+        assert_eq!(pins.get("s name/a", "k").unwrap(), None);
+        pins.update("s name/a", "k", |o| {
+            o.versions.insert("7".into(), 1);
+        })
+        .unwrap();
+        pins.update("s name/a", "k", |o| {
+            o.tombstones.insert("9".into(), 1_700_000_000);
+        })
+        .unwrap();
+        let again = Pins::at(path.clone());
+        let got = again.get("s name/a", "k").unwrap().unwrap();
+        assert_eq!(got.versions.get("7"), Some(&1));
+        assert_eq!(got.tombstone(), Some((1_700_000_000, "9")));
+        assert_eq!(again.get("s name/b", "k").unwrap(), None);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = again.get("s name/a", "k").unwrap_err();
+        assert!(e.to_string().contains("writable"), "{e}");
+    }
+}
