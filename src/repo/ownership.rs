@@ -1163,7 +1163,9 @@ pub async fn decide_destroy(
             Err(e) => {
                 if matches!(
                     e,
-                    Error::KeyInUse { .. } | Error::KeyOwnershipUnproven { .. }
+                    Error::KeyInUse { .. }
+                        | Error::KeyOwnershipUnproven { .. }
+                        | Error::Key(KeyError::Refused { .. })
                 ) {
                     record_refusal(ctx, &tenant, action, key, &e).await;
                 }

@@ -349,3 +349,64 @@ fn a_local_tenant_makes_no_aws_call_in_the_whole_flow() {
         r.stderr
     );
 }
+
+/// The events in this installation's local audit log, in order.
+fn audit_events(cli: &Cli) -> Vec<String> {
+    let log = cli.path().join("state/audit/log.jsonl");
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["event"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// Read-only surveys (`tenant list`, `tenant show`'s custody, `policy
+/// validate`, a report's custody table) ask about keys the rules refuse
+/// without writing to the audit log; `tenant show` records only its access
+/// to the snapshots it decrypts.
+#[test]
+fn read_only_surveys_write_no_audit_record() {
+    let cli = Cli::new();
+    write_policy(&cli, "acme", "local:acme");
+    cli.ok(&["backup", "acme"]);
+    fs::remove_file(cli.path().join("policies/acme.toml")).unwrap();
+    with_residency(&cli, "key_providers = [\"pkcs11\"]\n");
+    let before = audit_events(&cli);
+    assert!(!before.is_empty());
+    for args in [
+        vec!["tenant", "list", "--json"],
+        vec!["policy", "validate", "--json"],
+        vec!["report", "--format", "json"],
+    ] {
+        let r = cli.run(&args);
+        assert!(
+            r.code == 0 || r.code == 1,
+            "{args:?}: {}\n{}",
+            r.stdout,
+            r.stderr
+        );
+        assert_eq!(
+            audit_events(&cli),
+            before,
+            "{args:?} wrote to the audit log"
+        );
+    }
+    let r = cli.run(&["tenant", "show", "acme", "--json"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let custody = r.json()["result"]["custody"].to_string();
+    assert!(custody.contains("[residency] key_providers"), "{custody}");
+    let after = audit_events(&cli);
+    let new: Vec<&String> = after[before.len()..]
+        .iter()
+        .filter(|e| !e.starts_with("tenant.show"))
+        .collect();
+    // The snapshot listing's refused unwrap is a refused use, recorded; the
+    // custody table's questions are not.
+    assert!(
+        new.iter().all(|e| *e == "key.refused") && new.len() <= 1,
+        "{new:?}"
+    );
+}
