@@ -410,3 +410,27 @@ fn read_only_surveys_write_no_audit_record() {
         "{new:?}"
     );
 }
+
+/// The AWS SDK calls the client's region whatever region a key ARN names:
+/// an ARN of an allowed region, reached through a client of another region,
+/// is refused by name (the request would have gone to the other region).
+#[test]
+fn a_kms_arn_of_another_region_than_the_client_is_refused() {
+    let cli = Cli::new();
+    let toml = cli.path().join("custos.toml");
+    let text = fs::read_to_string(&toml).unwrap();
+    fs::write(&toml, format!("{text}[aws]\nregion = \"us-east-1\"\n")).unwrap();
+    with_residency(&cli, "kms_regions = [\"eu-central-1\"]\n");
+    let arn =
+        "aws-kms:arn:aws:kms:eu-central-1:111122223333:key/0b6f2c1e-1111-2222-3333-444455556666";
+    write_policy(&cli, "acme", arn);
+    let v = cli.run(&["policy", "validate", "--json"]);
+    assert_eq!(v.code, 1, "{}{}", v.stdout, v.stderr);
+    let errors = v.json()["result"]["errors"].to_string();
+    assert!(
+        errors.contains("kms_regions")
+            && errors.contains("its ARN names region \\\"eu-central-1\\\"")
+            && errors.contains("calls region \\\"us-east-1\\\""),
+        "{errors}"
+    );
+}
