@@ -21,10 +21,7 @@ const EVIL: &str =
 /// An installation with a short lease TTL and a backed-up tenant per name.
 fn installation(tenants: &[&str]) -> Cli {
     let cli = Cli::new();
-    let toml = cli.path().join("custos.toml");
-    let mut text = fs::read_to_string(&toml).unwrap();
-    text.push_str("[daemon]\nlease_ttl = \"10s\"\n");
-    fs::write(&toml, text).unwrap();
+    cli.short_lease();
     for t in tenants {
         let src = cli.path().join("src").join(t);
         common::make_tree(&src, 5);
@@ -46,22 +43,8 @@ fn with_residency(cli: &Cli, rules: &str) {
     set_config(cli, &format!("{}[residency]\n{rules}", config_text(cli)));
 }
 
-fn descriptor_path(cli: &Cli, tenant: &str) -> PathBuf {
-    cli.store().join("tenants").join(tenant).join("tenant.json")
-}
-
 fn descriptor(cli: &Cli, tenant: &str) -> Value {
-    serde_json::from_slice(&fs::read(descriptor_path(cli, tenant)).unwrap()).unwrap()
-}
-
-fn edit_descriptor(cli: &Cli, tenant: &str, f: impl FnOnce(&mut Value)) {
-    let mut d = descriptor(cli, tenant);
-    f(&mut d);
-    fs::write(
-        descriptor_path(cli, tenant),
-        serde_json::to_vec_pretty(&d).unwrap(),
-    )
-    .unwrap();
+    cli.descriptor(tenant)
 }
 
 fn certificates(cli: &Cli, tenant: &str) -> Vec<PathBuf> {
@@ -82,6 +65,19 @@ fn public_key(cli: &Cli) -> PathBuf {
     let path = cli.path().join("audit.pub");
     fs::write(&path, &r.stdout).unwrap();
     path
+}
+
+/// `certificate verify FILE --public-key KEY` with `extra` arguments.
+fn verify_cert(cli: &Cli, file: &Path, key: &Path, extra: &[&str]) -> common::Run {
+    let mut args = vec![
+        "certificate",
+        "verify",
+        file.to_str().unwrap(),
+        "--public-key",
+        key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    cli.run(&args)
 }
 
 /// Runs `shred <tenant>` crashing at `point` (a test hook): the tenant stays fenced.
@@ -172,13 +168,7 @@ fn a_key_that_cannot_be_tried_is_never_left_out_of_a_shred() {
         .unwrap();
     assert_eq!(own["outcome"], "destroyed", "{own}");
     let pk = public_key(&cli);
-    let r = cli.run(&[
-        "certificate",
-        "verify",
-        certs[0].to_str().unwrap(),
-        "--public-key",
-        pk.to_str().unwrap(),
-    ]);
+    let r = verify_cert(&cli, &certs[0], &pk, &[]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
 }
 
@@ -284,7 +274,7 @@ fn a_certificate_states_the_times_and_keys_custos_recorded() {
     wait_for_leases();
 
     // Destruction "began" an hour later than it did.
-    edit_descriptor(&cli, "acme", |d| {
+    cli.tamper("acme", |d| {
         let later = time(&began) + chrono::Duration::hours(1);
         d["shredding"]["progress"]["keys_began_at"] = later.to_rfc3339().into();
     });
@@ -299,7 +289,7 @@ fn a_certificate_states_the_times_and_keys_custos_recorded() {
     assert!(certificates(&cli, "acme").is_empty());
 
     // A key's destruction "irreversible" a month later than it was.
-    edit_descriptor(&cli, "acme", |d| {
+    cli.tamper("acme", |d| {
         d["shredding"]["progress"]["keys_began_at"] = began.clone();
         let k = &mut d["shredding"]["progress"]["keys"][0];
         let later = time(&k["irreversible_at"]) + chrono::Duration::days(30);
@@ -311,7 +301,7 @@ fn a_certificate_states_the_times_and_keys_custos_recorded() {
     assert!(msg.contains("shred.keys.end"), "{msg}");
     assert!(certificates(&cli, "acme").is_empty());
 
-    edit_descriptor(&cli, "acme", |d| {
+    cli.tamper("acme", |d| {
         d["shredding"]["progress"]["keys"] = keys.clone();
     });
     let (code, v) = shred_json(&cli, &["acme", "--confirm", "acme"]);
@@ -339,14 +329,7 @@ fn stored_format_1_certificates_still_verify_offline() {
         let file = data(name);
         let c = certificate(&file);
         assert_eq!(c["format"], "custos-deletion-certificate/1", "{name}");
-        let r = cli.run(&[
-            "certificate",
-            "verify",
-            file.to_str().unwrap(),
-            "--public-key",
-            key.to_str().unwrap(),
-            "--json",
-        ]);
+        let r = verify_cert(&cli, &file, &key, &["--json"]);
         assert_eq!(r.code, 0, "{name}: {}\n{}", r.stdout, r.stderr);
         assert_eq!(r.json()["result"]["valid"], true, "{name}");
     }
@@ -361,14 +344,7 @@ fn stored_format_1_certificates_still_verify_offline() {
         ),
     )
     .unwrap();
-    let r = cli.run(&[
-        "certificate",
-        "verify",
-        future.to_str().unwrap(),
-        "--public-key",
-        key.to_str().unwrap(),
-        "--json",
-    ]);
+    let r = verify_cert(&cli, &future, &key, &["--json"]);
     assert_eq!(r.code, 1, "{}", r.stdout);
     let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
     assert!(msg.contains("not one this verifier knows"), "{msg}");
@@ -384,17 +360,7 @@ fn online_verification_tells_could_not_check_from_not_destroyed() {
     assert_eq!(code, 0, "{v}");
     let file = certificates(&cli, "acme")[0].clone();
     let pk = public_key(&cli);
-    let verify = |cli: &Cli| {
-        cli.run(&[
-            "certificate",
-            "verify",
-            file.to_str().unwrap(),
-            "--public-key",
-            pk.to_str().unwrap(),
-            "--online",
-            "--json",
-        ])
-    };
+    let verify = |cli: &Cli| verify_cert(cli, &file, &pk, &["--online", "--json"]);
     let r = verify(&cli);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
 
