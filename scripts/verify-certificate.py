@@ -22,7 +22,8 @@ import sys
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-LABEL = b"custos-deletion-certificate/1\n"
+# The formats this script knows; each is signed under its own name as label.
+FORMATS = ("custos-deletion-certificate/1", "custos-deletion-certificate/2")
 
 
 class Invalid(Exception):
@@ -117,7 +118,10 @@ def verify(raw, key_text):
     if sig["algorithm"] != "ed25519" or sig["signer"] != key_text.strip():
         raise Invalid("not signed by the trusted key")
     body = doc["certificate"]
-    verify_ed25519(key, base64.b64decode(sig["value"], validate=True), LABEL + canonical(body), "certificate")
+    if body.get("format") not in FORMATS:
+        raise Invalid(f"format {body.get('format')!r} is not one this script knows {FORMATS}")
+    label = body["format"].encode() + b"\n"
+    verify_ed25519(key, base64.b64decode(sig["value"], validate=True), label + canonical(body), "certificate")
 
     unanchored = {k: v for k, v in body.items() if k != "audit"}
     digest = hashlib.sha256(canonical(unanchored)).hexdigest()

@@ -267,6 +267,14 @@ impl crate::keys::KeyGate for ResidencyGate {
             message: violation.to_string(),
         };
         tracing::warn!(event = "key.refused", key = %key, operation, rule = violation.rule, error = %e, "key {key}: refused by [residency]");
+        // A refused `describe` is a question about a key, asked by read-only
+        // surveys (`tenant show`, `tenant list`, a report's custody table):
+        // they write no audit record. A job that acts on the refusal (a shred
+        // that cannot end the key) records its own; every refused use
+        // (wrap, unwrap, destroy, …) is recorded here.
+        if operation == crate::keys::DESCRIBE {
+            return Err(e);
+        }
         if let Some(log) = &self.audit {
             let details = serde_json::json!({
                 "reason": e.kind(),

@@ -236,7 +236,7 @@ impl AuditKey {
 
     /// Signs a message that is not a checkpoint (a deletion certificate's
     /// body) with Ed25519. Callers prefix the message with a domain label of
-    /// their own (`custos-deletion-certificate/1` and a newline), so such a
+    /// their own (the certificate's format, `custos-deletion-certificate/N`, and a newline), so such a
     /// signature can never pass for a checkpoint's: a checkpoint note's text
     /// starts with this key's origin line, `custos/audit/…`.
     pub fn sign_message(&self, message: &[u8]) -> [u8; 64] {

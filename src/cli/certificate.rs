@@ -12,11 +12,11 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use serde::Serialize;
 
-use super::output::fail;
+use super::output::{Failure, fail};
 use super::setup::{setup, tenant_id};
 use crate::audit::AuditKey;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::jobs::shred::certificate::{self, Subject, Verified};
 use crate::jobs::shred::{self, GuaranteeKind};
 use crate::keys::{KeyError, KeyState, Leftover};
@@ -69,6 +69,11 @@ struct Online {
     /// Objects found where the shred left only the descriptor (and retained objects).
     remaining: Vec<String>,
     problems: Vec<String>,
+    /// Keys whose state could not be read (`[residency]` refused the call,
+    /// no provider configured, access denied, unreachable): not shown
+    /// destroyed, not shown alive. Any makes the check inconclusive.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    unchecked: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -82,6 +87,12 @@ struct OnlineKey {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     leftover_material: Vec<Leftover>,
     ok: bool,
+    /// False when custos could not ask the provider (`error` says why): `ok`
+    /// is then false too, but nothing shows the key still exists.
+    checked: bool,
+    /// The error kind of a check that could not be made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unchecked_kind: Option<&'static str>,
 }
 
 pub async fn run(config: Option<&Path>, cmd: CertificateCommand) -> ExitCode {
@@ -207,25 +218,61 @@ async fn verify_cmd(
         }
     }
     // A valid certificate whose shred no longer holds (a key usable again,
-    // data back in the store) fails verification as a shred that failed it.
+    // data back in the store) fails verification as a shred that failed it
+    // (exit 1). A check custos could not make (a key whose provider it may
+    // not or cannot call) shows neither: exit 3, with the reason.
     let failure = out
         .online
         .as_ref()
-        .filter(|o| !o.ok)
-        .map(|o| Error::ShredVerification {
-            tenant: c.tenant.to_string(),
-            message: format!("checked online now: {}", o.problems.join("; ")),
+        .filter(|o| !o.problems.is_empty())
+        .map(|o| {
+            (
+                Failure {
+                    kind: ErrorKind::ShredVerificationFailed.as_str(),
+                    message: format!("checked online now: {}", o.problems.join("; ")),
+                },
+                ExitCode::FAILURE,
+            )
         });
+    let inconclusive = || {
+        let o = out.online.as_ref()?;
+        let first = o.keys.iter().find(|k| !k.checked)?;
+        Some((
+            Failure {
+                kind: first.unchecked_kind.unwrap_or("key_unavailable"),
+                message: format!(
+                    "could not check online: {} (the key's state was not read: nothing shows it destroyed or alive)",
+                    o.unchecked.join("; ")
+                ),
+            },
+            ExitCode::from(ONLINE_UNCHECKED_EXIT),
+        ))
+    };
+    let failure = failure.or_else(inconclusive);
     if json {
-        print_envelope(&out, failure.as_ref());
+        super::output::print_envelope(
+            failure.is_none(),
+            Some(&out),
+            failure.as_ref().map(|(f, _)| Failure {
+                kind: f.kind,
+                message: f.message.clone(),
+            }),
+        );
     } else {
         print_human(&verified, key_source, &out);
+        if let Some((f, _)) = &failure {
+            eprintln!("error: {}", f.message);
+        }
     }
     match failure {
         None => ExitCode::SUCCESS,
-        Some(_) => ExitCode::FAILURE,
+        Some((_, code)) => code,
     }
 }
+
+/// The exit status of `certificate verify --online` when a key's state
+/// could not be read (distinct from 1: a key shown not destroyed).
+pub const ONLINE_UNCHECKED_EXIT: u8 = 3;
 
 /// The `--json` envelope: `{"ok": true, "result": …}`, or `{"ok": false,
 /// "error": {"kind", "message"}, "result": …}` when verification failed.
@@ -316,6 +363,8 @@ fn print_human(v: &Verified, key_source: &str, out: &VerifyOutput) {
             };
             let verdict = if k.ok {
                 ""
+            } else if !k.checked {
+                " (COULD NOT CHECK)"
             } else if k.leftover_material.is_empty() {
                 " (NOT destroyed)"
             } else {
@@ -339,6 +388,7 @@ async fn check_online(config: Option<&Path>, v: &Verified) -> Result<Online> {
     let s = setup(config).await?;
     let c = &v.certificate;
     let mut problems = Vec::new();
+    let mut unchecked = Vec::new();
     let mut keys = Vec::new();
     for k in &c.keys {
         // A key the certificate says was left untouched (ownership unproven)
@@ -350,6 +400,8 @@ async fn check_online(config: Option<&Path>, v: &Verified) -> Result<Online> {
             Ok(p) => (p.describe().await, Some(p)),
             Err(e) => (Err(e), None),
         };
+        let mut checked = true;
+        let mut unchecked_kind = None;
         let (state, error, mut ok) = match r {
             Ok(info) => {
                 let ok = matches!(
@@ -365,9 +417,22 @@ async fn check_online(config: Option<&Path>, v: &Verified) -> Result<Online> {
                 let gone = k.reference.kind().absence_means_gone();
                 (None, Some(e.to_string()), gone)
             }
-            Err(e) => (None, Some(e.to_string()), false),
+            // The provider's own word that the key is ended, or that it lives.
+            Err(
+                e @ (KeyError::Destroyed { .. }
+                | KeyError::PendingDeletion { .. }
+                | KeyError::PendingImport { .. }),
+            ) => (None, Some(e.to_string()), true),
+            Err(e @ KeyError::Disabled { .. }) => (None, Some(e.to_string()), false),
+            // Not asked (refused by [residency], not configured) or no answer.
+            Err(e) => {
+                checked = false;
+                unchecked_kind = Some(e.kind().as_str());
+                unchecked.push(format!("key {}: {e}", k.reference));
+                (None, Some(e.to_string()), false)
+            }
         };
-        if !ok {
+        if !ok && checked {
             problems.push(format!("key {} is not destroyed", k.reference));
         }
         let leftover_material = match provider {
@@ -400,6 +465,8 @@ async fn check_online(config: Option<&Path>, v: &Verified) -> Result<Online> {
             error,
             leftover_material,
             ok,
+            checked,
+            unchecked_kind,
         });
     }
     let store = TenantStore::new(s.ctx.store.clone(), &c.tenant);
@@ -445,11 +512,12 @@ async fn check_online(config: Option<&Path>, v: &Verified) -> Result<Online> {
             }
         }
     }
-    let ok = problems.is_empty();
+    let ok = problems.is_empty() && unchecked.is_empty();
     Ok(Online {
         ok,
         keys,
         remaining,
         problems,
+        unchecked,
     })
 }

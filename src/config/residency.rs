@@ -247,15 +247,38 @@ impl Residency {
                 }
             }
             ProviderKind::AwsKms => {
+                // The SDK calls the client's region (its endpoint) whatever
+                // region a key ARN names: a key of another region would be
+                // asked about there. Both must be allowed, so they must agree.
+                let arn = crate::keys::aws_kms::arn_region(key.id());
+                if let (Some(a), Some(c)) = (arn, at.kms_region.as_deref())
+                    && a != c
+                {
+                    let rule = match (&self.kms_regions, &self.kms_endpoints) {
+                        (Some(allowed), _) => Some(("kms_regions", list(allowed))),
+                        (None, Some(allowed)) => Some(("kms_endpoints", list(allowed))),
+                        (None, None) => None,
+                    };
+                    if let Some((rule, allowed)) = rule {
+                        return Err(self.violation(
+                            rule,
+                            allowed,
+                            subject,
+                            format!(
+                                "its ARN names region {a:?}, but the AWS KMS client calls region {c:?}{}: the \
+                                 request would go there, not to {a:?} (set [aws] region = {a:?})",
+                                at.kms_endpoint
+                                    .as_deref()
+                                    .map(|e| format!(" at {e}"))
+                                    .unwrap_or_default()
+                            ),
+                        ));
+                    }
+                }
                 if let Some(allowed) = &self.kms_regions {
-                    // An ARN names its region; an id or alias resolves in
-                    // the configured one.
-                    let region = key
-                        .id()
-                        .strip_prefix("arn:")
-                        .and_then(|arn| arn.split(':').nth(2))
-                        .map(str::to_owned)
-                        .or_else(|| at.kms_region.clone());
+                    // The region called: the client's; an ARN's own when the
+                    // client's is not known (no [aws] region).
+                    let region = at.kms_region.clone().or_else(|| arn.map(str::to_owned));
                     match region {
                         Some(r) if allowed.contains(&r) => {}
                         Some(r) => {
@@ -378,6 +401,45 @@ mod tests {
 
     fn key(s: &str) -> KeyRef {
         KeyRef::parse(s).unwrap()
+    }
+
+    #[test]
+    fn an_arn_of_another_region_than_the_client_calls_is_refused() {
+        let r = Residency {
+            kms_regions: Some(vec!["eu-central-1".into()]),
+            ..Default::default()
+        };
+        let arn = key(
+            "aws-kms:arn:aws:kms:eu-central-1:111122223333:key/0b6f2c1e-1111-2222-3333-444455556666",
+        );
+        let at = |region: &str| Placement {
+            kms_region: Some(region.into()),
+            kms_endpoint: Some(format!("https://kms.{region}.amazonaws.com")),
+            kmip_server: None,
+        };
+        r.check_key(&arn, &at("eu-central-1")).unwrap();
+        let e = r.check_key(&arn, &at("us-east-1")).unwrap_err();
+        assert_eq!(e.rule, "kms_regions");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("\"us-east-1\" at https://kms.us-east-1.amazonaws.com")
+                && msg.contains("set [aws] region = \"eu-central-1\""),
+            "{msg}"
+        );
+        // An alias resolves where the client calls.
+        r.check_key(&key("aws-kms:alias/x"), &at("eu-central-1"))
+            .unwrap();
+        assert!(
+            r.check_key(&key("aws-kms:alias/x"), &at("us-east-1"))
+                .is_err()
+        );
+        // Only endpoints restricted: a mismatch is still refused, by that rule.
+        let r = Residency {
+            kms_endpoints: Some(vec!["https://kms.eu-central-1.amazonaws.com".into()]),
+            ..Default::default()
+        };
+        let e = r.check_key(&arn, &at("us-east-1")).unwrap_err();
+        assert_eq!(e.rule, "kms_endpoints");
     }
 
     #[test]

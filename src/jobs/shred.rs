@@ -222,7 +222,7 @@ pub async fn run(repo: &Repo, lease: &LeaseGuard, req: &ShredRequest) -> Result<
     }
     // Our own copy of the repository, read under the lease, that we may update.
     let mut repo = Repo::open(ctx, repo.tenant(), None).await?;
-    check_skip_list(&repo, req)?;
+    check_skip_list(&repo, req).await?;
     match &req.target {
         ShredTarget::Tenant => engine::drive(tenant::TenantSubject, &mut repo, lease, req).await,
         ShredTarget::Epoch { epoch, rewrap } => {
@@ -248,7 +248,7 @@ pub async fn preview(
         other => other,
     };
     let repo = Repo::open(ctx, tenant, policy_key).await?;
-    check_skip_list(&repo, req)?;
+    check_skip_list(&repo, req).await?;
     match &req.target {
         ShredTarget::Tenant => tenant::preview(&repo, req).await,
         ShredTarget::Epoch { epoch, rewrap } => {
@@ -264,9 +264,17 @@ fn legal_hold(tenant: &TenantId) -> Error {
     }
 }
 
-/// `--skip-unproven-key` may name only keys the tenant names.
-fn check_skip_list(repo: &Repo, req: &ShredRequest) -> Result<()> {
-    let named = keys::tenant_keys(repo.descriptor());
+/// `--skip-unproven-key` may name only keys the tenant names, or that one of
+/// its objects names and that could not be ruled out ([`keys::all_tenant_keys`]).
+async fn check_skip_list(repo: &Repo, req: &ShredRequest) -> Result<()> {
+    let mut named = keys::tenant_keys(repo.descriptor());
+    if req
+        .skip_unproven
+        .iter()
+        .any(|k| !named.iter().any(|(n, _)| n == k))
+    {
+        named = keys::all_tenant_keys(repo).await?;
+    }
     if let Some(k) = req
         .skip_unproven
         .iter()

@@ -284,6 +284,25 @@ impl AwsKmsProvider {
         Fut: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
+        // The SDK sends every call to the client's regional endpoint, whatever
+        // region a key ARN names: a key of another region would be asked
+        // about there (and refused by KMS), so the call is not made.
+        for key in keys {
+            if let Some(r) = arn_region(key)
+                && r != self.region
+            {
+                return Err(KeyError::Refused {
+                    key: format!("{}:{key}", ProviderKind::AwsKms.scheme()),
+                    operation: op,
+                    message: format!(
+                        "its ARN names region {r:?}, but the AWS KMS client calls region {:?} at {}: the request \
+                         would go there, not to {r:?}. Set [aws] region = {r:?} (and its endpoint), or name a key \
+                         of region {:?}",
+                        self.region, self.endpoint, self.region
+                    ),
+                });
+            }
+        }
         let started = Instant::now();
         let mut slept = Duration::ZERO;
         let mut attempt = 0u32;
@@ -807,6 +826,15 @@ impl KeyProvider for AwsKmsProvider {
 
 /// Checks the `<key>` part of `aws-kms:<key>`: a key id (UUID or `mrk-…`),
 /// `alias/<name>`, or a key / alias ARN.
+/// The region a key ARN names (`arn:<partition>:kms:<region>:…`); `None`
+/// for a key id or alias, which resolve in the client's region.
+pub fn arn_region(id: &str) -> Option<&str> {
+    id.strip_prefix("arn:")?
+        .split(':')
+        .nth(2)
+        .filter(|r| !r.is_empty())
+}
+
 pub fn validate_key_id(id: &str) -> Result<(), String> {
     if id.is_empty() {
         return Err("an AWS KMS key reference needs a key id, alias/<name> or an ARN".into());

@@ -636,6 +636,10 @@ pub struct Leftover {
     pub removed: bool,
 }
 
+/// The operation name [`KeyHandle::describe`] gives the [`KeyGate`]: the
+/// one read-only operation (it asks about a key, uses none).
+pub const DESCRIBE: &str = "describe";
+
 /// What every key operation passes before its provider is called: the
 /// configuration's rules on which keys may be used (`[residency]`, see
 /// `crate::context`). A key the store names (a tampered descriptor or
@@ -761,7 +765,7 @@ impl<'a> KeyHandle<'a> {
     }
 
     pub async fn describe(&self) -> Result<KeyInfo, KeyError> {
-        self.admit("describe").await?;
+        self.admit(DESCRIBE).await?;
         self.provider.describe(self.key).await
     }
 

@@ -118,8 +118,9 @@ pub enum Verdict {
     /// Unproven, but the provider already shows it destroyed (or does not
     /// know it): nothing to destroy, and custos does not touch it.
     AlreadyGone { state: Option<KeyState> },
-    /// Unproven, and the operator asked to leave it untouched.
-    Skip,
+    /// Unproven (or refused by `[residency]`), and the operator asked to
+    /// leave it untouched; `why` says what stopped the proof or the call.
+    Skip { why: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -408,6 +409,13 @@ pub async fn prove(
 /// otherwise leave that key alive, able to unwrap every old copy of the
 /// tenant's envelopes, under a certificate saying all its keys were
 /// destroyed. Each key still goes through [`decide_destroy`].
+///
+/// A key named by one of the tenant's objects that cannot be tried (refused
+/// by `[residency]`, disabled, unknown to its provider, not configured) is
+/// kept as a candidate: nothing shows it is not the tenant's, so the shred
+/// must prove and destroy it, refuse, or certify that it was left
+/// untouched, never leave it out. Only a key under which the object
+/// provably does not unwrap (planted, naming someone else's key) is dropped.
 pub async fn known_keys(
     ctx: &Context,
     store: &TenantStore,
@@ -431,10 +439,9 @@ pub async fn known_keys(
         if listed(ctx, &mut ids, &out, key).await {
             continue;
         }
-        if let Tried::Unwraps =
-            try_unwrap(ctx, key, &o.wrapped, &o.context, o.fingerprint.as_deref()).await?
-        {
-            out.push((key.clone(), KeyRole::Previous));
+        match try_unwrap(ctx, key, &o.wrapped, &o.context, o.fingerprint.as_deref()).await? {
+            Tried::Unwraps | Tried::KeyUnusable(_) => out.push((key.clone(), KeyRole::Previous)),
+            Tried::Not => {}
         }
     }
     Ok(out)
@@ -1156,7 +1163,9 @@ pub async fn decide_destroy(
             Err(e) => {
                 if matches!(
                     e,
-                    Error::KeyInUse { .. } | Error::KeyOwnershipUnproven { .. }
+                    Error::KeyInUse { .. }
+                        | Error::KeyOwnershipUnproven { .. }
+                        | Error::Key(KeyError::Refused { .. })
                 ) {
                     record_refusal(ctx, &tenant, action, key, &e).await;
                 }
@@ -1187,6 +1196,32 @@ async fn decide_one(
     };
     let (state, resolved) = match described {
         Ok(info) => (Some(info.state), Some(info.key_id)),
+        // `[residency]` forbids calling its provider: nothing can be proven,
+        // destroyed or checked. Left untouched on the operator's word (the
+        // certificate then says so), else refused with what to change.
+        Err(KeyError::Refused {
+            key: name,
+            operation,
+            message,
+        }) => {
+            if skip.contains(key) {
+                return Ok(Verdict::Skip {
+                    why: format!("this configuration refuses to call its provider: {message}"),
+                });
+            }
+            return Err(Error::Key(KeyError::Refused {
+                key: name,
+                operation,
+                message: format!(
+                    "{message}. A shred must end every key tenant {tenant} is known to own (its {} key {key}), \
+                     and this configuration forbids calling its provider: allow it in [residency] for the shred \
+                     and run the shred again (an interrupted shred stays fenced until then and resumes where it \
+                     stopped), or leave it untouched with --skip-unproven-key {key}: the certificate then says \
+                     it was not destroyed",
+                    role_name(role)
+                ),
+            }));
+        }
         Err(KeyError::NotFound { message, .. }) => {
             // A local key custos destroyed reads as destroyed (its tombstone
             // stays), never as missing. One the provider does not find is
@@ -1197,7 +1232,9 @@ async fn decide_one(
             // registry bound it (a host that did not bind it knows least).
             if !key.kind().absence_means_gone() {
                 if skip.contains(key) {
-                    return Ok(Verdict::Skip);
+                    return Ok(Verdict::Skip {
+                        why: format!("its provider does not find it ({message})"),
+                    });
                 }
                 let bound = ctx
                     .state
@@ -1237,13 +1274,16 @@ async fn decide_one(
         // the state; no other tenant can lose anything more.
         Ok(proof) if gone => Ok(Verdict::Destroy { proof }),
         Err(_) if gone => Ok(Verdict::AlreadyGone { state }),
-        Err(_) if skip.contains(key) => Ok(Verdict::Skip),
+        Err(why) if skip.contains(key) => Ok(Verdict::Skip {
+            why: format!("nothing proved it the tenant's: {why}"),
+        }),
         Err(why) => Err(Error::KeyOwnershipUnproven {
             key: key.to_string(),
             tenant: tenant.to_string(),
             message: format!(
-                "tenant {tenant}'s descriptor names it as its {} key, but the descriptor is not \
-                 authenticated (whoever can write the store can edit it), and {why}. custos destroys \
+                "tenant {tenant}'s descriptor or one of its claims or envelopes names it (as its {} key), \
+                 but what the store says is not authenticated (whoever can write the store can edit it), \
+                 and {why}. custos destroys \
                  only keys a tenant provably owns. If {key} is {tenant}'s key, make it provable \
                  (custos tenant init {tenant} records the current key's claim) or leave it \
                  untouched with --skip-unproven-key {key}: the certificate then says it was not destroyed",
@@ -1650,7 +1690,7 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(v[0].verdict, Verdict::Destroy { .. }));
-        assert_eq!(v[1].verdict, Verdict::Skip);
+        assert!(matches!(v[1].verdict, Verdict::Skip { .. }));
         // A local key the provider does not find is not a gone one (a
         // destroyed local key leaves its tombstone): refused, or skipped on
         // the operator's word.
@@ -1662,7 +1702,7 @@ mod tests {
         let v = decide_destroy(&ctx, &alpha, &gone, &[k("nobody")], "shred")
             .await
             .unwrap();
-        assert_eq!(v[0].verdict, Verdict::Skip);
+        assert!(matches!(v[0].verdict, Verdict::Skip { .. }));
         // Proven, but another tenant's policy... here its registry entry names it.
         ctx.state
             .bind_key(KeyBinding {

@@ -254,6 +254,40 @@ impl Cli {
         r
     }
 
+    /// Sets a short lease TTL (10 s): a test re-running a command that a
+    /// crash hook aborted waits this long for the dead run's lease.
+    pub fn short_lease(&self) {
+        let toml = self.path().join("custos.toml");
+        let mut text = fs::read_to_string(&toml).unwrap();
+        text.push_str("[daemon]\nlease_ttl = \"10s\"\n");
+        fs::write(&toml, text).unwrap();
+    }
+
+    pub fn descriptor_path(&self, tenant: &str) -> std::path::PathBuf {
+        self.store()
+            .join("tenants")
+            .join(tenant)
+            .join("tenant.json")
+    }
+
+    /// A tenant's descriptor as JSON.
+    pub fn descriptor(&self, tenant: &str) -> serde_json::Value {
+        serde_json::from_slice(&fs::read(self.descriptor_path(tenant)).unwrap()).unwrap()
+    }
+
+    /// What a store writer does: edits a descriptor and bumps its
+    /// generation, so no replay check can tell.
+    pub fn tamper(&self, tenant: &str, f: impl FnOnce(&mut serde_json::Value)) {
+        let mut d = self.descriptor(tenant);
+        f(&mut d);
+        d["generation"] = (d["generation"].as_u64().unwrap() + 1).into();
+        fs::write(
+            self.descriptor_path(tenant),
+            serde_json::to_vec_pretty(&d).unwrap(),
+        )
+        .unwrap();
+    }
+
     /// Every object of a tenant (relative path → bytes), leases excluded.
     pub fn objects(&self, tenant: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
         let root = self.store().join("tenants").join(tenant);

@@ -1032,6 +1032,73 @@ mod pkcs11_specific {
         }
     }
 
+    /// A version generated on the token, never extractable (so it passes the
+    /// origin check), but able to wrap, unwrap or derive keys is never
+    /// wrapped under: custos's own versions only encrypt and decrypt, and
+    /// are not copyable (`C_CopyObject` could copy one with attributes
+    /// changed where the token allows it).
+    #[tokio::test]
+    async fn a_version_that_can_wrap_or_derive_is_never_wrapped_under() {
+        use cryptoki::mechanism::Mechanism;
+        use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+        use cryptoki::types::Ulong;
+        let Some(f) = Pkcs11Fixture::new() else {
+            return;
+        };
+        let (settings, token) = common::pkcs11_settings().unwrap();
+        let key = f.fresh_key().await;
+        let label = key.id().rsplit("object=").next().unwrap().to_owned();
+        let c = ctx("acme", 1);
+        let (dk, _) = f.provider.generate_data_key(&key, &c).await.unwrap();
+        let session = token_session(&settings, &token);
+        // custos's version 1: not copyable (where the token reports it).
+        let v1 = session
+            .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+            .unwrap();
+        let copyable = session
+            .get_attributes(v1[0], &[AttributeType::Copyable])
+            .unwrap_or_default();
+        for a in copyable {
+            if let Attribute::Copyable(b) = a {
+                assert!(!b, "custos generated a copyable version");
+            }
+        }
+        session
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(Ulong::from(32u64)),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    Attribute::Wrap(true),
+                    Attribute::Derive(true),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                    Attribute::Id(2u32.to_be_bytes().to_vec()),
+                ],
+            )
+            .unwrap();
+        let e = expect_err(
+            &f,
+            "wrap under a version that can wrap and derive",
+            f.provider.wrap(&key, &dk, &c).await,
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("version 2") && msg.contains("CKA_WRAP") && msg.contains("CKA_DERIVE"),
+            "{msg}"
+        );
+        f.provider.rotate(&key).await.unwrap();
+        let w = f.provider.wrap(&key, &dk, &c).await.unwrap();
+        assert_eq!(w.key_version.as_deref(), Some("3"));
+        f.cleanup().await;
+    }
+
     /// A newer version that someone with the PIN planted is never used for
     /// new wraps: its value may exist outside the token. Older envelopes
     /// still unwrap, and a rotation generates a clean version above it.

@@ -37,6 +37,7 @@ mod roundtrip;
 mod secrets;
 mod shred;
 mod shred_kms;
+mod shred_records;
 mod store_conformance;
 mod systemd;
 mod tamper;

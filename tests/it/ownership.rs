@@ -79,25 +79,13 @@ fn make_data(root: &Path, tag: &str) {
     }
 }
 
-fn descriptor_path(cli: &Cli, tenant: &str) -> PathBuf {
-    cli.store().join("tenants").join(tenant).join("tenant.json")
-}
-
 fn descriptor(cli: &Cli, tenant: &str) -> Value {
-    serde_json::from_slice(&fs::read(descriptor_path(cli, tenant)).unwrap()).unwrap()
+    cli.descriptor(tenant)
 }
 
-/// What a store writer does: edits a descriptor and bumps its generation,
-/// so no replay check can tell.
+/// What a store writer does (see [`Cli::tamper`]).
 fn tamper(cli: &Cli, tenant: &str, f: impl FnOnce(&mut Value)) {
-    let mut d = descriptor(cli, tenant);
-    f(&mut d);
-    d["generation"] = (d["generation"].as_u64().unwrap() + 1).into();
-    fs::write(
-        descriptor_path(cli, tenant),
-        serde_json::to_vec_pretty(&d).unwrap(),
-    )
-    .unwrap();
+    cli.tamper(tenant, f)
 }
 
 fn key_file(cli: &Cli, name: &str) -> PathBuf {
@@ -249,13 +237,13 @@ fn shred_refuses_a_key_the_store_adds_to_the_tenant() {
         ("shredded", true),
     ] {
         let cli = installation(&["alpha", "beta"]);
-        let beta_descriptor = fs::read(descriptor_path(&cli, "beta")).unwrap();
+        let beta_descriptor = fs::read(cli.descriptor_path("beta")).unwrap();
         tamper(&cli, "alpha", |d| {
             d["previous_keys"] = serde_json::json!(["local:beta"]);
         });
         match variant {
-            "junk" => fs::write(descriptor_path(&cli, "beta"), b"{ not json").unwrap(),
-            "deleted" => fs::remove_file(descriptor_path(&cli, "beta")).unwrap(),
+            "junk" => fs::write(cli.descriptor_path("beta"), b"{ not json").unwrap(),
+            "deleted" => fs::remove_file(cli.descriptor_path("beta")).unwrap(),
             _ => tamper(&cli, "beta", |d| d["state"] = "shredded".into()),
         }
         if forget_registry {
@@ -273,7 +261,7 @@ fn shred_refuses_a_key_the_store_adds_to_the_tenant() {
         let refusals = audit_events(&cli, "alpha", "shred.refused");
         assert_eq!(refusals.len(), 1, "{variant}");
         assert_eq!(refusals[0]["details"]["key"], "local:beta", "{variant}");
-        fs::write(descriptor_path(&cli, "beta"), &beta_descriptor).unwrap();
+        fs::write(cli.descriptor_path("beta"), &beta_descriptor).unwrap();
         beta_restores(&cli);
 
         // The operator's explicit word leaves beta's key untouched, and the
@@ -313,14 +301,14 @@ fn shred_refuses_a_key_the_store_adds_to_the_tenant() {
 #[test]
 fn shred_refuses_beta_as_current_pending_or_with_copied_proof() {
     let cli = installation(&["alpha", "beta"]);
-    let original = fs::read(descriptor_path(&cli, "alpha")).unwrap();
+    let original = fs::read(cli.descriptor_path("alpha")).unwrap();
     let restore_alpha = |cli: &Cli| {
         // Keeps the generation custos last saw, so the original is no replay.
         let seen = descriptor(cli, "alpha")["generation"].clone();
         let mut d: Value = serde_json::from_slice(&original).unwrap();
         d["generation"] = seen;
         fs::write(
-            descriptor_path(cli, "alpha"),
+            cli.descriptor_path("alpha"),
             serde_json::to_vec(&d).unwrap(),
         )
         .unwrap();

@@ -349,3 +349,88 @@ fn a_local_tenant_makes_no_aws_call_in_the_whole_flow() {
         r.stderr
     );
 }
+
+/// The events in this installation's local audit log, in order.
+fn audit_events(cli: &Cli) -> Vec<String> {
+    let log = cli.path().join("state/audit/log.jsonl");
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["event"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// Read-only surveys (`tenant list`, `tenant show`'s custody, `policy
+/// validate`, a report's custody table) ask about keys the rules refuse
+/// without writing to the audit log; `tenant show` records only its access
+/// to the snapshots it decrypts.
+#[test]
+fn read_only_surveys_write_no_audit_record() {
+    let cli = Cli::new();
+    write_policy(&cli, "acme", "local:acme");
+    cli.ok(&["backup", "acme"]);
+    fs::remove_file(cli.path().join("policies/acme.toml")).unwrap();
+    with_residency(&cli, "key_providers = [\"pkcs11\"]\n");
+    let before = audit_events(&cli);
+    assert!(!before.is_empty());
+    for args in [
+        vec!["tenant", "list", "--json"],
+        vec!["policy", "validate", "--json"],
+        vec!["report", "--format", "json"],
+    ] {
+        let r = cli.run(&args);
+        assert!(
+            r.code == 0 || r.code == 1,
+            "{args:?}: {}\n{}",
+            r.stdout,
+            r.stderr
+        );
+        assert_eq!(
+            audit_events(&cli),
+            before,
+            "{args:?} wrote to the audit log"
+        );
+    }
+    let r = cli.run(&["tenant", "show", "acme", "--json"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let custody = r.json()["result"]["custody"].to_string();
+    assert!(custody.contains("[residency] key_providers"), "{custody}");
+    let after = audit_events(&cli);
+    let new: Vec<&String> = after[before.len()..]
+        .iter()
+        .filter(|e| !e.starts_with("tenant.show"))
+        .collect();
+    // The snapshot listing's refused unwrap is a refused use, recorded; the
+    // custody table's questions are not.
+    assert!(
+        new.iter().all(|e| *e == "key.refused") && new.len() <= 1,
+        "{new:?}"
+    );
+}
+
+/// The AWS SDK calls the client's region whatever region a key ARN names:
+/// an ARN of an allowed region, reached through a client of another region,
+/// is refused by name (the request would have gone to the other region).
+#[test]
+fn a_kms_arn_of_another_region_than_the_client_is_refused() {
+    let cli = Cli::new();
+    let toml = cli.path().join("custos.toml");
+    let text = fs::read_to_string(&toml).unwrap();
+    fs::write(&toml, format!("{text}[aws]\nregion = \"us-east-1\"\n")).unwrap();
+    with_residency(&cli, "kms_regions = [\"eu-central-1\"]\n");
+    let arn =
+        "aws-kms:arn:aws:kms:eu-central-1:111122223333:key/0b6f2c1e-1111-2222-3333-444455556666";
+    write_policy(&cli, "acme", arn);
+    let v = cli.run(&["policy", "validate", "--json"]);
+    assert_eq!(v.code, 1, "{}{}", v.stdout, v.stderr);
+    let errors = v.json()["result"]["errors"].to_string();
+    assert!(
+        errors.contains("kms_regions")
+            && errors.contains("its ARN names region \\\"eu-central-1\\\"")
+            && errors.contains("calls region \\\"us-east-1\\\""),
+        "{errors}"
+    );
+}

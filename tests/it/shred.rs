@@ -54,10 +54,7 @@ fn ok(cli: &Cli, args: &[&str]) -> common::Run {
 /// An installation with a short lease TTL and `tenant`'s policy over a small tree.
 fn installation(tenants: &[&str]) -> Cli {
     let cli = Cli::new();
-    let toml = cli.path().join("custos.toml");
-    let mut text = fs::read_to_string(&toml).unwrap();
-    text.push_str("[daemon]\nlease_ttl = \"10s\"\n");
-    fs::write(&toml, text).unwrap();
+    cli.short_lease();
     for t in tenants {
         let src = cli.path().join("src").join(t);
         make_data(&src, t);
@@ -98,10 +95,7 @@ fn certificates(cli: &Cli, tenant: &str) -> Vec<PathBuf> {
 }
 
 fn descriptor(cli: &Cli, tenant: &str) -> Value {
-    serde_json::from_slice(
-        &fs::read(cli.store().join("tenants").join(tenant).join("tenant.json")).unwrap(),
-    )
-    .unwrap()
+    cli.descriptor(tenant)
 }
 
 async fn context(cli: &Cli) -> Context {

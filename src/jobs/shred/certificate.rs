@@ -2,7 +2,7 @@
 //! trusts only the audit public key, what a shred destroyed, what remains,
 //! how it was verified, and that the shred is recorded in the audit log.
 //!
-//! # File format (`custos-deletion-certificate/1`)
+//! # File format (`custos-deletion-certificate/2`; `/1` is still verified)
 //!
 //! ```json
 //! {
@@ -23,7 +23,9 @@
 //!   Python's `json.dumps(v, sort_keys=True, separators=(",", ":"),
 //!   ensure_ascii=False)` writes.
 //! - **Signature**: Ed25519 (RFC 8032, strict verification) by the audit key
-//!   over `"custos-deletion-certificate/1\n" ‖ canonical_json(certificate)`.
+//!   over `certificate.format ‖ "\n" ‖ canonical_json(certificate)`
+//!   (`"custos-deletion-certificate/2\n" ‖ …`; a `/1` certificate was signed
+//!   with its own label, `"custos-deletion-certificate/1\n"`).
 //! - **The file** is the whole document in the pretty canonical form: the same
 //!   members and escaping, indented by two spaces, `": "` after keys, each
 //!   member and element on its own line, `[]` and `{}` when empty, and one
@@ -57,9 +59,24 @@ use crate::format::shred::{
 };
 use crate::tenant::TenantId;
 
-pub const CERTIFICATE_FORMAT: &str = "custos-deletion-certificate/1";
-/// Domain label prefixed to the signed bytes.
-pub const SIGNING_LABEL: &[u8] = b"custos-deletion-certificate/1\n";
+/// The format custos issues. `/2` added `guarantee.destruction_began_at`:
+/// a verifier of `/1` parses strictly (unknown members are refused, so that
+/// nothing unsigned-for can be read into a certificate), so a new member
+/// takes a new version, never a silent addition. Every member of a `/2`
+/// body is signed; a `/1` certificate keeps verifying (see [`FORMATS`]).
+pub const CERTIFICATE_FORMAT: &str = "custos-deletion-certificate/2";
+/// The first format (custos 0.1 until `/2`).
+pub const CERTIFICATE_FORMAT_V1: &str = "custos-deletion-certificate/1";
+/// Every format this verifier accepts. `/1` certificates issued while
+/// `destruction_began_at` was added under `/1` (briefly, before `/2`) carry
+/// that member too: they verify as they were signed.
+pub const FORMATS: &[&str] = &[CERTIFICATE_FORMAT_V1, CERTIFICATE_FORMAT];
+
+/// Domain label prefixed to the signed bytes: the body's format and a
+/// newline (`custos-deletion-certificate/2\n`).
+pub fn signing_label(format: &str) -> Vec<u8> {
+    format!("{format}\n").into_bytes()
+}
 /// The audit event whose record a certificate's evidence proves.
 pub const ANCHOR_EVENT: &str = "shred.certificate.begin";
 
@@ -385,8 +402,8 @@ fn digest_value(v: &Value) -> Result<String, CertificateError> {
     )))
 }
 
-fn signed_message(body: &Value) -> Result<Vec<u8>, CertificateError> {
-    let mut msg = SIGNING_LABEL.to_vec();
+fn signed_message(body: &Value, format: &str) -> Result<Vec<u8>, CertificateError> {
+    let mut msg = signing_label(format);
     msg.extend_from_slice(canonical_json(body, false)?.as_bytes());
     Ok(msg)
 }
@@ -394,7 +411,7 @@ fn signed_message(body: &Value) -> Result<Vec<u8>, CertificateError> {
 /// Signs a body (whose `audit` anchor is set) and returns the file's bytes.
 pub fn sign(body: &Certificate, key: &AuditKey) -> Vec<u8> {
     let body_value = to_value(body);
-    let msg = signed_message(&body_value).expect("certificate bodies hold no floats");
+    let msg = signed_message(&body_value, &body.format).expect("certificate bodies hold no floats");
     let doc = CertificateDocument {
         certificate: body.clone(),
         signature: SignatureBlock {
@@ -448,6 +465,18 @@ pub fn verify(bytes: &[u8], trusted_key_text: &str) -> Result<Verified, Certific
             "expected the members certificate and signature".into(),
         ));
     };
+    // The format first: a body of a format this verifier does not know is
+    // refused as such (upgrade custos), not as an unknown member.
+    let format = body_value
+        .get("format")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if !FORMATS.contains(&format) {
+        return Err(CertificateError::Malformed(format!(
+            "format {format:?} is not one this verifier knows ({}): a newer custos issued it, verify it with that version",
+            FORMATS.join(", ")
+        )));
+    }
     let parsed: CertificateDocument = serde_json::from_value(doc.clone())
         .map_err(|e| CertificateError::Malformed(e.to_string()))?;
     let sig: SignatureBlock = serde_json::from_value(sig_value.clone())
@@ -470,19 +499,13 @@ pub fn verify(bytes: &[u8], trusted_key_text: &str) -> Result<Verified, Certific
         .decode(&sig.value)
         .map_err(|_| CertificateError::BadSignature)?;
     let raw: [u8; 64] = raw.try_into().map_err(|_| CertificateError::BadSignature)?;
-    let msg = signed_message(body_value)?;
+    let msg = signed_message(body_value, format)?;
     trusted
         .public_key()
         .verify_strict(&msg, &Signature::from_bytes(&raw))
         .map_err(|_| CertificateError::BadSignature)?;
 
     let cert = parsed.certificate;
-    if cert.format != CERTIFICATE_FORMAT {
-        return Err(CertificateError::Malformed(format!(
-            "format {:?}",
-            cert.format
-        )));
-    }
     let anchor = cert
         .audit
         .as_ref()

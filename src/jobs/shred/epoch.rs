@@ -542,6 +542,7 @@ async fn start(
         Some(repo.tenant()),
         json!({
             "certificate_id": id,
+        "started_at": now,
             "epoch": epoch,
             "reason": req.reason,
             "requested_by": req.requested_by,

@@ -2,6 +2,10 @@
 //! before one is signed, and before a stored one is reported as a finished
 //! shred's. The descriptor's shred records are clear JSON in the store.
 
+use chrono::{DateTime, Utc};
+
+use crate::audit::AuditLog;
+use crate::audit::record::AuditRecord;
 use crate::error::{Error, Result};
 use crate::format::shred::DestroyOutcome;
 use crate::keys::{KeyError, KeyRef};
@@ -76,6 +80,7 @@ pub(super) async fn confirm_before_signing(
             }
         }
     }
+    problems.extend(journal_problems(audit_log(ctx)?, tenant, body, Utc::now())?);
     problems.extend(what_holds_now(repo, body, destroys_keys, destroys_keys, spared).await?);
     if problems.is_empty() {
         return Ok(());
@@ -89,6 +94,142 @@ pub(super) async fn confirm_before_signing(
             problems.join("; ")
         ),
     })
+}
+
+/// Audit timestamps are written to the microsecond; a time custos took
+/// just before appending a record may read as that much later.
+const AUDIT_TIME_SLACK: chrono::Duration = chrono::Duration::milliseconds(1);
+
+/// The times and the key list a certificate states, checked against what
+/// custos itself recorded in its audit log (which the store cannot write)
+/// for this shred (`certificate_id`, tenant and epoch): the key outcomes
+/// are those of the last `shred.keys.end` record (none without one); when
+/// destruction began is what the first `shred.keys.begin` record states
+/// and no later than it; the shred began no later than its first record
+/// (as its `shred.fence.begin` states, where it does); and the times run
+/// in order, none in the future. Records up to a `shred.certificate.end`
+/// of the same id belong to a shred already certified (an id reused by a
+/// store writer), not to this one. Returns the problems found.
+pub(super) fn journal_problems(
+    audit: &AuditLog,
+    tenant: &TenantId,
+    body: &Certificate,
+    now: DateTime<Utc>,
+) -> Result<Vec<String>> {
+    let mut records = Vec::new();
+    for line in audit.read_lines(audit.size()?)? {
+        let Ok(r) = AuditRecord::from_line(&line) else {
+            continue;
+        };
+        let epoch = r.details.get("epoch").and_then(|e| e.as_u64());
+        if r.tenant.as_ref() == Some(tenant)
+            && r.event.starts_with("shred.")
+            && r.details["certificate_id"] == body.id.as_str()
+            && epoch == body.epoch.map(u64::from)
+        {
+            // A certificate issued under this id ends that shred: what came
+            // before is another lineage's (an id a store writer reused).
+            if r.event == "shred.certificate.end" {
+                records.clear();
+                continue;
+            }
+            records.push(r);
+        }
+    }
+    let mut problems = Vec::new();
+    let time_in = |r: &AuditRecord, field: &str| -> Option<DateTime<Utc>> {
+        serde_json::from_value(r.details.get(field)?.clone()).ok()
+    };
+    let Some(first) = records.first() else {
+        return Ok(vec![format!(
+            "this installation's audit log has no record of shred {}: its times and keys cannot be checked",
+            body.id
+        )]);
+    };
+    if body.started_at > first.time + AUDIT_TIME_SLACK {
+        problems.push(format!(
+            "it states the shred began at {}, after its first audit record #{} ({})",
+            body.started_at, first.seq, first.time
+        ));
+    }
+    if let Some(fence) = records.iter().find(|r| r.event == "shred.fence.begin")
+        && let Some(at) = time_in(fence, "started_at")
+        && at != body.started_at
+    {
+        problems.push(format!(
+            "it states the shred began at {}, but audit record #{} (shred.fence.begin) says {at}",
+            body.started_at, fence.seq
+        ));
+    }
+    let keys_begin = records.iter().find(|r| r.event == "shred.keys.begin");
+    let keys_end = records.iter().rev().find(|r| r.event == "shred.keys.end");
+    let recorded_keys = keys_end.map(|r| r.details.get("keys").cloned().unwrap_or_default());
+    let stated_keys = serde_json::to_value(&body.keys).unwrap_or_default();
+    match &recorded_keys {
+        Some(keys) if keys != &stated_keys => problems.push(format!(
+            "its keys are not those audit record #{} (the last shred.keys.end of this shred) lists",
+            keys_end.map(|r| r.seq).unwrap_or_default()
+        )),
+        None if !body.keys.is_empty() => problems.push(
+            "it lists keys, but the audit log records no key step of this shred (shred.keys.end)"
+                .into(),
+        ),
+        _ => {}
+    }
+    if let Some(began) = body.guarantee.destruction_began_at {
+        match keys_begin {
+            None => problems.push(format!(
+                "it states destruction began at {began}, but the audit log records no key step of this shred"
+            )),
+            Some(r) => {
+                if let Some(at) = time_in(r, "keys_began_at")
+                    && at != began
+                {
+                    problems.push(format!(
+                        "it states destruction began at {began}, but audit record #{} (shred.keys.begin) says {at}",
+                        r.seq
+                    ));
+                }
+                if began > r.time + AUDIT_TIME_SLACK || began < body.started_at {
+                    problems.push(format!(
+                        "it states destruction began at {began}, outside the shred's own records (it began at {}, \
+                         its first key step is audit record #{} at {})",
+                        body.started_at, r.seq, r.time
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(r) = keys_end
+        && body.executed_at + AUDIT_TIME_SLACK < r.time
+    {
+        problems.push(format!(
+            "it states the keys were ended at {}, before its key step ended (audit record #{} at {})",
+            body.executed_at, r.seq, r.time
+        ));
+    }
+    let order = [
+        ("requested", Some(body.requested_at.min(body.started_at))),
+        ("began", Some(body.started_at)),
+        ("destruction began", body.guarantee.destruction_began_at),
+        ("executed", Some(body.executed_at)),
+    ];
+    let mut last: Option<(&str, DateTime<Utc>)> = None;
+    for (name, at) in order {
+        let Some(at) = at else { continue };
+        if let Some((before, t)) = last
+            && at < t
+        {
+            problems.push(format!(
+                "its times are out of order: {name} at {at}, before {before} at {t}"
+            ));
+        }
+        if at > now + AUDIT_TIME_SLACK {
+            problems.push(format!("it states {name} at {at}, in the future"));
+        }
+        last = Some((name, at));
+    }
+    Ok(problems)
 }
 
 /// What a certificate states that can be checked now, from what the store

@@ -88,6 +88,9 @@ pub(super) async fn destroy_keys_step(
                     "decision": verdict_details(&v.verdict),
                 })).collect::<Vec<_>>(),
                 "pending_window_days": window,
+                // What the certificate states as when destruction began,
+                // here where the store cannot rewrite it.
+                "keys_began_at": progress.keys_began_at,
             }),
         )
         .await?;
@@ -109,9 +112,9 @@ fn verdict_details(v: &Verdict) -> serde_json::Value {
             "why": "already destroyed or unknown to its provider; ownership not proven",
             "state": state.as_ref().map(|s| s.name()),
         }),
-        Verdict::Skip => serde_json::json!({
+        Verdict::Skip { why } => serde_json::json!({
             "action": "none",
-            "why": "ownership not proven; left untouched (--skip-unproven-key)",
+            "why": format!("left untouched (--skip-unproven-key): {why}"),
         }),
     }
 }
@@ -142,16 +145,13 @@ async fn destroy_keys(
         };
         let not_found_note = "the provider does not know this key: deleted before (after its waiting period), or not reachable with this configuration";
         let d = match &v.verdict {
-            Verdict::Skip => {
+            Verdict::Skip { why } => {
                 let d = record(
                     DestroyOutcome::NotDestroyed,
-                    Some(
-                        "not destroyed: nothing proved this key the tenant's (no key claim or envelope of the tenant \
-                         unwraps under it, and the key registry has no entry), so it may be another tenant's; \
-                         left untouched on the operator's request (--skip-unproven-key). Copies of envelopes once \
-                         wrapped under it can be unwrapped while it lives"
-                            .to_owned(),
-                    ),
+                    Some(format!(
+                        "not destroyed: {why}; left untouched on the operator's request (--skip-unproven-key). \
+                         Copies of envelopes once wrapped under it can be unwrapped while it lives"
+                    )),
                 );
                 tracing::warn!(event = "shred.key_skipped", key = %key, role = ?role, "key {key} left untouched: ownership unproven");
                 out.push(d);

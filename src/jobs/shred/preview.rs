@@ -106,7 +106,7 @@ impl ShredPreview {
                 action: match v.verdict {
                     Verdict::Destroy { .. } => KeyFate::Destroy,
                     Verdict::AlreadyGone { .. } => KeyFate::AlreadyGone,
-                    Verdict::Skip => KeyFate::LeaveUntouched,
+                    Verdict::Skip { .. } => KeyFate::LeaveUntouched,
                 },
             })
             .collect();

@@ -15,7 +15,9 @@ use super::journal::{Journal, Slot};
 use super::keys::{all_tenant_keys, decide_up_front, destroy_keys_step, key_state_checks};
 use super::preview::ShredPreview;
 use super::scope;
-use super::verify::{sample_pack_present, unwrap_checks, verification_failure};
+use super::verify::{
+    KEY_NOT_DESTROYED, sample_pack_present, spared_envelopes, unwrap_checks, verification_failure,
+};
 use super::{ShredReport, ShredRequest, holds};
 use crate::error::{Error, Result};
 use crate::format::descriptor::{Descriptor, EpochState, Lifecycle, ShredState};
@@ -179,6 +181,7 @@ async fn fence(repo: &mut Repo, req: &ShredRequest) -> Result<()> {
     let progress = new_progress(req, now, ctx.actor.clone());
     let details = json!({
         "certificate_id": id,
+        "started_at": now,
         "reason": req.reason,
         "requested_by": req.requested_by,
         "requested_at": progress.requested_at,
@@ -247,23 +250,30 @@ async fn verify(repo: &Repo, journal: &Journal) -> Result<VerificationRecord> {
     journal
         .begin("verify", json!({ "envelopes": scope.captured.len() }))
         .await?;
-    let (envelopes, unwraps_refused) = unwrap_checks(ctx, &scope.captured).await?;
+    let (to_try, spared) = spared_envelopes(&scope.captured, keys);
+    let (mut envelopes, unwraps_refused) = unwrap_checks(ctx, &to_try).await?;
+    envelopes.extend(spared);
     let (key_states, states_ok) = key_state_checks(ctx, keys).await;
     let pack_sample = match &scope.sample_pack {
         None => None,
         Some(s) => {
             let present = sample_pack_present(repo, &s.object).await?;
-            let refused = envelopes
-                .iter()
-                .any(|c| c.epoch == s.epoch && c.outcome == "refused");
+            let of_epoch = |outcome: &str| {
+                envelopes
+                    .iter()
+                    .any(|c| c.epoch == s.epoch && c.outcome == outcome)
+            };
+            // Under a key left untouched, a deleted pack is all that can be
+            // said (the certificate states the key lives on).
+            let gone = of_epoch("refused") || of_epoch(KEY_NOT_DESTROYED);
             Some(PackCheck {
                 object: s.object.clone(),
                 epoch: s.epoch,
                 present,
-                outcome: match (present, refused) {
-                    (_, false) => "decryptable".into(),
-                    (true, true) => "undecryptable".into(),
-                    (false, true) => "deleted".into(),
+                outcome: match (present, of_epoch("refused"), gone) {
+                    (true, true, _) => "undecryptable".into(),
+                    (false, _, true) => "deleted".into(),
+                    _ => "decryptable".into(),
                 },
             })
         }
@@ -320,10 +330,12 @@ fn body(repo: &Repo, r: &Records<'_>) -> Result<Certificate> {
         Some(spared) => Guarantee::new(
             GuaranteeKind::KeysPartlyDestroyed,
             format!(
-                "The keys of tenant {tenant} listed as destroyed were destroyed, and the envelopes in scope no \
-                 longer unwrap (see verification). Not destroyed: {spared}, which the tenant's descriptor \
-                 names but nothing proved to be its own key; any copy of an envelope once wrapped under \
-                 it (an earlier object version, a backup of the store) can still be unwrapped while it lives."
+                "The keys of tenant {tenant} listed as destroyed were destroyed, and the envelopes in scope \
+                 wrapped under them no longer unwrap (see verification). Not destroyed: {spared}, which the \
+                 shred left untouched on the operator's word because nothing proved it the tenant's own key \
+                 or this configuration refuses to call its provider (each key's note says which); any copy \
+                 of an envelope once wrapped under it (an earlier object version, a backup of the store) \
+                 can still be unwrapped while it lives."
             ),
             Some(spared_note(&keys, &spared)),
         ),

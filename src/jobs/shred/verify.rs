@@ -6,7 +6,7 @@ use object_store::path::Path as StorePath;
 use crate::context::Context;
 use crate::error::Result;
 use crate::format::envelope::Envelope;
-use crate::format::shred::{UnwrapCheck, VerificationRecord};
+use crate::format::shred::{DestroyOutcome, KeyDestruction, UnwrapCheck, VerificationRecord};
 use crate::keys::KeyError;
 use crate::repo::Repo;
 use crate::store::ObjectName;
@@ -27,6 +27,40 @@ pub(super) async fn sample_pack_present(repo: &Repo, object: &str) -> Result<boo
 
 /// An unwrap check's outcome when custos could not ask the key's provider.
 pub(super) const NOT_TRIED: &str = "not_tried";
+
+/// An unwrap check's outcome for an envelope under a key the shred left
+/// untouched (`--skip-unproven-key`): not tried, and no failure, since the
+/// certificate states that key was not destroyed (the envelope's copies may
+/// unwrap while it lives); refusing here would leave the shred fenced for good.
+pub(super) const KEY_NOT_DESTROYED: &str = "key_not_destroyed";
+
+/// Splits the captured envelopes into those to try (under keys the shred
+/// ended) and the checks of those under a key it left untouched.
+pub(super) fn spared_envelopes(
+    envelopes: &[Envelope],
+    keys: &[KeyDestruction],
+) -> (Vec<Envelope>, Vec<UnwrapCheck>) {
+    let spared = |k: &crate::keys::KeyRef| {
+        keys.iter()
+            .any(|d| &d.reference == k && d.outcome == DestroyOutcome::NotDestroyed)
+    };
+    let (left, tried): (Vec<&Envelope>, Vec<&Envelope>) =
+        envelopes.iter().partition(|e| spared(&e.key));
+    let checks = left
+        .into_iter()
+        .map(|env| UnwrapCheck {
+            epoch: env.epoch,
+            key: env.key.clone(),
+            outcome: KEY_NOT_DESTROYED.into(),
+            error_kind: None,
+            error: Some(format!(
+                "not tried: {} was left untouched (see keys), so this envelope's data key is not claimed unrecoverable",
+                env.key
+            )),
+        })
+        .collect();
+    (tried.into_iter().cloned().collect(), checks)
+}
 
 /// Tries to unwrap each captured envelope: every attempt must be refused.
 /// A data key that does unwrap is dropped (zeroized) at once.
@@ -78,7 +112,11 @@ pub(super) async fn unwrap_checks(
 /// Why a verification failed, for the error and the operator.
 pub(super) fn verification_failure(r: &VerificationRecord) -> String {
     let mut why = Vec::new();
-    for c in r.envelopes.iter().filter(|c| c.outcome != "refused") {
+    for c in r
+        .envelopes
+        .iter()
+        .filter(|c| c.outcome != "refused" && c.outcome != KEY_NOT_DESTROYED)
+    {
         why.push(match c.outcome.as_str() {
             NOT_TRIED => format!(
                 "the data key of epoch {} could not be tried under {} ({}), so nothing shows it no longer unwraps",

@@ -197,6 +197,16 @@ struct Version {
     never_extractable: bool,
     /// `CKA_ALWAYS_SENSITIVE`: its value was never readable.
     always_sensitive: bool,
+    /// `CKA_WRAP`, `CKA_UNWRAP`, `CKA_DERIVE`: uses custos never makes of a
+    /// version (it generates them false); true on one it is to wrap under
+    /// means another hand made or changed it.
+    wrap: bool,
+    unwrap: bool,
+    derive: bool,
+    /// `CKA_COPYABLE` (PKCS#11 2.40), where the token reports it: a
+    /// copyable version can be copied (`C_CopyObject`) with attributes
+    /// changed where the token allows it.
+    copyable: Option<bool>,
     start: Option<NaiveDate>,
 }
 
@@ -417,6 +427,10 @@ impl Ctx {
                     AttributeType::Decrypt,
                 ],
                 &[
+                    AttributeType::Wrap,
+                    AttributeType::Unwrap,
+                    AttributeType::Derive,
+                    AttributeType::Copyable,
                     AttributeType::Local,
                     AttributeType::NeverExtractable,
                     AttributeType::AlwaysSensitive,
@@ -435,6 +449,11 @@ impl Ctx {
                 local: false,
                 never_extractable: false,
                 always_sensitive: false,
+                // Unreported is not shown false.
+                wrap: true,
+                unwrap: true,
+                derive: true,
+                copyable: None,
                 start: None,
             };
             let (mut aes, mut len32) = (false, false);
@@ -450,6 +469,10 @@ impl Ctx {
                     Attribute::Local(b) => v.local = b,
                     Attribute::NeverExtractable(b) => v.never_extractable = b,
                     Attribute::AlwaysSensitive(b) => v.always_sensitive = b,
+                    Attribute::Wrap(b) => v.wrap = b,
+                    Attribute::Unwrap(b) => v.unwrap = b,
+                    Attribute::Derive(b) => v.derive = b,
+                    Attribute::Copyable(b) => v.copyable = Some(b),
                     Attribute::StartDate(d) => v.start = date_of(&d),
                     _ => {}
                 }
@@ -591,10 +614,51 @@ impl Ctx {
 
     /// The version new data keys are wrapped under: the highest, and only
     /// if its value never existed outside the token (see [`Self::born_on_token`]).
-    fn current<'v>(&self, view: &'v View) -> Result<&'v Version, Fail> {
+    fn current<'v>(&self, s: &Session, view: &'v View) -> Result<&'v Version, Fail> {
         let v = self.latest(view)?;
         self.born_on_token(v)?;
+        self.uses_only_encrypt(s, v)?;
         Ok(v)
+    }
+
+    /// Refuses a version that can wrap, unwrap or derive keys (custos
+    /// generates every version with all three false), and makes a copyable
+    /// one not copyable (a one-way change PKCS#11 allows; versions custos
+    /// generated before it set `CKA_COPYABLE` false at generation are
+    /// copyable by the token's default): a copy made with attributes changed
+    /// (`C_CopyObject`) could otherwise be put under the key's label.
+    fn uses_only_encrypt(&self, s: &Session, v: &Version) -> Result<(), Fail> {
+        let mut found = Vec::new();
+        for (set, name) in [
+            (v.wrap, "CKA_WRAP"),
+            (v.unwrap, "CKA_UNWRAP"),
+            (v.derive, "CKA_DERIVE"),
+        ] {
+            if set {
+                found.push(name);
+            }
+        }
+        if v.copyable == Some(true)
+            && s.update_attributes(v.handle, &[Attribute::Copyable(false)])
+                .is_err()
+        {
+            found.push("CKA_COPYABLE (and the token refused to clear it)");
+        }
+        if found.is_empty() {
+            return Ok(());
+        }
+        Err(Fail::Key(KeyError::AccessDenied {
+            key: self.key.clone(),
+            message: format!(
+                "refusing to wrap data keys under version {} of {:?} (CKA_ID {}): the token reports {} true (or \
+                 does not report it false); custos generates versions that can only encrypt and decrypt. \
+                 Destroy that object, or generate a new version (custos rotate --cmk); see docs/keys-you-hold.md",
+                v.version.map(|n| n.to_string()).unwrap_or_default(),
+                self.uri.object,
+                hex::encode(&v.id),
+                found.join(", ")
+            ),
+        }))
     }
 
     /// The highest version, whatever its origin (a rotation adds the next).
@@ -696,6 +760,7 @@ impl Ctx {
                 Attribute::Sign(false),
                 Attribute::Verify(false),
                 Attribute::Derive(false),
+                Attribute::Copyable(false),
                 Attribute::Label(self.uri.object.as_bytes().to_vec()),
                 Attribute::Id(version.to_be_bytes().to_vec()),
                 Attribute::StartDate(start),
@@ -963,7 +1028,7 @@ impl KeyProvider for Pkcs11Provider {
         let data_key = data_key.clone();
         self.run(key, "wrap", move |_, s, token, c| {
             let view = c.usable(s, token)?;
-            let v = c.current(&view)?;
+            let v = c.current(s, &view)?;
             let ciphertext = c.wrap(s, v, &data_key, &aad)?;
             Ok(WrappedKey {
                 key_id: c.key_id(token),

@@ -344,13 +344,44 @@ impl Pool {
         lock(&self.idle).remove(&token.slot.id());
     }
 
-    /// An idle session of `token`, or a new one, logged in.
-    fn checkout(&self, key: &str, token: &Token) -> Result<Session, KeyError> {
+    /// Whether the slot still holds the token found there (label and
+    /// serial, `C_GetTokenInfo`): a token swapped since (another token in
+    /// the same reader or slot) must not receive this key's operations.
+    /// A swap forgets the slot (`Ok(false)`): the next lookup finds the
+    /// token by label and serial again.
+    fn still_there(&self, key: &str, token: &Token) -> Result<bool, KeyError> {
+        let info = match self.ctx.get_token_info(token.slot) {
+            Ok(i) => i,
+            Err(e) => {
+                if is_dead(&e) {
+                    self.forget(token);
+                }
+                return Err(map_ck(key, "reading the token's information", &e));
+            }
+        };
+        let (label, serial) = (info.label().trim_end(), info.serial_number().trim_end());
+        if label == token.label && serial == token.serial {
+            return Ok(true);
+        }
+        tracing::warn!(event = "pkcs11.token_swapped", key = %key, slot = token.slot.id(), expected_label = %token.label, expected_serial = %token.serial, found_label = %label, found_serial = %serial, "the token in this slot changed since custos found it");
+        self.forget(token);
+        Ok(false)
+    }
+
+    /// An idle session of `token`, or a new one, logged in, once the slot
+    /// is confirmed to hold that token still. `Ok(None)`: it no longer does.
+    fn checkout(&self, key: &str, token: &Token) -> Result<Option<Session>, KeyError> {
         if let Some(s) = lock(&self.idle)
             .get_mut(&token.slot.id())
             .and_then(Vec::pop)
         {
-            return Ok(s);
+            return Ok(Some(s));
+        }
+        // Every new session checks the token again (one C_GetTokenInfo):
+        // the slot was resolved by label and serial once, and a token can be
+        // swapped under a running daemon.
+        if !self.still_there(key, token)? {
+            return Ok(None);
         }
         if lock(&self.refused).contains(&token.serial) {
             return Err(KeyError::AccessDenied {
@@ -380,7 +411,7 @@ impl Pool {
         // Login is per application and token: once one session is logged in,
         // every session is, and C_Login answers UserAlreadyLoggedIn.
         match session.login(UserType::User, Some(&self.pin)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(Some(session)),
             Err(
                 e @ CkError::Pkcs11(
                     RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange,
@@ -432,8 +463,23 @@ impl Pool {
         uri: &Pkcs11Uri,
         f: impl FnOnce(&Session, &Token) -> Result<T, Fail>,
     ) -> Result<T, KeyError> {
-        let token = self.token(key, uri)?;
-        let session = self.checkout(key, &token)?;
+        let mut token = self.token(key, uri)?;
+        let session = match self.checkout(key, &token)? {
+            Some(s) => s,
+            // Swapped: found again by label and serial (or absent), once.
+            None => {
+                token = self.token(key, uri)?;
+                self.checkout(key, &token)?.ok_or_else(|| {
+                    unavailable(
+                        key,
+                        format!(
+                            "the token in the slot of {:?} changed twice while custos opened a session: try again",
+                            uri.token
+                        ),
+                    )
+                })?
+            }
+        };
         match f(&session, &token) {
             Ok(v) => {
                 self.checkin(&token, session);
