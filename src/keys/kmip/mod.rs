@@ -109,6 +109,9 @@ struct Object {
     /// created by custos (or there when it first met the key). Only such a
     /// version is wrapped under.
     pinned: bool,
+    /// Its key check value in the record (hex): the material custos pinned.
+    /// `None`: recorded before check values, or never Active since.
+    check: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,8 +136,12 @@ struct Family {
     /// installation): they make the key refuse use, and prove nothing.
     foreign_tombstones: Vec<String>,
     /// Versions the record names that the server, asked by identifier,
-    /// no longer holds: the proof of a destruction.
+    /// no longer holds (or once did not: see `pins::KeyObjects::dead`):
+    /// the proof of a destruction.
     gone: Vec<String>,
+    /// Recorded versions found gone or destroyed by this read, to be marked
+    /// dead in the record.
+    newly_dead: Vec<String>,
 }
 
 fn is_destroyed(state: State) -> bool {
@@ -349,9 +356,10 @@ impl KmipProvider {
         self
     }
 
-    /// The record's entry of `key` on this server.
+    /// The record's entry of `key`: its id alone, so that a changed server
+    /// string (another port, a DNS name for an address) is the same key.
     fn record_entry(&self, key: &KeyRef) -> String {
-        format!("{} {}", self.server, key.id())
+        key.id().to_owned()
     }
 
     /// Identifiers asked for per Locate (tests of families longer than a page).
@@ -557,6 +565,7 @@ impl KmipProvider {
             kind: classify(family_name, &a.names),
             aes_256: a.algorithm == Some(CryptographicAlgorithm::AES) && a.bits == Some(256),
             pinned: false,
+            check: None,
         })
     }
 
@@ -580,8 +589,19 @@ impl KmipProvider {
                 Err(KeyError::NotFound { .. }) => continue,
                 Err(e) => return Err(e),
             };
+            // An identifier once gone holds someone else's object now.
+            if record.is_some_and(|r| r.dead.contains(&uid)) {
+                if record.is_some_and(|r| r.versions.contains_key(&uid)) {
+                    fam.gone.push(uid);
+                }
+                continue;
+            }
+            if is_destroyed(obj.state) && record.is_some_and(|r| r.versions.contains_key(&uid)) {
+                fam.newly_dead.push(uid.clone());
+            }
             let own_tombstone = record.and_then(|r| r.tombstones.get(&uid));
             let own_version = record.and_then(|r| r.versions.get(&uid));
+            obj.check = record.and_then(|r| r.checks.get(&uid)).cloned();
             match (obj.kind, own_tombstone, own_version) {
                 // custos's own tombstone (the earliest, if a race left two).
                 (_, Some(&at), _) if fam.tombstone.as_ref().is_none_or(|(t, _, _)| at < *t) => {
@@ -612,16 +632,27 @@ impl KmipProvider {
         record: &pins::KeyObjects,
     ) -> Result<(), KeyError> {
         for (uid, &v) in &record.versions {
-            if fam.versions.iter().any(|(_, o)| &o.uid == uid) {
+            if fam.versions.iter().any(|(_, o)| &o.uid == uid) || fam.gone.contains(uid) {
+                continue;
+            }
+            if record.dead.contains(uid) {
+                fam.gone.push(uid.clone());
                 continue;
             }
             match self.object(key, "", uid).await {
                 Ok(mut obj) => {
+                    if is_destroyed(obj.state) {
+                        fam.newly_dead.push(uid.clone());
+                    }
                     obj.kind = ObjectKind::Version(v);
                     obj.pinned = true;
+                    obj.check = record.checks.get(uid).cloned();
                     fam.versions.push((v, obj));
                 }
-                Err(KeyError::NotFound { .. }) => fam.gone.push(uid.clone()),
+                Err(KeyError::NotFound { .. }) => {
+                    fam.gone.push(uid.clone());
+                    fam.newly_dead.push(uid.clone());
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -654,11 +685,19 @@ impl KmipProvider {
                     .await?;
             }
             KmipKeyId::Uid(uid) => {
-                // The one object the customer named: custos's by configuration.
+                // The one object the customer named: custos's by configuration
+                // (its material pinned at first sight), unless once gone.
                 match self.object(key, "", uid).await {
+                    Ok(_) if record.as_ref().is_some_and(|r| r.dead.contains(uid)) => {
+                        fam.gone.push(uid.clone());
+                    }
                     Ok(mut obj) => {
+                        if is_destroyed(obj.state) {
+                            fam.newly_dead.push(uid.clone());
+                        }
                         obj.kind = ObjectKind::Version(1);
                         obj.pinned = true;
+                        obj.check = record.as_ref().and_then(|r| r.checks.get(uid)).cloned();
                         fam.versions.push((1, obj));
                     }
                     // Gone, if the record knows it (asked again below).
@@ -676,29 +715,41 @@ impl KmipProvider {
         match &record {
             Some(r) => self.recorded(key, &mut fam, r).await?,
             // First sight of the key: what is there is adopted, once.
-            None if !fam.versions.is_empty() => self.adopt(key, &entry, &mut fam)?,
+            None if !fam.versions.is_empty() => self.adopt(key, &entry, &mut fam).await?,
             None => {}
+        }
+        if !fam.newly_dead.is_empty() {
+            let dead = std::mem::take(&mut fam.newly_dead);
+            self.record(key, |r| r.dead.extend(dead))?;
         }
         Ok(fam)
     }
 
     /// Records every version of a key met for the first time as custos's:
     /// a key made before the record existed, or by the customer.
-    fn adopt(&self, key: &KeyRef, entry: &str, fam: &mut Family) -> Result<(), KeyError> {
-        let found: Vec<(String, u32)> = fam
-            .versions
-            .iter()
-            .map(|(v, o)| (o.uid.clone(), *v))
-            .collect();
-        self.pins.update(entry, &label(key), |r| {
-            for (uid, v) in &found {
-                r.versions.entry(uid.clone()).or_insert(*v);
-            }
-        })?;
+    /// Their material is pinned as found too (a check value of each Active
+    /// AES-256 version): the first sight is the one thing trusted.
+    async fn adopt(&self, key: &KeyRef, entry: &str, fam: &mut Family) -> Result<(), KeyError> {
         for (_, o) in &mut fam.versions {
             o.pinned = true;
+            if o.state == State::Active && o.aes_256 {
+                o.check = Some(self.check_value(key, &o.uid).await?);
+            }
         }
-        let uids: Vec<&str> = found.iter().map(|(u, _)| u.as_str()).collect();
+        let found: Vec<(String, u32, Option<String>)> = fam
+            .versions
+            .iter()
+            .map(|(v, o)| (o.uid.clone(), *v, o.check.clone()))
+            .collect();
+        self.pins.update(entry, &label(key), |r| {
+            for (uid, v, check) in &found {
+                r.versions.entry(uid.clone()).or_insert(*v);
+                if let Some(c) = check {
+                    r.checks.entry(uid.clone()).or_insert_with(|| c.clone());
+                }
+            }
+        })?;
+        let uids: Vec<&str> = found.iter().map(|(u, _, _)| u.as_str()).collect();
         tracing::warn!(event = "kmip.versions_adopted", key = %key, objects = ?uids, "first use of {key} by this installation: its version objects {uids:?} are recorded as custos's as found");
         Ok(())
     }
@@ -797,8 +848,15 @@ impl KmipProvider {
                 self.simple(key, "Activate", Request::Activate(obj.uid.clone()))
                     .await?;
                 tracing::info!(event = "kmip.key_activated", key = %key, version = v, object = %obj.uid, "activated version {v} of {key}, left Pre-Active by an interrupted creation");
+                // Recorded by custos right after its Create, and never
+                // Active since: nothing has used it, so nothing was pinned.
+                let check = match obj.check {
+                    Some(c) => c,
+                    None => self.pin_material(key, &obj.uid).await?,
+                };
                 let obj = Object {
                     state: State::Active,
+                    check: Some(check),
                     ..obj
                 };
                 Ok((fam, v, obj))
@@ -840,6 +898,7 @@ impl KmipProvider {
         })?;
         self.simple(key, "Activate", Request::Activate(uid.clone()))
             .await?;
+        self.pin_material(key, &uid).await?;
         tracing::info!(event = "kmip.key_created", key = %key, version = v, object = %uid, "created version {v} of {key} on the KMIP server");
         Ok(uid)
     }
@@ -934,10 +993,75 @@ impl KmipProvider {
         uid: &str,
         wk: &SecretKey,
     ) -> Result<(Cipher, [u8; 16], Zeroizing<Vec<u8>>), KeyError> {
-        let plain = || Zeroizing::new(wk.expose().to_vec());
+        self.server_encrypt(key, uid, wk.expose(), None).await
+    }
+
+    /// The key check value of object `uid`: the server's AES of the
+    /// all-zero block, CBC from a zero IV or CTR from a zero counter, both
+    /// AES_K(0) whatever mode the server offers. All 16 bytes: fewer would
+    /// let whoever Registers a key search for one that matches.
+    async fn check_value(&self, key: &KeyRef, uid: &str) -> Result<String, KeyError> {
+        let (_, _, out) = self
+            .server_encrypt(key, uid, &[0; 16], Some([0; 16]))
+            .await?;
+        Ok(hex::encode(out.as_slice()))
+    }
+
+    /// Takes the check value of a version custos just created (or activated
+    /// after creating it) and records it.
+    async fn pin_material(&self, key: &KeyRef, uid: &str) -> Result<String, KeyError> {
+        let check = self.check_value(key, uid).await?;
+        self.record(key, |r| {
+            r.checks.insert(uid.to_owned(), check.clone());
+        })?;
+        Ok(check)
+    }
+
+    /// Refuses to wrap under `obj` unless it still holds the material custos
+    /// pinned: an identifier the server freed and gave to another object
+    /// (PyKMIP reuses the top one after a Destroy) fails here, and is never
+    /// trusted again.
+    async fn check_material(&self, key: &KeyRef, obj: &Object) -> Result<(), KeyError> {
+        let Some(pinned) = &obj.check else {
+            return Err(KeyError::Unavailable {
+                key: label(key),
+                message: format!(
+                    "version object {:?} was recorded before custos pinned key material (no check value): it wraps under it only once it has vouched for it, by opening one of its own envelopes with it (a restore or verify) or by rotating (rotate --cmk); see docs/keys-you-hold.md",
+                    obj.uid
+                ),
+            });
+        };
+        let now = self.check_value(key, &obj.uid).await?;
+        if &now == pinned {
+            return Ok(());
+        }
+        self.record(key, |r| {
+            r.dead.insert(obj.uid.clone());
+        })?;
+        tracing::error!(event = "kmip.material_changed", key = %key, object = %obj.uid, "object {} of {key} no longer holds the key material custos created: the identifier now names another object; refused for good", obj.uid);
+        Err(KeyError::AccessDenied {
+            key: label(key),
+            message: format!(
+                "KMIP object {:?} no longer holds the key material custos pinned for this version (its key check value changed): the server gave its identifier to another object; custos never wraps under it again",
+                obj.uid
+            ),
+        })
+    }
+
+    /// The server's Encrypt of `plain` under `uid`: CBC without padding, or
+    /// CTR on a server that refuses unpadded CBC (the first call finds out);
+    /// from `fixed_iv`, or from a fresh IV/counter.
+    async fn server_encrypt(
+        &self,
+        key: &KeyRef,
+        uid: &str,
+        data: &[u8],
+        fixed_iv: Option<[u8; 16]>,
+    ) -> Result<(Cipher, [u8; 16], Zeroizing<Vec<u8>>), KeyError> {
+        let plain = || Zeroizing::new(data.to_vec());
         let mode = self.wrap_mode.load(Ordering::Relaxed);
         if mode != MODE_CTR {
-            let iv = crate::util::random_bytes::<16>();
+            let iv = fixed_iv.unwrap_or_else(crate::util::random_bytes::<16>);
             match self.crypt(false, uid, Cipher::Cbc, iv, plain()).await {
                 Ok(ct) => {
                     self.wrap_mode.store(MODE_CBC, Ordering::Relaxed);
@@ -950,7 +1074,7 @@ impl KmipProvider {
                 Err(e) => return Err(self.explain_encrypt(key, uid, e).await),
             }
         }
-        let iv = envelope::ctr_iv();
+        let iv = fixed_iv.unwrap_or_else(envelope::ctr_iv);
         match self.crypt(false, uid, Cipher::Ctr, iv, plain()).await {
             Ok(ct) => {
                 if mode == MODE_UNKNOWN {
@@ -998,6 +1122,7 @@ impl KmipProvider {
                 ),
             });
         }
+        self.check_material(key, obj).await?;
         let wk = SecretKey::generate();
         let (cipher, iv, wk_ct) = self.encrypt_wk(key, &obj.uid, &wk).await?;
         // A server whose "Encrypt" returns its input would leave the
@@ -1234,7 +1359,15 @@ impl KeyProvider for KmipProvider {
                 ),
             });
         }
-        env.open(&wk, ctx).map_err(invalid)
+        let dk = env.open(&wk, ctx).map_err(invalid)?;
+        // An envelope custos sealed opened under this object: it holds the
+        // material custos wrapped with, which vouches for a version recorded
+        // before check values.
+        if version.check.is_none() && version.pinned {
+            self.pin_material(key, env.uid).await?;
+            tracing::info!(event = "kmip.material_pinned", key = %key, object = %env.uid, "version object {} of {key} opened an envelope custos sealed: its key check value is recorded", env.uid);
+        }
+        Ok(dk)
     }
 
     /// A new version object (Create, Activate), current from now on.

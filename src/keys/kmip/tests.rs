@@ -413,6 +413,77 @@ async fn a_planted_tombstone_refuses_use_and_dates_nothing() {
     );
 }
 
+// --- The material is pinned, not the identifier (issue #15, round 2) -------
+
+/// PyKMIP gives a destroyed top identifier to the next object: another
+/// client that destroys custos's version and Registers a key it knows gets
+/// the same identifier. custos's check value of the material refuses it,
+/// whether or not custos saw the identifier gone in between.
+#[tokio::test]
+async fn a_reused_identifier_holding_other_material_is_never_wrapped_under() {
+    for seen_gone in [false, true] {
+        let (p, fake) = provider(Behaviour {
+            reuse_ids: true,
+            ..Behaviour::default()
+        });
+        let k = key("name/acme");
+        p.create_key(&k).await.unwrap();
+        let (dk, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+        let mine = w.key_version.clone().unwrap();
+        fake.remove(&mine);
+        if seen_gone {
+            let state = p.describe(&k).await.unwrap().state;
+            assert!(matches!(state, KeyState::Destroyed { .. }), "{state:?}");
+        }
+        let planted = fake.insert(&["acme@v1"], &["custos-key/acme"], State::Active);
+        assert_eq!(planted, mine, "the fake reuses identifiers as PyKMIP does");
+        let e = p.wrap(&k, &dk, &ctx()).await.unwrap_err();
+        if !seen_gone {
+            assert!(matches!(e, KeyError::AccessDenied { .. }), "{e:?}");
+            assert!(e.to_string().contains(&format!("{mine:?}")), "{e}");
+        }
+        // Never trusted again: the identifier reads as gone from now on.
+        for _ in 0..2 {
+            let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
+            assert!(matches!(e, KeyError::Destroyed { .. }), "{e:?}");
+        }
+        let e = p.unwrap(&k, &w, &ctx()).await.unwrap_err();
+        assert!(matches!(e, KeyError::Destroyed { .. }), "{e:?}");
+    }
+}
+
+/// A version recorded by the first round (no check value) is not wrapped
+/// under until custos vouches for it: one of its own envelopes opens under
+/// it. A rotation vouches for the new version it creates.
+#[tokio::test]
+async fn a_version_recorded_without_a_check_value_is_vouched_for_by_its_envelope() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("kmip-objects.json");
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let open = || {
+        KmipProvider::with_link("fake:5696".into(), Box::new(fake.clone()))
+            .with_object_record(record.clone())
+    };
+    let k = key("name/acme");
+    open().create_key(&k).await.unwrap();
+    let (dk, w) = open().generate_data_key(&k, &ctx()).await.unwrap();
+    // As the first round wrote it: no check values.
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    json["keys"]["name/acme"]
+        .as_object_mut()
+        .unwrap()
+        .remove("checks")
+        .unwrap();
+    std::fs::write(&record, serde_json::to_vec(&json).unwrap()).unwrap();
+    let e = open().wrap(&k, &dk, &ctx()).await.unwrap_err();
+    assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
+    assert!(e.to_string().contains("check value"), "{e}");
+    assert_eq!(open().unwrap(&k, &w, &ctx()).await.unwrap(), dk);
+    let w2 = open().wrap(&k, &dk, &ctx()).await.unwrap();
+    assert_eq!(w2.key_version, w.key_version);
+}
+
 // --- Absence is no proof (finding 2) ----------------------------------------------
 
 /// A version renamed and moved out of the key's group (by anyone with
@@ -510,9 +581,10 @@ async fn new_envelopes_are_format_2() {
             assert_eq!(format_and_mode(&w), (2, mode));
             assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
         }
-        // The refused CBC is asked once per process, not once per wrap.
+        // The refused CBC is asked once per process, not once per wrap;
+        // each wrap and the creation also take the key check value.
         let encrypts = fake.log().iter().filter(|o| *o == "Encrypt").count();
-        assert_eq!(encrypts, if cbc { 3 } else { 4 });
+        assert_eq!(encrypts, if cbc { 3 + 4 } else { 4 + 4 });
     }
 }
 
@@ -681,6 +753,7 @@ fn family(versions: &[(u32, State)], tombstone: Option<i64>) -> Family {
                     kind: ObjectKind::Version(v),
                     aes_256: true,
                     pinned: true,
+                    check: None,
                 };
                 (v, obj)
             })
@@ -832,7 +905,8 @@ fn kmip_vectors_match_the_spec() {
     }
 }
 
-/// A key manager whose answers a test rewrites.
+/// A key manager whose answers a test rewrites (all but those to custos's
+/// key check value, an Encrypt of one zero block, so that keys are created).
 struct Rewriting<F> {
     fake: Arc<FakeKmip>,
     rewrite: F,
@@ -845,7 +919,12 @@ where
 {
     async fn call(&self, req: Request) -> Result<Response, WireError> {
         let op = req.operation();
-        self.fake.call(req).await.map(|r| (self.rewrite)(op, r))
+        let check_value = matches!(&req, Request::Crypt { decrypt: false, data, .. } if data.as_slice() == [0; 16]);
+        let answer = self.fake.call(req).await;
+        match check_value {
+            true => answer,
+            false => answer.map(|r| (self.rewrite)(op, r)),
+        }
     }
 }
 
