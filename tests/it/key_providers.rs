@@ -1988,6 +1988,74 @@ with ProxyKmipClient(hostname=host, port=int(port), cert=cert, key=key, ca=ca, c
         assert!(!p.object_present(&key, &planted).await.unwrap());
     }
 
+    /// Revokes and destroys object `uid` through PyKMIP's own client, as
+    /// another application holding custos's credentials could.
+    fn destroy_behind_custos(s: &KmipSettings, uid: &str) {
+        const SCRIPT: &str = r#"
+import sys, time
+from kmip.pie.client import ProxyKmipClient
+from kmip.core import enums
+host, port = sys.argv[1].rsplit(":", 1)
+ca, cert, key, uid = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+with ProxyKmipClient(hostname=host, port=int(port), cert=cert, key=key, ca=ca, config_file="/dev/null") as c:
+    c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid)
+    c.destroy(uid)
+"#;
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".emu/pykmip/bin/python3");
+        let python = if venv.exists() {
+            venv
+        } else {
+            PathBuf::from("/usr/bin/python3")
+        };
+        let out = std::process::Command::new(&python)
+            .arg("-c")
+            .arg(SCRIPT)
+            .arg(&s.server)
+            .arg(&s.ca_file)
+            .arg(&s.client_cert_file)
+            .arg(&s.client_key_file)
+            .arg(uid)
+            .output()
+            .expect("python3 with PyKMIP");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Review #15, round 2: PyKMIP gives a destroyed top identifier to the
+    /// next object. Another client destroys custos's current version and
+    /// Registers a value it knows under the same Name and group: it gets
+    /// the same identifier (unless a test running beside this one took it),
+    /// and custos still never wraps under it: the key material is pinned.
+    #[tokio::test]
+    async fn a_reused_identifier_with_a_known_value_is_never_wrapped_under() {
+        let Some(f) = KmipFixture::new() else { return };
+        let Some(s) = settings() else { return };
+        let p = &f.provider;
+        let key = f.fresh_key().await;
+        let name = key.id().strip_prefix("name/").unwrap().to_owned();
+        let c = ctx("acme", 1);
+        let (dk, _) = p.generate_data_key(&key, &c).await.unwrap();
+        let mine = p.describe(&key).await.unwrap().current_version.unwrap();
+        destroy_behind_custos(&s, &mine);
+        let planted =
+            register_known_value(&s, &format!("custos-key/{name}"), &[&format!("{name}@v1")]);
+        eprintln!(
+            "[kmip] destroyed {mine}, registered {planted} (reused: {})",
+            planted == mine
+        );
+        let e = p.wrap(&key, &dk, &c).await.unwrap_err();
+        assert_eq!(e.kind(), "key_unavailable", "{e}");
+        if planted == mine {
+            assert!(e.to_string().contains(&format!("{mine:?}")), "{e}");
+        }
+        // Never trusted again.
+        let e = p.generate_data_key(&key, &c).await.unwrap_err();
+        assert_eq!(e.kind(), "key_unavailable", "{e}");
+    }
+
     #[tokio::test]
     async fn error_kinds() {
         let Some(f) = KmipFixture::new() else { return };
