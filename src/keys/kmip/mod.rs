@@ -173,9 +173,34 @@ impl Family {
     /// A destruction began: there is a tombstone (anyone's: a planted one
     /// can at worst make the key refuse use), or some version is destroyed.
     fn destruction_began(&self) -> bool {
+        self.own_destruction_began() || !self.foreign_marks().is_empty()
+    }
+
+    /// custos's own signs of a destruction: its recorded tombstone, or a
+    /// version it recorded destroyed or gone. Only these may send the
+    /// operator to run the shred again.
+    fn own_destruction_began(&self) -> bool {
         self.tombstone.is_some()
-            || !self.foreign_tombstones.is_empty()
-            || self.versions.iter().any(|(_, o)| is_destroyed(o.state))
+            || self
+                .versions
+                .iter()
+                .any(|(_, o)| o.pinned && is_destroyed(o.state))
+    }
+
+    /// Signs of a destruction custos did not leave: tombstones not in its
+    /// record, and destroyed objects named as versions that it did not
+    /// create.
+    fn foreign_marks(&self) -> Vec<&str> {
+        let destroyed = self
+            .versions
+            .iter()
+            .filter(|(_, o)| !o.pinned && is_destroyed(o.state))
+            .map(|(_, o)| o.uid.as_str());
+        self.foreign_tombstones
+            .iter()
+            .map(String::as_str)
+            .chain(destroyed)
+            .collect()
     }
 
     /// When the key was destroyed, as custos itself recorded it.
@@ -193,8 +218,12 @@ impl Family {
                 false => KeyState::Destroyed {
                     destroyed_at: self.destroyed_at(),
                 },
-                true => KeyState::Other {
+                true if self.own_destruction_began() => KeyState::Other {
                     name: "destroy_incomplete".into(),
+                },
+                // Only marks someone else left: no destruction of custos's.
+                true => KeyState::Other {
+                    name: "foreign_tombstone".into(),
                 },
             });
         }
@@ -810,7 +839,7 @@ impl KmipProvider {
                 key: label(key),
                 destroyed_at,
             }),
-            Some(KeyState::Other { name }) if fam.destruction_began() => {
+            Some(KeyState::Other { name }) if fam.own_destruction_began() => {
                 Err(KeyError::Unavailable {
                     key: label(key),
                     message: format!(
@@ -818,7 +847,20 @@ impl KmipProvider {
                     ),
                 })
             }
+            _ if fam.destruction_began() => Err(self.foreign_tombstone(key, fam)),
             _ => Ok(()),
+        }
+    }
+
+    /// A key refused for marks of destruction custos did not leave: never
+    /// "run the shred again", which would destroy a live key.
+    fn foreign_tombstone(&self, key: &KeyRef, fam: &Family) -> KeyError {
+        KeyError::Unavailable {
+            key: label(key),
+            message: format!(
+                "the KMIP server holds object(s) {:?} named as this key's tombstone or destroyed version, but custos did not leave them (they are not in its record of this key's objects): custos did not destroy this key, and refuses it until they are explained; do not run the shred because of them (it would destroy the live key); see docs/keys-you-hold.md",
+                fam.foreign_marks()
+            ),
         }
     }
 
@@ -1221,11 +1263,15 @@ impl KeyProvider for KmipProvider {
         };
         let fam = self.family(key).await?;
         // Any tombstone, custos's or not: a destroyed name is not reused.
-        if fam.destruction_began() {
+        // Beside a live version, one custos did not leave is no destruction.
+        if fam.own_destruction_began() || (fam.destruction_began() && fam.live().next().is_none()) {
             return Err(KeyError::Destroyed {
                 key: label(key),
                 destroyed_at: fam.destroyed_at(),
             });
+        }
+        if fam.destruction_began() {
+            return Err(self.foreign_tombstone(key, &fam));
         }
         match fam.current() {
             None if fam.versions.is_empty() => {

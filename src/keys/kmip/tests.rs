@@ -280,6 +280,8 @@ async fn an_interrupted_uid_key_destruction_is_finished_with_its_tombstone() {
     );
     let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
     assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
+    // custos's own tombstone: its own shred stopped half-way.
+    assert!(e.to_string().contains("run the shred again"), "{e}");
     let d = p.destroy(&k, 7).await.unwrap();
     assert_eq!(d.effective_at, time(1_700_000_000).unwrap());
     assert_eq!(d.objects, vec![uid.clone()]);
@@ -395,13 +397,26 @@ async fn a_planted_tombstone_refuses_use_and_dates_nothing() {
     let (p, fake) = provider(Behaviour::default());
     let k = key("name/acme");
     p.create_key(&k).await.unwrap();
-    fake.insert(
+    let planted = fake.insert(
         &["acme@destroyed@1000"],
         &["custos-key/acme"],
         State::Compromised,
     );
     let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
     assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
+    // Never "run the shred again": that would destroy the live key.
+    let message = e.to_string();
+    assert!(message.contains(&format!("{planted:?}")), "{message}");
+    assert!(message.contains("custos did not leave"), "{message}");
+    assert!(!message.contains("shred again"), "{message}");
+    assert_eq!(
+        p.describe(&k).await.unwrap().state,
+        KeyState::Other {
+            name: "foreign_tombstone".into()
+        }
+    );
+    let e = p.create_key(&k).await.unwrap_err();
+    assert!(e.to_string().contains("custos did not leave"), "{e}");
     let before = Utc::now().timestamp();
     let d = p.destroy(&k, 7).await.unwrap();
     assert!(d.effective_at.timestamp() >= before, "{d:?}");
