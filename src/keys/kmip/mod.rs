@@ -698,8 +698,15 @@ impl KmipProvider {
         Ok(())
     }
 
-    /// Every object of `key`, with its state, judged against the record.
+    /// Every object of `key`, with its state, judged against the record;
+    /// a key met for the first time is adopted.
     async fn family(&self, key: &KeyRef) -> Result<Family, KeyError> {
+        self.family_adopting(key, true).await
+    }
+
+    /// As [`Self::family`]; with `adopt` false, versions of a key met for
+    /// the first time stay unpinned (`create_key` never adopts: it makes).
+    async fn family_adopting(&self, key: &KeyRef, adopt: bool) -> Result<Family, KeyError> {
         let id = KmipKeyId::parse(key.id()).map_err(|reason| super::InvalidKeyRef {
             input: key.to_string(),
             reason,
@@ -744,7 +751,7 @@ impl KmipProvider {
         match &record {
             Some(r) => self.recorded(key, &mut fam, r).await?,
             // First sight of the key: what is there is adopted, once.
-            None if !fam.versions.is_empty() => self.adopt(key, &entry, &mut fam).await?,
+            None if adopt && !fam.versions.is_empty() => self.adopt(key, &entry, &mut fam).await?,
             None => {}
         }
         if !fam.newly_dead.is_empty() {
@@ -1261,7 +1268,9 @@ impl KeyProvider for KmipProvider {
                 }));
             }
         };
-        let fam = self.family(key).await?;
+        // Objects already under the name that custos has no record of are
+        // refused by name below, never adopted by the call meant to create.
+        let fam = self.family_adopting(key, false).await?;
         // Any tombstone, custos's or not: a destroyed name is not reused.
         // Beside a live version, one custos did not leave is no destruction.
         if fam.own_destruction_began() || (fam.destruction_began() && fam.live().next().is_none()) {

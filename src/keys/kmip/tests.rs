@@ -367,6 +367,51 @@ async fn a_key_met_for_the_first_time_is_adopted_once() {
     assert_eq!(w.key_version, Some(v1));
 }
 
+/// `create_key` never adopts: objects already under the name that custos
+/// has no record of are refused by identifier. Use of the key adopts them
+/// (logged), once; after that, create_key finds the key made.
+#[tokio::test]
+async fn create_key_never_adopts() {
+    let (p, fake) = provider(Behaviour::default());
+    let v1 = fake.insert(&["old@v1"], &["custos-key/old"], State::Active);
+    let k = key("name/old");
+    let e = p.create_key(&k).await.unwrap_err();
+    assert!(matches!(e, KeyError::AccessDenied { .. }), "{e:?}");
+    assert!(e.to_string().contains(&format!("{v1:?}")), "{e}");
+    assert_eq!(p.pins.get("name/old", "k").unwrap(), None);
+    p.describe(&k).await.unwrap();
+    let info = p.create_key(&k).await.unwrap();
+    assert_eq!(info.current_version, Some(v1));
+}
+
+/// The record is keyed by key id: the same installation pointed at the
+/// server under another name (address, port spelling) does not meet its
+/// keys afresh, so a version planted meanwhile is not adopted.
+#[tokio::test]
+async fn a_changed_server_string_adopts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("kmip-objects.json");
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let open = |server: &str| {
+        KmipProvider::with_link(server.into(), Box::new(fake.clone()))
+            .with_object_record(record.clone())
+    };
+    let k = key("name/acme");
+    open("kms.internal:5696").create_key(&k).await.unwrap();
+    let mine = open("kms.internal:5696")
+        .describe(&k)
+        .await
+        .unwrap()
+        .current_version
+        .unwrap();
+    fake.insert(&["acme@v9"], &["custos-key/acme"], State::Active);
+    let (_, w) = open("10.0.0.7:5696")
+        .generate_data_key(&k, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(w.key_version, Some(mine));
+}
+
 /// The record survives the process: a new provider on the same state file
 /// still refuses the planted version.
 #[tokio::test]
