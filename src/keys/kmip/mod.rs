@@ -142,6 +142,8 @@ struct Family {
     /// Recorded versions found gone or destroyed by this read, to be marked
     /// dead in the record.
     newly_dead: Vec<String>,
+    /// Objects the record holds for other keys: never this key's.
+    elsewhere: std::collections::BTreeSet<String>,
 }
 
 fn is_destroyed(state: State) -> bool {
@@ -630,6 +632,10 @@ impl KmipProvider {
             }
             let own_tombstone = record.and_then(|r| r.tombstones.get(&uid));
             let own_version = record.and_then(|r| r.versions.get(&uid));
+            // Another key's object, renamed or moved into this key's group.
+            if own_tombstone.is_none() && own_version.is_none() && fam.elsewhere.contains(&uid) {
+                continue;
+            }
             obj.check = record.and_then(|r| r.checks.get(&uid)).cloned();
             match (obj.kind, own_tombstone, own_version) {
                 // custos's own tombstone (the earliest, if a race left two).
@@ -713,7 +719,10 @@ impl KmipProvider {
         })?;
         let entry = self.record_entry(key);
         let record = self.pins.get(&entry, &label(key))?;
-        let mut fam = Family::default();
+        let mut fam = Family {
+            elsewhere: self.pins.others(&entry, &label(key))?,
+            ..Family::default()
+        };
         match &id {
             KmipKeyId::Name(name) => {
                 let filters = [Filter::Group(key_group(name)), Filter::Name(name.clone())];
@@ -1524,25 +1533,28 @@ impl KeyProvider for KmipProvider {
                 at
             }
         };
-        // Oldest first; a version already destroyed (a re-run, on a server
-        // that keeps destroyed objects) is only checked below.
-        fam.versions.sort_by_key(|(v, _)| *v);
+        // custos's own versions first, then the objects someone else named
+        // as versions (oldest first); a version already destroyed (a re-run,
+        // on a server that keeps destroyed objects) is only checked below.
+        // An object custos did not create that refuses its Revoke or
+        // Destroy does not block the shred of custos's own: it is named at
+        // the end and not listed as destroyed.
+        fam.versions.sort_by_key(|(v, o)| (!o.pinned, *v));
+        let mut refused: Vec<(String, KeyError)> = Vec::new();
         for (_, obj) in &fam.versions {
             if is_destroyed(obj.state) {
                 continue;
             }
-            if obj.state == State::Active {
-                self.deactivate(key, &obj.uid).await?;
-            }
-            match self
-                .simple(key, "Destroy", Request::Destroy(obj.uid.clone()))
-                .await
-            {
-                Ok(()) | Err(KeyError::NotFound { .. }) => {}
+            match self.revoke_and_destroy(key, obj).await {
+                Ok(()) => {}
+                Err(e) if !obj.pinned => refused.push((obj.uid.clone(), e)),
                 Err(e) => return Err(e),
             }
-            tracing::info!(event = "kmip.object_destroyed", key = %key, object = %obj.uid, "revoked and destroyed {} of {key}", obj.uid);
         }
+        let known: Vec<String> = known
+            .into_iter()
+            .filter(|u| !refused.iter().any(|(r, _)| r == u))
+            .collect();
         // The proof, per identifier: the server's answer for each object
         // custos knows (listed before, or in its record), never a Locate's
         // silence.
@@ -1561,6 +1573,7 @@ impl KeyProvider for KmipProvider {
             after
                 .live()
                 .filter(|(_, o)| !known.contains(&o.uid))
+                .filter(|(_, o)| !refused.iter().any(|(r, _)| r == &o.uid))
                 .map(|(_, o)| format!("{} ({:?})", o.uid, o.state)),
         );
         if !left.is_empty() {
@@ -1572,6 +1585,15 @@ impl KeyProvider for KmipProvider {
                     left.join(", ")
                 ),
             });
+        }
+        for (uid, e) in &refused {
+            tracing::warn!(event = "kmip.foreign_object_not_destroyed", key = %key, object = %uid, "object {uid} is named as a version of {key} but custos did not create it, and the KMIP server refused to revoke or destroy it ({e}): custos's own versions are destroyed; this object is not listed as destroyed; remove it on the key manager");
+        }
+        // Recorded versions the server no longer held when this shred began
+        // (destroyed before, by a shred that stopped half-way or out of
+        // band): proven gone, not destroyed by this run.
+        for uid in &fam.gone {
+            tracing::info!(event = "kmip.object_found_absent", key = %key, object = %uid, "version object {uid} of {key} was already absent when this shred began");
         }
         let when = time(at).unwrap_or_else(Utc::now);
         Ok(Destruction {
@@ -1586,6 +1608,23 @@ impl KeyProvider for KmipProvider {
 }
 
 impl KmipProvider {
+    /// Revoke (where Active), then Destroy, of one version; already gone
+    /// is as good.
+    async fn revoke_and_destroy(&self, key: &KeyRef, obj: &Object) -> Result<(), KeyError> {
+        if obj.state == State::Active {
+            self.deactivate(key, &obj.uid).await?;
+        }
+        match self
+            .simple(key, "Destroy", Request::Destroy(obj.uid.clone()))
+            .await
+        {
+            Ok(()) | Err(KeyError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        tracing::info!(event = "kmip.object_destroyed", key = %key, object = %obj.uid, "revoked and destroyed {} of {key}", obj.uid);
+        Ok(())
+    }
+
     /// Creates the tombstone of `key` destroyed at `at`, records it, then
     /// revokes it.
     async fn new_tombstone(&self, key: &KeyRef, id: &KmipKeyId, at: i64) -> Result<(), KeyError> {

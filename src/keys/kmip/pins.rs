@@ -187,6 +187,20 @@ impl Pins {
         Ok(self.read(key)?.keys.remove(entry))
     }
 
+    /// Every object the record holds for keys other than `entry`: never a
+    /// version or tombstone of `entry`, whatever it is named.
+    pub fn others(&self, entry: &str, key: &str) -> Result<BTreeSet<String>, KeyError> {
+        let keys = match &self.path {
+            None => self.memory.lock().map_err(|_| self.poisoned(key))?.clone(),
+            Some(_) => self.read(key)?.keys,
+        };
+        Ok(keys
+            .into_iter()
+            .filter(|(e, _)| e != entry)
+            .flat_map(|(_, o)| o.versions.into_keys().chain(o.tombstones.into_keys()))
+            .collect())
+    }
+
     fn poisoned(&self, key: &str) -> KeyError {
         self.fail(key, "the KMIP object record's lock is poisoned".into())
     }

@@ -544,6 +544,66 @@ async fn a_version_recorded_without_a_check_value_is_vouched_for_by_its_envelope
     assert_eq!(w2.key_version, w.key_version);
 }
 
+/// Another key's version, renamed into this key's group, is never taken
+/// for a version of this key: a shred of this key leaves it alone.
+#[tokio::test]
+async fn a_shred_never_destroys_another_keys_version() {
+    let (p, fake) = provider(Behaviour::default());
+    let (a, b) = (key("name/a"), key("name/b"));
+    p.create_key(&a).await.unwrap();
+    p.create_key(&b).await.unwrap();
+    let (dk, w) = p.generate_data_key(&b, &ctx()).await.unwrap();
+    let bs = w.key_version.clone().unwrap();
+    fake.rename(&bs, &["a@v7"], &["custos-key/a"]);
+    let d = p.destroy(&a, 7).await.unwrap();
+    assert!(!d.objects.contains(&bs), "{d:?}");
+    assert_eq!(p.unwrap(&b, &w, &ctx()).await.unwrap(), dk);
+    assert_eq!(p.describe(&b).await.unwrap().state, KeyState::Enabled);
+}
+
+/// An object custos did not create, named as a version, that refuses its
+/// Revoke and Destroy does not block the shred of custos's own versions,
+/// and is not listed as destroyed.
+#[tokio::test]
+async fn a_planted_object_that_refuses_destroy_does_not_block_the_shred() {
+    struct Refusing {
+        fake: Arc<FakeKmip>,
+        uid: Arc<Mutex<String>>,
+    }
+    #[async_trait]
+    impl Link for Refusing {
+        async fn call(&self, req: Request) -> Result<Response, WireError> {
+            let target = match &req {
+                Request::Revoke { uid, .. } | Request::Destroy(uid) => Some(uid.clone()),
+                _ => None,
+            };
+            if target.as_ref() == Some(&*self.uid.lock().unwrap()) {
+                return Err(WireError::Failed {
+                    reason: Some(ResultReason::PermissionDenied),
+                    message: "not yours".into(),
+                });
+            }
+            self.fake.call(req).await
+        }
+    }
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let refused = Arc::new(Mutex::new(String::new()));
+    let link = Refusing {
+        fake: fake.clone(),
+        uid: refused.clone(),
+    };
+    let p = KmipProvider::with_link("fake:5696".into(), Box::new(link));
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let mine = p.describe(&k).await.unwrap().current_version.unwrap();
+    let planted = fake.insert(&["acme@v5"], &["custos-key/acme"], State::Active);
+    *refused.lock().unwrap() = planted.clone();
+    let d = p.destroy(&k, 7).await.unwrap();
+    assert_eq!(d.objects, vec![mine.clone()]);
+    assert!(!p.object_present(&k, &mine).await.unwrap());
+    assert!(p.object_present(&k, &planted).await.unwrap());
+}
+
 // --- Absence is no proof (finding 2) ----------------------------------------------
 
 /// A version renamed and moved out of the key's group (by anyone with
