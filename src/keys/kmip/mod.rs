@@ -1446,20 +1446,21 @@ impl KeyProvider for KmipProvider {
             }
         };
         // The number comes from the family just read, not from a cache that
-        // another key reference naming the same object could have filled;
-        // past every number an object claims, so that the Name is free.
-        let (fam, _, _) = self.current_version(key).await?;
-        let (v, newest) = fam
-            .newest()
-            .map(|(v, o)| (*v, o.uid.clone()))
-            .unwrap_or_default();
-        let next = v.checked_add(1).ok_or_else(|| KeyError::Backend {
-            provider: PROVIDER,
-            key: label(key),
-            message: format!(
-                "object {newest:?} is numbered version {v} of this key: there is no next one (if custos did not create it, destroy that object)"
-            ),
-        })?;
+        // another key reference naming the same object could have filled:
+        // the next after the highest version custos recorded (an object
+        // planted as `<n>@v4294967295` cannot use the numbers up), skipping
+        // numbers an object already claims, so that the Name is free.
+        let (fam, v, _) = self.current_version(key).await?;
+        let taken: HashSet<u32> = fam.versions.iter().map(|(v, _)| *v).collect();
+        let next = (v.saturating_add(1)..=u32::MAX)
+            .find(|n| *n > v && !taken.contains(n))
+            .ok_or_else(|| KeyError::Backend {
+                provider: PROVIDER,
+                key: label(key),
+                message: format!(
+                    "version {v} of this key is the highest number there is: there is no next one"
+                ),
+            })?;
         self.create_version(key, &name, next).await?;
         self.describe(key).await
     }

@@ -315,7 +315,7 @@ async fn a_planted_higher_version_is_never_wrapped_under() {
         p.describe(&k).await.unwrap().current_version.as_deref(),
         Some(mine.as_str())
     );
-    // Rotation: version 1001, custos's, current from now on.
+    // Rotation: the next after custos's highest, current from now on.
     p.rotate(&k).await.unwrap();
     let rotated = p.describe(&k).await.unwrap().current_version.unwrap();
     let names = |uid: &str| {
@@ -325,7 +325,7 @@ async fn a_planted_higher_version_is_never_wrapped_under() {
             .map(|o| o.names)
             .unwrap()
     };
-    assert_eq!(names(&rotated), vec!["acme@v1001".to_owned()]);
+    assert_eq!(names(&rotated), vec!["acme@v2".to_owned()]);
     let (_, w3) = p.generate_data_key(&k, &ctx()).await.unwrap();
     assert_eq!(w3.key_version.as_deref(), Some(rotated.as_str()));
     // A shred destroys every object in the family, the planted one too.
@@ -602,6 +602,22 @@ async fn a_planted_object_that_refuses_destroy_does_not_block_the_shred() {
     assert_eq!(d.objects, vec![mine.clone()]);
     assert!(!p.object_present(&k, &mine).await.unwrap());
     assert!(p.object_present(&k, &planted).await.unwrap());
+}
+
+/// Objects planted as `<n>@v4294967295` and as the next number do not
+/// block rotation: it numbers from custos's highest recorded version and
+/// skips numbers already claimed.
+#[tokio::test]
+async fn planted_version_numbers_do_not_block_rotation() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    fake.insert(&["acme@v4294967295"], &["custos-key/acme"], State::Active);
+    fake.insert(&["acme@v2"], &["custos-key/acme"], State::Active);
+    p.rotate(&k).await.unwrap();
+    let current = p.describe(&k).await.unwrap().current_version.unwrap();
+    let named = fake.objects().into_iter().find(|o| o.uid == current).unwrap();
+    assert_eq!(named.names, vec!["acme@v3".to_owned()]);
 }
 
 // --- Absence is no proof (finding 2) ----------------------------------------------
