@@ -144,6 +144,9 @@ struct Family {
     newly_dead: Vec<String>,
     /// Objects the record holds for other keys: never this key's.
     elsewhere: std::collections::BTreeSet<String>,
+    /// A listed object custos may not read fails the read (a destruction
+    /// must see every object), rather than being skipped.
+    unreadable_fatal: bool,
 }
 
 fn is_destroyed(state: State) -> bool {
@@ -618,7 +621,28 @@ impl KmipProvider {
                 // Destroyed between the Locate and now (the record, if it
                 // knows the object, asks again by identifier below).
                 Err(KeyError::NotFound { .. }) => continue,
-                Err(e) => return Err(e),
+                // Unreachable, throttled: nothing is known of the object.
+                Err(e @ (KeyError::Unreachable { .. } | KeyError::Throttled { .. })) => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    let own = record.is_some_and(|r| {
+                        r.versions.contains_key(&uid) || r.tombstones.contains_key(&uid)
+                    });
+                    let listed = filters.iter().map(describe_filter).collect::<Vec<_>>();
+                    if own || fam.unreadable_fatal {
+                        return Err(KeyError::Backend {
+                            provider: PROVIDER,
+                            key: label(key),
+                            message: format!(
+                                "object {uid:?}, listed by {}, cannot be read: {e}",
+                                listed.join(" or ")
+                            ),
+                        });
+                    }
+                    tracing::warn!(event = "kmip.unreadable_object_skipped", key = %key, object = %uid, "object {uid} listed by {} cannot be read and custos did not create it: skipped ({e})", listed.join(" or "));
+                    continue;
+                }
             };
             // An identifier once gone holds someone else's object now.
             if record.is_some_and(|r| r.dead.contains(&uid)) {
@@ -707,12 +731,19 @@ impl KmipProvider {
     /// Every object of `key`, with its state, judged against the record;
     /// a key met for the first time is adopted.
     async fn family(&self, key: &KeyRef) -> Result<Family, KeyError> {
-        self.family_adopting(key, true).await
+        self.family_adopting(key, true, false).await
     }
 
     /// As [`Self::family`]; with `adopt` false, versions of a key met for
     /// the first time stay unpinned (`create_key` never adopts: it makes).
-    async fn family_adopting(&self, key: &KeyRef, adopt: bool) -> Result<Family, KeyError> {
+    /// With `strict`, an object listed that custos may not read fails the
+    /// read even if custos did not create it (a destruction).
+    async fn family_adopting(
+        &self,
+        key: &KeyRef,
+        adopt: bool,
+        strict: bool,
+    ) -> Result<Family, KeyError> {
         let id = KmipKeyId::parse(key.id()).map_err(|reason| super::InvalidKeyRef {
             input: key.to_string(),
             reason,
@@ -721,6 +752,7 @@ impl KmipProvider {
         let record = self.pins.get(&entry, &label(key))?;
         let mut fam = Family {
             elsewhere: self.pins.others(&entry, &label(key))?,
+            unreadable_fatal: strict,
             ..Family::default()
         };
         match &id {
@@ -1279,7 +1311,7 @@ impl KeyProvider for KmipProvider {
         };
         // Objects already under the name that custos has no record of are
         // refused by name below, never adopted by the call meant to create.
-        let fam = self.family_adopting(key, false).await?;
+        let fam = self.family_adopting(key, false, false).await?;
         // Any tombstone, custos's or not: a destroyed name is not reused.
         // Beside a live version, one custos did not leave is no destruction.
         if fam.own_destruction_began() || (fam.destruction_began() && fam.live().next().is_none()) {
@@ -1508,7 +1540,7 @@ impl KeyProvider for KmipProvider {
             input: key.to_string(),
             reason,
         })?;
-        let mut fam = self.family(key).await?;
+        let mut fam = self.family_adopting(key, true, true).await?;
         let known = fam.known_uids();
         // Nothing custos knows of, and no tombstone of its own: absence
         // proves nothing (a Locate finds no object renamed or moved away).

@@ -616,8 +616,51 @@ async fn planted_version_numbers_do_not_block_rotation() {
     fake.insert(&["acme@v2"], &["custos-key/acme"], State::Active);
     p.rotate(&k).await.unwrap();
     let current = p.describe(&k).await.unwrap().current_version.unwrap();
-    let named = fake.objects().into_iter().find(|o| o.uid == current).unwrap();
+    let named = fake
+        .objects()
+        .into_iter()
+        .find(|o| o.uid == current)
+        .unwrap();
     assert_eq!(named.names, vec!["acme@v3".to_owned()]);
+}
+
+/// A listed object custos may not read, which it did not create, is
+/// skipped in use; a shred fails on it, naming the object and the group.
+#[tokio::test]
+async fn an_unreadable_object_is_skipped_in_use_and_named_by_a_shred() {
+    struct Unreadable {
+        fake: Arc<FakeKmip>,
+        uid: Arc<Mutex<String>>,
+    }
+    #[async_trait]
+    impl Link for Unreadable {
+        async fn call(&self, req: Request) -> Result<Response, WireError> {
+            if matches!(&req, Request::GetAttributes(u) if *u == *self.uid.lock().unwrap()) {
+                return Err(WireError::Failed {
+                    reason: Some(ResultReason::PermissionDenied),
+                    message: "not yours".into(),
+                });
+            }
+            self.fake.call(req).await
+        }
+    }
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let hidden = Arc::new(Mutex::new(String::new()));
+    let link = Unreadable {
+        fake: fake.clone(),
+        uid: hidden.clone(),
+    };
+    let p = KmipProvider::with_link("fake:5696".into(), Box::new(link));
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let planted = fake.insert(&["acme@v9"], &["custos-key/acme"], State::Active);
+    *hidden.lock().unwrap() = planted.clone();
+    let (dk, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
+    let e = p.destroy(&k, 7).await.unwrap_err();
+    let message = e.to_string();
+    assert!(message.contains(&format!("{planted:?}")), "{message}");
+    assert!(message.contains("custos-key/acme"), "{message}");
 }
 
 // --- Absence is no proof (finding 2) ----------------------------------------------
