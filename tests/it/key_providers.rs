@@ -1934,6 +1934,14 @@ with ProxyKmipClient(hostname=host, port=int(port), cert=cert, key=key, ca=ca, c
     c.activate(r.uuid)
     print(r.uuid)
 "#;
+        let mut args = vec![group];
+        args.extend_from_slice(names);
+        pykmip_client(s, SCRIPT, &args)
+    }
+
+    /// Runs `script` with PyKMIP's own client, given the server, CA, client
+    /// certificate and key, then `args`; returns what it printed.
+    fn pykmip_client(s: &KmipSettings, script: &str, args: &[&str]) -> String {
         // The interpreter PyKMIP is installed for (scripts/pykmip.sh).
         let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".emu/pykmip/bin/python3");
         let python = if venv.exists() {
@@ -1943,13 +1951,12 @@ with ProxyKmipClient(hostname=host, port=int(port), cert=cert, key=key, ca=ca, c
         };
         let out = std::process::Command::new(&python)
             .arg("-c")
-            .arg(SCRIPT)
+            .arg(script)
             .arg(&s.server)
             .arg(&s.ca_file)
             .arg(&s.client_cert_file)
             .arg(&s.client_key_file)
-            .arg(group)
-            .args(names)
+            .args(args)
             .output()
             .expect("python3 with PyKMIP");
         assert!(
@@ -1992,7 +1999,7 @@ with ProxyKmipClient(hostname=host, port=int(port), cert=cert, key=key, ca=ca, c
     /// another application holding custos's credentials could.
     fn destroy_behind_custos(s: &KmipSettings, uid: &str) {
         const SCRIPT: &str = r#"
-import sys, time
+import sys
 from kmip.pie.client import ProxyKmipClient
 from kmip.core import enums
 host, port = sys.argv[1].rsplit(":", 1)
@@ -2001,27 +2008,7 @@ with ProxyKmipClient(hostname=host, port=int(port), cert=cert, key=key, ca=ca, c
     c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid)
     c.destroy(uid)
 "#;
-        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".emu/pykmip/bin/python3");
-        let python = if venv.exists() {
-            venv
-        } else {
-            PathBuf::from("/usr/bin/python3")
-        };
-        let out = std::process::Command::new(&python)
-            .arg("-c")
-            .arg(SCRIPT)
-            .arg(&s.server)
-            .arg(&s.ca_file)
-            .arg(&s.client_cert_file)
-            .arg(&s.client_key_file)
-            .arg(uid)
-            .output()
-            .expect("python3 with PyKMIP");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        pykmip_client(s, SCRIPT, &[uid]);
     }
 
     /// Review #15, round 2: PyKMIP gives a destroyed top identifier to the
