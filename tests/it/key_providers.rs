@@ -1985,7 +1985,7 @@ with ProxyKmipClient(hostname=host, port=int(port), cert=cert, key=key, ca=ca, c
         let (dk, w) = p.generate_data_key(&key, &c).await.unwrap();
         assert_eq!(w.key_version.as_deref(), Some(mine.as_str()));
         assert_eq!(p.unwrap(&key, &w, &c).await.unwrap(), dk);
-        // A rotation numbers past it: version 100, custos's own.
+        // A rotation makes version 2, custos's own (from its highest recorded).
         p.rotate(&key).await.unwrap();
         let (_, w2) = p.generate_data_key(&key, &c).await.unwrap();
         assert_ne!(w2.key_version.as_deref(), Some(planted.as_str()));
