@@ -2001,6 +2001,14 @@ with ProxyKmipClient(hostname=host, port=int(port), cert=cert, key=key, ca=ca, c
     c.activate(r.uuid)
     print(r.uuid)
 "#;
+        let mut args = vec![group];
+        args.extend_from_slice(names);
+        pykmip_client(s, SCRIPT, &args)
+    }
+
+    /// Runs `script` with PyKMIP's own client, given the server, CA, client
+    /// certificate and key, then `args`; returns what it printed.
+    fn pykmip_client(s: &KmipSettings, script: &str, args: &[&str]) -> String {
         // The interpreter PyKMIP is installed for (scripts/pykmip.sh).
         let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".emu/pykmip/bin/python3");
         let python = if venv.exists() {
@@ -2010,13 +2018,12 @@ with ProxyKmipClient(hostname=host, port=int(port), cert=cert, key=key, ca=ca, c
         };
         let out = std::process::Command::new(&python)
             .arg("-c")
-            .arg(SCRIPT)
+            .arg(script)
             .arg(&s.server)
             .arg(&s.ca_file)
             .arg(&s.client_cert_file)
             .arg(&s.client_key_file)
-            .arg(group)
-            .args(names)
+            .args(args)
             .output()
             .expect("python3 with PyKMIP");
         assert!(
@@ -2045,7 +2052,7 @@ with ProxyKmipClient(hostname=host, port=int(port), cert=cert, key=key, ca=ca, c
         let (dk, w) = p.generate_data_key(&key, &c).await.unwrap();
         assert_eq!(w.key_version.as_deref(), Some(mine.as_str()));
         assert_eq!(p.unwrap(&key, &w, &c).await.unwrap(), dk);
-        // A rotation numbers past it: version 100, custos's own.
+        // A rotation makes version 2, custos's own (from its highest recorded).
         p.rotate(&key).await.unwrap();
         let (_, w2) = p.generate_data_key(&key, &c).await.unwrap();
         assert_ne!(w2.key_version.as_deref(), Some(planted.as_str()));
@@ -2053,6 +2060,54 @@ with ProxyKmipClient(hostname=host, port=int(port), cert=cert, key=key, ca=ca, c
         let d = p.destroy(&key, 7).await.unwrap();
         assert!(d.objects.contains(&planted), "{d:?}");
         assert!(!p.object_present(&key, &planted).await.unwrap());
+    }
+
+    /// Revokes and destroys object `uid` through PyKMIP's own client, as
+    /// another application holding custos's credentials could.
+    fn destroy_behind_custos(s: &KmipSettings, uid: &str) {
+        const SCRIPT: &str = r#"
+import sys
+from kmip.pie.client import ProxyKmipClient
+from kmip.core import enums
+host, port = sys.argv[1].rsplit(":", 1)
+ca, cert, key, uid = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+with ProxyKmipClient(hostname=host, port=int(port), cert=cert, key=key, ca=ca, config_file="/dev/null") as c:
+    c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid)
+    c.destroy(uid)
+"#;
+        pykmip_client(s, SCRIPT, &[uid]);
+    }
+
+    /// Review #15, round 2: PyKMIP gives a destroyed top identifier to the
+    /// next object. Another client destroys custos's current version and
+    /// Registers a value it knows under the same Name and group: it gets
+    /// the same identifier (unless a test running beside this one took it),
+    /// and custos still never wraps under it: the key material is pinned.
+    #[tokio::test]
+    async fn a_reused_identifier_with_a_known_value_is_never_wrapped_under() {
+        let Some(f) = KmipFixture::new() else { return };
+        let Some(s) = settings() else { return };
+        let p = &f.provider;
+        let key = f.fresh_key().await;
+        let name = key.id().strip_prefix("name/").unwrap().to_owned();
+        let c = ctx("acme", 1);
+        let (dk, _) = p.generate_data_key(&key, &c).await.unwrap();
+        let mine = p.describe(&key).await.unwrap().current_version.unwrap();
+        destroy_behind_custos(&s, &mine);
+        let planted =
+            register_known_value(&s, &format!("custos-key/{name}"), &[&format!("{name}@v1")]);
+        eprintln!(
+            "[kmip] destroyed {mine}, registered {planted} (reused: {})",
+            planted == mine
+        );
+        let e = p.wrap(&key, &dk, &c).await.unwrap_err();
+        assert_eq!(e.kind(), "key_unavailable", "{e}");
+        if planted == mine {
+            assert!(e.to_string().contains(&format!("{mine:?}")), "{e}");
+        }
+        // Never trusted again.
+        let e = p.generate_data_key(&key, &c).await.unwrap_err();
+        assert_eq!(e.kind(), "key_unavailable", "{e}");
     }
 
     #[tokio::test]

@@ -110,6 +110,9 @@ pub(super) struct Behaviour {
     pub page_cap: usize,
     /// Answer Located Items (KMIP 1.3; PyKMIP does not).
     pub located_items: bool,
+    /// Give a new object the identifier after the highest held, so that
+    /// a deleted top identifier is given again (PyKMIP's SQLite rowid).
+    pub reuse_ids: bool,
 }
 
 impl Default for Behaviour {
@@ -120,6 +123,7 @@ impl Default for Behaviour {
             cbc_without_padding: true,
             page_cap: usize::MAX,
             located_items: false,
+            reuse_ids: false,
         }
     }
 }
@@ -143,6 +147,19 @@ struct Store {
 }
 
 impl Store {
+    fn new_uid(&mut self, reuse: bool) -> String {
+        if reuse {
+            self.next = self
+                .objects
+                .iter()
+                .filter_map(|o| o.uid.parse::<u64>().ok())
+                .max()
+                .unwrap_or(0);
+        }
+        self.next += 1;
+        self.next.to_string()
+    }
+
     fn find(&mut self, uid: &str) -> Result<&mut Object, WireError> {
         self.objects
             .iter_mut()
@@ -188,8 +205,7 @@ impl FakeKmip {
     /// Puts an object on the server as another client (or an older custos) would.
     pub(super) fn insert(&self, names: &[&str], groups: &[&str], state: State) -> String {
         let mut s = self.store.lock().unwrap();
-        s.next += 1;
-        let uid = s.next.to_string();
+        let uid = s.new_uid(self.behaviour.reuse_ids);
         s.objects.push(Object {
             uid: uid.clone(),
             bits: 256,
@@ -252,8 +268,7 @@ impl FakeKmip {
                         &format!("the name {n} is already in use"),
                     ));
                 }
-                s.next += 1;
-                let uid = s.next.to_string();
+                let uid = s.new_uid(self.behaviour.reuse_ids);
                 s.objects.push(Object {
                     uid: uid.clone(),
                     bits: t.bits,

@@ -109,6 +109,9 @@ struct Object {
     /// created by custos (or there when it first met the key). Only such a
     /// version is wrapped under.
     pinned: bool,
+    /// Its key check value in the record (hex): the material custos pinned.
+    /// `None`: recorded before check values, or never Active since.
+    check: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,8 +136,17 @@ struct Family {
     /// installation): they make the key refuse use, and prove nothing.
     foreign_tombstones: Vec<String>,
     /// Versions the record names that the server, asked by identifier,
-    /// no longer holds: the proof of a destruction.
+    /// no longer holds (or once did not: see `pins::KeyObjects::dead`):
+    /// the proof of a destruction.
     gone: Vec<String>,
+    /// Recorded versions found gone or destroyed by this read, to be marked
+    /// dead in the record.
+    newly_dead: Vec<String>,
+    /// Objects the record holds for other keys: never this key's.
+    elsewhere: std::collections::BTreeSet<String>,
+    /// A listed object custos may not read fails the read (a destruction
+    /// must see every object), rather than being skipped.
+    unreadable_fatal: bool,
 }
 
 fn is_destroyed(state: State) -> bool {
@@ -166,9 +178,34 @@ impl Family {
     /// A destruction began: there is a tombstone (anyone's: a planted one
     /// can at worst make the key refuse use), or some version is destroyed.
     fn destruction_began(&self) -> bool {
+        self.own_destruction_began() || !self.foreign_marks().is_empty()
+    }
+
+    /// custos's own signs of a destruction: its recorded tombstone, or a
+    /// version it recorded destroyed or gone. Only these may send the
+    /// operator to run the shred again.
+    fn own_destruction_began(&self) -> bool {
         self.tombstone.is_some()
-            || !self.foreign_tombstones.is_empty()
-            || self.versions.iter().any(|(_, o)| is_destroyed(o.state))
+            || self
+                .versions
+                .iter()
+                .any(|(_, o)| o.pinned && is_destroyed(o.state))
+    }
+
+    /// Signs of a destruction custos did not leave: tombstones not in its
+    /// record, and destroyed objects named as versions that it did not
+    /// create.
+    fn foreign_marks(&self) -> Vec<&str> {
+        let destroyed = self
+            .versions
+            .iter()
+            .filter(|(_, o)| !o.pinned && is_destroyed(o.state))
+            .map(|(_, o)| o.uid.as_str());
+        self.foreign_tombstones
+            .iter()
+            .map(String::as_str)
+            .chain(destroyed)
+            .collect()
     }
 
     /// When the key was destroyed, as custos itself recorded it.
@@ -186,8 +223,12 @@ impl Family {
                 false => KeyState::Destroyed {
                     destroyed_at: self.destroyed_at(),
                 },
-                true => KeyState::Other {
+                true if self.own_destruction_began() => KeyState::Other {
                     name: "destroy_incomplete".into(),
+                },
+                // Only marks someone else left: no destruction of custos's.
+                true => KeyState::Other {
+                    name: "foreign_tombstone".into(),
                 },
             });
         }
@@ -349,9 +390,10 @@ impl KmipProvider {
         self
     }
 
-    /// The record's entry of `key` on this server.
+    /// The record's entry of `key`: its id alone, so that a changed server
+    /// string (another port, a DNS name for an address) is the same key.
     fn record_entry(&self, key: &KeyRef) -> String {
-        format!("{} {}", self.server, key.id())
+        key.id().to_owned()
     }
 
     /// Identifiers asked for per Locate (tests of families longer than a page).
@@ -557,6 +599,7 @@ impl KmipProvider {
             kind: classify(family_name, &a.names),
             aes_256: a.algorithm == Some(CryptographicAlgorithm::AES) && a.bits == Some(256),
             pinned: false,
+            check: None,
         })
     }
 
@@ -578,10 +621,46 @@ impl KmipProvider {
                 // Destroyed between the Locate and now (the record, if it
                 // knows the object, asks again by identifier below).
                 Err(KeyError::NotFound { .. }) => continue,
-                Err(e) => return Err(e),
+                // Unreachable, throttled: nothing is known of the object.
+                Err(e @ (KeyError::Unreachable { .. } | KeyError::Throttled { .. })) => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    let own = record.is_some_and(|r| {
+                        r.versions.contains_key(&uid) || r.tombstones.contains_key(&uid)
+                    });
+                    let listed = filters.iter().map(describe_filter).collect::<Vec<_>>();
+                    if own || fam.unreadable_fatal {
+                        return Err(KeyError::Backend {
+                            provider: PROVIDER,
+                            key: label(key),
+                            message: format!(
+                                "object {uid:?}, listed by {}, cannot be read: {e}",
+                                listed.join(" or ")
+                            ),
+                        });
+                    }
+                    tracing::warn!(event = "kmip.unreadable_object_skipped", key = %key, object = %uid, "object {uid} listed by {} cannot be read and custos did not create it: skipped ({e})", listed.join(" or "));
+                    continue;
+                }
             };
+            // An identifier once gone holds someone else's object now.
+            if record.is_some_and(|r| r.dead.contains(&uid)) {
+                if record.is_some_and(|r| r.versions.contains_key(&uid)) {
+                    fam.gone.push(uid);
+                }
+                continue;
+            }
+            if is_destroyed(obj.state) && record.is_some_and(|r| r.versions.contains_key(&uid)) {
+                fam.newly_dead.push(uid.clone());
+            }
             let own_tombstone = record.and_then(|r| r.tombstones.get(&uid));
             let own_version = record.and_then(|r| r.versions.get(&uid));
+            // Another key's object, renamed or moved into this key's group.
+            if own_tombstone.is_none() && own_version.is_none() && fam.elsewhere.contains(&uid) {
+                continue;
+            }
+            obj.check = record.and_then(|r| r.checks.get(&uid)).cloned();
             match (obj.kind, own_tombstone, own_version) {
                 // custos's own tombstone (the earliest, if a race left two).
                 (_, Some(&at), _) if fam.tombstone.as_ref().is_none_or(|(t, _, _)| at < *t) => {
@@ -612,16 +691,27 @@ impl KmipProvider {
         record: &pins::KeyObjects,
     ) -> Result<(), KeyError> {
         for (uid, &v) in &record.versions {
-            if fam.versions.iter().any(|(_, o)| &o.uid == uid) {
+            if fam.versions.iter().any(|(_, o)| &o.uid == uid) || fam.gone.contains(uid) {
+                continue;
+            }
+            if record.dead.contains(uid) {
+                fam.gone.push(uid.clone());
                 continue;
             }
             match self.object(key, "", uid).await {
                 Ok(mut obj) => {
+                    if is_destroyed(obj.state) {
+                        fam.newly_dead.push(uid.clone());
+                    }
                     obj.kind = ObjectKind::Version(v);
                     obj.pinned = true;
+                    obj.check = record.checks.get(uid).cloned();
                     fam.versions.push((v, obj));
                 }
-                Err(KeyError::NotFound { .. }) => fam.gone.push(uid.clone()),
+                Err(KeyError::NotFound { .. }) => {
+                    fam.gone.push(uid.clone());
+                    fam.newly_dead.push(uid.clone());
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -638,15 +728,33 @@ impl KmipProvider {
         Ok(())
     }
 
-    /// Every object of `key`, with its state, judged against the record.
+    /// Every object of `key`, with its state, judged against the record;
+    /// a key met for the first time is adopted.
     async fn family(&self, key: &KeyRef) -> Result<Family, KeyError> {
+        self.family_adopting(key, true, false).await
+    }
+
+    /// As [`Self::family`]; with `adopt` false, versions of a key met for
+    /// the first time stay unpinned (`create_key` never adopts: it makes).
+    /// With `strict`, an object listed that custos may not read fails the
+    /// read even if custos did not create it (a destruction).
+    async fn family_adopting(
+        &self,
+        key: &KeyRef,
+        adopt: bool,
+        strict: bool,
+    ) -> Result<Family, KeyError> {
         let id = KmipKeyId::parse(key.id()).map_err(|reason| super::InvalidKeyRef {
             input: key.to_string(),
             reason,
         })?;
         let entry = self.record_entry(key);
         let record = self.pins.get(&entry, &label(key))?;
-        let mut fam = Family::default();
+        let mut fam = Family {
+            elsewhere: self.pins.others(&entry, &label(key))?,
+            unreadable_fatal: strict,
+            ..Family::default()
+        };
         match &id {
             KmipKeyId::Name(name) => {
                 let filters = [Filter::Group(key_group(name)), Filter::Name(name.clone())];
@@ -654,11 +762,19 @@ impl KmipProvider {
                     .await?;
             }
             KmipKeyId::Uid(uid) => {
-                // The one object the customer named: custos's by configuration.
+                // The one object the customer named: custos's by configuration
+                // (its material pinned at first sight), unless once gone.
                 match self.object(key, "", uid).await {
+                    Ok(_) if record.as_ref().is_some_and(|r| r.dead.contains(uid)) => {
+                        fam.gone.push(uid.clone());
+                    }
                     Ok(mut obj) => {
+                        if is_destroyed(obj.state) {
+                            fam.newly_dead.push(uid.clone());
+                        }
                         obj.kind = ObjectKind::Version(1);
                         obj.pinned = true;
+                        obj.check = record.as_ref().and_then(|r| r.checks.get(uid)).cloned();
                         fam.versions.push((1, obj));
                     }
                     // Gone, if the record knows it (asked again below).
@@ -676,29 +792,41 @@ impl KmipProvider {
         match &record {
             Some(r) => self.recorded(key, &mut fam, r).await?,
             // First sight of the key: what is there is adopted, once.
-            None if !fam.versions.is_empty() => self.adopt(key, &entry, &mut fam)?,
+            None if adopt && !fam.versions.is_empty() => self.adopt(key, &entry, &mut fam).await?,
             None => {}
+        }
+        if !fam.newly_dead.is_empty() {
+            let dead = std::mem::take(&mut fam.newly_dead);
+            self.record(key, |r| r.dead.extend(dead))?;
         }
         Ok(fam)
     }
 
     /// Records every version of a key met for the first time as custos's:
     /// a key made before the record existed, or by the customer.
-    fn adopt(&self, key: &KeyRef, entry: &str, fam: &mut Family) -> Result<(), KeyError> {
-        let found: Vec<(String, u32)> = fam
-            .versions
-            .iter()
-            .map(|(v, o)| (o.uid.clone(), *v))
-            .collect();
-        self.pins.update(entry, &label(key), |r| {
-            for (uid, v) in &found {
-                r.versions.entry(uid.clone()).or_insert(*v);
-            }
-        })?;
+    /// Their material is pinned as found too (a check value of each Active
+    /// AES-256 version): the first sight is the one thing trusted.
+    async fn adopt(&self, key: &KeyRef, entry: &str, fam: &mut Family) -> Result<(), KeyError> {
         for (_, o) in &mut fam.versions {
             o.pinned = true;
+            if o.state == State::Active && o.aes_256 {
+                o.check = Some(self.check_value(key, &o.uid).await?);
+            }
         }
-        let uids: Vec<&str> = found.iter().map(|(u, _)| u.as_str()).collect();
+        let found: Vec<(String, u32, Option<String>)> = fam
+            .versions
+            .iter()
+            .map(|(v, o)| (o.uid.clone(), *v, o.check.clone()))
+            .collect();
+        self.pins.update(entry, &label(key), |r| {
+            for (uid, v, check) in &found {
+                r.versions.entry(uid.clone()).or_insert(*v);
+                if let Some(c) = check {
+                    r.checks.entry(uid.clone()).or_insert_with(|| c.clone());
+                }
+            }
+        })?;
+        let uids: Vec<&str> = found.iter().map(|(u, _, _)| u.as_str()).collect();
         tracing::warn!(event = "kmip.versions_adopted", key = %key, objects = ?uids, "first use of {key} by this installation: its version objects {uids:?} are recorded as custos's as found");
         Ok(())
     }
@@ -759,7 +887,7 @@ impl KmipProvider {
                 key: label(key),
                 destroyed_at,
             }),
-            Some(KeyState::Other { name }) if fam.destruction_began() => {
+            Some(KeyState::Other { name }) if fam.own_destruction_began() => {
                 Err(KeyError::Unavailable {
                     key: label(key),
                     message: format!(
@@ -767,7 +895,20 @@ impl KmipProvider {
                     ),
                 })
             }
+            _ if fam.destruction_began() => Err(self.foreign_tombstone(key, fam)),
             _ => Ok(()),
+        }
+    }
+
+    /// A key refused for marks of destruction custos did not leave: never
+    /// "run the shred again", which would destroy a live key.
+    fn foreign_tombstone(&self, key: &KeyRef, fam: &Family) -> KeyError {
+        KeyError::Unavailable {
+            key: label(key),
+            message: format!(
+                "the KMIP server holds object(s) {:?} named as this key's tombstone or destroyed version, but custos did not leave them (they are not in its record of this key's objects): custos did not destroy this key, and refuses it until they are explained; do not run the shred because of them (it would destroy the live key); see docs/keys-you-hold.md",
+                fam.foreign_marks()
+            ),
         }
     }
 
@@ -797,8 +938,15 @@ impl KmipProvider {
                 self.simple(key, "Activate", Request::Activate(obj.uid.clone()))
                     .await?;
                 tracing::info!(event = "kmip.key_activated", key = %key, version = v, object = %obj.uid, "activated version {v} of {key}, left Pre-Active by an interrupted creation");
+                // Recorded by custos right after its Create, and never
+                // Active since: nothing has used it, so nothing was pinned.
+                let check = match obj.check {
+                    Some(c) => c,
+                    None => self.pin_material(key, &obj.uid).await?,
+                };
                 let obj = Object {
                     state: State::Active,
+                    check: Some(check),
                     ..obj
                 };
                 Ok((fam, v, obj))
@@ -840,6 +988,7 @@ impl KmipProvider {
         })?;
         self.simple(key, "Activate", Request::Activate(uid.clone()))
             .await?;
+        self.pin_material(key, &uid).await?;
         tracing::info!(event = "kmip.key_created", key = %key, version = v, object = %uid, "created version {v} of {key} on the KMIP server");
         Ok(uid)
     }
@@ -934,10 +1083,75 @@ impl KmipProvider {
         uid: &str,
         wk: &SecretKey,
     ) -> Result<(Cipher, [u8; 16], Zeroizing<Vec<u8>>), KeyError> {
-        let plain = || Zeroizing::new(wk.expose().to_vec());
+        self.server_encrypt(key, uid, wk.expose(), None).await
+    }
+
+    /// The key check value of object `uid`: the server's AES of the
+    /// all-zero block, CBC from a zero IV or CTR from a zero counter, both
+    /// AES_K(0) whatever mode the server offers. All 16 bytes: fewer would
+    /// let whoever Registers a key search for one that matches.
+    async fn check_value(&self, key: &KeyRef, uid: &str) -> Result<String, KeyError> {
+        let (_, _, out) = self
+            .server_encrypt(key, uid, &[0; 16], Some([0; 16]))
+            .await?;
+        Ok(hex::encode(out.as_slice()))
+    }
+
+    /// Takes the check value of a version custos just created (or activated
+    /// after creating it) and records it.
+    async fn pin_material(&self, key: &KeyRef, uid: &str) -> Result<String, KeyError> {
+        let check = self.check_value(key, uid).await?;
+        self.record(key, |r| {
+            r.checks.insert(uid.to_owned(), check.clone());
+        })?;
+        Ok(check)
+    }
+
+    /// Refuses to wrap under `obj` unless it still holds the material custos
+    /// pinned: an identifier the server freed and gave to another object
+    /// (PyKMIP reuses the top one after a Destroy) fails here, and is never
+    /// trusted again.
+    async fn check_material(&self, key: &KeyRef, obj: &Object) -> Result<(), KeyError> {
+        let Some(pinned) = &obj.check else {
+            return Err(KeyError::Unavailable {
+                key: label(key),
+                message: format!(
+                    "version object {:?} was recorded before custos pinned key material (no check value): it wraps under it only once it has vouched for it, by opening one of its own envelopes with it (a restore or verify) or by rotating (rotate --cmk); see docs/keys-you-hold.md",
+                    obj.uid
+                ),
+            });
+        };
+        let now = self.check_value(key, &obj.uid).await?;
+        if &now == pinned {
+            return Ok(());
+        }
+        self.record(key, |r| {
+            r.dead.insert(obj.uid.clone());
+        })?;
+        tracing::error!(event = "kmip.material_changed", key = %key, object = %obj.uid, "object {} of {key} no longer holds the key material custos created: the identifier now names another object; refused for good", obj.uid);
+        Err(KeyError::AccessDenied {
+            key: label(key),
+            message: format!(
+                "KMIP object {:?} no longer holds the key material custos pinned for this version (its key check value changed): the server gave its identifier to another object; custos never wraps under it again",
+                obj.uid
+            ),
+        })
+    }
+
+    /// The server's Encrypt of `plain` under `uid`: CBC without padding, or
+    /// CTR on a server that refuses unpadded CBC (the first call finds out);
+    /// from `fixed_iv`, or from a fresh IV/counter.
+    async fn server_encrypt(
+        &self,
+        key: &KeyRef,
+        uid: &str,
+        data: &[u8],
+        fixed_iv: Option<[u8; 16]>,
+    ) -> Result<(Cipher, [u8; 16], Zeroizing<Vec<u8>>), KeyError> {
+        let plain = || Zeroizing::new(data.to_vec());
         let mode = self.wrap_mode.load(Ordering::Relaxed);
         if mode != MODE_CTR {
-            let iv = crate::util::random_bytes::<16>();
+            let iv = fixed_iv.unwrap_or_else(crate::util::random_bytes::<16>);
             match self.crypt(false, uid, Cipher::Cbc, iv, plain()).await {
                 Ok(ct) => {
                     self.wrap_mode.store(MODE_CBC, Ordering::Relaxed);
@@ -950,7 +1164,7 @@ impl KmipProvider {
                 Err(e) => return Err(self.explain_encrypt(key, uid, e).await),
             }
         }
-        let iv = envelope::ctr_iv();
+        let iv = fixed_iv.unwrap_or_else(envelope::ctr_iv);
         match self.crypt(false, uid, Cipher::Ctr, iv, plain()).await {
             Ok(ct) => {
                 if mode == MODE_UNKNOWN {
@@ -998,6 +1212,7 @@ impl KmipProvider {
                 ),
             });
         }
+        self.check_material(key, obj).await?;
         let wk = SecretKey::generate();
         let (cipher, iv, wk_ct) = self.encrypt_wk(key, &obj.uid, &wk).await?;
         // A server whose "Encrypt" returns its input would leave the
@@ -1094,13 +1309,19 @@ impl KeyProvider for KmipProvider {
                 }));
             }
         };
-        let fam = self.family(key).await?;
+        // Objects already under the name that custos has no record of are
+        // refused by name below, never adopted by the call meant to create.
+        let fam = self.family_adopting(key, false, false).await?;
         // Any tombstone, custos's or not: a destroyed name is not reused.
-        if fam.destruction_began() {
+        // Beside a live version, one custos did not leave is no destruction.
+        if fam.own_destruction_began() || (fam.destruction_began() && fam.live().next().is_none()) {
             return Err(KeyError::Destroyed {
                 key: label(key),
                 destroyed_at: fam.destroyed_at(),
             });
+        }
+        if fam.destruction_began() {
+            return Err(self.foreign_tombstone(key, &fam));
         }
         match fam.current() {
             None if fam.versions.is_empty() => {
@@ -1234,7 +1455,15 @@ impl KeyProvider for KmipProvider {
                 ),
             });
         }
-        env.open(&wk, ctx).map_err(invalid)
+        let dk = env.open(&wk, ctx).map_err(invalid)?;
+        // An envelope custos sealed opened under this object: it holds the
+        // material custos wrapped with, which vouches for a version recorded
+        // before check values.
+        if version.check.is_none() && version.pinned {
+            self.pin_material(key, env.uid).await?;
+            tracing::info!(event = "kmip.material_pinned", key = %key, object = %env.uid, "version object {} of {key} opened an envelope custos sealed: its key check value is recorded", env.uid);
+        }
+        Ok(dk)
     }
 
     /// A new version object (Create, Activate), current from now on.
@@ -1249,20 +1478,21 @@ impl KeyProvider for KmipProvider {
             }
         };
         // The number comes from the family just read, not from a cache that
-        // another key reference naming the same object could have filled;
-        // past every number an object claims, so that the Name is free.
-        let (fam, _, _) = self.current_version(key).await?;
-        let (v, newest) = fam
-            .newest()
-            .map(|(v, o)| (*v, o.uid.clone()))
-            .unwrap_or_default();
-        let next = v.checked_add(1).ok_or_else(|| KeyError::Backend {
-            provider: PROVIDER,
-            key: label(key),
-            message: format!(
-                "object {newest:?} is numbered version {v} of this key: there is no next one (if custos did not create it, destroy that object)"
-            ),
-        })?;
+        // another key reference naming the same object could have filled:
+        // the next after the highest version custos recorded (an object
+        // planted as `<n>@v4294967295` cannot use the numbers up), skipping
+        // numbers an object already claims, so that the Name is free.
+        let (fam, v, _) = self.current_version(key).await?;
+        let taken: HashSet<u32> = fam.versions.iter().map(|(v, _)| *v).collect();
+        let next = (v.saturating_add(1)..=u32::MAX)
+            .find(|n| *n > v && !taken.contains(n))
+            .ok_or_else(|| KeyError::Backend {
+                provider: PROVIDER,
+                key: label(key),
+                message: format!(
+                    "version {v} of this key is the highest number there is: there is no next one"
+                ),
+            })?;
         self.create_version(key, &name, next).await?;
         self.describe(key).await
     }
@@ -1310,7 +1540,7 @@ impl KeyProvider for KmipProvider {
             input: key.to_string(),
             reason,
         })?;
-        let mut fam = self.family(key).await?;
+        let mut fam = self.family_adopting(key, true, true).await?;
         let known = fam.known_uids();
         // Nothing custos knows of, and no tombstone of its own: absence
         // proves nothing (a Locate finds no object renamed or moved away).
@@ -1336,25 +1566,28 @@ impl KeyProvider for KmipProvider {
                 at
             }
         };
-        // Oldest first; a version already destroyed (a re-run, on a server
-        // that keeps destroyed objects) is only checked below.
-        fam.versions.sort_by_key(|(v, _)| *v);
+        // custos's own versions first, then the objects someone else named
+        // as versions (oldest first); a version already destroyed (a re-run,
+        // on a server that keeps destroyed objects) is only checked below.
+        // An object custos did not create that refuses its Revoke or
+        // Destroy does not block the shred of custos's own: it is named at
+        // the end and not listed as destroyed.
+        fam.versions.sort_by_key(|(v, o)| (!o.pinned, *v));
+        let mut refused: Vec<(String, KeyError)> = Vec::new();
         for (_, obj) in &fam.versions {
             if is_destroyed(obj.state) {
                 continue;
             }
-            if obj.state == State::Active {
-                self.deactivate(key, &obj.uid).await?;
-            }
-            match self
-                .simple(key, "Destroy", Request::Destroy(obj.uid.clone()))
-                .await
-            {
-                Ok(()) | Err(KeyError::NotFound { .. }) => {}
+            match self.revoke_and_destroy(key, obj).await {
+                Ok(()) => {}
+                Err(e) if !obj.pinned => refused.push((obj.uid.clone(), e)),
                 Err(e) => return Err(e),
             }
-            tracing::info!(event = "kmip.object_destroyed", key = %key, object = %obj.uid, "revoked and destroyed {} of {key}", obj.uid);
         }
+        let known: Vec<String> = known
+            .into_iter()
+            .filter(|u| !refused.iter().any(|(r, _)| r == u))
+            .collect();
         // The proof, per identifier: the server's answer for each object
         // custos knows (listed before, or in its record), never a Locate's
         // silence.
@@ -1373,6 +1606,7 @@ impl KeyProvider for KmipProvider {
             after
                 .live()
                 .filter(|(_, o)| !known.contains(&o.uid))
+                .filter(|(_, o)| !refused.iter().any(|(r, _)| r == &o.uid))
                 .map(|(_, o)| format!("{} ({:?})", o.uid, o.state)),
         );
         if !left.is_empty() {
@@ -1384,6 +1618,15 @@ impl KeyProvider for KmipProvider {
                     left.join(", ")
                 ),
             });
+        }
+        for (uid, e) in &refused {
+            tracing::warn!(event = "kmip.foreign_object_not_destroyed", key = %key, object = %uid, "object {uid} is named as a version of {key} but custos did not create it, and the KMIP server refused to revoke or destroy it ({e}): custos's own versions are destroyed; this object is not listed as destroyed; remove it on the key manager");
+        }
+        // Recorded versions the server no longer held when this shred began
+        // (destroyed before, by a shred that stopped half-way or out of
+        // band): proven gone, not destroyed by this run.
+        for uid in &fam.gone {
+            tracing::info!(event = "kmip.object_found_absent", key = %key, object = %uid, "version object {uid} of {key} was already absent when this shred began");
         }
         let when = time(at).unwrap_or_else(Utc::now);
         Ok(Destruction {
@@ -1398,6 +1641,23 @@ impl KeyProvider for KmipProvider {
 }
 
 impl KmipProvider {
+    /// Revoke (where Active), then Destroy, of one version; already gone
+    /// is as good.
+    async fn revoke_and_destroy(&self, key: &KeyRef, obj: &Object) -> Result<(), KeyError> {
+        if obj.state == State::Active {
+            self.deactivate(key, &obj.uid).await?;
+        }
+        match self
+            .simple(key, "Destroy", Request::Destroy(obj.uid.clone()))
+            .await
+        {
+            Ok(()) | Err(KeyError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        tracing::info!(event = "kmip.object_destroyed", key = %key, object = %obj.uid, "revoked and destroyed {} of {key}", obj.uid);
+        Ok(())
+    }
+
     /// Creates the tombstone of `key` destroyed at `at`, records it, then
     /// revokes it.
     async fn new_tombstone(&self, key: &KeyRef, id: &KmipKeyId, at: i64) -> Result<(), KeyError> {

@@ -17,7 +17,7 @@
 //! identifier*: an object renamed or moved out of the key's group is still
 //! found, and still destroyed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -28,7 +28,10 @@ use super::PROVIDER;
 use crate::keys::KeyError;
 use crate::secure_fs::{self, Readers};
 
-const FORMAT: &str = "custos-kmip-objects-v1";
+const FORMAT: &str = "custos-kmip-objects-v2";
+/// Read, and rewritten as v2 on the next change: no check values, no dead
+/// identifiers, entries keyed `"<server> <key id>"`.
+const FORMAT_V1: &str = "custos-kmip-objects-v1";
 /// The record is small (a few objects per key); a larger file is refused.
 const MAX_FILE: u64 = 16 << 20;
 
@@ -41,6 +44,16 @@ pub(super) struct KeyObjects {
     /// Unique Identifier → the destruction time (Unix seconds) custos chose.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tombstones: BTreeMap<String, i64>,
+    /// Unique Identifier of a version → its key check value (hex): the
+    /// server's AES of the all-zero block under that object, taken when
+    /// custos created (or adopted, or vouched for) it. The identifier alone
+    /// proves nothing: a server may give a freed one to the next object.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checks: BTreeMap<String, String>,
+    /// Identifiers once found gone, destroyed, or holding other material:
+    /// never trusted again, whatever later answers for them.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub dead: BTreeSet<String>,
 }
 
 impl KeyObjects {
@@ -57,8 +70,45 @@ impl KeyObjects {
 #[serde(deny_unknown_fields)]
 struct File {
     format: String,
-    /// `"<server> <key id>"` → its objects.
+    /// Key id (`name/<n>`, `<uid>`) → its objects. (v1: `"<server> <key
+    /// id>"`, merged into the key id's entry when read.)
     keys: BTreeMap<String, KeyObjects>,
+}
+
+impl KeyObjects {
+    /// Takes in what another entry of the same key recorded.
+    fn merge(&mut self, other: KeyObjects) {
+        for (uid, v) in other.versions {
+            self.versions.entry(uid).or_insert(v);
+        }
+        for (uid, at) in other.tombstones {
+            self.tombstones.entry(uid).or_insert(at);
+        }
+        for (uid, c) in other.checks {
+            self.checks.entry(uid).or_insert(c);
+        }
+        self.dead.extend(other.dead);
+    }
+}
+
+impl File {
+    /// Entries of v1 (`"<server> <key id>"`) merged under their key id, so
+    /// that a changed server string never makes custos meet a key afresh.
+    fn upgrade(&mut self) {
+        let old: Vec<String> = self
+            .keys
+            .keys()
+            .filter(|k| k.contains(' '))
+            .cloned()
+            .collect();
+        for entry in old {
+            let Some(objects) = self.keys.remove(&entry) else {
+                continue;
+            };
+            let id = entry.rsplit(' ').next().unwrap_or_default().to_owned();
+            self.keys.entry(id).or_default().merge(objects);
+        }
+    }
 }
 
 /// The record: in the state directory, or (tests, a provider built without
@@ -103,6 +153,11 @@ impl Pins {
                         format!("unreadable KMIP object record {}: {e}", path.display()),
                     )
                 })?;
+                let mut f = f;
+                if f.format == FORMAT_V1 {
+                    f.upgrade();
+                    f.format = FORMAT.to_owned();
+                }
                 if f.format != FORMAT {
                     return Err(self.fail(
                         key,
@@ -122,14 +177,28 @@ impl Pins {
         }
     }
 
-    /// What is recorded of `entry` (`"<server> <key id>"`); `None` if the key
-    /// was never seen by this installation.
+    /// What is recorded of `entry` (the key id); `None` if the key was
+    /// never seen by this installation.
     pub fn get(&self, entry: &str, key: &str) -> Result<Option<KeyObjects>, KeyError> {
         if self.path.is_none() {
             let mem = self.memory.lock().map_err(|_| self.poisoned(key))?;
             return Ok(mem.get(entry).cloned());
         }
         Ok(self.read(key)?.keys.remove(entry))
+    }
+
+    /// Every object the record holds for keys other than `entry`: never a
+    /// version or tombstone of `entry`, whatever it is named.
+    pub fn others(&self, entry: &str, key: &str) -> Result<BTreeSet<String>, KeyError> {
+        let keys = match &self.path {
+            None => self.memory.lock().map_err(|_| self.poisoned(key))?.clone(),
+            Some(_) => self.read(key)?.keys,
+        };
+        Ok(keys
+            .into_iter()
+            .filter(|(e, _)| e != entry)
+            .flat_map(|(_, o)| o.versions.into_keys().chain(o.tombstones.into_keys()))
+            .collect())
     }
 
     fn poisoned(&self, key: &str) -> KeyError {
@@ -211,5 +280,29 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
         let e = again.get("s name/a", "k").unwrap_err();
         assert!(e.to_string().contains("writable"), "{e}");
+    }
+
+    /// A record of the first round (entries `"<server> <key id>"`, no check
+    /// values) is read under the key id, whatever the server string.
+    #[test]
+    fn a_first_round_record_is_read_under_the_key_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kmip-objects.json");
+        let v1 = r#"{"format":"custos-kmip-objects-v1","keys":{
+            "old-host:5696 name/a":{"versions":{"7":1}},
+            "new-host:5696 name/a":{"versions":{"8":2},"tombstones":{"9":5}}}}"#;
+        std::fs::write(&path, v1).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let pins = Pins::at(path.clone());
+        let got = pins.get("name/a", "k").unwrap().unwrap();
+        assert_eq!(got.versions.len(), 2);
+        assert_eq!(got.tombstone(), Some((5, "9")));
+        pins.update("name/a", "k", |o| {
+            o.dead.insert("7".into());
+        })
+        .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(FORMAT) && !text.contains("host"), "{text}");
     }
 }

@@ -280,6 +280,8 @@ async fn an_interrupted_uid_key_destruction_is_finished_with_its_tombstone() {
     );
     let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
     assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
+    // custos's own tombstone: its own shred stopped half-way.
+    assert!(e.to_string().contains("run the shred again"), "{e}");
     let d = p.destroy(&k, 7).await.unwrap();
     assert_eq!(d.effective_at, time(1_700_000_000).unwrap());
     assert_eq!(d.objects, vec![uid.clone()]);
@@ -313,7 +315,7 @@ async fn a_planted_higher_version_is_never_wrapped_under() {
         p.describe(&k).await.unwrap().current_version.as_deref(),
         Some(mine.as_str())
     );
-    // Rotation: version 1001, custos's, current from now on.
+    // Rotation: the next after custos's highest, current from now on.
     p.rotate(&k).await.unwrap();
     let rotated = p.describe(&k).await.unwrap().current_version.unwrap();
     let names = |uid: &str| {
@@ -323,7 +325,7 @@ async fn a_planted_higher_version_is_never_wrapped_under() {
             .map(|o| o.names)
             .unwrap()
     };
-    assert_eq!(names(&rotated), vec!["acme@v1001".to_owned()]);
+    assert_eq!(names(&rotated), vec!["acme@v2".to_owned()]);
     let (_, w3) = p.generate_data_key(&k, &ctx()).await.unwrap();
     assert_eq!(w3.key_version.as_deref(), Some(rotated.as_str()));
     // A shred destroys every object in the family, the planted one too.
@@ -365,21 +367,43 @@ async fn a_key_met_for_the_first_time_is_adopted_once() {
     assert_eq!(w.key_version, Some(v1));
 }
 
+/// `create_key` never adopts: objects already under the name that custos
+/// has no record of are refused by identifier. Use of the key adopts them
+/// (logged), once; after that, create_key finds the key made.
+#[tokio::test]
+async fn create_key_never_adopts() {
+    let (p, fake) = provider(Behaviour::default());
+    let v1 = fake.insert(&["old@v1"], &["custos-key/old"], State::Active);
+    let k = key("name/old");
+    let e = p.create_key(&k).await.unwrap_err();
+    assert!(matches!(e, KeyError::AccessDenied { .. }), "{e:?}");
+    assert!(e.to_string().contains(&format!("{v1:?}")), "{e}");
+    assert_eq!(p.pins.get("name/old", "k").unwrap(), None);
+    p.describe(&k).await.unwrap();
+    let info = p.create_key(&k).await.unwrap();
+    assert_eq!(info.current_version, Some(v1));
+}
+
 /// The record survives the process: a new provider on the same state file
-/// still refuses the planted version.
+/// still refuses the planted version, also when it names the server
+/// otherwise (the record is keyed by key id: a changed server string
+/// adopts nothing).
 #[tokio::test]
 async fn the_record_in_the_state_directory_outlives_the_process() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("kmip-objects.json");
     let fake = Arc::new(FakeKmip::new(Behaviour::default()));
-    let open = || {
-        KmipProvider::with_link("fake:5696".into(), Box::new(fake.clone()))
+    let open = |server: &str| {
+        KmipProvider::with_link(server.into(), Box::new(fake.clone()))
             .with_object_record(record.clone())
     };
     let k = key("name/acme");
-    open().create_key(&k).await.unwrap();
+    open("kms.internal:5696").create_key(&k).await.unwrap();
     fake.insert(&["acme@v9"], &["custos-key/acme"], State::Active);
-    let (_, w) = open().generate_data_key(&k, &ctx()).await.unwrap();
+    let (_, w) = open("10.0.0.7:5696")
+        .generate_data_key(&k, &ctx())
+        .await
+        .unwrap();
     let mine = fake
         .objects()
         .into_iter()
@@ -395,13 +419,26 @@ async fn a_planted_tombstone_refuses_use_and_dates_nothing() {
     let (p, fake) = provider(Behaviour::default());
     let k = key("name/acme");
     p.create_key(&k).await.unwrap();
-    fake.insert(
+    let planted = fake.insert(
         &["acme@destroyed@1000"],
         &["custos-key/acme"],
         State::Compromised,
     );
     let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
     assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
+    // Never "run the shred again": that would destroy the live key.
+    let message = e.to_string();
+    assert!(message.contains(&format!("{planted:?}")), "{message}");
+    assert!(message.contains("custos did not leave"), "{message}");
+    assert!(!message.contains("shred again"), "{message}");
+    assert_eq!(
+        p.describe(&k).await.unwrap().state,
+        KeyState::Other {
+            name: "foreign_tombstone".into()
+        }
+    );
+    let e = p.create_key(&k).await.unwrap_err();
+    assert!(e.to_string().contains("custos did not leave"), "{e}");
     let before = Utc::now().timestamp();
     let d = p.destroy(&k, 7).await.unwrap();
     assert!(d.effective_at.timestamp() >= before, "{d:?}");
@@ -411,6 +448,189 @@ async fn a_planted_tombstone_refuses_use_and_dates_nothing() {
             destroyed_at: Some(d.effective_at)
         }
     );
+}
+
+// --- The material is pinned, not the identifier (issue #15, round 2) -------
+
+/// PyKMIP gives a destroyed top identifier to the next object: another
+/// client that destroys custos's version and Registers a key it knows gets
+/// the same identifier. custos's check value of the material refuses it,
+/// whether or not custos saw the identifier gone in between.
+#[tokio::test]
+async fn a_reused_identifier_holding_other_material_is_never_wrapped_under() {
+    for seen_gone in [false, true] {
+        let (p, fake) = provider(Behaviour {
+            reuse_ids: true,
+            ..Behaviour::default()
+        });
+        let k = key("name/acme");
+        p.create_key(&k).await.unwrap();
+        let (dk, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+        let mine = w.key_version.clone().unwrap();
+        fake.remove(&mine);
+        if seen_gone {
+            let state = p.describe(&k).await.unwrap().state;
+            assert!(matches!(state, KeyState::Destroyed { .. }), "{state:?}");
+        }
+        let planted = fake.insert(&["acme@v1"], &["custos-key/acme"], State::Active);
+        assert_eq!(planted, mine, "the fake reuses identifiers as PyKMIP does");
+        let e = p.wrap(&k, &dk, &ctx()).await.unwrap_err();
+        if !seen_gone {
+            assert!(matches!(e, KeyError::AccessDenied { .. }), "{e:?}");
+            assert!(e.to_string().contains(&format!("{mine:?}")), "{e}");
+        }
+        // Never trusted again: the identifier reads as gone from now on.
+        for _ in 0..2 {
+            let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
+            assert!(matches!(e, KeyError::Destroyed { .. }), "{e:?}");
+        }
+        let e = p.unwrap(&k, &w, &ctx()).await.unwrap_err();
+        assert!(matches!(e, KeyError::Destroyed { .. }), "{e:?}");
+    }
+}
+
+/// A version recorded by the first round (no check value) is not wrapped
+/// under until custos vouches for it: one of its own envelopes opens under
+/// it. A rotation vouches for the new version it creates.
+#[tokio::test]
+async fn a_version_recorded_without_a_check_value_is_vouched_for_by_its_envelope() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("kmip-objects.json");
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let open = || {
+        KmipProvider::with_link("fake:5696".into(), Box::new(fake.clone()))
+            .with_object_record(record.clone())
+    };
+    let k = key("name/acme");
+    open().create_key(&k).await.unwrap();
+    let (dk, w) = open().generate_data_key(&k, &ctx()).await.unwrap();
+    // As the first round wrote it: no check values.
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    json["keys"]["name/acme"]
+        .as_object_mut()
+        .unwrap()
+        .remove("checks")
+        .unwrap();
+    std::fs::write(&record, serde_json::to_vec(&json).unwrap()).unwrap();
+    let e = open().wrap(&k, &dk, &ctx()).await.unwrap_err();
+    assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
+    assert!(e.to_string().contains("check value"), "{e}");
+    assert_eq!(open().unwrap(&k, &w, &ctx()).await.unwrap(), dk);
+    let w2 = open().wrap(&k, &dk, &ctx()).await.unwrap();
+    assert_eq!(w2.key_version, w.key_version);
+}
+
+/// Another key's version, renamed into this key's group, is never taken
+/// for a version of this key: a shred of this key leaves it alone.
+#[tokio::test]
+async fn a_shred_never_destroys_another_keys_version() {
+    let (p, fake) = provider(Behaviour::default());
+    let (a, b) = (key("name/a"), key("name/b"));
+    p.create_key(&a).await.unwrap();
+    p.create_key(&b).await.unwrap();
+    let (dk, w) = p.generate_data_key(&b, &ctx()).await.unwrap();
+    let bs = w.key_version.clone().unwrap();
+    fake.rename(&bs, &["a@v7"], &["custos-key/a"]);
+    let d = p.destroy(&a, 7).await.unwrap();
+    assert!(!d.objects.contains(&bs), "{d:?}");
+    assert_eq!(p.unwrap(&b, &w, &ctx()).await.unwrap(), dk);
+    assert_eq!(p.describe(&b).await.unwrap().state, KeyState::Enabled);
+}
+
+/// A key manager that denies permission for the operations `target` picks
+/// on object `uid` (another client's object custos may not touch).
+struct Denying {
+    fake: Arc<FakeKmip>,
+    uid: Arc<Mutex<String>>,
+    target: fn(&Request) -> Option<&String>,
+}
+
+#[async_trait]
+impl Link for Denying {
+    async fn call(&self, req: Request) -> Result<Response, WireError> {
+        if (self.target)(&req).is_some_and(|u| *u == *self.uid.lock().unwrap()) {
+            return Err(WireError::Failed {
+                reason: Some(ResultReason::PermissionDenied),
+                message: "not yours".into(),
+            });
+        }
+        self.fake.call(req).await
+    }
+}
+
+/// An object custos did not create, named as a version, that refuses its
+/// Revoke and Destroy does not block the shred of custos's own versions,
+/// and is not listed as destroyed.
+#[tokio::test]
+async fn a_planted_object_that_refuses_destroy_does_not_block_the_shred() {
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let refused = Arc::new(Mutex::new(String::new()));
+    let link = Denying {
+        fake: fake.clone(),
+        uid: refused.clone(),
+        target: |req| match req {
+            Request::Revoke { uid, .. } | Request::Destroy(uid) => Some(uid),
+            _ => None,
+        },
+    };
+    let p = KmipProvider::with_link("fake:5696".into(), Box::new(link));
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let mine = p.describe(&k).await.unwrap().current_version.unwrap();
+    let planted = fake.insert(&["acme@v5"], &["custos-key/acme"], State::Active);
+    *refused.lock().unwrap() = planted.clone();
+    let d = p.destroy(&k, 7).await.unwrap();
+    assert_eq!(d.objects, vec![mine.clone()]);
+    assert!(!p.object_present(&k, &mine).await.unwrap());
+    assert!(p.object_present(&k, &planted).await.unwrap());
+}
+
+/// Objects planted as `<n>@v4294967295` and as the next number do not
+/// block rotation: it numbers from custos's highest recorded version and
+/// skips numbers already claimed.
+#[tokio::test]
+async fn planted_version_numbers_do_not_block_rotation() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    fake.insert(&["acme@v4294967295"], &["custos-key/acme"], State::Active);
+    fake.insert(&["acme@v2"], &["custos-key/acme"], State::Active);
+    p.rotate(&k).await.unwrap();
+    let current = p.describe(&k).await.unwrap().current_version.unwrap();
+    let named = fake
+        .objects()
+        .into_iter()
+        .find(|o| o.uid == current)
+        .unwrap();
+    assert_eq!(named.names, vec!["acme@v3".to_owned()]);
+}
+
+/// A listed object custos may not read, which it did not create, is
+/// skipped in use; a shred fails on it, naming the object and the group.
+#[tokio::test]
+async fn an_unreadable_object_is_skipped_in_use_and_named_by_a_shred() {
+    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
+    let hidden = Arc::new(Mutex::new(String::new()));
+    let link = Denying {
+        fake: fake.clone(),
+        uid: hidden.clone(),
+        target: |req| match req {
+            Request::GetAttributes(uid) => Some(uid),
+            _ => None,
+        },
+    };
+    let p = KmipProvider::with_link("fake:5696".into(), Box::new(link));
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let planted = fake.insert(&["acme@v9"], &["custos-key/acme"], State::Active);
+    *hidden.lock().unwrap() = planted.clone();
+    let (dk, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
+    let e = p.destroy(&k, 7).await.unwrap_err();
+    let message = e.to_string();
+    assert!(message.contains(&format!("{planted:?}")), "{message}");
+    assert!(message.contains("custos-key/acme"), "{message}");
 }
 
 // --- Absence is no proof (finding 2) ----------------------------------------------
@@ -510,9 +730,10 @@ async fn new_envelopes_are_format_2() {
             assert_eq!(format_and_mode(&w), (2, mode));
             assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
         }
-        // The refused CBC is asked once per process, not once per wrap.
+        // The refused CBC is asked once per process, not once per wrap;
+        // each wrap and the creation also take the key check value.
         let encrypts = fake.log().iter().filter(|o| *o == "Encrypt").count();
-        assert_eq!(encrypts, if cbc { 3 } else { 4 });
+        assert_eq!(encrypts, if cbc { 3 + 4 } else { 4 + 4 });
     }
 }
 
@@ -681,6 +902,7 @@ fn family(versions: &[(u32, State)], tombstone: Option<i64>) -> Family {
                     kind: ObjectKind::Version(v),
                     aes_256: true,
                     pinned: true,
+                    check: None,
                 };
                 (v, obj)
             })
@@ -832,7 +1054,8 @@ fn kmip_vectors_match_the_spec() {
     }
 }
 
-/// A key manager whose answers a test rewrites.
+/// A key manager whose answers a test rewrites (all but those to custos's
+/// key check value, an Encrypt of one zero block, so that keys are created).
 struct Rewriting<F> {
     fake: Arc<FakeKmip>,
     rewrite: F,
@@ -845,7 +1068,12 @@ where
 {
     async fn call(&self, req: Request) -> Result<Response, WireError> {
         let op = req.operation();
-        self.fake.call(req).await.map(|r| (self.rewrite)(op, r))
+        let check_value = matches!(&req, Request::Crypt { decrypt: false, data, .. } if data.as_slice() == [0; 16]);
+        let answer = self.fake.call(req).await;
+        match check_value {
+            true => answer,
+            false => answer.map(|r| (self.rewrite)(op, r)),
+        }
     }
 }
 
