@@ -1,7 +1,6 @@
 //! The `delete` step: deletes a subject's objects, in an order that makes
 //! the data unreadable first, and lists what the store kept.
 
-use chrono::Utc;
 
 use crate::error::{Error, Result};
 use crate::format::shred::{DeletionRecord, RetainedObject, ScopeRecord};
@@ -79,7 +78,7 @@ pub(super) async fn delete_in_scope(
     }
     let retained_bytes: u64 = retained.iter().map(|r| r.size).sum();
     let record = DeletionRecord {
-        finished_at: Utc::now(),
+        finished_at: crate::hooks::now(),
         objects_deleted: scope.objects.saturating_sub(retained.len() as u64),
         bytes_deleted: scope.bytes.saturating_sub(retained_bytes),
         retained,

@@ -278,7 +278,7 @@ async fn certify<S: ShredSubject>(
     let (destroys_keys, spared) = subject.confirm_terms(&body);
     holds::confirm_before_signing(repo, &body, destroys_keys, spared.as_ref()).await?;
     let bytes = issue_certificate(&ctx, &tenant, journal, body).await?;
-    let now = Utc::now();
+    let now = crate::hooks::now();
     repo.update_descriptor(|d| subject.finish(d, &id, now))
         .await?;
     subject.certified(repo, &id);

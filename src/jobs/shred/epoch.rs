@@ -147,7 +147,7 @@ impl ShredSubject for EpochSubject<'_> {
                 let keys = keys(repo, journal, &to).await?;
                 Ok(Progress::KeysDestroyed {
                     keys,
-                    at: Utc::now(),
+                    at: crate::hooks::now(),
                 })
             }
             Step::Verify => verify(repo, journal, epoch).await.map(Progress::Verified),
@@ -535,7 +535,7 @@ async fn start(
     rewrap_to: Option<KeyRef>,
 ) -> Result<()> {
     let ctx = repo.context().clone();
-    let now = Utc::now();
+    let now = crate::hooks::now();
     let id = new_certificate_id(now);
     ctx.record(
         "shred.fence.begin",
@@ -672,7 +672,7 @@ async fn move_envelopes(
         let moved = Envelope {
             key: to.clone(),
             wrapped,
-            rewrapped_at: Some(Utc::now()),
+            rewrapped_at: Some(crate::hooks::now()),
             ..env.clone()
         };
         check_unwraps(repo, &moved).await?;
@@ -702,7 +702,7 @@ async fn move_envelopes(
         from: from.clone(),
         to: to.clone(),
         epochs,
-        finished_at: Utc::now(),
+        finished_at: crate::hooks::now(),
     })
 }
 
@@ -833,7 +833,7 @@ async fn verify(repo: &Repo, journal: &Journal, epoch: u32) -> Result<Verificati
         .is_none_or(|p| p.outcome != "decryptable");
     let remaining = epoch_objects(repo, epoch).await?.len() as u64;
     let record = VerificationRecord {
-        verified_at: Utc::now(),
+        verified_at: crate::hooks::now(),
         passed,
         envelopes,
         pack_sample,

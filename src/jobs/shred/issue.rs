@@ -266,7 +266,7 @@ pub(super) fn certificate_body(repo: &Repo, r: &Records<'_>, terms: SubjectTerms
         requested_at: p.requested_at,
         started_at: state.started_at,
         executed_at: p.executed_at.unwrap_or(state.started_at),
-        issued_at: Utc::now(),
+        issued_at: crate::hooks::now(),
         method: "cryptographic erase".into(),
         guarantee,
         algorithms: certificate::Algorithms::new(&providers),

@@ -70,7 +70,7 @@ pub(super) async fn destroy_keys_step(
     // kept by every re-run: the certificate states it beside the time the
     // destruction completed, which a crash can put on a later run.
     if slot.progress(repo.descriptor())?.keys_began_at.is_none() {
-        let now = Utc::now();
+        let now = crate::hooks::now();
         save(repo, slot, |p| p.keys_began_at = Some(now)).await?;
     }
     let repo: &Repo = repo;
@@ -179,7 +179,7 @@ async fn destroy_keys(
                     Ok(d) => KeyDestruction {
                         outcome: DestroyOutcome::Destroyed,
                         action: Some(d.action),
-                        irreversible_at: Some(completed_at(&d, Utc::now())),
+                        irreversible_at: Some(completed_at(&d, crate::hooks::now())),
                         state_after: Some(d.state_after),
                         objects: d.objects,
                         ..record(DestroyOutcome::Destroyed, multi_region)

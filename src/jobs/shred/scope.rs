@@ -17,7 +17,6 @@
 //! `object_store` gives it, empty when the store reports none. Interior nodes
 //! are SHA-256(0x01 ‖ left ‖ right), as in the audit log ([`crate::audit::merkle`]).
 
-use chrono::Utc;
 use serde_json::json;
 
 use super::journal::Journal;
@@ -155,7 +154,7 @@ pub(super) async fn record(
         )
         .await?;
     Ok(ScopeRecord {
-        listed_at: Utc::now(),
+        listed_at: crate::hooks::now(),
         objects: objects.len() as u64,
         bytes,
         merkle_root: root,

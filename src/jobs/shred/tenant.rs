@@ -65,7 +65,7 @@ impl ShredSubject for TenantSubject {
                 let step = SLOT.progress(repo.descriptor()).map(|p| p.step).ok();
                 if step.is_none() {
                     // Fenced by something that kept no step records: start them now.
-                    let now = Utc::now();
+                    let now = crate::hooks::now();
                     repo.update_descriptor(|d| {
                         if let Some(s) = d.shredding.as_mut() {
                             // A fresh id: custos' own fence always records its
@@ -107,7 +107,7 @@ impl ShredSubject for TenantSubject {
                 let keys = destroy_keys_step(repo, journal, SLOT, &keys).await?;
                 Ok(Progress::KeysDestroyed {
                     keys,
-                    at: Utc::now(),
+                    at: crate::hooks::now(),
                 })
             }
             Step::Delete => delete(repo, journal).await.map(Progress::Deleted),
@@ -176,7 +176,7 @@ async fn already_shredded(repo: &Repo) -> Result<ShredReport> {
 /// Step 1: the descriptor becomes `shredding`.
 async fn fence(repo: &mut Repo, req: &ShredRequest) -> Result<()> {
     let ctx = repo.context().clone();
-    let now = Utc::now();
+    let now = crate::hooks::now();
     let id = new_certificate_id(now);
     let progress = new_progress(req, now, ctx.actor.clone());
     let details = json!({
@@ -289,7 +289,7 @@ async fn verify(repo: &Repo, journal: &Journal) -> Result<VerificationRecord> {
         .count() as u64;
     let passed = unwraps_refused && states_ok && pack_ok;
     let record = VerificationRecord {
-        verified_at: Utc::now(),
+        verified_at: crate::hooks::now(),
         passed,
         envelopes,
         pack_sample,
