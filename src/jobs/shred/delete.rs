@@ -1,7 +1,6 @@
 //! The `delete` step: deletes a subject's objects, in an order that makes
 //! the data unreadable first, and lists what the store kept.
 
-
 use crate::error::{Error, Result};
 use crate::format::shred::{DeletionRecord, RetainedObject, ScopeRecord};
 use crate::repo::Repo;

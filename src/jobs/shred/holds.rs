@@ -80,7 +80,12 @@ pub(super) async fn confirm_before_signing(
             }
         }
     }
-    problems.extend(journal_problems(audit_log(ctx)?, tenant, body, crate::hooks::now())?);
+    problems.extend(journal_problems(
+        audit_log(ctx)?,
+        tenant,
+        body,
+        crate::hooks::now(),
+    )?);
     problems.extend(what_holds_now(repo, body, destroys_keys, destroys_keys, spared).await?);
     if problems.is_empty() {
         return Ok(());
