@@ -147,13 +147,12 @@ impl Pins {
         };
         match secure_fs::read_trusted(path, "KMIP object record", Readers::Anyone, MAX_FILE) {
             Ok(bytes) => {
-                let f: File = serde_json::from_slice(&bytes).map_err(|e| {
+                let mut f: File = serde_json::from_slice(&bytes).map_err(|e| {
                     self.fail(
                         key,
                         format!("unreadable KMIP object record {}: {e}", path.display()),
                     )
                 })?;
-                let mut f = f;
                 if f.format == FORMAT_V1 {
                     f.upgrade();
                     f.format = FORMAT.to_owned();
