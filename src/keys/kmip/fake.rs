@@ -113,6 +113,8 @@ pub(super) struct Behaviour {
     /// Give a new object the identifier after the highest held, so that
     /// a deleted top identifier is given again (PyKMIP's SQLite rowid).
     pub reuse_ids: bool,
+    /// Refuse Sensitive (a server without KMIP 1.4).
+    pub refuses_sensitive: bool,
 }
 
 impl Default for Behaviour {
@@ -124,6 +126,7 @@ impl Default for Behaviour {
             page_cap: usize::MAX,
             located_items: false,
             reuse_ids: false,
+            refuses_sensitive: false,
         }
     }
 }
@@ -136,6 +139,8 @@ pub(super) struct Object {
     pub names: Vec<String>,
     pub groups: Vec<String>,
     pub usage_mask: i32,
+    /// Created with Sensitive = true.
+    pub sensitive: bool,
     material: [u8; 32],
 }
 
@@ -213,6 +218,7 @@ impl FakeKmip {
             names: names.iter().map(|n| n.to_string()).collect(),
             groups: groups.iter().map(|g| g.to_string()).collect(),
             usage_mask: 0x4 | 0x8,
+            sensitive: false,
             material: crate::util::random_bytes::<32>(),
         });
         uid
@@ -257,6 +263,12 @@ impl FakeKmip {
         s.log.push(format!("{:?}", req.operation()));
         match req {
             Request::Create(t) => {
+                if t.sensitive && self.behaviour.refuses_sensitive {
+                    return Err(failed(
+                        ResultReason::InvalidMessage,
+                        "protocol version 1.4 is not supported",
+                    ));
+                }
                 if self.behaviour.unique_names
                     && let Some(n) = t
                         .names
@@ -276,6 +288,7 @@ impl FakeKmip {
                     names: t.names,
                     groups: vec![t.group],
                     usage_mask: t.usage_mask,
+                    sensitive: t.sensitive,
                     material: crate::util::random_bytes::<32>(),
                 });
                 Ok(Response::Created(uid))

@@ -37,6 +37,9 @@ pub(super) struct Template {
     pub names: Vec<String>,
     /// The Object Group that ties a key's objects together.
     pub group: String,
+    /// Sent with Sensitive = true (a KMIP 1.4 attribute): a server that
+    /// honours it never returns the key's value to a Get.
+    pub sensitive: bool,
 }
 
 /// What a Locate looks for.
@@ -272,6 +275,13 @@ fn std_payload(req: Request) -> RequestPayload {
             ];
             attrs.extend((0..).zip(t.names).map(|(i, name)| name_attribute(name, i)));
             attrs.push(req::Attribute::ObjectGroup(t.group));
+            if t.sensitive {
+                attrs.push(req::Attribute(
+                    AttributeName("Sensitive".into()),
+                    None,
+                    AttributeValue::Boolean(true),
+                ));
+            }
             RequestPayload::Create(
                 ObjectType::SymmetricKey,
                 req::TemplateAttribute::unnamed(attrs),
@@ -351,6 +361,11 @@ pub(super) fn encode(req: Request) -> Result<Zeroizing<Vec<u8>>, WireError> {
             }
             out
         }
+        // Sensitive is a KMIP 1.4 attribute: the message says 1.4.
+        Request::Create(t) if t.sensitive => kmip_ttlv::ser::to_vec(&req::RequestMessage(
+            header(4),
+            vec![req::BatchItem(op, None, std_payload(Request::Create(t)))],
+        )),
         other => kmip_protocol::request::to_vec(std_payload(other), None),
     };
     bytes

@@ -49,13 +49,14 @@ mod fake;
 mod messages;
 mod pins;
 mod reference;
+mod server;
 mod settings;
 mod wire;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -270,6 +271,11 @@ pub struct KmipProvider {
     locate_page: i32,
     /// The objects custos made on this server ([`pins`]).
     pins: pins::Pins,
+    /// The Name of this server's marker object once it answered for it
+    /// ([`server`]).
+    marker: Mutex<Option<String>>,
+    /// The server refused Sensitive once: later Creates go without it.
+    insensitive: AtomicBool,
 }
 
 const MODE_UNKNOWN: u8 = 0;
@@ -379,6 +385,8 @@ impl KmipProvider {
             wrap_mode: AtomicU8::new(MODE_UNKNOWN),
             locate_page: LOCATE_PAGE,
             pins: pins::Pins::in_memory(),
+            marker: Mutex::new(None),
+            insensitive: AtomicBool::new(false),
         }
     }
 
@@ -750,6 +758,11 @@ impl KmipProvider {
         })?;
         let entry = self.record_entry(key);
         let record = self.pins.get(&entry, &label(key))?;
+        // Nothing of a key is judged on another server than its own; a
+        // destruction asks the server again rather than trust the cache.
+        if let Some(r) = &record {
+            self.check_server(key, r, strict).await?;
+        }
         let mut fam = Family {
             elsewhere: self.pins.others(&entry, &label(key))?,
             unreadable_fatal: strict,
@@ -790,9 +803,16 @@ impl KmipProvider {
             }
         }
         match &record {
-            Some(r) => self.recorded(key, &mut fam, r).await?,
+            Some(r) => {
+                self.recorded(key, &mut fam, r).await?;
+                let gone: Vec<String> = fam.gone.iter().chain(&fam.newly_dead).cloned().collect();
+                self.bind_here(key, &entry, Some(r), &gone).await?;
+            }
             // First sight of the key: what is there is adopted, once.
-            None if adopt && !fam.versions.is_empty() => self.adopt(key, &entry, &mut fam).await?,
+            None if adopt && !fam.versions.is_empty() => {
+                self.bind_here(key, &entry, None, &[]).await?;
+                self.adopt(key, &entry, &mut fam).await?;
+            }
             None => {}
         }
         if !fam.newly_dead.is_empty() {
@@ -969,6 +989,10 @@ impl KmipProvider {
     }
 
     async fn create_version(&self, key: &KeyRef, name: &str, v: u32) -> Result<String, KeyError> {
+        // The key's first object binds it to this server (a record that
+        // exists was bound, or refused, by the family read before).
+        self.bind_here(key, &self.record_entry(key), None, &[])
+            .await?;
         let uid = self
             .create(
                 key,
@@ -978,6 +1002,7 @@ impl KmipProvider {
                     usage_mask: USAGE_ENCRYPT | USAGE_DECRYPT,
                     names: vec![version_name(name, v)],
                     group: key_group(name),
+                    sensitive: true,
                 },
             )
             .await?;
@@ -993,8 +1018,28 @@ impl KmipProvider {
         Ok(uid)
     }
 
-    async fn create(&self, key: &KeyRef, template: Template) -> Result<String, KeyError> {
-        match self.call(Request::Create(template)).await {
+    /// Create of an AES key, Sensitive (KMIP 1.4) where the server takes
+    /// it: one that refuses the attribute or the version gets the Create
+    /// again without it, and custos says so once.
+    async fn create(&self, key: &KeyRef, mut template: Template) -> Result<String, KeyError> {
+        template.sensitive = !self.insensitive.load(Ordering::Relaxed);
+        let first = self.call(Request::Create(template.clone())).await;
+        let answer = match first {
+            Err(WireError::Failed {
+                reason: Some(r),
+                message,
+            }) if template.sensitive && !refusal_of_the_key(r) => {
+                template.sensitive = false;
+                let again = self.call(Request::Create(template)).await;
+                if again.is_ok() {
+                    self.insensitive.store(true, Ordering::Relaxed);
+                    tracing::warn!(event = "kmip.sensitive_unsupported", server = %self.server, "the KMIP server {} refused a Create with Sensitive = true (KMIP 1.4; {r:?}: {message}): custos creates its objects without it, so only the server's own policy keeps their value from a Get; see docs/keys-you-hold.md", self.server);
+                }
+                again
+            }
+            other => other,
+        };
+        match answer {
             Ok(Response::Created(uid)) => Ok(uid),
             Ok(_) => Err(self.wrong_answer(key, "Create")),
             Err(e) => Err(self.err(key, "Create", e)),
@@ -1116,7 +1161,7 @@ impl KmipProvider {
             return Err(KeyError::Unavailable {
                 key: label(key),
                 message: format!(
-                    "version object {:?} was recorded before custos pinned key material (no check value): it wraps under it only once it has vouched for it, by opening one of its own envelopes with it (a restore or verify) or by rotating (rotate --cmk); see docs/keys-you-hold.md",
+                    "version object {:?} was recorded before custos pinned key material (no check value): custos no longer wraps under it (old envelopes still unwrap); rotate --cmk makes a version it pins; see docs/keys-you-hold.md",
                     obj.uid
                 ),
             });
@@ -1240,6 +1285,10 @@ impl KmipProvider {
                 ),
             });
         }
+        // The identifier may have been given to other material between the
+        // check above and the Encrypt (a Destroy and a Register in between):
+        // checked again, so that two matching check values bracket the wrap.
+        self.check_material(key, obj).await?;
         let server = envelope::ServerWrap {
             cipher,
             uid: &obj.uid,
@@ -1455,15 +1504,7 @@ impl KeyProvider for KmipProvider {
                 ),
             });
         }
-        let dk = env.open(&wk, ctx).map_err(invalid)?;
-        // An envelope custos sealed opened under this object: it holds the
-        // material custos wrapped with, which vouches for a version recorded
-        // before check values.
-        if version.check.is_none() && version.pinned {
-            self.pin_material(key, env.uid).await?;
-            tracing::info!(event = "kmip.material_pinned", key = %key, object = %env.uid, "version object {} of {key} opened an envelope custos sealed: its key check value is recorded", env.uid);
-        }
-        Ok(dk)
+        env.open(&wk, ctx).map_err(invalid)
     }
 
     /// A new version object (Create, Activate), current from now on.
@@ -1542,6 +1583,14 @@ impl KeyProvider for KmipProvider {
         })?;
         let mut fam = self.family_adopting(key, true, true).await?;
         let known = fam.known_uids();
+        // Identifiers proven gone on this server before (by this read, or
+        // an earlier one): an object under one now is a newer object the
+        // server gave the freed identifier, not a version left alive.
+        let dead_before = self
+            .pins
+            .get(&self.record_entry(key), &label(key))?
+            .map(|r| r.dead)
+            .unwrap_or_default();
         // Nothing custos knows of, and no tombstone of its own: absence
         // proves nothing (a Locate finds no object renamed or moved away).
         if known.is_empty() && fam.tombstone.is_none() {
@@ -1592,7 +1641,7 @@ impl KeyProvider for KmipProvider {
         // custos knows (listed before, or in its record), never a Locate's
         // silence.
         let mut left = Vec::new();
-        for uid in &known {
+        for uid in known.iter().filter(|u| !dead_before.contains(*u)) {
             match self.attributes(key, uid).await {
                 Err(KeyError::NotFound { .. }) => {}
                 Ok(a) if a.state.is_some_and(is_destroyed) => {}
@@ -1674,6 +1723,7 @@ impl KmipProvider {
                     usage_mask: 0,
                     names: vec![tombstone_name(&family_name, at)],
                     group,
+                    sensitive: true,
                 },
             )
             .await?;

@@ -16,6 +16,16 @@
 //! The record also names the objects a destruction must prove gone *by
 //! identifier*: an object renamed or moved out of the key's group is still
 //! found, and still destroyed.
+//!
+//! An identifier means something only on the server that assigned it (PyKMIP
+//! counts from 1), and "not found" proves a destruction only there. So each
+//! key is bound to the key manager that holds it: custos leaves one marker
+//! object on every server it makes or adopts keys on (never activated, no
+//! usage, Name `custos-server/<128 random bits>`), records its name and
+//! identifier here, and names the marker in the entry of each key. Before
+//! custos judges a key's objects, the server must answer for the marker by
+//! its identifier with that Name; another server (a wrong `[kmip] server`)
+//! fails, and no absence there is taken for a destruction.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::OpenOptionsExt;
@@ -28,9 +38,12 @@ use super::PROVIDER;
 use crate::keys::KeyError;
 use crate::secure_fs::{self, Readers};
 
-const FORMAT: &str = "custos-kmip-objects-v2";
-/// Read, and rewritten as v2 on the next change: no check values, no dead
-/// identifiers, entries keyed `"<server> <key id>"`.
+const FORMAT: &str = "custos-kmip-objects-v3";
+/// Read, and rewritten as v3 on the next change: no server markers (its
+/// keys are bound to a server on their next use, see [`KeyObjects::server`]).
+const FORMAT_V2: &str = "custos-kmip-objects-v2";
+/// As v2, and also no check values, no dead identifiers, entries keyed
+/// `"<server> <key id>"`.
 const FORMAT_V1: &str = "custos-kmip-objects-v1";
 /// The record is small (a few objects per key); a larger file is refused.
 const MAX_FILE: u64 = 16 << 20;
@@ -54,6 +67,11 @@ pub(super) struct KeyObjects {
     /// never trusted again, whatever later answers for them.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub dead: BTreeSet<String>,
+    /// The Name of the marker object of the key manager that holds this
+    /// key (see the module's docs). `None`: recorded before markers; bound
+    /// to the server of its next use on which none of its objects is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
 }
 
 impl KeyObjects {
@@ -66,10 +84,14 @@ impl KeyObjects {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     format: String,
+    /// The marker objects custos left, one per key manager: Name → Unique
+    /// Identifier on that server.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    servers: BTreeMap<String, String>,
     /// Key id (`name/<n>`, `<uid>`) → its objects. (v1: `"<server> <key
     /// id>"`, merged into the key id's entry when read.)
     keys: BTreeMap<String, KeyObjects>,
@@ -88,6 +110,7 @@ impl KeyObjects {
             self.checks.entry(uid).or_insert(c);
         }
         self.dead.extend(other.dead);
+        self.server = self.server.take().or(other.server);
     }
 }
 
@@ -115,21 +138,23 @@ impl File {
 /// one) in memory for the life of the process.
 pub(super) struct Pins {
     path: Option<PathBuf>,
-    memory: Mutex<BTreeMap<String, KeyObjects>>,
+    /// The record itself without a path; with one, the lock that orders
+    /// this process's updates.
+    memory: Mutex<File>,
 }
 
 impl Pins {
     pub fn in_memory() -> Self {
         Pins {
             path: None,
-            memory: Mutex::new(BTreeMap::new()),
+            memory: Mutex::new(File::default()),
         }
     }
 
     pub fn at(path: PathBuf) -> Self {
         Pins {
             path: Some(path),
-            memory: Mutex::new(BTreeMap::new()),
+            memory: Mutex::new(File::default()),
         }
     }
 
@@ -157,6 +182,9 @@ impl Pins {
                     f.upgrade();
                     f.format = FORMAT.to_owned();
                 }
+                if f.format == FORMAT_V2 {
+                    f.format = FORMAT.to_owned();
+                }
                 if f.format != FORMAT {
                     return Err(self.fail(
                         key,
@@ -176,28 +204,44 @@ impl Pins {
         }
     }
 
+    /// The whole record as it is now.
+    fn load(&self, key: &str) -> Result<File, KeyError> {
+        match &self.path {
+            None => Ok(self.memory.lock().map_err(|_| self.poisoned(key))?.clone()),
+            Some(_) => self.read(key),
+        }
+    }
+
     /// What is recorded of `entry` (the key id); `None` if the key was
     /// never seen by this installation.
     pub fn get(&self, entry: &str, key: &str) -> Result<Option<KeyObjects>, KeyError> {
-        if self.path.is_none() {
-            let mem = self.memory.lock().map_err(|_| self.poisoned(key))?;
-            return Ok(mem.get(entry).cloned());
-        }
-        Ok(self.read(key)?.keys.remove(entry))
+        Ok(self.load(key)?.keys.remove(entry))
     }
 
     /// Every object the record holds for keys other than `entry`: never a
-    /// version or tombstone of `entry`, whatever it is named.
+    /// version or tombstone of `entry`, whatever it is named. Server
+    /// markers are among them: never a key's object either.
     pub fn others(&self, entry: &str, key: &str) -> Result<BTreeSet<String>, KeyError> {
-        let keys = match &self.path {
-            None => self.memory.lock().map_err(|_| self.poisoned(key))?.clone(),
-            Some(_) => self.read(key)?.keys,
-        };
-        Ok(keys
+        let file = self.load(key)?;
+        Ok(file
+            .keys
             .into_iter()
             .filter(|(e, _)| e != entry)
             .flat_map(|(_, o)| o.versions.into_keys().chain(o.tombstones.into_keys()))
+            .chain(file.servers.into_values())
             .collect())
+    }
+
+    /// The marker objects recorded: Name → Unique Identifier.
+    pub fn servers(&self, key: &str) -> Result<BTreeMap<String, String>, KeyError> {
+        Ok(self.load(key)?.servers)
+    }
+
+    /// Records the marker object just created on a server.
+    pub fn add_server(&self, name: &str, uid: &str, key: &str) -> Result<(), KeyError> {
+        self.change(key, |f| {
+            f.servers.insert(name.to_owned(), uid.to_owned());
+        })
     }
 
     fn poisoned(&self, key: &str) -> KeyError {
@@ -212,11 +256,21 @@ impl Pins {
         key: &str,
         change: impl FnOnce(&mut KeyObjects),
     ) -> Result<KeyObjects, KeyError> {
+        let mut out = KeyObjects::default();
+        self.change(key, |f| {
+            let objects = f.keys.entry(entry.to_owned()).or_default();
+            change(objects);
+            out = objects.clone();
+        })?;
+        Ok(out)
+    }
+
+    /// Changes the record under an exclusive lock, written atomically.
+    fn change(&self, key: &str, change: impl FnOnce(&mut File)) -> Result<(), KeyError> {
         let mut mem = self.memory.lock().map_err(|_| self.poisoned(key))?;
         let Some(path) = &self.path else {
-            let objects = mem.entry(entry.to_owned()).or_default();
-            change(objects);
-            return Ok(objects.clone());
+            change(&mut mem);
+            return Ok(());
         };
         let lock_path = path.with_extension("lock");
         let lock = secure_fs::open_trusted(
@@ -233,9 +287,7 @@ impl Pins {
             .map_err(|e| self.fail(key, format!("cannot lock {}: {e}", lock_path.display())))?;
         let mut file = self.read(key)?;
         file.format = FORMAT.to_owned();
-        let objects = file.keys.entry(entry.to_owned()).or_default();
-        change(objects);
-        let out = objects.clone();
+        change(&mut file);
         let json = serde_json::to_vec_pretty(&file)
             .map_err(|e| self.fail(key, format!("cannot encode the KMIP object record: {e}")))?;
         crate::util::write_file_atomic(path, &json, 0o600).map_err(|e| {
@@ -248,7 +300,7 @@ impl Pins {
             )
         })?;
         drop(mem);
-        Ok(out)
+        Ok(())
     }
 }
 
