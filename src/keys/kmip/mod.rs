@@ -113,6 +113,11 @@ struct Object {
     /// Its key check value in the record (hex): the material custos pinned.
     /// `None`: recorded before check values, or never Active since.
     check: Option<String>,
+    /// What its Name says it is in the family it was read for.
+    claims: ObjectKind,
+    /// Its identifier is dead in the record (read by a destruction, which
+    /// asks for dead identifiers too).
+    dead: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,7 +278,7 @@ pub struct KmipProvider {
     pins: pins::Pins,
     /// The Name of this server's marker object once it answered for it
     /// ([`server`]).
-    marker: Mutex<Option<String>>,
+    marker: Mutex<Option<std::collections::BTreeSet<String>>>,
     /// The server refused Sensitive once: later Creates go without it.
     insensitive: AtomicBool,
 }
@@ -608,6 +613,8 @@ impl KmipProvider {
             aes_256: a.algorithm == Some(CryptographicAlgorithm::AES) && a.bits == Some(256),
             pinned: false,
             check: None,
+            claims: classify(family_name, &a.names),
+            dead: false,
         })
     }
 
@@ -652,12 +659,17 @@ impl KmipProvider {
                     continue;
                 }
             };
-            // An identifier once gone holds someone else's object now.
+            // An identifier a destruction proved gone holds someone else's
+            // object now; a destruction looks again (the mark may be wrong,
+            // see `destroy`).
             if record.is_some_and(|r| r.dead.contains(&uid)) {
-                if record.is_some_and(|r| r.versions.contains_key(&uid)) {
-                    fam.gone.push(uid);
+                if !fam.unreadable_fatal {
+                    if record.is_some_and(|r| r.versions.contains_key(&uid)) {
+                        fam.gone.push(uid);
+                    }
+                    continue;
                 }
-                continue;
+                obj.dead = true;
             }
             if is_destroyed(obj.state) && record.is_some_and(|r| r.versions.contains_key(&uid)) {
                 fam.newly_dead.push(uid.clone());
@@ -696,23 +708,26 @@ impl KmipProvider {
         &self,
         key: &KeyRef,
         fam: &mut Family,
+        family_name: &str,
         record: &pins::KeyObjects,
     ) -> Result<(), KeyError> {
         for (uid, &v) in &record.versions {
             if fam.versions.iter().any(|(_, o)| &o.uid == uid) || fam.gone.contains(uid) {
                 continue;
             }
-            if record.dead.contains(uid) {
+            let dead = record.dead.contains(uid);
+            if dead && !fam.unreadable_fatal {
                 fam.gone.push(uid.clone());
                 continue;
             }
-            match self.object(key, "", uid).await {
+            match self.object(key, family_name, uid).await {
                 Ok(mut obj) => {
                     if is_destroyed(obj.state) {
                         fam.newly_dead.push(uid.clone());
                     }
                     obj.kind = ObjectKind::Version(v);
                     obj.pinned = true;
+                    obj.dead = dead;
                     obj.check = record.checks.get(uid).cloned();
                     fam.versions.push((v, obj));
                 }
@@ -777,8 +792,9 @@ impl KmipProvider {
             KmipKeyId::Uid(uid) => {
                 // The one object the customer named: custos's by configuration
                 // (its material pinned at first sight), unless once gone.
+                let dead = record.as_ref().is_some_and(|r| r.dead.contains(uid));
                 match self.object(key, "", uid).await {
-                    Ok(_) if record.as_ref().is_some_and(|r| r.dead.contains(uid)) => {
+                    Ok(_) if dead && !strict => {
                         fam.gone.push(uid.clone());
                     }
                     Ok(mut obj) => {
@@ -786,6 +802,8 @@ impl KmipProvider {
                             fam.newly_dead.push(uid.clone());
                         }
                         obj.kind = ObjectKind::Version(1);
+                        obj.claims = ObjectKind::Version(1);
+                        obj.dead = dead;
                         obj.pinned = true;
                         obj.check = record.as_ref().and_then(|r| r.checks.get(uid)).cloned();
                         fam.versions.push((1, obj));
@@ -802,20 +820,30 @@ impl KmipProvider {
                     .await?;
             }
         }
+        let family_name = match &id {
+            KmipKeyId::Name(name) => name.clone(),
+            KmipKeyId::Uid(uid) => uid_group(uid),
+        };
         match &record {
             Some(r) => {
-                self.recorded(key, &mut fam, r).await?;
-                let gone: Vec<String> = fam.gone.iter().chain(&fam.newly_dead).cloned().collect();
-                self.bind_here(key, &entry, Some(r), &gone).await?;
+                self.recorded(key, &mut fam, &family_name, r).await?;
+                if r.server.is_none() {
+                    self.bind_legacy(key, &entry, &fam).await?;
+                }
             }
             // First sight of the key: what is there is adopted, once.
             None if adopt && !fam.versions.is_empty() => {
-                self.bind_here(key, &entry, None, &[]).await?;
+                self.bind_new(key, &entry).await?;
                 self.adopt(key, &entry, &mut fam).await?;
             }
             None => {}
         }
-        if !fam.newly_dead.is_empty() {
+        // Identifiers are marked dead by a destruction alone: it asked the
+        // server again whose marker's material answered just now. Any
+        // other read may run on a cached verdict about the server (one a
+        // DNS failover made stale), and a wrong dead mark would later let
+        // a live version pass for a destroyed one.
+        if strict && !fam.newly_dead.is_empty() {
             let dead = std::mem::take(&mut fam.newly_dead);
             self.record(key, |r| r.dead.extend(dead))?;
         }
@@ -953,27 +981,59 @@ impl KmipProvider {
         match current {
             Some((v, obj)) if obj.state == State::Active => Ok((fam, v, obj)),
             // A Create whose Activate never ran (a crash in create_key or
-            // rotate): finish it, as the same call would have.
+            // rotate). It is not activated: custos takes a version's check
+            // value once it is Active, so nothing proves the identifier
+            // still names the object custos created (another client may
+            // have destroyed it and Registered a value it knows under the
+            // same identifier). A new version replaces it, as the
+            // interrupted call meant; a shred destroys the orphan too.
             Some((v, obj)) if obj.state == State::PreActive => {
-                self.simple(key, "Activate", Request::Activate(obj.uid.clone()))
-                    .await?;
-                tracing::info!(event = "kmip.key_activated", key = %key, version = v, object = %obj.uid, "activated version {v} of {key}, left Pre-Active by an interrupted creation");
-                // Recorded by custos right after its Create, and never
-                // Active since: nothing has used it, so nothing was pinned.
-                let check = match obj.check {
-                    Some(c) => c,
-                    None => self.pin_material(key, &obj.uid).await?,
+                let KmipKeyId::Name(name) =
+                    KmipKeyId::parse(key.id()).map_err(|reason| super::InvalidKeyRef {
+                        input: key.to_string(),
+                        reason,
+                    })?
+                else {
+                    return Err(self.orphan(key, v, &obj));
                 };
-                let obj = Object {
-                    state: State::Active,
-                    check: Some(check),
-                    ..obj
-                };
-                Ok((fam, v, obj))
+                let next = self.next_number(key, &fam, v)?;
+                tracing::warn!(event = "kmip.orphan_version", key = %key, version = v, object = %obj.uid, "version {v} of {key} (object {}) was left Pre-Active by an interrupted creation: not activated; version {next} replaces it", obj.uid);
+                self.create_version(key, &name, next).await?;
+                let fam = self.family(key).await?;
+                match fam.current().cloned() {
+                    Some((v, obj)) if obj.state == State::Active => Ok((fam, v, obj)),
+                    _ => Err(self.orphan(key, v, &obj)),
+                }
             }
             Some((_, obj)) => Err(self.unusable(key, obj.state)),
             None if !fam.versions.is_empty() => Err(self.no_custos_version(key, &fam)),
             None => Err(self.not_found(key)),
+        }
+    }
+
+    /// The number of the version after `v`: the first above it that no
+    /// object claims, so that its Name is free.
+    fn next_number(&self, key: &KeyRef, fam: &Family, v: u32) -> Result<u32, KeyError> {
+        let taken: HashSet<u32> = fam.versions.iter().map(|(v, _)| *v).collect();
+        (v.saturating_add(1)..=u32::MAX)
+            .find(|n| !taken.contains(n))
+            .ok_or_else(|| KeyError::Backend {
+                provider: PROVIDER,
+                key: label(key),
+                message: format!(
+                    "version {v} of this key is the highest number there is: there is no next one"
+                ),
+            })
+    }
+
+    /// A Pre-Active version custos recorded but never pinned material of.
+    fn orphan(&self, key: &KeyRef, v: u32, obj: &Object) -> KeyError {
+        KeyError::Unavailable {
+            key: label(key),
+            message: format!(
+                "version {v} (object {:?}) was left Pre-Active by an interrupted creation, before custos took its key check value: custos does not activate it (nothing proves the identifier still names the object it created); rotate --cmk makes a new version (a shred destroys this one too)",
+                obj.uid
+            ),
         }
     }
 
@@ -991,8 +1051,7 @@ impl KmipProvider {
     async fn create_version(&self, key: &KeyRef, name: &str, v: u32) -> Result<String, KeyError> {
         // The key's first object binds it to this server (a record that
         // exists was bound, or refused, by the family read before).
-        self.bind_here(key, &self.record_entry(key), None, &[])
-            .await?;
+        self.bind_new(key, &self.record_entry(key)).await?;
         let uid = self
             .create(
                 key,
@@ -1028,7 +1087,7 @@ impl KmipProvider {
             Err(WireError::Failed {
                 reason: Some(r),
                 message,
-            }) if template.sensitive && !refusal_of_the_key(r) => {
+            }) if template.sensitive && version_or_attribute_refused(r) => {
                 template.sensitive = false;
                 let again = self.call(Request::Create(template)).await;
                 if again.is_ok() {
@@ -1170,14 +1229,11 @@ impl KmipProvider {
         if &now == pinned {
             return Ok(());
         }
-        self.record(key, |r| {
-            r.dead.insert(obj.uid.clone());
-        })?;
-        tracing::error!(event = "kmip.material_changed", key = %key, object = %obj.uid, "object {} of {key} no longer holds the key material custos created: the identifier now names another object; refused for good", obj.uid);
+        tracing::error!(event = "kmip.material_changed", key = %key, object = %obj.uid, "object {} of {key} no longer holds the key material custos created: the identifier now names another object (or [kmip] server another key manager); refused", obj.uid);
         Err(KeyError::AccessDenied {
             key: label(key),
             message: format!(
-                "KMIP object {:?} no longer holds the key material custos pinned for this version (its key check value changed): the server gave its identifier to another object; custos never wraps under it again",
+                "KMIP object {:?} no longer holds the key material custos pinned for this version (its key check value changed): the server gave its identifier to another object; custos does not wrap under it (rotate --cmk makes a new version)",
                 obj.uid
             ),
         })
@@ -1308,6 +1364,18 @@ impl KmipProvider {
             ciphertext,
         })
     }
+}
+
+/// The answers of a server that does not take a KMIP 1.4 message or its
+/// Sensitive attribute; any other refusal of a Create is its own error.
+fn version_or_attribute_refused(r: ResultReason) -> bool {
+    matches!(
+        r,
+        ResultReason::InvalidMessage
+            | ResultReason::OperationNotSupported
+            | ResultReason::FeatureNotSupported
+            | ResultReason::InvalidField
+    )
 }
 
 /// Failures that concern the key or the client, not the Encrypt parameters.
@@ -1524,16 +1592,7 @@ impl KeyProvider for KmipProvider {
         // planted as `<n>@v4294967295` cannot use the numbers up), skipping
         // numbers an object already claims, so that the Name is free.
         let (fam, v, _) = self.current_version(key).await?;
-        let taken: HashSet<u32> = fam.versions.iter().map(|(v, _)| *v).collect();
-        let next = (v.saturating_add(1)..=u32::MAX)
-            .find(|n| *n > v && !taken.contains(n))
-            .ok_or_else(|| KeyError::Backend {
-                provider: PROVIDER,
-                key: label(key),
-                message: format!(
-                    "version {v} of this key is the highest number there is: there is no next one"
-                ),
-            })?;
+        let next = self.next_number(key, &fam, v)?;
         self.create_version(key, &name, next).await?;
         self.describe(key).await
     }
@@ -1582,15 +1641,23 @@ impl KeyProvider for KmipProvider {
             reason,
         })?;
         let mut fam = self.family_adopting(key, true, true).await?;
+        // What is under each identifier custos recorded, judged before
+        // anything is destroyed: its version (destroyed), another object the
+        // server gave a freed identifier (left alone, and no proof asked of
+        // it), or neither can be told (the shred stops, naming it).
+        let mut reused = Vec::new();
+        for (v, obj) in fam.versions.iter().filter(|(_, o)| o.pinned) {
+            match self.identity(key, &id, *v, obj).await? {
+                Identity::Version => {}
+                Identity::Reused => reused.push(obj.uid.clone()),
+                Identity::Unknown => return Err(self.unknown_identity(key, obj)),
+            }
+        }
+        fam.versions.retain(|(_, o)| !reused.contains(&o.uid));
+        for uid in &reused {
+            tracing::warn!(event = "kmip.reused_identifier_left_alone", key = %key, object = %uid, "object {uid} is under an identifier custos recorded for {key}, but does not hold its version (another object the server gave the freed identifier): not destroyed, not listed");
+        }
         let known = fam.known_uids();
-        // Identifiers proven gone on this server before (by this read, or
-        // an earlier one): an object under one now is a newer object the
-        // server gave the freed identifier, not a version left alive.
-        let dead_before = self
-            .pins
-            .get(&self.record_entry(key), &label(key))?
-            .map(|r| r.dead)
-            .unwrap_or_default();
         // Nothing custos knows of, and no tombstone of its own: absence
         // proves nothing (a Locate finds no object renamed or moved away).
         if known.is_empty() && fam.tombstone.is_none() {
@@ -1641,7 +1708,7 @@ impl KeyProvider for KmipProvider {
         // custos knows (listed before, or in its record), never a Locate's
         // silence.
         let mut left = Vec::new();
-        for uid in known.iter().filter(|u| !dead_before.contains(*u)) {
+        for uid in &known {
             match self.attributes(key, uid).await {
                 Err(KeyError::NotFound { .. }) => {}
                 Ok(a) if a.state.is_some_and(is_destroyed) => {}
@@ -1654,7 +1721,7 @@ impl KeyProvider for KmipProvider {
         left.extend(
             after
                 .live()
-                .filter(|(_, o)| !known.contains(&o.uid))
+                .filter(|(_, o)| !known.contains(&o.uid) && !reused.contains(&o.uid))
                 .filter(|(_, o)| !refused.iter().any(|(r, _)| r == &o.uid))
                 .map(|(_, o)| format!("{} ({:?})", o.uid, o.state)),
         );
@@ -1677,6 +1744,10 @@ impl KeyProvider for KmipProvider {
         for uid in &fam.gone {
             tracing::info!(event = "kmip.object_found_absent", key = %key, object = %uid, "version object {uid} of {key} was already absent when this shred began");
         }
+        // Proven gone on the server whose marker answered at the start of
+        // this shred: never versions of this key again, whatever the server
+        // later puts under these identifiers.
+        self.record(key, |r| r.dead.extend(known.iter().chain(&reused).cloned()))?;
         let when = time(at).unwrap_or_else(Utc::now);
         Ok(Destruction {
             action: DestroyAction::RevokedAndDestroyed,
@@ -1689,7 +1760,60 @@ impl KeyProvider for KmipProvider {
     }
 }
 
+/// What is under an identifier custos recorded as a version.
+enum Identity {
+    /// The version: its material answers, or it carries the version's Name.
+    Version,
+    /// Another object the server gave the freed identifier.
+    Reused,
+    /// Neither can be told.
+    Unknown,
+}
+
 impl KmipProvider {
+    /// What object `obj`, under the identifier custos recorded for version
+    /// `v`, is: by its material where it can still encrypt and custos
+    /// pinned a check value (the only proof), else by its Name (the Name
+    /// custos gave it, or by configuration for a `kmip:<uid>` key). An
+    /// object with neither under an identifier a destruction proved gone
+    /// is another object; under a live identifier it may be custos's
+    /// version renamed to survive the shred, or another object: unknown.
+    async fn identity(
+        &self,
+        key: &KeyRef,
+        id: &KmipKeyId,
+        v: u32,
+        obj: &Object,
+    ) -> Result<Identity, KeyError> {
+        if obj.state == State::Active
+            && let Some(pinned) = &obj.check
+        {
+            return Ok(match &self.check_value(key, &obj.uid).await? == pinned {
+                true => Identity::Version,
+                false => Identity::Reused,
+            });
+        }
+        let named = match id {
+            KmipKeyId::Uid(_) => true,
+            KmipKeyId::Name(_) => obj.claims == ObjectKind::Version(v),
+        };
+        Ok(match (named, obj.dead) {
+            (true, _) => Identity::Version,
+            (false, true) => Identity::Reused,
+            (false, false) => Identity::Unknown,
+        })
+    }
+
+    fn unknown_identity(&self, key: &KeyRef, obj: &Object) -> KeyError {
+        KeyError::Unavailable {
+            key: label(key),
+            message: format!(
+                "object {:?} is under an identifier custos recorded as a version of this key, but it is {:?} (so its key check value cannot be asked) and no longer carries the version's Name: it is custos's version renamed, or another object the server gave the identifier after the version was deleted behind custos. custos destroys neither on a guess; check the object on the key manager (destroy it there if it is this key's), then run the shred again; see docs/keys-you-hold.md",
+                obj.uid, obj.state
+            ),
+        }
+    }
+
     /// Revoke (where Active), then Destroy, of one version; already gone
     /// is as good.
     async fn revoke_and_destroy(&self, key: &KeyRef, obj: &Object) -> Result<(), KeyError> {

@@ -19,13 +19,14 @@
 //!
 //! An identifier means something only on the server that assigned it (PyKMIP
 //! counts from 1), and "not found" proves a destruction only there. So each
-//! key is bound to the key manager that holds it: custos leaves one marker
-//! object on every server it makes or adopts keys on (never activated, no
-//! usage, Name `custos-server/<128 random bits>`), records its name and
-//! identifier here, and names the marker in the entry of each key. Before
-//! custos judges a key's objects, the server must answer for the marker by
-//! its identifier with that Name; another server (a wrong `[kmip] server`)
-//! fails, and no absence there is taken for a destruction.
+//! key is bound to the key manager that holds it: custos leaves a marker key
+//! on every server it makes or adopts keys on (Name `custos-server/<128
+//! random bits>`), records its identifier and key check value here, and
+//! names the marker in the entry of each key. Before custos judges a key's
+//! objects, the server must give the marker's check value under its
+//! identifier: another server (a wrong `[kmip] server`) cannot, whatever
+//! Names its objects carry, and no absence there is taken for a destruction
+//! (see `server.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::OpenOptionsExt;
@@ -47,6 +48,16 @@ const FORMAT_V2: &str = "custos-kmip-objects-v2";
 const FORMAT_V1: &str = "custos-kmip-objects-v1";
 /// The record is small (a few objects per key); a larger file is refused.
 const MAX_FILE: u64 = 16 << 20;
+
+/// A marker key on one server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Marker {
+    /// Its Unique Identifier on that server.
+    pub uid: String,
+    /// Its key check value (hex): what proves the server is that one.
+    pub check: String,
+}
 
 /// The objects custos made (or adopted) for one key.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,10 +99,10 @@ impl KeyObjects {
 #[serde(deny_unknown_fields)]
 struct File {
     format: String,
-    /// The marker objects custos left, one per key manager: Name → Unique
-    /// Identifier on that server.
+    /// The marker keys custos left, one (or, after a race, a few) per key
+    /// manager: Name → where it is and what it holds.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    servers: BTreeMap<String, String>,
+    servers: BTreeMap<String, Marker>,
     /// Key id (`name/<n>`, `<uid>`) → its objects. (v1: `"<server> <key
     /// id>"`, merged into the key id's entry when read.)
     keys: BTreeMap<String, KeyObjects>,
@@ -228,19 +239,20 @@ impl Pins {
             .into_iter()
             .filter(|(e, _)| e != entry)
             .flat_map(|(_, o)| o.versions.into_keys().chain(o.tombstones.into_keys()))
-            .chain(file.servers.into_values())
+            .chain(file.servers.into_values().map(|m| m.uid))
             .collect())
     }
 
-    /// The marker objects recorded: Name → Unique Identifier.
-    pub fn servers(&self, key: &str) -> Result<BTreeMap<String, String>, KeyError> {
+    /// The marker keys recorded: Name → marker.
+    pub fn servers(&self, key: &str) -> Result<BTreeMap<String, Marker>, KeyError> {
         Ok(self.load(key)?.servers)
     }
 
-    /// Records the marker object just created on a server.
-    pub fn add_server(&self, name: &str, uid: &str, key: &str) -> Result<(), KeyError> {
+    /// Records a marker key just created on a server (its identifier first,
+    /// `check` empty; then again with its check value).
+    pub fn add_server(&self, name: &str, marker: Marker, key: &str) -> Result<(), KeyError> {
         self.change(key, |f| {
-            f.servers.insert(name.to_owned(), uid.to_owned());
+            f.servers.insert(name.to_owned(), marker);
         })
     }
 

@@ -478,18 +478,21 @@ async fn a_reused_identifier_holding_other_material_is_never_wrapped_under() {
         }
         let planted = fake.insert(&["acme@v1"], &["custos-key/acme"], State::Active);
         assert_eq!(planted, mine, "the fake reuses identifiers as PyKMIP does");
-        let e = p.wrap(&k, &dk, &ctx()).await.unwrap_err();
-        if !seen_gone {
+        // Refused at every wrap: the check value is asked each time.
+        for _ in 0..2 {
+            let e = p.wrap(&k, &dk, &ctx()).await.unwrap_err();
             assert!(matches!(e, KeyError::AccessDenied { .. }), "{e:?}");
             assert!(e.to_string().contains(&format!("{mine:?}")), "{e}");
-        }
-        // Never trusted again: the identifier reads as gone from now on.
-        for _ in 0..2 {
             let e = p.generate_data_key(&k, &ctx()).await.unwrap_err();
-            assert!(matches!(e, KeyError::Destroyed { .. }), "{e:?}");
+            assert!(matches!(e, KeyError::AccessDenied { .. }), "{e:?}");
         }
+        // The old envelope does not open under the other material.
         let e = p.unwrap(&k, &w, &ctx()).await.unwrap_err();
-        assert!(matches!(e, KeyError::Destroyed { .. }), "{e:?}");
+        assert!(matches!(e, KeyError::InvalidCiphertext { .. }), "{e:?}");
+        // A rotation makes a version custos pins, and wraps go on.
+        p.rotate(&k).await.unwrap();
+        let w2 = p.wrap(&k, &dk, &ctx()).await.unwrap();
+        assert_ne!(w2.key_version.as_ref(), Some(&mine));
     }
 }
 
@@ -651,10 +654,12 @@ async fn objects_are_created_sensitive_where_the_server_takes_it() {
     assert!(fake.objects().iter().all(|o| !o.sensitive));
 }
 
-/// An identifier proven gone and then given by the server to someone
-/// else's live object neither blocks the shred (its proof) nor is touched.
+/// A version deleted behind custos whose identifier the server gives to
+/// another client's live object: the shred tells the object by its
+/// material, leaves it alone, and neither blocks on it nor lists it. Run
+/// again (the identifier is now dead), the same.
 #[tokio::test]
-async fn a_dead_identifier_given_to_another_object_does_not_block_a_shred() {
+async fn an_identifier_given_to_another_object_is_left_alone_by_a_shred() {
     let (p, fake) = provider(Behaviour {
         reuse_ids: true,
         ..Behaviour::default()
@@ -664,18 +669,63 @@ async fn a_dead_identifier_given_to_another_object_does_not_block_a_shred() {
     p.rotate(&k).await.unwrap();
     let newest = p.current(&k).await.unwrap().uid;
     fake.remove(&newest);
-    // Seen gone (and so dead), then given to another client's object.
     p.describe(&k).await.unwrap();
     let other = fake.insert(&["payroll"], &[], State::Active);
     assert_eq!(other, newest);
+    for _ in 0..2 {
+        let d = p.destroy(&k, 7).await.unwrap();
+        assert!(!d.objects.contains(&newest), "{d:?}");
+        let o = fake.objects().into_iter().find(|o| o.uid == other).unwrap();
+        assert_eq!(
+            o.state,
+            State::Active,
+            "another client's object was touched"
+        );
+    }
+}
+
+/// An identifier wrongly marked dead (say, by a shred that ran while DNS
+/// sent custos to another key manager) never lets a live version pass for
+/// a destroyed one: the shred asks again, and destroys what answers with
+/// the version's material.
+#[tokio::test]
+async fn a_wrong_dead_mark_never_spares_a_live_version() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let (_, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    let version = w.key_version.clone().unwrap();
+    p.record(&k, |r| {
+        r.dead.insert(version.clone());
+    })
+    .unwrap();
     let d = p.destroy(&k, 7).await.unwrap();
-    assert!(d.objects.contains(&newest), "{d:?}");
-    let o = fake.objects().into_iter().find(|o| o.uid == other).unwrap();
-    assert_eq!(
-        o.state,
-        State::Active,
-        "another client's object was touched"
-    );
+    assert!(d.objects.contains(&version), "{d:?}");
+    assert!(!fake.objects().iter().any(|o| o.uid == version));
+}
+
+/// A live identifier under which an object neither gives the version's
+/// material (it is Deactivated) nor carries its Name: custos's version
+/// renamed to survive the shred, or another object; the shred stops,
+/// naming it, and destroys nothing on a guess.
+#[tokio::test]
+async fn a_renamed_deactivated_version_stops_the_shred() {
+    let (p, fake) = provider(Behaviour::default());
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    p.rotate(&k).await.unwrap();
+    let old = fake
+        .objects()
+        .into_iter()
+        .find(|o| o.names == ["acme@v1"])
+        .unwrap()
+        .uid;
+    p.disable(&k).await.unwrap();
+    fake.rename(&old, &["not-custos"], &[]);
+    let e = p.destroy(&k, 7).await.unwrap_err();
+    assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
+    assert!(e.to_string().contains(&format!("{old:?}")), "{e}");
+    assert!(fake.objects().iter().any(|o| o.uid == old));
 }
 
 /// The identifier given to other material between the check and the
@@ -692,18 +742,20 @@ async fn material_swapped_during_a_wrap_is_caught_by_the_second_check() {
             if let Request::Crypt {
                 decrypt: false,
                 uid,
+                data,
                 ..
             } = &req
+                && data.iter().any(|b| *b != 0)
             {
                 let n = {
                     let mut n = self.encrypts.lock().unwrap();
                     *n += 1;
                     *n
                 };
-                // Encrypts: the check value at creation, the check before
-                // the wrap; before the third (the wrapping key's), the
-                // object is replaced under the same identifier.
-                if n == 3 {
+                // Check values encrypt the zero block; before the first
+                // other Encrypt (the wrapping key's), the object is
+                // replaced under the same identifier.
+                if n == 1 {
                     self.fake.remove(uid);
                     let again = self
                         .fake
@@ -942,7 +994,9 @@ async fn new_envelopes_are_format_2() {
         // the creation takes the key check value, each wrap takes it before
         // and after the wrapping key's Encrypt.
         let encrypts = fake.log().iter().filter(|o| *o == "Encrypt").count();
-        assert_eq!(encrypts, if cbc { 1 + 3 * 3 } else { 2 + 3 * 3 });
+        // The server's marker adds two: at its creation and at its first
+        // check.
+        assert_eq!(encrypts, if cbc { 3 + 3 * 3 } else { 4 + 3 * 3 });
     }
 }
 
@@ -1026,17 +1080,28 @@ async fn format_1_envelopes_still_unwrap() {
 
 // --- What a hostile or odd key manager can answer -----------------------------
 
-/// Creation interrupted between Create and Activate: the next use
-/// activates the version rather than refusing the key.
+/// Creation interrupted between Create and Activate: the next use makes a
+/// new version rather than activate one whose material custos never
+/// pinned (another client could have Registered a value it knows under
+/// the identifier meanwhile); a shred destroys the orphan too.
 #[tokio::test]
-async fn a_version_left_pre_active_is_activated_on_use() {
+async fn a_version_left_pre_active_is_replaced_not_activated() {
     let (p, fake) = provider(Behaviour::default());
-    let uid = fake.insert(&["half@v1"], &["custos-key/half"], State::PreActive);
+    let orphan = fake.insert(&["half@v1"], &["custos-key/half"], State::PreActive);
     let k = key("name/half");
     let (dk, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
-    assert_eq!(w.key_version, Some(uid));
+    assert_ne!(w.key_version.as_ref(), Some(&orphan));
     assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
     assert_eq!(p.describe(&k).await.unwrap().state, KeyState::Enabled);
+    let o = fake
+        .objects()
+        .into_iter()
+        .find(|o| o.uid == orphan)
+        .unwrap();
+    assert_eq!(o.state, State::PreActive, "the orphan was activated");
+    let d = p.destroy(&k, 7).await.unwrap();
+    assert!(d.objects.contains(&orphan), "{d:?}");
+    assert!(!fake.objects().iter().any(|o| o.uid == orphan));
 }
 
 /// Version names the server reports are parsed strictly: the largest
@@ -1112,6 +1177,8 @@ fn family(versions: &[(u32, State)], tombstone: Option<i64>) -> Family {
                     aes_256: true,
                     pinned: true,
                     check: None,
+                    claims: ObjectKind::Version(v),
+                    dead: false,
                 };
                 (v, obj)
             })
