@@ -505,6 +505,52 @@ impl AuditLog {
         self.inner.read_prefix(count, tail.log_bytes)
     }
 
+    /// Visits records `from..` (as of the last completed append) in order,
+    /// one line at a time: memory stays that of one line, however long the
+    /// log, and reading starts at the segment holding `from` (the tail
+    /// cache's offsets), not at the log's beginning. `visit` gets each
+    /// record's seq and line and returns whether to go on. Returns the
+    /// number of records in the log.
+    pub fn scan_from(&self, from: u64, mut visit: impl FnMut(u64, &[u8]) -> bool) -> Result<u64> {
+        let tail = self.inner.snapshot_tail()?;
+        if from >= tail.size {
+            return Ok(tail.size);
+        }
+        let segment = from / SEGMENT_RECORDS;
+        let path = self.log_path();
+        let offset = tail
+            .segment_offsets
+            .get(segment as usize)
+            .copied()
+            .ok_or_else(|| corrupt(&path, "tail.json lacks a segment offset"))?;
+        let mut reader = LineReader::open(&path, offset, tail.log_bytes - offset)
+            .map_err(|e| Error::io(&path, e))?;
+        let mut line = Vec::new();
+        for seq in segment * SEGMENT_RECORDS..tail.size {
+            match reader
+                .next_line(&mut line)
+                .map_err(|e| Error::io(&path, e))?
+            {
+                Some(true) => {}
+                _ => return Err(corrupt(&path, "log.jsonl ended early")),
+            }
+            if seq >= from && !visit(seq, &line) {
+                break;
+            }
+        }
+        Ok(tail.size)
+    }
+
+    /// Record `seq`'s line, read from its segment on (not the whole log).
+    pub fn read_line(&self, seq: u64) -> Result<Option<Vec<u8>>> {
+        let mut found = None;
+        self.scan_from(seq, |_, line| {
+            found = Some(line.to_vec());
+            false
+        })?;
+        Ok(found)
+    }
+
     /// The inclusion proof of record `seq` in the tree of the first
     /// `tree_size` records. Reads those records: O(tree_size).
     pub fn inclusion_proof(&self, seq: u64, tree_size: u64) -> Result<InclusionProof> {
@@ -533,14 +579,28 @@ impl AuditLog {
             });
         }
         let cp = self.checkpoint(size)?;
-        let lines = self.read_lines(size)?;
-        let leaves: Vec<Hash> = lines.iter().map(|l| record::leaf_hash(l)).collect();
+        // Leaf hashes only (32 bytes a record), not every line.
+        let mut leaves: Vec<Hash> = Vec::with_capacity(size.min(1 << 20) as usize);
+        let mut line_of_seq = Vec::new();
+        self.scan_from(0, |i, line| {
+            if i == seq {
+                line_of_seq = line.to_vec();
+            }
+            leaves.push(record::leaf_hash(line));
+            i + 1 < size
+        })?;
+        let hashes = merkle::inclusion_proof(&leaves, seq).ok_or_else(|| {
+            corrupt(
+                &self.log_path(),
+                format!("record {seq} is not among {} records", leaves.len()),
+            )
+        })?;
         let proof = InclusionProof {
             leaf_index: seq,
             tree_size: size,
-            hashes: merkle::inclusion_proof(&leaves, seq).expect("seq < size"),
+            hashes,
         };
-        Ok(InclusionEvidence::new(&lines[seq as usize], &proof, &cp))
+        Ok(InclusionEvidence::new(&line_of_seq, &proof, &cp))
     }
 }
 

@@ -1190,8 +1190,10 @@ fn a_shred_on_another_host_does_not_certify_a_local_key_it_cannot_see() {
 /// which lies at `certificates/alpha/<id>.json`). A shred must not report
 /// that old certificate as its own: it states another key and scope, so
 /// the new lineage's destroyed key would be certified nowhere. Without step
-/// records the shred takes a fresh id; with them, the stored certificate is
-/// adopted only if it states this shred's scope and keys.
+/// records the shred takes a fresh id; with them, it is refused before any
+/// step runs (this installation's audit log has no record of how a shred of
+/// that id began after its certificate), and a stored certificate is adopted
+/// only if it states this shred's scope and keys.
 #[test]
 fn a_shred_never_adopts_an_earlier_lineages_certificate() {
     for with_progress in [false, true] {
@@ -1238,16 +1240,20 @@ fn a_shred_never_adopts_an_earlier_lineages_certificate() {
         // The old certificate is untouched and never reported as this shred's.
         assert_eq!(fs::read(&old_file).unwrap(), old);
         if with_progress {
+            // The old lineage's records end with its certificate: this
+            // installation has no record of how a shred of this id began,
+            // so nothing is run (alpha-2 lives) and nothing is certified.
             assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
             let v = r.json();
-            assert_eq!(v["error"]["kind"], "corrupt_object", "{v}");
+            assert_eq!(v["error"]["kind"], "shred_verification_failed", "{v}");
             assert!(
                 v["error"]["message"]
                     .as_str()
                     .unwrap()
-                    .contains("states another shred"),
+                    .contains("not begun here"),
                 "{v}"
             );
+            assert!(key_file(&cli, "alpha-2").exists());
         } else {
             assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
             let id = r.json()["result"]["certificate_id"]

@@ -312,6 +312,265 @@ fn a_certificate_states_the_times_and_keys_custos_recorded() {
     assert_eq!(c["keys"], keys);
 }
 
+/// Issue 15 follow-up, point 1: the request a certificate states (when it
+/// was requested, the reason, the requester) is what custos recorded where
+/// the shred began (`shred.fence.begin`), not the store's descriptor. An
+/// edited request gets no certificate; put back, the shred certifies it.
+#[test]
+fn a_certificate_states_the_request_custos_recorded() {
+    let cli = installation(&["acme"]);
+    crash_shred_at(&cli, "acme", "delete");
+    let d = descriptor(&cli, "acme");
+    let requested = d["shredding"]["progress"]["requested_at"].clone();
+    let reason = d["shredding"]["reason"].clone();
+    assert!(requested.is_string() && reason.is_string(), "{d}");
+    wait_for_leases();
+
+    cli.tamper("acme", |d| {
+        let earlier = time(&requested) - chrono::Duration::days(400);
+        d["shredding"]["progress"]["requested_at"] = earlier.to_rfc3339().into();
+        d["shredding"]["reason"] = "court order 17/2025".into();
+    });
+    let (code, v) = shred_json(&cli, &["acme", "--confirm", "acme"]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["error"]["kind"], "shred_verification_failed", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    for part in [
+        "requested at",
+        "reason \"court order 17/2025\"",
+        "shred.fence.begin",
+    ] {
+        assert!(msg.contains(part), "{part:?} not in: {msg}");
+    }
+    assert!(certificates(&cli, "acme").is_empty());
+
+    cli.tamper("acme", |d| {
+        d["shredding"]["progress"]["requested_at"] = requested.clone();
+        d["shredding"]["reason"] = reason.clone();
+    });
+    let (code, v) = shred_json(&cli, &["acme", "--confirm", "acme"]);
+    assert_eq!(code, 0, "{v}");
+    let c = certificate(&certificates(&cli, "acme")[0]);
+    assert_eq!(time(&c["requested_at"]), time(&requested));
+    assert_eq!(c["reason"], reason);
+}
+
+/// Point 1, the skip list: a key the store's descriptor adds to the skip
+/// list is left untouched by the keys step (the list only ever spares), but
+/// no certificate says the operator asked for it unless an audit record of
+/// the shred does (`shred.fence.begin`, or `shred.resumed` of a run given
+/// `--skip-unproven-key`).
+#[test]
+fn a_key_left_untouched_is_one_the_operator_asked_to_leave() {
+    let cli = installation(&["beta"]);
+    let unrestricted = config_text(&cli);
+    crash_shred_at(&cli, "beta", "fence");
+    fs::remove_file(cli.path().join("policies/beta.toml")).unwrap();
+    with_residency(&cli, "key_providers = [\"pkcs11\"]\n");
+    wait_for_leases();
+    cli.tamper("beta", |d| {
+        d["shredding"]["progress"]["skip_unproven"] = serde_json::json!(["local:beta"]);
+    });
+
+    let (code, v) = shred_json(&cli, &["beta", "--confirm", "beta"]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["error"]["kind"], "shred_verification_failed", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    for part in [
+        "key local:beta as left untouched",
+        "--skip-unproven-key",
+        "shred.fence.begin",
+    ] {
+        assert!(msg.contains(part), "{part:?} not in: {msg}");
+    }
+    assert!(certificates(&cli, "beta").is_empty());
+
+    // The operator's word, given to the re-run, is recorded and certified.
+    let (code, v) = shred_json(
+        &cli,
+        &[
+            "beta",
+            "--confirm",
+            "beta",
+            "--skip-unproven-key",
+            "local:beta",
+        ],
+    );
+    assert_eq!(code, 0, "{v}");
+    let c = certificate(&certificates(&cli, "beta")[0]);
+    assert_eq!(c["keys"][0]["reference"], "local:beta", "{c}");
+    assert_eq!(c["keys"][0]["outcome"], "not_destroyed", "{c}");
+    assert!(
+        !c["reason"].as_str().unwrap().contains("not checked"),
+        "{c}"
+    );
+    set_config(&cli, &unrestricted);
+    cli.ok(&["audit", "verify"]);
+}
+
+/// Point 1, records custos never wrote: a tenant fenced without a
+/// `shred.fence.begin` record (no step records at all: custos starts them)
+/// is certified, but the certificate's reason says that its reason,
+/// requester and request time are the descriptor's, unchecked.
+#[test]
+fn a_request_the_audit_log_does_not_record_is_certified_as_unchecked() {
+    let cli = installation(&["acme"]);
+    let started = chrono::Utc::now() - chrono::Duration::hours(1);
+    cli.tamper("acme", |d| {
+        d["state"] = "shredding".into();
+        d["shredding"] = serde_json::json!({
+            "started_at": started.to_rfc3339(),
+            "reason": "offboarded",
+            "requested_by": "ops",
+        });
+    });
+    let (code, v) = shred_json(&cli, &["acme", "--confirm", "acme"]);
+    assert_eq!(code, 0, "{v}");
+    let c = certificate(&certificates(&cli, "acme")[0]);
+    let reason = c["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("offboarded [reason, requester, request time: as the tenant descriptor states, not checked"),
+        "{reason}"
+    );
+    let pk = public_key(&cli);
+    let r = verify_cert(&cli, &certificates(&cli, "acme")[0], &pk, &[]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+}
+
+/// Point 4: an epoch shred with a re-wrap meets a key that cannot be tried
+/// (the shredded epoch's envelope names a key `[residency]` forbids): it is
+/// refused before anything starts, and on the operator's word it is left
+/// untouched and certified `not_destroyed`, as a tenant shred does, instead
+/// of failing its verification for good (it used to try the envelope).
+#[test]
+fn an_epoch_shred_leaves_a_key_that_cannot_be_tried_untouched_on_the_operators_word() {
+    let cli = installation(&["acme"]);
+    cli.ok(&["rotate", "acme", "--new-epoch"]);
+    fs::write(cli.path().join("src/acme/new.txt"), "epoch 2\n").unwrap();
+    cli.ok(&["backup", "acme"]);
+    cli.ok(&["forget", "acme", "--keep-last", "1"]);
+    set_config(
+        &cli,
+        &format!("{}[aws]\nregion = \"eu-central-1\"\n", config_text(&cli)),
+    );
+    let envelope = cli.store().join("tenants/acme/keys/1");
+    let text = fs::read_to_string(&envelope).unwrap();
+    assert!(text.contains("\"local:acme\""), "{text}");
+    fs::write(
+        &envelope,
+        text.replace("\"local:acme\"", &format!("\"{EVIL}\"")),
+    )
+    .unwrap();
+    with_residency(&cli, "key_providers = [\"local\"]\n");
+    let shred = ["acme", "--epoch", "1", "--confirm", "acme", "--rewrap"];
+
+    let (code, v) = shred_json(&cli, &shred);
+    assert_eq!(code, 1, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(EVIL) && msg.contains("--skip-unproven-key"),
+        "{msg}"
+    );
+    assert!(
+        descriptor(&cli, "acme")["epoch_shred"].is_null(),
+        "refused before it began"
+    );
+
+    let mut args = shred.to_vec();
+    args.extend(["--skip-unproven-key", EVIL]);
+    let (code, v) = shred_json(&cli, &args);
+    assert_eq!(code, 0, "{v}");
+    let c = certificate(&certificates(&cli, "acme")[0]);
+    assert_eq!(c["epoch"], 1, "{c}");
+    assert_eq!(c["guarantee"]["kind"], "keys_partly_destroyed", "{c}");
+    let keys = c["keys"].as_array().unwrap();
+    let outcome = |k: &str| {
+        keys.iter()
+            .find(|x| x["reference"] == k)
+            .unwrap_or_else(|| panic!("{k} missing from {keys:?}"))["outcome"]
+            .clone()
+    };
+    assert_eq!(outcome(EVIL), "not_destroyed");
+    assert_eq!(outcome("local:acme"), "destroyed");
+    let envelopes = c["verification"]["envelopes"].as_array().unwrap();
+    assert!(
+        !envelopes.is_empty()
+            && envelopes
+                .iter()
+                .all(|e| e["outcome"] == "key_not_destroyed"),
+        "{c}"
+    );
+    let pk = public_key(&cli);
+    let r = verify_cert(&cli, &certificates(&cli, "acme")[0], &pk, &[]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+}
+
+/// Point 5: a shred fenced on host A has its audit records in A's state
+/// directory. Host B, sharing the store (and, here, the key directory, so
+/// that only the audit log differs), refuses to resume it before doing
+/// anything (its steps' records would be in B's log, and no installation
+/// could then certify it): the error says it was begun elsewhere and is
+/// certified there. A then finishes and certifies it.
+#[test]
+fn a_shred_begun_on_another_installation_is_certified_there() {
+    let cli = installation(&["acme"]);
+    crash_shred_at(&cli, "acme", "delete");
+    wait_for_leases();
+    let b = cli.path().join("host-b");
+    fs::create_dir_all(b.join("policies")).unwrap();
+    let toml = b.join("custos.toml");
+    fs::write(
+        &toml,
+        format!(
+            "store = \"file://{}\"\nstate_dir = \"{}/state\"\npolicies_dir = \"{}/policies\"\n[local_keys]\ndir = \"{}/keys\"\n",
+            cli.store().display(),
+            b.display(),
+            b.display(),
+            cli.path().display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_custos"))
+        .arg("--config")
+        .arg(&toml)
+        .args(["shred", "acme", "--confirm", "acme", "--json"])
+        .env("CUSTOS_LOG", "error")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("CUSTOS_CRASH_AT")
+        .output()
+        .unwrap();
+    let on_b = common::Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert_eq!(on_b.code, 1, "{}\n{}", on_b.stdout, on_b.stderr);
+    let v = on_b.json();
+    assert_eq!(v["error"]["kind"], "shred_verification_failed", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    for part in [
+        "has no record of how shred",
+        "not begun here",
+        "certified only there",
+        "this run did nothing",
+    ] {
+        assert!(msg.contains(part), "{part:?} not in: {msg}");
+    }
+    assert!(certificates(&cli, "acme").is_empty());
+    let d = descriptor(&cli, "acme");
+    assert_eq!(d["shredding"]["progress"]["step"], "keys_destroyed", "{d}");
+    assert!(
+        !b.join("state/audit/log.jsonl").exists() || {
+            let log = fs::read_to_string(b.join("state/audit/log.jsonl")).unwrap();
+            !log.contains("shred.delete")
+        }
+    );
+
+    let (code, v) = shred_json(&cli, &["acme", "--confirm", "acme"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(descriptor(&cli, "acme")["state"], "shredded");
+}
+
 fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/it/data/certificates")

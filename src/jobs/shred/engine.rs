@@ -227,19 +227,25 @@ pub(super) async fn drive<S: ShredSubject>(
     lease: &LeaseGuard,
     req: &ShredRequest,
 ) -> Result<ShredReport> {
-    let resumed_after = match subject.begin(repo, req).await? {
+    let (resumed, resumed_after) = match subject.begin(repo, req).await? {
         Begun::Finished(report) => return Ok(*report),
-        Begun::Started => None,
-        Begun::Resumed(after) => {
-            let recorded = S::SLOT.progress(repo.descriptor())?.skip_unproven.clone();
-            let skip = super::skip_list(req, S::SLOT.progress(repo.descriptor()).ok());
-            if skip != recorded {
-                save(repo, S::SLOT, |p| p.skip_unproven = skip).await?;
-            }
-            after
-        }
+        Begun::Started => (false, None),
+        Begun::Resumed(after) => (true, after),
     };
     let journal = Journal::new(repo, S::SLOT, subject.epoch())?;
+    if resumed {
+        // A shred with recorded steps (not one custos just gave step records)
+        // and steps left to run resumes only where it began.
+        let progress = S::SLOT.progress(repo.descriptor())?;
+        let steps_left = subject
+            .steps(repo.descriptor())
+            .iter()
+            .any(|s| !s.done(progress));
+        if resumed_after.is_some() && steps_left {
+            holds::require_begun_here(repo, &journal.certificate_id, subject.epoch())?;
+        }
+        resume_skip_list::<S>(repo, &journal, req).await?;
+    }
     for step in subject.steps(repo.descriptor()) {
         if step.done(S::SLOT.progress(repo.descriptor())?) {
             continue;
@@ -263,6 +269,32 @@ pub(super) async fn drive<S: ShredSubject>(
     certify(&subject, repo, &journal, resumed_after).await
 }
 
+/// A resumed run honours the skip list an earlier run recorded as well as
+/// its own. The operator's own list is recorded in the audit log
+/// ([`holds::RESUMED_EVENT`]): a key left untouched is certified only if an
+/// audit record of the shred asked for it, since the descriptor's list is
+/// store JSON anyone who can write the store can extend.
+async fn resume_skip_list<S: ShredSubject>(
+    repo: &mut Repo,
+    journal: &Journal,
+    req: &ShredRequest,
+) -> Result<()> {
+    if !req.skip_unproven.is_empty() {
+        journal
+            .event(
+                holds::RESUMED_EVENT,
+                serde_json::json!({ "skip_unproven": req.skip_unproven }),
+            )
+            .await?;
+    }
+    let recorded = S::SLOT.progress(repo.descriptor())?.skip_unproven.clone();
+    let skip = super::skip_list(req, S::SLOT.progress(repo.descriptor()).ok());
+    if skip != recorded {
+        save(repo, S::SLOT, |p| p.skip_unproven = skip).await?;
+    }
+    Ok(())
+}
+
 /// The `certificate` step: build, check, anchor, sign and store the
 /// certificate; then the descriptor records the shred finished.
 async fn certify<S: ShredSubject>(
@@ -274,9 +306,9 @@ async fn certify<S: ShredSubject>(
     let ctx = repo.context().clone();
     let tenant = repo.tenant().clone();
     let id = journal.certificate_id.clone();
-    let body = subject.certificate(repo, &Records::of(repo, S::SLOT)?)?;
+    let mut body = subject.certificate(repo, &Records::of(repo, S::SLOT)?)?;
     let (destroys_keys, spared) = subject.confirm_terms(&body);
-    holds::confirm_before_signing(repo, &body, destroys_keys, spared.as_ref()).await?;
+    holds::confirm_before_signing(repo, &mut body, destroys_keys, spared.as_ref()).await?;
     let bytes = issue_certificate(&ctx, &tenant, journal, body).await?;
     let now = crate::hooks::now();
     repo.update_descriptor(|d| subject.finish(d, &id, now))

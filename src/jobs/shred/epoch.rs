@@ -32,7 +32,7 @@ use super::journal::{Journal, Slot};
 use super::keys::{all_tenant_keys, decide_up_front, destroy_keys_step, key_state_checks};
 use super::preview::ShredPreview;
 use super::scope;
-use super::verify::{sample_pack_present, unwrap_checks, verification_failure};
+use super::verify::{sample_pack_present, spared_envelopes, unwrap_checks, verification_failure};
 use super::{Rewrap, ShredRequest, holds};
 use crate::error::{Error, Result};
 use crate::format::descriptor::{Descriptor, EpochShredState, EpochState, Lifecycle, ShredState};
@@ -537,15 +537,19 @@ async fn start(
     let ctx = repo.context().clone();
     let now = crate::hooks::now();
     let id = new_certificate_id(now);
+    let progress = new_progress(req, now, ctx.actor.clone());
     ctx.record(
         "shred.fence.begin",
         Some(repo.tenant()),
         json!({
             "certificate_id": id,
-        "started_at": now,
+            "started_at": now,
             "epoch": epoch,
             "reason": req.reason,
             "requested_by": req.requested_by,
+            // What a certificate may state of the request is what is recorded here.
+            "requested_at": progress.requested_at,
+            "skip_unproven": progress.skip_unproven,
             "rewrap_to": rewrap_to,
             "key": repo.descriptor().key,
         }),
@@ -560,7 +564,7 @@ async fn start(
             reason: req.reason.clone(),
             requested_by: req.requested_by.clone(),
             certificate_id: Some(id),
-            progress: Some(new_progress(req, now, ctx.actor.clone())),
+            progress: Some(progress),
         },
     };
     repo.update_descriptor(|d| d.epoch_shred = Some(state))
@@ -737,9 +741,19 @@ async fn keys(repo: &mut Repo, journal: &Journal, to: &KeyRef) -> Result<Vec<Key
             )));
         }
     }
-    let from = SLOT.progress(&d)?.rewrap.as_ref().map(|r| r.from.clone());
-    let keys: Vec<(KeyRef, KeyRole)> = all_tenant_keys(repo)
-        .await?
+    let progress = SLOT.progress(&d)?;
+    let from = progress.rewrap.as_ref().map(|r| r.from.clone());
+    let mut candidates = all_tenant_keys(repo).await?;
+    // The keys the shredded epoch's envelope was wrapped under, as the scope
+    // found them (keys of the tenant then): the delete step removed the
+    // envelope that named them, but they must be ended (or, on the
+    // operator's word, left untouched and said so) like every other key.
+    for e in progress.scope.iter().flat_map(|s| &s.captured) {
+        if !candidates.iter().any(|(k, _)| k == &e.key) {
+            candidates.push((e.key.clone(), KeyRole::Previous));
+        }
+    }
+    let keys: Vec<(KeyRef, KeyRole)> = candidates
         .into_iter()
         .filter(|(k, _)| k != to)
         .map(|(k, _)| {
@@ -783,8 +797,14 @@ async fn verify(repo: &Repo, journal: &Journal, epoch: u32) -> Result<Verificati
         .await?
         .is_some();
     let (envelopes, key_states, mut passed) = if rewrapped {
-        let (envelopes, refused) = unwrap_checks(ctx, &scope.captured).await?;
         let keys = progress.keys.clone().unwrap_or_default();
+        // As for a tenant: an envelope under a key the shred left untouched
+        // is not tried (it may unwrap, or its provider may be one custos
+        // must not call) and is no failure: the certificate says the key
+        // lives on. Trying it would leave the shred fenced for good.
+        let (to_try, spared) = spared_envelopes(&scope.captured, &keys);
+        let (mut envelopes, refused) = unwrap_checks(ctx, &to_try).await?;
+        envelopes.extend(spared);
         let (states, states_ok) = key_state_checks(ctx, &keys).await;
         // The remaining epochs must still unwrap under the new key.
         for e in repo.descriptor().live_epochs() {

@@ -26,11 +26,15 @@ use super::{ShredReport, certificate_path, load_certificate};
 /// every step and signs. Each statement is checked against what the store
 /// cannot forge: the scope is this shred's record in this installation's
 /// audit log (the `shred.scope.end` its `audit_seq` names: tenant,
-/// certificate id, count, bytes, root), and [`what_holds_now`]. Any mismatch
-/// refuses the certificate (nothing is signed).
+/// certificate id, count, bytes, root), the request, times and keys are
+/// those the shred's audit records state ([`journal_problems`]), and
+/// [`what_holds_now`]. Any mismatch refuses the certificate (nothing is
+/// signed). What the audit log does not record of the request (a shred
+/// begun before custos recorded it) is stated as the descriptor has it,
+/// and the certificate's reason says so ([`note_unvouched`]).
 pub(super) async fn confirm_before_signing(
     repo: &Repo,
-    body: &Certificate,
+    body: &mut Certificate,
     destroys_keys: bool,
     spared: Option<&KeyRef>,
 ) -> Result<()> {
@@ -42,61 +46,158 @@ pub(super) async fn confirm_before_signing(
     if !body.verification.passed {
         problems.push("its verification record says the verification failed".into());
     }
-    match body.scope.audit_seq {
-        None => problems.push(
-            "its scope names no audit record (every scope step records one): it cannot be checked"
-                .into(),
-        ),
-        Some(seq) => {
-            let audit = audit_log(ctx)?;
-            let record = audit
-                .read_lines(seq + 1)
-                .ok()
-                .and_then(|lines| lines.last().cloned())
-                .and_then(|l| crate::audit::record::AuditRecord::from_line(&l).ok());
-            let matches = record.as_ref().is_some_and(|r| {
-                r.seq == seq
-                    && r.event == "shred.scope.end"
-                    && r.tenant.as_ref() == Some(tenant)
-                    && r.details["certificate_id"] == body.id.as_str()
-                    && r.details["merkle_root"] == body.scope.merkle_root.as_str()
-                    && r.details["objects"] == body.scope.objects
-                    && r.details["bytes"] == body.scope.bytes
-                    && r.details.get("epoch").and_then(|e| e.as_u64()) == body.epoch.map(u64::from)
-            });
-            if !matches {
-                problems.push(format!(
-                    "its scope names audit record #{seq}, which is not the scope of this shred in this \
-                     installation's audit log ({})",
-                    match &record {
-                        Some(r) => format!(
-                            "#{seq} is {} of tenant {}",
-                            r.event,
-                            r.tenant.as_ref().map(|t| t.as_str()).unwrap_or("-")
-                        ),
-                        None => "no such record".into(),
-                    }
-                ));
-            }
-        }
-    }
-    problems.extend(journal_problems(
+    let shred = ShredRecords::read(
         audit_log(ctx)?,
         tenant,
-        body,
-        crate::hooks::now(),
-    )?);
+        &body.id,
+        body.epoch,
+        body.scope.audit_seq,
+    )?;
+    let audited = journal_problems(&shred.records, body, crate::hooks::now());
+    problems.extend(audited.problems);
+    problems.extend(scope_problem(tenant, body, &shred));
     problems.extend(what_holds_now(repo, body, destroys_keys, destroys_keys, spared).await?);
     if problems.is_empty() {
+        note_unvouched(body, &audited.unvouched);
         return Ok(());
     }
     Err(Error::ShredVerification {
         tenant: tenant.to_string(),
         message: format!(
             "the shred records in the descriptor do not match what they claim: {} (no certificate issued: the \
-             descriptor is not authenticated, and custos signs only what it can check; finish the shred on the \
-             installation that began it, or find who edited tenants/{tenant}/tenant.json)",
+             descriptor is not authenticated, and custos signs only what its own audit log vouches for; a shred \
+             is certified only on the installation that began it, whose audit log holds its records: finish it \
+             there, or find who edited tenants/{tenant}/tenant.json)",
             problems.join("; ")
+        ),
+    })
+}
+
+/// One shred's records in this installation's audit log, read in a single
+/// streaming pass per certification (one line in memory at a time, and only
+/// the lines that name the certificate id parsed).
+pub(super) struct ShredRecords {
+    /// This shred's records (`certificate_id`, tenant and epoch), in order;
+    /// those up to a `shred.certificate.end` of the same id are dropped: a
+    /// certificate issued under this id ended that shred, and what came
+    /// before is another lineage's (an id a store writer reused).
+    pub records: Vec<AuditRecord>,
+    /// The record at the seq the scope names, whatever it is.
+    pub scope: Option<AuditRecord>,
+}
+
+impl ShredRecords {
+    pub(super) fn read(
+        audit: &AuditLog,
+        tenant: &TenantId,
+        id: &str,
+        epoch: Option<u32>,
+        scope_seq: Option<u64>,
+    ) -> Result<Self> {
+        let mut out = ShredRecords {
+            records: Vec::new(),
+            scope: None,
+        };
+        let needle = id.as_bytes();
+        audit.scan_from(0, |seq, line| {
+            if Some(seq) == scope_seq {
+                out.scope = AuditRecord::from_line(line).ok();
+            }
+            // The id is random: a line without it is no record of this shred.
+            if needle.is_empty() || !line.windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+            let Ok(r) = AuditRecord::from_line(line) else {
+                return true;
+            };
+            let of_epoch = r.details.get("epoch").and_then(|e| e.as_u64());
+            if r.tenant.as_ref() == Some(tenant)
+                && r.event.starts_with("shred.")
+                && r.details["certificate_id"] == id
+                && of_epoch == epoch.map(u64::from)
+            {
+                if r.event == "shred.certificate.end" {
+                    out.records.clear();
+                } else {
+                    out.records.push(r);
+                }
+            }
+            true
+        })?;
+        Ok(out)
+    }
+}
+
+/// The scope a certificate states must be the `shred.scope.end` record its
+/// `audit_seq` names, of this tenant and shred.
+fn scope_problem(tenant: &TenantId, body: &Certificate, shred: &ShredRecords) -> Option<String> {
+    let Some(seq) = body.scope.audit_seq else {
+        return Some(
+            "its scope names no audit record (every scope step records one): it cannot be checked"
+                .into(),
+        );
+    };
+    let record = shred.scope.as_ref();
+    let matches = record.is_some_and(|r| {
+        r.seq == seq
+            && r.event == "shred.scope.end"
+            && r.tenant.as_ref() == Some(tenant)
+            && r.details["certificate_id"] == body.id.as_str()
+            && r.details["merkle_root"] == body.scope.merkle_root.as_str()
+            && r.details["objects"] == body.scope.objects
+            && r.details["bytes"] == body.scope.bytes
+            && r.details.get("epoch").and_then(|e| e.as_u64()) == body.epoch.map(u64::from)
+    });
+    (!matches).then(|| {
+        format!(
+            "its scope names audit record #{seq}, which is not the scope of this shred in this \
+             installation's audit log ({})",
+            match record {
+                Some(r) => format!(
+                    "#{seq} is {} of tenant {}",
+                    r.event,
+                    r.tenant.as_ref().map(|t| t.as_str()).unwrap_or("-")
+                ),
+                None => "no such record".into(),
+            }
+        )
+    })
+}
+
+/// A shred that began here recorded its fence or (fenced without custos's
+/// fence record) its scope here; records of later steps alone are those of
+/// a run that resumed here a shred begun elsewhere.
+fn began_here(records: &[AuditRecord]) -> bool {
+    records
+        .iter()
+        .any(|r| r.event == "shred.fence.begin" || r.event == "shred.scope.begin")
+}
+
+fn not_begun_here(id: &str) -> String {
+    format!(
+        "this installation's audit log has no record of how shred {id} began (its shred.fence.begin or \
+         shred.scope.begin): it was not begun here. A shred begun on another installation is certified only \
+         there, where its audit records are: run `custos shred` again on that installation"
+    )
+}
+
+/// A resumed shred with steps left runs them only where it began: run
+/// elsewhere, their audit records (the scope's, the keys') would be in a
+/// log the certificate is not checked against, on neither installation
+/// whole, and no certificate could be issued for it anywhere. Refused
+/// before anything is done.
+pub(super) fn require_begun_here(repo: &Repo, id: &str, epoch: Option<u32>) -> Result<()> {
+    let shred = ShredRecords::read(audit_log(repo.context())?, repo.tenant(), id, epoch, None)?;
+    if began_here(&shred.records) {
+        return Ok(());
+    }
+    Err(Error::ShredVerification {
+        tenant: repo.tenant().to_string(),
+        message: format!(
+            "{} (this run did nothing: the tenant stays fenced; if the descriptor's shred records were not \
+             written by custos, find who edited tenants/{}/tenant.json)",
+            not_begun_here(id),
+            repo.tenant()
         ),
     })
 }
@@ -105,59 +206,51 @@ pub(super) async fn confirm_before_signing(
 /// just before appending a record may read as that much later.
 const AUDIT_TIME_SLACK: chrono::Duration = chrono::Duration::milliseconds(1);
 
-/// The times and the key list a certificate states, checked against what
-/// custos itself recorded in its audit log (which the store cannot write)
-/// for this shred (`certificate_id`, tenant and epoch): the key outcomes
-/// are those of the last `shred.keys.end` record (none without one); when
-/// destruction began is what the first `shred.keys.begin` record states
-/// and no later than it; the shred began no later than its first record
-/// (as its `shred.fence.begin` states, where it does); and the times run
-/// in order, none in the future. Records up to a `shred.certificate.end`
-/// of the same id belong to a shred already certified (an id reused by a
-/// store writer), not to this one. Returns the problems found.
+/// The audit event a resumed run records the skip list it was given in.
+pub(super) const RESUMED_EVENT: &str = "shred.resumed";
+
+/// What [`journal_problems`] found.
+#[derive(Debug, Default)]
+pub(super) struct Audited {
+    pub problems: Vec<String>,
+    /// What the certificate states that the audit log does not record
+    /// (a shred begun before custos recorded it): named in the certificate.
+    pub unvouched: Vec<&'static str>,
+}
+
+/// What a certificate states of the request, the times and the key list,
+/// checked against what custos itself recorded in its audit log (which the
+/// store cannot write) for this shred ([`ShredRecords`]): the reason,
+/// requester and request time are those its `shred.fence.begin` states; a
+/// key left untouched is one the operator asked to leave (the skip list of
+/// `shred.fence.begin` or of a resumed run's `shred.resumed`); the key
+/// outcomes are those of the last `shred.keys.end` record (none without
+/// one); when destruction began is what the first `shred.keys.begin` record
+/// states and no later than it; the shred began no later than its first
+/// record (as its `shred.fence.begin` states, where it does); and the times
+/// run in order, none in the future.
 pub(super) fn journal_problems(
-    audit: &AuditLog,
-    tenant: &TenantId,
+    records: &[AuditRecord],
     body: &Certificate,
     now: DateTime<Utc>,
-) -> Result<Vec<String>> {
-    let mut records = Vec::new();
-    for line in audit.read_lines(audit.size()?)? {
-        let Ok(r) = AuditRecord::from_line(&line) else {
-            continue;
-        };
-        let epoch = r.details.get("epoch").and_then(|e| e.as_u64());
-        if r.tenant.as_ref() == Some(tenant)
-            && r.event.starts_with("shred.")
-            && r.details["certificate_id"] == body.id.as_str()
-            && epoch == body.epoch.map(u64::from)
-        {
-            // A certificate issued under this id ends that shred: what came
-            // before is another lineage's (an id a store writer reused).
-            if r.event == "shred.certificate.end" {
-                records.clear();
-                continue;
-            }
-            records.push(r);
-        }
-    }
-    let mut problems = Vec::new();
-    let time_in = |r: &AuditRecord, field: &str| -> Option<DateTime<Utc>> {
-        serde_json::from_value(r.details.get(field)?.clone()).ok()
+) -> Audited {
+    let mut out = Audited::default();
+    let Some(first) = records.first().filter(|_| began_here(records)) else {
+        out.problems.push(format!(
+            "{}, so its request, times and keys cannot be checked",
+            not_begun_here(&body.id)
+        ));
+        return out;
     };
-    let Some(first) = records.first() else {
-        return Ok(vec![format!(
-            "this installation's audit log has no record of shred {}: its times and keys cannot be checked",
-            body.id
-        )]);
-    };
+    let problems = &mut out.problems;
     if body.started_at > first.time + AUDIT_TIME_SLACK {
         problems.push(format!(
             "it states the shred began at {}, after its first audit record #{} ({})",
             body.started_at, first.seq, first.time
         ));
     }
-    if let Some(fence) = records.iter().find(|r| r.event == "shred.fence.begin")
+    let fence = records.iter().find(|r| r.event == "shred.fence.begin");
+    if let Some(fence) = fence
         && let Some(at) = time_in(fence, "started_at")
         && at != body.started_at
     {
@@ -166,6 +259,9 @@ pub(super) fn journal_problems(
             body.started_at, fence.seq
         ));
     }
+    let requested_at = request_problems(fence, body, &mut out);
+    skip_problems(records, fence, body, &mut out);
+    let problems = &mut out.problems;
     let keys_begin = records.iter().find(|r| r.event == "shred.keys.begin");
     let keys_end = records.iter().rev().find(|r| r.event == "shred.keys.end");
     let recorded_keys = keys_end.map(|r| r.details.get("keys").cloned().unwrap_or_default());
@@ -213,8 +309,9 @@ pub(super) fn journal_problems(
             body.executed_at, r.seq, r.time
         ));
     }
+    // A request dated after the fence (a policy's date) orders as the fence.
     let order = [
-        ("requested", Some(body.requested_at.min(body.started_at))),
+        ("requested", Some(requested_at.min(body.started_at))),
         ("began", Some(body.started_at)),
         ("destruction began", body.guarantee.destruction_began_at),
         ("executed", Some(body.executed_at)),
@@ -234,7 +331,106 @@ pub(super) fn journal_problems(
         }
         last = Some((name, at));
     }
-    Ok(problems)
+    out
+}
+
+fn time_in(r: &AuditRecord, field: &str) -> Option<DateTime<Utc>> {
+    serde_json::from_value(r.details.get(field)?.clone()).ok()
+}
+
+/// The reason, requester and request time a certificate states, against
+/// its `shred.fence.begin` record. Returns the request time to order by:
+/// the recorded one, else (not recorded) the stated one, which `out`
+/// then names as unvouched.
+fn request_problems(
+    fence: Option<&AuditRecord>,
+    body: &Certificate,
+    out: &mut Audited,
+) -> DateTime<Utc> {
+    let texts = [
+        ("reason", "reason", &body.reason),
+        ("requested_by", "requester", &body.requested_by),
+    ];
+    for (field, name, stated) in texts {
+        match fence.and_then(|f| f.details.get(field)?.as_str().map(|v| (f.seq, v))) {
+            Some((seq, recorded)) if recorded != stated.as_str() => out.problems.push(format!(
+                "it states the {name} {stated:?}, but audit record #{seq} (shred.fence.begin) says {recorded:?}"
+            )),
+            Some(_) => {}
+            None => out.unvouched.push(name),
+        }
+    }
+    match fence.and_then(|f| Some((f.seq, time_in(f, "requested_at")?))) {
+        Some((seq, recorded)) => {
+            if recorded != body.requested_at {
+                out.problems.push(format!(
+                    "it states the shred was requested at {}, but audit record #{seq} (shred.fence.begin) says {recorded}",
+                    body.requested_at
+                ));
+            }
+            recorded
+        }
+        None => {
+            out.unvouched.push("request time");
+            body.requested_at
+        }
+    }
+}
+
+/// Every key a certificate lists as left untouched must be one the operator
+/// asked to leave: in the skip list of the shred's `shred.fence.begin` or of
+/// a resumed run's `shred.resumed`. A fence record without a skip list
+/// (written before custos recorded it) cannot say: such keys are then
+/// stated as the descriptor's list had them, and `out` names it.
+fn skip_problems(
+    records: &[AuditRecord],
+    fence: Option<&AuditRecord>,
+    body: &Certificate,
+    out: &mut Audited,
+) {
+    let asked: Vec<KeyRef> = records
+        .iter()
+        .filter(|r| r.event == "shred.fence.begin" || r.event == RESUMED_EVENT)
+        .filter_map(|r| {
+            serde_json::from_value::<Vec<KeyRef>>(r.details.get("skip_unproven")?.clone()).ok()
+        })
+        .flatten()
+        .collect();
+    let recorded = fence.and_then(|f| f.details.get("skip_unproven").map(|_| f.seq));
+    for k in body
+        .keys
+        .iter()
+        .filter(|k| k.outcome == DestroyOutcome::NotDestroyed && !asked.contains(&k.reference))
+    {
+        match recorded {
+            Some(seq) => out.problems.push(format!(
+                "it lists key {} as left untouched on the operator's request (--skip-unproven-key), but no audit \
+                 record of this shred records that request (skip lists of shred.fence.begin #{seq} and of any \
+                 {RESUMED_EVENT}: [{}])",
+                k.reference,
+                asked.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ")
+            )),
+            None if !out.unvouched.contains(&"skip list") => out.unvouched.push("skip list"),
+            None => {}
+        }
+    }
+}
+
+/// Names in the certificate's reason what it states as the descriptor has
+/// it because the audit log does not record it for this shred (one begun
+/// before custos recorded it): the certificate format is unchanged, and a
+/// reader sees which statements nothing but the store vouches for.
+fn note_unvouched(body: &mut Certificate, unvouched: &[&str]) {
+    if unvouched.is_empty() {
+        return;
+    }
+    body.reason = format!(
+        "{} [{}: as the tenant descriptor states, not checked: this installation's audit log does not \
+         record them for this shred (begun before custos recorded them, or fenced without its \
+         shred.fence.begin record)]",
+        body.reason,
+        unvouched.join(", ")
+    );
 }
 
 /// What a certificate states that can be checked now, from what the store
@@ -411,4 +607,174 @@ pub(super) async fn finished_report(
         });
     }
     ShredReport::new(tenant, id, bytes, true, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    /// A tenant shred's certificate with one destroyed key.
+    const FIXTURE: &[u8] =
+        include_bytes!("../../../tests/it/data/certificates/v1-tenant-destruction-began-at.json");
+
+    fn body() -> Certificate {
+        certificate::parse_unverified(FIXTURE).unwrap().certificate
+    }
+
+    fn record(b: &Certificate, seq: u64, event: &str, at: DateTime<Utc>, d: Value) -> AuditRecord {
+        let mut r = AuditRecord::new(seq, event, Some(&b.tenant), "cli:test", d, String::new());
+        r.time = at;
+        r
+    }
+
+    /// The records custos writes for the shred `b` states, with `fence` as
+    /// its `shred.fence.begin` details.
+    fn records(b: &Certificate, fence: Value) -> Vec<AuditRecord> {
+        let began = b.guarantee.destruction_began_at.unwrap();
+        vec![
+            record(b, 1, "shred.fence.begin", b.started_at, fence),
+            record(
+                b,
+                2,
+                "shred.keys.begin",
+                began,
+                json!({ "keys_began_at": began }),
+            ),
+            record(
+                b,
+                3,
+                "shred.keys.end",
+                b.executed_at,
+                json!({ "keys": b.keys }),
+            ),
+        ]
+    }
+
+    /// A fence record as custos writes it now.
+    fn fence(b: &Certificate) -> Value {
+        json!({
+            "started_at": b.started_at,
+            "reason": b.reason,
+            "requested_by": b.requested_by,
+            "requested_at": b.requested_at,
+            "skip_unproven": [],
+        })
+    }
+
+    fn check(b: &Certificate, records: &[AuditRecord]) -> Audited {
+        journal_problems(records, b, b.issued_at)
+    }
+
+    #[test]
+    fn a_certificate_matching_its_records_passes_with_nothing_unvouched() {
+        let b = body();
+        let a = check(&b, &records(&b, fence(&b)));
+        assert!(a.problems.is_empty(), "{:?}", a.problems);
+        assert!(a.unvouched.is_empty(), "{:?}", a.unvouched);
+    }
+
+    #[test]
+    fn a_request_the_descriptor_changed_is_refused_naming_both_values() {
+        let b = body();
+        let recs = records(&b, fence(&b));
+        let mut forged = b.clone();
+        forged.requested_at = b.requested_at - chrono::Duration::days(400);
+        forged.reason = "court order".into();
+        forged.requested_by = "someone else".into();
+        let a = check(&forged, &recs);
+        let all = a.problems.join("\n");
+        assert_eq!(a.problems.len(), 3, "{all}");
+        for part in [
+            "requested at",
+            &forged.requested_at.to_string(),
+            &b.requested_at.to_string(),
+            "reason \"court order\"",
+            "says \"fixture\"",
+            "requester \"someone else\"",
+            "shred.fence.begin",
+        ] {
+            assert!(all.contains(part), "{part:?} not in {all}");
+        }
+    }
+
+    /// A fence record written before custos recorded the request time and
+    /// the skip list: the certificate states the descriptor's, and its
+    /// reason says which statements nothing but the store vouches for.
+    #[test]
+    fn an_old_fence_record_falls_back_to_the_descriptor_and_says_so() {
+        let mut b = body();
+        let mut old = fence(&b);
+        old.as_object_mut().unwrap().remove("requested_at");
+        old.as_object_mut().unwrap().remove("skip_unproven");
+        b.keys[0].outcome = DestroyOutcome::NotDestroyed;
+        let a = check(&b, &records(&b, old));
+        assert!(a.problems.is_empty(), "{:?}", a.problems);
+        assert_eq!(a.unvouched, ["request time", "skip list"]);
+        note_unvouched(&mut b, &a.unvouched);
+        assert!(
+            b.reason.starts_with(
+                "fixture [request time, skip list: as the tenant descriptor states, not checked"
+            ),
+            "{}",
+            b.reason
+        );
+    }
+
+    #[test]
+    fn a_key_left_untouched_must_be_one_the_operator_asked_to_leave() {
+        let mut b = body();
+        b.keys[0].outcome = DestroyOutcome::NotDestroyed;
+        let key = b.keys[0].reference.clone();
+        let mut recs = records(&b, fence(&b));
+        let a = check(&b, &recs);
+        assert_eq!(a.problems.len(), 1, "{:?}", a.problems);
+        assert!(
+            a.problems[0].contains(&format!("key {key} as left untouched"))
+                && a.problems[0].contains("--skip-unproven-key"),
+            "{}",
+            a.problems[0]
+        );
+        // Asked for by a resumed run.
+        recs.push(record(
+            &b,
+            4,
+            RESUMED_EVENT,
+            b.executed_at,
+            json!({ "skip_unproven": [key] }),
+        ));
+        let a = check(&b, &recs);
+        assert!(a.problems.is_empty(), "{:?}", a.problems);
+        assert!(a.unvouched.is_empty(), "{:?}", a.unvouched);
+    }
+
+    #[test]
+    fn no_record_of_how_the_shred_began_says_where_it_is_certified() {
+        let b = body();
+        // Only the records of steps a run resumed here wrote.
+        let later: Vec<AuditRecord> = records(&b, fence(&b)).into_iter().skip(1).collect();
+        for recs in [&[][..], &later[..]] {
+            let a = check(&b, recs);
+            assert_eq!(a.problems.len(), 1, "{:?}", a.problems);
+            assert!(
+                a.problems[0].contains("not begun here")
+                    && a.problems[0].contains("another installation"),
+                "{}",
+                a.problems[0]
+            );
+        }
+    }
+
+    #[test]
+    fn no_record_of_the_shred_says_where_it_is_certified() {
+        let b = body();
+        let a = check(&b, &[]);
+        assert_eq!(a.problems.len(), 1);
+        assert!(
+            a.problems[0].contains("not begun here")
+                && a.problems[0].contains("another installation"),
+            "{}",
+            a.problems[0]
+        );
+    }
 }

@@ -88,6 +88,11 @@ impl Journal {
     }
 
     async fn record(&self, step: &str, phase: &str, details: serde_json::Value) -> Result<Receipt> {
+        self.event(&format!("shred.{step}.{phase}"), details).await
+    }
+
+    /// Records `event` of this shred (its certificate id and epoch added).
+    pub(super) async fn event(&self, event: &str, details: serde_json::Value) -> Result<Receipt> {
         let mut details = details;
         if let serde_json::Value::Object(m) = &mut details {
             m.insert("certificate_id".into(), self.certificate_id.clone().into());
@@ -96,11 +101,7 @@ impl Journal {
             }
         }
         self.ctx
-            .record(
-                &format!("shred.{step}.{phase}"),
-                Some(&self.tenant),
-                details,
-            )
+            .record(event, Some(&self.tenant), details)
             .await?
             .ok_or_else(|| Error::Internal("no audit log".into()))
     }

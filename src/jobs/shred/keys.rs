@@ -69,10 +69,14 @@ pub(super) async fn destroy_keys_step(
     // When destruction began, recorded before the first destroy call and
     // kept by every re-run: the certificate states it beside the time the
     // destruction completed, which a crash can put on a later run.
-    if slot.progress(repo.descriptor())?.keys_began_at.is_none() {
-        let now = crate::hooks::now();
-        save(repo, slot, |p| p.keys_began_at = Some(now)).await?;
-    }
+    let began_now = match slot.progress(repo.descriptor())?.keys_began_at {
+        Some(_) => None,
+        None => {
+            let now = crate::hooks::now();
+            save(repo, slot, |p| p.keys_began_at = Some(now)).await?;
+            Some(now)
+        }
+    };
     let repo: &Repo = repo;
     let ctx = repo.context();
     let progress = slot.progress(repo.descriptor())?;
@@ -89,8 +93,10 @@ pub(super) async fn destroy_keys_step(
                 })).collect::<Vec<_>>(),
                 "pending_window_days": window,
                 // What the certificate states as when destruction began,
-                // here where the store cannot rewrite it.
-                "keys_began_at": progress.keys_began_at,
+                // here where the store cannot rewrite it: custos's own clock
+                // reading, by the run that took it (a re-run has only the
+                // store's copy, which is no evidence, and records none).
+                "keys_began_at": began_now,
             }),
         )
         .await?;

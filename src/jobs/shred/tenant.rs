@@ -185,6 +185,8 @@ async fn fence(repo: &mut Repo, req: &ShredRequest) -> Result<()> {
         "reason": req.reason,
         "requested_by": req.requested_by,
         "requested_at": progress.requested_at,
+        // What a certificate may state of the request is what is recorded here.
+        "skip_unproven": progress.skip_unproven,
         "key": repo.descriptor().key,
         "epochs": repo.descriptor().epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(),
     });
