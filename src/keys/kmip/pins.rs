@@ -18,22 +18,18 @@
 //! found, and still destroyed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
 use super::PROVIDER;
 use crate::keys::KeyError;
-use crate::secure_fs::{self, Readers};
+use crate::keys::object_record::{ObjectRecord, Spec};
 
 const FORMAT: &str = "custos-kmip-objects-v2";
 /// Read, and rewritten as v2 on the next change: no check values, no dead
 /// identifiers, entries keyed `"<server> <key id>"`.
 const FORMAT_V1: &str = "custos-kmip-objects-v1";
-/// The record is small (a few objects per key); a larger file is refused.
-const MAX_FILE: u64 = 16 << 20;
 
 /// The objects custos made (or adopted) for one key.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,15 +62,6 @@ impl KeyObjects {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File {
-    format: String,
-    /// Key id (`name/<n>`, `<uid>`) → its objects. (v1: `"<server> <key
-    /// id>"`, merged into the key id's entry when read.)
-    keys: BTreeMap<String, KeyObjects>,
-}
-
 impl KeyObjects {
     /// Takes in what another entry of the same key recorded.
     fn merge(&mut self, other: KeyObjects) {
@@ -91,164 +78,66 @@ impl KeyObjects {
     }
 }
 
-impl File {
-    /// Entries of v1 (`"<server> <key id>"`) merged under their key id, so
-    /// that a changed server string never makes custos meet a key afresh.
-    fn upgrade(&mut self) {
-        let old: Vec<String> = self
-            .keys
-            .keys()
-            .filter(|k| k.contains(' '))
-            .cloned()
-            .collect();
-        for entry in old {
-            let Some(objects) = self.keys.remove(&entry) else {
-                continue;
-            };
-            let id = entry.rsplit(' ').next().unwrap_or_default().to_owned();
-            self.keys.entry(id).or_default().merge(objects);
-        }
+/// Entries of v1 (`"<server> <key id>"`) merged under their key id, so
+/// that a changed server string never makes custos meet a key afresh.
+fn upgrade(keys: &mut BTreeMap<String, KeyObjects>) {
+    let old: Vec<String> = keys.keys().filter(|k| k.contains(' ')).cloned().collect();
+    for entry in old {
+        let Some(objects) = keys.remove(&entry) else {
+            continue;
+        };
+        let id = entry.rsplit(' ').next().unwrap_or_default().to_owned();
+        keys.entry(id).or_default().merge(objects);
     }
 }
 
 /// The record: in the state directory, or (tests, a provider built without
 /// one) in memory for the life of the process.
-pub(super) struct Pins {
-    path: Option<PathBuf>,
-    memory: Mutex<BTreeMap<String, KeyObjects>>,
-}
+pub(super) struct Pins(ObjectRecord<KeyObjects>);
+
+static SPEC: Spec<KeyObjects> = Spec {
+    provider: PROVIDER,
+    what: "KMIP object record",
+    format: FORMAT,
+    legacy: Some((FORMAT_V1, upgrade)),
+};
 
 impl Pins {
     pub fn in_memory() -> Self {
-        Pins {
-            path: None,
-            memory: Mutex::new(BTreeMap::new()),
-        }
+        Pins(ObjectRecord::in_memory(&SPEC))
     }
 
     pub fn at(path: PathBuf) -> Self {
-        Pins {
-            path: Some(path),
-            memory: Mutex::new(BTreeMap::new()),
-        }
-    }
-
-    fn fail(&self, key: &str, message: String) -> KeyError {
-        KeyError::Backend {
-            provider: PROVIDER,
-            key: key.to_owned(),
-            message,
-        }
-    }
-
-    fn read(&self, key: &str) -> Result<File, KeyError> {
-        let Some(path) = &self.path else {
-            return Ok(File::default());
-        };
-        match secure_fs::read_trusted(path, "KMIP object record", Readers::Anyone, MAX_FILE) {
-            Ok(bytes) => {
-                let mut f: File = serde_json::from_slice(&bytes).map_err(|e| {
-                    self.fail(
-                        key,
-                        format!("unreadable KMIP object record {}: {e}", path.display()),
-                    )
-                })?;
-                if f.format == FORMAT_V1 {
-                    f.upgrade();
-                    f.format = FORMAT.to_owned();
-                }
-                if f.format != FORMAT {
-                    return Err(self.fail(
-                        key,
-                        format!(
-                            "KMIP object record {} has format {:?}, not {FORMAT:?}",
-                            path.display(),
-                            f.format
-                        ),
-                    ));
-                }
-                Ok(f)
-            }
-            Err(secure_fs::CheckError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(File::default())
-            }
-            Err(e) => Err(self.fail(key, e.to_string())),
-        }
+        Pins(ObjectRecord::at(&SPEC, path))
     }
 
     /// What is recorded of `entry` (the key id); `None` if the key was
     /// never seen by this installation.
     pub fn get(&self, entry: &str, key: &str) -> Result<Option<KeyObjects>, KeyError> {
-        if self.path.is_none() {
-            let mem = self.memory.lock().map_err(|_| self.poisoned(key))?;
-            return Ok(mem.get(entry).cloned());
-        }
-        Ok(self.read(key)?.keys.remove(entry))
+        self.0.get(entry, key)
     }
 
     /// Every object the record holds for keys other than `entry`: never a
     /// version or tombstone of `entry`, whatever it is named.
     pub fn others(&self, entry: &str, key: &str) -> Result<BTreeSet<String>, KeyError> {
-        let keys = match &self.path {
-            None => self.memory.lock().map_err(|_| self.poisoned(key))?.clone(),
-            Some(_) => self.read(key)?.keys,
-        };
-        Ok(keys
+        Ok(self
+            .0
+            .all(key)?
             .into_iter()
             .filter(|(e, _)| e != entry)
             .flat_map(|(_, o)| o.versions.into_keys().chain(o.tombstones.into_keys()))
             .collect())
     }
 
-    fn poisoned(&self, key: &str) -> KeyError {
-        self.fail(key, "the KMIP object record's lock is poisoned".into())
-    }
-
-    /// Changes the record of `entry` under an exclusive lock (other custos
-    /// processes of this installation update it too), written atomically.
+    /// Changes the record of `entry` (other custos processes of this
+    /// installation update it too).
     pub fn update(
         &self,
         entry: &str,
         key: &str,
         change: impl FnOnce(&mut KeyObjects),
     ) -> Result<KeyObjects, KeyError> {
-        let mut mem = self.memory.lock().map_err(|_| self.poisoned(key))?;
-        let Some(path) = &self.path else {
-            let objects = mem.entry(entry.to_owned()).or_default();
-            change(objects);
-            return Ok(objects.clone());
-        };
-        let lock_path = path.with_extension("lock");
-        let lock = secure_fs::open_trusted(
-            &lock_path,
-            "KMIP object record lock",
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .mode(0o600),
-        )
-        .map_err(|e| self.fail(key, e.to_string()))?;
-        lock.lock()
-            .map_err(|e| self.fail(key, format!("cannot lock {}: {e}", lock_path.display())))?;
-        let mut file = self.read(key)?;
-        file.format = FORMAT.to_owned();
-        let objects = file.keys.entry(entry.to_owned()).or_default();
-        change(objects);
-        let out = objects.clone();
-        let json = serde_json::to_vec_pretty(&file)
-            .map_err(|e| self.fail(key, format!("cannot encode the KMIP object record: {e}")))?;
-        crate::util::write_file_atomic(path, &json, 0o600).map_err(|e| {
-            self.fail(
-                key,
-                format!(
-                    "cannot write the KMIP object record {}: {e}",
-                    path.display()
-                ),
-            )
-        })?;
-        drop(mem);
-        Ok(out)
+        self.0.update(entry, key, change)
     }
 }
 

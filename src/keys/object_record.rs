@@ -1,0 +1,174 @@
+//! A record of the objects custos made on a key holder (a KMIP server, a
+//! PKCS#11 token), kept where no holder of that device's credentials can
+//! write: a JSON file in the state directory (`<state_dir>/kmip-objects.json`,
+//! `<state_dir>/pkcs11-objects.json`), one entry per key. Read through
+//! `secure_fs` (owned by custos's user, not writable by others, no symlink),
+//! bounded in size, changed under an exclusive lock (other custos processes
+//! of this installation change it too) and written atomically. A provider
+//! built without a state directory (tests) keeps it in memory.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::KeyError;
+use crate::secure_fs::{self, Readers};
+
+/// The record is small (a few objects per key); a larger file is refused.
+const MAX_FILE: u64 = 16 << 20;
+
+/// What a record file is: whose, named how in messages, which format.
+pub(crate) struct Spec<E> {
+    pub provider: &'static str,
+    /// In messages: "KMIP object record".
+    pub what: &'static str,
+    pub format: &'static str,
+    /// An older format read (and rewritten as `format` on the next change),
+    /// with what turns its entries into current ones.
+    pub legacy: Option<(&'static str, fn(&mut BTreeMap<String, E>))>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[serde(bound(serialize = "E: Serialize", deserialize = "E: DeserializeOwned"))]
+struct File<E> {
+    format: String,
+    keys: BTreeMap<String, E>,
+}
+
+pub(crate) struct ObjectRecord<E: 'static> {
+    spec: &'static Spec<E>,
+    path: Option<PathBuf>,
+    memory: Mutex<BTreeMap<String, E>>,
+}
+
+impl<E> ObjectRecord<E>
+where
+    E: Clone + Default + Serialize + DeserializeOwned,
+{
+    pub fn in_memory(spec: &'static Spec<E>) -> Self {
+        ObjectRecord {
+            spec,
+            path: None,
+            memory: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn at(spec: &'static Spec<E>, path: PathBuf) -> Self {
+        ObjectRecord {
+            spec,
+            path: Some(path),
+            memory: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn fail(&self, key: &str, message: String) -> KeyError {
+        KeyError::Backend {
+            provider: self.spec.provider,
+            key: key.to_owned(),
+            message,
+        }
+    }
+
+    fn poisoned(&self, key: &str) -> KeyError {
+        self.fail(key, format!("the {}'s lock is poisoned", self.spec.what))
+    }
+
+    fn read(&self, key: &str) -> Result<BTreeMap<String, E>, KeyError> {
+        let (Some(path), what) = (&self.path, self.spec.what) else {
+            return Ok(BTreeMap::new());
+        };
+        let bytes = match secure_fs::read_trusted(path, what, Readers::Anyone, MAX_FILE) {
+            Ok(bytes) => bytes,
+            Err(secure_fs::CheckError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(BTreeMap::new());
+            }
+            Err(e) => return Err(self.fail(key, e.to_string())),
+        };
+        let mut f: File<E> = serde_json::from_slice(&bytes)
+            .map_err(|e| self.fail(key, format!("unreadable {what} {}: {e}", path.display())))?;
+        if let Some((old, upgrade)) = self.spec.legacy
+            && f.format == old
+        {
+            upgrade(&mut f.keys);
+        } else if f.format != self.spec.format {
+            return Err(self.fail(
+                key,
+                format!(
+                    "{what} {} has format {:?}, not {:?}",
+                    path.display(),
+                    f.format,
+                    self.spec.format
+                ),
+            ));
+        }
+        Ok(f.keys)
+    }
+
+    /// Every entry.
+    pub fn all(&self, key: &str) -> Result<BTreeMap<String, E>, KeyError> {
+        match &self.path {
+            None => Ok(self.memory.lock().map_err(|_| self.poisoned(key))?.clone()),
+            Some(_) => self.read(key),
+        }
+    }
+
+    /// What is recorded of `entry`; `None` if this installation never saw it.
+    pub fn get(&self, entry: &str, key: &str) -> Result<Option<E>, KeyError> {
+        if self.path.is_none() {
+            let mem = self.memory.lock().map_err(|_| self.poisoned(key))?;
+            return Ok(mem.get(entry).cloned());
+        }
+        Ok(self.read(key)?.remove(entry))
+    }
+
+    /// Changes the record of `entry` under an exclusive lock, written
+    /// atomically; returns the entry as written.
+    pub fn update(
+        &self,
+        entry: &str,
+        key: &str,
+        change: impl FnOnce(&mut E),
+    ) -> Result<E, KeyError> {
+        let mut mem = self.memory.lock().map_err(|_| self.poisoned(key))?;
+        let (Some(path), what) = (&self.path, self.spec.what) else {
+            let objects = mem.entry(entry.to_owned()).or_default();
+            change(objects);
+            return Ok(objects.clone());
+        };
+        let lock_path = path.with_extension("lock");
+        let lock = secure_fs::open_trusted(
+            &lock_path,
+            &format!("{what} lock"),
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600),
+        )
+        .map_err(|e| self.fail(key, e.to_string()))?;
+        lock.lock()
+            .map_err(|e| self.fail(key, format!("cannot lock {}: {e}", lock_path.display())))?;
+        let mut file = File {
+            format: self.spec.format.to_owned(),
+            keys: self.read(key)?,
+        };
+        let objects = file.keys.entry(entry.to_owned()).or_default();
+        change(objects);
+        let out = objects.clone();
+        let json = serde_json::to_vec_pretty(&file)
+            .map_err(|e| self.fail(key, format!("cannot encode the {what}: {e}")))?;
+        crate::util::write_file_atomic(path, &json, 0o600).map_err(|e| {
+            self.fail(
+                key,
+                format!("cannot write the {what} {}: {e}", path.display()),
+            )
+        })?;
+        drop(mem);
+        Ok(out)
+    }
+}
