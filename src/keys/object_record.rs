@@ -29,8 +29,11 @@ pub(crate) struct Spec<E> {
     pub format: &'static str,
     /// An older format read (and rewritten as `format` on the next change),
     /// with what turns its entries into current ones.
-    pub legacy: Option<(&'static str, fn(&mut BTreeMap<String, E>))>,
+    pub legacy: Option<(&'static str, Upgrade<E>)>,
 }
+
+/// Turns the entries of an older format into current ones.
+pub(crate) type Upgrade<E> = fn(&mut BTreeMap<String, E>);
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1008,7 +1008,7 @@ impl Ctx {
         if !scanned {
             return Ok(());
         }
-        let (left, _, _) = self.scan(s, token, &[], rec)?;
+        let left = self.scan(s, token, &[], rec)?.strays;
         if left.is_empty() {
             return Ok(());
         }

@@ -42,6 +42,16 @@ pub(super) struct Stray {
     pub name: String,
 }
 
+/// What a search of the token by check value found.
+pub(super) struct Scan {
+    /// The objects holding a recorded version's material.
+    pub strays: Vec<Stray>,
+    /// Their check values.
+    pub found: BTreeSet<String>,
+    /// The keys that would not compute a check value (named).
+    pub unchecked: Vec<String>,
+}
+
 /// Where a shred found the recorded versions.
 pub(super) struct Located {
     pub strays: Vec<Stray>,
@@ -263,7 +273,11 @@ impl Ctx {
             });
         }
         let mine: Vec<ObjectHandle> = view.versions.iter().map(|v| v.handle).collect();
-        let (strays, found, unchecked) = self.scan(s, token, &mine, rec)?;
+        let Scan {
+            strays,
+            found,
+            unchecked,
+        } = self.scan(s, token, &mine, rec)?;
         let absent: Vec<&String> = rec
             .versions
             .iter()
@@ -282,15 +296,14 @@ impl Ctx {
     }
 
     /// The token's private AES-256 secret keys other than `exclude` that
-    /// hold a recorded version's material (by check value), the check
-    /// values found, and the keys that would not compute one (named).
+    /// hold a recorded version's material (by check value).
     pub(super) fn scan(
         &self,
         s: &Session,
         token: &Token,
         exclude: &[ObjectHandle],
         rec: &KeyObjects,
-    ) -> Result<(Vec<Stray>, BTreeSet<String>, Vec<String>), Fail> {
+    ) -> Result<Scan, Fail> {
         let wanted = rec.checks();
         let handles = s
             .iter_objects(&[
@@ -330,7 +343,11 @@ impl Ctx {
                 ),
             }
         }
-        Ok((strays, found, unchecked))
+        Ok(Scan {
+            strays,
+            found,
+            unchecked,
+        })
     }
 
     /// An object's name as a destruction lists it: token, label, id.
