@@ -148,7 +148,11 @@ impl Context {
         }
         match &cfg.pkcs11 {
             Some(settings) => match crate::keys::pkcs11::Pkcs11Provider::open(settings) {
-                Ok(p) => keys.pkcs11 = Some(std::sync::Arc::new(p)),
+                // Which versions custos generated, where no PIN holder can write.
+                Ok(p) => {
+                    let record = cfg.state_dir.join("pkcs11-objects.json");
+                    keys.pkcs11 = Some(std::sync::Arc::new(p.with_object_record(record)))
+                }
                 Err(e) => {
                     keys.unavailable.insert(ProviderKind::Pkcs11, e.to_string());
                 }

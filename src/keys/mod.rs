@@ -18,6 +18,7 @@ pub mod derive;
 pub mod faults;
 pub mod kmip;
 pub mod local;
+mod object_record;
 pub mod pkcs11;
 pub mod secret;
 

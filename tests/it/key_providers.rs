@@ -1146,6 +1146,187 @@ mod pkcs11_specific {
         f.cleanup().await;
     }
 
+    /// Runs `f` on a session of the test token opened directly (not through
+    /// custos), under the module lock.
+    fn on_token<T>(
+        settings: &Pkcs11Settings,
+        token: &str,
+        f: impl FnOnce(&cryptoki::session::Session) -> T,
+    ) -> T {
+        let lock = custos::keys::pkcs11::module_lock(&settings.module).unwrap();
+        let _serial = lock.lock().unwrap();
+        f(&token_session(settings, token))
+    }
+
+    /// The one secret key labelled `label` with CKA_ID `id`.
+    fn version_handle(
+        s: &cryptoki::session::Session,
+        label: &str,
+        id: u32,
+    ) -> cryptoki::object::ObjectHandle {
+        use cryptoki::object::{Attribute, ObjectClass};
+        let found = s
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Id(id.to_be_bytes().to_vec()),
+            ])
+            .unwrap();
+        assert_eq!(found.len(), 1, "{label} id {id}: {found:?}");
+        found[0]
+    }
+
+    /// Generates a version as custos would, but by another hand (so custos
+    /// has no record of it): AES-256 on the token, never extractable, able
+    /// only to encrypt and decrypt; `copyable` as asked.
+    fn generate_by_hand(s: &cryptoki::session::Session, label: &str, id: u32, copyable: bool) {
+        use cryptoki::mechanism::Mechanism;
+        use cryptoki::object::{Attribute, KeyType, ObjectClass};
+        use cryptoki::types::Ulong;
+        s.generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(Ulong::from(32u64)),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::Derive(false),
+                Attribute::Copyable(copyable),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Id(id.to_be_bytes().to_vec()),
+            ],
+        )
+        .unwrap();
+    }
+
+    /// A version custos generated and someone holding the PIN relabelled
+    /// (C_SetAttributeValue of CKA_LABEL) is still found by the shred, by
+    /// its recorded check value: destroyed, and named in the destruction.
+    #[tokio::test]
+    async fn a_relabelled_version_is_destroyed_by_the_shred() {
+        use cryptoki::object::Attribute;
+        let Some(f) = Pkcs11Fixture::new() else {
+            return;
+        };
+        let (settings, token) = common::pkcs11_settings().unwrap();
+        let key = f.fresh_key().await;
+        f.provider.rotate(&key).await.unwrap();
+        let label = key.id().rsplit("object=").next().unwrap().to_owned();
+        let hidden = format!("{label}-hidden");
+        on_token(&settings, &token, |s| {
+            let v1 = version_handle(s, &label, 1);
+            s.update_attributes(v1, &[Attribute::Label(hidden.as_bytes().to_vec())])
+                .unwrap();
+        });
+        assert_eq!(token_objects(&settings, &token, &label).len(), 1);
+        assert_eq!(token_objects(&settings, &token, &hidden).len(), 1);
+        let d = f.provider.destroy(&key, 7).await.unwrap();
+        assert!(
+            d.objects
+                .iter()
+                .any(|o| o.contains(&format!("object={hidden};id=00000001"))),
+            "{d:?}"
+        );
+        assert!(
+            d.objects
+                .iter()
+                .any(|o| o.contains(&format!("object={label};id=00000002"))),
+            "{d:?}"
+        );
+        assert!(token_objects(&settings, &token, &hidden).is_empty());
+        assert!(token_objects(&settings, &token, &label).is_empty());
+    }
+
+    /// A version custos did not generate and the token reports copyable is
+    /// adopted at the key's first sight; a copy of it under another label
+    /// (C_CopyObject) is then destroyed by the shred too, found by the
+    /// adopted version's check value.
+    #[tokio::test]
+    async fn a_copy_of_an_adopted_copyable_version_is_destroyed_by_the_shred() {
+        use cryptoki::object::Attribute;
+        let Some(f) = Pkcs11Fixture::new() else {
+            return;
+        };
+        let (settings, token) = common::pkcs11_settings().unwrap();
+        let key = common::pkcs11_key(&token, "adopted");
+        let label = key.id().rsplit("object=").next().unwrap().to_owned();
+        let copy = format!("{label}-copy");
+        on_token(&settings, &token, |s| generate_by_hand(s, &label, 1, true));
+        // First sight: adopted as found.
+        let info = f.provider.describe(&key).await.unwrap();
+        assert_eq!(info.current_version.as_deref(), Some("1"));
+        on_token(&settings, &token, |s| {
+            let v1 = version_handle(s, &label, 1);
+            s.copy_object(v1, &[Attribute::Label(copy.as_bytes().to_vec())])
+                .unwrap();
+        });
+        assert_eq!(token_objects(&settings, &token, &copy).len(), 1);
+        // (No wrap under it: SoftHSM2 2.6 refuses to clear CKA_COPYABLE,
+        // so custos refuses the version for wrapping.)
+        let d = f.provider.destroy(&key, 7).await.unwrap();
+        assert!(
+            d.objects
+                .iter()
+                .any(|o| o.contains(&format!("object={copy};id=00000001"))),
+            "{d:?}"
+        );
+        assert!(token_objects(&settings, &token, &copy).is_empty());
+        assert!(token_objects(&settings, &token, &label).is_empty());
+        let info = f.provider.describe(&key).await.unwrap();
+        assert!(matches!(info.state, KeyState::Destroyed { .. }), "{info:?}");
+    }
+
+    /// Other material under a version's label and CKA_ID (the version
+    /// destroyed and a new object generated in its place) is refused for
+    /// wrapping, for good; so is a clean version custos did not generate.
+    /// A rotation makes a version custos records, used again.
+    #[tokio::test]
+    async fn a_version_with_swapped_material_is_refused_for_wrapping() {
+        let Some(f) = Pkcs11Fixture::new() else {
+            return;
+        };
+        let (settings, token) = common::pkcs11_settings().unwrap();
+        let key = f.fresh_key().await;
+        let label = key.id().rsplit("object=").next().unwrap().to_owned();
+        let c = ctx("acme", 1);
+        let (dk, _) = f.provider.generate_data_key(&key, &c).await.unwrap();
+        on_token(&settings, &token, |s| {
+            s.destroy_object(version_handle(s, &label, 1)).unwrap();
+            generate_by_hand(s, &label, 1, false);
+        });
+        for attempt in ["first", "second"] {
+            let e = expect_err(
+                &f,
+                &format!("{attempt} wrap under swapped material"),
+                f.provider.wrap(&key, &dk, &c).await,
+            );
+            assert!(matches!(e, KeyError::AccessDenied { .. }), "{e:?}");
+            assert!(e.to_string().contains("other material"), "{e}");
+        }
+        on_token(&settings, &token, |s| generate_by_hand(s, &label, 2, false));
+        let e = expect_err(
+            &f,
+            "wrap under a version custos did not generate",
+            f.provider.wrap(&key, &dk, &c).await,
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("version 2") && msg.contains("custos did not generate it"),
+            "{msg}"
+        );
+        f.provider.rotate(&key).await.unwrap();
+        let w = f.provider.wrap(&key, &dk, &c).await.unwrap();
+        assert_eq!(w.key_version.as_deref(), Some("3"));
+        f.cleanup().await;
+    }
+
     /// What custos creates is a token object, sensitive and never
     /// extractable, and each rotation adds one with the next CKA_ID.
     #[tokio::test]

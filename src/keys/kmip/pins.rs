@@ -29,15 +29,13 @@
 //! (see `server.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
 use super::PROVIDER;
 use crate::keys::KeyError;
-use crate::secure_fs::{self, Readers};
+use crate::keys::object_record::{ObjectRecord, Spec};
 
 const FORMAT: &str = "custos-kmip-objects-v3";
 /// Read, and rewritten as v3 on the next change: no server markers (its
@@ -46,8 +44,6 @@ const FORMAT_V2: &str = "custos-kmip-objects-v2";
 /// As v2, and also no check values, no dead identifiers, entries keyed
 /// `"<server> <key id>"`.
 const FORMAT_V1: &str = "custos-kmip-objects-v1";
-/// The record is small (a few objects per key); a larger file is refused.
-const MAX_FILE: u64 = 16 << 20;
 
 /// A marker key on one server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,19 +91,6 @@ impl KeyObjects {
     }
 }
 
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File {
-    format: String,
-    /// The marker keys custos left, one (or, after a race, a few) per key
-    /// manager: Name → where it is and what it holds.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    servers: BTreeMap<String, Marker>,
-    /// Key id (`name/<n>`, `<uid>`) → its objects. (v1: `"<server> <key
-    /// id>"`, merged into the key id's entry when read.)
-    keys: BTreeMap<String, KeyObjects>,
-}
-
 impl KeyObjects {
     /// Takes in what another entry of the same key recorded.
     fn merge(&mut self, other: KeyObjects) {
@@ -125,194 +108,83 @@ impl KeyObjects {
     }
 }
 
-impl File {
-    /// Entries of v1 (`"<server> <key id>"`) merged under their key id, so
-    /// that a changed server string never makes custos meet a key afresh.
-    fn upgrade(&mut self) {
-        let old: Vec<String> = self
-            .keys
-            .keys()
-            .filter(|k| k.contains(' '))
-            .cloned()
-            .collect();
-        for entry in old {
-            let Some(objects) = self.keys.remove(&entry) else {
-                continue;
-            };
-            let id = entry.rsplit(' ').next().unwrap_or_default().to_owned();
-            self.keys.entry(id).or_default().merge(objects);
-        }
+/// Entries of v1 (`"<server> <key id>"`) merged under their key id, so
+/// that a changed server string never makes custos meet a key afresh.
+fn upgrade_v1(keys: &mut BTreeMap<String, KeyObjects>) {
+    let old: Vec<String> = keys.keys().filter(|k| k.contains(' ')).cloned().collect();
+    for entry in old {
+        let Some(objects) = keys.remove(&entry) else {
+            continue;
+        };
+        let id = entry.rsplit(' ').next().unwrap_or_default().to_owned();
+        keys.entry(id).or_default().merge(objects);
     }
 }
+
+/// v2 entries are v3 entries without a server.
+fn upgrade_v2(_: &mut BTreeMap<String, KeyObjects>) {}
+
+static SPEC: Spec<KeyObjects> = Spec {
+    provider: PROVIDER,
+    what: "KMIP object record",
+    format: FORMAT,
+    legacy: &[(FORMAT_V1, upgrade_v1), (FORMAT_V2, upgrade_v2)],
+};
 
 /// The record: in the state directory, or (tests, a provider built without
 /// one) in memory for the life of the process.
-pub(super) struct Pins {
-    path: Option<PathBuf>,
-    /// The record itself without a path; with one, the lock that orders
-    /// this process's updates.
-    memory: Mutex<File>,
-}
+pub(super) struct Pins(ObjectRecord<KeyObjects, Marker>);
 
 impl Pins {
     pub fn in_memory() -> Self {
-        Pins {
-            path: None,
-            memory: Mutex::new(File::default()),
-        }
+        Pins(ObjectRecord::in_memory(&SPEC))
     }
 
     pub fn at(path: PathBuf) -> Self {
-        Pins {
-            path: Some(path),
-            memory: Mutex::new(File::default()),
-        }
-    }
-
-    fn fail(&self, key: &str, message: String) -> KeyError {
-        KeyError::Backend {
-            provider: PROVIDER,
-            key: key.to_owned(),
-            message,
-        }
-    }
-
-    fn read(&self, key: &str) -> Result<File, KeyError> {
-        let Some(path) = &self.path else {
-            return Ok(File::default());
-        };
-        match secure_fs::read_trusted(path, "KMIP object record", Readers::Anyone, MAX_FILE) {
-            Ok(bytes) => {
-                let mut f: File = serde_json::from_slice(&bytes).map_err(|e| {
-                    self.fail(
-                        key,
-                        format!("unreadable KMIP object record {}: {e}", path.display()),
-                    )
-                })?;
-                if f.format == FORMAT_V1 {
-                    f.upgrade();
-                    f.format = FORMAT.to_owned();
-                }
-                if f.format == FORMAT_V2 {
-                    f.format = FORMAT.to_owned();
-                }
-                if f.format != FORMAT {
-                    return Err(self.fail(
-                        key,
-                        format!(
-                            "KMIP object record {} has format {:?}, not {FORMAT:?}",
-                            path.display(),
-                            f.format
-                        ),
-                    ));
-                }
-                Ok(f)
-            }
-            Err(secure_fs::CheckError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(File::default())
-            }
-            Err(e) => Err(self.fail(key, e.to_string())),
-        }
-    }
-
-    /// The whole record as it is now.
-    fn load(&self, key: &str) -> Result<File, KeyError> {
-        match &self.path {
-            None => Ok(self.memory.lock().map_err(|_| self.poisoned(key))?.clone()),
-            Some(_) => self.read(key),
-        }
+        Pins(ObjectRecord::at(&SPEC, path))
     }
 
     /// What is recorded of `entry` (the key id); `None` if the key was
     /// never seen by this installation.
     pub fn get(&self, entry: &str, key: &str) -> Result<Option<KeyObjects>, KeyError> {
-        Ok(self.load(key)?.keys.remove(entry))
+        self.0.get(entry, key)
     }
 
     /// Every object the record holds for keys other than `entry`: never a
     /// version or tombstone of `entry`, whatever it is named. Server
     /// markers are among them: never a key's object either.
     pub fn others(&self, entry: &str, key: &str) -> Result<BTreeSet<String>, KeyError> {
-        let file = self.load(key)?;
-        Ok(file
-            .keys
+        let markers = self.0.servers(key)?.into_values().map(|m| m.uid);
+        Ok(self
+            .0
+            .all(key)?
             .into_iter()
             .filter(|(e, _)| e != entry)
             .flat_map(|(_, o)| o.versions.into_keys().chain(o.tombstones.into_keys()))
-            .chain(file.servers.into_values().map(|m| m.uid))
+            .chain(markers)
             .collect())
     }
 
     /// The marker keys recorded: Name → marker.
     pub fn servers(&self, key: &str) -> Result<BTreeMap<String, Marker>, KeyError> {
-        Ok(self.load(key)?.servers)
+        self.0.servers(key)
     }
 
     /// Records a marker key just created on a server (its identifier first,
     /// `check` empty; then again with its check value).
     pub fn add_server(&self, name: &str, marker: Marker, key: &str) -> Result<(), KeyError> {
-        self.change(key, |f| {
-            f.servers.insert(name.to_owned(), marker);
-        })
+        self.0.set_server(name, marker, key)
     }
 
-    fn poisoned(&self, key: &str) -> KeyError {
-        self.fail(key, "the KMIP object record's lock is poisoned".into())
-    }
-
-    /// Changes the record of `entry` under an exclusive lock (other custos
-    /// processes of this installation update it too), written atomically.
+    /// Changes the record of `entry` (other custos processes of this
+    /// installation update it too).
     pub fn update(
         &self,
         entry: &str,
         key: &str,
         change: impl FnOnce(&mut KeyObjects),
     ) -> Result<KeyObjects, KeyError> {
-        let mut out = KeyObjects::default();
-        self.change(key, |f| {
-            let objects = f.keys.entry(entry.to_owned()).or_default();
-            change(objects);
-            out = objects.clone();
-        })?;
-        Ok(out)
-    }
-
-    /// Changes the record under an exclusive lock, written atomically.
-    fn change(&self, key: &str, change: impl FnOnce(&mut File)) -> Result<(), KeyError> {
-        let mut mem = self.memory.lock().map_err(|_| self.poisoned(key))?;
-        let Some(path) = &self.path else {
-            change(&mut mem);
-            return Ok(());
-        };
-        let lock_path = path.with_extension("lock");
-        let lock = secure_fs::open_trusted(
-            &lock_path,
-            "KMIP object record lock",
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .mode(0o600),
-        )
-        .map_err(|e| self.fail(key, e.to_string()))?;
-        lock.lock()
-            .map_err(|e| self.fail(key, format!("cannot lock {}: {e}", lock_path.display())))?;
-        let mut file = self.read(key)?;
-        file.format = FORMAT.to_owned();
-        change(&mut file);
-        let json = serde_json::to_vec_pretty(&file)
-            .map_err(|e| self.fail(key, format!("cannot encode the KMIP object record: {e}")))?;
-        crate::util::write_file_atomic(path, &json, 0o600).map_err(|e| {
-            self.fail(
-                key,
-                format!(
-                    "cannot write the KMIP object record {}: {e}",
-                    path.display()
-                ),
-            )
-        })?;
-        drop(mem);
-        Ok(())
+        self.0.update(entry, key, change)
     }
 }
 

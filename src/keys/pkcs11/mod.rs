@@ -22,7 +22,9 @@
 //! Wrapped key: `IV[12] ‖ AES-256-GCM ciphertext[32] ‖ tag[16]`, AAD =
 //! [`WrapContext::canonical_bytes`], version in `WrappedKey.key_version`.
 
+mod pinning;
 mod pool;
+mod record;
 mod uri;
 
 use std::path::PathBuf;
@@ -40,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
 use self::pool::{Fail, Pool, Token, ck, short};
+use self::record::Record;
 pub use pool::module_lock;
 pub use uri::Pkcs11Uri;
 
@@ -221,6 +224,8 @@ pub struct Pkcs11Provider {
     pool: Arc<Pool>,
     settings: Pkcs11Settings,
     permits: Arc<tokio::sync::Semaphore>,
+    /// The versions custos generated or adopted (see `record`).
+    record: Arc<Record>,
 }
 
 impl std::fmt::Debug for Pkcs11Provider {
@@ -265,7 +270,16 @@ impl Pkcs11Provider {
             pool: Arc::new(pool),
             settings: settings.clone(),
             permits: Arc::new(tokio::sync::Semaphore::new(settings.max_sessions)),
+            record: Arc::new(Record::in_memory()),
         })
+    }
+
+    /// Keeps the record of the versions custos generates in `path` (in the
+    /// state directory), rather than in memory: a version custos made is
+    /// then known as its own across processes and restarts.
+    pub fn with_object_record(mut self, path: PathBuf) -> Self {
+        self.record = Arc::new(Record::at(path));
+        self
     }
 
     pub fn settings(&self) -> &Pkcs11Settings {
@@ -326,6 +340,7 @@ impl Pkcs11Provider {
             }
         };
         let pool = self.pool.clone();
+        let record = self.record.clone();
         let key_name = name.clone();
         let task = tokio::task::spawn_blocking(move || {
             // Held until the module returns, even past the timeout: a hung
@@ -334,6 +349,7 @@ impl Pkcs11Provider {
             let ctx = Ctx {
                 key: key_name.clone(),
                 uri: uri.clone(),
+                record,
             };
             let _calling = pool.calling();
             pool.with_session(&key_name, &uri, |s, t| f(&pool, s, t, &ctx))
@@ -359,6 +375,7 @@ impl Pkcs11Provider {
 struct Ctx {
     key: String,
     uri: Pkcs11Uri,
+    record: Arc<Record>,
 }
 
 impl Ctx {
@@ -388,13 +405,7 @@ impl Ctx {
     }
 
     fn object_name(&self, token: &Token, id: &[u8]) -> String {
-        format!(
-            "token={};serial={};object={};id={}",
-            token.label,
-            token.serial,
-            self.uri.object,
-            hex::encode(id)
-        )
+        object_name(token, &self.uri.object, id)
     }
 
     fn read(&self, s: &Session) -> Result<View, Fail> {
@@ -556,6 +567,7 @@ impl Ctx {
     /// version ids; errors in the order a caller can act on them.
     fn usable(&self, s: &Session, token: &Token) -> Result<View, Fail> {
         let view = self.read(s)?;
+        self.pinned(s, token, &view)?;
         match Self::state(&view) {
             KeyState::Enabled if view.versions.is_empty() => Err(self.not_found(token)),
             KeyState::Enabled => {
@@ -613,11 +625,14 @@ impl Ctx {
     }
 
     /// The version new data keys are wrapped under: the highest, and only
-    /// if its value never existed outside the token (see [`Self::born_on_token`]).
-    fn current<'v>(&self, s: &Session, view: &'v View) -> Result<&'v Version, Fail> {
+    /// if its value never existed outside the token (see [`Self::born_on_token`])
+    /// and custos generated (or adopted) it, its material unchanged (see
+    /// [`Self::check_pinned`]).
+    fn current<'v>(&self, s: &Session, token: &Token, view: &'v View) -> Result<&'v Version, Fail> {
         let v = self.latest(view)?;
         self.born_on_token(v)?;
         self.uses_only_encrypt(s, v)?;
+        self.check_pinned(s, token, v)?;
         Ok(v)
     }
 
@@ -733,8 +748,9 @@ impl Ctx {
         }
     }
 
-    /// A new version object: AES-256 generated on the token, never extractable.
-    fn generate(&self, s: &Session, version: u32) -> Result<ObjectHandle, Fail> {
+    /// A new version object: AES-256 generated on the token, never
+    /// extractable, recorded before anything is wrapped under it.
+    fn generate(&self, s: &Session, token: &Token, version: u32) -> Result<(), Fail> {
         let today = Utc::now().date_naive();
         let start = Date::new_from_str_slice(
             &format!("{:04}", today.year()),
@@ -742,31 +758,33 @@ impl Ctx {
             &format!("{:02}", today.day()),
         )
         .map_err(ck("CKA_START_DATE"))?;
-        s.generate_key(
-            &Mechanism::AesKeyGen,
-            &[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::ValueLen(Ulong::from(super::KEY_LEN as u64)),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Modifiable(true),
-                Attribute::Encrypt(true),
-                Attribute::Decrypt(true),
-                Attribute::Wrap(false),
-                Attribute::Unwrap(false),
-                Attribute::Sign(false),
-                Attribute::Verify(false),
-                Attribute::Derive(false),
-                Attribute::Copyable(false),
-                Attribute::Label(self.uri.object.as_bytes().to_vec()),
-                Attribute::Id(version.to_be_bytes().to_vec()),
-                Attribute::StartDate(start),
-            ],
-        )
-        .map_err(ck("C_GenerateKey (CKM_AES_KEY_GEN)"))
+        let handle = s
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(Ulong::from(super::KEY_LEN as u64)),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Modifiable(true),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    Attribute::Wrap(false),
+                    Attribute::Unwrap(false),
+                    Attribute::Sign(false),
+                    Attribute::Verify(false),
+                    Attribute::Derive(false),
+                    Attribute::Copyable(false),
+                    Attribute::Label(self.uri.object.as_bytes().to_vec()),
+                    Attribute::Id(version.to_be_bytes().to_vec()),
+                    Attribute::StartDate(start),
+                ],
+            )
+            .map_err(ck("C_GenerateKey (CKM_AES_KEY_GEN)"))?;
+        self.record_generated(s, token, handle, version)
     }
 
     fn wrap(
@@ -896,6 +914,112 @@ impl Ctx {
             .is_ok_and(|back| back == probe)
     }
 
+    /// The shred: every object under the label and every recorded version
+    /// wherever it is now (relabelled, or copied: see `pinning`), after the
+    /// destruction record; then the proof that none is left.
+    fn destroy(&self, s: &Session, token: &Token) -> Result<Destruction, Fail> {
+        let view = self.read(s)?;
+        let rec = self.pinned(s, token, &view)?;
+        if view.versions.is_empty() && view.tombstone.is_none() && rec.versions.is_empty() {
+            return Err(self.not_found(token));
+        }
+        let located = self.locate(s, token, &view, &rec)?;
+        let mut names: Vec<String> = view
+            .versions
+            .iter()
+            .map(|v| self.object_name(token, &v.id))
+            .chain(located.strays.iter().map(|o| o.name.clone()))
+            .collect();
+        let tombstone = match &view.tombstone {
+            Some((_, t)) => t.clone(),
+            None => self.leave_tombstone(s, &names)?,
+        };
+        // Every secret key under the label, custos version id or not (all
+        // of it is the key's material), then the recorded versions found
+        // elsewhere.
+        let handles: Vec<ObjectHandle> = view
+            .versions
+            .iter()
+            .map(|v| v.handle)
+            .chain(located.strays.iter().map(|o| o.handle))
+            .collect();
+        for (i, h) in handles.iter().enumerate() {
+            s.destroy_object(*h).map_err(ck("C_DestroyObject"))?;
+            if i + 1 < handles.len() {
+                crate::hooks::crash_point(DESTROY_CRASH_SCOPE, "between-versions");
+            }
+        }
+        self.prove_gone(s, token, &rec, located.scanned)?;
+        let mut objects = tombstone.objects.clone();
+        names.retain(|n| !objects.contains(n));
+        objects.extend(names);
+        Ok(Destruction {
+            action: DestroyAction::ObjectsDestroyed,
+            state_after: KeyState::Destroyed {
+                destroyed_at: Some(tombstone.destroyed_at),
+            },
+            effective_at: tombstone.destroyed_at,
+            objects,
+        })
+    }
+
+    /// The destruction record, first, so that a destruction cut short is
+    /// known as one (the key refuses all use) and the next one finishes it.
+    fn leave_tombstone(&self, s: &Session, names: &[String]) -> Result<Tombstone, Fail> {
+        let mut objects = names.to_vec();
+        objects.sort();
+        let t = Tombstone {
+            destroyed_at: Utc::now(),
+            objects,
+        };
+        let value =
+            serde_json::to_vec(&t).map_err(|e| self.backend(format!("destruction record: {e}")))?;
+        s.create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Label(self.uri.object.as_bytes().to_vec()),
+            Attribute::Application(TOMBSTONE_APP.to_vec()),
+            Attribute::Value(value),
+        ])
+        .map_err(ck("C_CreateObject (destruction record)"))?;
+        crate::hooks::crash_point(DESTROY_CRASH_SCOPE, "recorded");
+        Ok(t)
+    }
+
+    /// The proof: a search by label finds no secret key, and (when the
+    /// shred had to search the token by check value) neither does a search
+    /// for the recorded versions' material.
+    fn prove_gone(
+        &self,
+        s: &Session,
+        token: &Token,
+        rec: &record::KeyObjects,
+        scanned: bool,
+    ) -> Result<(), Fail> {
+        let after = self.read(s)?;
+        if !after.versions.is_empty() {
+            return Err(self.backend(format!(
+                "{} object(s) labelled {:?} are still on the token after C_DestroyObject",
+                after.versions.len(),
+                self.uri.object
+            )));
+        }
+        if !scanned {
+            return Ok(());
+        }
+        let left = self.scan(s, token, &[], rec)?.strays;
+        if left.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = left.iter().map(|o| o.name.as_str()).collect();
+        Err(self.backend(format!(
+            "objects holding recorded versions of {:?} are still on the token after C_DestroyObject: {}",
+            self.uri.object,
+            names.join(", ")
+        )))
+    }
+
     fn set_enabled(&self, s: &Session, token: &Token, enabled: bool) -> Result<View, Fail> {
         let view = self.read(s)?;
         match Self::state(&view) {
@@ -925,6 +1049,16 @@ impl Ctx {
         }
         self.read(s)
     }
+}
+
+/// An object as a destruction names it.
+fn object_name(token: &Token, label: &str, id: &[u8]) -> String {
+    format!(
+        "token={};serial={};object={label};id={}",
+        token.label,
+        token.serial,
+        hex::encode(id)
+    )
 }
 
 /// The `required` attributes of an object, and those of `optional` the
@@ -979,6 +1113,7 @@ impl KeyProvider for Pkcs11Provider {
             if view.versions.is_empty() && view.tombstone.is_none() {
                 return Err(c.not_found(token));
             }
+            c.pinned(s, token, &view)?;
             Ok(c.info(&key2, token, &view))
         })
         .await
@@ -997,9 +1132,11 @@ impl KeyProvider for Pkcs11Provider {
             }
             // Idempotent, like the local provider: an existing key is described.
             if !view.versions.is_empty() {
+                c.pinned(s, token, &view)?;
                 return Ok(c.info(&key2, token, &view));
             }
-            c.generate(s, 1)?;
+            c.refuse_if_moved(token)?;
+            c.generate(s, token, 1)?;
             let view = c.read(s)?;
             Ok(c.info(&key2, token, &view))
         })
@@ -1028,7 +1165,7 @@ impl KeyProvider for Pkcs11Provider {
         let data_key = data_key.clone();
         self.run(key, "wrap", move |_, s, token, c| {
             let view = c.usable(s, token)?;
-            let v = c.current(s, &view)?;
+            let v = c.current(s, token, &view)?;
             let ciphertext = c.wrap(s, v, &data_key, &aad)?;
             Ok(WrappedKey {
                 key_id: c.key_id(token),
@@ -1059,10 +1196,8 @@ impl KeyProvider for Pkcs11Provider {
             let _writing = pool.writing();
             let view = c.usable(s, token)?;
             let current = c.latest(&view)?.version.unwrap_or(0);
-            let next = current
-                .checked_add(1)
-                .ok_or_else(|| c.backend("no version after 4294967295".into()))?;
-            c.generate(s, next)?;
+            let next = c.next_version(token, current)?;
+            c.generate(s, token, next)?;
             let view = c.read(s)?;
             Ok(c.info(&key2, token, &view))
         })
@@ -1097,72 +1232,7 @@ impl KeyProvider for Pkcs11Provider {
         // C_DestroyObject is immediate: there is no waiting period to honour.
         self.run(key, "destroy", move |pool, s, token, c| {
             let _writing = pool.writing();
-            let view = c.read(s)?;
-            if view.versions.is_empty() && view.tombstone.is_none() {
-                return Err(c.not_found(token));
-            }
-            // The record first, so that a destruction cut short is known
-            // as one (the key refuses all use) and the next one finishes it.
-            let tombstone = match view.tombstone {
-                Some((_, t)) => t,
-                None => {
-                    let mut objects: Vec<String> = view
-                        .versions
-                        .iter()
-                        .map(|v| c.object_name(token, &v.id))
-                        .collect();
-                    objects.sort();
-                    let t = Tombstone {
-                        destroyed_at: Utc::now(),
-                        objects,
-                    };
-                    let value = serde_json::to_vec(&t)
-                        .map_err(|e| c.backend(format!("destruction record: {e}")))?;
-                    s.create_object(&[
-                        Attribute::Class(ObjectClass::DATA),
-                        Attribute::Token(true),
-                        Attribute::Private(true),
-                        Attribute::Label(c.uri.object.as_bytes().to_vec()),
-                        Attribute::Application(TOMBSTONE_APP.to_vec()),
-                        Attribute::Value(value),
-                    ])
-                    .map_err(ck("C_CreateObject (destruction record)"))?;
-                    crate::hooks::crash_point(DESTROY_CRASH_SCOPE, "recorded");
-                    t
-                }
-            };
-            // Every secret key under the label, custos version id or not:
-            // all of it is the key's material.
-            for (i, v) in view.versions.iter().enumerate() {
-                s.destroy_object(v.handle).map_err(ck("C_DestroyObject"))?;
-                if i + 1 < view.versions.len() {
-                    crate::hooks::crash_point(DESTROY_CRASH_SCOPE, "between-versions");
-                }
-            }
-            // The proof: a search finds none.
-            let after = c.read(s)?;
-            if !after.versions.is_empty() {
-                return Err(c.backend(format!(
-                    "{} object(s) labelled {:?} are still on the token after C_DestroyObject",
-                    after.versions.len(),
-                    c.uri.object
-                )));
-            }
-            let mut objects = tombstone.objects.clone();
-            for v in &view.versions {
-                let name = c.object_name(token, &v.id);
-                if !objects.contains(&name) {
-                    objects.push(name);
-                }
-            }
-            Ok(Destruction {
-                action: DestroyAction::ObjectsDestroyed,
-                state_after: KeyState::Destroyed {
-                    destroyed_at: Some(tombstone.destroyed_at),
-                },
-                effective_at: tombstone.destroyed_at,
-                objects,
-            })
+            c.destroy(s, token)
         })
         .await
     }
