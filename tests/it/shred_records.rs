@@ -258,9 +258,9 @@ fn time(v: &Value) -> DateTime<Utc> {
 }
 
 /// Finding 2: the times and keys a certificate states come from custos's
-/// own records. A store writer who edits the descriptor's shred records
-/// (when destruction began, a key's outcome) gets no certificate; put back,
-/// the shred certifies what custos recorded.
+/// own records. A store writer who edits a key's outcome gets no
+/// certificate; an edited start of destruction is ignored (finding 5): the
+/// certificate states what custos recorded.
 #[test]
 fn a_certificate_states_the_times_and_keys_custos_recorded() {
     let cli = installation(&["acme"]);
@@ -273,34 +273,24 @@ fn a_certificate_states_the_times_and_keys_custos_recorded() {
     assert!(began.is_string() && keys.is_array(), "{before}");
     wait_for_leases();
 
-    // Destruction "began" an hour later than it did.
+    // Destruction "began" an hour later than it did, and a key's destruction
+    // "irreversible" a month later than it was.
     cli.tamper("acme", |d| {
         let later = time(&began) + chrono::Duration::hours(1);
         d["shredding"]["progress"]["keys_began_at"] = later.to_rfc3339().into();
-    });
-    let (code, v) = shred_json(&cli, &["acme", "--confirm", "acme"]);
-    assert_eq!(code, 1, "{v}");
-    assert_eq!(v["error"]["kind"], "shred_verification_failed", "{v}");
-    let msg = v["error"]["message"].as_str().unwrap();
-    assert!(
-        msg.contains("destruction began") && msg.contains("shred.keys.begin"),
-        "{msg}"
-    );
-    assert!(certificates(&cli, "acme").is_empty());
-
-    // A key's destruction "irreversible" a month later than it was.
-    cli.tamper("acme", |d| {
-        d["shredding"]["progress"]["keys_began_at"] = began.clone();
         let k = &mut d["shredding"]["progress"]["keys"][0];
         let later = time(&k["irreversible_at"]) + chrono::Duration::days(30);
         k["irreversible_at"] = later.to_rfc3339().into();
     });
     let (code, v) = shred_json(&cli, &["acme", "--confirm", "acme"]);
     assert_eq!(code, 1, "{v}");
+    assert_eq!(v["error"]["kind"], "shred_verification_failed", "{v}");
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("shred.keys.end"), "{msg}");
     assert!(certificates(&cli, "acme").is_empty());
 
+    // The keys put back, the start of destruction left edited: the
+    // certificate states the time the key step recorded, not the store's.
     cli.tamper("acme", |d| {
         d["shredding"]["progress"]["keys"] = keys.clone();
     });
@@ -310,6 +300,32 @@ fn a_certificate_states_the_times_and_keys_custos_recorded() {
     assert_eq!(c["format"], "custos-deletion-certificate/2");
     assert_eq!(time(&c["guarantee"]["destruction_began_at"]), time(&began));
     assert_eq!(c["keys"], keys);
+}
+
+/// Finding 5: when destruction began is custos's own clock reading,
+/// recorded in `shred.keys.begin` before the descriptor: a time a store
+/// writer sets in the descriptor before the key step (as early as the
+/// shred's start) is not what the certificate states.
+#[test]
+fn a_destruction_start_the_store_set_is_never_certified() {
+    let cli = installation(&["acme"]);
+    // After the scope is recorded, before the key step.
+    crash_shred_at(&cli, "acme", "scope");
+    wait_for_leases();
+    let started = descriptor(&cli, "acme")["shredding"]["started_at"].clone();
+    cli.tamper("acme", |d| {
+        d["shredding"]["progress"]["keys_began_at"] = started.clone();
+    });
+    let run_began = chrono::Utc::now();
+    let (code, v) = shred_json(&cli, &["acme", "--confirm", "acme"]);
+    assert_eq!(code, 0, "{v}");
+    let c = certificate(&certificates(&cli, "acme")[0]);
+    let stated = time(&c["guarantee"]["destruction_began_at"]);
+    assert!(
+        stated >= run_began,
+        "{stated} is before this run ({run_began}): {c}"
+    );
+    assert_ne!(stated, time(&started));
 }
 
 /// Issue 15 follow-up, point 1: the request a certificate states (when it
@@ -408,33 +424,89 @@ fn a_key_left_untouched_is_one_the_operator_asked_to_leave() {
     cli.ok(&["audit", "verify"]);
 }
 
-/// Point 1, records custos never wrote: a tenant fenced without a
-/// `shred.fence.begin` record (no step records at all: custos starts them)
-/// is certified, but the certificate's reason says that its reason,
-/// requester and request time are the descriptor's, unchecked.
+/// Finding 4: a store writer fences the tenant with no step records and a
+/// request of their choosing (reason, requester, a back-dated start). custos
+/// records the operator's own request in a `shred.fence.begin` before any
+/// step, and the certificate states that request, checked, never the
+/// writer's (and no "not checked" note).
 #[test]
-fn a_request_the_audit_log_does_not_record_is_certified_as_unchecked() {
+fn a_shred_fenced_without_records_certifies_the_operators_own_request() {
     let cli = installation(&["acme"]);
-    let started = chrono::Utc::now() - chrono::Duration::hours(1);
+    let forged_start = chrono::Utc::now() - chrono::Duration::days(30);
     cli.tamper("acme", |d| {
         d["state"] = "shredding".into();
         d["shredding"] = serde_json::json!({
-            "started_at": started.to_rfc3339(),
-            "reason": "offboarded",
-            "requested_by": "ops",
+            "started_at": forged_start.to_rfc3339(),
+            "reason": "court order 17/2025",
+            "requested_by": "mallory",
         });
     });
+    let (code, v) = shred_json(
+        &cli,
+        &[
+            "acme",
+            "--confirm",
+            "acme",
+            "--reason",
+            "contract ended",
+            "--requested-by",
+            "dpo@example.com",
+        ],
+    );
+    assert_eq!(code, 0, "{v}");
+    let file = &certificates(&cli, "acme")[0];
+    let c = certificate(file);
+    assert_eq!(c["reason"], "contract ended", "{c}");
+    assert_eq!(c["requested_by"], "dpo@example.com", "{c}");
+    assert!(
+        time(&c["started_at"]) > forged_start + chrono::Duration::days(29),
+        "{c}"
+    );
+    let log = fs::read_to_string(cli.path().join("state/audit/log.jsonl")).unwrap();
+    let fence: Value = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|r| r["event"] == "shred.fence.begin" && r["details"]["certificate_id"] == c["id"])
+        .expect("no shred.fence.begin for the certificate");
+    assert_eq!(fence["details"]["reason"], "contract ended", "{fence}");
+    assert_eq!(
+        time(&fence["details"]["started_at"]),
+        time(&c["started_at"])
+    );
+    let d = descriptor(&cli, "acme");
+    assert_eq!(d["shredding"]["reason"], "contract ended", "{d}");
+    let pk = public_key(&cli);
+    let r = verify_cert(&cli, file, &pk, &[]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+}
+
+/// Finding 4: the start a certificate states is the one custos recorded in
+/// `shred.fence.begin`: a descriptor back-dating it gets no certificate.
+#[test]
+fn a_back_dated_start_is_refused() {
+    let cli = installation(&["acme"]);
+    crash_shred_at(&cli, "acme", "delete");
+    wait_for_leases();
+    let started = descriptor(&cli, "acme")["shredding"]["started_at"].clone();
+    cli.tamper("acme", |d| {
+        let earlier = time(&started) - chrono::Duration::hours(1);
+        d["shredding"]["started_at"] = earlier.to_rfc3339().into();
+    });
+    let (code, v) = shred_json(&cli, &["acme", "--confirm", "acme"]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["error"]["kind"], "shred_verification_failed", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("it states the shred began at") && msg.contains("shred.fence.begin"),
+        "{msg}"
+    );
+    assert!(certificates(&cli, "acme").is_empty());
+
+    cli.tamper("acme", |d| d["shredding"]["started_at"] = started.clone());
     let (code, v) = shred_json(&cli, &["acme", "--confirm", "acme"]);
     assert_eq!(code, 0, "{v}");
     let c = certificate(&certificates(&cli, "acme")[0]);
-    let reason = c["reason"].as_str().unwrap();
-    assert!(
-        reason.starts_with("offboarded [reason, requester, request time: as the tenant descriptor states, not checked"),
-        "{reason}"
-    );
-    let pk = public_key(&cli);
-    let r = verify_cert(&cli, &certificates(&cli, "acme")[0], &pk, &[]);
-    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(time(&c["started_at"]), time(&started));
 }
 
 /// Point 4: an epoch shred with a re-wrap meets a key that cannot be tried

@@ -58,6 +58,7 @@ pub(super) async fn confirm_before_signing(
     problems.extend(scope_problem(tenant, body, &shred));
     problems.extend(what_holds_now(repo, body, destroys_keys, destroys_keys, spared).await?);
     if problems.is_empty() {
+        body.guarantee.destruction_began_at = audited.destruction_began_at;
         note_unvouched(body, &audited.unvouched);
         return Ok(());
     }
@@ -164,20 +165,20 @@ fn scope_problem(tenant: &TenantId, body: &Certificate, shred: &ShredRecords) ->
     })
 }
 
-/// A shred that began here recorded its fence or (fenced without custos's
-/// fence record) its scope here; records of later steps alone are those of
-/// a run that resumed here a shred begun elsewhere.
+/// A shred that began here recorded its `shred.fence.begin` here: custos
+/// writes one for every shred it fences, and for one the store fenced
+/// without step records before it starts them. Without it the request is
+/// the store's word alone; records of later steps alone are those of a run
+/// that resumed here a shred begun elsewhere.
 fn began_here(records: &[AuditRecord]) -> bool {
-    records
-        .iter()
-        .any(|r| r.event == "shred.fence.begin" || r.event == "shred.scope.begin")
+    records.iter().any(|r| r.event == "shred.fence.begin")
 }
 
 fn not_begun_here(id: &str) -> String {
     format!(
-        "this installation's audit log has no record of how shred {id} began (its shred.fence.begin or \
-         shred.scope.begin): it was not begun here. A shred begun on another installation is certified only \
-         there, where its audit records are: run `custos shred` again on that installation"
+        "this installation's audit log has no record of how shred {id} began (its shred.fence.begin): it was \
+         not begun here. A shred begun on another installation is certified only there, where its audit \
+         records are: run `custos shred` again on that installation"
     )
 }
 
@@ -216,6 +217,9 @@ pub(super) struct Audited {
     /// What the certificate states that the audit log does not record
     /// (a shred begun before custos recorded it): named in the certificate.
     pub unvouched: Vec<&'static str>,
+    /// When destruction began, as the shred's first `shred.keys.begin`
+    /// states it (where the certificate states a time at all).
+    pub destruction_began_at: Option<DateTime<Utc>>,
 }
 
 /// What a certificate states of the request, the times and the key list,
@@ -250,14 +254,13 @@ pub(super) fn journal_problems(
         ));
     }
     let fence = records.iter().find(|r| r.event == "shred.fence.begin");
-    if let Some(fence) = fence
-        && let Some(at) = time_in(fence, "started_at")
-        && at != body.started_at
-    {
-        problems.push(format!(
-            "it states the shred began at {}, but audit record #{} (shred.fence.begin) says {at}",
-            body.started_at, fence.seq
-        ));
+    match fence.and_then(|f| Some((f.seq, time_in(f, "started_at")?))) {
+        Some((seq, at)) if at != body.started_at => problems.push(format!(
+            "it states the shred began at {}, but audit record #{seq} (shred.fence.begin) says {at}",
+            body.started_at
+        )),
+        Some(_) => {}
+        None => out.unvouched.push("start time"),
     }
     let requested_at = request_problems(fence, body, &mut out);
     skip_problems(records, fence, body, &mut out);
@@ -277,30 +280,28 @@ pub(super) fn journal_problems(
         ),
         _ => {}
     }
-    if let Some(began) = body.guarantee.destruction_began_at {
+    // When destruction began is what the first key step recorded before
+    // its first destroy call (or, in a record without that reading, the
+    // record's own time), never the descriptor's copy, which the store holds.
+    if let Some(stated) = body.guarantee.destruction_began_at {
         match keys_begin {
             None => problems.push(format!(
-                "it states destruction began at {began}, but the audit log records no key step of this shred"
+                "it states destruction began at {stated}, but the audit log records no key step of this shred"
             )),
             Some(r) => {
-                if let Some(at) = time_in(r, "keys_began_at")
-                    && at != began
-                {
-                    problems.push(format!(
-                        "it states destruction began at {began}, but audit record #{} (shred.keys.begin) says {at}",
-                        r.seq
-                    ));
-                }
+                let began = time_in(r, "keys_began_at").unwrap_or(r.time);
                 if began > r.time + AUDIT_TIME_SLACK || began < body.started_at {
                     problems.push(format!(
-                        "it states destruction began at {began}, outside the shred's own records (it began at {}, \
-                         its first key step is audit record #{} at {})",
-                        body.started_at, r.seq, r.time
+                        "audit record #{} (shred.keys.begin) says destruction began at {began}, outside the \
+                         shred's own records (it began at {}, the record is dated {})",
+                        r.seq, body.started_at, r.time
                     ));
                 }
+                out.destruction_began_at = Some(began);
             }
         }
     }
+    let problems = &mut out.problems;
     if let Some(r) = keys_end
         && body.executed_at + AUDIT_TIME_SLACK < r.time
     {
@@ -313,7 +314,7 @@ pub(super) fn journal_problems(
     let order = [
         ("requested", Some(requested_at.min(body.started_at))),
         ("began", Some(body.started_at)),
-        ("destruction began", body.guarantee.destruction_began_at),
+        ("destruction began", out.destruction_began_at),
         ("executed", Some(body.executed_at)),
     ];
     let mut last: Option<(&str, DateTime<Utc>)> = None;
@@ -719,6 +720,58 @@ mod tests {
             "{}",
             b.reason
         );
+    }
+
+    /// A fence record without `started_at`: the start is the descriptor's,
+    /// and said to be; with one, a back-dated start is refused.
+    #[test]
+    fn the_start_is_checked_against_the_fence_record() {
+        let b = body();
+        let mut old = fence(&b);
+        old.as_object_mut().unwrap().remove("started_at");
+        let a = check(&b, &records(&b, old));
+        assert!(a.problems.is_empty(), "{:?}", a.problems);
+        assert_eq!(a.unvouched, ["start time"]);
+        let mut forged = b.clone();
+        forged.started_at = b.started_at - chrono::Duration::hours(1);
+        let a = check(&forged, &records(&b, fence(&b)));
+        assert_eq!(a.problems.len(), 1, "{:?}", a.problems);
+        assert!(
+            a.problems[0].contains("shred.fence.begin"),
+            "{}",
+            a.problems[0]
+        );
+    }
+
+    /// A scope record alone (custos once started step records without a
+    /// fence record) does not make the descriptor's request certifiable.
+    #[test]
+    fn step_records_without_a_fence_record_are_refused() {
+        let b = body();
+        let mut recs = records(&b, fence(&b));
+        recs[0].event = "shred.scope.begin".into();
+        let a = check(&b, &recs);
+        assert_eq!(a.problems.len(), 1, "{:?}", a.problems);
+        assert!(
+            a.problems[0].contains("not begun here"),
+            "{}",
+            a.problems[0]
+        );
+        assert!(a.unvouched.is_empty(), "{:?}", a.unvouched);
+    }
+
+    /// The start of destruction certified is the key step's record, not the
+    /// certificate body's (the descriptor's copy).
+    #[test]
+    fn destruction_began_is_the_key_records_reading() {
+        let b = body();
+        let recs = records(&b, fence(&b));
+        let mut forged = b.clone();
+        let began = b.guarantee.destruction_began_at.unwrap();
+        forged.guarantee.destruction_began_at = Some(b.started_at);
+        let a = check(&forged, &recs);
+        assert!(a.problems.is_empty(), "{:?}", a.problems);
+        assert_eq!(a.destruction_began_at, Some(began));
     }
 
     #[test]

@@ -66,22 +66,15 @@ pub(super) async fn destroy_keys_step(
     slot: Slot,
     keys: &[(KeyRef, KeyRole)],
 ) -> Result<Vec<KeyDestruction>> {
-    // When destruction began, recorded before the first destroy call and
-    // kept by every re-run: the certificate states it beside the time the
-    // destruction completed, which a crash can put on a later run.
-    let began_now = match slot.progress(repo.descriptor())?.keys_began_at {
-        Some(_) => None,
-        None => {
-            let now = crate::hooks::now();
-            save(repo, slot, |p| p.keys_began_at = Some(now)).await?;
-            Some(now)
-        }
-    };
-    let repo: &Repo = repo;
-    let ctx = repo.context();
     let progress = slot.progress(repo.descriptor())?;
     let (window, skip) = (progress.pending_window_days, progress.skip_unproven.clone());
-    let verdicts = ownership::decide_destroy(ctx, repo.store(), keys, &skip, "shred").await?;
+    let verdicts =
+        ownership::decide_destroy(repo.context(), repo.store(), keys, &skip, "shred").await?;
+    // When destruction began: custos's own clock reading, recorded in the
+    // audit log (where the store cannot rewrite it) before the descriptor
+    // and before the first destroy call. The certificate states the first
+    // such record's reading, never the descriptor's copy.
+    let now = crate::hooks::now();
     journal
         .begin(
             "keys",
@@ -92,14 +85,15 @@ pub(super) async fn destroy_keys_step(
                     "decision": verdict_details(&v.verdict),
                 })).collect::<Vec<_>>(),
                 "pending_window_days": window,
-                // What the certificate states as when destruction began,
-                // here where the store cannot rewrite it: custos's own clock
-                // reading, by the run that took it (a re-run has only the
-                // store's copy, which is no evidence, and records none).
-                "keys_began_at": began_now,
+                "keys_began_at": now,
             }),
         )
         .await?;
+    if slot.progress(repo.descriptor())?.keys_began_at.is_none() {
+        save(repo, slot, |p| p.keys_began_at = Some(now)).await?;
+    }
+    let repo: &Repo = repo;
+    let ctx = repo.context();
     let destroyed = destroy_keys(ctx, repo.tenant(), &verdicts, window).await?;
     journal
         .end("keys", serde_json::json!({ "keys": destroyed }))

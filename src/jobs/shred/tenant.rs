@@ -64,19 +64,15 @@ impl ShredSubject for TenantSubject {
             Lifecycle::Shredding => {
                 let step = SLOT.progress(repo.descriptor()).map(|p| p.step).ok();
                 if step.is_none() {
-                    // Fenced by something that kept no step records: start them now.
-                    let now = crate::hooks::now();
-                    repo.update_descriptor(|d| {
-                        if let Some(s) = d.shredding.as_mut() {
-                            // A fresh id: custos' own fence always records its
-                            // steps, so an id without them is not one it chose
-                            // (a store writer can name an earlier lineage's
-                            // certificate, which would then be "adopted").
-                            s.certificate_id = Some(new_certificate_id(now));
-                            s.progress = Some(new_progress(req, now, String::new()));
-                        }
-                    })
-                    .await?;
+                    // Fenced by something that kept no step records, with a
+                    // request (reason, requester, start) only the store
+                    // states: custos records the operator's own request, as
+                    // its fence does, under a fresh id (a store writer can
+                    // name an earlier lineage's certificate, which would then
+                    // be "adopted"), and the descriptor states that request.
+                    let state = record_fence(repo, req).await?;
+                    repo.update_descriptor(|d| d.shredding = Some(state))
+                        .await?;
                 }
                 tracing::info!(event = "shred.resumed", tenant = %repo.tenant(), after_step = step.map(|s| s.as_str()), "resuming an interrupted shred");
                 Ok(Begun::Resumed(step))
@@ -175,31 +171,8 @@ async fn already_shredded(repo: &Repo) -> Result<ShredReport> {
 
 /// Step 1: the descriptor becomes `shredding`.
 async fn fence(repo: &mut Repo, req: &ShredRequest) -> Result<()> {
-    let ctx = repo.context().clone();
-    let now = crate::hooks::now();
-    let id = new_certificate_id(now);
-    let progress = new_progress(req, now, ctx.actor.clone());
-    let details = json!({
-        "certificate_id": id,
-        "started_at": now,
-        "reason": req.reason,
-        "requested_by": req.requested_by,
-        "requested_at": progress.requested_at,
-        // What a certificate may state of the request is what is recorded here.
-        "skip_unproven": progress.skip_unproven,
-        "key": repo.descriptor().key,
-        "epochs": repo.descriptor().epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(),
-    });
-    ctx.record("shred.fence.begin", Some(repo.tenant()), details)
-        .await?;
-    let state = ShredState {
-        started_at: now,
-        finished_at: None,
-        reason: req.reason.clone(),
-        requested_by: req.requested_by.clone(),
-        certificate_id: Some(id.clone()),
-        progress: Some(progress),
-    };
+    let state = record_fence(repo, req).await?;
+    let id = state.certificate_id.clone().unwrap_or_default();
     repo.update_descriptor(|d| {
         d.state = Lifecycle::Shredding;
         d.epoch_shred = None;
@@ -216,6 +189,36 @@ async fn fence(repo: &mut Repo, req: &ShredRequest) -> Result<()> {
         )
         .await?;
     Ok(())
+}
+
+/// Records the request in `shred.fence.begin` under a fresh certificate id
+/// (what a certificate may state of the request is what is recorded there)
+/// and returns the shred state that states it.
+async fn record_fence(repo: &Repo, req: &ShredRequest) -> Result<ShredState> {
+    let ctx = repo.context();
+    let now = crate::hooks::now();
+    let id = new_certificate_id(now);
+    let progress = new_progress(req, now, ctx.actor.clone());
+    let details = json!({
+        "certificate_id": id,
+        "started_at": now,
+        "reason": req.reason,
+        "requested_by": req.requested_by,
+        "requested_at": progress.requested_at,
+        "skip_unproven": progress.skip_unproven,
+        "key": repo.descriptor().key,
+        "epochs": repo.descriptor().epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(),
+    });
+    ctx.record("shred.fence.begin", Some(repo.tenant()), details)
+        .await?;
+    Ok(ShredState {
+        started_at: now,
+        finished_at: None,
+        reason: req.reason.clone(),
+        requested_by: req.requested_by.clone(),
+        certificate_id: Some(id),
+        progress: Some(progress),
+    })
 }
 
 /// Step 2: list and capture everything, record count, bytes and root.
