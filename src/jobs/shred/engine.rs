@@ -234,14 +234,16 @@ pub(super) async fn drive<S: ShredSubject>(
     };
     let journal = Journal::new(repo, S::SLOT, subject.epoch())?;
     if resumed {
-        // A shred with recorded steps (not one custos just gave step records)
-        // and steps left to run resumes only where it began.
+        // A shred with steps left to run resumes only where it began (a
+        // tenant fenced without step records got custos's own fence record
+        // in `begin`; an epoch's gets none and is refused here, before any
+        // step runs).
         let progress = S::SLOT.progress(repo.descriptor())?;
         let steps_left = subject
             .steps(repo.descriptor())
             .iter()
             .any(|s| !s.done(progress));
-        if resumed_after.is_some() && steps_left {
+        if steps_left {
             holds::require_begun_here(repo, &journal.certificate_id, subject.epoch())?;
         }
         resume_skip_list::<S>(repo, &journal, req).await?;
