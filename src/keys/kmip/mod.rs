@@ -1778,6 +1778,7 @@ impl KmipProvider {
     /// object with neither under an identifier a destruction proved gone
     /// is another object; under a live identifier it may be custos's
     /// version renamed to survive the shred, or another object: unknown.
+    /// So is other material under the version's Name.
     async fn identity(
         &self,
         key: &KeyRef,
@@ -1785,18 +1786,24 @@ impl KmipProvider {
         v: u32,
         obj: &Object,
     ) -> Result<Identity, KeyError> {
-        if obj.state == State::Active
-            && let Some(pinned) = &obj.check
-        {
-            return Ok(match &self.check_value(key, &obj.uid).await? == pinned {
-                true => Identity::Version,
-                false => Identity::Reused,
-            });
-        }
         let named = match id {
             KmipKeyId::Uid(_) => true,
             KmipKeyId::Name(_) => obj.claims == ObjectKind::Version(v),
         };
+        if obj.state == State::Active
+            && let Some(pinned) = &obj.check
+        {
+            // Other material under the version's own Name is not taken for
+            // another object on one answer (a server whose CTR and CBC
+            // disagree would answer so for every version): the shred stops.
+            return Ok(
+                match (&self.check_value(key, &obj.uid).await? == pinned, named) {
+                    (true, _) => Identity::Version,
+                    (false, false) => Identity::Reused,
+                    (false, true) => Identity::Unknown,
+                },
+            );
+        }
         Ok(match (named, obj.dead) {
             (true, _) => Identity::Version,
             (false, true) => Identity::Reused,
@@ -1805,11 +1812,15 @@ impl KmipProvider {
     }
 
     fn unknown_identity(&self, key: &KeyRef, obj: &Object) -> KeyError {
+        let what = match obj.state {
+            State::Active => "it carries the version's Name but answers another key check value than the one custos pinned: another object registered under the version's identifier and Name, or a server whose modes disagree".to_owned(),
+            state => format!("it is {state:?} (so its key check value cannot be asked) and no longer carries the version's Name: custos's version renamed, or another object the server gave the identifier after the version was deleted behind custos"),
+        };
         KeyError::Unavailable {
             key: label(key),
             message: format!(
-                "object {:?} is under an identifier custos recorded as a version of this key, but it is {:?} (so its key check value cannot be asked) and no longer carries the version's Name: it is custos's version renamed, or another object the server gave the identifier after the version was deleted behind custos. custos destroys neither on a guess; check the object on the key manager (destroy it there if it is this key's), then run the shred again; see docs/keys-you-hold.md",
-                obj.uid, obj.state
+                "object {:?} is under an identifier custos recorded as a version of this key, but {what}. custos destroys nothing on a guess; check the object on the key manager (destroy it there if it is this key's), then run the shred again; see docs/keys-you-hold.md",
+                obj.uid
             ),
         }
     }

@@ -684,6 +684,27 @@ async fn an_identifier_given_to_another_object_is_left_alone_by_a_shred() {
     }
 }
 
+/// Other material under a version's identifier that still carries the
+/// version's Name is not taken for another object on one answer: the
+/// shred stops, naming it, and destroys nothing.
+#[tokio::test]
+async fn other_material_under_the_versions_name_stops_the_shred() {
+    let (p, fake) = provider(Behaviour {
+        reuse_ids: true,
+        ..Behaviour::default()
+    });
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let mine = p.current(&k).await.unwrap().uid;
+    fake.remove(&mine);
+    let planted = fake.insert(&["acme@v1"], &["custos-key/acme"], State::Active);
+    assert_eq!(planted, mine);
+    let e = p.destroy(&k, 7).await.unwrap_err();
+    assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
+    assert!(e.to_string().contains("another key check value"), "{e}");
+    assert!(fake.objects().iter().any(|o| o.uid == planted));
+}
+
 /// An identifier wrongly marked dead (say, by a shred that ran while DNS
 /// sent custos to another key manager) never lets a live version pass for
 /// a destroyed one: the shred asks again, and destroys what answers with
