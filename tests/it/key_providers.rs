@@ -1244,6 +1244,93 @@ mod pkcs11_specific {
         assert!(token_objects(&settings, &token, &label).is_empty());
     }
 
+    /// The decoy attack: a version relabelled away, and another object put
+    /// under the label with the version's CKA_ID and CKA_ENCRYPT false (so
+    /// it gives no check value as it is). The shred does not take the id for
+    /// the version: it makes the decoy encrypt, sees other material, searches
+    /// the token, and destroys the relabelled version too.
+    #[tokio::test]
+    async fn a_decoy_under_a_version_id_does_not_hide_the_relabelled_version() {
+        use cryptoki::object::Attribute;
+        let Some(f) = Pkcs11Fixture::new() else {
+            return;
+        };
+        let (settings, token) = common::pkcs11_settings().unwrap();
+        let key = f.fresh_key().await;
+        let label = key.id().rsplit("object=").next().unwrap().to_owned();
+        let hidden = format!("{label}-hidden");
+        on_token(&settings, &token, |s| {
+            let v1 = version_handle(s, &label, 1);
+            s.update_attributes(v1, &[Attribute::Label(hidden.as_bytes().to_vec())])
+                .unwrap();
+            generate_by_hand(s, &label, 1, false);
+            let decoy = version_handle(s, &label, 1);
+            s.update_attributes(decoy, &[Attribute::Encrypt(false)])
+                .unwrap();
+        });
+        let d = f.provider.destroy(&key, 7).await.unwrap();
+        assert!(
+            d.objects
+                .iter()
+                .any(|o| o.contains(&format!("object={hidden};id=00000001"))),
+            "{d:?}"
+        );
+        assert!(token_objects(&settings, &token, &hidden).is_empty());
+        assert!(token_objects(&settings, &token, &label).is_empty());
+    }
+
+    /// A relabelled version that cannot encrypt gives no check value: the
+    /// shred cannot tell it from another key, so it refuses, naming it, and
+    /// leaves the key as it was (still disabled). Once it can encrypt, the
+    /// shred finds and destroys it.
+    #[tokio::test]
+    async fn a_relabelled_version_that_cannot_encrypt_refuses_the_shred() {
+        use cryptoki::object::{Attribute, AttributeType};
+        let Some(f) = Pkcs11Fixture::new() else {
+            return;
+        };
+        let (settings, token) = common::pkcs11_settings().unwrap();
+        let key = f.fresh_key().await;
+        f.provider.rotate(&key).await.unwrap();
+        f.provider.disable(&key).await.unwrap();
+        let label = key.id().rsplit("object=").next().unwrap().to_owned();
+        let hidden = format!("{label}-hidden");
+        on_token(&settings, &token, |s| {
+            let v1 = version_handle(s, &label, 1);
+            s.update_attributes(v1, &[Attribute::Label(hidden.as_bytes().to_vec())])
+                .unwrap();
+        });
+        let e = f.provider.destroy(&key, 7).await.unwrap_err().to_string();
+        assert!(e.contains(&format!("object={hidden};id=00000001")), "{e}");
+        assert!(e.contains("CKA_ID [\"00000001\"]"), "{e}");
+        assert_eq!(token_objects(&settings, &token, &hidden).len(), 1);
+        assert_eq!(token_objects(&settings, &token, &label).len(), 1);
+        let encrypts = on_token(&settings, &token, |s| {
+            let v2 = version_handle(s, &label, 2);
+            s.get_attributes(v2, &[AttributeType::Encrypt]).unwrap()
+        });
+        assert!(
+            matches!(encrypts.as_slice(), [Attribute::Encrypt(false)]),
+            "{encrypts:?}"
+        );
+        let info = f.provider.describe(&key).await.unwrap();
+        assert!(matches!(info.state, KeyState::Disabled), "{info:?}");
+        on_token(&settings, &token, |s| {
+            let v1 = version_handle(s, &hidden, 1);
+            s.update_attributes(v1, &[Attribute::Encrypt(true)])
+                .unwrap();
+        });
+        let d = f.provider.destroy(&key, 7).await.unwrap();
+        assert!(
+            d.objects
+                .iter()
+                .any(|o| o.contains(&format!("object={hidden};id=00000001"))),
+            "{d:?}"
+        );
+        assert!(token_objects(&settings, &token, &hidden).is_empty());
+        assert!(token_objects(&settings, &token, &label).is_empty());
+    }
+
     /// A version custos did not generate and the token reports copyable is
     /// adopted at the key's first sight; a copy of it under another label
     /// (C_CopyObject) is then destroyed by the shred too, found by the

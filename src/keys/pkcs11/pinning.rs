@@ -14,7 +14,7 @@ use super::record::{KeyObjects, Pinned, Record};
 use super::{Ctx, VERSION_ID_LEN, Version, View};
 use crate::keys::KeyError;
 
-/// Most private AES-256 secret keys a shred examines (one `C_Encrypt` each)
+/// Most AES-256 secret keys a shred examines (one `C_Encrypt` each)
 /// when it searches the token for recorded versions by check value; a
 /// token holding more fails the shred rather than certify what it did not
 /// search.
@@ -33,6 +33,31 @@ pub(super) fn check_value(s: &Session, handle: ObjectHandle) -> Option<String> {
         .or_else(|_| s.encrypt(&Mechanism::AesCbc([0; BLOCK]), handle, &zero))
         .ok()?;
     (out.len() == BLOCK).then(|| hex::encode(out))
+}
+
+/// The check values of the objects under the key's label, by `CKA_ID`
+/// (hex), and the handles made to encrypt for it. An object that cannot
+/// encrypt (custos's own disable clears `CKA_ENCRYPT`) is let encrypt first:
+/// a shred is about to destroy it, and an id alone names no material.
+fn checks_here(s: &Session, view: &View) -> (Vec<(String, Option<String>)>, Vec<ObjectHandle>) {
+    let mut opened = Vec::new();
+    let here = view
+        .versions
+        .iter()
+        .map(|v| {
+            let mut check = check_value(s, v.handle);
+            if check.is_none()
+                && !v.encrypt
+                && s.update_attributes(v.handle, &[Attribute::Encrypt(true)])
+                    .is_ok()
+            {
+                opened.push(v.handle);
+                check = check_value(s, v.handle);
+            }
+            (hex::encode(&v.id), check)
+        })
+        .collect();
+    (here, opened)
 }
 
 /// An object away from the key's label holding a recorded version's material.
@@ -91,7 +116,9 @@ impl Ctx {
             .map(|v| {
                 let pinned = Pinned {
                     check: check_value(s, v.handle),
-                    copyable: v.copyable != Some(false),
+                    // CKA_COPYABLE only goes true → false: false now
+                    // says nothing of copies made before.
+                    copyable: true,
                     adopted: true,
                 };
                 (hex::encode(&v.id), pinned)
@@ -240,9 +267,11 @@ impl Ctx {
 
     /// Where the recorded versions are. The token is searched by check
     /// value (see [`Self::scan`]) unless every recorded version is under the
-    /// key's label, with its `CKA_ID` and (where the token computes it) its
-    /// check value, none may have been copied (the token reported it not
-    /// copyable when custos first saw it) and none once held other material.
+    /// key's label with its `CKA_ID` and its recorded check value (the id
+    /// alone decides only for a version recorded without one), none may
+    /// have been copied and none once held other material. A recorded
+    /// version found nowhere while the search met keys that give no check
+    /// value refuses the shred: one of them may hold it.
     pub(super) fn locate(
         &self,
         s: &Session,
@@ -250,16 +279,30 @@ impl Ctx {
         view: &View,
         rec: &KeyObjects,
     ) -> Result<Located, Fail> {
-        let here: BTreeMap<String, Option<String>> = view
-            .versions
-            .iter()
-            .map(|v| (hex::encode(&v.id), check_value(s, v.handle)))
-            .collect();
-        let in_place = |id: &String, p: &Pinned| match (here.get(id), &p.check) {
-            (None, _) => false,
-            (Some(Some(now)), Some(c)) => now == c,
-            // The token does not compute it (a disabled key): the id decides.
-            (Some(_), _) => true,
+        let (here, opened) = checks_here(s, view);
+        let out = self.search(s, token, view, rec, &here);
+        if out.is_err() {
+            // Not destroyed after all: disabled versions stay disabled.
+            for h in opened {
+                if let Err(e) = s.update_attributes(h, &[Attribute::Encrypt(false)]) {
+                    tracing::warn!(event = "pkcs11.reclose_failed", key = %self.key, error = %e, "could not clear CKA_ENCRYPT again on object {h:?} under {:?} after a refused shred", self.uri.object);
+                }
+            }
+        }
+        out
+    }
+
+    fn search(
+        &self,
+        s: &Session,
+        token: &Token,
+        view: &View,
+        rec: &KeyObjects,
+        here: &[(String, Option<String>)],
+    ) -> Result<Located, Fail> {
+        let in_place = |id: &String, p: &Pinned| {
+            here.iter()
+                .any(|(i, now)| i == id && p.check.as_ref().is_none_or(|c| now.as_ref() == Some(c)))
         };
         let scan = !rec.dead.is_empty()
             || rec
@@ -278,16 +321,32 @@ impl Ctx {
             found,
             unchecked,
         } = self.scan(s, token, &mine, rec)?;
-        let absent: Vec<&String> = rec
+        let absent: Vec<(&String, &Pinned)> = rec
             .versions
             .iter()
             .filter(|(id, p)| {
                 !in_place(id, p) && p.check.as_ref().is_none_or(|c| !found.contains(c))
             })
-            .map(|(id, _)| id)
             .collect();
+        let lost: Vec<&String> = absent
+            .iter()
+            .filter(|(_, p)| p.check.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        if !lost.is_empty() && !unchecked.is_empty() {
+            return Err(self.backend(format!(
+                "refusing to destroy {:?}: recorded versions (CKA_ID {lost:?}) are neither under its label nor \
+                 anywhere on the token by their check value, and these AES-256 secret keys give no check value \
+                 (they cannot encrypt), so one of them may hold such a version: {}. Check each of them (is it \
+                 another key's, or a version of this one relabelled with CKA_ENCRYPT cleared?); destroy the ones \
+                 that are this key's, or let them encrypt, then destroy again; see docs/keys-you-hold.md",
+                self.uri.object,
+                unchecked.join(", ")
+            )));
+        }
         if !absent.is_empty() {
-            tracing::warn!(event = "pkcs11.recorded_version_absent", key = %self.key, token_serial = %token.serial, ids = ?absent, unchecked = ?unchecked, "recorded versions (CKA_ID {absent:?}) are neither under the key's label nor anywhere on the token by their check value; {} private AES-256 key(s) refused to compute a check value and could not be compared: {unchecked:?}", unchecked.len());
+            let ids: Vec<&String> = absent.iter().map(|(id, _)| *id).collect();
+            tracing::warn!(event = "pkcs11.recorded_version_absent", key = %self.key, token_serial = %token.serial, ids = ?ids, "recorded versions (CKA_ID {ids:?}) are neither under the key's label nor anywhere on the token by their check value (every AES-256 secret key on it gave one)");
         }
         Ok(Located {
             strays,
@@ -295,8 +354,9 @@ impl Ctx {
         })
     }
 
-    /// The token's private AES-256 secret keys other than `exclude` that
-    /// hold a recorded version's material (by check value).
+    /// The token's AES-256 secret keys other than `exclude` that hold a
+    /// recorded version's material (by check value). Public ones too: a
+    /// copy (`C_CopyObject`) may have cleared `CKA_PRIVATE`.
     pub(super) fn scan(
         &self,
         s: &Session,
@@ -309,17 +369,16 @@ impl Ctx {
             .iter_objects(&[
                 Attribute::Class(ObjectClass::SECRET_KEY),
                 Attribute::Token(true),
-                Attribute::Private(true),
                 Attribute::KeyType(KeyType::AES),
                 Attribute::ValueLen(Ulong::from(crate::keys::KEY_LEN as u64)),
             ])
-            .map_err(ck("C_FindObjects (private AES secret keys)"))?
+            .map_err(ck("C_FindObjects (AES secret keys)"))?
             .take(MAX_SCAN + 1)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(ck("C_FindObjects (private AES secret keys)"))?;
+            .map_err(ck("C_FindObjects (AES secret keys)"))?;
         if handles.len() > MAX_SCAN {
             return Err(self.backend(format!(
-                "token {:?} holds more than {MAX_SCAN} private AES-256 secret keys: custos cannot search them all \
+                "token {:?} holds more than {MAX_SCAN} AES-256 secret keys: custos cannot search them all \
                  for relabelled or copied versions of {:?}, and does not certify a search it did not make; \
                  see docs/keys-you-hold.md",
                 token.label, self.uri.object
@@ -336,7 +395,7 @@ impl Ctx {
                     found.insert(c);
                 }
                 Some(_) => {}
-                // Named for the warning only: best effort.
+                // Named for the refusal only: best effort.
                 None => unchecked.push(
                     self.name_of(s, token, h)
                         .unwrap_or_else(|_| format!("object handle {h:?}")),
