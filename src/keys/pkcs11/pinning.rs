@@ -328,9 +328,16 @@ impl Ctx {
                 !in_place(id, p) && p.check.as_ref().is_none_or(|c| !found.contains(c))
             })
             .collect();
+        // A destruction cut short already destroyed what its record names.
+        let done = |id: &String| {
+            view.tombstone.as_ref().is_some_and(|(_, t)| {
+                let name = self.object_name(token, &hex::decode(id).unwrap_or_default());
+                t.objects.contains(&name)
+            })
+        };
         let lost: Vec<&String> = absent
             .iter()
-            .filter(|(_, p)| p.check.is_some())
+            .filter(|(id, p)| p.check.is_some() && !done(id))
             .map(|(id, _)| *id)
             .collect();
         if !lost.is_empty() && !unchecked.is_empty() {
