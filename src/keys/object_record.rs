@@ -149,6 +149,15 @@ where
         Ok(self.load(key)?.keys.remove(entry))
     }
 
+    /// Every entry and what the record knows of each key holder, from one read.
+    pub fn all_with_servers(
+        &self,
+        key: &str,
+    ) -> Result<(BTreeMap<String, E>, BTreeMap<String, S>), KeyError> {
+        let f = self.load(key)?;
+        Ok((f.keys, f.servers))
+    }
+
     /// What the record knows of each key holder, by name.
     pub fn servers(&self, key: &str) -> Result<BTreeMap<String, S>, KeyError> {
         Ok(self.load(key)?.servers)

@@ -1031,7 +1031,7 @@ impl KmipProvider {
         KeyError::Unavailable {
             key: label(key),
             message: format!(
-                "version {v} (object {:?}) was left Pre-Active by an interrupted creation, before custos took its key check value: custos does not activate it (nothing proves the identifier still names the object it created); rotate --cmk makes a new version (a shred destroys this one too)",
+                "version {v} (object {:?}) was left Pre-Active by an interrupted creation, before custos took its key check value: custos does not activate it (nothing proves the identifier still names the object it created); rotate --cmk makes a new version of a kmip:name/<n> key, rotate --replace-cmk moves a kmip:<uid> key's tenant to another key (a shred destroys this one too)",
                 obj.uid
             ),
         }

@@ -154,10 +154,9 @@ impl Pins {
     /// version or tombstone of `entry`, whatever it is named. Server
     /// markers are among them: never a key's object either.
     pub fn others(&self, entry: &str, key: &str) -> Result<BTreeSet<String>, KeyError> {
-        let markers = self.0.servers(key)?.into_values().map(|m| m.uid);
-        Ok(self
-            .0
-            .all(key)?
+        let (keys, servers) = self.0.all_with_servers(key)?;
+        let markers = servers.into_values().map(|m| m.uid);
+        Ok(keys
             .into_iter()
             .filter(|(e, _)| e != entry)
             .flat_map(|(_, o)| o.versions.into_keys().chain(o.tombstones.into_keys()))
