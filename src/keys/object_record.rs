@@ -32,6 +32,9 @@ pub(crate) struct Spec<E: 'static> {
     pub legacy: &'static [(&'static str, Upgrade<E>)],
 }
 
+/// Every entry by key, and what is known of each key holder by name.
+pub(crate) type Everything<E, S> = (BTreeMap<String, E>, BTreeMap<String, S>);
+
 /// Turns the entries of an older format into current ones.
 pub(crate) type Upgrade<E> = fn(&mut BTreeMap<String, E>);
 
@@ -139,21 +142,13 @@ where
         }
     }
 
-    /// Every entry.
-    pub fn all(&self, key: &str) -> Result<BTreeMap<String, E>, KeyError> {
-        Ok(self.load(key)?.keys)
-    }
-
     /// What is recorded of `entry`; `None` if this installation never saw it.
     pub fn get(&self, entry: &str, key: &str) -> Result<Option<E>, KeyError> {
         Ok(self.load(key)?.keys.remove(entry))
     }
 
     /// Every entry and what the record knows of each key holder, from one read.
-    pub fn all_with_servers(
-        &self,
-        key: &str,
-    ) -> Result<(BTreeMap<String, E>, BTreeMap<String, S>), KeyError> {
+    pub fn all(&self, key: &str) -> Result<Everything<E, S>, KeyError> {
         let f = self.load(key)?;
         Ok((f.keys, f.servers))
     }

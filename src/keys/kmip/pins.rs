@@ -154,7 +154,7 @@ impl Pins {
     /// version or tombstone of `entry`, whatever it is named. Server
     /// markers are among them: never a key's object either.
     pub fn others(&self, entry: &str, key: &str) -> Result<BTreeSet<String>, KeyError> {
-        let (keys, servers) = self.0.all_with_servers(key)?;
+        let (keys, servers) = self.0.all(key)?;
         let markers = servers.into_values().map(|m| m.uid);
         Ok(keys
             .into_iter()
