@@ -2,7 +2,7 @@
 //!
 //! Files are restored in batches: the blobs a batch needs are grouped by pack,
 //! packs are read concurrently (whole, in one request, when at least half
-//! of a pack is wanted; else coalesced ranges), each blob is decrypted,
+//! of a pack is wanted or the pack is small; else coalesced ranges), each blob is decrypted,
 //! decompressed and checked against its keyed id, then written at its offsets
 //! into temporary files. A file is renamed into place only once every one of
 //! its blobs was verified and written; owners, modes and mtimes are set
@@ -76,6 +76,10 @@ const MAX_RANGE: u64 = 16 << 20;
 /// request, up to this size (the largest pack a policy can ask for, plus the
 /// one blob of up to 8 MiB a pack may run over by).
 const WHOLE_PACK_MAX: u64 = crate::config::policy::MAX_PACK_SIZE + (16 << 20);
+/// A pack this small is read whole whatever is wanted of it: its header,
+/// blobs and directory would be two requests otherwise (object stores merge
+/// ranges this close), and a request costs more than its bytes.
+const SMALL_PACK: u64 = 1 << 20;
 
 /// Snapshot paths of the files a restore is limited to (a drill's sample).
 pub type FileSet = HashSet<Vec<u8>>;
@@ -806,7 +810,7 @@ struct Fetched {
 }
 
 /// Reads what a restore needs of one pack. Most of it wanted (at least half
-/// its bytes): the whole pack in one request, header, trailer, blobs and
+/// its bytes) or small (up to [`SMALL_PACK`]): the whole pack in one request, header, trailer, blobs and
 /// directory sliced out of it. Otherwise header and trailer first (whose
 /// pack it is, and where its directory lies), then the blobs' coalesced
 /// ranges and the directory. `size` is the listed size: the authenticated
@@ -821,7 +825,8 @@ async fn read_pack(
 ) -> Result<Fetched> {
     let object = store.display(&ObjectName::Pack(pack));
     let wanted: u64 = blobs.iter().map(|b| b.loc.sealed_len as u64).sum();
-    let whole = match size <= WHOLE_PACK_MAX && wanted.saturating_mul(2) >= size {
+    let mostly_wanted = wanted.saturating_mul(2) >= size || size <= SMALL_PACK;
+    let whole = match size <= WHOLE_PACK_MAX && mostly_wanted {
         true => get_pack_ranges(store, keys, pack, std::slice::from_ref(&(0..size)))
             .await?
             .pop(),

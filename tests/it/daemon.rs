@@ -663,7 +663,25 @@ fn two_daemons_share_a_store(store: &str, label: &str) {
         });
         assert_eq!(e["mode"], "shared");
     }
-    std::thread::sleep(Duration::from_secs(12));
+    // At least 12 s of competing, and until every tenant has four backups
+    // (slots come every 2 s; a loaded machine runs fewer of them).
+    let started = std::time::Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let backups = |t: &str| {
+            [&da, &db]
+                .iter()
+                .flat_map(|d| d.events("job.finished"))
+                .filter(|e| e["tenant"] == t && e["job"] == "backup" && e["outcome"] == "success")
+                .count()
+        };
+        let enough = tenants.iter().all(|t| backups(t) >= 4);
+        if started.elapsed() >= Duration::from_secs(12) && enough
+            || started.elapsed() >= Duration::from_secs(120)
+        {
+            break;
+        }
+    }
     da.signal("TERM");
     db.signal("TERM");
     assert!(da.wait_exit(Duration::from_secs(70)).success());
