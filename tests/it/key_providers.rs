@@ -1331,6 +1331,70 @@ mod pkcs11_specific {
         assert!(token_objects(&settings, &token, &label).is_empty());
     }
 
+    /// A destruction record on the token is anyone's to write: one planted
+    /// by a PIN holder, naming a version they relabelled with CKA_ENCRYPT
+    /// cleared, does not excuse that version from being found. Only what a
+    /// shred of this installation destroyed (its local record) is excused.
+    #[tokio::test]
+    async fn a_planted_destruction_record_does_not_excuse_a_hidden_version() {
+        use cryptoki::object::{Attribute, ObjectClass};
+        let Some(f) = Pkcs11Fixture::new() else {
+            return;
+        };
+        let (settings, token) = common::pkcs11_settings().unwrap();
+        let key = f.fresh_key().await;
+        f.provider.rotate(&key).await.unwrap();
+        f.provider.disable(&key).await.unwrap();
+        let label = key.id().rsplit("object=").next().unwrap().to_owned();
+        let hidden = format!("{label}-hidden");
+        on_token(&settings, &token, |s| {
+            let v1 = version_handle(s, &label, 1);
+            s.update_attributes(v1, &[Attribute::Label(hidden.as_bytes().to_vec())])
+                .unwrap();
+        });
+        // The token part of an object's name, as custos prints it.
+        let e = f.provider.destroy(&key, 7).await.unwrap_err().to_string();
+        let prefix = e
+            .split(&format!(";object={hidden};id=00000001"))
+            .next()
+            .and_then(|before| before.rsplit(' ').next())
+            .unwrap()
+            .to_owned();
+        assert!(prefix.starts_with("token="), "{e}");
+        let planted = serde_json::json!({
+            "destroyed_at": "2026-01-01T00:00:00Z",
+            "objects": [format!("{prefix};object={label};id=00000001")],
+        });
+        on_token(&settings, &token, |s| {
+            s.create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Application(b"custos-destroyed/1".to_vec()),
+                Attribute::Value(serde_json::to_vec(&planted).unwrap()),
+            ])
+            .unwrap();
+        });
+        let e = f.provider.destroy(&key, 7).await.unwrap_err().to_string();
+        assert!(e.contains(&format!("object={hidden};id=00000001")), "{e}");
+        assert!(e.contains("CKA_ID [\"00000001\"]"), "{e}");
+        assert_eq!(token_objects(&settings, &token, &hidden).len(), 1);
+        on_token(&settings, &token, |s| {
+            let v1 = version_handle(s, &hidden, 1);
+            s.update_attributes(v1, &[Attribute::Encrypt(true)])
+                .unwrap();
+        });
+        let d = f.provider.destroy(&key, 7).await.unwrap();
+        assert!(
+            d.objects
+                .iter()
+                .any(|o| o.contains(&format!("object={hidden};id=00000001"))),
+            "{d:?}"
+        );
+        assert!(token_objects(&settings, &token, &hidden).is_empty());
+    }
+
     /// A version custos did not generate and the token reports copyable is
     /// adopted at the key's first sight; a copy of it under another label
     /// (C_CopyObject) is then destroyed by the shred too, found by the

@@ -935,17 +935,35 @@ impl Ctx {
             None => self.leave_tombstone(s, &names)?,
         };
         // Every secret key under the label, custos version id or not (all
-        // of it is the key's material), then the recorded versions found
-        // elsewhere.
-        let handles: Vec<ObjectHandle> = view
-            .versions
-            .iter()
-            .map(|v| v.handle)
-            .chain(located.strays.iter().map(|o| o.handle))
-            .collect();
-        for (i, h) in handles.iter().enumerate() {
-            s.destroy_object(*h).map_err(ck("C_DestroyObject"))?;
-            if i + 1 < handles.len() {
+        // of it is the key's material), and the recorded versions found
+        // elsewhere; grouped by the recorded version each holds, which is
+        // recorded as destroyed once its last object is.
+        let mut groups: std::collections::BTreeMap<Option<String>, Vec<ObjectHandle>> =
+            std::collections::BTreeMap::new();
+        for v in &view.versions {
+            let id = hex::encode(&v.id);
+            let version = located.in_place.contains(&id).then_some(id);
+            groups.entry(version).or_default().push(v.handle);
+        }
+        for o in &located.strays {
+            groups
+                .entry(Some(o.version.clone()))
+                .or_default()
+                .push(o.handle);
+        }
+        // A crash between a C_DestroyObject and the record leaves a version
+        // found nowhere and not recorded: the next shred refuses while the
+        // token holds keys that give no check value (fail-safe, see
+        // `pinning::search`).
+        let last = groups.len();
+        for (i, (version, handles)) in groups.into_iter().enumerate() {
+            for h in handles {
+                s.destroy_object(h).map_err(ck("C_DestroyObject"))?;
+            }
+            if let Some(id) = version {
+                self.record_destroyed(token, id)?;
+            }
+            if i + 1 < last {
                 crate::hooks::crash_point(DESTROY_CRASH_SCOPE, "between-versions");
             }
         }

@@ -65,6 +65,8 @@ pub(super) struct Stray {
     pub handle: ObjectHandle,
     /// Named as in a destruction's objects.
     pub name: String,
+    /// The `CKA_ID` (hex) of the recorded version whose material it holds.
+    pub version: String,
 }
 
 /// What a search of the token by check value found.
@@ -79,6 +81,9 @@ pub(super) struct Scan {
 
 /// Where a shred found the recorded versions.
 pub(super) struct Located {
+    /// Recorded versions (`CKA_ID`, hex) under the key's label with their
+    /// recorded check value (or their id, for one recorded without one).
+    pub in_place: BTreeSet<String>,
     pub strays: Vec<Stray>,
     /// The token was searched by check value (and the proof searches again).
     pub scanned: bool,
@@ -202,6 +207,14 @@ impl Ctx {
         })
     }
 
+    /// After a shred destroyed every object it found of recorded version
+    /// `id` (see `KeyObjects::destroyed`).
+    pub(super) fn record_destroyed(&self, token: &Token, id: String) -> Result<(), Fail> {
+        self.update(token, |r| {
+            r.destroyed.insert(id);
+        })
+    }
+
     fn refused(&self, v: &Version, why: &str) -> Fail {
         Fail::Key(KeyError::AccessDenied {
             key: self.key.clone(),
@@ -309,8 +322,15 @@ impl Ctx {
                 .versions
                 .iter()
                 .any(|(id, p)| p.copyable || !in_place(id, p));
+        let in_place_ids: BTreeSet<String> = rec
+            .versions
+            .iter()
+            .filter(|(id, p)| in_place(id, p))
+            .map(|(id, _)| id.clone())
+            .collect();
         if !scan {
             return Ok(Located {
+                in_place: in_place_ids,
                 strays: Vec::new(),
                 scanned: false,
             });
@@ -328,16 +348,11 @@ impl Ctx {
                 !in_place(id, p) && p.check.as_ref().is_none_or(|c| !found.contains(c))
             })
             .collect();
-        // A destruction cut short already destroyed what its record names.
-        let done = |id: &String| {
-            view.tombstone.as_ref().is_some_and(|(_, t)| {
-                let name = self.object_name(token, &hex::decode(id).unwrap_or_default());
-                t.objects.contains(&name)
-            })
-        };
+        // A destruction of this installation cut short destroyed these
+        // (see `KeyObjects::destroyed`).
         let lost: Vec<&String> = absent
             .iter()
-            .filter(|(id, p)| p.check.is_some() && !done(id))
+            .filter(|(id, p)| p.check.is_some() && !rec.destroyed.contains(*id))
             .map(|(id, _)| *id)
             .collect();
         if !lost.is_empty() && !unchecked.is_empty() {
@@ -356,6 +371,7 @@ impl Ctx {
             tracing::warn!(event = "pkcs11.recorded_version_absent", key = %self.key, token_serial = %token.serial, ids = ?ids, "recorded versions (CKA_ID {ids:?}) are neither under the key's label nor anywhere on the token by their check value (every AES-256 secret key on it gave one)");
         }
         Ok(Located {
+            in_place: in_place_ids,
             strays,
             scanned: true,
         })
@@ -398,6 +414,7 @@ impl Ctx {
                     strays.push(Stray {
                         handle: h,
                         name: self.name_of(s, token, h)?,
+                        version: wanted[c.as_str()].to_owned(),
                     });
                     found.insert(c);
                 }

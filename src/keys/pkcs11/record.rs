@@ -55,6 +55,13 @@ pub(super) struct KeyObjects {
     /// wrapped under again, whatever answers for them later.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub dead: BTreeSet<String>,
+    /// `CKA_ID`s of recorded versions a shred of this installation found
+    /// and destroyed every object of, written after the last
+    /// `C_DestroyObject`: a shred finishing one cut short excuses only
+    /// these from being found nowhere, never what a record on the token
+    /// (which any PIN holder can write) names.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub destroyed: BTreeSet<String>,
 }
 
 impl KeyObjects {
