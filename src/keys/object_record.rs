@@ -182,6 +182,16 @@ where
         Ok(out)
     }
 
+    /// Changes every entry and key holder under one exclusive lock, written
+    /// atomically.
+    pub fn update_all(
+        &self,
+        key: &str,
+        change: impl FnOnce(&mut BTreeMap<String, E>, &mut BTreeMap<String, S>),
+    ) -> Result<(), KeyError> {
+        self.change(key, |f| change(&mut f.keys, &mut f.servers))
+    }
+
     /// Changes the record under an exclusive lock (other custos processes
     /// of this installation change it too), written atomically.
     fn change(&self, key: &str, change: impl FnOnce(&mut File<E, S>)) -> Result<(), KeyError> {

@@ -793,10 +793,16 @@ impl KmipProvider {
                 // The one object the customer named: custos's by configuration
                 // (its material pinned at first sight), unless once gone.
                 let dead = record.as_ref().is_some_and(|r| r.dead.contains(uid));
+                let own = record
+                    .as_ref()
+                    .is_some_and(|r| r.versions.contains_key(uid));
                 match self.object(key, "", uid).await {
                     Ok(_) if dead && !strict => {
                         fam.gone.push(uid.clone());
                     }
+                    // Recorded as another key's object (or a marker): never
+                    // taken for this key's at first sight.
+                    Ok(_) if !own && fam.elsewhere.contains(uid) => {}
                     Ok(mut obj) => {
                         if is_destroyed(obj.state) {
                             fam.newly_dead.push(uid.clone());
@@ -1050,7 +1056,9 @@ impl KmipProvider {
 
     async fn create_version(&self, key: &KeyRef, name: &str, v: u32) -> Result<String, KeyError> {
         // The key's first object binds it to this server (a record that
-        // exists was bound, or refused, by the family read before).
+        // exists was bound, or refused, by the family read before); the
+        // server is asked afresh before and after (see `still_on_own_server`).
+        self.still_on_own_server(key).await?;
         self.bind_new(key, &self.record_entry(key)).await?;
         let uid = self
             .create(
@@ -1066,13 +1074,15 @@ impl KmipProvider {
             )
             .await?;
         // Recorded before it is activated: a crash in between leaves a
-        // Pre-Active version custos knows, which its next use activates.
+        // Pre-Active version custos knows (never activated: replaced).
         self.record(key, |r| {
             r.versions.insert(uid.clone(), v);
         })?;
         self.simple(key, "Activate", Request::Activate(uid.clone()))
             .await?;
         self.pin_material(key, &uid).await?;
+        self.still_on_own_server(key).await?;
+        self.pins.bury(&self.record_entry(key), &uid, &label(key))?;
         tracing::info!(event = "kmip.key_created", key = %key, version = v, object = %uid, "created version {v} of {key} on the KMIP server");
         Ok(uid)
     }
@@ -1725,6 +1735,18 @@ impl KeyProvider for KmipProvider {
                 .filter(|(_, o)| !refused.iter().any(|(r, _)| r == &o.uid))
                 .map(|(_, o)| format!("{} ({:?})", o.uid, o.state)),
         );
+        // The answers above came from the key's own key manager only if it
+        // still gives its marker now (it did at this shred's start).
+        self.still_on_own_server(key).await?;
+        if let Some((_, tomb)) = self
+            .pins
+            .get(&self.record_entry(key), &label(key))?
+            .as_ref()
+            .and_then(|r| r.tombstone().map(|(at, u)| (at, u.to_owned())))
+        {
+            self.pins
+                .bury(&self.record_entry(key), &tomb, &label(key))?;
+        }
         if !left.is_empty() {
             return Err(KeyError::Backend {
                 provider: PROVIDER,
@@ -1787,7 +1809,10 @@ impl KmipProvider {
         obj: &Object,
     ) -> Result<Identity, KeyError> {
         let named = match id {
-            KmipKeyId::Uid(_) => true,
+            // By configuration, unless the identifier is dead: a shred
+            // proved it gone, or custos since created another object under
+            // it (see `pins::Pins::created`).
+            KmipKeyId::Uid(_) => !obj.dead,
             KmipKeyId::Name(_) => obj.claims == ObjectKind::Version(v),
         };
         if obj.state == State::Active

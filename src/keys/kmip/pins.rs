@@ -175,6 +175,27 @@ impl Pins {
         self.0.set_server(name, marker, key)
     }
 
+    /// After custos created object `uid` for `entry` (and saw the server
+    /// still holds the entry's marker): the server gave `uid` to a new
+    /// object, so whatever another key on the same server recorded under it
+    /// was deleted. It is dead there, and a shred of that key neither
+    /// destroys nor waits for the object now under it.
+    pub fn bury(&self, entry: &str, uid: &str, key: &str) -> Result<(), KeyError> {
+        self.0.update_all(key, |keys, _| {
+            let Some(server) = keys.get(entry).and_then(|o| o.server.clone()) else {
+                return;
+            };
+            for (other, o) in keys.iter_mut() {
+                if other != entry
+                    && o.server.as_deref() == Some(server.as_str())
+                    && (o.versions.contains_key(uid) || o.tombstones.contains_key(uid))
+                {
+                    o.dead.insert(uid.to_owned());
+                }
+            }
+        })
+    }
+
     /// Changes the record of `entry` (other custos processes of this
     /// installation update it too).
     pub fn update(

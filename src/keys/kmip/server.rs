@@ -63,8 +63,10 @@ impl KmipProvider {
 
     /// A marker of this server to bind a key to: one it holds, or a new one
     /// (recorded before it is activated, and with its check value after).
+    /// Asked afresh: a binding written on a stale verdict (a DNS failover
+    /// since) would tie the key to another server than the one that holds it.
     async fn marker_to_bind(&self, key: &KeyRef) -> Result<String, KeyError> {
-        if let Some(name) = self.markers_here(key, false).await?.into_iter().next() {
+        if let Some(name) = self.markers_here(key, true).await?.into_iter().next() {
             return Ok(name);
         }
         let name = format!(
@@ -111,6 +113,10 @@ impl KmipProvider {
         if self.markers_here(key, fresh).await?.contains(bound) {
             return Ok(());
         }
+        // A cached "not here" is asked again: the server may be back.
+        if !fresh && self.markers_here(key, true).await?.contains(bound) {
+            return Ok(());
+        }
         Err(KeyError::Unavailable {
             key: label(key),
             message: format!(
@@ -118,6 +124,17 @@ impl KmipProvider {
                 self.server
             ),
         })
+    }
+
+    /// After a write whose outcome depends on which server answered (a
+    /// version created and pinned, a shred's proof): the server must still
+    /// give the key's marker, asked afresh; else the answers may have come
+    /// from another key manager, and nothing is concluded from them.
+    pub(super) async fn still_on_own_server(&self, key: &KeyRef) -> Result<(), KeyError> {
+        match self.pins.get(&self.record_entry(key), &label(key))? {
+            Some(r) => self.check_server(key, &r, true).await,
+            None => Ok(()),
+        }
     }
 
     /// Binds a key custos has just met or is making to this server.

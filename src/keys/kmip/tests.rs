@@ -1015,8 +1015,8 @@ async fn new_envelopes_are_format_2() {
         // the creation takes the key check value, each wrap takes it before
         // and after the wrapping key's Encrypt.
         let encrypts = fake.log().iter().filter(|o| *o == "Encrypt").count();
-        // The server's marker adds two: at its creation and at its first
-        // check.
+        // The server's marker adds two: at its creation, and asked afresh
+        // after the version's Create.
         assert_eq!(encrypts, if cbc { 3 + 3 * 3 } else { 4 + 3 * 3 });
     }
 }
@@ -1579,4 +1579,95 @@ async fn a_shred_run_again_converges_on_a_clean_runs_state() {
     assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(left[0].state, State::Compromised);
     assert_destroyed_with_a_time(&p, &k).await;
+}
+
+/// A `kmip:<uid>` key's object deleted behind custos, its identifier given
+/// to another key's new version (PyKMIP reuses the top identifier): custos
+/// created that version, so the identifier is dead for the first key, and
+/// its shred neither destroys the other key's version nor certifies.
+#[tokio::test]
+async fn a_uid_keys_shred_leaves_another_keys_version_under_its_reused_identifier() {
+    let (p, fake) = provider(Behaviour {
+        reuse_ids: true,
+        ..Behaviour::default()
+    });
+    let t2 = key("name/t2");
+    p.create_key(&t2).await.unwrap();
+    let u = fake.insert(&[], &[], State::Active);
+    let ku = key(&u);
+    p.generate_data_key(&ku, &ctx()).await.unwrap();
+    fake.remove(&u);
+    p.rotate(&t2).await.unwrap();
+    assert_eq!(p.current(&t2).await.unwrap().uid, u);
+    p.disable(&t2).await.unwrap();
+    let e = p.destroy(&ku, 7).await.unwrap_err();
+    assert!(matches!(e, KeyError::NotFound { .. }), "{e}");
+    let o = fake.objects().into_iter().find(|o| o.uid == u).unwrap();
+    assert_eq!(o.state, State::Deactivated, "t2's version is untouched");
+    assert!(p.describe(&t2).await.is_ok());
+}
+
+/// Another key's object under an identifier a key recorded (its version
+/// deleted behind custos, the identifier reused for the other key's
+/// version, then disabled) neither makes the first key read as disabled
+/// nor stops its shred, and is left alone by it.
+#[tokio::test]
+async fn another_keys_object_under_a_reused_identifier_neither_disables_nor_wedges_a_shred() {
+    let (p, fake) = provider(Behaviour {
+        reuse_ids: true,
+        ..Behaviour::default()
+    });
+    let a = key("name/a");
+    p.create_key(&a).await.unwrap();
+    let v1 = p.current(&a).await.unwrap().uid;
+    p.rotate(&a).await.unwrap();
+    let v2 = p.current(&a).await.unwrap().uid;
+    fake.remove(&v2);
+    let b = key("name/b");
+    p.create_key(&b).await.unwrap();
+    assert_eq!(p.current(&b).await.unwrap().uid, v2);
+    p.disable(&b).await.unwrap();
+    let info = p.describe(&a).await.unwrap();
+    assert!(matches!(info.state, KeyState::Enabled), "{info:?}");
+    for _ in 0..2 {
+        let d = p.destroy(&a, 7).await.unwrap();
+        assert_eq!(d.objects, vec![v1.clone()]);
+    }
+    let o = fake.objects().into_iter().find(|o| o.uid == v2).unwrap();
+    assert_eq!(o.state, State::Deactivated, "b's version is untouched");
+}
+
+/// `[kmip] server` resolving to another key manager while a process runs
+/// (its verdict on the server cached): a rotation asks the server afresh
+/// before its Create, so no version is made there, and the key stays whole
+/// on its own server.
+#[tokio::test]
+async fn a_rotation_after_a_server_switch_creates_nothing_on_the_other_server() {
+    struct Switch(Mutex<Arc<FakeKmip>>);
+    #[async_trait::async_trait]
+    impl Link for Arc<Switch> {
+        async fn call(&self, req: Request) -> Result<Response, WireError> {
+            let to = self.0.lock().unwrap().clone();
+            to.call(req).await
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let right = Arc::new(FakeKmip::new(Behaviour::default()));
+    let wrong = Arc::new(FakeKmip::new(Behaviour::default()));
+    for n in 0..4 {
+        wrong.insert(&[&format!("payroll-{n}")], &[], State::Active);
+    }
+    let link = Arc::new(Switch(Mutex::new(right.clone())));
+    let p = KmipProvider::with_link("fake:5696".into(), Box::new(link.clone()))
+        .with_object_record(dir.path().join("kmip-objects.json"));
+    let k = key("name/acme");
+    p.create_key(&k).await.unwrap();
+    let (dk, w) = p.generate_data_key(&k, &ctx()).await.unwrap();
+    *link.0.lock().unwrap() = wrong.clone();
+    let e = p.rotate(&k).await.unwrap_err();
+    assert!(matches!(e, KeyError::Unavailable { .. }), "{e:?}");
+    assert_eq!(wrong.objects().len(), 4, "{:?}", wrong.objects());
+    *link.0.lock().unwrap() = right.clone();
+    assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
+    p.rotate(&k).await.unwrap();
 }
