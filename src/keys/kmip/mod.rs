@@ -682,8 +682,11 @@ impl KmipProvider {
             }
             obj.check = record.and_then(|r| r.checks.get(&uid)).cloned();
             match (obj.kind, own_tombstone, own_version) {
-                // custos's own tombstone (the earliest, if a race left two).
-                (_, Some(&at), _) if fam.tombstone.as_ref().is_none_or(|(t, _, _)| at < *t) => {
+                // custos's own tombstone (the earliest, if a race left two);
+                // under a dead identifier, another object is there now.
+                (_, Some(&at), _)
+                    if !obj.dead && fam.tombstone.as_ref().is_none_or(|(t, _, _)| at < *t) =>
+                {
                     fam.tombstone = Some((at, uid, Some(obj.state)));
                 }
                 (ObjectKind::Tombstone(_), None, _) => fam.foreign_tombstones.push(uid),
@@ -741,7 +744,10 @@ impl KmipProvider {
         if fam.tombstone.is_none()
             && let Some((at, uid)) = record.tombstone()
         {
+            // A dead identifier holds another object now (custos created
+            // one there since): the tombstone counts as gone, made again.
             let state = match self.attributes(key, uid).await {
+                _ if record.dead.contains(uid) => None,
                 Ok(a) => a.state,
                 Err(KeyError::NotFound { .. }) => None,
                 Err(e) => return Err(e),

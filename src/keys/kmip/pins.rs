@@ -82,12 +82,15 @@ pub(super) struct KeyObjects {
 }
 
 impl KeyObjects {
-    /// custos's own tombstone, the earliest if a race left two.
+    /// custos's own tombstone, the earliest if a race left two; one under
+    /// a dead identifier only if no other is left (its time still dates
+    /// the destruction; the object is made again).
     pub fn tombstone(&self) -> Option<(i64, &str)> {
         self.tombstones
             .iter()
-            .map(|(uid, at)| (*at, uid.as_str()))
+            .map(|(uid, at)| (self.dead.contains(uid), *at, uid.as_str()))
             .min()
+            .map(|(_, at, uid)| (at, uid))
     }
 }
 

@@ -38,6 +38,7 @@ impl KmipProvider {
         if !fresh && let Some(here) = self.marker_cache() {
             return Ok(here);
         }
+        self.link.forget_connections();
         let mut here = BTreeSet::new();
         for (name, marker) in self.pins.servers(&label(key))? {
             // A creation that stopped before its check value: not a marker.

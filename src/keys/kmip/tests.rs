@@ -1671,3 +1671,46 @@ async fn a_rotation_after_a_server_switch_creates_nothing_on_the_other_server() 
     assert_eq!(p.unwrap(&k, &w, &ctx()).await.unwrap(), dk);
     p.rotate(&k).await.unwrap();
 }
+
+/// custos's tombstone deleted behind it and its identifier given to another
+/// key's new version: a shred of the first key run again neither revokes
+/// that version as its tombstone nor takes it for one; it makes a new
+/// tombstone with the destruction's first time.
+#[tokio::test]
+async fn a_tombstone_identifier_reused_by_another_key_is_never_revoked() {
+    let fake = Arc::new(FakeKmip::new(Behaviour {
+        reuse_ids: true,
+        ..Behaviour::default()
+    }));
+    let refused = Arc::new(Mutex::new(String::new()));
+    let link = Denying {
+        fake: fake.clone(),
+        uid: refused.clone(),
+        target: |req| match req {
+            Request::Destroy(uid) => Some(uid),
+            _ => None,
+        },
+    };
+    let p = KmipProvider::with_link("fake:5696".into(), Box::new(link));
+    let a = key("name/a");
+    p.create_key(&a).await.unwrap();
+    let v1 = p.describe(&a).await.unwrap().current_version.unwrap();
+    // The first shred stops at its Destroy, after leaving its tombstone.
+    *refused.lock().unwrap() = v1.clone();
+    p.destroy(&a, 7).await.unwrap_err();
+    let tomb = in_group(&fake, "custos-key/a")
+        .into_iter()
+        .find(|o| o.uid != v1)
+        .unwrap()
+        .uid;
+    fake.remove(&tomb);
+    let b = key("name/b");
+    p.create_key(&b).await.unwrap();
+    assert_eq!(p.current(&b).await.unwrap().uid, tomb);
+    refused.lock().unwrap().clear();
+    let d = p.destroy(&a, 7).await.unwrap();
+    assert_eq!(d.objects, vec![v1]);
+    let o = fake.objects().into_iter().find(|o| o.uid == tomb).unwrap();
+    assert_eq!(o.state, State::Active, "b's version is untouched");
+    p.generate_data_key(&b, &ctx()).await.unwrap();
+}

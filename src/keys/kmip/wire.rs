@@ -49,12 +49,23 @@ pub(super) enum WireError {
 #[async_trait]
 pub(super) trait Link: Send + Sync {
     async fn call(&self, req: Request) -> Result<Response, WireError>;
+
+    /// Drops idle connections, so that the next request resolves the
+    /// server's name and connects again, as every write does: a check of
+    /// which key manager answers must reach the one the writes reach.
+    fn forget_connections(&self) {}
 }
 
 #[async_trait]
 impl Link for Arc<Transport> {
     async fn call(&self, req: Request) -> Result<Response, WireError> {
         Transport::call(self, req).await
+    }
+
+    fn forget_connections(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
     }
 }
 

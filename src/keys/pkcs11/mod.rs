@@ -960,7 +960,15 @@ impl Ctx {
             for h in handles {
                 s.destroy_object(h).map_err(ck("C_DestroyObject"))?;
             }
-            if let Some(id) = version {
+            // Only a version that cannot have copies elsewhere: one that
+            // may (copyable when adopted, or no check value to find them
+            // by) is never excused from being found.
+            if let Some(id) = version
+                && rec
+                    .versions
+                    .get(&id)
+                    .is_some_and(|p| !p.copyable && p.check.is_some())
+            {
                 self.record_destroyed(token, id)?;
             }
             if i + 1 < last {
