@@ -1744,15 +1744,6 @@ impl KeyProvider for KmipProvider {
         // The answers above came from the key's own key manager only if it
         // still gives its marker now (it did at this shred's start).
         self.still_on_own_server(key).await?;
-        if let Some((_, tomb)) = self
-            .pins
-            .get(&self.record_entry(key), &label(key))?
-            .as_ref()
-            .and_then(|r| r.tombstone().map(|(at, u)| (at, u.to_owned())))
-        {
-            self.pins
-                .bury(&self.record_entry(key), &tomb, &label(key))?;
-        }
         if !left.is_empty() {
             return Err(KeyError::Backend {
                 provider: PROVIDER,
@@ -1817,7 +1808,7 @@ impl KmipProvider {
         let named = match id {
             // By configuration, unless the identifier is dead: a shred
             // proved it gone, or custos since created another object under
-            // it (see `pins::Pins::created`).
+            // it (see `pins::Pins::bury`).
             KmipKeyId::Uid(_) => !obj.dead,
             KmipKeyId::Name(_) => obj.claims == ObjectKind::Version(v),
         };
