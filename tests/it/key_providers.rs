@@ -1146,6 +1146,28 @@ mod pkcs11_specific {
         f.cleanup().await;
     }
 
+    /// A fresh key with two versions, disabled (CKA_ENCRYPT false), and
+    /// version 1 relabelled `<label>-hidden` by another hand: (key, label,
+    /// hidden label).
+    async fn disabled_with_v1_relabelled(
+        f: &Pkcs11Fixture,
+        settings: &Pkcs11Settings,
+        token: &str,
+    ) -> (KeyRef, String, String) {
+        use cryptoki::object::Attribute;
+        let key = f.fresh_key().await;
+        f.provider.rotate(&key).await.unwrap();
+        f.provider.disable(&key).await.unwrap();
+        let label = key.id().rsplit("object=").next().unwrap().to_owned();
+        let hidden = format!("{label}-hidden");
+        on_token(settings, token, |s| {
+            let v1 = version_handle(s, &label, 1);
+            s.update_attributes(v1, &[Attribute::Label(hidden.as_bytes().to_vec())])
+                .unwrap();
+        });
+        (key, label, hidden)
+    }
+
     /// Runs `f` on a session of the test token opened directly (not through
     /// custos), under the module lock.
     fn on_token<T>(
@@ -1290,16 +1312,7 @@ mod pkcs11_specific {
             return;
         };
         let (settings, token) = common::pkcs11_settings().unwrap();
-        let key = f.fresh_key().await;
-        f.provider.rotate(&key).await.unwrap();
-        f.provider.disable(&key).await.unwrap();
-        let label = key.id().rsplit("object=").next().unwrap().to_owned();
-        let hidden = format!("{label}-hidden");
-        on_token(&settings, &token, |s| {
-            let v1 = version_handle(s, &label, 1);
-            s.update_attributes(v1, &[Attribute::Label(hidden.as_bytes().to_vec())])
-                .unwrap();
-        });
+        let (key, label, hidden) = disabled_with_v1_relabelled(&f, &settings, &token).await;
         let e = f.provider.destroy(&key, 7).await.unwrap_err().to_string();
         assert!(e.contains(&format!("object={hidden};id=00000001")), "{e}");
         assert!(e.contains("CKA_ID [\"00000001\"]"), "{e}");
@@ -1342,16 +1355,7 @@ mod pkcs11_specific {
             return;
         };
         let (settings, token) = common::pkcs11_settings().unwrap();
-        let key = f.fresh_key().await;
-        f.provider.rotate(&key).await.unwrap();
-        f.provider.disable(&key).await.unwrap();
-        let label = key.id().rsplit("object=").next().unwrap().to_owned();
-        let hidden = format!("{label}-hidden");
-        on_token(&settings, &token, |s| {
-            let v1 = version_handle(s, &label, 1);
-            s.update_attributes(v1, &[Attribute::Label(hidden.as_bytes().to_vec())])
-                .unwrap();
-        });
+        let (key, label, hidden) = disabled_with_v1_relabelled(&f, &settings, &token).await;
         // The token part of an object's name, as custos prints it.
         let e = f.provider.destroy(&key, 7).await.unwrap_err().to_string();
         let prefix = e

@@ -155,14 +155,22 @@ impl Pins {
 
     /// Every object the record holds for keys other than `entry`: never a
     /// version or tombstone of `entry`, whatever it is named. Server
-    /// markers are among them: never a key's object either.
+    /// markers are among them: never a key's object either. An identifier
+    /// dead in the entry that recorded it is not: that object is gone, and
+    /// the server may have given the identifier to this key's.
     pub fn others(&self, entry: &str, key: &str) -> Result<BTreeSet<String>, KeyError> {
         let (keys, servers) = self.0.all(key)?;
         let markers = servers.into_values().map(|m| m.uid);
         Ok(keys
             .into_iter()
             .filter(|(e, _)| e != entry)
-            .flat_map(|(_, o)| o.versions.into_keys().chain(o.tombstones.into_keys()))
+            .flat_map(|(_, o)| {
+                let dead = o.dead;
+                o.versions
+                    .into_keys()
+                    .chain(o.tombstones.into_keys())
+                    .filter(move |uid| !dead.contains(uid))
+            })
             .chain(markers)
             .collect())
     }

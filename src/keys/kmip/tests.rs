@@ -1714,3 +1714,28 @@ async fn a_tombstone_identifier_reused_by_another_key_is_never_revoked() {
     assert_eq!(o.state, State::Active, "b's version is untouched");
     p.generate_data_key(&b, &ctx()).await.unwrap();
 }
+
+/// An identifier a shredded key once held, given by the server to the
+/// customer's new key: that key (`kmip:<uid>`) is met and adopted as any
+/// other, not refused as another key's object.
+#[tokio::test]
+async fn a_new_uid_key_under_a_shredded_keys_identifier_is_adopted() {
+    let (p, fake) = provider(Behaviour {
+        reuse_ids: true,
+        ..Behaviour::default()
+    });
+    let old = key("name/old");
+    p.create_key(&old).await.unwrap();
+    let freed = p.current(&old).await.unwrap().uid;
+    p.destroy(&old, 7).await.unwrap();
+    // The tombstone deleted too (out of band): the version's identifier is
+    // the top free one, and the customer's new key gets it.
+    for o in in_group(&fake, "custos-key/old") {
+        fake.remove(&o.uid);
+    }
+    let u = fake.insert(&[], &[], State::Active);
+    assert_eq!(u, freed);
+    let ku = key(&u);
+    let (dk, w) = p.generate_data_key(&ku, &ctx()).await.unwrap();
+    assert_eq!(p.unwrap(&ku, &w, &ctx()).await.unwrap(), dk);
+}
