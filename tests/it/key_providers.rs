@@ -1168,6 +1168,32 @@ mod pkcs11_specific {
         (key, label, hidden)
     }
 
+    /// Lets the relabelled version 1 (under `hidden`) encrypt again, as its
+    /// owner would after a refused shred; the shred then finds it, destroys
+    /// it and names it.
+    async fn shred_once_v1_can_encrypt(
+        f: &Pkcs11Fixture,
+        settings: &Pkcs11Settings,
+        token: &str,
+        key: &KeyRef,
+        hidden: &str,
+    ) {
+        use cryptoki::object::Attribute;
+        on_token(settings, token, |s| {
+            let v1 = version_handle(s, hidden, 1);
+            s.update_attributes(v1, &[Attribute::Encrypt(true)])
+                .unwrap();
+        });
+        let d = f.provider.destroy(key, 7).await.unwrap();
+        assert!(
+            d.objects
+                .iter()
+                .any(|o| o.contains(&format!("object={hidden};id=00000001"))),
+            "{d:?}"
+        );
+        assert!(token_objects(settings, token, hidden).is_empty());
+    }
+
     /// Runs `f` on a session of the test token opened directly (not through
     /// custos), under the module lock.
     fn on_token<T>(
@@ -1328,19 +1354,7 @@ mod pkcs11_specific {
         );
         let info = f.provider.describe(&key).await.unwrap();
         assert!(matches!(info.state, KeyState::Disabled), "{info:?}");
-        on_token(&settings, &token, |s| {
-            let v1 = version_handle(s, &hidden, 1);
-            s.update_attributes(v1, &[Attribute::Encrypt(true)])
-                .unwrap();
-        });
-        let d = f.provider.destroy(&key, 7).await.unwrap();
-        assert!(
-            d.objects
-                .iter()
-                .any(|o| o.contains(&format!("object={hidden};id=00000001"))),
-            "{d:?}"
-        );
-        assert!(token_objects(&settings, &token, &hidden).is_empty());
+        shred_once_v1_can_encrypt(&f, &settings, &token, &key, &hidden).await;
         assert!(token_objects(&settings, &token, &label).is_empty());
     }
 
@@ -1384,19 +1398,7 @@ mod pkcs11_specific {
         assert!(e.contains(&format!("object={hidden};id=00000001")), "{e}");
         assert!(e.contains("CKA_ID [\"00000001\"]"), "{e}");
         assert_eq!(token_objects(&settings, &token, &hidden).len(), 1);
-        on_token(&settings, &token, |s| {
-            let v1 = version_handle(s, &hidden, 1);
-            s.update_attributes(v1, &[Attribute::Encrypt(true)])
-                .unwrap();
-        });
-        let d = f.provider.destroy(&key, 7).await.unwrap();
-        assert!(
-            d.objects
-                .iter()
-                .any(|o| o.contains(&format!("object={hidden};id=00000001"))),
-            "{d:?}"
-        );
-        assert!(token_objects(&settings, &token, &hidden).is_empty());
+        shred_once_v1_can_encrypt(&f, &settings, &token, &key, &hidden).await;
     }
 
     /// A version custos did not generate and the token reports copyable is

@@ -840,22 +840,32 @@ impl Link for Denying {
     }
 }
 
+/// A provider over a fake key manager that denies what `target` picks on
+/// the object named in the returned cell (empty: nothing denied).
+fn denying(
+    b: Behaviour,
+    target: fn(&Request) -> Option<&String>,
+) -> (KmipProvider, Arc<FakeKmip>, Arc<Mutex<String>>) {
+    let fake = Arc::new(FakeKmip::new(b));
+    let uid = Arc::new(Mutex::new(String::new()));
+    let link = Denying {
+        fake: fake.clone(),
+        uid: uid.clone(),
+        target,
+    };
+    let p = KmipProvider::with_link("fake:5696".into(), Box::new(link));
+    (p, fake, uid)
+}
+
 /// An object custos did not create, named as a version, that refuses its
 /// Revoke and Destroy does not block the shred of custos's own versions,
 /// and is not listed as destroyed.
 #[tokio::test]
 async fn a_planted_object_that_refuses_destroy_does_not_block_the_shred() {
-    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
-    let refused = Arc::new(Mutex::new(String::new()));
-    let link = Denying {
-        fake: fake.clone(),
-        uid: refused.clone(),
-        target: |req| match req {
-            Request::Revoke { uid, .. } | Request::Destroy(uid) => Some(uid),
-            _ => None,
-        },
-    };
-    let p = KmipProvider::with_link("fake:5696".into(), Box::new(link));
+    let (p, fake, refused) = denying(Behaviour::default(), |req| match req {
+        Request::Revoke { uid, .. } | Request::Destroy(uid) => Some(uid),
+        _ => None,
+    });
     let k = key("name/acme");
     p.create_key(&k).await.unwrap();
     let mine = p.describe(&k).await.unwrap().current_version.unwrap();
@@ -891,17 +901,10 @@ async fn planted_version_numbers_do_not_block_rotation() {
 /// skipped in use; a shred fails on it, naming the object and the group.
 #[tokio::test]
 async fn an_unreadable_object_is_skipped_in_use_and_named_by_a_shred() {
-    let fake = Arc::new(FakeKmip::new(Behaviour::default()));
-    let hidden = Arc::new(Mutex::new(String::new()));
-    let link = Denying {
-        fake: fake.clone(),
-        uid: hidden.clone(),
-        target: |req| match req {
-            Request::GetAttributes(uid) => Some(uid),
-            _ => None,
-        },
-    };
-    let p = KmipProvider::with_link("fake:5696".into(), Box::new(link));
+    let (p, fake, hidden) = denying(Behaviour::default(), |req| match req {
+        Request::GetAttributes(uid) => Some(uid),
+        _ => None,
+    });
     let k = key("name/acme");
     p.create_key(&k).await.unwrap();
     let planted = fake.insert(&["acme@v9"], &["custos-key/acme"], State::Active);
@@ -1678,20 +1681,16 @@ async fn a_rotation_after_a_server_switch_creates_nothing_on_the_other_server() 
 /// tombstone with the destruction's first time.
 #[tokio::test]
 async fn a_tombstone_identifier_reused_by_another_key_is_never_revoked() {
-    let fake = Arc::new(FakeKmip::new(Behaviour {
-        reuse_ids: true,
-        ..Behaviour::default()
-    }));
-    let refused = Arc::new(Mutex::new(String::new()));
-    let link = Denying {
-        fake: fake.clone(),
-        uid: refused.clone(),
-        target: |req| match req {
+    let (p, fake, refused) = denying(
+        Behaviour {
+            reuse_ids: true,
+            ..Behaviour::default()
+        },
+        |req| match req {
             Request::Destroy(uid) => Some(uid),
             _ => None,
         },
-    };
-    let p = KmipProvider::with_link("fake:5696".into(), Box::new(link));
+    );
     let a = key("name/a");
     p.create_key(&a).await.unwrap();
     let v1 = p.describe(&a).await.unwrap().current_version.unwrap();
