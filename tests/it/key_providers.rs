@@ -1063,6 +1063,10 @@ mod pkcs11_specific {
                 assert!(!b, "custos generated a copyable version");
             }
         }
+        // Under the module lock, as custos's own calls on this token are
+        // (SoftHSM2 answered CKR_GENERAL_ERROR to an unserialized one under load).
+        let lock = custos::keys::pkcs11::module_lock(&settings.module).unwrap();
+        let serial = lock.lock().unwrap();
         session
             .generate_key(
                 &Mechanism::AesKeyGen,
@@ -1083,6 +1087,7 @@ mod pkcs11_specific {
                 ],
             )
             .unwrap();
+        drop(serial);
         let e = expect_err(
             &f,
             "wrap under a version that can wrap and derive",
