@@ -36,7 +36,10 @@
 //! (`CUSTOS_CRASH_LOOPS`, default 3 here). After each, on top of the shred
 //! invariants above: the key shows destroyed on the token, and the
 //! certificate states when destruction began (before the kill) and when it
-//! became irreversible (when the re-run destroyed the last version).
+//! became irreversible (when the re-run destroyed the last version). Another
+//! tenant's key, disabled by custos, stays on the token throughout and
+//! untouched: a kill before a version's destruction was recorded locally
+//! (`pkcs11-destroy:unrecorded`) must not make the re-run refuse beside it.
 //!
 //! And `rotate --cmk` of a fresh tenant on the local key provider, killed at
 //! each named point of the key file write (`CUSTOS_CRASH_AT=local-key:…`)
@@ -961,10 +964,52 @@ fn crash_loop_pkcs11_shred() {
     let _alone = common::pkcs11_alone();
     let seed = seed();
     eprintln!("crash loop on a PKCS#11 token: seed {seed}");
+    // Another tenant's key, disabled by custos, on the token throughout: a
+    // shred killed before it recorded a version's destruction must still
+    // finish beside it (it gives its check value, so it hides nothing).
+    let suspended = SuspendedKey::new(&settings, &label);
     let mut c = Campaign::new(seed, None, Some(Pkcs11Token { settings, label }));
     // Each round makes a tenant with a two-version key: a few seeded kills
     // keep the case within the CI budget.
     c.loops = loops_or(3);
     c.pkcs11_shred_campaign();
     c.report("a PKCS#11 token (shred)");
+    suspended.remove();
+}
+
+/// A disabled key of a tenant outside the campaign.
+struct SuspendedKey {
+    provider: custos::keys::pkcs11::Pkcs11Provider,
+    key: custos::keys::KeyRef,
+    rt: tokio::runtime::Runtime,
+}
+
+impl SuspendedKey {
+    fn new(settings: &custos::keys::pkcs11::Pkcs11Settings, token: &str) -> SuspendedKey {
+        use custos::keys::KeyProvider;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let provider = custos::keys::pkcs11::Pkcs11Provider::open(settings).unwrap();
+        let key = common::pkcs11_key(token, "suspended");
+        rt.block_on(async {
+            provider.create_key(&key).await.unwrap();
+            provider.disable(&key).await.unwrap();
+        });
+        SuspendedKey { provider, key, rt }
+    }
+
+    /// Untouched by the campaign (still disabled), then destroyed.
+    fn remove(self) {
+        use custos::keys::KeyProvider;
+        self.rt.block_on(async {
+            let info = self.provider.describe(&self.key).await.unwrap();
+            assert!(
+                matches!(info.state, custos::keys::KeyState::Disabled),
+                "{info:?}"
+            );
+            self.provider.destroy(&self.key, 7).await.unwrap();
+        });
+    }
 }

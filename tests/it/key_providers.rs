@@ -1151,9 +1151,10 @@ mod pkcs11_specific {
         f.cleanup().await;
     }
 
-    /// A fresh key with two versions, disabled (CKA_ENCRYPT false), and
-    /// version 1 relabelled `<label>-hidden` by another hand: (key, label,
-    /// hidden label).
+    /// A fresh key with two versions, disabled, and by another hand:
+    /// version 1 relabelled `<label>-hidden` with CKA_ENCRYPT cleared, and
+    /// version 2 given CKA_ENCRYPT false too (how earlier builds disabled):
+    /// (key, label, hidden label).
     async fn disabled_with_v1_relabelled(
         f: &Pkcs11Fixture,
         settings: &Pkcs11Settings,
@@ -1167,7 +1168,16 @@ mod pkcs11_specific {
         let hidden = format!("{label}-hidden");
         on_token(settings, token, |s| {
             let v1 = version_handle(s, &label, 1);
-            s.update_attributes(v1, &[Attribute::Label(hidden.as_bytes().to_vec())])
+            s.update_attributes(
+                v1,
+                &[
+                    Attribute::Label(hidden.as_bytes().to_vec()),
+                    Attribute::Encrypt(false),
+                ],
+            )
+            .unwrap();
+            let v2 = version_handle(s, &label, 2);
+            s.update_attributes(v2, &[Attribute::Encrypt(false)])
                 .unwrap();
         });
         (key, label, hidden)
@@ -1335,7 +1345,8 @@ mod pkcs11_specific {
     /// A relabelled version that cannot encrypt gives no check value: the
     /// shred cannot tell it from another key, so it refuses, naming it, and
     /// leaves the key as it was (still disabled). Once it can encrypt, the
-    /// shred finds and destroys it.
+    /// shred finds and destroys it. Another key disabled by custos is no
+    /// suspect: it keeps giving its check value.
     #[tokio::test]
     async fn a_relabelled_version_that_cannot_encrypt_refuses_the_shred() {
         use cryptoki::object::{Attribute, AttributeType};
@@ -1343,10 +1354,14 @@ mod pkcs11_specific {
             return;
         };
         let (settings, token) = common::pkcs11_settings().unwrap();
+        let other = f.fresh_key().await;
+        f.provider.disable(&other).await.unwrap();
+        let other_label = other.id().rsplit("object=").next().unwrap().to_owned();
         let (key, label, hidden) = disabled_with_v1_relabelled(&f, &settings, &token).await;
         let e = f.provider.destroy(&key, 7).await.unwrap_err().to_string();
         assert!(e.contains(&format!("object={hidden};id=00000001")), "{e}");
         assert!(e.contains("CKA_ID [\"00000001\"]"), "{e}");
+        assert!(!e.contains(&other_label), "{e}");
         assert_eq!(token_objects(&settings, &token, &hidden).len(), 1);
         assert_eq!(token_objects(&settings, &token, &label).len(), 1);
         let encrypts = on_token(&settings, &token, |s| {

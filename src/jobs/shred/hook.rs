@@ -45,9 +45,10 @@ pub const LOCAL_KEY_POINTS: &[&str] = &["written", "installed"];
 
 /// The points of a PKCS#11 key destruction (`CUSTOS_CRASH_AT=pkcs11-destroy:<point>`,
 /// [`crate::keys::pkcs11`]): the destruction record is on the token, no
-/// version destroyed yet; one version destroyed, another still there (a
-/// key with two versions or more).
-pub const PKCS11_DESTROY_POINTS: &[&str] = &["recorded", "between-versions"];
+/// version destroyed yet; a version's objects destroyed, its destruction
+/// not yet recorded locally; one version destroyed and recorded, another
+/// still there (a key with two versions or more).
+pub const PKCS11_DESTROY_POINTS: &[&str] = &["recorded", "unrecorded", "between-versions"];
 
 #[cfg(feature = "test-hooks")]
 pub const ENV: &str = crate::hooks::CRASH_AT;

@@ -12,8 +12,13 @@
 //! - custos creates them `CKA_TOKEN`, `CKA_PRIVATE`, `CKA_SENSITIVE`, not
 //!   `CKA_EXTRACTABLE`, AES, 32 bytes, `CKA_START_DATE` the day of creation,
 //!   and refuses to use an object that is extractable or not sensitive;
-//! - disabled = `CKA_ENCRYPT` and `CKA_DECRYPT` false on every version
-//!   (the token itself then refuses the key: `CKR_KEY_FUNCTION_NOT_PERMITTED`);
+//! - disabled = `CKA_DECRYPT` false on every version (the token itself
+//!   then refuses to unwrap: `CKR_KEY_FUNCTION_NOT_PERMITTED`). Read as
+//!   disabled too: any version with `CKA_ENCRYPT` false (how earlier
+//!   builds disabled). `CKA_ENCRYPT` stays true so that a disabled key still gives
+//!   its check value, and another key's shred can rule it out as a hidden
+//!   copy of its versions (see `pinning`); encrypting under a disabled key
+//!   exposes nothing, and custos refuses to wrap under one;
 //! - destroyed = a data object (`CKO_DATA`, label `L`, `CKA_APPLICATION`
 //!   `custos-destroyed/1`, no key material) records when and which objects
 //!   were destroyed, then `C_DestroyObject` of every version. Without it a
@@ -954,12 +959,13 @@ impl Ctx {
         // A crash between a C_DestroyObject and the record leaves a version
         // found nowhere and not recorded: the next shred refuses while the
         // token holds keys that give no check value (fail-safe, see
-        // `pinning::search`).
+        // `pinning::search`), and goes on when every key gives one.
         let last = groups.len();
         for (i, (version, handles)) in groups.into_iter().enumerate() {
             for h in handles {
                 s.destroy_object(h).map_err(ck("C_DestroyObject"))?;
             }
+            crate::hooks::crash_point(DESTROY_CRASH_SCOPE, "unrecorded");
             // Only a version that cannot have copies elsewhere: one that
             // may (copyable when adopted, or no check value to find them
             // by) is never excused from being found.
@@ -1066,10 +1072,13 @@ impl Ctx {
                 }));
             }
         }
+        // CKA_ENCRYPT true either way: a disabled key keeps giving its check
+        // value (see the module comment); this also moves a key disabled by
+        // an earlier build to today's shape.
         for v in &view.versions {
             s.update_attributes(
                 v.handle,
-                &[Attribute::Encrypt(enabled), Attribute::Decrypt(enabled)],
+                &[Attribute::Encrypt(true), Attribute::Decrypt(enabled)],
             )
             .map_err(ck("C_SetAttributeValue (CKA_ENCRYPT, CKA_DECRYPT)"))?;
         }
