@@ -512,6 +512,81 @@ impl Drop for TokenUse {
     }
 }
 
+/// A session on the test token, opened directly (not through custos)
+/// and logged in as the user. Callers hold `module_lock`, as custos does
+/// around every call on SoftHSM2 (it fails writes beside other threads'
+/// calls) and around its writes on any module.
+pub fn token_session(
+    settings: &custos::keys::pkcs11::Pkcs11Settings,
+    token: &str,
+) -> cryptoki::session::Session {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::session::UserType;
+    let ctx = Pkcs11::new(&settings.module).unwrap();
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(
+            cryptoki::error::RvError::CryptokiAlreadyInitialized,
+            _,
+        )) => {}
+        Err(e) => panic!("C_Initialize: {e}"),
+    }
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .is_ok_and(|i| i.label().trim_end() == token)
+        })
+        .expect("the test token");
+    // Never finalised: C_Finalize on drop would end the module for the
+    // provider this process's other tests use at the same time.
+    let ctx = std::mem::ManuallyDrop::new(ctx);
+    let session = ctx.open_rw_session(slot).unwrap();
+    let custos::keys::pkcs11::PinSource::File(pin_file) = &settings.pin else {
+        unreachable!()
+    };
+    let pin = std::fs::read_to_string(pin_file).unwrap();
+    match session.login(UserType::User, Some(&pin.trim().into())) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+        }
+        Err(e) => panic!("C_Login: {e}"),
+    }
+    session
+}
+
+/// Runs `f` on a session of the test token opened directly (not through
+/// custos), under the module lock.
+pub fn on_token<T>(
+    settings: &custos::keys::pkcs11::Pkcs11Settings,
+    token: &str,
+    f: impl FnOnce(&cryptoki::session::Session) -> T,
+) -> T {
+    let lock = custos::keys::pkcs11::module_lock(&settings.module).unwrap();
+    let _serial = lock.lock().unwrap();
+    f(&token_session(settings, token))
+}
+
+/// The one secret key labelled `label` with CKA_ID `id`.
+pub fn version_handle(
+    s: &cryptoki::session::Session,
+    label: &str,
+    id: u32,
+) -> cryptoki::object::ObjectHandle {
+    use cryptoki::object::{Attribute, ObjectClass};
+    let found = s
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.to_be_bytes().to_vec()),
+        ])
+        .unwrap();
+    assert_eq!(found.len(), 1, "{label} id {id}: {found:?}");
+    found[0]
+}
+
 /// A fresh PKCS#11 key reference on the test token (not created).
 pub fn pkcs11_key(token: &str, hint: &str) -> custos::keys::KeyRef {
     custos::keys::KeyRef::parse(&format!(

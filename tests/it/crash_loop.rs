@@ -37,9 +37,11 @@
 //! invariants above: the key shows destroyed on the token, and the
 //! certificate states when destruction began (before the kill) and when it
 //! became irreversible (when the re-run destroyed the last version). Another
-//! tenant's key, disabled by custos, stays on the token throughout and
-//! untouched: a kill before a version's destruction was recorded locally
-//! (`pkcs11-destroy:unrecorded`) must not make the re-run refuse beside it.
+//! tenant's key, disabled, stays on the token throughout: after a kill
+//! between a version's `C_DestroyObject` and its local record
+//! (`pkcs11-destroy:unrecorded`, or a seeded kill landing there) the re-run
+//! must refuse, naming only keys of others that give no check value; once
+//! they can encrypt it finishes (the remedy docs/keys-you-hold.md gives).
 //!
 //! And `rotate --cmk` of a fresh tenant on the local key provider, killed at
 //! each named point of the key file write (`CUSTOS_CRASH_AT=local-key:…`)
@@ -163,6 +165,10 @@ struct Campaign {
     /// named crash point.
     rotate_shred_rounds: usize,
     named_point_kills: usize,
+    /// Re-runs of a PKCS#11 shred refused because a version's destruction
+    /// was not yet recorded locally when it was killed and the token held
+    /// keys that give no check value; each then finished after the remedy.
+    unchecked_refusals: usize,
     /// Kills of `rotate --cmk` after which a temporary key file was found.
     kills_leaving_key_material: usize,
     readers: ReaderStats,
@@ -323,6 +329,7 @@ impl Campaign {
             shred_rounds: 0,
             rotate_shred_rounds: 0,
             named_point_kills: 0,
+            unchecked_refusals: 0,
             kills_leaving_key_material: 0,
             readers: ReaderStats::default(),
             loops: loops(),
@@ -486,6 +493,67 @@ impl Campaign {
         self.ok(&args)
     }
 
+    /// Re-runs the shred. On a token, one killed after a version's
+    /// `C_DestroyObject` and before its local record refuses while the token
+    /// holds keys that give no check value (the fail-safe of
+    /// docs/keys-you-hold.md); the operator's remedy follows: those keys
+    /// (other tenants', never this one's) are let encrypt, the shred runs
+    /// again and finishes, and they are disabled again.
+    fn finish_shred(&mut self, what: &str) {
+        let args = self.job_args(Job::Shred);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = self.settled(&args);
+        if r.code == 0 {
+            return;
+        }
+        let Some((settings, token)) = self
+            .pkcs11
+            .as_ref()
+            .map(|t| (t.settings.clone(), t.label.clone()))
+        else {
+            panic!(
+                "{}:\n{}",
+                self.context(&format!("shred after {what}")),
+                r.stderr
+            );
+        };
+        let unchecked = unchecked_keys(&r.stderr).unwrap_or_else(|| {
+            panic!(
+                "{}:\n{}",
+                self.context(&format!("shred after {what}")),
+                r.stderr
+            )
+        });
+        let own = self.shred_key.rsplit("object=").next().unwrap().to_owned();
+        assert!(
+            unchecked.iter().all(|(label, _)| *label != own),
+            "{}: {unchecked:?}",
+            self.context(&format!("keys named by the refused shred after {what}"))
+        );
+        self.unchecked_refusals += 1;
+        let set = |encrypt: bool| {
+            common::on_token(&settings, &token, |s| {
+                for (label, id) in &unchecked {
+                    let h = common::version_handle(s, label, *id);
+                    s.update_attributes(h, &[cryptoki::object::Attribute::Encrypt(encrypt)])
+                        .unwrap();
+                }
+            })
+        };
+        set(true);
+        let r = self.settled(&args);
+        set(false);
+        assert_eq!(
+            r.code,
+            0,
+            "{}:\n{}",
+            self.context(&format!(
+                "shred after {what}, its refusal's named keys let encrypt"
+            )),
+            r.stderr
+        );
+    }
+
     /// Gives the job something to do.
     fn prepare(&mut self, job: Job) {
         match job {
@@ -572,7 +640,7 @@ impl Campaign {
             self.context(&format!("audit verify after {what}")),
             audit.stderr
         );
-        self.ok_job(Job::Shred);
+        self.finish_shred(what);
         let ids = self.ok(&["certificate", "get", &t]);
         let ids: Vec<&str> = ids.stdout.split_whitespace().collect();
         assert_eq!(
@@ -693,6 +761,7 @@ impl Campaign {
             .map(|p| (format!("pkcs11-destroy:{p}"), true))
             .chain([("shred:keys".to_owned(), false)]);
         for (point, cut_short) in points {
+            let refusals = self.unchecked_refusals;
             self.prepare(Job::Shred);
             let args = self.job_args(Job::Shred);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -716,6 +785,15 @@ impl Campaign {
                 &format!("Shred killed at {point}"),
                 Some((killed_at, cut_short)),
             );
+            // The suspended key gives no check value: the fail-safe, then the remedy.
+            if point == "pkcs11-destroy:unrecorded" {
+                assert_eq!(
+                    self.unchecked_refusals,
+                    refusals + 1,
+                    "{}",
+                    self.context("the re-run after pkcs11-destroy:unrecorded was not refused")
+                );
+            }
         }
         self.campaign(Job::Shred);
     }
@@ -880,7 +958,7 @@ impl Campaign {
     fn report(&self, store: &str) {
         let r = &self.readers;
         eprintln!(
-            "crash loop on {store}: seed {}, {} kills ({} at named points), {} runs finished before their kill point, {} custos runs, {} tenants shredded, {} rotate --cmk rounds then shredded ({} kills left a temporary key file); \
+            "crash loop on {store}: seed {}, {} kills ({} at named points), {} runs finished before their kill point, {} custos runs, {} tenants shredded, {} rotate --cmk rounds then shredded ({} kills left a temporary key file), {} shred re-runs refused beside keys that give no check value; \
              beside the killed jobs: {} restores, {} checks --read-data, {} restores cut off by a shred, {} reader_lost; faults found: 0",
             self.seed,
             self.kills,
@@ -890,6 +968,7 @@ impl Campaign {
             self.shred_rounds,
             self.rotate_shred_rounds,
             self.kills_leaving_key_material,
+            self.unchecked_refusals,
             r.restores,
             r.checks,
             r.cut_off,
@@ -964,9 +1043,9 @@ fn crash_loop_pkcs11_shred() {
     let _alone = common::pkcs11_alone();
     let seed = seed();
     eprintln!("crash loop on a PKCS#11 token: seed {seed}");
-    // Another tenant's key, disabled by custos, on the token throughout: a
-    // shred killed before it recorded a version's destruction must still
-    // finish beside it (it gives its check value, so it hides nothing).
+    // Another tenant's key, disabled, on the token throughout: it gives no
+    // check value, so a shred killed before it recorded a version's
+    // destruction refuses to finish beside it until it can encrypt.
     let suspended = SuspendedKey::new(&settings, &label);
     let mut c = Campaign::new(seed, None, Some(Pkcs11Token { settings, label }));
     // Each round makes a tenant with a two-version key: a few seeded kills
@@ -1000,7 +1079,7 @@ impl SuspendedKey {
         SuspendedKey { provider, key, rt }
     }
 
-    /// Untouched by the campaign (still disabled), then destroyed.
+    /// Disabled still (the remedy disabled it again), then destroyed.
     fn remove(self) {
         use custos::keys::KeyProvider;
         self.rt.block_on(async {
@@ -1012,4 +1091,24 @@ impl SuspendedKey {
             self.provider.destroy(&self.key, 7).await.unwrap();
         });
     }
+}
+
+/// The keys a shred's refusal names as giving no check value: (label,
+/// `CKA_ID`), or `None` when the error is another.
+fn unchecked_keys(stderr: &str) -> Option<Vec<(String, u32)>> {
+    let line = stderr.lines().find(|l| l.starts_with("error: "))?;
+    let (_, named) = line.split_once("so one of them may hold such a version: ")?;
+    let (named, _) = named.split_once(". Check each of them")?;
+    named
+        .split(", ")
+        .map(|name| {
+            let field = |f: &str| {
+                name.split(';')
+                    .find_map(|p| p.strip_prefix(f))
+                    .map(str::to_owned)
+            };
+            let id = u32::from_str_radix(&field("id=")?, 16).ok()?;
+            Some((field("object=")?, id))
+        })
+        .collect()
 }

@@ -12,13 +12,8 @@
 //! - custos creates them `CKA_TOKEN`, `CKA_PRIVATE`, `CKA_SENSITIVE`, not
 //!   `CKA_EXTRACTABLE`, AES, 32 bytes, `CKA_START_DATE` the day of creation,
 //!   and refuses to use an object that is extractable or not sensitive;
-//! - disabled = `CKA_DECRYPT` false on every version (the token itself
-//!   then refuses to unwrap: `CKR_KEY_FUNCTION_NOT_PERMITTED`). Read as
-//!   disabled too: any version with `CKA_ENCRYPT` false (how earlier
-//!   builds disabled). `CKA_ENCRYPT` stays true so that a disabled key still gives
-//!   its check value, and another key's shred can rule it out as a hidden
-//!   copy of its versions (see `pinning`); encrypting under a disabled key
-//!   exposes nothing, and custos refuses to wrap under one;
+//! - disabled = `CKA_ENCRYPT` and `CKA_DECRYPT` false on every version
+//!   (the token itself then refuses the key: `CKR_KEY_FUNCTION_NOT_PERMITTED`);
 //! - destroyed = a data object (`CKO_DATA`, label `L`, `CKA_APPLICATION`
 //!   `custos-destroyed/1`, no key material) records when and which objects
 //!   were destroyed, then `C_DestroyObject` of every version. Without it a
@@ -959,7 +954,7 @@ impl Ctx {
         // A crash between a C_DestroyObject and the record leaves a version
         // found nowhere and not recorded: the next shred refuses while the
         // token holds keys that give no check value (fail-safe, see
-        // `pinning::search`), and goes on when every key gives one.
+        // `pinning::search`).
         let last = groups.len();
         for (i, (version, handles)) in groups.into_iter().enumerate() {
             for h in handles {
@@ -1072,13 +1067,10 @@ impl Ctx {
                 }));
             }
         }
-        // CKA_ENCRYPT true either way: a disabled key keeps giving its check
-        // value (see the module comment); this also moves a key disabled by
-        // an earlier build to today's shape.
         for v in &view.versions {
             s.update_attributes(
                 v.handle,
-                &[Attribute::Encrypt(true), Attribute::Decrypt(enabled)],
+                &[Attribute::Encrypt(enabled), Attribute::Decrypt(enabled)],
             )
             .map_err(ck("C_SetAttributeValue (CKA_ENCRYPT, CKA_DECRYPT)"))?;
         }

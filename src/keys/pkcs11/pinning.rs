@@ -37,8 +37,7 @@ pub(super) fn check_value(s: &Session, handle: ObjectHandle) -> Option<String> {
 
 /// The check values of the objects under the key's label, by `CKA_ID`
 /// (hex), and the handles made to encrypt for it. An object that cannot
-/// encrypt (relabelled by another hand, or disabled by an earlier build, which
-/// cleared `CKA_ENCRYPT`) is let encrypt first:
+/// encrypt (custos's own disable clears `CKA_ENCRYPT`) is let encrypt first:
 /// a shred is about to destroy it, and an id alone names no material.
 fn checks_here(s: &Session, view: &View) -> (Vec<(String, Option<String>)>, Vec<ObjectHandle>) {
     let mut opened = Vec::new();
@@ -362,8 +361,7 @@ impl Ctx {
                  anywhere on the token by their check value, and these AES-256 secret keys give no check value \
                  (they cannot encrypt), so one of them may hold such a version: {}. Check each of them (is it \
                  another key's, or a version of this one relabelled with CKA_ENCRYPT cleared?); destroy the ones \
-                 that are this key's, or let them encrypt, then destroy again (a key disabled by clearing \
-                 CKA_DECRYPT alone, as custos disables, keeps giving its check value); see docs/keys-you-hold.md",
+                 that are this key's, or let them encrypt, then destroy again; see docs/keys-you-hold.md",
                 self.uri.object,
                 unchecked.join(", ")
             )));
