@@ -21,13 +21,56 @@ use crate::secure_fs::{self, Readers};
 /// The record is small (a few objects per key); a larger file is refused.
 const MAX_FILE: u64 = 16 << 20;
 
+/// What a record keeps of a key check value, AES_K(0¹²⁸): a fingerprint
+/// (BLAKE3 in key-derivation mode, 32 bytes, hex), never the value. The
+/// value itself is also the key's AES-GCM hash subkey H, and whoever knows
+/// H and one wrap under the key can forge wraps under it (same IV, another
+/// data key or context); the fingerprint still names the material.
+pub(crate) fn fingerprint(check_value: &[u8]) -> String {
+    hex::encode(blake3::derive_key(
+        "custos 2026-12 key check value fingerprint",
+        check_value,
+    ))
+}
+
+/// Check values as read from a record: one an earlier build wrote as the
+/// value itself (16 bytes, 32 hex digits) becomes its fingerprint; the file
+/// is then rewritten at once (see [`ObjectRecord::load`]).
+pub(crate) mod check_from_disk {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer};
+
+    fn upgraded(check: String) -> String {
+        match hex::decode(&check) {
+            Ok(raw) if raw.len() == 16 => super::fingerprint(&raw),
+            _ => check,
+        }
+    }
+
+    pub fn one<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        String::deserialize(d).map(upgraded)
+    }
+
+    pub fn option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Ok(Option::<String>::deserialize(d)?.map(upgraded))
+    }
+
+    pub fn map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+        Ok(BTreeMap::<String, String>::deserialize(d)?
+            .into_iter()
+            .map(|(k, v)| (k, upgraded(v)))
+            .collect())
+    }
+}
+
 /// What a record file is: whose, named how in messages, which format.
 pub(crate) struct Spec<E: 'static> {
     pub provider: &'static str,
     /// In messages: "KMIP object record".
     pub what: &'static str,
     pub format: &'static str,
-    /// Older formats read (and rewritten as `format` on the next change),
+    /// Older formats read (and rewritten as `format` at the first read),
     /// each with what turns its entries into current ones.
     pub legacy: &'static [(&'static str, Upgrade<E>)],
 }
@@ -105,14 +148,16 @@ where
         self.fail(key, format!("the {}'s lock is poisoned", self.spec.what))
     }
 
-    fn read(&self, key: &str) -> Result<File<E, S>, KeyError> {
+    /// The file, and whether it reads otherwise than it would be written
+    /// (an older format, check values written before fingerprints).
+    fn read(&self, key: &str) -> Result<(File<E, S>, bool), KeyError> {
         let (Some(path), what) = (&self.path, self.spec.what) else {
-            return Ok(File::empty(self.spec.format));
+            return Ok((File::empty(self.spec.format), false));
         };
         let bytes = match secure_fs::read_trusted(path, what, Readers::Anyone, MAX_FILE) {
             Ok(bytes) => bytes,
             Err(secure_fs::CheckError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(File::empty(self.spec.format));
+                return Ok((File::empty(self.spec.format), false));
             }
             Err(e) => return Err(self.fail(key, e.to_string())),
         };
@@ -132,14 +177,21 @@ where
             ));
         }
         f.format = self.spec.format.to_owned();
-        Ok(f)
+        let stale = serde_json::to_vec_pretty(&f).map_or(true, |now| now != *bytes);
+        Ok((f, stale))
     }
 
+    /// The record. One that reads otherwise than it would be written is
+    /// rewritten first, so that no check value stays on disk once read.
     fn load(&self, key: &str) -> Result<File<E, S>, KeyError> {
-        match &self.path {
-            None => Ok(self.memory.lock().map_err(|_| self.poisoned(key))?.clone()),
-            Some(_) => self.read(key),
+        if self.path.is_none() {
+            return Ok(self.memory.lock().map_err(|_| self.poisoned(key))?.clone());
         }
+        let (f, stale) = self.read(key)?;
+        if stale {
+            self.change(key, |_| {})?;
+        }
+        Ok(f)
     }
 
     /// What is recorded of `entry`; `None` if this installation never saw it.
@@ -213,7 +265,7 @@ where
         .map_err(|e| self.fail(key, e.to_string()))?;
         lock.lock()
             .map_err(|e| self.fail(key, format!("cannot lock {}: {e}", lock_path.display())))?;
-        let mut file = self.read(key)?;
+        let (mut file, _) = self.read(key)?;
         change(&mut file);
         let json = serde_json::to_vec_pretty(&file)
             .map_err(|e| self.fail(key, format!("cannot encode the {what}: {e}")))?;

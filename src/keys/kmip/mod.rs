@@ -1209,12 +1209,13 @@ impl KmipProvider {
     /// The key check value of object `uid`: the server's AES of the
     /// all-zero block, CBC from a zero IV or CTR from a zero counter, both
     /// AES_K(0) whatever mode the server offers. All 16 bytes: fewer would
-    /// let whoever Registers a key search for one that matches.
+    /// let whoever Registers a key search for one that matches. As its
+    /// fingerprint: the value itself is the GCM hash subkey.
     async fn check_value(&self, key: &KeyRef, uid: &str) -> Result<String, KeyError> {
         let (_, _, out) = self
             .server_encrypt(key, uid, &[0; 16], Some([0; 16]))
             .await?;
-        Ok(hex::encode(out.as_slice()))
+        Ok(crate::keys::object_record::fingerprint(out.as_slice()))
     }
 
     /// Takes the check value of a version custos just created (or activated

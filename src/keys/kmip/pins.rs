@@ -38,7 +38,7 @@ use crate::keys::KeyError;
 use crate::keys::object_record::{ObjectRecord, Spec};
 
 const FORMAT: &str = "custos-kmip-objects-v3";
-/// Read, and rewritten as v3 on the next change: no server markers (its
+/// Read, and rewritten as v3 at the first read: no server markers (its
 /// keys are bound to a server on their next use, see [`KeyObjects::server`]).
 const FORMAT_V2: &str = "custos-kmip-objects-v2";
 /// As v2, and also no check values, no dead identifiers, entries keyed
@@ -51,7 +51,10 @@ const FORMAT_V1: &str = "custos-kmip-objects-v1";
 pub(super) struct Marker {
     /// Its Unique Identifier on that server.
     pub uid: String,
-    /// Its key check value (hex): what proves the server is that one.
+    /// The fingerprint of its key check value (see
+    /// [`fingerprint`](crate::keys::object_record::fingerprint)): what
+    /// proves the server is that one.
+    #[serde(deserialize_with = "crate::keys::object_record::check_from_disk::one")]
     pub check: String,
 }
 
@@ -64,11 +67,16 @@ pub(super) struct KeyObjects {
     /// Unique Identifier → the destruction time (Unix seconds) custos chose.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tombstones: BTreeMap<String, i64>,
-    /// Unique Identifier of a version → its key check value (hex): the
-    /// server's AES of the all-zero block under that object, taken when
+    /// Unique Identifier of a version → the fingerprint of its key check
+    /// value (the server's AES of the all-zero block under that object, see
+    /// [`fingerprint`](crate::keys::object_record::fingerprint)), taken when
     /// custos created (or adopted, or vouched for) it. The identifier alone
     /// proves nothing: a server may give a freed one to the next object.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "crate::keys::object_record::check_from_disk::map"
+    )]
     pub checks: BTreeMap<String, String>,
     /// Identifiers once found gone, destroyed, or holding other material:
     /// never trusted again, whatever later answers for them.
@@ -270,5 +278,35 @@ mod tests {
         .unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains(FORMAT) && !text.contains("host"), "{text}");
+    }
+
+    /// Check values an earlier build recorded as themselves (a version's, a
+    /// server marker's) are read as fingerprints, and the file is rewritten
+    /// at the first read without them.
+    #[test]
+    fn check_values_an_earlier_build_recorded_are_fingerprinted_on_the_first_read() {
+        use crate::keys::object_record::fingerprint;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kmip-objects.json");
+        let (version, marker) = ("1a".repeat(16), "2b".repeat(16));
+        let old = format!(
+            r#"{{"format":"{FORMAT}","servers":{{"m":{{"uid":"3","check":"{marker}"}}}},"keys":{{"name/a":{{"versions":{{"7":1}},"checks":{{"7":"{version}"}}}}}}}}"#
+        );
+        std::fs::write(&path, old).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let pins = Pins::at(path.clone());
+        let got = pins.get("name/a", "k").unwrap().unwrap();
+        assert_eq!(got.checks["7"], fingerprint(&[0x1a; 16]));
+        assert_eq!(
+            pins.servers("k").unwrap()["m"].check,
+            fingerprint(&[0x2b; 16])
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains(&version) && !text.contains(&marker),
+            "{text}"
+        );
+        assert!(text.contains(&fingerprint(&[0x1a; 16])), "{text}");
     }
 }

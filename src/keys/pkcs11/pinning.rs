@@ -22,17 +22,19 @@ pub(super) const MAX_SCAN: usize = 4096;
 
 const BLOCK: usize = 16;
 
-/// The key check value of `handle`: AES_K(0¹²⁸), all 16 bytes, hex; ECB
-/// where the token allows it, else CBC from a zero IV (the same value for
-/// one block). `None`: the token refused both (the key cannot encrypt: a
-/// disabled key, another key type).
+/// The key check value of `handle`, AES_K(0¹²⁸), all 16 bytes, as its
+/// fingerprint (the value itself is the GCM hash subkey: it never leaves
+/// memory); ECB where the token allows it, else CBC from a zero IV (the same
+/// value for one block). `None`: the token refused both (the key cannot
+/// encrypt: a disabled key, another key type).
 pub(super) fn check_value(s: &Session, handle: ObjectHandle) -> Option<String> {
     let zero = [0u8; BLOCK];
-    let out = s
-        .encrypt(&Mechanism::AesEcb, handle, &zero)
-        .or_else(|_| s.encrypt(&Mechanism::AesCbc([0; BLOCK]), handle, &zero))
-        .ok()?;
-    (out.len() == BLOCK).then(|| hex::encode(out))
+    let out = zeroize::Zeroizing::new(
+        s.encrypt(&Mechanism::AesEcb, handle, &zero)
+            .or_else(|_| s.encrypt(&Mechanism::AesCbc([0; BLOCK]), handle, &zero))
+            .ok()?,
+    );
+    (out.len() == BLOCK).then(|| crate::keys::object_record::fingerprint(&out))
 }
 
 /// The check values of the objects under the key's label, by `CKA_ID`

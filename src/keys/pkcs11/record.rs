@@ -28,11 +28,16 @@ const FORMAT: &str = "custos-pkcs11-objects-v1";
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Pinned {
-    /// Key check value (hex, all 16 bytes): AES_K(0¹²⁸) as the token
-    /// computed it when custos generated or adopted the version. `None`:
-    /// the token refused to encrypt with it then (a disabled key); taken
-    /// at its first use that can.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The fingerprint of its key check value (AES_K(0¹²⁸), all 16 bytes,
+    /// see [`fingerprint`](crate::keys::object_record::fingerprint)) as
+    /// the token computed it when custos generated or adopted the version.
+    /// `None`: the token refused to encrypt with it then (a disabled key);
+    /// taken at its first use that can.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::keys::object_record::check_from_disk::option"
+    )]
     pub check: Option<String>,
     /// Copies under other labels may exist, and a shred looks for them:
     /// true for every adopted version (`CKA_COPYABLE` only goes true →
@@ -117,6 +122,7 @@ impl Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::object_record::fingerprint;
 
     #[test]
     fn the_record_survives_a_new_process_and_refuses_a_file_others_can_write() {
@@ -130,7 +136,7 @@ mod tests {
                 o.versions.insert(
                     "00000001".into(),
                     Pinned {
-                        check: Some("00".repeat(16)),
+                        check: Some(fingerprint(&[0; 16])),
                         ..Pinned::default()
                     },
                 );
@@ -139,7 +145,7 @@ mod tests {
         let again = Record::at(path.clone());
         let got = again.get(&entry, "k").unwrap().unwrap();
         assert_eq!(
-            got.checks().get("00".repeat(16).as_str()),
+            got.checks().get(fingerprint(&[0; 16]).as_str()),
             Some(&"00000001")
         );
         assert_eq!(
@@ -152,6 +158,41 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
         let e = again.get(&entry, "k").unwrap_err();
         assert!(e.to_string().contains("writable"), "{e}");
+    }
+
+    /// An earlier build recorded the check values themselves (each the
+    /// version's GCM hash subkey): the first read turns them into
+    /// fingerprints and rewrites the file, which then holds none of them.
+    #[test]
+    fn check_values_an_earlier_build_recorded_are_fingerprinted_on_the_first_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pkcs11-objects.json");
+        let raw = "0f".repeat(16);
+        let old = format!(
+            r#"{{"format":"{FORMAT}","keys":{{"0123/acme":{{"versions":{{"00000001":{{"check":"{raw}"}},"00000002":{{}}}}}}}}}}"#
+        );
+        std::fs::write(&path, &old).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let got = Record::at(path.clone())
+            .get("0123/acme", "k")
+            .unwrap()
+            .unwrap();
+        let print = fingerprint(&[0x0f; 16]);
+        assert_eq!(
+            got.versions["00000001"].check.as_deref(),
+            Some(print.as_str())
+        );
+        assert_eq!(got.versions["00000002"].check, None);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains(&raw) && text.contains(&print), "{text}");
+        // A fingerprint is read as itself.
+        let again = Record::at(path.clone())
+            .get("0123/acme", "k")
+            .unwrap()
+            .unwrap();
+        assert_eq!(again, got);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
     }
 
     #[test]
