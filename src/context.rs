@@ -146,6 +146,22 @@ impl Context {
                 "AWS KMS needs a region: set [aws] region in custos.toml or AWS_REGION".into(),
             );
         }
+        // Whatever is configured: no check value an earlier build recorded
+        // stays on disk (see `object_record::fingerprint`).
+        for (file, migrate) in [
+            (
+                "pkcs11-objects.json",
+                crate::keys::pkcs11::Pkcs11Provider::migrate_object_record as fn(_) -> _,
+            ),
+            (
+                "kmip-objects.json",
+                crate::keys::kmip::KmipProvider::migrate_object_record,
+            ),
+        ] {
+            if let Err(e) = migrate(cfg.state_dir.join(file)) {
+                tracing::warn!(event = "key_record.migrate_failed", file, error = %e, "{e}");
+            }
+        }
         match &cfg.pkcs11 {
             Some(settings) => match crate::keys::pkcs11::Pkcs11Provider::open(settings) {
                 // Which versions custos generated, where no PIN holder can write.

@@ -12,6 +12,13 @@ use crate::keys::derive::EpochKeys;
 
 const ENTRY_LEN: usize = 32 + 1 + 4 * 4;
 
+/// Blobs an index file written by custos holds at most (unless one pack
+/// alone holds more: a pack's entries stay in one file). Loading an index
+/// holds a few files at once, sealed, compressed, plain and parsed (about
+/// 190 bytes a blob): small files keep that a few tens of MiB whatever the
+/// repository's size, and far below the [`MAX_INDEX_PLAIN`] a reader accepts.
+pub const MAX_FILE_BLOBS: usize = 16_384;
+
 /// The entries of one index file, grouped by pack.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IndexFile {
@@ -25,6 +32,26 @@ impl IndexFile {
 
     pub fn is_empty(&self) -> bool {
         self.packs.is_empty()
+    }
+
+    /// The same entries as files of at most `max_blobs` blobs each (a pack
+    /// with more alone in its file), packs in the same order.
+    pub fn split(self, max_blobs: usize) -> Vec<IndexFile> {
+        let mut files = Vec::new();
+        let mut current = IndexFile::default();
+        let mut blobs = 0;
+        for (pack, entries) in self.packs {
+            if !current.is_empty() && blobs + entries.len() > max_blobs {
+                files.push(std::mem::take(&mut current));
+                blobs = 0;
+            }
+            blobs += entries.len();
+            current.packs.push((pack, entries));
+        }
+        if !current.is_empty() {
+            files.push(current);
+        }
+        files
     }
 
     fn encode_plain(&self) -> Vec<u8> {
@@ -124,6 +151,40 @@ mod tests {
     use super::*;
     use crate::keys::SecretKey;
     use crate::tenant::TenantId;
+
+    /// Whole packs, in order, at most `max` blobs a file unless one pack
+    /// alone has more; nothing lost or repeated.
+    #[test]
+    fn split_keeps_packs_whole_and_files_small() {
+        let pack = |p: u8, n: usize| {
+            let entries = (0..n)
+                .map(|i| PackEntry {
+                    id: BlobId([p ^ i as u8; 32]),
+                    kind: BlobKind::Data,
+                    segment: i as u32,
+                    offset: 0,
+                    sealed_len: 1,
+                    raw_len: 1,
+                })
+                .collect();
+            (PackId([p; 32]), entries)
+        };
+        let file = IndexFile {
+            packs: vec![pack(1, 3), pack(2, 2), pack(3, 9), pack(4, 1), pack(5, 4)],
+        };
+        let sizes = |files: &[IndexFile]| -> Vec<Vec<usize>> {
+            files
+                .iter()
+                .map(|f| f.packs.iter().map(|(_, e)| e.len()).collect())
+                .collect()
+        };
+        let files = file.clone().split(5);
+        assert_eq!(sizes(&files), vec![vec![3, 2], vec![9], vec![1, 4]]);
+        let joined: Vec<_> = files.into_iter().flat_map(|f| f.packs).collect();
+        assert_eq!(joined, file.packs);
+        assert_eq!(sizes(&file.clone().split(100)), vec![vec![3, 2, 9, 1, 4]]);
+        assert!(IndexFile::default().split(5).is_empty());
+    }
 
     #[test]
     fn index_round_trip() {

@@ -186,13 +186,8 @@ pub async fn run(
     summary.packs_new = stored.packs;
     summary.bytes_stored = stored.bytes_stored;
 
-    if !stored.index.is_empty() {
-        let (index_id, bytes) = stored.index.seal(&keys);
-        summary.bytes_stored += bytes.len() as u64;
-        repo.store()
-            .put(&ObjectName::Index(index_id), Bytes::from(bytes))
-            .await?;
-    }
+    let (_, index_bytes) = repo.put_index(&keys, stored.index, lease).await?;
+    summary.bytes_stored += index_bytes;
     let snapshot = Snapshot {
         format: SNAPSHOT_FORMAT,
         id: SnapshotId::random(),

@@ -19,7 +19,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use serde::Serialize;
 use tokio::runtime::Handle;
 
@@ -311,13 +310,9 @@ async fn execute(
             }
         }
         file.packs.sort_by_key(|(p, _)| *p);
-        let (id, bytes) = file.seal(&keys);
-        report.bytes_written += bytes.len() as u64;
-        lease.ensure_held()?;
-        repo.store()
-            .put(&ObjectName::Index(id), Bytes::from(bytes))
-            .await?;
-        written.push(id);
+        let (ids, bytes) = repo.put_index(&keys, file, lease).await?;
+        report.bytes_written += bytes;
+        written.extend(ids);
     }
 
     let old: Vec<_> = index

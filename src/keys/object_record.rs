@@ -182,16 +182,25 @@ where
     }
 
     /// The record. One that reads otherwise than it would be written is
-    /// rewritten first, so that no check value stays on disk once read.
+    /// rewritten first, so that no check value stays on disk once read; where
+    /// the file cannot be written (a read-only copy of the state directory)
+    /// it is used as read, with a warning.
     fn load(&self, key: &str) -> Result<File<E, S>, KeyError> {
         if self.path.is_none() {
             return Ok(self.memory.lock().map_err(|_| self.poisoned(key))?.clone());
         }
         let (f, stale) = self.read(key)?;
-        if stale {
-            self.change(key, |_| {})?;
+        if stale && let Err(e) = self.change(key, |_| {}) {
+            tracing::warn!(event = "key_record.rewrite_failed", record = self.spec.what, error = %e, "could not rewrite the {} in the current format: {e}", self.spec.what);
         }
         Ok(f)
+    }
+
+    /// Rewrites the record in the current format if it is in another (see
+    /// [`Self::load`]): at startup, whatever providers are configured, so
+    /// that no check value an earlier build wrote stays on disk.
+    pub fn migrate(&self) -> Result<(), KeyError> {
+        self.load(self.spec.what).map(drop)
     }
 
     /// What is recorded of `entry`; `None` if this installation never saw it.
@@ -244,6 +253,26 @@ where
         self.change(key, |f| change(&mut f.keys, &mut f.servers))
     }
 
+    /// Removes temporary files a writer killed mid-write left beside the
+    /// record (they may hold what an earlier build recorded). Called under
+    /// the lock, which every writer holds while its temporary file exists.
+    fn remove_orphans(&self, path: &std::path::Path) {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return;
+        };
+        let prefix = format!(".{}.tmp-", name.to_string_lossy());
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix)
+                && let Err(e) = std::fs::remove_file(entry.path())
+            {
+                tracing::warn!(event = "key_record.orphan_left", path = %entry.path().display(), error = %e, "could not remove a temporary file of the {}", self.spec.what);
+            }
+        }
+    }
+
     /// Changes the record under an exclusive lock (other custos processes
     /// of this installation change it too), written atomically.
     fn change(&self, key: &str, change: impl FnOnce(&mut File<E, S>)) -> Result<(), KeyError> {
@@ -265,6 +294,7 @@ where
         .map_err(|e| self.fail(key, e.to_string()))?;
         lock.lock()
             .map_err(|e| self.fail(key, format!("cannot lock {}: {e}", lock_path.display())))?;
+        self.remove_orphans(path);
         let (mut file, _) = self.read(key)?;
         change(&mut file);
         let json = serde_json::to_vec_pretty(&file)

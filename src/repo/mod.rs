@@ -21,7 +21,7 @@ use crate::context::Context;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::descriptor::{Descriptor, EpochState, Lifecycle};
 use crate::format::envelope::Envelope;
-use crate::format::ids::SnapshotId;
+use crate::format::ids::{IndexId, SnapshotId};
 use crate::format::index::IndexFile;
 use crate::format::seal::Header;
 use crate::format::snapshot::Snapshot;
@@ -833,6 +833,30 @@ impl Repo {
         let keys = self.epoch_keys(epoch).await?;
         let value = open(&keys, &bytes).map_err(|e| e.at(self.store.display(name)))?;
         Ok((epoch, value))
+    }
+
+    /// Stores `file` as index files of at most
+    /// [`MAX_FILE_BLOBS`](crate::format::index::MAX_FILE_BLOBS) blobs each,
+    /// sealed one at a time, each only while `lease` is held. Returns their
+    /// ids and the bytes stored.
+    pub async fn put_index(
+        &self,
+        keys: &EpochKeys,
+        file: IndexFile,
+        lease: &crate::store::lease::LeaseGuard,
+    ) -> Result<(Vec<IndexId>, u64)> {
+        let mut ids = Vec::new();
+        let mut bytes_stored = 0;
+        for part in file.split(crate::format::index::MAX_FILE_BLOBS) {
+            let (id, bytes) = part.seal(keys);
+            bytes_stored += bytes.len() as u64;
+            lease.ensure_held()?;
+            self.store
+                .put(&ObjectName::Index(id), Bytes::from(bytes))
+                .await?;
+            ids.push(id);
+        }
+        Ok((ids, bytes_stored))
     }
 
     /// Loads every index file. Unreadable files are returned as faults (check

@@ -110,7 +110,8 @@ struct Object {
     /// created by custos (or there when it first met the key). Only such a
     /// version is wrapped under.
     pinned: bool,
-    /// Its key check value in the record (hex): the material custos pinned.
+    /// The fingerprint of its key check value in the record (see
+    /// `object_record::fingerprint`): the material custos pinned.
     /// `None`: recorded before check values, or never Active since.
     check: Option<String>,
     /// What its Name says it is in the family it was read for.
@@ -401,6 +402,12 @@ impl KmipProvider {
     pub fn with_object_record(mut self, path: std::path::PathBuf) -> Self {
         self.pins = pins::Pins::at(path);
         self
+    }
+
+    /// Rewrites the object record at `path` in the current format, if it
+    /// exists in an older one (see `object_record::ObjectRecord::migrate`).
+    pub fn migrate_object_record(path: std::path::PathBuf) -> Result<(), KeyError> {
+        pins::Pins::at(path).migrate()
     }
 
     /// The record's entry of `key`: its id alone, so that a changed server

@@ -37,8 +37,12 @@ use super::PROVIDER;
 use crate::keys::KeyError;
 use crate::keys::object_record::{ObjectRecord, Spec};
 
-const FORMAT: &str = "custos-kmip-objects-v3";
-/// Read, and rewritten as v3 at the first read: no server markers (its
+const FORMAT: &str = "custos-kmip-objects-v4";
+/// As v4, with key check values as themselves, not fingerprints (read as
+/// fingerprints: see `object_record::check_from_disk`). Bumped so that a
+/// build that compares raw values refuses a record of fingerprints.
+const FORMAT_V3: &str = "custos-kmip-objects-v3";
+/// As v3, and no server markers (its
 /// keys are bound to a server on their next use, see [`KeyObjects::server`]).
 const FORMAT_V2: &str = "custos-kmip-objects-v2";
 /// As v2, and also no check values, no dead identifiers, entries keyed
@@ -139,7 +143,11 @@ static SPEC: Spec<KeyObjects> = Spec {
     provider: PROVIDER,
     what: "KMIP object record",
     format: FORMAT,
-    legacy: &[(FORMAT_V1, upgrade_v1), (FORMAT_V2, upgrade_v2)],
+    legacy: &[
+        (FORMAT_V1, upgrade_v1),
+        (FORMAT_V2, upgrade_v2),
+        (FORMAT_V3, |_| {}),
+    ],
 };
 
 /// The record: in the state directory, or (tests, a provider built without
@@ -159,6 +167,11 @@ impl Pins {
     /// never seen by this installation.
     pub fn get(&self, entry: &str, key: &str) -> Result<Option<KeyObjects>, KeyError> {
         self.0.get(entry, key)
+    }
+
+    /// See [`ObjectRecord::migrate`].
+    pub fn migrate(&self) -> Result<(), KeyError> {
+        self.0.migrate()
     }
 
     /// Every object the record holds for keys other than `entry`: never a
@@ -289,10 +302,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kmip-objects.json");
         let (version, marker) = ("1a".repeat(16), "2b".repeat(16));
-        let old = format!(
-            r#"{{"format":"{FORMAT}","servers":{{"m":{{"uid":"3","check":"{marker}"}}}},"keys":{{"name/a":{{"versions":{{"7":1}},"checks":{{"7":"{version}"}}}}}}}}"#
-        );
-        std::fs::write(&path, old).unwrap();
+        let old = serde_json::json!({
+            "format": FORMAT_V3,
+            "servers": {"m": {"uid": "3", "check": marker}},
+            "keys": {"name/a": {"versions": {"7": 1}, "checks": {"7": version}}},
+        });
+        std::fs::write(&path, serde_json::to_vec_pretty(&old).unwrap()).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let pins = Pins::at(path.clone());
@@ -308,5 +323,6 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(&fingerprint(&[0x1a; 16])), "{text}");
+        assert!(text.contains(FORMAT), "{text}");
     }
 }

@@ -282,6 +282,12 @@ impl Pkcs11Provider {
         self
     }
 
+    /// Rewrites the object record at `path` in the current format, if it
+    /// exists in an older one (see `object_record::ObjectRecord::migrate`).
+    pub fn migrate_object_record(path: PathBuf) -> Result<(), KeyError> {
+        Record::at(path).migrate()
+    }
+
     pub fn settings(&self) -> &Pkcs11Settings {
         &self.settings
     }

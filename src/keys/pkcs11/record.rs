@@ -7,8 +7,9 @@
 //! (`C_CopyObject`): a shred that finds versions by label alone would leave
 //! such an object, and its certificate would be false. So custos records,
 //! per token (serial) and label, the `CKA_ID` of every version it generates
-//! and its key check value (the token's AES of the all-zero block under
-//! it: it names the material, whatever the object is called), before it
+//! and the fingerprint of its key check value (the token's AES of the
+//! all-zero block under it: it names the material, whatever the object is
+//! called; see `object_record::fingerprint`), before it
 //! wraps under it. A key first seen without a record is adopted as found,
 //! once, and logged. Wrapping needs a recorded version whose material still
 //! answers with its check value; a shred finds every recorded version
@@ -22,7 +23,12 @@ use serde::{Deserialize, Serialize};
 use crate::keys::KeyError;
 use crate::keys::object_record::{ObjectRecord, Spec};
 
-const FORMAT: &str = "custos-pkcs11-objects-v1";
+const FORMAT: &str = "custos-pkcs11-objects-v2";
+/// As v2, with key check values as themselves, not fingerprints (read as
+/// fingerprints: see `object_record::check_from_disk`). Bumped so that a
+/// build that compares raw values refuses a record of fingerprints rather
+/// than find nothing matching.
+const FORMAT_V1: &str = "custos-pkcs11-objects-v1";
 
 /// What custos knows of one version object.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,7 +89,7 @@ static SPEC: Spec<KeyObjects> = Spec {
     provider: "pkcs11",
     what: "PKCS#11 object record",
     format: FORMAT,
-    legacy: &[],
+    legacy: &[(FORMAT_V1, |_| {})],
 };
 
 /// The record: in the state directory, or (tests, a provider built without
@@ -107,6 +113,11 @@ impl Record {
 
     pub fn get(&self, entry: &str, key: &str) -> Result<Option<KeyObjects>, KeyError> {
         self.0.get(entry, key)
+    }
+
+    /// See [`ObjectRecord::migrate`].
+    pub fn migrate(&self) -> Result<(), KeyError> {
+        self.0.migrate()
     }
 
     pub fn update(
@@ -161,38 +172,76 @@ mod tests {
     }
 
     /// An earlier build recorded the check values themselves (each the
-    /// version's GCM hash subkey): the first read turns them into
-    /// fingerprints and rewrites the file, which then holds none of them.
+    /// version's GCM hash subkey): the migration at startup turns them into
+    /// fingerprints and rewrites the file (a temporary file a killed writer
+    /// left beside it goes too), which then holds none of them and is not
+    /// rewritten again.
     #[test]
-    fn check_values_an_earlier_build_recorded_are_fingerprinted_on_the_first_read() {
+    fn check_values_an_earlier_build_recorded_are_fingerprinted_and_rewritten() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pkcs11-objects.json");
         let raw = "0f".repeat(16);
-        let old = format!(
-            r#"{{"format":"{FORMAT}","keys":{{"0123/acme":{{"versions":{{"00000001":{{"check":"{raw}"}},"00000002":{{}}}}}}}}}}"#
-        );
-        std::fs::write(&path, &old).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let old = serde_json::json!({
+            "format": FORMAT_V1,
+            "keys": {"0123/acme": {"versions": {"00000001": {"check": raw}, "00000002": {}}}},
+        });
+        std::fs::write(&path, serde_json::to_vec_pretty(&old).unwrap()).unwrap();
+        let orphan = dir.path().join(".pkcs11-objects.json.tmp-0a0b0c0d0e0f");
+        std::fs::write(&orphan, &raw).unwrap();
+        for p in [&path, &orphan] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        super::super::Pkcs11Provider::migrate_object_record(path.clone()).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let print = fingerprint(&[0x0f; 16]);
+        assert!(!text.contains(&raw) && text.contains(&print), "{text}");
+        assert!(text.contains(FORMAT), "{text}");
+        assert!(!orphan.exists());
         let got = Record::at(path.clone())
             .get("0123/acme", "k")
             .unwrap()
             .unwrap();
-        let print = fingerprint(&[0x0f; 16]);
         assert_eq!(
             got.versions["00000001"].check.as_deref(),
             Some(print.as_str())
         );
         assert_eq!(got.versions["00000002"].check, None);
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert!(!text.contains(&raw) && text.contains(&print), "{text}");
-        // A fingerprint is read as itself.
-        let again = Record::at(path.clone())
+        // Current: read as written, never rewritten.
+        let before = std::fs::metadata(&path).unwrap();
+        Record::at(path.clone()).migrate().unwrap();
+        let after = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            (before.ino(), before.mtime_nsec()),
+            (after.ino(), after.mtime_nsec())
+        );
+    }
+
+    /// A record that cannot be rewritten (a read-only copy of the state
+    /// directory; here its lock cannot be opened, which also stops root) is
+    /// used as read.
+    #[test]
+    fn a_record_that_cannot_be_rewritten_is_read_as_is() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pkcs11-objects.json");
+        let old = serde_json::json!({
+            "format": FORMAT_V1,
+            "keys": {"0123/acme": {"versions": {"00000001": {"check": "0f".repeat(16)}}}},
+        });
+        let bytes = serde_json::to_vec_pretty(&old).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::create_dir(path.with_extension("lock")).unwrap();
+        let got = Record::at(path.clone())
             .get("0123/acme", "k")
             .unwrap()
             .unwrap();
-        assert_eq!(again, got);
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        assert_eq!(
+            got.versions["00000001"].check,
+            Some(fingerprint(&[0x0f; 16]))
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
     }
 
     #[test]
