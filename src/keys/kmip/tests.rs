@@ -623,7 +623,10 @@ async fn a_record_from_before_markers_binds_where_nothing_is_gone() {
         KeyState::Enabled
     );
     let json = std::fs::read_to_string(&record).unwrap();
-    assert!(json.contains("\"server\"") && json.contains("custos-kmip-objects-v4"), "{json}");
+    assert!(
+        json.contains("\"server\"") && json.contains("custos-kmip-objects-v4"),
+        "{json}"
+    );
     let e = on(&wrong).describe(&k).await.unwrap_err();
     assert!(e.to_string().contains("marker"), "{e}");
 }
