@@ -172,6 +172,7 @@ fn pipeline(c: &mut Criterion) {
                 store,
                 Default::default(),
                 PackerConfig::default(),
+                None,
                 rt.handle(),
             );
             chunker

@@ -157,6 +157,8 @@ measure() {
 
 # --- one tool, one round --------------------------------------------------------
 
+# shellcheck source=scripts/bench/custos-config.sh
+source "$ROOT/scripts/bench/custos-config.sh"
 custos_setup() {
     local c=$B/custos
     rm -rf "$c" && mkdir -p "$c/policies"
@@ -166,23 +168,7 @@ custos_setup() {
         mkbucket "${BENCH_BUCKET:-bench}"
         store="s3://${BENCH_BUCKET:-bench}/custos-run-$RANDOM$RANDOM"
     fi
-    cat >"$c/custos.toml" <<EOF
-store = "$store"
-state_dir = "$c/state"
-policies_dir = "$c/policies"
-[local_keys]
-dir = "$c/keys"
-EOF
-    cat >"$c/policies/bench.toml" <<EOF
-tenant = "bench"
-key = "local:bench"
-[[sources]]
-type = "path"
-path = "$DATA"
-name = "data"
-[retention]
-keep_last = 10
-EOF
+    custos_write_config "$c" "$store" "$DATA"
     export CUSTOS_LOG=warn
 }
 custos_init() { "$CUSTOS" --config "$B/custos/custos.toml" tenant init bench; }

@@ -148,17 +148,22 @@ impl Context {
         }
         // Whatever is configured: no check value an earlier build recorded
         // stays on disk (see `object_record::fingerprint`).
-        for (file, migrate) in [
+        let migrated = [
             (
                 "pkcs11-objects.json",
-                crate::keys::pkcs11::Pkcs11Provider::migrate_object_record as fn(_) -> _,
+                crate::keys::pkcs11::Pkcs11Provider::migrate_object_record(
+                    cfg.state_dir.join("pkcs11-objects.json"),
+                ),
             ),
             (
                 "kmip-objects.json",
-                crate::keys::kmip::KmipProvider::migrate_object_record,
+                crate::keys::kmip::KmipProvider::migrate_object_record(
+                    cfg.state_dir.join("kmip-objects.json"),
+                ),
             ),
-        ] {
-            if let Err(e) = migrate(cfg.state_dir.join(file)) {
+        ];
+        for (file, result) in migrated {
+            if let Err(e) = result {
                 tracing::warn!(event = "key_record.migrate_failed", file, error = %e, "{e}");
             }
         }

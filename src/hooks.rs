@@ -13,7 +13,10 @@
 //!   `.end` record), as if killed there;
 //! - `CUSTOS_NOW=<RFC 3339 time>`: [`now`], the time audit records are
 //!   stamped with and compliance reports are computed at, starts at that
-//!   time and runs on from it, so a test builds months of history in seconds.
+//!   time and runs on from it, so a test builds months of history in seconds;
+//! - `CUSTOS_INDEX_FILE_BLOBS=<n>`: index files are written with at most `n`
+//!   blobs ([`index_file_blobs`]), so that a crash loop whose backups store a
+//!   few blobs writes index files along the way as one of millions does.
 //!
 //! In the default build (what ships) each function below is an empty inline
 //! function: no variable is read, nothing is wrapped, no crash point is
@@ -30,6 +33,31 @@ pub const CRASH_AT: &str = "CUSTOS_CRASH_AT";
 /// The clock variable (`test-hooks` builds only).
 #[cfg(feature = "test-hooks")]
 pub const NOW: &str = "CUSTOS_NOW";
+
+/// The index-file-size variable (`test-hooks` builds only).
+#[cfg(feature = "test-hooks")]
+pub const INDEX_FILE_BLOBS: &str = "CUSTOS_INDEX_FILE_BLOBS";
+
+/// Blobs an index file custos writes holds at most:
+/// [`MAX_FILE_BLOBS`](crate::format::index::MAX_FILE_BLOBS); in a
+/// `test-hooks` build with `CUSTOS_INDEX_FILE_BLOBS` set, that number.
+#[inline]
+pub fn index_file_blobs() -> usize {
+    #[cfg(feature = "test-hooks")]
+    if let Ok(text) = std::env::var(INDEX_FILE_BLOBS) {
+        match text.parse::<usize>() {
+            Ok(n) if n > 0 => return n,
+            _ => {
+                // A test's typo must not silently run with the real size.
+                eprintln!(
+                    "{INDEX_FILE_BLOBS}={text:?}: not a positive number; aborting (test hook)"
+                );
+                std::process::abort();
+            }
+        }
+    }
+    crate::format::index::MAX_FILE_BLOBS
+}
 
 /// The time of the audit log and of compliance reports: the system clock;
 /// in a `test-hooks` build with `CUSTOS_NOW` set, that time plus the time
@@ -128,6 +156,7 @@ mod tests {
         ("CUSTOS_KEY_FAULTS", "unreachable"),
         ("CUSTOS_CRASH_AT", "shred:fence"),
         ("CUSTOS_NOW", "2001-01-01T00:00:00Z"),
+        ("CUSTOS_INDEX_FILE_BLOBS", "1"),
     ];
     const CHILD: &str = "CUSTOS_HOOKS_TEST_CHILD";
 
@@ -193,6 +222,8 @@ mod tests {
 
         // The clock is the system's, not 2001.
         assert!(now() > chrono::DateTime::parse_from_rfc3339("2020-01-01T00:00:00Z").unwrap());
+
+        assert_eq!(index_file_blobs(), crate::format::index::MAX_FILE_BLOBS);
 
         // Would abort the process in a test-hooks build.
         crash_point("shred", "fence");

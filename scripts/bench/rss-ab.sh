@@ -7,24 +7,10 @@
 set -euo pipefail
 BIN=$1 NAME=$2 DATA=$3
 c=${WORK:-/tmp/custos-rss-ab}/$NAME
-rm -rf "$c" && mkdir -p "$c/policies"
-cat >"$c/custos.toml" <<T
-store = "file://$c/store"
-state_dir = "$c/state"
-policies_dir = "$c/policies"
-[local_keys]
-dir = "$c/keys"
-T
-cat >"$c/policies/bench.toml" <<T
-tenant = "bench"
-key = "local:bench"
-[[sources]]
-type = "path"
-path = "$DATA"
-name = "data"
-[retention]
-keep_last = 10
-T
+rm -rf "$c"
+# shellcheck source=custos-config.sh
+source "$(dirname "${BASH_SOURCE[0]}")/custos-config.sh"
+custos_write_config "$c" "file://$c/store" "$DATA"
 export CUSTOS_LOG=warn
 m() { local phase=$1; shift; /usr/bin/time -f "%e %M" -o "$c/t" "$@" >/dev/null 2>"$c/err" || { cat "$c/err"; exit 1; }; read -r wall rss < "$c/t"; printf '%s\t%s\t%s\t%s MiB\n' "$NAME" "$phase" "$wall" "$((rss/1024))"; }
 "$BIN" --config "$c/custos.toml" tenant init bench >/dev/null 2>&1

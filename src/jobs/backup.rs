@@ -135,6 +135,7 @@ pub async fn run(
         repo.store().clone(),
         Dedup::new(index.clone(), usable),
         opts.packer,
+        lease.check(),
         &Handle::current(),
     );
 
@@ -184,7 +185,7 @@ pub async fn run(
     let stored = packer.finish().await?;
     summary.blobs_new = stored.blobs;
     summary.packs_new = stored.packs;
-    summary.bytes_stored = stored.bytes_stored;
+    summary.bytes_stored = stored.bytes_stored + stored.index_bytes;
 
     let (_, index_bytes) = repo.put_index(&keys, stored.index, lease).await?;
     summary.bytes_stored += index_bytes;

@@ -256,6 +256,7 @@ async fn execute(
             repo.store().clone(),
             Dedup::default(),
             packer_cfg,
+            None,
             &Handle::current(),
         );
         let packer = Arc::new(packer);

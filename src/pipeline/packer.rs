@@ -11,6 +11,11 @@
 //! pack), so they are counted: a worker opens a pack only under a permit of
 //! the pack budget, released when the pack's upload ends. At most N + K
 //! packs exist at once, however slow the store.
+//!
+//! A backup's packer also writes the index as it goes: once the uploaded
+//! packs' entries fill an index file it is stored (while the job's lease is
+//! held), so a first backup of millions of files holds one file's entries,
+//! not one of every new blob. Entries only ever name uploaded packs.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -22,11 +27,12 @@ use futures::stream::FuturesUnordered;
 use tokio::runtime::Handle;
 
 use crate::error::{Error, Result};
-use crate::format::ids::{BlobId, PackId};
+use crate::format::ids::{BlobId, IndexId, PackId};
 use crate::format::index::IndexFile;
 use crate::format::pack::{BlobKind, FinishedPack, PackEntry, PackWriter, encode_frame};
 use crate::keys::derive::EpochKeys;
-use crate::repo::Dedup;
+use crate::repo::{Dedup, write_index};
+use crate::store::lease::LeaseCheck;
 use crate::store::{ObjectName, TenantStore};
 
 #[derive(Debug, Clone, Copy)]
@@ -85,7 +91,12 @@ pub enum Work {
 /// What the packer stored.
 #[derive(Debug, Default)]
 pub struct PackerOutput {
+    /// Entries of the uploaded packs not yet in a stored index file.
     pub index: IndexFile,
+    /// Index files the packer stored on its way ([`Packer::start`]'s `flush`).
+    pub index_files: Vec<IndexId>,
+    /// Bytes of those index files.
+    pub index_bytes: u64,
     pub packs: u64,
     pub blobs: u64,
     /// Raw (uncompressed) bytes of the blobs stored.
@@ -155,12 +166,16 @@ impl Shared {
 
 impl Packer {
     /// Starts workers and the uploader. `known` says which blobs are already
-    /// stored in this epoch (deduplication); `rt` runs the uploads.
+    /// stored in this epoch (deduplication); `rt` runs the uploads. With
+    /// `flush` (the job's lease), each index file that fills is stored at
+    /// once, only while the lease is held; without it every entry is
+    /// returned by [`finish`](Self::finish) (a repack builds its own index).
     pub fn start(
         keys: Arc<EpochKeys>,
         store: TenantStore,
         known: Dedup,
         cfg: PackerConfig,
+        flush: Option<LeaseCheck>,
         rt: &Handle,
     ) -> Self {
         let workers_n = cfg.workers.max(1);
@@ -189,10 +204,15 @@ impl Packer {
             })
             .collect();
         drop(pack_tx);
+        let flush = flush.map(|lease| IndexFlush {
+            keys: keys.clone(),
+            lease,
+        });
         let uploader = rt.spawn(uploader(
             store,
             pack_rx,
             cfg.upload_concurrency.max(1),
+            flush,
             shared.clone(),
         ));
         Packer {
@@ -310,10 +330,39 @@ fn worker(
     }
 }
 
+/// What the uploader needs to store index files as they fill.
+struct IndexFlush {
+    keys: Arc<EpochKeys>,
+    lease: LeaseCheck,
+}
+
+impl IndexFlush {
+    /// Stores every full index file's worth of `out.index`; the rest (less
+    /// than a file) stays, to fill further.
+    async fn full_files(&self, store: &TenantStore, out: &mut PackerOutput) -> Result<()> {
+        let max = crate::hooks::index_file_blobs();
+        if out.index.blob_count() < max {
+            return Ok(());
+        }
+        let mut files = std::mem::take(&mut out.index).split(max);
+        if let Some(last) = files.pop_if(|f| f.blob_count() < max) {
+            out.index = last;
+        }
+        for file in files {
+            let (ids, bytes) =
+                write_index(store, &self.keys, file, || self.lease.ensure_held()).await?;
+            out.index_files.extend(ids);
+            out.index_bytes += bytes;
+        }
+        Ok(())
+    }
+}
+
 async fn uploader(
     store: TenantStore,
     mut rx: tokio::sync::mpsc::Receiver<(FinishedPack, Permit)>,
     concurrency: usize,
+    flush: Option<IndexFlush>,
     shared: Arc<Shared>,
 ) -> PackerOutput {
     let mut out = PackerOutput::default();
@@ -342,18 +391,181 @@ async fn uploader(
             }
             Err(e) => shared.fail(e),
         };
+    let mut all_received = false;
     loop {
         tokio::select! {
-            pack = rx.recv(), if in_flight.len() < concurrency => match pack {
+            pack = rx.recv(), if !all_received && in_flight.len() < concurrency => match pack {
                 Some(pack) if !shared.failed.load(Ordering::SeqCst) => in_flight.push(upload(pack)),
                 Some(_) => {}
-                None => break,
+                None => all_received = true,
             },
-            Some(done) = in_flight.next() => record(&mut out, done),
+            Some(done) = in_flight.next() => {
+                record(&mut out, done);
+                if let Some(flush) = &flush
+                    && !shared.failed.load(Ordering::SeqCst)
+                    && let Err(e) = flush.full_files(&store, &mut out).await
+                {
+                    shared.fail(e);
+                }
+            }
+            else => break,
         }
     }
-    while let Some(done) = in_flight.next().await {
-        record(&mut out, done);
-    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::format::index::MAX_FILE_BLOBS;
+    use crate::keys::SecretKey;
+    use crate::store::layout::Dir;
+    use crate::store::lease::LeaseGuard;
+    use crate::tenant::TenantId;
+
+    fn setup() -> (Arc<EpochKeys>, TenantStore, PackerConfig) {
+        let tenant = TenantId::new("acme").unwrap();
+        let keys = Arc::new(EpochKeys::new(
+            tenant.clone(),
+            1,
+            SecretKey::from_bytes([9; 32]),
+        ));
+        let store = TenantStore::new(crate::store::memory(), &tenant);
+        // Small packs: many uploads, so index files fill across packs.
+        let cfg = PackerConfig {
+            pack_size: 64 << 10,
+            workers: 2,
+            ..PackerConfig::default()
+        };
+        (keys, store, cfg)
+    }
+
+    async fn pack(packer: Packer, blobs: u32) -> Result<(PackerOutput, Vec<BlobId>)> {
+        let mut ids = Vec::new();
+        for i in 0..blobs {
+            let data = format!("blob {i}").into_bytes();
+            let id = BlobId(blake3::hash(&data).into());
+            assert!(packer.claim(&id));
+            tokio::task::block_in_place(|| {
+                packer.add(Work::Raw {
+                    id,
+                    kind: BlobKind::Data,
+                    data,
+                })
+            })?;
+            ids.push(id);
+        }
+        Ok((packer.finish().await?, ids))
+    }
+
+    async fn stored_index_files(store: &TenantStore) -> Vec<IndexId> {
+        store
+            .list(Dir::Index)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| match l.name {
+                Some(ObjectName::Index(id)) => id,
+                other => panic!("not an index file: {other:?}"),
+            })
+            .collect()
+    }
+
+    /// A backup's packer stores each index file as it fills, every file
+    /// within the limit and naming only uploaded packs; what it returns is
+    /// the rest, and together they list every blob once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_index_files_are_stored_as_they_fill() {
+        let (keys, store, cfg) = setup();
+        let lease = LeaseGuard::acquire(&store, "test", "backup", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let packer = Packer::start(
+            keys.clone(),
+            store.clone(),
+            Dedup::default(),
+            cfg,
+            lease.check(),
+            &Handle::current(),
+        );
+        let blobs = 2 * MAX_FILE_BLOBS as u32 + 5_000;
+        let (out, ids) = pack(packer, blobs).await.unwrap();
+        assert!(out.index_files.len() >= 2, "{:?}", out.index_files);
+        assert!(out.index.blob_count() < MAX_FILE_BLOBS);
+        let listed = stored_index_files(&store).await;
+        assert_eq!(
+            listed.iter().collect::<BTreeSet<_>>(),
+            out.index_files.iter().collect::<BTreeSet<_>>()
+        );
+        let packs: BTreeSet<PackId> = store
+            .list(Dir::Packs)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|l| match l.name {
+                Some(ObjectName::Pack(id)) => Some(id),
+                _ => None,
+            })
+            .collect();
+        let mut indexed = Vec::new();
+        let mut index_bytes = 0;
+        for id in &out.index_files {
+            let bytes = store.get(&ObjectName::Index(*id)).await.unwrap();
+            index_bytes += bytes.len() as u64;
+            let file = IndexFile::open(&keys, id, &bytes).unwrap();
+            assert!(file.blob_count() <= MAX_FILE_BLOBS);
+            for (pack, entries) in file.packs {
+                assert!(
+                    packs.contains(&pack),
+                    "an index file names a pack not stored"
+                );
+                indexed.extend(entries.iter().map(|e| e.id));
+            }
+        }
+        assert_eq!(index_bytes, out.index_bytes);
+        for (pack, entries) in &out.index.packs {
+            assert!(packs.contains(pack));
+            indexed.extend(entries.iter().map(|e| e.id));
+        }
+        indexed.sort();
+        let mut ids = ids;
+        ids.sort();
+        assert_eq!(indexed, ids, "every blob indexed exactly once");
+        lease.release().await;
+    }
+
+    /// Once the lease is lost, no further index file is stored and the
+    /// packer fails with the lease's error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_lease_stops_the_index_writes() {
+        let (keys, store, cfg) = setup();
+        let lease = LeaseGuard::acquire(&store, "test", "backup", Duration::from_millis(300))
+            .await
+            .unwrap();
+        // Taken over behind the holder's back: its next renewal notices.
+        store
+            .put(&ObjectName::Lease, Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let packer = Packer::start(
+            keys,
+            store.clone(),
+            Dedup::default(),
+            cfg,
+            lease.check(),
+            &Handle::current(),
+        );
+        match pack(packer, 3 * MAX_FILE_BLOBS as u32).await {
+            Ok((out, _)) => panic!(
+                "the packer went on: {} index file(s) stored",
+                out.index_files.len()
+            ),
+            Err(e) => assert_eq!(e.kind(), "lease_contended", "{e}"),
+        }
+        assert!(stored_index_files(&store).await.is_empty());
+    }
 }

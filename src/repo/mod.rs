@@ -835,28 +835,15 @@ impl Repo {
         Ok((epoch, value))
     }
 
-    /// Stores `file` as index files of at most
-    /// [`MAX_FILE_BLOBS`](crate::format::index::MAX_FILE_BLOBS) blobs each,
-    /// sealed one at a time, each only while `lease` is held. Returns their
-    /// ids and the bytes stored.
+    /// Stores `file` as index files (see [`write_index`]), each only while
+    /// `lease` is held.
     pub async fn put_index(
         &self,
         keys: &EpochKeys,
         file: IndexFile,
         lease: &crate::store::lease::LeaseGuard,
     ) -> Result<(Vec<IndexId>, u64)> {
-        let mut ids = Vec::new();
-        let mut bytes_stored = 0;
-        for part in file.split(crate::format::index::MAX_FILE_BLOBS) {
-            let (id, bytes) = part.seal(keys);
-            bytes_stored += bytes.len() as u64;
-            lease.ensure_held()?;
-            self.store
-                .put(&ObjectName::Index(id), Bytes::from(bytes))
-                .await?;
-            ids.push(id);
-        }
-        Ok((ids, bytes_stored))
+        write_index(&self.store, keys, file, || lease.ensure_held()).await
     }
 
     /// Loads every index file. Unreadable files are returned as faults (check
@@ -1130,6 +1117,31 @@ fn first_fault(faults: Vec<Fault>) -> Result<()> {
             }
         }),
     }
+}
+
+/// Stores `file` as index files of at most
+/// [`MAX_FILE_BLOBS`](crate::format::index::MAX_FILE_BLOBS) blobs each
+/// ([`crate::hooks::index_file_blobs`]),
+/// sealed one at a time, each put only if `held` says the job's lease still
+/// is. Returns their ids and the bytes stored.
+pub async fn write_index(
+    store: &TenantStore,
+    keys: &EpochKeys,
+    file: IndexFile,
+    held: impl Fn() -> Result<()>,
+) -> Result<(Vec<IndexId>, u64)> {
+    let mut ids = Vec::new();
+    let mut bytes_stored = 0;
+    for part in file.split(crate::hooks::index_file_blobs()) {
+        let (id, bytes) = part.seal(keys);
+        bytes_stored += bytes.len() as u64;
+        held()?;
+        store
+            .put(&ObjectName::Index(id), Bytes::from(bytes))
+            .await?;
+        ids.push(id);
+    }
+    Ok((ids, bytes_stored))
 }
 
 fn unknown_object(store: &TenantStore, path: &object_store::path::Path) -> Fault {

@@ -90,6 +90,17 @@ struct Exclusive {
     took_over_from: Option<(LeaseRecord, String)>,
 }
 
+/// Whether a writer's lease is still held ([`LeaseGuard::check`]).
+#[derive(Clone)]
+pub struct LeaseCheck(Arc<Inner>);
+
+impl LeaseCheck {
+    /// Fails as [`LeaseGuard::ensure_held`] does once the lease was lost.
+    pub fn ensure_held(&self) -> Result<()> {
+        self.0.ensure_held()
+    }
+}
+
 struct Inner {
     store: TenantStore,
     ttl: Duration,
@@ -171,6 +182,17 @@ impl LeaseGuard {
                 r.job(),
                 r.tenant()
             ))),
+        }
+    }
+
+    /// A handle that tells, for as long as the job runs, whether this
+    /// writer's lease is still held (`None` for a reader's record): for
+    /// tasks that commit on the job's behalf, such as the packer's index
+    /// writes.
+    pub fn check(&self) -> Option<LeaseCheck> {
+        match &self.access {
+            Access::Exclusive(e) => Some(LeaseCheck(e.inner.clone())),
+            Access::Shared(_) => None,
         }
     }
 
@@ -329,14 +351,7 @@ impl Exclusive {
     }
 
     fn ensure_held(&self) -> Result<()> {
-        if self.inner.lost.load(Ordering::SeqCst) {
-            return Err(Error::LeaseContended {
-                tenant: self.inner.store.tenant().to_string(),
-                holder: "another process (this job's lease was lost)".into(),
-                expires: "unknown".into(),
-            });
-        }
-        Ok(())
+        self.inner.ensure_held()
     }
 
     /// Releases the lease if it is still ours: lets a renewal in flight
@@ -472,6 +487,17 @@ pub async fn mark_released(store: &TenantStore, seen: &StoredLease, by: &str) ->
 const RENEW_ATTEMPTS: u32 = 4;
 
 impl Inner {
+    fn ensure_held(&self) -> Result<()> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(Error::LeaseContended {
+                tenant: self.store.tenant().to_string(),
+                holder: "another process (this job's lease was lost)".into(),
+                expires: "unknown".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Renews the lease. Transient store errors are retried; a renewal whose
     /// response was lost but which was written shows up as a changed version
     /// holding our own record, and is adopted rather than taken for a takeover.

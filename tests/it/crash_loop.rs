@@ -18,7 +18,12 @@
 //!
 //! Seeded, so a failure reproduces: `CUSTOS_CRASH_SEED=<seed printed on
 //! failure>`. `CUSTOS_CRASH_LOOPS` sets the kills per job (default 10);
+//! `CUSTOS_CRASH_JOBS` (e.g. `Shred,Prune`) runs only the jobs it names;
 //! `scripts/crash-loop.sh` runs a large count.
+//!
+//! Every custos run writes index files of at most 4 blobs
+//! (`CUSTOS_INDEX_FILE_BLOBS`), so a backup killed part-way has often stored
+//! index files before its snapshot, as a large one does.
 //!
 //! Jobs covered: backup, forget, prune, rotate (a new data-key epoch and a
 //! CMK rotation with re-wrap of every envelope, alternately), and shred: each
@@ -321,7 +326,15 @@ impl Campaign {
             rng: Rng(seed),
             seed,
             local,
-            envs: if local { Vec::new() } else { common::aws_env() },
+            envs: [(
+                // Index files of a few blobs: backups and prunes of a few
+                // blobs write them along the way, as ones of millions do.
+                "CUSTOS_INDEX_FILE_BLOBS".to_owned(),
+                "4".to_owned(),
+            )]
+            .into_iter()
+            .chain(if local { Vec::new() } else { common::aws_env() })
+            .collect(),
             kills: 0,
             finished_before_kill: 0,
             jobs: 0,
@@ -451,6 +464,7 @@ impl Campaign {
             .args(args)
             .env("CUSTOS_LOG", "warn")
             .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -996,6 +1010,7 @@ fn run_all(store: Option<String>, name: &str) {
     let seed = seed();
     eprintln!("crash loop on {name}: seed {seed}");
     let mut c = Campaign::new(seed, store, None);
+    let only = std::env::var("CUSTOS_CRASH_JOBS").ok();
     for job in [
         Job::Backup,
         Job::Forget,
@@ -1005,7 +1020,12 @@ fn run_all(store: Option<String>, name: &str) {
         Job::Shred,
         Job::RotateThenShred,
     ] {
-        c.campaign(job);
+        if only
+            .as_deref()
+            .is_none_or(|names| names.split(',').any(|n| n.trim() == format!("{job:?}")))
+        {
+            c.campaign(job);
+        }
     }
     c.report(name);
 }
