@@ -177,8 +177,9 @@ pub async fn run(
     let (tree, mut summary, warnings) = match walked {
         Ok(v) => v,
         Err(e) => {
-            // Let queued uploads stop; their packs stay unreferenced until prune.
-            drop(packer);
+            // Uploads under way end before the lease is released; their
+            // packs stay unreferenced until prune.
+            packer.abandon().await;
             return Err(e);
         }
     };

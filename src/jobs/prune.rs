@@ -203,8 +203,7 @@ pub async fn plan(repo: &Repo) -> Result<PrunePlan> {
             .sum(),
         ..Default::default()
     };
-    let index_changes =
-        !delete.is_empty() || !repack.is_empty() || index.files.len() > epochs_in(&index).len();
+    let index_changes = !delete.is_empty() || !repack.is_empty() || index_fragmented(&index);
     Ok(PrunePlan {
         index,
         used,
@@ -419,6 +418,27 @@ fn finish_index_removal(repo: &Repo, index: &Index) -> Result<()> {
     Ok(())
 }
 
+/// Whether an epoch's index is in more files than consolidating would
+/// leave by more than a quarter (at least one file): each backup adds a
+/// small file, and a prune that rewrote an index of millions of blobs for
+/// each of them would rewrite it daily; this way a large index is
+/// rewritten once every few dozen backups, a small one at every prune.
+fn index_fragmented(index: &Index) -> bool {
+    let max = crate::hooks::index_file_blobs();
+    let mut blobs: BTreeMap<u32, usize> = BTreeMap::new();
+    for (_, loc) in index.blobs() {
+        *blobs.entry(index.pack(loc).1).or_default() += 1;
+    }
+    let mut files: BTreeMap<u32, usize> = BTreeMap::new();
+    for (_, epoch) in &index.files {
+        *files.entry(*epoch).or_default() += 1;
+    }
+    files.iter().any(|(epoch, &n)| {
+        let needed = blobs.get(epoch).copied().unwrap_or(0).div_ceil(max).max(1);
+        n > needed + needed / 4
+    })
+}
+
 fn epochs_in(index: &Index) -> Vec<u32> {
     let mut e: Vec<u32> = index.packs().map(|(_, e)| e).collect();
     e.sort_unstable();
@@ -432,5 +452,52 @@ impl crate::report::JobOutput for PruneReport {
             bytes_stored: Some(self.bytes_written),
             ..Default::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::ids::{BlobId, IndexId, PackId};
+    use crate::format::index::{IndexFile, MAX_FILE_BLOBS};
+    use crate::format::pack::{BlobKind, PackEntry};
+    use crate::repo::index::IndexBuilder;
+
+    /// An index of epoch 1 whose files hold `sizes` blobs each.
+    fn index(sizes: &[usize]) -> Index {
+        let mut b = IndexBuilder::default();
+        for &blobs in sizes {
+            let entries: Vec<PackEntry> = (0..blobs)
+                .map(|i| PackEntry {
+                    id: BlobId::random(),
+                    kind: BlobKind::Data,
+                    segment: i as u32,
+                    offset: 84,
+                    sealed_len: 100,
+                    raw_len: 80,
+                })
+                .collect();
+            let file = IndexFile {
+                packs: vec![(PackId::random(), entries)],
+            };
+            b.add_file(IndexId::random(), 1, &file);
+        }
+        b.build()
+    }
+
+    /// A small index is consolidated as soon as it has a second file; a
+    /// large one only once its small files add a quarter to what it needs.
+    #[test]
+    fn an_index_is_consolidated_once_fragmented_by_a_quarter() {
+        assert!(!index_fragmented(&index(&[10])));
+        assert!(index_fragmented(&index(&[10, 1])));
+        // 40 full files and some small ones need 41: 51 are left alone.
+        let with_small = |n: usize| {
+            let mut sizes = vec![MAX_FILE_BLOBS; 40];
+            sizes.extend(std::iter::repeat_n(1, n));
+            index(&sizes)
+        };
+        assert!(!index_fragmented(&with_small(11)));
+        assert!(index_fragmented(&with_small(12)));
     }
 }

@@ -252,6 +252,23 @@ impl Packer {
             .map_err(|_| Error::Internal("packer workers stopped".into()))
     }
 
+    /// Stops after a failed job: no further pack or index file is started,
+    /// and this returns once the uploads already under way have ended, so
+    /// nothing lands after the caller gives up its lease. Their packs stay
+    /// unreferenced until prune.
+    pub async fn abandon(mut self) {
+        self.shared.fail(Error::Internal("the job stopped".into()));
+        drop(self.work_tx.take());
+        let workers = std::mem::take(&mut self.workers);
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        })
+        .await;
+        let _ = (&mut self.uploader).await;
+    }
+
     /// Flushes open packs, waits for every upload, and returns what was stored.
     /// Nothing it returns refers to a pack that is not fully uploaded.
     pub async fn finish(mut self) -> Result<PackerOutput> {

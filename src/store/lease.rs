@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -106,6 +106,13 @@ struct Inner {
     ttl: Duration,
     state: Mutex<(LeaseRecord, UpdateVersion)>,
     lost: AtomicBool,
+    /// When the lease last written runs out, by this process's monotonic
+    /// clock (its write began before this instant less the TTL): past it,
+    /// another process may take it over even while a renewal still hangs.
+    valid_until: std::sync::Mutex<Instant>,
+    /// Set when the release begins: what still runs on the job's behalf (an
+    /// upload task) must not commit once another process may hold the lease.
+    released: AtomicBool,
 }
 
 fn version(r: &PutResult) -> UpdateVersion {
@@ -224,6 +231,8 @@ impl Exclusive {
         let name = ObjectName::Lease;
         for _ in 0..5 {
             let now = Utc::now();
+            // Before the write: the record's expiry is no earlier than this plus the TTL.
+            let written = Instant::now();
             let record = LeaseRecord {
                 holder: holder.to_owned(),
                 job: job.to_owned(),
@@ -238,7 +247,7 @@ impl Exclusive {
                 .put_conditional(&name, body.clone(), PutMode::Create)
                 .await
             {
-                Ok(r) => return Ok(Self::start(store, ttl, record, version(&r), None)),
+                Ok(r) => return Ok(Self::start(store, ttl, record, version(&r), None, written)),
                 Err(object_store::Error::AlreadyExists { .. }) => {}
                 // A transient failure: the lease may or may not have been written.
                 // Look (below): if it is ours, it is taken over as our own.
@@ -286,7 +295,7 @@ impl Exclusive {
             {
                 Ok(r) => {
                     if released {
-                        return Ok(Self::start(store, ttl, record, version(&r), None));
+                        return Ok(Self::start(store, ttl, record, version(&r), None, written));
                     }
                     tracing::warn!(
                         event = "lease.takeover",
@@ -298,7 +307,14 @@ impl Exclusive {
                         "took over the lease ({why})"
                     );
                     let previous = current.map(|c| (c, why));
-                    return Ok(Self::start(store, ttl, record, version(&r), previous));
+                    return Ok(Self::start(
+                        store,
+                        ttl,
+                        record,
+                        version(&r),
+                        previous,
+                        written,
+                    ));
                 }
                 // Another process took it first, or it was released: try again.
                 Err(object_store::Error::Precondition { .. })
@@ -335,12 +351,15 @@ impl Exclusive {
         record: LeaseRecord,
         v: UpdateVersion,
         took_over_from: Option<(LeaseRecord, String)>,
+        written: Instant,
     ) -> Exclusive {
         let inner = Arc::new(Inner {
             store: store.clone(),
             ttl,
             state: Mutex::new((record, v)),
             lost: AtomicBool::new(false),
+            valid_until: std::sync::Mutex::new(written + ttl),
+            released: AtomicBool::new(false),
         });
         let keepalive = Keepalive::spawn(&inner, ttl);
         Exclusive {
@@ -359,6 +378,7 @@ impl Exclusive {
     /// conditional update of our own version. Transient store errors are
     /// retried: a lease left held blocks the tenant until it expires.
     async fn release(mut self) {
+        self.inner.released.store(true, Ordering::SeqCst);
         // A renewal stuck in retries is cut short after a TTL. Should its
         // write still land, the conflict below finds our own lease and retries.
         self.keepalive.stop(self.inner.ttl).await;
@@ -487,6 +507,10 @@ pub async fn mark_released(store: &TenantStore, seen: &StoredLease, by: &str) ->
 const RENEW_ATTEMPTS: u32 = 4;
 
 impl Inner {
+    /// Fails once the lease was lost, or once it is within a tenth of its
+    /// TTL of running out unrenewed (a renewal hanging on the store): a
+    /// commit checked now may land a little later, and must not land after
+    /// another process could have taken the lease.
     fn ensure_held(&self) -> Result<()> {
         if self.lost.load(Ordering::SeqCst) {
             return Err(Error::LeaseContended {
@@ -495,7 +519,26 @@ impl Inner {
                 expires: "unknown".into(),
             });
         }
+        if self.released.load(Ordering::SeqCst) {
+            return Err(Error::LeaseContended {
+                tenant: self.store.tenant().to_string(),
+                holder: "nobody yet (this job released its lease)".into(),
+                expires: "released".into(),
+            });
+        }
+        let valid_until = *self.valid_until.lock().unwrap_or_else(|p| p.into_inner());
+        if Instant::now() + self.ttl / 10 >= valid_until {
+            return Err(Error::LeaseContended {
+                tenant: self.store.tenant().to_string(),
+                holder: "nobody yet (this job's lease was not renewed in time: it runs out, and another process may take it)".into(),
+                expires: "now".into(),
+            });
+        }
         Ok(())
+    }
+
+    fn renewed(&self, written: Instant) {
+        *self.valid_until.lock().unwrap_or_else(|p| p.into_inner()) = written + self.ttl;
     }
 
     /// Renews the lease. Transient store errors are retried; a renewal whose
@@ -505,6 +548,7 @@ impl Inner {
         let mut state = self.state.lock().await;
         let mut record = state.0.clone();
         let now = Utc::now();
+        let written = Instant::now();
         record.expires_at = now + chrono_ttl(self.ttl);
         record.renewed_at = Some(now);
         let body = Bytes::from(serde_json::to_vec(&record).expect("serialises"));
@@ -520,6 +564,7 @@ impl Inner {
             {
                 Ok(r) => {
                     *state = (record, version(&r));
+                    self.renewed(written);
                     return Ok(());
                 }
                 Err(object_store::Error::Precondition { .. }) if uncertain => {
@@ -533,6 +578,7 @@ impl Inner {
                             version: meta.version,
                         };
                         *state = (record, v);
+                        self.renewed(written);
                         return Ok(());
                     }
                     return Err(fail(object_store::Error::Precondition {
@@ -713,6 +759,51 @@ mod tests {
         put_record(&s, &other).await;
         a.release().await;
         assert_eq!(stored(&s).await.unwrap(), other);
+    }
+
+    /// Renewals that never complete (a store that hangs) set no `lost`
+    /// flag; the lease is no longer held once its TTL (less a tenth) has
+    /// passed since the last write, for the guard and for its checks.
+    #[tokio::test]
+    async fn a_lease_not_renewed_in_time_is_not_held() {
+        let s = tstore();
+        let a = LeaseGuard::acquire(&s, "a", "backup", Duration::from_millis(300))
+            .await
+            .unwrap();
+        let check = a.check().unwrap();
+        let Access::Exclusive(e) = &a.access else {
+            unreachable!("a lease")
+        };
+        e.keepalive.abort();
+        a.ensure_held().unwrap();
+        check.ensure_held().unwrap();
+        tokio::time::sleep(Duration::from_millis(280)).await;
+        assert!(!e.inner.lost.load(Ordering::SeqCst));
+        assert_eq!(a.ensure_held().unwrap_err().kind(), "lease_contended");
+        assert_eq!(check.ensure_held().unwrap_err().kind(), "lease_contended");
+    }
+
+    /// What checks the lease for the job fails once the job released it.
+    #[tokio::test]
+    async fn a_released_lease_is_not_held_by_its_checks() {
+        let s = tstore();
+        let a = take(&s, "a").await;
+        let check = a.check().unwrap();
+        check.ensure_held().unwrap();
+        a.release().await;
+        assert_eq!(check.ensure_held().unwrap_err().kind(), "lease_contended");
+    }
+
+    /// A renewal moves the deadline on.
+    #[tokio::test]
+    async fn a_renewed_lease_stays_held_past_its_first_ttl() {
+        let s = tstore();
+        let a = LeaseGuard::acquire(&s, "a", "backup", Duration::from_millis(300))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        a.ensure_held().unwrap();
+        a.release().await;
     }
 
     #[tokio::test]

@@ -525,6 +525,13 @@ impl Campaign {
             .as_ref()
             .map(|t| (t.settings.clone(), t.label.clone()))
         else {
+            if let Ok(keep) = std::env::var("CUSTOS_CRASH_KEEP") {
+                let _ = Command::new("cp")
+                    .arg("-a")
+                    .arg(self.cli.path())
+                    .arg(&keep)
+                    .status();
+            }
             panic!(
                 "{}:\n{}",
                 self.context(&format!("shred after {what}")),

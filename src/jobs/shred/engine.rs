@@ -312,6 +312,7 @@ async fn certify<S: ShredSubject>(
     let (destroys_keys, spared) = subject.confirm_terms(&body);
     holds::confirm_before_signing(repo, &mut body, destroys_keys, spared.as_ref()).await?;
     let bytes = issue_certificate(&ctx, &tenant, journal, body).await?;
+    journal.crash("certified");
     let now = crate::hooks::now();
     repo.update_descriptor(|d| subject.finish(d, &id, now))
         .await?;

@@ -79,9 +79,13 @@ pub(super) async fn confirm_before_signing(
 /// the lines that name the certificate id parsed).
 pub(super) struct ShredRecords {
     /// This shred's records (`certificate_id`, tenant and epoch), in order;
-    /// those up to a `shred.certificate.end` of the same id are dropped: a
+    /// those up to a `shred.certificate.end` of the same id are dropped
+    /// once the tenant was initialised again after it (`tenant.init…`): a
     /// certificate issued under this id ended that shred, and what came
-    /// before is another lineage's (an id a store writer reused).
+    /// before is another lineage's (an id a store writer reused). With no
+    /// record of the id and no init after it, they are this shred's own: a
+    /// run killed after its certificate was stored and recorded, before the
+    /// descriptor said so, whose re-run adopts that certificate.
     pub records: Vec<AuditRecord>,
     /// The record at the seq the scope names, whatever it is.
     pub scope: Option<AuditRecord>,
@@ -100,12 +104,21 @@ impl ShredRecords {
             scope: None,
         };
         let needle = id.as_bytes();
+        // The records a certificate of this id ended, while nothing since
+        // says another lineage began.
+        let mut ended: Option<Vec<AuditRecord>> = None;
         audit.scan_from(0, |seq, line| {
             if Some(seq) == scope_seq {
                 out.scope = AuditRecord::from_line(line).ok();
             }
+            if ended.is_some()
+                && contains(line, br#""event":"tenant.init"#)
+                && AuditRecord::from_line(line).is_ok_and(|r| r.tenant.as_ref() == Some(tenant))
+            {
+                ended = None;
+            }
             // The id is random: a line without it is no record of this shred.
-            if needle.is_empty() || !line.windows(needle.len()).any(|w| w == needle) {
+            if needle.is_empty() || !contains(line, needle) {
                 return true;
             }
             let Ok(r) = AuditRecord::from_line(line) else {
@@ -118,15 +131,23 @@ impl ShredRecords {
                 && of_epoch == epoch.map(u64::from)
             {
                 if r.event == "shred.certificate.end" {
-                    out.records.clear();
+                    ended = Some(std::mem::take(&mut out.records));
                 } else {
+                    ended = None;
                     out.records.push(r);
                 }
             }
             true
         })?;
+        if let Some(own) = ended {
+            out.records = own;
+        }
         Ok(out)
     }
+}
+
+fn contains(line: &[u8], needle: &[u8]) -> bool {
+    line.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The scope a certificate states must be the `shred.scope.end` record its

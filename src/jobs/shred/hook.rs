@@ -12,7 +12,9 @@
 //! unset or unknown value does nothing.
 
 /// The points, in the order a tenant shred reaches them. Each sits after a
-/// step's work and before the descriptor records it, the worst place to die.
+/// step's work and before the descriptor records it, the worst place to die
+/// (`certified`: the certificate stored and its audit record written, the
+/// descriptor not yet marked shredded).
 pub const TENANT_POINTS: &[&str] = &[
     "fence",
     "scope",
@@ -22,6 +24,7 @@ pub const TENANT_POINTS: &[&str] = &[
     "verify",
     "certificate-signed",
     "certificate",
+    "certified",
 ];
 
 /// The points of an epoch shred (`rewrap*` only with `--rewrap`).
@@ -36,6 +39,7 @@ pub const EPOCH_POINTS: &[&str] = &[
     "verify",
     "certificate-signed",
     "certificate",
+    "certified",
 ];
 
 /// The points of a local key file write ([`crate::keys::local`]): the
