@@ -420,6 +420,74 @@ fn legal_hold_refuses_a_shred() {
     assert!(cli.path().join("keys/acme.key").exists());
 }
 
+/// Killed after its certificate was stored and recorded (`certified`): the
+/// re-run adopts that certificate, also after a second kill there and with
+/// a skip list given on the re-run; never signs another. With the file gone
+/// from the store, the re-run refuses and signs nothing.
+#[test]
+fn a_shred_killed_after_its_certificate_adopts_it_or_refuses() {
+    let cli = installation(&["twice", "gone"]);
+    let key_pub = public_key(&cli);
+    for t in ["twice", "gone"] {
+        ok(&cli, &["backup", t]);
+        let r = run_env(
+            &cli,
+            &["shred", t, "--confirm", t],
+            &[("CUSTOS_CRASH_AT", "shred:certified")],
+        );
+        assert_eq!(r.code, -1, "{t}: {}", r.stderr);
+        assert_eq!(
+            certificates(&cli, t).len(),
+            1,
+            "{t}: stored before the kill"
+        );
+    }
+    let stored = fs::read(&certificates(&cli, "twice")[0]).unwrap();
+    // Killed again at the same point, then re-run with a skip list.
+    let r = run_env(
+        &cli,
+        &["shred", "twice", "--confirm", "twice"],
+        &[("CUSTOS_CRASH_AT", "shred:certified")],
+    );
+    assert_eq!(r.code, -1, "{}", r.stderr);
+    let r = ok(
+        &cli,
+        &[
+            "shred",
+            "twice",
+            "--confirm",
+            "twice",
+            "--skip-unproven-key",
+            "local:twice",
+            "--json",
+        ],
+    );
+    assert_eq!(descriptor(&cli, "twice")["state"], "shredded");
+    let certs = certificates(&cli, "twice");
+    assert_eq!(certs.len(), 1);
+    assert_eq!(
+        fs::read(&certs[0]).unwrap(),
+        stored,
+        "adopted, not signed again"
+    );
+    certificate::verify(&stored, &key_pub).unwrap();
+    assert_eq!(
+        r.json()["result"]["certificate_id"].as_str().unwrap(),
+        certs[0].file_stem().unwrap().to_str().unwrap()
+    );
+    // The certificate removed from the store: nothing is signed again.
+    fs::remove_file(&certificates(&cli, "gone")[0]).unwrap();
+    let r = run_env(&cli, &["shred", "gone", "--confirm", "gone"], &[]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("does not sign again") && r.stderr.contains("is not in the store"),
+        "{}",
+        r.stderr
+    );
+    assert!(certificates(&cli, "gone").is_empty());
+    assert_eq!(descriptor(&cli, "gone")["state"], "shredding");
+}
+
 /// Kills `custos shred` at each step (CUSTOS_CRASH_AT test hook), then
 /// re-runs it: every shred completes with exactly one valid certificate.
 #[test]

@@ -310,8 +310,9 @@ async fn certify<S: ShredSubject>(
     let id = journal.certificate_id.clone();
     let mut body = subject.certificate(repo, &Records::of(repo, S::SLOT)?)?;
     let (destroys_keys, spared) = subject.confirm_terms(&body);
-    holds::confirm_before_signing(repo, &mut body, destroys_keys, spared.as_ref()).await?;
-    let bytes = issue_certificate(&ctx, &tenant, journal, body).await?;
+    let ended =
+        holds::confirm_before_signing(repo, &mut body, destroys_keys, spared.as_ref()).await?;
+    let bytes = issue_certificate(&ctx, &tenant, journal, body, ended.as_deref()).await?;
     journal.crash("certified");
     let now = crate::hooks::now();
     repo.update_descriptor(|d| subject.finish(d, &id, now))

@@ -37,7 +37,7 @@ pub(super) async fn confirm_before_signing(
     body: &mut Certificate,
     destroys_keys: bool,
     spared: Option<&KeyRef>,
-) -> Result<()> {
+) -> Result<Option<String>> {
     let ctx = repo.context();
     let tenant = repo.tenant();
     let mut problems = Vec::new();
@@ -60,7 +60,7 @@ pub(super) async fn confirm_before_signing(
     if problems.is_empty() {
         body.guarantee.destruction_began_at = audited.destruction_began_at;
         note_unvouched(body, &audited.unvouched);
-        return Ok(());
+        return Ok(shred.ended);
     }
     Err(Error::ShredVerification {
         tenant: tenant.to_string(),
@@ -78,15 +78,20 @@ pub(super) async fn confirm_before_signing(
 /// streaming pass per certification (one line in memory at a time, and only
 /// the lines that name the certificate id parsed).
 pub(super) struct ShredRecords {
-    /// This shred's records (`certificate_id`, tenant and epoch), in order;
-    /// those up to a `shred.certificate.end` of the same id are dropped
-    /// once the tenant was initialised again after it (`tenant.init…`): a
-    /// certificate issued under this id ended that shred, and what came
-    /// before is another lineage's (an id a store writer reused). With no
-    /// record of the id and no init after it, they are this shred's own: a
-    /// run killed after its certificate was stored and recorded, before the
-    /// descriptor said so, whose re-run adopts that certificate.
+    /// This shred's records (`certificate_id`, tenant and epoch), in order.
+    /// Those up to a `shred.certificate.end` of the same id are a shred a
+    /// certificate ended: dropped once the tenant was initialised again
+    /// after it (`tenant.init…`) or another shred's records of the id follow
+    /// (another lineage's, an id a store writer reused); otherwise kept as
+    /// [`ended`](Self::ended) (a run killed after its certificate was
+    /// stored and recorded, before the descriptor said so).
     pub records: Vec<AuditRecord>,
+    /// When `records` are those of a shred a certificate already ended: the
+    /// SHA-256 of the certificate file its last `shred.certificate.end`
+    /// records. Only that file may then be adopted; nothing is signed again
+    /// (a store writer can delete it and rewrite the descriptor, but cannot
+    /// make this log record another).
+    pub ended: Option<String>,
     /// The record at the seq the scope names, whatever it is.
     pub scope: Option<AuditRecord>,
 }
@@ -102,18 +107,21 @@ impl ShredRecords {
         let mut out = ShredRecords {
             records: Vec::new(),
             scope: None,
+            ended: None,
         };
         let needle = id.as_bytes();
-        // The records a certificate of this id ended, while nothing since
-        // says another lineage began.
-        let mut ended: Option<Vec<AuditRecord>> = None;
+        // The records a certificate of this id ended and its file's digest,
+        // while nothing since says another lineage began.
+        let mut ended: Option<(Vec<AuditRecord>, String)> = None;
         audit.scan_from(0, |seq, line| {
             if Some(seq) == scope_seq {
                 out.scope = AuditRecord::from_line(line).ok();
             }
             if ended.is_some()
-                && contains(line, br#""event":"tenant.init"#)
-                && AuditRecord::from_line(line).is_ok_and(|r| r.tenant.as_ref() == Some(tenant))
+                && contains(line, b"tenant.init")
+                && AuditRecord::from_line(line).is_ok_and(|r| {
+                    r.tenant.as_ref() == Some(tenant) && r.event.starts_with("tenant.init")
+                })
             {
                 ended = None;
             }
@@ -130,8 +138,24 @@ impl ShredRecords {
                 && r.details["certificate_id"] == id
                 && of_epoch == epoch.map(u64::from)
             {
-                if r.event == "shred.certificate.end" {
-                    ended = Some(std::mem::take(&mut out.records));
+                let ending = r.event == "shred.certificate.end";
+                let digest =
+                    |r: &AuditRecord| r.details["file_sha256"].as_str().unwrap_or("").to_owned();
+                // A resumed run of the ended shred (killed again after its
+                // certificate) adds to that shred's records.
+                let resumes_ended = ended.is_some()
+                    && out.records.is_empty()
+                    && (ending || r.event == RESUMED_EVENT);
+                if resumes_ended {
+                    if let Some((records, last)) = ended.as_mut() {
+                        if ending {
+                            *last = digest(&r);
+                        } else {
+                            records.push(r);
+                        }
+                    }
+                } else if ending {
+                    ended = Some((std::mem::take(&mut out.records), digest(&r)));
                 } else {
                     ended = None;
                     out.records.push(r);
@@ -139,8 +163,9 @@ impl ShredRecords {
             }
             true
         })?;
-        if let Some(own) = ended {
-            out.records = own;
+        if let Some((records, digest)) = ended {
+            out.records = records;
+            out.ended = Some(digest);
         }
         Ok(out)
     }

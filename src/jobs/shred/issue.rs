@@ -97,13 +97,21 @@ fn store_info(url: &str) -> StoreInfo {
 /// The `certificate` step of every shred: signs `body` (anchored in the
 /// audit log), stores it create-only (or adopts the one a previous run
 /// stored) and journals the step's end. Returns the file's bytes.
+///
+/// With `ended` (the shred's audit records end in a `shred.certificate.end`
+/// recording a file of that SHA-256): only that stored file is adopted;
+/// nothing is signed and nothing recorded again.
 pub(super) async fn issue_certificate(
     ctx: &Context,
     tenant: &TenantId,
     journal: &Journal,
     body: Certificate,
+    ended: Option<&str>,
 ) -> Result<Vec<u8>> {
     let id = journal.certificate_id.as_str();
+    if let Some(digest) = ended {
+        return adopt_recorded(ctx, tenant, id, body, digest).await;
+    }
     let bytes = store_certificate(ctx, tenant, id, body, journal).await?;
     journal.crash("certificate");
     journal
@@ -118,6 +126,78 @@ pub(super) async fn issue_certificate(
     Ok(bytes)
 }
 
+/// The certificate a killed run stored and recorded, adopted when the file
+/// in the store is the one its `shred.certificate.end` records (`digest`)
+/// and states this shred; otherwise refused, never signed again.
+async fn adopt_recorded(
+    ctx: &Context,
+    tenant: &TenantId,
+    id: &str,
+    body: Certificate,
+    digest: &str,
+) -> Result<Vec<u8>> {
+    let refuse = |why: String| Error::ShredVerification {
+        tenant: tenant.to_string(),
+        message: format!(
+            "this shred's audit records end in its certificate {id} (shred.certificate.end, file SHA-256 \
+             {digest}), {why}; custos does not sign again a shred its own audit log records as certified \
+             (put that file back from a copy to finish, or find who changed tenants/{tenant}/tenant.json)"
+        ),
+    };
+    let path = certificate_path(tenant, id);
+    let Some(bytes) = load_certificate(&ctx.store, tenant, id).await? else {
+        return Err(refuse(format!("but {path} is not in the store")));
+    };
+    let stored = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    if stored != digest {
+        return Err(refuse(format!(
+            "but {path} holds another file (SHA-256 {stored})"
+        )));
+    }
+    adopt(ctx, tenant, id, &body, bytes)
+}
+
+/// A stored certificate of this id, if it verifies under this
+/// installation's audit key and states this very shred. Returns its bytes.
+fn adopt(
+    ctx: &Context,
+    tenant: &TenantId,
+    id: &str,
+    body: &Certificate,
+    bytes: Vec<u8>,
+) -> Result<Vec<u8>> {
+    let own_key = audit_log(ctx)?.key().public_key_text();
+    let verified = certificate::verify(&bytes, &own_key).map_err(|e| {
+        Error::corrupt(
+            certificate_path(tenant, id).to_string(),
+            format!("a certificate with this shred's id is stored but does not verify: {e}"),
+        )
+    })?;
+    check_identity(&verified.certificate, tenant, id, body.epoch)
+        .map_err(|why| Error::corrupt(certificate_path(tenant, id).to_string(), why))?;
+    // Same tenant and id is not the same shred: the id comes from the
+    // descriptor, which a store writer can set to an earlier lineage's
+    // (after `tenant init --allow-reuse`), whose certificate then sits
+    // at this path. Adopted only when it states this run's scope (its
+    // audit record is this run's) and these keys' outcomes.
+    let stored = &verified.certificate;
+    if stored.scope != body.scope || stored.keys != body.keys {
+        return Err(Error::corrupt(
+            certificate_path(tenant, id).to_string(),
+            format!(
+                "the certificate stored there states another shred (scope of audit record {:?}, keys {}), \
+                 not this one (scope of audit record {:?}, keys {}): refusing to report it as this \
+                 shred's; the descriptor's certificate id was reused",
+                stored.scope.audit_seq,
+                key_list(&stored.keys),
+                body.scope.audit_seq,
+                key_list(&body.keys),
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Stores the certificate (create-only) or adopts one a previous run stored.
 /// Returns the file's bytes.
 async fn store_certificate(
@@ -127,45 +207,10 @@ async fn store_certificate(
     body: Certificate,
     journal: &Journal,
 ) -> Result<Vec<u8>> {
-    let audit = audit_log(ctx)?;
-    let own_key = audit.key().public_key_text();
-    let body_epoch = body.epoch;
-    let (body_scope, body_keys) = (body.scope.clone(), body.keys.clone());
-    let adopt = |bytes: Vec<u8>| -> Result<Vec<u8>> {
-        let verified = certificate::verify(&bytes, &own_key).map_err(|e| {
-            Error::corrupt(
-                certificate_path(tenant, id).to_string(),
-                format!("a certificate with this shred's id is stored but does not verify: {e}"),
-            )
-        })?;
-        check_identity(&verified.certificate, tenant, id, body_epoch)
-            .map_err(|why| Error::corrupt(certificate_path(tenant, id).to_string(), why))?;
-        // Same tenant and id is not the same shred: the id comes from the
-        // descriptor, which a store writer can set to an earlier lineage's
-        // (after `tenant init --allow-reuse`), whose certificate then sits
-        // at this path. Adopted only when it states this run's scope (its
-        // audit record is this run's) and these keys' outcomes.
-        let stored = &verified.certificate;
-        if stored.scope != body_scope || stored.keys != body_keys {
-            return Err(Error::corrupt(
-                certificate_path(tenant, id).to_string(),
-                format!(
-                    "the certificate stored there states another shred (scope of audit record {:?}, keys {}), \
-                     not this one (scope of audit record {:?}, keys {}): refusing to report it as this \
-                     shred's; the descriptor's certificate id was reused",
-                    stored.scope.audit_seq,
-                    key_list(&stored.keys),
-                    body_scope.audit_seq,
-                    key_list(&body_keys),
-                ),
-            ));
-        }
-        Ok(bytes)
-    };
     if let Some(bytes) = load_certificate(&ctx.store, tenant, id).await? {
-        return adopt(bytes);
+        return adopt(ctx, tenant, id, &body, bytes);
     }
-    let bytes = anchor_and_sign(ctx, journal, body).await?;
+    let bytes = anchor_and_sign(ctx, journal, body.clone()).await?;
     journal.crash("certificate-signed");
     let path = certificate_path(tenant, id);
     let put = ctx
@@ -185,7 +230,7 @@ async fn store_certificate(
             let stored = load_certificate(&ctx.store, tenant, id)
                 .await?
                 .ok_or_else(|| Error::missing(path.to_string(), "vanished after a conflict"))?;
-            adopt(stored)
+            adopt(ctx, tenant, id, &body, stored)
         }
         Err(e) => Err(Error::store("put", &path, e)),
     }
