@@ -423,12 +423,14 @@ fn legal_hold_refuses_a_shred() {
 /// Killed after its certificate was stored and recorded (`certified`): the
 /// re-run adopts that certificate, also after a second kill there and with
 /// a skip list given on the re-run; never signs another. With the file gone
-/// from the store, the re-run refuses and signs nothing.
+/// from the store, the re-run refuses and signs nothing; with the descriptor
+/// edited to say steps are left, it refuses and runs none, and once the
+/// descriptor is put back it finishes.
 #[test]
 fn a_shred_killed_after_its_certificate_adopts_it_or_refuses() {
-    let cli = installation(&["twice", "gone"]);
+    let cli = installation(&["twice", "gone", "edited"]);
     let key_pub = public_key(&cli);
-    for t in ["twice", "gone"] {
+    for t in ["twice", "gone", "edited"] {
         ok(&cli, &["backup", t]);
         let r = run_env(
             &cli,
@@ -486,6 +488,29 @@ fn a_shred_killed_after_its_certificate_adopts_it_or_refuses() {
     );
     assert!(certificates(&cli, "gone").is_empty());
     assert_eq!(descriptor(&cli, "gone")["state"], "shredding");
+    // The descriptor edited back to before the verification.
+    let path = cli.store().join("tenants/edited/tenant.json");
+    let saved = fs::read(&path).unwrap();
+    let mut d: Value = serde_json::from_slice(&saved).unwrap();
+    let progress = &mut d["shredding"]["progress"];
+    progress["step"] = Value::from("deleted");
+    progress.as_object_mut().unwrap().remove("verification");
+    fs::write(&path, serde_json::to_vec(&d).unwrap()).unwrap();
+    let audit = || fs::read_to_string(cli.path().join("state/audit/log.jsonl")).unwrap();
+    let verify_records = || audit().matches("shred.verify.begin").count();
+    let before = verify_records();
+    let r = run_env(&cli, &["shred", "edited", "--confirm", "edited"], &[]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("as certified") && r.stderr.contains("steps are left"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(verify_records(), before, "no step ran again");
+    fs::write(&path, &saved).unwrap();
+    ok(&cli, &["shred", "edited", "--confirm", "edited"]);
+    assert_eq!(descriptor(&cli, "edited")["state"], "shredded");
+    assert_eq!(certificates(&cli, "edited").len(), 1);
 }
 
 /// Kills `custos shred` at each step (CUSTOS_CRASH_AT test hook), then

@@ -232,9 +232,21 @@ fn not_begun_here(id: &str) -> String {
 /// elsewhere, their audit records (the scope's, the keys') would be in a
 /// log the certificate is not checked against, on neither installation
 /// whole, and no certificate could be issued for it anywhere. Refused
-/// before anything is done.
+/// before anything is done. So is one this installation's audit log
+/// records as certified: it has no step left, whatever the descriptor says.
 pub(super) fn require_begun_here(repo: &Repo, id: &str, epoch: Option<u32>) -> Result<()> {
     let shred = ShredRecords::read(audit_log(repo.context())?, repo.tenant(), id, epoch, None)?;
+    if let Some(digest) = &shred.ended {
+        return Err(Error::ShredVerification {
+            tenant: repo.tenant().to_string(),
+            message: format!(
+                "this installation's audit log records shred {id} as certified (shred.certificate.end, \
+                 file SHA-256 {digest}), but the descriptor says steps are left: it was edited after the \
+                 certificate (this run did nothing; find who edited tenants/{}/tenant.json)",
+                repo.tenant()
+            ),
+        });
+    }
     if began_here(&shred.records) {
         return Ok(());
     }
