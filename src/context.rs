@@ -148,31 +148,27 @@ impl Context {
         }
         // Whatever is configured: no check value an earlier build recorded
         // stays on disk (see `object_record::fingerprint`).
-        let migrated = [
+        let pkcs11_record = cfg.state_dir.join("pkcs11-objects.json");
+        let kmip_record = cfg.state_dir.join("kmip-objects.json");
+        for (file, migrated) in [
             (
-                "pkcs11-objects.json",
-                crate::keys::pkcs11::Pkcs11Provider::migrate_object_record(
-                    cfg.state_dir.join("pkcs11-objects.json"),
-                ),
+                &pkcs11_record,
+                crate::keys::pkcs11::Pkcs11Provider::migrate_object_record(pkcs11_record.clone()),
             ),
             (
-                "kmip-objects.json",
-                crate::keys::kmip::KmipProvider::migrate_object_record(
-                    cfg.state_dir.join("kmip-objects.json"),
-                ),
+                &kmip_record,
+                crate::keys::kmip::KmipProvider::migrate_object_record(kmip_record.clone()),
             ),
-        ];
-        for (file, result) in migrated {
-            if let Err(e) = result {
-                tracing::warn!(event = "key_record.migrate_failed", file, error = %e, "{e}");
+        ] {
+            if let Err(e) = migrated {
+                tracing::warn!(event = "key_record.migrate_failed", file = %file.display(), error = %e, "{e}");
             }
         }
         match &cfg.pkcs11 {
             Some(settings) => match crate::keys::pkcs11::Pkcs11Provider::open(settings) {
                 // Which versions custos generated, where no PIN holder can write.
                 Ok(p) => {
-                    let record = cfg.state_dir.join("pkcs11-objects.json");
-                    keys.pkcs11 = Some(std::sync::Arc::new(p.with_object_record(record)))
+                    keys.pkcs11 = Some(std::sync::Arc::new(p.with_object_record(pkcs11_record)))
                 }
                 Err(e) => {
                     keys.unavailable.insert(ProviderKind::Pkcs11, e.to_string());
@@ -188,10 +184,7 @@ impl Context {
         match &cfg.kmip {
             Some(settings) => match crate::keys::kmip::KmipProvider::new(settings) {
                 // Which objects custos made, where no KMIP client can write.
-                Ok(p) => {
-                    let record = cfg.state_dir.join("kmip-objects.json");
-                    keys.kmip = Some(std::sync::Arc::new(p.with_object_record(record)))
-                }
+                Ok(p) => keys.kmip = Some(std::sync::Arc::new(p.with_object_record(kmip_record))),
                 Err(e) => {
                     keys.unavailable.insert(ProviderKind::Kmip, e.to_string());
                 }

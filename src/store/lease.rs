@@ -183,7 +183,7 @@ impl LeaseGuard {
     /// A reader's guard always fails: readers never commit.
     pub fn ensure_held(&self) -> Result<()> {
         match &self.access {
-            Access::Exclusive(e) => e.ensure_held(),
+            Access::Exclusive(e) => e.inner.ensure_held(),
             Access::Shared(r) => Err(Error::Internal(format!(
                 "a {} job of tenant {} holds a reader record, not the tenant lease: it cannot change the repository",
                 r.job(),
@@ -367,10 +367,6 @@ impl Exclusive {
             keepalive,
             took_over_from,
         }
-    }
-
-    fn ensure_held(&self) -> Result<()> {
-        self.inner.ensure_held()
     }
 
     /// Releases the lease if it is still ours: lets a renewal in flight
