@@ -16,7 +16,11 @@
 //!   time and runs on from it, so a test builds months of history in seconds;
 //! - `CUSTOS_INDEX_FILE_BLOBS=<n>`: index files are written with at most `n`
 //!   blobs ([`index_file_blobs`]), so that a crash loop whose backups store a
-//!   few blobs writes index files along the way as one of millions does.
+//!   few blobs writes index files along the way as one of millions does;
+//! - `CUSTOS_CHECK_WINDOW=<bytes>`: `check --read-data` reads packs in windows
+//!   of that many bytes and reads that much of a pack's end first
+//!   ([`check_window`]), so the small packs of a test are read in pieces as
+//!   a 16 MiB pack is.
 //!
 //! In the default build (what ships) each function below is an empty inline
 //! function: no variable is read, nothing is wrapped, no crash point is
@@ -25,6 +29,28 @@
 
 use crate::keys::KeyProviders;
 use crate::store::SharedStore;
+
+/// The check-window variable (`test-hooks` builds only).
+#[cfg(feature = "test-hooks")]
+pub const CHECK_WINDOW: &str = "CUSTOS_CHECK_WINDOW";
+
+/// The bytes `check --read-data` reads of a pack at a time and of its end
+/// first: `default`; in a `test-hooks` build with `CUSTOS_CHECK_WINDOW` set,
+/// that number for both.
+#[inline]
+pub fn check_window(default: (u64, u64)) -> (u64, u64) {
+    #[cfg(feature = "test-hooks")]
+    if let Ok(text) = std::env::var(CHECK_WINDOW) {
+        match text.parse::<u64>() {
+            Ok(n) if n > 0 => return (n, n),
+            _ => {
+                eprintln!("{CHECK_WINDOW}={text:?}: not a positive number; aborting (test hook)");
+                std::process::abort();
+            }
+        }
+    }
+    default
+}
 
 /// The crash-point variable (`test-hooks` builds only).
 #[cfg(feature = "test-hooks")]

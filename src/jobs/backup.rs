@@ -330,14 +330,18 @@ impl Reader<'_> {
                 } else {
                     match std::fs::File::open(path) {
                         Ok(f) => {
-                            let (blobs, size) = match self.read_content(f) {
+                            let (blobs, size) = match self.read_content(&f) {
                                 Ok(v) => v,
                                 Err(ReadFailure::Io(error)) => {
                                     return self.unreadable(source, rel, error);
                                 }
                                 Err(ReadFailure::Job(e)) => return Err(e),
                             };
-                            if let Ok(after) = std::fs::symlink_metadata(path)
+                            // The file read, by its descriptor: no second
+                            // lookup of the path (a `statx` of every
+                            // component, per file, was 9% of a small-file
+                            // backup's profile with the walk's own).
+                            if let Ok(after) = f.metadata()
                                 && (after.len() != size
                                     || after.mtime() != meta.mtime()
                                     || after.mtime_nsec() != meta.mtime_nsec())

@@ -11,11 +11,12 @@ use std::collections::BTreeMap;
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, Result};
 use crate::format::ids::PackId;
-use crate::format::pack::{PackEntry, open_blob, open_pack};
 use crate::format::tree::EntryKind;
 use crate::pipeline::tree::TreeReader;
+mod pack_read;
+
 use crate::repo::{Fault, Repo, is_object_fault};
 use crate::store::ObjectName;
 
@@ -223,7 +224,7 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
             .collect();
         let checks = selected.into_iter().map(|(pack, size)| {
             let expected = indexed.entries(&pack);
-            read_pack(repo, pack, size, expected, index.pack_epoch(&pack))
+            pack_read::read_pack(repo, pack, size, expected, index.pack_epoch(&pack))
         });
         let mut stream = futures::stream::iter(checks).buffer_unordered(PACKS_IN_FLIGHT);
         while let Some(r) = stream.next().await {
@@ -234,92 +235,6 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
         }
     }
     Ok(report)
-}
-
-/// Reads one pack whole and verifies everything in it.
-async fn read_pack(
-    repo: &Repo,
-    pack: PackId,
-    size: u64,
-    expected: Vec<PackEntry>,
-    epoch: Option<u32>,
-) -> Result<(u64, Vec<Fault>)> {
-    let name = ObjectName::Pack(pack);
-    let object = repo.store().display(&name);
-    let fault = |kind: ErrorKind, message: String| Fault {
-        object: object.clone(),
-        kind,
-        message,
-    };
-    let bytes = match repo.store().get(&name).await {
-        Ok(b) => b,
-        Err(e) if is_object_fault(&e) => return Ok((0, vec![Fault::from_error(&object, &e)])),
-        Err(e) => return Err(e),
-    };
-    if bytes.len() as u64 != size {
-        return Ok((
-            bytes.len() as u64,
-            vec![fault(
-                ErrorKind::CorruptObject,
-                format!("listed as {size} bytes, read {}", bytes.len()),
-            )],
-        ));
-    }
-    let header_epoch = match crate::format::seal::Header::peek_epoch(&bytes) {
-        Ok(e) => e,
-        Err(e) => return Ok((size, vec![Fault::from_error(&object, &e.at(&object))])),
-    };
-    let epoch = epoch.unwrap_or(header_epoch);
-    // (A pack of a new epoch that a backup beside this check started is known
-    // to the descriptor now in the store.)
-    if !repo.knows_epoch(epoch).await? {
-        return Ok((
-            size,
-            vec![fault(
-                ErrorKind::CorruptObject,
-                format!("sealed under unknown epoch {epoch}"),
-            )],
-        ));
-    }
-    let keys = repo.epoch_keys(epoch).await?;
-    let faults = tokio::task::spawn_blocking(move || {
-        let mut faults = Vec::new();
-        let (opener, entries) = match open_pack(&keys, &pack, &bytes) {
-            Ok(v) => v,
-            Err(e) => {
-                let err = e.at(&object);
-                return vec![Fault::from_error(&object, &err)];
-            }
-        };
-        let by_segment: BTreeMap<u32, &PackEntry> =
-            entries.iter().map(|e| (e.segment, e)).collect();
-        for want in &expected {
-            if by_segment.get(&want.segment).copied() != Some(want) {
-                faults.push(Fault {
-                    object: object.clone(),
-                    kind: ErrorKind::CorruptObject,
-                    message: format!(
-                        "index entry for blob {} disagrees with the pack directory",
-                        want.id.short()
-                    ),
-                });
-            }
-        }
-        for e in &entries {
-            let sealed = &bytes[e.offset as usize..(e.offset + e.sealed_len) as usize];
-            if let Err(err) = open_blob(&opener, &keys, e, sealed) {
-                faults.push(Fault {
-                    object: object.clone(),
-                    kind: ErrorKind::CorruptObject,
-                    message: format!("blob {}: {err}", e.id.short()),
-                });
-            }
-        }
-        faults
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("check worker panicked: {e}")))?;
-    Ok((size, faults))
 }
 
 impl CheckReport {

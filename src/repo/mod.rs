@@ -2,6 +2,7 @@
 //! CMK, epochs), its data keys (unwrapped on demand, dropped with the repo),
 //! its index and its snapshots.
 
+mod claimed;
 pub mod index;
 pub mod ownership;
 pub mod survey_cache;

@@ -161,6 +161,69 @@ impl TenantStore {
             .map_err(|e| self.map_read_error("get", name, e))
     }
 
+    /// Reads `range` of an object a listing gave as `size` bytes, which must
+    /// still be that object: the store states the object's whole size (and
+    /// ETag) with each answer, and a size other than `size`, or an ETag other
+    /// than `version` (an earlier read's), is a corrupt object, changed since
+    /// it was listed or while being read. Returns the bytes and the ETag.
+    pub async fn get_range_of(
+        &self,
+        name: &ObjectName,
+        range: Range<u64>,
+        size: u64,
+        version: Option<&str>,
+    ) -> Result<(Bytes, Option<String>)> {
+        let path = name.relative();
+        let changed = |what: String| Err(Error::corrupt(self.display(name), what));
+        if range.end > size {
+            return changed(format!("range {range:?} is past its listed {size} bytes"));
+        }
+        let read = || async {
+            let options = object_store::GetOptions {
+                range: Some(object_store::GetRange::Bounded(range.clone())),
+                ..Default::default()
+            };
+            let r = self.scoped.get_opts(&path, options).await?;
+            let meta = r.meta.clone();
+            if meta.size != size {
+                return Ok((Bytes::new(), meta));
+            }
+            let bytes = r.bytes().await?;
+            if bytes.len() as u64 != range.end - range.start {
+                return Err(short_read(&path, range.end - range.start, bytes.len()));
+            }
+            Ok((bytes, meta))
+        };
+        let (bytes, meta) = match retry(read).await {
+            Ok(v) => v,
+            Err(e) => {
+                // A range past the end of an object cut short since the
+                // listing is refused by the store: say so, not a store error.
+                if let Some(meta) = self.head(name).await?
+                    && meta.size != size
+                {
+                    return changed(format!(
+                        "object is {} bytes, listed as {size} (changed since it was listed)",
+                        meta.size
+                    ));
+                }
+                return Err(self.map_read_error("get", name, e));
+            }
+        };
+        if meta.size != size {
+            return changed(format!(
+                "object is {} bytes, listed as {size} (changed since it was listed)",
+                meta.size
+            ));
+        }
+        if let (Some(before), Some(now)) = (version, meta.e_tag.as_deref())
+            && before != now
+        {
+            return changed("object changed while being read (its ETag changed)".into());
+        }
+        Ok((bytes, meta.e_tag))
+    }
+
     fn map_read_error(&self, op: &'static str, name: &ObjectName, e: object_store::Error) -> Error {
         match e {
             object_store::Error::NotFound { .. } => {

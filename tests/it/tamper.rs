@@ -45,25 +45,32 @@ fn object_name(p: &Path) -> String {
 /// neither changes the store.
 fn assert_detected(cli: &Cli, tenant: &str, object: &str, kind: &str) {
     let before = cli.objects(tenant);
-    let check = cli.run(&["check", tenant, "--read-data", "--json"]);
-    assert_eq!(
-        check.code, 1,
-        "check should fail:\n{}\n{}",
-        check.stdout, check.stderr
-    );
-    assert_check_failed(cli, tenant, &check);
-    let faults = check.json()["result"]["faults"].clone();
-    let named: Vec<&serde_json::Value> = faults
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["object"].as_str().unwrap().contains(object))
-        .collect();
-    assert!(!named.is_empty(), "no fault names {object}: {faults}");
-    assert!(
-        named.iter().any(|f| f["kind"] == kind),
-        "expected kind {kind} for {object}: {faults}"
-    );
+    // Packs read whole (these are smaller than a window), and in windows of
+    // 100 bytes with the pack's last 100 bytes read first.
+    for envs in [&[][..], &[("CUSTOS_CHECK_WINDOW", "100")][..]] {
+        let check = cli.run_env(&["check", tenant, "--read-data", "--json"], envs);
+        assert_eq!(
+            check.code, 1,
+            "check {envs:?} should fail:\n{}\n{}",
+            check.stdout, check.stderr
+        );
+        assert_check_failed(cli, tenant, &check);
+        let faults = check.json()["result"]["faults"].clone();
+        let named: Vec<&serde_json::Value> = faults
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["object"].as_str().unwrap().contains(object))
+            .collect();
+        assert!(
+            !named.is_empty(),
+            "{envs:?}: no fault names {object}: {faults}"
+        );
+        assert!(
+            named.iter().any(|f| f["kind"] == kind),
+            "{envs:?}: expected kind {kind} for {object}: {faults}"
+        );
+    }
 
     let target = cli.path().join(format!("restore-{}", object));
     let restore: Run = cli.run(&[
@@ -609,6 +616,14 @@ fn a_lost_pack_is_stored_again_by_the_next_backup() {
         cli.ok(&["prune", "acme"]);
         let check = cli.ok(&["check", "acme", "--read-data", "--json"]);
         assert_eq!(check.json()["result"]["faults"], serde_json::json!([]));
+        let windows = cli.run_env(
+            &["check", "acme", "--read-data", "--json"],
+            &[("CUSTOS_CHECK_WINDOW", "100")],
+        );
+        assert_eq!(windows.code, 0, "{case}: {}", windows.stdout);
+        let result = windows.json()["result"].clone();
+        assert_eq!(result["faults"], serde_json::json!([]));
+        assert_eq!(result["packs_read"], check.json()["result"]["packs_read"]);
         assert_eq!(check.json()["result"]["unreferenced_packs"], 0);
         // The next backup has nothing to store again.
         let b = cli.ok(&["backup", "acme", "--json"]);
