@@ -30,13 +30,17 @@ pub const MAX_PACK_LEN: u64 = u32::MAX as u64;
 /// A listed pack shorter than this for what the index says is in it has lost
 /// its end (and with it the directory every reader authenticates).
 pub fn min_pack_len(blob_end: u64, blobs: u64) -> u64 {
-    // directory plaintext = n (u32) ‖ n entries; sealed, it gains a tag.
-    let directory = (DIR_ENTRY_LEN as u64)
-        .saturating_mul(blobs)
-        .saturating_add((4 + TAG_LEN) as u64);
     blob_end
-        .saturating_add(directory)
+        .saturating_add(sealed_directory_len(blobs))
         .saturating_add(TRAILER_LEN as u64)
+}
+
+/// The length of the sealed directory of a pack of `blobs` blobs: its
+/// plaintext is the count (u32) and one entry a blob; sealed, it gains a tag.
+pub fn sealed_directory_len(blobs: u64) -> u64 {
+    (DIR_ENTRY_LEN as u64)
+        .saturating_mul(blobs)
+        .saturating_add((4 + TAG_LEN) as u64)
 }
 
 /// What a blob holds.

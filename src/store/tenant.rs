@@ -179,8 +179,12 @@ impl TenantStore {
             return changed(format!("range {range:?} is past its listed {size} bytes"));
         }
         let read = || async {
+            // The whole object unranged: a server may answer a range that
+            // covers all of it with 200 rather than 206, which object_store
+            // refuses for a ranged request.
+            let whole = range.start == 0 && range.end == size;
             let options = object_store::GetOptions {
-                range: Some(object_store::GetRange::Bounded(range.clone())),
+                range: (!whole).then(|| object_store::GetRange::Bounded(range.clone())),
                 ..Default::default()
             };
             let r = self.scoped.get_opts(&path, options).await?;
@@ -199,15 +203,14 @@ impl TenantStore {
             Err(e) => {
                 // A range past the end of an object cut short since the
                 // listing is refused by the store: say so, not a store error.
-                if let Some(meta) = self.head(name).await?
-                    && meta.size != size
-                {
-                    return changed(format!(
+                return match self.head(name).await? {
+                    Some(meta) if meta.size != size => changed(format!(
                         "object is {} bytes, listed as {size} (changed since it was listed)",
                         meta.size
-                    ));
-                }
-                return Err(self.map_read_error("get", name, e));
+                    )),
+                    None => Err(Error::missing(self.display(name), "not found in the store")),
+                    Some(_) => Err(self.map_read_error("get", name, e)),
+                };
             }
         };
         if meta.size != size {

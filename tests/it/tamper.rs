@@ -198,6 +198,19 @@ fn flipped_byte_in_a_pack_header() {
     assert_detected(&cli, "acme", &object_name(&pack), "corrupt_object");
 }
 
+/// The trailer (blob count and directory length, not authenticated) and the
+/// directory's last byte, each changed in turn.
+#[test]
+fn flipped_byte_in_a_pack_trailer_or_directory() {
+    for from_end in [1, 3, 5, 9] {
+        let (cli, _) = setup("acme");
+        let pack = biggest(cli.object_paths("acme", "packs"));
+        let len = fs::metadata(&pack).unwrap().len() as usize;
+        flip(&pack, Some(len - from_end));
+        assert_detected(&cli, "acme", &object_name(&pack), "corrupt_object");
+    }
+}
+
 #[test]
 fn truncated_pack() {
     let (cli, _) = setup("acme");

@@ -23,8 +23,10 @@ use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::ids::PackId;
-use crate::format::pack::{PackEntry, TRAILER_LEN, directory_range, open_blob, open_directory};
-use crate::format::seal::{Header, ObjectKind, Opener};
+use crate::format::pack::{
+    PackEntry, TRAILER_LEN, directory_range, open_blob, open_directory, sealed_directory_len,
+};
+use crate::format::seal::{HEADER_LEN, Header, ObjectKind, Opener, SealError, TAG_LEN};
 use crate::keys::derive::EpochKeys;
 use crate::repo::{Fault, Repo, is_object_fault};
 use crate::store::ObjectName;
@@ -85,7 +87,13 @@ pub(super) async fn read_pack(
         };
     }
     let (window_len, tail_len) = crate::hooks::check_window((WINDOW, TAIL));
-    let tail_at = size.saturating_sub(tail_len);
+    // The first window holds the whole header; the tail, the whole trailer.
+    let window_len = window_len.max(HEADER_LEN as u64);
+    let tail_len = tail_len.max(TRAILER_LEN as u64);
+    let tail_at = match size.checked_sub(tail_len) {
+        Some(at) if at >= HEADER_LEN as u64 => at,
+        _ => 0,
+    };
     let tail = fetch!(tail_at..size);
     let first = match tail_at {
         0 => tail.clone(),
@@ -117,6 +125,18 @@ pub(super) async fn read_pack(
         Ok(v) => v,
         Err(e) => sealed_fault!(e),
     };
+    // The trailer is not authenticated: before reading a directory it
+    // places beyond the tail, it must be as long as its count of blobs says
+    // and leave room for them (a forged count or length costs no read).
+    let blobs_min = u64::from(n) * (TAG_LEN as u64 + 1);
+    if dir.end - dir.start != sealed_directory_len(u64::from(n))
+        || HEADER_LEN as u64 + blobs_min + (dir.end - dir.start) + TRAILER_LEN as u64 > size
+    {
+        sealed_fault!(SealError::Malformed(format!(
+            "pack trailer: a directory of {} bytes for {n} blobs does not fit a pack of {size} bytes",
+            dir.end - dir.start
+        )));
+    }
     let sealed_dir = if dir.start >= tail_at {
         tail.slice((dir.start - tail_at) as usize..(dir.end - tail_at) as usize)
     } else {
@@ -147,7 +167,7 @@ pub(super) async fn read_pack(
         window = if from >= tail_at {
             tail.slice((from - tail_at) as usize..(blobs_end - tail_at) as usize)
         } else {
-            fetch!(from..(from + window_len).min(tail_at))
+            fetch!(from..(from + window_len).min(tail_at).min(blobs_end))
         };
     }
     drop(tail);
@@ -221,6 +241,7 @@ impl PackVerifier {
             };
             let have = self.pending.len() as u64;
             let take = (u64::from(e.sealed_len) - have).min(window.len() as u64) as usize;
+            self.pending.reserve_exact(take);
             self.pending.extend_from_slice(&window[..take]);
             window = &window[take..];
             at += take as u64;
@@ -244,7 +265,8 @@ impl PackVerifier {
             // last one ended (or the header, before the first).
             let start = from.saturating_sub(at) as usize;
             if to > end {
-                self.pending = window[start..].to_vec();
+                self.pending = Vec::with_capacity(e.sealed_len as usize);
+                self.pending.extend_from_slice(&window[start..]);
                 break;
             }
             self.verify(&e, &window[start..(to - at) as usize]);
