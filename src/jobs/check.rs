@@ -6,6 +6,8 @@
 //! commitment and directory are verified, the directory agrees with the
 //! index, and every blob decrypts, decompresses and hashes to its id.
 
+mod pack_read;
+
 use std::collections::BTreeMap;
 
 use futures::StreamExt;
@@ -15,8 +17,6 @@ use crate::error::{ErrorKind, Result};
 use crate::format::ids::PackId;
 use crate::format::tree::EntryKind;
 use crate::pipeline::tree::TreeReader;
-mod pack_read;
-
 use crate::repo::{Fault, Repo, is_object_fault};
 use crate::store::ObjectName;
 
