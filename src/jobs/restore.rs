@@ -69,6 +69,12 @@ pub struct RestoreReport {
 const BATCH_BYTES: u64 = 256 << 20;
 const BATCH_FILES: usize = 4096;
 const PACKS_IN_FLIGHT: usize = 4;
+/// What the packs being read may hold at once, in MiB: a read takes a share
+/// of this by its pack's size (all of it for a pack this large or larger),
+/// so four default packs (16 MiB and the part of a blob they end with) are
+/// read at once as before, while packs of 128 MiB are read one at a time
+/// instead of four (over 500 MiB).
+const READ_BUDGET_MIB: u32 = 72;
 /// Blobs closer than this in a pack are fetched in one range request.
 const COALESCE_GAP: u64 = 256 << 10;
 const MAX_RANGE: u64 = 16 << 20;
@@ -126,6 +132,7 @@ pub async fn run_with(
         repo,
         index,
         pack_sizes,
+        read_budget: Arc::new(tokio::sync::Semaphore::new(READ_BUDGET_MIB as usize)),
         keys: keys.clone(),
         root: target.fd,
         target: target.path,
@@ -215,6 +222,8 @@ struct Restorer<'a> {
     index: &'a Index,
     /// Size of every pack in the store, listed once.
     pack_sizes: BTreeMap<PackId, u64>,
+    /// MiB of packs the reads in flight may hold ([`READ_BUDGET_MIB`]).
+    read_budget: Arc<tokio::sync::Semaphore>,
     keys: Arc<EpochKeys>,
     /// The target directory, opened once: everything is created beneath it.
     root: Arc<OwnedFd>,
@@ -707,11 +716,18 @@ impl Restorer<'_> {
         let store = self.repo.store().clone();
         let keys = self.keys.clone();
         let size = self.pack_sizes.get(&pack).copied();
+        let budget = self.read_budget.clone();
         blobs.sort_by_key(|b| b.loc.offset);
         async move {
             let name = ObjectName::Pack(pack);
             let object = store.display(&name);
             let size = size.ok_or_else(|| Error::missing(&object, "pack is not in the store"))?;
+            // Held until the pack's bytes are dropped, at the end of this block.
+            let share = size.div_ceil(1 << 20).clamp(1, u64::from(READ_BUDGET_MIB)) as u32;
+            let _held = budget
+                .acquire_many_owned(share)
+                .await
+                .map_err(|_| Error::Internal("restore read budget closed".into()))?;
             let Fetched {
                 opener,
                 n,
