@@ -52,6 +52,14 @@ fn ok(cli: &Cli, args: &[&str]) -> common::Run {
 }
 
 /// An installation with a short lease TTL and `tenant`'s policy over a small tree.
+/// Re-runs the shred of `tenant` and asserts it is refused with a message
+/// holding every one of `says`.
+fn refused(cli: &Cli, tenant: &str, says: &[&str]) {
+    let r = run_env(cli, &["shred", tenant, "--confirm", tenant], &[]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(says.iter().all(|s| r.stderr.contains(s)), "{}", r.stderr);
+}
+
 fn installation(tenants: &[&str]) -> Cli {
     let cli = Cli::new();
     cli.short_lease();
@@ -479,12 +487,10 @@ fn a_shred_killed_after_its_certificate_adopts_it_or_refuses() {
     );
     // The certificate removed from the store: nothing is signed again.
     fs::remove_file(&certificates(&cli, "gone")[0]).unwrap();
-    let r = run_env(&cli, &["shred", "gone", "--confirm", "gone"], &[]);
-    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
-    assert!(
-        r.stderr.contains("does not sign again") && r.stderr.contains("is not in the store"),
-        "{}",
-        r.stderr
+    refused(
+        &cli,
+        "gone",
+        &["does not sign again", "is not in the store"],
     );
     assert!(certificates(&cli, "gone").is_empty());
     assert_eq!(descriptor(&cli, "gone")["state"], "shredding");
@@ -499,13 +505,7 @@ fn a_shred_killed_after_its_certificate_adopts_it_or_refuses() {
     let audit = || fs::read_to_string(cli.path().join("state/audit/log.jsonl")).unwrap();
     let verify_records = || audit().matches("shred.verify.begin").count();
     let before = verify_records();
-    let r = run_env(&cli, &["shred", "edited", "--confirm", "edited"], &[]);
-    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
-    assert!(
-        r.stderr.contains("as certified") && r.stderr.contains("steps are left"),
-        "{}",
-        r.stderr
-    );
+    refused(&cli, "edited", &["as certified", "steps are left"]);
     assert_eq!(verify_records(), before, "no step ran again");
     fs::write(&path, &saved).unwrap();
     ok(&cli, &["shred", "edited", "--confirm", "edited"]);
