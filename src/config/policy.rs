@@ -128,7 +128,8 @@ impl PathGlobs {
 
     /// True when `relative` (relative to the source root, or a snapshot path) matches.
     pub fn is_match(&self, relative: &Path) -> bool {
-        self.set.is_match(relative)
+        // Matching builds a candidate string from the path: not for nothing.
+        !self.set.is_empty() && self.set.is_match(relative)
     }
 }
 

@@ -107,7 +107,11 @@ pub struct PackerOutput {
 
 pub struct Packer {
     known: Mutex<Dedup>,
-    work_tx: Option<SyncSender<Work>>,
+    /// Blobs added but not yet handed to a worker: small blobs travel in
+    /// batches, so a backup of many small files does not wake a worker (a
+    /// futex call and two context switches) for every one of them.
+    pending: Mutex<Batch>,
+    work_tx: Option<SyncSender<Vec<Work>>>,
     workers: Vec<std::thread::JoinHandle<()>>,
     uploader: tokio::task::JoinHandle<PackerOutput>,
     shared: Arc<Shared>,
@@ -117,6 +121,32 @@ struct Shared {
     failed: AtomicBool,
     error: Mutex<Option<Error>>,
     budget: PackBudget,
+}
+
+/// A batch is handed over once it holds this many raw bytes or blobs.
+const BATCH_BYTES: usize = 512 << 10;
+const BATCH_BLOBS: usize = 1024;
+
+#[derive(Default)]
+struct Batch {
+    work: Vec<Work>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn push(&mut self, work: Work) -> Option<Vec<Work>> {
+        self.bytes += match &work {
+            Work::Raw { data, .. } => data.len(),
+            Work::Frame { frame, .. } => frame.len(),
+        };
+        self.work.push(work);
+        (self.bytes >= BATCH_BYTES || self.work.len() >= BATCH_BLOBS).then(|| self.take())
+    }
+
+    fn take(&mut self) -> Vec<Work> {
+        self.bytes = 0;
+        std::mem::take(&mut self.work)
+    }
 }
 
 /// Counts pack buffers alive (open, queued or uploading) against a limit.
@@ -188,7 +218,7 @@ impl Packer {
                 limit: workers_n + cfg.upload_concurrency.max(1),
             },
         });
-        let (work_tx, work_rx) = sync_channel::<Work>(workers_n * 2);
+        let (work_tx, work_rx) = sync_channel::<Vec<Work>>(workers_n * 2);
         let work_rx = Arc::new(Mutex::new(work_rx));
         let (pack_tx, pack_rx) = tokio::sync::mpsc::channel::<(FinishedPack, Permit)>(1);
         let workers = (0..workers_n)
@@ -217,6 +247,7 @@ impl Packer {
         ));
         Packer {
             known: Mutex::new(known),
+            pending: Mutex::new(Batch::default()),
             work_tx: Some(work_tx),
             workers,
             uploader,
@@ -247,8 +278,20 @@ impl Packer {
                 .take_error()
                 .unwrap_or_else(|| Error::Internal("packer failed".into())));
         }
+        let full = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(work);
+        match full {
+            Some(batch) => self.send(batch),
+            None => Ok(()),
+        }
+    }
+
+    fn send(&self, batch: Vec<Work>) -> Result<()> {
         let tx = self.work_tx.as_ref().expect("add after finish");
-        tx.send(work)
+        tx.send(batch)
             .map_err(|_| Error::Internal("packer workers stopped".into()))
     }
 
@@ -272,15 +315,30 @@ impl Packer {
     /// Flushes open packs, waits for every upload, and returns what was stored.
     /// Nothing it returns refers to a pack that is not fully uploaded.
     pub async fn finish(mut self) -> Result<PackerOutput> {
-        drop(self.work_tx.take());
+        let last = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let tx = self.work_tx.take();
         let workers = std::mem::take(&mut self.workers);
-        tokio::task::spawn_blocking(move || {
+        // Off the async workers: the last batch may wait for room.
+        let sent = tokio::task::spawn_blocking(move || {
+            let sent = last.is_empty() || tx.as_ref().is_some_and(|tx| tx.send(last).is_ok());
+            drop(tx); // workers end once the channel is closed and drained
             for w in workers {
                 let _ = w.join();
             }
+            sent
         })
         .await
         .map_err(|e| Error::Internal(format!("packer worker panicked: {e}")))?;
+        if !sent {
+            return Err(self
+                .shared
+                .take_error()
+                .unwrap_or_else(|| Error::Internal("packer workers stopped".into())));
+        }
         let out = (&mut self.uploader)
             .await
             .map_err(|e| Error::Internal(format!("uploader panicked: {e}")))?;
@@ -302,7 +360,7 @@ impl Drop for Packer {
 
 fn worker(
     keys: Arc<EpochKeys>,
-    rx: Arc<Mutex<Receiver<Work>>>,
+    rx: Arc<Mutex<Receiver<Vec<Work>>>>,
     tx: tokio::sync::mpsc::Sender<(FinishedPack, Permit)>,
     cfg: PackerConfig,
     shared: Arc<Shared>,
@@ -311,32 +369,34 @@ fn worker(
     let mut frame = Vec::new();
     loop {
         let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-        let Ok(work) = next else { break };
-        if shared.failed.load(Ordering::SeqCst) {
-            continue; // drain, so the producer never blocks on a dead pipeline
-        }
-        let (w, _) = pack.get_or_insert_with(|| {
-            let permit = shared.permit();
-            (PackWriter::new(&keys, cfg.pack_size + (1 << 20)), permit)
-        });
-        match work {
-            Work::Raw { id, kind, data } => {
-                encode_frame(&data, cfg.compression_level, &mut frame);
-                w.add(id, kind, data.len() as u32, &mut frame);
+        let Ok(batch) = next else { break };
+        for work in batch {
+            if shared.failed.load(Ordering::SeqCst) {
+                break; // drain, so the producer never blocks on a dead pipeline
             }
-            Work::Frame {
-                id,
-                kind,
-                raw_len,
-                mut frame,
-            } => {
-                w.add(id, kind, raw_len, &mut frame);
+            let (w, _) = pack.get_or_insert_with(|| {
+                let permit = shared.permit();
+                (PackWriter::new(&keys, cfg.pack_size + (1 << 20)), permit)
+            });
+            match work {
+                Work::Raw { id, kind, data } => {
+                    encode_frame(&data, cfg.compression_level, &mut frame);
+                    w.add(id, kind, data.len() as u32, &mut frame);
+                }
+                Work::Frame {
+                    id,
+                    kind,
+                    raw_len,
+                    mut frame,
+                } => {
+                    w.add(id, kind, raw_len, &mut frame);
+                }
             }
-        }
-        if w.len() >= cfg.pack_size {
-            let (w, permit) = pack.take().expect("pack is open");
-            if tx.blocking_send((w.finish(), permit)).is_err() {
-                return;
+            if w.len() >= cfg.pack_size {
+                let (w, permit) = pack.take().expect("pack is open");
+                if tx.blocking_send((w.finish(), permit)).is_err() {
+                    return;
+                }
             }
         }
     }
@@ -552,6 +612,63 @@ mod tests {
         ids.sort();
         assert_eq!(indexed, ids, "every blob indexed exactly once");
         lease.release().await;
+    }
+
+    /// Small blobs travel in batches; whatever the batching, every blob
+    /// added reaches a pack, including the last batch, which is not full.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_blob_of_a_partial_last_batch_is_stored() {
+        let (keys, store, cfg) = setup();
+        for blobs in [1, BATCH_BLOBS as u32 - 1, BATCH_BLOBS as u32 + 1] {
+            let packer = Packer::start(
+                keys.clone(),
+                store.clone(),
+                Dedup::default(),
+                cfg,
+                None,
+                &Handle::current(),
+            );
+            let (out, mut ids) = pack(packer, blobs).await.unwrap();
+            let mut indexed: Vec<BlobId> = out
+                .index
+                .packs
+                .iter()
+                .flat_map(|(_, entries)| entries.iter().map(|e| e.id))
+                .collect();
+            indexed.sort();
+            ids.sort();
+            assert_eq!(indexed, ids, "{blobs} blobs");
+        }
+    }
+
+    /// When uploads fail, the job ends with the store's error, whether it
+    /// shows at an `add` or only at `finish` (the blobs still batched).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_store_fails_the_job_without_hanging() {
+        let (keys, store, cfg) = setup();
+        let failing = crate::store::faults::FaultyStore::new(
+            crate::store::memory(),
+            crate::store::faults::FaultConfig {
+                error: 1.0,
+                ..Default::default()
+            },
+        );
+        let store = TenantStore::new(Arc::new(failing), store.tenant());
+        for blobs in [3, 5 * BATCH_BLOBS as u32] {
+            let packer = Packer::start(
+                keys.clone(),
+                store.clone(),
+                Dedup::default(),
+                cfg,
+                None,
+                &Handle::current(),
+            );
+            let ended = tokio::time::timeout(Duration::from_secs(60), pack(packer, blobs)).await;
+            match ended.expect("the packer hung") {
+                Ok(_) => panic!("{blobs} blobs: stored into a store that fails every put"),
+                Err(e) => assert!(e.to_string().contains("injected"), "{blobs} blobs: {e}"),
+            }
+        }
     }
 
     /// Once the lease is lost, no further index file is stored and the
