@@ -802,6 +802,36 @@ async fn an_epoch_shred_killed_at_any_step_completes_on_rerun() {
         );
     }
     std::thread::sleep(std::time::Duration::from_secs(11));
+    // An unfinished epoch shred owns the tenant's keys: no rotation of any
+    // kind, dry run or not, until it ends.
+    let mut fenced = 0;
+    for t in &names {
+        if descriptor(&cli, t).get("epoch_shred").is_none() {
+            continue;
+        }
+        fenced += 1;
+        // Past its re-wrap the tenant is under the fresh key: the policy must
+        // name it, or the rotation is refused before it gets that far.
+        let key = descriptor(&cli, t)["key"].as_str().unwrap().to_owned();
+        let policy = cli.path().join(format!("policies/{t}.toml"));
+        let original = fs::read_to_string(&policy).unwrap();
+        set_policy_key(&cli, t, &key);
+        for how in [&["--cmk"][..], &["--new-epoch"], &["--cmk", "--dry-run"]] {
+            let r = run_env(&cli, &[&["rotate", t][..], how].concat(), &[]);
+            assert_eq!(r.code, 1, "rotate {how:?}: {}\n{}", r.stdout, r.stderr);
+            assert!(
+                r.stderr.contains("unfinished shred of epoch 1")
+                    && r.stderr.contains("--rewrap or --rewrap-to"),
+                "rotate {how:?}: {}",
+                r.stderr
+            );
+        }
+        fs::write(&policy, original).unwrap();
+    }
+    assert!(
+        fenced >= points.len() - 1,
+        "{fenced} shreds left unfinished"
+    );
     for (t, point) in names.iter().zip(points) {
         let r = run_env(
             &cli,

@@ -359,6 +359,7 @@ pub async fn run(repo: &Repo, lease: &LeaseGuard, action: &RotateAction) -> Resu
     repo.require_active("rotation")?;
     // A fresh handle of our own: updating the descriptor needs `&mut Repo`.
     let mut fresh = Repo::open(repo.context(), repo.tenant(), None).await?;
+    refuse_during_epoch_shred(fresh.descriptor())?;
     settle_pending_key(&mut fresh, lease).await?;
     prove_current_key(&fresh).await?;
     // A tenant made before key claims existed gets its current key's claim
@@ -408,6 +409,7 @@ pub async fn preview(repo: &Repo, action: &RotateAction) -> Result<RotateReport>
     let started = Instant::now();
     repo.require_active("rotation")?;
     let fresh = Repo::open(repo.context(), repo.tenant(), None).await?;
+    refuse_during_epoch_shred(fresh.descriptor())?;
     prove_current_key(&fresh).await?;
     let plan = plan::plan(&fresh, action).await;
     fresh.forget_keys().await;
@@ -440,6 +442,32 @@ async fn prove_current_key(repo: &Repo) -> Result<()> {
 /// wrapped under it, so dropping it loses nothing, and following it would
 /// move the tenant's data keys under someone else's key. A pending key that
 /// cannot be tried (unusable) is refused: it cannot be told apart.
+/// An unfinished epoch shred owns the tenant's keys until it ends: it fixed
+/// which keys it destroys and may be moving the envelopes itself (its
+/// `pending_key`). A rotation in between would re-wrap the shredded epoch's
+/// envelope into a fresh object, or move envelopes under a key the shred
+/// then destroys or never destroys.
+fn refuse_during_epoch_shred(d: &Descriptor) -> Result<()> {
+    let Some(es) = &d.epoch_shred else {
+        return Ok(());
+    };
+    let t = &d.tenant;
+    let how = if es.rewrap_to.is_some() {
+        " with the same --rewrap or --rewrap-to it was started with"
+    } else {
+        ""
+    };
+    Err(Error::TenantState {
+        tenant: t.to_string(),
+        state: "epoch_shredding".into(),
+        message: format!(
+            "has an unfinished shred of epoch {}: no key rotation until it ends; finish it first \
+             (custos shred {t} --epoch {} --confirm {t}{how})",
+            es.epoch, es.epoch
+        ),
+    })
+}
+
 async fn settle_pending_key(repo: &mut Repo, lease: &LeaseGuard) -> Result<()> {
     let Some(pending) = repo.descriptor().pending_key.clone() else {
         return Ok(());
