@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -106,13 +106,38 @@ struct Inner {
     ttl: Duration,
     state: Mutex<(LeaseRecord, UpdateVersion)>,
     lost: AtomicBool,
-    /// When the lease last written runs out, by this process's monotonic
-    /// clock (its write began before this instant less the TTL): past it,
-    /// another process may take it over even while a renewal still hangs.
-    valid_until: std::sync::Mutex<Instant>,
+    /// When the lease last written runs out, by the boot clock (its write
+    /// began before this instant less the TTL): past it, another process may
+    /// take it over even while a renewal still hangs.
+    valid_until: std::sync::Mutex<BootTime>,
     /// Set when the release begins: what still runs on the job's behalf (an
     /// upload task) must not commit once another process may hold the lease.
     released: AtomicBool,
+}
+
+/// A point on `CLOCK_BOOTTIME`. `Instant` (`CLOCK_MONOTONIC`) stops while
+/// the host is suspended, but the TTL other hosts read in the lease runs on:
+/// a job resumed after a suspend longer than the TTL must see its lease as
+/// run out, not as still held for the time left before the suspend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct BootTime(Duration);
+
+impl BootTime {
+    fn now() -> BootTime {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        // Both fields are non-negative for this clock (time since boot).
+        BootTime(Duration::new(
+            u64::try_from(t.tv_sec).unwrap_or(0),
+            u32::try_from(t.tv_nsec).unwrap_or(0),
+        ))
+    }
+}
+
+impl std::ops::Add<Duration> for BootTime {
+    type Output = BootTime;
+    fn add(self, d: Duration) -> BootTime {
+        BootTime(self.0.saturating_add(d))
+    }
 }
 
 fn version(r: &PutResult) -> UpdateVersion {
@@ -232,7 +257,7 @@ impl Exclusive {
         for _ in 0..5 {
             let now = Utc::now();
             // Before the write: the record's expiry is no earlier than this plus the TTL.
-            let written = Instant::now();
+            let written = BootTime::now();
             let record = LeaseRecord {
                 holder: holder.to_owned(),
                 job: job.to_owned(),
@@ -351,7 +376,7 @@ impl Exclusive {
         record: LeaseRecord,
         v: UpdateVersion,
         took_over_from: Option<(LeaseRecord, String)>,
-        written: Instant,
+        written: BootTime,
     ) -> Exclusive {
         let inner = Arc::new(Inner {
             store: store.clone(),
@@ -523,7 +548,7 @@ impl Inner {
             });
         }
         let valid_until = *self.valid_until.lock().unwrap_or_else(|p| p.into_inner());
-        if Instant::now() + self.ttl / 10 >= valid_until {
+        if BootTime::now() + self.ttl / 10 >= valid_until {
             return Err(Error::LeaseContended {
                 tenant: self.store.tenant().to_string(),
                 holder: "nobody yet (this job's lease was not renewed in time: it runs out, and another process may take it)".into(),
@@ -533,7 +558,7 @@ impl Inner {
         Ok(())
     }
 
-    fn renewed(&self, written: Instant) {
+    fn renewed(&self, written: BootTime) {
         *self.valid_until.lock().unwrap_or_else(|p| p.into_inner()) = written + self.ttl;
     }
 
@@ -544,7 +569,7 @@ impl Inner {
         let mut state = self.state.lock().await;
         let mut record = state.0.clone();
         let now = Utc::now();
-        let written = Instant::now();
+        let written = BootTime::now();
         record.expires_at = now + chrono_ttl(self.ttl);
         record.renewed_at = Some(now);
         let body = Bytes::from(serde_json::to_vec(&record).expect("serialises"));
@@ -788,6 +813,19 @@ mod tests {
         check.ensure_held().unwrap();
         a.release().await;
         assert_eq!(check.ensure_held().unwrap_err().kind(), "lease_contended");
+    }
+
+    /// The boot clock moves on at least as far as a sleep (and, unlike
+    /// `Instant`, across a suspend of the host, which a test cannot make).
+    #[test]
+    fn the_boot_clock_moves_on() {
+        let before = BootTime::now();
+        std::thread::sleep(Duration::from_millis(20));
+        let after = BootTime::now();
+        assert!(
+            after >= before + Duration::from_millis(20),
+            "{before:?} {after:?}"
+        );
     }
 
     /// A renewal moves the deadline on.
