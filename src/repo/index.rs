@@ -36,6 +36,8 @@ pub struct Index {
     pack_slots: IdMap<PackId, u32>,
     /// Every blob's location, sorted by id, each id once.
     blobs: Vec<(BlobId, Location)>,
+    /// Where each run of ids sharing a prefix starts in `blobs`.
+    buckets: Buckets,
     /// Further locations of blobs indexed more than once in different packs
     /// (a blob stored again after its pack was lost, an interrupted repack),
     /// until [`Index::prefer_stored`] has chosen among them.
@@ -117,8 +119,58 @@ impl IndexBuilder {
             true
         });
         ix.blobs.shrink_to_fit();
+        ix.buckets = Buckets::new(ix.blobs.iter().map(|(id, _)| id), ix.blobs.len());
         ix.alternatives = alternatives;
         ix
+    }
+}
+
+/// A first step for the search by id: the table's ids are keyed hashes,
+/// spread evenly, so their first bits find a run of about eight entries
+/// (up to 2^16 runs: about 30 at 2,000,000 blobs) that a bisection finishes.
+/// Bisecting the whole table instead compared 21 ids of 32 bytes for every
+/// lookup at 2,000,000 blobs: a third of an incremental backup's profile,
+/// which looks up every blob of every unchanged file. At most 4 bytes per
+/// 8 blobs (256 KiB from 524,288 blobs on).
+#[derive(Debug, Default)]
+struct Buckets {
+    /// How far a 16-bit prefix is shifted right to give the bucket.
+    shift: u32,
+    /// `starts[b]..starts[b + 1]`: the positions of bucket `b` (empty: no
+    /// table was built, one run covers everything).
+    starts: Vec<u32>,
+}
+
+impl Buckets {
+    const MAX_BITS: u32 = 16;
+
+    fn new<'a>(sorted: impl Iterator<Item = &'a BlobId>, len: usize) -> Buckets {
+        let bits = match len / 8 {
+            0 => 0,
+            n => n.ilog2().min(Self::MAX_BITS),
+        };
+        let shift = Self::MAX_BITS - bits;
+        let mut starts = vec![0u32; (1 << bits) + 1];
+        for id in sorted {
+            starts[Self::key(id, shift) + 1] += 1;
+        }
+        for b in 1..starts.len() {
+            starts[b] += starts[b - 1];
+        }
+        Buckets { shift, starts }
+    }
+
+    fn key(id: &BlobId, shift: u32) -> usize {
+        usize::from(u16::from_be_bytes([id.0[0], id.0[1]])) >> shift
+    }
+
+    /// The positions where `id` would be, in a table of `len` entries.
+    fn range(&self, id: &BlobId, len: usize) -> std::ops::Range<usize> {
+        if self.starts.is_empty() {
+            return 0..len;
+        }
+        let b = Self::key(id, self.shift);
+        self.starts[b] as usize..self.starts[b + 1] as usize
     }
 }
 
@@ -170,7 +222,12 @@ impl Index {
     }
 
     fn position(&self, id: &BlobId) -> Option<usize> {
-        self.blobs.binary_search_by(|(b, _)| b.cmp(id)).ok()
+        let run = self.buckets.range(id, self.blobs.len());
+        let start = run.start;
+        self.blobs[run]
+            .binary_search_by(|(b, _)| b.cmp(id))
+            .ok()
+            .map(|i| start + i)
     }
 
     pub fn get(&self, id: &BlobId) -> Option<&Location> {
@@ -341,7 +398,7 @@ impl Dedup {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
 
@@ -353,6 +410,46 @@ mod tests {
             offset,
             sealed_len: 100,
             raw_len: 80,
+        }
+    }
+
+    proptest::proptest! {
+        /// Every indexed id is found at its location and no other id is,
+        /// whatever the table's size (buckets of 0 to 16 bits) and however
+        /// the ids crowd into few prefixes.
+        #[test]
+        fn lookups_find_exactly_the_indexed_ids(
+            seeds in proptest::collection::vec((proptest::prelude::any::<[u8; 32]>(), 0u8..4), 0..3000),
+            absent in proptest::collection::vec(proptest::prelude::any::<[u8; 32]>(), 0..50),
+        ) {
+            // Crowded prefixes: a quarter of the ids share their first byte or two.
+            let crowd = |(mut b, c): ([u8; 32], u8)| {
+                if c == 0 { b[0] = 7; }
+                if c == 1 { b[..2].copy_from_slice(&[7, 7]); }
+                BlobId(b)
+            };
+            let ids: BTreeSet<BlobId> = seeds.into_iter().map(crowd).collect();
+            let pack = PackId::random();
+            let entries: Vec<PackEntry> =
+                ids.iter().rev().enumerate().map(|(i, id)| entry(*id, i as u32 * 100)).collect();
+            let mut builder = IndexBuilder::default();
+            builder.add_pack(pack, 1, &entries);
+            let index = builder.build();
+            for e in &entries {
+                proptest::prop_assert_eq!(index.get(&e.id).map(|l| l.offset), Some(e.offset));
+            }
+            for a in absent.into_iter().map(BlobId).filter(|a| !ids.contains(a)) {
+                proptest::prop_assert!(!index.contains(&a));
+            }
+        }
+    }
+
+    #[test]
+    fn buckets_split_large_tables_in_runs_of_about_eight() {
+        for (len, bits) in [(0, 0), (7, 0), (8, 0), (16, 1), (1_000, 6), (2_000_000, 16)] {
+            let ids: Vec<BlobId> = Vec::new();
+            let b = Buckets::new(ids.iter(), len);
+            assert_eq!(b.starts.len(), (1 << bits) + 1, "{len} blobs");
         }
     }
 
