@@ -154,6 +154,8 @@ async fn rotate(config: Option<&Path>, args: Args) -> Result<RotateReport> {
     let run = run_job(&s.ctx, spec, |repo, lease, _| {
         async move {
             if let (Some(pk), Some(new)) = (policy_key_ref, replace_ref) {
+                // The shred's refusal first: it says what to do before anything else.
+                rotate::refuse_during_epoch_shred(repo.descriptor())?;
                 rotate::check_policy_for_replace(repo.descriptor(), pk, new)?;
             }
             if dry_run {

@@ -372,10 +372,18 @@ fn print_show(r: &ShowResult) {
         due(rs.cmk_next_due, rs.cmk_due, &rs.cmk_every)
     );
     if let Some(p) = &rs.move_pending {
-        println!(
-            "moving   to {p} (interrupted; finish with `custos rotate {} --replace-cmk {p}`)",
-            d.tenant
-        );
+        let t = &d.tenant;
+        match &d.epoch_shred {
+            // The shred's own re-wrap: only the shred finishes it.
+            Some(es) if es.rewrap_to.as_ref() == Some(p) => println!(
+                "moving   to {p} (the re-wrap of an interrupted shred of epoch {}; finish it with \
+                 `custos shred {t} --epoch {} --confirm {t}` and the same --rewrap or --rewrap-to)",
+                es.epoch, es.epoch
+            ),
+            _ => println!(
+                "moving   to {p} (interrupted; finish with `custos rotate {t} --replace-cmk {p}`)"
+            ),
+        }
     }
     for e in &rs.epochs {
         let current = if e.current { ", current" } else { "" };

@@ -259,6 +259,7 @@ async fn execute(
             &Handle::current(),
         );
         let packer = Arc::new(packer);
+        let wanted = blobs.len() as u64;
         for id in blobs {
             let (frame, loc) = read_frame(repo, &index, &id).await?;
             let p = packer.clone();
@@ -276,6 +277,13 @@ async fn execute(
         let packer =
             Arc::try_unwrap(packer).map_err(|_| Error::Internal("packer still shared".into()))?;
         let out = packer.finish().await?;
+        // The old packs are deleted below: every live blob must be in a new one.
+        if out.blobs != wanted {
+            return Err(Error::Internal(format!(
+                "repacking epoch {epoch} stored {} of {wanted} blobs; nothing deleted",
+                out.blobs
+            )));
+        }
         report.bytes_written += out.bytes_stored;
         for (pack, entries) in &out.index.packs {
             new_index.add_pack(*pack, epoch, entries);

@@ -323,29 +323,35 @@ impl Packer {
         let tx = self.work_tx.take();
         let workers = std::mem::take(&mut self.workers);
         // Off the async workers: the last batch may wait for room.
-        let sent = tokio::task::spawn_blocking(move || {
+        let (sent, panicked) = tokio::task::spawn_blocking(move || {
             let sent = last.is_empty() || tx.as_ref().is_some_and(|tx| tx.send(last).is_ok());
             drop(tx); // workers end once the channel is closed and drained
-            for w in workers {
-                let _ = w.join();
-            }
-            sent
+            let panicked = workers
+                .into_iter()
+                .map(|w| w.join())
+                .filter(Result::is_err)
+                .count();
+            (sent, panicked)
         })
         .await
-        .map_err(|e| Error::Internal(format!("packer worker panicked: {e}")))?;
-        if !sent {
-            return Err(self
-                .shared
-                .take_error()
-                .unwrap_or_else(|| Error::Internal("packer workers stopped".into())));
-        }
+        .map_err(|e| Error::Internal(format!("joining the packer workers failed: {e}")))?;
+        // Every worker has ended, so the uploader ends once its packs are stored.
         let out = (&mut self.uploader)
             .await
             .map_err(|e| Error::Internal(format!("uploader panicked: {e}")))?;
-        match self.shared.take_error() {
-            Some(e) => Err(e),
-            None => Ok(out),
+        if let Some(e) = self.shared.take_error() {
+            return Err(e);
         }
+        // A worker that panicked lost the blobs it held: nothing may name them.
+        if panicked > 0 {
+            return Err(Error::Internal(format!(
+                "{panicked} packer worker(s) panicked"
+            )));
+        }
+        if !sent {
+            return Err(Error::Internal("packer workers stopped".into()));
+        }
+        Ok(out)
     }
 }
 

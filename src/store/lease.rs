@@ -124,7 +124,12 @@ struct BootTime(Duration);
 
 impl BootTime {
     fn now() -> BootTime {
-        let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let clock = rustix::time::ClockId::Boottime;
+        // Elsewhere (not a supported server platform) the monotonic clock.
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let clock = rustix::time::ClockId::Monotonic;
+        let t = rustix::time::clock_gettime(clock);
         // Both fields are non-negative for this clock (time since boot).
         BootTime(Duration::new(
             u64::try_from(t.tv_sec).unwrap_or(0),

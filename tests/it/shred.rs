@@ -1031,21 +1031,23 @@ async fn a_tenants_life_leaves_no_key_bytes_anywhere() {
 }
 
 // ---------------------------------------------------------------------------
-// Library: a store that refuses to delete packs (as Object Lock does).
+// Library: a store that refuses to delete some objects (as Object Lock does).
 
 #[derive(Debug)]
-struct LockedPacks {
+struct Locked {
     inner: Arc<dyn ObjectStore>,
+    /// Paths it refuses to delete.
+    locked: fn(&str) -> bool,
 }
 
-impl std::fmt::Display for LockedPacks {
+impl std::fmt::Display for Locked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LockedPacks")
+        write!(f, "Locked")
     }
 }
 
 #[async_trait]
-impl ObjectStore for LockedPacks {
+impl ObjectStore for Locked {
     async fn put_opts(
         &self,
         location: &StorePath,
@@ -1080,12 +1082,13 @@ impl ObjectStore for LockedPacks {
         locations: BoxStream<'static, object_store::Result<StorePath>>,
     ) -> BoxStream<'static, object_store::Result<StorePath>> {
         let inner = self.inner.clone();
+        let locked = self.locked;
         locations
             .then(move |p| {
                 let inner = inner.clone();
                 async move {
                     let p = p?;
-                    if p.as_ref().contains("/packs/") {
+                    if locked(p.as_ref()) {
                         return Err(object_store::Error::PermissionDenied {
                             path: p.to_string(),
                             source: "AccessDenied: object is WORM protected (Object Lock)".into(),
@@ -1138,8 +1141,9 @@ async fn objects_the_store_refuses_to_delete_are_retained_ciphertext() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     make_data(&root.join("data"), "acme");
-    let store: Arc<dyn ObjectStore> = Arc::new(LockedPacks {
+    let store: Arc<dyn ObjectStore> = Arc::new(Locked {
         inner: custos::store::local::open(&root.join("store")).unwrap(),
+        locked: |p| p.contains("/packs/"),
     });
     let ctx = Context::with_store(store, "s3://locked-bucket/custos".into(), root).unwrap();
     let tenant = TenantId::new("acme").unwrap();
@@ -1194,6 +1198,97 @@ async fn objects_the_store_refuses_to_delete_are_retained_ciphertext() {
     let reports = ctx.state.read_reports(&tenant, None).unwrap();
     assert_eq!(reports[0]["job"], "shred");
     assert_eq!(reports[0]["result"]["certificate_id"], c.id.as_str());
+}
+
+/// A shred of an epoch without a re-wrap whose envelope the store retains
+/// (Object Lock) cannot verify. Rotations still run beside it once it has
+/// deleted (a CMK replacement is how the retained envelope becomes
+/// unreadable), and never write that envelope again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shred_stuck_on_a_retained_envelope_leaves_rotation_possible() {
+    use custos::jobs::rotate::{self, RotateAction};
+    use custos::store::lease::LeaseGuard;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    make_data(&root.join("data"), "acme");
+    let store: Arc<dyn ObjectStore> = Arc::new(Locked {
+        inner: custos::store::local::open(&root.join("store")).unwrap(),
+        locked: |p| p.ends_with("/keys/1"),
+    });
+    let ctx = Context::with_store(store, "s3://locked-bucket/custos".into(), root).unwrap();
+    let tenant = TenantId::new("acme").unwrap();
+    let key = KeyRef::local("acme").unwrap();
+    let rotate = |action: RotateAction| {
+        let ctx = ctx.clone();
+        let tenant = tenant.clone();
+        async move {
+            let repo = Repo::open(&ctx, &tenant, None).await.unwrap();
+            let lease = LeaseGuard::acquire(repo.store(), &ctx.holder, "rotate", ctx.lease_ttl)
+                .await
+                .unwrap();
+            let r = rotate::run(&repo, &lease, &action).await;
+            lease.release().await;
+            r
+        }
+    };
+    let (repo, _) = Repo::init(&ctx, &tenant, &key, false).await.unwrap();
+    common::backup_dir(&ctx, &repo, &root.join("data")).await;
+    drop(repo);
+    rotate(RotateAction::NewEpoch).await.unwrap();
+    let repo = Repo::open(&ctx, &tenant, None).await.unwrap();
+    common::backup_dir(&ctx, &repo, &root.join("data")).await;
+    let lease = LeaseGuard::acquire(repo.store(), &ctx.holder, "forget", ctx.lease_ttl)
+        .await
+        .unwrap();
+    custos::jobs::forget::run(
+        &repo,
+        &lease,
+        &custos::config::policy::KeepRules {
+            keep_last: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    lease.release().await;
+    drop(repo);
+    let envelope = root.join("store/tenants/acme/keys/1");
+    let retained = fs::read(&envelope).unwrap();
+    let req = ShredRequest {
+        target: ShredTarget::Epoch {
+            epoch: 1,
+            rewrap: None,
+        },
+        reason: "retention".into(),
+        requested_by: "test".into(),
+        requested_at: None,
+        pending_window_days: 7,
+        legal_hold: false,
+        skip_unproven: Vec::new(),
+    };
+    let res = shred::run_job(&ctx, &tenant, Some(&key), &req).await.result;
+    assert!(res.is_err(), "verified although the envelope is retained");
+    let d = Repo::open(&ctx, &tenant, None)
+        .await
+        .unwrap()
+        .descriptor()
+        .clone();
+    assert!(d.epoch_shred.is_some());
+    for action in [RotateAction::Cmk, RotateAction::NewEpoch] {
+        let report = rotate(action.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{action:?}: {e}"));
+        assert!(
+            report.envelopes.iter().all(|e| e.epoch != 1),
+            "{action:?} re-wrapped the epoch being shredded: {:?}",
+            report.envelopes
+        );
+    }
+    assert_eq!(
+        fs::read(&envelope).unwrap(),
+        retained,
+        "the retained envelope was written"
+    );
 }
 
 /// What the daemon does with an offboarding tenant: under legal hold the

@@ -12,10 +12,17 @@ use crate::store::ObjectName;
 
 /// Envelopes to keep re-wrapped: every `keys/<n>` in the store whose epoch is
 /// not shredded (including one left by an interrupted `--new-epoch`), and
-/// every live epoch of the descriptor, which must have one.
+/// every live epoch of the descriptor, which must have one. An epoch being
+/// shredded is neither: its envelope is deleted, or retained by the store
+/// and never to be written again.
 pub(super) async fn epochs(repo: &Repo) -> Result<Vec<u32>> {
+    let shredding = repo.descriptor().epoch_shred.as_ref().map(|e| e.epoch);
     let mut epochs = repo.unshredded_envelope_epochs().await?;
+    epochs.retain(|e| Some(*e) != shredding);
     for e in repo.descriptor().live_epochs() {
+        if Some(e.epoch) == shredding {
+            continue;
+        }
         if !epochs.contains(&e.epoch) {
             return Err(Error::missing(
                 repo.store().display(&ObjectName::Envelope(e.epoch)),

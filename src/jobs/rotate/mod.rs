@@ -35,6 +35,7 @@ use serde::Serialize;
 use crate::config::RotationPolicy;
 use crate::error::{Error, Result};
 use crate::format::descriptor::{Descriptor, EpochRecord, EpochState, Lifecycle};
+use crate::format::shred::ShredStep;
 use crate::keys::{Destruction, KeyError, KeyInfo, KeyRef};
 use crate::repo::Repo;
 use crate::repo::ownership;
@@ -436,21 +437,28 @@ async fn prove_current_key(repo: &Repo) -> Result<()> {
     }
 }
 
-/// A `pending_key` nothing proves the tenant's (no key claim, no registry
-/// entry, no envelope unwrapping under it) is a store writer's, or left by a
-/// custos that predates key claims before it moved anything: no envelope is
-/// wrapped under it, so dropping it loses nothing, and following it would
-/// move the tenant's data keys under someone else's key. A pending key that
-/// cannot be tried (unusable) is refused: it cannot be told apart.
-/// An unfinished epoch shred owns the tenant's keys until it ends: it fixed
-/// which keys it destroys and may be moving the envelopes itself (its
-/// `pending_key`). A rotation in between would re-wrap the shredded epoch's
-/// envelope into a fresh object, or move envelopes under a key the shred
-/// then destroys or never destroys.
-fn refuse_during_epoch_shred(d: &Descriptor) -> Result<()> {
+/// An unfinished epoch shred decides the tenant's keys until it ends: a
+/// shred with a re-wrap fixed which keys it destroys and moves the envelopes
+/// itself (its `pending_key`), and any shred deletes the epoch's envelope,
+/// which a re-wrap in between would write anew. Once a shred without a
+/// re-wrap has deleted (only verification and its certificate are left), a
+/// rotation may run beside it: it leaves that epoch's envelope alone (see
+/// [`envelopes::epochs`]). That matters when the store retains the envelope
+/// (Object Lock) and the shred cannot verify: replacing the CMK and deleting
+/// the old one is then how the retained envelope becomes unreadable.
+pub fn refuse_during_epoch_shred(d: &Descriptor) -> Result<()> {
     let Some(es) = &d.epoch_shred else {
         return Ok(());
     };
+    let deleted = es.shred.progress.as_ref().is_some_and(|p| {
+        matches!(
+            p.step,
+            ShredStep::Deleted | ShredStep::Verified | ShredStep::Certified
+        )
+    });
+    if es.rewrap_to.is_none() && deleted {
+        return Ok(());
+    }
     let t = &d.tenant;
     let how = if es.rewrap_to.is_some() {
         " with the same --rewrap or --rewrap-to it was started with"
@@ -468,6 +476,12 @@ fn refuse_during_epoch_shred(d: &Descriptor) -> Result<()> {
     })
 }
 
+/// A `pending_key` nothing proves the tenant's (no key claim, no registry
+/// entry, no envelope unwrapping under it) is a store writer's, or left by a
+/// custos that predates key claims before it moved anything: no envelope is
+/// wrapped under it, so dropping it loses nothing, and following it would
+/// move the tenant's data keys under someone else's key. A pending key that
+/// cannot be tried (unusable) is refused: it cannot be told apart.
 async fn settle_pending_key(repo: &mut Repo, lease: &LeaseGuard) -> Result<()> {
     let Some(pending) = repo.descriptor().pending_key.clone() else {
         return Ok(());
