@@ -15,7 +15,16 @@ macro_rules! id_type {
             }
 
             pub fn to_hex(&self) -> String {
-                hex::encode(self.0)
+                self.with_hex(str::to_owned)
+            }
+
+            /// Calls `f` with the id in hex, formatted on the stack: tree
+            /// entries name every blob this way (`hex::encode` collects a
+            /// `String` char by char).
+            pub fn with_hex<T>(&self, f: impl FnOnce(&str) -> T) -> T {
+                let mut buf = [0u8; 64];
+                hex::encode_to_slice(self.0, &mut buf).expect("64 digits for 32 bytes");
+                f(std::str::from_utf8(&buf).expect("hex digits are ASCII"))
             }
 
             /// Parses 64 lowercase hex digits.
@@ -36,7 +45,7 @@ macro_rules! id_type {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.to_hex())
+                self.with_hex(|h| f.write_str(h))
             }
         }
 
@@ -48,7 +57,7 @@ macro_rules! id_type {
 
         impl serde::Serialize for $name {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.to_hex())
+                self.with_hex(|h| s.serialize_str(h))
             }
         }
 

@@ -59,9 +59,10 @@ impl Walker<'_> {
         };
         let dev = meta.dev();
         let mut rel = name.as_bytes().to_vec();
-        self.visit_path(root, &mut rel, name.len() + 1, meta, dev, visit)
+        self.visit_path(root, &mut rel, name.len() + 1, meta, dev, 0, visit)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn visit_path<E>(
         &self,
         path: &Path,
@@ -69,6 +70,7 @@ impl Walker<'_> {
         root_len: usize,
         meta: Metadata,
         dev: u64,
+        depth: usize,
         visit: &mut impl FnMut(&[u8], Found<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
         let ft = meta.file_type();
@@ -100,22 +102,31 @@ impl Walker<'_> {
             };
             return visit(rel, Found::Special { what });
         }
-        let names = match list_dir(path) {
+        let names = match list_dir(path, depth < HELD_DIRS) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return visit(rel, Found::Vanished),
             Err(error) => return visit(rel, Found::Unreadable { error }),
         };
         visit(rel, Found::Dir { meta: &meta })?;
-        for child in names {
+        for (child, entry) in names {
             let len = rel.len();
             rel.push(b'/');
             rel.extend_from_slice(child.as_bytes());
             let child_path = path.join(&child);
             let within = OsStr::from_bytes(&rel[root_len.min(rel.len())..]);
             if !self.excludes.is_match(Path::new(within)) {
-                match fs::symlink_metadata(&child_path) {
+                // By the directory's descriptor where it is still open: the
+                // kernel looks up one name, not every component of the path
+                // (path lookups were 12% of an incremental backup of 2M files).
+                let examined = match &entry {
+                    Some(e) => e.metadata(),
+                    None => fs::symlink_metadata(&child_path),
+                };
+                match examined {
                     Ok(m) if self.one_file_system && m.is_dir() && m.dev() != dev => {}
-                    Ok(m) => self.visit_path(&child_path, rel, root_len, m, dev, visit)?,
+                    Ok(m) => {
+                        self.visit_path(&child_path, rel, root_len, m, dev, depth + 1, visit)?
+                    }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => visit(rel, Found::Vanished)?,
                     Err(error) => visit(rel, Found::Unreadable { error })?,
                 }
@@ -189,12 +200,23 @@ impl<T: Clone> Default for HardLinks<T> {
     }
 }
 
-fn list_dir(path: &Path) -> io::Result<Vec<std::ffi::OsString>> {
+/// Directories deeper than this are examined by path: each directory whose
+/// entries are kept holds a descriptor open until its walk ends, and a deep
+/// tree must not run the process out of them.
+const HELD_DIRS: usize = 64;
+
+/// A directory's names in byte order, each with its entry (which examines
+/// it through the directory's descriptor) when `keep_entries`.
+fn list_dir(
+    path: &Path,
+    keep_entries: bool,
+) -> io::Result<Vec<(std::ffi::OsString, Option<fs::DirEntry>)>> {
     let mut names = Vec::new();
     for entry in fs::read_dir(path)? {
-        names.push(entry?.file_name());
+        let entry = entry?;
+        names.push((entry.file_name(), keep_entries.then_some(entry)));
     }
-    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    names.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     Ok(names)
 }
 
@@ -260,6 +282,42 @@ mod tests {
             links.groups.is_empty(),
             "a group is forgotten once complete"
         );
+    }
+
+    /// Near the root entries are examined by the directory's descriptor,
+    /// deeper by path: both the same way (symlinks not followed).
+    #[test]
+    fn deep_and_shallow_entries_are_examined_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut deep = dir.path().to_path_buf();
+        for level in 0..HELD_DIRS + 6 {
+            deep.push(format!("d{level}"));
+            if level == 0 || level == HELD_DIRS + 5 {
+                fs::create_dir_all(&deep).unwrap();
+                fs::write(deep.join("file"), "12345").unwrap();
+                std::os::unix::fs::symlink("file", deep.join("link")).unwrap();
+                std::os::unix::fs::symlink(".", deep.join("loop")).unwrap();
+            }
+        }
+        let w = Walker {
+            excludes: &PathGlobs::new(&[]).unwrap(),
+            one_file_system: false,
+        };
+        let (mut dirs, mut files, mut links) = (0, 0, 0);
+        w.walk::<()>("s", dir.path(), &mut |_, found| {
+            match found {
+                Found::Dir { .. } => dirs += 1,
+                Found::File { meta, .. } => {
+                    assert_eq!(meta.len(), 5);
+                    files += 1
+                }
+                Found::Symlink { .. } => links += 1,
+                _ => panic!("unexpected entry"),
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((dirs, files, links), (HELD_DIRS + 7, 2, 4));
     }
 
     #[test]
