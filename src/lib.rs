@@ -17,6 +17,7 @@
 //! - [`hooks`]: where `test-hooks` builds inject faults and crashes (empty otherwise).
 
 pub mod audit;
+pub mod beneath;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -29,10 +29,14 @@ use crate::pipeline::packer::{Packer, PackerConfig, Work};
 use crate::pipeline::tree::{TreeReader, TreeWriter};
 use crate::repo::{Dedup, Repo};
 use crate::source::command::RunningCommand;
-use crate::source::walk::{Found, HardLinks, Walker, nanos, source_root_exists};
+use crate::source::walk::{
+    Found, HardLinks, Meta, Walker, describe, is_exhaustion, nanos, open_file, source_root_exists,
+};
 use crate::source::{Source, origin};
 use crate::store::ObjectName;
 use crate::store::lease::LeaseGuard;
+use rustix::fs::FileType;
+use std::os::fd::BorrowedFd;
 
 pub struct BackupOptions {
     pub sources: Vec<Source>,
@@ -298,7 +302,7 @@ impl Reader<'_> {
         source: &str,
         rel: &[u8],
         found: Found<'_>,
-        links: &mut HardLinks<(u64, Vec<BlobId>)>,
+        links: &mut Links,
     ) -> Result<()> {
         let shown = || String::from_utf8_lossy(rel).into_owned();
         match found {
@@ -312,68 +316,7 @@ impl Reader<'_> {
                 e.target = Some(target);
                 self.push(e)
             }
-            Found::File { path, meta } => {
-                let mut e = entry(rel, EntryKind::File, meta);
-                if let Some((first, (size, blobs))) = links.earlier(meta) {
-                    // Another name of an inode already stored: the same content
-                    // (not read twice), linked to that first name on restore.
-                    e.size = size;
-                    e.blobs = blobs;
-                    e.hardlink = Some(first);
-                    self.summary.files += 1;
-                    self.summary.bytes_in += e.size;
-                    self.progress.file_done(e.size);
-                    return self.push(e);
-                }
-                if let Some(blobs) = self.unchanged_in_parent(&e) {
-                    e.blobs = blobs;
-                } else {
-                    match std::fs::File::open(path) {
-                        Ok(f) => {
-                            let (blobs, size) = match self.read_content(&f) {
-                                Ok(v) => v,
-                                Err(ReadFailure::Io(error)) => {
-                                    return self.unreadable(source, rel, error);
-                                }
-                                Err(ReadFailure::Job(e)) => return Err(e),
-                            };
-                            // The file read, by its descriptor: no second
-                            // lookup of the path (a `statx` of every
-                            // component, per file, was 9% of a small-file
-                            // backup's profile with the walk's own).
-                            if let Ok(after) = f.metadata()
-                                && (after.len() != size
-                                    || after.mtime() != meta.mtime()
-                                    || after.mtime_nsec() != meta.mtime_nsec())
-                            {
-                                self.warn(format!(
-                                    "{}: changed while being read; stored as read",
-                                    shown()
-                                ));
-                            }
-                            e.size = size;
-                            e.blobs = blobs;
-                            self.summary.files_read += 1;
-                        }
-                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                            self.warn(format!(
-                                "{}: vanished before it could be read; skipped",
-                                shown()
-                            ));
-                            return Ok(());
-                        }
-                        Err(error) => return self.unreadable(source, rel, error),
-                    }
-                }
-                if meta.nlink() > 1 {
-                    e.hardlink = Some(rel.to_vec());
-                    links.record(meta, rel, (e.size, e.blobs.clone()));
-                }
-                self.summary.files += 1;
-                self.summary.bytes_in += e.size;
-                self.progress.file_done(e.size);
-                self.push(e)
-            }
+            Found::File { dir, name, meta } => self.file(source, rel, dir, name, meta, links),
             Found::Special { what } => {
                 self.summary.skipped_special += 1;
                 tracing::debug!(path = %shown(), what, "special file skipped");
@@ -387,9 +330,108 @@ impl Reader<'_> {
         }
     }
 
+    /// A regular file: another name of an inode already stored, unchanged
+    /// since the parent snapshot, or read through the descriptor its
+    /// directory's handle opens. A name replaced between being examined and
+    /// opened is recorded as the file opened: metadata and content of one inode.
+    fn file(
+        &mut self,
+        source: &str,
+        rel: &[u8],
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        meta: &Meta,
+        links: &mut Links,
+    ) -> Result<()> {
+        let shown = || String::from_utf8_lossy(rel).into_owned();
+        let mut e = entry(rel, EntryKind::File, meta);
+        if let Some(first) = links.earlier(meta) {
+            return self.push_link(e, first);
+        }
+        if let Some(blobs) = self.unchanged_in_parent(&e) {
+            e.blobs = blobs;
+            return self.push_file(e, meta, links);
+        }
+        let (f, opened) = match open_file(dir, name) {
+            Ok(v) => v,
+            Err(Found::Unreadable { error }) => return self.unreadable(source, rel, error),
+            Err(_) => {
+                self.warn(format!(
+                    "{}: vanished before it could be read; skipped",
+                    shown()
+                ));
+                return Ok(());
+            }
+        };
+        if opened.file_type != FileType::RegularFile {
+            self.warn(format!(
+                "{}: replaced by a {} while being backed up; skipped",
+                shown(),
+                describe(opened.file_type)
+            ));
+            return Ok(());
+        }
+        let meta = match opened.same_inode(meta) {
+            true => meta,
+            false => {
+                e = entry(rel, EntryKind::File, &opened);
+                if let Some(first) = links.earlier(&opened) {
+                    return self.push_link(e, first);
+                }
+                &opened
+            }
+        };
+        let (blobs, size) = match self.read_content(&f) {
+            Ok(v) => v,
+            Err(ReadFailure::Io(error)) => return self.unreadable(source, rel, error),
+            Err(ReadFailure::Job(e)) => return Err(e),
+        };
+        // The file read, by its descriptor: no second lookup of the path (a
+        // `statx` of every component, per file, was 9% of a small-file
+        // backup's profile with the walk's own).
+        if let Ok(after) = f.metadata()
+            && (after.len() != size || nanos(after.mtime(), after.mtime_nsec()) != e.mtime_ns)
+        {
+            self.warn(format!(
+                "{}: changed while being read; stored as read",
+                shown()
+            ));
+        }
+        e.size = size;
+        e.blobs = blobs;
+        self.summary.files_read += 1;
+        self.push_file(e, meta, links)
+    }
+
+    /// Pushes a file's entry, first recording it for the inode's other names.
+    fn push_file(&mut self, mut e: Entry, meta: &Meta, links: &mut Links) -> Result<()> {
+        if meta.nlink > 1 {
+            e.hardlink = Some(e.path.clone());
+            links.record(meta, &e.path, (e.size, e.blobs.clone()));
+        }
+        self.summary.files += 1;
+        self.summary.bytes_in += e.size;
+        self.progress.file_done(e.size);
+        self.push(e)
+    }
+
+    /// Pushes another name of an inode already stored: the same content (not
+    /// read twice), linked to that first name on restore.
+    fn push_link(&mut self, mut e: Entry, (first, (size, blobs)): (Vec<u8>, Linked)) -> Result<()> {
+        e.size = size;
+        e.blobs = blobs;
+        e.hardlink = Some(first);
+        self.summary.files += 1;
+        self.summary.bytes_in += e.size;
+        self.progress.file_done(e.size);
+        self.push(e)
+    }
+
     fn unreadable(&mut self, source: &str, rel: &[u8], error: std::io::Error) -> Result<()> {
         let shown = String::from_utf8_lossy(rel).into_owned();
-        if self.allow_unreadable {
+        // Out of descriptors or memory is the process' state, not the entry's:
+        // skipping would leave the entry out of the snapshot for no reason of its own.
+        if self.allow_unreadable && !is_exhaustion(&error) {
             self.summary.unreadable += 1;
             self.warn(format!("{shown}: unreadable ({error}); skipped"));
             Ok(())
@@ -594,24 +636,28 @@ enum ReadFailure {
     Job(Error),
 }
 
-fn entry(rel: &[u8], kind: EntryKind, meta: &std::fs::Metadata) -> Entry {
+/// What a hard-link group's first name stored: its size and blobs.
+type Linked = (u64, Vec<BlobId>);
+type Links = HardLinks<Linked>;
+
+fn entry(rel: &[u8], kind: EntryKind, meta: &Meta) -> Entry {
     Entry {
         path: rel.to_vec(),
         kind,
-        mode: meta.mode() & 0o7777,
-        mtime_ns: nanos(meta.mtime(), meta.mtime_nsec()),
-        uid: meta.uid(),
-        gid: meta.gid(),
+        mode: meta.mode,
+        mtime_ns: meta.mtime_ns,
+        uid: meta.uid,
+        gid: meta.gid,
         size: if kind == EntryKind::File {
-            meta.len()
+            meta.size
         } else {
             0
         },
         blobs: Vec::new(),
         target: None,
         hardlink: None,
-        inode: meta.ino(),
-        ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
+        inode: meta.ino,
+        ctime_ns: meta.ctime_ns,
     }
 }
 
