@@ -143,6 +143,10 @@ pub fn main() -> ExitCode {
     logging::init(target);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // A backup walks its source recursively, up to `walk::MAX_DEPTH`
+        // levels, on these threads; the 2 MiB default would not hold that.
+        // Address space only: untouched stack pages take no memory.
+        .thread_stack_size(16 << 20)
         .build()
     {
         Ok(rt) => rt,

@@ -30,7 +30,8 @@ use crate::pipeline::tree::{TreeReader, TreeWriter};
 use crate::repo::{Dedup, Repo};
 use crate::source::command::RunningCommand;
 use crate::source::walk::{
-    Found, HardLinks, Meta, Walker, describe, is_exhaustion, nanos, open_file, source_root_exists,
+    Found, HardLinks, Meta, Walker, after_failure, describe, is_exhaustion, nanos, open_file,
+    source_root_exists,
 };
 use crate::source::{Source, origin};
 use crate::store::ObjectName;
@@ -354,14 +355,16 @@ impl Reader<'_> {
         }
         let (f, opened) = match open_file(dir, name) {
             Ok(v) => v,
-            Err(Found::Unreadable { error }) => return self.unreadable(source, rel, error),
-            Err(_) => {
-                self.warn(format!(
-                    "{}: vanished before it could be read; skipped",
-                    shown()
-                ));
-                return Ok(());
-            }
+            Err(e) => match after_failure(dir, name, meta, e) {
+                Found::Unreadable { error } => return self.unreadable(source, rel, error),
+                _ => {
+                    self.warn(format!(
+                        "{}: vanished or replaced before it could be read; skipped",
+                        shown()
+                    ));
+                    return Ok(());
+                }
+            },
         };
         if opened.file_type != FileType::RegularFile {
             self.warn(format!(
@@ -431,18 +434,20 @@ impl Reader<'_> {
         let shown = String::from_utf8_lossy(rel).into_owned();
         // Out of descriptors or memory is the process' state, not the entry's:
         // skipping would leave the entry out of the snapshot for no reason of its own.
-        if self.allow_unreadable && !is_exhaustion(&error) {
+        let exhausted = is_exhaustion(&error);
+        if self.allow_unreadable && !exhausted {
             self.summary.unreadable += 1;
             self.warn(format!("{shown}: unreadable ({error}); skipped"));
-            Ok(())
-        } else {
-            Err(Error::Source {
-                source_name: source.into(),
-                message: format!(
-                    "{shown}: cannot read: {error} (set backup.allow_unreadable = true to skip such files)"
-                ),
-            })
+            return Ok(());
         }
+        let hint = match exhausted {
+            true => "custos ran out of descriptors or memory: nothing is skipped for that",
+            false => "set backup.allow_unreadable = true to skip such files",
+        };
+        Err(Error::Source {
+            source_name: source.into(),
+            message: format!("{shown}: cannot read: {error} ({hint})"),
+        })
     }
 
     fn push(&mut self, e: Entry) -> Result<()> {

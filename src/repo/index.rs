@@ -131,7 +131,8 @@ impl IndexBuilder {
 /// Bisecting the whole table instead compared 21 ids of 32 bytes for every
 /// lookup at 2,000,000 blobs: a third of an incremental backup's profile,
 /// which looks up every blob of every unchanged file. At most 4 bytes per
-/// 8 blobs (256 KiB from 524,288 blobs on).
+/// 8 blobs (256 KiB from 524,288 blobs on) for the runs, and 4 bytes a blob
+/// for the tags.
 #[derive(Debug, Default)]
 struct Buckets {
     /// How far a 16-bit prefix is shifted right to give the bucket.
@@ -139,6 +140,13 @@ struct Buckets {
     /// `starts[b]..starts[b + 1]`: the positions of bucket `b` (empty: no
     /// table was built, one run covers everything).
     starts: Vec<u32>,
+    /// Per position, the 32 bits of the id that follow the bucket's: within
+    /// a bucket they ascend, so a lookup bisects these 4-byte tags (a cache
+    /// line holds 16) and compares whole ids only where a tag matches. Bisecting
+    /// the 56-byte entries themselves touched a cache line per step: `memcmp`
+    /// in [`Index::position`] was 18% of an incremental backup of 2,000,000
+    /// files.
+    tags: Vec<u32>,
 }
 
 impl Buckets {
@@ -151,17 +159,31 @@ impl Buckets {
         };
         let shift = Self::MAX_BITS - bits;
         let mut starts = vec![0u32; (1 << bits) + 1];
+        let mut tags = Vec::with_capacity(len);
         for id in sorted {
             starts[Self::key(id, shift) + 1] += 1;
+            tags.push(Self::tag(id, shift));
         }
         for b in 1..starts.len() {
             starts[b] += starts[b - 1];
         }
-        Buckets { shift, starts }
+        Buckets {
+            shift,
+            starts,
+            tags,
+        }
     }
 
     fn key(id: &BlobId, shift: u32) -> usize {
         usize::from(u16::from_be_bytes([id.0[0], id.0[1]])) >> shift
+    }
+
+    /// The 32 bits after the bucket's `16 - shift`.
+    fn tag(id: &BlobId, shift: u32) -> u32 {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&id.0[..8]);
+        let bits = Self::MAX_BITS - shift;
+        ((u64::from_be_bytes(first) << bits) >> 32) as u32
     }
 
     /// The positions where `id` would be, in a table of `len` entries.
@@ -224,10 +246,19 @@ impl Index {
     fn position(&self, id: &BlobId) -> Option<usize> {
         let run = self.buckets.range(id, self.blobs.len());
         let start = run.start;
-        self.blobs[run]
-            .binary_search_by(|(b, _)| b.cmp(id))
-            .ok()
+        let Some(tags) = self.buckets.tags.get(run.clone()) else {
+            // No tags (a table never built): bisect the entries themselves.
+            return self.blobs[run]
+                .binary_search_by(|(b, _)| b.cmp(id))
+                .ok()
+                .map(|i| start + i);
+        };
+        let tag = Buckets::tag(id, self.buckets.shift);
+        let first = tags.partition_point(|&t| t < tag);
+        (first..tags.len())
+            .take_while(|&i| tags[i] == tag)
             .map(|i| start + i)
+            .find(|&i| self.blobs[i].0 == *id)
     }
 
     pub fn get(&self, id: &BlobId) -> Option<&Location> {
@@ -419,13 +450,15 @@ mod tests {
         /// the ids crowd into few prefixes.
         #[test]
         fn lookups_find_exactly_the_indexed_ids(
-            seeds in proptest::collection::vec((proptest::prelude::any::<[u8; 32]>(), 0u8..4), 0..3000),
+            seeds in proptest::collection::vec((proptest::prelude::any::<[u8; 32]>(), 0u8..5), 0..3000),
             absent in proptest::collection::vec(proptest::prelude::any::<[u8; 32]>(), 0..50),
         ) {
             // Crowded prefixes: a quarter of the ids share their first byte or two.
             let crowd = |(mut b, c): ([u8; 32], u8)| {
                 if c == 0 { b[0] = 7; }
                 if c == 1 { b[..2].copy_from_slice(&[7, 7]); }
+                // Same bucket and same tag: told apart by the whole id only.
+                if c == 2 { b[..6].copy_from_slice(&[7, 7, 7, 7, 7, 7]); }
                 BlobId(b)
             };
             let ids: BTreeSet<BlobId> = seeds.into_iter().map(crowd).collect();

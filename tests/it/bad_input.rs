@@ -221,6 +221,100 @@ fn files_changing_or_vanishing_during_the_backup() {
     assert!(restored[big.len()..].iter().all(|&b| b == b'x'));
 }
 
+/// A local user who can write in the source races the walk: directories
+/// renamed away and replaced by symlinks out of the tree, files exchanged
+/// with symlinks to a secret outside it. Whatever the timing, no byte from
+/// outside reaches a snapshot: the walk holds directory handles and opens
+/// files beneath them without following symlinks (a symlink is stored as a
+/// symlink). Racy by nature, so it runs several backups; it cannot pass by
+/// luck when the walk follows a swapped symlink, only fail to catch it.
+#[test]
+fn symlinks_and_renames_racing_the_backup_never_lead_outside() {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    use std::os::unix::fs::symlink;
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    let outside = cli.path().join("outside");
+    fs::create_dir_all(outside.join("dir")).unwrap();
+    fs::write(outside.join("secret"), "OUTSIDE").unwrap();
+    fs::write(outside.join("dir/secret"), "OUTSIDE").unwrap();
+    for d in 0..16 {
+        fs::create_dir_all(data.join(format!("d{d:02}"))).unwrap();
+        for f in 0..200 {
+            fs::write(data.join(format!("d{d:02}/f{f:03}")), "inside").unwrap();
+        }
+        symlink(outside.join("secret"), data.join(format!("d{d:02}/link"))).unwrap();
+        symlink(outside.join("dir"), data.join(format!("x{d:02}"))).unwrap();
+    }
+    cli.policy("acme", &data);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let racer = {
+        let (stop, data) = (stop.clone(), data.clone());
+        std::thread::spawn(move || {
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let d = data.join(format!("d{:02}", i % 16));
+                let f = d.join(format!("f{:03}", (i * 7) % 200));
+                // A file and a symlink out, exchanged and back.
+                let _ = renameat_with(CWD, &f, CWD, d.join("link"), RenameFlags::EXCHANGE);
+                let _ = renameat_with(CWD, &f, CWD, d.join("link"), RenameFlags::EXCHANGE);
+                // The directory and a symlink out, exchanged and back.
+                let x = data.join(format!("x{:02}", i % 16));
+                let _ = renameat_with(CWD, &d, CWD, &x, RenameFlags::EXCHANGE);
+                let _ = renameat_with(CWD, &d, CWD, &x, RenameFlags::EXCHANGE);
+                let aside = data.join("aside");
+                let _ = fs::rename(&d, &aside);
+                let _ = symlink(outside.join("dir"), &d);
+                let _ = fs::remove_file(&d);
+                let _ = fs::rename(&aside, &d);
+                i += 1;
+            }
+        })
+    };
+    let mut snapshots = 0;
+    for _ in 0..4 {
+        let r = cli.run(&["backup", "acme", "--json"]);
+        if r.code == 0 {
+            snapshots += 1;
+        } else {
+            // Only a tree changing under the walk may fail it, and by name.
+            assert!(r.stderr.contains("source"), "{}\n{}", r.stdout, r.stderr);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    racer.join().unwrap();
+    assert!(
+        snapshots > 0,
+        "no backup completed while the tree was raced"
+    );
+    let target = cli.path().join("r");
+    cli.ok(&[
+        "restore",
+        "acme",
+        "latest",
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    // Every regular file restored holds what the tree held (symlinks are
+    // symlinks, never followed here either).
+    let mut files = 0;
+    let mut stack = vec![target.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                let content = fs::read(e.path()).unwrap();
+                assert_eq!(content, b"inside", "{}", e.path().display());
+                files += 1;
+            }
+        }
+    }
+    assert!(files > 0);
+}
+
 /// A sparse file (default 1 GiB; `CUSTOS_SPARSE_GIB=10` for the figures in
 /// docs/reliability.md): stored as one deduplicated zero chunk, restored
 /// sparse (holes are not written).
