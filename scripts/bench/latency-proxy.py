@@ -12,7 +12,8 @@ is kept as the client sent it, so SigV4 signatures still verify upstream.
 Counts requests by method and the bytes of request and response bodies, and
 rewrites STATS_FILE (JSON) after every request, so a caller reads the
 counters before and after a phase and takes the difference. With
-LATENCY_PROXY_LOG=FILE every request line is also appended to FILE.
+LATENCY_PROXY_LOG=FILE every request line is also appended to FILE, after
+the event loop's clock in seconds.
 
 Why not `tc netem`: it delays every packet of every program on loopback (the
 machine is shared), not each request of the tool under test.
@@ -102,7 +103,8 @@ async def requests(client_r, upstream_w, delay, stats):
             stats.request(method)
             if LOG:
                 rng = headers.get(b"range", b"").decode("ascii", "replace")
-                LOG.write(lines[0].decode("ascii", "replace") + (f" range={rng}" if rng else "") + "\n")
+                at = f"{asyncio.get_running_loop().time():.3f} "
+                LOG.write(at + lines[0].decode("ascii", "replace") + (f" range={rng}" if rng else "") + "\n")
                 LOG.flush()
             if delay:
                 await asyncio.sleep(delay)

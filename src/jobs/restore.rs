@@ -27,7 +27,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::StreamExt;
 use rustix::fs::{AtFlags, Gid, Mode, Timespec, Timestamps, Uid};
 use rustix::io::Errno;
 
@@ -68,7 +67,9 @@ pub struct RestoreReport {
 
 const BATCH_BYTES: u64 = 256 << 20;
 const BATCH_FILES: usize = 4096;
-const PACKS_IN_FLIGHT: usize = 4;
+/// Pack reads running at once (each also takes its share of
+/// [`READ_BUDGET_MIB`]): over S3, latency rather than bandwidth bounds one.
+const PACKS_IN_FLIGHT: usize = 8;
 /// What the packs being read may hold at once, in MiB: a read takes a share
 /// of this by its pack's size (all of it for a pack this large or larger),
 /// so four default packs (16 MiB and the part of a blob they end with) are
@@ -133,6 +134,7 @@ pub async fn run_with(
         index,
         pack_sizes,
         read_budget: Arc::new(tokio::sync::Semaphore::new(READ_BUDGET_MIB as usize)),
+        reads: Arc::new(tokio::sync::Semaphore::new(PACKS_IN_FLIGHT)),
         keys: keys.clone(),
         root: target.fd,
         target: target.path,
@@ -146,6 +148,7 @@ pub async fn run_with(
         dirs: Vec::new(),
         links: HashMap::new(),
         batch: Batch::default(),
+        in_flight: None,
         report: RestoreReport {
             snapshot: Some(snapshot.id),
             ..Default::default()
@@ -156,7 +159,7 @@ pub async fn run_with(
     while let Some(e) = tree.next_entry().await? {
         r.entry(e).await?;
     }
-    r.flush().await?;
+    r.finish_batches().await?;
     r.finish_dirs()?;
     r.report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(r.report)
@@ -185,6 +188,15 @@ struct Batch {
     files: Vec<PendingFile>,
     links: Vec<PendingLink>,
     bytes: u64,
+}
+
+/// A batch whose pack reads are queued or running: dropped on failure, which
+/// aborts its reads and removes its temporary files.
+struct InFlight {
+    files: Vec<PendingFile>,
+    links: Vec<PendingLink>,
+    /// One task per pack, each writing its blobs and returning the bytes written.
+    reads: tokio::task::JoinSet<Result<u64>>,
 }
 
 /// The first name restored of a hard-link group, and its inode, so a later
@@ -224,6 +236,8 @@ struct Restorer<'a> {
     pack_sizes: BTreeMap<PackId, u64>,
     /// MiB of packs the reads in flight may hold ([`READ_BUDGET_MIB`]).
     read_budget: Arc<tokio::sync::Semaphore>,
+    /// Pack reads running ([`PACKS_IN_FLIGHT`]).
+    reads: Arc<tokio::sync::Semaphore>,
     keys: Arc<EpochKeys>,
     /// The target directory, opened once: everything is created beneath it.
     root: Arc<OwnedFd>,
@@ -244,6 +258,8 @@ struct Restorer<'a> {
     /// Hard-link groups (the `hardlink` value) → the name restored first.
     links: HashMap<Vec<u8>, LinkSource>,
     batch: Batch,
+    /// The batch before `batch`, whose reads run while `batch` fills.
+    in_flight: Option<InFlight>,
     report: RestoreReport,
     progress: &'a dyn Progress,
 }
@@ -574,23 +590,57 @@ impl Restorer<'_> {
         Ok(())
     }
 
-    /// Fetches, verifies and writes every blob of the batch, then puts its
-    /// files in place, then its hard links.
+    /// Starts fetching, verifying and writing every blob of the batch, then
+    /// finishes the batch started before it (its reads first, then its files
+    /// put in place, then its hard links). Two batches overlap: the next
+    /// one's files are created and its reads queued while the packs of the
+    /// one before are still arriving, so the reads in flight do not drain at
+    /// every batch's end (over S3, each drain was a gap of 0.3–0.4 s).
     async fn flush(&mut self) -> Result<()> {
-        if !self.batch.files.is_empty() {
-            self.write_files().await?;
+        let started = self.start_batch()?;
+        match self.in_flight.replace(started) {
+            Some(before) => self.finish_batch(before).await,
+            None => Ok(()),
         }
-        for link in std::mem::take(&mut self.batch.links) {
+    }
+
+    /// Flushes the last batch and waits for every batch to be in place.
+    async fn finish_batches(&mut self) -> Result<()> {
+        self.flush().await?;
+        match self.in_flight.take() {
+            Some(last) => self.finish_batch(last).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for a batch's reads, then puts its files in place, then links.
+    async fn finish_batch(&mut self, mut batch: InFlight) -> Result<()> {
+        while let Some(done) = batch.reads.join_next().await {
+            let written =
+                done.map_err(|e| Error::Internal(format!("restore read panicked: {e}")))??;
+            self.progress.bytes_read(written);
+        }
+        self.place_files(std::mem::take(&mut batch.files))?;
+        for link in std::mem::take(&mut batch.links) {
             self.make_link(link)?;
         }
-        self.batch.bytes = 0;
         Ok(())
     }
 
-    async fn write_files(&mut self) -> Result<()> {
-        // Plan: for each pack, the blobs needed and where each goes.
+    /// Plans the batch (for each pack, the blobs needed and where each goes)
+    /// and queues its pack reads on the runtime, within the read budget.
+    fn start_batch(&mut self) -> Result<InFlight> {
+        let batch = std::mem::take(&mut self.batch);
+        let mut reads = tokio::task::JoinSet::new();
+        if batch.files.is_empty() {
+            return Ok(InFlight {
+                files: batch.files,
+                links: batch.links,
+                reads,
+            });
+        }
         let mut plan: BTreeMap<u32, IdMap<BlobId, PlannedBlob>> = BTreeMap::new();
-        for (fi, f) in self.batch.files.iter().enumerate() {
+        for (fi, f) in batch.files.iter().enumerate() {
             let mut offset = 0u64;
             for id in &f.entry.blobs {
                 let loc = *self.index.get(id).ok_or_else(|| {
@@ -620,25 +670,29 @@ impl Restorer<'_> {
             }
         }
         let files: Arc<Vec<(Arc<File>, PathBuf)>> = Arc::new(
-            self.batch
+            batch
                 .files
                 .iter()
                 .map(|f| (f.file.clone(), f.shown.clone()))
                 .collect(),
         );
-        let jobs = plan.into_values().map(|blobs| {
+        for blobs in plan.into_values() {
             let blobs: Vec<PlannedBlob> = blobs.into_values().collect();
             let (pack, _) = self.index.pack(&blobs[0].loc);
-            self.restore_pack(pack, blobs, files.clone())
-        });
-        let mut stream = futures::stream::iter(jobs).buffer_unordered(PACKS_IN_FLIGHT);
-        while let Some(r) = stream.next().await {
-            let written = r?;
-            self.progress.bytes_read(written);
+            reads.spawn(self.restore_pack(pack, blobs, files.clone()));
         }
-        drop(stream);
+        Ok(InFlight {
+            files: batch.files,
+            links: batch.links,
+            reads,
+        })
+    }
+
+    /// Puts a batch's files in place, their blobs all written: owner, mode,
+    /// mtime, then the rename from the temporary name.
+    fn place_files(&mut self, files: Vec<PendingFile>) -> Result<()> {
         // Files not yet in place when this fails are removed as they drop.
-        for f in std::mem::take(&mut self.batch.files) {
+        for f in files {
             let e = &f.entry;
             // Owner first: a chown clears the setuid and setgid bits.
             self.owner(
@@ -717,12 +771,17 @@ impl Restorer<'_> {
         let keys = self.keys.clone();
         let size = self.pack_sizes.get(&pack).copied();
         let budget = self.read_budget.clone();
+        let running = self.reads.clone();
         blobs.sort_by_key(|b| b.loc.offset);
         async move {
             let name = ObjectName::Pack(pack);
             let object = store.display(&name);
             let size = size.ok_or_else(|| Error::missing(&object, "pack is not in the store"))?;
-            // Held until the pack's bytes are dropped, at the end of this block.
+            // Both held until the pack's bytes are dropped, at the end of this block.
+            let _running = running
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::Internal("restore reads closed".into()))?;
             let share = size.div_ceil(1 << 20).clamp(1, u64::from(READ_BUDGET_MIB)) as u32;
             let _held = budget
                 .acquire_many_owned(share)

@@ -453,8 +453,9 @@ pub fn open_file(dir: BorrowedFd<'_>, name: &[u8]) -> Result<(File, Meta), Errno
     let meta = Meta::of(&rustix::fs::fstat(&fd)?);
     if meta.file_type == FileType::RegularFile {
         // Reads block as on any file (a FUSE file system sees the flag).
-        let fl = rustix::fs::fcntl_getfl(&fd)?;
-        rustix::fs::fcntl_setfl(&fd, fl.difference(OFlags::NONBLOCK))?;
+        // F_SETFL changes only the status flags, of which only O_NONBLOCK
+        // was set: one call, no F_GETFL first.
+        rustix::fs::fcntl_setfl(&fd, OFlags::empty())?;
     }
     Ok((File::from(fd), meta))
 }
@@ -733,6 +734,11 @@ mod tests {
                 Found::File { dir, name, meta } => {
                     let (mut f, opened) = open_file(dir, name).map_err(|_| ()).unwrap();
                     assert!(opened.same_inode(meta), "{path}");
+                    let flags = rustix::fs::fcntl_getfl(&f).unwrap();
+                    assert!(
+                        !flags.contains(OFlags::NONBLOCK),
+                        "read blocking: {flags:?}"
+                    );
                     let mut s = String::new();
                     std::io::Read::read_to_string(&mut f, &mut s).unwrap();
                     read.push((path, s));
