@@ -20,7 +20,10 @@
 //! - `CUSTOS_CHECK_WINDOW=<bytes>`: `check --read-data` reads packs in windows
 //!   of that many bytes and reads that much of a pack's end first
 //!   ([`check_window`]), so the small packs of a test are read in pieces as
-//!   a 16 MiB pack is.
+//!   a 16 MiB pack is;
+//! - `CUSTOS_RESTORE_BATCH_FILES=<n>`: a restore puts its files in place in
+//!   batches of at most `n` ([`restore_batch_files`]), so a test's few files
+//!   make several overlapping batches.
 //!
 //! In the default build (what ships) each function below is an empty inline
 //! function: no variable is read, nothing is wrapped, no crash point is
@@ -45,6 +48,30 @@ pub fn check_window(default: (u64, u64)) -> (u64, u64) {
             Ok(n) if n > 0 => return (n, n),
             _ => {
                 eprintln!("{CHECK_WINDOW}={text:?}: not a positive number; aborting (test hook)");
+                std::process::abort();
+            }
+        }
+    }
+    default
+}
+
+/// The restore-batch variable (`test-hooks` builds only).
+#[cfg(feature = "test-hooks")]
+pub const RESTORE_BATCH_FILES: &str = "CUSTOS_RESTORE_BATCH_FILES";
+
+/// Files a restore batch takes at most: `default`; in a `test-hooks` build
+/// with `CUSTOS_RESTORE_BATCH_FILES` set, that number, so that a test's few
+/// files make several batches, as millions do.
+#[inline]
+pub fn restore_batch_files(default: usize) -> usize {
+    #[cfg(feature = "test-hooks")]
+    if let Ok(text) = std::env::var(RESTORE_BATCH_FILES) {
+        match text.parse::<usize>() {
+            Ok(n) if n > 0 => return n,
+            _ => {
+                eprintln!(
+                    "{RESTORE_BATCH_FILES}={text:?}: not a positive number; aborting (test hook)"
+                );
                 std::process::abort();
             }
         }

@@ -1,5 +1,6 @@
 fn main() -> std::process::ExitCode {
     no_core_dumps();
+    more_open_files();
     bounded_allocator_retention();
     custos::cli::main()
 }
@@ -28,6 +29,24 @@ fn bounded_allocator_retention() {
 /// user must not read it through ptrace or `/proc/<pid>/mem`. No core limit,
 /// and not dumpable (which also covers a `core_pattern` pipe, where the core
 /// limit does not apply).
+/// Raises the soft limit on open files to the hard one (an interactive
+/// shell often gives 1024): a restore keeps two batches of files open, and a
+/// backup a handle per directory level. The hard limit is the operator's.
+fn more_open_files() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let wanted = limit.maximum.unwrap_or(1 << 20).min(1 << 20);
+    if limit.current.is_some_and(|current| current < wanted) {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(wanted),
+                maximum: limit.maximum,
+            },
+        );
+    }
+}
+
 fn no_core_dumps() {
     #[cfg(target_os = "linux")]
     // SAFETY: setrlimit and prctl take plain values and only change this

@@ -25,6 +25,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use futures::StreamExt;
 use std::time::Instant;
 
 use rustix::fs::{AtFlags, Gid, Mode, Timespec, Timestamps, Uid};
@@ -67,6 +70,16 @@ pub struct RestoreReport {
 
 const BATCH_BYTES: u64 = 256 << 20;
 const BATCH_FILES: usize = 4096;
+
+/// Files a batch takes at most: [`BATCH_FILES`], fewer when the open-file
+/// limit is low. Each file of a batch stays open (with, at worst, a handle of
+/// its own directory) until it is placed, and two batches are open at once.
+fn batch_files() -> usize {
+    use rustix::process::{Resource, getrlimit};
+    let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    let fit = soft.saturating_sub(256) / 4;
+    crate::hooks::restore_batch_files(BATCH_FILES.min(fit.max(16) as usize))
+}
 /// Pack reads running at once (each also takes its share of
 /// [`READ_BUDGET_MIB`]): over S3, latency rather than bandwidth bounds one.
 const PACKS_IN_FLIGHT: usize = 8;
@@ -148,6 +161,7 @@ pub async fn run_with(
         dirs: Vec::new(),
         links: HashMap::new(),
         batch: Batch::default(),
+        batch_files: batch_files(),
         in_flight: None,
         report: RestoreReport {
             snapshot: Some(snapshot.id),
@@ -190,13 +204,27 @@ struct Batch {
     bytes: u64,
 }
 
-/// A batch whose pack reads are queued or running: dropped on failure, which
-/// aborts its reads and removes its temporary files.
+/// A batch whose pack reads run: one task drives them (at most
+/// [`PACKS_IN_FLIGHT`] at once, created as they start). Dropped on failure,
+/// which aborts the task, stops its blocking writers before their next blob
+/// and removes the batch's temporary files.
 struct InFlight {
+    /// Declared first: dropped (the abort requested) before the files are unlinked.
+    reads: tokio::task::JoinSet<Result<()>>,
+    /// Set when the batch is dropped: a blocking writer of its blobs stops
+    /// before the next (an abort cannot interrupt it).
+    stop: Arc<AtomicBool>,
+    /// Bytes written so far, reported as progress while the next batch fills.
+    written: Arc<AtomicU64>,
+    reported: u64,
     files: Vec<PendingFile>,
     links: Vec<PendingLink>,
-    /// One task per pack, each writing its blobs and returning the bytes written.
-    reads: tokio::task::JoinSet<Result<u64>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The first name restored of a hard-link group, and its inode, so a later
@@ -258,6 +286,8 @@ struct Restorer<'a> {
     /// Hard-link groups (the `hardlink` value) → the name restored first.
     links: HashMap<Vec<u8>, LinkSource>,
     batch: Batch,
+    /// Files (and links) a batch takes at most ([`batch_files`]).
+    batch_files: usize,
     /// The batch before `batch`, whose reads run while `batch` fills.
     in_flight: Option<InFlight>,
     report: RestoreReport,
@@ -288,7 +318,15 @@ impl Restorer<'_> {
     }
 
     fn io(&self, rel: &[u8], err: impl Into<std::io::Error>) -> Error {
-        Error::io(self.shown(rel), err.into())
+        let err: std::io::Error = err.into();
+        let err = match err.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE) => std::io::Error::new(
+                err.kind(),
+                format!("{err}: raise the open-file limit (`ulimit -n`, LimitNOFILE=)"),
+            ),
+            _ => err,
+        };
+        Error::io(self.shown(rel), err)
     }
 
     fn unsafe_target(&self, rel: &[u8], reason: &str) -> Error {
@@ -583,11 +621,11 @@ impl Restorer<'_> {
             });
         }
         if self.batch.bytes >= BATCH_BYTES
-            || self.batch.files.len() + self.batch.links.len() >= BATCH_FILES
+            || self.batch.files.len() + self.batch.links.len() >= self.batch_files
         {
             self.flush().await?;
         }
-        Ok(())
+        self.poll_in_flight()
     }
 
     /// Starts fetching, verifying and writing every blob of the batch, then
@@ -598,7 +636,11 @@ impl Restorer<'_> {
     /// every batch's end (over S3, each drain was a gap of 0.3–0.4 s).
     async fn flush(&mut self) -> Result<()> {
         let started = self.start_batch()?;
-        match self.in_flight.replace(started) {
+        let before = self.in_flight.replace(started);
+        // Lets the reads just queued start before this task goes on (a task
+        // spawned from a worker waits in its slot until the spawner yields).
+        tokio::task::yield_now().await;
+        match before {
             Some(before) => self.finish_batch(before).await,
             None => Ok(()),
         }
@@ -613,13 +655,29 @@ impl Restorer<'_> {
         }
     }
 
+    /// Reports the in-flight batch's progress and fails as soon as one of
+    /// its reads failed, without waiting for the next batch to fill.
+    fn poll_in_flight(&mut self) -> Result<()> {
+        let Some(batch) = self.in_flight.as_mut() else {
+            return Ok(());
+        };
+        let written = batch.written.load(Ordering::Relaxed);
+        self.progress.bytes_read(written - batch.reported);
+        batch.reported = written;
+        match batch.reads.try_join_next() {
+            Some(done) => read_outcome(done),
+            None => Ok(()),
+        }
+    }
+
     /// Waits for a batch's reads, then puts its files in place, then links.
     async fn finish_batch(&mut self, mut batch: InFlight) -> Result<()> {
         while let Some(done) = batch.reads.join_next().await {
-            let written =
-                done.map_err(|e| Error::Internal(format!("restore read panicked: {e}")))??;
-            self.progress.bytes_read(written);
+            read_outcome(done)?;
         }
+        let written = batch.written.load(Ordering::Relaxed);
+        self.progress.bytes_read(written - batch.reported);
+        batch.reported = written;
         self.place_files(std::mem::take(&mut batch.files))?;
         for link in std::mem::take(&mut batch.links) {
             self.make_link(link)?;
@@ -631,13 +689,17 @@ impl Restorer<'_> {
     /// and queues its pack reads on the runtime, within the read budget.
     fn start_batch(&mut self) -> Result<InFlight> {
         let batch = std::mem::take(&mut self.batch);
-        let mut reads = tokio::task::JoinSet::new();
+        let mut started = InFlight {
+            reads: tokio::task::JoinSet::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            written: Arc::new(AtomicU64::new(0)),
+            reported: 0,
+            files: Vec::new(),
+            links: Vec::new(),
+        };
         if batch.files.is_empty() {
-            return Ok(InFlight {
-                files: batch.files,
-                links: batch.links,
-                reads,
-            });
+            started.links = batch.links;
+            return Ok(started);
         }
         let mut plan: BTreeMap<u32, IdMap<BlobId, PlannedBlob>> = BTreeMap::new();
         for (fi, f) in batch.files.iter().enumerate() {
@@ -676,16 +738,35 @@ impl Restorer<'_> {
                 .map(|f| (f.file.clone(), f.shown.clone()))
                 .collect(),
         );
-        for blobs in plan.into_values() {
-            let blobs: Vec<PlannedBlob> = blobs.into_values().collect();
-            let (pack, _) = self.index.pack(&blobs[0].loc);
-            reads.spawn(self.restore_pack(pack, blobs, files.clone()));
-        }
-        Ok(InFlight {
-            files: batch.files,
-            links: batch.links,
-            reads,
-        })
+        let reads = PackReads {
+            store: self.repo.store().clone(),
+            keys: self.keys.clone(),
+            budget: self.read_budget.clone(),
+            running: self.reads.clone(),
+            stop: started.stop.clone(),
+            written: started.written.clone(),
+            files,
+        };
+        let packs: Vec<(PackId, Option<u64>, Vec<PlannedBlob>)> = plan
+            .into_values()
+            .map(|blobs| {
+                let blobs: Vec<PlannedBlob> = blobs.into_values().collect();
+                let (pack, _) = self.index.pack(&blobs[0].loc);
+                (pack, self.pack_sizes.get(&pack).copied(), blobs)
+            })
+            .collect();
+        started.reads.spawn(async move {
+            let mut running = futures::stream::iter(packs)
+                .map(|(pack, size, blobs)| reads.clone().restore_pack(pack, size, blobs))
+                .buffer_unordered(PACKS_IN_FLIGHT);
+            while let Some(read) = running.next().await {
+                read?;
+            }
+            Ok(())
+        });
+        started.files = batch.files;
+        started.links = batch.links;
+        Ok(started)
     }
 
     /// Puts a batch's files in place, their blobs all written: owner, mode,
@@ -760,20 +841,64 @@ impl Restorer<'_> {
         Ok(())
     }
 
+    /// Sets owners, modes and mtimes of the directories created, deepest
+    /// first (a directory's own changes come after its content's). Each is
+    /// looked up again beneath the target, never through a symlink.
+    fn finish_dirs(&mut self) -> Result<()> {
+        let dirs = std::mem::take(&mut self.dirs);
+        for d in dirs.iter().rev() {
+            let fd = beneath::open_dir_beneath(self.root.as_fd(), &d.path)
+                .map_err(|err| self.moved(&d.path, err))?;
+            let st = rustix::fs::fstat(&fd).map_err(|err| self.io(&d.path, err))?;
+            if (st.st_dev as u64, st.st_ino as u64) != (d.dev, d.ino) {
+                // Never give the stored owner and mode to a directory someone else put there.
+                return Err(self.unsafe_target(&d.path, "was replaced while restoring"));
+            }
+            self.owner(&d.path, |u, g| rustix::fs::fchown(&fd, u, g), d.uid, d.gid)?;
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(d.mode & 0o7777))
+                .map_err(|err| self.io(&d.path, err))?;
+            rustix::fs::futimens(&fd, &timestamps(d.mtime_ns))
+                .map_err(|err| self.io(&d.path, err))?;
+        }
+        Ok(())
+    }
+}
+
+/// What the reads of one batch share: each pack read is made from a clone
+/// as it starts (not all up front).
+#[derive(Clone)]
+struct PackReads {
+    store: TenantStore,
+    keys: Arc<EpochKeys>,
+    /// MiB of packs the reads may hold ([`READ_BUDGET_MIB`]), shared by batches.
+    budget: Arc<tokio::sync::Semaphore>,
+    /// Reads running ([`PACKS_IN_FLIGHT`]), shared by batches.
+    running: Arc<tokio::sync::Semaphore>,
+    stop: Arc<AtomicBool>,
+    written: Arc<AtomicU64>,
+    /// The batch's files, by their index in the plan.
+    files: Arc<Vec<(Arc<File>, PathBuf)>>,
+}
+
+impl PackReads {
     /// Reads the needed parts of one pack and writes its blobs to their files.
-    fn restore_pack(
-        &self,
+    async fn restore_pack(
+        self,
         pack: PackId,
+        size: Option<u64>,
         mut blobs: Vec<PlannedBlob>,
-        files: Arc<Vec<(Arc<File>, PathBuf)>>,
-    ) -> impl Future<Output = Result<u64>> + use<> {
-        let store = self.repo.store().clone();
-        let keys = self.keys.clone();
-        let size = self.pack_sizes.get(&pack).copied();
-        let budget = self.read_budget.clone();
-        let running = self.reads.clone();
+    ) -> Result<()> {
+        let PackReads {
+            store,
+            keys,
+            budget,
+            running,
+            stop,
+            written: progress,
+            files,
+        } = self;
         blobs.sort_by_key(|b| b.loc.offset);
-        async move {
+        {
             let name = ObjectName::Pack(pack);
             let object = store.display(&name);
             let size = size.ok_or_else(|| Error::missing(&object, "pack is not in the store"))?;
@@ -794,11 +919,13 @@ impl Restorer<'_> {
                 ranges,
                 parts,
             } = read_pack(&store, &keys, pack, size, &blobs).await?;
-            tokio::task::spawn_blocking(move || -> Result<u64> {
+            tokio::task::spawn_blocking(move || -> Result<()> {
                 let directory =
                     open_directory(&opener, n, &dir, size).map_err(|e| e.at(&object))?;
-                let mut written = 0u64;
                 for b in &blobs {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(()); // the batch failed or was dropped: its files are gone
+                    }
                     let (start, end) = (
                         b.loc.offset as u64,
                         b.loc.offset as u64 + b.loc.sealed_len as u64,
@@ -841,36 +968,24 @@ impl Restorer<'_> {
                         let (file, path) = &files[fi];
                         file.write_all_at(&plain, offset)
                             .map_err(|e| Error::io(path, e))?;
-                        written += plain.len() as u64;
+                        progress.fetch_add(plain.len() as u64, Ordering::Relaxed);
                     }
                 }
-                Ok(written)
+                Ok(())
             })
             .await
             .map_err(|e| Error::Internal(format!("restore worker panicked: {e}")))?
         }
     }
+}
 
-    /// Sets owners, modes and mtimes of the directories created, deepest
-    /// first (a directory's own changes come after its content's). Each is
-    /// looked up again beneath the target, never through a symlink.
-    fn finish_dirs(&mut self) -> Result<()> {
-        let dirs = std::mem::take(&mut self.dirs);
-        for d in dirs.iter().rev() {
-            let fd = beneath::open_dir_beneath(self.root.as_fd(), &d.path)
-                .map_err(|err| self.moved(&d.path, err))?;
-            let st = rustix::fs::fstat(&fd).map_err(|err| self.io(&d.path, err))?;
-            if (st.st_dev as u64, st.st_ino as u64) != (d.dev, d.ino) {
-                // Never give the stored owner and mode to a directory someone else put there.
-                return Err(self.unsafe_target(&d.path, "was replaced while restoring"));
-            }
-            self.owner(&d.path, |u, g| rustix::fs::fchown(&fd, u, g), d.uid, d.gid)?;
-            rustix::fs::fchmod(&fd, Mode::from_raw_mode(d.mode & 0o7777))
-                .map_err(|err| self.io(&d.path, err))?;
-            rustix::fs::futimens(&fd, &timestamps(d.mtime_ns))
-                .map_err(|err| self.io(&d.path, err))?;
-        }
-        Ok(())
+/// A batch's reads, joined: their error, or a panic (a cancellation only
+/// happens as the runtime shuts down).
+fn read_outcome(done: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    match done {
+        Ok(read) => read,
+        Err(e) if e.is_panic() => Err(Error::Internal(format!("restore read panicked: {e}"))),
+        Err(e) => Err(Error::Internal(format!("restore read cancelled: {e}"))),
     }
 }
 

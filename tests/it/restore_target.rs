@@ -572,6 +572,64 @@ fn a_non_root_restore_gives_no_set_id_bits() {
 /// directories; under `--include` the first selected name of a group gets
 /// the content and the other selected names link to it; a drill and
 /// `check --read-data` pass.
+/// A restore of many batches (`CUSTOS_RESTORE_BATCH_FILES=3`: each batch's
+/// pack reads run while the next is created): hard links whose first name is
+/// in an earlier batch are linked once it is in place, everything restores
+/// identically; a pack that fails to verify mid-restore fails it naming the
+/// pack, and no temporary file of any batch is left behind.
+#[test]
+fn a_restore_of_many_overlapping_batches_links_across_them_and_fails_cleanly() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    fs::create_dir_all(data.join("d")).unwrap();
+    for i in 0..40 {
+        let mut content = vec![0u8; 1000 + i * 300];
+        custos::util::fill_random(&mut content);
+        fs::write(data.join(format!("d/f{i:02}")), &content).unwrap();
+    }
+    // First names early in the tree, later names many batches on.
+    fs::hard_link(data.join("d/f00"), data.join("z-link-0")).unwrap();
+    fs::hard_link(data.join("d/f05"), data.join("z-link-5")).unwrap();
+    cli.policy("acme", &data);
+    cli.ok(&["backup", "acme"]);
+    let many = [("CUSTOS_RESTORE_BATCH_FILES", "3")];
+
+    let target = cli.path().join("t");
+    let t = target.to_str().unwrap();
+    let r = cli.run_env(
+        &["restore", "acme", "latest", "--target", t, "--json"],
+        &many,
+    );
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(r.json()["result"]["hardlinks"], 2, "{}", r.stdout);
+    common::assert_same(&data, &target.join("data"));
+    let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+    let t_data = target.join("data");
+    assert_eq!(ino(&t_data.join("d/f00")), ino(&t_data.join("z-link-0")));
+    assert_eq!(ino(&t_data.join("d/f05")), ino(&t_data.join("z-link-5")));
+
+    // Every pack damaged: the first batch's reads fail while others queue.
+    for pack in cli.object_paths("acme", "packs") {
+        let mut bytes = fs::read(&pack).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x55;
+        fs::write(&pack, bytes).unwrap();
+    }
+    let broken = cli.path().join("broken");
+    let b = broken.to_str().unwrap();
+    let r = cli.run_env(
+        &["restore", "acme", "latest", "--target", b, "--json"],
+        &many,
+    );
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert_eq!(error_kind(&r), "corrupt_object", "{}", r.stdout);
+    let leftovers: Vec<_> = common::files_under(&broken)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".custos-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
 #[test]
 fn hard_links_are_restored_as_hard_links() {
     let cli = Cli::new();
