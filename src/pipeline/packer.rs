@@ -620,20 +620,25 @@ mod tests {
         lease.release().await;
     }
 
+    /// A packer with nothing to deduplicate against and no lease to check.
+    fn unleased(keys: &Arc<EpochKeys>, store: &TenantStore, cfg: PackerConfig) -> Packer {
+        Packer::start(
+            keys.clone(),
+            store.clone(),
+            Dedup::default(),
+            cfg,
+            None,
+            &Handle::current(),
+        )
+    }
+
     /// Small blobs travel in batches; whatever the batching, every blob
     /// added reaches a pack, including the last batch, which is not full.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_blob_of_a_partial_last_batch_is_stored() {
         let (keys, store, cfg) = setup();
         for blobs in [1, BATCH_BLOBS as u32 - 1, BATCH_BLOBS as u32 + 1] {
-            let packer = Packer::start(
-                keys.clone(),
-                store.clone(),
-                Dedup::default(),
-                cfg,
-                None,
-                &Handle::current(),
-            );
+            let packer = unleased(&keys, &store, cfg);
             let (out, mut ids) = pack(packer, blobs).await.unwrap();
             let mut indexed: Vec<BlobId> = out
                 .index
@@ -661,14 +666,7 @@ mod tests {
         );
         let store = TenantStore::new(Arc::new(failing), store.tenant());
         for blobs in [3, 5 * BATCH_BLOBS as u32] {
-            let packer = Packer::start(
-                keys.clone(),
-                store.clone(),
-                Dedup::default(),
-                cfg,
-                None,
-                &Handle::current(),
-            );
+            let packer = unleased(&keys, &store, cfg);
             let ended = tokio::time::timeout(Duration::from_secs(60), pack(packer, blobs)).await;
             match ended.expect("the packer hung") {
                 Ok(_) => panic!("{blobs} blobs: stored into a store that fails every put"),

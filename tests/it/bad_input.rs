@@ -207,13 +207,7 @@ fn files_changing_or_vanishing_during_the_backup() {
     );
     cli.ok(&["check", "acme", "--read-data"]);
     let target = cli.path().join("r");
-    cli.ok(&[
-        "restore",
-        "acme",
-        "latest",
-        "--target",
-        target.to_str().unwrap(),
-    ]);
+    cli.restore_latest("acme", &target);
     // What was stored is a prefix of the file as it grew: consistent bytes.
     let restored = fs::read(target.join("data/big.log")).unwrap();
     assert!(restored.len() >= big.len());
@@ -288,13 +282,7 @@ fn symlinks_and_renames_racing_the_backup_never_lead_outside() {
         "no backup completed while the tree was raced"
     );
     let target = cli.path().join("r");
-    cli.ok(&[
-        "restore",
-        "acme",
-        "latest",
-        "--target",
-        target.to_str().unwrap(),
-    ]);
+    cli.restore_latest("acme", &target);
     // Every regular file restored holds what the tree held (symlinks are
     // symlinks, never followed here either).
     let mut files = 0;
@@ -347,13 +335,7 @@ fn sparse_files_are_stored_small_and_restored_sparse() {
     );
     let target = cli.path().join("r");
     let t = Instant::now();
-    cli.ok(&[
-        "restore",
-        "acme",
-        "latest",
-        "--target",
-        target.to_str().unwrap(),
-    ]);
+    cli.restore_latest("acme", &target);
     let restore_s = t.elapsed().as_secs_f64();
     let m = fs::metadata(target.join("data/sparse.img")).unwrap();
     assert_eq!(m.len(), gib << 30);
@@ -385,13 +367,7 @@ fn fifos_and_sockets_are_skipped_and_counted() {
     assert_eq!(j["result"]["summary"]["skipped_special"], 2, "{j}");
     assert_eq!(j["result"]["summary"]["files"], 1, "{j}");
     let target = cli.path().join("r");
-    cli.ok(&[
-        "restore",
-        "acme",
-        "latest",
-        "--target",
-        target.to_str().unwrap(),
-    ]);
+    cli.restore_latest("acme", &target);
     let names: Vec<_> = fs::read_dir(target.join("data"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -442,13 +418,7 @@ fn names_of_255_bytes_and_paths_near_path_max() {
     cli.ok(&["check", "acme", "--read-data"]);
     // Restored under a short target: identical.
     let target = cli.path().join("r");
-    cli.ok(&[
-        "restore",
-        "acme",
-        "latest",
-        "--target",
-        target.to_str().unwrap(),
-    ]);
+    cli.restore_latest("acme", &target);
     let out = Command::new("cat")
         .arg(&leaf)
         .current_dir(target.join("data"))
@@ -461,13 +431,7 @@ fn names_of_255_bytes_and_paths_near_path_max() {
     // (see docs/reliability.md).
     let deep = cli.path().join("t".repeat(200)).join("u".repeat(200));
     assert!(deep.join("data").as_os_str().len() + leaf.as_os_str().len() > 4096);
-    cli.ok(&[
-        "restore",
-        "acme",
-        "latest",
-        "--target",
-        deep.to_str().unwrap(),
-    ]);
+    cli.restore_latest("acme", &deep);
     let out = Command::new("cat")
         .arg(&leaf)
         .current_dir(deep.join("data"))

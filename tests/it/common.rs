@@ -254,6 +254,17 @@ impl Cli {
         r
     }
 
+    /// Restores the tenant's latest snapshot into `target`, asserting success.
+    pub fn restore_latest(&self, tenant: &str, target: &Path) -> Run {
+        self.ok(&[
+            "restore",
+            tenant,
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+        ])
+    }
+
     /// Sets a short lease TTL (10 s): a test re-running a command that a
     /// crash hook aborted waits this long for the dead run's lease.
     pub fn short_lease(&self) {
