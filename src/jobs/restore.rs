@@ -662,8 +662,10 @@ impl Restorer<'_> {
             return Ok(());
         };
         let written = batch.written.load(Ordering::Relaxed);
-        self.progress.bytes_read(written - batch.reported);
-        batch.reported = written;
+        if written > batch.reported {
+            self.progress.bytes_read(written - batch.reported);
+            batch.reported = written;
+        }
         match batch.reads.try_join_next() {
             Some(done) => read_outcome(done),
             None => Ok(()),
