@@ -32,24 +32,39 @@ pub fn open_dir(parent: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
 /// falls back to opening component by component with O_NOFOLLOW where
 /// openat2 is missing or the path is longer than the kernel takes at once.
 pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &[u8]) -> io::Result<OwnedFd> {
-    if !NO_OPENAT2.load(Ordering::Relaxed) {
-        let resolve =
-            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-        // EAGAIN: the kernel saw a concurrent rename and asks to try again.
-        for _ in 0..3 {
-            match rustix::fs::openat2(root, rel, DIR_FLAGS, Mode::empty(), resolve) {
-                Ok(fd) => return Ok(fd),
-                Err(Errno::AGAIN) => continue,
-                Err(Errno::NOSYS | Errno::PERM) => {
-                    NO_OPENAT2.store(true, Ordering::Relaxed);
-                    break;
-                }
-                Err(Errno::NAMETOOLONG) => break,
-                Err(e) => return Err(e.into()),
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    match open_dir_resolved(root, rel, resolve) {
+        Some(opened) => opened,
+        None => open_dir_by_components(root, rel),
+    }
+}
+
+/// Opens the directory at `path` from `base` with `openat2` and `resolve`;
+/// `None` where the kernel cannot (no openat2, a seccomp filter, a path
+/// longer than it takes at once, or renames racing it three times): the
+/// caller then opens one `O_NOFOLLOW` component at a time.
+pub fn open_dir_resolved<P: rustix::path::Arg + Copy>(
+    base: BorrowedFd<'_>,
+    path: P,
+    resolve: ResolveFlags,
+) -> Option<io::Result<OwnedFd>> {
+    if NO_OPENAT2.load(Ordering::Relaxed) {
+        return None;
+    }
+    // EAGAIN: the kernel saw a concurrent rename and asks to try again.
+    for _ in 0..3 {
+        match rustix::fs::openat2(base, path, DIR_FLAGS, Mode::empty(), resolve) {
+            Ok(fd) => return Some(Ok(fd)),
+            Err(Errno::AGAIN) => continue,
+            Err(Errno::NOSYS | Errno::PERM) => {
+                NO_OPENAT2.store(true, Ordering::Relaxed);
+                return None;
             }
+            Err(Errno::NAMETOOLONG) => return None,
+            Err(e) => return Some(Err(e.into())),
         }
     }
-    open_dir_by_components(root, rel)
+    None
 }
 
 /// [`open_dir_beneath`] without openat2: each component opened with

@@ -221,6 +221,16 @@ struct InFlight {
     links: Vec<PendingLink>,
 }
 
+impl InFlight {
+    /// Bytes its reads wrote since this was last asked.
+    fn newly_written(&mut self) -> u64 {
+        let written = self.written.load(Ordering::Relaxed);
+        let new = written - self.reported;
+        self.reported = written;
+        new
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -661,10 +671,9 @@ impl Restorer<'_> {
         let Some(batch) = self.in_flight.as_mut() else {
             return Ok(());
         };
-        let written = batch.written.load(Ordering::Relaxed);
-        if written > batch.reported {
-            self.progress.bytes_read(written - batch.reported);
-            batch.reported = written;
+        let written = batch.newly_written();
+        if written > 0 {
+            self.progress.bytes_read(written);
         }
         match batch.reads.try_join_next() {
             Some(done) => read_outcome(done),
@@ -677,9 +686,7 @@ impl Restorer<'_> {
         while let Some(done) = batch.reads.join_next().await {
             read_outcome(done)?;
         }
-        let written = batch.written.load(Ordering::Relaxed);
-        self.progress.bytes_read(written - batch.reported);
-        batch.reported = written;
+        self.progress.bytes_read(batch.newly_written());
         self.place_files(std::mem::take(&mut batch.files))?;
         for link in std::mem::take(&mut batch.links) {
             self.make_link(link)?;

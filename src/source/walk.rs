@@ -23,7 +23,7 @@ use std::path::{Component, Path};
 use rustix::fs::{AtFlags, CWD, Dir, FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
-use crate::beneath::{DIR_FLAGS, open_dir_beneath};
+use crate::beneath::{DIR_FLAGS, open_dir_beneath, open_dir_resolved};
 use crate::config::PathGlobs;
 
 /// What a backup records of an entry: its `lstat`, or the `fstat` of the
@@ -46,7 +46,7 @@ pub struct Meta {
 impl Meta {
     // The `Stat` fields' types differ between architectures.
     #[allow(clippy::unnecessary_cast)]
-    fn of(st: &rustix::fs::Stat) -> Meta {
+    pub fn of(st: &rustix::fs::Stat) -> Meta {
         Meta {
             file_type: FileType::from_raw_mode(st.st_mode as _),
             mode: st.st_mode as u32 & 0o7777,
@@ -324,14 +324,8 @@ impl Walker<'_> {
 /// component at a time where the kernel lacks it.
 pub fn open_root(path: &Path) -> io::Result<OwnedFd> {
     let resolve = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-    // EAGAIN: the kernel saw a concurrent rename and asks to try again.
-    for _ in 0..3 {
-        match rustix::fs::openat2(CWD, path, DIR_FLAGS, Mode::empty(), resolve) {
-            Ok(fd) => return Ok(fd),
-            Err(Errno::AGAIN) => continue,
-            Err(Errno::NOSYS | Errno::PERM | Errno::NAMETOOLONG) => break,
-            Err(e) => return Err(e.into()),
-        }
+    if let Some(opened) = open_dir_resolved(CWD, path, resolve) {
+        return opened;
     }
     let start = if path.is_absolute() { "/" } else { "." };
     let mut fd = rustix::fs::open(start, DIR_FLAGS, Mode::empty())?;
