@@ -271,6 +271,19 @@ pub fn directory_range(
             "directory length exceeds the pack".into(),
         ));
     }
+    // The trailer is not authenticated: before anyone reads the directory it
+    // places, it must be as long as its count of blobs says and leave room
+    // for them (each at least a tag and an encoding byte), so a forged count
+    // or length costs no read and no memory.
+    let blobs_min = u64::from(n) * (TAG_LEN as u64 + 1);
+    if pack_len > MAX_PACK_LEN
+        || dir_len != sealed_directory_len(u64::from(n))
+        || HEADER_LEN as u64 + blobs_min + dir_len + TRAILER_LEN as u64 > pack_len
+    {
+        return Err(SealError::Malformed(format!(
+            "pack trailer: a directory of {dir_len} bytes for {n} blobs does not fit a pack of {pack_len} bytes"
+        )));
+    }
     let end = pack_len - TRAILER_LEN as u64;
     Ok((n, end - dir_len..end))
 }
@@ -304,13 +317,57 @@ pub fn open_blob(
     let mut buf = sealed.to_vec();
     opener.open_segment(entry.segment as u64, false, &mut buf)?;
     let plain = decode_frame_owned(buf, entry.raw_len)?;
-    if keys.blob_id(&plain) != entry.id.0 {
+    check_id(keys, entry, &plain)?;
+    Ok(plain)
+}
+
+/// [`open_blob`] for a reader of many blobs: decrypts `sealed` in place (the
+/// caller's copy, no longer needed) and leaves the plaintext in `plain`,
+/// whose allocation is reused from blob to blob.
+pub fn open_blob_in(
+    opener: &Opener,
+    keys: &EpochKeys,
+    entry: &PackEntry,
+    sealed: &mut [u8],
+    plain: &mut Vec<u8>,
+) -> Result<(), SealError> {
+    let len = opener.open_segment_in(entry.segment as u64, false, sealed)?;
+    let frame = &sealed[..len];
+    plain.clear();
+    match frame.split_first() {
+        None => return Err(SealError::Malformed("empty blob frame".into())),
+        Some((0, raw)) => plain.extend_from_slice(raw),
+        Some((1, compressed)) => {
+            // The buffer does not grow: a frame inflating past its room
+            // fails here, one inflating past the stated length below.
+            plain.reserve(entry.raw_len as usize);
+            with_decompressor(|d| d.decompress_to_buffer(compressed, plain))
+                .map_err(|e| SealError::Malformed(format!("zstd: {e}")))?;
+        }
+        Some((other, _)) => {
+            return Err(SealError::Malformed(format!(
+                "unknown blob encoding {other}"
+            )));
+        }
+    }
+    if plain.len() != entry.raw_len as usize {
         return Err(SealError::Malformed(format!(
-            "blob {} does not hash to its id",
-            entry.id.short()
+            "blob is {} bytes, expected {}",
+            plain.len(),
+            entry.raw_len
         )));
     }
-    Ok(plain)
+    check_id(keys, entry, plain)
+}
+
+fn check_id(keys: &EpochKeys, entry: &PackEntry, plain: &[u8]) -> Result<(), SealError> {
+    match keys.blob_id(plain) == entry.id.0 {
+        true => Ok(()),
+        false => Err(SealError::Malformed(format!(
+            "blob {} does not hash to its id",
+            entry.id.short()
+        ))),
+    }
 }
 
 /// Builds a frame for `plain`: zstd at `level` when that saves at least 1/32,

@@ -308,18 +308,31 @@ impl Opener {
 
     /// Decrypts `buf` (ciphertext ‖ tag) in place, leaving the plaintext.
     pub fn open_segment(&self, index: u64, last: bool, buf: &mut Vec<u8>) -> Result<(), SealError> {
+        let len = self.open_segment_in(index, last, buf)?;
+        buf.truncate(len);
+        Ok(())
+    }
+
+    /// Decrypts `buf` (ciphertext ‖ tag) in place; the plaintext is the
+    /// returned length's first bytes.
+    pub fn open_segment_in(
+        &self,
+        index: u64,
+        last: bool,
+        buf: &mut [u8],
+    ) -> Result<usize, SealError> {
         let fail = SealError::AuthFailed { segment: index };
-        if buf.len() < TAG_LEN {
+        let Some(split) = buf.len().checked_sub(TAG_LEN) else {
             return Err(fail);
-        }
-        let split = buf.len() - TAG_LEN;
-        let tag: [u8; TAG_LEN] = buf[split..].try_into().expect("16 bytes");
-        buf.truncate(split);
+        };
+        let (text, tag) = buf.split_at_mut(split);
+        let tag: [u8; TAG_LEN] = (&*tag).try_into().expect("16 bytes");
         let (nonce, aad) = self.segments.nonce_and_aad(index, last);
         self.segments
             .cipher
-            .decrypt_inout_detached(&nonce.into(), &aad, buf.as_mut_slice().into(), &tag.into())
-            .map_err(|_| fail)
+            .decrypt_inout_detached(&nonce.into(), &aad, text.into(), &tag.into())
+            .map_err(|_| fail)?;
+        Ok(split)
     }
 }
 

@@ -1,8 +1,9 @@
 //! `custos restore`: writes a snapshot back to a directory.
 //!
 //! Files are restored in batches: the blobs a batch needs are grouped by pack,
-//! packs are read concurrently (whole, in one request, when at least half
-//! of a pack is wanted or the pack is small; else coalesced ranges), each blob is decrypted,
+//! packs are read concurrently (streamed front to back in one request when
+//! at least half of a pack is wanted or the pack is small, each run of blobs
+//! written as it arrives; else coalesced ranges), each blob is decrypted,
 //! decompressed and checked against its keyed id, then written at its offsets
 //! into temporary files. A file is renamed into place only once every one of
 //! its blobs was verified and written; owners, modes and mtimes are set
@@ -16,37 +17,33 @@
 //! Hard links recorded in the tree are restored as hard links.
 
 mod beneath;
+mod packs;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use futures::StreamExt;
 use std::time::Instant;
 
 use rustix::fs::{AtFlags, Gid, Mode, Timespec, Timestamps, Uid};
 use rustix::io::Errno;
 
 use self::beneath::{PlaceError, Target, TempEntry, TempNames, file_name, parent, shown};
+use self::packs::{PackPlan, PackReads, PlannedBlob, ReadLimits, read_outcome};
 use super::Progress;
 use crate::config::PathGlobs;
 use crate::error::{Error, Result};
 use crate::format::ids::{BlobId, IdMap, PackId, SnapshotId};
-use crate::format::pack::{PackEntry, TRAILER_LEN, directory_range, open_blob, open_directory};
-use crate::format::seal::{HEADER_LEN, ObjectKind, Opener};
 use crate::format::snapshot::Snapshot;
 use crate::format::tree::{Entry, EntryKind};
 use crate::keys::derive::EpochKeys;
-use crate::pipeline::blobs::get_pack_ranges;
 use crate::pipeline::tree::TreeReader;
-use crate::repo::{Index, Location, Repo};
-use crate::store::{ObjectName, TenantStore};
+use crate::repo::{Index, Repo};
 
 pub struct RestoreOptions {
     pub target: PathBuf,
@@ -80,27 +77,6 @@ fn batch_files() -> usize {
     let fit = soft.saturating_sub(256) / 4;
     crate::hooks::restore_batch_files(BATCH_FILES.min(fit.max(16) as usize))
 }
-/// Pack reads running at once (each also takes its share of
-/// [`READ_BUDGET_MIB`]): over S3, latency rather than bandwidth bounds one.
-const PACKS_IN_FLIGHT: usize = 8;
-/// What the packs being read may hold at once, in MiB: a read takes a share
-/// of this by its pack's size (all of it for a pack this large or larger),
-/// so four default packs (16 MiB and the part of a blob they end with) are
-/// read at once as before, while packs of 128 MiB are read one at a time
-/// instead of four (over 500 MiB).
-const READ_BUDGET_MIB: u32 = 72;
-/// Blobs closer than this in a pack are fetched in one range request.
-const COALESCE_GAP: u64 = 256 << 10;
-const MAX_RANGE: u64 = 16 << 20;
-/// A pack of which at least half the bytes are wanted is read whole, in one
-/// request, up to this size (the largest pack a policy can ask for, plus the
-/// one blob of up to 8 MiB a pack may run over by).
-const WHOLE_PACK_MAX: u64 = crate::config::policy::MAX_PACK_SIZE + (16 << 20);
-/// A pack this small is read whole whatever is wanted of it: its header,
-/// blobs and directory would be two requests otherwise (object stores merge
-/// ranges this close), and a request costs more than its bytes.
-const SMALL_PACK: u64 = 1 << 20;
-
 /// Snapshot paths of the files a restore is limited to (a drill's sample).
 pub type FileSet = HashSet<Vec<u8>>;
 
@@ -146,8 +122,7 @@ pub async fn run_with(
         repo,
         index,
         pack_sizes,
-        read_budget: Arc::new(tokio::sync::Semaphore::new(READ_BUDGET_MIB as usize)),
-        reads: Arc::new(tokio::sync::Semaphore::new(PACKS_IN_FLIGHT)),
+        limits: ReadLimits::new(),
         keys: keys.clone(),
         root: target.fd,
         target: target.path,
@@ -205,7 +180,7 @@ struct Batch {
 }
 
 /// A batch whose pack reads run: one task drives them (at most
-/// [`PACKS_IN_FLIGHT`] at once, created as they start). Dropped on failure,
+/// [`packs::PACKS_IN_FLIGHT`] at once, created as they start). Dropped on failure,
 /// which aborts the task, stops its blocking writers before their next blob
 /// and removes the batch's temporary files.
 struct InFlight {
@@ -272,10 +247,8 @@ struct Restorer<'a> {
     index: &'a Index,
     /// Size of every pack in the store, listed once.
     pack_sizes: BTreeMap<PackId, u64>,
-    /// MiB of packs the reads in flight may hold ([`READ_BUDGET_MIB`]).
-    read_budget: Arc<tokio::sync::Semaphore>,
-    /// Pack reads running ([`PACKS_IN_FLIGHT`]).
-    reads: Arc<tokio::sync::Semaphore>,
+    /// What the pack reads of every batch share.
+    limits: ReadLimits,
     keys: Arc<EpochKeys>,
     /// The target directory, opened once: everything is created beneath it.
     root: Arc<OwnedFd>,
@@ -747,16 +720,15 @@ impl Restorer<'_> {
                 .map(|f| (f.file.clone(), f.shown.clone()))
                 .collect(),
         );
-        let reads = PackReads {
-            store: self.repo.store().clone(),
-            keys: self.keys.clone(),
-            budget: self.read_budget.clone(),
-            running: self.reads.clone(),
-            stop: started.stop.clone(),
-            written: started.written.clone(),
+        let reads = PackReads::new(
+            self.repo.store().clone(),
+            self.keys.clone(),
+            self.limits.clone(),
+            started.stop.clone(),
+            started.written.clone(),
             files,
-        };
-        let packs: Vec<(PackId, Option<u64>, Vec<PlannedBlob>)> = plan
+        );
+        let packs: Vec<PackPlan> = plan
             .into_values()
             .map(|blobs| {
                 let blobs: Vec<PlannedBlob> = blobs.into_values().collect();
@@ -764,15 +736,7 @@ impl Restorer<'_> {
                 (pack, self.pack_sizes.get(&pack).copied(), blobs)
             })
             .collect();
-        started.reads.spawn(async move {
-            let mut running = futures::stream::iter(packs)
-                .map(|(pack, size, blobs)| reads.clone().restore_pack(pack, size, blobs))
-                .buffer_unordered(PACKS_IN_FLIGHT);
-            while let Some(read) = running.next().await {
-                read?;
-            }
-            Ok(())
-        });
+        started.reads.spawn(reads.read_all(packs));
         started.files = batch.files;
         started.links = batch.links;
         Ok(started)
@@ -871,253 +835,6 @@ impl Restorer<'_> {
         }
         Ok(())
     }
-}
-
-/// What the reads of one batch share: each pack read is made from a clone
-/// as it starts (not all up front).
-#[derive(Clone)]
-struct PackReads {
-    store: TenantStore,
-    keys: Arc<EpochKeys>,
-    /// MiB of packs the reads may hold ([`READ_BUDGET_MIB`]), shared by batches.
-    budget: Arc<tokio::sync::Semaphore>,
-    /// Reads running ([`PACKS_IN_FLIGHT`]), shared by batches.
-    running: Arc<tokio::sync::Semaphore>,
-    stop: Arc<AtomicBool>,
-    written: Arc<AtomicU64>,
-    /// The batch's files, by their index in the plan.
-    files: Arc<Vec<(Arc<File>, PathBuf)>>,
-}
-
-impl PackReads {
-    /// Reads the needed parts of one pack and writes its blobs to their files.
-    async fn restore_pack(
-        self,
-        pack: PackId,
-        size: Option<u64>,
-        mut blobs: Vec<PlannedBlob>,
-    ) -> Result<()> {
-        let PackReads {
-            store,
-            keys,
-            budget,
-            running,
-            stop,
-            written: progress,
-            files,
-        } = self;
-        blobs.sort_by_key(|b| b.loc.offset);
-        {
-            let name = ObjectName::Pack(pack);
-            let object = store.display(&name);
-            let size = size.ok_or_else(|| Error::missing(&object, "pack is not in the store"))?;
-            // Both held until the pack's bytes are dropped, at the end of this block.
-            let _running = running
-                .acquire_owned()
-                .await
-                .map_err(|_| Error::Internal("restore reads closed".into()))?;
-            let share = size.div_ceil(1 << 20).clamp(1, u64::from(READ_BUDGET_MIB)) as u32;
-            let _held = budget
-                .acquire_many_owned(share)
-                .await
-                .map_err(|_| Error::Internal("restore read budget closed".into()))?;
-            let Fetched {
-                opener,
-                n,
-                dir,
-                ranges,
-                parts,
-            } = read_pack(&store, &keys, pack, size, &blobs).await?;
-            tokio::task::spawn_blocking(move || -> Result<()> {
-                let directory =
-                    open_directory(&opener, n, &dir, size).map_err(|e| e.at(&object))?;
-                for b in &blobs {
-                    if stop.load(Ordering::Relaxed) {
-                        return Ok(()); // the batch failed or was dropped: its files are gone
-                    }
-                    let (start, end) = (
-                        b.loc.offset as u64,
-                        b.loc.offset as u64 + b.loc.sealed_len as u64,
-                    );
-                    let ri = ranges
-                        .iter()
-                        .position(|r| r.start <= start && end <= r.end)
-                        .expect("every blob is in a planned range");
-                    let sealed = parts[ri]
-                        .get((start - ranges[ri].start) as usize..(end - ranges[ri].start) as usize)
-                        .ok_or_else(|| {
-                            Error::corrupt(
-                                &object,
-                                "pack is shorter than its index says (truncated)",
-                            )
-                        })?;
-                    let entry = PackEntry {
-                        id: b.id,
-                        kind: b.loc.kind,
-                        segment: b.loc.segment,
-                        offset: b.loc.offset,
-                        sealed_len: b.loc.sealed_len,
-                        raw_len: b.loc.raw_len,
-                    };
-                    if directory.get(b.loc.segment as usize) != Some(&entry) {
-                        return Err(Error::corrupt(
-                            &object,
-                            format!(
-                                "the index entry of blob {} disagrees with the pack directory",
-                                b.id.short()
-                            ),
-                        ));
-                    }
-                    let plain =
-                        open_blob(&opener, &keys, &entry, sealed).map_err(|e| e.at(&object))?;
-                    if plain.iter().all(|&x| x == 0) {
-                        continue; // the file was sized up front: zeros are a hole already
-                    }
-                    for &(fi, offset) in &b.targets {
-                        let (file, path) = &files[fi];
-                        file.write_all_at(&plain, offset)
-                            .map_err(|e| Error::io(path, e))?;
-                        progress.fetch_add(plain.len() as u64, Ordering::Relaxed);
-                    }
-                }
-                Ok(())
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("restore worker panicked: {e}")))?
-        }
-    }
-}
-
-/// A batch's reads, joined: their error, or a panic (a cancellation only
-/// happens as the runtime shuts down).
-fn read_outcome(done: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
-    match done {
-        Ok(read) => read,
-        Err(e) if e.is_panic() => Err(Error::Internal(format!("restore read panicked: {e}"))),
-        Err(e) => Err(Error::Internal(format!("restore read cancelled: {e}"))),
-    }
-}
-
-/// What a restore read of one pack: its opener, its sealed directory (with
-/// the blob count the trailer gives) and the byte ranges holding the blobs.
-struct Fetched {
-    opener: Opener,
-    n: u32,
-    dir: bytes::Bytes,
-    ranges: Vec<std::ops::Range<u64>>,
-    parts: Vec<bytes::Bytes>,
-}
-
-/// Reads what a restore needs of one pack. Most of it wanted (at least half
-/// its bytes) or small (up to [`SMALL_PACK`]): the whole pack in one request, header, trailer, blobs and
-/// directory sliced out of it. Otherwise header and trailer first (whose
-/// pack it is, and where its directory lies), then the blobs' coalesced
-/// ranges and the directory. `size` is the listed size: the authenticated
-/// directory must account for it, so a pack truncated, extended or
-/// rearranged is caught, not only a bad blob.
-async fn read_pack(
-    store: &TenantStore,
-    keys: &EpochKeys,
-    pack: PackId,
-    size: u64,
-    blobs: &[PlannedBlob],
-) -> Result<Fetched> {
-    let object = store.display(&ObjectName::Pack(pack));
-    let wanted: u64 = blobs.iter().map(|b| b.loc.sealed_len as u64).sum();
-    let mostly_wanted = wanted.saturating_mul(2) >= size || size <= SMALL_PACK;
-    let whole = match size <= WHOLE_PACK_MAX && mostly_wanted {
-        true => get_pack_ranges(store, keys, pack, std::slice::from_ref(&(0..size)))
-            .await?
-            .pop(),
-        false => None,
-    };
-    let slice = |bytes: &bytes::Bytes, r: &std::ops::Range<u64>| {
-        if r.start > r.end || r.end > bytes.len() as u64 {
-            return Err(Error::corrupt(
-                &object,
-                "pack is shorter than its listing says",
-            ));
-        }
-        Ok(bytes.slice(r.start as usize..r.end as usize))
-    };
-    let ends = [
-        0..HEADER_LEN as u64,
-        size.saturating_sub(TRAILER_LEN as u64)..size,
-    ];
-    let head = match &whole {
-        Some(w) => vec![slice(w, &ends[0])?, slice(w, &ends[1])?],
-        None => get_pack_ranges(store, keys, pack, &ends).await?,
-    };
-    let opener =
-        Opener::new(keys, ObjectKind::Pack, Some(&pack.0), &head[0]).map_err(|e| e.at(&object))?;
-    let (n, dir_range) = directory_range(size, &head[1]).map_err(|e| e.at(&object))?;
-    let blobs_end = blobs
-        .iter()
-        .map(|b| b.loc.offset as u64 + b.loc.sealed_len as u64)
-        .max()
-        .unwrap_or(0);
-    if blobs_end > dir_range.start {
-        return Err(Error::corrupt(
-            &object,
-            format!(
-                "the index places a blob ending at {blobs_end}, past the pack's blobs (truncated or replaced pack)"
-            ),
-        ));
-    }
-    let (ranges, parts, dir) = match &whole {
-        Some(w) => {
-            let blobs_range = 0..dir_range.start;
-            let part = slice(w, &blobs_range)?;
-            (
-                std::iter::once(blobs_range).collect(),
-                vec![part],
-                slice(w, &dir_range)?,
-            )
-        }
-        None => {
-            let mut ranges = coalesce(blobs);
-            ranges.push(dir_range);
-            let mut parts = get_pack_ranges(store, keys, pack, &ranges).await?;
-            ranges.pop();
-            let dir = parts
-                .pop()
-                .ok_or_else(|| Error::corrupt(&object, "pack read returned no directory"))?;
-            (ranges, parts, dir)
-        }
-    };
-    Ok(Fetched {
-        opener,
-        n,
-        dir,
-        ranges,
-        parts,
-    })
-}
-
-/// One blob a batch needs, and where it goes: (file in the batch, offset).
-struct PlannedBlob {
-    id: BlobId,
-    loc: Location,
-    targets: Vec<(usize, u64)>,
-}
-
-/// Byte ranges to fetch from a pack: the blobs (sorted by offset), merged
-/// where they are close, up to a bounded range size.
-fn coalesce(blobs: &[PlannedBlob]) -> Vec<std::ops::Range<u64>> {
-    let mut ranges: Vec<std::ops::Range<u64>> = Vec::with_capacity(blobs.len() + 1);
-    for b in blobs {
-        let (start, end) = (
-            b.loc.offset as u64,
-            b.loc.offset as u64 + b.loc.sealed_len as u64,
-        );
-        match ranges.last_mut() {
-            Some(last) if start <= last.end + COALESCE_GAP && end - last.start <= MAX_RANGE => {
-                last.end = last.end.max(end)
-            }
-            _ => ranges.push(start..end),
-        }
-    }
-    ranges
 }
 
 impl crate::report::JobOutput for RestoreReport {

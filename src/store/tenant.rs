@@ -13,8 +13,11 @@ use object_store::{
 
 use super::SharedStore;
 use super::layout::{Dir, ObjectName};
+
+mod sequential;
 use crate::error::{Error, Result};
 use crate::tenant::TenantId;
+pub use sequential::SequentialRead;
 
 /// Attempts for an operation that fails transiently (network, 5xx, throttling)
 /// after the backend's own retries; then the job fails cleanly.

@@ -23,10 +23,8 @@ use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::ids::PackId;
-use crate::format::pack::{
-    PackEntry, TRAILER_LEN, directory_range, open_blob, open_directory, sealed_directory_len,
-};
-use crate::format::seal::{HEADER_LEN, Header, ObjectKind, Opener, SealError, TAG_LEN};
+use crate::format::pack::{PackEntry, TRAILER_LEN, directory_range, open_blob, open_directory};
+use crate::format::seal::{HEADER_LEN, Header, ObjectKind, Opener};
 use crate::keys::derive::EpochKeys;
 use crate::repo::{Fault, Repo, is_object_fault};
 use crate::store::ObjectName;
@@ -60,6 +58,7 @@ pub(super) async fn read_pack(
         ));
     }
     let mut read = 0u64;
+    // The tail's ETag, once read: every later read must be of that version.
     let mut version: Option<String> = None;
     macro_rules! fetch {
         ($range:expr) => {{
@@ -71,8 +70,7 @@ pub(super) async fn read_pack(
             {
                 Ok((bytes, e_tag)) => {
                     read += bytes.len() as u64;
-                    version = version.or(e_tag);
-                    bytes
+                    (bytes, e_tag)
                 }
                 Err(e) if is_object_fault(&e) => {
                     return Ok((read, vec![Fault::from_error(&object, &e)]));
@@ -94,10 +92,32 @@ pub(super) async fn read_pack(
         Some(at) if at >= HEADER_LEN as u64 => at,
         _ => 0,
     };
-    let tail = fetch!(tail_at..size);
+    let (tail, e_tag) = fetch!(tail_at..size);
+    version = e_tag;
+    // The rest in one request, taken a window at a time: it must be the
+    // version the tail came from.
+    let mut rest = repo
+        .store()
+        .read_sequential(name.clone(), size)
+        .until(tail_at)
+        .of_version(version.clone());
+    macro_rules! next_window {
+        ($len:expr) => {{
+            match rest.take($len).await {
+                Ok(bytes) => {
+                    read += bytes.len() as u64;
+                    bytes.freeze()
+                }
+                Err(e) if is_object_fault(&e) => {
+                    return Ok((read, vec![Fault::from_error(&object, &e)]));
+                }
+                Err(e) => return Err(e),
+            }
+        }};
+    }
     let first = match tail_at {
         0 => tail.clone(),
-        _ => fetch!(0..tail_at.min(window_len)),
+        _ => next_window!(tail_at.min(window_len)),
     };
     let header_epoch = match Header::peek_epoch(&first) {
         Ok(e) => e,
@@ -125,22 +145,10 @@ pub(super) async fn read_pack(
         Ok(v) => v,
         Err(e) => sealed_fault!(e),
     };
-    // The trailer is not authenticated: before reading a directory it
-    // places beyond the tail, it must be as long as its count of blobs says
-    // and leave room for them (a forged count or length costs no read).
-    let blobs_min = u64::from(n) * (TAG_LEN as u64 + 1);
-    if dir.end - dir.start != sealed_directory_len(u64::from(n))
-        || HEADER_LEN as u64 + blobs_min + (dir.end - dir.start) + TRAILER_LEN as u64 > size
-    {
-        sealed_fault!(SealError::Malformed(format!(
-            "pack trailer: a directory of {} bytes for {n} blobs does not fit a pack of {size} bytes",
-            dir.end - dir.start
-        )));
-    }
     let sealed_dir = if dir.start >= tail_at {
         tail.slice((dir.start - tail_at) as usize..(dir.end - tail_at) as usize)
     } else {
-        let mut joined = fetch!(dir.start..tail_at).to_vec();
+        let mut joined = fetch!(dir.start..tail_at).0.to_vec();
         joined.extend_from_slice(&tail[..(dir.end - tail_at) as usize]);
         Bytes::from(joined)
     };
@@ -167,7 +175,8 @@ pub(super) async fn read_pack(
         window = if from >= tail_at {
             tail.slice((from - tail_at) as usize..(blobs_end - tail_at) as usize)
         } else {
-            fetch!(from..(from + window_len).min(tail_at).min(blobs_end))
+            debug_assert_eq!(from, rest.position(), "windows are taken in order");
+            next_window!((from + window_len).min(tail_at).min(blobs_end) - from)
         };
     }
     drop(tail);
