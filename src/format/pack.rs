@@ -489,12 +489,14 @@ pub fn decode_frame_owned(mut frame: Vec<u8>, raw_len: u32) -> Result<Vec<u8>, S
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
+    //! Keys and packs for the unit tests of every reader of packs.
     use super::*;
     use crate::keys::SecretKey;
     use crate::tenant::TenantId;
 
-    fn keys() -> EpochKeys {
+    /// Epoch 1 of tenant acme, under a fixed key.
+    pub fn keys() -> EpochKeys {
         EpochKeys::new(
             TenantId::new("acme").unwrap(),
             1,
@@ -502,7 +504,8 @@ mod tests {
         )
     }
 
-    fn build(k: &EpochKeys, blobs: &[Vec<u8>]) -> FinishedPack {
+    /// A pack of `blobs`, each compressed when that pays.
+    pub fn build(k: &EpochKeys, blobs: &[Vec<u8>]) -> FinishedPack {
         let mut w = PackWriter::new(k, 1 << 20);
         let mut frame = Vec::new();
         for b in blobs {
@@ -516,6 +519,12 @@ mod tests {
         }
         w.finish()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{build, keys};
+    use super::*;
 
     #[test]
     fn pack_round_trip_and_directory() {

@@ -312,39 +312,23 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::format::ids::BlobId;
-    use crate::format::pack::{BlobKind, FinishedPack, PackWriter, encode_frame};
-    use crate::keys::SecretKey;
-    use crate::tenant::TenantId;
+    use crate::format::pack::{BlobKind, FinishedPack, testing};
 
     fn keys() -> Arc<EpochKeys> {
-        Arc::new(EpochKeys::new(
-            TenantId::new("acme").unwrap(),
-            1,
-            SecretKey::from_bytes([3; 32]),
-        ))
+        Arc::new(testing::keys())
     }
 
     fn pack(keys: &EpochKeys) -> FinishedPack {
-        let mut w = PackWriter::new(keys, 1 << 16);
-        let mut frame = Vec::new();
-        for i in 0..12u32 {
-            // Compressible and not, of different lengths.
-            let blob: Vec<u8> = match i % 2 {
+        // Compressible and not, of different lengths.
+        let blobs: Vec<Vec<u8>> = (0..12u32)
+            .map(|i| match i % 2 {
                 0 => vec![i as u8; 300 + 50 * i as usize],
                 _ => (0..200 + 37 * i)
                     .map(|j| (j.wrapping_mul(2_654_435_761) >> 13) as u8)
                     .collect(),
-            };
-            encode_frame(&blob, 3, &mut frame);
-            w.add(
-                BlobId(keys.blob_id(&blob)),
-                BlobKind::Data,
-                blob.len() as u32,
-                &mut frame,
-            );
-        }
-        w.finish()
+            })
+            .collect();
+        testing::build(keys, &blobs)
     }
 
     /// Opens the directory as `read_pack` does, then feeds the blobs in

@@ -558,29 +558,17 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::format::pack::{BlobKind, FinishedPack, PackWriter, encode_frame};
-    use crate::keys::SecretKey;
+    use crate::format::pack::{FinishedPack, testing};
     use crate::tenant::TenantId;
 
     fn keys() -> Arc<EpochKeys> {
-        Arc::new(EpochKeys::new(
-            TenantId::new("acme").unwrap(),
-            1,
-            SecretKey::from_bytes([3; 32]),
-        ))
+        Arc::new(testing::keys())
     }
 
     /// A pack of `blobs` (incompressible, so a blob's bytes are its size),
     /// stored under tenant acme.
     async fn stored_pack(keys: &EpochKeys, blobs: &[Vec<u8>]) -> (TenantStore, FinishedPack) {
-        let mut w = PackWriter::new(keys, 1 << 20);
-        let mut frame = Vec::new();
-        for b in blobs {
-            encode_frame(b, 3, &mut frame);
-            let id = BlobId(keys.blob_id(b));
-            w.add(id, BlobKind::Data, b.len() as u32, &mut frame);
-        }
-        let pack = w.finish();
+        let pack = testing::build(keys, blobs);
         let store = TenantStore::new(crate::store::memory(), &TenantId::new("acme").unwrap());
         let name = ObjectName::Pack(pack.id);
         store
@@ -708,61 +696,33 @@ mod tests {
         let keys = keys();
         let blobs: Vec<Vec<u8>> = (0..8).map(|i| random(400_000, i as u8)).collect();
         let (store, pack) = stored_pack(&keys, &blobs).await;
-        // The index gives blob 3 the segment of blob 4: it fails to open, and
-        // the error names the disagreement, streamed (all wanted) or ranged.
-        let swap = |mut e: PackEntry| {
-            if e.segment == 3 {
-                e.segment = 4;
-            }
-            e
-        };
-        for wanted in [vec![0, 1, 2, 3, 4, 5, 6, 7], vec![3]] {
-            let err = restore(keys.clone(), store.clone(), &pack, &wanted, TAIL_KEEP, swap)
-                .await
-                .unwrap_err();
-            assert!(
-                err.to_string()
-                    .contains("disagrees with the pack directory"),
-                "{wanted:?}: {err}"
-            );
-        }
+        // Restoring `wanted` with the index entry of `segment` changed by
+        // `change` fails, naming `why`.
+        let refused =
+            async |wanted: &[usize], segment: u32, change: fn(&mut PackEntry), why: &str| {
+                let entry = |mut e: PackEntry| {
+                    if e.segment == segment {
+                        change(&mut e);
+                    }
+                    e
+                };
+                let err = restore(keys.clone(), store.clone(), &pack, wanted, TAIL_KEEP, entry)
+                    .await
+                    .unwrap_err();
+                assert!(err.to_string().contains(why), "{wanted:?}: {err}");
+            };
+        let (all, most) = (&[0, 1, 2, 3, 4, 5, 6, 7][..], &[0, 1, 2, 3, 4, 5][..]);
+        // Blob 3 given the segment of blob 4: it fails to open, and the error
+        // names the disagreement, streamed (all wanted) or ranged.
+        let disagrees = "disagrees with the pack directory";
+        refused(all, 3, |e| e.segment = 4, disagrees).await;
+        refused(&[3], 3, |e| e.segment = 4, disagrees).await;
         // Entries that overlap (or reach into the header) cannot be streamed.
-        let overlap = |mut e: PackEntry| {
-            if e.segment == 2 {
-                e.offset -= 10;
-            }
-            e
-        };
-        let err = restore(
-            keys.clone(),
-            store.clone(),
-            &pack,
-            &[0, 1, 2, 3, 4, 5],
-            TAIL_KEEP,
-            overlap,
-        )
-        .await
-        .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("inside the pack header or another blob"),
-            "{err}"
-        );
+        let overlap = "inside the pack header or another blob";
+        refused(most, 2, |e| e.offset -= 10, overlap).await;
         // A blob the index places past the blobs (in the directory).
-        let past = |mut e: PackEntry| {
-            if e.segment == 7 {
-                e.offset += 100;
-            }
-            e
-        };
-        for wanted in [vec![0, 1, 2, 3, 4, 5, 6, 7], vec![7]] {
-            let err = restore(keys.clone(), store.clone(), &pack, &wanted, TAIL_KEEP, past)
-                .await
-                .unwrap_err();
-            assert!(
-                err.to_string().contains("past the pack's blobs"),
-                "{wanted:?}: {err}"
-            );
-        }
+        let past = "past the pack's blobs";
+        refused(all, 7, |e| e.offset += 100, past).await;
+        refused(&[7], 7, |e| e.offset += 100, past).await;
     }
 }
