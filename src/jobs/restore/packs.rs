@@ -47,6 +47,9 @@ const SMALL_PACK: u64 = 1 << 20;
 /// for the directory (a longer directory is read on its own).
 const RUN_BYTES: u64 = 1 << 20;
 const TAIL_KEEP: u64 = 1 << 20;
+/// What a ranged read fetches of a pack's end with its blobs: the trailer
+/// and a directory of up to about 5,800 blobs.
+const RANGED_TAIL: u64 = 256 << 10;
 /// Runs received and waiting for a streamed pack's writer.
 const RUNS_QUEUED: usize = 2;
 
@@ -82,7 +85,8 @@ pub(super) struct PackReads {
     written: Arc<AtomicU64>,
     /// The batch's files, by their index in the plan.
     files: Arc<Vec<(Arc<File>, PathBuf)>>,
-    /// What a streamed read keeps of a pack's end ([`TAIL_KEEP`]).
+    /// What a streamed read keeps of a pack's end ([`TAIL_KEEP`]), and at
+    /// most what a ranged read fetches of it ([`RANGED_TAIL`]).
     tail_keep: u64,
 }
 
@@ -393,41 +397,62 @@ impl PackReads {
         .map_err(|e| Error::Internal(format!("restore worker failed: {e}")))?
     }
 
-    /// Reads what a restore needs of a pack by ranges, in two rounds: header
-    /// and trailer, then the blobs' coalesced ranges and the directory, with
-    /// their share of the budget held.
+    /// Reads what a restore needs of a pack by ranges, in one round: the
+    /// header, the blobs' coalesced ranges and the pack's end (its trailer,
+    /// and its directory when that is no longer than [`RANGED_TAIL`] allows;
+    /// a longer one takes a second round), with their share of the budget
+    /// held.
     async fn read_ranges(&self, pack: PackId, size: u64, blobs: &[PlannedBlob]) -> Result<Fetched> {
         let (store, keys) = (&self.store, &*self.keys);
         let object = store.display(&ObjectName::Pack(pack));
-        let ends = [
-            0..HEADER_LEN as u64,
-            size.saturating_sub(TRAILER_LEN as u64)..size,
-        ];
-        let head = get_pack_ranges(store, keys, pack, &ends).await?;
-        let opener = Opener::new(keys, ObjectKind::Pack, Some(&pack.0), &head[0])
+        let tail_at = size.saturating_sub(RANGED_TAIL.min(self.tail_keep).max(TRAILER_LEN as u64));
+        let header = std::iter::once(0..HEADER_LEN as u64);
+        let mut ranges: Vec<_> = header
+            .chain(coalesce(blobs))
+            .chain(std::iter::once(tail_at..size))
+            .collect();
+        let mut held = self
+            .hold(ranges.iter().map(|r| r.end - r.start).sum())
+            .await?;
+        let mut parts = get_pack_ranges(store, keys, pack, &ranges).await?;
+        let (tail, header) = match (parts.pop(), parts.is_empty()) {
+            (Some(tail), false) => (tail, parts.remove(0)),
+            _ => return Err(Error::corrupt(&object, "pack read returned no parts")),
+        };
+        ranges.pop();
+        ranges.remove(0);
+        let opener = Opener::new(keys, ObjectKind::Pack, Some(&pack.0), &header)
             .map_err(|e| e.at(&object))?;
-        let (n, dir_range) = directory_range(size, &head[1]).map_err(|e| e.at(&object))?;
+        let trailer = tail
+            .get(tail.len().saturating_sub(TRAILER_LEN)..)
+            .unwrap_or(&[]);
+        let (n, dir_range) = directory_range(size, trailer).map_err(|e| e.at(&object))?;
         let blobs_end = blobs.iter().map(PlannedBlob::end).max().unwrap_or(0);
         if blobs_end > dir_range.start {
             return Err(past_the_blobs(&object, blobs_end));
         }
-        let mut ranges = coalesce(blobs);
-        ranges.push(dir_range);
-        let _held = self
-            .hold(ranges.iter().map(|r| r.end - r.start).sum())
-            .await?;
-        let mut parts = get_pack_ranges(store, keys, pack, &ranges).await?;
-        ranges.pop();
-        let dir = parts
-            .pop()
-            .ok_or_else(|| Error::corrupt(&object, "pack read returned no directory"))?;
+        let dir = match dir_range.start.checked_sub(tail_at) {
+            Some(from) => tail.slice(from as usize..(dir_range.end - tail_at) as usize),
+            None => {
+                // Taken again for all it holds, never while holding a share
+                // (two reads each waiting for more than they hold would wait
+                // for each other).
+                let holds: u64 = parts.iter().map(|p| p.len() as u64).sum();
+                drop((tail, held));
+                held = self.hold(holds + (dir_range.end - dir_range.start)).await?;
+                get_pack_ranges(store, keys, pack, &[dir_range])
+                    .await?
+                    .pop()
+                    .ok_or_else(|| Error::corrupt(&object, "pack read returned no directory"))?
+            }
+        };
         Ok(Fetched {
             opener,
             n,
             dir,
             ranges,
             parts,
-            _held,
+            _held: held,
         })
     }
 
@@ -685,10 +710,13 @@ mod tests {
         let blobs: Vec<Vec<u8>> = (0..8).map(|i| random(400_000, i as u8)).collect();
         let (store, pack) = stored_pack(&keys, &blobs).await;
         assert!(pack.bytes.len() as u64 > SMALL_PACK);
-        let got = restore(keys, store, &pack, &[6], TAIL_KEEP, |e| e)
-            .await
-            .unwrap();
-        assert!(got[0] == blobs[6]);
+        // The directory with the pack's end, then on its own.
+        for tail_keep in [TAIL_KEEP, 16] {
+            let got = restore(keys.clone(), store.clone(), &pack, &[6], tail_keep, |e| e)
+                .await
+                .unwrap();
+            assert!(got[0] == blobs[6]);
+        }
     }
 
     #[tokio::test]
