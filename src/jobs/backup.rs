@@ -26,7 +26,7 @@ use crate::keys::derive::EpochKeys;
 use crate::pipeline::chunker::{ChunkError, Chunker, DATA_CHUNKS};
 use crate::pipeline::packer::{Packer, PackerConfig, Work};
 use crate::pipeline::tree::{TreeReader, TreeWriter};
-use crate::repo::{Dedup, Repo};
+use crate::repo::{Dedup, Index, Repo};
 use crate::source::command::RunningCommand;
 use crate::source::walk::{
     Found, HardLinks, Meta, Walker, after_failure, describe, is_exhaustion, open_file,
@@ -162,6 +162,7 @@ pub async fn run(
                         &p.tree,
                         format!("tree of snapshot {}", p.id),
                     ),
+                    index: &index,
                     current: None,
                     done: false,
                 }),
@@ -239,8 +240,27 @@ pub async fn run(
 
 struct ParentCursor<'a> {
     reader: TreeReader<'a>,
+    /// To prefetch the lookups of the entry read ahead.
+    index: &'a Index,
     current: Option<Entry>,
     done: bool,
+}
+
+impl ParentCursor<'_> {
+    /// Reads the next entry into `current` unless one is there.
+    fn fill(&mut self, rt: &Handle) {
+        if self.current.is_some() || self.done {
+            return;
+        }
+        match rt.block_on(self.reader.next_entry()) {
+            Ok(Some(p)) => self.current = Some(p),
+            Ok(None) => self.done = true,
+            Err(err) => {
+                tracing::warn!(error = %err, "parent tree unreadable; reading every file");
+                self.done = true;
+            }
+        }
+    }
 }
 
 struct Reader<'a> {
@@ -460,22 +480,25 @@ impl Reader<'_> {
     fn unchanged_in_parent(&mut self, e: &Entry) -> Option<Vec<BlobId>> {
         let cursor = self.parent.as_mut()?;
         loop {
-            if cursor.current.is_none() && !cursor.done {
-                match self.rt.block_on(cursor.reader.next_entry()) {
-                    Ok(Some(p)) => cursor.current = Some(p),
-                    Ok(None) => cursor.done = true,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "parent tree unreadable; reading every file");
-                        cursor.done = true;
-                    }
-                }
-            }
+            cursor.fill(&self.rt);
             let p = cursor.current.as_ref()?;
             match cmp_paths(&p.path, &e.path) {
                 std::cmp::Ordering::Less => cursor.current = None,
                 std::cmp::Ordering::Greater => return None,
                 std::cmp::Ordering::Equal => {
                     let p = cursor.current.take()?;
+                    // The next entry is read now and where its blob ids sit in
+                    // the index fetched into the cache, while the next file is
+                    // examined: the index is too large to stay cached, and its
+                    // lookups were the largest part of an incremental backup of
+                    // millions of files.
+                    cursor.fill(&self.rt);
+                    if let Some(next) = &cursor.current {
+                        next.blobs
+                            .iter()
+                            .take(4)
+                            .for_each(|b| cursor.index.prefetch(b));
+                    }
                     let same = p.kind == EntryKind::File
                         && p.size == e.size
                         && p.mtime_ns == e.mtime_ns
