@@ -88,12 +88,8 @@ pub async fn run(
 ) -> Result<RestoreReport> {
     let started = Instant::now();
     repo.require_active("restore")?;
-    // Side by side: over S3 each is a round trip or more.
-    let (index, pack_sizes) = tokio::try_join!(repo.load_index_strict(), repo.list_packs())?;
-    restore(
-        repo, &index, pack_sizes, snapshot, opts, None, progress, started,
-    )
-    .await
+    let index = repo.load_index_strict().await?;
+    run_with(repo, &index, snapshot, opts, None, progress, started).await
 }
 
 /// [`run`] with the index already loaded (a drill reuses it to verify the
@@ -110,30 +106,16 @@ pub async fn run_with(
     progress: &dyn Progress,
     started: Instant,
 ) -> Result<RestoreReport> {
-    let pack_sizes = repo.list_packs().await?;
-    restore(
-        repo, index, pack_sizes, snapshot, opts, only, progress, started,
-    )
-    .await
-}
-
-/// [`run_with`] with the store's packs listed too.
-#[allow(clippy::too_many_arguments)] // run_with's, and the listing
-async fn restore(
-    repo: &Repo,
-    index: &Index,
-    pack_sizes: BTreeMap<PackId, u64>,
-    snapshot: &Snapshot,
-    opts: &RestoreOptions,
-    only: Option<&FileSet>,
-    progress: &dyn Progress,
-    started: Instant,
-) -> Result<RestoreReport> {
     repo.require_active("restore")?;
     let include = PathGlobs::new(&opts.include)
         .map_err(|e| Error::InvalidArgument(format!("--include: {e}")))?;
     let target = Target::open(&opts.target, opts.overwrite)?;
     let keys = repo.epoch_keys(snapshot.epoch).await?;
+    // Listed after the index was loaded, never beside it: a pack is stored
+    // before any index file names it, so every pack the index names is in
+    // a listing made later (one made alongside could miss a pack that a
+    // prune or backup stored meanwhile, and fail the restore).
+    let pack_sizes = repo.list_packs().await?;
     let mut tree = TreeReader::new(
         repo,
         index,

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::format::ids::{BlobId, PackId};
 use crate::format::pack::{
     PackEntry, TRAILER_LEN, directory_range, open_blob, open_blob_in, open_directory,
+    sealed_directory_len,
 };
 use crate::format::seal::{HEADER_LEN, ObjectKind, Opener};
 use crate::keys::derive::EpochKeys;
@@ -405,6 +406,15 @@ impl PackReads {
     async fn read_ranges(&self, pack: PackId, size: u64, blobs: &[PlannedBlob]) -> Result<Fetched> {
         let (store, keys) = (&self.store, &*self.keys);
         let object = store.display(&ObjectName::Pack(pack));
+        // Blobs the index places where the pack's directory and trailer must
+        // be are refused before any request: the ranges asked for all lie in
+        // the listed object (a range past its end, merged by an S3 client
+        // with one that is not, is not answered in full).
+        let blobs_end = blobs.iter().map(PlannedBlob::end).max().unwrap_or(0);
+        let room = size.saturating_sub(TRAILER_LEN as u64 + sealed_directory_len(0));
+        if blobs_end > room {
+            return Err(past_the_blobs(&object, blobs_end));
+        }
         let tail_at = size.saturating_sub(RANGED_TAIL.min(self.tail_keep).max(TRAILER_LEN as u64));
         let header = std::iter::once(0..HEADER_LEN as u64);
         let mut ranges: Vec<_> = header
@@ -427,7 +437,6 @@ impl PackReads {
             .get(tail.len().saturating_sub(TRAILER_LEN)..)
             .unwrap_or(&[]);
         let (n, dir_range) = directory_range(size, trailer).map_err(|e| e.at(&object))?;
-        let blobs_end = blobs.iter().map(PlannedBlob::end).max().unwrap_or(0);
         if blobs_end > dir_range.start {
             return Err(past_the_blobs(&object, blobs_end));
         }
@@ -752,5 +761,7 @@ mod tests {
         let past = "past the pack's blobs";
         refused(all, 7, |e| e.offset += 100, past).await;
         refused(&[7], 7, |e| e.offset += 100, past).await;
+        // Past the pack's end: refused before any range is asked for.
+        refused(&[7], 7, |e| e.offset += 10_000, past).await;
     }
 }
