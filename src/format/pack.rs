@@ -495,13 +495,14 @@ pub(crate) mod testing {
     use crate::keys::SecretKey;
     use crate::tenant::TenantId;
 
-    /// Epoch 1 of tenant acme, under a fixed key.
+    /// The fixed data key of the tests.
+    pub fn key() -> SecretKey {
+        SecretKey::from_bytes([3; 32])
+    }
+
+    /// Epoch 1 of tenant acme, under [`key`].
     pub fn keys() -> EpochKeys {
-        EpochKeys::new(
-            TenantId::new("acme").unwrap(),
-            1,
-            SecretKey::from_bytes([3; 32]),
-        )
+        EpochKeys::new(TenantId::new("acme").unwrap(), 1, key())
     }
 
     /// A pack of `blobs`, each compressed when that pays.

@@ -410,9 +410,15 @@ impl PackReads {
         // be are refused before any request: the ranges asked for all lie in
         // the listed object (a range past its end, merged by an S3 client
         // with one that is not, is not answered in full).
+        // Its header says why when it has one: a pack of another tenant
+        // (or epoch) moved here is named as such, not as cut short.
         let blobs_end = blobs.iter().map(PlannedBlob::end).max().unwrap_or(0);
         let room = size.saturating_sub(TRAILER_LEN as u64 + sealed_directory_len(0));
         if blobs_end > room {
+            let name = ObjectName::Pack(pack);
+            let header = store.get_range(&name, 0..HEADER_LEN as u64).await?;
+            Opener::new(keys, ObjectKind::Pack, Some(&pack.0), &header)
+                .map_err(|e| e.at(&object))?;
             return Err(past_the_blobs(&object, blobs_end));
         }
         let tail_at = size.saturating_sub(RANGED_TAIL.min(self.tail_keep).max(TRAILER_LEN as u64));
@@ -763,5 +769,23 @@ mod tests {
         refused(&[7], 7, |e| e.offset += 100, past).await;
         // Past the pack's end: refused before any range is asked for.
         refused(&[7], 7, |e| e.offset += 10_000, past).await;
+        // Unless the pack there is another tenant's: its header says so.
+        let other = EpochKeys::new(TenantId::new("other").unwrap(), 1, testing::key());
+        let foreign = testing::build(&other, &blobs[..4]);
+        let name = ObjectName::Pack(pack.id);
+        store
+            .put(&name, Bytes::from(foreign.bytes.clone()))
+            .await
+            .unwrap();
+        // The listing gives the foreign pack's size; the index, this pack's entries.
+        let listed = FinishedPack {
+            bytes: foreign.bytes,
+            ..pack
+        };
+        assert!(listed.bytes.len() as u64 > SMALL_PACK, "read by ranges");
+        let err = restore(keys.clone(), store.clone(), &listed, &[7], TAIL_KEEP, |e| e)
+            .await
+            .unwrap_err();
+        assert!(!err.to_string().contains(past), "{err}");
     }
 }
