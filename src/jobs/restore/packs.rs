@@ -15,8 +15,7 @@ use futures::StreamExt;
 use crate::error::{Error, Result};
 use crate::format::ids::{BlobId, PackId};
 use crate::format::pack::{
-    PackEntry, TRAILER_LEN, directory_range, open_blob, open_blob_in, open_directory,
-    sealed_directory_len,
+    PackEntry, TRAILER_LEN, directory_range, open_blob_in, open_directory, sealed_directory_len,
 };
 use crate::format::seal::{HEADER_LEN, ObjectKind, Opener};
 use crate::keys::derive::EpochKeys;
@@ -355,9 +354,9 @@ impl PackReads {
         }
     }
 
-    /// Reads a pack of which little is wanted by ranges: header and trailer
-    /// first (whose pack it is, and where its directory lies), then the
-    /// blobs' coalesced ranges and the directory, held whole until written.
+    /// Reads a pack of which little is wanted by ranges ([`Self::read_ranges`]),
+    /// held whole until written; every blob's index entry is checked against
+    /// the directory before the blob is opened.
     async fn ranged(self, pack: PackId, size: u64, blobs: Vec<PlannedBlob>) -> Result<()> {
         let object = self.store.display(&ObjectName::Pack(pack));
         let Fetched {
@@ -370,17 +369,23 @@ impl PackReads {
         } = self.read_ranges(pack, size, &blobs).await?;
         tokio::task::spawn_blocking(move || -> Result<()> {
             let directory = open_directory(&opener, n, &dir, size).map_err(|e| e.at(&object))?;
+            // Both reused from blob to blob: the sealed copy opened in place
+            // and the plaintext.
+            let (mut sealed, mut plain) = (Vec::new(), Vec::new());
+            // Blobs and ranges are both in offset order: the range holding a
+            // blob is the current one or a later one.
+            let mut ri = 0;
             for b in &blobs {
                 if self.stop.load(Ordering::Relaxed) {
                     return Ok(()); // the batch failed or was dropped: its files are gone
                 }
                 let (start, end) = (b.loc.offset as u64, b.end());
-                let ri = ranges
-                    .iter()
-                    .position(|r| r.start <= start && end <= r.end)
-                    .expect("every blob is in a planned range");
-                let sealed = parts[ri]
-                    .get((start - ranges[ri].start) as usize..(end - ranges[ri].start) as usize)
+                while ranges.get(ri).is_some_and(|r| r.end < end) {
+                    ri += 1;
+                }
+                let range = ranges.get(ri).expect("every blob is in a planned range");
+                let part = parts[ri]
+                    .get((start - range.start) as usize..(end - range.start) as usize)
                     .ok_or_else(|| {
                         Error::corrupt(&object, "pack is shorter than its index says (truncated)")
                     })?;
@@ -388,8 +393,10 @@ impl PackReads {
                 if directory.get(b.loc.segment as usize) != Some(&entry) {
                     return Err(disagrees(&object, &entry));
                 }
-                let plain =
-                    open_blob(&opener, &self.keys, &entry, sealed).map_err(|e| e.at(&object))?;
+                sealed.clear();
+                sealed.extend_from_slice(part);
+                open_blob_in(&opener, &self.keys, &entry, &mut sealed, &mut plain)
+                    .map_err(|e| e.at(&object))?;
                 self.write_blob(&plain, &b.targets)?;
             }
             Ok(())

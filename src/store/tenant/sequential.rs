@@ -78,6 +78,11 @@ impl TenantStore {
 }
 
 impl SequentialRead {
+    /// The object's full store path, for messages (formatted only when one is made).
+    fn object(&self) -> String {
+        self.store.display(&self.name)
+    }
+
     /// The size the object was listed with.
     pub fn size(&self) -> u64 {
         self.size
@@ -117,15 +122,15 @@ impl SequentialRead {
     /// Moves `n` bytes on, into `out` unless they are skipped, resuming a
     /// read that broke off (a transient error) where it stopped.
     async fn advance(&mut self, n: u64, out: Option<&mut BytesMut>) -> Result<()> {
-        let object = self.store.display(&self.name);
         if self.failed {
             return Err(Error::Internal(format!(
-                "{object}: read on after a failed part"
+                "{}: read on after a failed part",
+                self.object()
             )));
         }
         if n > self.end.saturating_sub(self.pos) {
             return Err(Error::corrupt(
-                object,
+                self.object(),
                 format!(
                     "{n} bytes wanted at offset {}, past its {} listed bytes",
                     self.pos, self.end
@@ -138,7 +143,6 @@ impl SequentialRead {
     }
 
     async fn advance_resuming(&mut self, n: u64, mut out: Option<&mut BytesMut>) -> Result<()> {
-        let object = self.store.display(&self.name);
         let mut done = 0;
         // Failures in a row without a byte received, and in all: a read
         // that keeps breaking off after some progress is resumed a while.
@@ -161,7 +165,7 @@ impl SequentialRead {
                     }
                     failures += 1;
                     resumed += 1;
-                    tracing::debug!(error = %e, object, failures, "store read broke off; resuming");
+                    tracing::debug!(error = %e, object = %self.object(), failures, "store read broke off; resuming");
                     self.source = None;
                     let jitter =
                         Duration::from_millis(rand::random_range(0..=delay.as_millis() as u64 / 2));
@@ -169,24 +173,26 @@ impl SequentialRead {
                     delay *= 3;
                 }
                 Err(Stop::Store(object_store::Error::NotFound { .. })) => {
-                    return Err(Error::missing(object, "not found in the store"));
+                    return Err(Error::missing(self.object(), "not found in the store"));
                 }
                 Err(Stop::Store(e)) => {
                     // An object cut short since it was listed is refused by
                     // the store as a bad range: say so, not a store error.
                     return match self.store.head(&self.name).await? {
                         Some(meta) if meta.size != self.size => Err(Error::corrupt(
-                            object,
+                            self.object(),
                             format!(
                                 "object is {} bytes, listed as {} (changed since it was listed)",
                                 meta.size, self.size
                             ),
                         )),
-                        None => Err(Error::missing(object, "not found in the store")),
-                        Some(_) => Err(Error::store("get", object, e)),
+                        None => Err(Error::missing(self.object(), "not found in the store")),
+                        Some(_) => Err(Error::store("get", self.object(), e)),
                     };
                 }
-                Err(Stop::Changed(why)) => return Err(Error::corrupt(object, why)),
+                Err(Stop::Changed(why)) => {
+                    return Err(Error::corrupt(self.object(), why));
+                }
             }
         }
     }
@@ -265,7 +271,7 @@ impl SequentialRead {
                             store: "custos",
                             source: format!(
                                 "read of {} ended at {at} of {} bytes",
-                                self.store.display(&self.name),
+                                self.object(),
                                 self.size
                             )
                             .into(),
