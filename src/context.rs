@@ -378,11 +378,32 @@ impl Context {
         tenant: Option<&crate::tenant::TenantId>,
         details: serde_json::Value,
     ) -> crate::Result<Option<crate::audit::Receipt>> {
+        let (receipt, replication) = self
+            .record_deferring_replication(event, tenant, details)
+            .await?;
+        if let Some(replication) = replication {
+            replication.run().await;
+        }
+        Ok(receipt)
+    }
+
+    /// [`Context::record`] that returns once the record is in the local log,
+    /// leaving its copy to the store to the caller (see
+    /// [`crate::audit::AuditLog::append_deferring_replication`]).
+    pub async fn record_deferring_replication(
+        &self,
+        event: &str,
+        tenant: Option<&crate::tenant::TenantId>,
+        details: serde_json::Value,
+    ) -> crate::Result<(
+        Option<crate::audit::Receipt>,
+        Option<crate::audit::log::Replication>,
+    )> {
         match &self.audit {
             Some(log) => log
-                .append(event, tenant, &self.actor, details)
+                .append_deferring_replication(event, tenant, &self.actor, details)
                 .await
-                .map(Some)
+                .map(|(receipt, replication)| (Some(receipt), Some(replication)))
                 .map_err(|e| match e {
                     // A malformed event name is the caller's bug, not the log's.
                     e @ crate::Error::InvalidArgument(_) => e,
@@ -391,7 +412,7 @@ impl Context {
                         reason: e.to_string(),
                     },
                 }),
-            None => Ok(None),
+            None => Ok((None, None)),
         }
     }
 }

@@ -98,6 +98,33 @@ pub struct Receipt {
     pub tree_size: u64,
 }
 
+/// The copy of an append to the store, still to be made (see
+/// [`AuditLog::append_deferring_replication`]). Holds the log's lock.
+#[must_use = "holds the audit log's lock until run or dropped"]
+pub struct Replication {
+    inner: Arc<Inner>,
+    plan: Option<Plan>,
+    _lock: LogLock,
+}
+
+impl Replication {
+    /// Copies the append to the store; a failure is counted and logged, not
+    /// returned. Releases the log's lock.
+    pub async fn run(self) {
+        if let Some(plan) = self.plan
+            && let Err(e) = self.inner.execute(plan).await
+        {
+            self.inner.health.replication_failed();
+            tracing::warn!(
+                event = "audit.replication_failed",
+                error = %e,
+                error_kind = %e.kind(),
+                "audit log not replicated to the store; retrying on the next append"
+            );
+        }
+    }
+}
+
 /// The tamper-evident audit log. Cheap to clone; every clone appends to the
 /// same files, serialised (with other processes) by an exclusive flock.
 ///
@@ -401,6 +428,27 @@ impl AuditLog {
         actor: &str,
         details: serde_json::Value,
     ) -> Result<Receipt> {
+        let (receipt, replication) = self
+            .append_deferring_replication(event, tenant, actor, details)
+            .await?;
+        replication.run().await;
+        Ok(receipt)
+    }
+
+    /// [`AuditLog::append`] that returns once the record and its checkpoint
+    /// are in the local log (written and synced), leaving the copy to the
+    /// store to the returned [`Replication`], which the caller runs beside
+    /// its own work (four store round trips it need not wait for: a failed
+    /// replication is logged either way, and the next append copies what
+    /// the store lacks). Until the replication has run or is dropped, it
+    /// holds the log's lock: other appends wait for it.
+    pub async fn append_deferring_replication(
+        &self,
+        event: &str,
+        tenant: Option<&TenantId>,
+        actor: &str,
+        details: serde_json::Value,
+    ) -> Result<(Receipt, Replication)> {
         if !record::valid_event(event) {
             return Err(Error::InvalidArgument(format!(
                 "invalid audit event name {:?} (expected [a-z][a-z0-9._-]{{0,63}})",
@@ -425,19 +473,12 @@ impl AuditLog {
         })
         .await
         .inspect_err(|_| self.inner.health.write_failed())?;
-        if let Some(plan) = plan
-            && let Err(e) = self.inner.execute(plan).await
-        {
-            self.inner.health.replication_failed();
-            tracing::warn!(
-                event = "audit.replication_failed",
-                error = %e,
-                error_kind = %e.kind(),
-                "audit log not replicated to the store; retrying on the next append"
-            );
-        }
-        drop(lock);
-        Ok(receipt)
+        let replication = Replication {
+            inner: self.inner.clone(),
+            plan,
+            _lock: lock,
+        };
+        Ok((receipt, replication))
     }
 
     /// Copies to the store whatever it lacks; returns the store's error.

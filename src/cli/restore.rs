@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::Args as ClapArgs;
 use futures::FutureExt;
@@ -15,6 +16,7 @@ use crate::jobs::restore::{self, RestoreOptions, RestoreReport};
 use crate::jobs::restore_to_store::{self, RestoreToStoreOptions, RestoreToStoreReport};
 use crate::jobs::runner::{JobSpec, run_job};
 use crate::repo::Repo;
+use crate::repo::index::Index;
 use crate::report::{JobKind, JobOutput};
 
 #[derive(ClapArgs)]
@@ -90,8 +92,12 @@ async fn restore(config: Option<&Path>, args: Args) -> Result<RestoreReport> {
         include: args.include.clone(),
         overwrite: args.overwrite,
     };
-    run_restore(&s, &args, move |repo, snapshot, progress| {
-        async move { restore::run(repo, &snapshot, &opts, progress).await }.boxed()
+    let started = Instant::now();
+    run_restore(&s, &args, move |repo, snapshot, index, progress| {
+        async move {
+            restore::run_with(repo, &index, &snapshot, &opts, None, progress, started).await
+        }
+        .boxed()
     })
     .await
 }
@@ -108,18 +114,19 @@ async fn restore_to_store(
         include: args.include.clone(),
         overwrite: args.overwrite,
     };
-    run_restore(&s, &args, move |repo, snapshot, progress| {
-        async move { restore_to_store::run(repo, &snapshot, &opts, progress).await }.boxed()
+    run_restore(&s, &args, move |repo, snapshot, index, progress| {
+        async move { restore_to_store::run(repo, &snapshot, &index, &opts, progress).await }.boxed()
     })
     .await
 }
 
 /// Runs a restore job of the snapshot the arguments name, with progress on
-/// the terminal; `write` restores it to its destination.
+/// the terminal; `write` restores it, with the index loaded, to its destination.
 async fn run_restore<T, W>(s: &Setup, args: &Args, write: W) -> Result<T>
 where
     T: JobOutput,
-    W: for<'r> FnOnce(&'r Repo, Snapshot, &'r TerminalProgress) -> BoxFuture<'r, Result<T>> + Send,
+    W: for<'r> FnOnce(&'r Repo, Snapshot, Index, &'r TerminalProgress) -> BoxFuture<'r, Result<T>>
+        + Send,
 {
     let tenant = tenant_id(&args.tenant)?;
     let policy = policy(&s.config, &tenant)?;
@@ -133,8 +140,8 @@ where
     let (progress_ref, wanted) = (&progress, args.snapshot.as_str());
     let run = run_job(&s.ctx, spec, |repo, _lease, _| {
         async move {
-            let snapshot = repo.find_snapshot(wanted).await?;
-            write(repo, snapshot, progress_ref).await
+            let (snapshot, index) = repo.find_snapshot_and_load_index(wanted).await?;
+            write(repo, snapshot, index, progress_ref).await
         }
         .boxed()
     })

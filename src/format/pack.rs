@@ -322,42 +322,45 @@ pub fn open_blob(
 }
 
 /// [`open_blob`] for a reader of many blobs: decrypts `sealed` in place (the
-/// caller's copy, no longer needed) and leaves the plaintext in `plain`,
-/// whose allocation is reused from blob to blob.
-pub fn open_blob_in(
+/// caller's copy, no longer needed) and returns the plaintext: within
+/// `sealed` for a blob stored uncompressed (no copy), else decompressed into
+/// `plain`, whose allocation is reused from blob to blob.
+pub fn open_blob_in<'a>(
     opener: &Opener,
     keys: &EpochKeys,
     entry: &PackEntry,
-    sealed: &mut [u8],
-    plain: &mut Vec<u8>,
-) -> Result<(), SealError> {
+    sealed: &'a mut [u8],
+    plain: &'a mut Vec<u8>,
+) -> Result<&'a [u8], SealError> {
     let len = opener.open_segment_in(entry.segment as u64, false, sealed)?;
     let frame = &sealed[..len];
-    plain.clear();
-    match frame.split_first() {
+    let out: &[u8] = match frame.split_first() {
         None => return Err(SealError::Malformed("empty blob frame".into())),
-        Some((0, raw)) => plain.extend_from_slice(raw),
+        Some((0, raw)) => raw,
         Some((1, compressed)) => {
+            plain.clear();
             // The buffer does not grow: a frame inflating past its room
             // fails here, one inflating past the stated length below.
             plain.reserve(entry.raw_len as usize);
             with_decompressor(|d| d.decompress_to_buffer(compressed, plain))
                 .map_err(|e| SealError::Malformed(format!("zstd: {e}")))?;
+            plain
         }
         Some((other, _)) => {
             return Err(SealError::Malformed(format!(
                 "unknown blob encoding {other}"
             )));
         }
-    }
-    if plain.len() != entry.raw_len as usize {
+    };
+    if out.len() != entry.raw_len as usize {
         return Err(SealError::Malformed(format!(
             "blob is {} bytes, expected {}",
-            plain.len(),
+            out.len(),
             entry.raw_len
         )));
     }
-    check_id(keys, entry, plain)
+    check_id(keys, entry, out)?;
+    Ok(out)
 }
 
 fn check_id(keys: &EpochKeys, entry: &PackEntry, plain: &[u8]) -> Result<(), SealError> {

@@ -17,7 +17,7 @@
 //! A reader registers its record before it reads anything and reads the
 //! plans right after: it either registered before step 3's listing (and is
 //! waited for) or it sees the plan (and leaves those objects out of its view,
-//! see `Repo::hide_pending_deletions`). That needs the store's read-after-write
+//! see `Repo::reload`). That needs the store's read-after-write
 //! and list-after-write consistency (S3 and the local store have both).
 //!
 //! When readers are still live at the end of the wait, prune and forget

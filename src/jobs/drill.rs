@@ -198,8 +198,12 @@ impl Drill<'_> {
             self.check_space(&parent, snapshot.summary.bytes_in)?;
         }
 
-        let keys = self.repo.epoch_keys(snapshot.epoch).await?;
-        let index = self.repo.load_index_strict().await?;
+        // The snapshot was picked (its listing made) before the index files
+        // are listed: every snapshot listed has its index files by then.
+        let (keys, index) = tokio::try_join!(
+            self.repo.epoch_keys(snapshot.epoch),
+            self.repo.load_index_strict()
+        )?;
         let only: Option<FileSet> = match self.opts.scope {
             Scope::Full => None,
             Scope::Sample { files } => {

@@ -69,6 +69,7 @@ impl crate::report::JobOutput for RestoreToStoreReport {
 pub async fn run(
     repo: &Repo,
     snapshot: &Snapshot,
+    index: &Index,
     opts: &RestoreToStoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreToStoreReport> {
@@ -88,10 +89,9 @@ pub async fn run(
             opts.target_url, first.location
         )));
     }
-    let index = repo.load_index_strict().await?;
     let mut tree = TreeReader::new(
         repo,
-        &index,
+        index,
         &snapshot.tree,
         format!("tree of snapshot {}", snapshot.id),
     );
@@ -123,7 +123,7 @@ pub async fn run(
                 tracing::warn!(path = %e.display_path(), "symlink not restored to an object store");
             }
             EntryKind::File => {
-                let multipart = write_file(repo, &index, &e, opts, progress).await?;
+                let multipart = write_file(repo, index, &e, opts, progress).await?;
                 report.files += 1;
                 report.bytes += e.size;
                 report.multipart_uploads += u64::from(multipart);

@@ -11,6 +11,7 @@ use chrono::Utc;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
+use crate::audit::log::Replication;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::keys::KeyRef;
@@ -94,33 +95,68 @@ where
     let started_at = Utc::now();
     let clock = Instant::now();
     report::job_started(spec.tenant, spec.job);
-    let (began, result) = run_inner(ctx, &spec, f).await;
-    finish(ctx, &spec, began, started_at, clock, result).await
+    match run_inner(ctx, &spec, f).await {
+        Ok((began, result, lease, repo)) => {
+            let report = finish(ctx, &spec, began, started_at, clock, result);
+            release_beside(lease, repo, report).await
+        }
+        Err(e) => finish(ctx, &spec, Began::No, started_at, clock, Err(e)).await,
+    }
 }
 
-async fn run_inner<'a, T, F>(ctx: &Context, spec: &JobSpec<'_>, f: F) -> (Began, Result<T>)
+/// Opens, acquires and runs; `Err` when the job could not begin (nothing to
+/// release), else how far it got, its result, and what to release.
+async fn run_inner<'a, T, F>(
+    ctx: &Context,
+    spec: &JobSpec<'_>,
+    f: F,
+) -> Result<(Began, Result<T>, LeaseGuard, Repo)>
 where
     F: for<'r> FnOnce(&'r Repo, &'r LeaseGuard, Borrows<'r, 'a>) -> BoxFuture<'r, Result<T>>,
 {
-    let mut repo = match open_repo(ctx, spec).await {
-        Ok(r) => r,
-        Err(e) => return (Began::No, Err(e)),
-    };
-    let lease = match acquire(ctx, spec, &mut repo).await {
-        Ok(l) => l,
-        Err(e) => return (Began::No, Err(e)),
-    };
+    let mut repo = open_repo(ctx, spec).await?;
+    let lease = acquire(ctx, spec, &mut repo).await?;
     let (began, result) = match begin(ctx, spec).await {
-        Ok(seq) => (
+        Ok((seq, replication)) => (
             Began::Recorded(seq),
-            caught(spec, f(&repo, &lease, std::marker::PhantomData)).await,
+            beside(
+                replication,
+                caught(spec, f(&repo, &lease, std::marker::PhantomData)),
+            )
+            .await,
         ),
         Err(e) => (Began::Unrecorded, Err(e)),
     };
     let result = settle_reader(spec, &repo, &lease, result).await;
-    lease.release().await;
-    repo.forget_keys().await;
-    (began, result)
+    Ok((began, result, lease, repo))
+}
+
+/// Runs the job while its `<job>.begin` record is copied to the store (the
+/// record itself is in the local log before the job starts), and waits for
+/// the copy after the job. The copy is a task of its own, not a future
+/// polled beside the job's: a job may block its task for its whole run (the
+/// backup walks its sources in `block_in_place`), which would stall the copy
+/// and hold the audit log's lock, and so every other job's `begin`, as long.
+async fn beside<T>(replication: Option<Replication>, job: impl Future<Output = T>) -> T {
+    let copy = replication.map(|r| tokio::spawn(r.run()));
+    let out = job.await;
+    if let Some(copy) = copy
+        && let Err(e) = copy.await
+    {
+        tracing::error!(event = "audit.replication_failed", error = %e, "the copy of an audit record to the store did not finish");
+    }
+    out
+}
+
+/// Releases the lease (or reader record) and drops the job's keys while the
+/// run is reported: the release is one more store request the report need
+/// not wait for.
+async fn release_beside<T>(lease: LeaseGuard, repo: Repo, report: impl Future<Output = T>) -> T {
+    let release = async {
+        lease.release().await;
+        repo.forget_keys().await;
+    };
+    futures::join!(release, report).1
 }
 
 /// Runs a future that holds the tenant's lease, turning a panic into an
@@ -164,11 +200,7 @@ where
     let mut repo = Repo::open_for(ctx, tenant, policy_key, PolicyUse::ReadsOnly).await?;
     let ttl = crate::store::readers::ttl(ctx.lease_ttl);
     let reader = ReaderGuard::register(repo.store(), &ctx.holder, what, ttl).await?;
-    let prepared = async {
-        repo.reload().await?;
-        repo.hide_pending_deletions().await
-    };
-    let result = match prepared.await {
+    let result = match repo.reload(true).await {
         Ok(()) => record_access(ctx, tenant, what, f(&repo)).await,
         Err(e) => Err(e),
     };
@@ -259,16 +291,19 @@ where
     };
     report::job_started(spec.tenant, spec.job);
     let (began, result) = match begin(ctx, &spec).await {
-        Ok(seq) => (
+        Ok((seq, replication)) => (
             Began::Recorded(seq),
-            caught(&spec, f(&repo, &lease, input, std::marker::PhantomData)).await,
+            beside(
+                replication,
+                caught(&spec, f(&repo, &lease, input, std::marker::PhantomData)),
+            )
+            .await,
         ),
         Err(e) => (Began::Unrecorded, Err(e)),
     };
     let result = settle_reader(&spec, &repo, &lease, result).await;
-    lease.release().await;
-    repo.forget_keys().await;
-    Gated::Ran(finish(ctx, &spec, began, started_at, clock, result).await)
+    let report = finish(ctx, &spec, began, started_at, clock, result);
+    Gated::Ran(release_beside(lease, repo, report).await)
 }
 
 /// Opens the tenant's repository, initialising it when the spec says so.
@@ -312,14 +347,7 @@ async fn acquire(ctx: &Context, spec: &JobSpec<'_>, repo: &mut Repo) -> Result<L
             .await?,
         ),
     };
-    let prepared = async {
-        repo.reload().await?;
-        if hides_pending_deletions(spec.job) {
-            repo.hide_pending_deletions().await?;
-        }
-        Ok::<_, Error>(())
-    };
-    if let Err(e) = prepared.await {
+    if let Err(e) = repo.reload(hides_pending_deletions(spec.job)).await {
         guard.release().await;
         return Err(e);
     }
@@ -386,18 +414,19 @@ enum Began {
 
 /// The `<job>.begin` record, written before the job reads or writes any
 /// tenant data or key: a job whose access cannot be recorded does not run.
-/// Returns the record's sequence number.
-async fn begin(ctx: &Context, spec: &JobSpec<'_>) -> Result<Option<u64>> {
+/// Returns the record's sequence number and its copy to the store, which
+/// runs beside the job (the local log is the record the job waits for).
+async fn begin(ctx: &Context, spec: &JobSpec<'_>) -> Result<(Option<u64>, Option<Replication>)> {
     let details = serde_json::json!({ "holder": ctx.holder, "store": ctx.store_url });
     match ctx
-        .record(
+        .record_deferring_replication(
             &audit_event(spec.job, Phase::Begin),
             Some(spec.tenant),
             details,
         )
         .await
     {
-        Ok(receipt) => Ok(receipt.map(|r| r.seq)),
+        Ok((receipt, replication)) => Ok((receipt.map(|r| r.seq), replication)),
         Err(Error::AuditUnavailable { event, reason }) => Err(Error::AuditUnavailable {
             event,
             reason: format!(

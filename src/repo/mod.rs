@@ -30,6 +30,7 @@ use crate::keys::derive::EpochKeys;
 use crate::keys::{KeyError, KeyRef, WrapContext};
 use crate::store::deletions::Hidden;
 use crate::store::layout::Dir;
+use crate::store::tenant::Listed;
 use crate::store::{ObjectName, TenantStore};
 use crate::tenant::TenantId;
 
@@ -61,7 +62,7 @@ pub struct Repo {
     descriptor_version: UpdateVersion,
     keys: Mutex<BTreeMap<u32, Arc<EpochKeys>>>,
     /// What pending deletions hide from this job's view (readers and backup:
-    /// see [`Repo::hide_pending_deletions`]); `None` sees everything.
+    /// see [`Repo::reload`]); `None` sees everything.
     hidden: Option<Arc<Hidden>>,
     /// A descriptor read after this one, for an epoch or a key that a writer
     /// running beside this reader added meanwhile (a new epoch, a CMK move).
@@ -505,17 +506,38 @@ impl Repo {
         Ok(())
     }
 
-    /// Re-reads the descriptor from the store. Jobs call it (through the
-    /// runner) right after taking the tenant lease, so the lifecycle fence is
-    /// checked on the state the lease protects, not on what was read before.
-    pub async fn reload(&mut self) -> Result<()> {
+    /// Re-reads the descriptor from the store and, with `hide`, leaves what
+    /// pending deletions name out of this job's view: index files, packs,
+    /// snapshots and envelopes a deleter has planned to delete
+    /// (`locks/deletions/`). Both reads go out side by side (one round trip).
+    ///
+    /// Jobs call it (through the runner) right after taking the tenant lease
+    /// or registering their reader record, so the lifecycle fence is checked
+    /// on the state the lease protects, and readers never read what a deleter
+    /// may delete under them (they hide); backup hides so that it never
+    /// deduplicates against such data. Deleters themselves never hide: they
+    /// decide from the whole repository, never from a plan (which the store
+    /// could forge).
+    pub async fn reload(&mut self, hide: bool) -> Result<()> {
         let tenant = self.descriptor.tenant.clone();
-        let fresh = Repo::open(&self.ctx, &tenant, None).await?;
+        let hidden = async {
+            match hide {
+                true => Hidden::load(&self.store).await.map(Some),
+                false => Ok(None),
+            }
+        };
+        let (fresh, hidden) = tokio::try_join!(Repo::open(&self.ctx, &tenant, None), hidden)?;
         if fresh.descriptor != self.descriptor {
             self.keys.lock().await.clear();
         }
         self.descriptor = fresh.descriptor;
         self.descriptor_version = fresh.descriptor_version;
+        if let Some(hidden) = hidden {
+            if hidden.plans > 0 {
+                tracing::debug!(tenant = %self.tenant(), plans = hidden.plans, "pending deletions hidden from this job");
+            }
+            self.hidden = Some(Arc::new(hidden));
+        }
         Ok(())
     }
 
@@ -535,23 +557,7 @@ impl Repo {
         &self.ctx
     }
 
-    /// Leaves what pending deletions name out of this job's view: index
-    /// files, packs, snapshots and envelopes a deleter has planned to delete
-    /// (`locks/deletions/`). Readers call it right after registering (the
-    /// runner does), so they never read what a deleter may delete under them;
-    /// backup calls it so that it never deduplicates against such data.
-    /// Deleters themselves never do: they decide from the whole repository,
-    /// never from a plan (which the store could forge).
-    pub async fn hide_pending_deletions(&mut self) -> Result<()> {
-        let hidden = Hidden::load(&self.store).await?;
-        if hidden.plans > 0 {
-            tracing::debug!(tenant = %self.tenant(), plans = hidden.plans, "pending deletions hidden from this job");
-        }
-        self.hidden = Some(Arc::new(hidden));
-        Ok(())
-    }
-
-    /// What this job's view hides (nothing unless [`Repo::hide_pending_deletions`] ran).
+    /// What this job's view hides (nothing unless [`Repo::reload`] hid it).
     pub fn hidden(&self) -> Option<&Hidden> {
         self.hidden.as_deref()
     }
@@ -957,6 +963,15 @@ impl Repo {
     pub async fn list_snapshots(&self) -> Result<(Vec<Snapshot>, Vec<Fault>)> {
         self.require_readable()?;
         let listed = self.store.list(Dir::Snapshots).await?;
+        self.load_listed_snapshots(listed).await
+    }
+
+    /// The snapshots of a listing of `snapshots/`, oldest first, as
+    /// [`Repo::list_snapshots`].
+    async fn load_listed_snapshots(
+        &self,
+        listed: Vec<Listed>,
+    ) -> Result<(Vec<Snapshot>, Vec<Fault>)> {
         let forgetting = self
             .ctx
             .state
@@ -1000,49 +1015,51 @@ impl Repo {
 
     /// Resolves `latest`, a full id or a unique prefix of at least 4 hex digits.
     pub async fn find_snapshot(&self, spec: &str) -> Result<Snapshot> {
+        let wanted = self.list_snapshots_for(spec).await?;
+        self.pick_snapshot(wanted).await
+    }
+
+    /// [`Repo::find_snapshot`] and [`Repo::load_index_strict`], with the
+    /// key of the snapshot's epoch unwrapped (cached for the job), in fewer
+    /// round trips: the snapshots are listed first, then the chosen one is
+    /// read (and its key unwrapped) while the index loads. Listed before the
+    /// index files, never beside them: a backup stores its index files before
+    /// its snapshot, so every snapshot listed here has its index files in the
+    /// index listing made after (one made alongside could miss them and fail
+    /// the job with blobs "in no index file").
+    pub async fn find_snapshot_and_load_index(&self, spec: &str) -> Result<(Snapshot, Index)> {
+        let wanted = self.list_snapshots_for(spec).await?;
+        let snapshot = async {
+            let snapshot = self.pick_snapshot(wanted).await?;
+            self.epoch_keys(snapshot.epoch).await?;
+            Ok(snapshot)
+        };
+        tokio::try_join!(snapshot, self.load_index_strict())
+    }
+
+    /// Parses a snapshot spec and lists the snapshots if it needs them
+    /// (all but a whole id).
+    async fn list_snapshots_for<'s>(&self, spec: &'s str) -> Result<Wanted<'s>> {
         self.require_readable()?;
-        if spec != "latest" {
-            if let Some(id) = SnapshotId::from_hex(spec) {
-                return self.load_snapshot(&id).await;
+        Ok(match SnapshotSpec::parse(spec)? {
+            SnapshotSpec::Id(id) => Wanted::Id(id),
+            SnapshotSpec::Prefix(prefix) => {
+                Wanted::Prefix(prefix, self.store.list(Dir::Snapshots).await?)
             }
-            if spec.len() < 4
-                || !spec
-                    .bytes()
-                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "snapshot {spec:?}: expected \"latest\", a snapshot id or a prefix of at least 4 lowercase hex digits"
-                )));
-            }
-            let matches: Vec<SnapshotId> = self
-                .store
-                .list(Dir::Snapshots)
-                .await?
-                .into_iter()
-                .filter_map(|l| match l.name {
-                    Some(ObjectName::Snapshot(id))
-                        if id.to_hex().starts_with(spec)
-                            && !self.is_hidden(&ObjectName::Snapshot(id)) =>
-                    {
-                        Some(id)
-                    }
-                    _ => None,
-                })
-                .collect();
-            return match matches.as_slice() {
-                [id] => self.load_snapshot(id).await,
-                [] => Err(Error::NotFound {
-                    what: format!("snapshot {spec} of tenant {}", self.tenant()),
-                }),
-                _ => Err(Error::InvalidArgument(format!(
-                    "snapshot prefix {spec} is ambiguous ({} matches)",
-                    matches.len()
-                ))),
-            };
-        }
+            SnapshotSpec::Latest => Wanted::Latest(self.store.list(Dir::Snapshots).await?),
+        })
+    }
+
+    /// The snapshot [`Repo::list_snapshots_for`] found wanted.
+    async fn pick_snapshot(&self, wanted: Wanted<'_>) -> Result<Snapshot> {
+        let listed = match wanted {
+            Wanted::Id(id) => return self.load_snapshot(&id).await,
+            Wanted::Prefix(prefix, listed) => return self.pick_by_prefix(prefix, listed).await,
+            Wanted::Latest(listed) => listed,
+        };
         // "latest" must not quietly fall back to an older snapshot when a newer
         // one may be unreadable: any unreadable snapshot fails it.
-        let (snaps, faults) = self.list_snapshots().await?;
+        let (snaps, faults) = self.load_listed_snapshots(listed).await?;
         first_fault(
             faults
                 .into_iter()
@@ -1052,6 +1069,31 @@ impl Repo {
         snaps.into_iter().last().ok_or_else(|| Error::NotFound {
             what: format!("a snapshot of tenant {}", self.tenant()),
         })
+    }
+
+    async fn pick_by_prefix(&self, prefix: &str, listed: Vec<Listed>) -> Result<Snapshot> {
+        let matches: Vec<SnapshotId> = listed
+            .into_iter()
+            .filter_map(|l| match l.name {
+                Some(ObjectName::Snapshot(id))
+                    if id.to_hex().starts_with(prefix)
+                        && !self.is_hidden(&ObjectName::Snapshot(id)) =>
+                {
+                    Some(id)
+                }
+                _ => None,
+            })
+            .collect();
+        match matches.as_slice() {
+            [id] => self.load_snapshot(id).await,
+            [] => Err(Error::NotFound {
+                what: format!("snapshot {prefix} of tenant {}", self.tenant()),
+            }),
+            _ => Err(Error::InvalidArgument(format!(
+                "snapshot prefix {prefix} is ambiguous ({} matches)",
+                matches.len()
+            ))),
+        }
     }
 
     /// Lists every object of the tenant (shred scope, check).
@@ -1087,6 +1129,43 @@ pub fn is_object_fault(e: &Error) -> bool {
             | Error::Missing { .. }
             | Error::Rollback { .. }
     )
+}
+
+/// What `restore`, `drill` and friends accept as a snapshot.
+#[derive(Debug, Clone, Copy)]
+enum SnapshotSpec<'s> {
+    Id(SnapshotId),
+    /// At least 4 lowercase hex digits.
+    Prefix(&'s str),
+    Latest,
+}
+
+/// A parsed spec with the listing it needs.
+enum Wanted<'s> {
+    Id(SnapshotId),
+    Prefix(&'s str, Vec<Listed>),
+    Latest(Vec<Listed>),
+}
+
+impl<'s> SnapshotSpec<'s> {
+    fn parse(spec: &'s str) -> Result<Self> {
+        if spec == "latest" {
+            return Ok(SnapshotSpec::Latest);
+        }
+        if let Some(id) = SnapshotId::from_hex(spec) {
+            return Ok(SnapshotSpec::Id(id));
+        }
+        if spec.len() < 4
+            || !spec
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {spec:?}: expected \"latest\", a snapshot id or a prefix of at least 4 lowercase hex digits"
+            )));
+        }
+        Ok(SnapshotSpec::Prefix(spec))
+    }
 }
 
 fn first_fault(faults: Vec<Fault>) -> Result<()> {

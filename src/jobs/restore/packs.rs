@@ -73,6 +73,23 @@ impl ReadLimits {
     }
 }
 
+/// Whether a pack of `size` bytes is read whole (streamed) for these blobs:
+/// when at least half of its bytes are wanted, or it is small
+/// ([`SMALL_PACK`]). Otherwise by ranges.
+fn streams_whole(blobs: &[PlannedBlob], size: u64) -> bool {
+    let wanted: u64 = blobs.iter().map(|b| b.loc.sealed_len as u64).sum();
+    wanted.saturating_mul(2) >= size || size <= SMALL_PACK
+}
+
+/// Whether these blobs are about all of a pack of `size` bytes (all but
+/// 1/16 of it, which its header and directory take a little of): a restore
+/// batch defers a pack it wants less of to the next batch, which may want
+/// the rest.
+pub(super) fn wants_about_all(blobs: &[PlannedBlob], size: u64) -> bool {
+    let wanted: u64 = blobs.iter().map(|b| b.loc.sealed_len as u64).sum();
+    wanted >= size - size / 16
+}
+
 /// The reads of one batch.
 #[derive(Clone)]
 pub(super) struct PackReads {
@@ -146,8 +163,7 @@ impl PackReads {
             .acquire_owned()
             .await
             .map_err(|_| Error::Internal("restore reads closed".into()))?;
-        let wanted: u64 = blobs.iter().map(|b| b.loc.sealed_len as u64).sum();
-        match wanted.saturating_mul(2) >= size || size <= SMALL_PACK {
+        match streams_whole(&blobs, size) {
             true => self.stream(pack, size, blobs).await,
             false => self.ranged(pack, size, blobs).await,
         }
@@ -324,8 +340,8 @@ impl PackReads {
                         let sealed = &mut bytes[from..from + b.loc.sealed_len as usize];
                         let entry = b.entry();
                         match open_blob_in(&opener, &self.keys, &entry, sealed, &mut plain) {
-                            Ok(()) => {
-                                self.write_blob(&plain, &b.targets)?;
+                            Ok(opened_plain) => {
+                                self.write_blob(opened_plain, &b.targets)?;
                                 opened.push(entry);
                             }
                             Err(e) => failed = Some((entry, e.at(object))),
@@ -395,9 +411,9 @@ impl PackReads {
                 }
                 sealed.clear();
                 sealed.extend_from_slice(part);
-                open_blob_in(&opener, &self.keys, &entry, &mut sealed, &mut plain)
+                let opened = open_blob_in(&opener, &self.keys, &entry, &mut sealed, &mut plain)
                     .map_err(|e| e.at(&object))?;
-                self.write_blob(&plain, &b.targets)?;
+                self.write_blob(opened, &b.targets)?;
             }
             Ok(())
         })
