@@ -28,7 +28,7 @@ impl AuditHealth {
         self.write_failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn replication_failed(&self) {
+    pub(crate) fn replication_failed(&self) {
         self.replication_failures.fetch_add(1, Ordering::Relaxed);
     }
 }

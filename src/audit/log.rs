@@ -108,6 +108,11 @@ pub struct Replication {
 }
 
 impl Replication {
+    /// The failure counts of the log this copies.
+    pub fn health(&self) -> Arc<AuditHealth> {
+        self.inner.health.clone()
+    }
+
     /// Copies the append to the store; a failure is counted and logged, not
     /// returned. Releases the log's lock.
     pub async fn run(self) {

@@ -10,13 +10,12 @@ use futures::future::BoxFuture;
 
 use super::output::{TerminalProgress, finish, human_bytes};
 use super::setup::{Setup, policy, setup, tenant_id};
+use crate::config::PathGlobs;
 use crate::error::Result;
-use crate::format::snapshot::Snapshot;
 use crate::jobs::restore::{self, RestoreOptions, RestoreReport};
 use crate::jobs::restore_to_store::{self, RestoreToStoreOptions, RestoreToStoreReport};
 use crate::jobs::runner::{JobSpec, run_job};
 use crate::repo::Repo;
-use crate::repo::index::Index;
 use crate::report::{JobKind, JobOutput};
 
 #[derive(ClapArgs)]
@@ -92,9 +91,10 @@ async fn restore(config: Option<&Path>, args: Args) -> Result<RestoreReport> {
         include: args.include.clone(),
         overwrite: args.overwrite,
     };
-    let started = Instant::now();
-    run_restore(&s, &args, move |repo, snapshot, index, progress| {
+    run_restore(&s, &args, move |repo, wanted, progress| {
         async move {
+            let started = Instant::now();
+            let (snapshot, index) = repo.find_snapshot_and_load_index(wanted).await?;
             restore::run_with(repo, &index, &snapshot, &opts, None, progress, started).await
         }
         .boxed()
@@ -114,20 +114,23 @@ async fn restore_to_store(
         include: args.include.clone(),
         overwrite: args.overwrite,
     };
-    run_restore(&s, &args, move |repo, snapshot, index, progress| {
-        async move { restore_to_store::run(repo, &snapshot, &index, &opts, progress).await }.boxed()
+    run_restore(&s, &args, move |repo, wanted, progress| {
+        async move { restore_to_store::run(repo, wanted, &opts, progress).await }.boxed()
     })
     .await
 }
 
 /// Runs a restore job of the snapshot the arguments name, with progress on
-/// the terminal; `write` restores it, with the index loaded, to its destination.
+/// the terminal; `write` finds it (the name passed on) and restores it to
+/// its destination.
 async fn run_restore<T, W>(s: &Setup, args: &Args, write: W) -> Result<T>
 where
     T: JobOutput,
-    W: for<'r> FnOnce(&'r Repo, Snapshot, Index, &'r TerminalProgress) -> BoxFuture<'r, Result<T>>
-        + Send,
+    W: for<'r> FnOnce(&'r Repo, &'r str, &'r TerminalProgress) -> BoxFuture<'r, Result<T>> + Send,
 {
+    // A bad glob is refused before anything is read.
+    PathGlobs::new(&args.include)
+        .map_err(|e| crate::error::Error::InvalidArgument(format!("--include: {e}")))?;
     let tenant = tenant_id(&args.tenant)?;
     let policy = policy(&s.config, &tenant)?;
     let progress = TerminalProgress::new(args.json, "restoring");
@@ -139,11 +142,7 @@ where
     };
     let (progress_ref, wanted) = (&progress, args.snapshot.as_str());
     let run = run_job(&s.ctx, spec, |repo, _lease, _| {
-        async move {
-            let (snapshot, index) = repo.find_snapshot_and_load_index(wanted).await?;
-            write(repo, snapshot, index, progress_ref).await
-        }
-        .boxed()
+        async move { write(repo, wanted, progress_ref).await }.boxed()
     })
     .await;
     progress.done();

@@ -73,18 +73,10 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
         read_data: read_data.label(),
         ..Default::default()
     };
-    // The keys are unwrapped while the snapshots are listed and read.
-    let keys = futures::future::join_all(
-        repo.live_epochs()
-            .into_iter()
-            .map(|epoch| async move { (epoch, repo.epoch_keys(epoch).await) }),
-    );
-    // Snapshots before the index: a backup running beside this check writes
-    // its index before its snapshot, so every snapshot listed here has its
-    // index files in the listing below.
-    let (keys, snapshots) = tokio::join!(keys, repo.list_snapshots());
-    for (epoch, key) in keys {
-        if let Err(err) = key {
+    // One after another, before the snapshots: a key that fails here fails
+    // the job (or is one fault) before every snapshot read tries it again.
+    for epoch in repo.live_epochs() {
+        if let Err(err) = repo.epoch_keys(epoch).await {
             if is_object_fault(&err) {
                 report.faults.push(Fault::from_error(
                     repo.store().display(&ObjectName::Envelope(epoch)),
@@ -95,7 +87,10 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
             }
         }
     }
-    let (snapshots, snapshot_faults) = snapshots?;
+    // Snapshots before the index: a backup running beside this check writes
+    // its index before its snapshot, so every snapshot listed here has its
+    // index files in the listing below.
+    let (snapshots, snapshot_faults) = repo.list_snapshots().await?;
     let (index, faults) = repo.load_index().await?;
     report.faults.extend(
         faults

@@ -125,6 +125,7 @@ pub async fn run_with(
     let mut r = Restorer {
         repo,
         index,
+        blob_ends: std::cell::OnceCell::new(),
         pack_sizes,
         limits: ReadLimits::new(),
         keys: keys.clone(),
@@ -256,6 +257,9 @@ struct DirToFinish {
 struct Restorer<'a> {
     repo: &'a Repo,
     index: &'a Index,
+    /// Where each pack's indexed blobs end, by slot: computed when a first
+    /// batch considers deferring a pack ([`Restorer::start_batch`]).
+    blob_ends: std::cell::OnceCell<Vec<u64>>,
     /// Size of every pack in the store, listed once.
     pack_sizes: BTreeMap<PackId, u64>,
     /// What the pack reads of every batch share.
@@ -286,6 +290,53 @@ struct Restorer<'a> {
     in_flight: Option<InFlight>,
     report: RestoreReport,
     progress: &'a dyn Progress,
+}
+
+/// A pack a batch wants blobs of.
+struct BatchPack {
+    slot: u32,
+    plan: PackPlan,
+    /// Whether the pack's indexed blobs go on past the last one the batch
+    /// wants, and it may be deferred (not the last batch, nor a pack the
+    /// batch before deferred).
+    goes_on: bool,
+}
+
+/// What a batch reads now, and what it leaves to the next batch.
+struct Deferral {
+    packs: Vec<PackPlan>,
+    /// Slots of the packs deferred.
+    deferred: HashSet<u32>,
+    /// The batch's files (by index) that need them: carried over.
+    carry: HashSet<usize>,
+}
+
+/// Defers the packs that go on past what a batch of `files` files wants
+/// (see [`Restorer::start_batch`]), unless that would leave the batch
+/// nothing to read or carry more than half of its files over.
+fn defer_packs(planned: Vec<BatchPack>, files: usize) -> Deferral {
+    let mut out = Deferral {
+        packs: Vec::with_capacity(planned.len()),
+        deferred: HashSet::new(),
+        carry: HashSet::new(),
+    };
+    let mut deferred = Vec::new();
+    for p in planned {
+        if p.goes_on {
+            let targets = p.plan.2.iter().flat_map(|b| b.targets.iter());
+            out.carry.extend(targets.map(|&(fi, _)| fi));
+            out.deferred.insert(p.slot);
+            deferred.push(p.plan);
+        } else {
+            out.packs.push(p.plan);
+        }
+    }
+    if out.packs.is_empty() || out.carry.len() > files / 2 {
+        out.packs.append(&mut deferred);
+        out.deferred.clear();
+        out.carry.clear();
+    }
+    out
 }
 
 fn timestamps(mtime_ns: i64) -> Timestamps {
@@ -682,14 +733,17 @@ impl Restorer<'_> {
     /// Plans the batch (for each pack, the blobs needed and where each goes)
     /// and queues its pack reads on the runtime, within the read budget.
     ///
-    /// Unless it is the last batch, a pack of which the batch wants only a
-    /// part is deferred to the next batch, with the files that need it (and
-    /// the batch's hard links, which may name them): a batch ends somewhere
-    /// in the packs the backup was filling at that point of the tree, and
-    /// the next batch most likely wants the rest of such a pack, which is
-    /// then read once instead of twice (streamed by one batch, the rest by
-    /// ranges in the next, 5% more bytes and 20 more requests for 1 GiB).
-    /// A pack is deferred once: the next batch reads what it wants of it.
+    /// A batch ends somewhere in the packs the backup was filling at that
+    /// point of the tree: it wants their first blobs, the next batch the
+    /// rest, and each such pack was read twice (streamed by one batch, by
+    /// ranges by the next: 5% more bytes and 20 more requests for 1 GiB).
+    /// So, unless it is the last batch, a pack whose indexed blobs go on
+    /// past the last one the batch wants is deferred to the next batch, with
+    /// the files that need it (and the batch's hard links, which may name
+    /// them), and read there once. A pack is deferred once (the next batch
+    /// reads what it wants of it), and only while that costs little: never
+    /// every pack of a batch, never with more than half of its files (packs
+    /// of small files span many batches, and each reads them as before).
     fn start_batch(&mut self, last: bool) -> Result<InFlight> {
         let mut batch = std::mem::take(&mut self.batch);
         let mut started = InFlight {
@@ -752,27 +806,27 @@ impl Restorer<'_> {
             started.written.clone(),
             files,
         );
-        let mut packs: Vec<PackPlan> = Vec::with_capacity(plan.len());
-        let mut deferred = HashSet::new();
-        let mut carry = HashSet::new();
+        let mut planned = Vec::with_capacity(plan.len());
         for (slot, blobs) in plan {
             let blobs: Vec<PlannedBlob> = blobs.into_values().collect();
             let (pack, _) = self.index.pack(&blobs[0].loc);
             let size = self.pack_sizes.get(&pack).copied();
-            let defer = !last
+            let goes_on = !last
+                && size.is_some()
                 && !batch.carried_packs.contains(&slot)
-                && size.is_some_and(|size| !packs::wants_about_all(&blobs, size));
-            if defer {
-                deferred.insert(slot);
-                carry.extend(
-                    blobs
-                        .iter()
-                        .flat_map(|b| b.targets.iter().map(|&(fi, _)| fi)),
-                );
-            } else {
-                packs.push((pack, size, blobs));
-            }
+                && packs::last_end(&blobs)
+                    < self.blob_ends.get_or_init(|| self.index.blob_ends())[slot as usize];
+            planned.push(BatchPack {
+                slot,
+                plan: (pack, size, blobs),
+                goes_on,
+            });
         }
+        let Deferral {
+            packs,
+            deferred,
+            carry,
+        } = defer_packs(planned, batch.files.len());
         started.reads.spawn(reads.read_all(packs));
         if carry.is_empty() {
             started.files = batch.files;
@@ -895,5 +949,76 @@ impl crate::report::JobOutput for RestoreReport {
             snapshot: self.snapshot.map(|s| s.to_hex()),
             ..Default::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::pack::BlobKind;
+    use crate::repo::Location;
+
+    /// A pack (`slot`) of which the batch wants blobs for `files`, deferrable or not.
+    fn pack(slot: u32, files: &[usize], goes_on: bool) -> BatchPack {
+        let blobs = files
+            .iter()
+            .enumerate()
+            .map(|(i, &fi)| PlannedBlob {
+                id: BlobId([i as u8 + 1; 32]),
+                loc: Location {
+                    pack: slot,
+                    segment: i as u32,
+                    offset: 100 * i as u32,
+                    sealed_len: 100,
+                    raw_len: 80,
+                    kind: BlobKind::Data,
+                },
+                targets: vec![(fi, 0)],
+            })
+            .collect();
+        BatchPack {
+            slot,
+            plan: (PackId([slot as u8; 32]), Some(1 << 20), blobs),
+            goes_on,
+        }
+    }
+
+    fn read(d: &Deferral) -> Vec<u8> {
+        d.packs.iter().map(|(p, _, _)| p.0[0]).collect()
+    }
+
+    #[test]
+    fn a_pack_going_on_past_the_batch_is_deferred_with_the_files_it_feeds() {
+        let d = defer_packs(
+            vec![
+                pack(1, &[0, 1], false),
+                pack(2, &[1, 2], true),
+                pack(3, &[3], false),
+            ],
+            10,
+        );
+        assert_eq!(read(&d), [1, 3]);
+        assert_eq!(d.deferred, HashSet::from([2]));
+        assert_eq!(d.carry, HashSet::from([1, 2]));
+    }
+
+    #[test]
+    fn a_batch_that_would_read_nothing_defers_nothing() {
+        let d = defer_packs(vec![pack(1, &[0], true), pack(2, &[1], true)], 10);
+        assert_eq!(read(&d), [1, 2]);
+        assert!(d.deferred.is_empty() && d.carry.is_empty());
+    }
+
+    #[test]
+    fn carrying_over_more_than_half_of_the_files_defers_nothing() {
+        // Packs of small files span many batches: deferring would carry
+        // most of every batch over.
+        let d = defer_packs(vec![pack(1, &[0], false), pack(2, &[1, 2, 3], true)], 5);
+        assert_eq!(read(&d), [1, 2]);
+        assert!(d.deferred.is_empty() && d.carry.is_empty());
+        // Half is still fine.
+        let d = defer_packs(vec![pack(1, &[0], false), pack(2, &[1, 2], true)], 4);
+        assert_eq!(read(&d), [1]);
+        assert_eq!(d.carry, HashSet::from([1, 2]));
     }
 }

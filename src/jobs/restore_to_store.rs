@@ -22,7 +22,6 @@ use tokio::io::AsyncWriteExt;
 use super::Progress;
 use crate::config::PathGlobs;
 use crate::error::{Error, Result};
-use crate::format::snapshot::Snapshot;
 use crate::format::tree::{Entry, EntryKind};
 use crate::pipeline::blobs::read_blob;
 use crate::pipeline::tree::TreeReader;
@@ -66,10 +65,12 @@ impl crate::report::JobOutput for RestoreToStoreReport {
     }
 }
 
+/// Restores the snapshot `wanted` names (an id, a prefix or `latest`):
+/// the options and the target are checked before the snapshot and the index
+/// are read.
 pub async fn run(
     repo: &Repo,
-    snapshot: &Snapshot,
-    index: &Index,
+    wanted: &str,
     opts: &RestoreToStoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreToStoreReport> {
@@ -89,9 +90,10 @@ pub async fn run(
             opts.target_url, first.location
         )));
     }
+    let (snapshot, index) = repo.find_snapshot_and_load_index(wanted).await?;
     let mut tree = TreeReader::new(
         repo,
-        index,
+        &index,
         &snapshot.tree,
         format!("tree of snapshot {}", snapshot.id),
     );
@@ -123,7 +125,7 @@ pub async fn run(
                 tracing::warn!(path = %e.display_path(), "symlink not restored to an object store");
             }
             EntryKind::File => {
-                let multipart = write_file(repo, index, &e, opts, progress).await?;
+                let multipart = write_file(repo, &index, &e, opts, progress).await?;
                 report.files += 1;
                 report.bytes += e.size;
                 report.multipart_uploads += u64::from(multipart);

@@ -97,8 +97,9 @@ where
     report::job_started(spec.tenant, spec.job);
     match run_inner(ctx, &spec, f).await {
         Ok((began, result, lease, repo)) => {
-            let report = finish(ctx, &spec, began, started_at, clock, result);
-            release_beside(lease, repo, report).await
+            lease.release().await;
+            repo.forget_keys().await;
+            finish(ctx, &spec, began, started_at, clock, result).await
         }
         Err(e) => finish(ctx, &spec, Began::No, started_at, clock, Err(e)).await,
     }
@@ -138,25 +139,15 @@ where
 /// backup walks its sources in `block_in_place`), which would stall the copy
 /// and hold the audit log's lock, and so every other job's `begin`, as long.
 async fn beside<T>(replication: Option<Replication>, job: impl Future<Output = T>) -> T {
-    let copy = replication.map(|r| tokio::spawn(r.run()));
+    let copy = replication.map(|r| (r.health(), tokio::spawn(r.run())));
     let out = job.await;
-    if let Some(copy) = copy
+    if let Some((health, copy)) = copy
         && let Err(e) = copy.await
     {
+        health.replication_failed();
         tracing::error!(event = "audit.replication_failed", error = %e, "the copy of an audit record to the store did not finish");
     }
     out
-}
-
-/// Releases the lease (or reader record) and drops the job's keys while the
-/// run is reported: the release is one more store request the report need
-/// not wait for.
-async fn release_beside<T>(lease: LeaseGuard, repo: Repo, report: impl Future<Output = T>) -> T {
-    let release = async {
-        lease.release().await;
-        repo.forget_keys().await;
-    };
-    futures::join!(release, report).1
 }
 
 /// Runs a future that holds the tenant's lease, turning a panic into an
@@ -302,8 +293,9 @@ where
         Err(e) => (Began::Unrecorded, Err(e)),
     };
     let result = settle_reader(&spec, &repo, &lease, result).await;
-    let report = finish(ctx, &spec, began, started_at, clock, result);
-    Gated::Ran(release_beside(lease, repo, report).await)
+    lease.release().await;
+    repo.forget_keys().await;
+    Gated::Ran(finish(ctx, &spec, began, started_at, clock, result).await)
 }
 
 /// Opens the tenant's repository, initialising it when the spec says so.

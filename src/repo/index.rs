@@ -292,6 +292,18 @@ impl Index {
         self.packs.iter().copied()
     }
 
+    /// Where each pack's indexed blobs end (by pack slot): one pass over
+    /// the index.
+    pub fn blob_ends(&self) -> Vec<u64> {
+        let mut ends = vec![0u64; self.packs.len()];
+        for (_, l) in &self.blobs {
+            let end = l.offset as u64 + l.sealed_len as u64;
+            let slot = &mut ends[l.pack as usize];
+            *slot = (*slot).max(end);
+        }
+        ends
+    }
+
     pub fn pack_epoch(&self, pack: &PackId) -> Option<u32> {
         self.pack_slots.get(pack).map(|&s| self.packs[s as usize].1)
     }

@@ -98,12 +98,10 @@ async fn restore_to(
     overwrite: bool,
 ) -> custos::Result<RestoreToStoreReport> {
     let repo = Repo::open(ctx, tenant, None).await.unwrap();
-    let (snap, index) = repo.find_snapshot_and_load_index("latest").await.unwrap();
     let target = custos::source::object_store::open_url(url, &ctx.s3).unwrap();
     jobs::restore_to_store::run(
         &repo,
-        &snap,
-        &index,
+        "latest",
         &RestoreToStoreOptions {
             target,
             target_url: url.into(),

@@ -81,13 +81,9 @@ fn streams_whole(blobs: &[PlannedBlob], size: u64) -> bool {
     wanted.saturating_mul(2) >= size || size <= SMALL_PACK
 }
 
-/// Whether these blobs are about all of a pack of `size` bytes (all but
-/// 1/16 of it, which its header and directory take a little of): a restore
-/// batch defers a pack it wants less of to the next batch, which may want
-/// the rest.
-pub(super) fn wants_about_all(blobs: &[PlannedBlob], size: u64) -> bool {
-    let wanted: u64 = blobs.iter().map(|b| b.loc.sealed_len as u64).sum();
-    wanted >= size - size / 16
+/// Where the last of these blobs ends in its pack.
+pub(super) fn last_end(blobs: &[PlannedBlob]) -> u64 {
+    blobs.iter().map(PlannedBlob::end).max().unwrap_or(0)
 }
 
 /// The reads of one batch.
