@@ -17,7 +17,6 @@
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use object_store::PutMode;
 use serde::{Deserialize, Serialize};
 
 use super::layout::{Dir, ObjectName, new_lock_id};
@@ -87,10 +86,12 @@ pub async fn write(store: &TenantStore, plan: &DeletionPlan) -> Result<String> {
     let id = new_lock_id();
     let name = ObjectName::Deletion(id.clone());
     let body = Bytes::from(serde_json::to_vec(plan).expect("plans serialise"));
+    // Retried (a deleter must not fail on one lost answer): the name is ours alone.
     store
-        .put_conditional(&name, body, PutMode::Create)
-        .await
-        .map_err(|e| Error::store("put", store.display(&name), e))?;
+        .create_unique(&name, body, |e| {
+            Error::store("put", store.display(&name), e)
+        })
+        .await?;
     Ok(id)
 }
 

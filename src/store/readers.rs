@@ -193,39 +193,10 @@ impl ReaderGuard {
             expires_at: now + chrono_ttl(ttl),
         };
         let body = Bytes::from(serde_json::to_vec(&record).expect("reader record serialises"));
-        let fail = |e| register_error(store, &name, e);
-        let mut delay = Duration::from_millis(100);
-        for attempt in 1..=ATTEMPTS {
-            match store
-                .put_conditional(&name, body.clone(), PutMode::Create)
-                .await
-            {
-                Ok(r) => {
-                    let v = version(r.e_tag, r.version);
-                    return Ok(Self::start(store, ttl, name, record, v));
-                }
-                // An earlier attempt of ours landed, its answer lost.
-                Err(object_store::Error::AlreadyExists { .. }) => {
-                    if let Some((bytes, meta)) = store.get_if_exists(&name).await?
-                        && serde_json::from_slice::<ReaderRecord>(&bytes).ok().as_ref()
-                            == Some(&record)
-                    {
-                        let v = version(meta.e_tag, meta.version);
-                        return Ok(Self::start(store, ttl, name, record, v));
-                    }
-                    return Err(fail(object_store::Error::Generic {
-                        store: "custos",
-                        source: "a reader record with this random id already exists".into(),
-                    }));
-                }
-                Err(e) if attempt < ATTEMPTS && super::tenant::is_transient(&e) => {
-                    tokio::time::sleep(delay).await;
-                    delay *= 3;
-                }
-                Err(e) => return Err(fail(e)),
-            }
-        }
-        unreachable!("the last attempt returns")
+        let (e_tag, ver) = store
+            .create_unique(&name, body, |e| register_error(store, &name, e))
+            .await?;
+        Ok(Self::start(store, ttl, name, record, version(e_tag, ver)))
     }
 
     fn start(

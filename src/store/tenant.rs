@@ -280,6 +280,45 @@ impl TenantStore {
             .await
     }
 
+    /// Creates an object under a fresh random name (a reader record, a
+    /// deletion plan), retrying transient failures like [`Self::put`]. A
+    /// create answered "already exists" is ours when the object holds
+    /// exactly `body` (an earlier attempt landed, its answer lost); anything
+    /// else there is an error. Returns the created object's ETag and version.
+    /// `fail` names a store error for the caller.
+    pub async fn create_unique(
+        &self,
+        name: &ObjectName,
+        body: Bytes,
+        fail: impl Fn(object_store::Error) -> Error,
+    ) -> Result<(Option<String>, Option<String>)> {
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=ATTEMPTS {
+            match self
+                .put_conditional(name, body.clone(), PutMode::Create)
+                .await
+            {
+                Ok(r) => return Ok((r.e_tag, r.version)),
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    return match self.get_if_exists(name).await? {
+                        Some((bytes, meta)) if bytes == body => Ok((meta.e_tag, meta.version)),
+                        _ => Err(fail(object_store::Error::Generic {
+                            store: "custos",
+                            source: "an object with this random name already exists".into(),
+                        })),
+                    };
+                }
+                Err(e) if attempt < ATTEMPTS && is_transient(&e) => {
+                    tracing::debug!(error = %e, attempt, "transient store error; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 3;
+                }
+                Err(e) => return Err(fail(e)),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
     /// Deletes an object; deleting what is already gone succeeds.
     pub async fn delete(&self, name: &ObjectName) -> Result<()> {
         self.delete_path(&name.relative()).await
@@ -371,6 +410,30 @@ pub fn is_transient(e: &object_store::Error) -> bool {
 mod tests {
     use super::*;
     use crate::store::memory;
+
+    /// The "already exists" answer a retried create gets when its earlier
+    /// attempt landed: ours when the bytes are, refused otherwise.
+    #[tokio::test]
+    async fn a_unique_create_finds_its_own_earlier_attempt_and_nothing_else() {
+        let store = TenantStore::new(memory(), &TenantId::new("a").unwrap());
+        let fail = |e| Error::store("put", "plan", e);
+        let name = ObjectName::Deletion("0123456789abcdef0123456789abcdef".into());
+        let body = Bytes::from_static(b"{\"plan\":1}");
+        store
+            .create_unique(&name, body.clone(), fail)
+            .await
+            .unwrap();
+        // As if the answer to that create was lost and it was sent again.
+        let (e_tag, _) = store
+            .create_unique(&name, body.clone(), fail)
+            .await
+            .unwrap();
+        assert!(e_tag.is_some());
+        let other = Bytes::from_static(b"{\"plan\":2}");
+        let err = store.create_unique(&name, other, fail).await.unwrap_err();
+        assert!(err.to_string().contains("already exists"), "{err}");
+        assert_eq!(store.get(&name).await.unwrap(), body);
+    }
 
     #[tokio::test]
     async fn tenants_cannot_see_each_other() {
