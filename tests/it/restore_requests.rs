@@ -120,11 +120,11 @@ struct Setup {
 /// A tenant backed up (10 MiB of random data and small files) into several
 /// small packs of a local store seen through a [`CountingStore`].
 async fn setup() -> Setup {
-    setup_with(|data| common::make_tree_with(data, 50, 10 << 20)).await
+    setup_with(3 << 20, |data| common::make_tree_with(data, 50, 10 << 20)).await
 }
 
-/// [`setup`] with the tree `make` writes.
-async fn setup_with(make: impl FnOnce(&Path)) -> Setup {
+/// [`setup`] with packs of `pack_size` and the tree `make` writes.
+async fn setup_with(pack_size: usize, make: impl FnOnce(&Path)) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_owned();
     let local = custos::store::local::open(&root.join("store")).unwrap();
@@ -144,7 +144,10 @@ async fn setup_with(make: impl FnOnce(&Path)) -> Setup {
     let data = root.join("data");
     make(&data);
     let mut opts = common::backup_options(&data);
-    opts.packer.pack_size = 3 << 20;
+    opts.packer.pack_size = pack_size;
+    // One packer: each pack holds a run of the tree, whatever the threads'
+    // timing (two packers can leave one pack spanning three batches).
+    opts.packer.workers = 1;
     common::backup_with(&ctx, &repo, opts).await;
     Setup {
         _tmp: tmp,
@@ -211,7 +214,9 @@ async fn full_restore_reads_each_pack_once() {
 /// was read twice: streamed by one batch, by ranges by the next).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_of_several_batches_reads_each_pack_once() {
-    let s = setup_with(|data| {
+    // Packs of at most about 750 of these files: the pack being filled where
+    // a batch ends feeds fewer than half of its files, and is deferred.
+    let s = setup_with(3 << 19, |data| {
         for d in 0..3 {
             let dir = data.join(format!("d{d}"));
             std::fs::create_dir_all(&dir).unwrap();
