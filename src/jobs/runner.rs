@@ -95,28 +95,22 @@ where
     let started_at = Utc::now();
     let clock = Instant::now();
     report::job_started(spec.tenant, spec.job);
-    match run_inner(ctx, &spec, f).await {
-        Ok((began, result, lease, repo)) => {
-            lease.release().await;
-            repo.forget_keys().await;
-            finish(ctx, &spec, began, started_at, clock, result).await
-        }
-        Err(e) => finish(ctx, &spec, Began::No, started_at, clock, Err(e)).await,
-    }
+    let (began, result) = run_inner(ctx, &spec, f).await;
+    finish(ctx, &spec, began, started_at, clock, result).await
 }
 
-/// Opens, acquires and runs; `Err` when the job could not begin (nothing to
-/// release), else how far it got, its result, and what to release.
-async fn run_inner<'a, T, F>(
-    ctx: &Context,
-    spec: &JobSpec<'_>,
-    f: F,
-) -> Result<(Began, Result<T>, LeaseGuard, Repo)>
+async fn run_inner<'a, T, F>(ctx: &Context, spec: &JobSpec<'_>, f: F) -> (Began, Result<T>)
 where
     F: for<'r> FnOnce(&'r Repo, &'r LeaseGuard, Borrows<'r, 'a>) -> BoxFuture<'r, Result<T>>,
 {
-    let mut repo = open_repo(ctx, spec).await?;
-    let lease = acquire(ctx, spec, &mut repo).await?;
+    let mut repo = match open_repo(ctx, spec).await {
+        Ok(r) => r,
+        Err(e) => return (Began::No, Err(e)),
+    };
+    let lease = match acquire(ctx, spec, &mut repo).await {
+        Ok(l) => l,
+        Err(e) => return (Began::No, Err(e)),
+    };
     let (began, result) = match begin(ctx, spec).await {
         Ok((seq, replication)) => (
             Began::Recorded(seq),
@@ -129,7 +123,9 @@ where
         Err(e) => (Began::Unrecorded, Err(e)),
     };
     let result = settle_reader(spec, &repo, &lease, result).await;
-    Ok((began, result, lease, repo))
+    lease.release().await;
+    repo.forget_keys().await;
+    (began, result)
 }
 
 /// Runs the job while its `<job>.begin` record is copied to the store (the
