@@ -192,6 +192,9 @@ struct ShowResult {
     key: Option<KeyInfo>,
     key_error: Option<String>,
     snapshots: usize,
+    /// Why the snapshots could not be read (then `snapshots` counts them
+    /// by name and `latest_snapshot` is absent).
+    snapshots_error: Option<String>,
     latest_snapshot: Option<serde_json::Value>,
     stored_bytes: u64,
     objects: usize,
@@ -223,30 +226,36 @@ struct KeyCustody {
     residency: String,
 }
 
+/// Who holds each key and what its provider says of it, each key asked once.
 async fn custody_of(
     s: &super::setup::Setup,
     keys: &[crate::jobs::rotate::KeyStatus],
-) -> Vec<KeyCustody> {
-    let mut out = Vec::new();
+) -> Vec<(KeyCustody, Option<KeyInfo>)> {
+    let mut out: Vec<(KeyCustody, Option<KeyInfo>)> = Vec::new();
     for k in keys {
-        let (custody, state, error) = match s.ctx.keys.key(&k.key) {
-            Ok(h) => match h.describe().await {
-                Ok(info) => (Some(h.custody()), Some(info.state.name()), None),
-                Err(e) => (Some(h.custody()), None, Some(e.to_string())),
+        let known = out.iter().find(|(c, _)| c.key == k.key);
+        let (custody, info, error) = match known {
+            Some((c, info)) => (c.custody.clone(), info.clone(), c.error.clone()),
+            None => match s.ctx.keys.key(&k.key) {
+                Ok(h) => match h.describe().await {
+                    Ok(info) => (Some(h.custody()), Some(info), None),
+                    Err(e) => (Some(h.custody()), None, Some(e.to_string())),
+                },
+                Err(e) => (None, None, Some(e.to_string())),
             },
-            Err(e) => (None, None, Some(e.to_string())),
         };
-        out.push(KeyCustody {
+        let custody = KeyCustody {
             key: k.key.clone(),
             role: k.role.to_string(),
             custody,
-            state,
+            state: info.as_ref().map(|i| i.state.name()),
             error,
             residency: match s.ctx.residency.check_key(&k.key) {
                 Ok(()) => "allowed".into(),
                 Err(v) => v.to_string(),
             },
-        });
+        };
+        out.push((custody, info));
     }
     out
 }
@@ -262,27 +271,6 @@ async fn show(config: Option<&Path>, tenant: &str) -> Result<ShowResult> {
         .and_then(|p| repo.check_policy_key(&p.key).err())
         .map(|e| e.to_string());
     let d = repo.descriptor().clone();
-    let (key, key_error) = match s.ctx.keys.key(&d.key) {
-        Ok(p) => match p.describe().await {
-            Ok(i) => (Some(i), None),
-            Err(e) => (None, Some(e.to_string())),
-        },
-        Err(e) => (None, Some(e.to_string())),
-    };
-    let objects = repo.list_objects().await?;
-    // Listing snapshots decrypts them: an access the audit log records first.
-    let (snaps, _) = match crate::jobs::runner::record_access(
-        &s.ctx,
-        &tenant,
-        "tenant.show",
-        repo.list_snapshots(),
-    )
-    .await
-    {
-        Ok(listing) => listing,
-        Err(e @ Error::AuditUnavailable { .. }) => return Err(e),
-        Err(_) => Default::default(),
-    };
     let rotation = crate::jobs::rotate::rotation_status(
         &d,
         &policy
@@ -291,6 +279,36 @@ async fn show(config: Option<&Path>, tenant: &str) -> Result<ShowResult> {
             .unwrap_or_default(),
         chrono::Utc::now(),
     );
+    let custody = custody_of(&s, &rotation.keys).await;
+    let (key, key_error) = match custody.iter().find(|(c, _)| c.key == d.key) {
+        Some((c, info)) => (info.clone(), c.error.clone()),
+        None => (
+            None,
+            Some(format!("key {} is not among the tenant's keys", d.key)),
+        ),
+    };
+    let objects = repo.list_objects().await?;
+    // Listing snapshots decrypts them: an access the audit log records first.
+    let (snaps, snapshots_error) = match crate::jobs::runner::record_access(
+        &s.ctx,
+        &tenant,
+        "tenant.show",
+        repo.list_snapshots(),
+    )
+    .await
+    {
+        Ok((snaps, _)) => (snaps, None),
+        Err(e @ Error::AuditUnavailable { .. }) => return Err(e),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    // Unreadable, they are still there: counted by name.
+    let snapshots = match snapshots_error {
+        None => snaps.len(),
+        Some(_) => objects
+            .iter()
+            .filter(|o| matches!(o.name, Some(crate::store::ObjectName::Snapshot(_))))
+            .count(),
+    };
     let store_probe = match crate::store::probe::probe_cached(&s.ctx, false).await {
         Ok(p) => Some(p),
         Err(e) => {
@@ -298,15 +316,15 @@ async fn show(config: Option<&Path>, tenant: &str) -> Result<ShowResult> {
             None
         }
     };
-    let custody = custody_of(&s, &rotation.keys).await;
     Ok(ShowResult {
-        custody,
+        custody: custody.into_iter().map(|(c, _)| c).collect(),
         policy_key_error,
         rotation,
         store_probe,
         stored_bytes: objects.iter().map(|o| o.meta.size).sum(),
         objects: objects.len(),
-        snapshots: snaps.len(),
+        snapshots,
+        snapshots_error,
         latest_snapshot: snaps.last().map(|s| {
             serde_json::json!({ "id": s.id, "time": s.time, "files": s.summary.files, "bytes_in": s.summary.bytes_in })
         }),
@@ -416,6 +434,9 @@ fn print_show(r: &ShowResult) {
     );
     if let Some(l) = &r.latest_snapshot {
         println!("latest   {}", l);
+    }
+    if let Some(e) = &r.snapshots_error {
+        println!("warning  the snapshots could not be read: {e}");
     }
     match &r.policy {
         Some(p) => println!("policy   {}", p.file.display()),

@@ -78,7 +78,7 @@ impl FaultyKeyProvider {
     }
 
     /// The failure for this call, if one is drawn.
-    fn fault(&self, key: &KeyRef) -> Result<(), KeyError> {
+    fn fault(&self, key: &KeyRef, operation: &'static str) -> Result<(), KeyError> {
         let unreachable = || KeyError::Unreachable {
             endpoint: format!("{} (injected)", key.kind().scheme()),
             message: "injected fault: connection refused".into(),
@@ -87,7 +87,7 @@ impl FaultyKeyProvider {
             key: key.to_string(),
             message: "injected fault: ThrottlingException: Rate exceeded".into(),
         };
-        match self.faults {
+        let injected = match self.faults {
             KeyFaults::Unreachable => Err(unreachable()),
             KeyFaults::Throttled => Err(throttled()),
             KeyFaults::Rate(p) if self.draw() < p => {
@@ -98,7 +98,13 @@ impl FaultyKeyProvider {
                 }
             }
             KeyFaults::Rate(_) | KeyFaults::UnwrapDelay(_) => Ok(()),
+        };
+        // One event a refused call: how often a job asked a failing
+        // provider is visible (and tested).
+        if let Err(e) = &injected {
+            tracing::warn!(event = "keys.fault_injected", key = %key, operation, error = %e, "injected key provider fault on {operation}");
         }
+        injected
     }
 }
 
@@ -113,12 +119,12 @@ impl KeyProvider for FaultyKeyProvider {
     }
 
     async fn describe(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
-        self.fault(key)?;
+        self.fault(key, "describe")?;
         self.inner.describe(key).await
     }
 
     async fn create_key(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
-        self.fault(key)?;
+        self.fault(key, "create_key")?;
         self.inner.create_key(key).await
     }
 
@@ -127,7 +133,7 @@ impl KeyProvider for FaultyKeyProvider {
         key: &KeyRef,
         ctx: &WrapContext,
     ) -> Result<(DataKey, WrappedKey), KeyError> {
-        self.fault(key)?;
+        self.fault(key, "generate_data_key")?;
         self.inner.generate_data_key(key, ctx).await
     }
 
@@ -137,7 +143,7 @@ impl KeyProvider for FaultyKeyProvider {
         data_key: &DataKey,
         ctx: &WrapContext,
     ) -> Result<WrappedKey, KeyError> {
-        self.fault(key)?;
+        self.fault(key, "wrap")?;
         self.inner.wrap(key, data_key, ctx).await
     }
 
@@ -147,7 +153,7 @@ impl KeyProvider for FaultyKeyProvider {
         wrapped: &WrappedKey,
         ctx: &WrapContext,
     ) -> Result<DataKey, KeyError> {
-        self.fault(key)?;
+        self.fault(key, "unwrap")?;
         if let KeyFaults::UnwrapDelay(d) = self.faults {
             tokio::time::sleep(d).await;
         }
@@ -161,22 +167,22 @@ impl KeyProvider for FaultyKeyProvider {
         ctx: &WrapContext,
         to: &KeyRef,
     ) -> Result<WrappedKey, KeyError> {
-        self.fault(from)?;
+        self.fault(from, "rewrap")?;
         self.inner.rewrap(from, wrapped, ctx, to).await
     }
 
     async fn rotate(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
-        self.fault(key)?;
+        self.fault(key, "rotate")?;
         self.inner.rotate(key).await
     }
 
     async fn disable(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
-        self.fault(key)?;
+        self.fault(key, "disable")?;
         self.inner.disable(key).await
     }
 
     async fn enable(&self, key: &KeyRef) -> Result<KeyInfo, KeyError> {
-        self.fault(key)?;
+        self.fault(key, "enable")?;
         self.inner.enable(key).await
     }
 
@@ -185,12 +191,12 @@ impl KeyProvider for FaultyKeyProvider {
         key: &KeyRef,
         pending_window_days: u32,
     ) -> Result<Destruction, KeyError> {
-        self.fault(key)?;
+        self.fault(key, "destroy")?;
         self.inner.destroy(key, pending_window_days).await
     }
 
     async fn leftover_material(&self, key: &KeyRef) -> Result<Vec<Leftover>, KeyError> {
-        self.fault(key)?;
+        self.fault(key, "leftover_material")?;
         self.inner.leftover_material(key).await
     }
 }

@@ -421,7 +421,9 @@ pub struct Destruction {
 }
 
 /// Errors of key providers. Each names the key by reference, never by value.
-#[derive(Debug, thiserror::Error)]
+/// Cloned to answer a repeated request the provider already refused within
+/// one job ([`crate::repo::Repo::epoch_keys`]).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyError {
     #[error("key {key} not found{}", detail(.message))]
     NotFound { key: String, message: String },

@@ -55,12 +55,19 @@ impl Fault {
     }
 }
 
+/// The data keys a job unwrapped, and the envelopes its provider refused.
+#[derive(Default)]
+struct KeyCache {
+    unwrapped: BTreeMap<u32, Arc<EpochKeys>>,
+    refused: BTreeMap<u32, (Envelope, KeyError)>,
+}
+
 pub struct Repo {
     ctx: Context,
     store: TenantStore,
     descriptor: Descriptor,
     descriptor_version: UpdateVersion,
-    keys: Mutex<BTreeMap<u32, Arc<EpochKeys>>>,
+    keys: Mutex<KeyCache>,
     /// What pending deletions hide from this job's view (readers and backup:
     /// see [`Repo::reload`]); `None` sees everything.
     hidden: Option<Arc<Hidden>>,
@@ -143,7 +150,7 @@ impl Repo {
                 e_tag: meta.e_tag,
                 version: meta.version,
             },
-            keys: Mutex::new(BTreeMap::new()),
+            keys: Mutex::default(),
             hidden: None,
             newer: std::sync::Mutex::new(None),
         };
@@ -368,7 +375,7 @@ impl Repo {
                 e_tag: r.e_tag,
                 version: r.version,
             },
-            keys: Mutex::new(BTreeMap::new()),
+            keys: Mutex::default(),
             hidden: None,
             newer: std::sync::Mutex::new(None),
         };
@@ -528,7 +535,7 @@ impl Repo {
         };
         let (fresh, hidden) = tokio::try_join!(Repo::open(&self.ctx, &tenant, None), hidden)?;
         if fresh.descriptor != self.descriptor {
-            self.keys.lock().await.clear();
+            *self.keys.lock().await = KeyCache::default();
         }
         self.descriptor = fresh.descriptor;
         self.descriptor_version = fresh.descriptor_version;
@@ -727,11 +734,14 @@ impl Repo {
         Ok(env)
     }
 
-    /// The keys of `epoch`, unwrapping its envelope on first use.
+    /// The keys of `epoch`, unwrapping its envelope on first use. A provider
+    /// that refused an envelope is not asked about the same envelope again
+    /// in this job: listing a thousand snapshots under a disabled or
+    /// unreachable key asks it once (with its retries), not once a snapshot.
     pub async fn epoch_keys(&self, epoch: u32) -> Result<Arc<EpochKeys>> {
         self.require_readable()?;
         let mut cache = self.keys.lock().await;
-        if let Some(k) = cache.get(&epoch) {
+        if let Some(k) = cache.unwrapped.get(&epoch) {
             return Ok(k.clone());
         }
         let name = ObjectName::Envelope(epoch);
@@ -752,6 +762,13 @@ impl Repo {
             Some(_) => {}
         }
         let env = self.load_envelope(epoch).await?;
+        // Only the same envelope: one re-wrapped since (a CMK move beside
+        // this job) is a new question for the provider.
+        if let Some((refused, err)) = cache.refused.get(&epoch)
+            && *refused == env
+        {
+            return Err(err.clone().into());
+        }
         let of_tenant = |d: &Descriptor| {
             env.key == d.key
                 || Some(&env.key) == d.pending_key.as_ref()
@@ -769,12 +786,17 @@ impl Repo {
                 ),
             ));
         }
-        let data_key = self
-            .ctx
-            .keys
-            .key(&env.key)?
-            .unwrap(&env.wrapped, &env.context())
-            .await?;
+        let unwrapped = match self.ctx.keys.key(&env.key) {
+            Ok(provider) => provider.unwrap(&env.wrapped, &env.context()).await,
+            Err(e) => Err(e),
+        };
+        let data_key = match unwrapped {
+            Ok(k) => k,
+            Err(e) => {
+                cache.refused.insert(epoch, (env, e.clone()));
+                return Err(e.into());
+            }
+        };
         if data_key.fingerprint() != env.fingerprint {
             return Err(Error::corrupt(
                 self.store.display(&name),
@@ -782,7 +804,7 @@ impl Repo {
             ));
         }
         let keys = Arc::new(EpochKeys::new(self.tenant().clone(), epoch, data_key));
-        cache.insert(epoch, keys.clone());
+        cache.unwrapped.insert(epoch, keys.clone());
         Ok(keys)
     }
 
@@ -1115,7 +1137,7 @@ impl Repo {
 
     /// Drops every unwrapped data key now (they are also dropped with the repo).
     pub async fn forget_keys(&self) {
-        self.keys.lock().await.clear();
+        *self.keys.lock().await = KeyCache::default();
     }
 }
 

@@ -279,3 +279,65 @@ fn aws_kms_key_disabled() {
     )
     .ok();
 }
+
+/// A job that reads many snapshots of one epoch asks a failing provider
+/// once, not once a snapshot: with a thousand snapshots and a KMS that
+/// times out, asking each time would take the job's retries a thousand
+/// times over. `tenant show` also asks for the key's state once, and says
+/// its snapshots are unreadable rather than that there are none.
+#[test]
+fn a_failing_key_is_asked_once_a_job() {
+    let cli = Cli::new();
+    let data = cli.path().join("data");
+    fs::create_dir_all(&data).unwrap();
+    cli.policy("acme", &data);
+    for i in 0..4 {
+        fs::write(data.join("f"), format!("version {i}")).unwrap();
+        cli.ok(&["backup", "acme"]);
+    }
+    let target = cli.path().join("r");
+    let asked = |stderr: &str, operation: &str| {
+        stderr
+            .matches(&format!("injected key provider fault on {operation}"))
+            .count()
+    };
+    for args in [
+        vec!["snapshots", "acme"],
+        vec![
+            "restore",
+            "acme",
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+        ],
+        vec!["drill", "acme"],
+    ] {
+        let r = cli.run_env(&args, &[("CUSTOS_KEY_FAULTS", "unreachable")]);
+        assert_eq!(r.code, 1, "{args:?}: {}\n{}", r.stdout, r.stderr);
+        assert_eq!(asked(&r.stderr, "unwrap"), 1, "{args:?}:\n{}", r.stderr);
+    }
+    let r = cli.run_env(
+        &["tenant", "show", "acme", "--json"],
+        &[("CUSTOS_KEY_FAULTS", "unreachable")],
+    );
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(asked(&r.stderr, "unwrap"), 1, "{}", r.stderr);
+    assert_eq!(asked(&r.stderr, "describe"), 1, "{}", r.stderr);
+    let shown = r.json()["result"].clone();
+    assert_eq!(shown["snapshots"], 4, "{shown}");
+    assert!(shown["latest_snapshot"].is_null(), "{shown}");
+    let why = shown["snapshots_error"].as_str().unwrap_or_default();
+    assert!(why.contains("unreachable"), "{shown}");
+    assert!(
+        shown["key_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unreachable"),
+        "{shown}"
+    );
+    // Without the fault, all four and no error.
+    let shown = cli.ok(&["tenant", "show", "acme", "--json"]).json()["result"].clone();
+    assert_eq!(shown["snapshots"], 4, "{shown}");
+    assert!(shown["snapshots_error"].is_null(), "{shown}");
+    assert!(shown["key_error"].is_null(), "{shown}");
+}
