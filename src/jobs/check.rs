@@ -14,9 +14,9 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::error::{ErrorKind, Result};
-use crate::format::ids::PackId;
-use crate::format::tree::EntryKind;
-use crate::pipeline::tree::TreeReader;
+use crate::format::ids::{BlobId, IdMap, PackId};
+use crate::format::tree::{Entry, EntryKind};
+use crate::pipeline::tree::{SeenTreeBlobs, TreeItem, TreeReader};
 use crate::repo::{Fault, Repo, is_object_fault};
 use crate::store::ObjectName;
 
@@ -143,6 +143,11 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
             .filter(|f| f.kind != ErrorKind::UnknownObject),
     );
     report.snapshots = snapshots.len();
+    // Snapshots share most of their tree: each tree blob is read once, and
+    // what the lines it holds lack is remembered for the next snapshot
+    // that holds it (a tree blob with none is not remembered).
+    let mut seen_trees = SeenTreeBlobs::default();
+    let mut found_in: IdMap<BlobId, Unreadable> = IdMap::default();
     for s in &snapshots {
         let what = repo.store().display(&ObjectName::Snapshot(s.id));
         let missing_tree = s.tree.iter().filter(|b| !index.contains(b)).count();
@@ -154,29 +159,35 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
             });
             continue;
         }
-        let mut tree = TreeReader::new(repo, &index, &s.tree, what.clone());
-        let mut missing = 0usize;
-        let mut example = None;
+        let mut tree =
+            TreeReader::new(repo, &index, &s.tree, what.clone()).sharing(&mut seen_trees);
         // Indexed, but in a pack the store does not have (deleted, lost) or
         // has cut short: the snapshot cannot be restored whole, so it is
         // named, not only the pack.
-        let mut lost = 0usize;
-        let mut lost_example = None;
+        let mut unreadable = Unreadable::default();
         loop {
-            match tree.next_entry().await {
-                Ok(Some(e)) if e.kind == EntryKind::File => {
+            match tree.next_item().await {
+                Ok(Some(TreeItem::Entry { entry: e, within })) if e.kind == EntryKind::File => {
+                    let mut this = Unreadable::default();
                     for b in &e.blobs {
                         match index.get(b) {
-                            None => {
-                                missing += 1;
-                                example.get_or_insert_with(|| e.display_path());
-                            }
-                            Some(loc) if !index.is_stored_at(loc, &packs) => {
-                                lost += 1;
-                                lost_example.get_or_insert_with(|| e.display_path());
-                            }
+                            None => this.missing.add(&e),
+                            Some(loc) if !index.is_stored_at(loc, &packs) => this.lost.add(&e),
                             Some(_) => {}
                         }
+                    }
+                    if this.any() {
+                        unreadable.add(&this);
+                        if let Some(blob) = within {
+                            found_in.entry(blob).or_default().add(&this);
+                        }
+                    }
+                }
+                // Its lines were checked in an earlier snapshot: what they
+                // lack, this one lacks too.
+                Ok(Some(TreeItem::Seen(blob))) => {
+                    if let Some(u) = found_in.get(&blob) {
+                        unreadable.add(u);
                     }
                 }
                 Ok(Some(_)) => {}
@@ -188,24 +199,27 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
                 Err(e) => return Err(e),
             }
         }
-        if lost > 0 {
+        let Unreadable { missing, lost } = unreadable;
+        if lost.count > 0 {
             report.faults.push(Fault {
                 object: what.clone(),
                 kind: ErrorKind::MissingObject,
                 message: format!(
-                    "{lost} blob(s) are in packs missing from the store or cut short, e.g. in {} \
+                    "{} blob(s) are in packs missing from the store or cut short, e.g. in {} \
                      (data lost; the next backup stores again what the sources still hold)",
-                    lost_example.unwrap_or_default()
+                    lost.count,
+                    lost.example.unwrap_or_default()
                 ),
             });
         }
-        if missing > 0 {
+        if missing.count > 0 {
             report.faults.push(Fault {
                 object: what,
                 kind: ErrorKind::MissingObject,
                 message: format!(
-                    "{missing} blob(s) are in no index file, e.g. in {} (index rolled back or data lost)",
-                    example.unwrap_or_default()
+                    "{} blob(s) are in no index file, e.g. in {} (index rolled back or data lost)",
+                    missing.count,
+                    missing.example.unwrap_or_default()
                 ),
             });
         }
@@ -237,6 +251,47 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
         }
     }
     Ok(report)
+}
+
+/// File blobs a snapshot names but cannot restore, counted with the first
+/// file that names one.
+#[derive(Debug, Clone, Default)]
+struct Unreadable {
+    /// In no index file.
+    missing: Counted,
+    /// Indexed in a pack that is not stored (or cut short).
+    lost: Counted,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Counted {
+    count: usize,
+    example: Option<String>,
+}
+
+impl Counted {
+    fn add(&mut self, file: &Entry) {
+        self.count += 1;
+        self.example.get_or_insert_with(|| file.display_path());
+    }
+
+    fn merge(&mut self, other: &Counted) {
+        self.count += other.count;
+        if self.example.is_none() {
+            self.example.clone_from(&other.example);
+        }
+    }
+}
+
+impl Unreadable {
+    fn any(&self) -> bool {
+        self.missing.count + self.lost.count > 0
+    }
+
+    fn add(&mut self, other: &Unreadable) {
+        self.missing.merge(&other.missing);
+        self.lost.merge(&other.lost);
+    }
 }
 
 impl CheckReport {

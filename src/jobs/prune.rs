@@ -30,7 +30,7 @@ use crate::format::tree::EntryKind;
 use crate::jobs::deletion::{self, Deferred};
 use crate::pipeline::blobs::read_frame;
 use crate::pipeline::packer::{Packer, PackerConfig, Work};
-use crate::pipeline::tree::TreeReader;
+use crate::pipeline::tree::{SeenTreeBlobs, TreeReader};
 use crate::repo::{Dedup, Index, IndexBuilder, Repo};
 use crate::store::ObjectName;
 use crate::store::deletions::{self as plans, DeletionPlan};
@@ -66,9 +66,13 @@ pub async fn used_blobs(
     snapshots: &[Snapshot],
 ) -> Result<IdSet<BlobId>> {
     let mut used = IdSet::default();
+    // A tree blob whose lines an earlier snapshot yielded is not read
+    // again: their file blobs are in `used` already.
+    let mut seen = SeenTreeBlobs::default();
     for s in snapshots {
         used.extend(s.tree.iter().copied());
-        let mut tree = TreeReader::new(repo, index, &s.tree, format!("tree of snapshot {}", s.id));
+        let mut tree = TreeReader::new(repo, index, &s.tree, format!("tree of snapshot {}", s.id))
+            .sharing(&mut seen);
         while let Some(e) = tree.next_entry().await? {
             if e.kind == EntryKind::File {
                 used.extend(e.blobs);

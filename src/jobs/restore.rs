@@ -769,7 +769,7 @@ impl Restorer<'_> {
                     )
                 })?;
                 // A carried file's other blobs were written by the batch before.
-                if !f.carried || batch.carried_packs.contains(&loc.pack) {
+                if !f.carried || batch.carried_packs.contains(&{ loc.pack }) {
                     plan.entry(loc.pack)
                         .or_default()
                         .entry(*id)

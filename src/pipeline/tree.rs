@@ -2,7 +2,7 @@
 //! by content-defined chunking (so unchanged parts of a tree deduplicate).
 
 use crate::error::{Error, Result};
-use crate::format::ids::BlobId;
+use crate::format::ids::{BlobId, IdMap};
 use crate::format::pack::BlobKind;
 use crate::format::tree::Entry;
 use crate::keys::derive::EpochKeys;
@@ -71,6 +71,60 @@ impl TreeWriter {
 /// the same pack, up to this many sealed bytes (at least one blob).
 const READ_AHEAD_BYTES: u64 = 8 << 20;
 
+/// Tree blobs whose whole lines a reader has yielded and its caller
+/// accepted (the caller asked for the next item after the last of them),
+/// with the bytes before their first and after their last line break.
+/// A reader sharing it does not read such a blob again: it yields
+/// [`TreeItem::Seen`] and parses only the lines that cross the blob's
+/// edges. Identical tree blobs (the same keyed id, so the same bytes) hold
+/// identical lines, so the snapshots of a tenant, which share most of
+/// their tree, are read once between them instead of once each.
+#[derive(Default)]
+pub struct SeenTreeBlobs {
+    edges: IdMap<BlobId, Edges>,
+}
+
+impl SeenTreeBlobs {
+    fn contains(&self, id: &BlobId) -> bool {
+        self.edges.contains_key(id)
+    }
+}
+
+struct Edges {
+    /// Up to and including the first `\n`.
+    head: Box<[u8]>,
+    /// After the last `\n`.
+    tail: Box<[u8]>,
+}
+
+impl Edges {
+    /// `None` for a blob without a line break (all of it is one line's middle).
+    fn of(blob: &[u8]) -> Option<Edges> {
+        let first = blob.iter().position(|&b| b == b'\n')?;
+        let last = blob.iter().rposition(|&b| b == b'\n')?;
+        Some(Edges {
+            head: blob[..=first].into(),
+            tail: blob[last + 1..].into(),
+        })
+    }
+}
+
+/// What [`TreeReader::next_item`] yields.
+pub enum TreeItem {
+    /// An entry, and the tree blob that holds its line, when that is not
+    /// the blob's first line (`None`: a first line, which may continue one
+    /// from the blob before, or a line crossing into the next blob). A
+    /// [`TreeItem::Seen`] blob stands for exactly the lines yielded
+    /// `within` it when it was read.
+    Entry {
+        entry: Entry,
+        within: Option<BlobId>,
+    },
+    /// A tree blob whose whole lines were yielded before (by this reader or
+    /// another sharing its [`SeenTreeBlobs`]): not read again.
+    Seen(BlobId),
+}
+
 /// Streams the entries of a tree, reading the blobs that follow in the same
 /// pack together (a tree's blobs were written in order, so a run of them is
 /// one ranged request instead of one per blob), holding at most
@@ -78,13 +132,12 @@ const READ_AHEAD_BYTES: u64 = 8 << 20;
 pub struct TreeReader<'a> {
     repo: &'a Repo,
     index: &'a Index,
-    blobs: Vec<BlobId>,
-    next_blob: usize,
-    /// Plaintexts of the blobs after `next_blob`, read ahead.
-    ready: std::collections::VecDeque<Vec<u8>>,
-    buf: Vec<u8>,
-    pos: usize,
+    lines: Lines,
+    /// Plaintexts read ahead, by position in the tree (a position skipped
+    /// as seen leaves its plaintext to be dropped).
+    ready: std::collections::VecDeque<(usize, Vec<u8>)>,
     what: String,
+    seen: Option<&'a mut SeenTreeBlobs>,
 }
 
 impl<'a> TreeReader<'a> {
@@ -92,28 +145,34 @@ impl<'a> TreeReader<'a> {
         TreeReader {
             repo,
             index,
-            blobs: tree.to_vec(),
-            next_blob: 0,
+            lines: Lines::new(tree.to_vec()),
             ready: Default::default(),
-            buf: Vec::new(),
-            pos: 0,
             what,
+            seen: None,
         }
     }
 
-    /// The blobs from `next_blob` on that lie in the pack of `first`, one
-    /// after the other, within [`READ_AHEAD_BYTES`]. A blob the index lacks
-    /// ends the run (its read reports it).
-    fn next_run(&self, first: BlobId) -> &[BlobId] {
-        let rest = &self.blobs[self.next_blob..];
-        let Some(pack) = self.index.get(&first).map(|l| l.pack) else {
+    /// A reader that skips the tree blobs in `seen` and adds those it reads
+    /// whole: for jobs that walk many snapshots ([`TreeReader::next_item`]).
+    pub fn sharing(mut self, seen: &'a mut SeenTreeBlobs) -> Self {
+        self.seen = Some(seen);
+        self
+    }
+
+    /// The blobs from position `at` on that lie in the pack of the first,
+    /// one after the other, within [`READ_AHEAD_BYTES`], none of them seen.
+    /// A blob the index lacks ends the run (its read reports it).
+    fn run_from(&self, at: usize) -> &[BlobId] {
+        let rest = &self.lines.tree[at..];
+        let Some(pack) = self.index.get(&rest[0]).map(|l| l.pack) else {
             return &rest[..1];
         };
+        let seen = |id: &BlobId| self.seen.as_ref().is_some_and(|s| s.contains(id));
         let mut bytes = 0u64;
         let n = rest
             .iter()
             .take_while(|id| match self.index.get(id) {
-                Some(l) if l.pack == pack => {
+                Some(l) if l.pack == pack && !seen(id) => {
                     bytes += l.sealed_len as u64;
                     bytes <= READ_AHEAD_BYTES
                 }
@@ -123,46 +182,255 @@ impl<'a> TreeReader<'a> {
         &rest[..n.max(1)]
     }
 
+    /// The plaintext of the tree blob at position `at`, read ahead or read
+    /// now with the run that follows it.
+    async fn blob_at(&mut self, at: usize) -> Result<Vec<u8>> {
+        while self.ready.front().is_some_and(|(p, _)| *p < at) {
+            self.ready.pop_front();
+        }
+        if let Some((p, _)) = self.ready.front()
+            && *p == at
+        {
+            let (_, blob) = self.ready.pop_front().expect("front checked");
+            return Ok(blob);
+        }
+        let run = self.run_from(at);
+        self.ready = read_blobs(self.repo, self.index, run)
+            .await?
+            .into_iter()
+            .enumerate()
+            .map(|(i, (plain, _))| (at + i, plain))
+            .collect();
+        match self.ready.pop_front() {
+            Some((_, blob)) => Ok(blob),
+            None => Err(Error::Internal("a tree blob read returned nothing".into())),
+        }
+    }
+
     pub async fn next_entry(&mut self) -> Result<Option<Entry>> {
         loop {
-            if let Some(nl) = self.buf[self.pos..].iter().position(|&b| b == b'\n') {
-                let line = &self.buf[self.pos..self.pos + nl];
-                self.pos += nl + 1;
-                let entry = Entry::from_json_line(line).map_err(|e| {
-                    Error::corrupt(self.what.clone(), format!("bad tree entry: {e}"))
-                })?;
-                return Ok(Some(entry));
+            match self.next_item().await? {
+                Some(TreeItem::Entry { entry, .. }) => return Ok(Some(entry)),
+                Some(TreeItem::Seen(_)) => {}
+                None => return Ok(None),
             }
-            let Some(&id) = self.blobs.get(self.next_blob) else {
-                if self.pos < self.buf.len() {
+        }
+    }
+
+    pub async fn next_item(&mut self) -> Result<Option<TreeItem>> {
+        loop {
+            match self.lines.step(self.seen.as_deref_mut()) {
+                Step::Line(line, within) => {
+                    let entry = Entry::from_json_line(self.lines.line(line)).map_err(|e| {
+                        Error::corrupt(self.what.clone(), format!("bad tree entry: {e}"))
+                    })?;
+                    return Ok(Some(TreeItem::Entry { entry, within }));
+                }
+                Step::Seen(id) => return Ok(Some(TreeItem::Seen(id))),
+                Step::Need(at) => {
+                    let blob = self.blob_at(at).await?;
+                    self.lines.feed(blob, self.seen.is_some());
+                }
+                Step::End => return Ok(None),
+                Step::Truncated => {
                     return Err(Error::corrupt(
                         self.what.clone(),
                         "tree ends in the middle of an entry",
                     ));
                 }
-                return Ok(None);
+            }
+        }
+    }
+}
+
+/// What [`Lines::step`] found next.
+#[derive(Debug, PartialEq)]
+enum Step {
+    /// A whole line (a range for [`Lines::line`]) and the blob it is
+    /// within, as [`TreeItem::Entry`] states it.
+    Line(std::ops::Range<usize>, Option<BlobId>),
+    /// The blob at the next position was seen: its edges stand in for it.
+    Seen(BlobId),
+    /// The plaintext of the blob at this position is needed ([`Lines::feed`]).
+    Need(usize),
+    End,
+    /// The last blob ended without a line break.
+    Truncated,
+}
+
+/// The line splitting of [`TreeReader`], without its reads: a tree's blobs
+/// go in ([`Lines::feed`]), lines come out, and blobs seen before are
+/// stood in for by their edges.
+struct Lines {
+    tree: Vec<BlobId>,
+    /// The position in `tree` of the next blob to append.
+    next: usize,
+    buf: Vec<u8>,
+    pos: usize,
+    /// When sharing a [`SeenTreeBlobs`]: the blob last appended (read, not
+    /// skipped) if it has a line break, where its lines after the first
+    /// start in `buf`, and its edges, added to the seen blobs once its
+    /// lines have all been taken.
+    current: Option<(BlobId, usize, Edges)>,
+}
+
+impl Lines {
+    fn new(tree: Vec<BlobId>) -> Lines {
+        Lines {
+            tree,
+            next: 0,
+            buf: Vec::new(),
+            pos: 0,
+            current: None,
+        }
+    }
+
+    fn line(&self, range: std::ops::Range<usize>) -> &[u8] {
+        &self.buf[range]
+    }
+
+    fn step(&mut self, seen: Option<&mut SeenTreeBlobs>) -> Step {
+        if let Some(nl) = self.buf[self.pos..].iter().position(|&b| b == b'\n') {
+            let start = self.pos;
+            self.pos += nl + 1;
+            let within = match &self.current {
+                Some((id, from, _)) if start >= *from => Some(*id),
+                _ => None,
             };
-            let blob = match self.ready.pop_front() {
-                Some(blob) => blob,
-                None => {
-                    let run = self.next_run(id);
-                    let mut blobs: std::collections::VecDeque<Vec<u8>> =
-                        read_blobs(self.repo, self.index, run)
-                            .await?
-                            .into_iter()
-                            .map(|(plain, _)| plain)
-                            .collect();
-                    let first = blobs.pop_front().ok_or_else(|| {
-                        Error::Internal("a tree blob read returned nothing".into())
-                    })?;
-                    self.ready = blobs;
-                    first
+            return Step::Line(start..start + nl, within);
+        }
+        // Every line of the current blob was taken (and the caller came
+        // back for more): it is seen.
+        let mut seen = seen;
+        if let Some((id, _, edges)) = self.current.take()
+            && let Some(seen) = seen.as_deref_mut()
+        {
+            seen.edges.insert(id, edges);
+        }
+        let Some(&id) = self.tree.get(self.next) else {
+            return match self.pos < self.buf.len() {
+                true => Step::Truncated,
+                false => Step::End,
+            };
+        };
+        self.buf.drain(..self.pos);
+        self.pos = 0;
+        if let Some(edges) = seen.and_then(|s| s.edges.get(&id)) {
+            self.next += 1;
+            self.buf.extend_from_slice(&edges.head);
+            self.buf.extend_from_slice(&edges.tail);
+            return Step::Seen(id);
+        }
+        Step::Need(self.next)
+    }
+
+    /// The plaintext of the blob [`Step::Need`] asked for.
+    fn feed(&mut self, blob: Vec<u8>, sharing: bool) {
+        let id = self.tree[self.next];
+        self.next += 1;
+        if sharing && let Some(edges) = Edges::of(&blob) {
+            // The first line may continue one from the blob before: never
+            // counted as within this blob, read or skipped.
+            self.current = Some((id, self.buf.len() + edges.head.len(), edges));
+        }
+        self.buf.extend_from_slice(&blob);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// Ids from content, as keyed ids are: equal bytes, equal id.
+    fn id(bytes: &[u8]) -> BlobId {
+        BlobId(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// A line and the blob it is within.
+    type Line = (Vec<u8>, Option<BlobId>);
+
+    /// Walks a tree of `blobs` as [`TreeReader`] does: the lines (with
+    /// what they are within), the blobs skipped, how it ended.
+    fn walk(
+        blobs: &[Vec<u8>],
+        mut seen: Option<&mut SeenTreeBlobs>,
+    ) -> (Vec<Line>, Vec<BlobId>, Step) {
+        let by_id: HashMap<BlobId, &Vec<u8>> = blobs.iter().map(|b| (id(b), b)).collect();
+        let mut lines = Lines::new(blobs.iter().map(|b| id(b)).collect());
+        let (mut out, mut skipped) = (Vec::new(), Vec::new());
+        loop {
+            match lines.step(seen.as_deref_mut()) {
+                Step::Line(r, within) => out.push((lines.line(r).to_vec(), within)),
+                Step::Seen(id) => skipped.push(id),
+                Step::Need(at) => {
+                    let blob = by_id[&lines.tree[at]].clone();
+                    lines.feed(blob, seen.is_some());
                 }
-            };
-            self.next_blob += 1;
-            self.buf.drain(..self.pos);
-            self.pos = 0;
-            self.buf.extend_from_slice(&blob);
+                end => return (out, skipped, end),
+            }
+        }
+    }
+
+    fn split(blobs: &[Vec<u8>]) -> (Vec<Vec<u8>>, Step) {
+        let all: Vec<u8> = blobs.concat();
+        let mut lines: Vec<Vec<u8>> = all.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+        let rest = lines.pop().unwrap_or_default();
+        (
+            lines,
+            if rest.is_empty() {
+                Step::End
+            } else {
+                Step::Truncated
+            },
+        )
+    }
+
+    proptest::proptest! {
+        /// Snapshots made of a pool of tree blobs (line breaks anywhere,
+        /// blobs without any, repeats), walked one after the other sharing
+        /// the seen blobs: each yields its lines but those of the blobs it
+        /// skips, and a skipped blob stands for exactly the lines yielded
+        /// within it when it was read, so every snapshot adds up to all its
+        /// lines, and ends as it would unshared.
+        #[test]
+        fn a_skipped_blob_stands_for_exactly_its_lines(
+            pool in proptest::collection::vec(
+                proptest::collection::vec(proptest::sample::select(vec![b'a', b'b', b'\n']), 0..24),
+                1..8,
+            ),
+            trees in proptest::collection::vec(proptest::collection::vec(0usize..8, 0..10), 1..6),
+        ) {
+            let mut seen = SeenTreeBlobs::default();
+            let mut within: HashMap<BlobId, Vec<Vec<u8>>> = HashMap::new();
+            for tree in trees {
+                let blobs: Vec<Vec<u8>> = tree.iter().map(|&i| pool[i % pool.len()].clone()).collect();
+                let (want, want_end) = split(&blobs);
+                // Unshared: every line, in order, nothing skipped.
+                let (alone, skipped, end) = walk(&blobs, None);
+                proptest::prop_assert!(skipped.is_empty());
+                proptest::prop_assert_eq!(&end, &want_end);
+                let alone: Vec<Vec<u8>> = alone.into_iter().map(|(l, _)| l).collect();
+                proptest::prop_assert_eq!(&alone, &want);
+                // Shared.
+                let (lines, skipped, end) = walk(&blobs, Some(&mut seen));
+                proptest::prop_assert_eq!(&end, &want_end);
+                let mut got: Vec<Vec<u8>> = Vec::new();
+                for (line, w) in lines {
+                    if let Some(w) = w {
+                        within.entry(w).or_default().push(line.clone());
+                    }
+                    got.push(line);
+                }
+                for s in &skipped {
+                    got.extend(within.get(s).cloned().unwrap_or_default());
+                }
+                let mut want = want;
+                want.sort();
+                got.sort();
+                proptest::prop_assert_eq!(got, want);
+            }
         }
     }
 }
