@@ -31,7 +31,7 @@ use crate::jobs::deletion::{self, Deferred};
 use crate::pipeline::blobs::read_frame;
 use crate::pipeline::packer::{Packer, PackerConfig, Work};
 use crate::pipeline::tree::{SeenTreeBlobs, TreeReader};
-use crate::repo::{Dedup, Index, IndexBuilder, Repo};
+use crate::repo::{BlobMarks, Dedup, Index, IndexBuilder, Repo};
 use crate::store::ObjectName;
 use crate::store::deletions::{self as plans, DeletionPlan};
 use crate::store::lease::LeaseGuard;
@@ -42,6 +42,7 @@ const REPACK_BELOW: f64 = 0.5;
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PruneReport {
     pub snapshots: usize,
+    /// Indexed blobs the snapshots need.
     pub blobs_used: usize,
     pub packs_total: usize,
     pub packs_deleted: usize,
@@ -59,23 +60,24 @@ pub struct PruneReport {
     pub dry_run: bool,
 }
 
-/// Every blob the given snapshots need: tree blobs and file content.
-pub async fn used_blobs(
-    repo: &Repo,
-    index: &Index,
-    snapshots: &[Snapshot],
-) -> Result<IdSet<BlobId>> {
-    let mut used = IdSet::default();
+/// Every indexed blob the given snapshots need: tree blobs and file
+/// content. (A blob they need that no index names has nothing to delete.)
+pub async fn used_blobs(repo: &Repo, index: &Index, snapshots: &[Snapshot]) -> Result<BlobMarks> {
+    let mut used = index.marks();
     // A tree blob whose lines an earlier snapshot yielded is not read
-    // again: their file blobs are in `used` already.
+    // again: their file blobs are marked already.
     let mut seen = SeenTreeBlobs::default();
     for s in snapshots {
-        used.extend(s.tree.iter().copied());
+        for id in &s.tree {
+            index.mark(&mut used, id);
+        }
         let mut tree = TreeReader::new(repo, index, &s.tree, format!("tree of snapshot {}", s.id))
             .sharing(&mut seen);
         while let Some(e) = tree.next_entry().await? {
             if e.kind == EntryKind::File {
-                used.extend(e.blobs);
+                for id in &e.blobs {
+                    index.mark(&mut used, id);
+                }
             }
         }
     }
@@ -88,7 +90,7 @@ pub async fn used_blobs(
 #[derive(Debug)]
 pub struct PrunePlan {
     index: Index,
-    used: IdSet<BlobId>,
+    used: BlobMarks,
     /// Indexed packs with no live blob.
     delete: Vec<PackId>,
     /// Indexed packs mostly dead: their live blobs are copied, then they go.
@@ -166,10 +168,10 @@ pub async fn plan(repo: &Repo) -> Result<PrunePlan> {
 
     // Live and dead bytes per indexed pack.
     let mut live: BTreeMap<PackId, (u64, u64, u32)> = BTreeMap::new(); // (live, dead, epoch)
-    for (id, loc) in index.blobs() {
+    for (_, loc, is_used) in index.blobs_marked(&used) {
         let (pack, epoch) = index.pack(loc);
         let slot = live.entry(pack).or_insert((0, 0, epoch));
-        if used.contains(id) {
+        if is_used {
             slot.0 += loc.sealed_len as u64;
         } else {
             slot.1 += loc.sealed_len as u64;
@@ -246,9 +248,9 @@ async fn execute(
     let repack_set: IdSet<PackId> = repack.iter().copied().collect();
     let drop_set: IdSet<PackId> = delete.iter().chain(&repack).copied().collect();
     let mut by_epoch: BTreeMap<u32, Vec<BlobId>> = BTreeMap::new();
-    for (id, loc) in index.blobs() {
+    for (id, loc, is_used) in index.blobs_marked(&used) {
         let (pack, epoch) = index.pack(loc);
-        if repack_set.contains(&pack) && used.contains(id) {
+        if repack_set.contains(&pack) && is_used {
             by_epoch.entry(epoch).or_default().push(*id);
         }
     }
@@ -303,7 +305,7 @@ async fn execute(
         let live_entries: Vec<_> = by_pack
             .entries(&pack)
             .into_iter()
-            .filter(|e| used.contains(&e.id))
+            .filter(|e| index.is_marked(&used, &e.id))
             .collect();
         if !live_entries.is_empty() {
             new_index.add_pack(pack, epoch, &live_entries);

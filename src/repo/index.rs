@@ -375,6 +375,79 @@ impl Index {
     }
 }
 
+/// A set of indexed blobs, one bit a blob by its place in the index (a set
+/// of ids is 32 bytes a blob and more in its table's empty slots): what a
+/// prune marks as used. Only for the index that made it ([`Index::marks`]).
+pub struct BlobMarks {
+    bits: Vec<u64>,
+    marked: usize,
+}
+
+impl std::fmt::Debug for BlobMarks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlobMarks({} of {})", self.marked, self.bits.len() * 64)
+    }
+}
+
+impl BlobMarks {
+    /// How many blobs are marked.
+    pub fn len(&self) -> usize {
+        self.marked
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.marked == 0
+    }
+
+    fn set(&mut self, i: usize) {
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        if self.bits[word] & bit == 0 {
+            self.bits[word] |= bit;
+            self.marked += 1;
+        }
+    }
+
+    fn get(&self, i: usize) -> bool {
+        self.bits[i / 64] & (1u64 << (i % 64)) != 0
+    }
+}
+
+impl Index {
+    /// An empty set of this index's blobs.
+    pub fn marks(&self) -> BlobMarks {
+        BlobMarks {
+            bits: vec![0; self.blobs.len().div_ceil(64)],
+            marked: 0,
+        }
+    }
+
+    /// Marks `id` if it is indexed; false if it is not (nothing to mark).
+    pub fn mark(&self, marks: &mut BlobMarks, id: &BlobId) -> bool {
+        match self.position(id) {
+            Some(i) => {
+                marks.set(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn is_marked(&self, marks: &BlobMarks, id: &BlobId) -> bool {
+        self.position(id).is_some_and(|i| marks.get(i))
+    }
+
+    /// Every blob, its location and whether it is marked, in id order.
+    pub fn blobs_marked<'a>(
+        &'a self,
+        marks: &'a BlobMarks,
+    ) -> impl Iterator<Item = (&'a BlobId, &'a Location, bool)> {
+        self.blobs
+            .iter()
+            .enumerate()
+            .map(|(i, (id, l))| (id, l, marks.get(i)))
+    }
+}
+
 /// [`Index::by_pack`]: the index's entries grouped by pack.
 pub struct ByPack<'a> {
     index: &'a Index,
@@ -524,6 +597,36 @@ mod tests {
                 proptest::prop_assert!(!index.contains(&a));
             }
         }
+    }
+
+    /// Marks are by place in the index: exactly the ids marked read as
+    /// marked, each counted once; an id the index lacks is not marked.
+    #[test]
+    fn marks_hold_exactly_the_indexed_ids_marked() {
+        let ids: Vec<BlobId> = (0..300).map(|_| BlobId::random()).collect();
+        let entries: Vec<PackEntry> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| entry(*id, i as u32 * 100))
+            .collect();
+        let mut builder = IndexBuilder::default();
+        builder.add_pack(PackId::random(), 1, &entries);
+        let index = builder.build();
+        let mut marks = index.marks();
+        for id in ids.iter().step_by(3).chain(ids.iter().step_by(6)) {
+            assert!(index.mark(&mut marks, id));
+        }
+        assert!(!index.mark(&mut marks, &BlobId::random()));
+        assert_eq!(marks.len(), 100);
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(index.is_marked(&marks, id), i % 3 == 0, "{i}");
+        }
+        let marked: BTreeSet<BlobId> = index
+            .blobs_marked(&marks)
+            .filter(|(_, _, m)| *m)
+            .map(|(id, _, _)| *id)
+            .collect();
+        assert_eq!(marked, ids.iter().step_by(3).copied().collect());
     }
 
     /// The table's entry is what the memory figures in BENCHMARKS.md count.

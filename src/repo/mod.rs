@@ -16,7 +16,7 @@ use futures::StreamExt;
 use object_store::{PutMode, UpdateVersion};
 use tokio::sync::Mutex;
 
-pub use index::{ByPack, Dedup, Index, IndexBuilder, Location};
+pub use index::{BlobMarks, ByPack, Dedup, Index, IndexBuilder, Location};
 
 use crate::context::Context;
 use crate::error::{Error, ErrorKind, Result};
