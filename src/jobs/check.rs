@@ -165,9 +165,26 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
         // has cut short: the snapshot cannot be restored whole, so it is
         // named, not only the pack.
         let mut unreadable = Unreadable::default();
+        // The blob whose lines are being read, and what they lack so far:
+        // remembered (replacing what an interrupted read of it left) once
+        // the next item is not within it.
+        let mut reading: Option<(BlobId, Unreadable)> = None;
         loop {
-            match tree.next_item().await {
-                Ok(Some(TreeItem::Entry { entry: e, within })) if e.kind == EntryKind::File => {
+            let item = tree.next_item().await;
+            let within = match &item {
+                Ok(Some(TreeItem::Entry { within, .. })) => *within,
+                _ => None,
+            };
+            if reading.as_ref().map(|(b, _)| *b) != within {
+                if let Some((blob, lacks)) = reading.take()
+                    && lacks.any()
+                {
+                    found_in.insert(blob, lacks);
+                }
+                reading = within.map(|b| (b, Unreadable::default()));
+            }
+            match item {
+                Ok(Some(TreeItem::Entry { entry: e, .. })) if e.kind == EntryKind::File => {
                     let mut this = Unreadable::default();
                     for b in &e.blobs {
                         match index.get(b) {
@@ -176,11 +193,9 @@ pub async fn run(repo: &Repo, read_data: ReadData) -> Result<CheckReport> {
                             Some(_) => {}
                         }
                     }
-                    if this.any() {
-                        unreadable.add(&this);
-                        if let Some(blob) = within {
-                            found_in.entry(blob).or_default().add(&this);
-                        }
+                    unreadable.add(&this);
+                    if let Some((_, lacks)) = &mut reading {
+                        lacks.add(&this);
                     }
                 }
                 // Its lines were checked in an earlier snapshot: what they

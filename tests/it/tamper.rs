@@ -772,12 +772,28 @@ fn snapshots_sharing_tree_blobs_each_report_what_they_lost() {
         "{messages:?}"
     );
 
-    // Put back, forget the first two snapshots and prune: the last one
-    // restores whole and every pack checks.
+    // Put back, forget the first snapshot and prune (which walks the two
+    // kept trees, the second mostly seen): both restore whole, and every
+    // pack checks.
     fs::rename(&aside, &pack).unwrap();
-    cli.ok(&["forget", "acme", "--keep-last", "1", "--prune"]);
+    cli.ok(&["forget", "acme", "--keep-last", "2", "--prune"]);
     cli.ok(&["check", "acme", "--read-data"]);
     let r = restore_into(&cli, "latest", "r");
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     common::assert_same(&data, &cli.path().join("r/data"));
+    let listed = cli.ok(&["snapshots", "acme", "--json"]).json()["result"].clone();
+    let middle = listed["snapshots"][0]["id"].as_str().unwrap().to_owned();
+    let r = restore_into(&cli, &middle, "r-middle");
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    // The source as it was then: without the last file added.
+    let relative = |root: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+        common::tree_contents(root)
+            .into_iter()
+            .map(|(p, bytes)| (p.strip_prefix(root).unwrap().to_owned(), bytes))
+            .collect()
+    };
+    let mut then = relative(&data);
+    then.retain(|(path, _)| path != Path::new("d26/new2"));
+    assert_eq!(then.len(), 8002);
+    assert!(then == relative(&cli.path().join("r-middle/data")));
 }
