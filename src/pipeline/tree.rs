@@ -139,9 +139,10 @@ impl Edges {
 pub enum TreeItem {
     /// An entry, and the tree blob that holds its line, when that is not
     /// the blob's first line (`None`: a first line, which may continue one
-    /// from the blob before, or a line crossing into the next blob). A
-    /// [`TreeItem::Seen`] blob stands for exactly the lines yielded
-    /// `within` it when it was read.
+    /// from the blob before, a line crossing into the next blob, any line
+    /// of a blob whose edges are not kept, or a reader not sharing seen
+    /// blobs). A [`TreeItem::Seen`] blob stands for exactly the lines
+    /// yielded `within` it when it was read.
     Entry {
         entry: Entry,
         within: Option<BlobId>,
