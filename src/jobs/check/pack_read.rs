@@ -29,8 +29,9 @@ use crate::keys::derive::EpochKeys;
 use crate::repo::{Fault, Repo, is_object_fault};
 use crate::store::ObjectName;
 
-/// Bytes of a pack fetched at a time.
-const WINDOW: u64 = 8 << 20;
+/// Bytes of a pack taken at a time from its one sequential read (not a
+/// request each): four packs in flight hold four windows.
+const WINDOW: u64 = 4 << 20;
 /// The pack's end read first: its trailer and, for packs of up to about
 /// 23,000 blobs, its whole directory in the same request.
 const TAIL: u64 = 1 << 20;
