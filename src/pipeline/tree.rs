@@ -329,7 +329,7 @@ impl Lines {
         &self.buf[range]
     }
 
-    fn step(&mut self, seen: Option<&mut SeenTreeBlobs>) -> Step {
+    fn step(&mut self, mut seen: Option<&mut SeenTreeBlobs>) -> Step {
         // A seen blob stands where its own lines would be: after the line
         // that ends in its head.
         if let Some((id, head_end)) = self.seen_here
@@ -349,7 +349,6 @@ impl Lines {
         }
         // Every line of the current blob was taken (and the caller came
         // back for more): it is seen.
-        let mut seen = seen;
         if let Some((id, _, edges)) = self.current.take()
             && let Some(seen) = seen.as_deref_mut()
         {
