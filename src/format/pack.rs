@@ -103,8 +103,18 @@ impl PackWriter {
         Self::with_sealer(Sealer::with_id(keys, ObjectKind::Pack, id.0), capacity)
     }
 
+    /// A pack built in `buf` (emptied first), a buffer reused from an
+    /// earlier pack.
+    pub fn in_buffer(keys: &EpochKeys, buf: Vec<u8>) -> Self {
+        Self::build(Sealer::new(keys, ObjectKind::Pack), buf)
+    }
+
     fn with_sealer(sealer: Sealer, capacity: usize) -> Self {
-        let mut buf = Vec::with_capacity(capacity);
+        Self::build(sealer, Vec::with_capacity(capacity))
+    }
+
+    fn build(sealer: Sealer, mut buf: Vec<u8>) -> Self {
+        buf.clear();
         buf.extend_from_slice(sealer.header_bytes());
         PackWriter {
             sealer,

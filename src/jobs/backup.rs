@@ -24,7 +24,7 @@ use crate::format::snapshot::{SNAPSHOT_FORMAT, Snapshot, SourceRecord, Summary};
 use crate::format::tree::{Entry, EntryKind, cmp_paths};
 use crate::keys::derive::EpochKeys;
 use crate::pipeline::chunker::{ChunkError, Chunker, DATA_CHUNKS};
-use crate::pipeline::packer::{Packer, PackerConfig, Work};
+use crate::pipeline::packer::{Packer, PackerConfig};
 use crate::pipeline::tree::{TreeReader, TreeWriter};
 use crate::repo::{Dedup, Index, Repo};
 use crate::source::command::RunningCommand;
@@ -526,11 +526,7 @@ impl Reader<'_> {
                 let id = BlobId(keys.blob_id(chunk));
                 if packer.claim(&id) {
                     summary.bytes_new += chunk.len() as u64;
-                    packer.add(Work::Raw {
-                        id,
-                        kind: BlobKind::Data,
-                        data: chunk.to_vec(),
-                    })?;
+                    packer.add_copy(id, BlobKind::Data, chunk)?;
                 }
                 progress.bytes_read(chunk.len() as u64);
                 blobs.push(id);

@@ -2,6 +2,7 @@
 //! (compress, seal, upload) and reading blobs and trees back.
 
 pub mod blobs;
+pub mod buffers;
 pub mod chunker;
 pub mod packer;
 pub mod tree;

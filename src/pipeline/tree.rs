@@ -8,7 +8,7 @@ use crate::format::tree::Entry;
 use crate::keys::derive::EpochKeys;
 use crate::pipeline::blobs::read_blobs;
 use crate::pipeline::chunker::{Chunker, TREE_CHUNKS};
-use crate::pipeline::packer::{Packer, Work};
+use crate::pipeline::packer::Packer;
 use crate::repo::{Index, Repo};
 
 /// Accumulates entries and stores full tree chunks as they form.
@@ -46,11 +46,7 @@ impl TreeWriter {
             let chunk = &self.buf[pos..pos + n];
             let id = BlobId(keys.blob_id(chunk));
             if packer.claim(&id) {
-                packer.add(Work::Raw {
-                    id,
-                    kind: BlobKind::Tree,
-                    data: chunk.to_vec(),
-                })?;
+                packer.add_copy(id, BlobKind::Tree, chunk)?;
                 self.new_blobs += 1;
             }
             self.blobs.push(id);
