@@ -2,11 +2,12 @@
 //!
 //! A backup copies every new chunk into a buffer of its own (the worker that
 //! compresses it runs on another thread) and builds every pack in a buffer of
-//! 17 MiB. Freshly allocated, each of those is memory the kernel faults in
-//! and zeroes page by page: a first backup of 1 GiB took about 290,000 page
-//! faults, a fifth of its CPU time in the kernel. Buffers that come back
-//! here are reused while they are warm.
+//! the pack size and 1 MiB. Freshly allocated, each of those is memory the
+//! kernel faults in and zeroes page by page: a first backup of 1 GiB took
+//! 191,000–289,000 page faults (BENCHMARKS.md, "Buffers reused by the
+//! backup"). Buffers that come back here are reused while they are warm.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 /// Requests below this size are not pooled.
@@ -14,42 +15,51 @@ pub const SMALL: usize = 64 << 10;
 
 /// A bounded set of emptied buffers, shared by the threads of one job.
 ///
-/// A buffer is reused only for a request of at least half its capacity, so
-/// that what is in flight never holds more than twice its bytes. Requests
-/// under [`SMALL`] are left to the allocator, whose bins serve them from
-/// memory it already holds.
+/// A reused buffer serves only a request of at least half its capacity, so
+/// that it holds at most twice what was asked. Requests under [`SMALL`] are
+/// left to the allocator, whose bins serve them from memory it already
+/// holds. When the pool is full, the buffers given back longest ago make
+/// room: a pool full of sizes no longer asked for does not stay so.
 #[derive(Clone)]
 pub struct BufferPool(Arc<Mutex<Pool>>);
 
 struct Pool {
-    free: Vec<Vec<u8>>,
+    /// Oldest first.
+    free: VecDeque<Vec<u8>>,
     /// Capacity of the buffers in `free`.
     held: usize,
-    /// Most capacity kept: a buffer given back beyond it is freed.
+    /// Most capacity kept.
     limit: usize,
+    /// Largest buffer kept: one grown past what its requests need is freed.
+    largest: usize,
     /// New buffers are allocated at the next power of two.
     round_up: bool,
+    #[cfg(test)]
+    reused: usize,
 }
 
 impl BufferPool {
-    /// A pool keeping at most `limit` bytes of capacity between uses, for
-    /// buffers of about one size.
-    pub fn new(limit: usize) -> Self {
-        Self::with(limit, false)
+    /// A pool for buffers of one size: keeping at most `limit` bytes of
+    /// capacity between uses, none of a buffer larger than `largest`.
+    pub fn new(limit: usize, largest: usize) -> Self {
+        Self::with(limit, largest, false)
     }
 
     /// A pool for buffers of many sizes: allocated at the next power of two,
     /// so that requests of similar sizes share them.
     pub fn rounding_up(limit: usize) -> Self {
-        Self::with(limit, true)
+        Self::with(limit, limit, true)
     }
 
-    fn with(limit: usize, round_up: bool) -> Self {
+    fn with(limit: usize, largest: usize, round_up: bool) -> Self {
         BufferPool(Arc::new(Mutex::new(Pool {
-            free: Vec::new(),
+            free: VecDeque::new(),
             held: 0,
             limit,
+            largest: largest.min(limit),
             round_up,
+            #[cfg(test)]
+            reused: 0,
         })))
     }
 
@@ -61,9 +71,17 @@ impl BufferPool {
         }
         let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let fits = |b: &Vec<u8>| (capacity..=capacity.saturating_mul(2)).contains(&b.capacity());
-        if let Some(i) = pool.free.iter().position(fits) {
-            let buf = pool.free.swap_remove(i);
+        if let Some(buf) = pool
+            .free
+            .iter()
+            .rposition(fits)
+            .and_then(|i| pool.free.remove(i))
+        {
             pool.held -= buf.capacity();
+            #[cfg(test)]
+            {
+                pool.reused += 1;
+            }
             return buf;
         }
         let round_up = pool.round_up;
@@ -78,16 +96,27 @@ impl BufferPool {
     pub fn give(&self, mut buf: Vec<u8>) {
         buf.clear();
         let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if buf.capacity() >= SMALL && pool.held + buf.capacity() <= pool.limit {
-            pool.held += buf.capacity();
-            pool.free.push(buf);
+        if !(SMALL..=pool.largest).contains(&buf.capacity()) {
+            return;
         }
+        while pool.held + buf.capacity() > pool.limit {
+            let oldest = pool.free.pop_front().expect("held counts the free buffers");
+            pool.held -= oldest.capacity();
+        }
+        pool.held += buf.capacity();
+        pool.free.push_back(buf);
     }
 
     /// Bytes of capacity waiting in the pool.
     #[cfg(test)]
     pub(crate) fn held(&self) -> usize {
         self.0.lock().unwrap().held
+    }
+
+    /// Requests served by a buffer given back.
+    #[cfg(test)]
+    pub(crate) fn reused(&self) -> usize {
+        self.0.lock().unwrap().reused
     }
 }
 
@@ -149,25 +178,64 @@ mod tests {
 
     #[test]
     fn small_buffers_are_left_to_the_allocator() {
-        let pool = BufferPool::new(16 << 20);
+        let pool = BufferPool::new(16 << 20, 16 << 20);
         assert_eq!(pool.take(1000).capacity(), 1000);
         pool.give(Vec::with_capacity(SMALL - 1));
         assert_eq!(pool.held(), 0);
     }
 
     #[test]
-    fn the_pool_keeps_no_more_than_its_limit() {
-        let pool = BufferPool::new(3 * 128 * K);
+    fn the_pool_keeps_no_more_than_its_limit_and_the_newest_first() {
+        let pool = BufferPool::new(3 * 128 * K, 256 * K);
         let bufs: Vec<_> = (0..4).map(|_| pool.take(128 * K)).collect();
+        let oldest = bufs[0].as_ptr();
         for b in bufs {
             pool.give(b);
         }
         assert_eq!(pool.held(), 3 * 128 * K);
+        let taken: Vec<_> = (0..3).map(|_| pool.take(128 * K)).collect();
+        assert!(
+            taken.iter().all(|b| b.as_ptr() != oldest),
+            "the oldest made room"
+        );
+        assert_eq!(pool.reused(), 3);
+    }
+
+    #[test]
+    fn a_buffer_grown_past_the_largest_kept_is_freed() {
+        let pool = BufferPool::new(1 << 20, 256 * K);
+        let mut grown = pool.take(128 * K);
+        grown.extend_from_slice(&vec![1; 300 * K]);
+        pool.give(grown);
+        assert_eq!(pool.held(), 0);
+    }
+
+    #[test]
+    fn buffers_no_request_fits_make_room_for_those_that_do() {
+        let pool = BufferPool::rounding_up(2 << 20);
+        pool.give(Vec::with_capacity(1 << 20));
+        pool.give(Vec::with_capacity(1 << 20));
+        assert_eq!(pool.held(), 2 << 20);
+        // Requests of 100 KiB now: buffers of 128 KiB come back.
+        let small = pool.take(100 * K);
+        assert_eq!(
+            small.capacity(),
+            128 * K,
+            "a 1 MiB buffer is too large for it"
+        );
+        pool.give(small);
+        assert_eq!(
+            pool.held(),
+            (1 << 20) + 128 * K,
+            "the oldest 1 MiB buffer made room"
+        );
+        assert_eq!(pool.take(100 * K).capacity(), 128 * K);
+        assert_eq!(pool.reused(), 1);
     }
 
     #[test]
     fn a_lent_buffer_returns_when_its_last_reference_drops() {
-        let pool = BufferPool::new(16 << 20);
+        let pool = BufferPool::new(16 << 20, 16 << 20);
         let mut buf = pool.take(SMALL);
         buf.extend_from_slice(b"pack bytes");
         let ptr = buf.as_ptr();

@@ -128,10 +128,16 @@ struct Shared {
 }
 
 /// What the blob buffers waiting for reuse may hold. On a first backup of
-/// 1 GiB (BENCHMARKS.md), the pools as set here cost about 25 MiB of peak
-/// memory; twice this, with a pool of every pack buffer, about 20 MiB more
-/// for little more time saved.
+/// 1 GiB (BENCHMARKS.md, "Buffers reused by the backup"), the pools as set
+/// here cost about 25 MiB of peak memory; twice this, with a pool of every
+/// pack buffer, about 20 MiB more for little more time saved.
 const BLOB_BUFFERS_HELD: usize = 16 << 20;
+
+/// What the pack buffers waiting for reuse may hold: two of the default
+/// size, back from their uploads for the next packs opened. No buffer over
+/// it is kept (a policy's `pack_size` of 48 MiB or more): the pool holds
+/// what it keeps idle through a backup's stretches without new data.
+const PACK_BUFFERS_HELD: usize = 48 << 20;
 
 /// A batch is handed over once it holds this many raw bytes or blobs.
 const BATCH_BYTES: usize = 512 << 10;
@@ -145,8 +151,9 @@ struct Batch {
 
 impl Batch {
     fn push(&mut self, work: Work) -> Option<Vec<Work>> {
+        // Capacity: a blob's buffer may be reused from a larger blob.
         self.bytes += match &work {
-            Work::Raw { data, .. } => data.len(),
+            Work::Raw { data, .. } => data.capacity(),
             Work::Frame { frame, .. } => frame.len(),
         };
         self.work.push(work);
@@ -228,9 +235,10 @@ impl Packer {
                 limit: workers_n + cfg.upload_concurrency.max(1),
             },
             blob_buffers: BufferPool::rounding_up(BLOB_BUFFERS_HELD),
-            // One a worker: a pack buffer back from its upload is reused by
-            // the next pack opened; more would be held idle between bursts.
-            pack_buffers: BufferPool::new(workers_n.saturating_mul(pack_buffer_len(&cfg))),
+            pack_buffers: BufferPool::new(
+                PACK_BUFFERS_HELD,
+                pack_buffer_len(&cfg).saturating_mul(2),
+            ),
         });
         let (work_tx, work_rx) = sync_channel::<Vec<Work>>(workers_n * 2);
         let work_rx = Arc::new(Mutex::new(work_rx));
@@ -734,8 +742,11 @@ mod tests {
             }
         }
         assert_eq!(opened, plaintexts.len());
-        assert!(pools.0.held() > 0, "no blob buffer came back");
-        assert!(pools.1.held() > 0, "no pack buffer came back");
+        assert!(
+            pools.0.reused() > 0,
+            "no blob was copied into a reused buffer"
+        );
+        assert!(pools.1.reused() > 0, "no pack was built in a reused buffer");
     }
 
     /// When uploads fail, the job ends with the store's error, whether it
