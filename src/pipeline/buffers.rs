@@ -99,12 +99,17 @@ impl BufferPool {
         if !(SMALL..=pool.largest).contains(&buf.capacity()) {
             return;
         }
+        // Freed once the lock is released: a pack buffer is a large munmap.
+        let mut evicted = Vec::new();
         while pool.held + buf.capacity() > pool.limit {
             let oldest = pool.free.pop_front().expect("held counts the free buffers");
             pool.held -= oldest.capacity();
+            evicted.push(oldest);
         }
         pool.held += buf.capacity();
         pool.free.push_back(buf);
+        drop(pool);
+        drop(evicted);
     }
 
     /// Bytes of capacity waiting in the pool.
@@ -189,16 +194,32 @@ mod tests {
         let pool = BufferPool::new(3 * 128 * K, 256 * K);
         let bufs: Vec<_> = (0..4).map(|_| pool.take(128 * K)).collect();
         let oldest = bufs[0].as_ptr();
+        let newest = bufs[3].as_ptr();
         for b in bufs {
             pool.give(b);
         }
         assert_eq!(pool.held(), 3 * 128 * K);
-        let taken: Vec<_> = (0..3).map(|_| pool.take(128 * K)).collect();
+        let first = pool.take(128 * K);
+        assert_eq!(first.as_ptr(), newest, "the newest is reused first");
+        let taken: Vec<_> = (0..2).map(|_| pool.take(128 * K)).chain([first]).collect();
         assert!(
             taken.iter().all(|b| b.as_ptr() != oldest),
             "the oldest made room"
         );
         assert_eq!(pool.reused(), 3);
+    }
+
+    #[test]
+    fn one_large_buffer_evicts_as_many_small_ones_as_it_needs() {
+        let pool = BufferPool::rounding_up(1 << 20);
+        for _ in 0..4 {
+            pool.give(Vec::with_capacity(256 * K));
+        }
+        assert_eq!(pool.held(), 1 << 20);
+        pool.give(Vec::with_capacity(1 << 20));
+        assert_eq!(pool.held(), 1 << 20);
+        assert_eq!(pool.take(1 << 20).capacity(), 1 << 20);
+        assert_eq!(pool.held(), 0, "only the large one was left");
     }
 
     #[test]

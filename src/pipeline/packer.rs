@@ -139,7 +139,9 @@ const BLOB_BUFFERS_HELD: usize = 16 << 20;
 /// what it keeps idle through a backup's stretches without new data.
 const PACK_BUFFERS_HELD: usize = 48 << 20;
 
-/// A batch is handed over once it holds this many raw bytes or blobs.
+/// A batch is handed over once its blobs' buffers hold this many bytes (of
+/// capacity: a reused buffer may be larger than its blob), or this many
+/// blobs.
 const BATCH_BYTES: usize = 512 << 10;
 const BATCH_BLOBS: usize = 1024;
 
@@ -492,6 +494,11 @@ async fn uploader(
         async move {
             let size = bytes.len() as u64;
             let r = store.put(&ObjectName::Pack(pack.id), bytes).await;
+            // Released when the put returns, not when the last reference to
+            // the bytes drops (and the buffer returns to its pool): a store
+            // that keeps them, as the memory store does, would stop the
+            // packer. A client still holding them briefly only delays the
+            // buffer's reuse.
             drop(permit);
             (pack.id, pack.entries, pack.raw_bytes, size, r)
         }
@@ -666,6 +673,22 @@ mod tests {
             None,
             &Handle::current(),
         )
+    }
+
+    /// A batch counts its blobs' buffers by capacity: a small blob in a
+    /// large reused buffer fills a batch as the buffer would.
+    #[test]
+    fn a_batch_counts_buffers_by_capacity() {
+        let mut batch = Batch::default();
+        let mut data = Vec::with_capacity(BATCH_BYTES);
+        data.extend_from_slice(b"small blob");
+        let id = BlobId([1; 32]);
+        let full = batch.push(Work::Raw {
+            id,
+            kind: BlobKind::Data,
+            data,
+        });
+        assert_eq!(full.map(|w| w.len()), Some(1));
     }
 
     /// Small blobs travel in batches; whatever the batching, every blob
