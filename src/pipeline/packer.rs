@@ -153,7 +153,6 @@ struct Batch {
 
 impl Batch {
     fn push(&mut self, work: Work) -> Option<Vec<Work>> {
-        // Capacity: a blob's buffer may be reused from a larger blob.
         self.bytes += match &work {
             Work::Raw { data, .. } => data.capacity(),
             Work::Frame { frame, .. } => frame.len(),
